@@ -1,0 +1,279 @@
+//! Map layouts shared by kernel and userspace.
+//!
+//! Every map the XDP program uses is declared here by name, with its key and
+//! value types. Addresses are stored as 16 raw bytes in network order; an IPv4
+//! address sits in the first 4 bytes and the rest are zero, told apart by the
+//! `family` field. Ports are stored in host byte order.
+
+/// IPv4 family tag used in keys and values.
+pub const FAMILY_V4: u8 = 4;
+/// IPv6 family tag used in keys and values.
+pub const FAMILY_V6: u8 = 6;
+/// IP protocol number of TCP.
+pub const PROTO_TCP: u8 = 6;
+/// IP protocol number of UDP.
+pub const PROTO_UDP: u8 = 17;
+
+/// Most VIPs (services) one data plane holds; also the size of the VIP stats array.
+pub const MAX_VIPS: u32 = 512;
+/// Most backends across all VIPs; backend ids are `0..MAX_BACKENDS`.
+pub const MAX_BACKENDS: u32 = 4096;
+/// Largest Maglev ring (a prime); the `Ring` value always has room for this many entries.
+pub const MAX_RING_SIZE: usize = 65537;
+/// Ring size used when a service does not choose one.
+pub const DEFAULT_RING_SIZE: u32 = 65537;
+/// Entries in the LRU connection table (and in the reply-translation table).
+pub const CONNTRACK_SIZE: u32 = 1 << 18;
+
+/// Map name: `VipKey` -> `VipMeta` (HASH).
+pub const MAP_VIPS: &str = "VIPS";
+/// Map name: VIP id (`u32`) -> `Ring` (HASH, no prealloc: an update swaps the whole
+/// ring in under RCU, so a packet sees either the old or the new table, never a mix).
+pub const MAP_RINGS: &str = "RINGS";
+/// Map name: backend id (`u32`) -> `Backend` (ARRAY).
+pub const MAP_BACKENDS: &str = "BACKENDS";
+/// Map name: client-side `FlowKey` -> `FlowState` (LRU_HASH).
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// Map name: backend-side `FlowKey` (the reply's 5-tuple) -> `NatReply` (LRU_HASH).
+pub const MAP_NAT_REPLY: &str = "NAT_REPLY";
+/// Map name: VIP id -> `Traffic` (PERCPU_ARRAY, `MAX_VIPS`).
+pub const MAP_VIP_STATS: &str = "VIP_STATS";
+/// Map name: backend id -> `Traffic` (PERCPU_ARRAY, `MAX_BACKENDS`).
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// Map name: `Reason` as u32 -> `Traffic` (PERCPU_ARRAY, `REASON_COUNT`).
+pub const MAP_REASON_STATS: &str = "REASON_STATS";
+
+/// Name of the load-balancing XDP program in the `lb-xdp` object.
+pub const PROG_LB: &str = "lb_xdp";
+/// Name of the pass-only XDP program in the `lab-xdp` object (for veth peers).
+pub const PROG_PASS: &str = "xdp_pass";
+/// Name of the MAC-swapping bounce program in the `lab-xdp` object (benchmark baseline).
+pub const PROG_BOUNCE: &str = "xdp_bounce";
+
+/// Key of the VIP map: destination address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// VIP address, network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// VIP port, host order.
+    pub port: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+}
+
+/// VIP flag: pass this VIP's packets to the kernel stack (the L7 proxy serves it).
+pub const VIP_F_L7: u32 = 1;
+
+/// Value of the VIP map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into `RINGS` and `VIP_STATS`; below `MAX_VIPS`.
+    pub vip_id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+}
+
+/// Backend flag: the slot holds a live backend. Flows pinned to a slot without it are re-hashed.
+pub const BACKEND_F_VALID: u8 = 1;
+
+/// Value of the backend array: where NAT sends a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Backend address, network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// Backend port, host order.
+    pub port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`; always the VIP's family (NAT does not translate families).
+    pub family: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+}
+
+/// A Maglev lookup table: `entries[hash % size]` is a backend id.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ring {
+    /// Number of used entries: a prime not above `MAX_RING_SIZE`; 0 means no backend.
+    pub size: u32,
+    /// Backend ids; only the first `size` are meaningful.
+    pub entries: [u32; MAX_RING_SIZE],
+}
+
+/// A 5-tuple as seen in one direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address, network order.
+    pub src: [u8; 16],
+    /// Destination address, network order.
+    pub dst: [u8; 16],
+    /// Source port, host order.
+    pub sport: u16,
+    /// Destination port, host order.
+    pub dport: u16,
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Zero; keeps the key free of uninitialised padding.
+    pub pad: [u8; 2],
+}
+
+/// Value of the connection table: the backend a client flow is pinned to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// Backend id the flow goes to.
+    pub backend_id: u32,
+    /// VIP id of the flow (for per-VIP accounting of replies).
+    pub vip_id: u32,
+}
+
+/// Value of the reply-translation table: what a backend's reply must look like to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatReply {
+    /// VIP address the client talked to, network order.
+    pub vip_addr: [u8; 16],
+    /// VIP port, host order.
+    pub vip_port: u16,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Zero.
+    pub pad: u8,
+    /// VIP id, for accounting.
+    pub vip_id: u32,
+    /// Backend id, for accounting.
+    pub backend_id: u32,
+}
+
+/// Packet and byte counters (one per CPU in the stats maps; userspace sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Packets seen.
+    pub packets: u64,
+    /// Bytes seen (whole frames).
+    pub bytes: u64,
+}
+
+/// Why the program returned what it returned; each has a counter in `REASON_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// VIP packet NATed to a backend and sent back out the same interface.
+    TxForward = 0,
+    /// VIP packet NATed to a backend and redirected to another interface.
+    RedirectForward = 1,
+    /// Backend reply translated back to the VIP and sent out the same interface.
+    TxReply = 2,
+    /// Backend reply translated back to the VIP and redirected to another interface.
+    RedirectReply = 3,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): passed.
+    PassNotIp = 4,
+    /// IP but not for a VIP nor a reply of a NATed flow: passed.
+    PassNotVip = 5,
+    /// VIP served by the L7 proxy: passed to the stack.
+    PassL7 = 6,
+    /// IPv4 fragment: passed (ports are unknown).
+    PassFragment = 7,
+    /// IPv6 with extension headers, or a protocol other than TCP/UDP: passed.
+    PassOtherProto = 8,
+    /// Truncated or inconsistent headers: passed untouched for the stack to drop.
+    PassMalformed = 9,
+    /// TTL or hop limit would reach zero: passed so the stack sends ICMP time exceeded.
+    PassTtlExpired = 10,
+    /// Rewritten packet whose next hop has no neighbour entry yet: passed for the stack to resolve.
+    PassNoNeighbour = 11,
+    /// FIB lookup failed (no route, forwarding disabled, ...): dropped.
+    DropFibFailed = 12,
+    /// VIP without any backend: dropped.
+    DropNoBackend = 13,
+}
+
+/// Number of `Reason` values (size of `REASON_STATS`).
+pub const REASON_COUNT: u32 = 14;
+
+impl Reason {
+    /// All reasons, in counter-index order.
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::TxForward,
+        Reason::RedirectForward,
+        Reason::TxReply,
+        Reason::RedirectReply,
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::PassL7,
+        Reason::PassFragment,
+        Reason::PassOtherProto,
+        Reason::PassMalformed,
+        Reason::PassTtlExpired,
+        Reason::PassNoNeighbour,
+        Reason::DropFibFailed,
+        Reason::DropNoBackend,
+    ];
+
+    /// Stable snake_case name, used as a metrics label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::TxForward => "tx_forward",
+            Reason::RedirectForward => "redirect_forward",
+            Reason::TxReply => "tx_reply",
+            Reason::RedirectReply => "redirect_reply",
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassL7 => "pass_l7",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassOtherProto => "pass_other_proto",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::PassTtlExpired => "pass_ttl_expired",
+            Reason::PassNoNeighbour => "pass_no_neighbour",
+            Reason::DropFibFailed => "drop_fib_failed",
+            Reason::DropNoBackend => "drop_no_backend",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain data with no padding bytes and no
+    // invalid bit patterns, which is what aya::Pod requires.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::Ring {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::NatReply {}
+    unsafe impl aya::Pod for super::Traffic {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_padding() {
+        // The kernel compares keys bytewise: padding would make equal keys differ.
+        assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<VipMeta>(), 8);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<FlowState>(), 8);
+        assert_eq!(size_of::<NatReply>(), 16 + 2 + 1 + 1 + 4 + 4);
+        assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
+    }
+
+    #[test]
+    fn reasons_are_indexed_in_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}

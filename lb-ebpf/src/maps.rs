@@ -1,0 +1,46 @@
+//! Map definitions; layouts and meanings are documented in `lb_common::maps`.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, CONNTRACK_SIZE, FlowKey, FlowState, MAX_BACKENDS, MAX_VIPS, NatReply, REASON_COUNT,
+    Ring, Traffic, VipKey, VipMeta,
+};
+
+/// VIP (address, port, protocol) -> id and flags.
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// VIP id -> Maglev ring of backend ids. No prealloc, so that replacing a ring is
+/// an RCU swap of the whole element: readers never see a half-written table.
+#[map]
+pub static RINGS: HashMap<u32, Ring> = HashMap::with_max_entries(MAX_VIPS, BPF_F_NO_PREALLOC);
+
+/// Backend id -> address, port, flags.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Client-side 5-tuple -> pinned backend.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+
+/// Backend-side 5-tuple of a reply -> the VIP it must appear to come from.
+#[map]
+pub static NAT_REPLY: LruHashMap<FlowKey, NatReply> =
+    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+
+/// Per-VIP packets/bytes received from clients and forwarded.
+#[map]
+pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Per-backend packets/bytes forwarded to it.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Per-`Reason` packets/bytes: why each packet was passed, dropped or sent.
+#[map]
+pub static REASON_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(REASON_COUNT, 0);

@@ -1,0 +1,167 @@
+//! Header parsing. Every header is bounds-checked against `data_end` before it is
+//! read; anything inconsistent is reported as a pass reason and never rewritten.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+/// Largest L4 offset we accept: Ethernet + one VLAN tag + IPv4 with full options.
+/// Also keeps offsets visibly bounded for the verifier.
+pub const MAX_L4_OFFSET: usize = EthHdr::LEN + VlanHdr::LEN + 60;
+
+/// A parsed TCP/UDP packet: its 5-tuple and where its headers are.
+pub struct Packet {
+    /// The 5-tuple as it arrived.
+    pub key: FlowKey,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4: usize,
+    /// IPv4 TTL or IPv6 hop limit.
+    pub ttl: u8,
+    /// IP length (IPv4 total length, IPv6 payload + 40), for the FIB's MTU check.
+    pub ip_len: u16,
+}
+
+/// Pointer to a `T` at `offset`, if the packet is long enough to hold it.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if offset > MAX_L4_OFFSET || start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Parses Ethernet (one optional 802.1Q tag), IPv4/IPv6 and TCP/UDP.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
+    let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let mut l3 = EthHdr::LEN;
+    if ether_type == ETH_P_8021Q {
+        let vlan: *const VlanHdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+        // SAFETY: bounds-checked by ptr_at.
+        ether_type = u16::from_be(unsafe { (*vlan).ether_type });
+        l3 += VlanHdr::LEN;
+    }
+    match ether_type {
+        ETH_P_IP => parse_v4(ctx, l3),
+        ETH_P_IPV6 => parse_v6(ctx, l3),
+        _ => Err(Reason::PassNotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+    let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.vihl >> 4 != 4 {
+        return Err(Reason::PassMalformed);
+    }
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    let total = u16::from_be_bytes(ip.tot_len) as usize;
+    let avail = ctx.data_end() - ctx.data() - l3;
+    if ihl < Ipv4Hdr::LEN || total < ihl || total > avail {
+        return Err(Reason::PassMalformed);
+    }
+    // More-fragments flag or a fragment offset: the ports are not in every piece.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        return Err(Reason::PassFragment);
+    }
+    let l4 = l3 + ihl;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&ip.src_addr);
+    dst[..4].copy_from_slice(&ip.dst_addr);
+    let (sport, dport) = ports(ctx, l4, ip.proto, total - ihl)?;
+    Ok(Packet {
+        key: FlowKey {
+            src,
+            dst,
+            sport,
+            dport,
+            proto: ip.proto,
+            family: FAMILY_V4,
+            pad: [0; 2],
+        },
+        l3,
+        l4,
+        ttl: ip.ttl,
+        ip_len: total as u16,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
+    let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let ip = unsafe { &*ip };
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(Reason::PassMalformed);
+    }
+    let payload = u16::from_be_bytes(ip.payload_len) as usize;
+    let avail = ctx.data_end() - ctx.data() - l3;
+    if Ipv6Hdr::LEN + payload > avail {
+        return Err(Reason::PassMalformed);
+    }
+    // Extension headers (and ICMPv6, which carries neighbour discovery) go to the stack.
+    let proto = ip.next_hdr;
+    let l4 = l3 + Ipv6Hdr::LEN;
+    let (sport, dport) = ports(ctx, l4, proto, payload)?;
+    Ok(Packet {
+        key: FlowKey {
+            src: ip.src_addr,
+            dst: ip.dst_addr,
+            sport,
+            dport,
+            proto,
+            family: FAMILY_V6,
+            pad: [0; 2],
+        },
+        l3,
+        l4,
+        ttl: ip.hop_limit,
+        ip_len: (Ipv6Hdr::LEN + payload) as u16,
+    })
+}
+
+/// Source and destination port of a TCP or UDP header of `l4_len` bytes.
+#[inline(always)]
+fn ports(ctx: &XdpContext, l4: usize, proto: u8, l4_len: usize) -> Result<(u16, u16), Reason> {
+    match proto {
+        PROTO_TCP => {
+            let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
+            // SAFETY: bounds-checked by ptr_at.
+            let tcp = unsafe { &*tcp };
+            let doff = tcp.doff() as usize * 4;
+            if doff < TcpHdr::LEN || doff > l4_len {
+                return Err(Reason::PassMalformed);
+            }
+            Ok((u16::from_be_bytes(tcp.source), u16::from_be_bytes(tcp.dest)))
+        }
+        PROTO_UDP => {
+            let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
+            // SAFETY: bounds-checked by ptr_at.
+            let udp = unsafe { &*udp };
+            let len = u16::from_be_bytes(udp.len) as usize;
+            if len < UdpHdr::LEN || len > l4_len {
+                return Err(Reason::PassMalformed);
+            }
+            Ok((u16::from_be_bytes(udp.src), u16::from_be_bytes(udp.dst)))
+        }
+        _ => Err(Reason::PassOtherProto),
+    }
+}

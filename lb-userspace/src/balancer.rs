@@ -1,0 +1,291 @@
+//! Applies a configuration to the data plane: allocates VIP and backend ids,
+//! builds each service's Maglev table and publishes it. Applying a new
+//! configuration changes only what differs, in an order that never leaves a
+//! packet without a valid path (backends before rings, rings before VIPs).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{Context, Result, anyhow};
+use lb_common::{
+    BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, VIP_F_L7, VipKey,
+    VipMeta,
+    hash::backend_identity,
+    maglev::{self, MaglevInput},
+};
+use tracing::info;
+
+use crate::{
+    config::{Config, Mode, Protocol, Service},
+    dataplane::Dataplane,
+};
+
+/// Address bytes and family in the data plane's layout.
+pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+/// The VIP map key of a service address.
+pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
+    let (addr, family) = addr_bytes(vip.ip());
+    VipKey {
+        addr,
+        port: vip.port(),
+        proto: protocol.number(),
+        family,
+    }
+}
+
+/// The backend map value of a backend address.
+pub fn backend_value(addr: SocketAddr) -> Backend {
+    let (bytes, family) = addr_bytes(addr.ip());
+    Backend {
+        addr: bytes,
+        port: addr.port(),
+        family,
+        flags: BACKEND_F_VALID,
+    }
+}
+
+/// Builds a service's Maglev table over backend ids.
+pub fn build_ring(service: &Service, ids: &BTreeMap<SocketAddr, u32>) -> Result<Vec<u32>> {
+    let identities: Vec<(u32, [u8; 20], u32)> = service
+        .backends
+        .iter()
+        .map(|b| {
+            let v = backend_value(b.address);
+            let id = ids
+                .get(&b.address)
+                .copied()
+                .ok_or_else(|| anyhow!("backend {} has no id", b.address))?;
+            Ok((id, backend_identity(&v.addr, v.port, v.family), b.weight))
+        })
+        .collect::<Result<_>>()?;
+    let inputs: Vec<MaglevInput<'_>> = identities
+        .iter()
+        .map(|(id, identity, weight)| MaglevInput {
+            id: *id,
+            identity,
+            weight: *weight,
+        })
+        .collect();
+    maglev::build(&inputs, service.ring_size)
+        .map_err(|e| anyhow!("service {}: Maglev table: {e}", service.name))
+}
+
+/// Hands out small integer ids, preferring ones never used before so that a
+/// freed id is not reused while stale connection-table entries may point at it.
+#[derive(Debug)]
+struct IdPool {
+    limit: u32,
+    next_fresh: u32,
+    freed: BTreeSet<u32>,
+}
+
+impl IdPool {
+    fn new(limit: u32) -> Self {
+        Self {
+            limit,
+            next_fresh: 0,
+            freed: BTreeSet::new(),
+        }
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        if self.next_fresh < self.limit {
+            self.next_fresh += 1;
+            return Some(self.next_fresh - 1);
+        }
+        self.freed.pop_first()
+    }
+
+    fn free(&mut self, id: u32) {
+        self.freed.insert(id);
+    }
+}
+
+/// What one `apply` changed, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplySummary {
+    /// Services that were new or whose table or flags changed.
+    pub services_changed: usize,
+    /// Services removed.
+    pub services_removed: usize,
+    /// Backends added.
+    pub backends_added: usize,
+    /// Backends removed.
+    pub backends_removed: usize,
+}
+
+/// The configuration currently in the data plane, with its id assignments.
+pub struct Balancer {
+    dataplane: Dataplane,
+    vip_pool: IdPool,
+    backend_pool: IdPool,
+    /// (VIP address, protocol number) -> (id, published table, flags).
+    vips: BTreeMap<(SocketAddr, u8), (u32, Vec<u32>, u32)>,
+    /// Backend address -> id.
+    backends: BTreeMap<SocketAddr, u32>,
+    config: Option<Config>,
+}
+
+impl Balancer {
+    /// Wraps a loaded data plane that has no services yet.
+    pub fn new(dataplane: Dataplane) -> Self {
+        Self {
+            dataplane,
+            vip_pool: IdPool::new(MAX_VIPS),
+            backend_pool: IdPool::new(MAX_BACKENDS),
+            vips: BTreeMap::new(),
+            backends: BTreeMap::new(),
+            config: None,
+        }
+    }
+
+    /// The data plane, for counters and test runs.
+    pub fn dataplane(&mut self) -> &mut Dataplane {
+        &mut self.dataplane
+    }
+
+    /// The configuration in force, if any.
+    pub fn config(&self) -> Option<&Config> {
+        self.config.as_ref()
+    }
+
+    /// VIP id of a service address, if it is configured.
+    pub fn vip_id(&self, vip: SocketAddr, protocol: Protocol) -> Option<u32> {
+        self.vips.get(&(vip, protocol.number())).map(|v| v.0)
+    }
+
+    /// Backend id of a backend address, if it is configured.
+    pub fn backend_id(&self, addr: SocketAddr) -> Option<u32> {
+        self.backends.get(&addr).copied()
+    }
+
+    /// Makes the data plane match `config`, touching only what differs.
+    pub fn apply(&mut self, config: &Config) -> Result<ApplySummary> {
+        let mut summary = ApplySummary::default();
+        // 1. New backends get an id and a valid slot before any table names them.
+        let wanted: BTreeSet<SocketAddr> = config
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.address))
+            .collect();
+        for addr in &wanted {
+            if !self.backends.contains_key(addr) {
+                let id = self
+                    .backend_pool
+                    .alloc()
+                    .ok_or_else(|| anyhow!("more than {MAX_BACKENDS} backends"))?;
+                self.dataplane.set_backend(id, &backend_value(*addr))?;
+                self.backends.insert(*addr, id);
+                summary.backends_added += 1;
+            }
+        }
+        // 2. Tables first, then the VIP entry that makes them reachable.
+        let mut keep = BTreeSet::new();
+        for service in &config.services {
+            let key = (service.vip, service.protocol.number());
+            keep.insert(key);
+            let ring = build_ring(service, &self.backends)?;
+            let flags = if service.mode == Mode::L7 {
+                VIP_F_L7
+            } else {
+                0
+            };
+            let id = match self.vips.get(&key) {
+                Some((id, old_ring, old_flags)) if *old_ring == ring && *old_flags == flags => {
+                    continue;
+                }
+                Some((id, ..)) => *id,
+                None => self
+                    .vip_pool
+                    .alloc()
+                    .ok_or_else(|| anyhow!("more than {MAX_VIPS} services"))?,
+            };
+            self.dataplane
+                .publish_ring(id, &ring)
+                .with_context(|| format!("service {}", service.name))?;
+            self.dataplane.set_vip(
+                &vip_key(service.vip, service.protocol),
+                &VipMeta { vip_id: id, flags },
+            )?;
+            info!(service = %service.name, vip = %service.vip, vip_id = id, backends = service.backends.len(), "service published");
+            self.vips.insert(key, (id, ring, flags));
+            summary.services_changed += 1;
+        }
+        // 3. Removed services: unreachable first, then their tables.
+        let gone: Vec<_> = self
+            .vips
+            .keys()
+            .filter(|k| !keep.contains(*k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some((id, ..)) = self.vips.remove(&key) {
+                let protocol = if key.1 == Protocol::Udp.number() {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                };
+                self.dataplane.remove_vip(&vip_key(key.0, protocol))?;
+                self.dataplane.remove_ring(id)?;
+                self.vip_pool.free(id);
+                info!(vip = %key.0, "service removed");
+                summary.services_removed += 1;
+            }
+        }
+        // 4. Backends no table names any more: flows pinned to them re-hash.
+        let stale: Vec<_> = self
+            .backends
+            .keys()
+            .filter(|a| !wanted.contains(*a))
+            .copied()
+            .collect();
+        for addr in stale {
+            if let Some(id) = self.backends.remove(&addr) {
+                self.dataplane.set_backend(id, &Backend::default())?;
+                self.backend_pool.free(id);
+                summary.backends_removed += 1;
+            }
+        }
+        self.config = Some(config.clone());
+        Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_pool_prefers_fresh_ids() {
+        let mut pool = IdPool::new(3);
+        assert_eq!(pool.alloc(), Some(0));
+        assert_eq!(pool.alloc(), Some(1));
+        pool.free(0);
+        assert_eq!(pool.alloc(), Some(2));
+        assert_eq!(pool.alloc(), Some(0));
+        assert_eq!(pool.alloc(), None);
+    }
+
+    #[test]
+    fn addresses_use_the_shared_layout() {
+        let (b, f) = addr_bytes("198.18.2.11".parse().unwrap());
+        assert_eq!(f, FAMILY_V4);
+        assert_eq!(&b[..4], &[198, 18, 2, 11]);
+        assert!(b[4..].iter().all(|&x| x == 0));
+        let key = vip_key("[fd00:18:100::1]:80".parse().unwrap(), Protocol::Udp);
+        assert_eq!(key.family, FAMILY_V6);
+        assert_eq!(key.port, 80);
+        assert_eq!(key.proto, 17);
+        assert_eq!(key.addr[0], 0xfd);
+    }
+}

@@ -1,0 +1,1175 @@
+//! Agent configuration: TOML parsing and validation.
+//!
+//! The file looks like this:
+//!
+//! ```toml
+//! # Interfaces the XDP program attaches to (client side and backend side).
+//! interfaces = ["eth0", "eth1"]
+//! # Attach mode: "driver" (native, default; falls back to generic with a warning), "generic", or "auto".
+//! xdp_mode = "driver"
+//! # Optional: Prometheus metrics endpoint served by the agent.
+//! metrics = "127.0.0.1:9100"
+//!
+//! [[service]]
+//! name = "web"
+//! vip = "198.18.100.1:80"       # IPv6: "[fd00:18:100::1]:80"
+//! protocol = "tcp"             # "tcp" (default) or "udp"
+//! mode = "l4"                  # "l4" (default, forwarded by XDP) or "l7" (passed to the kernel for the L7 proxy)
+//! ring_size = 65537            # optional, must be a prime <= 65537; default 65537
+//!
+//! [[service.backend]]
+//! address = "198.18.2.11:8080"
+//! weight = 1                   # optional, default 1; 0 = takes no new flows
+//! ```
+//!
+//! Serde only reads the file into private "raw" structs whose fields keep their
+//! byte spans; every semantic rule is then checked by hand so that all mistakes
+//! are reported at once, each at the line of the offending value.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use lb_common::maglev::is_prime;
+use lb_common::{DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROTO_TCP, PROTO_UDP};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+const MAX_IFNAME_LEN: usize = 15;
+/// Largest backend weight; the file holds a u32 but the Maglev builder wants a small range.
+const MAX_WEIGHT: i64 = 65535;
+/// Weight of a backend that does not set one.
+const DEFAULT_WEIGHT: u32 = 1;
+/// Hint appended to every address error.
+const ADDR_FORM: &str = "expected \"a.b.c.d:port\" or \"[ipv6]:port\"";
+
+/// A validated agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Interfaces the XDP program attaches to.
+    pub interfaces: Vec<String>,
+    /// How the XDP program is attached.
+    pub xdp_mode: XdpModeSetting,
+    /// Address of the Prometheus metrics endpoint, if any.
+    pub metrics: Option<SocketAddr>,
+    /// Load-balanced services, in file order.
+    pub services: Vec<Service>,
+}
+
+/// XDP attach mode requested in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum XdpModeSetting {
+    /// Native driver mode; falls back to generic with a warning.
+    #[default]
+    Driver,
+    /// Generic (skb) mode.
+    Generic,
+    /// Let the kernel choose.
+    Auto,
+}
+
+/// One virtual service: a VIP and the backends behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Unique service name (`[A-Za-z0-9_.-]+`).
+    pub name: String,
+    /// Virtual address and port clients connect to.
+    pub vip: SocketAddr,
+    /// Transport protocol of the VIP.
+    pub protocol: Protocol,
+    /// Whether XDP forwards the traffic (L4) or passes it to the kernel (L7).
+    pub mode: Mode,
+    /// Maglev ring size (a prime).
+    pub ring_size: u32,
+    /// Backends, in file order.
+    pub backends: Vec<BackendConfig>,
+    /// Line of the `[[service]]` header, for later messages.
+    pub line: usize,
+}
+
+/// Transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number (6 for TCP, 17 for UDP).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// Where a service's packets are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// Forwarded by the XDP program.
+    #[default]
+    L4,
+    /// Passed to the kernel stack for the L7 proxy.
+    L7,
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Backend address and port; same family as the VIP.
+    pub address: SocketAddr,
+    /// Maglev weight, 0..=65535; 0 takes no new flows.
+    pub weight: u32,
+    /// Line of the `[[service.backend]]` header, for later messages.
+    pub line: usize,
+}
+
+/// One configuration problem, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{} {reason}", position(*.line, *.column))]
+pub struct ConfigError {
+    /// File name as given to [`parse`] or [`load`].
+    pub file: String,
+    /// 1-based line; 0 when the problem concerns the whole file.
+    pub line: usize,
+    /// 1-based column in characters; 0 when unknown.
+    pub column: usize,
+    /// What is wrong, in words.
+    pub reason: String,
+}
+
+/// Renders `line:column:` the way rustc and gcc do, leaving out unknown parts.
+fn position(line: usize, column: usize) -> String {
+    match (line, column) {
+        (0, _) => String::new(),
+        (l, 0) => format!("{l}:"),
+        (l, c) => format!("{l}:{c}:"),
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", join_lines(.0))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+fn join_lines(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &file),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            file,
+            line: 0,
+            column: 0,
+            reason: format!("cannot read configuration: {e}"),
+        }])),
+    }
+}
+
+/// Parses and validates configuration `text`; `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    let mut checker = Checker {
+        file,
+        lines: LineIndex::new(text),
+        errors: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            // toml's messages may span several lines; keep one error per line of output.
+            let reason = e.message().trim().replace('\n', ": ");
+            match e.span() {
+                Some(span) => checker.at(&span, reason),
+                None => checker.whole(reason),
+            }
+            return Err(ConfigErrors(checker.errors));
+        }
+    };
+    let config = checker.config(raw);
+    if checker.errors.is_empty() {
+        Ok(config)
+    } else {
+        // Sorted by position so the output reads top to bottom like the file.
+        checker.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(checker.errors))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interfaces: Option<Spanned<Vec<Spanned<String>>>>,
+    xdp_mode: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
+    service: Option<Vec<Spanned<RawService>>>,
+}
+
+// Everything is optional and loosely typed (strings, i64) so that missing or
+// out-of-range values become located semantic errors instead of one serde error.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<Spanned<String>>,
+    vip: Option<Spanned<String>>,
+    protocol: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    ring_size: Option<Spanned<i64>>,
+    backend: Option<Vec<Spanned<RawBackend>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: Option<Spanned<String>>,
+    weight: Option<Spanned<i64>>,
+}
+
+/// Collects errors while turning raw values into the model.
+struct Checker<'a> {
+    file: &'a str,
+    lines: LineIndex<'a>,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    /// Records an error at the start of byte range `span`.
+    fn at(&mut self, span: &Range<usize>, reason: impl Into<String>) {
+        let (line, column) = self.lines.locate(span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line,
+            column,
+            reason: reason.into(),
+        });
+    }
+
+    /// Records an error about the file as a whole.
+    fn whole(&mut self, reason: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_string(),
+            line: 0,
+            column: 0,
+            reason: reason.into(),
+        });
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        self.lines.locate(span.start).0
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let interfaces = self.interfaces(raw.interfaces);
+        let xdp_mode = raw
+            .xdp_mode
+            .and_then(|m| match m.get_ref().as_str() {
+                "driver" => Some(XdpModeSetting::Driver),
+                "generic" => Some(XdpModeSetting::Generic),
+                "auto" => Some(XdpModeSetting::Auto),
+                other => {
+                    self.at(
+                        &m.span(),
+                        format!(
+                            "unknown xdp_mode \"{other}\"; expected \"driver\", \"generic\" or \"auto\""
+                        ),
+                    );
+                    None
+                }
+            })
+            .unwrap_or_default();
+        let metrics = raw.metrics.and_then(|m| match m.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.at(
+                    &m.span(),
+                    format!(
+                        "metrics \"{}\" is not a socket address; {ADDR_FORM}",
+                        m.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+        let services = self.services(raw.service.unwrap_or_default());
+        Config {
+            interfaces,
+            xdp_mode,
+            metrics,
+            services,
+        }
+    }
+
+    fn interfaces(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Vec<String> {
+        let Some(list) = raw else {
+            self.whole("missing `interfaces`; list the interfaces to attach to, e.g. interfaces = [\"eth0\"]");
+            return Vec::new();
+        };
+        if list.get_ref().is_empty() {
+            self.at(
+                &list.span(),
+                "`interfaces` is empty; list at least one interface to attach to",
+            );
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for name in list.get_ref() {
+            let span = name.span();
+            let n = name.get_ref().as_str();
+            if n.is_empty() {
+                self.at(&span, "interface name is empty");
+            } else if n.len() > MAX_IFNAME_LEN {
+                self.at(
+                    &span,
+                    format!(
+                        "interface name \"{n}\" is {} bytes long; Linux allows at most {MAX_IFNAME_LEN} (IFNAMSIZ - 1)",
+                        n.len()
+                    ),
+                );
+            } else if n.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+                // The kernel's dev_valid_name() rejects these characters.
+                self.at(
+                    &span,
+                    format!("interface name \"{n}\" must not contain '/', ':' or whitespace"),
+                );
+            } else if let Some(first) = seen.get(n) {
+                self.at(
+                    &span,
+                    format!("interface \"{n}\" is listed twice (first on line {first})"),
+                );
+            } else {
+                seen.insert(n, self.line(&span));
+            }
+        }
+        list.into_inner()
+            .into_iter()
+            .map(Spanned::into_inner)
+            .collect()
+    }
+
+    fn services(&mut self, raw: Vec<Spanned<RawService>>) -> Vec<Service> {
+        if raw.is_empty() {
+            self.whole("no services; add at least one [[service]] table");
+        }
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut vips: HashMap<(SocketAddr, Protocol), (String, usize)> = HashMap::new();
+        let mut all_backends: HashSet<SocketAddr> = HashSet::new();
+        let mut services = Vec::new();
+        for (index, svc) in raw.into_iter().enumerate() {
+            let span = svc.span();
+            let line = self.line(&span);
+            if index == MAX_VIPS as usize {
+                self.at(
+                    &span,
+                    format!(
+                        "too many services; the data plane holds at most {MAX_VIPS} (MAX_VIPS)"
+                    ),
+                );
+            }
+            let svc = svc.into_inner();
+
+            let name = match &svc.name {
+                None => {
+                    self.at(&span, "service has no `name`");
+                    None
+                }
+                Some(n) => self.service_name(n, &mut names),
+            };
+            // Messages name the service as written even if the name itself was rejected.
+            let label = svc
+                .name
+                .as_ref()
+                .map_or_else(|| "<unnamed>".to_string(), |n| n.get_ref().clone());
+
+            let protocol =
+                svc.protocol
+                    .as_ref()
+                    .map_or(Some(Protocol::Tcp), |p| match p.get_ref().as_str() {
+                        "tcp" => Some(Protocol::Tcp),
+                        "udp" => Some(Protocol::Udp),
+                        other => {
+                            self.at(
+                                &p.span(),
+                                format!(
+                                    "unknown protocol \"{other}\"; expected \"tcp\" or \"udp\""
+                                ),
+                            );
+                            None
+                        }
+                    });
+            let mode = svc
+                .mode
+                .as_ref()
+                .map_or(Some(Mode::L4), |m| match m.get_ref().as_str() {
+                    "l4" => Some(Mode::L4),
+                    "l7" => Some(Mode::L7),
+                    other => {
+                        self.at(
+                            &m.span(),
+                            format!("unknown mode \"{other}\"; expected \"l4\" or \"l7\""),
+                        );
+                        None
+                    }
+                });
+
+            let vip = match &svc.vip {
+                None => {
+                    self.at(&span, format!("service \"{label}\" has no `vip`"));
+                    None
+                }
+                Some(v) => self.endpoint(v, "vip"),
+            };
+            if let (Some(vip), Some(protocol), Some(v)) = (vip, protocol, &svc.vip) {
+                if let Some((other, other_line)) = vips.get(&(vip, protocol)) {
+                    self.at(
+                        &v.span(),
+                        format!(
+                            "VIP {vip}/{} is already used by service \"{other}\" (line {other_line})",
+                            protocol.as_str()
+                        ),
+                    );
+                } else {
+                    vips.insert((vip, protocol), (label.clone(), line));
+                }
+            }
+
+            let ring_size = match &svc.ring_size {
+                None => Some(DEFAULT_RING_SIZE),
+                Some(r) => self.ring_size(r),
+            };
+
+            let raw_backends = svc.backend.unwrap_or_default();
+            // A service whose backends are all invalid was already told why; don't also call it backend-less.
+            let has_backend_tables = !raw_backends.is_empty();
+            let backends = self.backends(raw_backends, vip, &label, &mut all_backends);
+
+            if mode == Some(Mode::L4) && !has_backend_tables {
+                self.at(
+                    &span,
+                    format!("l4 service \"{label}\" has no [[service.backend]]; it needs at least one backend (only l7 services may have none)"),
+                );
+            }
+            if let Some(ring) = ring_size {
+                let active = backends.iter().filter(|b| b.weight > 0).count();
+                if active > ring as usize {
+                    let at = svc.ring_size.as_ref().map_or(span.clone(), Spanned::span);
+                    self.at(
+                        &at,
+                        format!("service \"{label}\" has {active} backends with weight > 0 but ring_size is {ring}; the ring needs a slot per backend"),
+                    );
+                }
+            }
+
+            if let (Some(name), Some(vip), Some(protocol), Some(mode), Some(ring_size)) =
+                (name, vip, protocol, mode, ring_size)
+            {
+                services.push(Service {
+                    name,
+                    vip,
+                    protocol,
+                    mode,
+                    ring_size,
+                    backends,
+                    line,
+                });
+            }
+        }
+        services
+    }
+
+    fn service_name(
+        &mut self,
+        name: &Spanned<String>,
+        names: &mut HashMap<String, usize>,
+    ) -> Option<String> {
+        let span = name.span();
+        let n = name.get_ref();
+        if n.is_empty() {
+            self.at(&span, "service name is empty");
+            return None;
+        }
+        if !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            self.at(
+                &span,
+                format!("service name \"{n}\" may only contain letters, digits, '_', '.' and '-'"),
+            );
+            return None;
+        }
+        if let Some(first) = names.get(n) {
+            self.at(
+                &span,
+                format!("service name \"{n}\" is already used (line {first})"),
+            );
+            return None;
+        }
+        names.insert(n.clone(), self.line(&span));
+        Some(n.clone())
+    }
+
+    /// Parses a VIP or backend address: a socket address with a usable unicast IP and port.
+    fn endpoint(&mut self, value: &Spanned<String>, what: &str) -> Option<SocketAddr> {
+        let span = value.span();
+        let s = value.get_ref();
+        let addr: SocketAddr = match s.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                let why = match s.parse::<std::net::IpAddr>() {
+                    // "fd00::1:80" is a valid IPv6 address, so the missing brackets are the likely mistake.
+                    Ok(std::net::IpAddr::V6(_)) => "has no port (IPv6 needs brackets)",
+                    Ok(std::net::IpAddr::V4(_)) => "has no port",
+                    Err(_) => "is not a socket address",
+                };
+                self.at(&span, format!("{what} \"{s}\" {why}; {ADDR_FORM}"));
+                return None;
+            }
+        };
+        let reason = if addr.port() == 0 {
+            "has port 0; a non-zero port is required"
+        } else if addr.ip().is_unspecified() {
+            "is the unspecified address; a concrete unicast address is required"
+        } else if addr.ip().is_multicast() {
+            "is a multicast address; a unicast address is required"
+        } else {
+            return Some(addr);
+        };
+        self.at(&span, format!("{what} \"{s}\" {reason}"));
+        None
+    }
+
+    fn ring_size(&mut self, value: &Spanned<i64>) -> Option<u32> {
+        let span = value.span();
+        let n = *value.get_ref();
+        let max = MAX_RING_SIZE as i64;
+        let reason = if n < 2 {
+            format!("ring_size {n} is too small; it must be a prime >= 2")
+        } else if n > max {
+            format!("ring_size {n} is too large; the maximum is {max} (MAX_RING_SIZE)")
+        } else if !is_prime(n as u32) {
+            // Maglev's permutation only visits every slot when the table size is prime.
+            let below = (2..n as u32).rev().find(|&p| is_prime(p)).unwrap_or(2);
+            format!("ring_size {n} is not a prime; Maglev needs a prime table size (e.g. {below})")
+        } else {
+            return Some(n as u32);
+        };
+        self.at(&span, reason);
+        None
+    }
+
+    fn backends(
+        &mut self,
+        raw: Vec<Spanned<RawBackend>>,
+        vip: Option<SocketAddr>,
+        service: &str,
+        all: &mut HashSet<SocketAddr>,
+    ) -> Vec<BackendConfig> {
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut backends = Vec::new();
+        for b in raw {
+            let span = b.span();
+            let line = self.line(&span);
+            let b = b.into_inner();
+            let weight = match &b.weight {
+                None => Some(DEFAULT_WEIGHT),
+                Some(w) if (0..=MAX_WEIGHT).contains(w.get_ref()) => Some(*w.get_ref() as u32),
+                Some(w) => {
+                    self.at(
+                        &w.span(),
+                        format!("weight {} is out of range; expected 0..=65535", w.get_ref()),
+                    );
+                    None
+                }
+            };
+            let address = match &b.address {
+                None => {
+                    self.at(&span, "backend has no `address`");
+                    continue;
+                }
+                Some(a) => a,
+            };
+            let Some(addr) = self.endpoint(address, "backend address") else {
+                continue;
+            };
+            if let Some(vip) = vip
+                && vip.is_ipv4() != addr.is_ipv4()
+            {
+                self.at(
+                    &address.span(),
+                    format!(
+                        "backend {addr} is {} but the VIP {vip} is {}; NAT does not translate between address families",
+                        family(addr),
+                        family(vip)
+                    ),
+                );
+                continue;
+            }
+            if let Some(first) = seen.get(&addr) {
+                self.at(
+                    &address.span(),
+                    format!(
+                        "backend {addr} is listed twice in service \"{service}\" (first on line {first})"
+                    ),
+                );
+                continue;
+            }
+            seen.insert(addr, line);
+            // Report the global limit once, at the backend that crosses it.
+            if all.insert(addr) && all.len() == MAX_BACKENDS as usize + 1 {
+                self.at(
+                    &address.span(),
+                    format!(
+                        "too many distinct backend addresses; the data plane holds at most {MAX_BACKENDS} (MAX_BACKENDS) across all services"
+                    ),
+                );
+            }
+            if let Some(weight) = weight {
+                backends.push(BackendConfig {
+                    address: addr,
+                    weight,
+                    line,
+                });
+            }
+        }
+        backends
+    }
+}
+
+fn family(addr: SocketAddr) -> &'static str {
+    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Maps byte offsets to 1-based line and character column.
+struct LineIndex<'a> {
+    text: &'a str,
+    /// Byte offset where each line starts; a lookup is a binary search, not a rescan.
+    starts: Vec<usize>,
+}
+
+impl<'a> LineIndex<'a> {
+    fn new(text: &'a str) -> Self {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self { text, starts }
+    }
+
+    fn locate(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let line = self.starts.partition_point(|&s| s <= offset);
+        let start = self.starts[line - 1];
+        let column = self
+            .text
+            .get(start..offset)
+            .map_or(offset - start, |s| s.chars().count());
+        (line, column + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Joins lines with '\n' so a test's line numbers are its slice indices + 1.
+    fn text(lines: &[&str]) -> String {
+        lines.join("\n") + "\n"
+    }
+
+    fn errors(lines: &[&str]) -> Vec<ConfigError> {
+        match parse(&text(lines), "lb.toml") {
+            Ok(c) => panic!("expected errors, got {c:?}"),
+            Err(ConfigErrors(e)) => e,
+        }
+    }
+
+    /// Asserts exactly one error, on `line`, whose reason contains `needle`.
+    #[track_caller]
+    fn expect_one(lines: &[&str], line: usize, needle: &str) {
+        let errs = errors(lines);
+        assert_eq!(errs.len(), 1, "expected one error, got {errs:#?}");
+        assert_eq!(errs[0].line, line, "{errs:#?}");
+        assert!(
+            errs[0].reason.contains(needle),
+            "{:?} does not contain {needle:?}",
+            errs[0].reason
+        );
+    }
+
+    /// A minimal valid service, lines 2..=6 after the `interfaces` line.
+    const HEAD: &str = "interfaces = [\"eth0\"]";
+
+    fn svc(extra: &[&'static str]) -> Vec<&'static str> {
+        let mut v = vec![
+            HEAD,
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.11:8080\"",
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let t = text(&[
+            "interfaces = [\"eth0\", \"eth1\"]",
+            "xdp_mode = \"generic\"",
+            "metrics = \"127.0.0.1:9100\"",
+            "",
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+            "ring_size = 251",
+            "[[service.backend]]",
+            "address = \"198.18.2.11:8080\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.12:8080\"",
+            "weight = 0",
+            "",
+            "[[service]]",
+            "name = \"dns6\"",
+            "vip = \"[fd00:18:100::1]:53\"",
+            "protocol = \"udp\"",
+            "[[service.backend]]",
+            "address = \"[fd00:18:2::11]:5353\"",
+            "weight = 65535",
+            "",
+            "[[service]]",
+            "name = \"proxy\"",
+            "vip = \"198.18.100.2:443\"",
+            "mode = \"l7\"",
+        ]);
+        let c = parse(&t, "lb.toml").unwrap();
+        let expected = Config {
+            interfaces: vec!["eth0".into(), "eth1".into()],
+            xdp_mode: XdpModeSetting::Generic,
+            metrics: Some("127.0.0.1:9100".parse().unwrap()),
+            services: vec![
+                Service {
+                    name: "web".into(),
+                    vip: "198.18.100.1:80".parse().unwrap(),
+                    protocol: Protocol::Tcp,
+                    mode: Mode::L4,
+                    ring_size: 251,
+                    backends: vec![
+                        BackendConfig {
+                            address: "198.18.2.11:8080".parse().unwrap(),
+                            weight: 1,
+                            line: 9,
+                        },
+                        BackendConfig {
+                            address: "198.18.2.12:8080".parse().unwrap(),
+                            weight: 0,
+                            line: 11,
+                        },
+                    ],
+                    line: 5,
+                },
+                Service {
+                    name: "dns6".into(),
+                    vip: "[fd00:18:100::1]:53".parse().unwrap(),
+                    protocol: Protocol::Udp,
+                    mode: Mode::L4,
+                    ring_size: DEFAULT_RING_SIZE,
+                    backends: vec![BackendConfig {
+                        address: "[fd00:18:2::11]:5353".parse().unwrap(),
+                        weight: 65535,
+                        line: 19,
+                    }],
+                    line: 15,
+                },
+                Service {
+                    name: "proxy".into(),
+                    vip: "198.18.100.2:443".parse().unwrap(),
+                    protocol: Protocol::Tcp,
+                    mode: Mode::L7,
+                    ring_size: DEFAULT_RING_SIZE,
+                    backends: vec![],
+                    line: 23,
+                },
+            ],
+        };
+        assert_eq!(c, expected);
+        assert_eq!(c.services[1].protocol.number(), 17);
+        assert_eq!(c.services[0].protocol.number(), 6);
+    }
+
+    #[test]
+    fn doc_example_parses_with_defaults() {
+        let c = parse(&text(&svc(&[])), "lb.toml").unwrap();
+        assert_eq!(c.xdp_mode, XdpModeSetting::Driver);
+        assert_eq!(c.metrics, None);
+        assert_eq!(c.services[0].ring_size, 65537);
+        assert_eq!(c.services[0].backends[0].weight, 1);
+    }
+
+    #[test]
+    fn display_is_file_line_column_reason() {
+        let errs = parse(&text(&["interfaces = [\"a/b\"]"]), "lb.toml").unwrap_err();
+        let s = errs.to_string();
+        // Whole-file errors (line 0) sort first and leave out the position.
+        assert!(s.starts_with("lb.toml: no services"), "{s}");
+        assert!(s.contains("\nlb.toml:1:15: interface name \"a/b\""), "{s}");
+    }
+
+    #[test]
+    fn load_missing_file() {
+        let errs = load(Path::new("/nonexistent/lb.toml")).unwrap_err();
+        assert_eq!(errs.0.len(), 1);
+        assert_eq!(errs.0[0].line, 0);
+        assert!(
+            errs.to_string()
+                .starts_with("/nonexistent/lb.toml: cannot read")
+        );
+    }
+
+    #[test]
+    fn interfaces_missing() {
+        let mut lines = svc(&[]);
+        lines[0] = "";
+        expect_one(&lines, 0, "missing `interfaces`");
+    }
+
+    #[test]
+    fn interfaces_empty() {
+        let mut lines = svc(&[]);
+        lines[0] = "interfaces = []";
+        expect_one(&lines, 1, "is empty");
+    }
+
+    #[test]
+    fn interface_names() {
+        for (list, needle) in [
+            ("interfaces = [\"\"]", "name is empty"),
+            ("interfaces = [\"abcdefghijklmnop\"]", "at most 15"),
+            ("interfaces = [\"a b\"]", "whitespace"),
+            ("interfaces = [\"a/b\"]", "'/'"),
+            (
+                "interfaces = [\"eth0\", \"eth0\"]",
+                "listed twice (first on line 1)",
+            ),
+        ] {
+            let mut lines = svc(&[]);
+            lines[0] = list;
+            expect_one(&lines, 1, needle);
+        }
+        // 15 bytes is fine.
+        let mut lines = svc(&[]);
+        lines[0] = "interfaces = [\"abcdefghijklmno\"]";
+        assert!(parse(&text(&lines), "f").is_ok());
+    }
+
+    #[test]
+    fn interfaces_on_several_lines() {
+        let mut lines = svc(&[]);
+        lines[0] = "interfaces = [\n  \"eth0\",\n  \"eth0\",\n]";
+        let errs = parse(&text(&lines), "f").unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert_eq!((errs[0].line, errs[0].column), (3, 3));
+    }
+
+    #[test]
+    fn bad_xdp_mode() {
+        let mut lines = svc(&[]);
+        lines.insert(1, "xdp_mode = \"native\"");
+        expect_one(&lines, 2, "unknown xdp_mode \"native\"");
+    }
+
+    #[test]
+    fn bad_metrics() {
+        let mut lines = svc(&[]);
+        lines.insert(1, "metrics = \"localhost:9100\"");
+        expect_one(
+            &lines,
+            2,
+            "metrics \"localhost:9100\" is not a socket address",
+        );
+    }
+
+    #[test]
+    fn no_services() {
+        expect_one(&[HEAD], 0, "no services");
+    }
+
+    #[test]
+    fn service_name_rules() {
+        let mut lines = svc(&[]);
+        lines[2] = "name = \"\"";
+        expect_one(&lines, 3, "service name is empty");
+
+        let mut lines = svc(&[]);
+        lines[2] = "name = \"web site\"";
+        expect_one(&lines, 3, "may only contain");
+
+        let mut lines = svc(&[]);
+        lines.remove(2);
+        expect_one(&lines, 2, "has no `name`");
+
+        let lines = svc(&[
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.2:80\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.11:8080\"",
+        ]);
+        expect_one(&lines, 8, "\"web\" is already used (line 3)");
+    }
+
+    #[test]
+    fn vip_rules() {
+        for (vip, needle) in [
+            (
+                "vip = \"198.18.100.1\"",
+                "has no port; expected \"a.b.c.d:port\"",
+            ),
+            ("vip = \"fd00::1:80\"", "has no port (IPv6 needs brackets)"),
+            (
+                "vip = \"198.18.100.1:http\"",
+                "is not a socket address; expected",
+            ),
+            ("vip = \"web:80\"", "[ipv6]:port"),
+            ("vip = \"198.18.100.1:0\"", "port 0"),
+            ("vip = \"0.0.0.0:80\"", "unspecified"),
+            ("vip = \"[::]:80\"", "unspecified"),
+            ("vip = \"224.0.0.1:80\"", "multicast"),
+            ("vip = \"[ff02::1]:80\"", "multicast"),
+        ] {
+            let mut lines = svc(&[]);
+            lines[3] = vip;
+            expect_one(&lines, 4, needle);
+        }
+        let mut lines = svc(&[]);
+        lines.remove(3);
+        expect_one(&lines, 2, "has no `vip`");
+    }
+
+    #[test]
+    fn duplicate_vip() {
+        let dup = svc(&[
+            "[[service]]",
+            "name = \"web2\"",
+            "vip = \"198.18.100.1:80\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.11:8080\"",
+        ]);
+        expect_one(&dup, 9, "already used by service \"web\" (line 2)");
+        // The same address and port with another protocol is a different VIP.
+        let mut other = dup.clone();
+        other.insert(9, "protocol = \"udp\"");
+        assert!(parse(&text(&other), "f").is_ok());
+    }
+
+    #[test]
+    fn bad_protocol_and_mode() {
+        let mut lines = svc(&[]);
+        lines.insert(4, "protocol = \"sctp\"");
+        expect_one(&lines, 5, "unknown protocol \"sctp\"");
+        let mut lines = svc(&[]);
+        lines.insert(4, "mode = \"l3\"");
+        expect_one(&lines, 5, "unknown mode \"l3\"");
+    }
+
+    #[test]
+    fn ring_size_rules() {
+        for (ring, needle) in [
+            ("ring_size = 1", "too small"),
+            ("ring_size = -7", "too small"),
+            ("ring_size = 65539", "too large"),
+            (
+                "ring_size = 1000",
+                "not a prime; Maglev needs a prime table size (e.g. 997)",
+            ),
+        ] {
+            let mut lines = svc(&[]);
+            lines.insert(4, ring);
+            expect_one(&lines, 5, needle);
+        }
+        let mut lines = svc(&[]);
+        lines.insert(4, "ring_size = 2");
+        assert_eq!(parse(&text(&lines), "f").unwrap().services[0].ring_size, 2);
+    }
+
+    #[test]
+    fn l4_needs_backend_l7_does_not() {
+        let lines = &svc(&[])[..4];
+        expect_one(lines, 2, "needs at least one backend");
+        let mut l7 = lines.to_vec();
+        l7.push("mode = \"l7\"");
+        assert!(parse(&text(&l7), "f").is_ok());
+    }
+
+    #[test]
+    fn backend_address_rules() {
+        for (addr, needle) in [
+            ("address = \"198.18.2.11\"", "has no port"),
+            ("address = \"198.18.2.11:0\"", "port 0"),
+            ("address = \"0.0.0.0:80\"", "unspecified"),
+            ("address = \"239.1.1.1:80\"", "multicast"),
+            (
+                "address = \"[fd00::11]:80\"",
+                "NAT does not translate between address families",
+            ),
+        ] {
+            let mut lines = svc(&[]);
+            lines[5] = addr;
+            expect_one(&lines, 6, needle);
+        }
+        let mut lines = svc(&[]);
+        lines.remove(5);
+        expect_one(&lines, 5, "backend has no `address`");
+    }
+
+    #[test]
+    fn duplicate_backend() {
+        let lines = svc(&["[[service.backend]]", "address = \"198.18.2.11:8080\""]);
+        expect_one(
+            &lines,
+            8,
+            "listed twice in service \"web\" (first on line 5)",
+        );
+    }
+
+    #[test]
+    fn weight_rules() {
+        for (w, ok) in [
+            ("weight = 0", true),
+            ("weight = 65535", true),
+            ("weight = 65536", false),
+            ("weight = -1", false),
+        ] {
+            let lines = svc(&[w]);
+            if ok {
+                assert!(parse(&text(&lines), "f").is_ok(), "{w}");
+            } else {
+                expect_one(&lines, 7, "out of range; expected 0..=65535");
+            }
+        }
+    }
+
+    #[test]
+    fn more_active_backends_than_ring_slots() {
+        let lines = svc(&[
+            "[[service.backend]]",
+            "address = \"198.18.2.12:8080\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.13:8080\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.14:8080\"",
+            "weight = 0",
+        ]);
+        let mut small = lines.clone();
+        small.insert(4, "ring_size = 2");
+        expect_one(&small, 5, "3 backends with weight > 0 but ring_size is 2");
+        let mut fits = lines;
+        fits.insert(4, "ring_size = 3");
+        assert!(parse(&text(&fits), "f").is_ok());
+    }
+
+    #[test]
+    fn too_many_services() {
+        let mut t = format!("{HEAD}\n");
+        for i in 0..=MAX_VIPS {
+            t += &format!(
+                "[[service]]\nname = \"s{i}\"\nvip = \"10.1.{}.{}:80\"\n[[service.backend]]\naddress = \"10.2.0.1:80\"\n",
+                i / 256,
+                i % 256
+            );
+        }
+        let errs = parse(&t, "f").unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].line, 2 + 5 * MAX_VIPS as usize);
+        assert!(errs[0].reason.contains("at most 512 (MAX_VIPS)"));
+    }
+
+    #[test]
+    fn too_many_backends() {
+        let mut t = format!("{HEAD}\n");
+        for s in 0..2 {
+            // Inline tables, one per line: thousands of [[service.backend]] headers parse slowly.
+            t += &format!("[[service]]\nname = \"s{s}\"\nvip = \"10.1.0.{s}:80\"\nbackend = [\n");
+            // Service 1 repeats service 0's backends (not new) and adds one more.
+            let n = if s == 0 {
+                MAX_BACKENDS
+            } else {
+                MAX_BACKENDS + 1
+            };
+            for i in 0..n {
+                t += &format!("{{ address = \"10.2.{}.{}:80\" }},\n", i / 256, i % 256);
+            }
+            t += "]\n";
+        }
+        let errs = parse(&t, "f").unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        // The closing bracket is the last line; the crossing backend is just above it.
+        assert_eq!(errs[0].line, t.lines().count() - 1);
+        assert!(errs[0].reason.contains("at most 4096 (MAX_BACKENDS)"));
+    }
+
+    #[test]
+    fn reports_every_mistake() {
+        let lines = [
+            "interfaces = [\"eth0\"]",
+            "xdp_mode = \"fast\"",
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+            "ring_size = 100",
+            "[[service.backend]]",
+            "address = \"[fd00::1]:80\"",
+        ];
+        let errs = errors(&lines);
+        let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert_eq!(got, [2, 6, 8], "{errs:#?}");
+        assert!(errs[0].reason.contains("xdp_mode"));
+        assert!(errs[1].reason.contains("not a prime"));
+        assert!(errs[2].reason.contains("address families"));
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let mut lines = svc(&[]);
+        lines[3] = "vip = \"198.18.100.1:80";
+        let errs = errors(&lines);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].line, 4, "{errs:?}");
+        assert!(!errs[0].reason.contains('\n'));
+    }
+
+    #[test]
+    fn wrong_type_has_line() {
+        let mut lines = svc(&[]);
+        lines.push("weight = \"heavy\"");
+        expect_one(&lines, 7, "invalid type");
+    }
+
+    #[test]
+    fn unknown_field_has_line() {
+        let mut lines = svc(&[]);
+        lines[5] = "adress = \"198.18.2.11:8080\"";
+        expect_one(&lines, 6, "unknown field `adress`");
+        let mut lines = svc(&[]);
+        lines.insert(1, "interface = [\"eth1\"]");
+        expect_one(&lines, 2, "unknown field `interface`");
+    }
+}

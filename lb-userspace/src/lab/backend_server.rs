@@ -1,0 +1,457 @@
+//! The lab's backend server: a TCP/UDP responder that answers with its own
+//! name, so a client can tell which backend the balancer picked.
+//!
+//! TCP speaks either a line protocol (every line is answered with `{name}\n`)
+//! or, when the first line is an HTTP/1.x request line, minimal HTTP/1.1 with
+//! keep-alive. UDP answers every datagram with `{name}\n`.
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use anyhow::{Context, Result, anyhow};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+/// Name of the hidden `lb` subcommand that runs this server.
+pub const SUBCOMMAND: &str = "lab-backend";
+/// Longest line (request line, header or protocol line) accepted before closing.
+pub const MAX_LINE: usize = 8 * 1024;
+/// Most header lines in one HTTP request before closing.
+const MAX_HEADERS: usize = 100;
+/// Largest request body the HTTP mode reads and discards.
+const MAX_BODY: u64 = 1 << 20;
+
+/// Arguments of `lb lab-backend` as a plain struct (the CLI maps onto it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendArgs {
+    /// Name the server answers with.
+    pub name: String,
+    /// TCP addresses to listen on.
+    pub tcp: Vec<SocketAddr>,
+    /// UDP addresses to listen on.
+    pub udp: Vec<SocketAddr>,
+}
+
+impl BackendArgs {
+    /// Full `lb` argument vector, subcommand first: `lab-backend --name N --tcp A ... --udp B ...`.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args = vec![SUBCOMMAND.into(), "--name".into(), self.name.clone().into()];
+        for a in &self.tcp {
+            args.push("--tcp".into());
+            args.push(a.to_string().into());
+        }
+        for a in &self.udp {
+            args.push("--udp".into());
+            args.push(a.to_string().into());
+        }
+        args
+    }
+
+    /// Runs the server with these arguments (blocks).
+    pub fn run(&self) -> Result<()> {
+        run(&self.name, &self.tcp, &self.udp)
+    }
+}
+
+/// Binds all addresses and serves forever; returns only on a fatal socket error.
+///
+/// IPv6 sockets are bound with `IPV6_V6ONLY` so `0.0.0.0:p` and `[::]:p` can
+/// both be bound on the same port.
+pub fn run(name: &str, tcp: &[SocketAddr], udp: &[SocketAddr]) -> Result<()> {
+    let listeners = tcp
+        .iter()
+        .map(|a| bind_tcp(*a).with_context(|| format!("binding TCP {a}")))
+        .collect::<Result<Vec<_>>>()?;
+    let sockets = udp
+        .iter()
+        .map(|a| bind_udp(*a).with_context(|| format!("binding UDP {a}")))
+        .collect::<Result<Vec<_>>>()?;
+    tracing::info!(name, ?tcp, ?udp, "lab backend listening");
+    serve(name, listeners, sockets)
+}
+
+/// Creates a socket for `addr` with the options every lab socket needs.
+fn socket_for(addr: SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), ty, Some(proto))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    // A restarted server must rebind at once despite TIME_WAIT connections.
+    socket.set_reuse_address(true)?;
+    socket.bind(&SockAddr::from(addr))?;
+    Ok(socket)
+}
+
+/// Binds and listens on a TCP address.
+pub fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket_for(addr, Type::STREAM, Protocol::TCP)?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Binds a UDP address.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    Ok(socket_for(addr, Type::DGRAM, Protocol::UDP)?.into())
+}
+
+/// Serves already-bound sockets forever, one thread per socket and per TCP
+/// connection; returns the first fatal error of any of them.
+pub fn serve(name: &str, tcp: Vec<TcpListener>, udp: Vec<UdpSocket>) -> Result<()> {
+    if tcp.is_empty() && udp.is_empty() {
+        return Err(anyhow!("lab backend {name}: nothing to listen on"));
+    }
+    let name: Arc<str> = Arc::from(format!("{name}\n"));
+    let (tx, rx) = mpsc::channel::<anyhow::Error>();
+    for listener in tcp {
+        let (name, tx) = (name.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name("lab-tcp".into())
+            .spawn(move || {
+                let err = accept_loop(&listener, &name);
+                let _ = tx.send(anyhow!(err).context("TCP accept"));
+            })
+            .context("spawning TCP thread")?;
+    }
+    for socket in udp {
+        let (name, tx) = (name.clone(), tx.clone());
+        std::thread::Builder::new()
+            .name("lab-udp".into())
+            .spawn(move || {
+                let err = udp_loop(&socket, &name);
+                let _ = tx.send(anyhow!(err).context("UDP receive"));
+            })
+            .context("spawning UDP thread")?;
+    }
+    drop(tx);
+    match rx.recv() {
+        Ok(err) => Err(err),
+        Err(_) => Err(anyhow!("all lab backend threads ended")),
+    }
+}
+
+/// Accepts connections until a non-transient error, which it returns.
+fn accept_loop(listener: &TcpListener, name: &Arc<str>) -> io::Error {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let name = name.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("lab-conn".into())
+                        .spawn(move || {
+                            // Per-connection errors (resets, garbage) only end that connection.
+                            let _ = handle_connection(stream, &name);
+                        });
+                if let Err(e) = spawned {
+                    tracing::warn!("cannot spawn connection thread: {e}");
+                }
+            }
+            Err(e) if is_transient_accept_error(&e) => continue,
+            Err(e) => return e,
+        }
+    }
+}
+
+/// Errors after which `accept` can simply be retried.
+fn is_transient_accept_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    ) || matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
+    )
+}
+
+/// Answers every datagram with the name until a fatal receive error.
+fn udp_loop(socket: &UdpSocket, name: &Arc<str>) -> io::Error {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((_, peer)) => {
+                // A lost reply is the client's to retry; never stop serving for it.
+                let _ = socket.send_to(name.as_bytes(), peer);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionRefused
+                ) => {}
+            Err(e) => return e,
+        }
+    }
+}
+
+/// Outcome of reading one bounded line.
+enum Line {
+    /// A complete line, without its `\n` (and `\r`).
+    Text(Vec<u8>),
+    /// Orderly end of stream (a trailing partial line is dropped).
+    Eof,
+    /// The line exceeded `MAX_LINE`.
+    TooLong,
+}
+
+/// Reads one line of at most `MAX_LINE` bytes.
+fn read_line<R: BufRead>(reader: &mut R) -> io::Result<Line> {
+    let mut buf = Vec::new();
+    let limit = u64::try_from(MAX_LINE).unwrap_or(u64::MAX) + 1;
+    reader.by_ref().take(limit).read_until(b'\n', &mut buf)?;
+    if buf.last() != Some(&b'\n') {
+        return Ok(if buf.len() > MAX_LINE {
+            Line::TooLong
+        } else {
+            Line::Eof
+        });
+    }
+    buf.pop();
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    Ok(Line::Text(buf))
+}
+
+/// Whether a line looks like `METHOD target HTTP/1.x`.
+fn is_http_request_line(line: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(line) else {
+        return false;
+    };
+    let mut parts = text.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !method.is_empty()
+        && method.bytes().all(|b| b.is_ascii_uppercase())
+        && !target.is_empty()
+        && version.starts_with("HTTP/1.")
+}
+
+/// Serves one TCP connection in line mode or HTTP mode, chosen by its first line.
+fn handle_connection(stream: TcpStream, name: &str) -> io::Result<()> {
+    // Replies are single small writes; do not let Nagle delay them.
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let first = match read_line(&mut reader)? {
+        Line::Text(line) => line,
+        Line::Eof | Line::TooLong => return Ok(()),
+    };
+    if is_http_request_line(&first) {
+        return serve_http(&mut reader, &mut writer, name, first);
+    }
+    writer.write_all(name.as_bytes())?;
+    loop {
+        match read_line(&mut reader)? {
+            Line::Text(_) => writer.write_all(name.as_bytes())?,
+            Line::Eof | Line::TooLong => return Ok(()),
+        }
+    }
+}
+
+/// Minimal HTTP/1.x: answers each request with `200 OK` and the name, keeping
+/// the connection open unless the client (or HTTP/1.0) asks otherwise.
+fn serve_http<R: BufRead>(
+    reader: &mut R,
+    writer: &mut impl Write,
+    name: &str,
+    first: Vec<u8>,
+) -> io::Result<()> {
+    let mut request_line = first;
+    loop {
+        let http10 = request_line.ends_with(b"HTTP/1.0");
+        let mut keep_alive = !http10;
+        let mut body_len: u64 = 0;
+        let mut headers = 0;
+        loop {
+            let line = match read_line(reader)? {
+                Line::Text(line) => line,
+                Line::Eof | Line::TooLong => return Ok(()),
+            };
+            if line.is_empty() {
+                break;
+            }
+            headers += 1;
+            if headers > MAX_HEADERS {
+                return Ok(());
+            }
+            let text = String::from_utf8_lossy(&line);
+            let Some((key, value)) = text.split_once(':') else {
+                continue;
+            };
+            let (key, value) = (key.trim(), value.trim());
+            if key.eq_ignore_ascii_case("connection") {
+                for token in value.split(',').map(str::trim) {
+                    if token.eq_ignore_ascii_case("close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case("keep-alive") {
+                        keep_alive = true;
+                    }
+                }
+            } else if key.eq_ignore_ascii_case("content-length") {
+                match value.parse::<u64>() {
+                    Ok(n) if n <= MAX_BODY => body_len = n,
+                    _ => return Ok(()),
+                }
+            }
+        }
+        // A body, if any, is not looked at but must be consumed to find the next request.
+        let skipped = io::copy(&mut reader.by_ref().take(body_len), &mut io::sink())?;
+        if skipped < body_len {
+            return Ok(());
+        }
+        let response = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{name}",
+            name.len(),
+            if keep_alive {
+                ""
+            } else {
+                "Connection: close\r\n"
+            },
+        );
+        writer.write_all(response.as_bytes())?;
+        if !keep_alive {
+            return Ok(());
+        }
+        // RFC 9112 asks servers to skip empty lines before a request line.
+        request_line = loop {
+            match read_line(reader)? {
+                Line::Text(line) if line.is_empty() => continue,
+                Line::Text(line) => break line,
+                Line::Eof | Line::TooLong => return Ok(()),
+            }
+        };
+        if !is_http_request_line(&request_line) {
+            writer.write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )?;
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::client::{TcpSession, http_get, tcp_ask, udp_ask};
+    use std::time::Duration;
+
+    const T: Duration = Duration::from_secs(2);
+
+    /// Starts a server named `name` on ephemeral loopback ports (v4 and v6).
+    fn start(name: &str) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        let tcp: Vec<TcpListener> = ["127.0.0.1:0", "[::1]:0"]
+            .iter()
+            .map(|a| bind_tcp(a.parse().expect("literal")).expect("bind tcp"))
+            .collect();
+        let udp: Vec<UdpSocket> = ["127.0.0.1:0", "[::1]:0"]
+            .iter()
+            .map(|a| bind_udp(a.parse().expect("literal")).expect("bind udp"))
+            .collect();
+        let tcp_addrs = tcp.iter().map(|l| l.local_addr().expect("addr")).collect();
+        let udp_addrs = udp.iter().map(|s| s.local_addr().expect("addr")).collect();
+        let name = name.to_string();
+        std::thread::spawn(move || serve(&name, tcp, udp));
+        (tcp_addrs, udp_addrs)
+    }
+
+    #[test]
+    fn v4_and_v6_wildcards_share_a_port() {
+        let v6 = bind_tcp("[::]:0".parse().expect("literal")).expect("bind [::]");
+        let port = v6.local_addr().expect("addr").port();
+        bind_tcp(SocketAddr::from(([0, 0, 0, 0], port))).expect("bind 0.0.0.0 on the same port");
+        let u6 = bind_udp("[::]:0".parse().expect("literal")).expect("bind [::]");
+        let port = u6.local_addr().expect("addr").port();
+        bind_udp(SocketAddr::from(([0, 0, 0, 0], port))).expect("bind 0.0.0.0 on the same port");
+    }
+
+    #[test]
+    fn answers_line_http_and_udp() {
+        let (tcp, udp) = start("beX");
+        for addr in tcp {
+            assert_eq!(tcp_ask(addr, T).expect("tcp_ask"), "beX");
+            let mut session = TcpSession::connect(addr, T).expect("connect");
+            for _ in 0..3 {
+                assert_eq!(session.ask().expect("ask"), "beX");
+            }
+            assert_eq!(
+                http_get(addr, "/", T).expect("http_get"),
+                (200, "beX\n".to_string())
+            );
+        }
+        for addr in udp {
+            assert_eq!(udp_ask(addr, T).expect("udp_ask"), "beX");
+        }
+    }
+
+    #[test]
+    fn http_keep_alive_serves_several_requests() {
+        let (tcp, _) = start("beK");
+        let mut stream = TcpStream::connect_timeout(&tcp[0], T).expect("connect");
+        stream.set_read_timeout(Some(T)).expect("timeout");
+        let req = "GET /a HTTP/1.1\r\nHost: x\r\n\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        stream.write_all(req.as_bytes()).expect("write");
+        let mut all = String::new();
+        stream.read_to_string(&mut all).expect("read until close");
+        assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 2, "{all}");
+        assert_eq!(all.matches("Connection: close").count(), 1, "{all}");
+        assert!(all.ends_with("\r\n\r\nbeK\n"), "{all}");
+    }
+
+    #[test]
+    fn overlong_line_closes_connection() {
+        let (tcp, _) = start("beL");
+        let mut stream = TcpStream::connect_timeout(&tcp[0], T).expect("connect");
+        stream.set_read_timeout(Some(T)).expect("timeout");
+        // Nothing is answered for the overlong line; the server just hangs up.
+        let _ = stream.write_all(&vec![b'a'; MAX_LINE + 10]);
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn request_line_detection() {
+        assert!(is_http_request_line(b"GET / HTTP/1.1"));
+        assert!(is_http_request_line(b"POST /x?y HTTP/1.0"));
+        assert!(!is_http_request_line(b"who"));
+        assert!(!is_http_request_line(b"get / HTTP/1.1"));
+        assert!(!is_http_request_line(b"GET / HTTP/2"));
+    }
+
+    #[test]
+    fn args_round_trip_shape() {
+        let args = BackendArgs {
+            name: "be1".into(),
+            tcp: vec![
+                "0.0.0.0:8080".parse().expect("literal"),
+                "[::]:8080".parse().expect("literal"),
+            ],
+            udp: vec!["0.0.0.0:5353".parse().expect("literal")],
+        };
+        let got: Vec<String> = args
+            .to_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "lab-backend",
+                "--name",
+                "be1",
+                "--tcp",
+                "0.0.0.0:8080",
+                "--tcp",
+                "[::]:8080",
+                "--udp",
+                "0.0.0.0:5353"
+            ]
+        );
+    }
+}

@@ -1,0 +1,10 @@
+//! The load balancer's userspace: configuration, the agent that drives the XDP
+//! data plane, metrics, and the namespace lab shared by demo, tests and benchmarks.
+
+pub mod agent;
+pub mod balancer;
+pub mod config;
+pub mod dataplane;
+pub mod demo;
+pub mod lab;
+pub mod metrics;

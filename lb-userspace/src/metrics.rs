@@ -1,0 +1,261 @@
+//! Prometheus text exposition of the data plane's counters, served over plain HTTP.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use lb_common::Reason;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use crate::{balancer::Balancer, dataplane::Counters};
+
+/// A service as the metrics name it.
+#[derive(Debug, Clone)]
+pub struct ServiceLabel {
+    /// Service name from the config.
+    pub name: String,
+    /// VIP address and port.
+    pub vip: SocketAddr,
+    /// VIP id in the data plane.
+    pub vip_id: u32,
+}
+
+/// A backend as the metrics name it.
+#[derive(Debug, Clone)]
+pub struct BackendLabel {
+    /// Backend address and port.
+    pub address: SocketAddr,
+    /// Backend id in the data plane.
+    pub backend_id: u32,
+}
+
+fn counter(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+}
+
+/// Renders counters in the Prometheus text format.
+pub fn render(services: &[ServiceLabel], backends: &[BackendLabel], c: &Counters) -> String {
+    let mut out = String::new();
+    let vip = |id: u32| c.vips.get(id as usize).copied().unwrap_or_default();
+    let be = |id: u32| c.backends.get(id as usize).copied().unwrap_or_default();
+    counter(
+        &mut out,
+        "lb_service_packets_total",
+        "Client packets forwarded by XDP for the service.",
+    );
+    for s in services {
+        let _ = writeln!(
+            out,
+            "lb_service_packets_total{{service=\"{}\",vip=\"{}\"}} {}",
+            s.name,
+            s.vip,
+            vip(s.vip_id).packets
+        );
+    }
+    counter(
+        &mut out,
+        "lb_service_bytes_total",
+        "Client bytes forwarded by XDP for the service.",
+    );
+    for s in services {
+        let _ = writeln!(
+            out,
+            "lb_service_bytes_total{{service=\"{}\",vip=\"{}\"}} {}",
+            s.name,
+            s.vip,
+            vip(s.vip_id).bytes
+        );
+    }
+    counter(
+        &mut out,
+        "lb_backend_packets_total",
+        "Client packets forwarded by XDP to the backend.",
+    );
+    for b in backends {
+        let _ = writeln!(
+            out,
+            "lb_backend_packets_total{{backend=\"{}\"}} {}",
+            b.address,
+            be(b.backend_id).packets
+        );
+    }
+    counter(
+        &mut out,
+        "lb_backend_bytes_total",
+        "Client bytes forwarded by XDP to the backend.",
+    );
+    for b in backends {
+        let _ = writeln!(
+            out,
+            "lb_backend_bytes_total{{backend=\"{}\"}} {}",
+            b.address,
+            be(b.backend_id).bytes
+        );
+    }
+    counter(
+        &mut out,
+        "lb_xdp_packets_total",
+        "Packets seen by the XDP program, by the decision taken.",
+    );
+    for r in Reason::ALL {
+        let _ = writeln!(
+            out,
+            "lb_xdp_packets_total{{reason=\"{}\"}} {}",
+            r.name(),
+            c.reason(r).packets
+        );
+    }
+    counter(
+        &mut out,
+        "lb_xdp_bytes_total",
+        "Bytes seen by the XDP program, by the decision taken.",
+    );
+    for r in Reason::ALL {
+        let _ = writeln!(
+            out,
+            "lb_xdp_bytes_total{{reason=\"{}\"}} {}",
+            r.name(),
+            c.reason(r).bytes
+        );
+    }
+    out
+}
+
+/// Value of the sample `name{labels}` in Prometheus text (labels exactly as rendered).
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<u64> {
+    let prefix = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Renders the balancer's current counters.
+pub fn snapshot(balancer: &mut Balancer) -> Result<String> {
+    let (services, backends) = labels(balancer);
+    let counters = balancer.dataplane().counters()?;
+    Ok(render(&services, &backends, &counters))
+}
+
+fn labels(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
+    let mut services = Vec::new();
+    let mut backends = Vec::new();
+    if let Some(config) = balancer.config() {
+        for s in &config.services {
+            if let Some(vip_id) = balancer.vip_id(s.vip, s.protocol) {
+                services.push(ServiceLabel {
+                    name: s.name.clone(),
+                    vip: s.vip,
+                    vip_id,
+                });
+            }
+            for b in &s.backends {
+                if let Some(backend_id) = balancer.backend_id(b.address)
+                    && !backends
+                        .iter()
+                        .any(|x: &BackendLabel| x.address == b.address)
+                {
+                    backends.push(BackendLabel {
+                        address: b.address,
+                        backend_id,
+                    });
+                }
+            }
+        }
+    }
+    (services, backends)
+}
+
+/// Serves `GET /metrics` (any path, in fact) until the task is dropped.
+pub async fn serve(listener: TcpListener, balancer: Arc<Mutex<Balancer>>) -> Result<()> {
+    loop {
+        let (mut sock, peer) = listener.accept().await.context("metrics accept")?;
+        let balancer = balancer.clone();
+        tokio::spawn(async move {
+            // Read the request head; its content does not matter, but reading it
+            // keeps clients that wait for the server to read from seeing a reset.
+            let mut buf = [0u8; 2048];
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
+            let body = match balancer.lock() {
+                Ok(mut b) => snapshot(&mut b),
+                Err(_) => Err(anyhow::anyhow!("balancer state poisoned")),
+            };
+            let (status, body) = match body {
+                Ok(text) => ("200 OK", text),
+                Err(e) => {
+                    warn!(error = %e, "metrics snapshot failed");
+                    ("500 Internal Server Error", format!("{e:#}\n"))
+                }
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = sock.write_all(resp.as_bytes()).await {
+                debug!(%peer, error = %e, "metrics write failed");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lb_common::Traffic;
+
+    #[test]
+    fn renders_and_reads_back_samples() {
+        let mut c = Counters {
+            vips: vec![Traffic::default(); 2],
+            backends: vec![Traffic::default(); 2],
+            reasons: vec![Traffic::default(); Reason::ALL.len()],
+        };
+        c.vips[1] = Traffic {
+            packets: 7,
+            bytes: 700,
+        };
+        c.backends[0] = Traffic {
+            packets: 3,
+            bytes: 300,
+        };
+        c.reasons[Reason::PassNotVip as usize].packets = 5;
+        let services = [ServiceLabel {
+            name: "web".into(),
+            vip: "198.18.100.1:80".parse().unwrap(),
+            vip_id: 1,
+        }];
+        let backends = [BackendLabel {
+            address: "198.18.2.11:8080".parse().unwrap(),
+            backend_id: 0,
+        }];
+        let text = render(&services, &backends, &c);
+        assert_eq!(
+            sample(
+                &text,
+                "lb_service_packets_total",
+                "service=\"web\",vip=\"198.18.100.1:80\""
+            ),
+            Some(7)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "lb_backend_bytes_total",
+                "backend=\"198.18.2.11:8080\""
+            ),
+            Some(300)
+        );
+        assert_eq!(
+            sample(&text, "lb_xdp_packets_total", "reason=\"pass_not_vip\""),
+            Some(5)
+        );
+        assert_eq!(sample(&text, "lb_nope", ""), None);
+    }
+}

@@ -1,0 +1,173 @@
+//! Support for the end-to-end and packet-level tests: running the loaded XDP
+//! program on crafted frames, and checking frames with an independent parser.
+
+use anyhow::{Context, Result};
+use aya::programs::{TestRun, TestRunOptions};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use lb_userspace::{balancer::Balancer, config, dataplane::Dataplane};
+
+/// Loads the `lb-xdp` object and applies a config given as TOML text.
+pub fn balancer_with(config_text: &str) -> Result<Balancer> {
+    let object = lb_userspace::dataplane::default_object_path()?;
+    let config = config::parse(config_text, "test.toml").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut balancer = Balancer::new(Dataplane::load(&object)?);
+    balancer.apply(&config)?;
+    Ok(balancer)
+}
+
+/// The kernel's `struct xdp_md` as BPF_PROG_TEST_RUN takes it: the frame
+/// starts at 0, ends at `len`, and arrived on `ingress_ifindex`.
+pub fn xdp_md(ingress_ifindex: u32, len: usize) -> [u8; 24] {
+    let mut md = [0u8; 24];
+    md[4..8].copy_from_slice(&(len as u32).to_ne_bytes());
+    md[12..16].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+    md
+}
+
+/// Runs the program once on `frame` as if it arrived on `ingress`; returns the
+/// XDP action and the frame as the program left it.
+pub fn run_xdp(balancer: &mut Balancer, frame: &[u8], ingress: u32) -> Result<(u32, Vec<u8>)> {
+    let prog = balancer.dataplane().program()?;
+    let mut out = vec![0u8; frame.len() + 512];
+    let md = xdp_md(ingress, frame.len());
+    let result = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&md),
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, out))
+}
+
+/// Checks every checksum in an Ethernet frame by recomputing it with etherparse.
+pub fn assert_checksums_valid(frame: &[u8]) {
+    let sliced = SlicedPacket::from_ethernet(frame).expect("frame parses");
+    let payload;
+    match (&sliced.net, &sliced.transport) {
+        (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Tcp(tcp))) => {
+            let header = ip.header().to_header();
+            assert_eq!(
+                header.calc_header_checksum(),
+                header.header_checksum,
+                "IPv4 header checksum"
+            );
+            payload = tcp.payload();
+            let expect = tcp
+                .to_header()
+                .calc_checksum_ipv4(&header, payload)
+                .expect("tcp sum");
+            assert_eq!(tcp.checksum(), expect, "TCP/IPv4 checksum");
+        }
+        (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) => {
+            let header = ip.header().to_header();
+            assert_eq!(
+                header.calc_header_checksum(),
+                header.header_checksum,
+                "IPv4 header checksum"
+            );
+            if udp.checksum() != 0 {
+                payload = udp.payload();
+                let expect = udp
+                    .to_header()
+                    .calc_checksum_ipv4(&header, payload)
+                    .expect("udp sum");
+                assert_eq!(udp.checksum(), expect, "UDP/IPv4 checksum");
+            }
+        }
+        (Some(NetSlice::Ipv6(ip)), Some(TransportSlice::Tcp(tcp))) => {
+            let header = ip.header().to_header();
+            payload = tcp.payload();
+            let expect = tcp
+                .to_header()
+                .calc_checksum_ipv6(&header, payload)
+                .expect("tcp sum");
+            assert_eq!(tcp.checksum(), expect, "TCP/IPv6 checksum");
+        }
+        (Some(NetSlice::Ipv6(ip)), Some(TransportSlice::Udp(udp))) => {
+            let header = ip.header().to_header();
+            payload = udp.payload();
+            let expect = udp
+                .to_header()
+                .calc_checksum_ipv6(&header, payload)
+                .expect("udp sum");
+            assert_eq!(udp.checksum(), expect, "UDP/IPv6 checksum");
+        }
+        other => panic!("unexpected frame layout: {other:?}"),
+    }
+}
+
+/// A namespace lab with the agent running in its balancer namespace.
+pub struct RunningLab {
+    /// The lab (dropped last: stops the agent and servers, removes namespaces).
+    pub lab: lb_userspace::lab::Lab,
+    /// Pid of the agent (`lb run`).
+    pub agent: u32,
+    /// The config file the agent runs with.
+    pub config_path: std::path::PathBuf,
+}
+
+impl RunningLab {
+    /// Builds a lab with `backends` backends and runs the agent over the first
+    /// `weights.len()` of them with those weights.
+    pub fn start(tag: &str, backends: usize, weights: &[u32]) -> Result<Self> {
+        let opts = lb_userspace::lab::LabOptions::from_env(backends)?;
+        let mut lab = lb_userspace::lab::Lab::create(tag, opts)?;
+        let dir = std::env::temp_dir().join(lab.balancer_ns());
+        std::fs::create_dir_all(&dir)?;
+        let config_path = dir.join("lb.toml");
+        std::fs::write(
+            &config_path,
+            lb_userspace::lab::services::lab_config(&lab, weights, lb_common::DEFAULT_RING_SIZE),
+        )?;
+        let agent = lb_userspace::demo::start_agent(&mut lab, &config_path)?;
+        Ok(Self {
+            lab,
+            agent,
+            config_path,
+        })
+    }
+
+    /// Rewrites the config with new weights and sends SIGHUP; waits until the
+    /// agent reports the reload in its counters (bounded).
+    pub fn reload(&mut self, weights: &[u32]) -> Result<()> {
+        std::fs::write(
+            &self.config_path,
+            lb_userspace::lab::services::lab_config(
+                &self.lab,
+                weights,
+                lb_common::DEFAULT_RING_SIZE,
+            ),
+        )?;
+        // SAFETY: plain kill(2) on a pid this lab started.
+        if unsafe { libc::kill(self.agent as i32, libc::SIGHUP) } != 0 {
+            anyhow::bail!("SIGHUP to agent: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// The agent's metrics text.
+    pub fn metrics(&self) -> Result<String> {
+        let addr = lb_userspace::lab::services::METRICS_ADDR.parse()?;
+        let (status, body) = lb_userspace::lab::run_in_ns(self.lab.balancer_ns(), move || {
+            lb_userspace::lab::client::http_get(addr, "/metrics", std::time::Duration::from_secs(2))
+        })??;
+        anyhow::ensure!(status == 200, "metrics answered {status}");
+        Ok(body)
+    }
+
+    /// One sample of the agent's metrics (0 if absent).
+    pub fn metric(&self, name: &str, labels: &str) -> Result<u64> {
+        Ok(lb_userspace::metrics::sample(&self.metrics()?, name, labels).unwrap_or(0))
+    }
+}
+
+impl Drop for RunningLab {
+    fn drop(&mut self) {
+        if let Some(dir) = self.config_path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -1,0 +1,494 @@
+//! Packet-level tests: crafted frames through the loaded XDP program with
+//! BPF_PROG_TEST_RUN, compared byte for byte with frames built independently by
+//! etherparse (whose checksums are computed from scratch).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use etherparse::{PacketBuilder, PacketBuilderStep, TcpHeader, VlanId};
+use lb_common::{FlowKey, Reason, hash::flow_hash};
+use lb_tests::{assert_checksums_valid, balancer_with, run_xdp};
+use lb_userspace::{
+    balancer::{Balancer, addr_bytes},
+    lab::{
+        CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6, run_in_ns,
+        testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},
+    },
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const XDP_REDIRECT: u32 = 4;
+
+const PAYLOAD: &[u8] = b"hello, backend";
+const CPORT: u16 = 40000;
+const NOT_NEIGHBOUR_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 99);
+const VIP2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+const VIP3_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+const VIP4_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
+
+fn config() -> String {
+    format!(
+        r#"
+interfaces = ["lbc", "lbb"]
+
+[[service]]
+name = "tcp4"
+vip = "{VIP_V4}:80"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:8080"
+
+[[service]]
+name = "udp4"
+vip = "{VIP_V4}:53"
+protocol = "udp"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:5353"
+
+[[service]]
+name = "tcp6"
+vip = "[{VIP_V6}]:80"
+ring_size = 13
+[[service.backend]]
+address = "[{b6}]:8080"
+
+[[service]]
+name = "udp6"
+vip = "[{VIP_V6}]:53"
+protocol = "udp"
+ring_size = 13
+[[service.backend]]
+address = "[{b6}]:5353"
+
+[[service]]
+name = "web-l7"
+vip = "{VIP_V4}:443"
+mode = "l7"
+
+[[service]]
+name = "no-neighbour"
+vip = "{VIP2_V4}:80"
+ring_size = 13
+[[service.backend]]
+address = "{NOT_NEIGHBOUR_V4}:8080"
+
+[[service]]
+name = "three"
+vip = "{VIP3_V4}:80"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:8080"
+[[service.backend]]
+address = "{b4_2}:8080"
+[[service.backend]]
+address = "{b4_3}:8080"
+
+[[service]]
+name = "all-drained"
+vip = "{VIP4_V4}:80"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:8080"
+weight = 0
+"#,
+        b4 = backend_v4(1),
+        b4_2 = backend_v4(2),
+        b4_3 = backend_v4(3),
+        b6 = backend_v6(1),
+    )
+}
+
+/// Runs `body` inside a fresh fixture namespace with the balancer loaded.
+fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) {
+    let net = TestRunNet::create("pkt").expect("fixture namespace");
+    let ns = net.ns().to_string();
+    let config = config();
+    run_in_ns(&ns, move || {
+        let mut balancer = balancer_with(&config).expect("load and configure the data plane");
+        body(&mut balancer, &net);
+    })
+    .expect("enter fixture namespace");
+}
+
+fn tcp4(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+) -> PacketBuilderStep<TcpHeader> {
+    PacketBuilder::ethernet2(src_mac, dst_mac)
+        .ipv4(src.octets(), dst.octets(), ttl)
+        .tcp(sport, dport, 0x0102_0304, 8192)
+        .syn()
+}
+
+fn build(step: PacketBuilderStep<TcpHeader>) -> Vec<u8> {
+    let mut v = Vec::new();
+    step.write(&mut v, PAYLOAD).expect("build frame");
+    v
+}
+
+fn reason_count(b: &mut Balancer, r: Reason) -> u64 {
+    b.dataplane()
+        .counters()
+        .expect("counters")
+        .reason(r)
+        .packets
+}
+
+#[test]
+fn ipv4_tcp_vip_hit_is_natted_to_the_backend_exactly() {
+    with_fixture(|b, net| {
+        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        let expected = build(tcp4(
+            LBB_MAC,
+            backend_mac(1),
+            CLIENT_V4,
+            backend_v4(1),
+            63,
+            CPORT,
+            8080,
+        ));
+        assert_eq!(action, XDP_REDIRECT, "lbc -> lbb is a redirect");
+        assert_eq!(out, expected);
+        assert_checksums_valid(&out);
+        assert_eq!(reason_count(b, Reason::RedirectForward), 1);
+    });
+}
+
+#[test]
+fn ipv4_udp_vip_hit_is_natted_exactly_and_a_zero_checksum_stays_zero() {
+    with_fixture(|b, net| {
+        let udp = |smac, dmac, dst: Ipv4Addr, ttl, dport| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(smac, dmac)
+                .ipv4(CLIENT_V4.octets(), dst.octets(), ttl)
+                .udp(CPORT, dport)
+                .write(&mut v, PAYLOAD)
+                .unwrap();
+            v
+        };
+        let input = udp(CLIENT_MAC, LBC_MAC, VIP_V4, 64, 53);
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, udp(LBB_MAC, backend_mac(1), backend_v4(1), 63, 5353));
+        assert_checksums_valid(&out);
+
+        // IPv4 UDP without a checksum (0) must not gain a wrong one.
+        let mut input = udp(CLIENT_MAC, LBC_MAC, VIP_V4, 64, 53);
+        let sum_at = 14 + 20 + 6;
+        input[sum_at] = 0;
+        input[sum_at + 1] = 0;
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(&out[sum_at..sum_at + 2], &[0, 0]);
+        let mut expected = udp(LBB_MAC, backend_mac(1), backend_v4(1), 63, 5353);
+        expected[sum_at] = 0;
+        expected[sum_at + 1] = 0;
+        assert_eq!(out, expected);
+    });
+}
+
+#[test]
+fn ipv6_tcp_and_udp_vip_hits_are_natted_exactly() {
+    with_fixture(|b, net| {
+        let tcp6 = |smac, dmac, dst: Ipv6Addr, hops, dport| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(smac, dmac)
+                .ipv6(CLIENT_V6.octets(), dst.octets(), hops)
+                .tcp(CPORT, dport, 7, 1000)
+                .syn()
+                .write(&mut v, PAYLOAD)
+                .unwrap();
+            v
+        };
+        let udp6 = |smac, dmac, dst: Ipv6Addr, hops, dport| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(smac, dmac)
+                .ipv6(CLIENT_V6.octets(), dst.octets(), hops)
+                .udp(CPORT, dport)
+                .write(&mut v, PAYLOAD)
+                .unwrap();
+            v
+        };
+        let (action, out) =
+            run_xdp(b, &tcp6(CLIENT_MAC, LBC_MAC, VIP_V6, 64, 80), net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, tcp6(LBB_MAC, backend_mac(1), backend_v6(1), 63, 8080));
+        assert_checksums_valid(&out);
+        let (action, out) =
+            run_xdp(b, &udp6(CLIENT_MAC, LBC_MAC, VIP_V6, 64, 53), net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, udp6(LBB_MAC, backend_mac(1), backend_v6(1), 63, 5353));
+        assert_checksums_valid(&out);
+    });
+}
+
+#[test]
+fn backend_reply_is_translated_back_to_the_vip() {
+    with_fixture(|b, net| {
+        let syn = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let reply = |smac, dmac, src: Ipv4Addr, ttl, sport| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(smac, dmac)
+                .ipv4(src.octets(), CLIENT_V4.octets(), ttl)
+                .tcp(sport, CPORT, 99, 4096)
+                .syn()
+                .ack(0x0102_0305)
+                .write(&mut v, b"welcome")
+                .unwrap();
+            v
+        };
+        let input = reply(backend_mac(1), LBB_MAC, backend_v4(1), 64, 8080);
+        let (action, out) = run_xdp(b, &input, net.lbb).unwrap();
+        assert_eq!(action, XDP_REDIRECT, "lbb -> lbc is a redirect");
+        assert_eq!(out, reply(LBC_MAC, CLIENT_MAC, VIP_V4, 63, 80));
+        assert_checksums_valid(&out);
+        assert_eq!(reason_count(b, Reason::RedirectReply), 1);
+    });
+}
+
+#[test]
+fn same_interface_next_hop_uses_xdp_tx() {
+    with_fixture(|b, net| {
+        // A client packet arriving on the backend side leaves the same way: XDP_TX.
+        let input = build(tcp4(CLIENT_MAC, LBB_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let (action, out) = run_xdp(b, &input, net.lbb).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            out,
+            build(tcp4(
+                LBB_MAC,
+                backend_mac(1),
+                CLIENT_V4,
+                backend_v4(1),
+                63,
+                CPORT,
+                8080
+            ))
+        );
+        assert_eq!(reason_count(b, Reason::TxForward), 1);
+    });
+}
+
+#[test]
+fn vlan_tagged_vip_hit_keeps_its_tag() {
+    with_fixture(|b, net| {
+        let tagged = |smac, dmac, dst: Ipv4Addr, ttl, dport| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(smac, dmac)
+                .single_vlan(VlanId::try_new(42).unwrap())
+                .ipv4(CLIENT_V4.octets(), dst.octets(), ttl)
+                .tcp(CPORT, dport, 1, 1000)
+                .write(&mut v, PAYLOAD)
+                .unwrap();
+            v
+        };
+        let (action, out) =
+            run_xdp(b, &tagged(CLIENT_MAC, LBC_MAC, VIP_V4, 64, 80), net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(
+            out,
+            tagged(LBB_MAC, backend_mac(1), backend_v4(1), 63, 8080)
+        );
+        assert_checksums_valid(&out);
+    });
+}
+
+#[test]
+fn flows_follow_the_maglev_table_and_stay_pinned() {
+    with_fixture(|b, net| {
+        for sport in 1000..1064u16 {
+            let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, sport, 80));
+            let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+            let key = FlowKey {
+                src: addr_bytes(CLIENT_V4.into()).0,
+                dst: addr_bytes(VIP3_V4.into()).0,
+                sport,
+                dport: 80,
+                proto: 6,
+                family: 4,
+                pad: [0; 2],
+            };
+            let vip_id = b
+                .vip_id(
+                    format!("{VIP3_V4}:80").parse().unwrap(),
+                    lb_userspace::config::Protocol::Tcp,
+                )
+                .unwrap();
+            let ring = b.dataplane().ring(vip_id).unwrap().unwrap();
+            let id = ring[(flow_hash(&key) % ring.len() as u32) as usize];
+            let chosen = (1..=3)
+                .find(|&i| {
+                    b.backend_id(format!("{}:8080", backend_v4(i)).parse().unwrap()) == Some(id)
+                })
+                .unwrap();
+            assert_eq!(&out[30..34], &backend_v4(chosen).octets(), "sport {sport}");
+            // The same flow again goes to the same backend (connection table hit).
+            let (_, again) = run_xdp(b, &input, net.lbc).unwrap();
+            assert_eq!(again, out);
+        }
+    });
+}
+
+#[test]
+fn missing_neighbour_passes_the_natted_packet_to_the_stack() {
+    with_fixture(|b, net| {
+        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP2_V4, 64, CPORT, 80));
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_PASS);
+        // NATed, TTL untouched (the stack decrements it when it forwards), MACs untouched.
+        let expected = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            NOT_NEIGHBOUR_V4,
+            64,
+            CPORT,
+            8080,
+        ));
+        assert_eq!(out, expected);
+        assert_eq!(reason_count(b, Reason::PassNoNeighbour), 1);
+    });
+}
+
+#[test]
+fn vip_without_live_backends_drops() {
+    with_fixture(|b, net| {
+        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP4_V4, 64, CPORT, 80));
+        let (action, _) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_DROP);
+        assert_eq!(reason_count(b, Reason::DropNoBackend), 1);
+    });
+}
+
+/// Asserts the frame is passed to the kernel byte for byte as it came.
+fn assert_passed_untouched(b: &mut Balancer, ingress: u32, frame: &[u8], what: &str) {
+    let (action, out) = run_xdp(b, frame, ingress).unwrap();
+    assert_eq!(action, XDP_PASS, "{what}: action");
+    assert_eq!(out, frame, "{what}: frame changed");
+}
+
+#[test]
+fn non_vip_l7_and_other_traffic_passes_untouched() {
+    with_fixture(|b, net| {
+        let mut arp = vec![0xffu8; 6];
+        arp.extend_from_slice(&CLIENT_MAC);
+        arp.extend_from_slice(&[0x08, 0x06]);
+        arp.extend_from_slice(&[0u8; 28]);
+        assert_passed_untouched(b, net.lbc, &arp, "ARP");
+        assert_eq!(reason_count(b, Reason::PassNotIp), 1);
+
+        let other_dst = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            backend_v4(1),
+            64,
+            CPORT,
+            8080,
+        ));
+        assert_passed_untouched(b, net.lbc, &other_dst, "not a VIP");
+        let other_port = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 81));
+        assert_passed_untouched(b, net.lbc, &other_port, "VIP address, other port");
+        assert_eq!(reason_count(b, Reason::PassNotVip), 2);
+
+        let l7 = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 443));
+        assert_passed_untouched(b, net.lbc, &l7, "L7 VIP");
+        assert_eq!(reason_count(b, Reason::PassL7), 1);
+
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 64)
+            .icmpv4_echo_request(1, 1)
+            .write(&mut icmp, b"ping")
+            .unwrap();
+        assert_passed_untouched(b, net.lbc, &icmp, "ICMP to a VIP");
+        assert_eq!(reason_count(b, Reason::PassOtherProto), 1);
+
+        let expiring = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 1, CPORT, 80));
+        assert_passed_untouched(b, net.lbc, &expiring, "TTL 1");
+        assert_eq!(reason_count(b, Reason::PassTtlExpired), 1);
+    });
+}
+
+#[test]
+fn truncated_and_malformed_frames_are_never_rewritten() {
+    with_fixture(|b, net| {
+        let good = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        // Every truncation of a valid VIP frame (the kernel does not run XDP on
+        // frames shorter than an Ethernet header, nor lets a test run one).
+        for len in 14..good.len() {
+            assert_passed_untouched(b, net.lbc, &good[..len], &format!("truncated to {len}"));
+        }
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut f = good.clone();
+        f[14] = 0x44; // IHL 4 (< 20 bytes)
+        cases.push(("IHL below 5", f));
+        let mut f = good.clone();
+        f[14] = 0x55; // IP version 5
+        cases.push(("IP version 5", f));
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&(good.len() as u16).to_be_bytes()); // longer than the frame
+        cases.push(("total length beyond frame", f));
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&19u16.to_be_bytes());
+        cases.push(("total length below header", f));
+        let mut f = good.clone();
+        f[14 + 20 + 12] = 0x40; // TCP data offset 4
+        cases.push(("TCP data offset below 5", f));
+        let mut f = good.clone();
+        f[14 + 20 + 12] = 0xf0; // TCP data offset 15: 60 bytes, beyond the segment
+        cases.push(("TCP data offset beyond segment", f));
+        for (what, frame) in &cases {
+            assert_passed_untouched(b, net.lbc, frame, what);
+        }
+        let malformed = reason_count(b, Reason::PassMalformed);
+        assert_eq!(
+            malformed,
+            (good.len() - 14 + cases.len()) as u64,
+            "every malformed frame counted"
+        );
+
+        let mut frag = good.clone();
+        frag[20] = 0x20; // more fragments
+        assert_passed_untouched(b, net.lbc, &frag, "first fragment");
+        let mut frag = good.clone();
+        frag[21] = 0x10; // offset 16
+        assert_passed_untouched(b, net.lbc, &frag, "later fragment");
+        assert_eq!(reason_count(b, Reason::PassFragment), 2);
+
+        // IPv6 with a hop-by-hop extension header in front of TCP.
+        let mut v6 = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
+            .tcp(CPORT, 80, 1, 1000)
+            .write(&mut v6, PAYLOAD)
+            .unwrap();
+        let mut ext = v6[..14 + 40].to_vec();
+        ext[14 + 6] = 0; // next header: hop-by-hop
+        ext.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]); // -> TCP, PadN
+        ext.extend_from_slice(&v6[14 + 40..]);
+        let plen = (ext.len() - 14 - 40) as u16;
+        ext[18..20].copy_from_slice(&plen.to_be_bytes());
+        assert_passed_untouched(b, net.lbc, &ext, "IPv6 extension header");
+
+        // UDP length field larger than the datagram.
+        let mut udp = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 64)
+            .udp(CPORT, 53)
+            .write(&mut udp, PAYLOAD)
+            .unwrap();
+        udp[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&200u16.to_be_bytes());
+        assert_passed_untouched(b, net.lbc, &udp, "UDP length beyond datagram");
+    });
+}
