@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-pub use netns::{run_in_ns, sweep_stale};
+pub use netns::{list_ns, run_in_ns, sweep_stale};
 
 use backend_server::BackendArgs;
 
@@ -360,6 +360,7 @@ impl Lab {
         )?;
         netns::nft_in(&lb, &guard_ruleset(false))?;
 
+        netns::full_tx_checksums(&cli, "c0")?;
         // XDP_TX/REDIRECT frames out of a veth only arrive if the peer runs XDP too.
         self.attach_pass(&cli, "c0")?;
         self.attach_pass(&sw, "up")?;
@@ -467,6 +468,7 @@ impl Lab {
                 format!("route add default via {BALANCER_BACKEND_V6}"),
             ],
         )?;
+        netns::full_tx_checksums(&ns, "eth0")?;
         let lb = self.balancer_ns().to_string();
         // Permanent, so bpf_fib_lookup always finds the next hop without waiting for ARP/ND.
         netns::ip_batch(
@@ -800,7 +802,19 @@ mod tests {
         let live = format!("lbl-sweeptest-{}-cli", std::process::id());
         netns::add_ns(&stale).expect("add stale ns");
         netns::add_ns(&live).expect("add live ns");
+        // A leftover process of the dead lab, which would otherwise pin the namespace.
+        let mut leftover = Command::new("ip")
+            .args(["netns", "exec", &stale, "sleep", "60"])
+            .spawn()
+            .expect("spawn leftover");
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline
+            && netns::ip(&["netns", "pids", &stale]).is_ok_and(|o| o.stdout.is_empty())
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let result = sweep_stale();
+        let killed = leftover.wait().expect("wait leftover");
         let remaining = netns::list_ns().expect("list");
         let _ = netns::del_ns(&live);
         let _ = netns::del_ns(&stale);
@@ -813,6 +827,7 @@ mod tests {
             remaining.contains(&live),
             "namespace of a live process was swept"
         );
+        assert!(!killed.success(), "leftover process was not killed");
     }
 
     #[test]
@@ -824,6 +839,23 @@ mod tests {
         assert_eq!(namespaces_of(tag).len(), 5);
         assert_eq!(lab.backends().len(), 2);
         assert!(lab.backends().iter().all(|b| b.server_pid.is_some()));
+        for (ns, iface) in [(lab.client_ns(), "c0"), (lab.switch_ns(), "up")] {
+            let out =
+                netns::ip(&["-n", ns, "-d", "link", "show", "dev", iface]).expect("ip link show");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("prog/xdp"),
+                "no XDP program on {iface} in {ns}: {text}"
+            );
+        }
+        let root = netns::ip(&["-o", "link", "show"]).expect("ip link show");
+        let root = String::from_utf8_lossy(&root.stdout);
+        for name in ["c0", "lbc", "lbb", "br0", "p1", "p2"] {
+            assert!(
+                !root.contains(&format!(": {name}")),
+                "{name} exists in the root namespace"
+            );
+        }
         let targets: Vec<(String, Ipv4Addr, Ipv6Addr)> = lab
             .backends()
             .iter()
@@ -886,6 +918,23 @@ mod tests {
     }
 
     #[test]
+    fn lab_is_removed_on_panic() {
+        require_root();
+        let opts = LabOptions::from_env(1).expect("lab options");
+        let tag = "unitpanic";
+        let result = std::panic::catch_unwind(move || {
+            let _lab = Lab::create(tag, opts).expect("creating the lab");
+            panic!("test panic while the lab is up");
+        });
+        assert!(result.is_err());
+        assert_eq!(
+            namespaces_of(tag),
+            Vec::<String>::new(),
+            "namespaces left after unwind"
+        );
+    }
+
+    #[test]
     fn lab_manages_backend_servers() {
         require_root();
         let opts = LabOptions::from_env(1).expect("lab options");
@@ -924,9 +973,4 @@ mod tests {
             "namespaces left after drop"
         );
     }
-}
-#[allow(dead_code)]
-fn _assert_send() {
-    fn s<T: Send + Sync>() {}
-    s::<Lab>();
 }

@@ -145,7 +145,7 @@ pub(crate) fn del_ns(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Names of all named network namespaces.
+/// Names of all named network namespaces (the entries of /run/netns).
 pub fn list_ns() -> Result<Vec<String>> {
     let dir = match std::fs::read_dir(NETNS_DIR) {
         Ok(d) => d,
@@ -230,4 +230,20 @@ mod tests {
         assert_eq!(owner_pid("other-1-cli"), None);
         assert_eq!(owner_pid("lbl-1-cli"), None);
     }
+}
+
+/// Makes `iface` in `ns` send frames with complete checksums.
+///
+/// A veth hands locally generated TCP/UDP to its peer with only the
+/// pseudo-header summed (CHECKSUM_PARTIAL), trusting the skb metadata to say
+/// so. XDP_REDIRECT turns the frame into raw bytes and that metadata is lost,
+/// so the receiver sees a wrong checksum. A real NIC delivers full checksums,
+/// which is what this reproduces on the lab's traffic sources.
+pub(crate) fn full_tx_checksums(ns: &str, iface: &str) -> Result<()> {
+    run_checked(
+        Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"]),
+        None,
+    )
+    .with_context(|| format!("ethtool -K {iface} tx off in {ns} (is ethtool installed?)"))?;
+    Ok(())
 }
