@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use lb_common::DEFAULT_RING_SIZE;
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::lab::{
     self, Lab, LabOptions,
@@ -46,6 +47,10 @@ pub fn start_agent(lab: &mut Lab, config_path: &std::path::Path) -> Result<u32> 
 
 /// Runs the demo until Ctrl-C.
 pub async fn run(backends: usize) -> Result<()> {
+    // Registered before anything is built, so a Ctrl-C at any point is held
+    // until the lab can be removed instead of killing the process mid-way.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let opts = LabOptions::from_env(backends)?;
     println!("demo: building a namespace lab with {backends} backends ...");
     let mut lab = Lab::create("demo", opts)?;
@@ -57,14 +62,24 @@ pub async fn run(backends: usize) -> Result<()> {
         &config_path,
         services::lab_config(&lab, &weights, DEFAULT_RING_SIZE),
     )?;
-    let result = demo_body(&mut lab, &config_path, &weights).await;
+    let result = match demo_body(&mut lab, &config_path, &weights) {
+        Ok(()) => {
+            tokio::select! {
+                _ = sigint.recv() => {}
+                _ = sigterm.recv() => {}
+            }
+            println!("\ndemo: stopping");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
     println!("demo: lab removed");
     result
 }
 
-async fn demo_body(lab: &mut Lab, config_path: &std::path::Path, weights: &[u32]) -> Result<()> {
+fn demo_body(lab: &mut Lab, config_path: &std::path::Path, weights: &[u32]) -> Result<()> {
     start_agent(lab, config_path)?;
     let vip = services::vip_tcp4();
     let tally = lab::run_in_ns(lab.client_ns(), move || {
@@ -95,7 +110,5 @@ async fn demo_body(lab: &mut Lab, config_path: &std::path::Path, weights: &[u32]
         services::vip_udp4().port(),
         config_path.display(),
     );
-    tokio::signal::ctrl_c().await?;
-    println!("\ndemo: stopping");
     Ok(())
 }

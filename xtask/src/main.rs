@@ -14,7 +14,7 @@ use crate::paths::{Profile, Workspace};
 
 /// Project tasks for the XDP load balancer.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

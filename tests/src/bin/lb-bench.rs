@@ -1,0 +1,172 @@
+//! `cargo xtask bench`: per-packet cost of the XDP program against a minimal
+//! bounce program, and requests/s through the balancer against the same client
+//! talking to the backend directly. Everything is measured in one run and
+//! printed as ratios, because these machines are noisy.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use etherparse::PacketBuilder;
+use lb_common::PROG_BOUNCE;
+use lb_tests::{RunningLab, balancer_with, run_xdp, xdp_md};
+use lb_userspace::lab::{
+    CLIENT_V4, TCP_PORT, VIP_V4, backend_v4,
+    client::{TcpSession, tcp_ask},
+    run_in_ns, services,
+    testrun::{CLIENT_MAC, LBC_MAC, TestRunNet},
+};
+
+/// Single test runs per measured path.
+const RUNS: u32 = 100_000;
+/// Wall-clock budget of each request-rate measurement.
+const WINDOW: Duration = Duration::from_secs(3);
+/// Upper bound on requests in one window (keeps the loop bounded in count too).
+const MAX_REQUESTS: usize = 200_000;
+
+fn frame(sport: u16) -> Vec<u8> {
+    frame_to(sport, 80)
+}
+
+fn frame_to(sport: u16, dport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+        .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 64)
+        .tcp(sport, dport, 1, 8192)
+        .ack(1)
+        .write(&mut v, &[0u8; 64])
+        .expect("frame");
+    v
+}
+
+/// Mean kernel-measured ns of one run of `prog` over `frames(i)`, one
+/// BPF_PROG_TEST_RUN per frame (a repeated run would re-process the frame the
+/// previous run already rewrote, which is not the path being measured).
+fn mean_ns(prog: &Xdp, ingress: u32, frames: impl Fn(u32) -> Vec<u8>) -> Result<f64> {
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; 2048];
+    for i in 0..RUNS {
+        let f = frames(i);
+        let md = xdp_md(ingress, f.len());
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(&f),
+            data_out: Some(&mut out),
+            ctx_in: Some(&md),
+            ..TestRunOptions::default()
+        })?;
+        total += r.duration;
+    }
+    Ok(total.as_nanos() as f64 / RUNS as f64)
+}
+
+fn xdp_costs() -> Result<()> {
+    let net = TestRunNet::create("bench")?;
+    let ns = net.ns().to_string();
+    let (lbc, _) = (net.lbc, net.lbb);
+    let lab_object = std::env::var_os("LB_LAB_BPF_OBJECT")
+        .ok_or_else(|| anyhow!("LB_LAB_BPF_OBJECT is not set; run via `cargo xtask bench`"))?;
+    let config = format!(
+        "interfaces = [\"lbc\"]\n[[service]]\nname = \"tls\"\nvip = \"{VIP_V4}:443\"\nmode = \"l7\"\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\n{}",
+        (1..=3)
+            .map(|i| format!("[[service.backend]]\naddress = \"{}:{TCP_PORT}\"\n", backend_v4(i)))
+            .collect::<String>()
+    );
+    let (bounce, hit, miss, l7, other) = run_in_ns(&ns, move || -> Result<(f64, f64, f64, f64, f64)> {
+        let mut bpf = aya::Ebpf::load_file(&lab_object).context("loading lab-xdp")?;
+        let bounce: &mut Xdp = bpf
+            .program_mut(PROG_BOUNCE)
+            .ok_or_else(|| anyhow!("no {PROG_BOUNCE} program"))?
+            .try_into()?;
+        bounce.load()?;
+        let bounce_ns = mean_ns(bounce, lbc, |_| frame(40000))?;
+
+        let mut balancer = balancer_with(&config)?;
+        // Warm one flow into the connection table: every later run is a hit.
+        let (action, _) = run_xdp(&mut balancer, &frame(40000), lbc)?;
+        anyhow::ensure!(action == 4, "VIP frame was not redirected (action {action})");
+        let prog = balancer.dataplane().program()?;
+        let hit_ns = mean_ns(prog, lbc, |_| frame(40000))?;
+        // A new source port every run: Maglev lookup plus two table inserts.
+        let miss_ns = mean_ns(prog, lbc, |i| frame(1024 + (i % 60000) as u16))?;
+        let l7_ns = mean_ns(prog, lbc, |_| frame_to(40000, 443))?;
+        let other_ns = mean_ns(prog, lbc, |_| frame_to(40000, 9999))?;
+        Ok((bounce_ns, hit_ns, miss_ns, l7_ns, other_ns))
+    })??;
+    println!("XDP cost per packet (BPF_PROG_TEST_RUN, {RUNS} single runs each, kernel-timed mean):");
+    println!("  {:<46} {bounce:>7.1} ns   1.00x", "baseline: xdp_bounce (swap MACs, XDP_TX)");
+    println!(
+        "  {:<46} {hit:>7.1} ns   {:.2}x   (target <= 1.50x)",
+        "lb_xdp, connection-table hit",
+        hit / bounce
+    );
+    println!(
+        "  {:<46} {miss:>7.1} ns   {:.2}x",
+        "lb_xdp, new flow (Maglev + table inserts)",
+        miss / bounce
+    );
+    println!(
+        "  {:<46} {l7:>7.1} ns   {:.2}x",
+        "lb_xdp, L7 VIP passed to the stack",
+        l7 / bounce
+    );
+    println!(
+        "  {:<46} {other:>7.1} ns   {:.2}x",
+        "lb_xdp, not a VIP (passed untouched)",
+        other / bounce
+    );
+    Ok(())
+}
+
+/// (new connections/s, keep-alive requests/s) from the client to `target`.
+fn rates(lab: &RunningLab, target: SocketAddr) -> Result<(f64, f64)> {
+    run_in_ns(lab.lab.client_ns(), move || -> Result<(f64, f64)> {
+        let timeout = Duration::from_secs(2);
+        let start = Instant::now();
+        let mut n = 0usize;
+        while start.elapsed() < WINDOW && n < MAX_REQUESTS {
+            tcp_ask(target, timeout).with_context(|| format!("connection {n} to {target}"))?;
+            n += 1;
+        }
+        let conns = n as f64 / start.elapsed().as_secs_f64();
+        let mut session = TcpSession::connect(target, timeout)?;
+        let start = Instant::now();
+        let mut n = 0usize;
+        while start.elapsed() < WINDOW && n < MAX_REQUESTS {
+            session.ask()?;
+            n += 1;
+        }
+        Ok((conns, n as f64 / start.elapsed().as_secs_f64()))
+    })?
+}
+
+fn request_rates() -> Result<()> {
+    // One backend in the service, so both paths end at the same server.
+    let lab = RunningLab::start("bench", 1, &[1])?;
+    let direct = SocketAddr::new(backend_v4(1).into(), TCP_PORT);
+    lab.lab.set_kernel_forwarding(true)?;
+    let (d_conn, d_req) = rates(&lab, direct)?;
+    lab.lab.set_kernel_forwarding(false)?;
+    let (v_conn, v_req) = rates(&lab, services::vip_tcp4())?;
+    println!(
+        "Requests through the namespace lab (1 client thread, {} s per figure):",
+        WINDOW.as_secs()
+    );
+    println!(
+        "  {:<46} {d_conn:>9.0} conn/s   {d_req:>9.0} req/s keep-alive   1.00x",
+        "baseline: client -> be1 directly (kernel routing)"
+    );
+    println!(
+        "  {:<46} {v_conn:>9.0} conn/s   {v_req:>9.0} req/s keep-alive   {:.2}x / {:.2}x",
+        "client -> VIP -> be1 (XDP NAT both ways)",
+        v_conn / d_conn,
+        v_req / d_req
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    xdp_costs()?;
+    request_rates()?;
+    Ok(())
+}
