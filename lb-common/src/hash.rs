@@ -142,25 +142,16 @@ pub fn jhash_bytes(data: &[u8], seed: u32) -> u32 {
     c
 }
 
-/// Four little-endian words of a 16-byte address.
-#[inline(always)]
-fn addr_words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_le_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_le_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_le_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_le_bytes([a[12], a[13], a[14], a[15]]),
-    ]
-}
-
 /// Flow hash of a 5-tuple: `jhash_words` of the whole 40-byte key as 10 words, seed `FLOW_HASH_SEED`.
 ///
 /// The words are the key's memory read little-endian, field by field, so kernel and
 /// userspace get the same value without reinterpreting the struct.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
-    let s = addr_words(&key.src);
-    let d = addr_words(&key.dst);
+    // Addresses are already words in memory order; reading them little-endian
+    // (a no-op on little-endian machines) keeps the definition byte-exact.
+    let s = key.src.map(|w| u32::from_le_bytes(w.to_ne_bytes()));
+    let d = key.dst.map(|w| u32::from_le_bytes(w.to_ne_bytes()));
     let words: [u32; 10] = [
         s[0],
         s[1],
@@ -248,8 +239,8 @@ mod tests {
     #[test]
     fn flow_hash_reads_key_memory_little_endian() {
         let key = FlowKey {
-            src: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            dst: [198, 18, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            src: crate::addr_from_bytes([10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            dst: crate::addr_from_bytes([198, 18, 0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
             sport: 40000,
             dport: 80,
             proto: crate::PROTO_TCP,
@@ -258,8 +249,8 @@ mod tests {
         };
         // Serialise the key the way the kernel lays it out (little-endian ports).
         let mut mem = [0u8; 40];
-        mem[..16].copy_from_slice(&key.src);
-        mem[16..32].copy_from_slice(&key.dst);
+        mem[..16].copy_from_slice(&crate::addr_to_bytes(&key.src));
+        mem[16..32].copy_from_slice(&crate::addr_to_bytes(&key.dst));
         mem[32..34].copy_from_slice(&key.sport.to_le_bytes());
         mem[34..36].copy_from_slice(&key.dport.to_le_bytes());
         mem[36] = key.proto;

@@ -1,9 +1,40 @@
 //! Map layouts shared by kernel and userspace.
 //!
 //! Every map the XDP program uses is declared here by name, with its key and
-//! value types. Addresses are stored as 16 raw bytes in network order; an IPv4
-//! address sits in the first 4 bytes and the rest are zero, told apart by the
+//! value types. Addresses are `Addr`: the 16 bytes of the address in network
+//! order, held as four `u32` words (so the data plane copies words, not bytes);
+//! an IPv4 address is the first word and the rest are zero, told apart by the
 //! `family` field. Ports are stored in host byte order.
+
+/// An IPv4 or IPv6 address: its network-order bytes viewed as native `u32` words.
+pub type Addr = [u32; 4];
+
+/// `Addr` from the address's 16 network-order bytes (IPv4: 4 bytes then zeros).
+#[inline(always)]
+pub fn addr_from_bytes(b: [u8; 16]) -> Addr {
+    [
+        u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+        u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+        u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+    ]
+}
+
+/// The 16 network-order bytes of an `Addr`.
+#[inline(always)]
+pub fn addr_to_bytes(a: &Addr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w = a[i].to_ne_bytes();
+        out[4 * i] = w[0];
+        out[4 * i + 1] = w[1];
+        out[4 * i + 2] = w[2];
+        out[4 * i + 3] = w[3];
+        i += 1;
+    }
+    out
+}
 
 /// IPv4 family tag used in keys and values.
 pub const FAMILY_V4: u8 = 4;
@@ -36,6 +67,13 @@ pub const MAP_BACKENDS: &str = "BACKENDS";
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
 /// Map name: backend-side `FlowKey` (the reply's 5-tuple) -> `NatReply` (LRU_HASH).
 pub const MAP_NAT_REPLY: &str = "NAT_REPLY";
+/// Map name: `NextHopKey` -> `NextHop` (LRU_PERCPU_HASH): cached FIB answers.
+pub const MAP_NEXTHOPS: &str = "NEXTHOPS";
+/// Entries in the next-hop cache, per CPU.
+pub const NEXTHOP_CACHE_SIZE: u32 = 16384;
+/// How long a cached next hop is used before the FIB is asked again, so route
+/// and neighbour changes are picked up within this time.
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// Map name: VIP id -> `Traffic` (PERCPU_ARRAY, `MAX_VIPS`).
 pub const MAP_VIP_STATS: &str = "VIP_STATS";
 /// Map name: backend id -> `Traffic` (PERCPU_ARRAY, `MAX_BACKENDS`).
@@ -55,7 +93,7 @@ pub const PROG_BOUNCE: &str = "xdp_bounce";
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct VipKey {
     /// VIP address, network order; IPv4 in the first 4 bytes.
-    pub addr: [u8; 16],
+    pub addr: Addr,
     /// VIP port, host order.
     pub port: u16,
     /// `PROTO_TCP` or `PROTO_UDP`.
@@ -85,7 +123,7 @@ pub const BACKEND_F_VALID: u8 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
     /// Backend address, network order; IPv4 in the first 4 bytes.
-    pub addr: [u8; 16],
+    pub addr: Addr,
     /// Backend port, host order.
     pub port: u16,
     /// `FAMILY_V4` or `FAMILY_V6`; always the VIP's family (NAT does not translate families).
@@ -109,9 +147,9 @@ pub struct Ring {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// Source address, network order.
-    pub src: [u8; 16],
+    pub src: Addr,
     /// Destination address, network order.
-    pub dst: [u8; 16],
+    pub dst: Addr,
     /// Source port, host order.
     pub sport: u16,
     /// Destination port, host order.
@@ -139,7 +177,7 @@ pub struct FlowState {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NatReply {
     /// VIP address the client talked to, network order.
-    pub vip_addr: [u8; 16],
+    pub vip_addr: Addr,
     /// VIP port, host order.
     pub vip_port: u16,
     /// `FAMILY_V4` or `FAMILY_V6`.
@@ -150,6 +188,32 @@ pub struct NatReply {
     pub vip_id: u32,
     /// Backend id, for accounting.
     pub backend_id: u32,
+}
+
+/// Key of the next-hop cache: a destination address after NAT.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NextHopKey {
+    /// Destination address, network order.
+    pub addr: Addr,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// Value of the next-hop cache: where `bpf_fib_lookup` said to send a packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// `bpf_ktime_get_coarse_ns` after which the entry is stale.
+    pub expires_ns: u64,
+    /// Egress interface.
+    pub ifindex: u32,
+    /// Source MAC (the egress interface's).
+    pub smac: [u8; 6],
+    /// Destination MAC (the next hop's).
+    pub dmac: [u8; 6],
 }
 
 /// Packet and byte counters (one per CPU in the stats maps; userspace sums them).
@@ -251,6 +315,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::NatReply {}
     unsafe impl aya::Pod for super::Traffic {}
+    unsafe impl aya::Pod for super::NextHopKey {}
+    unsafe impl aya::Pod for super::NextHop {}
 }
 
 #[cfg(test)]
@@ -268,6 +334,8 @@ mod tests {
         assert_eq!(size_of::<FlowState>(), 8);
         assert_eq!(size_of::<NatReply>(), 16 + 2 + 1 + 1 + 4 + 4);
         assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
+        assert_eq!(size_of::<NextHopKey>(), 20);
+        assert_eq!(size_of::<NextHop>(), 24);
     }
 
     #[test]

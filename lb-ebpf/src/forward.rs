@@ -3,31 +3,23 @@
 use aya_ebpf::{
     bindings::{
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-        xdp_action,
+        xdp_action, xdp_md,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{FAMILY_V4, Reason};
+use lb_common::{Addr, FAMILY_V4, NEXTHOP_TTL_NS, NextHop, NextHopKey, Reason};
 use network_types::eth::EthHdr;
 
 use crate::{
+    maps::NEXTHOPS,
     nat::{self, Side},
     parse::{Packet, ptr_at},
+    verdict::Verdict,
 };
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-
-#[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
-}
 
 /// NATs `side` of the packet to `addr:port` and sends it toward its new
 /// destination. `to_backend` selects which pair of reasons is reported.
@@ -35,71 +27,50 @@ fn words(a: &[u8; 16]) -> [u32; 4] {
 pub fn send(
     ctx: &XdpContext,
     pkt: &Packet,
-    addr: &[u8; 16],
+    addr: &Addr,
     port: u16,
     side: Side,
     to_backend: bool,
-) -> (u32, Reason) {
+) -> Verdict {
     if pkt.ttl <= 1 {
         // Let the stack answer with ICMP time exceeded.
-        return (xdp_action::XDP_PASS, Reason::PassTtlExpired);
+        return Verdict::new(xdp_action::XDP_PASS, Reason::PassTtlExpired);
     }
     let (src, dst) = match side {
         Side::Destination => (&pkt.key.src, addr),
         Side::Source => (addr, &pkt.key.dst),
     };
-    // SAFETY: plain-old-data struct; all-zero is a valid request.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    if pkt.key.family == FAMILY_V4 {
-        fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = words(src)[0];
-        fib.__bindgen_anon_4.ipv4_dst = words(dst)[0];
-    } else {
-        fib.family = AF_INET6;
-        fib.__bindgen_anon_3.ipv6_src = words(src);
-        fib.__bindgen_anon_4.ipv6_dst = words(dst);
-    }
-    fib.l4_protocol = pkt.key.proto;
-    fib.__bindgen_anon_1.tot_len = pkt.ip_len;
     let ingress = ctx.ingress_ifindex() as u32;
-    fib.ifindex = ingress;
-    // SAFETY: helper call with a correctly sized parameter block.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut fib,
-            core::mem::size_of::<FibParams>() as i32,
-            0,
-        )
-    };
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        // The stack resolves the neighbour and forwards this (already NATed) packet.
-        return match nat::rewrite(ctx, pkt, side, addr, port, false) {
-            Ok(()) => (xdp_action::XDP_PASS, Reason::PassNoNeighbour),
-            Err(reason) => (xdp_action::XDP_PASS, reason),
-        };
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return (xdp_action::XDP_DROP, Reason::DropFibFailed);
+    let mut hop = NextHop::default();
+    match next_hop(ctx.ctx, pkt, dst, src, &mut hop) {
+        Lookup::Found => {}
+        Lookup::NoNeighbour => {
+            // The stack resolves the neighbour and forwards this (already NATed) packet.
+            return match nat::rewrite(ctx, pkt, side, addr, port, false) {
+                Ok(()) => Verdict::new(xdp_action::XDP_PASS, Reason::PassNoNeighbour),
+                Err(reason) => Verdict::new(xdp_action::XDP_PASS, reason),
+            };
+        }
+        Lookup::Failed => return Verdict::new(xdp_action::XDP_DROP, Reason::DropFibFailed),
     }
     if let Err(reason) = nat::rewrite(ctx, pkt, side, addr, port, true) {
-        return (xdp_action::XDP_PASS, reason);
+        return Verdict::new(xdp_action::XDP_PASS, reason);
     }
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return (xdp_action::XDP_PASS, Reason::PassMalformed);
+        return Verdict::new(xdp_action::XDP_PASS, Reason::PassMalformed);
     };
     // SAFETY: bounds-checked by ptr_at.
     unsafe {
-        (*eth).dst_addr = fib.dmac;
-        (*eth).src_addr = fib.smac;
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
     }
-    if fib.ifindex == ingress {
+    if hop.ifindex == ingress {
         let reason = if to_backend {
             Reason::TxForward
         } else {
             Reason::TxReply
         };
-        return (xdp_action::XDP_TX, reason);
+        return Verdict::new(xdp_action::XDP_TX, reason);
     }
     let reason = if to_backend {
         Reason::RedirectForward
@@ -107,5 +78,74 @@ pub fn send(
         Reason::RedirectReply
     };
     // SAFETY: helper call; returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
-    (unsafe { bpf_redirect(fib.ifindex, 0) } as u32, reason)
+    Verdict::new(unsafe { bpf_redirect(hop.ifindex, 0) } as u32, reason)
+}
+
+/// Outcome of a next-hop lookup.
+#[repr(u32)]
+enum Lookup {
+    /// Next hop written to the out parameter.
+    Found,
+    /// Route found but the neighbour is not resolved yet.
+    NoNeighbour,
+    /// No usable route.
+    Failed,
+}
+
+/// The next hop toward `dst`: from the per-CPU cache while fresh, else from
+/// `bpf_fib_lookup` (whose answer is then cached).
+#[inline(always)]
+fn next_hop(ctx: *mut xdp_md, pkt: &Packet, dst: &Addr, src: &Addr, out: &mut NextHop) -> Lookup {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let key = NextHopKey {
+        addr: *dst,
+        family: pkt.key.family,
+        pad: [0; 3],
+    };
+    // SAFETY: per-CPU entry: nothing else writes it while this program runs.
+    if let Some(hop) = unsafe { NEXTHOPS.get(key) }
+        && hop.expires_ns > now
+    {
+        *out = *hop;
+        return Lookup::Found;
+    }
+    // SAFETY: plain-old-data struct; all-zero is a valid request.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    if pkt.key.family == FAMILY_V4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = src[0];
+        fib.__bindgen_anon_4.ipv4_dst = dst[0];
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = *src;
+        fib.__bindgen_anon_4.ipv6_dst = *dst;
+    }
+    fib.l4_protocol = pkt.key.proto;
+    fib.__bindgen_anon_1.tot_len = pkt.ip_len;
+    // SAFETY: ctx is the program's context pointer.
+    fib.ifindex = unsafe { (*ctx).ingress_ifindex };
+    // SAFETY: helper call with a correctly sized parameter block.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        return Lookup::NoNeighbour;
+    }
+    if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Lookup::Failed;
+    }
+    *out = NextHop {
+        expires_ns: now + NEXTHOP_TTL_NS,
+        ifindex: fib.ifindex,
+        smac: fib.smac,
+        dmac: fib.dmac,
+    };
+    let _ = NEXTHOPS.insert(key, *out, 0);
+    Lookup::Found
 }

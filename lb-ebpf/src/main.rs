@@ -6,6 +6,10 @@
 //! (`nat`); a miss that matches `NAT_REPLY` is a backend's reply and is translated
 //! back to the VIP. Both go out through `bpf_fib_lookup` (`forward`). Everything
 //! else passes to the kernel untouched. Every decision is counted (`stats`).
+//!
+//! Everything is inlined into one function: BPF subprograms each get their own
+//! frame, but the verifier limits the frames of a call chain to 512 bytes in
+//! total, and one inlined frame (about 424 bytes) packs tighter than the chain.
 #![no_std]
 #![no_main]
 
@@ -14,6 +18,7 @@ mod maps;
 mod nat;
 mod parse;
 mod stats;
+mod verdict;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
@@ -23,22 +28,23 @@ use lb_common::{
 use crate::{
     maps::{BACKENDS, CONNTRACK, NAT_REPLY, RINGS, VIPS},
     parse::Packet,
+    verdict::Verdict,
 };
 
 /// Entry point attached to the balancer's interfaces.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let (action, reason) = process(&ctx);
-    stats::count_reason(reason, len);
-    action
+    let verdict = process(&ctx);
+    stats::count_reason(verdict.reason_index(), len);
+    verdict.action()
 }
 
 #[inline(always)]
-fn process(ctx: &XdpContext) -> (u32, Reason) {
+fn process(ctx: &XdpContext) -> Verdict {
     let pkt = match parse::parse(ctx) {
         Ok(pkt) => pkt,
-        Err(reason) => return (xdp_action::XDP_PASS, reason),
+        Err(reason) => return Verdict::new(xdp_action::XDP_PASS, reason),
     };
     let vip = VipKey {
         addr: pkt.key.dst,
@@ -47,89 +53,100 @@ fn process(ctx: &XdpContext) -> (u32, Reason) {
         family: pkt.key.family,
     };
     // SAFETY: VIPS is updated whole-element by userspace; VipMeta is two words.
-    if let Some(meta) = unsafe { VIPS.get(&vip) } {
+    if let Some(meta) = unsafe { VIPS.get(vip) } {
         if meta.flags & VIP_F_L7 != 0 {
-            return (xdp_action::XDP_PASS, Reason::PassL7);
+            return Verdict::new(xdp_action::XDP_PASS, Reason::PassL7);
         }
-        return to_backend(ctx, &pkt, meta.vip_id);
+        return to_backend(XdpContext::new(ctx.ctx), &pkt, meta.vip_id);
     }
     // SAFETY: LRU entries are written whole by this program; a racing update at
     // worst yields the previous value of the same flow.
-    if let Some(reply) = unsafe { NAT_REPLY.get(&pkt.key) } {
+    if let Some(reply) = unsafe { NAT_REPLY.get(pkt.key) } {
         let reply = *reply;
-        return to_client(ctx, &pkt, &reply);
+        return to_client(XdpContext::new(ctx.ctx), &pkt, &reply);
     }
-    (xdp_action::XDP_PASS, Reason::PassNotVip)
+    Verdict::new(xdp_action::XDP_PASS, Reason::PassNotVip)
 }
 
 /// Client -> VIP: pick the flow's backend and NAT the destination to it.
 #[inline(always)]
-fn to_backend(ctx: &XdpContext, pkt: &Packet, vip_id: u32) -> (u32, Reason) {
+fn to_backend(ctx: XdpContext, pkt: &Packet, vip_id: u32) -> Verdict {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let mut backend_id = u32::MAX;
     // SAFETY: see `process`.
-    if let Some(state) = unsafe { CONNTRACK.get(&pkt.key) } {
+    if let Some(state) = unsafe { CONNTRACK.get(pkt.key) } {
         backend_id = state.backend_id;
     }
     let backend = match BACKENDS.get(backend_id) {
         Some(b) if b.flags & BACKEND_F_VALID != 0 => *b,
         _ => {
             // New flow, or its backend is gone: consult the Maglev ring.
-            backend_id = match pick_backend(vip_id, &pkt.key) {
-                Some(id) => id,
-                None => return (xdp_action::XDP_DROP, Reason::DropNoBackend),
-            };
-            let backend = match BACKENDS.get(backend_id) {
+            backend_id = new_flow(pkt, vip_id);
+            match BACKENDS.get(backend_id) {
                 Some(b) if b.flags & BACKEND_F_VALID != 0 => *b,
-                _ => return (xdp_action::XDP_DROP, Reason::DropNoBackend),
-            };
-            let state = FlowState { backend_id, vip_id };
-            let _ = CONNTRACK.insert(&pkt.key, &state, 0);
-            // The reply arrives with the backend as source; remember how to undo the NAT.
-            let reply_key = FlowKey {
-                src: backend.addr,
-                dst: pkt.key.src,
-                sport: backend.port,
-                dport: pkt.key.sport,
-                proto: pkt.key.proto,
-                family: pkt.key.family,
-                pad: [0; 2],
-            };
-            let reply = NatReply {
-                vip_addr: pkt.key.dst,
-                vip_port: pkt.key.dport,
-                family: pkt.key.family,
-                pad: 0,
-                vip_id,
-                backend_id,
-            };
-            let _ = NAT_REPLY.insert(&reply_key, &reply, 0);
-            backend
+                _ => return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
+            }
         }
     };
     if backend.family != pkt.key.family {
-        return (xdp_action::XDP_DROP, Reason::DropNoBackend);
+        return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend);
     }
     let verdict = forward::send(
-        ctx,
+        &ctx,
         pkt,
         &backend.addr,
         backend.port,
         nat::Side::Destination,
         true,
     );
-    if verdict.1 == Reason::TxForward || verdict.1 == Reason::RedirectForward {
+    if verdict.is(Reason::TxForward) || verdict.is(Reason::RedirectForward) {
         stats::count_vip(vip_id, len);
         stats::count_backend(backend_id, len);
     }
     verdict
 }
 
+/// Picks a backend for a flow from the VIP's Maglev ring and records the flow in
+/// the connection table and the reply-translation table. Returns the backend
+/// id, or `u32::MAX` if the VIP has no live backend.
+#[inline(always)]
+fn new_flow(pkt: &Packet, vip_id: u32) -> u32 {
+    let Some(backend_id) = pick_backend(vip_id, &pkt.key) else {
+        return u32::MAX;
+    };
+    let backend = match BACKENDS.get(backend_id) {
+        Some(b) if b.flags & BACKEND_F_VALID != 0 => b,
+        _ => return u32::MAX,
+    };
+    let state = FlowState { backend_id, vip_id };
+    let _ = CONNTRACK.insert(pkt.key, state, 0);
+    // The reply arrives with the backend as source; remember how to undo the NAT.
+    let reply_key = FlowKey {
+        src: backend.addr,
+        dst: pkt.key.src,
+        sport: backend.port,
+        dport: pkt.key.sport,
+        proto: pkt.key.proto,
+        family: pkt.key.family,
+        pad: [0; 2],
+    };
+    let reply = NatReply {
+        vip_addr: pkt.key.dst,
+        vip_port: pkt.key.dport,
+        family: pkt.key.family,
+        pad: 0,
+        vip_id,
+        backend_id,
+    };
+    let _ = NAT_REPLY.insert(reply_key, reply, 0);
+    backend_id
+}
+
 /// Backend -> client: make the reply come from the VIP again.
 #[inline(always)]
-fn to_client(ctx: &XdpContext, pkt: &Packet, reply: &NatReply) -> (u32, Reason) {
+fn to_client(ctx: XdpContext, pkt: &Packet, reply: &NatReply) -> Verdict {
     forward::send(
-        ctx,
+        &ctx,
         pkt,
         &reply.vip_addr,
         reply.vip_port,

@@ -3,11 +3,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, CONNTRACK_SIZE, FlowKey, FlowState, MAX_BACKENDS, MAX_VIPS, NatReply, REASON_COUNT,
-    Ring, Traffic, VipKey, VipMeta,
+    Backend, CONNTRACK_SIZE, FlowKey, FlowState, MAX_BACKENDS, MAX_VIPS, NEXTHOP_CACHE_SIZE,
+    NatReply, NextHop, NextHopKey, REASON_COUNT, Ring, Traffic, VipKey, VipMeta,
 };
 
 /// VIP (address, port, protocol) -> id and flags.
@@ -32,6 +32,12 @@ pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
 #[map]
 pub static NAT_REPLY: LruHashMap<FlowKey, NatReply> =
     LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+
+/// Destination after NAT -> cached FIB answer, per CPU (no locking, no torn
+/// entries); refreshed every `NEXTHOP_TTL_NS` so the FIB stays authoritative.
+#[map]
+pub static NEXTHOPS: LruPerCpuHashMap<NextHopKey, NextHop> =
+    LruPerCpuHashMap::with_max_entries(NEXTHOP_CACHE_SIZE, 0);
 
 /// Per-VIP packets/bytes received from clients and forwarded.
 #[map]

@@ -1,7 +1,9 @@
 //! Address/port rewriting with incremental checksum updates (RFC 1624).
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, PROTO_TCP, Reason, csum::CsumDelta, csum::udp_checksum_fixup};
+use lb_common::{
+    Addr, FAMILY_V4, PROTO_TCP, Reason, addr_to_bytes, csum::CsumDelta, csum::udp_checksum_fixup,
+};
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
@@ -26,7 +28,7 @@ pub fn rewrite(
     ctx: &XdpContext,
     pkt: &Packet,
     side: Side,
-    addr: &[u8; 16],
+    addr: &Addr,
     port: u16,
     dec_ttl: bool,
 ) -> Result<(), Reason> {
@@ -36,7 +38,7 @@ pub fn rewrite(
         // SAFETY: bounds-checked by ptr_at; XDP owns the frame.
         let ip = unsafe { &mut *ip };
         let mut ipsum = CsumDelta::new();
-        let new = [addr[0], addr[1], addr[2], addr[3]];
+        let new = addr[0].to_ne_bytes();
         let field = match side {
             Side::Destination => &mut ip.dst_addr,
             Side::Source => &mut ip.src_addr,
@@ -59,8 +61,9 @@ pub fn rewrite(
             Side::Destination => &mut ip.dst_addr,
             Side::Source => &mut ip.src_addr,
         };
-        l4sum.replace_bytes(field, addr);
-        *field = *addr;
+        let new = addr_to_bytes(addr);
+        l4sum.replace_bytes(field, &new);
+        *field = new;
         if dec_ttl {
             ip.hop_limit = ip.hop_limit.wrapping_sub(1);
         }

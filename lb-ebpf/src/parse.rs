@@ -2,7 +2,7 @@
 //! read; anything inconsistent is reported as a pass reason and never rewritten.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason, addr_from_bytes};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -82,10 +82,8 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
         return Err(Reason::PassFragment);
     }
     let l4 = l3 + ihl;
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&ip.src_addr);
-    dst[..4].copy_from_slice(&ip.dst_addr);
+    let src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
+    let dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
     let (sport, dport) = ports(ctx, l4, ip.proto, total - ihl)?;
     Ok(Packet {
         key: FlowKey {
@@ -123,8 +121,8 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     let (sport, dport) = ports(ctx, l4, proto, payload)?;
     Ok(Packet {
         key: FlowKey {
-            src: ip.src_addr,
-            dst: ip.dst_addr,
+            src: addr_from_bytes(ip.src_addr),
+            dst: addr_from_bytes(ip.dst_addr),
             sport,
             dport,
             proto,

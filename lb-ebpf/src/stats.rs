@@ -1,7 +1,7 @@
 //! Per-CPU counters: no atomics needed, userspace sums the CPUs.
 
 use aya_ebpf::maps::PerCpuArray;
-use lb_common::{Reason, Traffic};
+use lb_common::Traffic;
 
 use crate::maps::{BACKEND_STATS, REASON_STATS, VIP_STATS};
 
@@ -16,10 +16,10 @@ fn add(map: &PerCpuArray<Traffic>, index: u32, len: u64) {
     }
 }
 
-/// Counts one packet against the decision taken for it.
+/// Counts one packet against the decision taken for it (`Reason` index).
 #[inline(always)]
-pub fn count_reason(reason: Reason, len: u64) {
-    add(&REASON_STATS, reason as u32, len);
+pub fn count_reason(reason: u32, len: u64) {
+    add(&REASON_STATS, reason, len);
 }
 
 /// Counts one client packet forwarded for a VIP.

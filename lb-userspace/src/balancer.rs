@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::{
-    BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, VIP_F_L7, VipKey,
-    VipMeta,
+    Addr, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, VIP_F_L7, VipKey,
+    VipMeta, addr_from_bytes, addr_to_bytes,
     hash::backend_identity,
     maglev::{self, MaglevInput},
 };
@@ -20,21 +20,25 @@ use crate::{
     dataplane::Dataplane,
 };
 
-/// Address bytes and family in the data plane's layout.
-pub fn addr_bytes(ip: IpAddr) -> ([u8; 16], u8) {
-    let mut out = [0u8; 16];
-    match ip {
+/// An IP address and its family in the data plane's layout.
+pub fn ip_to_addr(ip: IpAddr) -> (Addr, u8) {
+    let mut bytes = [0u8; 16];
+    let family = match ip {
         IpAddr::V4(v4) => {
-            out[..4].copy_from_slice(&v4.octets());
-            (out, FAMILY_V4)
+            bytes[..4].copy_from_slice(&v4.octets());
+            FAMILY_V4
         }
-        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
-    }
+        IpAddr::V6(v6) => {
+            bytes = v6.octets();
+            FAMILY_V6
+        }
+    };
+    (addr_from_bytes(bytes), family)
 }
 
 /// The VIP map key of a service address.
 pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
-    let (addr, family) = addr_bytes(vip.ip());
+    let (addr, family) = ip_to_addr(vip.ip());
     VipKey {
         addr,
         port: vip.port(),
@@ -45,7 +49,7 @@ pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
 
 /// The backend map value of a backend address.
 pub fn backend_value(addr: SocketAddr) -> Backend {
-    let (bytes, family) = addr_bytes(addr.ip());
+    let (bytes, family) = ip_to_addr(addr.ip());
     Backend {
         addr: bytes,
         port: addr.port(),
@@ -65,7 +69,11 @@ pub fn build_ring(service: &Service, ids: &BTreeMap<SocketAddr, u32>) -> Result<
                 .get(&b.address)
                 .copied()
                 .ok_or_else(|| anyhow!("backend {} has no id", b.address))?;
-            Ok((id, backend_identity(&v.addr, v.port, v.family), b.weight))
+            Ok((
+                id,
+                backend_identity(&addr_to_bytes(&v.addr), v.port, v.family),
+                b.weight,
+            ))
         })
         .collect::<Result<_>>()?;
     let inputs: Vec<MaglevInput<'_>> = identities
@@ -278,14 +286,15 @@ mod tests {
 
     #[test]
     fn addresses_use_the_shared_layout() {
-        let (b, f) = addr_bytes("198.18.2.11".parse().unwrap());
+        let (b, f) = ip_to_addr("198.18.2.11".parse().unwrap());
         assert_eq!(f, FAMILY_V4);
+        let b = addr_to_bytes(&b);
         assert_eq!(&b[..4], &[198, 18, 2, 11]);
         assert!(b[4..].iter().all(|&x| x == 0));
         let key = vip_key("[fd00:18:100::1]:80".parse().unwrap(), Protocol::Udp);
         assert_eq!(key.family, FAMILY_V6);
         assert_eq!(key.port, 80);
         assert_eq!(key.proto, 17);
-        assert_eq!(key.addr[0], 0xfd);
+        assert_eq!(addr_to_bytes(&key.addr)[0], 0xfd);
     }
 }

@@ -8,7 +8,7 @@ use etherparse::{PacketBuilder, PacketBuilderStep, TcpHeader, VlanId};
 use lb_common::{FlowKey, Reason, hash::flow_hash};
 use lb_tests::{assert_checksums_valid, balancer_with, run_xdp};
 use lb_userspace::{
-    balancer::{Balancer, addr_bytes},
+    balancer::{Balancer, ip_to_addr},
     lab::{
         CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6, run_in_ns,
         testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},
@@ -310,8 +310,8 @@ fn flows_follow_the_maglev_table_and_stay_pinned() {
             let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
             assert_eq!(action, XDP_REDIRECT);
             let key = FlowKey {
-                src: addr_bytes(CLIENT_V4.into()).0,
-                dst: addr_bytes(VIP3_V4.into()).0,
+                src: ip_to_addr(CLIENT_V4.into()).0,
+                dst: ip_to_addr(VIP3_V4.into()).0,
                 sport,
                 dport: 80,
                 proto: 6,

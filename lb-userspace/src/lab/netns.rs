@@ -218,20 +218,6 @@ pub fn sweep_stale() -> Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn owner_pid_parses_from_the_right() {
-        assert_eq!(owner_pid("lbl-e2e3-1234-be1"), Some(1234));
-        assert_eq!(owner_pid("lbl-demo-7-cli"), Some(7));
-        assert_eq!(owner_pid("lbl-x-notapid-cli"), None);
-        assert_eq!(owner_pid("other-1-cli"), None);
-        assert_eq!(owner_pid("lbl-1-cli"), None);
-    }
-}
-
 /// Makes `iface` in `ns` send frames with complete checksums.
 ///
 /// A veth hands locally generated TCP/UDP to its peer with only the
@@ -246,4 +232,18 @@ pub(crate) fn full_tx_checksums(ns: &str, iface: &str) -> Result<()> {
     )
     .with_context(|| format!("ethtool -K {iface} tx off in {ns} (is ethtool installed?)"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_pid_parses_from_the_right() {
+        assert_eq!(owner_pid("lbl-e2e3-1234-be1"), Some(1234));
+        assert_eq!(owner_pid("lbl-demo-7-cli"), Some(7));
+        assert_eq!(owner_pid("lbl-x-notapid-cli"), None);
+        assert_eq!(owner_pid("other-1-cli"), None);
+        assert_eq!(owner_pid("lbl-1-cli"), None);
+    }
 }
