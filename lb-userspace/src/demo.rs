@@ -101,13 +101,10 @@ fn demo_body(lab: &mut Lab, config_path: &std::path::Path, weights: &[u32]) -> R
         "\nTry it yourself (as root, in another terminal):\n\
          \x20 ip netns exec {cli} curl -s http://{vip}/\n\
          \x20 ip netns exec {cli} curl -s http://{}/\n\
-         \x20 echo hi | ip netns exec {cli} nc -u -w1 {} {}\n\
          \x20 ip netns exec {bal} curl -s http://{METRICS_ADDR}/metrics\n\
          Config in force: {}\n\
          Press Ctrl-C to stop and remove the lab.",
         services::vip_tcp6(),
-        services::vip_udp4().ip(),
-        services::vip_udp4().port(),
         config_path.display(),
     );
     Ok(())

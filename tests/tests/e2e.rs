@@ -192,3 +192,40 @@ fn counters_match_the_traffic_sent() {
     );
     assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
 }
+
+#[test]
+fn bad_reload_keeps_the_running_config_and_stop_detaches() {
+    let mut lab = RunningLab::start("e2er", 2, &[1, 1]).expect("lab");
+    let vip = services::vip_tcp4();
+    std::fs::write(
+        &lab.config_path,
+        "interfaces = [\"lbc\"]\n[[service]]\nname = \"broken\"\n",
+    )
+    .unwrap();
+    // SAFETY: kill(2) on the agent this lab started.
+    assert_eq!(unsafe { libc::kill(lab.agent as i32, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = tally(&lab, vip, 40);
+    assert_eq!(
+        t.len(),
+        2,
+        "both backends still serve after a rejected reload: {t:?}"
+    );
+
+    let status = lab.lab.stop(lab.agent).unwrap().expect("agent exit status");
+    assert!(status.success(), "agent exits cleanly on SIGTERM: {status}");
+    let link = std::process::Command::new("ip")
+        .args(["-n", lab.lab.balancer_ns(), "link", "show", "lbc"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(!link.contains("prog/xdp"), "XDP program detached: {link}");
+    let refused = run_in_ns(lab.lab.client_ns(), move || {
+        tcp_ask(vip, Duration::from_secs(1))
+    })
+    .unwrap();
+    assert!(
+        refused.is_err(),
+        "without the program nothing answers for the VIP (the balancer has no route for it)"
+    );
+}
