@@ -53,8 +53,9 @@ pub const MAX_BACKENDS: u32 = 4096;
 pub const MAX_RING_SIZE: usize = 65537;
 /// Ring size used when a service does not choose one.
 pub const DEFAULT_RING_SIZE: u32 = 65537;
-/// Entries in the LRU connection table (and in the reply-translation table).
-pub const CONNTRACK_SIZE: u32 = 1 << 18;
+/// Entries in the LRU flow table: two per connection (one per direction),
+/// so about 262 144 connections.
+pub const FLOW_TABLE_SIZE: u32 = 1 << 19;
 
 /// Map name: `VipKey` -> `VipMeta` (HASH).
 pub const MAP_VIPS: &str = "VIPS";
@@ -63,10 +64,12 @@ pub const MAP_VIPS: &str = "VIPS";
 pub const MAP_RINGS: &str = "RINGS";
 /// Map name: backend id (`u32`) -> `Backend` (ARRAY).
 pub const MAP_BACKENDS: &str = "BACKENDS";
-/// Map name: client-side `FlowKey` -> `FlowState` (LRU_HASH).
-pub const MAP_CONNTRACK: &str = "CONNTRACK";
-/// Map name: backend-side `FlowKey` (the reply's 5-tuple) -> `NatReply` (LRU_HASH).
-pub const MAP_NAT_REPLY: &str = "NAT_REPLY";
+/// Map name: `FlowKey` of either direction of a connection -> `Flow` (LRU_HASH).
+/// One lookup per packet finds both a client's flow (pinned backend) and a
+/// backend's reply (the VIP to translate back to).
+pub const MAP_FLOWS: &str = "FLOWS";
+/// Map name: VIP id -> `VipState` (ARRAY, `MAX_VIPS`).
+pub const MAP_VIP_STATE: &str = "VIP_STATE";
 /// Map name: `NextHopKey` -> `NextHop` (LRU_PERCPU_HASH): cached FIB answers.
 pub const MAP_NEXTHOPS: &str = "NEXTHOPS";
 /// Entries in the next-hop cache, per CPU.
@@ -104,6 +107,18 @@ pub struct VipKey {
 
 /// VIP flag: pass this VIP's packets to the kernel stack (the L7 proxy serves it).
 pub const VIP_F_L7: u32 = 1;
+
+/// Per-VIP state the data plane checks flows against: a flow created under an
+/// older generation is looked up afresh (the VIP was removed, re-added or
+/// switched to L7).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipState {
+    /// Bumped by userspace whenever the VIP is added, removed or changes mode.
+    pub generation: u32,
+    /// `VIP_F_*` bits, as in `VipMeta`.
+    pub flags: u32,
+}
 
 /// Value of the VIP map.
 #[repr(C)]
@@ -162,32 +177,29 @@ pub struct FlowKey {
     pub pad: [u8; 2],
 }
 
-/// Value of the connection table: the backend a client flow is pinned to.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowState {
-    /// Backend id the flow goes to.
-    pub backend_id: u32,
-    /// VIP id of the flow (for per-VIP accounting of replies).
-    pub vip_id: u32,
-}
+/// `Flow::direction` of a client's packets: NAT the destination to the backend.
+pub const FLOW_TO_BACKEND: u8 = 1;
+/// `Flow::direction` of a backend's replies: NAT the source back to the VIP.
+pub const FLOW_TO_CLIENT: u8 = 2;
 
-/// Value of the reply-translation table: what a backend's reply must look like to the client.
+/// Value of the flow table: one entry per direction of a connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NatReply {
-    /// VIP address the client talked to, network order.
-    pub vip_addr: Addr,
-    /// VIP port, host order.
-    pub vip_port: u16,
+pub struct Flow {
+    /// `FLOW_TO_BACKEND` or `FLOW_TO_CLIENT`.
+    pub direction: u8,
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
-    /// Zero.
-    pub pad: u8,
-    /// VIP id, for accounting.
+    /// VIP port, host order (the source port a reply gets back).
+    pub vip_port: u16,
+    /// VIP address (the source address a reply gets back).
+    pub vip_addr: Addr,
+    /// VIP id, for validation and accounting.
     pub vip_id: u32,
-    /// Backend id, for accounting.
+    /// Backend id the connection is pinned to.
     pub backend_id: u32,
+    /// `VipState::generation` the flow was created under.
+    pub vip_generation: u32,
 }
 
 /// Key of the next-hop cache: a destination address after NAT.
@@ -312,8 +324,8 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::Ring {}
     unsafe impl aya::Pod for super::FlowKey {}
-    unsafe impl aya::Pod for super::FlowState {}
-    unsafe impl aya::Pod for super::NatReply {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::VipState {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::NextHopKey {}
     unsafe impl aya::Pod for super::NextHop {}
@@ -331,8 +343,8 @@ mod tests {
         assert_eq!(size_of::<VipMeta>(), 8);
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<FlowState>(), 8);
-        assert_eq!(size_of::<NatReply>(), 16 + 2 + 1 + 1 + 4 + 4);
+        assert_eq!(size_of::<Flow>(), 1 + 1 + 2 + 16 + 4 + 4 + 4);
+        assert_eq!(size_of::<VipState>(), 8);
         assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
         assert_eq!(size_of::<NextHopKey>(), 20);
         assert_eq!(size_of::<NextHop>(), 24);

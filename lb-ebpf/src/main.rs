@@ -1,11 +1,13 @@
 //! XDP load balancer: VIP lookup, LRU connection table, Maglev backend choice and
 //! NAT forwarding, all before the packet reaches a socket.
 //!
-//! Per packet: parse (`parse`), look the destination up in `VIPS`; a VIP hit is
-//! pinned to a backend through `CONNTRACK` (or `RINGS` on a miss) and NATed to it
-//! (`nat`); a miss that matches `NAT_REPLY` is a backend's reply and is translated
-//! back to the VIP. Both go out through `bpf_fib_lookup` (`forward`). Everything
-//! else passes to the kernel untouched. Every decision is counted (`stats`).
+//! Per packet: parse (`parse`), then one `FLOWS` lookup: a client packet of a
+//! known connection is NATed to its pinned backend (`nat`), a backend's reply
+//! is translated back to the VIP. Otherwise a `VIPS` hit is a new connection:
+//! its backend comes from the VIP's Maglev ring (`RINGS`) and both directions
+//! are recorded. Both go out through the next hop `bpf_fib_lookup` gives
+//! (`forward`). Everything else passes to the kernel untouched. Every decision
+//! is counted (`stats`).
 //!
 //! Everything is inlined into one function: BPF subprograms each get their own
 //! frame, but the verifier limits the frames of a call chain to 512 bytes in
@@ -22,11 +24,12 @@ mod verdict;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_VALID, FlowKey, FlowState, NatReply, Reason, VIP_F_L7, VipKey, hash::flow_hash,
+    BACKEND_F_VALID, Backend, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey, Reason, VIP_F_L7,
+    VipKey, hash::flow_hash,
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK, NAT_REPLY, RINGS, VIPS},
+    maps::{BACKENDS, FLOWS, RINGS, VIP_STATE, VIPS},
     parse::Packet,
     verdict::Verdict,
 };
@@ -46,53 +49,88 @@ fn process(ctx: &XdpContext) -> Verdict {
         Ok(pkt) => pkt,
         Err(reason) => return Verdict::new(xdp_action::XDP_PASS, reason),
     };
-    let vip = VipKey {
-        addr: pkt.key.dst,
-        port: pkt.key.dport,
-        proto: pkt.key.proto,
-        family: pkt.key.family,
-    };
-    // SAFETY: VIPS is updated whole-element by userspace; VipMeta is two words.
-    if let Some(meta) = unsafe { VIPS.get(vip) } {
+    // One lookup serves established connections in both directions.
+    let mut pinned: Option<(u32, u32)> = None; // (vip id, backend id)
+    let mut create: Option<(u32, u32)> = None; // (vip id, VIP generation)
+    // SAFETY: LRU entries are written whole by this program; a racing update at
+    // worst yields the previous value for the same 5-tuple.
+    if let Some(flow) = unsafe { FLOWS.get(pkt.key) } {
+        let flow = *flow;
+        if flow.direction == FLOW_TO_CLIENT {
+            return forward::send(
+                ctx,
+                &pkt,
+                &flow.vip_addr,
+                flow.vip_port,
+                nat::Side::Source,
+                false,
+            );
+        }
+        // Valid while its VIP is the one it was created under.
+        if let Some(state) = VIP_STATE.get(flow.vip_id)
+            && state.generation == flow.vip_generation
+        {
+            match BACKENDS.get(flow.backend_id) {
+                Some(b) if b.flags & BACKEND_F_VALID != 0 => {
+                    pinned = Some((flow.vip_id, flow.backend_id))
+                }
+                // Its backend is gone: re-hash instead of black-holing it.
+                _ => create = Some((flow.vip_id, state.generation)),
+            }
+        }
+    }
+    if pinned.is_none() && create.is_none() {
+        let vip = VipKey {
+            addr: pkt.key.dst,
+            port: pkt.key.dport,
+            proto: pkt.key.proto,
+            family: pkt.key.family,
+        };
+        // SAFETY: VIPS is updated whole-element by userspace; VipMeta is two words.
+        let Some(meta) = (unsafe { VIPS.get(vip) }) else {
+            return Verdict::new(xdp_action::XDP_PASS, Reason::PassNotVip);
+        };
         if meta.flags & VIP_F_L7 != 0 {
             return Verdict::new(xdp_action::XDP_PASS, Reason::PassL7);
         }
-        return to_backend(XdpContext::new(ctx.ctx), &pkt, meta.vip_id);
+        let Some(state) = VIP_STATE.get(meta.vip_id) else {
+            return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend);
+        };
+        create = Some((meta.vip_id, state.generation));
     }
-    // SAFETY: LRU entries are written whole by this program; a racing update at
-    // worst yields the previous value of the same flow.
-    if let Some(reply) = unsafe { NAT_REPLY.get(pkt.key) } {
-        let reply = *reply;
-        return to_client(XdpContext::new(ctx.ctx), &pkt, &reply);
+    if let Some((vip_id, generation)) = create {
+        match new_flow(&pkt, vip_id, generation) {
+            Some(backend_id) => pinned = Some((vip_id, backend_id)),
+            None => return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
+        }
     }
-    Verdict::new(xdp_action::XDP_PASS, Reason::PassNotVip)
+    let Some((vip_id, backend_id)) = pinned else {
+        return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend);
+    };
+    match BACKENDS.get(backend_id) {
+        Some(b) if b.flags & BACKEND_F_VALID != 0 => {
+            let backend = *b;
+            to_backend(ctx, &pkt, vip_id, backend_id, &backend)
+        }
+        _ => Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
+    }
 }
 
-/// Client -> VIP: pick the flow's backend and NAT the destination to it.
+/// Client -> VIP on a pinned backend: NAT the destination to it.
 #[inline(always)]
-fn to_backend(ctx: XdpContext, pkt: &Packet, vip_id: u32) -> Verdict {
-    let len = (ctx.data_end() - ctx.data()) as u64;
-    let mut backend_id = u32::MAX;
-    // SAFETY: see `process`.
-    if let Some(state) = unsafe { CONNTRACK.get(pkt.key) } {
-        backend_id = state.backend_id;
-    }
-    let backend = match BACKENDS.get(backend_id) {
-        Some(b) if b.flags & BACKEND_F_VALID != 0 => *b,
-        _ => {
-            // New flow, or its backend is gone: consult the Maglev ring.
-            backend_id = new_flow(pkt, vip_id);
-            match BACKENDS.get(backend_id) {
-                Some(b) if b.flags & BACKEND_F_VALID != 0 => *b,
-                _ => return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
-            }
-        }
-    };
+fn to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    vip_id: u32,
+    backend_id: u32,
+    backend: &Backend,
+) -> Verdict {
     if backend.family != pkt.key.family {
         return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend);
     }
+    let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = forward::send(
-        &ctx,
+        ctx,
         pkt,
         &backend.addr,
         backend.port,
@@ -106,20 +144,26 @@ fn to_backend(ctx: XdpContext, pkt: &Packet, vip_id: u32) -> Verdict {
     verdict
 }
 
-/// Picks a backend for a flow from the VIP's Maglev ring and records the flow in
-/// the connection table and the reply-translation table. Returns the backend
-/// id, or `u32::MAX` if the VIP has no live backend.
+/// A new connection (or one whose backend is gone): picks a backend from the
+/// VIP's Maglev ring and records both directions in the flow table. Returns
+/// the backend id, or `None` if the VIP has no live backend.
 #[inline(always)]
-fn new_flow(pkt: &Packet, vip_id: u32) -> u32 {
-    let Some(backend_id) = pick_backend(vip_id, &pkt.key) else {
-        return u32::MAX;
-    };
+fn new_flow(pkt: &Packet, vip_id: u32, generation: u32) -> Option<u32> {
+    let backend_id = pick_backend(vip_id, &pkt.key)?;
     let backend = match BACKENDS.get(backend_id) {
         Some(b) if b.flags & BACKEND_F_VALID != 0 => b,
-        _ => return u32::MAX,
+        _ => return None,
     };
-    let state = FlowState { backend_id, vip_id };
-    let _ = CONNTRACK.insert(pkt.key, state, 0);
+    let mut flow = Flow {
+        direction: FLOW_TO_BACKEND,
+        family: pkt.key.family,
+        vip_port: pkt.key.dport,
+        vip_addr: pkt.key.dst,
+        vip_id,
+        backend_id,
+        vip_generation: generation,
+    };
+    let _ = FLOWS.insert(pkt.key, flow, 0);
     // The reply arrives with the backend as source; remember how to undo the NAT.
     let reply_key = FlowKey {
         src: backend.addr,
@@ -130,29 +174,9 @@ fn new_flow(pkt: &Packet, vip_id: u32) -> u32 {
         family: pkt.key.family,
         pad: [0; 2],
     };
-    let reply = NatReply {
-        vip_addr: pkt.key.dst,
-        vip_port: pkt.key.dport,
-        family: pkt.key.family,
-        pad: 0,
-        vip_id,
-        backend_id,
-    };
-    let _ = NAT_REPLY.insert(reply_key, reply, 0);
-    backend_id
-}
-
-/// Backend -> client: make the reply come from the VIP again.
-#[inline(always)]
-fn to_client(ctx: XdpContext, pkt: &Packet, reply: &NatReply) -> Verdict {
-    forward::send(
-        &ctx,
-        pkt,
-        &reply.vip_addr,
-        reply.vip_port,
-        nat::Side::Source,
-        false,
-    )
+    flow.direction = FLOW_TO_CLIENT;
+    let _ = FLOWS.insert(reply_key, flow, 0);
+    Some(backend_id)
 }
 
 /// Maglev lookup: `ring[flow_hash % size]`.

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, CONNTRACK_SIZE, FlowKey, FlowState, MAX_BACKENDS, MAX_VIPS, NEXTHOP_CACHE_SIZE,
-    NatReply, NextHop, NextHopKey, REASON_COUNT, Ring, Traffic, VipKey, VipMeta,
+    Backend, FLOW_TABLE_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, NEXTHOP_CACHE_SIZE, NextHop,
+    NextHopKey, REASON_COUNT, Ring, Traffic, VipKey, VipMeta, VipState,
 };
 
 /// VIP (address, port, protocol) -> id and flags.
@@ -23,15 +23,13 @@ pub static RINGS: HashMap<u32, Ring> = HashMap::with_max_entries(MAX_VIPS, BPF_F
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Client-side 5-tuple -> pinned backend.
+/// 5-tuple of either direction of a connection -> what to do with it.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, FlowState> =
-    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
 
-/// Backend-side 5-tuple of a reply -> the VIP it must appear to come from.
+/// VIP id -> generation and flags, to validate flows without a VIPS lookup.
 #[map]
-pub static NAT_REPLY: LruHashMap<FlowKey, NatReply> =
-    LruHashMap::with_max_entries(CONNTRACK_SIZE, 0);
+pub static VIP_STATE: Array<VipState> = Array::with_max_entries(MAX_VIPS, 0);
 
 /// Destination after NAT -> cached FIB answer, per CPU (no locking, no torn
 /// entries); refreshed every `NEXTHOP_TTL_NS` so the FIB stays authoritative.

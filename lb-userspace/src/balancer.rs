@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, Result, anyhow};
 use lb_common::{
     Addr, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, VIP_F_L7, VipKey,
-    VipMeta, addr_from_bytes, addr_to_bytes,
+    VipMeta, VipState, addr_from_bytes, addr_to_bytes,
     hash::backend_identity,
     maglev::{self, MaglevInput},
 };
@@ -141,6 +141,8 @@ pub struct Balancer {
     vips: BTreeMap<(SocketAddr, u8), (u32, Vec<u32>, u32)>,
     /// Backend address -> id.
     backends: BTreeMap<SocketAddr, u32>,
+    /// Current generation of each VIP id (see `VipState`).
+    generations: Vec<u32>,
     config: Option<Config>,
 }
 
@@ -153,6 +155,7 @@ impl Balancer {
             backend_pool: IdPool::new(MAX_BACKENDS),
             vips: BTreeMap::new(),
             backends: BTreeMap::new(),
+            generations: vec![0; MAX_VIPS as usize],
             config: None,
         }
     }
@@ -208,16 +211,24 @@ impl Balancer {
             } else {
                 0
             };
-            let id = match self.vips.get(&key) {
-                Some((id, old_ring, old_flags)) if *old_ring == ring && *old_flags == flags => {
+            let (id, new_generation) = match self.vips.get(&key) {
+                Some((_, old_ring, old_flags)) if *old_ring == ring && *old_flags == flags => {
                     continue;
                 }
-                Some((id, ..)) => *id,
-                None => self
-                    .vip_pool
-                    .alloc()
-                    .ok_or_else(|| anyhow!("more than {MAX_VIPS} services"))?,
+                // Only the table changed: flows stay pinned where they are.
+                Some((id, _, old_flags)) if *old_flags == flags => (*id, false),
+                // The mode changed: established flows must be looked up afresh.
+                Some((id, ..)) => (*id, true),
+                None => (
+                    self.vip_pool
+                        .alloc()
+                        .ok_or_else(|| anyhow!("more than {MAX_VIPS} services"))?,
+                    true,
+                ),
             };
+            if new_generation {
+                self.bump_generation(id, flags)?;
+            }
             self.dataplane
                 .publish_ring(id, &ring)
                 .with_context(|| format!("service {}", service.name))?;
@@ -244,6 +255,8 @@ impl Balancer {
                     Protocol::Tcp
                 };
                 self.dataplane.remove_vip(&vip_key(key.0, protocol))?;
+                // Flows of the removed VIP stop being forwarded.
+                self.bump_generation(id, 0)?;
                 self.dataplane.remove_ring(id)?;
                 self.vip_pool.free(id);
                 info!(vip = %key.0, "service removed");
@@ -266,6 +279,20 @@ impl Balancer {
         }
         self.config = Some(config.clone());
         Ok(summary)
+    }
+
+    /// Starts a new generation of a VIP id, invalidating flows created under the old one.
+    fn bump_generation(&mut self, vip_id: u32, flags: u32) -> Result<()> {
+        let generation = self
+            .generations
+            .get_mut(vip_id as usize)
+            .ok_or_else(|| anyhow!("VIP id {vip_id} out of range"))?;
+        *generation = generation.wrapping_add(1);
+        let state = VipState {
+            generation: *generation,
+            flags,
+        };
+        self.dataplane.set_vip_state(vip_id, &state)
     }
 }
 

@@ -10,9 +10,9 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    Backend, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_REASON_STATS, MAP_RINGS, MAP_VIP_STATS, MAP_VIPS,
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring, Traffic, VipKey,
-    VipMeta,
+    Backend, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_REASON_STATS, MAP_RINGS, MAP_VIP_STATE,
+    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason,
+    Ring, Traffic, VipKey, VipMeta, VipState,
 };
 use tracing::warn;
 
@@ -77,6 +77,7 @@ pub struct Dataplane {
     vips: HashMap<MapData, VipKey, VipMeta>,
     rings: HashMap<MapData, u32, Ring>,
     backends: Array<MapData, Backend>,
+    vip_state: Array<MapData, VipState>,
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, Traffic>,
@@ -121,6 +122,7 @@ impl Dataplane {
             vips: take(&mut bpf, MAP_VIPS)?,
             rings: take(&mut bpf, MAP_RINGS)?,
             backends: take(&mut bpf, MAP_BACKENDS)?,
+            vip_state: take(&mut bpf, MAP_VIP_STATE)?,
             vip_stats: take(&mut bpf, MAP_VIP_STATS)?,
             backend_stats: take(&mut bpf, MAP_BACKEND_STATS)?,
             reason_stats: take(&mut bpf, MAP_REASON_STATS)?,
@@ -169,6 +171,16 @@ impl Dataplane {
             bail!("VIP id {} out of range", meta.vip_id);
         }
         self.vips.insert(key, meta, 0).context("updating VIPS")
+    }
+
+    /// Writes a VIP's generation and flags, against which flows are validated.
+    pub fn set_vip_state(&mut self, vip_id: u32, state: &VipState) -> Result<()> {
+        if vip_id >= MAX_VIPS {
+            bail!("VIP id {vip_id} out of range");
+        }
+        self.vip_state
+            .set(vip_id, state, 0)
+            .context("updating VIP_STATE")
     }
 
     /// Removes a VIP; its packets pass to the kernel from now on.

@@ -492,3 +492,64 @@ fn truncated_and_malformed_frames_are_never_rewritten() {
         assert_passed_untouched(b, net.lbc, &udp, "UDP length beyond datagram");
     });
 }
+
+/// A config with only the "three" service, over the given lab backends.
+fn three_config(backends: &[usize], mode: &str) -> String {
+    let mut text = format!(
+        "interfaces = [\"lbc\", \"lbb\"]\n[[service]]\nname = \"three\"\nvip = \"{VIP3_V4}:80\"\nmode = \"{mode}\"\nring_size = 13\n"
+    );
+    for &i in backends {
+        text.push_str(&format!(
+            "[[service.backend]]\naddress = \"{}:8080\"\n",
+            backend_v4(i)
+        ));
+    }
+    text
+}
+
+fn apply(b: &mut Balancer, text: &str) {
+    let config = lb_userspace::config::parse(text, "test.toml").expect("valid config");
+    b.apply(&config).expect("apply");
+}
+
+#[test]
+fn established_flows_follow_backend_removal_mode_change_and_vip_removal() {
+    with_fixture(|b, net| {
+        apply(b, &three_config(&[1, 2, 3], "l4"));
+        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, CPORT, 80));
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        let first = (1..=3)
+            .find(|&i| out[30..34] == backend_v4(i).octets())
+            .unwrap();
+
+        // Its backend leaves: the flow is re-hashed to one that is still there.
+        let rest: Vec<usize> = (1..=3).filter(|&i| i != first).collect();
+        apply(b, &three_config(&rest, "l4"));
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        let second = (1..=3)
+            .find(|&i| out[30..34] == backend_v4(i).octets())
+            .unwrap();
+        assert_ne!(second, first);
+        assert!(rest.contains(&second));
+        assert_checksums_valid(&out);
+
+        // The VIP switches to L7: the established flow goes to the stack now.
+        apply(b, &three_config(&rest, "l7"));
+        assert_passed_untouched(b, net.lbc, &input, "flow of a VIP now in L7 mode");
+        assert_eq!(reason_count(b, Reason::PassL7), 1);
+
+        // Back to L4, then removed: the flow is no longer forwarded.
+        apply(b, &three_config(&rest, "l4"));
+        assert_eq!(run_xdp(b, &input, net.lbc).unwrap().0, XDP_REDIRECT);
+        apply(
+            b,
+            &three_config(&[], "l7")
+                .replace("name = \"three\"", "name = \"other\"")
+                .replace(&format!("{VIP3_V4}"), "198.18.100.9"),
+        );
+        assert_passed_untouched(b, net.lbc, &input, "flow of a removed VIP");
+        assert_eq!(reason_count(b, Reason::PassNotVip), 1);
+    });
+}
