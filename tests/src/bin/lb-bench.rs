@@ -77,6 +77,17 @@ fn repeated_ns(prog: &Xdp, ingress: u32, frame: &[u8], repeat: u32) -> Result<f6
     Ok(r.duration.as_nanos() as f64)
 }
 
+/// Mean ns per run of each measured path.
+struct Costs {
+    bounce: f64,
+    hit: f64,
+    miss: f64,
+    l7: f64,
+    other: f64,
+    bounce_repeated: f64,
+    l7_repeated: f64,
+}
+
 fn xdp_costs() -> Result<()> {
     let net = TestRunNet::create("bench")?;
     let ns = net.ns().to_string();
@@ -92,73 +103,62 @@ fn xdp_costs() -> Result<()> {
             ))
             .collect::<String>()
     );
-    let (bounce, hit, miss, l7, other) = run_in_ns(
-        &ns,
-        move || -> Result<(f64, f64, f64, f64, f64)> {
-            let mut bpf = aya::Ebpf::load_file(&lab_object).context("loading lab-xdp")?;
-            let bounce: &mut Xdp = bpf
-                .program_mut(PROG_BOUNCE)
-                .ok_or_else(|| anyhow!("no {PROG_BOUNCE} program"))?
-                .try_into()?;
-            bounce.load()?;
-            let bounce_ns = mean_ns(bounce, lbc, |_| frame(40000))?;
-            let bounce_rep = repeated_ns(bounce, lbc, &frame(40000), REPEAT)?;
+    let c = run_in_ns(&ns, move || -> Result<Costs> {
+        let mut bpf = aya::Ebpf::load_file(&lab_object).context("loading lab-xdp")?;
+        let bounce: &mut Xdp = bpf
+            .program_mut(PROG_BOUNCE)
+            .ok_or_else(|| anyhow!("no {PROG_BOUNCE} program"))?
+            .try_into()?;
+        bounce.load()?;
+        let bounce_ns = mean_ns(bounce, lbc, |_| frame(40000))?;
+        let bounce_rep = repeated_ns(bounce, lbc, &frame(40000), REPEAT)?;
 
-            let mut balancer = balancer_with(&config)?;
-            // Warm one flow into the connection table: every later run is a hit.
-            let (action, _) = run_xdp(&mut balancer, &frame(40000), lbc)?;
-            anyhow::ensure!(
-                action == 4,
-                "VIP frame was not redirected (action {action})"
-            );
-            let prog = balancer.dataplane().program()?;
-            let hit_ns = mean_ns(prog, lbc, |_| frame(40000))?;
-            // A new source port every run: Maglev lookup plus two table inserts.
-            let miss_ns = mean_ns(prog, lbc, |i| frame(1024 + (i % 60000) as u16))?;
-            let l7_ns = mean_ns(prog, lbc, |_| frame_to(40000, 443))?;
-            let other_ns = mean_ns(prog, lbc, |_| frame_to(40000, 9999))?;
-            // Paths that leave the frame unchanged can also be timed with one
-            // repeated run, which amortises the per-run timing overhead.
-            let l7_rep = repeated_ns(prog, lbc, &frame_to(40000, 443), REPEAT)?;
-            println!(
-                "  (repeat={REPEAT}: xdp_bounce {bounce_rep:.1} ns/run, lb_xdp L7 pass {l7_rep:.1} ns/run, {:.2}x)",
-                l7_rep / bounce_rep
-            );
-            Ok((
-                bounce_ns, hit_ns, miss_ns, l7_ns, other_ns, bounce_rep, l7_rep,
-            ))
-        },
-    )??;
+        let mut balancer = balancer_with(&config)?;
+        // Warm one flow into the connection table: every later run is a hit.
+        let (action, _) = run_xdp(&mut balancer, &frame(40000), lbc)?;
+        anyhow::ensure!(
+            action == 4,
+            "VIP frame was not redirected (action {action})"
+        );
+        let prog = balancer.dataplane().program()?;
+        let hit_ns = mean_ns(prog, lbc, |_| frame(40000))?;
+        // A new source port every run: Maglev lookup plus two table inserts.
+        let miss_ns = mean_ns(prog, lbc, |i| frame(1024 + (i % 60000) as u16))?;
+        let l7_ns = mean_ns(prog, lbc, |_| frame_to(40000, 443))?;
+        let other_ns = mean_ns(prog, lbc, |_| frame_to(40000, 9999))?;
+        // Paths that leave the frame unchanged can also be timed with one
+        // repeated run, which amortises the per-run timing overhead.
+        let l7_rep = repeated_ns(prog, lbc, &frame_to(40000, 443), REPEAT)?;
+        Ok(Costs {
+            bounce: bounce_ns,
+            hit: hit_ns,
+            miss: miss_ns,
+            l7: l7_ns,
+            other: other_ns,
+            bounce_repeated: bounce_rep,
+            l7_repeated: l7_rep,
+        })
+    })??;
     println!(
         "XDP cost per packet (BPF_PROG_TEST_RUN, {RUNS} single runs each, kernel-timed mean):"
     );
-    println!(
-        "  {:<46} {bounce:>7.1} ns   1.00x",
-        "baseline: xdp_bounce (swap MACs, XDP_TX)"
-    );
-    println!(
-        "  {:<46} {hit:>7.1} ns   {:.2}x   (target <= 1.50x)",
+    let row = |what: &str, ns: f64, note: &str| {
+        println!("  {what:<46} {ns:>7.1} ns   {:.2}x{note}", ns / c.bounce);
+    };
+    row("baseline: xdp_bounce (swap MACs, XDP_TX)", c.bounce, "");
+    row(
         "lb_xdp, connection-table hit",
-        hit / bounce
+        c.hit,
+        "   (target <= 1.50x)",
     );
+    row("lb_xdp, new flow (Maglev + table inserts)", c.miss, "");
+    row("lb_xdp, L7 VIP passed to the stack", c.l7, "");
+    row("lb_xdp, not a VIP (passed untouched)", c.other, "");
     println!(
-        "  {:<46} {miss:>7.1} ns   {:.2}x",
-        "lb_xdp, new flow (Maglev + table inserts)",
-        miss / bounce
-    );
-    println!(
-        "  {:<46} {l7:>7.1} ns   {:.2}x",
-        "lb_xdp, L7 VIP passed to the stack",
-        l7 / bounce
-    );
-    println!(
-        "  {:<46} {other:>7.1} ns   {:.2}x",
-        "lb_xdp, not a VIP (passed untouched)",
-        other / bounce
-    );
-    println!(
-        "  one run with repeat={REPEAT} (amortises the timer): xdp_bounce {bounce_rep:.1} ns, lb_xdp L7 pass {l7_rep:.1} ns, {:.2}x",
-        l7_rep / bounce_rep
+        "  one run with repeat={REPEAT} (amortises the timer): xdp_bounce {:.1} ns, lb_xdp L7 pass {:.1} ns, {:.2}x",
+        c.bounce_repeated,
+        c.l7_repeated,
+        c.l7_repeated / c.bounce_repeated
     );
     Ok(())
 }
