@@ -32,95 +32,70 @@ pub struct BackendLabel {
     pub backend_id: u32,
 }
 
-fn counter(out: &mut String, name: &str, help: &str) {
+/// Appends one counter family: its HELP/TYPE header, then `name{labels} value` lines.
+fn family(out: &mut String, name: &str, help: &str, samples: impl Iterator<Item = (String, u64)>) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
 }
 
 /// Renders counters in the Prometheus text format.
 pub fn render(services: &[ServiceLabel], backends: &[BackendLabel], c: &Counters) -> String {
-    let mut out = String::new();
     let vip = |id: u32| c.vips.get(id as usize).copied().unwrap_or_default();
     let be = |id: u32| c.backends.get(id as usize).copied().unwrap_or_default();
-    counter(
+    let service_labels = |s: &ServiceLabel| format!("service=\"{}\",vip=\"{}\"", s.name, s.vip);
+    let backend_labels = |b: &BackendLabel| format!("backend=\"{}\"", b.address);
+    let reason_labels = |r: Reason| format!("reason=\"{}\"", r.name());
+    let mut out = String::new();
+    family(
         &mut out,
         "lb_service_packets_total",
         "Client packets forwarded by XDP for the service.",
+        services
+            .iter()
+            .map(|s| (service_labels(s), vip(s.vip_id).packets)),
     );
-    for s in services {
-        let _ = writeln!(
-            out,
-            "lb_service_packets_total{{service=\"{}\",vip=\"{}\"}} {}",
-            s.name,
-            s.vip,
-            vip(s.vip_id).packets
-        );
-    }
-    counter(
+    family(
         &mut out,
         "lb_service_bytes_total",
         "Client bytes forwarded by XDP for the service.",
+        services
+            .iter()
+            .map(|s| (service_labels(s), vip(s.vip_id).bytes)),
     );
-    for s in services {
-        let _ = writeln!(
-            out,
-            "lb_service_bytes_total{{service=\"{}\",vip=\"{}\"}} {}",
-            s.name,
-            s.vip,
-            vip(s.vip_id).bytes
-        );
-    }
-    counter(
+    family(
         &mut out,
         "lb_backend_packets_total",
         "Client packets forwarded by XDP to the backend.",
+        backends
+            .iter()
+            .map(|b| (backend_labels(b), be(b.backend_id).packets)),
     );
-    for b in backends {
-        let _ = writeln!(
-            out,
-            "lb_backend_packets_total{{backend=\"{}\"}} {}",
-            b.address,
-            be(b.backend_id).packets
-        );
-    }
-    counter(
+    family(
         &mut out,
         "lb_backend_bytes_total",
         "Client bytes forwarded by XDP to the backend.",
+        backends
+            .iter()
+            .map(|b| (backend_labels(b), be(b.backend_id).bytes)),
     );
-    for b in backends {
-        let _ = writeln!(
-            out,
-            "lb_backend_bytes_total{{backend=\"{}\"}} {}",
-            b.address,
-            be(b.backend_id).bytes
-        );
-    }
-    counter(
+    family(
         &mut out,
         "lb_xdp_packets_total",
         "Packets seen by the XDP program, by the decision taken.",
+        Reason::ALL
+            .iter()
+            .map(|&r| (reason_labels(r), c.reason(r).packets)),
     );
-    for r in Reason::ALL {
-        let _ = writeln!(
-            out,
-            "lb_xdp_packets_total{{reason=\"{}\"}} {}",
-            r.name(),
-            c.reason(r).packets
-        );
-    }
-    counter(
+    family(
         &mut out,
         "lb_xdp_bytes_total",
         "Bytes seen by the XDP program, by the decision taken.",
+        Reason::ALL
+            .iter()
+            .map(|&r| (reason_labels(r), c.reason(r).bytes)),
     );
-    for r in Reason::ALL {
-        let _ = writeln!(
-            out,
-            "lb_xdp_bytes_total{{reason=\"{}\"}} {}",
-            r.name(),
-            c.reason(r).bytes
-        );
-    }
     out
 }
 

@@ -108,6 +108,44 @@ fn mac_str(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
 }
 
+/// `ip` commands that give the balancer's `lbc` and `lbb` (already created,
+/// with their MACs) their addresses and a permanent neighbour entry for the
+/// client, so `bpf_fib_lookup` finds the next hop without waiting for ARP/ND.
+pub(crate) fn balancer_side_commands() -> Vec<String> {
+    vec![
+        "link set lo up".into(),
+        format!("addr add {BALANCER_CLIENT_V4}/24 dev lbc"),
+        format!("addr add {BALANCER_CLIENT_V6}/64 dev lbc nodad"),
+        format!("addr add {BALANCER_BACKEND_V4}/24 dev lbb"),
+        format!("addr add {BALANCER_BACKEND_V6}/64 dev lbb nodad"),
+        "link set lbc up".into(),
+        "link set lbb up".into(),
+        format!(
+            "neigh replace {CLIENT_V4} lladdr {} dev lbc nud permanent",
+            mac_str(CLIENT_MAC)
+        ),
+        format!(
+            "neigh replace {CLIENT_V6} lladdr {} dev lbc nud permanent",
+            mac_str(CLIENT_MAC)
+        ),
+    ]
+}
+
+/// `ip` commands for the balancer's permanent neighbour entries of backend `i`.
+pub(crate) fn backend_neighbour_commands(i: usize) -> [String; 2] {
+    let mac = mac_str(backend_mac(i));
+    [
+        format!(
+            "neigh replace {} lladdr {mac} dev lbb nud permanent",
+            backend_v4(i)
+        ),
+        format!(
+            "neigh replace {} lladdr {mac} dev lbb nud permanent",
+            backend_v6(i)
+        ),
+    ]
+}
+
 /// Paths and sizes a lab is built from.
 #[derive(Clone, Debug)]
 pub struct LabOptions {
@@ -319,26 +357,7 @@ impl Lab {
                 ),
             ],
         )?;
-        netns::ip_batch(
-            &lb,
-            &[
-                "link set lo up".into(),
-                format!("addr add {BALANCER_CLIENT_V4}/24 dev lbc"),
-                format!("addr add {BALANCER_CLIENT_V6}/64 dev lbc nodad"),
-                format!("addr add {BALANCER_BACKEND_V4}/24 dev lbb"),
-                format!("addr add {BALANCER_BACKEND_V6}/64 dev lbb nodad"),
-                "link set lbc up".into(),
-                "link set lbb up".into(),
-                format!(
-                    "neigh replace {CLIENT_V4} lladdr {} dev lbc nud permanent",
-                    mac_str(CLIENT_MAC)
-                ),
-                format!(
-                    "neigh replace {CLIENT_V6} lladdr {} dev lbc nud permanent",
-                    mac_str(CLIENT_MAC)
-                ),
-            ],
-        )?;
+        netns::ip_batch(&lb, &balancer_side_commands())?;
         netns::ip_batch(
             &sw,
             &[
@@ -471,19 +490,7 @@ impl Lab {
         netns::full_tx_checksums(&ns, "eth0")?;
         let lb = self.balancer_ns().to_string();
         // Permanent, so bpf_fib_lookup always finds the next hop without waiting for ARP/ND.
-        netns::ip_batch(
-            &lb,
-            &[
-                format!(
-                    "neigh replace {v4} lladdr {} dev lbb nud permanent",
-                    mac_str(mac)
-                ),
-                format!(
-                    "neigh replace {v6} lladdr {} dev lbb nud permanent",
-                    mac_str(mac)
-                ),
-            ],
-        )?;
+        netns::ip_batch(&lb, &backend_neighbour_commands(index))?;
         self.backends.push(LabBackend {
             index,
             name,

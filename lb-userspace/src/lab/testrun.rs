@@ -11,10 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use anyhow::{Context, Result};
 
 use super::netns::{NS_PREFIX, add_ns, del_ns, ip_batch, run_in_ns, sysctls_in};
-use super::{
-    BALANCER_BACKEND_V4, BALANCER_BACKEND_V6, BALANCER_CLIENT_V4, BALANCER_CLIENT_V6, CLIENT_V4,
-    CLIENT_V6, backend_mac, backend_v4, backend_v6, mac_str,
-};
+use super::{backend_neighbour_commands, balancer_side_commands, mac_str};
 
 pub use super::{BALANCER_BACKEND_MAC as LBB_MAC, BALANCER_CLIENT_MAC as LBC_MAC, CLIENT_MAC};
 /// Backends that get a neighbour entry.
@@ -38,39 +35,19 @@ impl TestRunNet {
         add_ns(&ns)?;
         // From here on, Drop removes the namespace whatever fails next.
         let mut net = Self { ns, lbc: 0, lbb: 0 };
+        // The same addresses, MACs and neighbours as the lab's balancer; the
+        // peers (`lbcp`, `lbbp`) only exist so the links can be up.
         let mut cmds = vec![
-            "link set lo up".to_string(),
-            "link add lbc type veth peer name lbcp".into(),
+            "link add lbc type veth peer name lbcp".to_string(),
             "link add lbb type veth peer name lbbp".into(),
             format!("link set lbc address {}", mac_str(LBC_MAC)),
             format!("link set lbb address {}", mac_str(LBB_MAC)),
-            format!("addr add {BALANCER_CLIENT_V4}/24 dev lbc"),
-            format!("addr add {BALANCER_CLIENT_V6}/64 dev lbc nodad"),
-            format!("addr add {BALANCER_BACKEND_V4}/24 dev lbb"),
-            format!("addr add {BALANCER_BACKEND_V6}/64 dev lbb nodad"),
-            "link set lbc up".into(),
             "link set lbcp up".into(),
-            "link set lbb up".into(),
             "link set lbbp up".into(),
-            format!(
-                "neigh replace {CLIENT_V4} lladdr {} dev lbc nud permanent",
-                mac_str(CLIENT_MAC)
-            ),
-            format!(
-                "neigh replace {CLIENT_V6} lladdr {} dev lbc nud permanent",
-                mac_str(CLIENT_MAC)
-            ),
         ];
+        cmds.extend(balancer_side_commands());
         for i in 1..=NEIGHBOURS {
-            let mac = mac_str(backend_mac(i));
-            cmds.push(format!(
-                "neigh replace {} lladdr {mac} dev lbb nud permanent",
-                backend_v4(i)
-            ));
-            cmds.push(format!(
-                "neigh replace {} lladdr {mac} dev lbb nud permanent",
-                backend_v6(i)
-            ));
+            cmds.extend(backend_neighbour_commands(i));
         }
         ip_batch(&net.ns, &cmds)?;
         sysctls_in(
