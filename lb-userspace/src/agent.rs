@@ -1,19 +1,29 @@
-//! `lb run`: load and attach the data plane, fill it from the config, serve
-//! metrics, reload on SIGHUP, detach cleanly on SIGINT/SIGTERM.
+//! `lb run`: load and attach the data plane, fill it from the config and the
+//! runtime journal, run health checks, serve the control socket and metrics,
+//! reload on SIGHUP or `lb reload`, detach cleanly on SIGINT/SIGTERM.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result, anyhow};
+use lb_common::Reason;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
-    balancer::Balancer,
+    balancer::{Availability, Balancer},
     config::{self, Config},
+    control::{
+        protocol::{AdminState, BackendInfo, Health, ReasonCount, Request, Response, ServiceInfo},
+        server::{self, Handler},
+    },
     dataplane::{self, Dataplane},
+    health::{HealthChecker, HealthEvent, Target},
     metrics,
+    runtime::{self, Desired},
 };
 
 /// Options of `lb run`.
@@ -23,79 +33,333 @@ pub struct RunOptions {
     pub config: PathBuf,
     /// Path of the `lb-xdp` object; found automatically when `None`.
     pub bpf_object: Option<PathBuf>,
+    /// Path of the control socket.
+    pub socket: PathBuf,
 }
 
 fn load_config(path: &Path) -> Result<Config> {
     config::load(path).map_err(|errors| anyhow!("invalid configuration:\n{errors}"))
 }
 
+/// Everything the agent's tasks share, behind one lock.
+pub struct Agent {
+    config_path: PathBuf,
+    journal_path: PathBuf,
+    journal: Vec<Request>,
+    desired: Desired,
+    balancer: Balancer,
+    health: HealthChecker,
+}
+
+impl Agent {
+    /// Availability of every backend from its administrative state and health.
+    fn availability(&self) -> impl Fn(&str, SocketAddr) -> Availability + '_ {
+        move |service, address| {
+            let admin = self.desired.admin_state(service, address);
+            let down = self
+                .health
+                .status(service, address)
+                .is_some_and(|s| s.health == Health::Down);
+            Availability {
+                new_flows: admin == AdminState::Ready && !down,
+                established: admin != AdminState::Maint && !down,
+            }
+        }
+    }
+
+    /// Pushes `desired` (and current health) to the data plane.
+    fn sync(&mut self) -> Result<()> {
+        let config = self.desired.config.clone();
+        let availability = {
+            let f = self.availability();
+            // Evaluated up front so the balancer can be borrowed mutably below.
+            let mut m = std::collections::HashMap::new();
+            for s in &config.services {
+                for b in &s.backends {
+                    m.insert((s.name.clone(), b.address), f(&s.name, b.address));
+                }
+            }
+            m
+        };
+        self.balancer.apply_with(&config, &|s, a| {
+            availability
+                .get(&(s.to_string(), a))
+                .copied()
+                .unwrap_or(Availability::FULL)
+        })?;
+        self.health.set_targets(health_targets(&config));
+        Ok(())
+    }
+
+    /// Applies an operator's change: validated on a copy, pushed, then journaled.
+    fn change(&mut self, request: Request) -> Response {
+        let mut next = self.desired.clone();
+        if let Err(e) = next.apply(&request) {
+            return Response::Error(e);
+        }
+        let previous = std::mem::replace(&mut self.desired, next);
+        if let Err(e) = self.sync() {
+            // Put the old state back so what runs matches what we report.
+            self.desired = previous;
+            if let Err(e2) = self.sync() {
+                error!("restoring the previous state failed: {e2:#}");
+            }
+            return Response::Error(format!("{e:#}"));
+        }
+        self.journal.push(request);
+        if let Err(e) = runtime::save_journal(&self.journal_path, &self.journal) {
+            error!("the change is live but could not be saved: {e:#}");
+            return Response::Error(format!(
+                "applied, but not saved (it will be lost on restart): {e:#}"
+            ));
+        }
+        Response::Ok
+    }
+
+    /// Re-reads the configuration file; a bad one leaves everything as it is.
+    pub fn reload(&mut self) -> Response {
+        let file = match load_config(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                error!("reload rejected, keeping the running configuration: {e:#}");
+                return Response::Error(format!(
+                    "reload rejected, the running configuration stays: {e:#}"
+                ));
+            }
+        };
+        let old = &self.desired.config;
+        if old.interfaces != file.interfaces || old.metrics != file.metrics {
+            warn!("interfaces and metrics address take effect on restart only");
+        }
+        let (desired, kept) = runtime::replay(file, &self.journal);
+        let previous = std::mem::replace(&mut self.desired, desired);
+        if let Err(e) = self.sync() {
+            self.desired = previous;
+            let _ = self.sync();
+            return Response::Error(format!("reload failed: {e:#}"));
+        }
+        if kept.len() != self.journal.len() {
+            self.journal = kept;
+            if let Err(e) = runtime::save_journal(&self.journal_path, &self.journal) {
+                warn!("saving the runtime state: {e:#}");
+            }
+        }
+        info!("configuration reloaded");
+        Response::Ok
+    }
+
+    fn show_services(&mut self) -> Result<Response> {
+        let counters = self.balancer.dataplane().counters()?;
+        let services = self
+            .desired
+            .config
+            .services
+            .iter()
+            .map(|s| {
+                let t = self
+                    .balancer
+                    .vip_id(s.vip, s.protocol)
+                    .and_then(|id| counters.vips.get(id as usize).copied())
+                    .unwrap_or_default();
+                ServiceInfo {
+                    name: s.name.clone(),
+                    vip: s.vip,
+                    protocol: s.protocol,
+                    mode: s.mode,
+                    backends: s.backends.len(),
+                    packets: t.packets,
+                    bytes: t.bytes,
+                }
+            })
+            .collect();
+        Ok(Response::Services(services))
+    }
+
+    fn show_backends(&mut self, only: Option<&str>) -> Result<Response> {
+        if let Some(name) = only
+            && !self.desired.config.services.iter().any(|s| s.name == name)
+        {
+            return Ok(Response::Error(format!("unknown service {name:?}")));
+        }
+        let counters = self.balancer.dataplane().counters()?;
+        let flows = self.balancer.dataplane().flow_counts()?;
+        let mut out = Vec::new();
+        for s in &self.desired.config.services {
+            if only.is_some_and(|n| n != s.name) {
+                continue;
+            }
+            for b in &s.backends {
+                let id = self.balancer.backend_id(&s.name, b.address);
+                let t = id
+                    .and_then(|id| counters.backends.get(id as usize).copied())
+                    .unwrap_or_default();
+                let status = self.health.status(&s.name, b.address);
+                out.push(BackendInfo {
+                    service: s.name.clone(),
+                    address: b.address,
+                    weight: b.weight,
+                    admin: self.desired.admin_state(&s.name, b.address),
+                    health: status.as_ref().map(|c| c.health).unwrap_or_default(),
+                    last_check: status.map(|c| c.last),
+                    active_flows: id.and_then(|id| flows.get(&id).copied()).unwrap_or(0),
+                    packets: t.packets,
+                    bytes: t.bytes,
+                });
+            }
+        }
+        Ok(Response::Backends(out))
+    }
+
+    fn show_stats(&mut self) -> Result<Response> {
+        let counters = self.balancer.dataplane().counters()?;
+        Ok(Response::Stats(
+            Reason::ALL
+                .iter()
+                .map(|&r| ReasonCount {
+                    reason: r.name().to_string(),
+                    packets: counters.reason(r).packets,
+                    bytes: counters.reason(r).bytes,
+                })
+                .collect(),
+        ))
+    }
+
+    fn handle(&mut self, request: Request) -> Response {
+        let shown = match &request {
+            Request::ShowServices => self.show_services(),
+            Request::ShowBackends { service } => self.show_backends(service.clone().as_deref()),
+            Request::ShowStats => self.show_stats(),
+            Request::Reload => return self.reload(),
+            _ => return self.change(request),
+        };
+        shown.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+    }
+
+    /// A backend's health changed: rebuild what it affects.
+    fn on_health(&mut self, event: &HealthEvent) {
+        info!(service = %event.service, backend = %event.address, health = ?event.health, reason = %event.reason, "health changed");
+        if let Err(e) = self.sync() {
+            error!("applying a health change failed: {e:#}");
+        }
+    }
+
+    /// The balancer, for metrics.
+    pub fn balancer(&mut self) -> &mut Balancer {
+        &mut self.balancer
+    }
+}
+
+fn health_targets(config: &Config) -> Vec<Target> {
+    config
+        .services
+        .iter()
+        .filter_map(|s| s.health.as_ref().map(|h| (s, h)))
+        .flat_map(|(s, h)| {
+            s.backends.iter().map(move |b| Target {
+                service: s.name.clone(),
+                address: b.address,
+                check: h.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The agent state shared by its tasks.
+#[derive(Clone)]
+pub struct Shared(Arc<Mutex<Agent>>);
+
+impl Shared {
+    /// Locks the agent state (a poisoned lock is still usable: every change is
+    /// validated before it is committed).
+    pub fn lock(&self) -> MutexGuard<'_, Agent> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Handler for Shared {
+    fn handle(&self, request: Request) -> Response {
+        self.lock().handle(request)
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let config = load_config(&opts.config)?;
+    let file = load_config(&opts.config)?;
+    let journal_path = runtime::journal_path(&opts.config);
+    let journal = runtime::load_journal(&journal_path)?;
+    let (desired, journal) = runtime::replay(file, &journal);
     let object = match &opts.bpf_object {
         Some(p) => p.clone(),
         None => dataplane::default_object_path()?,
     };
     let dataplane = Dataplane::load(&object)?;
-    let mut balancer = Balancer::new(dataplane);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        config_path: opts.config.clone(),
+        journal_path,
+        journal,
+        desired,
+        balancer: Balancer::new(dataplane),
+        health: HealthChecker::new(events_tx),
+    };
     // Tables are complete before the first packet can reach the program.
-    balancer.apply(&config)?;
+    agent.sync()?;
+    let config = agent.desired.config.clone();
     for iface in &config.interfaces {
-        let mode = balancer.dataplane().attach(iface, config.xdp_mode)?;
+        let mode = agent.balancer.dataplane().attach(iface, config.xdp_mode)?;
         info!(%iface, ?mode, "XDP program attached");
     }
-    let balancer = Arc::new(Mutex::new(balancer));
+    let shared = Shared(Arc::new(Mutex::new(agent)));
+
+    let control = tokio::spawn(server::serve(
+        opts.socket.clone(),
+        Arc::new(shared.clone()) as Arc<dyn Handler>,
+    ));
     let metrics_task = match config.metrics {
         Some(addr) => {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding metrics endpoint {addr}"))?;
             info!(%addr, "serving metrics");
-            Some(tokio::spawn(metrics::serve(listener, balancer.clone())))
+            Some(tokio::spawn(metrics::serve(listener, shared.clone())))
         }
         None => None,
     };
-    info!(services = config.services.len(), "load balancer running");
+    info!(services = config.services.len(), socket = %opts.socket.display(), "load balancer running");
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let mut control = control;
     loop {
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            _ = sighup.recv() => reload(&opts.config, &balancer),
+            _ = sighup.recv() => {
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || s.lock().reload()).await;
+            }
+            Some(event) = events.recv() => {
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || s.lock().on_health(&event)).await;
+            }
+            result = &mut control => {
+                let e = match result {
+                    Ok(Ok(())) => anyhow!("control socket closed"),
+                    Ok(Err(e)) => e,
+                    Err(e) => e.into(),
+                };
+                return Err(e.context("control socket"));
+            }
         }
     }
+    control.abort();
+    server::remove_socket(&opts.socket);
     if let Some(task) = metrics_task {
         task.abort();
     }
     // Dropping the data plane closes the XDP links, which detaches the program.
-    drop(balancer);
+    drop(shared);
     info!("detached; bye");
     Ok(())
-}
-
-/// Re-reads the config; a bad one is reported and the running one stays in force.
-fn reload(path: &Path, balancer: &Arc<Mutex<Balancer>>) {
-    let new = match load_config(path) {
-        Ok(c) => c,
-        Err(e) => {
-            error!("reload rejected, keeping the running configuration: {e:#}");
-            return;
-        }
-    };
-    let Ok(mut balancer) = balancer.lock() else {
-        error!("reload skipped: balancer state poisoned");
-        return;
-    };
-    if let Some(old) = balancer.config()
-        && (old.interfaces != new.interfaces || old.metrics != new.metrics)
-    {
-        warn!("interfaces and metrics address take effect on restart only");
-    }
-    match balancer.apply(&new) {
-        Ok(summary) => info!(?summary, "configuration reloaded"),
-        Err(e) => error!("reload failed part-way: {e:#}"),
-    }
 }

@@ -58,21 +58,48 @@ pub fn backend_value(addr: SocketAddr) -> Backend {
     }
 }
 
-/// Builds a service's Maglev table over backend ids.
-pub fn build_ring(service: &Service, ids: &BTreeMap<SocketAddr, u32>) -> Result<Vec<u32>> {
+/// How a backend may be used right now, from its administrative state and health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Availability {
+    /// It is in the Maglev table: new flows may go to it.
+    pub new_flows: bool,
+    /// Its slot stays valid: established flows keep going to it.
+    pub established: bool,
+}
+
+impl Availability {
+    /// A backend in normal service.
+    pub const FULL: Self = Self {
+        new_flows: true,
+        established: true,
+    };
+}
+
+/// Builds a service's Maglev table over backend ids; backends that take no new
+/// flows are left out.
+pub fn build_ring(
+    service: &Service,
+    ids: &BTreeMap<(String, SocketAddr), (u32, u8)>,
+    availability: &dyn Fn(&str, SocketAddr) -> Availability,
+) -> Result<Vec<u32>> {
     let identities: Vec<(u32, [u8; 20], u32)> = service
         .backends
         .iter()
         .map(|b| {
             let v = backend_value(b.address);
-            let id = ids
-                .get(&b.address)
+            let (id, _) = ids
+                .get(&(service.name.clone(), b.address))
                 .copied()
                 .ok_or_else(|| anyhow!("backend {} has no id", b.address))?;
+            let weight = if availability(&service.name, b.address).new_flows {
+                b.weight
+            } else {
+                0
+            };
             Ok((
                 id,
                 backend_identity(&addr_to_bytes(&v.addr), v.port, v.family),
-                b.weight,
+                weight,
             ))
         })
         .collect::<Result<_>>()?;
@@ -139,8 +166,8 @@ pub struct Balancer {
     backend_pool: IdPool,
     /// (VIP address, protocol number) -> (id, published table, flags).
     vips: BTreeMap<(SocketAddr, u8), (u32, Vec<u32>, u32)>,
-    /// Backend address -> id.
-    backends: BTreeMap<SocketAddr, u32>,
+    /// (service, backend address) -> (id, flags written to its slot).
+    backends: BTreeMap<(String, SocketAddr), (u32, u8)>,
     /// Current generation of each VIP id (see `VipState`).
     generations: Vec<u32>,
     config: Option<Config>,
@@ -175,29 +202,57 @@ impl Balancer {
         self.vips.get(&(vip, protocol.number())).map(|v| v.0)
     }
 
-    /// Backend id of a backend address, if it is configured.
-    pub fn backend_id(&self, addr: SocketAddr) -> Option<u32> {
-        self.backends.get(&addr).copied()
+    /// Backend id of a service's backend, if it is configured.
+    pub fn backend_id(&self, service: &str, addr: SocketAddr) -> Option<u32> {
+        self.backends
+            .get(&(service.to_string(), addr))
+            .map(|(id, _)| *id)
     }
 
-    /// Makes the data plane match `config`, touching only what differs.
+    /// Makes the data plane match `config` with every backend in full service.
     pub fn apply(&mut self, config: &Config) -> Result<ApplySummary> {
+        self.apply_with(config, &|_, _| Availability::FULL)
+    }
+
+    /// Makes the data plane match `config` and each backend's availability,
+    /// touching only what differs.
+    pub fn apply_with(
+        &mut self,
+        config: &Config,
+        availability: &dyn Fn(&str, SocketAddr) -> Availability,
+    ) -> Result<ApplySummary> {
         let mut summary = ApplySummary::default();
-        // 1. New backends get an id and a valid slot before any table names them.
-        let wanted: BTreeSet<SocketAddr> = config
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.address))
-            .collect();
-        for addr in &wanted {
-            if !self.backends.contains_key(addr) {
-                let id = self
-                    .backend_pool
-                    .alloc()
-                    .ok_or_else(|| anyhow!("more than {MAX_BACKENDS} backends"))?;
-                self.dataplane.set_backend(id, &backend_value(*addr))?;
-                self.backends.insert(*addr, id);
-                summary.backends_added += 1;
+        // 1. New backends, and backends becoming usable again, get a valid slot
+        //    before any table names them.
+        let mut wanted: BTreeMap<(String, SocketAddr), u8> = BTreeMap::new();
+        for service in &config.services {
+            for b in &service.backends {
+                let flags = if availability(&service.name, b.address).established {
+                    BACKEND_F_VALID
+                } else {
+                    0
+                };
+                wanted.insert((service.name.clone(), b.address), flags);
+            }
+        }
+        for (key, flags) in &wanted {
+            let mut value = backend_value(key.1);
+            value.flags = *flags;
+            match self.backends.get(key).copied() {
+                None => {
+                    let id = self
+                        .backend_pool
+                        .alloc()
+                        .ok_or_else(|| anyhow!("more than {MAX_BACKENDS} backends"))?;
+                    self.dataplane.set_backend(id, &value)?;
+                    self.backends.insert(key.clone(), (id, *flags));
+                    summary.backends_added += 1;
+                }
+                Some((id, old)) if old != *flags && *flags == BACKEND_F_VALID => {
+                    self.dataplane.set_backend(id, &value)?;
+                    self.backends.insert(key.clone(), (id, *flags));
+                }
+                Some(_) => {}
             }
         }
         // 2. Tables first, then the VIP entry that makes them reachable.
@@ -205,7 +260,7 @@ impl Balancer {
         for service in &config.services {
             let key = (service.vip, service.protocol.number());
             keep.insert(key);
-            let ring = build_ring(service, &self.backends)?;
+            let ring = build_ring(service, &self.backends, availability)?;
             let flags = if service.mode == Mode::L7 {
                 VIP_F_L7
             } else {
@@ -263,18 +318,25 @@ impl Balancer {
                 summary.services_removed += 1;
             }
         }
-        // 4. Backends no table names any more: flows pinned to them re-hash.
-        let stale: Vec<_> = self
-            .backends
-            .keys()
-            .filter(|a| !wanted.contains(*a))
-            .copied()
-            .collect();
-        for addr in stale {
-            if let Some(id) = self.backends.remove(&addr) {
-                self.dataplane.set_backend(id, &Backend::default())?;
-                self.backend_pool.free(id);
-                summary.backends_removed += 1;
+        // 4. Now that no table names them: backends that left, and backends
+        //    whose established flows must move, lose their valid slot, so flows
+        //    pinned to them re-hash to live backends.
+        let current: Vec<_> = self.backends.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        for (key, (id, old)) in current {
+            match wanted.get(&key) {
+                None => {
+                    self.dataplane.set_backend(id, &Backend::default())?;
+                    self.backends.remove(&key);
+                    self.backend_pool.free(id);
+                    summary.backends_removed += 1;
+                }
+                Some(&flags) if flags != old => {
+                    let mut value = backend_value(key.1);
+                    value.flags = flags;
+                    self.dataplane.set_backend(id, &value)?;
+                    self.backends.insert(key, (id, flags));
+                }
+                Some(_) => {}
             }
         }
         self.config = Some(config.clone());

@@ -10,9 +10,10 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    Backend, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_REASON_STATS, MAP_RINGS, MAP_VIP_STATE,
-    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason,
-    Ring, Traffic, VipKey, VipMeta, VipState,
+    Backend, FLOW_TO_BACKEND, Flow, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
+    MAP_REASON_STATS, MAP_RINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
+    MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring, Traffic, VipKey, VipMeta,
+    VipState,
 };
 use tracing::warn;
 
@@ -78,6 +79,7 @@ pub struct Dataplane {
     rings: HashMap<MapData, u32, Ring>,
     backends: Array<MapData, Backend>,
     vip_state: Array<MapData, VipState>,
+    flows: HashMap<MapData, FlowKey, Flow>,
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, Traffic>,
@@ -123,6 +125,7 @@ impl Dataplane {
             rings: take(&mut bpf, MAP_RINGS)?,
             backends: take(&mut bpf, MAP_BACKENDS)?,
             vip_state: take(&mut bpf, MAP_VIP_STATE)?,
+            flows: take(&mut bpf, MAP_FLOWS)?,
             vip_stats: take(&mut bpf, MAP_VIP_STATS)?,
             backend_stats: take(&mut bpf, MAP_BACKEND_STATS)?,
             reason_stats: take(&mut bpf, MAP_REASON_STATS)?,
@@ -224,6 +227,19 @@ impl Dataplane {
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading ring"),
         }
+    }
+
+    /// Connections per backend id currently in the flow table (client direction).
+    pub fn flow_counts(&self) -> Result<std::collections::HashMap<u32, u64>> {
+        let mut counts = std::collections::HashMap::new();
+        for entry in self.flows.iter() {
+            // An entry evicted while we iterate is simply not counted.
+            let Ok((_, flow)) = entry else { continue };
+            if flow.direction == FLOW_TO_BACKEND {
+                *counts.entry(flow.backend_id).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
     }
 
     /// Sums every per-CPU counter.

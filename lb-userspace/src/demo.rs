@@ -16,15 +16,26 @@ use crate::lab::{
     services::{self, METRICS_ADDR},
 };
 
-/// Starts the agent in the lab's balancer namespace with `config_path` and
-/// waits until its metrics endpoint answers (so the program is attached).
-pub fn start_agent(lab: &mut Lab, config_path: &std::path::Path) -> Result<u32> {
+/// Starts the agent in the lab's balancer namespace with `config_path`, its
+/// control socket at `socket`, and waits until its metrics endpoint answers
+/// (so the program is attached).
+pub fn start_agent(
+    lab: &mut Lab,
+    config_path: &std::path::Path,
+    socket: &std::path::Path,
+) -> Result<u32> {
     let lb_bin = lab.options().lb_bin.clone();
     let ns = lab.balancer_ns().to_string();
     let pid = lab.spawn_in_ns(
         &ns,
         &lb_bin,
-        &["run".into(), "--config".into(), config_path.into()],
+        &[
+            "run".into(),
+            "--config".into(),
+            config_path.into(),
+            "--socket".into(),
+            socket.into(),
+        ],
     )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let metrics = METRICS_ADDR.parse()?;
@@ -45,6 +56,9 @@ pub fn start_agent(lab: &mut Lab, config_path: &std::path::Path) -> Result<u32> 
     }
 }
 
+/// Health checks the demo runs on every backend.
+const DEMO_HEALTH: &str = "kind = \"http\"\ninterval = \"1s\"\npath = \"/\"";
+
 /// Runs the demo until Ctrl-C.
 pub async fn run(backends: usize) -> Result<()> {
     // Registered before anything is built, so a Ctrl-C at any point is held
@@ -60,7 +74,7 @@ pub async fn run(backends: usize) -> Result<()> {
     let weights: Vec<u32> = (1..=backends as u32).collect();
     std::fs::write(
         &config_path,
-        services::lab_config(&lab, &weights, DEFAULT_RING_SIZE),
+        services::lab_config(&lab, &weights, DEFAULT_RING_SIZE, Some(DEMO_HEALTH)),
     )?;
     let result = match demo_body(&mut lab, &config_path, &weights) {
         Ok(()) => {
@@ -80,7 +94,8 @@ pub async fn run(backends: usize) -> Result<()> {
 }
 
 fn demo_body(lab: &mut Lab, config_path: &std::path::Path, weights: &[u32]) -> Result<()> {
-    start_agent(lab, config_path)?;
+    let socket = config_path.with_file_name("lb.sock");
+    start_agent(lab, config_path, &socket)?;
     let vip = services::vip_tcp4();
     let tally = lab::run_in_ns(lab.client_ns(), move || {
         let mut tally = BTreeMap::<String, usize>::new();
@@ -102,10 +117,15 @@ fn demo_body(lab: &mut Lab, config_path: &std::path::Path, weights: &[u32]) -> R
          \x20 ip netns exec {cli} curl -s http://{vip}/\n\
          \x20 ip netns exec {cli} curl -s http://{}/\n\
          \x20 ip netns exec {bal} curl -s http://{METRICS_ADDR}/metrics\n\
+         \x20 {lb} --socket {sock} show backends\n\
+         \x20 {lb} --socket {sock} drain tcp4 {be1}\n\
          Config in force: {}\n\
          Press Ctrl-C to stop and remove the lab.",
         services::vip_tcp6(),
         config_path.display(),
+        sock = socket.display(),
+        lb = lab.options().lb_bin.display(),
+        be1 = std::net::SocketAddr::new(lab.backends()[0].v4.into(), lab::TCP_PORT),
     );
     Ok(())
 }

@@ -4,7 +4,10 @@
 pub mod agent;
 pub mod balancer;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod demo;
+pub mod health;
 pub mod lab;
 pub mod metrics;
+pub mod runtime;

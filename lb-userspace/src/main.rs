@@ -6,13 +6,20 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use lb_userspace::{agent, config, demo, lab::backend_server::BackendArgs};
+use lb_userspace::{
+    agent, config,
+    control::{self, ControlCommand, SocketArg},
+    demo,
+    lab::backend_server::BackendArgs,
+};
 use tracing_subscriber::EnvFilter;
 
 /// XDP L4 load balancer with a userspace L7 proxy.
 #[derive(Parser)]
 #[command(name = "lb", version, about)]
 struct Cli {
+    #[command(flatten)]
+    socket: SocketArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,7 +27,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load the XDP program, attach it to the configured interfaces and balance
-    /// until SIGINT/SIGTERM (SIGHUP reloads the config).
+    /// until SIGINT/SIGTERM (SIGHUP or `lb reload` reloads the config); serves
+    /// the control socket given by --socket.
     Run {
         /// Configuration file (TOML).
         #[arg(long, short)]
@@ -29,6 +37,9 @@ enum Command {
         #[arg(long)]
         bpf_object: Option<PathBuf>,
     },
+    /// Talk to the running agent (see `lb help add`, `lb help show`, ...).
+    #[command(flatten)]
+    Control(ControlCommand),
     /// Validate configuration files; report every error with file, line and reason.
     Check {
         /// Files to check.
@@ -93,7 +104,22 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Run { config, bpf_object } => {
-            agent::run(agent::RunOptions { config, bpf_object }).await
+            agent::run(agent::RunOptions {
+                config,
+                bpf_object,
+                socket: cli.socket.path(),
+            })
+            .await
+        }
+        Command::Control(cmd) => {
+            let socket = cli.socket.path();
+            return tokio::task::spawn_blocking(move || control::cli::run(cmd, &socket))
+                .await
+                .unwrap_or_else(|e| Err(e.into()))
+                .unwrap_or_else(|e| {
+                    eprintln!("lb: {e:#}");
+                    ExitCode::FAILURE
+                });
         }
         Command::Check { files } => return check(&files),
         Command::Demo { backends } => demo::run(backends.into()).await,

@@ -2,7 +2,6 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use lb_common::Reason;
@@ -10,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::{balancer::Balancer, dataplane::Counters};
+use crate::{agent::Shared, balancer::Balancer, dataplane::Counters};
 
 /// A service as the metrics name it.
 #[derive(Debug, Clone)]
@@ -26,6 +25,8 @@ pub struct ServiceLabel {
 /// A backend as the metrics name it.
 #[derive(Debug, Clone)]
 pub struct BackendLabel {
+    /// Service it belongs to.
+    pub service: String,
     /// Backend address and port.
     pub address: SocketAddr,
     /// Backend id in the data plane.
@@ -45,7 +46,8 @@ pub fn render(services: &[ServiceLabel], backends: &[BackendLabel], c: &Counters
     let vip = |id: u32| c.vips.get(id as usize).copied().unwrap_or_default();
     let be = |id: u32| c.backends.get(id as usize).copied().unwrap_or_default();
     let service_labels = |s: &ServiceLabel| format!("service=\"{}\",vip=\"{}\"", s.name, s.vip);
-    let backend_labels = |b: &BackendLabel| format!("backend=\"{}\"", b.address);
+    let backend_labels =
+        |b: &BackendLabel| format!("service=\"{}\",backend=\"{}\"", b.service, b.address);
     let reason_labels = |r: Reason| format!("reason=\"{}\"", r.name());
     let mut out = String::new();
     family(
@@ -131,12 +133,9 @@ fn labels(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
                 });
             }
             for b in &s.backends {
-                if let Some(backend_id) = balancer.backend_id(b.address)
-                    && !backends
-                        .iter()
-                        .any(|x: &BackendLabel| x.address == b.address)
-                {
+                if let Some(backend_id) = balancer.backend_id(&s.name, b.address) {
                     backends.push(BackendLabel {
+                        service: s.name.clone(),
                         address: b.address,
                         backend_id,
                     });
@@ -148,20 +147,19 @@ fn labels(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
 }
 
 /// Serves `GET /metrics` (any path, in fact) until the task is dropped.
-pub async fn serve(listener: TcpListener, balancer: Arc<Mutex<Balancer>>) -> Result<()> {
+pub async fn serve(listener: TcpListener, agent: Shared) -> Result<()> {
     loop {
         let (mut sock, peer) = listener.accept().await.context("metrics accept")?;
-        let balancer = balancer.clone();
+        let agent = agent.clone();
         tokio::spawn(async move {
             // Read the request head; its content does not matter, but reading it
             // keeps clients that wait for the server to read from seeing a reset.
             let mut buf = [0u8; 2048];
             let _ =
                 tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
-            let body = match balancer.lock() {
-                Ok(mut b) => snapshot(&mut b),
-                Err(_) => Err(anyhow::anyhow!("balancer state poisoned")),
-            };
+            let body = tokio::task::spawn_blocking(move || snapshot(agent.lock().balancer()))
+                .await
+                .unwrap_or_else(|e| Err(e.into()));
             let (status, body) = match body {
                 Ok(text) => ("200 OK", text),
                 Err(e) => {
@@ -207,6 +205,7 @@ mod tests {
             vip_id: 1,
         }];
         let backends = [BackendLabel {
+            service: "web".into(),
             address: "198.18.2.11:8080".parse().unwrap(),
             backend_id: 0,
         }];
@@ -223,7 +222,7 @@ mod tests {
             sample(
                 &text,
                 "lb_backend_bytes_total",
-                "backend=\"198.18.2.11:8080\""
+                "service=\"web\",backend=\"198.18.2.11:8080\""
             ),
             Some(300)
         );

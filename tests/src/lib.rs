@@ -107,12 +107,24 @@ pub struct RunningLab {
     pub agent: u32,
     /// The config file the agent runs with.
     pub config_path: std::path::PathBuf,
+    /// The agent's control socket.
+    pub socket: std::path::PathBuf,
 }
 
 impl RunningLab {
     /// Builds a lab with `backends` backends and runs the agent over the first
     /// `weights.len()` of them with those weights.
     pub fn start(tag: &str, backends: usize, weights: &[u32]) -> Result<Self> {
+        Self::start_with_health(tag, backends, weights, None)
+    }
+
+    /// Like `start`, with a `[service.health]` body for every L4 service.
+    pub fn start_with_health(
+        tag: &str,
+        backends: usize,
+        weights: &[u32],
+        health: Option<&str>,
+    ) -> Result<Self> {
         let opts = lb_userspace::lab::LabOptions::from_env(backends)?;
         let mut lab = lb_userspace::lab::Lab::create(tag, opts)?;
         let dir = std::env::temp_dir().join(lab.balancer_ns());
@@ -120,18 +132,52 @@ impl RunningLab {
         let config_path = dir.join("lb.toml");
         std::fs::write(
             &config_path,
-            lb_userspace::lab::services::lab_config(&lab, weights, lb_common::DEFAULT_RING_SIZE),
+            lb_userspace::lab::services::lab_config(
+                &lab,
+                weights,
+                lb_common::DEFAULT_RING_SIZE,
+                health,
+            ),
         )?;
-        let agent = lb_userspace::demo::start_agent(&mut lab, &config_path)?;
+        let socket = dir.join("lb.sock");
+        let agent = lb_userspace::demo::start_agent(&mut lab, &config_path, &socket)?;
         Ok(Self {
             lab,
             agent,
             config_path,
+            socket,
         })
     }
 
-    /// Rewrites the config with new weights and sends SIGHUP; waits until the
-    /// agent reports the reload in its counters (bounded).
+    /// Runs `lb --socket <this lab's socket> ARGS`, as an operator would.
+    pub fn lb(&self, args: &[&str]) -> std::process::Output {
+        let bin = &self.lab.options().lb_bin;
+        let out = std::process::Command::new(bin)
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run lb");
+        eprintln!(
+            "$ lb {} -> {}\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Restarts the agent with the same config and socket (not hitless: the
+    /// program is detached while it is down).
+    pub fn restart_agent(&mut self) -> Result<()> {
+        self.lab.stop(self.agent)?;
+        self.agent =
+            lb_userspace::demo::start_agent(&mut self.lab, &self.config_path, &self.socket)?;
+        Ok(())
+    }
+
+    /// Rewrites the config with new weights and sends SIGHUP.
     pub fn reload(&mut self, weights: &[u32]) -> Result<()> {
         std::fs::write(
             &self.config_path,
@@ -139,6 +185,7 @@ impl RunningLab {
                 &self.lab,
                 weights,
                 lb_common::DEFAULT_RING_SIZE,
+                None,
             ),
         )?;
         // SAFETY: plain kill(2) on a pid this lab started.

@@ -177,7 +177,11 @@ fn counters_match_the_traffic_sent() {
         .backends()
         .iter()
         .map(|b| {
-            let labels = format!("backend=\"{}:{}\"", b.v4, lb_userspace::lab::UDP_PORT);
+            let labels = format!(
+                "service=\"{UDP4}\",backend=\"{}:{}\"",
+                b.v4,
+                lb_userspace::lab::UDP_PORT
+            );
             lb_userspace::metrics::sample(&text, "lb_backend_packets_total", &labels).unwrap_or(0)
         })
         .sum();

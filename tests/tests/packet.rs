@@ -328,7 +328,8 @@ fn flows_follow_the_maglev_table_and_stay_pinned() {
             let id = ring[(flow_hash(&key) % ring.len() as u32) as usize];
             let chosen = (1..=3)
                 .find(|&i| {
-                    b.backend_id(format!("{}:8080", backend_v4(i)).parse().unwrap()) == Some(id)
+                    b.backend_id("three", format!("{}:8080", backend_v4(i)).parse().unwrap())
+                        == Some(id)
                 })
                 .unwrap();
             assert_eq!(&out[30..34], &backend_v4(chosen).octets(), "sport {sport}");

@@ -47,7 +47,9 @@ pub fn vip_l7() -> SocketAddr {
 
 /// Renders `lb.toml` for the lab. `weights[i]` is backend i's weight; backends
 /// beyond `weights` are left out (so tests can add them later by reloading).
-pub fn lab_config(lab: &Lab, weights: &[u32], ring_size: u32) -> String {
+/// `health`, if given, is the body of a `[service.health]` table for every L4
+/// service.
+pub fn lab_config(lab: &Lab, weights: &[u32], ring_size: u32, health: Option<&str>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -75,6 +77,9 @@ pub fn lab_config(lab: &Lab, weights: &[u32], ring_size: u32) -> String {
                 out,
                 "[[service.backend]]\naddress = \"{addr}\"\nweight = {weight}\n"
             );
+        }
+        if let Some(health) = health {
+            let _ = writeln!(out, "[service.health]\n{health}\n");
         }
     }
     let _ = writeln!(

@@ -1,0 +1,719 @@
+//! The `lb` subcommands that control a running agent, flattened into the `lb` CLI.
+
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+
+use super::client;
+use super::protocol::{
+    AdminState, BackendInfo, DEFAULT_SOCKET, Health, ReasonCount, Request, Response, ServiceInfo,
+};
+use crate::config::{Mode, Protocol};
+
+/// Environment variable naming the control socket when `--socket` is not given.
+pub const SOCKET_ENV: &str = "LB_SOCKET";
+
+/// The global `--socket PATH` argument.
+#[derive(Debug, Clone, Default, PartialEq, Args)]
+pub struct SocketArg {
+    /// The agent's control socket [env: LB_SOCKET] [default: /run/lb/lb.sock].
+    #[arg(long = "socket", global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    /// The socket path: `--socket`, else `$LB_SOCKET`, else `DEFAULT_SOCKET`.
+    pub fn path(&self) -> PathBuf {
+        resolve_socket(self.socket.clone(), std::env::var_os(SOCKET_ENV))
+    }
+}
+
+/// Picks the socket path from the flag, then the environment, then the default.
+fn resolve_socket(flag: Option<PathBuf>, env: Option<OsString>) -> PathBuf {
+    // An empty variable counts as unset, as clap's own `env` does.
+    flag.or_else(|| env.filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Commands sent to a running agent over its control socket.
+#[derive(Debug, Clone, PartialEq, Subcommand)]
+pub enum ControlCommand {
+    /// Add a service or a backend to the running agent.
+    #[command(subcommand)]
+    Add(AddCommand),
+    /// Remove a service or a backend from the running agent.
+    #[command(subcommand)]
+    Remove(RemoveCommand),
+    /// Stop sending new flows to a backend; established flows keep going.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend address, e.g. 198.18.2.11:8080.
+        backend: SocketAddr,
+    },
+    /// Put a drained or disabled backend back into service.
+    Enable {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: SocketAddr,
+    },
+    /// Take a backend out entirely; its established flows move elsewhere.
+    Disable {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: SocketAddr,
+    },
+    /// Set a backend's weight (0 = no new flows).
+    Weight {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: SocketAddr,
+        /// New weight, 0 to 65535.
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=65535))]
+        weight: u32,
+    },
+    /// Show services, backends or data-plane counters.
+    #[command(subcommand)]
+    Show(ShowCommand),
+    /// Make the agent re-read its configuration file.
+    Reload,
+}
+
+/// `lb add ...`
+#[derive(Debug, Clone, PartialEq, Subcommand)]
+pub enum AddCommand {
+    /// Add a service (without backends).
+    Service {
+        /// Unique service name.
+        name: String,
+        /// Virtual address and port, e.g. 198.18.100.1:80 or [fd00::1]:80.
+        #[arg(long)]
+        vip: SocketAddr,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp", value_parser = parse_protocol)]
+        protocol: Protocol,
+        /// l4 (forwarded by XDP) or l7 (passed to the kernel stack).
+        #[arg(long, default_value = "l4", value_parser = parse_mode)]
+        mode: Mode,
+        /// Maglev table size, a prime (default: the agent's, 65537).
+        #[arg(long)]
+        ring_size: Option<u32>,
+    },
+    /// Add a backend to a service.
+    Backend {
+        /// Service name.
+        service: String,
+        /// Backend address, e.g. 198.18.2.11:8080.
+        backend: SocketAddr,
+        /// Weight, 0 to 65535 (0 = no new flows).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=65535))]
+        weight: u32,
+    },
+}
+
+/// `lb remove ...`
+#[derive(Debug, Clone, PartialEq, Subcommand)]
+pub enum RemoveCommand {
+    /// Remove a service and its backends.
+    Service {
+        /// Service name.
+        name: String,
+    },
+    /// Remove a backend from a service.
+    Backend {
+        /// Service name.
+        service: String,
+        /// Backend address.
+        backend: SocketAddr,
+    },
+}
+
+/// `lb show ...`
+#[derive(Debug, Clone, PartialEq, Subcommand)]
+pub enum ShowCommand {
+    /// List services with their counters.
+    Services {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List backends, of one service or of all.
+    Backends {
+        /// Only this service.
+        service: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Data-plane packet and byte counters by decision.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses "tcp" or "udp" (any case).
+pub fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        _ => Err(format!("expected tcp or udp, not {s:?}")),
+    }
+}
+
+/// Parses "l4" or "l7" (any case).
+pub fn parse_mode(s: &str) -> Result<Mode, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "l4" => Ok(Mode::L4),
+        "l7" => Ok(Mode::L7),
+        _ => Err(format!("expected l4 or l7, not {s:?}")),
+    }
+}
+
+/// The request a command sends.
+pub fn to_request(cmd: &ControlCommand) -> Request {
+    let state = |service: &String, backend: &SocketAddr, state| Request::SetBackendState {
+        service: service.clone(),
+        address: *backend,
+        state,
+    };
+    match cmd {
+        ControlCommand::Add(AddCommand::Service {
+            name,
+            vip,
+            protocol,
+            mode,
+            ring_size,
+        }) => Request::AddService {
+            name: name.clone(),
+            vip: *vip,
+            protocol: *protocol,
+            mode: *mode,
+            ring_size: *ring_size,
+        },
+        ControlCommand::Add(AddCommand::Backend {
+            service,
+            backend,
+            weight,
+        }) => Request::AddBackend {
+            service: service.clone(),
+            address: *backend,
+            weight: *weight,
+        },
+        ControlCommand::Remove(RemoveCommand::Service { name }) => {
+            Request::RemoveService { name: name.clone() }
+        }
+        ControlCommand::Remove(RemoveCommand::Backend { service, backend }) => {
+            Request::RemoveBackend {
+                service: service.clone(),
+                address: *backend,
+            }
+        }
+        ControlCommand::Drain { service, backend } => state(service, backend, AdminState::Drain),
+        ControlCommand::Enable { service, backend } => state(service, backend, AdminState::Ready),
+        ControlCommand::Disable { service, backend } => state(service, backend, AdminState::Maint),
+        ControlCommand::Weight {
+            service,
+            backend,
+            weight,
+        } => Request::SetWeight {
+            service: service.clone(),
+            address: *backend,
+            weight: *weight,
+        },
+        ControlCommand::Show(ShowCommand::Services { .. }) => Request::ShowServices,
+        ControlCommand::Show(ShowCommand::Backends { service, .. }) => Request::ShowBackends {
+            service: service.clone(),
+        },
+        ControlCommand::Show(ShowCommand::Stats { .. }) => Request::ShowStats,
+        ControlCommand::Reload => Request::Reload,
+    }
+}
+
+/// Sends the command to the agent on `socket` and prints its answer.
+pub fn run(cmd: ControlCommand, socket: &Path) -> anyhow::Result<ExitCode> {
+    let response = client::request(socket, to_request(&cmd))?;
+    let json = match &cmd {
+        ControlCommand::Show(
+            ShowCommand::Services { json }
+            | ShowCommand::Backends { json, .. }
+            | ShowCommand::Stats { json },
+        ) => *json,
+        _ => false,
+    };
+    let output = match (&cmd, response) {
+        (_, Response::Error(msg)) => {
+            eprintln!("lb: {msg}");
+            return Ok(ExitCode::FAILURE);
+        }
+        (ControlCommand::Show(ShowCommand::Services { .. }), Response::Services(list)) => {
+            render(&list, json, services_table)?
+        }
+        (ControlCommand::Show(ShowCommand::Backends { .. }), Response::Backends(list)) => {
+            render(&list, json, backends_table)?
+        }
+        (ControlCommand::Show(ShowCommand::Stats { .. }), Response::Stats(list)) => {
+            render(&list, json, stats_table)?
+        }
+        (ControlCommand::Show(_), other)
+        | (_, other @ Response::Services(_))
+        | (_, other @ Response::Backends(_))
+        | (_, other @ Response::Stats(_)) => {
+            bail!("unexpected answer from the agent: {other:?}")
+        }
+        (_, Response::Ok) => return Ok(ExitCode::SUCCESS),
+    };
+    print!("{output}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render<T: Serialize>(
+    list: &[T],
+    json: bool,
+    table: fn(&[T]) -> String,
+) -> anyhow::Result<String> {
+    if json {
+        let mut s = serde_json::to_string_pretty(list).context("encoding JSON")?;
+        s.push('\n');
+        Ok(s)
+    } else {
+        Ok(table(list))
+    }
+}
+
+fn protocol_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::L4 => "l4",
+        Mode::L7 => "l7",
+    }
+}
+
+fn admin_name(a: AdminState) -> &'static str {
+    match a {
+        AdminState::Ready => "ready",
+        AdminState::Drain => "drain",
+        AdminState::Maint => "maint",
+    }
+}
+
+fn health_name(h: Health) -> &'static str {
+    match h {
+        Health::Unchecked => "unchecked",
+        Health::Up => "up",
+        Health::Down => "down",
+    }
+}
+
+/// Column alignment.
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// Renders rows under headers, columns two spaces apart, without trailing spaces.
+fn table(headers: &[(&str, Align)], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|(h, _)| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|(h, _)| h.to_string()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let width = widths[i];
+            let _ = match headers[i].1 {
+                Align::Left => write!(line, "{cell:<width$}"),
+                Align::Right => write!(line, "{cell:>width$}"),
+            };
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `lb show services` as a table.
+pub fn services_table(list: &[ServiceInfo]) -> String {
+    use Align::*;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.vip.to_string(),
+                protocol_name(s.protocol).into(),
+                mode_name(s.mode).into(),
+                s.backends.to_string(),
+                s.packets.to_string(),
+                s.bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("NAME", Left),
+            ("VIP", Left),
+            ("PROTO", Left),
+            ("MODE", Left),
+            ("BACKENDS", Right),
+            ("PACKETS", Right),
+            ("BYTES", Right),
+        ],
+        &rows,
+    )
+}
+
+/// `lb show backends` as a table.
+pub fn backends_table(list: &[BackendInfo]) -> String {
+    use Align::*;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|b| {
+            vec![
+                b.service.clone(),
+                b.address.to_string(),
+                b.weight.to_string(),
+                admin_name(b.admin).into(),
+                health_name(b.health).into(),
+                b.last_check.clone().unwrap_or_else(|| "-".into()),
+                b.active_flows.to_string(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("SERVICE", Left),
+            ("BACKEND", Left),
+            ("WEIGHT", Right),
+            ("ADMIN", Left),
+            ("HEALTH", Left),
+            ("LAST-CHECK", Left),
+            ("FLOWS", Right),
+            ("PACKETS", Right),
+            ("BYTES", Right),
+        ],
+        &rows,
+    )
+}
+
+/// `lb show stats` as a table.
+pub fn stats_table(list: &[ReasonCount]) -> String {
+    use Align::*;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|r| vec![r.reason.clone(), r.packets.to_string(), r.bytes.to_string()])
+        .collect();
+    table(
+        &[("REASON", Left), ("PACKETS", Right), ("BYTES", Right)],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    #[command(name = "lb")]
+    struct Cli {
+        #[command(flatten)]
+        socket: SocketArg,
+        #[command(subcommand)]
+        command: ControlCommand,
+    }
+
+    fn parse(args: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("lb").chain(args.split_whitespace()))
+    }
+
+    fn request(args: &str) -> Request {
+        to_request(&parse(args).unwrap().command)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_maps_to_its_request() {
+        let b = addr("198.18.2.11:8080");
+        let cases = [
+            (
+                "add service web --vip 198.18.100.1:80",
+                Request::AddService {
+                    name: "web".into(),
+                    vip: addr("198.18.100.1:80"),
+                    protocol: Protocol::Tcp,
+                    mode: Mode::L4,
+                    ring_size: None,
+                },
+            ),
+            (
+                "add service dns --vip [fd00::1]:53 --protocol udp --mode l7 --ring-size 997",
+                Request::AddService {
+                    name: "dns".into(),
+                    vip: addr("[fd00::1]:53"),
+                    protocol: Protocol::Udp,
+                    mode: Mode::L7,
+                    ring_size: Some(997),
+                },
+            ),
+            (
+                "remove service web",
+                Request::RemoveService { name: "web".into() },
+            ),
+            (
+                "add backend web 198.18.2.11:8080",
+                Request::AddBackend {
+                    service: "web".into(),
+                    address: b,
+                    weight: 1,
+                },
+            ),
+            (
+                "add backend web 198.18.2.11:8080 --weight 5",
+                Request::AddBackend {
+                    service: "web".into(),
+                    address: b,
+                    weight: 5,
+                },
+            ),
+            (
+                "remove backend web 198.18.2.11:8080",
+                Request::RemoveBackend {
+                    service: "web".into(),
+                    address: b,
+                },
+            ),
+            (
+                "drain web 198.18.2.11:8080",
+                Request::SetBackendState {
+                    service: "web".into(),
+                    address: b,
+                    state: AdminState::Drain,
+                },
+            ),
+            (
+                "enable web 198.18.2.11:8080",
+                Request::SetBackendState {
+                    service: "web".into(),
+                    address: b,
+                    state: AdminState::Ready,
+                },
+            ),
+            (
+                "disable web 198.18.2.11:8080",
+                Request::SetBackendState {
+                    service: "web".into(),
+                    address: b,
+                    state: AdminState::Maint,
+                },
+            ),
+            (
+                "weight web 198.18.2.11:8080 0",
+                Request::SetWeight {
+                    service: "web".into(),
+                    address: b,
+                    weight: 0,
+                },
+            ),
+            ("show services", Request::ShowServices),
+            ("show services --json", Request::ShowServices),
+            ("show backends", Request::ShowBackends { service: None }),
+            (
+                "show backends web --json",
+                Request::ShowBackends {
+                    service: Some("web".into()),
+                },
+            ),
+            ("show stats --json", Request::ShowStats),
+            ("reload", Request::Reload),
+        ];
+        for (args, want) in cases {
+            assert_eq!(request(args), want, "{args}");
+        }
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        for args in [
+            "add service web",
+            "add service web --vip 1.2.3.4",
+            "add service web --vip 1.2.3.4:80 --protocol sctp",
+            "add service web --vip 1.2.3.4:80 --mode l3",
+            "add backend web 1.2.3.4:80 --weight 65536",
+            "weight web 1.2.3.4:80 -1",
+            "drain web",
+            "show",
+        ] {
+            assert!(parse(args).is_err(), "{args}");
+        }
+        let err = parse("add service web --vip 1.2.3.4:80 --protocol sctp").unwrap_err();
+        assert!(err.to_string().contains("expected tcp or udp"), "{err}");
+        assert_eq!(parse_protocol("UDP"), Ok(Protocol::Udp));
+        assert_eq!(parse_mode("L7"), Ok(Mode::L7));
+    }
+
+    #[test]
+    fn socket_flag_env_and_default() {
+        let cli = parse("--socket /tmp/a.sock reload").unwrap();
+        assert_eq!(cli.socket.socket, Some(PathBuf::from("/tmp/a.sock")));
+        // Global: accepted after the subcommand too.
+        let cli = parse("show stats --socket /tmp/b.sock").unwrap();
+        assert_eq!(cli.socket.socket, Some(PathBuf::from("/tmp/b.sock")));
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(resolve_socket(Some(p("/f")), Some("/e".into())), p("/f"));
+        assert_eq!(resolve_socket(None, Some("/e".into())), p("/e"));
+        assert_eq!(resolve_socket(None, Some("".into())), p(DEFAULT_SOCKET));
+        assert_eq!(resolve_socket(None, None), p(DEFAULT_SOCKET));
+    }
+
+    #[test]
+    fn services_table_is_aligned() {
+        let list = [
+            ServiceInfo {
+                name: "web".into(),
+                vip: addr("198.18.100.1:80"),
+                protocol: Protocol::Tcp,
+                mode: Mode::L4,
+                backends: 3,
+                packets: 1234,
+                bytes: 567890,
+            },
+            ServiceInfo {
+                name: "dns-v6".into(),
+                vip: addr("[fd00:18:100::1]:53"),
+                protocol: Protocol::Udp,
+                mode: Mode::L7,
+                backends: 12,
+                packets: 0,
+                bytes: 0,
+            },
+        ];
+        assert_eq!(
+            services_table(&list),
+            "\
+NAME    VIP                  PROTO  MODE  BACKENDS  PACKETS   BYTES
+web     198.18.100.1:80      tcp    l4           3     1234  567890
+dns-v6  [fd00:18:100::1]:53  udp    l7          12        0       0
+"
+        );
+    }
+
+    #[test]
+    fn backends_table_is_aligned() {
+        let list = [
+            BackendInfo {
+                service: "web".into(),
+                address: addr("198.18.2.11:8080"),
+                weight: 1,
+                admin: AdminState::Ready,
+                health: Health::Up,
+                last_check: Some("ok".into()),
+                active_flows: 17,
+                packets: 100,
+                bytes: 6400,
+            },
+            BackendInfo {
+                service: "web".into(),
+                address: addr("198.18.2.12:8080"),
+                weight: 100,
+                admin: AdminState::Maint,
+                health: Health::Unchecked,
+                last_check: None,
+                active_flows: 0,
+                packets: 0,
+                bytes: 0,
+            },
+        ];
+        assert_eq!(
+            backends_table(&list),
+            "\
+SERVICE  BACKEND           WEIGHT  ADMIN  HEALTH     LAST-CHECK  FLOWS  PACKETS  BYTES
+web      198.18.2.11:8080       1  ready  up         ok             17      100   6400
+web      198.18.2.12:8080     100  maint  unchecked  -               0        0      0
+"
+        );
+    }
+
+    #[test]
+    fn stats_table_and_empty_tables() {
+        let list = [
+            ReasonCount {
+                reason: "tx_forward".into(),
+                packets: 5,
+                bytes: 320,
+            },
+            ReasonCount {
+                reason: "pass_not_vip".into(),
+                packets: 12345,
+                bytes: 0,
+            },
+        ];
+        assert_eq!(
+            stats_table(&list),
+            "\
+REASON        PACKETS  BYTES
+tx_forward          5    320
+pass_not_vip    12345      0
+"
+        );
+        assert_eq!(stats_table(&[]), "REASON  PACKETS  BYTES\n");
+        assert_eq!(
+            services_table(&[]),
+            "NAME  VIP  PROTO  MODE  BACKENDS  PACKETS  BYTES\n"
+        );
+    }
+
+    #[test]
+    fn json_output_is_pretty_and_lowercase() {
+        let list = [ServiceInfo {
+            name: "web".into(),
+            vip: addr("198.18.100.1:80"),
+            protocol: Protocol::Udp,
+            mode: Mode::L7,
+            backends: 1,
+            packets: 2,
+            bytes: 3,
+        }];
+        let out = render(&list, true, services_table).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(value[0]["vip"], "198.18.100.1:80");
+        assert_eq!(value[0]["protocol"], "udp");
+        assert_eq!(value[0]["mode"], "l7");
+        assert!(out.contains("\n  {\n"), "{out}");
+    }
+}

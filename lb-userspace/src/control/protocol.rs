@@ -1,0 +1,190 @@
+//! The control protocol between `lb` subcommands and the running agent.
+//!
+//! Frames on the Unix socket are a 4-byte big-endian length followed by that
+//! many bytes of bincode: an `Envelope<Request>` from the client, answered by
+//! one `Envelope<Response>`. The version lets an agent refuse a client it does
+//! not understand instead of misreading it.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Mode, Protocol};
+
+/// Version of this protocol; bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame either side accepts.
+pub const MAX_FRAME: u32 = 1 << 20;
+/// Default path of the agent's control socket.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
+
+/// A versioned message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    /// `PROTOCOL_VERSION` of the sender.
+    pub version: u32,
+    /// The message.
+    pub body: T,
+}
+
+/// What an operator can ask the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Adds a service (no backends yet).
+    AddService {
+        /// Unique name.
+        name: String,
+        /// VIP address and port.
+        vip: SocketAddr,
+        /// TCP or UDP.
+        protocol: Protocol,
+        /// L4 (XDP) or L7 (passed to the stack).
+        mode: Mode,
+        /// Maglev table size (a prime); default when `None`.
+        ring_size: Option<u32>,
+    },
+    /// Removes a service and its backends.
+    RemoveService {
+        /// Service name.
+        name: String,
+    },
+    /// Adds a backend to a service.
+    AddBackend {
+        /// Service name.
+        service: String,
+        /// Backend address and port.
+        address: SocketAddr,
+        /// Weight (0 = drain).
+        weight: u32,
+    },
+    /// Removes a backend from a service.
+    RemoveBackend {
+        /// Service name.
+        service: String,
+        /// Backend address and port.
+        address: SocketAddr,
+    },
+    /// Sets a backend's administrative state.
+    SetBackendState {
+        /// Service name.
+        service: String,
+        /// Backend address and port.
+        address: SocketAddr,
+        /// `Ready` (enable), `Drain` or `Maint` (disable).
+        state: AdminState,
+    },
+    /// Sets a backend's weight.
+    SetWeight {
+        /// Service name.
+        service: String,
+        /// Backend address and port.
+        address: SocketAddr,
+        /// New weight, 0..=65535 (0 = drain).
+        weight: u32,
+    },
+    /// Lists services.
+    ShowServices,
+    /// Lists backends, of one service or of all.
+    ShowBackends {
+        /// Only this service, if given.
+        service: Option<String>,
+    },
+    /// Data-plane counters by decision.
+    ShowStats,
+    /// Re-reads the configuration file and applies the difference.
+    Reload,
+}
+
+/// Administrative state of a backend, set by the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminState {
+    /// Takes new flows (when healthy and weight > 0).
+    #[default]
+    Ready,
+    /// No new flows; established flows keep going.
+    Drain,
+    /// Out entirely: established flows are re-hashed elsewhere.
+    Maint,
+}
+
+/// Result of health checking a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// No checks configured, or none finished yet.
+    #[default]
+    Unchecked,
+    /// Passing.
+    Up,
+    /// Failed `fall` times in a row.
+    Down,
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Done; nothing to report.
+    Ok,
+    /// Refused or failed; nothing was changed.
+    Error(String),
+    /// Answer to `ShowServices`.
+    Services(Vec<ServiceInfo>),
+    /// Answer to `ShowBackends`.
+    Backends(Vec<BackendInfo>),
+    /// Answer to `ShowStats`.
+    Stats(Vec<ReasonCount>),
+}
+
+/// One service as `lb show services` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    /// Name.
+    pub name: String,
+    /// VIP address and port.
+    pub vip: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// L4 or L7.
+    pub mode: Mode,
+    /// Number of backends.
+    pub backends: usize,
+    /// Client packets forwarded.
+    pub packets: u64,
+    /// Client bytes forwarded.
+    pub bytes: u64,
+}
+
+/// One backend as `lb show backends` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendInfo {
+    /// Service it belongs to.
+    pub service: String,
+    /// Address and port.
+    pub address: SocketAddr,
+    /// Weight.
+    pub weight: u32,
+    /// Administrative state.
+    pub admin: AdminState,
+    /// Health-check result.
+    pub health: Health,
+    /// Outcome of the last check (e.g. "ok", "refused", "timeout", "status 503").
+    pub last_check: Option<String>,
+    /// Connections currently pinned to it in the flow table.
+    pub active_flows: u64,
+    /// Client packets forwarded to it.
+    pub packets: u64,
+    /// Client bytes forwarded to it.
+    pub bytes: u64,
+}
+
+/// One decision counter as `lb show stats` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReasonCount {
+    /// Reason name (`lb_common::Reason::name`).
+    pub reason: String,
+    /// Packets.
+    pub packets: u64,
+    /// Bytes.
+    pub bytes: u64,
+}

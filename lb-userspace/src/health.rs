@@ -1,0 +1,828 @@
+//! Backend health checks: one TCP connect or HTTP request per interval and
+//! backend, turned into UP/DOWN transitions with HAProxy's rise/fall rules.
+//!
+//! [`Tracker`] is the pure state machine, [`check_once`] one probe, and
+//! [`HealthChecker`] runs a tokio task per (service, backend) and reports
+//! transitions as [`HealthEvent`]s.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{CheckKind, HealthCheck, HttpCheck};
+use crate::control::protocol::Health;
+
+/// Most bytes of an HTTP response a check reads; the rest is ignored.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// Rise/fall counting for one backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tracker {
+    rise: u32,
+    fall: u32,
+    state: Health,
+    successes: u32,
+    failures: u32,
+}
+
+impl Tracker {
+    /// A tracker in state `Unchecked`; `rise` and `fall` below 1 count as 1.
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Self {
+            rise: rise.max(1),
+            fall: fall.max(1),
+            state: Health::Unchecked,
+            successes: 0,
+            failures: 0,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> Health {
+        self.state
+    }
+
+    /// How many results in a row agreed with the last one.
+    pub fn streak(&self) -> u32 {
+        self.successes.max(self.failures)
+    }
+
+    /// Records one check result; returns the new state if it changed.
+    pub fn record(&mut self, ok: bool) -> Option<Health> {
+        let next = if ok {
+            self.failures = 0;
+            self.successes = self.successes.saturating_add(1);
+            (self.state != Health::Up && self.successes >= self.rise).then_some(Health::Up)
+        } else {
+            self.successes = 0;
+            self.failures = self.failures.saturating_add(1);
+            // Unchecked counts as available, so it needs the full `fall` as Up does.
+            (self.state != Health::Down && self.failures >= self.fall).then_some(Health::Down)
+        };
+        if let Some(state) = next {
+            self.state = state;
+        }
+        next
+    }
+}
+
+/// Result of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether the check passed.
+    pub ok: bool,
+    /// "ok" or why it failed ("timeout", "connection refused", "status 503", ...).
+    pub reason: String,
+}
+
+impl Outcome {
+    fn pass() -> Self {
+        Self {
+            ok: true,
+            reason: "ok".to_string(),
+        }
+    }
+
+    fn fail(reason: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            reason: reason.into(),
+        }
+    }
+
+    fn io(e: &io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => Self::fail("connection refused"),
+            io::ErrorKind::ConnectionReset => Self::fail("connection reset"),
+            _ => Self::fail(e.to_string()),
+        }
+    }
+}
+
+/// Checks `addr` once; the whole check, connect included, is bounded by `check.timeout`.
+pub async fn check_once(addr: SocketAddr, check: &HealthCheck) -> Outcome {
+    tokio::time::timeout(check.timeout, probe(addr, &check.kind))
+        .await
+        .unwrap_or_else(|_| Outcome::fail("timeout"))
+}
+
+async fn probe(addr: SocketAddr, kind: &CheckKind) -> Outcome {
+    let mut stream = match TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => return Outcome::io(&e),
+    };
+    match kind {
+        CheckKind::Tcp => Outcome::pass(),
+        CheckKind::Http(http) => match http_exchange(&mut stream, addr, http).await {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::io(&e),
+        },
+    }
+}
+
+async fn http_exchange(
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+    http: &HttpCheck,
+) -> io::Result<Outcome> {
+    let host = http.host.clone().unwrap_or_else(|| addr.to_string());
+    let request = format!(
+        "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
+        http.method, http.path
+    );
+    stream.write_all(request.as_bytes()).await?;
+
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        let room = MAX_RESPONSE - buf.len();
+        buf.extend_from_slice(&chunk[..n.min(room)]);
+        if buf.len() >= MAX_RESPONSE || response_complete(&buf, http.body.is_some()) {
+            break;
+        }
+    }
+    Ok(judge(&buf, http))
+}
+
+/// Whether enough of the response is in to judge it, so a server that keeps
+/// the connection open despite `Connection: close` does not cost a timeout.
+fn response_complete(buf: &[u8], need_body: bool) -> bool {
+    let Some((head, body)) = split_head(buf) else {
+        return false;
+    };
+    if !need_body {
+        return true;
+    }
+    match content_length(head) {
+        Some(len) if !is_chunked(head) => body.len() >= len,
+        // Chunked or unframed: read to the end (or the size limit).
+        _ => false,
+    }
+}
+
+/// Decides a complete (or truncated) HTTP response.
+fn judge(buf: &[u8], http: &HttpCheck) -> Outcome {
+    let Some((head, body)) = split_head(buf) else {
+        return Outcome::fail(if buf.is_empty() {
+            "bad response: connection closed without a response"
+        } else {
+            "bad response"
+        });
+    };
+    let Some(code) = status_code(head) else {
+        return Outcome::fail("bad response");
+    };
+    if !http.status.matches(code) {
+        return Outcome::fail(format!("status {code}"));
+    }
+    if let Some(needle) = &http.body {
+        let decoded;
+        let body = if is_chunked(head) {
+            // A needle split across chunks would be missed in the raw bytes.
+            decoded = dechunk(body);
+            &decoded[..]
+        } else {
+            body
+        };
+        if !contains(body, needle.as_bytes()) {
+            return Outcome::fail("body mismatch");
+        }
+    }
+    Outcome::pass()
+}
+
+/// Splits a response into its head (status line and headers) and body.
+fn split_head(buf: &[u8]) -> Option<(&str, &[u8])> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    Some((head, &buf[end + 4..]))
+}
+
+/// The code of a status line such as "HTTP/1.1 200 OK".
+fn status_code(head: &str) -> Option<u16> {
+    let line = head.lines().next()?;
+    let mut parts = line.splitn(3, ' ');
+    let version = parts.next()?;
+    let code = parts.next()?;
+    if !version.starts_with("HTTP/1.") || code.len() != 3 {
+        return None;
+    }
+    code.parse().ok().filter(|c| (100..=599).contains(c))
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn content_length(head: &str) -> Option<usize> {
+    header(head, "content-length")?.parse().ok()
+}
+
+fn is_chunked(head: &str) -> bool {
+    header(head, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+}
+
+/// Decodes a chunked body as far as it is well formed.
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&body[..eol])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok());
+        let Some(size) = size.filter(|&s| s > 0) else {
+            break;
+        };
+        let data = &body[eol + 2..];
+        let take = size.min(data.len());
+        out.extend_from_slice(&data[..take]);
+        // Skip the data and its trailing CRLF.
+        body = data.get(take + 2..).unwrap_or_default();
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// One backend of one service to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Service name.
+    pub service: String,
+    /// Backend address.
+    pub address: SocketAddr,
+    /// How to check it.
+    pub check: HealthCheck,
+}
+
+/// A backend's health state changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthEvent {
+    /// Service name.
+    pub service: String,
+    /// Backend address.
+    pub address: SocketAddr,
+    /// The new state (`Up` or `Down`).
+    pub health: Health,
+    /// Reason of the check that caused the change.
+    pub reason: String,
+}
+
+/// The latest known state of a checked backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckStatus {
+    /// Current state.
+    pub health: Health,
+    /// Reason of the last check's outcome.
+    pub last: String,
+    /// When the last check finished.
+    pub at: SystemTime,
+}
+
+type Key = (String, SocketAddr);
+
+/// A task's slot in the shared table; `generation` tells a live task from an aborted one.
+struct Slot {
+    generation: u64,
+    status: Option<CheckStatus>,
+}
+
+type Shared = Arc<Mutex<HashMap<Key, Slot>>>;
+
+/// Runs one checking task per target and reports transitions.
+pub struct HealthChecker {
+    events: UnboundedSender<HealthEvent>,
+    shared: Shared,
+    tasks: HashMap<Key, (HealthCheck, JoinHandle<()>)>,
+    next_generation: u64,
+}
+
+impl HealthChecker {
+    /// A checker with no targets; transitions are sent to `events`.
+    pub fn new(events: UnboundedSender<HealthEvent>) -> Self {
+        Self {
+            events,
+            shared: Arc::default(),
+            tasks: HashMap::new(),
+            next_generation: 0,
+        }
+    }
+
+    /// Checks exactly `targets` from now on (must be called inside a tokio runtime).
+    ///
+    /// Unchanged targets keep running with their state; new or changed ones
+    /// start over as `Unchecked`; missing ones stop. If a (service, address)
+    /// pair is listed twice, the last entry wins.
+    pub fn set_targets(&mut self, targets: Vec<Target>) {
+        let wanted: HashMap<Key, HealthCheck> = targets
+            .into_iter()
+            .map(|t| ((t.service, t.address), t.check))
+            .collect();
+        let mut shared = lock(&self.shared);
+        self.tasks.retain(|key, (check, task)| {
+            let keep = wanted.get(key) == Some(check);
+            if !keep {
+                task.abort();
+                // Under the lock, so an aborted task can no longer publish anything.
+                shared.remove(key);
+            }
+            keep
+        });
+        for (key, check) in wanted {
+            if self.tasks.contains_key(&key) {
+                continue;
+            }
+            self.next_generation += 1;
+            let generation = self.next_generation;
+            shared.insert(
+                key.clone(),
+                Slot {
+                    generation,
+                    status: None,
+                },
+            );
+            let task = tokio::spawn(run(
+                key.clone(),
+                check.clone(),
+                generation,
+                Arc::clone(&self.shared),
+                self.events.clone(),
+            ));
+            self.tasks.insert(key, (check, task));
+        }
+    }
+
+    /// The state of a target; `None` if it is not checked or its first check has not finished.
+    pub fn status(&self, service: &str, address: SocketAddr) -> Option<CheckStatus> {
+        lock(&self.shared)
+            .get(&(service.to_string(), address))
+            .and_then(|slot| slot.status.clone())
+    }
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        for (_, task) in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+/// Locks the table; a panicking task cannot leave it half-updated, so poison is ignored.
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+async fn run(
+    key: Key,
+    check: HealthCheck,
+    generation: u64,
+    shared: Shared,
+    events: UnboundedSender<HealthEvent>,
+) {
+    let (service, address) = &key;
+    let mut tracker = Tracker::new(check.rise, check.fall);
+    loop {
+        let outcome = check_once(*address, &check).await;
+        let change = tracker.record(outcome.ok);
+        {
+            let mut table = lock(&shared);
+            let Some(slot) = table.get_mut(&key).filter(|s| s.generation == generation) else {
+                // Replaced or removed while this check ran.
+                return;
+            };
+            slot.status = Some(CheckStatus {
+                health: tracker.state(),
+                last: outcome.reason.clone(),
+                at: SystemTime::now(),
+            });
+            if let Some(health) = change {
+                let n = tracker.streak();
+                match health {
+                    Health::Down => warn!(
+                        "backend {address} of {service} is DOWN: {} ({n} consecutive failures)",
+                        outcome.reason
+                    ),
+                    _ => info!(
+                        "backend {address} of {service} is UP: {} ({n} consecutive successes)",
+                        outcome.reason
+                    ),
+                }
+                // Sent under the lock so no event follows a removal; a closed receiver only means nobody listens.
+                let _ = events.send(HealthEvent {
+                    service: service.clone(),
+                    address: *address,
+                    health,
+                    reason: outcome.reason,
+                });
+            }
+        }
+        tokio::time::sleep(check.interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::config::StatusMatch;
+
+    #[test]
+    fn tracker_from_unchecked_rises() {
+        let mut t = Tracker::new(2, 3);
+        assert_eq!(t.state(), Health::Unchecked);
+        assert_eq!(t.record(true), None);
+        assert_eq!(t.record(true), Some(Health::Up));
+        assert_eq!(t.record(true), None);
+        assert_eq!(t.state(), Health::Up);
+    }
+
+    #[test]
+    fn tracker_from_unchecked_falls() {
+        let mut t = Tracker::new(2, 3);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.state(), Health::Unchecked);
+        assert_eq!(t.record(false), Some(Health::Down));
+        assert_eq!(t.streak(), 3);
+        assert_eq!(t.record(false), None);
+    }
+
+    #[test]
+    fn tracker_needs_consecutive_results() {
+        let mut t = Tracker::new(2, 3);
+        t.record(true);
+        t.record(true);
+        // Interleaved successes reset the failure count.
+        for _ in 0..5 {
+            assert_eq!(t.record(false), None);
+            assert_eq!(t.record(false), None);
+            assert_eq!(t.record(true), None);
+        }
+        assert_eq!(t.state(), Health::Up);
+        t.record(false);
+        t.record(false);
+        assert_eq!(t.record(false), Some(Health::Down));
+        // Down needs `rise` successes in a row to come back.
+        assert_eq!(t.record(true), None);
+        assert_eq!(t.record(false), None);
+        assert_eq!(t.record(true), None);
+        assert_eq!(t.record(true), Some(Health::Up));
+    }
+
+    #[test]
+    fn tracker_rise_fall_one() {
+        let mut t = Tracker::new(0, 1);
+        assert_eq!(t.record(false), Some(Health::Down));
+        assert_eq!(t.record(true), Some(Health::Up));
+        assert_eq!(t.record(false), Some(Health::Down));
+    }
+
+    fn tcp_check(timeout_ms: u64) -> HealthCheck {
+        HealthCheck {
+            kind: CheckKind::Tcp,
+            interval: Duration::from_millis(100),
+            timeout: Duration::from_millis(timeout_ms),
+            rise: 2,
+            fall: 2,
+        }
+    }
+
+    fn http_check(status: StatusMatch, body: Option<&str>) -> HealthCheck {
+        HealthCheck {
+            kind: CheckKind::Http(HttpCheck {
+                method: "GET".into(),
+                path: "/health".into(),
+                host: None,
+                status,
+                body: body.map(Into::into),
+            }),
+            ..tcp_check(1000)
+        }
+    }
+
+    async fn closed_port() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    }
+
+    /// Serves `response` to every connection and keeps the last request.
+    async fn http_server(response: &'static str) -> (SocketAddr, Arc<Mutex<String>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(String::new()));
+        let keep = Arc::clone(&seen);
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let keep = Arc::clone(&keep);
+                tokio::spawn(async move {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.ends_with(b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap();
+                        if n == 0 {
+                            return;
+                        }
+                        req.extend_from_slice(&buf[..n]);
+                    }
+                    *keep.lock().unwrap() = String::from_utf8(req).unwrap();
+                    s.write_all(response.as_bytes()).await.unwrap();
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn tcp_ok_and_refused() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = l.local_addr().unwrap();
+        assert_eq!(check_once(open, &tcp_check(500)).await, Outcome::pass());
+        let out = check_once(closed_port().await, &tcp_check(500)).await;
+        assert_eq!(out, Outcome::fail("connection refused"));
+    }
+
+    #[tokio::test]
+    async fn http_ok_sends_the_request() {
+        let (addr, seen) = http_server("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        assert_eq!(out, Outcome::pass());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            format!(
+                "GET /health HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n"
+            )
+        );
+
+        let mut check = http_check(StatusMatch::Range(200, 399), None);
+        if let CheckKind::Http(h) = &mut check.kind {
+            h.method = "HEAD".into();
+            h.host = Some("example.org".into());
+        }
+        assert!(check_once(addr, &check).await.ok);
+        let req = seen.lock().unwrap().clone();
+        assert!(
+            req.starts_with("HEAD /health HTTP/1.1\r\nHost: example.org\r\n"),
+            "{req}"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_status_mismatch() {
+        let (addr, _) = http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        assert_eq!(out, Outcome::fail("status 503"));
+    }
+
+    #[tokio::test]
+    async fn http_status_list() {
+        let (addr, _) = http_server("HTTP/1.0 204 No Content\r\n\r\n").await;
+        let list = |codes: &[u16]| http_check(StatusMatch::List(codes.to_vec()), None);
+        assert!(check_once(addr, &list(&[200, 204])).await.ok);
+        assert_eq!(
+            check_once(addr, &list(&[200])).await,
+            Outcome::fail("status 204")
+        );
+    }
+
+    #[tokio::test]
+    async fn http_body_match() {
+        let (addr, _) =
+            http_server("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nstatus: healthy\n")
+                .await;
+        let range = StatusMatch::Range(200, 399);
+        assert!(
+            check_once(addr, &http_check(range.clone(), Some("healthy")))
+                .await
+                .ok
+        );
+        assert_eq!(
+            check_once(addr, &http_check(range, Some("sick"))).await,
+            Outcome::fail("body mismatch")
+        );
+    }
+
+    #[tokio::test]
+    async fn http_chunked_body() {
+        let (addr, _) = http_server(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhea\r\n4\r\nlthy\r\n0\r\n\r\n",
+        )
+        .await;
+        let out = check_once(
+            addr,
+            &http_check(StatusMatch::Range(200, 200), Some("healthy")),
+        )
+        .await;
+        assert_eq!(out, Outcome::pass());
+    }
+
+    #[tokio::test]
+    async fn http_content_length_does_not_wait_for_close() {
+        // The server keeps the connection open after a framed response.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        });
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), Some("ok"))).await;
+        assert_eq!(out, Outcome::pass());
+    }
+
+    #[tokio::test]
+    async fn http_bad_response() {
+        let (addr, _) = http_server("SSH-2.0-OpenSSH\r\n\r\n").await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        assert_eq!(out, Outcome::fail("bad response"));
+        let (addr, _) = http_server("").await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        assert!(out.reason.starts_with("bad response"), "{out:?}");
+        assert!(!out.ok);
+    }
+
+    #[tokio::test]
+    async fn http_oversized_response_is_bounded() {
+        // Headers that never end: the check gives up at 64 KiB instead of reading forever.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let line = b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n").await;
+            while s.write_all(line).await.is_ok() {}
+        });
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        assert_eq!(out, Outcome::fail("bad response"));
+    }
+
+    #[tokio::test]
+    async fn http_silent_server_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        // Accepted by the kernel (backlog) but never answered.
+        let mut check = http_check(StatusMatch::Range(200, 399), None);
+        check.timeout = Duration::from_millis(200);
+        let start = Instant::now();
+        let out = check_once(addr, &check).await;
+        let took = start.elapsed();
+        assert_eq!(out, Outcome::fail("timeout"));
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_millis(1000), "{took:?}");
+        drop(l);
+    }
+
+    async fn next_event(rx: &mut mpsc::UnboundedReceiver<HealthEvent>) -> HealthEvent {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no health event within 5s")
+            .expect("channel closed")
+    }
+
+    fn target(address: SocketAddr, check: HealthCheck) -> Target {
+        Target {
+            service: "web".into(),
+            address,
+            check,
+        }
+    }
+
+    #[tokio::test]
+    async fn runner_reports_down_and_up() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut checker = HealthChecker::new(tx);
+        checker.set_targets(vec![target(addr, tcp_check(100))]);
+
+        let up = next_event(&mut rx).await;
+        assert_eq!(
+            up,
+            HealthEvent {
+                service: "web".into(),
+                address: addr,
+                health: Health::Up,
+                reason: "ok".into(),
+            }
+        );
+        let status = checker.status("web", addr).unwrap();
+        assert_eq!((status.health, status.last.as_str()), (Health::Up, "ok"));
+
+        drop(listener);
+        let start = Instant::now();
+        let down = next_event(&mut rx).await;
+        assert_eq!(down.health, Health::Down);
+        assert_eq!(down.reason, "connection refused");
+        // fall = 2 at 100ms intervals: the second failure, not the first.
+        assert!(
+            start.elapsed() >= Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(checker.status("web", addr).unwrap().health, Health::Down);
+
+        let _listener = TcpListener::bind(addr).await.unwrap();
+        let up = next_event(&mut rx).await;
+        assert_eq!(up.health, Health::Up);
+        assert!(rx.try_recv().is_err(), "one event per transition");
+    }
+
+    /// A TCP server that counts connections.
+    async fn counting_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&count);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                drop(s);
+            }
+        });
+        (addr, count)
+    }
+
+    async fn wait_for(count: &AtomicUsize, at_least: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count.load(Ordering::SeqCst) < at_least {
+            assert!(Instant::now() < deadline, "server saw no checks");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Asserts no further connections arrive.
+    async fn assert_quiet(count: &AtomicUsize) {
+        // Let an in-flight check land first.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let before = count.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(count.load(Ordering::SeqCst), before, "a check still runs");
+    }
+
+    #[tokio::test]
+    async fn set_targets_keeps_restarts_and_removes() {
+        let (addr, count) = counting_server().await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut checker = HealthChecker::new(tx);
+        checker.set_targets(vec![target(addr, tcp_check(100))]);
+        assert_eq!(next_event(&mut rx).await.health, Health::Up);
+
+        // Same target again: the task keeps its state and reports nothing new.
+        checker.set_targets(vec![target(addr, tcp_check(100))]);
+        assert_eq!(checker.status("web", addr).unwrap().health, Health::Up);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(rx.try_recv().is_err());
+
+        // A changed check starts over from Unchecked and rises again.
+        let mut slower = tcp_check(100);
+        slower.rise = 3;
+        checker.set_targets(vec![target(addr, slower)]);
+        assert_ne!(
+            checker.status("web", addr).map(|s| s.health),
+            Some(Health::Up)
+        );
+        assert_eq!(next_event(&mut rx).await.health, Health::Up);
+
+        checker.set_targets(Vec::new());
+        assert_eq!(checker.status("web", addr), None);
+        assert_quiet(&count).await;
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn drop_stops_tasks() {
+        let (addr, count) = counting_server().await;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut checker = HealthChecker::new(tx);
+        checker.set_targets(vec![target(addr, tcp_check(100))]);
+        wait_for(&count, 2).await;
+        drop(checker);
+        assert_quiet(&count).await;
+    }
+}

@@ -1,0 +1,296 @@
+//! Health checks and runtime control, end to end: the agent in the lab's
+//! balancer namespace, changes pushed with the `lb` CLI over its control
+//! socket, real connections from the client namespace.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use lb_tests::RunningLab;
+use lb_userspace::control::protocol::{AdminState, BackendInfo, Health};
+use lb_userspace::lab::{
+    TCP_PORT, backend_v4,
+    client::{TcpSession, tcp_ask},
+    run_in_ns,
+    services::{self, TCP4},
+};
+
+const T: Duration = Duration::from_secs(3);
+
+fn be(i: usize) -> String {
+    SocketAddr::new(backend_v4(i).into(), TCP_PORT).to_string()
+}
+
+fn tally(lab: &RunningLab, n: usize) -> BTreeMap<String, usize> {
+    let vip = services::vip_tcp4();
+    run_in_ns(lab.lab.client_ns(), move || {
+        let mut tally = BTreeMap::new();
+        for i in 0..n {
+            let name = tcp_ask(vip, T).unwrap_or_else(|e| panic!("connection {i} to {vip}: {e}"));
+            *tally.entry(name).or_insert(0) += 1;
+        }
+        tally
+    })
+    .unwrap()
+}
+
+fn backends(lab: &RunningLab) -> Vec<BackendInfo> {
+    let out = lab.lb(&["show", "backends", TCP4, "--json"]);
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).expect("show backends --json parses")
+}
+
+fn backend(lab: &RunningLab, i: usize) -> BackendInfo {
+    backends(lab)
+        .into_iter()
+        .find(|b| b.address.to_string() == be(i))
+        .unwrap_or_else(|| panic!("no backend {}", be(i)))
+}
+
+/// Waits (bounded) until `cond` holds.
+fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const HEALTH: &str =
+    "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2";
+
+#[test]
+fn a_dead_backend_leaves_within_interval_times_fall_and_comes_back_after_rise() {
+    let mut lab = RunningLab::start_with_health("rth", 3, &[1, 1, 1], Some(HEALTH)).unwrap();
+    wait_for("all backends up", Duration::from_secs(5), || {
+        backends(&lab).iter().all(|b| b.health == Health::Up)
+    });
+    lab.lab.stop_backend_server(2).unwrap();
+    // interval x fall = 400 ms; allow one more interval and the check timeout.
+    std::thread::sleep(Duration::from_millis(400 + 200 + 200));
+    let t = tally(&lab, 120);
+    assert!(
+        !t.contains_key("be2"),
+        "no new connection goes to the dead backend: {t:?}"
+    );
+    assert_eq!(t.values().sum::<usize>(), 120, "and none fails");
+    let b2 = backend(&lab, 2);
+    assert_eq!(b2.health, Health::Down);
+    assert!(
+        b2.last_check.as_deref().unwrap_or("").contains("refused"),
+        "the reason is logged and shown: {b2:?}"
+    );
+    lab.lab.start_backend_server(2).unwrap();
+    wait_for("be2 up again", Duration::from_secs(5), || {
+        backend(&lab, 2).health == Health::Up
+    });
+    let t = tally(&lab, 120);
+    assert!(
+        t.contains_key("be2"),
+        "be2 takes new connections again: {t:?}"
+    );
+}
+
+#[test]
+fn a_backend_added_from_the_cli_gets_new_flows_while_open_connections_stay() {
+    let mut lab = RunningLab::start("rta", 3, &[1, 1, 1]).unwrap();
+    let vip = services::vip_tcp4();
+    let (sessions, before) = run_in_ns(lab.lab.client_ns(), move || {
+        let mut sessions = Vec::new();
+        let mut names = Vec::new();
+        for _ in 0..30 {
+            let mut s = TcpSession::connect(vip, T).unwrap();
+            names.push(s.ask().unwrap());
+            sessions.push(s);
+        }
+        (sessions, names)
+    })
+    .unwrap();
+    assert_eq!(lab.lab.add_backend().unwrap(), 4);
+    assert!(lab.lb(&["add", "backend", TCP4, &be(4)]).status.success());
+    let after = run_in_ns(lab.lab.client_ns(), move || {
+        let mut sessions = sessions;
+        sessions
+            .iter_mut()
+            .map(|s| s.ask().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .unwrap();
+    assert_eq!(before, after, "open connections stayed on their backends");
+    let t = tally(&lab, 600);
+    let share = *t.get("be4").unwrap_or(&0) as f64 / 600.0;
+    println!("be4 share after add: {share:.3} {t:?}");
+    assert!(
+        (share - 0.25).abs() < 0.07,
+        "be4 gets about a quarter: {t:?}"
+    );
+}
+
+#[test]
+fn a_drained_backend_keeps_its_connection_and_gets_no_new_ones() {
+    let lab = RunningLab::start("rtd", 3, &[1, 1, 1]).unwrap();
+    let vip = services::vip_tcp4();
+    // A long-lived connection that landed on be1.
+    let session = run_in_ns(lab.lab.client_ns(), move || {
+        for _ in 0..200 {
+            let mut s = TcpSession::connect(vip, T).unwrap();
+            if s.ask().unwrap() == "be1" {
+                return Some(s);
+            }
+        }
+        None
+    })
+    .unwrap()
+    .expect("some connection lands on be1");
+    assert!(lab.lb(&["drain", TCP4, &be(1)]).status.success());
+    assert_eq!(backend(&lab, 1).admin, AdminState::Drain);
+    let t = tally(&lab, 150);
+    assert!(
+        !t.contains_key("be1"),
+        "no new connection to a drained backend: {t:?}"
+    );
+    let answers = run_in_ns(lab.lab.client_ns(), move || {
+        let mut session = session;
+        (0..20).map(|_| session.ask().unwrap()).collect::<Vec<_>>()
+    })
+    .unwrap();
+    assert!(
+        answers.iter().all(|n| n == "be1"),
+        "its open connection keeps working"
+    );
+    assert!(lab.lb(&["enable", TCP4, &be(1)]).status.success());
+    assert!(
+        tally(&lab, 150).contains_key("be1"),
+        "enabled again, it takes new connections"
+    );
+}
+
+#[test]
+fn removing_one_of_n_backends_moves_about_one_nth_of_flows() {
+    let n = 5;
+    let lab = RunningLab::start("rtr", n, &[1; 5]).unwrap();
+    let vip = services::vip_udp4();
+    let ports: Vec<u16> = (30000..30400).collect();
+    let ask_all = |ports: Vec<u16>| {
+        run_in_ns(lab.lab.client_ns(), move || {
+            ports
+                .iter()
+                .map(|&p| {
+                    let sock = std::net::UdpSocket::bind(("0.0.0.0", p)).unwrap();
+                    sock.set_read_timeout(Some(T)).unwrap();
+                    sock.send_to(b"who\n", vip).unwrap();
+                    let mut buf = [0u8; 64];
+                    let (len, _) = sock.recv_from(&mut buf).unwrap();
+                    String::from_utf8_lossy(&buf[..len]).trim().to_string()
+                })
+                .collect::<Vec<_>>()
+        })
+        .unwrap()
+    };
+    let before = ask_all(ports.clone());
+    let udp5 = SocketAddr::new(backend_v4(5).into(), lb_userspace::lab::UDP_PORT).to_string();
+    assert!(
+        lab.lb(&["remove", "backend", services::UDP4, &udp5])
+            .status
+            .success()
+    );
+    let after = ask_all(ports.clone());
+    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    let fraction = moved as f64 / ports.len() as f64;
+    println!(
+        "removing 1 of {n} backends moved {fraction:.3} of flows (ideal {:.3})",
+        1.0 / n as f64
+    );
+    assert!(!after.iter().any(|b| b == "be5"));
+    assert!(
+        before.iter().zip(&after).all(|(a, b)| a == b || a == "be5"),
+        "only the removed backend's flows moved"
+    );
+    assert!(fraction <= 1.5 / n as f64, "moved {fraction:.3}");
+}
+
+#[test]
+fn bad_control_requests_get_a_clear_error_and_change_nothing() {
+    let lab = RunningLab::start("rtb", 2, &[1, 1]).unwrap();
+    let before = backends(&lab);
+    let services_before = lab.lb(&["show", "services", "--json"]).stdout;
+    for (args, why) in [
+        (
+            vec!["add", "backend", "nope", "198.18.2.20:8080"],
+            "unknown service",
+        ),
+        (
+            vec!["add", "backend", TCP4, "[fd00:18:2::20]:8080"],
+            "address families",
+        ),
+        (vec!["add", "backend", TCP4, &be(1)], "already has"),
+        (
+            vec!["remove", "backend", TCP4, "198.18.2.99:8080"],
+            "no backend",
+        ),
+        (vec!["drain", TCP4, "198.18.2.99:8080"], "no backend"),
+        (vec!["weight", TCP4, &be(1), "70000"], "0..=65535"),
+        (
+            vec!["add", "service", TCP4, "--vip", "198.18.100.7:80"],
+            "already exists",
+        ),
+        (
+            vec!["add", "service", "dup", "--vip", "198.18.100.1:80"],
+            "already used",
+        ),
+        (vec!["remove", "service", "nope"], "unknown service"),
+    ] {
+        let out = lab.lb(&args);
+        // 1: refused by the agent; 2: refused by the CLI's own argument checks.
+        assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?} fails");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+    let bad_addr = lab.lb(&["add", "backend", TCP4, "not-an-address"]);
+    assert!(
+        !bad_addr.status.success(),
+        "a malformed address is refused by the CLI"
+    );
+    assert_eq!(backends(&lab), before, "nothing changed");
+    assert_eq!(
+        lab.lb(&["show", "services", "--json"]).stdout,
+        services_before
+    );
+}
+
+#[test]
+fn runtime_changes_survive_a_restart_and_a_reload() {
+    let mut lab = RunningLab::start("rtp", 3, &[1, 1]).unwrap();
+    assert!(lab.lb(&["add", "backend", TCP4, &be(3)]).status.success());
+    assert!(lab.lb(&["weight", TCP4, &be(1), "3"]).status.success());
+    lab.restart_agent().unwrap();
+    let after = backends(&lab);
+    assert_eq!(
+        after.len(),
+        3,
+        "the added backend is still there: {after:?}"
+    );
+    assert_eq!(backend(&lab, 1).weight, 3, "the weight change too");
+    assert!(tally(&lab, 90).contains_key("be3"));
+
+    // A reload re-reads the file and keeps what the operator pushed.
+    lab.reload(&[2, 1]).unwrap();
+    assert!(lab.lb(&["reload"]).status.success());
+    assert_eq!(backends(&lab).len(), 3);
+    assert_eq!(
+        backend(&lab, 1).weight,
+        3,
+        "the runtime weight wins over the file's"
+    );
+    // A broken file is refused and the running state stays.
+    std::fs::write(
+        &lab.config_path,
+        "interfaces = [\"lbc\"]\n[[service]]\nname = 1\n",
+    )
+    .unwrap();
+    let out = lab.lb(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lb.toml:3:"));
+    assert_eq!(backends(&lab).len(), 3);
+    assert!(tally(&lab, 30).len() >= 2);
+}
