@@ -84,6 +84,19 @@ pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 /// Map name: `Reason` as u32 -> `Traffic` (PERCPU_ARRAY, `REASON_COUNT`).
 pub const MAP_REASON_STATS: &str = "REASON_STATS";
 
+/// Every map of the `lb-xdp` object (what the agent pins for a hitless restart).
+pub const ALL_MAPS: [&str; 9] = [
+    MAP_VIPS,
+    MAP_VIP_STATE,
+    MAP_RINGS,
+    MAP_BACKENDS,
+    MAP_FLOWS,
+    MAP_NEXTHOPS,
+    MAP_VIP_STATS,
+    MAP_BACKEND_STATS,
+    MAP_REASON_STATS,
+];
+
 /// Name of the load-balancing XDP program in the `lb-xdp` object.
 pub const PROG_LB: &str = "lb_xdp";
 /// Name of the pass-only XDP program in the `lab-xdp` object (for veth peers).
@@ -145,6 +158,9 @@ pub struct Backend {
     pub family: u8,
     /// `BACKEND_F_*` bits.
     pub flags: u8,
+    /// VIP id of the service the backend belongs to. The data plane does not
+    /// read it; a restarted agent uses it to recognise the slot.
+    pub vip_id: u32,
 }
 
 /// A Maglev lookup table: `entries[hash % size]` is a backend id.
@@ -341,7 +357,7 @@ mod tests {
         // The kernel compares keys bytewise: padding would make equal keys differ.
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<VipMeta>(), 8);
-        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<Flow>(), 1 + 1 + 2 + 16 + 4 + 4 + 4);
         assert_eq!(size_of::<VipState>(), 8);

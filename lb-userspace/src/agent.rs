@@ -20,7 +20,7 @@ use crate::{
         protocol::{AdminState, BackendInfo, Health, ReasonCount, Request, Response, ServiceInfo},
         server::{self, Handler},
     },
-    dataplane::{self, Dataplane},
+    dataplane::{self, Dataplane, pin},
     health::{HealthChecker, HealthEvent, Target},
     metrics,
     runtime::{self, Desired},
@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub bpf_object: Option<PathBuf>,
     /// Path of the control socket.
     pub socket: PathBuf,
+    /// bpffs directory where maps and attachments are pinned.
+    pub pin_dir: PathBuf,
 }
 
 fn load_config(path: &Path) -> Result<Config> {
@@ -49,6 +51,8 @@ pub struct Agent {
     desired: Desired,
     balancer: Balancer,
     health: HealthChecker,
+    /// Tells the main loop to stop (`true`: detach for good).
+    stop: mpsc::UnboundedSender<bool>,
 }
 
 impl Agent {
@@ -230,6 +234,10 @@ impl Agent {
             Request::ShowBackends { service } => self.show_backends(service.clone().as_deref()),
             Request::ShowStats => self.show_stats(),
             Request::Reload => return self.reload(),
+            Request::Stop { detach } => {
+                let _ = self.stop.send(*detach);
+                return Response::Ok;
+            }
             _ => return self.change(request),
         };
         shown.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
@@ -292,22 +300,39 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Some(p) => p.clone(),
         None => dataplane::default_object_path()?,
     };
-    let dataplane = Dataplane::load(&object)?;
+    // Maps pinned by a previous agent are reused, contents and all: flows,
+    // tables and counters survive the restart.
+    let dataplane = Dataplane::load_pinned(&object, &opts.pin_dir)?;
+    let pinned = dataplane.pinned_state()?;
+    let mut balancer = Balancer::new(dataplane);
+    if !pinned.is_empty() {
+        balancer.adopt(&pinned, &desired.config);
+        info!(pin_dir = %opts.pin_dir.display(), services = pinned.vips.len(), backends = pinned.backends.len(), "adopted the state a previous agent left pinned");
+    }
     let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (stop_tx, mut stop) = mpsc::unbounded_channel();
     let mut agent = Agent {
         config_path: opts.config.clone(),
         journal_path,
         journal,
         desired,
-        balancer: Balancer::new(dataplane),
+        balancer,
         health: HealthChecker::new(events_tx),
+        stop: stop_tx,
     };
     // Tables are complete before the first packet can reach the program.
     agent.sync()?;
     let config = agent.desired.config.clone();
     for iface in &config.interfaces {
-        let mode = agent.balancer.dataplane().attach(iface, config.xdp_mode)?;
-        info!(%iface, ?mode, "XDP program attached");
+        let link = pin::link_path(&opts.pin_dir, iface);
+        match agent
+            .balancer
+            .dataplane()
+            .attach_pinned(iface, config.xdp_mode, &link)?
+        {
+            Some(mode) => info!(%iface, ?mode, "XDP program attached"),
+            None => info!(%iface, "took over the pinned attachment: program replaced in place"),
+        }
     }
     let shared = Shared(Arc::new(Mutex::new(agent)));
 
@@ -331,10 +356,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
     let mut control = control;
-    loop {
+    let detach = loop {
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break false,
+            _ = sigterm.recv() => break false,
+            Some(detach) = stop.recv() => break detach,
             _ = sighup.recv() => {
                 let s = shared.clone();
                 let _ = tokio::task::spawn_blocking(move || s.lock().reload()).await;
@@ -352,14 +378,24 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 return Err(e.context("control socket"));
             }
         }
-    }
+    };
     control.abort();
     server::remove_socket(&opts.socket);
     if let Some(task) = metrics_task {
         task.abort();
     }
-    // Dropping the data plane closes the XDP links, which detaches the program.
+    // Let aborted tasks drop their handles on the shared state.
+    tokio::task::yield_now().await;
     drop(shared);
-    info!("detached; bye");
+    if detach {
+        // The last references to the links and maps go with their pins.
+        pin::remove_all(&opts.pin_dir)?;
+        info!("XDP program detached and pinned state removed; bye");
+    } else {
+        info!(
+            pin_dir = %opts.pin_dir.display(),
+            "stopped; the XDP program keeps forwarding with the last tables (the next `lb run` adopts them; `lb stop --detach` removes them)"
+        );
+    }
     Ok(())
 }

@@ -17,7 +17,7 @@ use tracing::info;
 
 use crate::{
     config::{Config, Mode, Protocol, Service},
-    dataplane::Dataplane,
+    dataplane::{Dataplane, PinnedState},
 };
 
 /// An IP address and its family in the data plane's layout.
@@ -36,6 +36,16 @@ pub fn ip_to_addr(ip: IpAddr) -> (Addr, u8) {
     (addr_from_bytes(bytes), family)
 }
 
+/// The IP address of an `Addr` of the given family.
+pub fn addr_to_ip(addr: &Addr, family: u8) -> IpAddr {
+    let b = addr_to_bytes(addr);
+    if family == FAMILY_V4 {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        IpAddr::from(b)
+    }
+}
+
 /// The VIP map key of a service address.
 pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
     let (addr, family) = ip_to_addr(vip.ip());
@@ -47,14 +57,15 @@ pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
     }
 }
 
-/// The backend map value of a backend address.
-pub fn backend_value(addr: SocketAddr) -> Backend {
+/// The backend map value of a backend address of VIP `vip_id`.
+pub fn backend_value(addr: SocketAddr, vip_id: u32) -> Backend {
     let (bytes, family) = ip_to_addr(addr.ip());
     Backend {
         addr: bytes,
         port: addr.port(),
         family,
         flags: BACKEND_F_VALID,
+        vip_id,
     }
 }
 
@@ -79,15 +90,14 @@ impl Availability {
 /// flows are left out.
 pub fn build_ring(
     service: &Service,
-    ids: &BTreeMap<(String, SocketAddr), (u32, u8)>,
+    ids: &BTreeMap<(String, SocketAddr), (u32, Backend)>,
     availability: &dyn Fn(&str, SocketAddr) -> Availability,
 ) -> Result<Vec<u32>> {
     let identities: Vec<(u32, [u8; 20], u32)> = service
         .backends
         .iter()
         .map(|b| {
-            let v = backend_value(b.address);
-            let (id, _) = ids
+            let (id, v) = ids
                 .get(&(service.name.clone(), b.address))
                 .copied()
                 .ok_or_else(|| anyhow!("backend {} has no id", b.address))?;
@@ -144,6 +154,16 @@ impl IdPool {
     fn free(&mut self, id: u32) {
         self.freed.insert(id);
     }
+
+    /// Marks `id` as in use (taken over from a previous agent).
+    fn take(&mut self, id: u32) {
+        if id >= self.next_fresh {
+            self.freed.extend(self.next_fresh..id);
+            self.next_fresh = id + 1;
+        } else {
+            self.freed.remove(&id);
+        }
+    }
 }
 
 /// What one `apply` changed, for logs and tests.
@@ -166,8 +186,8 @@ pub struct Balancer {
     backend_pool: IdPool,
     /// (VIP address, protocol number) -> (id, published table, flags).
     vips: BTreeMap<(SocketAddr, u8), (u32, Vec<u32>, u32)>,
-    /// (service, backend address) -> (id, flags written to its slot).
-    backends: BTreeMap<(String, SocketAddr), (u32, u8)>,
+    /// (service, backend address) -> (id, value written to its slot).
+    backends: BTreeMap<(String, SocketAddr), (u32, Backend)>,
     /// Current generation of each VIP id (see `VipState`).
     generations: Vec<u32>,
     config: Option<Config>,
@@ -184,6 +204,42 @@ impl Balancer {
             backends: BTreeMap::new(),
             generations: vec![0; MAX_VIPS as usize],
             config: None,
+        }
+    }
+
+    /// Takes over the ids, tables and generations a previous agent left in
+    /// pinned maps, so that applying the same configuration changes nothing
+    /// and established flows keep their backends. Entries that `config` no
+    /// longer names are kept under placeholder names and removed by the next
+    /// `apply`.
+    pub fn adopt(&mut self, state: &PinnedState, config: &Config) {
+        for (key, meta) in &state.vips {
+            let vip = SocketAddr::new(addr_to_ip(&key.addr, key.family), key.port);
+            let ring = state
+                .rings
+                .iter()
+                .find(|(id, _)| *id == meta.vip_id)
+                .map(|(_, r)| r.clone())
+                .unwrap_or_default();
+            self.vips
+                .insert((vip, key.proto), (meta.vip_id, ring, meta.flags));
+            self.vip_pool.take(meta.vip_id);
+        }
+        for &(id, generation) in &state.generations {
+            if let Some(g) = self.generations.get_mut(id as usize) {
+                *g = generation;
+            }
+        }
+        for (id, b) in &state.backends {
+            let service = config
+                .services
+                .iter()
+                .find(|s| self.vip_id(s.vip, s.protocol) == Some(b.vip_id))
+                .map(|s| s.name.clone())
+                .unwrap_or_else(|| format!("#gone-{}", b.vip_id));
+            let addr = SocketAddr::new(addr_to_ip(&b.addr, b.family), b.port);
+            self.backends.insert((service, addr), (*id, *b));
+            self.backend_pool.take(*id);
         }
     }
 
@@ -222,35 +278,46 @@ impl Balancer {
         availability: &dyn Fn(&str, SocketAddr) -> Availability,
     ) -> Result<ApplySummary> {
         let mut summary = ApplySummary::default();
+        // 0. Every service has a VIP id (new ones are published in step 2).
+        let mut vip_ids = BTreeMap::new();
+        for service in &config.services {
+            let key = (service.vip, service.protocol.number());
+            let id = match self.vips.get(&key) {
+                Some((id, ..)) => *id,
+                None => self
+                    .vip_pool
+                    .alloc()
+                    .ok_or_else(|| anyhow!("more than {MAX_VIPS} services"))?,
+            };
+            vip_ids.insert(key, id);
+        }
         // 1. New backends, and backends becoming usable again, get a valid slot
         //    before any table names them.
-        let mut wanted: BTreeMap<(String, SocketAddr), u8> = BTreeMap::new();
+        let mut wanted: BTreeMap<(String, SocketAddr), Backend> = BTreeMap::new();
         for service in &config.services {
+            let vip_id = vip_ids[&(service.vip, service.protocol.number())];
             for b in &service.backends {
-                let flags = if availability(&service.name, b.address).established {
-                    BACKEND_F_VALID
-                } else {
-                    0
-                };
-                wanted.insert((service.name.clone(), b.address), flags);
+                let mut value = backend_value(b.address, vip_id);
+                if !availability(&service.name, b.address).established {
+                    value.flags = 0;
+                }
+                wanted.insert((service.name.clone(), b.address), value);
             }
         }
-        for (key, flags) in &wanted {
-            let mut value = backend_value(key.1);
-            value.flags = *flags;
+        for (key, value) in &wanted {
             match self.backends.get(key).copied() {
                 None => {
                     let id = self
                         .backend_pool
                         .alloc()
                         .ok_or_else(|| anyhow!("more than {MAX_BACKENDS} backends"))?;
-                    self.dataplane.set_backend(id, &value)?;
-                    self.backends.insert(key.clone(), (id, *flags));
+                    self.dataplane.set_backend(id, value)?;
+                    self.backends.insert(key.clone(), (id, *value));
                     summary.backends_added += 1;
                 }
-                Some((id, old)) if old != *flags && *flags == BACKEND_F_VALID => {
-                    self.dataplane.set_backend(id, &value)?;
-                    self.backends.insert(key.clone(), (id, *flags));
+                Some((id, old)) if old != *value && value.flags == BACKEND_F_VALID => {
+                    self.dataplane.set_backend(id, value)?;
+                    self.backends.insert(key.clone(), (id, *value));
                 }
                 Some(_) => {}
             }
@@ -274,12 +341,7 @@ impl Balancer {
                 Some((id, _, old_flags)) if *old_flags == flags => (*id, false),
                 // The mode changed: established flows must be looked up afresh.
                 Some((id, ..)) => (*id, true),
-                None => (
-                    self.vip_pool
-                        .alloc()
-                        .ok_or_else(|| anyhow!("more than {MAX_VIPS} services"))?,
-                    true,
-                ),
+                None => (vip_ids[&key], true),
             };
             if new_generation {
                 self.bump_generation(id, flags)?;
@@ -330,11 +392,9 @@ impl Balancer {
                     self.backend_pool.free(id);
                     summary.backends_removed += 1;
                 }
-                Some(&flags) if flags != old => {
-                    let mut value = backend_value(key.1);
-                    value.flags = flags;
-                    self.dataplane.set_backend(id, &value)?;
-                    self.backends.insert(key, (id, flags));
+                Some(value) if *value != old => {
+                    self.dataplane.set_backend(id, value)?;
+                    self.backends.insert(key, (id, *value));
                 }
                 Some(_) => {}
             }
@@ -361,6 +421,19 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn id_pool_takes_over_ids_in_use() {
+        let mut pool = IdPool::new(10);
+        pool.take(3);
+        pool.take(1);
+        let got: Vec<_> = (0..3).filter_map(|_| pool.alloc()).collect();
+        assert_eq!(got, vec![4, 5, 6], "fresh ids first, above those in use");
+        let mut pool = IdPool::new(5);
+        pool.take(2);
+        let got: Vec<_> = (0..4).filter_map(|_| pool.alloc()).collect();
+        assert_eq!(got, vec![3, 4, 0, 1]);
+    }
 
     #[test]
     fn id_pool_prefers_fresh_ids() {

@@ -10,7 +10,7 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    Backend, FLOW_TO_BACKEND, Flow, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
+    ALL_MAPS, Backend, FLOW_TO_BACKEND, Flow, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
     MAP_REASON_STATS, MAP_RINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
     MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring, Traffic, VipKey, VipMeta,
     VipState,
@@ -51,6 +51,26 @@ pub enum AttachedMode {
     Auto,
 }
 
+/// Contents of pinned maps that identify what a previous agent set up.
+#[derive(Debug, Clone, Default)]
+pub struct PinnedState {
+    /// VIP map entries.
+    pub vips: Vec<(VipKey, VipMeta)>,
+    /// Non-zero VIP generations by VIP id.
+    pub generations: Vec<(u32, u32)>,
+    /// Occupied backend slots.
+    pub backends: Vec<(u32, Backend)>,
+    /// Published rings by VIP id.
+    pub rings: Vec<(u32, Vec<u32>)>,
+}
+
+impl PinnedState {
+    /// True when nothing was set up (fresh maps).
+    pub fn is_empty(&self) -> bool {
+        self.vips.is_empty() && self.backends.is_empty() && self.generations.is_empty()
+    }
+}
+
 /// Per-CPU counters summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -75,6 +95,10 @@ impl Counters {
 /// The loaded program and its maps.
 pub struct Dataplane {
     bpf: Ebpf,
+    /// Links owned here rather than by the program, so dropping the data plane
+    /// leaves pinned attachments in place (closing a pinned link's fd does not
+    /// detach it; an unpinned one detaches).
+    links: Vec<aya::programs::links::FdLink>,
     vips: HashMap<MapData, VipKey, VipMeta>,
     rings: HashMap<MapData, u32, Ring>,
     backends: Array<MapData, Backend>,
@@ -113,7 +137,27 @@ fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 impl Dataplane {
     /// Loads the object at `path` into the kernel (verifier included) without attaching it.
     pub fn load(path: &Path) -> Result<Self> {
-        let mut bpf = Ebpf::load_file(path)
+        Self::load_with(path, None)
+    }
+
+    /// Like `load`, with every map pinned in `pin_dir`: maps already pinned
+    /// there (by a previous agent) are reused with their contents, the others
+    /// are created and pinned.
+    pub fn load_pinned(path: &Path, pin_dir: &Path) -> Result<Self> {
+        pin::ensure_dir(pin_dir)?;
+        Self::load_with(path, Some(pin_dir))
+    }
+
+    fn load_with(path: &Path, pin_dir: Option<&Path>) -> Result<Self> {
+        let mut loader = aya::EbpfLoader::new();
+        let pins: Vec<(&str, PathBuf)> = pin_dir
+            .map(|dir| ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect())
+            .unwrap_or_default();
+        for (name, pin) in &pins {
+            loader.map_pin_path(name, pin.as_path());
+        }
+        let mut bpf = loader
+            .load_file(path)
             .with_context(|| format!("loading eBPF object {}", path.display()))?;
         let prog: &mut Xdp = bpf
             .program_mut(PROG_LB)
@@ -130,6 +174,7 @@ impl Dataplane {
             backend_stats: take(&mut bpf, MAP_BACKEND_STATS)?,
             reason_stats: take(&mut bpf, MAP_REASON_STATS)?,
             bpf,
+            links: Vec::new(),
         })
     }
 
@@ -142,27 +187,79 @@ impl Dataplane {
             .try_into()?)
     }
 
+    /// Attaches to `iface` and pins the attachment at `pin`; if a previous
+    /// agent left one pinned there, the program in it is replaced atomically
+    /// instead (no packet is missed). The attachment outlives this process.
+    pub fn attach_pinned(
+        &mut self,
+        iface: &str,
+        mode: XdpModeSetting,
+        pin: &Path,
+    ) -> Result<Option<AttachedMode>> {
+        use aya::programs::links::{FdLink, PinnedLink};
+        if pin.exists() {
+            let link = PinnedLink::from_pin(pin)
+                .with_context(|| format!("opening pinned link {}", pin.display()))?;
+            let fd: FdLink = link.into();
+            let xdp_link = aya::programs::xdp::XdpLink::try_from(fd)
+                .map_err(|e| anyhow!("pinned link {} is not an XDP link: {e}", pin.display()))?;
+            let prog = self.program()?;
+            let id = prog
+                .attach_to_link(xdp_link)
+                .with_context(|| format!("replacing the program attached to {iface}"))?;
+            let link = prog.take_link(id)?;
+            self.links.push(FdLink::try_from(link)?);
+            return Ok(None);
+        }
+        let (mode, id) = self.attach_link(iface, mode)?;
+        let link = self.program()?.take_link(id)?;
+        match FdLink::try_from(link) {
+            Ok(fd) => {
+                let pinned = fd
+                    .pin(pin)
+                    .with_context(|| format!("pinning the link of {iface} at {}", pin.display()))?;
+                self.links.push(pinned.into());
+            }
+            Err(e) => {
+                warn!(%iface, error = %e, "this attachment cannot be pinned; it ends with the agent")
+            }
+        }
+        Ok(Some(mode))
+    }
+
     /// Attaches to `iface`; in driver mode falls back to generic with a warning.
+    /// The attachment ends with this data plane.
     pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<AttachedMode> {
+        Ok(self.attach_link(iface, mode)?.0)
+    }
+
+    fn attach_link(
+        &mut self,
+        iface: &str,
+        mode: XdpModeSetting,
+    ) -> Result<(AttachedMode, aya::programs::xdp::XdpLinkId)> {
         let prog = self.program()?;
         match mode {
             XdpModeSetting::Generic => {
-                prog.attach(iface, XdpMode::Skb)
+                let id = prog
+                    .attach(iface, XdpMode::Skb)
                     .with_context(|| format!("attaching XDP (generic) to {iface}"))?;
-                Ok(AttachedMode::Generic)
+                Ok((AttachedMode::Generic, id))
             }
             XdpModeSetting::Auto => {
-                prog.attach(iface, XdpMode::Default)
+                let id = prog
+                    .attach(iface, XdpMode::Default)
                     .with_context(|| format!("attaching XDP to {iface}"))?;
-                Ok(AttachedMode::Auto)
+                Ok((AttachedMode::Auto, id))
             }
             XdpModeSetting::Driver => match prog.attach(iface, XdpMode::Driver) {
-                Ok(_) => Ok(AttachedMode::Driver),
+                Ok(id) => Ok((AttachedMode::Driver, id)),
                 Err(err) => {
                     warn!(%iface, error = %err, "native XDP attach failed; falling back to generic (skb) mode, which is slower");
-                    prog.attach(iface, XdpMode::Skb)
+                    let id = prog
+                        .attach(iface, XdpMode::Skb)
                         .with_context(|| format!("attaching XDP (generic) to {iface}"))?;
-                    Ok(AttachedMode::Generic)
+                    Ok((AttachedMode::Generic, id))
                 }
             },
         }
@@ -229,6 +326,33 @@ impl Dataplane {
         }
     }
 
+    /// What a previous agent left in pinned maps, for a new agent to adopt.
+    pub fn pinned_state(&self) -> Result<PinnedState> {
+        let mut state = PinnedState::default();
+        for entry in self.vips.iter() {
+            let (key, meta) = entry.context("reading VIPS")?;
+            state.vips.push((key, meta));
+        }
+        for id in 0..MAX_VIPS {
+            let s = self.vip_state.get(&id, 0).context("reading VIP_STATE")?;
+            if s.generation != 0 {
+                state.generations.push((id, s.generation));
+            }
+        }
+        for id in 0..MAX_BACKENDS {
+            let b = self.backends.get(&id, 0).context("reading BACKENDS")?;
+            if b.family != 0 {
+                state.backends.push((id, b));
+            }
+        }
+        for (_, meta) in &state.vips {
+            if let Some(ring) = self.ring(meta.vip_id)? {
+                state.rings.push((meta.vip_id, ring));
+            }
+        }
+        Ok(state)
+    }
+
     /// Connections per backend id currently in the flow table (client direction).
     pub fn flow_counts(&self) -> Result<std::collections::HashMap<u32, u64>> {
         let mut counts = std::collections::HashMap::new();
@@ -260,5 +384,96 @@ impl Dataplane {
             backends: sum(&self.backend_stats, MAX_BACKENDS)?,
             reasons: sum(&self.reason_stats, REASON_COUNT)?,
         })
+    }
+}
+
+/// bpffs housekeeping for pinned maps and links.
+pub mod pin {
+    use std::path::{Path, PathBuf};
+
+    use anyhow::{Context, Result, bail};
+
+    /// Where bpffs is normally mounted.
+    pub const BPFFS: &str = "/sys/fs/bpf";
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+    fn is_bpffs(path: &Path) -> bool {
+        let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: statfs writes into the zeroed struct we own.
+        unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
+        }
+    }
+
+    /// Makes sure `dir` exists on a bpffs, mounting bpffs at /sys/fs/bpf if needed.
+    pub fn ensure_dir(dir: &Path) -> Result<()> {
+        if dir.starts_with(BPFFS) && !is_bpffs(Path::new(BPFFS)) {
+            let src = c"bpf";
+            let target = c"/sys/fs/bpf";
+            // SAFETY: static NUL-terminated strings; no data argument.
+            let rc = unsafe {
+                libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    src.as_ptr(),
+                    0,
+                    std::ptr::null(),
+                )
+            };
+            if rc != 0 {
+                bail!(
+                    "bpffs is not mounted at {BPFFS} and mounting it failed: {} (run `mount -t bpf bpf {BPFFS}`)",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !is_bpffs(dir) {
+            bail!("{} is not on a bpf filesystem", dir.display());
+        }
+        Ok(())
+    }
+
+    /// Pin path of an interface's attachment.
+    pub fn link_path(dir: &Path, iface: &str) -> PathBuf {
+        dir.join(format!("link_{iface}"))
+    }
+
+    /// Removes every pin in `dir` (and `dir`): attachments whose last reference
+    /// this was are detached, maps are freed once nothing uses them.
+    pub fn remove_all(dir: &Path) -> Result<()> {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
+    }
+
+    /// Default pin directory of the agent running `config`: one per
+    /// configuration file, so several agents can run side by side.
+    pub fn default_dir(config: &Path) -> PathBuf {
+        let full = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+        let stem = full
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "lb".into());
+        let stem: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        // FNV-1a of the full path tells apart files with the same name.
+        let hash = full
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        Path::new(BPFFS)
+            .join("lb")
+            .join(format!("{stem}-{:08x}", hash as u32))
     }
 }

@@ -24,19 +24,16 @@ pub fn start_agent(
     config_path: &std::path::Path,
     socket: &std::path::Path,
 ) -> Result<u32> {
-    let lb_bin = lab.options().lb_bin.clone();
     let ns = lab.balancer_ns().to_string();
-    let pid = lab.spawn_in_ns(
-        &ns,
-        &lb_bin,
-        &[
-            "run".into(),
-            "--config".into(),
-            config_path.into(),
-            "--socket".into(),
-            socket.into(),
-        ],
-    )?;
+    let pin_dir = lab.agent_pin_dir();
+    let pid = lab.spawn_agent(&[
+        "--config".into(),
+        config_path.into(),
+        "--socket".into(),
+        socket.into(),
+        "--pin-dir".into(),
+        pin_dir.into(),
+    ])?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let metrics = METRICS_ADDR.parse()?;
     loop {

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use lb_userspace::{
     agent, config,
     control::{self, ControlCommand, SocketArg},
+    dataplane::pin,
     demo,
     lab::backend_server::BackendArgs,
 };
@@ -36,6 +37,14 @@ enum Command {
         /// The lb-xdp eBPF object (default: $LB_BPF_OBJECT, next to this binary, or the build tree).
         #[arg(long)]
         bpf_object: Option<PathBuf>,
+        /// bpffs directory for the pinned maps and attachments that let the XDP
+        /// program outlive the agent (default: /sys/fs/bpf/lb/<config name>-<hash>).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// Run inside this network namespace (as `ip netns exec` would, but
+        /// keeping the host's /sys/fs/bpf so pins survive the agent).
+        #[arg(long)]
+        netns: Option<String>,
     },
     /// Talk to the running agent (see `lb help add`, `lb help show`, ...).
     #[command(flatten)]
@@ -93,21 +102,65 @@ fn check(files: &[PathBuf]) -> ExitCode {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// Moves the whole process into a named network namespace; must run before
+/// any thread is started, since setns only moves the calling thread.
+fn enter_netns(name: &str) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let path = std::path::Path::new("/run/netns").join(name);
+    let file =
+        std::fs::File::open(&path).map_err(|e| anyhow::anyhow!("network namespace {name}: {e}"))?;
+    // SAFETY: a valid namespace fd; single-threaded at this point.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        anyhow::bail!(
+            "entering network namespace {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Run {
+        netns: Some(ns), ..
+    } = &cli.command
+        && let Err(e) = enter_netns(ns)
+    {
+        eprintln!("lb: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async_main(cli)),
+        Err(e) => {
+            eprintln!("lb: starting the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_target(false)
         .init();
-    let cli = Cli::parse();
     let result: Result<()> = match cli.command {
-        Command::Run { config, bpf_object } => {
+        Command::Run {
+            config,
+            bpf_object,
+            pin_dir,
+            netns: _,
+        } => {
+            let pin_dir = pin_dir.unwrap_or_else(|| pin::default_dir(&config));
             agent::run(agent::RunOptions {
                 config,
                 bpf_object,
                 socket: cli.socket.path(),
+                pin_dir,
             })
             .await
         }

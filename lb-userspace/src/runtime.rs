@@ -190,7 +190,8 @@ impl Desired {
             Request::ShowServices
             | Request::ShowBackends { .. }
             | Request::ShowStats
-            | Request::Reload => Ok(()),
+            | Request::Reload
+            | Request::Stop { .. } => Ok(()),
         }
     }
 }
@@ -216,7 +217,11 @@ fn check_weight(weight: u32) -> Result<(), String> {
 pub fn is_change(request: &Request) -> bool {
     !matches!(
         request,
-        Request::ShowServices | Request::ShowBackends { .. } | Request::ShowStats | Request::Reload
+        Request::ShowServices
+            | Request::ShowBackends { .. }
+            | Request::ShowStats
+            | Request::Reload
+            | Request::Stop { .. }
     )
 }
 

@@ -216,8 +216,16 @@ fn bad_reload_keeps_the_running_config_and_stop_detaches() {
         "both backends still serve after a rejected reload: {t:?}"
     );
 
+    assert!(lab.lb(&["stop", "--detach"]).status.success());
     let status = lab.lab.stop(lab.agent).unwrap().expect("agent exit status");
-    assert!(status.success(), "agent exits cleanly on SIGTERM: {status}");
+    assert!(
+        status.success(),
+        "agent exits cleanly on `lb stop --detach`: {status}"
+    );
+    assert!(
+        !lab.lab.agent_pin_dir().exists(),
+        "its pinned state is gone"
+    );
     let link = std::process::Command::new("ip")
         .args(["-n", lab.lab.balancer_ns(), "link", "show", "lbc"])
         .output()

@@ -294,3 +294,87 @@ fn runtime_changes_survive_a_restart_and_a_reload() {
     assert_eq!(backends(&lab).len(), 3);
     assert!(tally(&lab, 30).len() >= 2);
 }
+
+#[test]
+fn the_program_keeps_forwarding_while_the_agent_is_down_and_a_new_agent_adopts_it() {
+    let mut lab = RunningLab::start("rtk", 2, &[1, 1]).unwrap();
+    let status = lab.lab.stop(lab.agent).unwrap().expect("exit status");
+    assert!(
+        status.success(),
+        "SIGTERM stops the agent cleanly: {status}"
+    );
+    let t = tally(&lab, 60);
+    assert_eq!(
+        t.len(),
+        2,
+        "with no agent running, both backends still get connections: {t:?}"
+    );
+    assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0, "by XDP");
+    lab.agent = lb_userspace::demo::start_agent(
+        &mut lab.lab,
+        &lab.config_path.clone(),
+        &lab.socket.clone(),
+    )
+    .unwrap();
+    assert_eq!(backends(&lab).len(), 2);
+    assert_eq!(tally(&lab, 60).len(), 2);
+}
+
+#[test]
+fn ten_agent_restarts_under_load_fail_no_connection_and_lose_none() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut lab = RunningLab::start("rtx", 3, &[1, 1, 1]).unwrap();
+    let vip = services::vip_tcp4();
+    let done = Arc::new(AtomicBool::new(false));
+    let client = lab.lab.client_ns().to_string();
+    let flag = done.clone();
+    let load = std::thread::spawn(move || {
+        run_in_ns(&client, move || {
+            let mut sessions: Vec<(TcpSession, String)> = (0..20)
+                .map(|_| {
+                    let mut s = TcpSession::connect(vip, T).unwrap();
+                    let name = s.ask().unwrap();
+                    (s, name)
+                })
+                .collect();
+            let (mut new_ok, mut new_failed, mut lost) = (0u32, Vec::new(), 0u32);
+            let start = Instant::now();
+            // Bounded in time and count.
+            while !flag.load(Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(120)
+                && new_ok < 1_000_000
+            {
+                match tcp_ask(vip, T) {
+                    Ok(_) => new_ok += 1,
+                    Err(e) => new_failed.push(e.to_string()),
+                }
+                for (s, name) in &mut sessions {
+                    match s.ask() {
+                        Ok(n) if &n == name => {}
+                        _ => lost += 1,
+                    }
+                }
+            }
+            (new_ok, new_failed, lost)
+        })
+        .unwrap()
+    });
+    for i in 0..10 {
+        lab.restart_agent()
+            .unwrap_or_else(|e| panic!("restart {i}: {e:#}"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    done.store(true, Ordering::Relaxed);
+    let (new_ok, new_failed, lost) = load.join().unwrap();
+    println!(
+        "10 restarts: {new_ok} new connections succeeded, {} failed, {lost} established answers lost",
+        new_failed.len()
+    );
+    assert!(new_ok > 50, "the load ran: {new_ok}");
+    assert!(
+        new_failed.is_empty(),
+        "no new connection failed: {new_failed:?}"
+    );
+    assert_eq!(lost, 0, "no established connection lost");
+}

@@ -86,6 +86,13 @@ pub enum ControlCommand {
     Show(ShowCommand),
     /// Make the agent re-read its configuration file.
     Reload,
+    /// Stop the agent. The XDP program keeps forwarding with the last tables
+    /// (the next `lb run` adopts them) unless --detach is given.
+    Stop {
+        /// Also detach the XDP program and remove its pinned maps.
+        #[arg(long)]
+        detach: bool,
+    },
 }
 
 /// `lb add ...`
@@ -237,6 +244,7 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
         },
         ControlCommand::Show(ShowCommand::Stats { .. }) => Request::ShowStats,
         ControlCommand::Reload => Request::Reload,
+        ControlCommand::Stop { detach } => Request::Stop { detach: *detach },
     }
 }
 
@@ -561,6 +569,7 @@ mod tests {
             ),
             ("show stats --json", Request::ShowStats),
             ("reload", Request::Reload),
+            ("stop --detach", Request::Stop { detach: true }),
         ];
         for (args, want) in cases {
             assert_eq!(request(args), want, "{args}");

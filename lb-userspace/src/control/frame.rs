@@ -208,6 +208,7 @@ mod tests {
             },
             Request::ShowStats,
             Request::Reload,
+            Request::Stop { detach: true },
         ]
     }
 

@@ -93,6 +93,12 @@ pub enum Request {
     ShowStats,
     /// Re-reads the configuration file and applies the difference.
     Reload,
+    /// Stops the agent. Without `detach` the XDP program keeps forwarding with
+    /// the last tables (a new agent adopts them); with it, everything is removed.
+    Stop {
+        /// Detach the program and remove its pinned state too.
+        detach: bool,
+    },
 }
 
 /// Administrative state of a backend, set by the operator.

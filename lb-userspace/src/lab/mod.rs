@@ -597,6 +597,33 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Where the lab's agent pins its maps and attachments.
+    pub fn agent_pin_dir(&self) -> PathBuf {
+        Path::new(crate::dataplane::pin::BPFFS)
+            .join("lb")
+            .join(self.balancer_ns())
+    }
+
+    /// Starts the load-balancer agent for this lab's balancer namespace:
+    /// `lb run --netns <lb> ARGS` from the host namespace, so that its pinned
+    /// state lives in the host's /sys/fs/bpf (under `ip netns exec` /sys is
+    /// remounted and pins would vanish with the process). Tracked like any child.
+    pub fn spawn_agent(&mut self, args: &[OsString]) -> Result<u32> {
+        let ns = self.balancer_ns().to_string();
+        let child = Command::new(&self.opts.lb_bin)
+            .arg("run")
+            .arg("--netns")
+            .arg(&ns)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting the agent for {ns}"))?;
+        let pid = child.id();
+        self.reaped.remove(&pid);
+        self.children.insert(pid, child);
+        Ok(pid)
+    }
+
     /// Stops a process this lab started: SIGTERM, up to 5 s grace, then SIGKILL.
     ///
     /// Returns its exit status, or `None` if it was already stopped and reaped
@@ -743,8 +770,13 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Detach before the interfaces vanish with their namespaces.
+        // Detach before the interfaces vanish with their namespaces; the
+        // agent's pins (it leaves them when stopped, for a hitless restart)
+        // go too.
         self.xdp.clear();
+        if let Err(e) = crate::dataplane::pin::remove_all(&self.agent_pin_dir()) {
+            tracing::warn!("removing the agent's pins: {e:#}");
+        }
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = netns::del_ns(&ns) {
                 tracing::warn!("deleting namespace {ns}: {e:#}");
