@@ -210,8 +210,101 @@ fn request_rates() -> Result<()> {
     Ok(())
 }
 
+/// Maglev table for 100 backends at the default size: build, then publish.
+fn table_costs() -> Result<()> {
+    use lb_common::{DEFAULT_RING_SIZE, hash::backend_identity, maglev};
+    let identities: Vec<[u8; 20]> = (0..100u32)
+        .map(|i| {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[198, 18, 2 + (i / 200) as u8, (i % 200) as u8 + 10]);
+            backend_identity(&a, 8080, 4)
+        })
+        .collect();
+    let inputs: Vec<maglev::MaglevInput<'_>> = identities
+        .iter()
+        .enumerate()
+        .map(|(i, id)| maglev::MaglevInput {
+            id: i as u32,
+            identity: id,
+            weight: 1,
+        })
+        .collect();
+    let object = lb_userspace::dataplane::default_object_path()?;
+    let mut dp = lb_userspace::dataplane::Dataplane::load(&object)?;
+    let rounds = 20u32;
+    let (mut build, mut publish) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let table = maglev::build(&inputs, DEFAULT_RING_SIZE).map_err(|e| anyhow!("{e}"))?;
+        build += t.elapsed();
+        let t = Instant::now();
+        dp.publish_ring(0, &table)?;
+        publish += t.elapsed();
+    }
+    let build_ms = build.as_secs_f64() * 1e3 / f64::from(rounds);
+    let publish_ms = publish.as_secs_f64() * 1e3 / f64::from(rounds);
+    println!("Maglev table, 100 backends, {DEFAULT_RING_SIZE} entries (mean of {rounds}):");
+    println!(
+        "  {:<46} {publish_ms:>7.2} ms   1.00x",
+        "baseline: publish a ready table (one map update)"
+    );
+    println!(
+        "  {:<46} {build_ms:>7.2} ms   {:.2}x   (Maglev paper: 1.8 ms)",
+        "build the table",
+        build_ms / publish_ms
+    );
+    Ok(())
+}
+
+/// How long a CLI change takes to be in the data plane (the agent answers only
+/// once it has published), against a read-only request on the same path.
+fn control_latency() -> Result<()> {
+    let lab = RunningLab::start("benchc", 3, &[1, 1, 1])?;
+    let rounds = 20u32;
+    // Mean ms of `rounds` runs of `lb --socket S ARGS(i)`.
+    let time = |args: &dyn Fn(u32) -> Vec<String>| -> Result<f64> {
+        let t = Instant::now();
+        for i in 0..rounds {
+            let args = args(i);
+            let out = std::process::Command::new(&lab.lab.options().lb_bin)
+                .arg("--socket")
+                .arg(&lab.socket)
+                .args(&args)
+                .output()?;
+            anyhow::ensure!(out.status.success(), "lb {args:?} failed");
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3 / f64::from(rounds))
+    };
+    let be1 = SocketAddr::new(backend_v4(1).into(), TCP_PORT).to_string();
+    let read = time(&|_| vec!["show".into(), "stats".into()])?;
+    // Alternate the weight so every run really rebuilds and publishes.
+    let change = time(&|i| {
+        vec![
+            "weight".into(),
+            "tcp4".into(),
+            be1.clone(),
+            (2 + i % 2).to_string(),
+        ]
+    })?;
+    println!(
+        "Control path, `lb` CLI to the agent (mean of {rounds} runs, process start included):"
+    );
+    println!(
+        "  {:<46} {read:>7.2} ms   1.00x",
+        "baseline: lb show stats (read only)"
+    );
+    println!(
+        "  {:<46} {change:>7.2} ms   {:.2}x",
+        "lb weight (table rebuilt and published)",
+        change / read
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     xdp_costs()?;
     request_rates()?;
+    table_costs()?;
+    control_latency()?;
     Ok(())
 }
