@@ -134,6 +134,8 @@ pub struct HealthCheck {
     pub rise: u32,
     /// Consecutive failures that make a backend DOWN.
     pub fall: u32,
+    /// TCP port to check instead of the backend's own (required for UDP services).
+    pub port: Option<u16>,
 }
 
 /// What one health check does.
@@ -349,6 +351,7 @@ struct RawHealth {
     // A range string, one code or a list of codes: checked by hand for a clear message.
     status: Option<Spanned<toml::Value>>,
     body: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -592,9 +595,21 @@ impl Checker<'_> {
             }
 
             // Outer None: the table is invalid (already reported); Some(None): no table.
+            let health_span = svc.health.as_ref().map(Spanned::span);
             let health = match svc.health {
                 None => Some(None),
                 Some(h) => self.health(h).map(Some),
+            };
+            // Checks are TCP or HTTP: a UDP service's own port cannot answer them.
+            let health = match (health, protocol, health_span) {
+                (Some(Some(h)), Some(Protocol::Udp), Some(span)) if h.port.is_none() => {
+                    self.at(
+                        &span,
+                        "health checks of a udp service need `port`, a TCP port on the backends to check",
+                    );
+                    None
+                }
+                (h, ..) => h,
             };
 
             if let (
@@ -838,6 +853,17 @@ impl Checker<'_> {
         };
         let rise = self.count(h.rise.as_ref(), "rise", DEFAULT_RISE);
         let fall = self.count(h.fall.as_ref(), "fall", DEFAULT_FALL);
+        let port = match &h.port {
+            None => Some(None),
+            Some(p) if (1..=65535).contains(p.get_ref()) => Some(Some(*p.get_ref() as u16)),
+            Some(p) => {
+                self.at(
+                    &p.span(),
+                    format!("port {} is out of range; expected 1..=65535", p.get_ref()),
+                );
+                None
+            }
+        };
 
         let kind = match http {
             Some(true) => Some(CheckKind::Http(self.http_check(&h))),
@@ -872,6 +898,7 @@ impl Checker<'_> {
             timeout: timeout?,
             rise: rise?,
             fall: fall?,
+            port: port?,
         })
     }
 
@@ -1573,6 +1600,7 @@ mod tests {
                 timeout: Duration::from_secs(2),
                 rise: 2,
                 fall: 3,
+                port: None,
             }
         );
         let h = health_of(&["kind = \"http\"", "interval = \"500ms\""]);
@@ -1621,6 +1649,7 @@ mod tests {
                 timeout: Duration::from_secs(1),
                 rise: 1,
                 fall: 100,
+                port: None,
             }
         );
     }
@@ -1705,6 +1734,19 @@ mod tests {
             "longer than the interval 500ms",
         );
         expect_one(&with_health(&["interval = 2"]), 8, "invalid type");
+    }
+
+    #[test]
+    fn udp_health_checks_need_a_tcp_port() {
+        let base = "interfaces = [\"eth0\"]\n[[service]]\nname = \"dns\"\nvip = \"198.18.100.1:53\"\nprotocol = \"udp\"\n[[service.backend]]\naddress = \"198.18.2.11:53\"\n[service.health]\nkind = \"tcp\"\n";
+        let errs = parse(base, "t.toml").unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].line, 8);
+        assert!(errs.0[0].reason.contains("need `port`"), "{errs}");
+        let ok = parse(&format!("{base}port = 8080\n"), "t.toml").unwrap();
+        assert_eq!(ok.services[0].health.as_ref().unwrap().port, Some(8080));
+        let errs = parse(&format!("{base}port = 70000\n"), "t.toml").unwrap_err();
+        assert!(errs.0[0].reason.contains("out of range"), "{errs}");
     }
 
     #[test]

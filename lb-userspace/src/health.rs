@@ -109,6 +109,7 @@ impl Outcome {
 
 /// Checks `addr` once; the whole check, connect included, is bounded by `check.timeout`.
 pub async fn check_once(addr: SocketAddr, check: &HealthCheck) -> Outcome {
+    let addr = check.port.map_or(addr, |p| SocketAddr::new(addr.ip(), p));
     tokio::time::timeout(check.timeout, probe(addr, &check.kind))
         .await
         .unwrap_or_else(|_| Outcome::fail("timeout"))
@@ -506,6 +507,7 @@ mod tests {
             timeout: Duration::from_millis(timeout_ms),
             rise: 2,
             fall: 2,
+            port: None,
         }
     }
 

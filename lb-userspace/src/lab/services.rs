@@ -79,7 +79,13 @@ pub fn lab_config(lab: &Lab, weights: &[u32], ring_size: u32, health: Option<&st
             );
         }
         if let Some(health) = health {
-            let _ = writeln!(out, "[service.health]\n{health}\n");
+            // UDP services are checked on the backends' TCP port.
+            let port = if proto == "udp" {
+                format!("port = {TCP_PORT}\n")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "[service.health]\n{health}\n{port}");
         }
     }
     let _ = writeln!(
