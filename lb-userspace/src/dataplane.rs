@@ -228,11 +228,6 @@ impl Dataplane {
     }
 
     /// Attaches to `iface`; in driver mode falls back to generic with a warning.
-    /// The attachment ends with this data plane.
-    pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<AttachedMode> {
-        Ok(self.attach_link(iface, mode)?.0)
-    }
-
     fn attach_link(
         &mut self,
         iface: &str,
