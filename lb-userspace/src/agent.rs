@@ -22,7 +22,7 @@ use crate::{
     },
     dataplane::{self, Dataplane, pin},
     health::{HealthChecker, HealthEvent, Target},
-    metrics,
+    metrics, proxy,
     runtime::{self, Desired},
 };
 
@@ -134,6 +134,9 @@ impl Agent {
         let old = &self.desired.config;
         if old.interfaces != file.interfaces || old.metrics != file.metrics {
             warn!("interfaces and metrics address take effect on restart only");
+        }
+        if old.proxy != file.proxy {
+            warn!("L7 proxy ([[frontend]], [[pool]]) changes take effect on restart only");
         }
         let (desired, kept) = runtime::replay(file, &self.journal);
         let previous = std::mem::replace(&mut self.desired, desired);
@@ -335,6 +338,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     }
     let shared = Shared(Arc::new(Mutex::new(agent)));
+    // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).
+    let proxy = if config.proxy.0.frontends.is_empty() {
+        None
+    } else {
+        let router = proxy::routing::router(&config.proxy.0)?;
+        let started = proxy::Proxy::start(config.proxy.0.clone(), Some(router)).await?;
+        info!(listening = ?started.local_addrs(), "L7 proxy running");
+        Some(started)
+    };
 
     let control = tokio::spawn(server::serve(
         opts.socket.clone(),
@@ -380,6 +392,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
     control.abort();
+    drop(proxy);
     server::remove_socket(&opts.socket);
     if let Some(task) = metrics_task {
         task.abort();

@@ -86,7 +86,23 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Load-balanced services, in file order.
     pub services: Vec<Service>,
+    /// The L7 proxy's `[[frontend]]` and `[[pool]]` tables.
+    pub proxy: ProxySection,
 }
+
+/// The L7 proxy's part of the file (see `crate::proxy`), already validated.
+#[derive(Debug, Clone, Default)]
+pub struct ProxySection(pub crate::proxy::ProxyConfig);
+
+impl PartialEq for ProxySection {
+    fn eq(&self, other: &Self) -> bool {
+        // The proxy's types carry compiled matchers without PartialEq; their
+        // Debug text is a faithful rendering of the parsed values.
+        format!("{:?}", self.0) == format!("{:?}", other.0)
+    }
+}
+
+impl Eq for ProxySection {}
 
 /// XDP attach mode requested in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -304,7 +320,15 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             return Err(ConfigErrors(checker.errors));
         }
     };
-    let config = checker.config(raw);
+    let has_proxy = raw.frontend.is_some() || raw.pool.is_some();
+    let service_tables = raw.service.as_ref().map_or(0, Vec::len);
+    let mut config = checker.config(raw);
+    if has_proxy {
+        config.proxy = checker.proxy_section(text);
+    }
+    if service_tables == 0 && config.proxy.0.frontends.is_empty() {
+        checker.whole("no services; add at least one [[service]] (or [[frontend]]) table");
+    }
     if checker.errors.is_empty() {
         Ok(config)
     } else {
@@ -321,6 +345,18 @@ struct RawConfig {
     xdp_mode: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
     service: Option<Vec<Spanned<RawService>>>,
+    // Read again, typed, by `proxy_section`; here they only need to be allowed.
+    frontend: Option<Spanned<toml::Value>>,
+    pool: Option<Spanned<toml::Value>>,
+}
+
+/// The proxy's tables, read with spans so errors point at their entry.
+#[derive(Deserialize)]
+struct RawProxy {
+    #[serde(default)]
+    frontend: Vec<Spanned<crate::proxy::Frontend>>,
+    #[serde(default)]
+    pool: Vec<Spanned<crate::proxy::Pool>>,
 }
 
 // Everything is optional and loosely typed (strings, i64) so that missing or
@@ -432,7 +468,43 @@ impl Checker<'_> {
             xdp_mode,
             metrics,
             services,
+            proxy: ProxySection::default(),
         }
+    }
+
+    /// Reads and checks the `[[frontend]]` and `[[pool]]` tables.
+    fn proxy_section(&mut self, text: &str) -> ProxySection {
+        let raw: RawProxy = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let reason = e.message().trim().replace('\n', ": ");
+                match e.span() {
+                    Some(span) => self.at(&span, reason),
+                    None => self.whole(reason),
+                }
+                return ProxySection::default();
+            }
+        };
+        let first = raw
+            .frontend
+            .first()
+            .map(Spanned::span)
+            .or_else(|| raw.pool.first().map(Spanned::span));
+        let cfg = crate::proxy::ProxyConfig {
+            frontends: raw.frontend.into_iter().map(Spanned::into_inner).collect(),
+            pools: raw.pool.into_iter().map(Spanned::into_inner).collect(),
+        };
+        let problem = cfg
+            .validate()
+            .map_err(|e| e.to_string())
+            .and_then(|()| crate::proxy::routing::router(&cfg).map_err(|e| e.to_string()));
+        if let Err(reason) = problem {
+            match first {
+                Some(span) => self.at(&span, reason),
+                None => self.whole(reason),
+            }
+        }
+        ProxySection(cfg)
     }
 
     fn interfaces(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Vec<String> {
@@ -483,7 +555,7 @@ impl Checker<'_> {
 
     fn services(&mut self, raw: Vec<Spanned<RawService>>) -> Vec<Service> {
         if raw.is_empty() {
-            self.whole("no services; add at least one [[service]] table");
+            // Checked once the proxy's tables are known (a pure L7 file is fine).
         }
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut vips: HashMap<(SocketAddr, Protocol), (String, usize)> = HashMap::new();
@@ -1220,6 +1292,7 @@ mod tests {
                     line: 23,
                 },
             ],
+            proxy: ProxySection::default(),
         };
         assert_eq!(c, expected);
         assert_eq!(c.services[1].protocol.number(), 17);

@@ -1,6 +1,7 @@
 //! The load balancer's userspace: configuration, the agent that drives the XDP
 //! data plane, metrics, and the namespace lab shared by demo, tests and benchmarks.
 
+pub mod acl;
 pub mod agent;
 pub mod balancer;
 pub mod config;
@@ -10,4 +11,5 @@ pub mod demo;
 pub mod health;
 pub mod lab;
 pub mod metrics;
+pub mod proxy;
 pub mod runtime;

@@ -125,20 +125,31 @@ impl RunningLab {
         weights: &[u32],
         health: Option<&str>,
     ) -> Result<Self> {
+        Self::start_custom(tag, backends, weights, health, |_, _| Ok(String::new()))
+    }
+
+    /// The general form: `extra(lab, dir)` returns TOML appended to the
+    /// generated config (it may write files, e.g. certificates, into `dir`).
+    pub fn start_custom(
+        tag: &str,
+        backends: usize,
+        weights: &[u32],
+        health: Option<&str>,
+        extra: impl FnOnce(&lb_userspace::lab::Lab, &std::path::Path) -> Result<String>,
+    ) -> Result<Self> {
         let opts = lb_userspace::lab::LabOptions::from_env(backends)?;
         let mut lab = lb_userspace::lab::Lab::create(tag, opts)?;
         let dir = std::env::temp_dir().join(lab.balancer_ns());
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("lb.toml");
-        std::fs::write(
-            &config_path,
-            lb_userspace::lab::services::lab_config(
-                &lab,
-                weights,
-                lb_common::DEFAULT_RING_SIZE,
-                health,
-            ),
-        )?;
+        let mut text = lb_userspace::lab::services::lab_config(
+            &lab,
+            weights,
+            lb_common::DEFAULT_RING_SIZE,
+            health,
+        );
+        text.push_str(&extra(&lab, &dir)?);
+        std::fs::write(&config_path, text)?;
         let socket = dir.join("lb.sock");
         let agent = lb_userspace::demo::start_agent(&mut lab, &config_path, &socket)?;
         Ok(Self {

@@ -597,6 +597,17 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Makes `ip` a local address of the balancer (on its loopback), so the
+    /// stack accepts packets to it that XDP passes up: what an operator does
+    /// for a VIP served by the L7 proxy.
+    pub fn make_local_on_balancer(&self, ip: IpAddr) -> Result<()> {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        netns::ip_batch(
+            self.balancer_ns(),
+            &[format!("addr replace {ip}/{prefix} dev lo")],
+        )
+    }
+
     /// Where the lab's agent pins its maps and attachments.
     pub fn agent_pin_dir(&self) -> PathBuf {
         Path::new(crate::dataplane::pin::BPFFS)

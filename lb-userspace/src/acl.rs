@@ -1,0 +1,1950 @@
+//! HAProxy-style ACLs for the L7 proxy: named request matchers and the
+//! `if` conditions that combine them. Pure: no I/O, compiled once at config time.
+//!
+//! # Configuration
+//!
+//! Each `[[frontend.acl]]` entry has a `name` and exactly one matcher key.
+//! Several entries with the same name are OR-ed, as in HAProxy:
+//!
+//! ```toml
+//! [[frontend.acl]]
+//! name = "is_api"
+//! path_prefix = "/api/"
+//! [[frontend.acl]]
+//! name = "is_api"
+//! host = "api.example.org"          # is_api: path starts with /api/ OR host is api.example.org
+//! ```
+//!
+//! | key | value | matches when |
+//! |---|---|---|
+//! | `path` | `"/x"` | the path (without query) equals it |
+//! | `path_prefix` | `"/api/"` | the path starts with it |
+//! | `path_suffix` | `".css"` | the path ends with it |
+//! | `path_regex` | `"^/v[0-9]+/"` | the regex matches somewhere in the path (anchor with `^`/`$`) |
+//! | `host` | `"admin.example.org"` | the Host, without `:port` or a trailing dot, equals it, ASCII case-insensitively |
+//! | `host_suffix` | `".example.org"` | the Host ends with it, case-insensitively (`.example.org` does not match `example.org`) |
+//! | `header_present` | `"X-Name"` | the header is present (names are case-insensitive) |
+//! | `header` | `{ name = "X-Env", value = "prod" }` | one field line of that header equals the value, case-sensitively |
+//! | `header_regex` | `{ name = "X-Env", regex = "^prod" }` | the regex matches one field line of that header |
+//! | `method` | `"GET"` or `["GET", "HEAD"]` | the method is one of them (case-sensitive, as in HTTP) |
+//! | `src` | `["10.0.0.0/8", "2001:db8::/32", "198.18.1.2"]` | the client address is in one of the networks |
+//! | `sni` | `"a.example"` | the TLS SNI equals it, case-insensitively |
+//! | `sni_suffix` | `".example"` | the TLS SNI ends with it, case-insensitively |
+//! | `query` | `{ name = "debug", value = "1" }` | a query parameter has that name (and value, if given) |
+//! | `cookie` | `{ name = "session", value = "x" }` | a cookie has that name (and value, if given) |
+//!
+//! ACL names consist of ASCII letters, digits, `_`, `-`, `.` and `:`, and are
+//! not `and`, `or` or `not`.
+//!
+//! Details: paths are compared raw (no percent-decoding or dot-segment removal:
+//! normalise before building a [`Request`] if rules must see `/%61pi` as `/api`).
+//! Query names and values are form-decoded (`%xx`, `+` as space) before they are
+//! compared, so `value = "a b"` matches `a+b` and `a%20b`. Cookies are compared
+//! raw. IPv4-mapped IPv6 clients (`::ffff:10.0.0.1`) count as IPv4 and
+//! `::ffff:a.b.c.d/n` networks (n ≥ 96) as IPv4 networks; otherwise IPv4 sources
+//! never match IPv6 networks (not even `::/0`) and vice versa. Networks must not
+//! have host bits set (`10.1.0.0/8` is an error).
+//!
+//! # Conditions
+//!
+//! `if = "is_api and not admin_host or is_static"`: ACL names, `and` (or `&&`, or
+//! nothing: `is_api !admin_host` is an implicit AND as in HAProxy), `or` (`||`),
+//! `not` (`!`) and parentheses, with precedence `not` > `and` > `or`. Parse them
+//! with [`parse_condition`] once, evaluate with [`Condition::eval`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderName, Method};
+use serde::Deserialize;
+
+/// The matcher keys, in the order they are documented.
+pub const MATCHER_KEYS: &[&str] = &[
+    "path",
+    "path_prefix",
+    "path_suffix",
+    "path_regex",
+    "host",
+    "host_suffix",
+    "header_present",
+    "header",
+    "header_regex",
+    "method",
+    "src",
+    "sni",
+    "sni_suffix",
+    "query",
+    "cookie",
+];
+
+/// Nesting limit of parentheses and `not`s in a condition.
+const MAX_DEPTH: usize = 64;
+
+/// An error in an ACL definition or a condition.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AclError {
+    /// An ACL entry has an empty name.
+    #[error("ACL name must not be empty")]
+    EmptyName,
+    /// An ACL name has characters a condition could not refer to, or is a keyword.
+    #[error(
+        "ACL name `{0}` is invalid: use ASCII letters, digits, `_`, `-`, `.` and `:`, and not `and`, `or` or `not`"
+    )]
+    BadName(String),
+    /// An ACL entry has no matcher key or several.
+    #[error("ACL `{name}` needs exactly one matcher key (one of {}), found {}", MATCHER_KEYS.join(", "), found_keys(.found))]
+    Matchers {
+        /// The ACL's name.
+        name: String,
+        /// The matcher keys the entry had.
+        found: Vec<&'static str>,
+    },
+    /// A `path_regex` or `header_regex` does not compile.
+    #[error("ACL `{name}`: invalid regex: {error}")]
+    BadRegex {
+        /// The ACL's name.
+        name: String,
+        /// What the regex crate said.
+        error: regex::Error,
+    },
+    /// An entry of `src` is not an address or network.
+    #[error("ACL `{name}`: invalid network `{cidr}` in `src`: {reason}")]
+    BadCidr {
+        /// The ACL's name.
+        name: String,
+        /// The entry as written.
+        cidr: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Any other invalid matcher value (empty, bad header name, bad method, ...).
+    #[error("ACL `{name}`: {reason}")]
+    BadValue {
+        /// The ACL's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A condition names an ACL that is not defined.
+    #[error("unknown ACL `{name}` in condition at column {column}")]
+    UnknownAcl {
+        /// The name as written.
+        name: String,
+        /// 1-based character column in the condition.
+        column: usize,
+    },
+    /// A condition is not well-formed.
+    #[error("syntax error in condition at column {column}: {message}")]
+    Syntax {
+        /// 1-based character column in the condition.
+        column: usize,
+        /// What was expected or found.
+        message: String,
+    },
+}
+
+fn found_keys(found: &[&str]) -> String {
+    if found.is_empty() {
+        "none".to_owned()
+    } else {
+        found
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// One ACL entry as configured: a name and one matcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AclSpec {
+    /// The ACL's name; entries sharing it are OR-ed.
+    pub name: String,
+    /// What the entry matches.
+    pub matcher: MatcherSpec,
+}
+
+/// A matcher as configured, before compilation; see the module doc for each key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MatcherSpec {
+    /// `path`: exact path.
+    Path(String),
+    /// `path_prefix`: path prefix.
+    PathPrefix(String),
+    /// `path_suffix`: path suffix.
+    PathSuffix(String),
+    /// `path_regex`: regex searched in the path.
+    PathRegex(String),
+    /// `host`: exact host, case-insensitive, port ignored.
+    Host(String),
+    /// `host_suffix`: host suffix, case-insensitive, port ignored.
+    HostSuffix(String),
+    /// `header_present`: a header name.
+    HeaderPresent(String),
+    /// `header`: a header field line equal to a value.
+    Header {
+        /// Header name, case-insensitive.
+        name: String,
+        /// Exact value, case-sensitive.
+        value: String,
+    },
+    /// `header_regex`: a header field line matching a regex.
+    HeaderRegex {
+        /// Header name, case-insensitive.
+        name: String,
+        /// Regex searched in each field line.
+        regex: String,
+    },
+    /// `method`: one of these methods.
+    Method(Vec<String>),
+    /// `src`: client address in one of these networks.
+    Src(Vec<String>),
+    /// `sni`: exact SNI, case-insensitive.
+    Sni(String),
+    /// `sni_suffix`: SNI suffix, case-insensitive.
+    SniSuffix(String),
+    /// `query`: a query parameter, with a value or just present.
+    Query {
+        /// Parameter name (decoded).
+        name: String,
+        /// Parameter value (decoded); `None` matches presence.
+        value: Option<String>,
+    },
+    /// `cookie`: a cookie, with a value or just present.
+    Cookie {
+        /// Cookie name.
+        name: String,
+        /// Cookie value; `None` matches presence.
+        value: Option<String>,
+    },
+}
+
+impl MatcherSpec {
+    /// The TOML key of this matcher.
+    pub fn key(&self) -> &'static str {
+        match self {
+            MatcherSpec::Path(_) => "path",
+            MatcherSpec::PathPrefix(_) => "path_prefix",
+            MatcherSpec::PathSuffix(_) => "path_suffix",
+            MatcherSpec::PathRegex(_) => "path_regex",
+            MatcherSpec::Host(_) => "host",
+            MatcherSpec::HostSuffix(_) => "host_suffix",
+            MatcherSpec::HeaderPresent(_) => "header_present",
+            MatcherSpec::Header { .. } => "header",
+            MatcherSpec::HeaderRegex { .. } => "header_regex",
+            MatcherSpec::Method(_) => "method",
+            MatcherSpec::Src(_) => "src",
+            MatcherSpec::Sni(_) => "sni",
+            MatcherSpec::SniSuffix(_) => "sni_suffix",
+            MatcherSpec::Query { .. } => "query",
+            MatcherSpec::Cookie { .. } => "cookie",
+        }
+    }
+}
+
+// The TOML shape: every matcher key optional, so that "none" and "several" get
+// one clear error instead of serde's untagged/flatten messages; unknown keys
+// (typos) are rejected.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAclSpec {
+    name: String,
+    path: Option<String>,
+    path_prefix: Option<String>,
+    path_suffix: Option<String>,
+    path_regex: Option<String>,
+    host: Option<String>,
+    host_suffix: Option<String>,
+    header_present: Option<String>,
+    header: Option<RawHeader>,
+    header_regex: Option<RawHeaderRegex>,
+    method: Option<OneOrMany>,
+    src: Option<OneOrMany>,
+    sni: Option<String>,
+    sni_suffix: Option<String>,
+    query: Option<RawNameValue>,
+    cookie: Option<RawNameValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    name: String,
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeaderRegex {
+    name: String,
+    regex: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNameValue {
+    name: String,
+    value: Option<String>,
+}
+
+/// A string or an array of strings.
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl TryFrom<RawAclSpec> for AclSpec {
+    type Error = AclError;
+
+    fn try_from(raw: RawAclSpec) -> Result<AclSpec, AclError> {
+        use MatcherSpec as M;
+        let candidates = [
+            raw.path.map(M::Path),
+            raw.path_prefix.map(M::PathPrefix),
+            raw.path_suffix.map(M::PathSuffix),
+            raw.path_regex.map(M::PathRegex),
+            raw.host.map(M::Host),
+            raw.host_suffix.map(M::HostSuffix),
+            raw.header_present.map(M::HeaderPresent),
+            raw.header.map(|h| M::Header {
+                name: h.name,
+                value: h.value,
+            }),
+            raw.header_regex.map(|h| M::HeaderRegex {
+                name: h.name,
+                regex: h.regex,
+            }),
+            raw.method.map(|m| M::Method(m.0)),
+            raw.src.map(|s| M::Src(s.0)),
+            raw.sni.map(M::Sni),
+            raw.sni_suffix.map(M::SniSuffix),
+            raw.query.map(|q| M::Query {
+                name: q.name,
+                value: q.value,
+            }),
+            raw.cookie.map(|c| M::Cookie {
+                name: c.name,
+                value: c.value,
+            }),
+        ];
+        let mut found: Vec<MatcherSpec> = candidates.into_iter().flatten().collect();
+        if found.len() == 1
+            && let Some(matcher) = found.pop()
+        {
+            return Ok(AclSpec {
+                name: raw.name,
+                matcher,
+            });
+        }
+        Err(AclError::Matchers {
+            name: raw.name,
+            found: found.iter().map(MatcherSpec::key).collect(),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for AclSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = RawAclSpec::deserialize(d)?;
+        AclSpec::try_from(raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The parts of an HTTP request (and its connection) that ACLs look at.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The method, e.g. `GET`.
+    pub method: &'a str,
+    /// The path; anything from a `?` on is treated as the query.
+    pub path: &'a str,
+    /// The query string without `?`, if any.
+    pub query: Option<&'a str>,
+    /// The Host header or URI authority, possibly with `:port`.
+    pub host: Option<&'a str>,
+    /// The request headers.
+    pub headers: &'a HeaderMap,
+    /// The client's address.
+    pub src: IpAddr,
+    /// The TLS server name, if the connection is TLS with SNI.
+    pub sni: Option<&'a str>,
+}
+
+impl<'a> Request<'a> {
+    fn path_only(&self) -> &'a str {
+        match self.path.split_once('?') {
+            Some((path, _)) => path,
+            None => self.path,
+        }
+    }
+
+    fn query_string(&self) -> Option<&'a str> {
+        self.query
+            .or_else(|| self.path.split_once('?').map(|(_, q)| q))
+    }
+}
+
+/// A network of `src`, IPv4-mapped IPv6 networks stored as IPv4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cidr {
+    V4 { net: u32, mask: u32 },
+    V6 { net: u128, mask: u128 },
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{addr}` is not an IPv4 or IPv6 address"))?;
+        let max: u32 = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => {
+                if p.is_empty() || p.len() > 3 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(format!("prefix length `{p}` is not a number"));
+                }
+                let n: u32 = p
+                    .parse()
+                    .map_err(|_| format!("prefix length `{p}` is not a number"))?;
+                if n > max {
+                    return Err(format!("prefix length {n} is longer than {max}"));
+                }
+                n
+            }
+        };
+        let cidr = match addr {
+            IpAddr::V4(a) => {
+                let bits = u32::from(a);
+                let mask = u32::MAX.checked_shl(32 - prefix).unwrap_or(0);
+                if bits & mask != bits {
+                    return Err(format!(
+                        "host bits are set; the network is {}/{prefix}",
+                        std::net::Ipv4Addr::from(bits & mask)
+                    ));
+                }
+                Cidr::V4 { net: bits, mask }
+            }
+            IpAddr::V6(a) => {
+                let bits = u128::from(a);
+                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                if bits & mask != bits {
+                    return Err(format!(
+                        "host bits are set; the network is {}/{prefix}",
+                        std::net::Ipv6Addr::from(bits & mask)
+                    ));
+                }
+                if prefix >= 96 && bits >> 32 == 0xffff {
+                    // ::ffff:a.b.c.d/n is the IPv4 network a.b.c.d/(n-96).
+                    Cidr::V4 {
+                        net: bits as u32,
+                        mask: mask as u32,
+                    }
+                } else {
+                    Cidr::V6 { net: bits, mask }
+                }
+            }
+        };
+        Ok(cidr)
+    }
+
+    fn contains(&self, addr: IpAddr) -> bool {
+        match (self, addr.to_canonical()) {
+            (Cidr::V4 { net, mask }, IpAddr::V4(a)) => u32::from(a) & mask == *net,
+            (Cidr::V6 { net, mask }, IpAddr::V6(a)) => u128::from(a) & mask == *net,
+            _ => false,
+        }
+    }
+}
+
+/// A compiled matcher.
+#[derive(Debug, Clone)]
+enum Matcher {
+    Path(String),
+    PathPrefix(String),
+    PathSuffix(String),
+    PathRegex(regex::Regex),
+    Host(String),
+    HostSuffix(String),
+    HeaderPresent(HeaderName),
+    Header {
+        name: HeaderName,
+        value: String,
+    },
+    HeaderRegex {
+        name: HeaderName,
+        regex: regex::bytes::Regex,
+    },
+    Method(Vec<String>),
+    Src(Vec<Cidr>),
+    Sni(String),
+    SniSuffix(String),
+    Query {
+        name: String,
+        value: Option<String>,
+    },
+    Cookie {
+        name: String,
+        value: Option<String>,
+    },
+}
+
+impl Matcher {
+    fn compile(acl: &str, spec: &MatcherSpec) -> Result<Matcher, AclError> {
+        let bad = |reason: String| AclError::BadValue {
+            name: acl.to_owned(),
+            reason,
+        };
+        let non_empty = |v: &str| {
+            if v.is_empty() {
+                Err(bad(format!("`{}` must not be empty", spec.key())))
+            } else {
+                Ok(v.to_owned())
+            }
+        };
+        let header_name = |n: &str| {
+            HeaderName::from_bytes(n.as_bytes())
+                .map_err(|_| bad(format!("`{n}` is not a valid header name")))
+        };
+        let host_like = |v: &str| {
+            let v = v.strip_suffix('.').unwrap_or(v);
+            if v.is_empty() {
+                return Err(bad(format!("`{}` must not be empty", spec.key())));
+            }
+            if v.contains(':') && !v.starts_with('[') {
+                return Err(bad(format!(
+                    "`{}` must not contain a port (`{v}`): the port is ignored",
+                    spec.key()
+                )));
+            }
+            Ok(v.to_ascii_lowercase())
+        };
+        let regex_error = |error| AclError::BadRegex {
+            name: acl.to_owned(),
+            error,
+        };
+        Ok(match spec {
+            MatcherSpec::Path(p) => Matcher::Path(non_empty(p)?),
+            MatcherSpec::PathPrefix(p) => Matcher::PathPrefix(non_empty(p)?),
+            MatcherSpec::PathSuffix(p) => Matcher::PathSuffix(non_empty(p)?),
+            MatcherSpec::PathRegex(r) => {
+                Matcher::PathRegex(regex::Regex::new(r).map_err(regex_error)?)
+            }
+            MatcherSpec::Host(h) => Matcher::Host(host_like(h)?),
+            MatcherSpec::HostSuffix(h) => Matcher::HostSuffix(host_like(h)?),
+            MatcherSpec::HeaderPresent(n) => Matcher::HeaderPresent(header_name(n)?),
+            MatcherSpec::Header { name, value } => Matcher::Header {
+                name: header_name(name)?,
+                value: value.clone(),
+            },
+            MatcherSpec::HeaderRegex { name, regex } => Matcher::HeaderRegex {
+                name: header_name(name)?,
+                regex: regex::bytes::Regex::new(regex).map_err(regex_error)?,
+            },
+            MatcherSpec::Method(methods) => {
+                if methods.is_empty() {
+                    return Err(bad("`method` must list at least one method".to_owned()));
+                }
+                for m in methods {
+                    Method::from_bytes(m.as_bytes())
+                        .map_err(|_| bad(format!("`{m}` is not a valid HTTP method")))?;
+                }
+                Matcher::Method(methods.clone())
+            }
+            MatcherSpec::Src(cidrs) => {
+                if cidrs.is_empty() {
+                    return Err(bad("`src` must list at least one network".to_owned()));
+                }
+                let parsed = cidrs
+                    .iter()
+                    .map(|c| {
+                        Cidr::parse(c).map_err(|reason| AclError::BadCidr {
+                            name: acl.to_owned(),
+                            cidr: c.clone(),
+                            reason,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Matcher::Src(parsed)
+            }
+            MatcherSpec::Sni(s) => Matcher::Sni(host_like(s)?),
+            MatcherSpec::SniSuffix(s) => Matcher::SniSuffix(host_like(s)?),
+            MatcherSpec::Query { name, value } => Matcher::Query {
+                name: non_empty(name)?,
+                value: value.clone(),
+            },
+            MatcherSpec::Cookie { name, value } => Matcher::Cookie {
+                name: non_empty(name)?,
+                value: value.clone(),
+            },
+        })
+    }
+
+    fn matches(&self, req: &Request) -> bool {
+        match self {
+            Matcher::Path(p) => req.path_only() == p,
+            Matcher::PathPrefix(p) => req.path_only().starts_with(p.as_str()),
+            Matcher::PathSuffix(p) => req.path_only().ends_with(p.as_str()),
+            Matcher::PathRegex(r) => r.is_match(req.path_only()),
+            Matcher::Host(h) => req
+                .host
+                .is_some_and(|v| host_only(v).eq_ignore_ascii_case(h)),
+            Matcher::HostSuffix(h) => req.host.is_some_and(|v| ends_with_ci(host_only(v), h)),
+            Matcher::HeaderPresent(n) => req.headers.contains_key(n),
+            Matcher::Header { name, value } => req
+                .headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.as_bytes() == value.as_bytes()),
+            Matcher::HeaderRegex { name, regex } => req
+                .headers
+                .get_all(name)
+                .iter()
+                .any(|v| regex.is_match(v.as_bytes())),
+            Matcher::Method(ms) => ms.iter().any(|m| m == req.method),
+            Matcher::Src(cidrs) => cidrs.iter().any(|c| c.contains(req.src)),
+            Matcher::Sni(s) => req.sni.is_some_and(|v| trim_dot(v).eq_ignore_ascii_case(s)),
+            Matcher::SniSuffix(s) => req.sni.is_some_and(|v| ends_with_ci(trim_dot(v), s)),
+            Matcher::Query { name, value } => req.query_string().is_some_and(|q| {
+                q.split('&').filter(|p| !p.is_empty()).any(|pair| {
+                    let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    form_decoded_eq(n.as_bytes(), name.as_bytes())
+                        && value
+                            .as_ref()
+                            .is_none_or(|want| form_decoded_eq(v.as_bytes(), want.as_bytes()))
+                })
+            }),
+            Matcher::Cookie { name, value } => {
+                req.headers.get_all(http::header::COOKIE).iter().any(|h| {
+                    h.as_bytes().split(|&b| b == b';').any(|pair| {
+                        let pair = pair.trim_ascii();
+                        let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+                            return false;
+                        };
+                        let (n, v) = (pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii());
+                        n == name.as_bytes()
+                            && value.as_ref().is_none_or(|want| v == want.as_bytes())
+                    })
+                })
+            }
+        }
+    }
+}
+
+/// The host without `:port` and without a trailing dot; IPv6 literals keep their brackets.
+fn host_only(host: &str) -> &str {
+    let host = if host.starts_with('[') {
+        match host.find(']') {
+            Some(i) => &host[..=i],
+            None => host,
+        }
+    } else {
+        match host.split_once(':') {
+            Some((h, _)) => h,
+            None => host,
+        }
+    };
+    trim_dot(host)
+}
+
+fn trim_dot(name: &str) -> &str {
+    name.strip_suffix('.').unwrap_or(name)
+}
+
+fn ends_with_ci(s: &str, suffix: &str) -> bool {
+    let (s, x) = (s.as_bytes(), suffix.as_bytes());
+    s.len() >= x.len() && s[s.len() - x.len()..].eq_ignore_ascii_case(x)
+}
+
+/// Whether form-decoding `raw` (`%xx`, `+` as space) gives exactly `want`, without allocating.
+fn form_decoded_eq(raw: &[u8], want: &[u8]) -> bool {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < raw.len() {
+        let (byte, used) = match raw[i] {
+            b'+' => (b' ', 1),
+            b'%' => match (
+                raw.get(i + 1).and_then(|&b| hex(b)),
+                raw.get(i + 2).and_then(|&b| hex(b)),
+            ) {
+                (Some(h), Some(l)) => (h << 4 | l, 3),
+                _ => (b'%', 1),
+            },
+            b => (b, 1),
+        };
+        if want.get(j) != Some(&byte) {
+            return false;
+        }
+        i += used;
+        j += 1;
+    }
+    j == want.len()
+}
+
+fn valid_name(name: &str) -> bool {
+    !matches!(name, "and" | "or" | "not") && name.chars().all(is_name_char)
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')
+}
+
+/// Compiled ACLs by name; entries sharing a name are OR-ed.
+#[derive(Debug, Clone, Default)]
+pub struct AclSet {
+    by_name: HashMap<String, Vec<Matcher>>,
+}
+
+impl AclSet {
+    /// Validates and compiles ACL entries (regexes, networks, header names) once.
+    pub fn compile(specs: &[AclSpec]) -> Result<AclSet, AclError> {
+        let mut by_name: HashMap<String, Vec<Matcher>> = HashMap::new();
+        for spec in specs {
+            if spec.name.is_empty() {
+                return Err(AclError::EmptyName);
+            }
+            if !valid_name(&spec.name) {
+                return Err(AclError::BadName(spec.name.clone()));
+            }
+            let matcher = Matcher::compile(&spec.name, &spec.matcher)?;
+            by_name.entry(spec.name.clone()).or_default().push(matcher);
+        }
+        Ok(AclSet { by_name })
+    }
+
+    /// Whether an ACL of this name is defined.
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// Whether any entry of the named ACL matches; an undefined name never matches.
+    pub fn matches(&self, name: &str, req: &Request) -> bool {
+        self.by_name
+            .get(name)
+            .is_some_and(|ms| ms.iter().any(|m| m.matches(req)))
+    }
+}
+
+/// A parsed `if` condition over ACL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// True when the named ACL matches.
+    Acl(String),
+    /// True when the inner condition is false.
+    Not(Box<Condition>),
+    /// True when all are true (an empty list is true).
+    And(Vec<Condition>),
+    /// True when any is true (an empty list is false).
+    Or(Vec<Condition>),
+}
+
+impl Condition {
+    /// Evaluates the condition for a request, short-circuiting left to right.
+    pub fn eval(&self, acls: &AclSet, req: &Request) -> bool {
+        match self {
+            Condition::Acl(name) => acls.matches(name, req),
+            Condition::Not(c) => !c.eval(acls, req),
+            Condition::And(cs) => cs.iter().all(|c| c.eval(acls, req)),
+            Condition::Or(cs) => cs.iter().any(|c| c.eval(acls, req)),
+        }
+    }
+}
+
+/// Minimal parentheses, keywords spelled out: parses back to the same condition.
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Condition::Acl(name) => f.write_str(name),
+            Condition::Not(c) => match **c {
+                Condition::And(_) | Condition::Or(_) => write!(f, "not ({c})"),
+                _ => write!(f, "not {c}"),
+            },
+            Condition::And(cs) => {
+                for (i, c) in cs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(" and ")?;
+                    }
+                    match c {
+                        Condition::Or(_) | Condition::And(_) => write!(f, "({c})")?,
+                        _ => write!(f, "{c}")?,
+                    }
+                }
+                Ok(())
+            }
+            Condition::Or(cs) => {
+                for (i, c) in cs.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(" or ")?;
+                    }
+                    match c {
+                        Condition::Or(_) => write!(f, "({c})")?,
+                        _ => write!(f, "{c}")?,
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok<'a> {
+    Name(&'a str),
+    And,
+    Or,
+    Not,
+    Open,
+    Close,
+}
+
+impl fmt::Display for Tok<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Tok::Name(n) => write!(f, "`{n}`"),
+            Tok::And => f.write_str("`and`"),
+            Tok::Or => f.write_str("`or`"),
+            Tok::Not => f.write_str("`not`"),
+            Tok::Open => f.write_str("`(`"),
+            Tok::Close => f.write_str("`)`"),
+        }
+    }
+}
+
+fn syntax(column: usize, message: impl Into<String>) -> AclError {
+    AclError::Syntax {
+        column,
+        message: message.into(),
+    }
+}
+
+/// Splits a condition into tokens with their 1-based character columns.
+fn tokenize(text: &str) -> Result<Vec<(Tok<'_>, usize)>, AclError> {
+    let mut tokens = Vec::new();
+    let mut chars = text.char_indices().enumerate().peekable();
+    while let Some((col0, (start, c))) = chars.next() {
+        let column = col0 + 1;
+        let next_is = |chars: &mut std::iter::Peekable<_>, want: char| matches!(chars.peek(), Some((_, (_, n))) if *n == want);
+        let tok = match c {
+            c if c.is_whitespace() => continue,
+            '(' => Tok::Open,
+            ')' => Tok::Close,
+            '!' => Tok::Not,
+            '|' | '&' => {
+                if !next_is(&mut chars, c) {
+                    let word = if c == '|' { "or" } else { "and" };
+                    return Err(syntax(
+                        column,
+                        format!("unexpected `{c}`: write `{c}{c}` or `{word}`"),
+                    ));
+                }
+                chars.next();
+                if c == '|' { Tok::Or } else { Tok::And }
+            }
+            '{' => {
+                return Err(syntax(
+                    column,
+                    "anonymous ACLs `{ ... }` are not supported: define a named ACL",
+                ));
+            }
+            c if is_name_char(c) => {
+                let mut end = start + c.len_utf8();
+                while let Some((_, (i, n))) = chars.peek() {
+                    if !is_name_char(*n) {
+                        break;
+                    }
+                    end = i + n.len_utf8();
+                    chars.next();
+                }
+                match &text[start..end] {
+                    "and" => Tok::And,
+                    "or" => Tok::Or,
+                    "not" => Tok::Not,
+                    name => Tok::Name(name),
+                }
+            }
+            c => return Err(syntax(column, format!("unexpected character `{c}`"))),
+        };
+        tokens.push((tok, column));
+    }
+    Ok(tokens)
+}
+
+struct Parser<'t, 'k> {
+    tokens: Vec<(Tok<'t>, usize)>,
+    at: usize,
+    end_column: usize,
+    depth: usize,
+    known: &'k dyn Fn(&str) -> bool,
+}
+
+impl<'t> Parser<'t, '_> {
+    fn peek(&self) -> Option<Tok<'t>> {
+        self.tokens.get(self.at).map(|&(t, _)| t)
+    }
+
+    fn column(&self) -> usize {
+        self.tokens
+            .get(self.at)
+            .map_or(self.end_column, |&(_, c)| c)
+    }
+
+    fn eat(&mut self, tok: Tok) -> bool {
+        let hit = self.peek() == Some(tok);
+        if hit {
+            self.at += 1;
+        }
+        hit
+    }
+
+    fn enter(&mut self) -> Result<(), AclError> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            return Err(syntax(
+                self.column(),
+                format!("nested deeper than {MAX_DEPTH} levels"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn or(&mut self) -> Result<Condition, AclError> {
+        let mut terms = vec![self.and()?];
+        while self.eat(Tok::Or) {
+            terms.push(self.and()?);
+        }
+        Ok(join(terms, false))
+    }
+
+    fn and(&mut self) -> Result<Condition, AclError> {
+        let mut terms = vec![self.unary()?];
+        loop {
+            if self.eat(Tok::And) {
+                terms.push(self.unary()?);
+            } else if matches!(self.peek(), Some(Tok::Name(_) | Tok::Not | Tok::Open)) {
+                // HAProxy's implicit AND: `if a !b`.
+                terms.push(self.unary()?);
+            } else {
+                break;
+            }
+        }
+        Ok(join(terms, true))
+    }
+
+    fn unary(&mut self) -> Result<Condition, AclError> {
+        if self.eat(Tok::Not) {
+            self.enter()?;
+            let inner = self.unary()?;
+            self.depth -= 1;
+            Ok(Condition::Not(Box::new(inner)))
+        } else {
+            self.primary()
+        }
+    }
+
+    fn primary(&mut self) -> Result<Condition, AclError> {
+        let column = self.column();
+        match self.peek() {
+            Some(Tok::Name(name)) => {
+                self.at += 1;
+                if !(self.known)(name) {
+                    return Err(AclError::UnknownAcl {
+                        name: name.to_owned(),
+                        column,
+                    });
+                }
+                Ok(Condition::Acl(name.to_owned()))
+            }
+            Some(Tok::Open) => {
+                self.at += 1;
+                self.enter()?;
+                let inner = self.or()?;
+                self.depth -= 1;
+                if !self.eat(Tok::Close) {
+                    return Err(syntax(
+                        self.column(),
+                        format!("expected `)` to close the `(` at column {column}"),
+                    ));
+                }
+                Ok(inner)
+            }
+            Some(tok) => Err(syntax(
+                column,
+                format!("expected an ACL name, `not`, `!` or `(`, found {tok}"),
+            )),
+            None => Err(syntax(
+                column,
+                "expected an ACL name, `not`, `!` or `(` at the end of the condition",
+            )),
+        }
+    }
+}
+
+/// One term stays itself; several become an AND (or OR), same-kind terms flattened.
+fn join(mut terms: Vec<Condition>, is_and: bool) -> Condition {
+    if terms.len() == 1
+        && let Some(t) = terms.pop()
+    {
+        return t;
+    }
+    let mut flat = Vec::with_capacity(terms.len());
+    for t in terms {
+        match t {
+            Condition::And(inner) if is_and => flat.extend(inner),
+            Condition::Or(inner) if !is_and => flat.extend(inner),
+            t => flat.push(t),
+        }
+    }
+    if is_and {
+        Condition::And(flat)
+    } else {
+        Condition::Or(flat)
+    }
+}
+
+/// Parses an `if` condition; `known` says which ACL names are defined.
+pub fn parse_condition(text: &str, known: &dyn Fn(&str) -> bool) -> Result<Condition, AclError> {
+    let tokens = tokenize(text)?;
+    if tokens.is_empty() {
+        return Err(syntax(1, "empty condition"));
+    }
+    let mut parser = Parser {
+        tokens,
+        at: 0,
+        end_column: text.chars().count() + 1,
+        depth: 0,
+        known,
+    };
+    let condition = parser.or()?;
+    match parser.peek() {
+        None => Ok(condition),
+        Some(Tok::Close) => Err(syntax(
+            parser.column(),
+            "unexpected `)` without a matching `(`",
+        )),
+        Some(tok) => Err(syntax(parser.column(), format!("unexpected {tok}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    /// An owned request to borrow a [`Request`] from.
+    struct Req {
+        method: &'static str,
+        path: &'static str,
+        query: Option<&'static str>,
+        host: Option<&'static str>,
+        headers: HeaderMap,
+        src: IpAddr,
+        sni: Option<&'static str>,
+    }
+
+    impl Req {
+        fn get(path: &'static str) -> Req {
+            Req {
+                method: "GET",
+                path,
+                query: None,
+                host: None,
+                headers: HeaderMap::new(),
+                src: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                sni: None,
+            }
+        }
+
+        fn header(mut self, name: &'static str, value: &'static str) -> Req {
+            self.headers.append(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+            self
+        }
+
+        fn r(&self) -> Request<'_> {
+            Request {
+                method: self.method,
+                path: self.path,
+                query: self.query,
+                host: self.host,
+                headers: &self.headers,
+                src: self.src,
+                sni: self.sni,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Doc {
+        acl: Vec<AclSpec>,
+    }
+
+    fn specs(toml_text: &str) -> Result<Vec<AclSpec>, toml::de::Error> {
+        toml::from_str::<Doc>(toml_text).map(|d| d.acl)
+    }
+
+    /// An ACL set with one ACL `a` made of the given matcher line.
+    fn one(matcher: &str) -> AclSet {
+        let text = format!("[[acl]]\nname = \"a\"\n{matcher}\n");
+        AclSet::compile(&specs(&text).unwrap()).unwrap()
+    }
+
+    fn compile_err(matcher: &str) -> AclError {
+        let text = format!("[[acl]]\nname = \"a\"\n{matcher}\n");
+        AclSet::compile(&specs(&text).unwrap()).unwrap_err()
+    }
+
+    fn hit(set: &AclSet, req: &Req) -> bool {
+        set.matches("a", &req.r())
+    }
+
+    fn src(addr: &str) -> Req {
+        let mut r = Req::get("/");
+        r.src = addr.parse().unwrap();
+        r
+    }
+
+    #[test]
+    fn path_exact_ignores_query_and_is_case_sensitive() {
+        let set = one(r#"path = "/login""#);
+        assert!(hit(&set, &Req::get("/login")));
+        assert!(hit(&set, &Req::get("/login?next=/")));
+        let mut with_query = Req::get("/login");
+        with_query.query = Some("a=1");
+        assert!(hit(&set, &with_query));
+        assert!(!hit(&set, &Req::get("/Login")));
+        assert!(!hit(&set, &Req::get("/login/")));
+        assert!(!hit(&set, &Req::get("/logi")));
+    }
+
+    #[test]
+    fn path_prefix_and_suffix() {
+        let set = one(r#"path_prefix = "/api/""#);
+        assert!(hit(&set, &Req::get("/api/")));
+        assert!(hit(&set, &Req::get("/api/v1/users")));
+        assert!(!hit(&set, &Req::get("/api")));
+        assert!(!hit(&set, &Req::get("/API/x")));
+        assert!(!hit(&set, &Req::get("/x?/api/")));
+        let set = one(r#"path_suffix = ".css""#);
+        assert!(hit(&set, &Req::get("/s/site.css")));
+        assert!(hit(&set, &Req::get("/s/site.css?v=3")));
+        assert!(!hit(&set, &Req::get("/s/site.css.map")));
+        assert!(!hit(&set, &Req::get("/s/site.CSS")));
+    }
+
+    #[test]
+    fn path_regex_is_unanchored_unless_anchored() {
+        let set = one(r#"path_regex = "/v[0-9]+/""#);
+        assert!(hit(&set, &Req::get("/api/v2/x")));
+        assert!(!hit(&set, &Req::get("/api/vx/x")));
+        let set = one(r#"path_regex = '^/v[0-9]+/\w+$'"#);
+        assert!(hit(&set, &Req::get("/v10/items")));
+        assert!(hit(&set, &Req::get("/v10/items?x=/y")));
+        assert!(!hit(&set, &Req::get("/api/v10/items")));
+    }
+
+    #[test]
+    fn bad_regex_names_the_acl() {
+        for line in [
+            r#"path_regex = "(""#,
+            r#"header_regex = { name = "x", regex = "[" }"#,
+        ] {
+            let e = compile_err(line);
+            assert!(
+                matches!(&e, AclError::BadRegex { name, .. } if name == "a"),
+                "{e}"
+            );
+            assert!(e.to_string().starts_with("ACL `a`: invalid regex"), "{e}");
+        }
+    }
+
+    #[test]
+    fn host_exact_is_case_insensitive_and_ignores_port() {
+        let set = one(r#"host = "Admin.Example.org""#);
+        let with = |h: &'static str| {
+            let mut r = Req::get("/");
+            r.host = Some(h);
+            r
+        };
+        for h in [
+            "admin.example.org",
+            "ADMIN.EXAMPLE.ORG",
+            "admin.example.org:8443",
+            "admin.example.org.",
+            "admin.example.org.:80",
+        ] {
+            assert!(hit(&set, &with(h)), "{h}");
+        }
+        for h in [
+            "example.org",
+            "x.admin.example.org",
+            "admin.example.org.evil",
+            "",
+            "admin.example.or",
+        ] {
+            assert!(!hit(&set, &with(h)), "{h}");
+        }
+        assert!(!hit(&set, &Req::get("/")), "no host");
+        let v6 = one(r#"host = "[2001:DB8::1]""#);
+        assert!(hit(&v6, &with("[2001:db8::1]:8080")));
+        assert!(hit(&v6, &with("[2001:db8::1]")));
+        assert!(!hit(&v6, &with("[2001:db8::2]")));
+    }
+
+    #[test]
+    fn host_suffix_is_case_insensitive() {
+        let set = one(r#"host_suffix = ".example.org""#);
+        let with = |h: &'static str| {
+            let mut r = Req::get("/");
+            r.host = Some(h);
+            r
+        };
+        assert!(hit(&set, &with("www.example.org")));
+        assert!(hit(&set, &with("a.b.EXAMPLE.Org:80")));
+        assert!(!hit(&set, &with("example.org")));
+        assert!(!hit(&set, &with("badexample.org")));
+        assert!(!hit(&set, &with("org")));
+        assert!(!hit(&set, &with("www.example.org.evil")));
+        // Non-ASCII host bytes near the cut don't panic.
+        assert!(!hit(&set, &with("ééééééééééé")));
+    }
+
+    #[test]
+    fn host_values_are_validated() {
+        assert!(matches!(
+            compile_err(r#"host = "a.example:80""#),
+            AclError::BadValue { .. }
+        ));
+        assert!(matches!(
+            compile_err(r#"host = """#),
+            AclError::BadValue { .. }
+        ));
+        assert!(matches!(
+            compile_err(r#"sni_suffix = ".""#),
+            AclError::BadValue { .. }
+        ));
+        assert!(matches!(
+            compile_err(r#"path_prefix = """#),
+            AclError::BadValue { .. }
+        ));
+    }
+
+    #[test]
+    fn header_present_name_is_case_insensitive() {
+        let set = one(r#"header_present = "X-Debug""#);
+        assert!(hit(&set, &Req::get("/").header("x-debug", "")));
+        assert!(!hit(&set, &Req::get("/").header("x-debug2", "1")));
+        assert!(!hit(&set, &Req::get("/")));
+    }
+
+    #[test]
+    fn header_equals_value_case_sensitively_on_any_line() {
+        let set = one(r#"header = { name = "X-Env", value = "prod" }"#);
+        assert!(hit(&set, &Req::get("/").header("x-env", "prod")));
+        assert!(hit(
+            &set,
+            &Req::get("/").header("x-env", "dev").header("x-env", "prod")
+        ));
+        assert!(!hit(&set, &Req::get("/").header("x-env", "Prod")));
+        assert!(!hit(&set, &Req::get("/").header("x-env", "prod2")));
+        assert!(!hit(&set, &Req::get("/").header("x-env", "dev, prod")));
+        assert!(!hit(&set, &Req::get("/").header("x-other", "prod")));
+        let empty = one(r#"header = { name = "X-Env", value = "" }"#);
+        assert!(hit(&empty, &Req::get("/").header("x-env", "")));
+        assert!(!hit(&empty, &Req::get("/")));
+    }
+
+    #[test]
+    fn header_regex() {
+        let set = one(r#"header_regex = { name = "User-Agent", regex = "(?i)bot" }"#);
+        assert!(hit(
+            &set,
+            &Req::get("/").header("user-agent", "Googlebot/2.1")
+        ));
+        assert!(!hit(
+            &set,
+            &Req::get("/").header("user-agent", "Mozilla/5.0")
+        ));
+        assert!(!hit(&set, &Req::get("/")));
+    }
+
+    #[test]
+    fn bad_header_name() {
+        let e = compile_err(r#"header_present = "X Bad""#);
+        assert!(matches!(e, AclError::BadValue { .. }), "{e}");
+        assert!(matches!(
+            compile_err(r#"header = { name = "", value = "x" }"#),
+            AclError::BadValue { .. }
+        ));
+    }
+
+    #[test]
+    fn method_single_or_list_case_sensitive() {
+        let set = one(r#"method = "POST""#);
+        let with = |m: &'static str| {
+            let mut r = Req::get("/");
+            r.method = m;
+            r
+        };
+        assert!(hit(&set, &with("POST")));
+        assert!(!hit(&set, &with("post")));
+        assert!(!hit(&set, &with("GET")));
+        let set = one(r#"method = ["GET", "HEAD"]"#);
+        assert!(hit(&set, &with("GET")));
+        assert!(hit(&set, &with("HEAD")));
+        assert!(!hit(&set, &with("PUT")));
+        assert!(matches!(
+            compile_err("method = []"),
+            AclError::BadValue { .. }
+        ));
+        assert!(matches!(
+            compile_err(r#"method = "GE T""#),
+            AclError::BadValue { .. }
+        ));
+        assert!(specs("[[acl]]\nname = \"a\"\nmethod = 3\n").is_err());
+    }
+
+    #[test]
+    fn src_ipv4_edges() {
+        let set = one(r#"src = ["10.0.0.0/8", "198.18.1.2", "192.0.2.128/25"]"#);
+        for a in [
+            "10.0.0.0",
+            "10.255.255.255",
+            "198.18.1.2",
+            "192.0.2.128",
+            "192.0.2.255",
+            "::ffff:10.1.2.3",
+        ] {
+            assert!(hit(&set, &src(a)), "{a}");
+        }
+        for a in [
+            "11.0.0.0",
+            "9.255.255.255",
+            "198.18.1.3",
+            "198.18.1.1",
+            "192.0.2.127",
+            "::a00:1",
+            "2001:db8::1",
+        ] {
+            assert!(!hit(&set, &src(a)), "{a}");
+        }
+        let host = one(r#"src = "198.18.1.2/32""#);
+        assert!(hit(&host, &src("198.18.1.2")));
+        assert!(!hit(&host, &src("198.18.1.3")));
+        let all = one(r#"src = ["0.0.0.0/0"]"#);
+        assert!(hit(&all, &src("0.0.0.0")));
+        assert!(hit(&all, &src("255.255.255.255")));
+        assert!(!hit(&all, &src("::1")));
+        assert!(!hit(&all, &src("2001:db8::1")));
+    }
+
+    #[test]
+    fn src_ipv6_edges() {
+        let set = one(r#"src = ["2001:db8::/32", "fe80::1/128"]"#);
+        for a in [
+            "2001:db8::",
+            "2001:db8:ffff:ffff:ffff:ffff:ffff:ffff",
+            "fe80::1",
+        ] {
+            assert!(hit(&set, &src(a)), "{a}");
+        }
+        for a in [
+            "2001:db9::",
+            "2001:db7:ffff::1",
+            "fe80::2",
+            "10.0.0.1",
+            "32.1.13.184",
+        ] {
+            assert!(!hit(&set, &src(a)), "{a}");
+        }
+        let all = one(r#"src = ["::/0"]"#);
+        assert!(hit(&all, &src("::")));
+        assert!(hit(&all, &src("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")));
+        // An IPv4 client (also as a mapped address) is not in an IPv6 network.
+        assert!(!hit(&all, &src("10.0.0.1")));
+        assert!(!hit(&all, &src("::ffff:10.0.0.1")));
+        // Mapped networks are IPv4 networks.
+        let mapped = one(r#"src = ["::ffff:10.0.0.0/104"]"#);
+        assert!(hit(&mapped, &src("10.9.9.9")));
+        assert!(hit(&mapped, &src("::ffff:10.9.9.9")));
+        assert!(!hit(&mapped, &src("11.0.0.0")));
+    }
+
+    #[test]
+    fn src_cidr_parsing_errors() {
+        for bad in [
+            "10.0.0.0/33",
+            "::/129",
+            "10.1.0.0/8",
+            "2001:db8::1/32",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/-1",
+            "10.0.0.0/1000",
+            "10.0.0/8",
+            "010.0.0.1",
+            "host.example",
+            "",
+            " 10.0.0.1",
+            "10.0.0.0/8/8",
+        ] {
+            let text = format!("src = [{bad:?}]");
+            let e = compile_err(&text);
+            assert!(
+                matches!(&e, AclError::BadCidr { name, cidr, .. } if name == "a" && cidr == bad),
+                "{bad}: {e}"
+            );
+        }
+        let e = compile_err(r#"src = "10.1.0.0/8""#);
+        assert!(e.to_string().contains("10.0.0.0/8"), "{e}");
+        assert!(matches!(compile_err("src = []"), AclError::BadValue { .. }));
+        // Parsed values, edges included.
+        assert_eq!(Cidr::parse("0.0.0.0/0"), Ok(Cidr::V4 { net: 0, mask: 0 }));
+        assert_eq!(Cidr::parse("::/0"), Ok(Cidr::V6 { net: 0, mask: 0 }));
+        assert_eq!(
+            Cidr::parse("1.2.3.4"),
+            Ok(Cidr::V4 {
+                net: 0x0102_0304,
+                mask: u32::MAX
+            })
+        );
+        assert_eq!(
+            Cidr::parse("::1/128"),
+            Ok(Cidr::V6 {
+                net: 1,
+                mask: u128::MAX
+            })
+        );
+        assert_eq!(
+            Cidr::parse("::ffff:0:0/96"),
+            Ok(Cidr::V4 { net: 0, mask: 0 })
+        );
+        assert_eq!(
+            Cidr::parse("10.0.0.0/08"),
+            Ok(Cidr::V4 {
+                net: 0x0a00_0000,
+                mask: 0xff00_0000
+            })
+        );
+        assert!(
+            Cidr::V6 {
+                net: u128::from(Ipv6Addr::LOCALHOST),
+                mask: u128::MAX
+            }
+            .contains(IpAddr::V6(Ipv6Addr::LOCALHOST))
+        );
+    }
+
+    #[test]
+    fn sni_exact_and_suffix() {
+        let with = |s: Option<&'static str>| {
+            let mut r = Req::get("/");
+            r.sni = s;
+            r
+        };
+        let set = one(r#"sni = "A.Example""#);
+        assert!(hit(&set, &with(Some("a.example"))));
+        assert!(hit(&set, &with(Some("A.EXAMPLE"))));
+        assert!(!hit(&set, &with(Some("b.a.example"))));
+        assert!(!hit(&set, &with(None)));
+        let set = one(r#"sni_suffix = ".example""#);
+        assert!(hit(&set, &with(Some("a.EXAMPLE"))));
+        assert!(!hit(&set, &with(Some("example"))));
+        assert!(!hit(&set, &with(None)));
+        // SNI is not the Host header.
+        let mut host_only = Req::get("/");
+        host_only.host = Some("a.example");
+        assert!(!hit(&set, &host_only));
+    }
+
+    #[test]
+    fn query_presence_value_and_decoding() {
+        let with = |q: &'static str| {
+            let mut r = Req::get("/p");
+            r.query = Some(q);
+            r
+        };
+        let present = one(r#"query = { name = "debug" }"#);
+        for q in [
+            "debug=1",
+            "a=b&debug",
+            "debug=",
+            "x=1&debug=0&y",
+            "%64ebug=1",
+        ] {
+            assert!(hit(&present, &with(q)), "{q}");
+        }
+        for q in ["", "debugx=1", "xdebug=1", "a=debug", "DEBUG=1"] {
+            assert!(!hit(&present, &with(q)), "{q}");
+        }
+        assert!(!hit(&present, &Req::get("/p")));
+        assert!(
+            hit(&present, &Req::get("/p?debug")),
+            "query left in the path"
+        );
+        let valued = one(r#"query = { name = "debug", value = "1" }"#);
+        assert!(hit(&valued, &with("debug=1")));
+        assert!(hit(&valued, &with("debug=0&debug=1")));
+        assert!(hit(&valued, &with("debug=%31")));
+        assert!(!hit(&valued, &with("debug=10")));
+        assert!(!hit(&valued, &with("debug")));
+        assert!(!hit(&valued, &with("debug=")));
+        let spaced = one(r#"query = { name = "q", value = "a b%" }"#);
+        assert!(hit(&spaced, &with("q=a+b%")));
+        assert!(hit(&spaced, &with("q=a%20b%25")));
+        assert!(!hit(&spaced, &with("q=a+b")));
+        let empty = one(r#"query = { name = "q", value = "" }"#);
+        assert!(hit(&empty, &with("q=")));
+        assert!(hit(&empty, &with("q")));
+        assert!(!hit(&empty, &with("q=1")));
+        assert!(matches!(
+            compile_err(r#"query = { name = "" }"#),
+            AclError::BadValue { .. }
+        ));
+    }
+
+    #[test]
+    fn form_decoding() {
+        assert!(form_decoded_eq(b"a%2Fb", b"a/b"));
+        assert!(form_decoded_eq(b"a%2fb", b"a/b"));
+        assert!(form_decoded_eq(b"%", b"%"));
+        assert!(form_decoded_eq(b"%4", b"%4"));
+        assert!(form_decoded_eq(b"%zz", b"%zz"));
+        assert!(form_decoded_eq(b"", b""));
+        assert!(!form_decoded_eq(b"ab", b"a"));
+        assert!(!form_decoded_eq(b"a", b"ab"));
+        assert!(form_decoded_eq(b"%C3%A9", "é".as_bytes()));
+    }
+
+    #[test]
+    fn cookie_presence_and_value() {
+        let present = one(r#"cookie = { name = "session" }"#);
+        let valued = one(r#"cookie = { name = "session", value = "x" }"#);
+        let c = |v: &'static str| Req::get("/").header("cookie", v);
+        assert!(hit(&present, &c("session=abc")));
+        assert!(hit(&present, &c("a=1; session=; b=2")));
+        assert!(!hit(&present, &c("xsession=1; sessionx=2")));
+        assert!(!hit(&present, &c("session")));
+        assert!(!hit(&present, &c("Session=1")));
+        assert!(!hit(&present, &Req::get("/")));
+        assert!(hit(&valued, &c("a=1;session=x")));
+        assert!(hit(&valued, &c("a=1; session=x ;b=2")));
+        assert!(!hit(&valued, &c("session=X")));
+        assert!(!hit(&valued, &c("session=xy")));
+        // HTTP/2 sends one cookie per field line.
+        assert!(hit(
+            &valued,
+            &Req::get("/")
+                .header("cookie", "a=1")
+                .header("cookie", "session=x")
+        ));
+        // Not another header.
+        assert!(!hit(
+            &valued,
+            &Req::get("/").header("set-cookie", "session=x")
+        ));
+    }
+
+    #[test]
+    fn same_name_entries_are_ored_and_undefined_never_matches() {
+        let text = r#"
+            [[acl]]
+            name = "static"
+            path_prefix = "/static/"
+            [[acl]]
+            name = "static"
+            path_suffix = ".png"
+            [[acl]]
+            name = "other"
+            path = "/x"
+        "#;
+        let set = AclSet::compile(&specs(text).unwrap()).unwrap();
+        assert!(set.contains("static") && set.contains("other") && !set.contains("nope"));
+        assert!(set.matches("static", &Req::get("/static/a.js").r()));
+        assert!(set.matches("static", &Req::get("/img/a.png").r()));
+        assert!(!set.matches("static", &Req::get("/img/a.jpg").r()));
+        assert!(!set.matches("nope", &Req::get("/x").r()));
+    }
+
+    #[test]
+    fn names_are_validated() {
+        let spec = |name: &str| AclSpec {
+            name: name.to_owned(),
+            matcher: MatcherSpec::Path("/".to_owned()),
+        };
+        assert!(matches!(
+            AclSet::compile(&[spec("")]),
+            Err(AclError::EmptyName)
+        ));
+        for bad in ["a b", "not", "and", "or", "a!", "(a)", "a|b", "é"] {
+            assert!(
+                matches!(AclSet::compile(&[spec(bad)]), Err(AclError::BadName(_))),
+                "{bad}"
+            );
+        }
+        for good in ["a", "is_api", "x-1", "v1.2", "ns:name", "NOT", "nota"] {
+            assert!(AclSet::compile(&[spec(good)]).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn serde_requires_exactly_one_known_matcher() {
+        let e = specs("[[acl]]\nname = \"a\"\n").unwrap_err().to_string();
+        assert!(
+            e.contains("ACL `a` needs exactly one matcher key") && e.contains("found none"),
+            "{e}"
+        );
+        let e = specs("[[acl]]\nname = \"a\"\npath = \"/\"\nhost = \"h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("found `path`, `host`"), "{e}");
+        let e = specs("[[acl]]\nname = \"a\"\npath_prefx = \"/\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("path_prefx"), "{e}");
+        let e = specs("[[acl]]\npath = \"/\"\n").unwrap_err().to_string();
+        assert!(e.contains("name"), "{e}");
+        let e = specs("[[acl]]\nname = \"a\"\nquery = { value = \"1\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("name"), "{e}");
+        let e = specs("[[acl]]\nname = \"a\"\nheader = { name = \"x\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("value"), "{e}");
+    }
+
+    #[test]
+    fn serde_forms_of_the_module_doc() {
+        #[derive(Deserialize)]
+        struct Config {
+            frontend: Frontend,
+        }
+        #[derive(Deserialize)]
+        struct Frontend {
+            acl: Vec<AclSpec>,
+        }
+        let text = r#"
+            [[frontend.acl]]
+            name = "is_api"
+            path_prefix = "/api/"
+            [[frontend.acl]]
+            name = "admin_host"
+            host = "admin.example.org"
+            [[frontend.acl]]
+            name = "m"
+            path = "/x"
+            [[frontend.acl]]
+            name = "m"
+            path_suffix = ".css"
+            [[frontend.acl]]
+            name = "m"
+            path_regex = "^/v[0-9]+/"
+            [[frontend.acl]]
+            name = "m"
+            host_suffix = ".example.org"
+            [[frontend.acl]]
+            name = "m"
+            header_present = "X-Name"
+            [[frontend.acl]]
+            name = "m"
+            header = { name = "X-Env", value = "prod" }
+            [[frontend.acl]]
+            name = "m"
+            header_regex = { name = "X-Env", regex = "^prod" }
+            [[frontend.acl]]
+            name = "m"
+            method = "GET"
+            [[frontend.acl]]
+            name = "m"
+            method = ["GET", "HEAD"]
+            [[frontend.acl]]
+            name = "m"
+            src = ["10.0.0.0/8", "2001:db8::/32", "198.18.1.2"]
+            [[frontend.acl]]
+            name = "m"
+            sni = "a.example"
+            [[frontend.acl]]
+            name = "m"
+            sni_suffix = ".example"
+            [[frontend.acl]]
+            name = "m"
+            query = { name = "debug", value = "1" }
+            [[frontend.acl]]
+            name = "m"
+            query = { name = "debug" }
+            [[frontend.acl]]
+            name = "m"
+            cookie = { name = "session", value = "x" }
+            [[frontend.acl]]
+            name = "m"
+            cookie = { name = "session" }
+        "#;
+        let specs = toml::from_str::<Config>(text).unwrap().frontend.acl;
+        let s = |v: &str| v.to_owned();
+        let expected = vec![
+            MatcherSpec::PathPrefix(s("/api/")),
+            MatcherSpec::Host(s("admin.example.org")),
+            MatcherSpec::Path(s("/x")),
+            MatcherSpec::PathSuffix(s(".css")),
+            MatcherSpec::PathRegex(s("^/v[0-9]+/")),
+            MatcherSpec::HostSuffix(s(".example.org")),
+            MatcherSpec::HeaderPresent(s("X-Name")),
+            MatcherSpec::Header {
+                name: s("X-Env"),
+                value: s("prod"),
+            },
+            MatcherSpec::HeaderRegex {
+                name: s("X-Env"),
+                regex: s("^prod"),
+            },
+            MatcherSpec::Method(vec![s("GET")]),
+            MatcherSpec::Method(vec![s("GET"), s("HEAD")]),
+            MatcherSpec::Src(vec![s("10.0.0.0/8"), s("2001:db8::/32"), s("198.18.1.2")]),
+            MatcherSpec::Sni(s("a.example")),
+            MatcherSpec::SniSuffix(s(".example")),
+            MatcherSpec::Query {
+                name: s("debug"),
+                value: Some(s("1")),
+            },
+            MatcherSpec::Query {
+                name: s("debug"),
+                value: None,
+            },
+            MatcherSpec::Cookie {
+                name: s("session"),
+                value: Some(s("x")),
+            },
+            MatcherSpec::Cookie {
+                name: s("session"),
+                value: None,
+            },
+        ];
+        assert_eq!(
+            specs.iter().map(|a| a.matcher.clone()).collect::<Vec<_>>(),
+            expected
+        );
+        assert_eq!(specs[0].name, "is_api");
+        let keys: Vec<_> = expected.iter().map(MatcherSpec::key).collect();
+        assert!(MATCHER_KEYS.iter().all(|k| keys.contains(k)));
+        let set = AclSet::compile(&specs).unwrap();
+        assert!(set.contains("is_api") && set.contains("admin_host") && set.contains("m"));
+    }
+
+    // --- conditions ---
+
+    fn acl(n: &str) -> Condition {
+        Condition::Acl(n.to_owned())
+    }
+    fn not(c: Condition) -> Condition {
+        Condition::Not(Box::new(c))
+    }
+    fn and(cs: Vec<Condition>) -> Condition {
+        Condition::And(cs)
+    }
+    fn or(cs: Vec<Condition>) -> Condition {
+        Condition::Or(cs)
+    }
+
+    const KNOWN: &[&str] = &["a", "b", "c", "d", "is_api", "admin_host", "is_static"];
+
+    fn parse(text: &str) -> Result<Condition, AclError> {
+        parse_condition(text, &|n| KNOWN.contains(&n))
+    }
+
+    fn ok(text: &str) -> Condition {
+        let c = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(
+            parse(&c.to_string()).unwrap(),
+            c,
+            "display round trip of {text}"
+        );
+        c
+    }
+
+    #[test]
+    fn precedence_not_and_or() {
+        assert_eq!(
+            ok("is_api and not admin_host or is_static"),
+            or(vec![
+                and(vec![acl("is_api"), not(acl("admin_host"))]),
+                acl("is_static")
+            ])
+        );
+        assert_eq!(
+            ok("a or b and c"),
+            or(vec![acl("a"), and(vec![acl("b"), acl("c")])])
+        );
+        assert_eq!(ok("not a and b"), and(vec![not(acl("a")), acl("b")]));
+        assert_eq!(ok("a or b or c"), or(vec![acl("a"), acl("b"), acl("c")]));
+        assert_eq!(ok("a and b and c"), and(vec![acl("a"), acl("b"), acl("c")]));
+        assert_eq!(ok("a"), acl("a"));
+        assert_eq!(ok("not not a"), not(not(acl("a"))));
+    }
+
+    #[test]
+    fn parentheses() {
+        assert_eq!(
+            ok("(a or b) and c"),
+            and(vec![or(vec![acl("a"), acl("b")]), acl("c")])
+        );
+        assert_eq!(ok("not (a or b)"), not(or(vec![acl("a"), acl("b")])));
+        assert_eq!(ok("((a))"), acl("a"));
+        assert_eq!(
+            ok("(a and b) and (c and d)"),
+            and(vec![acl("a"), acl("b"), acl("c"), acl("d")])
+        );
+        assert_eq!(
+            ok("a and (b or (c and not d))"),
+            and(vec![
+                acl("a"),
+                or(vec![acl("b"), and(vec![acl("c"), not(acl("d"))])])
+            ])
+        );
+    }
+
+    #[test]
+    fn haproxy_syntax_implicit_and_bang_and_symbols() {
+        assert_eq!(
+            ok("is_api !admin_host"),
+            and(vec![acl("is_api"), not(acl("admin_host"))])
+        );
+        assert_eq!(
+            ok("a b || c"),
+            or(vec![and(vec![acl("a"), acl("b")]), acl("c")])
+        );
+        assert_eq!(ok("a||b"), or(vec![acl("a"), acl("b")]));
+        assert_eq!(ok("a&&!b"), and(vec![acl("a"), not(acl("b"))]));
+        assert_eq!(
+            ok("!a (b or c)"),
+            and(vec![not(acl("a")), or(vec![acl("b"), acl("c")])])
+        );
+        assert_eq!(ok("! a"), not(acl("a")));
+        assert_eq!(ok("!!a"), not(not(acl("a"))));
+        assert_eq!(ok("  a\tor\nb  "), or(vec![acl("a"), acl("b")]));
+    }
+
+    #[test]
+    fn unknown_acl_is_named_with_its_column() {
+        match parse("a and nope") {
+            Err(AclError::UnknownAcl { name, column }) => {
+                assert_eq!((name.as_str(), column), ("nope", 7))
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse("is_apii").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unknown ACL `is_apii` in condition at column 1"
+        );
+        // Keywords are not names and names containing keywords are names.
+        assert!(matches!(parse("nota"), Err(AclError::UnknownAcl { .. })));
+    }
+
+    #[test]
+    fn syntax_errors_have_columns() {
+        let col = |text: &str| match parse(text) {
+            Err(AclError::Syntax { column, message }) => (column, message),
+            other => panic!("{text}: {other:?}"),
+        };
+        assert_eq!(col("").0, 1);
+        assert_eq!(col("   ").0, 1);
+        assert_eq!(col("a or").0, 5);
+        assert_eq!(col("a and or b").0, 7);
+        assert_eq!(col("or a").0, 1);
+        assert_eq!(col("a )").0, 3);
+        assert_eq!(col("(a").0, 3);
+        assert!(col("(a").1.contains("column 1"));
+        assert_eq!(col("a (b").0, 5);
+        assert_eq!(col("()").0, 2);
+        assert_eq!(col("a | b").0, 3);
+        assert_eq!(col("a & b").0, 3);
+        assert_eq!(col("a { path /x }").0, 3);
+        assert_eq!(col("a ; b").0, 3);
+        assert_eq!(col("é a").0, 1);
+        assert_eq!(col("a é").0, 3);
+        assert_eq!(col("not").0, 4);
+        assert_eq!(col("a !").0, 4);
+        let deep = format!("{}a{}", "(".repeat(200), ")".repeat(200));
+        assert!(col(&deep).1.contains("nested"));
+        let nots = format!("{}a", "!".repeat(200));
+        assert!(col(&nots).1.contains("nested"));
+        assert!(parse(&format!("{}a{}", "(".repeat(60), ")".repeat(60))).is_ok());
+        let e = parse("a or").unwrap_err().to_string();
+        assert!(
+            e.starts_with("syntax error in condition at column 5"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn eval_truth_table_and_short_circuit() {
+        let text = r#"
+            [[acl]]
+            name = "is_api"
+            path_prefix = "/api/"
+            [[acl]]
+            name = "admin_host"
+            host = "admin.example.org"
+            [[acl]]
+            name = "is_static"
+            path_suffix = ".css"
+        "#;
+        let set = AclSet::compile(&specs(text).unwrap()).unwrap();
+        let known = |n: &str| set.contains(n);
+        let cond = parse_condition("is_api and not admin_host or is_static", &known).unwrap();
+        let req = |path: &'static str, host: Option<&'static str>| {
+            let mut r = Req::get(path);
+            r.host = host;
+            r
+        };
+        assert!(cond.eval(&set, &req("/api/x", Some("www.example.org")).r()));
+        assert!(!cond.eval(&set, &req("/api/x", Some("admin.example.org:443")).r()));
+        assert!(cond.eval(&set, &req("/api/x.css", Some("admin.example.org")).r()));
+        assert!(!cond.eval(&set, &req("/x", None).r()));
+        assert!(cond.eval(&set, &req("/x.css", None).r()));
+        let grouped = parse_condition("is_api and not (admin_host or is_static)", &known).unwrap();
+        assert!(!grouped.eval(&set, &req("/api/x.css", None).r()));
+        assert!(grouped.eval(&set, &req("/api/x", None).r()));
+        // Empty lists, possible only when built by hand.
+        assert!(and(vec![]).eval(&set, &req("/", None).r()));
+        assert!(!or(vec![]).eval(&set, &req("/", None).r()));
+        // A condition naming an ACL the set lacks is false there.
+        assert!(!acl("gone").eval(&set, &req("/", None).r()));
+    }
+}

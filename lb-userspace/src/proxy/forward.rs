@@ -1,0 +1,576 @@
+//! Per-request work: route, pick a server, rewrite headers, forward with a
+//! pooled client, retry on connect failure, answer errors, log.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::balance::{Active, Balancer};
+use super::log::AccessRecord;
+use super::model::Pool;
+
+/// What the router sees of a request; mirrors `acl::Request` so ACLs can be evaluated from it.
+#[derive(Debug)]
+pub struct RequestInfo<'a> {
+    /// Frontend that accepted the request.
+    pub frontend: &'a str,
+    /// Request method.
+    pub method: &'a Method,
+    /// Path without the query.
+    pub path: &'a str,
+    /// Query without `?`.
+    pub query: Option<&'a str>,
+    /// Host header or HTTP/2 authority, port included if sent.
+    pub host: Option<&'a str>,
+    /// Request headers.
+    pub headers: &'a HeaderMap,
+    /// Client address.
+    pub src: SocketAddr,
+    /// TLS server name, if any.
+    pub sni: Option<&'a str>,
+}
+
+/// Picks a pool index (into `ProxyConfig::pools`) for a request; None means the frontend's default pool.
+pub type Router = Arc<dyn Fn(&RequestInfo<'_>) -> Option<usize> + Send + Sync>;
+
+/// Body of every response the proxy sends.
+pub type ProxyBody = LoggedBody;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A pool with its balancer and its keep-alive client.
+pub(crate) struct PoolRuntime {
+    pub name: String,
+    pub balancer: Balancer,
+    client: Client<HttpConnector, LazyBody>,
+    timeout_server: Duration,
+    retries: u32,
+}
+
+impl PoolRuntime {
+    pub fn new(cfg: &Pool) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_connect_timeout(Some(cfg.timeout_connect));
+        conn.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(conn);
+        PoolRuntime {
+            name: cfg.name.clone(),
+            balancer: Balancer::new(cfg.algorithm, &cfg.servers),
+            client,
+            timeout_server: cfg.timeout_server,
+            retries: cfg.retries,
+        }
+    }
+}
+
+/// Shared by all frontends.
+pub(crate) struct Shared {
+    pub pools: Vec<PoolRuntime>,
+    pub route: Option<Router>,
+}
+
+/// Settings of the frontend a connection came in on.
+pub(crate) struct FrontendCtx {
+    pub name: String,
+    pub default_pool: usize,
+    pub forwarded_headers: bool,
+    pub https: bool,
+}
+
+/// Requests in flight on a client connection, read by its timeout watcher.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    /// Requests dispatched and not yet answered to the end.
+    pub active: AtomicUsize,
+    /// Requests dispatched so far.
+    pub dispatched: AtomicU64,
+    /// Woken when the last request in flight ends, so idle timeouts get armed.
+    pub idle_waker: Mutex<Option<Waker>>,
+}
+
+/// One client connection.
+pub(crate) struct ConnCtx {
+    pub frontend: Arc<FrontendCtx>,
+    pub peer: SocketAddr,
+    pub sni: Option<String>,
+    pub activity: Arc<Activity>,
+    /// When the connection last became ready for a request (accept or end of a response).
+    pub ready_since: Mutex<Instant>,
+}
+
+/// Headers that describe one hop only (RFC 9110 7.6.1) and never cross the proxy.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool) {
+    let ip = client.ip();
+    let proto = if https { "https" } else { "http" };
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    // IPv6 in Forwarded must be bracketed and quoted (RFC 7239 section 6).
+    let node = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let fwd = format!("for={node};proto={proto}");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        headers.append(header::FORWARDED, v);
+    }
+}
+
+/// Handles one request from a client; never fails, errors become HTTP answers.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    conn.activity.active.fetch_add(1, Ordering::SeqCst);
+    conn.activity.dispatched.fetch_add(1, Ordering::SeqCst);
+    let tq = {
+        let since = *conn.ready_since.lock().unwrap_or_else(|e| e.into_inner());
+        start.saturating_duration_since(since).as_millis() as i64
+    };
+    let (mut parts, body) = req.into_parts();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+    let pool_idx = shared
+        .route
+        .as_ref()
+        .and_then(|route| {
+            route(&RequestInfo {
+                frontend: &conn.frontend.name,
+                method: &parts.method,
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                host: host.as_deref(),
+                headers: &parts.headers,
+                src: conn.peer,
+                sni: conn.sni.as_deref(),
+            })
+        })
+        .filter(|&i| i < shared.pools.len())
+        .unwrap_or(conn.frontend.default_pool);
+    let pool = &shared.pools[pool_idx];
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    let mut rec = AccessRecord {
+        client: conn.peer,
+        date: SystemTime::now(),
+        frontend: conn.frontend.name.clone(),
+        pool: pool.name.clone(),
+        server: "<NOSRV>".to_string(),
+        tq,
+        tw: 0,
+        tc: -1,
+        tr: -1,
+        tt: -1,
+        status: 0,
+        bytes: 0,
+        termination: ['-', '-'],
+        method: parts.method.to_string(),
+        uri: path_and_query.clone(),
+        version: format!("{:?}", parts.version),
+    };
+    let done = Done {
+        conn: conn.clone(),
+        start,
+    };
+
+    strip_hop_by_hop(&mut parts.headers);
+    if conn.frontend.forwarded_headers {
+        add_forwarded(&mut parts.headers, conn.peer, conn.frontend.https);
+    }
+    // HTTP/2 clients send :authority instead of Host; servers speak HTTP/1.1 and need Host.
+    if !parts.headers.contains_key(header::HOST)
+        && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        parts.headers.insert(header::HOST, v);
+    }
+
+    let slot = Arc::new(Mutex::new(Some(body)));
+    let mut tried: Vec<usize> = Vec::new();
+    let attempts = pool.retries.saturating_add(1);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let idx = match pool.balancer.pick(&tried).or_else(|| {
+            (!tried.is_empty())
+                .then(|| pool.balancer.pick(&[]))
+                .flatten()
+        }) {
+            Some(i) => i,
+            None => {
+                return Ok(error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    rec,
+                    ['S', 'C'],
+                    done,
+                ));
+            }
+        };
+        let active = Active::new(pool.balancer.server(idx).clone());
+        let addr = active.server().addr;
+        rec.server = addr.to_string();
+        let uri = match Uri::try_from(format!("http://{addr}{path_and_query}")) {
+            Ok(u) => u,
+            Err(_) => {
+                return Ok(error_response(
+                    StatusCode::BAD_REQUEST,
+                    rec,
+                    ['P', 'R'],
+                    done,
+                ));
+            }
+        };
+        let mut out = Request::new(LazyBody::new(slot.clone()));
+        *out.method_mut() = parts.method.clone();
+        *out.uri_mut() = uri;
+        *out.version_mut() = Version::HTTP_11;
+        *out.headers_mut() = parts.headers.clone();
+
+        let sent = Instant::now();
+        match tokio::time::timeout(pool.timeout_server, pool.client.request(out)).await {
+            Ok(Ok(resp)) => {
+                rec.tr = sent.elapsed().as_millis() as i64;
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers);
+                rec.status = rparts.status.as_u16();
+                let body = LoggedBody::new(
+                    rbody.map_err(BoxError::from).boxed_unsync(),
+                    rec,
+                    Some(active),
+                    done,
+                );
+                return Ok(Response::from_parts(rparts, body));
+            }
+            Ok(Err(e)) => {
+                // Retrying is safe only while the request body is untouched, i.e. nothing was sent.
+                let unsent = slot.lock().map(|s| s.is_some()).unwrap_or(false);
+                tracing::debug!(pool = %pool.name, server = %addr, error = %e, "forward failed");
+                if e.is_connect() && unsent && attempt < attempts {
+                    tried.push(idx);
+                    continue;
+                }
+                let term = if e.is_connect() {
+                    ['S', 'C']
+                } else {
+                    ['S', 'H']
+                };
+                rec.tr = sent.elapsed().as_millis() as i64;
+                return Ok(error_response(StatusCode::BAD_GATEWAY, rec, term, done));
+            }
+            Err(_) => {
+                return Ok(error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    rec,
+                    ['s', 'H'],
+                    done,
+                ));
+            }
+        }
+    }
+}
+
+/// A small HAProxy-like error page.
+pub(crate) fn error_page(status: StatusCode) -> String {
+    let text = match status.as_u16() {
+        400 => "Your browser sent an invalid request.",
+        408 => "Your browser didn't send a complete request in time.",
+        502 => "The server returned an invalid or incomplete response.",
+        503 => "No server is available to handle this request.",
+        504 => "The server didn't respond in time.",
+        _ => "The request could not be served.",
+    };
+    format!(
+        "<html><body><h1>{} {}</h1>\n{}\n</body></html>\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        text
+    )
+}
+
+fn error_response(
+    status: StatusCode,
+    mut rec: AccessRecord,
+    term: [char; 2],
+    done: Done,
+) -> Response<ProxyBody> {
+    rec.status = status.as_u16();
+    rec.termination = term;
+    let page = error_page(status);
+    let body = Full::new(Bytes::from(page))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut resp = Response::new(LoggedBody::new(body, rec, None, done));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Marks the end of a request on its connection.
+struct Done {
+    conn: Arc<ConnCtx>,
+    start: Instant,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        *self
+            .conn
+            .ready_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let activity = &self.conn.activity;
+        if activity.active.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Some(w) = activity.idle_waker.lock().ok().and_then(|mut w| w.take())
+        {
+            w.wake();
+        }
+    }
+}
+
+/// The client's request body, taken only when the server connection first reads it,
+/// so a request whose connect failed can be sent again elsewhere.
+pub(crate) struct LazyBody {
+    slot: Arc<Mutex<Option<Incoming>>>,
+    taken: Option<Incoming>,
+    end: bool,
+    hint: SizeHint,
+}
+
+impl LazyBody {
+    fn new(slot: Arc<Mutex<Option<Incoming>>>) -> Self {
+        let (end, hint) = match slot.lock() {
+            Ok(s) => s
+                .as_ref()
+                .map(|b| (b.is_end_stream(), b.size_hint()))
+                .unwrap_or((true, SizeHint::with_exact(0))),
+            Err(_) => (true, SizeHint::with_exact(0)),
+        };
+        LazyBody {
+            slot,
+            taken: None,
+            end,
+            hint,
+        }
+    }
+}
+
+impl Body for LazyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if self.taken.is_none() {
+            let taken = self.slot.lock().ok().and_then(|mut s| s.take());
+            match taken {
+                Some(b) => self.taken = Some(b),
+                None => return Poll::Ready(None),
+            }
+        }
+        match self.taken.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self.end,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self.hint,
+        }
+    }
+}
+
+/// A response body that counts bytes, keeps the server's in-flight count,
+/// and writes the access log line when it ends or is dropped.
+pub struct LoggedBody {
+    inner: UnsyncBoxBody<Bytes, BoxError>,
+    rec: Option<AccessRecord>,
+    _active: Option<Active>,
+    done: Option<Done>,
+}
+
+impl LoggedBody {
+    fn new(
+        inner: UnsyncBoxBody<Bytes, BoxError>,
+        rec: AccessRecord,
+        active: Option<Active>,
+        done: Done,
+    ) -> Self {
+        LoggedBody {
+            inner,
+            rec: Some(rec),
+            _active: active,
+            done: Some(done),
+        }
+    }
+
+    fn finish(&mut self, term: Option<[char; 2]>) {
+        if let Some(mut rec) = self.rec.take() {
+            if let Some(done) = &self.done {
+                rec.tt = done.start.elapsed().as_millis() as i64;
+            }
+            if let Some(t) = term
+                && rec.termination == ['-', '-']
+            {
+                rec.termination = t;
+            }
+            rec.emit();
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(rec), Some(d)) = (self.rec.as_mut(), frame.data_ref()) {
+                    rec.bytes += d.len() as u64;
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(None);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(Some(['S', 'D'])),
+            Poll::Ready(None) => self.finish(None),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the client went away mid-response.
+        let term = if self.inner.is_end_stream() {
+            None
+        } else {
+            Some(['C', 'D'])
+        };
+        self.finish(term);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_appends() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        add_forwarded(&mut h, "[2001:db8::1]:5000".parse().unwrap(), true);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2001:db8::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
+    }
+
+    #[test]
+    fn error_pages() {
+        assert!(error_page(StatusCode::SERVICE_UNAVAILABLE).contains("503 Service Unavailable"));
+    }
+}

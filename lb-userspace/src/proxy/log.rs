@@ -1,0 +1,196 @@
+//! Access log: one record per request, rendered like HAProxy's `httplog` or as JSON.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// One request as logged; times in milliseconds, -1 when not reached or not measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// Client address.
+    pub client: SocketAddr,
+    /// When the request started (after its head arrived).
+    pub date: SystemTime,
+    /// Frontend name.
+    pub frontend: String,
+    /// Pool name, `<NOPOOL>` when none.
+    pub pool: String,
+    /// Server address, `<NOSRV>` when none.
+    pub server: String,
+    /// Tq: waiting for the request head, idle time since the previous response included.
+    pub tq: i64,
+    /// Tw: time queued (always 0: no queues yet).
+    pub tw: i64,
+    /// Tc: time to connect (-1: the pooled client does not report it).
+    pub tc: i64,
+    /// Tr: from sending the request to the server's response head.
+    pub tr: i64,
+    /// Tt: whole request, until the last response byte.
+    pub tt: i64,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Response body bytes sent to the client.
+    pub bytes: u64,
+    /// Two HAProxy termination characters: who ended the session, in which phase.
+    pub termination: [char; 2],
+    /// Request method.
+    pub method: String,
+    /// Request path and query.
+    pub uri: String,
+    /// `HTTP/1.1`, `HTTP/2.0`, ...
+    pub version: String,
+}
+
+impl AccessRecord {
+    /// The HAProxy httplog line:
+    /// `ip:port [date] frontend pool/server Tq/Tw/Tc/Tr/Tt status bytes term "METHOD URI VERSION"`.
+    pub fn httplog(&self) -> String {
+        let mut s = String::with_capacity(160);
+        let _ = write!(
+            s,
+            "{} [{}] {} {}/{} {}/{}/{}/{}/{} {} {} {}{}-- \"{} {} {}\"",
+            self.client,
+            haproxy_date(self.date),
+            self.frontend,
+            self.pool,
+            self.server,
+            self.tq,
+            self.tw,
+            self.tc,
+            self.tr,
+            self.tt,
+            self.status,
+            self.bytes,
+            self.termination[0],
+            self.termination[1],
+            self.method,
+            self.uri,
+            self.version,
+        );
+        s
+    }
+
+    /// The same record as a JSON object.
+    pub fn json(&self) -> serde_json::Value {
+        let ms = self
+            .date
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        serde_json::json!({
+            "client_ip": self.client.ip().to_string(),
+            "client_port": self.client.port(),
+            "date": haproxy_date(self.date),
+            "timestamp_ms": ms,
+            "frontend": self.frontend,
+            "pool": self.pool,
+            "server": self.server,
+            "tq": self.tq,
+            "tw": self.tw,
+            "tc": self.tc,
+            "tr": self.tr,
+            "tt": self.tt,
+            "status": self.status,
+            "bytes": self.bytes,
+            "termination_state": format!("{}{}--", self.termination[0], self.termination[1]),
+            "method": self.method,
+            "uri": self.uri,
+            "version": self.version,
+        })
+    }
+
+    /// Emits the record under `tracing` target `access`.
+    pub fn emit(&self) {
+        tracing::info!(target: "access", "{}", self.httplog());
+    }
+}
+
+/// `06/Feb/2009:12:14:14.655` in UTC.
+pub fn haproxy_date(t: SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (y, m, day) = civil_from_days((secs / 86_400) as i64);
+    let sod = secs % 86_400;
+    format!(
+        "{:02}/{}/{}:{:02}:{:02}:{:02}.{:03}",
+        day,
+        MONTHS[(m - 1) as usize],
+        y,
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month 1-12, day 1-31), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn record() -> AccessRecord {
+        AccessRecord {
+            client: "10.0.1.2:33317".parse().unwrap(),
+            date: UNIX_EPOCH + Duration::from_millis(1_233_922_454_655),
+            frontend: "http-in".into(),
+            pool: "static".into(),
+            server: "10.0.0.1:80".into(),
+            tq: 10,
+            tw: 0,
+            tc: -1,
+            tr: 20,
+            tt: 30,
+            status: 200,
+            bytes: 2750,
+            termination: ['-', '-'],
+            method: "GET".into(),
+            uri: "/index.html?x=1".into(),
+            version: "HTTP/1.1".into(),
+        }
+    }
+
+    #[test]
+    fn httplog_line() {
+        assert_eq!(
+            record().httplog(),
+            "10.0.1.2:33317 [06/Feb/2009:12:14:14.655] http-in static/10.0.0.1:80 \
+             10/0/-1/20/30 200 2750 ---- \"GET /index.html?x=1 HTTP/1.1\""
+        );
+    }
+
+    #[test]
+    fn json_record() {
+        let j = record().json();
+        assert_eq!(j["client_ip"], "10.0.1.2");
+        assert_eq!(j["status"], 200);
+        assert_eq!(j["termination_state"], "----");
+        assert_eq!(j["date"], "06/Feb/2009:12:14:14.655");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(haproxy_date(UNIX_EPOCH), "01/Jan/1970:00:00:00.000");
+        // 2024-02-29 leap day.
+        assert_eq!(
+            haproxy_date(UNIX_EPOCH + Duration::from_secs(1_709_208_000)),
+            "29/Feb/2024:12:00:00.000"
+        );
+    }
+}

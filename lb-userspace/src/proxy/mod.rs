@@ -1,0 +1,175 @@
+//! The userspace L7 proxy (HAProxy-like): frontends terminate HTTP/1.1, HTTP/2
+//! (h2c prior knowledge on plain binds, ALPN on TLS binds) and TLS, route each
+//! request to a pool, balance over the pool's servers and forward over pooled
+//! HTTP/1.1 keep-alive connections.
+//!
+//! Configuration shape (inside the main config file):
+//!
+//! ```toml
+//! [[frontend]]
+//! name = "web"
+//! binds = ["0.0.0.0:443", "[::]:443"]
+//! default_pool = "app"
+//! max_connections = 10000        # default
+//! request_header_limit = 16384   # bytes, default 16 KiB
+//! timeout_client = "30s"         # HTTP/2 idle; durations: "500ms", "10s", "2m", "1h" or integer ms
+//! timeout_http_request = "10s"   # whole request head (and TLS handshake); 408 after it
+//! timeout_http_keep_alive = "10s"
+//! forwarded_headers = true       # X-Forwarded-For, X-Forwarded-Proto, Forwarded
+//! [frontend.tls]
+//! default_cert = 0               # index into certs for unknown or missing SNI
+//! certs = [
+//!   { cert = "/etc/lb/a.pem", key = "/etc/lb/a.key" },              # names from the SAN
+//!   { cert = "/etc/lb/b.pem", key = "/etc/lb/b.key", names = ["b.example"] },
+//! ]
+//!
+//! [[frontend.acl]]              # HAProxy-style ACLs, see `crate::acl`
+//! name = "is_api"
+//! path_prefix = "/api/"
+//! [[frontend.use_pool]]         # use_backend: first matching rule wins
+//! pool = "api"
+//! if = "is_api"
+//!
+//! [[pool]]
+//! name = "app"
+//! algorithm = "roundrobin"       # roundrobin | leastconn | random2 | first
+//! timeout_connect = "5s"
+//! timeout_server = "30s"         # until the response head
+//! retries = 3                    # on connect failure only, each on another server
+//! servers = [
+//!   { address = "10.0.0.1:8080", weight = 2 },
+//!   { address = "10.0.0.9:8080", backup = true },
+//! ]
+//! ```
+
+mod balance;
+mod forward;
+mod log;
+mod model;
+pub mod routing;
+mod server;
+mod tls;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use balance::{Active, Balancer, ServerState};
+pub use forward::{ProxyBody, RequestInfo, Router, add_forwarded, strip_hop_by_hop};
+pub use log::{AccessRecord, haproxy_date};
+pub use model::{
+    Algorithm, CertPair, ConfigError, Frontend, Pool, ProxyConfig, ServerSpec, TlsConfig, UsePool,
+};
+pub use tls::{CertResolver, TlsError, dns_names};
+
+use forward::{PoolRuntime, Shared};
+use server::FrontendRuntime;
+
+/// A running proxy; dropping it stops accepting and gracefully closes client connections.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    resolvers: Vec<(String, Arc<CertResolver>)>,
+    addrs: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+    /// Dropped with the proxy, which tells every connection to shut down.
+    _shutdown: watch::Sender<()>,
+}
+
+impl Proxy {
+    /// Validates `cfg`, loads certificates, binds every address and starts serving.
+    /// `route` picks a pool per request; None sends everything to each frontend's default pool.
+    pub async fn start(cfg: ProxyConfig, route: Option<Router>) -> anyhow::Result<Proxy> {
+        cfg.validate()?;
+        let shared = Arc::new(Shared {
+            pools: cfg.pools.iter().map(PoolRuntime::new).collect(),
+            route,
+        });
+        let (tx, rx) = watch::channel(());
+        let mut proxy = Proxy {
+            shared: shared.clone(),
+            resolvers: Vec::new(),
+            addrs: Vec::new(),
+            tasks: Vec::new(),
+            _shutdown: tx,
+        };
+        for fe in &cfg.frontends {
+            let acceptor = match &fe.tls {
+                Some(tls) => {
+                    let resolver = Arc::new(
+                        CertResolver::load(tls)
+                            .with_context(|| format!("frontend {}: certificates", fe.name))?,
+                    );
+                    let sc = tls::server_config(resolver.clone())
+                        .with_context(|| format!("frontend {}: TLS settings", fe.name))?;
+                    proxy.resolvers.push((fe.name.clone(), resolver));
+                    Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+                }
+                None => None,
+            };
+            // validate() checked that the default pool exists.
+            let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
+            let runtime = Arc::new(FrontendRuntime::new(fe, default_pool, acceptor));
+            for bind in &fe.binds {
+                let listener = TcpListener::bind(bind)
+                    .await
+                    .with_context(|| format!("frontend {}: binding {bind}", fe.name))?;
+                proxy.addrs.push(listener.local_addr()?);
+                proxy.tasks.push(tokio::spawn(server::accept_loop(
+                    listener,
+                    runtime.clone(),
+                    shared.clone(),
+                    rx.clone(),
+                )));
+            }
+        }
+        Ok(proxy)
+    }
+
+    /// Marks a server of a pool up or down (driven by health checks); false if unknown.
+    pub fn set_server_up(&self, pool: &str, server: SocketAddr, up: bool) -> bool {
+        self.shared
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .is_some_and(|p| p.balancer.set_up(server, up))
+    }
+
+    /// Re-reads every frontend's certificate files; all or nothing per frontend.
+    pub fn reload_certificates(&self) -> anyhow::Result<()> {
+        for (name, resolver) in &self.resolvers {
+            resolver
+                .reload()
+                .with_context(|| format!("frontend {name}: reloading certificates"))?;
+        }
+        Ok(())
+    }
+
+    /// Bound addresses, in frontend then bind order (real ports when binding port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs.clone()
+    }
+
+    /// Live state of a pool's servers, for metrics and the control socket.
+    pub fn servers(&self, pool: &str) -> Option<&[Arc<ServerState>]> {
+        self.shared
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .map(|p| p.balancer.servers())
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}

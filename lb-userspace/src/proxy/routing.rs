@@ -1,0 +1,158 @@
+//! Turns each frontend's ACLs and `use_pool` rules into the proxy's router:
+//! rules are tried in order, the first whose condition holds picks the pool,
+//! otherwise the frontend's `default_pool` serves the request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use super::{ProxyConfig, RequestInfo, Router};
+use crate::acl::{self, AclSet, Condition};
+
+/// A frontend's routing that does not compile.
+#[derive(Debug, Error)]
+pub enum RoutingError {
+    /// An ACL is invalid.
+    #[error("frontend {frontend:?}: {source}")]
+    Acl {
+        /// Frontend name.
+        frontend: String,
+        /// What is wrong.
+        source: acl::AclError,
+    },
+    /// A rule names a pool that does not exist.
+    #[error("frontend {frontend:?}: use_pool names unknown pool {pool:?}")]
+    UnknownPool {
+        /// Frontend name.
+        frontend: String,
+        /// The pool it names.
+        pool: String,
+    },
+}
+
+struct FrontendRoutes {
+    acls: AclSet,
+    rules: Vec<(Condition, usize)>,
+}
+
+/// Compiles every frontend's rules into one router.
+pub fn router(cfg: &ProxyConfig) -> Result<Router, RoutingError> {
+    let mut by_frontend = HashMap::new();
+    for f in &cfg.frontends {
+        let acl_error = |source| RoutingError::Acl {
+            frontend: f.name.clone(),
+            source,
+        };
+        let acls = AclSet::compile(&f.acl).map_err(acl_error)?;
+        let mut rules = Vec::new();
+        for rule in &f.use_pool {
+            let pool = cfg
+                .pool_index(&rule.pool)
+                .ok_or_else(|| RoutingError::UnknownPool {
+                    frontend: f.name.clone(),
+                    pool: rule.pool.clone(),
+                })?;
+            let condition = acl::parse_condition(&rule.condition, &|name| acls.contains(name))
+                .map_err(acl_error)?;
+            rules.push((condition, pool));
+        }
+        by_frontend.insert(f.name.clone(), FrontendRoutes { acls, rules });
+    }
+    Ok(Arc::new(move |info: &RequestInfo<'_>| {
+        let routes = by_frontend.get(info.frontend)?;
+        if routes.rules.is_empty() {
+            return None;
+        }
+        let request = acl::Request {
+            method: info.method.as_str(),
+            path: info.path,
+            query: info.query,
+            host: info.host,
+            headers: info.headers,
+            src: info.src.ip(),
+            sni: info.sni,
+        };
+        routes
+            .rules
+            .iter()
+            .find(|(condition, _)| condition.eval(&routes.acls, &request))
+            .map(|(_, pool)| *pool)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(rules: &str) -> ProxyConfig {
+        let text = format!(
+            r#"
+[[frontend]]
+name = "web"
+binds = ["127.0.0.1:0"]
+default_pool = "app"
+{rules}
+
+[[pool]]
+name = "app"
+servers = [{{ address = "127.0.0.1:1" }}]
+
+[[pool]]
+name = "api"
+servers = [{{ address = "127.0.0.1:2" }}]
+"#
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    fn route(router: &Router, path: &str, host: &str) -> Option<usize> {
+        let headers = http::HeaderMap::new();
+        router(&RequestInfo {
+            frontend: "web",
+            method: &http::Method::GET,
+            path,
+            query: None,
+            host: Some(host),
+            headers: &headers,
+            src: "198.18.1.2:40000".parse().unwrap(),
+            sni: None,
+        })
+    }
+
+    #[test]
+    fn rules_pick_pools_in_order_else_the_default() {
+        let c = cfg(r#"
+[[frontend.acl]]
+name = "is_api"
+path_prefix = "/api/"
+[[frontend.acl]]
+name = "admin"
+host = "admin.example"
+[[frontend.use_pool]]
+pool = "api"
+if = "is_api and not admin"
+"#);
+        let r = router(&c).unwrap();
+        assert_eq!(route(&r, "/api/x", "www.example"), Some(1));
+        assert_eq!(route(&r, "/api/x", "admin.example"), None);
+        assert_eq!(route(&r, "/", "www.example"), None);
+    }
+
+    #[test]
+    fn unknown_pools_and_acls_are_refused() {
+        let c = cfg(r#"
+[[frontend.use_pool]]
+pool = "nope"
+if = "x"
+"#);
+        assert!(matches!(router(&c), Err(RoutingError::UnknownPool { .. })));
+        let c = cfg(r#"
+[[frontend.use_pool]]
+pool = "api"
+if = "missing_acl"
+"#);
+        let err = router(&c).err().unwrap().to_string();
+        assert!(err.contains("missing_acl"), "{err}");
+    }
+}

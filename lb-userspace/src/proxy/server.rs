@@ -1,0 +1,387 @@
+//! Frontends: listeners, the accept loop with its connection limit, TLS
+//! handshakes, HTTP/1.1 + HTTP/2 serving, and client-side timeouts.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant, SystemTime};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
+
+use super::forward::{self, Activity, ConnCtx, FrontendCtx, Shared};
+use super::log::AccessRecord;
+use super::model::Frontend;
+
+/// Client-side timeouts of a frontend.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientTimeouts {
+    pub http_request: Duration,
+    pub keep_alive: Duration,
+    pub client: Duration,
+}
+
+/// A frontend ready to serve connections from its listeners.
+pub(crate) struct FrontendRuntime {
+    pub ctx: Arc<FrontendCtx>,
+    pub tls: Option<TlsAcceptor>,
+    pub limit: Arc<Semaphore>,
+    pub timeouts: ClientTimeouts,
+    pub builder: auto::Builder<TokioExecutor>,
+}
+
+impl FrontendRuntime {
+    pub fn new(cfg: &Frontend, default_pool: usize, tls: Option<TlsAcceptor>) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's own header timeout closes silently; ClientIo answers 408 instead.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .keep_alive(true)
+            // hyper refuses buffers under 8 KiB.
+            .max_buf_size(cfg.request_header_limit.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(cfg.request_header_limit).unwrap_or(u32::MAX));
+        FrontendRuntime {
+            ctx: Arc::new(FrontendCtx {
+                name: cfg.name.clone(),
+                default_pool,
+                forwarded_headers: cfg.forwarded_headers,
+                https: tls.is_some(),
+            }),
+            tls,
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            timeouts: ClientTimeouts {
+                http_request: cfg.timeout_http_request,
+                keep_alive: cfg.timeout_http_keep_alive,
+                client: cfg.timeout_client,
+            },
+            builder,
+        }
+    }
+}
+
+/// Accepts connections until `shutdown`'s sender is dropped.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    fe: Arc<FrontendRuntime>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<()>,
+) {
+    loop {
+        // Wait for a free slot before accepting, so excess clients queue in the backlog.
+        let permit = tokio::select! {
+            p = fe.limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(frontend = %fe.ctx.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let (fe, shared, shutdown) = (fe.clone(), shared.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            serve_connection(stream, peer, fe, shared, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    fe: Arc<FrontendRuntime>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<()>,
+) {
+    match &fe.tls {
+        None => serve_io(stream, peer, None, None, fe.clone(), shared, shutdown).await,
+        Some(acceptor) => {
+            let hs = tokio::time::timeout(fe.timeouts.http_request, acceptor.accept(stream)).await;
+            let tls = match hs {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(frontend = %fe.ctx.name, %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(frontend = %fe.ctx.name, %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let (_, session) = tls.get_ref();
+            let sni = session.server_name().map(str::to_string);
+            let h2 = session.alpn_protocol() == Some(b"h2");
+            serve_io(tls, peer, sni, Some(h2), fe.clone(), shared, shutdown).await
+        }
+    }
+}
+
+async fn serve_io<T>(
+    io: T,
+    peer: SocketAddr,
+    sni: Option<String>,
+    h2: Option<bool>,
+    fe: Arc<FrontendRuntime>,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<()>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let activity = Arc::new(Activity::default());
+    let conn = Arc::new(ConnCtx {
+        frontend: fe.ctx.clone(),
+        peer,
+        sni,
+        activity: activity.clone(),
+        ready_since: Mutex::new(Instant::now()),
+    });
+    let io = ClientIo::new(io, activity, fe.timeouts, h2, peer, fe.ctx.name.clone());
+    let service = service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req));
+    let served = fe.builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        _ = shutdown.changed() => {
+            served.as_mut().graceful_shutdown();
+            served.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(frontend = %fe.ctx.name, %peer, error = %e, "client connection ended with an error");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the first byte of a request.
+    Idle,
+    /// Part of an HTTP/1 request head received.
+    Head,
+}
+
+/// HAProxy's 408 answer to a request head that did not arrive in time.
+const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Time-out\r\ncontent-length: 110\r\ncache-control: no-cache\r\nconnection: close\r\ncontent-type: text/html\r\n\r\n<html><body><h1>408 Request Time-out</h1>\nYour browser didn't send a complete request in time.\n</body></html>\n";
+
+/// Client stream that enforces the request-head and idle timeouts:
+/// a stalled HTTP/1 head gets a 408 written here (hyper would close silently),
+/// an idle connection is closed as if the client had.
+struct ClientIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    timeouts: ClientTimeouts,
+    /// None until the first bytes tell HTTP/2's preface from HTTP/1.
+    h2: Option<bool>,
+    /// `dispatched` count when the current head started, if one has.
+    head_started: Option<u64>,
+    armed: Option<Phase>,
+    deadline: Pin<Box<Sleep>>,
+    /// Bytes of the 408 answer already written, while answering.
+    answering: Option<usize>,
+    peer: SocketAddr,
+    frontend: String,
+}
+
+impl<T> ClientIo<T> {
+    fn new(
+        inner: T,
+        activity: Arc<Activity>,
+        timeouts: ClientTimeouts,
+        h2: Option<bool>,
+        peer: SocketAddr,
+        frontend: String,
+    ) -> Self {
+        ClientIo {
+            inner,
+            activity,
+            timeouts,
+            h2,
+            head_started: None,
+            armed: None,
+            deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            answering: None,
+            peer,
+            frontend,
+        }
+    }
+
+    fn log_408(&self) {
+        AccessRecord {
+            client: self.peer,
+            date: SystemTime::now(),
+            frontend: self.frontend.clone(),
+            pool: "<NOPOOL>".into(),
+            server: "<NOSRV>".into(),
+            tq: -1,
+            tw: -1,
+            tc: -1,
+            tr: -1,
+            tt: -1,
+            status: 408,
+            bytes: TIMEOUT_408.len() as u64,
+            termination: ['c', 'R'],
+            method: "<BADREQ>".into(),
+            uri: String::new(),
+            version: String::new(),
+        }
+        .emit();
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> ClientIo<T> {
+    /// Writes the 408 answer, then reports end of stream to hyper.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(done) = self.answering {
+            if done < TIMEOUT_408.len() {
+                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &TIMEOUT_408[done..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.answering = Some(done + n);
+            } else {
+                ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+                let _ = Pin::new(&mut self.inner).poll_shutdown(cx);
+                return Poll::Ready(Ok(()));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.answering.is_some() {
+            return this.poll_answer(cx);
+        }
+        let before = buf.filled().len();
+        let dispatched = this.activity.dispatched.load(Ordering::SeqCst);
+        if this.head_started.is_some_and(|d| d != dispatched) {
+            // The head that started was parsed and dispatched since.
+            this.head_started = None;
+        }
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                if !got.is_empty() {
+                    if this.h2.is_none() {
+                        let preface = b"PRI * HTTP/2.0";
+                        let n = got.len().min(preface.len());
+                        this.h2 = Some(got[..n] == preface[..n]);
+                    }
+                    if this.h2 == Some(false)
+                        && this.head_started.is_none()
+                        && this.activity.active.load(Ordering::SeqCst) == 0
+                    {
+                        this.head_started = Some(dispatched);
+                    }
+                    this.armed = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if this.activity.active.load(Ordering::SeqCst) > 0 {
+                    // A request is being served: timeouts belong to the server side.
+                    this.armed = None;
+                    if let Ok(mut w) = this.activity.idle_waker.lock() {
+                        *w = Some(cx.waker().clone());
+                    }
+                    // Re-check: the request may have ended before the waker was stored.
+                    if this.activity.active.load(Ordering::SeqCst) > 0 {
+                        return Poll::Pending;
+                    }
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                let phase = if this.head_started.is_some() {
+                    Phase::Head
+                } else {
+                    Phase::Idle
+                };
+                if this.armed != Some(phase) {
+                    let limit = match (phase, this.h2) {
+                        (Phase::Head, _) => this.timeouts.http_request,
+                        (Phase::Idle, Some(true)) => this.timeouts.client,
+                        (Phase::Idle, _) if dispatched == 0 => this.timeouts.http_request,
+                        (Phase::Idle, _) => this.timeouts.keep_alive,
+                    };
+                    this.deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + limit);
+                    this.armed = Some(phase);
+                }
+                if this.deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                match phase {
+                    Phase::Head => {
+                        this.log_408();
+                        this.answering = Some(0);
+                        this.poll_answer(cx)
+                    }
+                    // End of stream: hyper closes an idle connection quietly.
+                    Phase::Idle => Poll::Ready(Ok(())),
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

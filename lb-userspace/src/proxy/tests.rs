@@ -1,0 +1,600 @@
+//! End-to-end tests of the proxy on 127.0.0.1 with real clients and servers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+
+/// A test backend: answers `name` plus the request headers as JSON; `/sleep/N` waits N ms first.
+struct Backend {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+async fn backend(name: &'static str) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    if let Some(ms) = req.uri().path().strip_prefix("/sleep/") {
+                        let ms: u64 = ms.parse().unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    let headers: serde_json::Map<String, serde_json::Value> = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                        .collect();
+                    let body = serde_json::json!({"server": name, "headers": headers});
+                    Ok::<_, std::convert::Infallible>(
+                        hyper::Response::builder()
+                            .header("x-server", name)
+                            .body(Full::new(Bytes::from(body.to_string())))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Backend { addr, accepted }
+}
+
+/// An address that refuses connections: bound, then released.
+async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+fn pool(algorithm: Algorithm, servers: &[SocketAddr]) -> Pool {
+    Pool::new(
+        "app",
+        algorithm,
+        servers.iter().map(|&a| ServerSpec::new(a)).collect(),
+    )
+}
+
+fn frontend() -> Frontend {
+    Frontend::new("web", vec!["127.0.0.1:0".parse().unwrap()], "app")
+}
+
+async fn start(fe: Frontend, pool: Pool) -> Proxy {
+    Proxy::start(
+        ProxyConfig {
+            frontends: vec![fe],
+            pools: vec![pool],
+        },
+        None,
+    )
+    .await
+    .unwrap()
+}
+
+struct Answer {
+    status: StatusCode,
+    server: Option<String>,
+    body: String,
+}
+
+impl Answer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+fn h1_client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+async fn send(client: &Client<HttpConnector, Empty<Bytes>>, url: String) -> Answer {
+    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    let status = resp.status();
+    let server = resp
+        .headers()
+        .get("x-server")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        server,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn get(proxy: &Proxy, path: &str) -> Answer {
+    send(
+        &h1_client(),
+        format!("http://{}{path}", proxy.local_addrs()[0]),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn plain_http1_and_forwarded_headers() {
+    let a = backend("a").await;
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let r = get(&proxy, "/x?y=1").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.server.as_deref(), Some("a"));
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["forwarded"], "for=127.0.0.1;proto=http");
+    assert_eq!(h["host"], proxy.local_addrs()[0].to_string());
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    let a = backend("a").await;
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let url: http::Uri = format!("http://{}/h2", proxy.local_addrs()[0])
+        .parse()
+        .unwrap();
+    let resp = client.get(url).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["server"], "a");
+    // The :authority became a Host header for the HTTP/1.1 server.
+    assert_eq!(j["headers"]["host"], proxy.local_addrs()[0].to_string());
+}
+
+#[tokio::test]
+async fn round_robin_weights_one_to_two() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let mut p = pool(Algorithm::RoundRobin, &[a.addr, b.addr]);
+    p.servers[1].weight = 2;
+    let proxy = start(frontend(), p).await;
+    let mut seq = String::new();
+    for _ in 0..6 {
+        seq += &get(&proxy, "/").await.server.unwrap();
+    }
+    assert_eq!(seq, "babbab");
+}
+
+#[tokio::test]
+async fn least_conn_prefers_idle_server() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let proxy = Arc::new(start(frontend(), pool(Algorithm::LeastConn, &[a.addr, b.addr])).await);
+    let p2 = proxy.clone();
+    let slow = tokio::spawn(async move { get(&p2, "/sleep/700").await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut fast = Vec::new();
+    for _ in 0..4 {
+        fast.push(get(&proxy, "/").await.server.unwrap());
+    }
+    let slow = slow.await.unwrap().server.unwrap();
+    assert!(
+        fast.iter().all(|s| *s != slow),
+        "slow {slow}, fast {fast:?}"
+    );
+}
+
+#[tokio::test]
+async fn first_down_and_backup() {
+    let (a, b, c) = (backend("a").await, backend("b").await, backend("c").await);
+    let mut p = pool(Algorithm::First, &[a.addr, b.addr, c.addr]);
+    p.servers[2].backup = true;
+    let proxy = start(frontend(), p).await;
+    for _ in 0..3 {
+        assert_eq!(get(&proxy, "/").await.server.as_deref(), Some("a"));
+    }
+    assert!(proxy.set_server_up("app", a.addr, false));
+    assert_eq!(get(&proxy, "/").await.server.as_deref(), Some("b"));
+    proxy.set_server_up("app", b.addr, false);
+    assert_eq!(get(&proxy, "/").await.server.as_deref(), Some("c"));
+    proxy.set_server_up("app", c.addr, false);
+    let r = get(&proxy, "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("503"));
+    proxy.set_server_up("app", b.addr, true);
+    assert_eq!(get(&proxy, "/").await.server.as_deref(), Some("b"));
+    assert!(!proxy.set_server_up("nope", b.addr, true));
+}
+
+#[tokio::test]
+async fn no_server_is_503() {
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[])).await;
+    assert_eq!(
+        get(&proxy, "/").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+}
+
+#[tokio::test]
+async fn server_closing_is_502() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+        }
+    });
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
+    let r = get(&proxy, "/").await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert!(r.body.contains("502 Bad Gateway"));
+}
+
+#[tokio::test]
+async fn slow_server_is_504() {
+    let a = backend("a").await;
+    let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
+    p.timeout_server = Duration::from_millis(200);
+    let proxy = start(frontend(), p).await;
+    assert_eq!(
+        get(&proxy, "/sleep/2000").await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+}
+
+#[tokio::test]
+async fn connect_failure_redispatches() {
+    let a = backend("a").await;
+    let dead = dead_addr().await;
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[dead, a.addr])).await;
+    for _ in 0..10 {
+        let r = get(&proxy, "/").await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.server.as_deref(), Some("a"));
+    }
+    // Only dead servers: 502 after the retries.
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[dead])).await;
+    assert_eq!(get(&proxy, "/").await.status, StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn stalled_request_head_is_408() {
+    let a = backend("a").await;
+    let mut fe = frontend();
+    fe.timeout_http_request = Duration::from_millis(300);
+    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed_quietly() {
+    let a = backend("a").await;
+    let mut fe = frontend();
+    fe.timeout_http_keep_alive = Duration::from_millis(300);
+    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(!out.contains("408"));
+}
+
+#[tokio::test]
+async fn server_connections_are_reused() {
+    let a = backend("a").await;
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let client = h1_client();
+    for _ in 0..20 {
+        let r = send(&client, format!("http://{}/", proxy.local_addrs()[0])).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn curl_http1_and_h2c() {
+    let a = backend("a").await;
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let url = format!("http://{}/curl", proxy.local_addrs()[0]);
+    let version = std::process::Command::new("curl").arg("-V").output();
+    let Ok(version) = version else {
+        eprintln!("curl not installed; skipped");
+        return;
+    };
+    let mut modes = vec!["--http1.1"];
+    if String::from_utf8_lossy(&version.stdout).contains("HTTP2") {
+        modes.push("--http2-prior-knowledge");
+    }
+    for mode in modes {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", mode, "-w", "\n%{http_code} %{http_version}", &url])
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let last = text.lines().last().unwrap_or("").to_string();
+        assert!(last.starts_with("200 "), "{mode}: {text}");
+        assert!(text.contains("\"server\":\"a\""), "{mode}: {text}");
+        if mode == "--http2-prior-knowledge" {
+            assert_eq!(last, "200 2");
+        }
+    }
+}
+
+// --- TLS ---------------------------------------------------------------
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lb-proxy-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes a self-signed certificate for `names` to `<stem>.pem`/`<stem>.key`; returns the pair and its DER.
+fn write_cert(dir: &TempDir, stem: &str, names: &[&str]) -> (CertPair, Vec<u8>) {
+    let ck =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let cert = dir.0.join(format!("{stem}.pem"));
+    let key = dir.0.join(format!("{stem}.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    (
+        CertPair {
+            cert,
+            key,
+            names: Vec::new(),
+        },
+        ck.cert.der().to_vec(),
+    )
+}
+
+/// Accepts any server certificate: the tests check which one was presented.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Connects with TLS (SNI `sni`, or an IP name for none); returns the stream and the presented leaf.
+async fn tls_connect(
+    addr: SocketAddr,
+    sni: Option<&str>,
+    alpn: &[&[u8]],
+    tls12: bool,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
+    let provider = tls::provider();
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // An IP address as server name sends no SNI extension.
+    let name = match sni {
+        Some(s) => ServerName::try_from(s.to_string()).unwrap(),
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (stream, leaf)
+}
+
+#[tokio::test]
+async fn tls_sni_default_alpn_h2_and_reload() {
+    let a = backend("a").await;
+    let dir = TempDir::new("tls");
+    let (one, one_der) = write_cert(&dir, "one", &["one.test"]);
+    let (two, two_der) = write_cert(&dir, "two", &["*.two.test"]);
+    let (dflt, dflt_der) = write_cert(&dir, "default", &["default.test"]);
+    let mut fe = frontend();
+    fe.tls = Some(TlsConfig {
+        certs: vec![one.clone(), two, dflt.clone()],
+        default_cert: Some(2),
+    });
+    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let addr = proxy.local_addrs()[0];
+
+    assert_eq!(
+        tls_connect(addr, Some("one.test"), &[], false).await.1,
+        one_der
+    );
+    assert_eq!(
+        tls_connect(addr, Some("x.two.test"), &[], true).await.1,
+        two_der
+    );
+    assert_eq!(
+        tls_connect(addr, Some("other.test"), &[], false).await.1,
+        dflt_der
+    );
+    assert_eq!(tls_connect(addr, None, &[], false).await.1, dflt_der);
+
+    // ALPN h2, then a request over it.
+    let (stream, _) = tls_connect(addr, Some("one.test"), &[b"h2", b"http/1.1"], false).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://one.test/tls")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(j["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(j["headers"]["host"], "one.test");
+
+    // ALPN http/1.1 only.
+    let (mut stream, _) = tls_connect(addr, Some("one.test"), &[b"http/1.1"], true).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: one.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    assert!(out.starts_with(b"HTTP/1.1 200"));
+
+    // Replace the files of the first certificate and reload.
+    let (_, new_der) = write_cert(&dir, "one", &["one.test"]);
+    assert_eq!(
+        tls_connect(addr, Some("one.test"), &[], false).await.1,
+        one_der
+    );
+    proxy.reload_certificates().unwrap();
+    assert_eq!(
+        tls_connect(addr, Some("one.test"), &[], false).await.1,
+        new_der
+    );
+
+    // A broken file fails the reload and keeps the loaded certificates.
+    std::fs::write(&one.key, "garbage").unwrap();
+    assert!(proxy.reload_certificates().is_err());
+    assert_eq!(
+        tls_connect(addr, Some("one.test"), &[], false).await.1,
+        new_der
+    );
+    let _ = dflt;
+}
+
+#[test]
+fn config_from_toml() {
+    let cfg: ProxyConfig = toml::from_str(
+        r#"
+        [[frontend]]
+        name = "web"
+        binds = ["127.0.0.1:8080"]
+        default_pool = "app"
+        timeout_http_request = "5s"
+        timeout_client = 1500
+
+        [[pool]]
+        name = "app"
+        algorithm = "leastconn"
+        servers = [{ address = "10.0.0.1:80", weight = 2 }, { address = "10.0.0.2:80", backup = true }]
+        "#,
+    )
+    .unwrap();
+    cfg.validate().unwrap();
+    let fe = &cfg.frontends[0];
+    assert_eq!(fe.timeout_http_request, Duration::from_secs(5));
+    assert_eq!(fe.timeout_client, Duration::from_millis(1500));
+    assert_eq!(fe.max_connections, 10_000);
+    assert_eq!(fe.request_header_limit, 16 * 1024);
+    assert!(fe.forwarded_headers);
+    let p = &cfg.pools[0];
+    assert_eq!(p.algorithm, Algorithm::LeastConn);
+    assert_eq!(p.retries, 3);
+    assert_eq!(p.timeout_server, Duration::from_secs(30));
+    assert_eq!((p.servers[0].weight, p.servers[1].backup), (2, true));
+
+    let mut bad = cfg.clone();
+    bad.frontends[0].default_pool = "nope".into();
+    assert!(matches!(
+        bad.validate(),
+        Err(ConfigError::UnknownPool { .. })
+    ));
+    assert!(
+        toml::from_str::<ProxyConfig>("[[pool]]\nname='x'\ntimeout_server='5 parsecs'").is_err()
+    );
+}

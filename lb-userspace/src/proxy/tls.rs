@@ -1,0 +1,279 @@
+//! TLS termination: certificates chosen by SNI, a default one, and reloading
+//! the PEM files without a restart.
+//!
+//! A certificate serves the names listed in its `CertPair::names`, or when that
+//! is empty the DNS names of its leaf's subjectAltName, read with a small DER
+//! scan (no X.509 crate). `*.example.com` matches exactly one extra label.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use super::model::TlsConfig;
+
+/// Why certificates could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("{0}: no certificate found")]
+    NoCertificate(PathBuf),
+    /// A key file holds no private key.
+    #[error("{0}: no private key found")]
+    NoKey(PathBuf),
+    /// rustls rejected a key or a certificate/key pair.
+    #[error("{path}: {source}")]
+    Rustls {
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        source: rustls::Error,
+    },
+    /// No certificate configured, or `default_cert` out of range.
+    #[error("tls needs at least one certificate and default_cert within them")]
+    BadConfig,
+}
+
+/// The crypto provider used everywhere in the proxy (ring, no aws-lc).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Loaded certificates with the names each serves.
+#[derive(Debug)]
+struct CertStore {
+    entries: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+    default: usize,
+}
+
+impl CertStore {
+    fn load(cfg: &TlsConfig) -> Result<Self, TlsError> {
+        let default = cfg.default_cert.unwrap_or(0);
+        if cfg.certs.is_empty() || default >= cfg.certs.len() {
+            return Err(TlsError::BadConfig);
+        }
+        let provider = provider();
+        let mut entries = Vec::with_capacity(cfg.certs.len());
+        for pair in &cfg.certs {
+            let chain = read_certs(&pair.cert)?;
+            let key = read_key(&pair.key)?;
+            let rustls_err = |source| TlsError::Rustls {
+                path: pair.key.clone(),
+                source,
+            };
+            let signer = provider
+                .key_provider
+                .load_private_key(key)
+                .map_err(rustls_err)?;
+            let names = if pair.names.is_empty() {
+                dns_names(&chain[0])
+            } else {
+                pair.names.iter().map(|n| n.to_ascii_lowercase()).collect()
+            };
+            let ck = CertifiedKey::new(chain, signer);
+            ck.keys_match().map_err(rustls_err)?;
+            entries.push((names, Arc::new(ck)));
+        }
+        Ok(CertStore { entries, default })
+    }
+
+    fn select(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let found = sni.and_then(|sni| {
+            let sni = sni.to_ascii_lowercase();
+            self.entries
+                .iter()
+                .find(|(names, _)| names.iter().any(|n| name_matches(n, &sni)))
+        });
+        match found {
+            Some((_, ck)) => ck.clone(),
+            None => self.entries[self.default].1.clone(),
+        }
+    }
+}
+
+/// True when certificate name `pattern` covers host `sni` (both lowercase).
+fn name_matches(pattern: &str, sni: &str) -> bool {
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => sni
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix),
+        None => pattern == sni,
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let io = |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut r = BufReader::new(File::open(path).map_err(io)?);
+    let certs = rustls_pemfile::certs(&mut r)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_path_buf()));
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let io = |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut r = BufReader::new(File::open(path).map_err(io)?);
+    rustls_pemfile::private_key(&mut r)
+        .map_err(io)?
+        .ok_or_else(|| TlsError::NoKey(path.to_path_buf()))
+}
+
+/// Chooses a frontend's certificate by SNI; `reload` swaps the set atomically.
+#[derive(Debug)]
+pub struct CertResolver {
+    cfg: TlsConfig,
+    store: RwLock<Arc<CertStore>>,
+}
+
+impl CertResolver {
+    /// Reads every certificate and key of `cfg`.
+    pub fn load(cfg: &TlsConfig) -> Result<Self, TlsError> {
+        Ok(CertResolver {
+            store: RwLock::new(Arc::new(CertStore::load(cfg)?)),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Re-reads the PEM files; on error the previous certificates stay in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let fresh = Arc::new(CertStore::load(&self.cfg)?);
+        *self.store.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
+    /// The certificate served for `sni`.
+    pub fn select(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let store = self.store.read().unwrap_or_else(|e| e.into_inner()).clone();
+        store.select(sni)
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.select(hello.server_name()))
+    }
+}
+
+/// A rustls server configuration: TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`.
+pub fn server_config(resolver: Arc<CertResolver>) -> Result<rustls::ServerConfig, rustls::Error> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// DNS names (lowercase) in the subjectAltName extension of a DER certificate.
+pub fn dns_names(der: &[u8]) -> Vec<String> {
+    // OID 2.5.29.17 (subjectAltName), DER-encoded with its tag and length.
+    const SAN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x11];
+    let Some(pos) = der.windows(SAN_OID.len()).position(|w| w == SAN_OID) else {
+        return Vec::new();
+    };
+    let mut rest = &der[pos + SAN_OID.len()..];
+    // Optional `critical` BOOLEAN.
+    if let Some((0x01, _, after)) = tlv(rest) {
+        rest = after;
+    }
+    let Some((0x04, octets, _)) = tlv(rest) else {
+        return Vec::new();
+    };
+    let Some((0x30, mut names, _)) = tlv(octets) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while let Some((tag, value, after)) = tlv(names) {
+        // [2] IMPLICIT IA5String: dNSName.
+        if tag == 0x82
+            && let Ok(s) = std::str::from_utf8(value)
+        {
+            out.push(s.to_ascii_lowercase());
+        }
+        names = after;
+    }
+    out
+}
+
+/// Splits one DER tag-length-value off `b`: (tag, value, rest).
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, mut b) = b.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || b.len() < n {
+            return None;
+        }
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |acc, &x| (acc << 8) | usize::from(x));
+        b = &b[n..];
+        len
+    };
+    if b.len() < len {
+        return None;
+    }
+    Some((tag, &b[..len], &b[len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_matching() {
+        assert!(name_matches("a.example.com", "a.example.com"));
+        assert!(name_matches("*.example.com", "a.example.com"));
+        assert!(!name_matches("*.example.com", "example.com"));
+        assert!(!name_matches("*.example.com", "a.b.example.com"));
+        assert!(!name_matches("*.example.com", ".example.com"));
+    }
+
+    #[test]
+    fn reads_san_names() {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "One.example".to_string(),
+            "*.two.example".to_string(),
+        ])
+        .unwrap();
+        assert_eq!(
+            dns_names(ck.cert.der()),
+            vec!["one.example".to_string(), "*.two.example".to_string()]
+        );
+        assert!(dns_names(b"\x30\x03\x02\x01").is_empty());
+    }
+
+    #[test]
+    fn tlv_long_lengths_and_truncation() {
+        let mut long = vec![0x04, 0x81, 200];
+        long.extend(std::iter::repeat_n(7u8, 200));
+        let (tag, v, rest) = tlv(&long).unwrap();
+        assert_eq!((tag, v.len(), rest.len()), (4, 200, 0));
+        assert!(tlv(&long[..100]).is_none());
+        assert!(tlv(&[0x04]).is_none());
+    }
+}
