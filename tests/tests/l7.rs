@@ -3,7 +3,6 @@
 //! h2), routes by ACLs and forwards to the lab's backends; curl is the client.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -89,7 +88,7 @@ fn curl(lab: &RunningLab, host: &str, path: &str, ca: &Path) -> (String, String)
         .arg("--cacert")
         .arg(ca)
         .arg("--resolve")
-        .arg(format!("{host}:443:{}", Ipv4Addr::from(VIP_V4)))
+        .arg(format!("{host}:443:{VIP_V4}"))
         .args(["-w", "\n%{http_version} %{ssl_verify_result}"])
         .arg(format!("https://{host}{path}"))
         .output()
