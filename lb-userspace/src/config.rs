@@ -320,7 +320,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
             return Err(ConfigErrors(checker.errors));
         }
     };
-    let has_proxy = raw.frontend.is_some() || raw.pool.is_some();
+    let has_proxy = raw.frontend.is_some() || raw.pool.is_some() || raw.userlist.is_some();
     let service_tables = raw.service.as_ref().map_or(0, Vec::len);
     let mut config = checker.config(raw);
     if has_proxy {
@@ -348,6 +348,7 @@ struct RawConfig {
     // Read again, typed, by `proxy_section`; here they only need to be allowed.
     frontend: Option<Spanned<toml::Value>>,
     pool: Option<Spanned<toml::Value>>,
+    userlist: Option<Spanned<toml::Value>>,
 }
 
 /// The proxy's tables, read with spans so errors point at their entry.
@@ -357,6 +358,8 @@ struct RawProxy {
     frontend: Vec<Spanned<crate::proxy::Frontend>>,
     #[serde(default)]
     pool: Vec<Spanned<crate::proxy::Pool>>,
+    #[serde(default)]
+    userlist: Vec<crate::proxy::UserList>,
 }
 
 // Everything is optional and loosely typed (strings, i64) so that missing or
@@ -493,11 +496,14 @@ impl Checker<'_> {
         let cfg = crate::proxy::ProxyConfig {
             frontends: raw.frontend.into_iter().map(Spanned::into_inner).collect(),
             pools: raw.pool.into_iter().map(Spanned::into_inner).collect(),
+            userlists: raw.userlist,
         };
         let problem = cfg
             .validate()
             .map_err(|e| e.to_string())
-            .and_then(|()| crate::proxy::routing::router(&cfg).map_err(|e| e.to_string()));
+            .and_then(|()| crate::proxy::routing::router(&cfg).map_err(|e| e.to_string()))
+            .and_then(|_| crate::proxy::actions::compile(&cfg).map_err(|e| e.to_string()))
+            .map(drop);
         if let Err(reason) = problem {
             match first {
                 Some(span) => self.at(&span, reason),

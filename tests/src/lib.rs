@@ -229,3 +229,4 @@ impl Drop for RunningLab {
         }
     }
 }
+pub mod l7bench;

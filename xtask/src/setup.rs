@@ -30,6 +30,9 @@ pub const PACKAGES: &[&str] = &[
     // The lab turns off veth TX checksum offload (see lab::netns::full_tx_checksums).
     "ethtool",
     "bpftool",
+    // `cargo xtask bench` compares the L7 proxy with HAProxy, loaded by wrk.
+    "haproxy",
+    "wrk",
 ];
 
 /// LLVM installation bpf-linker is built against.

@@ -1,11 +1,38 @@
-//! Server choice within a pool: state per server and the four algorithms.
+//! Server choice within a pool: state per server, the algorithms (round robin,
+//! leastconn, random2, first, and Maglev consistent hashes of the source, the
+//! URI or a header), per-server `maxconn` and the pool's FIFO queue.
+//!
+//! Hash algorithms look the request's key (`jhash_bytes`) up in a Maglev table
+//! of `HASH_TABLE_SIZE` entries built by `lb_common::maglev` over every
+//! regular server (its "home" server). A key whose home is not usable goes to
+//! a second table built over the usable servers only, rebuilt whenever a
+//! server goes up or down. So a server going down moves exactly its own keys,
+//! spread over the others, and they come back when it does.
+//!
+//! With any `maxconn` set, taking and giving back a server's slot happen under
+//! the pool's queue lock: a finishing request hands its slot straight to the
+//! oldest queued request that can use it, so queued requests go first.
 
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
-use super::model::{Algorithm, ServerSpec};
+use http::{HeaderMap, HeaderName, Uri};
+use lb_common::hash::jhash_bytes;
+use lb_common::maglev::{self, MaglevInput};
+use tokio::sync::oneshot;
+
+use super::model::{Algorithm, Pool, ServerSpec};
+
+/// Entries of a pool's Maglev table: a prime, about 40 per server for 100
+/// servers, small enough (16 KiB) to rebuild on every up/down change.
+pub const HASH_TABLE_SIZE: u32 = 4099;
+
+/// Seed of the request key hash (`jhash_bytes`), "l7hk".
+const KEY_SEED: u32 = 0x6c37_686b;
 
 /// Live state of one server.
 #[derive(Debug)]
@@ -16,6 +43,8 @@ pub struct ServerState {
     pub weight: u32,
     /// Backup server.
     pub backup: bool,
+    /// Requests in flight at most; 0 is unlimited.
+    pub maxconn: usize,
     up: AtomicBool,
     active: AtomicUsize,
 }
@@ -30,34 +59,99 @@ impl ServerState {
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
     }
+
+    /// Whether one more request fits under `maxconn`.
+    fn has_room(&self) -> bool {
+        self.maxconn == 0 || self.active() < self.maxconn
+    }
 }
 
-/// Counts a request in flight on a server until dropped.
+/// Counts a request in flight on a server until dropped; with a queue, the
+/// slot then goes to the oldest queued request that can use it.
 #[derive(Debug)]
-pub struct Active(Arc<ServerState>);
+pub struct Active {
+    server: Arc<ServerState>,
+    pool: Option<Arc<Inner>>,
+}
 
 impl Active {
     /// Starts counting on `server`.
     pub fn new(server: Arc<ServerState>) -> Self {
         server.active.fetch_add(1, Ordering::Relaxed);
-        Active(server)
+        Active { server, pool: None }
     }
 
     /// The server counted.
     pub fn server(&self) -> &Arc<ServerState> {
-        &self.0
+        &self.server
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        match &self.pool {
+            None => {
+                self.server.active.fetch_sub(1, Ordering::Relaxed);
+            }
+            Some(inner) => {
+                let mut lost = Vec::new();
+                {
+                    let mut q = inner.lock_queue();
+                    self.server.active.fetch_sub(1, Ordering::Relaxed);
+                    inner.dispatch(&mut q, &mut lost);
+                }
+                // Slots whose waiter vanished are given back here, outside the lock.
+                drop(lost);
+            }
+        }
     }
 }
 
-/// Picks servers of one pool.
+/// A server slot taken by `Balancer::acquire`.
 #[derive(Debug)]
-pub struct Balancer {
+pub struct Acquired {
+    /// Server index, as for `Balancer::server`.
+    pub index: usize,
+    /// The slot; dropping it ends the request on the server.
+    pub active: Active,
+    /// Time spent in the queue (HAProxy's Tw).
+    pub queued: Duration,
+}
+
+/// Why `Balancer::acquire` found no server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// No usable server at all (all down, or none configured).
+    NoServer,
+    /// Every eligible server stayed at `maxconn` for the whole `timeout_queue`.
+    QueueTimeout(Duration),
+}
+
+/// Outcome of one choice.
+enum Choice {
+    Server(usize),
+    Full,
+    Nothing,
+}
+
+/// A request waiting for a slot.
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    key: Option<u32>,
+    exclude: Vec<usize>,
+    tx: oneshot::Sender<(usize, Active)>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    waiters: VecDeque<Waiter>,
+    next_id: u64,
+}
+
+/// Everything a pool's balancer shares with the slots it hands out.
+#[derive(Debug)]
+struct Inner {
     algorithm: Algorithm,
     servers: Vec<Arc<ServerState>>,
     /// Smooth round robin's current weights, one per server.
@@ -65,57 +159,278 @@ pub struct Balancer {
     /// Rotates the start of leastconn's scan so equal loads share the work.
     rotor: AtomicUsize,
     rng: AtomicU64,
+    /// Maglev table of server indices over all regular servers (hash algorithms only).
+    home: Vec<u32>,
+    /// Maglev table over the usable servers, for keys whose home is not usable.
+    table: RwLock<Vec<u32>>,
+    hash_query: bool,
+    hash_header: Option<HeaderName>,
+    /// Any server has a `maxconn`: slots are taken under the queue lock.
+    limited: bool,
+    timeout_queue: Duration,
+    queue: Mutex<Queue>,
+}
+
+/// Picks servers of one pool.
+#[derive(Debug)]
+pub struct Balancer {
+    inner: Arc<Inner>,
 }
 
 impl Balancer {
-    /// All servers start up.
+    /// All servers start up; no hash options, queue timeout 5 s.
     pub fn new(algorithm: Algorithm, specs: &[ServerSpec]) -> Self {
-        let servers: Vec<_> = specs
+        Self::from_pool(&Pool::new("", algorithm, specs.to_vec()))
+    }
+
+    /// The balancer of a configured pool; all servers start up.
+    pub fn from_pool(pool: &Pool) -> Self {
+        let servers: Vec<_> = pool
+            .servers
             .iter()
             .map(|s| {
                 Arc::new(ServerState {
                     addr: s.address,
                     weight: s.weight,
                     backup: s.backup,
+                    maxconn: s.maxconn,
                     up: AtomicBool::new(true),
                     active: AtomicUsize::new(0),
                 })
             })
             .collect();
         let seed = RandomState::new().hash_one(0u8) | 1;
-        Balancer {
-            algorithm,
+        let mut inner = Inner {
+            algorithm: pool.algorithm,
             current: Mutex::new(vec![0; servers.len()]),
+            limited: servers.iter().any(|s| s.maxconn > 0),
             servers,
             rotor: AtomicUsize::new(0),
             rng: AtomicU64::new(seed),
+            home: Vec::new(),
+            table: RwLock::new(Vec::new()),
+            hash_query: pool.hash_query,
+            // validate() rejects bad names; a bad one here just means roundrobin.
+            hash_header: pool
+                .hash_header
+                .as_deref()
+                .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+            timeout_queue: pool.timeout_queue,
+            queue: Mutex::new(Queue::default()),
+        };
+        if inner.algorithm.is_hash() {
+            let all: Vec<usize> = (0..inner.servers.len())
+                .filter(|&i| !inner.servers[i].backup)
+                .collect();
+            inner.home = inner.build_table(&all);
+        }
+        inner.rebuild_table();
+        Balancer {
+            inner: Arc::new(inner),
         }
     }
 
     /// Server `i` as returned by `pick`.
     pub fn server(&self, i: usize) -> &Arc<ServerState> {
-        &self.servers[i]
+        &self.inner.servers[i]
     }
 
     /// All servers, in configuration order.
     pub fn servers(&self) -> &[Arc<ServerState>] {
-        &self.servers
+        &self.inner.servers
     }
 
     /// Marks every server at `addr` up or down; false if there is none.
+    /// A change rebuilds the hash table and re-dispatches queued requests (a
+    /// server came up, or a hashed request's server went down).
     pub fn set_up(&self, addr: SocketAddr, up: bool) -> bool {
+        let inner = &self.inner;
         let mut found = false;
-        for s in self.servers.iter().filter(|s| s.addr == addr) {
-            s.up.store(up, Ordering::Relaxed);
+        let mut changed = false;
+        for s in inner.servers.iter().filter(|s| s.addr == addr) {
+            changed |= s.up.swap(up, Ordering::Relaxed) != up;
             found = true;
+        }
+        if changed {
+            inner.rebuild_table();
+            if inner.limited {
+                let mut lost = Vec::new();
+                inner.dispatch(&mut inner.lock_queue(), &mut lost);
+                drop(lost);
+            }
         }
         found
     }
 
-    /// Chooses a server index, avoiding `exclude`; backups only when no
-    /// regular server is usable; None when nothing is.
+    /// The request's hash key under this pool's algorithm; None for other
+    /// algorithms and for `header` when the request lacks the header.
+    pub fn hash_key(&self, src: IpAddr, uri: &Uri, headers: &HeaderMap) -> Option<u32> {
+        let inner = &self.inner;
+        match inner.algorithm {
+            Algorithm::Source => Some(match src.to_canonical() {
+                IpAddr::V4(a) => jhash_bytes(&a.octets(), KEY_SEED),
+                IpAddr::V6(a) => jhash_bytes(&a.octets(), KEY_SEED),
+            }),
+            Algorithm::Uri => {
+                let path = uri.path();
+                Some(match uri.query().filter(|_| inner.hash_query) {
+                    Some(q) => jhash_bytes(format!("{path}?{q}").as_bytes(), KEY_SEED),
+                    None => jhash_bytes(path.as_bytes(), KEY_SEED),
+                })
+            }
+            Algorithm::Header => inner
+                .hash_header
+                .as_ref()
+                .and_then(|h| headers.get(h))
+                .map(|v| jhash_bytes(v.as_bytes(), KEY_SEED)),
+            _ => None,
+        }
+    }
+
+    /// Chooses a server index for a request without a hash key; see `pick_key`.
     pub fn pick(&self, exclude: &[usize]) -> Option<usize> {
-        let usable = |backup: bool| -> Vec<usize> {
+        self.pick_key(None, exclude)
+    }
+
+    /// Chooses a server index below its `maxconn`, avoiding `exclude`; backups
+    /// only when no regular server is usable; None when nothing is. Takes no slot.
+    pub fn pick_key(&self, key: Option<u32>, exclude: &[usize]) -> Option<usize> {
+        match self.inner.choose(key, exclude) {
+            Choice::Server(i) => Some(i),
+            Choice::Full | Choice::Nothing => None,
+        }
+    }
+
+    /// Takes a slot on a server for a request with hash `key`, avoiding
+    /// `exclude` unless that leaves nothing; waits in the pool's FIFO queue
+    /// while every eligible server is at `maxconn`, up to `timeout_queue`.
+    pub async fn acquire(
+        &self,
+        key: Option<u32>,
+        exclude: &[usize],
+    ) -> Result<Acquired, Unavailable> {
+        let inner = &self.inner;
+        let start = Instant::now();
+        let now = |index, active| Acquired {
+            index,
+            active,
+            queued: Duration::ZERO,
+        };
+        if !inner.limited {
+            let i = self
+                .pick_key(key, exclude)
+                .or_else(|| {
+                    (!exclude.is_empty())
+                        .then(|| self.pick_key(key, &[]))
+                        .flatten()
+                })
+                .ok_or(Unavailable::NoServer)?;
+            return Ok(now(i, Active::new(inner.servers[i].clone())));
+        }
+        let (id, rx) = {
+            let mut q = inner.lock_queue();
+            let mut exclude = exclude;
+            let mut choice = inner.choose(key, exclude);
+            if matches!(choice, Choice::Nothing) && !exclude.is_empty() {
+                exclude = &[];
+                choice = inner.choose(key, exclude);
+            }
+            match choice {
+                Choice::Server(i) => return Ok(now(i, inner.take(i))),
+                Choice::Nothing => return Err(Unavailable::NoServer),
+                Choice::Full => {}
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = q.next_id;
+            q.next_id += 1;
+            q.waiters.push_back(Waiter {
+                id,
+                key,
+                exclude: exclude.to_vec(),
+                tx,
+            });
+            (id, rx)
+        };
+        // Leaves the queue however this future ends (timeout, client gone).
+        let _leave = Leave { inner, id };
+        match tokio::time::timeout(inner.timeout_queue, rx).await {
+            Ok(Ok((index, active))) => Ok(Acquired {
+                index,
+                active,
+                queued: start.elapsed(),
+            }),
+            _ => Err(Unavailable::QueueTimeout(start.elapsed())),
+        }
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queued(&self) -> usize {
+        self.inner.lock_queue().waiters.len()
+    }
+}
+
+/// Removes a waiter from the queue when dropped.
+struct Leave<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let gone = {
+            let mut q = self.inner.lock_queue();
+            q.waiters
+                .iter()
+                .position(|w| w.id == self.id)
+                .and_then(|i| q.waiters.remove(i))
+        };
+        drop(gone);
+    }
+}
+
+impl Inner {
+    fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        // A poisoned lock only means another request panicked; the queue is still consistent.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a slot on server `i` (under the queue lock when limited).
+    fn take(self: &Arc<Self>, i: usize) -> Active {
+        let server = self.servers[i].clone();
+        server.active.fetch_add(1, Ordering::Relaxed);
+        Active {
+            server,
+            pool: Some(self.clone()),
+        }
+    }
+
+    /// Hands free slots to queued requests, oldest first; slots that could not
+    /// be delivered go to `lost`, to be dropped once the lock is released.
+    fn dispatch(self: &Arc<Self>, q: &mut Queue, lost: &mut Vec<Active>) {
+        let mut k = 0;
+        while k < q.waiters.len() {
+            if q.waiters[k].tx.is_closed() {
+                q.waiters.remove(k);
+                continue;
+            }
+            let w = &q.waiters[k];
+            match self.choose(w.key, &w.exclude) {
+                Choice::Server(i) => {
+                    let active = self.take(i);
+                    if let Some(w) = q.waiters.remove(k)
+                        && let Err((_, active)) = w.tx.send((i, active))
+                    {
+                        lost.push(active);
+                    }
+                }
+                Choice::Full | Choice::Nothing => k += 1,
+            }
+        }
+    }
+
+    /// Usable servers of the tier in use: regular ones, or backups when no regular one is up.
+    fn usable(&self, exclude: &[usize]) -> Vec<usize> {
+        let tier = |backup: bool| -> Vec<usize> {
             (0..self.servers.len())
                 .filter(|&i| {
                     let s = &self.servers[i];
@@ -123,18 +438,88 @@ impl Balancer {
                 })
                 .collect()
         };
-        let mut cands = usable(false);
-        if cands.is_empty() {
-            cands = usable(true);
+        let regular = tier(false);
+        if regular.is_empty() {
+            tier(true)
+        } else {
+            regular
         }
-        if cands.is_empty() {
-            return None;
+    }
+
+    /// Rebuilds the Maglev table over the usable servers (hash algorithms only).
+    fn rebuild_table(&self) {
+        if !self.algorithm.is_hash() {
+            return;
         }
-        Some(match self.algorithm {
-            Algorithm::First => cands[0],
-            Algorithm::RoundRobin => self.smooth_rr(&cands),
-            Algorithm::LeastConn => self.least_conn(&cands),
-            Algorithm::Random2 => self.random2(&cands),
+        // Built under the write lock so concurrent rebuilds end with the latest states.
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        *table = self.build_table(&self.usable(&[]));
+    }
+
+    /// A Maglev table over `servers` (indices); empty if it cannot be built.
+    fn build_table(&self, servers: &[usize]) -> Vec<u32> {
+        let idents: Vec<(usize, Vec<u8>)> = servers
+            .iter()
+            .map(|&i| (i, identity(self.servers[i].addr)))
+            .collect();
+        let inputs: Vec<MaglevInput<'_>> = idents
+            .iter()
+            .map(|(i, id)| MaglevInput {
+                id: *i as u32,
+                identity: id,
+                weight: self.servers[*i].weight,
+            })
+            .collect();
+        match maglev::build(&inputs, HASH_TABLE_SIZE) {
+            Ok(t) => t,
+            Err(e) => {
+                // Only duplicate addresses (rejected by validate()) or > 4099 servers get here.
+                tracing::warn!(error = %e, "hash table not built; balancing round robin");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The server for hash `key`: its home if usable, else from the table of usable servers.
+    fn hashed(&self, key: u32, cands: &[usize]) -> Option<usize> {
+        let at = |t: &[u32]| (!t.is_empty()).then(|| t[key as usize % t.len()] as usize);
+        if let Some(i) = at(&self.home).filter(|i| cands.contains(i)) {
+            return Some(i);
+        }
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        at(&table).filter(|i| cands.contains(i))
+    }
+
+    fn choose(&self, key: Option<u32>, exclude: &[usize]) -> Choice {
+        let cands = self.usable(exclude);
+        if cands.is_empty() {
+            return Choice::Nothing;
+        }
+        // An excluded target (retry after a failed connect) falls back to round robin.
+        if let Some(i) = key
+            .filter(|_| self.algorithm.is_hash())
+            .and_then(|k| self.hashed(k, &cands))
+        {
+            return if self.servers[i].has_room() {
+                Choice::Server(i)
+            } else {
+                Choice::Full
+            };
+        }
+        let room: Vec<usize> = cands
+            .into_iter()
+            .filter(|&i| self.servers[i].has_room())
+            .collect();
+        if room.is_empty() {
+            return Choice::Full;
+        }
+        Choice::Server(match self.algorithm {
+            Algorithm::First => room[0],
+            Algorithm::LeastConn => self.least_conn(&room),
+            Algorithm::Random2 => self.random2(&room),
+            Algorithm::RoundRobin | Algorithm::Source | Algorithm::Uri | Algorithm::Header => {
+                self.smooth_rr(&room)
+            }
         })
     }
 
@@ -203,6 +588,16 @@ impl Balancer {
     }
 }
 
+/// Maglev identity of a server: its address bytes and port.
+fn identity(addr: SocketAddr) -> Vec<u8> {
+    let mut v = match addr.ip() {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    v.extend_from_slice(&addr.port().to_be_bytes());
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +610,7 @@ mod tests {
                 address: SocketAddr::from(([127, 0, 0, 1], 1000 + i as u16)),
                 weight,
                 backup,
+                maxconn: 0,
             })
             .collect()
     }
@@ -282,5 +678,168 @@ mod tests {
     fn zero_weight_takes_nothing() {
         let b = Balancer::new(Algorithm::RoundRobin, &specs(&[(0, false), (1, false)]));
         assert!((0..5).all(|_| b.pick(&[]) == Some(1)));
+    }
+}
+
+#[cfg(test)]
+mod hash_and_queue_tests {
+    use super::*;
+
+    fn pool(algorithm: Algorithm, n: usize, maxconn: usize) -> Pool {
+        let servers = (0..n)
+            .map(|i| ServerSpec {
+                maxconn,
+                ..ServerSpec::new(SocketAddr::from(([10, 0, 0, 1 + i as u8], 80)))
+            })
+            .collect();
+        Pool::new("p", algorithm, servers)
+    }
+
+    fn key_of(b: &Balancer, k: u32) -> usize {
+        b.pick_key(Some(jhash_bytes(&k.to_be_bytes(), 7)), &[])
+            .unwrap()
+    }
+
+    #[test]
+    fn hash_is_stable_and_spreads() {
+        let b = Balancer::from_pool(&pool(Algorithm::Source, 4, 0));
+        let mut seen = [0usize; 4];
+        for k in 0..4000 {
+            let s = key_of(&b, k);
+            assert_eq!(s, key_of(&b, k));
+            seen[s] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 800), "{seen:?}");
+    }
+
+    #[test]
+    fn down_server_moves_only_its_keys() {
+        let p = pool(Algorithm::Uri, 5, 0);
+        let b = Balancer::from_pool(&p);
+        let before: Vec<usize> = (0..10_000).map(|k| key_of(&b, k)).collect();
+        assert!(b.set_up(p.servers[2].address, false));
+        let after: Vec<usize> = (0..10_000).map(|k| key_of(&b, k)).collect();
+        let mut moved = 0;
+        for (x, y) in before.iter().zip(&after) {
+            assert_ne!(*y, 2);
+            if x != y {
+                moved += 1;
+                assert_eq!(*x, 2, "a key of a live server moved");
+            }
+        }
+        // Exactly the keys of server 2, about 1/5 of them.
+        assert_eq!(moved, before.iter().filter(|&&s| s == 2).count());
+        assert!((1700..=2300).contains(&moved), "{moved}");
+        // They spread over the other four.
+        let mut to = [0usize; 5];
+        for (x, y) in before.iter().zip(&after) {
+            if *x == 2 {
+                to[*y] += 1;
+            }
+        }
+        assert!(to.iter().filter(|&&n| n > moved / 8).count() == 4, "{to:?}");
+        b.set_up(p.servers[2].address, true);
+        let back: Vec<usize> = (0..10_000).map(|k| key_of(&b, k)).collect();
+        assert_eq!(back, before);
+    }
+
+    #[test]
+    fn hash_keys() {
+        let mut p = pool(Algorithm::Uri, 2, 0);
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let h = HeaderMap::new();
+        let b = Balancer::from_pool(&p);
+        assert_eq!(
+            b.hash_key(ip, &uri("/a?x=1"), &h),
+            b.hash_key(ip, &uri("/a?x=2"), &h)
+        );
+        p.hash_query = true;
+        let b = Balancer::from_pool(&p);
+        assert_ne!(
+            b.hash_key(ip, &uri("/a?x=1"), &h),
+            b.hash_key(ip, &uri("/a?x=2"), &h)
+        );
+        p.algorithm = Algorithm::Header;
+        p.hash_header = Some("X-User".into());
+        let b = Balancer::from_pool(&p);
+        assert_eq!(b.hash_key(ip, &uri("/"), &h), None);
+        let mut h = HeaderMap::new();
+        h.insert("x-user", http::HeaderValue::from_static("alice"));
+        assert!(b.hash_key(ip, &uri("/"), &h).is_some());
+        // Without a key the header algorithm goes round robin.
+        assert_eq!((b.pick(&[]), b.pick(&[])), (Some(0), Some(1)));
+        p.algorithm = Algorithm::Source;
+        p.hash_header = None;
+        let b = Balancer::from_pool(&p);
+        let v4 = b.hash_key(ip, &uri("/"), &h);
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(b.hash_key(mapped, &uri("/"), &h), v4);
+        assert_ne!(b.hash_key([127, 0, 0, 2].into(), &uri("/"), &h), v4);
+    }
+
+    #[tokio::test]
+    async fn first_fills_to_maxconn() {
+        let b = Balancer::from_pool(&pool(Algorithm::First, 2, 2));
+        let a: Vec<Acquired> = futures_ready(&b, 4).await;
+        let idx: Vec<usize> = a.iter().map(|a| a.index).collect();
+        assert_eq!(idx, [0, 0, 1, 1]);
+        assert_eq!(b.pick(&[]), None);
+    }
+
+    async fn futures_ready(b: &Balancer, n: usize) -> Vec<Acquired> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(b.acquire(None, &[]).await.unwrap());
+        }
+        v
+    }
+
+    #[tokio::test]
+    async fn queue_is_fifo_and_times_out() {
+        let mut p = pool(Algorithm::RoundRobin, 1, 1);
+        p.timeout_queue = Duration::from_millis(300);
+        let b = Arc::new(Balancer::from_pool(&p));
+        let first = b.acquire(None, &[]).await.unwrap();
+        assert_eq!(first.queued, Duration::ZERO);
+        let (b1, b2) = (b.clone(), b.clone());
+        let second = tokio::spawn(async move { b1.acquire(None, &[]).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let third = tokio::spawn(async move { b2.acquire(None, &[]).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(b.queued(), 2);
+        drop(first);
+        let second = second.await.unwrap().unwrap();
+        assert!(second.queued >= Duration::from_millis(50), "{second:?}");
+        assert_eq!(b.server(0).active(), 1);
+        // The third is still queued behind the second's slot, then gives up.
+        match third.await.unwrap() {
+            Err(Unavailable::QueueTimeout(w)) => assert!(w >= Duration::from_millis(250)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(b.queued(), 0);
+        drop(second);
+        assert_eq!(b.server(0).active(), 0);
+        // A down pool answers at once instead of queueing.
+        b.set_up(p.servers[0].address, false);
+        assert_eq!(
+            b.acquire(None, &[]).await.err(),
+            Some(Unavailable::NoServer)
+        );
+    }
+
+    #[tokio::test]
+    async fn abandoned_waiter_leaves_the_queue() {
+        let b = Arc::new(Balancer::from_pool(&pool(Algorithm::LeastConn, 1, 1)));
+        let held = b.acquire(None, &[]).await.unwrap();
+        let b1 = b.clone();
+        let waiter = tokio::spawn(async move { b1.acquire(None, &[]).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(b.queued(), 1);
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(b.queued(), 0);
+        drop(held);
+        assert_eq!(b.server(0).active(), 0);
     }
 }

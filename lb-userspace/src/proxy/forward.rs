@@ -19,9 +19,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::balance::{Active, Balancer};
+use super::actions::{self, ActionsByFrontend};
+use super::balance::{Active, Balancer, Unavailable};
 use super::log::AccessRecord;
 use super::model::Pool;
+use super::{proxy_protocol, tunnel};
 
 /// What the router sees of a request; mirrors `acl::Request` so ACLs can be evaluated from it.
 #[derive(Debug)]
@@ -56,9 +58,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) struct PoolRuntime {
     pub name: String,
     pub balancer: Balancer,
-    client: Client<HttpConnector, LazyBody>,
+    client: Client<proxy_protocol::Connector, LazyBody>,
     timeout_server: Duration,
     retries: u32,
+    /// `timeout_tunnel` of the pool, if set (proxy/tunnel.rs).
+    timeout_tunnel: Option<Duration>,
 }
 
 impl PoolRuntime {
@@ -70,13 +74,23 @@ impl PoolRuntime {
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn);
+            // send_proxy: a server connection carries one client's address, so none is reused.
+            .pool_max_idle_per_host(if cfg.send_proxy.is_some() {
+                0
+            } else {
+                usize::MAX
+            })
+            .build(proxy_protocol::Connector {
+                inner: conn,
+                send: cfg.send_proxy,
+            });
         PoolRuntime {
             name: cfg.name.clone(),
-            balancer: Balancer::new(cfg.algorithm, &cfg.servers),
+            balancer: Balancer::from_pool(cfg),
             client,
             timeout_server: cfg.timeout_server,
             retries: cfg.retries,
+            timeout_tunnel: cfg.timeout_tunnel,
         }
     }
 }
@@ -85,6 +99,8 @@ impl PoolRuntime {
 pub(crate) struct Shared {
     pub pools: Vec<PoolRuntime>,
     pub route: Option<Router>,
+    /// Request/response actions by frontend name (`proxy::actions`).
+    pub actions: ActionsByFrontend,
 }
 
 /// Settings of the frontend a connection came in on.
@@ -93,6 +109,8 @@ pub(crate) struct FrontendCtx {
     pub default_pool: usize,
     pub forwarded_headers: bool,
     pub https: bool,
+    /// `timeout_tunnel` of the frontend, if set; the pool's wins.
+    pub timeout_tunnel: Option<Duration>,
 }
 
 /// Requests in flight on a client connection, read by its timeout watcher.
@@ -104,12 +122,16 @@ pub(crate) struct Activity {
     pub dispatched: AtomicU64,
     /// Woken when the last request in flight ends, so idle timeouts get armed.
     pub idle_waker: Mutex<Option<Waker>>,
+    /// Set once a `101 Switching Protocols` went out: the stream is a tunnel now.
+    pub upgraded: std::sync::atomic::AtomicBool,
 }
 
 /// One client connection.
 pub(crate) struct ConnCtx {
     pub frontend: Arc<FrontendCtx>,
     pub peer: SocketAddr,
+    /// Address the client connected to (from the PROXY header with `accept_proxy`).
+    pub local: SocketAddr,
     pub sni: Option<String>,
     pub activity: Arc<Activity>,
     /// When the connection last became ready for a request (accept or end of a response).
@@ -183,6 +205,16 @@ pub(crate) async fn handle(
         start.saturating_duration_since(since).as_millis() as i64
     };
     let (mut parts, body) = req.into_parts();
+    let mut upgrade = tunnel::Upgrade::take(&mut parts); // WebSocket & co (proxy/tunnel.rs)
+    // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
+    let acted = match shared.actions.get(&conn.frontend.name) {
+        Some(a) => {
+            a.run_request(&mut parts, conn.peer, conn.sni.as_deref())
+                .await
+        }
+        None => actions::Outcome::default(),
+    };
+    // --- end request actions ---
     let host = parts
         .headers
         .get(header::HOST)
@@ -234,8 +266,24 @@ pub(crate) async fn handle(
         conn: conn.clone(),
         start,
     };
+    // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
+    if let Some((answer, term)) = acted.answer {
+        rec.pool = conn.frontend.name.clone();
+        rec.status = answer.status().as_u16();
+        rec.termination = term;
+        let (head, body) = answer.into_parts();
+        let body = body.map_err(|never| match never {}).boxed_unsync();
+        return Ok(Response::from_parts(
+            head,
+            LoggedBody::new(body, rec, None, done),
+        ));
+    }
+    // --- end terminal request action ---
 
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = &upgrade {
+        u.restore(&mut parts.headers);
+    }
     if conn.frontend.forwarded_headers {
         add_forwarded(&mut parts.headers, conn.peer, conn.frontend.https);
     }
@@ -247,27 +295,36 @@ pub(crate) async fn handle(
     }
 
     let slot = Arc::new(Mutex::new(Some(body)));
+    let key = pool
+        .balancer
+        .hash_key(conn.peer.ip(), &parts.uri, &parts.headers);
     let mut tried: Vec<usize> = Vec::new();
     let attempts = pool.retries.saturating_add(1);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let idx = match pool.balancer.pick(&tried).or_else(|| {
-            (!tried.is_empty())
-                .then(|| pool.balancer.pick(&[]))
-                .flatten()
-        }) {
-            Some(i) => i,
-            None => {
+        // Waits in the pool's queue while every eligible server is at maxconn.
+        let (idx, active) = match pool.balancer.acquire(key, &tried).await {
+            Ok(a) => {
+                rec.tw += a.queued.as_millis() as i64;
+                (a.index, a.active)
+            }
+            Err(e) => {
+                let term = match e {
+                    Unavailable::NoServer => ['S', 'C'],
+                    Unavailable::QueueTimeout(waited) => {
+                        rec.tw += waited.as_millis() as i64;
+                        ['s', 'Q']
+                    }
+                };
                 return Ok(error_response(
                     StatusCode::SERVICE_UNAVAILABLE,
                     rec,
-                    ['S', 'C'],
+                    term,
                     done,
                 ));
             }
         };
-        let active = Active::new(pool.balancer.server(idx).clone());
         let addr = active.server().addr;
         rec.server = addr.to_string();
         let uri = match Uri::try_from(format!("http://{addr}{path_and_query}")) {
@@ -288,16 +345,30 @@ pub(crate) async fn handle(
         *out.headers_mut() = parts.headers.clone();
 
         let sent = Instant::now();
-        match tokio::time::timeout(pool.timeout_server, pool.client.request(out)).await {
+        match tokio::time::timeout(
+            pool.timeout_server,
+            proxy_protocol::with_client(conn.peer, conn.local, pool.client.request(out)),
+        )
+        .await
+        {
             Ok(Ok(resp)) => {
                 rec.tr = sent.elapsed().as_millis() as i64;
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
+                let active = match upgrade.take() {
+                    Some(u) => {
+                        let idle = pool.timeout_tunnel.or(conn.frontend.timeout_tunnel);
+                        let idle = idle.unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
+                        u.answer(&mut rparts, &conn.activity, idle, active)
+                    }
+                    None => Some(active),
+                };
+                actions::apply_response(&acted.response, &mut rparts.headers); // response actions
                 rec.status = rparts.status.as_u16();
                 let body = LoggedBody::new(
                     rbody.map_err(BoxError::from).boxed_unsync(),
                     rec,
-                    Some(active),
+                    active,
                     done,
                 );
                 return Ok(Response::from_parts(rparts, body));

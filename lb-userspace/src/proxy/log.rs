@@ -19,7 +19,7 @@ pub struct AccessRecord {
     pub server: String,
     /// Tq: waiting for the request head, idle time since the previous response included.
     pub tq: i64,
-    /// Tw: time queued (always 0: no queues yet).
+    /// Tw: time spent in the pool's queue waiting for a server below its `maxconn`.
     pub tw: i64,
     /// Tc: time to connect (-1: the pooled client does not report it).
     pub tc: i64,
@@ -101,7 +101,34 @@ impl AccessRecord {
 
     /// Emits the record under `tracing` target `access`.
     pub fn emit(&self) {
+        #[cfg(test)]
+        test_sink::SINK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.clone());
         tracing::info!(target: "access", "{}", self.httplog());
+    }
+}
+
+/// Every record emitted in tests, for assertions on timers (tracing's per-thread
+/// subscribers are unreliable with tests running in parallel).
+#[cfg(test)]
+pub(crate) mod test_sink {
+    use std::sync::Mutex;
+
+    use super::AccessRecord;
+
+    /// Records in emission order.
+    pub static SINK: Mutex<Vec<AccessRecord>> = Mutex::new(Vec::new());
+
+    /// Records emitted so far whose URI is `uri`.
+    pub fn records(uri: &str) -> Vec<AccessRecord> {
+        SINK.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|r| r.uri == uri)
+            .cloned()
+            .collect()
     }
 }
 

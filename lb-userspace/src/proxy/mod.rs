@@ -16,6 +16,9 @@
 //! timeout_http_request = "10s"   # whole request head (and TLS handshake); 408 after it
 //! timeout_http_keep_alive = "10s"
 //! forwarded_headers = true       # X-Forwarded-For, X-Forwarded-Proto, Forwarded
+//! timeout_tunnel = "1h"          # idle limit of WebSocket/Upgrade tunnels (the pool's wins; default 1h)
+//! accept_proxy = false           # true: every connection must start with a PROXY v1/v2 header,
+//!                                # whose client address ACLs, X-Forwarded-For and logs see
 //! [frontend.tls]
 //! default_cert = 0               # index into certs for unknown or missing SNI
 //! certs = [
@@ -30,28 +33,79 @@
 //! pool = "api"
 //! if = "is_api"
 //!
+//! # http-request rules (`actions`), in order, before use_pool; `if` is optional.
+//! # The first terminal one (deny, redirect, return, failed auth) answers the client.
+//! [[frontend.request]]
+//! action = "deny"                # status = 403 (default)
+//! if = "blocked"
+//! [[frontend.request]]
+//! action = "redirect"            # exactly one of: location = "https://x/" |
+//! scheme = "https"               # prefix = "https://new.example" (keeps path and query) |
+//! code = 301                     # scheme = "https" (same host, path, query); code 301|302 (default)|303|307|308
+//! [[frontend.request]]
+//! action = "set-header"          # also add-header (append) and del-header (name only)
+//! name = "x-env"
+//! value = "prod"
+//! [[frontend.request]]
+//! action = "set-path"            # the query is kept
+//! path = "/v2/index"
+//! [[frontend.request]]
+//! action = "return"              # status (default 200), content_type (default text/plain), body
+//! body = "ok"
+//! [[frontend.request]]
+//! action = "auth"                # 401 + WWW-Authenticate unless valid Basic credentials
+//! userlist = "admins"
+//! realm = "lb"                   # default: the frontend's name
+//! [[frontend.response]]          # http-response: set-header, add-header, del-header;
+//! action = "del-header"          # `if` is evaluated on the request
+//! name = "server"
+//!
+//! [[userlist]]                   # top level; passwords are SHA-512 crypt (`mkpasswd -m sha-512`)
+//! name = "admins"
+//! users = [{ name = "alice", password = "$6$salt$..." }]
+//!
 //! [[pool]]
 //! name = "app"
-//! algorithm = "roundrobin"       # roundrobin | leastconn | random2 | first
+//! algorithm = "roundrobin"       # roundrobin | leastconn | random2 | first | source | uri | header
+//! # source, uri, header: consistent hash (weighted Maglev, 4099 entries) of the client IP,
+//! # the path or a header; a server going down moves only its own keys.
+//! hash_query = false             # uri: hash path and query (default: path only)
+//! hash_header = "X-User"         # header (required there): without it a request goes roundrobin
 //! timeout_connect = "5s"
 //! timeout_server = "30s"         # until the response head
+//! timeout_queue = "5s"           # longest wait for a server below maxconn; then 503 (sQ)
+//! # (hash algorithms wait for the request's own server; the others for any eligible one)
 //! retries = 3                    # on connect failure only, each on another server
+//! timeout_tunnel = "1h"          # idle limit of WebSocket/Upgrade tunnels (default: the frontend's, else 1h)
+//! send_proxy = "v2"              # "v1" | "v2": PROXY header on each server connection (no reuse then)
 //! servers = [
-//!   { address = "10.0.0.1:8080", weight = 2 },
-//!   { address = "10.0.0.9:8080", backup = true },
+//!   { address = "10.0.0.1:8080", weight = 2, maxconn = 100 },  # maxconn: 0 (default) = unlimited;
+//!   { address = "10.0.0.9:8080", backup = true },             # above it requests queue (FIFO, per pool)
 //! ]
 //! ```
+//!
+//! HTTP/1 request heads are checked for request smuggling before hyper parses
+//! them (`hardening`): Content-Length with Transfer-Encoding, repeated
+//! Content-Length (even equal), any Transfer-Encoding but one `chunked`, bad
+//! chunk framing, obs-fold, `Host : x`, missing or repeated Host get a 400 and
+//! the connection is closed; nothing of such a request is forwarded.
 
+pub mod actions;
 mod balance;
 mod forward;
+mod hardening;
 mod log;
 mod model;
+mod proxy_protocol;
 pub mod routing;
 mod server;
 mod tls;
+mod tunnel;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_edge;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -61,11 +115,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use balance::{Active, Balancer, ServerState};
+pub use balance::{Acquired, Active, Balancer, HASH_TABLE_SIZE, ServerState, Unavailable};
 pub use forward::{ProxyBody, RequestInfo, Router, add_forwarded, strip_hop_by_hop};
 pub use log::{AccessRecord, haproxy_date};
 pub use model::{
-    Algorithm, CertPair, ConfigError, Frontend, Pool, ProxyConfig, ServerSpec, TlsConfig, UsePool,
+    Algorithm, CertPair, ConfigError, Frontend, HttpAction, Pool, ProxyConfig, ServerSpec,
+    TlsConfig, UsePool, User, UserList,
 };
 pub use tls::{CertResolver, TlsError, dns_names};
 
@@ -87,9 +142,11 @@ impl Proxy {
     /// `route` picks a pool per request; None sends everything to each frontend's default pool.
     pub async fn start(cfg: ProxyConfig, route: Option<Router>) -> anyhow::Result<Proxy> {
         cfg.validate()?;
+        let actions = actions::compile(&cfg)?;
         let shared = Arc::new(Shared {
             pools: cfg.pools.iter().map(PoolRuntime::new).collect(),
             route,
+            actions,
         });
         let (tx, rx) = watch::channel(());
         let mut proxy = Proxy {

@@ -17,6 +17,9 @@ pub struct ProxyConfig {
     /// Server groups, from `[[pool]]` tables.
     #[serde(default, rename = "pool")]
     pub pools: Vec<Pool>,
+    /// Users for `auth` actions, from top-level `[[userlist]]` tables.
+    #[serde(default, rename = "userlist")]
+    pub userlists: Vec<UserList>,
 }
 
 /// A set of listening addresses sharing TLS settings, limits and timeouts.
@@ -57,6 +60,86 @@ pub struct Frontend {
     /// the first whose condition holds picks the pool, else `default_pool`.
     #[serde(default)]
     pub use_pool: Vec<UsePool>,
+    /// Idle limit of an upgraded (WebSocket) tunnel; the pool's setting wins (default 1h).
+    #[serde(default, deserialize_with = "super::tunnel::opt_duration")]
+    pub timeout_tunnel: Option<Duration>,
+    /// Require a PROXY protocol v1/v2 header on every connection; its client address is used.
+    #[serde(default)]
+    pub accept_proxy: bool,
+    /// `http-request` rules in order (`[[frontend.request]]`), see `proxy::actions`.
+    #[serde(default)]
+    pub request: Vec<HttpAction>,
+    /// `http-response` rules in order (`[[frontend.response]]`): header edits only.
+    #[serde(default)]
+    pub response: Vec<HttpAction>,
+}
+
+/// One `[[frontend.request]]` or `[[frontend.response]]` rule; which fields apply depends on `action`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAction {
+    /// deny, redirect, set-header, add-header, del-header, set-path, return or auth.
+    pub action: String,
+    /// Condition over the frontend's ACLs; the rule always applies without one.
+    #[serde(default, rename = "if")]
+    pub condition: Option<String>,
+    /// Status of `deny` (default 403) and `return` (default 200).
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// Status of `redirect`: 301, 302 (default), 303, 307 or 308.
+    #[serde(default)]
+    pub code: Option<u16>,
+    /// `redirect` to this exact Location.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// `redirect` to this prefix followed by the request's path and query.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// `redirect` to the same host, path and query with this scheme.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// Header name of set-header, add-header and del-header.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Header value of set-header and add-header.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// New path of `set-path` (the query is kept).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Content-Type of `return` (default text/plain).
+    #[serde(default)]
+    pub content_type: Option<String>,
+    /// Body of `return` (default empty).
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Userlist of `auth`.
+    #[serde(default)]
+    pub userlist: Option<String>,
+    /// Realm of `auth` (default the frontend's name).
+    #[serde(default)]
+    pub realm: Option<String>,
+}
+
+/// A `[[userlist]]`: users that `auth` actions accept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserList {
+    /// Name used by `auth` actions.
+    pub name: String,
+    /// Its users.
+    #[serde(default)]
+    pub users: Vec<User>,
+}
+
+/// A user of a userlist.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Login name.
+    pub name: String,
+    /// SHA-512 crypt hash (`$6$salt$hash`, as `mkpasswd -m sha-512` makes).
+    pub password: String,
 }
 
 /// One `use_backend`-style rule.
@@ -115,6 +198,21 @@ pub struct Pool {
     /// Extra attempts on another server when connecting fails.
     #[serde(default = "defaults::retries")]
     pub retries: u32,
+    /// `uri` algorithm: hash the query string too, not just the path.
+    #[serde(default)]
+    pub hash_query: bool,
+    /// `header` algorithm: the request header whose value is hashed.
+    #[serde(default)]
+    pub hash_header: Option<String>,
+    /// Longest wait in the queue for a server below its `maxconn`; 503 after it.
+    #[serde(default = "defaults::timeout_queue", with = "duration")]
+    pub timeout_queue: Duration,
+    /// Idle limit of an upgraded (WebSocket) tunnel (default: the frontend's, else 1h).
+    #[serde(default, deserialize_with = "super::tunnel::opt_duration")]
+    pub timeout_tunnel: Option<Duration>,
+    /// Send a PROXY protocol header (`"v1"` or `"v2"`) on each new server connection.
+    #[serde(default)]
+    pub send_proxy: Option<super::proxy_protocol::Version>,
 }
 
 /// Server choice within a pool.
@@ -131,8 +229,22 @@ pub enum Algorithm {
     /// Power of two random choices, the less loaded of the two.
     #[serde(alias = "random2", alias = "random")]
     Random2,
-    /// The first usable server in configuration order.
+    /// The first usable server in configuration order below its `maxconn`.
     First,
+    /// Consistent hash (Maglev) of the client IP.
+    Source,
+    /// Consistent hash (Maglev) of the path, with the query if `hash_query`.
+    Uri,
+    /// Consistent hash (Maglev) of the `hash_header` request header; roundrobin without it.
+    #[serde(alias = "hdr")]
+    Header,
+}
+
+impl Algorithm {
+    /// Whether the server comes from a consistent hash of the request.
+    pub fn is_hash(self) -> bool {
+        matches!(self, Algorithm::Source | Algorithm::Uri | Algorithm::Header)
+    }
 }
 
 /// One server of a pool.
@@ -147,6 +259,9 @@ pub struct ServerSpec {
     /// Used only while every non-backup server is down.
     #[serde(default)]
     pub backup: bool,
+    /// Requests in flight at most (0: unlimited); more wait in the pool's queue.
+    #[serde(default)]
+    pub maxconn: usize,
 }
 
 /// A configuration the proxy refuses to start with.
@@ -177,6 +292,14 @@ pub enum ConfigError {
     /// A frontend allows zero connections.
     #[error("frontend {0:?}: max_connections must be at least 1")]
     NoConnections(String),
+    /// A pool's hash settings do not fit its algorithm.
+    #[error("pool {pool:?}: {problem}")]
+    BadHash {
+        /// The pool.
+        pool: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
 }
 
 impl ProxyConfig {
@@ -204,6 +327,9 @@ impl ProxyConfig {
                     name: p.name.clone(),
                 });
             }
+        }
+        for p in &self.pools {
+            p.validate_hash()?;
         }
         for f in &self.frontends {
             if self.pool_index(&f.default_pool).is_none() {
@@ -244,6 +370,10 @@ impl Frontend {
             forwarded_headers: true,
             acl: Vec::new(),
             use_pool: Vec::new(),
+            timeout_tunnel: None,
+            accept_proxy: false,
+            request: Vec::new(),
+            response: Vec::new(),
         }
     }
 }
@@ -258,7 +388,40 @@ impl Pool {
             timeout_connect: defaults::timeout_connect(),
             timeout_server: defaults::timeout_server(),
             retries: defaults::retries(),
+            hash_query: false,
+            hash_header: None,
+            timeout_queue: defaults::timeout_queue(),
+            timeout_tunnel: None,
+            send_proxy: None,
         }
+    }
+
+    /// Checks `hash_header`/`hash_query` against the algorithm, and that hashed servers are distinct.
+    fn validate_hash(&self) -> Result<(), ConfigError> {
+        let bad = |problem| {
+            Err(ConfigError::BadHash {
+                pool: self.name.clone(),
+                problem,
+            })
+        };
+        match (&self.hash_header, self.algorithm) {
+            (None, Algorithm::Header) => return bad("algorithm header needs hash_header"),
+            (Some(_), a) if a != Algorithm::Header => {
+                return bad("hash_header needs algorithm header");
+            }
+            (Some(h), _) if http::HeaderName::from_bytes(h.as_bytes()).is_err() => {
+                return bad("hash_header is not a valid header name");
+            }
+            _ => {}
+        }
+        if self.hash_query && self.algorithm != Algorithm::Uri {
+            return bad("hash_query needs algorithm uri");
+        }
+        let mut seen = HashSet::new();
+        if self.algorithm.is_hash() && !self.servers.iter().all(|s| seen.insert(s.address)) {
+            return bad("a hashed pool cannot list the same server address twice");
+        }
+        Ok(())
     }
 }
 
@@ -269,6 +432,7 @@ impl ServerSpec {
             address,
             weight: 1,
             backup: false,
+            maxconn: 0,
         }
     }
 }
@@ -296,6 +460,9 @@ mod defaults {
     }
     pub fn retries() -> u32 {
         3
+    }
+    pub fn timeout_queue() -> Duration {
+        Duration::from_secs(5)
     }
     pub fn weight() -> u32 {
         1

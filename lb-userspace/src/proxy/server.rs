@@ -20,8 +20,10 @@ use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 
 use super::forward::{self, Activity, ConnCtx, FrontendCtx, Shared};
+use super::hardening::GuardIo;
 use super::log::AccessRecord;
 use super::model::Frontend;
+use super::proxy_protocol;
 
 /// Client-side timeouts of a frontend.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +40,10 @@ pub(crate) struct FrontendRuntime {
     pub limit: Arc<Semaphore>,
     pub timeouts: ClientTimeouts,
     pub builder: auto::Builder<TokioExecutor>,
+    /// Largest HTTP/1 request head, for `GuardIo`.
+    pub head_limit: usize,
+    /// Read a PROXY protocol header first.
+    pub accept_proxy: bool,
 }
 
 impl FrontendRuntime {
@@ -61,6 +67,7 @@ impl FrontendRuntime {
                 default_pool,
                 forwarded_headers: cfg.forwarded_headers,
                 https: tls.is_some(),
+                timeout_tunnel: cfg.timeout_tunnel,
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
@@ -70,6 +77,8 @@ impl FrontendRuntime {
                 client: cfg.timeout_client,
             },
             builder,
+            head_limit: cfg.request_header_limit.max(8192),
+            accept_proxy: cfg.accept_proxy,
         }
     }
 }
@@ -112,14 +121,42 @@ pub(crate) async fn accept_loop(
 }
 
 async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<()>,
 ) {
+    let mut local = stream.local_addr().unwrap_or(peer);
+    if fe.accept_proxy {
+        // PROXY protocol (proxy/proxy_protocol.rs): the claimed client replaces the peer.
+        let header = proxy_protocol::read_header(&mut stream);
+        match tokio::time::timeout(fe.timeouts.http_request, header).await {
+            Ok(Ok(Some((src, dst)))) => (peer, local) = (src, dst),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(frontend = %fe.ctx.name, %peer, error = %e, "bad PROXY header");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(frontend = %fe.ctx.name, %peer, "PROXY header timed out");
+                return;
+            }
+        }
+    }
     match &fe.tls {
-        None => serve_io(stream, peer, None, None, fe.clone(), shared, shutdown).await,
+        None => {
+            serve_io(
+                stream,
+                (peer, local),
+                None,
+                None,
+                fe.clone(),
+                shared,
+                shutdown,
+            )
+            .await
+        }
         Some(acceptor) => {
             let hs = tokio::time::timeout(fe.timeouts.http_request, acceptor.accept(stream)).await;
             let tls = match hs {
@@ -136,14 +173,23 @@ async fn serve_connection(
             let (_, session) = tls.get_ref();
             let sni = session.server_name().map(str::to_string);
             let h2 = session.alpn_protocol() == Some(b"h2");
-            serve_io(tls, peer, sni, Some(h2), fe.clone(), shared, shutdown).await
+            serve_io(
+                tls,
+                (peer, local),
+                sni,
+                Some(h2),
+                fe.clone(),
+                shared,
+                shutdown,
+            )
+            .await
         }
     }
 }
 
 async fn serve_io<T>(
     io: T,
-    peer: SocketAddr,
+    (peer, local): (SocketAddr, SocketAddr),
     sni: Option<String>,
     h2: Option<bool>,
     fe: Arc<FrontendRuntime>,
@@ -156,13 +202,26 @@ async fn serve_io<T>(
     let conn = Arc::new(ConnCtx {
         frontend: fe.ctx.clone(),
         peer,
+        local,
         sni,
         activity: activity.clone(),
         ready_since: Mutex::new(Instant::now()),
     });
-    let io = ClientIo::new(io, activity, fe.timeouts, h2, peer, fe.ctx.name.clone());
+    let io = ClientIo::new(
+        io,
+        activity.clone(),
+        fe.timeouts,
+        h2,
+        peer,
+        fe.ctx.name.clone(),
+    );
+    // Request smuggling checks sit above ClientIo, which must see the raw bytes for its timeouts.
+    let io = GuardIo::new(io, activity, fe.head_limit, h2, peer, fe.ctx.name.clone());
     let service = service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req));
-    let served = fe.builder.serve_connection(TokioIo::new(io), service);
+    // With upgrades: HTTP/1.1 Upgrade requests become tunnels (proxy/tunnel.rs).
+    let served = fe
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
     let result = tokio::select! {
         r = served.as_mut() => r,
@@ -281,6 +340,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
         let this = &mut *self;
         if this.answering.is_some() {
             return this.poll_answer(cx);
+        }
+        if this.activity.upgraded.load(Ordering::SeqCst) {
+            // A tunnel now, with its own idle limit (timeout_tunnel).
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         let before = buf.filled().len();
         let dispatched = this.activity.dispatched.load(Ordering::SeqCst);

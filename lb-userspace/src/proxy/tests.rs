@@ -88,6 +88,7 @@ async fn start(fe: Frontend, pool: Pool) -> Proxy {
         ProxyConfig {
             frontends: vec![fe],
             pools: vec![pool],
+            ..Default::default()
         },
         None,
     )
@@ -597,4 +598,265 @@ fn config_from_toml() {
     assert!(
         toml::from_str::<ProxyConfig>("[[pool]]\nname='x'\ntimeout_server='5 parsecs'").is_err()
     );
+}
+
+/// A client whose connections leave from `src` (any 127.0.0.x exists on loopback).
+fn client_from(src: [u8; 4]) -> Client<HttpConnector, Empty<Bytes>> {
+    let mut conn = HttpConnector::new();
+    conn.set_local_address(Some(std::net::IpAddr::from(src)));
+    Client::builder(TokioExecutor::new()).build(conn)
+}
+
+async fn get_with(proxy: &Proxy, path: &str, header: Option<(&str, &str)>) -> Answer {
+    let mut req = Request::get(format!("http://{}{path}", proxy.local_addrs()[0]));
+    if let Some((k, v)) = header {
+        req = req.header(k, v);
+    }
+    let resp = h1_client()
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let server = resp
+        .headers()
+        .get("x-server")
+        .map(|v| v.to_str().unwrap().to_string());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        server,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+async fn three_backends() -> (Vec<Backend>, Vec<SocketAddr>) {
+    let b = vec![backend("a").await, backend("b").await, backend("c").await];
+    let addrs = b.iter().map(|b| b.addr).collect();
+    (b, addrs)
+}
+
+#[tokio::test]
+async fn source_hash_keeps_a_client_on_one_server() {
+    let (_b, addrs) = three_backends().await;
+    let proxy = start(frontend(), pool(Algorithm::Source, &addrs)).await;
+    let url = format!("http://{}/", proxy.local_addrs()[0]);
+    let mut used = std::collections::HashSet::new();
+    for last in 2..=21u8 {
+        let client = client_from([127, 0, 0, last]);
+        let first = send(&client, url.clone()).await.server.unwrap();
+        for _ in 0..3 {
+            // A new connection each time: only the source address is kept.
+            let again = send(&client_from([127, 0, 0, last]), url.clone()).await;
+            assert_eq!(
+                again.server.as_deref(),
+                Some(first.as_str()),
+                "127.0.0.{last}"
+            );
+        }
+        used.insert(first);
+    }
+    assert!(used.len() >= 2, "20 clients all on {used:?}");
+}
+
+#[tokio::test]
+async fn uri_hash_and_header_hash() {
+    let (_b, addrs) = three_backends().await;
+    let proxy = start(frontend(), pool(Algorithm::Uri, &addrs)).await;
+    let mut used = std::collections::HashSet::new();
+    for i in 0..20 {
+        let path = format!("/item/{i}");
+        let s = get(&proxy, &path).await.server.unwrap();
+        // The query does not count by default.
+        let q = get(&proxy, &format!("{path}?v={i}")).await.server.unwrap();
+        assert_eq!(s, q, "{path}");
+        used.insert(s);
+    }
+    assert!(used.len() >= 2, "{used:?}");
+
+    let mut p = pool(Algorithm::Header, &addrs);
+    p.hash_header = Some("X-User".into());
+    let proxy = start(frontend(), p).await;
+    let mut used = std::collections::HashSet::new();
+    for i in 0..20 {
+        let user = format!("user{i}");
+        let s = get_with(&proxy, "/", Some(("x-user", &user))).await;
+        let s = s.server.unwrap();
+        for path in ["/x", "/y"] {
+            let again = get_with(&proxy, path, Some(("X-User", &user))).await;
+            assert_eq!(again.server.as_deref(), Some(s.as_str()), "{user}");
+        }
+        used.insert(s);
+    }
+    assert!(used.len() >= 2, "{used:?}");
+    // Without the header: round robin over all three.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..3 {
+        seen.insert(get(&proxy, "/").await.server.unwrap());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[tokio::test]
+async fn hash_server_down_moves_only_its_keys() {
+    let b = [
+        backend("a").await,
+        backend("b").await,
+        backend("c").await,
+        backend("d").await,
+    ];
+    let addrs: Vec<SocketAddr> = b.iter().map(|b| b.addr).collect();
+    let proxy = start(frontend(), pool(Algorithm::Uri, &addrs)).await;
+    let paths: Vec<String> = (0..200).map(|i| format!("/k/{i}")).collect();
+    let mut before = Vec::new();
+    for p in &paths {
+        before.push(get(&proxy, p).await.server.unwrap());
+    }
+    assert!(proxy.set_server_up("app", b[1].addr, false));
+    let mut moved = 0;
+    for (p, old) in paths.iter().zip(&before) {
+        let now = get(&proxy, p).await.server.unwrap();
+        assert_ne!(now, "b");
+        if now != *old {
+            assert_eq!(old, "b", "{p} moved off a live server");
+            moved += 1;
+        }
+    }
+    // About a quarter of the keys (those of b) move, and nothing else.
+    let on_b = before.iter().filter(|s| *s == "b").count();
+    assert_eq!(moved, on_b);
+    assert!((25..=75).contains(&moved), "{moved}");
+}
+
+/// `(status, Tw)` of the access records for `uri`, waiting up to 2 s for one
+/// (a record is written when the proxy drops the response body, which may be
+/// just after the client has it all).
+async fn tw(uri: &str) -> Vec<(u16, i64)> {
+    for _ in 0..100 {
+        let recs = super::log::test_sink::records(uri);
+        if !recs.is_empty() {
+            return recs.iter().map(|r| (r.status, r.tw)).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Vec::new()
+}
+
+/// Waits (bounded) until the pool's first server has `n` requests in flight,
+/// so tests order their requests by state rather than by sleeping.
+async fn until_active(proxy: &Proxy, n: usize) {
+    for _ in 0..500 {
+        if proxy.servers("app").is_some_and(|s| s[0].active() >= n) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the server never had {n} requests in flight");
+}
+
+#[tokio::test]
+async fn maxconn_queues_then_serves_with_tw() {
+    let a = backend("a").await;
+    let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
+    p.servers[0].maxconn = 1;
+    let proxy = Arc::new(start(frontend(), p).await);
+    let p2 = proxy.clone();
+    let first = tokio::spawn(async move { get(&p2, "/sleep/300?first").await });
+    until_active(&proxy, 1).await;
+    let started = std::time::Instant::now();
+    let second = get(&proxy, "/sleep/300?second").await;
+    assert_eq!(second.status, StatusCode::OK);
+    // It waited for the first (about 250 ms) and then ran its own 300 ms.
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    let first_tw = tw("/sleep/300?first").await;
+    let second_tw = tw("/sleep/300?second").await;
+    assert_eq!(first_tw, [(200, 0)], "{second_tw:?}");
+    assert_eq!(second_tw.len(), 1, "{second_tw:?}");
+    assert!(second_tw[0].1 >= 150, "{second_tw:?}");
+}
+
+#[tokio::test]
+async fn queue_timeout_is_503() {
+    let a = backend("a").await;
+    let mut p = pool(Algorithm::LeastConn, &[a.addr]);
+    p.servers[0].maxconn = 1;
+    p.timeout_queue = Duration::from_millis(200);
+    let proxy = Arc::new(start(frontend(), p).await);
+    let p2 = proxy.clone();
+    let slow = tokio::spawn(async move { get(&p2, "/sleep/1000").await });
+    until_active(&proxy, 1).await;
+    let r = get(&proxy, "/queued").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("503"));
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+    let tw = tw("/queued").await;
+    assert_eq!(tw.len(), 1, "{tw:?}");
+    assert_eq!(tw[0].0, 503);
+    assert!(tw[0].1 >= 190, "{tw:?}");
+}
+
+#[tokio::test]
+async fn first_fills_server_to_maxconn() {
+    let (a, b) = (backend("a").await, backend("b").await);
+    let mut p = pool(Algorithm::First, &[a.addr, b.addr]);
+    p.servers[0].maxconn = 2;
+    p.servers[1].maxconn = 2;
+    let proxy = Arc::new(start(frontend(), p).await);
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let p = proxy.clone();
+        tasks.push(tokio::spawn(async move { get(&p, "/sleep/400").await }));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    let mut servers = Vec::new();
+    for t in tasks {
+        servers.push(t.await.unwrap().server.unwrap());
+    }
+    assert_eq!(servers, ["a", "a", "b"]);
+    // Idle again: everything goes to the first server.
+    assert_eq!(get(&proxy, "/").await.server.as_deref(), Some("a"));
+}
+
+#[test]
+fn hash_and_queue_config() {
+    let cfg: ProxyConfig = toml::from_str(
+        r#"
+        [[pool]]
+        name = "h"
+        algorithm = "header"
+        hash_header = "X-User"
+        timeout_queue = "2s"
+        servers = [{ address = "10.0.0.1:80", maxconn = 10 }, { address = "10.0.0.2:80" }]
+        [[pool]]
+        name = "u"
+        algorithm = "uri"
+        hash_query = true
+        [[pool]]
+        name = "s"
+        algorithm = "source"
+        "#,
+    )
+    .unwrap();
+    cfg.validate().unwrap();
+    let p = &cfg.pools[0];
+    assert_eq!(p.algorithm, Algorithm::Header);
+    assert_eq!(p.timeout_queue, Duration::from_secs(2));
+    assert_eq!((p.servers[0].maxconn, p.servers[1].maxconn), (10, 0));
+    assert_eq!(cfg.pools[1].timeout_queue, Duration::from_secs(5));
+    assert!(cfg.pools[1].hash_query);
+    assert_eq!(cfg.pools[2].algorithm, Algorithm::Source);
+
+    let bad = |edit: &dyn Fn(&mut ProxyConfig)| {
+        let mut c = cfg.clone();
+        edit(&mut c);
+        matches!(c.validate(), Err(ConfigError::BadHash { .. }))
+    };
+    assert!(bad(&|c| c.pools[0].hash_header = None));
+    assert!(bad(&|c| c.pools[0].hash_header = Some("bad header".into())));
+    assert!(bad(&|c| c.pools[1].hash_header = Some("x".into())));
+    assert!(bad(&|c| c.pools[2].hash_query = true));
+    assert!(bad(&|c| {
+        let s = c.pools[0].servers[0].clone();
+        c.pools[0].servers.push(s);
+    }));
 }

@@ -306,5 +306,6 @@ fn main() -> Result<()> {
     request_rates()?;
     table_costs()?;
     control_latency()?;
+    lb_tests::l7bench::run()?;
     Ok(())
 }

@@ -1,0 +1,1119 @@
+//! HAProxy-style `http-request` and `http-response` actions of a frontend
+//! (`[[frontend.request]]`, `[[frontend.response]]`), compiled once and run in
+//! order per request; each rule may carry an `if` condition over the
+//! frontend's ACLs. Request rules run before the pool is chosen, so rewrites
+//! are seen by later rules and by `use_pool`; the first terminal action (deny,
+//! redirect, return, a failed auth) answers the client directly. Response
+//! rules' conditions are evaluated on the (rewritten) request and their header
+//! edits applied to the server's response head.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Response, StatusCode, Uri, request};
+use http_body_util::Full;
+use thiserror::Error;
+
+use super::model::{HttpAction, ProxyConfig, UserList};
+use crate::acl::{self, AclSet, Condition};
+
+/// Compiled actions of every frontend that has any, by frontend name.
+pub type ActionsByFrontend = HashMap<String, CompiledActions>;
+
+/// An action rule or userlist the proxy refuses to start with.
+#[derive(Debug, Error)]
+pub enum ActionError {
+    /// A rule is invalid.
+    #[error("frontend {frontend:?}: {list} rule {index} ({action}): {reason}")]
+    Rule {
+        /// Frontend name.
+        frontend: String,
+        /// `request` or `response`.
+        list: &'static str,
+        /// 1-based position in its list.
+        index: usize,
+        /// The rule's action.
+        action: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A frontend's ACLs do not compile.
+    #[error("frontend {frontend:?}: {source}")]
+    Acl {
+        /// Frontend name.
+        frontend: String,
+        /// What is wrong.
+        source: acl::AclError,
+    },
+    /// A userlist is invalid.
+    #[error("userlist {name:?}: {reason}")]
+    UserList {
+        /// Userlist name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A header edit.
+#[derive(Debug, Clone)]
+pub(crate) enum HeaderOp {
+    /// Replace every value of the header with this one.
+    Set(HeaderName, HeaderValue),
+    /// Append a value.
+    Add(HeaderName, HeaderValue),
+    /// Remove every value.
+    Del(HeaderName),
+}
+
+impl HeaderOp {
+    fn apply(&self, headers: &mut HeaderMap) {
+        match self {
+            HeaderOp::Set(n, v) => {
+                headers.insert(n.clone(), v.clone());
+            }
+            HeaderOp::Add(n, v) => {
+                headers.append(n.clone(), v.clone());
+            }
+            HeaderOp::Del(n) => {
+                headers.remove(n);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Redirect {
+    /// A fixed Location.
+    Location(String),
+    /// Prefix (without a trailing `/`) followed by the request's path and query.
+    Prefix(String),
+    /// This scheme, the request's host, path and query.
+    Scheme(String),
+}
+
+#[derive(Debug)]
+enum RequestOp {
+    Deny(StatusCode),
+    Redirect {
+        to: Redirect,
+        code: StatusCode,
+    },
+    Header(HeaderOp),
+    SetPath(String),
+    Return {
+        status: StatusCode,
+        content_type: HeaderValue,
+        body: Bytes,
+    },
+    Auth {
+        users: Arc<HashMap<String, String>>,
+        challenge: HeaderValue,
+    },
+}
+
+/// One frontend's request and response rules with its ACLs.
+#[derive(Debug)]
+pub struct CompiledActions {
+    acls: AclSet,
+    request: Vec<(Option<Condition>, RequestOp)>,
+    response: Vec<(Option<Condition>, HeaderOp)>,
+}
+
+/// What the request rules decided.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// A terminal action's answer and its log termination state.
+    pub answer: Option<(Response<Full<Bytes>>, [char; 2])>,
+    /// Response header edits whose condition held, in order.
+    pub response: Vec<HeaderOp>,
+}
+
+/// Applies response header edits to a server's response head.
+pub(crate) fn apply_response(ops: &[HeaderOp], headers: &mut HeaderMap) {
+    for op in ops {
+        op.apply(headers);
+    }
+}
+
+/// Validates every userlist and compiles every frontend's rules; frontends without rules are left out.
+pub fn compile(cfg: &ProxyConfig) -> Result<ActionsByFrontend, ActionError> {
+    let userlists = compile_userlists(&cfg.userlists)?;
+    let mut out = HashMap::new();
+    for f in &cfg.frontends {
+        if f.request.is_empty() && f.response.is_empty() {
+            continue;
+        }
+        let acls = AclSet::compile(&f.acl).map_err(|source| ActionError::Acl {
+            frontend: f.name.clone(),
+            source,
+        })?;
+        let rule_error = |list, index: usize, a: &HttpAction, reason: String| ActionError::Rule {
+            frontend: f.name.clone(),
+            list,
+            index: index + 1,
+            action: a.action.clone(),
+            reason,
+        };
+        let mut request = Vec::new();
+        for (i, a) in f.request.iter().enumerate() {
+            let cond = condition(a, &acls).map_err(|r| rule_error("request", i, a, r))?;
+            let op =
+                request_op(a, &f.name, &userlists).map_err(|r| rule_error("request", i, a, r))?;
+            request.push((cond, op));
+        }
+        let mut response = Vec::new();
+        for (i, a) in f.response.iter().enumerate() {
+            let cond = condition(a, &acls).map_err(|r| rule_error("response", i, a, r))?;
+            let op = match a.action.as_str() {
+                "set-header" | "add-header" | "del-header" => header_op(a),
+                other => Err(format!(
+                    "unknown response action {other:?}; expected set-header, add-header or del-header"
+                )),
+            }
+            .map_err(|r| rule_error("response", i, a, r))?;
+            response.push((cond, op));
+        }
+        out.insert(
+            f.name.clone(),
+            CompiledActions {
+                acls,
+                request,
+                response,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn compile_userlists(
+    lists: &[UserList],
+) -> Result<HashMap<String, Arc<HashMap<String, String>>>, ActionError> {
+    let mut out = HashMap::new();
+    for l in lists {
+        let err = |reason: String| ActionError::UserList {
+            name: l.name.clone(),
+            reason,
+        };
+        if l.name.is_empty() {
+            return Err(err("empty name".into()));
+        }
+        let mut users = HashMap::new();
+        for u in &l.users {
+            if u.name.is_empty() || u.name.contains(':') {
+                return Err(err(format!("bad user name {:?}", u.name)));
+            }
+            check_sha512_crypt(&u.password)
+                .map_err(|r| err(format!("user {:?}: password {r}", u.name)))?;
+            if users.insert(u.name.clone(), u.password.clone()).is_some() {
+                return Err(err(format!("duplicate user {:?}", u.name)));
+            }
+        }
+        if out.insert(l.name.clone(), Arc::new(users)).is_some() {
+            return Err(err("defined twice".into()));
+        }
+    }
+    Ok(out)
+}
+
+/// Checks the shape of a `$6$[rounds=N$]salt$hash` string without hashing anything.
+fn check_sha512_crypt(hash: &str) -> Result<(), String> {
+    const FORM: &str = "must be a SHA-512 crypt hash `$6$salt$hash` (mkpasswd -m sha-512)";
+    let Some(rest) = hash.strip_prefix("$6$") else {
+        return Err(FORM.into());
+    };
+    let mut fields: Vec<&str> = rest.split('$').collect();
+    if fields.first().is_some_and(|f| f.starts_with("rounds=")) {
+        let rounds = fields.remove(0);
+        let n: usize = rounds["rounds=".len()..]
+            .parse()
+            .map_err(|_| format!("{FORM}: bad {rounds:?}"))?;
+        if !(1_000..=999_999_999).contains(&n) {
+            return Err(format!("{FORM}: rounds must be 1000..=999999999"));
+        }
+    }
+    let crypt64 = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'/')
+    };
+    match fields.as_slice() {
+        [salt, digest] if salt.len() <= 16 && digest.len() == 86 && crypt64(digest) => Ok(()),
+        _ => Err(FORM.into()),
+    }
+}
+
+fn condition(a: &HttpAction, acls: &AclSet) -> Result<Option<Condition>, String> {
+    a.condition
+        .as_deref()
+        .map(|text| acl::parse_condition(text, &|name| acls.contains(name)))
+        .transpose()
+        .map_err(|e| e.to_string())
+}
+
+/// Refuses fields that the action does not take, so typos and mix-ups are not silently ignored.
+fn only(a: &HttpAction, allowed: &[&str]) -> Result<(), String> {
+    let set = [
+        ("status", a.status.is_some()),
+        ("code", a.code.is_some()),
+        ("location", a.location.is_some()),
+        ("prefix", a.prefix.is_some()),
+        ("scheme", a.scheme.is_some()),
+        ("name", a.name.is_some()),
+        ("value", a.value.is_some()),
+        ("path", a.path.is_some()),
+        ("content_type", a.content_type.is_some()),
+        ("body", a.body.is_some()),
+        ("userlist", a.userlist.is_some()),
+        ("realm", a.realm.is_some()),
+    ];
+    match set.iter().find(|(f, on)| *on && !allowed.contains(f)) {
+        Some((f, _)) => Err(format!("`{f}` does not apply to {}", a.action)),
+        None => Ok(()),
+    }
+}
+
+fn status(code: Option<u16>, default: u16) -> Result<StatusCode, String> {
+    let code = code.unwrap_or(default);
+    match StatusCode::from_u16(code) {
+        Ok(s) if (200..=599).contains(&code) => Ok(s),
+        _ => Err(format!("status {code} is not within 200..=599")),
+    }
+}
+
+fn header_op(a: &HttpAction) -> Result<HeaderOp, String> {
+    let del = a.action == "del-header";
+    only(a, if del { &["name"] } else { &["name", "value"] })?;
+    let name = a.name.as_deref().ok_or("missing `name`")?;
+    let name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a header name"))?;
+    // Message framing stays the proxy's business (request smuggling, broken bodies).
+    if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        return Err(format!("{name} cannot be changed"));
+    }
+    if del {
+        return Ok(HeaderOp::Del(name));
+    }
+    let value = a.value.as_deref().ok_or("missing `value`")?;
+    let value = HeaderValue::from_str(value)
+        .map_err(|_| format!("{value:?} is not a valid header value"))?;
+    Ok(if a.action == "set-header" {
+        HeaderOp::Set(name, value)
+    } else {
+        HeaderOp::Add(name, value)
+    })
+}
+
+fn request_op(
+    a: &HttpAction,
+    frontend: &str,
+    userlists: &HashMap<String, Arc<HashMap<String, String>>>,
+) -> Result<RequestOp, String> {
+    match a.action.as_str() {
+        "deny" => {
+            only(a, &["status"])?;
+            Ok(RequestOp::Deny(status(a.status, 403)?))
+        }
+        "redirect" => {
+            only(a, &["location", "prefix", "scheme", "code"])?;
+            let code = a.code.unwrap_or(302);
+            if ![301, 302, 303, 307, 308].contains(&code) {
+                return Err(format!(
+                    "code {code} is not a redirect; use 301, 302, 303, 307 or 308"
+                ));
+            }
+            let code = StatusCode::from_u16(code).map_err(|e| e.to_string())?;
+            let to = match (&a.location, &a.prefix, &a.scheme) {
+                (Some(l), None, None) => {
+                    HeaderValue::from_str(l).map_err(|_| format!("bad location {l:?}"))?;
+                    Redirect::Location(l.clone())
+                }
+                (None, Some(p), None) => {
+                    HeaderValue::from_str(p).map_err(|_| format!("bad prefix {p:?}"))?;
+                    Redirect::Prefix(p.trim_end_matches('/').to_string())
+                }
+                (None, None, Some(s)) => {
+                    let ok = s.starts_with(|c: char| c.is_ascii_alphabetic())
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+                    if !ok {
+                        return Err(format!("bad scheme {s:?}"));
+                    }
+                    Redirect::Scheme(s.clone())
+                }
+                _ => return Err("needs exactly one of `location`, `prefix`, `scheme`".into()),
+            };
+            Ok(RequestOp::Redirect { to, code })
+        }
+        "set-header" | "add-header" | "del-header" => Ok(RequestOp::Header(header_op(a)?)),
+        "set-path" => {
+            only(a, &["path"])?;
+            let path = a.path.as_deref().ok_or("missing `path`")?;
+            let valid = path.starts_with('/')
+                && !path.contains(['?', '#'])
+                && path.parse::<PathAndQuery>().is_ok();
+            if !valid {
+                return Err(format!(
+                    "bad path {path:?}; it must start with / and have no query"
+                ));
+            }
+            Ok(RequestOp::SetPath(path.to_string()))
+        }
+        "return" => {
+            only(a, &["status", "content_type", "body"])?;
+            let ct = a.content_type.as_deref().unwrap_or("text/plain");
+            let content_type =
+                HeaderValue::from_str(ct).map_err(|_| format!("bad content_type {ct:?}"))?;
+            Ok(RequestOp::Return {
+                status: status(a.status, 200)?,
+                content_type,
+                body: Bytes::from(a.body.clone().unwrap_or_default()),
+            })
+        }
+        "auth" => {
+            only(a, &["userlist", "realm"])?;
+            let name = a.userlist.as_deref().ok_or("missing `userlist`")?;
+            let users = userlists
+                .get(name)
+                .ok_or_else(|| format!("unknown userlist {name:?}"))?
+                .clone();
+            let realm = a.realm.as_deref().unwrap_or(frontend);
+            if realm.contains(['"', '\\']) {
+                return Err(format!(
+                    "realm {realm:?} may not contain quotes or backslashes"
+                ));
+            }
+            let challenge = HeaderValue::from_str(&format!("Basic realm=\"{realm}\""))
+                .map_err(|_| format!("bad realm {realm:?}"))?;
+            Ok(RequestOp::Auth { users, challenge })
+        }
+        other => Err(format!(
+            "unknown action {other:?}; expected deny, redirect, set-header, add-header, \
+             del-header, set-path, return or auth"
+        )),
+    }
+}
+
+/// Host header, else the URI's authority (HTTP/2), as `forward::handle` sees it.
+fn host_of(parts: &request::Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+}
+
+impl CompiledActions {
+    fn holds(
+        &self,
+        cond: Option<&Condition>,
+        parts: &request::Parts,
+        src: IpAddr,
+        sni: Option<&str>,
+    ) -> bool {
+        let Some(cond) = cond else {
+            return true;
+        };
+        let req = acl::Request {
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            host: host_of(parts),
+            headers: &parts.headers,
+            src,
+            sni,
+        };
+        cond.eval(&self.acls, &req)
+    }
+
+    /// Runs the request rules in order on `parts`, then picks the response edits.
+    pub(crate) async fn run_request(
+        &self,
+        parts: &mut request::Parts,
+        peer: SocketAddr,
+        sni: Option<&str>,
+    ) -> Outcome {
+        let src = peer.ip();
+        for (cond, op) in &self.request {
+            if !self.holds(cond.as_ref(), parts, src, sni) {
+                continue;
+            }
+            let answer = match op {
+                RequestOp::Header(h) => {
+                    h.apply(&mut parts.headers);
+                    continue;
+                }
+                RequestOp::SetPath(path) => {
+                    set_path(parts, path);
+                    continue;
+                }
+                RequestOp::Auth { users, challenge } => {
+                    if authorized(users, &parts.headers).await {
+                        continue;
+                    }
+                    let mut resp = page(StatusCode::UNAUTHORIZED);
+                    resp.headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, challenge.clone());
+                    (resp, ['P', 'R'])
+                }
+                RequestOp::Deny(status) => (page(*status), ['P', 'R']),
+                RequestOp::Redirect { to, code } => match redirect(to, *code, parts) {
+                    Some(resp) => (resp, ['L', 'R']),
+                    None => (page(StatusCode::BAD_REQUEST), ['P', 'R']),
+                },
+                RequestOp::Return {
+                    status,
+                    content_type,
+                    body,
+                } => {
+                    let mut resp = Response::new(Full::new(body.clone()));
+                    *resp.status_mut() = *status;
+                    resp.headers_mut()
+                        .insert(header::CONTENT_TYPE, content_type.clone());
+                    (resp, ['L', 'R'])
+                }
+            };
+            return Outcome {
+                answer: Some(answer),
+                response: Vec::new(),
+            };
+        }
+        let response = self
+            .response
+            .iter()
+            .filter(|(cond, _)| self.holds(cond.as_ref(), parts, src, sni))
+            .map(|(_, op)| op.clone())
+            .collect();
+        Outcome {
+            answer: None,
+            response,
+        }
+    }
+}
+
+/// Replaces the path, keeping the query (HAProxy's `set-path`).
+fn set_path(parts: &mut request::Parts, path: &str) {
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut uri = parts.uri.clone().into_parts();
+    // Both parts were validated (compile time and hyper's parser); keep the URI on failure.
+    if let Ok(pq) = PathAndQuery::try_from(pq)
+        && let Ok(u) = Uri::from_parts({
+            uri.path_and_query = Some(pq);
+            uri
+        })
+    {
+        parts.uri = u;
+    }
+}
+
+fn redirect(
+    to: &Redirect,
+    code: StatusCode,
+    parts: &request::Parts,
+) -> Option<Response<Full<Bytes>>> {
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(PathAndQuery::as_str)
+        .unwrap_or("/");
+    let location = match to {
+        Redirect::Location(l) => l.clone(),
+        Redirect::Prefix(p) => format!("{p}{pq}"),
+        Redirect::Scheme(s) => format!("{s}://{}{pq}", host_of(parts)?),
+    };
+    let location = HeaderValue::from_str(&location).ok()?;
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Some(resp)
+}
+
+/// A HAProxy-like HTML page for a status the proxy answers itself.
+fn page(status: StatusCode) -> Response<Full<Bytes>> {
+    let text = match status.as_u16() {
+        401 => format!(
+            "<html><body><h1>401 Unauthorized</h1>\n{}\n</body></html>\n",
+            "You need a valid user and password to access this content."
+        ),
+        403 => format!(
+            "<html><body><h1>403 Forbidden</h1>\n{}\n</body></html>\n",
+            "Request forbidden by administrative rules."
+        ),
+        _ => super::forward::error_page(status),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Whether the request carries Basic credentials of a user of the list.
+async fn authorized(users: &HashMap<String, String>, headers: &HeaderMap) -> bool {
+    let Some((user, password)) = basic_credentials(headers) else {
+        return false;
+    };
+    let Some(hash) = users.get(&user).cloned() else {
+        return false;
+    };
+    // Thousands of SHA-512 rounds: keep them off the async workers.
+    tokio::task::spawn_blocking(move || sha_crypt::sha512_check(&password, &hash).is_ok())
+        .await
+        .unwrap_or(false)
+}
+
+/// User and password of an `Authorization: Basic` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(base64_decode(token.trim())?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+/// Standard base64 with optional padding; None on any other byte.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in text.bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    // A single leftover character cannot encode a byte.
+    (bits < 6).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::proxy::{Proxy, routing};
+
+    /// A backend answering `{"server", "path", "headers": {name: [values]}}`, with `server: test`
+    /// and `x-server` headers; counts the requests it serves.
+    async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let count = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: http::Request<Incoming>| {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let mut headers = serde_json::Map::new();
+                        for (k, v) in req.headers() {
+                            let entry = headers
+                                .entry(k.to_string())
+                                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+                            if let serde_json::Value::Array(a) = entry {
+                                a.push(v.to_str().unwrap_or("").into());
+                            }
+                        }
+                        let path = req.uri().path_and_query().map(|p| p.to_string());
+                        let body =
+                            serde_json::json!({"server": name, "path": path, "headers": headers});
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                Response::builder()
+                                    .header("server", "test")
+                                    .header("x-server", name)
+                                    .body(Full::new(Bytes::from(body.to_string())))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, hits)
+    }
+
+    /// A config with frontend "web" (extra TOML `frontend`), pools "app" and "api", and `top` appended.
+    fn config(app: SocketAddr, api: SocketAddr, frontend: &str, top: &str) -> ProxyConfig {
+        let text = format!(
+            r#"
+[[frontend]]
+name = "web"
+binds = ["127.0.0.1:0"]
+default_pool = "app"
+{frontend}
+
+[[pool]]
+name = "app"
+servers = [{{ address = "{app}" }}]
+
+[[pool]]
+name = "api"
+servers = [{{ address = "{api}" }}]
+
+{top}
+"#
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    async fn start(cfg: ProxyConfig) -> Proxy {
+        let router = routing::router(&cfg).unwrap();
+        Proxy::start(cfg, Some(router)).await.unwrap()
+    }
+
+    struct Got {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: String,
+    }
+
+    impl Got {
+        fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body).unwrap()
+        }
+        /// Values of a request header as the backend saw it.
+        fn seen(&self, name: &str) -> Vec<String> {
+            match &self.json()["headers"][name] {
+                serde_json::Value::Array(a) => {
+                    a.iter().map(|v| v.as_str().unwrap().to_string()).collect()
+                }
+                _ => Vec::new(),
+            }
+        }
+    }
+
+    async fn send(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Got {
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let mut req =
+            http::Request::builder().uri(format!("http://{}{path}", proxy.local_addrs()[0]));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = client
+            .request(req.body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        let (head, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Got {
+            status: head.status,
+            headers: head.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    fn basic(user: &str, password: &str) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let raw = format!("{user}:{password}").into_bytes();
+        let mut out = String::from("Basic ");
+        for chunk in raw.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    const ACLS: &str = r#"
+[[frontend.acl]]
+name = "admin"
+path_prefix = "/admin"
+[[frontend.acl]]
+name = "old"
+path_prefix = "/old"
+[[frontend.acl]]
+name = "new"
+path_prefix = "/new"
+[[frontend.acl]]
+name = "loc"
+path_prefix = "/loc"
+[[frontend.acl]]
+name = "pre"
+path_prefix = "/pre"
+[[frontend.acl]]
+name = "sch"
+path_prefix = "/sch"
+[[frontend.acl]]
+name = "health"
+path = "/health"
+[[frontend.acl]]
+name = "teapot"
+path = "/teapot"
+"#;
+
+    #[tokio::test]
+    async fn deny_never_reaches_the_server() {
+        let ((app, hits), (api, _)) = (backend("app").await, backend("api").await);
+        let rules = format!(
+            r#"{ACLS}
+[[frontend.request]]
+action = "deny"
+if = "admin"
+[[frontend.request]]
+action = "deny"
+status = 429
+if = "teapot"
+"#
+        );
+        let proxy = start(config(app, api, &rules, "")).await;
+        let r = send(&proxy, "/admin/x", &[]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+        assert!(r.body.contains("403 Forbidden"), "{}", r.body);
+        assert_eq!(
+            send(&proxy, "/teapot", &[]).await.status,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        let r = send(&proxy, "/ok", &[]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn redirect_variants_and_codes() {
+        let ((app, hits), (api, _)) = (backend("app").await, backend("api").await);
+        let rules = format!(
+            r#"{ACLS}
+[[frontend.request]]
+action = "redirect"
+location = "https://x.example/moved"
+code = 301
+if = "loc"
+[[frontend.request]]
+action = "redirect"
+prefix = "https://new.example/"
+code = 308
+if = "pre"
+[[frontend.request]]
+action = "redirect"
+scheme = "https"
+if = "sch"
+"#
+        );
+        let proxy = start(config(app, api, &rules, "")).await;
+        let location = |r: &Got| r.headers[header::LOCATION].to_str().unwrap().to_string();
+        let r = send(&proxy, "/loc/a?b=1", &[]).await;
+        assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(location(&r), "https://x.example/moved");
+        let r = send(&proxy, "/pre/a?b=1", &[]).await;
+        assert_eq!(r.status, StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(location(&r), "https://new.example/pre/a?b=1");
+        let r = send(&proxy, "/sch/a?b=1", &[("host", "www.example")]).await;
+        assert_eq!(r.status, StatusCode::FOUND);
+        assert_eq!(location(&r), "https://www.example/sch/a?b=1");
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        let r = send(&proxy, "/other", &[]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(!r.headers.contains_key(header::LOCATION));
+    }
+
+    #[tokio::test]
+    async fn header_actions_are_seen_by_the_server() {
+        let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
+        let rules = format!(
+            r#"{ACLS}
+[[frontend.request]]
+action = "set-header"
+name = "x-env"
+value = "prod"
+[[frontend.request]]
+action = "add-header"
+name = "x-tag"
+value = "b"
+[[frontend.request]]
+action = "del-header"
+name = "x-secret"
+[[frontend.request]]
+action = "set-header"
+name = "x-admin"
+value = "1"
+if = "admin"
+"#
+        );
+        let proxy = start(config(app, api, &rules, "")).await;
+        let sent = [("x-env", "dev"), ("x-tag", "a"), ("x-secret", "s")];
+        let r = send(&proxy, "/plain", &sent).await;
+        assert_eq!(r.seen("x-env"), ["prod"]);
+        assert_eq!(r.seen("x-tag"), ["a", "b"]);
+        assert!(r.seen("x-secret").is_empty());
+        assert!(r.seen("x-admin").is_empty());
+        let r = send(&proxy, "/admin", &[]).await;
+        assert_eq!(r.seen("x-admin"), ["1"]);
+    }
+
+    #[tokio::test]
+    async fn set_path_keeps_the_query_and_feeds_routing() {
+        let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
+        let rules = format!(
+            r#"{ACLS}
+[[frontend.request]]
+action = "set-path"
+path = "/new/place"
+if = "old"
+[[frontend.use_pool]]
+pool = "api"
+if = "new"
+"#
+        );
+        let proxy = start(config(app, api, &rules, "")).await;
+        let r = send(&proxy, "/old/x?q=1", &[]).await;
+        assert_eq!(r.json()["path"], "/new/place?q=1");
+        assert_eq!(r.json()["server"], "api");
+        let r = send(&proxy, "/other?q=1", &[]).await;
+        assert_eq!(r.json()["path"], "/other?q=1");
+        assert_eq!(r.json()["server"], "app");
+    }
+
+    #[tokio::test]
+    async fn return_answers_with_its_body() {
+        let ((app, hits), (api, _)) = (backend("app").await, backend("api").await);
+        let rules = format!(
+            r#"{ACLS}
+[[frontend.request]]
+action = "return"
+body = "ok"
+if = "health"
+[[frontend.request]]
+action = "return"
+status = 503
+content_type = "application/json"
+body = '{{"down":true}}'
+if = "teapot"
+"#
+        );
+        let proxy = start(config(app, api, &rules, "")).await;
+        let r = send(&proxy, "/health", &[]).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
+        assert_eq!(r.headers[header::CONTENT_TYPE], "text/plain");
+        let r = send(&proxy, "/teapot", &[]).await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(r.body, r#"{"down":true}"#);
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        assert_eq!(send(&proxy, "/x", &[]).await.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn auth_needs_valid_basic_credentials() {
+        let ((app, hits), (api, _)) = (backend("app").await, backend("api").await);
+        let params = sha_crypt::Sha512Params::new(1_000).unwrap();
+        let hash = sha_crypt::sha512_simple("s3cret:x", &params).unwrap();
+        let rules = format!(
+            r#"{ACLS}
+[[frontend.request]]
+action = "auth"
+userlist = "admins"
+realm = "lb"
+if = "admin"
+"#
+        );
+        let users = format!(
+            r#"
+[[userlist]]
+name = "admins"
+users = [{{ name = "alice", password = "{hash}" }}]
+"#
+        );
+        let proxy = start(config(app, api, &rules, &users)).await;
+        let r = send(&proxy, "/admin", &[]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(r.headers[header::WWW_AUTHENTICATE], "Basic realm=\"lb\"");
+        for wrong in [
+            basic("alice", "nope"),
+            basic("bob", "s3cret:x"),
+            "Bearer x".into(),
+        ] {
+            let r = send(&proxy, "/admin", &[("authorization", &wrong)]).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{wrong}");
+        }
+        assert_eq!(hits.load(Ordering::SeqCst), 0);
+        let right = basic("alice", "s3cret:x");
+        let r = send(&proxy, "/admin", &[("authorization", &right)]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+        // The condition does not hold: no credentials needed.
+        assert_eq!(send(&proxy, "/public", &[]).await.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn response_header_actions_are_seen_by_the_client() {
+        let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
+        let rules = format!(
+            r#"{ACLS}
+[[frontend.response]]
+action = "set-header"
+name = "x-frame-options"
+value = "DENY"
+[[frontend.response]]
+action = "del-header"
+name = "server"
+if = "admin"
+"#
+        );
+        let proxy = start(config(app, api, &rules, "")).await;
+        let r = send(&proxy, "/admin", &[]).await;
+        assert_eq!(r.headers["x-frame-options"], "DENY");
+        assert!(!r.headers.contains_key("server"));
+        let r = send(&proxy, "/public", &[]).await;
+        assert_eq!(r.headers["x-frame-options"], "DENY");
+        assert_eq!(r.headers["server"], "test");
+    }
+
+    fn compile_err(rules: &str, top: &str) -> String {
+        let addr = "127.0.0.1:1".parse().unwrap();
+        let cfg = config(addr, addr, &format!("{ACLS}\n{rules}"), top);
+        compile(&cfg)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_clear_errors() {
+        let cases = [
+            ("action = \"deny\"\nif = \"nope\"", "nope"),
+            (
+                "action = \"auth\"\nuserlist = \"ghosts\"",
+                "unknown userlist \"ghosts\"",
+            ),
+            (
+                "action = \"redirect\"\nlocation = \"/x\"\ncode = 200",
+                "code 200 is not a redirect",
+            ),
+            ("action = \"redirect\"", "exactly one of"),
+            (
+                "action = \"redirect\"\nlocation = \"/x\"\nprefix = \"/y\"",
+                "exactly one of",
+            ),
+            ("action = \"set-header\"\nvalue = \"v\"", "missing `name`"),
+            ("action = \"add-header\"\nname = \"x\"", "missing `value`"),
+            (
+                "action = \"set-header\"\nname = \"content-length\"\nvalue = \"1\"",
+                "cannot be changed",
+            ),
+            ("action = \"set-path\"\npath = \"no-slash\"", "bad path"),
+            (
+                "action = \"deny\"\nlocation = \"/x\"",
+                "`location` does not apply to deny",
+            ),
+            ("action = \"deny\"\nstatus = 99", "status 99"),
+            ("action = \"tarpit\"", "unknown action \"tarpit\""),
+        ];
+        for (rule, want) in cases {
+            let err = compile_err(&format!("[[frontend.request]]\n{rule}"), "");
+            assert!(err.contains(want), "{rule}: {err}");
+            assert!(err.contains("frontend \"web\": request rule 1"), "{err}");
+        }
+        let err = compile_err("[[frontend.response]]\naction = \"deny\"", "");
+        assert!(
+            err.contains("response rule 1 (deny): unknown response action"),
+            "{err}"
+        );
+        let bad_hash =
+            "[[userlist]]\nname = \"u\"\nusers = [{ name = \"a\", password = \"plain\" }]";
+        assert!(compile_err("", bad_hash).contains("userlist \"u\": user \"a\": password must be"));
+        let twice = "[[userlist]]\nname = \"u\"\n[[userlist]]\nname = \"u\"";
+        assert!(compile_err("", twice).contains("defined twice"));
+    }
+
+    #[test]
+    fn config_loader_rejects_bad_actions() {
+        let text = r#"
+interfaces = ["lo"]
+[[frontend]]
+name = "web"
+binds = ["127.0.0.1:0"]
+default_pool = "app"
+[[frontend.request]]
+action = "redirect"
+location = "/x"
+code = 304
+[[pool]]
+name = "app"
+servers = [{ address = "127.0.0.1:1" }]
+[[userlist]]
+name = "admins"
+"#;
+        let err = crate::config::parse(text, "lb.toml")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("code 304 is not a redirect"), "{err}");
+        let ok = text.replace("code = 304", "code = 307");
+        let cfg = crate::config::parse(&ok, "lb.toml").unwrap();
+        assert_eq!(cfg.proxy.0.userlists[0].name, "admins");
+    }
+
+    #[test]
+    fn basic_credentials_and_hash_shapes() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&basic("al", "p:w")).unwrap(),
+        );
+        assert_eq!(basic_credentials(&h), Some(("al".into(), "p:w".into())));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("basic YTpi"),
+        );
+        assert_eq!(basic_credentials(&h), Some(("a".into(), "b".into())));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        assert_eq!(basic_credentials(&h), None);
+        assert_eq!(base64_decode("QQ"), Some(b"A".to_vec()));
+        assert_eq!(base64_decode("Q"), None);
+        let hash =
+            sha_crypt::sha512_simple("pw", &sha_crypt::Sha512Params::new(5_000).unwrap()).unwrap();
+        assert_eq!(check_sha512_crypt(&hash), Ok(()));
+        assert!(sha_crypt::sha512_check("pw", &hash).is_ok());
+        assert!(check_sha512_crypt("$6$rounds=10$salt$x").is_err());
+        assert!(check_sha512_crypt("$1$salt$hash").is_err());
+    }
+}

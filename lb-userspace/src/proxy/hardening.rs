@@ -1,0 +1,576 @@
+//! Request smuggling hardening: a guard between a client's HTTP/1 stream and
+//! hyper that checks every request head, and follows every body's framing to
+//! find the next head, before hyper sees a byte of it.
+//!
+//! hyper 1 (through httparse) already refuses obs-fold, whitespace before the
+//! colon (`Host : x`) and control characters with a 400, and bad chunk sizes,
+//! differing Content-Lengths and `Transfer-Encoding: chunked, identity` by
+//! closing silently (the head of a chunked request is already forwarded by
+//! then). It accepts Content-Length with Transfer-Encoding (chunked wins), equal
+//! duplicate Content-Lengths and `Transfer-Encoding: gzip, chunked`. This guard
+//! rejects, before anything is forwarded:
+//!
+//! - anything httparse refuses (the same parser and settings as hyper's);
+//! - Content-Length together with Transfer-Encoding;
+//! - more than one Content-Length line, even with equal values (HAProxy merges
+//!   equal ones; we keep exactly one framing per message), and any value that is
+//!   not `1*DIGIT` (`+5`, `5, 5`, empty);
+//! - Transfer-Encoding other than one line of exactly `chunked`
+//!   (`gzip, chunked`, `chunked, identity`, two lines), or in HTTP/1.0;
+//! - an HTTP/1.1 request without exactly one Host line (RFC 9112 3.2);
+//! - a head larger than the frontend's `request_header_limit` (at least 8 KiB);
+//! - a chunked body whose chunk framing is broken in any bytes already received
+//!   with the head: the head is held until its first chunk-size line has
+//!   arrived (unless the client waits for `100-continue`) and checked with it.
+//!
+//! A rejected head never reaches hyper: hyper gets a byte it cannot parse
+//! instead, so it answers `400 Bad Request` in order after earlier responses
+//! and closes the connection. Broken chunk framing found later, after the head
+//! went through, fails the stream with an error (the forwarded request is
+//! aborted and the connection closed). HTTP/2 and upgraded connections pass
+//! through unchecked.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::SystemTime;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::forward::Activity;
+use super::log::AccessRecord;
+
+/// What hyper is given instead of a rejected head: an invalid method, which it answers with 400.
+const POISON: &[u8] = b"\0 / HTTP/1.1\r\n\r\n";
+/// Headers parsed at most per head (hyper's default limit).
+const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (with extensions) or trailer line.
+const MAX_LINE: usize = 4096;
+/// Start of the HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+/// How a request body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodyLen {
+    /// Content-Length bytes (0 without Content-Length).
+    Fixed(u64),
+    /// Transfer-Encoding: chunked.
+    Chunked,
+}
+
+/// What a valid request head says about what follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Framing {
+    /// The body's framing.
+    pub body: BodyLen,
+    /// The client waits for `100 Continue` before sending its body.
+    pub expect_continue: bool,
+}
+
+/// Parses and checks one request head at the start of `data`.
+/// Ok(None) while incomplete; Ok(Some((head length, framing))) when acceptable.
+pub(crate) fn check_request(data: &[u8]) -> Result<Option<(usize, Framing)>, &'static str> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(data) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err("too many headers"),
+        Err(_) => return Err("malformed request head"),
+    };
+    let http11 = req.version == Some(1);
+    let (mut cl, mut te, mut host) = (Vec::new(), Vec::new(), 0usize);
+    let mut expect_continue = false;
+    for h in req.headers.iter() {
+        let value = h.value.trim_ascii();
+        if h.name.eq_ignore_ascii_case("content-length") {
+            cl.push(value);
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te.push(value);
+        } else if h.name.eq_ignore_ascii_case("host") {
+            host += 1;
+        } else if h.name.eq_ignore_ascii_case("expect") {
+            expect_continue = value.eq_ignore_ascii_case(b"100-continue");
+        }
+    }
+    if host > 1 || (http11 && host == 0) {
+        return Err("missing or repeated Host");
+    }
+    if !cl.is_empty() && !te.is_empty() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if cl.len() > 1 {
+        return Err("repeated Content-Length");
+    }
+    if !te.is_empty() && !http11 {
+        return Err("Transfer-Encoding in HTTP/1.0");
+    }
+    if te.len() > 1
+        || te
+            .first()
+            .is_some_and(|v| !v.eq_ignore_ascii_case(b"chunked"))
+    {
+        return Err("Transfer-Encoding other than chunked");
+    }
+    let body = match (cl.first(), te.first()) {
+        (_, Some(_)) => BodyLen::Chunked,
+        (Some(v), None) => BodyLen::Fixed(parse_content_length(v).ok_or("bad Content-Length")?),
+        (None, None) => BodyLen::Fixed(0),
+    };
+    Ok(Some((
+        len,
+        Framing {
+            body,
+            expect_continue,
+        },
+    )))
+}
+
+/// `1*DIGIT` that fits in a u64.
+fn parse_content_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Where a chunked body's reader is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk's data, bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+    /// The body is complete.
+    Done,
+}
+
+/// Index just past the first CRLF in `data`, if any; Err on a bare LF or an over-long line.
+fn line_end(data: &[u8]) -> Result<Option<usize>, ()> {
+    match data.iter().position(|&b| b == b'\n') {
+        Some(i) if i > 0 && data[i - 1] == b'\r' => Ok(Some(i + 1)),
+        Some(_) => Err(()),
+        None if data.len() > MAX_LINE => Err(()),
+        None => Ok(None),
+    }
+}
+
+/// `chunk-size [ chunk-ext ] CRLF` from `line` (CRLF included): the size.
+fn chunk_size(line: &[u8]) -> Result<u64, ()> {
+    let line = &line[..line.len() - 2];
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(());
+    }
+    let rest = &line[digits..];
+    let ext = rest.trim_ascii_start();
+    if !rest.is_empty() && !ext.starts_with(b";") {
+        return Err(());
+    }
+    if ext.iter().any(|&b| b != b'\t' && (b < 0x20 || b == 0x7f)) {
+        return Err(());
+    }
+    let text = std::str::from_utf8(&line[..digits]).map_err(|_| ())?;
+    u64::from_str_radix(text, 16).map_err(|_| ())
+}
+
+/// Follows chunked framing over `data` from `state` as far as it goes:
+/// bytes consumed and the state reached, or Err on broken framing.
+pub(crate) fn scan_chunked(mut state: Chunk, data: &[u8]) -> Result<(usize, Chunk), ()> {
+    let mut at = 0;
+    loop {
+        let rest = &data[at..];
+        match state {
+            Chunk::Done => return Ok((at, state)),
+            Chunk::Size => match line_end(rest)? {
+                Some(n) => {
+                    let size = chunk_size(&rest[..n])?;
+                    at += n;
+                    state = if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    };
+                }
+                None => return Ok((at, state)),
+            },
+            Chunk::Data(left) => {
+                let take = left.min(rest.len() as u64);
+                if take == 0 {
+                    return Ok((at, state));
+                }
+                at += take as usize;
+                state = if take == left {
+                    Chunk::DataEnd
+                } else {
+                    Chunk::Data(left - take)
+                };
+            }
+            Chunk::DataEnd => match rest {
+                [b'\r', b'\n', ..] => {
+                    at += 2;
+                    state = Chunk::Size;
+                }
+                [] | [b'\r'] => return Ok((at, state)),
+                _ => return Err(()),
+            },
+            Chunk::Trailers => match line_end(rest)? {
+                Some(2) => {
+                    at += 2;
+                    state = Chunk::Done;
+                }
+                Some(n) => at += n,
+                None => return Ok((at, state)),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Expecting a request head.
+    Head,
+    /// Inside a Content-Length body, bytes left.
+    Body(u64),
+    /// Inside a chunked body.
+    Chunked(Chunk),
+    /// HTTP/2 or an upgraded connection: bytes go through unchecked.
+    Pass,
+    /// Nothing more for hyper (after a rejection, or at end of stream).
+    Closed,
+    /// Broken body framing after its head went through: fail the stream.
+    Broken,
+}
+
+enum Step {
+    Progress,
+    NeedMore,
+}
+
+/// Client stream as hyper's HTTP/1 side reads it: only checked request bytes get through.
+pub(crate) struct GuardIo<T> {
+    inner: T,
+    /// Bytes read from `inner` and not yet handed to hyper.
+    buf: BytesMut,
+    /// Leading bytes of `buf` checked and ready for hyper.
+    ready: usize,
+    state: State,
+    /// Largest request head.
+    limit: usize,
+    /// Still before the first request (HTTP/2 preface detection).
+    first: bool,
+    activity: Arc<Activity>,
+    peer: SocketAddr,
+    frontend: String,
+}
+
+impl<T> GuardIo<T> {
+    /// Guards `inner`; `h2` is Some(true) when ALPN already chose HTTP/2.
+    pub(crate) fn new(
+        inner: T,
+        activity: Arc<Activity>,
+        limit: usize,
+        h2: Option<bool>,
+        peer: SocketAddr,
+        frontend: String,
+    ) -> Self {
+        GuardIo {
+            inner,
+            buf: BytesMut::new(),
+            ready: 0,
+            state: if h2 == Some(true) {
+                State::Pass
+            } else {
+                State::Head
+            },
+            limit,
+            first: true,
+            activity,
+            peer,
+            frontend,
+        }
+    }
+
+    /// Replaces the pending head with `POISON` and logs the rejection.
+    fn reject(&mut self, why: &str) {
+        tracing::debug!(frontend = %self.frontend, peer = %self.peer, reason = why, "request rejected");
+        AccessRecord {
+            client: self.peer,
+            date: SystemTime::now(),
+            frontend: self.frontend.clone(),
+            pool: "<NOPOOL>".into(),
+            server: "<NOSRV>".into(),
+            tq: -1,
+            tw: -1,
+            tc: -1,
+            tr: -1,
+            tt: -1,
+            status: 400,
+            bytes: 0,
+            termination: ['P', 'R'],
+            method: "<BADREQ>".into(),
+            uri: String::new(),
+            version: String::new(),
+        }
+        .emit();
+        self.buf.truncate(self.ready);
+        self.buf.extend_from_slice(POISON);
+        self.ready = self.buf.len();
+        self.state = State::Closed;
+    }
+
+    /// Checks as much of the unchecked bytes as possible.
+    fn advance(&mut self) -> Step {
+        let data = &self.buf[self.ready..];
+        match self.state {
+            State::Head => {
+                if self.first {
+                    let n = data.len().min(H2_PREFACE.len());
+                    if data[..n] == H2_PREFACE[..n] {
+                        if n < H2_PREFACE.len() {
+                            return Step::NeedMore;
+                        }
+                        self.state = State::Pass;
+                        self.ready = self.buf.len();
+                        return Step::Progress;
+                    }
+                }
+                let (len, framing) = match check_request(data) {
+                    Ok(Some(x)) => x,
+                    Ok(None) if data.len() > self.limit => {
+                        self.reject("request head too large");
+                        return Step::Progress;
+                    }
+                    Ok(None) => return Step::NeedMore,
+                    Err(why) => {
+                        self.reject(why);
+                        return Step::Progress;
+                    }
+                };
+                if framing.body == BodyLen::Chunked {
+                    // Hold the head until its first chunk-size line is here, and check all that came with it.
+                    match scan_chunked(Chunk::Size, &data[len..]) {
+                        Err(()) => {
+                            self.reject("bad chunked body");
+                            return Step::Progress;
+                        }
+                        Ok((0, Chunk::Size)) if !framing.expect_continue => {
+                            return Step::NeedMore;
+                        }
+                        Ok(_) => {}
+                    }
+                }
+                self.first = false;
+                self.ready += len;
+                self.state = match framing.body {
+                    BodyLen::Fixed(0) => State::Head,
+                    BodyLen::Fixed(n) => State::Body(n),
+                    BodyLen::Chunked => State::Chunked(Chunk::Size),
+                };
+                Step::Progress
+            }
+            State::Body(left) => {
+                let take = left.min(data.len() as u64);
+                if take == 0 {
+                    return Step::NeedMore;
+                }
+                self.ready += take as usize;
+                self.state = if take == left {
+                    State::Head
+                } else {
+                    State::Body(left - take)
+                };
+                Step::Progress
+            }
+            State::Chunked(chunk) => match scan_chunked(chunk, data) {
+                Ok((used, Chunk::Done)) => {
+                    // Only the bytes up to the end of the body; the rest is the next head.
+                    self.ready += used;
+                    self.state = State::Head;
+                    Step::Progress
+                }
+                Ok((0, _)) => Step::NeedMore,
+                Ok((used, next)) => {
+                    self.ready += used;
+                    self.state = State::Chunked(next);
+                    Step::Progress
+                }
+                Err(()) => {
+                    self.state = State::Broken;
+                    Step::Progress
+                }
+            },
+            State::Pass | State::Closed | State::Broken => Step::Progress,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GuardIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if matches!(this.state, State::Head | State::Body(_) | State::Chunked(_))
+            && this.activity.upgraded.load(Ordering::SeqCst)
+        {
+            // 101 sent: what follows is the tunnel's, not HTTP.
+            this.state = State::Pass;
+            this.ready = this.buf.len();
+        }
+        loop {
+            if this.ready > 0 {
+                let n = this.ready.min(out.remaining());
+                out.put_slice(&this.buf[..n]);
+                this.buf.advance(n);
+                this.ready -= n;
+                return Poll::Ready(Ok(()));
+            }
+            match this.state {
+                State::Pass => return Pin::new(&mut this.inner).poll_read(cx, out),
+                State::Closed => return Poll::Ready(Ok(())),
+                State::Broken => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "malformed chunked request body",
+                    )));
+                }
+                State::Head | State::Body(_) | State::Chunked(_) => {}
+            }
+            if let Step::Progress = this.advance() {
+                continue;
+            }
+            let mut chunk = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                // End of stream: a partial head is dropped (hyper closes quietly),
+                // a partial body goes through (hyper fails it).
+                if this.state == State::Head {
+                    this.buf.clear();
+                }
+                this.ready = this.buf.len();
+                this.state = State::Closed;
+                continue;
+            }
+            this.buf.extend_from_slice(rb.filled());
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GuardIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(s: &str) -> Result<Option<(usize, Framing)>, &'static str> {
+        check_request(s.as_bytes())
+    }
+
+    fn body(s: &str) -> BodyLen {
+        check(s).unwrap().unwrap().1.body
+    }
+
+    #[test]
+    fn heads() {
+        assert_eq!(body("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), BodyLen::Fixed(0));
+        assert_eq!(
+            body("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 12\r\n\r\n"),
+            BodyLen::Fixed(12)
+        );
+        assert_eq!(
+            body("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked \r\n\r\n"),
+            BodyLen::Chunked
+        );
+        assert_eq!(body("GET / HTTP/1.0\r\n\r\n"), BodyLen::Fixed(0));
+        assert_eq!(check("GET / HTTP/1.1\r\nHost: x\r\n"), Ok(None));
+        for bad in [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n continued\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(check(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn chunked_framing() {
+        let body = b"5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\nGET";
+        assert_eq!(
+            scan_chunked(Chunk::Size, body),
+            Ok((body.len() - 3, Chunk::Done))
+        );
+        // Piece by piece gets to the same place.
+        let (mut state, mut at) = (Chunk::Size, 0);
+        for end in 1..=body.len() - 3 {
+            let (used, next) = scan_chunked(state, &body[at..end]).unwrap();
+            at += used;
+            state = next;
+        }
+        assert_eq!((at, state), (body.len() - 3, Chunk::Done));
+        assert_eq!(
+            scan_chunked(Chunk::Size, b"5\r\nhel"),
+            Ok((6, Chunk::Data(2)))
+        );
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\nhello",
+            b"5\r\nhelloXX",
+            b"5 x\r\n",
+            b"11111111111111111\r\n",
+            b"-1\r\n",
+        ] {
+            assert!(scan_chunked(Chunk::Size, bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! End-to-end tests of the proxy's edges: request smuggling defences (raw TCP),
+//! WebSocket tunnels and the PROXY protocol.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::*;
+
+/// A backend that counts the requests it receives and answers with their body
+/// and `X-Forwarded-For`.
+async fn counting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let xff = req
+                            .headers()
+                            .get("x-forwarded-for")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let body = req.into_body().collect().await?.to_bytes();
+                        Ok::<_, hyper::Error>(
+                            hyper::Response::builder()
+                                .header("x-xff", xff)
+                                .body(Full::new(body))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+async fn start_one(fe: Frontend, pool: Pool) -> Proxy {
+    Proxy::start(
+        ProxyConfig {
+            frontends: vec![fe],
+            pools: vec![pool],
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap()
+}
+
+fn plain_frontend() -> Frontend {
+    Frontend::new("web", vec!["127.0.0.1:0".parse().unwrap()], "app")
+}
+
+fn one_server_pool(addr: SocketAddr) -> Pool {
+    Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(addr)])
+}
+
+/// Writes `bytes`, then reads until the proxy closes the connection (5 s at most).
+async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    assert!(
+        read.is_ok(),
+        "connection not closed; got {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// --- request smuggling -------------------------------------------------------
+
+const SMUGGLING: &[(&str, &str)] = &[
+    (
+        "CL and TE",
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "TE and CL",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "two different CL",
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    ),
+    (
+        "two equal CL",
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    ),
+    (
+        "CL list",
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
+    ),
+    (
+        "signed CL",
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+    ),
+    (
+        "bad chunk size",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "bad second chunk",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n0\r\n\r\n",
+    ),
+    (
+        "chunk data overrun",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
+    ),
+    (
+        "obs-fold",
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n continued\r\n\r\n",
+    ),
+    (
+        "obs-fold tab",
+        "GET / HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\tcontinued\r\n\r\n",
+    ),
+    ("space before colon", "GET / HTTP/1.1\r\nHost : x\r\n\r\n"),
+    (
+        "TE gzip, chunked",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "TE chunked, identity",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "TE twice",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "TE xchunked",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "TE in HTTP/1.0",
+        "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ),
+    ("two Host", "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+    ("no Host", "GET / HTTP/1.1\r\n\r\n"),
+];
+
+#[tokio::test]
+async fn smuggling_attempts_get_400_and_are_never_forwarded() {
+    let (addr, count) = counting_backend().await;
+    let proxy = start_one(plain_frontend(), one_server_pool(addr)).await;
+    let front = proxy.local_addrs()[0];
+    for (name, req) in SMUGGLING {
+        let out = raw_exchange(front, req.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{name}: {out:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 0, "{name} was forwarded");
+    }
+}
+
+#[tokio::test]
+async fn smuggling_after_a_good_request_on_the_same_connection() {
+    let (addr, count) = counting_backend().await;
+    let proxy = start_one(plain_frontend(), one_server_pool(addr)).await;
+    let front = proxy.local_addrs()[0];
+    for (name, bad) in SMUGGLING {
+        count.store(0, Ordering::SeqCst);
+        let good = "POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let out = raw_exchange(front, format!("{good}{bad}").as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{name}: {out:?}");
+        assert!(out.contains("hello"), "{name}: {out:?}");
+        let second = out.find("\r\n\r\nhello").map(|i| &out[i..]).unwrap_or("");
+        assert!(second.contains("HTTP/1.1 400"), "{name}: {out:?}");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "{name} was forwarded");
+    }
+}
+
+#[tokio::test]
+async fn valid_framings_still_work() {
+    let (addr, count) = counting_backend().await;
+    let proxy = start_one(plain_frontend(), one_server_pool(addr)).await;
+    let front = proxy.local_addrs()[0];
+    // Content-Length, chunked with extension and trailer, then a bodiless GET, pipelined.
+    let reqs = concat!(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+        "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "3;x=y\r\ndef\r\n2\r\ngh\r\n0\r\nX-Trailer: 1\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let out = raw_exchange(front, reqs.as_bytes()).await;
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 3, "{out}");
+    assert!(out.contains("abc") && out.contains("defgh"), "{out}");
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+
+    // A chunked body trickling in byte by byte, after the head.
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(
+        b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for b in b"4\r\nslow\r\n0\r\n\r\n" {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("slow"),
+        "{out}"
+    );
+}
+
+// --- WebSocket tunnels --------------------------------------------------------
+
+/// Reads up to the end of an HTTP head (`\r\n\r\n`), byte by byte.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await.unwrap() == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A WebSocket-ish backend: answers an `Upgrade: websocket` request with 101, then echoes bytes.
+async fn ws_echo_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await.to_ascii_lowercase();
+                if !head.contains("upgrade: websocket") || !head.contains("connection: upgrade") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                )
+                .await
+                .unwrap();
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled_until_idle() {
+    let backend = ws_echo_backend().await;
+    let mut fe = plain_frontend();
+    // Shorter than the pauses below: a tunnel is not an idle keep-alive connection.
+    fe.timeout_http_keep_alive = Duration::from_millis(150);
+    let mut pool = one_server_pool(backend);
+    pool.timeout_tunnel = Some(Duration::from_millis(600));
+    let proxy = start_one(fe, pool).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: websocket"),
+        "{head}"
+    );
+    for msg in [&b"hello"[..], b"\x81\x05world", b"GET / HTTP/1.1\r\n\r\n"] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Idle for longer than timeout_tunnel: the proxy closes the tunnel.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok() && rest.is_empty(), "{rest:?}");
+}
+
+#[tokio::test]
+async fn upgrade_refused_by_the_server_is_a_plain_response() {
+    let (addr, count) = counting_backend().await;
+    let proxy = start_one(plain_frontend(), one_server_pool(addr)).await;
+    let out = raw_exchange(
+        proxy.local_addrs()[0],
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+}
+
+// --- PROXY protocol -----------------------------------------------------------
+
+#[tokio::test]
+async fn accept_proxy_v1_and_v2_set_the_client_address() {
+    let (addr, count) = counting_backend().await;
+    let mut fe = plain_frontend();
+    fe.accept_proxy = true;
+    let proxy = start_one(fe, one_server_pool(addr)).await;
+    let front = proxy.local_addrs()[0];
+    let get = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let cases = [
+        (
+            proxy_protocol::Version::V1,
+            "203.0.113.7:5555",
+            "203.0.113.7",
+        ),
+        (
+            proxy_protocol::Version::V2,
+            "203.0.113.8:5555",
+            "203.0.113.8",
+        ),
+        (
+            proxy_protocol::Version::V2,
+            "[2001:db8::5]:5555",
+            "2001:db8::5",
+        ),
+    ];
+    for (v, src, want) in cases {
+        let mut bytes = proxy_protocol::encode(v, src.parse().unwrap(), front);
+        bytes.extend_from_slice(get);
+        let out = raw_exchange(front, &bytes).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{v:?}: {out}");
+        assert!(out.contains(&format!("x-xff: {want}\r\n")), "{v:?}: {out}");
+    }
+    // No header, or a broken one: closed without an answer, nothing forwarded.
+    let before = count.load(Ordering::SeqCst);
+    for bytes in [&get[..], b"PROXY TCP4 1.2.3.4\r\nGET / HTTP/1.1\r\n\r\n"] {
+        assert_eq!(raw_exchange(front, bytes).await, "");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), before);
+}
+
+/// A backend that reads a PROXY header on each connection and answers with its source address.
+async fn proxy_protocol_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let src = match proxy_protocol::read_header(&mut stream).await {
+                    Ok(Some((src, _))) => src.to_string(),
+                    other => format!("{other:?}"),
+                };
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let src = src.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            bytes::Bytes::from(src),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn send_proxy_v1_and_v2_carry_the_real_client() {
+    let backend = proxy_protocol_backend().await;
+    for v in [proxy_protocol::Version::V1, proxy_protocol::Version::V2] {
+        let mut pool = one_server_pool(backend);
+        pool.send_proxy = Some(v);
+        let proxy = start_one(plain_frontend(), pool).await;
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+            let me = s.local_addr().unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            assert!(out.starts_with("HTTP/1.1 200"), "{v:?}: {out}");
+            assert!(out.ends_with(&format!("\r\n\r\n{me}")), "{v:?}: {out}");
+        }
+    }
+    // accept_proxy in front, send_proxy behind: the claimed client goes through.
+    let mut fe = plain_frontend();
+    fe.accept_proxy = true;
+    let mut pool = one_server_pool(backend);
+    pool.send_proxy = Some(proxy_protocol::Version::V2);
+    let proxy = start_one(fe, pool).await;
+    let front = proxy.local_addrs()[0];
+    let mut bytes = proxy_protocol::encode(
+        proxy_protocol::Version::V1,
+        "198.51.100.9:4242".parse().unwrap(),
+        front,
+    );
+    bytes.extend_from_slice(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let out = raw_exchange(front, &bytes).await;
+    assert!(out.ends_with("\r\n\r\n198.51.100.9:4242"), "{out}");
+}
+
+#[test]
+fn edge_settings_from_toml() {
+    let cfg: ProxyConfig = toml::from_str(
+        r#"
+        [[frontend]]
+        name = "web"
+        binds = ["127.0.0.1:8080"]
+        default_pool = "app"
+        accept_proxy = true
+        timeout_tunnel = "2m"
+
+        [[pool]]
+        name = "app"
+        send_proxy = "v1"
+        timeout_tunnel = 1500
+        "#,
+    )
+    .unwrap();
+    let (fe, p) = (&cfg.frontends[0], &cfg.pools[0]);
+    assert!(fe.accept_proxy);
+    assert_eq!(fe.timeout_tunnel, Some(Duration::from_secs(120)));
+    assert_eq!(p.send_proxy, Some(proxy_protocol::Version::V1));
+    assert_eq!(p.timeout_tunnel, Some(Duration::from_millis(1500)));
+    let d: ProxyConfig = toml::from_str("[[pool]]\nname = 'x'").unwrap();
+    assert_eq!(
+        (d.pools[0].send_proxy, d.pools[0].timeout_tunnel),
+        (None, None)
+    );
+    assert!(toml::from_str::<ProxyConfig>("[[pool]]\nname='x'\nsend_proxy='v3'").is_err());
+}

@@ -1,0 +1,214 @@
+//! HTTP/1.1 Upgrade (WebSocket) tunnels: the Upgrade request goes to the server
+//! with its `Connection: upgrade` and `Upgrade` headers; on `101 Switching
+//! Protocols` both upgraded connections are spliced byte for byte until either
+//! side closes or nothing moves for `timeout_tunnel` (default 1h).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{StatusCode, Version};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Deserializer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::balance::Active;
+use super::forward::Activity;
+
+/// Idle limit of a tunnel when neither the pool nor the frontend sets `timeout_tunnel`.
+pub(crate) const DEFAULT_TIMEOUT_TUNNEL: Duration = Duration::from_secs(3600);
+
+/// Deserializes an optional duration (`"1h"`, `"30s"`, integer ms).
+pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(with = "super::model::duration")] Duration);
+    Wrap::deserialize(d).map(|w| Some(w.0))
+}
+
+/// A client's request to switch protocols, taken from its request.
+pub(crate) struct Upgrade {
+    proto: HeaderValue,
+    client: OnUpgrade,
+}
+
+impl Upgrade {
+    /// Takes the client side of an HTTP/1.1 upgrade (`Connection: upgrade` and `Upgrade`), if asked for.
+    pub(crate) fn take(parts: &mut http::request::Parts) -> Option<Upgrade> {
+        if parts.version != Version::HTTP_11 || !connection_has_upgrade(&parts.headers) {
+            return None;
+        }
+        let proto = parts.headers.get(header::UPGRADE)?.clone();
+        let client = parts.extensions.remove::<OnUpgrade>()?;
+        Some(Upgrade { proto, client })
+    }
+
+    /// Puts back the headers that hop-by-hop stripping removed.
+    pub(crate) fn restore(&self, headers: &mut HeaderMap) {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, self.proto.clone());
+    }
+
+    /// On a `101` answer: restores its upgrade headers, marks the client
+    /// connection as a tunnel and splices both sides in a task that keeps
+    /// `active` (the server's in-flight count). Otherwise gives `active` back.
+    pub(crate) fn answer(
+        self,
+        resp: &mut http::response::Parts,
+        activity: &Activity,
+        idle: Duration,
+        active: Active,
+    ) -> Option<Active> {
+        if resp.status != StatusCode::SWITCHING_PROTOCOLS {
+            return Some(active);
+        }
+        let Some(server) = resp.extensions.remove::<OnUpgrade>() else {
+            return Some(active);
+        };
+        resp.headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if !resp.headers.contains_key(header::UPGRADE) {
+            resp.headers.insert(header::UPGRADE, self.proto.clone());
+        }
+        activity.upgraded.store(true, Ordering::SeqCst);
+        let client = self.client;
+        tokio::spawn(async move {
+            let _active = active;
+            let (client, server) = match tokio::try_join!(client, server) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let (mut c, mut s) = (TokioIo::new(client), TokioIo::new(server));
+            match splice(&mut c, &mut s, idle).await {
+                Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
+                Err(e) => tracing::debug!(error = %e, "tunnel ended"),
+            }
+        });
+        None
+    }
+}
+
+/// Whether the Connection header lists the `upgrade` token.
+fn connection_has_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Copies both ways until both sides close; fails with TimedOut after `idle` without a byte moving.
+pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut a = Touch {
+        inner: a,
+        start,
+        last: last.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, b);
+    tokio::pin!(copy);
+    loop {
+        let since = Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = start + since + idle;
+        tokio::select! {
+            r = &mut copy => return r,
+            _ = tokio::time::sleep_until(deadline) => {
+                let now = Duration::from_millis(last.load(Ordering::Relaxed));
+                if now == since {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+            }
+        }
+    }
+}
+
+/// A stream that records when bytes last moved through it, in ms since `start`.
+struct Touch<'a, T> {
+    inner: &'a mut T,
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> Touch<'_, T> {
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last.fetch_max(ms, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Touch<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() != before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn idle_splice_times_out_and_traffic_keeps_it_open() {
+        let (mut a, mut a_peer) = tokio::io::duplex(64);
+        let (mut b, mut b_peer) = tokio::io::duplex(64);
+        let task =
+            tokio::spawn(async move { splice(&mut a, &mut b, Duration::from_millis(200)).await });
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            a_peer.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            b_peer.read_exact(&mut one).await.unwrap();
+        }
+        assert!(!task.is_finished());
+        let r = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+    }
+}
