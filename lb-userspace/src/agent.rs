@@ -260,8 +260,12 @@ impl Agent {
     }
 }
 
+/// Health-check targets of L7 pools are named `pool:<name>` so their events
+/// can be told apart from services' and sent to the proxy.
+const POOL_PREFIX: &str = "pool:";
+
 fn health_targets(config: &Config) -> Vec<Target> {
-    config
+    let services = config
         .services
         .iter()
         .filter_map(|s| s.health.as_ref().map(|h| (s, h)))
@@ -271,8 +275,22 @@ fn health_targets(config: &Config) -> Vec<Target> {
                 address: b.address,
                 check: h.clone(),
             })
+        });
+    let pools = config.proxy.1.iter().flat_map(|(name, check)| {
+        let servers = config
+            .proxy
+            .0
+            .pools
+            .iter()
+            .filter(move |p| &p.name == name)
+            .flat_map(|p| p.servers.iter());
+        servers.map(move |server| Target {
+            service: format!("{POOL_PREFIX}{name}"),
+            address: server.address,
+            check: check.clone(),
         })
-        .collect()
+    });
+    services.chain(pools).collect()
 }
 
 /// The agent state shared by its tasks.
@@ -378,6 +396,14 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 let _ = tokio::task::spawn_blocking(move || s.lock().reload()).await;
             }
             Some(event) = events.recv() => {
+                if let Some(pool) = event.service.strip_prefix(POOL_PREFIX) {
+                    let up = event.health != Health::Down;
+                    info!(%pool, server = %event.address, up, reason = %event.reason, "L7 server health changed");
+                    if let Some(p) = &proxy {
+                        p.set_server_up(pool, event.address, up);
+                    }
+                    continue;
+                }
                 let s = shared.clone();
                 let _ = tokio::task::spawn_blocking(move || s.lock().on_health(&event)).await;
             }

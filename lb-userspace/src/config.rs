@@ -90,15 +90,19 @@ pub struct Config {
     pub proxy: ProxySection,
 }
 
-/// The L7 proxy's part of the file (see `crate::proxy`), already validated.
+/// The L7 proxy's part of the file (see `crate::proxy`), already validated,
+/// with the health checks of its pools (pool name, check).
 #[derive(Debug, Clone, Default)]
-pub struct ProxySection(pub crate::proxy::ProxyConfig);
+pub struct ProxySection(
+    pub crate::proxy::ProxyConfig,
+    pub Vec<(String, HealthCheck)>,
+);
 
 impl PartialEq for ProxySection {
     fn eq(&self, other: &Self) -> bool {
         // The proxy's types carry compiled matchers without PartialEq; their
         // Debug text is a faithful rendering of the parsed values.
-        format!("{:?}", self.0) == format!("{:?}", other.0)
+        format!("{:?}", self.0) == format!("{:?}", other.0) && self.1 == other.1
     }
 }
 
@@ -362,6 +366,19 @@ struct RawProxy {
     userlist: Vec<crate::proxy::UserList>,
 }
 
+/// Just the `[pool.health]` tables, with their spans (other keys are ignored here).
+#[derive(Deserialize)]
+struct RawPoolChecks {
+    #[serde(default)]
+    pool: Vec<RawPoolCheck>,
+}
+
+#[derive(Deserialize)]
+struct RawPoolCheck {
+    name: Option<String>,
+    health: Option<Spanned<RawHealth>>,
+}
+
 // Everything is optional and loosely typed (strings, i64) so that missing or
 // out-of-range values become located semantic errors instead of one serde error.
 #[derive(Deserialize)]
@@ -493,6 +510,18 @@ impl Checker<'_> {
             .first()
             .map(Spanned::span)
             .or_else(|| raw.pool.first().map(Spanned::span));
+        // `[pool.health]` uses the service health checks' keys and rules; read
+        // again from the text so errors point at their own lines.
+        let mut checks = Vec::new();
+        if let Ok(pools) = toml::from_str::<RawPoolChecks>(text) {
+            for pool in pools.pool {
+                if let (Some(name), Some(h)) = (pool.name, pool.health)
+                    && let Some(check) = self.health(h)
+                {
+                    checks.push((name, check));
+                }
+            }
+        }
         let cfg = crate::proxy::ProxyConfig {
             frontends: raw.frontend.into_iter().map(Spanned::into_inner).collect(),
             pools: raw.pool.into_iter().map(Spanned::into_inner).collect(),
@@ -510,7 +539,7 @@ impl Checker<'_> {
                 None => self.whole(reason),
             }
         }
-        ProxySection(cfg)
+        ProxySection(cfg, checks)
     }
 
     fn interfaces(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Vec<String> {

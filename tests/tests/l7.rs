@@ -30,6 +30,11 @@ fn certificates(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 fn proxy_config(lab: &Lab, dir: &Path) -> anyhow::Result<String> {
+    proxy_config_with(lab, dir, "")
+}
+
+/// `web_extra` is appended to the "web" pool's table.
+fn proxy_config_with(lab: &Lab, dir: &Path, web_extra: &str) -> anyhow::Result<String> {
     certificates(dir)?;
     lab.make_local_on_balancer(VIP_V4.into())?;
     let server = |i: usize| format!("{{ address = \"{}:{TCP_PORT}\" }}", backend_v4(i));
@@ -58,6 +63,7 @@ if = "is_api or api_host"
 [[pool]]
 name = "web"
 servers = [{}, {}]
+{web_extra}
 
 [[pool]]
 name = "api"
@@ -135,4 +141,33 @@ fn https_through_the_l7_vip_is_routed_by_acls_over_h2_with_sni_certificates() {
         .unwrap();
     assert!(passed > 0, "the XDP program passed the l7 VIP up");
     assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
+}
+
+#[test]
+fn l7_pool_servers_that_fail_health_checks_get_no_requests() {
+    // No retries: a request sent to a dead server would be a 502, so only the
+    // health check can keep them all successful.
+    let health = "retries = 0\n[pool.health]\nkind = \"http\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nfall = 2\nrise = 2\n";
+    let mut lab = RunningLab::start_custom("l7h", 3, &[1, 1, 1], None, |lab, dir| {
+        proxy_config_with(lab, dir, health)
+    })
+    .unwrap();
+    let ca = lab.config_path.with_file_name("ca.pem");
+    lab.lab.stop_backend_server(1).unwrap();
+    // interval x fall, plus a check timeout and an interval of slack.
+    std::thread::sleep(std::time::Duration::from_millis(400 + 200 + 200));
+    for _ in 0..20 {
+        let (body, _) = curl(&lab, "www.example", "/", &ca);
+        assert_eq!(body, "be3", "only the healthy server answers");
+    }
+    lab.lab.start_backend_server(1).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (body, _) = curl(&lab, "www.example", "/", &ca);
+        if body == "be1" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "be1 never came back");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -21,9 +21,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::actions::{self, ActionsByFrontend};
 use super::balance::{Active, Balancer, Unavailable};
-use super::log::AccessRecord;
+use super::log::{AccessRecord, LogFormat};
 use super::model::Pool;
-use super::{proxy_protocol, tunnel};
+use super::{proxy_protocol, tunnel, upstream};
 
 /// What the router sees of a request; mirrors `acl::Request` so ACLs can be evaluated from it.
 #[derive(Debug)]
@@ -58,7 +58,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) struct PoolRuntime {
     pub name: String,
     pub balancer: Balancer,
-    client: Client<proxy_protocol::Connector, LazyBody>,
+    client: Client<upstream::Connector, LazyBody>,
+    /// `https` for `tls = true` pools (the :scheme of HTTP/2 requests), else `http`.
+    scheme: &'static str,
     timeout_server: Duration,
     retries: u32,
     /// `timeout_tunnel` of the pool, if set (proxy/tunnel.rs).
@@ -66,11 +68,24 @@ pub(crate) struct PoolRuntime {
 }
 
 impl PoolRuntime {
-    pub fn new(cfg: &Pool) -> Self {
+    pub fn new(cfg: &Pool) -> anyhow::Result<Self> {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(cfg.timeout_connect));
         conn.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
+        // `https://` URIs on TLS pools; upstream::Connector does the TLS.
+        conn.enforce_http(false);
+        let tls = upstream::client_config(cfg)?.map(|c| upstream::TlsSettings {
+            connector: tokio_rustls::TlsConnector::from(c),
+            // validate() checked the name; an invalid one falls back to the IP.
+            sni: cfg
+                .sni
+                .as_deref()
+                .and_then(|n| rustls::pki_types::ServerName::try_from(n.to_string()).ok()),
+        });
+        let mut builder = Client::builder(TokioExecutor::new());
+        // h2 without TLS: prior knowledge; with TLS the ALPN answer decides.
+        builder.http2_only(cfg.h2 && !cfg.tls);
+        let client = builder
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(30))
@@ -80,18 +95,22 @@ impl PoolRuntime {
             } else {
                 usize::MAX
             })
-            .build(proxy_protocol::Connector {
-                inner: conn,
-                send: cfg.send_proxy,
+            .build(upstream::Connector {
+                inner: proxy_protocol::Connector {
+                    inner: conn,
+                    send: cfg.send_proxy,
+                },
+                tls,
             });
-        PoolRuntime {
+        Ok(PoolRuntime {
             name: cfg.name.clone(),
             balancer: Balancer::from_pool(cfg),
             client,
+            scheme: if cfg.tls { "https" } else { "http" },
             timeout_server: cfg.timeout_server,
             retries: cfg.retries,
             timeout_tunnel: cfg.timeout_tunnel,
-        }
+        })
     }
 }
 
@@ -111,6 +130,8 @@ pub(crate) struct FrontendCtx {
     pub https: bool,
     /// `timeout_tunnel` of the frontend, if set; the pool's wins.
     pub timeout_tunnel: Option<Duration>,
+    /// Access log format of the frontend.
+    pub log_format: LogFormat,
 }
 
 /// Requests in flight on a client connection, read by its timeout watcher.
@@ -327,7 +348,7 @@ pub(crate) async fn handle(
         };
         let addr = active.server().addr;
         rec.server = addr.to_string();
-        let uri = match Uri::try_from(format!("http://{addr}{path_and_query}")) {
+        let uri = match Uri::try_from(format!("{}://{addr}{path_and_query}", pool.scheme)) {
             Ok(u) => u,
             Err(_) => {
                 return Ok(error_response(
@@ -559,7 +580,8 @@ impl LoggedBody {
             {
                 rec.termination = t;
             }
-            rec.emit();
+            let format = self.done.as_ref().map(|d| d.conn.frontend.log_format);
+            rec.emit_as(format.unwrap_or_default());
         }
     }
 }

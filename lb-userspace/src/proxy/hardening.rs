@@ -42,7 +42,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::forward::Activity;
-use super::log::AccessRecord;
+use super::log::{AccessRecord, LogFormat};
 
 /// What hyper is given instead of a rejected head: an invalid method, which it answers with 400.
 const POISON: &[u8] = b"\0 / HTTP/1.1\r\n\r\n";
@@ -270,6 +270,8 @@ pub(crate) struct GuardIo<T> {
     activity: Arc<Activity>,
     peer: SocketAddr,
     frontend: String,
+    /// Format of the 400 log line.
+    log_format: LogFormat,
 }
 
 impl<T> GuardIo<T> {
@@ -296,7 +298,14 @@ impl<T> GuardIo<T> {
             activity,
             peer,
             frontend,
+            log_format: LogFormat::default(),
         }
+    }
+
+    /// Sets the format of the access log line of a rejected request.
+    pub(crate) fn log_format(mut self, format: LogFormat) -> Self {
+        self.log_format = format;
+        self
     }
 
     /// Replaces the pending head with `POISON` and logs the rejection.
@@ -320,7 +329,7 @@ impl<T> GuardIo<T> {
             uri: String::new(),
             version: String::new(),
         }
-        .emit();
+        .emit_as(self.log_format);
         self.buf.truncate(self.ready);
         self.buf.extend_from_slice(POISON);
         self.ready = self.buf.len();

@@ -4,6 +4,17 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+/// How a frontend writes its access log lines (`log_format`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// HAProxy's httplog line (`AccessRecord::httplog`).
+    #[default]
+    Httplog,
+    /// One JSON object per line (`AccessRecord::json`).
+    Json,
+}
+
 /// One request as logged; times in milliseconds, -1 when not reached or not measured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessRecord {
@@ -99,14 +110,29 @@ impl AccessRecord {
         })
     }
 
-    /// Emits the record under `tracing` target `access`.
+    /// Emits the record as an httplog line under `tracing` target `access`.
     pub fn emit(&self) {
+        self.emit_as(LogFormat::Httplog);
+    }
+
+    /// Emits the record in `format` under `tracing` target `access`.
+    pub fn emit_as(&self, format: LogFormat) {
+        let line = match format {
+            LogFormat::Httplog => self.httplog(),
+            LogFormat::Json => self.json().to_string(),
+        };
         #[cfg(test)]
-        test_sink::SINK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(self.clone());
-        tracing::info!(target: "access", "{}", self.httplog());
+        {
+            test_sink::SINK
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.clone());
+            test_sink::LINES
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(line.clone());
+        }
+        tracing::info!(target: "access", "{line}");
     }
 }
 
@@ -120,6 +146,9 @@ pub(crate) mod test_sink {
 
     /// Records in emission order.
     pub static SINK: Mutex<Vec<AccessRecord>> = Mutex::new(Vec::new());
+
+    /// Rendered lines (httplog or JSON) in emission order.
+    pub static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
     /// Records emitted so far whose URI is `uri`.
     pub fn records(uri: &str) -> Vec<AccessRecord> {

@@ -1,7 +1,7 @@
 //! The userspace L7 proxy (HAProxy-like): frontends terminate HTTP/1.1, HTTP/2
 //! (h2c prior knowledge on plain binds, ALPN on TLS binds) and TLS, route each
 //! request to a pool, balance over the pool's servers and forward over pooled
-//! HTTP/1.1 keep-alive connections.
+//! HTTP/1.1 keep-alive connections, or HTTP/2 ones (`h2`), plain or TLS (`tls`).
 //!
 //! Configuration shape (inside the main config file):
 //!
@@ -19,6 +19,7 @@
 //! timeout_tunnel = "1h"          # idle limit of WebSocket/Upgrade tunnels (the pool's wins; default 1h)
 //! accept_proxy = false           # true: every connection must start with a PROXY v1/v2 header,
 //!                                # whose client address ACLs, X-Forwarded-For and logs see
+//! log_format = "httplog"         # access log lines: "httplog" (HAProxy's, default) | "json" (one object)
 //! [frontend.tls]
 //! default_cert = 0               # index into certs for unknown or missing SNI
 //! certs = [
@@ -78,6 +79,12 @@
 //! retries = 3                    # on connect failure only, each on another server
 //! timeout_tunnel = "1h"          # idle limit of WebSocket/Upgrade tunnels (default: the frontend's, else 1h)
 //! send_proxy = "v2"              # "v1" | "v2": PROXY header on each server connection (no reuse then)
+//! tls = true                     # TLS to the servers (after the PROXY header); default false
+//! verify = true                  # check the server certificate (default true); false accepts any
+//! ca = "/etc/lb/server-ca.pem"   # trust anchors; required while verify is on (no system roots)
+//! sni = "app.internal"           # name sent and verified; default: the server's IP, as an IP SAN
+//! h2 = true                      # HTTP/2 to servers: prior knowledge (h2c) without tls,
+//!                                # ALPN h2 (else http/1.1) with tls; default false: HTTP/1.1
 //! servers = [
 //!   { address = "10.0.0.1:8080", weight = 2, maxconn = 100 },  # maxconn: 0 (default) = unlimited;
 //!   { address = "10.0.0.9:8080", backup = true },             # above it requests queue (FIFO, per pool)
@@ -101,11 +108,14 @@ pub mod routing;
 mod server;
 mod tls;
 mod tunnel;
+mod upstream;
 
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_edge;
+#[cfg(test)]
+mod tests_upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,7 +127,7 @@ use tokio::task::JoinHandle;
 
 pub use balance::{Acquired, Active, Balancer, HASH_TABLE_SIZE, ServerState, Unavailable};
 pub use forward::{ProxyBody, RequestInfo, Router, add_forwarded, strip_hop_by_hop};
-pub use log::{AccessRecord, haproxy_date};
+pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, ConfigError, Frontend, HttpAction, Pool, ProxyConfig, ServerSpec,
     TlsConfig, UsePool, User, UserList,
@@ -144,7 +154,11 @@ impl Proxy {
         cfg.validate()?;
         let actions = actions::compile(&cfg)?;
         let shared = Arc::new(Shared {
-            pools: cfg.pools.iter().map(PoolRuntime::new).collect(),
+            pools: cfg
+                .pools
+                .iter()
+                .map(|p| PoolRuntime::new(p).with_context(|| format!("pool {}", p.name)))
+                .collect::<anyhow::Result<_>>()?,
             route,
             actions,
         });

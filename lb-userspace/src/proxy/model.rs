@@ -72,6 +72,9 @@ pub struct Frontend {
     /// `http-response` rules in order (`[[frontend.response]]`): header edits only.
     #[serde(default)]
     pub response: Vec<HttpAction>,
+    /// Access log format: `httplog` (default) or `json`.
+    #[serde(default)]
+    pub log_format: super::log::LogFormat,
 }
 
 /// One `[[frontend.request]]` or `[[frontend.response]]` rule; which fields apply depends on `action`.
@@ -213,6 +216,26 @@ pub struct Pool {
     /// Send a PROXY protocol header (`"v1"` or `"v2"`) on each new server connection.
     #[serde(default)]
     pub send_proxy: Option<super::proxy_protocol::Version>,
+    /// `[pool.health]`, the same keys as a service's `[service.health]`; read
+    /// and validated by the agent's config loader, which runs the checks and
+    /// marks servers up or down (`Proxy::set_server_up`).
+    #[serde(default)]
+    pub health: Option<toml::Value>,
+    /// Speak TLS to the servers (after the PROXY header of `send_proxy`).
+    #[serde(default)]
+    pub tls: bool,
+    /// With `tls`: verify the server's certificate against `ca` and `sni` (default true).
+    #[serde(default = "defaults::yes")]
+    pub verify: bool,
+    /// With `tls`: PEM file of the trust anchors; required while `verify` is on.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// With `tls`: server name sent and verified (default: the server's IP, as an IP SAN).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// HTTP/2 to the servers: prior knowledge on plain connections, ALPN `h2` with `tls`.
+    #[serde(default)]
+    pub h2: bool,
 }
 
 /// Server choice within a pool.
@@ -300,6 +323,14 @@ pub enum ConfigError {
         /// What is wrong.
         problem: &'static str,
     },
+    /// A pool's `tls`, `verify`, `ca` or `sni` settings do not fit together.
+    #[error("pool {pool:?}: {problem}")]
+    BadServerTls {
+        /// The pool.
+        pool: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
 }
 
 impl ProxyConfig {
@@ -330,6 +361,7 @@ impl ProxyConfig {
         }
         for p in &self.pools {
             p.validate_hash()?;
+            p.validate_server_tls()?;
         }
         for f in &self.frontends {
             if self.pool_index(&f.default_pool).is_none() {
@@ -374,6 +406,7 @@ impl Frontend {
             accept_proxy: false,
             request: Vec::new(),
             response: Vec::new(),
+            log_format: Default::default(),
         }
     }
 }
@@ -393,7 +426,41 @@ impl Pool {
             timeout_queue: defaults::timeout_queue(),
             timeout_tunnel: None,
             send_proxy: None,
+            health: None,
+            tls: false,
+            verify: true,
+            ca: None,
+            sni: None,
+            h2: false,
         }
+    }
+
+    /// Checks `ca`/`sni` need `tls`, `verify` needs `ca`, and `sni` is a valid server name.
+    fn validate_server_tls(&self) -> Result<(), ConfigError> {
+        let bad = |problem| {
+            Err(ConfigError::BadServerTls {
+                pool: self.name.clone(),
+                problem,
+            })
+        };
+        if !self.tls {
+            if self.ca.is_some() || self.sni.is_some() {
+                return bad("ca and sni need tls = true");
+            }
+            return Ok(());
+        }
+        if self.verify && self.ca.is_none() {
+            return bad(
+                "tls with verify = true (the default) needs ca = \"/path/ca.pem\" \
+                 (there is no built-in system root store); or set verify = false",
+            );
+        }
+        if let Some(sni) = &self.sni
+            && rustls::pki_types::ServerName::try_from(sni.as_str()).is_err()
+        {
+            return bad("sni is not a valid DNS name or IP address");
+        }
+        Ok(())
     }
 
     /// Checks `hash_header`/`hash_query` against the algorithm, and that hashed servers are distinct.

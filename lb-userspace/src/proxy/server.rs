@@ -21,7 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::forward::{self, Activity, ConnCtx, FrontendCtx, Shared};
 use super::hardening::GuardIo;
-use super::log::AccessRecord;
+use super::log::{AccessRecord, LogFormat};
 use super::model::Frontend;
 use super::proxy_protocol;
 
@@ -68,6 +68,7 @@ impl FrontendRuntime {
                 forwarded_headers: cfg.forwarded_headers,
                 https: tls.is_some(),
                 timeout_tunnel: cfg.timeout_tunnel,
+                log_format: cfg.log_format,
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
@@ -214,9 +215,11 @@ async fn serve_io<T>(
         h2,
         peer,
         fe.ctx.name.clone(),
+        fe.ctx.log_format,
     );
     // Request smuggling checks sit above ClientIo, which must see the raw bytes for its timeouts.
-    let io = GuardIo::new(io, activity, fe.head_limit, h2, peer, fe.ctx.name.clone());
+    let io = GuardIo::new(io, activity, fe.head_limit, h2, peer, fe.ctx.name.clone())
+        .log_format(fe.ctx.log_format);
     let service = service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req));
     // With upgrades: HTTP/1.1 Upgrade requests become tunnels (proxy/tunnel.rs).
     let served = fe
@@ -263,6 +266,7 @@ struct ClientIo<T> {
     answering: Option<usize>,
     peer: SocketAddr,
     frontend: String,
+    log_format: LogFormat,
 }
 
 impl<T> ClientIo<T> {
@@ -273,6 +277,7 @@ impl<T> ClientIo<T> {
         h2: Option<bool>,
         peer: SocketAddr,
         frontend: String,
+        log_format: LogFormat,
     ) -> Self {
         ClientIo {
             inner,
@@ -285,6 +290,7 @@ impl<T> ClientIo<T> {
             answering: None,
             peer,
             frontend,
+            log_format,
         }
     }
 
@@ -307,7 +313,7 @@ impl<T> ClientIo<T> {
             uri: String::new(),
             version: String::new(),
         }
-        .emit();
+        .emit_as(self.log_format);
     }
 }
 

@@ -1,0 +1,401 @@
+//! Tests of server-side TLS, HTTP/2 to servers and the JSON access log, with real backends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+use tokio::net::TcpListener;
+
+use super::*;
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lb-proxy-upstream-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A test CA; `ca.pem` in `dir` holds its certificate.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pem: PathBuf,
+}
+
+fn ca(dir: &TempDir, stem: &str) -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let pem = dir.0.join(format!("{stem}.pem"));
+    std::fs::write(&pem, cert.pem()).unwrap();
+    Ca { cert, key, pem }
+}
+
+/// A rustls server config with a leaf for `names` (DNS names or IPs) signed by `ca`.
+fn server_tls(ca: &Ca, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    let params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], der)
+        .unwrap();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+/// A backend speaking HTTP/1.1 and HTTP/2 (h2c or ALPN), plain or over TLS; it answers
+/// with `x-version` (the request's version) and `x-host` (its Host header or authority).
+async fn backend(tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                        .unwrap_or_default();
+                    Ok::<_, std::convert::Infallible>(
+                        hyper::Response::builder()
+                            .header("x-version", format!("{:?}", req.version()))
+                            .header("x-host", host)
+                            .body(Full::new(Bytes::from_static(b"ok")))
+                            .unwrap(),
+                    )
+                });
+                let builder = auto::Builder::new(TokioExecutor::new());
+                match acceptor {
+                    Some(a) => {
+                        let Ok(s) = a.accept(stream).await else {
+                            return;
+                        };
+                        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                    }
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn start(pool: Pool, log_format: LogFormat) -> Proxy {
+    let mut fe = Frontend::new("web", vec!["127.0.0.1:0".parse().unwrap()], "app");
+    fe.log_format = log_format;
+    Proxy::start(
+        ProxyConfig {
+            frontends: vec![fe],
+            pools: vec![pool],
+            ..Default::default()
+        },
+        None,
+    )
+    .await
+    .unwrap()
+}
+
+fn pool(server: SocketAddr) -> Pool {
+    let mut p = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    p.retries = 0;
+    p
+}
+
+/// Status, `x-version` and `x-host` of a GET through the proxy.
+async fn get(proxy: &Proxy, path: &str) -> (StatusCode, String, String) {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let url = format!("http://{}{path}", proxy.local_addrs()[0]);
+    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    let h = |n: &str| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let out = (resp.status(), h("x-version"), h("x-host"));
+    let _ = resp.into_body().collect().await;
+    out
+}
+
+#[tokio::test]
+async fn tls_to_server_verified_by_ca_and_name() {
+    let dir = TempDir::new();
+    let good = ca(&dir, "good");
+    let other = ca(&dir, "other");
+    let server = backend(Some(server_tls(
+        &good,
+        &["app.test", "127.0.0.1"],
+        &[b"http/1.1"],
+    )))
+    .await;
+
+    // Right CA, right SNI.
+    let mut p = pool(server);
+    p.tls = true;
+    p.ca = Some(good.pem.clone());
+    p.sni = Some("app.test".into());
+    let proxy = start(p.clone(), LogFormat::Httplog).await;
+    let (status, version, host) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, "HTTP/1.1");
+    assert_eq!(host, proxy.local_addrs()[0].to_string());
+
+    // Default name: the server's IP, verified as an IP SAN.
+    let mut ip = p.clone();
+    ip.sni = None;
+    let proxy = start(ip, LogFormat::Httplog).await;
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+
+    // Wrong name.
+    let mut wrong_name = p.clone();
+    wrong_name.sni = Some("other.test".into());
+    let proxy = start(wrong_name, LogFormat::Httplog).await;
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::BAD_GATEWAY);
+
+    // Wrong CA.
+    let mut wrong_ca = p.clone();
+    wrong_ca.ca = Some(other.pem.clone());
+    let proxy = start(wrong_ca.clone(), LogFormat::Httplog).await;
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::BAD_GATEWAY);
+
+    // verify = false accepts any certificate and name.
+    let mut any = wrong_ca;
+    any.verify = false;
+    any.ca = None;
+    any.sni = Some("whatever.test".into());
+    let proxy = start(any, LogFormat::Httplog).await;
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn tls_pool_validation() {
+    let check = |p: Pool| {
+        ProxyConfig {
+            frontends: vec![Frontend::new(
+                "web",
+                vec!["127.0.0.1:0".parse().unwrap()],
+                "app",
+            )],
+            pools: vec![p],
+            ..Default::default()
+        }
+        .validate()
+    };
+    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let mut p = pool(addr);
+    p.tls = true;
+    let err = check(p.clone()).unwrap_err().to_string();
+    assert!(err.contains("needs ca"), "{err}");
+    p.verify = false;
+    assert!(check(p.clone()).is_ok());
+    p.sni = Some("bad name!".into());
+    assert!(check(p.clone()).is_err());
+    let mut plain = pool(addr);
+    plain.sni = Some("a.test".into());
+    assert!(check(plain).is_err());
+
+    let toml_cfg: ProxyConfig = toml::from_str(
+        r#"
+        [[frontend]]
+        name = "web"
+        binds = ["127.0.0.1:0"]
+        default_pool = "app"
+        log_format = "json"
+        [[pool]]
+        name = "app"
+        tls = true
+        ca = "/etc/lb/ca.pem"
+        sni = "app.internal"
+        h2 = true
+        servers = [{ address = "127.0.0.1:8443" }]
+        "#,
+    )
+    .unwrap();
+    assert!(toml_cfg.validate().is_ok());
+    assert_eq!(toml_cfg.frontends[0].log_format, LogFormat::Json);
+    let pool = &toml_cfg.pools[0];
+    assert!(pool.tls && pool.verify && pool.h2);
+    // A missing CA file fails at start, naming the pool.
+    let err = Proxy::start(toml_cfg, None).await.err().unwrap();
+    assert!(format!("{err:#}").contains("pool app"), "{err:#}");
+}
+
+#[tokio::test]
+async fn h2_to_plain_h2c_server() {
+    let server = backend(None).await;
+    let mut p = pool(server);
+    p.h2 = true;
+    let proxy = start(p, LogFormat::Httplog).await;
+    for _ in 0..3 {
+        let (status, version, host) = get(&proxy, "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(version, "HTTP/2.0");
+        assert_eq!(host, proxy.local_addrs()[0].to_string());
+    }
+}
+
+#[tokio::test]
+async fn h2_to_tls_server_by_alpn() {
+    let dir = TempDir::new();
+    let good = ca(&dir, "ca");
+    let h2_server = backend(Some(server_tls(
+        &good,
+        &["127.0.0.1"],
+        &[b"h2", b"http/1.1"],
+    )))
+    .await;
+    let mut p = pool(h2_server);
+    p.tls = true;
+    p.ca = Some(good.pem.clone());
+    p.h2 = true;
+    let proxy = start(p.clone(), LogFormat::Httplog).await;
+    let (status, version, _) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, "HTTP/2.0");
+
+    // A TLS server without h2 in its ALPN: HTTP/1.1 is negotiated instead.
+    let h1_server = backend(Some(server_tls(&good, &["127.0.0.1"], &[b"http/1.1"]))).await;
+    p.servers = vec![ServerSpec::new(h1_server)];
+    let proxy = start(p, LogFormat::Httplog).await;
+    let (status, version, _) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, "HTTP/1.1");
+}
+
+#[tokio::test]
+async fn json_access_log() {
+    let server = backend(None).await;
+    let proxy = start(pool(server), LogFormat::Json).await;
+    assert_eq!(get(&proxy, "/json-log?x=1").await.0, StatusCode::OK);
+    let mut found = None;
+    for _ in 0..100 {
+        found = log::test_sink::LINES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|j| j["uri"] == "/json-log?x=1");
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let j = found.expect("no JSON access log line");
+    assert_eq!(j["client_ip"], "127.0.0.1");
+    assert_eq!(j["frontend"], "web");
+    assert_eq!(j["pool"], "app");
+    assert_eq!(j["server"], server.to_string());
+    assert_eq!(j["status"], 200);
+    assert_eq!(j["method"], "GET");
+    assert_eq!(j["version"], "HTTP/1.1");
+    assert_eq!(j["termination_state"], "----");
+    for k in [
+        "tq",
+        "tw",
+        "tc",
+        "tr",
+        "tt",
+        "bytes",
+        "timestamp_ms",
+        "date",
+    ] {
+        assert!(!j[k].is_null(), "{k} missing");
+    }
+    // httplog frontends keep the text line.
+    let proxy = start(pool(server), LogFormat::Httplog).await;
+    assert_eq!(get(&proxy, "/text-log").await.0, StatusCode::OK);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let lines = log::test_sink::LINES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"GET /text-log HTTP/1.1\"") && !l.starts_with('{'))
+    );
+}
+
+#[tokio::test]
+async fn send_proxy_header_then_tls() {
+    let dir = TempDir::new();
+    let good = ca(&dir, "ca");
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(&good, &["127.0.0.1"], &[b"h2"]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        // The PROXY header comes in the clear, before the TLS handshake.
+        let header = proxy_protocol::read_header(&mut stream).await.unwrap();
+        let _ = tx.send(header);
+        let tls = acceptor.accept(stream).await.unwrap();
+        let svc = service_fn(|req: Request<Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(
+                hyper::Response::builder()
+                    .header("x-version", format!("{:?}", req.version()))
+                    .body(Full::new(Bytes::from_static(b"ok")))
+                    .unwrap(),
+            )
+        });
+        let _ = auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), svc)
+            .await;
+    });
+    let mut p = pool(addr);
+    p.tls = true;
+    p.ca = Some(good.pem.clone());
+    p.h2 = true;
+    p.send_proxy = Some(proxy_protocol::Version::V2);
+    let proxy = start(p, LogFormat::Httplog).await;
+    let (status, version, _) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(version, "HTTP/2.0");
+    let (src, dst) = rx.await.unwrap().unwrap();
+    assert_eq!(src.ip().to_string(), "127.0.0.1");
+    assert_eq!(dst, proxy.local_addrs()[0]);
+}

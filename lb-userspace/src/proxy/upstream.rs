@@ -1,0 +1,265 @@
+//! Connections to servers: TCP, then the PROXY header of `send_proxy`, then
+//! TLS when the pool has `tls = true` (verified against `ca` unless
+//! `verify = false`), and HTTP/1.1 or HTTP/2 (`h2 = true`: prior knowledge on
+//! plain connections, ALPN `h2` on TLS ones).
+
+use std::fs::File;
+use std::future::Future;
+use std::io::{self, BufReader};
+use std::net::IpAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::Context as _;
+use http::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use super::model::Pool;
+use super::{proxy_protocol, tls};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The rustls client configuration of a `tls = true` pool, None for plain pools.
+pub(crate) fn client_config(pool: &Pool) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    if !pool.tls {
+        return Ok(None);
+    }
+    let provider = tls::provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let mut cfg = if pool.verify {
+        // validate() guarantees `ca` with verify; checked again rather than unwrapped.
+        let path = pool
+            .ca
+            .as_deref()
+            .context("verify = true needs ca (there is no built-in root store)")?;
+        let roots = read_roots(path).with_context(|| format!("reading ca {}", path.display()))?;
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .with_context(|| format!("ca {}", path.display()))?;
+        builder.with_webpki_verifier(verifier).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth()
+    };
+    cfg.alpn_protocols = if pool.h2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(Some(Arc::new(cfg)))
+}
+
+/// Trust anchors from a PEM file of one or more certificates.
+fn read_roots(path: &Path) -> anyhow::Result<RootCertStore> {
+    let mut r = BufReader::new(File::open(path)?);
+    let mut roots = RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut r) {
+        roots.add(cert?)?;
+    }
+    if roots.is_empty() {
+        anyhow::bail!("no certificate found");
+    }
+    Ok(roots)
+}
+
+/// `verify = false`: any certificate is accepted (signatures are still checked).
+#[derive(Debug)]
+struct NoVerify(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// TLS settings of a pool's connector.
+#[derive(Clone)]
+pub(crate) struct TlsSettings {
+    /// Handshakes with the pool's client configuration.
+    pub connector: TlsConnector,
+    /// `sni` of the pool; None: the server's IP address.
+    pub sni: Option<ServerName<'static>>,
+}
+
+/// A pool's connector: TCP and PROXY header (`proxy_protocol::Connector`), then TLS if set.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    /// TCP plus the optional PROXY header.
+    pub inner: proxy_protocol::Connector,
+    /// TLS on top, for `tls = true` pools.
+    pub tls: Option<TlsSettings>,
+}
+
+/// A server connection, plain or TLS.
+pub(crate) enum ServerIo {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<TokioIo<ServerIo>, BoxError>> + Send>>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<ServerIo>;
+    type Error = BoxError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        // Name to send and verify: the pool's `sni`, else the server's IP address.
+        let tls = self.tls.clone().map(|t| {
+            let name = t.sni.clone().or_else(|| {
+                dst.host()
+                    .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
+                    .and_then(|h| h.parse::<IpAddr>().ok())
+                    .map(|ip| ServerName::IpAddress(ip.into()))
+            });
+            (t.connector, name)
+        });
+        let connecting = self.inner.call(dst);
+        Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            match tls {
+                None => Ok(TokioIo::new(ServerIo::Plain(tcp))),
+                Some((_, None)) => Err("no server name for TLS".into()),
+                Some((connector, Some(name))) => {
+                    let stream = connector.connect(name, tcp).await?;
+                    Ok(TokioIo::new(ServerIo::Tls(Box::new(stream))))
+                }
+            }
+        })
+    }
+}
+
+impl Connection for ServerIo {
+    fn connected(&self) -> Connected {
+        match self {
+            ServerIo::Plain(s) => s.connected(),
+            ServerIo::Tls(s) => {
+                let (tcp, session) = s.get_ref();
+                let c = tcp.connected();
+                if session.alpn_protocol() == Some(b"h2") {
+                    c.negotiated_h2()
+                } else {
+                    c
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ServerIo::Plain(s) => s.is_write_vectored(),
+            ServerIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ServerIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ServerIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
