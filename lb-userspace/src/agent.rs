@@ -53,6 +53,8 @@ pub struct Agent {
     health: HealthChecker,
     /// Tells the main loop to stop (`true`: detach for good).
     stop: mpsc::UnboundedSender<bool>,
+    /// Tells the main loop a reload happened (the L7 proxy lives there).
+    reloaded: mpsc::UnboundedSender<()>,
 }
 
 impl Agent {
@@ -135,9 +137,7 @@ impl Agent {
         if old.interfaces != file.interfaces || old.metrics != file.metrics {
             warn!("interfaces and metrics address take effect on restart only");
         }
-        if old.proxy != file.proxy {
-            warn!("L7 proxy ([[frontend]], [[pool]]) changes take effect on restart only");
-        }
+
         let (desired, kept) = runtime::replay(file, &self.journal);
         let previous = std::mem::replace(&mut self.desired, desired);
         if let Err(e) = self.sync() {
@@ -151,6 +151,7 @@ impl Agent {
                 warn!("saving the runtime state: {e:#}");
             }
         }
+        let _ = self.reloaded.send(());
         info!("configuration reloaded");
         Response::Ok
     }
@@ -311,6 +312,17 @@ impl Handler for Shared {
     }
 }
 
+/// Starts the L7 proxy if the configuration has frontends.
+async fn start_proxy(section: &config::ProxySection) -> Result<Option<proxy::Proxy>> {
+    if section.0.frontends.is_empty() {
+        return Ok(None);
+    }
+    let router = proxy::routing::router(&section.0)?;
+    let started = proxy::Proxy::start(section.0.clone(), Some(router)).await?;
+    info!(listening = ?started.local_addrs(), "L7 proxy running");
+    Ok(Some(started))
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
     let file = load_config(&opts.config)?;
@@ -332,6 +344,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (stop_tx, mut stop) = mpsc::unbounded_channel();
+    let (reloaded_tx, mut reloaded) = mpsc::unbounded_channel();
     let mut agent = Agent {
         config_path: opts.config.clone(),
         journal_path,
@@ -340,6 +353,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         balancer,
         health: HealthChecker::new(events_tx),
         stop: stop_tx,
+        reloaded: reloaded_tx,
     };
     // Tables are complete before the first packet can reach the program.
     agent.sync()?;
@@ -357,14 +371,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     let shared = Shared(Arc::new(Mutex::new(agent)));
     // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).
-    let proxy = if config.proxy.0.frontends.is_empty() {
-        None
-    } else {
-        let router = proxy::routing::router(&config.proxy.0)?;
-        let started = proxy::Proxy::start(config.proxy.0.clone(), Some(router)).await?;
-        info!(listening = ?started.local_addrs(), "L7 proxy running");
-        Some(started)
-    };
+    let mut proxy_config = config.proxy.clone();
+    let mut proxy = start_proxy(&proxy_config).await?;
 
     let control = tokio::spawn(server::serve(
         opts.socket.clone(),
@@ -391,6 +399,44 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             _ = sigint.recv() => break false,
             _ = sigterm.recv() => break false,
             Some(detach) = stop.recv() => break detach,
+            Some(()) = reloaded.recv() => {
+                // Certificates are re-read on every reload; frontends and pools
+                // that changed restart the proxy (connections in flight finish).
+                let next = shared.lock().desired.config.proxy.clone();
+                if next != proxy_config {
+                    drop(proxy.take());
+                    match start_proxy(&next).await {
+                        Ok(p) => {
+                            // Servers known to be down stay down in the new proxy.
+                            if let Some(p) = &p {
+                                let agent = shared.lock();
+                                for t in health_targets(&agent.desired.config) {
+                                    if let (Some(pool), Some(status)) = (
+                                        t.service.strip_prefix(POOL_PREFIX),
+                                        agent.health.status(&t.service, t.address),
+                                    ) {
+                                        p.set_server_up(pool, t.address, status.health != Health::Down);
+                                    }
+                                }
+                            }
+                            proxy = p;
+                            proxy_config = next;
+                            info!("L7 proxy restarted with the new frontends and pools");
+                        }
+                        Err(e) => {
+                            error!("the new L7 configuration failed to start, keeping the old one: {e:#}");
+                            proxy = start_proxy(&proxy_config).await.unwrap_or_else(|e| {
+                                error!("restarting the previous L7 proxy failed: {e:#}");
+                                None
+                            });
+                        }
+                    }
+                } else if let Some(p) = &proxy
+                    && let Err(e) = p.reload_certificates()
+                {
+                    error!("reloading certificates failed, keeping the old ones: {e:#}");
+                }
+            }
             _ = sighup.recv() => {
                 let s = shared.clone();
                 let _ = tokio::task::spawn_blocking(move || s.lock().reload()).await;

@@ -171,3 +171,44 @@ fn l7_pool_servers_that_fail_health_checks_get_no_requests() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_reload_applies_new_pools_to_the_l7_proxy() {
+    let lab = RunningLab::start_custom("l7r", 3, &[1, 1, 1], None, proxy_config).unwrap();
+    let ca = lab.config_path.with_file_name("ca.pem");
+    let before: std::collections::BTreeSet<String> = (0..10)
+        .map(|_| curl(&lab, "www.example", "/", &ca).0)
+        .collect();
+    assert_eq!(before.len(), 2, "{before:?}");
+    // The web pool now has be1 only.
+    let text = std::fs::read_to_string(&lab.config_path).unwrap();
+    let one = text.replacen(
+        &format!(
+            "servers = [{{ address = \"{b1}:{TCP_PORT}\" }}, {{ address = \"{b3}:{TCP_PORT}\" }}]",
+            b1 = backend_v4(1),
+            b3 = backend_v4(3)
+        ),
+        &format!(
+            "servers = [{{ address = \"{}:{TCP_PORT}\" }}]",
+            backend_v4(1)
+        ),
+        1,
+    );
+    assert_ne!(one, text, "the pool line was found");
+    std::fs::write(&lab.config_path, one).unwrap();
+    assert!(lab.lb(&["reload"]).status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let after: std::collections::BTreeSet<String> = (0..6)
+            .map(|_| curl(&lab, "www.example", "/", &ca).0)
+            .collect();
+        if after.len() == 1 && after.contains("be1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload never took: {after:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
