@@ -113,6 +113,8 @@ impl Agent {
             return Response::Error(format!("{e:#}"));
         }
         self.journal.push(request);
+        // The proxy (in the main loop) picks up pool changes and states.
+        let _ = self.reloaded.send(());
         if let Err(e) = runtime::save_journal(&self.journal_path, &self.journal) {
             error!("the change is live but could not be saved: {e:#}");
             return Response::Error(format!(
@@ -184,8 +186,12 @@ impl Agent {
     }
 
     fn show_backends(&mut self, only: Option<&str>) -> Result<Response> {
+        let pools = &self.desired.config.proxy.0.pools;
         if let Some(name) = only
             && !self.desired.config.services.iter().any(|s| s.name == name)
+            && !pools
+                .iter()
+                .any(|p| name.strip_prefix(POOL_PREFIX) == Some(p.name.as_str()))
         {
             return Ok(Response::Error(format!("unknown service {name:?}")));
         }
@@ -212,6 +218,27 @@ impl Agent {
                     active_flows: id.and_then(|id| flows.get(&id).copied()).unwrap_or(0),
                     packets: t.packets,
                     bytes: t.bytes,
+                });
+            }
+        }
+        // L7 pool servers, as `pool:NAME` (traffic counters live in the access log).
+        for p in &self.desired.config.proxy.0.pools {
+            let service = format!("{POOL_PREFIX}{}", p.name);
+            if only.is_some_and(|n| n != service) {
+                continue;
+            }
+            for server in &p.servers {
+                let status = self.health.status(&service, server.address);
+                out.push(BackendInfo {
+                    service: service.clone(),
+                    address: server.address,
+                    weight: server.weight,
+                    admin: self.desired.admin_state(&service, server.address),
+                    health: status.as_ref().map(|c| c.health).unwrap_or_default(),
+                    last_check: status.map(|c| c.last),
+                    active_flows: 0,
+                    packets: 0,
+                    bytes: 0,
                 });
             }
         }
@@ -255,15 +282,37 @@ impl Agent {
         }
     }
 
+    /// Whether each L7 pool server should take requests: administratively
+    /// ready and not failing its health checks.
+    fn pool_server_states(&self) -> Vec<(String, SocketAddr, bool)> {
+        let mut out = Vec::new();
+        for p in &self.desired.config.proxy.0.pools {
+            let service = format!("{POOL_PREFIX}{}", p.name);
+            for s in &p.servers {
+                let admin = self.desired.admin_state(&service, s.address);
+                let down = self
+                    .health
+                    .status(&service, s.address)
+                    .is_some_and(|c| c.health == Health::Down);
+                out.push((
+                    p.name.clone(),
+                    s.address,
+                    admin == AdminState::Ready && !down,
+                ));
+            }
+        }
+        out
+    }
+
     /// The balancer, for metrics.
     pub fn balancer(&mut self) -> &mut Balancer {
         &mut self.balancer
     }
 }
 
-/// Health-check targets of L7 pools are named `pool:<name>` so their events
-/// can be told apart from services' and sent to the proxy.
-const POOL_PREFIX: &str = "pool:";
+// Health-check targets of L7 pools are named `pool:<name>` so their events can
+// be told apart from services' and sent to the proxy.
+use crate::runtime::POOL_PREFIX;
 
 fn health_targets(config: &Config) -> Vec<Target> {
     let services = config
@@ -404,37 +453,28 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 // that changed restart the proxy (connections in flight finish).
                 let next = shared.lock().desired.config.proxy.clone();
                 if next != proxy_config {
-                    drop(proxy.take());
+                    // The new proxy binds beside the old one (SO_REUSEPORT)
+                    // before the old one goes: no connection is refused.
                     match start_proxy(&next).await {
                         Ok(p) => {
-                            // Servers known to be down stay down in the new proxy.
-                            if let Some(p) = &p {
-                                let agent = shared.lock();
-                                for t in health_targets(&agent.desired.config) {
-                                    if let (Some(pool), Some(status)) = (
-                                        t.service.strip_prefix(POOL_PREFIX),
-                                        agent.health.status(&t.service, t.address),
-                                    ) {
-                                        p.set_server_up(pool, t.address, status.health != Health::Down);
-                                    }
-                                }
-                            }
-                            proxy = p;
+                            let old = std::mem::replace(&mut proxy, p);
+                            drop(old);
                             proxy_config = next;
                             info!("L7 proxy restarted with the new frontends and pools");
                         }
                         Err(e) => {
                             error!("the new L7 configuration failed to start, keeping the old one: {e:#}");
-                            proxy = start_proxy(&proxy_config).await.unwrap_or_else(|e| {
-                                error!("restarting the previous L7 proxy failed: {e:#}");
-                                None
-                            });
                         }
                     }
                 } else if let Some(p) = &proxy
                     && let Err(e) = p.reload_certificates()
                 {
                     error!("reloading certificates failed, keeping the old ones: {e:#}");
+                }
+                if let Some(p) = &proxy {
+                    for (pool, server, up) in shared.lock().pool_server_states() {
+                        p.set_server_up(&pool, server, up);
+                    }
                 }
             }
             _ = sighup.recv() => {
@@ -443,10 +483,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             }
             Some(event) = events.recv() => {
                 if let Some(pool) = event.service.strip_prefix(POOL_PREFIX) {
-                    let up = event.health != Health::Down;
-                    info!(%pool, server = %event.address, up, reason = %event.reason, "L7 server health changed");
+                    info!(%pool, server = %event.address, health = ?event.health, reason = %event.reason, "L7 server health changed");
                     if let Some(p) = &proxy {
-                        p.set_server_up(pool, event.address, up);
+                        for (pool, server, up) in shared.lock().pool_server_states() {
+                            p.set_server_up(&pool, server, up);
+                        }
                     }
                     continue;
                 }

@@ -17,6 +17,9 @@ use tracing::warn;
 use crate::config::{BackendConfig, Config, Service};
 use crate::control::protocol::{AdminState, Request};
 
+/// Service-name prefix that addresses an L7 pool (`lb drain pool:web ADDR`).
+pub const POOL_PREFIX: &str = "pool:";
+
 /// Largest weight a backend may have (the Maglev builder's range).
 pub const MAX_WEIGHT: u32 = 65535;
 
@@ -66,8 +69,75 @@ impl Desired {
             .ok_or_else(|| format!("service {service:?} has no backend {address}"))
     }
 
+    /// Applies a backend change to an L7 pool, named `pool:NAME`.
+    fn apply_pool(&mut self, pool: &str, request: &Request) -> Result<(), String> {
+        let pools = &mut self.config.proxy.0.pools;
+        let p = pools
+            .iter_mut()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| format!("unknown pool {pool:?}"))?;
+        let has = |p: &crate::proxy::Pool, a: SocketAddr| p.servers.iter().any(|s| s.address == a);
+        match request {
+            Request::AddBackend {
+                address, weight, ..
+            } => {
+                check_address(*address, "server")?;
+                check_weight(*weight)?;
+                if has(p, *address) {
+                    return Err(format!("pool {pool:?} already has server {address}"));
+                }
+                let mut server = crate::proxy::ServerSpec::new(*address);
+                server.weight = *weight;
+                p.servers.push(server);
+            }
+            Request::RemoveBackend { address, .. } => {
+                if !has(p, *address) {
+                    return Err(format!("pool {pool:?} has no server {address}"));
+                }
+                p.servers.retain(|s| s.address != *address);
+                self.admin
+                    .remove(&(format!("{POOL_PREFIX}{pool}"), *address));
+            }
+            Request::SetWeight {
+                address, weight, ..
+            } => {
+                check_weight(*weight)?;
+                let s = p
+                    .servers
+                    .iter_mut()
+                    .find(|s| s.address == *address)
+                    .ok_or_else(|| format!("pool {pool:?} has no server {address}"))?;
+                s.weight = *weight;
+            }
+            Request::SetBackendState { address, state, .. } => {
+                if !has(p, *address) {
+                    return Err(format!("pool {pool:?} has no server {address}"));
+                }
+                let key = (format!("{POOL_PREFIX}{pool}"), *address);
+                if *state == AdminState::Ready {
+                    self.admin.remove(&key);
+                } else {
+                    self.admin.insert(key, *state);
+                }
+            }
+            _ => return Err("L7 pools are added and removed in the configuration file".into()),
+        }
+        Ok(())
+    }
+
     /// Applies one change; on error nothing is changed. Read-only requests are no-ops.
     pub fn apply(&mut self, request: &Request) -> Result<(), String> {
+        let target = match request {
+            Request::AddBackend { service, .. }
+            | Request::RemoveBackend { service, .. }
+            | Request::SetBackendState { service, .. }
+            | Request::SetWeight { service, .. } => Some(service),
+            Request::RemoveService { name } => Some(name),
+            _ => None,
+        };
+        if let Some(pool) = target.and_then(|s| s.strip_prefix(POOL_PREFIX)) {
+            return self.apply_pool(pool, request);
+        }
         match request {
             Request::AddService {
                 name,

@@ -212,3 +212,54 @@ fn a_reload_applies_new_pools_to_the_l7_proxy() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+#[test]
+fn l7_pool_servers_are_drained_added_and_removed_from_the_cli() {
+    let lab = RunningLab::start_custom("l7c", 3, &[1, 1, 1], None, proxy_config).unwrap();
+    let ca = lab.config_path.with_file_name("ca.pem");
+    let seen = |n: usize| -> std::collections::BTreeSet<String> {
+        (0..n)
+            .map(|_| curl(&lab, "www.example", "/", &ca).0)
+            .collect()
+    };
+    let be = |i: usize| format!("{}:{TCP_PORT}", backend_v4(i));
+    assert!(lab.lb(&["drain", "pool:web", &be(1)]).status.success());
+    assert_eq!(
+        seen(8),
+        ["be3".to_string()].into(),
+        "a drained server gets no requests"
+    );
+    assert!(lab.lb(&["enable", "pool:web", &be(1)]).status.success());
+    assert!(
+        lab.lb(&["add", "backend", "pool:web", &be(2)])
+            .status
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while seen(9).len() != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "be2 never joined the pool"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        lab.lb(&["remove", "backend", "pool:web", &be(3)])
+            .status
+            .success()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while seen(8).contains("be3") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "be3 never left the pool"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = lab.lb(&["show", "backends", "pool:web", "--json"]);
+    let list: Vec<lb_userspace::control::protocol::BackendInfo> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    let bad = lab.lb(&["add", "backend", "pool:nope", &be(1)]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown pool"));
+}

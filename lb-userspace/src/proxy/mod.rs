@@ -137,6 +137,26 @@ pub use tls::{CertResolver, TlsError, dns_names};
 use forward::{PoolRuntime, Shared};
 use server::FrontendRuntime;
 
+/// Binds with SO_REUSEPORT so a reloaded proxy can listen on the same
+/// addresses before the old one stops: no connection is refused in between.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// A running proxy; dropping it stops accepting and gracefully closes client connections.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -188,8 +208,7 @@ impl Proxy {
             let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
             let runtime = Arc::new(FrontendRuntime::new(fe, default_pool, acceptor));
             for bind in &fe.binds {
-                let listener = TcpListener::bind(bind)
-                    .await
+                let listener = reuseport_listener(*bind)
                     .with_context(|| format!("frontend {}: binding {bind}", fe.name))?;
                 proxy.addrs.push(listener.local_addr()?);
                 proxy.tasks.push(tokio::spawn(server::accept_loop(
