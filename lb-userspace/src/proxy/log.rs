@@ -117,6 +117,11 @@ impl AccessRecord {
 
     /// Emits the record in `format` under `tracing` target `access`.
     pub fn emit_as(&self, format: LogFormat) {
+        // Formatting the line is most of a log's cost: skip it when nobody listens.
+        #[cfg(not(test))]
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
         let line = match format {
             LogFormat::Httplog => self.httplog(),
             LogFormat::Json => self.json().to_string(),
