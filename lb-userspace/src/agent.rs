@@ -447,7 +447,12 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         tokio::select! {
             _ = sigint.recv() => break false,
             _ = sigterm.recv() => break false,
-            Some(detach) = stop.recv() => break detach,
+            Some(detach) = stop.recv() => {
+                // The request came over the control socket: let its answer
+                // be written before the server task is stopped.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                break detach;
+            }
             Some(()) = reloaded.recv() => {
                 // Certificates are re-read on every reload; frontends and pools
                 // that changed restart the proxy (connections in flight finish).

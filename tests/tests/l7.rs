@@ -154,8 +154,28 @@ fn l7_pool_servers_that_fail_health_checks_get_no_requests() {
     .unwrap();
     let ca = lab.config_path.with_file_name("ca.pem");
     lab.lab.stop_backend_server(1).unwrap();
-    // interval x fall, plus a check timeout and an interval of slack.
-    std::thread::sleep(std::time::Duration::from_millis(400 + 200 + 200));
+    let killed = std::time::Instant::now();
+    let be1 = format!("{}:{TCP_PORT}", backend_v4(1));
+    loop {
+        let out = lab.lb(&["show", "backends", "pool:web", "--json"]);
+        let list: Vec<lb_userspace::control::protocol::BackendInfo> =
+            serde_json::from_slice(&out.stdout).unwrap();
+        if list.iter().any(|b| {
+            b.address.to_string() == be1
+                && b.health == lb_userspace::control::protocol::Health::Down
+        }) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(5),
+            "be1 never marked down"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // interval x fall = 400 ms, plus scheduling slack on a busy 2-core machine.
+    assert!(killed.elapsed() < std::time::Duration::from_secs(2));
+    // The status is shown as soon as the check fails; the proxy follows a moment later.
+    std::thread::sleep(std::time::Duration::from_millis(200));
     for _ in 0..20 {
         let (body, _) = curl(&lab, "www.example", "/", &ca);
         assert_eq!(body, "be3", "only the healthy server answers");
