@@ -260,11 +260,6 @@ pub(crate) async fn handle(
         .filter(|&i| i < shared.pools.len())
         .unwrap_or(conn.frontend.default_pool);
     let pool = &shared.pools[pool_idx];
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".to_string());
     let mut rec = AccessRecord {
         client: conn.peer,
         date: SystemTime::now(),
@@ -280,7 +275,11 @@ pub(crate) async fn handle(
         bytes: 0,
         termination: ['-', '-'],
         method: parts.method.to_string(),
-        uri: path_and_query.clone(),
+        // Kept once, in the log record, and reused for the server URI below.
+        uri: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
         version: format!("{:?}", parts.version),
     };
     let done = Done {
@@ -348,7 +347,7 @@ pub(crate) async fn handle(
         };
         let addr = active.server().addr;
         rec.server = addr.to_string();
-        let uri = match Uri::try_from(format!("{}://{addr}{path_and_query}", pool.scheme)) {
+        let uri = match Uri::try_from(format!("{}://{addr}{}", pool.scheme, rec.uri)) {
             Ok(u) => u,
             Err(_) => {
                 return Ok(error_response(
