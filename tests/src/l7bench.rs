@@ -82,6 +82,8 @@ struct Measure {
     p99_ms: f64,
     errors: u64,
     cpu_seconds: f64,
+    /// The user-mode part of `cpu_seconds` (the rest is the kernel's).
+    user_seconds: f64,
 }
 
 impl Measure {
@@ -90,6 +92,9 @@ impl Measure {
     }
     fn cpu_us_per_request(&self) -> f64 {
         self.cpu_seconds * 1e6 / self.requests.max(1) as f64
+    }
+    fn user_us_per_request(&self) -> f64 {
+        self.user_seconds * 1e6 / self.requests.max(1) as f64
     }
     fn cpu_share(&self) -> f64 {
         self.cpu_seconds / self.seconds * 100.0
@@ -147,7 +152,7 @@ fn compare(
     let our_cpu = || thread_cpu_seconds(ours.tid);
     let haproxy_cpu = || process_cpu_seconds(haproxy_pid);
 
-    let load = |port: u16, s: &Scenario, window: Duration, cpu: &dyn Fn() -> Result<f64>| {
+    let load = |port: u16, s: &Scenario, window: Duration, cpu: &dyn Fn() -> Result<Cpu>| {
         let url = format!(
             "{}://{}/",
             if s.https { "https" } else { "http" },
@@ -157,7 +162,7 @@ fn compare(
     };
     // Warm-up: backend connections open, caches and TLS state built.
     for (http, https, cpu) in [
-        (OURS_HTTP, OURS_HTTPS, &our_cpu as &dyn Fn() -> Result<f64>),
+        (OURS_HTTP, OURS_HTTPS, &our_cpu as &dyn Fn() -> Result<Cpu>),
         (HAPROXY_HTTP, HAPROXY_HTTPS, &haproxy_cpu),
     ] {
         load(http, &SCENARIOS[0], WARMUP, cpu)?;
@@ -215,6 +220,17 @@ fn compare(
         "  proxy CPU busy during each run (HAProxy / ours): {}   (target: ours >= 1.00x req/s at <= 1.00x CPU/req)",
         rows.iter()
             .map(|(_, h, o)| format!("{:.0}%/{:.0}%", h.cpu_share(), o.cpu_share()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  of which user-mode CPU us/req (HAProxy / ours; the rest is kernel, mostly the veth and TCP path): {}",
+        rows.iter()
+            .map(|(_, h, o)| format!(
+                "{:.1}/{:.1}",
+                h.user_us_per_request(),
+                o.user_us_per_request()
+            ))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -472,7 +488,7 @@ fn run_wrk(
     url: &str,
     close: bool,
     window: Duration,
-    cpu: &dyn Fn() -> Result<f64>,
+    cpu: &dyn Fn() -> Result<Cpu>,
 ) -> Result<Measure> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", client_ns])
@@ -509,7 +525,8 @@ fn run_wrk(
         String::from_utf8_lossy(&out.stderr)
     );
     let mut m = parse_wrk(&text).with_context(|| format!("wrk {url} output:\n{text}"))?;
-    m.cpu_seconds = after - before;
+    m.cpu_seconds = after.total() - before.total();
+    m.user_seconds = after.user - before.user;
     ensure!(m.requests > 0, "no request completed: {text}");
     Ok(m)
 }
@@ -522,6 +539,7 @@ fn parse_wrk(text: &str) -> Result<Measure> {
         p99_ms: f64::NAN,
         errors: 0,
         cpu_seconds: 0.0,
+        user_seconds: 0.0,
     };
     let mut found = false;
     for line in text.lines().map(str::trim) {
@@ -568,7 +586,20 @@ fn duration_ms(s: &str) -> Result<f64> {
 }
 
 /// utime + stime, in seconds, from a /proc `stat` file.
-fn stat_cpu_seconds(path: &str) -> Result<f64> {
+/// CPU time used so far, in seconds.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    user: f64,
+    sys: f64,
+}
+
+impl Cpu {
+    fn total(&self) -> f64 {
+        self.user + self.sys
+    }
+}
+
+fn stat_cpu_seconds(path: &str) -> Result<Cpu> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name, which is in parentheses and may hold spaces:
     // state is field 3, utime 14, stime 15.
@@ -583,18 +614,20 @@ fn stat_cpu_seconds(path: &str) -> Result<f64> {
             .ok_or_else(|| anyhow!("{path}: short"))?
             .parse()?)
     };
-    let total = ticks(11)? + ticks(12)?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
-    Ok(total as f64 / hz as f64)
+    Ok(Cpu {
+        user: ticks(11)? as f64 / hz as f64,
+        sys: ticks(12)? as f64 / hz as f64,
+    })
 }
 
-fn thread_cpu_seconds(tid: i32) -> Result<f64> {
+fn thread_cpu_seconds(tid: i32) -> Result<Cpu> {
     stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
 }
 
-fn process_cpu_seconds(pid: u32) -> Result<f64> {
+fn process_cpu_seconds(pid: u32) -> Result<Cpu> {
     stat_cpu_seconds(&format!("/proc/{pid}/stat"))
 }
 
@@ -616,7 +649,7 @@ mod tests {
     fn reads_own_thread_cpu() {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
-        assert!(thread_cpu_seconds(tid).unwrap() >= 0.0);
-        assert!(process_cpu_seconds(std::process::id()).unwrap() >= 0.0);
+        assert!(thread_cpu_seconds(tid).unwrap().total() >= 0.0);
+        assert!(process_cpu_seconds(std::process::id()).unwrap().user >= 0.0);
     }
 }

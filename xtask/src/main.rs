@@ -45,8 +45,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         extra: Vec<String>,
     },
-    /// Build in release mode, then run `lb-bench`.
-    Bench,
+    /// Build in release mode, then run `lb-bench` (all sections, or those named:
+    /// xdp, rates, tables, control, l7).
+    Bench {
+        /// Sections to run; all when empty.
+        sections: Vec<String>,
+    },
 }
 
 /// The `lb` arguments for `cargo xtask run ARGS`.
@@ -89,7 +93,7 @@ fn run(cli: Cli) -> Result<()> {
             std::process::exit(exec::run_foreground(&mut cmd)?);
         }
         Cmd::Test { extra } => stages::run(&ws, &extra),
-        Cmd::Bench => {
+        Cmd::Bench { sections } => {
             let profile = Profile::Release;
             build::all(&ws, profile, Targets::Bins)?;
             exec::run(build::host_cargo(&ws, profile).args([
@@ -102,6 +106,7 @@ fn run(cli: Cli) -> Result<()> {
             let bench = ws.bin(profile, "lb-bench");
             ensure!(bench.is_file(), "{} was not built", bench.display());
             let mut cmd = std::process::Command::new(bench);
+            cmd.args(sections);
             ws.set_artifact_env(&mut cmd, profile);
             std::process::exit(exec::run_foreground(&mut cmd)?);
         }
@@ -166,7 +171,8 @@ mod tests {
             Cmd::Build { release: true }
         ));
         assert!(matches!(parse(&["setup"]), Cmd::Setup));
-        assert!(matches!(parse(&["bench"]), Cmd::Bench));
+        assert!(matches!(parse(&["bench"]), Cmd::Bench { sections } if sections.is_empty()));
+        assert!(matches!(parse(&["bench", "l7"]), Cmd::Bench { sections } if sections == ["l7"]));
     }
 
     #[test]

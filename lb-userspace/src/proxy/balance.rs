@@ -39,6 +39,8 @@ const KEY_SEED: u32 = 0x6c37_686b;
 pub struct ServerState {
     /// Where to connect.
     pub addr: SocketAddr,
+    /// `addr` as text, for log records (formatted once, not per request).
+    pub label: Arc<str>,
     /// Configured weight.
     pub weight: u32,
     /// Backup server.
@@ -191,6 +193,7 @@ impl Balancer {
             .map(|s| {
                 Arc::new(ServerState {
                     addr: s.address,
+                    label: s.address.to_string().into(),
                     weight: s.weight,
                     backup: s.backup,
                     maxconn: s.maxconn,

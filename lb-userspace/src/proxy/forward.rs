@@ -11,19 +11,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::actions::{self, ActionsByFrontend};
 use super::balance::{Active, Balancer, Unavailable};
-use super::log::{AccessRecord, LogFormat};
+use super::connpool::{ConnPool, Reusable, Sender};
+use super::log::{self, AccessRecord, LogFormat};
 use super::model::Pool;
-use super::{proxy_protocol, tunnel, upstream};
+use super::{tunnel, upstream};
 
 /// What the router sees of a request; mirrors `acl::Request` so ACLs can be evaluated from it.
 #[derive(Debug)]
@@ -54,13 +53,14 @@ pub type ProxyBody = LoggedBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A pool with its balancer and its keep-alive client.
+/// A pool with its balancer and its server connections.
 pub(crate) struct PoolRuntime {
-    pub name: String,
+    pub name: Arc<str>,
     pub balancer: Balancer,
-    client: Client<upstream::Connector, LazyBody>,
+    /// Keep-alive connections to the servers (proxy/connpool.rs).
+    conns: Arc<ConnPool>,
     /// `https` for `tls = true` pools (the :scheme of HTTP/2 requests), else `http`.
-    scheme: &'static str,
+    scheme: Scheme,
     timeout_server: Duration,
     retries: u32,
     /// `timeout_tunnel` of the pool, if set (proxy/tunnel.rs).
@@ -69,48 +69,24 @@ pub(crate) struct PoolRuntime {
 
 impl PoolRuntime {
     pub fn new(cfg: &Pool) -> anyhow::Result<Self> {
-        let mut conn = HttpConnector::new();
-        conn.set_connect_timeout(Some(cfg.timeout_connect));
-        conn.set_nodelay(true);
-        // `https://` URIs on TLS pools; upstream::Connector does the TLS.
-        conn.enforce_http(false);
-        let tls = upstream::client_config(cfg)?.map(|c| upstream::TlsSettings {
-            connector: tokio_rustls::TlsConnector::from(c),
-            // validate() checked the name; an invalid one falls back to the IP.
-            sni: cfg
-                .sni
-                .as_deref()
-                .and_then(|n| rustls::pki_types::ServerName::try_from(n.to_string()).ok()),
-        });
-        let mut builder = Client::builder(TokioExecutor::new());
-        // h2 without TLS: prior knowledge; with TLS the ALPN answer decides.
-        builder.http2_only(cfg.h2 && !cfg.tls);
-        let client = builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            // send_proxy: a server connection carries one client's address, so none is reused.
-            .pool_max_idle_per_host(if cfg.send_proxy.is_some() {
-                0
-            } else {
-                usize::MAX
-            })
-            .build(upstream::Connector {
-                inner: proxy_protocol::Connector {
-                    inner: conn,
-                    send: cfg.send_proxy,
-                },
-                tls,
-            });
+        let connector = upstream::Connector::new(cfg)?;
+        // send_proxy: a server connection carries one client's address, so none is reused.
+        let conns = ConnPool::new(connector, cfg.h2, cfg.send_proxy.is_none());
         Ok(PoolRuntime {
-            name: cfg.name.clone(),
+            name: cfg.name.as_str().into(),
             balancer: Balancer::from_pool(cfg),
-            client,
-            scheme: if cfg.tls { "https" } else { "http" },
+            conns,
+            scheme: if cfg.tls { Scheme::HTTPS } else { Scheme::HTTP },
             timeout_server: cfg.timeout_server,
             retries: cfg.retries,
             timeout_tunnel: cfg.timeout_tunnel,
         })
+    }
+
+    /// Idle keep-alive connections kept for `server`.
+    #[cfg(test)]
+    pub(crate) fn idle_connections(&self, server: SocketAddr) -> usize {
+        self.conns.idle_count(server)
     }
 }
 
@@ -124,7 +100,7 @@ pub(crate) struct Shared {
 
 /// Settings of the frontend a connection came in on.
 pub(crate) struct FrontendCtx {
-    pub name: String,
+    pub name: Arc<str>,
     pub default_pool: usize,
     pub forwarded_headers: bool,
     pub https: bool,
@@ -228,7 +204,7 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     let mut upgrade = tunnel::Upgrade::take(&mut parts); // WebSocket & co (proxy/tunnel.rs)
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
-    let acted = match shared.actions.get(&conn.frontend.name) {
+    let acted = match shared.actions.get(&*conn.frontend.name) {
         Some(a) => {
             a.run_request(&mut parts, conn.peer, conn.sni.as_deref())
                 .await
@@ -236,12 +212,13 @@ pub(crate) async fn handle(
         None => actions::Outcome::default(),
     };
     // --- end request actions ---
-    let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()));
+    // Host as sent, or the HTTP/2 authority: a refcounted copy, not a new string.
+    let host: Option<HeaderValue> = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let pool_idx = shared
         .route
         .as_ref()
@@ -251,7 +228,7 @@ pub(crate) async fn handle(
                 method: &parts.method,
                 path: parts.uri.path(),
                 query: parts.uri.query(),
-                host: host.as_deref(),
+                host: host.as_ref().and_then(|h| h.to_str().ok()),
                 headers: &parts.headers,
                 src: conn.peer,
                 sni: conn.sni.as_deref(),
@@ -265,7 +242,7 @@ pub(crate) async fn handle(
         date: SystemTime::now(),
         frontend: conn.frontend.name.clone(),
         pool: pool.name.clone(),
-        server: "<NOSRV>".to_string(),
+        server: log::no_server(),
         tq,
         tw: 0,
         tc: -1,
@@ -274,13 +251,9 @@ pub(crate) async fn handle(
         status: 0,
         bytes: 0,
         termination: ['-', '-'],
-        method: parts.method.to_string(),
-        // Kept once, in the log record, and reused for the server URI below.
-        uri: parts
-            .uri
-            .path_and_query()
-            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
-        version: format!("{:?}", parts.version),
+        method: Some(parts.method.clone()),
+        uri: Some(parts.uri.clone()),
+        version: Some(parts.version),
     };
     let done = Done {
         conn: conn.clone(),
@@ -309,15 +282,34 @@ pub(crate) async fn handle(
     }
     // HTTP/2 clients send :authority instead of Host; servers speak HTTP/1.1 and need Host.
     if !parts.headers.contains_key(header::HOST)
-        && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+        && let Some(v) = host
     {
         parts.headers.insert(header::HOST, v);
     }
 
-    let slot = Arc::new(Mutex::new(Some(body)));
     let key = pool
         .balancer
         .hash_key(conn.peer.ip(), &parts.uri, &parts.headers);
+    // HTTP/1.1 servers get origin-form (`/path?query`); CONNECT keeps its authority-form.
+    if parts.method != Method::CONNECT
+        && (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
+    {
+        let origin = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        match Uri::try_from(origin) {
+            Ok(u) => parts.uri = u,
+            Err(_) => {
+                return Ok(error_response(
+                    StatusCode::BAD_REQUEST,
+                    rec,
+                    ['P', 'R'],
+                    done,
+                ));
+            }
+        }
+    }
+    parts.version = Version::HTTP_11;
+    // The request travels by value; it comes back from a connection that could not send it.
+    let mut req = Some(Request::from_parts(parts, body));
     let mut tried: Vec<usize> = Vec::new();
     let attempts = pool.retries.saturating_add(1);
     let mut attempt = 0;
@@ -346,68 +338,104 @@ pub(crate) async fn handle(
             }
         };
         let addr = active.server().addr;
-        rec.server = addr.to_string();
-        let uri = match Uri::try_from(format!("{}://{addr}{}", pool.scheme, rec.uri)) {
-            Ok(u) => u,
-            Err(_) => {
+        rec.server = active.server().label.clone();
+        let mut server = match pool.conns.get(addr, conn.peer, conn.local).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
+                if attempt < attempts {
+                    // Redispatch: the next attempt avoids this server.
+                    tried.push(idx);
+                    continue;
+                }
+                // Like HAProxy: a server that cannot be reached is a 503 (SC).
                 return Ok(error_response(
-                    StatusCode::BAD_REQUEST,
+                    StatusCode::SERVICE_UNAVAILABLE,
                     rec,
-                    ['P', 'R'],
+                    ['S', 'C'],
                     done,
                 ));
             }
         };
-        let mut out = Request::new(LazyBody::new(slot.clone()));
-        *out.method_mut() = parts.method.clone();
-        *out.uri_mut() = uri;
-        *out.version_mut() = Version::HTTP_11;
-        *out.headers_mut() = parts.headers.clone();
+        rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
+        let Some(mut out) = req.take() else {
+            // Unreachable: `req` is put back before every retry.
+            return Ok(error_response(
+                StatusCode::BAD_GATEWAY,
+                rec,
+                ['P', 'H'],
+                done,
+            ));
+        };
+        if server.sender.is_h2() {
+            // HTTP/2 needs :scheme and :authority.
+            let authority = Authority::try_from(rec.server.as_ref());
+            let pq = out.uri().path_and_query().cloned();
+            if let (Ok(authority), Some(pq)) = (authority, pq) {
+                let mut p = http::uri::Parts::default();
+                p.scheme = Some(pool.scheme.clone());
+                p.authority = Some(authority);
+                p.path_and_query = Some(pq);
+                if let Ok(u) = Uri::from_parts(p) {
+                    *out.uri_mut() = u;
+                }
+            }
+        }
 
         let sent = Instant::now();
-        match tokio::time::timeout(
-            pool.timeout_server,
-            proxy_protocol::with_client(conn.peer, conn.local, pool.client.request(out)),
-        )
-        .await
-        {
+        match tokio::time::timeout(pool.timeout_server, server.sender.send(out)).await {
             Ok(Ok(resp)) => {
                 rec.tr = sent.elapsed().as_millis() as i64;
                 let (mut rparts, rbody) = resp.into_parts();
                 strip_hop_by_hop(&mut rparts.headers);
-                let active = match upgrade.take() {
+                let (active, reusable) = match upgrade.take() {
                     Some(u) => {
                         let idle = pool.timeout_tunnel.or(conn.frontend.timeout_tunnel);
                         let idle = idle.unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
-                        u.answer(&mut rparts, &conn.activity, idle, active)
+                        // An upgraded connection is the tunnel's, never reused.
+                        (u.answer(&mut rparts, &conn.activity, idle, active), None)
                     }
-                    None => Some(active),
+                    None => {
+                        let reusable = match server.sender {
+                            Sender::H1(sender) => Some(Reusable {
+                                pool: pool.conns.clone(),
+                                server: addr,
+                                sender,
+                            }),
+                            Sender::H2(_) => None,
+                        };
+                        (Some(active), reusable)
+                    }
                 };
                 actions::apply_response(&acted.response, &mut rparts.headers); // response actions
                 rec.status = rparts.status.as_u16();
-                let body = LoggedBody::new(
+                let mut body = LoggedBody::new(
                     rbody.map_err(BoxError::from).boxed_unsync(),
                     rec,
                     active,
                     done,
                 );
+                body.reusable = reusable;
                 return Ok(Response::from_parts(rparts, body));
             }
-            Ok(Err(e)) => {
-                // Retrying is safe only while the request body is untouched, i.e. nothing was sent.
-                let unsent = slot.lock().map(|s| s.is_some()).unwrap_or(false);
-                tracing::debug!(pool = %pool.name, server = %addr, error = %e, "forward failed");
-                if e.is_connect() && unsent && attempt < attempts {
-                    tried.push(idx);
+            Ok(Err(mut e)) => {
+                tracing::debug!(pool = %pool.name, server = %addr, error = %e.error(), "forward failed");
+                // A reused connection that closed before the request went out
+                // (the server's keep-alive ended): send it again on another one.
+                if let Some(back) = e.take_message()
+                    && server.connect_time.is_none()
+                    && attempt < attempts
+                {
+                    req = Some(back);
                     continue;
                 }
-                let term = if e.is_connect() {
-                    ['S', 'C']
-                } else {
-                    ['S', 'H']
-                };
                 rec.tr = sent.elapsed().as_millis() as i64;
-                return Ok(error_response(StatusCode::BAD_GATEWAY, rec, term, done));
+                return Ok(error_response(
+                    StatusCode::BAD_GATEWAY,
+                    rec,
+                    ['S', 'H'],
+                    done,
+                ));
             }
             Err(_) => {
                 return Ok(error_response(
@@ -482,69 +510,6 @@ impl Drop for Done {
     }
 }
 
-/// The client's request body, taken only when the server connection first reads it,
-/// so a request whose connect failed can be sent again elsewhere.
-pub(crate) struct LazyBody {
-    slot: Arc<Mutex<Option<Incoming>>>,
-    taken: Option<Incoming>,
-    end: bool,
-    hint: SizeHint,
-}
-
-impl LazyBody {
-    fn new(slot: Arc<Mutex<Option<Incoming>>>) -> Self {
-        let (end, hint) = match slot.lock() {
-            Ok(s) => s
-                .as_ref()
-                .map(|b| (b.is_end_stream(), b.size_hint()))
-                .unwrap_or((true, SizeHint::with_exact(0))),
-            Err(_) => (true, SizeHint::with_exact(0)),
-        };
-        LazyBody {
-            slot,
-            taken: None,
-            end,
-            hint,
-        }
-    }
-}
-
-impl Body for LazyBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if self.taken.is_none() {
-            let taken = self.slot.lock().ok().and_then(|mut s| s.take());
-            match taken {
-                Some(b) => self.taken = Some(b),
-                None => return Poll::Ready(None),
-            }
-        }
-        match self.taken.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.taken {
-            Some(b) => b.is_end_stream(),
-            None => self.end,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.taken {
-            Some(b) => b.size_hint(),
-            None => self.hint,
-        }
-    }
-}
-
 /// A response body that counts bytes, keeps the server's in-flight count,
 /// and writes the access log line when it ends or is dropped.
 pub struct LoggedBody {
@@ -552,6 +517,8 @@ pub struct LoggedBody {
     rec: Option<AccessRecord>,
     _active: Option<Active>,
     done: Option<Done>,
+    /// The server connection, given back to its pool when the body ends cleanly.
+    reusable: Option<Reusable>,
 }
 
 impl LoggedBody {
@@ -566,10 +533,16 @@ impl LoggedBody {
             rec: Some(rec),
             _active: active,
             done: Some(done),
+            reusable: None,
         }
     }
 
     fn finish(&mut self, term: Option<[char; 2]>) {
+        if let Some(r) = self.reusable.take()
+            && term.is_none()
+        {
+            r.give_back();
+        }
         if let Some(mut rec) = self.rec.take() {
             if let Some(done) = &self.done {
                 rec.tt = done.start.elapsed().as_millis() as i64;

@@ -36,10 +36,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
-use std::time::SystemTime;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::io::poll_read_buf;
 
 use super::forward::Activity;
 use super::log::{AccessRecord, LogFormat};
@@ -50,6 +50,8 @@ const POISON: &[u8] = b"\0 / HTTP/1.1\r\n\r\n";
 const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (with extensions) or trailer line.
 const MAX_LINE: usize = 4096;
+/// Bytes asked of the client stream per read.
+const READ_SIZE: usize = 8192;
 /// Start of the HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
@@ -269,7 +271,7 @@ pub(crate) struct GuardIo<T> {
     first: bool,
     activity: Arc<Activity>,
     peer: SocketAddr,
-    frontend: String,
+    frontend: Arc<str>,
     /// Format of the 400 log line.
     log_format: LogFormat,
 }
@@ -282,7 +284,7 @@ impl<T> GuardIo<T> {
         limit: usize,
         h2: Option<bool>,
         peer: SocketAddr,
-        frontend: String,
+        frontend: Arc<str>,
     ) -> Self {
         GuardIo {
             inner,
@@ -311,25 +313,8 @@ impl<T> GuardIo<T> {
     /// Replaces the pending head with `POISON` and logs the rejection.
     fn reject(&mut self, why: &str) {
         tracing::debug!(frontend = %self.frontend, peer = %self.peer, reason = why, "request rejected");
-        AccessRecord {
-            client: self.peer,
-            date: SystemTime::now(),
-            frontend: self.frontend.clone(),
-            pool: "<NOPOOL>".into(),
-            server: "<NOSRV>".into(),
-            tq: -1,
-            tw: -1,
-            tc: -1,
-            tr: -1,
-            tt: -1,
-            status: 400,
-            bytes: 0,
-            termination: ['P', 'R'],
-            method: "<BADREQ>".into(),
-            uri: String::new(),
-            version: String::new(),
-        }
-        .emit_as(self.log_format);
+        AccessRecord::bad_request(self.peer, self.frontend.clone(), 400, 0, ['P', 'R'])
+            .emit_as(self.log_format);
         self.buf.truncate(self.ready);
         self.buf.extend_from_slice(POISON);
         self.ready = self.buf.len();
@@ -458,10 +443,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardIo<T> {
             if let Step::Progress = this.advance() {
                 continue;
             }
-            let mut chunk = [0u8; 8192];
-            let mut rb = ReadBuf::new(&mut chunk);
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
-            if rb.filled().is_empty() {
+            // Read straight into the buffer's spare room: no zeroing, no extra copy.
+            this.buf.reserve(READ_SIZE);
+            let got = ready!(poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.buf))?;
+            if got == 0 {
                 // End of stream: a partial head is dropped (hyper closes quietly),
                 // a partial body goes through (hyper fails it).
                 if this.state == State::Head {
@@ -471,7 +456,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for GuardIo<T> {
                 this.state = State::Closed;
                 continue;
             }
-            this.buf.extend_from_slice(rb.filled());
         }
     }
 }

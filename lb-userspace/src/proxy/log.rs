@@ -2,7 +2,10 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{Method, Uri, Version};
 
 /// How a frontend writes its access log lines (`log_format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -23,11 +26,11 @@ pub struct AccessRecord {
     /// When the request started (after its head arrived).
     pub date: SystemTime,
     /// Frontend name.
-    pub frontend: String,
+    pub frontend: Arc<str>,
     /// Pool name, `<NOPOOL>` when none.
-    pub pool: String,
+    pub pool: Arc<str>,
     /// Server address, `<NOSRV>` when none.
-    pub server: String,
+    pub server: Arc<str>,
     /// Tq: waiting for the request head, idle time since the previous response included.
     pub tq: i64,
     /// Tw: time spent in the pool's queue waiting for a server below its `maxconn`.
@@ -44,15 +47,81 @@ pub struct AccessRecord {
     pub bytes: u64,
     /// Two HAProxy termination characters: who ended the session, in which phase.
     pub termination: [char; 2],
-    /// Request method.
-    pub method: String,
-    /// Request path and query.
-    pub uri: String,
-    /// `HTTP/1.1`, `HTTP/2.0`, ...
-    pub version: String,
+    /// Request method; None for a request that could not be parsed (`<BADREQ>`).
+    pub method: Option<Method>,
+    /// Request URI, logged as its path and query; None when there is none.
+    pub uri: Option<Uri>,
+    /// HTTP version, logged as `HTTP/1.1`, `HTTP/2.0`, ...; None when unknown.
+    pub version: Option<Version>,
+}
+
+/// Pool and server of a request that reached neither.
+pub(crate) fn no_pool() -> Arc<str> {
+    static NAME: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| Arc::from("<NOPOOL>")).clone()
+}
+
+/// Server of a request that reached none.
+pub(crate) fn no_server() -> Arc<str> {
+    static NAME: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| Arc::from("<NOSRV>")).clone()
 }
 
 impl AccessRecord {
+    /// The record of a request refused before it was parsed (400, 408).
+    pub(crate) fn bad_request(
+        client: SocketAddr,
+        frontend: Arc<str>,
+        status: u16,
+        bytes: u64,
+        termination: [char; 2],
+    ) -> Self {
+        AccessRecord {
+            client,
+            date: SystemTime::now(),
+            frontend,
+            pool: no_pool(),
+            server: no_server(),
+            tq: -1,
+            tw: -1,
+            tc: -1,
+            tr: -1,
+            tt: -1,
+            status,
+            bytes,
+            termination,
+            method: None,
+            uri: None,
+            version: None,
+        }
+    }
+
+    /// The method as logged.
+    pub fn method_text(&self) -> &str {
+        self.method.as_ref().map_or("<BADREQ>", Method::as_str)
+    }
+
+    /// The URI as logged: path and query.
+    pub fn uri_text(&self) -> &str {
+        match &self.uri {
+            Some(u) => u.path_and_query().map_or("/", |p| p.as_str()),
+            None => "",
+        }
+    }
+
+    /// The version as logged.
+    pub fn version_text(&self) -> &'static str {
+        match self.version {
+            None => "",
+            Some(Version::HTTP_09) => "HTTP/0.9",
+            Some(Version::HTTP_10) => "HTTP/1.0",
+            Some(Version::HTTP_11) => "HTTP/1.1",
+            Some(Version::HTTP_2) => "HTTP/2.0",
+            Some(Version::HTTP_3) => "HTTP/3.0",
+            Some(_) => "HTTP/?",
+        }
+    }
+
     /// The HAProxy httplog line:
     /// `ip:port [date] frontend pool/server Tq/Tw/Tc/Tr/Tt status bytes term "METHOD URI VERSION"`.
     pub fn httplog(&self) -> String {
@@ -74,9 +143,9 @@ impl AccessRecord {
             self.bytes,
             self.termination[0],
             self.termination[1],
-            self.method,
-            self.uri,
-            self.version,
+            self.method_text(),
+            self.uri_text(),
+            self.version_text(),
         );
         s
     }
@@ -93,9 +162,9 @@ impl AccessRecord {
             "client_port": self.client.port(),
             "date": haproxy_date(self.date),
             "timestamp_ms": ms,
-            "frontend": self.frontend,
-            "pool": self.pool,
-            "server": self.server,
+            "frontend": &*self.frontend,
+            "pool": &*self.pool,
+            "server": &*self.server,
             "tq": self.tq,
             "tw": self.tw,
             "tc": self.tc,
@@ -104,9 +173,9 @@ impl AccessRecord {
             "status": self.status,
             "bytes": self.bytes,
             "termination_state": format!("{}{}--", self.termination[0], self.termination[1]),
-            "method": self.method,
-            "uri": self.uri,
-            "version": self.version,
+            "method": self.method_text(),
+            "uri": self.uri_text(),
+            "version": self.version_text(),
         })
     }
 
@@ -160,7 +229,7 @@ pub(crate) mod test_sink {
         SINK.lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|r| r.uri == uri)
+            .filter(|r| r.uri_text() == uri)
             .cloned()
             .collect()
     }
@@ -221,9 +290,9 @@ mod tests {
             status: 200,
             bytes: 2750,
             termination: ['-', '-'],
-            method: "GET".into(),
-            uri: "/index.html?x=1".into(),
-            version: "HTTP/1.1".into(),
+            method: Some(Method::GET),
+            uri: Some(Uri::from_static("/index.html?x=1")),
+            version: Some(Version::HTTP_11),
         }
     }
 

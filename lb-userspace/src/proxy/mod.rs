@@ -99,6 +99,7 @@
 
 pub mod actions;
 mod balance;
+mod connpool;
 mod forward;
 mod hardening;
 mod log;
@@ -227,7 +228,7 @@ impl Proxy {
         self.shared
             .pools
             .iter()
-            .find(|p| p.name == pool)
+            .find(|p| &*p.name == pool)
             .is_some_and(|p| p.balancer.set_up(server, up))
     }
 
@@ -251,7 +252,7 @@ impl Proxy {
         self.shared
             .pools
             .iter()
-            .find(|p| p.name == pool)
+            .find(|p| &*p.name == pool)
             .map(|p| p.balancer.servers())
     }
 }

@@ -5,18 +5,11 @@
 //! A `send_proxy` pool does not reuse server connections: each one carries the
 //! address of the client whose request opened it.
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use http::Uri;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Protocol version written by `send_proxy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -203,65 +196,6 @@ pub(crate) fn encode(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<
             out.extend_from_slice(&dst.port().to_be_bytes());
             out
         }
-    }
-}
-
-tokio::task_local! {
-    /// (client, address it connected to) of the request being forwarded.
-    static ENDPOINTS: (SocketAddr, SocketAddr);
-}
-
-/// Runs `fut` (a forwarded request) with the client's addresses visible to `Connector`.
-pub(crate) async fn with_client<F: Future>(
-    client: SocketAddr,
-    local: SocketAddr,
-    fut: F,
-) -> F::Output {
-    ENDPOINTS.scope((client, local), fut).await
-}
-
-/// `HttpConnector` that writes a PROXY header first when the pool has `send_proxy`.
-#[derive(Clone)]
-pub(crate) struct Connector {
-    /// The TCP connector.
-    pub inner: HttpConnector,
-    /// Header version to send, if any.
-    pub send: Option<Version>,
-}
-
-type ConnectFuture = Pin<
-    Box<
-        dyn Future<Output = Result<TokioIo<TcpStream>, Box<dyn std::error::Error + Send + Sync>>>
-            + Send,
-    >,
->;
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        // Read now: the connect future may finish on another task.
-        let header = self.send.map(|v| {
-            ENDPOINTS
-                .try_with(|&(src, local)| encode(v, src, local))
-                .ok()
-        });
-        let connecting = self.inner.call(dst);
-        Box::pin(async move {
-            let mut io = connecting.await?;
-            match header {
-                None => {}
-                Some(Some(h)) => io.inner_mut().write_all(&h).await?,
-                Some(None) => return Err("PROXY header without a client".into()),
-            }
-            Ok(io)
-        })
     }
 }
 

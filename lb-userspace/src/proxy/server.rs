@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -63,7 +63,7 @@ impl FrontendRuntime {
             .max_header_list_size(u32::try_from(cfg.request_header_limit).unwrap_or(u32::MAX));
         FrontendRuntime {
             ctx: Arc::new(FrontendCtx {
-                name: cfg.name.clone(),
+                name: cfg.name.as_str().into(),
                 default_pool,
                 forwarded_headers: cfg.forwarded_headers,
                 https: tls.is_some(),
@@ -265,7 +265,7 @@ struct ClientIo<T> {
     /// Bytes of the 408 answer already written, while answering.
     answering: Option<usize>,
     peer: SocketAddr,
-    frontend: String,
+    frontend: Arc<str>,
     log_format: LogFormat,
 }
 
@@ -276,7 +276,7 @@ impl<T> ClientIo<T> {
         timeouts: ClientTimeouts,
         h2: Option<bool>,
         peer: SocketAddr,
-        frontend: String,
+        frontend: Arc<str>,
         log_format: LogFormat,
     ) -> Self {
         ClientIo {
@@ -295,24 +295,13 @@ impl<T> ClientIo<T> {
     }
 
     fn log_408(&self) {
-        AccessRecord {
-            client: self.peer,
-            date: SystemTime::now(),
-            frontend: self.frontend.clone(),
-            pool: "<NOPOOL>".into(),
-            server: "<NOSRV>".into(),
-            tq: -1,
-            tw: -1,
-            tc: -1,
-            tr: -1,
-            tt: -1,
-            status: 408,
-            bytes: TIMEOUT_408.len() as u64,
-            termination: ['c', 'R'],
-            method: "<BADREQ>".into(),
-            uri: String::new(),
-            version: String::new(),
-        }
+        AccessRecord::bad_request(
+            self.peer,
+            self.frontend.clone(),
+            408,
+            TIMEOUT_408.len() as u64,
+            ['c', 'R'],
+        )
         .emit_as(self.log_format);
     }
 }

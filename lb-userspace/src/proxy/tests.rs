@@ -269,9 +269,11 @@ async fn connect_failure_redispatches() {
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.server.as_deref(), Some("a"));
     }
-    // Only dead servers: 502 after the retries.
+    // Only dead servers: 503 after the retries, as HAProxy answers (SC).
     let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[dead])).await;
-    assert_eq!(get(&proxy, "/").await.status, StatusCode::BAD_GATEWAY);
+    let r = get(&proxy, "/").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("503 Service Unavailable"));
 }
 
 #[tokio::test]
@@ -320,6 +322,36 @@ async fn server_connections_are_reused() {
         assert_eq!(r.status, StatusCode::OK);
     }
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(proxy.shared.pools[0].idle_connections(a.addr), 1);
+}
+
+#[tokio::test]
+async fn server_closing_an_idle_connection_gets_a_new_one() {
+    // Answers one request per connection with keep-alive, then closes it shortly after.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            });
+        }
+    });
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
+    for _ in 0..3 {
+        let r = get(&proxy, "/").await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]

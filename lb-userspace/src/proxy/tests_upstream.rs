@@ -194,13 +194,15 @@ async fn tls_to_server_verified_by_ca_and_name() {
     let mut wrong_name = p.clone();
     wrong_name.sni = Some("other.test".into());
     let proxy = start(wrong_name, LogFormat::Httplog).await;
-    assert_eq!(get(&proxy, "/").await.0, StatusCode::BAD_GATEWAY);
+    // A failed TLS handshake is a failed connection: 503 (SC), as in HAProxy.
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::SERVICE_UNAVAILABLE);
 
     // Wrong CA.
     let mut wrong_ca = p.clone();
     wrong_ca.ca = Some(other.pem.clone());
     let proxy = start(wrong_ca.clone(), LogFormat::Httplog).await;
-    assert_eq!(get(&proxy, "/").await.0, StatusCode::BAD_GATEWAY);
+    // A failed TLS handshake is a failed connection: 503 (SC), as in HAProxy.
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::SERVICE_UNAVAILABLE);
 
     // verify = false accepts any certificate and name.
     let mut any = wrong_ca;

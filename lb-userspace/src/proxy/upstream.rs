@@ -4,31 +4,26 @@
 //! plain connections, ALPN `h2` on TLS ones).
 
 use std::fs::File;
-use std::future::Future;
 use std::io::{self, BufReader};
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use http::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
 use super::model::Pool;
 use super::{proxy_protocol, tls};
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The rustls client configuration of a `tls = true` pool, None for plain pools.
 pub(crate) fn client_config(pool: &Pool) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
@@ -135,13 +130,69 @@ pub(crate) struct TlsSettings {
     pub sni: Option<ServerName<'static>>,
 }
 
-/// A pool's connector: TCP and PROXY header (`proxy_protocol::Connector`), then TLS if set.
-#[derive(Clone)]
+/// How a pool opens server connections: TCP within `timeout_connect`, the
+/// PROXY header of `send_proxy`, then TLS within `timeout_server`.
 pub(crate) struct Connector {
-    /// TCP plus the optional PROXY header.
-    pub inner: proxy_protocol::Connector,
-    /// TLS on top, for `tls = true` pools.
-    pub tls: Option<TlsSettings>,
+    timeout_connect: Duration,
+    timeout_server: Duration,
+    send_proxy: Option<proxy_protocol::Version>,
+    tls: Option<TlsSettings>,
+}
+
+impl Connector {
+    /// The connector of `pool`; fails on unreadable `ca` files.
+    pub fn new(pool: &Pool) -> anyhow::Result<Self> {
+        let tls = client_config(pool)?.map(|c| TlsSettings {
+            connector: TlsConnector::from(c),
+            // validate() checked the name; an invalid one falls back to the IP.
+            sni: pool
+                .sni
+                .as_deref()
+                .and_then(|n| ServerName::try_from(n.to_string()).ok()),
+        });
+        Ok(Connector {
+            timeout_connect: pool.timeout_connect,
+            timeout_server: pool.timeout_server,
+            send_proxy: pool.send_proxy,
+            tls,
+        })
+    }
+
+    /// Whether connections are TLS (ALPN then decides between HTTP/1.1 and HTTP/2).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Opens a connection to `server` for a request of `client` (PROXY header
+    /// source) that connected to `local` (PROXY header destination).
+    pub async fn connect(
+        &self,
+        server: SocketAddr,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> io::Result<ServerIo> {
+        let tcp = tokio::time::timeout(self.timeout_connect, TcpStream::connect(server))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timeout connect"))??;
+        tcp.set_nodelay(true)?;
+        let mut tcp = tcp;
+        if let Some(version) = self.send_proxy {
+            tcp.write_all(&proxy_protocol::encode(version, client, local))
+                .await?;
+        }
+        let Some(tls) = &self.tls else {
+            return Ok(ServerIo::Plain(tcp));
+        };
+        // Name to send and verify: the pool's `sni`, else the server's IP address.
+        let name = tls
+            .sni
+            .clone()
+            .unwrap_or_else(|| ServerName::IpAddress(server.ip().into()));
+        let stream = tokio::time::timeout(self.timeout_server, tls.connector.connect(name, tcp))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+        Ok(ServerIo::Tls(Box::new(stream)))
+    }
 }
 
 /// A server connection, plain or TLS.
@@ -152,56 +203,12 @@ pub(crate) enum ServerIo {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-type ConnectFuture = Pin<Box<dyn Future<Output = Result<TokioIo<ServerIo>, BoxError>> + Send>>;
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<ServerIo>;
-    type Error = BoxError;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, dst: Uri) -> Self::Future {
-        // Name to send and verify: the pool's `sni`, else the server's IP address.
-        let tls = self.tls.clone().map(|t| {
-            let name = t.sni.clone().or_else(|| {
-                dst.host()
-                    .map(|h| h.trim_start_matches('[').trim_end_matches(']'))
-                    .and_then(|h| h.parse::<IpAddr>().ok())
-                    .map(|ip| ServerName::IpAddress(ip.into()))
-            });
-            (t.connector, name)
-        });
-        let connecting = self.inner.call(dst);
-        Box::pin(async move {
-            let tcp = connecting.await?.into_inner();
-            match tls {
-                None => Ok(TokioIo::new(ServerIo::Plain(tcp))),
-                Some((_, None)) => Err("no server name for TLS".into()),
-                Some((connector, Some(name))) => {
-                    let stream = connector.connect(name, tcp).await?;
-                    Ok(TokioIo::new(ServerIo::Tls(Box::new(stream))))
-                }
-            }
-        })
-    }
-}
-
-impl Connection for ServerIo {
-    fn connected(&self) -> Connected {
+impl ServerIo {
+    /// Whether TLS's ALPN chose HTTP/2.
+    pub fn alpn_h2(&self) -> bool {
         match self {
-            ServerIo::Plain(s) => s.connected(),
-            ServerIo::Tls(s) => {
-                let (tcp, session) = s.get_ref();
-                let c = tcp.connected();
-                if session.alpn_protocol() == Some(b"h2") {
-                    c.negotiated_h2()
-                } else {
-                    c
-                }
-            }
+            ServerIo::Plain(_) => false,
+            ServerIo::Tls(s) => s.get_ref().1.alpn_protocol() == Some(b"h2"),
         }
     }
 }

@@ -301,11 +301,31 @@ fn control_latency() -> Result<()> {
     Ok(())
 }
 
+/// The benchmark's sections, by the name that selects them on the command line.
+type Section = (&'static str, fn() -> Result<()>);
+
+const SECTIONS: [Section; 5] = [
+    ("xdp", xdp_costs),
+    ("rates", request_rates),
+    ("tables", table_costs),
+    ("control", control_latency),
+    ("l7", lb_tests::l7bench::run),
+];
+
 fn main() -> Result<()> {
-    xdp_costs()?;
-    request_rates()?;
-    table_costs()?;
-    control_latency()?;
-    lb_tests::l7bench::run()?;
+    // `lb-bench [SECTION...]`: all sections when none is named.
+    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    for name in &wanted {
+        anyhow::ensure!(
+            SECTIONS.iter().any(|(n, _)| n == name),
+            "unknown section {name:?}; sections: {}",
+            SECTIONS.map(|(n, _)| n).join(", ")
+        );
+    }
+    for (name, run) in SECTIONS {
+        if wanted.is_empty() || wanted.iter().any(|w| w == name) {
+            run()?;
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,250 @@
+//! Keep-alive connections to a pool's servers (HAProxy's connection reuse).
+//!
+//! An HTTP/1.1 connection carries one request at a time: it is taken for a
+//! request and given back to its server's idle list only once the response
+//! body has ended cleanly, most recently used first. An HTTP/2 connection is
+//! shared by every request to its server. Idle connections close after
+//! `IDLE_TIMEOUT`. Pools with `send_proxy` never reuse a connection, since it
+//! carries the address of the client whose request opened it.
+//!
+//! This replaces hyper-util's general-purpose client, whose per-request costs
+//! (a pool key hashed per request, a task spawned per request to watch the
+//! connection become idle) showed up in the proxy's profile.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{TrySendError, http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use super::upstream::Connector;
+
+/// Idle server connections older than this are closed.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often idle lists are swept for expired or closed connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How long a reused HTTP/1.1 connection may take to finish its previous
+/// exchange (it usually has already) before a new one is opened instead.
+const READY_WAIT: Duration = Duration::from_millis(100);
+
+/// The sending half of a server connection.
+pub(crate) enum Sender {
+    /// HTTP/1.1: one request at a time.
+    H1(http1::SendRequest<Incoming>),
+    /// HTTP/2: shared, requests multiplexed.
+    H2(http2::SendRequest<Incoming>),
+}
+
+impl Sender {
+    /// Sends `req`; the request comes back in the error if it never left.
+    pub(crate) async fn send(
+        &mut self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+        match self {
+            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H2(s) => s.try_send_request(req).await,
+        }
+    }
+
+    /// Whether requests on it need an absolute URI (HTTP/2's :scheme and :authority).
+    pub(crate) fn is_h2(&self) -> bool {
+        matches!(self, Sender::H2(_))
+    }
+}
+
+/// A connection taken for one request.
+pub(crate) struct Conn {
+    /// Where requests go.
+    pub sender: Sender,
+    /// Time spent opening it; None when it was reused.
+    pub connect_time: Option<Duration>,
+}
+
+/// An HTTP/1.1 connection waiting for its next request.
+struct Idle {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Lists {
+    /// HTTP/1.1 connections by server, most recently used last.
+    idle: HashMap<SocketAddr, Vec<Idle>>,
+    /// The shared HTTP/2 connection of each server.
+    shared: HashMap<SocketAddr, http2::SendRequest<Incoming>>,
+}
+
+/// One pool's server connections.
+pub(crate) struct ConnPool {
+    connector: Connector,
+    /// HTTP/2 with prior knowledge on plain connections (`h2 = true` without TLS).
+    h2_prior_knowledge: bool,
+    /// Whether connections are kept for later requests (not with `send_proxy`).
+    reuse: bool,
+    lists: Mutex<Lists>,
+}
+
+impl ConnPool {
+    /// A pool of connections opened by `connector`; with `reuse`, idle ones are
+    /// kept and swept by a background task while the pool lives.
+    pub(crate) fn new(connector: Connector, h2: bool, reuse: bool) -> Arc<Self> {
+        let pool = Arc::new(ConnPool {
+            h2_prior_knowledge: h2 && !connector.is_tls(),
+            connector,
+            reuse,
+            lists: Mutex::new(Lists::default()),
+        });
+        if reuse && let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(sweep(Arc::downgrade(&pool)));
+        }
+        pool
+    }
+
+    fn lists(&self) -> MutexGuard<'_, Lists> {
+        self.lists.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection to `server` for a request of `client` that connected to
+    /// `local`: an idle or shared one if there is one, else a new one.
+    pub(crate) async fn get(
+        &self,
+        server: SocketAddr,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> io::Result<Conn> {
+        if self.reuse
+            && let Some(sender) = self.reusable(server).await
+        {
+            return Ok(Conn {
+                sender,
+                connect_time: None,
+            });
+        }
+        let start = Instant::now();
+        let io = self.connector.connect(server, client, local).await?;
+        let h2 = io.alpn_h2() || self.h2_prior_knowledge;
+        let io = TokioIo::new(io);
+        let sender = if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%server, error = %e, "server connection ended");
+                }
+            });
+            if self.reuse {
+                self.lists().shared.insert(server, sender.clone());
+            }
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(io::Error::other)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(%server, error = %e, "server connection ended");
+                }
+            });
+            Sender::H1(sender)
+        };
+        Ok(Conn {
+            sender,
+            connect_time: Some(start.elapsed()),
+        })
+    }
+
+    /// The server's shared HTTP/2 connection, or its most recent idle HTTP/1.1 one that still works.
+    async fn reusable(&self, server: SocketAddr) -> Option<Sender> {
+        loop {
+            let idle = {
+                let mut lists = self.lists();
+                if let Some(s) = lists.shared.get(&server) {
+                    if !s.is_closed() {
+                        return Some(Sender::H2(s.clone()));
+                    }
+                    lists.shared.remove(&server);
+                }
+                lists.idle.get_mut(&server)?.pop()?
+            };
+            let Idle { mut sender, since } = idle;
+            if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+                continue;
+            }
+            if sender.is_ready()
+                || matches!(
+                    tokio::time::timeout(READY_WAIT, sender.ready()).await,
+                    Ok(Ok(()))
+                )
+            {
+                return Some(Sender::H1(sender));
+            }
+        }
+    }
+
+    /// Gives back an HTTP/1.1 connection whose response ended cleanly.
+    pub(crate) fn put(&self, server: SocketAddr, sender: http1::SendRequest<Incoming>) {
+        if !self.reuse || sender.is_closed() {
+            return;
+        }
+        self.lists().idle.entry(server).or_default().push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    /// Idle HTTP/1.1 connections kept for `server`.
+    #[cfg(test)]
+    pub(crate) fn idle_count(&self, server: SocketAddr) -> usize {
+        self.lists().idle.get(&server).map_or(0, Vec::len)
+    }
+
+    /// Drops expired and closed connections; dropping a sender closes its connection.
+    fn sweep_once(&self) {
+        let mut lists = self.lists();
+        for list in lists.idle.values_mut() {
+            list.retain(|i| !i.sender.is_closed() && i.since.elapsed() <= IDLE_TIMEOUT);
+        }
+        lists.idle.retain(|_, l| !l.is_empty());
+        lists.shared.retain(|_, s| !s.is_closed());
+    }
+}
+
+/// Sweeps `pool` every `SWEEP_EVERY` until it is dropped.
+async fn sweep(pool: Weak<ConnPool>) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(p) => p.sweep_once(),
+            None => return,
+        }
+    }
+}
+
+/// An HTTP/1.1 connection to give back to its pool when the response has ended cleanly.
+pub(crate) struct Reusable {
+    /// The pool it came from.
+    pub pool: Arc<ConnPool>,
+    /// Its server.
+    pub server: SocketAddr,
+    /// The connection.
+    pub sender: http1::SendRequest<Incoming>,
+}
+
+impl Reusable {
+    /// Puts the connection back in its pool's idle list.
+    pub(crate) fn give_back(self) {
+        self.pool.put(self.server, self.sender);
+    }
+}
