@@ -13,3 +13,10 @@ pub mod lab;
 pub mod metrics;
 pub mod proxy;
 pub mod runtime;
+
+/// The global allocator the binaries install (`#[global_allocator]`), so that
+/// `lb` and the benchmark that runs the proxy in-process allocate alike.
+pub type Allocator = mimalloc::MiMalloc;
+
+/// The value to install: `static A: Allocator = ALLOCATOR;`.
+pub const ALLOCATOR: Allocator = mimalloc::MiMalloc;

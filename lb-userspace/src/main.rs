@@ -119,6 +119,9 @@ fn enter_netns(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[global_allocator]
+static ALLOCATOR: lb_userspace::Allocator = lb_userspace::ALLOCATOR;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Run {

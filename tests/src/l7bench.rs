@@ -31,6 +31,8 @@ const OURS_HTTPS: u16 = 8443;
 const HAPROXY_HTTPS: u16 = 8444;
 /// wrk's open connections (one wrk thread drives them).
 const CONNECTIONS: u32 = 2;
+/// Measured runs per proxy and scenario, alternating between the proxies.
+const ROUNDS: usize = 3;
 /// Length of each measured wrk run, and of the warm-up run per proxy.
 const WINDOW: Duration = Duration::from_secs(5);
 const WARMUP: Duration = Duration::from_secs(1);
@@ -87,6 +89,20 @@ struct Measure {
 }
 
 impl Measure {
+    /// Several runs as one: requests, time and CPU summed; p99 the median run's.
+    fn pooled(runs: &[Measure]) -> Measure {
+        let mut p99: Vec<f64> = runs.iter().map(|m| m.p99_ms).collect();
+        p99.sort_by(f64::total_cmp);
+        Measure {
+            requests: runs.iter().map(|m| m.requests).sum(),
+            seconds: runs.iter().map(|m| m.seconds).sum(),
+            p99_ms: p99.get(p99.len() / 2).copied().unwrap_or(f64::NAN),
+            errors: runs.iter().map(|m| m.errors).sum(),
+            cpu_seconds: runs.iter().map(|m| m.cpu_seconds).sum(),
+            user_seconds: runs.iter().map(|m| m.user_seconds).sum(),
+        }
+    }
+
     fn rps(&self) -> f64 {
         self.requests as f64 / self.seconds
     }
@@ -176,21 +192,29 @@ fn compare(
         } else {
             (OURS_HTTP, HAPROXY_HTTP)
         };
-        let h = load(haproxy_port, s, WINDOW, &haproxy_cpu)
-            .with_context(|| format!("{}: HAProxy", s.name))?;
-        let o =
-            load(ours_port, s, WINDOW, &our_cpu).with_context(|| format!("{}: ours", s.name))?;
-        ensure!(
-            lab.try_wait(haproxy_pid)?.is_none(),
-            "HAProxy exited during the run"
-        );
-        rows.push((s, h, o));
+        // Alternating rounds, pooled: a burst of noise on this shared VM hits both.
+        let (mut hs, mut os) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            hs.push(
+                load(haproxy_port, s, WINDOW, &haproxy_cpu)
+                    .with_context(|| format!("{}: HAProxy", s.name))?,
+            );
+            os.push(
+                load(ours_port, s, WINDOW, &our_cpu)
+                    .with_context(|| format!("{}: ours", s.name))?,
+            );
+            ensure!(
+                lab.try_wait(haproxy_pid)?.is_none(),
+                "HAProxy exited during the run"
+            );
+        }
+        rows.push((s, Measure::pooled(&hs), Measure::pooled(&os)));
     }
 
     println!(
         "L7 proxy against {version} (one proxy thread each, {BACKENDS} backends round robin; \
-         wrk -t1 -c{CONNECTIONS} from the client namespace, {} s per figure; \
-         CPU = the proxy's utime+stime over the run):",
+         wrk -t1 -c{CONNECTIONS} from the client namespace, {ROUNDS} alternating runs of {} s per figure, pooled; \
+         CPU = the proxy's utime+stime over the runs):",
         WINDOW.as_secs()
     );
     println!(
@@ -528,6 +552,15 @@ fn run_wrk(
     m.cpu_seconds = after.total() - before.total();
     m.user_seconds = after.user - before.user;
     ensure!(m.requests > 0, "no request completed: {text}");
+    if m.errors > 0 {
+        // Which kind: connect/read/write/timeout, or answers other than 2xx/3xx.
+        let detail: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("Socket errors:") || l.starts_with("Non-2xx"))
+            .collect();
+        println!("  (wrk {url}: {})", detail.join("; "));
+    }
     Ok(m)
 }
 

@@ -291,8 +291,16 @@ impl Lab {
 
     /// Builds client, balancer and switch, and attaches the pass programs.
     fn build_core(&mut self) -> Result<()> {
-        let cli = self.add_namespace("cli", &[])?;
-        let lb = self.add_namespace("lb", &[])?;
+        // The client and the balancer open many short connections (load
+        // generators, proxies): the whole port range, and TIME_WAIT ports
+        // reused, as on any load-generating host; otherwise a few seconds of
+        // new connections exhaust the ~28k default ports for a minute.
+        let churn = [
+            ("net.ipv4.ip_local_port_range", "1024 65535"),
+            ("net.ipv4.tcp_tw_reuse", "1"),
+        ];
+        let cli = self.add_namespace("cli", &churn)?;
+        let lb = self.add_namespace("lb", &churn)?;
         // The switch is pure L2; without IPv6 its ports send no MLD/RS noise.
         let sw = self.add_namespace(
             "sw",

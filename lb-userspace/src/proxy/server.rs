@@ -91,6 +91,12 @@ pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<()>,
 ) {
+    // A listener bound to one address knows every connection's local address;
+    // only a wildcard one needs getsockname per connection.
+    let bound = listener
+        .local_addr()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified());
     loop {
         // Wait for a free slot before accepting, so excess clients queue in the backlog.
         let permit = tokio::select! {
@@ -115,7 +121,11 @@ pub(crate) async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let (fe, shared, shutdown) = (fe.clone(), shared.clone(), shutdown.clone());
         tokio::spawn(async move {
-            serve_connection(stream, peer, fe, shared, shutdown).await;
+            let local = match bound {
+                Some(a) => a,
+                None => stream.local_addr().unwrap_or(peer),
+            };
+            serve_connection(stream, (peer, local), fe, shared, shutdown).await;
             drop(permit);
         });
     }
@@ -123,12 +133,11 @@ pub(crate) async fn accept_loop(
 
 async fn serve_connection(
     mut stream: TcpStream,
-    mut peer: SocketAddr,
+    (mut peer, mut local): (SocketAddr, SocketAddr),
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<()>,
 ) {
-    let mut local = stream.local_addr().unwrap_or(peer);
     if fe.accept_proxy {
         // PROXY protocol (proxy/proxy_protocol.rs): the claimed client replaces the peer.
         let header = proxy_protocol::read_header(&mut stream);
@@ -443,3 +452,4 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+

@@ -312,6 +312,9 @@ const SECTIONS: [Section; 5] = [
     ("l7", lb_tests::l7bench::run),
 ];
 
+#[global_allocator]
+static ALLOCATOR: lb_userspace::Allocator = lb_userspace::ALLOCATOR;
+
 fn main() -> Result<()> {
     // `lb-bench [SECTION...]`: all sections when none is named.
     let wanted: Vec<String> = std::env::args().skip(1).collect();
