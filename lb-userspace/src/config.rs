@@ -76,7 +76,7 @@ const DURATION_FORM: &str =
     "expected a whole number with a unit: \"500ms\", \"2s\", \"1m\" or \"1h\"";
 
 /// A validated agent configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Interfaces the XDP program attaches to.
     pub interfaces: Vec<String>,
@@ -92,21 +92,11 @@ pub struct Config {
 
 /// The L7 proxy's part of the file (see `crate::proxy`), already validated,
 /// with the health checks of its pools (pool name, check).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProxySection(
     pub crate::proxy::ProxyConfig,
     pub Vec<(String, HealthCheck)>,
 );
-
-impl PartialEq for ProxySection {
-    fn eq(&self, other: &Self) -> bool {
-        // The proxy's types carry compiled matchers without PartialEq; their
-        // Debug text is a faithful rendering of the parsed values.
-        format!("{:?}", self.0) == format!("{:?}", other.0) && self.1 == other.1
-    }
-}
-
-impl Eq for ProxySection {}
 
 /// XDP attach mode requested in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -7,14 +7,24 @@
 //! `IDLE_TIMEOUT`. Pools with `send_proxy` never reuse a connection, since it
 //! carries the address of the client whose request opened it.
 //!
+//! An HTTP/1.1 connection has no task of its own: the task of the request
+//! using it drives it (`H1::drive`), from sending the head to the last body
+//! byte, as HAProxy runs a whole stream in one place. That saves a task wake-up
+//! and a hand-off per step of every request. Idle connections are driven by
+//! the sweeper, so a server's close is noticed while they wait. A request
+//! that upgrades (WebSocket) moves its connection to a task of its own.
+//!
 //! This replaces hyper-util's general-purpose client, whose per-request costs
 //! (a pool key hashed per request, a task spawned per request to watch the
 //! connection become idle) showed up in the proxy's profile.
 
 use std::collections::HashMap;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
@@ -22,7 +32,7 @@ use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::upstream::Connector;
+use super::upstream::{Connector, ServerIo};
 
 /// Idle server connections older than this are closed.
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,11 +42,61 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// exchange (it usually has already) before a new one is opened instead.
 const READY_WAIT: Duration = Duration::from_millis(100);
 
+/// An HTTP/1.1 server connection: hyper's dispatcher and its sending half.
+type H1Conn = http1::Connection<TokioIo<ServerIo>, Incoming>;
+
+/// An HTTP/1.1 connection driven by whoever uses it.
+pub(crate) struct H1 {
+    sender: http1::SendRequest<Incoming>,
+    /// None once the connection has ended.
+    conn: Option<Pin<Box<H1Conn>>>,
+}
+
+impl H1 {
+    /// Lets the connection make progress (read, write, notice a close).
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = &mut self.conn
+            && let Poll::Ready(r) = conn.as_mut().poll(cx)
+        {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "server connection ended");
+            }
+            self.conn = None;
+        }
+    }
+
+    /// Drives the connection until it can take a request, or has ended.
+    async fn ready(&mut self) -> bool {
+        poll_fn(|cx| {
+            self.drive(cx);
+            if self.conn.is_none() {
+                return Poll::Ready(false);
+            }
+            self.sender.poll_ready(cx).map(|r| r.is_ok())
+        })
+        .await
+    }
+
+    async fn send(
+        &mut self,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+        let mut response = pin!(self.sender.try_send_request(req));
+        poll_fn(|cx| {
+            self.drive(cx);
+            response.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
 /// The sending half of a server connection.
 pub(crate) enum Sender {
-    /// HTTP/1.1: one request at a time.
-    H1(http1::SendRequest<Incoming>),
-    /// HTTP/2: shared, requests multiplexed.
+    /// HTTP/1.1 driven by the request's task.
+    H1(H1),
+    /// HTTP/1.1 driven by a task of its own, with upgrades (WebSocket).
+    H1Tunnel(http1::SendRequest<Incoming>),
+    /// HTTP/2: shared, requests multiplexed, driven by its own task.
     H2(http2::SendRequest<Incoming>),
 }
 
@@ -47,7 +107,8 @@ impl Sender {
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
         match self {
-            Sender::H1(s) => s.try_send_request(req).await,
+            Sender::H1(h) => h.send(req).await,
+            Sender::H1Tunnel(s) => s.try_send_request(req).await,
             Sender::H2(s) => s.try_send_request(req).await,
         }
     }
@@ -55,6 +116,27 @@ impl Sender {
     /// Whether requests on it need an absolute URI (HTTP/2's :scheme and :authority).
     pub(crate) fn is_h2(&self) -> bool {
         matches!(self, Sender::H2(_))
+    }
+
+    /// Gives an HTTP/1.1 connection a task of its own that completes upgrades:
+    /// the request will switch protocols, and the connection becomes the tunnel's.
+    pub(crate) fn for_upgrade(self) -> Sender {
+        match self {
+            Sender::H1(H1 {
+                sender,
+                conn: Some(conn),
+            }) => {
+                // Unpin, so it can leave its box for `with_upgrades`, which takes it by value.
+                let conn = *Pin::into_inner(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(error = %e, "server connection ended");
+                    }
+                });
+                Sender::H1Tunnel(sender)
+            }
+            other => other,
+        }
     }
 }
 
@@ -68,7 +150,7 @@ pub(crate) struct Conn {
 
 /// An HTTP/1.1 connection waiting for its next request.
 struct Idle {
-    sender: http1::SendRequest<Incoming>,
+    h1: H1,
     since: Instant,
 }
 
@@ -150,12 +232,10 @@ impl ConnPool {
                 .handshake(io)
                 .await
                 .map_err(io::Error::other)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(%server, error = %e, "server connection ended");
-                }
-            });
-            Sender::H1(sender)
+            Sender::H1(H1 {
+                sender,
+                conn: Some(Box::pin(conn)),
+            })
         };
         Ok(Conn {
             sender,
@@ -176,28 +256,23 @@ impl ConnPool {
                 }
                 lists.idle.get_mut(&server)?.pop()?
             };
-            let Idle { mut sender, since } = idle;
-            if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
+            let Idle { mut h1, since } = idle;
+            if since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
-            if sender.is_ready()
-                || matches!(
-                    tokio::time::timeout(READY_WAIT, sender.ready()).await,
-                    Ok(Ok(()))
-                )
-            {
-                return Some(Sender::H1(sender));
+            if matches!(tokio::time::timeout(READY_WAIT, h1.ready()).await, Ok(true)) {
+                return Some(Sender::H1(h1));
             }
         }
     }
 
     /// Gives back an HTTP/1.1 connection whose response ended cleanly.
-    pub(crate) fn put(&self, server: SocketAddr, sender: http1::SendRequest<Incoming>) {
-        if !self.reuse || sender.is_closed() {
+    pub(crate) fn put(&self, server: SocketAddr, h1: H1) {
+        if !self.reuse || h1.conn.is_none() || h1.sender.is_closed() {
             return;
         }
         self.lists().idle.entry(server).or_default().push(Idle {
-            sender,
+            h1,
             since: Instant::now(),
         });
     }
@@ -208,11 +283,16 @@ impl ConnPool {
         self.lists().idle.get(&server).map_or(0, Vec::len)
     }
 
-    /// Drops expired and closed connections; dropping a sender closes its connection.
+    /// Drives idle connections once (a server's close is read and the
+    /// connection ends) and drops ended and expired ones, which closes them.
     fn sweep_once(&self) {
+        let mut cx = Context::from_waker(Waker::noop());
         let mut lists = self.lists();
         for list in lists.idle.values_mut() {
-            list.retain(|i| !i.sender.is_closed() && i.since.elapsed() <= IDLE_TIMEOUT);
+            list.retain_mut(|i| {
+                i.h1.drive(&mut cx);
+                i.h1.conn.is_some() && i.since.elapsed() <= IDLE_TIMEOUT
+            });
         }
         lists.idle.retain(|_, l| !l.is_empty());
         lists.shared.retain(|_, s| !s.is_closed());
@@ -232,19 +312,25 @@ async fn sweep(pool: Weak<ConnPool>) {
     }
 }
 
-/// An HTTP/1.1 connection to give back to its pool when the response has ended cleanly.
+/// An HTTP/1.1 connection carrying a response body: driven while the body is
+/// read, given back to its pool when the body has ended cleanly.
 pub(crate) struct Reusable {
     /// The pool it came from.
     pub pool: Arc<ConnPool>,
     /// Its server.
     pub server: SocketAddr,
     /// The connection.
-    pub sender: http1::SendRequest<Incoming>,
+    pub h1: H1,
 }
 
 impl Reusable {
+    /// Lets the connection read more of the body.
+    pub(crate) fn drive(&mut self, cx: &mut Context<'_>) {
+        self.h1.drive(cx);
+    }
+
     /// Puts the connection back in its pool's idle list.
     pub(crate) fn give_back(self) {
-        self.pool.put(self.server, self.sender);
+        self.pool.put(self.server, self.h1);
     }
 }

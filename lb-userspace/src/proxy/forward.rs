@@ -343,6 +343,11 @@ pub(crate) async fn handle(
         let addr = active.server().addr;
         rec.server = active.server().label.clone();
         let mut server = match pool.conns.get(addr, conn.peer, conn.local).await {
+            // The connection will become the tunnel's: it needs a task of its own.
+            Ok(mut c) if upgrade.is_some() => {
+                c.sender = c.sender.for_upgrade();
+                c
+            }
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
@@ -400,12 +405,12 @@ pub(crate) async fn handle(
                     }
                     None => {
                         let reusable = match server.sender {
-                            Sender::H1(sender) => Some(Reusable {
+                            Sender::H1(h1) => Some(Reusable {
                                 pool: pool.conns.clone(),
                                 server: addr,
-                                sender,
+                                h1,
                             }),
-                            Sender::H2(_) => None,
+                            Sender::H1Tunnel(_) | Sender::H2(_) => None,
                         };
                         (Some(active), reusable)
                     }
@@ -569,6 +574,10 @@ impl Body for LoggedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // The server connection runs in this task: let it read before the body is polled.
+        if let Some(r) = &mut self.reusable {
+            r.drive(cx);
+        }
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(frame))) => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 /// Everything the proxy needs: the `[[frontend]]` and `[[pool]]` tables.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Listeners, from `[[frontend]]` tables.
@@ -23,7 +23,7 @@ pub struct ProxyConfig {
 }
 
 /// A set of listening addresses sharing TLS settings, limits and timeouts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Frontend {
     /// Name used in logs.
@@ -78,7 +78,7 @@ pub struct Frontend {
 }
 
 /// One `[[frontend.request]]` or `[[frontend.response]]` rule; which fields apply depends on `action`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpAction {
     /// deny, redirect, set-header, add-header, del-header, set-path, return or auth.
@@ -125,7 +125,7 @@ pub struct HttpAction {
 }
 
 /// A `[[userlist]]`: users that `auth` actions accept.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserList {
     /// Name used by `auth` actions.
@@ -136,7 +136,7 @@ pub struct UserList {
 }
 
 /// A user of a userlist.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     /// Login name.
@@ -146,7 +146,7 @@ pub struct User {
 }
 
 /// One `use_backend`-style rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsePool {
     /// Pool to use.
@@ -157,7 +157,7 @@ pub struct UsePool {
 }
 
 /// TLS settings of a frontend.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Certificates offered, chosen by SNI.
@@ -168,7 +168,7 @@ pub struct TlsConfig {
 }
 
 /// A PEM certificate chain and its PEM private key.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertPair {
     /// Chain, leaf first.
@@ -181,7 +181,7 @@ pub struct CertPair {
 }
 
 /// A group of servers and how to balance over them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     /// Name used by frontends, routes and logs.
@@ -271,7 +271,7 @@ impl Algorithm {
 }
 
 /// One server of a pool.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSpec {
     /// Where to connect (plain HTTP/1.1).
