@@ -442,7 +442,8 @@ impl Drop for Workdir {
     }
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+/// The full path of `program` if it is on PATH.
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default()

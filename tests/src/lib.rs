@@ -230,3 +230,4 @@ impl Drop for RunningLab {
     }
 }
 pub mod l7bench;
+pub mod l7instr;

@@ -30,9 +30,11 @@ pub const PACKAGES: &[&str] = &[
     // The lab turns off veth TX checksum offload (see lab::netns::full_tx_checksums).
     "ethtool",
     "bpftool",
-    // `cargo xtask bench` compares the L7 proxy with HAProxy, loaded by wrk.
+    // `cargo xtask bench` compares the L7 proxy with HAProxy, loaded by wrk,
+    // and counts both proxies' instructions per request with callgrind.
     "haproxy",
     "wrk",
+    "valgrind",
 ];
 
 /// LLVM installation bpf-linker is built against.

@@ -304,20 +304,29 @@ fn control_latency() -> Result<()> {
 /// The benchmark's sections, by the name that selects them on the command line.
 type Section = (&'static str, fn() -> Result<()>);
 
-const SECTIONS: [Section; 5] = [
+const SECTIONS: [Section; 6] = [
     ("xdp", xdp_costs),
     ("rates", request_rates),
     ("tables", table_costs),
     ("control", control_latency),
     ("l7", lb_tests::l7bench::run),
+    ("l7instr", lb_tests::l7instr::run),
 ];
 
 #[global_allocator]
 static ALLOCATOR: lb_userspace::Allocator = lb_userspace::ALLOCATOR;
 
 fn main() -> Result<()> {
-    // `lb-bench [SECTION...]`: all sections when none is named.
     let wanted: Vec<String> = std::env::args().skip(1).collect();
+    // The proxy alone, for `l7instr` to run under valgrind.
+    if wanted.first().map(String::as_str) == Some("serve-proxy") {
+        let addr = |i: usize| -> Result<SocketAddr> {
+            let text = wanted.get(i).context("serve-proxy LISTEN BACKEND")?;
+            text.parse().with_context(|| format!("address {text:?}"))
+        };
+        return lb_tests::l7instr::serve_proxy(addr(1)?, addr(2)?);
+    }
+    // `lb-bench [SECTION...]`: all sections when none is named.
     for name in &wanted {
         anyhow::ensure!(
             SECTIONS.iter().any(|(n, _)| n == name),

@@ -1,0 +1,277 @@
+//! `lb-bench l7instr`: user-space instructions per proxied HTTP keep-alive
+//! request, ours against HAProxy, counted by valgrind's callgrind on loopback.
+//!
+//! Instruction counts do not depend on what else the machine is doing, so
+//! this comparison holds on a noisy VM where CPU-time ratios move by ±20 %
+//! between runs. Each proxy runs under callgrind twice, serving `SHORT` and
+//! then `LONG` requests from one keep-alive client connection; the difference
+//! divided by `LONG - SHORT` removes start-up and shutdown. The kernel's share
+//! (the TCP path, about the same for both) is not counted.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use lb_userspace::proxy::{Algorithm, Frontend, Pool, Proxy, ProxyConfig, ServerSpec};
+
+/// Requests of the short and the long run (keep-alive, one connection).
+const SHORT: u64 = 500;
+const LONG: u64 = 2500;
+/// How long a proxy under valgrind may take to start listening or to exit.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill on our own child's pid.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// A free loopback port (bound, then released).
+fn free_port() -> Result<SocketAddr> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// Runs the comparison and prints it; skipped with a note when valgrind is missing.
+pub fn run() -> Result<()> {
+    let Some(valgrind) = super::l7bench::which("valgrind") else {
+        println!("Instructions per L7 request: skipped (valgrind is not installed)");
+        return Ok(());
+    };
+    let haproxy = super::l7bench::which("haproxy")
+        .ok_or_else(|| anyhow!("haproxy is not installed (`cargo xtask setup`)"))?;
+    let lb = std::env::var_os("LB_BIN")
+        .map(PathBuf::from)
+        .context("LB_BIN is not set (path of the `lb` binary; run via `cargo xtask bench`)")?;
+    let me = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("lb-l7instr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<(f64, f64)> {
+        let backend_addr = free_port()?;
+        let _backend = Proc(
+            Command::new(&lb)
+                .args(["lab-backend", "--name", "be1", "--tcp"])
+                .arg(backend_addr.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting the lab backend")?,
+        );
+        wait_listening(backend_addr, None)?;
+        let per_request = |name: &str, cmd: &dyn Fn(SocketAddr) -> Command| -> Result<f64> {
+            let mut counts = Vec::new();
+            for n in [SHORT, LONG] {
+                let listen = free_port()?;
+                let out = dir.join(format!("{name}-{n}.callgrind"));
+                let inner = cmd(listen);
+                let mut c = Command::new(&valgrind);
+                c.arg("--tool=callgrind")
+                    .arg(format!("--callgrind-out-file={}", out.display()))
+                    .arg(inner.get_program())
+                    .args(inner.get_args())
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                let mut proxy = Proc(c.spawn().with_context(|| format!("starting {name}"))?);
+                wait_listening(listen, Some(&mut proxy.0))?;
+                requests(listen, n).with_context(|| format!("{name}: {n} requests"))?;
+                stop(&mut proxy.0)?;
+                counts.push(total_instructions(&out)?);
+            }
+            Ok((counts[1] - counts[0]) as f64 / (LONG - SHORT) as f64)
+        };
+        let cfg = dir.join("haproxy.cfg");
+        let haproxy_cmd = |listen: SocketAddr| {
+            let _ = std::fs::write(&cfg, haproxy_config(listen, backend_addr));
+            let mut c = Command::new(&haproxy);
+            c.arg("-db").arg("-f").arg(&cfg);
+            c
+        };
+        let ours_cmd = |listen: SocketAddr| {
+            let mut c = Command::new(&me);
+            c.args([
+                "serve-proxy",
+                &listen.to_string(),
+                &backend_addr.to_string(),
+            ]);
+            c
+        };
+        let h = per_request("haproxy", &haproxy_cmd)?;
+        let o = per_request("ours", &ours_cmd)?;
+        Ok((h, o))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (h, o) = result?;
+    println!(
+        "User-space instructions per HTTP keep-alive request (callgrind, loopback, one connection, \
+         {LONG} - {SHORT} requests):"
+    );
+    println!("  baseline: HAProxy (nbthread 1)                 {h:>8.0}   1.00x");
+    println!(
+        "  ours (one tokio thread)                        {o:>8.0}   {:.2}x   (target <= 1.00x)",
+        o / h
+    );
+    Ok(())
+}
+
+/// HAProxy in front of `backend`, as `l7bench` configures it for plain HTTP.
+fn haproxy_config(listen: SocketAddr, backend: SocketAddr) -> String {
+    format!(
+        "global\n    nbthread 1\n\
+         defaults\n    mode http\n    option http-keep-alive\n\
+         \x20   timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
+         frontend web\n    bind {listen}\n    default_backend app\n\
+         backend app\n    http-reuse always\n    server be1 {backend}\n"
+    )
+}
+
+/// Waits until `addr` accepts connections (or `child` exits).
+fn wait_listening(addr: SocketAddr, mut child: Option<&mut Child>) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(c) = child.as_deref_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            bail!("exited ({status}) before listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing listening on {addr} after {START_TIMEOUT:?}")
+}
+
+/// Sends `n` keep-alive GETs on one connection, reading each answer in full.
+fn requests(addr: SocketAddr, n: u64) -> Result<()> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut w = stream.try_clone()?;
+    let mut r = BufReader::new(stream);
+    let mut line = String::new();
+    let mut body = Vec::new();
+    for i in 0..n {
+        w.write_all(
+            b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: lb-bench\r\nAccept: */*\r\n\r\n",
+        )?;
+        let mut length = None;
+        let mut first = true;
+        loop {
+            line.clear();
+            ensure!(r.read_line(&mut line)? > 0, "closed after {i} requests");
+            if first {
+                ensure!(line.starts_with("HTTP/1.1 200"), "answer {i}: {line:?}");
+                first = false;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                length = Some(v.trim().parse::<usize>()?);
+            }
+        }
+        let length = length.ok_or_else(|| anyhow!("answer {i} without Content-Length"))?;
+        body.resize(length, 0);
+        r.read_exact(&mut body)?;
+    }
+    Ok(())
+}
+
+/// Stops a proxy under valgrind cleanly, so callgrind writes its counts:
+/// our serve mode exits when its stdin closes, HAProxy on SIGUSR1 (soft stop).
+fn stop(child: &mut Child) -> Result<()> {
+    drop(child.stdin.take());
+    // SAFETY: signal to our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let deadline = Instant::now() + START_TIMEOUT;
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("did not exit after {START_TIMEOUT:?}")
+}
+
+/// The `summary:` (or `totals:`) line of a callgrind output file.
+fn total_instructions(path: &Path) -> Result<u64> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("summary:")
+                .or_else(|| l.strip_prefix("totals:"))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow!("{}: no instruction total", path.display()))
+}
+
+/// `lb-bench serve-proxy LISTEN BACKEND`: our proxy as the bench runs it (one
+/// tokio thread, the `l7bench` defaults), until stdin closes or SIGUSR1.
+pub fn serve_proxy(listen: SocketAddr, backend: SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut fe = Frontend::new("http", vec![listen], "app");
+        fe.forwarded_headers = false;
+        let cfg = ProxyConfig {
+            frontends: vec![fe],
+            pools: vec![Pool::new(
+                "app",
+                Algorithm::RoundRobin,
+                vec![ServerSpec::new(backend)],
+            )],
+            ..Default::default()
+        };
+        let proxy = Proxy::start(cfg, None).await?;
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        tokio::select! {
+            _ = usr1.recv() => {}
+            _ = tokio::io::AsyncReadExt::read(&mut stdin, &mut buf) => {}
+        }
+        drop(proxy);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_callgrind_totals() {
+        let dir = std::env::temp_dir().join(format!("l7instr-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("out");
+        std::fs::write(&f, "version: 1\nevents: Ir\nfl=x\n0 5\nsummary: 123456\n").unwrap();
+        assert_eq!(total_instructions(&f).unwrap(), 123_456);
+        std::fs::write(&f, "events: Ir\n").unwrap();
+        assert!(total_instructions(&f).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
