@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -246,7 +246,8 @@ pub(crate) async fn handle(
     let pool = &shared.pools[pool_idx];
     let mut rec = AccessRecord {
         client: conn.peer,
-        date: SystemTime::now(),
+        // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
+        date: UNIX_EPOCH,
         frontend: conn.frontend.name.clone(),
         pool: pool.name.clone(),
         server: log::no_server(),
@@ -265,6 +266,7 @@ pub(crate) async fn handle(
     let done = Done {
         conn: conn.clone(),
         start,
+        end: None,
     };
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
     if let Some((answer, term)) = acted.answer {
@@ -504,6 +506,8 @@ fn error_response(
 struct Done {
     conn: Arc<ConnCtx>,
     start: Instant,
+    /// When the response ended, if known already (saves reading the clock again).
+    end: Option<Instant>,
 }
 
 impl Drop for Done {
@@ -512,7 +516,7 @@ impl Drop for Done {
             .conn
             .ready_since
             .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            .unwrap_or_else(|e| e.into_inner()) = self.end.unwrap_or_else(Instant::now);
         let activity = &self.conn.activity;
         if activity.active.fetch_sub(1, Ordering::SeqCst) == 1
             && let Some(w) = activity.idle_waker.lock().ok().and_then(|mut w| w.take())
@@ -556,8 +560,14 @@ impl LoggedBody {
             r.give_back();
         }
         if let Some(mut rec) = self.rec.take() {
-            if let Some(done) = &self.done {
-                rec.tt = done.start.elapsed().as_millis() as i64;
+            if let Some(done) = &mut self.done {
+                let now = Instant::now();
+                let tt = now.saturating_duration_since(done.start);
+                done.end = Some(now);
+                rec.tt = tt.as_millis() as i64;
+                if log::enabled() {
+                    rec.date = SystemTime::now().checked_sub(tt).unwrap_or(UNIX_EPOCH);
+                }
             }
             if let Some(t) = term
                 && rec.termination == ['-', '-']

@@ -55,6 +55,11 @@ pub struct AccessRecord {
     pub version: Option<Version>,
 }
 
+/// Whether anyone subscribes to access log records (always in tests, which collect them).
+pub(crate) fn enabled() -> bool {
+    cfg!(test) || tracing::enabled!(target: "access", tracing::Level::INFO)
+}
+
 /// Pool and server of a request that reached neither.
 pub(crate) fn no_pool() -> Arc<str> {
     static NAME: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
@@ -187,8 +192,7 @@ impl AccessRecord {
     /// Emits the record in `format` under `tracing` target `access`.
     pub fn emit_as(&self, format: LogFormat) {
         // Formatting the line is most of a log's cost: skip it when nobody listens.
-        #[cfg(not(test))]
-        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        if !enabled() {
             return;
         }
         let line = match format {
