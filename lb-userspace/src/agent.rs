@@ -55,6 +55,8 @@ pub struct Agent {
     stop: mpsc::UnboundedSender<bool>,
     /// Tells the main loop a reload happened (the L7 proxy lives there).
     reloaded: mpsc::UnboundedSender<()>,
+    /// Live figures of the running L7 proxy, if one runs (set by the main loop).
+    proxy_stats: Option<proxy::ProxyStats>,
 }
 
 impl Agent {
@@ -221,7 +223,13 @@ impl Agent {
                 });
             }
         }
-        // L7 pool servers, as `pool:NAME` (traffic counters live in the access log).
+        // L7 pool servers, as `pool:NAME` (traffic counters live in the access log);
+        // their FLOWS column is the requests in flight (HAProxy's scur).
+        let live = self
+            .proxy_stats
+            .as_ref()
+            .map(proxy::ProxyStats::pools)
+            .unwrap_or_default();
         for p in &self.desired.config.proxy.0.pools {
             let service = format!("{POOL_PREFIX}{}", p.name);
             if only.is_some_and(|n| n != service) {
@@ -236,7 +244,11 @@ impl Agent {
                     admin: self.desired.admin_state(&service, server.address),
                     health: status.as_ref().map(|c| c.health).unwrap_or_default(),
                     last_check: status.map(|c| c.last),
-                    active_flows: 0,
+                    active_flows: live
+                        .iter()
+                        .find(|l| l.name == p.name)
+                        .and_then(|l| l.servers.iter().find(|s| s.address == server.address))
+                        .map_or(0, |s| s.current as u64),
                     packets: 0,
                     bytes: 0,
                 });
@@ -307,6 +319,11 @@ impl Agent {
     /// The balancer, for metrics.
     pub fn balancer(&mut self) -> &mut Balancer {
         &mut self.balancer
+    }
+
+    /// The running L7 proxy's figures, for metrics.
+    pub fn proxy_stats(&self) -> Option<proxy::ProxyStats> {
+        self.proxy_stats.clone()
     }
 }
 
@@ -403,6 +420,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         health: HealthChecker::new(events_tx),
         stop: stop_tx,
         reloaded: reloaded_tx,
+        proxy_stats: None,
     };
     // Tables are complete before the first packet can reach the program.
     agent.sync()?;
@@ -422,6 +440,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).
     let mut proxy_config = config.proxy.clone();
     let mut proxy = start_proxy(&proxy_config).await?;
+    shared.lock().proxy_stats = proxy.as_ref().map(proxy::Proxy::stats);
 
     let control = tokio::spawn(server::serve(
         opts.socket.clone(),
@@ -463,6 +482,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     match start_proxy(&next).await {
                         Ok(p) => {
                             let old = std::mem::replace(&mut proxy, p);
+                            shared.lock().proxy_stats = proxy.as_ref().map(proxy::Proxy::stats);
                             drop(old);
                             proxy_config = next;
                             info!("L7 proxy restarted with the new frontends and pools");

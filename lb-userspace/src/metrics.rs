@@ -35,7 +35,22 @@ pub struct BackendLabel {
 
 /// Appends one counter family: its HELP/TYPE header, then `name{labels} value` lines.
 fn family(out: &mut String, name: &str, help: &str, samples: impl Iterator<Item = (String, u64)>) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    typed_family(out, name, help, "counter", samples);
+}
+
+/// A family of current values (`gauge`), which may go down.
+fn gauges(out: &mut String, name: &str, help: &str, samples: impl Iterator<Item = (String, u64)>) {
+    typed_family(out, name, help, "gauge", samples);
+}
+
+fn typed_family(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    samples: impl Iterator<Item = (String, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (labels, value) in samples {
         let _ = writeln!(out, "{name}{{{labels}}} {value}");
     }
@@ -101,6 +116,43 @@ pub fn render(services: &[ServiceLabel], backends: &[BackendLabel], c: &Counters
     out
 }
 
+/// Renders the L7 pools' live figures: requests in flight and idle
+/// keep-alive connections per server, queued requests per pool.
+pub fn render_pools(pools: &[crate::proxy::PoolStats]) -> String {
+    let server_labels =
+        |pool: &str, server: SocketAddr| format!("pool=\"{pool}\",server=\"{server}\"");
+    let mut out = String::new();
+    gauges(
+        &mut out,
+        "lb_pool_server_current_requests",
+        "Requests in flight to the L7 pool server.",
+        pools.iter().flat_map(|p| {
+            p.servers
+                .iter()
+                .map(|s| (server_labels(&p.name, s.address), s.current as u64))
+        }),
+    );
+    gauges(
+        &mut out,
+        "lb_pool_server_idle_connections",
+        "Idle keep-alive connections to the L7 pool server.",
+        pools.iter().flat_map(|p| {
+            p.servers
+                .iter()
+                .map(|s| (server_labels(&p.name, s.address), s.idle_connections as u64))
+        }),
+    );
+    gauges(
+        &mut out,
+        "lb_pool_queued_requests",
+        "Requests waiting in the L7 pool's queue for a server below its maxconn.",
+        pools
+            .iter()
+            .map(|p| (format!("pool=\"{}\"", p.name), p.queued as u64)),
+    );
+    out
+}
+
 /// Value of the sample `name{labels}` in Prometheus text (labels exactly as rendered).
 pub fn sample(text: &str, name: &str, labels: &str) -> Option<u64> {
     let prefix = if labels.is_empty() {
@@ -157,9 +209,16 @@ pub async fn serve(listener: TcpListener, agent: Shared) -> Result<()> {
             let mut buf = [0u8; 2048];
             let _ =
                 tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
-            let body = tokio::task::spawn_blocking(move || snapshot(agent.lock().balancer()))
-                .await
-                .unwrap_or_else(|e| Err(e.into()));
+            let body = tokio::task::spawn_blocking(move || {
+                let mut agent = agent.lock();
+                let mut text = snapshot(agent.balancer())?;
+                if let Some(stats) = agent.proxy_stats() {
+                    text.push_str(&render_pools(&stats.pools()));
+                }
+                Ok::<_, anyhow::Error>(text)
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.into()));
             let (status, body) = match body {
                 Ok(text) => ("200 OK", text),
                 Err(e) => {
@@ -181,6 +240,34 @@ pub async fn serve(listener: TcpListener, agent: Shared) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renders_pool_gauges() {
+        let pools = [crate::proxy::PoolStats {
+            name: "web".into(),
+            queued: 3,
+            servers: vec![crate::proxy::ServerStats {
+                address: "198.18.2.11:8080".parse().unwrap(),
+                current: 2,
+                idle_connections: 5,
+            }],
+        }];
+        let text = render_pools(&pools);
+        let server = "pool=\"web\",server=\"198.18.2.11:8080\"";
+        assert_eq!(
+            sample(&text, "lb_pool_server_current_requests", server),
+            Some(2)
+        );
+        assert_eq!(
+            sample(&text, "lb_pool_server_idle_connections", server),
+            Some(5)
+        );
+        assert_eq!(
+            sample(&text, "lb_pool_queued_requests", "pool=\"web\""),
+            Some(3)
+        );
+        assert!(text.contains("# TYPE lb_pool_queued_requests gauge"));
+    }
     use lb_common::Traffic;
 
     #[test]

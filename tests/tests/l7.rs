@@ -141,6 +141,19 @@ fn https_through_the_l7_vip_is_routed_by_acls_over_h2_with_sni_certificates() {
         .unwrap();
     assert!(passed > 0, "the XDP program passed the l7 VIP up");
     assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
+
+    // Server connections were kept alive for reuse, and nothing is in flight.
+    for i in [1, 3] {
+        let labels = format!("pool=\"web\",server=\"{}:{TCP_PORT}\"", backend_v4(i));
+        let idle = lab
+            .metric("lb_pool_server_idle_connections", &labels)
+            .unwrap();
+        assert!(idle >= 1, "be{i}: {idle} idle connections");
+        let current = lab
+            .metric("lb_pool_server_current_requests", &labels)
+            .unwrap();
+        assert_eq!(current, 0, "be{i}: requests in flight");
+    }
 }
 
 #[test]

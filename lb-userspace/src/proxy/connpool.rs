@@ -278,7 +278,6 @@ impl ConnPool {
     }
 
     /// Idle HTTP/1.1 connections kept for `server`.
-    #[cfg(test)]
     pub(crate) fn idle_count(&self, server: SocketAddr) -> usize {
         self.lists().idle.get(&server).map_or(0, Vec::len)
     }

@@ -84,7 +84,6 @@ impl PoolRuntime {
     }
 
     /// Idle keep-alive connections kept for `server`.
-    #[cfg(test)]
     pub(crate) fn idle_connections(&self, server: SocketAddr) -> usize {
         self.conns.idle_count(server)
     }

@@ -288,6 +288,11 @@ impl Proxy {
         self.addrs.clone()
     }
 
+    /// A handle on the live figures of the pools, for metrics and `lb show`.
+    pub fn stats(&self) -> ProxyStats {
+        ProxyStats(self.shared.clone())
+    }
+
     /// Live state of a pool's servers, for metrics and the control socket.
     pub fn servers(&self, pool: &str) -> Option<&[Arc<ServerState>]> {
         self.shared
@@ -303,5 +308,55 @@ impl Drop for Proxy {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// Live figures of a running proxy's pools, readable from any task.
+#[derive(Clone)]
+pub struct ProxyStats(Arc<Shared>);
+
+/// Figures of one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Pool name.
+    pub name: String,
+    /// Requests waiting in the pool's queue for a server below its `maxconn`.
+    pub queued: usize,
+    /// Its servers, in configuration order.
+    pub servers: Vec<ServerStats>,
+}
+
+/// Figures of one pool server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Server address.
+    pub address: SocketAddr,
+    /// Requests in flight to it (HAProxy's `scur`).
+    pub current: usize,
+    /// Idle keep-alive connections to it.
+    pub idle_connections: usize,
+}
+
+impl ProxyStats {
+    /// Every pool's figures.
+    pub fn pools(&self) -> Vec<PoolStats> {
+        self.0
+            .pools
+            .iter()
+            .map(|p| PoolStats {
+                name: p.name.to_string(),
+                queued: p.balancer.queued(),
+                servers: p
+                    .balancer
+                    .servers()
+                    .iter()
+                    .map(|s| ServerStats {
+                        address: s.addr,
+                        current: s.active(),
+                        idle_connections: p.idle_connections(s.addr),
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 }

@@ -326,6 +326,34 @@ async fn server_connections_are_reused() {
 }
 
 #[tokio::test]
+async fn stats_show_requests_in_flight_and_idle_connections() {
+    let a = backend("a").await;
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let stats = proxy.stats();
+    let server = |stats: &ProxyStats| stats.pools()[0].servers[0].clone();
+    assert_eq!(
+        (server(&stats).current, server(&stats).idle_connections),
+        (0, 0)
+    );
+    let url = format!("http://{}/sleep/400", proxy.local_addrs()[0]);
+    let slow = tokio::spawn(async move { send(&h1_client(), url).await });
+    // While the server sleeps, the request is in flight.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while server(&stats).current == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never seen in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+    let s = server(&stats);
+    assert_eq!((s.address, s.current, s.idle_connections), (a.addr, 0, 1));
+    assert_eq!(stats.pools()[0].name, "app");
+    assert_eq!(stats.pools()[0].queued, 0);
+}
+
+#[tokio::test]
 async fn server_closing_an_idle_connection_gets_a_new_one() {
     // Answers one request per connection with keep-alive, then closes it shortly after.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
