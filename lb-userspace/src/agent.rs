@@ -193,7 +193,7 @@ impl Agent {
             && !self.desired.config.services.iter().any(|s| s.name == name)
             && !pools
                 .iter()
-                .any(|p| name.strip_prefix(POOL_PREFIX) == Some(p.name.as_str()))
+                .any(|p| Group::parse(name) == Group::Pool(&p.name))
         {
             return Ok(Response::Error(format!("unknown service {name:?}")));
         }
@@ -231,7 +231,7 @@ impl Agent {
             .map(proxy::ProxyStats::pools)
             .unwrap_or_default();
         for p in &self.desired.config.proxy.0.pools {
-            let service = format!("{POOL_PREFIX}{}", p.name);
+            let service = Group::pool_name(&p.name);
             if only.is_some_and(|n| n != service) {
                 continue;
             }
@@ -299,7 +299,7 @@ impl Agent {
     fn pool_server_states(&self) -> Vec<(String, SocketAddr, bool)> {
         let mut out = Vec::new();
         for p in &self.desired.config.proxy.0.pools {
-            let service = format!("{POOL_PREFIX}{}", p.name);
+            let service = Group::pool_name(&p.name);
             for s in &p.servers {
                 let admin = self.desired.admin_state(&service, s.address);
                 let down = self
@@ -327,9 +327,9 @@ impl Agent {
     }
 }
 
-// Health-check targets of L7 pools are named `pool:<name>` so their events can
-// be told apart from services' and sent to the proxy.
-use crate::runtime::POOL_PREFIX;
+// Health-check targets of L7 pools are named `pool:<name>` (runtime::Group) so
+// their events can be told apart from services' and sent to the proxy.
+use crate::runtime::Group;
 
 fn health_targets(config: &Config) -> Vec<Target> {
     let services = config
@@ -352,7 +352,7 @@ fn health_targets(config: &Config) -> Vec<Target> {
             .filter(move |p| &p.name == name)
             .flat_map(|p| p.servers.iter());
         servers.map(move |server| Target {
-            service: format!("{POOL_PREFIX}{name}"),
+            service: Group::pool_name(name),
             address: server.address,
             check: check.clone(),
         })
@@ -507,7 +507,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 let _ = tokio::task::spawn_blocking(move || s.lock().reload()).await;
             }
             Some(event) = events.recv() => {
-                if let Some(pool) = event.service.strip_prefix(POOL_PREFIX) {
+                if let Group::Pool(pool) = Group::parse(&event.service) {
                     info!(%pool, server = %event.address, health = ?event.health, reason = %event.reason, "L7 server health changed");
                     if let Some(p) = &proxy {
                         for (pool, server, up) in shared.lock().pool_server_states() {

@@ -18,7 +18,33 @@ use crate::config::{BackendConfig, Config, Service};
 use crate::control::protocol::{AdminState, Request};
 
 /// Service-name prefix that addresses an L7 pool (`lb drain pool:web ADDR`).
-pub const POOL_PREFIX: &str = "pool:";
+const POOL_PREFIX: &str = "pool:";
+
+/// What a backend group name in the control protocol, the journal, admin
+/// states and health targets refers to: an L4 service by its name, or an L7
+/// pool as `pool:NAME`. The one place that knows the convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group<'a> {
+    /// An L4/L7 service of `[[service]]`.
+    Service(&'a str),
+    /// A `[[pool]]` of the L7 proxy.
+    Pool(&'a str),
+}
+
+impl<'a> Group<'a> {
+    /// Reads a group name as the CLI and the protocol spell it.
+    pub fn parse(name: &'a str) -> Self {
+        match name.strip_prefix(POOL_PREFIX) {
+            Some(pool) => Group::Pool(pool),
+            None => Group::Service(name),
+        }
+    }
+
+    /// The group name of L7 pool `pool`.
+    pub fn pool_name(pool: &str) -> String {
+        format!("{POOL_PREFIX}{pool}")
+    }
+}
 
 /// Largest weight a backend may have (the Maglev builder's range).
 pub const MAX_WEIGHT: u32 = 65535;
@@ -95,8 +121,7 @@ impl Desired {
                     return Err(format!("pool {pool:?} has no server {address}"));
                 }
                 p.servers.retain(|s| s.address != *address);
-                self.admin
-                    .remove(&(format!("{POOL_PREFIX}{pool}"), *address));
+                self.admin.remove(&(Group::pool_name(pool), *address));
             }
             Request::SetWeight {
                 address, weight, ..
@@ -113,7 +138,7 @@ impl Desired {
                 if !has(p, *address) {
                     return Err(format!("pool {pool:?} has no server {address}"));
                 }
-                let key = (format!("{POOL_PREFIX}{pool}"), *address);
+                let key = (Group::pool_name(pool), *address);
                 if *state == AdminState::Ready {
                     self.admin.remove(&key);
                 } else {
@@ -135,7 +160,7 @@ impl Desired {
             Request::RemoveService { name } => Some(name),
             _ => None,
         };
-        if let Some(pool) = target.and_then(|s| s.strip_prefix(POOL_PREFIX)) {
+        if let Some(Group::Pool(pool)) = target.map(|s| Group::parse(s)) {
             return self.apply_pool(pool, request);
         }
         match request {
@@ -338,6 +363,13 @@ pub fn save_journal(path: &Path, journal: &[Request]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::config::{Mode, Protocol};
+
+    #[test]
+    fn group_names() {
+        assert_eq!(Group::parse("web"), Group::Service("web"));
+        assert_eq!(Group::parse("pool:api"), Group::Pool("api"));
+        assert_eq!(Group::parse(&Group::pool_name("api")), Group::Pool("api"));
+    }
 
     fn base() -> Config {
         crate::config::parse(
