@@ -153,6 +153,8 @@ mod tunnel;
 mod upstream;
 
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_edge;

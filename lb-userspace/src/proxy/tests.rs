@@ -1,7 +1,6 @@
 //! End-to-end tests of the proxy on 127.0.0.1 with real clients and servers.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -18,6 +17,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::test_support::{TempDir, local_frontend, start_proxy};
 use super::*;
 
 /// A test backend: answers `name` plus the request headers as JSON; `/sleep/N` waits N ms first.
@@ -80,20 +80,11 @@ fn pool(algorithm: Algorithm, servers: &[SocketAddr]) -> Pool {
 }
 
 fn frontend() -> Frontend {
-    Frontend::new("web", vec!["127.0.0.1:0".parse().unwrap()], "app")
+    local_frontend()
 }
 
 async fn start(fe: Frontend, pool: Pool) -> Proxy {
-    Proxy::start(
-        ProxyConfig {
-            frontends: vec![fe],
-            pools: vec![pool],
-            ..Default::default()
-        },
-        None,
-    )
-    .await
-    .unwrap()
+    start_proxy(fe, pool).await
 }
 
 struct Answer {
@@ -413,28 +404,6 @@ async fn curl_http1_and_h2c() {
 }
 
 // --- TLS ---------------------------------------------------------------
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lb-proxy-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Writes a self-signed certificate for `names` to `<stem>.pem`/`<stem>.key`; returns the pair and its DER.
 fn write_cert(dir: &TempDir, stem: &str, names: &[&str]) -> (CertPair, Vec<u8>) {

@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use super::test_support::{local_frontend, start_proxy};
 use super::*;
 
 /// A backend that counts the requests it receives and answers with their body
@@ -52,23 +53,6 @@ async fn counting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, count)
-}
-
-async fn start_one(fe: Frontend, pool: Pool) -> Proxy {
-    Proxy::start(
-        ProxyConfig {
-            frontends: vec![fe],
-            pools: vec![pool],
-            ..Default::default()
-        },
-        None,
-    )
-    .await
-    .unwrap()
-}
-
-fn plain_frontend() -> Frontend {
-    Frontend::new("web", vec!["127.0.0.1:0".parse().unwrap()], "app")
 }
 
 fn one_server_pool(addr: SocketAddr) -> Pool {
@@ -164,7 +148,7 @@ const SMUGGLING: &[(&str, &str)] = &[
 #[tokio::test]
 async fn smuggling_attempts_get_400_and_are_never_forwarded() {
     let (addr, count) = counting_backend().await;
-    let proxy = start_one(plain_frontend(), one_server_pool(addr)).await;
+    let proxy = start_proxy(local_frontend(), one_server_pool(addr)).await;
     let front = proxy.local_addrs()[0];
     for (name, req) in SMUGGLING {
         let out = raw_exchange(front, req.as_bytes()).await;
@@ -176,7 +160,7 @@ async fn smuggling_attempts_get_400_and_are_never_forwarded() {
 #[tokio::test]
 async fn smuggling_after_a_good_request_on_the_same_connection() {
     let (addr, count) = counting_backend().await;
-    let proxy = start_one(plain_frontend(), one_server_pool(addr)).await;
+    let proxy = start_proxy(local_frontend(), one_server_pool(addr)).await;
     let front = proxy.local_addrs()[0];
     for (name, bad) in SMUGGLING {
         count.store(0, Ordering::SeqCst);
@@ -193,7 +177,7 @@ async fn smuggling_after_a_good_request_on_the_same_connection() {
 #[tokio::test]
 async fn valid_framings_still_work() {
     let (addr, count) = counting_backend().await;
-    let proxy = start_one(plain_frontend(), one_server_pool(addr)).await;
+    let proxy = start_proxy(local_frontend(), one_server_pool(addr)).await;
     let front = proxy.local_addrs()[0];
     // Content-Length, chunked with extension and trailer, then a bodiless GET, pipelined.
     let reqs = concat!(
@@ -274,12 +258,12 @@ async fn ws_echo_backend() -> SocketAddr {
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled_until_idle() {
     let backend = ws_echo_backend().await;
-    let mut fe = plain_frontend();
+    let mut fe = local_frontend();
     // Shorter than the pauses below: a tunnel is not an idle keep-alive connection.
     fe.timeout_http_keep_alive = Duration::from_millis(150);
     let mut pool = one_server_pool(backend);
     pool.timeout_tunnel = Some(Duration::from_millis(600));
-    let proxy = start_one(fe, pool).await;
+    let proxy = start_proxy(fe, pool).await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .await
@@ -309,7 +293,7 @@ async fn websocket_upgrade_is_tunnelled_until_idle() {
 #[tokio::test]
 async fn upgrade_refused_by_the_server_is_a_plain_response() {
     let (addr, count) = counting_backend().await;
-    let proxy = start_one(plain_frontend(), one_server_pool(addr)).await;
+    let proxy = start_proxy(local_frontend(), one_server_pool(addr)).await;
     let out = raw_exchange(
         proxy.local_addrs()[0],
         b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\r\n",
@@ -324,9 +308,9 @@ async fn upgrade_refused_by_the_server_is_a_plain_response() {
 #[tokio::test]
 async fn accept_proxy_v1_and_v2_set_the_client_address() {
     let (addr, count) = counting_backend().await;
-    let mut fe = plain_frontend();
+    let mut fe = local_frontend();
     fe.accept_proxy = true;
-    let proxy = start_one(fe, one_server_pool(addr)).await;
+    let proxy = start_proxy(fe, one_server_pool(addr)).await;
     let front = proxy.local_addrs()[0];
     let get = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
     let cases = [
@@ -395,7 +379,7 @@ async fn send_proxy_v1_and_v2_carry_the_real_client() {
     for v in [proxy_protocol::Version::V1, proxy_protocol::Version::V2] {
         let mut pool = one_server_pool(backend);
         pool.send_proxy = Some(v);
-        let proxy = start_one(plain_frontend(), pool).await;
+        let proxy = start_proxy(local_frontend(), pool).await;
         for _ in 0..2 {
             let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
             let me = s.local_addr().unwrap();
@@ -409,11 +393,11 @@ async fn send_proxy_v1_and_v2_carry_the_real_client() {
         }
     }
     // accept_proxy in front, send_proxy behind: the claimed client goes through.
-    let mut fe = plain_frontend();
+    let mut fe = local_frontend();
     fe.accept_proxy = true;
     let mut pool = one_server_pool(backend);
     pool.send_proxy = Some(proxy_protocol::Version::V2);
-    let proxy = start_one(fe, pool).await;
+    let proxy = start_proxy(fe, pool).await;
     let front = proxy.local_addrs()[0];
     let mut bytes = proxy_protocol::encode(
         proxy_protocol::Version::V1,

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -17,29 +16,8 @@ use hyper_util::server::conn::auto;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tokio::net::TcpListener;
 
+use super::test_support::{TempDir, local_frontend, start_proxy};
 use super::*;
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "lb-proxy-upstream-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A test CA; `ca.pem` in `dir` holds its certificate.
 struct Ca {
@@ -123,18 +101,9 @@ async fn backend(tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
 }
 
 async fn start(pool: Pool, log_format: LogFormat) -> Proxy {
-    let mut fe = Frontend::new("web", vec!["127.0.0.1:0".parse().unwrap()], "app");
+    let mut fe = local_frontend();
     fe.log_format = log_format;
-    Proxy::start(
-        ProxyConfig {
-            frontends: vec![fe],
-            pools: vec![pool],
-            ..Default::default()
-        },
-        None,
-    )
-    .await
-    .unwrap()
+    start_proxy(fe, pool).await
 }
 
 fn pool(server: SocketAddr) -> Pool {
@@ -163,7 +132,7 @@ async fn get(proxy: &Proxy, path: &str) -> (StatusCode, String, String) {
 
 #[tokio::test]
 async fn tls_to_server_verified_by_ca_and_name() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("upstream");
     let good = ca(&dir, "good");
     let other = ca(&dir, "other");
     let server = backend(Some(server_tls(
@@ -282,7 +251,7 @@ async fn h2_to_plain_h2c_server() {
 
 #[tokio::test]
 async fn h2_to_tls_server_by_alpn() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("upstream");
     let good = ca(&dir, "ca");
     let h2_server = backend(Some(server_tls(
         &good,
@@ -364,7 +333,7 @@ async fn json_access_log() {
 
 #[tokio::test]
 async fn send_proxy_header_then_tls() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("upstream");
     let good = ca(&dir, "ca");
     let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(&good, &["127.0.0.1"], &[b"h2"]));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
