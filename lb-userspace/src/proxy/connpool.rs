@@ -229,6 +229,7 @@ impl ConnPool {
             Sender::H2(sender)
         } else {
             let (sender, conn) = http1::Builder::new()
+                .writev(false)
                 .handshake(io)
                 .await
                 .map_err(io::Error::other)?;

@@ -55,6 +55,7 @@ impl FrontendRuntime {
             .timer(TokioTimer::new())
             .header_read_timeout(None)
             .keep_alive(true)
+            .writev(false)
             // hyper refuses buffers under 8 KiB.
             .max_buf_size(cfg.request_header_limit.max(8192));
         builder
@@ -290,6 +291,9 @@ struct ClientIo<T> {
     /// `dispatched` count when the current head started, if one has.
     head_started: Option<u64>,
     armed: Option<Phase>,
+    /// When the armed phase times out.
+    due: tokio::time::Instant,
+    /// Registered timer; may be set earlier than `due`, never later.
     deadline: Pin<Box<Sleep>>,
     /// Bytes of the 408 answer already written, while answering.
     answering: Option<usize>,
@@ -315,6 +319,7 @@ impl<T> ClientIo<T> {
             h2,
             head_started: None,
             armed: None,
+            due: tokio::time::Instant::now(),
             deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
             answering: None,
             peer,
@@ -421,13 +426,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
                         (Phase::Idle, _) if dispatched == 0 => this.timeouts.http_request,
                         (Phase::Idle, _) => this.timeouts.keep_alive,
                     };
-                    this.deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + limit);
+                    this.due = tokio::time::Instant::now() + limit;
+                    // Lazy timer: the registered one is moved only when the new
+                    // deadline is earlier; a later one is caught when it fires.
+                    // Keep-alive requests re-arm on every request, and moving a
+                    // timer in the wheel each time showed in profiles.
+                    if this.due < this.deadline.deadline() || this.deadline.is_elapsed() {
+                        this.deadline.as_mut().reset(this.due);
+                    }
                     this.armed = Some(phase);
                 }
-                if this.deadline.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
+                loop {
+                    if this.deadline.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    if tokio::time::Instant::now() >= this.due {
+                        break;
+                    }
+                    // Fired for an earlier arming: wait for the real deadline.
+                    this.deadline.as_mut().reset(this.due);
                 }
                 match phase {
                     Phase::Head => {
