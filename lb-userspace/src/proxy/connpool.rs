@@ -25,12 +25,13 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::{Instant, Sleep};
 
 use super::upstream::{Connector, ServerIo};
 
@@ -50,7 +51,20 @@ pub(crate) struct H1 {
     sender: http1::SendRequest<Incoming>,
     /// None once the connection has ended.
     conn: Option<Pin<Box<H1Conn>>>,
+    /// `timeout server` of the request in flight, a lazy timer kept with the
+    /// connection: moved in the wheel only when a deadline is earlier than the
+    /// registered one (a timer per request showed in profiles).
+    timer: Pin<Box<Sleep>>,
 }
+
+/// The server did not answer within `timeout server`.
+#[derive(Debug)]
+pub(crate) struct TimedOut;
+
+/// What sending a request gives: the response, the request back if it never
+/// left, or a timeout.
+pub(crate) type SendResult =
+    Result<Result<Response<Incoming>, TrySendError<Request<Incoming>>>, TimedOut>;
 
 impl H1 {
     /// Lets the connection make progress (read, write, notice a close).
@@ -77,14 +91,27 @@ impl H1 {
         .await
     }
 
-    async fn send(
-        &mut self,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+    async fn send(&mut self, req: Request<Incoming>, limit: Duration) -> SendResult {
+        let due = Instant::now() + limit;
+        if due < self.timer.deadline() || self.timer.is_elapsed() {
+            self.timer.as_mut().reset(due);
+        }
         let mut response = pin!(self.sender.try_send_request(req));
         poll_fn(|cx| {
             self.drive(cx);
-            response.as_mut().poll(cx)
+            if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                return Poll::Ready(Ok(r));
+            }
+            loop {
+                if self.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if Instant::now() >= due {
+                    return Poll::Ready(Err(TimedOut));
+                }
+                // Fired for an earlier request's deadline.
+                self.timer.as_mut().reset(due);
+            }
         })
         .await
     }
@@ -101,15 +128,16 @@ pub(crate) enum Sender {
 }
 
 impl Sender {
-    /// Sends `req`; the request comes back in the error if it never left.
-    pub(crate) async fn send(
-        &mut self,
-        req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<Incoming>>> {
+    /// Sends `req` and waits for the response head at most `limit`; the
+    /// request comes back in the error if it never left.
+    pub(crate) async fn send(&mut self, req: Request<Incoming>, limit: Duration) -> SendResult {
+        let timed = |r: Result<_, tokio::time::error::Elapsed>| r.map_err(|_| TimedOut);
         match self {
-            Sender::H1(h) => h.send(req).await,
-            Sender::H1Tunnel(s) => s.try_send_request(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
+            Sender::H1(h) => h.send(req, limit).await,
+            Sender::H1Tunnel(s) => {
+                timed(tokio::time::timeout(limit, s.try_send_request(req)).await)
+            }
+            Sender::H2(s) => timed(tokio::time::timeout(limit, s.try_send_request(req)).await),
         }
     }
 
@@ -125,6 +153,7 @@ impl Sender {
             Sender::H1(H1 {
                 sender,
                 conn: Some(conn),
+                ..
             }) => {
                 // Unpin, so it can leave its box for `with_upgrades`, which takes it by value.
                 let conn = *Pin::into_inner(conn);
@@ -236,6 +265,7 @@ impl ConnPool {
             Sender::H1(H1 {
                 sender,
                 conn: Some(Box::pin(conn)),
+                timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             })
         };
         Ok(Conn {

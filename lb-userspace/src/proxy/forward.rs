@@ -396,7 +396,7 @@ pub(crate) async fn handle(
         }
 
         let sent = Instant::now();
-        match tokio::time::timeout(pool.timeout_server, server.sender.send(out)).await {
+        match server.sender.send(out, pool.timeout_server).await {
             Ok(Ok(resp)) => {
                 rec.tr = sent.elapsed().as_millis() as i64;
                 let (mut rparts, rbody) = resp.into_parts();

@@ -248,6 +248,20 @@ async fn slow_server_is_504() {
         get(&proxy, "/sleep/2000").await.status,
         StatusCode::GATEWAY_TIMEOUT
     );
+    // On a reused connection, whose timer was armed for an earlier request,
+    // the timeout still counts from this request.
+    assert_eq!(get(&proxy, "/").await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = std::time::Instant::now();
+    assert_eq!(
+        get(&proxy, "/sleep/2000").await.status,
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(190) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
 }
 
 #[tokio::test]
