@@ -119,28 +119,28 @@ pub fn render(services: &[ServiceLabel], backends: &[BackendLabel], c: &Counters
 /// Renders the L7 pools' live figures: requests in flight and idle
 /// keep-alive connections per server, queued requests per pool.
 pub fn render_pools(pools: &[crate::proxy::PoolStats]) -> String {
-    let server_labels =
-        |pool: &str, server: SocketAddr| format!("pool=\"{pool}\",server=\"{server}\"");
+    use crate::proxy::ServerStats;
+    // One sample per pool server of the figure `value` picks.
+    let per_server = |value: fn(&ServerStats) -> usize| {
+        pools.iter().flat_map(move |p| {
+            p.servers.iter().map(move |s| {
+                let labels = format!("pool=\"{}\",server=\"{}\"", p.name, s.address);
+                (labels, value(s) as u64)
+            })
+        })
+    };
     let mut out = String::new();
     gauges(
         &mut out,
         "lb_pool_server_current_requests",
         "Requests in flight to the L7 pool server.",
-        pools.iter().flat_map(|p| {
-            p.servers
-                .iter()
-                .map(|s| (server_labels(&p.name, s.address), s.current as u64))
-        }),
+        per_server(|s| s.current),
     );
     gauges(
         &mut out,
         "lb_pool_server_idle_connections",
         "Idle keep-alive connections to the L7 pool server.",
-        pools.iter().flat_map(|p| {
-            p.servers
-                .iter()
-                .map(|s| (server_labels(&p.name, s.address), s.idle_connections as u64))
-        }),
+        per_server(|s| s.idle_connections),
     );
     gauges(
         &mut out,
