@@ -359,6 +359,49 @@ async fn stats_show_requests_in_flight_and_idle_connections() {
 }
 
 #[tokio::test]
+async fn large_bodies_stream_both_ways_and_the_connection_is_reused() {
+    // The server streams each request body straight back.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(req.into_body()))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let url = format!("http://{}/echo", proxy.local_addrs()[0]);
+    for len in [2 << 20, 3 << 20, 10] {
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let req = Request::post(&url)
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let got = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got.len(), len);
+        assert!(got[..] == body[..], "{len} bytes came back changed");
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one server connection for all"
+    );
+    assert_eq!(proxy.shared.pools[0].idle_connections(addr), 1);
+}
+
+#[tokio::test]
 async fn server_closing_an_idle_connection_gets_a_new_one() {
     // Answers one request per connection with keep-alive, then closes it shortly after.
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
