@@ -399,6 +399,37 @@ async fn large_bodies_stream_both_ways_and_the_connection_is_reused() {
         "one server connection for all"
     );
     assert_eq!(proxy.shared.pools[0].idle_connections(addr), 1);
+
+    // A client that leaves mid-response: that server connection is not reused.
+    let raw = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let (mut rd, mut wr) = raw.into_split();
+    // More than loopback socket buffers can hold, so the exchange cannot end on its own.
+    let len = 32 << 20;
+    // Written from another task: the echo comes back while the body still goes out.
+    let writer = tokio::spawn(async move {
+        let head = format!("POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+        wr.write_all(head.as_bytes()).await?;
+        wr.write_all(&vec![7u8; len]).await?;
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut first = [0u8; 4096];
+    let n = rd.read(&mut first).await.unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    writer.abort();
+    let _ = writer.await;
+    drop(rd);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let req = Request::post(&url)
+        .body(Full::new(Bytes::from_static(b"again")))
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&got[..], b"again");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the aborted exchange's connection was closed, not reused"
+    );
 }
 
 #[tokio::test]
