@@ -17,36 +17,17 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::actions::{self, ActionsByFrontend};
+use super::actions::{self, CompiledActions};
 use super::balance::{Active, Balancer, Unavailable};
 use super::connpool::{ConnPool, Reusable, Sender};
 use super::log::{self, AccessRecord, LogFormat};
 use super::model::Pool;
 use super::{tunnel, upstream};
+use crate::acl;
 
-/// What the router sees of a request; mirrors `acl::Request` so ACLs can be evaluated from it.
-#[derive(Debug)]
-pub struct RequestInfo<'a> {
-    /// Frontend that accepted the request.
-    pub frontend: &'a str,
-    /// Request method.
-    pub method: &'a Method,
-    /// Path without the query.
-    pub path: &'a str,
-    /// Query without `?`.
-    pub query: Option<&'a str>,
-    /// Host header or HTTP/2 authority, port included if sent.
-    pub host: Option<&'a str>,
-    /// Request headers.
-    pub headers: &'a HeaderMap,
-    /// Client address.
-    pub src: SocketAddr,
-    /// TLS server name, if any.
-    pub sni: Option<&'a str>,
-}
-
-/// Picks a pool index (into `ProxyConfig::pools`) for a request; None means the frontend's default pool.
-pub type Router = Arc<dyn Fn(&RequestInfo<'_>) -> Option<usize> + Send + Sync>;
+/// Picks a pool index (into `ProxyConfig::pools`) for a request to the frontend
+/// of the given index (into `ProxyConfig::frontends`); None means that frontend's default pool.
+pub type Router = Arc<dyn Fn(usize, &acl::Request<'_>) -> Option<usize> + Send + Sync>;
 
 /// Body of every response the proxy sends.
 pub type ProxyBody = LoggedBody;
@@ -93,14 +74,16 @@ impl PoolRuntime {
 pub(crate) struct Shared {
     pub pools: Vec<PoolRuntime>,
     pub route: Option<Router>,
-    /// Request/response actions by frontend name (`proxy::actions`).
-    pub actions: ActionsByFrontend,
 }
 
 /// Settings of the frontend a connection came in on.
 pub(crate) struct FrontendCtx {
     pub name: Arc<str>,
+    /// Index in `ProxyConfig::frontends`, which the router is called with.
+    pub index: usize,
     pub default_pool: usize,
+    /// The frontend's request and response actions, if it has any.
+    pub actions: Option<CompiledActions>,
     pub forwarded_headers: bool,
     pub https: bool,
     /// `timeout_tunnel` of the frontend, if set; the pool's wins.
@@ -210,7 +193,7 @@ pub(crate) async fn handle(
     let (mut parts, body) = req.into_parts();
     let mut upgrade = tunnel::Upgrade::take(&mut parts); // WebSocket & co (proxy/tunnel.rs)
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
-    let acted = match shared.actions.get(&*conn.frontend.name) {
+    let acted = match &conn.frontend.actions {
         Some(a) => {
             a.run_request(&mut parts, conn.peer, conn.sni.as_deref())
                 .await
@@ -229,16 +212,18 @@ pub(crate) async fn handle(
         .route
         .as_ref()
         .and_then(|route| {
-            route(&RequestInfo {
-                frontend: &conn.frontend.name,
-                method: &parts.method,
-                path: parts.uri.path(),
-                query: parts.uri.query(),
-                host: host.as_ref().and_then(|h| h.to_str().ok()),
-                headers: &parts.headers,
-                src: conn.peer,
-                sni: conn.sni.as_deref(),
-            })
+            route(
+                conn.frontend.index,
+                &acl::Request {
+                    method: parts.method.as_str(),
+                    path: parts.uri.path(),
+                    query: parts.uri.query(),
+                    host: host.as_ref().and_then(|h| h.to_str().ok()),
+                    headers: &parts.headers,
+                    src: conn.peer.ip(),
+                    sni: conn.sni.as_deref(),
+                },
+            )
         })
         .filter(|&i| i < shared.pools.len())
         .unwrap_or(conn.frontend.default_pool);

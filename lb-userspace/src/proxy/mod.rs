@@ -170,7 +170,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use balance::{Acquired, Active, Balancer, HASH_TABLE_SIZE, ServerState, Unavailable};
-pub use forward::{ProxyBody, RequestInfo, Router, add_forwarded, strip_hop_by_hop};
+pub use forward::{ProxyBody, Router, add_forwarded, strip_hop_by_hop};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, ConfigError, Frontend, HttpAction, Pool, ProxyConfig, ServerSpec,
@@ -216,7 +216,7 @@ impl Proxy {
     /// `route` picks a pool per request; None sends everything to each frontend's default pool.
     pub async fn start(cfg: ProxyConfig, route: Option<Router>) -> anyhow::Result<Proxy> {
         cfg.validate()?;
-        let actions = actions::compile(&cfg)?;
+        let mut actions = actions::compile(&cfg)?;
         let shared = Arc::new(Shared {
             pools: cfg
                 .pools
@@ -224,7 +224,6 @@ impl Proxy {
                 .map(|p| PoolRuntime::new(p).with_context(|| format!("pool {}", p.name)))
                 .collect::<anyhow::Result<_>>()?,
             route,
-            actions,
         });
         let (tx, rx) = watch::channel(());
         let mut proxy = Proxy {
@@ -234,7 +233,7 @@ impl Proxy {
             tasks: Vec::new(),
             _shutdown: tx,
         };
-        for fe in &cfg.frontends {
+        for (index, fe) in cfg.frontends.iter().enumerate() {
             let acceptor = match &fe.tls {
                 Some(tls) => {
                     let resolver = Arc::new(
@@ -250,7 +249,13 @@ impl Proxy {
             };
             // validate() checked that the default pool exists.
             let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
-            let runtime = Arc::new(FrontendRuntime::new(fe, default_pool, acceptor));
+            let runtime = Arc::new(FrontendRuntime::new(
+                fe,
+                index,
+                default_pool,
+                actions.remove(&fe.name),
+                acceptor,
+            ));
             for bind in &fe.binds {
                 let listener = reuseport_listener(*bind)
                     .with_context(|| format!("frontend {}: binding {bind}", fe.name))?;

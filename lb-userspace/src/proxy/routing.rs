@@ -2,12 +2,11 @@
 //! rules are tried in order, the first whose condition holds picks the pool,
 //! otherwise the frontend's `default_pool` serves the request.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::{ProxyConfig, RequestInfo, Router};
+use super::{ProxyConfig, Router};
 use crate::acl::{self, AclSet, Condition};
 
 /// A frontend's routing that does not compile.
@@ -36,9 +35,10 @@ struct FrontendRoutes {
     rules: Vec<(Condition, usize)>,
 }
 
-/// Compiles every frontend's rules into one router.
+/// Compiles every frontend's rules into one router; it is called with the
+/// frontend's index in `cfg.frontends`, found once at start-up, not per request.
 pub fn router(cfg: &ProxyConfig) -> Result<Router, RoutingError> {
-    let mut by_frontend = HashMap::new();
+    let mut by_frontend = Vec::new();
     for f in &cfg.frontends {
         let acl_error = |source| RoutingError::Acl {
             frontend: f.name.clone(),
@@ -57,28 +57,18 @@ pub fn router(cfg: &ProxyConfig) -> Result<Router, RoutingError> {
                 .map_err(acl_error)?;
             rules.push((condition, pool));
         }
-        by_frontend.insert(f.name.clone(), FrontendRoutes { acls, rules });
+        by_frontend.push(FrontendRoutes { acls, rules });
     }
-    Ok(Arc::new(move |info: &RequestInfo<'_>| {
-        let routes = by_frontend.get(info.frontend)?;
-        if routes.rules.is_empty() {
-            return None;
-        }
-        let request = acl::Request {
-            method: info.method.as_str(),
-            path: info.path,
-            query: info.query,
-            host: info.host,
-            headers: info.headers,
-            src: info.src.ip(),
-            sni: info.sni,
-        };
-        routes
-            .rules
-            .iter()
-            .find(|(condition, _)| condition.eval(&routes.acls, &request))
-            .map(|(_, pool)| *pool)
-    }))
+    Ok(Arc::new(
+        move |frontend: usize, request: &acl::Request<'_>| {
+            let routes = by_frontend.get(frontend)?;
+            routes
+                .rules
+                .iter()
+                .find(|(condition, _)| condition.eval(&routes.acls, request))
+                .map(|(_, pool)| *pool)
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -108,16 +98,18 @@ servers = [{{ address = "127.0.0.1:2" }}]
 
     fn route(router: &Router, path: &str, host: &str) -> Option<usize> {
         let headers = http::HeaderMap::new();
-        router(&RequestInfo {
-            frontend: "web",
-            method: &http::Method::GET,
-            path,
-            query: None,
-            host: Some(host),
-            headers: &headers,
-            src: "198.18.1.2:40000".parse().unwrap(),
-            sni: None,
-        })
+        router(
+            0,
+            &acl::Request {
+                method: "GET",
+                path,
+                query: None,
+                host: Some(host),
+                headers: &headers,
+                src: "198.18.1.2".parse().unwrap(),
+                sni: None,
+            },
+        )
     }
 
     #[test]

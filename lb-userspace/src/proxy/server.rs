@@ -19,6 +19,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 
+use super::actions::CompiledActions;
 use super::forward::{self, Activity, ConnCtx, FrontendCtx, Shared};
 use super::hardening::GuardIo;
 use super::log::{AccessRecord, LogFormat};
@@ -47,7 +48,14 @@ pub(crate) struct FrontendRuntime {
 }
 
 impl FrontendRuntime {
-    pub fn new(cfg: &Frontend, default_pool: usize, tls: Option<TlsAcceptor>) -> Self {
+    /// `index` is the frontend's place in the configuration (see `forward::Router`).
+    pub fn new(
+        cfg: &Frontend,
+        index: usize,
+        default_pool: usize,
+        actions: Option<CompiledActions>,
+        tls: Option<TlsAcceptor>,
+    ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper's own header timeout closes silently; ClientIo answers 408 instead.
         builder
@@ -65,7 +73,9 @@ impl FrontendRuntime {
         FrontendRuntime {
             ctx: Arc::new(FrontendCtx {
                 name: cfg.name.as_str().into(),
+                index,
                 default_pool,
+                actions,
                 forwarded_headers: cfg.forwarded_headers,
                 https: tls.is_some(),
                 timeout_tunnel: cfg.timeout_tunnel,
