@@ -622,6 +622,7 @@ mod tests {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::net::TcpListener;
 
+    use super::super::test_support::two_pool_config;
     use super::*;
     use crate::proxy::{Proxy, routing};
 
@@ -669,28 +670,8 @@ mod tests {
         (addr, hits)
     }
 
-    /// A config with frontend "web" (extra TOML `frontend`), pools "app" and "api", and `top` appended.
     fn config(app: SocketAddr, api: SocketAddr, frontend: &str, top: &str) -> ProxyConfig {
-        let text = format!(
-            r#"
-[[frontend]]
-name = "web"
-binds = ["127.0.0.1:0"]
-default_pool = "app"
-{frontend}
-
-[[pool]]
-name = "app"
-servers = [{{ address = "{app}" }}]
-
-[[pool]]
-name = "api"
-servers = [{{ address = "{api}" }}]
-
-{top}
-"#
-        );
-        toml::from_str(&text).unwrap()
+        two_pool_config(app, api, frontend, top)
     }
 
     async fn start(cfg: ProxyConfig) -> Proxy {

@@ -73,27 +73,12 @@ pub fn router(cfg: &ProxyConfig) -> Result<Router, RoutingError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::two_pool_config;
     use super::*;
 
     fn cfg(rules: &str) -> ProxyConfig {
-        let text = format!(
-            r#"
-[[frontend]]
-name = "web"
-binds = ["127.0.0.1:0"]
-default_pool = "app"
-{rules}
-
-[[pool]]
-name = "app"
-servers = [{{ address = "127.0.0.1:1" }}]
-
-[[pool]]
-name = "api"
-servers = [{{ address = "127.0.0.1:2" }}]
-"#
-        );
-        toml::from_str(&text).unwrap()
+        let unused = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        two_pool_config(unused(1), unused(2), rules, "")
     }
 
     fn route(router: &Router, path: &str, host: &str) -> Option<usize> {

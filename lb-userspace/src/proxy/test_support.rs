@@ -1,6 +1,7 @@
 //! Helpers shared by the proxy's test files: a temporary directory and a
 //! proxy with one frontend on 127.0.0.1 and one pool.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -46,4 +47,34 @@ pub(crate) async fn start_proxy(fe: Frontend, pool: Pool) -> Proxy {
     )
     .await
     .unwrap()
+}
+
+/// Frontend "web" on 127.0.0.1 with `frontend` (TOML) appended to its table,
+/// pools "app" (server `app`) and "api" (server `api`), then `top`.
+pub(crate) fn two_pool_config(
+    app: SocketAddr,
+    api: SocketAddr,
+    frontend: &str,
+    top: &str,
+) -> ProxyConfig {
+    let text = format!(
+        r#"
+[[frontend]]
+name = "web"
+binds = ["127.0.0.1:0"]
+default_pool = "app"
+{frontend}
+
+[[pool]]
+name = "app"
+servers = [{{ address = "{app}" }}]
+
+[[pool]]
+name = "api"
+servers = [{{ address = "{api}" }}]
+
+{top}
+"#
+    );
+    toml::from_str(&text).unwrap()
 }
