@@ -299,15 +299,6 @@ impl Proxy {
     pub fn stats(&self) -> ProxyStats {
         ProxyStats(self.shared.clone())
     }
-
-    /// Live state of a pool's servers, for metrics and the control socket.
-    pub fn servers(&self, pool: &str) -> Option<&[Arc<ServerState>]> {
-        self.shared
-            .pools
-            .iter()
-            .find(|p| &*p.name == pool)
-            .map(|p| p.balancer.servers())
-    }
 }
 
 impl Drop for Proxy {

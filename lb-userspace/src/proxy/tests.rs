@@ -814,7 +814,7 @@ async fn tw(uri: &str) -> Vec<(u16, i64)> {
 /// so tests order their requests by state rather than by sleeping.
 async fn until_active(proxy: &Proxy, n: usize) {
     for _ in 0..500 {
-        if proxy.servers("app").is_some_and(|s| s[0].active() >= n) {
+        if proxy.stats().pools()[0].servers[0].current >= n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
