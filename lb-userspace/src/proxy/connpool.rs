@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
@@ -177,6 +178,35 @@ pub(crate) struct Conn {
     pub connect_time: Option<Duration>,
 }
 
+/// A server connection of our own HTTP/1.1 path (proxy/h1.rs): the stream
+/// and the bytes read from it but not yet used.
+pub(crate) struct RawConn {
+    /// The stream.
+    pub io: ServerIo,
+    /// Read ahead; empty whenever the connection is idle.
+    pub buf: BytesMut,
+}
+
+impl RawConn {
+    /// Whether an idle connection is still usable: the server has not closed
+    /// it nor sent anything unasked. Costs no system call while nothing came
+    /// (tokio knows the socket is not readable).
+    fn alive(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.buf.reserve(64);
+        matches!(
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.io), &mut cx, &mut self.buf),
+            Poll::Pending
+        )
+    }
+}
+
+/// A raw connection waiting for its next request.
+struct IdleRaw {
+    conn: RawConn,
+    since: Instant,
+}
+
 /// An HTTP/1.1 connection waiting for its next request.
 struct Idle {
     h1: H1,
@@ -187,6 +217,8 @@ struct Idle {
 struct Lists {
     /// HTTP/1.1 connections by server, most recently used last.
     idle: HashMap<SocketAddr, Vec<Idle>>,
+    /// The same for our own HTTP/1.1 path's connections.
+    raw: HashMap<SocketAddr, Vec<IdleRaw>>,
     /// The shared HTTP/2 connection of each server.
     shared: HashMap<SocketAddr, http2::SendRequest<Incoming>>,
 }
@@ -274,6 +306,47 @@ impl ConnPool {
         })
     }
 
+    /// A connection for our own HTTP/1.1 path (never HTTP/2): the server's most
+    /// recent idle one that still works, else a new one with its connect time.
+    pub(crate) async fn get_raw(
+        &self,
+        server: SocketAddr,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> io::Result<(RawConn, Option<Duration>)> {
+        if self.reuse {
+            let mut lists = self.lists();
+            if let Some(list) = lists.raw.get_mut(&server) {
+                while let Some(IdleRaw { mut conn, since }) = list.pop() {
+                    if since.elapsed() <= IDLE_TIMEOUT && conn.alive() {
+                        return Ok((conn, None));
+                    }
+                }
+            }
+        }
+        let start = Instant::now();
+        let io = self.connector.connect(server, client, local).await?;
+        if io.alpn_h2() {
+            return Err(io::Error::other("server chose HTTP/2 for an HTTP/1.1 pool"));
+        }
+        let conn = RawConn {
+            io,
+            buf: BytesMut::with_capacity(8192),
+        };
+        Ok((conn, Some(start.elapsed())))
+    }
+
+    /// Gives back a raw connection whose exchange ended cleanly.
+    pub(crate) fn put_raw(&self, server: SocketAddr, conn: RawConn) {
+        if !self.reuse || !conn.buf.is_empty() {
+            return;
+        }
+        self.lists().raw.entry(server).or_default().push(IdleRaw {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
     /// The server's shared HTTP/2 connection, or its most recent idle HTTP/1.1 one that still works.
     async fn reusable(&self, server: SocketAddr) -> Option<Sender> {
         loop {
@@ -310,7 +383,8 @@ impl ConnPool {
 
     /// Idle HTTP/1.1 connections kept for `server`.
     pub(crate) fn idle_count(&self, server: SocketAddr) -> usize {
-        self.lists().idle.get(&server).map_or(0, Vec::len)
+        let lists = self.lists();
+        lists.idle.get(&server).map_or(0, Vec::len) + lists.raw.get(&server).map_or(0, Vec::len)
     }
 
     /// Drives idle connections once (a server's close is read and the
@@ -325,6 +399,10 @@ impl ConnPool {
             });
         }
         lists.idle.retain(|_, l| !l.is_empty());
+        for list in lists.raw.values_mut() {
+            list.retain_mut(|i| i.since.elapsed() <= IDLE_TIMEOUT && i.conn.alive());
+        }
+        lists.raw.retain(|_, l| !l.is_empty());
         lists.shared.retain(|_, s| !s.is_closed());
     }
 }

@@ -39,13 +39,15 @@ pub(crate) struct PoolRuntime {
     pub name: Arc<str>,
     pub balancer: Balancer,
     /// Keep-alive connections to the servers (proxy/connpool.rs).
-    conns: Arc<ConnPool>,
+    pub conns: Arc<ConnPool>,
     /// `https` for `tls = true` pools (the :scheme of HTTP/2 requests), else `http`.
     scheme: Scheme,
-    timeout_server: Duration,
-    retries: u32,
+    pub timeout_server: Duration,
+    pub retries: u32,
     /// `timeout_tunnel` of the pool, if set (proxy/tunnel.rs).
-    timeout_tunnel: Option<Duration>,
+    pub timeout_tunnel: Option<Duration>,
+    /// HTTP/2 to the servers (`h2`): only hyper's path forwards there.
+    pub h2: bool,
 }
 
 impl PoolRuntime {
@@ -61,6 +63,7 @@ impl PoolRuntime {
             timeout_server: cfg.timeout_server,
             retries: cfg.retries,
             timeout_tunnel: cfg.timeout_tunnel,
+            h2: cfg.h2,
         })
     }
 
@@ -174,27 +177,49 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool) {
     }
 }
 
-/// Handles one request from a client; never fails, errors become HTTP answers.
-pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    conn: Arc<ConnCtx>,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
-    let start = Instant::now();
-    conn.activity.active.fetch_add(1, Ordering::SeqCst);
-    conn.activity.dispatched.fetch_add(1, Ordering::SeqCst);
-    let tq = {
-        let since = *conn.ready_since.lock().unwrap_or_else(|e| e.into_inner());
-        start.saturating_duration_since(since).as_millis() as i64
-    };
-    let (mut parts, body) = req.into_parts();
-    let mut upgrade = tunnel::Upgrade::take(&mut parts); // WebSocket & co (proxy/tunnel.rs)
+/// The client side of a request, as actions and routing see it.
+pub(crate) struct ClientSide<'a> {
+    pub frontend: &'a FrontendCtx,
+    pub peer: SocketAddr,
+    pub sni: Option<&'a str>,
+}
+
+/// What the proxy does with a request once its actions and routing have run.
+pub(crate) enum Prepared {
+    /// A request action answered it (deny, redirect, return, auth); it is not forwarded.
+    Answer(Response<Full<Bytes>>, AccessRecord),
+    /// It cannot be forwarded: answer with this status and termination state.
+    Refuse(StatusCode, AccessRecord, [char; 2]),
+    /// Forward it to a server of a pool.
+    Forward(Forwarding),
+}
+
+/// A request ready to go to a pool: its head is rewritten for the server.
+pub(crate) struct Forwarding {
+    /// Index of the pool in `Shared::pools`.
+    pub pool: usize,
+    pub rec: AccessRecord,
+    /// Hash key for the hashing algorithms.
+    pub key: Option<u32>,
+    /// Response header edits whose condition held.
+    pub response_ops: Vec<actions::HeaderOp>,
+}
+
+/// Runs a request's actions, routes it and rewrites its head for the server
+/// (hop-by-hop headers out, forwarded headers in, Host, origin-form URI,
+/// HTTP/1.1). `upgrade` is the protocol of an Upgrade request, whose headers
+/// are kept. Shared by hyper's path and ours (proxy/h1.rs).
+pub(crate) async fn prepare(
+    shared: &Shared,
+    client: ClientSide<'_>,
+    parts: &mut http::request::Parts,
+    tq: i64,
+    upgrade: Option<&HeaderValue>,
+) -> Prepared {
+    let frontend = client.frontend;
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
-    let acted = match &conn.frontend.actions {
-        Some(a) => {
-            a.run_request(&mut parts, conn.peer, conn.sni.as_deref())
-                .await
-        }
+    let acted = match &frontend.actions {
+        Some(a) => a.run_request(parts, client.peer, client.sni).await,
         None => actions::Outcome::default(),
     };
     // --- end request actions ---
@@ -210,26 +235,26 @@ pub(crate) async fn handle(
         .as_ref()
         .and_then(|route| {
             route(
-                conn.frontend.index,
+                frontend.index,
                 &acl::Request {
                     method: parts.method.as_str(),
                     path: parts.uri.path(),
                     query: parts.uri.query(),
                     host: host.as_ref().and_then(|h| h.to_str().ok()),
                     headers: &parts.headers,
-                    src: conn.peer.ip(),
-                    sni: conn.sni.as_deref(),
+                    src: client.peer.ip(),
+                    sni: client.sni,
                 },
             )
         })
         .filter(|&i| i < shared.pools.len())
-        .unwrap_or(conn.frontend.default_pool);
+        .unwrap_or(frontend.default_pool);
     let pool = &shared.pools[pool_idx];
     let mut rec = AccessRecord {
-        client: conn.peer,
+        client: client.peer,
         // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
         date: UNIX_EPOCH,
-        frontend: conn.frontend.name.clone(),
+        frontend: frontend.name.clone(),
         pool: pool.name.clone(),
         server: log::no_server(),
         tq,
@@ -244,31 +269,21 @@ pub(crate) async fn handle(
         uri: Some(parts.uri.clone()),
         version: Some(parts.version),
     };
-    let done = Done {
-        conn: conn.clone(),
-        start,
-        end: None,
-    };
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
     if let Some((answer, term)) = acted.answer {
-        rec.pool = conn.frontend.name.clone();
+        rec.pool = frontend.name.clone();
         rec.status = answer.status().as_u16();
         rec.termination = term;
-        let (head, body) = answer.into_parts();
-        let body = body.map_err(|never| match never {}).boxed_unsync();
-        return Ok(Response::from_parts(
-            head,
-            LoggedBody::new(body, rec, None, done),
-        ));
+        return Prepared::Answer(answer, rec);
     }
     // --- end terminal request action ---
 
     strip_hop_by_hop(&mut parts.headers);
-    if let Some(u) = &upgrade {
-        u.restore(&mut parts.headers);
+    if let Some(proto) = upgrade {
+        tunnel::restore(&mut parts.headers, proto);
     }
-    if conn.frontend.forwarded_headers {
-        add_forwarded(&mut parts.headers, conn.peer, conn.frontend.https);
+    if frontend.forwarded_headers {
+        add_forwarded(&mut parts.headers, client.peer, frontend.https);
     }
     // HTTP/2 clients send :authority instead of Host; servers speak HTTP/1.1 and need Host.
     if !parts.headers.contains_key(header::HOST)
@@ -279,7 +294,7 @@ pub(crate) async fn handle(
 
     let key = pool
         .balancer
-        .hash_key(conn.peer.ip(), &parts.uri, &parts.headers);
+        .hash_key(client.peer.ip(), &parts.uri, &parts.headers);
     // HTTP/1.1 servers get origin-form (`/path?query`); CONNECT keeps its authority-form.
     if parts.method != Method::CONNECT
         && (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
@@ -287,17 +302,71 @@ pub(crate) async fn handle(
         let origin = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         match Uri::try_from(origin) {
             Ok(u) => parts.uri = u,
-            Err(_) => {
-                return Ok(error_response(
-                    StatusCode::BAD_REQUEST,
-                    rec,
-                    ['P', 'R'],
-                    done,
-                ));
-            }
+            Err(_) => return Prepared::Refuse(StatusCode::BAD_REQUEST, rec, ['P', 'R']),
         }
     }
     parts.version = Version::HTTP_11;
+    Prepared::Forward(Forwarding {
+        pool: pool_idx,
+        rec,
+        key,
+        response_ops: acted.response,
+    })
+}
+
+/// Handles one request from a client; never fails, errors become HTTP answers.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let start = Instant::now();
+    conn.activity.active.fetch_add(1, Ordering::SeqCst);
+    conn.activity.dispatched.fetch_add(1, Ordering::SeqCst);
+    let tq = {
+        let since = *conn.ready_since.lock().unwrap_or_else(|e| e.into_inner());
+        start.saturating_duration_since(since).as_millis() as i64
+    };
+    let (mut parts, body) = req.into_parts();
+    let mut upgrade = tunnel::Upgrade::take(&mut parts); // WebSocket & co (proxy/tunnel.rs)
+    let client = ClientSide {
+        frontend: &conn.frontend,
+        peer: conn.peer,
+        sni: conn.sni.as_deref(),
+    };
+    let prepared = prepare(
+        &shared,
+        client,
+        &mut parts,
+        tq,
+        upgrade.as_ref().map(|u| &u.proto),
+    )
+    .await;
+    let done = Done {
+        conn: conn.clone(),
+        start,
+        end: None,
+    };
+    let Forwarding {
+        pool: pool_idx,
+        mut rec,
+        key,
+        response_ops,
+    } = match prepared {
+        Prepared::Forward(f) => f,
+        Prepared::Answer(answer, rec) => {
+            let (head, body) = answer.into_parts();
+            let body = body.map_err(|never| match never {}).boxed_unsync();
+            return Ok(Response::from_parts(
+                head,
+                LoggedBody::new(body, rec, None, done),
+            ));
+        }
+        Prepared::Refuse(status, rec, term) => {
+            return Ok(error_response(status, rec, term, done));
+        }
+    };
+    let pool = &shared.pools[pool_idx];
     // The request travels by value; it comes back from a connection that could not send it.
     let mut req = Some(Request::from_parts(parts, body));
     let mut tried: Vec<usize> = Vec::new();
@@ -312,19 +381,8 @@ pub(crate) async fn handle(
                 (a.index, a.active)
             }
             Err(e) => {
-                let term = match e {
-                    Unavailable::NoServer => ['S', 'C'],
-                    Unavailable::QueueTimeout(waited) => {
-                        rec.tw += waited.as_millis() as i64;
-                        ['s', 'Q']
-                    }
-                };
-                return Ok(error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    rec,
-                    term,
-                    done,
-                ));
+                let (status, term) = unavailable(e, &mut rec);
+                return Ok(error_response(status, rec, term, done));
             }
         };
         let addr = active.server().addr;
@@ -402,7 +460,7 @@ pub(crate) async fn handle(
                         (Some(active), reusable)
                     }
                 };
-                actions::apply_response(&acted.response, &mut rparts.headers); // response actions
+                actions::apply_response(&response_ops, &mut rparts.headers); // response actions
                 rec.status = rparts.status.as_u16();
                 let mut body = LoggedBody::new(
                     rbody.map_err(BoxError::from).boxed_unsync(),
@@ -442,6 +500,19 @@ pub(crate) async fn handle(
             }
         }
     }
+}
+
+/// The answer to a request no server could take: 503, with why (no server
+/// up: SC; the queue timed out: sQ, its wait added to Tw).
+pub(crate) fn unavailable(e: Unavailable, rec: &mut AccessRecord) -> (StatusCode, [char; 2]) {
+    let term = match e {
+        Unavailable::NoServer => ['S', 'C'],
+        Unavailable::QueueTimeout(waited) => {
+            rec.tw += waited.as_millis() as i64;
+            ['s', 'Q']
+        }
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, term)
 }
 
 /// A small HAProxy-like error page.

@@ -86,6 +86,12 @@ pub(crate) fn check_request(data: &[u8]) -> Result<Option<(usize, Framing)>, &'s
         Err(httparse::Error::TooManyHeaders) => return Err("too many headers"),
         Err(_) => return Err("malformed request head"),
     };
+    let framing = framing_of(&req)?;
+    Ok(Some((len, framing)))
+}
+
+/// The checks above on a parsed request head: its body's framing, or why it is refused.
+pub(crate) fn framing_of(req: &httparse::Request<'_, '_>) -> Result<Framing, &'static str> {
     let http11 = req.version == Some(1);
     let (mut cl, mut te, mut host) = (Vec::new(), Vec::new(), 0usize);
     let mut expect_continue = false;
@@ -125,13 +131,10 @@ pub(crate) fn check_request(data: &[u8]) -> Result<Option<(usize, Framing)>, &'s
         (Some(v), None) => BodyLen::Fixed(parse_content_length(v).ok_or("bad Content-Length")?),
         (None, None) => BodyLen::Fixed(0),
     };
-    Ok(Some((
-        len,
-        Framing {
-            body,
-            expect_continue,
-        },
-    )))
+    Ok(Framing {
+        body,
+        expect_continue,
+    })
 }
 
 /// `1*DIGIT` that fits in a u64.
@@ -188,7 +191,16 @@ fn chunk_size(line: &[u8]) -> Result<u64, ()> {
 
 /// Follows chunked framing over `data` from `state` as far as it goes:
 /// bytes consumed and the state reached, or Err on broken framing.
-pub(crate) fn scan_chunked(mut state: Chunk, data: &[u8]) -> Result<(usize, Chunk), ()> {
+pub(crate) fn scan_chunked(state: Chunk, data: &[u8]) -> Result<(usize, Chunk), ()> {
+    scan_chunked_data(state, data, |_| {})
+}
+
+/// `scan_chunked` that also hands each piece of chunk data to `on_data` (for dechunking).
+pub(crate) fn scan_chunked_data(
+    mut state: Chunk,
+    data: &[u8],
+    mut on_data: impl FnMut(&[u8]),
+) -> Result<(usize, Chunk), ()> {
     let mut at = 0;
     loop {
         let rest = &data[at..];
@@ -211,6 +223,7 @@ pub(crate) fn scan_chunked(mut state: Chunk, data: &[u8]) -> Result<(usize, Chun
                 if take == 0 {
                     return Ok((at, state));
                 }
+                on_data(&rest[..take as usize]);
                 at += take as usize;
                 state = if take == left {
                     Chunk::DataEnd

@@ -142,6 +142,7 @@ pub mod actions;
 mod balance;
 mod connpool;
 mod forward;
+mod h1;
 mod hardening;
 mod log;
 mod model;
@@ -249,12 +250,18 @@ impl Proxy {
             };
             // validate() checked that the default pool exists.
             let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
+            // Our own HTTP/1 path forwards to HTTP/1.1 servers only (proxy/h1).
+            let own_h1 = std::iter::once(&fe.default_pool)
+                .chain(fe.use_pool.iter().map(|u| &u.pool))
+                .filter_map(|name| cfg.pool_index(name))
+                .all(|i| !cfg.pools[i].h2);
             let runtime = Arc::new(FrontendRuntime::new(
                 fe,
                 index,
                 default_pool,
                 actions.remove(&fe.name),
                 acceptor,
+                own_h1,
             ));
             for bind in &fe.binds {
                 let listener = reuseport_listener(*bind)

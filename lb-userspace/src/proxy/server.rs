@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::actions::CompiledActions;
 use super::forward::{self, Activity, ConnCtx, FrontendCtx, Shared};
+use super::h1;
 use super::hardening::GuardIo;
 use super::log::{AccessRecord, LogFormat};
 use super::model::Frontend;
@@ -45,6 +46,9 @@ pub(crate) struct FrontendRuntime {
     pub head_limit: usize,
     /// Read a PROXY protocol header first.
     pub accept_proxy: bool,
+    /// HTTP/1 clients take our own path (proxy/h1): every pool the frontend
+    /// routes to speaks HTTP/1.1 to its servers.
+    pub own_h1: bool,
 }
 
 impl FrontendRuntime {
@@ -55,6 +59,7 @@ impl FrontendRuntime {
         default_pool: usize,
         actions: Option<CompiledActions>,
         tls: Option<TlsAcceptor>,
+        own_h1: bool,
     ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper's own header timeout closes silently; ClientIo answers 408 instead.
@@ -91,6 +96,7 @@ impl FrontendRuntime {
             builder,
             head_limit: cfg.request_header_limit.max(8192),
             accept_proxy: cfg.accept_proxy,
+            own_h1,
         }
     }
 }
@@ -166,6 +172,15 @@ async fn serve_connection(
         }
     }
     match &fe.tls {
+        None if fe.own_h1 => {
+            let mut sd = shutdown.clone();
+            let h2 = h1::serve(stream, (peer, local), None, true, &fe, &shared, &mut sd).await;
+            // HTTP/2 prior knowledge: hyper serves it, from the bytes already read.
+            if let Some(io) = h2 {
+                let (fe2, addrs) = (fe.clone(), (peer, local));
+                serve_io(io, addrs, None, Some(true), fe2, shared, shutdown).await
+            }
+        }
         None => {
             serve_io(
                 stream,
@@ -194,6 +209,12 @@ async fn serve_connection(
             let (_, session) = tls.get_ref();
             let sni = session.server_name().map(str::to_string);
             let h2 = session.alpn_protocol() == Some(b"h2");
+            if fe.own_h1 && !h2 {
+                let mut sd = shutdown.clone();
+                // ALPN said HTTP/1.1 (or nothing): no preface to look for.
+                h1::serve(tls, (peer, local), sni, false, &fe, &shared, &mut sd).await;
+                return;
+            }
             serve_io(
                 tls,
                 (peer, local),
@@ -287,7 +308,7 @@ enum Phase {
 }
 
 /// HAProxy's 408 answer to a request head that did not arrive in time.
-const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Time-out\r\ncontent-length: 110\r\ncache-control: no-cache\r\nconnection: close\r\ncontent-type: text/html\r\n\r\n<html><body><h1>408 Request Time-out</h1>\nYour browser didn't send a complete request in time.\n</body></html>\n";
+pub(crate) const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Time-out\r\ncontent-length: 110\r\ncache-control: no-cache\r\nconnection: close\r\ncontent-type: text/html\r\n\r\n<html><body><h1>408 Request Time-out</h1>\nYour browser didn't send a complete request in time.\n</body></html>\n";
 
 /// Client stream that enforces the request-head and idle timeouts:
 /// a stalled HTTP/1 head gets a 408 written here (hyper would close silently),

@@ -33,7 +33,8 @@ pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Dur
 
 /// A client's request to switch protocols, taken from its request.
 pub(crate) struct Upgrade {
-    proto: HeaderValue,
+    /// The protocol asked for (the Upgrade header).
+    pub proto: HeaderValue,
     client: OnUpgrade,
 }
 
@@ -46,12 +47,6 @@ impl Upgrade {
         let proto = parts.headers.get(header::UPGRADE)?.clone();
         let client = parts.extensions.remove::<OnUpgrade>()?;
         Some(Upgrade { proto, client })
-    }
-
-    /// Puts back the headers that hop-by-hop stripping removed.
-    pub(crate) fn restore(&self, headers: &mut HeaderMap) {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, self.proto.clone());
     }
 
     /// On a `101` answer: restores its upgrade headers, marks the client
@@ -96,8 +91,14 @@ impl Upgrade {
     }
 }
 
+/// Puts back the upgrade headers that hop-by-hop stripping removed.
+pub(crate) fn restore(headers: &mut HeaderMap, proto: &HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, proto.clone());
+}
+
 /// Whether the Connection header lists the `upgrade` token.
-fn connection_has_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn connection_has_upgrade(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()

@@ -1,0 +1,933 @@
+//! Our own HTTP/1.1 path: serves an HTTP/1 client connection and forwards
+//! its requests over plain HTTP/1.1 server connections, without hyper.
+//!
+//! hyper's path runs two HTTP/1 state machines per request (its server for
+//! the client, its client for the server) and moves heads and bodies through
+//! `Request`/`Response`/`Body` values; that was about two thirds of the
+//! user-space instructions of a proxied keep-alive request. Here each head is
+//! parsed once off the connection's buffer (with the request-smuggling checks
+//! of `hardening`), actions and routing run on the same `http` types as on
+//! hyper's path (`forward::prepare`), the head is written out again for the
+//! next hop, and the body follows byte for byte by its framing. A whole
+//! exchange runs in the client connection's task.
+//!
+//! Used for HTTP/1 clients of frontends whose pools all speak HTTP/1.1 to
+//! their servers (`FrontendRuntime::own_h1`). HTTP/2 clients (ALPN `h2`, or
+//! the h2c preface, handed over with the bytes already read) and frontends
+//! that can reach an `h2` pool are served by hyper (`server::serve_io`).
+//!
+//! Differences from hyper's path: a request body is sent whole before the
+//! response is read (a server that answers early, e.g. 413, is still heard
+//! when it stops reading); `timeout_server` applies to every wait on the
+//! server, body included, and `timeout_client` to every wait on the client
+//! once a request is in, as in HAProxy.
+
+mod codec;
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderValue};
+use http::{StatusCode, Version};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use super::actions;
+use super::connpool::RawConn;
+use super::forward::{self, ClientSide, Forwarding, Prepared, Shared};
+use super::hardening::{self, Chunk};
+use super::log::{self, AccessRecord};
+use super::server::{FrontendRuntime, TIMEOUT_408};
+use super::tunnel;
+use codec::{BodyKind, RequestHead, ResponseHead, Span};
+
+/// Bytes asked of a stream per read.
+const READ_SIZE: usize = 16 * 1024;
+/// Pending output is written once it reaches this size.
+const WRITE_AT: usize = 64 * 1024;
+/// How long, and how many bytes, a closing connection is read and dropped.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 256 * 1024;
+/// Start of the HTTP/2 connection preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A timer for one wait at a time, moved in tokio's wheel only when a wait
+/// ends earlier than the registered deadline (moving it per request showed in
+/// profiles); a wait that ends later is caught when the timer fires.
+struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Deadline {
+    fn new() -> Self {
+        Deadline {
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        }
+    }
+
+    fn arm(&mut self, due: Instant) {
+        if due < self.sleep.deadline() || self.sleep.is_elapsed() {
+            self.sleep.as_mut().reset(due);
+        }
+    }
+
+    /// Whether `due` has passed; otherwise the task is woken when it may have.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, due: Instant) -> bool {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= due {
+                return true;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+    }
+
+    /// Runs `fut` for at most `limit` (counted from its first wait: no clock
+    /// read when it is ready at once); None when it timed out.
+    async fn limit<F: Future>(&mut self, limit: Duration, fut: F) -> Option<F::Output> {
+        let mut fut = pin!(fut);
+        let mut due = None;
+        poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            let d = *due.get_or_insert_with(|| Instant::now() + limit);
+            self.arm(d);
+            if self.poll_expired(cx, d) {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Reads more into `buf`: Ok(0) at end of stream.
+async fn read_more<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+    buf.reserve(READ_SIZE);
+    poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, buf)).await
+}
+
+/// Writes all of `out` and flushes (TLS streams buffer), then empties it.
+async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
+    io.write_all(out).await?;
+    io.flush().await?;
+    out.clear();
+    Ok(())
+}
+
+/// Why a body could not be relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fail {
+    /// The source closed or failed before the body's end.
+    Read,
+    /// Nothing came from the source in time.
+    ReadTimeout,
+    /// Writing to the destination failed.
+    Write,
+    /// The destination did not take the bytes in time.
+    WriteTimeout,
+    /// Broken chunk framing.
+    Framing,
+}
+
+/// One side of a relay: a stream, the bytes read ahead from it, and how long
+/// a wait on it may take.
+struct End<'a, S> {
+    io: &'a mut S,
+    limit: Duration,
+}
+
+/// Copies one message body from `src` (starting with `buf`, its bytes read
+/// ahead) to `dst`, after whatever `out` already holds (the head, so that a
+/// small message leaves in one write). `dechunk` writes chunk data only.
+/// Returns the body's payload bytes.
+async fn relay<R, W>(
+    src: End<'_, R>,
+    buf: &mut BytesMut,
+    dst: End<'_, W>,
+    out: &mut Vec<u8>,
+    body: BodyKind,
+    dechunk: bool,
+    timer: &mut Deadline,
+) -> Result<u64, Fail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut left = match body {
+        BodyKind::Fixed(n) => n,
+        _ => 0,
+    };
+    let mut chunk = Chunk::Size;
+    let mut payload = 0u64;
+    loop {
+        let done = match body {
+            BodyKind::Fixed(_) => {
+                let take = left.min(buf.len() as u64) as usize;
+                out.extend_from_slice(&buf[..take]);
+                buf.advance(take);
+                left -= take as u64;
+                payload += take as u64;
+                left == 0
+            }
+            BodyKind::Chunked => {
+                let (used, next) = hardening::scan_chunked_data(chunk, buf, |d| {
+                    payload += d.len() as u64;
+                    if dechunk {
+                        out.extend_from_slice(d);
+                    }
+                })
+                .map_err(|()| Fail::Framing)?;
+                if !dechunk {
+                    out.extend_from_slice(&buf[..used]);
+                }
+                buf.advance(used);
+                chunk = next;
+                chunk == Chunk::Done
+            }
+            BodyKind::Close => {
+                payload += buf.len() as u64;
+                out.extend_from_slice(buf);
+                buf.clear();
+                false
+            }
+        };
+        // Pending bytes go out before waiting for more, so the body flows.
+        if done || !out.is_empty() {
+            match timer.limit(dst.limit, write_out(dst.io, out)).await {
+                Some(Ok(())) => {}
+                Some(Err(_)) => return Err(Fail::Write),
+                None => return Err(Fail::WriteTimeout),
+            }
+        }
+        if done {
+            return Ok(payload);
+        }
+        match timer.limit(src.limit, read_more(src.io, buf)).await {
+            Some(Ok(0)) if body == BodyKind::Close => return Ok(payload),
+            Some(Ok(0)) | Some(Err(_)) => return Err(Fail::Read),
+            Some(Ok(_)) => {}
+            None => return Err(Fail::ReadTimeout),
+        }
+        if out.capacity() > WRITE_AT && out.is_empty() {
+            // A big body passed: give the memory back.
+            out.shrink_to(WRITE_AT);
+        }
+    }
+}
+
+/// A stream whose first reads return bytes read from it before its protocol
+/// was known (the HTTP/2 preface, handed to hyper).
+pub(crate) struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+write_through!(Prefixed<T>);
+
+/// Why no response head came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeadFail {
+    /// Malformed, or the connection ended inside it.
+    Bad,
+    /// The connection ended before any byte of it.
+    Silent,
+    /// Not within `timeout_server`.
+    TimedOut,
+}
+
+/// What comes after an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// What waiting for a request head gave.
+enum Wait {
+    Head(Box<RequestHead>),
+    /// The connection ends (closed, idle timeout, shutdown, or answered 408/400).
+    End,
+    /// HTTP/2 prior knowledge: hyper takes over.
+    H2,
+}
+
+/// A client connection on our path.
+struct Client<'a, T> {
+    io: T,
+    /// Bytes read from the client and not yet used.
+    rbuf: BytesMut,
+    /// Output being assembled (heads, then body bytes).
+    out: Vec<u8>,
+    spans: Vec<Span>,
+    timer: Deadline,
+    fe: &'a FrontendRuntime,
+    shared: &'a Shared,
+    peer: SocketAddr,
+    local: SocketAddr,
+    sni: Option<String>,
+}
+
+/// Serves HTTP/1 requests on `io` until the client or the proxy ends the
+/// connection. `plain` binds may carry HTTP/2 prior knowledge instead: then
+/// the stream and the bytes read are returned, for hyper.
+pub(crate) async fn serve<T>(
+    io: T,
+    (peer, local): (SocketAddr, SocketAddr),
+    sni: Option<String>,
+    plain: bool,
+    fe: &FrontendRuntime,
+    shared: &Shared,
+    shutdown: &mut watch::Receiver<()>,
+) -> Option<Prefixed<T>>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut c = Client {
+        io,
+        rbuf: BytesMut::with_capacity(READ_SIZE),
+        out: Vec::with_capacity(READ_SIZE),
+        spans: Vec::new(),
+        timer: Deadline::new(),
+        fe,
+        shared,
+        peer,
+        local,
+        sni,
+    };
+    // `changed()` is polled while idle only, and once registered a version
+    // check on a clone tells whether a wake-up was the shutdown.
+    let probe = shutdown.clone();
+    let changed = shutdown.changed();
+    let mut changed = pin!(changed);
+    let mut registered = false;
+    let mut first = true;
+    let mut ready_since = Instant::now();
+    loop {
+        let head = match c
+            .wait_head(first && plain, first, &probe, &mut changed, &mut registered)
+            .await
+        {
+            Wait::Head(h) => h,
+            Wait::End => {
+                c.close().await;
+                return None;
+            }
+            Wait::H2 => {
+                return Some(Prefixed {
+                    prefix: std::mem::take(&mut c.rbuf).freeze(),
+                    inner: c.io,
+                });
+            }
+        };
+        first = false;
+        let start = Instant::now();
+        let tq = start.saturating_duration_since(ready_since).as_millis() as i64;
+        let next = c.exchange(*head, start, tq).await;
+        ready_since = Instant::now();
+        if next == Next::Close || probe.has_changed().unwrap_or(true) {
+            c.close().await;
+            return None;
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
+    /// Closes our side, then reads and drops what the client still sends for
+    /// a moment (bounded): closing with unread bytes would reset the
+    /// connection, and the client could lose the answer just written.
+    async fn close(&mut self) {
+        let _ = self
+            .timer
+            .limit(LINGER, async {
+                let _ = self.io.shutdown().await;
+                let mut drained = 0;
+                while drained < LINGER_BYTES {
+                    self.rbuf.clear();
+                    match read_more(&mut self.io, &mut self.rbuf).await {
+                        Ok(n) if n > 0 => drained += n,
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Waits for the next request head: the first request and a head under
+    /// way get `timeout_http_request` (then 408), an idle keep-alive
+    /// connection `timeout_http_keep_alive` (then a quiet close).
+    async fn wait_head<F: Future + Unpin>(
+        &mut self,
+        preface: bool,
+        first: bool,
+        probe: &watch::Receiver<()>,
+        changed: &mut F,
+        registered: &mut bool,
+    ) -> Wait {
+        let mut head_due: Option<Instant> = None;
+        loop {
+            if !self.rbuf.is_empty() {
+                if preface {
+                    let n = self.rbuf.len().min(H2_PREFACE.len());
+                    if self.rbuf[..n] == H2_PREFACE[..n] {
+                        if n == H2_PREFACE.len() {
+                            return Wait::H2;
+                        }
+                    } else if let Some(w) = self.parse_head().await {
+                        return w;
+                    }
+                } else if let Some(w) = self.parse_head().await {
+                    return w;
+                }
+                if head_due.is_none() {
+                    head_due = Some(Instant::now() + self.fe.timeouts.http_request);
+                }
+            }
+            let idle = self.rbuf.is_empty();
+            if idle && probe.has_changed().unwrap_or(true) {
+                return Wait::End;
+            }
+            let mut due = head_due;
+            let limit = if first {
+                self.fe.timeouts.http_request
+            } else {
+                self.fe.timeouts.keep_alive
+            };
+            let (io, rbuf, timer) = (&mut self.io, &mut self.rbuf, &mut self.timer);
+            rbuf.reserve(READ_SIZE);
+            let read = poll_fn(|cx| {
+                if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *io), cx, rbuf) {
+                    return Poll::Ready(Some(r));
+                }
+                if idle && (!*registered || probe.has_changed().unwrap_or(true)) {
+                    *registered = true;
+                    if Pin::new(&mut *changed).poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                }
+                let d = *due.get_or_insert_with(|| Instant::now() + limit);
+                timer.arm(d);
+                if timer.poll_expired(cx, d) {
+                    return Poll::Ready(Some(Err(io::ErrorKind::TimedOut.into())));
+                }
+                Poll::Pending
+            })
+            .await;
+            match read {
+                Some(Ok(0)) | None => return Wait::End,
+                Some(Ok(_)) => {}
+                Some(Err(e)) if e.kind() == io::ErrorKind::TimedOut && !idle => {
+                    AccessRecord::bad_request(
+                        self.peer,
+                        self.fe.ctx.name.clone(),
+                        408,
+                        TIMEOUT_408.len() as u64,
+                        ['c', 'R'],
+                    )
+                    .emit_as(self.fe.ctx.log_format);
+                    self.out.clear();
+                    self.out.extend_from_slice(TIMEOUT_408);
+                    let _ = self.write_client().await;
+                    return Wait::End;
+                }
+                Some(Err(_)) => return Wait::End,
+            }
+        }
+    }
+
+    /// Tries to take a complete head off `rbuf`; answers 400 to a bad one.
+    async fn parse_head(&mut self) -> Option<Wait> {
+        match codec::take_request(&mut self.rbuf, &mut self.spans) {
+            Ok(Some(h)) => Some(Wait::Head(Box::new(h))),
+            Ok(None) if self.rbuf.len() <= self.fe.head_limit => None,
+            Ok(None) => Some(self.bad_request("request head too large").await),
+            Err(why) => Some(self.bad_request(why).await),
+        }
+    }
+
+    /// Answers 400 and ends the connection; nothing of the request is forwarded.
+    async fn bad_request(&mut self, why: &str) -> Wait {
+        tracing::debug!(frontend = %self.fe.ctx.name, peer = %self.peer, reason = why, "request rejected");
+        let page = forward::error_page(StatusCode::BAD_REQUEST);
+        AccessRecord::bad_request(
+            self.peer,
+            self.fe.ctx.name.clone(),
+            400,
+            page.len() as u64,
+            ['P', 'R'],
+        )
+        .emit_as(self.fe.ctx.log_format);
+        self.put_error(StatusCode::BAD_REQUEST, &page, true);
+        let _ = self.write_client().await;
+        Wait::End
+    }
+
+    /// Appends an HAProxy-like error answer to `out`.
+    fn put_error(&mut self, status: StatusCode, page: &str, close: bool) {
+        let length = page.len().to_string();
+        let mut extra = vec![
+            ("content-length", length.as_str()),
+            ("cache-control", "no-cache"),
+            ("content-type", "text/html"),
+        ];
+        if close {
+            extra.push(("connection", "close"));
+        }
+        codec::put_response(&mut self.out, status, b"", &http::HeaderMap::new(), &extra);
+        self.out.extend_from_slice(page.as_bytes());
+    }
+
+    /// Writes `out` to the client within `timeout_client`.
+    async fn write_client(&mut self) -> Result<(), Fail> {
+        match self
+            .timer
+            .limit(
+                self.fe.timeouts.client,
+                write_out(&mut self.io, &mut self.out),
+            )
+            .await
+        {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => Err(Fail::Write),
+            None => Err(Fail::WriteTimeout),
+        }
+    }
+
+    /// Answers an error page, logs, and says whether the connection goes on:
+    /// not when the request's body was not read.
+    async fn answer_error(
+        &mut self,
+        status: StatusCode,
+        mut rec: AccessRecord,
+        term: [char; 2],
+        keep_alive: bool,
+        start: Instant,
+    ) -> Next {
+        let page = forward::error_page(status);
+        rec.status = status.as_u16();
+        rec.termination = term;
+        rec.bytes = page.len() as u64;
+        self.put_error(status, &page, !keep_alive);
+        if self.write_client().await.is_err() {
+            rec.termination = ['C', 'D'];
+        }
+        finish(rec, start, self.fe);
+        if keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
+    /// Serves one request: actions, routing, a server, the response.
+    async fn exchange(&mut self, head: RequestHead, start: Instant, tq: i64) -> Next {
+        let RequestHead {
+            mut parts,
+            body,
+            expect_continue,
+            keep_alive,
+            upgrade,
+        } = head;
+        let client_version = parts.version;
+        // An unread body would be taken for the next head: answers given
+        // before reading it close the connection.
+        let bodiless = body == BodyKind::Fixed(0);
+        let client = ClientSide {
+            frontend: &self.fe.ctx,
+            peer: self.peer,
+            sni: self.sni.as_deref(),
+        };
+        let prepared =
+            forward::prepare(self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
+        let fwd = match prepared {
+            Prepared::Forward(f) => f,
+            Prepared::Refuse(status, rec, term) => {
+                return self
+                    .answer_error(status, rec, term, keep_alive && bodiless, start)
+                    .await;
+            }
+            Prepared::Answer(answer, mut rec) => {
+                let (head, body) = answer.into_parts();
+                let body = match body.collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(never) => match never {},
+                };
+                let keep = keep_alive && bodiless;
+                let length = body.len().to_string();
+                let mut extra = Vec::with_capacity(2);
+                if !head.headers.contains_key(header::CONTENT_LENGTH) {
+                    extra.push(("content-length", length.as_str()));
+                }
+                if !keep {
+                    extra.push(("connection", "close"));
+                }
+                codec::put_response(&mut self.out, head.status, b"", &head.headers, &extra);
+                self.out.extend_from_slice(&body);
+                rec.bytes = body.len() as u64;
+                if self.write_client().await.is_err() {
+                    rec.termination = ['C', 'D'];
+                }
+                finish(rec, start, self.fe);
+                return if keep { Next::KeepAlive } else { Next::Close };
+            }
+        };
+        let Forwarding {
+            pool: pool_idx,
+            mut rec,
+            key,
+            response_ops,
+        } = fwd;
+        let pool = &self.shared.pools[pool_idx];
+        if pool.h2 {
+            // Only a router that ignores the frontend's `use_pool` rules gets here
+            // (own_h1 frontends reach HTTP/1.1 pools only).
+            tracing::warn!(pool = %pool.name, "HTTP/2 pool reached on the HTTP/1 path");
+            return self
+                .answer_error(StatusCode::BAD_GATEWAY, rec, ['P', 'H'], false, start)
+                .await;
+        }
+        // The head for the server, written once; resent as is on a retry.
+        let mut head_out = Vec::with_capacity(256);
+        codec::put_request(&mut head_out, &parts, body == BodyKind::Chunked);
+        let mut tried: Vec<usize> = Vec::new();
+        let attempts = pool.retries.saturating_add(1);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let (idx, active) = match pool.balancer.acquire(key, &tried).await {
+                Ok(a) => {
+                    rec.tw += a.queued.as_millis() as i64;
+                    (a.index, a.active)
+                }
+                Err(e) => {
+                    let (status, term) = forward::unavailable(e, &mut rec);
+                    return self
+                        .answer_error(status, rec, term, keep_alive && bodiless, start)
+                        .await;
+                }
+            };
+            let addr = active.server().addr;
+            rec.server = active.server().label.clone();
+            let (mut server, connect_time) = match pool
+                .conns
+                .get_raw(addr, self.peer, self.local)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
+                    if attempt < attempts {
+                        // Redispatch: the next attempt avoids this server.
+                        tried.push(idx);
+                        continue;
+                    }
+                    return self
+                        .answer_error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            rec,
+                            ['S', 'C'],
+                            keep_alive && bodiless,
+                            start,
+                        )
+                        .await;
+                }
+            };
+            let reused = connect_time.is_none();
+            rec.tc = connect_time.map_or(0, |d| d.as_millis() as i64);
+            let sent = Instant::now();
+            let timeout_server = pool.timeout_server;
+            // --- request: head, then the body by its framing ---
+            let mut out = Vec::with_capacity(head_out.len());
+            out.extend_from_slice(&head_out);
+            if expect_continue && !bodiless {
+                self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                if self.write_client().await.is_err() {
+                    rec.termination = ['C', 'D'];
+                    finish(rec, start, self.fe);
+                    return Next::Close;
+                }
+            }
+            let sent_whole = relay(
+                End {
+                    io: &mut self.io,
+                    limit: self.fe.timeouts.client,
+                },
+                &mut self.rbuf,
+                End {
+                    io: &mut server.io,
+                    limit: timeout_server,
+                },
+                &mut out,
+                body,
+                false,
+                &mut self.timer,
+            )
+            .await;
+            match sent_whole {
+                Ok(_) => {}
+                Err(Fail::Read | Fail::ReadTimeout | Fail::Framing) => {
+                    // The client broke off its body: nothing sensible to forward or answer.
+                    let (status, term) = match sent_whole {
+                        Err(Fail::ReadTimeout) => (StatusCode::REQUEST_TIMEOUT, ['c', 'D']),
+                        Err(Fail::Framing) => (StatusCode::BAD_REQUEST, ['P', 'D']),
+                        _ => (StatusCode::BAD_REQUEST, ['C', 'D']),
+                    };
+                    return self.answer_error(status, rec, term, false, start).await;
+                }
+                Err(Fail::Write | Fail::WriteTimeout)
+                    if reused && bodiless && attempt < attempts =>
+                {
+                    // A kept connection the server had closed: send it again on another one.
+                    continue;
+                }
+                // The server stopped taking the body; it may have answered why.
+                Err(Fail::Write | Fail::WriteTimeout) => {}
+            }
+            let body_sent = sent_whole.is_ok();
+            // --- response head (interim 1xx answers skipped) ---
+            let due = sent + timeout_server;
+            let resp = loop {
+                match codec::take_response(&mut server.buf, &mut self.spans, &parts.method) {
+                    Ok(Some(r))
+                        if r.parts.status.is_informational()
+                            && r.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue;
+                    }
+                    Ok(Some(r)) => break Ok(r),
+                    Ok(None) => {}
+                    Err(why) => {
+                        tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response");
+                        break Err(HeadFail::Bad);
+                    }
+                }
+                let wait = due.saturating_duration_since(Instant::now());
+                let read = self
+                    .timer
+                    .limit(wait, read_more(&mut server.io, &mut server.buf))
+                    .await;
+                match read {
+                    Some(Ok(n)) if n > 0 => {}
+                    Some(_) if server.buf.is_empty() => break Err(HeadFail::Silent),
+                    Some(_) => break Err(HeadFail::Bad),
+                    None => break Err(HeadFail::TimedOut),
+                }
+            };
+            let resp = match resp {
+                Ok(r) => r,
+                Err(HeadFail::Silent) if reused && bodiless && attempt < attempts => {
+                    // Closed before answering anything: the server's keep-alive ended.
+                    continue;
+                }
+                Err(fail) => {
+                    rec.tr = sent.elapsed().as_millis() as i64;
+                    let (status, term) = if fail == HeadFail::TimedOut {
+                        (StatusCode::GATEWAY_TIMEOUT, ['s', 'H'])
+                    } else {
+                        (StatusCode::BAD_GATEWAY, ['S', 'H'])
+                    };
+                    let keep = keep_alive && body_sent;
+                    return self.answer_error(status, rec, term, keep, start).await;
+                }
+            };
+            rec.tr = sent.elapsed().as_millis() as i64;
+            return self
+                .respond(
+                    resp,
+                    ResponseCtx {
+                        server,
+                        addr,
+                        pool: pool_idx,
+                        active,
+                        rec,
+                        response_ops,
+                        upgrade,
+                        keep_alive: keep_alive && body_sent,
+                        client_version,
+                        start,
+                    },
+                )
+                .await;
+        }
+    }
+
+    /// Sends a server's response to the client: head (rewritten), then body.
+    async fn respond(&mut self, resp: ResponseHead, ctx: ResponseCtx) -> Next {
+        let ResponseCtx {
+            mut server,
+            addr,
+            pool,
+            active,
+            mut rec,
+            response_ops,
+            upgrade,
+            keep_alive,
+            client_version,
+            start,
+        } = ctx;
+        let pool = &self.shared.pools[pool];
+        let ResponseHead {
+            mut parts,
+            reason,
+            body,
+            keep_alive: server_keep_alive,
+        } = resp;
+        // Codings before `chunked` (e.g. gzip) stay: the client gets the header as sent.
+        let te = parts.headers.get(header::TRANSFER_ENCODING).cloned();
+        let server_upgrade = parts.headers.get(header::UPGRADE).cloned();
+        forward::strip_hop_by_hop(&mut parts.headers);
+        actions::apply_response(&response_ops, &mut parts.headers);
+        rec.status = parts.status.as_u16();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(proto) = upgrade else {
+                return self
+                    .answer_error(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], false, start)
+                    .await;
+            };
+            // --- upgrade: 101 to the client, then a byte-for-byte tunnel (proxy/tunnel.rs) ---
+            let proto_out = server_upgrade.unwrap_or(proto);
+            let proto_text = String::from_utf8_lossy(proto_out.as_bytes()).into_owned();
+            let extra = [("connection", "upgrade"), ("upgrade", proto_text.as_str())];
+            codec::put_response(&mut self.out, parts.status, &reason, &parts.headers, &extra);
+            self.out.extend_from_slice(&server.buf);
+            server.buf.clear();
+            if self.write_client().await.is_err() {
+                rec.termination = ['C', 'D'];
+                finish(rec, start, self.fe);
+                return Next::Close;
+            }
+            finish(rec, start, self.fe);
+            let mut early = std::mem::take(&mut self.rbuf).to_vec();
+            if !early.is_empty() && write_out(&mut server.io, &mut early).await.is_err() {
+                return Next::Close;
+            }
+            let idle = pool
+                .timeout_tunnel
+                .or(self.fe.ctx.timeout_tunnel)
+                .unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
+            let _active = active;
+            match tunnel::splice(&mut self.io, &mut server.io, idle).await {
+                Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
+                Err(e) => tracing::debug!(error = %e, "tunnel ended"),
+            }
+            return Next::Close;
+        }
+        // --- framing toward the client ---
+        let http10 = client_version == Version::HTTP_10;
+        let (dechunk, close) = match body {
+            BodyKind::Fixed(_) => (false, !keep_alive),
+            // An HTTP/1.0 client cannot read chunks: data only, to the close.
+            BodyKind::Chunked if http10 => (true, true),
+            BodyKind::Chunked => (false, !keep_alive),
+            BodyKind::Close => (false, true),
+        };
+        let te_text;
+        let mut extra: Vec<(&str, &str)> = Vec::with_capacity(2);
+        if body == BodyKind::Chunked && !dechunk {
+            te_text = te
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("chunked")
+                .to_string();
+            extra.push(("transfer-encoding", te_text.as_str()));
+        }
+        if close {
+            extra.push(("connection", "close"));
+        } else if http10 {
+            extra.push(("connection", "keep-alive"));
+        }
+        codec::put_response(&mut self.out, parts.status, &reason, &parts.headers, &extra);
+        let relayed = relay(
+            End {
+                io: &mut server.io,
+                limit: pool.timeout_server,
+            },
+            &mut server.buf,
+            End {
+                io: &mut self.io,
+                limit: self.fe.timeouts.client,
+            },
+            &mut self.out,
+            body,
+            dechunk,
+            &mut self.timer,
+        )
+        .await;
+        let next = match relayed {
+            Ok(bytes) => {
+                rec.bytes = bytes;
+                if server_keep_alive && body != BodyKind::Close {
+                    pool.conns.put_raw(addr, server);
+                }
+                if close { Next::Close } else { Next::KeepAlive }
+            }
+            Err(fail) => {
+                self.out.clear();
+                rec.termination = match fail {
+                    Fail::Read => ['S', 'D'],
+                    Fail::ReadTimeout => ['s', 'D'],
+                    Fail::Write => ['C', 'D'],
+                    Fail::WriteTimeout => ['c', 'D'],
+                    Fail::Framing => ['P', 'D'],
+                };
+                Next::Close
+            }
+        };
+        drop(active);
+        finish(rec, start, self.fe);
+        next
+    }
+}
+
+/// What `respond` needs of the exchange.
+struct ResponseCtx {
+    server: RawConn,
+    addr: SocketAddr,
+    pool: usize,
+    active: super::balance::Active,
+    rec: AccessRecord,
+    response_ops: Vec<actions::HeaderOp>,
+    upgrade: Option<HeaderValue>,
+    /// The client connection may stay open (as far as the request goes).
+    keep_alive: bool,
+    client_version: Version,
+    start: Instant,
+}
+
+/// Completes and emits a request's access log record.
+fn finish(mut rec: AccessRecord, start: Instant, fe: &FrontendRuntime) {
+    let tt = start.elapsed();
+    rec.tt = tt.as_millis() as i64;
+    if log::enabled() {
+        rec.date = SystemTime::now().checked_sub(tt).unwrap_or(UNIX_EPOCH);
+        rec.emit_as(fe.ctx.log_format);
+    }
+}
