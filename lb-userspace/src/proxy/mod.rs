@@ -160,6 +160,8 @@ mod tests;
 #[cfg(test)]
 mod tests_edge;
 #[cfg(test)]
+mod tests_h1;
+#[cfg(test)]
 mod tests_upstream;
 
 use std::net::SocketAddr;

@@ -17,10 +17,9 @@
 //! that can reach an `h2` pool are served by hyper (`server::serve_io`).
 //!
 //! Differences from hyper's path: a request body is sent whole before the
-//! response is read (a server that answers early, e.g. 413, is still heard
-//! when it stops reading); `timeout_server` applies to every wait on the
-//! server, body included, and `timeout_client` to every wait on the client
-//! once a request is in, as in HAProxy.
+//! response is read; `timeout_server` applies to every wait on the server,
+//! body included, and `timeout_client` to every wait on the client once a
+//! request is in, as in HAProxy.
 
 mod codec;
 

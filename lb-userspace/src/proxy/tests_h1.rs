@@ -1,0 +1,225 @@
+//! Tests of our own HTTP/1.1 path (proxy/h1) against scripted raw-TCP servers:
+//! the framings and interim answers hyper used to deal with for us.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::test_support::{local_frontend, start_proxy};
+use super::*;
+
+/// What a scripted server answers to one request (head and body as received).
+type Script = dyn Fn(&str, &[u8]) -> (Vec<u8>, bool) + Send + Sync;
+
+/// A raw HTTP/1.1 server: reads each request head and its Content-Length
+/// body, writes what `script` returns, and closes when it says so. Every
+/// request it receives is recorded.
+async fn scripted_server(script: Arc<Script>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (script, log) = (script.clone(), log.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let length = head
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    while buf.len() < length {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    let body: Vec<u8> = buf.drain(..length).collect();
+                    log.lock().unwrap().push(head.clone());
+                    let (answer, close) = script(&head, &body);
+                    if s.write_all(&answer).await.is_err() || close {
+                        let _ = s.shutdown().await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A proxy in front of a server that always answers `answer` (and closes after it when `close`).
+async fn proxy_answering(answer: &'static str, close: bool) -> (Proxy, Arc<Mutex<Vec<String>>>) {
+    let (server, seen) =
+        scripted_server(Arc::new(move |_, _| (answer.as_bytes().to_vec(), close))).await;
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    (start_proxy(local_frontend(), pool).await, seen)
+}
+
+/// Sends `request` and reads until the proxy closes the connection (5 s at most).
+async fn until_closed(front: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy did not close the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+const CHUNKED: &str =
+    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+
+#[tokio::test]
+async fn chunked_response_to_http10_client_is_dechunked_then_closed() {
+    let (proxy, _) = proxy_answering(CHUNKED, false).await;
+    let out = until_closed(proxy.local_addrs()[0], "GET / HTTP/1.0\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.contains("connection: close\r\n"), "{out}");
+    assert!(
+        !out.to_ascii_lowercase().contains("transfer-encoding"),
+        "{out}"
+    );
+    assert!(out.ends_with("\r\n\r\nhello world"), "{out}");
+}
+
+#[tokio::test]
+async fn chunked_response_to_http11_client_keeps_its_framing_and_codings() {
+    let gzip = "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let (proxy, _) = proxy_answering(gzip, false).await;
+    let front = proxy.local_addrs()[0];
+    let out = until_closed(
+        front,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        out.contains("transfer-encoding: gzip, chunked\r\n"),
+        "{out}"
+    );
+    assert!(out.ends_with("\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), "{out}");
+}
+
+#[tokio::test]
+async fn response_delimited_by_close_reaches_the_client_then_closes() {
+    let (proxy, _) = proxy_answering("HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\nall of it", true).await;
+    let front = proxy.local_addrs()[0];
+    // A keep-alive client: the proxy must close, as the end of the body is the close.
+    let out = until_closed(front, "GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(out.contains("connection: close\r\n"), "{out}");
+    assert!(out.ends_with("\r\n\r\nall of it"), "{out}");
+}
+
+#[tokio::test]
+async fn interim_answers_are_skipped_and_head_answers_have_no_body() {
+    let (server, seen) = scripted_server(Arc::new(|head: &str, _: &[u8]| {
+        let answer = if head.starts_with("HEAD") {
+            "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+        } else {
+            "HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        };
+        (answer.as_bytes().to_vec(), false)
+    }))
+    .await;
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    // HEAD, then GET on the same connection: the HEAD answer's Content-Length announces no body.
+    let out = until_closed(
+        proxy.local_addrs()[0],
+        "HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let answers: Vec<&str> = out.split("HTTP/1.1 ").filter(|a| !a.is_empty()).collect();
+    assert_eq!(answers.len(), 2, "{out}");
+    assert!(answers[0].starts_with("200") && answers[0].ends_with("content-length: 100\r\n\r\n"));
+    assert!(
+        answers[1].starts_with("200") && answers[1].ends_with("\r\n\r\nok"),
+        "{out}"
+    );
+    assert!(!out.contains("103"), "{out}");
+    assert_eq!(seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body() {
+    let (server, seen) = scripted_server(Arc::new(|_: &str, body: &[u8]| {
+        let mut answer =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        answer.extend_from_slice(body);
+        (answer, false)
+    }))
+    .await;
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut interim = [0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut interim))
+        .await
+        .expect("no 100 Continue")
+        .unwrap();
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello").await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("hello"),
+        "{out}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn request_head_reaches_the_server_as_http11_with_forwarded_headers() {
+    let (server, seen) = scripted_server(Arc::new(|_: &str, _: &[u8]| {
+        (b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), false)
+    }))
+    .await;
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    let out = until_closed(
+        proxy.local_addrs()[0],
+        "GET /a?b=1 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-Kept: 2\r\n\r\n\
+         GET /next HTTP/1.0\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    // The HTTP/1.0 keep-alive client is told the connection stays, then it ends after the second.
+    assert!(
+        out.starts_with("HTTP/1.1 204 No Content\r\nconnection: keep-alive\r\n\r\n"),
+        "{out}"
+    );
+    assert_eq!(out.matches("HTTP/1.1 204").count(), 2, "{out}");
+    let seen = seen.lock().unwrap();
+    let first = &seen[0];
+    assert!(first.starts_with("GET /a?b=1 HTTP/1.1\r\n"), "{first}");
+    assert!(first.contains("x-kept: 2\r\n") && first.contains("x-forwarded-for: 127.0.0.1\r\n"));
+    assert!(
+        !first.contains("x-hop") && !first.contains("connection"),
+        "{first}"
+    );
+}
