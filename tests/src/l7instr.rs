@@ -1,11 +1,13 @@
-//! `lb-bench l7instr`: user-space instructions per proxied HTTP keep-alive
-//! request, ours against HAProxy, counted by valgrind's callgrind on loopback.
+//! `lb-bench l7instr`: user-space instructions per proxied HTTP request, on
+//! one keep-alive connection and with a new connection per request, ours
+//! against HAProxy, counted by valgrind's callgrind on loopback.
 //!
 //! Instruction counts do not depend on what else the machine is doing, so
 //! this comparison holds on a noisy VM where CPU-time ratios move by ±20 %
 //! between runs. Each proxy runs under callgrind twice, serving `SHORT` and
-//! then `LONG` requests from one keep-alive client connection; the difference
-//! divided by `LONG - SHORT` removes start-up and shutdown. The kernel's share
+//! then `LONG` requests (from one keep-alive client connection, or each on a
+//! connection of its own); the difference divided by `LONG - SHORT` removes
+//! start-up and shutdown. The kernel's share
 //! (the TCP path, about the same for both) is not counted.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -63,7 +65,7 @@ pub fn run() -> Result<()> {
     let me = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("lb-l7instr-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = (|| -> Result<(f64, f64)> {
+    let result = (|| -> Result<[(f64, f64); 2]> {
         let backend_addr = free_port()?;
         let _backend = Proc(
             Command::new(&lb)
@@ -75,28 +77,30 @@ pub fn run() -> Result<()> {
                 .context("starting the lab backend")?,
         );
         wait_listening(backend_addr, None)?;
-        let per_request = |name: &str, cmd: &dyn Fn(SocketAddr) -> Command| -> Result<f64> {
-            let mut counts = Vec::new();
-            for n in [SHORT, LONG] {
-                let listen = free_port()?;
-                let out = dir.join(format!("{name}-{n}.callgrind"));
-                let inner = cmd(listen);
-                let mut c = Command::new(&valgrind);
-                c.arg("--tool=callgrind")
-                    .arg(format!("--callgrind-out-file={}", out.display()))
-                    .arg(inner.get_program())
-                    .args(inner.get_args())
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null());
-                let mut proxy = Proc(c.spawn().with_context(|| format!("starting {name}"))?);
-                wait_listening(listen, Some(&mut proxy.0))?;
-                requests(listen, n).with_context(|| format!("{name}: {n} requests"))?;
-                stop(&mut proxy.0)?;
-                counts.push(total_instructions(&out)?);
-            }
-            Ok((counts[1] - counts[0]) as f64 / (LONG - SHORT) as f64)
-        };
+        let per_request =
+            |name: &str, cmd: &dyn Fn(SocketAddr) -> Command, keep_alive: bool| -> Result<f64> {
+                let mut counts = Vec::new();
+                for n in [SHORT, LONG] {
+                    let listen = free_port()?;
+                    let out = dir.join(format!("{name}-{n}-{keep_alive}.callgrind"));
+                    let inner = cmd(listen);
+                    let mut c = Command::new(&valgrind);
+                    c.arg("--tool=callgrind")
+                        .arg(format!("--callgrind-out-file={}", out.display()))
+                        .arg(inner.get_program())
+                        .args(inner.get_args())
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null());
+                    let mut proxy = Proc(c.spawn().with_context(|| format!("starting {name}"))?);
+                    wait_listening(listen, Some(&mut proxy.0))?;
+                    requests(listen, n, keep_alive)
+                        .with_context(|| format!("{name}: {n} requests"))?;
+                    stop(&mut proxy.0)?;
+                    counts.push(total_instructions(&out)?);
+                }
+                Ok((counts[1] - counts[0]) as f64 / (LONG - SHORT) as f64)
+            };
         let cfg = dir.join("haproxy.cfg");
         let haproxy_cmd = |listen: SocketAddr| {
             let _ = std::fs::write(&cfg, haproxy_config(listen, backend_addr));
@@ -113,21 +117,29 @@ pub fn run() -> Result<()> {
             ]);
             c
         };
-        let h = per_request("haproxy", &haproxy_cmd)?;
-        let o = per_request("ours", &ours_cmd)?;
-        Ok((h, o))
+        let mut out = [(0.0, 0.0); 2];
+        for (i, keep_alive) in [true, false].into_iter().enumerate() {
+            let h = per_request("haproxy", &haproxy_cmd, keep_alive)?;
+            let o = per_request("ours", &ours_cmd, keep_alive)?;
+            out[i] = (h, o);
+        }
+        Ok(out)
     })();
     let _ = std::fs::remove_dir_all(&dir);
-    let (h, o) = result?;
+    let figures = result?;
     println!(
-        "User-space instructions per HTTP keep-alive request (callgrind, loopback, one connection, \
-         {LONG} - {SHORT} requests):"
+        "User-space instructions per HTTP request (callgrind, loopback, {LONG} - {SHORT} requests; \
+         HAProxy nbthread 1, ours one tokio thread):"
     );
-    println!("  baseline: HAProxy (nbthread 1)                 {h:>8.0}   1.00x");
     println!(
-        "  ours (one tokio thread)                        {o:>8.0}   {:.2}x   (target <= 1.00x)",
-        o / h
+        "                                   HAProxy       ours   ours/HAProxy (target <= 1.00x)"
     );
+    for (label, (h, o)) in ["one keep-alive connection", "a new connection each"]
+        .iter()
+        .zip(figures)
+    {
+        println!("  {label:<30} {h:>9.0}  {o:>9.0}   {:.2}x", o / h);
+    }
     Ok(())
 }
 
@@ -159,19 +171,28 @@ fn wait_listening(addr: SocketAddr, mut child: Option<&mut Child>) -> Result<()>
     bail!("nothing listening on {addr} after {START_TIMEOUT:?}")
 }
 
-/// Sends `n` keep-alive GETs on one connection, reading each answer in full.
-fn requests(addr: SocketAddr, n: u64) -> Result<()> {
-    let stream = TcpStream::connect(addr)?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut w = stream.try_clone()?;
-    let mut r = BufReader::new(stream);
+/// Sends `n` GETs, on one keep-alive connection or each on a new one
+/// (`Connection: close`), reading each answer in full.
+fn requests(addr: SocketAddr, n: u64, keep_alive: bool) -> Result<()> {
+    let connect = || -> Result<(TcpStream, BufReader<TcpStream>)> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        Ok((stream.try_clone()?, BufReader::new(stream)))
+    };
+    let request: &[u8] = if keep_alive {
+        b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: lb-bench\r\nAccept: */*\r\n\r\n"
+    } else {
+        b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: lb-bench\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    };
+    let (mut w, mut r) = connect()?;
     let mut line = String::new();
     let mut body = Vec::new();
     for i in 0..n {
-        w.write_all(
-            b"GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: lb-bench\r\nAccept: */*\r\n\r\n",
-        )?;
+        if !keep_alive && i > 0 {
+            (w, r) = connect()?;
+        }
+        w.write_all(request)?;
         let mut length = None;
         let mut first = true;
         loop {

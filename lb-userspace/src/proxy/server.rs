@@ -174,23 +174,28 @@ async fn serve_connection(
     match &fe.tls {
         None if fe.own_h1 => {
             let mut sd = shutdown.clone();
-            let h2 = h1::serve(stream, (peer, local), None, true, &fe, &shared, &mut sd).await;
+            // Boxed here, as every big future below: the task's own future
+            // stays small, and tokio moves it a few times when spawning
+            // (copying kilobytes per connection showed in profiles).
+            let h1 = h1::serve(stream, (peer, local), None, true, &fe, &shared, &mut sd);
+            let h2 = Box::pin(h1).await;
             // HTTP/2 prior knowledge: hyper serves it, from the bytes already read.
             if let Some(io) = h2 {
                 let (fe2, addrs) = (fe.clone(), (peer, local));
-                serve_io(io, addrs, None, Some(true), fe2, shared, shutdown).await
+                Box::pin(serve_io(io, addrs, None, Some(true), fe2, shared, shutdown)).await
             }
         }
         None => {
-            serve_io(
+            let addrs = (peer, local);
+            Box::pin(serve_io(
                 stream,
-                (peer, local),
+                addrs,
                 None,
                 None,
                 fe.clone(),
                 shared,
                 shutdown,
-            )
+            ))
             .await
         }
         Some(acceptor) => {
@@ -212,18 +217,28 @@ async fn serve_connection(
             if fe.own_h1 && !h2 {
                 let mut sd = shutdown.clone();
                 // ALPN said HTTP/1.1 (or nothing): no preface to look for.
-                h1::serve(tls, (peer, local), sni, false, &fe, &shared, &mut sd).await;
+                Box::pin(h1::serve(
+                    tls,
+                    (peer, local),
+                    sni,
+                    false,
+                    &fe,
+                    &shared,
+                    &mut sd,
+                ))
+                .await;
                 return;
             }
-            serve_io(
+            let addrs = (peer, local);
+            Box::pin(serve_io(
                 tls,
-                (peer, local),
+                addrs,
                 sni,
                 Some(h2),
                 fe.clone(),
                 shared,
                 shutdown,
-            )
+            ))
             .await
         }
     }
