@@ -137,14 +137,16 @@ pub(crate) async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let (fe, shared, shutdown) = (fe.clone(), shared.clone(), shutdown.clone());
-        tokio::spawn(async move {
+        // Boxed: tokio moves a spawned future several times before it runs;
+        // a pointer is cheaper to move than the connection's state.
+        tokio::spawn(Box::pin(async move {
             let local = match bound {
                 Some(a) => a,
                 None => stream.local_addr().unwrap_or(peer),
             };
             serve_connection(stream, (peer, local), fe, shared, shutdown).await;
             drop(permit);
-        });
+        }));
     }
 }
 

@@ -288,6 +288,8 @@ struct Client<'a, T> {
     out: Vec<u8>,
     spans: Vec<Span>,
     timer: Deadline,
+    /// The client may have sent bytes not read yet (a body not relayed, a refused head).
+    unread: bool,
     fe: &'a FrontendRuntime,
     shared: &'a Shared,
     peer: SocketAddr,
@@ -316,6 +318,7 @@ where
         out: Vec::with_capacity(READ_SIZE),
         spans: Vec::new(),
         timer: Deadline::new(),
+        unread: false,
         fe,
         shared,
         peer,
@@ -360,10 +363,21 @@ where
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
-    /// Closes our side, then reads and drops what the client still sends for
-    /// a moment (bounded): closing with unread bytes would reset the
-    /// connection, and the client could lose the answer just written.
+    /// Closes our side. When the client may still be sending (an unread
+    /// body, a refused head, bytes beyond the last request), reads and drops
+    /// what comes for a moment (bounded) first: closing with unread bytes
+    /// would reset the connection, and the client could lose the answer.
     async fn close(&mut self) {
+        if !self.unread && self.rbuf.is_empty() {
+            let _ = self
+                .timer
+                .limit(
+                    LINGER,
+                    poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)),
+                )
+                .await;
+            return;
+        }
         let _ = self
             .timer
             .limit(LINGER, async {
@@ -455,6 +469,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
                     self.out.clear();
                     self.out.extend_from_slice(TIMEOUT_408);
                     let _ = self.write_client().await;
+                    self.unread = true;
                     return Wait::End;
                 }
                 Some(Err(_)) => return Wait::End,
@@ -486,6 +501,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
         .emit_as(self.fe.ctx.log_format);
         self.put_error(StatusCode::BAD_REQUEST, &page, true);
         let _ = self.write_client().await;
+        self.unread = true;
         Wait::End
     }
 
@@ -559,6 +575,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
         // An unread body would be taken for the next head: answers given
         // before reading it close the connection.
         let bodiless = body == BodyKind::Fixed(0);
+        // Cleared once the body has been relayed.
+        self.unread = !bodiless;
         let client = ClientSide {
             frontend: &self.fe.ctx,
             peer: self.peer,
@@ -691,7 +709,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
             )
             .await;
             match sent_whole {
-                Ok(_) => {}
+                Ok(_) => self.unread = false,
                 Err(Fail::Read | Fail::ReadTimeout | Fail::Framing) => {
                     // The client broke off its body: nothing sensible to forward or answer.
                     let (status, term) = match sent_whole {
