@@ -297,7 +297,7 @@ impl ConnPool {
             Sender::H1(H1 {
                 sender,
                 conn: Some(Box::pin(conn)),
-                timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+                timer: super::h1::unarmed_timer(),
             })
         };
         Ok(Conn {

@@ -368,7 +368,7 @@ impl<T> ClientIo<T> {
             head_started: None,
             armed: None,
             due: tokio::time::Instant::now(),
-            deadline: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            deadline: super::h1::unarmed_timer(),
             answering: None,
             peer,
             frontend,

@@ -58,6 +58,14 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// Start of the HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// A lazy timer before its first use: due far ahead, so that the first wait
+/// moves it earlier. (A timer created due now fires at once when first
+/// polled, and registering an expired timer wakes the runtime's driver
+/// through its eventfd: two system calls per connection.)
+pub(crate) fn unarmed_timer() -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(Duration::from_secs(24 * 3600)))
+}
+
 /// A timer for one wait at a time, moved in tokio's wheel only when a wait
 /// ends earlier than the registered deadline (moving it per request showed in
 /// profiles); a wait that ends later is caught when the timer fires.
@@ -68,7 +76,7 @@ struct Deadline {
 impl Deadline {
     fn new() -> Self {
         Deadline {
-            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            sleep: unarmed_timer(),
         }
     }
 
