@@ -11,8 +11,10 @@ use tokio::net::{TcpListener, TcpStream};
 use super::test_support::{local_frontend, start_proxy};
 use super::*;
 
-/// What a scripted server answers to one request (head and body as received).
-type Script = dyn Fn(&str, &[u8]) -> (Vec<u8>, bool) + Send + Sync;
+/// What a scripted server answers to one request: given the request's place
+/// on its connection (0 for the first), its head and body as received, the
+/// bytes to send and whether to close after them.
+type Script = dyn Fn(usize, &str, &[u8]) -> (Vec<u8>, bool) + Send + Sync;
 
 /// A raw HTTP/1.1 server: reads each request head and its Content-Length
 /// body, writes what `script` returns, and closes when it says so. Every
@@ -27,7 +29,7 @@ async fn scripted_server(script: Arc<Script>) -> (SocketAddr, Arc<Mutex<Vec<Stri
             let (script, log) = (script.clone(), log.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
+                for n in 0.. {
                     let end = loop {
                         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                             break i + 4;
@@ -55,7 +57,7 @@ async fn scripted_server(script: Arc<Script>) -> (SocketAddr, Arc<Mutex<Vec<Stri
                     }
                     let body: Vec<u8> = buf.drain(..length).collect();
                     log.lock().unwrap().push(head.clone());
-                    let (answer, close) = script(&head, &body);
+                    let (answer, close) = script(n, &head, &body);
                     if s.write_all(&answer).await.is_err() || close {
                         let _ = s.shutdown().await;
                         return;
@@ -70,7 +72,7 @@ async fn scripted_server(script: Arc<Script>) -> (SocketAddr, Arc<Mutex<Vec<Stri
 /// A proxy in front of a server that always answers `answer` (and closes after it when `close`).
 async fn proxy_answering(answer: &'static str, close: bool) -> (Proxy, Arc<Mutex<Vec<String>>>) {
     let (server, seen) =
-        scripted_server(Arc::new(move |_, _| (answer.as_bytes().to_vec(), close))).await;
+        scripted_server(Arc::new(move |_, _, _| (answer.as_bytes().to_vec(), close))).await;
     let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
     (start_proxy(local_frontend(), pool).await, seen)
 }
@@ -132,7 +134,7 @@ async fn response_delimited_by_close_reaches_the_client_then_closes() {
 
 #[tokio::test]
 async fn interim_answers_are_skipped_and_head_answers_have_no_body() {
-    let (server, seen) = scripted_server(Arc::new(|head: &str, _: &[u8]| {
+    let (server, seen) = scripted_server(Arc::new(|_, head: &str, _: &[u8]| {
         let answer = if head.starts_with("HEAD") {
             "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
         } else {
@@ -162,7 +164,7 @@ async fn interim_answers_are_skipped_and_head_answers_have_no_body() {
 
 #[tokio::test]
 async fn expect_100_continue_is_answered_before_the_body() {
-    let (server, seen) = scripted_server(Arc::new(|_: &str, body: &[u8]| {
+    let (server, seen) = scripted_server(Arc::new(|_, _: &str, body: &[u8]| {
         let mut answer =
             format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
         answer.extend_from_slice(body);
@@ -196,7 +198,7 @@ async fn expect_100_continue_is_answered_before_the_body() {
 
 #[tokio::test]
 async fn request_head_reaches_the_server_as_http11_with_forwarded_headers() {
-    let (server, seen) = scripted_server(Arc::new(|_: &str, _: &[u8]| {
+    let (server, seen) = scripted_server(Arc::new(|_, _: &str, _: &[u8]| {
         (b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), false)
     }))
     .await;
@@ -222,4 +224,83 @@ async fn request_head_reaches_the_server_as_http11_with_forwarded_headers() {
         !first.contains("x-hop") && !first.contains("connection"),
         "{first}"
     );
+}
+
+#[tokio::test]
+async fn request_on_a_kept_connection_the_server_drops_is_sent_again() {
+    // The server answers the first request of a connection, and closes the
+    // connection without a word on the second: after the proxy took it from
+    // its idle list, before any answer (a keep-alive close racing the request).
+    let (server, seen) = scripted_server(Arc::new(|n, _: &str, _: &[u8]| match n {
+        0 => (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            false,
+        ),
+        _ => (Vec::new(), true),
+    }))
+    .await;
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    let front = proxy.local_addrs()[0];
+    let first = until_closed(
+        front,
+        "GET /1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let second = until_closed(
+        front,
+        "GET /2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        second.starts_with("HTTP/1.1 200") && second.ends_with("ok"),
+        "{second}"
+    );
+    // Sent on the kept connection (dropped), then again on a new one.
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen[1].starts_with("GET /2") && seen[2].starts_with("GET /2"));
+}
+
+#[tokio::test]
+async fn answer_given_before_reading_a_body_still_reaches_the_client() {
+    // No server can be reached: 503 comes before the 128 KiB body is read,
+    // and the connection then closes; a client that reads only after sending
+    // its body gets the whole answer. (Whether the proxy lingers before
+    // closing does not show here: a Linux client keeps the bytes that came
+    // before a reset, once the proxy's FIN is in.)
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(dead)]);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let body = vec![b'x'; 128 << 10];
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = w.write_all(head.as_bytes()).await;
+        // The proxy stops reading at some point: errors here are expected.
+        let _ = w.write_all(&body).await;
+        w
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut out))
+        .await
+        .expect("the proxy did not close the connection")
+        .expect("the connection was reset instead of closed");
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(
+        out.contains("connection: close\r\n") && out.ends_with("</html>\n"),
+        "{out}"
+    );
+    writer.abort();
 }
