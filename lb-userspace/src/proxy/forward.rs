@@ -385,24 +385,13 @@ pub(crate) async fn handle(
     let pool = &shared.pools[pool_idx];
     // The request travels by value; it comes back from a connection that could not send it.
     let mut req = Some(Request::from_parts(parts, body));
-    let mut tried: Vec<usize> = Vec::new();
-    let attempts = pool.retries.saturating_add(1);
-    let mut attempt = 0;
+    let mut attempts = Attempts::new(pool);
     loop {
-        attempt += 1;
-        // Waits in the pool's queue while every eligible server is at maxconn.
-        let (idx, active) = match pool.balancer.acquire(key, &tried).await {
-            Ok(a) => {
-                rec.tw += a.queued.as_millis() as i64;
-                (a.index, a.active)
-            }
-            Err(e) => {
-                let (status, term) = unavailable(e, &mut rec);
-                return Ok(error_response(status, rec, term, done));
-            }
+        let active = match attempts.acquire(pool, key, &mut rec).await {
+            Ok(a) => a,
+            Err((status, term)) => return Ok(error_response(status, rec, term, done)),
         };
         let addr = active.server().addr;
-        rec.server = active.server().label.clone();
         let mut server = match pool.conns.get(addr, conn.peer, conn.local).await {
             // The connection will become the tunnel's: it needs a task of its own.
             Ok(mut c) if upgrade.is_some() => {
@@ -412,9 +401,7 @@ pub(crate) async fn handle(
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
-                if attempt < attempts {
-                    // Redispatch: the next attempt avoids this server.
-                    tried.push(idx);
+                if attempts.redispatch() {
                     continue;
                 }
                 // Like HAProxy: a server that cannot be reached is a 503 (SC).
@@ -493,7 +480,7 @@ pub(crate) async fn handle(
                 // (the server's keep-alive ended): send it again on another one.
                 if let Some(back) = e.take_message()
                     && server.connect_time.is_none()
-                    && attempt < attempts
+                    && attempts.more()
                 {
                     req = Some(back);
                     continue;
@@ -518,9 +505,62 @@ pub(crate) async fn handle(
     }
 }
 
+/// The tries of one request at a pool's servers: `retries` more after the
+/// first, each connect failure redispatched to a server not tried yet.
+pub(crate) struct Attempts {
+    /// Servers (indexes) whose connection failed.
+    tried: Vec<usize>,
+    /// Attempts left after the current one.
+    left: u32,
+    /// The server of the current attempt.
+    current: usize,
+}
+
+impl Attempts {
+    pub(crate) fn new(pool: &PoolRuntime) -> Self {
+        Attempts {
+            tried: Vec::new(),
+            left: pool.retries.saturating_add(1),
+            current: 0,
+        }
+    }
+
+    /// Starts an attempt: a server below its maxconn (waiting in the pool's
+    /// queue for one), recorded in `rec` with the wait; Err is the answer
+    /// when there is none.
+    pub(crate) async fn acquire(
+        &mut self,
+        pool: &PoolRuntime,
+        key: Option<u32>,
+        rec: &mut AccessRecord,
+    ) -> Result<Active, (StatusCode, [char; 2])> {
+        self.left = self.left.saturating_sub(1);
+        match pool.balancer.acquire(key, &self.tried).await {
+            Ok(a) => {
+                rec.tw += a.queued.as_millis() as i64;
+                rec.server = a.active.server().label.clone();
+                self.current = a.index;
+                Ok(a.active)
+            }
+            Err(e) => Err(unavailable(e, rec)),
+        }
+    }
+
+    /// After a failed connect: whether to try again, avoiding this server.
+    pub(crate) fn redispatch(&mut self) -> bool {
+        self.tried.push(self.current);
+        self.more()
+    }
+
+    /// Whether another attempt is allowed.
+    pub(crate) fn more(&self) -> bool {
+        self.left > 0
+    }
+}
+
 /// The answer to a request no server could take: 503, with why (no server
 /// up: SC; the queue timed out: sQ, its wait added to Tw).
-pub(crate) fn unavailable(e: Unavailable, rec: &mut AccessRecord) -> (StatusCode, [char; 2]) {
+fn unavailable(e: Unavailable, rec: &mut AccessRecord) -> (StatusCode, [char; 2]) {
     let term = match e {
         Unavailable::NoServer => ['S', 'C'],
         Unavailable::QueueTimeout(waited) => {

@@ -22,6 +22,7 @@
 //! request is in, as in HAProxy.
 
 mod codec;
+mod relay;
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -36,204 +37,24 @@ use http::{StatusCode, Version};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 use super::actions;
 use super::connpool::RawConn;
-use super::forward::{self, ClientSide, Forwarding, Prepared, Shared};
-use super::hardening::{self, Chunk};
+use super::forward::{self, Attempts, ClientSide, Forwarding, Prepared, Shared};
 use super::log::{self, AccessRecord};
 use super::server::{FrontendRuntime, TIMEOUT_408};
 use super::tunnel;
 use codec::{BodyKind, RequestHead, ResponseHead, Span};
+pub(crate) use relay::unarmed_timer;
+use relay::{Deadline, End, Fail, READ_SIZE, read_more, relay, write_out};
 
-/// Bytes asked of a stream per read.
-const READ_SIZE: usize = 16 * 1024;
-/// Pending output is written once it reaches this size.
-const WRITE_AT: usize = 64 * 1024;
 /// How long, and how many bytes, a closing connection is read and dropped.
 const LINGER: Duration = Duration::from_millis(500);
 const LINGER_BYTES: usize = 256 * 1024;
 /// Start of the HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// A lazy timer before its first use: due far ahead, so that the first wait
-/// moves it earlier. (A timer created due now fires at once when first
-/// polled, and registering an expired timer wakes the runtime's driver
-/// through its eventfd: two system calls per connection.)
-pub(crate) fn unarmed_timer() -> Pin<Box<Sleep>> {
-    Box::pin(tokio::time::sleep(Duration::from_secs(24 * 3600)))
-}
-
-/// A timer for one wait at a time, moved in tokio's wheel only when a wait
-/// ends earlier than the registered deadline (moving it per request showed in
-/// profiles); a wait that ends later is caught when the timer fires.
-struct Deadline {
-    sleep: Pin<Box<Sleep>>,
-}
-
-impl Deadline {
-    fn new() -> Self {
-        Deadline {
-            sleep: unarmed_timer(),
-        }
-    }
-
-    fn arm(&mut self, due: Instant) {
-        if due < self.sleep.deadline() || self.sleep.is_elapsed() {
-            self.sleep.as_mut().reset(due);
-        }
-    }
-
-    /// Whether `due` has passed; otherwise the task is woken when it may have.
-    fn poll_expired(&mut self, cx: &mut Context<'_>, due: Instant) -> bool {
-        loop {
-            if self.sleep.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if Instant::now() >= due {
-                return true;
-            }
-            self.sleep.as_mut().reset(due);
-        }
-    }
-
-    /// Runs `fut` for at most `limit` (counted from its first wait: no clock
-    /// read when it is ready at once); None when it timed out.
-    async fn limit<F: Future>(&mut self, limit: Duration, fut: F) -> Option<F::Output> {
-        let mut fut = pin!(fut);
-        let mut due = None;
-        poll_fn(|cx| {
-            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(v));
-            }
-            let d = *due.get_or_insert_with(|| Instant::now() + limit);
-            self.arm(d);
-            if self.poll_expired(cx, d) {
-                Poll::Ready(None)
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
-
-/// Reads more into `buf`: Ok(0) at end of stream.
-async fn read_more<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
-    buf.reserve(READ_SIZE);
-    poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, buf)).await
-}
-
-/// Writes all of `out` and flushes (TLS streams buffer), then empties it.
-async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
-    io.write_all(out).await?;
-    io.flush().await?;
-    out.clear();
-    Ok(())
-}
-
-/// Why a body could not be relayed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fail {
-    /// The source closed or failed before the body's end.
-    Read,
-    /// Nothing came from the source in time.
-    ReadTimeout,
-    /// Writing to the destination failed.
-    Write,
-    /// The destination did not take the bytes in time.
-    WriteTimeout,
-    /// Broken chunk framing.
-    Framing,
-}
-
-/// One side of a relay: a stream, the bytes read ahead from it, and how long
-/// a wait on it may take.
-struct End<'a, S> {
-    io: &'a mut S,
-    limit: Duration,
-}
-
-/// Copies one message body from `src` (starting with `buf`, its bytes read
-/// ahead) to `dst`, after whatever `out` already holds (the head, so that a
-/// small message leaves in one write). `dechunk` writes chunk data only.
-/// Returns the body's payload bytes.
-async fn relay<R, W>(
-    src: End<'_, R>,
-    buf: &mut BytesMut,
-    dst: End<'_, W>,
-    out: &mut Vec<u8>,
-    body: BodyKind,
-    dechunk: bool,
-    timer: &mut Deadline,
-) -> Result<u64, Fail>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut left = match body {
-        BodyKind::Fixed(n) => n,
-        _ => 0,
-    };
-    let mut chunk = Chunk::Size;
-    let mut payload = 0u64;
-    loop {
-        let done = match body {
-            BodyKind::Fixed(_) => {
-                let take = left.min(buf.len() as u64) as usize;
-                out.extend_from_slice(&buf[..take]);
-                buf.advance(take);
-                left -= take as u64;
-                payload += take as u64;
-                left == 0
-            }
-            BodyKind::Chunked => {
-                let (used, next) = hardening::scan_chunked_data(chunk, buf, |d| {
-                    payload += d.len() as u64;
-                    if dechunk {
-                        out.extend_from_slice(d);
-                    }
-                })
-                .map_err(|()| Fail::Framing)?;
-                if !dechunk {
-                    out.extend_from_slice(&buf[..used]);
-                }
-                buf.advance(used);
-                chunk = next;
-                chunk == Chunk::Done
-            }
-            BodyKind::Close => {
-                payload += buf.len() as u64;
-                out.extend_from_slice(buf);
-                buf.clear();
-                false
-            }
-        };
-        // Pending bytes go out before waiting for more, so the body flows.
-        if done || !out.is_empty() {
-            match timer.limit(dst.limit, write_out(dst.io, out)).await {
-                Some(Ok(())) => {}
-                Some(Err(_)) => return Err(Fail::Write),
-                None => return Err(Fail::WriteTimeout),
-            }
-        }
-        if done {
-            return Ok(payload);
-        }
-        match timer.limit(src.limit, read_more(src.io, buf)).await {
-            Some(Ok(0)) if body == BodyKind::Close => return Ok(payload),
-            Some(Ok(0)) | Some(Err(_)) => return Err(Fail::Read),
-            Some(Ok(_)) => {}
-            None => return Err(Fail::ReadTimeout),
-        }
-        if out.capacity() > WRITE_AT && out.is_empty() {
-            // A big body passed: give the memory back.
-            out.shrink_to(WRITE_AT);
-        }
-    }
-}
 
 /// A stream whose first reads return bytes read from it before its protocol
 /// was known (the HTTP/2 preface, handed to hyper).
@@ -642,36 +463,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
         // The head for the server, written once; resent as is on a retry.
         let mut head_out = Vec::with_capacity(256);
         codec::put_request(&mut head_out, &parts, body == BodyKind::Chunked);
-        let mut tried: Vec<usize> = Vec::new();
-        let attempts = pool.retries.saturating_add(1);
-        let mut attempt = 0;
+        let mut attempts = Attempts::new(pool);
         loop {
-            attempt += 1;
-            let (idx, active) = match pool.balancer.acquire(key, &tried).await {
-                Ok(a) => {
-                    rec.tw += a.queued.as_millis() as i64;
-                    (a.index, a.active)
-                }
-                Err(e) => {
-                    let (status, term) = forward::unavailable(e, &mut rec);
+            let active = match attempts.acquire(pool, key, &mut rec).await {
+                Ok(a) => a,
+                Err((status, term)) => {
                     return self
                         .answer_error(status, rec, term, keep_alive && bodiless, start)
                         .await;
                 }
             };
             let addr = active.server().addr;
-            rec.server = active.server().label.clone();
-            let (mut server, connect_time) = match pool
-                .conns
-                .get_raw(addr, self.peer, self.local)
-                .await
-            {
+            let conn = pool.conns.get_raw(addr, self.peer, self.local).await;
+            let (mut server, connect_time) = match conn {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
-                    if attempt < attempts {
-                        // Redispatch: the next attempt avoids this server.
-                        tried.push(idx);
+                    if attempts.redispatch() {
                         continue;
                     }
                     return self
@@ -727,9 +535,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
                     };
                     return self.answer_error(status, rec, term, false, start).await;
                 }
-                Err(Fail::Write | Fail::WriteTimeout)
-                    if reused && bodiless && attempt < attempts =>
-                {
+                Err(Fail::Write | Fail::WriteTimeout) if reused && bodiless && attempts.more() => {
                     // A kept connection the server had closed: send it again on another one.
                     continue;
                 }
@@ -768,7 +574,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
             };
             let resp = match resp {
                 Ok(r) => r,
-                Err(HeadFail::Silent) if reused && bodiless && attempt < attempts => {
+                Err(HeadFail::Silent) if reused && bodiless && attempts.more() => {
                     // Closed before answering anything: the server's keep-alive ended.
                     continue;
                 }

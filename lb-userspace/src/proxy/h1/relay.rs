@@ -1,0 +1,273 @@
+//! Moving bytes with time limits: a lazy timer for one wait at a time, and
+//! the relay that copies a message body from one stream to another by its
+//! framing (Content-Length, chunked, or up to the close).
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
+use tokio_util::io::poll_read_buf;
+
+use super::codec::BodyKind;
+use crate::proxy::hardening::{self, Chunk};
+
+/// Bytes asked of a stream per read.
+pub(super) const READ_SIZE: usize = 16 * 1024;
+/// Capacity an output buffer keeps after a big body went through it.
+const KEEP_CAPACITY: usize = 64 * 1024;
+
+/// A lazy timer before its first use: due far ahead, so that the first wait
+/// moves it earlier. (A timer created due now fires at once when first
+/// polled, and registering an expired timer wakes the runtime's driver
+/// through its eventfd: two system calls per connection.)
+pub(crate) fn unarmed_timer() -> Pin<Box<Sleep>> {
+    Box::pin(tokio::time::sleep(Duration::from_secs(24 * 3600)))
+}
+
+/// A timer for one wait at a time, moved in tokio's wheel only when a wait
+/// ends earlier than the registered deadline (moving it per request showed in
+/// profiles); a wait that ends later is caught when the timer fires.
+pub(super) struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Deadline {
+    pub(super) fn new() -> Self {
+        Deadline {
+            sleep: unarmed_timer(),
+        }
+    }
+
+    pub(super) fn arm(&mut self, due: Instant) {
+        if due < self.sleep.deadline() || self.sleep.is_elapsed() {
+            self.sleep.as_mut().reset(due);
+        }
+    }
+
+    /// Whether `due` has passed; otherwise the task is woken when it may have.
+    pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>, due: Instant) -> bool {
+        loop {
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= due {
+                return true;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+    }
+
+    /// Runs `fut` for at most `limit` (counted from its first wait: no clock
+    /// read when it is ready at once); None when it timed out.
+    pub(super) async fn limit<F: Future>(&mut self, limit: Duration, fut: F) -> Option<F::Output> {
+        let mut fut = pin!(fut);
+        let mut due = None;
+        poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            let d = *due.get_or_insert_with(|| Instant::now() + limit);
+            self.arm(d);
+            if self.poll_expired(cx, d) {
+                Poll::Ready(None)
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Reads more into `buf`: Ok(0) at end of stream.
+pub(super) async fn read_more<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+) -> io::Result<usize> {
+    buf.reserve(READ_SIZE);
+    poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, buf)).await
+}
+
+/// Writes all of `out` and flushes (TLS streams buffer), then empties it.
+pub(super) async fn write_out<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    io.write_all(out).await?;
+    io.flush().await?;
+    out.clear();
+    Ok(())
+}
+
+/// Why a body could not be relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fail {
+    /// The source closed or failed before the body's end.
+    Read,
+    /// Nothing came from the source in time.
+    ReadTimeout,
+    /// Writing to the destination failed.
+    Write,
+    /// The destination did not take the bytes in time.
+    WriteTimeout,
+    /// Broken chunk framing.
+    Framing,
+}
+
+/// One side of a relay: a stream, the bytes read ahead from it, and how long
+/// a wait on it may take.
+pub(super) struct End<'a, S> {
+    pub io: &'a mut S,
+    pub limit: Duration,
+}
+
+/// Copies one message body from `src` (starting with `buf`, its bytes read
+/// ahead) to `dst`, after whatever `out` already holds (the head, so that a
+/// small message leaves in one write). `dechunk` writes chunk data only.
+/// Returns the body's payload bytes.
+pub(super) async fn relay<R, W>(
+    src: End<'_, R>,
+    buf: &mut BytesMut,
+    dst: End<'_, W>,
+    out: &mut Vec<u8>,
+    body: BodyKind,
+    dechunk: bool,
+    timer: &mut Deadline,
+) -> Result<u64, Fail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut left = match body {
+        BodyKind::Fixed(n) => n,
+        _ => 0,
+    };
+    let mut chunk = Chunk::Size;
+    let mut payload = 0u64;
+    loop {
+        let done = match body {
+            BodyKind::Fixed(_) => {
+                let take = left.min(buf.len() as u64) as usize;
+                out.extend_from_slice(&buf[..take]);
+                buf.advance(take);
+                left -= take as u64;
+                payload += take as u64;
+                left == 0
+            }
+            BodyKind::Chunked => {
+                let (used, next) = hardening::scan_chunked_data(chunk, buf, |d| {
+                    payload += d.len() as u64;
+                    if dechunk {
+                        out.extend_from_slice(d);
+                    }
+                })
+                .map_err(|()| Fail::Framing)?;
+                if !dechunk {
+                    out.extend_from_slice(&buf[..used]);
+                }
+                buf.advance(used);
+                chunk = next;
+                chunk == Chunk::Done
+            }
+            BodyKind::Close => {
+                payload += buf.len() as u64;
+                out.extend_from_slice(buf);
+                buf.clear();
+                false
+            }
+        };
+        // Pending bytes go out before waiting for more, so the body flows.
+        if done || !out.is_empty() {
+            match timer.limit(dst.limit, write_out(dst.io, out)).await {
+                Some(Ok(())) => {}
+                Some(Err(_)) => return Err(Fail::Write),
+                None => return Err(Fail::WriteTimeout),
+            }
+        }
+        if done {
+            return Ok(payload);
+        }
+        match timer.limit(src.limit, read_more(src.io, buf)).await {
+            Some(Ok(0)) if body == BodyKind::Close => return Ok(payload),
+            Some(Ok(0)) | Some(Err(_)) => return Err(Fail::Read),
+            Some(Ok(_)) => {}
+            None => return Err(Fail::ReadTimeout),
+        }
+        if out.capacity() > KEEP_CAPACITY && out.is_empty() {
+            // A big body passed: give the memory back.
+            out.shrink_to(KEEP_CAPACITY);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Relays `input` (all read ahead, then end of stream) as `body`; the
+    /// bytes written out and the result.
+    async fn run(input: &[u8], body: BodyKind, dechunk: bool) -> (Vec<u8>, Result<u64, Fail>) {
+        let (mut src, _src_peer) = tokio::io::duplex(64);
+        let (mut dst, mut dst_peer) = tokio::io::duplex(1 << 16);
+        drop(_src_peer);
+        let mut buf = BytesMut::from(input);
+        let mut out = b"HEAD|".to_vec();
+        let limit = Duration::from_secs(5);
+        let r = relay(
+            End {
+                io: &mut src,
+                limit,
+            },
+            &mut buf,
+            End {
+                io: &mut dst,
+                limit,
+            },
+            &mut out,
+            body,
+            dechunk,
+            &mut Deadline::new(),
+        )
+        .await;
+        drop(dst);
+        let mut written = Vec::new();
+        dst_peer.read_to_end(&mut written).await.unwrap();
+        (written, r)
+    }
+
+    #[tokio::test]
+    async fn bodies_by_their_framing() {
+        // Fixed: exactly its length, the rest (next message) stays unread.
+        let (w, r) = run(b"abcdeNEXT", BodyKind::Fixed(5), false).await;
+        assert_eq!((w.as_slice(), r), (&b"HEAD|abcde"[..], Ok(5)));
+        // Chunked, passed as is, or dechunked; trailers end it.
+        let chunked = b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\nT: 1\r\n\r\n";
+        let (w, r) = run(chunked, BodyKind::Chunked, false).await;
+        assert_eq!(w, [&b"HEAD|"[..], &chunked[..]].concat());
+        assert_eq!(r, Ok(5));
+        let (w, r) = run(chunked, BodyKind::Chunked, true).await;
+        assert_eq!((w.as_slice(), r), (&b"HEAD|abcde"[..], Ok(5)));
+        // Up to the close.
+        let (w, r) = run(b"all of it", BodyKind::Close, false).await;
+        assert_eq!((w.as_slice(), r), (&b"HEAD|all of it"[..], Ok(9)));
+    }
+
+    #[tokio::test]
+    async fn short_and_broken_bodies_fail() {
+        assert_eq!(
+            run(b"abc", BodyKind::Fixed(5), false).await.1,
+            Err(Fail::Read)
+        );
+        assert_eq!(
+            run(b"3\r\nab", BodyKind::Chunked, false).await.1,
+            Err(Fail::Read)
+        );
+        let broken = run(b"3\r\nabcX\r\n", BodyKind::Chunked, false).await;
+        assert_eq!(broken.1, Err(Fail::Framing));
+    }
+}
