@@ -3,6 +3,13 @@
 //! request to a pool, balance over the pool's servers and forward over pooled
 //! HTTP/1.1 keep-alive connections, or HTTP/2 ones (`h2`), plain or TLS (`tls`).
 //!
+//! Two paths serve requests. HTTP/1 clients of a frontend whose pools all
+//! speak HTTP/1.1 to their servers take our own (`h1`): heads parsed once,
+//! bodies relayed by their framing, about half the instructions of hyper's.
+//! HTTP/2 clients, and frontends that can route to an `h2` pool, are served
+//! by hyper (`server::serve_io`, `forward::handle`). Actions, routing, the
+//! balancer, retries and the access log are shared (`forward::prepare`).
+//!
 //! Configuration shape (inside the main config file):
 //!
 //! ```toml
@@ -12,7 +19,8 @@
 //! default_pool = "app"
 //! max_connections = 10000        # default
 //! request_header_limit = 16384   # bytes, default 16 KiB
-//! timeout_client = "30s"         # HTTP/2 idle; durations: "500ms", "10s", "2m", "1h" or integer ms
+//! timeout_client = "30s"         # HTTP/2 idle; HTTP/1: each wait on the client during a request
+//!                                # durations: "500ms", "10s", "2m", "1h" or integer ms
 //! timeout_http_request = "10s"   # whole request head (and TLS handshake); 408 after it
 //! timeout_http_keep_alive = "10s"
 //! forwarded_headers = true       # X-Forwarded-For, X-Forwarded-Proto, Forwarded
@@ -73,7 +81,8 @@
 //! hash_query = false             # uri: hash path and query (default: path only)
 //! hash_header = "X-User"         # header (required there): without it a request goes roundrobin
 //! timeout_connect = "5s"
-//! timeout_server = "30s"         # until the response head
+//! timeout_server = "30s"         # until the response head; HTTP/1 clients: also each wait
+//!                                # on the server for the request or response body
 //! timeout_queue = "5s"           # longest wait for a server below maxconn; then 503 (sQ)
 //! # (hash algorithms wait for the request's own server; the others for any eligible one)
 //! retries = 3                    # on connect failure only, each on another server

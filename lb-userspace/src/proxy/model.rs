@@ -41,7 +41,8 @@ pub struct Frontend {
     /// Largest request head in bytes (HTTP/1 buffer, HTTP/2 header list).
     #[serde(default = "defaults::request_header_limit")]
     pub request_header_limit: usize,
-    /// Idle limit of an HTTP/2 connection with no request in flight.
+    /// Idle limit of an HTTP/2 connection with no request in flight; on
+    /// HTTP/1, the limit of each wait on the client while a request is served.
     #[serde(default = "defaults::timeout_client", with = "duration")]
     pub timeout_client: Duration,
     /// Time allowed for a whole request head (and for the TLS handshake).
@@ -195,7 +196,8 @@ pub struct Pool {
     /// Time allowed to establish a TCP connection to a server.
     #[serde(default = "defaults::timeout_connect", with = "duration")]
     pub timeout_connect: Duration,
-    /// Time allowed for a server's response head once the request is sent.
+    /// Time allowed for a server's response head once the request is sent
+    /// (HTTP/1 clients: also for each wait on the server during the bodies).
     #[serde(default = "defaults::timeout_server", with = "duration")]
     pub timeout_server: Duration,
     /// Extra attempts on another server when connecting fails.
