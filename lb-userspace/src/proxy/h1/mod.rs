@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::{StatusCode, Version};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -380,6 +380,43 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
         rec.termination = term;
         rec.bytes = page.len() as u64;
         self.put_error(status, &page, !keep_alive);
+        self.send_answer(rec, keep_alive, start).await
+    }
+
+    /// Answers with a request action's response (deny, redirect, return, auth).
+    async fn answer(
+        &mut self,
+        answer: http::Response<Full<Bytes>>,
+        mut rec: AccessRecord,
+        keep_alive: bool,
+        start: Instant,
+    ) -> Next {
+        let (head, body) = answer.into_parts();
+        let body = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(never) => match never {},
+        };
+        let length = body.len().to_string();
+        let mut extra = Vec::with_capacity(2);
+        if !head.headers.contains_key(header::CONTENT_LENGTH) {
+            extra.push(("content-length", length.as_str()));
+        }
+        if !keep_alive {
+            extra.push(("connection", "close"));
+        }
+        codec::put_response(&mut self.out, head.status, b"", &head.headers, &extra);
+        self.out.extend_from_slice(&body);
+        rec.bytes = body.len() as u64;
+        self.send_answer(rec, keep_alive, start).await
+    }
+
+    /// Writes the answer assembled in `out`, logs it, and says what comes next.
+    async fn send_answer(
+        &mut self,
+        mut rec: AccessRecord,
+        keep_alive: bool,
+        start: Instant,
+    ) -> Next {
         if self.write_client().await.is_err() {
             rec.termination = ['C', 'D'];
         }
@@ -420,29 +457,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
                     .answer_error(status, rec, term, keep_alive && bodiless, start)
                     .await;
             }
-            Prepared::Answer(answer, mut rec) => {
-                let (head, body) = answer.into_parts();
-                let body = match body.collect().await {
-                    Ok(b) => b.to_bytes(),
-                    Err(never) => match never {},
-                };
-                let keep = keep_alive && bodiless;
-                let length = body.len().to_string();
-                let mut extra = Vec::with_capacity(2);
-                if !head.headers.contains_key(header::CONTENT_LENGTH) {
-                    extra.push(("content-length", length.as_str()));
-                }
-                if !keep {
-                    extra.push(("connection", "close"));
-                }
-                codec::put_response(&mut self.out, head.status, b"", &head.headers, &extra);
-                self.out.extend_from_slice(&body);
-                rec.bytes = body.len() as u64;
-                if self.write_client().await.is_err() {
-                    rec.termination = ['C', 'D'];
-                }
-                finish(rec, start, self.fe);
-                return if keep { Next::KeepAlive } else { Next::Close };
+            Prepared::Answer(answer, rec) => {
+                return self
+                    .answer(answer, rec, keep_alive && bodiless, start)
+                    .await;
             }
         };
         let Forwarding {
@@ -545,33 +563,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
             let body_sent = sent_whole.is_ok();
             // --- response head (interim 1xx answers skipped) ---
             let due = sent + timeout_server;
-            let resp = loop {
-                match codec::take_response(&mut server.buf, &mut self.spans, &parts.method) {
-                    Ok(Some(r))
-                        if r.parts.status.is_informational()
-                            && r.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
-                    {
-                        continue;
-                    }
-                    Ok(Some(r)) => break Ok(r),
-                    Ok(None) => {}
-                    Err(why) => {
-                        tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response");
-                        break Err(HeadFail::Bad);
-                    }
-                }
-                let wait = due.saturating_duration_since(Instant::now());
-                let read = self
-                    .timer
-                    .limit(wait, read_more(&mut server.io, &mut server.buf))
-                    .await;
-                match read {
-                    Some(Ok(n)) if n > 0 => {}
-                    Some(_) if server.buf.is_empty() => break Err(HeadFail::Silent),
-                    Some(_) => break Err(HeadFail::Bad),
-                    None => break Err(HeadFail::TimedOut),
-                }
-            };
+            let resp = self.response_head(&mut server, &parts.method, due).await;
             let resp = match resp {
                 Ok(r) => r,
                 Err(HeadFail::Silent) if reused && bodiless && attempts.more() => {
@@ -579,6 +571,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
                     continue;
                 }
                 Err(fail) => {
+                    tracing::debug!(pool = %pool.name, server = %addr, ?fail, "no response head");
                     rec.tr = sent.elapsed().as_millis() as i64;
                     let (status, term) = if fail == HeadFail::TimedOut {
                         (StatusCode::GATEWAY_TIMEOUT, ['s', 'H'])
@@ -607,6 +600,43 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
                     },
                 )
                 .await;
+        }
+    }
+
+    /// Reads a server's response head by `due`, skipping interim 1xx answers
+    /// (but 101, which starts a tunnel).
+    async fn response_head(
+        &mut self,
+        server: &mut RawConn,
+        method: &http::Method,
+        due: Instant,
+    ) -> Result<ResponseHead, HeadFail> {
+        loop {
+            match codec::take_response(&mut server.buf, &mut self.spans, method) {
+                Ok(Some(r))
+                    if r.parts.status.is_informational()
+                        && r.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    continue;
+                }
+                Ok(Some(r)) => return Ok(r),
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::debug!(reason = why, "bad response head");
+                    return Err(HeadFail::Bad);
+                }
+            }
+            let wait = due.saturating_duration_since(Instant::now());
+            let read = self
+                .timer
+                .limit(wait, read_more(&mut server.io, &mut server.buf))
+                .await;
+            match read {
+                Some(Ok(n)) if n > 0 => {}
+                Some(_) if server.buf.is_empty() => return Err(HeadFail::Silent),
+                Some(_) => return Err(HeadFail::Bad),
+                None => return Err(HeadFail::TimedOut),
+            }
         }
     }
 
