@@ -218,6 +218,7 @@ impl Agent {
                     health: status.as_ref().map(|c| c.health).unwrap_or_default(),
                     last_check: status.map(|c| c.last),
                     active_flows: id.and_then(|id| flows.get(&id).copied()).unwrap_or(0),
+                    max_flows: 0,
                     packets: t.packets,
                     bytes: t.bytes,
                 });
@@ -249,6 +250,7 @@ impl Agent {
                         .find(|l| l.name == p.name)
                         .and_then(|l| l.servers.iter().find(|s| s.address == server.address))
                         .map_or(0, |s| s.current as u64),
+                    max_flows: server.maxconn as u64,
                     packets: 0,
                     bytes: 0,
                 });

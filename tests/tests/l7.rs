@@ -67,7 +67,7 @@ servers = [{}, {}]
 
 [[pool]]
 name = "api"
-servers = [{}]
+servers = [{{ address = "{}:{TCP_PORT}", maxconn = 50 }}]
 "#,
         pem("www.example", "pem"),
         pem("www.example", "key"),
@@ -75,12 +75,23 @@ servers = [{}]
         pem("api.example", "key"),
         server(1),
         server(3),
-        server(2),
+        backend_v4(2),
     ))
 }
 
 /// `curl` from the client namespace; returns (body, "http_version ssl_verify_result").
 fn curl(lab: &RunningLab, host: &str, path: &str, ca: &Path) -> (String, String) {
+    curl_with(lab, host, path, ca, &[])
+}
+
+/// `curl` with extra arguments.
+fn curl_with(
+    lab: &RunningLab,
+    host: &str,
+    path: &str,
+    ca: &Path,
+    extra: &[&str],
+) -> (String, String) {
     let out = Command::new("ip")
         .args([
             "netns",
@@ -96,6 +107,7 @@ fn curl(lab: &RunningLab, host: &str, path: &str, ca: &Path) -> (String, String)
         .arg("--resolve")
         .arg(format!("{host}:443:{VIP_V4}"))
         .args(["-w", "\n%{http_version} %{ssl_verify_result}"])
+        .args(extra)
         .arg(format!("https://{host}{path}"))
         .output()
         .expect("run curl");
@@ -135,6 +147,17 @@ fn https_through_the_l7_vip_is_routed_by_acls_over_h2_with_sni_certificates() {
     let (body, meta) = curl(&lab, "api.example", "/", &ca);
     assert_eq!(body, "be2", "host ACL routes api.example to the api pool");
     assert_eq!(meta, "2 0", "and SNI picked the api.example certificate");
+    // HTTP/1.1 clients take the proxy's own HTTP/1 path: same routing.
+    let (body, meta) = curl_with(&lab, "api.example", "/", &ca, &["--http1.1"]);
+    assert_eq!((body.as_str(), meta.as_str()), ("be2", "1.1 0"));
+    let (body, _) = curl_with(&lab, "www.example", "/api/x", &ca, &["--http1.1"]);
+    assert_eq!(body, "be2");
+    // `lb show` gives the api server's maxconn.
+    let out = lab.lb(&["show", "backends", "pool:api", "--json"]);
+    let list: Vec<lb_userspace::control::protocol::BackendInfo> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!((list[0].max_flows, list[0].active_flows), (50, 0));
 
     let passed = lab
         .metric("lb_xdp_packets_total", "reason=\"pass_l7\"")

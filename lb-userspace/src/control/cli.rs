@@ -409,6 +409,10 @@ pub fn backends_table(list: &[BackendInfo]) -> String {
                 health_name(b.health).into(),
                 b.last_check.clone().unwrap_or_else(|| "-".into()),
                 b.active_flows.to_string(),
+                match b.max_flows {
+                    0 => "-".into(),
+                    n => n.to_string(),
+                },
                 b.packets.to_string(),
                 b.bytes.to_string(),
             ]
@@ -423,6 +427,7 @@ pub fn backends_table(list: &[BackendInfo]) -> String {
             ("HEALTH", Left),
             ("LAST-CHECK", Left),
             ("FLOWS", Right),
+            ("MAX", Right),
             ("PACKETS", Right),
             ("BYTES", Right),
         ],
@@ -653,17 +658,19 @@ dns-v6  [fd00:18:100::1]:53  udp    l7          12        0       0
                 health: Health::Up,
                 last_check: Some("ok".into()),
                 active_flows: 17,
+                max_flows: 0,
                 packets: 100,
                 bytes: 6400,
             },
             BackendInfo {
-                service: "web".into(),
+                service: "pool:web".into(),
                 address: addr("198.18.2.12:8080"),
                 weight: 100,
                 admin: AdminState::Maint,
                 health: Health::Unchecked,
                 last_check: None,
                 active_flows: 0,
+                max_flows: 50,
                 packets: 0,
                 bytes: 0,
             },
@@ -671,9 +678,9 @@ dns-v6  [fd00:18:100::1]:53  udp    l7          12        0       0
         assert_eq!(
             backends_table(&list),
             "\
-SERVICE  BACKEND           WEIGHT  ADMIN  HEALTH     LAST-CHECK  FLOWS  PACKETS  BYTES
-web      198.18.2.11:8080       1  ready  up         ok             17      100   6400
-web      198.18.2.12:8080     100  maint  unchecked  -               0        0      0
+SERVICE   BACKEND           WEIGHT  ADMIN  HEALTH     LAST-CHECK  FLOWS  MAX  PACKETS  BYTES
+web       198.18.2.11:8080       1  ready  up         ok             17    -      100   6400
+pool:web  198.18.2.12:8080     100  maint  unchecked  -               0   50        0      0
 "
         );
     }

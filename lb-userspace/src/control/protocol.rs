@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Mode, Protocol};
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Default path of the agent's control socket.
@@ -176,8 +176,11 @@ pub struct BackendInfo {
     pub health: Health,
     /// Outcome of the last check (e.g. "ok", "refused", "timeout", "status 503").
     pub last_check: Option<String>,
-    /// Connections currently pinned to it in the flow table.
+    /// Connections currently pinned to it in the flow table (L7 pool
+    /// servers: requests in flight).
     pub active_flows: u64,
+    /// L7 pool servers: `maxconn`, requests in flight at most; 0 = no limit.
+    pub max_flows: u64,
     /// Client packets forwarded to it.
     pub packets: u64,
     /// Client bytes forwarded to it.

@@ -369,17 +369,18 @@ mod tests {
         let (fake, task) = start(&path);
         blocking(move || {
             let mut s = StdStream::connect(&path).unwrap();
-            // A version-2 envelope whose body this agent could not decode anyway.
-            let mut body = 2u32.to_le_bytes().to_vec();
+            // An envelope of the next version, whose body this agent could not decode anyway.
+            let next = PROTOCOL_VERSION + 1;
+            let mut body = next.to_le_bytes().to_vec();
             body.extend_from_slice(&[0xde, 0xad]);
             write_frame(&mut s, &body).unwrap();
             let env = read_response(&mut s);
             assert_eq!(env.version, PROTOCOL_VERSION);
             assert_eq!(
                 env.body,
-                Response::Error(
-                    "unsupported control protocol version 2; this agent speaks 1".into()
-                )
+                Response::Error(format!(
+                    "unsupported control protocol version {next}; this agent speaks {PROTOCOL_VERSION}"
+                ))
             );
             let env = Envelope {
                 version: PROTOCOL_VERSION,
