@@ -10,6 +10,8 @@ use http::{Method, StatusCode, Uri, Version, request, response};
 
 use crate::proxy::hardening::{self, BodyLen, Chunk};
 
+/// Bytes reserved before writing a head: enough for a typical one.
+const HEAD_RESERVE: usize = 1024;
 /// Headers parsed at most per head (hyper's default limit).
 const MAX_HEADERS: usize = 100;
 
@@ -265,6 +267,8 @@ fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap, extra: &[(&str, &str)]) {
 /// Appends an HTTP/1.1 request head for a server; `chunked` adds
 /// `Transfer-Encoding: chunked` (hop-by-hop, so stripped from `parts`).
 pub(crate) fn put_request(out: &mut Vec<u8>, parts: &request::Parts, chunked: bool) {
+    // One allocation for a typical head (the buffer may have been released while idle).
+    out.reserve(HEAD_RESERVE);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = match parts.uri.path_and_query() {
@@ -290,6 +294,7 @@ pub(crate) fn put_response(
     headers: &HeaderMap,
     extra: &[(&str, &str)],
 ) {
+    out.reserve(HEAD_RESERVE);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
