@@ -159,7 +159,9 @@ async fn serve_connection(
 ) {
     if fe.accept_proxy {
         // PROXY protocol (proxy/proxy_protocol.rs): the claimed client replaces the peer.
-        let header = proxy_protocol::read_header(&mut stream);
+        // Boxed, as the handshake below: a future's state is as big as its
+        // biggest await, and this task lives as long as the connection.
+        let header = Box::pin(proxy_protocol::read_header(&mut stream));
         match tokio::time::timeout(fe.timeouts.http_request, header).await {
             Ok(Ok(Some((src, dst)))) => (peer, local) = (src, dst),
             Ok(Ok(None)) => {}
@@ -201,7 +203,9 @@ async fn serve_connection(
             .await
         }
         Some(acceptor) => {
-            let hs = tokio::time::timeout(fe.timeouts.http_request, acceptor.accept(stream)).await;
+            // Boxed: rustls' handshake state is kilobytes, needed only until it ends.
+            let accept = Box::pin(acceptor.accept(stream));
+            let hs = tokio::time::timeout(fe.timeouts.http_request, accept).await;
             let tls = match hs {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {

@@ -246,7 +246,9 @@ where
         first = false;
         let start = Instant::now();
         let tq = start.saturating_duration_since(ready_since).as_millis() as i64;
-        let next = c.exchange(*head, start, tq).await;
+        // Boxed per request: the exchange's state (several KiB) then exists
+        // only while a request is served, not while the connection idles.
+        let next = Box::pin(c.exchange(*head, start, tq)).await;
         ready_since = Instant::now();
         if next == Next::Close || probe.has_changed().unwrap_or(true) {
             c.close().await;
