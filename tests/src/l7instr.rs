@@ -26,7 +26,7 @@ const LONG: u64 = 2500;
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A child process stopped (SIGTERM, then SIGKILL) when dropped.
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -47,7 +47,7 @@ impl Drop for Proc {
 }
 
 /// A free loopback port (bound, then released).
-fn free_port() -> Result<SocketAddr> {
+pub(crate) fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
@@ -144,7 +144,7 @@ pub fn run() -> Result<()> {
 }
 
 /// HAProxy in front of `backend`, as `l7bench` configures it for plain HTTP.
-fn haproxy_config(listen: SocketAddr, backend: SocketAddr) -> String {
+pub(crate) fn haproxy_config(listen: SocketAddr, backend: SocketAddr) -> String {
     format!(
         "global\n    nbthread 1\n\
          defaults\n    mode http\n    option http-keep-alive\n\
@@ -155,7 +155,7 @@ fn haproxy_config(listen: SocketAddr, backend: SocketAddr) -> String {
 }
 
 /// Waits until `addr` accepts connections (or `child` exits).
-fn wait_listening(addr: SocketAddr, mut child: Option<&mut Child>) -> Result<()> {
+pub(crate) fn wait_listening(addr: SocketAddr, mut child: Option<&mut Child>) -> Result<()> {
     let deadline = Instant::now() + START_TIMEOUT;
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {

@@ -231,3 +231,4 @@ impl Drop for RunningLab {
 }
 pub mod l7bench;
 pub mod l7instr;
+pub mod l7mem;

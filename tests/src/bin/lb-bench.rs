@@ -304,13 +304,14 @@ fn control_latency() -> Result<()> {
 /// The benchmark's sections, by the name that selects them on the command line.
 type Section = (&'static str, fn() -> Result<()>);
 
-const SECTIONS: [Section; 6] = [
+const SECTIONS: [Section; 7] = [
     ("xdp", xdp_costs),
     ("rates", request_rates),
     ("tables", table_costs),
     ("control", control_latency),
     ("l7", lb_tests::l7bench::run),
     ("l7instr", lb_tests::l7instr::run),
+    ("l7mem", lb_tests::l7mem::run),
 ];
 
 #[global_allocator]
