@@ -188,7 +188,10 @@ impl Connector {
             .sni
             .clone()
             .unwrap_or_else(|| ServerName::IpAddress(server.ip().into()));
-        let stream = tokio::time::timeout(self.timeout_server, tls.connector.connect(name, tcp))
+        // Boxed: rustls' handshake state is kilobytes, and would otherwise
+        // be part of every request's future (copied when it is boxed).
+        let handshake = Box::pin(tls.connector.connect(name, tcp));
+        let stream = tokio::time::timeout(self.timeout_server, handshake)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
         Ok(ServerIo::Tls(Box::new(stream)))
