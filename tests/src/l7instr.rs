@@ -66,17 +66,7 @@ pub fn run() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("lb-l7instr-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = (|| -> Result<[(f64, f64); 2]> {
-        let backend_addr = free_port()?;
-        let _backend = Proc(
-            Command::new(&lb)
-                .args(["lab-backend", "--name", "be1", "--tcp"])
-                .arg(backend_addr.to_string())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("starting the lab backend")?,
-        );
-        wait_listening(backend_addr, None)?;
+        let (_backend, backend_addr) = start_backend(&lb)?;
         let per_request =
             |name: &str, cmd: &dyn Fn(SocketAddr) -> Command, keep_alive: bool| -> Result<f64> {
                 let mut counts = Vec::new();
@@ -152,6 +142,22 @@ pub(crate) fn haproxy_config(listen: SocketAddr, backend: SocketAddr) -> String 
          frontend web\n    bind {listen}\n    default_backend app\n\
          backend app\n    http-reuse always\n    server be1 {backend}\n"
     )
+}
+
+/// A lab backend server (`lb lab-backend`) on a free loopback port, listening.
+pub(crate) fn start_backend(lb: &Path) -> Result<(Proc, SocketAddr)> {
+    let addr = free_port()?;
+    let mut backend = Proc(
+        Command::new(lb)
+            .args(["lab-backend", "--name", "be1", "--tcp"])
+            .arg(addr.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the lab backend")?,
+    );
+    wait_listening(addr, Some(&mut backend.0))?;
+    Ok((backend, addr))
 }
 
 /// Waits until `addr` accepts connections (or `child` exits).

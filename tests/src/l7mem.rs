@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, ensure};
 
-use super::l7instr::{Proc, free_port, haproxy_config, wait_listening};
+use super::l7instr::{Proc, free_port, haproxy_config, start_backend, wait_listening};
 
 /// Idle client connections opened per proxy.
 const CONNECTIONS: usize = 2000;
@@ -68,17 +68,7 @@ pub fn run() -> Result<()> {
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
-    let backend_addr = free_port()?;
-    let mut backend = Proc(
-        Command::new(&lb)
-            .args(["lab-backend", "--name", "be1", "--tcp"])
-            .arg(backend_addr.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the lab backend")?,
-    );
-    wait_listening(backend_addr, Some(&mut backend.0))?;
+    let (_backend, backend_addr) = start_backend(&lb)?;
     let dir = std::env::temp_dir().join(format!("lb-l7mem-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let measure = |mut cmd: Command, listen: SocketAddr| -> Result<u64> {

@@ -32,8 +32,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
+use super::deadline::Deadline;
 use super::upstream::{Connector, ServerIo};
 
 /// Idle server connections older than this are closed.
@@ -55,7 +56,7 @@ pub(crate) struct H1 {
     /// `timeout server` of the request in flight, a lazy timer kept with the
     /// connection: moved in the wheel only when a deadline is earlier than the
     /// registered one (a timer per request showed in profiles).
-    timer: Pin<Box<Sleep>>,
+    timer: Deadline,
 }
 
 /// The server did not answer within `timeout server`.
@@ -94,24 +95,17 @@ impl H1 {
 
     async fn send(&mut self, req: Request<Incoming>, limit: Duration) -> SendResult {
         let due = Instant::now() + limit;
-        if due < self.timer.deadline() || self.timer.is_elapsed() {
-            self.timer.as_mut().reset(due);
-        }
+        self.timer.arm(due);
         let mut response = pin!(self.sender.try_send_request(req));
         poll_fn(|cx| {
             self.drive(cx);
             if let Poll::Ready(r) = response.as_mut().poll(cx) {
                 return Poll::Ready(Ok(r));
             }
-            loop {
-                if self.timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                if Instant::now() >= due {
-                    return Poll::Ready(Err(TimedOut));
-                }
-                // Fired for an earlier request's deadline.
-                self.timer.as_mut().reset(due);
+            if self.timer.poll_expired(cx, due) {
+                Poll::Ready(Err(TimedOut))
+            } else {
+                Poll::Pending
             }
         })
         .await
@@ -297,7 +291,7 @@ impl ConnPool {
             Sender::H1(H1 {
                 sender,
                 conn: Some(Box::pin(conn)),
-                timer: super::h1::unarmed_timer(),
+                timer: Deadline::new(),
             })
         };
         Ok(Conn {

@@ -47,13 +47,13 @@ use super::log::{AccessRecord, LogFormat};
 /// What hyper is given instead of a rejected head: an invalid method, which it answers with 400.
 const POISON: &[u8] = b"\0 / HTTP/1.1\r\n\r\n";
 /// Headers parsed at most per head (hyper's default limit).
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (with extensions) or trailer line.
 const MAX_LINE: usize = 4096;
 /// Bytes asked of the client stream per read.
 const READ_SIZE: usize = 8192;
 /// Start of the HTTP/2 connection preface.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+pub(crate) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 /// How a request body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

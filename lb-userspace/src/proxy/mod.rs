@@ -150,6 +150,7 @@ macro_rules! write_through {
 pub mod actions;
 mod balance;
 mod connpool;
+mod deadline;
 mod forward;
 mod h1;
 mod hardening;

@@ -16,10 +16,10 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tokio::time::Sleep;
 use tokio_rustls::TlsAcceptor;
 
 use super::actions::CompiledActions;
+use super::deadline::Deadline;
 use super::forward::{self, Activity, ConnCtx, FrontendCtx, Shared};
 use super::h1;
 use super::hardening::GuardIo;
@@ -346,7 +346,7 @@ struct ClientIo<T> {
     /// When the armed phase times out.
     due: tokio::time::Instant,
     /// Registered timer; may be set earlier than `due`, never later.
-    deadline: Pin<Box<Sleep>>,
+    deadline: Deadline,
     /// Bytes of the 408 answer already written, while answering.
     answering: Option<usize>,
     peer: SocketAddr,
@@ -372,7 +372,7 @@ impl<T> ClientIo<T> {
             head_started: None,
             armed: None,
             due: tokio::time::Instant::now(),
-            deadline: super::h1::unarmed_timer(),
+            deadline: Deadline::new(),
             answering: None,
             peer,
             frontend,
@@ -483,20 +483,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
                     // deadline is earlier; a later one is caught when it fires.
                     // Keep-alive requests re-arm on every request, and moving a
                     // timer in the wheel each time showed in profiles.
-                    if this.due < this.deadline.deadline() || this.deadline.is_elapsed() {
-                        this.deadline.as_mut().reset(this.due);
-                    }
+                    this.deadline.arm(this.due);
                     this.armed = Some(phase);
                 }
-                loop {
-                    if this.deadline.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    if tokio::time::Instant::now() >= this.due {
-                        break;
-                    }
-                    // Fired for an earlier arming: wait for the real deadline.
-                    this.deadline.as_mut().reset(this.due);
+                if !this.deadline.poll_expired(cx, this.due) {
+                    return Poll::Pending;
                 }
                 match phase {
                     Phase::Head => {

@@ -8,12 +8,10 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version, request, response};
 
-use crate::proxy::hardening::{self, BodyLen, Chunk};
+use crate::proxy::hardening::{self, BodyLen, Chunk, MAX_HEADERS};
 
 /// Bytes reserved before writing a head: enough for a typical one.
 const HEAD_RESERVE: usize = 1024;
-/// Headers parsed at most per head (hyper's default limit).
-const MAX_HEADERS: usize = 100;
 
 /// How a message body is delimited on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

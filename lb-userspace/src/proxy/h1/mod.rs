@@ -42,19 +42,18 @@ use tokio_util::io::poll_read_buf;
 
 use super::actions;
 use super::connpool::RawConn;
+use super::deadline::Deadline;
 use super::forward::{self, Attempts, ClientSide, Forwarding, Prepared, Shared};
+use super::hardening::H2_PREFACE;
 use super::log::{self, AccessRecord};
 use super::server::{FrontendRuntime, TIMEOUT_408};
 use super::tunnel;
 use codec::{BodyKind, RequestHead, ResponseHead, Span};
-pub(crate) use relay::unarmed_timer;
-use relay::{Deadline, End, Fail, READ_SIZE, read_more, relay, write_out};
+use relay::{End, Fail, READ_SIZE, read_more, relay, write_out};
 
 /// How long, and how many bytes, a closing connection is read and dropped.
 const LINGER: Duration = Duration::from_millis(500);
 const LINGER_BYTES: usize = 256 * 1024;
-/// Start of the HTTP/2 connection preface.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Buffers of idle connections, kept per thread for the next connection that
 /// has something to read (allocating and freeing 2 × 16 KiB per keep-alive

@@ -2,86 +2,23 @@
 //! the relay that copies a message body from one stream to another by its
 //! framing (Content-Length, chunked, or up to the close).
 
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
-use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::time::{Instant, Sleep};
 use tokio_util::io::poll_read_buf;
 
 use super::codec::BodyKind;
+use crate::proxy::deadline::Deadline;
 use crate::proxy::hardening::{self, Chunk};
 
 /// Bytes asked of a stream per read.
 pub(super) const READ_SIZE: usize = 16 * 1024;
 /// Capacity an output buffer keeps after a big body went through it.
 const KEEP_CAPACITY: usize = 64 * 1024;
-
-/// A lazy timer before its first use: due far ahead, so that the first wait
-/// moves it earlier. (A timer created due now fires at once when first
-/// polled, and registering an expired timer wakes the runtime's driver
-/// through its eventfd: two system calls per connection.)
-pub(crate) fn unarmed_timer() -> Pin<Box<Sleep>> {
-    Box::pin(tokio::time::sleep(Duration::from_secs(24 * 3600)))
-}
-
-/// A timer for one wait at a time, moved in tokio's wheel only when a wait
-/// ends earlier than the registered deadline (moving it per request showed in
-/// profiles); a wait that ends later is caught when the timer fires.
-pub(super) struct Deadline {
-    sleep: Pin<Box<Sleep>>,
-}
-
-impl Deadline {
-    pub(super) fn new() -> Self {
-        Deadline {
-            sleep: unarmed_timer(),
-        }
-    }
-
-    pub(super) fn arm(&mut self, due: Instant) {
-        if due < self.sleep.deadline() || self.sleep.is_elapsed() {
-            self.sleep.as_mut().reset(due);
-        }
-    }
-
-    /// Whether `due` has passed; otherwise the task is woken when it may have.
-    pub(super) fn poll_expired(&mut self, cx: &mut Context<'_>, due: Instant) -> bool {
-        loop {
-            if self.sleep.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if Instant::now() >= due {
-                return true;
-            }
-            self.sleep.as_mut().reset(due);
-        }
-    }
-
-    /// Runs `fut` for at most `limit` (counted from its first wait: no clock
-    /// read when it is ready at once); None when it timed out.
-    pub(super) async fn limit<F: Future>(&mut self, limit: Duration, fut: F) -> Option<F::Output> {
-        let mut fut = pin!(fut);
-        let mut due = None;
-        poll_fn(|cx| {
-            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
-                return Poll::Ready(Some(v));
-            }
-            let d = *due.get_or_insert_with(|| Instant::now() + limit);
-            self.arm(d);
-            if self.poll_expired(cx, d) {
-                Poll::Ready(None)
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
 
 /// Reads more into `buf`: Ok(0) at end of stream.
 pub(super) async fn read_more<R: AsyncRead + Unpin>(
