@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -668,22 +668,20 @@ impl LoggedBody {
             r.give_back();
         }
         if let Some(mut rec) = self.rec.take() {
-            if let Some(done) = &mut self.done {
-                let now = Instant::now();
-                let tt = now.saturating_duration_since(done.start);
-                done.end = Some(now);
-                rec.tt = tt.as_millis() as i64;
-                if log::enabled() {
-                    rec.date = SystemTime::now().checked_sub(tt).unwrap_or(UNIX_EPOCH);
-                }
-            }
             if let Some(t) = term
                 && rec.termination == ['-', '-']
             {
                 rec.termination = t;
             }
-            let format = self.done.as_ref().map(|d| d.conn.frontend.log_format);
-            rec.emit_as(format.unwrap_or_default());
+            match &mut self.done {
+                Some(done) => {
+                    let now = Instant::now();
+                    done.end = Some(now);
+                    let tt = now.saturating_duration_since(done.start);
+                    rec.finish(tt, done.conn.frontend.log_format);
+                }
+                None => rec.emit_as(LogFormat::default()),
+            }
         }
     }
 }

@@ -31,6 +31,7 @@
 //! through unchecked.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -77,17 +78,40 @@ pub(crate) struct Framing {
 /// Ok(None) while incomplete; Ok(Some((head length, framing))) when acceptable.
 pub(crate) fn check_request(data: &[u8]) -> Result<Option<(usize, Framing)>, &'static str> {
     // Uninitialised: zeroing 100 header slots per parse showed in profiles.
-    let mut headers =
-        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    Ok(parse_request(data, &mut slots)?.map(|(len, framing, _)| (len, framing)))
+}
+
+/// `check_request` keeping the parsed head (its headers in `slots`), for
+/// our own HTTP/1 path (proxy/h1).
+pub(crate) fn parse_request<'h, 'b>(
+    data: &'b [u8],
+    slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> Result<Option<(usize, Framing, httparse::Request<'h, 'b>)>, &'static str> {
     let mut req = httparse::Request::new(&mut []);
-    let len = match req.parse_with_uninit_headers(data, &mut headers) {
+    let len = match req.parse_with_uninit_headers(data, slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err("too many headers"),
         Err(_) => return Err("malformed request head"),
     };
     let framing = framing_of(&req)?;
-    Ok(Some((len, framing)))
+    Ok(Some((len, framing, req)))
+}
+
+/// Whether an accepted head may go on, given the bytes that came after it:
+/// a chunked one waits (false) until its first chunk-size line is in too
+/// (unless the client waits for `100 Continue`), and every chunk byte already
+/// received must be well framed. Both HTTP/1 paths hold heads by this rule.
+pub(crate) fn head_ready(framing: Framing, after: &[u8]) -> Result<bool, &'static str> {
+    if framing.body != BodyLen::Chunked {
+        return Ok(true);
+    }
+    match scan_chunked(Chunk::Size, after) {
+        Err(()) => Err("bad chunked body"),
+        Ok((0, Chunk::Size)) => Ok(framing.expect_continue),
+        Ok(_) => Ok(true),
+    }
 }
 
 /// The checks above on a parsed request head: its body's framing, or why it is refused.
@@ -364,17 +388,13 @@ impl<T> GuardIo<T> {
                         return Step::Progress;
                     }
                 };
-                if framing.body == BodyLen::Chunked {
-                    // Hold the head until its first chunk-size line is here, and check all that came with it.
-                    match scan_chunked(Chunk::Size, &data[len..]) {
-                        Err(()) => {
-                            self.reject("bad chunked body");
-                            return Step::Progress;
-                        }
-                        Ok((0, Chunk::Size)) if !framing.expect_continue => {
-                            return Step::NeedMore;
-                        }
-                        Ok(_) => {}
+                // Hold the head until its first chunk-size line is here, and check all that came with it.
+                match head_ready(framing, &data[len..]) {
+                    Ok(true) => {}
+                    Ok(false) => return Step::NeedMore,
+                    Err(why) => {
+                        self.reject(why);
+                        return Step::Progress;
                     }
                 }
                 self.first = false;

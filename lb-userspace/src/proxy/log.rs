@@ -184,6 +184,17 @@ impl AccessRecord {
         })
     }
 
+    /// Completes the record of a request that took `tt` (Tt, and its date:
+    /// when it started) and emits it in `format`.
+    pub(crate) fn finish(mut self, tt: std::time::Duration, format: LogFormat) {
+        self.tt = tt.as_millis() as i64;
+        // No clock read for a record nobody logs.
+        if enabled() {
+            self.date = SystemTime::now().checked_sub(tt).unwrap_or(UNIX_EPOCH);
+            self.emit_as(format);
+        }
+    }
+
     /// Emits the record as an httplog line under `tracing` target `access`.
     pub fn emit(&self) {
         self.emit_as(LogFormat::Httplog);

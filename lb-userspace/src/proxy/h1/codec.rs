@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version, request, response};
 
-use crate::proxy::hardening::{self, BodyLen, Chunk, MAX_HEADERS};
+use crate::proxy::hardening::{self, BodyLen, MAX_HEADERS};
 
 /// Bytes reserved before writing a head: enough for a typical one.
 const HEAD_RESERVE: usize = 1024;
@@ -83,10 +83,9 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
-/// Parses, checks (as `hardening::check_request` does) and takes the request
-/// head at the start of `buf`. Ok(None) while incomplete; a chunked request
-/// is complete once its first chunk-size line is in too (unless it waits for
-/// `100 Continue`), and every chunk byte already received must be well framed.
+/// Parses and checks (`hardening::parse_request`) and takes the request head
+/// at the start of `buf`; Ok(None) while incomplete or held
+/// (`hardening::head_ready`).
 pub(crate) fn take_request(
     buf: &mut BytesMut,
     spans: &mut Vec<Span>,
@@ -94,20 +93,11 @@ pub(crate) fn take_request(
     let (len, framing, method, path, version) = {
         // Uninitialised: zeroing 100 header slots per parse showed in profiles.
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut []);
-        let len = match req.parse_with_uninit_headers(buf, &mut slots) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err("too many headers"),
-            Err(_) => return Err("malformed request head"),
+        let Some((len, framing, req)) = hardening::parse_request(buf, &mut slots)? else {
+            return Ok(None);
         };
-        let framing = hardening::framing_of(&req)?;
-        if framing.body == BodyLen::Chunked {
-            match hardening::scan_chunked(Chunk::Size, &buf[len..]) {
-                Err(()) => return Err("bad chunked body"),
-                Ok((0, Chunk::Size)) if !framing.expect_continue => return Ok(None),
-                Ok(_) => {}
-            }
+        if !hardening::head_ready(framing, &buf[len..])? {
+            return Ok(None);
         }
         let method = req.method.ok_or("no method")?;
         let method = Method::from_bytes(method.as_bytes()).map_err(|_| "bad method")?;

@@ -29,7 +29,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderValue};
@@ -45,7 +45,7 @@ use super::connpool::RawConn;
 use super::deadline::Deadline;
 use super::forward::{self, Attempts, ClientSide, Forwarding, Prepared, Shared};
 use super::hardening::H2_PREFACE;
-use super::log::{self, AccessRecord};
+use super::log::AccessRecord;
 use super::server::{FrontendRuntime, TIMEOUT_408};
 use super::tunnel;
 use codec::{BodyKind, RequestHead, ResponseHead, Span};
@@ -859,11 +859,6 @@ struct ResponseCtx {
 }
 
 /// Completes and emits a request's access log record.
-fn finish(mut rec: AccessRecord, start: Instant, fe: &FrontendRuntime) {
-    let tt = start.elapsed();
-    rec.tt = tt.as_millis() as i64;
-    if log::enabled() {
-        rec.date = SystemTime::now().checked_sub(tt).unwrap_or(UNIX_EPOCH);
-        rec.emit_as(fe.ctx.log_format);
-    }
+fn finish(rec: AccessRecord, start: Instant, fe: &FrontendRuntime) {
+    rec.finish(start.elapsed(), fe.ctx.log_format);
 }
