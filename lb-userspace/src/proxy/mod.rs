@@ -147,6 +147,7 @@ macro_rules! write_through {
     };
 }
 
+mod accept;
 pub mod actions;
 mod balance;
 mod connpool;
@@ -178,7 +179,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -196,7 +196,7 @@ use server::FrontendRuntime;
 
 /// Binds with SO_REUSEPORT so a reloaded proxy can listen on the same
 /// addresses before the old one stops: no connection is refused in between.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<accept::Listener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -211,7 +211,7 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
-    TcpListener::from_std(socket.into())
+    accept::Listener::from_std(socket.into())
 }
 
 /// A running proxy; dropping it stops accepting and gracefully closes client connections.

@@ -1,10 +1,10 @@
 //! Frontends: listeners, the accept loop with its connection limit, TLS
 //! handshakes, HTTP/1.1 + HTTP/2 serving, and client-side timeouts.
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -14,10 +14,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, TryAcquireError, watch};
 use tokio_rustls::TlsAcceptor;
 
+use super::accept::{ClientStream, Listener};
 use super::actions::CompiledActions;
 use super::deadline::Deadline;
 use super::forward::{self, Activity, ConnCtx, FrontendCtx, Shared};
@@ -103,7 +103,7 @@ impl FrontendRuntime {
 
 /// Accepts connections until `shutdown`'s sender is dropped.
 pub(crate) async fn accept_loop(
-    listener: TcpListener,
+    listener: Listener,
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<()>,
@@ -114,29 +114,57 @@ pub(crate) async fn accept_loop(
         .local_addr()
         .ok()
         .filter(|a| !a.ip().is_unspecified());
+    // As in the connections' loops: `changed()` is polled only when it is
+    // not registered yet or a version check says it fired (a new pair of
+    // select! futures per accepted connection showed in profiles).
+    let handed = shutdown.clone();
+    let probe = shutdown.clone();
+    let mut changed = pin!(shutdown.changed());
+    let mut registered = false;
+    let mut ended = move |cx: &mut Context<'_>| {
+        if registered && !probe.has_changed().unwrap_or(true) {
+            return false;
+        }
+        registered = true;
+        changed.as_mut().poll(cx).is_ready()
+    };
     loop {
         // Wait for a free slot before accepting, so excess clients queue in the backlog.
-        let permit = tokio::select! {
-            p = fe.limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-            _ = shutdown.changed() => return,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(frontend = %fe.ctx.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+        let permit = match fe.limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                let mut wait = pin!(fe.limit.clone().acquire_owned());
+                let got = poll_fn(|cx| match wait.as_mut().poll(cx) {
+                    Poll::Ready(p) => Poll::Ready(p.ok()),
+                    Poll::Pending if ended(cx) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                })
+                .await;
+                match got {
+                    Some(p) => p,
+                    None => return,
                 }
-            },
-            _ = shutdown.changed() => return,
+            }
+        };
+        let accepted = poll_fn(|cx| match listener.poll_accept(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending if ended(cx) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        })
+        .await;
+        let (stream, peer) = match accepted {
+            None => return,
+            Some(Ok(x)) => x,
+            Some(Err(e)) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(frontend = %fe.ctx.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
-        let (fe, shared, shutdown) = (fe.clone(), shared.clone(), shutdown.clone());
+        let (fe, shared, shutdown) = (fe.clone(), shared.clone(), handed.clone());
         // Boxed: tokio moves a spawned future several times before it runs;
         // a pointer is cheaper to move than the connection's state.
         tokio::spawn(Box::pin(async move {
@@ -151,7 +179,7 @@ pub(crate) async fn accept_loop(
 }
 
 async fn serve_connection(
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     (mut peer, mut local): (SocketAddr, SocketAddr),
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,

@@ -1,0 +1,320 @@
+//! Accepting client connections, and registering their sockets with tokio's
+//! reactor only once they would block.
+//!
+//! tokio registers every accepted socket with epoll (`EPOLL_CTL_ADD`) and
+//! deregisters it when dropped (`EPOLL_CTL_DEL`, and a wake-up of its driver
+//! every 16 releases). A client that sends its request right behind the
+//! handshake and is answered at once never makes the proxy wait on its
+//! socket, so for it those calls are pure cost: with a new connection per
+//! request they were two of the syscalls of every request. HAProxy reads
+//! first and subscribes to epoll only when a read would block; so does this.
+
+use std::io::{self, Write};
+use std::mem::MaybeUninit;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// A listening socket whose accepted connections start unregistered.
+pub(crate) struct Listener {
+    fd: AsyncFd<std::net::TcpListener>,
+}
+
+impl Listener {
+    /// Takes a non-blocking listening socket.
+    pub(crate) fn from_std(listener: std::net::TcpListener) -> io::Result<Listener> {
+        // SAFETY: the std listener owns its descriptor, which stays open and
+        // the same until the AsyncFd (its owner from here on) is dropped.
+        let fd = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Listener { fd })
+    }
+
+    /// The address the socket is bound to.
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.fd.get_ref().local_addr()
+    }
+
+    /// The next connection, non-blocking and not registered with the reactor.
+    pub(crate) fn poll_accept(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(ClientStream, SocketAddr)>> {
+        loop {
+            let mut ready = ready!(self.fd.poll_read_ready(cx))?;
+            if let Ok(r) = ready.try_io(|l| accept4(l.get_ref())) {
+                return Poll::Ready(r);
+            }
+        }
+    }
+
+    /// `poll_accept` as a future.
+    #[cfg(test)]
+    async fn accept(&self) -> io::Result<(ClientStream, SocketAddr)> {
+        std::future::poll_fn(|cx| self.poll_accept(cx)).await
+    }
+}
+
+/// `accept4` with `SOCK_NONBLOCK`, so no second call sets it.
+fn accept4(listener: &std::net::TcpListener) -> io::Result<(ClientStream, SocketAddr)> {
+    let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: try_init hands accept4 storage and length that fit each other.
+    let (fd, addr) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            let fd = libc::accept4(listener.as_raw_fd(), storage.cast(), len, flags);
+            if fd < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(fd)
+            }
+        })
+    }?;
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let peer = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a connection without an IP peer"))?;
+    Ok((ClientStream::new(stream), peer))
+}
+
+/// An accepted client connection: read and written directly until an
+/// operation would block, then a registered tokio stream.
+pub(crate) struct ClientStream {
+    state: State,
+}
+
+enum State {
+    /// Not known to the reactor: nothing has waited on it yet.
+    Direct(std::net::TcpStream),
+    Registered(TcpStream),
+    /// Registration failed; the socket is closed.
+    Lost,
+}
+
+impl ClientStream {
+    fn new(stream: std::net::TcpStream) -> ClientStream {
+        ClientStream {
+            state: State::Direct(stream),
+        }
+    }
+
+    /// Sets TCP_NODELAY.
+    pub(crate) fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        match &self.state {
+            State::Direct(s) => s.set_nodelay(on),
+            State::Registered(s) => s.set_nodelay(on),
+            State::Lost => Err(lost()),
+        }
+    }
+
+    /// The local address of the connection.
+    pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.state {
+            State::Direct(s) => s.local_addr(),
+            State::Registered(s) => s.local_addr(),
+            State::Lost => Err(lost()),
+        }
+    }
+
+    /// Whether the reactor knows the socket (for tests).
+    #[cfg(test)]
+    fn is_registered(&self) -> bool {
+        matches!(self.state, State::Registered(_))
+    }
+
+    /// The registered stream, registering the socket first if needed.
+    fn registered(&mut self) -> io::Result<&mut TcpStream> {
+        if let State::Direct(_) = self.state {
+            let State::Direct(s) = std::mem::replace(&mut self.state, State::Lost) else {
+                unreachable!("checked above")
+            };
+            self.state = State::Registered(TcpStream::from_std(s)?);
+        }
+        match &mut self.state {
+            State::Registered(s) => Ok(s),
+            _ => Err(lost()),
+        }
+    }
+}
+
+fn lost() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "client socket lost")
+}
+
+/// Repeats `op` while interrupted by a signal.
+fn retry<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// One `recv` into the unfilled part of `buf`.
+fn recv(stream: &std::net::TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
+    // SAFETY: recv only writes into the memory, so uninitialised bytes are fine.
+    let unfilled: &mut [MaybeUninit<u8>] = unsafe { buf.unfilled_mut() };
+    let n = retry(|| {
+        // SAFETY: the pointer and length describe `unfilled`.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                unfilled.as_mut_ptr().cast(),
+                unfilled.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    })?;
+    // SAFETY: recv initialised the first n bytes.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(())
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let State::Direct(s) = &self.state {
+            match recv(s, buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+        Pin::new(self.registered()?).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let State::Direct(s) = &mut self.state {
+            // std's write is a send with MSG_NOSIGNAL.
+            match retry(|| s.write(buf)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+        Pin::new(self.registered()?).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let State::Direct(s) = &mut self.state {
+            match retry(|| s.write_vectored(bufs)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+        Pin::new(self.registered()?).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.state {
+            State::Direct(s) => Poll::Ready(s.shutdown(Shutdown::Write)),
+            State::Registered(s) => Pin::new(s).poll_shutdown(cx),
+            State::Lost => Poll::Ready(Err(lost())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn listener() -> Listener {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        Listener::from_std(l).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_ready_exchange_never_registers_and_a_wait_does() {
+        let l = listener();
+        let addr = l.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let (mut s, peer) = l.accept().await.unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        // The bytes may trail the handshake by a moment: poll for them
+        // directly, as a registration would change what is under test.
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        for _ in 0..200 {
+            if got == 4 {
+                break;
+            }
+            if let State::Direct(d) = &s.state {
+                let mut rb = ReadBuf::new(&mut buf[got..]);
+                match recv(d, &mut rb) {
+                    Ok(()) => got += rb.filled().len(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        assert_eq!(&buf, b"ping");
+        s.write_all(b"pong").await.unwrap();
+        assert!(!s.is_registered(), "nothing waited, nothing registered");
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"pong");
+        // Now the client is silent: the read waits, registered, and is woken.
+        let reader = tokio::spawn(async move {
+            let mut more = [0u8; 5];
+            s.read_exact(&mut more)
+                .await
+                .map(|_| (more, s.is_registered()))
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        client.write_all(b"later").await.unwrap();
+        let (more, registered) = reader.await.unwrap().unwrap();
+        assert_eq!(&more, b"later");
+        assert!(registered);
+    }
+
+    #[tokio::test]
+    async fn a_clean_close_reads_as_the_end() {
+        let l = listener();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        drop(client);
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(rest.is_empty());
+    }
+}
