@@ -3,6 +3,7 @@
 
 pub mod acl;
 pub mod agent;
+mod allocator;
 pub mod balancer;
 pub mod config;
 pub mod control;
@@ -16,7 +17,7 @@ pub mod runtime;
 
 /// The global allocator the binaries install (`#[global_allocator]`), so that
 /// `lb` and the benchmark that runs the proxy in-process allocate alike.
-pub type Allocator = mimalloc::MiMalloc;
+pub use allocator::Allocator;
 
 /// The value to install: `static A: Allocator = ALLOCATOR;`.
-pub const ALLOCATOR: Allocator = mimalloc::MiMalloc;
+pub const ALLOCATOR: Allocator = Allocator;
