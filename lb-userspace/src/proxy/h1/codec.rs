@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode, Uri, Version, request, response};
+use http::{Method, StatusCode, Uri, Version, request};
 
 use crate::proxy::hardening::{self, BodyLen, MAX_HEADERS};
 
@@ -45,16 +45,71 @@ pub(crate) struct RequestHead {
     pub upgrade: Option<HeaderValue>,
 }
 
-/// A response head taken off a server connection.
+/// A response head taken off a server connection. Its fields stay as the
+/// server sent them: they are copied out line by line, and a header map is
+/// built only for response actions (building one per response was a tenth
+/// of a proxied request's instructions).
 #[derive(Debug)]
 pub(crate) struct ResponseHead {
-    pub parts: response::Parts,
-    /// The reason phrase as the server sent it.
-    pub reason: Bytes,
+    pub status: StatusCode,
+    /// The head's bytes; `reason` and `fields` lie in them.
+    head: Bytes,
+    reason: (usize, usize),
+    fields: Vec<Span>,
     pub body: BodyKind,
     /// The server keeps the connection after this exchange.
     pub keep_alive: bool,
+    /// The protocol a 101 switches to.
+    pub upgrade: Option<HeaderValue>,
+    /// Connection names fields beyond `close` and `keep-alive` (they are hop-by-hop too).
+    connection_names: bool,
 }
+
+impl ResponseHead {
+    /// The reason phrase as the server sent it.
+    pub(crate) fn reason(&self) -> &[u8] {
+        &self.head[self.reason.0..self.reason.0 + self.reason.1]
+    }
+
+    fn field(&self, s: &Span) -> (&[u8], &[u8]) {
+        (
+            &self.head[s.name.0..s.name.0 + s.name.1],
+            &self.head[s.value.0..s.value.0 + s.value.1],
+        )
+    }
+
+    /// The fields as a header map (for response actions).
+    pub(crate) fn header_map(&self) -> Result<HeaderMap, &'static str> {
+        header_map(&self.head, &self.fields)
+    }
+
+    /// The span list, for the next head to reuse.
+    pub(crate) fn into_fields(self) -> Vec<Span> {
+        self.fields
+    }
+
+    /// Whether `name` is listed in a Connection field.
+    fn named_by_connection(&self, name: &[u8]) -> bool {
+        self.fields
+            .iter()
+            .map(|s| self.field(s))
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"connection"))
+            .flat_map(|(_, v)| v.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
+    }
+}
+
+/// Hop-by-hop field names (RFC 9110 7.6.1), lower case.
+const HOP_BY_HOP: [&[u8]; 8] = [
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+];
 
 /// Offset of `part` (a slice of `base`) in `base`.
 fn offset(base: &[u8], part: &[u8]) -> (usize, usize) {
@@ -145,7 +200,8 @@ pub(crate) fn take_request(
 }
 
 /// Parses and takes the response head at the start of `buf`, the answer to a
-/// request with method `method`. Ok(None) while incomplete.
+/// request with method `method`; its field spans go into `spans`' storage.
+/// Ok(None) while incomplete.
 pub(crate) fn take_response(
     buf: &mut BytesMut,
     spans: &mut Vec<Span>,
@@ -169,68 +225,87 @@ pub(crate) fn take_response(
         }));
         (len, resp.code.ok_or("no status")?, reason, resp.version)
     };
-    let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| "bad status")?;
-    let headers = header_map(&head, spans)?;
-    let body = response_body(method, status, &headers)?;
-    let keep_alive = body != BodyKind::Close
-        && match version {
-            Some(0) => connection_has(&headers, "keep-alive"),
-            _ => !connection_has(&headers, "close"),
-        };
-    let (mut parts, ()) = http::Response::new(()).into_parts();
-    parts.status = status;
-    parts.version = Version::HTTP_11;
-    parts.headers = headers;
-    Ok(Some(ResponseHead {
-        parts,
-        reason: head.slice(reason.0..reason.0 + reason.1),
-        body,
-        keep_alive,
-    }))
-}
-
-/// A response's body framing (RFC 9112 6.3).
-fn response_body(
-    method: &Method,
-    status: StatusCode,
-    headers: &HeaderMap,
-) -> Result<BodyKind, &'static str> {
-    if method == Method::HEAD
+    let mut resp = ResponseHead {
+        status,
+        head: buf.split_to(len).freeze(),
+        reason,
+        fields: std::mem::take(spans),
+        body: BodyKind::Close,
+        keep_alive: false,
+        upgrade: None,
+        connection_names: false,
+    };
+    // One pass over the fields for what framing and forwarding need.
+    let (mut te, mut te_chunked, mut length) = (false, false, None);
+    let (mut close, mut keep_alive) = (false, false);
+    let (mut connection_names, mut upgrade) = (false, None);
+    for s in &resp.fields {
+        let (name, value) = resp.field(s);
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            te = true;
+            // Chunked only when it is the last coding.
+            if let Some(last) = value
+                .split(|&b| b == b',')
+                .map(<[u8]>::trim_ascii)
+                .rfind(|t| !t.is_empty())
+            {
+                te_chunked = last.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            for item in value.split(|&b| b == b',') {
+                let n = content_length(item.trim_ascii()).ok_or("bad Content-Length")?;
+                if length.is_some_and(|l| l != n) {
+                    return Err("conflicting Content-Length");
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if !t.is_empty() {
+                    connection_names = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"upgrade") && upgrade.is_none() {
+            let value = resp.head.slice(s.value.0..s.value.0 + s.value.1);
+            upgrade = HeaderValue::from_maybe_shared(value).ok();
+        }
+    }
+    (resp.connection_names, resp.upgrade) = (connection_names, upgrade);
+    resp.body = if method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return Ok(BodyKind::Fixed(0));
-    }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Chunked only when it is the last coding; anything else runs to the close.
-        let last = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .map(<[u8]>::trim_ascii)
-            .rfind(|t| !t.is_empty());
-        return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case(b"chunked") => BodyKind::Chunked,
-            _ => BodyKind::Close,
-        });
-    }
-    let mut length = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for item in v.as_bytes().split(|&b| b == b',') {
-            let n = std::str::from_utf8(item.trim_ascii())
-                .ok()
-                .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|t| t.parse::<u64>().ok())
-                .ok_or("bad Content-Length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting Content-Length");
-            }
-            length = Some(n);
+        BodyKind::Fixed(0)
+    } else if te {
+        // A coding other than chunked last runs to the close.
+        if te_chunked {
+            BodyKind::Chunked
+        } else {
+            BodyKind::Close
         }
+    } else {
+        length.map_or(BodyKind::Close, BodyKind::Fixed)
+    };
+    resp.keep_alive = resp.body != BodyKind::Close
+        && match version {
+            Some(0) => keep_alive,
+            _ => !close,
+        };
+    Ok(Some(resp))
+}
+
+/// A Content-Length value: digits only.
+fn content_length(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return None;
     }
-    Ok(length.map_or(BodyKind::Close, BodyKind::Fixed))
+    std::str::from_utf8(text).ok()?.parse().ok()
 }
 
 /// Appends a header line.
@@ -274,14 +349,8 @@ pub(crate) fn put_request(out: &mut Vec<u8>, parts: &request::Parts, chunked: bo
     put_headers(out, &parts.headers, extra);
 }
 
-/// Appends an HTTP/1.1 response head for a client, with `extra` headers.
-pub(crate) fn put_response(
-    out: &mut Vec<u8>,
-    status: StatusCode,
-    reason: &[u8],
-    headers: &HeaderMap,
-    extra: &[(&str, &str)],
-) {
+/// Appends a response's status line.
+fn put_status_line(out: &mut Vec<u8>, status: StatusCode, reason: &[u8]) {
     out.reserve(HEAD_RESERVE);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
@@ -292,7 +361,51 @@ pub(crate) fn put_response(
         out.extend_from_slice(reason);
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends an HTTP/1.1 response head for a client, with `extra` headers.
+pub(crate) fn put_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    reason: &[u8],
+    headers: &HeaderMap,
+    extra: &[(&str, &str)],
+) {
+    put_status_line(out, status, reason);
     put_headers(out, headers, extra);
+}
+
+/// Appends a server's response head for a client as the server sent it,
+/// without its hop-by-hop fields (but Transfer-Encoding when `keep_te`),
+/// with `extra` headers.
+pub(crate) fn put_response_fields(
+    out: &mut Vec<u8>,
+    resp: &ResponseHead,
+    keep_te: bool,
+    extra: &[(&str, &str)],
+) {
+    put_status_line(out, resp.status, resp.reason());
+    for s in &resp.fields {
+        let (name, value) = resp.field(s);
+        let hop = if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            !keep_te
+        } else {
+            HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+                || (resp.connection_names && resp.named_by_connection(name))
+        };
+        if !hop {
+            // Lower case, as from a header map (and as HAProxy sends them):
+            // the same output whether or not response actions ran.
+            out.extend(name.iter().map(u8::to_ascii_lowercase));
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    for (name, value) in extra {
+        put_header(out, name.as_bytes(), value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
@@ -365,7 +478,7 @@ mod tests {
         let r = |t: &str| response(t, Method::GET).unwrap().unwrap();
         let fixed = r("HTTP/1.1 200 Fine\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(fixed.body, BodyKind::Fixed(5));
-        assert_eq!(&fixed.reason[..], b"Fine");
+        assert_eq!(fixed.reason(), b"Fine");
         assert!(fixed.keep_alive);
         assert_eq!(
             r("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").body,
@@ -394,6 +507,34 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn response_fields_go_out_without_hop_by_hop_ones() {
+        let text = "HTTP/1.1 200 Fine\r\nX-Keep: a\r\nConnection: keep-alive, X-Hop\r\n\
+                    X-Hop: 1\r\nKeep-Alive: timeout=5\r\nTransfer-Encoding: gzip, chunked\r\n\
+                    Upgrade: h2c\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n\r\n";
+        let resp = response(text, Method::GET).unwrap().unwrap();
+        assert_eq!(resp.body, BodyKind::Chunked);
+        let mut out = Vec::new();
+        put_response_fields(&mut out, &resp, true, &[("connection", "close")]);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 Fine\r\nx-keep: a\r\ntransfer-encoding: gzip, chunked\r\n\
+             set-cookie: a=1\r\nset-cookie: b=2\r\nconnection: close\r\n\r\n"
+        );
+        // Dechunked for an HTTP/1.0 client: no Transfer-Encoding.
+        let mut out = Vec::new();
+        put_response_fields(&mut out, &resp, false, &[]);
+        assert!(!String::from_utf8(out).unwrap().contains("transfer-encoding"));
+        // The same fields through a header map (response actions) give the same head.
+        let mut map = resp.header_map().unwrap();
+        crate::proxy::strip_hop_by_hop(&mut map);
+        let mut via_map = Vec::new();
+        put_response(&mut via_map, resp.status, resp.reason(), &map, &[]);
+        let mut direct = Vec::new();
+        put_response_fields(&mut direct, &resp, false, &[]);
+        assert_eq!(via_map, direct);
     }
 
     #[test]

@@ -689,9 +689,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
         loop {
             match codec::take_response(&mut server.buf, &mut self.spans, method) {
                 Ok(Some(r))
-                    if r.parts.status.is_informational()
-                        && r.parts.status != StatusCode::SWITCHING_PROTOCOLS =>
+                    if r.status.is_informational()
+                        && r.status != StatusCode::SWITCHING_PROTOCOLS =>
                 {
+                    self.spans = r.into_fields();
                     continue;
                 }
                 Ok(Some(r)) => return Ok(r),
@@ -730,29 +731,50 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
             start,
         } = ctx;
         let pool = &self.shared.pools[pool];
-        let ResponseHead {
-            mut parts,
-            reason,
-            body,
-            keep_alive: server_keep_alive,
-        } = resp;
-        // Codings before `chunked` (e.g. gzip) stay: the client gets the header as sent.
-        let te = parts.headers.get(header::TRANSFER_ENCODING).cloned();
-        let server_upgrade = parts.headers.get(header::UPGRADE).cloned();
-        forward::strip_hop_by_hop(&mut parts.headers);
-        actions::apply_response(&response_ops, &mut parts.headers);
-        rec.status = parts.status.as_u16();
-        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        rec.status = resp.status.as_u16();
+        // With response actions the fields go through a header map; without,
+        // they are copied as the server sent them.
+        let mapped = if response_ops.is_empty() {
+            None
+        } else {
+            let Ok(mut headers) = resp.header_map() else {
+                return self
+                    .answer_error(StatusCode::BAD_GATEWAY, rec, ['P', 'H'], false, start)
+                    .await;
+            };
+            // Codings before `chunked` (e.g. gzip) stay: the client gets them as sent.
+            let te = headers
+                .get_all(header::TRANSFER_ENCODING)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect::<Vec<_>>()
+                .join(", ");
+            forward::strip_hop_by_hop(&mut headers);
+            actions::apply_response(&response_ops, &mut headers);
+            Some((headers, te))
+        };
+        let put_head = |out: &mut Vec<u8>, keep_te: bool, extra: &[(&str, &str)]| match &mapped {
+            None => codec::put_response_fields(out, &resp, keep_te, extra),
+            Some((headers, te)) => {
+                let mut all = Vec::with_capacity(extra.len() + 1);
+                if keep_te {
+                    all.push(("transfer-encoding", te.as_str()));
+                }
+                all.extend_from_slice(extra);
+                codec::put_response(out, resp.status, resp.reason(), headers, &all);
+            }
+        };
+        if resp.status == StatusCode::SWITCHING_PROTOCOLS {
             let Some(proto) = upgrade else {
                 return self
                     .answer_error(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], false, start)
                     .await;
             };
             // --- upgrade: 101 to the client, then a byte-for-byte tunnel (proxy/tunnel.rs) ---
-            let proto_out = server_upgrade.unwrap_or(proto);
+            let proto_out = resp.upgrade.clone().unwrap_or(proto);
             let proto_text = String::from_utf8_lossy(proto_out.as_bytes()).into_owned();
             let extra = [("connection", "upgrade"), ("upgrade", proto_text.as_str())];
-            codec::put_response(&mut self.out, parts.status, &reason, &parts.headers, &extra);
+            put_head(&mut self.out, false, &extra);
             self.out.extend_from_slice(&server.buf);
             server.buf.clear();
             if self.write_client().await.is_err() {
@@ -777,6 +799,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
             return Next::Close;
         }
         // --- framing toward the client ---
+        let body = resp.body;
         let http10 = client_version == Version::HTTP_10;
         let (dechunk, close) = match body {
             BodyKind::Fixed(_) => (false, !keep_alive),
@@ -785,22 +808,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
             BodyKind::Chunked => (false, !keep_alive),
             BodyKind::Close => (false, true),
         };
-        let te_text;
-        let mut extra: Vec<(&str, &str)> = Vec::with_capacity(2);
-        if body == BodyKind::Chunked && !dechunk {
-            te_text = te
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("chunked")
-                .to_string();
-            extra.push(("transfer-encoding", te_text.as_str()));
-        }
-        if close {
-            extra.push(("connection", "close"));
+        let connection: &[(&str, &str)] = if close {
+            &[("connection", "close")]
         } else if http10 {
-            extra.push(("connection", "keep-alive"));
-        }
-        codec::put_response(&mut self.out, parts.status, &reason, &parts.headers, &extra);
+            &[("connection", "keep-alive")]
+        } else {
+            &[]
+        };
+        put_head(
+            &mut self.out,
+            body == BodyKind::Chunked && !dechunk,
+            connection,
+        );
+        let server_keep_alive = resp.keep_alive;
+        self.spans = resp.into_fields();
         let relayed = relay(
             End {
                 io: &mut server.io,
