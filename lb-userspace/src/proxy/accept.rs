@@ -12,7 +12,7 @@
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -86,6 +86,30 @@ fn accept4(listener: &std::net::TcpListener) -> io::Result<(ClientStream, Socket
 /// operation would block, then a registered tokio stream.
 pub(crate) struct ClientStream {
     state: State,
+    /// Writes may be held for the FIN that follows them (`HoldForFin`).
+    hold: bool,
+}
+
+/// A stream whose last bytes may wait for the FIN that follows them, to
+/// leave with it in one segment: the client then gets the answer and the
+/// close in one packet, and acknowledges both with one (HAProxy sends the
+/// FIN on its own). Streams that cannot do it ignore the hint.
+pub(crate) trait HoldForFin {
+    /// What is written from now on comes right before the shutdown.
+    fn hold_for_fin(&mut self) {}
+}
+
+impl HoldForFin for ClientStream {
+    fn hold_for_fin(&mut self) {
+        self.hold = true;
+    }
+}
+
+impl<T: HoldForFin> HoldForFin for tokio_rustls::server::TlsStream<T> {
+    fn hold_for_fin(&mut self) {
+        // The close_notify alert then leaves with the last record and the FIN.
+        self.get_mut().0.hold_for_fin();
+    }
 }
 
 enum State {
@@ -100,14 +124,16 @@ impl ClientStream {
     fn new(stream: std::net::TcpStream) -> ClientStream {
         ClientStream {
             state: State::Direct(stream),
+            hold: false,
         }
     }
 
-    /// Sets TCP_NODELAY.
-    pub(crate) fn set_nodelay(&self, on: bool) -> io::Result<()> {
+    /// TCP_NODELAY (for tests: it comes from the listener).
+    #[cfg(test)]
+    pub(crate) fn nodelay(&self) -> io::Result<bool> {
         match &self.state {
-            State::Direct(s) => s.set_nodelay(on),
-            State::Registered(s) => s.set_nodelay(on),
+            State::Direct(s) => s.nodelay(),
+            State::Registered(s) => s.nodelay(),
             State::Lost => Err(lost()),
         }
     }
@@ -154,6 +180,20 @@ fn retry<T>(mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
             r => return r,
         }
     }
+}
+
+/// One `send`; MSG_MORE with `hold` (the segment waits for more, or the FIN).
+fn send(fd: RawFd, buf: &[u8], hold: bool) -> io::Result<usize> {
+    let flags = libc::MSG_NOSIGNAL | if hold { libc::MSG_MORE } else { 0 };
+    retry(|| {
+        // SAFETY: the pointer and length describe `buf`.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    })
 }
 
 /// One `recv` into the unfilled part of `buf`.
@@ -204,14 +244,24 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let State::Direct(s) = &mut self.state {
-            // std's write is a send with MSG_NOSIGNAL.
-            match retry(|| s.write(buf)) {
+        let hold = self.hold;
+        if let State::Direct(s) = &self.state {
+            match send(s.as_raw_fd(), buf, hold) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return Poll::Ready(r),
             }
         }
-        Pin::new(self.registered()?).poll_write(cx, buf)
+        let s = self.registered()?;
+        if !hold {
+            return Pin::new(s).poll_write(cx, buf);
+        }
+        loop {
+            ready!(s.poll_write_ready(cx))?;
+            match s.try_io(Interest::WRITABLE, || send(s.as_raw_fd(), buf, true)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -247,6 +297,8 @@ impl AsyncWrite for ClientStream {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
@@ -302,6 +354,36 @@ mod tests {
         let (more, registered) = reader.await.unwrap().unwrap();
         assert_eq!(&more, b"later");
         assert!(registered);
+    }
+
+    #[tokio::test]
+    async fn held_bytes_leave_with_the_fin() {
+        let l = listener();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        client.set_nonblocking(true).unwrap();
+        s.hold_for_fin();
+        s.write_all(b"bye").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut got = [0u8; 8];
+        let early = (&client).read(&mut got);
+        assert!(
+            matches!(&early, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "held until the shutdown: {early:?}"
+        );
+        s.shutdown().await.unwrap();
+        client.set_nonblocking(false).unwrap();
+        let mut all = Vec::new();
+        std::io::Read::read_to_end(&mut &client, &mut all).unwrap();
+        assert_eq!(all, b"bye");
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_get_nodelay_from_the_proxy_listener() {
+        let l = crate::proxy::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert!(s.nodelay().unwrap());
     }
 
     #[tokio::test]

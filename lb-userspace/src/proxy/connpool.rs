@@ -207,14 +207,19 @@ struct Idle {
     since: Instant,
 }
 
+/// A server's address to what is kept for it: looked up twice per request,
+/// where SipHash (std's default) cost some 230 instructions a lookup. The
+/// keys are the configured servers', not an attacker's choice.
+type ByServer<V> = HashMap<SocketAddr, V, foldhash::fast::FixedState>;
+
 #[derive(Default)]
 struct Lists {
     /// HTTP/1.1 connections by server, most recently used last.
-    idle: HashMap<SocketAddr, Vec<Idle>>,
+    idle: ByServer<Vec<Idle>>,
     /// The same for our own HTTP/1.1 path's connections.
-    raw: HashMap<SocketAddr, Vec<IdleRaw>>,
+    raw: ByServer<Vec<IdleRaw>>,
     /// The shared HTTP/2 connection of each server.
-    shared: HashMap<SocketAddr, http2::SendRequest<Incoming>>,
+    shared: ByServer<http2::SendRequest<Incoming>>,
 }
 
 /// One pool's server connections.

@@ -209,8 +209,15 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<accept::Listener> {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it: no setsockopt per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
+    // As HAProxy's `tcp-smart-accept`: accepted sockets start with delayed
+    // ACKs, so a request answered within the delayed-ACK time is acknowledged
+    // by the answer rather than by a packet of its own. (After listen(),
+    // which resets the socket's ACK state.)
+    socket.set_tcp_quickack(false)?;
     accept::Listener::from_std(socket.into())
 }
 

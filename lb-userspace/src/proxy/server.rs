@@ -163,7 +163,6 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let (fe, shared, shutdown) = (fe.clone(), shared.clone(), handed.clone());
         // Boxed: tokio moves a spawned future several times before it runs;
         // a pointer is cheaper to move than the connection's state.

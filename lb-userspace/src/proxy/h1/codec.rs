@@ -129,13 +129,39 @@ fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, &'static str> {
     Ok(headers)
 }
 
-/// Whether the Connection headers list `token`.
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+/// What the Connection fields of a head say.
+#[derive(Debug, Default, Clone, Copy)]
+struct ConnectionField {
+    close: bool,
+    keep_alive: bool,
+    upgrade: bool,
+    /// A token other than `close` and `keep-alive`: a field name, hop-by-hop.
+    names: bool,
+}
+
+impl ConnectionField {
+    /// Adds the tokens of one field's value, if `name` is Connection.
+    fn add(&mut self, name: &[u8], value: &[u8]) {
+        if !name.eq_ignore_ascii_case(b"connection") {
+            return;
+        }
+        for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if t.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !t.is_empty() {
+                self.names = true;
+                self.upgrade |= t.eq_ignore_ascii_case(b"upgrade");
+            }
+        }
+    }
+
+    /// Whether the connection stays open after the message: HTTP/1.1 unless
+    /// `close`, HTTP/1.0 only with `keep-alive`.
+    fn persists(&self, http10: bool) -> bool {
+        if http10 { self.keep_alive } else { !self.close }
+    }
 }
 
 /// Parses and checks (`hardening::parse_request`) and takes the request head
@@ -145,7 +171,7 @@ pub(crate) fn take_request(
     buf: &mut BytesMut,
     spans: &mut Vec<Span>,
 ) -> Result<Option<RequestHead>, &'static str> {
-    let (len, framing, method, path, version) = {
+    let (len, framing, method, path, version, connection) = {
         // Uninitialised: zeroing 100 header slots per parse showed in profiles.
         let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let Some((len, framing, req)) = hardening::parse_request(buf, &mut slots)? else {
@@ -161,25 +187,24 @@ pub(crate) fn take_request(
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
+        let mut connection = ConnectionField::default();
         spans.clear();
-        spans.extend(req.headers.iter().map(|h| Span {
-            name: offset(buf, h.name.as_bytes()),
-            value: offset(buf, h.value),
+        spans.extend(req.headers.iter().map(|h| {
+            connection.add(h.name.as_bytes(), h.value);
+            Span {
+                name: offset(buf, h.name.as_bytes()),
+                value: offset(buf, h.value),
+            }
         }));
-        (len, framing, method, path, version)
+        (len, framing, method, path, version, connection)
     };
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(path.0..path.0 + path.1))
         .map_err(|_| "bad request target")?;
     let headers = header_map(&head, spans)?;
-    let keep_alive = match version {
-        Version::HTTP_10 => connection_has(&headers, "keep-alive"),
-        _ => !connection_has(&headers, "close"),
-    };
+    let keep_alive = connection.persists(version == Version::HTTP_10);
     let upgrade = match version {
-        Version::HTTP_11 if connection_has(&headers, "upgrade") => {
-            headers.get(header::UPGRADE).cloned()
-        }
+        Version::HTTP_11 if connection.upgrade => headers.get(header::UPGRADE).cloned(),
         _ => None,
     };
     let (mut parts, ()) = http::Request::new(()).into_parts();
@@ -238,10 +263,11 @@ pub(crate) fn take_response(
     };
     // One pass over the fields for what framing and forwarding need.
     let (mut te, mut te_chunked, mut length) = (false, false, None);
-    let (mut close, mut keep_alive) = (false, false);
-    let (mut connection_names, mut upgrade) = (false, None);
+    let mut connection = ConnectionField::default();
+    let mut upgrade = None;
     for s in &resp.fields {
         let (name, value) = resp.field(s);
+        connection.add(name, value);
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = true;
             // Chunked only when it is the last coding.
@@ -260,22 +286,12 @@ pub(crate) fn take_response(
                 }
                 length = Some(n);
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for t in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                    keep_alive = true;
-                } else if !t.is_empty() {
-                    connection_names = true;
-                }
-            }
         } else if name.eq_ignore_ascii_case(b"upgrade") && upgrade.is_none() {
             let value = resp.head.slice(s.value.0..s.value.0 + s.value.1);
             upgrade = HeaderValue::from_maybe_shared(value).ok();
         }
     }
-    (resp.connection_names, resp.upgrade) = (connection_names, upgrade);
+    (resp.connection_names, resp.upgrade) = (connection.names, upgrade);
     resp.body = if method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -292,11 +308,7 @@ pub(crate) fn take_response(
     } else {
         length.map_or(BodyKind::Close, BodyKind::Fixed)
     };
-    resp.keep_alive = resp.body != BodyKind::Close
-        && match version {
-            Some(0) => keep_alive,
-            _ => !close,
-        };
+    resp.keep_alive = resp.body != BodyKind::Close && connection.persists(version == Some(0));
     Ok(Some(resp))
 }
 
@@ -396,7 +408,9 @@ pub(crate) fn put_response_fields(
         if !hop {
             // Lower case, as from a header map (and as HAProxy sends them):
             // the same output whether or not response actions ran.
-            out.extend(name.iter().map(u8::to_ascii_lowercase));
+            let at = out.len();
+            out.extend_from_slice(name);
+            out[at..].make_ascii_lowercase();
             out.extend_from_slice(b": ");
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
@@ -526,7 +540,11 @@ mod tests {
         // Dechunked for an HTTP/1.0 client: no Transfer-Encoding.
         let mut out = Vec::new();
         put_response_fields(&mut out, &resp, false, &[]);
-        assert!(!String::from_utf8(out).unwrap().contains("transfer-encoding"));
+        assert!(
+            !String::from_utf8(out)
+                .unwrap()
+                .contains("transfer-encoding")
+        );
         // The same fields through a header map (response actions) give the same head.
         let mut map = resp.header_map().unwrap();
         crate::proxy::strip_hop_by_hop(&mut map);

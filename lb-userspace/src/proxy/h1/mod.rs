@@ -40,6 +40,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
+use super::accept::HoldForFin;
 use super::actions;
 use super::connpool::RawConn;
 use super::deadline::Deadline;
@@ -202,7 +203,7 @@ pub(crate) async fn serve<T>(
     shutdown: &mut watch::Receiver<()>,
 ) -> Option<Prefixed<T>>
 where
-    T: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin + HoldForFin,
 {
     let mut c = Client {
         io,
@@ -256,7 +257,7 @@ where
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
     /// Closes our side. When the client may still be sending (an unread
     /// body, a refused head, bytes beyond the last request), reads and drops
     /// what comes for a moment (bounded) first: closing with unread bytes
@@ -822,6 +823,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Client<'_, T> {
         );
         let server_keep_alive = resp.keep_alive;
         self.spans = resp.into_fields();
+        if close && matches!(body, BodyKind::Fixed(n) if server.buf.len() as u64 >= n) {
+            // The whole answer is in hand and the connection closes after it.
+            self.io.hold_for_fin();
+        }
         let relayed = relay(
             End {
                 io: &mut server.io,
