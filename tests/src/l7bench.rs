@@ -31,8 +31,9 @@ const OURS_HTTPS: u16 = 8443;
 const HAPROXY_HTTPS: u16 = 8444;
 /// wrk's open connections (one wrk thread drives them).
 const CONNECTIONS: u32 = 2;
-/// Measured runs per proxy and scenario, alternating between the proxies.
-const ROUNDS: usize = 3;
+/// Measured runs per proxy and scenario, alternating between the proxies
+/// (five: a row's ratio moved by up to ±8 % between runs of three).
+const ROUNDS: usize = 5;
 /// Length of each measured wrk run, and of the warm-up run per proxy.
 const WINDOW: Duration = Duration::from_secs(5);
 const WARMUP: Duration = Duration::from_secs(1);
@@ -208,7 +209,12 @@ fn compare(
                 "HAProxy exited during the run"
             );
         }
-        rows.push((s, Measure::pooled(&hs), Measure::pooled(&os)));
+        rows.push((
+            s,
+            Measure::pooled(&hs),
+            Measure::pooled(&os),
+            pair_ratios(&hs, &os),
+        ));
     }
 
     println!(
@@ -225,7 +231,7 @@ fn compare(
         "  {:<36} {:>8} {:>8}   {:>7} {:>7}   {:>8} {:>8}   {:>6} {:>5} {:>7}",
         "", "HAProxy", "ours", "HAProxy", "ours", "HAProxy", "ours", "req/s", "p99", "CPU/req"
     );
-    for (s, h, o) in &rows {
+    for (s, h, o, _) in &rows {
         println!(
             "  {:<36} {:>8.0} {:>8.0}   {:>7.3} {:>7.3}   {:>8.1} {:>8.1}   {:>5.2}x {:>4.2}x {:>6.2}x",
             s.name,
@@ -243,14 +249,14 @@ fn compare(
     println!(
         "  proxy CPU busy during each run (HAProxy / ours): {}   (target: ours >= 1.00x req/s at <= 1.00x CPU/req)",
         rows.iter()
-            .map(|(_, h, o)| format!("{:.0}%/{:.0}%", h.cpu_share(), o.cpu_share()))
+            .map(|(_, h, o, _)| format!("{:.0}%/{:.0}%", h.cpu_share(), o.cpu_share()))
             .collect::<Vec<_>>()
             .join(", ")
     );
     println!(
         "  of which user-mode CPU us/req (HAProxy / ours; the rest is kernel, mostly the veth and TCP path): {}",
         rows.iter()
-            .map(|(_, h, o)| format!(
+            .map(|(_, h, o, _)| format!(
                 "{:.1}/{:.1}",
                 h.user_us_per_request(),
                 o.user_us_per_request()
@@ -258,15 +264,34 @@ fn compare(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!(
+        "  ours/HAProxy req/s of each alternating pair of runs, lowest and highest: {}",
+        rows.iter()
+            .map(|(_, _, _, (lo, hi))| format!("{lo:.2}-{hi:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let errors: Vec<String> = rows
         .iter()
-        .filter(|(_, h, o)| h.errors + o.errors > 0)
-        .map(|(s, h, o)| format!("{}: HAProxy {}, ours {}", s.name, h.errors, o.errors))
+        .filter(|(_, h, o, _)| h.errors + o.errors > 0)
+        .map(|(s, h, o, _)| format!("{}: HAProxy {}, ours {}", s.name, h.errors, o.errors))
         .collect();
     if !errors.is_empty() {
         println!("  errors (socket errors + non-2xx): {}", errors.join("; "));
     }
     Ok(())
+}
+
+/// The lowest and highest ours/HAProxy requests/s over pairs of runs made
+/// one after the other: the spread of a row's ratio within one bench run.
+fn pair_ratios(haproxy: &[Measure], ours: &[Measure]) -> (f64, f64) {
+    haproxy
+        .iter()
+        .zip(ours)
+        .map(|(h, o)| o.rps() / h.rps())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+            (lo.min(r), hi.max(r))
+        })
 }
 
 /// Our proxy on its own OS thread in the balancer namespace, driven by a
@@ -668,6 +693,25 @@ fn process_cpu_seconds(pid: u32) -> Result<Cpu> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pair_ratios_span_the_runs() {
+        let run = |requests| Measure {
+            requests,
+            seconds: 1.0,
+            p99_ms: 0.0,
+            errors: 0,
+            cpu_seconds: 0.0,
+            user_seconds: 0.0,
+        };
+        let haproxy = [run(100), run(100), run(200)];
+        let ours = [run(110), run(90), run(200)];
+        let (lo, hi) = pair_ratios(&haproxy, &ours);
+        assert!(
+            (lo - 0.9).abs() < 1e-9 && (hi - 1.1).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+    }
 
     #[test]
     fn parses_wrk_output() {
