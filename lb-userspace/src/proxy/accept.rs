@@ -9,7 +9,7 @@
 //! request they were two of the syscalls of every request. HAProxy reads
 //! first and subscribes to epoll only when a read would block; so does this.
 
-use std::io::{self, Write};
+use std::io;
 use std::mem::MaybeUninit;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -196,6 +196,27 @@ fn send(fd: RawFd, buf: &[u8], hold: bool) -> io::Result<usize> {
     })
 }
 
+/// `send` of several buffers in one `sendmsg`.
+fn send_vectored(fd: RawFd, bufs: &[io::IoSlice<'_>], hold: bool) -> io::Result<usize> {
+    /// Linux's IOV_MAX: more buffers are left for the next call.
+    const IOV_MAX: usize = 1024;
+    let flags = libc::MSG_NOSIGNAL | if hold { libc::MSG_MORE } else { 0 };
+    retry(|| {
+        // SAFETY: an all-zero msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        // IoSlice is ABI-compatible with iovec on Unix; sendmsg only reads them.
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(IOV_MAX) as _;
+        // SAFETY: msg points at `bufs`, valid for the call.
+        let n = unsafe { libc::sendmsg(fd, &msg, flags) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    })
+}
+
 /// One `recv` into the unfilled part of `buf`.
 fn recv(stream: &std::net::TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
     // SAFETY: recv only writes into the memory, so uninitialised bytes are fine.
@@ -269,13 +290,27 @@ impl AsyncWrite for ClientStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let State::Direct(s) = &mut self.state {
-            match retry(|| s.write_vectored(bufs)) {
+        // TLS streams write their records this way: the hold applies here too.
+        let hold = self.hold;
+        if let State::Direct(s) = &self.state {
+            match send_vectored(s.as_raw_fd(), bufs, hold) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 r => return Poll::Ready(r),
             }
         }
-        Pin::new(self.registered()?).poll_write_vectored(cx, bufs)
+        let s = self.registered()?;
+        if !hold {
+            return Pin::new(s).poll_write_vectored(cx, bufs);
+        }
+        loop {
+            ready!(s.poll_write_ready(cx))?;
+            match s.try_io(Interest::WRITABLE, || {
+                send_vectored(s.as_raw_fd(), bufs, true)
+            }) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -363,7 +398,10 @@ mod tests {
         let (mut s, _) = l.accept().await.unwrap();
         client.set_nonblocking(true).unwrap();
         s.hold_for_fin();
-        s.write_all(b"bye").await.unwrap();
+        s.write_all(b"b").await.unwrap();
+        // As TLS streams write: vectored.
+        let parts = [io::IoSlice::new(b"y"), io::IoSlice::new(b"e")];
+        assert_eq!(s.write_vectored(&parts).await.unwrap(), 2);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let mut got = [0u8; 8];
         let early = (&client).read(&mut got);

@@ -750,6 +750,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 .filter_map(|v| v.to_str().ok())
                 .collect::<Vec<_>>()
                 .join(", ");
+            // (Only used when the body is chunked, so chunked is its last coding.)
+            let te = if te.is_empty() { "chunked".into() } else { te };
             forward::strip_hop_by_hop(&mut headers);
             actions::apply_response(&response_ops, &mut headers);
             Some((headers, te))
