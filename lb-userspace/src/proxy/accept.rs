@@ -128,14 +128,15 @@ impl ClientStream {
         }
     }
 
-    /// TCP_NODELAY (for tests: it comes from the listener).
+    /// TCP_NODELAY and TCP_QUICKACK (for tests: they come from the listener).
     #[cfg(test)]
-    pub(crate) fn nodelay(&self) -> io::Result<bool> {
-        match &self.state {
-            State::Direct(s) => s.nodelay(),
-            State::Registered(s) => s.nodelay(),
-            State::Lost => Err(lost()),
-        }
+    fn nodelay_and_quickack(&self) -> io::Result<(bool, bool)> {
+        let sock = match &self.state {
+            State::Direct(s) => socket2::SockRef::from(s),
+            State::Registered(s) => socket2::SockRef::from(s),
+            State::Lost => return Err(lost()),
+        };
+        Ok((sock.tcp_nodelay()?, sock.tcp_quickack()?))
     }
 
     /// The local address of the connection.
@@ -417,11 +418,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn accepted_sockets_get_nodelay_from_the_proxy_listener() {
+    async fn accepted_sockets_inherit_nodelay_and_delayed_acks() {
         let l = crate::proxy::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
-        assert!(s.nodelay().unwrap());
+        // Quick ACKs off only holds when set after listen(), which resets it.
+        assert_eq!(s.nodelay_and_quickack().unwrap(), (true, false));
     }
 
     #[tokio::test]
