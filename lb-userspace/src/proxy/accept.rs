@@ -260,30 +260,39 @@ impl AsyncRead for ClientStream {
     }
 }
 
+impl ClientStream {
+    /// Runs `op` (a send on the descriptor, with the hold flag) directly, or
+    /// once registered, whenever the socket is writable.
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl Fn(RawFd, bool) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        let hold = self.hold;
+        if let State::Direct(s) = &self.state {
+            match op(s.as_raw_fd(), hold) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+        let s = self.registered()?;
+        loop {
+            ready!(s.poll_write_ready(cx))?;
+            match s.try_io(Interest::WRITABLE, || op(s.as_raw_fd(), hold)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+}
+
 impl AsyncWrite for ClientStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let hold = self.hold;
-        if let State::Direct(s) = &self.state {
-            match send(s.as_raw_fd(), buf, hold) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
-        let s = self.registered()?;
-        if !hold {
-            return Pin::new(s).poll_write(cx, buf);
-        }
-        loop {
-            ready!(s.poll_write_ready(cx))?;
-            match s.try_io(Interest::WRITABLE, || send(s.as_raw_fd(), buf, true)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
-        }
+        self.poll_send(cx, |fd, hold| send(fd, buf, hold))
     }
 
     fn poll_write_vectored(
@@ -292,26 +301,7 @@ impl AsyncWrite for ClientStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         // TLS streams write their records this way: the hold applies here too.
-        let hold = self.hold;
-        if let State::Direct(s) = &self.state {
-            match send_vectored(s.as_raw_fd(), bufs, hold) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
-        let s = self.registered()?;
-        if !hold {
-            return Pin::new(s).poll_write_vectored(cx, bufs);
-        }
-        loop {
-            ready!(s.poll_write_ready(cx))?;
-            match s.try_io(Interest::WRITABLE, || {
-                send_vectored(s.as_raw_fd(), bufs, true)
-            }) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                r => return Poll::Ready(r),
-            }
-        }
+        self.poll_send(cx, |fd, hold| send_vectored(fd, bufs, hold))
     }
 
     fn is_write_vectored(&self) -> bool {
