@@ -122,7 +122,7 @@ pub(crate) struct ConnCtx {
 
 /// Headers that describe one hop only (RFC 9110 7.6.1) and never cross the proxy.
 /// Typed names: removing by `&str` would parse each name on every request.
-const HOP_BY_HOP: [HeaderName; 8] = [
+pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

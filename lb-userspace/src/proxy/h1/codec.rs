@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version, request};
 
+use crate::proxy::forward::HOP_BY_HOP;
 use crate::proxy::hardening::{self, BodyLen, MAX_HEADERS};
 
 /// Bytes reserved before writing a head: enough for a typical one.
@@ -98,18 +99,6 @@ impl ResponseHead {
             .any(|t| t.trim_ascii().eq_ignore_ascii_case(name))
     }
 }
-
-/// Hop-by-hop field names (RFC 9110 7.6.1), lower case.
-const HOP_BY_HOP: [&[u8]; 8] = [
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-];
 
 /// Offset of `part` (a slice of `base`) in `base`.
 fn offset(base: &[u8], part: &[u8]) -> (usize, usize) {
@@ -402,7 +391,9 @@ pub(crate) fn put_response_fields(
         let hop = if name.eq_ignore_ascii_case(b"transfer-encoding") {
             !keep_te
         } else {
-            HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            HOP_BY_HOP
+                .iter()
+                .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
                 || (resp.connection_names && resp.named_by_connection(name))
         };
         if !hop {
