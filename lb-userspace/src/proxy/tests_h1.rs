@@ -304,3 +304,55 @@ async fn answer_given_before_reading_a_body_still_reaches_the_client() {
     );
     writer.abort();
 }
+
+#[tokio::test]
+async fn body_bytes_the_server_refused_never_reach_the_client() {
+    // The server answers as soon as it has the head and closes without
+    // reading the body: sending the rest of it fails with bytes still in the
+    // proxy's output buffer, and the client must get the server's answer only.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(n) if n > 0 => head.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+            let answer =
+                "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            let _ = s.write_all(answer.as_bytes()).await;
+            // Dropped with the body unread: the proxy's next writes fail.
+        }
+    });
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let body = vec![b'x'; 8 << 20];
+    let writer = tokio::spawn(async move {
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let _ = w.write_all(head.as_bytes()).await;
+        // The proxy stops reading at some point: errors here are expected.
+        let _ = w.write_all(&body).await;
+        w
+    });
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut out))
+        .await
+        .expect("the proxy did not close the connection");
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.starts_with("HTTP/1.1 413"),
+        "{}",
+        &out[..out.len().min(200)]
+    );
+    assert!(!out.contains('x'), "request bytes in the answer");
+    writer.abort();
+}

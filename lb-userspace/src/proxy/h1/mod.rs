@@ -554,9 +554,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 .answer_error(StatusCode::BAD_GATEWAY, rec, ['P', 'H'], false, start)
                 .await;
         }
-        // The head for the server, written once; resent as is on a retry.
-        let mut head_out = Vec::with_capacity(256);
-        codec::put_request(&mut head_out, &parts, body == BodyKind::Chunked);
         let mut attempts = Attempts::new(pool);
         loop {
             let active = match attempts.acquire(pool, key, &mut rec).await {
@@ -592,8 +589,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             let sent = Instant::now();
             let timeout_server = pool.timeout_server;
             // --- request: head, then the body by its framing ---
-            let mut out = Vec::with_capacity(head_out.len());
-            out.extend_from_slice(&head_out);
             if expect_continue && !bodiless {
                 self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                 if self.write_client().await.is_err() {
@@ -602,6 +597,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     return Next::Close;
                 }
             }
+            // The client's output buffer is empty between answers: the
+            // request goes out through it (written again on a retry).
+            codec::put_request(&mut self.out, &parts, body == BodyKind::Chunked);
             let sent_whole = relay(
                 End {
                     io: &mut self.io,
@@ -612,12 +610,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     io: &mut server.io,
                     limit: timeout_server,
                 },
-                &mut out,
+                &mut self.out,
                 body,
                 false,
                 &mut self.timer,
             )
             .await;
+            // Whatever of the request was not sent must not reach the client.
+            self.out.clear();
             match sent_whole {
                 Ok(_) => self.unread = false,
                 Err(Fail::Read | Fail::ReadTimeout | Fail::Framing) => {
