@@ -160,6 +160,7 @@ mod model;
 mod proxy_protocol;
 pub mod routing;
 mod server;
+mod shutdown;
 mod tls;
 mod tunnel;
 mod upstream;

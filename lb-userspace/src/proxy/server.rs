@@ -26,6 +26,7 @@ use super::hardening::GuardIo;
 use super::log::{AccessRecord, LogFormat};
 use super::model::Frontend;
 use super::proxy_protocol;
+use super::shutdown::ShutdownWatch;
 
 /// Client-side timeouts of a frontend.
 #[derive(Debug, Clone, Copy)]
@@ -114,20 +115,10 @@ pub(crate) async fn accept_loop(
         .local_addr()
         .ok()
         .filter(|a| !a.ip().is_unspecified());
-    // As in the connections' loops: `changed()` is polled only when it is
-    // not registered yet or a version check says it fired (a new pair of
-    // select! futures per accepted connection showed in profiles).
     let handed = shutdown.clone();
     let probe = shutdown.clone();
-    let mut changed = pin!(shutdown.changed());
-    let mut registered = false;
-    let mut ended = move |cx: &mut Context<'_>| {
-        if registered && !probe.has_changed().unwrap_or(true) {
-            return false;
-        }
-        registered = true;
-        changed.as_mut().poll(cx).is_ready()
-    };
+    let changed = pin!(shutdown.changed());
+    let mut shutdown = ShutdownWatch::new(probe, changed);
     loop {
         // Wait for a free slot before accepting, so excess clients queue in the backlog.
         let permit = match fe.limit.clone().try_acquire_owned() {
@@ -137,7 +128,7 @@ pub(crate) async fn accept_loop(
                 let mut wait = pin!(fe.limit.clone().acquire_owned());
                 let got = poll_fn(|cx| match wait.as_mut().poll(cx) {
                     Poll::Ready(p) => Poll::Ready(p.ok()),
-                    Poll::Pending if ended(cx) => Poll::Ready(None),
+                    Poll::Pending if shutdown.poll_come(cx) => Poll::Ready(None),
                     Poll::Pending => Poll::Pending,
                 })
                 .await;
@@ -149,7 +140,7 @@ pub(crate) async fn accept_loop(
         };
         let accepted = poll_fn(|cx| match listener.poll_accept(cx) {
             Poll::Ready(r) => Poll::Ready(Some(r)),
-            Poll::Pending if ended(cx) => Poll::Ready(None),
+            Poll::Pending if shutdown.poll_come(cx) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         })
         .await;
@@ -315,22 +306,15 @@ async fn serve_io<T>(
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(served);
-    // `changed()` is polled once, to register this task's waker; after that a
-    // version check on a clone tells whether the wake-up was the shutdown.
-    // (Polling both futures on every wake-up, as select! does, showed up in profiles.)
     let probe = shutdown.clone();
-    let changed = shutdown.changed();
-    tokio::pin!(changed);
-    let mut registered = false;
+    let changed = pin!(shutdown.changed());
+    let mut shutdown = ShutdownWatch::new(probe, changed);
     let first = std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = served.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
         }
-        if !registered || probe.has_changed().unwrap_or(true) {
-            registered = true;
-            if changed.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
-            }
+        if shutdown.poll_come(cx) {
+            return Poll::Ready(None);
         }
         Poll::Pending
     })

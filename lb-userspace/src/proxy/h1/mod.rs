@@ -24,7 +24,7 @@
 mod codec;
 mod relay;
 
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -48,6 +48,7 @@ use super::forward::{self, Attempts, ClientSide, Forwarding, Prepared, Shared};
 use super::hardening::H2_PREFACE;
 use super::log::AccessRecord;
 use super::server::{FrontendRuntime, TIMEOUT_408};
+use super::shutdown::ShutdownWatch;
 use super::tunnel;
 use codec::{BodyKind, RequestHead, ResponseHead, Span};
 use relay::{End, Fail, READ_SIZE, read_more, relay, write_out};
@@ -218,19 +219,14 @@ where
         local,
         sni,
     };
-    // `changed()` is polled while idle only, and once registered a version
-    // check on a clone tells whether a wake-up was the shutdown.
+    // Polled while idle only.
     let probe = shutdown.clone();
-    let changed = shutdown.changed();
-    let mut changed = pin!(changed);
-    let mut registered = false;
+    let changed = pin!(shutdown.changed());
+    let mut shutdown = ShutdownWatch::new(probe, changed);
     let mut first = true;
     let mut ready_since = Instant::now();
     loop {
-        let head = match c
-            .wait_head(first && plain, first, &probe, &mut changed, &mut registered)
-            .await
-        {
+        let head = match c.wait_head(first && plain, first, &mut shutdown).await {
             Wait::Head(h) => h,
             Wait::End => {
                 c.close().await;
@@ -250,7 +246,7 @@ where
         // only while a request is served, not while the connection idles.
         let next = Box::pin(c.exchange(*head, start, tq)).await;
         ready_since = Instant::now();
-        if next == Next::Close || probe.has_changed().unwrap_or(true) {
+        if next == Next::Close || shutdown.has_come() {
             c.close().await;
             return None;
         }
@@ -292,13 +288,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
     /// Waits for the next request head: the first request and a head under
     /// way get `timeout_http_request` (then 408), an idle keep-alive
     /// connection `timeout_http_keep_alive` (then a quiet close).
-    async fn wait_head<F: Future + Unpin>(
+    async fn wait_head(
         &mut self,
         preface: bool,
         first: bool,
-        probe: &watch::Receiver<()>,
-        changed: &mut F,
-        registered: &mut bool,
+        shutdown: &mut ShutdownWatch<'_>,
     ) -> Wait {
         let mut head_due: Option<Instant> = None;
         loop {
@@ -320,7 +314,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 }
             }
             let idle = self.rbuf.is_empty();
-            if idle && probe.has_changed().unwrap_or(true) {
+            if idle && shutdown.has_come() {
                 return Wait::End;
             }
             let mut due = head_due;
@@ -345,11 +339,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     // holds no buffer.
                     spare::give(std::mem::take(rbuf), std::mem::take(out));
                 }
-                if idle && (!*registered || probe.has_changed().unwrap_or(true)) {
-                    *registered = true;
-                    if Pin::new(&mut *changed).poll(cx).is_ready() {
-                        return Poll::Ready(None);
-                    }
+                if idle && shutdown.poll_come(cx) {
+                    return Poll::Ready(None);
                 }
                 let d = *due.get_or_insert_with(|| Instant::now() + limit);
                 timer.arm(d);
