@@ -78,6 +78,27 @@ async fn proxy_answering(answer: &'static str, close: bool) -> (Proxy, Arc<Mutex
 }
 
 /// Sends `request` and reads until the proxy closes the connection (5 s at most).
+/// Sends a POST with a body of `len` bytes of `x` from a task; the read half
+/// stays with the caller, to read the answer while the body goes.
+async fn post_x_body(
+    front: SocketAddr,
+    len: usize,
+) -> (
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::task::JoinHandle<tokio::net::tcp::OwnedWriteHalf>,
+) {
+    let s = TcpStream::connect(front).await.unwrap();
+    let (r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+        let _ = w.write_all(head.as_bytes()).await;
+        // The proxy stops reading at some point: errors here are expected.
+        let _ = w.write_all(&vec![b'x'; len]).await;
+        w
+    });
+    (r, writer)
+}
+
 async fn until_closed(front: SocketAddr, request: &str) -> String {
     let mut s = TcpStream::connect(front).await.unwrap();
     s.write_all(request.as_bytes()).await.unwrap();
@@ -277,19 +298,7 @@ async fn answer_given_before_reading_a_body_still_reaches_the_client() {
         .unwrap();
     let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(dead)]);
     let proxy = start_proxy(local_frontend(), pool).await;
-    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    let (mut r, mut w) = s.into_split();
-    let body = vec![b'x'; 128 << 10];
-    let writer = tokio::spawn(async move {
-        let head = format!(
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        let _ = w.write_all(head.as_bytes()).await;
-        // The proxy stops reading at some point: errors here are expected.
-        let _ = w.write_all(&body).await;
-        w
-    });
+    let (mut r, writer) = post_x_body(proxy.local_addrs()[0], 128 << 10).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut out))
@@ -330,19 +339,7 @@ async fn body_bytes_the_server_refused_never_reach_the_client() {
     });
     let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
     let proxy = start_proxy(local_frontend(), pool).await;
-    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    let (mut r, mut w) = s.into_split();
-    let body = vec![b'x'; 8 << 20];
-    let writer = tokio::spawn(async move {
-        let head = format!(
-            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        let _ = w.write_all(head.as_bytes()).await;
-        // The proxy stops reading at some point: errors here are expected.
-        let _ = w.write_all(&body).await;
-        w
-    });
+    let (mut r, writer) = post_x_body(proxy.local_addrs()[0], 8 << 20).await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut out))
         .await
