@@ -184,6 +184,8 @@ struct Client<'a, T> {
     timer: Deadline,
     /// The client may have sent bytes not read yet (a body not relayed, a refused head).
     unread: bool,
+    /// Our FIN has gone out (it is sent once).
+    shut: bool,
     fe: &'a FrontendRuntime,
     shared: &'a Shared,
     peer: SocketAddr,
@@ -213,6 +215,7 @@ where
         spans: Vec::new(),
         timer: Deadline::new(),
         unread: false,
+        shut: false,
         fe,
         shared,
         peer,
@@ -260,19 +263,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
     /// would reset the connection, and the client could lose the answer.
     async fn close(&mut self) {
         if !self.unread && self.rbuf.is_empty() {
-            let _ = self
-                .timer
-                .limit(
-                    LINGER,
-                    poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)),
-                )
-                .await;
+            self.shut_down().await;
             return;
         }
+        let shut = std::mem::replace(&mut self.shut, true);
         let _ = self
             .timer
             .limit(LINGER, async {
-                let _ = self.io.shutdown().await;
+                if !shut {
+                    let _ = self.io.shutdown().await;
+                }
                 let mut drained = 0;
                 while drained < LINGER_BYTES {
                     self.rbuf.clear();
@@ -282,6 +282,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     }
                 }
             })
+            .await;
+    }
+
+    /// Sends our FIN after what is written (bounded, once). Called as soon
+    /// as a closing answer is out, before the bookkeeping: an answer held
+    /// for the FIN (`HoldForFin`) leaves only with it.
+    async fn shut_down(&mut self) {
+        if std::mem::replace(&mut self.shut, true) {
+            return;
+        }
+        let _ = self
+            .timer
+            .limit(
+                LINGER,
+                poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)),
+            )
             .await;
     }
 
@@ -839,6 +855,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         let next = match relayed {
             Ok(bytes) => {
                 rec.bytes = bytes;
+                if close {
+                    self.shut_down().await;
+                }
                 if server_keep_alive && body != BodyKind::Close {
                     pool.conns.put_raw(addr, server);
                 }
