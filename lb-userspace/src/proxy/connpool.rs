@@ -3,9 +3,10 @@
 //! An HTTP/1.1 connection carries one request at a time: it is taken for a
 //! request and given back to its server's idle list only once the response
 //! body has ended cleanly, most recently used first. An HTTP/2 connection is
-//! shared by every request to its server. Idle connections close after
-//! `IDLE_TIMEOUT`. Pools with `send_proxy` never reuse a connection, since it
-//! carries the address of the client whose request opened it.
+//! shared by every request to its server. Idle connections close after the
+//! pool's `timeout_server_idle`. Pools with `send_proxy` never reuse a
+//! connection, since it carries the address of the client whose request
+//! opened it.
 //!
 //! An HTTP/1.1 connection has no task of its own: the task of the request
 //! using it drives it (`H1::drive`), from sending the head to the last body
@@ -37,9 +38,8 @@ use tokio::time::Instant;
 use super::deadline::Deadline;
 use super::upstream::{Connector, ServerIo};
 
-/// Idle server connections older than this are closed.
-pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often idle lists are swept for expired or closed connections.
+/// How often idle lists are swept for expired or closed connections (at
+/// most; a shorter idle limit is swept twice per limit).
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long a reused HTTP/1.1 connection may take to finish its previous
 /// exchange (it usually has already) before a new one is opened instead.
@@ -229,21 +229,28 @@ pub(crate) struct ConnPool {
     h2_prior_knowledge: bool,
     /// Whether connections are kept for later requests (not with `send_proxy`).
     reuse: bool,
+    /// How long an idle connection is kept.
+    idle_limit: Duration,
     lists: Mutex<Lists>,
 }
 
 impl ConnPool {
-    /// A pool of connections opened by `connector`; with `reuse`, idle ones are
-    /// kept and swept by a background task while the pool lives.
-    pub(crate) fn new(connector: Connector, h2: bool, reuse: bool) -> Arc<Self> {
+    /// A pool of connections opened by `connector`; with an `idle` limit,
+    /// idle ones are kept that long and swept by a background task while
+    /// the pool lives.
+    pub(crate) fn new(connector: Connector, h2: bool, idle: Option<Duration>) -> Arc<Self> {
         let pool = Arc::new(ConnPool {
             h2_prior_knowledge: h2 && !connector.is_tls(),
             connector,
-            reuse,
+            reuse: idle.is_some(),
+            idle_limit: idle.unwrap_or_default(),
             lists: Mutex::new(Lists::default()),
         });
-        if reuse && let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(sweep(Arc::downgrade(&pool)));
+        if let Some(idle) = idle
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let every = SWEEP_EVERY.min(idle / 2).max(Duration::from_millis(1));
+            rt.spawn(sweep(Arc::downgrade(&pool), every));
         }
         pool
     }
@@ -317,7 +324,7 @@ impl ConnPool {
             let mut lists = self.lists();
             if let Some(list) = lists.raw.get_mut(&server) {
                 while let Some(IdleRaw { mut conn, since }) = list.pop() {
-                    if since.elapsed() <= IDLE_TIMEOUT && conn.alive() {
+                    if since.elapsed() <= self.idle_limit && conn.alive() {
                         return Ok((conn, None));
                     }
                 }
@@ -360,7 +367,7 @@ impl ConnPool {
                 lists.idle.get_mut(&server)?.pop()?
             };
             let Idle { mut h1, since } = idle;
-            if since.elapsed() > IDLE_TIMEOUT {
+            if since.elapsed() > self.idle_limit {
                 continue;
             }
             if matches!(tokio::time::timeout(READY_WAIT, h1.ready()).await, Ok(true)) {
@@ -389,26 +396,27 @@ impl ConnPool {
     /// Drives idle connections once (a server's close is read and the
     /// connection ends) and drops ended and expired ones, which closes them.
     fn sweep_once(&self) {
+        let limit = self.idle_limit;
         let mut cx = Context::from_waker(Waker::noop());
         let mut lists = self.lists();
         for list in lists.idle.values_mut() {
             list.retain_mut(|i| {
                 i.h1.drive(&mut cx);
-                i.h1.conn.is_some() && i.since.elapsed() <= IDLE_TIMEOUT
+                i.h1.conn.is_some() && i.since.elapsed() <= limit
             });
         }
         lists.idle.retain(|_, l| !l.is_empty());
         for list in lists.raw.values_mut() {
-            list.retain_mut(|i| i.since.elapsed() <= IDLE_TIMEOUT && i.conn.alive());
+            list.retain_mut(|i| i.since.elapsed() <= limit && i.conn.alive());
         }
         lists.raw.retain(|_, l| !l.is_empty());
         lists.shared.retain(|_, s| !s.is_closed());
     }
 }
 
-/// Sweeps `pool` every `SWEEP_EVERY` until it is dropped.
-async fn sweep(pool: Weak<ConnPool>) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+/// Sweeps `pool` `every` so often until it is dropped.
+async fn sweep(pool: Weak<ConnPool>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

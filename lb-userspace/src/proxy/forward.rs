@@ -54,7 +54,9 @@ impl PoolRuntime {
     pub fn new(cfg: &Pool) -> anyhow::Result<Self> {
         let connector = upstream::Connector::new(cfg)?;
         // send_proxy: a server connection carries one client's address, so none is reused.
-        let conns = ConnPool::new(connector, cfg.h2, cfg.send_proxy.is_none());
+        let idle =
+            Some(cfg.timeout_server_idle).filter(|d| !d.is_zero() && cfg.send_proxy.is_none());
+        let conns = ConnPool::new(connector, cfg.h2, idle);
         Ok(PoolRuntime {
             name: cfg.name.as_str().into(),
             balancer: Balancer::from_pool(cfg),

@@ -200,6 +200,10 @@ pub struct Pool {
     /// (HTTP/1 clients: also for each wait on the server during the bodies).
     #[serde(default = "defaults::timeout_server", with = "duration")]
     pub timeout_server: Duration,
+    /// How long an idle keep-alive connection to a server is kept for the
+    /// next request (nginx's upstream `keepalive_timeout`); 0 keeps none.
+    #[serde(default = "defaults::timeout_server_idle", with = "duration")]
+    pub timeout_server_idle: Duration,
     /// Extra attempts on another server when connecting fails.
     #[serde(default = "defaults::retries")]
     pub retries: u32,
@@ -422,6 +426,7 @@ impl Pool {
             servers,
             timeout_connect: defaults::timeout_connect(),
             timeout_server: defaults::timeout_server(),
+            timeout_server_idle: defaults::timeout_server_idle(),
             retries: defaults::retries(),
             hash_query: false,
             hash_header: None,
@@ -525,6 +530,9 @@ mod defaults {
         Duration::from_secs(5)
     }
     pub fn timeout_server() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn timeout_server_idle() -> Duration {
         Duration::from_secs(30)
     }
     pub fn retries() -> u32 {

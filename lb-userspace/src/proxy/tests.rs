@@ -331,6 +331,35 @@ async fn server_connections_are_reused() {
 }
 
 #[tokio::test]
+async fn idle_server_connections_close_after_timeout_server_idle() {
+    let a = backend("a").await;
+    let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
+    p.timeout_server_idle = Duration::from_millis(600);
+    let proxy = start(frontend(), p).await;
+    let url = format!("http://{}/", proxy.local_addrs()[0]);
+    let idle = || proxy.shared.pools[0].idle_connections(a.addr);
+    assert_eq!(send(&h1_client(), url.clone()).await.status, StatusCode::OK);
+    assert_eq!(idle(), 1);
+    // Swept within the limit plus half of it: closed, so the next request opens one.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(idle(), 0, "still kept after timeout_server_idle");
+    assert_eq!(send(&h1_client(), url.clone()).await.status, StatusCode::OK);
+    assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
+
+    // 0 keeps none: every request opens its own server connection.
+    let b = backend("b").await;
+    let mut p = pool(Algorithm::RoundRobin, &[b.addr]);
+    p.timeout_server_idle = Duration::ZERO;
+    let proxy = start(frontend(), p).await;
+    let url = format!("http://{}/", proxy.local_addrs()[0]);
+    for _ in 0..3 {
+        assert_eq!(send(&h1_client(), url.clone()).await.status, StatusCode::OK);
+    }
+    assert_eq!(proxy.shared.pools[0].idle_connections(b.addr), 0);
+    assert_eq!(b.accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
 async fn stats_show_requests_in_flight_and_idle_connections() {
     let a = backend("a").await;
     let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
