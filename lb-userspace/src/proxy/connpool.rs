@@ -227,32 +227,37 @@ pub(crate) struct ConnPool {
     connector: Connector,
     /// HTTP/2 with prior knowledge on plain connections (`h2 = true` without TLS).
     h2_prior_knowledge: bool,
-    /// Whether connections are kept for later requests (not with `send_proxy`).
-    reuse: bool,
-    /// How long an idle connection is kept.
+    /// How long an idle connection is kept for a later request; zero keeps
+    /// none (`timeout_server_idle = 0`, and `send_proxy` pools).
     idle_limit: Duration,
     lists: Mutex<Lists>,
 }
 
 impl ConnPool {
-    /// A pool of connections opened by `connector`; with an `idle` limit,
-    /// idle ones are kept that long and swept by a background task while
+    /// A pool of connections opened by `connector`; idle ones are kept for
+    /// up to `idle_limit` (none when zero), swept by a background task while
     /// the pool lives.
-    pub(crate) fn new(connector: Connector, h2: bool, idle: Option<Duration>) -> Arc<Self> {
+    pub(crate) fn new(connector: Connector, h2: bool, idle_limit: Duration) -> Arc<Self> {
         let pool = Arc::new(ConnPool {
             h2_prior_knowledge: h2 && !connector.is_tls(),
             connector,
-            reuse: idle.is_some(),
-            idle_limit: idle.unwrap_or_default(),
+            idle_limit,
             lists: Mutex::new(Lists::default()),
         });
-        if let Some(idle) = idle
+        if pool.reuse()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let every = SWEEP_EVERY.min(idle / 2).max(Duration::from_millis(1));
+            let every = SWEEP_EVERY
+                .min(idle_limit / 2)
+                .max(Duration::from_millis(1));
             rt.spawn(sweep(Arc::downgrade(&pool), every));
         }
         pool
+    }
+
+    /// Whether connections are kept for later requests.
+    fn reuse(&self) -> bool {
+        !self.idle_limit.is_zero()
     }
 
     fn lists(&self) -> MutexGuard<'_, Lists> {
@@ -267,7 +272,7 @@ impl ConnPool {
         client: SocketAddr,
         local: SocketAddr,
     ) -> io::Result<Conn> {
-        if self.reuse
+        if self.reuse()
             && let Some(sender) = self.reusable(server).await
         {
             return Ok(Conn {
@@ -290,7 +295,7 @@ impl ConnPool {
                     tracing::debug!(%server, error = %e, "server connection ended");
                 }
             });
-            if self.reuse {
+            if self.reuse() {
                 self.lists().shared.insert(server, sender.clone());
             }
             Sender::H2(sender)
@@ -320,7 +325,7 @@ impl ConnPool {
         client: SocketAddr,
         local: SocketAddr,
     ) -> io::Result<(RawConn, Option<Duration>)> {
-        if self.reuse {
+        if self.reuse() {
             let mut lists = self.lists();
             if let Some(list) = lists.raw.get_mut(&server) {
                 while let Some(IdleRaw { mut conn, since }) = list.pop() {
@@ -344,7 +349,7 @@ impl ConnPool {
 
     /// Gives back a raw connection whose exchange ended cleanly.
     pub(crate) fn put_raw(&self, server: SocketAddr, conn: RawConn) {
-        if !self.reuse || !conn.buf.is_empty() {
+        if !self.reuse() || !conn.buf.is_empty() {
             return;
         }
         self.lists().raw.entry(server).or_default().push(IdleRaw {
@@ -378,7 +383,7 @@ impl ConnPool {
 
     /// Gives back an HTTP/1.1 connection whose response ended cleanly.
     pub(crate) fn put(&self, server: SocketAddr, h1: H1) {
-        if !self.reuse || h1.conn.is_none() || h1.sender.is_closed() {
+        if !self.reuse() || h1.conn.is_none() || h1.sender.is_closed() {
             return;
         }
         self.lists().idle.entry(server).or_default().push(Idle {

@@ -54,8 +54,10 @@ impl PoolRuntime {
     pub fn new(cfg: &Pool) -> anyhow::Result<Self> {
         let connector = upstream::Connector::new(cfg)?;
         // send_proxy: a server connection carries one client's address, so none is reused.
-        let idle =
-            Some(cfg.timeout_server_idle).filter(|d| !d.is_zero() && cfg.send_proxy.is_none());
+        let idle = match cfg.send_proxy {
+            Some(_) => Duration::ZERO,
+            None => cfg.timeout_server_idle,
+        };
         let conns = ConnPool::new(connector, cfg.h2, idle);
         Ok(PoolRuntime {
             name: cfg.name.as_str().into(),
