@@ -929,6 +929,7 @@ fn hash_and_queue_config() {
         name = "u"
         algorithm = "uri"
         hash_query = true
+        timeout_server_idle = "0s"
         [[pool]]
         name = "s"
         algorithm = "source"
@@ -942,6 +943,8 @@ fn hash_and_queue_config() {
     assert_eq!((p.servers[0].maxconn, p.servers[1].maxconn), (10, 0));
     assert_eq!(cfg.pools[1].timeout_queue, Duration::from_secs(5));
     assert!(cfg.pools[1].hash_query);
+    assert_eq!(p.timeout_server_idle, Duration::from_secs(30));
+    assert_eq!(cfg.pools[1].timeout_server_idle, Duration::ZERO);
     assert_eq!(cfg.pools[2].algorithm, Algorithm::Source);
 
     let bad = |edit: &dyn Fn(&mut ProxyConfig)| {
