@@ -38,8 +38,8 @@ use tokio::time::Instant;
 use super::deadline::Deadline;
 use super::upstream::{Connector, ServerIo};
 
-/// How often idle lists are swept for expired or closed connections (at
-/// most; a shorter idle limit is swept twice per limit).
+/// How often idle lists are swept for expired or closed connections (or
+/// every half idle limit, when that is sooner).
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// How long a reused HTTP/1.1 connection may take to finish its previous
 /// exchange (it usually has already) before a new one is opened instead.
