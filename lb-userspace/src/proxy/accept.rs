@@ -121,7 +121,8 @@ enum State {
 }
 
 impl ClientStream {
-    fn new(stream: std::net::TcpStream) -> ClientStream {
+    /// Takes an accepted, non-blocking stream.
+    pub(crate) fn new(stream: std::net::TcpStream) -> ClientStream {
         ClientStream {
             state: State::Direct(stream),
             hold: false,

@@ -247,10 +247,7 @@ where
         let tq = start.saturating_duration_since(ready_since).as_millis() as i64;
         // Boxed per request: the exchange's state (several KiB) then exists
         // only while a request is served, not while the connection idles.
-        // (Boxed before the await, else the unboxed temporary is kept in
-        // this future's state as well.)
-        let ex = Box::pin(c.exchange(*head, start, tq));
-        let next = ex.await;
+        let next = Box::pin(c.exchange(*head, start, tq)).await;
         ready_since = Instant::now();
         if next == Next::Close || shutdown.has_come() {
             c.close().await;
