@@ -224,15 +224,15 @@ async fn serve_connection(
             // A function of its own, boxed: the TLS stream (kilobytes, held
             // across awaits) would otherwise make every connection's future
             // as big, plain ones too (2.9 KiB instead of under 0.5).
-            let tls = Box::pin(serve_tls(
+            Box::pin(serve_tls(
                 acceptor,
                 stream,
                 (peer, local),
                 fe.clone(),
                 shared,
                 shutdown,
-            ));
-            tls.await
+            ))
+            .await
         }
     }
 }
