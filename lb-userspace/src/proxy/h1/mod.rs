@@ -266,6 +266,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             self.shut_down().await;
             return;
         }
+        // Boxed: only connections with unread bytes linger.
+        Box::pin(self.linger()).await;
+    }
+
+    /// Shuts our side and drops what the client still sends, for a moment.
+    async fn linger(&mut self) {
         let shut = std::mem::replace(&mut self.shut, true);
         let _ = self
             .timer
@@ -380,7 +386,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     .emit_as(self.fe.ctx.log_format);
                     self.out.clear();
                     self.out.extend_from_slice(TIMEOUT_408);
-                    let _ = self.write_client().await;
+                    // Boxed: rare, and waiting is what an idle connection does.
+                    let _ = Box::pin(self.write_client()).await;
                     self.unread = true;
                     return Wait::End;
                 }
@@ -391,12 +398,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
 
     /// Tries to take a complete head off `rbuf`; answers 400 to a bad one.
     async fn parse_head(&mut self) -> Option<Wait> {
-        match codec::take_request(&mut self.rbuf, &mut self.spans) {
-            Ok(Some(h)) => Some(Wait::Head(Box::new(h))),
-            Ok(None) if self.rbuf.len() <= self.fe.head_limit => None,
-            Ok(None) => Some(self.bad_request("request head too large").await),
-            Err(why) => Some(self.bad_request(why).await),
-        }
+        // The parse result is gone before the await, and the rare 400 is
+        // boxed: this future is part of every idle connection's state.
+        let why = match codec::take_request(&mut self.rbuf, &mut self.spans) {
+            Ok(Some(h)) => return Some(Wait::Head(Box::new(h))),
+            Ok(None) if self.rbuf.len() <= self.fe.head_limit => return None,
+            Ok(None) => "request head too large",
+            Err(why) => why,
+        };
+        Some(Box::pin(self.bad_request(why)).await)
     }
 
     /// Answers 400 and ends the connection; nothing of the request is forwarded.
