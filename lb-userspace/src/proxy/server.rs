@@ -545,21 +545,34 @@ write_through!(ClientIo<T>);
 mod tests {
     use super::*;
 
+    /// What a served connection starts from: an accepted socket (with its
+    /// client, kept open), its peer, a frontend and an empty `Shared`.
+    fn connection_parts() -> (
+        std::net::TcpStream,
+        ClientStream,
+        SocketAddr,
+        FrontendRuntime,
+        Shared,
+    ) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (stream, peer) = l.accept().unwrap();
+        let fe = Frontend::new("f", Vec::new(), "p");
+        let fe = FrontendRuntime::new(&fe, 0, 0, None, None, true);
+        let shared = Shared {
+            pools: Vec::new(),
+            route: None,
+        };
+        (client, ClientStream::new(stream), peer, fe, shared)
+    }
+
     #[test]
     fn a_connection_task_future_stays_small() {
         // Every connection's task holds this future; its big parts are boxed
         // (it was 2.9 KiB when the TLS path's stream was part of it).
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (stream, peer) = l.accept().unwrap();
-        let fe = Frontend::new("f", Vec::new(), "p");
-        let fe = Arc::new(FrontendRuntime::new(&fe, 0, 0, None, None, true));
-        let shared = Arc::new(Shared {
-            pools: Vec::new(),
-            route: None,
-        });
+        let (_client, stream, peer, fe, shared) = connection_parts();
         let (_tx, rx) = watch::channel(());
-        let fut = serve_connection(ClientStream::new(stream), (peer, peer), fe, shared, rx);
+        let fut = serve_connection(stream, (peer, peer), Arc::new(fe), Arc::new(shared), rx);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1024, "a connection's future is {size} bytes");
     }
@@ -568,17 +581,8 @@ mod tests {
     fn an_http1_connection_future_stays_small() {
         // Boxed per connection and kept while it idles; the rare answers
         // (400, 408, lingering) are boxed apart (it was 1.3 KiB with them inside).
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (stream, peer) = l.accept().unwrap();
-        let fe = Frontend::new("f", Vec::new(), "p");
-        let fe = FrontendRuntime::new(&fe, 0, 0, None, None, true);
-        let shared = Shared {
-            pools: Vec::new(),
-            route: None,
-        };
+        let (_client, stream, peer, fe, shared) = connection_parts();
         let (_tx, mut rx) = watch::channel(());
-        let stream = ClientStream::new(stream);
         let fut = h1::serve(stream, (peer, peer), None, true, &fe, &shared, &mut rx);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 900, "an HTTP/1 connection's future is {size} bytes");
