@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{Semaphore, TryAcquireError, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::accept::{ClientStream, Listener};
@@ -156,25 +156,30 @@ pub(crate) async fn accept_loop(
         };
         let (fe, shared, shutdown) = (fe.clone(), shared.clone(), handed.clone());
         // Boxed: tokio moves a spawned future several times before it runs;
-        // a pointer is cheaper to move than the connection's state.
-        tokio::spawn(Box::pin(async move {
-            let local = match bound {
-                Some(a) => a,
-                None => stream.local_addr().unwrap_or(peer),
-            };
-            serve_connection(stream, (peer, local), fe, shared, shutdown).await;
-            drop(permit);
-        }));
+        // a pointer is cheaper to move than the connection's state. Spawned
+        // as it is (no wrapping block, which would keep a second copy of
+        // its arguments for as long as the connection lives).
+        let at = (peer, bound);
+        tokio::spawn(Box::pin(serve_connection(
+            stream, at, fe, shared, shutdown, permit,
+        )));
     }
 }
 
+/// Serves one accepted connection; `bound` is the listener's address unless
+/// it is a wildcard. The connection's slot (`_permit`) is freed at the end.
 async fn serve_connection(
     mut stream: ClientStream,
-    (mut peer, mut local): (SocketAddr, SocketAddr),
+    (mut peer, bound): (SocketAddr, Option<SocketAddr>),
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<()>,
+    _permit: OwnedSemaphorePermit,
 ) {
+    let mut local = match bound {
+        Some(a) => a,
+        None => stream.local_addr().unwrap_or(peer),
+    };
     if fe.accept_proxy {
         // PROXY protocol (proxy/proxy_protocol.rs): the claimed client replaces the peer.
         // Boxed, as the handshake below: a future's state is as big as its
@@ -572,7 +577,9 @@ mod tests {
         // (it was 2.9 KiB when the TLS path's stream was part of it).
         let (_client, stream, peer, fe, shared) = connection_parts();
         let (_tx, rx) = watch::channel(());
-        let fut = serve_connection(stream, (peer, peer), Arc::new(fe), Arc::new(shared), rx);
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let (fe, shared) = (Arc::new(fe), Arc::new(shared));
+        let fut = serve_connection(stream, (peer, Some(peer)), fe, shared, rx, permit);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1024, "a connection's future is {size} bytes");
     }
