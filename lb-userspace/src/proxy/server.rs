@@ -272,7 +272,7 @@ async fn serve_tls(
     if fe.own_h1 && !h2 {
         let mut sd = shutdown.clone();
         // ALPN said HTTP/1.1 (or nothing): no preface to look for.
-        let h1 = Box::pin(h1::serve(
+        Box::pin(h1::serve(
             tls,
             (peer, local),
             sni,
@@ -280,21 +280,12 @@ async fn serve_tls(
             &fe,
             &shared,
             &mut sd,
-        ));
-        h1.await;
+        ))
+        .await;
         return;
     }
     let addrs = (peer, local);
-    let hyper = Box::pin(serve_io(
-        tls,
-        addrs,
-        sni,
-        Some(h2),
-        fe.clone(),
-        shared,
-        shutdown,
-    ));
-    hyper.await
+    Box::pin(serve_io(tls, addrs, sni, Some(h2), fe, shared, shutdown)).await
 }
 
 async fn serve_io<T>(
