@@ -21,6 +21,7 @@
 //! | `path_prefix` | `"/api/"` | the path starts with it |
 //! | `path_suffix` | `".css"` | the path ends with it |
 //! | `path_regex` | `"^/v[0-9]+/"` | the regex matches somewhere in the path (anchor with `^`/`$`) |
+//! | `path_raw_regex` | `"^/admin"` | the regex matches somewhere in the path as received, not normalized |
 //! | `host` | `"admin.example.org"` | the Host, without `:port` or a trailing dot, equals it, ASCII case-insensitively |
 //! | `host_suffix` | `".example.org"` | the Host ends with it, case-insensitively (`.example.org` does not match `example.org`) |
 //! | `header_present` | `"X-Name"` | the header is present (names are case-insensitive) |
@@ -36,8 +37,13 @@
 //! ACL names consist of ASCII letters, digits, `_`, `-`, `.` and `:`, and are
 //! not `and`, `or` or `not`.
 //!
-//! Details: paths are compared raw (no percent-decoding or dot-segment removal:
-//! normalise before building a [`Request`] if rules must see `/%61pi` as `/api`).
+//! Details: `path`, `path_prefix`, `path_suffix` and `path_regex` see the path
+//! normalized ([`normalize_path`]: percent-encoded unreserved characters
+//! decoded, other escapes upper-cased, runs of `/` merged, `.` and `..`
+//! segments removed), so `//admin`, `/./admin`, `/%61dmin` and `/x/../admin`
+//! all match `path_prefix = "/admin"`, as after HAProxy's `normalize-uri`;
+//! case is kept. `path_raw_regex` sees the path as received. The server gets
+//! the path as received either way.
 //! Query names and values are form-decoded (`%xx`, `+` as space) before they are
 //! compared, so `value = "a b"` matches `a+b` and `a%20b`. Cookies are compared
 //! raw. IPv4-mapped IPv6 clients (`::ffff:10.0.0.1`) count as IPv4 and
@@ -65,6 +71,7 @@ pub const MATCHER_KEYS: &[&str] = &[
     "path_prefix",
     "path_suffix",
     "path_regex",
+    "path_raw_regex",
     "host",
     "host_suffix",
     "header_present",
@@ -176,6 +183,8 @@ pub enum MatcherSpec {
     PathSuffix(String),
     /// `path_regex`: regex searched in the path.
     PathRegex(String),
+    /// `path_raw_regex`: regex searched in the path as received.
+    PathRawRegex(String),
     /// `host`: exact host, case-insensitive, port ignored.
     Host(String),
     /// `host_suffix`: host suffix, case-insensitive, port ignored.
@@ -228,6 +237,7 @@ impl MatcherSpec {
             MatcherSpec::PathPrefix(_) => "path_prefix",
             MatcherSpec::PathSuffix(_) => "path_suffix",
             MatcherSpec::PathRegex(_) => "path_regex",
+            MatcherSpec::PathRawRegex(_) => "path_raw_regex",
             MatcherSpec::Host(_) => "host",
             MatcherSpec::HostSuffix(_) => "host_suffix",
             MatcherSpec::HeaderPresent(_) => "header_present",
@@ -254,6 +264,7 @@ struct RawAclSpec {
     path_prefix: Option<String>,
     path_suffix: Option<String>,
     path_regex: Option<String>,
+    path_raw_regex: Option<String>,
     host: Option<String>,
     host_suffix: Option<String>,
     header_present: Option<String>,
@@ -327,6 +338,7 @@ impl TryFrom<RawAclSpec> for AclSpec {
             raw.path_prefix.map(M::PathPrefix),
             raw.path_suffix.map(M::PathSuffix),
             raw.path_regex.map(M::PathRegex),
+            raw.path_raw_regex.map(M::PathRawRegex),
             raw.host.map(M::Host),
             raw.host_suffix.map(M::HostSuffix),
             raw.header_present.map(M::HeaderPresent),
@@ -490,6 +502,7 @@ enum Matcher {
     PathPrefix(String),
     PathSuffix(String),
     PathRegex(regex::Regex),
+    PathRawRegex(regex::Regex),
     Host(String),
     HostSuffix(String),
     HeaderPresent(HeaderName),
@@ -556,6 +569,9 @@ impl Matcher {
             MatcherSpec::PathRegex(r) => {
                 Matcher::PathRegex(regex::Regex::new(r).map_err(regex_error)?)
             }
+            MatcherSpec::PathRawRegex(r) => {
+                Matcher::PathRawRegex(regex::Regex::new(r).map_err(regex_error)?)
+            }
             MatcherSpec::Host(h) => Matcher::Host(host_like(h)?),
             MatcherSpec::HostSuffix(h) => Matcher::HostSuffix(host_like(h)?),
             MatcherSpec::HeaderPresent(n) => Matcher::HeaderPresent(header_name(n)?),
@@ -608,10 +624,12 @@ impl Matcher {
 
     fn matches(&self, req: &Request) -> bool {
         match self {
-            Matcher::Path(p) => req.path_only() == p,
-            Matcher::PathPrefix(p) => req.path_only().starts_with(p.as_str()),
-            Matcher::PathSuffix(p) => req.path_only().ends_with(p.as_str()),
-            Matcher::PathRegex(r) => r.is_match(req.path_only()),
+            // Normalizing borrows the path unless it has escapes, `//` or dot segments.
+            Matcher::Path(p) => normalize_path(req.path_only()) == p.as_str(),
+            Matcher::PathPrefix(p) => normalize_path(req.path_only()).starts_with(p.as_str()),
+            Matcher::PathSuffix(p) => normalize_path(req.path_only()).ends_with(p.as_str()),
+            Matcher::PathRegex(r) => r.is_match(&normalize_path(req.path_only())),
+            Matcher::PathRawRegex(r) => r.is_match(req.path_only()),
             Matcher::Host(h) => req
                 .host
                 .is_some_and(|v| host_only(v).eq_ignore_ascii_case(h)),
@@ -756,6 +774,61 @@ impl AclSet {
             .get(name)
             .is_some_and(|ms| ms.iter().any(|m| m.matches(req)))
     }
+}
+
+/// The path as path ACLs see it (RFC 3986 6.2.2, 6.2.2.3): `%XX` escapes of
+/// unreserved characters decoded and the others' hex upper-cased, runs of
+/// `/` merged, then `.` and `..` segments removed (`..` never climbs above
+/// the root). Borrowed when there is nothing to change (the common case).
+pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let odd =
+        path.contains('%') || path.contains("//") || path.split('/').any(|s| s == "." || s == "..");
+    if !odd || !path.starts_with('/') {
+        return Cow::Borrowed(path);
+    }
+    let b = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |at: usize| b.get(at).and_then(|c| (*c as char).to_digit(16));
+        if let (b'%', Some(hi), Some(lo)) = (b[i], hex(i + 1), hex(i + 2)) {
+            let c = (hi * 16 + lo) as u8;
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                decoded.push(c as char);
+            } else {
+                decoded.push('%');
+                decoded.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
+            }
+            i += 3;
+            continue;
+        }
+        // Multi-byte characters are copied whole.
+        let len = path[i..].chars().next().map_or(1, char::len_utf8);
+        decoded.push_str(&path[i..i + len]);
+        i += len;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    let last = decoded.rsplit('/').next().unwrap_or("");
+    let trailing_slash = last.is_empty() || last == "." || last == "..";
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if trailing_slash || segments.is_empty() {
+        out.push('/');
+    }
+    Cow::Owned(out)
 }
 
 /// A parsed `if` condition over ACL names.
@@ -1150,6 +1223,42 @@ mod tests {
         assert!(!hit(&set, &Req::get("/Login")));
         assert!(!hit(&set, &Req::get("/login/")));
         assert!(!hit(&set, &Req::get("/logi")));
+    }
+
+    #[test]
+    fn paths_are_normalized_for_path_keys_but_not_for_the_raw_regex() {
+        for (raw, normal) in [
+            ("/admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/./admin", "/admin"),
+            ("/%61dmin", "/admin"),
+            ("/%2e%2e/admin", "/admin"),
+            ("/x/../admin", "/admin"),
+            ("/x/..//.//admin/", "/admin/"),
+            ("/../../admin", "/admin"),
+            ("/a/.", "/a/"),
+            ("/a/b/..", "/a/"),
+            ("/..", "/"),
+            ("/a%2fb", "/a%2Fb"),
+            ("/%7Euser/%zz", "/~user/%zz"),
+            ("/caf\u{e9}/%41", "/caf\u{e9}/A"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw}");
+        }
+        let set = one(r#"path_prefix = "/admin""#);
+        for sneaky in [
+            "//admin",
+            "/./admin",
+            "/%61dmin",
+            "/x/../admin",
+            "/%2E%2E/admin/x",
+        ] {
+            assert!(hit(&set, &Req::get(sneaky)), "{sneaky}");
+        }
+        let set = one(r#"path_raw_regex = "^/admin""#);
+        assert!(hit(&set, &Req::get("/admin/x")));
+        assert!(!hit(&set, &Req::get("//admin")));
+        assert!(!hit(&set, &Req::get("/%61dmin")));
     }
 
     #[test]
@@ -1677,6 +1786,9 @@ mod tests {
             path_regex = "^/v[0-9]+/"
             [[frontend.acl]]
             name = "m"
+            path_raw_regex = "^/admin"
+            [[frontend.acl]]
+            name = "m"
             host_suffix = ".example.org"
             [[frontend.acl]]
             name = "m"
@@ -1723,6 +1835,7 @@ mod tests {
             MatcherSpec::Path(s("/x")),
             MatcherSpec::PathSuffix(s(".css")),
             MatcherSpec::PathRegex(s("^/v[0-9]+/")),
+            MatcherSpec::PathRawRegex(s("^/admin")),
             MatcherSpec::HostSuffix(s(".example.org")),
             MatcherSpec::HeaderPresent(s("X-Name")),
             MatcherSpec::Header {
