@@ -577,6 +577,59 @@ async fn tls_connect(
 }
 
 #[tokio::test]
+async fn tls_server_cipher_order_wins() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let a = backend("a").await;
+    let dir = TempDir::new("tls-order");
+    let (one, _) = write_cert(&dir, "one", &["one.test"]);
+    let mut fe = frontend();
+    fe.tls = Some(TlsConfig {
+        certs: vec![one],
+        default_cert: None,
+    });
+    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let addr = proxy.local_addrs()[0];
+    // The client prefers ChaCha20; the server's order puts AES-GCM first.
+    for (version, suites, expected) in [
+        (
+            &rustls::version::TLS13,
+            vec![
+                cs::TLS13_CHACHA20_POLY1305_SHA256,
+                cs::TLS13_AES_128_GCM_SHA256,
+            ],
+            cs::TLS13_AES_128_GCM_SHA256,
+        ),
+        (
+            &rustls::version::TLS12,
+            vec![
+                cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            ],
+            cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        ),
+    ] {
+        let mut provider = rustls::crypto::ring::default_provider();
+        provider.cipher_suites = suites;
+        let provider = Arc::new(provider);
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(super::upstream::NoVerify(provider)))
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("one.test").unwrap(), tcp)
+            .await
+            .unwrap();
+        let got = stream.get_ref().1.negotiated_cipher_suite().unwrap();
+        assert_eq!(got.suite(), expected.suite(), "{version:?}");
+    }
+}
+
+#[tokio::test]
 async fn tls_sni_default_alpn_h2_and_reload() {
     let a = backend("a").await;
     let dir = TempDir::new("tls");

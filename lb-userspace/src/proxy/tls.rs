@@ -183,6 +183,9 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<rustls::ServerConfig
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The provider's order (AES-256-GCM, AES-128-GCM, then ChaCha20) decides,
+    // not the client's, as with HAProxy's `prefer-server-ciphers`.
+    cfg.ignore_client_order = true;
     Ok(cfg)
 }
 
