@@ -20,6 +20,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use super::actions::{self, CompiledActions};
 use super::balance::{Active, Balancer, Unavailable};
 use super::connpool::{ConnPool, Reusable, Sender};
+use super::hardening;
 use super::log::{self, AccessRecord, LogFormat};
 use super::model::Pool;
 use super::{tunnel, upstream};
@@ -160,6 +161,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             !t.is_empty()
                 && !t.eq_ignore_ascii_case(b"close")
                 && !t.eq_ignore_ascii_case(b"keep-alive")
+                && hardening::connection_may_remove(t)
         })
         .filter_map(|t| HeaderName::from_bytes(t).ok())
         .collect();
@@ -201,6 +203,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool) {
 pub(crate) struct ClientSide<'a> {
     pub frontend: &'a FrontendCtx,
     pub peer: SocketAddr,
+    /// The address the client connected to: the authority of a request that names none.
+    pub local: SocketAddr,
     pub sni: Option<&'a str>,
 }
 
@@ -223,6 +227,8 @@ pub(crate) struct Forwarding {
     pub key: Option<u32>,
     /// Response header edits whose condition held.
     pub response_ops: Vec<actions::HeaderOp>,
+    /// The `Sec-WebSocket-Accept` a `101` must carry (WebSocket upgrades).
+    pub ws_accept: Option<HeaderValue>,
 }
 
 /// Runs a request's actions, routes it and rewrites its head for the server
@@ -237,19 +243,26 @@ pub(crate) async fn prepare(
     upgrade: Option<&HeaderValue>,
 ) -> Prepared {
     let frontend = client.frontend;
+    let checked = settle_authority(parts, client.local).and_then(|()| match upgrade {
+        Some(proto) => tunnel::websocket_accept(&parts.headers, proto),
+        None => Ok(None),
+    });
+    let ws_accept = match checked {
+        Ok(accept) => accept,
+        Err(why) => {
+            tracing::debug!(frontend = %frontend.name, peer = %client.peer, reason = why, "request rejected");
+            let rec = record(frontend.name.clone(), client.peer, parts, tq);
+            return Prepared::Refuse(StatusCode::BAD_REQUEST, rec, ['P', 'R']);
+        }
+    };
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
     let acted = match &frontend.actions {
         Some(a) => a.run_request(parts, client.peer, client.sni).await,
         None => actions::Outcome::default(),
     };
     // --- end request actions ---
-    // Host as sent, or the HTTP/2 authority: a refcounted copy, not a new string.
-    let host: Option<HeaderValue> = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // The authority settled above (actions may have changed it since): a refcounted copy.
+    let host: Option<HeaderValue> = parts.headers.get(header::HOST).cloned();
     let pool_idx = shared
         .route
         .as_ref()
@@ -270,25 +283,8 @@ pub(crate) async fn prepare(
         .filter(|&i| i < shared.pools.len())
         .unwrap_or(frontend.default_pool);
     let pool = &shared.pools[pool_idx];
-    let mut rec = AccessRecord {
-        client: client.peer,
-        // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
-        date: UNIX_EPOCH,
-        frontend: frontend.name.clone(),
-        pool: pool.name.clone(),
-        server: log::no_server(),
-        tq,
-        tw: 0,
-        tc: -1,
-        tr: -1,
-        tt: -1,
-        status: 0,
-        bytes: 0,
-        termination: ['-', '-'],
-        method: Some(parts.method.clone()),
-        uri: Some(parts.uri.clone()),
-        version: Some(parts.version),
-    };
+    let mut rec = record(frontend.name.clone(), client.peer, parts, tq);
+    rec.pool = pool.name.clone();
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
     if let Some((answer, term)) = acted.answer {
         rec.pool = frontend.name.clone();
@@ -305,7 +301,7 @@ pub(crate) async fn prepare(
     if frontend.forwarded_headers {
         add_forwarded(&mut parts.headers, client.peer, frontend.https);
     }
-    // HTTP/2 clients send :authority instead of Host; servers speak HTTP/1.1 and need Host.
+    // A `del-header host` action leaves the server none: put the settled one back.
     if !parts.headers.contains_key(header::HOST)
         && let Some(v) = host
     {
@@ -331,7 +327,91 @@ pub(crate) async fn prepare(
         rec,
         key,
         response_ops: acted.response,
+        ws_accept,
     })
+}
+
+/// The access log record of a request, before a pool and server are known.
+fn record(
+    frontend: Arc<str>,
+    client: SocketAddr,
+    parts: &http::request::Parts,
+    tq: i64,
+) -> AccessRecord {
+    AccessRecord {
+        client,
+        // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
+        date: UNIX_EPOCH,
+        pool: frontend.clone(),
+        frontend,
+        server: log::no_server(),
+        tq,
+        tw: 0,
+        tc: -1,
+        tr: -1,
+        tt: -1,
+        status: 0,
+        bytes: 0,
+        termination: ['-', '-'],
+        method: Some(parts.method.clone()),
+        uri: Some(parts.uri.clone()),
+        version: Some(parts.version),
+    }
+}
+
+/// Settles which authority a request is for, before anything looks at it
+/// (RFC 9112 3.2.2, RFC 9113 8.3.1): the target's authority (absolute-form,
+/// or HTTP/2's `:authority`) wins over Host, and Host is rewritten to it;
+/// a request that names none (HTTP/1.0 without Host) gets the address the
+/// client connected to. Either must be `host[:port]`. Also refuses `PRI`
+/// and joins HTTP/2's split `cookie` fields into one (RFC 9113 8.2.3), as
+/// HTTP/1.1 servers expect.
+pub(crate) fn settle_authority(
+    parts: &mut http::request::Parts,
+    local: SocketAddr,
+) -> Result<(), &'static str> {
+    if parts.method.as_str() == "PRI" {
+        return Err("PRI is the HTTP/2 preface, not a request");
+    }
+    if parts.method == Method::CONNECT {
+        return Err("CONNECT is not served");
+    }
+    if let Some(authority) = parts.uri.authority() {
+        if !hardening::valid_authority(authority.as_str().as_bytes()) {
+            return Err("bad authority");
+        }
+        let same = matches!(parts.headers.get(header::HOST), Some(h) if h.as_bytes() == authority.as_str().as_bytes())
+            && parts.headers.get_all(header::HOST).iter().count() == 1;
+        if !same {
+            let value = HeaderValue::from_str(authority.as_str()).map_err(|_| "bad authority")?;
+            parts.headers.insert(header::HOST, value);
+        }
+    } else {
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (Some(h), None) if hardening::valid_authority(h.as_bytes()) => {}
+            (Some(_), _) => return Err("bad or repeated Host"),
+            (None, _) => {
+                let value = HeaderValue::from_str(&local.to_string()).map_err(|_| "bad address")?;
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+    }
+    if parts.version == Version::HTTP_2 {
+        let mut cookies = parts.headers.get_all(header::COOKIE).iter();
+        if let (Some(_), Some(_)) = (cookies.next(), cookies.next()) {
+            let joined = parts
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect::<Vec<_>>()
+                .join(&b"; "[..]);
+            let value = HeaderValue::from_bytes(&joined).map_err(|_| "bad cookie")?;
+            parts.headers.insert(header::COOKIE, value);
+        }
+    }
+    Ok(())
 }
 
 /// Handles one request from a client; never fails, errors become HTTP answers.
@@ -352,6 +432,7 @@ pub(crate) async fn handle(
     let client = ClientSide {
         frontend: &conn.frontend,
         peer: conn.peer,
+        local: conn.local,
         sni: conn.sni.as_deref(),
     };
     let prepared = prepare(
@@ -372,6 +453,7 @@ pub(crate) async fn handle(
         mut rec,
         key,
         response_ops,
+        ws_accept,
     } = match prepared {
         Prepared::Forward(f) => f,
         Prepared::Answer(answer, rec) => {
@@ -428,8 +510,12 @@ pub(crate) async fn handle(
             ));
         };
         if server.sender.is_h2() {
-            // HTTP/2 needs :scheme and :authority.
-            let authority = Authority::try_from(rec.server.as_ref());
+            // HTTP/2 needs :scheme and :authority: the request's own (its Host,
+            // settled by `prepare`), never one that disagrees with its Host.
+            let authority = match out.headers().get(header::HOST) {
+                Some(h) => Authority::try_from(h.as_bytes()),
+                None => Authority::try_from(rec.server.as_ref()),
+            };
             let pq = out.uri().path_and_query().cloned();
             if let (Ok(authority), Some(pq)) = (authority, pq) {
                 let mut p = http::uri::Parts::default();
@@ -447,6 +533,36 @@ pub(crate) async fn handle(
             Ok(Ok(resp)) => {
                 rec.tr = sent.elapsed().as_millis() as i64;
                 let (mut rparts, rbody) = resp.into_parts();
+                // Invalid framing (TE with CL, TE not ending in one chunked) is a 502;
+                // the connection is dropped, not reused.
+                let te = rparts.headers.get_all(header::TRANSFER_ENCODING);
+                let te = te.iter().map(HeaderValue::as_bytes);
+                let has_length = rparts.headers.contains_key(header::CONTENT_LENGTH);
+                let handshake = rparts.status != StatusCode::SWITCHING_PROTOCOLS
+                    || tunnel::accept_matches(
+                        ws_accept.as_ref(),
+                        rparts
+                            .headers
+                            .get_all("sec-websocket-accept")
+                            .iter()
+                            .map(HeaderValue::as_bytes),
+                    );
+                let framing = hardening::response_te(te, has_length).and_then(|_| {
+                    if handshake {
+                        Ok(())
+                    } else {
+                        Err("bad Sec-WebSocket-Accept")
+                    }
+                });
+                if let Err(why) = framing {
+                    tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response framing");
+                    return Ok(error_response(
+                        StatusCode::BAD_GATEWAY,
+                        rec,
+                        ['S', 'H'],
+                        done,
+                    ));
+                }
                 strip_hop_by_hop(&mut rparts.headers);
                 let (active, reusable) = match upgrade.take() {
                     Some(u) => {
@@ -758,6 +874,23 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // Connection never removes the framing fields or Host.
+        for named in [
+            "content-length",
+            "close, Content-Length",
+            "host",
+            "keep-alive, host",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("connection", HeaderValue::from_static(named));
+            h.insert("content-length", HeaderValue::from_static("5"));
+            h.insert("host", HeaderValue::from_static("x"));
+            strip_hop_by_hop(&mut h);
+            assert!(
+                h.contains_key("content-length") && h.contains_key("host"),
+                "{named}"
+            );
+        }
     }
 
     #[test]

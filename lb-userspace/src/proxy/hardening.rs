@@ -95,8 +95,146 @@ pub(crate) fn parse_request<'h, 'b>(
         Err(httparse::Error::TooManyHeaders) => return Err("too many headers"),
         Err(_) => return Err("malformed request head"),
     };
+    check_target(req.method.unwrap_or(""), req.path.unwrap_or(""))?;
     let framing = framing_of(&req)?;
     Ok(Some((len, framing, req)))
+}
+
+/// The request-target forms RFC 9112 3.2 allows for a method: origin-form
+/// (`/path?query`) or absolute-form (`http://authority/path`) for every
+/// method but CONNECT, `*` for OPTIONS only. CONNECT (authority-form) is
+/// refused: the proxy is no tunnel to arbitrary hosts. A `#` never belongs
+/// in a target; the authority of an absolute-form must be a valid Host.
+pub(crate) fn check_target(method: &str, target: &str) -> Result<(), &'static str> {
+    if method.eq_ignore_ascii_case("CONNECT") {
+        return Err("CONNECT is not served");
+    }
+    if method == "PRI" {
+        return Err("PRI is the HTTP/2 preface, not a request");
+    }
+    if target.contains('#') {
+        return Err("fragment in request target");
+    }
+    if target == "*" {
+        return if method == "OPTIONS" {
+            Ok(())
+        } else {
+            Err("asterisk-form for a method other than OPTIONS")
+        };
+    }
+    if target.starts_with('/') {
+        return Ok(());
+    }
+    let rest = strip_prefix_ignore_case(target, "http://")
+        .or_else(|| strip_prefix_ignore_case(target, "https://"))
+        .ok_or("request target is neither origin-form nor absolute-form")?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    if !valid_authority(rest[..end].as_bytes()) {
+        return Err("bad authority in request target");
+    }
+    Ok(())
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// Whether `v` is `host [ ":" port ]` (RFC 9110 7.2): a reg-name
+/// (unreserved, pct-encoded, sub-delims), an IPv4 address or a bracketed
+/// IPv6 literal, then up to five port digits. No userinfo, spaces, paths.
+pub(crate) fn valid_authority(v: &[u8]) -> bool {
+    let (host_ok, rest) = if let Some(inner) = v.strip_prefix(b"[") {
+        let Some(close) = inner.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let ip = std::str::from_utf8(&inner[..close])
+            .ok()
+            .and_then(|t| t.parse::<std::net::Ipv6Addr>().ok());
+        (ip.is_some(), &inner[close + 1..])
+    } else {
+        let end = v.iter().position(|&b| b == b':').unwrap_or(v.len());
+        let name = &v[..end];
+        (!name.is_empty() && valid_reg_name(name), &v[end..])
+    };
+    let port_ok = match rest {
+        [] => true,
+        [b':', port @ ..] => port.len() <= 5 && port.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    host_ok && port_ok
+}
+
+/// reg-name characters, with `%XX` escapes well formed.
+fn valid_reg_name(name: &[u8]) -> bool {
+    let mut i = 0;
+    while i < name.len() {
+        let b = name[i];
+        if b == b'%' {
+            if !(name.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && name.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+            {
+                return false;
+            }
+            i += 3;
+            continue;
+        }
+        let ok = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b);
+        if !ok {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Whether a `Connection` token may remove the field it names. The framing
+/// fields never: a message's length must be read and sent by the same
+/// fields, and a proxy that dropped `Content-Length` on a client's say-so
+/// while relaying the body by it would smuggle the body in as a request.
+/// (Transfer-Encoding is always re-derived by the proxy anyway.)
+pub(crate) fn connection_may_remove(name: &[u8]) -> bool {
+    !(name.eq_ignore_ascii_case(b"content-length")
+        || name.eq_ignore_ascii_case(b"transfer-encoding")
+        || name.eq_ignore_ascii_case(b"host"))
+}
+
+/// A server response's framing fields (RFC 9112 6.3): Transfer-Encoding
+/// must end in exactly one `chunked` and never come with Content-Length
+/// (HAProxy answers 502 to both). Returns the Transfer-Encoding verdict:
+/// Ok(true) when the body is chunked.
+pub(crate) fn response_te<'a>(
+    te: impl Iterator<Item = &'a [u8]>,
+    has_length: bool,
+) -> Result<bool, &'static str> {
+    let mut codings = 0;
+    let mut chunked_at = None;
+    for t in te
+        .flat_map(|v| v.split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+    {
+        if t.is_empty() {
+            continue;
+        }
+        if t.eq_ignore_ascii_case(b"chunked") {
+            if chunked_at.is_some() {
+                return Err("chunked applied twice");
+            }
+            chunked_at = Some(codings);
+        }
+        codings += 1;
+    }
+    if codings == 0 {
+        return Ok(false);
+    }
+    if has_length {
+        return Err("both Transfer-Encoding and Content-Length");
+    }
+    match chunked_at {
+        Some(i) if i + 1 == codings => Ok(true),
+        _ => Err("Transfer-Encoding does not end in chunked"),
+    }
 }
 
 /// Whether an accepted head may go on, given the bytes that came after it:
@@ -117,7 +255,7 @@ pub(crate) fn head_ready(framing: Framing, after: &[u8]) -> Result<bool, &'stati
 /// The checks above on a parsed request head: its body's framing, or why it is refused.
 pub(crate) fn framing_of(req: &httparse::Request<'_, '_>) -> Result<Framing, &'static str> {
     let http11 = req.version == Some(1);
-    let (mut cl, mut te, mut host) = (Vec::new(), Vec::new(), 0usize);
+    let (mut cl, mut te, mut host) = (Vec::new(), Vec::new(), Vec::new());
     let mut expect_continue = false;
     for h in req.headers.iter() {
         let value = h.value.trim_ascii();
@@ -126,13 +264,16 @@ pub(crate) fn framing_of(req: &httparse::Request<'_, '_>) -> Result<Framing, &'s
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te.push(value);
         } else if h.name.eq_ignore_ascii_case("host") {
-            host += 1;
+            host.push(value);
         } else if h.name.eq_ignore_ascii_case("expect") {
             expect_continue = value.eq_ignore_ascii_case(b"100-continue");
         }
     }
-    if host > 1 || (http11 && host == 0) {
+    if host.len() > 1 || (http11 && host.is_empty()) {
         return Err("missing or repeated Host");
+    }
+    if host.first().is_some_and(|h| !valid_authority(h)) {
+        return Err("bad Host");
     }
     if !cl.is_empty() && !te.is_empty() {
         return Err("both Content-Length and Transfer-Encoding");
@@ -194,6 +335,23 @@ fn line_end(data: &[u8]) -> Result<Option<usize>, ()> {
     }
 }
 
+/// A trailer line (CRLF excluded) checked like a header field: a token
+/// name, a colon, then a value without control characters (HTAB allowed).
+/// A bare CR, NUL or obs-fold in a trailer is refused: a server that took
+/// CR for a line end would read what follows as a new request.
+fn check_field_line(line: &[u8]) -> Result<(), ()> {
+    let colon = line.iter().position(|&b| b == b':').ok_or(())?;
+    let (name, value) = (&line[..colon], &line[colon + 1..]);
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if name.is_empty() || !name.iter().all(tchar) {
+        return Err(());
+    }
+    if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err(());
+    }
+    Ok(())
+}
+
 /// `chunk-size [ chunk-ext ] CRLF` from `line` (CRLF included): the size.
 fn chunk_size(line: &[u8]) -> Result<u64, ()> {
     let line = &line[..line.len() - 2];
@@ -202,7 +360,11 @@ fn chunk_size(line: &[u8]) -> Result<u64, ()> {
         return Err(());
     }
     let rest = &line[digits..];
-    let ext = rest.trim_ascii_start();
+    // Only BWS (spaces, tabs) before an extension: trim_ascii would pass a bare CR.
+    let ext = match rest.iter().position(|&b| b != b' ' && b != b'\t') {
+        Some(i) => &rest[i..],
+        None => &rest[rest.len()..],
+    };
     if !rest.is_empty() && !ext.starts_with(b";") {
         return Err(());
     }
@@ -268,7 +430,10 @@ pub(crate) fn scan_chunked_data(
                     at += 2;
                     state = Chunk::Done;
                 }
-                Some(n) => at += n,
+                Some(n) => {
+                    check_field_line(&rest[..n - 2])?;
+                    at += n;
+                }
                 None => return Ok((at, state)),
             },
         }
@@ -539,9 +704,55 @@ mod tests {
             "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
             "GET / HTTP/1.1\r\n\r\n",
+            // Bare CR anywhere in the head.
+            "GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\rX-A: 1\r\n\r\n",
+            "GET /\r HTTP/1.1\r\nHost: x\r\n\r\n",
+            // Request-target forms.
+            "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+            "CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET x:80 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET admin HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a#b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http://u@x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+            "PRI / HTTP/1.1\r\nHost: x\r\n\r\n",
+            // Host that is not host[:port].
+            "GET / HTTP/1.1\r\nHost: u@x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x/y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x:80:80\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x:123456\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: \r\n\r\n",
         ] {
             assert!(check(bad).is_err(), "{bad:?}");
         }
+        for good in [
+            "OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http://x:80/a?b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET HTTPS://x HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: www.ex-ample.com:443\r\n\r\n",
+        ] {
+            assert!(check(good).unwrap().is_some(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn response_transfer_encodings() {
+        let te = |v: &str, cl| response_te(std::iter::once(v.as_bytes()), cl);
+        assert_eq!(te("chunked", false), Ok(true));
+        assert_eq!(te("gzip, chunked", false), Ok(true));
+        assert_eq!(response_te(std::iter::empty(), true), Ok(false));
+        for bad in ["chunked, chunked", "gzip", "chunked, gzip", "identity"] {
+            assert!(te(bad, false).is_err(), "{bad}");
+        }
+        assert!(te("chunked", true).is_err());
+        let two = [&b"gzip"[..], b"chunked"];
+        assert_eq!(response_te(two.into_iter(), false), Ok(true));
     }
 
     #[test]
@@ -570,6 +781,13 @@ mod tests {
             b"5 x\r\n",
             b"11111111111111111\r\n",
             b"-1\r\n",
+            // Bare CR in a chunk line, a trailer that is no field.
+            b"5\r;x\r\nhello\r\n",
+            b"0\r\nX: y\r\rGET /HIDDEN HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"0\r\nX: a\x00b\r\n\r\n",
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\n folded\r\n\r\n",
+            b"0\r\nX y: 1\r\n\r\n",
         ] {
             assert!(scan_chunked(Chunk::Size, bad).is_err(), "{bad:?}");
         }

@@ -228,8 +228,20 @@ async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// A WebSocket-ish backend: answers an `Upgrade: websocket` request with 101, then echoes bytes.
-async fn ws_echo_backend() -> SocketAddr {
+/// The key of RFC 6455 1.3's example handshake, and its accept value.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A WebSocket request head for `/chat` with `extra` lines, Connection: Upgrade.
+fn ws_request(extra: &str) -> String {
+    format!(
+        "GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
+    )
+}
+
+/// A WebSocket-ish backend: answers an `Upgrade: websocket` request with 101
+/// carrying `accept` as Sec-WebSocket-Accept (none if empty), then echoes bytes.
+async fn ws_echo_backend(accept: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -242,11 +254,16 @@ async fn ws_echo_backend() -> SocketAddr {
                         .await;
                     return;
                 }
-                s.write_all(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-                )
-                .await
-                .unwrap();
+                let accept = match accept {
+                    "" => String::new(),
+                    a => format!("Sec-WebSocket-Accept: {a}\r\n"),
+                };
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{accept}\r\n"
+                );
+                if s.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
@@ -257,7 +274,7 @@ async fn ws_echo_backend() -> SocketAddr {
 
 #[tokio::test]
 async fn websocket_upgrade_is_tunnelled_until_idle() {
-    let backend = ws_echo_backend().await;
+    let backend = ws_echo_backend(WS_ACCEPT).await;
     let mut fe = local_frontend();
     // Shorter than the pauses below: a tunnel is not an idle keep-alive connection.
     fe.timeout_http_keep_alive = Duration::from_millis(150);
@@ -265,9 +282,8 @@ async fn websocket_upgrade_is_tunnelled_until_idle() {
     pool.timeout_tunnel = Some(Duration::from_millis(600));
     let proxy = start_proxy(fe, pool).await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        .await
-        .unwrap();
+    let key = format!("Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n");
+    s.write_all(ws_request(&key).as_bytes()).await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
@@ -296,11 +312,37 @@ async fn upgrade_refused_by_the_server_is_a_plain_response() {
     let proxy = start_proxy(local_frontend(), one_server_pool(addr)).await;
     let out = raw_exchange(
         proxy.local_addrs()[0],
-        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\n\r\n",
+        format!("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade, close\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes(),
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert_eq!(count.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn websocket_handshakes_are_checked_both_ways() {
+    // A request without a key or version: 400, never forwarded.
+    let (addr, count) = counting_backend().await;
+    let proxy = start_proxy(local_frontend(), one_server_pool(addr)).await;
+    for extra in [
+        String::new(),
+        "Sec-WebSocket-Version: 13\r\n".to_string(),
+        format!("Sec-WebSocket-Key: {WS_KEY}\r\n"),
+        format!("Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n"),
+        format!("Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 8\r\n"),
+    ] {
+        let out = raw_exchange(proxy.local_addrs()[0], ws_request(&extra).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 400"), "{extra:?}: {out}");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 0);
+    // A 101 whose Sec-WebSocket-Accept is missing or wrong: 502, no tunnel.
+    let good = format!("Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n");
+    for accept in ["", "AAAAAAAAAAAAAAAAAAAAAAAAAAA="] {
+        let backend = ws_echo_backend(accept).await;
+        let proxy = start_proxy(local_frontend(), one_server_pool(backend)).await;
+        let out = raw_exchange(proxy.local_addrs()[0], ws_request(&good).as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 502"), "{accept:?}: {out}");
+    }
 }
 
 // --- PROXY protocol -----------------------------------------------------------

@@ -97,6 +97,60 @@ pub(crate) fn restore(headers: &mut HeaderMap, proto: &HeaderValue) {
     headers.insert(header::UPGRADE, proto.clone());
 }
 
+/// What a WebSocket handshake's answer must carry (RFC 6455 4.2): the
+/// `Sec-WebSocket-Accept` value for a request that asks `Upgrade: websocket`
+/// (None for other upgrades), or why the request is refused: a key that is
+/// not 16 bytes in base64, or a version other than 13.
+pub(crate) fn websocket_accept(
+    headers: &HeaderMap,
+    proto: &HeaderValue,
+) -> Result<Option<HeaderValue>, &'static str> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    let websocket = proto
+        .as_bytes()
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"websocket"));
+    if !websocket {
+        return Ok(None);
+    }
+    let mut keys = headers.get_all("sec-websocket-key").iter();
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) => k.as_bytes().trim_ascii(),
+        _ => return Err("WebSocket upgrade without one Sec-WebSocket-Key"),
+    };
+    if STANDARD.decode(key).map(|k| k.len()) != Ok(16) {
+        return Err("Sec-WebSocket-Key is not 16 bytes in base64");
+    }
+    let version = headers
+        .get("sec-websocket-version")
+        .map(HeaderValue::as_bytes);
+    if version.map(<[u8]>::trim_ascii) != Some(b"13") {
+        return Err("WebSocket upgrade without Sec-WebSocket-Version: 13");
+    }
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(key);
+    ctx.update(GUID);
+    let accept = STANDARD.encode(ctx.finish().as_ref());
+    Ok(HeaderValue::from_str(&accept).ok())
+}
+
+/// Whether a `101` answer fits the handshake: its `Sec-WebSocket-Accept` is
+/// the one `websocket_accept` computed (any 101 fits a non-WebSocket upgrade).
+pub(crate) fn accept_matches<'a>(
+    expected: Option<&HeaderValue>,
+    mut got: impl Iterator<Item = &'a [u8]>,
+) -> bool {
+    let Some(expected) = expected else {
+        return true;
+    };
+    match (got.next(), got.next()) {
+        (Some(v), None) => v.trim_ascii() == expected.as_bytes(),
+        _ => false,
+    }
+}
+
 /// Whether the Connection header lists the `upgrade` token.
 pub(crate) fn connection_has_upgrade(headers: &HeaderMap) -> bool {
     headers
@@ -192,6 +246,36 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<'_, T> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn websocket_handshake_is_checked() {
+        let ws = HeaderValue::from_static("websocket");
+        let mut h = HeaderMap::new();
+        assert!(websocket_accept(&h, &ws).is_err(), "no key");
+        // RFC 6455 1.3's example.
+        h.insert(
+            "sec-websocket-key",
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
+        assert!(websocket_accept(&h, &ws).is_err(), "no version");
+        h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+        let accept = websocket_accept(&h, &ws).unwrap().unwrap();
+        assert_eq!(accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert!(accept_matches(
+            Some(&accept),
+            [&b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="[..]].into_iter()
+        ));
+        assert!(!accept_matches(Some(&accept), std::iter::empty()));
+        assert!(!accept_matches(Some(&accept), [&b"x"[..]].into_iter()));
+        h.insert("sec-websocket-key", HeaderValue::from_static("c2hvcnQ="));
+        assert!(websocket_accept(&h, &ws).is_err(), "short key");
+        // Other protocols are not WebSocket's business.
+        assert_eq!(
+            websocket_accept(&HeaderMap::new(), &HeaderValue::from_static("h2c")),
+            Ok(None)
+        );
+        assert!(accept_matches(None, std::iter::empty()));
+    }
 
     #[tokio::test]
     async fn idle_splice_times_out_and_traffic_keeps_it_open() {

@@ -58,6 +58,8 @@ pub(crate) struct ResponseHead {
     reason: (usize, usize),
     fields: Vec<Span>,
     pub body: BodyKind,
+    /// The Content-Length the server declared (sent on as parsed, never copied).
+    pub length: Option<u64>,
     /// The server keeps the connection after this exchange.
     pub keep_alive: bool,
     /// The protocol a 101 switches to.
@@ -87,6 +89,15 @@ impl ResponseHead {
     /// The span list, for the next head to reuse.
     pub(crate) fn into_fields(self) -> Vec<Span> {
         self.fields
+    }
+
+    /// The values of the fields named `name`.
+    pub(crate) fn field_values<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        self.fields
+            .iter()
+            .map(|s| self.field(s))
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     /// Whether `name` is listed in a Connection field.
@@ -246,12 +257,13 @@ pub(crate) fn take_response(
         reason,
         fields: std::mem::take(spans),
         body: BodyKind::Close,
+        length: None,
         keep_alive: false,
         upgrade: None,
         connection_names: false,
     };
     // One pass over the fields for what framing and forwarding need.
-    let (mut te, mut te_chunked, mut length) = (false, false, None);
+    let (mut te, mut length) = (false, None);
     let mut connection = ConnectionField::default();
     let mut upgrade = None;
     for s in &resp.fields {
@@ -259,14 +271,6 @@ pub(crate) fn take_response(
         connection.add(name, value);
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = true;
-            // Chunked only when it is the last coding.
-            if let Some(last) = value
-                .split(|&b| b == b',')
-                .map(<[u8]>::trim_ascii)
-                .rfind(|t| !t.is_empty())
-            {
-                te_chunked = last.eq_ignore_ascii_case(b"chunked");
-            }
         } else if name.eq_ignore_ascii_case(b"content-length") {
             for item in value.split(|&b| b == b',') {
                 let n = content_length(item.trim_ascii()).ok_or("bad Content-Length")?;
@@ -281,19 +285,21 @@ pub(crate) fn take_response(
         }
     }
     (resp.connection_names, resp.upgrade) = (connection.names, upgrade);
+    // Invalid framing is a 502, and the connection is not reused (RFC 9112 6.3).
+    let chunked =
+        hardening::response_te(resp.field_values(b"transfer-encoding"), length.is_some())?;
+    if te && !chunked {
+        return Err("empty Transfer-Encoding");
+    }
+    resp.length = length;
     resp.body = if method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         BodyKind::Fixed(0)
-    } else if te {
-        // A coding other than chunked last runs to the close.
-        if te_chunked {
-            BodyKind::Chunked
-        } else {
-            BodyKind::Close
-        }
+    } else if chunked {
+        BodyKind::Chunked
     } else {
         length.map_or(BodyKind::Close, BodyKind::Fixed)
     };
@@ -317,9 +323,14 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends every header of `headers`, then `extra`, then the blank line.
+/// Appends every header of `headers` but the framing ones (Content-Length,
+/// Transfer-Encoding: the caller derives them from what it sends), then
+/// `extra`, then the blank line.
 fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap, extra: &[(&str, &str)]) {
     for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     for (name, value) in extra {
@@ -328,9 +339,11 @@ fn put_headers(out: &mut Vec<u8>, headers: &HeaderMap, extra: &[(&str, &str)]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Appends an HTTP/1.1 request head for a server; `chunked` adds
-/// `Transfer-Encoding: chunked` (hop-by-hop, so stripped from `parts`).
-pub(crate) fn put_request(out: &mut Vec<u8>, parts: &request::Parts, chunked: bool) {
+/// Appends an HTTP/1.1 request head for a server, its framing derived from
+/// `body`, the body that follows it (never from fields a client could have
+/// had removed or added): `Transfer-Encoding: chunked`, or Content-Length
+/// when there is a body or the client sent one.
+pub(crate) fn put_request(out: &mut Vec<u8>, parts: &request::Parts, body: BodyKind) {
     // One allocation for a typical head (the buffer may have been released while idle).
     out.reserve(HEAD_RESERVE);
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -342,10 +355,14 @@ pub(crate) fn put_request(out: &mut Vec<u8>, parts: &request::Parts, chunked: bo
     };
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let extra: &[(&str, &str)] = if chunked {
-        &[("transfer-encoding", "chunked")]
-    } else {
-        &[]
+    let length;
+    let extra: &[(&str, &str)] = match body {
+        BodyKind::Chunked => &[("transfer-encoding", "chunked")],
+        BodyKind::Fixed(n) if n > 0 || parts.headers.contains_key(header::CONTENT_LENGTH) => {
+            length = n.to_string();
+            &[("content-length", length.as_str())]
+        }
+        BodyKind::Fixed(_) | BodyKind::Close => &[],
     };
     put_headers(out, &parts.headers, extra);
 }
@@ -378,7 +395,7 @@ pub(crate) fn put_response(
 
 /// Appends a server's response head for a client as the server sent it,
 /// without its hop-by-hop fields (but Transfer-Encoding when `keep_te`),
-/// with `extra` headers.
+/// its Content-Length as parsed, with `extra` headers.
 pub(crate) fn put_response_fields(
     out: &mut Vec<u8>,
     resp: &ResponseHead,
@@ -390,11 +407,16 @@ pub(crate) fn put_response_fields(
         let (name, value) = resp.field(s);
         let hop = if name.eq_ignore_ascii_case(b"transfer-encoding") {
             !keep_te
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            // Written once below, from the parsed value.
+            true
         } else {
             HOP_BY_HOP
                 .iter()
                 .any(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
-                || (resp.connection_names && resp.named_by_connection(name))
+                || (resp.connection_names
+                    && hardening::connection_may_remove(name)
+                    && resp.named_by_connection(name))
         };
         if !hop {
             // Lower case, as from a header map (and as HAProxy sends them):
@@ -406,6 +428,9 @@ pub(crate) fn put_response_fields(
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
+    }
+    if let Some(n) = resp.length {
+        put_header(out, b"content-length", n.to_string().as_bytes());
     }
     for (name, value) in extra {
         put_header(out, name.as_bytes(), value.as_bytes());
@@ -512,6 +537,53 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+        // Invalid framing: refused (a 502), whatever the method.
+        for bad in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\n\r\n",
+        ] {
+            assert!(response(bad, Method::GET).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn framing_fields_are_derived_never_dropped_by_connection() {
+        // A response whose Connection names Content-Length keeps its length.
+        let resp = response(
+            "HTTP/1.1 200 OK\r\nConnection: content-length, x-a\r\nX-A: 1\r\nContent-Length: 5\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        let mut out = Vec::new();
+        put_response_fields(&mut out, &resp, false, &[]);
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n");
+        // A request's Content-Length is written from the body that follows,
+        // whatever its fields say.
+        let mut h = request("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        h.parts.headers.remove(header::CONTENT_LENGTH);
+        let mut out = Vec::new();
+        put_request(&mut out, &h.parts, BodyKind::Fixed(3));
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\n"
+        );
+        h.parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("9"));
+        let mut out = Vec::new();
+        put_request(&mut out, &h.parts, BodyKind::Chunked);
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
     }
 
     #[test]
@@ -552,7 +624,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let mut out = Vec::new();
-        put_request(&mut out, &h.parts, true);
+        put_request(&mut out, &h.parts, BodyKind::Chunked);
         assert_eq!(
             out,
             b"GET /x HTTP/1.1\r\nhost: a\r\nx-b: 2\r\ntransfer-encoding: chunked\r\n\r\n"

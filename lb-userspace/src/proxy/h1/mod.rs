@@ -489,11 +489,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             Ok(b) => b.to_bytes(),
             Err(never) => match never {},
         };
+        // The length of what is sent, whatever an action set.
         let length = body.len().to_string();
         let mut extra = Vec::with_capacity(2);
-        if !head.headers.contains_key(header::CONTENT_LENGTH) {
-            extra.push(("content-length", length.as_str()));
-        }
+        extra.push(("content-length", length.as_str()));
         if !keep_alive {
             extra.push(("connection", "close"));
         }
@@ -539,6 +538,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         let client = ClientSide {
             frontend: &self.fe.ctx,
             peer: self.peer,
+            local: self.local,
             sni: self.sni.as_deref(),
         };
         let prepared =
@@ -546,9 +546,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         let fwd = match prepared {
             Prepared::Forward(f) => f,
             Prepared::Refuse(status, rec, term) => {
-                return self
-                    .answer_error(status, rec, term, keep_alive && bodiless, start)
-                    .await;
+                // A malformed request (400) ends the connection, as a refused head does.
+                let keep = keep_alive && bodiless && status != StatusCode::BAD_REQUEST;
+                return self.answer_error(status, rec, term, keep, start).await;
             }
             Prepared::Answer(answer, rec) => {
                 return self
@@ -561,6 +561,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             mut rec,
             key,
             response_ops,
+            ws_accept,
         } = fwd;
         let pool = &self.shared.pools[pool_idx];
         if pool.h2 {
@@ -616,7 +617,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             }
             // The client's output buffer is empty between answers: the
             // request goes out through it (written again on a retry).
-            codec::put_request(&mut self.out, &parts, body == BodyKind::Chunked);
+            codec::put_request(&mut self.out, &parts, body);
             let sent_whole = relay(
                 End {
                     io: &mut self.io,
@@ -687,7 +688,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                         rec,
                         response_ops,
                         upgrade,
+                        ws_accept,
                         keep_alive: keep_alive && body_sent,
+                        body_sent,
                         client_version,
                         start,
                     },
@@ -744,7 +747,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             mut rec,
             response_ops,
             upgrade,
+            ws_accept,
             keep_alive,
+            body_sent,
             client_version,
             start,
         } = ctx;
@@ -773,19 +778,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             actions::apply_response(&response_ops, &mut headers);
             Some((headers, te))
         };
+        let length = resp.length.map(|n| n.to_string());
         let put_head = |out: &mut Vec<u8>, keep_te: bool, extra: &[(&str, &str)]| match &mapped {
             None => codec::put_response_fields(out, &resp, keep_te, extra),
             Some((headers, te)) => {
-                let mut all = Vec::with_capacity(extra.len() + 1);
+                let mut all = Vec::with_capacity(extra.len() + 2);
                 if keep_te {
                     all.push(("transfer-encoding", te.as_str()));
+                }
+                if let Some(n) = &length {
+                    all.push(("content-length", n.as_str()));
                 }
                 all.extend_from_slice(extra);
                 codec::put_response(out, resp.status, resp.reason(), headers, &all);
             }
         };
         if resp.status == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(proto) = upgrade else {
+            let accepted = tunnel::accept_matches(
+                ws_accept.as_ref(),
+                resp.field_values(b"sec-websocket-accept"),
+            );
+            let Some(proto) = upgrade.filter(|_| accepted) else {
                 return self
                     .answer_error(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], false, start)
                     .await;
@@ -868,7 +881,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 if close {
                     self.shut_down().await;
                 }
-                if server_keep_alive && body != BodyKind::Close {
+                if server_keep_alive && body_sent && body != BodyKind::Close {
                     pool.conns.put_raw(addr, server);
                 }
                 if close { Next::Close } else { Next::KeepAlive }
@@ -900,8 +913,13 @@ struct ResponseCtx {
     rec: AccessRecord,
     response_ops: Vec<actions::HeaderOp>,
     upgrade: Option<HeaderValue>,
+    /// The `Sec-WebSocket-Accept` a `101` must carry.
+    ws_accept: Option<HeaderValue>,
     /// The client connection may stay open (as far as the request goes).
     keep_alive: bool,
+    /// The whole request went to the server: only then may its connection
+    /// be reused (an unsent rest would be read as the next client's request).
+    body_sent: bool,
     client_version: Version,
     start: Instant,
 }
