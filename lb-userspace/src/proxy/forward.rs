@@ -528,6 +528,16 @@ pub(crate) async fn handle(
             }
         }
 
+        // hyper would send a body of unknown length (HTTP/2 without
+        // content-length, a chunked HTTP/1 one) chunked, but drop it for
+        // GET, HEAD and CONNECT: say chunked, so no byte is lost.
+        let body = out.body();
+        if !server.sender.is_h2() && !body.is_end_stream() && body.size_hint().exact().is_none() {
+            out.headers_mut().insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let sent = Instant::now();
         match server.sender.send(out, pool.timeout_server).await {
             Ok(Ok(resp)) => {

@@ -173,6 +173,8 @@ mod tests;
 #[cfg(test)]
 mod tests_edge;
 #[cfg(test)]
+mod tests_framing;
+#[cfg(test)]
 mod tests_h1;
 #[cfg(test)]
 mod tests_upstream;

@@ -14,12 +14,12 @@ use super::*;
 /// What a scripted server answers to one request: given the request's place
 /// on its connection (0 for the first), its head and body as received, the
 /// bytes to send and whether to close after them.
-type Script = dyn Fn(usize, &str, &[u8]) -> (Vec<u8>, bool) + Send + Sync;
+pub(super) type Script = dyn Fn(usize, &str, &[u8]) -> (Vec<u8>, bool) + Send + Sync;
 
 /// A raw HTTP/1.1 server: reads each request head and its Content-Length
 /// body, writes what `script` returns, and closes when it says so. Every
 /// request it receives is recorded.
-async fn scripted_server(script: Arc<Script>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+pub(super) async fn scripted_server(script: Arc<Script>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));

@@ -1,0 +1,416 @@
+//! Messages that a proxy and a server could frame differently (issue #12's
+//! audit), sent with raw sockets through both HTTP/1 paths: ours (proxy/h1)
+//! and hyper's (behind `hardening::GuardIo`, used when a frontend can reach
+//! an HTTP/2 pool). The servers are scripted raw TCP: they frame requests by
+//! Content-Length only, so anything smuggled shows up as an extra head.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::test_support::{local_frontend, start_proxy};
+use super::tests_h1::scripted_server;
+use super::*;
+
+/// Heads the scripted server received.
+type Seen = Arc<Mutex<Vec<String>>>;
+
+/// A server answering every request with `answer`, and what it received.
+async fn server_answering(answer: &'static str) -> (SocketAddr, Seen) {
+    scripted_server(Arc::new(move |_, _, _| (answer.as_bytes().to_vec(), false))).await
+}
+
+/// One proxy per HTTP/1 path in front of `server`: ("ours", ..), ("hyper", ..).
+async fn both_paths(server: SocketAddr) -> [(&'static str, Proxy); 2] {
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let ours = start_proxy(local_frontend(), pool).await;
+    // A use_pool rule that never matches, to an h2 pool, puts the frontend on hyper's path.
+    let text = format!(
+        r#"
+[[frontend]]
+name = "web"
+binds = ["127.0.0.1:0"]
+default_pool = "app"
+[[frontend.acl]]
+name = "never"
+header_present = "x-never-sent"
+[[frontend.use_pool]]
+pool = "h2"
+if = "never"
+
+[[pool]]
+name = "app"
+servers = [{{ address = "{server}" }}]
+
+[[pool]]
+name = "h2"
+h2 = true
+servers = [{{ address = "127.0.0.1:9" }}]
+"#
+    );
+    let cfg: ProxyConfig = toml::from_str(&text).unwrap();
+    let hyper = Proxy::start(cfg, None).await.unwrap();
+    [("ours", ours), ("hyper", hyper)]
+}
+
+/// Writes `bytes`, then reads what comes until the proxy closes or 1 s of quiet.
+async fn exchange(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Waits for in-flight forwarding to settle, then returns the heads seen.
+async fn seen_after_a_moment(seen: &Seen) -> Vec<String> {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    seen.lock().unwrap().clone()
+}
+
+const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+#[tokio::test]
+async fn connection_never_removes_a_requests_framing() {
+    let smuggled = "GET /SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n";
+    let n = smuggled.len();
+    let cases = [
+        format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\nContent-Length: {n}\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: close, Content-Length\r\nContent-Length: {n}\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive, content-length\r\nContent-Length: {n}\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: content-length\r\nExpect: 100-continue\r\nContent-Length: {n}\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: host, transfer-encoding\r\nContent-Length: {n}\r\n\r\n{smuggled}"
+        ),
+    ];
+    let (server, seen) = server_answering(OK).await;
+    for (path, proxy) in both_paths(server).await {
+        for req in &cases {
+            seen.lock().unwrap().clear();
+            let out = exchange(proxy.local_addrs()[0], req.as_bytes()).await;
+            assert!(out.contains("200 OK"), "{path}: {req:?}: {out}");
+            let heads = seen_after_a_moment(&seen).await;
+            assert_eq!(heads.len(), 1, "{path}: {req:?}: {heads:?}");
+            let head = heads[0].to_ascii_lowercase();
+            assert!(
+                head.contains(&format!("content-length: {n}\r\n")),
+                "{path}: {head}"
+            );
+            assert!(head.contains("host: x\r\n"), "{path}: {head}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn connection_never_removes_a_responses_framing() {
+    let (server, _) = server_answering(
+        "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    for (path, proxy) in both_paths(server).await {
+        let out = exchange(proxy.local_addrs()[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(
+            out.to_ascii_lowercase().contains("content-length: 5\r\n"),
+            "{path}: {out}"
+        );
+        assert!(out.ends_with("\r\n\r\nhello"), "{path}: {out}");
+    }
+}
+
+#[tokio::test]
+async fn bare_cr_and_bad_trailers_never_reach_the_server() {
+    let head = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let hidden = "GET /HIDDEN HTTP/1.1\r\nHost: x\r\n\r\n";
+    let bodies = [
+        format!("0\r\nX: y\r\r{hidden}"),
+        format!("0\r\nX: y\r\n\r{hidden}"),
+        format!("1;a\rb\r\nz\r\n0\r\n\r\n{hidden}"),
+        format!("0\r\nX: a\0b\r\n\r\n{hidden}"),
+        format!("0\r\n folded: x\r\n\r\n{hidden}"),
+        format!("0\r\nno-colon\r\n\r\n{hidden}"),
+    ];
+    let (server, seen) = server_answering(OK).await;
+    for (path, proxy) in both_paths(server).await {
+        for body in &bodies {
+            seen.lock().unwrap().clear();
+            let out = exchange(proxy.local_addrs()[0], format!("{head}{body}").as_bytes()).await;
+            let heads = seen_after_a_moment(&seen).await;
+            assert!(
+                !heads.iter().any(|h| h.contains("HIDDEN")),
+                "{path}: {body:?}: {heads:?}"
+            );
+            assert!(!out.contains("HIDDEN"), "{path}: {out}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn invalid_response_framing_is_a_502_on_both_paths() {
+    for answer in [
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxyz",
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    ] {
+        let (server, _) = server_answering(answer).await;
+        for (path, proxy) in both_paths(server).await {
+            let out = exchange(proxy.local_addrs()[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            assert!(out.starts_with("HTTP/1.1 502"), "{path}: {answer:?}: {out}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn request_targets_and_hosts_are_checked_and_the_authority_wins() {
+    let (server, seen) = server_answering(OK).await;
+    for (path, proxy) in both_paths(server).await {
+        let front = proxy.local_addrs()[0];
+        for bad in [
+            "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+            "CONNECT / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET x:80 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET admin HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a#frag HTTP/1.1\r\nHost: x\r\n\r\n",
+            "PRI / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x/admin\r\n\r\n",
+            "GET http://u@x/ HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            seen.lock().unwrap().clear();
+            let out = exchange(front, bad.as_bytes()).await;
+            assert!(out.starts_with("HTTP/1.1 400"), "{path}: {bad:?}: {out}");
+            assert!(
+                seen_after_a_moment(&seen).await.is_empty(),
+                "{path}: {bad:?} forwarded"
+            );
+        }
+        let host_of = |head: &str| {
+            head.lines()
+                .filter_map(|l| l.split_once(':'))
+                .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+                .map(|(_, v)| v.trim().to_string())
+                .collect::<Vec<_>>()
+        };
+        for (req, host) in [
+            (
+                "GET http://b.example:8080/p HTTP/1.1\r\nHost: a.example\r\n\r\n",
+                "b.example:8080".to_string(),
+            ),
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: a.example\r\n\r\n",
+                "a.example".to_string(),
+            ),
+            ("GET / HTTP/1.0\r\n\r\n", front.to_string()),
+        ] {
+            seen.lock().unwrap().clear();
+            let out = exchange(front, req.as_bytes()).await;
+            assert!(out.contains("200 OK"), "{path}: {req:?}: {out}");
+            let heads = seen_after_a_moment(&seen).await;
+            assert_eq!(heads.len(), 1, "{path}: {req:?}");
+            assert_eq!(
+                host_of(&heads[0]),
+                vec![host],
+                "{path}: {req:?}: {}",
+                heads[0]
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn acl_paths_are_normalized_before_a_deny() {
+    let (server, seen) = server_answering(OK).await;
+    let text = format!(
+        r#"
+[[frontend]]
+name = "web"
+binds = ["127.0.0.1:0"]
+default_pool = "app"
+[[frontend.acl]]
+name = "admin"
+path_prefix = "/admin"
+[[frontend.request]]
+action = "deny"
+if = "admin"
+
+[[pool]]
+name = "app"
+servers = [{{ address = "{server}" }}]
+"#
+    );
+    let proxy = Proxy::start(toml::from_str(&text).unwrap(), None)
+        .await
+        .unwrap();
+    for path in [
+        "/admin",
+        "//admin",
+        "/./admin",
+        "/%61dmin",
+        "/x/../admin",
+        "/%2e%2e/admin/",
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let out = exchange(proxy.local_addrs()[0], req.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{path}: {out}");
+    }
+    assert!(seen_after_a_moment(&seen).await.is_empty());
+    let out = exchange(
+        proxy.local_addrs()[0],
+        b"GET /administrator/../public HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[tokio::test]
+async fn a_server_connection_with_an_unsent_body_is_not_reused() {
+    // The first connection answers at once, then reads nothing more for a
+    // while; later ones answer "second" to each request.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let nth = count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                if nth == 0 {
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    return;
+                }
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0
+                        || s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    pool.timeout_server = Duration::from_millis(300);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    let front = proxy.local_addrs()[0];
+    // A body far larger than the socket buffers: its write to the server times out.
+    let len = 64 << 20;
+    let s = TcpStream::connect(front).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n");
+        let _ = w.write_all(head.as_bytes()).await;
+        let _ = w.write_all(&vec![b'x'; len]).await;
+    });
+    let mut first = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut first)).await;
+    assert!(
+        String::from_utf8_lossy(&first).ends_with("early"),
+        "{:?}",
+        String::from_utf8_lossy(&first)
+    );
+    writer.abort();
+    let out = exchange(front, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(out.ends_with("second"), "{out}");
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn http2_requests_keep_their_bodies_and_join_their_cookies() {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // An HTTP/1.1 server echoing the body, and the cookie lines joined by `|`.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                    let cookies: Vec<_> = req
+                        .headers()
+                        .get_all("cookie")
+                        .iter()
+                        .map(|v| v.to_str().unwrap_or("?").to_string())
+                        .collect();
+                    let body = req.into_body().collect().await?.to_bytes();
+                    Ok::<_, hyper::Error>(
+                        http::Response::builder()
+                            .header("x-cookies", cookies.join("|"))
+                            .body(Full::new(body))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    let tcp = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for method in ["GET", "POST"] {
+        // Two DATA frames and no content-length: a body of unknown length.
+        let frames = [&b"hello "[..], b"world"].map(bytes::Bytes::from_static);
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/", proxy.local_addrs()[0]))
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(Frames(frames.into()))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "{method}");
+        assert_eq!(resp.headers()["x-cookies"], "a=1; b=2", "{method}");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"hello world", "{method}");
+    }
+}
+
+/// A request body sent as separate DATA frames, of unknown length.
+struct Frames(std::collections::VecDeque<bytes::Bytes>);
+
+impl hyper::body::Body for Frames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|d| Ok(hyper::body::Frame::data(d))))
+    }
+}
