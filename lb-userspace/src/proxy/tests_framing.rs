@@ -337,6 +337,9 @@ async fn a_server_connection_with_an_unsent_body_is_not_reused() {
         String::from_utf8_lossy(&first)
     );
     writer.abort();
+    // The connection still holds the body's unsent rest: it is not kept for
+    // another request (whose server would read that rest as a request).
+    assert_eq!(proxy.shared.pools[0].idle_connections(server), 0);
     let out = exchange(front, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(out.ends_with("second"), "{out}");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
