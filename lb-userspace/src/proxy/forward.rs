@@ -251,7 +251,7 @@ pub(crate) async fn prepare(
         Ok(accept) => accept,
         Err(why) => {
             tracing::debug!(frontend = %frontend.name, peer = %client.peer, reason = why, "request rejected");
-            let rec = record(frontend.name.clone(), client.peer, parts, tq);
+            let rec = record(frontend, frontend.name.clone(), client.peer, parts, tq);
             return Prepared::Refuse(StatusCode::BAD_REQUEST, rec, ['P', 'R']);
         }
     };
@@ -283,8 +283,7 @@ pub(crate) async fn prepare(
         .filter(|&i| i < shared.pools.len())
         .unwrap_or(frontend.default_pool);
     let pool = &shared.pools[pool_idx];
-    let mut rec = record(frontend.name.clone(), client.peer, parts, tq);
-    rec.pool = pool.name.clone();
+    let mut rec = record(frontend, pool.name.clone(), client.peer, parts, tq);
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
     if let Some((answer, term)) = acted.answer {
         rec.pool = frontend.name.clone();
@@ -331,9 +330,10 @@ pub(crate) async fn prepare(
     })
 }
 
-/// The access log record of a request, before a pool and server are known.
+/// The access log record of a request to `pool`, before a server is known.
 fn record(
-    frontend: Arc<str>,
+    frontend: &FrontendCtx,
+    pool: Arc<str>,
     client: SocketAddr,
     parts: &http::request::Parts,
     tq: i64,
@@ -342,8 +342,8 @@ fn record(
         client,
         // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
         date: UNIX_EPOCH,
-        pool: frontend.clone(),
-        frontend,
+        frontend: frontend.name.clone(),
+        pool,
         server: log::no_server(),
         tq,
         tw: 0,
@@ -557,13 +557,8 @@ pub(crate) async fn handle(
                             .iter()
                             .map(HeaderValue::as_bytes),
                     );
-                let framing = hardening::response_te(te, has_length).and_then(|_| {
-                    if handshake {
-                        Ok(())
-                    } else {
-                        Err("bad Sec-WebSocket-Accept")
-                    }
-                });
+                let framing = hardening::response_te(te, has_length)
+                    .and_then(|_| handshake.then_some(()).ok_or("bad Sec-WebSocket-Accept"));
                 if let Err(why) = framing {
                     tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response framing");
                     return Ok(error_response(

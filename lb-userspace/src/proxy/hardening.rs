@@ -129,7 +129,7 @@ pub(crate) fn check_target(method: &str, target: &str) -> Result<(), &'static st
         .or_else(|| strip_prefix_ignore_case(target, "https://"))
         .ok_or("request target is neither origin-form nor absolute-form")?;
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    if !valid_authority(rest[..end].as_bytes()) {
+    if !valid_authority(&rest.as_bytes()[..end]) {
         return Err("bad authority in request target");
     }
     Ok(())

@@ -328,7 +328,7 @@ async fn websocket_handshakes_are_checked_both_ways() {
         String::new(),
         "Sec-WebSocket-Version: 13\r\n".to_string(),
         format!("Sec-WebSocket-Key: {WS_KEY}\r\n"),
-        format!("Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n"),
+        "Sec-WebSocket-Key: c2hvcnQ=\r\nSec-WebSocket-Version: 13\r\n".to_string(),
         format!("Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 8\r\n"),
     ] {
         let out = raw_exchange(proxy.local_addrs()[0], ws_request(&extra).as_bytes()).await;
