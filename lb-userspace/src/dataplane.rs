@@ -432,6 +432,75 @@ pub mod pin {
         Ok(())
     }
 
+    /// What one agent start put into bpffs, undone on drop unless
+    /// [`StartGuard::commit`] is called once the agent runs: a failed start
+    /// leaves no new pin directory, map pin or attachment behind, whichever
+    /// step failed. Pins a previous agent left are not touched.
+    #[derive(Debug)]
+    #[must_use = "dropping the guard undoes the start"]
+    pub struct StartGuard {
+        dir: PathBuf,
+        created_dir: bool,
+        new_pins: Vec<PathBuf>,
+        committed: bool,
+    }
+
+    impl StartGuard {
+        /// Makes sure `dir` exists (see [`ensure_dir`]) and remembers whether
+        /// this start created it.
+        pub fn new(dir: &Path) -> Result<Self> {
+            let created_dir = !dir.exists();
+            let guard = Self {
+                dir: dir.to_path_buf(),
+                created_dir,
+                new_pins: Vec::new(),
+                committed: false,
+            };
+            // From here on a failure removes what was made.
+            ensure_dir(dir)?;
+            Ok(guard)
+        }
+
+        /// Records `pin` as made by this start if it does not exist yet; call
+        /// before whatever creates it.
+        pub fn will_create(&mut self, pin: &Path) {
+            if !pin.exists() {
+                self.new_pins.push(pin.to_path_buf());
+            }
+        }
+
+        /// The agent runs: what it pinned is its state now.
+        pub fn commit(mut self) {
+            self.committed = true;
+        }
+    }
+
+    impl Drop for StartGuard {
+        fn drop(&mut self) {
+            if self.committed {
+                return;
+            }
+            // An attachment or map goes with its last reference: its pin here,
+            // and the loader's fds when the data plane is dropped.
+            if self.created_dir {
+                if let Err(e) = remove_all(&self.dir) {
+                    tracing::error!("cleaning up after a failed start: {e:#}");
+                }
+                return;
+            }
+            for pin in &self.new_pins {
+                match std::fs::remove_file(pin) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::error!(
+                        "cleaning up after a failed start: removing {}: {e}",
+                        pin.display()
+                    ),
+                }
+            }
+        }
+    }
+
     /// Pin path of an interface's attachment.
     pub fn link_path(dir: &Path, iface: &str) -> PathBuf {
         dir.join(format!("link_{iface}"))
