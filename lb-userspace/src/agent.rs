@@ -409,6 +409,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     };
     // Everything this start pins is undone if it fails before running.
     let mut start = pin::StartGuard::new(&opts.pin_dir)?;
+    // Held until the agent exits: a second agent on these pins refuses.
+    let _lock = pin::lock(&opts.pin_dir)?;
     for map in lb_common::ALL_MAPS {
         start.will_create(&opts.pin_dir.join(map));
     }

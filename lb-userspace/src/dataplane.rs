@@ -432,6 +432,71 @@ pub mod pin {
         Ok(())
     }
 
+    /// An exclusive lock on a pin directory, held while an agent uses it;
+    /// released when dropped (or when the process exits, however it exits).
+    #[derive(Debug)]
+    pub struct DirLock {
+        _dir: std::fs::File,
+    }
+
+    /// Locks `dir` (which must exist) for this agent: flock(2) on the
+    /// directory itself, which bpffs supports like any filesystem. A second
+    /// agent on the same pin directory would otherwise silently take over the
+    /// running one's attachments and maps.
+    pub fn lock(dir: &Path) -> Result<DirLock> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        // The directory can be removed and made again between our open and
+        // flock (a failed start cleans up); then the lock is on a dead inode
+        // and must be taken again on the new one.
+        for _ in 0..3 {
+            let file = std::fs::File::open(dir)
+                .with_context(|| format!("opening pin directory {}", dir.display()))?;
+            // SAFETY: flock on a file descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    let meta = file.metadata().ok();
+                    let holder = meta
+                        .and_then(|m| lock_holder(m.dev(), m.ino()))
+                        .map_or_else(|| "another process".to_string(), |pid| format!("pid {pid}"));
+                    bail!(
+                        "pin directory {} is in use by another lb agent ({holder}); stop it first (`lb stop`), or give this one another --pin-dir",
+                        dir.display()
+                    );
+                }
+                return Err(err).with_context(|| format!("locking {}", dir.display()));
+            }
+            let held = file
+                .metadata()
+                .with_context(|| format!("{}", dir.display()))?;
+            match std::fs::metadata(dir) {
+                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                    return Ok(DirLock { _dir: file });
+                }
+                _ => continue,
+            }
+        }
+        bail!(
+            "pin directory {} keeps being replaced; is another agent starting?",
+            dir.display()
+        )
+    }
+
+    /// The pid holding a flock on the file `dev`/`ino`, from /proc/locks
+    /// (lines like `1: FLOCK  ADVISORY  WRITE 1234 00:28:14603 0 EOF`).
+    fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
+        let text = std::fs::read_to_string("/proc/locks").ok()?;
+        let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+        text.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [_, "FLOCK", _, _, pid, id, ..] if *id == want => pid.parse().ok(),
+                _ => None,
+            }
+        })
+    }
+
     /// What one agent start put into bpffs, undone on drop unless
     /// [`StartGuard::commit`] is called once the agent runs: a failed start
     /// leaves no new pin directory, map pin or attachment behind, whichever
