@@ -6,8 +6,10 @@
 //! is translated back to the VIP. Otherwise a `VIPS` hit is a new connection:
 //! its backend comes from the VIP's Maglev ring (`RINGS`) and both directions
 //! are recorded. Both go out through the next hop `bpf_fib_lookup` gives
-//! (`forward`). Everything else passes to the kernel untouched. Every decision
-//! is counted (`stats`).
+//! (`forward`). Before anything is created or rewritten, `checks` refuses
+//! what the stack would not forward either (another host's MAC, a bad IPv4
+//! header checksum, martian or spoofed sources of new flows). Everything else
+//! passes to the kernel untouched. Every decision is counted (`stats`).
 //!
 //! Everything is inlined into one function: BPF subprograms each get their own
 //! frame, but the verifier limits the frames of a call chain to 512 bytes in
@@ -15,6 +17,7 @@
 #![no_std]
 #![no_main]
 
+mod checks;
 mod forward;
 mod maps;
 mod nat;
@@ -57,6 +60,9 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Some(flow) = unsafe { FLOWS.get(pkt.key) } {
         let flow = *flow;
         if flow.direction == FLOW_TO_CLIENT {
+            if let Err(reason) = checks::forwardable(ctx, &pkt) {
+                return Verdict::new(xdp_action::XDP_DROP, reason);
+            }
             return forward::send(
                 ctx,
                 &pkt,
@@ -98,7 +104,15 @@ fn process(ctx: &XdpContext) -> Verdict {
         };
         create = Some((meta.vip_id, state.generation));
     }
+    // From here the packet goes to a backend unless a check refuses it; flows
+    // are only created for packets that pass.
+    if let Err(reason) = checks::forwardable(ctx, &pkt) {
+        return Verdict::new(xdp_action::XDP_DROP, reason);
+    }
     if let Some((vip_id, generation)) = create {
+        if let Err(reason) = checks::new_flow_source(&pkt) {
+            return Verdict::new(xdp_action::XDP_DROP, reason);
+        }
         match new_flow(&pkt, vip_id, generation) {
             Some(backend_id) => pinned = Some((vip_id, backend_id)),
             None => return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),

@@ -440,6 +440,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Tables are complete before the first packet can reach the program.
     agent.sync()?;
     let config = agent.desired.config.clone();
+    // Each interface's own MAC is known before a packet can arrive there.
+    for iface in &config.interfaces {
+        let (ifindex, mac) = dataplane::interface_mac(iface)?;
+        agent
+            .balancer
+            .dataplane()
+            .set_interface_mac(ifindex, mac)
+            .with_context(|| format!("interface {iface}"))?;
+    }
     for iface in &config.interfaces {
         let link = pin::link_path(&opts.pin_dir, iface);
         start.will_create(&link);

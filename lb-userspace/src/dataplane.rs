@@ -10,10 +10,10 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    ALL_MAPS, Backend, FLOW_TO_BACKEND, Flow, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
-    MAP_REASON_STATS, MAP_RINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring, Traffic, VipKey, VipMeta,
-    VipState,
+    ALL_MAPS, AddrKey, Backend, FLOW_TO_BACKEND, Flow, FlowKey, IfMac, MAP_BACKEND_ADDRS,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_IF_MACS, MAP_REASON_STATS, MAP_RINGS,
+    MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE, MAX_VIPS,
+    PROG_LB, REASON_COUNT, Reason, Ring, Traffic, VipKey, VipMeta, VipState,
 };
 use tracing::warn;
 
@@ -107,6 +107,8 @@ pub struct Dataplane {
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, Traffic>,
+    backend_addrs: HashMap<MapData, AddrKey, u8>,
+    if_macs: Array<MapData, IfMac>,
 }
 
 /// A zeroed `Ring` built directly on the heap: at 256 KiB it would overflow
@@ -173,6 +175,8 @@ impl Dataplane {
             vip_stats: take(&mut bpf, MAP_VIP_STATS)?,
             backend_stats: take(&mut bpf, MAP_BACKEND_STATS)?,
             reason_stats: take(&mut bpf, MAP_REASON_STATS)?,
+            backend_addrs: take(&mut bpf, MAP_BACKEND_ADDRS)?,
+            if_macs: take(&mut bpf, MAP_IF_MACS)?,
             bpf,
             links: Vec::new(),
         })
@@ -293,6 +297,45 @@ impl Dataplane {
             .context("updating BACKENDS")
     }
 
+    /// Adds a backend address to the set new flows may not come from.
+    pub fn add_backend_addr(&mut self, key: &AddrKey) -> Result<()> {
+        self.backend_addrs
+            .insert(key, 1, 0)
+            .context("updating BACKEND_ADDRS")
+    }
+
+    /// Removes a backend address from that set.
+    pub fn remove_backend_addr(&mut self, key: &AddrKey) -> Result<()> {
+        match self.backend_addrs.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from BACKEND_ADDRS"),
+        }
+    }
+
+    /// Every address in that set (e.g. as a previous agent left it).
+    pub fn backend_addrs(&self) -> Result<Vec<AddrKey>> {
+        self.backend_addrs
+            .keys()
+            .map(|k| k.context("reading BACKEND_ADDRS"))
+            .collect()
+    }
+
+    /// Records `mac` as the own address of interface `ifindex`: forwarded
+    /// frames arriving there must be sent to it.
+    pub fn set_interface_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        if ifindex >= MAX_IFINDEX {
+            bail!("interface index {ifindex} is beyond the data plane's {MAX_IFINDEX}");
+        }
+        let value = IfMac {
+            mac,
+            set: 1,
+            pad: 0,
+        };
+        self.if_macs
+            .set(ifindex, value, 0)
+            .context("updating IF_MACS")
+    }
+
     /// Publishes a VIP's Maglev table in one map update (an RCU swap of the whole
     /// element in the kernel), so no packet ever sees a half-written table.
     pub fn publish_ring(&mut self, vip_id: u32, entries: &[u32]) -> Result<()> {
@@ -380,6 +423,48 @@ impl Dataplane {
             reasons: sum(&self.reason_stats, REASON_COUNT)?,
         })
     }
+}
+
+/// Index and MAC address of interface `name` in the current network namespace.
+pub fn interface_mac(name: &str) -> Result<(u32, [u8; 6])> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let c = std::ffi::CString::new(name).map_err(|_| anyhow!("bad interface name {name:?}"))?;
+    // SAFETY: a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        bail!("interface {name}: {}", std::io::Error::last_os_error());
+    }
+    // SIOCGIFHWADDR rather than /sys/class/net: with `--netns` the agent has
+    // entered the namespace with setns, but /sys still shows the host's.
+    // SAFETY: plain socket(2); the fd is owned below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        bail!(
+            "socket for SIOCGIFHWADDR: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(c.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: ioctl with a properly sized ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        bail!(
+            "reading the MAC address of {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hardware-address member of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Ok((ifindex, mac))
 }
 
 /// bpffs housekeeping for pinned maps and links.

@@ -107,6 +107,13 @@ fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) 
     let config = config();
     run_in_ns(&ns, move || {
         let mut balancer = balancer_with(&config).expect("load and configure the data plane");
+        // As the agent does before it attaches: each interface's own MAC.
+        for (ifindex, mac) in [(net.lbc, LBC_MAC), (net.lbb, LBB_MAC)] {
+            balancer
+                .dataplane()
+                .set_interface_mac(ifindex, mac)
+                .expect("IF_MACS");
+        }
         body(&mut balancer, &net);
     })
     .expect("enter fixture namespace");
@@ -552,5 +559,195 @@ fn established_flows_follow_backend_removal_mode_change_and_vip_removal() {
         );
         assert_passed_untouched(b, net.lbc, &input, "flow of a removed VIP");
         assert_eq!(reason_count(b, Reason::PassNotVip), 1);
+    });
+}
+
+/// A TCP/IPv4 frame from `src` to the VIP's port 80 on `lbc`.
+fn from_v4(src: Ipv4Addr) -> Vec<u8> {
+    build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP_V4, 64, CPORT, 80))
+}
+
+/// A TCP/IPv6 frame from `src` to the IPv6 VIP's port 80 on `lbc`.
+fn from_v6(src: Ipv6Addr) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+        .ipv6(src.octets(), VIP_V6.octets(), 64)
+        .tcp(CPORT, 80, 7, 1000)
+        .syn()
+        .write(&mut v, PAYLOAD)
+        .unwrap();
+    v
+}
+
+/// Asserts the frame is dropped untouched, and no flow was made for it.
+fn assert_dropped(b: &mut Balancer, ingress: u32, frame: &[u8], what: &str) {
+    let (action, out) = run_xdp(b, frame, ingress).unwrap();
+    assert_eq!(action, XDP_DROP, "{what}: action");
+    assert_eq!(out, frame, "{what}: frame changed");
+    assert!(
+        b.dataplane().flow_counts().unwrap().is_empty(),
+        "{what}: a flow was created"
+    );
+}
+
+#[test]
+fn bad_ipv4_header_checksums_are_dropped_not_natted() {
+    with_fixture(|b, net| {
+        // Checksum at bytes 24..26 of the frame.
+        let corrupt = |mut f: Vec<u8>| {
+            f[25] ^= 0x01;
+            f
+        };
+        assert_dropped(
+            b,
+            net.lbc,
+            &corrupt(from_v4(CLIENT_V4)),
+            "bad checksum to a VIP",
+        );
+        // With options (IHL 6): the whole header counts.
+        let mut opt = from_v4(CLIENT_V4);
+        opt.splice(34..34, [1u8, 1, 1, 0]); // NOP NOP NOP EOL
+        opt[14] = 0x46;
+        let total = u16::from_be_bytes([opt[16], opt[17]]) + 4;
+        opt[16..18].copy_from_slice(&total.to_be_bytes());
+        opt[24..26].copy_from_slice(&[0, 0]);
+        let sum = lb_common::csum::checksum(&opt[14..38]);
+        opt[24..26].copy_from_slice(&sum.to_be_bytes());
+        let (action, _) = run_xdp(b, &opt, net.lbc).unwrap();
+        assert_eq!(
+            action, XDP_REDIRECT,
+            "a correct header with options is forwarded"
+        );
+        let mut bad_opt = opt.clone();
+        bad_opt[36] ^= 0x80; // in the options, not in the checksum field
+        let (action, out) = run_xdp(b, &bad_opt, net.lbc).unwrap();
+        assert_eq!(
+            (action, &out),
+            (XDP_DROP, &bad_opt),
+            "bad checksum over options"
+        );
+
+        // A reply of a NATed flow with a bad checksum.
+        let syn = from_v4(CLIENT_V4);
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let reply = build(tcp4(
+            backend_mac(1),
+            LBB_MAC,
+            backend_v4(1),
+            CLIENT_V4,
+            64,
+            8080,
+            CPORT,
+        ));
+        let (action, out) = run_xdp(b, &corrupt(reply.clone()), net.lbb).unwrap();
+        assert_eq!((action, out), (XDP_DROP, corrupt(reply)), "bad reply");
+        assert_eq!(reason_count(b, Reason::DropBadIpChecksum), 3);
+        // Not a VIP: the stack's business, passed as it came.
+        let other = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            backend_v4(1),
+            64,
+            CPORT,
+            8080,
+        ));
+        assert_passed_untouched(b, net.lbc, &corrupt(other), "bad checksum, not a VIP");
+    });
+}
+
+#[test]
+fn martian_and_spoofed_sources_create_no_flow_and_are_dropped() {
+    with_fixture(|b, net| {
+        let v4: [Ipv4Addr; 7] = [
+            Ipv4Addr::new(0, 0, 0, 0),
+            Ipv4Addr::new(0, 1, 2, 3),
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::new(239, 1, 2, 3),
+            Ipv4Addr::new(240, 0, 0, 1),
+            Ipv4Addr::BROADCAST,
+        ];
+        for src in v4 {
+            assert_dropped(b, net.lbc, &from_v4(src), &format!("source {src}"));
+        }
+        let v6: [Ipv6Addr; 5] = [
+            Ipv6Addr::UNSPECIFIED,
+            Ipv6Addr::LOCALHOST,
+            "ff02::1".parse().unwrap(),
+            "ff0e::1:2".parse().unwrap(),
+            "::ffff:198.18.1.2".parse().unwrap(),
+        ];
+        for src in v6 {
+            assert_dropped(b, net.lbc, &from_v6(src), &format!("source {src}"));
+        }
+        assert_eq!(reason_count(b, Reason::DropMartianSource), 12);
+
+        // The VIP itself, and backends' addresses (of this VIP's service and
+        // of another one), as sources of new flows.
+        for src in [VIP_V4, backend_v4(1), backend_v4(3)] {
+            assert_dropped(b, net.lbc, &from_v4(src), &format!("source {src}"));
+        }
+        for src in [VIP_V6, backend_v6(1)] {
+            assert_dropped(b, net.lbc, &from_v6(src), &format!("source {src}"));
+        }
+        assert_eq!(reason_count(b, Reason::DropSpoofedSource), 5);
+
+        // Ordinary clients still get through.
+        assert_eq!(
+            run_xdp(b, &from_v4(CLIENT_V4), net.lbc).unwrap().0,
+            XDP_REDIRECT
+        );
+        assert_eq!(
+            run_xdp(b, &from_v6(CLIENT_V6), net.lbc).unwrap().0,
+            XDP_REDIRECT
+        );
+    });
+}
+
+#[test]
+fn frames_to_another_mac_are_not_forwarded_in_either_direction() {
+    with_fixture(|b, net| {
+        let other_host = [0x02, 0, 0, 0, 0, 0x99];
+        for dmac in [other_host, [0xff; 6], [0x01, 0x00, 0x5e, 0, 0, 1]] {
+            let f = build(tcp4(CLIENT_MAC, dmac, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+            assert_dropped(b, net.lbc, &f, &format!("to {dmac:02x?}"));
+        }
+        // The MAC of the other interface is not this one's either.
+        let f = build(tcp4(CLIENT_MAC, LBB_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        assert_dropped(b, net.lbc, &f, "to lbb's MAC on lbc");
+        assert_eq!(reason_count(b, Reason::DropOtherHost), 4);
+
+        // Established flow: its client packets and the backend's replies too.
+        let syn = from_v4(CLIENT_V4);
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let mut again = syn.clone();
+        again[0..6].copy_from_slice(&other_host);
+        let (action, out) = run_xdp(b, &again, net.lbc).unwrap();
+        assert_eq!((action, &out), (XDP_DROP, &again), "established, other MAC");
+        let reply = build(tcp4(
+            backend_mac(1),
+            other_host,
+            backend_v4(1),
+            CLIENT_V4,
+            64,
+            8080,
+            CPORT,
+        ));
+        let (action, out) = run_xdp(b, &reply, net.lbb).unwrap();
+        assert_eq!((action, &out), (XDP_DROP, &reply), "reply, other MAC");
+        assert_eq!(reason_count(b, Reason::DropOtherHost), 6);
+
+        // Not to a VIP: the stack's business, passed as it came.
+        let f = build(tcp4(
+            CLIENT_MAC,
+            other_host,
+            CLIENT_V4,
+            backend_v4(1),
+            64,
+            CPORT,
+            8080,
+        ));
+        assert_passed_untouched(b, net.lbc, &f, "other MAC, not a VIP");
     });
 }
