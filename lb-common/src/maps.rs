@@ -358,10 +358,13 @@ pub enum Reason {
     DropSpoofedSource = 16,
     /// Frame to forward whose destination MAC is not the receiving interface's: dropped.
     DropOtherHost = 17,
+    /// 802.1Q/802.1ad-tagged frame: passed untouched (NAT would send it to an
+    /// untagged link with the client side's tag).
+    PassVlan = 18,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 18;
+pub const REASON_COUNT: u32 = 19;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -384,6 +387,7 @@ impl Reason {
         Reason::DropMartianSource,
         Reason::DropSpoofedSource,
         Reason::DropOtherHost,
+        Reason::PassVlan,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -407,6 +411,7 @@ impl Reason {
             Reason::DropMartianSource => "drop_martian_source",
             Reason::DropSpoofedSource => "drop_spoofed_source",
             Reason::DropOtherHost => "drop_other_host",
+            Reason::PassVlan => "pass_vlan",
         }
     }
 }

@@ -286,26 +286,39 @@ fn same_interface_next_hop_uses_xdp_tx() {
 }
 
 #[test]
-fn vlan_tagged_vip_hit_keeps_its_tag() {
+fn vlan_tagged_frames_are_passed_untouched_in_both_directions() {
     with_fixture(|b, net| {
-        let tagged = |smac, dmac, dst: Ipv4Addr, ttl, dport| {
+        let tagged = |smac, dmac, src: Ipv4Addr, dst: Ipv4Addr, sport, dport| {
             let mut v = Vec::new();
             PacketBuilder::ethernet2(smac, dmac)
                 .single_vlan(VlanId::try_new(42).unwrap())
-                .ipv4(CLIENT_V4.octets(), dst.octets(), ttl)
-                .tcp(CPORT, dport, 1, 1000)
+                .ipv4(src.octets(), dst.octets(), 64)
+                .tcp(sport, dport, 1, 1000)
                 .write(&mut v, PAYLOAD)
                 .unwrap();
             v
         };
-        let (action, out) =
-            run_xdp(b, &tagged(CLIENT_MAC, LBC_MAC, VIP_V4, 64, 80), net.lbc).unwrap();
-        assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(
-            out,
-            tagged(LBB_MAC, backend_mac(1), backend_v4(1), 63, 8080)
+        // Client -> VIP with the client side's tag: NAT would carry the tag
+        // to the backend's (untagged) link.
+        let to_vip = tagged(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80);
+        assert_passed_untouched(b, net.lbc, &to_vip, "tagged client -> VIP");
+        assert!(
+            b.dataplane().flow_counts().unwrap().is_empty(),
+            "no flow for a tagged frame"
         );
-        assert_checksums_valid(&out);
+        // A backend's tagged reply of an established (untagged) flow.
+        let syn = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let reply = tagged(
+            backend_mac(1),
+            LBB_MAC,
+            backend_v4(1),
+            CLIENT_V4,
+            8080,
+            CPORT,
+        );
+        assert_passed_untouched(b, net.lbb, &reply, "tagged backend reply");
+        assert_eq!(reason_count(b, Reason::PassVlan), 2);
     });
 }
 
