@@ -340,7 +340,9 @@ pub enum Reason {
     PassOtherProto = 8,
     /// Truncated or inconsistent headers: passed untouched for the stack to drop.
     PassMalformed = 9,
-    /// TTL or hop limit would reach zero: passed so the stack sends ICMP time exceeded.
+    /// Backend reply whose TTL or hop limit would reach zero: passed so the
+    /// stack sends ICMP time exceeded to the backend. (For a packet to a VIP,
+    /// also when an ICMP answer could not be built.)
     PassTtlExpired = 10,
     /// Rewritten packet whose next hop has no neighbour entry yet: passed for the stack to resolve.
     PassNoNeighbour = 11,
@@ -361,10 +363,13 @@ pub enum Reason {
     /// 802.1Q/802.1ad-tagged frame: passed untouched (NAT would send it to an
     /// untagged link with the client side's tag).
     PassVlan = 18,
+    /// Packet to a VIP whose TTL or hop limit runs out here: answered with
+    /// ICMP time exceeded from the VIP (XDP_TX).
+    TxTimeExceeded = 19,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 19;
+pub const REASON_COUNT: u32 = 20;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -388,6 +393,7 @@ impl Reason {
         Reason::DropSpoofedSource,
         Reason::DropOtherHost,
         Reason::PassVlan,
+        Reason::TxTimeExceeded,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -412,6 +418,7 @@ impl Reason {
             Reason::DropSpoofedSource => "drop_spoofed_source",
             Reason::DropOtherHost => "drop_other_host",
             Reason::PassVlan => "pass_vlan",
+            Reason::TxTimeExceeded => "tx_time_exceeded",
         }
     }
 }

@@ -19,6 +19,7 @@
 
 mod checks;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -109,10 +110,17 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Err(reason) = checks::forwardable(ctx, &pkt) {
         return Verdict::new(xdp_action::XDP_DROP, reason);
     }
+    if create.is_some()
+        && let Err(reason) = checks::new_flow_source(&pkt)
+    {
+        return Verdict::new(xdp_action::XDP_DROP, reason);
+    }
+    // Expiring here: answer for the VIP (the stack would say "unreachable",
+    // having no route for it), and create no flow.
+    if pkt.ttl <= 1 {
+        return icmp::time_exceeded(ctx, &pkt);
+    }
     if let Some((vip_id, generation)) = create {
-        if let Err(reason) = checks::new_flow_source(&pkt) {
-            return Verdict::new(xdp_action::XDP_DROP, reason);
-        }
         match new_flow(&pkt, vip_id, generation) {
             Some(backend_id) => pinned = Some((vip_id, backend_id)),
             None => return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),

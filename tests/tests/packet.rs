@@ -4,7 +4,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use etherparse::{PacketBuilder, PacketBuilderStep, TcpHeader, VlanId};
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IpDscp, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
+    PacketBuilderStep, TcpHeader, VlanId, icmpv4, icmpv6,
+};
 use lb_common::{FlowKey, Reason, hash::flow_hash};
 use lb_tests::{assert_checksums_valid, balancer_with, run_xdp};
 use lb_userspace::{
@@ -434,10 +437,6 @@ fn non_vip_l7_and_other_traffic_passes_untouched() {
             .unwrap();
         assert_passed_untouched(b, net.lbc, &icmp, "ICMP to a VIP");
         assert_eq!(reason_count(b, Reason::PassOtherProto), 1);
-
-        let expiring = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 1, CPORT, 80));
-        assert_passed_untouched(b, net.lbc, &expiring, "TTL 1");
-        assert_eq!(reason_count(b, Reason::PassTtlExpired), 1);
     });
 }
 
@@ -762,5 +761,104 @@ fn frames_to_another_mac_are_not_forwarded_in_either_direction() {
             8080,
         ));
         assert_passed_untouched(b, net.lbc, &f, "other MAC, not a VIP");
+    });
+}
+
+#[test]
+fn expiring_packets_to_a_vip_are_answered_with_time_exceeded_from_the_vip() {
+    with_fixture(|b, net| {
+        // IPv4, TTL 1: the IP header and 8 bytes quoted (RFC 792), from the
+        // VIP, back to the sender's MAC out of the same interface.
+        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 1, CPORT, 80));
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        let mut ip =
+            Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets()).unwrap();
+        ip.dont_fragment = false;
+        ip.dscp = IpDscp::try_new(0xc0 >> 2).unwrap(); // precedence "internetwork control"
+        let mut expected = Vec::new();
+        PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
+            .ip(IpHeaders::Ipv4(ip, Default::default()))
+            .icmpv4(Icmpv4Type::TimeExceeded(
+                icmpv4::TimeExceededCode::TtlExceededInTransit,
+            ))
+            .write(&mut expected, &input[14..14 + 20 + 8])
+            .unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, expected);
+        // TTL 0 too, and UDP.
+        let mut udp = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 0)
+            .udp(CPORT, 53)
+            .write(&mut udp, PAYLOAD)
+            .unwrap();
+        let (action, out) = run_xdp(b, &udp, net.lbc).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(&out[14 + 20 + 8..], &udp[14..14 + 20 + 8], "UDP quote");
+        assert_eq!(reason_count(b, Reason::TxTimeExceeded), 2);
+
+        // IPv6, hop limit 1: the whole packet fits in the quote (RFC 4443).
+        let tcp6 = |payload: &[u8]| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+                .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 1)
+                .tcp(CPORT, 80, 7, 1000)
+                .syn()
+                .write(&mut v, payload)
+                .unwrap();
+            v
+        };
+        let answer6 = |quote: &[u8]| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
+                .ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 64)
+                .icmpv6(Icmpv6Type::TimeExceeded(
+                    icmpv6::TimeExceededCode::HopLimitExceeded,
+                ))
+                .write(&mut v, quote)
+                .unwrap();
+            v
+        };
+        let input = tcp6(PAYLOAD);
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, answer6(&input[14..]));
+        // Too big to quote whole: cut so the answer is 1280 bytes of IPv6,
+        // at an odd length to exercise the checksum's last byte.
+        let input = tcp6(&[0x5a; 1401]);
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out.len(), 14 + 1280);
+        assert_eq!(out, answer6(&input[14..14 + 1280 - 48]));
+        assert_eq!(reason_count(b, Reason::TxTimeExceeded), 4);
+
+        // None of them made a flow; a martian source gets no answer.
+        assert!(b.dataplane().flow_counts().unwrap().is_empty());
+        let martian = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            Ipv4Addr::BROADCAST,
+            VIP_V4,
+            1,
+            CPORT,
+            80,
+        ));
+        assert_dropped(b, net.lbc, &martian, "TTL 1 from a martian source");
+
+        // A backend's expiring reply still goes to the stack, which answers
+        // the backend (it has a route there).
+        let syn = from_v4(CLIENT_V4);
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let reply = build(tcp4(
+            backend_mac(1),
+            LBB_MAC,
+            backend_v4(1),
+            CLIENT_V4,
+            1,
+            8080,
+            CPORT,
+        ));
+        assert_passed_untouched(b, net.lbb, &reply, "expiring reply");
+        assert_eq!(reason_count(b, Reason::PassTtlExpired), 1);
     });
 }
