@@ -366,10 +366,14 @@ pub enum Reason {
     /// Packet to a VIP whose TTL or hop limit runs out here: answered with
     /// ICMP time exceeded from the VIP (XDP_TX).
     TxTimeExceeded = 19,
+    /// New flow whose backend reply 5-tuple is that of a live flow of another
+    /// VIP (same client address and port, same backend): dropped, since with
+    /// destination-only NAT the replies could not be told apart.
+    DropReplyCollision = 20,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 20;
+pub const REASON_COUNT: u32 = 21;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -394,6 +398,7 @@ impl Reason {
         Reason::DropOtherHost,
         Reason::PassVlan,
         Reason::TxTimeExceeded,
+        Reason::DropReplyCollision,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -419,6 +424,7 @@ impl Reason {
             Reason::DropOtherHost => "drop_other_host",
             Reason::PassVlan => "pass_vlan",
             Reason::TxTimeExceeded => "tx_time_exceeded",
+            Reason::DropReplyCollision => "drop_reply_collision",
         }
     }
 }

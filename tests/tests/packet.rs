@@ -29,6 +29,7 @@ const NOT_NEIGHBOUR_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 99);
 const VIP2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 const VIP3_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
 const VIP4_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
+const VIP5_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 5);
 
 fn config() -> String {
     format!(
@@ -87,6 +88,13 @@ address = "{b4}:8080"
 address = "{b4_2}:8080"
 [[service.backend]]
 address = "{b4_3}:8080"
+
+[[service]]
+name = "shares-tcp4s-backend"
+vip = "{VIP5_V4}:80"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:8080"
 
 [[service]]
 name = "all-drained"
@@ -860,5 +868,65 @@ fn expiring_packets_to_a_vip_are_answered_with_time_exceeded_from_the_vip() {
         ));
         assert_passed_untouched(b, net.lbb, &reply, "expiring reply");
         assert_eq!(reason_count(b, Reason::PassTtlExpired), 1);
+    });
+}
+
+#[test]
+fn a_new_flow_whose_replies_would_collide_with_another_vips_live_flow_is_refused() {
+    with_fixture(|b, net| {
+        // The same client address and port to two VIPs whose (only) backend is
+        // the same: the backend would see one connection, and the second
+        // flow's reply entry would overwrite the first's.
+        let first = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        assert_eq!(run_xdp(b, &first, net.lbc).unwrap().0, XDP_REDIRECT);
+        let second = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP5_V4, 64, CPORT, 80));
+        let (action, out) = run_xdp(b, &second, net.lbc).unwrap();
+        assert_eq!((action, &out), (XDP_DROP, &second));
+        assert_eq!(reason_count(b, Reason::DropReplyCollision), 1);
+
+        // The first flow's replies still come from its own VIP.
+        let reply = |src: Ipv4Addr, sport, smac, dmac, ttl| {
+            build(tcp4(smac, dmac, src, CLIENT_V4, ttl, sport, CPORT))
+        };
+        let (action, out) = run_xdp(
+            b,
+            &reply(backend_v4(1), 8080, backend_mac(1), LBB_MAC, 64),
+            net.lbb,
+        )
+        .unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, reply(VIP_V4, 80, LBC_MAC, CLIENT_MAC, 63));
+
+        // Another client port to the second VIP is fine.
+        let other_port = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            VIP5_V4,
+            64,
+            CPORT + 1,
+            80,
+        ));
+        assert_eq!(run_xdp(b, &other_port, net.lbc).unwrap().0, XDP_REDIRECT);
+
+        // Once the first VIP is gone, its flow is no longer live: the port may
+        // be used for the second VIP, whose replies are then its own.
+        apply(
+            b,
+            &format!(
+                "interfaces = [\"lbc\", \"lbb\"]\n[[service]]\nname = \"shares-tcp4s-backend\"\nvip = \"{VIP5_V4}:80\"\nring_size = 13\n[[service.backend]]\naddress = \"{}:8080\"\n",
+                backend_v4(1)
+            ),
+        );
+        assert_eq!(run_xdp(b, &second, net.lbc).unwrap().0, XDP_REDIRECT);
+        let (action, out) = run_xdp(
+            b,
+            &reply(backend_v4(1), 8080, backend_mac(1), LBB_MAC, 64),
+            net.lbb,
+        )
+        .unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, reply(VIP5_V4, 80, LBC_MAC, CLIENT_MAC, 63));
+        assert_eq!(reason_count(b, Reason::DropReplyCollision), 1);
     });
 }
