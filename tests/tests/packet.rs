@@ -118,8 +118,11 @@ fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) 
     let config = config();
     run_in_ns(&ns, move || {
         let mut balancer = balancer_with(&config).expect("load and configure the data plane");
-        // As the agent does before it attaches: each interface's own MAC.
-        for (ifindex, mac) in [(net.lbc, LBC_MAC), (net.lbb, LBB_MAC)] {
+        // As the agent does before it attaches: each interface's own MAC,
+        // read the agent's way (SIOCGIFHWADDR in this namespace).
+        for (name, ifindex, mac) in [("lbc", net.lbc, LBC_MAC), ("lbb", net.lbb, LBB_MAC)] {
+            let found = lb_userspace::dataplane::interface_mac(name).expect("interface MAC");
+            assert_eq!(found, (ifindex, mac), "{name}");
             balancer
                 .dataplane()
                 .set_interface_mac(ifindex, mac)
