@@ -84,8 +84,19 @@ pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 /// Map name: `Reason` as u32 -> `Traffic` (PERCPU_ARRAY, `REASON_COUNT`).
 pub const MAP_REASON_STATS: &str = "REASON_STATS";
 
+/// Map name: `AddrKey` -> `u8` (HASH, `MAX_BACKENDS`): the address of every
+/// configured backend (value unused, 1), so that a packet to a VIP claiming to
+/// come from a backend is refused when it would create a flow.
+pub const MAP_BACKEND_ADDRS: &str = "BACKEND_ADDRS";
+/// Map name: ifindex -> `IfMac` (ARRAY, `MAX_IFINDEX`): the MAC address of each
+/// interface the program is attached to, written by the agent before it
+/// attaches. An array, so the lookup is inlined by the verifier (no helper call).
+pub const MAP_IF_MACS: &str = "IF_MACS";
+/// Interfaces with an ifindex at or above this cannot be attached to.
+pub const MAX_IFINDEX: u32 = 65536;
+
 /// Every map of the `lb-xdp` object (what the agent pins for a hitless restart).
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_VIPS,
     MAP_VIP_STATE,
     MAP_RINGS,
@@ -95,6 +106,8 @@ pub const ALL_MAPS: [&str; 9] = [
     MAP_VIP_STATS,
     MAP_BACKEND_STATS,
     MAP_REASON_STATS,
+    MAP_BACKEND_ADDRS,
+    MAP_IF_MACS,
 ];
 
 /// Name of the load-balancing XDP program in the `lb-xdp` object.
@@ -244,6 +257,55 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
+/// An address alone (key of `BACKEND_ADDRS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    /// Address, network order; IPv4 in the first 4 bytes.
+    pub addr: Addr,
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+}
+
+/// Value of `IF_MACS`: an interface's own MAC address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfMac {
+    /// The MAC address frames to this interface carry as destination.
+    pub mac: [u8; 6],
+    /// 1 when set; an unset slot (an interface the agent did not attach to)
+    /// skips the check rather than dropping everything.
+    pub set: u8,
+    /// Zero.
+    pub pad: u8,
+}
+
+/// Whether `addr` can never be the source of a packet a client sends: this
+/// network (0.0.0.0/8), loopback (127.0.0.0/8), multicast (224.0.0.0/4) and
+/// reserved (240.0.0.0/4, broadcast included); for IPv6 the unspecified
+/// address, loopback, multicast (ff00::/8) and IPv4-mapped (::ffff:0:0/96).
+/// The stack drops these as martians; the data plane must not forward them.
+#[inline(always)]
+pub fn is_martian_source(addr: &Addr, family: u8) -> bool {
+    let b = addr[0].to_ne_bytes();
+    if family == FAMILY_V4 {
+        return b[0] == 0 || b[0] == 127 || b[0] >= 224;
+    }
+    if b[0] == 0xff {
+        return true;
+    }
+    if addr[0] != 0 || addr[1] != 0 {
+        return false;
+    }
+    let w3 = addr[3].to_ne_bytes();
+    // ::ffff:a.b.c.d
+    (addr[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+        // :: and ::1
+        || (addr[2] == 0 && w3[0] == 0 && w3[1] == 0 && w3[2] == 0 && w3[3] <= 1)
+}
+
 /// Packet and byte counters (one per CPU in the stats maps; userspace sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -278,7 +340,9 @@ pub enum Reason {
     PassOtherProto = 8,
     /// Truncated or inconsistent headers: passed untouched for the stack to drop.
     PassMalformed = 9,
-    /// TTL or hop limit would reach zero: passed so the stack sends ICMP time exceeded.
+    /// Backend reply whose TTL or hop limit would reach zero: passed so the
+    /// stack sends ICMP time exceeded to the backend. (For a packet to a VIP,
+    /// also when an ICMP answer could not be built.)
     PassTtlExpired = 10,
     /// Rewritten packet whose next hop has no neighbour entry yet: passed for the stack to resolve.
     PassNoNeighbour = 11,
@@ -286,10 +350,30 @@ pub enum Reason {
     DropFibFailed = 12,
     /// VIP without any backend: dropped.
     DropNoBackend = 13,
+    /// IPv4 header checksum wrong on a packet that would be NATed: dropped,
+    /// as the stack drops it (NAT would otherwise fix it up into a valid one).
+    DropBadIpChecksum = 14,
+    /// Source that no client can have (0/8, 127/8, 224/4, 240/4; ::, ::1,
+    /// ff00::/8, ::ffff:0:0/96) on a new flow to a VIP: dropped.
+    DropMartianSource = 15,
+    /// New flow to a VIP whose source is the VIP itself or a backend's address: dropped.
+    DropSpoofedSource = 16,
+    /// Frame to forward whose destination MAC is not the receiving interface's: dropped.
+    DropOtherHost = 17,
+    /// 802.1Q/802.1ad-tagged frame: passed untouched (NAT would send it to an
+    /// untagged link with the client side's tag).
+    PassVlan = 18,
+    /// Packet to a VIP whose TTL or hop limit runs out here: answered with
+    /// ICMP time exceeded from the VIP (XDP_TX).
+    TxTimeExceeded = 19,
+    /// New flow whose backend reply 5-tuple is that of a live flow of another
+    /// VIP (same client address and port, same backend): dropped, since with
+    /// destination-only NAT the replies could not be told apart.
+    DropReplyCollision = 20,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 14;
+pub const REASON_COUNT: u32 = 21;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -308,6 +392,13 @@ impl Reason {
         Reason::PassNoNeighbour,
         Reason::DropFibFailed,
         Reason::DropNoBackend,
+        Reason::DropBadIpChecksum,
+        Reason::DropMartianSource,
+        Reason::DropSpoofedSource,
+        Reason::DropOtherHost,
+        Reason::PassVlan,
+        Reason::TxTimeExceeded,
+        Reason::DropReplyCollision,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -327,6 +418,13 @@ impl Reason {
             Reason::PassNoNeighbour => "pass_no_neighbour",
             Reason::DropFibFailed => "drop_fib_failed",
             Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropBadIpChecksum => "drop_bad_ip_checksum",
+            Reason::DropMartianSource => "drop_martian_source",
+            Reason::DropSpoofedSource => "drop_spoofed_source",
+            Reason::DropOtherHost => "drop_other_host",
+            Reason::PassVlan => "pass_vlan",
+            Reason::TxTimeExceeded => "tx_time_exceeded",
+            Reason::DropReplyCollision => "drop_reply_collision",
         }
     }
 }
@@ -345,10 +443,13 @@ mod pod {
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::NextHopKey {}
     unsafe impl aya::Pod for super::NextHop {}
+    unsafe impl aya::Pod for super::AddrKey {}
+    unsafe impl aya::Pod for super::IfMac {}
 }
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
     use super::*;
     use core::mem::size_of;
 
@@ -364,6 +465,64 @@ mod tests {
         assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
         assert_eq!(size_of::<NextHopKey>(), 20);
         assert_eq!(size_of::<NextHop>(), 24);
+        assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<IfMac>(), 8);
+    }
+
+    fn v4(s: &str) -> Addr {
+        let ip: std::net::Ipv4Addr = s.parse().unwrap();
+        let o = ip.octets();
+        addr_from_bytes([o[0], o[1], o[2], o[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    }
+
+    fn v6(s: &str) -> Addr {
+        let ip: std::net::Ipv6Addr = s.parse().unwrap();
+        addr_from_bytes(ip.octets())
+    }
+
+    #[test]
+    fn martian_sources() {
+        for bad in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.255.255.254",
+            "224.0.0.1",
+            "239.255.255.255",
+            "240.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(is_martian_source(&v4(bad), FAMILY_V4), "{bad}");
+        }
+        for good in [
+            "1.0.0.0",
+            "126.255.255.255",
+            "128.0.0.1",
+            "198.18.1.2",
+            "223.255.255.255",
+        ] {
+            assert!(!is_martian_source(&v4(good), FAMILY_V4), "{good}");
+        }
+        for bad in [
+            "::",
+            "::1",
+            "ff02::1",
+            "ff0e::1234",
+            "::ffff:1.2.3.4",
+            "::ffff:0.0.0.0",
+        ] {
+            assert!(is_martian_source(&v6(bad), FAMILY_V6), "{bad}");
+        }
+        for good in [
+            "::2",
+            "fd00:18:1::2",
+            "2001:db8::1",
+            "fe80::1",
+            "::fffe:1.2.3.4",
+            "1::1",
+        ] {
+            assert!(!is_martian_source(&v6(good), FAMILY_V6), "{good}");
+        }
     }
 
     #[test]

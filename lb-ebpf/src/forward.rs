@@ -33,7 +33,8 @@ pub fn send(
     to_backend: bool,
 ) -> Verdict {
     if pkt.ttl <= 1 {
-        // Let the stack answer with ICMP time exceeded.
+        // A backend's reply (a packet to a VIP was answered before it got
+        // here): the stack sends ICMP time exceeded to the backend.
         return Verdict::new(xdp_action::XDP_PASS, Reason::PassTtlExpired);
     }
     let (src, dst) = match side {

@@ -6,8 +6,10 @@
 //! is translated back to the VIP. Otherwise a `VIPS` hit is a new connection:
 //! its backend comes from the VIP's Maglev ring (`RINGS`) and both directions
 //! are recorded. Both go out through the next hop `bpf_fib_lookup` gives
-//! (`forward`). Everything else passes to the kernel untouched. Every decision
-//! is counted (`stats`).
+//! (`forward`). Before anything is created or rewritten, `checks` refuses
+//! what the stack would not forward either (another host's MAC, a bad IPv4
+//! header checksum, martian or spoofed sources of new flows). Everything else
+//! passes to the kernel untouched. Every decision is counted (`stats`).
 //!
 //! Everything is inlined into one function: BPF subprograms each get their own
 //! frame, but the verifier limits the frames of a call chain to 512 bytes in
@@ -15,7 +17,9 @@
 #![no_std]
 #![no_main]
 
+mod checks;
 mod forward;
+mod icmp;
 mod maps;
 mod nat;
 mod parse;
@@ -57,6 +61,9 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Some(flow) = unsafe { FLOWS.get(pkt.key) } {
         let flow = *flow;
         if flow.direction == FLOW_TO_CLIENT {
+            if let Err(reason) = checks::forwardable(ctx, &pkt) {
+                return Verdict::new(xdp_action::XDP_DROP, reason);
+            }
             return forward::send(
                 ctx,
                 &pkt,
@@ -98,10 +105,25 @@ fn process(ctx: &XdpContext) -> Verdict {
         };
         create = Some((meta.vip_id, state.generation));
     }
+    // From here the packet goes to a backend unless a check refuses it; flows
+    // are only created for packets that pass.
+    if let Err(reason) = checks::forwardable(ctx, &pkt) {
+        return Verdict::new(xdp_action::XDP_DROP, reason);
+    }
+    if create.is_some()
+        && let Err(reason) = checks::new_flow_source(&pkt)
+    {
+        return Verdict::new(xdp_action::XDP_DROP, reason);
+    }
+    // Expiring here: answer for the VIP (the stack would say "unreachable",
+    // having no route for it), and create no flow.
+    if pkt.ttl <= 1 {
+        return icmp::time_exceeded(ctx, &pkt);
+    }
     if let Some((vip_id, generation)) = create {
         match new_flow(&pkt, vip_id, generation) {
-            Some(backend_id) => pinned = Some((vip_id, backend_id)),
-            None => return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
+            Ok(backend_id) => pinned = Some((vip_id, backend_id)),
+            Err(reason) => return Verdict::new(xdp_action::XDP_DROP, reason),
         }
     }
     let Some((vip_id, backend_id)) = pinned else {
@@ -146,24 +168,16 @@ fn to_backend(
 
 /// A new connection (or one whose backend is gone): picks a backend from the
 /// VIP's Maglev ring and records both directions in the flow table. Returns
-/// the backend id, or `None` if the VIP has no live backend.
+/// the backend id; `DropNoBackend` if the VIP has no live backend,
+/// `DropReplyCollision` if the backend's replies could not be told apart
+/// from those of a live connection of another VIP.
 #[inline(always)]
-fn new_flow(pkt: &Packet, vip_id: u32, generation: u32) -> Option<u32> {
-    let backend_id = pick_backend(vip_id, &pkt.key)?;
+fn new_flow(pkt: &Packet, vip_id: u32, generation: u32) -> Result<u32, Reason> {
+    let backend_id = pick_backend(vip_id, &pkt.key).ok_or(Reason::DropNoBackend)?;
     let backend = match BACKENDS.get(backend_id) {
         Some(b) if b.flags & BACKEND_F_VALID != 0 => b,
-        _ => return None,
+        _ => return Err(Reason::DropNoBackend),
     };
-    let mut flow = Flow {
-        direction: FLOW_TO_BACKEND,
-        family: pkt.key.family,
-        vip_port: pkt.key.dport,
-        vip_addr: pkt.key.dst,
-        vip_id,
-        backend_id,
-        vip_generation: generation,
-    };
-    let _ = FLOWS.insert(pkt.key, flow, 0);
     // The reply arrives with the backend as source; remember how to undo the NAT.
     let reply_key = FlowKey {
         src: backend.addr,
@@ -174,9 +188,56 @@ fn new_flow(pkt: &Packet, vip_id: u32, generation: u32) -> Option<u32> {
         family: pkt.key.family,
         pad: [0; 2],
     };
+    // Only the destination is translated, so the same client address and
+    // port connected to two VIPs that land on the same backend make the same
+    // reply 5-tuple (and the same connection, as far as the backend can
+    // tell). Writing ours would send the other connection's replies from
+    // the wrong VIP: refuse, unless that connection is gone.
+    // SAFETY: LRU entries are written whole by this program.
+    if let Some(old) = unsafe { FLOWS.get(reply_key) }
+        && old.direction == FLOW_TO_CLIENT
+        && (old.vip_addr != pkt.key.dst || old.vip_port != pkt.key.dport)
+        && other_flow_is_live(pkt, old)
+    {
+        return Err(Reason::DropReplyCollision);
+    }
+    let mut flow = Flow {
+        direction: FLOW_TO_BACKEND,
+        family: pkt.key.family,
+        vip_port: pkt.key.dport,
+        vip_addr: pkt.key.dst,
+        vip_id,
+        backend_id,
+        vip_generation: generation,
+    };
+    let _ = FLOWS.insert(pkt.key, flow, 0);
     flow.direction = FLOW_TO_CLIENT;
     let _ = FLOWS.insert(reply_key, flow, 0);
-    Some(backend_id)
+    Ok(backend_id)
+}
+
+/// Whether the connection a reply entry `old` belongs to still stands: its
+/// client direction is in the table and valid under its VIP's generation.
+/// (Runs only on a collision, so it costs the common path nothing.)
+#[inline(always)]
+fn other_flow_is_live(pkt: &Packet, old: &Flow) -> bool {
+    let client_key = FlowKey {
+        src: pkt.key.src,
+        dst: old.vip_addr,
+        sport: pkt.key.sport,
+        dport: old.vip_port,
+        proto: pkt.key.proto,
+        family: pkt.key.family,
+        pad: [0; 2],
+    };
+    // SAFETY: as above.
+    let Some(client) = (unsafe { FLOWS.get(client_key) }) else {
+        return false;
+    };
+    client.direction == FLOW_TO_BACKEND
+        && VIP_STATE
+            .get(client.vip_id)
+            .is_some_and(|s| s.generation == client.vip_generation)
 }
 
 /// Maglev lookup: `ring[flow_hash % size]`.

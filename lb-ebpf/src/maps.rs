@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, FLOW_TABLE_SIZE, Flow, FlowKey, MAX_BACKENDS, MAX_VIPS, NEXTHOP_CACHE_SIZE, NextHop,
-    NextHopKey, REASON_COUNT, Ring, Traffic, VipKey, VipMeta, VipState,
+    AddrKey, Backend, FLOW_TABLE_SIZE, Flow, FlowKey, IfMac, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS,
+    NEXTHOP_CACHE_SIZE, NextHop, NextHopKey, REASON_COUNT, Ring, Traffic, VipKey, VipMeta,
+    VipState,
 };
 
 /// VIP (address, port, protocol) -> id and flags.
@@ -48,3 +49,11 @@ pub static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(M
 /// Per-`Reason` packets/bytes: why each packet was passed, dropped or sent.
 #[map]
 pub static REASON_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+
+/// Address of every configured backend, to refuse new flows spoofing one.
+#[map]
+pub static BACKEND_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_BACKENDS, 0);
+
+/// ifindex -> the interface's own MAC, filled by the agent before it attaches.
+#[map]
+pub static IF_MACS: Array<IfMac> = Array::with_max_entries(MAX_IFINDEX, 0);

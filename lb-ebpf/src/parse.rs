@@ -8,15 +8,15 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     tcp::TcpHdr,
     udp::UdpHdr,
-    vlan::VlanHdr,
 };
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
-/// Largest L4 offset we accept: Ethernet + one VLAN tag + IPv4 with full options.
+const ETH_P_8021AD: u16 = 0x88a8;
+/// Largest L4 offset we accept: Ethernet + IPv4 with full options.
 /// Also keeps offsets visibly bounded for the verifier.
-pub const MAX_L4_OFFSET: usize = EthHdr::LEN + VlanHdr::LEN + 60;
+pub const MAX_L4_OFFSET: usize = EthHdr::LEN + 60;
 
 /// A parsed TCP/UDP packet: its 5-tuple and where its headers are.
 pub struct Packet {
@@ -43,20 +43,20 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// Parses Ethernet (one optional 802.1Q tag), IPv4/IPv6 and TCP/UDP.
+/// Parses Ethernet, IPv4/IPv6 and TCP/UDP.
+///
+/// VLAN-tagged frames are passed to the stack: NAT would send them on toward
+/// the backend (or client) with the other side's tag, on a link that may be
+/// untagged or another VLAN. The stack handles them as it would without us
+/// (a VLAN device on the interface takes them, or they are dropped).
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
     // SAFETY: bounds-checked by ptr_at.
-    let mut ether_type = u16::from_be(unsafe { (*eth).ether_type });
-    let mut l3 = EthHdr::LEN;
-    if ether_type == ETH_P_8021Q {
-        let vlan: *const VlanHdr = ptr_at(ctx, l3).ok_or(Reason::PassMalformed)?;
-        // SAFETY: bounds-checked by ptr_at.
-        ether_type = u16::from_be(unsafe { (*vlan).ether_type });
-        l3 += VlanHdr::LEN;
-    }
+    let ether_type = u16::from_be(unsafe { (*eth).ether_type });
+    let l3 = EthHdr::LEN;
     match ether_type {
+        ETH_P_8021Q | ETH_P_8021AD => Err(Reason::PassVlan),
         ETH_P_IP => parse_v4(ctx, l3),
         ETH_P_IPV6 => parse_v6(ctx, l3),
         _ => Err(Reason::PassNotIp),

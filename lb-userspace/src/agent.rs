@@ -43,6 +43,12 @@ fn load_config(path: &Path) -> Result<Config> {
     config::load(path).map_err(|errors| anyhow!("invalid configuration:\n{errors}"))
 }
 
+/// As `load_config`, and the interfaces must exist: checked before anything is
+/// loaded or attached, so a typo is reported at its line and changes nothing.
+fn load_config_for_start(path: &Path) -> Result<Config> {
+    config::load_for_this_host(path).map_err(|errors| anyhow!("invalid configuration:\n{errors}"))
+}
+
 /// Everything the agent's tasks share, behind one lock.
 pub struct Agent {
     config_path: PathBuf,
@@ -393,7 +399,7 @@ async fn start_proxy(section: &config::ProxySection) -> Result<Option<proxy::Pro
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
-    let file = load_config(&opts.config)?;
+    let file = load_config_for_start(&opts.config)?;
     let journal_path = runtime::journal_path(&opts.config);
     let journal = runtime::load_journal(&journal_path)?;
     let (desired, journal) = runtime::replay(file, &journal);
@@ -401,6 +407,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         Some(p) => p.clone(),
         None => dataplane::default_object_path()?,
     };
+    // Everything this start pins is undone if it fails before running.
+    let mut start = pin::StartGuard::new(&opts.pin_dir)?;
+    // Held until the agent exits: a second agent on these pins refuses.
+    let _lock = pin::lock(&opts.pin_dir)?;
+    for map in lb_common::ALL_MAPS {
+        start.will_create(&opts.pin_dir.join(map));
+    }
     // Maps pinned by a previous agent are reused, contents and all: flows,
     // tables and counters survive the restart.
     let dataplane = Dataplane::load_pinned(&object, &opts.pin_dir)?;
@@ -427,8 +440,18 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Tables are complete before the first packet can reach the program.
     agent.sync()?;
     let config = agent.desired.config.clone();
+    // Each interface's own MAC is known before a packet can arrive there.
+    for iface in &config.interfaces {
+        let (ifindex, mac) = dataplane::interface_mac(iface)?;
+        agent
+            .balancer
+            .dataplane()
+            .set_interface_mac(ifindex, mac)
+            .with_context(|| format!("interface {iface}"))?;
+    }
     for iface in &config.interfaces {
         let link = pin::link_path(&opts.pin_dir, iface);
+        start.will_create(&link);
         match agent
             .balancer
             .dataplane()
@@ -444,25 +467,35 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut proxy = start_proxy(&proxy_config).await?;
     shared.lock().proxy_stats = proxy.as_ref().map(proxy::Proxy::stats);
 
-    let control = tokio::spawn(server::serve(
-        opts.socket.clone(),
-        Arc::new(shared.clone()) as Arc<dyn Handler>,
-    ));
-    let metrics_task = match config.metrics {
-        Some(addr) => {
-            let listener = TcpListener::bind(addr)
+    // The last steps that can fail come before anything is spawned, so a
+    // failure leaves no task (nor control socket) behind either.
+    let metrics_listener = match config.metrics {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("binding metrics endpoint {addr}"))?;
-            info!(%addr, "serving metrics");
-            Some(tokio::spawn(metrics::serve(listener, shared.clone())))
-        }
+                .with_context(|| format!("binding metrics endpoint {addr}"))?,
+        ),
         None => None,
     };
-    info!(services = config.services.len(), socket = %opts.socket.display(), "load balancer running");
-
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    let control_listener = server::bind(&opts.socket)?;
+    info!("control socket listening on {}", opts.socket.display());
+    start.commit();
+
+    let control = tokio::spawn(server::serve_listener(
+        control_listener,
+        Arc::new(shared.clone()) as Arc<dyn Handler>,
+    ));
+    let metrics_task = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "serving metrics");
+        }
+        tokio::spawn(metrics::serve(listener, shared.clone()))
+    });
+    info!(services = config.services.len(), socket = %opts.socket.display(), "load balancer running");
+
     let mut control = control;
     let detach = loop {
         tokio::select! {

@@ -8,8 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::{
-    Addr, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS, VIP_F_L7, VipKey,
-    VipMeta, VipState, addr_from_bytes, addr_to_bytes,
+    Addr, AddrKey, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
+    VIP_F_L7, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
     hash::backend_identity,
     maglev::{self, MaglevInput},
 };
@@ -190,6 +190,9 @@ pub struct Balancer {
     backends: BTreeMap<(String, SocketAddr), (u32, Backend)>,
     /// Current generation of each VIP id (see `VipState`).
     generations: Vec<u32>,
+    /// What `BACKEND_ADDRS` holds; `None` until read from the map (a previous
+    /// agent may have left entries there).
+    backend_addrs: Option<BTreeSet<AddrKey>>,
     config: Option<Config>,
 }
 
@@ -203,6 +206,7 @@ impl Balancer {
             vips: BTreeMap::new(),
             backends: BTreeMap::new(),
             generations: vec![0; MAX_VIPS as usize],
+            backend_addrs: None,
             config: None,
         }
     }
@@ -399,8 +403,35 @@ impl Balancer {
                 Some(_) => {}
             }
         }
+        self.sync_backend_addrs()?;
         self.config = Some(config.clone());
         Ok(summary)
+    }
+
+    /// Makes `BACKEND_ADDRS` hold exactly the configured backends' addresses
+    /// (whatever their state: a drained backend is still not a client).
+    fn sync_backend_addrs(&mut self) -> Result<()> {
+        let wanted: BTreeSet<AddrKey> = self
+            .backends
+            .values()
+            .map(|(_, b)| AddrKey {
+                addr: b.addr,
+                family: b.family,
+                pad: [0; 3],
+            })
+            .collect();
+        let current = match self.backend_addrs.take() {
+            Some(set) => set,
+            None => self.dataplane.backend_addrs()?.into_iter().collect(),
+        };
+        for key in wanted.difference(&current) {
+            self.dataplane.add_backend_addr(key)?;
+        }
+        for key in current.difference(&wanted) {
+            self.dataplane.remove_backend_addr(key)?;
+        }
+        self.backend_addrs = Some(wanted);
+        Ok(())
     }
 
     /// Starts a new generation of a VIP id, invalidating flows created under the old one.

@@ -283,9 +283,29 @@ fn join_lines(errors: &[ConfigError]) -> String {
 
 /// Reads and validates the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, Host::Any)
+}
+
+/// Like [`load`], and every interface must exist in this network namespace:
+/// what `lb check` and `lb run` use, so that a missing interface is reported at
+/// its line before anything is loaded or attached.
+pub fn load_for_this_host(path: &Path) -> Result<Config, ConfigErrors> {
+    load_with(path, Host::This)
+}
+
+/// Whether validation looks at the machine it runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Host {
+    /// The file alone (tests, reloads: interfaces only change on restart).
+    Any,
+    /// Also the interfaces of the current network namespace.
+    This,
+}
+
+fn load_with(path: &Path, host: Host) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => parse(&text, &file),
+        Ok(text) => parse_with(&text, &file, host),
         Err(e) => Err(ConfigErrors(vec![ConfigError {
             file,
             line: 0,
@@ -297,10 +317,20 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates configuration `text`; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    parse_with(text, file, Host::Any)
+}
+
+/// Like [`parse`], and every interface must exist in this network namespace.
+pub fn parse_for_this_host(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+    parse_with(text, file, Host::This)
+}
+
+fn parse_with(text: &str, file: &str, host: Host) -> Result<Config, ConfigErrors> {
     let mut checker = Checker {
         file,
         lines: LineIndex::new(text),
         errors: Vec::new(),
+        host,
     };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -412,6 +442,7 @@ struct Checker<'a> {
     file: &'a str,
     lines: LineIndex<'a>,
     errors: Vec<ConfigError>,
+    host: Host,
 }
 
 impl Checker<'_> {
@@ -570,6 +601,14 @@ impl Checker<'_> {
                 );
             } else {
                 seen.insert(n, self.line(&span));
+                if self.host == Host::This && !interface_exists(n) {
+                    self.at(
+                        &span,
+                        format!(
+                            "interface \"{n}\" does not exist in this network namespace (`ip link` lists those that do)"
+                        ),
+                    );
+                }
             }
         }
         list.into_inner()
@@ -1155,6 +1194,16 @@ fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_millis(millis))
 }
 
+/// Whether the current network namespace has an interface called `name`.
+fn interface_exists(name: &str) -> bool {
+    // A name with a NUL byte cannot name an interface.
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a valid NUL-terminated string; the call only reads it.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}
+
 fn has_space_or_control(s: &str) -> bool {
     s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
@@ -1387,6 +1436,25 @@ mod tests {
         let mut lines = svc(&[]);
         lines[0] = "interfaces = [\"abcdefghijklmno\"]";
         assert!(parse(&text(&lines), "f").is_ok());
+    }
+
+    #[test]
+    fn a_missing_interface_is_reported_at_its_position_when_checking_this_host() {
+        let mut lines = svc(&[]);
+        lines[0] = "interfaces = [\"lo\", \"lbnosuch0\"]";
+        let t = text(&lines);
+        // The file alone is fine; on this host the second name is not.
+        assert!(parse(&t, "lb.toml").is_ok());
+        let errs = parse_for_this_host(&t, "lb.toml").unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!((errs.0[0].line, errs.0[0].column), (1, 21));
+        assert!(
+            errs.to_string()
+                .starts_with("lb.toml:1:21: interface \"lbnosuch0\" does not exist"),
+            "{errs}"
+        );
+        lines[0] = "interfaces = [\"lo\"]";
+        assert!(parse_for_this_host(&text(&lines), "lb.toml").is_ok());
     }
 
     #[test]

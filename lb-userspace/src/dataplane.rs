@@ -10,10 +10,10 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    ALL_MAPS, Backend, FLOW_TO_BACKEND, Flow, FlowKey, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS,
-    MAP_REASON_STATS, MAP_RINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS,
-    MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring, Traffic, VipKey, VipMeta,
-    VipState,
+    ALL_MAPS, AddrKey, Backend, FLOW_TO_BACKEND, Flow, FlowKey, IfMac, MAP_BACKEND_ADDRS,
+    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_IF_MACS, MAP_REASON_STATS, MAP_RINGS,
+    MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE, MAX_VIPS,
+    PROG_LB, REASON_COUNT, Reason, Ring, Traffic, VipKey, VipMeta, VipState,
 };
 use tracing::warn;
 
@@ -107,6 +107,8 @@ pub struct Dataplane {
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, Traffic>,
+    backend_addrs: HashMap<MapData, AddrKey, u8>,
+    if_macs: Array<MapData, IfMac>,
 }
 
 /// A zeroed `Ring` built directly on the heap: at 256 KiB it would overflow
@@ -173,6 +175,8 @@ impl Dataplane {
             vip_stats: take(&mut bpf, MAP_VIP_STATS)?,
             backend_stats: take(&mut bpf, MAP_BACKEND_STATS)?,
             reason_stats: take(&mut bpf, MAP_REASON_STATS)?,
+            backend_addrs: take(&mut bpf, MAP_BACKEND_ADDRS)?,
+            if_macs: take(&mut bpf, MAP_IF_MACS)?,
             bpf,
             links: Vec::new(),
         })
@@ -293,6 +297,45 @@ impl Dataplane {
             .context("updating BACKENDS")
     }
 
+    /// Adds a backend address to the set new flows may not come from.
+    pub fn add_backend_addr(&mut self, key: &AddrKey) -> Result<()> {
+        self.backend_addrs
+            .insert(key, 1, 0)
+            .context("updating BACKEND_ADDRS")
+    }
+
+    /// Removes a backend address from that set.
+    pub fn remove_backend_addr(&mut self, key: &AddrKey) -> Result<()> {
+        match self.backend_addrs.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from BACKEND_ADDRS"),
+        }
+    }
+
+    /// Every address in that set (e.g. as a previous agent left it).
+    pub fn backend_addrs(&self) -> Result<Vec<AddrKey>> {
+        self.backend_addrs
+            .keys()
+            .map(|k| k.context("reading BACKEND_ADDRS"))
+            .collect()
+    }
+
+    /// Records `mac` as the own address of interface `ifindex`: forwarded
+    /// frames arriving there must be sent to it.
+    pub fn set_interface_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        if ifindex >= MAX_IFINDEX {
+            bail!("interface index {ifindex} is beyond the data plane's {MAX_IFINDEX}");
+        }
+        let value = IfMac {
+            mac,
+            set: 1,
+            pad: 0,
+        };
+        self.if_macs
+            .set(ifindex, value, 0)
+            .context("updating IF_MACS")
+    }
+
     /// Publishes a VIP's Maglev table in one map update (an RCU swap of the whole
     /// element in the kernel), so no packet ever sees a half-written table.
     pub fn publish_ring(&mut self, vip_id: u32, entries: &[u32]) -> Result<()> {
@@ -382,6 +425,48 @@ impl Dataplane {
     }
 }
 
+/// Index and MAC address of interface `name` in the current network namespace.
+pub fn interface_mac(name: &str) -> Result<(u32, [u8; 6])> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let c = std::ffi::CString::new(name).map_err(|_| anyhow!("bad interface name {name:?}"))?;
+    // SAFETY: a valid NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        bail!("interface {name}: {}", std::io::Error::last_os_error());
+    }
+    // SIOCGIFHWADDR rather than /sys/class/net: with `--netns` the agent has
+    // entered the namespace with setns, but /sys still shows the host's.
+    // SAFETY: plain socket(2); the fd is owned below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        bail!(
+            "socket for SIOCGIFHWADDR: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(c.as_bytes()) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: ioctl with a properly sized ifreq we own.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        bail!(
+            "reading the MAC address of {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: SIOCGIFHWADDR filled the hardware-address member of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    let mut mac = [0u8; 6];
+    for (m, d) in mac.iter_mut().zip(data.iter()) {
+        *m = *d as u8;
+    }
+    Ok((ifindex, mac))
+}
+
 /// bpffs housekeeping for pinned maps and links.
 pub mod pin {
     use std::path::{Path, PathBuf};
@@ -430,6 +515,140 @@ pub mod pin {
             bail!("{} is not on a bpf filesystem", dir.display());
         }
         Ok(())
+    }
+
+    /// An exclusive lock on a pin directory, held while an agent uses it;
+    /// released when dropped (or when the process exits, however it exits).
+    #[derive(Debug)]
+    pub struct DirLock {
+        _dir: std::fs::File,
+    }
+
+    /// Locks `dir` (which must exist) for this agent: flock(2) on the
+    /// directory itself, which bpffs supports like any filesystem. A second
+    /// agent on the same pin directory would otherwise silently take over the
+    /// running one's attachments and maps.
+    pub fn lock(dir: &Path) -> Result<DirLock> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        // The directory can be removed and made again between our open and
+        // flock (a failed start cleans up); then the lock is on a dead inode
+        // and must be taken again on the new one.
+        for _ in 0..3 {
+            let file = std::fs::File::open(dir)
+                .with_context(|| format!("opening pin directory {}", dir.display()))?;
+            // SAFETY: flock on a file descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                    let meta = file.metadata().ok();
+                    let holder = meta
+                        .and_then(|m| lock_holder(m.dev(), m.ino()))
+                        .map_or_else(|| "another process".to_string(), |pid| format!("pid {pid}"));
+                    bail!(
+                        "pin directory {} is in use by another lb agent ({holder}); stop it first (`lb stop`), or give this one another --pin-dir",
+                        dir.display()
+                    );
+                }
+                return Err(err).with_context(|| format!("locking {}", dir.display()));
+            }
+            let held = file
+                .metadata()
+                .with_context(|| format!("{}", dir.display()))?;
+            match std::fs::metadata(dir) {
+                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                    return Ok(DirLock { _dir: file });
+                }
+                _ => continue,
+            }
+        }
+        bail!(
+            "pin directory {} keeps being replaced; is another agent starting?",
+            dir.display()
+        )
+    }
+
+    /// The pid holding a flock on the file `dev`/`ino`, from /proc/locks
+    /// (lines like `1: FLOCK  ADVISORY  WRITE 1234 00:28:14603 0 EOF`).
+    fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
+        let text = std::fs::read_to_string("/proc/locks").ok()?;
+        let want = format!("{:02x}:{:02x}:{ino}", libc::major(dev), libc::minor(dev));
+        text.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            match fields.as_slice() {
+                [_, "FLOCK", _, _, pid, id, ..] if *id == want => pid.parse().ok(),
+                _ => None,
+            }
+        })
+    }
+
+    /// What one agent start put into bpffs, undone on drop unless
+    /// [`StartGuard::commit`] is called once the agent runs: a failed start
+    /// leaves no new pin directory, map pin or attachment behind, whichever
+    /// step failed. Pins a previous agent left are not touched.
+    #[derive(Debug)]
+    #[must_use = "dropping the guard undoes the start"]
+    pub struct StartGuard {
+        dir: PathBuf,
+        created_dir: bool,
+        new_pins: Vec<PathBuf>,
+        committed: bool,
+    }
+
+    impl StartGuard {
+        /// Makes sure `dir` exists (see [`ensure_dir`]) and remembers whether
+        /// this start created it.
+        pub fn new(dir: &Path) -> Result<Self> {
+            let created_dir = !dir.exists();
+            let guard = Self {
+                dir: dir.to_path_buf(),
+                created_dir,
+                new_pins: Vec::new(),
+                committed: false,
+            };
+            // From here on a failure removes what was made.
+            ensure_dir(dir)?;
+            Ok(guard)
+        }
+
+        /// Records `pin` as made by this start if it does not exist yet; call
+        /// before whatever creates it.
+        pub fn will_create(&mut self, pin: &Path) {
+            if !pin.exists() {
+                self.new_pins.push(pin.to_path_buf());
+            }
+        }
+
+        /// The agent runs: what it pinned is its state now.
+        pub fn commit(mut self) {
+            self.committed = true;
+        }
+    }
+
+    impl Drop for StartGuard {
+        fn drop(&mut self) {
+            if self.committed {
+                return;
+            }
+            // An attachment or map goes with its last reference: its pin here,
+            // and the loader's fds when the data plane is dropped.
+            if self.created_dir {
+                if let Err(e) = remove_all(&self.dir) {
+                    tracing::error!("cleaning up after a failed start: {e:#}");
+                }
+                return;
+            }
+            for pin in &self.new_pins {
+                match std::fs::remove_file(pin) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => tracing::error!(
+                        "cleaning up after a failed start: removing {}: {e}",
+                        pin.display()
+                    ),
+                }
+            }
+        }
     }
 
     /// Pin path of an interface's attachment.

@@ -49,7 +49,8 @@ enum Command {
     /// Talk to the running agent (see `lb help add`, `lb help show`, ...).
     #[command(flatten)]
     Control(ControlCommand),
-    /// Validate configuration files; report every error with file, line and reason.
+    /// Validate configuration files (interfaces must exist here); report every
+    /// error with file, line and reason.
     Check {
         /// Files to check.
         #[arg(required = true)]
@@ -80,7 +81,8 @@ enum Command {
 fn check(files: &[PathBuf]) -> ExitCode {
     let mut ok = true;
     for file in files {
-        match config::load(file) {
+        // Interfaces are checked against this host (network namespace) too.
+        match config::load_for_this_host(file) {
             Ok(c) => {
                 let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
                 println!(

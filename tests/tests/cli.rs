@@ -1,7 +1,10 @@
 //! The `lb` binary's configuration handling, as an operator meets it.
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use lb_userspace::lab::testrun::TestRunNet;
 
 fn lb() -> Command {
     let bin = std::env::var_os("LB_BIN").expect("LB_BIN is not set; run via `cargo xtask test`");
@@ -16,7 +19,8 @@ fn write(name: &str, text: &str) -> PathBuf {
     path
 }
 
-const GOOD: &str = r#"interfaces = ["eth0"]
+// `lb check` looks for the interfaces on this machine: loopback is everywhere.
+const GOOD: &str = r#"interfaces = ["lo"]
 [[service]]
 name = "web"
 vip = "198.18.100.1:80"
@@ -92,4 +96,119 @@ fn check_reports_a_syntax_error_with_its_line() {
         stderr.contains(&format!("{}:2:", path.display())),
         "{stderr}"
     );
+}
+
+#[test]
+fn check_reports_a_missing_interface_at_its_position() {
+    let path = write(
+        "missing-if.toml",
+        &GOOD.replace("[\"lo\"]", "[\"lo\", \"lbnosuch0\"]"),
+    );
+    let out = lb().arg("check").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "{}:1:21: interface \"lbnosuch0\" does not exist",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+/// Runs `lb ARGS` to completion, killing it (and failing) if it is still
+/// running after 20 s: a start that should fail must not hang a test.
+fn lb_output(args: &[&std::ffi::OsStr]) -> Output {
+    let mut child = lb()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("`lb` kept running: {out:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Whether any interface in namespace `ns` has an XDP program attached.
+fn xdp_attached_in(ns: &str) -> String {
+    let out = Command::new("ip")
+        .args(["-n", ns, "link", "show"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("xdp"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Starts `lb run` in a fresh namespace with `config` (interfaces `lbc`,
+/// `lbb` exist there) and expects it to fail; returns its stderr and the
+/// config's path, after checking that it left no pin directory, no
+/// attachment and no control socket.
+fn failed_start(tag: &str, config: &str) -> (String, PathBuf) {
+    let net = TestRunNet::create(tag).expect("namespace");
+    let path = write(&format!("{tag}.toml"), config);
+    let pin_dir =
+        Path::new("/sys/fs/bpf").join(format!("lb-cli-test-{tag}-{}", std::process::id()));
+    let socket = path.with_extension("sock");
+    let out = lb_output(&[
+        "run".as_ref(),
+        "--netns".as_ref(),
+        net.ns().as_ref(),
+        "--config".as_ref(),
+        path.as_os_str(),
+        "--pin-dir".as_ref(),
+        pin_dir.as_os_str(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the start must fail: {out:?}");
+    let left = pin_dir.exists();
+    // Clean up before asserting, so a failure does not leak into other tests.
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    assert!(!left, "{} was left behind: {stderr}", pin_dir.display());
+    assert_eq!(
+        xdp_attached_in(net.ns()),
+        "",
+        "an attachment was left behind"
+    );
+    assert!(!socket.exists(), "the control socket was left behind");
+    (stderr, path)
+}
+
+#[test]
+fn run_with_a_missing_interface_reports_its_position_and_attaches_nothing() {
+    let config = GOOD.replace("[\"lo\"]", "[\"lbc\", \"lbnosuch0\"]");
+    let (stderr, path) = failed_start("missing-if", &config);
+    assert!(
+        stderr.contains(&format!(
+            "{}:1:22: interface \"lbnosuch0\" does not exist",
+            path.display()
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_start_failing_after_the_attach_leaves_nothing_behind() {
+    // 192.0.2.1 (TEST-NET-1) is no address of the namespace: binding the
+    // metrics endpoint fails after the program is loaded and attached.
+    let config = GOOD.replace(
+        "[\"lo\"]",
+        "[\"lbc\", \"lbb\"]\nmetrics = \"192.0.2.1:9100\"",
+    );
+    let (stderr, _) = failed_start("late-fail", &config);
+    assert!(stderr.contains("binding metrics endpoint"), "{stderr}");
 }

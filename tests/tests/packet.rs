@@ -4,7 +4,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use etherparse::{PacketBuilder, PacketBuilderStep, TcpHeader, VlanId};
+use etherparse::{
+    Icmpv4Type, Icmpv6Type, IpDscp, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
+    PacketBuilderStep, TcpHeader, VlanId, icmpv4, icmpv6,
+};
 use lb_common::{FlowKey, Reason, hash::flow_hash};
 use lb_tests::{assert_checksums_valid, balancer_with, run_xdp};
 use lb_userspace::{
@@ -26,6 +29,7 @@ const NOT_NEIGHBOUR_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 99);
 const VIP2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 const VIP3_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
 const VIP4_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
+const VIP5_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 5);
 
 fn config() -> String {
     format!(
@@ -86,6 +90,13 @@ address = "{b4_2}:8080"
 address = "{b4_3}:8080"
 
 [[service]]
+name = "shares-tcp4s-backend"
+vip = "{VIP5_V4}:80"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:8080"
+
+[[service]]
 name = "all-drained"
 vip = "{VIP4_V4}:80"
 ring_size = 13
@@ -107,6 +118,16 @@ fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) 
     let config = config();
     run_in_ns(&ns, move || {
         let mut balancer = balancer_with(&config).expect("load and configure the data plane");
+        // As the agent does before it attaches: each interface's own MAC,
+        // read the agent's way (SIOCGIFHWADDR in this namespace).
+        for (name, ifindex, mac) in [("lbc", net.lbc, LBC_MAC), ("lbb", net.lbb, LBB_MAC)] {
+            let found = lb_userspace::dataplane::interface_mac(name).expect("interface MAC");
+            assert_eq!(found, (ifindex, mac), "{name}");
+            balancer
+                .dataplane()
+                .set_interface_mac(ifindex, mac)
+                .expect("IF_MACS");
+        }
         body(&mut balancer, &net);
     })
     .expect("enter fixture namespace");
@@ -279,26 +300,39 @@ fn same_interface_next_hop_uses_xdp_tx() {
 }
 
 #[test]
-fn vlan_tagged_vip_hit_keeps_its_tag() {
+fn vlan_tagged_frames_are_passed_untouched_in_both_directions() {
     with_fixture(|b, net| {
-        let tagged = |smac, dmac, dst: Ipv4Addr, ttl, dport| {
+        let tagged = |smac, dmac, src: Ipv4Addr, dst: Ipv4Addr, sport, dport| {
             let mut v = Vec::new();
             PacketBuilder::ethernet2(smac, dmac)
                 .single_vlan(VlanId::try_new(42).unwrap())
-                .ipv4(CLIENT_V4.octets(), dst.octets(), ttl)
-                .tcp(CPORT, dport, 1, 1000)
+                .ipv4(src.octets(), dst.octets(), 64)
+                .tcp(sport, dport, 1, 1000)
                 .write(&mut v, PAYLOAD)
                 .unwrap();
             v
         };
-        let (action, out) =
-            run_xdp(b, &tagged(CLIENT_MAC, LBC_MAC, VIP_V4, 64, 80), net.lbc).unwrap();
-        assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(
-            out,
-            tagged(LBB_MAC, backend_mac(1), backend_v4(1), 63, 8080)
+        // Client -> VIP with the client side's tag: NAT would carry the tag
+        // to the backend's (untagged) link.
+        let to_vip = tagged(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80);
+        assert_passed_untouched(b, net.lbc, &to_vip, "tagged client -> VIP");
+        assert!(
+            b.dataplane().flow_counts().unwrap().is_empty(),
+            "no flow for a tagged frame"
         );
-        assert_checksums_valid(&out);
+        // A backend's tagged reply of an established (untagged) flow.
+        let syn = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let reply = tagged(
+            backend_mac(1),
+            LBB_MAC,
+            backend_v4(1),
+            CLIENT_V4,
+            8080,
+            CPORT,
+        );
+        assert_passed_untouched(b, net.lbb, &reply, "tagged backend reply");
+        assert_eq!(reason_count(b, Reason::PassVlan), 2);
     });
 }
 
@@ -414,10 +448,6 @@ fn non_vip_l7_and_other_traffic_passes_untouched() {
             .unwrap();
         assert_passed_untouched(b, net.lbc, &icmp, "ICMP to a VIP");
         assert_eq!(reason_count(b, Reason::PassOtherProto), 1);
-
-        let expiring = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 1, CPORT, 80));
-        assert_passed_untouched(b, net.lbc, &expiring, "TTL 1");
-        assert_eq!(reason_count(b, Reason::PassTtlExpired), 1);
     });
 }
 
@@ -552,5 +582,354 @@ fn established_flows_follow_backend_removal_mode_change_and_vip_removal() {
         );
         assert_passed_untouched(b, net.lbc, &input, "flow of a removed VIP");
         assert_eq!(reason_count(b, Reason::PassNotVip), 1);
+    });
+}
+
+/// A TCP/IPv4 frame from `src` to the VIP's port 80 on `lbc`.
+fn from_v4(src: Ipv4Addr) -> Vec<u8> {
+    build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP_V4, 64, CPORT, 80))
+}
+
+/// A TCP/IPv6 frame from `src` to the IPv6 VIP's port 80 on `lbc`.
+fn from_v6(src: Ipv6Addr) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+        .ipv6(src.octets(), VIP_V6.octets(), 64)
+        .tcp(CPORT, 80, 7, 1000)
+        .syn()
+        .write(&mut v, PAYLOAD)
+        .unwrap();
+    v
+}
+
+/// Asserts the frame is dropped untouched, and no flow was made for it.
+fn assert_dropped(b: &mut Balancer, ingress: u32, frame: &[u8], what: &str) {
+    let (action, out) = run_xdp(b, frame, ingress).unwrap();
+    assert_eq!(action, XDP_DROP, "{what}: action");
+    assert_eq!(out, frame, "{what}: frame changed");
+    assert!(
+        b.dataplane().flow_counts().unwrap().is_empty(),
+        "{what}: a flow was created"
+    );
+}
+
+#[test]
+fn bad_ipv4_header_checksums_are_dropped_not_natted() {
+    with_fixture(|b, net| {
+        // Checksum at bytes 24..26 of the frame.
+        let corrupt = |mut f: Vec<u8>| {
+            f[25] ^= 0x01;
+            f
+        };
+        assert_dropped(
+            b,
+            net.lbc,
+            &corrupt(from_v4(CLIENT_V4)),
+            "bad checksum to a VIP",
+        );
+        // With options (IHL 6): the whole header counts.
+        let mut opt = from_v4(CLIENT_V4);
+        opt.splice(34..34, [1u8, 1, 1, 0]); // NOP NOP NOP EOL
+        opt[14] = 0x46;
+        let total = u16::from_be_bytes([opt[16], opt[17]]) + 4;
+        opt[16..18].copy_from_slice(&total.to_be_bytes());
+        opt[24..26].copy_from_slice(&[0, 0]);
+        let sum = lb_common::csum::checksum(&opt[14..38]);
+        opt[24..26].copy_from_slice(&sum.to_be_bytes());
+        let (action, _) = run_xdp(b, &opt, net.lbc).unwrap();
+        assert_eq!(
+            action, XDP_REDIRECT,
+            "a correct header with options is forwarded"
+        );
+        let mut bad_opt = opt.clone();
+        bad_opt[36] ^= 0x80; // in the options, not in the checksum field
+        let (action, out) = run_xdp(b, &bad_opt, net.lbc).unwrap();
+        assert_eq!(
+            (action, &out),
+            (XDP_DROP, &bad_opt),
+            "bad checksum over options"
+        );
+
+        // A reply of a NATed flow with a bad checksum.
+        let syn = from_v4(CLIENT_V4);
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let reply = build(tcp4(
+            backend_mac(1),
+            LBB_MAC,
+            backend_v4(1),
+            CLIENT_V4,
+            64,
+            8080,
+            CPORT,
+        ));
+        let (action, out) = run_xdp(b, &corrupt(reply.clone()), net.lbb).unwrap();
+        assert_eq!((action, out), (XDP_DROP, corrupt(reply)), "bad reply");
+        assert_eq!(reason_count(b, Reason::DropBadIpChecksum), 3);
+        // Not a VIP: the stack's business, passed as it came.
+        let other = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            backend_v4(1),
+            64,
+            CPORT,
+            8080,
+        ));
+        assert_passed_untouched(b, net.lbc, &corrupt(other), "bad checksum, not a VIP");
+    });
+}
+
+#[test]
+fn martian_and_spoofed_sources_create_no_flow_and_are_dropped() {
+    with_fixture(|b, net| {
+        let v4: [Ipv4Addr; 7] = [
+            Ipv4Addr::new(0, 0, 0, 0),
+            Ipv4Addr::new(0, 1, 2, 3),
+            Ipv4Addr::new(127, 0, 0, 1),
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::new(239, 1, 2, 3),
+            Ipv4Addr::new(240, 0, 0, 1),
+            Ipv4Addr::BROADCAST,
+        ];
+        for src in v4 {
+            assert_dropped(b, net.lbc, &from_v4(src), &format!("source {src}"));
+        }
+        let v6: [Ipv6Addr; 5] = [
+            Ipv6Addr::UNSPECIFIED,
+            Ipv6Addr::LOCALHOST,
+            "ff02::1".parse().unwrap(),
+            "ff0e::1:2".parse().unwrap(),
+            "::ffff:198.18.1.2".parse().unwrap(),
+        ];
+        for src in v6 {
+            assert_dropped(b, net.lbc, &from_v6(src), &format!("source {src}"));
+        }
+        assert_eq!(reason_count(b, Reason::DropMartianSource), 12);
+
+        // The VIP itself, and backends' addresses (of this VIP's service and
+        // of another one), as sources of new flows.
+        for src in [VIP_V4, backend_v4(1), backend_v4(3)] {
+            assert_dropped(b, net.lbc, &from_v4(src), &format!("source {src}"));
+        }
+        for src in [VIP_V6, backend_v6(1)] {
+            assert_dropped(b, net.lbc, &from_v6(src), &format!("source {src}"));
+        }
+        assert_eq!(reason_count(b, Reason::DropSpoofedSource), 5);
+
+        // Ordinary clients still get through.
+        assert_eq!(
+            run_xdp(b, &from_v4(CLIENT_V4), net.lbc).unwrap().0,
+            XDP_REDIRECT
+        );
+        assert_eq!(
+            run_xdp(b, &from_v6(CLIENT_V6), net.lbc).unwrap().0,
+            XDP_REDIRECT
+        );
+    });
+}
+
+#[test]
+fn frames_to_another_mac_are_not_forwarded_in_either_direction() {
+    with_fixture(|b, net| {
+        let other_host = [0x02, 0, 0, 0, 0, 0x99];
+        for dmac in [other_host, [0xff; 6], [0x01, 0x00, 0x5e, 0, 0, 1]] {
+            let f = build(tcp4(CLIENT_MAC, dmac, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+            assert_dropped(b, net.lbc, &f, &format!("to {dmac:02x?}"));
+        }
+        // The MAC of the other interface is not this one's either.
+        let f = build(tcp4(CLIENT_MAC, LBB_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        assert_dropped(b, net.lbc, &f, "to lbb's MAC on lbc");
+        assert_eq!(reason_count(b, Reason::DropOtherHost), 4);
+
+        // Established flow: its client packets and the backend's replies too.
+        let syn = from_v4(CLIENT_V4);
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let mut again = syn.clone();
+        again[0..6].copy_from_slice(&other_host);
+        let (action, out) = run_xdp(b, &again, net.lbc).unwrap();
+        assert_eq!((action, &out), (XDP_DROP, &again), "established, other MAC");
+        let reply = build(tcp4(
+            backend_mac(1),
+            other_host,
+            backend_v4(1),
+            CLIENT_V4,
+            64,
+            8080,
+            CPORT,
+        ));
+        let (action, out) = run_xdp(b, &reply, net.lbb).unwrap();
+        assert_eq!((action, &out), (XDP_DROP, &reply), "reply, other MAC");
+        assert_eq!(reason_count(b, Reason::DropOtherHost), 6);
+
+        // Not to a VIP: the stack's business, passed as it came.
+        let f = build(tcp4(
+            CLIENT_MAC,
+            other_host,
+            CLIENT_V4,
+            backend_v4(1),
+            64,
+            CPORT,
+            8080,
+        ));
+        assert_passed_untouched(b, net.lbc, &f, "other MAC, not a VIP");
+    });
+}
+
+#[test]
+fn expiring_packets_to_a_vip_are_answered_with_time_exceeded_from_the_vip() {
+    with_fixture(|b, net| {
+        // IPv4, TTL 1: the IP header and 8 bytes quoted (RFC 792), from the
+        // VIP, back to the sender's MAC out of the same interface.
+        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 1, CPORT, 80));
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        let mut ip =
+            Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets()).unwrap();
+        ip.dont_fragment = false;
+        ip.dscp = IpDscp::try_new(0xc0 >> 2).unwrap(); // precedence "internetwork control"
+        let mut expected = Vec::new();
+        PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
+            .ip(IpHeaders::Ipv4(ip, Default::default()))
+            .icmpv4(Icmpv4Type::TimeExceeded(
+                icmpv4::TimeExceededCode::TtlExceededInTransit,
+            ))
+            .write(&mut expected, &input[14..14 + 20 + 8])
+            .unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, expected);
+        // TTL 0 too, and UDP.
+        let mut udp = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 0)
+            .udp(CPORT, 53)
+            .write(&mut udp, PAYLOAD)
+            .unwrap();
+        let (action, out) = run_xdp(b, &udp, net.lbc).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(&out[14 + 20 + 8..], &udp[14..14 + 20 + 8], "UDP quote");
+        assert_eq!(reason_count(b, Reason::TxTimeExceeded), 2);
+
+        // IPv6, hop limit 1: the whole packet fits in the quote (RFC 4443).
+        let tcp6 = |payload: &[u8]| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+                .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 1)
+                .tcp(CPORT, 80, 7, 1000)
+                .syn()
+                .write(&mut v, payload)
+                .unwrap();
+            v
+        };
+        let answer6 = |quote: &[u8]| {
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
+                .ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 64)
+                .icmpv6(Icmpv6Type::TimeExceeded(
+                    icmpv6::TimeExceededCode::HopLimitExceeded,
+                ))
+                .write(&mut v, quote)
+                .unwrap();
+            v
+        };
+        let input = tcp6(PAYLOAD);
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out, answer6(&input[14..]));
+        // Too big to quote whole: cut so the answer is 1280 bytes of IPv6,
+        // at an odd length to exercise the checksum's last byte.
+        let input = tcp6(&[0x5a; 1401]);
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(action, XDP_TX);
+        assert_eq!(out.len(), 14 + 1280);
+        assert_eq!(out, answer6(&input[14..14 + 1280 - 48]));
+        assert_eq!(reason_count(b, Reason::TxTimeExceeded), 4);
+
+        // None of them made a flow; a martian source gets no answer.
+        assert!(b.dataplane().flow_counts().unwrap().is_empty());
+        let martian = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            Ipv4Addr::BROADCAST,
+            VIP_V4,
+            1,
+            CPORT,
+            80,
+        ));
+        assert_dropped(b, net.lbc, &martian, "TTL 1 from a martian source");
+
+        // A backend's expiring reply still goes to the stack, which answers
+        // the backend (it has a route there).
+        let syn = from_v4(CLIENT_V4);
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
+        let reply = build(tcp4(
+            backend_mac(1),
+            LBB_MAC,
+            backend_v4(1),
+            CLIENT_V4,
+            1,
+            8080,
+            CPORT,
+        ));
+        assert_passed_untouched(b, net.lbb, &reply, "expiring reply");
+        assert_eq!(reason_count(b, Reason::PassTtlExpired), 1);
+    });
+}
+
+#[test]
+fn a_new_flow_whose_replies_would_collide_with_another_vips_live_flow_is_refused() {
+    with_fixture(|b, net| {
+        // The same client address and port to two VIPs whose (only) backend is
+        // the same: the backend would see one connection, and the second
+        // flow's reply entry would overwrite the first's.
+        let first = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        assert_eq!(run_xdp(b, &first, net.lbc).unwrap().0, XDP_REDIRECT);
+        let second = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP5_V4, 64, CPORT, 80));
+        let (action, out) = run_xdp(b, &second, net.lbc).unwrap();
+        assert_eq!((action, &out), (XDP_DROP, &second));
+        assert_eq!(reason_count(b, Reason::DropReplyCollision), 1);
+
+        // The first flow's replies still come from its own VIP.
+        let reply = |src: Ipv4Addr, sport, smac, dmac, ttl| {
+            build(tcp4(smac, dmac, src, CLIENT_V4, ttl, sport, CPORT))
+        };
+        let (action, out) = run_xdp(
+            b,
+            &reply(backend_v4(1), 8080, backend_mac(1), LBB_MAC, 64),
+            net.lbb,
+        )
+        .unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, reply(VIP_V4, 80, LBC_MAC, CLIENT_MAC, 63));
+
+        // Another client port to the second VIP is fine.
+        let other_port = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            VIP5_V4,
+            64,
+            CPORT + 1,
+            80,
+        ));
+        assert_eq!(run_xdp(b, &other_port, net.lbc).unwrap().0, XDP_REDIRECT);
+
+        // Once the first VIP is gone, its flow is no longer live: the port may
+        // be used for the second VIP, whose replies are then its own.
+        apply(
+            b,
+            &format!(
+                "interfaces = [\"lbc\", \"lbb\"]\n[[service]]\nname = \"shares-tcp4s-backend\"\nvip = \"{VIP5_V4}:80\"\nring_size = 13\n[[service.backend]]\naddress = \"{}:8080\"\n",
+                backend_v4(1)
+            ),
+        );
+        assert_eq!(run_xdp(b, &second, net.lbc).unwrap().0, XDP_REDIRECT);
+        let (action, out) = run_xdp(
+            b,
+            &reply(backend_v4(1), 8080, backend_mac(1), LBB_MAC, 64),
+            net.lbb,
+        )
+        .unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(out, reply(VIP5_V4, 80, LBC_MAC, CLIENT_MAC, 63));
+        assert_eq!(reason_count(b, Reason::DropReplyCollision), 1);
     });
 }

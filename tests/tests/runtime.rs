@@ -386,3 +386,50 @@ fn ten_agent_restarts_under_load_fail_no_connection_and_lose_none() {
     );
     assert_eq!(lost, 0, "no established connection lost");
 }
+
+#[test]
+fn a_second_agent_on_the_same_pin_directory_refuses_and_names_the_first() {
+    use std::process::{Command, Stdio};
+    let lab = RunningLab::start("rtl", 2, &[1, 1]).unwrap();
+    let other_socket = lab.socket.with_extension("second.sock");
+    let mut second = Command::new(&lab.lab.options().lb_bin)
+        .arg("run")
+        .arg("--netns")
+        .arg(lab.lab.balancer_ns())
+        .arg("--config")
+        .arg(&lab.config_path)
+        .arg("--socket")
+        .arg(&other_socket)
+        .arg("--pin-dir")
+        .arg(lab.lab.agent_pin_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!(
+                "the second agent kept running: {:?}",
+                second.wait_with_output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = second.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains(&format!(
+            "is in use by another lb agent (pid {})",
+            lab.agent
+        )),
+        "{stderr}"
+    );
+    assert!(!other_socket.exists(), "the refused agent made no socket");
+    // The first agent still runs the data plane and answers.
+    assert_eq!(backends(&lab).len(), 2);
+    assert_eq!(tally(&lab, 20).len(), 2);
+}
