@@ -428,7 +428,8 @@ pub(crate) async fn handle(
         start.saturating_duration_since(since).as_millis() as i64
     };
     let (mut parts, body) = req.into_parts();
-    let mut upgrade = tunnel::Upgrade::take(&mut parts); // WebSocket & co (proxy/tunnel.rs)
+    let h2_client = parts.version == Version::HTTP_2;
+    let upgrade = tunnel::Upgrade::take(&mut parts); // WebSocket & co (proxy/tunnel.rs)
     let client = ClientSide {
         frontend: &conn.frontend,
         peer: conn.peer,
@@ -450,7 +451,7 @@ pub(crate) async fn handle(
     };
     let Forwarding {
         pool: pool_idx,
-        mut rec,
+        rec,
         key,
         response_ops,
         ws_accept,
@@ -468,6 +469,91 @@ pub(crate) async fn handle(
             return Ok(error_response(status, rec, term, done));
         }
     };
+    let fwd = Forwarding {
+        pool: pool_idx,
+        rec,
+        key,
+        response_ops,
+        ws_accept,
+    };
+    if !h2_client {
+        return Ok(forward(&shared, &conn, parts, body, fwd, upgrade, done, None).await);
+    }
+    // An HTTP/2 stream can be reset at any time, which drops this future:
+    // the exchange with the server runs in a task of its own, so a reset
+    // neither abandons a connection being opened nor one whose response is
+    // under way (both go back to the pool), and a request not sent yet is
+    // not sent at all (rapid reset, CVE-2023-44487).
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task_shared = shared.clone();
+    tokio::spawn(async move {
+        let resp = forward(
+            &task_shared,
+            &conn,
+            parts,
+            body,
+            fwd,
+            upgrade,
+            done,
+            Some(&tx),
+        )
+        .await;
+        if let Err(resp) = tx.send(resp) {
+            drain(resp.into_body(), task_shared.pools[pool_idx].timeout_server).await;
+        }
+    });
+    Ok(match rx.await {
+        Ok(resp) => resp,
+        // The task panicked: nothing was logged for it.
+        Err(_) => Response::builder()
+            .status(StatusCode::BAD_GATEWAY)
+            .body(LoggedBody::empty())
+            .unwrap_or_else(|_| Response::new(LoggedBody::empty())),
+    })
+}
+
+/// Largest response body read to the end for a request whose client went
+/// away, so its server connection can serve another one.
+const DRAIN_LIMIT: u64 = 1 << 20;
+
+/// Reads `body` to its end (then its server connection goes back to the
+/// pool) within `limit` and `DRAIN_LIMIT` bytes; past either it is dropped,
+/// which closes the connection.
+async fn drain(mut body: ProxyBody, limit: Duration) {
+    let mut bytes = 0u64;
+    let _ = tokio::time::timeout(limit, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if bytes > DRAIN_LIMIT {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// Forwards a prepared request to its pool's servers, with retries: the
+/// response, or an error answer. `gone` is the channel the answer goes back
+/// on when the exchange runs in a task of its own: once its receiver is
+/// dropped (the client reset the stream), a request not sent yet is not sent.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    shared: &Shared,
+    conn: &Arc<ConnCtx>,
+    parts: http::request::Parts,
+    body: Incoming,
+    fwd: Forwarding,
+    mut upgrade: Option<tunnel::Upgrade>,
+    done: Done,
+    gone: Option<&tokio::sync::oneshot::Sender<Response<ProxyBody>>>,
+) -> Response<ProxyBody> {
+    let Forwarding {
+        pool: pool_idx,
+        mut rec,
+        key,
+        response_ops,
+        ws_accept,
+    } = fwd;
     let pool = &shared.pools[pool_idx];
     // The request travels by value; it comes back from a connection that could not send it.
     let mut req = Some(Request::from_parts(parts, body));
@@ -475,7 +561,7 @@ pub(crate) async fn handle(
     loop {
         let active = match attempts.acquire(pool, key, &mut rec).await {
             Ok(a) => a,
-            Err((status, term)) => return Ok(error_response(status, rec, term, done)),
+            Err((status, term)) => return error_response(status, rec, term, done),
         };
         let addr = active.server().addr;
         let mut server = match pool.conns.get(addr, conn.peer, conn.local).await {
@@ -491,23 +577,13 @@ pub(crate) async fn handle(
                     continue;
                 }
                 // Like HAProxy: a server that cannot be reached is a 503 (SC).
-                return Ok(error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    rec,
-                    ['S', 'C'],
-                    done,
-                ));
+                return error_response(StatusCode::SERVICE_UNAVAILABLE, rec, ['S', 'C'], done);
             }
         };
         rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
         let Some(mut out) = req.take() else {
             // Unreachable: `req` is put back before every retry.
-            return Ok(error_response(
-                StatusCode::BAD_GATEWAY,
-                rec,
-                ['P', 'H'],
-                done,
-            ));
+            return error_response(StatusCode::BAD_GATEWAY, rec, ['P', 'H'], done);
         };
         if server.sender.is_h2() {
             // HTTP/2 needs :scheme and :authority: the request's own (its Host,
@@ -528,6 +604,13 @@ pub(crate) async fn handle(
             }
         }
 
+        if gone.is_some_and(|tx| tx.is_closed()) {
+            // Reset before it was sent: the connection serves another request instead.
+            if let Sender::H1(h1) = server.sender {
+                pool.conns.put(addr, h1);
+            }
+            return error_response(StatusCode::BAD_GATEWAY, rec, ['C', 'C'], done);
+        }
         // hyper would send a body of unknown length (HTTP/2 without
         // content-length, a chunked HTTP/1 one) chunked, but drop it for
         // GET, HEAD and CONNECT: say chunked, so no byte is lost.
@@ -561,12 +644,7 @@ pub(crate) async fn handle(
                     .and_then(|_| handshake.then_some(()).ok_or("bad Sec-WebSocket-Accept"));
                 if let Err(why) = framing {
                     tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response framing");
-                    return Ok(error_response(
-                        StatusCode::BAD_GATEWAY,
-                        rec,
-                        ['S', 'H'],
-                        done,
-                    ));
+                    return error_response(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], done);
                 }
                 strip_hop_by_hop(&mut rparts.headers);
                 let (active, reusable) = match upgrade.take() {
@@ -597,7 +675,7 @@ pub(crate) async fn handle(
                     done,
                 );
                 body.reusable = reusable;
-                return Ok(Response::from_parts(rparts, body));
+                return Response::from_parts(rparts, body);
             }
             Ok(Err(mut e)) => {
                 tracing::debug!(pool = %pool.name, server = %addr, error = %e.error(), "forward failed");
@@ -611,20 +689,10 @@ pub(crate) async fn handle(
                     continue;
                 }
                 rec.tr = sent.elapsed().as_millis() as i64;
-                return Ok(error_response(
-                    StatusCode::BAD_GATEWAY,
-                    rec,
-                    ['S', 'H'],
-                    done,
-                ));
+                return error_response(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], done);
             }
             Err(_) => {
-                return Ok(error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    rec,
-                    ['s', 'H'],
-                    done,
-                ));
+                return error_response(StatusCode::GATEWAY_TIMEOUT, rec, ['s', 'H'], done);
             }
         }
     }
@@ -771,6 +839,19 @@ pub struct LoggedBody {
 }
 
 impl LoggedBody {
+    /// An empty body with nothing to log (the answer when a forwarding task failed).
+    fn empty() -> Self {
+        LoggedBody {
+            inner: Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            rec: None,
+            _active: None,
+            done: None,
+            reusable: None,
+        }
+    }
+
     fn new(
         inner: UnsyncBoxBody<Bytes, BoxError>,
         rec: AccessRecord,

@@ -417,3 +417,59 @@ impl hyper::body::Body for Frames {
         std::task::Poll::Ready(self.0.pop_front().map(|d| Ok(hyper::body::Frame::data(d))))
     }
 }
+
+#[tokio::test]
+async fn http2_streams_reset_after_sending_do_not_cost_server_connections() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // A server that answers each request after 100 ms, counting its connections.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                        bytes::Bytes::from_static(b"slow"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let proxy = start_proxy(local_frontend(), pool).await;
+    let front = proxy.local_addrs()[0];
+    let tcp = TcpStream::connect(front).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // 60 streams, each reset 20 ms after it was sent (while its server works
+    // on it): at most five are in flight at the server at once.
+    let resets = 60;
+    for _ in 0..resets {
+        let mut send = send.clone();
+        let req = http::Request::get(format!("http://{front}/"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let pending = tokio::spawn(async move { send.send_request(req).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Dropping the response future resets the stream (RST_STREAM CANCEL).
+        pending.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let opened = accepted.load(Ordering::SeqCst);
+    assert!(
+        opened <= 10,
+        "{opened} server connections for {resets} reset streams"
+    );
+    assert!(proxy.shared.pools[0].idle_connections(server) >= 1);
+}
