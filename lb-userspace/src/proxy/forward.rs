@@ -449,13 +449,7 @@ pub(crate) async fn handle(
         start,
         end: None,
     };
-    let Forwarding {
-        pool: pool_idx,
-        rec,
-        key,
-        response_ops,
-        ws_accept,
-    } = match prepared {
+    let fwd = match prepared {
         Prepared::Forward(f) => f,
         Prepared::Answer(answer, rec) => {
             let (head, body) = answer.into_parts();
@@ -469,13 +463,6 @@ pub(crate) async fn handle(
             return Ok(error_response(status, rec, term, done));
         }
     };
-    let fwd = Forwarding {
-        pool: pool_idx,
-        rec,
-        key,
-        response_ops,
-        ws_accept,
-    };
     if !h2_client {
         return Ok(forward(&shared, &conn, parts, body, fwd, upgrade, done, None).await);
     }
@@ -486,6 +473,7 @@ pub(crate) async fn handle(
     // not sent at all (rapid reset, CVE-2023-44487).
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task_shared = shared.clone();
+    let pool_idx = fwd.pool;
     tokio::spawn(async move {
         let resp = forward(
             &task_shared,
@@ -505,10 +493,11 @@ pub(crate) async fn handle(
     Ok(match rx.await {
         Ok(resp) => resp,
         // The task panicked: nothing was logged for it.
-        Err(_) => Response::builder()
-            .status(StatusCode::BAD_GATEWAY)
-            .body(LoggedBody::empty())
-            .unwrap_or_else(|_| Response::new(LoggedBody::empty())),
+        Err(_) => {
+            let mut resp = Response::new(LoggedBody::empty());
+            *resp.status_mut() = StatusCode::BAD_GATEWAY;
+            resp
+        }
     })
 }
 
