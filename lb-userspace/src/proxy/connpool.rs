@@ -30,6 +30,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use hyper::body::Incoming;
+
+use super::request_body::RequestBody;
 use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -46,11 +48,11 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const READY_WAIT: Duration = Duration::from_millis(100);
 
 /// An HTTP/1.1 server connection: hyper's dispatcher and its sending half.
-type H1Conn = http1::Connection<TokioIo<ServerIo>, Incoming>;
+type H1Conn = http1::Connection<TokioIo<ServerIo>, RequestBody>;
 
 /// An HTTP/1.1 connection driven by whoever uses it.
 pub(crate) struct H1 {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     /// None once the connection has ended.
     conn: Option<Pin<Box<H1Conn>>>,
     /// `timeout server` of the request in flight, a lazy timer kept with the
@@ -66,7 +68,7 @@ pub(crate) struct TimedOut;
 /// What sending a request gives: the response, the request back if it never
 /// left, or a timeout.
 pub(crate) type SendResult =
-    Result<Result<Response<Incoming>, TrySendError<Request<Incoming>>>, TimedOut>;
+    Result<Result<Response<Incoming>, TrySendError<Request<RequestBody>>>, TimedOut>;
 
 impl H1 {
     /// Lets the connection make progress (read, write, notice a close).
@@ -93,7 +95,7 @@ impl H1 {
         .await
     }
 
-    async fn send(&mut self, req: Request<Incoming>, limit: Duration) -> SendResult {
+    async fn send(&mut self, req: Request<RequestBody>, limit: Duration) -> SendResult {
         let due = Instant::now() + limit;
         self.timer.arm(due);
         let mut response = pin!(self.sender.try_send_request(req));
@@ -117,15 +119,15 @@ pub(crate) enum Sender {
     /// HTTP/1.1 driven by the request's task.
     H1(H1),
     /// HTTP/1.1 driven by a task of its own, with upgrades (WebSocket).
-    H1Tunnel(http1::SendRequest<Incoming>),
+    H1Tunnel(http1::SendRequest<RequestBody>),
     /// HTTP/2: shared, requests multiplexed, driven by its own task.
-    H2(http2::SendRequest<Incoming>),
+    H2(http2::SendRequest<RequestBody>),
 }
 
 impl Sender {
     /// Sends `req` and waits for the response head at most `limit`; the
     /// request comes back in the error if it never left.
-    pub(crate) async fn send(&mut self, req: Request<Incoming>, limit: Duration) -> SendResult {
+    pub(crate) async fn send(&mut self, req: Request<RequestBody>, limit: Duration) -> SendResult {
         let timed = |r: Result<_, tokio::time::error::Elapsed>| r.map_err(|_| TimedOut);
         match self {
             Sender::H1(h) => h.send(req, limit).await,
@@ -219,7 +221,7 @@ struct Lists {
     /// The same for our own HTTP/1.1 path's connections.
     raw: ByServer<Vec<IdleRaw>>,
     /// The shared HTTP/2 connection of each server.
-    shared: ByServer<http2::SendRequest<Incoming>>,
+    shared: ByServer<http2::SendRequest<RequestBody>>,
 }
 
 /// One pool's server connections.

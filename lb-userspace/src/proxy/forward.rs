@@ -23,6 +23,7 @@ use super::connpool::{ConnPool, Reusable, Sender};
 use super::hardening;
 use super::log::{self, AccessRecord, LogFormat};
 use super::model::Pool;
+use super::request_body::{self, RequestBody};
 use super::{tunnel, upstream};
 use crate::acl;
 
@@ -464,8 +465,10 @@ pub(crate) async fn handle(
         }
     };
     if !h2_client {
+        let body = body.into();
         return Ok(forward(&shared, &conn, parts, body, fwd, upgrade, done, None).await);
     }
+    let body = request_body::in_hand(body).await;
     // An HTTP/2 stream can be reset at any time, which drops this future:
     // the exchange with the server runs in a task of its own, so a reset
     // neither abandons a connection being opened nor one whose response is
@@ -530,7 +533,7 @@ async fn forward(
     shared: &Shared,
     conn: &Arc<ConnCtx>,
     parts: http::request::Parts,
-    body: Incoming,
+    body: RequestBody,
     fwd: Forwarding,
     mut upgrade: Option<tunnel::Upgrade>,
     done: Done,

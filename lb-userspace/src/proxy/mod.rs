@@ -159,6 +159,7 @@ mod hardening;
 mod log;
 mod model;
 mod proxy_protocol;
+mod request_body;
 pub mod routing;
 mod server;
 mod shutdown;

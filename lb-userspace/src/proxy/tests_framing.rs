@@ -363,10 +363,16 @@ async fn http2_requests_keep_their_bodies_and_join_their_cookies() {
                         .iter()
                         .map(|v| v.to_str().unwrap_or("?").to_string())
                         .collect();
+                    let framing = format!(
+                        "cl={:?} te={:?}",
+                        req.headers().get("content-length"),
+                        req.headers().get("transfer-encoding")
+                    );
                     let body = req.into_body().collect().await?.to_bytes();
                     Ok::<_, hyper::Error>(
                         http::Response::builder()
                             .header("x-cookies", cookies.join("|"))
+                            .header("x-framing", framing)
                             .body(Full::new(body))
                             .unwrap(),
                     )
@@ -385,26 +391,43 @@ async fn http2_requests_keep_their_bodies_and_join_their_cookies() {
             .await
             .unwrap();
     tokio::spawn(conn);
-    for method in ["GET", "POST"] {
-        // Two DATA frames and no content-length: a body of unknown length.
+    // Two DATA frames and no content-length: a body of unknown length. When
+    // it has all arrived by the time it is forwarded it goes with a length;
+    // when its second frame comes later, chunked. No byte is lost either way.
+    for (method, pause, framing) in [
+        ("GET", 0, r#"cl=Some("11") te=None"#),
+        ("POST", 0, r#"cl=Some("11") te=None"#),
+        ("GET", 200, r#"cl=None te=Some("chunked")"#),
+        ("POST", 200, r#"cl=None te=Some("chunked")"#),
+    ] {
         let frames = [&b"hello "[..], b"world"].map(bytes::Bytes::from_static);
         let req = http::Request::builder()
             .method(method)
             .uri(format!("http://{}/", proxy.local_addrs()[0]))
             .header("cookie", "a=1")
             .header("cookie", "b=2")
-            .body(Frames(frames.into()))
+            .body(Frames {
+                frames: frames.into(),
+                pause: Box::pin(tokio::time::sleep(Duration::from_millis(pause))),
+                sent: 0,
+            })
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200, "{method}");
         assert_eq!(resp.headers()["x-cookies"], "a=1; b=2", "{method}");
+        assert_eq!(resp.headers()["x-framing"], framing, "{method} {pause}");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"hello world", "{method}");
     }
 }
 
-/// A request body sent as separate DATA frames, of unknown length.
-struct Frames(std::collections::VecDeque<bytes::Bytes>);
+/// A request body sent as separate DATA frames, of unknown length, with
+/// `pause` before the second.
+struct Frames {
+    frames: std::collections::VecDeque<bytes::Bytes>,
+    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sent: usize,
+}
 
 impl hyper::body::Body for Frames {
     type Data = bytes::Bytes;
@@ -412,9 +435,17 @@ impl hyper::body::Body for Frames {
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
+        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(self.0.pop_front().map(|d| Ok(hyper::body::Frame::data(d))))
+        if self.sent == 1 && self.pause.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        self.sent += 1;
+        std::task::Poll::Ready(
+            self.frames
+                .pop_front()
+                .map(|d| Ok(hyper::body::Frame::data(d))),
+        )
     }
 }
 

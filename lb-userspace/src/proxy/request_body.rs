@@ -1,0 +1,150 @@
+//! Request bodies on their way to a server through hyper. An HTTP/2
+//! request without content-length whose end arrives within `WHOLE_WAIT` of
+//! its head (clients send the DATA frames of a small body right behind it)
+//! and within `WHOLE_LIMIT` bytes goes out whole, with a Content-Length, as
+//! HAProxy's `http-buffer-request` would; any other body streams as it
+//! comes, chunked.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// Largest body gathered to be sent with a known length.
+pub(crate) const WHOLE_LIMIT: usize = 64 * 1024;
+/// Longest wait for the end of such a body before streaming it instead.
+const WHOLE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A request body as hyper sends it to a server.
+pub(crate) enum RequestBody {
+    /// Streamed from the client, after the frames already read from it.
+    Stream {
+        read: VecDeque<Frame<Bytes>>,
+        rest: Incoming,
+        /// An error met while reading ahead, given after `read`.
+        error: Option<hyper::Error>,
+    },
+    /// The whole body, in hand (taken when sent).
+    Whole(Option<Bytes>),
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(rest: Incoming) -> Self {
+        RequestBody::Stream {
+            read: VecDeque::new(),
+            rest,
+            error: None,
+        }
+    }
+}
+
+/// What reading ahead without waiting gave.
+enum Ahead {
+    /// The body ended: all of it is in the buffer.
+    Ended,
+    /// The end did not come within `WHOLE_WAIT`, or more than `WHOLE_LIMIT` came.
+    More,
+    /// A trailers frame (it ends the body, but cannot go with a Content-Length).
+    Trailers(Frame<Bytes>),
+    Failed(hyper::Error),
+}
+
+/// Reads `body` for up to `WHOLE_WAIT`: the whole body when its end comes
+/// within that time and `WHOLE_LIMIT` bytes, else a stream that gives what
+/// was read first. Bodies of known length or none at all are left as they are.
+pub(crate) async fn in_hand(mut body: Incoming) -> RequestBody {
+    if body.is_end_stream() || body.size_hint().exact().is_some() {
+        return body.into();
+    }
+    let mut data = BytesMut::new();
+    let gather = poll_fn(|cx: &mut Context<'_>| {
+        loop {
+            if data.len() > WHOLE_LIMIT {
+                return Poll::Ready(Ahead::More);
+            }
+            match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) => data.extend_from_slice(&d),
+                    Err(other) => return Poll::Ready(Ahead::Trailers(other)),
+                },
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Ahead::Failed(e)),
+                Poll::Ready(None) => return Poll::Ready(Ahead::Ended),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    });
+    let ahead = tokio::time::timeout(WHOLE_WAIT, gather)
+        .await
+        .unwrap_or(Ahead::More);
+    let data = data.freeze();
+    let mut read = VecDeque::new();
+    if !data.is_empty() {
+        read.push_back(Frame::data(data.clone()));
+    }
+    match ahead {
+        Ahead::Ended => RequestBody::Whole(Some(data)),
+        Ahead::More => RequestBody::Stream {
+            read,
+            rest: body,
+            error: None,
+        },
+        Ahead::Trailers(t) => {
+            read.push_back(t);
+            RequestBody::Stream {
+                read,
+                rest: body,
+                error: None,
+            }
+        }
+        Ahead::Failed(e) => RequestBody::Stream {
+            read,
+            rest: body,
+            error: Some(e),
+        },
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Stream { read, rest, error } => {
+                if let Some(f) = read.pop_front() {
+                    return Poll::Ready(Some(Ok(f)));
+                }
+                if let Some(e) = error.take() {
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Pin::new(rest).poll_frame(cx)
+            }
+            RequestBody::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Stream { read, rest, error } => {
+                read.is_empty() && error.is_none() && rest.is_end_stream()
+            }
+            RequestBody::Whole(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Stream { read, rest, .. } if read.is_empty() => rest.size_hint(),
+            RequestBody::Stream { .. } => SizeHint::default(),
+            RequestBody::Whole(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
