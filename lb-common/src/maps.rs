@@ -298,8 +298,15 @@ pub struct NextHopKey {
 pub struct NextHop {
     /// `bpf_ktime_get_coarse_ns` after which the entry is stale.
     pub expires_ns: u64,
-    /// Egress interface.
-    pub ifindex: u32,
+    /// Egress interface. 16 bits, so that `mtu` fits in the 24 bytes this
+    /// value has always had: a cache pinned by an older agent stays usable
+    /// (its entries read as this ifindex with `mtu` 0, "unknown", and are
+    /// looked up again). An egress interface with a larger ifindex is not
+    /// cached.
+    pub ifindex: u16,
+    /// MTU of the route to the destination (what `bpf_fib_lookup` checks
+    /// packets against); 0 = unknown.
+    pub mtu: u16,
     /// Source MAC (the egress interface's).
     pub smac: [u8; 6],
     /// Destination MAC (the next hop's).
@@ -455,10 +462,19 @@ pub enum Reason {
     /// New flow from a source prefix that already opened `new_flow_limit`
     /// flows this second: dropped.
     DropRateLimited = 22,
+    /// Packet to a VIP larger than the egress MTU (IPv4 with DF, or IPv6):
+    /// answered with ICMP "fragmentation needed" / "packet too big" from the
+    /// VIP, carrying the MTU (XDP_TX).
+    TxTooBig = 23,
+    /// Packet larger than the egress MTU that the stack handles: IPv4
+    /// without DF NATed and passed for the stack to fragment; a backend's
+    /// reply with DF or IPv6 passed untouched, for the stack to send the
+    /// backend "fragmentation needed" / "packet too big".
+    PassTooBig = 24,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 23;
+pub const REASON_COUNT: u32 = 25;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -486,6 +502,8 @@ impl Reason {
         Reason::DropReplyCollision,
         Reason::DropDenied,
         Reason::DropRateLimited,
+        Reason::TxTooBig,
+        Reason::PassTooBig,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -514,6 +532,8 @@ impl Reason {
             Reason::DropReplyCollision => "drop_reply_collision",
             Reason::DropDenied => "drop_denied",
             Reason::DropRateLimited => "drop_rate_limited",
+            Reason::TxTooBig => "tx_too_big",
+            Reason::PassTooBig => "pass_too_big",
         }
     }
 }

@@ -1285,3 +1285,162 @@ fn denied_sources_reach_no_vip_and_lose_their_established_flows() {
         assert_eq!(reason_count(b, Reason::DropDenied), denied.len() as u64);
     });
 }
+
+/// Pins the calling thread to the CPU it runs on.
+fn pin_to_this_cpu() {
+    // SAFETY: plain syscalls on this thread with a zeroed, then filled, CPU set.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity");
+    }
+}
+
+/// Sets interface `dev`'s MTU in the fixture namespace.
+fn set_mtu(net: &TestRunNet, dev: &str, mtu: u16) {
+    let status = std::process::Command::new("ip")
+        .args(["-n", net.ns(), "link", "set", dev, "mtu", &mtu.to_string()])
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip link set {dev} mtu {mtu}");
+}
+
+/// A TCP/IPv4 frame of `ip_len` bytes of IP, DF as given.
+#[allow(clippy::too_many_arguments)]
+fn big4(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    ip_len: usize,
+    df: bool,
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, src.octets(), dst.octets()).unwrap();
+    ip.dont_fragment = df;
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .tcp(sport, dport, 0x0102_0304, 8192)
+        .syn()
+        .write(&mut v, &vec![0x5a; ip_len - 40])
+        .unwrap();
+    v
+}
+
+#[test]
+fn packets_over_the_egress_mtu_get_frag_needed_or_go_to_the_stack() {
+    with_fixture(|b, net| {
+        // The next-hop cache is per CPU: stay on one so the cached path is
+        // the one taken where the test says so.
+        pin_to_this_cpu();
+        set_mtu(net, "lbb", 1400);
+        set_mtu(net, "lbc", 1400);
+        let frag_needed = |input: &[u8], mtu: u16| {
+            let mut ip =
+                Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets())
+                    .unwrap();
+            ip.dont_fragment = false;
+            ip.dscp = IpDscp::try_new(0xc0 >> 2).unwrap();
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
+                .ip(IpHeaders::Ipv4(ip, Default::default()))
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+                ))
+                .write(&mut v, &input[14..14 + 20 + 8])
+                .unwrap();
+            v
+        };
+        // IPv4 with DF, one byte over: answered from the VIP with the MTU,
+        // whether the next hop comes from the FIB (first) or from the cache
+        // (after a packet that fits filled it).
+        let big = big4(
+            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1401, true,
+        );
+        let (action, out) = run_xdp(b, &big, net.lbc).unwrap();
+        assert_eq!((action, &out), (XDP_TX, &frag_needed(&big, 1400)), "FIB");
+        let fits = big4(
+            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1400, true,
+        );
+        let (action, out) = run_xdp(b, &fits, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT, "1400 bytes fit");
+        let mut expected = big4(
+            LBB_MAC,
+            backend_mac(1),
+            CLIENT_V4,
+            backend_v4(1),
+            CPORT,
+            8080,
+            1400,
+            true,
+        );
+        // TTL 63 and the header checksum that goes with it.
+        expected[22] = 63;
+        expected[24..26].copy_from_slice(&[0, 0]);
+        let sum = lb_common::csum::checksum(&expected[14..34]);
+        expected[24..26].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(out, expected);
+        assert_checksums_valid(&out);
+        let (action, out) = run_xdp(b, &big, net.lbc).unwrap();
+        assert_eq!((action, &out), (XDP_TX, &frag_needed(&big, 1400)), "cache");
+        assert_eq!(reason_count(b, Reason::TxTooBig), 2);
+
+        // Without DF: NATed (TTL left to the stack) and passed, for the
+        // stack to fragment.
+        let no_df = big4(
+            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1500, false,
+        );
+        let (action, out) = run_xdp(b, &no_df, net.lbc).unwrap();
+        let natted = big4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            backend_v4(1),
+            CPORT,
+            8080,
+            1500,
+            false,
+        );
+        assert_eq!((action, &out), (XDP_PASS, &natted));
+        assert_eq!(reason_count(b, Reason::PassTooBig), 1);
+
+        // IPv6: "packet too big" from the VIP, quoting what fits in 1280 bytes.
+        let mut big6 = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
+            .tcp(CPORT, 80, 7, 1000)
+            .syn()
+            .write(&mut big6, &[0x5a; 1500 - 60])
+            .unwrap();
+        let (action, out) = run_xdp(b, &big6, net.lbc).unwrap();
+        let mut expected = Vec::new();
+        PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
+            .ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1400 })
+            .write(&mut expected, &big6[14..14 + 1280 - 48])
+            .unwrap();
+        assert_eq!((action, &out), (XDP_TX, &expected));
+        assert_eq!(reason_count(b, Reason::TxTooBig), 3);
+
+        // A backend's oversized reply with DF: passed untouched; the stack
+        // answers the backend.
+        let reply = big4(
+            backend_mac(1),
+            LBB_MAC,
+            backend_v4(1),
+            CLIENT_V4,
+            8080,
+            CPORT,
+            1500,
+            true,
+        );
+        assert_passed_untouched(b, net.lbb, &reply, "oversized reply");
+        assert_eq!(reason_count(b, Reason::PassTooBig), 2);
+        assert_eq!(reason_count(b, Reason::DropFibFailed), 0);
+    });
+}
