@@ -116,6 +116,9 @@ pub struct Dataplane {
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, Traffic>,
+    /// Slots of REASON_STATS as the kernel has it: fewer than `REASON_COUNT`
+    /// when an older agent pinned it (aya reuses a pinned map as it is).
+    reason_slots: u32,
     backend_addrs: HashMap<MapData, AddrKey, u8>,
     if_macs: Array<MapData, IfMac>,
 }
@@ -175,6 +178,17 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("eBPF object has no program {PROG_LB}"))?
             .try_into()?;
         prog.load().context("the kernel refused the XDP program")?;
+        let reasons = bpf
+            .take_map(MAP_REASON_STATS)
+            .ok_or_else(|| anyhow!("eBPF object has no map {MAP_REASON_STATS}"))?;
+        let reason_slots = match &reasons {
+            aya::maps::Map::PerCpuArray(data) => data
+                .info()
+                .map_or(REASON_COUNT, |i| i.max_entries().min(REASON_COUNT)),
+            _ => REASON_COUNT,
+        };
+        let reason_stats = PerCpuArray::try_from(reasons)
+            .with_context(|| format!("map {MAP_REASON_STATS} has an unexpected type"))?;
         Ok(Self {
             vips: take(&mut bpf, MAP_VIPS)?,
             rings: take(&mut bpf, MAP_RINGS)?,
@@ -187,7 +201,8 @@ impl Dataplane {
             deny_v6: take(&mut bpf, MAP_DENY_V6)?,
             vip_stats: take(&mut bpf, MAP_VIP_STATS)?,
             backend_stats: take(&mut bpf, MAP_BACKEND_STATS)?,
-            reason_stats: take(&mut bpf, MAP_REASON_STATS)?,
+            reason_stats,
+            reason_slots,
             backend_addrs: take(&mut bpf, MAP_BACKEND_ADDRS)?,
             if_macs: take(&mut bpf, MAP_IF_MACS)?,
             bpf,
@@ -531,9 +546,14 @@ impl Dataplane {
 
     /// Sums every per-CPU counter.
     pub fn counters(&self) -> Result<Counters> {
-        fn sum(map: &PerCpuArray<MapData, Traffic>, n: u32) -> Result<Vec<Traffic>> {
+        // `have`: the slots the map really has (see `reason_slots`); the
+        // others read as zero.
+        fn sum(map: &PerCpuArray<MapData, Traffic>, n: u32, have: u32) -> Result<Vec<Traffic>> {
             (0..n)
                 .map(|i| {
+                    if i >= have {
+                        return Ok(Traffic::default());
+                    }
                     let per_cpu = map.get(&i, 0).context("reading counters")?;
                     Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
                         packets: a.packets + t.packets,
@@ -543,9 +563,9 @@ impl Dataplane {
                 .collect()
         }
         Ok(Counters {
-            vips: sum(&self.vip_stats, MAX_VIPS)?,
-            backends: sum(&self.backend_stats, MAX_BACKENDS)?,
-            reasons: sum(&self.reason_stats, REASON_COUNT)?,
+            vips: sum(&self.vip_stats, MAX_VIPS, MAX_VIPS)?,
+            backends: sum(&self.backend_stats, MAX_BACKENDS, MAX_BACKENDS)?,
+            reasons: sum(&self.reason_stats, REASON_COUNT, self.reason_slots)?,
         })
     }
 }
