@@ -98,7 +98,9 @@ pub const MAP_FLOWS: &str = "FLOWS";
 /// spoofed SYNs, which never send that ACK, only churns this table. A TCP
 /// packet without SYN that finds nothing anywhere (a connection whose entry
 /// was evicted, or that predates the balancer) is sent by Maglev and
-/// recorded here the same way; its next packet confirms it. UDP flows go
+/// recorded here the same way (the backend's answers are translated back
+/// from here meanwhile); the client's next packet confirms it. So spoofed
+/// single packets without SYN cannot fill `FLOWS` either. UDP flows go
 /// straight to `FLOWS`, as before.
 pub const MAP_PENDING: &str = "PENDING";
 /// Map name: `AddrKey` of a source prefix (address masked to

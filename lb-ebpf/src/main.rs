@@ -161,15 +161,15 @@ fn to_client(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Verdict {
     )
 }
 
-/// Neither in FLOWS nor to a VIP: a backend's SYN-ACK (or RST) of a handshake
-/// in progress is translated back from PENDING; anything else is passed.
-/// Only SYN or RST segments are looked up there: a backend sends nothing
-/// else before the client's ACK, which moves the flow to FLOWS. So other
-/// traffic the balancer does not handle pays no lookup.
+/// Neither in FLOWS nor to a VIP: a backend's packet of a TCP flow in
+/// PENDING (its SYN-ACK or RST during the handshake, or its answer to a
+/// connection whose FLOWS entry was lost, until the client's next packet
+/// confirms it) is translated back from there; anything else is passed.
+/// Costs one lookup for TCP traffic the balancer does not handle; backend
+/// replies of established flows hit FLOWS first.
 #[inline(always)]
 fn not_a_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
-    if pkt.tcp_flags & (TCP_SYN | TCP_RST) != 0
-        && pkt.key.proto == PROTO_TCP
+    if pkt.key.proto == PROTO_TCP
         // SAFETY: LRU entries are written whole by this program.
         && let Some(flow) = unsafe { PENDING.get(pkt.key) }
         && flow.direction == FLOW_TO_CLIENT
@@ -294,7 +294,7 @@ fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32) -> Result<u32, Reason> 
         && b.flags & BACKEND_F_VALID != 0
     {
         let backend_id = p.backend_id;
-        if pkt.tcp_flags == 0 {
+        if pkt.tcp_flags & (TCP_SYN | TCP_RST) == 0 {
             // The client answered the SYN-ACK: a real connection.
             let s = scratch()?;
             s.flow = *p;

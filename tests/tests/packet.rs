@@ -1444,3 +1444,39 @@ fn packets_over_the_egress_mtu_get_frag_needed_or_go_to_the_stack() {
         assert_eq!(reason_count(b, Reason::DropFibFailed), 0);
     });
 }
+
+#[test]
+fn a_connection_that_lost_its_flow_entries_is_taken_up_again_through_pending() {
+    with_fixture(|b, net| {
+        let i = handshake(b, net, CLIENT_V4, 2000);
+        // Its FLOWS entries go, as with an eviction or fresh maps.
+        let client = lb_userspace::config::DenyPrefix::parse("198.18.1.2/32").unwrap();
+        assert_eq!(b.dataplane().remove_flows_from(&[client]).unwrap(), 2);
+        let key = key4(CLIENT_V4, 2000, VIP3_V4);
+        // The client's next packet goes where Maglev says (the same backend)
+        // and is only recorded in PENDING.
+        let data = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, 2000, 80, false);
+        let (action, out) = run_xdp(b, &data, net.lbc).unwrap();
+        assert_eq!((action, backend_of(&out)), (XDP_REDIRECT, i));
+        assert!(b.dataplane().flow(&key).unwrap().is_none());
+        assert!(b.dataplane().pending_flow(&key).unwrap().is_some());
+        // The backend's answer (no SYN) is translated back from PENDING.
+        let answer = segment4(
+            backend_mac(i),
+            LBB_MAC,
+            backend_v4(i),
+            CLIENT_V4,
+            64,
+            8080,
+            2000,
+            false,
+        );
+        let (action, out) = run_xdp(b, &answer, net.lbb).unwrap();
+        let expected = segment4(LBC_MAC, CLIENT_MAC, VIP3_V4, CLIENT_V4, 63, 80, 2000, false);
+        assert_eq!((action, &out), (XDP_REDIRECT, &expected));
+        // The client's following packet confirms it: back in FLOWS.
+        assert_eq!(run_xdp(b, &data, net.lbc).unwrap().0, XDP_REDIRECT);
+        assert!(b.dataplane().flow(&key).unwrap().is_some());
+        assert!(b.dataplane().pending_flow(&key).unwrap().is_none());
+    });
+}
