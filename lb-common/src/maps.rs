@@ -352,9 +352,10 @@ pub struct RateWindow {
     pub pad: u32,
 }
 
-/// Key of `DENY_V4`: prefix length in bits, then the address's network-order bytes.
+/// Address part of a `DENY_V4` key: its network-order bytes (the LPM key
+/// is the prefix length in bits, then these).
 pub type DenyKeyV4 = [u8; 4];
-/// Key of `DENY_V6`: as `DenyKeyV4`, 16 bytes.
+/// Address part of a `DENY_V6` key, as `DenyKeyV4`.
 pub type DenyKeyV6 = [u8; 16];
 
 /// Value of `SETTINGS[0]`: what the agent tells the data plane from the config.

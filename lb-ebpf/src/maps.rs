@@ -47,7 +47,8 @@ pub static DENY_V4: LpmTrie<DenyKeyV4, u8> = LpmTrie::with_max_entries(MAX_DENY_
 #[map]
 pub static DENY_V6: LpmTrie<DenyKeyV6, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
 
-/// Settings from the config (one element), read per new flow.
+/// Settings from the config (one element), read by packets to a VIP that
+/// miss FLOWS (an array: the verifier inlines the lookup).
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
@@ -103,8 +104,8 @@ pub struct Scratch {
     pub deny_v6: Key<DenyKeyV6>,
 }
 
-/// This CPU's `Scratch`; `reason` if the map cannot give it (it always can:
-/// an array's element 0 exists).
+/// This CPU's `Scratch`; `DropNoBackend` if the map cannot give it (it
+/// always can: an array's element 0 exists; the verifier wants the check).
 #[inline(always)]
 pub fn scratch() -> Result<&'static mut Scratch, Reason> {
     let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropNoBackend)?;
