@@ -56,6 +56,22 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Entries in the LRU flow table: two per connection (one per direction),
 /// so about 262 144 connections.
 pub const FLOW_TABLE_SIZE: u32 = 1 << 19;
+/// Entries in the LRU table of unconfirmed TCP flows (`PENDING`): two per
+/// handshake in progress, so about 32 768 of them. An eighth of `FLOWS`:
+/// a legitimate handshake lives there for one round trip, so a flood must
+/// send more than 32 768 SYNs per round trip to push one out (the client's
+/// retransmitted SYN then simply makes it again).
+pub const PENDING_TABLE_SIZE: u32 = 1 << 16;
+/// Source prefixes tracked by the new-flow rate limit (`NEW_FLOW_RATE`, LRU).
+pub const RATE_TABLE_SIZE: u32 = 1 << 16;
+/// Prefix length the new-flow rate limit counts IPv4 sources by (a /24).
+pub const RATE_PREFIX_V4: u32 = 24;
+/// Prefix length the new-flow rate limit counts IPv6 sources by (a /64).
+pub const RATE_PREFIX_V6: u32 = 64;
+/// Length of the rate limit's fixed window.
+pub const RATE_WINDOW_NS: u64 = 1_000_000_000;
+/// Most prefixes in each deny list (`DENY_V4`, `DENY_V6`).
+pub const MAX_DENY_PREFIXES: u32 = 16384;
 
 /// Map name: `VipKey` -> `VipMeta` (HASH).
 pub const MAP_VIPS: &str = "VIPS";
@@ -68,6 +84,36 @@ pub const MAP_BACKENDS: &str = "BACKENDS";
 /// One lookup per packet finds both a client's flow (pinned backend) and a
 /// backend's reply (the VIP to translate back to).
 pub const MAP_FLOWS: &str = "FLOWS";
+/// Map name: `FlowKey` -> `Flow` (LRU_HASH, `PENDING_TABLE_SIZE`): TCP flows
+/// whose handshake the balancer has not seen completed, both directions.
+///
+/// Why a second table: a SYN costs an attacker one spoofed packet, and if it
+/// went into `FLOWS` a flood would push idle established connections out of
+/// that LRU (they would then be re-hashed, and reset after a backend change).
+/// So, as in Katran and Unimog, a SYN to an `l4` VIP gets its backend from
+/// Maglev as before but is recorded only here, client direction and reply
+/// direction (so the backend's SYN-ACK, or RST, is translated back from
+/// here). The client's first packet without SYN (its ACK) finds the entry,
+/// moves both directions to `FLOWS` and deletes them here. A flood of
+/// spoofed SYNs, which never send that ACK, only churns this table. A TCP
+/// packet without SYN that finds nothing anywhere (a connection whose entry
+/// was evicted, or that predates the balancer) is sent by Maglev and
+/// recorded here the same way (the backend's answers are translated back
+/// from here meanwhile); the client's next packet confirms it. So spoofed
+/// single packets without SYN cannot fill `FLOWS` either. UDP flows go
+/// straight to `FLOWS`, as before.
+pub const MAP_PENDING: &str = "PENDING";
+/// Map name: `AddrKey` of a source prefix (address masked to
+/// `RATE_PREFIX_V4`/`_V6`) -> `RateWindow` (LRU_HASH, `RATE_TABLE_SIZE`):
+/// new flows counted in the current one-second window.
+pub const MAP_NEW_FLOW_RATE: &str = "NEW_FLOW_RATE";
+/// Map name: `DenyKeyV4` -> `u8` (LPM_TRIE, `MAX_DENY_PREFIXES`): IPv4
+/// prefixes whose packets to a VIP are dropped (value unused, 1).
+pub const MAP_DENY_V4: &str = "DENY_V4";
+/// Map name: `DenyKeyV6` -> `u8` (LPM_TRIE, `MAX_DENY_PREFIXES`): as `DENY_V4`.
+pub const MAP_DENY_V6: &str = "DENY_V6";
+/// Map name: 0 -> `Settings` (ARRAY, 1): data-plane settings from the config.
+pub const MAP_SETTINGS: &str = "SETTINGS";
 /// Map name: VIP id -> `VipState` (ARRAY, `MAX_VIPS`).
 pub const MAP_VIP_STATE: &str = "VIP_STATE";
 /// Map name: `NextHopKey` -> `NextHop` (LRU_PERCPU_HASH): cached FIB answers.
@@ -96,7 +142,7 @@ pub const MAP_IF_MACS: &str = "IF_MACS";
 pub const MAX_IFINDEX: u32 = 65536;
 
 /// Every map of the `lb-xdp` object (what the agent pins for a hitless restart).
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_VIPS,
     MAP_VIP_STATE,
     MAP_RINGS,
@@ -108,6 +154,11 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_REASON_STATS,
     MAP_BACKEND_ADDRS,
     MAP_IF_MACS,
+    MAP_PENDING,
+    MAP_NEW_FLOW_RATE,
+    MAP_DENY_V4,
+    MAP_DENY_V6,
+    MAP_SETTINGS,
 ];
 
 /// Name of the load-balancing XDP program in the `lb-xdp` object.
@@ -249,8 +300,15 @@ pub struct NextHopKey {
 pub struct NextHop {
     /// `bpf_ktime_get_coarse_ns` after which the entry is stale.
     pub expires_ns: u64,
-    /// Egress interface.
-    pub ifindex: u32,
+    /// Egress interface. 16 bits, so that `mtu` fits in the 24 bytes this
+    /// value has always had: a cache pinned by an older agent stays usable
+    /// (its entries read as this ifindex with `mtu` 0, "unknown", and are
+    /// looked up again). An egress interface with a larger ifindex is not
+    /// cached.
+    pub ifindex: u16,
+    /// MTU of the route to the destination (what `bpf_fib_lookup` checks
+    /// packets against); 0 = unknown.
+    pub mtu: u16,
     /// Source MAC (the egress interface's).
     pub smac: [u8; 6],
     /// Destination MAC (the next hop's).
@@ -280,6 +338,38 @@ pub struct IfMac {
     pub set: u8,
     /// Zero.
     pub pad: u8,
+}
+
+/// Value of `NEW_FLOW_RATE`: one source prefix's new flows in a fixed window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    /// `bpf_ktime_get_coarse_ns` when the window began.
+    pub start_ns: u64,
+    /// New flows admitted in it.
+    pub count: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// Address part of a `DENY_V4` key: its network-order bytes (the LPM key
+/// is the prefix length in bits, then these).
+pub type DenyKeyV4 = [u8; 4];
+/// Address part of a `DENY_V6` key, as `DenyKeyV4`.
+pub type DenyKeyV6 = [u8; 16];
+
+/// Value of `SETTINGS[0]`: what the agent tells the data plane from the config.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// New flows per second per source prefix; 0 = no limit.
+    pub new_flow_limit: u32,
+    /// Non-zero when `DENY_V4` has entries (an empty trie is then not looked up).
+    pub deny_v4: u32,
+    /// Non-zero when `DENY_V6` has entries.
+    pub deny_v6: u32,
+    /// Zero.
+    pub pad: u32,
 }
 
 /// Whether `addr` can never be the source of a packet a client sends: this
@@ -370,10 +460,24 @@ pub enum Reason {
     /// VIP (same client address and port, same backend): dropped, since with
     /// destination-only NAT the replies could not be told apart.
     DropReplyCollision = 20,
+    /// Packet to a VIP from a source in the configured deny list: dropped.
+    DropDenied = 21,
+    /// New flow from a source prefix that already opened `new_flow_limit`
+    /// flows this second: dropped.
+    DropRateLimited = 22,
+    /// Packet to a VIP larger than the egress MTU (IPv4 with DF, or IPv6):
+    /// answered with ICMP "fragmentation needed" / "packet too big" from the
+    /// VIP, carrying the MTU (XDP_TX).
+    TxTooBig = 23,
+    /// Packet larger than the egress MTU that the stack handles: IPv4
+    /// without DF NATed and passed for the stack to fragment; a backend's
+    /// reply with DF or IPv6 passed untouched, for the stack to send the
+    /// backend "fragmentation needed" / "packet too big".
+    PassTooBig = 24,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 25;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -399,6 +503,10 @@ impl Reason {
         Reason::PassVlan,
         Reason::TxTimeExceeded,
         Reason::DropReplyCollision,
+        Reason::DropDenied,
+        Reason::DropRateLimited,
+        Reason::TxTooBig,
+        Reason::PassTooBig,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -425,6 +533,10 @@ impl Reason {
             Reason::PassVlan => "pass_vlan",
             Reason::TxTimeExceeded => "tx_time_exceeded",
             Reason::DropReplyCollision => "drop_reply_collision",
+            Reason::DropDenied => "drop_denied",
+            Reason::DropRateLimited => "drop_rate_limited",
+            Reason::TxTooBig => "tx_too_big",
+            Reason::PassTooBig => "pass_too_big",
         }
     }
 }
@@ -445,6 +557,8 @@ mod pod {
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::IfMac {}
+    unsafe impl aya::Pod for super::RateWindow {}
+    unsafe impl aya::Pod for super::Settings {}
 }
 
 #[cfg(test)]
@@ -467,6 +581,8 @@ mod tests {
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<IfMac>(), 8);
+        assert_eq!(size_of::<RateWindow>(), 16);
+        assert_eq!(size_of::<Settings>(), 16);
     }
 
     fn v4(s: &str) -> Addr {

@@ -8,15 +8,31 @@
 //! `new_flow_source` runs only when a flow is created: a few compares and one
 //! BACKEND_ADDRS hash lookup. An established flow's key includes its source,
 //! which was checked when the flow was created, so it needs no source check.
+//! `not_denied` runs on packets to a VIP that miss FLOWS (new flows, the
+//! handshake's ACK, L7 traffic): a SETTINGS read (array, inlined) and, only
+//! while the deny list of that family is not empty, one LPM_TRIE lookup.
+//! `new_flow_rate` runs when a flow is about to be recorded: a SETTINGS read
+//! and, with a limit set, one LRU lookup (and an insert for a new prefix).
+//! Neither costs an established flow anything: the agent removes the FLOWS
+//! entries of newly denied prefixes itself.
 
-use aya_ebpf::programs::XdpContext;
-use lb_common::{AddrKey, FAMILY_V4, Reason, is_martian_source};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
+use lb_common::{
+    AddrKey, FAMILY_V4, RATE_PREFIX_V4, RATE_PREFIX_V6, RATE_WINDOW_NS, RateWindow, Reason,
+    addr_to_bytes, is_martian_source,
+};
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{BACKEND_ADDRS, IF_MACS},
+    maps::{BACKEND_ADDRS, DENY_V4, DENY_V6, IF_MACS, NEW_FLOW_RATE, SETTINGS, scratch},
     parse::{Packet, ptr_at},
 };
+
+/// The IPv4 rate-limit prefix as a mask over the address's network-order
+/// bytes held in a native word (as `Addr` holds them).
+const RATE_MASK_V4: u32 = u32::from_ne_bytes((u32::MAX << (32 - RATE_PREFIX_V4)).to_be_bytes());
+// IPv6 sources are counted by their first two words.
+const _: () = assert!(RATE_PREFIX_V6 == 64);
 
 /// Most 16-bit words in an IPv4 header (IHL 15).
 const MAX_IPV4_HEADER_WORDS: usize = 30;
@@ -89,5 +105,87 @@ pub fn new_flow_source(pkt: &Packet) -> Result<(), Reason> {
     if unsafe { BACKEND_ADDRS.get(key) }.is_some() {
         return Err(Reason::DropSpoofedSource);
     }
+    Ok(())
+}
+
+/// Whether the source may reach a VIP at all: not in the deny list.
+// By reference on purpose: the map helpers then get pointers into SCRATCH
+// (or the packet's key); by value each key and flow would be copied onto a
+// stack that has no room left.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+pub fn not_denied(pkt: &Packet) -> Result<(), Reason> {
+    let Some(settings) = SETTINGS.get(0) else {
+        return Ok(());
+    };
+    // Keys are built in the scratch space: the stack has no room for them.
+    let denied = if pkt.key.family == FAMILY_V4 {
+        if settings.deny_v4 == 0 {
+            return Ok(());
+        }
+        let s = scratch()?;
+        s.deny_v4 = Key::new(32, pkt.key.src[0].to_ne_bytes());
+        DENY_V4.get(&s.deny_v4).is_some()
+    } else {
+        if settings.deny_v6 == 0 {
+            return Ok(());
+        }
+        let s = scratch()?;
+        s.deny_v6 = Key::new(128, addr_to_bytes(&pkt.key.src));
+        DENY_V6.get(&s.deny_v6).is_some()
+    };
+    if denied {
+        return Err(Reason::DropDenied);
+    }
+    Ok(())
+}
+
+/// Counts a new flow against its source prefix (/24, /64) in a fixed
+/// one-second window; `DropRateLimited` once the window holds the limit.
+/// Windows are shared by all CPUs and updated without atomics: CPUs racing
+/// on one prefix may admit a few flows more than the limit, never fewer.
+// By reference on purpose: the map helpers then get pointers into SCRATCH
+// (or the packet's key); by value each key and flow would be copied onto a
+// stack that has no room left.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+pub fn new_flow_rate(pkt: &Packet) -> Result<(), Reason> {
+    let limit = match SETTINGS.get(0) {
+        Some(s) if s.new_flow_limit != 0 => s.new_flow_limit,
+        _ => return Ok(()),
+    };
+    let s = scratch()?;
+    let key = &mut s.prefix;
+    key.addr = pkt.key.src;
+    key.family = pkt.key.family;
+    key.pad = [0; 3];
+    if pkt.key.family == FAMILY_V4 {
+        key.addr[0] &= RATE_MASK_V4;
+    } else {
+        key.addr[2] = 0;
+        key.addr[3] = 0;
+    }
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if let Some(w) = NEW_FLOW_RATE.get_ptr_mut(&*key) {
+        // SAFETY: a live element of the map; plain word stores (see above).
+        let w = unsafe { &mut *w };
+        if now.wrapping_sub(w.start_ns) >= RATE_WINDOW_NS {
+            w.start_ns = now;
+            w.count = 1;
+            return Ok(());
+        }
+        if w.count >= limit {
+            return Err(Reason::DropRateLimited);
+        }
+        w.count += 1;
+        return Ok(());
+    }
+    s.window = RateWindow {
+        start_ns: now,
+        count: 1,
+        pad: 0,
+    };
+    let _ = NEW_FLOW_RATE.insert(&s.prefix, &s.window, 0);
     Ok(())
 }

@@ -2,16 +2,17 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-        xdp_action, xdp_md,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup as FibParams, xdp_action, xdp_md,
     },
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{Addr, FAMILY_V4, NEXTHOP_TTL_NS, NextHop, NextHopKey, Reason};
-use network_types::eth::EthHdr;
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
+    icmp,
     maps::NEXTHOPS,
     nat::{self, Side},
     parse::{Packet, ptr_at},
@@ -20,6 +21,8 @@ use crate::{
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
+/// IPv4 "don't fragment" flag in the flags/offset word.
+const IP_DF: u16 = 0x4000;
 
 /// NATs `side` of the packet to `addr:port` and sends it toward its new
 /// destination. `to_backend` selects which pair of reasons is reported.
@@ -44,7 +47,11 @@ pub fn send(
     let ingress = ctx.ingress_ifindex() as u32;
     let mut hop = NextHop::default();
     match next_hop(ctx.ctx, pkt, dst, src, &mut hop) {
+        Lookup::Found if pkt.ip_len > hop.mtu => {
+            return too_big(ctx, pkt, addr, port, side, hop.mtu);
+        }
         Lookup::Found => {}
+        Lookup::TooBig => return too_big(ctx, pkt, addr, port, side, hop.mtu),
         Lookup::NoNeighbour => {
             // The stack resolves the neighbour and forwards this (already NATed) packet.
             return match nat::rewrite(ctx, pkt, side, addr, port, false) {
@@ -65,7 +72,8 @@ pub fn send(
         (*eth).dst_addr = hop.dmac;
         (*eth).src_addr = hop.smac;
     }
-    if hop.ifindex == ingress {
+    let egress = hop.ifindex as u32;
+    if egress == ingress {
         let reason = if to_backend {
             Reason::TxForward
         } else {
@@ -79,7 +87,40 @@ pub fn send(
         Reason::RedirectReply
     };
     // SAFETY: helper call; returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
-    Verdict::new(unsafe { bpf_redirect(hop.ifindex, 0) } as u32, reason)
+    Verdict::new(unsafe { bpf_redirect(egress, 0) } as u32, reason)
+}
+
+/// A packet larger than the egress `mtu`. IPv4 without DF may be
+/// fragmented: NATed and passed, the stack fragments and forwards it. With
+/// DF, or IPv6: a client's packet to a VIP is answered from the VIP (the
+/// stack has no route for the VIP and could not answer); a backend's reply
+/// is passed untouched, and the stack answers the backend, as the router
+/// on its path.
+#[inline(always)]
+fn too_big(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    addr: &Addr,
+    port: u16,
+    side: Side,
+    mtu: u16,
+) -> Verdict {
+    let may_fragment = pkt.key.family == FAMILY_V4
+        && match ptr_at::<Ipv4Hdr>(ctx, pkt.l3) {
+            // SAFETY: bounds-checked by ptr_at.
+            Some(ip) => u16::from_be_bytes(unsafe { (*ip).frags }) & IP_DF == 0,
+            None => false,
+        };
+    if may_fragment {
+        return match nat::rewrite(ctx, pkt, side, addr, port, false) {
+            Ok(()) => Verdict::new(xdp_action::XDP_PASS, Reason::PassTooBig),
+            Err(reason) => Verdict::new(xdp_action::XDP_PASS, reason),
+        };
+    }
+    match side {
+        Side::Destination => icmp::too_big(ctx, pkt, mtu),
+        Side::Source => Verdict::new(xdp_action::XDP_PASS, Reason::PassTooBig),
+    }
 }
 
 /// Outcome of a next-hop lookup.
@@ -87,8 +128,12 @@ pub fn send(
 enum Lookup {
     /// Next hop written to the out parameter.
     Found,
-    /// Route found but the neighbour is not resolved yet.
+    /// Route found but the neighbour is not resolved yet (or the egress
+    /// interface's index does not fit `NextHop`): the stack forwards it.
     NoNeighbour,
+    /// The packet is larger than the route's MTU, written to the out
+    /// parameter's `mtu`.
+    TooBig,
     /// No usable route.
     Failed,
 }
@@ -107,6 +152,7 @@ fn next_hop(ctx: *mut xdp_md, pkt: &Packet, dst: &Addr, src: &Addr, out: &mut Ne
     // SAFETY: per-CPU entry: nothing else writes it while this program runs.
     if let Some(hop) = unsafe { NEXTHOPS.get(key) }
         && hop.expires_ns > now
+        && hop.mtu != 0
     {
         *out = *hop;
         return Lookup::Found;
@@ -138,15 +184,46 @@ fn next_hop(ctx: *mut xdp_md, pkt: &Packet, dst: &Addr, src: &Addr, out: &mut Ne
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         return Lookup::NoNeighbour;
     }
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: the helper wrote the MTU into this union member.
+        out.mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+        return Lookup::TooBig;
+    }
     if rc != BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Lookup::Failed;
     }
+    let egress = fib.ifindex;
+    if egress > u16::MAX as u32 {
+        // Does not fit NextHop (see there): the stack forwards this one.
+        return Lookup::NoNeighbour;
+    }
     *out = NextHop {
         expires_ns: now + NEXTHOP_TTL_NS,
-        ifindex: fib.ifindex,
+        ifindex: egress as u16,
+        mtu: pkt.ip_len,
         smac: fib.smac,
         dmac: fib.dmac,
     };
+    // The route's MTU, for the packets that will use this entry: the helper
+    // reports it only for a packet that exceeds it, so ask for the largest.
+    // SAFETY: ctx is the program's context pointer.
+    fib.ifindex = unsafe { (*ctx).ingress_ifindex };
+    fib.__bindgen_anon_1.tot_len = u16::MAX;
+    // SAFETY: as above.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx as *mut _,
+            &mut fib,
+            core::mem::size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: as above.
+        out.mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+    } else if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        out.mtu = u16::MAX;
+    }
     let _ = NEXTHOPS.insert(key, *out, 0);
     Lookup::Found
 }

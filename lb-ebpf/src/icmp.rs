@@ -1,5 +1,7 @@
-//! ICMP "time exceeded" for a packet to a VIP whose TTL/hop limit runs out
-//! here, built in place and sent back with XDP_TX.
+//! ICMP errors built in place and sent back with XDP_TX: "time exceeded"
+//! for a packet to a VIP whose TTL/hop limit runs out here, and
+//! "fragmentation needed" / "packet too big" for one larger than the
+//! egress MTU (RFC 1191, RFC 8201).
 //!
 //! Passing it to the stack, as before, made the client get "destination
 //! unreachable" instead: the stack has no route for the VIP (it is not a
@@ -113,14 +115,34 @@ fn sum_addr<const N: usize>(a: &[u8; N]) -> u32 {
 /// stack as before (its answer is then the wrong kind, but one is sent).
 #[inline(always)]
 pub fn time_exceeded(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    // Type 11 code 0 (IPv4) / type 3 code 0 (IPv6): exceeded in transit.
     let built = if pkt.key.family == FAMILY_V4 {
-        time_exceeded_v4(ctx, pkt)
+        answer_v4(ctx, pkt, [11, 0, 0, 0, 0, 0, 0, 0])
     } else {
-        time_exceeded_v6(ctx, pkt)
+        answer_v6(ctx, pkt, [3, 0, 0, 0, 0, 0, 0, 0])
     };
     match built {
         Some(()) => Verdict::new(xdp_action::XDP_TX, Reason::TxTimeExceeded),
         None => Verdict::new(xdp_action::XDP_PASS, Reason::PassTtlExpired),
+    }
+}
+
+/// Turns a packet to a VIP that is larger than `mtu`, the egress MTU, into
+/// ICMP "fragmentation needed" (type 3 code 4, RFC 1191) or ICMPv6 "packet
+/// too big" (type 2) from the VIP, carrying `mtu`, and returns XDP_TX. If
+/// the frame cannot be reshaped it is passed to the stack untouched (which
+/// has no route for the VIP and drops it).
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Verdict {
+    let [hi, lo] = mtu.to_be_bytes();
+    let built = if pkt.key.family == FAMILY_V4 {
+        answer_v4(ctx, pkt, [3, 4, 0, 0, 0, 0, hi, lo])
+    } else {
+        answer_v6(ctx, pkt, [2, 0, 0, 0, 0, 0, hi, lo])
+    };
+    match built {
+        Some(()) => Verdict::new(xdp_action::XDP_TX, Reason::TxTooBig),
+        None => Verdict::new(xdp_action::XDP_PASS, Reason::PassTooBig),
     }
 }
 
@@ -160,8 +182,10 @@ fn reshape(ctx: &XdpContext, grow: usize, total: usize) -> Option<()> {
     Some(())
 }
 
+/// Builds an ICMP error from the VIP to the sender whose first 8 bytes are
+/// `header` (checksum bytes zero), quoting the packet as RFC 792 asks.
 #[inline(always)]
-fn time_exceeded_v4(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
+fn answer_v4(ctx: &XdpContext, pkt: &Packet, header: [u8; ICMP_HDR_LEN]) -> Option<()> {
     let (our_mac, their_mac) = reply_macs(ctx)?;
     let ip: *const Ipv4Hdr = at(ctx, pkt.l3)?;
     // SAFETY: bounds-checked by `at`.
@@ -194,8 +218,8 @@ fn time_exceeded_v4(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
 
     let icmp_at = EthHdr::LEN + Ipv4Hdr::LEN;
     let icmp: *mut [u8; ICMP_HDR_LEN] = at(ctx, icmp_at)?;
-    // SAFETY: bounds-checked by `at`. Type 11 code 0: TTL exceeded in transit.
-    unsafe { *icmp = [11, 0, 0, 0, 0, 0, 0, 0] };
+    // SAFETY: bounds-checked by `at`.
+    unsafe { *icmp = header };
     let check = finish(sum_bytes(ctx, icmp_at, icmp_len)?);
     let icmp: *mut [u8; ICMP_HDR_LEN] = at(ctx, icmp_at)?;
     // SAFETY: bounds-checked by `at`.
@@ -206,8 +230,9 @@ fn time_exceeded_v4(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     Some(())
 }
 
+/// As `answer_v4` for ICMPv6, quoting as much as fits in 1280 bytes (RFC 4443).
 #[inline(always)]
-fn time_exceeded_v6(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
+fn answer_v6(ctx: &XdpContext, pkt: &Packet, header: [u8; ICMP_HDR_LEN]) -> Option<()> {
     let (our_mac, their_mac) = reply_macs(ctx)?;
     let ip: *const Ipv6Hdr = at(ctx, pkt.l3)?;
     // SAFETY: bounds-checked by `at`.
@@ -235,8 +260,8 @@ fn time_exceeded_v6(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
 
     let icmp_at = EthHdr::LEN + Ipv6Hdr::LEN;
     let icmp: *mut [u8; ICMP_HDR_LEN] = at(ctx, icmp_at)?;
-    // SAFETY: bounds-checked by `at`. Type 3 code 0: hop limit exceeded in transit.
-    unsafe { *icmp = [3, 0, 0, 0, 0, 0, 0, 0] };
+    // SAFETY: bounds-checked by `at`.
+    unsafe { *icmp = header };
     // Pseudo-header: addresses, upper-layer length (32 bits), next header.
     let len = (icmp_len as u32).to_be_bytes();
     let pseudo = sum_addr(&vip)

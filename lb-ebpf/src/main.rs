@@ -5,7 +5,9 @@
 //! known connection is NATed to its pinned backend (`nat`), a backend's reply
 //! is translated back to the VIP. Otherwise a `VIPS` hit is a new connection:
 //! its backend comes from the VIP's Maglev ring (`RINGS`) and both directions
-//! are recorded. Both go out through the next hop `bpf_fib_lookup` gives
+//! are recorded: a UDP flow's in `FLOWS`, a TCP handshake's in `PENDING`
+//! until the client's ACK confirms it (so SYN floods cannot evict
+//! established flows). Both go out through the next hop `bpf_fib_lookup` gives
 //! (`forward`). Before anything is created or rewritten, `checks` refuses
 //! what the stack would not forward either (another host's MAC, a bad IPv4
 //! header checksum, martian or spoofed sources of new flows). Everything else
@@ -26,15 +28,15 @@ mod parse;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_VALID, Backend, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey, Reason, VIP_F_L7,
-    VipKey, hash::flow_hash,
+    BACKEND_F_VALID, Backend, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey, PROTO_TCP, Reason,
+    VIP_F_L7, VipKey, hash::flow_hash,
 };
 
 use crate::{
-    maps::{BACKENDS, FLOWS, RINGS, VIP_STATE, VIPS},
-    parse::Packet,
+    maps::{BACKENDS, FLOWS, PENDING, RINGS, VIP_STATE, VIPS},
+    parse::{Packet, TCP_RST, TCP_SYN},
     verdict::Verdict,
 };
 
@@ -56,22 +58,14 @@ fn process(ctx: &XdpContext) -> Verdict {
     // One lookup serves established connections in both directions.
     let mut pinned: Option<(u32, u32)> = None; // (vip id, backend id)
     let mut create: Option<(u32, u32)> = None; // (vip id, VIP generation)
+    // An established flow whose backend is gone: re-pinned in FLOWS directly.
+    let mut rehash = false;
     // SAFETY: LRU entries are written whole by this program; a racing update at
     // worst yields the previous value for the same 5-tuple.
     if let Some(flow) = unsafe { FLOWS.get(pkt.key) } {
         let flow = *flow;
         if flow.direction == FLOW_TO_CLIENT {
-            if let Err(reason) = checks::forwardable(ctx, &pkt) {
-                return Verdict::new(xdp_action::XDP_DROP, reason);
-            }
-            return forward::send(
-                ctx,
-                &pkt,
-                &flow.vip_addr,
-                flow.vip_port,
-                nat::Side::Source,
-                false,
-            );
+            return to_client(ctx, &pkt, &flow);
         }
         // Valid while its VIP is the one it was created under.
         if let Some(state) = VIP_STATE.get(flow.vip_id)
@@ -82,7 +76,10 @@ fn process(ctx: &XdpContext) -> Verdict {
                     pinned = Some((flow.vip_id, flow.backend_id))
                 }
                 // Its backend is gone: re-hash instead of black-holing it.
-                _ => create = Some((flow.vip_id, state.generation)),
+                _ => {
+                    create = Some((flow.vip_id, state.generation));
+                    rehash = true;
+                }
             }
         }
     }
@@ -95,8 +92,11 @@ fn process(ctx: &XdpContext) -> Verdict {
         };
         // SAFETY: VIPS is updated whole-element by userspace; VipMeta is two words.
         let Some(meta) = (unsafe { VIPS.get(vip) }) else {
-            return Verdict::new(xdp_action::XDP_PASS, Reason::PassNotVip);
+            return not_a_vip(ctx, &pkt);
         };
+        if let Err(reason) = checks::not_denied(&pkt) {
+            return Verdict::new(xdp_action::XDP_DROP, reason);
+        }
         if meta.flags & VIP_F_L7 != 0 {
             return Verdict::new(xdp_action::XDP_PASS, Reason::PassL7);
         }
@@ -121,7 +121,14 @@ fn process(ctx: &XdpContext) -> Verdict {
         return icmp::time_exceeded(ctx, &pkt);
     }
     if let Some((vip_id, generation)) = create {
-        match new_flow(&pkt, vip_id, generation) {
+        // TCP handshakes are admitted through PENDING; UDP and re-pinned
+        // established flows go to FLOWS as they always did.
+        let chosen = if pkt.key.proto == PROTO_TCP && !rehash {
+            admit_tcp(&pkt, vip_id, generation)
+        } else {
+            new_flow(&pkt, vip_id, generation, rehash)
+        };
+        match chosen {
             Ok(backend_id) => pinned = Some((vip_id, backend_id)),
             Err(reason) => return Verdict::new(xdp_action::XDP_DROP, reason),
         }
@@ -136,6 +143,41 @@ fn process(ctx: &XdpContext) -> Verdict {
         }
         _ => Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
     }
+}
+
+/// A backend's packet of a known flow: NAT the source back to the VIP.
+#[inline(always)]
+fn to_client(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Verdict {
+    if let Err(reason) = checks::forwardable(ctx, pkt) {
+        return Verdict::new(xdp_action::XDP_DROP, reason);
+    }
+    forward::send(
+        ctx,
+        pkt,
+        &flow.vip_addr,
+        flow.vip_port,
+        nat::Side::Source,
+        false,
+    )
+}
+
+/// Neither in FLOWS nor to a VIP: a backend's packet of a TCP flow in
+/// PENDING (its SYN-ACK or RST during the handshake, or its answer to a
+/// connection whose FLOWS entry was lost, until the client's next packet
+/// confirms it) is translated back from there; anything else is passed.
+/// Costs one lookup for TCP traffic the balancer does not handle; backend
+/// replies of established flows hit FLOWS first.
+#[inline(always)]
+fn not_a_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
+    if pkt.key.proto == PROTO_TCP
+        // SAFETY: LRU entries are written whole by this program.
+        && let Some(flow) = unsafe { PENDING.get(pkt.key) }
+        && flow.direction == FLOW_TO_CLIENT
+    {
+        let flow = *flow;
+        return to_client(ctx, pkt, &flow);
+    }
+    Verdict::new(xdp_action::XDP_PASS, Reason::PassNotVip)
 }
 
 /// Client -> VIP on a pinned backend: NAT the destination to it.
@@ -166,72 +208,173 @@ fn to_backend(
     verdict
 }
 
-/// A new connection (or one whose backend is gone): picks a backend from the
-/// VIP's Maglev ring and records both directions in the flow table. Returns
-/// the backend id; `DropNoBackend` if the VIP has no live backend,
-/// `DropReplyCollision` if the backend's replies could not be told apart
-/// from those of a live connection of another VIP.
+/// The backend of a new flow from the VIP's Maglev ring, with its slot.
+/// `DropNoBackend` if the VIP has no live backend.
 #[inline(always)]
-fn new_flow(pkt: &Packet, vip_id: u32, generation: u32) -> Result<u32, Reason> {
-    let backend_id = pick_backend(vip_id, &pkt.key).ok_or(Reason::DropNoBackend)?;
-    let backend = match BACKENDS.get(backend_id) {
-        Some(b) if b.flags & BACKEND_F_VALID != 0 => b,
-        _ => return Err(Reason::DropNoBackend),
-    };
+fn choose(vip_id: u32, key: &FlowKey) -> Result<(u32, &'static Backend), Reason> {
+    let backend_id = pick_backend(vip_id, key).ok_or(Reason::DropNoBackend)?;
+    match BACKENDS.get(backend_id) {
+        Some(b) if b.flags & BACKEND_F_VALID != 0 => Ok((backend_id, b)),
+        _ => Err(Reason::DropNoBackend),
+    }
+}
+
+/// Writes the 5-tuple of a backend's replies to `pkt`'s flow into `out`.
+#[inline(always)]
+fn reply_key(pkt: &Packet, backend: &Backend, out: &mut FlowKey) {
+    out.src = backend.addr;
+    out.dst = pkt.key.src;
+    out.sport = backend.port;
+    out.dport = pkt.key.sport;
+    out.proto = pkt.key.proto;
+    out.family = pkt.key.family;
+    out.pad = [0; 2];
+}
+
+/// Writes the client direction of a new flow of `pkt` into `out`.
+#[inline(always)]
+fn client_flow(pkt: &Packet, vip_id: u32, backend_id: u32, generation: u32, out: &mut Flow) {
+    out.direction = FLOW_TO_BACKEND;
+    out.family = pkt.key.family;
+    out.vip_port = pkt.key.dport;
+    out.vip_addr = pkt.key.dst;
+    out.vip_id = vip_id;
+    out.backend_id = backend_id;
+    out.vip_generation = generation;
+}
+
+use crate::maps::scratch;
+
+/// A UDP flow, or an established flow whose backend is gone: picks a
+/// backend from the VIP's Maglev ring and records both directions in the
+/// flow table. Returns the backend id; `DropNoBackend` if the VIP has no
+/// live backend, `DropReplyCollision` if the backend's replies could not be
+/// told apart from those of a live connection of another VIP,
+/// `DropRateLimited` for a new flow over its source prefix's limit.
+// By reference on purpose: the map helpers then get pointers into SCRATCH
+// (or the packet's key); by value each key and flow would be copied onto a
+// stack that has no room left.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+fn new_flow(pkt: &Packet, vip_id: u32, generation: u32, rehash: bool) -> Result<u32, Reason> {
+    if !rehash {
+        checks::new_flow_rate(pkt)?;
+    }
+    let (backend_id, backend) = choose(vip_id, &pkt.key)?;
+    let s = scratch()?;
     // The reply arrives with the backend as source; remember how to undo the NAT.
-    let reply_key = FlowKey {
-        src: backend.addr,
-        dst: pkt.key.src,
-        sport: backend.port,
-        dport: pkt.key.sport,
-        proto: pkt.key.proto,
-        family: pkt.key.family,
-        pad: [0; 2],
-    };
-    // Only the destination is translated, so the same client address and
-    // port connected to two VIPs that land on the same backend make the same
-    // reply 5-tuple (and the same connection, as far as the backend can
-    // tell). Writing ours would send the other connection's replies from
-    // the wrong VIP: refuse, unless that connection is gone.
-    // SAFETY: LRU entries are written whole by this program.
-    if let Some(old) = unsafe { FLOWS.get(reply_key) }
-        && old.direction == FLOW_TO_CLIENT
-        && (old.vip_addr != pkt.key.dst || old.vip_port != pkt.key.dport)
-        && other_flow_is_live(pkt, old)
-    {
+    reply_key(pkt, backend, &mut s.reply);
+    if reply_collides(&FLOWS, pkt, &s.reply, &mut s.other) {
         return Err(Reason::DropReplyCollision);
     }
-    let mut flow = Flow {
-        direction: FLOW_TO_BACKEND,
-        family: pkt.key.family,
-        vip_port: pkt.key.dport,
-        vip_addr: pkt.key.dst,
-        vip_id,
-        backend_id,
-        vip_generation: generation,
-    };
-    let _ = FLOWS.insert(pkt.key, flow, 0);
-    flow.direction = FLOW_TO_CLIENT;
-    let _ = FLOWS.insert(reply_key, flow, 0);
+    client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
+    let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+    s.flow.direction = FLOW_TO_CLIENT;
+    let _ = FLOWS.insert(&s.reply, &s.flow, 0);
     Ok(backend_id)
 }
 
-/// Whether the connection a reply entry `old` belongs to still stands: its
-/// client direction is in the table and valid under its VIP's generation.
-/// (Runs only on a collision, so it costs the common path nothing.)
+/// A TCP packet to an `l4` VIP that is not in FLOWS (see `MAP_PENDING` in
+/// lb-common for the design). Of a handshake in PENDING: a SYN (retransmit)
+/// or RST goes to its backend, anything else confirms the flow, which moves
+/// to FLOWS. Otherwise a backend is chosen by Maglev and the flow recorded
+/// in PENDING only (an RST records nothing). Errors as `new_flow`.
+// By reference on purpose: the map helpers then get pointers into SCRATCH
+// (or the packet's key); by value each key and flow would be copied onto a
+// stack that has no room left.
+#[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-fn other_flow_is_live(pkt: &Packet, old: &Flow) -> bool {
-    let client_key = FlowKey {
-        src: pkt.key.src,
-        dst: old.vip_addr,
-        sport: pkt.key.sport,
-        dport: old.vip_port,
-        proto: pkt.key.proto,
-        family: pkt.key.family,
-        pad: [0; 2],
-    };
+fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32) -> Result<u32, Reason> {
+    // SAFETY: LRU entries are written whole by this program.
+    if let Some(p) = unsafe { PENDING.get(&pkt.key) }
+        && p.direction == FLOW_TO_BACKEND
+        && p.vip_id == vip_id
+        && p.vip_generation == generation
+        && let Some(b) = BACKENDS.get(p.backend_id)
+        && b.flags & BACKEND_F_VALID != 0
+    {
+        let backend_id = p.backend_id;
+        if pkt.tcp_flags & (TCP_SYN | TCP_RST) == 0 {
+            // The client answered the SYN-ACK: a real connection.
+            let s = scratch()?;
+            s.flow = *p;
+            reply_key(pkt, b, &mut s.reply);
+            let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+            s.flow.direction = FLOW_TO_CLIENT;
+            let _ = FLOWS.insert(&s.reply, &s.flow, 0);
+            let _ = PENDING.remove(&pkt.key);
+            let _ = PENDING.remove(&s.reply);
+        }
+        return Ok(backend_id);
+    }
+    checks::new_flow_rate(pkt)?;
+    let (backend_id, backend) = choose(vip_id, &pkt.key)?;
+    let s = scratch()?;
+    reply_key(pkt, backend, &mut s.reply);
+    if reply_collides(&FLOWS, pkt, &s.reply, &mut s.other)
+        || reply_collides(&PENDING, pkt, &s.reply, &mut s.other)
+    {
+        return Err(Reason::DropReplyCollision);
+    }
+    if pkt.tcp_flags & TCP_RST != 0 {
+        // Ends whatever it belongs to: forwarded, nothing to remember.
+        return Ok(backend_id);
+    }
+    client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
+    let _ = PENDING.insert(&pkt.key, &s.flow, 0);
+    s.flow.direction = FLOW_TO_CLIENT;
+    let _ = PENDING.insert(&s.reply, &s.flow, 0);
+    Ok(backend_id)
+}
+
+/// Whether `table` holds another VIP's live flow with the same reply
+/// 5-tuple. Only the destination is translated, so the same client address
+/// and port connected to two VIPs that land on the same backend make the
+/// same reply 5-tuple (and the same connection, as far as the backend can
+/// tell). Writing ours would send the other connection's replies from the
+/// wrong VIP: refuse, unless that connection is gone. `other` is room for
+/// that connection's client key.
+#[inline(always)]
+fn reply_collides(
+    table: &LruHashMap<FlowKey, Flow>,
+    pkt: &Packet,
+    reply: &FlowKey,
+    other: &mut FlowKey,
+) -> bool {
+    // SAFETY: LRU entries are written whole by this program.
+    match unsafe { table.get(reply) } {
+        Some(old) => {
+            old.direction == FLOW_TO_CLIENT
+                && (old.vip_addr != pkt.key.dst || old.vip_port != pkt.key.dport)
+                && other_flow_is_live(table, pkt, old, other)
+        }
+        None => false,
+    }
+}
+
+/// Whether the connection a reply entry `old` belongs to still stands: its
+/// client direction is in `table` and valid under its VIP's generation.
+/// (Runs only on a collision, so it costs the common path nothing.)
+// By reference on purpose: the map helpers then get pointers into SCRATCH
+// (or the packet's key); by value each key and flow would be copied onto a
+// stack that has no room left.
+#[allow(clippy::needless_borrows_for_generic_args)]
+#[inline(always)]
+fn other_flow_is_live(
+    table: &LruHashMap<FlowKey, Flow>,
+    pkt: &Packet,
+    old: &Flow,
+    client_key: &mut FlowKey,
+) -> bool {
+    client_key.src = pkt.key.src;
+    client_key.dst = old.vip_addr;
+    client_key.sport = pkt.key.sport;
+    client_key.dport = old.vip_port;
+    client_key.proto = pkt.key.proto;
+    client_key.family = pkt.key.family;
+    client_key.pad = [0; 2];
     // SAFETY: as above.
-    let Some(client) = (unsafe { FLOWS.get(client_key) }) else {
+    let Some(client) = (unsafe { table.get(&*client_key) }) else {
         return false;
     };
     client.direction == FLOW_TO_BACKEND

@@ -3,12 +3,13 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AddrKey, Backend, FLOW_TABLE_SIZE, Flow, FlowKey, IfMac, MAX_BACKENDS, MAX_IFINDEX, MAX_VIPS,
-    NEXTHOP_CACHE_SIZE, NextHop, NextHopKey, REASON_COUNT, Ring, Traffic, VipKey, VipMeta,
-    VipState,
+    AddrKey, Backend, DenyKeyV4, DenyKeyV6, FLOW_TABLE_SIZE, Flow, FlowKey, IfMac, MAX_BACKENDS,
+    MAX_DENY_PREFIXES, MAX_IFINDEX, MAX_VIPS, NEXTHOP_CACHE_SIZE, NextHop, NextHopKey,
+    PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT, RateWindow, Reason, Ring, Settings, Traffic,
+    VipKey, VipMeta, VipState,
 };
 
 /// VIP (address, port, protocol) -> id and flags.
@@ -27,6 +28,29 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// 5-tuple of either direction of a connection -> what to do with it.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+
+/// TCP flows whose handshake is not confirmed yet, both directions; see
+/// `lb_common::MAP_PENDING` for why they are kept apart from `FLOWS`.
+#[map]
+pub static PENDING: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(PENDING_TABLE_SIZE, 0);
+
+/// Source prefix -> new flows in the current window (the per-prefix rate limit).
+#[map]
+pub static NEW_FLOW_RATE: LruHashMap<AddrKey, RateWindow> =
+    LruHashMap::with_max_entries(RATE_TABLE_SIZE, 0);
+
+/// IPv4 prefixes denied from reaching any VIP.
+#[map]
+pub static DENY_V4: LpmTrie<DenyKeyV4, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
+
+/// IPv6 prefixes denied from reaching any VIP.
+#[map]
+pub static DENY_V6: LpmTrie<DenyKeyV6, u8> = LpmTrie::with_max_entries(MAX_DENY_PREFIXES, 0);
+
+/// Settings from the config (one element), read by packets to a VIP that
+/// miss FLOWS (an array: the verifier inlines the lookup).
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// VIP id -> generation and flags, to validate flows without a VIPS lookup.
 #[map]
@@ -57,3 +81,39 @@ pub static BACKEND_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_B
 /// ifindex -> the interface's own MAC, filled by the agent before it attaches.
 #[map]
 pub static IF_MACS: Array<IfMac> = Array::with_max_entries(MAX_IFINDEX, 0);
+
+/// Room for the keys and values a new flow writes into the flow tables:
+/// map helpers take pointers to map values as keys and values, and the
+/// program's one stack frame has no room left for them (the verifier
+/// allows 512 bytes).
+#[repr(C)]
+pub struct Scratch {
+    /// A reply 5-tuple being recorded.
+    pub reply: FlowKey,
+    /// A flow being recorded.
+    pub flow: Flow,
+    /// Another connection's client 5-tuple (reply collision check).
+    pub other: FlowKey,
+    /// A source prefix (rate limit).
+    pub prefix: AddrKey,
+    /// A new rate-limit window.
+    pub window: RateWindow,
+    /// An IPv4 deny-list lookup.
+    pub deny_v4: Key<DenyKeyV4>,
+    /// An IPv6 deny-list lookup.
+    pub deny_v6: Key<DenyKeyV6>,
+}
+
+/// This CPU's `Scratch`; `DropNoBackend` if the map cannot give it (it
+/// always can: an array's element 0 exists; the verifier wants the check).
+#[inline(always)]
+pub fn scratch() -> Result<&'static mut Scratch, Reason> {
+    let s = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropNoBackend)?;
+    // SAFETY: a per-CPU slot: only this program on this CPU uses it, and the
+    // program does not run nested on one CPU.
+    Ok(unsafe { &mut *s })
+}
+
+/// One `Scratch` per CPU.
+#[map]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);

@@ -30,7 +30,14 @@ pub struct Packet {
     pub ttl: u8,
     /// IP length (IPv4 total length, IPv6 payload + 40), for the FIB's MTU check.
     pub ip_len: u16,
+    /// TCP's SYN and RST flags (`TCP_SYN`, `TCP_RST`); 0 for UDP.
+    pub tcp_flags: u8,
 }
+
+/// `Packet::tcp_flags` bit: SYN.
+pub const TCP_SYN: u8 = 0x02;
+/// `Packet::tcp_flags` bit: RST.
+pub const TCP_RST: u8 = 0x04;
 
 /// Pointer to a `T` at `offset`, if the packet is long enough to hold it.
 #[inline(always)]
@@ -84,7 +91,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     let l4 = l3 + ihl;
     let src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
     let dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
-    let (sport, dport) = ports(ctx, l4, ip.proto, total - ihl)?;
+    let (sport, dport, tcp_flags) = ports(ctx, l4, ip.proto, total - ihl)?;
     Ok(Packet {
         key: FlowKey {
             src,
@@ -99,6 +106,7 @@ fn parse_v4(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
         l4,
         ttl: ip.ttl,
         ip_len: total as u16,
+        tcp_flags,
     })
 }
 
@@ -118,7 +126,7 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
     // Extension headers (and ICMPv6, which carries neighbour discovery) go to the stack.
     let proto = ip.next_hdr;
     let l4 = l3 + Ipv6Hdr::LEN;
-    let (sport, dport) = ports(ctx, l4, proto, payload)?;
+    let (sport, dport, tcp_flags) = ports(ctx, l4, proto, payload)?;
     Ok(Packet {
         key: FlowKey {
             src: addr_from_bytes(ip.src_addr),
@@ -133,12 +141,14 @@ fn parse_v6(ctx: &XdpContext, l3: usize) -> Result<Packet, Reason> {
         l4,
         ttl: ip.hop_limit,
         ip_len: (Ipv6Hdr::LEN + payload) as u16,
+        tcp_flags,
     })
 }
 
-/// Source and destination port of a TCP or UDP header of `l4_len` bytes.
+/// Source and destination port of a TCP or UDP header of `l4_len` bytes, and
+/// TCP's SYN/RST flags.
 #[inline(always)]
-fn ports(ctx: &XdpContext, l4: usize, proto: u8, l4_len: usize) -> Result<(u16, u16), Reason> {
+fn ports(ctx: &XdpContext, l4: usize, proto: u8, l4_len: usize) -> Result<(u16, u16, u8), Reason> {
     match proto {
         PROTO_TCP => {
             let tcp: *const TcpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
@@ -148,7 +158,12 @@ fn ports(ctx: &XdpContext, l4: usize, proto: u8, l4_len: usize) -> Result<(u16, 
             if doff < TcpHdr::LEN || doff > l4_len {
                 return Err(Reason::PassMalformed);
             }
-            Ok((u16::from_be_bytes(tcp.source), u16::from_be_bytes(tcp.dest)))
+            let flags = (tcp.syn() as u8) << 1 | (tcp.rst() as u8) << 2;
+            Ok((
+                u16::from_be_bytes(tcp.source),
+                u16::from_be_bytes(tcp.dest),
+                flags,
+            ))
         }
         PROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(ctx, l4).ok_or(Reason::PassMalformed)?;
@@ -158,7 +173,7 @@ fn ports(ctx: &XdpContext, l4: usize, proto: u8, l4_len: usize) -> Result<(u16, 
             if len < UdpHdr::LEN || len > l4_len {
                 return Err(Reason::PassMalformed);
             }
-            Ok((u16::from_be_bytes(udp.src), u16::from_be_bytes(udp.dst)))
+            Ok((u16::from_be_bytes(udp.src), u16::from_be_bytes(udp.dst), 0))
         }
         _ => Err(Reason::PassOtherProto),
     }

@@ -9,14 +9,14 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, Result, anyhow};
 use lb_common::{
     Addr, AddrKey, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
-    VIP_F_L7, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
+    Settings, VIP_F_L7, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
     hash::backend_identity,
     maglev::{self, MaglevInput},
 };
 use tracing::info;
 
 use crate::{
-    config::{Config, Mode, Protocol, Service},
+    config::{Config, DenyPrefix, Mode, Protocol, Service},
     dataplane::{Dataplane, PinnedState},
 };
 
@@ -193,6 +193,8 @@ pub struct Balancer {
     /// What `BACKEND_ADDRS` holds; `None` until read from the map (a previous
     /// agent may have left entries there).
     backend_addrs: Option<BTreeSet<AddrKey>>,
+    /// What the deny lists hold; `None` until read from the maps.
+    deny: Option<BTreeSet<DenyPrefix>>,
     config: Option<Config>,
 }
 
@@ -207,6 +209,7 @@ impl Balancer {
             backends: BTreeMap::new(),
             generations: vec![0; MAX_VIPS as usize],
             backend_addrs: None,
+            deny: None,
             config: None,
         }
     }
@@ -404,8 +407,45 @@ impl Balancer {
             }
         }
         self.sync_backend_addrs()?;
+        self.sync_deny_and_settings(config)?;
         self.config = Some(config.clone());
         Ok(summary)
+    }
+
+    /// Makes the deny lists hold exactly `config.deny` and writes `SETTINGS`.
+    /// New prefixes go in before the settings say the list is not empty, and
+    /// their clients' established flows are removed after (the data plane
+    /// checks the list only on packets that miss FLOWS).
+    fn sync_deny_and_settings(&mut self, config: &Config) -> Result<()> {
+        let wanted: BTreeSet<DenyPrefix> = config.deny.iter().copied().collect();
+        let current = match self.deny.take() {
+            Some(set) => set,
+            None => self.dataplane.deny_list()?,
+        };
+        let added: Vec<DenyPrefix> = wanted.difference(&current).copied().collect();
+        for prefix in &added {
+            self.dataplane.add_deny(prefix)?;
+        }
+        let settings = Settings {
+            new_flow_limit: config.new_flow_limit,
+            deny_v4: wanted.iter().filter(|p| p.addr.is_ipv4()).count() as u32,
+            deny_v6: wanted.iter().filter(|p| p.addr.is_ipv6()).count() as u32,
+            pad: 0,
+        };
+        self.dataplane.set_settings(&settings)?;
+        for prefix in current.difference(&wanted) {
+            self.dataplane.remove_deny(prefix)?;
+        }
+        self.deny = Some(wanted);
+        if !added.is_empty() {
+            let removed = self.dataplane.remove_flows_from(&added)?;
+            info!(
+                prefixes = added.len(),
+                flow_entries = removed,
+                "deny list extended; the denied clients' flows were removed"
+            );
+        }
+        Ok(())
     }
 
     /// Makes `BACKEND_ADDRS` hold exactly the configured backends' addresses

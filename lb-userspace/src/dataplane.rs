@@ -6,18 +6,23 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    ALL_MAPS, AddrKey, Backend, FLOW_TO_BACKEND, Flow, FlowKey, IfMac, MAP_BACKEND_ADDRS,
-    MAP_BACKEND_STATS, MAP_BACKENDS, MAP_FLOWS, MAP_IF_MACS, MAP_REASON_STATS, MAP_RINGS,
-    MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE, MAX_VIPS,
-    PROG_LB, REASON_COUNT, Reason, Ring, Traffic, VipKey, VipMeta, VipState,
+    ALL_MAPS, AddrKey, Backend, DenyKeyV4, DenyKeyV6, FLOW_TO_BACKEND, Flow, FlowKey, IfMac,
+    MAP_BACKEND_ADDRS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6, MAP_FLOWS,
+    MAP_IF_MACS, MAP_PENDING, MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE,
+    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE, MAX_VIPS, PROG_LB,
+    REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
 };
 use tracing::warn;
 
-use crate::config::XdpModeSetting;
+use crate::balancer::addr_to_ip;
+use crate::config::{DenyPrefix, XdpModeSetting};
 
 /// Where the `lb-xdp` object is looked for when no path is given.
 pub fn default_object_path() -> Result<PathBuf> {
@@ -104,9 +109,16 @@ pub struct Dataplane {
     backends: Array<MapData, Backend>,
     vip_state: Array<MapData, VipState>,
     flows: HashMap<MapData, FlowKey, Flow>,
+    pending: HashMap<MapData, FlowKey, Flow>,
+    settings: Array<MapData, Settings>,
+    deny_v4: LpmTrie<MapData, DenyKeyV4, u8>,
+    deny_v6: LpmTrie<MapData, DenyKeyV6, u8>,
     vip_stats: PerCpuArray<MapData, Traffic>,
     backend_stats: PerCpuArray<MapData, Traffic>,
     reason_stats: PerCpuArray<MapData, Traffic>,
+    /// Slots of REASON_STATS as the kernel has it: fewer than `REASON_COUNT`
+    /// when an older agent pinned it (aya reuses a pinned map as it is).
+    reason_slots: u32,
     backend_addrs: HashMap<MapData, AddrKey, u8>,
     if_macs: Array<MapData, IfMac>,
 }
@@ -166,15 +178,31 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("eBPF object has no program {PROG_LB}"))?
             .try_into()?;
         prog.load().context("the kernel refused the XDP program")?;
+        let reasons = bpf
+            .take_map(MAP_REASON_STATS)
+            .ok_or_else(|| anyhow!("eBPF object has no map {MAP_REASON_STATS}"))?;
+        let reason_slots = match &reasons {
+            aya::maps::Map::PerCpuArray(data) => data
+                .info()
+                .map_or(REASON_COUNT, |i| i.max_entries().min(REASON_COUNT)),
+            _ => REASON_COUNT,
+        };
+        let reason_stats = PerCpuArray::try_from(reasons)
+            .with_context(|| format!("map {MAP_REASON_STATS} has an unexpected type"))?;
         Ok(Self {
             vips: take(&mut bpf, MAP_VIPS)?,
             rings: take(&mut bpf, MAP_RINGS)?,
             backends: take(&mut bpf, MAP_BACKENDS)?,
             vip_state: take(&mut bpf, MAP_VIP_STATE)?,
             flows: take(&mut bpf, MAP_FLOWS)?,
+            pending: take(&mut bpf, MAP_PENDING)?,
+            settings: take(&mut bpf, MAP_SETTINGS)?,
+            deny_v4: take(&mut bpf, MAP_DENY_V4)?,
+            deny_v6: take(&mut bpf, MAP_DENY_V6)?,
             vip_stats: take(&mut bpf, MAP_VIP_STATS)?,
             backend_stats: take(&mut bpf, MAP_BACKEND_STATS)?,
-            reason_stats: take(&mut bpf, MAP_REASON_STATS)?,
+            reason_stats,
+            reason_slots,
             backend_addrs: take(&mut bpf, MAP_BACKEND_ADDRS)?,
             if_macs: take(&mut bpf, MAP_IF_MACS)?,
             bpf,
@@ -391,6 +419,118 @@ impl Dataplane {
         Ok(state)
     }
 
+    /// The FLOWS entry of one direction of a connection, if there is one.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
+        match self.flows.get(key, 0) {
+            Ok(f) => Ok(Some(f)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading FLOWS"),
+        }
+    }
+
+    /// The PENDING entry (unconfirmed TCP handshake) of one direction, if any.
+    pub fn pending_flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
+        match self.pending.get(key, 0) {
+            Ok(f) => Ok(Some(f)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading PENDING"),
+        }
+    }
+
+    /// Writes the data plane's settings (rate limit, deny list present).
+    pub fn set_settings(&mut self, settings: &Settings) -> Result<()> {
+        self.settings
+            .set(0, settings, 0)
+            .context("updating SETTINGS")
+    }
+
+    /// Every prefix in the deny lists (e.g. as a previous agent left them).
+    pub fn deny_list(&self) -> Result<std::collections::BTreeSet<DenyPrefix>> {
+        let mut out = std::collections::BTreeSet::new();
+        for key in self.deny_v4.keys() {
+            let key = key.context("reading DENY_V4")?;
+            out.insert(DenyPrefix {
+                addr: std::net::IpAddr::from(key.data()),
+                len: key.prefix_len() as u8,
+            });
+        }
+        for key in self.deny_v6.keys() {
+            let key = key.context("reading DENY_V6")?;
+            out.insert(DenyPrefix {
+                addr: std::net::IpAddr::from(key.data()),
+                len: key.prefix_len() as u8,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds a prefix to the deny list of its family.
+    pub fn add_deny(&mut self, prefix: &DenyPrefix) -> Result<()> {
+        match prefix.addr {
+            std::net::IpAddr::V4(a) => self
+                .deny_v4
+                .insert(&Key::new(prefix.len.into(), a.octets()), 1, 0)
+                .context("updating DENY_V4"),
+            std::net::IpAddr::V6(a) => self
+                .deny_v6
+                .insert(&Key::new(prefix.len.into(), a.octets()), 1, 0)
+                .context("updating DENY_V6"),
+        }
+    }
+
+    /// Removes a prefix from the deny list of its family.
+    pub fn remove_deny(&mut self, prefix: &DenyPrefix) -> Result<()> {
+        let result = match prefix.addr {
+            std::net::IpAddr::V4(a) => self
+                .deny_v4
+                .remove(&Key::new(prefix.len.into(), a.octets())),
+            std::net::IpAddr::V6(a) => self
+                .deny_v6
+                .remove(&Key::new(prefix.len.into(), a.octets())),
+        };
+        match result {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from the deny list"),
+        }
+    }
+
+    /// Removes from FLOWS and PENDING both directions of every connection
+    /// whose client is in `prefixes`; returns how many entries went. The
+    /// data plane checks the deny list only for packets that miss FLOWS (so
+    /// established packets pay nothing for it); this makes a newly denied
+    /// client's established connections miss too.
+    pub fn remove_flows_from(&mut self, prefixes: &[DenyPrefix]) -> Result<usize> {
+        let denied = |addr: &lb_common::Addr, family: u8| {
+            let ip = addr_to_ip(addr, family);
+            prefixes.iter().any(|p| p.contains(ip))
+        };
+        let mut removed = 0;
+        for table in [&mut self.flows, &mut self.pending] {
+            let doomed: Vec<FlowKey> = table
+                .iter()
+                // An entry evicted while we iterate is simply skipped.
+                .filter_map(|e| e.ok())
+                .filter(|(k, f)| {
+                    let client = if f.direction == FLOW_TO_BACKEND {
+                        &k.src
+                    } else {
+                        &k.dst
+                    };
+                    denied(client, k.family)
+                })
+                .map(|(k, _)| k)
+                .collect();
+            for key in doomed {
+                match table.remove(&key) {
+                    Ok(()) => removed += 1,
+                    Err(aya::maps::MapError::KeyNotFound) => {}
+                    Err(e) => return Err(e).context("removing a denied client's flow"),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Connections per backend id currently in the flow table (client direction).
     pub fn flow_counts(&self) -> Result<std::collections::HashMap<u32, u64>> {
         let mut counts = std::collections::HashMap::new();
@@ -406,9 +546,14 @@ impl Dataplane {
 
     /// Sums every per-CPU counter.
     pub fn counters(&self) -> Result<Counters> {
-        fn sum(map: &PerCpuArray<MapData, Traffic>, n: u32) -> Result<Vec<Traffic>> {
+        // `have`: the slots the map really has (see `reason_slots`); the
+        // others read as zero.
+        fn sum(map: &PerCpuArray<MapData, Traffic>, n: u32, have: u32) -> Result<Vec<Traffic>> {
             (0..n)
                 .map(|i| {
+                    if i >= have {
+                        return Ok(Traffic::default());
+                    }
                     let per_cpu = map.get(&i, 0).context("reading counters")?;
                     Ok(per_cpu.iter().fold(Traffic::default(), |a, t| Traffic {
                         packets: a.packets + t.packets,
@@ -418,9 +563,9 @@ impl Dataplane {
                 .collect()
         }
         Ok(Counters {
-            vips: sum(&self.vip_stats, MAX_VIPS)?,
-            backends: sum(&self.backend_stats, MAX_BACKENDS)?,
-            reasons: sum(&self.reason_stats, REASON_COUNT)?,
+            vips: sum(&self.vip_stats, MAX_VIPS, MAX_VIPS)?,
+            backends: sum(&self.backend_stats, MAX_BACKENDS, MAX_BACKENDS)?,
+            reasons: sum(&self.reason_stats, REASON_COUNT, self.reason_slots)?,
         })
     }
 }

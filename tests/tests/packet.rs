@@ -933,3 +933,550 @@ fn a_new_flow_whose_replies_would_collide_with_another_vips_live_flow_is_refused
         assert_eq!(reason_count(b, Reason::DropReplyCollision), 1);
     });
 }
+
+/// The client direction's key of a TCP/IPv4 flow to `vip`:80.
+fn key4(src: Ipv4Addr, sport: u16, vip: Ipv4Addr) -> FlowKey {
+    FlowKey {
+        src: ip_to_addr(src.into()).0,
+        dst: ip_to_addr(vip.into()).0,
+        sport,
+        dport: 80,
+        proto: 6,
+        family: 4,
+        pad: [0; 2],
+    }
+}
+
+/// The reply direction's key of that flow, on backend `i`'s port 8080.
+fn reply_key4(src: Ipv4Addr, sport: u16, backend: usize) -> FlowKey {
+    FlowKey {
+        src: ip_to_addr(backend_v4(backend).into()).0,
+        dst: ip_to_addr(src.into()).0,
+        sport: 8080,
+        dport: sport,
+        proto: 6,
+        family: 4,
+        pad: [0; 2],
+    }
+}
+
+/// A TCP/IPv4 segment with ACK (and SYN if `syn`), no other flags.
+#[allow(clippy::too_many_arguments)]
+fn segment4(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    sport: u16,
+    dport: u16,
+    syn: bool,
+) -> Vec<u8> {
+    let mut step = PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src.octets(), dst.octets(), ttl)
+        .tcp(sport, dport, 0x0102_0305, 8192);
+    if syn {
+        step = step.syn();
+    }
+    let mut v = Vec::new();
+    step.ack(0x0a0b_0c0e).write(&mut v, PAYLOAD).unwrap();
+    v
+}
+
+/// Which of "three"'s backends (1..=3) a frame sent to the backend side goes to.
+fn backend_of(out: &[u8]) -> usize {
+    (1..=3)
+        .find(|&i| out[30..34] == backend_v4(i).octets())
+        .expect("NATed to one of the backends")
+}
+
+/// One TCP handshake from `src:sport` to VIP3 through the program, checked
+/// byte for byte in both directions; returns the backend it went to. Only
+/// the client's ACK puts the flow in FLOWS.
+fn handshake(b: &mut Balancer, net: &TestRunNet, src: Ipv4Addr, sport: u16) -> usize {
+    let syn = build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, sport, 80));
+    let (action, out) = run_xdp(b, &syn, net.lbc).unwrap();
+    assert_eq!(action, XDP_REDIRECT, "SYN from {src}:{sport}");
+    let i = backend_of(&out);
+    let to = |dst| build(tcp4(LBB_MAC, backend_mac(i), src, dst, 63, sport, 8080));
+    assert_eq!(out, to(backend_v4(i)), "SYN NATed exactly");
+    let key = key4(src, sport, VIP3_V4);
+    let dp = b.dataplane();
+    assert!(
+        dp.flow(&key).unwrap().is_none(),
+        "a SYN alone is not in FLOWS"
+    );
+    assert!(dp.pending_flow(&key).unwrap().is_some(), "but in PENDING");
+
+    // The backend's SYN-ACK is translated back from PENDING.
+    let syn_ack = segment4(
+        backend_mac(i),
+        LBB_MAC,
+        backend_v4(i),
+        src,
+        64,
+        8080,
+        sport,
+        true,
+    );
+    let (action, out) = run_xdp(b, &syn_ack, net.lbb).unwrap();
+    assert_eq!(action, XDP_REDIRECT, "SYN-ACK to {src}:{sport}");
+    let expected = segment4(LBC_MAC, CLIENT_MAC, VIP3_V4, src, 63, 80, sport, true);
+    assert_eq!(out, expected, "SYN-ACK translated back exactly");
+
+    // The client's ACK confirms the flow: both directions move to FLOWS.
+    let ack = segment4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, sport, 80, false);
+    let (action, out) = run_xdp(b, &ack, net.lbc).unwrap();
+    assert_eq!(action, XDP_REDIRECT, "ACK from {src}:{sport}");
+    let expected = segment4(
+        LBB_MAC,
+        backend_mac(i),
+        src,
+        backend_v4(i),
+        63,
+        sport,
+        8080,
+        false,
+    );
+    assert_eq!(out, expected, "ACK NATed exactly");
+    let dp = b.dataplane();
+    assert!(dp.flow(&key).unwrap().is_some(), "confirmed: in FLOWS");
+    assert!(dp.flow(&reply_key4(src, sport, i)).unwrap().is_some());
+    assert!(
+        dp.pending_flow(&key).unwrap().is_none(),
+        "and out of PENDING"
+    );
+    i
+}
+
+#[test]
+fn a_syn_flood_larger_than_the_flow_table_evicts_no_established_flow() {
+    with_fixture(|b, net| {
+        let established: Vec<(u16, usize)> = (20000..20064u16)
+            .map(|sport| (sport, handshake(b, net, CLIENT_V4, sport)))
+            .collect();
+
+        // More distinct spoofed SYNs than FLOWS has entries, each from its
+        // own /24 (so the per-prefix rate limit lets every one through),
+        // all to the VIP of the established flows.
+        let flood = lb_common::FLOW_TABLE_SIZE as usize + 75_712;
+        let limit = std::time::Duration::from_secs(300);
+        let start = std::time::Instant::now();
+        let mut frame = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            Ipv4Addr::new(11, 0, 0, 1),
+            VIP3_V4,
+            64,
+            CPORT,
+            80,
+        ));
+        let mut forwarded = 0usize;
+        for n in 0..flood {
+            assert!(
+                start.elapsed() < limit,
+                "flood too slow: {n} SYNs in {limit:?}"
+            );
+            // 11.0.0.1, 11.0.1.1, ...: a new /24 each time (up to 20.x).
+            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(11, 0, 0, 1)) + ((n as u32) << 8));
+            frame[26..30].copy_from_slice(&src.octets());
+            fix_checksums_v4(&mut frame);
+            let (action, _) = run_xdp(b, &frame, net.lbc).unwrap();
+            forwarded += usize::from(action == XDP_REDIRECT);
+        }
+        let took = start.elapsed();
+        eprintln!(
+            "{flood} spoofed SYNs in {took:?} ({:.2} us each)",
+            took.as_secs_f64() * 1e6 / flood as f64
+        );
+        assert_eq!(
+            forwarded, flood,
+            "every SYN is forwarded (only never confirmed)"
+        );
+
+        // Every established flow is still in FLOWS, both directions, pinned
+        // where it was, and its next packet hits it.
+        for &(sport, i) in &established {
+            let key = key4(CLIENT_V4, sport, VIP3_V4);
+            let flow = b.dataplane().flow(&key).unwrap();
+            assert!(flow.is_some(), "flow from port {sport} was evicted");
+            let reply = b
+                .dataplane()
+                .flow(&reply_key4(CLIENT_V4, sport, i))
+                .unwrap();
+            assert!(reply.is_some(), "reply entry of port {sport} was evicted");
+            let data = segment4(
+                CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, sport, 80, false,
+            );
+            let (action, out) = run_xdp(b, &data, net.lbc).unwrap();
+            assert_eq!(
+                (action, backend_of(&out)),
+                (XDP_REDIRECT, i),
+                "port {sport}"
+            );
+        }
+        // And a new connection still gets through, both ways.
+        handshake(b, net, CLIENT_V4, 30000);
+    });
+}
+
+/// Recomputes the IPv4 header and TCP checksums of a TCP/IPv4 frame without options.
+fn fix_checksums_v4(frame: &mut [u8]) {
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let ip = lb_common::csum::checksum(&frame[14..34]);
+    frame[24..26].copy_from_slice(&ip.to_be_bytes());
+    let tcp_len = frame.len() - 34;
+    let mut pseudo = Vec::with_capacity(12 + tcp_len);
+    pseudo.extend_from_slice(&frame[26..34]);
+    pseudo.extend_from_slice(&[0, 6]);
+    pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
+    frame[50..52].copy_from_slice(&[0, 0]);
+    pseudo.extend_from_slice(&frame[34..]);
+    let sum = lb_common::csum::checksum(&pseudo);
+    frame[50..52].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The fixture's "three" and L7 services, plus `extra` top-level lines.
+fn guarded_config(extra: &str) -> String {
+    format!(
+        "interfaces = [\"lbc\", \"lbb\"]\n{extra}\n{}\n[[service]]\nname = \"udp4\"\nvip = \"{VIP_V4}:53\"\nprotocol = \"udp\"\nring_size = 13\n[[service.backend]]\naddress = \"{}:5353\"\n[[service]]\nname = \"tcp6\"\nvip = \"[{VIP_V6}]:80\"\nring_size = 13\n[[service.backend]]\naddress = \"[{}]:8080\"\n[[service]]\nname = \"web-l7\"\nvip = \"{VIP_V4}:443\"\nmode = \"l7\"\n",
+        three_config(&[1, 2, 3], "l4").replace("interfaces = [\"lbc\", \"lbb\"]\n", ""),
+        backend_v4(1),
+        backend_v6(1),
+    )
+}
+
+/// A UDP/IPv4 datagram from `src` to the VIP's port 53.
+fn udp_from(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+        .ipv4(src.octets(), VIP_V4.octets(), 64)
+        .udp(sport, 53)
+        .write(&mut v, PAYLOAD)
+        .unwrap();
+    v
+}
+
+#[test]
+fn new_flows_are_rate_limited_per_source_prefix() {
+    with_fixture(|b, net| {
+        apply(b, &guarded_config("new_flow_limit = 3"));
+        let syn = |src, sport| build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, sport, 80));
+        for sport in 1..=3 {
+            assert_eq!(
+                run_xdp(b, &syn(CLIENT_V4, sport), net.lbc).unwrap().0,
+                XDP_REDIRECT
+            );
+        }
+        // The fourth new flow from this /24 in the same second: dropped, as
+        // is one from another address of the /24, and a UDP flow.
+        let neighbour = Ipv4Addr::new(198, 18, 1, 77);
+        for frame in [syn(CLIENT_V4, 4), syn(neighbour, 5), udp_from(CLIENT_V4, 6)] {
+            let (action, out) = run_xdp(b, &frame, net.lbc).unwrap();
+            assert_eq!((action, &out), (XDP_DROP, &frame));
+        }
+        assert_eq!(reason_count(b, Reason::DropRateLimited), 3);
+        // Another /24 has its own allowance; the limited handshakes still
+        // complete (their ACK creates nothing new); a retransmitted SYN of
+        // one of them is not a new flow either.
+        let other = Ipv4Addr::new(198, 18, 7, 2);
+        assert_eq!(run_xdp(b, &syn(other, 1), net.lbc).unwrap().0, XDP_REDIRECT);
+        assert_eq!(
+            run_xdp(b, &syn(CLIENT_V4, 1), net.lbc).unwrap().0,
+            XDP_REDIRECT
+        );
+        let ack = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, 1, 80, false);
+        assert_eq!(run_xdp(b, &ack, net.lbc).unwrap().0, XDP_REDIRECT);
+        assert!(
+            b.dataplane()
+                .flow(&key4(CLIENT_V4, 1, VIP3_V4))
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(reason_count(b, Reason::DropRateLimited), 3);
+
+        // The next window (one second) admits again.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(
+            run_xdp(b, &syn(CLIENT_V4, 7), net.lbc).unwrap().0,
+            XDP_REDIRECT
+        );
+
+        // 0 turns the limit off.
+        apply(b, &guarded_config("new_flow_limit = 0"));
+        for sport in 100..120 {
+            assert_eq!(
+                run_xdp(b, &syn(CLIENT_V4, sport), net.lbc).unwrap().0,
+                XDP_REDIRECT
+            );
+        }
+        assert_eq!(reason_count(b, Reason::DropRateLimited), 3);
+    });
+}
+
+#[test]
+fn denied_sources_reach_no_vip_and_lose_their_established_flows() {
+    with_fixture(|b, net| {
+        apply(b, &guarded_config(""));
+        let i = handshake(b, net, CLIENT_V4, 1000);
+        let other = Ipv4Addr::new(198, 18, 7, 2);
+        let syn = |src, sport| build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, sport, 80));
+        assert_eq!(
+            run_xdp(b, &syn(other, 1000), net.lbc).unwrap().0,
+            XDP_REDIRECT
+        );
+        let ack = |src| segment4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, 1000, 80, false);
+        assert_eq!(run_xdp(b, &ack(other), net.lbc).unwrap().0, XDP_REDIRECT);
+
+        apply(
+            b,
+            &guarded_config("deny = [\"198.18.1.0/24\", \"fd00:18:1::/64\"]"),
+        );
+        // The denied client's established flow is gone from FLOWS, and its
+        // packets, new flows (IPv4, IPv6, UDP) and L7 traffic are dropped.
+        let key = key4(CLIENT_V4, 1000, VIP3_V4);
+        assert!(b.dataplane().flow(&key).unwrap().is_none());
+        assert!(
+            b.dataplane()
+                .flow(&reply_key4(CLIENT_V4, 1000, i))
+                .unwrap()
+                .is_none()
+        );
+        let l7 = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 443));
+        let denied = [
+            ack(CLIENT_V4),
+            syn(CLIENT_V4, 1001),
+            from_v6(CLIENT_V6),
+            udp_from(CLIENT_V4, 53),
+            l7,
+        ];
+        for frame in &denied {
+            let (action, out) = run_xdp(b, frame, net.lbc).unwrap();
+            assert_eq!((action, &out), (XDP_DROP, frame));
+        }
+        assert_eq!(reason_count(b, Reason::DropDenied), denied.len() as u64);
+        // Traffic not to a VIP is the stack's business.
+        let not_vip = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            backend_v4(1),
+            64,
+            CPORT,
+            8080,
+        ));
+        assert_passed_untouched(b, net.lbc, &not_vip, "denied source, not a VIP");
+        // Others keep their flows and make new ones.
+        assert!(
+            b.dataplane()
+                .flow(&key4(other, 1000, VIP3_V4))
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(run_xdp(b, &ack(other), net.lbc).unwrap().0, XDP_REDIRECT);
+        assert_eq!(
+            run_xdp(b, &syn(other, 1001), net.lbc).unwrap().0,
+            XDP_REDIRECT
+        );
+
+        // Taken off the list (a reload), the client is served again.
+        apply(b, &guarded_config(""));
+        handshake(b, net, CLIENT_V4, 1002);
+        assert_eq!(reason_count(b, Reason::DropDenied), denied.len() as u64);
+    });
+}
+
+/// Pins the calling thread to the CPU it runs on.
+fn pin_to_this_cpu() {
+    // SAFETY: plain syscalls on this thread with a zeroed, then filled, CPU set.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity");
+    }
+}
+
+/// Sets interface `dev`'s MTU in the fixture namespace.
+fn set_mtu(net: &TestRunNet, dev: &str, mtu: u16) {
+    let status = std::process::Command::new("ip")
+        .args(["-n", net.ns(), "link", "set", dev, "mtu", &mtu.to_string()])
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip link set {dev} mtu {mtu}");
+}
+
+/// A TCP/IPv4 frame of `ip_len` bytes of IP, DF as given.
+#[allow(clippy::too_many_arguments)]
+fn big4(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    ip_len: usize,
+    df: bool,
+) -> Vec<u8> {
+    let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, src.octets(), dst.octets()).unwrap();
+    ip.dont_fragment = df;
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ip(IpHeaders::Ipv4(ip, Default::default()))
+        .tcp(sport, dport, 0x0102_0304, 8192)
+        .syn()
+        .write(&mut v, &vec![0x5a; ip_len - 40])
+        .unwrap();
+    v
+}
+
+#[test]
+fn packets_over_the_egress_mtu_get_frag_needed_or_go_to_the_stack() {
+    with_fixture(|b, net| {
+        // The next-hop cache is per CPU: stay on one so the cached path is
+        // the one taken where the test says so.
+        pin_to_this_cpu();
+        set_mtu(net, "lbb", 1400);
+        set_mtu(net, "lbc", 1400);
+        let frag_needed = |input: &[u8], mtu: u16| {
+            let mut ip =
+                Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets())
+                    .unwrap();
+            ip.dont_fragment = false;
+            ip.dscp = IpDscp::try_new(0xc0 >> 2).unwrap();
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
+                .ip(IpHeaders::Ipv4(ip, Default::default()))
+                .icmpv4(Icmpv4Type::DestinationUnreachable(
+                    icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
+                ))
+                .write(&mut v, &input[14..14 + 20 + 8])
+                .unwrap();
+            v
+        };
+        // IPv4 with DF, one byte over: answered from the VIP with the MTU,
+        // whether the next hop comes from the FIB (first) or from the cache
+        // (after a packet that fits filled it).
+        let big = big4(
+            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1401, true,
+        );
+        let (action, out) = run_xdp(b, &big, net.lbc).unwrap();
+        assert_eq!((action, &out), (XDP_TX, &frag_needed(&big, 1400)), "FIB");
+        let fits = big4(
+            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1400, true,
+        );
+        let (action, out) = run_xdp(b, &fits, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT, "1400 bytes fit");
+        let mut expected = big4(
+            LBB_MAC,
+            backend_mac(1),
+            CLIENT_V4,
+            backend_v4(1),
+            CPORT,
+            8080,
+            1400,
+            true,
+        );
+        // TTL 63 and the header checksum that goes with it.
+        expected[22] = 63;
+        expected[24..26].copy_from_slice(&[0, 0]);
+        let sum = lb_common::csum::checksum(&expected[14..34]);
+        expected[24..26].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(out, expected);
+        assert_checksums_valid(&out);
+        let (action, out) = run_xdp(b, &big, net.lbc).unwrap();
+        assert_eq!((action, &out), (XDP_TX, &frag_needed(&big, 1400)), "cache");
+        assert_eq!(reason_count(b, Reason::TxTooBig), 2);
+
+        // Without DF: NATed (TTL left to the stack) and passed, for the
+        // stack to fragment.
+        let no_df = big4(
+            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1500, false,
+        );
+        let (action, out) = run_xdp(b, &no_df, net.lbc).unwrap();
+        let natted = big4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            backend_v4(1),
+            CPORT,
+            8080,
+            1500,
+            false,
+        );
+        assert_eq!((action, &out), (XDP_PASS, &natted));
+        assert_eq!(reason_count(b, Reason::PassTooBig), 1);
+
+        // IPv6: "packet too big" from the VIP, quoting what fits in 1280 bytes.
+        let mut big6 = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
+            .tcp(CPORT, 80, 7, 1000)
+            .syn()
+            .write(&mut big6, &[0x5a; 1500 - 60])
+            .unwrap();
+        let (action, out) = run_xdp(b, &big6, net.lbc).unwrap();
+        let mut expected = Vec::new();
+        PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
+            .ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1400 })
+            .write(&mut expected, &big6[14..14 + 1280 - 48])
+            .unwrap();
+        assert_eq!((action, &out), (XDP_TX, &expected));
+        assert_eq!(reason_count(b, Reason::TxTooBig), 3);
+
+        // A backend's oversized reply with DF: passed untouched; the stack
+        // answers the backend.
+        let reply = big4(
+            backend_mac(1),
+            LBB_MAC,
+            backend_v4(1),
+            CLIENT_V4,
+            8080,
+            CPORT,
+            1500,
+            true,
+        );
+        assert_passed_untouched(b, net.lbb, &reply, "oversized reply");
+        assert_eq!(reason_count(b, Reason::PassTooBig), 2);
+        assert_eq!(reason_count(b, Reason::DropFibFailed), 0);
+    });
+}
+
+#[test]
+fn a_connection_that_lost_its_flow_entries_is_taken_up_again_through_pending() {
+    with_fixture(|b, net| {
+        let i = handshake(b, net, CLIENT_V4, 2000);
+        // Its FLOWS entries go, as with an eviction or fresh maps.
+        let client = lb_userspace::config::DenyPrefix::parse("198.18.1.2/32").unwrap();
+        assert_eq!(b.dataplane().remove_flows_from(&[client]).unwrap(), 2);
+        let key = key4(CLIENT_V4, 2000, VIP3_V4);
+        // The client's next packet goes where Maglev says (the same backend)
+        // and is only recorded in PENDING.
+        let data = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, 2000, 80, false);
+        let (action, out) = run_xdp(b, &data, net.lbc).unwrap();
+        assert_eq!((action, backend_of(&out)), (XDP_REDIRECT, i));
+        assert!(b.dataplane().flow(&key).unwrap().is_none());
+        assert!(b.dataplane().pending_flow(&key).unwrap().is_some());
+        // The backend's answer (no SYN) is translated back from PENDING.
+        let answer = segment4(
+            backend_mac(i),
+            LBB_MAC,
+            backend_v4(i),
+            CLIENT_V4,
+            64,
+            8080,
+            2000,
+            false,
+        );
+        let (action, out) = run_xdp(b, &answer, net.lbb).unwrap();
+        let expected = segment4(LBC_MAC, CLIENT_MAC, VIP3_V4, CLIENT_V4, 63, 80, 2000, false);
+        assert_eq!((action, &out), (XDP_REDIRECT, &expected));
+        // The client's following packet confirms it: back in FLOWS.
+        assert_eq!(run_xdp(b, &data, net.lbc).unwrap().0, XDP_REDIRECT);
+        assert!(b.dataplane().flow(&key).unwrap().is_some());
+        assert!(b.dataplane().pending_flow(&key).unwrap().is_none());
+    });
+}

@@ -433,3 +433,56 @@ fn a_second_agent_on_the_same_pin_directory_refuses_and_names_the_first() {
     assert_eq!(backends(&lab).len(), 2);
     assert_eq!(tally(&lab, 20).len(), 2);
 }
+
+#[test]
+fn a_deny_list_applied_by_reload_cuts_the_client_off_and_is_counted() {
+    let lab = RunningLab::start("rtd", 1, &[1]).unwrap();
+    let vip = services::vip_tcp4();
+    let short = Duration::from_secs(1);
+    // A connection opened before the client's prefix is denied.
+    let mut session = run_in_ns(lab.lab.client_ns(), move || {
+        let mut s = TcpSession::connect(vip, T).expect("connect");
+        assert_eq!(s.ask().expect("first answer"), "be1");
+        s
+    })
+    .unwrap();
+    let config = std::fs::read_to_string(&lab.config_path).unwrap();
+    let with_deny = |deny: &str| format!("deny = [{deny}]\n{config}");
+
+    // A bad entry is refused with its place in the file; nothing changes.
+    std::fs::write(&lab.config_path, with_deny("\"198.18.1.2/24\"")).unwrap();
+    let out = lab.lb(&["reload"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("lb.toml:1:") && err.contains("the network is 198.18.1.0/24"),
+        "{err}"
+    );
+    assert_eq!(tally(&lab, 3).len(), 1, "still served");
+
+    std::fs::write(
+        &lab.config_path,
+        with_deny("\"198.18.1.0/24\", \"fd00:18:1::/64\""),
+    )
+    .unwrap();
+    assert!(lab.lb(&["reload"]).status.success());
+    // The open connection and new ones get nothing through.
+    let (old, new) = run_in_ns(lab.lab.client_ns(), move || {
+        (session.ask().is_err(), tcp_ask(vip, short).is_err())
+    })
+    .unwrap();
+    assert!(old, "the established connection was cut off");
+    assert!(new, "a new connection was refused");
+    let metrics = lab.metrics().unwrap();
+    let denied =
+        lb_userspace::metrics::sample(&metrics, "lb_xdp_packets_total", "reason=\"drop_denied\"");
+    assert!(denied.is_some_and(|n| n > 0), "counted: {denied:?}");
+    let stats = lab.lb(&["show", "stats"]);
+    assert!(String::from_utf8_lossy(&stats.stdout).contains("drop_denied"));
+    assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
+
+    // Off the list again: served again.
+    std::fs::write(&lab.config_path, &config).unwrap();
+    assert!(lab.lb(&["reload"]).status.success());
+    assert_eq!(tally(&lab, 3).len(), 1);
+}

@@ -42,6 +42,41 @@ fn frame_to(sport: u16, dport: u16) -> Vec<u8> {
     v
 }
 
+/// A client's SYN from `sport` to the VIP's port 80.
+fn syn(sport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+        .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 64)
+        .tcp(sport, 80, 1, 8192)
+        .syn()
+        .write(&mut v, &[])
+        .expect("frame");
+    v
+}
+
+/// Mean kernel-measured ns of the ACK that confirms a handshake (PENDING to
+/// FLOWS): each run's SYN, untimed, comes first.
+fn confirm_ns(prog: &Xdp, ingress: u32) -> Result<f64> {
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; 2048];
+    for i in 0..RUNS {
+        let sport = 1024 + (i % 60000) as u16;
+        for (f, timed) in [(syn(sport), false), (frame(sport), true)] {
+            let md = xdp_md(ingress, f.len());
+            let r = prog.test_run(TestRunOptions {
+                data_in: Some(&f),
+                data_out: Some(&mut out),
+                ctx_in: Some(&md),
+                ..TestRunOptions::default()
+            })?;
+            if timed {
+                total += r.duration;
+            }
+        }
+    }
+    Ok(total.as_nanos() as f64 / RUNS as f64)
+}
+
 /// Mean kernel-measured ns of one run of `prog` over `frames(i)`, one
 /// BPF_PROG_TEST_RUN per frame (a repeated run would re-process the frame the
 /// previous run already rewrote, which is not the path being measured).
@@ -82,6 +117,7 @@ struct Costs {
     bounce: f64,
     hit: f64,
     miss: f64,
+    confirm: f64,
     l7: f64,
     other: f64,
     bounce_repeated: f64,
@@ -95,7 +131,8 @@ fn xdp_costs() -> Result<()> {
     let lab_object = std::env::var_os("LB_LAB_BPF_OBJECT")
         .ok_or_else(|| anyhow!("LB_LAB_BPF_OBJECT is not set; run via `cargo xtask bench`"))?;
     let config = format!(
-        "interfaces = [\"lbc\"]\n[[service]]\nname = \"tls\"\nvip = \"{VIP_V4}:443\"\nmode = \"l7\"\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\n{}",
+        // No rate limit: the new-flow rows send far more than a prefix may.
+        "interfaces = [\"lbc\"]\nnew_flow_limit = 0\n[[service]]\nname = \"tls\"\nvip = \"{VIP_V4}:443\"\nmode = \"l7\"\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\n{}",
         (1..=3)
             .map(|i| format!(
                 "[[service.backend]]\naddress = \"{}:{TCP_PORT}\"\n",
@@ -114,16 +151,22 @@ fn xdp_costs() -> Result<()> {
         let bounce_rep = repeated_ns(bounce, lbc, &frame(40000), REPEAT)?;
 
         let mut balancer = balancer_with(&config)?;
-        // Warm one flow into the connection table: every later run is a hit.
-        let (action, _) = run_xdp(&mut balancer, &frame(40000), lbc)?;
-        anyhow::ensure!(
-            action == 4,
-            "VIP frame was not redirected (action {action})"
-        );
+        // Warm one flow into the connection table (SYN, then the ACK that
+        // confirms it): every later run is a hit.
+        for f in [syn(40000), frame(40000)] {
+            let (action, _) = run_xdp(&mut balancer, &f, lbc)?;
+            anyhow::ensure!(
+                action == 4,
+                "VIP frame was not redirected (action {action})"
+            );
+        }
         let prog = balancer.dataplane().program()?;
         let hit_ns = mean_ns(prog, lbc, |_| frame(40000))?;
-        // A new source port every run: Maglev lookup plus two table inserts.
-        let miss_ns = mean_ns(prog, lbc, |i| frame(1024 + (i % 60000) as u16))?;
+        // A SYN from a new source port every run: Maglev lookup plus two
+        // PENDING inserts (what each SYN of a flood costs too).
+        let miss_ns = mean_ns(prog, lbc, |i| syn(1024 + (i % 60000) as u16))?;
+        // The ACK of each: two FLOWS inserts and two PENDING deletes.
+        let confirm = confirm_ns(prog, lbc)?;
         let l7_ns = mean_ns(prog, lbc, |_| frame_to(40000, 443))?;
         let other_ns = mean_ns(prog, lbc, |_| frame_to(40000, 9999))?;
         // Paths that leave the frame unchanged can also be timed with one
@@ -133,6 +176,7 @@ fn xdp_costs() -> Result<()> {
             bounce: bounce_ns,
             hit: hit_ns,
             miss: miss_ns,
+            confirm,
             l7: l7_ns,
             other: other_ns,
             bounce_repeated: bounce_rep,
@@ -151,7 +195,8 @@ fn xdp_costs() -> Result<()> {
         c.hit,
         "   (target <= 1.50x)",
     );
-    row("lb_xdp, new flow (Maglev + table inserts)", c.miss, "");
+    row("lb_xdp, new flow: SYN (Maglev + PENDING)", c.miss, "");
+    row("lb_xdp, its ACK (PENDING -> FLOWS)", c.confirm, "");
     row("lb_xdp, L7 VIP passed to the stack", c.l7, "");
     row("lb_xdp, not a VIP (passed untouched)", c.other, "");
     println!(
