@@ -42,7 +42,8 @@
 //! decoded, other escapes upper-cased, runs of `/` merged, `.` and `..`
 //! segments removed), so `//admin`, `/./admin`, `/%61dmin` and `/x/../admin`
 //! all match `path_prefix = "/admin"`, as after HAProxy's `normalize-uri`;
-//! case is kept. `path_raw_regex` sees the path as received. The server gets
+//! case is kept unless the entry has `ignore_case = true` (HAProxy's `-i`,
+//! path keys only). `path_raw_regex` sees the path as received. The server gets
 //! the path as received either way.
 //! Query names and values are form-decoded (`%xx`, `+` as space) before they are
 //! compared, so `value = "a b"` matches `a+b` and `a%20b`. Cookies are compared
@@ -170,6 +171,8 @@ pub struct AclSpec {
     pub name: String,
     /// What the entry matches.
     pub matcher: MatcherSpec,
+    /// `ignore_case = true`: a path key compares ASCII case-insensitively (HAProxy's `-i`).
+    pub ignore_case: bool,
 }
 
 /// A matcher as configured, before compilation; see the module doc for each key.
@@ -260,6 +263,8 @@ impl MatcherSpec {
 #[serde(deny_unknown_fields)]
 struct RawAclSpec {
     name: String,
+    #[serde(default)]
+    ignore_case: bool,
     path: Option<String>,
     path_prefix: Option<String>,
     path_suffix: Option<String>,
@@ -367,9 +372,24 @@ impl TryFrom<RawAclSpec> for AclSpec {
         if found.len() == 1
             && let Some(matcher) = found.pop()
         {
+            let path_key = matches!(
+                matcher,
+                M::Path(_)
+                    | M::PathPrefix(_)
+                    | M::PathSuffix(_)
+                    | M::PathRegex(_)
+                    | M::PathRawRegex(_)
+            );
+            if raw.ignore_case && !path_key {
+                return Err(AclError::BadValue {
+                    name: raw.name,
+                    reason: "`ignore_case` applies to the path keys only".to_owned(),
+                });
+            }
             return Ok(AclSpec {
                 name: raw.name,
                 matcher,
+                ignore_case: raw.ignore_case,
             });
         }
         Err(AclError::Matchers {
@@ -503,6 +523,8 @@ enum Matcher {
     PathSuffix(String),
     PathRegex(regex::Regex),
     PathRawRegex(regex::Regex),
+    /// A path matcher compiled lower-case, applied to the lower-cased path.
+    CaseFolded(Box<Matcher>),
     Host(String),
     HostSuffix(String),
     HeaderPresent(HeaderName),
@@ -622,8 +644,31 @@ impl Matcher {
         })
     }
 
+    /// This path matcher made ASCII case-insensitive.
+    fn case_folded(self) -> Matcher {
+        let fold = |p: String| p.to_ascii_lowercase();
+        let with_i =
+            |r: regex::Regex| regex::Regex::new(&format!("(?i:{})", r.as_str())).unwrap_or(r);
+        match self {
+            Matcher::Path(p) => Matcher::CaseFolded(Box::new(Matcher::Path(fold(p)))),
+            Matcher::PathPrefix(p) => Matcher::CaseFolded(Box::new(Matcher::PathPrefix(fold(p)))),
+            Matcher::PathSuffix(p) => Matcher::CaseFolded(Box::new(Matcher::PathSuffix(fold(p)))),
+            Matcher::PathRegex(r) => Matcher::PathRegex(with_i(r)),
+            Matcher::PathRawRegex(r) => Matcher::PathRawRegex(with_i(r)),
+            other => other,
+        }
+    }
+
     fn matches(&self, req: &Request) -> bool {
         match self {
+            Matcher::CaseFolded(inner) => {
+                // Normalized first: an escape may decode to an upper-case letter.
+                let lower = normalize_path(req.path_only()).to_ascii_lowercase();
+                inner.matches(&Request {
+                    path: &lower,
+                    ..*req
+                })
+            }
             // Normalizing borrows the path unless it has escapes, `//` or dot segments.
             Matcher::Path(p) => normalize_path(req.path_only()) == p.as_str(),
             Matcher::PathPrefix(p) => normalize_path(req.path_only()).starts_with(p.as_str()),
@@ -757,7 +802,10 @@ impl AclSet {
             if !valid_name(&spec.name) {
                 return Err(AclError::BadName(spec.name.clone()));
             }
-            let matcher = Matcher::compile(&spec.name, &spec.matcher)?;
+            let mut matcher = Matcher::compile(&spec.name, &spec.matcher)?;
+            if spec.ignore_case {
+                matcher = matcher.case_folded();
+            }
             by_name.entry(spec.name.clone()).or_default().push(matcher);
         }
         Ok(AclSet { by_name })
@@ -1255,6 +1303,15 @@ mod tests {
         ] {
             assert!(hit(&set, &Req::get(sneaky)), "{sneaky}");
         }
+        // Case is kept unless the entry says otherwise (HAProxy's -i).
+        assert!(!hit(&set, &Req::get("/ADMIN")));
+        let set = one("path_prefix = \"/Admin\"\nignore_case = true");
+        for p in ["/admin/x", "/ADMIN", "//%41dmin", "/x/../aDmIn"] {
+            assert!(hit(&set, &Req::get(p)), "{p}");
+        }
+        let set = one("path_regex = \"^/admin$\"\nignore_case = true");
+        assert!(hit(&set, &Req::get("/Admin")));
+        assert!(specs("[[acl]]\nname = \"a\"\nhost = \"x\"\nignore_case = true\n").is_err());
         let set = one(r#"path_raw_regex = "^/admin""#);
         assert!(hit(&set, &Req::get("/admin/x")));
         assert!(!hit(&set, &Req::get("//admin")));
@@ -1715,6 +1772,7 @@ mod tests {
         let spec = |name: &str| AclSpec {
             name: name.to_owned(),
             matcher: MatcherSpec::Path("/".to_owned()),
+            ignore_case: false,
         };
         assert!(matches!(
             AclSet::compile(&[spec("")]),
