@@ -370,3 +370,76 @@ async fn send_proxy_header_then_tls() {
     assert_eq!(src.ip().to_string(), "127.0.0.1");
     assert_eq!(dst, proxy.local_addrs()[0]);
 }
+
+#[tokio::test]
+async fn http2_streams_reset_before_sending_are_not_sent_and_keep_their_connection() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    // A TLS server that takes 300 ms to start its handshake: requests reset
+    // within that time are reset while their connection is being opened.
+    let dir = TempDir::new("reset");
+    let ca = ca(&dir, "ca");
+    let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(&ca, &["127.0.0.1"], &[b"http/1.1"]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let seen = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let Ok(s) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from_static(b"ok"),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    let mut p = pool(server);
+    p.tls = true;
+    p.verify = false;
+    let proxy = start(p, LogFormat::Httplog).await;
+    let front = proxy.local_addrs()[0];
+    let tcp = tokio::net::TcpStream::connect(front).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..5 {
+        let mut send = send.clone();
+        let req = Request::get(format!("http://{front}/"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let pending = tokio::spawn(async move { send.send_request(req).await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        pending.abort();
+    }
+    // The connections finish opening: none carries a reset request, all are kept.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        requests.load(Ordering::SeqCst),
+        0,
+        "a reset request was sent"
+    );
+    assert_eq!(proxy.shared.pools[0].idle_connections(server), 5);
+    // The next request uses one of them.
+    let mut send = send.clone();
+    let req = Request::get(format!("http://{front}/"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(requests.load(Ordering::SeqCst), 1);
+}
