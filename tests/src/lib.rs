@@ -232,3 +232,28 @@ impl Drop for RunningLab {
 pub mod l7bench;
 pub mod l7instr;
 pub mod l7mem;
+
+/// Runs `cmd` to completion with its output captured, killing it (and
+/// failing the test) if it still runs after `limit`: a command that should
+/// fail at once must not hang a test.
+pub fn output_within(
+    cmd: &mut std::process::Command,
+    limit: std::time::Duration,
+) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("waitpid").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{cmd:?} kept running: {:?}", child.wait_with_output());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("its output")
+}

@@ -1,8 +1,8 @@
 //! The `lb` binary's configuration handling, as an operator meets it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use lb_userspace::lab::testrun::TestRunNet;
 
@@ -116,26 +116,9 @@ fn check_reports_a_missing_interface_at_its_position() {
     );
 }
 
-/// Runs `lb ARGS` to completion, killing it (and failing) if it is still
-/// running after 20 s: a start that should fail must not hang a test.
+/// Runs `lb ARGS` to completion (20 s at most).
 fn lb_output(args: &[&std::ffi::OsStr]) -> Output {
-    let mut child = lb()
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("`lb` kept running: {out:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    lb_tests::output_within(lb().args(args), Duration::from_secs(20))
 }
 
 /// Whether any interface in namespace `ns` has an XDP program attached.

@@ -389,36 +389,22 @@ fn ten_agent_restarts_under_load_fail_no_connection_and_lose_none() {
 
 #[test]
 fn a_second_agent_on_the_same_pin_directory_refuses_and_names_the_first() {
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let lab = RunningLab::start("rtl", 2, &[1, 1]).unwrap();
     let other_socket = lab.socket.with_extension("second.sock");
-    let mut second = Command::new(&lab.lab.options().lb_bin)
-        .arg("run")
-        .arg("--netns")
-        .arg(lab.lab.balancer_ns())
-        .arg("--config")
-        .arg(&lab.config_path)
-        .arg("--socket")
-        .arg(&other_socket)
-        .arg("--pin-dir")
-        .arg(lab.lab.agent_pin_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while second.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = second.kill();
-            panic!(
-                "the second agent kept running: {:?}",
-                second.wait_with_output()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = second.wait_with_output().unwrap();
+    let out = lb_tests::output_within(
+        Command::new(&lab.lab.options().lb_bin)
+            .arg("run")
+            .arg("--netns")
+            .arg(lab.lab.balancer_ns())
+            .arg("--config")
+            .arg(&lab.config_path)
+            .arg("--socket")
+            .arg(&other_socket)
+            .arg("--pin-dir")
+            .arg(lab.lab.agent_pin_dir()),
+        Duration::from_secs(20),
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{out:?}");
     assert!(

@@ -364,33 +364,35 @@ fn record(
 /// (RFC 9112 3.2.2, RFC 9113 8.3.1): the target's authority (absolute-form,
 /// or HTTP/2's `:authority`) wins over Host, and Host is rewritten to it;
 /// a request that names none (HTTP/1.0 without Host) gets the address the
-/// client connected to. Either must be `host[:port]`. Also refuses `PRI`
+/// client connected to. Either must be `host[:port]`. Also refuses HTTP/2 `PRI` and `CONNECT`
 /// and joins HTTP/2's split `cookie` fields into one (RFC 9113 8.2.3), as
 /// HTTP/1.1 servers expect.
 pub(crate) fn settle_authority(
     parts: &mut http::request::Parts,
     local: SocketAddr,
 ) -> Result<(), &'static str> {
-    if parts.method.as_str() == "PRI" {
-        return Err("PRI is the HTTP/2 preface, not a request");
+    // An HTTP/1 head's method, target and Host were checked as it was parsed
+    // (`hardening::check_target`, `framing_of`): only HTTP/2's are checked here.
+    let h2 = parts.version == Version::HTTP_2;
+    if h2 && (parts.method.as_str() == "PRI" || parts.method == Method::CONNECT) {
+        return Err("PRI or CONNECT");
     }
-    if parts.method == Method::CONNECT {
-        return Err("CONNECT is not served");
-    }
+    let valid = |v: &[u8]| !h2 || hardening::valid_authority(v);
     if let Some(authority) = parts.uri.authority() {
-        if !hardening::valid_authority(authority.as_str().as_bytes()) {
+        let authority = authority.as_str();
+        if !valid(authority.as_bytes()) {
             return Err("bad authority");
         }
-        let same = matches!(parts.headers.get(header::HOST), Some(h) if h.as_bytes() == authority.as_str().as_bytes())
-            && parts.headers.get_all(header::HOST).iter().count() == 1;
+        let mut hosts = parts.headers.get_all(header::HOST).iter();
+        let same = matches!((hosts.next(), hosts.next()), (Some(h), None) if h == authority);
         if !same {
-            let value = HeaderValue::from_str(authority.as_str()).map_err(|_| "bad authority")?;
+            let value = HeaderValue::from_str(authority).map_err(|_| "bad authority")?;
             parts.headers.insert(header::HOST, value);
         }
     } else {
         let mut hosts = parts.headers.get_all(header::HOST).iter();
         match (hosts.next(), hosts.next()) {
-            (Some(h), None) if hardening::valid_authority(h.as_bytes()) => {}
+            (Some(h), None) if valid(h.as_bytes()) => {}
             (Some(_), _) => return Err("bad or repeated Host"),
             (None, _) => {
                 let value = HeaderValue::from_str(&local.to_string()).map_err(|_| "bad address")?;
@@ -398,7 +400,7 @@ pub(crate) fn settle_authority(
             }
         }
     }
-    if parts.version == Version::HTTP_2 {
+    if h2 {
         let mut cookies = parts.headers.get_all(header::COOKIE).iter();
         if let (Some(_), Some(_)) = (cookies.next(), cookies.next()) {
             let joined = parts

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::test_support::{local_frontend, start_proxy};
+use super::test_support::{local_frontend, start_proxy, two_pool_config};
 use super::tests_h1::scripted_server;
 use super::*;
 
@@ -241,27 +241,17 @@ async fn request_targets_and_hosts_are_checked_and_the_authority_wins() {
 #[tokio::test]
 async fn acl_paths_are_normalized_before_a_deny() {
     let (server, seen) = server_answering(OK).await;
-    let text = format!(
-        r#"
-[[frontend]]
-name = "web"
-binds = ["127.0.0.1:0"]
-default_pool = "app"
+    let deny_admin = r#"
 [[frontend.acl]]
 name = "admin"
 path_prefix = "/admin"
 [[frontend.request]]
 action = "deny"
 if = "admin"
-
-[[pool]]
-name = "app"
-servers = [{{ address = "{server}" }}]
-"#
-    );
-    let proxy = Proxy::start(toml::from_str(&text).unwrap(), None)
-        .await
-        .unwrap();
+"#;
+    let unused = "127.0.0.1:9".parse().unwrap();
+    let cfg = two_pool_config(server, unused, deny_admin, "");
+    let proxy = Proxy::start(cfg, None).await.unwrap();
     for path in [
         "/admin",
         "//admin",
