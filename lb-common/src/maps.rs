@@ -427,8 +427,12 @@ pub enum Reason {
     /// IPv4 fragment: passed (ports are unknown).
     PassFragment = 7,
     /// IPv6 with extension headers, or a protocol other than TCP/UDP: passed.
+    /// ICMP too, except the errors about NATed flows that are translated
+    /// (`TxIcmpToClient`, ...); one that finds no flow is passed untouched.
     PassOtherProto = 8,
     /// Truncated or inconsistent headers: passed untouched for the stack to drop.
+    /// (Also an ICMP error whose quoted packet is too short to hold its
+    /// ports, or inconsistent.)
     PassMalformed = 9,
     /// Backend reply whose TTL or hop limit would reach zero: passed so the
     /// stack sends ICMP time exceeded to the backend. (For a packet to a VIP,
@@ -474,10 +478,24 @@ pub enum Reason {
     /// reply with DF or IPv6 passed untouched, for the stack to send the
     /// backend "fragmentation needed" / "packet too big".
     PassTooBig = 24,
+    /// ICMP error quoting a client's packet to a backend of a NATed flow
+    /// (sent by the backend, e.g. port unreachable, or by a router toward
+    /// it): translated to quote the client's packet to the VIP (and to come
+    /// from the VIP if the backend sent it) and sent out the same interface.
+    TxIcmpToClient = 25,
+    /// As `TxIcmpToClient`, redirected to another interface.
+    RedirectIcmpToClient = 26,
+    /// ICMP error addressed to a VIP quoting its reply to a client of a
+    /// NATed flow (a router on the client's path, e.g. fragmentation needed
+    /// / packet too big): translated to quote the backend's reply and sent
+    /// to the backend, out of the same interface.
+    TxIcmpToBackend = 27,
+    /// As `TxIcmpToBackend`, redirected to another interface.
+    RedirectIcmpToBackend = 28,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 25;
+pub const REASON_COUNT: u32 = 29;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -507,6 +525,10 @@ impl Reason {
         Reason::DropRateLimited,
         Reason::TxTooBig,
         Reason::PassTooBig,
+        Reason::TxIcmpToClient,
+        Reason::RedirectIcmpToClient,
+        Reason::TxIcmpToBackend,
+        Reason::RedirectIcmpToBackend,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -537,6 +559,10 @@ impl Reason {
             Reason::DropRateLimited => "drop_rate_limited",
             Reason::TxTooBig => "tx_too_big",
             Reason::PassTooBig => "pass_too_big",
+            Reason::TxIcmpToClient => "tx_icmp_to_client",
+            Reason::RedirectIcmpToClient => "redirect_icmp_to_client",
+            Reason::TxIcmpToBackend => "tx_icmp_to_backend",
+            Reason::RedirectIcmpToBackend => "redirect_icmp_to_backend",
         }
     }
 }
