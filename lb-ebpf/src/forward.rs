@@ -227,3 +227,45 @@ fn next_hop(ctx: *mut xdp_md, pkt: &Packet, dst: &Addr, src: &Addr, out: &mut Ne
     let _ = NEXTHOPS.insert(key, *out, 0);
     Lookup::Found
 }
+
+/// The next hop for a packet its caller rewrites itself (an ICMP error
+/// about a NATed flow, see `icmp_nat`), toward `pkt.key.dst` from
+/// `pkt.key.src` (the addresses it will leave with), found as `send` finds
+/// it and written to `hop`. `Ok(true)`: rewrite it (TTL decremented) and
+/// `transmit` it. `Ok(false)`: no neighbour yet, rewrite it without the
+/// TTL decrement and pass it (`PassNoNeighbour`): the stack forwards it.
+/// `Err`: what to do with it untouched: larger than the route's MTU, passed
+/// (nothing answers an ICMP error with another); no route, dropped.
+#[inline(always)]
+pub fn route(ctx: &XdpContext, pkt: &Packet, hop: &mut NextHop) -> Result<bool, Verdict> {
+    match next_hop(ctx.ctx, pkt, &pkt.key.dst, &pkt.key.src, hop) {
+        Lookup::Found if pkt.ip_len > hop.mtu => {
+            Err(Verdict::new(xdp_action::XDP_PASS, Reason::PassTooBig))
+        }
+        Lookup::Found => Ok(true),
+        Lookup::TooBig => Err(Verdict::new(xdp_action::XDP_PASS, Reason::PassTooBig)),
+        Lookup::NoNeighbour => Ok(false),
+        Lookup::Failed => Err(Verdict::new(xdp_action::XDP_DROP, Reason::DropFibFailed)),
+    }
+}
+
+/// Sends a rewritten packet to the next hop `route` found: its MAC
+/// addresses, then XDP_TX (counted as `tx`) out of the interface it came
+/// in on, or XDP_REDIRECT (`redirect`) to another.
+#[inline(always)]
+pub fn transmit(ctx: &XdpContext, hop: &NextHop, tx: Reason, redirect: Reason) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::new(xdp_action::XDP_PASS, Reason::PassMalformed);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+    }
+    let egress = hop.ifindex as u32;
+    if egress == ctx.ingress_ifindex() as u32 {
+        return Verdict::new(xdp_action::XDP_TX, tx);
+    }
+    // SAFETY: helper call; returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
+    Verdict::new(unsafe { bpf_redirect(egress, 0) } as u32, redirect)
+}
