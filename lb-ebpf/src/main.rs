@@ -22,6 +22,7 @@
 mod checks;
 mod forward;
 mod icmp;
+mod icmp_nat;
 mod maps;
 mod nat;
 mod parse;
@@ -53,6 +54,8 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn process(ctx: &XdpContext) -> Verdict {
     let pkt = match parse::parse(ctx) {
         Ok(pkt) => pkt,
+        // ICMP among them: errors about NATed flows are translated (`icmp_nat`).
+        Err(Reason::PassOtherProto) => return icmp_nat::translate(ctx),
         Err(reason) => return Verdict::new(xdp_action::XDP_PASS, reason),
     };
     // One lookup serves established connections in both directions.
