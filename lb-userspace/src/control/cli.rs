@@ -635,7 +635,7 @@ mod tests {
                 vip: addr("198.18.100.1:80"),
                 protocol: Protocol::Tcp,
                 mode: Mode::L4,
-                forwarding: Forwarding::Nat,
+                forwarding: Forwarding::Ipip,
                 backends: 3,
                 packets: 1234,
                 bytes: 567890,
@@ -654,9 +654,9 @@ mod tests {
         assert_eq!(
             services_table(&list),
             "\
-NAME    VIP                  PROTO  MODE  BACKENDS  PACKETS   BYTES
-web     198.18.100.1:80      tcp    l4           3     1234  567890
-dns-v6  [fd00:18:100::1]:53  udp    l7          12        0       0
+NAME    VIP                  PROTO  MODE  FORWARDING  BACKENDS  PACKETS   BYTES
+web     198.18.100.1:80      tcp    l4    ipip               3     1234  567890
+dns-v6  [fd00:18:100::1]:53  udp    l7    -                 12        0       0
 "
         );
     }
@@ -724,7 +724,7 @@ pass_not_vip    12345      0
         assert_eq!(stats_table(&[]), "REASON  PACKETS  BYTES\n");
         assert_eq!(
             services_table(&[]),
-            "NAME  VIP  PROTO  MODE  BACKENDS  PACKETS  BYTES\n"
+            "NAME  VIP  PROTO  MODE  FORWARDING  BACKENDS  PACKETS  BYTES\n"
         );
     }
 
