@@ -200,9 +200,9 @@ fn ifindex(name: &str) -> Result<u32> {
 }
 
 /// Fails when pins made now would vanish with this process: /sys/fs/bpf is
-/// not mounted and this process has a mount namespace of its own, as under
-/// `ip netns exec` (whose fresh /sys goes away when the command exits, and
-/// with it the attachment).
+/// not mounted and this process has another mount namespace than the one
+/// that started it, as under `ip netns exec` (whose fresh /sys goes away
+/// when the command exits, and with it the attachment).
 fn check_pins_outlive_us() -> Result<()> {
     let bpffs_mounted = std::fs::read_to_string("/proc/self/mounts")
         .map(|m| {
@@ -212,9 +212,11 @@ fn check_pins_outlive_us() -> Result<()> {
             })
         })
         .unwrap_or(true);
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
     let own_mount_ns = match (
         std::fs::read_link("/proc/self/ns/mnt"),
-        std::fs::read_link("/proc/1/ns/mnt"),
+        std::fs::read_link(format!("/proc/{parent}/ns/mnt")),
     ) {
         (Ok(ours), Ok(init)) => ours != init,
         _ => false,
