@@ -425,6 +425,22 @@ impl Lab {
         Ok(())
     }
 
+    /// Detaches the pass program the lab attached to `iface` in `ns`, if it
+    /// attached one there, so that another XDP program (e.g. `lb decap` on a
+    /// backend's `eth0`) can take the interface; returns whether it did.
+    pub fn detach_pass(&mut self, ns: &str, iface: &str) -> Result<bool> {
+        let Some(attached) = xdp_prog_id(ns, iface)? else {
+            return Ok(false);
+        };
+        let ours = self.xdp.iter().position(|ebpf| {
+            ebpf.program(lb_common::maps::PROG_PASS)
+                .and_then(|p| p.info().ok())
+                .is_some_and(|info| info.id() == attached)
+        });
+        // Dropping the loaded object detaches its program.
+        Ok(ours.map(|i| self.xdp.remove(i)).is_some())
+    }
+
     /// Client namespace name.
     pub fn client_ns(&self) -> &str {
         &self.namespaces[0]
@@ -720,6 +736,20 @@ fn parse_packets(text: &str) -> Option<u64> {
         }
     }
     None
+}
+
+/// Id of the XDP program attached to `iface` in `ns`, if any (from `ip -j -d link`).
+fn xdp_prog_id(ns: &str, iface: &str) -> Result<Option<u32>> {
+    let out = netns::ip(&["-n", ns, "-j", "-d", "link", "show", "dev", iface])?;
+    let links: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing `ip -j link` output")?;
+    let id = links
+        .get(0)
+        .and_then(|l| l.get("xdp"))
+        .and_then(|x| x.get("prog"))
+        .and_then(|p| p.get("id"))
+        .and_then(serde_json::Value::as_u64);
+    Ok(id.and_then(|id| u32::try_from(id).ok()))
 }
 
 /// One readiness probe from inside a backend namespace: TCP and UDP, v4 and v6, over loopback.
