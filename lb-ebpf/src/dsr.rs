@@ -94,6 +94,47 @@ pub fn send(
     }
 }
 
+/// Sends an ICMP error about a flow of a DSR VIP (see `icmp_nat`) to the
+/// flow's backend in the VIP's mode. Errors are small (at most 576 bytes
+/// for IPv4, 1280 for IPv6): one that does not fit is dropped rather than
+/// answered. Reported as `tx`/`redirect`.
+#[inline(always)]
+pub fn send_error(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend_id: u32,
+    backend: &Backend,
+    flags: u32,
+    tx: Reason,
+    redirect: Reason,
+) -> Verdict {
+    let mut hop = NextHop::default();
+    let ipip = flags & VIP_F_IPIP != 0;
+    let overhead = match (ipip, pkt.key.family == FAMILY_V4) {
+        (false, _) => 0,
+        (true, true) => ENCAP_V4_OVERHEAD,
+        (true, false) => ENCAP_V6_OVERHEAD,
+    };
+    let fits = matches!(
+        forward::backend_hop(ctx.ctx, pkt, backend_id, &backend.addr, &mut hop),
+        Lookup::Found
+    ) && pkt.ip_len as u32 + overhead as u32 <= hop.mtu as u32;
+    if !fits {
+        return Verdict::new(xdp_action::XDP_DROP, Reason::DropTooBig);
+    }
+    if ipip {
+        let built = if pkt.key.family == FAMILY_V4 {
+            encap_v4(ctx, pkt, &backend.addr, &hop)
+        } else {
+            encap_v6(ctx, pkt, &backend.addr, &hop)
+        };
+        if let Err(reason) = built {
+            return Verdict::new(xdp_action::XDP_DROP, reason);
+        }
+    }
+    forward::transmit(ctx, &hop, tx, redirect)
+}
+
 /// A client's packet that does not fit the egress MTU once encapsulated:
 /// answered with "fragmentation needed" / "packet too big" carrying the
 /// room left (IPv6, IPv4 with DF); IPv4 without DF is dropped, since the

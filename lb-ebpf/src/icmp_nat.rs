@@ -38,7 +38,7 @@
 use aya_ebpf::{bindings::xdp_action, macros::map, maps::PerCpuArray, programs::XdpContext};
 use lb_common::{
     Addr, BACKEND_F_VALID, FAMILY_V4, FAMILY_V6, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey,
-    NextHop, PROTO_TCP, PROTO_UDP, Reason, addr_from_bytes, addr_to_bytes,
+    NextHop, PROTO_TCP, PROTO_UDP, Reason, VIP_F_DSR, VipKey, addr_from_bytes, addr_to_bytes,
     csum::{CsumDelta, udp_checksum_fixup},
 };
 use network_types::{
@@ -47,8 +47,8 @@ use network_types::{
 };
 
 use crate::{
-    checks, forward,
-    maps::{BACKENDS, FLOWS, PENDING, VIP_STATE},
+    checks, dsr, forward,
+    maps::{BACKENDS, FLOWS, PENDING, VIP_STATE, VIPS},
     nat::Side,
     parse::Packet,
     verdict::Verdict,
@@ -160,11 +160,14 @@ fn translate_checked(ctx: &XdpContext) -> Result<Verdict, Reason> {
         }
         _ => return Err(Reason::PassOtherProto),
     }
-    let pkt = &mut s.pkt;
     // An error goes to the quoted packet's source.
-    if s.key.dst != pkt.key.dst {
+    if s.key.dst != s.pkt.key.dst {
         return Err(Reason::PassOtherProto);
     }
+    if let Some(verdict) = to_dsr_backend(ctx, s) {
+        return Ok(verdict);
+    }
+    let pkt = &mut s.pkt;
     let flow = lookup(&s.key).ok_or(Reason::PassOtherProto)?;
     // What the quote's end becomes, and which end: see the module comment.
     if flow.direction == FLOW_TO_CLIENT {
@@ -218,6 +221,66 @@ fn translate_checked(ctx: &XdpContext) -> Result<Verdict, Reason> {
         return Err(Reason::PassNoNeighbour);
     }
     Ok(forward::transmit(ctx, &s.hop, tx, redirect))
+}
+
+/// An error addressed to a DSR VIP, quoting what a backend sent the client
+/// from it (fragmentation needed / packet too big from a router on the
+/// client's path, the client's port unreachable, ...): it belongs to the
+/// backend that serves the quoted flow, which is sent it untouched in the
+/// VIP's mode (`dsr::send`). That backend is the flow's entry's, or, with
+/// none (the flow is pinned on another balancer node, or its entry was
+/// evicted), the one Maglev gives the reversed quote, as Katran does: the
+/// one the flow's own packets get. `None` when the quote is not about a
+/// DSR VIP.
+#[inline(always)]
+fn to_dsr_backend(ctx: &XdpContext, s: &mut IcmpScratch) -> Option<Verdict> {
+    let vip = VipKey {
+        addr: s.key.dst,
+        port: s.key.dport,
+        proto: s.key.proto,
+        family: s.key.family,
+    };
+    // SAFETY: VIPS is updated whole-element by userspace.
+    let meta = unsafe { VIPS.get(&vip) }?;
+    let flags = meta.flags;
+    if flags & VIP_F_DSR == 0 {
+        return None;
+    }
+    let vip_id = meta.vip_id;
+    let generation = VIP_STATE.get(vip_id)?.generation;
+    let pinned = lookup(&s.key).and_then(|flow| {
+        (flow.direction == FLOW_TO_BACKEND
+            && flow.vip_id == vip_id
+            && flow.vip_generation == generation)
+            .then_some(flow.backend_id)
+    });
+    let chosen = match pinned {
+        Some(id) => match BACKENDS.get(id) {
+            Some(b) if b.flags & BACKEND_F_VALID != 0 => Ok((id, b)),
+            _ => crate::choose(vip_id, &s.key),
+        },
+        None => crate::choose(vip_id, &s.key),
+    };
+    let (backend_id, backend) = match chosen {
+        Ok(found) => found,
+        Err(reason) => return Some(Verdict::new(xdp_action::XDP_DROP, reason)),
+    };
+    if backend.family != s.pkt.key.family {
+        return Some(Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend));
+    }
+    if let Err(reason) = checks::forwardable(ctx, &s.pkt) {
+        return Some(Verdict::new(xdp_action::XDP_DROP, reason));
+    }
+    let backend = *backend;
+    Some(dsr::send_error(
+        ctx,
+        &s.pkt,
+        backend_id,
+        &backend,
+        flags,
+        Reason::TxIcmpToBackend,
+        Reason::RedirectIcmpToBackend,
+    ))
 }
 
 /// The flow entry of `key`: in `FLOWS`, else (TCP) in `PENDING`.

@@ -28,6 +28,10 @@ const CPORT: u16 = 40000;
 const VIP_L2: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 /// The `ipip` VIP with `mss_clamp`.
 const VIP_CLAMP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+/// The `ipip` VIP with three backends.
+const VIP_THREE: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
+/// A router on the client's path.
+const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 /// The outer IPv4 source the config names.
 const OUTER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 /// The outer IPv6 source the config names.
@@ -83,6 +87,18 @@ ring_size = 13
 address = "{b4}:80"
 
 [[service]]
+name = "three"
+vip = "{VIP_THREE}:80"
+forwarding = "ipip"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:80"
+[[service.backend]]
+address = "{b4_2}:80"
+[[service.backend]]
+address = "{b4_3}:80"
+
+[[service]]
 name = "clamp"
 vip = "{VIP_CLAMP}:80"
 forwarding = "ipip"
@@ -92,6 +108,8 @@ ring_size = 13
 address = "{b4}:80"
 "#,
         b4 = backend_v4(1),
+        b4_2 = backend_v4(2),
+        b4_3 = backend_v4(3),
         b6 = backend_v6(1),
     )
 }
@@ -154,13 +172,18 @@ fn tcp4(
 
 /// The frame `inner` (a client's frame) encapsulated IPIP to backend 1 from `outer_src`.
 fn ipip4(inner: &[u8], outer_src: Ipv4Addr) -> Vec<u8> {
+    ipip4_to(inner, outer_src, 1)
+}
+
+/// The frame `inner` encapsulated IPIP to backend `i` from `outer_src`.
+fn ipip4_to(inner: &[u8], outer_src: Ipv4Addr, i: usize) -> Vec<u8> {
     let inner_ip = Ipv4Header::from_slice(&inner[14..]).unwrap().0;
     let mut outer = Ipv4Header::new(
         (inner.len() - 14) as u16,
         64,
         IpNumber::IPV4,
         outer_src.octets(),
-        backend_v4(1).octets(),
+        backend_v4(i).octets(),
     )
     .unwrap();
     outer.dscp = inner_ip.dscp;
@@ -170,7 +193,7 @@ fn ipip4(inner: &[u8], outer_src: Ipv4Addr) -> Vec<u8> {
     let mut v = Vec::new();
     Ethernet2Header {
         source: LBB_MAC,
-        destination: backend_mac(1),
+        destination: backend_mac(i),
         ether_type: EtherType::IPV4,
     }
     .write(&mut v)
@@ -490,5 +513,116 @@ fn packets_that_no_longer_fit_once_encapsulated_get_the_room_left() {
         assert_eq!((action, out), (XDP_TX, expected));
         assert_eq!(reason_count(b, Reason::TxTooBig), 2);
         assert_eq!(reason_count(b, Reason::PassTooBig), 0);
+    });
+}
+
+/// Which backend (1..=3) an IPIP frame from the data plane is addressed to.
+fn outer_backend(out: &[u8]) -> usize {
+    (1..=3)
+        .find(|i| out[30..34] == backend_v4(*i).octets())
+        .expect("addressed to a lab backend")
+}
+
+/// "Fragmentation needed" from a router to the VIP, quoting the segment
+/// the backend sent the client from `VIP_THREE` to port `cport`.
+fn frag_needed_to_vip(cport: u16) -> Vec<u8> {
+    let mut quoted = Vec::new();
+    PacketBuilder::ipv4(VIP_THREE.octets(), CLIENT_V4.octets(), 63)
+        .tcp(80, cport, 77, 4096)
+        .ack(1)
+        .write(&mut quoted, &[0x42; 1400])
+        .unwrap();
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+        .ipv4(ROUTER_V4.octets(), VIP_THREE.octets(), 60)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut v, &quoted[..20 + 8])
+        .unwrap();
+    v
+}
+
+#[test]
+fn frag_needed_for_a_dsr_vip_reaches_the_backend_that_owns_the_quoted_flow() {
+    with_fixture(&OUTER_V4.to_string(), |b, net| {
+        // Several flows, so that more than one backend owns one.
+        let mut owners = Vec::new();
+        for cport in 41000..41012u16 {
+            let syn = tcp4(VIP_THREE, cport, 80, "S", &[]);
+            let (action, out) = run_xdp(b, &syn, net.lbc).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+            let ack = tcp4(VIP_THREE, cport, 80, "A", &[]);
+            assert_eq!(run_xdp(b, &ack, net.lbc).unwrap().0, XDP_REDIRECT);
+            owners.push((cport, outer_backend(&out)));
+        }
+        assert!(
+            owners.iter().any(|(_, o)| *o != owners[0].1),
+            "the flows should not all be on one backend: {owners:?}"
+        );
+        // Each error goes, untouched, to the owner of the flow it quotes.
+        for (cport, owner) in &owners {
+            let icmp = frag_needed_to_vip(*cport);
+            let (action, out) = run_xdp(b, &icmp, net.lbc).unwrap();
+            assert_eq!(action, XDP_REDIRECT, "port {cport}");
+            assert_eq!(out, ipip4_to(&icmp, OUTER_V4, *owner), "port {cport}");
+        }
+        assert_eq!(
+            reason_count(b, Reason::RedirectIcmpToBackend),
+            owners.len() as u64
+        );
+        // A flow this balancer holds no entry for (another node's, in ECMP):
+        // the backend Maglev gives its packets, which a SYN then confirms.
+        for cport in 42000..42006u16 {
+            let icmp = frag_needed_to_vip(cport);
+            let (action, out) = run_xdp(b, &icmp, net.lbc).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+            let by_icmp = outer_backend(&out);
+            let syn = tcp4(VIP_THREE, cport, 80, "S", &[]);
+            let (_, out) = run_xdp(b, &syn, net.lbc).unwrap();
+            assert_eq!(by_icmp, outer_backend(&out), "port {cport}");
+        }
+    });
+}
+
+#[test]
+fn packet_too_big_for_an_ipv6_dsr_vip_is_sent_on_encapsulated() {
+    with_fixture(&OUTER_V4.to_string(), |b, net| {
+        let router = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
+        let mut quoted = Vec::new();
+        PacketBuilder::ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 63)
+            .tcp(80, CPORT, 77, 4096)
+            .ack(1)
+            .write(&mut quoted, &[0x42; 1400])
+            .unwrap();
+        let mut icmp = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv6(router.octets(), VIP_V6.octets(), 60)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut icmp, &quoted[..1280 - 48])
+            .unwrap();
+        let (action, out) = run_xdp(b, &icmp, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        let outer = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Ipv6FlowLabel::ZERO,
+            payload_length: (icmp.len() - 14) as u16,
+            next_header: IpNumber::IPV6,
+            hop_limit: 64,
+            source: OUTER_V6.octets(),
+            destination: backend_v6(1).octets(),
+        };
+        let mut expected = Vec::new();
+        Ethernet2Header {
+            source: LBB_MAC,
+            destination: backend_mac(1),
+            ether_type: EtherType::IPV6,
+        }
+        .write(&mut expected)
+        .unwrap();
+        outer.write(&mut expected).unwrap();
+        expected.extend_from_slice(&icmp[14..]);
+        assert_eq!(out, expected);
+        assert_eq!(reason_count(b, Reason::RedirectIcmpToBackend), 1);
     });
 }
