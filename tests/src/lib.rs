@@ -229,6 +229,7 @@ impl Drop for RunningLab {
         }
     }
 }
+pub mod l4bench;
 pub mod l7bench;
 pub mod l7instr;
 pub mod l7mem;
