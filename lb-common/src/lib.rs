@@ -7,9 +7,11 @@
 extern crate alloc;
 
 pub mod csum;
+pub mod decap;
 pub mod hash;
 #[cfg(feature = "user")]
 pub mod maglev;
 pub mod maps;
 
+pub use decap::*;
 pub use maps::*;

@@ -123,6 +123,20 @@ pub const NEXTHOP_CACHE_SIZE: u32 = 16384;
 /// How long a cached next hop is used before the FIB is asked again, so route
 /// and neighbour changes are picked up within this time.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+/// Map name: backend id -> `BackendHop` (PERCPU_ARRAY, `MAX_BACKENDS`): the
+/// next hop toward each backend, cached per backend rather than per flow so an
+/// established flow's packet costs one array read. Per CPU, so an entry is
+/// never read half-written; refreshed from `bpf_fib_lookup` every
+/// `NEXTHOP_TTL_NS`, and ignored when its address is not the slot's current
+/// backend (slots are reused).
+pub const MAP_BACKEND_HOPS: &str = "BACKEND_HOPS";
+/// Map name: family index (`ENCAP_SRC_V4`, `ENCAP_SRC_V6`) -> `EncapSource`
+/// (ARRAY, 2): the outer source addresses of `ipip` mode.
+pub const MAP_ENCAP_SOURCES: &str = "ENCAP_SOURCES";
+/// `ENCAP_SOURCES` index of the IPv4 outer source.
+pub const ENCAP_SRC_V4: u32 = 0;
+/// `ENCAP_SOURCES` index of the IPv6 outer source.
+pub const ENCAP_SRC_V6: u32 = 1;
 /// Map name: VIP id -> `Traffic` (PERCPU_ARRAY, `MAX_VIPS`).
 pub const MAP_VIP_STATS: &str = "VIP_STATS";
 /// Map name: backend id -> `Traffic` (PERCPU_ARRAY, `MAX_BACKENDS`).
@@ -142,7 +156,7 @@ pub const MAP_IF_MACS: &str = "IF_MACS";
 pub const MAX_IFINDEX: u32 = 65536;
 
 /// Every map of the `lb-xdp` object (what the agent pins for a hitless restart).
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_VIPS,
     MAP_VIP_STATE,
     MAP_RINGS,
@@ -159,6 +173,8 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_DENY_V4,
     MAP_DENY_V6,
     MAP_SETTINGS,
+    MAP_BACKEND_HOPS,
+    MAP_ENCAP_SOURCES,
 ];
 
 /// Name of the load-balancing XDP program in the `lb-xdp` object.
@@ -184,6 +200,24 @@ pub struct VipKey {
 
 /// VIP flag: pass this VIP's packets to the kernel stack (the L7 proxy serves it).
 pub const VIP_F_L7: u32 = 1;
+/// VIP flag (`forwarding = "ipip"`): a client's packet is sent to its backend
+/// untouched inside an outer IPv4 (IPIP) or IPv6 (IP6IP6) header; the backend
+/// answers the client directly, so no reply state is kept.
+pub const VIP_F_IPIP: u32 = 2;
+/// VIP flag (`forwarding = "l2"`): only the destination MAC is changed to the
+/// backend's (on the balancer's L2 segment); replies bypass the balancer.
+pub const VIP_F_L2: u32 = 4;
+/// VIP flag (`mss_clamp = true`, ipip only): the MSS option of a client's SYN
+/// is lowered so that the encapsulated segments fit the egress MTU.
+pub const VIP_F_MSS_CLAMP: u32 = 8;
+/// Either direct-server-return mode: the backend replies to the client itself.
+pub const VIP_F_DSR: u32 = VIP_F_IPIP | VIP_F_L2;
+/// Bytes an outer IPv4 header adds in `ipip` mode.
+pub const ENCAP_V4_OVERHEAD: u16 = 20;
+/// Bytes an outer IPv6 header adds in `ipip` mode.
+pub const ENCAP_V6_OVERHEAD: u16 = 40;
+/// TTL / hop limit of the outer header in `ipip` mode.
+pub const ENCAP_TTL: u8 = 64;
 
 /// Per-VIP state the data plane checks flows against: a flow created under an
 /// older generation is looked up afresh (the VIP was removed, re-added or
@@ -315,6 +349,37 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
+/// Value of `BACKEND_HOPS`: the next hop toward one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendHop {
+    /// The backend address the hop was looked up for (a reused slot's old
+    /// entry does not match and is looked up again).
+    pub addr: Addr,
+    /// The cached FIB answer; `expires_ns` 0 = empty.
+    pub hop: NextHop,
+}
+
+/// Value of `ENCAP_SOURCES`: where the outer source of `ipip` packets comes from.
+///
+/// Outer source = `addr | (client's source address ^ source port) & host_mask`
+/// on the address's last word (IPv4: its only word; IPv6: the low 32 bits).
+/// A zero mask gives one fixed address; a mask over the host bits of a
+/// prefix gives each client flow its own source in that prefix, so backends
+/// whose NICs spread IPIP traffic over receive queues by outer addresses (as
+/// most do) spread it by flow, as Katran does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EncapSource {
+    /// Base address, network order.
+    pub addr: Addr,
+    /// Host bits taken from the flow, as a network-order word.
+    pub host_mask: u32,
+    /// 1 when configured; `ipip` packets of a family without one are dropped
+    /// (`DropNoEncapSource`).
+    pub set: u32,
+}
+
 /// An address alone (key of `BACKEND_ADDRS`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -410,9 +475,10 @@ pub struct Traffic {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// VIP packet NATed to a backend and sent back out the same interface.
+    /// VIP packet sent to its backend (NATed, or in a DSR mode encapsulated
+    /// or re-addressed at L2) out of the interface it came in on.
     TxForward = 0,
-    /// VIP packet NATed to a backend and redirected to another interface.
+    /// VIP packet sent to its backend, as `TxForward`, through another interface.
     RedirectForward = 1,
     /// Backend reply translated back to the VIP and sent out the same interface.
     TxReply = 2,
@@ -427,8 +493,12 @@ pub enum Reason {
     /// IPv4 fragment: passed (ports are unknown).
     PassFragment = 7,
     /// IPv6 with extension headers, or a protocol other than TCP/UDP: passed.
+    /// ICMP too, except the errors about NATed flows that are translated
+    /// (`TxIcmpToClient`, ...); one that finds no flow is passed untouched.
     PassOtherProto = 8,
     /// Truncated or inconsistent headers: passed untouched for the stack to drop.
+    /// (Also an ICMP error whose quoted packet is too short to hold its
+    /// ports, or inconsistent.)
     PassMalformed = 9,
     /// Backend reply whose TTL or hop limit would reach zero: passed so the
     /// stack sends ICMP time exceeded to the backend. (For a packet to a VIP,
@@ -474,10 +544,31 @@ pub enum Reason {
     /// reply with DF or IPv6 passed untouched, for the stack to send the
     /// backend "fragmentation needed" / "packet too big".
     PassTooBig = 24,
+    /// Packet to an `ipip` VIP that would not fit the egress MTU once
+    /// encapsulated and may not be answered with "fragmentation needed"
+    /// (IPv4 without DF): dropped, as a router without room to fragment would.
+    DropTooBig = 25,
+    /// Packet to an `ipip` VIP of a family with no outer source configured
+    /// (the agent always sets one; seen only while it starts): dropped.
+    DropNoEncapSource = 26,
+    /// ICMP error quoting a client's packet to a backend of a NATed flow
+    /// (sent by the backend, e.g. port unreachable, or by a router toward
+    /// it): translated to quote the client's packet to the VIP (and to come
+    /// from the VIP if the backend sent it) and sent out the same interface.
+    TxIcmpToClient = 27,
+    /// As `TxIcmpToClient`, redirected to another interface.
+    RedirectIcmpToClient = 28,
+    /// ICMP error addressed to a VIP quoting its reply to a client of a
+    /// NATed flow (a router on the client's path, e.g. fragmentation needed
+    /// / packet too big): translated to quote the backend's reply and sent
+    /// to the backend, out of the same interface.
+    TxIcmpToBackend = 29,
+    /// As `TxIcmpToBackend`, redirected to another interface.
+    RedirectIcmpToBackend = 30,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 25;
+pub const REASON_COUNT: u32 = 31;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -507,6 +598,12 @@ impl Reason {
         Reason::DropRateLimited,
         Reason::TxTooBig,
         Reason::PassTooBig,
+        Reason::DropTooBig,
+        Reason::DropNoEncapSource,
+        Reason::TxIcmpToClient,
+        Reason::RedirectIcmpToClient,
+        Reason::TxIcmpToBackend,
+        Reason::RedirectIcmpToBackend,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -537,6 +634,12 @@ impl Reason {
             Reason::DropRateLimited => "drop_rate_limited",
             Reason::TxTooBig => "tx_too_big",
             Reason::PassTooBig => "pass_too_big",
+            Reason::DropTooBig => "drop_too_big",
+            Reason::DropNoEncapSource => "drop_no_encap_source",
+            Reason::TxIcmpToClient => "tx_icmp_to_client",
+            Reason::RedirectIcmpToClient => "redirect_icmp_to_client",
+            Reason::TxIcmpToBackend => "tx_icmp_to_backend",
+            Reason::RedirectIcmpToBackend => "redirect_icmp_to_backend",
         }
     }
 }
@@ -559,6 +662,8 @@ mod pod {
     unsafe impl aya::Pod for super::IfMac {}
     unsafe impl aya::Pod for super::RateWindow {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::BackendHop {}
+    unsafe impl aya::Pod for super::EncapSource {}
 }
 
 #[cfg(test)]
@@ -583,6 +688,8 @@ mod tests {
         assert_eq!(size_of::<IfMac>(), 8);
         assert_eq!(size_of::<RateWindow>(), 16);
         assert_eq!(size_of::<Settings>(), 16);
+        assert_eq!(size_of::<BackendHop>(), 16 + 24);
+        assert_eq!(size_of::<EncapSource>(), 16 + 4 + 4);
     }
 
     fn v4(s: &str) -> Addr {

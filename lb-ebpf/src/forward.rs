@@ -13,7 +13,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     icmp,
-    maps::NEXTHOPS,
+    maps::{BACKEND_HOPS, NEXTHOPS},
     nat::{self, Side},
     parse::{Packet, ptr_at},
     verdict::Verdict,
@@ -24,8 +24,18 @@ const AF_INET6: u8 = 10;
 /// IPv4 "don't fragment" flag in the flags/offset word.
 const IP_DF: u16 = 0x4000;
 
+/// Where a packet is going: to a backend (its id selects the per-backend
+/// next-hop cache) or back to a client.
+#[derive(Clone, Copy)]
+pub enum Toward {
+    /// A client's packet to the backend with this id.
+    Backend(u32),
+    /// A backend's reply to a client.
+    Client,
+}
+
 /// NATs `side` of the packet to `addr:port` and sends it toward its new
-/// destination. `to_backend` selects which pair of reasons is reported.
+/// destination.
 #[inline(always)]
 pub fn send(
     ctx: &XdpContext,
@@ -33,7 +43,7 @@ pub fn send(
     addr: &Addr,
     port: u16,
     side: Side,
-    to_backend: bool,
+    toward: Toward,
 ) -> Verdict {
     if pkt.ttl <= 1 {
         // A backend's reply (a packet to a VIP was answered before it got
@@ -44,9 +54,12 @@ pub fn send(
         Side::Destination => (&pkt.key.src, addr),
         Side::Source => (addr, &pkt.key.dst),
     };
-    let ingress = ctx.ingress_ifindex() as u32;
     let mut hop = NextHop::default();
-    match next_hop(ctx.ctx, pkt, dst, src, &mut hop) {
+    let lookup = match toward {
+        Toward::Backend(id) => backend_hop(ctx.ctx, pkt, id, dst, &mut hop),
+        Toward::Client => next_hop(ctx.ctx, pkt, dst, src, &mut hop),
+    };
+    match lookup {
         Lookup::Found if pkt.ip_len > hop.mtu => {
             return too_big(ctx, pkt, addr, port, side, hop.mtu);
         }
@@ -64,30 +77,10 @@ pub fn send(
     if let Err(reason) = nat::rewrite(ctx, pkt, side, addr, port, true) {
         return Verdict::new(xdp_action::XDP_PASS, reason);
     }
-    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return Verdict::new(xdp_action::XDP_PASS, Reason::PassMalformed);
-    };
-    // SAFETY: bounds-checked by ptr_at.
-    unsafe {
-        (*eth).dst_addr = hop.dmac;
-        (*eth).src_addr = hop.smac;
+    match toward {
+        Toward::Backend(_) => transmit(ctx, &hop, Reason::TxForward, Reason::RedirectForward),
+        Toward::Client => transmit(ctx, &hop, Reason::TxReply, Reason::RedirectReply),
     }
-    let egress = hop.ifindex as u32;
-    if egress == ingress {
-        let reason = if to_backend {
-            Reason::TxForward
-        } else {
-            Reason::TxReply
-        };
-        return Verdict::new(xdp_action::XDP_TX, reason);
-    }
-    let reason = if to_backend {
-        Reason::RedirectForward
-    } else {
-        Reason::RedirectReply
-    };
-    // SAFETY: helper call; returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
-    Verdict::new(unsafe { bpf_redirect(egress, 0) } as u32, reason)
 }
 
 /// A packet larger than the egress `mtu`. IPv4 without DF may be
@@ -125,7 +118,7 @@ fn too_big(
 
 /// Outcome of a next-hop lookup.
 #[repr(u32)]
-enum Lookup {
+pub enum Lookup {
     /// Next hop written to the out parameter.
     Found,
     /// Route found but the neighbour is not resolved yet (or the egress
@@ -157,6 +150,53 @@ fn next_hop(ctx: *mut xdp_md, pkt: &Packet, dst: &Addr, src: &Addr, out: &mut Ne
         *out = *hop;
         return Lookup::Found;
     }
+    let found = fib(ctx, pkt, dst, src, now, out);
+    if let Lookup::Found = found {
+        let _ = NEXTHOPS.insert(key, *out, 0);
+    }
+    found
+}
+
+/// The next hop toward backend `id` at `dst`: one per-CPU array read while
+/// the entry is fresh and still for that address, else `bpf_fib_lookup`
+/// (whose answer is then cached in the slot).
+#[inline(always)]
+pub fn backend_hop(
+    ctx: *mut xdp_md,
+    pkt: &Packet,
+    id: u32,
+    dst: &Addr,
+    out: &mut NextHop,
+) -> Lookup {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let Some(slot) = BACKEND_HOPS.get_ptr_mut(id) else {
+        return Lookup::Failed;
+    };
+    // SAFETY: per-CPU slot: only this program on this CPU uses it.
+    let slot = unsafe { &mut *slot };
+    if slot.hop.expires_ns > now && slot.hop.mtu != 0 && slot.addr == *dst {
+        *out = slot.hop;
+        return Lookup::Found;
+    }
+    let found = fib(ctx, pkt, dst, &pkt.key.src, now, out);
+    if let Lookup::Found = found {
+        slot.addr = *dst;
+        slot.hop = *out;
+    }
+    found
+}
+
+/// Asks `bpf_fib_lookup` for the next hop toward `dst` and the route's MTU.
+#[inline(always)]
+fn fib(
+    ctx: *mut xdp_md,
+    pkt: &Packet,
+    dst: &Addr,
+    src: &Addr,
+    now: u64,
+    out: &mut NextHop,
+) -> Lookup {
     // SAFETY: plain-old-data struct; all-zero is a valid request.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     if pkt.key.family == FAMILY_V4 {
@@ -224,6 +264,47 @@ fn next_hop(ctx: *mut xdp_md, pkt: &Packet, dst: &Addr, src: &Addr, out: &mut Ne
     } else if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         out.mtu = u16::MAX;
     }
-    let _ = NEXTHOPS.insert(key, *out, 0);
     Lookup::Found
+}
+
+/// The next hop for a packet its caller rewrites itself (an ICMP error
+/// about a NATed flow, see `icmp_nat`), toward `pkt.key.dst` from
+/// `pkt.key.src` (the addresses it will leave with), found as `send` finds
+/// it and written to `hop`. `Ok(true)`: rewrite it (TTL decremented) and
+/// `transmit` it. `Ok(false)`: no neighbour yet, rewrite it without the
+/// TTL decrement and pass it (`PassNoNeighbour`): the stack forwards it.
+/// `Err`: what to do with it untouched: larger than the route's MTU, passed
+/// (nothing answers an ICMP error with another); no route, dropped.
+#[inline(always)]
+pub fn route(ctx: &XdpContext, pkt: &Packet, hop: &mut NextHop) -> Result<bool, Verdict> {
+    match next_hop(ctx.ctx, pkt, &pkt.key.dst, &pkt.key.src, hop) {
+        Lookup::Found if pkt.ip_len > hop.mtu => {
+            Err(Verdict::new(xdp_action::XDP_PASS, Reason::PassTooBig))
+        }
+        Lookup::Found => Ok(true),
+        Lookup::TooBig => Err(Verdict::new(xdp_action::XDP_PASS, Reason::PassTooBig)),
+        Lookup::NoNeighbour => Ok(false),
+        Lookup::Failed => Err(Verdict::new(xdp_action::XDP_DROP, Reason::DropFibFailed)),
+    }
+}
+
+/// Sends a rewritten packet to the next hop `route` found: its MAC
+/// addresses, then XDP_TX (counted as `tx`) out of the interface it came
+/// in on, or XDP_REDIRECT (`redirect`) to another.
+#[inline(always)]
+pub fn transmit(ctx: &XdpContext, hop: &NextHop, tx: Reason, redirect: Reason) -> Verdict {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Verdict::new(xdp_action::XDP_PASS, Reason::PassMalformed);
+    };
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = hop.dmac;
+        (*eth).src_addr = hop.smac;
+    }
+    let egress = hop.ifindex as u32;
+    if egress == ctx.ingress_ifindex() as u32 {
+        return Verdict::new(xdp_action::XDP_TX, tx);
+    }
+    // SAFETY: helper call; returns XDP_REDIRECT, or XDP_ABORTED on a bad ifindex.
+    Verdict::new(unsafe { bpf_redirect(egress, 0) } as u32, redirect)
 }

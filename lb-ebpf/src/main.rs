@@ -20,8 +20,10 @@
 #![no_main]
 
 mod checks;
+mod dsr;
 mod forward;
 mod icmp;
+mod icmp_nat;
 mod maps;
 mod nat;
 mod parse;
@@ -31,7 +33,7 @@ mod verdict;
 use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
     BACKEND_F_VALID, Backend, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey, PROTO_TCP, Reason,
-    VIP_F_L7, VipKey, hash::flow_hash,
+    VIP_F_DSR, VIP_F_L7, VipKey, hash::flow_hash,
 };
 
 use crate::{
@@ -53,11 +55,15 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn process(ctx: &XdpContext) -> Verdict {
     let pkt = match parse::parse(ctx) {
         Ok(pkt) => pkt,
+        // ICMP among them: errors about NATed flows are translated (`icmp_nat`).
+        Err(Reason::PassOtherProto) => return icmp_nat::translate(ctx),
         Err(reason) => return Verdict::new(xdp_action::XDP_PASS, reason),
     };
     // One lookup serves established connections in both directions.
     let mut pinned: Option<(u32, u32)> = None; // (vip id, backend id)
     let mut create: Option<(u32, u32)> = None; // (vip id, VIP generation)
+    // The VIP's `VIP_F_*` bits (its forwarding mode).
+    let mut flags = 0;
     // An established flow whose backend is gone: re-pinned in FLOWS directly.
     let mut rehash = false;
     // SAFETY: LRU entries are written whole by this program; a racing update at
@@ -71,6 +77,7 @@ fn process(ctx: &XdpContext) -> Verdict {
         if let Some(state) = VIP_STATE.get(flow.vip_id)
             && state.generation == flow.vip_generation
         {
+            flags = state.flags;
             match BACKENDS.get(flow.backend_id) {
                 Some(b) if b.flags & BACKEND_F_VALID != 0 => {
                     pinned = Some((flow.vip_id, flow.backend_id))
@@ -103,6 +110,7 @@ fn process(ctx: &XdpContext) -> Verdict {
         let Some(state) = VIP_STATE.get(meta.vip_id) else {
             return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend);
         };
+        flags = meta.flags;
         create = Some((meta.vip_id, state.generation));
     }
     // From here the packet goes to a backend unless a check refuses it; flows
@@ -115,18 +123,20 @@ fn process(ctx: &XdpContext) -> Verdict {
     {
         return Verdict::new(xdp_action::XDP_DROP, reason);
     }
-    // Expiring here: answer for the VIP (the stack would say "unreachable",
-    // having no route for it), and create no flow.
-    if pkt.ttl <= 1 {
+    // Expiring here (NAT routes it one hop; DSR passes it on untouched):
+    // answer for the VIP (the stack would say "unreachable", having no
+    // route for it), and create no flow.
+    if pkt.ttl <= 1 && flags & VIP_F_DSR == 0 {
         return icmp::time_exceeded(ctx, &pkt);
     }
     if let Some((vip_id, generation)) = create {
         // TCP handshakes are admitted through PENDING; UDP and re-pinned
         // established flows go to FLOWS as they always did.
+        let dsr = flags & VIP_F_DSR != 0;
         let chosen = if pkt.key.proto == PROTO_TCP && !rehash {
-            admit_tcp(&pkt, vip_id, generation)
+            admit_tcp(&pkt, vip_id, generation, dsr)
         } else {
-            new_flow(&pkt, vip_id, generation, rehash)
+            new_flow(&pkt, vip_id, generation, rehash, dsr)
         };
         match chosen {
             Ok(backend_id) => pinned = Some((vip_id, backend_id)),
@@ -139,7 +149,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     match BACKENDS.get(backend_id) {
         Some(b) if b.flags & BACKEND_F_VALID != 0 => {
             let backend = *b;
-            to_backend(ctx, &pkt, vip_id, backend_id, &backend)
+            to_backend(ctx, &pkt, vip_id, backend_id, &backend, flags)
         }
         _ => Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
     }
@@ -157,7 +167,7 @@ fn to_client(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Verdict {
         &flow.vip_addr,
         flow.vip_port,
         nat::Side::Source,
-        false,
+        forward::Toward::Client,
     )
 }
 
@@ -180,7 +190,8 @@ fn not_a_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     Verdict::new(xdp_action::XDP_PASS, Reason::PassNotVip)
 }
 
-/// Client -> VIP on a pinned backend: NAT the destination to it.
+/// Client -> VIP on a pinned backend: NAT the destination to it, or, in a
+/// DSR mode (`flags`), send the packet to it as it is.
 #[inline(always)]
 fn to_backend(
     ctx: &XdpContext,
@@ -188,19 +199,24 @@ fn to_backend(
     vip_id: u32,
     backend_id: u32,
     backend: &Backend,
+    flags: u32,
 ) -> Verdict {
     if backend.family != pkt.key.family {
         return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend);
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let verdict = forward::send(
-        ctx,
-        pkt,
-        &backend.addr,
-        backend.port,
-        nat::Side::Destination,
-        true,
-    );
+    let verdict = if flags & VIP_F_DSR != 0 {
+        dsr::send(ctx, pkt, backend_id, backend, flags)
+    } else {
+        forward::send(
+            ctx,
+            pkt,
+            &backend.addr,
+            backend.port,
+            nat::Side::Destination,
+            forward::Toward::Backend(backend_id),
+        )
+    };
     if verdict.is(Reason::TxForward) || verdict.is(Reason::RedirectForward) {
         stats::count_vip(vip_id, len);
         stats::count_backend(backend_id, len);
@@ -256,12 +272,24 @@ use crate::maps::scratch;
 // stack that has no room left.
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-fn new_flow(pkt: &Packet, vip_id: u32, generation: u32, rehash: bool) -> Result<u32, Reason> {
+fn new_flow(
+    pkt: &Packet,
+    vip_id: u32,
+    generation: u32,
+    rehash: bool,
+    dsr: bool,
+) -> Result<u32, Reason> {
     if !rehash {
         checks::new_flow_rate(pkt)?;
     }
     let (backend_id, backend) = choose(vip_id, &pkt.key)?;
     let s = scratch()?;
+    if dsr {
+        // Replies bypass the balancer: only the client's direction is kept.
+        client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
+        let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+        return Ok(backend_id);
+    }
     // The reply arrives with the backend as source; remember how to undo the NAT.
     reply_key(pkt, backend, &mut s.reply);
     if reply_collides(&FLOWS, pkt, &s.reply, &mut s.other) {
@@ -284,7 +312,7 @@ fn new_flow(pkt: &Packet, vip_id: u32, generation: u32, rehash: bool) -> Result<
 // stack that has no room left.
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32) -> Result<u32, Reason> {
+fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32, dsr: bool) -> Result<u32, Reason> {
     // SAFETY: LRU entries are written whole by this program.
     if let Some(p) = unsafe { PENDING.get(&pkt.key) }
         && p.direction == FLOW_TO_BACKEND
@@ -298,6 +326,11 @@ fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32) -> Result<u32, Reason> 
             // The client answered the SYN-ACK: a real connection.
             let s = scratch()?;
             s.flow = *p;
+            if dsr {
+                let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+                let _ = PENDING.remove(&pkt.key);
+                return Ok(backend_id);
+            }
             reply_key(pkt, b, &mut s.reply);
             let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
             s.flow.direction = FLOW_TO_CLIENT;
@@ -310,6 +343,14 @@ fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32) -> Result<u32, Reason> 
     checks::new_flow_rate(pkt)?;
     let (backend_id, backend) = choose(vip_id, &pkt.key)?;
     let s = scratch()?;
+    if dsr {
+        // As below, without a reply direction: the backend answers the client.
+        if pkt.tcp_flags & TCP_RST == 0 {
+            client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
+            let _ = PENDING.insert(&pkt.key, &s.flow, 0);
+        }
+        return Ok(backend_id);
+    }
     reply_key(pkt, backend, &mut s.reply);
     if reply_collides(&FLOWS, pkt, &s.reply, &mut s.other)
         || reply_collides(&PENDING, pkt, &s.reply, &mut s.other)

@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AddrKey, Backend, DenyKeyV4, DenyKeyV6, FLOW_TABLE_SIZE, Flow, FlowKey, IfMac, MAX_BACKENDS,
-    MAX_DENY_PREFIXES, MAX_IFINDEX, MAX_VIPS, NEXTHOP_CACHE_SIZE, NextHop, NextHopKey,
-    PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT, RateWindow, Reason, Ring, Settings, Traffic,
-    VipKey, VipMeta, VipState,
+    AddrKey, Backend, BackendHop, DenyKeyV4, DenyKeyV6, EncapSource, FLOW_TABLE_SIZE, Flow,
+    FlowKey, IfMac, MAX_BACKENDS, MAX_DENY_PREFIXES, MAX_IFINDEX, MAX_VIPS, NEXTHOP_CACHE_SIZE,
+    NextHop, NextHopKey, PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT, RateWindow, Reason,
+    Ring, Settings, Traffic, VipKey, VipMeta, VipState,
 };
 
 /// VIP (address, port, protocol) -> id and flags.
@@ -62,6 +62,14 @@ pub static VIP_STATE: Array<VipState> = Array::with_max_entries(MAX_VIPS, 0);
 pub static NEXTHOPS: LruPerCpuHashMap<NextHopKey, NextHop> =
     LruPerCpuHashMap::with_max_entries(NEXTHOP_CACHE_SIZE, 0);
 
+/// Backend id -> next hop toward it, per CPU (see `MAP_BACKEND_HOPS`).
+#[map]
+pub static BACKEND_HOPS: PerCpuArray<BackendHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Outer source of `ipip` packets, per family (see `MAP_ENCAP_SOURCES`).
+#[map]
+pub static ENCAP_SOURCES: Array<EncapSource> = Array::with_max_entries(2, 0);
+
 /// Per-VIP packets/bytes received from clients and forwarded.
 #[map]
 pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
@@ -102,6 +110,8 @@ pub struct Scratch {
     pub deny_v4: Key<DenyKeyV4>,
     /// An IPv6 deny-list lookup.
     pub deny_v6: Key<DenyKeyV6>,
+    /// A SYN's TCP options (MSS clamping).
+    pub tcp_options: [u8; crate::dsr::TCP_OPTIONS_MAX],
 }
 
 /// This CPU's `Scratch`; `DropNoBackend` if the map cannot give it (it

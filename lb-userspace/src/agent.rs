@@ -184,6 +184,7 @@ impl Agent {
                     vip: s.vip,
                     protocol: s.protocol,
                     mode: s.mode,
+                    forwarding: s.forwarding,
                     backends: s.backends.len(),
                     packets: t.packets,
                     bytes: t.bytes,

@@ -8,15 +8,16 @@ use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::{
-    Addr, AddrKey, BACKEND_F_VALID, Backend, FAMILY_V4, FAMILY_V6, MAX_BACKENDS, MAX_VIPS,
-    Settings, VIP_F_L7, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
+    Addr, AddrKey, BACKEND_F_VALID, Backend, ENCAP_SRC_V4, ENCAP_SRC_V6, EncapSource, FAMILY_V4,
+    FAMILY_V6, MAX_BACKENDS, MAX_VIPS, Settings, VIP_F_IPIP, VIP_F_L2, VIP_F_L7, VIP_F_MSS_CLAMP,
+    VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
     hash::backend_identity,
     maglev::{self, MaglevInput},
 };
 use tracing::info;
 
 use crate::{
-    config::{Config, DenyPrefix, Mode, Protocol, Service},
+    config::{Config, DenyPrefix, Forwarding, Mode, Protocol, Service},
     dataplane::{Dataplane, PinnedState},
 };
 
@@ -66,6 +67,34 @@ pub fn backend_value(addr: SocketAddr, vip_id: u32) -> Backend {
         family,
         flags: BACKEND_F_VALID,
         vip_id,
+    }
+}
+
+/// The data plane's `VIP_F_*` bits for a service: where its packets go.
+pub fn vip_flags(service: &Service) -> u32 {
+    match (service.mode, service.forwarding) {
+        (Mode::L7, _) => VIP_F_L7,
+        (Mode::L4, Forwarding::Nat) => 0,
+        (Mode::L4, Forwarding::L2) => VIP_F_L2,
+        (Mode::L4, Forwarding::Ipip) if service.mss_clamp => VIP_F_IPIP | VIP_F_MSS_CLAMP,
+        (Mode::L4, Forwarding::Ipip) => VIP_F_IPIP,
+    }
+}
+
+/// The `ENCAP_SOURCES` entry of a configured outer source: the prefix's
+/// address, and a mask over its host bits in the last 32-bit word.
+pub fn encap_source(prefix: &DenyPrefix) -> EncapSource {
+    let (addr, family) = ip_to_addr(prefix.addr);
+    let word_bits = if family == FAMILY_V4 {
+        u32::from(prefix.len)
+    } else {
+        u32::from(prefix.len).saturating_sub(96)
+    };
+    let host = u32::MAX.checked_shr(word_bits).unwrap_or(0);
+    EncapSource {
+        addr,
+        host_mask: u32::from_ne_bytes(host.to_be_bytes()),
+        set: 1,
     }
 }
 
@@ -285,6 +314,8 @@ impl Balancer {
         availability: &dyn Fn(&str, SocketAddr) -> Availability,
     ) -> Result<ApplySummary> {
         let mut summary = ApplySummary::default();
+        // Outer sources first: an ipip VIP must never be published without one.
+        self.sync_encap_sources(config)?;
         // 0. Every service has a VIP id (new ones are published in step 2).
         let mut vip_ids = BTreeMap::new();
         for service in &config.services {
@@ -335,11 +366,7 @@ impl Balancer {
             let key = (service.vip, service.protocol.number());
             keep.insert(key);
             let ring = build_ring(service, &self.backends, availability)?;
-            let flags = if service.mode == Mode::L7 {
-                VIP_F_L7
-            } else {
-                0
-            };
+            let flags = vip_flags(service);
             let (id, new_generation) = match self.vips.get(&key) {
                 Some((_, old_ring, old_flags)) if *old_ring == ring && *old_flags == flags => {
                     continue;
@@ -410,6 +437,47 @@ impl Balancer {
         self.sync_deny_and_settings(config)?;
         self.config = Some(config.clone());
         Ok(summary)
+    }
+
+    /// Writes the outer source of `ipip` packets for each family: the
+    /// configured one, else (when an ipip service of that family needs it)
+    /// the first address of that family on the attached interfaces.
+    fn sync_encap_sources(&mut self, config: &Config) -> Result<()> {
+        for (v6, configured, index) in [
+            (false, config.encap_source_v4, ENCAP_SRC_V4),
+            (true, config.encap_source_v6, ENCAP_SRC_V6),
+        ] {
+            let needed = config
+                .services
+                .iter()
+                .any(|s| s.forwarding == Forwarding::Ipip && s.vip.is_ipv6() == v6);
+            let prefix = match configured {
+                Some(p) => Some(p),
+                None if needed => {
+                    let ip = crate::dataplane::interface_addresses(&config.interfaces)?
+                        .into_iter()
+                        .find(|ip| ip.is_ipv6() == v6)
+                        .ok_or_else(|| {
+                            anyhow!(
+                                "an ipip service is IPv{} but no interface in `interfaces` has an IPv{} address to send from; set encap_source_v{}",
+                                if v6 { 6 } else { 4 },
+                                if v6 { 6 } else { 4 },
+                                if v6 { 6 } else { 4 }
+                            )
+                        })?;
+                    Some(DenyPrefix {
+                        addr: ip,
+                        len: if v6 { 128 } else { 32 },
+                    })
+                }
+                None => None,
+            };
+            if let Some(prefix) = prefix {
+                self.dataplane
+                    .set_encap_source(index, &encap_source(&prefix))?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes the deny lists hold exactly `config.deny` and writes `SETTINGS`.

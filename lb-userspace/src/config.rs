@@ -11,6 +11,8 @@
 //! metrics = "127.0.0.1:9100"
 //! new_flow_limit = 10000       # new flows per second per client /24 (IPv4) or /64 (IPv6); 0 = no limit
 //! deny = ["203.0.113.0/24", "2001:db8:bad::/48"]   # sources whose packets to any VIP are dropped
+//! encap_source_v4 = "198.18.2.1"   # outer source of ipip packets: an address, or a prefix whose
+//! encap_source_v6 = "fd00:18:2::/120" # host bits come from each flow; default: the interfaces' first
 //!
 //! [[service]]
 //! name = "web"
@@ -18,6 +20,8 @@
 //! protocol = "tcp"             # "tcp" (default) or "udp"
 //! mode = "l4"                  # "l4" (default, forwarded by XDP) or "l7" (passed to the kernel for the L7 proxy)
 //! ring_size = 65537            # optional, must be a prime <= 65537; default 65537
+//! forwarding = "nat"           # l4 only: "nat" (default), "ipip" or "l2" (direct server return)
+//! mss_clamp = false            # ipip only: lower the MSS of SYNs so encapsulated segments fit
 //!
 //! [[service.backend]]
 //! address = "198.18.2.11:8080"
@@ -100,6 +104,11 @@ pub struct Config {
     pub new_flow_limit: u32,
     /// Source networks whose packets to a VIP are dropped, in file order.
     pub deny: Vec<DenyPrefix>,
+    /// Outer IPv4 source of `ipip` packets (an address or a prefix whose
+    /// host bits come from the flow); `None`: an address of the interfaces.
+    pub encap_source_v4: Option<DenyPrefix>,
+    /// Outer IPv6 source of `ipip` packets, as `encap_source_v4` (at least a /96).
+    pub encap_source_v6: Option<DenyPrefix>,
     /// Load-balanced services, in file order.
     pub services: Vec<Service>,
     /// The L7 proxy's `[[frontend]]` and `[[pool]]` tables.
@@ -210,6 +219,10 @@ pub struct Service {
     pub protocol: Protocol,
     /// Whether XDP forwards the traffic (L4) or passes it to the kernel (L7).
     pub mode: Mode,
+    /// How an L4 service's packets reach its backends.
+    pub forwarding: Forwarding,
+    /// Lower the MSS of SYNs so encapsulated segments fit (`ipip` only).
+    pub mss_clamp: bool,
     /// Maglev ring size (a prime).
     pub ring_size: u32,
     /// Backends, in file order.
@@ -321,6 +334,68 @@ pub enum Mode {
     L4,
     /// Passed to the kernel stack for the L7 proxy.
     L7,
+}
+
+/// How an L4 service's packets reach its backends (`forwarding = ...`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Forwarding {
+    /// Destination rewritten to the backend; replies come back through the
+    /// balancer and are rewritten back (backends route via the balancer).
+    #[default]
+    Nat,
+    /// Direct server return: the packet, untouched, inside an outer IP header
+    /// to the backend, which decapsulates it and answers the client itself.
+    Ipip,
+    /// Direct server return on one L2 segment: only the destination MAC changes.
+    L2,
+}
+
+impl Forwarding {
+    /// Parses the config and CLI spelling.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "nat" => Ok(Forwarding::Nat),
+            "ipip" => Ok(Forwarding::Ipip),
+            "l2" => Ok(Forwarding::L2),
+            other => Err(format!(
+                "unknown forwarding \"{other}\"; expected \"nat\", \"ipip\" or \"l2\""
+            )),
+        }
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forwarding::Nat => "nat",
+            Forwarding::Ipip => "ipip",
+            Forwarding::L2 => "l2",
+        }
+    }
+
+    /// Whether backends answer clients directly (the packet reaches them untouched).
+    pub fn is_dsr(self) -> bool {
+        self != Forwarding::Nat
+    }
+}
+
+/// Why `backend` cannot serve `vip` in `forwarding` mode, if it cannot: in
+/// the DSR modes the packet reaches the backend untouched, so the backend
+/// must listen on the VIP's port.
+pub fn dsr_backend_problem(
+    forwarding: Forwarding,
+    vip: SocketAddr,
+    backend: SocketAddr,
+) -> Option<String> {
+    (forwarding.is_dsr() && backend.port() != vip.port()).then(|| {
+        format!(
+            "backend {backend} must use the VIP's port {} with forwarding = \"{}\" (the packet reaches it untouched)",
+            vip.port(),
+            forwarding.as_str()
+        )
+    })
 }
 
 /// One backend of a service.
@@ -459,6 +534,8 @@ struct RawConfig {
     metrics: Option<Spanned<String>>,
     new_flow_limit: Option<Spanned<i64>>,
     deny: Option<Spanned<Vec<Spanned<String>>>>,
+    encap_source_v4: Option<Spanned<String>>,
+    encap_source_v6: Option<Spanned<String>>,
     service: Option<Vec<Spanned<RawService>>>,
     // Read again, typed, by `proxy_section`; here they only need to be allowed.
     frontend: Option<Spanned<toml::Value>>,
@@ -499,6 +576,8 @@ struct RawService {
     vip: Option<Spanned<String>>,
     protocol: Option<Spanned<String>>,
     mode: Option<Spanned<String>>,
+    forwarding: Option<Spanned<String>>,
+    mss_clamp: Option<Spanned<bool>>,
     ring_size: Option<Spanned<i64>>,
     backend: Option<Vec<Spanned<RawBackend>>>,
     health: Option<Spanned<RawHealth>>,
@@ -609,6 +688,8 @@ impl Checker<'_> {
             }
         };
         let deny = self.deny(raw.deny);
+        let encap_source_v4 = self.encap_source(raw.encap_source_v4, false);
+        let encap_source_v6 = self.encap_source(raw.encap_source_v6, true);
         let services = self.services(raw.service.unwrap_or_default());
         Config {
             interfaces,
@@ -616,6 +697,8 @@ impl Checker<'_> {
             metrics,
             new_flow_limit,
             deny,
+            encap_source_v4,
+            encap_source_v6,
             services,
             proxy: ProxySection::default(),
         }
@@ -669,6 +752,35 @@ impl Checker<'_> {
             }
         }
         ProxySection(cfg, checks)
+    }
+
+    /// Checks an `encap_source_v4`/`_v6` value: an address or prefix of the
+    /// right family; for IPv6 at least a /96, as only the last 32 bits vary.
+    fn encap_source(&mut self, raw: Option<Spanned<String>>, v6: bool) -> Option<DenyPrefix> {
+        let raw = raw?;
+        let key = if v6 {
+            "encap_source_v6"
+        } else {
+            "encap_source_v4"
+        };
+        let text = raw.get_ref();
+        match DenyPrefix::parse(text) {
+            Err(why) => self.at(&raw.span(), format!("{key} \"{text}\": {why}")),
+            Ok(p) if p.addr.is_ipv6() != v6 => self.at(
+                &raw.span(),
+                format!(
+                    "{key} \"{text}\" is {}; expected an {} address or prefix",
+                    if v6 { "IPv4" } else { "IPv6" },
+                    if v6 { "IPv6" } else { "IPv4" }
+                ),
+            ),
+            Ok(p) if v6 && p.len < 96 => self.at(
+                &raw.span(),
+                format!("{key} \"{text}\": only the last 32 bits come from the flow; use a /96 or longer"),
+            ),
+            Ok(p) => return Some(p),
+        }
+        None
     }
 
     /// Checks the `deny` list: networks, no duplicates, within the data
@@ -836,6 +948,34 @@ impl Checker<'_> {
                     }
                 });
 
+            let forwarding = match (&svc.forwarding, mode) {
+                (None, _) => Some(Forwarding::Nat),
+                (Some(f), Some(Mode::L7)) => {
+                    self.at(
+                        &f.span(),
+                        format!("service \"{label}\" is l7: `forwarding` applies to l4 services only (l7 traffic goes to the proxy)"),
+                    );
+                    None
+                }
+                (Some(f), _) => match Forwarding::parse(f.get_ref()) {
+                    Ok(f) => Some(f),
+                    Err(why) => {
+                        self.at(&f.span(), why);
+                        None
+                    }
+                },
+            };
+            let mss_clamp = match (&svc.mss_clamp, forwarding) {
+                (Some(m), Some(f)) if *m.get_ref() && f != Forwarding::Ipip => {
+                    self.at(
+                        &m.span(),
+                        format!("mss_clamp applies to forwarding = \"ipip\" only (the mode that makes packets bigger); service \"{label}\" uses \"{}\"", f.as_str()),
+                    );
+                    false
+                }
+                (m, _) => m.as_ref().is_some_and(|m| *m.get_ref()),
+            };
+
             let vip = match &svc.vip {
                 None => {
                     self.at(&span, format!("service \"{label}\" has no `vip`"));
@@ -865,7 +1005,13 @@ impl Checker<'_> {
             let raw_backends = svc.backend.unwrap_or_default();
             // A service whose backends are all invalid was already told why; don't also call it backend-less.
             let has_backend_tables = !raw_backends.is_empty();
-            let backends = self.backends(raw_backends, vip, &label, &mut all_backends);
+            let backends = self.backends(
+                raw_backends,
+                vip,
+                forwarding.unwrap_or_default(),
+                &label,
+                &mut all_backends,
+            );
 
             if mode == Some(Mode::L4) && !has_backend_tables {
                 self.at(
@@ -907,15 +1053,18 @@ impl Checker<'_> {
                 Some(vip),
                 Some(protocol),
                 Some(mode),
+                Some(forwarding),
                 Some(ring_size),
                 Some(health),
-            ) = (name, vip, protocol, mode, ring_size, health)
+            ) = (name, vip, protocol, mode, forwarding, ring_size, health)
             {
                 services.push(Service {
                     name,
                     vip,
                     protocol,
                     mode,
+                    forwarding,
+                    mss_clamp,
                     ring_size,
                     backends,
                     health,
@@ -1011,6 +1160,7 @@ impl Checker<'_> {
         &mut self,
         raw: Vec<Spanned<RawBackend>>,
         vip: Option<SocketAddr>,
+        forwarding: Forwarding,
         service: &str,
         all: &mut HashSet<SocketAddr>,
     ) -> Vec<BackendConfig> {
@@ -1041,6 +1191,12 @@ impl Checker<'_> {
             let Some(addr) = self.endpoint(address, "backend address") else {
                 continue;
             };
+            if let Some(vip) = vip
+                && let Some(why) = dsr_backend_problem(forwarding, vip, addr)
+            {
+                self.at(&address.span(), why);
+                continue;
+            }
             if let Some(vip) = vip
                 && vip.is_ipv4() != addr.is_ipv4()
             {
@@ -1475,12 +1631,16 @@ mod tests {
             metrics: Some("127.0.0.1:9100".parse().unwrap()),
             new_flow_limit: DEFAULT_NEW_FLOW_LIMIT,
             deny: Vec::new(),
+            encap_source_v4: None,
+            encap_source_v6: None,
             services: vec![
                 Service {
                     name: "web".into(),
                     vip: "198.18.100.1:80".parse().unwrap(),
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
+                    forwarding: Forwarding::Nat,
+                    mss_clamp: false,
                     ring_size: 251,
                     backends: vec![
                         BackendConfig {
@@ -1502,6 +1662,8 @@ mod tests {
                     vip: "[fd00:18:100::1]:53".parse().unwrap(),
                     protocol: Protocol::Udp,
                     mode: Mode::L4,
+                    forwarding: Forwarding::Nat,
+                    mss_clamp: false,
                     ring_size: DEFAULT_RING_SIZE,
                     backends: vec![BackendConfig {
                         address: "[fd00:18:2::11]:5353".parse().unwrap(),
@@ -1516,6 +1678,8 @@ mod tests {
                     vip: "198.18.100.2:443".parse().unwrap(),
                     protocol: Protocol::Tcp,
                     mode: Mode::L7,
+                    forwarding: Forwarding::Nat,
+                    mss_clamp: false,
                     ring_size: DEFAULT_RING_SIZE,
                     backends: vec![],
                     health: None,
@@ -1769,6 +1933,80 @@ mod tests {
         let mut lines = svc(&[]);
         lines.insert(4, "mode = \"l3\"");
         expect_one(&lines, 5, "unknown mode \"l3\"");
+    }
+
+    #[test]
+    fn forwarding_modes_and_their_rules() {
+        // Line numbers: 1 HEAD, 2 [[service]], 3 name, 4 vip, 5 inserted,
+        // 6 [[service.backend]], 7 address.
+        let dsr = |mode: &'static str, port: &'static str| {
+            let mut lines = svc(&[]);
+            lines.insert(4, mode);
+            lines[6] = port;
+            lines
+        };
+        let ok = parse(
+            &text(&dsr(
+                "forwarding = \"ipip\"",
+                "address = \"198.18.2.11:80\"",
+            )),
+            "t.toml",
+        )
+        .expect("ipip with the VIP's port");
+        assert_eq!(ok.services[0].forwarding, Forwarding::Ipip);
+        assert!(!ok.services[0].mss_clamp);
+        let ok = parse(&text(&svc(&[])), "t.toml").expect("default");
+        assert_eq!(ok.services[0].forwarding, Forwarding::Nat);
+        expect_one(
+            &dsr("forwarding = \"l2\"", "address = \"198.18.2.11:8080\""),
+            7,
+            "must use the VIP's port 80 with forwarding = \"l2\"",
+        );
+        expect_one(
+            &dsr("forwarding = \"dsr\"", "address = \"198.18.2.11:80\""),
+            5,
+            "unknown forwarding \"dsr\"; expected \"nat\", \"ipip\" or \"l2\"",
+        );
+        let mut lines = dsr("forwarding = \"l2\"", "address = \"198.18.2.11:80\"");
+        lines.insert(5, "mss_clamp = true");
+        expect_one(&lines, 6, "mss_clamp applies to forwarding = \"ipip\" only");
+        let mut lines = svc(&[]);
+        lines.insert(4, "mode = \"l7\"");
+        lines.insert(5, "forwarding = \"ipip\"");
+        expect_one(&lines, 6, "`forwarding` applies to l4 services only");
+    }
+
+    #[test]
+    fn encap_sources_are_checked_by_family_and_length() {
+        let with = |line: &'static str| {
+            let mut lines = svc(&[]);
+            lines.insert(1, line);
+            lines
+        };
+        let ok = parse(&text(&with("encap_source_v4 = \"10.1.0.0/24\"")), "t.toml").expect("v4");
+        assert_eq!(ok.encap_source_v4.map(|p| p.len), Some(24));
+        let ok = parse(&text(&with("encap_source_v6 = \"fd00::1\"")), "t.toml").expect("v6");
+        assert_eq!(ok.encap_source_v6.map(|p| p.len), Some(128));
+        expect_one(
+            &with("encap_source_v4 = \"fd00::1\""),
+            2,
+            "expected an IPv4 address",
+        );
+        expect_one(
+            &with("encap_source_v6 = \"10.0.0.1\""),
+            2,
+            "expected an IPv6 address",
+        );
+        expect_one(
+            &with("encap_source_v6 = \"fd00::/64\""),
+            2,
+            "use a /96 or longer",
+        );
+        expect_one(
+            &with("encap_source_v4 = \"10.1.0.1/24\""),
+            2,
+            "host bits are set",
+        );
     }
 
     #[test]

@@ -13,11 +13,11 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    ALL_MAPS, AddrKey, Backend, DenyKeyV4, DenyKeyV6, FLOW_TO_BACKEND, Flow, FlowKey, IfMac,
-    MAP_BACKEND_ADDRS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6, MAP_FLOWS,
-    MAP_IF_MACS, MAP_PENDING, MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE,
-    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE, MAX_VIPS, PROG_LB,
-    REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
+    ALL_MAPS, AddrKey, Backend, DenyKeyV4, DenyKeyV6, EncapSource, FLOW_TO_BACKEND, Flow, FlowKey,
+    IfMac, MAP_BACKEND_ADDRS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6,
+    MAP_ENCAP_SOURCES, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING, MAP_REASON_STATS, MAP_RINGS,
+    MAP_SETTINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE,
+    MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
 };
 use tracing::warn;
 
@@ -111,6 +111,7 @@ pub struct Dataplane {
     flows: HashMap<MapData, FlowKey, Flow>,
     pending: HashMap<MapData, FlowKey, Flow>,
     settings: Array<MapData, Settings>,
+    encap_sources: Array<MapData, EncapSource>,
     deny_v4: LpmTrie<MapData, DenyKeyV4, u8>,
     deny_v6: LpmTrie<MapData, DenyKeyV6, u8>,
     vip_stats: PerCpuArray<MapData, Traffic>,
@@ -197,6 +198,7 @@ impl Dataplane {
             flows: take(&mut bpf, MAP_FLOWS)?,
             pending: take(&mut bpf, MAP_PENDING)?,
             settings: take(&mut bpf, MAP_SETTINGS)?,
+            encap_sources: take(&mut bpf, MAP_ENCAP_SOURCES)?,
             deny_v4: take(&mut bpf, MAP_DENY_V4)?,
             deny_v6: take(&mut bpf, MAP_DENY_V6)?,
             vip_stats: take(&mut bpf, MAP_VIP_STATS)?,
@@ -444,6 +446,14 @@ impl Dataplane {
             .context("updating SETTINGS")
     }
 
+    /// Writes the outer source of `ipip` packets of one family
+    /// (`ENCAP_SRC_V4` or `ENCAP_SRC_V6`).
+    pub fn set_encap_source(&mut self, index: u32, source: &EncapSource) -> Result<()> {
+        self.encap_sources
+            .set(index, source, 0)
+            .with_context(|| format!("writing {MAP_ENCAP_SOURCES}[{index}]"))
+    }
+
     /// Every prefix in the deny lists (e.g. as a previous agent left them).
     pub fn deny_list(&self) -> Result<std::collections::BTreeSet<DenyPrefix>> {
         let mut out = std::collections::BTreeSet::new();
@@ -568,6 +578,54 @@ impl Dataplane {
             reasons: sum(&self.reason_stats, REASON_COUNT, self.reason_slots)?,
         })
     }
+}
+
+/// The global unicast addresses of the interfaces `names`, in the order
+/// getifaddrs(3) lists them (link-local IPv6 is left out: a backend
+/// elsewhere could not answer it).
+pub fn interface_addresses(names: &[String]) -> Result<Vec<std::net::IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        bail!("getifaddrs: {}", std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        if !names.iter().any(|n| *n == name) {
+            continue;
+        }
+        // SAFETY: ifa_addr is non-null; its family tells which sockaddr it is.
+        let ip = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                // SAFETY: an AF_INET address is a sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
+            }
+            libc::AF_INET6 => {
+                // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                if ip.segments()[0] & 0xffc0 == 0xfe80 {
+                    continue;
+                }
+                std::net::IpAddr::V6(ip)
+            }
+            _ => continue,
+        };
+        out.push(ip);
+    }
+    // SAFETY: the list from getifaddrs above, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
 }
 
 /// Index and MAC address of interface `name` in the current network namespace.

@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod decap;
 pub mod demo;
 pub mod health;
 pub mod lab;

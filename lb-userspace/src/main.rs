@@ -10,6 +10,7 @@ use lb_userspace::{
     agent, config,
     control::{self, ControlCommand, SocketArg},
     dataplane::pin,
+    decap::{self, DecapArgs},
     demo,
     lab::backend_server::BackendArgs,
 };
@@ -63,6 +64,11 @@ enum Command {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=20))]
         backends: u8,
     },
+    /// Backend side of ipip mode: strip the balancer's IP-in-IP header from
+    /// packets to the given VIPs (XDP on IF, pinned so it outlives this
+    /// command); run again to replace the VIP set, --detach to remove it,
+    /// --stats to see its counters.
+    Decap(DecapArgs),
     /// Tiny server that names itself (used by the namespace lab).
     #[command(hide = true, name = "lab-backend")]
     LabBackend {
@@ -126,9 +132,12 @@ static ALLOCATOR: lb_userspace::Allocator = lb_userspace::ALLOCATOR;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Run {
-        netns: Some(ns), ..
-    } = &cli.command
+    let netns = match &cli.command {
+        Command::Run { netns, .. } => netns.as_deref(),
+        Command::Decap(args) => args.netns.as_deref(),
+        _ => None,
+    };
+    if let Some(ns) = netns
         && let Err(e) = enter_netns(ns)
     {
         eprintln!("lb: {e:#}");
@@ -181,6 +190,7 @@ async fn async_main(cli: Cli) -> ExitCode {
         }
         Command::Check { files } => return check(&files),
         Command::Demo { backends } => demo::run(backends.into()).await,
+        Command::Decap(args) => decap::run(&args),
         Command::LabBackend { name, tcp, udp } => {
             tokio::task::spawn_blocking(move || BackendArgs { name, tcp, udp }.run())
                 .await

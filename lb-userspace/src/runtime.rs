@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use lb_common::{DEFAULT_RING_SIZE, MAX_RING_SIZE, maglev::is_prime};
 use tracing::warn;
 
-use crate::config::{BackendConfig, Config, Service};
+use crate::config::{BackendConfig, Config, Mode, Service, dsr_backend_problem};
 use crate::control::protocol::{AdminState, Request};
 
 /// Service-name prefix that addresses an L7 pool (`lb drain pool:web ADDR`).
@@ -169,6 +169,7 @@ impl Desired {
                 vip,
                 protocol,
                 mode,
+                forwarding,
                 ring_size,
             } => {
                 if name.is_empty()
@@ -193,6 +194,9 @@ impl Desired {
                     ));
                 }
                 check_address(*vip, "VIP")?;
+                if *mode == Mode::L7 && forwarding.is_dsr() {
+                    return Err("forwarding applies to l4 services only".into());
+                }
                 let ring_size = ring_size.unwrap_or(DEFAULT_RING_SIZE);
                 if !(2..=MAX_RING_SIZE as u32).contains(&ring_size) || !is_prime(ring_size) {
                     return Err(format!(
@@ -204,6 +208,8 @@ impl Desired {
                     vip: *vip,
                     protocol: *protocol,
                     mode: *mode,
+                    forwarding: *forwarding,
+                    mss_clamp: false,
                     ring_size,
                     backends: Vec::new(),
                     line: 0,
@@ -233,6 +239,9 @@ impl Desired {
                         "backend {address} and VIP {} are of different address families; NAT does not translate between them",
                         s.vip
                     ));
+                }
+                if let Some(why) = dsr_backend_problem(s.forwarding, s.vip, *address) {
+                    return Err(why);
                 }
                 if s.backends.iter().any(|b| b.address == *address) {
                     return Err(format!("service {service:?} already has backend {address}"));
@@ -432,6 +441,7 @@ address = "198.18.2.11:8080"
                     vip: "198.18.100.2:80".parse().unwrap(),
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
+                    forwarding: crate::config::Forwarding::Nat,
                     ring_size: None,
                 },
                 "already exists",
@@ -442,6 +452,7 @@ address = "198.18.2.11:8080"
                     vip: "198.18.100.1:80".parse().unwrap(),
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
+                    forwarding: crate::config::Forwarding::Nat,
                     ring_size: None,
                 },
                 "already used",
@@ -452,6 +463,7 @@ address = "198.18.2.11:8080"
                     vip: "198.18.100.3:80".parse().unwrap(),
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
+                    forwarding: crate::config::Forwarding::Nat,
                     ring_size: Some(1000),
                 },
                 "prime",

@@ -59,11 +59,11 @@ pub fn ebpf_cargo(ws: &Workspace, program: &Path) -> Command {
     cmd
 }
 
-/// Builds `lb-xdp` and `lab-xdp` into `target/ebpf/bpfel-unknown-none/release/`.
+/// Builds `lb-xdp`, `lab-xdp` and `lb-decap` into `target/ebpf/bpfel-unknown-none/release/`.
 pub fn ebpf(ws: &Workspace) -> Result<()> {
     exec::run(ebpf_cargo(ws, &paths::cargo()).args(["build", "--release", "--target", BPF_TARGET]))
         .context("building the eBPF objects (lb-ebpf)")?;
-    for object in [ws.lb_object(), ws.lab_object()] {
+    for object in [ws.lb_object(), ws.lab_object(), ws.decap_object()] {
         anyhow::ensure!(
             object.is_file(),
             "eBPF build succeeded but {} is missing",

@@ -90,6 +90,11 @@ impl Workspace {
         self.ebpf_out().join("lab-xdp")
     }
 
+    /// The backend-side decapsulation program's eBPF object (`lb decap`).
+    pub fn decap_object(&self) -> PathBuf {
+        self.ebpf_out().join("lb-decap")
+    }
+
     /// A host binary built in `profile`.
     pub fn bin(&self, profile: Profile, name: &str) -> PathBuf {
         self.target.join(profile.dir()).join(name)
@@ -99,6 +104,7 @@ impl Workspace {
     pub fn set_artifact_env(&self, cmd: &mut Command, profile: Profile) {
         cmd.env("LB_BPF_OBJECT", self.lb_object())
             .env("LB_LAB_BPF_OBJECT", self.lab_object())
+            .env("LB_DECAP_BPF_OBJECT", self.decap_object())
             .env("LB_BIN", self.bin(profile, "lb"));
     }
 }
@@ -163,6 +169,10 @@ mod tests {
         assert_eq!(
             ws.lab_object(),
             Path::new("/ws/target/ebpf/bpfel-unknown-none/release/lab-xdp")
+        );
+        assert_eq!(
+            ws.decap_object(),
+            Path::new("/ws/target/ebpf/bpfel-unknown-none/release/lb-decap")
         );
         assert_eq!(
             ws.bin(Profile::Release, "lb"),

@@ -14,7 +14,7 @@ use super::client;
 use super::protocol::{
     AdminState, BackendInfo, DEFAULT_SOCKET, Health, ReasonCount, Request, Response, ServiceInfo,
 };
-use crate::config::{Mode, Protocol};
+use crate::config::{Forwarding, Mode, Protocol};
 
 /// Environment variable naming the control socket when `--socket` is not given.
 pub const SOCKET_ENV: &str = "LB_SOCKET";
@@ -111,6 +111,9 @@ pub enum AddCommand {
         /// l4 (forwarded by XDP) or l7 (passed to the kernel stack).
         #[arg(long, default_value = "l4", value_parser = parse_mode)]
         mode: Mode,
+        /// nat, ipip or l2 (l4 services; ipip and l2 are direct server return).
+        #[arg(long, default_value = "nat", value_parser = Forwarding::parse)]
+        forwarding: Forwarding,
         /// Maglev table size, a prime (default: the agent's, 65537).
         #[arg(long)]
         ring_size: Option<u32>,
@@ -200,12 +203,14 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
             vip,
             protocol,
             mode,
+            forwarding,
             ring_size,
         }) => Request::AddService {
             name: name.clone(),
             vip: *vip,
             protocol: *protocol,
             mode: *mode,
+            forwarding: *forwarding,
             ring_size: *ring_size,
         },
         ControlCommand::Add(AddCommand::Backend {
@@ -375,6 +380,10 @@ pub fn services_table(list: &[ServiceInfo]) -> String {
                 s.vip.to_string(),
                 protocol_name(s.protocol).into(),
                 mode_name(s.mode).into(),
+                match s.mode {
+                    Mode::L4 => s.forwarding.as_str().into(),
+                    Mode::L7 => "-".into(),
+                },
                 s.backends.to_string(),
                 s.packets.to_string(),
                 s.bytes.to_string(),
@@ -387,6 +396,7 @@ pub fn services_table(list: &[ServiceInfo]) -> String {
             ("VIP", Left),
             ("PROTO", Left),
             ("MODE", Left),
+            ("FORWARDING", Left),
             ("BACKENDS", Right),
             ("PACKETS", Right),
             ("BYTES", Right),
@@ -491,6 +501,7 @@ mod tests {
                     vip: addr("198.18.100.1:80"),
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
+                    forwarding: Forwarding::Nat,
                     ring_size: None,
                 },
             ),
@@ -501,6 +512,7 @@ mod tests {
                     vip: addr("[fd00::1]:53"),
                     protocol: Protocol::Udp,
                     mode: Mode::L7,
+                    forwarding: Forwarding::Nat,
                     ring_size: Some(997),
                 },
             ),
@@ -623,6 +635,7 @@ mod tests {
                 vip: addr("198.18.100.1:80"),
                 protocol: Protocol::Tcp,
                 mode: Mode::L4,
+                forwarding: Forwarding::Ipip,
                 backends: 3,
                 packets: 1234,
                 bytes: 567890,
@@ -632,6 +645,7 @@ mod tests {
                 vip: addr("[fd00:18:100::1]:53"),
                 protocol: Protocol::Udp,
                 mode: Mode::L7,
+                forwarding: Forwarding::Nat,
                 backends: 12,
                 packets: 0,
                 bytes: 0,
@@ -640,9 +654,9 @@ mod tests {
         assert_eq!(
             services_table(&list),
             "\
-NAME    VIP                  PROTO  MODE  BACKENDS  PACKETS   BYTES
-web     198.18.100.1:80      tcp    l4           3     1234  567890
-dns-v6  [fd00:18:100::1]:53  udp    l7          12        0       0
+NAME    VIP                  PROTO  MODE  FORWARDING  BACKENDS  PACKETS   BYTES
+web     198.18.100.1:80      tcp    l4    ipip               3     1234  567890
+dns-v6  [fd00:18:100::1]:53  udp    l7    -                 12        0       0
 "
         );
     }
@@ -710,7 +724,7 @@ pass_not_vip    12345      0
         assert_eq!(stats_table(&[]), "REASON  PACKETS  BYTES\n");
         assert_eq!(
             services_table(&[]),
-            "NAME  VIP  PROTO  MODE  BACKENDS  PACKETS  BYTES\n"
+            "NAME  VIP  PROTO  MODE  FORWARDING  BACKENDS  PACKETS  BYTES\n"
         );
     }
 
@@ -721,6 +735,7 @@ pass_not_vip    12345      0
             vip: addr("198.18.100.1:80"),
             protocol: Protocol::Udp,
             mode: Mode::L7,
+            forwarding: Forwarding::Nat,
             backends: 1,
             packets: 2,
             bytes: 3,

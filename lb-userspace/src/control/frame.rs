@@ -167,6 +167,7 @@ mod tests {
                 vip: addr("198.18.100.1:80"),
                 protocol: Protocol::Tcp,
                 mode: Mode::L4,
+                forwarding: crate::config::Forwarding::Nat,
                 ring_size: Some(65537),
             },
             Request::AddService {
@@ -174,6 +175,7 @@ mod tests {
                 vip: addr("[fd00:18:100::1]:53"),
                 protocol: Protocol::Udp,
                 mode: Mode::L7,
+                forwarding: crate::config::Forwarding::Nat,
                 ring_size: None,
             },
             Request::RemoveService { name: "web".into() },
@@ -221,6 +223,7 @@ mod tests {
                 vip: addr("198.18.100.1:80"),
                 protocol: Protocol::Udp,
                 mode: Mode::L7,
+                forwarding: crate::config::Forwarding::Nat,
                 backends: 2,
                 packets: 10,
                 bytes: u64::MAX,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Mode, Protocol};
+use crate::config::{Forwarding, Mode, Protocol};
 
 /// Version of this protocol; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -40,6 +40,8 @@ pub enum Request {
         protocol: Protocol,
         /// L4 (XDP) or L7 (passed to the stack).
         mode: Mode,
+        /// How an L4 service's packets reach its backends.
+        forwarding: Forwarding,
         /// Maglev table size (a prime); default when `None`.
         ring_size: Option<u32>,
     },
@@ -153,6 +155,8 @@ pub struct ServiceInfo {
     pub protocol: Protocol,
     /// L4 or L7.
     pub mode: Mode,
+    /// NAT or a DSR mode (L4 only).
+    pub forwarding: Forwarding,
     /// Number of backends.
     pub backends: usize,
     /// Client packets forwarded.
