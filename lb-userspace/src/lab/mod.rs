@@ -1081,6 +1081,57 @@ fn parse_packets(text: &str) -> Option<u64> {
     None
 }
 
+/// The backend server's sockets: TCP and UDP on the wildcards of both
+/// families; in DSR labs also TCP on the VIP port (wildcard) and UDP bound to
+/// VIP:port, so that its answers leave with the VIP as source.
+fn backend_server_args(name: &str, dsr: bool) -> BackendArgs {
+    let mut args = BackendArgs {
+        name: name.to_string(),
+        tcp: vec![
+            (Ipv4Addr::UNSPECIFIED, TCP_PORT).into(),
+            (Ipv6Addr::UNSPECIFIED, TCP_PORT).into(),
+        ],
+        udp: vec![
+            (Ipv4Addr::UNSPECIFIED, UDP_PORT).into(),
+            (Ipv6Addr::UNSPECIFIED, UDP_PORT).into(),
+        ],
+    };
+    if dsr {
+        args.tcp.extend([
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, services::VIP_TCP_PORT)),
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, services::VIP_TCP_PORT)),
+        ]);
+        args.udp.extend([
+            SocketAddr::from((VIP_V4, services::VIP_UDP_PORT)),
+            SocketAddr::from((VIP_V6, services::VIP_UDP_PORT)),
+        ]);
+    }
+    args
+}
+
+/// `ip` commands for a backend's routes to the client's prefixes.
+fn return_route_commands(path: ReturnPath) -> [String; 2] {
+    let (v4, v6) = path.gateways();
+    [
+        format!("route replace {CLIENT_PREFIX_V4} via {v4}"),
+        format!("route replace {CLIENT_PREFIX_V6} via {v6}"),
+    ]
+}
+
+/// DSR labs, client: answers from the VIPs counted by the interface they arrive on.
+fn client_paths_ruleset() -> String {
+    format!(
+        "table inet {PATHS_TABLE} {{\n  counter via_balancer {{ }}\n  counter via_switch {{ }}\n  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"c0\" ip saddr {VIP_PREFIX_V4} counter name via_balancer\n    iifname \"c0\" ip6 saddr {VIP_PREFIX_V6} counter name via_balancer\n    iifname \"c1\" ip saddr {VIP_PREFIX_V4} counter name via_switch\n    iifname \"c1\" ip6 saddr {VIP_PREFIX_V6} counter name via_switch\n  }}\n}}\n"
+    )
+}
+
+/// DSR labs, balancer: packets from the VIPs that reach its kernel on `lbb`.
+fn balancer_paths_ruleset() -> String {
+    format!(
+        "table inet {PATHS_TABLE} {{\n  counter lbb_from_vip {{ }}\n  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"lbb\" ip saddr {VIP_PREFIX_V4} counter name lbb_from_vip\n    iifname \"lbb\" ip6 saddr {VIP_PREFIX_V6} counter name lbb_from_vip\n  }}\n}}\n"
+    )
+}
+
 /// One readiness probe from inside a backend namespace: TCP and UDP, v4 and
 /// v6, over loopback; in DSR labs also the VIP ports on the VIPs (local there).
 fn probe_server(expected: &str, dsr: bool) -> Result<bool> {
