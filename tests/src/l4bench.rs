@@ -55,10 +55,8 @@ const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// nftables table of the DNAT baseline (balancer namespace).
 const DNAT_TABLE: &str = "lbbench_dnat";
 
-/// The forwarding modes measured as "lb XDP" rows, in this order. The DSR
-/// modes are to be added here once the data plane supports them (and, for
-/// IP-in-IP, once [`prepare_backends`] starts `lb decap` on the backends).
-pub const LB_FORWARDING_MODES: &[Forwarding] = &[Forwarding::Nat];
+/// The forwarding modes measured as "lb XDP" rows, in this order.
+pub const LB_FORWARDING_MODES: &[Forwarding] = &[Forwarding::Nat, Forwarding::Ipip, Forwarding::L2];
 
 /// The name of a row measuring the agent with `forwarding`.
 pub fn lb_row_name(forwarding: Forwarding) -> &'static str {
@@ -222,11 +220,11 @@ fn dnat_ruleset() -> String {
 }
 
 /// Prepares the backends for a forwarding mode: nothing for NAT and L2; for
-/// IP-in-IP each backend will need `lb decap --interface eth0 --vip ...`.
-fn prepare_backends(_lab: &mut Lab, forwarding: Forwarding) -> Result<()> {
+/// IP-in-IP each backend runs `lb decap` on `eth0` for the VIPs.
+fn prepare_backends(lab: &mut Lab, forwarding: Forwarding) -> Result<()> {
     match forwarding {
         Forwarding::Nat | Forwarding::L2 => Ok(()),
-        Forwarding::Ipip => bail!("lb decap is not wired into the l4 bench yet"),
+        Forwarding::Ipip => lab.start_decap(),
     }
 }
 

@@ -330,6 +330,8 @@ pub struct Lab {
     reaped: HashMap<u32, ExitStatus>,
     /// Loaded pass programs; dropping them detaches them.
     xdp: Vec<aya::Ebpf>,
+    /// Backend namespaces where `lb decap` attached to `eth0` (detached on drop).
+    decap: Vec<String>,
     /// How backends route to the client (always `Balancer` outside DSR labs).
     return_path: ReturnPath,
 }
@@ -386,6 +388,7 @@ impl Lab {
             children: HashMap::new(),
             reaped: HashMap::new(),
             xdp: Vec::new(),
+            decap: Vec::new(),
             return_path,
         };
         // Any `?` below drops `lab`, which removes whatever was built so far.
@@ -689,6 +692,34 @@ impl Lab {
     pub fn xdp_program_id(&self, ns: &str, iface: &str) -> Result<Option<u32>> {
         let out = netns::ip(&["-n", ns, "-d", "link", "show", "dev", iface])?;
         Ok(parse_xdp_prog_id(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Runs `lb decap` on every backend's `eth0` for the lab's VIPs, as a
+    /// backend of an `ipip` service is set up (see `lb-ebpf/DECAP.md`).
+    pub fn start_decap(&mut self) -> Result<()> {
+        for ns in self
+            .backends
+            .iter()
+            .map(|b| b.ns.clone())
+            .collect::<Vec<_>>()
+        {
+            if self.decap.contains(&ns) {
+                continue;
+            }
+            let out = Command::new(&self.opts.lb_bin)
+                .args(["decap", "--netns", &ns, "--interface", "eth0", "--vip"])
+                .arg(format!("{VIP_V4},{VIP_V6}"))
+                .output()
+                .context("running lb decap")?;
+            if !out.status.success() {
+                bail!(
+                    "lb decap in {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            self.decap.push(ns);
+        }
+        Ok(())
     }
 
     /// Loads the pass-only program and attaches it to `iface` inside `ns`.
@@ -1210,6 +1241,12 @@ impl Drop for Lab {
         // agent's pins (it leaves them when stopped, for a hitless restart)
         // go too.
         self.xdp.clear();
+        for ns in self.decap.drain(..) {
+            let pins = crate::decap::default_pin_dir("eth0", Some(&ns));
+            if let Err(e) = crate::decap::detach(&pins) {
+                tracing::warn!("detaching lb decap in {ns}: {e:#}");
+            }
+        }
         if let Err(e) = crate::dataplane::pin::remove_all(&self.agent_pin_dir()) {
             tracing::warn!("removing the agent's pins: {e:#}");
         }
