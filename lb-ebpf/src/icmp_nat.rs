@@ -241,7 +241,7 @@ fn to_dsr_backend(ctx: &XdpContext, s: &mut IcmpScratch) -> Option<Verdict> {
         family: s.key.family,
     };
     // SAFETY: VIPS is updated whole-element by userspace.
-    let meta = unsafe { VIPS.get(&vip) }?;
+    let meta = unsafe { VIPS.get(vip) }?;
     let flags = meta.flags;
     if flags & VIP_F_DSR == 0 {
         return None;

@@ -99,11 +99,11 @@ const SCENARIOS: [Scenario; 5] = [
 
 /// What one wrk run measured, with the proxy's CPU time over the same run.
 #[derive(Debug, Clone, Copy)]
-struct Measure {
-    requests: u64,
-    seconds: f64,
-    p99_ms: f64,
-    errors: u64,
+pub(crate) struct Measure {
+    pub(crate) requests: u64,
+    pub(crate) seconds: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) errors: u64,
     cpu_seconds: f64,
     /// The user-mode part of `cpu_seconds` (the rest is the kernel's).
     user_seconds: f64,
@@ -124,7 +124,7 @@ impl Measure {
         }
     }
 
-    fn rps(&self) -> f64 {
+    pub(crate) fn rps(&self) -> f64 {
         self.requests as f64 / self.seconds
     }
     fn cpu_us_per_request(&self) -> f64 {
@@ -611,7 +611,7 @@ fn run_wrk(
 }
 
 /// Requests, duration, p99 and error counts from wrk's `--latency` output.
-fn parse_wrk(text: &str) -> Result<Measure> {
+pub(crate) fn parse_wrk(text: &str) -> Result<Measure> {
     let mut m = Measure {
         requests: 0,
         seconds: 0.0,

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use lb_userspace::{balancer::Balancer, config, dataplane::Dataplane};
+use lb_userspace::{balancer::Balancer, config, dataplane::Dataplane, lab::services::Forwarding};
 
 /// Loads the `lb-xdp` object and applies a config given as TOML text.
 pub fn balancer_with(config_text: &str) -> Result<Balancer> {
@@ -138,15 +138,51 @@ impl RunningLab {
         extra: impl FnOnce(&lb_userspace::lab::Lab, &std::path::Path) -> Result<String>,
     ) -> Result<Self> {
         let opts = lb_userspace::lab::LabOptions::from_env(backends)?;
+        Self::start_with(opts, tag, weights, health, Forwarding::Nat, extra)
+    }
+
+    /// A lab built for direct server return (backends answer the client via
+    /// the switch; see `LabOptions::with_dsr`) running every L4 service with
+    /// `forwarding`; for `ipip` every backend runs `lb decap`.
+    /// `client_path_mtu` lowers the MTU of the switch's link to the client.
+    pub fn start_dsr(
+        tag: &str,
+        backends: usize,
+        weights: &[u32],
+        forwarding: Forwarding,
+        health: Option<&str>,
+        client_path_mtu: Option<u32>,
+    ) -> Result<Self> {
+        let mut opts = lb_userspace::lab::LabOptions::from_env(backends)?.with_dsr();
+        if let Some(mtu) = client_path_mtu {
+            opts = opts.with_client_path_mtu(mtu);
+        }
+        Self::start_with(opts, tag, weights, health, forwarding, |_, _| {
+            Ok(String::new())
+        })
+    }
+
+    fn start_with(
+        opts: lb_userspace::lab::LabOptions,
+        tag: &str,
+        weights: &[u32],
+        health: Option<&str>,
+        forwarding: Forwarding,
+        extra: impl FnOnce(&lb_userspace::lab::Lab, &std::path::Path) -> Result<String>,
+    ) -> Result<Self> {
         let mut lab = lb_userspace::lab::Lab::create(tag, opts)?;
+        if forwarding == Forwarding::Ipip {
+            lab.start_decap()?;
+        }
         let dir = std::env::temp_dir().join(lab.balancer_ns());
         std::fs::create_dir_all(&dir)?;
         let config_path = dir.join("lb.toml");
-        let mut text = lb_userspace::lab::services::lab_config(
+        let mut text = lb_userspace::lab::services::lab_config_forwarding(
             &lab,
             weights,
             lb_common::DEFAULT_RING_SIZE,
             health,
+            forwarding,
         );
         text.push_str(&extra(&lab, &dir)?);
         std::fs::write(&config_path, text)?;
@@ -229,6 +265,7 @@ impl Drop for RunningLab {
         }
     }
 }
+pub mod l4bench;
 pub mod l7bench;
 pub mod l7instr;
 pub mod l7mem;

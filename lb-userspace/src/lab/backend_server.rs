@@ -4,6 +4,11 @@
 //! TCP speaks either a line protocol (every line is answered with `{name}\n`)
 //! or, when the first line is an HTTP/1.x request line, minimal HTTP/1.1 with
 //! keep-alive. UDP answers every datagram with `{name}\n`.
+//!
+//! In HTTP mode every request is answered with the name, except
+//! `GET /bytes/N`, answered with N bytes (at most [`MAX_BYTES`]) for download
+//! tests and benchmarks: the byte at offset `i` is `i % 256`, so a client can
+//! check that nothing was lost or reordered ([`pattern_byte`]).
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -22,6 +27,65 @@ pub const MAX_LINE: usize = 8 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Largest request body the HTTP mode reads and discards.
 const MAX_BODY: u64 = 1 << 20;
+/// Path prefix of the download: `GET /bytes/N` is answered with N bytes.
+pub const BYTES_PATH: &str = "/bytes/";
+/// Largest download `/bytes/N` serves (64 MiB); a larger N is answered with 400.
+pub const MAX_BYTES: u64 = 64 << 20;
+/// Length of the precomputed piece of the download pattern (a multiple of 256).
+const PATTERN_LEN: usize = 64 * 1024;
+/// The download's first [`PATTERN_LEN`] bytes; it repeats from there.
+static PATTERN: [u8; PATTERN_LEN] = pattern();
+
+const fn pattern() -> [u8; PATTERN_LEN] {
+    let mut bytes = [0u8; PATTERN_LEN];
+    let mut i = 0;
+    while i < PATTERN_LEN {
+        bytes[i] = i as u8;
+        i += 1;
+    }
+    bytes
+}
+
+/// The byte at `offset` of every `/bytes/N` download.
+pub fn pattern_byte(offset: u64) -> u8 {
+    offset as u8
+}
+
+/// What a request target asks for in HTTP mode.
+#[derive(Debug, PartialEq, Eq)]
+enum Answer {
+    /// The server's name (every target but `/bytes/...`).
+    Name,
+    /// `/bytes/N` with N within [`MAX_BYTES`].
+    Bytes(u64),
+    /// `/bytes/...` with no number or one too large.
+    BadBytes,
+}
+
+fn answer_for(request_line: &[u8]) -> Answer {
+    let text = String::from_utf8_lossy(request_line);
+    let target = text.split(' ').nth(1).unwrap_or_default();
+    match target.strip_prefix(BYTES_PATH) {
+        None => Answer::Name,
+        Some(n) => match n.parse::<u64>() {
+            Ok(n) if n <= MAX_BYTES => Answer::Bytes(n),
+            _ => Answer::BadBytes,
+        },
+    }
+}
+
+/// Writes `len` bytes of the download pattern.
+fn write_pattern(writer: &mut impl Write, len: u64) -> io::Result<()> {
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left)
+            .unwrap_or(PATTERN_LEN)
+            .min(PATTERN_LEN);
+        writer.write_all(&PATTERN[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
 
 /// Arguments of `lb lab-backend` as a plain struct (the CLI maps onto it).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -305,16 +369,33 @@ fn serve_http<R: BufRead>(
         if skipped < body_len {
             return Ok(());
         }
-        let response = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n{name}",
-            name.len(),
-            if keep_alive {
-                ""
-            } else {
-                "Connection: close\r\n"
-            },
-        );
-        writer.write_all(response.as_bytes())?;
+        let connection = if keep_alive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        };
+        match answer_for(&request_line) {
+            Answer::Name => {
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{name}",
+                    name.len(),
+                );
+                writer.write_all(response.as_bytes())?;
+            }
+            Answer::Bytes(len) => {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n{connection}\r\n"
+                );
+                writer.write_all(head.as_bytes())?;
+                write_pattern(writer, len)?;
+            }
+            Answer::BadBytes => {
+                writer.write_all(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )?;
+                return Ok(());
+            }
+        }
         if !keep_alive {
             return Ok(());
         }
@@ -413,6 +494,42 @@ mod tests {
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest);
         assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn serves_bytes_with_the_pattern() {
+        let (tcp, _) = start("beB");
+        for addr in tcp {
+            for n in [0u64, 1, 65_535, 65_536, 200_001] {
+                let got = crate::lab::client::http_download(addr, &format!("{BYTES_PATH}{n}"), T)
+                    .expect("download");
+                assert_eq!(got, (200, n));
+            }
+            // Other paths are still answered with the name.
+            assert_eq!(
+                http_get(addr, "/bytes", T).expect("http_get"),
+                (200, "beB\n".to_string())
+            );
+            assert_eq!(http_get(addr, "/bytes/x", T).expect("bad n").0, 400);
+            let too_big = format!("{BYTES_PATH}{}", MAX_BYTES + 1);
+            assert_eq!(http_get(addr, &too_big, T).expect("too big").0, 400);
+        }
+    }
+
+    #[test]
+    fn bytes_answers_follow_the_target() {
+        assert_eq!(answer_for(b"GET / HTTP/1.1"), Answer::Name);
+        assert_eq!(answer_for(b"GET /bytes/10 HTTP/1.1"), Answer::Bytes(10));
+        assert_eq!(answer_for(b"GET /bytes/ HTTP/1.1"), Answer::BadBytes);
+        assert_eq!(
+            answer_for(b"GET /bytes/67108865 HTTP/1.1"),
+            Answer::BadBytes
+        );
+        assert_eq!(
+            answer_for(b"GET /bytes/67108864 HTTP/1.1"),
+            Answer::Bytes(MAX_BYTES)
+        );
+        assert!((0..1000u64).all(|i| PATTERN[i as usize] == pattern_byte(i)));
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
+use super::backend_server::pattern_byte;
+
 /// Longest reply line accepted (the server's names are short).
 const MAX_REPLY: u64 = 8 * 1024;
 /// Largest HTTP response read.
@@ -114,6 +116,65 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(
     let mut raw = Vec::new();
     stream.take(MAX_HTTP_RESPONSE).read_to_end(&mut raw)?;
     parse_response(&raw)
+}
+
+/// HTTP/1.1 `GET` of a large body with `Connection: close`, read as it
+/// arrives (never held in memory): returns the status and the body's length.
+/// A 200 body must carry a Content-Length, and must be the backend server's
+/// `/bytes/N` pattern; `timeout` bounds the connect and every single read.
+pub fn http_download(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(u16, u64)> {
+    let stream = connect(addr, timeout)?;
+    let mut writer = stream.try_clone()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    writer.write_all(request.as_bytes())?;
+    let mut reader = BufReader::with_capacity(64 * 1024, stream);
+    let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+    let status_line = read_reply(&mut reader)?;
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .filter(|_| status_line.starts_with("HTTP/1."))
+        .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+    let mut length = None;
+    for _ in 0..100 {
+        let line = read_reply(&mut reader)?;
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = Some(
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| bad(format!("bad content-length {v:?}")))?,
+            );
+        }
+    }
+    if status != 200 {
+        return Ok((status, length.unwrap_or(0)));
+    }
+    let length = length.ok_or_else(|| bad("no content-length".into()))?;
+    let mut offset = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    while offset < length {
+        let want = usize::try_from(length - offset)
+            .unwrap_or(buf.len())
+            .min(buf.len());
+        let n = reader.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("body ended after {offset} of {length} bytes"),
+            ));
+        }
+        if let Some(i) = (0..n).find(|&i| buf[i] != pattern_byte(offset + i as u64)) {
+            return Err(bad(format!("wrong byte at offset {}", offset + i as u64)));
+        }
+        offset += n as u64;
+    }
+    Ok((status, offset))
 }
 
 /// Splits a complete HTTP/1.x response into status code and body.

@@ -16,6 +16,39 @@
 //! on (bpf_fib_lookup refuses to work without it) but an nftables rule drops
 //! and counts everything the kernel would forward, so a packet the XDP
 //! program did not handle shows up in [`Lab::kernel_forwarded_packets`].
+//!
+//! ## The DSR return path (`LabOptions::with_dsr`)
+//!
+//! For direct server return the switch is also a router with a link of its
+//! own to the client, and backends answer the client straight through it:
+//!
+//! ```text
+//!  cli                 lb                       sw                    be{i}
+//!  c0 ───────────── lbc      lbb ──────────── up ─ br0 ─ p{i} ────────── eth0
+//!                                                  198.18.2.2            VIPs on lo
+//!                                                  fd00:18:2::2
+//!  c1 ─────────────────────────────────────── swc   (forwarding on)
+//!  198.18.3.2                                 198.18.3.1
+//!  fd00:18:3::2                               fd00:18:3::1
+//! ```
+//!
+//! - `sw` routes the client's prefixes (198.18.1.0/24, fd00:18:1::/64) over
+//!   `swc` and the VIP prefixes (198.18.100.0/24, fd00:18:100::/64) to the
+//!   balancer's `lbb` address, so an ICMP "fragmentation needed" / "packet too
+//!   big" it sends to a VIP reaches the balancer. Its ICMP rate limits are off.
+//! - Backends hold [`VIP_V4`]/32 and [`VIP_V6`]/128 on `lo`, never answer ARP
+//!   for them (`arp_ignore=1`, `arp_announce=2`), and route the client's
+//!   prefixes via `sw` ([`ReturnPath::Switch`]) or, switchable at run time
+//!   with [`Lab::set_return_path`], via the balancer as in the default lab
+//!   ([`ReturnPath::Balancer`], what NAT needs). Their servers also serve the
+//!   VIP ports ([`services::VIP_TCP_PORT`] on the wildcard, UDP bound to
+//!   VIP:[`services::VIP_UDP_PORT`] so answers leave from the VIP).
+//! - The client still sends to the VIPs through `c0` and accepts answers from
+//!   them on `c1` (`rp_filter` is off in the client, `sw` and the backends).
+//!   [`Lab::vip_reply_paths`] counts which way answers from a VIP came.
+//! - [`LabOptions::with_client_path_mtu`] lowers the MTU of the `sw`-`c1`
+//!   link, so backends' 1500-byte answers make `sw` send "fragmentation
+//!   needed" / "packet too big" to the VIP.
 
 pub mod backend_server;
 pub mod client;
@@ -62,6 +95,34 @@ pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 0x1)
 pub const TCP_PORT: u16 = 8080;
 /// UDP port the backend servers listen on.
 pub const UDP_PORT: u16 = 5353;
+/// DSR labs: the switch's address on its bridge (the backends' way back to the client).
+pub const SWITCH_BACKEND_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+/// DSR labs: the switch's IPv6 address on its bridge.
+pub const SWITCH_BACKEND_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x2, 0, 0, 0, 0, 0x2);
+/// DSR labs: the MAC of the switch's bridge `br0`.
+pub const SWITCH_BACKEND_MAC: [u8; 6] = [0x02, 0x18, 0x02, 0x00, 0x00, 0x02];
+/// DSR labs: the switch's address on `swc`, its link to the client.
+pub const SWITCH_CLIENT_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 1);
+/// DSR labs: the switch's IPv6 address on `swc`.
+pub const SWITCH_CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x3, 0, 0, 0, 0, 0x1);
+/// DSR labs: the MAC of `swc`.
+pub const SWITCH_CLIENT_MAC: [u8; 6] = [0x02, 0x18, 0x03, 0x00, 0x00, 0x01];
+/// DSR labs: the client's address on `c1`, where backends' direct answers arrive.
+pub const CLIENT_RETURN_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
+/// DSR labs: the client's IPv6 address on `c1`.
+pub const CLIENT_RETURN_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x3, 0, 0, 0, 0, 0x2);
+/// DSR labs: the MAC of `c1`.
+pub const CLIENT_RETURN_MAC: [u8; 6] = [0x02, 0x18, 0x03, 0x00, 0x00, 0x02];
+/// The client's IPv4 prefix (on `c0`), as routes name it.
+pub const CLIENT_PREFIX_V4: &str = "198.18.1.0/24";
+/// The client's IPv6 prefix (on `c0`).
+pub const CLIENT_PREFIX_V6: &str = "fd00:18:1::/64";
+/// The prefix the IPv4 VIPs come from.
+pub const VIP_PREFIX_V4: &str = "198.18.100.0/24";
+/// The prefix the IPv6 VIPs come from.
+pub const VIP_PREFIX_V6: &str = "fd00:18:100::/64";
+/// Lowest MTU `LabOptions::client_path_mtu` may set (IPv6's minimum).
+pub const MIN_CLIENT_PATH_MTU: u32 = 1280;
 /// Most backends a lab holds (their host part `10 + i` must stay a valid address).
 pub const MAX_BACKENDS: usize = 200;
 /// How long `create`/`add_backend`/`start_backend_server` wait for a server to answer.
@@ -73,6 +134,8 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 const GUARD_TABLE: &str = "lbguard";
 /// Name of the nftables counter of packets the kernel tried to forward.
 const GUARD_COUNTER: &str = "kernel_forwarded";
+/// DSR labs: the nftables table (client and balancer) counting answers from the VIPs.
+const PATHS_TABLE: &str = "lbpaths";
 
 /// Host part `10 + i` of backend `i` (1-based); panics past [`MAX_BACKENDS`].
 fn backend_host(i: usize) -> u8 {
@@ -155,6 +218,41 @@ pub struct LabOptions {
     pub lb_bin: PathBuf,
     /// The `lab-xdp` eBPF object holding the pass-only program for veth peers.
     pub lab_bpf_object: PathBuf,
+    /// Build the DSR return path (see the module doc); off by default.
+    pub dsr: bool,
+    /// DSR labs: the MTU of the `sw`-`c1` link (default: 1500, unchanged).
+    pub client_path_mtu: Option<u32>,
+}
+
+/// Which way backends route their answers to the client's prefixes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReturnPath {
+    /// Via the balancer's `lbb` address (the default lab; what NAT needs).
+    Balancer,
+    /// Via the switch's bridge address and its own link to the client (DSR).
+    Switch,
+}
+
+impl ReturnPath {
+    /// The backends' next hop to the client's prefixes.
+    pub fn gateways(self) -> (Ipv4Addr, Ipv6Addr) {
+        match self {
+            ReturnPath::Balancer => (BALANCER_BACKEND_V4, BALANCER_BACKEND_V6),
+            ReturnPath::Switch => (SWITCH_BACKEND_V4, SWITCH_BACKEND_V6),
+        }
+    }
+}
+
+/// Packets from a VIP address counted on their way in (DSR labs only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipReplyPaths {
+    /// Arrived at the client on `c0`, from the balancer.
+    pub via_balancer: u64,
+    /// Arrived at the client on `c1`, from the switch (direct server return).
+    pub via_switch: u64,
+    /// Reached the balancer's kernel on `lbb` (what its XDP program passed up,
+    /// or everything when none is attached).
+    pub balancer_lbb: u64,
 }
 
 impl LabOptions {
@@ -181,7 +279,22 @@ impl LabOptions {
             backends,
             lb_bin,
             lab_bpf_object,
+            dsr: false,
+            client_path_mtu: None,
         })
+    }
+
+    /// With the DSR return path (see the module doc).
+    pub fn with_dsr(mut self) -> Self {
+        self.dsr = true;
+        self
+    }
+
+    /// With the DSR return path and the `sw`-`c1` link's MTU lowered to `mtu`.
+    pub fn with_client_path_mtu(mut self, mtu: u32) -> Self {
+        self.dsr = true;
+        self.client_path_mtu = Some(mtu);
+        self
     }
 }
 
@@ -217,6 +330,10 @@ pub struct Lab {
     reaped: HashMap<u32, ExitStatus>,
     /// Loaded pass programs; dropping them detaches them.
     xdp: Vec<aya::Ebpf>,
+    /// Backend namespaces where `lb decap` attached to `eth0` (detached on drop).
+    decap: Vec<String>,
+    /// How backends route to the client (always `Balancer` outside DSR labs).
+    return_path: ReturnPath,
 }
 
 impl Lab {
@@ -228,6 +345,14 @@ impl Lab {
             || !tag.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
             bail!("lab tag {tag:?} must be 1-16 characters of [A-Za-z0-9_]");
+        }
+        if let Some(mtu) = opts.client_path_mtu {
+            if !opts.dsr {
+                bail!("client_path_mtu needs the DSR topology (dsr = true)");
+            }
+            if !(MIN_CLIENT_PATH_MTU..=1500).contains(&mtu) {
+                bail!("client_path_mtu {mtu} is outside {MIN_CLIENT_PATH_MTU}..=1500");
+            }
         }
         if opts.backends > MAX_BACKENDS {
             bail!(
@@ -250,6 +375,11 @@ impl Lab {
             tracing::warn!("sweeping stale labs: {e:#}");
         }
         let backends = opts.backends;
+        let return_path = if opts.dsr {
+            ReturnPath::Switch
+        } else {
+            ReturnPath::Balancer
+        };
         let mut lab = Lab {
             prefix: format!("{}{tag}-{}", netns::NS_PREFIX, std::process::id()),
             opts,
@@ -258,9 +388,15 @@ impl Lab {
             children: HashMap::new(),
             reaped: HashMap::new(),
             xdp: Vec::new(),
+            decap: Vec::new(),
+            return_path,
         };
         // Any `?` below drops `lab`, which removes whatever was built so far.
         lab.build_core().context("building the lab")?;
+        if lab.opts.dsr {
+            lab.build_dsr()
+                .context("building the lab's DSR return path")?;
+        }
         for _ in 0..backends {
             lab.add_backend()?;
         }
@@ -302,13 +438,17 @@ impl Lab {
         let cli = self.add_namespace("cli", &churn)?;
         let lb = self.add_namespace("lb", &churn)?;
         // The switch is pure L2; without IPv6 its ports send no MLD/RS noise.
-        let sw = self.add_namespace(
-            "sw",
+        // (A DSR lab's switch routes too: IPv6 goes back on for its bridge
+        // and client link in `build_dsr`, the ports stay without.)
+        let sw_sysctls: &[(&str, &str)] = if self.opts.dsr {
+            &[("net.ipv6.conf.default.disable_ipv6", "1")]
+        } else {
             &[
                 ("net.ipv6.conf.all.disable_ipv6", "1"),
                 ("net.ipv6.conf.default.disable_ipv6", "1"),
-            ],
-        )?;
+            ]
+        };
+        let sw = self.add_namespace("sw", sw_sysctls)?;
 
         // Created straight inside the namespaces, so no name ever exists in the root namespace.
         netns::ip(&[
@@ -394,6 +534,194 @@ impl Lab {
         Ok(())
     }
 
+    /// Adds the DSR return path to a built core: the `c1`-`swc` link, routing
+    /// in `sw`, the client's acceptance of answers on `c1`, and the counters
+    /// of [`Lab::vip_reply_paths`]. Backends get their part in `add_backend`.
+    fn build_dsr(&mut self) -> Result<()> {
+        let cli = self.client_ns().to_string();
+        let lb = self.balancer_ns().to_string();
+        let sw = self.switch_ns().to_string();
+        netns::ip(&[
+            "link",
+            "add",
+            "c1",
+            "netns",
+            &cli,
+            "address",
+            &mac_str(CLIENT_RETURN_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "swc",
+            "netns",
+            &sw,
+            "address",
+            &mac_str(SWITCH_CLIENT_MAC),
+        ])?;
+        netns::sysctls_in(
+            &sw,
+            &[
+                ("net.ipv6.conf.br0.disable_ipv6", "0"),
+                ("net.ipv6.conf.swc.disable_ipv6", "0"),
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv6.conf.all.forwarding", "1"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+                // Every "fragmentation needed" goes to the same VIP: no per-destination limit.
+                ("net.ipv4.icmp_ratelimit", "0"),
+                ("net.ipv6.icmp.ratelimit", "0"),
+            ],
+        )?;
+        netns::ip_batch(
+            &sw,
+            &[
+                format!("link set br0 address {}", mac_str(SWITCH_BACKEND_MAC)),
+                format!("addr add {SWITCH_BACKEND_V4}/24 dev br0"),
+                format!("addr add {SWITCH_BACKEND_V6}/64 dev br0 nodad"),
+                format!("addr add {SWITCH_CLIENT_V4}/24 dev swc"),
+                format!("addr add {SWITCH_CLIENT_V6}/64 dev swc nodad"),
+                "link set swc up".into(),
+                format!("route add {CLIENT_PREFIX_V4} via {CLIENT_RETURN_V4}"),
+                format!("route add {CLIENT_PREFIX_V6} via {CLIENT_RETURN_V6}"),
+                format!("route add {VIP_PREFIX_V4} via {BALANCER_BACKEND_V4}"),
+                format!("route add {VIP_PREFIX_V6} via {BALANCER_BACKEND_V6}"),
+                format!(
+                    "neigh replace {CLIENT_RETURN_V4} lladdr {} dev swc nud permanent",
+                    mac_str(CLIENT_RETURN_MAC)
+                ),
+                format!(
+                    "neigh replace {CLIENT_RETURN_V6} lladdr {} dev swc nud permanent",
+                    mac_str(CLIENT_RETURN_MAC)
+                ),
+                format!(
+                    "neigh replace {BALANCER_BACKEND_V4} lladdr {} dev br0 nud permanent",
+                    mac_str(BALANCER_BACKEND_MAC)
+                ),
+                format!(
+                    "neigh replace {BALANCER_BACKEND_V6} lladdr {} dev br0 nud permanent",
+                    mac_str(BALANCER_BACKEND_MAC)
+                ),
+            ],
+        )?;
+        netns::sysctls_in(
+            &cli,
+            &[
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+                ("net.ipv4.conf.c0.rp_filter", "0"),
+                ("net.ipv4.conf.c1.rp_filter", "0"),
+            ],
+        )?;
+        netns::ip_batch(
+            &cli,
+            &[
+                format!("addr add {CLIENT_RETURN_V4}/24 dev c1"),
+                format!("addr add {CLIENT_RETURN_V6}/64 dev c1 nodad"),
+                "link set c1 up".into(),
+                format!(
+                    "neigh replace {SWITCH_CLIENT_V4} lladdr {} dev c1 nud permanent",
+                    mac_str(SWITCH_CLIENT_MAC)
+                ),
+                format!(
+                    "neigh replace {SWITCH_CLIENT_V6} lladdr {} dev c1 nud permanent",
+                    mac_str(SWITCH_CLIENT_MAC)
+                ),
+            ],
+        )?;
+        if let Some(mtu) = self.opts.client_path_mtu {
+            self.set_client_path_mtu(mtu)?;
+        }
+        netns::nft_in(&cli, &client_paths_ruleset())?;
+        netns::nft_in(&lb, &balancer_paths_ruleset())?;
+        Ok(())
+    }
+
+    /// DSR labs: sets the MTU of the `sw`-`c1` link (both ends); 1500 is the default.
+    pub fn set_client_path_mtu(&self, mtu: u32) -> Result<()> {
+        self.require_dsr()?;
+        if !(MIN_CLIENT_PATH_MTU..=1500).contains(&mtu) {
+            bail!("client path MTU {mtu} is outside {MIN_CLIENT_PATH_MTU}..=1500");
+        }
+        netns::ip_batch(self.switch_ns(), &[format!("link set swc mtu {mtu}")])?;
+        netns::ip_batch(self.client_ns(), &[format!("link set c1 mtu {mtu}")])
+    }
+
+    fn require_dsr(&self) -> Result<()> {
+        if !self.opts.dsr {
+            bail!("this lab has no DSR return path (LabOptions::with_dsr)");
+        }
+        Ok(())
+    }
+
+    /// How backends route to the client now.
+    pub fn return_path(&self) -> ReturnPath {
+        self.return_path
+    }
+
+    /// DSR labs: makes every backend (and those added later) route the
+    /// client's prefixes via `path`. `Balancer` is what NAT needs (answers
+    /// come back through the balancer to be translated); `Switch` is DSR.
+    pub fn set_return_path(&mut self, path: ReturnPath) -> Result<()> {
+        self.require_dsr()?;
+        for b in &self.backends {
+            netns::ip_batch(&b.ns, &return_route_commands(path))?;
+        }
+        self.return_path = path;
+        Ok(())
+    }
+
+    /// DSR labs: packets from the VIP prefixes counted so far at the client,
+    /// by the interface they came in on, and on the balancer's `lbb`.
+    pub fn vip_reply_paths(&self) -> Result<VipReplyPaths> {
+        self.require_dsr()?;
+        let count = |ns: &str, name: &str| -> Result<u64> {
+            let text = netns::nft_output(ns, &["list", "counter", "inet", PATHS_TABLE, name])?;
+            parse_packets(&text).ok_or_else(|| anyhow!("no packet count in nft output: {text}"))
+        };
+        Ok(VipReplyPaths {
+            via_balancer: count(self.client_ns(), "via_balancer")?,
+            via_switch: count(self.client_ns(), "via_switch")?,
+            balancer_lbb: count(self.balancer_ns(), "lbb_from_vip")?,
+        })
+    }
+
+    /// Id of the XDP program attached to `iface` in namespace `ns`, if any
+    /// (from `ip -d link show`): e.g. the pass programs on `c0` (client) and
+    /// `up` (switch), or the agent's `lb_xdp` on `lbc`/`lbb` (balancer).
+    pub fn xdp_program_id(&self, ns: &str, iface: &str) -> Result<Option<u32>> {
+        let out = netns::ip(&["-n", ns, "-d", "link", "show", "dev", iface])?;
+        Ok(parse_xdp_prog_id(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Runs `lb decap` on every backend's `eth0` for the lab's VIPs, as a
+    /// backend of an `ipip` service is set up (see `lb-ebpf/DECAP.md`).
+    pub fn start_decap(&mut self) -> Result<()> {
+        for ns in self
+            .backends
+            .iter()
+            .map(|b| b.ns.clone())
+            .collect::<Vec<_>>()
+        {
+            if self.decap.contains(&ns) {
+                continue;
+            }
+            let out = Command::new(&self.opts.lb_bin)
+                .args(["decap", "--netns", &ns, "--interface", "eth0", "--vip"])
+                .arg(format!("{VIP_V4},{VIP_V6}"))
+                .output()
+                .context("running lb decap")?;
+            if !out.status.success() {
+                bail!(
+                    "lb decap in {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            self.decap.push(ns);
+        }
+        Ok(())
+    }
+
     /// Loads the pass-only program and attaches it to `iface` inside `ns`.
     fn attach_pass(&mut self, ns: &str, iface: &str) -> Result<()> {
         let object = self.opts.lab_bpf_object.clone();
@@ -429,7 +757,7 @@ impl Lab {
     /// attached one there, so that another XDP program (e.g. `lb decap` on a
     /// backend's `eth0`) can take the interface; returns whether it did.
     pub fn detach_pass(&mut self, ns: &str, iface: &str) -> Result<bool> {
-        let Some(attached) = xdp_prog_id(ns, iface)? else {
+        let Some(attached) = self.xdp_program_id(ns, iface)? else {
             return Ok(false);
         };
         let ours = self.xdp.iter().position(|ebpf| {
@@ -474,7 +802,18 @@ impl Lab {
         }
         let name = format!("be{index}");
         let (v4, v6, mac) = (backend_v4(index), backend_v6(index), backend_mac(index));
-        let ns = self.add_namespace(&name, &[])?;
+        let dsr = self.opts.dsr;
+        // DSR: the VIPs go on `lo`; never answer ARP for them on the segment,
+        // and accept packets whose way back is not the way they came.
+        let dsr_sysctls: &[(&str, &str)] = &[
+            ("net.ipv4.conf.all.arp_ignore", "1"),
+            ("net.ipv4.conf.default.arp_ignore", "1"),
+            ("net.ipv4.conf.all.arp_announce", "2"),
+            ("net.ipv4.conf.default.arp_announce", "2"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ];
+        let ns = self.add_namespace(&name, if dsr { dsr_sysctls } else { &[] })?;
         let port = format!("p{index}");
         let sw = self.switch_ns().to_string();
         netns::ip(&[
@@ -511,6 +850,30 @@ impl Lab {
                 format!("route add default via {BALANCER_BACKEND_V6}"),
             ],
         )?;
+        if dsr {
+            netns::sysctls_in(
+                &ns,
+                &[
+                    ("net.ipv4.conf.eth0.arp_ignore", "1"),
+                    ("net.ipv4.conf.eth0.arp_announce", "2"),
+                    ("net.ipv4.conf.eth0.rp_filter", "0"),
+                ],
+            )?;
+            let mut cmds = vec![
+                format!("addr add {VIP_V4}/32 dev lo"),
+                format!("addr add {VIP_V6}/128 dev lo nodad"),
+                format!(
+                    "neigh replace {SWITCH_BACKEND_V4} lladdr {} dev eth0 nud permanent",
+                    mac_str(SWITCH_BACKEND_MAC)
+                ),
+                format!(
+                    "neigh replace {SWITCH_BACKEND_V6} lladdr {} dev eth0 nud permanent",
+                    mac_str(SWITCH_BACKEND_MAC)
+                ),
+            ];
+            cmds.extend(return_route_commands(self.return_path));
+            netns::ip_batch(&ns, &cmds)?;
+        }
         netns::full_tx_checksums(&ns, "eth0")?;
         let lb = self.balancer_ns().to_string();
         // Permanent, so bpf_fib_lookup always finds the next hop without waiting for ARP/ND.
@@ -561,17 +924,7 @@ impl Lab {
             return Ok(());
         }
         let backend = &self.backends[pos];
-        let args = BackendArgs {
-            name: backend.name.clone(),
-            tcp: vec![
-                (Ipv4Addr::UNSPECIFIED, TCP_PORT).into(),
-                (Ipv6Addr::UNSPECIFIED, TCP_PORT).into(),
-            ],
-            udp: vec![
-                (Ipv4Addr::UNSPECIFIED, UDP_PORT).into(),
-                (Ipv6Addr::UNSPECIFIED, UDP_PORT).into(),
-            ],
-        };
+        let args = backend_server_args(&backend.name, self.opts.dsr);
         let (ns, name) = (backend.ns.clone(), backend.name.clone());
         let program = self.opts.lb_bin.clone();
         let pid = self.spawn_in_ns(&ns, &program, &args.to_args())?;
@@ -590,7 +943,8 @@ impl Lab {
                 bail!("it exited with {status}");
             }
             let expected = name.to_string();
-            let ready = run_in_ns(ns, move || probe_server(&expected))??;
+            let dsr = self.opts.dsr;
+            let ready = run_in_ns(ns, move || probe_server(&expected, dsr))??;
             if ready {
                 return Ok(());
             }
@@ -630,6 +984,15 @@ impl Lab {
             self.balancer_ns(),
             &[format!("addr replace {ip}/{prefix} dev lo")],
         )
+    }
+
+    /// Runs `nft -f -` with `ruleset` in one of this lab's namespaces (e.g. a
+    /// DNAT baseline in the balancer namespace).
+    pub fn nft(&self, ns: &str, ruleset: &str) -> Result<()> {
+        if !self.namespaces.iter().any(|n| n == ns) {
+            bail!("{ns} is not a namespace of this lab");
+        }
+        netns::nft_in(ns, ruleset)
     }
 
     /// Where the lab's agent pins its maps and attachments.
@@ -727,6 +1090,17 @@ fn guard_ruleset(allow: bool) -> String {
     )
 }
 
+/// Finds `prog/xdp id N` in `ip -d link show` output.
+fn parse_xdp_prog_id(text: &str) -> Option<u32> {
+    let mut words = text.split_whitespace();
+    while let Some(w) = words.next() {
+        if w.starts_with("prog/xdp") && words.next() == Some("id") {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
 /// Finds `packets N` in `nft list counter` output.
 fn parse_packets(text: &str) -> Option<u64> {
     let mut words = text.split_whitespace();
@@ -738,32 +1112,76 @@ fn parse_packets(text: &str) -> Option<u64> {
     None
 }
 
-/// Id of the XDP program attached to `iface` in `ns`, if any (from `ip -j -d link`).
-fn xdp_prog_id(ns: &str, iface: &str) -> Result<Option<u32>> {
-    let out = netns::ip(&["-n", ns, "-j", "-d", "link", "show", "dev", iface])?;
-    let links: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("parsing `ip -j link` output")?;
-    let id = links
-        .get(0)
-        .and_then(|l| l.get("xdp"))
-        .and_then(|x| x.get("prog"))
-        .and_then(|p| p.get("id"))
-        .and_then(serde_json::Value::as_u64);
-    Ok(id.and_then(|id| u32::try_from(id).ok()))
+/// The backend server's sockets: TCP and UDP on the wildcards of both
+/// families; in DSR labs also TCP on the VIP port (wildcard) and UDP bound to
+/// VIP:port, so that its answers leave with the VIP as source.
+fn backend_server_args(name: &str, dsr: bool) -> BackendArgs {
+    let mut args = BackendArgs {
+        name: name.to_string(),
+        tcp: vec![
+            (Ipv4Addr::UNSPECIFIED, TCP_PORT).into(),
+            (Ipv6Addr::UNSPECIFIED, TCP_PORT).into(),
+        ],
+        udp: vec![
+            (Ipv4Addr::UNSPECIFIED, UDP_PORT).into(),
+            (Ipv6Addr::UNSPECIFIED, UDP_PORT).into(),
+        ],
+    };
+    if dsr {
+        args.tcp.extend([
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, services::VIP_TCP_PORT)),
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, services::VIP_TCP_PORT)),
+        ]);
+        args.udp.extend([
+            SocketAddr::from((VIP_V4, services::VIP_UDP_PORT)),
+            SocketAddr::from((VIP_V6, services::VIP_UDP_PORT)),
+        ]);
+    }
+    args
 }
 
-/// One readiness probe from inside a backend namespace: TCP and UDP, v4 and v6, over loopback.
-fn probe_server(expected: &str) -> Result<bool> {
+/// `ip` commands for a backend's routes to the client's prefixes.
+fn return_route_commands(path: ReturnPath) -> [String; 2] {
+    let (v4, v6) = path.gateways();
+    [
+        format!("route replace {CLIENT_PREFIX_V4} via {v4}"),
+        format!("route replace {CLIENT_PREFIX_V6} via {v6}"),
+    ]
+}
+
+/// DSR labs, client: answers from the VIPs counted by the interface they arrive on.
+fn client_paths_ruleset() -> String {
+    format!(
+        "table inet {PATHS_TABLE} {{\n  counter via_balancer {{ }}\n  counter via_switch {{ }}\n  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"c0\" ip saddr {VIP_PREFIX_V4} counter name via_balancer\n    iifname \"c0\" ip6 saddr {VIP_PREFIX_V6} counter name via_balancer\n    iifname \"c1\" ip saddr {VIP_PREFIX_V4} counter name via_switch\n    iifname \"c1\" ip6 saddr {VIP_PREFIX_V6} counter name via_switch\n  }}\n}}\n"
+    )
+}
+
+/// DSR labs, balancer: packets from the VIPs that reach its kernel on `lbb`.
+fn balancer_paths_ruleset() -> String {
+    format!(
+        "table inet {PATHS_TABLE} {{\n  counter lbb_from_vip {{ }}\n  chain prerouting {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"lbb\" ip saddr {VIP_PREFIX_V4} counter name lbb_from_vip\n    iifname \"lbb\" ip6 saddr {VIP_PREFIX_V6} counter name lbb_from_vip\n  }}\n}}\n"
+    )
+}
+
+/// One readiness probe from inside a backend namespace: TCP and UDP, v4 and
+/// v6, over loopback; in DSR labs also the VIP ports on the VIPs (local there).
+fn probe_server(expected: &str, dsr: bool) -> Result<bool> {
     let t = Duration::from_millis(200);
-    for ip in [
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(Ipv6Addr::LOCALHOST),
-    ] {
-        let tcp = match client::tcp_ask(SocketAddr::new(ip, TCP_PORT), t) {
+    let mut targets = vec![
+        (IpAddr::V4(Ipv4Addr::LOCALHOST), TCP_PORT, UDP_PORT),
+        (IpAddr::V6(Ipv6Addr::LOCALHOST), TCP_PORT, UDP_PORT),
+    ];
+    if dsr {
+        for ip in [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)] {
+            targets.push((ip, services::VIP_TCP_PORT, services::VIP_UDP_PORT));
+        }
+    }
+    for (ip, tcp_port, udp_port) in targets {
+        let tcp = match client::tcp_ask(SocketAddr::new(ip, tcp_port), t) {
             Ok(name) => name,
             Err(_) => return Ok(false),
         };
-        let udp = match client::udp_ask(SocketAddr::new(ip, UDP_PORT), t) {
+        let udp = match client::udp_ask(SocketAddr::new(ip, udp_port), t) {
             Ok(name) => name,
             Err(_) => return Ok(false),
         };
@@ -823,6 +1241,12 @@ impl Drop for Lab {
         // agent's pins (it leaves them when stopped, for a hitless restart)
         // go too.
         self.xdp.clear();
+        for ns in self.decap.drain(..) {
+            let pins = crate::decap::default_pin_dir("eth0", Some(&ns));
+            if let Err(e) = crate::decap::detach(&pins) {
+                tracing::warn!("detaching lb decap in {ns}: {e:#}");
+            }
+        }
         if let Err(e) = crate::dataplane::pin::remove_all(&self.agent_pin_dir()) {
             tracing::warn!("removing the agent's pins: {e:#}");
         }
@@ -877,6 +1301,38 @@ mod tests {
         let text = "table inet lbguard {\n\tcounter kernel_forwarded {\n\t\tpackets 42 bytes 4200\n\t}\n}\n";
         assert_eq!(parse_packets(text), Some(42));
         assert_eq!(parse_packets("nothing"), None);
+    }
+
+    #[test]
+    fn parses_xdp_prog_id() {
+        let text = "5: c0@if4: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 xdp qdisc noqueue state UP\n    link/ether 02:18:01:00:00:02 brd ff:ff:ff:ff:ff:ff link-netns x promiscuity 0\n    veth\n    prog/xdp id 1234 name xdp_pass tag 3b185187f1855c4c jited\n";
+        assert_eq!(parse_xdp_prog_id(text), Some(1234));
+        assert_eq!(parse_xdp_prog_id("5: c0: <UP> mtu 1500"), None);
+    }
+
+    #[test]
+    fn dsr_server_serves_the_vip_ports() {
+        let plain = backend_server_args("be1", false);
+        assert_eq!((plain.tcp.len(), plain.udp.len()), (2, 2));
+        let dsr = backend_server_args("be1", true);
+        assert!(
+            dsr.tcp
+                .contains(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 80)))
+        );
+        assert!(
+            dsr.tcp
+                .contains(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 80)))
+        );
+        // UDP answers must leave from the VIP: bound to it, not to a wildcard.
+        assert!(dsr.udp.contains(&SocketAddr::from((VIP_V4, 53))));
+        assert!(dsr.udp.contains(&SocketAddr::from((VIP_V6, 53))));
+        assert_eq!(
+            return_route_commands(ReturnPath::Switch),
+            [
+                "route replace 198.18.1.0/24 via 198.18.2.2",
+                "route replace fd00:18:1::/64 via fd00:18:2::2"
+            ]
+        );
     }
 
     #[test]
@@ -1002,6 +1458,171 @@ mod tests {
             namespaces_of(tag),
             Vec::<String>::new(),
             "namespaces left after drop"
+        );
+    }
+
+    /// 10 MB, the size the DSR self-test downloads.
+    const DOWNLOAD: u64 = 10_000_000;
+
+    /// Downloads `len` bytes from the VIP's TCP port (v4 and v6) from the client.
+    fn download_from_vips(lab: &Lab, len: u64) {
+        run_in_ns(lab.client_ns(), move || {
+            for ip in [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)] {
+                let path = format!("{}{len}", backend_server::BYTES_PATH);
+                let got = client::http_download(
+                    (ip, services::VIP_TCP_PORT).into(),
+                    &path,
+                    Duration::from_secs(5),
+                )
+                .unwrap_or_else(|e| panic!("download of {len} bytes from {ip}: {e}"));
+                assert_eq!(got, (200, len), "download from {ip}");
+            }
+        })
+        .expect("run_in_ns");
+    }
+
+    /// What a backend's kernel says about its route from the VIP to the client.
+    fn route_to_client(ns: &str, v6: bool) -> String {
+        let (to, from) = if v6 {
+            (CLIENT_V6.to_string(), VIP_V6.to_string())
+        } else {
+            (CLIENT_V4.to_string(), VIP_V4.to_string())
+        };
+        let out = netns::ip(&["-n", ns, "route", "get", &to, "from", &from]).expect("ip route get");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The DSR topology with kernel routing only (no XDP data plane): the
+    /// balancer's kernel routes the VIPs to be1, be1 answers from the VIP
+    /// straight to the client through `sw`, and `sw`'s "fragmentation needed"
+    /// reaches be1 through the balancer once the client's link is narrower.
+    #[test]
+    fn dsr_lab_answers_bypass_the_balancer() {
+        require_root();
+        let opts = LabOptions::from_env(1).expect("lab options").with_dsr();
+        let tag = "unitdsr";
+        let mut lab = Lab::create(tag, opts).expect("creating the DSR lab");
+        assert_eq!(namespaces_of(tag).len(), 4);
+        assert_eq!(lab.return_path(), ReturnPath::Switch);
+        let be1 = lab.backends()[0].clone();
+        netns::ip_batch(
+            lab.balancer_ns(),
+            &[
+                format!("route add {VIP_V4}/32 via {}", be1.v4),
+                format!("route add {VIP_V6}/128 via {}", be1.v6),
+            ],
+        )
+        .expect("routing the VIPs to be1");
+        lab.set_kernel_forwarding(true).expect("allow forwarding");
+
+        let before = lab.vip_reply_paths().expect("counters");
+        run_in_ns(lab.client_ns(), move || {
+            for ip in [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)] {
+                let tcp = (ip, services::VIP_TCP_PORT).into();
+                assert_eq!(tcp_ask(tcp, T).expect("TCP to the VIP"), "be1");
+                // udp_ask refuses an answer from any address but the VIP asked.
+                let udp = (ip, services::VIP_UDP_PORT).into();
+                assert_eq!(udp_ask(udp, T).expect("UDP to the VIP"), "be1");
+            }
+        })
+        .expect("run_in_ns");
+        let after = lab.vip_reply_paths().expect("counters");
+        assert!(
+            after.via_switch >= before.via_switch + 8,
+            "answers did not arrive on c1: {before:?} -> {after:?}"
+        );
+        assert_eq!(
+            (after.via_balancer, after.balancer_lbb),
+            (before.via_balancer, before.balancer_lbb),
+            "answers went through the balancer"
+        );
+
+        download_from_vips(&lab, DOWNLOAD);
+        for v6 in [false, true] {
+            let route = route_to_client(&be1.ns, v6);
+            assert!(
+                route.contains(&format!(
+                    "via {}",
+                    if v6 {
+                        SWITCH_BACKEND_V6.to_string()
+                    } else {
+                        SWITCH_BACKEND_V4.to_string()
+                    }
+                )),
+                "{route}"
+            );
+            assert!(!route.contains("mtu 1280"), "{route}");
+        }
+        let after_download = lab.vip_reply_paths().expect("counters");
+        assert_eq!(after_download.balancer_lbb, before.balancer_lbb);
+
+        // A narrower client link: sw's ICMP errors to the VIP go to the
+        // balancer, whose kernel route takes them to be1.
+        lab.set_client_path_mtu(1280).expect("lower the MTU");
+        download_from_vips(&lab, DOWNLOAD);
+        for v6 in [false, true] {
+            let route = route_to_client(&be1.ns, v6);
+            assert!(
+                route.contains("mtu 1280"),
+                "be1 learnt no path MTU: {route}"
+            );
+        }
+
+        // The same lab can route answers through the balancer again (NAT).
+        lab.set_return_path(ReturnPath::Balancer)
+            .expect("return via the balancer");
+        let before = lab.vip_reply_paths().expect("counters");
+        run_in_ns(lab.client_ns(), move || {
+            tcp_ask((VIP_V4, services::VIP_TCP_PORT).into(), T)
+        })
+        .expect("run_in_ns")
+        .expect("TCP to the VIP");
+        let after = lab.vip_reply_paths().expect("counters");
+        assert!(after.via_balancer > before.via_balancer, "{after:?}");
+        assert_eq!(after.via_switch, before.via_switch);
+
+        drop(lab);
+        assert_eq!(
+            namespaces_of(tag),
+            Vec::<String>::new(),
+            "namespaces left after drop"
+        );
+    }
+
+    /// `with_client_path_mtu` builds the narrower link from the start.
+    #[test]
+    fn dsr_lab_with_a_client_path_mtu() {
+        require_root();
+        let opts = LabOptions::from_env(1)
+            .expect("lab options")
+            .with_client_path_mtu(1400);
+        assert!(opts.dsr);
+        let lab = Lab::create("unitmtu", opts).expect("creating the DSR lab");
+        for (ns, iface) in [(lab.client_ns(), "c1"), (lab.switch_ns(), "swc")] {
+            let out = netns::ip(&["-n", ns, "link", "show", "dev", iface]).expect("ip link");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("mtu 1400"), "{iface}: {text}");
+        }
+        let be1 = lab.backends()[0].clone();
+        netns::ip_batch(
+            lab.balancer_ns(),
+            &[
+                format!("route add {VIP_V4}/32 via {}", be1.v4),
+                format!("route add {VIP_V6}/128 via {}", be1.v6),
+            ],
+        )
+        .expect("routing the VIPs to be1");
+        lab.set_kernel_forwarding(true).expect("allow forwarding");
+        download_from_vips(&lab, 1_000_000);
+        assert!(route_to_client(&be1.ns, false).contains("mtu 1400"));
+        assert!(
+            Lab::create(
+                "unitbad",
+                LabOptions::from_env(1)
+                    .expect("opts")
+                    .with_client_path_mtu(1000)
+            )
+            .is_err()
         );
     }
 

@@ -2,7 +2,7 @@
 //! family over the lab's backends, plus an L7 service the XDP program passes up.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::{Lab, TCP_PORT, UDP_PORT, VIP_V4, VIP_V6};
 
@@ -45,11 +45,77 @@ pub fn vip_l7() -> SocketAddr {
     SocketAddr::new(VIP_V4.into(), VIP_L7_PORT)
 }
 
+/// How a service's packets reach its backends: the `forwarding` key of a
+/// service in the config. The agent accepts only NAT (no key) so far; the
+/// DSR renderings exist for the data plane being written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forwarding {
+    /// NAT both ways (the default; no `forwarding` key). Backends listen on
+    /// [`TCP_PORT`]/[`UDP_PORT`] and answer through the balancer.
+    Nat,
+    /// `forwarding = "ipip"`: the client's packet, encapsulated IP-in-IP to
+    /// the backend (decapsulated there by `lb decap`).
+    Ipip,
+    /// `forwarding = "l2"`: only the destination MAC becomes the backend's.
+    L2,
+}
+
+impl Forwarding {
+    /// The config's value, or `None` for NAT (the key is left out).
+    pub fn config_value(self) -> Option<&'static str> {
+        match self {
+            Forwarding::Nat => None,
+            Forwarding::Ipip => Some("ipip"),
+            Forwarding::L2 => Some("l2"),
+        }
+    }
+
+    /// Whether backends answer the client directly (DSR), which needs a lab
+    /// built `with_dsr` and [`ReturnPath::Switch`](super::ReturnPath::Switch).
+    pub fn is_dsr(self) -> bool {
+        self != Forwarding::Nat
+    }
+
+    /// The backend ports of the TCP and UDP services: the VIP ports for DSR
+    /// (a backend answers from the very address and port the client asked).
+    pub fn backend_ports(self) -> (u16, u16) {
+        if self.is_dsr() {
+            (VIP_TCP_PORT, VIP_UDP_PORT)
+        } else {
+            (TCP_PORT, UDP_PORT)
+        }
+    }
+}
+
 /// Renders `lb.toml` for the lab. `weights[i]` is backend i's weight; backends
 /// beyond `weights` are left out (so tests can add them later by reloading).
 /// `health`, if given, is the body of a `[service.health]` table for every L4
 /// service.
 pub fn lab_config(lab: &Lab, weights: &[u32], ring_size: u32, health: Option<&str>) -> String {
+    lab_config_forwarding(lab, weights, ring_size, health, Forwarding::Nat)
+}
+
+/// Like [`lab_config`], with every L4 service forwarding as `forwarding`
+/// says (and, for DSR, backend ports equal to the VIP ports).
+pub fn lab_config_forwarding(
+    lab: &Lab,
+    weights: &[u32],
+    ring_size: u32,
+    health: Option<&str>,
+    forwarding: Forwarding,
+) -> String {
+    let backends: Vec<(Ipv4Addr, Ipv6Addr)> = lab.backends().iter().map(|b| (b.v4, b.v6)).collect();
+    render_config(&backends, weights, ring_size, health, forwarding)
+}
+
+/// The text of [`lab_config_forwarding`] for backends with these addresses.
+pub fn render_config(
+    backends: &[(Ipv4Addr, Ipv6Addr)],
+    weights: &[u32],
+    ring_size: u32,
+    health: Option<&str>,
+    forwarding: Forwarding,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -61,17 +127,22 @@ pub fn lab_config(lab: &Lab, weights: &[u32], ring_size: u32, health: Option<&st
         (TCP6, vip_tcp6(), "tcp", true),
         (UDP6, vip_udp6(), "udp", true),
     ];
+    let (tcp_port, udp_port) = forwarding.backend_ports();
+    let forwarding_line = forwarding
+        .config_value()
+        .map(|v| format!("forwarding = \"{v}\"\n"))
+        .unwrap_or_default();
     for (name, vip, proto, v6) in services {
         let _ = writeln!(
             out,
-            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{proto}\"\nring_size = {ring_size}\n"
+            "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nprotocol = \"{proto}\"\n{forwarding_line}ring_size = {ring_size}\n"
         );
-        let port = if proto == "tcp" { TCP_PORT } else { UDP_PORT };
-        for (b, weight) in lab.backends().iter().zip(weights) {
+        let port = if proto == "tcp" { tcp_port } else { udp_port };
+        for ((v4_addr, v6_addr), weight) in backends.iter().zip(weights) {
             let addr = if v6 {
-                SocketAddr::new(b.v6.into(), port)
+                SocketAddr::new((*v6_addr).into(), port)
             } else {
-                SocketAddr::new(b.v4.into(), port)
+                SocketAddr::new((*v4_addr).into(), port)
             };
             let _ = writeln!(
                 out,
@@ -81,7 +152,7 @@ pub fn lab_config(lab: &Lab, weights: &[u32], ring_size: u32, health: Option<&st
         if let Some(health) = health {
             // UDP services are checked on the backends' TCP port.
             let port = if proto == "udp" {
-                format!("port = {TCP_PORT}\n")
+                format!("port = {tcp_port}\n")
             } else {
                 String::new()
             };
@@ -94,4 +165,55 @@ pub fn lab_config(lab: &Lab, weights: &[u32], ring_size: u32, health: Option<&st
         vip_l7()
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lab::{backend_v4, backend_v6};
+
+    fn two() -> Vec<(Ipv4Addr, Ipv6Addr)> {
+        (1..=2).map(|i| (backend_v4(i), backend_v6(i))).collect()
+    }
+
+    #[test]
+    fn nat_config_has_no_forwarding_key_and_parses() {
+        let text = render_config(&two(), &[1, 2], 13, Some("kind = \"tcp\""), Forwarding::Nat);
+        assert!(!text.contains("forwarding"), "{text}");
+        assert!(
+            text.contains("address = \"198.18.2.11:8080\"\nweight = 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("address = \"[fd00:18:2::12]:5353\"\nweight = 2"),
+            "{text}"
+        );
+        crate::config::parse(&text, "lab.toml").expect("the agent accepts the NAT config");
+    }
+
+    #[test]
+    fn dsr_configs_forward_to_the_vip_ports() {
+        for (forwarding, value) in [(Forwarding::Ipip, "ipip"), (Forwarding::L2, "l2")] {
+            let text = render_config(&two(), &[1, 1], 13, Some("kind = \"tcp\""), forwarding);
+            let tcp4 = format!(
+                "[[service]]\nname = \"tcp4\"\nvip = \"198.18.100.1:80\"\nprotocol = \"tcp\"\nforwarding = \"{value}\"\nring_size = 13\n\n\
+                 [[service.backend]]\naddress = \"198.18.2.11:80\"\nweight = 1\n\n\
+                 [[service.backend]]\naddress = \"198.18.2.12:80\"\nweight = 1\n\n\
+                 [service.health]\nkind = \"tcp\"\n\n"
+            );
+            assert!(text.contains(&tcp4), "{text}");
+            let udp6 = format!(
+                "[[service]]\nname = \"udp6\"\nvip = \"[fd00:18:100::1]:53\"\nprotocol = \"udp\"\nforwarding = \"{value}\"\nring_size = 13\n\n\
+                 [[service.backend]]\naddress = \"[fd00:18:2::11]:53\"\nweight = 1\n\n\
+                 [[service.backend]]\naddress = \"[fd00:18:2::12]:53\"\nweight = 1\n\n\
+                 [service.health]\nkind = \"tcp\"\nport = 80\n"
+            );
+            assert!(text.contains(&udp6), "{text}");
+            assert_eq!(text.matches("forwarding = ").count(), 4, "{text}");
+            // The L7 service is passed up as before, without a forwarding key.
+            assert!(
+                text.ends_with("name = \"https-l7\"\nvip = \"198.18.100.1:443\"\nmode = \"l7\"\n")
+            );
+        }
+    }
 }

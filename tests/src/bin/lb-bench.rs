@@ -343,9 +343,10 @@ fn control_latency() -> Result<()> {
 /// The benchmark's sections, by the name that selects them on the command line.
 type Section = (&'static str, fn() -> Result<()>);
 
-const SECTIONS: [Section; 7] = [
+const SECTIONS: [Section; 8] = [
     ("xdp", xdp_costs),
     ("rates", request_rates),
+    ("l4", lb_tests::l4bench::run),
     ("tables", table_costs),
     ("control", control_latency),
     ("l7", lb_tests::l7bench::run),
