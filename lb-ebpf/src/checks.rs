@@ -38,9 +38,11 @@ const _: () = assert!(RATE_PREFIX_V6 == 64);
 const MAX_IPV4_HEADER_WORDS: usize = 30;
 
 /// Whether a packet about to be forwarded may be: sent to the receiving
-/// interface's own MAC, and (IPv4) with a correct header checksum.
+/// interface's own MAC, and (IPv4, when `rewritten`) with a correct header
+/// checksum. A packet sent on untouched (DSR) keeps a wrong checksum wrong
+/// for the backend's stack to drop, so only rewritten ones need the sum.
 #[inline(always)]
-pub fn forwardable(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
+pub fn forwardable(ctx: &XdpContext, pkt: &Packet, rewritten: bool) -> Result<(), Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
     if let Some(own) = IF_MACS.get(ingress)
         && own.set != 0
@@ -51,7 +53,7 @@ pub fn forwardable(ctx: &XdpContext, pkt: &Packet) -> Result<(), Reason> {
             return Err(Reason::DropOtherHost);
         }
     }
-    if pkt.key.family == FAMILY_V4 && !ipv4_header_checksum_ok(ctx, pkt) {
+    if rewritten && pkt.key.family == FAMILY_V4 && !ipv4_header_checksum_ok(ctx, pkt) {
         return Err(Reason::DropBadIpChecksum);
     }
     Ok(())

@@ -8,12 +8,12 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Addr, FAMILY_V4, NEXTHOP_TTL_NS, NextHop, NextHopKey, Reason};
+use lb_common::{Addr, FAMILY_V4, NEXTHOP_TTL_NS, NextHop, Reason, client_hop_slot};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     icmp,
-    maps::{BACKEND_HOPS, NEXTHOPS},
+    maps::{BACKEND_HOPS, CLIENT_HOPS},
     nat::{self, Side},
     parse::{Packet, ptr_at},
     verdict::Verdict,
@@ -131,28 +131,31 @@ pub enum Lookup {
     Failed,
 }
 
-/// The next hop toward `dst`: from the per-CPU cache while fresh, else from
-/// `bpf_fib_lookup` (whose answer is then cached).
+/// The next hop toward `dst` (a client): from this CPU's `CLIENT_HOPS`
+/// slot while it is fresh and for that address, else from `bpf_fib_lookup`
+/// (whose answer then takes the slot).
 #[inline(always)]
 fn next_hop(ctx: *mut xdp_md, pkt: &Packet, dst: &Addr, src: &Addr, out: &mut NextHop) -> Lookup {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let key = NextHopKey {
-        addr: *dst,
-        family: pkt.key.family,
-        pad: [0; 3],
+    let Some(slot) = CLIENT_HOPS.get_ptr_mut(client_hop_slot(dst)) else {
+        return Lookup::Failed;
     };
-    // SAFETY: per-CPU entry: nothing else writes it while this program runs.
-    if let Some(hop) = unsafe { NEXTHOPS.get(key) }
-        && hop.expires_ns > now
-        && hop.mtu != 0
+    // SAFETY: per-CPU slot: only this program on this CPU uses it.
+    let slot = unsafe { &mut *slot };
+    if slot.hop.expires_ns > now
+        && slot.hop.mtu != 0
+        && slot.family == pkt.key.family
+        && slot.addr == *dst
     {
-        *out = *hop;
+        *out = slot.hop;
         return Lookup::Found;
     }
     let found = fib(ctx, pkt, dst, src, now, out);
     if let Lookup::Found = found {
-        let _ = NEXTHOPS.insert(key, *out, 0);
+        slot.addr = *dst;
+        slot.family = pkt.key.family;
+        slot.hop = *out;
     }
     found
 }

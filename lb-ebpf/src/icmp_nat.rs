@@ -197,7 +197,7 @@ fn translate_checked(ctx: &XdpContext) -> Result<Verdict, Reason> {
     }
     let pkt = &s.pkt;
     // What the stack would not forward, XDP does not either.
-    if let Err(reason) = checks::forwardable(ctx, pkt) {
+    if let Err(reason) = checks::forwardable(ctx, pkt, true) {
         return Ok(Verdict::new(xdp_action::XDP_DROP, reason));
     }
     if pkt.ttl <= 1 {
@@ -268,7 +268,7 @@ fn to_dsr_backend(ctx: &XdpContext, s: &mut IcmpScratch) -> Option<Verdict> {
     if backend.family != s.pkt.key.family {
         return Some(Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend));
     }
-    if let Err(reason) = checks::forwardable(ctx, &s.pkt) {
+    if let Err(reason) = checks::forwardable(ctx, &s.pkt, false) {
         return Some(Verdict::new(xdp_action::XDP_DROP, reason));
     }
     let backend = *backend;

@@ -115,7 +115,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     }
     // From here the packet goes to a backend unless a check refuses it; flows
     // are only created for packets that pass.
-    if let Err(reason) = checks::forwardable(ctx, &pkt) {
+    if let Err(reason) = checks::forwardable(ctx, &pkt, flags & VIP_F_DSR == 0) {
         return Verdict::new(xdp_action::XDP_DROP, reason);
     }
     if create.is_some()
@@ -158,7 +158,7 @@ fn process(ctx: &XdpContext) -> Verdict {
 /// A backend's packet of a known flow: NAT the source back to the VIP.
 #[inline(always)]
 fn to_client(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Verdict {
-    if let Err(reason) = checks::forwardable(ctx, pkt) {
+    if let Err(reason) = checks::forwardable(ctx, pkt, true) {
         return Verdict::new(xdp_action::XDP_DROP, reason);
     }
     forward::send(

@@ -3,13 +3,13 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AddrKey, Backend, BackendHop, DenyKeyV4, DenyKeyV6, EncapSource, FLOW_TABLE_SIZE, Flow,
-    FlowKey, IfMac, MAX_BACKENDS, MAX_DENY_PREFIXES, MAX_IFINDEX, MAX_VIPS, NEXTHOP_CACHE_SIZE,
-    NextHop, NextHopKey, PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT, RateWindow, Reason,
-    Ring, Settings, Traffic, VipKey, VipMeta, VipState,
+    AddrKey, Backend, BackendHop, CLIENT_HOP_SLOTS, ClientHop, DenyKeyV4, DenyKeyV6, EncapSource,
+    FLOW_TABLE_SIZE, Flow, FlowKey, IfMac, MAX_BACKENDS, MAX_DENY_PREFIXES, MAX_IFINDEX, MAX_VIPS,
+    PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT, RateWindow, Reason, Ring, Settings, Traffic,
+    VipKey, VipMeta, VipState,
 };
 
 /// VIP (address, port, protocol) -> id and flags.
@@ -56,11 +56,11 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 #[map]
 pub static VIP_STATE: Array<VipState> = Array::with_max_entries(MAX_VIPS, 0);
 
-/// Destination after NAT -> cached FIB answer, per CPU (no locking, no torn
-/// entries); refreshed every `NEXTHOP_TTL_NS` so the FIB stays authoritative.
+/// Client address slot -> cached FIB answer, per CPU (no locking, no torn
+/// entries); refreshed every `NEXTHOP_TTL_NS` so the FIB stays authoritative
+/// (see `MAP_CLIENT_HOPS`).
 #[map]
-pub static NEXTHOPS: LruPerCpuHashMap<NextHopKey, NextHop> =
-    LruPerCpuHashMap::with_max_entries(NEXTHOP_CACHE_SIZE, 0);
+pub static CLIENT_HOPS: PerCpuArray<ClientHop> = PerCpuArray::with_max_entries(CLIENT_HOP_SLOTS, 0);
 
 /// Backend id -> next hop toward it, per CPU (see `MAP_BACKEND_HOPS`).
 #[map]

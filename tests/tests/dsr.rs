@@ -288,6 +288,15 @@ fn l2_mode_changes_only_the_macs() {
         expected[6..12].copy_from_slice(&LBB_MAC);
         assert_eq!(out, expected);
         assert_checksums_valid(&out);
+        // A wrong IPv4 header checksum stays wrong (nothing is rewritten
+        // that could make it look right): sent on for the backend to drop.
+        let mut bad = tcp4(VIP_L2, CPORT + 1, 80, "S", &[]);
+        bad[24] ^= 0x5a;
+        let (action, out) = run_xdp(b, &bad, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
+        bad[..6].copy_from_slice(&backend_mac(1));
+        bad[6..12].copy_from_slice(&LBB_MAC);
+        assert_eq!(out, bad);
 
         let mut udp6 = Vec::new();
         PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
@@ -301,7 +310,7 @@ fn l2_mode_changes_only_the_macs() {
         expected[..6].copy_from_slice(&backend_mac(1));
         expected[6..12].copy_from_slice(&LBB_MAC);
         assert_eq!(out, expected);
-        assert_eq!(reason_count(b, Reason::RedirectForward), 2);
+        assert_eq!(reason_count(b, Reason::RedirectForward), 3);
     });
 }
 
