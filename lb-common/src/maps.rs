@@ -139,6 +139,57 @@ pub fn client_hop_slot(addr: &Addr) -> u32 {
 /// How long a cached next hop is used before the FIB is asked again, so route
 /// and neighbour changes are picked up within this time.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
+/// Map name: slot (`flow_cache_slot` of a 5-tuple) -> `CachedFlow`
+/// (PERCPU_ARRAY, `FLOW_CACHE_SLOTS`): a per-CPU, direct-mapped cache of
+/// recent `FLOWS` hits, read before `FLOWS`. A hit costs a few reads of a
+/// small table that stays in the cache and the TLB; `FLOWS`, sized for
+/// 262 144 connections, spreads its buckets and entries over tens of MB of
+/// 4 KiB pages, and in a VM each TLB miss is a nested page walk.
+///
+/// Coherence: a slot holds a copy of a `FLOWS` entry with the two epochs it
+/// was read under, `Settings::flow_epoch` (bumped by the agent after any
+/// change of backends, tables, VIPs or removed flows) and `FLOW_EPOCH[0]`
+/// (bumped by the data plane when it overwrites another VIP's dead reply
+/// entry); a slot of an older epoch is a miss. Every other `FLOWS` write
+/// leaves the meaning of an entry as it was (a new flow gets what Maglev
+/// gave before, unless the table changed, which bumps the epoch), and the
+/// data plane writes its own CPU's slot when it re-pins a flow.
+pub const MAP_FLOW_CACHE: &str = "FLOW_CACHE";
+/// Slots of `FLOW_CACHE` per CPU (a power of two: `flow_cache_slot` keeps
+/// the top 10 bits).
+pub const FLOW_CACHE_SLOTS: u32 = 1024;
+/// Map name: 0 -> `u64` (ARRAY, 1): the data plane's own flow epoch (see
+/// `MAP_FLOW_CACHE`), bumped atomically; slots keep its low 32 bits.
+pub const MAP_FLOW_EPOCH: &str = "FLOW_EPOCH";
+
+/// The `FLOW_CACHE` slot of a 5-tuple: a multiplicative hash of its words.
+#[inline(always)]
+pub fn flow_cache_slot(key: &FlowKey) -> u32 {
+    let x = key.src[0]
+        ^ key.src[1]
+        ^ key.src[2]
+        ^ key.src[3].rotate_left(7)
+        ^ key.dst[0].rotate_left(13)
+        ^ key.dst[3].rotate_left(19)
+        ^ ((key.sport as u32) << 16 | key.dport as u32)
+        ^ key.proto as u32;
+    x.wrapping_mul(0x9e37_79b1) >> 22
+}
+
+/// Value of `FLOW_CACHE`: a copy of a `FLOWS` entry and the epochs it was read under.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CachedFlow {
+    /// The 5-tuple (an all-zero key, family 0, never matches a packet's).
+    pub key: FlowKey,
+    /// Its `FLOWS` entry.
+    pub flow: Flow,
+    /// `Settings::flow_epoch` when it was read.
+    pub agent_epoch: u32,
+    /// `FLOW_EPOCH[0]` when it was read (its low 32 bits).
+    pub dp_epoch: u32,
+}
+
 /// Map name: backend id -> `BackendHop` (PERCPU_ARRAY, `MAX_BACKENDS`): the
 /// next hop toward each backend, cached per backend rather than per flow so an
 /// established flow's packet costs one array read. Per CPU, so an entry is
@@ -172,13 +223,15 @@ pub const MAP_IF_MACS: &str = "IF_MACS";
 pub const MAX_IFINDEX: u32 = 65536;
 
 /// Every map of the `lb-xdp` object (what the agent pins for a hitless restart).
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_VIPS,
     MAP_VIP_STATE,
     MAP_RINGS,
     MAP_BACKENDS,
     MAP_FLOWS,
     MAP_CLIENT_HOPS,
+    MAP_FLOW_CACHE,
+    MAP_FLOW_EPOCH,
     MAP_VIP_STATS,
     MAP_BACKEND_STATS,
     MAP_REASON_STATS,
@@ -451,8 +504,10 @@ pub struct Settings {
     pub deny_v4: u32,
     /// Non-zero when `DENY_V6` has entries.
     pub deny_v6: u32,
-    /// Zero.
-    pub pad: u32,
+    /// Bumped by the agent after every change that can change what a
+    /// `FLOWS` entry means (backends, tables, VIPs, removed flows):
+    /// `FLOW_CACHE` slots of another epoch are ignored. (Once `pad`, zero.)
+    pub flow_epoch: u32,
 }
 
 /// Whether `addr` can never be the source of a packet a client sends: this
@@ -675,6 +730,7 @@ mod pod {
     unsafe impl aya::Pod for super::VipState {}
     unsafe impl aya::Pod for super::Traffic {}
     unsafe impl aya::Pod for super::ClientHop {}
+    unsafe impl aya::Pod for super::CachedFlow {}
     unsafe impl aya::Pod for super::NextHop {}
     unsafe impl aya::Pod for super::AddrKey {}
     unsafe impl aya::Pod for super::IfMac {}
@@ -701,6 +757,7 @@ mod tests {
         assert_eq!(size_of::<VipState>(), 8);
         assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
         assert_eq!(size_of::<ClientHop>(), 16 + 8 + 24);
+        assert_eq!(size_of::<CachedFlow>(), 40 + 36 + 8);
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<IfMac>(), 8);

@@ -21,6 +21,7 @@
 
 mod checks;
 mod dsr;
+mod flows;
 mod forward;
 mod icmp;
 mod icmp_nat;
@@ -66,10 +67,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     let mut flags = 0;
     // An established flow whose backend is gone: re-pinned in FLOWS directly.
     let mut rehash = false;
-    // SAFETY: LRU entries are written whole by this program; a racing update at
-    // worst yields the previous value for the same 5-tuple.
-    if let Some(flow) = unsafe { FLOWS.get(pkt.key) } {
-        let flow = *flow;
+    if let Some(flow) = flows::lookup(&pkt.key) {
         if flow.direction == FLOW_TO_CLIENT {
             return to_client(ctx, &pkt, &flow);
         }
@@ -288,6 +286,7 @@ fn new_flow(
         // Replies bypass the balancer: only the client's direction is kept.
         client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
         let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+        flows::written(&pkt.key, &s.flow);
         return Ok(backend_id);
     }
     // The reply arrives with the backend as source; remember how to undo the NAT.
@@ -297,8 +296,9 @@ fn new_flow(
     }
     client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
     let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+    flows::written(&pkt.key, &s.flow);
     s.flow.direction = FLOW_TO_CLIENT;
-    let _ = FLOWS.insert(&s.reply, &s.flow, 0);
+    flows::insert_reply(&s.reply, &s.flow);
     Ok(backend_id)
 }
 
@@ -328,13 +328,15 @@ fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32, dsr: bool) -> Result<u3
             s.flow = *p;
             if dsr {
                 let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+                flows::written(&pkt.key, &s.flow);
                 let _ = PENDING.remove(&pkt.key);
                 return Ok(backend_id);
             }
             reply_key(pkt, b, &mut s.reply);
             let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+            flows::written(&pkt.key, &s.flow);
             s.flow.direction = FLOW_TO_CLIENT;
-            let _ = FLOWS.insert(&s.reply, &s.flow, 0);
+            flows::insert_reply(&s.reply, &s.flow);
             let _ = PENDING.remove(&pkt.key);
             let _ = PENDING.remove(&s.reply);
         }

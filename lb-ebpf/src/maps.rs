@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
 };
 use lb_common::{
-    AddrKey, Backend, BackendHop, CLIENT_HOP_SLOTS, ClientHop, DenyKeyV4, DenyKeyV6, EncapSource,
-    FLOW_TABLE_SIZE, Flow, FlowKey, IfMac, MAX_BACKENDS, MAX_DENY_PREFIXES, MAX_IFINDEX, MAX_VIPS,
-    PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT, RateWindow, Reason, Ring, Settings, Traffic,
-    VipKey, VipMeta, VipState,
+    AddrKey, Backend, BackendHop, CLIENT_HOP_SLOTS, CachedFlow, ClientHop, DenyKeyV4, DenyKeyV6,
+    EncapSource, FLOW_CACHE_SLOTS, FLOW_TABLE_SIZE, Flow, FlowKey, IfMac, MAX_BACKENDS,
+    MAX_DENY_PREFIXES, MAX_IFINDEX, MAX_VIPS, PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT,
+    RateWindow, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
 };
 
 /// VIP (address, port, protocol) -> id and flags.
@@ -61,6 +61,14 @@ pub static VIP_STATE: Array<VipState> = Array::with_max_entries(MAX_VIPS, 0);
 /// (see `MAP_CLIENT_HOPS`).
 #[map]
 pub static CLIENT_HOPS: PerCpuArray<ClientHop> = PerCpuArray::with_max_entries(CLIENT_HOP_SLOTS, 0);
+
+/// Recent `FLOWS` hits, per CPU, direct-mapped (see `MAP_FLOW_CACHE`).
+#[map]
+pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+
+/// The data plane's flow epoch (see `MAP_FLOW_CACHE`).
+#[map]
+pub static FLOW_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Backend id -> next hop toward it, per CPU (see `MAP_BACKEND_HOPS`).
 #[map]

@@ -498,7 +498,8 @@ impl Balancer {
             new_flow_limit: config.new_flow_limit,
             deny_v4: wanted.iter().filter(|p| p.addr.is_ipv4()).count() as u32,
             deny_v6: wanted.iter().filter(|p| p.addr.is_ipv6()).count() as u32,
-            pad: 0,
+            // Kept here; bumped below, once everything else is in place.
+            flow_epoch: self.dataplane.flow_epoch()?,
         };
         self.dataplane.set_settings(&settings)?;
         for prefix in current.difference(&wanted) {
@@ -513,7 +514,9 @@ impl Balancer {
                 "deny list extended; the denied clients' flows were removed"
             );
         }
-        Ok(())
+        // Last: the data plane's flow caches stop trusting what they copied
+        // before any of this apply's changes.
+        self.dataplane.bump_flow_epoch()
     }
 
     /// Makes `BACKEND_ADDRS` hold exactly the configured backends' addresses

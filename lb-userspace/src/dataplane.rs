@@ -446,6 +446,23 @@ impl Dataplane {
             .context("updating SETTINGS")
     }
 
+    /// Bumps `Settings::flow_epoch`, so every CPU's `FLOW_CACHE` reads
+    /// `FLOWS` afresh (after a change of backends, tables, VIPs or flows).
+    pub fn bump_flow_epoch(&mut self) -> Result<()> {
+        let mut settings = self.settings.get(&0, 0).context("reading SETTINGS")?;
+        settings.flow_epoch = settings.flow_epoch.wrapping_add(1);
+        self.set_settings(&settings)
+    }
+
+    /// The agent's flow epoch as the data plane has it.
+    pub fn flow_epoch(&self) -> Result<u32> {
+        Ok(self
+            .settings
+            .get(&0, 0)
+            .context("reading SETTINGS")?
+            .flow_epoch)
+    }
+
     /// Writes the outer source of `ipip` packets of one family
     /// (`ENCAP_SRC_V4` or `ENCAP_SRC_V6`).
     pub fn set_encap_source(&mut self, index: u32, source: &EncapSource) -> Result<()> {
