@@ -757,7 +757,7 @@ mod tests {
         assert_eq!(size_of::<VipState>(), 8);
         assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
         assert_eq!(size_of::<ClientHop>(), 16 + 8 + 24);
-        assert_eq!(size_of::<CachedFlow>(), 40 + 36 + 8);
+        assert_eq!(size_of::<CachedFlow>(), 40 + 32 + 8);
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<IfMac>(), 8);
