@@ -294,3 +294,60 @@ pub fn output_within(
     }
     child.wait_with_output().expect("its output")
 }
+
+/// XDP actions as BPF_PROG_TEST_RUN returns them.
+pub mod xdp_action {
+    /// XDP_DROP.
+    pub const XDP_DROP: u32 = 1;
+    /// XDP_PASS.
+    pub const XDP_PASS: u32 = 2;
+    /// XDP_TX.
+    pub const XDP_TX: u32 = 3;
+    /// XDP_REDIRECT.
+    pub const XDP_REDIRECT: u32 = 4;
+}
+
+/// Runs `body` in a fresh one-namespace fixture (`TestRunNet`, named after
+/// `tag`) with the data plane loaded from `config` and each interface's
+/// MAC recorded, as the agent does before it attaches.
+pub fn with_fixture(
+    tag: &str,
+    config: String,
+    body: impl FnOnce(&mut Balancer, &lb_userspace::lab::testrun::TestRunNet) + Send + 'static,
+) {
+    use lb_userspace::lab::testrun::{LBB_MAC, LBC_MAC, TestRunNet};
+    let net = TestRunNet::create(tag).expect("fixture namespace");
+    let ns = net.ns().to_string();
+    lb_userspace::lab::run_in_ns(&ns, move || {
+        let mut balancer = balancer_with(&config).expect("load and configure the data plane");
+        for (name, ifindex, mac) in [("lbc", net.lbc, LBC_MAC), ("lbb", net.lbb, LBB_MAC)] {
+            // Read the agent's way (SIOCGIFHWADDR in this namespace).
+            let found = lb_userspace::dataplane::interface_mac(name).expect("interface MAC");
+            assert_eq!(found, (ifindex, mac), "{name}");
+            balancer
+                .dataplane()
+                .set_interface_mac(ifindex, mac)
+                .expect("IF_MACS");
+        }
+        body(&mut balancer, &net);
+    })
+    .expect("enter fixture namespace");
+}
+
+/// Packets counted under `reason` so far.
+pub fn reason_count(b: &mut Balancer, reason: lb_common::Reason) -> u64 {
+    b.dataplane()
+        .counters()
+        .expect("counters")
+        .reason(reason)
+        .packets
+}
+
+/// Sets interface `dev`'s MTU in the fixture namespace `ns`.
+pub fn set_mtu(ns: &str, dev: &str, mtu: u16) {
+    let status = std::process::Command::new("ip")
+        .args(["-n", ns, "link", "set", dev, "mtu", &mtu.to_string()])
+        .status()
+        .expect("run ip");
+    assert!(status.success(), "ip link set {dev} mtu {mtu}");
+}

@@ -9,18 +9,14 @@ use etherparse::{
     Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder, TcpOptionElement, icmpv4,
 };
 use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, Reason};
-use lb_tests::{assert_checksums_valid, balancer_with, run_xdp};
+use lb_tests::{assert_checksums_valid, reason_count, run_xdp, set_mtu, xdp_action::*};
 use lb_userspace::{
     balancer::{Balancer, ip_to_addr},
     lab::{
-        CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6, run_in_ns,
+        CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6,
         testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},
     },
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 const PAYLOAD: &[u8] = b"hello, backend";
 const CPORT: u16 = 40000;
@@ -117,28 +113,7 @@ address = "{b4}:80"
 /// Runs `body` in a fresh fixture namespace with the balancer loaded from
 /// `config(encap_v4)`.
 fn with_fixture(encap_v4: &str, body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) {
-    let net = TestRunNet::create("dsr").expect("fixture namespace");
-    let ns = net.ns().to_string();
-    let config = config(encap_v4);
-    run_in_ns(&ns, move || {
-        let mut balancer = balancer_with(&config).expect("load and configure the data plane");
-        for (ifindex, mac) in [(net.lbc, LBC_MAC), (net.lbb, LBB_MAC)] {
-            balancer
-                .dataplane()
-                .set_interface_mac(ifindex, mac)
-                .expect("IF_MACS");
-        }
-        body(&mut balancer, &net);
-    })
-    .expect("enter fixture namespace");
-}
-
-fn reason_count(b: &mut Balancer, r: Reason) -> u64 {
-    b.dataplane()
-        .counters()
-        .expect("counters")
-        .reason(r)
-        .packets
+    lb_tests::with_fixture("dsr", config(encap_v4), body)
 }
 
 /// A client's IPv4 TCP frame to `dst:dport` with DSCP/ECN set, so the test
@@ -372,15 +347,6 @@ fn an_outer_source_prefix_takes_its_host_bits_from_the_flow() {
     });
 }
 
-/// Sets interface `dev`'s MTU in the fixture namespace.
-fn set_mtu(net: &TestRunNet, dev: &str, mtu: u16) {
-    let status = std::process::Command::new("ip")
-        .args(["-n", net.ns(), "link", "set", dev, "mtu", &mtu.to_string()])
-        .status()
-        .expect("run ip");
-    assert!(status.success(), "ip link set {dev} mtu {mtu}");
-}
-
 #[test]
 fn mss_clamp_lowers_a_syns_mss_to_what_fits_encapsulated() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
@@ -434,7 +400,7 @@ fn mss_clamp_lowers_a_syns_mss_to_what_fits_encapsulated() {
         let (_, out) = run_xdp(b, &syn, net.lbc).unwrap();
         assert_eq!(out, ipip4(&syn, OUTER_V4));
         // A lower route MTU clamps lower: 1400 - 60.
-        set_mtu(net, "lbb", 1400);
+        set_mtu(net.ns(), "lbb", 1400);
         // (The per-CPU next-hop cache holds the old MTU for up to a second.)
         std::thread::sleep(std::time::Duration::from_millis(1100));
         let syn = tcp4(
@@ -474,7 +440,7 @@ fn big4(ip_len: usize, df: bool) -> Vec<u8> {
 #[test]
 fn packets_that_no_longer_fit_once_encapsulated_get_the_room_left() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
-        set_mtu(net, "lbb", 1400);
+        set_mtu(net.ns(), "lbb", 1400);
         let frag_needed = |input: &[u8], mtu: u16| {
             let mut ip =
                 Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets())

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4, icmpv6};
 use lb_common::{Reason, csum::checksum};
-use lb_tests::{RunningLab, assert_checksums_valid, balancer_with, run_xdp};
+use lb_tests::{RunningLab, assert_checksums_valid, reason_count, run_xdp, xdp_action::*};
 use lb_userspace::{
     balancer::Balancer,
     lab::{
@@ -23,9 +23,6 @@ use lb_userspace::{
         testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},
     },
 };
-
-const XDP_PASS: u32 = 2;
-const XDP_REDIRECT: u32 = 4;
 
 const PAYLOAD: &[u8] = b"hello, backend";
 const CPORT: u16 = 40000;
@@ -76,33 +73,12 @@ address = "[{b6}]:5353"
     )
 }
 
-/// Runs `body` inside a fresh fixture namespace with the balancer loaded
-/// (as `packet.rs` does).
-fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) {
-    let net = TestRunNet::create("icmp").expect("fixture namespace");
-    let ns = net.ns().to_string();
-    run_in_ns(&ns, move || {
-        let mut balancer = balancer_with(&config()).expect("load and configure the data plane");
-        for (ifindex, mac) in [(net.lbc, LBC_MAC), (net.lbb, LBB_MAC)] {
-            balancer
-                .dataplane()
-                .set_interface_mac(ifindex, mac)
-                .expect("IF_MACS");
-        }
-        body(&mut balancer, &net);
-    })
-    .expect("enter fixture namespace");
-}
-
-fn reason_count(b: &mut Balancer, r: Reason) -> u64 {
-    b.dataplane()
-        .counters()
-        .expect("counters")
-        .reason(r)
-        .packets
-}
-
 #[allow(clippy::too_many_arguments)]
+/// Runs `body` inside a fresh fixture namespace with the balancer loaded.
+fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) {
+    lb_tests::with_fixture("icmp", config(), body)
+}
+
 fn udp4(
     smac: [u8; 6],
     dmac: [u8; 6],

@@ -9,19 +9,14 @@ use etherparse::{
     PacketBuilderStep, TcpHeader, VlanId, icmpv4, icmpv6,
 };
 use lb_common::{FlowKey, Reason, hash::flow_hash};
-use lb_tests::{assert_checksums_valid, balancer_with, run_xdp};
+use lb_tests::{assert_checksums_valid, reason_count, run_xdp, set_mtu, xdp_action::*};
 use lb_userspace::{
     balancer::{Balancer, ip_to_addr},
     lab::{
-        CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6, run_in_ns,
+        CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6,
         testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},
     },
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
 
 const PAYLOAD: &[u8] = b"hello, backend";
 const CPORT: u16 = 40000;
@@ -113,24 +108,7 @@ weight = 0
 
 /// Runs `body` inside a fresh fixture namespace with the balancer loaded.
 fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) {
-    let net = TestRunNet::create("pkt").expect("fixture namespace");
-    let ns = net.ns().to_string();
-    let config = config();
-    run_in_ns(&ns, move || {
-        let mut balancer = balancer_with(&config).expect("load and configure the data plane");
-        // As the agent does before it attaches: each interface's own MAC,
-        // read the agent's way (SIOCGIFHWADDR in this namespace).
-        for (name, ifindex, mac) in [("lbc", net.lbc, LBC_MAC), ("lbb", net.lbb, LBB_MAC)] {
-            let found = lb_userspace::dataplane::interface_mac(name).expect("interface MAC");
-            assert_eq!(found, (ifindex, mac), "{name}");
-            balancer
-                .dataplane()
-                .set_interface_mac(ifindex, mac)
-                .expect("IF_MACS");
-        }
-        body(&mut balancer, &net);
-    })
-    .expect("enter fixture namespace");
+    lb_tests::with_fixture("pkt", config(), body)
 }
 
 fn tcp4(
@@ -152,14 +130,6 @@ fn build(step: PacketBuilderStep<TcpHeader>) -> Vec<u8> {
     let mut v = Vec::new();
     step.write(&mut v, PAYLOAD).expect("build frame");
     v
-}
-
-fn reason_count(b: &mut Balancer, r: Reason) -> u64 {
-    b.dataplane()
-        .counters()
-        .expect("counters")
-        .reason(r)
-        .packets
 }
 
 #[test]
@@ -1299,15 +1269,6 @@ fn pin_to_this_cpu() {
     }
 }
 
-/// Sets interface `dev`'s MTU in the fixture namespace.
-fn set_mtu(net: &TestRunNet, dev: &str, mtu: u16) {
-    let status = std::process::Command::new("ip")
-        .args(["-n", net.ns(), "link", "set", dev, "mtu", &mtu.to_string()])
-        .status()
-        .expect("run ip");
-    assert!(status.success(), "ip link set {dev} mtu {mtu}");
-}
-
 /// A TCP/IPv4 frame of `ip_len` bytes of IP, DF as given.
 #[allow(clippy::too_many_arguments)]
 fn big4(
@@ -1338,8 +1299,8 @@ fn packets_over_the_egress_mtu_get_frag_needed_or_go_to_the_stack() {
         // The next-hop cache is per CPU: stay on one so the cached path is
         // the one taken where the test says so.
         pin_to_this_cpu();
-        set_mtu(net, "lbb", 1400);
-        set_mtu(net, "lbc", 1400);
+        set_mtu(net.ns(), "lbb", 1400);
+        set_mtu(net.ns(), "lbc", 1400);
         let frag_needed = |input: &[u8], mtu: u16| {
             let mut ip =
                 Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets())
