@@ -212,10 +212,35 @@ fn ipv4_tcp_and_udp_to_an_ipip_vip_are_encapsulated_untouched() {
     });
 }
 
+/// The frame `inner` (an IPv6 frame) encapsulated IP6IP6 to backend 1 from
+/// `OUTER_V6`, with the inner traffic class and flow label.
+fn ip6ip6(inner: &[u8], traffic_class: u8, flow_label: Ipv6FlowLabel) -> Vec<u8> {
+    let outer = Ipv6Header {
+        traffic_class,
+        flow_label,
+        payload_length: (inner.len() - 14) as u16,
+        next_header: IpNumber::IPV6,
+        hop_limit: 64,
+        source: OUTER_V6.octets(),
+        destination: backend_v6(1).octets(),
+    };
+    let mut v = Vec::new();
+    Ethernet2Header {
+        source: LBB_MAC,
+        destination: backend_mac(1),
+        ether_type: EtherType::IPV6,
+    }
+    .write(&mut v)
+    .unwrap();
+    outer.write(&mut v).unwrap();
+    v.extend_from_slice(&inner[14..]);
+    v
+}
+
 #[test]
 fn ipv6_to_an_ipip_vip_is_encapsulated_with_traffic_class_and_flow_label() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
-        let mut ip = Ipv6Header {
+        let ip = Ipv6Header {
             traffic_class: 0xb9,
             flow_label: Ipv6FlowLabel::try_new(0x5_4321).unwrap(),
             payload_length: 0,
@@ -233,22 +258,7 @@ fn ipv6_to_an_ipip_vip_is_encapsulated_with_traffic_class_and_flow_label() {
             .unwrap();
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        ip.payload_length = (input.len() - 14) as u16;
-        ip.next_header = IpNumber::IPV6;
-        ip.hop_limit = 64;
-        ip.source = OUTER_V6.octets();
-        ip.destination = backend_v6(1).octets();
-        let mut expected = Vec::new();
-        Ethernet2Header {
-            source: LBB_MAC,
-            destination: backend_mac(1),
-            ether_type: EtherType::IPV6,
-        }
-        .write(&mut expected)
-        .unwrap();
-        ip.write(&mut expected).unwrap();
-        expected.extend_from_slice(&input[14..]);
-        assert_eq!(out, expected);
+        assert_eq!(out, ip6ip6(&input, ip.traffic_class, ip.flow_label));
     });
 }
 
@@ -578,26 +588,7 @@ fn packet_too_big_for_an_ipv6_dsr_vip_is_sent_on_encapsulated() {
             .unwrap();
         let (action, out) = run_xdp(b, &icmp, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        let outer = Ipv6Header {
-            traffic_class: 0,
-            flow_label: Ipv6FlowLabel::ZERO,
-            payload_length: (icmp.len() - 14) as u16,
-            next_header: IpNumber::IPV6,
-            hop_limit: 64,
-            source: OUTER_V6.octets(),
-            destination: backend_v6(1).octets(),
-        };
-        let mut expected = Vec::new();
-        Ethernet2Header {
-            source: LBB_MAC,
-            destination: backend_mac(1),
-            ether_type: EtherType::IPV6,
-        }
-        .write(&mut expected)
-        .unwrap();
-        outer.write(&mut expected).unwrap();
-        expected.extend_from_slice(&icmp[14..]);
-        assert_eq!(out, expected);
+        assert_eq!(out, ip6ip6(&icmp, 0, Ipv6FlowLabel::ZERO));
         assert_eq!(reason_count(b, Reason::RedirectIcmpToBackend), 1);
     });
 }
