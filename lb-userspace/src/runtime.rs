@@ -403,6 +403,35 @@ address = "198.18.2.11:8080"
     }
 
     #[test]
+    fn dsr_services_added_at_runtime_take_only_backends_on_the_vip_port() {
+        use crate::config::Forwarding;
+        let mut d = Desired::from_config(base());
+        let add = |forwarding, mode| Request::AddService {
+            name: "dsr".into(),
+            vip: "198.18.100.9:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            mode,
+            forwarding,
+            ring_size: None,
+        };
+        let err = d.apply(&add(Forwarding::Ipip, Mode::L7)).unwrap_err();
+        assert!(err.contains("l4 services only"), "{err}");
+        d.apply(&add(Forwarding::Ipip, Mode::L4)).unwrap();
+        assert_eq!(d.config.services[1].forwarding, Forwarding::Ipip);
+        let backend = |addr: &str| Request::AddBackend {
+            service: "dsr".into(),
+            address: addr.parse().unwrap(),
+            weight: 1,
+        };
+        let before = d.clone();
+        let err = d.apply(&backend("198.18.2.11:8080")).unwrap_err();
+        assert!(err.contains("must use the VIP's port 80"), "{err}");
+        assert_eq!(d.config, before.config, "a refused change changes nothing");
+        d.apply(&backend("198.18.2.11:80")).unwrap();
+        assert_eq!(d.config.services[1].backends.len(), 1);
+    }
+
+    #[test]
     fn changes_apply_and_bad_ones_change_nothing() {
         let mut d = Desired::from_config(base());
         d.apply(&add_backend("198.18.2.12:8080")).unwrap();
