@@ -28,8 +28,6 @@ use lb_userspace::lab::{
     Lab, LabOptions, ReturnPath, TCP_PORT, VIP_V4,
     backend_server::BYTES_PATH,
     backend_v4,
-    client::http_get,
-    run_in_ns,
     services::{self, Forwarding},
 };
 
@@ -48,8 +46,6 @@ const WRK_GRACE: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: &str = "2s";
 /// Size of the bulk responses.
 const BULK_BYTES: u64 = 64 * 1024;
-/// How long a row's target gets to answer before it is measured.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The kernel's switch for BPF run-time statistics.
 const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// nftables table of the DNAT baseline (balancer namespace).
@@ -251,7 +247,7 @@ fn start_lb(lab: &mut Lab, forwarding: Forwarding, dir: &Path) -> Result<u32> {
 /// Warm-up, then `ROUNDS` runs of each scenario; keeps each scenario's median.
 fn measure_row(lab: &mut Lab, wrk: &Path, row: Row) -> Result<RowResult> {
     let client_ns = lab.client_ns().to_string();
-    wait_ready(&client_ns, row.target())?;
+    crate::l7bench::wait_ready(lab, &client_ns, row.target(), None)?;
     run_wrk(wrk, &client_ns, row.target(), Scenario::KeepAlive, WARMUP)
         .with_context(|| format!("{}: warm-up", row.name()))?;
     let mut medians = Vec::new();
@@ -316,26 +312,6 @@ fn print_rows(rows: &[RowResult]) {
             "  errors in the median runs (socket errors + non-2xx): {}",
             errors.join("; ")
         );
-    }
-}
-
-/// Waits until `target` answers a GET from the client namespace with 200.
-fn wait_ready(client_ns: &str, target: SocketAddr) -> Result<()> {
-    let start = Instant::now();
-    loop {
-        let answer = run_in_ns(client_ns, move || {
-            http_get(target, "/", Duration::from_millis(500))
-        })?;
-        match answer {
-            Ok((200, body)) if body.starts_with("be") => return Ok(()),
-            Ok((status, body)) if start.elapsed() > READY_TIMEOUT => {
-                bail!("{target} answered {status} {body:?}")
-            }
-            Err(e) if start.elapsed() > READY_TIMEOUT => {
-                return Err(e).with_context(|| format!("{target} is not answering"));
-            }
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
     }
 }
 

@@ -525,7 +525,12 @@ fn check_haproxy_config(haproxy: &Path, cfg: &Path) -> Result<()> {
 }
 
 /// Waits until `addr` answers a GET from the client namespace with 200.
-fn wait_ready(lab: &mut Lab, client_ns: &str, addr: SocketAddr, pid: Option<u32>) -> Result<()> {
+pub(crate) fn wait_ready(
+    lab: &mut Lab,
+    client_ns: &str,
+    addr: SocketAddr,
+    pid: Option<u32>,
+) -> Result<()> {
     let start = Instant::now();
     loop {
         let answer = run_in_ns(client_ns, move || {

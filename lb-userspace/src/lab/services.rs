@@ -45,45 +45,16 @@ pub fn vip_l7() -> SocketAddr {
     SocketAddr::new(VIP_V4.into(), VIP_L7_PORT)
 }
 
-/// How a service's packets reach its backends: the `forwarding` key of a
-/// service in the config. The agent accepts only NAT (no key) so far; the
-/// DSR renderings exist for the data plane being written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Forwarding {
-    /// NAT both ways (the default; no `forwarding` key). Backends listen on
-    /// [`TCP_PORT`]/[`UDP_PORT`] and answer through the balancer.
-    Nat,
-    /// `forwarding = "ipip"`: the client's packet, encapsulated IP-in-IP to
-    /// the backend (decapsulated there by `lb decap`).
-    Ipip,
-    /// `forwarding = "l2"`: only the destination MAC becomes the backend's.
-    L2,
-}
+pub use crate::config::Forwarding;
 
-impl Forwarding {
-    /// The config's value, or `None` for NAT (the key is left out).
-    pub fn config_value(self) -> Option<&'static str> {
-        match self {
-            Forwarding::Nat => None,
-            Forwarding::Ipip => Some("ipip"),
-            Forwarding::L2 => Some("l2"),
-        }
-    }
-
-    /// Whether backends answer the client directly (DSR), which needs a lab
-    /// built `with_dsr` and [`ReturnPath::Switch`](super::ReturnPath::Switch).
-    pub fn is_dsr(self) -> bool {
-        self != Forwarding::Nat
-    }
-
-    /// The backend ports of the TCP and UDP services: the VIP ports for DSR
-    /// (a backend answers from the very address and port the client asked).
-    pub fn backend_ports(self) -> (u16, u16) {
-        if self.is_dsr() {
-            (VIP_TCP_PORT, VIP_UDP_PORT)
-        } else {
-            (TCP_PORT, UDP_PORT)
-        }
+/// The backend ports of the lab's TCP and UDP services in `forwarding`
+/// mode: the VIP ports for DSR (a backend answers from the very address and
+/// port the client asked), the servers' own ports for NAT.
+pub fn backend_ports(forwarding: Forwarding) -> (u16, u16) {
+    if forwarding.is_dsr() {
+        (VIP_TCP_PORT, VIP_UDP_PORT)
+    } else {
+        (TCP_PORT, UDP_PORT)
     }
 }
 
@@ -127,11 +98,13 @@ pub fn render_config(
         (TCP6, vip_tcp6(), "tcp", true),
         (UDP6, vip_udp6(), "udp", true),
     ];
-    let (tcp_port, udp_port) = forwarding.backend_ports();
-    let forwarding_line = forwarding
-        .config_value()
-        .map(|v| format!("forwarding = \"{v}\"\n"))
-        .unwrap_or_default();
+    let (tcp_port, udp_port) = backend_ports(forwarding);
+    // NAT is the default: the key is left out, as most files would.
+    let forwarding_line = if forwarding.is_dsr() {
+        format!("forwarding = \"{}\"\n", forwarding.as_str())
+    } else {
+        String::new()
+    };
     for (name, vip, proto, v6) in services {
         let _ = writeln!(
             out,
