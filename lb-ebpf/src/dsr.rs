@@ -98,6 +98,10 @@ pub fn send(
 /// flow's backend in the VIP's mode. Errors are small (at most 576 bytes
 /// for IPv4, 1280 for IPv6): one that does not fit is dropped rather than
 /// answered. Reported as `tx`/`redirect`.
+///
+/// Not `send` itself: inlined into the ICMP branch, `send`'s MSS clamping
+/// and ICMP answer (which an error must never get) took the verifier near
+/// its million-instruction limit, and this path needs neither.
 #[inline(always)]
 pub fn send_error(
     ctx: &XdpContext,
