@@ -15,9 +15,12 @@ use tracing::{error, info, warn};
 
 use crate::{
     balancer::{Availability, Balancer},
+    bgp,
     config::{self, Config},
     control::{
-        protocol::{AdminState, BackendInfo, Health, ReasonCount, Request, Response, ServiceInfo},
+        protocol::{
+            AdminState, BackendInfo, BgpInfo, Health, ReasonCount, Request, Response, ServiceInfo,
+        },
         server::{self, Handler},
     },
     dataplane::{self, Dataplane, pin},
@@ -63,6 +66,8 @@ pub struct Agent {
     reloaded: mpsc::UnboundedSender<()>,
     /// Live figures of the running L7 proxy, if one runs (set by the main loop).
     proxy_stats: Option<proxy::ProxyStats>,
+    /// Keeps BIRD announcing what `bgp::announcements` says (its task runs in the main loop).
+    bgp: bgp::Speaker,
 }
 
 impl Agent {
@@ -102,7 +107,46 @@ impl Agent {
                 .unwrap_or(Availability::FULL)
         })?;
         self.health.set_targets(health_targets(&config));
+        self.announce();
         Ok(())
+    }
+
+    /// Every VIP and whether this node announces it now.
+    fn announcements(&self) -> Vec<bgp::VipAnnouncement> {
+        let available = self.availability();
+        bgp::announcements(&self.desired.config, self.desired.drained, |s, b| {
+            available(&s.name, b.address).new_flows
+        })
+    }
+
+    /// Tells the BGP speaker what to announce (after the tables are in place,
+    /// so a VIP is never announced before it can be served).
+    fn announce(&self) {
+        let vips = self
+            .announcements()
+            .into_iter()
+            .filter(|a| a.announced)
+            .map(|a| a.vip)
+            .collect();
+        self.bgp.want(bgp::Wanted {
+            config: self.desired.config.bgp.clone(),
+            vips,
+        });
+    }
+
+    /// `lb show bgp` without BIRD's side (read by `Shared` outside the lock).
+    fn bgp_info(&self) -> BgpInfo {
+        let cfg = self.desired.config.bgp.as_ref();
+        BgpInfo {
+            enabled: cfg.is_some(),
+            drained: self.desired.drained,
+            bird_socket: cfg.map(|c| c.bird_socket.display().to_string()),
+            include_file: cfg.map(|c| c.include_file.display().to_string()),
+            vips: self.announcements(),
+            speaker: self.bgp.status(),
+            protocols: Vec::new(),
+            bird_error: None,
+        }
     }
 
     /// Applies an operator's change: validated on a copy, pushed, then journaled.
@@ -119,6 +163,11 @@ impl Agent {
                 error!("restoring the previous state failed: {e2:#}");
             }
             return Response::Error(format!("{e:#}"));
+        }
+        if matches!(request, Request::DrainNode | Request::UndrainNode) {
+            // Only the last of these matters: keep the journal from growing.
+            self.journal
+                .retain(|r| !matches!(r, Request::DrainNode | Request::UndrainNode));
         }
         self.journal.push(request);
         // The proxy (in the main loop) picks up pool changes and states.
@@ -285,6 +334,7 @@ impl Agent {
             Request::ShowServices => self.show_services(),
             Request::ShowBackends { service } => self.show_backends(service.clone().as_deref()),
             Request::ShowStats => self.show_stats(),
+            Request::ShowBgp => return Response::Bgp(self.bgp_info()),
             Request::Reload => return self.reload(),
             Request::Stop { detach } => {
                 let _ = self.stop.send(*detach);
@@ -383,6 +433,17 @@ impl Shared {
 
 impl Handler for Shared {
     fn handle(&self, request: Request) -> Response {
+        if request == Request::ShowBgp {
+            // BIRD is asked without holding the agent's lock: it may be slow.
+            let mut info = self.lock().bgp_info();
+            if let Some(socket) = info.bird_socket.clone() {
+                match bgp::bird::show_protocols(Path::new(&socket)) {
+                    Ok(protocols) => info.protocols = protocols,
+                    Err(e) => info.bird_error = Some(e.to_string()),
+                }
+            }
+            return Response::Bgp(info);
+        }
         self.lock().handle(request)
     }
 }
@@ -437,6 +498,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         stop: stop_tx,
         reloaded: reloaded_tx,
         proxy_stats: None,
+        bgp: bgp::Speaker::new(),
     };
     // Tables are complete before the first packet can reach the program.
     agent.sync()?;
@@ -462,6 +524,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             None => info!(%iface, "took over the pinned attachment: program replaced in place"),
         }
     }
+    // Announced only now that the program is attached and the tables are full.
+    let speaker = agent.bgp.clone();
     let shared = Shared(Arc::new(Mutex::new(agent)));
     // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).
     let mut proxy_config = config.proxy.clone();
@@ -495,6 +559,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
         tokio::spawn(metrics::serve(listener, shared.clone()))
     });
+    let speaker_task = tokio::spawn(speaker.clone().run());
     info!(services = config.services.len(), socket = %opts.socket.display(), "load balancer running");
 
     let mut control = control;
@@ -566,6 +631,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
     control.abort();
+    // A plain stop leaves the routes announced: the program keeps forwarding
+    // and the next agent announces the same. `--detach` withdraws them first.
+    speaker_task.abort();
+    if detach && let Some(cfg) = speaker.wanted().config {
+        match tokio::task::spawn_blocking(move || bgp::apply(&cfg, &[])).await {
+            Ok(Ok(())) => info!("withdrew every VIP from BGP"),
+            Ok(Err(e)) => error!("withdrawing the VIPs from BGP failed: {e}"),
+            Err(e) => error!("withdrawing the VIPs from BGP failed: {e}"),
+        }
+    }
     drop(proxy);
     server::remove_socket(&opts.socket);
     if let Some(task) = metrics_task {

@@ -38,6 +38,11 @@
 //! host = "example.org"         # http only: Host header, default the backend's address
 //! status = "200-399"           # http only: a range (default) or a list, e.g. [200, 204]
 //! body = "ok"                  # http only: a substring the body must contain
+//!
+//! [bgp]                        # optional: announce VIPs through BIRD 2 (see `crate::bgp`)
+//! bird_socket = "/run/bird/bird.ctl"     # BIRD's control socket
+//! include_file = "/etc/bird/lb-vips.conf" # written by the agent, included by bird.conf
+//! protocol = "lb_vips"         # optional: static protocols lb_vips_v4 and lb_vips_v6
 //! ```
 //!
 //! Serde only reads the file into private "raw" structs whose fields keep their
@@ -111,6 +116,8 @@ pub struct Config {
     pub encap_source_v6: Option<DenyPrefix>,
     /// Load-balanced services, in file order.
     pub services: Vec<Service>,
+    /// How VIPs are announced by BGP through BIRD (`[bgp]`), if at all.
+    pub bgp: Option<BgpConfig>,
     /// The L7 proxy's `[[frontend]]` and `[[pool]]` tables.
     pub proxy: ProxySection,
 }
@@ -207,6 +214,22 @@ pub enum XdpModeSetting {
     /// Let the kernel choose.
     Auto,
 }
+
+/// `[bgp]`: the agent announces VIPs through a running BIRD 2 (see `crate::bgp`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BgpConfig {
+    /// BIRD's control socket (`bird -s`).
+    pub bird_socket: std::path::PathBuf,
+    /// The file the agent writes and BIRD's configuration includes.
+    pub include_file: std::path::PathBuf,
+    /// Name prefix of the two static protocols in that file (`<name>_v4`, `<name>_v6`).
+    pub protocol: String,
+    /// Line of the `[bgp]` header, for later messages.
+    pub line: usize,
+}
+
+/// Default `[bgp] protocol`.
+pub const DEFAULT_BGP_PROTOCOL: &str = "lb_vips";
 
 /// One virtual service: a VIP and the backends behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -537,6 +560,7 @@ struct RawConfig {
     encap_source_v4: Option<Spanned<String>>,
     encap_source_v6: Option<Spanned<String>>,
     service: Option<Vec<Spanned<RawService>>>,
+    bgp: Option<Spanned<RawBgp>>,
     // Read again, typed, by `proxy_section`; here they only need to be allowed.
     frontend: Option<Spanned<toml::Value>>,
     pool: Option<Spanned<toml::Value>>,
@@ -598,6 +622,14 @@ struct RawHealth {
     status: Option<Spanned<toml::Value>>,
     body: Option<Spanned<String>>,
     port: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBgp {
+    bird_socket: Option<Spanned<String>>,
+    include_file: Option<Spanned<String>>,
+    protocol: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -691,6 +723,7 @@ impl Checker<'_> {
         let encap_source_v4 = self.encap_source(raw.encap_source_v4, false);
         let encap_source_v6 = self.encap_source(raw.encap_source_v6, true);
         let services = self.services(raw.service.unwrap_or_default());
+        let bgp = raw.bgp.and_then(|b| self.bgp(b));
         Config {
             interfaces,
             xdp_mode,
@@ -700,8 +733,69 @@ impl Checker<'_> {
             encap_source_v4,
             encap_source_v6,
             services,
+            bgp,
             proxy: ProxySection::default(),
         }
+    }
+
+    /// Checks `[bgp]`: both paths absolute, the protocol a BIRD symbol.
+    fn bgp(&mut self, raw: Spanned<RawBgp>) -> Option<BgpConfig> {
+        let span = raw.span();
+        let line = self.line(&span);
+        let raw = raw.into_inner();
+        let bird_socket = self.absolute_path(raw.bird_socket, "bird_socket", &span);
+        let include_file = self.absolute_path(raw.include_file, "include_file", &span);
+        let protocol = match raw.protocol {
+            None => DEFAULT_BGP_PROTOCOL.to_string(),
+            Some(p) => {
+                let name = p.get_ref();
+                // `_v4`/`_v6` are appended; BIRD symbols are letters, digits, `_`.
+                let valid = name.len() <= 60
+                    && name.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    self.at(
+                        &p.span(),
+                        format!(
+                            "bgp protocol \"{name}\" is not a BIRD protocol name; expected a letter, then letters, digits or '_' (at most 60)"
+                        ),
+                    );
+                    return None;
+                }
+                name.clone()
+            }
+        };
+        Some(BgpConfig {
+            bird_socket: bird_socket?,
+            include_file: include_file?,
+            protocol,
+            line,
+        })
+    }
+
+    /// A required absolute path of `[bgp]`.
+    fn absolute_path(
+        &mut self,
+        raw: Option<Spanned<String>>,
+        key: &str,
+        table: &Range<usize>,
+    ) -> Option<std::path::PathBuf> {
+        let Some(raw) = raw else {
+            self.at(table, format!("[bgp] needs `{key}`, an absolute path"));
+            return None;
+        };
+        let path = std::path::PathBuf::from(raw.get_ref());
+        if !path.is_absolute() || raw.get_ref().contains('"') {
+            self.at(
+                &raw.span(),
+                format!(
+                    "{key} \"{}\" must be an absolute path (without '\"')",
+                    raw.get_ref()
+                ),
+            );
+            return None;
+        }
+        Some(path)
     }
 
     /// Reads and checks the `[[frontend]]` and `[[pool]]` tables.
@@ -1686,11 +1780,49 @@ mod tests {
                     line: 23,
                 },
             ],
+            bgp: None,
             proxy: ProxySection::default(),
         };
         assert_eq!(c, expected);
         assert_eq!(c.services[1].protocol.number(), 17);
         assert_eq!(c.services[0].protocol.number(), 6);
+    }
+
+    #[test]
+    fn bgp_section() {
+        let mut lines = svc(&[]);
+        lines.extend([
+            "[bgp]",
+            "bird_socket = \"/run/bird/bird.ctl\"",
+            "include_file = \"/etc/bird/lb-vips.conf\"",
+        ]);
+        let c = parse(&text(&lines), "lb.toml").unwrap();
+        let bgp = c.bgp.unwrap();
+        assert_eq!(bgp.bird_socket, std::path::Path::new("/run/bird/bird.ctl"));
+        assert_eq!(bgp.protocol, DEFAULT_BGP_PROTOCOL);
+        assert_eq!(bgp.line, 7);
+
+        let mut lines = svc(&[]);
+        lines.extend([
+            "[bgp]",
+            "bird_socket = \"bird.ctl\"",
+            "include_file = \"/etc/bird/lb-vips.conf\"",
+        ]);
+        expect_one(&lines, 8, "must be an absolute path");
+        let mut lines = svc(&[]);
+        lines.extend(["[bgp]", "bird_socket = \"/run/bird.ctl\""]);
+        expect_one(&lines, 7, "needs `include_file`");
+        let mut lines = svc(&[]);
+        lines.extend([
+            "[bgp]",
+            "bird_socket = \"/run/bird.ctl\"",
+            "include_file = \"/etc/bird/lb.conf\"",
+            "protocol = \"lb-vips\"",
+        ]);
+        expect_one(&lines, 10, "not a BIRD protocol name");
+        let mut lines = svc(&[]);
+        lines.extend(["[bgp]", "socket = \"/run/bird.ctl\""]);
+        expect_one(&lines, 8, "unknown field");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod acl;
 pub mod agent;
 mod allocator;
 pub mod balancer;
+pub mod bgp;
 pub mod config;
 pub mod control;
 pub mod dataplane;

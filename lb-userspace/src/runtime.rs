@@ -56,6 +56,8 @@ pub struct Desired {
     pub config: Config,
     /// Administrative state of backends that are not `Ready`.
     pub admin: BTreeMap<(String, SocketAddr), AdminState>,
+    /// The node is drained: no VIP is announced (`lb drain-node`).
+    pub drained: bool,
 }
 
 impl Desired {
@@ -64,6 +66,7 @@ impl Desired {
         Self {
             config,
             admin: BTreeMap::new(),
+            drained: false,
         }
     }
 
@@ -291,9 +294,18 @@ impl Desired {
                 self.backend_mut(service, *address)?.weight = *weight;
                 Ok(())
             }
+            Request::DrainNode => {
+                self.drained = true;
+                Ok(())
+            }
+            Request::UndrainNode => {
+                self.drained = false;
+                Ok(())
+            }
             Request::ShowServices
             | Request::ShowBackends { .. }
             | Request::ShowStats
+            | Request::ShowBgp
             | Request::Reload
             | Request::Stop { .. } => Ok(()),
         }

@@ -12,7 +12,8 @@ use serde::Serialize;
 
 use super::client;
 use super::protocol::{
-    AdminState, BackendInfo, DEFAULT_SOCKET, Health, ReasonCount, Request, Response, ServiceInfo,
+    AdminState, BackendInfo, BgpInfo, DEFAULT_SOCKET, Health, ReasonCount, Request, Response,
+    ServiceInfo,
 };
 use crate::config::{Forwarding, Mode, Protocol};
 
@@ -81,7 +82,11 @@ pub enum ControlCommand {
         #[arg(value_parser = clap::value_parser!(u32).range(0..=65535))]
         weight: u32,
     },
-    /// Show services, backends or data-plane counters.
+    /// Withdraw every VIP of this node from BGP; what still arrives is forwarded.
+    DrainNode,
+    /// Announce this node's VIPs again after drain-node.
+    UndrainNode,
+    /// Show services, backends, data-plane counters or BGP state.
     #[command(subcommand)]
     Show(ShowCommand),
     /// Make the agent re-read its configuration file.
@@ -170,6 +175,12 @@ pub enum ShowCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Which VIPs this node announces through BIRD, and BIRD's sessions.
+    Bgp {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses "tcp" or "udp" (any case).
@@ -248,6 +259,9 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
             service: service.clone(),
         },
         ControlCommand::Show(ShowCommand::Stats { .. }) => Request::ShowStats,
+        ControlCommand::Show(ShowCommand::Bgp { .. }) => Request::ShowBgp,
+        ControlCommand::DrainNode => Request::DrainNode,
+        ControlCommand::UndrainNode => Request::UndrainNode,
         ControlCommand::Reload => Request::Reload,
         ControlCommand::Stop { detach } => Request::Stop { detach: *detach },
     }
@@ -260,7 +274,8 @@ pub fn run(cmd: ControlCommand, socket: &Path) -> anyhow::Result<ExitCode> {
         ControlCommand::Show(
             ShowCommand::Services { json }
             | ShowCommand::Backends { json, .. }
-            | ShowCommand::Stats { json },
+            | ShowCommand::Stats { json }
+            | ShowCommand::Bgp { json },
         ) => *json,
         _ => false,
     };
@@ -278,10 +293,20 @@ pub fn run(cmd: ControlCommand, socket: &Path) -> anyhow::Result<ExitCode> {
         (ControlCommand::Show(ShowCommand::Stats { .. }), Response::Stats(list)) => {
             render(&list, json, stats_table)?
         }
+        (ControlCommand::Show(ShowCommand::Bgp { .. }), Response::Bgp(info)) => {
+            if json {
+                let mut s = serde_json::to_string_pretty(&info).context("encoding JSON")?;
+                s.push('\n');
+                s
+            } else {
+                bgp_tables(&info)
+            }
+        }
         (ControlCommand::Show(_), other)
         | (_, other @ Response::Services(_))
         | (_, other @ Response::Backends(_))
-        | (_, other @ Response::Stats(_)) => {
+        | (_, other @ Response::Stats(_))
+        | (_, other @ Response::Bgp(_)) => {
             bail!("unexpected answer from the agent: {other:?}")
         }
         (_, Response::Ok) => return Ok(ExitCode::SUCCESS),
@@ -458,6 +483,100 @@ pub fn stats_table(list: &[ReasonCount]) -> String {
     )
 }
 
+/// `lb show bgp` as text: the node, its VIPs, BIRD's protocols.
+pub fn bgp_tables(info: &BgpInfo) -> String {
+    use Align::*;
+    let mut out = String::new();
+    if !info.enabled {
+        out.push_str("bgp: not configured (no [bgp] section); nothing is announced\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "bird: {}  include: {}",
+            info.bird_socket.as_deref().unwrap_or("-"),
+            info.include_file.as_deref().unwrap_or("-")
+        );
+        match (&info.speaker.last_error, info.speaker.last_ok) {
+            (Some(e), _) => {
+                let _ = writeln!(out, "last update: FAILED, retrying: {e}");
+            }
+            (None, Some(t)) => {
+                let _ = writeln!(out, "last update: ok (unix time {t})");
+            }
+            (None, None) => out.push_str("last update: none yet\n"),
+        }
+    }
+    let _ = writeln!(
+        out,
+        "node: {}\n",
+        if info.drained { "DRAINED" } else { "active" }
+    );
+    let rows: Vec<Vec<String>> = info
+        .vips
+        .iter()
+        .map(|v| {
+            let in_bird = info
+                .speaker
+                .in_bird
+                .as_ref()
+                .is_some_and(|vips| vips.contains(&v.vip));
+            vec![
+                v.vip.to_string(),
+                if v.announced {
+                    "announced"
+                } else {
+                    "withdrawn"
+                }
+                .into(),
+                if in_bird { "yes" } else { "no" }.into(),
+                v.reason.clone(),
+                v.services.join(","),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            ("VIP", Left),
+            ("STATE", Left),
+            ("IN BIRD", Left),
+            ("WHY", Left),
+            ("SERVICES", Left),
+        ],
+        &rows,
+    ));
+    if info.enabled {
+        out.push('\n');
+        if let Some(e) = &info.bird_error {
+            let _ = writeln!(out, "BIRD protocols: unavailable: {e}");
+        } else {
+            let rows: Vec<Vec<String>> = info
+                .protocols
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        p.proto.clone(),
+                        p.state.clone(),
+                        p.since.clone(),
+                        p.info.clone(),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &[
+                    ("PROTOCOL", Left),
+                    ("KIND", Left),
+                    ("STATE", Left),
+                    ("SINCE", Left),
+                    ("INFO", Left),
+                ],
+                &rows,
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use clap::{CommandFactory, Parser};
@@ -587,6 +706,9 @@ mod tests {
             ("show stats --json", Request::ShowStats),
             ("reload", Request::Reload),
             ("stop --detach", Request::Stop { detach: true }),
+            ("drain-node", Request::DrainNode),
+            ("undrain-node", Request::UndrainNode),
+            ("show bgp --json", Request::ShowBgp),
         ];
         for (args, want) in cases {
             assert_eq!(request(args), want, "{args}");

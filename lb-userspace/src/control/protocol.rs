@@ -95,6 +95,12 @@ pub enum Request {
     ShowStats,
     /// Re-reads the configuration file and applies the difference.
     Reload,
+    /// Withdraws every VIP of this node from BGP; forwarding goes on.
+    DrainNode,
+    /// Announces this node's VIPs again after `DrainNode`.
+    UndrainNode,
+    /// BGP announcement state and BIRD's protocols.
+    ShowBgp,
     /// Stops the agent. Without `detach` the XDP program keeps forwarding with
     /// the last tables (a new agent adopts them); with it, everything is removed.
     Stop {
@@ -142,6 +148,29 @@ pub enum Response {
     Backends(Vec<BackendInfo>),
     /// Answer to `ShowStats`.
     Stats(Vec<ReasonCount>),
+    /// Answer to `ShowBgp`.
+    Bgp(BgpInfo),
+}
+
+/// `lb show bgp`: what this node announces and how BIRD is doing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BgpInfo {
+    /// Whether the configuration has a `[bgp]` section.
+    pub enabled: bool,
+    /// Whether the node is drained (`lb drain-node`).
+    pub drained: bool,
+    /// BIRD's control socket, if `[bgp]` is set.
+    pub bird_socket: Option<String>,
+    /// The include file the agent writes, if `[bgp]` is set.
+    pub include_file: Option<String>,
+    /// Every VIP address and whether it is announced.
+    pub vips: Vec<crate::bgp::VipAnnouncement>,
+    /// What BIRD last accepted, and the last error.
+    pub speaker: crate::bgp::SpeakerStatus,
+    /// BIRD's protocols (sessions) now.
+    pub protocols: Vec<crate::bgp::bird::Protocol>,
+    /// Why `protocols` could not be read, if it could not.
+    pub bird_error: Option<String>,
 }
 
 /// One service as `lb show services` lists it.

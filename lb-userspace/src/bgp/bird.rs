@@ -1,0 +1,289 @@
+//! BIRD 2's control socket: the text protocol `birdc` speaks.
+//!
+//! After connecting, BIRD greets with `0001 BIRD <version> ready.`. Each
+//! command is one line; the reply is lines of `DDDD-text` (more follow),
+//! ` text` (continues the previous code) and a last `DDDD text`. Codes 0xxx
+//! are results, 1xxx table rows, 2xxx table headers, 8xxx run-time errors
+//! and 9xxx parse errors (BIRD's `doc/reply_codes`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How long one command may take, connect to last line.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest reply accepted (a `show protocols` of a big router is a few KiB).
+const MAX_REPLY: usize = 1 << 20;
+
+/// What went wrong talking to BIRD.
+#[derive(Debug, thiserror::Error)]
+pub enum BirdError {
+    /// The socket could not be reached (BIRD not running, wrong path, ...).
+    #[error("cannot connect to BIRD at {path}: {source}")]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reading or writing failed half-way (timeout, BIRD went away).
+    #[error("talking to BIRD at {path}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// BIRD answered with an error code (e.g. 8002 for a bad configuration).
+    #[error("BIRD refused `{command}`: {code} {text}")]
+    Refused {
+        /// The command sent.
+        command: String,
+        /// BIRD's reply code.
+        code: u16,
+        /// Its message.
+        text: String,
+    },
+    /// The reply did not follow the protocol.
+    #[error("unexpected reply from BIRD: {0}")]
+    Protocol(String),
+}
+
+/// One reply line: its code (continuations carry the previous one) and text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// Reply code.
+    pub code: u16,
+    /// Text after the code.
+    pub text: String,
+}
+
+/// Where a line stands in a reply.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    /// `DDDD-text`: more lines follow.
+    More(Line),
+    /// ` text`: continues the previous code.
+    Continued(String),
+    /// `DDDD text`: the last line.
+    Last(Line),
+}
+
+/// Classifies one line of a reply (without its newline).
+fn classify(line: &str) -> Result<Kind, BirdError> {
+    if let Some(rest) = line.strip_prefix(' ') {
+        return Ok(Kind::Continued(rest.to_string()));
+    }
+    let bytes = line.as_bytes();
+    if bytes.len() >= 4 && bytes[..4].iter().all(u8::is_ascii_digit) {
+        let code: u16 = line[..4]
+            .parse()
+            .map_err(|_| BirdError::Protocol(line.to_string()))?;
+        let text = line.get(5..).unwrap_or("").to_string();
+        return match bytes.get(4) {
+            Some(b'-') => Ok(Kind::More(Line { code, text })),
+            Some(b' ') | None => Ok(Kind::Last(Line { code, text })),
+            _ => Err(BirdError::Protocol(line.to_string())),
+        };
+    }
+    Err(BirdError::Protocol(line.to_string()))
+}
+
+/// Reads one whole reply.
+fn read_reply(reader: &mut impl BufRead, path: &Path) -> Result<Vec<Line>, BirdError> {
+    let mut lines: Vec<Line> = Vec::new();
+    let mut total = 0;
+    loop {
+        let mut raw = String::new();
+        let n = reader.read_line(&mut raw).map_err(|source| BirdError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if n == 0 {
+            return Err(BirdError::Protocol("connection closed mid-reply".into()));
+        }
+        total += n;
+        if total > MAX_REPLY {
+            return Err(BirdError::Protocol(format!(
+                "reply longer than {MAX_REPLY} bytes"
+            )));
+        }
+        match classify(raw.trim_end_matches(['\n', '\r']))? {
+            Kind::More(line) => lines.push(line),
+            Kind::Continued(text) => {
+                let code = lines.last().map_or(0, |l| l.code);
+                lines.push(Line { code, text });
+            }
+            Kind::Last(line) => {
+                lines.push(line);
+                return Ok(lines);
+            }
+        }
+    }
+}
+
+/// Sends `command` to the BIRD on `socket` and returns its reply; an error
+/// code (8xxx, 9xxx) is `BirdError::Refused`.
+pub fn command(socket: &Path, command: &str) -> Result<Vec<Line>, BirdError> {
+    let io = |source| BirdError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let stream = UnixStream::connect(socket).map_err(|source| BirdError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(COMMAND_TIMEOUT)).map_err(io)?;
+    stream
+        .set_write_timeout(Some(COMMAND_TIMEOUT))
+        .map_err(io)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
+    let greeting = read_reply(&mut reader, socket)?;
+    if greeting.last().map(|l| l.code) != Some(1) {
+        return Err(BirdError::Protocol(format!(
+            "no greeting, got {greeting:?}"
+        )));
+    }
+    let mut writer = stream;
+    writer
+        .write_all(format!("{command}\n").as_bytes())
+        .map_err(io)?;
+    let reply = read_reply(&mut reader, socket)?;
+    if let Some(bad) = reply.iter().find(|l| l.code >= 8000) {
+        return Err(BirdError::Refused {
+            command: command.to_string(),
+            code: bad.code,
+            text: bad.text.clone(),
+        });
+    }
+    Ok(reply)
+}
+
+/// Asks BIRD to re-read its configuration (and so the agent's include file).
+pub fn configure(socket: &Path) -> Result<(), BirdError> {
+    let reply = command(socket, "configure")?;
+    // 0003 Reconfigured, 0004 in progress, 0005 queued, 0019 nothing to do, 0020 OK.
+    match reply.last() {
+        Some(l) if matches!(l.code, 3 | 4 | 5 | 17 | 18 | 19 | 20) => Ok(()),
+        other => Err(BirdError::Protocol(format!("configure answered {other:?}"))),
+    }
+}
+
+/// One row of `show protocols`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Protocol {
+    /// Protocol name, e.g. `rtr1` or `lb_vips_v4`.
+    pub name: String,
+    /// Its kind: `BGP`, `Static`, `BFD`, `Kernel`, ...
+    pub proto: String,
+    /// Table (`---` for none).
+    pub table: String,
+    /// `up`, `down`, `start`, ...
+    pub state: String,
+    /// When it entered that state.
+    pub since: String,
+    /// BIRD's detail, e.g. `Established` for a BGP session.
+    pub info: String,
+}
+
+/// Parses the rows of a `show protocols` reply (codes 1002 and their continuations).
+pub fn parse_protocols(reply: &[Line]) -> Vec<Protocol> {
+    reply
+        .iter()
+        .filter(|l| l.code == 1002)
+        .filter_map(|l| {
+            let mut words = l.text.split_whitespace().peekable();
+            let name = words.next()?.to_string();
+            let proto = words.next()?.to_string();
+            let table = words.next()?.to_string();
+            let state = words.next()?.to_string();
+            // The time format may be "08:00:55.123" or "2026-12-06 08:00:55".
+            let mut since = Vec::new();
+            while let Some(w) = words.peek() {
+                if w.chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, ':' | '.' | '-'))
+                {
+                    since.push(*w);
+                    words.next();
+                } else {
+                    break;
+                }
+            }
+            Some(Protocol {
+                name,
+                proto,
+                table,
+                state,
+                since: since.join(" "),
+                info: words.collect::<Vec<_>>().join(" "),
+            })
+        })
+        .collect()
+}
+
+/// BIRD's protocols and their states.
+pub fn show_protocols(socket: &Path) -> Result<Vec<Protocol>, BirdError> {
+    Ok(parse_protocols(&command(socket, "show protocols")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(text: &str) -> Result<Vec<Line>, BirdError> {
+        read_reply(&mut text.as_bytes(), Path::new("/bird.ctl"))
+    }
+
+    #[test]
+    fn replies_are_read_to_their_last_line() {
+        let lines =
+            reply("0002-Reading configuration from /etc/bird.conf\n0003 Reconfigured\nnext")
+                .unwrap();
+        assert_eq!(
+            lines,
+            vec![
+                Line {
+                    code: 2,
+                    text: "Reading configuration from /etc/bird.conf".into()
+                },
+                Line {
+                    code: 3,
+                    text: "Reconfigured".into()
+                },
+            ]
+        );
+        // A continuation carries the code before it.
+        let lines = reply("1002-a\n b\n0000 \n").unwrap();
+        assert_eq!(lines[1].code, 1002);
+        assert_eq!(lines[2].code, 0);
+        assert!(matches!(reply("garbage\n"), Err(BirdError::Protocol(_))));
+        assert!(matches!(reply("1002-a\n"), Err(BirdError::Protocol(_))));
+    }
+
+    #[test]
+    fn protocols_are_parsed_from_their_rows() {
+        let text = "2002-Name       Proto      Table      State  Since         Info\n\
+                    1002-device1    Device     ---        up     08:00:55.123  \n \
+                    lb_vips_v4 Static     master4    up     08:00:55.123  \n \
+                    rtr        BGP        ---        start  2026-12-06 08:00:57  Active        Socket: Connection refused\n\
+                    0000 \n";
+        let protocols = parse_protocols(&reply(text).unwrap());
+        assert_eq!(protocols.len(), 3);
+        assert_eq!(protocols[0].name, "device1");
+        assert_eq!(protocols[0].info, "");
+        assert_eq!(protocols[1].table, "master4");
+        assert_eq!(protocols[2].state, "start");
+        assert_eq!(protocols[2].since, "2026-12-06 08:00:57");
+        assert_eq!(protocols[2].info, "Active Socket: Connection refused");
+    }
+
+    #[test]
+    fn a_missing_socket_is_a_connect_error() {
+        let err = command(Path::new("/nonexistent/bird.ctl"), "show status").unwrap_err();
+        assert!(matches!(err, BirdError::Connect { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/bird.ctl"));
+    }
+}
