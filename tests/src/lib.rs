@@ -287,6 +287,22 @@ impl RunningCluster {
         forwarding: Forwarding,
         health: Option<&str>,
     ) -> Result<Self> {
+        Self::start_custom(tag, nodes, weights, forwarding, health, |_, _| {
+            Ok(String::new())
+        })
+    }
+
+    /// Like `start`; `extra(lab, node)` returns TOML appended to node
+    /// `node`'s config (e.g. a `[bgp]` table naming
+    /// `lab.node_bird_socket(node)` and `lab.node_vips_include(node)`).
+    pub fn start_custom(
+        tag: &str,
+        nodes: usize,
+        weights: &[u32],
+        forwarding: Forwarding,
+        health: Option<&str>,
+        extra: impl Fn(&lb_userspace::lab::Lab, usize) -> Result<String>,
+    ) -> Result<Self> {
         let opts = lb_userspace::lab::LabOptions::from_env(weights.len())?.with_cluster(nodes);
         let mut lab = lb_userspace::lab::Lab::create(tag, opts)?;
         if forwarding == Forwarding::Ipip {
@@ -302,7 +318,7 @@ impl RunningCluster {
         let mut agents = Vec::new();
         for n in 1..=nodes {
             let config = lab.node(n)?.dir.join("lb.toml");
-            std::fs::write(&config, &text)?;
+            std::fs::write(&config, format!("{text}{}", extra(&lab, n)?))?;
             let socket = lab.node_socket(n)?;
             agents.push(lb_userspace::demo::start_node_agent(
                 &mut lab, n, &config, &socket,

@@ -470,7 +470,8 @@ impl Lab {
             router_dir.join("bird.conf"),
             router_bird_conf(&peers, &router_dir.join("bird.log")),
         )?;
-        self.router_bird = Some(self.start_bird(&sw, &router_dir)?);
+        // Tracked like every lab process (stopped on drop), by pid.
+        self.start_bird(&sw, &router_dir)?;
         for n in 1..=self.nodes.len() {
             self.start_node_bird(n)?;
         }

@@ -400,8 +400,6 @@ pub struct Lab {
     return_path: ReturnPath,
     /// Cluster labs: the balancer nodes, node 1 (`lb`) first.
     nodes: Vec<LabNode>,
-    /// Cluster labs: the router's BIRD.
-    router_bird: Option<u32>,
     /// Files of this lab (BIRD configurations, sockets, logs), removed on drop.
     dir: Option<PathBuf>,
 }
@@ -472,7 +470,6 @@ impl Lab {
             decap: Vec::new(),
             return_path,
             nodes: Vec::new(),
-            router_bird: None,
             dir: None,
         };
         // Any `?` below drops `lab`, which removes whatever was built so far.
