@@ -223,7 +223,8 @@ pub fn node_bird_conf(n: usize, include: &Path, log: &Path) -> String {
         "# The VIP routes this node announces (protocols {VIPS_PROTOCOL_V4} and {VIPS_PROTOCOL_V6}).\ninclude \"{}\";",
         include.display()
     );
-    // The ipv6 channel rides the IPv4 session: its next hop must be given.
+    // The ipv6 channel rides the IPv4 session; its next hop is named (BIRD
+    // would take the global address of the session's interface anyway).
     let _ = writeln!(
         out,
         "protocol bgp {NODE_BGP_PROTOCOL} {{\n  local {v4} as {NODE_AS};\n  neighbor {SWITCH_BACKEND_V4} as {ROUTER_AS};\n{}  ipv4 {{ import none; export where proto = \"{VIPS_PROTOCOL_V4}\"; }};\n  ipv6 {{ import none; export where proto = \"{VIPS_PROTOCOL_V6}\"; next hop address {v6}; }};\n}}",
