@@ -24,16 +24,30 @@ pub fn start_agent(
     config_path: &std::path::Path,
     socket: &std::path::Path,
 ) -> Result<u32> {
-    let ns = lab.balancer_ns().to_string();
-    let pin_dir = lab.agent_pin_dir();
-    let pid = lab.spawn_agent(&[
-        "--config".into(),
-        config_path.into(),
-        "--socket".into(),
-        socket.into(),
-        "--pin-dir".into(),
-        pin_dir.into(),
-    ])?;
+    start_node_agent(lab, 1, config_path, socket)
+}
+
+/// [`start_agent`] for balancer node `node` of a cluster lab (node 1 is the
+/// balancer namespace), pinned in the node's own directory.
+pub fn start_node_agent(
+    lab: &mut Lab,
+    node: usize,
+    config_path: &std::path::Path,
+    socket: &std::path::Path,
+) -> Result<u32> {
+    let ns = lab.node_ns(node)?;
+    let pin_dir = lab.node_pin_dir(node)?;
+    let pid = lab.spawn_node_agent(
+        node,
+        &[
+            "--config".into(),
+            config_path.into(),
+            "--socket".into(),
+            socket.into(),
+            "--pin-dir".into(),
+            pin_dir.into(),
+        ],
+    )?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let metrics = METRICS_ADDR.parse()?;
     loop {

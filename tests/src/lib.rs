@@ -265,6 +265,112 @@ impl Drop for RunningLab {
         }
     }
 }
+/// A cluster lab (`LabOptions::with_cluster`): the ECMP router, BIRD in it
+/// and in every node, and `lb run` on every node with the same config.
+pub struct RunningCluster {
+    /// The lab (dropped last: stops agents, BIRD and servers, removes
+    /// namespaces, pins and files).
+    pub lab: lb_userspace::lab::Lab,
+    /// Pid of each node's agent, node 1 first.
+    pub agents: Vec<u32>,
+}
+
+impl RunningCluster {
+    /// Builds a cluster of `nodes` nodes over `weights.len()` backends (with
+    /// `lb decap` for ipip) and runs the agent on every node, each with the
+    /// same lab config (its `lb.toml` in the node's directory), its own
+    /// control socket and pin directory. Nothing is announced yet.
+    pub fn start(
+        tag: &str,
+        nodes: usize,
+        weights: &[u32],
+        forwarding: Forwarding,
+        health: Option<&str>,
+    ) -> Result<Self> {
+        Self::start_custom(tag, nodes, weights, forwarding, health, |_, _| {
+            Ok(String::new())
+        })
+    }
+
+    /// Like `start`; `extra(lab, node)` returns TOML appended to node
+    /// `node`'s config (e.g. a `[bgp]` table naming
+    /// `lab.node_bird_socket(node)` and `lab.node_vips_include(node)`).
+    pub fn start_custom(
+        tag: &str,
+        nodes: usize,
+        weights: &[u32],
+        forwarding: Forwarding,
+        health: Option<&str>,
+        extra: impl Fn(&lb_userspace::lab::Lab, usize) -> Result<String>,
+    ) -> Result<Self> {
+        let opts = lb_userspace::lab::LabOptions::from_env(weights.len())?.with_cluster(nodes);
+        let mut lab = lb_userspace::lab::Lab::create(tag, opts)?;
+        if forwarding == Forwarding::Ipip {
+            lab.start_decap()?;
+        }
+        let text = lb_userspace::lab::services::lab_config_forwarding(
+            &lab,
+            weights,
+            lb_common::DEFAULT_RING_SIZE,
+            health,
+            forwarding,
+        );
+        let mut agents = Vec::new();
+        for n in 1..=nodes {
+            let config = lab.node(n)?.dir.join("lb.toml");
+            std::fs::write(&config, format!("{text}{}", extra(&lab, n)?))?;
+            let socket = lab.node_socket(n)?;
+            agents.push(lb_userspace::demo::start_node_agent(
+                &mut lab, n, &config, &socket,
+            )?);
+        }
+        Ok(Self { lab, agents })
+    }
+
+    /// Makes every node announce `vips`.
+    pub fn announce_all(&self, vips: &[std::net::IpAddr]) -> Result<()> {
+        for n in 1..=self.lab.nodes().len() {
+            self.lab.announce(n, vips)?;
+        }
+        Ok(())
+    }
+
+    /// Runs `lb --socket <node's socket> ARGS`, as an operator on that node would.
+    pub fn lb(&self, node: usize, args: &[&str]) -> std::process::Output {
+        let out = std::process::Command::new(&self.lab.options().lb_bin)
+            .arg("--socket")
+            .arg(self.lab.node_socket(node).expect("node socket"))
+            .args(args)
+            .output()
+            .expect("run lb");
+        if !out.status.success() {
+            eprintln!(
+                "lb{node}$ lb {} -> {}\n{}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        out
+    }
+
+    /// `lb show backends SERVICE --json` on node `node`.
+    pub fn backends(
+        &self,
+        node: usize,
+        service: &str,
+    ) -> Result<Vec<lb_userspace::control::protocol::BackendInfo>> {
+        let out = self.lb(node, &["show", "backends", service, "--json"]);
+        anyhow::ensure!(
+            out.status.success(),
+            "lb show backends on node {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
 pub mod l4bench;
 pub mod l7bench;
 pub mod l7instr;

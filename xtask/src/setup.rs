@@ -30,6 +30,8 @@ pub const PACKAGES: &[&str] = &[
     // The lab turns off veth TX checksum offload (see lab::netns::full_tx_checksums).
     "ethtool",
     "bpftool",
+    // BGP speaker of the cluster lab's router and balancer nodes (`bird`, `birdc`).
+    "bird2",
     // `cargo xtask bench` compares the L7 proxy with HAProxy, loaded by wrk,
     // and counts both proxies' instructions per request with callgrind.
     "haproxy",

@@ -49,9 +49,44 @@
 //! - [`LabOptions::with_client_path_mtu`] lowers the MTU of the `sw`-`c1`
 //!   link, so backends' 1500-byte answers make `sw` send "fragmentation
 //!   needed" / "packet too big" to the VIP.
+//!
+//! ## A cluster of balancers (`LabOptions::with_cluster`)
+//!
+//! A DSR lab where `sw` is the ECMP router in front of several balancer
+//! nodes, each running BIRD and announcing the VIPs to it over BGP:
+//!
+//! ```text
+//!  cli              sw: router, AS 65000            nodes, AS 65001                  be{i}
+//!  c1 ────────── swc 198.18.3.1                 ┌─ up ──── lbb  lb  (node 1) 198.18.2.1
+//!  198.18.3.2       br0 198.18.2.2 ─ bridge ────┼─ up2 ─── lbb  lb2 (node 2) 198.18.2.3
+//!  (VIPs via sw)    BIRD; VIP routes are        ├─ up{n} (nodes 3..)  BIRD, `lb run` on lbb
+//!                   kernel multipath routes     └─ p{i} ──────────────────────────────── eth0
+//!  c0 ────────── lbc (node 1's; unused in a cluster)              VIPs on lo, lb decap
+//! ```
+//!
+//! - The client sends to the VIPs through `c1` and `sw` (from its `c0`
+//!   address); `sw` has no static VIP route: BIRD learns one per VIP from
+//!   each node that announces it and installs one multipath kernel route,
+//!   spread by the L4 hash (`fib_multipath_hash_policy=1`).
+//! - Node 1 is the `lb` namespace; nodes 2.. (`lb2`, ...) have only `lbb`
+//!   on the bridge (198.18.2.{n+1}, [`cluster::node_v4`]), with the guard,
+//!   forwarding, permanent neighbour entries for every backend, a default
+//!   route via `sw`, and the pass program on their bridge port. The agent
+//!   attaches to `lbb` alone ([`Lab::agent_interfaces`]): a node takes the
+//!   client's packet there and sends it on, encapsulated, out of the same
+//!   interface; backends answer through `sw` ([`ReturnPath::Switch`]).
+//! - Every node has its own directory with `bird.conf`, BIRD's socket and
+//!   log, and the VIP include file ([`Lab::node_vips_include`]) that
+//!   [`Lab::announce`] writes; its agent takes [`Lab::node_socket`] and
+//!   [`Lab::node_pin_dir`] (`lb run --netns`, [`Lab::spawn_node_agent`]).
+//! - BFD (100 ms × 3) on every session, hold time 3 s: a node taken away
+//!   ([`Lab::disconnect_node`]) leaves the router's route in about 0.3 s.
+//!   `create` returns once every BGP and BFD session is up. Details in
+//!   [`cluster`].
 
 pub mod backend_server;
 pub mod client;
+pub mod cluster;
 mod netns;
 pub mod services;
 pub mod testrun;
@@ -65,6 +100,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub use cluster::{BfdSession, BirdProtocol, LabNode};
 pub use netns::{list_ns, run_in_ns, sweep_stale};
 
 use backend_server::BackendArgs;
@@ -129,6 +165,21 @@ pub const MAX_BACKENDS: usize = 200;
 pub const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `stop` waits after SIGTERM before SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Sysctls of the namespaces that open many short connections (client,
+/// balancer nodes): the whole port range, and TIME_WAIT ports reused, as on
+/// any load-generating host; otherwise a few seconds of new connections
+/// exhaust the ~28k default ports for a minute.
+const CHURN_SYSCTLS: [(&str, &str); 2] = [
+    ("net.ipv4.ip_local_port_range", "1024 65535"),
+    ("net.ipv4.tcp_tw_reuse", "1"),
+];
+/// Forwarding on in a balancer namespace: `bpf_fib_lookup` refuses to work without it.
+const FORWARDING_SYSCTLS: [(&str, &str); 3] = [
+    ("net.ipv4.ip_forward", "1"),
+    ("net.ipv6.conf.all.forwarding", "1"),
+    ("net.ipv6.conf.default.forwarding", "1"),
+];
 
 /// Name of the nftables table in `lb` that blocks kernel forwarding.
 const GUARD_TABLE: &str = "lbguard";
@@ -222,6 +273,9 @@ pub struct LabOptions {
     pub dsr: bool,
     /// DSR labs: the MTU of the `sw`-`c1` link (default: 1500, unchanged).
     pub client_path_mtu: Option<u32>,
+    /// Balancer nodes behind an ECMP router speaking BGP (see the module
+    /// doc); 0, the default, for the single balancer of the other labs.
+    pub cluster_nodes: usize,
 }
 
 /// Which way backends route their answers to the client's prefixes.
@@ -281,12 +335,22 @@ impl LabOptions {
             lab_bpf_object,
             dsr: false,
             client_path_mtu: None,
+            cluster_nodes: 0,
         })
     }
 
     /// With the DSR return path (see the module doc).
     pub fn with_dsr(mut self) -> Self {
         self.dsr = true;
+        self
+    }
+
+    /// A cluster of `nodes` balancer nodes (1..=[`cluster::MAX_CLUSTER_NODES`])
+    /// behind `sw` as an ECMP router that learns the VIPs from them with BGP
+    /// (BIRD); implies the DSR return path (see the module doc).
+    pub fn with_cluster(mut self, nodes: usize) -> Self {
+        self.dsr = true;
+        self.cluster_nodes = nodes;
         self
     }
 
@@ -334,6 +398,10 @@ pub struct Lab {
     decap: Vec<String>,
     /// How backends route to the client (always `Balancer` outside DSR labs).
     return_path: ReturnPath,
+    /// Cluster labs: the balancer nodes, node 1 (`lb`) first.
+    nodes: Vec<LabNode>,
+    /// Files of this lab (BIRD configurations, sockets, logs), removed on drop.
+    dir: Option<PathBuf>,
 }
 
 impl Lab {
@@ -353,6 +421,16 @@ impl Lab {
             if !(MIN_CLIENT_PATH_MTU..=1500).contains(&mtu) {
                 bail!("client_path_mtu {mtu} is outside {MIN_CLIENT_PATH_MTU}..=1500");
             }
+        }
+        if opts.cluster_nodes > cluster::MAX_CLUSTER_NODES {
+            bail!(
+                "a cluster lab holds at most {} nodes, {} asked",
+                cluster::MAX_CLUSTER_NODES,
+                opts.cluster_nodes
+            );
+        }
+        if opts.cluster_nodes > 0 && !opts.dsr {
+            bail!("a cluster needs the DSR topology (dsr = true)");
         }
         if opts.backends > MAX_BACKENDS {
             bail!(
@@ -374,6 +452,7 @@ impl Lab {
         if let Err(e) = sweep_stale() {
             tracing::warn!("sweeping stale labs: {e:#}");
         }
+        sweep_stale_dirs();
         let backends = opts.backends;
         let return_path = if opts.dsr {
             ReturnPath::Switch
@@ -390,12 +469,18 @@ impl Lab {
             xdp: Vec::new(),
             decap: Vec::new(),
             return_path,
+            nodes: Vec::new(),
+            dir: None,
         };
         // Any `?` below drops `lab`, which removes whatever was built so far.
         lab.build_core().context("building the lab")?;
         if lab.opts.dsr {
             lab.build_dsr()
                 .context("building the lab's DSR return path")?;
+        }
+        if lab.opts.cluster_nodes > 0 {
+            lab.build_cluster()
+                .context("building the lab's cluster (router, nodes, BIRD)")?;
         }
         for _ in 0..backends {
             lab.add_backend()?;
@@ -428,15 +513,9 @@ impl Lab {
     /// Builds client, balancer and switch, and attaches the pass programs.
     fn build_core(&mut self) -> Result<()> {
         // The client and the balancer open many short connections (load
-        // generators, proxies): the whole port range, and TIME_WAIT ports
-        // reused, as on any load-generating host; otherwise a few seconds of
-        // new connections exhaust the ~28k default ports for a minute.
-        let churn = [
-            ("net.ipv4.ip_local_port_range", "1024 65535"),
-            ("net.ipv4.tcp_tw_reuse", "1"),
-        ];
-        let cli = self.add_namespace("cli", &churn)?;
-        let lb = self.add_namespace("lb", &churn)?;
+        // generators, proxies).
+        let cli = self.add_namespace("cli", &CHURN_SYSCTLS)?;
+        let lb = self.add_namespace("lb", &CHURN_SYSCTLS)?;
         // The switch is pure L2; without IPv6 its ports send no MLD/RS noise.
         // (A DSR lab's switch routes too: IPv6 goes back on for its bridge
         // and client link in `build_dsr`, the ports stay without.)
@@ -517,14 +596,7 @@ impl Lab {
                 "link set dev up up".into(),
             ],
         )?;
-        netns::sysctls_in(
-            &lb,
-            &[
-                ("net.ipv4.ip_forward", "1"),
-                ("net.ipv6.conf.all.forwarding", "1"),
-                ("net.ipv6.conf.default.forwarding", "1"),
-            ],
-        )?;
+        netns::sysctls_in(&lb, &FORWARDING_SYSCTLS)?;
         netns::nft_in(&lb, &guard_ruleset(false))?;
 
         netns::full_tx_checksums(&cli, "c0")?;
@@ -573,37 +645,40 @@ impl Lab {
                 ("net.ipv6.icmp.ratelimit", "0"),
             ],
         )?;
-        netns::ip_batch(
-            &sw,
-            &[
-                format!("link set br0 address {}", mac_str(SWITCH_BACKEND_MAC)),
-                format!("addr add {SWITCH_BACKEND_V4}/24 dev br0"),
-                format!("addr add {SWITCH_BACKEND_V6}/64 dev br0 nodad"),
-                format!("addr add {SWITCH_CLIENT_V4}/24 dev swc"),
-                format!("addr add {SWITCH_CLIENT_V6}/64 dev swc nodad"),
-                "link set swc up".into(),
-                format!("route add {CLIENT_PREFIX_V4} via {CLIENT_RETURN_V4}"),
-                format!("route add {CLIENT_PREFIX_V6} via {CLIENT_RETURN_V6}"),
+        let mut commands = vec![
+            format!("link set br0 address {}", mac_str(SWITCH_BACKEND_MAC)),
+            format!("addr add {SWITCH_BACKEND_V4}/24 dev br0"),
+            format!("addr add {SWITCH_BACKEND_V6}/64 dev br0 nodad"),
+            format!("addr add {SWITCH_CLIENT_V4}/24 dev swc"),
+            format!("addr add {SWITCH_CLIENT_V6}/64 dev swc nodad"),
+            "link set swc up".into(),
+            format!("route add {CLIENT_PREFIX_V4} via {CLIENT_RETURN_V4}"),
+            format!("route add {CLIENT_PREFIX_V6} via {CLIENT_RETURN_V6}"),
+            format!(
+                "neigh replace {CLIENT_RETURN_V4} lladdr {} dev swc nud permanent",
+                mac_str(CLIENT_RETURN_MAC)
+            ),
+            format!(
+                "neigh replace {CLIENT_RETURN_V6} lladdr {} dev swc nud permanent",
+                mac_str(CLIENT_RETURN_MAC)
+            ),
+            format!(
+                "neigh replace {BALANCER_BACKEND_V4} lladdr {} dev br0 nud permanent",
+                mac_str(BALANCER_BACKEND_MAC)
+            ),
+            format!(
+                "neigh replace {BALANCER_BACKEND_V6} lladdr {} dev br0 nud permanent",
+                mac_str(BALANCER_BACKEND_MAC)
+            ),
+        ];
+        // A cluster's router learns its VIP routes from the nodes (BGP).
+        if self.opts.cluster_nodes == 0 {
+            commands.extend([
                 format!("route add {VIP_PREFIX_V4} via {BALANCER_BACKEND_V4}"),
                 format!("route add {VIP_PREFIX_V6} via {BALANCER_BACKEND_V6}"),
-                format!(
-                    "neigh replace {CLIENT_RETURN_V4} lladdr {} dev swc nud permanent",
-                    mac_str(CLIENT_RETURN_MAC)
-                ),
-                format!(
-                    "neigh replace {CLIENT_RETURN_V6} lladdr {} dev swc nud permanent",
-                    mac_str(CLIENT_RETURN_MAC)
-                ),
-                format!(
-                    "neigh replace {BALANCER_BACKEND_V4} lladdr {} dev br0 nud permanent",
-                    mac_str(BALANCER_BACKEND_MAC)
-                ),
-                format!(
-                    "neigh replace {BALANCER_BACKEND_V6} lladdr {} dev br0 nud permanent",
-                    mac_str(BALANCER_BACKEND_MAC)
-                ),
-            ],
-        )?;
+            ]);
+        }
+        netns::ip_batch(&sw, &commands)?;
         netns::sysctls_in(
             &cli,
             &[
@@ -789,6 +864,17 @@ impl Lab {
         ["lbc", "lbb"]
     }
 
+    /// The interfaces the agent attaches to: [`Lab::balancer_interfaces`],
+    /// or in a cluster only `lbb`, where every node receives clients' packets
+    /// from the router and sends them on to the backends.
+    pub fn agent_interfaces(&self) -> Vec<&'static str> {
+        if self.nodes.is_empty() {
+            Self::balancer_interfaces().to_vec()
+        } else {
+            vec!["lbb"]
+        }
+    }
+
     /// All backends, in index order.
     pub fn backends(&self) -> &[LabBackend] {
         &self.backends
@@ -875,9 +961,13 @@ impl Lab {
             netns::ip_batch(&ns, &cmds)?;
         }
         netns::full_tx_checksums(&ns, "eth0")?;
-        let lb = self.balancer_ns().to_string();
-        // Permanent, so bpf_fib_lookup always finds the next hop without waiting for ARP/ND.
-        netns::ip_batch(&lb, &backend_neighbour_commands(index))?;
+        // Permanent, so bpf_fib_lookup always finds the next hop without
+        // waiting for ARP/ND; in every balancer node of a cluster.
+        let mut balancers = vec![self.balancer_ns().to_string()];
+        balancers.extend(self.nodes.iter().skip(1).map(|n| n.ns.clone()));
+        for lb in balancers {
+            netns::ip_batch(&lb, &backend_neighbour_commands(index))?;
+        }
         self.backends.push(LabBackend {
             index,
             name,
@@ -1007,7 +1097,13 @@ impl Lab {
     /// state lives in the host's /sys/fs/bpf (under `ip netns exec` /sys is
     /// remounted and pins would vanish with the process). Tracked like any child.
     pub fn spawn_agent(&mut self, args: &[OsString]) -> Result<u32> {
-        let ns = self.balancer_ns().to_string();
+        self.spawn_node_agent(1, args)
+    }
+
+    /// [`Lab::spawn_agent`] for balancer node `n` of a cluster (node 1 is the
+    /// balancer namespace); give it [`Lab::node_pin_dir`] and [`Lab::node_socket`].
+    pub fn spawn_node_agent(&mut self, n: usize, args: &[OsString]) -> Result<u32> {
+        let ns = self.node_ns(n)?;
         let child = Command::new(&self.opts.lb_bin)
             .arg("run")
             .arg("--netns")
@@ -1038,6 +1134,11 @@ impl Lab {
                 b.server_pid = None;
             }
         }
+        for node in &mut self.nodes {
+            if node.bird_pid == Some(pid) {
+                node.bird_pid = None;
+            }
+        }
         let status = terminate(&mut child, STOP_GRACE)?;
         self.reaped.insert(pid, status);
         Ok(Some(status))
@@ -1062,10 +1163,12 @@ impl Lab {
     /// Packets the kernel tried to forward in `lb` (and the guard dropped):
     /// anything here is traffic the XDP program did not handle.
     pub fn kernel_forwarded_packets(&self) -> Result<u64> {
-        let text = netns::nft_output(
-            self.balancer_ns(),
-            &["list", "counter", "inet", GUARD_TABLE, GUARD_COUNTER],
-        )?;
+        self.kernel_forwarded_packets_in(self.balancer_ns())
+    }
+
+    /// The guard's counter in a balancer namespace.
+    fn kernel_forwarded_packets_in(&self, ns: &str) -> Result<u64> {
+        let text = netns::nft_output(ns, &["list", "counter", "inet", GUARD_TABLE, GUARD_COUNTER])?;
         parse_packets(&text).ok_or_else(|| anyhow!("no packet count in nft output: {text}"))
     }
 
@@ -1192,6 +1295,26 @@ fn probe_server(expected: &str, dsr: bool) -> Result<bool> {
     Ok(true)
 }
 
+/// Removes the file directories (`$TMPDIR/lbl-{tag}-{pid}-{role}`) of labs
+/// whose process is gone, as [`sweep_stale`] removes their namespaces.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(netns::owner_pid) else {
+            continue;
+        };
+        if netns::pid_alive(pid) || !entry.path().is_dir() {
+            continue;
+        }
+        if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            tracing::warn!("removing {}: {e:#}", entry.path().display());
+        }
+    }
+}
+
 /// SIGTERM, wait up to `grace`, then SIGKILL; always reaps.
 fn terminate(child: &mut Child, grace: Duration) -> Result<ExitStatus> {
     if let Some(status) = child.try_wait()? {
@@ -1247,8 +1370,17 @@ impl Drop for Lab {
                 tracing::warn!("detaching lb decap in {ns}: {e:#}");
             }
         }
-        if let Err(e) = crate::dataplane::pin::remove_all(&self.agent_pin_dir()) {
-            tracing::warn!("removing the agent's pins: {e:#}");
+        let mut pins = vec![self.agent_pin_dir()];
+        pins.extend((2..=self.nodes.len()).filter_map(|n| self.node_pin_dir(n).ok()));
+        for dir in pins {
+            if let Err(e) = crate::dataplane::pin::remove_all(&dir) {
+                tracing::warn!("removing the agent's pins in {}: {e:#}", dir.display());
+            }
+        }
+        if let Some(dir) = self.dir.take()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!("removing {}: {e:#}", dir.display());
         }
         for ns in self.namespaces.drain(..).rev() {
             if let Err(e) = netns::del_ns(&ns) {
@@ -1623,6 +1755,99 @@ mod tests {
                     .with_client_path_mtu(1000)
             )
             .is_err()
+        );
+    }
+
+    /// The cluster topology with BGP alone (no agents): what both nodes
+    /// announce becomes one multipath route in the router; a withdrawal, a
+    /// node unplugged (BFD) and a killed BIRD each take one next hop away,
+    /// and it comes back; dropping the lab leaves no namespace, file or BIRD.
+    #[test]
+    fn cluster_lab_learns_the_vips_over_bgp() {
+        require_root();
+        let opts = LabOptions::from_env(1)
+            .expect("lab options")
+            .with_cluster(2);
+        let tag = "unitclu";
+        let mut lab = Lab::create(tag, opts).expect("creating the cluster lab");
+        assert_eq!(namespaces_of(tag).len(), 5, "cli, lb, sw, lb2, be1");
+        assert_eq!(lab.nodes().len(), 2);
+        assert_eq!(lab.agent_interfaces(), ["lbb"]);
+        let (v4, v6) = (IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6));
+        let hops = |lab: &Lab, vip: IpAddr| {
+            let mut h = lab.router_next_hops(vip).expect("router route");
+            h.sort();
+            h
+        };
+        assert!(
+            hops(&lab, v4).is_empty(),
+            "a static VIP route in the router"
+        );
+        for n in 1..=2 {
+            lab.announce(n, &[v4, v6]).expect("announce");
+        }
+        for vip in [v4, v6] {
+            lab.wait_router_next_hops(vip, 2, T * 5)
+                .expect("two next hops");
+        }
+        assert_eq!(
+            hops(&lab, v4),
+            [cluster::node_v4(1), cluster::node_v4(2)].map(IpAddr::V4)
+        );
+        assert_eq!(
+            hops(&lab, v6),
+            [cluster::node_v6(1), cluster::node_v6(2)].map(IpAddr::V6)
+        );
+        let node2 = lab.node_protocols(2).expect("node 2's protocols");
+        for name in [cluster::NODE_BGP_PROTOCOL, "lb_vips_v4", "lb_vips_v6"] {
+            assert!(
+                node2.iter().any(|p| p.name == name && p.state == "up"),
+                "{name}: {node2:?}"
+            );
+        }
+        let include = std::fs::read_to_string(lab.node_vips_include(2).unwrap()).unwrap();
+        assert!(
+            include.contains("route 198.18.100.1/32 blackhole;"),
+            "{include}"
+        );
+
+        // Node 2 withdraws the IPv4 VIP only.
+        lab.announce(2, &[v6]).expect("announce");
+        lab.wait_router_next_hops(v4, 1, T).expect("withdrawn");
+        assert_eq!(hops(&lab, v4), [IpAddr::V4(cluster::node_v4(1))]);
+        assert_eq!(hops(&lab, v6).len(), 2);
+        lab.announce(2, &[v4, v6]).expect("announce");
+        lab.wait_router_next_hops(v4, 2, T)
+            .expect("announced again");
+
+        // Node 1 unplugged: BFD takes it out within a second.
+        lab.disconnect_node(1).expect("disconnect");
+        let took = lab.wait_router_next_hops(v4, 1, T).expect("withdrawn");
+        assert!(took < Duration::from_secs(1), "withdrawn after {took:?}");
+        assert_eq!(hops(&lab, v4), [IpAddr::V4(cluster::node_v4(2))]);
+        lab.wait_router_next_hops(v6, 1, T).expect("v6 withdrawn");
+        lab.reconnect_node(1).expect("reconnect");
+        lab.wait_cluster_ready(Duration::from_secs(15))
+            .expect("sessions back");
+        lab.wait_router_next_hops(v4, 2, T).expect("node 1 back");
+
+        // Node 2's BIRD killed: its session is reset at once; restarted, it
+        // announces what its include file says.
+        lab.kill_node_bird(2).expect("kill bird");
+        lab.wait_router_next_hops(v4, 1, T).expect("withdrawn");
+        lab.start_node_bird(2).expect("restart bird");
+        lab.wait_router_next_hops(v4, 2, Duration::from_secs(15))
+            .expect("node 2 back");
+
+        let dir = lab.node(1).unwrap().dir.parent().unwrap().to_path_buf();
+        let birds: Vec<u32> = lab.nodes().iter().filter_map(|n| n.bird_pid).collect();
+        assert_eq!(birds.len(), 2);
+        drop(lab);
+        assert_eq!(namespaces_of(tag), Vec::<String>::new());
+        assert!(!dir.exists(), "{} left after drop", dir.display());
+        assert!(
+            birds.iter().all(|&pid| !netns::pid_alive(pid)),
+            "a BIRD survived the lab"
         );
     }
 
