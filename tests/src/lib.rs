@@ -278,8 +278,9 @@ pub struct RunningCluster {
 impl RunningCluster {
     /// Builds a cluster of `nodes` nodes over `weights.len()` backends (with
     /// `lb decap` for ipip) and runs the agent on every node, each with the
-    /// same lab config (its `lb.toml` in the node's directory), its own
-    /// control socket and pin directory. Nothing is announced yet.
+    /// same lab config (its `lb.toml` in the node's directory) plus a `[bgp]`
+    /// table driving the node's BIRD, its own control socket and pin
+    /// directory. The agents announce the VIPs as soon as they run.
     pub fn start(
         tag: &str,
         nodes: usize,
@@ -318,21 +319,14 @@ impl RunningCluster {
         let mut agents = Vec::new();
         for n in 1..=nodes {
             let config = lab.node(n)?.dir.join("lb.toml");
-            std::fs::write(&config, format!("{text}{}", extra(&lab, n)?))?;
+            let bgp = lb_userspace::lab::cluster::node_bgp_table(lab.node(n)?);
+            std::fs::write(&config, format!("{text}{bgp}{}", extra(&lab, n)?))?;
             let socket = lab.node_socket(n)?;
             agents.push(lb_userspace::demo::start_node_agent(
                 &mut lab, n, &config, &socket,
             )?);
         }
         Ok(Self { lab, agents })
-    }
-
-    /// Makes every node announce `vips`.
-    pub fn announce_all(&self, vips: &[std::net::IpAddr]) -> Result<()> {
-        for n in 1..=self.lab.nodes().len() {
-            self.lab.announce(n, vips)?;
-        }
-        Ok(())
     }
 
     /// Runs `lb --socket <node's socket> ARGS`, as an operator on that node would.

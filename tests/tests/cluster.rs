@@ -2,9 +2,8 @@
 //! topology, `LabOptions::with_cluster`): the router learns the VIPs from
 //! every node's BIRD over BGP and spreads flows over the nodes by its L4
 //! hash; every node runs `lb run` with the same ipip config, and the
-//! backends (`lb decap`) answer the client through the router. Each node
-//! announces through the lab's `Lab::announce` (the include file `lb run`'s
-//! `[bgp]` will write).
+//! backends (`lb decap`) answer the client through the router. Each node's
+//! agent announces its VIPs through its BIRD (`[bgp]`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -29,17 +28,21 @@ const VIPS: [IpAddr; 2] = [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)];
 /// The three backends' weights.
 const WEIGHTS: [u32; 3] = [1, 2, 3];
 
-/// Two nodes running the ipip services over three backends weighted 1:2:3,
-/// both announcing both VIPs, the router holding both next hops.
-fn cluster(tag: &str) -> RunningCluster {
-    let c = RunningCluster::start(tag, 2, &WEIGHTS, Forwarding::Ipip, None).expect("cluster");
-    c.announce_all(&VIPS).expect("announce");
+/// Two nodes running the ipip services over three backends weighted 1:2:3
+/// (with `health`, if given), their agents announcing both VIPs, the router
+/// holding both next hops.
+fn cluster_with(tag: &str, health: Option<&str>) -> RunningCluster {
+    let c = RunningCluster::start(tag, 2, &WEIGHTS, Forwarding::Ipip, health).expect("cluster");
     for vip in VIPS {
         c.lab
             .wait_router_next_hops(vip, 2, Duration::from_secs(5))
             .expect("both nodes' routes in the router");
     }
     c
+}
+
+fn cluster(tag: &str) -> RunningCluster {
+    cluster_with(tag, None)
 }
 
 /// `n` new TCP connections from the client, tallied by backend name.
@@ -314,6 +317,90 @@ fn ask_all(sessions: &mut [(TcpSession, String)]) -> Vec<String> {
     failures
 }
 
+/// 100 long-lived connections to the TCP VIP, asked in rounds from another
+/// thread until `finish`: each must keep answering from its first backend.
+struct Prober {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicUsize>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>, Duration)>,
+}
+
+impl Prober {
+    fn start(c: &RunningCluster) -> Prober {
+        let vip = services::vip_tcp4();
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let (client, stop2, rounds2) =
+            (c.lab.client_ns().to_string(), stop.clone(), rounds.clone());
+        let thread = std::thread::spawn(move || {
+            run_in_ns(&client, move || {
+                let mut sessions: Vec<(TcpSession, String)> = (0..100)
+                    .map(|i| {
+                        let mut s = TcpSession::connect(vip, T)
+                            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                        let name = s.ask().unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                        (s, name)
+                    })
+                    .collect();
+                let (mut failures, mut slowest) = (Vec::new(), Duration::ZERO);
+                // Bounded, so a failed test leaves no thread spinning behind it.
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while !stop2.load(Ordering::SeqCst)
+                    && failures.len() < 500
+                    && Instant::now() < deadline
+                {
+                    let start = Instant::now();
+                    failures.extend(ask_all(&mut sessions));
+                    slowest = slowest.max(start.elapsed());
+                    rounds2.fetch_add(1, Ordering::SeqCst);
+                }
+                (sessions.len(), failures, slowest)
+            })
+            .expect("client namespace")
+        });
+        let p = Prober {
+            stop,
+            rounds,
+            thread,
+        };
+        p.wait_rounds(2);
+        p
+    }
+
+    /// Waits until `n` more rounds are done.
+    fn wait_rounds(&self, n: usize) {
+        let target = self.rounds.load(Ordering::SeqCst) + n;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.rounds.load(Ordering::SeqCst) < target {
+            assert!(
+                Instant::now() < deadline && !self.thread.is_finished(),
+                "the prober stalled"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stops it; asserts no connection broke.
+    fn finish(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (kept, failures, slowest) = self.thread.join().expect("prober");
+        println!(
+            "{} rounds over {kept} connections, slowest round {slowest:?}",
+            self.rounds.load(Ordering::SeqCst)
+        );
+        assert!(failures.is_empty(), "connections broke: {failures:?}");
+    }
+}
+
+/// Client packets node `node` forwarded for the TCP VIP's backends.
+fn node_packets(c: &RunningCluster, node: usize) -> u64 {
+    c.backends(node, TCP4)
+        .unwrap()
+        .iter()
+        .map(|b| b.packets)
+        .sum()
+}
+
 /// 100 long-lived connections; node 1 is unplugged: BFD withdraws it from
 /// the router within a fraction of a second and every connection goes on
 /// answering from its backend through node 2 (same Maglev table); node 1
@@ -322,54 +409,14 @@ fn ask_all(sessions: &mut [(TcpSession, String)]) -> Vec<String> {
 #[test]
 fn connections_survive_a_node_failing_and_coming_back() {
     let c = cluster("cluf");
-    let vip = services::vip_tcp4();
     let v4 = IpAddr::V4(VIP_V4);
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicUsize::new(0));
-    let (client, stop2, rounds2) = (c.lab.client_ns().to_string(), stop.clone(), rounds.clone());
-    let prober = std::thread::spawn(move || {
-        run_in_ns(&client, move || {
-            let mut sessions: Vec<(TcpSession, String)> = (0..100)
-                .map(|i| {
-                    let mut s = TcpSession::connect(vip, T)
-                        .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-                    let name = s.ask().unwrap_or_else(|e| panic!("connection {i}: {e}"));
-                    (s, name)
-                })
-                .collect();
-            let (mut failures, mut slowest) = (Vec::new(), Duration::ZERO);
-            // Bounded, so a failed test leaves no thread spinning behind it.
-            let deadline = Instant::now() + Duration::from_secs(90);
-            while !stop2.load(Ordering::SeqCst) && failures.len() < 500 && Instant::now() < deadline
-            {
-                let start = Instant::now();
-                failures.extend(ask_all(&mut sessions));
-                slowest = slowest.max(start.elapsed());
-                rounds2.fetch_add(1, Ordering::SeqCst);
-            }
-            (sessions.len(), failures, slowest)
-        })
-        .expect("client namespace")
-    });
-    // Waits until the prober has completed `n` more rounds.
-    let wait_rounds = |n: usize| {
-        let target = rounds.load(Ordering::SeqCst) + n;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while rounds.load(Ordering::SeqCst) < target {
-            assert!(
-                Instant::now() < deadline && !prober.is_finished(),
-                "the prober stalled"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    wait_rounds(2);
+    let prober = Prober::start(&c);
     let on_node1: u64 = flows(&c, 1, TCP4).values().sum();
     assert!(
         on_node1 >= 20,
         "node 1 holds {on_node1} of the 100 connections"
     );
-    let node2_before: u64 = c.backends(2, TCP4).unwrap().iter().map(|b| b.packets).sum();
+    let node2_before = node_packets(&c, 2);
 
     c.lab.disconnect_node(1).expect("unplug node 1");
     let withdrawn = c
@@ -393,8 +440,8 @@ fn connections_survive_a_node_failing_and_coming_back() {
         withdrawn < Duration::from_secs(1),
         "withdrawal took {withdrawn:?}, BFD should take about {detect:?}"
     );
-    wait_rounds(2);
-    let node2_after: u64 = c.backends(2, TCP4).unwrap().iter().map(|b| b.packets).sum();
+    prober.wait_rounds(2);
+    let node2_after = node_packets(&c, 2);
     assert!(
         node2_after - node2_before >= 200,
         "two rounds of 100 requests went through node 2 ({node2_before} -> {node2_after} packets)"
@@ -410,19 +457,111 @@ fn connections_survive_a_node_failing_and_coming_back() {
         .wait_router_next_hops(v4, 2, Duration::from_secs(10))
         .expect("node 1 announced again");
     println!("node 1 plugged back in: sessions up after {ready:?}, two next hops after {back:?}");
-    let node1_before: u64 = c.backends(1, TCP4).unwrap().iter().map(|b| b.packets).sum();
-    wait_rounds(2);
-    let node1_after: u64 = c.backends(1, TCP4).unwrap().iter().map(|b| b.packets).sum();
+    let node1_before = node_packets(&c, 1);
+    prober.wait_rounds(2);
+    let node1_after = node_packets(&c, 1);
     assert!(
         node1_after > node1_before,
         "node 1 takes part again ({node1_before} -> {node1_after} packets)"
     );
+    prober.finish();
+}
 
-    stop.store(true, Ordering::SeqCst);
-    let (kept, failures, slowest) = prober.join().expect("prober");
+/// `lb drain-node` on node 1: its agent withdraws both VIPs (the router
+/// keeps node 2 only), no new connection reaches node 1, the 100
+/// established connections keep answering (through node 2 now);
+/// `lb undrain-node` brings node 1 back.
+#[test]
+fn a_drained_node_takes_no_new_flows_and_breaks_none() {
+    let c = cluster("clud");
+    let prober = Prober::start(&c);
+    let started = Instant::now();
+    assert!(c.lb(1, &["drain-node"]).status.success());
+    for vip in VIPS {
+        c.lab
+            .wait_router_next_hops(vip, 1, Duration::from_secs(10))
+            .expect("node 1 withdrawn");
+        assert_eq!(c.lab.router_next_hops(vip).unwrap().len(), 1);
+    }
     println!(
-        "{} rounds over {kept} connections, slowest round {slowest:?}",
-        rounds.load(Ordering::SeqCst)
+        "drain-node -> withdrawn on the router in {:?}",
+        started.elapsed()
     );
-    assert!(failures.is_empty(), "connections broke: {failures:?}");
+    let out = c.lb(1, &["show", "bgp", "--json"]);
+    let info: lb_userspace::control::protocol::BgpInfo =
+        serde_json::from_slice(&out.stdout).expect("show bgp --json");
+    assert!(
+        info.drained && info.vips.iter().all(|v| !v.announced),
+        "{info:?}"
+    );
+    assert_eq!(info.speaker.in_bird, Some(Vec::new()), "{info:?}");
+    // In-flight rounds may still have crossed node 1; from here none does.
+    prober.wait_rounds(1);
+    let node1 = node_packets(&c, 1);
+    let before = flows(&c, 2, TCP4).values().sum::<u64>();
+    let names = tally(&c, services::vip_tcp4(), 200);
+    assert_eq!(names.values().sum::<u64>(), 200);
+    prober.wait_rounds(2);
+    assert_eq!(
+        node_packets(&c, 1),
+        node1,
+        "the drained node still received packets"
+    );
+    assert!(flows(&c, 2, TCP4).values().sum::<u64>() >= before + 190);
+
+    assert!(c.lb(1, &["undrain-node"]).status.success());
+    for vip in VIPS {
+        c.lab
+            .wait_router_next_hops(vip, 2, Duration::from_secs(10))
+            .expect("node 1 announced again");
+    }
+    prober.wait_rounds(2);
+    prober.finish();
+}
+
+/// Health checks fail on node 1 only, for every backend's IPv6 address:
+/// node 1 withdraws the IPv6 VIP (its services have no backend there) and
+/// keeps the IPv4 one; node 2 announces both. When the checks pass again,
+/// node 1 announces the IPv6 VIP again.
+#[test]
+fn a_vip_down_on_one_node_is_withdrawn_by_that_node_only() {
+    const HEALTH: &str =
+        "kind = \"tcp\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1";
+    let c = cluster_with("cluh", Some(HEALTH));
+    let v6 = IpAddr::V6(VIP_V6);
+    let node1 = c.lab.node_ns(1).unwrap();
+    // Only the checks (the node's own connections) are refused; XDP's
+    // forwarded packets never meet this hook.
+    c.lab
+        .nft(
+            &node1,
+            "table inet lbhcblock {\n chain out {\n  type filter hook output priority 0;\n  ip6 daddr fd00:18:2::/64 meta l4proto tcp reject with tcp reset\n }\n}\n",
+        )
+        .expect("nft");
+    let started = Instant::now();
+    c.lab
+        .wait_router_next_hops(v6, 1, Duration::from_secs(10))
+        .expect("node 1 withdraws the IPv6 VIP");
+    println!(
+        "health down on node 1 -> IPv6 VIP withdrawn there in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        c.lab.router_next_hops(v6).unwrap(),
+        [IpAddr::V6(c.lab.node(2).unwrap().v6)]
+    );
+    assert_eq!(c.lab.router_next_hops(IpAddr::V4(VIP_V4)).unwrap().len(), 2);
+    let names = tally(&c, services::vip_tcp6(), 50);
+    assert_eq!(
+        names.values().sum::<u64>(),
+        50,
+        "IPv6 still served by node 2"
+    );
+
+    c.lab
+        .nft(&node1, "delete table inet lbhcblock\n")
+        .expect("nft");
+    c.lab
+        .wait_router_next_hops(v6, 2, Duration::from_secs(10))
+        .expect("node 1 announces the IPv6 VIP again");
 }

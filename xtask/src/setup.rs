@@ -37,8 +37,6 @@ pub const PACKAGES: &[&str] = &[
     "haproxy",
     "wrk",
     "valgrind",
-    // The BGP tests drive a real BIRD 2 (the speaker `[bgp]` controls).
-    "bird2",
 ];
 
 /// LLVM installation bpf-linker is built against.

@@ -189,6 +189,18 @@ pub struct Protocol {
     pub info: String,
 }
 
+impl Protocol {
+    /// A BGP session in state Established.
+    pub fn is_established(&self) -> bool {
+        self.proto == "BGP" && self.info.split_whitespace().next() == Some("Established")
+    }
+}
+
+/// The text of a reply's lines, one per line (what `birdc` prints).
+pub fn text(reply: &[Line]) -> String {
+    reply.iter().map(|l| format!("{}\n", l.text)).collect()
+}
+
 /// Parses the rows of a `show protocols` reply (codes 1002 and their continuations).
 pub fn parse_protocols(reply: &[Line]) -> Vec<Protocol> {
     reply
@@ -278,6 +290,9 @@ mod tests {
         assert_eq!(protocols[2].state, "start");
         assert_eq!(protocols[2].since, "2026-12-06 08:00:57");
         assert_eq!(protocols[2].info, "Active Socket: Connection refused");
+        assert!(!protocols[2].is_established());
+        let up = reply("1002-lb1 BGP --- up 07:28:55.635 Established\n0000 \n").unwrap();
+        assert!(parse_protocols(&up)[0].is_established());
     }
 
     #[test]

@@ -117,10 +117,15 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     })
 }
 
+/// Writes the include file announcing `vips` (replacing it whole).
+pub fn write_include(cfg: &BgpConfig, vips: &[IpAddr]) -> Result<(), String> {
+    write_atomically(&cfg.include_file, &render(&cfg.protocol, vips))
+        .map_err(|e| format!("writing {}: {e}", cfg.include_file.display()))
+}
+
 /// Makes BIRD announce exactly `vips`: writes the include file, then `configure`.
 pub fn apply(cfg: &BgpConfig, vips: &[IpAddr]) -> Result<(), String> {
-    write_atomically(&cfg.include_file, &render(&cfg.protocol, vips))
-        .map_err(|e| format!("writing {}: {e}", cfg.include_file.display()))?;
+    write_include(cfg, vips)?;
     bird::configure(&cfg.bird_socket).map_err(|e| e.to_string())
 }
 

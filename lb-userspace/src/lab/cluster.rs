@@ -16,8 +16,9 @@
 //!   protocols [`VIPS_PROTOCOL_V4`] and [`VIPS_PROTOCOL_V6`], defined in the
 //!   file [`Lab::node_vips_include`] that its `bird.conf` includes; the
 //!   ipv6 channel rides the IPv4 session with the node's IPv6 address as
-//!   next hop. [`Lab::announce`] writes that file and asks BIRD to
-//!   `configure`, as `lb run` with `[bgp]` will.
+//!   next hop. `lb run` with `[bgp]` ([`node_bgp_config`]) writes that
+//!   file and asks BIRD to `configure`; [`Lab::announce`] does the same
+//!   without an agent.
 //! - BFD on every session: 100 ms × 3, so a node that vanishes (link, host)
 //!   is withdrawn in about 0.3 s; a hold time of 3 s (keepalive 1 s) if BFD
 //!   itself fails. After a session error BIRD waits 1 s (at most 2 s) before
@@ -26,10 +27,12 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+
+use crate::bgp::bird::{self, Protocol};
+use crate::config::{BgpConfig, DEFAULT_BGP_PROTOCOL};
 
 use super::{
     CLIENT_V4, CLIENT_V6, Lab, SWITCH_BACKEND_MAC, SWITCH_BACKEND_V4, SWITCH_BACKEND_V6,
@@ -129,28 +132,6 @@ impl LabNode {
     }
 }
 
-/// One line of `birdc show protocols`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BirdProtocol {
-    /// Protocol name (`lb1`, `uplink`, `lb_vips_v4`, ...).
-    pub name: String,
-    /// Kind (`BGP`, `Static`, `BFD`, ...).
-    pub proto: String,
-    /// Table, `---` for none.
-    pub table: String,
-    /// `up`, `down`, `start`, ...
-    pub state: String,
-    /// The rest: for BGP `Established`, `Active`, `Connect`, ... and any message.
-    pub info: String,
-}
-
-impl BirdProtocol {
-    /// A BGP session in state Established.
-    pub fn is_established(&self) -> bool {
-        self.proto == "BGP" && self.info.split_whitespace().next() == Some("Established")
-    }
-}
-
 /// One line of `birdc show bfd sessions`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BfdSession {
@@ -233,60 +214,6 @@ pub fn node_bird_conf(n: usize, include: &Path, log: &Path) -> String {
     out
 }
 
-/// The VIP include file: both static protocols, always defined, each with a
-/// blackhole route per VIP of its family (the route is only announced; no
-/// node runs a `kernel` protocol, so it never reaches a node's kernel).
-pub fn vips_include_text(vips: &[IpAddr]) -> String {
-    let mut out = String::from("# VIP routes this node announces.\n");
-    for (protocol, family, v6) in [
-        (VIPS_PROTOCOL_V4, "ipv4", false),
-        (VIPS_PROTOCOL_V6, "ipv6", true),
-    ] {
-        let _ = writeln!(out, "protocol static {protocol} {{\n  {family};");
-        for vip in vips.iter().filter(|v| v.is_ipv6() == v6) {
-            let len = if v6 { 128 } else { 32 };
-            let _ = writeln!(out, "  route {vip}/{len} blackhole;");
-        }
-        out.push_str("}\n");
-    }
-    out
-}
-
-/// Parses `birdc show protocols` output.
-pub fn parse_protocols(text: &str) -> Vec<BirdProtocol> {
-    let mut out = Vec::new();
-    let mut header_seen = false;
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words.first() == Some(&"Name") && words.get(1) == Some(&"Proto") {
-            header_seen = true;
-            continue;
-        }
-        if !header_seen || words.len() < 4 {
-            continue;
-        }
-        // "Since" is a time, or a date and a time.
-        let mut rest = 4;
-        if words
-            .get(rest)
-            .is_some_and(|w| w.contains(':') || w.contains('-'))
-        {
-            rest += 1;
-            if words.get(rest).is_some_and(|w| w.contains(':')) && words[4].contains('-') {
-                rest += 1;
-            }
-        }
-        out.push(BirdProtocol {
-            name: words[0].to_string(),
-            proto: words[1].to_string(),
-            table: words[2].to_string(),
-            state: words[3].to_string(),
-            info: words.get(rest..).unwrap_or_default().join(" "),
-        });
-    }
-    out
-}
-
 /// Parses `birdc show bfd sessions` output.
 pub fn parse_bfd_sessions(text: &str) -> Vec<BfdSession> {
     text.lines()
@@ -338,30 +265,33 @@ fn find_program(name: &str) -> Result<PathBuf> {
         })
 }
 
-/// Runs `birdc -s SOCKET ARGS` and returns its output; fails on a non-zero
-/// exit (no daemon, a rejected configuration).
-pub fn birdc(socket: &Path, args: &[&str]) -> Result<String> {
-    let out = netns::run_checked(
-        Command::new(find_program("birdc")?)
-            .arg("-s")
-            .arg(socket)
-            .args(args),
-        None,
-    )?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+/// The text of BIRD's answer to `command` on `socket`.
+pub fn birdc(socket: &Path, command: &str) -> Result<String> {
+    Ok(bird::text(&bird::command(socket, command)?))
 }
 
 /// The protocols of the BIRD behind `socket`.
-pub fn bird_protocols(socket: &Path) -> Result<Vec<BirdProtocol>> {
-    Ok(parse_protocols(&birdc(socket, &["show", "protocols"])?))
+pub fn bird_protocols(socket: &Path) -> Result<Vec<Protocol>> {
+    Ok(bird::show_protocols(socket)?)
 }
 
-/// Writes `text` to `path` through a temporary file and a rename, so a
-/// reader (BIRD) sees the old or the new file, never half of one.
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+/// The `[bgp]` table of a node's `lb.toml` (what [`node_bgp_config`] parses from).
+pub fn node_bgp_table(node: &LabNode) -> String {
+    format!(
+        "\n[bgp]\nbird_socket = \"{}\"\ninclude_file = \"{}\"\n",
+        node.bird_socket().display(),
+        node.vips_include().display()
+    )
+}
+
+/// The `[bgp]` settings of a node's agent, as the lab's BIRD expects them.
+pub fn node_bgp_config(node: &LabNode) -> BgpConfig {
+    BgpConfig {
+        bird_socket: node.bird_socket(),
+        include_file: node.vips_include(),
+        protocol: DEFAULT_BGP_PROTOCOL.to_string(),
+        line: 0,
+    }
 }
 
 /// The last lines of a file (BIRD's log, for an error message).
@@ -455,7 +385,7 @@ impl Lab {
                 bird_pid: None,
             };
             // BIRD refuses to start on a missing include: an empty one first.
-            write_atomically(&node.vips_include(), &vips_include_text(&[]))?;
+            crate::bgp::write_include(&node_bgp_config(&node), &[]).map_err(|e| anyhow!(e))?;
             std::fs::write(
                 node.dir.join("bird.conf"),
                 node_bird_conf(n, &node.vips_include(), &node.dir.join("bird.log")),
@@ -556,7 +486,7 @@ impl Lab {
                 );
             }
             if socket.exists()
-                && birdc(&socket, &["show", "status"])
+                && birdc(&socket, "show status")
                     .is_ok_and(|s| s.contains("Daemon is up and running"))
             {
                 return Ok(pid);
@@ -625,17 +555,11 @@ impl Lab {
     }
 
     /// Cluster labs: makes node `n` announce exactly `vips` (an empty list
-    /// withdraws all): writes its include file ([`vips_include_text`]) and
-    /// runs `birdc configure`, as `lb run` with `[bgp]` does.
+    /// withdraws all) without an agent, as `lb run` with `[bgp]` does.
     pub fn announce(&self, n: usize, vips: &[IpAddr]) -> Result<()> {
         let node = self.node(n)?;
-        write_atomically(&node.vips_include(), &vips_include_text(vips))?;
-        let out = birdc(&node.bird_socket(), &["configure"])
-            .with_context(|| format!("reconfiguring BIRD of {}", node.name))?;
-        if !out.contains("Reconfigur") {
-            bail!("BIRD of {} did not reconfigure: {}", node.name, out.trim());
-        }
-        Ok(())
+        crate::bgp::apply(&node_bgp_config(node), vips)
+            .map_err(|e| anyhow!("BIRD of {}: {e}", node.name))
     }
 
     /// Cluster labs: the next hops of the router's kernel route to `vip`
@@ -679,12 +603,12 @@ impl Lab {
     }
 
     /// Cluster labs: the router's protocols (`birdc show protocols`).
-    pub fn router_protocols(&self) -> Result<Vec<BirdProtocol>> {
+    pub fn router_protocols(&self) -> Result<Vec<Protocol>> {
         bird_protocols(&self.router_bird_socket()?)
     }
 
     /// Cluster labs: node `n`'s protocols (`birdc show protocols`).
-    pub fn node_protocols(&self, n: usize) -> Result<Vec<BirdProtocol>> {
+    pub fn node_protocols(&self, n: usize) -> Result<Vec<Protocol>> {
         bird_protocols(&self.node_bird_socket(n)?)
     }
 
@@ -692,7 +616,7 @@ impl Lab {
     pub fn router_bfd_sessions(&self) -> Result<Vec<BfdSession>> {
         Ok(parse_bfd_sessions(&birdc(
             &self.router_bird_socket()?,
-            &["show", "bfd", "sessions"],
+            "show bfd sessions",
         )?))
     }
 
@@ -799,23 +723,6 @@ mod tests {
     }
 
     #[test]
-    fn include_file_defines_both_protocols_always() {
-        assert_eq!(
-            vips_include_text(&[]),
-            "# VIP routes this node announces.\nprotocol static lb_vips_v4 {\n  ipv4;\n}\nprotocol static lb_vips_v6 {\n  ipv6;\n}\n"
-        );
-        let text = vips_include_text(&[
-            IpAddr::V4(super::super::VIP_V4),
-            IpAddr::V6(super::super::VIP_V6),
-            "198.18.100.2".parse().unwrap(),
-        ]);
-        assert_eq!(
-            text,
-            "# VIP routes this node announces.\nprotocol static lb_vips_v4 {\n  ipv4;\n  route 198.18.100.1/32 blackhole;\n  route 198.18.100.2/32 blackhole;\n}\nprotocol static lb_vips_v6 {\n  ipv6;\n  route fd00:18:100::1/128 blackhole;\n}\n"
-        );
-    }
-
-    #[test]
     fn bird_configs_hold_the_contract() {
         let node = node_bird_conf(
             2,
@@ -861,7 +768,7 @@ mod tests {
         let include = dir.join(VIPS_INCLUDE);
         std::fs::write(
             &include,
-            vips_include_text(&[IpAddr::V4(super::super::VIP_V4)]),
+            crate::bgp::render(DEFAULT_BGP_PROTOCOL, &[IpAddr::V4(super::super::VIP_V4)]),
         )
         .unwrap();
         let configs = [
@@ -887,19 +794,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_birdc_output() {
-        let text = "BIRD 2.0.12 ready.\nName       Proto      Table      State  Since         Info\ndevice1    Device     ---        up     07:28:54.766  \nlb1        BGP        ---        up     07:28:55.635  Established   \nlb2        BGP        ---        start  2024-05-01 07:28:55  Active        Socket: Connection refused\n";
-        let p = parse_protocols(text);
-        assert_eq!(p.len(), 3);
-        assert_eq!(
-            (p[0].name.as_str(), p[0].proto.as_str(), p[0].info.as_str()),
-            ("device1", "Device", "")
-        );
-        assert!(p[1].is_established());
-        assert_eq!(p[2].state, "start");
-        assert_eq!(p[2].info, "Active Socket: Connection refused");
-        assert!(!p[2].is_established());
-
+    fn parses_bfd_sessions_output() {
         let bfd = "BIRD 2.0.12 ready.\nbfd1:\nIP address                Interface  State      Since         Interval  Timeout\n198.18.2.1                br0        Up         07:28:55.521    0.100    0.300\n198.18.2.3                br0        Down       07:28:55.521    1.000    0.000\n";
         let s = parse_bfd_sessions(bfd);
         assert_eq!(s.len(), 2);

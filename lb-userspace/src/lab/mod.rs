@@ -100,7 +100,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
-pub use cluster::{BfdSession, BirdProtocol, LabNode};
+pub use cluster::{BfdSession, LabNode};
 pub use netns::{list_ns, run_in_ns, sweep_stale};
 
 use backend_server::BackendArgs;
