@@ -778,7 +778,7 @@ mod tests {
         for (i, text) in configs.iter().enumerate() {
             let path = dir.join(format!("bird{i}.conf"));
             std::fs::write(&path, text).unwrap();
-            let out = Command::new(&bird)
+            let out = std::process::Command::new(&bird)
                 .arg("-p")
                 .arg("-c")
                 .arg(&path)
