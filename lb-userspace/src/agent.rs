@@ -156,7 +156,15 @@ impl Agent {
             return Response::Error(e);
         }
         let previous = std::mem::replace(&mut self.desired, next);
-        if let Err(e) = self.sync() {
+        let node_only = matches!(request, Request::DrainNode | Request::UndrainNode);
+        // Draining changes announcements only: no table is rebuilt for it.
+        let synced = if node_only {
+            self.announce();
+            Ok(())
+        } else {
+            self.sync()
+        };
+        if let Err(e) = synced {
             // Put the old state back so what runs matches what we report.
             self.desired = previous;
             if let Err(e2) = self.sync() {
@@ -164,7 +172,7 @@ impl Agent {
             }
             return Response::Error(format!("{e:#}"));
         }
-        if matches!(request, Request::DrainNode | Request::UndrainNode) {
+        if node_only {
             // Only the last of these matters: keep the journal from growing.
             self.journal
                 .retain(|r| !matches!(r, Request::DrainNode | Request::UndrainNode));

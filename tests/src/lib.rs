@@ -365,6 +365,8 @@ impl RunningCluster {
     }
 }
 
+pub mod cluster;
+pub mod clusterbench;
 pub mod l4bench;
 pub mod l7bench;
 pub mod l7instr;

@@ -8,16 +8,14 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::maps::{Backend, MAP_BACKENDS, MAP_RINGS, MAP_VIPS, Ring, VipKey, VipMeta};
-use lb_tests::RunningCluster;
+use lb_tests::{RunningCluster, cluster::Prober};
 use lb_userspace::lab::{
     VIP_V4, VIP_V6,
-    client::{TcpSession, tcp_ask},
+    client::tcp_ask,
     cluster::{BFD_INTERVAL, BFD_MULTIPLIER, node_v4},
     run_in_ns,
     services::{self, Forwarding, TCP4, TCP6},
@@ -305,93 +303,6 @@ fn both_nodes_build_byte_identical_maglev_tables() {
     assert_ne!(first, changed, "the weight change changed no table");
 }
 
-/// Asks every session once; returns the failures (empty if all answered as before).
-fn ask_all(sessions: &mut [(TcpSession, String)]) -> Vec<String> {
-    let mut failures = Vec::new();
-    for (i, (session, name)) in sessions.iter_mut().enumerate() {
-        match session.ask() {
-            Ok(got) if got == *name => {}
-            other => failures.push(format!("connection {i} to {name}: {other:?}")),
-        }
-    }
-    failures
-}
-
-/// 100 long-lived connections to the TCP VIP, asked in rounds from another
-/// thread until `finish`: each must keep answering from its first backend.
-struct Prober {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicUsize>,
-    thread: std::thread::JoinHandle<(usize, Vec<String>, Duration)>,
-}
-
-impl Prober {
-    fn start(c: &RunningCluster) -> Prober {
-        let vip = services::vip_tcp4();
-        let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicUsize::new(0));
-        let (client, stop2, rounds2) =
-            (c.lab.client_ns().to_string(), stop.clone(), rounds.clone());
-        let thread = std::thread::spawn(move || {
-            run_in_ns(&client, move || {
-                let mut sessions: Vec<(TcpSession, String)> = (0..100)
-                    .map(|i| {
-                        let mut s = TcpSession::connect(vip, T)
-                            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-                        let name = s.ask().unwrap_or_else(|e| panic!("connection {i}: {e}"));
-                        (s, name)
-                    })
-                    .collect();
-                let (mut failures, mut slowest) = (Vec::new(), Duration::ZERO);
-                // Bounded, so a failed test leaves no thread spinning behind it.
-                let deadline = Instant::now() + Duration::from_secs(90);
-                while !stop2.load(Ordering::SeqCst)
-                    && failures.len() < 500
-                    && Instant::now() < deadline
-                {
-                    let start = Instant::now();
-                    failures.extend(ask_all(&mut sessions));
-                    slowest = slowest.max(start.elapsed());
-                    rounds2.fetch_add(1, Ordering::SeqCst);
-                }
-                (sessions.len(), failures, slowest)
-            })
-            .expect("client namespace")
-        });
-        let p = Prober {
-            stop,
-            rounds,
-            thread,
-        };
-        p.wait_rounds(2);
-        p
-    }
-
-    /// Waits until `n` more rounds are done.
-    fn wait_rounds(&self, n: usize) {
-        let target = self.rounds.load(Ordering::SeqCst) + n;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.rounds.load(Ordering::SeqCst) < target {
-            assert!(
-                Instant::now() < deadline && !self.thread.is_finished(),
-                "the prober stalled"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// Stops it; asserts no connection broke.
-    fn finish(self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let (kept, failures, slowest) = self.thread.join().expect("prober");
-        println!(
-            "{} rounds over {kept} connections, slowest round {slowest:?}",
-            self.rounds.load(Ordering::SeqCst)
-        );
-        assert!(failures.is_empty(), "connections broke: {failures:?}");
-    }
-}
-
 /// Client packets node `node` forwarded for the TCP VIP's backends.
 fn node_packets(c: &RunningCluster, node: usize) -> u64 {
     c.backends(node, TCP4)
@@ -464,7 +375,8 @@ fn connections_survive_a_node_failing_and_coming_back() {
         node1_after > node1_before,
         "node 1 takes part again ({node1_before} -> {node1_after} packets)"
     );
-    prober.finish();
+    let report = prober.finish();
+    assert!(report.failures.is_empty(), "connections broke: {report:?}");
 }
 
 /// `lb drain-node` on node 1: its agent withdraws both VIPs (the router
@@ -516,7 +428,8 @@ fn a_drained_node_takes_no_new_flows_and_breaks_none() {
             .expect("node 1 announced again");
     }
     prober.wait_rounds(2);
-    prober.finish();
+    let report = prober.finish();
+    assert!(report.failures.is_empty(), "connections broke: {report:?}");
 }
 
 /// Health checks fail on node 1 only, for every backend's IPv6 address:

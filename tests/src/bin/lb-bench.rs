@@ -343,7 +343,7 @@ fn control_latency() -> Result<()> {
 /// The benchmark's sections, by the name that selects them on the command line.
 type Section = (&'static str, fn() -> Result<()>);
 
-const SECTIONS: [Section; 8] = [
+const SECTIONS: [Section; 9] = [
     ("xdp", xdp_costs),
     ("rates", request_rates),
     ("l4", lb_tests::l4bench::run),
@@ -352,6 +352,7 @@ const SECTIONS: [Section; 8] = [
     ("l7", lb_tests::l7bench::run),
     ("l7instr", lb_tests::l7instr::run),
     ("l7mem", lb_tests::l7mem::run),
+    ("cluster", lb_tests::clusterbench::run),
 ];
 
 #[global_allocator]
