@@ -214,6 +214,7 @@ impl Desired {
                     backends: Vec::new(),
                     line: 0,
                     health: None,
+                    discovery: None,
                 });
                 Ok(())
             }
