@@ -165,6 +165,44 @@ pub struct ServiceInfo {
     pub bytes: u64,
 }
 
+/// Where a DNS discovery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryState {
+    /// No answer yet.
+    #[default]
+    Pending,
+    /// The last round answered; its backends are in force.
+    Ok,
+    /// The name has no records; the last good backends stay until `hold` ends.
+    Holding,
+    /// The last round failed (timeout, SERVFAIL, ...); the last good backends stay.
+    Failing,
+}
+
+/// One DNS discovery as `lb show discovery` (and `lb show services`) shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveryInfo {
+    /// The service, or `pool:NAME`.
+    pub group: String,
+    /// The name queried.
+    pub name: String,
+    /// `srv`, `a` or `aaaa`.
+    pub record: String,
+    /// Where it stands.
+    pub state: DiscoveryState,
+    /// Discovered backends in force.
+    pub backends: usize,
+    /// Failed rounds in a row.
+    pub failures: u32,
+    /// The last failure, even if a later round answered.
+    pub last_error: Option<String>,
+    /// Milliseconds since the last answer (records or an empty one).
+    pub since_success_ms: Option<u64>,
+    /// While holding: why, and until when.
+    pub detail: Option<String>,
+}
+
 /// One backend as `lb show backends` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BackendInfo {
