@@ -453,6 +453,7 @@ impl Desired {
             Request::ShowServices
             | Request::ShowBackends { .. }
             | Request::ShowStats
+            | Request::ShowDiscovery
             | Request::Reload
             | Request::Stop { .. } => Ok(()),
         }
@@ -508,6 +509,7 @@ pub fn is_change(request: &Request) -> bool {
         Request::ShowServices
             | Request::ShowBackends { .. }
             | Request::ShowStats
+            | Request::ShowDiscovery
             | Request::Reload
             | Request::Stop { .. }
     )

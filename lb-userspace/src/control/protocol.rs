@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Forwarding, Mode, Protocol};
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Default path of the agent's control socket.
@@ -93,6 +93,8 @@ pub enum Request {
     },
     /// Data-plane counters by decision.
     ShowStats,
+    /// State of every DNS discovery (services and pools).
+    ShowDiscovery,
     /// Re-reads the configuration file and applies the difference.
     Reload,
     /// Stops the agent. Without `detach` the XDP program keeps forwarding with
@@ -142,6 +144,8 @@ pub enum Response {
     Backends(Vec<BackendInfo>),
     /// Answer to `ShowStats`.
     Stats(Vec<ReasonCount>),
+    /// Answer to `ShowDiscovery`.
+    Discovery(Vec<DiscoveryInfo>),
 }
 
 /// One service as `lb show services` lists it.
@@ -163,6 +167,8 @@ pub struct ServiceInfo {
     pub packets: u64,
     /// Client bytes forwarded.
     pub bytes: u64,
+    /// Its DNS discovery, if it has one.
+    pub discovery: Option<DiscoveryInfo>,
 }
 
 /// Where a DNS discovery stands.
