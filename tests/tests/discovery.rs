@@ -16,8 +16,8 @@ use lb_userspace::control::protocol::{
     BackendInfo, DiscoveryInfo, DiscoveryState, Health, ServiceInfo,
 };
 use lb_userspace::lab::{
-    HostLink, Lab, LabHost, LabOptions, TCP_PORT, UDP_PORT,
-    client::{tcp_ask, udp_ask},
+    HostLink, Lab, LabHost, LabOptions, TCP_PORT, UDP_PORT, VIP_V4,
+    client::{http_get, tcp_ask, udp_ask},
     run_in_ns,
     services::{METRICS_ADDR, vip_tcp4, vip_tcp6, vip_udp4},
 };
@@ -163,7 +163,8 @@ fn srv(set: &[(usize, u16)]) -> Vec<String> {
 
 /// Builds a lab with `backends` backends and a DNS server serving `records`
 /// (the backends' addresses are always there), then runs the agent with
-/// `services` (TOML) on top of the lab's interfaces and metrics.
+/// `services` (TOML) on top of the lab's interfaces and metrics (with a
+/// frontend, the VIP is made local to the balancer first).
 fn start(
     tag: &str,
     backends: usize,
@@ -175,6 +176,11 @@ fn start(
     let host = lab
         .add_host(HostLink::Switch)
         .expect("the DNS server's host");
+    if services.contains("[[frontend]]") {
+        // An L7 frontend binds the VIP: it must be local, as with HAProxy.
+        lab.make_local_on_balancer(VIP_V4.into())
+            .expect("the VIP local on the balancer");
+    }
     let mut all = address_records(&lab);
     all.extend(records(&lab));
     let dns = DnsServer::start(&mut lab, host, &all);
@@ -474,4 +480,69 @@ fn a_records_add_to_static_backends_and_nxdomain_removes_them_after_the_hold() {
         Some((DiscoveryState::Ok, 0))
     );
     assert_served_by(&lab, vip_udp4(), true, &["be1"]);
+}
+
+const POOL_SERVICES: &str = r#"
+[[service]]
+name = "http-l7"
+vip = "198.18.100.1:80"
+mode = "l7"
+
+[[frontend]]
+name = "http"
+binds = ["198.18.100.1:80"]
+default_pool = "app"
+
+[[pool]]
+name = "app"
+[pool.discovery]
+name = "_lb._tcp.web.lab.test"
+nameservers = ["NAMESERVER"]
+interval = "1s"
+timeout = "500ms"
+"#;
+
+/// The same for an L7 pool: its servers come from SRV records and follow
+/// the zone (the proxy restarts beside itself with the new servers).
+#[test]
+fn l7_pool_servers_follow_srv_records() {
+    let (lab, mut dns) = start("dpool", 3, |_| srv(&[(1, 1), (2, 1)]), POOL_SERVICES);
+    let ask = |lab: &RunningLab| -> BTreeSet<String> {
+        let vip = SocketAddr::new(VIP_V4.into(), 80);
+        run_in_ns(lab.lab.client_ns(), move || {
+            (0..20)
+                .map(|i| {
+                    let (status, body) = http_get(vip, "/", T)
+                        .unwrap_or_else(|e| panic!("request {i} to {vip}: {e}"));
+                    assert_eq!(status, 200, "{body}");
+                    body.trim().to_string()
+                })
+                .collect()
+        })
+        .expect("client namespace")
+    };
+    let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(ask(&lab), names(&["be1", "be2"]));
+    assert_eq!(
+        addresses(&lab, "pool:app"),
+        lab_addresses(&lab, &[1, 2], TCP_PORT, false)
+    );
+    dns.change(&[address_records(&lab.lab), srv(&[(3, 1)])].concat());
+    let be3 = lab_addresses(&lab, &[3], TCP_PORT, false);
+    wait_for(
+        "the pool to follow the zone",
+        INTERVAL + TIMEOUT + SLACK,
+        || addresses(&lab, "pool:app") == be3,
+    );
+    // The new proxy takes over beside the old one; give it a moment to bind.
+    wait_for("requests to reach be3 only", Duration::from_secs(5), || {
+        ask(&lab) == names(&["be3"])
+    });
+    let all: Vec<DiscoveryInfo> =
+        serde_json::from_slice(&show(&lab, &["show", "discovery", "--json"])).expect("json");
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(
+        (all[0].group.as_str(), all[0].state),
+        ("pool:app", DiscoveryState::Ok)
+    );
 }
