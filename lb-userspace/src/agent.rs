@@ -591,6 +591,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // set in force (kept beside the config) stands in.
     let discovery_cache = discovery::cache_path(&opts.config);
     let trackers = first_discovery(&desired, &discovery_cache).await;
+    let without_discovered = desired.clone();
     merge_discovered(&trackers, &mut desired);
     let object = match &opts.bpf_object {
         Some(p) => p.clone(),
@@ -629,7 +630,20 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         discovery_cache,
     };
     // Tables are complete before the first packet can reach the program.
-    agent.sync()?;
+    if let Err(e) = agent.sync() {
+        if agent.discovery.is_empty() {
+            return Err(e);
+        }
+        // A DNS answer must not keep the agent from starting (say, more
+        // backends than the data plane holds): start without its backends.
+        warn!("the discovered backends cannot be applied, starting without them: {e:#}");
+        agent.desired = without_discovered;
+        for t in agent.discovery.values_mut() {
+            t.seed(Vec::new());
+            t.refused(format!("applying at start: {e:#}"));
+        }
+        agent.sync()?;
+    }
     if !agent.discovery.is_empty()
         && let Err(e) = discovery::save_cache(
             &agent.discovery_cache,
