@@ -23,6 +23,7 @@
 //!   whose own lookup fails) changes nothing: the last good set stays and
 //!   the state says `failing`.
 
+/// The queries: a hickory resolver and a task per discovery.
 pub mod dns;
 
 use std::collections::{BTreeMap, BTreeSet};
