@@ -2,16 +2,18 @@
 //! runtime journal, run health checks, serve the control socket and metrics,
 //! reload on SIGHUP or `lb reload`, detach cleanly on SIGINT/SIGTERM.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::Reason;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     balancer::{Availability, Balancer},
@@ -19,11 +21,13 @@ use crate::{
     config::{self, Config},
     control::{
         protocol::{
-            AdminState, BackendInfo, BgpInfo, Health, ReasonCount, Request, Response, ServiceInfo,
+            AdminState, BackendInfo, BgpInfo, DiscoveryState, Health, ReasonCount, Request,
+            Response, ServiceInfo,
         },
         server::{self, Handler},
     },
     dataplane::{self, Dataplane, pin},
+    discovery::{self, Tracker, Verdict, dns},
     health::{HealthChecker, HealthEvent, Target},
     metrics, proxy,
     runtime::{self, Desired},
@@ -68,6 +72,10 @@ pub struct Agent {
     proxy_stats: Option<proxy::ProxyStats>,
     /// Keeps BIRD announcing what `bgp::announcements` says (its task runs in the main loop).
     bgp: bgp::Speaker,
+    /// Each DNS discovery's state and set in force, by group.
+    discovery: BTreeMap<String, Tracker>,
+    /// Where the discovered sets are kept for a start while the DNS fails.
+    discovery_cache: PathBuf,
 }
 
 impl Agent {
@@ -178,6 +186,8 @@ impl Agent {
                 .retain(|r| !matches!(r, Request::DrainNode | Request::UndrainNode));
         }
         self.journal.push(request);
+        // A removed service takes its discovery along.
+        self.discovery = discovery::reconcile(&self.discovery, &self.desired.config);
         // The proxy (in the main loop) picks up pool changes and states.
         let _ = self.reloaded.send(());
         if let Err(e) = runtime::save_journal(&self.journal_path, &self.journal) {
@@ -205,13 +215,18 @@ impl Agent {
             warn!("interfaces and metrics address take effect on restart only");
         }
 
-        let (desired, kept) = runtime::replay(file, &self.journal);
+        let (mut desired, kept) = runtime::replay(file, &self.journal);
+        // Discovered backends are not in the file: the sets in force go on
+        // top again (a changed discovery keeps its set until it answers).
+        let trackers = discovery::reconcile(&self.discovery, &desired.config);
+        merge_discovered(&trackers, &mut desired);
         let previous = std::mem::replace(&mut self.desired, desired);
         if let Err(e) = self.sync() {
             self.desired = previous;
             let _ = self.sync();
             return Response::Error(format!("reload failed: {e:#}"));
         }
+        self.discovery = trackers;
         if kept.len() != self.journal.len() {
             self.journal = kept;
             if let Err(e) = runtime::save_journal(&self.journal_path, &self.journal) {
@@ -225,6 +240,7 @@ impl Agent {
 
     fn show_services(&mut self) -> Result<Response> {
         let counters = self.balancer.dataplane().counters()?;
+        let now = Instant::now();
         let services = self
             .desired
             .config
@@ -245,6 +261,7 @@ impl Agent {
                     backends: s.backends.len(),
                     packets: t.packets,
                     bytes: t.bytes,
+                    discovery: self.discovery.get(&s.name).map(|d| d.info(&s.name, now)),
                 }
             })
             .collect();
@@ -343,6 +360,15 @@ impl Agent {
             Request::ShowBackends { service } => self.show_backends(service.clone().as_deref()),
             Request::ShowStats => self.show_stats(),
             Request::ShowBgp => return Response::Bgp(self.bgp_info()),
+            Request::ShowDiscovery => {
+                let now = Instant::now();
+                return Response::Discovery(
+                    self.discovery
+                        .iter()
+                        .map(|(group, t)| t.info(group, now))
+                        .collect(),
+                );
+            }
             Request::Reload => return self.reload(),
             Request::Stop { detach } => {
                 let _ = self.stop.send(*detach);
@@ -359,6 +385,76 @@ impl Agent {
         if let Err(e) = self.sync() {
             error!("applying a health change failed: {e:#}");
         }
+    }
+
+    /// One round of a DNS discovery answered (or failed): keep the set in
+    /// force, or apply the new one through the same path as a CLI change.
+    /// Returns whether an L7 pool's servers changed (the proxy follows).
+    fn on_discovery(&mut self, event: dns::Event) -> bool {
+        let group = event.group;
+        let Some(tracker) = self.discovery.get_mut(&group) else {
+            return false;
+        };
+        if tracker.spec() != &event.spec || tracker.family() != event.family {
+            // From a task that a reload has replaced.
+            return false;
+        }
+        let (was, previous_error) = (tracker.state(), tracker.last_error().map(str::to_owned));
+        let verdict = tracker.observe(event.answer, Instant::now());
+        log_discovery_state(&group, tracker, was, previous_error.as_deref());
+        let Verdict::Apply(set) = verdict else {
+            return false;
+        };
+        let mut next = self.desired.clone();
+        let (diff, skipped) = match next.set_discovered(&group, &set) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(%group, "DNS discovery found backends that cannot be applied, keeping the last good set: {e}");
+                if let Some(t) = self.discovery.get_mut(&group) {
+                    t.refused(e);
+                }
+                return false;
+            }
+        };
+        for (address, why) in skipped {
+            warn!(%group, %address, "discovered backend left out: {why}");
+        }
+        let previous = std::mem::replace(&mut self.desired, next);
+        if let Err(e) = self.sync() {
+            self.desired = previous;
+            if let Err(e2) = self.sync() {
+                error!("restoring the previous state failed: {e2:#}");
+            }
+            warn!(%group, "applying the discovered backends failed, keeping the last good set: {e:#}");
+            if let Some(t) = self.discovery.get_mut(&group) {
+                t.refused(format!("applying: {e:#}"));
+            }
+            return false;
+        }
+        if let Some(t) = self.discovery.get_mut(&group) {
+            t.commit(set);
+        }
+        info!(
+            %group,
+            added = ?diff.add.iter().map(|f| f.address).collect::<Vec<_>>(),
+            removed = ?diff.remove,
+            reweighted = diff.update.len(),
+            "DNS discovery changed the backends"
+        );
+        if let Err(e) =
+            discovery::save_cache(&self.discovery_cache, &discovery::cache_of(&self.discovery))
+        {
+            warn!("saving the discovered backends: {e:#}");
+        }
+        matches!(Group::parse(&group), Group::Pool(_))
+    }
+
+    /// Every discovery, for its tasks.
+    fn discovery_wanted(&self) -> Vec<(String, config::Discovery, discovery::Family)> {
+        self.discovery
+            .iter()
+            .map(|(group, t)| (group.clone(), t.spec().clone(), t.family()))
+            .collect()
     }
 
     /// Whether each L7 pool server should take requests: administratively
@@ -397,6 +493,51 @@ impl Agent {
 // Health-check targets of L7 pools are named `pool:<name>` (runtime::Group) so
 // their events can be told apart from services' and sent to the proxy.
 use crate::runtime::Group;
+
+/// Puts each tracker's set in force into `desired` (after a replay, which
+/// starts from the file alone).
+fn merge_discovered(trackers: &BTreeMap<String, Tracker>, desired: &mut runtime::Desired) {
+    for (group, t) in trackers {
+        match desired.set_discovered(group, t.current()) {
+            Ok((_, skipped)) => {
+                for (address, why) in skipped {
+                    warn!(%group, %address, "discovered backend left out: {why}");
+                }
+            }
+            Err(e) => warn!(%group, "discovered backends left out: {e}"),
+        }
+    }
+}
+
+/// Says what a round changed in a discovery's state: a warning when it
+/// starts failing (or fails differently), when the DNS goes empty, and a
+/// note when it answers again; repeats go to debug.
+fn log_discovery_state(
+    group: &str,
+    t: &Tracker,
+    was: DiscoveryState,
+    previous_error: Option<&str>,
+) {
+    let name = &t.spec().name;
+    let kept = t.current().len();
+    match t.state() {
+        DiscoveryState::Failing => {
+            let error = t.last_error().unwrap_or("unknown error");
+            if was != DiscoveryState::Failing || previous_error != Some(error) {
+                warn!(%group, %name, %error, failures = t.failures(), kept, "DNS discovery failing; keeping the last good backends");
+            } else {
+                debug!(%group, %name, %error, failures = t.failures(), "DNS discovery still failing");
+            }
+        }
+        DiscoveryState::Holding if was != DiscoveryState::Holding => {
+            warn!(%group, %name, kept, hold = ?t.spec().hold, "DNS has no records any more; keeping the last backends until the hold ends");
+        }
+        DiscoveryState::Ok if matches!(was, DiscoveryState::Failing | DiscoveryState::Pending) => {
+            info!(%group, %name, "DNS discovery answers");
+        }
+        _ => {}
+    }
+}
 
 fn health_targets(config: &Config) -> Vec<Target> {
     let services = config
@@ -467,12 +608,58 @@ async fn start_proxy(section: &config::ProxySection) -> Result<Option<proxy::Pro
     Ok(Some(started))
 }
 
+/// The discoveries of `desired`, each after one round of queries (or, if
+/// that failed, holding the set cached by the previous agent).
+async fn first_discovery(
+    desired: &runtime::Desired,
+    cache_path: &Path,
+) -> BTreeMap<String, Tracker> {
+    let mut trackers = discovery::reconcile(&BTreeMap::new(), &desired.config);
+    if trackers.is_empty() {
+        return trackers;
+    }
+    let cache = discovery::load_cache(cache_path).unwrap_or_else(|e| {
+        warn!("ignoring the discovery cache: {e:#}");
+        discovery::Cache::new()
+    });
+    for (group, t) in &mut trackers {
+        if let Some(set) = discovery::cached_set(&cache, group, t.spec()) {
+            t.seed(set);
+        }
+    }
+    let wanted = trackers
+        .iter()
+        .map(|(g, t)| (g.clone(), t.spec().clone(), t.family()))
+        .collect();
+    let now = Instant::now();
+    for (group, answer) in dns::first_round(wanted).await {
+        let Some(t) = trackers.get_mut(&group) else {
+            continue;
+        };
+        let was = t.state();
+        if let Verdict::Apply(set) = t.observe(answer, now) {
+            // The first sync puts it in force.
+            t.commit(set);
+        }
+        log_discovery_state(&group, t, was, None);
+        info!(%group, name = %t.spec().name, backends = t.current().len(), state = ?t.state(), "DNS discovery at start");
+    }
+    trackers
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
     let file = load_config_for_start(&opts.config)?;
     let journal_path = runtime::journal_path(&opts.config);
     let journal = runtime::load_journal(&journal_path)?;
-    let (desired, journal) = runtime::replay(file, &journal);
+    let (mut desired, journal) = runtime::replay(file, &journal);
+    // Discovered backends are resolved before the data plane is filled, so
+    // a (hitless) restart does not drop them; if the DNS fails now, the last
+    // set in force (kept beside the config) stands in.
+    let discovery_cache = discovery::cache_path(&opts.config);
+    let trackers = first_discovery(&desired, &discovery_cache).await;
+    let without_discovered = desired.clone();
+    merge_discovered(&trackers, &mut desired);
     let object = match &opts.bpf_object {
         Some(p) => p.clone(),
         None => dataplane::default_object_path()?,
@@ -507,9 +694,32 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         reloaded: reloaded_tx,
         proxy_stats: None,
         bgp: bgp::Speaker::new(),
+        discovery: trackers,
+        discovery_cache,
     };
     // Tables are complete before the first packet can reach the program.
-    agent.sync()?;
+    if let Err(e) = agent.sync() {
+        if agent.discovery.is_empty() {
+            return Err(e);
+        }
+        // A DNS answer must not keep the agent from starting (say, more
+        // backends than the data plane holds): start without its backends.
+        warn!("the discovered backends cannot be applied, starting without them: {e:#}");
+        agent.desired = without_discovered;
+        for t in agent.discovery.values_mut() {
+            t.seed(Vec::new());
+            t.refused(format!("applying at start: {e:#}"));
+        }
+        agent.sync()?;
+    }
+    if !agent.discovery.is_empty()
+        && let Err(e) = discovery::save_cache(
+            &agent.discovery_cache,
+            &discovery::cache_of(&agent.discovery),
+        )
+    {
+        warn!("saving the discovered backends: {e:#}");
+    }
     let config = agent.desired.config.clone();
     // Each interface's own MAC is known before a packet can arrive there.
     for iface in &config.interfaces {
@@ -561,6 +771,11 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         control_listener,
         Arc::new(shared.clone()) as Arc<dyn Handler>,
     ));
+    let (discovered_tx, mut discovered) = mpsc::unbounded_channel();
+    let mut discovery_tasks = dns::Tasks::new(discovered_tx);
+    discovery_tasks.reconcile(shared.lock().discovery_wanted(), |d| {
+        discovery::first_delay(d, true)
+    });
     let metrics_task = metrics_listener.map(|listener| {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "serving metrics");
@@ -581,7 +796,21 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 break detach;
             }
+            Some(event) = discovered.recv() => {
+                let s = shared.clone();
+                let pools_changed = tokio::task::spawn_blocking(move || s.lock().on_discovery(event))
+                    .await
+                    .unwrap_or(false);
+                if pools_changed {
+                    // The proxy takes the new servers as after a reload.
+                    let _ = shared.lock().reloaded.send(());
+                }
+            }
             Some(()) = reloaded.recv() => {
+                // Discoveries added, changed or removed by the reload or change.
+                discovery_tasks.reconcile(shared.lock().discovery_wanted(), |d| {
+                    discovery::first_delay(d, false)
+                });
                 // Certificates are re-read on every reload; frontends and pools
                 // that changed restart the proxy (connections in flight finish).
                 let next = shared.lock().desired.config.proxy.clone();
@@ -649,6 +878,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Err(e) => error!("withdrawing the VIPs from BGP failed: {e}"),
         }
     }
+    drop(discovery_tasks);
     drop(proxy);
     server::remove_socket(&opts.socket);
     if let Some(task) = metrics_task {

@@ -43,6 +43,16 @@
 //! bird_socket = "/run/bird/bird.ctl"     # BIRD's control socket
 //! include_file = "/etc/bird/lb-vips.conf" # written by the agent, included by bird.conf
 //! protocol = "lb_vips"         # optional: static protocols lb_vips_v4 and lb_vips_v6
+//! [service.discovery]          # optional; backends also come from DNS (see `crate::discovery`)
+//! name = "_http._tcp.web.example.org"  # the name queried
+//! type = "srv"                 # "srv" (default: targets, ports, weights), "a" or "aaaa"
+//! nameservers = ["198.18.2.53", "[fd00::53]:5353"]  # asked, and nothing else; port 53 by default
+//! interval = "5s"              # between queries; 100ms..=1h, default 5s
+//! timeout = "2s"               # one round (SRV and its targets); <= interval, default min(interval, 2s)
+//! hold = "30s"                 # how long an empty answer (NXDOMAIN, no records) must last
+//!                              # before the discovered backends go; 0s..=1h, default 30s
+//! port = 8080                  # "a"/"aaaa" only, required: the port of every address
+//! weight = 1                   # "a"/"aaaa" only: the weight of every address (default 1)
 //! ```
 //!
 //! Serde only reads the file into private "raw" structs whose fields keep their
@@ -92,6 +102,15 @@ const DEFAULT_STATUS: StatusMatch = StatusMatch::Range(200, 399);
 pub const DEFAULT_NEW_FLOW_LIMIT: u32 = 10_000;
 /// Largest `new_flow_limit`.
 const MAX_NEW_FLOW_LIMIT: i64 = 100_000_000;
+/// Time between DNS discovery queries when none is given.
+const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
+/// Longest default time for one discovery round (shorter when the interval is).
+const DEFAULT_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an empty DNS answer must last before discovered backends go
+/// (HAProxy's `hold nx` default): a zone being rewritten does not empty a service.
+const DEFAULT_DISCOVERY_HOLD: Duration = Duration::from_secs(30);
+/// Longest name a DNS query may carry, without the root's dot (RFC 1035).
+const MAX_DNS_NAME: usize = 253;
 /// Hint appended to every duration error.
 const DURATION_FORM: &str =
     "expected a whole number with a unit: \"500ms\", \"2s\", \"1m\" or \"1h\"";
@@ -123,11 +142,13 @@ pub struct Config {
 }
 
 /// The L7 proxy's part of the file (see `crate::proxy`), already validated,
-/// with the health checks of its pools (pool name, check).
+/// with the health checks of its pools (pool name, check) and their DNS
+/// discoveries (pool name, discovery).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProxySection(
     pub crate::proxy::ProxyConfig,
     pub Vec<(String, HealthCheck)>,
+    pub Vec<(String, Discovery)>,
 );
 
 /// One `deny` entry: a network, host bits zero.
@@ -252,8 +273,54 @@ pub struct Service {
     pub backends: Vec<BackendConfig>,
     /// Health check of every backend, if `[service.health]` is given.
     pub health: Option<HealthCheck>,
+    /// Backends found in DNS besides the static ones, if `[service.discovery]` is given.
+    pub discovery: Option<Discovery>,
     /// Line of the `[[service]]` header, for later messages.
     pub line: usize,
+}
+
+/// Where a service's or pool's backends are found in DNS
+/// (`[service.discovery]`, `[pool.discovery]`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Discovery {
+    /// The name queried, fully qualified (ends with '.').
+    pub name: String,
+    /// SRV records, or address records of one family.
+    pub record: RecordKind,
+    /// The servers asked, and nothing else (no resolv.conf).
+    pub nameservers: Vec<SocketAddr>,
+    /// Time between the start of one round of queries and the next.
+    pub interval: Duration,
+    /// Limit on one whole round (the SRV query and its targets' addresses).
+    pub timeout: Duration,
+    /// How long an empty answer must last before the discovered backends go.
+    pub hold: Duration,
+    /// Port of every address (`a`/`aaaa` only).
+    pub port: Option<u16>,
+    /// Weight of every address (`a`/`aaaa` only; SRV records carry their own).
+    pub weight: u32,
+}
+
+/// Which records a discovery asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RecordKind {
+    /// SRV: targets, ports and weights; targets resolved to addresses.
+    Srv,
+    /// A records (IPv4) with a configured port.
+    A,
+    /// AAAA records (IPv6) with a configured port.
+    Aaaa,
+}
+
+impl RecordKind {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Srv => "srv",
+            RecordKind::A => "a",
+            RecordKind::Aaaa => "aaaa",
+        }
+    }
 }
 
 /// How a service's backends are health checked (`[service.health]`).
@@ -589,6 +656,7 @@ struct RawPoolChecks {
 struct RawPoolCheck {
     name: Option<String>,
     health: Option<Spanned<RawHealth>>,
+    discovery: Option<Spanned<RawDiscovery>>,
 }
 
 // Everything is optional and loosely typed (strings, i64) so that missing or
@@ -605,6 +673,21 @@ struct RawService {
     ring_size: Option<Spanned<i64>>,
     backend: Option<Vec<Spanned<RawBackend>>>,
     health: Option<Spanned<RawHealth>>,
+    discovery: Option<Spanned<RawDiscovery>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    name: Option<Spanned<String>>,
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+    nameservers: Option<Spanned<Vec<Spanned<String>>>>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    hold: Option<Spanned<String>>,
+    port: Option<Spanned<i64>>,
+    weight: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -819,12 +902,19 @@ impl Checker<'_> {
         // `[pool.health]` uses the service health checks' keys and rules; read
         // again from the text so errors point at their own lines.
         let mut checks = Vec::new();
+        let mut discoveries = Vec::new();
         if let Ok(pools) = toml::from_str::<RawPoolChecks>(text) {
             for pool in pools.pool {
-                if let (Some(name), Some(h)) = (pool.name, pool.health)
+                let Some(name) = pool.name else { continue };
+                if let Some(h) = pool.health
                     && let Some(check) = self.health(h)
                 {
-                    checks.push((name, check));
+                    checks.push((name.clone(), check));
+                }
+                if let Some(d) = pool.discovery
+                    && let Some(discovery) = self.discovery(d, None, Forwarding::Nat)
+                {
+                    discoveries.push((name, discovery));
                 }
             }
         }
@@ -845,7 +935,7 @@ impl Checker<'_> {
                 None => self.whole(reason),
             }
         }
-        ProxySection(cfg, checks)
+        ProxySection(cfg, checks, discoveries)
     }
 
     /// Checks an `encap_source_v4`/`_v6` value: an address or prefix of the
@@ -1107,10 +1197,18 @@ impl Checker<'_> {
                 &mut all_backends,
             );
 
-            if mode == Some(Mode::L4) && !has_backend_tables {
+            // Outer None: the table is invalid (already reported); Some(None): no table.
+            let discovery = match svc.discovery {
+                None => Some(None),
+                Some(d) => self
+                    .discovery(d, vip, forwarding.unwrap_or_default())
+                    .map(Some),
+            };
+            let discovers = !matches!(discovery, Some(None));
+            if mode == Some(Mode::L4) && !has_backend_tables && !discovers {
                 self.at(
                     &span,
-                    format!("l4 service \"{label}\" has no [[service.backend]]; it needs at least one backend (only l7 services may have none)"),
+                    format!("l4 service \"{label}\" has no [[service.backend]] and no [service.discovery]; it needs at least one backend (only l7 services may have none)"),
                 );
             }
             if let Some(ring) = ring_size {
@@ -1150,8 +1248,10 @@ impl Checker<'_> {
                 Some(forwarding),
                 Some(ring_size),
                 Some(health),
-            ) = (name, vip, protocol, mode, forwarding, ring_size, health)
-            {
+                Some(discovery),
+            ) = (
+                name, vip, protocol, mode, forwarding, ring_size, health, discovery,
+            ) {
                 services.push(Service {
                     name,
                     vip,
@@ -1162,6 +1262,7 @@ impl Checker<'_> {
                     ring_size,
                     backends,
                     health,
+                    discovery,
                     line,
                 });
             }
@@ -1561,6 +1662,301 @@ impl Checker<'_> {
     }
 }
 
+impl Checker<'_> {
+    /// Validates a `[service.discovery]` or `[pool.discovery]` table; `vip`
+    /// is the service's (pools have none); `None` when anything in it is wrong.
+    fn discovery(
+        &mut self,
+        raw: Spanned<RawDiscovery>,
+        vip: Option<SocketAddr>,
+        forwarding: Forwarding,
+    ) -> Option<Discovery> {
+        let before = self.errors.len();
+        let span = raw.span();
+        let d = raw.into_inner();
+
+        let name = match &d.name {
+            None => {
+                self.at(
+                    &span,
+                    "discovery has no `name`; give the DNS name to query, e.g. \"_http._tcp.web.example.org\"",
+                );
+                None
+            }
+            Some(n) => match dns_name(n.get_ref()) {
+                Ok(fqdn) => Some(fqdn),
+                Err(why) => {
+                    self.at(&n.span(), format!("name \"{}\" {why}", n.get_ref()));
+                    None
+                }
+            },
+        };
+
+        let record = match d.kind.as_ref().map(|k| (k, k.get_ref().as_str())) {
+            None | Some((_, "srv")) => Some(RecordKind::Srv),
+            Some((k, kind @ ("a" | "aaaa"))) => {
+                let record = if kind == "a" {
+                    RecordKind::A
+                } else {
+                    RecordKind::Aaaa
+                };
+                // NAT does not translate families: the records must be the VIP's.
+                match vip {
+                    Some(vip) if vip.is_ipv4() != (record == RecordKind::A) => {
+                        self.at(
+                            &k.span(),
+                            format!(
+                                "type \"{kind}\" finds {} addresses but the VIP {vip} is {}; use type = \"{}\"",
+                                if record == RecordKind::A { "IPv4" } else { "IPv6" },
+                                family(vip),
+                                if vip.is_ipv4() { "a" } else { "aaaa" }
+                            ),
+                        );
+                        None
+                    }
+                    _ => Some(record),
+                }
+            }
+            Some((k, other)) => {
+                self.at(
+                    &k.span(),
+                    format!(
+                        "unknown discovery type \"{other}\"; expected \"srv\", \"a\" or \"aaaa\""
+                    ),
+                );
+                None
+            }
+        };
+
+        let nameservers = self.nameservers(d.nameservers.as_ref(), &span);
+
+        let interval = match &d.interval {
+            None => Some(DEFAULT_DISCOVERY_INTERVAL),
+            Some(i) => self.duration(i, "interval").and_then(|v| {
+                if (MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&v) {
+                    Some(v)
+                } else {
+                    self.at(
+                        &i.span(),
+                        format!(
+                            "interval \"{}\" is out of range; expected 100ms..=1h",
+                            i.get_ref()
+                        ),
+                    );
+                    None
+                }
+            }),
+        };
+        let timeout = match &d.timeout {
+            None => interval.map(|i| i.min(DEFAULT_DISCOVERY_TIMEOUT)),
+            Some(t) => self.duration(t, "timeout").and_then(|v| {
+                if v.is_zero() {
+                    self.at(&t.span(), "timeout must be greater than zero");
+                    None
+                } else if let Some(interval) = interval.filter(|&i| v > i) {
+                    // A round still running when the next is due would overlap it.
+                    self.at(
+                        &t.span(),
+                        format!(
+                            "timeout {v:?} is longer than the interval {interval:?}; it must be <= interval"
+                        ),
+                    );
+                    None
+                } else {
+                    Some(v)
+                }
+            }),
+        };
+        let hold = match &d.hold {
+            None => Some(DEFAULT_DISCOVERY_HOLD),
+            Some(h) => self.duration(h, "hold").and_then(|v| {
+                if v <= MAX_HEALTH_INTERVAL {
+                    Some(v)
+                } else {
+                    self.at(
+                        &h.span(),
+                        format!("hold \"{}\" is out of range; expected 0s..=1h", h.get_ref()),
+                    );
+                    None
+                }
+            }),
+        };
+
+        let (port, weight) = match record {
+            Some(RecordKind::Srv) => {
+                for (field, value) in [("port", &d.port), ("weight", &d.weight)] {
+                    if let Some(v) = value {
+                        self.at(
+                            &v.span(),
+                            format!("`{field}` applies to type = \"a\" or \"aaaa\"; SRV records carry their own ports and weights"),
+                        );
+                    }
+                }
+                (None, DEFAULT_WEIGHT)
+            }
+            Some(_) => {
+                let port = match &d.port {
+                    None => {
+                        self.at(
+                            &span,
+                            "discovery of address records needs `port`, the port of every address found",
+                        );
+                        None
+                    }
+                    Some(p) if (1..=65535).contains(p.get_ref()) => {
+                        let port = *p.get_ref() as u16;
+                        if let Some(vip) = vip
+                            && forwarding.is_dsr()
+                            && port != vip.port()
+                        {
+                            self.at(
+                                &p.span(),
+                                format!(
+                                    "port {port} must be the VIP's port {} with forwarding = \"{}\" (the packet reaches the backend untouched)",
+                                    vip.port(),
+                                    forwarding.as_str()
+                                ),
+                            );
+                        }
+                        Some(port)
+                    }
+                    Some(p) => {
+                        self.at(
+                            &p.span(),
+                            format!("port {} is out of range; expected 1..=65535", p.get_ref()),
+                        );
+                        None
+                    }
+                };
+                let weight = match &d.weight {
+                    None => DEFAULT_WEIGHT,
+                    Some(w) if (0..=MAX_WEIGHT).contains(w.get_ref()) => *w.get_ref() as u32,
+                    Some(w) => {
+                        self.at(
+                            &w.span(),
+                            format!("weight {} is out of range; expected 0..=65535", w.get_ref()),
+                        );
+                        DEFAULT_WEIGHT
+                    }
+                };
+                (port, weight)
+            }
+            None => (None, DEFAULT_WEIGHT),
+        };
+
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(Discovery {
+            name: name?,
+            record: record?,
+            nameservers: nameservers?,
+            interval: interval?,
+            timeout: timeout?,
+            hold: hold?,
+            port,
+            weight,
+        })
+    }
+
+    /// Checks `nameservers`: at least one, each an address with an optional
+    /// port (53 by default), no duplicates.
+    fn nameservers(
+        &mut self,
+        raw: Option<&Spanned<Vec<Spanned<String>>>>,
+        table: &Range<usize>,
+    ) -> Option<Vec<SocketAddr>> {
+        let Some(list) = raw else {
+            // No fallback to /etc/resolv.conf: the servers asked are the ones written here.
+            self.at(
+                table,
+                "discovery has no `nameservers`; list the DNS servers to ask, e.g. nameservers = [\"198.18.2.53\"]",
+            );
+            return None;
+        };
+        if list.get_ref().is_empty() {
+            self.at(
+                &list.span(),
+                "`nameservers` is empty; list at least one DNS server",
+            );
+            return None;
+        }
+        let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for entry in list.get_ref() {
+            let text = entry.get_ref();
+            let addr = match nameserver(text) {
+                Ok(a) => a,
+                Err(why) => {
+                    self.at(&entry.span(), format!("nameserver \"{text}\" {why}"));
+                    continue;
+                }
+            };
+            if let Some(first) = seen.get(&addr) {
+                self.at(
+                    &entry.span(),
+                    format!("nameserver {addr} is listed twice (first on line {first})"),
+                );
+                continue;
+            }
+            seen.insert(addr, self.line(&entry.span()));
+            out.push(addr);
+        }
+        (out.len() == list.get_ref().len()).then_some(out)
+    }
+}
+
+/// Parses a nameserver: "ip", "ip:port" or "[ipv6]:port"; port 53 by default.
+fn nameserver(text: &str) -> Result<SocketAddr, String> {
+    let addr = match text.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, 53),
+            Err(_) => {
+                return Err(
+                    "is not an address; expected \"a.b.c.d\", \"a.b.c.d:port\", \"ipv6\" or \"[ipv6]:port\""
+                        .into(),
+                );
+            }
+        },
+    };
+    if addr.port() == 0 {
+        Err("has port 0".into())
+    } else if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        Err("is not a unicast address".into())
+    } else {
+        Ok(addr)
+    }
+}
+
+/// Checks a DNS name (labels of letters, digits, '-' and '_', which SRV
+/// names use) and returns it fully qualified, with the root's dot.
+fn dns_name(text: &str) -> Result<String, &'static str> {
+    let bare = text.strip_suffix('.').unwrap_or(text);
+    if bare.is_empty() {
+        return Err("is empty; give the DNS name to query");
+    }
+    if bare.len() > MAX_DNS_NAME {
+        return Err("is longer than 253 characters, the most a DNS name holds");
+    }
+    for label in bare.split('.') {
+        if label.is_empty() {
+            return Err("has an empty label (two dots in a row, or a leading dot)");
+        }
+        if label.len() > 63 {
+            return Err("has a label longer than 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err("may only contain letters, digits, '-', '_' and dots");
+        }
+    }
+    // Relative names would be completed by a search list, which discovery never uses.
+    Ok(format!("{bare}."))
+}
+
 fn valid_status(code: i64) -> bool {
     (100..=599).contains(&code)
 }
@@ -1749,6 +2145,7 @@ mod tests {
                         },
                     ],
                     health: None,
+                    discovery: None,
                     line: 5,
                 },
                 Service {
@@ -1765,6 +2162,7 @@ mod tests {
                         line: 19,
                     }],
                     health: None,
+                    discovery: None,
                     line: 15,
                 },
                 Service {
@@ -1777,6 +2175,7 @@ mod tests {
                     ring_size: DEFAULT_RING_SIZE,
                     backends: vec![],
                     health: None,
+                    discovery: None,
                     line: 23,
                 },
             ],
@@ -2580,5 +2979,202 @@ mod tests {
         let mut lines = svc(&[]);
         lines.insert(1, "interface = [\"eth1\"]");
         expect_one(&lines, 2, "unknown field `interface`");
+    }
+
+    /// A service with only a `[service.discovery]` table (lines 5.. are its keys).
+    fn discovering(fields: &[&'static str]) -> Vec<&'static str> {
+        let mut v = vec![
+            HEAD,
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+            "[service.discovery]",
+        ];
+        v.extend_from_slice(fields);
+        v
+    }
+
+    fn discovery_of(fields: &[&'static str]) -> Discovery {
+        parse(&text(&discovering(fields)), "lb.toml")
+            .unwrap()
+            .services
+            .remove(0)
+            .discovery
+            .expect("a discovery")
+    }
+
+    const NS: &str = "nameservers = [\"198.18.2.241\"]";
+
+    #[test]
+    fn discovery_defaults_and_full_form() {
+        let d = discovery_of(&["name = \"_http._tcp.web.lab.test\"", NS]);
+        assert_eq!(
+            d,
+            Discovery {
+                name: "_http._tcp.web.lab.test.".into(),
+                record: RecordKind::Srv,
+                nameservers: vec!["198.18.2.241:53".parse().unwrap()],
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                hold: Duration::from_secs(30),
+                port: None,
+                weight: 1,
+            }
+        );
+        let d = discovery_of(&[
+            "name = \"web.lab.test.\"",
+            "type = \"a\"",
+            "nameservers = [\"198.18.2.241:5353\", \"[fd00:18:2::241]:53\", \"fd00::53\"]",
+            "interval = \"500ms\"",
+            "hold = \"0s\"",
+            "port = 8080",
+            "weight = 3",
+        ]);
+        assert_eq!(d.name, "web.lab.test.");
+        assert_eq!(d.record, RecordKind::A);
+        assert_eq!(d.nameservers.len(), 3);
+        assert_eq!(d.nameservers[2], "[fd00::53]:53".parse().unwrap());
+        // The timeout defaults to the interval when that is shorter than 2s.
+        assert_eq!(
+            (d.interval, d.timeout, d.hold),
+            (
+                Duration::from_millis(500),
+                Duration::from_millis(500),
+                Duration::ZERO
+            )
+        );
+        assert_eq!((d.port, d.weight), (Some(8080), 3));
+    }
+
+    #[test]
+    fn a_service_with_discovery_needs_no_static_backend_and_may_have_some() {
+        let c = parse(
+            &text(&discovering(&["name = \"_http._tcp.web.lab.test\"", NS])),
+            "lb.toml",
+        )
+        .unwrap();
+        assert!(c.services[0].backends.is_empty());
+        let mut lines = svc(&[]);
+        lines.extend(["[service.discovery]", "name = \"web.lab.test\"", NS]);
+        let c = parse(&text(&lines), "lb.toml").unwrap();
+        assert_eq!(c.services[0].backends.len(), 1);
+        assert!(c.services[0].discovery.is_some());
+    }
+
+    #[test]
+    fn discovery_rules_with_their_lines() {
+        let name = "name = \"_http._tcp.web.lab.test\"";
+        expect_one(&discovering(&[NS]), 5, "has no `name`");
+        expect_one(&discovering(&[name]), 5, "has no `nameservers`");
+        expect_one(
+            &discovering(&[name, "nameservers = []"]),
+            7,
+            "`nameservers` is empty",
+        );
+        for (bad, why) in [
+            ("name = \"\"", "is empty"),
+            ("name = \"a..b\"", "empty label"),
+            ("name = \"web lab\"", "may only contain"),
+            ("name = \"_http._tcp.web/lab\"", "may only contain"),
+        ] {
+            expect_one(&discovering(&[bad, NS]), 6, why);
+        }
+        let long = format!("name = \"{}.test\"", "a".repeat(64));
+        let lines: Vec<&str> = discovering(&[NS])
+            .into_iter()
+            .chain([long.as_str()])
+            .collect();
+        expect_one(&lines, 7, "longer than 63");
+        for (bad, why) in [
+            ("nameservers = [\"dns.example\"]", "is not an address"),
+            ("nameservers = [\"0.0.0.0\"]", "not a unicast"),
+            ("nameservers = [\"198.18.2.241:0\"]", "port 0"),
+            (
+                "nameservers = [\"198.18.2.241\", \"198.18.2.241:53\"]",
+                "listed twice",
+            ),
+        ] {
+            expect_one(&discovering(&[name, bad]), 7, why);
+        }
+        for (bad, why) in [
+            ("type = \"txt\"", "unknown discovery type"),
+            (
+                "type = \"aaaa\"",
+                "the VIP 198.18.100.1:80 is IPv4; use type = \"a\"",
+            ),
+            ("interval = \"50ms\"", "out of range"),
+            ("interval = \"soon\"", "not a duration"),
+            ("timeout = \"0s\"", "greater than zero"),
+            ("timeout = \"10s\"", "longer than the interval"),
+            ("hold = \"2h\"", "out of range"),
+            ("port = 80", "SRV records carry their own"),
+            ("weight = 2", "SRV records carry their own"),
+            ("ttl = 3", "unknown field `ttl`"),
+        ] {
+            expect_one(&discovering(&[name, NS, bad]), 8, why);
+        }
+        let a = "type = \"a\"";
+        expect_one(&discovering(&[name, NS, a]), 5, "needs `port`");
+        expect_one(
+            &discovering(&[name, NS, a, "port = 70000"]),
+            9,
+            "out of range",
+        );
+        expect_one(
+            &discovering(&[name, NS, a, "port = 80", "weight = -1"]),
+            10,
+            "out of range",
+        );
+    }
+
+    #[test]
+    fn dsr_discovery_of_addresses_must_use_the_vip_port() {
+        let mut lines =
+            discovering(&["name = \"web.lab.test\"", NS, "type = \"a\"", "port = 8080"]);
+        lines.insert(4, "forwarding = \"ipip\"");
+        expect_one(&lines, 10, "must be the VIP's port 80");
+        lines[9] = "port = 80";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
+    fn an_l4_service_needs_backends_or_discovery() {
+        let lines = [
+            HEAD,
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+        ];
+        expect_one(
+            &lines,
+            2,
+            "no [[service.backend]] and no [service.discovery]",
+        );
+    }
+
+    #[test]
+    fn pools_have_discovery_too() {
+        let t = text(&[
+            HEAD,
+            "[[frontend]]",
+            "name = \"web\"",
+            "binds = [\"198.18.100.1:80\"]",
+            "default_pool = \"app\"",
+            "[[pool]]",
+            "name = \"app\"",
+            "[pool.discovery]",
+            "name = \"_http._tcp.app.lab.test\"",
+            "nameservers = [\"198.18.2.241\"]",
+            "interval = \"1s\"",
+        ]);
+        let c = parse(&t, "lb.toml").unwrap();
+        assert_eq!(c.proxy.2.len(), 1);
+        assert_eq!(c.proxy.2[0].0, "app");
+        assert_eq!(c.proxy.2[0].1.interval, Duration::from_secs(1));
+        let bad = t.replace("interval = \"1s\"", "interval = \"1 s\"");
+        let errs = parse(&bad, "lb.toml").unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].line, 11);
+        assert!(errs[0].reason.contains("not a duration"), "{errs:?}");
     }
 }

@@ -11,6 +11,7 @@ pub mod control;
 pub mod dataplane;
 pub mod decap;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod lab;
 pub mod metrics;

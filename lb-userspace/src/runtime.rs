@@ -6,7 +6,7 @@
 //! reload re-reads the file and replays the journal on top; a change that no
 //! longer applies (its service is gone from the file) is skipped with a warning.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,7 @@ use tracing::warn;
 
 use crate::config::{BackendConfig, Config, Mode, Service, dsr_backend_problem};
 use crate::control::protocol::{AdminState, Request};
+use crate::discovery::{self, Found};
 
 /// Service-name prefix that addresses an L7 pool (`lb drain pool:web ADDR`).
 const POOL_PREFIX: &str = "pool:";
@@ -58,6 +59,9 @@ pub struct Desired {
     pub admin: BTreeMap<(String, SocketAddr), AdminState>,
     /// The node is drained: no VIP is announced (`lb drain-node`).
     pub drained: bool,
+    /// The addresses in `config` that DNS discovery put there, per group:
+    /// derived state, never journaled (a start or reload resolves again).
+    pub discovered: BTreeMap<String, BTreeSet<SocketAddr>>,
 }
 
 impl Desired {
@@ -67,7 +71,145 @@ impl Desired {
             config,
             admin: BTreeMap::new(),
             drained: false,
+            discovered: BTreeMap::new(),
         }
+    }
+
+    /// Whether `address` of `group` came from DNS discovery.
+    pub fn is_discovered(&self, group: &str, address: SocketAddr) -> bool {
+        self.discovered
+            .get(group)
+            .is_some_and(|set| set.contains(&address))
+    }
+
+    /// Whether `group` (a service or `pool:NAME`) has a DNS discovery.
+    pub fn has_discovery(&self, group: &str) -> bool {
+        match Group::parse(group) {
+            Group::Service(name) => self
+                .config
+                .services
+                .iter()
+                .any(|s| s.name == name && s.discovery.is_some()),
+            Group::Pool(pool) => self.config.proxy.2.iter().any(|(p, _)| p == pool),
+        }
+    }
+
+    /// Refuses a change to a backend DNS discovery manages (its presence
+    /// and weight come from the records).
+    fn refuse_discovered(
+        &self,
+        group: &str,
+        address: SocketAddr,
+        what: &str,
+    ) -> Result<(), String> {
+        if self.is_discovered(group, address) {
+            return Err(format!(
+                "{address} of {group:?} comes from DNS discovery: its {what} follows the DNS records (`lb disable` takes it out of service)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Makes the discovered backends of `group` exactly `wanted`; static
+    /// backends stay as they are (an address that is both stays static).
+    /// Addresses a service cannot take (another family, a DSR service's
+    /// other port) are left out and listed in the second result.
+    pub fn set_discovered(
+        &mut self,
+        group: &str,
+        wanted: &[Found],
+    ) -> Result<(discovery::Diff, Vec<(SocketAddr, String)>), String> {
+        let discovered = self.discovered.get(group).cloned().unwrap_or_default();
+        let mut skipped = Vec::new();
+        let (d, added) = match Group::parse(group) {
+            Group::Service(name) => {
+                let s = self.service_mut(name)?;
+                let mut usable = Vec::new();
+                for f in wanted {
+                    let why = if f.address.is_ipv4() != s.vip.is_ipv4() {
+                        Some(format!("not of the VIP {}'s address family", s.vip))
+                    } else {
+                        dsr_backend_problem(s.forwarding, s.vip, f.address)
+                    };
+                    match why {
+                        Some(why) => skipped.push((f.address, why)),
+                        None => usable.push(*f),
+                    }
+                }
+                let present: Vec<Found> = s
+                    .backends
+                    .iter()
+                    .map(|b| Found {
+                        address: b.address,
+                        weight: b.weight,
+                        backup: false,
+                    })
+                    .collect();
+                let d = discovery::diff(&present, &discovered, &usable);
+                if s.backends.len() + d.add.len() - d.remove.len() > s.ring_size as usize {
+                    return Err(format!(
+                        "service {name:?} cannot hold more backends than its ring size {}",
+                        s.ring_size
+                    ));
+                }
+                s.backends.retain(|b| !d.remove.contains(&b.address));
+                for u in &d.update {
+                    if let Some(b) = s.backends.iter_mut().find(|b| b.address == u.address) {
+                        b.weight = u.weight;
+                    }
+                }
+                s.backends.extend(d.add.iter().map(|f| BackendConfig {
+                    address: f.address,
+                    weight: f.weight,
+                    line: 0,
+                }));
+                let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
+                (d, added)
+            }
+            Group::Pool(pool) => {
+                let p = self
+                    .config
+                    .proxy
+                    .0
+                    .pools
+                    .iter_mut()
+                    .find(|p| p.name == pool)
+                    .ok_or_else(|| format!("unknown pool {pool:?}"))?;
+                let present: Vec<Found> = p
+                    .servers
+                    .iter()
+                    .map(|s| Found {
+                        address: s.address,
+                        weight: s.weight,
+                        backup: s.backup,
+                    })
+                    .collect();
+                let d = discovery::diff(&present, &discovered, wanted);
+                p.servers.retain(|s| !d.remove.contains(&s.address));
+                for u in &d.update {
+                    if let Some(s) = p.servers.iter_mut().find(|s| s.address == u.address) {
+                        s.weight = u.weight;
+                        s.backup = u.backup;
+                    }
+                }
+                p.servers.extend(d.add.iter().map(|f| {
+                    let mut server = crate::proxy::ServerSpec::new(f.address);
+                    server.weight = f.weight;
+                    server.backup = f.backup;
+                    server
+                }));
+                let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
+                (d, added)
+            }
+        };
+        let set = self.discovered.entry(group.to_string()).or_default();
+        for a in &d.remove {
+            set.remove(a);
+        }
+        set.extend(added);
+        // Admin states of discovered addresses stay: a backend disabled
+        // while the DNS briefly forgot it comes back disabled.
+        Ok((d, skipped))
     }
 
     /// Administrative state of a backend.
@@ -100,6 +242,13 @@ impl Desired {
 
     /// Applies a backend change to an L7 pool, named `pool:NAME`.
     fn apply_pool(&mut self, pool: &str, request: &Request) -> Result<(), String> {
+        let group = Group::pool_name(pool);
+        let discovered = self.discovered.get(&group).cloned().unwrap_or_default();
+        let refused = |address: &SocketAddr, what: &str| {
+            format!(
+                "{address} of {group:?} comes from DNS discovery: its {what} follows the DNS records (`lb disable` takes it out of service)"
+            )
+        };
         let pools = &mut self.config.proxy.0.pools;
         let p = pools
             .iter_mut()
@@ -123,6 +272,9 @@ impl Desired {
                 if !has(p, *address) {
                     return Err(format!("pool {pool:?} has no server {address}"));
                 }
+                if discovered.contains(address) {
+                    return Err(refused(address, "presence"));
+                }
                 p.servers.retain(|s| s.address != *address);
                 self.admin.remove(&(Group::pool_name(pool), *address));
             }
@@ -130,6 +282,9 @@ impl Desired {
                 address, weight, ..
             } => {
                 check_weight(*weight)?;
+                if discovered.contains(address) {
+                    return Err(refused(address, "weight"));
+                }
                 let s = p
                     .servers
                     .iter_mut()
@@ -217,6 +372,7 @@ impl Desired {
                     backends: Vec::new(),
                     line: 0,
                     health: None,
+                    discovery: None,
                 });
                 Ok(())
             }
@@ -227,6 +383,7 @@ impl Desired {
                     return Err(format!("unknown service {name:?}"));
                 }
                 self.admin.retain(|(s, _), _| s != name);
+                self.discovered.remove(name);
                 Ok(())
             }
             Request::AddBackend {
@@ -262,6 +419,7 @@ impl Desired {
                 Ok(())
             }
             Request::RemoveBackend { service, address } => {
+                self.refuse_discovered(service, *address, "presence")?;
                 let s = self.service_mut(service)?;
                 let before = s.backends.len();
                 s.backends.retain(|b| b.address != *address);
@@ -291,6 +449,7 @@ impl Desired {
                 weight,
             } => {
                 check_weight(*weight)?;
+                self.refuse_discovered(service, *address, "weight")?;
                 self.backend_mut(service, *address)?.weight = *weight;
                 Ok(())
             }
@@ -306,9 +465,35 @@ impl Desired {
             | Request::ShowBackends { .. }
             | Request::ShowStats
             | Request::ShowBgp
+            | Request::ShowDiscovery
             | Request::Reload
             | Request::Stop { .. } => Ok(()),
         }
+    }
+}
+
+impl Desired {
+    /// During replay: records the admin state of an address a discovery may
+    /// bring back, for a group that has one; whether it did.
+    fn keep_for_discovery(&mut self, request: &Request) -> bool {
+        let Request::SetBackendState {
+            service,
+            address,
+            state,
+        } = request
+        else {
+            return false;
+        };
+        if !self.has_discovery(service) {
+            return false;
+        }
+        let key = (service.clone(), *address);
+        if *state == AdminState::Ready {
+            self.admin.remove(&key);
+        } else {
+            self.admin.insert(key, *state);
+        }
+        true
     }
 }
 
@@ -336,6 +521,7 @@ pub fn is_change(request: &Request) -> bool {
         Request::ShowServices
             | Request::ShowBackends { .. }
             | Request::ShowStats
+            | Request::ShowDiscovery
             | Request::Reload
             | Request::Stop { .. }
     )
@@ -349,6 +535,9 @@ pub fn replay(config: Config, journal: &[Request]) -> (Desired, Vec<Request>) {
     for request in journal {
         match desired.apply(request) {
             Ok(()) => kept.push(request.clone()),
+            // Discovered backends are not there yet when the journal is
+            // replayed (they come after it): their admin states are kept.
+            Err(_) if desired.keep_for_discovery(request) => kept.push(request.clone()),
             Err(e) => warn!("runtime change no longer applies, dropped: {request:?}: {e}"),
         }
     }
@@ -562,5 +751,196 @@ address = "198.18.2.11:8080"
         std::fs::write(&path, "not json").unwrap();
         assert!(load_journal(&path).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn discovering() -> Config {
+        crate::config::parse(
+            r#"interfaces = ["eth0"]
+[[service]]
+name = "web"
+vip = "198.18.100.1:80"
+ring_size = 5
+[[service.backend]]
+address = "198.18.2.11:80"
+[service.discovery]
+name = "_http._tcp.web.lab.test"
+nameservers = ["198.18.2.241"]
+[[frontend]]
+name = "f"
+binds = ["198.18.100.1:443"]
+default_pool = "app"
+[[pool]]
+name = "app"
+servers = [{ address = "198.18.2.11:8080" }]
+[pool.discovery]
+name = "_http._tcp.app.lab.test"
+nameservers = ["198.18.2.241"]
+"#,
+            "t.toml",
+        )
+        .unwrap()
+    }
+
+    fn found(addr: &str, weight: u32) -> Found {
+        Found {
+            address: addr.parse().unwrap(),
+            weight,
+            backup: false,
+        }
+    }
+
+    fn addresses(d: &Desired, service: &str) -> Vec<(String, u32)> {
+        let s = d
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .unwrap();
+        s.backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn discovered_backends_come_and_go_beside_the_static_ones() {
+        let mut d = Desired::from_config(discovering());
+        assert!(d.has_discovery("web") && d.has_discovery("pool:app"));
+        let (diff, skipped) = d
+            .set_discovered(
+                "web",
+                &[
+                    found("198.18.2.11:80", 7), // the static one stays as configured
+                    found("198.18.2.12:80", 2),
+                    found("[fd00:18:2::13]:80", 1),
+                ],
+            )
+            .unwrap();
+        assert_eq!(diff.shadowed, vec!["198.18.2.11:80".parse().unwrap()]);
+        assert_eq!(skipped.len(), 1, "the IPv6 one does not fit an IPv4 VIP");
+        assert_eq!(
+            addresses(&d, "web"),
+            [("198.18.2.11:80".into(), 1), ("198.18.2.12:80".into(), 2)]
+        );
+        assert!(d.is_discovered("web", "198.18.2.12:80".parse().unwrap()));
+        assert!(!d.is_discovered("web", "198.18.2.11:80".parse().unwrap()));
+        d.set_discovered("web", &[found("198.18.2.13:80", 1)])
+            .unwrap();
+        assert_eq!(
+            addresses(&d, "web"),
+            [("198.18.2.11:80".into(), 1), ("198.18.2.13:80".into(), 1)]
+        );
+        d.set_discovered("web", &[]).unwrap();
+        assert_eq!(addresses(&d, "web"), [("198.18.2.11:80".into(), 1)]);
+        assert!(d.discovered["web"].is_empty());
+        // More than the ring holds: refused, nothing changed.
+        let many: Vec<Found> = (12..=17)
+            .map(|i| found(&format!("198.18.2.{i}:80"), 1))
+            .collect();
+        let before = d.clone();
+        assert!(
+            d.set_discovered("web", &many)
+                .unwrap_err()
+                .contains("ring size")
+        );
+        assert_eq!(d, before);
+    }
+
+    #[test]
+    fn pools_take_discovered_servers_with_backups() {
+        let mut d = Desired::from_config(discovering());
+        let mut spare = found("198.18.2.13:8080", 5);
+        spare.backup = true;
+        d.set_discovered("pool:app", &[found("198.18.2.12:8080", 2), spare])
+            .unwrap();
+        let servers: Vec<(String, u32, bool)> = d.config.proxy.0.pools[0]
+            .servers
+            .iter()
+            .map(|s| (s.address.to_string(), s.weight, s.backup))
+            .collect();
+        assert_eq!(
+            servers,
+            [
+                ("198.18.2.11:8080".into(), 1, false),
+                ("198.18.2.12:8080".into(), 2, false),
+                ("198.18.2.13:8080".into(), 5, true),
+            ]
+        );
+        let err = d
+            .apply(&Request::RemoveBackend {
+                service: "pool:app".into(),
+                address: "198.18.2.12:8080".parse().unwrap(),
+            })
+            .unwrap_err();
+        assert!(err.contains("comes from DNS discovery"), "{err}");
+    }
+
+    #[test]
+    fn the_cli_may_not_remove_or_reweight_discovered_backends_but_may_disable_them() {
+        let mut d = Desired::from_config(discovering());
+        d.set_discovered("web", &[found("198.18.2.12:80", 2)])
+            .unwrap();
+        let addr: SocketAddr = "198.18.2.12:80".parse().unwrap();
+        let before = d.clone();
+        for (bad, why) in [
+            (
+                Request::RemoveBackend {
+                    service: "web".into(),
+                    address: addr,
+                },
+                "its presence follows the DNS records",
+            ),
+            (
+                Request::SetWeight {
+                    service: "web".into(),
+                    address: addr,
+                    weight: 9,
+                },
+                "its weight follows the DNS records",
+            ),
+            (add_backend("198.18.2.12:80"), "already has"),
+        ] {
+            let err = d.apply(&bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+            assert_eq!(d, before);
+        }
+        let disable = Request::SetBackendState {
+            service: "web".into(),
+            address: addr,
+            state: AdminState::Maint,
+        };
+        d.apply(&disable).unwrap();
+        assert_eq!(d.admin_state("web", addr), AdminState::Maint);
+        // A static backend added at runtime stays beside the discovered ones.
+        d.apply(&add_backend("198.18.2.14:80")).unwrap();
+        d.set_discovered("web", &[]).unwrap();
+        assert_eq!(
+            addresses(&d, "web"),
+            [("198.18.2.11:80".into(), 1), ("198.18.2.14:80".into(), 1)]
+        );
+        // The admin state outlives the address's absence from the DNS.
+        assert_eq!(d.admin_state("web", addr), AdminState::Maint);
+    }
+
+    #[test]
+    fn replay_keeps_admin_states_of_backends_discovery_brings_later() {
+        let addr: SocketAddr = "198.18.2.12:80".parse().unwrap();
+        let journal = vec![
+            Request::SetBackendState {
+                service: "web".into(),
+                address: addr,
+                state: AdminState::Drain,
+            },
+            Request::SetBackendState {
+                service: "pool:app".into(),
+                address: addr,
+                state: AdminState::Drain,
+            },
+        ];
+        let (d, kept) = replay(discovering(), &journal);
+        assert_eq!(kept.len(), 2, "both groups discover");
+        assert_eq!(d.admin_state("web", addr), AdminState::Drain);
+        let (_, kept) = replay(base(), &journal[..1]);
+        assert!(kept.is_empty(), "web has no discovery in this file");
     }
 }

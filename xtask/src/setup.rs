@@ -37,6 +37,9 @@ pub const PACKAGES: &[&str] = &[
     "haproxy",
     "wrk",
     "valgrind",
+    // The DNS server (knotd, knotc) serving SRV and A records to the
+    // discovery tests (tests/tests/discovery.rs).
+    "knot",
 ];
 
 /// LLVM installation bpf-linker is built against.

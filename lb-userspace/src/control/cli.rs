@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::client;
 use super::protocol::{
-    AdminState, BackendInfo, BgpInfo, DEFAULT_SOCKET, Health, ReasonCount, Request, Response,
-    ServiceInfo,
+    AdminState, BackendInfo, BgpInfo, DEFAULT_SOCKET, DiscoveryInfo, DiscoveryState, Health,
+    ReasonCount, Request, Response, ServiceInfo,
 };
 use crate::config::{Forwarding, Mode, Protocol};
 
@@ -181,6 +181,12 @@ pub enum ShowCommand {
         #[arg(long)]
         json: bool,
     },
+    /// DNS discoveries (services and pools): state, backends found, last error.
+    Discovery {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses "tcp" or "udp" (any case).
@@ -262,6 +268,7 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
         ControlCommand::Show(ShowCommand::Bgp { .. }) => Request::ShowBgp,
         ControlCommand::DrainNode => Request::DrainNode,
         ControlCommand::UndrainNode => Request::UndrainNode,
+        ControlCommand::Show(ShowCommand::Discovery { .. }) => Request::ShowDiscovery,
         ControlCommand::Reload => Request::Reload,
         ControlCommand::Stop { detach } => Request::Stop { detach: *detach },
     }
@@ -275,7 +282,8 @@ pub fn run(cmd: ControlCommand, socket: &Path) -> anyhow::Result<ExitCode> {
             ShowCommand::Services { json }
             | ShowCommand::Backends { json, .. }
             | ShowCommand::Stats { json }
-            | ShowCommand::Bgp { json },
+            | ShowCommand::Bgp { json }
+            | ShowCommand::Discovery { json },
         ) => *json,
         _ => false,
     };
@@ -302,11 +310,15 @@ pub fn run(cmd: ControlCommand, socket: &Path) -> anyhow::Result<ExitCode> {
                 bgp_tables(&info)
             }
         }
+        (ControlCommand::Show(ShowCommand::Discovery { .. }), Response::Discovery(list)) => {
+            render(&list, json, discovery_table)?
+        }
         (ControlCommand::Show(_), other)
         | (_, other @ Response::Services(_))
         | (_, other @ Response::Backends(_))
         | (_, other @ Response::Stats(_))
-        | (_, other @ Response::Bgp(_)) => {
+        | (_, other @ Response::Bgp(_))
+        | (_, other @ Response::Discovery(_)) => {
             bail!("unexpected answer from the agent: {other:?}")
         }
         (_, Response::Ok) => return Ok(ExitCode::SUCCESS),
@@ -412,6 +424,9 @@ pub fn services_table(list: &[ServiceInfo]) -> String {
                 s.backends.to_string(),
                 s.packets.to_string(),
                 s.bytes.to_string(),
+                s.discovery
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |d| discovery_state_name(d.state).into()),
             ]
         })
         .collect();
@@ -425,6 +440,55 @@ pub fn services_table(list: &[ServiceInfo]) -> String {
             ("BACKENDS", Right),
             ("PACKETS", Right),
             ("BYTES", Right),
+            ("DISCOVERY", Left),
+        ],
+        &rows,
+    )
+}
+
+fn discovery_state_name(s: DiscoveryState) -> &'static str {
+    match s {
+        DiscoveryState::Pending => "pending",
+        DiscoveryState::Ok => "ok",
+        DiscoveryState::Holding => "holding",
+        DiscoveryState::Failing => "failing",
+    }
+}
+
+/// `lb show discovery` as a table.
+pub fn discovery_table(list: &[DiscoveryInfo]) -> String {
+    use Align::*;
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            vec![
+                d.group.clone(),
+                d.name.clone(),
+                d.record.clone(),
+                discovery_state_name(d.state).into(),
+                d.backends.to_string(),
+                d.failures.to_string(),
+                d.since_success_ms.map_or_else(
+                    || "never".into(),
+                    |ms| format!("{:.1}s ago", ms as f64 / 1000.0),
+                ),
+                d.detail
+                    .clone()
+                    .or_else(|| d.last_error.clone())
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("GROUP", Left),
+            ("NAME", Left),
+            ("TYPE", Left),
+            ("STATE", Left),
+            ("BACKENDS", Right),
+            ("FAILURES", Right),
+            ("LAST ANSWER", Left),
+            ("LAST ERROR", Left),
         ],
         &rows,
     )
@@ -704,6 +768,8 @@ mod tests {
                 },
             ),
             ("show stats --json", Request::ShowStats),
+            ("show discovery", Request::ShowDiscovery),
+            ("show discovery --json", Request::ShowDiscovery),
             ("reload", Request::Reload),
             ("stop --detach", Request::Stop { detach: true }),
             ("drain-node", Request::DrainNode),
@@ -761,6 +827,17 @@ mod tests {
                 backends: 3,
                 packets: 1234,
                 bytes: 567890,
+                discovery: Some(DiscoveryInfo {
+                    group: "web".into(),
+                    name: "_http._tcp.web.example.".into(),
+                    record: "srv".into(),
+                    state: DiscoveryState::Failing,
+                    backends: 2,
+                    failures: 4,
+                    last_error: Some("no answer (timeout)".into()),
+                    since_success_ms: Some(2500),
+                    detail: None,
+                }),
             },
             ServiceInfo {
                 name: "dns-v6".into(),
@@ -771,16 +848,31 @@ mod tests {
                 backends: 12,
                 packets: 0,
                 bytes: 0,
+                discovery: None,
             },
         ];
         assert_eq!(
             services_table(&list),
             "\
-NAME    VIP                  PROTO  MODE  FORWARDING  BACKENDS  PACKETS   BYTES
-web     198.18.100.1:80      tcp    l4    ipip               3     1234  567890
-dns-v6  [fd00:18:100::1]:53  udp    l7    -                 12        0       0
+NAME    VIP                  PROTO  MODE  FORWARDING  BACKENDS  PACKETS   BYTES  DISCOVERY
+web     198.18.100.1:80      tcp    l4    ipip               3     1234  567890  failing
+dns-v6  [fd00:18:100::1]:53  udp    l7    -                 12        0       0  -
 "
         );
+        let discoveries: Vec<DiscoveryInfo> =
+            list.iter().filter_map(|s| s.discovery.clone()).collect();
+        assert_eq!(
+            discovery_table(&discoveries),
+            "\
+GROUP  NAME                     TYPE  STATE    BACKENDS  FAILURES  LAST ANSWER  LAST ERROR
+web    _http._tcp.web.example.  srv   failing         2         4  2.5s ago     no answer (timeout)
+"
+        );
+        let value: serde_json::Value =
+            serde_json::from_str(&render(&list, true, services_table).unwrap()).unwrap();
+        assert_eq!(value[0]["discovery"]["state"], "failing");
+        assert_eq!(value[0]["discovery"]["last_error"], "no answer (timeout)");
+        assert!(value[1]["discovery"].is_null());
     }
 
     #[test]
@@ -846,7 +938,7 @@ pass_not_vip    12345      0
         assert_eq!(stats_table(&[]), "REASON  PACKETS  BYTES\n");
         assert_eq!(
             services_table(&[]),
-            "NAME  VIP  PROTO  MODE  FORWARDING  BACKENDS  PACKETS  BYTES\n"
+            "NAME  VIP  PROTO  MODE  FORWARDING  BACKENDS  PACKETS  BYTES  DISCOVERY\n"
         );
     }
 
@@ -861,6 +953,7 @@ pass_not_vip    12345      0
             backends: 1,
             packets: 2,
             bytes: 3,
+            discovery: None,
         }];
         let out = render(&list, true, services_table).unwrap();
         let value: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -209,6 +209,7 @@ mod tests {
                 service: Some("web".into()),
             },
             Request::ShowStats,
+            Request::ShowDiscovery,
             Request::Reload,
             Request::Stop { detach: true },
         ]
@@ -227,7 +228,19 @@ mod tests {
                 backends: 2,
                 packets: 10,
                 bytes: u64::MAX,
+                discovery: Some(crate::control::protocol::DiscoveryInfo {
+                    group: "web".into(),
+                    name: "web.lab.test.".into(),
+                    record: "a".into(),
+                    state: crate::control::protocol::DiscoveryState::Holding,
+                    backends: 1,
+                    failures: 0,
+                    last_error: None,
+                    since_success_ms: Some(7),
+                    detail: Some("NXDOMAIN for 1.0s".into()),
+                }),
             }]),
+            Response::Discovery(Vec::new()),
             Response::Backends(vec![
                 BackendInfo {
                     service: "web".into(),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Forwarding, Mode, Protocol};
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Default path of the agent's control socket.
@@ -93,6 +93,8 @@ pub enum Request {
     },
     /// Data-plane counters by decision.
     ShowStats,
+    /// State of every DNS discovery (services and pools).
+    ShowDiscovery,
     /// Re-reads the configuration file and applies the difference.
     Reload,
     /// Withdraws every VIP of this node from BGP; forwarding goes on.
@@ -150,6 +152,8 @@ pub enum Response {
     Stats(Vec<ReasonCount>),
     /// Answer to `ShowBgp`.
     Bgp(BgpInfo),
+    /// Answer to `ShowDiscovery`.
+    Discovery(Vec<DiscoveryInfo>),
 }
 
 /// `lb show bgp`: what this node announces and how BIRD is doing.
@@ -192,6 +196,46 @@ pub struct ServiceInfo {
     pub packets: u64,
     /// Client bytes forwarded.
     pub bytes: u64,
+    /// Its DNS discovery, if it has one.
+    pub discovery: Option<DiscoveryInfo>,
+}
+
+/// Where a DNS discovery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiscoveryState {
+    /// No answer yet.
+    #[default]
+    Pending,
+    /// The last round answered; its backends are in force.
+    Ok,
+    /// The name has no records; the last good backends stay until `hold` ends.
+    Holding,
+    /// The last round failed (timeout, SERVFAIL, ...); the last good backends stay.
+    Failing,
+}
+
+/// One DNS discovery as `lb show discovery` (and `lb show services`) shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiscoveryInfo {
+    /// The service, or `pool:NAME`.
+    pub group: String,
+    /// The name queried.
+    pub name: String,
+    /// `srv`, `a` or `aaaa`.
+    pub record: String,
+    /// Where it stands.
+    pub state: DiscoveryState,
+    /// Discovered backends in force.
+    pub backends: usize,
+    /// Failed rounds in a row.
+    pub failures: u32,
+    /// The last failure, even if a later round answered.
+    pub last_error: Option<String>,
+    /// Milliseconds since the last answer (records or an empty one).
+    pub since_success_ms: Option<u64>,
+    /// While holding: why, and until when.
+    pub detail: Option<String>,
 }
 
 /// One backend as `lb show backends` lists it.

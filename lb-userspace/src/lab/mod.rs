@@ -84,6 +84,16 @@
 //!   `create` returns once every BGP and BFD session is up. Details in
 //!   [`cluster`].
 
+//! ## Extra hosts (`Lab::add_host`)
+//!
+//! A service the balancer itself talks to (a DNS server for discovery, a
+//! router, ...) gets a namespace of its own, `host{n}`, either on the
+//! backends' segment (a port of `br0`, 198.18.2.{240+n}, fd00:18:2::24n)
+//! or on a link of its own to the balancer (`h{n}` there, 198.18.{20+n}.0/24
+//! and fd00:18:2n::/64, the balancer `.1`/`::1`, the host `.2`/`::2`).
+//! Like every namespace of the lab it is removed on drop, with the
+//! processes started in it.
+
 pub mod backend_server;
 pub mod client;
 pub mod cluster;
@@ -180,6 +190,8 @@ const FORWARDING_SYSCTLS: [(&str, &str); 3] = [
     ("net.ipv6.conf.all.forwarding", "1"),
     ("net.ipv6.conf.default.forwarding", "1"),
 ];
+/// Most hosts [`Lab::add_host`] adds (their addresses `240 + n` and `20 + n` stay in range).
+pub const MAX_HOSTS: usize = 9;
 
 /// Name of the nftables table in `lb` that blocks kernel forwarding.
 const GUARD_TABLE: &str = "lbguard";
@@ -381,6 +393,59 @@ pub struct LabBackend {
     pub server_pid: Option<u32>,
 }
 
+/// Where [`Lab::add_host`] plugs a host in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostLink {
+    /// A port of the switch's bridge: on the backends' segment, reached
+    /// from the balancer's `lbb` like a backend.
+    Switch,
+    /// A veth of its own to the balancer namespace (`h{n}` there), off the
+    /// interfaces the XDP program is attached to.
+    Balancer,
+}
+
+/// A namespace added with [`Lab::add_host`].
+#[derive(Clone, Debug)]
+pub struct LabHost {
+    /// 1-based index, as in `host{index}`.
+    pub index: usize,
+    /// Namespace name.
+    pub ns: String,
+    /// Where it is plugged in.
+    pub link: HostLink,
+    /// IPv4 address on its `eth0`.
+    pub v4: Ipv4Addr,
+    /// IPv6 address on its `eth0`.
+    pub v6: Ipv6Addr,
+    /// The balancer's address on the host's link (its default gateway).
+    pub gateway_v4: Ipv4Addr,
+    /// The balancer's IPv6 address on the host's link.
+    pub gateway_v6: Ipv6Addr,
+}
+
+/// Addresses of host `n` on `link`: its own, then the balancer's on that link.
+fn host_addresses(n: usize, link: HostLink) -> (Ipv4Addr, Ipv6Addr, Ipv4Addr, Ipv6Addr) {
+    let n8 = u8::try_from(n).unwrap_or(u8::MAX);
+    match link {
+        HostLink::Switch => (
+            Ipv4Addr::new(198, 18, 2, 240 + n8),
+            // Decimal digits read as hex, like the backends' (fd00:18:2::241).
+            Ipv6Addr::new(0xfd00, 0x18, 0x2, 0, 0, 0, 0, 0x240 + u16::from(n8)),
+            BALANCER_BACKEND_V4,
+            BALANCER_BACKEND_V6,
+        ),
+        HostLink::Balancer => {
+            let net = 0x20 + u16::from(n8);
+            (
+                Ipv4Addr::new(198, 18, 20 + n8, 2),
+                Ipv6Addr::new(0xfd00, 0x18, net, 0, 0, 0, 0, 2),
+                Ipv4Addr::new(198, 18, 20 + n8, 1),
+                Ipv6Addr::new(0xfd00, 0x18, net, 0, 0, 0, 0, 1),
+            )
+        }
+    }
+}
+
 /// A built lab; dropping it stops its processes and deletes its namespaces.
 pub struct Lab {
     prefix: String,
@@ -402,6 +467,8 @@ pub struct Lab {
     nodes: Vec<LabNode>,
     /// Files of this lab (BIRD configurations, sockets, logs), removed on drop.
     dir: Option<PathBuf>,
+    /// Extra hosts added with `add_host`.
+    hosts: Vec<LabHost>,
 }
 
 impl Lab {
@@ -471,6 +538,7 @@ impl Lab {
             return_path,
             nodes: Vec::new(),
             dir: None,
+            hosts: Vec::new(),
         };
         // Any `?` below drops `lab`, which removes whatever was built so far.
         lab.build_core().context("building the lab")?;
@@ -979,6 +1047,68 @@ impl Lab {
         });
         self.start_backend_server(index)?;
         Ok(index)
+    }
+
+    /// Adds namespace `host{n}` plugged in where `link` says (see the
+    /// module doc for its addresses), with a default route via the
+    /// balancer; start its programs with [`Lab::spawn_in_ns`].
+    pub fn add_host(&mut self, link: HostLink) -> Result<LabHost> {
+        let index = self.hosts.len() + 1;
+        if index > MAX_HOSTS {
+            bail!("a lab holds at most {MAX_HOSTS} extra hosts");
+        }
+        let (v4, v6, gateway_v4, gateway_v6) = host_addresses(index, link);
+        let ns = self.add_namespace(&format!("host{index}"), &[])?;
+        let (peer_ns, peer) = match link {
+            HostLink::Switch => (self.switch_ns().to_string(), format!("ph{index}")),
+            HostLink::Balancer => (self.balancer_ns().to_string(), format!("h{index}")),
+        };
+        netns::ip(&[
+            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &peer, "netns",
+            &peer_ns,
+        ])?;
+        let peer_cmds = match link {
+            HostLink::Switch => vec![
+                format!("link set {peer} master br0"),
+                format!("link set {peer} up"),
+            ],
+            HostLink::Balancer => vec![
+                format!("addr add {gateway_v4}/24 dev {peer}"),
+                format!("addr add {gateway_v6}/64 dev {peer} nodad"),
+                format!("link set {peer} up"),
+            ],
+        };
+        netns::ip_batch(&peer_ns, &peer_cmds)?;
+        netns::ip_batch(
+            &ns,
+            &[
+                "link set lo up".into(),
+                format!("addr add {v4}/24 dev eth0"),
+                format!("addr add {v6}/64 dev eth0 nodad"),
+                "link set eth0 up".into(),
+                format!("route add default via {gateway_v4}"),
+                format!("route add default via {gateway_v6}"),
+            ],
+        )?;
+        // Its answers may cross the balancer's XDP program (on `lbb`),
+        // which needs complete checksums (see `netns::full_tx_checksums`).
+        netns::full_tx_checksums(&ns, "eth0")?;
+        let host = LabHost {
+            index,
+            ns,
+            link,
+            v4,
+            v6,
+            gateway_v4,
+            gateway_v6,
+        };
+        self.hosts.push(host.clone());
+        Ok(host)
+    }
+
+    /// The hosts added with [`Lab::add_host`], in index order.
+    pub fn hosts(&self) -> &[LabHost] {
+        &self.hosts
     }
 
     /// Looks up a backend by its 1-based index.
@@ -1848,6 +1978,70 @@ mod tests {
         assert!(
             birds.iter().all(|&pid| !netns::pid_alive(pid)),
             "a BIRD survived the lab"
+        );
+    }
+
+    #[test]
+    fn host_addresses_follow_the_plan() {
+        let (v4, v6, gw4, gw6) = host_addresses(1, HostLink::Switch);
+        assert_eq!(
+            (v4.to_string(), v6.to_string()),
+            ("198.18.2.241".into(), "fd00:18:2::241".into())
+        );
+        assert_eq!((gw4, gw6), (BALANCER_BACKEND_V4, BALANCER_BACKEND_V6));
+        let (v4, v6, gw4, gw6) = host_addresses(MAX_HOSTS, HostLink::Balancer);
+        assert_eq!(v4.to_string(), "198.18.29.2");
+        assert_eq!(v6.to_string(), "fd00:18:29::2");
+        assert_eq!(
+            (gw4.to_string(), gw6.to_string()),
+            ("198.18.29.1".into(), "fd00:18:29::1".into())
+        );
+    }
+
+    /// Hosts on the switch and on their own link answer the balancer, and go with the lab.
+    #[test]
+    fn lab_hosts_reach_the_balancer_and_are_removed() {
+        require_root();
+        let opts = LabOptions::from_env(0).expect("lab options");
+        let tag = "unithost";
+        let mut lab = Lab::create(tag, opts).expect("creating the lab");
+        let on_switch = lab.add_host(HostLink::Switch).expect("host on the switch");
+        let own_link = lab
+            .add_host(HostLink::Balancer)
+            .expect("host on its own link");
+        assert_eq!(
+            on_switch.ns,
+            format!("lbl-{tag}-{}-host1", std::process::id())
+        );
+        assert_eq!(lab.hosts().len(), 2);
+        // Each host serves the lab's line protocol; the balancer asks it.
+        let mut servers = Vec::new();
+        for (host, name) in [(&on_switch, "h1"), (&own_link, "h2")] {
+            let args = backend_server_args(name, false);
+            let program = lab.options().lb_bin.clone();
+            let pid = lab
+                .spawn_in_ns(&host.ns, &program, &args.to_args())
+                .expect("server in the host");
+            servers.push((pid, host.clone(), name));
+        }
+        for (pid, host, name) in servers {
+            lab.wait_server_ready(pid, &host.ns, name)
+                .expect("server ready");
+            let targets = [
+                SocketAddr::new(host.v4.into(), TCP_PORT),
+                SocketAddr::new(host.v6.into(), TCP_PORT),
+            ];
+            let answers = run_in_ns(lab.balancer_ns(), move || {
+                targets.map(|t| tcp_ask(t, T).expect("the balancer reaches the host"))
+            })
+            .expect("run_in_ns");
+            assert_eq!(answers, [name, name]);
+        }
+        drop(lab);
+        assert_eq!(
+            namespaces_of(tag),
+            Vec::<String>::new(),
+            "namespaces left after drop"
         );
     }
 

@@ -99,6 +99,10 @@
 //!   { address = "10.0.0.1:8080", weight = 2, maxconn = 100 },  # maxconn: 0 (default) = unlimited;
 //!   { address = "10.0.0.9:8080", backup = true },             # above it requests queue (FIFO, per pool)
 //! ]
+//! [pool.health]                  # the keys of [service.health]
+//! [pool.discovery]               # the keys of [service.discovery]: servers also from DNS
+//! name = "_http._tcp.app.internal" # (SRV records of a worse priority become backup servers)
+//! nameservers = ["10.0.0.53"]
 //! ```
 //!
 //! HTTP/1 request heads are checked for request smuggling before hyper parses

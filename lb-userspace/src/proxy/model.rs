@@ -227,6 +227,11 @@ pub struct Pool {
     /// marks servers up or down (`Proxy::set_server_up`).
     #[serde(default)]
     pub health: Option<toml::Value>,
+    /// `[pool.discovery]`, the keys of `[service.discovery]`; read and
+    /// validated by the agent's config loader, whose discovery adds and
+    /// removes servers as DNS answers change (`crate::discovery`).
+    #[serde(default)]
+    pub discovery: Option<toml::Value>,
     /// Speak TLS to the servers (after the PROXY header of `send_proxy`).
     #[serde(default)]
     pub tls: bool,
@@ -434,6 +439,7 @@ impl Pool {
             timeout_tunnel: None,
             send_proxy: None,
             health: None,
+            discovery: None,
             tls: false,
             verify: true,
             ca: None,
