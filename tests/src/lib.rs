@@ -365,6 +365,51 @@ impl RunningCluster {
     }
 }
 
+/// `n` fresh TCP connections (or UDP queries, each from its own port) to
+/// `vip` from namespace `ns`, tallied by who answered (3 s each); panics on
+/// one that fails.
+pub fn tally(
+    ns: &str,
+    vip: std::net::SocketAddr,
+    n: usize,
+    udp: bool,
+) -> std::collections::BTreeMap<String, usize> {
+    use lb_userspace::lab::client::{tcp_ask, udp_ask};
+    let limit = std::time::Duration::from_secs(3);
+    lb_userspace::lab::run_in_ns(ns, move || {
+        let mut tally = std::collections::BTreeMap::new();
+        for i in 0..n {
+            let name = if udp {
+                udp_ask(vip, limit)
+            } else {
+                tcp_ask(vip, limit)
+            }
+            .unwrap_or_else(|e| panic!("request {i} to {vip}: {e}"));
+            *tally.entry(name).or_insert(0) += 1;
+        }
+        tally
+    })
+    .expect("the client namespace")
+}
+
+/// Waits (bounded by `limit`, polling every 100 ms) until `cond` holds;
+/// returns how long it took.
+pub fn wait_for(
+    what: &str,
+    limit: std::time::Duration,
+    mut cond: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out ({limit:?}) waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
 pub mod cluster;
 pub mod clusterbench;
 pub mod l4bench;

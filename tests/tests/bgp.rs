@@ -5,9 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lb_tests::RunningLab;
+use lb_tests::wait_for;
 use lb_userspace::bgp::VipAnnouncement;
 use lb_userspace::control::protocol::BgpInfo;
 use lb_userspace::lab::{VIP_V4, VIP_V6};
@@ -90,14 +91,6 @@ impl Bird {
             .birdc(&["show", "route", "protocol", "lb_vips_v6"])
             .unwrap_or_default();
         v4 + &v6
-    }
-}
-
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

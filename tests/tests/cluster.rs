@@ -15,13 +15,10 @@ use lb_common::maps::{Backend, MAP_BACKENDS, MAP_RINGS, MAP_VIPS, Ring, VipKey, 
 use lb_tests::{RunningCluster, cluster::Prober};
 use lb_userspace::lab::{
     VIP_V4, VIP_V6,
-    client::tcp_ask,
     cluster::{BFD_INTERVAL, BFD_MULTIPLIER, node_v4},
-    run_in_ns,
     services::{self, Forwarding, TCP4, TCP6},
 };
 
-const T: Duration = Duration::from_secs(3);
 const VIPS: [IpAddr; 2] = [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)];
 /// The three backends' weights.
 const WEIGHTS: [u32; 3] = [1, 2, 3];
@@ -45,15 +42,10 @@ fn cluster(tag: &str) -> RunningCluster {
 
 /// `n` new TCP connections from the client, tallied by backend name.
 fn tally(c: &RunningCluster, vip: SocketAddr, n: usize) -> BTreeMap<String, u64> {
-    run_in_ns(c.lab.client_ns(), move || {
-        let mut tally = BTreeMap::new();
-        for i in 0..n {
-            let name = tcp_ask(vip, T).unwrap_or_else(|e| panic!("connection {i} to {vip}: {e}"));
-            *tally.entry(name).or_insert(0) += 1;
-        }
-        tally
-    })
-    .expect("client namespace")
+    lb_tests::tally(c.lab.client_ns(), vip, n, false)
+        .into_iter()
+        .map(|(name, count)| (name, count as u64))
+        .collect()
 }
 
 /// Node `node`'s connections in its flow table per backend name (`be{i}`).

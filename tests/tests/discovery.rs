@@ -12,12 +12,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lb_tests::RunningLab;
+use lb_tests::wait_for;
 use lb_userspace::control::protocol::{
     BackendInfo, DiscoveryInfo, DiscoveryState, Health, ServiceInfo,
 };
 use lb_userspace::lab::{
     HostLink, Lab, LabHost, LabOptions, TCP_PORT, UDP_PORT, VIP_V4,
-    client::{http_get, tcp_ask, udp_ask},
+    client::http_get,
     run_in_ns,
     services::{METRICS_ADDR, vip_tcp4, vip_tcp6, vip_udp4},
 };
@@ -247,20 +248,7 @@ fn lab_addresses(lab: &RunningLab, indexes: &[usize], port: u16, v6: bool) -> BT
 
 /// `n` new connections (or UDP queries) to `vip`, tallied by who answered.
 fn tally(lab: &RunningLab, vip: SocketAddr, n: usize, udp: bool) -> BTreeMap<String, usize> {
-    run_in_ns(lab.lab.client_ns(), move || {
-        let mut tally = BTreeMap::new();
-        for i in 0..n {
-            let name = if udp {
-                udp_ask(vip, T)
-            } else {
-                tcp_ask(vip, T)
-            }
-            .unwrap_or_else(|e| panic!("request {i} to {vip}: {e}"));
-            *tally.entry(name).or_insert(0) += 1;
-        }
-        tally
-    })
-    .expect("client namespace")
+    lb_tests::tally(lab.lab.client_ns(), vip, n, udp)
 }
 
 /// Asserts that `n` requests to `vip` are answered by exactly `names`.
@@ -269,19 +257,6 @@ fn assert_served_by(lab: &RunningLab, vip: SocketAddr, udp: bool, names: &[&str]
     let got: BTreeSet<&str> = t.keys().map(String::as_str).collect();
     let want: BTreeSet<&str> = names.iter().copied().collect();
     assert_eq!(got, want, "{vip} answered by {t:?}");
-}
-
-/// Waits (bounded) until `cond` holds; returns how long it took.
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out ({limit:?}) waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    start.elapsed()
 }
 
 /// Stops the agent (it leaves the program forwarding) and starts it again.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use lb_tests::RunningLab;
 use lb_userspace::lab::{
-    client::{TcpSession, http_download, tcp_ask, udp_ask},
+    client::{TcpSession, http_download, tcp_ask},
     run_in_ns,
     services::{self, Forwarding, TCP4},
 };
@@ -21,20 +21,7 @@ const DOWNLOAD: u64 = 10 * 1024 * 1024;
 /// `n` fresh TCP connections (or UDP queries, each from its own port) to
 /// `vip` from the client, tallied by who answered.
 fn tally(lab: &RunningLab, vip: SocketAddr, n: usize, udp: bool) -> BTreeMap<String, usize> {
-    run_in_ns(lab.lab.client_ns(), move || {
-        let mut tally = BTreeMap::new();
-        for i in 0..n {
-            let name = if udp {
-                udp_ask(vip, T)
-            } else {
-                tcp_ask(vip, T)
-            }
-            .unwrap_or_else(|e| panic!("request {i} to {vip}: {e}"));
-            *tally.entry(name).or_insert(0) += 1;
-        }
-        tally
-    })
-    .expect("client namespace")
+    lb_tests::tally(lab.lab.client_ns(), vip, n, udp)
 }
 
 /// Asserts the 1:2:3 split of the lab's three backends.

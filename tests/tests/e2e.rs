@@ -18,15 +18,7 @@ const T: Duration = Duration::from_secs(3);
 
 /// Opens `n` fresh TCP connections to `vip` from the client and tallies who answered.
 fn tally(lab: &RunningLab, vip: SocketAddr, n: usize) -> BTreeMap<String, usize> {
-    run_in_ns(lab.lab.client_ns(), move || {
-        let mut tally = BTreeMap::new();
-        for i in 0..n {
-            let name = tcp_ask(vip, T).unwrap_or_else(|e| panic!("connection {i} to {vip}: {e}"));
-            *tally.entry(name).or_insert(0) += 1;
-        }
-        tally
-    })
-    .expect("client namespace")
+    lb_tests::tally(lab.lab.client_ns(), vip, n, false)
 }
 
 fn assert_share(tally: &BTreeMap<String, usize>, name: &str, expected: f64, tolerance: f64) {

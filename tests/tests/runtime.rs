@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use lb_tests::RunningLab;
+use lb_tests::wait_for;
 use lb_userspace::control::protocol::{AdminState, BackendInfo, Health};
 use lb_userspace::lab::{
     TCP_PORT, backend_v4,
@@ -22,16 +23,7 @@ fn be(i: usize) -> String {
 }
 
 fn tally(lab: &RunningLab, n: usize) -> BTreeMap<String, usize> {
-    let vip = services::vip_tcp4();
-    run_in_ns(lab.lab.client_ns(), move || {
-        let mut tally = BTreeMap::new();
-        for i in 0..n {
-            let name = tcp_ask(vip, T).unwrap_or_else(|e| panic!("connection {i} to {vip}: {e}"));
-            *tally.entry(name).or_insert(0) += 1;
-        }
-        tally
-    })
-    .unwrap()
+    lb_tests::tally(lab.lab.client_ns(), services::vip_tcp4(), n, false)
 }
 
 fn backends(lab: &RunningLab) -> Vec<BackendInfo> {
@@ -45,15 +37,6 @@ fn backend(lab: &RunningLab, i: usize) -> BackendInfo {
         .into_iter()
         .find(|b| b.address.to_string() == be(i))
         .unwrap_or_else(|| panic!("no backend {}", be(i)))
-}
-
-/// Waits (bounded) until `cond` holds.
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 const HEALTH: &str =

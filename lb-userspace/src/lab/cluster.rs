@@ -84,11 +84,7 @@ pub fn node_v4(n: usize) -> Ipv4Addr {
 
 /// IPv6 address of node `n`'s `lbb`: `fd00:18:2::` and the decimal host part.
 pub fn node_v6(n: usize) -> Ipv6Addr {
-    let segment = node_host(n)
-        .to_string()
-        .bytes()
-        .fold(0u16, |acc, d| acc * 16 + u16::from(d - b'0'));
-    Ipv6Addr::new(0xfd00, 0x18, 0x2, 0, 0, 0, 0, segment)
+    super::segment_v6(node_host(n))
 }
 
 /// MAC address of node `n`'s `lbb`.
@@ -671,16 +667,10 @@ impl Lab {
     /// session is reset by the kernel, so the router notices at once).
     pub fn kill_node_bird(&mut self, n: usize) -> Result<()> {
         let pos = self.node(n)?.index - 1;
-        let Some(pid) = self.nodes[pos].bird_pid.take() else {
-            return Ok(());
-        };
-        if let Some(mut child) = self.children.remove(&pid) {
-            // Ignored: it may have died already; wait() reaps it either way.
-            let _ = child.kill();
-            let status = child.wait().with_context(|| format!("reaping pid {pid}"))?;
-            self.reaped.insert(pid, status);
+        match self.nodes[pos].bird_pid.take() {
+            Some(pid) => self.kill_child(pid),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Cluster labs: starts node `n`'s BIRD (no-op if it runs) with its

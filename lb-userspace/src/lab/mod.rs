@@ -214,14 +214,20 @@ pub fn backend_v4(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 2, backend_host(i))
 }
 
-/// IPv6 address of backend `i` (1-based): `fd00:18:2::` followed by the decimal digits of 10+i.
-pub fn backend_v6(i: usize) -> Ipv6Addr {
+/// The lab's IPv6 address on the backend segment whose last group reads as
+/// the decimal `host` (`fd00:18:2::11` beside 198.18.2.11).
+fn segment_v6(host: u8) -> Ipv6Addr {
     // The decimal digits are reused as hex digits so the text reads like the v4 host part.
-    let segment = backend_host(i)
+    let group = host
         .to_string()
         .bytes()
         .fold(0u16, |acc, d| acc * 16 + u16::from(d - b'0'));
-    Ipv6Addr::new(0xfd00, 0x18, 0x2, 0, 0, 0, 0, segment)
+    Ipv6Addr::new(0xfd00, 0x18, 0x2, 0, 0, 0, 0, group)
+}
+
+/// IPv6 address of backend `i` (1-based): `fd00:18:2::` followed by the decimal digits of 10+i.
+pub fn backend_v6(i: usize) -> Ipv6Addr {
+    segment_v6(backend_host(i))
 }
 
 /// MAC address of backend `i` (1-based): 02:18:02:00:00:{10+i in hex}.
@@ -1122,9 +1128,14 @@ impl Lab {
     /// Kills backend `index`'s server with SIGKILL (a crash, not a shutdown).
     pub fn stop_backend_server(&mut self, index: usize) -> Result<()> {
         let pos = self.backend_pos(index)?;
-        let Some(pid) = self.backends[pos].server_pid.take() else {
-            return Ok(());
-        };
+        match self.backends[pos].server_pid.take() {
+            Some(pid) => self.kill_child(pid),
+            None => Ok(()),
+        }
+    }
+
+    /// Kills a process this lab started with SIGKILL and reaps it.
+    fn kill_child(&mut self, pid: u32) -> Result<()> {
         if let Some(mut child) = self.children.remove(&pid) {
             // Ignored: it may have died on its own already; wait() below still reaps it.
             let _ = child.kill();
