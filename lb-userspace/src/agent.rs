@@ -29,7 +29,7 @@ use crate::{
     dataplane::{self, Dataplane, pin},
     discovery::{self, Tracker, Verdict, dns},
     health::{HealthChecker, HealthEvent, Target},
-    metrics, proxy,
+    metrics,
     runtime::{self, Desired},
 };
 
@@ -69,7 +69,7 @@ pub struct Agent {
     /// Tells the main loop a reload happened (the L7 proxy lives there).
     reloaded: mpsc::UnboundedSender<()>,
     /// Live figures of the running L7 proxy, if one runs (set by the main loop).
-    proxy_stats: Option<proxy::ProxyStats>,
+    proxy_stats: Option<lb_proxy::ProxyStats>,
     /// Keeps BIRD announcing what `bgp::announcements` says (its task runs in the main loop).
     bgp: bgp::Speaker,
     /// Each DNS discovery's state and set in force, by group.
@@ -310,7 +310,7 @@ impl Agent {
         let live = self
             .proxy_stats
             .as_ref()
-            .map(proxy::ProxyStats::pools)
+            .map(lb_proxy::ProxyStats::pools)
             .unwrap_or_default();
         for p in &self.desired.config.proxy.0.pools {
             let service = Group::pool_name(&p.name);
@@ -485,7 +485,7 @@ impl Agent {
     }
 
     /// The running L7 proxy's figures, for metrics.
-    pub fn proxy_stats(&self) -> Option<proxy::ProxyStats> {
+    pub fn proxy_stats(&self) -> Option<lb_proxy::ProxyStats> {
         self.proxy_stats.clone()
     }
 }
@@ -598,12 +598,12 @@ impl Handler for Shared {
 }
 
 /// Starts the L7 proxy if the configuration has frontends.
-async fn start_proxy(section: &config::ProxySection) -> Result<Option<proxy::Proxy>> {
+async fn start_proxy(section: &config::ProxySection) -> Result<Option<lb_proxy::Proxy>> {
     if section.0.frontends.is_empty() {
         return Ok(None);
     }
-    let router = proxy::routing::router(&section.0)?;
-    let started = proxy::Proxy::start(section.0.clone(), Some(router)).await?;
+    let router = lb_proxy::routing::router(&section.0)?;
+    let started = lb_proxy::Proxy::start(section.0.clone(), Some(router)).await?;
     info!(listening = ?started.local_addrs(), "L7 proxy running");
     Ok(Some(started))
 }
@@ -748,7 +748,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).
     let mut proxy_config = config.proxy.clone();
     let mut proxy = start_proxy(&proxy_config).await?;
-    shared.lock().proxy_stats = proxy.as_ref().map(proxy::Proxy::stats);
+    shared.lock().proxy_stats = proxy.as_ref().map(lb_proxy::Proxy::stats);
 
     // The last steps that can fail come before anything is spawned, so a
     // failure leaves no task (nor control socket) behind either.
@@ -820,7 +820,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                     match start_proxy(&next).await {
                         Ok(p) => {
                             let old = std::mem::replace(&mut proxy, p);
-                            shared.lock().proxy_stats = proxy.as_ref().map(proxy::Proxy::stats);
+                            shared.lock().proxy_stats = proxy.as_ref().map(lb_proxy::Proxy::stats);
                             drop(old);
                             proxy_config = next;
                             info!("L7 proxy restarted with the new frontends and pools");

@@ -146,7 +146,7 @@ pub struct Config {
 /// discoveries (pool name, discovery).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProxySection(
-    pub crate::proxy::ProxyConfig,
+    pub lb_proxy::ProxyConfig,
     pub Vec<(String, HealthCheck)>,
     pub Vec<(String, Discovery)>,
 );
@@ -638,11 +638,11 @@ struct RawConfig {
 #[derive(Deserialize)]
 struct RawProxy {
     #[serde(default)]
-    frontend: Vec<Spanned<crate::proxy::Frontend>>,
+    frontend: Vec<Spanned<lb_proxy::Frontend>>,
     #[serde(default)]
-    pool: Vec<Spanned<crate::proxy::Pool>>,
+    pool: Vec<Spanned<lb_proxy::Pool>>,
     #[serde(default)]
-    userlist: Vec<crate::proxy::UserList>,
+    userlist: Vec<lb_proxy::UserList>,
 }
 
 /// Just the `[pool.health]` tables, with their spans (other keys are ignored here).
@@ -918,7 +918,7 @@ impl Checker<'_> {
                 }
             }
         }
-        let cfg = crate::proxy::ProxyConfig {
+        let cfg = lb_proxy::ProxyConfig {
             frontends: raw.frontend.into_iter().map(Spanned::into_inner).collect(),
             pools: raw.pool.into_iter().map(Spanned::into_inner).collect(),
             userlists: raw.userlist,
@@ -926,8 +926,8 @@ impl Checker<'_> {
         let problem = cfg
             .validate()
             .map_err(|e| e.to_string())
-            .and_then(|()| crate::proxy::routing::router(&cfg).map_err(|e| e.to_string()))
-            .and_then(|_| crate::proxy::actions::compile(&cfg).map_err(|e| e.to_string()))
+            .and_then(|()| lb_proxy::routing::router(&cfg).map_err(|e| e.to_string()))
+            .and_then(|_| lb_proxy::actions::compile(&cfg).map_err(|e| e.to_string()))
             .map(drop);
         if let Err(reason) = problem {
             match first {

@@ -1,7 +1,6 @@
 //! The load balancer's userspace: configuration, the agent that drives the XDP
 //! data plane, metrics, and the namespace lab shared by demo, tests and benchmarks.
 
-pub mod acl;
 pub mod agent;
 mod allocator;
 pub mod balancer;
@@ -15,7 +14,6 @@ pub mod discovery;
 pub mod health;
 pub mod lab;
 pub mod metrics;
-pub mod proxy;
 pub mod runtime;
 
 /// The global allocator the binaries install (`#[global_allocator]`), so that

@@ -118,8 +118,8 @@ pub fn render(services: &[ServiceLabel], backends: &[BackendLabel], c: &Counters
 
 /// Renders the L7 pools' live figures: requests in flight and idle
 /// keep-alive connections per server, queued requests per pool.
-pub fn render_pools(pools: &[crate::proxy::PoolStats]) -> String {
-    use crate::proxy::ServerStats;
+pub fn render_pools(pools: &[lb_proxy::PoolStats]) -> String {
+    use lb_proxy::ServerStats;
     // One sample per pool server of the figure `value` picks.
     let per_server = |value: fn(&ServerStats) -> usize| {
         pools.iter().flat_map(move |p| {
@@ -243,10 +243,10 @@ mod tests {
 
     #[test]
     fn renders_pool_gauges() {
-        let pools = [crate::proxy::PoolStats {
+        let pools = [lb_proxy::PoolStats {
             name: "web".into(),
             queued: 3,
-            servers: vec![crate::proxy::ServerStats {
+            servers: vec![lb_proxy::ServerStats {
                 address: "198.18.2.11:8080".parse().unwrap(),
                 current: 2,
                 idle_connections: 5,

@@ -193,7 +193,7 @@ impl Desired {
                     }
                 }
                 p.servers.extend(d.add.iter().map(|f| {
-                    let mut server = crate::proxy::ServerSpec::new(f.address);
+                    let mut server = lb_proxy::ServerSpec::new(f.address);
                     server.weight = f.weight;
                     server.backup = f.backup;
                     server
@@ -254,7 +254,7 @@ impl Desired {
             .iter_mut()
             .find(|p| p.name == pool)
             .ok_or_else(|| format!("unknown pool {pool:?}"))?;
-        let has = |p: &crate::proxy::Pool, a: SocketAddr| p.servers.iter().any(|s| s.address == a);
+        let has = |p: &lb_proxy::Pool, a: SocketAddr| p.servers.iter().any(|s| s.address == a);
         match request {
             Request::AddBackend {
                 address, weight, ..
@@ -264,7 +264,7 @@ impl Desired {
                 if has(p, *address) {
                     return Err(format!("pool {pool:?} already has server {address}"));
                 }
-                let mut server = crate::proxy::ServerSpec::new(*address);
+                let mut server = lb_proxy::ServerSpec::new(*address);
                 server.weight = *weight;
                 p.servers.push(server);
             }

@@ -15,11 +15,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use lb_proxy::{Algorithm, CertPair, Frontend, Pool, Proxy, ProxyConfig, ServerSpec, TlsConfig};
 use lb_userspace::lab::{
     BALANCER_CLIENT_V4, Lab, LabOptions, TCP_PORT, client::http_get, run_in_ns,
-};
-use lb_userspace::proxy::{
-    Algorithm, CertPair, Frontend, Pool, Proxy, ProxyConfig, ServerSpec, TlsConfig,
 };
 
 /// Backends behind both proxies (round robin).

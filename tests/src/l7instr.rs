@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use lb_userspace::proxy::{Algorithm, Frontend, Pool, Proxy, ProxyConfig, ServerSpec};
+use lb_proxy::{Algorithm, Frontend, Pool, Proxy, ProxyConfig, ServerSpec};
 
 /// Requests of the short and the long run (keep-alive, one connection).
 const SHORT: u64 = 500;

@@ -8,8 +8,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version, request};
 
-use crate::proxy::forward::HOP_BY_HOP;
-use crate::proxy::hardening::{self, BodyLen, MAX_HEADERS};
+use crate::forward::HOP_BY_HOP;
+use crate::hardening::{self, BodyLen, MAX_HEADERS};
 
 /// Bytes reserved before writing a head: enough for a typical one.
 const HEAD_RESERVE: usize = 1024;
@@ -610,7 +610,7 @@ mod tests {
         );
         // The same fields through a header map (response actions) give the same head.
         let mut map = resp.header_map().unwrap();
-        crate::proxy::strip_hop_by_hop(&mut map);
+        crate::strip_hop_by_hop(&mut map);
         let mut via_map = Vec::new();
         put_response(&mut via_map, resp.status, resp.reason(), &map, &[]);
         let mut direct = Vec::new();

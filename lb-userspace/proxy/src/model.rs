@@ -229,7 +229,7 @@ pub struct Pool {
     pub health: Option<toml::Value>,
     /// `[pool.discovery]`, the keys of `[service.discovery]`; read and
     /// validated by the agent's config loader, whose discovery adds and
-    /// removes servers as DNS answers change (`crate::discovery`).
+    /// removes servers as DNS answers change (lb-userspace's `discovery`).
     #[serde(default)]
     pub discovery: Option<toml::Value>,
     /// Speak TLS to the servers (after the PROXY header of `send_proxy`).

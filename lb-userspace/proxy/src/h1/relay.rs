@@ -12,8 +12,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::io::poll_read_buf;
 
 use super::codec::BodyKind;
-use crate::proxy::deadline::Deadline;
-use crate::proxy::hardening::{self, Chunk};
+use crate::deadline::Deadline;
+use crate::hardening::{self, Chunk};
 
 /// Bytes asked of a stream per read.
 pub(super) const READ_SIZE: usize = 16 * 1024;

@@ -153,6 +153,7 @@ macro_rules! write_through {
 }
 
 mod accept;
+pub mod acl;
 pub mod actions;
 mod balance;
 mod connpool;
