@@ -163,7 +163,7 @@ mod h1;
 mod hardening;
 mod log;
 mod model;
-mod proxy_protocol;
+pub mod proxy_protocol;
 mod request_body;
 pub mod routing;
 mod server;
@@ -171,19 +171,6 @@ mod shutdown;
 mod tls;
 mod tunnel;
 mod upstream;
-
-#[cfg(test)]
-mod test_support;
-#[cfg(test)]
-mod tests;
-#[cfg(test)]
-mod tests_edge;
-#[cfg(test)]
-mod tests_framing;
-#[cfg(test)]
-mod tests_h1;
-#[cfg(test)]
-mod tests_upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -200,6 +187,7 @@ pub use model::{
     TlsConfig, UsePool, User, UserList,
 };
 pub use tls::{CertResolver, TlsError, dns_names};
+pub use upstream::NoVerify;
 
 use forward::{PoolRuntime, Shared};
 use server::FrontendRuntime;

@@ -55,9 +55,9 @@ pub struct AccessRecord {
     pub version: Option<Version>,
 }
 
-/// Whether anyone subscribes to access log records (always in tests, which collect them).
+/// Whether anyone subscribes to access log records.
 pub(crate) fn enabled() -> bool {
-    cfg!(test) || tracing::enabled!(target: "access", tracing::Level::INFO)
+    tracing::enabled!(target: "access", tracing::Level::INFO)
 }
 
 /// Pool and server of a request that reached neither.
@@ -210,43 +210,7 @@ impl AccessRecord {
             LogFormat::Httplog => self.httplog(),
             LogFormat::Json => self.json().to_string(),
         };
-        #[cfg(test)]
-        {
-            test_sink::SINK
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(self.clone());
-            test_sink::LINES
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(line.clone());
-        }
         tracing::info!(target: "access", "{line}");
-    }
-}
-
-/// Every record emitted in tests, for assertions on timers (tracing's per-thread
-/// subscribers are unreliable with tests running in parallel).
-#[cfg(test)]
-pub(crate) mod test_sink {
-    use std::sync::Mutex;
-
-    use super::AccessRecord;
-
-    /// Records in emission order.
-    pub static SINK: Mutex<Vec<AccessRecord>> = Mutex::new(Vec::new());
-
-    /// Rendered lines (httplog or JSON) in emission order.
-    pub static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-    /// Records emitted so far whose URI is `uri`.
-    pub fn records(uri: &str) -> Vec<AccessRecord> {
-        SINK.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter(|r| r.uri_text() == uri)
-            .cloned()
-            .collect()
     }
 }
 

@@ -34,7 +34,7 @@ fn bad(msg: &'static str) -> io::Error {
 
 /// Reads one PROXY header (v1 or v2) from the start of `r` and nothing more:
 /// the claimed (source, destination), or None for `UNKNOWN`/`LOCAL`/non-TCP (keep the real ones).
-pub(crate) async fn read_header<R: AsyncRead + Unpin>(
+pub async fn read_header<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> io::Result<Option<(SocketAddr, SocketAddr)>> {
     let mut head = [0u8; 16];
@@ -148,7 +148,7 @@ pub(crate) fn parse_v2(
 }
 
 /// The header announcing a connection from `src` to `dst`.
-pub(crate) fn encode(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     // Mixed families: map the IPv4 side into IPv6.
     let (src, dst) = match (src, dst) {
         (SocketAddr::V4(s), SocketAddr::V6(_)) => (

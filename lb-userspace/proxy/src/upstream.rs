@@ -74,7 +74,7 @@ fn read_roots(path: &Path) -> anyhow::Result<RootCertStore> {
 
 /// `verify = false`: any certificate is accepted (signatures are still checked).
 #[derive(Debug)]
-pub(crate) struct NoVerify(pub Arc<CryptoProvider>);
+pub struct NoVerify(pub Arc<CryptoProvider>);
 
 impl ServerCertVerifier for NoVerify {
     fn verify_server_cert(

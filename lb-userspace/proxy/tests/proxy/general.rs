@@ -17,8 +17,10 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::test_support::{TempDir, local_frontend, start_proxy};
-use super::*;
+use crate::support::{
+    TempDir, access_lines, capture_access_log, idle, local_frontend, provider, start_proxy,
+};
+use lb_proxy::*;
 
 /// A test backend: answers `name` plus the request headers as JSON; `/sleep/N` waits N ms first.
 struct Backend {
@@ -327,7 +329,7 @@ async fn server_connections_are_reused() {
         assert_eq!(r.status, StatusCode::OK);
     }
     assert_eq!(a.accepted.load(Ordering::SeqCst), 1);
-    assert_eq!(proxy.shared.pools[0].idle_connections(a.addr), 1);
+    assert_eq!(idle(&proxy, a.addr), 1);
 }
 
 #[tokio::test]
@@ -337,12 +339,12 @@ async fn idle_server_connections_close_after_timeout_server_idle() {
     p.timeout_server_idle = Duration::from_millis(600);
     let proxy = start(frontend(), p).await;
     let url = format!("http://{}/", proxy.local_addrs()[0]);
-    let idle = || proxy.shared.pools[0].idle_connections(a.addr);
+    let idle_a = || idle(&proxy, a.addr);
     assert_eq!(send(&h1_client(), url.clone()).await.status, StatusCode::OK);
-    assert_eq!(idle(), 1);
+    assert_eq!(idle_a(), 1);
     // Swept within the limit plus half of it: closed, so the next request opens one.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(idle(), 0, "still kept after timeout_server_idle");
+    assert_eq!(idle_a(), 0, "still kept after timeout_server_idle");
     assert_eq!(send(&h1_client(), url.clone()).await.status, StatusCode::OK);
     assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
 
@@ -355,7 +357,7 @@ async fn idle_server_connections_close_after_timeout_server_idle() {
     for _ in 0..3 {
         assert_eq!(send(&h1_client(), url.clone()).await.status, StatusCode::OK);
     }
-    assert_eq!(proxy.shared.pools[0].idle_connections(b.addr), 0);
+    assert_eq!(idle(&proxy, b.addr), 0);
     assert_eq!(b.accepted.load(Ordering::SeqCst), 3);
 }
 
@@ -427,7 +429,7 @@ async fn large_bodies_stream_both_ways_and_the_connection_is_reused() {
         1,
         "one server connection for all"
     );
-    assert_eq!(proxy.shared.pools[0].idle_connections(addr), 1);
+    assert_eq!(idle(&proxy, addr), 1);
 
     // A client that leaves mid-response: that server connection is not reused.
     let raw = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
@@ -548,7 +550,7 @@ async fn tls_connect(
     alpn: &[&[u8]],
     tls12: bool,
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
-    let provider = tls::provider();
+    let provider = provider();
     let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
         &[&rustls::version::TLS12]
     } else {
@@ -559,7 +561,7 @@ async fn tls_connect(
         .unwrap()
         .dangerous()
         // Any certificate is accepted: the tests check which one was presented.
-        .with_custom_certificate_verifier(Arc::new(super::upstream::NoVerify(provider)))
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     // An IP address as server name sends no SNI extension.
@@ -617,7 +619,7 @@ async fn tls_server_cipher_order_wins() {
             .with_protocol_versions(&[version])
             .unwrap()
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(super::upstream::NoVerify(provider)))
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth();
         let tcp = TcpStream::connect(addr).await.unwrap();
         let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
@@ -878,18 +880,36 @@ async fn hash_server_down_moves_only_its_keys() {
     assert!((25..=75).contains(&moved), "{moved}");
 }
 
-/// `(status, Tw)` of the access records for `uri`, waiting up to 2 s for one
-/// (a record is written when the proxy drops the response body, which may be
-/// just after the client has it all).
+/// `(status, Tw)` of the JSON access log lines for `uri`, waiting up to 2 s
+/// for one (a record is written when the proxy drops the response body, which
+/// may be just after the client has it all).
 async fn tw(uri: &str) -> Vec<(u16, i64)> {
     for _ in 0..100 {
-        let recs = super::log::test_sink::records(uri);
+        let recs: Vec<(u16, i64)> = access_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|j| j["uri"] == uri)
+            .filter_map(|j| {
+                Some((
+                    u16::try_from(j["status"].as_u64()?).ok()?,
+                    j["tw"].as_i64()?,
+                ))
+            })
+            .collect();
         if !recs.is_empty() {
-            return recs.iter().map(|r| (r.status, r.tw)).collect();
+            return recs;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Vec::new()
+}
+
+/// A frontend whose access log is kept (JSON lines), for `tw`.
+fn logged_frontend() -> Frontend {
+    capture_access_log();
+    let mut fe = frontend();
+    fe.log_format = LogFormat::Json;
+    fe
 }
 
 /// Waits (bounded) until the pool's first server has `n` requests in flight,
@@ -909,7 +929,7 @@ async fn maxconn_queues_then_serves_with_tw() {
     let a = backend("a").await;
     let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
     p.servers[0].maxconn = 1;
-    let proxy = Arc::new(start(frontend(), p).await);
+    let proxy = Arc::new(start(logged_frontend(), p).await);
     let p2 = proxy.clone();
     let first = tokio::spawn(async move { get(&p2, "/sleep/300?first").await });
     until_active(&proxy, 1).await;
@@ -932,7 +952,7 @@ async fn queue_timeout_is_503() {
     let mut p = pool(Algorithm::LeastConn, &[a.addr]);
     p.servers[0].maxconn = 1;
     p.timeout_queue = Duration::from_millis(200);
-    let proxy = Arc::new(start(frontend(), p).await);
+    let proxy = Arc::new(start(logged_frontend(), p).await);
     let p2 = proxy.clone();
     let slow = tokio::spawn(async move { get(&p2, "/sleep/1000").await });
     until_active(&proxy, 1).await;

@@ -12,9 +12,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::test_support::{local_frontend, start_proxy, two_pool_config};
-use super::tests_h1::scripted_server;
-use super::*;
+use crate::h1::scripted_server;
+use crate::support::{idle, local_frontend, start_proxy, two_pool_config};
+use lb_proxy::*;
 
 /// Heads the scripted server received.
 type Seen = Arc<Mutex<Vec<String>>>;
@@ -329,7 +329,7 @@ async fn a_server_connection_with_an_unsent_body_is_not_reused() {
     writer.abort();
     // The connection still holds the body's unsent rest: it is not kept for
     // another request (whose server would read that rest as a request).
-    assert_eq!(proxy.shared.pools[0].idle_connections(server), 0);
+    assert_eq!(idle(&proxy, server), 0);
     let out = exchange(front, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(out.ends_with("second"), "{out}");
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
@@ -492,5 +492,5 @@ async fn http2_streams_reset_after_sending_do_not_cost_server_connections() {
         opened <= 10,
         "{opened} server connections for {resets} reset streams"
     );
-    assert!(proxy.shared.pools[0].idle_connections(server) >= 1);
+    assert!(idle(&proxy, server) >= 1);
 }

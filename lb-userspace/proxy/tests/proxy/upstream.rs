@@ -16,8 +16,10 @@ use hyper_util::server::conn::auto;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tokio::net::TcpListener;
 
-use super::test_support::{TempDir, local_frontend, start_proxy};
-use super::*;
+use crate::support::{
+    TempDir, access_lines, capture_access_log, idle, local_frontend, provider, start_proxy,
+};
+use lb_proxy::*;
 
 /// A test CA; `ca.pem` in `dir` holds its certificate.
 struct Ca {
@@ -43,7 +45,7 @@ fn server_tls(ca: &Ca, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConf
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
     let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
@@ -279,14 +281,13 @@ async fn h2_to_tls_server_by_alpn() {
 
 #[tokio::test]
 async fn json_access_log() {
+    capture_access_log();
     let server = backend(None).await;
     let proxy = start(pool(server), LogFormat::Json).await;
     assert_eq!(get(&proxy, "/json-log?x=1").await.0, StatusCode::OK);
     let mut found = None;
     for _ in 0..100 {
-        found = log::test_sink::LINES
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        found = access_lines()
             .iter()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .find(|j| j["uri"] == "/json-log?x=1");
@@ -320,10 +321,7 @@ async fn json_access_log() {
     let proxy = start(pool(server), LogFormat::Httplog).await;
     assert_eq!(get(&proxy, "/text-log").await.0, StatusCode::OK);
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let lines = log::test_sink::LINES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let lines = access_lines();
     assert!(
         lines
             .iter()
@@ -433,7 +431,7 @@ async fn http2_streams_reset_before_sending_are_not_sent_and_keep_their_connecti
         0,
         "a reset request was sent"
     );
-    assert_eq!(proxy.shared.pools[0].idle_connections(server), 5);
+    assert_eq!(idle(&proxy, server), 5);
     // The next request uses one of them.
     let mut send = send.clone();
     let req = Request::get(format!("http://{front}/"))

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::test_support::{local_frontend, start_proxy};
-use super::*;
+use crate::support::{local_frontend, start_proxy};
+use lb_proxy::*;
 
 /// What a scripted server answers to one request: given the request's place
 /// on its connection (0 for the first), its head and body as received, the

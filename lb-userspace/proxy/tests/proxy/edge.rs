@@ -14,8 +14,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::test_support::{local_frontend, start_proxy};
-use super::*;
+use crate::support::{local_frontend, start_proxy};
+use lb_proxy::*;
 
 /// A backend that counts the requests it receives and answers with their body
 /// and `X-Forwarded-For`.

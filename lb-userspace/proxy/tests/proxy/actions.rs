@@ -1,0 +1,436 @@
+//! http-request and http-response rules (`actions`) end to end: a real
+//! backend that echoes what it received, and the compile errors of bad rules.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode, header};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::support::two_pool_config;
+use lb_proxy::*;
+
+/// A backend answering `{"server", "path", "headers": {name: [values]}}`, with `server: test`
+/// and `x-server` headers; counts the requests it serves.
+async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let count = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<Incoming>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let mut headers = serde_json::Map::new();
+                    for (k, v) in req.headers() {
+                        let entry = headers
+                            .entry(k.to_string())
+                            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+                        if let serde_json::Value::Array(a) = entry {
+                            a.push(v.to_str().unwrap_or("").into());
+                        }
+                    }
+                    let path = req.uri().path_and_query().map(|p| p.to_string());
+                    let body =
+                        serde_json::json!({"server": name, "path": path, "headers": headers});
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            Response::builder()
+                                .header("server", "test")
+                                .header("x-server", name)
+                                .body(Full::new(Bytes::from(body.to_string())))
+                                .unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+fn config(app: SocketAddr, api: SocketAddr, frontend: &str, top: &str) -> ProxyConfig {
+    two_pool_config(app, api, frontend, top)
+}
+
+async fn start(cfg: ProxyConfig) -> Proxy {
+    let router = routing::router(&cfg).unwrap();
+    Proxy::start(cfg, Some(router)).await.unwrap()
+}
+
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Got {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+    /// Values of a request header as the backend saw it.
+    fn seen(&self, name: &str) -> Vec<String> {
+        match &self.json()["headers"][name] {
+            serde_json::Value::Array(a) => {
+                a.iter().map(|v| v.as_str().unwrap().to_string()).collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+async fn send(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Got {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let mut req = http::Request::builder().uri(format!("http://{}{path}", proxy.local_addrs()[0]));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap();
+    let (head, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Got {
+        status: head.status,
+        headers: head.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+fn basic(user: &str, password: &str) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let raw = format!("{user}:{password}").into_bytes();
+    let mut out = String::from("Basic ");
+    for chunk in raw.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+const ACLS: &str = r#"
+[[frontend.acl]]
+name = "admin"
+path_prefix = "/admin"
+[[frontend.acl]]
+name = "old"
+path_prefix = "/old"
+[[frontend.acl]]
+name = "new"
+path_prefix = "/new"
+[[frontend.acl]]
+name = "loc"
+path_prefix = "/loc"
+[[frontend.acl]]
+name = "pre"
+path_prefix = "/pre"
+[[frontend.acl]]
+name = "sch"
+path_prefix = "/sch"
+[[frontend.acl]]
+name = "health"
+path = "/health"
+[[frontend.acl]]
+name = "teapot"
+path = "/teapot"
+"#;
+
+#[tokio::test]
+async fn deny_never_reaches_the_server() {
+    let ((app, hits), (api, _)) = (backend("app").await, backend("api").await);
+    let rules = format!(
+        r#"{ACLS}
+[[frontend.request]]
+action = "deny"
+if = "admin"
+[[frontend.request]]
+action = "deny"
+status = 429
+if = "teapot"
+"#
+    );
+    let proxy = start(config(app, api, &rules, "")).await;
+    let r = send(&proxy, "/admin/x", &[]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.body.contains("403 Forbidden"), "{}", r.body);
+    assert_eq!(
+        send(&proxy, "/teapot", &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let r = send(&proxy, "/ok", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn redirect_variants_and_codes() {
+    let ((app, hits), (api, _)) = (backend("app").await, backend("api").await);
+    let rules = format!(
+        r#"{ACLS}
+[[frontend.request]]
+action = "redirect"
+location = "https://x.example/moved"
+code = 301
+if = "loc"
+[[frontend.request]]
+action = "redirect"
+prefix = "https://new.example/"
+code = 308
+if = "pre"
+[[frontend.request]]
+action = "redirect"
+scheme = "https"
+if = "sch"
+"#
+    );
+    let proxy = start(config(app, api, &rules, "")).await;
+    let location = |r: &Got| r.headers[header::LOCATION].to_str().unwrap().to_string();
+    let r = send(&proxy, "/loc/a?b=1", &[]).await;
+    assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY);
+    assert_eq!(location(&r), "https://x.example/moved");
+    let r = send(&proxy, "/pre/a?b=1", &[]).await;
+    assert_eq!(r.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(location(&r), "https://new.example/pre/a?b=1");
+    let r = send(&proxy, "/sch/a?b=1", &[("host", "www.example")]).await;
+    assert_eq!(r.status, StatusCode::FOUND);
+    assert_eq!(location(&r), "https://www.example/sch/a?b=1");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let r = send(&proxy, "/other", &[]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(!r.headers.contains_key(header::LOCATION));
+}
+
+#[tokio::test]
+async fn header_actions_are_seen_by_the_server() {
+    let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
+    let rules = format!(
+        r#"{ACLS}
+[[frontend.request]]
+action = "set-header"
+name = "x-env"
+value = "prod"
+[[frontend.request]]
+action = "add-header"
+name = "x-tag"
+value = "b"
+[[frontend.request]]
+action = "del-header"
+name = "x-secret"
+[[frontend.request]]
+action = "set-header"
+name = "x-admin"
+value = "1"
+if = "admin"
+"#
+    );
+    let proxy = start(config(app, api, &rules, "")).await;
+    let sent = [("x-env", "dev"), ("x-tag", "a"), ("x-secret", "s")];
+    let r = send(&proxy, "/plain", &sent).await;
+    assert_eq!(r.seen("x-env"), ["prod"]);
+    assert_eq!(r.seen("x-tag"), ["a", "b"]);
+    assert!(r.seen("x-secret").is_empty());
+    assert!(r.seen("x-admin").is_empty());
+    let r = send(&proxy, "/admin", &[]).await;
+    assert_eq!(r.seen("x-admin"), ["1"]);
+}
+
+#[tokio::test]
+async fn set_path_keeps_the_query_and_feeds_routing() {
+    let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
+    let rules = format!(
+        r#"{ACLS}
+[[frontend.request]]
+action = "set-path"
+path = "/new/place"
+if = "old"
+[[frontend.use_pool]]
+pool = "api"
+if = "new"
+"#
+    );
+    let proxy = start(config(app, api, &rules, "")).await;
+    let r = send(&proxy, "/old/x?q=1", &[]).await;
+    assert_eq!(r.json()["path"], "/new/place?q=1");
+    assert_eq!(r.json()["server"], "api");
+    let r = send(&proxy, "/other?q=1", &[]).await;
+    assert_eq!(r.json()["path"], "/other?q=1");
+    assert_eq!(r.json()["server"], "app");
+}
+
+#[tokio::test]
+async fn return_answers_with_its_body() {
+    let ((app, hits), (api, _)) = (backend("app").await, backend("api").await);
+    let rules = format!(
+        r#"{ACLS}
+[[frontend.request]]
+action = "return"
+body = "ok"
+if = "health"
+[[frontend.request]]
+action = "return"
+status = 503
+content_type = "application/json"
+body = '{{"down":true}}'
+if = "teapot"
+"#
+    );
+    let proxy = start(config(app, api, &rules, "")).await;
+    let r = send(&proxy, "/health", &[]).await;
+    assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
+    assert_eq!(r.headers[header::CONTENT_TYPE], "text/plain");
+    let r = send(&proxy, "/teapot", &[]).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers[header::CONTENT_TYPE], "application/json");
+    assert_eq!(r.body, r#"{"down":true}"#);
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    assert_eq!(send(&proxy, "/x", &[]).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn auth_needs_valid_basic_credentials() {
+    let ((app, hits), (api, _)) = (backend("app").await, backend("api").await);
+    let params = sha_crypt::Sha512Params::new(1_000).unwrap();
+    let hash = sha_crypt::sha512_simple("s3cret:x", &params).unwrap();
+    let rules = format!(
+        r#"{ACLS}
+[[frontend.request]]
+action = "auth"
+userlist = "admins"
+realm = "lb"
+if = "admin"
+"#
+    );
+    let users = format!(
+        r#"
+[[userlist]]
+name = "admins"
+users = [{{ name = "alice", password = "{hash}" }}]
+"#
+    );
+    let proxy = start(config(app, api, &rules, &users)).await;
+    let r = send(&proxy, "/admin", &[]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.headers[header::WWW_AUTHENTICATE], "Basic realm=\"lb\"");
+    for wrong in [
+        basic("alice", "nope"),
+        basic("bob", "s3cret:x"),
+        "Bearer x".into(),
+    ] {
+        let r = send(&proxy, "/admin", &[("authorization", &wrong)]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{wrong}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let right = basic("alice", "s3cret:x");
+    let r = send(&proxy, "/admin", &[("authorization", &right)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    // The condition does not hold: no credentials needed.
+    assert_eq!(send(&proxy, "/public", &[]).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn response_header_actions_are_seen_by_the_client() {
+    let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
+    let rules = format!(
+        r#"{ACLS}
+[[frontend.response]]
+action = "set-header"
+name = "x-frame-options"
+value = "DENY"
+[[frontend.response]]
+action = "del-header"
+name = "server"
+if = "admin"
+"#
+    );
+    let proxy = start(config(app, api, &rules, "")).await;
+    let r = send(&proxy, "/admin", &[]).await;
+    assert_eq!(r.headers["x-frame-options"], "DENY");
+    assert!(!r.headers.contains_key("server"));
+    let r = send(&proxy, "/public", &[]).await;
+    assert_eq!(r.headers["x-frame-options"], "DENY");
+    assert_eq!(r.headers["server"], "test");
+}
+
+fn compile_err(rules: &str, top: &str) -> String {
+    let addr = "127.0.0.1:1".parse().unwrap();
+    let cfg = config(addr, addr, &format!("{ACLS}\n{rules}"), top);
+    actions::compile(&cfg)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn bad_rules_are_refused_with_clear_errors() {
+    let cases = [
+        ("action = \"deny\"\nif = \"nope\"", "nope"),
+        (
+            "action = \"auth\"\nuserlist = \"ghosts\"",
+            "unknown userlist \"ghosts\"",
+        ),
+        (
+            "action = \"redirect\"\nlocation = \"/x\"\ncode = 200",
+            "code 200 is not a redirect",
+        ),
+        ("action = \"redirect\"", "exactly one of"),
+        (
+            "action = \"redirect\"\nlocation = \"/x\"\nprefix = \"/y\"",
+            "exactly one of",
+        ),
+        ("action = \"set-header\"\nvalue = \"v\"", "missing `name`"),
+        ("action = \"add-header\"\nname = \"x\"", "missing `value`"),
+        (
+            "action = \"set-header\"\nname = \"content-length\"\nvalue = \"1\"",
+            "cannot be changed",
+        ),
+        ("action = \"set-path\"\npath = \"no-slash\"", "bad path"),
+        (
+            "action = \"deny\"\nlocation = \"/x\"",
+            "`location` does not apply to deny",
+        ),
+        ("action = \"deny\"\nstatus = 99", "status 99"),
+        ("action = \"tarpit\"", "unknown action \"tarpit\""),
+    ];
+    for (rule, want) in cases {
+        let err = compile_err(&format!("[[frontend.request]]\n{rule}"), "");
+        assert!(err.contains(want), "{rule}: {err}");
+        assert!(err.contains("frontend \"web\": request rule 1"), "{err}");
+    }
+    let err = compile_err("[[frontend.response]]\naction = \"deny\"", "");
+    assert!(
+        err.contains("response rule 1 (deny): unknown response action"),
+        "{err}"
+    );
+    let bad_hash = "[[userlist]]\nname = \"u\"\nusers = [{ name = \"a\", password = \"plain\" }]";
+    assert!(compile_err("", bad_hash).contains("userlist \"u\": user \"a\": password must be"));
+    let twice = "[[userlist]]\nname = \"u\"\n[[userlist]]\nname = \"u\"";
+    assert!(compile_err("", twice).contains("defined twice"));
+}

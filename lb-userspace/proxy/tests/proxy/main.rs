@@ -1,0 +1,11 @@
+//! The proxy through its public interface only: real clients, servers and
+//! sockets on 127.0.0.1 (one test binary, so one link for all of them).
+
+mod actions;
+mod edge;
+mod framing;
+mod general;
+mod h1;
+mod routing;
+mod support;
+mod upstream;
