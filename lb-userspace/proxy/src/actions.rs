@@ -547,7 +547,7 @@ fn page(status: StatusCode) -> Response<Full<Bytes>> {
             "<html><body><h1>403 Forbidden</h1>\n{}\n</body></html>\n",
             "Request forbidden by administrative rules."
         ),
-        _ => super::forward::error_page(status),
+        _ => crate::error::page(status),
     };
     let mut resp = Response::new(Full::new(Bytes::from(text)));
     *resp.status_mut() = status;

@@ -4,127 +4,34 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Authority, Scheme};
+use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::actions::{self, CompiledActions};
-use super::balance::{Active, Balancer, Unavailable};
-use super::connpool::{ConnPool, Reusable, Sender};
+use super::actions;
+use super::balance::{Active, Unavailable};
+use super::connpool::{Reusable, Sender};
+use super::context::{ConnCtx, FrontendCtx, PoolRuntime, Shared};
+use super::error;
 use super::hardening;
 use super::log::{self, AccessRecord, LogFormat};
-use super::model::Pool;
 use super::request_body::{self, RequestBody};
-use super::{tunnel, upstream};
+use super::tunnel;
 use crate::acl;
-
-/// Picks a pool index (into `ProxyConfig::pools`) for a request to the frontend
-/// of the given index (into `ProxyConfig::frontends`); None means that frontend's default pool.
-pub type Router = Arc<dyn Fn(usize, &acl::Request<'_>) -> Option<usize> + Send + Sync>;
 
 /// Body of every response the proxy sends.
 pub type ProxyBody = LoggedBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A pool with its balancer and its server connections.
-pub(crate) struct PoolRuntime {
-    pub name: Arc<str>,
-    pub balancer: Balancer,
-    /// Keep-alive connections to the servers (proxy/connpool.rs).
-    pub conns: Arc<ConnPool>,
-    /// `https` for `tls = true` pools (the :scheme of HTTP/2 requests), else `http`.
-    scheme: Scheme,
-    pub timeout_server: Duration,
-    pub retries: u32,
-    /// `timeout_tunnel` of the pool, if set (proxy/tunnel.rs).
-    pub timeout_tunnel: Option<Duration>,
-    /// HTTP/2 to the servers (`h2`): only hyper's path forwards there.
-    pub h2: bool,
-}
-
-impl PoolRuntime {
-    pub fn new(cfg: &Pool) -> anyhow::Result<Self> {
-        let connector = upstream::Connector::new(cfg)?;
-        // send_proxy: a server connection carries one client's address, so none is reused.
-        let idle = match cfg.send_proxy {
-            Some(_) => Duration::ZERO,
-            None => cfg.timeout_server_idle,
-        };
-        let conns = ConnPool::new(connector, cfg.h2, idle);
-        Ok(PoolRuntime {
-            name: cfg.name.as_str().into(),
-            balancer: Balancer::from_pool(cfg),
-            conns,
-            scheme: if cfg.tls { Scheme::HTTPS } else { Scheme::HTTP },
-            timeout_server: cfg.timeout_server,
-            retries: cfg.retries,
-            timeout_tunnel: cfg.timeout_tunnel,
-            h2: cfg.h2,
-        })
-    }
-
-    /// Idle keep-alive connections kept for `server`.
-    pub(crate) fn idle_connections(&self, server: SocketAddr) -> usize {
-        self.conns.idle_count(server)
-    }
-}
-
-/// Shared by all frontends.
-pub(crate) struct Shared {
-    pub pools: Vec<PoolRuntime>,
-    pub route: Option<Router>,
-}
-
-/// Settings of the frontend a connection came in on.
-pub(crate) struct FrontendCtx {
-    pub name: Arc<str>,
-    /// Index in `ProxyConfig::frontends`, which the router is called with.
-    pub index: usize,
-    pub default_pool: usize,
-    /// The frontend's request and response actions, if it has any.
-    pub actions: Option<CompiledActions>,
-    pub forwarded_headers: bool,
-    pub https: bool,
-    /// `timeout_tunnel` of the frontend, if set; the pool's wins.
-    pub timeout_tunnel: Option<Duration>,
-    /// Access log format of the frontend.
-    pub log_format: LogFormat,
-}
-
-/// Requests in flight on a client connection, read by its timeout watcher.
-#[derive(Debug, Default)]
-pub(crate) struct Activity {
-    /// Requests dispatched and not yet answered to the end.
-    pub active: AtomicUsize,
-    /// Requests dispatched so far.
-    pub dispatched: AtomicU64,
-    /// Woken when the last request in flight ends, so idle timeouts get armed.
-    pub idle_waker: Mutex<Option<Waker>>,
-    /// Set once a `101 Switching Protocols` went out: the stream is a tunnel now.
-    pub upgraded: std::sync::atomic::AtomicBool,
-}
-
-/// One client connection.
-pub(crate) struct ConnCtx {
-    pub frontend: Arc<FrontendCtx>,
-    pub peer: SocketAddr,
-    /// Address the client connected to (from the PROXY header with `accept_proxy`).
-    pub local: SocketAddr,
-    pub sni: Option<String>,
-    pub activity: Arc<Activity>,
-    /// When the connection last became ready for a request (accept or end of a response).
-    pub ready_since: Mutex<Instant>,
-}
 
 /// Headers that describe one hop only (RFC 9110 7.6.1) and never cross the proxy.
 /// Typed names: removing by `&str` would parse each name on every request.
@@ -758,24 +665,6 @@ fn unavailable(e: Unavailable, rec: &mut AccessRecord) -> (StatusCode, [char; 2]
     (StatusCode::SERVICE_UNAVAILABLE, term)
 }
 
-/// A small HAProxy-like error page.
-pub(crate) fn error_page(status: StatusCode) -> String {
-    let text = match status.as_u16() {
-        400 => "Your browser sent an invalid request.",
-        408 => "Your browser didn't send a complete request in time.",
-        502 => "The server returned an invalid or incomplete response.",
-        503 => "No server is available to handle this request.",
-        504 => "The server didn't respond in time.",
-        _ => "The request could not be served.",
-    };
-    format!(
-        "<html><body><h1>{} {}</h1>\n{}\n</body></html>\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        text
-    )
-}
-
 fn error_response(
     status: StatusCode,
     mut rec: AccessRecord,
@@ -784,7 +673,7 @@ fn error_response(
 ) -> Response<ProxyBody> {
     rec.status = status.as_u16();
     rec.termination = term;
-    let page = error_page(status);
+    let page = error::page(status);
     let body = Full::new(Bytes::from(page))
         .map_err(|never| match never {})
         .boxed_unsync();
@@ -981,10 +870,5 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2001:db8::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
-    }
-
-    #[test]
-    fn error_pages() {
-        assert!(error_page(StatusCode::SERVICE_UNAVAILABLE).contains("503 Service Unavailable"));
     }
 }

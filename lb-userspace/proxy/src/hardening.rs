@@ -42,7 +42,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
-use super::forward::Activity;
+use super::context::Activity;
 use super::log::{AccessRecord, LogFormat};
 
 /// What hyper is given instead of a rejected head: an invalid method, which it answers with 400.

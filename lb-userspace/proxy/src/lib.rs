@@ -157,7 +157,9 @@ pub mod acl;
 pub mod actions;
 mod balance;
 mod connpool;
+mod context;
 mod deadline;
+mod error;
 mod forward;
 mod h1;
 mod hardening;
@@ -180,17 +182,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use balance::{Acquired, Active, Balancer, HASH_TABLE_SIZE, ServerState, Unavailable};
-pub use forward::{ProxyBody, Router, add_forwarded, strip_hop_by_hop};
+pub use forward::{ProxyBody, add_forwarded, strip_hop_by_hop};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, ConfigError, Frontend, HttpAction, Pool, ProxyConfig, ServerSpec,
     TlsConfig, UsePool, User, UserList,
 };
+pub use routing::Router;
 pub use tls::{CertResolver, TlsError, dns_names};
 pub use upstream::NoVerify;
 
-use forward::{PoolRuntime, Shared};
-use server::FrontendRuntime;
+use context::{FrontendRuntime, PoolRuntime, Shared};
 
 /// Binds with SO_REUSEPORT so a reloaded proxy can listen on the same
 /// addresses before the old one stops: no connection is refused in between.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
 /// Everything the proxy needs: the `[[frontend]]` and `[[pool]]` tables.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -62,7 +62,7 @@ pub struct Frontend {
     #[serde(default)]
     pub use_pool: Vec<UsePool>,
     /// Idle limit of an upgraded (WebSocket) tunnel; the pool's setting wins (default 1h).
-    #[serde(default, deserialize_with = "super::tunnel::opt_duration")]
+    #[serde(default, deserialize_with = "opt_duration")]
     pub timeout_tunnel: Option<Duration>,
     /// Require a PROXY protocol v1/v2 header on every connection; its client address is used.
     #[serde(default)]
@@ -217,7 +217,7 @@ pub struct Pool {
     #[serde(default = "defaults::timeout_queue", with = "duration")]
     pub timeout_queue: Duration,
     /// Idle limit of an upgraded (WebSocket) tunnel (default: the frontend's, else 1h).
-    #[serde(default, deserialize_with = "super::tunnel::opt_duration")]
+    #[serde(default, deserialize_with = "opt_duration")]
     pub timeout_tunnel: Option<Duration>,
     /// Send a PROXY protocol header (`"v1"` or `"v2"`) on each new server connection.
     #[serde(default)]
@@ -556,6 +556,13 @@ mod defaults {
 }
 
 /// Durations as milliseconds (integer) or strings like `"500ms"`, `"10s"`, `"2m"`, `"1h"`.
+/// Deserializes an optional duration (`"1h"`, `"30s"`, integer ms).
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(with = "duration")] Duration);
+    Wrap::deserialize(d).map(|w| Some(w.0))
+}
+
 pub(crate) mod duration {
     use std::time::Duration;
 

@@ -6,8 +6,12 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::{ProxyConfig, Router};
+use super::ProxyConfig;
 use crate::acl::{self, AclSet, Condition};
+
+/// Picks a pool index (into `ProxyConfig::pools`) for a request to the frontend
+/// of the given index (into `ProxyConfig::frontends`); None means that frontend's default pool.
+pub type Router = Arc<dyn Fn(usize, &acl::Request<'_>) -> Option<usize> + Send + Sync>;
 
 /// A frontend's routing that does not compile.
 #[derive(Debug, Error)]

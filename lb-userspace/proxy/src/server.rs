@@ -11,96 +11,21 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, watch};
+use tokio::sync::{OwnedSemaphorePermit, TryAcquireError, watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::accept::{ClientStream, Listener};
-use super::actions::CompiledActions;
+use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared};
 use super::deadline::Deadline;
-use super::forward::{self, Activity, ConnCtx, FrontendCtx, Shared};
+use super::error::TIMEOUT_408;
+use super::forward;
 use super::h1;
 use super::hardening::GuardIo;
 use super::log::{AccessRecord, LogFormat};
-use super::model::Frontend;
 use super::proxy_protocol;
 use super::shutdown::ShutdownWatch;
-
-/// Client-side timeouts of a frontend.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClientTimeouts {
-    pub http_request: Duration,
-    pub keep_alive: Duration,
-    pub client: Duration,
-}
-
-/// A frontend ready to serve connections from its listeners.
-pub(crate) struct FrontendRuntime {
-    pub ctx: Arc<FrontendCtx>,
-    pub tls: Option<TlsAcceptor>,
-    pub limit: Arc<Semaphore>,
-    pub timeouts: ClientTimeouts,
-    pub builder: auto::Builder<TokioExecutor>,
-    /// Largest HTTP/1 request head, for `GuardIo`.
-    pub head_limit: usize,
-    /// Read a PROXY protocol header first.
-    pub accept_proxy: bool,
-    /// HTTP/1 clients take our own path (proxy/h1): every pool the frontend
-    /// routes to speaks HTTP/1.1 to its servers.
-    pub own_h1: bool,
-}
-
-impl FrontendRuntime {
-    /// `index` is the frontend's place in the configuration (see `forward::Router`).
-    pub fn new(
-        cfg: &Frontend,
-        index: usize,
-        default_pool: usize,
-        actions: Option<CompiledActions>,
-        tls: Option<TlsAcceptor>,
-        own_h1: bool,
-    ) -> Self {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // hyper's own header timeout closes silently; ClientIo answers 408 instead.
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .keep_alive(true)
-            .writev(false)
-            // hyper refuses buffers under 8 KiB.
-            .max_buf_size(cfg.request_header_limit.max(8192));
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(cfg.request_header_limit).unwrap_or(u32::MAX));
-        FrontendRuntime {
-            ctx: Arc::new(FrontendCtx {
-                name: cfg.name.as_str().into(),
-                index,
-                default_pool,
-                actions,
-                forwarded_headers: cfg.forwarded_headers,
-                https: tls.is_some(),
-                timeout_tunnel: cfg.timeout_tunnel,
-                log_format: cfg.log_format,
-            }),
-            tls,
-            limit: Arc::new(Semaphore::new(cfg.max_connections)),
-            timeouts: ClientTimeouts {
-                http_request: cfg.timeout_http_request,
-                keep_alive: cfg.timeout_http_keep_alive,
-                client: cfg.timeout_client,
-            },
-            builder,
-            head_limit: cfg.request_header_limit.max(8192),
-            accept_proxy: cfg.accept_proxy,
-            own_h1,
-        }
-    }
-}
 
 /// Accepts connections until `shutdown`'s sender is dropped.
 pub(crate) async fn accept_loop(
@@ -359,9 +284,6 @@ enum Phase {
     Head,
 }
 
-/// HAProxy's 408 answer to a request head that did not arrive in time.
-pub(crate) const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Time-out\r\ncontent-length: 110\r\ncache-control: no-cache\r\nconnection: close\r\ncontent-type: text/html\r\n\r\n<html><body><h1>408 Request Time-out</h1>\nYour browser didn't send a complete request in time.\n</body></html>\n";
-
 /// Client stream that enforces the request-head and idle timeouts:
 /// a stalled HTTP/1 head gets a 408 written here (hyper would close silently),
 /// an idle connection is closed as if the client had.
@@ -539,7 +461,10 @@ write_through!(ClientIo<T>);
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::Semaphore;
+
     use super::*;
+    use crate::model::Frontend;
 
     /// What a served connection starts from: an accepted socket (with its
     /// client, kept open), its peer, a frontend and an empty `Shared`.

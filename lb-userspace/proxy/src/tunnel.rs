@@ -14,22 +14,14 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use serde::{Deserialize, Deserializer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::balance::Active;
-use super::forward::Activity;
+use super::context::Activity;
 
 /// Idle limit of a tunnel when neither the pool nor the frontend sets `timeout_tunnel`.
 pub(crate) const DEFAULT_TIMEOUT_TUNNEL: Duration = Duration::from_secs(3600);
-
-/// Deserializes an optional duration (`"1h"`, `"30s"`, integer ms).
-pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    #[derive(Deserialize)]
-    struct Wrap(#[serde(with = "super::model::duration")] Duration);
-    Wrap::deserialize(d).map(|w| Some(w.0))
-}
 
 /// A client's request to switch protocols, taken from its request.
 pub(crate) struct Upgrade {

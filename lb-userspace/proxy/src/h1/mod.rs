@@ -43,11 +43,12 @@ use tokio_util::io::poll_read_buf;
 use super::accept::HoldForFin;
 use super::actions;
 use super::connpool::RawConn;
+use super::context::{FrontendRuntime, Shared};
 use super::deadline::Deadline;
-use super::forward::{self, Attempts, ClientSide, Forwarding, Prepared, Shared};
+use super::error::{self, TIMEOUT_408};
+use super::forward::{self, Attempts, ClientSide, Forwarding, Prepared};
 use super::hardening::H2_PREFACE;
 use super::log::AccessRecord;
-use super::server::{FrontendRuntime, TIMEOUT_408};
 use super::shutdown::ShutdownWatch;
 use super::tunnel;
 use codec::{BodyKind, RequestHead, ResponseHead, Span};
@@ -412,7 +413,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
     /// Answers 400 and ends the connection; nothing of the request is forwarded.
     async fn bad_request(&mut self, why: &str) -> Wait {
         tracing::debug!(frontend = %self.fe.ctx.name, peer = %self.peer, reason = why, "request rejected");
-        let page = forward::error_page(StatusCode::BAD_REQUEST);
+        let page = error::page(StatusCode::BAD_REQUEST);
         AccessRecord::bad_request(
             self.peer,
             self.fe.ctx.name.clone(),
@@ -468,7 +469,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         keep_alive: bool,
         start: Instant,
     ) -> Next {
-        let page = forward::error_page(status);
+        let page = error::page(status);
         rec.status = status.as_u16();
         rec.termination = term;
         rec.bytes = page.len() as u64;

@@ -1,0 +1,190 @@
+//! What a request runs in, from the widest to the narrowest: the pools of the
+//! proxy (`Shared`, `PoolRuntime`), the frontend a connection came in on
+//! (`FrontendRuntime` for serving it, `FrontendCtx` for its requests), and the
+//! client connection itself (`ConnCtx`, `Activity`). Both request paths, ours
+//! (`h1`) and hyper's (`forward::handle`), read them; they depend on nothing
+//! of either path.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use http::uri::Scheme;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::actions::CompiledActions;
+use crate::balance::Balancer;
+use crate::connpool::ConnPool;
+use crate::log::LogFormat;
+use crate::model::{Frontend, Pool};
+use crate::routing::Router;
+use crate::upstream;
+
+/// A pool with its balancer and its server connections.
+pub(crate) struct PoolRuntime {
+    pub name: Arc<str>,
+    pub balancer: Balancer,
+    /// Keep-alive connections to the servers (proxy/connpool.rs).
+    pub conns: Arc<ConnPool>,
+    /// `https` for `tls = true` pools (the :scheme of HTTP/2 requests), else `http`.
+    pub scheme: Scheme,
+    pub timeout_server: Duration,
+    pub retries: u32,
+    /// `timeout_tunnel` of the pool, if set (proxy/tunnel.rs).
+    pub timeout_tunnel: Option<Duration>,
+    /// HTTP/2 to the servers (`h2`): only hyper's path forwards there.
+    pub h2: bool,
+}
+
+impl PoolRuntime {
+    pub fn new(cfg: &Pool) -> anyhow::Result<Self> {
+        let connector = upstream::Connector::new(cfg)?;
+        // send_proxy: a server connection carries one client's address, so none is reused.
+        let idle = match cfg.send_proxy {
+            Some(_) => Duration::ZERO,
+            None => cfg.timeout_server_idle,
+        };
+        let conns = ConnPool::new(connector, cfg.h2, idle);
+        Ok(PoolRuntime {
+            name: cfg.name.as_str().into(),
+            balancer: Balancer::from_pool(cfg),
+            conns,
+            scheme: if cfg.tls { Scheme::HTTPS } else { Scheme::HTTP },
+            timeout_server: cfg.timeout_server,
+            retries: cfg.retries,
+            timeout_tunnel: cfg.timeout_tunnel,
+            h2: cfg.h2,
+        })
+    }
+
+    /// Idle keep-alive connections kept for `server`.
+    pub(crate) fn idle_connections(&self, server: SocketAddr) -> usize {
+        self.conns.idle_count(server)
+    }
+}
+
+/// Shared by all frontends.
+pub(crate) struct Shared {
+    pub pools: Vec<PoolRuntime>,
+    pub route: Option<Router>,
+}
+
+/// Settings of the frontend a connection came in on.
+pub(crate) struct FrontendCtx {
+    pub name: Arc<str>,
+    /// Index in `ProxyConfig::frontends`, which the router is called with.
+    pub index: usize,
+    pub default_pool: usize,
+    /// The frontend's request and response actions, if it has any.
+    pub actions: Option<CompiledActions>,
+    pub forwarded_headers: bool,
+    pub https: bool,
+    /// `timeout_tunnel` of the frontend, if set; the pool's wins.
+    pub timeout_tunnel: Option<Duration>,
+    /// Access log format of the frontend.
+    pub log_format: LogFormat,
+}
+
+/// Requests in flight on a client connection, read by its timeout watcher.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    /// Requests dispatched and not yet answered to the end.
+    pub active: AtomicUsize,
+    /// Requests dispatched so far.
+    pub dispatched: AtomicU64,
+    /// Woken when the last request in flight ends, so idle timeouts get armed.
+    pub idle_waker: Mutex<Option<Waker>>,
+    /// Set once a `101 Switching Protocols` went out: the stream is a tunnel now.
+    pub upgraded: std::sync::atomic::AtomicBool,
+}
+
+/// One client connection.
+pub(crate) struct ConnCtx {
+    pub frontend: Arc<FrontendCtx>,
+    pub peer: SocketAddr,
+    /// Address the client connected to (from the PROXY header with `accept_proxy`).
+    pub local: SocketAddr,
+    pub sni: Option<String>,
+    pub activity: Arc<Activity>,
+    /// When the connection last became ready for a request (accept or end of a response).
+    pub ready_since: Mutex<Instant>,
+}
+
+/// Client-side timeouts of a frontend.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientTimeouts {
+    pub http_request: Duration,
+    pub keep_alive: Duration,
+    pub client: Duration,
+}
+
+/// A frontend ready to serve connections from its listeners.
+pub(crate) struct FrontendRuntime {
+    pub ctx: Arc<FrontendCtx>,
+    pub tls: Option<TlsAcceptor>,
+    pub limit: Arc<Semaphore>,
+    pub timeouts: ClientTimeouts,
+    pub builder: auto::Builder<TokioExecutor>,
+    /// Largest HTTP/1 request head, for `GuardIo`.
+    pub head_limit: usize,
+    /// Read a PROXY protocol header first.
+    pub accept_proxy: bool,
+    /// HTTP/1 clients take our own path (proxy/h1): every pool the frontend
+    /// routes to speaks HTTP/1.1 to its servers.
+    pub own_h1: bool,
+}
+
+impl FrontendRuntime {
+    /// `index` is the frontend's place in the configuration (see `forward::Router`).
+    pub fn new(
+        cfg: &Frontend,
+        index: usize,
+        default_pool: usize,
+        actions: Option<CompiledActions>,
+        tls: Option<TlsAcceptor>,
+        own_h1: bool,
+    ) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's own header timeout closes silently; ClientIo answers 408 instead.
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .keep_alive(true)
+            .writev(false)
+            // hyper refuses buffers under 8 KiB.
+            .max_buf_size(cfg.request_header_limit.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(cfg.request_header_limit).unwrap_or(u32::MAX));
+        FrontendRuntime {
+            ctx: Arc::new(FrontendCtx {
+                name: cfg.name.as_str().into(),
+                index,
+                default_pool,
+                actions,
+                forwarded_headers: cfg.forwarded_headers,
+                https: tls.is_some(),
+                timeout_tunnel: cfg.timeout_tunnel,
+                log_format: cfg.log_format,
+            }),
+            tls,
+            limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            timeouts: ClientTimeouts {
+                http_request: cfg.timeout_http_request,
+                keep_alive: cfg.timeout_http_keep_alive,
+                client: cfg.timeout_client,
+            },
+            builder,
+            head_limit: cfg.request_header_limit.max(8192),
+            accept_proxy: cfg.accept_proxy,
+            own_h1,
+        }
+    }
+}
