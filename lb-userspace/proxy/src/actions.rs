@@ -397,7 +397,7 @@ fn request_op(
     }
 }
 
-/// Host header, else the URI's authority (HTTP/2), as `forward::handle` sees it.
+/// Host header, else the URI's authority (HTTP/2), as `prepare::prepare` sees it.
 fn host_of(parts: &request::Parts) -> Option<&str> {
     parts
         .headers

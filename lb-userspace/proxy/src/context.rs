@@ -140,7 +140,7 @@ pub(crate) struct FrontendRuntime {
 }
 
 impl FrontendRuntime {
-    /// `index` is the frontend's place in the configuration (see `forward::Router`).
+    /// `index` is the frontend's place in the configuration (see `routing::Router`).
     pub fn new(
         cfg: &Frontend,
         index: usize,

@@ -1,328 +1,38 @@
-//! Per-request work: route, pick a server, rewrite headers, forward with a
-//! pooled client, retry on connect failure, answer errors, log.
+//! hyper's path (HTTP/2 clients, and HTTP/1 ones of frontends that can reach an
+//! `h2` pool): one request from hyper's server to a pooled client and back,
+//! after `prepare` ran its actions and routing; retries, error answers, and
+//! the response body that writes the access log when it ends.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::uri::Authority;
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::actions;
-use super::balance::{Active, Unavailable};
+use super::balance::Active;
 use super::connpool::{Reusable, Sender};
-use super::context::{ConnCtx, FrontendCtx, PoolRuntime, Shared};
+use super::context::{ConnCtx, Shared};
 use super::error;
 use super::hardening;
-use super::log::{self, AccessRecord, LogFormat};
+use super::log::{AccessRecord, LogFormat};
+use super::prepare::{self, Attempts, ClientSide, Forwarding, Prepared};
 use super::request_body::{self, RequestBody};
 use super::tunnel;
-use crate::acl;
 
 /// Body of every response the proxy sends.
 pub type ProxyBody = LoggedBody;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Headers that describe one hop only (RFC 9110 7.6.1) and never cross the proxy.
-/// Typed names: removing by `&str` would parse each name on every request.
-pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Removes hop-by-hop headers, including those the Connection header names.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // A message has a handful of headers: one pass finds which hop-by-hop
-    // names are there, and only those are removed (each removal hashes).
-    let mut present = 0u8;
-    for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    // Names listed in Connection, beyond its usual `close` and `keep-alive`.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case(b"close")
-                && !t.eq_ignore_ascii_case(b"keep-alive")
-                && hardening::connection_may_remove(t)
-        })
-        .filter_map(|t| HeaderName::from_bytes(t).ok())
-        .collect();
-    for name in &named {
-        headers.remove(name);
-    }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-}
-
-/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool) {
-    let ip = client.ip();
-    let proto = if https { "https" } else { "http" };
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
-    // IPv6 in Forwarded must be bracketed and quoted (RFC 7239 section 6).
-    let node = if ip.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip.to_string()
-    };
-    let fwd = format!("for={node};proto={proto}");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
-        headers.append(header::FORWARDED, v);
-    }
-}
-
-/// The client side of a request, as actions and routing see it.
-pub(crate) struct ClientSide<'a> {
-    pub frontend: &'a FrontendCtx,
-    pub peer: SocketAddr,
-    /// The address the client connected to: the authority of a request that names none.
-    pub local: SocketAddr,
-    pub sni: Option<&'a str>,
-}
-
-/// What the proxy does with a request once its actions and routing have run.
-pub(crate) enum Prepared {
-    /// A request action answered it (deny, redirect, return, auth); it is not forwarded.
-    Answer(Response<Full<Bytes>>, AccessRecord),
-    /// It cannot be forwarded: answer with this status and termination state.
-    Refuse(StatusCode, AccessRecord, [char; 2]),
-    /// Forward it to a server of a pool.
-    Forward(Forwarding),
-}
-
-/// A request ready to go to a pool: its head is rewritten for the server.
-pub(crate) struct Forwarding {
-    /// Index of the pool in `Shared::pools`.
-    pub pool: usize,
-    pub rec: AccessRecord,
-    /// Hash key for the hashing algorithms.
-    pub key: Option<u32>,
-    /// Response header edits whose condition held.
-    pub response_ops: Vec<actions::HeaderOp>,
-    /// The `Sec-WebSocket-Accept` a `101` must carry (WebSocket upgrades).
-    pub ws_accept: Option<HeaderValue>,
-}
-
-/// Runs a request's actions, routes it and rewrites its head for the server
-/// (hop-by-hop headers out, forwarded headers in, Host, origin-form URI,
-/// HTTP/1.1). `upgrade` is the protocol of an Upgrade request, whose headers
-/// are kept. Shared by hyper's path and ours (proxy/h1.rs).
-pub(crate) async fn prepare(
-    shared: &Shared,
-    client: ClientSide<'_>,
-    parts: &mut http::request::Parts,
-    tq: i64,
-    upgrade: Option<&HeaderValue>,
-) -> Prepared {
-    let frontend = client.frontend;
-    let checked = settle_authority(parts, client.local).and_then(|()| match upgrade {
-        Some(proto) => tunnel::websocket_accept(&parts.headers, proto),
-        None => Ok(None),
-    });
-    let ws_accept = match checked {
-        Ok(accept) => accept,
-        Err(why) => {
-            tracing::debug!(frontend = %frontend.name, peer = %client.peer, reason = why, "request rejected");
-            let rec = record(frontend, frontend.name.clone(), client.peer, parts, tq);
-            return Prepared::Refuse(StatusCode::BAD_REQUEST, rec, ['P', 'R']);
-        }
-    };
-    // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
-    let acted = match &frontend.actions {
-        Some(a) => a.run_request(parts, client.peer, client.sni).await,
-        None => actions::Outcome::default(),
-    };
-    // --- end request actions ---
-    // The authority settled above (actions may have changed it since): a refcounted copy.
-    let host: Option<HeaderValue> = parts.headers.get(header::HOST).cloned();
-    let pool_idx = shared
-        .route
-        .as_ref()
-        .and_then(|route| {
-            route(
-                frontend.index,
-                &acl::Request {
-                    method: parts.method.as_str(),
-                    path: parts.uri.path(),
-                    query: parts.uri.query(),
-                    host: host.as_ref().and_then(|h| h.to_str().ok()),
-                    headers: &parts.headers,
-                    src: client.peer.ip(),
-                    sni: client.sni,
-                },
-            )
-        })
-        .filter(|&i| i < shared.pools.len())
-        .unwrap_or(frontend.default_pool);
-    let pool = &shared.pools[pool_idx];
-    let mut rec = record(frontend, pool.name.clone(), client.peer, parts, tq);
-    // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
-    if let Some((answer, term)) = acted.answer {
-        rec.pool = frontend.name.clone();
-        rec.status = answer.status().as_u16();
-        rec.termination = term;
-        return Prepared::Answer(answer, rec);
-    }
-    // --- end terminal request action ---
-
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(proto) = upgrade {
-        tunnel::restore(&mut parts.headers, proto);
-    }
-    if frontend.forwarded_headers {
-        add_forwarded(&mut parts.headers, client.peer, frontend.https);
-    }
-    // A `del-header host` action leaves the server none: put the settled one back.
-    if !parts.headers.contains_key(header::HOST)
-        && let Some(v) = host
-    {
-        parts.headers.insert(header::HOST, v);
-    }
-
-    let key = pool
-        .balancer
-        .hash_key(client.peer.ip(), &parts.uri, &parts.headers);
-    // HTTP/1.1 servers get origin-form (`/path?query`); CONNECT keeps its authority-form.
-    if parts.method != Method::CONNECT
-        && (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
-    {
-        let origin = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        match Uri::try_from(origin) {
-            Ok(u) => parts.uri = u,
-            Err(_) => return Prepared::Refuse(StatusCode::BAD_REQUEST, rec, ['P', 'R']),
-        }
-    }
-    parts.version = Version::HTTP_11;
-    Prepared::Forward(Forwarding {
-        pool: pool_idx,
-        rec,
-        key,
-        response_ops: acted.response,
-        ws_accept,
-    })
-}
-
-/// The access log record of a request to `pool`, before a server is known.
-fn record(
-    frontend: &FrontendCtx,
-    pool: Arc<str>,
-    client: SocketAddr,
-    parts: &http::request::Parts,
-    tq: i64,
-) -> AccessRecord {
-    AccessRecord {
-        client,
-        // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
-        date: UNIX_EPOCH,
-        frontend: frontend.name.clone(),
-        pool,
-        server: log::no_server(),
-        tq,
-        tw: 0,
-        tc: -1,
-        tr: -1,
-        tt: -1,
-        status: 0,
-        bytes: 0,
-        termination: ['-', '-'],
-        method: Some(parts.method.clone()),
-        uri: Some(parts.uri.clone()),
-        version: Some(parts.version),
-    }
-}
-
-/// Settles which authority a request is for, before anything looks at it
-/// (RFC 9112 3.2.2, RFC 9113 8.3.1): the target's authority (absolute-form,
-/// or HTTP/2's `:authority`) wins over Host, and Host is rewritten to it;
-/// a request that names none (HTTP/1.0 without Host) gets the address the
-/// client connected to. Either must be `host[:port]`. Also refuses HTTP/2 `PRI` and `CONNECT`
-/// and joins HTTP/2's split `cookie` fields into one (RFC 9113 8.2.3), as
-/// HTTP/1.1 servers expect.
-pub(crate) fn settle_authority(
-    parts: &mut http::request::Parts,
-    local: SocketAddr,
-) -> Result<(), &'static str> {
-    // An HTTP/1 head's method, target and Host were checked as it was parsed
-    // (`hardening::check_target`, `framing_of`): only HTTP/2's are checked here.
-    let h2 = parts.version == Version::HTTP_2;
-    if h2 && (parts.method.as_str() == "PRI" || parts.method == Method::CONNECT) {
-        return Err("PRI or CONNECT");
-    }
-    let valid = |v: &[u8]| !h2 || hardening::valid_authority(v);
-    if let Some(authority) = parts.uri.authority() {
-        let authority = authority.as_str();
-        if !valid(authority.as_bytes()) {
-            return Err("bad authority");
-        }
-        let mut hosts = parts.headers.get_all(header::HOST).iter();
-        let same = matches!((hosts.next(), hosts.next()), (Some(h), None) if h == authority);
-        if !same {
-            let value = HeaderValue::from_str(authority).map_err(|_| "bad authority")?;
-            parts.headers.insert(header::HOST, value);
-        }
-    } else {
-        let mut hosts = parts.headers.get_all(header::HOST).iter();
-        match (hosts.next(), hosts.next()) {
-            (Some(h), None) if valid(h.as_bytes()) => {}
-            (Some(_), _) => return Err("bad or repeated Host"),
-            (None, _) => {
-                let value = HeaderValue::from_str(&local.to_string()).map_err(|_| "bad address")?;
-                parts.headers.insert(header::HOST, value);
-            }
-        }
-    }
-    if h2 {
-        let mut cookies = parts.headers.get_all(header::COOKIE).iter();
-        if let (Some(_), Some(_)) = (cookies.next(), cookies.next()) {
-            let joined = parts
-                .headers
-                .get_all(header::COOKIE)
-                .iter()
-                .map(HeaderValue::as_bytes)
-                .collect::<Vec<_>>()
-                .join(&b"; "[..]);
-            let value = HeaderValue::from_bytes(&joined).map_err(|_| "bad cookie")?;
-            parts.headers.insert(header::COOKIE, value);
-        }
-    }
-    Ok(())
-}
 
 /// Handles one request from a client; never fails, errors become HTTP answers.
 pub(crate) async fn handle(
@@ -346,7 +56,7 @@ pub(crate) async fn handle(
         local: conn.local,
         sni: conn.sni.as_deref(),
     };
-    let prepared = prepare(
+    let prepared = prepare::prepare(
         &shared,
         client,
         &mut parts,
@@ -547,7 +257,7 @@ async fn forward(
                     tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response framing");
                     return error_response(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], done);
                 }
-                strip_hop_by_hop(&mut rparts.headers);
+                prepare::strip_hop_by_hop(&mut rparts.headers);
                 let (active, reusable) = match upgrade.take() {
                     Some(u) => {
                         let idle = pool.timeout_tunnel.or(conn.frontend.timeout_tunnel);
@@ -597,72 +307,6 @@ async fn forward(
             }
         }
     }
-}
-
-/// The tries of one request at a pool's servers: `retries` more after the
-/// first, each connect failure redispatched to a server not tried yet.
-pub(crate) struct Attempts {
-    /// Servers (indexes) whose connection failed.
-    tried: Vec<usize>,
-    /// Attempts left after the current one.
-    left: u32,
-    /// The server of the current attempt.
-    current: usize,
-}
-
-impl Attempts {
-    pub(crate) fn new(pool: &PoolRuntime) -> Self {
-        Attempts {
-            tried: Vec::new(),
-            left: pool.retries.saturating_add(1),
-            current: 0,
-        }
-    }
-
-    /// Starts an attempt: a server below its maxconn (waiting in the pool's
-    /// queue for one), recorded in `rec` with the wait; Err is the answer
-    /// when there is none.
-    pub(crate) async fn acquire(
-        &mut self,
-        pool: &PoolRuntime,
-        key: Option<u32>,
-        rec: &mut AccessRecord,
-    ) -> Result<Active, (StatusCode, [char; 2])> {
-        self.left = self.left.saturating_sub(1);
-        match pool.balancer.acquire(key, &self.tried).await {
-            Ok(a) => {
-                rec.tw += a.queued.as_millis() as i64;
-                rec.server = a.active.server().label.clone();
-                self.current = a.index;
-                Ok(a.active)
-            }
-            Err(e) => Err(unavailable(e, rec)),
-        }
-    }
-
-    /// After a failed connect: whether to try again, avoiding this server.
-    pub(crate) fn redispatch(&mut self) -> bool {
-        self.tried.push(self.current);
-        self.more()
-    }
-
-    /// Whether another attempt is allowed.
-    pub(crate) fn more(&self) -> bool {
-        self.left > 0
-    }
-}
-
-/// The answer to a request no server could take: 503, with why (no server
-/// up: SC; the queue timed out: sQ, its wait added to Tw).
-fn unavailable(e: Unavailable, rec: &mut AccessRecord) -> (StatusCode, [char; 2]) {
-    let term = match e {
-        Unavailable::NoServer => ['S', 'C'],
-        Unavailable::QueueTimeout(waited) => {
-            rec.tw += waited.as_millis() as i64;
-            ['s', 'Q']
-        }
-    };
-    (StatusCode::SERVICE_UNAVAILABLE, term)
 }
 
 fn error_response(
@@ -822,53 +466,5 @@ impl Drop for LoggedBody {
             Some(['C', 'D'])
         };
         self.finish(term);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
-        // Connection never removes the framing fields or Host.
-        for named in [
-            "content-length",
-            "close, Content-Length",
-            "host",
-            "keep-alive, host",
-        ] {
-            let mut h = HeaderMap::new();
-            h.insert("connection", HeaderValue::from_static(named));
-            h.insert("content-length", HeaderValue::from_static("5"));
-            h.insert("host", HeaderValue::from_static("x"));
-            strip_hop_by_hop(&mut h);
-            assert!(
-                h.contains_key("content-length") && h.contains_key("host"),
-                "{named}"
-            );
-        }
-    }
-
-    #[test]
-    fn forwarded_appends() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
-        add_forwarded(&mut h, "[2001:db8::1]:5000".parse().unwrap(), true);
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2001:db8::1");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["forwarded"], "for=\"[2001:db8::1]\";proto=https");
     }
 }

@@ -8,7 +8,24 @@
 //! bodies relayed by their framing, about half the instructions of hyper's.
 //! HTTP/2 clients, and frontends that can route to an `h2` pool, are served
 //! by hyper (`server::serve_io`, `forward::handle`). Actions, routing, the
-//! balancer, retries and the access log are shared (`forward::prepare`).
+//! balancer, retries and the access log are shared (`prepare`).
+//!
+//! # Layout
+//!
+//! In the order a request meets them (the module graph has no cycle):
+//!
+//! - `accept`: client sockets; `proxy_protocol`: the PROXY header;
+//!   `tls`: certificates by SNI; `server`: the accept loop, client timeouts,
+//!   and the choice between the two paths.
+//! - `h1`: our HTTP/1.1 path; `forward`: hyper's path; `hardening`: request
+//!   smuggling checks of both; `tunnel`: WebSocket/Upgrade tunnels.
+//! - `prepare`: what both paths share per request (headers, actions, routing,
+//!   attempts); `actions`, `acl`, `routing`: the rules it runs.
+//! - `balance`: server choice and queues; `connpool`: kept server
+//!   connections; `upstream`: new ones (TCP, PROXY header, TLS).
+//! - `context`: the proxy's, a frontend's and a connection's state; `error`:
+//!   error pages; `log`: the access log; `model`: the configuration;
+//!   `deadline`, `shutdown`, `request_body`: small helpers of the paths.
 //!
 //! Configuration shape (inside the main config file):
 //!
@@ -165,6 +182,7 @@ mod h1;
 mod hardening;
 mod log;
 mod model;
+mod prepare;
 pub mod proxy_protocol;
 mod request_body;
 pub mod routing;
@@ -182,12 +200,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use balance::{Acquired, Active, Balancer, HASH_TABLE_SIZE, ServerState, Unavailable};
-pub use forward::{ProxyBody, add_forwarded, strip_hop_by_hop};
+pub use forward::ProxyBody;
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, ConfigError, Frontend, HttpAction, Pool, ProxyConfig, ServerSpec,
     TlsConfig, UsePool, User, UserList,
 };
+pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
 pub use tls::{CertResolver, TlsError, dns_names};
 pub use upstream::NoVerify;

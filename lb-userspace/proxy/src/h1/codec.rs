@@ -8,8 +8,8 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version, request};
 
-use crate::forward::HOP_BY_HOP;
 use crate::hardening::{self, BodyLen, MAX_HEADERS};
+use crate::prepare::HOP_BY_HOP;
 
 /// Bytes reserved before writing a head: enough for a typical one.
 const HEAD_RESERVE: usize = 1024;

@@ -7,7 +7,7 @@
 //! user-space instructions of a proxied keep-alive request. Here each head is
 //! parsed once off the connection's buffer (with the request-smuggling checks
 //! of `hardening`), actions and routing run on the same `http` types as on
-//! hyper's path (`forward::prepare`), the head is written out again for the
+//! hyper's path (`prepare::prepare`), the head is written out again for the
 //! next hop, and the body follows byte for byte by its framing. A whole
 //! exchange runs in the client connection's task.
 //!
@@ -46,9 +46,9 @@ use super::connpool::RawConn;
 use super::context::{FrontendRuntime, Shared};
 use super::deadline::Deadline;
 use super::error::{self, TIMEOUT_408};
-use super::forward::{self, Attempts, ClientSide, Forwarding, Prepared};
 use super::hardening::H2_PREFACE;
 use super::log::AccessRecord;
+use super::prepare::{self, Attempts, ClientSide, Forwarding, Prepared};
 use super::shutdown::ShutdownWatch;
 use super::tunnel;
 use codec::{BodyKind, RequestHead, ResponseHead, Span};
@@ -543,7 +543,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             sni: self.sni.as_deref(),
         };
         let prepared =
-            forward::prepare(self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
+            prepare::prepare(self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
         let fwd = match prepared {
             Prepared::Forward(f) => f,
             Prepared::Refuse(status, rec, term) => {
@@ -775,7 +775,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 .join(", ");
             // (Only used when the body is chunked, so chunked is its last coding.)
             let te = if te.is_empty() { "chunked".into() } else { te };
-            forward::strip_hop_by_hop(&mut headers);
+            prepare::strip_hop_by_hop(&mut headers);
             actions::apply_response(&response_ops, &mut headers);
             Some((headers, te))
         };
