@@ -22,7 +22,7 @@ use super::actions;
 use super::balance::Active;
 use super::connpool::{Reusable, Sender};
 use super::context::{ConnCtx, Shared};
-use super::error;
+use super::error::Failure;
 use super::hardening;
 use super::log::{AccessRecord, LogFormat};
 use super::prepare::{self, Attempts, ClientSide, Forwarding, Prepared};
@@ -79,8 +79,8 @@ pub(crate) async fn handle(
                 LoggedBody::new(body, rec, None, done),
             ));
         }
-        Prepared::Refuse(status, rec, term) => {
-            return Ok(error_response(status, rec, term, done));
+        Prepared::Refuse(failure, rec) => {
+            return Ok(error_response(failure, rec, done));
         }
     };
     if !h2_client {
@@ -172,7 +172,7 @@ async fn forward(
     loop {
         let active = match attempts.acquire(pool, key, &mut rec).await {
             Ok(a) => a,
-            Err((status, term)) => return error_response(status, rec, term, done),
+            Err(failure) => return error_response(failure, rec, done),
         };
         let addr = active.server().addr;
         let mut server = match pool.conns.get(addr, conn.peer, conn.local).await {
@@ -184,17 +184,16 @@ async fn forward(
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
-                if attempts.redispatch() {
+                if attempts.retry(Failure::ConnectFailed, false) {
                     continue;
                 }
-                // Like HAProxy: a server that cannot be reached is a 503 (SC).
-                return error_response(StatusCode::SERVICE_UNAVAILABLE, rec, ['S', 'C'], done);
+                return error_response(Failure::ConnectFailed, rec, done);
             }
         };
         rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
         let Some(mut out) = req.take() else {
             // Unreachable: `req` is put back before every retry.
-            return error_response(StatusCode::BAD_GATEWAY, rec, ['P', 'H'], done);
+            return error_response(Failure::Internal, rec, done);
         };
         if server.sender.is_h2() {
             // HTTP/2 needs :scheme and :authority: the request's own (its Host,
@@ -220,7 +219,7 @@ async fn forward(
             if let Sender::H1(h1) = server.sender {
                 pool.conns.put(addr, h1);
             }
-            return error_response(StatusCode::BAD_GATEWAY, rec, ['C', 'C'], done);
+            return error_response(Failure::ClientGone, rec, done);
         }
         // hyper would send a body of unknown length (HTTP/2 without
         // content-length, a chunked HTTP/1 one) chunked, but drop it for
@@ -255,7 +254,7 @@ async fn forward(
                     .and_then(|_| handshake.then_some(()).ok_or("bad Sec-WebSocket-Accept"));
                 if let Err(why) = framing {
                     tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response framing");
-                    return error_response(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], done);
+                    return error_response(Failure::BadResponse, rec, done);
                 }
                 prepare::strip_hop_by_hop(&mut rparts.headers);
                 let (active, reusable) = match upgrade.take() {
@@ -293,31 +292,26 @@ async fn forward(
                 // A reused connection that closed before the request went out
                 // (the server's keep-alive ended): send it again on another one.
                 if let Some(back) = e.take_message()
-                    && server.connect_time.is_none()
-                    && attempts.more()
+                    && attempts.retry(Failure::ServerClosed, server.connect_time.is_none())
                 {
                     req = Some(back);
                     continue;
                 }
                 rec.tr = sent.elapsed().as_millis() as i64;
-                return error_response(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], done);
+                return error_response(Failure::BadResponse, rec, done);
             }
             Err(_) => {
-                return error_response(StatusCode::GATEWAY_TIMEOUT, rec, ['s', 'H'], done);
+                return error_response(Failure::ServerTimeout, rec, done);
             }
         }
     }
 }
 
-fn error_response(
-    status: StatusCode,
-    mut rec: AccessRecord,
-    term: [char; 2],
-    done: Done,
-) -> Response<ProxyBody> {
+fn error_response(failure: Failure, mut rec: AccessRecord, done: Done) -> Response<ProxyBody> {
+    let status = failure.status();
     rec.status = status.as_u16();
-    rec.termination = term;
-    let page = error::page(status);
+    rec.termination = failure.termination();
+    let page = failure.page();
     let body = Full::new(Bytes::from(page))
         .map_err(|never| match never {})
         .boxed_unsync();

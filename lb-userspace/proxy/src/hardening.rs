@@ -43,6 +43,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
 use super::context::Activity;
+use super::error::Failure;
 use super::log::{AccessRecord, LogFormat};
 
 /// What hyper is given instead of a rejected head: an invalid method, which it answers with 400.
@@ -517,7 +518,7 @@ impl<T> GuardIo<T> {
     /// Replaces the pending head with `POISON` and logs the rejection.
     fn reject(&mut self, why: &str) {
         tracing::debug!(frontend = %self.frontend, peer = %self.peer, reason = why, "request rejected");
-        AccessRecord::bad_request(self.peer, self.frontend.clone(), 400, 0, ['P', 'R'])
+        AccessRecord::bad_request(self.peer, self.frontend.clone(), Failure::BadRequest, 0)
             .emit_as(self.log_format);
         self.buf.truncate(self.ready);
         self.buf.extend_from_slice(POISON);

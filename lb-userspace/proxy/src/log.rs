@@ -7,6 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{Method, Uri, Version};
 
+use crate::error::Failure;
+
 /// How a frontend writes its access log lines (`log_format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -77,10 +79,11 @@ impl AccessRecord {
     pub(crate) fn bad_request(
         client: SocketAddr,
         frontend: Arc<str>,
-        status: u16,
+        failure: Failure,
         bytes: u64,
-        termination: [char; 2],
     ) -> Self {
+        let status = failure.status().as_u16();
+        let termination = failure.termination();
         AccessRecord {
             client,
             date: SystemTime::now(),

@@ -8,12 +8,13 @@ use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode, Uri, Version};
+use http::{Method, Response, Uri, Version};
 use http_body_util::Full;
 
 use super::actions;
 use super::balance::{Active, Unavailable};
 use super::context::{FrontendCtx, PoolRuntime, Shared};
+use super::error::{Failure, Retry};
 use super::hardening;
 use super::log::{self, AccessRecord};
 use super::tunnel;
@@ -106,8 +107,8 @@ pub(crate) struct ClientSide<'a> {
 pub(crate) enum Prepared {
     /// A request action answered it (deny, redirect, return, auth); it is not forwarded.
     Answer(Response<Full<Bytes>>, AccessRecord),
-    /// It cannot be forwarded: answer with this status and termination state.
-    Refuse(StatusCode, AccessRecord, [char; 2]),
+    /// It cannot be forwarded: answer the failure.
+    Refuse(Failure, AccessRecord),
     /// Forward it to a server of a pool.
     Forward(Forwarding),
 }
@@ -146,7 +147,7 @@ pub(crate) async fn prepare(
         Err(why) => {
             tracing::debug!(frontend = %frontend.name, peer = %client.peer, reason = why, "request rejected");
             let rec = record(frontend, frontend.name.clone(), client.peer, parts, tq);
-            return Prepared::Refuse(StatusCode::BAD_REQUEST, rec, ['P', 'R']);
+            return Prepared::Refuse(Failure::BadRequest, rec);
         }
     };
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
@@ -211,7 +212,7 @@ pub(crate) async fn prepare(
         let origin = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         match Uri::try_from(origin) {
             Ok(u) => parts.uri = u,
-            Err(_) => return Prepared::Refuse(StatusCode::BAD_REQUEST, rec, ['P', 'R']),
+            Err(_) => return Prepared::Refuse(Failure::BadRequest, rec),
         }
     }
     parts.version = Version::HTTP_11;
@@ -338,7 +339,7 @@ impl Attempts {
         pool: &PoolRuntime,
         key: Option<u32>,
         rec: &mut AccessRecord,
-    ) -> Result<Active, (StatusCode, [char; 2])> {
+    ) -> Result<Active, Failure> {
         self.left = self.left.saturating_sub(1);
         match pool.balancer.acquire(key, &self.tried).await {
             Ok(a) => {
@@ -351,29 +352,30 @@ impl Attempts {
         }
     }
 
-    /// After a failed connect: whether to try again, avoiding this server.
-    pub(crate) fn redispatch(&mut self) -> bool {
-        self.tried.push(self.current);
-        self.more()
-    }
-
-    /// Whether another attempt is allowed.
-    pub(crate) fn more(&self) -> bool {
-        self.left > 0
+    /// After a failed attempt: whether to make another, by the failure's
+    /// `Retry` (`reused`: the request went out on a kept connection and
+    /// nothing of it can have been processed). A redispatch avoids this server.
+    pub(crate) fn retry(&mut self, failure: Failure, reused: bool) -> bool {
+        match failure.retry() {
+            Retry::Never => false,
+            Retry::OnReusedConnection => reused && self.left > 0,
+            Retry::Redispatch => {
+                self.tried.push(self.current);
+                self.left > 0
+            }
+        }
     }
 }
 
-/// The answer to a request no server could take: 503, with why (no server
-/// up: SC; the queue timed out: sQ, its wait added to Tw).
-fn unavailable(e: Unavailable, rec: &mut AccessRecord) -> (StatusCode, [char; 2]) {
-    let term = match e {
-        Unavailable::NoServer => ['S', 'C'],
+/// Why no server could take a request; a queue timeout's wait is added to Tw.
+fn unavailable(e: Unavailable, rec: &mut AccessRecord) -> Failure {
+    match e {
+        Unavailable::NoServer => Failure::NoServer,
         Unavailable::QueueTimeout(waited) => {
             rec.tw += waited.as_millis() as i64;
-            ['s', 'Q']
+            Failure::QueueTimeout
         }
-    };
-    (StatusCode::SERVICE_UNAVAILABLE, term)
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use super::accept::{ClientStream, Listener};
 use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared};
 use super::deadline::Deadline;
-use super::error::TIMEOUT_408;
+use super::error::{Failure, TIMEOUT_408};
 use super::forward;
 use super::h1;
 use super::hardening::GuardIo;
@@ -337,9 +337,8 @@ impl<T> ClientIo<T> {
         AccessRecord::bad_request(
             self.peer,
             self.frontend.clone(),
-            408,
+            Failure::HeadTimeout,
             TIMEOUT_408.len() as u64,
-            ['c', 'R'],
         )
         .emit_as(self.log_format);
     }

@@ -45,7 +45,7 @@ use super::actions;
 use super::connpool::RawConn;
 use super::context::{FrontendRuntime, Shared};
 use super::deadline::Deadline;
-use super::error::{self, TIMEOUT_408};
+use super::error::{Failure, TIMEOUT_408};
 use super::hardening::H2_PREFACE;
 use super::log::AccessRecord;
 use super::prepare::{self, Attempts, ClientSide, Forwarding, Prepared};
@@ -380,9 +380,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     AccessRecord::bad_request(
                         self.peer,
                         self.fe.ctx.name.clone(),
-                        408,
+                        Failure::HeadTimeout,
                         TIMEOUT_408.len() as u64,
-                        ['c', 'R'],
                     )
                     .emit_as(self.fe.ctx.log_format);
                     self.out.clear();
@@ -413,16 +412,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
     /// Answers 400 and ends the connection; nothing of the request is forwarded.
     async fn bad_request(&mut self, why: &str) -> Wait {
         tracing::debug!(frontend = %self.fe.ctx.name, peer = %self.peer, reason = why, "request rejected");
-        let page = error::page(StatusCode::BAD_REQUEST);
+        let failure = Failure::BadRequest;
+        let page = failure.page();
         AccessRecord::bad_request(
             self.peer,
             self.fe.ctx.name.clone(),
-            400,
+            failure,
             page.len() as u64,
-            ['P', 'R'],
         )
         .emit_as(self.fe.ctx.log_format);
-        self.put_error(StatusCode::BAD_REQUEST, &page, true);
+        self.put_error(failure.status(), &page, true);
         let _ = self.write_client().await;
         self.unread = true;
         Wait::End
@@ -463,15 +462,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
     /// not when the request's body was not read.
     async fn answer_error(
         &mut self,
-        status: StatusCode,
+        failure: Failure,
         mut rec: AccessRecord,
-        term: [char; 2],
         keep_alive: bool,
         start: Instant,
     ) -> Next {
-        let page = error::page(status);
+        let status = failure.status();
+        let page = failure.page();
         rec.status = status.as_u16();
-        rec.termination = term;
+        rec.termination = failure.termination();
         rec.bytes = page.len() as u64;
         self.put_error(status, &page, !keep_alive);
         self.send_answer(rec, keep_alive, start).await
@@ -546,10 +545,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             prepare::prepare(self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
         let fwd = match prepared {
             Prepared::Forward(f) => f,
-            Prepared::Refuse(status, rec, term) => {
+            Prepared::Refuse(failure, rec) => {
                 // A malformed request (400) ends the connection, as a refused head does.
-                let keep = keep_alive && bodiless && status != StatusCode::BAD_REQUEST;
-                return self.answer_error(status, rec, term, keep, start).await;
+                let keep = keep_alive && bodiless && failure.status() != StatusCode::BAD_REQUEST;
+                return self.answer_error(failure, rec, keep, start).await;
             }
             Prepared::Answer(answer, rec) => {
                 return self
@@ -570,16 +569,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             // (own_h1 frontends reach HTTP/1.1 pools only).
             tracing::warn!(pool = %pool.name, "HTTP/2 pool reached on the HTTP/1 path");
             return self
-                .answer_error(StatusCode::BAD_GATEWAY, rec, ['P', 'H'], false, start)
+                .answer_error(Failure::Internal, rec, false, start)
                 .await;
         }
         let mut attempts = Attempts::new(pool);
         loop {
             let active = match attempts.acquire(pool, key, &mut rec).await {
                 Ok(a) => a,
-                Err((status, term)) => {
+                Err(failure) => {
                     return self
-                        .answer_error(status, rec, term, keep_alive && bodiless, start)
+                        .answer_error(failure, rec, keep_alive && bodiless, start)
                         .await;
                 }
             };
@@ -589,17 +588,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
-                    if attempts.redispatch() {
+                    if attempts.retry(Failure::ConnectFailed, false) {
                         continue;
                     }
                     return self
-                        .answer_error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            rec,
-                            ['S', 'C'],
-                            keep_alive && bodiless,
-                            start,
-                        )
+                        .answer_error(Failure::ConnectFailed, rec, keep_alive && bodiless, start)
                         .await;
                 }
             };
@@ -641,14 +634,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 Ok(_) => self.unread = false,
                 Err(Fail::Read | Fail::ReadTimeout | Fail::Framing) => {
                     // The client broke off its body: nothing sensible to forward or answer.
-                    let (status, term) = match sent_whole {
-                        Err(Fail::ReadTimeout) => (StatusCode::REQUEST_TIMEOUT, ['c', 'D']),
-                        Err(Fail::Framing) => (StatusCode::BAD_REQUEST, ['P', 'D']),
-                        _ => (StatusCode::BAD_REQUEST, ['C', 'D']),
+                    let failure = match sent_whole {
+                        Err(Fail::ReadTimeout) => Failure::ClientTimeout,
+                        Err(Fail::Framing) => Failure::BadBodyFraming,
+                        _ => Failure::ClientAborted,
                     };
-                    return self.answer_error(status, rec, term, false, start).await;
+                    return self.answer_error(failure, rec, false, start).await;
                 }
-                Err(Fail::Write | Fail::WriteTimeout) if reused && bodiless && attempts.more() => {
+                Err(Fail::Write | Fail::WriteTimeout)
+                    if attempts.retry(Failure::ServerClosed, reused && bodiless) =>
+                {
                     // A kept connection the server had closed: send it again on another one.
                     continue;
                 }
@@ -661,20 +656,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             let resp = self.response_head(&mut server, &parts.method, due).await;
             let resp = match resp {
                 Ok(r) => r,
-                Err(HeadFail::Silent) if reused && bodiless && attempts.more() => {
+                Err(HeadFail::Silent)
+                    if attempts.retry(Failure::ServerClosed, reused && bodiless) =>
+                {
                     // Closed before answering anything: the server's keep-alive ended.
                     continue;
                 }
                 Err(fail) => {
                     tracing::debug!(pool = %pool.name, server = %addr, ?fail, "no response head");
                     rec.tr = sent.elapsed().as_millis() as i64;
-                    let (status, term) = if fail == HeadFail::TimedOut {
-                        (StatusCode::GATEWAY_TIMEOUT, ['s', 'H'])
-                    } else {
-                        (StatusCode::BAD_GATEWAY, ['S', 'H'])
+                    let failure = match fail {
+                        HeadFail::TimedOut => Failure::ServerTimeout,
+                        HeadFail::Silent => Failure::ServerClosed,
+                        HeadFail::Bad => Failure::BadResponse,
                     };
                     let keep = keep_alive && body_sent;
-                    return self.answer_error(status, rec, term, keep, start).await;
+                    return self.answer_error(failure, rec, keep, start).await;
                 }
             };
             rec.tr = sent.elapsed().as_millis() as i64;
@@ -763,7 +760,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         } else {
             let Ok(mut headers) = resp.header_map() else {
                 return self
-                    .answer_error(StatusCode::BAD_GATEWAY, rec, ['P', 'H'], false, start)
+                    .answer_error(Failure::Internal, rec, false, start)
                     .await;
             };
             // Codings before `chunked` (e.g. gzip) stay: the client gets them as sent.
@@ -801,7 +798,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             );
             let Some(proto) = upgrade.filter(|_| accepted) else {
                 return self
-                    .answer_error(StatusCode::BAD_GATEWAY, rec, ['S', 'H'], false, start)
+                    .answer_error(Failure::BadResponse, rec, false, start)
                     .await;
             };
             // --- upgrade: 101 to the client, then a byte-for-byte tunnel (proxy/tunnel.rs) ---
