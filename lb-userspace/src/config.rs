@@ -59,24 +59,22 @@
 //! byte spans; every semantic rule is then checked by hand so that all mistakes
 //! are reported at once, each at the line of the offending value.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use lb_common::maglev::is_prime;
-use lb_common::{
-    DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_DENY_PREFIXES, MAX_RING_SIZE, MAX_VIPS, PROTO_TCP,
-    PROTO_UDP,
-};
+use lb_common::{DEFAULT_RING_SIZE, MAX_DENY_PREFIXES, MAX_VIPS, PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 use toml::Spanned;
 
+pub mod rules;
+
+use rules::family;
+
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_IFNAME_LEN: usize = 15;
-/// Largest backend weight; the file holds a u32 but the Maglev builder wants a small range.
-const MAX_WEIGHT: i64 = 65535;
 /// Weight of a backend that does not set one.
 const DEFAULT_WEIGHT: u32 = 1;
 /// Hint appended to every address error.
@@ -405,7 +403,8 @@ impl Protocol {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
@@ -469,23 +468,6 @@ impl Forwarding {
     pub fn is_dsr(self) -> bool {
         self != Forwarding::Nat
     }
-}
-
-/// Why `backend` cannot serve `vip` in `forwarding` mode, if it cannot: in
-/// the DSR modes the packet reaches the backend untouched, so the backend
-/// must listen on the VIP's port.
-pub fn dsr_backend_problem(
-    forwarding: Forwarding,
-    vip: SocketAddr,
-    backend: SocketAddr,
-) -> Option<String> {
-    (forwarding.is_dsr() && backend.port() != vip.port()).then(|| {
-        format!(
-            "backend {backend} must use the VIP's port {} with forwarding = \"{}\" (the packet reaches it untouched)",
-            vip.port(),
-            forwarding.as_str()
-        )
-    })
 }
 
 /// One backend of a service.
@@ -1073,18 +1055,16 @@ impl Checker<'_> {
         }
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut vips: HashMap<(SocketAddr, Protocol), (String, usize)> = HashMap::new();
-        let mut all_backends: HashSet<SocketAddr> = HashSet::new();
+        let mut all_backends = 0;
         let mut services = Vec::new();
         for (index, svc) in raw.into_iter().enumerate() {
             let span = svc.span();
             let line = self.line(&span);
-            if index == MAX_VIPS as usize {
-                self.at(
-                    &span,
-                    format!(
-                        "too many services; the data plane holds at most {MAX_VIPS} (MAX_VIPS)"
-                    ),
-                );
+            // Reported once, at the service that crosses the limit.
+            if index == MAX_VIPS as usize
+                && let Err(why) = rules::service_count(index + 1)
+            {
+                self.at(&span, why);
             }
             let svc = svc.into_inner();
 
@@ -1132,16 +1112,12 @@ impl Checker<'_> {
                     }
                 });
 
-            let forwarding = match (&svc.forwarding, mode) {
-                (None, _) => Some(Forwarding::Nat),
-                (Some(f), Some(Mode::L7)) => {
-                    self.at(
-                        &f.span(),
-                        format!("service \"{label}\" is l7: `forwarding` applies to l4 services only (l7 traffic goes to the proxy)"),
-                    );
-                    None
-                }
-                (Some(f), _) => match Forwarding::parse(f.get_ref()) {
+            let forwarding = match &svc.forwarding {
+                None => Some(Forwarding::Nat),
+                Some(f) => match Forwarding::parse(f.get_ref()).and_then(|forwarding| {
+                    rules::forwarding(&label, mode.unwrap_or_default(), forwarding)
+                        .map(|()| forwarding)
+                }) {
                     Ok(f) => Some(f),
                     Err(why) => {
                         self.at(&f.span(), why);
@@ -1171,10 +1147,7 @@ impl Checker<'_> {
                 if let Some((other, other_line)) = vips.get(&(vip, protocol)) {
                     self.at(
                         &v.span(),
-                        format!(
-                            "VIP {vip}/{} is already used by service \"{other}\" (line {other_line})",
-                            protocol.as_str()
-                        ),
+                        rules::vip_taken(vip, protocol, other, Some(*other_line)),
                     );
                 } else {
                     vips.insert((vip, protocol), (label.clone(), line));
@@ -1187,8 +1160,6 @@ impl Checker<'_> {
             };
 
             let raw_backends = svc.backend.unwrap_or_default();
-            // A service whose backends are all invalid was already told why; don't also call it backend-less.
-            let has_backend_tables = !raw_backends.is_empty();
             let backends = self.backends(
                 raw_backends,
                 vip,
@@ -1204,21 +1175,13 @@ impl Checker<'_> {
                     .discovery(d, vip, forwarding.unwrap_or_default())
                     .map(Some),
             };
-            let discovers = !matches!(discovery, Some(None));
-            if mode == Some(Mode::L4) && !has_backend_tables && !discovers {
-                self.at(
-                    &span,
-                    format!("l4 service \"{label}\" has no [[service.backend]] and no [service.discovery]; it needs at least one backend (only l7 services may have none)"),
-                );
-            }
+            // An l4 service without backends is allowed (see `rules`): they
+            // may come from `lb add backend` or a discovery.
             if let Some(ring) = ring_size {
-                let active = backends.iter().filter(|b| b.weight > 0).count();
-                if active > ring as usize {
+                let active = rules::active(backends.iter().map(|b| b.weight));
+                if let Err(why) = rules::ring_capacity(&label, active, ring) {
                     let at = svc.ring_size.as_ref().map_or(span.clone(), Spanned::span);
-                    self.at(
-                        &at,
-                        format!("service \"{label}\" has {active} backends with weight > 0 but ring_size is {ring}; the ring needs a slot per backend"),
-                    );
+                    self.at(&at, why);
                 }
             }
 
@@ -1277,25 +1240,12 @@ impl Checker<'_> {
     ) -> Option<String> {
         let span = name.span();
         let n = name.get_ref();
-        if n.is_empty() {
-            self.at(&span, "service name is empty");
-            return None;
-        }
-        if !n
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        {
-            self.at(
-                &span,
-                format!("service name \"{n}\" may only contain letters, digits, '_', '.' and '-'"),
-            );
+        if let Err(why) = rules::service_name(n) {
+            self.at(&span, why);
             return None;
         }
         if let Some(first) = names.get(n) {
-            self.at(
-                &span,
-                format!("service name \"{n}\" is already used (line {first})"),
-            );
+            self.at(&span, rules::name_taken(n, Some(*first)));
             return None;
         }
         names.insert(n.clone(), self.line(&span));
@@ -1319,36 +1269,19 @@ impl Checker<'_> {
                 return None;
             }
         };
-        let reason = if addr.port() == 0 {
-            "has port 0; a non-zero port is required"
-        } else if addr.ip().is_unspecified() {
-            "is the unspecified address; a concrete unicast address is required"
-        } else if addr.ip().is_multicast() {
-            "is a multicast address; a unicast address is required"
-        } else {
-            return Some(addr);
-        };
-        self.at(&span, format!("{what} \"{s}\" {reason}"));
-        None
+        match rules::endpoint(addr) {
+            Ok(()) => Some(addr),
+            Err(reason) => {
+                self.at(&span, format!("{what} \"{s}\" {reason}"));
+                None
+            }
+        }
     }
 
     fn ring_size(&mut self, value: &Spanned<i64>) -> Option<u32> {
-        let span = value.span();
-        let n = *value.get_ref();
-        let max = MAX_RING_SIZE as i64;
-        let reason = if n < 2 {
-            format!("ring_size {n} is too small; it must be a prime >= 2")
-        } else if n > max {
-            format!("ring_size {n} is too large; the maximum is {max} (MAX_RING_SIZE)")
-        } else if !is_prime(n as u32) {
-            // Maglev's permutation only visits every slot when the table size is prime.
-            let below = (2..n as u32).rev().find(|&p| is_prime(p)).unwrap_or(2);
-            format!("ring_size {n} is not a prime; Maglev needs a prime table size (e.g. {below})")
-        } else {
-            return Some(n as u32);
-        };
-        self.at(&span, reason);
-        None
+        rules::ring_size(*value.get_ref())
+            .map_err(|why| self.at(&value.span(), why))
+            .ok()
     }
 
     fn backends(
@@ -1357,7 +1290,7 @@ impl Checker<'_> {
         vip: Option<SocketAddr>,
         forwarding: Forwarding,
         service: &str,
-        all: &mut HashSet<SocketAddr>,
+        all: &mut usize,
     ) -> Vec<BackendConfig> {
         let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
         let mut backends = Vec::new();
@@ -1367,14 +1300,7 @@ impl Checker<'_> {
             let b = b.into_inner();
             let weight = match &b.weight {
                 None => Some(DEFAULT_WEIGHT),
-                Some(w) if (0..=MAX_WEIGHT).contains(w.get_ref()) => Some(*w.get_ref() as u32),
-                Some(w) => {
-                    self.at(
-                        &w.span(),
-                        format!("weight {} is out of range; expected 0..=65535", w.get_ref()),
-                    );
-                    None
-                }
+                Some(w) => self.weight(w),
             };
             let address = match &b.address {
                 None => {
@@ -1387,42 +1313,25 @@ impl Checker<'_> {
                 continue;
             };
             if let Some(vip) = vip
-                && let Some(why) = dsr_backend_problem(forwarding, vip, addr)
+                && let Err(why) = rules::backend_for_vip(vip, forwarding, addr)
             {
                 self.at(&address.span(), why);
-                continue;
-            }
-            if let Some(vip) = vip
-                && vip.is_ipv4() != addr.is_ipv4()
-            {
-                self.at(
-                    &address.span(),
-                    format!(
-                        "backend {addr} is {} but the VIP {vip} is {}; NAT does not translate between address families",
-                        family(addr),
-                        family(vip)
-                    ),
-                );
                 continue;
             }
             if let Some(first) = seen.get(&addr) {
                 self.at(
                     &address.span(),
-                    format!(
-                        "backend {addr} is listed twice in service \"{service}\" (first on line {first})"
-                    ),
+                    rules::backend_taken(service, addr, Some(*first)),
                 );
                 continue;
             }
             seen.insert(addr, line);
             // Report the global limit once, at the backend that crosses it.
-            if all.insert(addr) && all.len() == MAX_BACKENDS as usize + 1 {
-                self.at(
-                    &address.span(),
-                    format!(
-                        "too many distinct backend addresses; the data plane holds at most {MAX_BACKENDS} (MAX_BACKENDS) across all services"
-                    ),
-                );
+            *all += 1;
+            if *all == lb_common::MAX_BACKENDS as usize + 1
+                && let Err(why) = rules::backend_count(*all)
+            {
+                self.at(&address.span(), why);
             }
             if let Some(weight) = weight {
                 backends.push(BackendConfig {
@@ -1644,6 +1553,13 @@ impl Checker<'_> {
         parsed
     }
 
+    /// Validates a backend weight (see [`rules::weight`]).
+    fn weight(&mut self, value: &Spanned<i64>) -> Option<u32> {
+        rules::weight(*value.get_ref())
+            .map_err(|why| self.at(&value.span(), why))
+            .ok()
+    }
+
     /// Validates `rise` or `fall`: 1..=100, `default` when absent.
     fn count(&mut self, value: Option<&Spanned<i64>>, what: &str, default: u32) -> Option<u32> {
         let Some(v) = value else {
@@ -1830,14 +1746,7 @@ impl Checker<'_> {
                 };
                 let weight = match &d.weight {
                     None => DEFAULT_WEIGHT,
-                    Some(w) if (0..=MAX_WEIGHT).contains(w.get_ref()) => *w.get_ref() as u32,
-                    Some(w) => {
-                        self.at(
-                            &w.span(),
-                            format!("weight {} is out of range; expected 0..=65535", w.get_ref()),
-                        );
-                        DEFAULT_WEIGHT
-                    }
+                    Some(w) => self.weight(w).unwrap_or(DEFAULT_WEIGHT),
                 };
                 (port, weight)
             }
@@ -2006,10 +1915,6 @@ fn interface_exists(name: &str) -> bool {
 
 fn has_space_or_control(s: &str) -> bool {
     s.chars().any(|c| c.is_whitespace() || c.is_control())
-}
-
-fn family(addr: SocketAddr) -> &'static str {
-    if addr.is_ipv4() { "IPv4" } else { "IPv6" }
 }
 
 /// Maps byte offsets to 1-based line and character column.
@@ -2561,9 +2466,11 @@ mod tests {
     }
 
     #[test]
-    fn l4_needs_backend_l7_does_not() {
+    fn l4_and_l7_services_may_have_no_backend() {
+        // Backends may come later from `lb add backend` (see `rules`).
         let lines = &svc(&[])[..4];
-        expect_one(lines, 2, "needs at least one backend");
+        let c = parse(&text(lines), "f").unwrap();
+        assert!(c.services[0].backends.is_empty());
         let mut l7 = lines.to_vec();
         l7.push("mode = \"l7\"");
         assert!(parse(&text(&l7), "f").is_ok());
@@ -2658,12 +2565,9 @@ mod tests {
         for s in 0..2 {
             // Inline tables, one per line: thousands of [[service.backend]] headers parse slowly.
             t += &format!("[[service]]\nname = \"s{s}\"\nvip = \"10.1.0.{s}:80\"\nbackend = [\n");
-            // Service 1 repeats service 0's backends (not new) and adds one more.
-            let n = if s == 0 {
-                MAX_BACKENDS
-            } else {
-                MAX_BACKENDS + 1
-            };
+            // Service 1 repeats one of service 0's addresses: the data plane
+            // gives each (service, backend) pair a slot, so it is one too many.
+            let n = if s == 0 { lb_common::MAX_BACKENDS } else { 1 };
             for i in 0..n {
                 t += &format!("{{ address = \"10.2.{}.{}:80\" }},\n", i / 256, i % 256);
             }
@@ -3138,18 +3042,15 @@ mod tests {
     }
 
     #[test]
-    fn an_l4_service_needs_backends_or_discovery() {
+    fn an_l4_service_without_backends_or_discovery_waits_for_the_cli() {
         let lines = [
             HEAD,
             "[[service]]",
             "name = \"web\"",
             "vip = \"198.18.100.1:80\"",
         ];
-        expect_one(
-            &lines,
-            2,
-            "no [[service.backend]] and no [service.discovery]",
-        );
+        let c = parse(&text(&lines), "lb.toml").unwrap();
+        assert!(c.services[0].backends.is_empty() && c.services[0].discovery.is_none());
     }
 
     #[test]

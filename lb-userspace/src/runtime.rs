@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use lb_common::{DEFAULT_RING_SIZE, MAX_RING_SIZE, maglev::is_prime};
+use lb_common::DEFAULT_RING_SIZE;
 use tracing::warn;
 
-use crate::config::{BackendConfig, Config, Mode, Service, dsr_backend_problem};
+use crate::config::{BackendConfig, Config, Service, rules};
 use crate::control::protocol::{AdminState, Request};
 use crate::discovery::{self, Found};
 
@@ -46,9 +46,6 @@ impl<'a> Group<'a> {
         format!("{POOL_PREFIX}{pool}")
     }
 }
-
-/// Largest weight a backend may have (the Maglev builder's range).
-pub const MAX_WEIGHT: u32 = 65535;
 
 /// The state the data plane should be in, before health is taken into account.
 #[derive(Debug, Clone, PartialEq)]
@@ -126,14 +123,9 @@ impl Desired {
                 let s = self.service_mut(name)?;
                 let mut usable = Vec::new();
                 for f in wanted {
-                    let why = if f.address.is_ipv4() != s.vip.is_ipv4() {
-                        Some(format!("not of the VIP {}'s address family", s.vip))
-                    } else {
-                        dsr_backend_problem(s.forwarding, s.vip, f.address)
-                    };
-                    match why {
-                        Some(why) => skipped.push((f.address, why)),
-                        None => usable.push(*f),
+                    match rules::backend_for_vip(s.vip, s.forwarding, f.address) {
+                        Err(why) => skipped.push((f.address, why)),
+                        Ok(()) => usable.push(*f),
                     }
                 }
                 let present: Vec<Found> = s
@@ -146,12 +138,22 @@ impl Desired {
                     })
                     .collect();
                 let d = discovery::diff(&present, &discovered, &usable);
-                if s.backends.len() + d.add.len() - d.remove.len() > s.ring_size as usize {
-                    return Err(format!(
-                        "service {name:?} cannot hold more backends than its ring size {}",
-                        s.ring_size
-                    ));
-                }
+                // The weights the service would have, checked before anything changes.
+                let weights = s
+                    .backends
+                    .iter()
+                    .filter(|b| !d.remove.contains(&b.address))
+                    .map(|b| {
+                        d.update
+                            .iter()
+                            .find(|u| u.address == b.address)
+                            .map_or(b.weight, |u| u.weight)
+                    })
+                    .chain(d.add.iter().map(|f| f.weight));
+                rules::ring_capacity(name, rules::active(weights), s.ring_size)?;
+                let others = self.backend_total() - self.service(name)?.backends.len();
+                rules::backend_count(others + present.len() + d.add.len() - d.remove.len())?;
+                let s = self.service_mut(name)?;
                 s.backends.retain(|b| !d.remove.contains(&b.address));
                 for u in &d.update {
                     if let Some(b) = s.backends.iter_mut().find(|b| b.address == u.address) {
@@ -220,6 +222,19 @@ impl Desired {
             .unwrap_or_default()
     }
 
+    fn service(&self, name: &str) -> Result<&Service, String> {
+        self.config
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| format!("unknown service {name:?}"))
+    }
+
+    /// Backends summed over services: the data plane's slots in use.
+    fn backend_total(&self) -> usize {
+        self.config.services.iter().map(|s| s.backends.len()).sum()
+    }
+
     fn service_mut(&mut self, name: &str) -> Result<&mut Service, String> {
         self.config
             .services
@@ -260,7 +275,7 @@ impl Desired {
                 address, weight, ..
             } => {
                 check_address(*address, "server")?;
-                check_weight(*weight)?;
+                rules::weight(i64::from(*weight))?;
                 if has(p, *address) {
                     return Err(format!("pool {pool:?} already has server {address}"));
                 }
@@ -281,7 +296,7 @@ impl Desired {
             Request::SetWeight {
                 address, weight, ..
             } => {
-                check_weight(*weight)?;
+                rules::weight(i64::from(*weight))?;
                 if discovered.contains(address) {
                     return Err(refused(address, "weight"));
                 }
@@ -330,15 +345,9 @@ impl Desired {
                 forwarding,
                 ring_size,
             } => {
-                if name.is_empty()
-                    || !name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-                {
-                    return Err(format!("bad service name {name:?}: use [A-Za-z0-9_.-]+"));
-                }
+                rules::service_name(name)?;
                 if self.config.services.iter().any(|s| &s.name == name) {
-                    return Err(format!("service {name:?} already exists"));
+                    return Err(rules::name_taken(name, None));
                 }
                 if let Some(other) = self
                     .config
@@ -346,21 +355,15 @@ impl Desired {
                     .iter()
                     .find(|s| s.vip == *vip && s.protocol == *protocol)
                 {
-                    return Err(format!(
-                        "VIP {vip} is already used by service {:?}",
-                        other.name
-                    ));
+                    return Err(rules::vip_taken(*vip, *protocol, &other.name, None));
                 }
                 check_address(*vip, "VIP")?;
-                if *mode == Mode::L7 && forwarding.is_dsr() {
-                    return Err("forwarding applies to l4 services only".into());
-                }
-                let ring_size = ring_size.unwrap_or(DEFAULT_RING_SIZE);
-                if !(2..=MAX_RING_SIZE as u32).contains(&ring_size) || !is_prime(ring_size) {
-                    return Err(format!(
-                        "ring size {ring_size} must be a prime between 2 and {MAX_RING_SIZE}"
-                    ));
-                }
+                rules::forwarding(name, *mode, *forwarding)?;
+                let ring_size = match ring_size {
+                    Some(n) => rules::ring_size(i64::from(*n))?,
+                    None => DEFAULT_RING_SIZE,
+                };
+                rules::service_count(self.config.services.len() + 1)?;
                 self.config.services.push(Service {
                     name: name.clone(),
                     vip: *vip,
@@ -392,25 +395,16 @@ impl Desired {
                 weight,
             } => {
                 check_address(*address, "backend")?;
-                check_weight(*weight)?;
+                rules::weight(i64::from(*weight))?;
+                rules::backend_count(self.backend_total() + 1)?;
                 let s = self.service_mut(service)?;
-                if s.vip.is_ipv4() != address.is_ipv4() {
-                    return Err(format!(
-                        "backend {address} and VIP {} are of different address families; NAT does not translate between them",
-                        s.vip
-                    ));
-                }
-                if let Some(why) = dsr_backend_problem(s.forwarding, s.vip, *address) {
-                    return Err(why);
-                }
+                rules::backend_for_vip(s.vip, s.forwarding, *address)?;
                 if s.backends.iter().any(|b| b.address == *address) {
-                    return Err(format!("service {service:?} already has backend {address}"));
+                    return Err(rules::backend_taken(service, *address, None));
                 }
-                if s.backends.len() >= s.ring_size as usize {
-                    return Err(format!(
-                        "service {service:?} cannot hold more backends than its ring size"
-                    ));
-                }
+                let weights = s.backends.iter().map(|b| b.weight);
+                let active = rules::active(weights.chain([*weight]));
+                rules::ring_capacity(service, active, s.ring_size)?;
                 s.backends.push(BackendConfig {
                     address: *address,
                     weight: *weight,
@@ -448,8 +442,19 @@ impl Desired {
                 address,
                 weight,
             } => {
-                check_weight(*weight)?;
+                rules::weight(i64::from(*weight))?;
                 self.refuse_discovered(service, *address, "weight")?;
+                self.backend_mut(service, *address)?;
+                let s = self.service_mut(service)?;
+                // Raising a weight from 0 takes a ring slot, like an addition.
+                let weights = s.backends.iter().map(|b| {
+                    if b.address == *address {
+                        *weight
+                    } else {
+                        b.weight
+                    }
+                });
+                rules::ring_capacity(service, rules::active(weights), s.ring_size)?;
                 self.backend_mut(service, *address)?.weight = *weight;
                 Ok(())
             }
@@ -497,21 +502,9 @@ impl Desired {
     }
 }
 
+/// Checks an address given to the CLI with the file's rule ([`rules::endpoint`]).
 fn check_address(addr: SocketAddr, what: &str) -> Result<(), String> {
-    if addr.port() == 0 {
-        return Err(format!("{what} {addr} has port 0"));
-    }
-    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
-        return Err(format!("{what} {addr} is not a unicast address"));
-    }
-    Ok(())
-}
-
-fn check_weight(weight: u32) -> Result<(), String> {
-    if weight > MAX_WEIGHT {
-        return Err(format!("weight {weight} is out of range 0..={MAX_WEIGHT}"));
-    }
-    Ok(())
+    rules::endpoint(addr).map_err(|reason| format!("{what} {addr} {reason}"))
 }
 
 /// Whether a request changes state (and so belongs in the journal).
@@ -703,6 +696,45 @@ address = "198.18.2.11:8080"
             assert!(err.contains(why), "{bad:?}: {err}");
             assert_eq!(d, before, "{bad:?} changed nothing");
         }
+    }
+
+    #[test]
+    fn ring_capacity_counts_backends_with_weight_like_the_file() {
+        let mut d = Desired::from_config(base());
+        d.apply(&Request::AddService {
+            name: "small".into(),
+            vip: "198.18.100.5:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            mode: Mode::L4,
+            forwarding: crate::config::Forwarding::Nat,
+            ring_size: Some(2),
+        })
+        .unwrap();
+        let add = |addr: &str, weight| Request::AddBackend {
+            service: "small".into(),
+            address: addr.parse().unwrap(),
+            weight,
+        };
+        d.apply(&add("198.18.2.11:80", 1)).unwrap();
+        d.apply(&add("198.18.2.12:80", 1)).unwrap();
+        // A drained backend takes no slot...
+        d.apply(&add("198.18.2.13:80", 0)).unwrap();
+        let before = d.clone();
+        let err = d.apply(&add("198.18.2.14:80", 1)).unwrap_err();
+        assert!(
+            err.contains("3 backends with weight > 0 but ring_size is 2"),
+            "{err}"
+        );
+        // ...until its weight is raised.
+        let err = d
+            .apply(&Request::SetWeight {
+                service: "small".into(),
+                address: "198.18.2.13:80".parse().unwrap(),
+                weight: 1,
+            })
+            .unwrap_err();
+        assert!(err.contains("ring size"), "{err}");
+        assert_eq!(d, before);
     }
 
     #[test]
