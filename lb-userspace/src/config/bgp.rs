@@ -1,0 +1,70 @@
+//! `[bgp]`: where the agent finds BIRD and the file it writes for it.
+
+use std::ops::Range;
+
+use toml::Spanned;
+
+use super::raw::RawBgp;
+use super::{BgpConfig, Checker, DEFAULT_BGP_PROTOCOL};
+
+impl Checker<'_> {
+    /// Checks `[bgp]`: both paths absolute, the protocol a BIRD symbol.
+    pub(super) fn bgp(&mut self, raw: Spanned<RawBgp>) -> Option<BgpConfig> {
+        let span = raw.span();
+        let line = self.line(&span);
+        let raw = raw.into_inner();
+        let bird_socket = self.absolute_path(raw.bird_socket, "bird_socket", &span);
+        let include_file = self.absolute_path(raw.include_file, "include_file", &span);
+        let protocol = match raw.protocol {
+            None => DEFAULT_BGP_PROTOCOL.to_string(),
+            Some(p) => {
+                let name = p.get_ref();
+                // `_v4`/`_v6` are appended; BIRD symbols are letters, digits, `_`.
+                let valid = name.len() <= 60
+                    && name.starts_with(|c: char| c.is_ascii_alphabetic())
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid {
+                    self.at(
+                        &p.span(),
+                        format!(
+                            "bgp protocol \"{name}\" is not a BIRD protocol name; expected a letter, then letters, digits or '_' (at most 60)"
+                        ),
+                    );
+                    return None;
+                }
+                name.clone()
+            }
+        };
+        Some(BgpConfig {
+            bird_socket: bird_socket?,
+            include_file: include_file?,
+            protocol,
+            line,
+        })
+    }
+
+    /// A required absolute path of `[bgp]`.
+    pub(super) fn absolute_path(
+        &mut self,
+        raw: Option<Spanned<String>>,
+        key: &str,
+        table: &Range<usize>,
+    ) -> Option<std::path::PathBuf> {
+        let Some(raw) = raw else {
+            self.at(table, format!("[bgp] needs `{key}`, an absolute path"));
+            return None;
+        };
+        let path = std::path::PathBuf::from(raw.get_ref());
+        if !path.is_absolute() || raw.get_ref().contains('"') {
+            self.at(
+                &raw.span(),
+                format!(
+                    "{key} \"{}\" must be an absolute path (without '\"')",
+                    raw.get_ref()
+                ),
+            );
+            return None;
+        }
+        Some(path)
+    }
+}

@@ -1,0 +1,268 @@
+//! `[service.health]` and `[pool.health]`: one set of keys and rules for
+//! the health checks of L4 backends and L7 servers.
+
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::raw::RawHealth;
+use super::{CheckKind, Checker, HealthCheck, HttpCheck, StatusMatch};
+
+/// Health-check interval when none is given (HAProxy's `inter` default).
+pub(super) const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Shortest health-check interval; faster checks load backends for little gain.
+pub(super) const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest health-check interval; beyond it a dead backend goes unnoticed too long.
+pub(super) const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(3600);
+/// Default `rise` (HAProxy's).
+pub(super) const DEFAULT_RISE: u32 = 2;
+/// Default `fall` (HAProxy's).
+pub(super) const DEFAULT_FALL: u32 = 3;
+/// Largest `rise` or `fall`.
+pub(super) const MAX_RISE_FALL: i64 = 100;
+/// HTTP status codes that pass by default: success and redirects, as HAProxy.
+pub(super) const DEFAULT_STATUS: StatusMatch = StatusMatch::Range(200, 399);
+
+impl Checker<'_> {
+    /// Validates a `[service.health]` table; `None` when anything in it is wrong.
+    pub(super) fn health(&mut self, raw: Spanned<RawHealth>) -> Option<HealthCheck> {
+        let before = self.errors.len();
+        let h = raw.into_inner();
+
+        let http = match h.kind.as_ref().map(|k| (k, k.get_ref().as_str())) {
+            None | Some((_, "tcp")) => Some(false),
+            Some((_, "http")) => Some(true),
+            Some((k, other)) => {
+                self.at(
+                    &k.span(),
+                    format!("unknown health kind \"{other}\"; expected \"tcp\" or \"http\""),
+                );
+                None
+            }
+        };
+
+        let interval = match &h.interval {
+            None => Some(DEFAULT_HEALTH_INTERVAL),
+            Some(i) => self.duration(i, "interval").and_then(|d| {
+                if (MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&d) {
+                    Some(d)
+                } else {
+                    self.at(
+                        &i.span(),
+                        format!(
+                            "interval \"{}\" is out of range; expected 100ms..=1h",
+                            i.get_ref()
+                        ),
+                    );
+                    None
+                }
+            }),
+        };
+        let timeout = match &h.timeout {
+            // HAProxy uses `inter` when `timeout check` is unset.
+            None => interval,
+            Some(t) => self.duration(t, "timeout").and_then(|d| {
+                if d.is_zero() {
+                    self.at(&t.span(), "timeout must be greater than zero");
+                    None
+                } else if let Some(interval) = interval.filter(|&i| d > i) {
+                    // A check still running when the next is due would overlap it.
+                    self.at(
+                        &t.span(),
+                        format!(
+                            "timeout {d:?} is longer than the interval {interval:?}; it must be <= interval"
+                        ),
+                    );
+                    None
+                } else {
+                    Some(d)
+                }
+            }),
+        };
+        let rise = self.count(h.rise.as_ref(), "rise", DEFAULT_RISE);
+        let fall = self.count(h.fall.as_ref(), "fall", DEFAULT_FALL);
+        let port = match &h.port {
+            None => Some(None),
+            Some(p) if (1..=65535).contains(p.get_ref()) => Some(Some(*p.get_ref() as u16)),
+            Some(p) => {
+                self.at(
+                    &p.span(),
+                    format!("port {} is out of range; expected 1..=65535", p.get_ref()),
+                );
+                None
+            }
+        };
+
+        let kind = match http {
+            Some(true) => Some(CheckKind::Http(self.http_check(&h))),
+            Some(false) => {
+                for (field, span) in [
+                    ("method", h.method.as_ref().map(Spanned::span)),
+                    ("path", h.path.as_ref().map(Spanned::span)),
+                    ("host", h.host.as_ref().map(Spanned::span)),
+                    ("status", h.status.as_ref().map(Spanned::span)),
+                    ("body", h.body.as_ref().map(Spanned::span)),
+                ] {
+                    if let Some(span) = span {
+                        self.at(
+                            &span,
+                            format!(
+                                "`{field}` only applies to kind = \"http\"; this check is \"tcp\""
+                            ),
+                        );
+                    }
+                }
+                Some(CheckKind::Tcp)
+            }
+            None => None,
+        };
+
+        if self.errors.len() != before {
+            return None;
+        }
+        Some(HealthCheck {
+            kind: kind?,
+            interval: interval?,
+            timeout: timeout?,
+            rise: rise?,
+            fall: fall?,
+            port: port?,
+        })
+    }
+
+    /// Validates the http-only fields; errors are recorded, defaults fill the gaps.
+    pub(super) fn http_check(&mut self, h: &RawHealth) -> HttpCheck {
+        let method = match &h.method {
+            None => "GET".to_string(),
+            Some(m) => {
+                let s = m.get_ref();
+                if s.is_empty() || !s.chars().all(|c| c.is_ascii_uppercase()) {
+                    self.at(
+                        &m.span(),
+                        format!("method \"{s}\" is not an uppercase token; expected e.g. \"GET\" or \"HEAD\""),
+                    );
+                }
+                s.clone()
+            }
+        };
+        let path = match &h.path {
+            None => "/".to_string(),
+            Some(p) => {
+                let s = p.get_ref();
+                if !s.starts_with('/') {
+                    self.at(&p.span(), format!("path \"{s}\" must start with '/'"));
+                } else if has_space_or_control(s) {
+                    // It goes into the request line verbatim.
+                    self.at(
+                        &p.span(),
+                        format!("path \"{s}\" must not contain spaces or control characters"),
+                    );
+                }
+                s.clone()
+            }
+        };
+        let host = h.host.as_ref().map(|v| {
+            let s = v.get_ref();
+            if s.is_empty() || has_space_or_control(s) {
+                // It goes into a header line verbatim.
+                self.at(
+                    &v.span(),
+                    format!("host \"{s}\" must be non-empty without spaces or control characters"),
+                );
+            }
+            s.clone()
+        });
+        let status = h
+            .status
+            .as_ref()
+            .map_or(DEFAULT_STATUS, |s| self.status(s).unwrap_or(DEFAULT_STATUS));
+        HttpCheck {
+            method,
+            path,
+            host,
+            status,
+            body: h.body.as_ref().map(|b| b.get_ref().clone()),
+        }
+    }
+
+    /// Parses `status`: "200-399", "200", 200 or [200, 204].
+    pub(super) fn status(&mut self, value: &Spanned<toml::Value>) -> Option<StatusMatch> {
+        let span = value.span();
+        let result = match value.get_ref() {
+            toml::Value::String(s) => {
+                let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+                match (lo.trim().parse::<i64>(), hi.trim().parse::<i64>()) {
+                    (Ok(lo), Ok(hi)) if !valid_status(lo) || !valid_status(hi) => Err(format!(
+                        "status range \"{s}\" is out of range; codes are 100..=599"
+                    )),
+                    (Ok(lo), Ok(hi)) if lo > hi => Err(format!(
+                        "status range \"{s}\" is backwards; expected \"low-high\""
+                    )),
+                    (Ok(lo), Ok(hi)) => Ok(StatusMatch::Range(lo as u16, hi as u16)),
+                    _ => Err(format!(
+                        "status \"{s}\" is not a range; expected e.g. \"200-399\" or a list such as [200, 204]"
+                    )),
+                }
+            }
+            toml::Value::Integer(code) => status_list(std::slice::from_ref(value.get_ref()))
+                .map_err(|_| format!("status {code} is out of range; codes are 100..=599")),
+            toml::Value::Array(codes) if codes.is_empty() => {
+                Err("status list is empty; list at least one code".to_string())
+            }
+            toml::Value::Array(codes) => status_list(codes),
+            other => Err(format!(
+                "status must be a range string or a list of codes, not a {}",
+                other.type_str()
+            )),
+        };
+        result.map_err(|reason| self.at(&span, reason)).ok()
+    }
+
+    /// Validates `rise` or `fall`: 1..=100, `default` when absent.
+    pub(super) fn count(
+        &mut self,
+        value: Option<&Spanned<i64>>,
+        what: &str,
+        default: u32,
+    ) -> Option<u32> {
+        let Some(v) = value else {
+            return Some(default);
+        };
+        let n = *v.get_ref();
+        if (1..=MAX_RISE_FALL).contains(&n) {
+            Some(n as u32)
+        } else {
+            self.at(
+                &v.span(),
+                format!("{what} {n} is out of range; expected 1..=100"),
+            );
+            None
+        }
+    }
+}
+
+pub(super) fn valid_status(code: i64) -> bool {
+    (100..=599).contains(&code)
+}
+
+/// Turns a list of TOML values into a status list, or says which element is wrong.
+pub(super) fn status_list(codes: &[toml::Value]) -> Result<StatusMatch, String> {
+    codes
+        .iter()
+        .map(|c| match c {
+            toml::Value::Integer(n) if valid_status(*n) => Ok(*n as u16),
+            toml::Value::Integer(n) => {
+                Err(format!("status {n} is out of range; codes are 100..=599"))
+            }
+            other => Err(format!(
+                "status list holds a {}; expected integer codes such as [200, 204]",
+                other.type_str()
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(StatusMatch::List)
+}
+
+pub(super) fn has_space_or_control(s: &str) -> bool {
+    s.chars().any(|c| c.is_whitespace() || c.is_control())
+}
