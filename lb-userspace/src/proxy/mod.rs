@@ -20,7 +20,7 @@
 //! max_connections = 10000        # default
 //! request_header_limit = 16384   # bytes, default 16 KiB
 //! timeout_client = "30s"         # HTTP/2 idle; HTTP/1: each wait on the client during a request
-//!                                # durations: "500ms", "10s", "2m", "1h" or integer ms
+//!                                # durations: "500ms", "10s", "2m" or "1h" (a unit is required)
 //! timeout_http_request = "10s"   # whole request head (and TLS handshake); 408 after it
 //! timeout_http_keep_alive = "10s"
 //! forwarded_headers = true       # X-Forwarded-For, X-Forwarded-Proto, Forwarded
@@ -196,7 +196,7 @@ pub use forward::{ProxyBody, Router, add_forwarded, strip_hop_by_hop};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, ConfigError, Frontend, HttpAction, Pool, ProxyConfig, ServerSpec,
-    TlsConfig, UsePool, User, UserList,
+    TlsConfig, UsePool, User, UserList, duration,
 };
 pub use tls::{CertResolver, TlsError, dns_names};
 

@@ -24,7 +24,7 @@ use super::forward::Activity;
 /// Idle limit of a tunnel when neither the pool nor the frontend sets `timeout_tunnel`.
 pub(crate) const DEFAULT_TIMEOUT_TUNNEL: Duration = Duration::from_secs(3600);
 
-/// Deserializes an optional duration (`"1h"`, `"30s"`, integer ms).
+/// Deserializes an optional duration (`"1h"`, `"30s"`, `"500ms"`).
 pub(crate) fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     #[derive(Deserialize)]
     struct Wrap(#[serde(with = "super::model::duration")] Duration);
