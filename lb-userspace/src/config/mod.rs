@@ -67,6 +67,8 @@ use std::time::Duration;
 use lb_common::{PROTO_TCP, PROTO_UDP};
 use toml::Spanned;
 
+use crate::proxy::duration;
+
 mod bgp;
 mod discovery;
 mod health;
@@ -91,9 +93,6 @@ const ADDR_FORM: &str = "expected \"a.b.c.d:port\" or \"[ipv6]:port\"";
 pub const DEFAULT_NEW_FLOW_LIMIT: u32 = 10_000;
 /// Largest `new_flow_limit`.
 const MAX_NEW_FLOW_LIMIT: i64 = 100_000_000;
-/// Hint appended to every duration error.
-const DURATION_FORM: &str =
-    "expected a whole number with a unit: \"500ms\", \"2s\", \"1m\" or \"1h\"";
 
 /// A validated agent configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -562,13 +561,10 @@ fn parse_with(text: &str, file: &str, host: Host) -> Result<Config, ConfigErrors
             return Err(ConfigErrors(checker.errors));
         }
     };
-    let has_proxy = raw.frontend.is_some() || raw.pool.is_some() || raw.userlist.is_some();
     let service_tables = raw.service.as_ref().map_or(0, Vec::len);
-    let mut config = checker.config(raw);
-    if has_proxy {
-        config.proxy = checker.proxy_section(text);
-    }
-    if service_tables == 0 && config.proxy.0.frontends.is_empty() {
+    let frontend_tables = raw.frontend.as_ref().map_or(0, Vec::len);
+    let config = checker.config(raw);
+    if service_tables == 0 && frontend_tables == 0 {
         checker.whole("no services; add at least one [[service]] (or [[frontend]]) table");
     }
     if checker.errors.is_empty() {
@@ -665,6 +661,11 @@ impl Checker<'_> {
         let encap_source_v6 = self.encap_source(raw.encap_source_v6, true);
         let services = self.services(raw.service.unwrap_or_default());
         let bgp = raw.bgp.and_then(|b| self.bgp(b));
+        let proxy = self.proxy_section(
+            raw.frontend.unwrap_or_default(),
+            raw.pool.unwrap_or_default(),
+            raw.userlist.unwrap_or_default(),
+        );
         Config {
             interfaces,
             xdp_mode,
@@ -675,18 +676,19 @@ impl Checker<'_> {
             encap_source_v6,
             services,
             bgp,
-            proxy: ProxySection::default(),
+            proxy,
         }
     }
 
     /// Parses a duration field such as "500ms", "2s" or "1m".
     pub(super) fn duration(&mut self, value: &Spanned<String>, what: &str) -> Option<Duration> {
         let s = value.get_ref();
-        let parsed = parse_duration(s);
+        // The proxy's parser: one duration syntax for the whole file.
+        let parsed = duration::parse(s);
         if parsed.is_none() {
             self.at(
                 &value.span(),
-                format!("{what} \"{s}\" is not a duration; {DURATION_FORM}"),
+                format!("{what} \"{s}\" is not a duration; {}", duration::FORM),
             );
         }
         parsed
@@ -700,20 +702,6 @@ impl Checker<'_> {
     }
 }
 
-/// Parses "<whole number><unit>" with unit ms, s, m or h.
-fn parse_duration(s: &str) -> Option<Duration> {
-    let digits = s.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = s.split_at(digits);
-    let n: u64 = number.parse().ok()?;
-    let millis = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => None,
-    }?;
-    Some(Duration::from_millis(millis))
-}
 /// Maps byte offsets to 1-based line and character column.
 struct LineIndex<'a> {
     text: &'a str,

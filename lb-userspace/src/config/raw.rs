@@ -3,7 +3,10 @@
 //! out-of-range value becomes a located semantic error instead of serde's
 //! first and only one.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
 #[derive(Deserialize)]
@@ -18,35 +21,52 @@ pub(super) struct RawConfig {
     pub(super) encap_source_v6: Option<Spanned<String>>,
     pub(super) service: Option<Vec<Spanned<RawService>>>,
     pub(super) bgp: Option<Spanned<RawBgp>>,
-    // Read again, typed, by `proxy_section`; here they only need to be allowed.
-    pub(super) frontend: Option<Spanned<toml::Value>>,
-    pub(super) pool: Option<Spanned<toml::Value>>,
-    pub(super) userlist: Option<Spanned<toml::Value>>,
+    pub(super) frontend: Option<Vec<Spanned<RawTable>>>,
+    pub(super) pool: Option<Vec<Spanned<RawPool>>>,
+    pub(super) userlist: Option<Vec<Spanned<RawTable>>>,
 }
 
-/// The proxy's tables, read with spans so errors point at their entry.
-#[derive(Deserialize)]
-pub(super) struct RawProxy {
-    #[serde(default)]
-    pub(super) frontend: Vec<Spanned<crate::proxy::Frontend>>,
-    #[serde(default)]
-    pub(super) pool: Vec<Spanned<crate::proxy::Pool>>,
-    #[serde(default)]
-    pub(super) userlist: Vec<crate::proxy::UserList>,
-}
+/// One of the proxy's tables, key by key, each value with its span: the
+/// proxy's own model (`crate::proxy`) gives the types, the spans say where
+/// each problem is (see `super::l7`).
+pub(super) type RawTable = BTreeMap<String, Spanned<toml::Value>>;
 
-/// Just the `[pool.health]` tables, with their spans (other keys are ignored here).
-#[derive(Deserialize)]
-pub(super) struct RawPoolChecks {
-    #[serde(default)]
-    pub(super) pool: Vec<RawPoolCheck>,
-}
-
-#[derive(Deserialize)]
-pub(super) struct RawPoolCheck {
-    pub(super) name: Option<String>,
+/// A `[[pool]]`: its keys as a [`RawTable`], except `[pool.health]` and
+/// `[pool.discovery]`, read like a service's with their own spans.
+pub(super) struct RawPool {
+    pub(super) keys: RawTable,
     pub(super) health: Option<Spanned<RawHealth>>,
     pub(super) discovery: Option<Spanned<RawDiscovery>>,
+}
+
+impl<'de> Deserialize<'de> for RawPool {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> Visitor<'de> for Keys {
+            type Value = RawPool;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a [[pool]] table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawPool, A::Error> {
+                let mut pool = RawPool {
+                    keys: RawTable::new(),
+                    health: None,
+                    discovery: None,
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "health" => pool.health = Some(map.next_value()?),
+                        "discovery" => pool.discovery = Some(map.next_value()?),
+                        _ => {
+                            pool.keys.insert(key, map.next_value()?);
+                        }
+                    }
+                }
+                Ok(pool)
+            }
+        }
+        d.deserialize_map(Keys)
+    }
 }
 
 // Everything is optional and loosely typed (strings, i64) so that missing or
