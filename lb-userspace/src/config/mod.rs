@@ -1,63 +1,21 @@
-//! Agent configuration: TOML parsing and validation.
+//! Agent configuration: the TOML file, read and validated.
 //!
-//! The file looks like this:
+//! Every key, with its default and a comment, is in
+//! `lb-userspace/lb.example.toml`; a unit test parses it and fails when a
+//! key the code accepts is missing there.
 //!
-//! ```toml
-//! # Interfaces the XDP program attaches to (client side and backend side).
-//! interfaces = ["eth0", "eth1"]
-//! # Attach mode: "driver" (native, default; falls back to generic with a warning), "generic", or "auto".
-//! xdp_mode = "driver"
-//! # Optional: Prometheus metrics endpoint served by the agent.
-//! metrics = "127.0.0.1:9100"
-//! new_flow_limit = 10000       # new flows per second per client /24 (IPv4) or /64 (IPv6); 0 = no limit
-//! deny = ["203.0.113.0/24", "2001:db8:bad::/48"]   # sources whose packets to any VIP are dropped
-//! encap_source_v4 = "198.18.2.1"   # outer source of ipip packets: an address, or a prefix whose
-//! encap_source_v6 = "fd00:18:2::/120" # host bits come from each flow; default: the interfaces' first
+//! # Layout
 //!
-//! [[service]]
-//! name = "web"
-//! vip = "198.18.100.1:80"       # IPv6: "[fd00:18:100::1]:80"
-//! protocol = "tcp"             # "tcp" (default) or "udp"
-//! mode = "l4"                  # "l4" (default, forwarded by XDP) or "l7" (passed to the kernel for the L7 proxy)
-//! ring_size = 65537            # optional, must be a prime <= 65537; default 65537
-//! forwarding = "nat"           # l4 only: "nat" (default), "ipip" or "l2" (direct server return)
-//! mss_clamp = false            # ipip only: lower the MSS of SYNs so encapsulated segments fit
+//! - `raw`: what serde reads, each value with its byte span; the file is
+//!   parsed once.
+//! - `settings`, `services`, `health`, `discovery`, `bgp`, `l7`: one concern
+//!   each, turning raw values into this module's model and recording every
+//!   mistake at its `file:line:column` (all of them, not the first).
+//! - `rules`: the L4 rules shared with runtime changes (`crate::runtime`).
 //!
-//! [[service.backend]]
-//! address = "198.18.2.11:8080"
-//! weight = 1                   # optional, default 1; 0 = takes no new flows
-//!
-//! [service.health]             # optional; without it backends are never marked down
-//! kind = "http"                # "tcp" (connect, default) or "http"
-//! interval = "2s"              # between checks; "500ms", "2s", "1m"; 100ms..=1h, default 2s
-//! timeout = "1s"               # per check, <= interval; default: the interval
-//! rise = 2                     # consecutive successes to become UP (1..=100, default 2)
-//! fall = 3                     # consecutive failures to become DOWN (1..=100, default 3)
-//! method = "GET"               # http only: default GET
-//! path = "/health"             # http only: default "/"
-//! host = "example.org"         # http only: Host header, default the backend's address
-//! status = "200-399"           # http only: a range (default) or a list, e.g. [200, 204]
-//! body = "ok"                  # http only: a substring the body must contain
-//!
-//! [bgp]                        # optional: announce VIPs through BIRD 2 (see `crate::bgp`)
-//! bird_socket = "/run/bird/bird.ctl"     # BIRD's control socket
-//! include_file = "/etc/bird/lb-vips.conf" # written by the agent, included by bird.conf
-//! protocol = "lb_vips"         # optional: static protocols lb_vips_v4 and lb_vips_v6
-//! [service.discovery]          # optional; backends also come from DNS (see `crate::discovery`)
-//! name = "_http._tcp.web.example.org"  # the name queried
-//! type = "srv"                 # "srv" (default: targets, ports, weights), "a" or "aaaa"
-//! nameservers = ["198.18.2.53", "[fd00::53]:5353"]  # asked, and nothing else; port 53 by default
-//! interval = "5s"              # between queries; 100ms..=1h, default 5s
-//! timeout = "2s"               # one round (SRV and its targets); <= interval, default min(interval, 2s)
-//! hold = "30s"                 # how long an empty answer (NXDOMAIN, no records) must last
-//!                              # before the discovered backends go; 0s..=1h, default 30s
-//! port = 8080                  # "a"/"aaaa" only, required: the port of every address
-//! weight = 1                   # "a"/"aaaa" only: the weight of every address (default 1)
-//! ```
-//!
-//! Serde only reads the file into private "raw" structs whose fields keep their
-//! byte spans; every semantic rule is then checked by hand so that all mistakes
-//! are reported at once, each at the line of the offending value.
+//! The L7 proxy's tables are typed by the proxy's own model
+//! (`crate::proxy`), one table at a time, so that its errors too come all at
+//! once, each at its key.
 
 use std::net::SocketAddr;
 use std::ops::Range;

@@ -1258,3 +1258,114 @@ fn l7_rules_and_actions_point_at_their_list() {
         "{errs:#?}"
     );
 }
+
+/// `lb-userspace/lb.example.toml`, the commented reference of every key.
+const EXAMPLE: &str = include_str!("../../lb.example.toml");
+
+/// The keys serde accepts in a `T` table, read from its unknown-field message.
+fn accepted<T: serde::de::DeserializeOwned>() -> Vec<String> {
+    let Err(e) = toml::from_str::<T>("zz_no_such_key = 0") else {
+        panic!("{} took an unknown key", std::any::type_name::<T>());
+    };
+    let text = e.to_string();
+    let after = &text[text.find("expected").expect("a list of fields")..];
+    after
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect()
+}
+
+/// The tables found at `path` in `doc` (arrays of tables flattened).
+fn tables_at<'a>(doc: &'a toml::Value, path: &[&str]) -> Vec<&'a toml::Table> {
+    let mut here = vec![doc];
+    for key in path {
+        let mut next = Vec::new();
+        for v in here {
+            match v.get(key) {
+                Some(toml::Value::Array(items)) => next.extend(items),
+                Some(other) => next.push(other),
+                None => {}
+            }
+        }
+        here = next;
+    }
+    here.into_iter().filter_map(toml::Value::as_table).collect()
+}
+
+#[track_caller]
+fn every_key_shown(doc: &toml::Value, paths: &[&[&str]], keys: &[String]) {
+    let shown: std::collections::BTreeSet<&str> = paths
+        .iter()
+        .flat_map(|p| tables_at(doc, p))
+        .flat_map(|t| t.keys().map(String::as_str))
+        .collect();
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| !shown.contains(k.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lb.example.toml does not show {missing:?} in {paths:?}"
+    );
+}
+
+#[test]
+fn the_example_file_parses_and_shows_every_key() {
+    use crate::proxy;
+    let c = parse(EXAMPLE, "lb.example.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.services.len(), 3);
+    assert_eq!(c.services[0].forwarding, Forwarding::Ipip);
+    assert!(c.services[1].backends.is_empty() && c.services[1].discovery.is_some());
+    assert_eq!(
+        c.proxy.0.frontends[0].acl.len(),
+        crate::acl::MATCHER_KEYS.len()
+    );
+    assert_eq!((c.proxy.1.len(), c.proxy.2.len()), (1, 1));
+
+    let doc: toml::Value = toml::from_str(EXAMPLE).unwrap();
+    every_key_shown(&doc, &[&[]], &accepted::<raw::RawConfig>());
+    every_key_shown(&doc, &[&["service"]], &accepted::<raw::RawService>());
+    every_key_shown(
+        &doc,
+        &[&["service", "backend"]],
+        &accepted::<raw::RawBackend>(),
+    );
+    let health = &[&["service", "health"][..], &["pool", "health"]];
+    every_key_shown(&doc, health, &accepted::<raw::RawHealth>());
+    let discovery = &[&["service", "discovery"][..], &["pool", "discovery"]];
+    every_key_shown(&doc, discovery, &accepted::<raw::RawDiscovery>());
+    every_key_shown(&doc, &[&["bgp"]], &accepted::<raw::RawBgp>());
+    every_key_shown(&doc, &[&["frontend"]], &accepted::<proxy::Frontend>());
+    every_key_shown(
+        &doc,
+        &[&["frontend", "tls"]],
+        &accepted::<proxy::TlsConfig>(),
+    );
+    let certs = &[&["frontend", "tls", "certs"][..]];
+    every_key_shown(&doc, certs, &accepted::<proxy::CertPair>());
+    every_key_shown(&doc, &[&["frontend", "acl"]], &acl_keys());
+    let use_pool = &[&["frontend", "use_pool"][..]];
+    every_key_shown(&doc, use_pool, &accepted::<proxy::UsePool>());
+    let actions = &[&["frontend", "request"][..], &["frontend", "response"]];
+    every_key_shown(&doc, actions, &accepted::<proxy::HttpAction>());
+    every_key_shown(&doc, &[&["userlist"]], &accepted::<proxy::UserList>());
+    every_key_shown(&doc, &[&["userlist", "users"]], &accepted::<proxy::User>());
+    every_key_shown(&doc, &[&["pool"]], &accepted::<proxy::Pool>());
+    every_key_shown(
+        &doc,
+        &[&["pool", "servers"]],
+        &accepted::<proxy::ServerSpec>(),
+    );
+}
+
+/// An ACL entry's keys: its name, `ignore_case` and one matcher key each.
+fn acl_keys() -> Vec<String> {
+    let mut keys: Vec<String> = crate::acl::MATCHER_KEYS
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    keys.extend(["name".to_string(), "ignore_case".to_string()]);
+    keys
+}
