@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::health::{MAX_HEALTH_INTERVAL, MIN_HEALTH_INTERVAL};
+use super::health::MAX_HEALTH_INTERVAL;
 use super::raw::RawDiscovery;
 use super::rules::family;
 use super::{Checker, DEFAULT_WEIGHT, Discovery, Forwarding, RecordKind};
@@ -35,98 +35,12 @@ impl Checker<'_> {
         let span = raw.span();
         let d = raw.into_inner();
 
-        let name = match &d.name {
-            None => {
-                self.at(
-                    &span,
-                    "discovery has no `name`; give the DNS name to query, e.g. \"_http._tcp.web.example.org\"",
-                );
-                None
-            }
-            Some(n) => match dns_name(n.get_ref()) {
-                Ok(fqdn) => Some(fqdn),
-                Err(why) => {
-                    self.at(&n.span(), format!("name \"{}\" {why}", n.get_ref()));
-                    None
-                }
-            },
-        };
-
-        let record = match d.kind.as_ref().map(|k| (k, k.get_ref().as_str())) {
-            None | Some((_, "srv")) => Some(RecordKind::Srv),
-            Some((k, kind @ ("a" | "aaaa"))) => {
-                let record = if kind == "a" {
-                    RecordKind::A
-                } else {
-                    RecordKind::Aaaa
-                };
-                // NAT does not translate families: the records must be the VIP's.
-                match vip {
-                    Some(vip) if vip.is_ipv4() != (record == RecordKind::A) => {
-                        self.at(
-                            &k.span(),
-                            format!(
-                                "type \"{kind}\" finds {} addresses but the VIP {vip} is {}; use type = \"{}\"",
-                                if record == RecordKind::A { "IPv4" } else { "IPv6" },
-                                family(vip),
-                                if vip.is_ipv4() { "a" } else { "aaaa" }
-                            ),
-                        );
-                        None
-                    }
-                    _ => Some(record),
-                }
-            }
-            Some((k, other)) => {
-                self.at(
-                    &k.span(),
-                    format!(
-                        "unknown discovery type \"{other}\"; expected \"srv\", \"a\" or \"aaaa\""
-                    ),
-                );
-                None
-            }
-        };
-
+        let name = self.dns_name(d.name.as_ref(), &span);
+        let record = self.record_kind(d.kind.as_ref(), vip);
         let nameservers = self.nameservers(d.nameservers.as_ref(), &span);
-
-        let interval = match &d.interval {
-            None => Some(DEFAULT_DISCOVERY_INTERVAL),
-            Some(i) => self.duration(i, "interval").and_then(|v| {
-                if (MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&v) {
-                    Some(v)
-                } else {
-                    self.at(
-                        &i.span(),
-                        format!(
-                            "interval \"{}\" is out of range; expected 100ms..=1h",
-                            i.get_ref()
-                        ),
-                    );
-                    None
-                }
-            }),
-        };
-        let timeout = match &d.timeout {
-            None => interval.map(|i| i.min(DEFAULT_DISCOVERY_TIMEOUT)),
-            Some(t) => self.duration(t, "timeout").and_then(|v| {
-                if v.is_zero() {
-                    self.at(&t.span(), "timeout must be greater than zero");
-                    None
-                } else if let Some(interval) = interval.filter(|&i| v > i) {
-                    // A round still running when the next is due would overlap it.
-                    self.at(
-                        &t.span(),
-                        format!(
-                            "timeout {v:?} is longer than the interval {interval:?}; it must be <= interval"
-                        ),
-                    );
-                    None
-                } else {
-                    Some(v)
-                }
-            }),
-        };
+        let interval = self.interval(d.interval.as_ref(), DEFAULT_DISCOVERY_INTERVAL);
+        let default_timeout = interval.map(|i| i.min(DEFAULT_DISCOVERY_TIMEOUT));
+        let timeout = self.timeout(d.timeout.as_ref(), interval, default_timeout);
         let hold = match &d.hold {
             None => Some(DEFAULT_DISCOVERY_HOLD),
             Some(h) => self.duration(h, "hold").and_then(|v| {
@@ -141,7 +55,6 @@ impl Checker<'_> {
                 }
             }),
         };
-
         let (port, weight) = match record {
             Some(RecordKind::Srv) => {
                 for (field, value) in [("port", &d.port), ("weight", &d.weight)] {
@@ -155,39 +68,7 @@ impl Checker<'_> {
                 (None, DEFAULT_WEIGHT)
             }
             Some(_) => {
-                let port = match &d.port {
-                    None => {
-                        self.at(
-                            &span,
-                            "discovery of address records needs `port`, the port of every address found",
-                        );
-                        None
-                    }
-                    Some(p) if (1..=65535).contains(p.get_ref()) => {
-                        let port = *p.get_ref() as u16;
-                        if let Some(vip) = vip
-                            && forwarding.is_dsr()
-                            && port != vip.port()
-                        {
-                            self.at(
-                                &p.span(),
-                                format!(
-                                    "port {port} must be the VIP's port {} with forwarding = \"{}\" (the packet reaches the backend untouched)",
-                                    vip.port(),
-                                    forwarding.as_str()
-                                ),
-                            );
-                        }
-                        Some(port)
-                    }
-                    Some(p) => {
-                        self.at(
-                            &p.span(),
-                            format!("port {} is out of range; expected 1..=65535", p.get_ref()),
-                        );
-                        None
-                    }
-                };
+                let port = self.address_port(d.port.as_ref(), &span, vip, forwarding);
                 let weight = match &d.weight {
                     None => DEFAULT_WEIGHT,
                     Some(w) => self.weight(w).unwrap_or(DEFAULT_WEIGHT),
@@ -210,6 +91,99 @@ impl Checker<'_> {
             port,
             weight,
         })
+    }
+
+    /// Checks the name queried and makes it fully qualified.
+    fn dns_name(&mut self, raw: Option<&Spanned<String>>, table: &Range<usize>) -> Option<String> {
+        let Some(n) = raw else {
+            self.at(
+                table,
+                "discovery has no `name`; give the DNS name to query, e.g. \"_http._tcp.web.example.org\"",
+            );
+            return None;
+        };
+        dns_name(n.get_ref())
+            .map_err(|why| self.at(&n.span(), format!("name \"{}\" {why}", n.get_ref())))
+            .ok()
+    }
+
+    /// Checks `type`; address records must be of the VIP's family, as NAT
+    /// does not translate families.
+    fn record_kind(
+        &mut self,
+        raw: Option<&Spanned<String>>,
+        vip: Option<SocketAddr>,
+    ) -> Option<RecordKind> {
+        let Some(k) = raw else {
+            return Some(RecordKind::Srv);
+        };
+        let record = match k.get_ref().as_str() {
+            "srv" => return Some(RecordKind::Srv),
+            "a" => RecordKind::A,
+            "aaaa" => RecordKind::Aaaa,
+            other => {
+                self.at(
+                    &k.span(),
+                    format!(
+                        "unknown discovery type \"{other}\"; expected \"srv\", \"a\" or \"aaaa\""
+                    ),
+                );
+                return None;
+            }
+        };
+        match vip {
+            Some(vip) if vip.is_ipv4() != (record == RecordKind::A) => {
+                self.at(
+                    &k.span(),
+                    format!(
+                        "type \"{}\" finds {} addresses but the VIP {vip} is {}; use type = \"{}\"",
+                        record.as_str(),
+                        if record == RecordKind::A {
+                            "IPv4"
+                        } else {
+                            "IPv6"
+                        },
+                        family(vip),
+                        if vip.is_ipv4() { "a" } else { "aaaa" }
+                    ),
+                );
+                None
+            }
+            _ => Some(record),
+        }
+    }
+
+    /// Checks the port of address records: required, and with direct
+    /// server return the VIP's (the packet reaches the backend untouched).
+    fn address_port(
+        &mut self,
+        raw: Option<&Spanned<i64>>,
+        table: &Range<usize>,
+        vip: Option<SocketAddr>,
+        forwarding: Forwarding,
+    ) -> Option<u16> {
+        let Some(p) = raw else {
+            self.at(
+                table,
+                "discovery of address records needs `port`, the port of every address found",
+            );
+            return None;
+        };
+        let port = self.port(p)?;
+        if let Some(vip) = vip
+            && forwarding.is_dsr()
+            && port != vip.port()
+        {
+            self.at(
+                &p.span(),
+                format!(
+                    "port {port} must be the VIP's port {} with forwarding = \"{}\" (the packet reaches the backend untouched)",
+                    vip.port(),
+                    forwarding.as_str()
+                ),
+            );
+        }
+        Some(port)
     }
 
     /// Checks `nameservers`: at least one, each an address with an optional

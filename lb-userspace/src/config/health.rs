@@ -41,77 +41,20 @@ impl Checker<'_> {
             }
         };
 
-        let interval = match &h.interval {
-            None => Some(DEFAULT_HEALTH_INTERVAL),
-            Some(i) => self.duration(i, "interval").and_then(|d| {
-                if (MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&d) {
-                    Some(d)
-                } else {
-                    self.at(
-                        &i.span(),
-                        format!(
-                            "interval \"{}\" is out of range; expected 100ms..=1h",
-                            i.get_ref()
-                        ),
-                    );
-                    None
-                }
-            }),
-        };
-        let timeout = match &h.timeout {
-            // HAProxy uses `inter` when `timeout check` is unset.
-            None => interval,
-            Some(t) => self.duration(t, "timeout").and_then(|d| {
-                if d.is_zero() {
-                    self.at(&t.span(), "timeout must be greater than zero");
-                    None
-                } else if let Some(interval) = interval.filter(|&i| d > i) {
-                    // A check still running when the next is due would overlap it.
-                    self.at(
-                        &t.span(),
-                        format!(
-                            "timeout {d:?} is longer than the interval {interval:?}; it must be <= interval"
-                        ),
-                    );
-                    None
-                } else {
-                    Some(d)
-                }
-            }),
-        };
+        let interval = self.interval(h.interval.as_ref(), DEFAULT_HEALTH_INTERVAL);
+        // HAProxy uses `inter` when `timeout check` is unset.
+        let timeout = self.timeout(h.timeout.as_ref(), interval, interval);
         let rise = self.count(h.rise.as_ref(), "rise", DEFAULT_RISE);
         let fall = self.count(h.fall.as_ref(), "fall", DEFAULT_FALL);
         let port = match &h.port {
             None => Some(None),
-            Some(p) if (1..=65535).contains(p.get_ref()) => Some(Some(*p.get_ref() as u16)),
-            Some(p) => {
-                self.at(
-                    &p.span(),
-                    format!("port {} is out of range; expected 1..=65535", p.get_ref()),
-                );
-                None
-            }
+            Some(p) => self.port(p).map(Some),
         };
 
         let kind = match http {
             Some(true) => Some(CheckKind::Http(self.http_check(&h))),
             Some(false) => {
-                for (field, span) in [
-                    ("method", h.method.as_ref().map(Spanned::span)),
-                    ("path", h.path.as_ref().map(Spanned::span)),
-                    ("host", h.host.as_ref().map(Spanned::span)),
-                    ("status", h.status.as_ref().map(Spanned::span)),
-                    ("body", h.body.as_ref().map(Spanned::span)),
-                ] {
-                    if let Some(span) = span {
-                        self.at(
-                            &span,
-                            format!(
-                                "`{field}` only applies to kind = \"http\"; this check is \"tcp\""
-                            ),
-                        );
-                    }
-                }
+                self.no_http_fields(&h);
                 Some(CheckKind::Tcp)
             }
             None => None,
@@ -128,6 +71,94 @@ impl Checker<'_> {
             fall: fall?,
             port: port?,
         })
+    }
+
+    /// Refuses the http-only fields in a tcp check.
+    fn no_http_fields(&mut self, h: &RawHealth) {
+        for (field, span) in [
+            ("method", h.method.as_ref().map(Spanned::span)),
+            ("path", h.path.as_ref().map(Spanned::span)),
+            ("host", h.host.as_ref().map(Spanned::span)),
+            ("status", h.status.as_ref().map(Spanned::span)),
+            ("body", h.body.as_ref().map(Spanned::span)),
+        ] {
+            if let Some(span) = span {
+                self.at(
+                    &span,
+                    format!("`{field}` only applies to kind = \"http\"; this check is \"tcp\""),
+                );
+            }
+        }
+    }
+
+    /// Checks the time between two checks or DNS rounds: 100ms..=1h,
+    /// `default` when absent.
+    pub(super) fn interval(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        default: Duration,
+    ) -> Option<Duration> {
+        let Some(i) = value else {
+            return Some(default);
+        };
+        let d = self.duration(i, "interval")?;
+        if (MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&d) {
+            return Some(d);
+        }
+        self.at(
+            &i.span(),
+            format!(
+                "interval \"{}\" is out of range; expected 100ms..=1h",
+                i.get_ref()
+            ),
+        );
+        None
+    }
+
+    /// Checks the limit on one check or DNS round: above zero and at most
+    /// `interval` (one still running when the next is due would overlap
+    /// it); `default` when absent.
+    pub(super) fn timeout(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        interval: Option<Duration>,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        let Some(t) = value else {
+            return default;
+        };
+        let d = self.duration(t, "timeout")?;
+        if d.is_zero() {
+            self.at(&t.span(), "timeout must be greater than zero");
+            return None;
+        }
+        if let Some(interval) = interval.filter(|&i| d > i) {
+            self.at(
+                &t.span(),
+                format!(
+                    "timeout {d:?} is longer than the interval {interval:?}; it must be <= interval"
+                ),
+            );
+            return None;
+        }
+        Some(d)
+    }
+
+    /// Checks a port: 1..=65535.
+    pub(super) fn port(&mut self, value: &Spanned<i64>) -> Option<u16> {
+        match u16::try_from(*value.get_ref()) {
+            Ok(port) if port > 0 => Some(port),
+            _ => {
+                self.at(
+                    &value.span(),
+                    format!(
+                        "port {} is out of range; expected 1..=65535",
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// Validates the http-only fields; errors are recorded, defaults fill the gaps.

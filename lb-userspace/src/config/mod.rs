@@ -52,6 +52,13 @@ pub const DEFAULT_NEW_FLOW_LIMIT: u32 = 10_000;
 /// Largest `new_flow_limit`.
 const MAX_NEW_FLOW_LIMIT: i64 = 100_000_000;
 
+/// The spellings of `xdp_mode`, the default first.
+const XDP_MODES: &[(&str, XdpModeSetting)] = &[
+    ("driver", XdpModeSetting::Driver),
+    ("generic", XdpModeSetting::Generic),
+    ("auto", XdpModeSetting::Auto),
+];
+
 /// A validated agent configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -570,22 +577,8 @@ impl Checker<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Config {
         let interfaces = self.interfaces(raw.interfaces);
-        let xdp_mode = raw
-            .xdp_mode
-            .and_then(|m| match m.get_ref().as_str() {
-                "driver" => Some(XdpModeSetting::Driver),
-                "generic" => Some(XdpModeSetting::Generic),
-                "auto" => Some(XdpModeSetting::Auto),
-                other => {
-                    self.at(
-                        &m.span(),
-                        format!(
-                            "unknown xdp_mode \"{other}\"; expected \"driver\", \"generic\" or \"auto\""
-                        ),
-                    );
-                    None
-                }
-            })
+        let xdp_mode = self
+            .choice(raw.xdp_mode.as_ref(), "xdp_mode", XDP_MODES)
             .unwrap_or_default();
         let metrics = raw.metrics.and_then(|m| match m.get_ref().parse() {
             Ok(addr) => Some(addr),
@@ -636,6 +629,34 @@ impl Checker<'_> {
             bgp,
             proxy,
         }
+    }
+
+    /// Reads one of `options` (spelling, value; the default first), the
+    /// default when absent.
+    pub(super) fn choice<T: Copy>(
+        &mut self,
+        raw: Option<&Spanned<String>>,
+        what: &str,
+        options: &[(&str, T)],
+    ) -> Option<T> {
+        let Some(raw) = raw else {
+            return options.first().map(|(_, v)| *v);
+        };
+        let text = raw.get_ref();
+        if let Some((_, v)) = options.iter().find(|(s, _)| s == text) {
+            return Some(*v);
+        }
+        let quoted: Vec<String> = options.iter().map(|(s, _)| format!("\"{s}\"")).collect();
+        let expected = match quoted.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        self.at(
+            &raw.span(),
+            format!("unknown {what} \"{text}\"; expected {expected}"),
+        );
+        None
     }
 
     /// Parses a duration field such as "500ms", "2s" or "1m".

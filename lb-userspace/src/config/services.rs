@@ -7,194 +7,195 @@ use std::net::SocketAddr;
 use lb_common::{DEFAULT_RING_SIZE, MAX_VIPS};
 use toml::Spanned;
 
-use super::raw::{RawBackend, RawService};
+use super::raw::{RawBackend, RawHealth, RawService};
 use super::{
-    ADDR_FORM, BackendConfig, Checker, DEFAULT_WEIGHT, Forwarding, Mode, Protocol, Service, rules,
+    ADDR_FORM, BackendConfig, Checker, DEFAULT_WEIGHT, Forwarding, HealthCheck, Mode, Protocol,
+    Service, rules,
 };
 
+/// The spellings of `protocol`, the default first.
+const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
+/// The spellings of `mode`, the default first.
+const MODES: &[(&str, Mode)] = &[("l4", Mode::L4), ("l7", Mode::L7)];
+
+/// What earlier services took: names, VIPs, and the data plane's backend slots.
+#[derive(Default)]
+struct Taken {
+    names: HashMap<String, usize>,
+    vips: HashMap<(SocketAddr, Protocol), (String, usize)>,
+    backends: usize,
+}
+
 impl Checker<'_> {
+    /// Checks every `[[service]]`, against each other and the data plane's limits.
     pub(super) fn services(&mut self, raw: Vec<Spanned<RawService>>) -> Vec<Service> {
-        if raw.is_empty() {
-            // Checked once the proxy's tables are known (a pure L7 file is fine).
-        }
-        let mut names: HashMap<String, usize> = HashMap::new();
-        let mut vips: HashMap<(SocketAddr, Protocol), (String, usize)> = HashMap::new();
-        let mut all_backends = 0;
+        // No services at all is checked once the proxy's tables are known
+        // (a pure L7 file is fine).
+        let mut taken = Taken::default();
         let mut services = Vec::new();
         for (index, svc) in raw.into_iter().enumerate() {
-            let span = svc.span();
-            let line = self.line(&span);
             // Reported once, at the service that crosses the limit.
             if index == MAX_VIPS as usize
                 && let Err(why) = rules::service_count(index + 1)
             {
-                self.at(&span, why);
+                self.at(&svc.span(), why);
             }
-            let svc = svc.into_inner();
-
-            let name = match &svc.name {
-                None => {
-                    self.at(&span, "service has no `name`");
-                    None
-                }
-                Some(n) => self.service_name(n, &mut names),
-            };
-            // Messages name the service as written even if the name itself was rejected.
-            let label = svc
-                .name
-                .as_ref()
-                .map_or_else(|| "<unnamed>".to_string(), |n| n.get_ref().clone());
-
-            let protocol =
-                svc.protocol
-                    .as_ref()
-                    .map_or(Some(Protocol::Tcp), |p| match p.get_ref().as_str() {
-                        "tcp" => Some(Protocol::Tcp),
-                        "udp" => Some(Protocol::Udp),
-                        other => {
-                            self.at(
-                                &p.span(),
-                                format!(
-                                    "unknown protocol \"{other}\"; expected \"tcp\" or \"udp\""
-                                ),
-                            );
-                            None
-                        }
-                    });
-            let mode = svc
-                .mode
-                .as_ref()
-                .map_or(Some(Mode::L4), |m| match m.get_ref().as_str() {
-                    "l4" => Some(Mode::L4),
-                    "l7" => Some(Mode::L7),
-                    other => {
-                        self.at(
-                            &m.span(),
-                            format!("unknown mode \"{other}\"; expected \"l4\" or \"l7\""),
-                        );
-                        None
-                    }
-                });
-
-            let forwarding = match &svc.forwarding {
-                None => Some(Forwarding::Nat),
-                Some(f) => match Forwarding::parse(f.get_ref()).and_then(|forwarding| {
-                    rules::forwarding(&label, mode.unwrap_or_default(), forwarding)
-                        .map(|()| forwarding)
-                }) {
-                    Ok(f) => Some(f),
-                    Err(why) => {
-                        self.at(&f.span(), why);
-                        None
-                    }
-                },
-            };
-            let mss_clamp = match (&svc.mss_clamp, forwarding) {
-                (Some(m), Some(f)) if *m.get_ref() && f != Forwarding::Ipip => {
-                    self.at(
-                        &m.span(),
-                        format!("mss_clamp applies to forwarding = \"ipip\" only (the mode that makes packets bigger); service \"{label}\" uses \"{}\"", f.as_str()),
-                    );
-                    false
-                }
-                (m, _) => m.as_ref().is_some_and(|m| *m.get_ref()),
-            };
-
-            let vip = match &svc.vip {
-                None => {
-                    self.at(&span, format!("service \"{label}\" has no `vip`"));
-                    None
-                }
-                Some(v) => self.endpoint(v, "vip"),
-            };
-            if let (Some(vip), Some(protocol), Some(v)) = (vip, protocol, &svc.vip) {
-                if let Some((other, other_line)) = vips.get(&(vip, protocol)) {
-                    self.at(
-                        &v.span(),
-                        rules::vip_taken(vip, protocol, other, Some(*other_line)),
-                    );
-                } else {
-                    vips.insert((vip, protocol), (label.clone(), line));
-                }
-            }
-
-            let ring_size = match &svc.ring_size {
-                None => Some(DEFAULT_RING_SIZE),
-                Some(r) => self.ring_size(r),
-            };
-
-            let raw_backends = svc.backend.unwrap_or_default();
-            let backends = self.backends(
-                raw_backends,
-                vip,
-                forwarding.unwrap_or_default(),
-                &label,
-                &mut all_backends,
-            );
-
-            // Outer None: the table is invalid (already reported); Some(None): no table.
-            let discovery = match svc.discovery {
-                None => Some(None),
-                Some(d) => self
-                    .discovery(d, vip, forwarding.unwrap_or_default())
-                    .map(Some),
-            };
-            // An l4 service without backends is allowed (see `rules`): they
-            // may come from `lb add backend` or a discovery.
-            if let Some(ring) = ring_size {
-                let active = rules::active(backends.iter().map(|b| b.weight));
-                if let Err(why) = rules::ring_capacity(&label, active, ring) {
-                    let at = svc.ring_size.as_ref().map_or(span.clone(), Spanned::span);
-                    self.at(&at, why);
-                }
-            }
-
-            // Outer None: the table is invalid (already reported); Some(None): no table.
-            let health_span = svc.health.as_ref().map(Spanned::span);
-            let health = match svc.health {
-                None => Some(None),
-                Some(h) => self.health(h).map(Some),
-            };
-            // Checks are TCP or HTTP: a UDP service's own port cannot answer them.
-            let health = match (health, protocol, health_span) {
-                (Some(Some(h)), Some(Protocol::Udp), Some(span)) if h.port.is_none() => {
-                    self.at(
-                        &span,
-                        "health checks of a udp service need `port`, a TCP port on the backends to check",
-                    );
-                    None
-                }
-                (h, ..) => h,
-            };
-
-            if let (
-                Some(name),
-                Some(vip),
-                Some(protocol),
-                Some(mode),
-                Some(forwarding),
-                Some(ring_size),
-                Some(health),
-                Some(discovery),
-            ) = (
-                name, vip, protocol, mode, forwarding, ring_size, health, discovery,
-            ) {
-                services.push(Service {
-                    name,
-                    vip,
-                    protocol,
-                    mode,
-                    forwarding,
-                    mss_clamp,
-                    ring_size,
-                    backends,
-                    health,
-                    discovery,
-                    line,
-                });
-            }
+            services.extend(self.service(svc, &mut taken));
         }
         services
+    }
+
+    /// Checks one `[[service]]` with its backends, health check and
+    /// discovery; `None` when anything in it is wrong.
+    fn service(&mut self, svc: Spanned<RawService>, taken: &mut Taken) -> Option<Service> {
+        let span = svc.span();
+        let line = self.line(&span);
+        let svc = svc.into_inner();
+        let name = match &svc.name {
+            None => {
+                self.at(&span, "service has no `name`");
+                None
+            }
+            Some(n) => self.service_name(n, &mut taken.names),
+        };
+        // Messages name the service as written even if the name itself was rejected.
+        let label = svc
+            .name
+            .as_ref()
+            .map_or_else(|| "<unnamed>".to_string(), |n| n.get_ref().clone());
+        let protocol = self.choice(svc.protocol.as_ref(), "protocol", PROTOCOLS);
+        let mode = self.choice(svc.mode.as_ref(), "mode", MODES);
+        let forwarding = self.forwarding(svc.forwarding.as_ref(), mode, &label);
+        let mss_clamp = self.mss_clamp(svc.mss_clamp.as_ref(), forwarding, &label);
+        let vip = match &svc.vip {
+            None => {
+                self.at(&span, format!("service \"{label}\" has no `vip`"));
+                None
+            }
+            Some(v) => self.vip(v, protocol, &label, line, &mut taken.vips),
+        };
+        let ring_size = match &svc.ring_size {
+            None => Some(DEFAULT_RING_SIZE),
+            Some(r) => self.ring_size(r),
+        };
+        let backends = self.backends(
+            svc.backend.unwrap_or_default(),
+            vip,
+            forwarding.unwrap_or_default(),
+            &label,
+            &mut taken.backends,
+        );
+        // Outer None: the table is invalid (already reported); Some(None): no table.
+        let discovery = match svc.discovery {
+            None => Some(None),
+            Some(d) => self
+                .discovery(d, vip, forwarding.unwrap_or_default())
+                .map(Some),
+        };
+        // An l4 service without backends is allowed (see `rules`): they
+        // may come from `lb add backend` or a discovery.
+        if let Some(ring) = ring_size {
+            let active = rules::active(backends.iter().map(|b| b.weight));
+            if let Err(why) = rules::ring_capacity(&label, active, ring) {
+                let at = svc.ring_size.as_ref().map_or(span.clone(), Spanned::span);
+                self.at(&at, why);
+            }
+        }
+        let health = self.service_health(svc.health, protocol);
+        Some(Service {
+            name: name?,
+            vip: vip?,
+            protocol: protocol?,
+            mode: mode?,
+            forwarding: forwarding?,
+            mss_clamp,
+            ring_size: ring_size?,
+            backends,
+            health: health?,
+            discovery: discovery?,
+            line,
+        })
+    }
+
+    /// Checks `forwarding`; only l4 services forward other than by NAT.
+    fn forwarding(
+        &mut self,
+        raw: Option<&Spanned<String>>,
+        mode: Option<Mode>,
+        label: &str,
+    ) -> Option<Forwarding> {
+        let Some(f) = raw else {
+            return Some(Forwarding::Nat);
+        };
+        Forwarding::parse(f.get_ref())
+            .and_then(|forwarding| {
+                rules::forwarding(label, mode.unwrap_or_default(), forwarding).map(|()| forwarding)
+            })
+            .map_err(|why| self.at(&f.span(), why))
+            .ok()
+    }
+
+    /// Checks `mss_clamp`: only ipip makes packets bigger.
+    fn mss_clamp(
+        &mut self,
+        raw: Option<&Spanned<bool>>,
+        forwarding: Option<Forwarding>,
+        label: &str,
+    ) -> bool {
+        match (raw, forwarding) {
+            (Some(m), Some(f)) if *m.get_ref() && f != Forwarding::Ipip => {
+                self.at(
+                    &m.span(),
+                    format!("mss_clamp applies to forwarding = \"ipip\" only (the mode that makes packets bigger); service \"{label}\" uses \"{}\"", f.as_str()),
+                );
+                false
+            }
+            (m, _) => m.is_some_and(|m| *m.get_ref()),
+        }
+    }
+
+    /// Checks a VIP, and that no earlier service has it with this protocol.
+    fn vip(
+        &mut self,
+        raw: &Spanned<String>,
+        protocol: Option<Protocol>,
+        label: &str,
+        line: usize,
+        taken: &mut HashMap<(SocketAddr, Protocol), (String, usize)>,
+    ) -> Option<SocketAddr> {
+        let vip = self.endpoint(raw, "vip")?;
+        if let Some(protocol) = protocol {
+            if let Some((other, other_line)) = taken.get(&(vip, protocol)) {
+                let why = rules::vip_taken(vip, protocol, other, Some(*other_line));
+                self.at(&raw.span(), why);
+            } else {
+                taken.insert((vip, protocol), (label.to_string(), line));
+            }
+        }
+        Some(vip)
+    }
+
+    /// Checks `[service.health]`; outer `None`: the table is invalid
+    /// (already reported), `Some(None)`: no table.
+    fn service_health(
+        &mut self,
+        raw: Option<Spanned<RawHealth>>,
+        protocol: Option<Protocol>,
+    ) -> Option<Option<HealthCheck>> {
+        let Some(raw) = raw else {
+            return Some(None);
+        };
+        let span = raw.span();
+        let check = self.health(raw)?;
+        // Checks are TCP or HTTP: a UDP service's own port cannot answer them.
+        if protocol == Some(Protocol::Udp) && check.port.is_none() {
+            self.at(
+                &span,
+                "health checks of a udp service need `port`, a TCP port on the backends to check",
+            );
+            return None;
+        }
+        Some(Some(check))
     }
 
     pub(super) fn service_name(
