@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use lb_common::DEFAULT_RING_SIZE;
 use tracing::warn;
 
-use crate::config::{BackendConfig, Config, Service, rules};
+use crate::config::{BackendConfig, Config, Forwarding, Mode, Protocol, Service, rules};
 use crate::control::protocol::{AdminState, Request};
 use crate::discovery::{self, Found};
 
@@ -120,89 +120,9 @@ impl Desired {
         let mut skipped = Vec::new();
         let (d, added) = match Group::parse(group) {
             Group::Service(name) => {
-                let s = self.service_mut(name)?;
-                let mut usable = Vec::new();
-                for f in wanted {
-                    match rules::backend_for_vip(s.vip, s.forwarding, f.address) {
-                        Err(why) => skipped.push((f.address, why)),
-                        Ok(()) => usable.push(*f),
-                    }
-                }
-                let present: Vec<Found> = s
-                    .backends
-                    .iter()
-                    .map(|b| Found {
-                        address: b.address,
-                        weight: b.weight,
-                        backup: false,
-                    })
-                    .collect();
-                let d = discovery::diff(&present, &discovered, &usable);
-                // The weights the service would have, checked before anything changes.
-                let weights = s
-                    .backends
-                    .iter()
-                    .filter(|b| !d.remove.contains(&b.address))
-                    .map(|b| {
-                        d.update
-                            .iter()
-                            .find(|u| u.address == b.address)
-                            .map_or(b.weight, |u| u.weight)
-                    })
-                    .chain(d.add.iter().map(|f| f.weight));
-                rules::ring_capacity(name, rules::active(weights), s.ring_size)?;
-                let others = self.backend_total() - self.service(name)?.backends.len();
-                rules::backend_count(others + present.len() + d.add.len() - d.remove.len())?;
-                let s = self.service_mut(name)?;
-                s.backends.retain(|b| !d.remove.contains(&b.address));
-                for u in &d.update {
-                    if let Some(b) = s.backends.iter_mut().find(|b| b.address == u.address) {
-                        b.weight = u.weight;
-                    }
-                }
-                s.backends.extend(d.add.iter().map(|f| BackendConfig {
-                    address: f.address,
-                    weight: f.weight,
-                    line: 0,
-                }));
-                let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
-                (d, added)
+                self.discover_backends(name, &discovered, wanted, &mut skipped)?
             }
-            Group::Pool(pool) => {
-                let p = self
-                    .config
-                    .proxy
-                    .0
-                    .pools
-                    .iter_mut()
-                    .find(|p| p.name == pool)
-                    .ok_or_else(|| format!("unknown pool {pool:?}"))?;
-                let present: Vec<Found> = p
-                    .servers
-                    .iter()
-                    .map(|s| Found {
-                        address: s.address,
-                        weight: s.weight,
-                        backup: s.backup,
-                    })
-                    .collect();
-                let d = discovery::diff(&present, &discovered, wanted);
-                p.servers.retain(|s| !d.remove.contains(&s.address));
-                for u in &d.update {
-                    if let Some(s) = p.servers.iter_mut().find(|s| s.address == u.address) {
-                        s.weight = u.weight;
-                        s.backup = u.backup;
-                    }
-                }
-                p.servers.extend(d.add.iter().map(|f| {
-                    let mut server = crate::proxy::ServerSpec::new(f.address);
-                    server.weight = f.weight;
-                    server.backup = f.backup;
-                    server
-                }));
-                let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
-                (d, added)
-            }
+            Group::Pool(pool) => self.discover_servers(pool, &discovered, wanted)?,
         };
         let set = self.discovered.entry(group.to_string()).or_default();
         for a in &d.remove {
@@ -212,6 +132,108 @@ impl Desired {
         // Admin states of discovered addresses stay: a backend disabled
         // while the DNS briefly forgot it comes back disabled.
         Ok((d, skipped))
+    }
+
+    /// Discovered backends of service `name`: the addresses it can take
+    /// (others go to `skipped` with the reason), within the ring and the
+    /// data plane's slots; what changed and the addresses added.
+    fn discover_backends(
+        &mut self,
+        name: &str,
+        discovered: &BTreeSet<SocketAddr>,
+        wanted: &[Found],
+        skipped: &mut Vec<(SocketAddr, String)>,
+    ) -> Result<(discovery::Diff, Vec<SocketAddr>), String> {
+        let s = self.service_mut(name)?;
+        let mut usable = Vec::new();
+        for f in wanted {
+            match rules::backend_for_vip(s.vip, s.forwarding, f.address) {
+                Err(why) => skipped.push((f.address, why)),
+                Ok(()) => usable.push(*f),
+            }
+        }
+        let present: Vec<Found> = s
+            .backends
+            .iter()
+            .map(|b| Found {
+                address: b.address,
+                weight: b.weight,
+                backup: false,
+            })
+            .collect();
+        let d = discovery::diff(&present, discovered, &usable);
+        // The weights the service would have, checked before anything changes.
+        let weights = s
+            .backends
+            .iter()
+            .filter(|b| !d.remove.contains(&b.address))
+            .map(|b| {
+                d.update
+                    .iter()
+                    .find(|u| u.address == b.address)
+                    .map_or(b.weight, |u| u.weight)
+            })
+            .chain(d.add.iter().map(|f| f.weight));
+        rules::ring_capacity(name, rules::active(weights), s.ring_size)?;
+        let others = self.backend_total() - self.service(name)?.backends.len();
+        rules::backend_count(others + present.len() + d.add.len() - d.remove.len())?;
+        let s = self.service_mut(name)?;
+        s.backends.retain(|b| !d.remove.contains(&b.address));
+        for u in &d.update {
+            if let Some(b) = s.backends.iter_mut().find(|b| b.address == u.address) {
+                b.weight = u.weight;
+            }
+        }
+        s.backends.extend(d.add.iter().map(|f| BackendConfig {
+            address: f.address,
+            weight: f.weight,
+            line: 0,
+        }));
+        let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
+        Ok((d, added))
+    }
+
+    /// Discovered servers of L7 pool `pool`, backups included; what changed
+    /// and the addresses added.
+    fn discover_servers(
+        &mut self,
+        pool: &str,
+        discovered: &BTreeSet<SocketAddr>,
+        wanted: &[Found],
+    ) -> Result<(discovery::Diff, Vec<SocketAddr>), String> {
+        let p = self
+            .config
+            .proxy
+            .0
+            .pools
+            .iter_mut()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| format!("unknown pool {pool:?}"))?;
+        let present: Vec<Found> = p
+            .servers
+            .iter()
+            .map(|s| Found {
+                address: s.address,
+                weight: s.weight,
+                backup: s.backup,
+            })
+            .collect();
+        let d = discovery::diff(&present, discovered, wanted);
+        p.servers.retain(|s| !d.remove.contains(&s.address));
+        for u in &d.update {
+            if let Some(s) = p.servers.iter_mut().find(|s| s.address == u.address) {
+                s.weight = u.weight;
+                s.backup = u.backup;
+            }
+        }
+        p.servers.extend(d.add.iter().map(|f| {
+            let mut server = crate::proxy::ServerSpec::new(f.address);
+            server.weight = f.weight;
+            server.backup = f.backup;
+            server
+        }));
+        let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
+        Ok((d, added))
     }
 
     /// Administrative state of a backend.
@@ -344,41 +366,7 @@ impl Desired {
                 mode,
                 forwarding,
                 ring_size,
-            } => {
-                rules::service_name(name)?;
-                if self.config.services.iter().any(|s| &s.name == name) {
-                    return Err(rules::name_taken(name, None));
-                }
-                if let Some(other) = self
-                    .config
-                    .services
-                    .iter()
-                    .find(|s| s.vip == *vip && s.protocol == *protocol)
-                {
-                    return Err(rules::vip_taken(*vip, *protocol, &other.name, None));
-                }
-                check_address(*vip, "VIP")?;
-                rules::forwarding(name, *mode, *forwarding)?;
-                let ring_size = match ring_size {
-                    Some(n) => rules::ring_size(i64::from(*n))?,
-                    None => DEFAULT_RING_SIZE,
-                };
-                rules::service_count(self.config.services.len() + 1)?;
-                self.config.services.push(Service {
-                    name: name.clone(),
-                    vip: *vip,
-                    protocol: *protocol,
-                    mode: *mode,
-                    forwarding: *forwarding,
-                    mss_clamp: false,
-                    ring_size,
-                    backends: Vec::new(),
-                    line: 0,
-                    health: None,
-                    discovery: None,
-                });
-                Ok(())
-            }
+            } => self.add_service(name, *vip, *protocol, *mode, *forwarding, *ring_size),
             Request::RemoveService { name } => {
                 let before = self.config.services.len();
                 self.config.services.retain(|s| &s.name != name);
@@ -393,25 +381,7 @@ impl Desired {
                 service,
                 address,
                 weight,
-            } => {
-                check_address(*address, "backend")?;
-                rules::weight(i64::from(*weight))?;
-                rules::backend_count(self.backend_total() + 1)?;
-                let s = self.service_mut(service)?;
-                rules::backend_for_vip(s.vip, s.forwarding, *address)?;
-                if s.backends.iter().any(|b| b.address == *address) {
-                    return Err(rules::backend_taken(service, *address, None));
-                }
-                let weights = s.backends.iter().map(|b| b.weight);
-                let active = rules::active(weights.chain([*weight]));
-                rules::ring_capacity(service, active, s.ring_size)?;
-                s.backends.push(BackendConfig {
-                    address: *address,
-                    weight: *weight,
-                    line: 0,
-                });
-                Ok(())
-            }
+            } => self.add_backend(service, *address, *weight),
             Request::RemoveBackend { service, address } => {
                 self.refuse_discovered(service, *address, "presence")?;
                 let s = self.service_mut(service)?;
@@ -441,23 +411,7 @@ impl Desired {
                 service,
                 address,
                 weight,
-            } => {
-                rules::weight(i64::from(*weight))?;
-                self.refuse_discovered(service, *address, "weight")?;
-                self.backend_mut(service, *address)?;
-                let s = self.service_mut(service)?;
-                // Raising a weight from 0 takes a ring slot, like an addition.
-                let weights = s.backends.iter().map(|b| {
-                    if b.address == *address {
-                        *weight
-                    } else {
-                        b.weight
-                    }
-                });
-                rules::ring_capacity(service, rules::active(weights), s.ring_size)?;
-                self.backend_mut(service, *address)?.weight = *weight;
-                Ok(())
-            }
+            } => self.set_weight(service, *address, *weight),
             Request::DrainNode => {
                 self.drained = true;
                 Ok(())
@@ -478,6 +432,101 @@ impl Desired {
 }
 
 impl Desired {
+    /// `lb add service`: the file's rules, and no backend yet.
+    fn add_service(
+        &mut self,
+        name: &str,
+        vip: SocketAddr,
+        protocol: Protocol,
+        mode: Mode,
+        forwarding: Forwarding,
+        ring_size: Option<u32>,
+    ) -> Result<(), String> {
+        rules::service_name(name)?;
+        if self.config.services.iter().any(|s| s.name == name) {
+            return Err(rules::name_taken(name, None));
+        }
+        if let Some(other) = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.vip == vip && s.protocol == protocol)
+        {
+            return Err(rules::vip_taken(vip, protocol, &other.name, None));
+        }
+        check_address(vip, "VIP")?;
+        rules::forwarding(name, mode, forwarding)?;
+        let ring_size = match ring_size {
+            Some(n) => rules::ring_size(i64::from(n))?,
+            None => DEFAULT_RING_SIZE,
+        };
+        rules::service_count(self.config.services.len() + 1)?;
+        self.config.services.push(Service {
+            name: name.to_string(),
+            vip,
+            protocol,
+            mode,
+            forwarding,
+            mss_clamp: false,
+            ring_size,
+            backends: Vec::new(),
+            line: 0,
+            health: None,
+            discovery: None,
+        });
+        Ok(())
+    }
+
+    /// `lb add backend`: the file's rules, ring capacity and backend slots included.
+    fn add_backend(
+        &mut self,
+        service: &str,
+        address: SocketAddr,
+        weight: u32,
+    ) -> Result<(), String> {
+        check_address(address, "backend")?;
+        rules::weight(i64::from(weight))?;
+        rules::backend_count(self.backend_total() + 1)?;
+        let s = self.service_mut(service)?;
+        rules::backend_for_vip(s.vip, s.forwarding, address)?;
+        if s.backends.iter().any(|b| b.address == address) {
+            return Err(rules::backend_taken(service, address, None));
+        }
+        let weights = s.backends.iter().map(|b| b.weight);
+        let active = rules::active(weights.chain([weight]));
+        rules::ring_capacity(service, active, s.ring_size)?;
+        s.backends.push(BackendConfig {
+            address,
+            weight,
+            line: 0,
+        });
+        Ok(())
+    }
+
+    /// `lb weight`: a weight raised from 0 takes a ring slot, like an addition.
+    fn set_weight(
+        &mut self,
+        service: &str,
+        address: SocketAddr,
+        weight: u32,
+    ) -> Result<(), String> {
+        rules::weight(i64::from(weight))?;
+        self.refuse_discovered(service, address, "weight")?;
+        self.backend_mut(service, address)?;
+        let s = self.service_mut(service)?;
+        // Raising a weight from 0 takes a ring slot, like an addition.
+        let weights = s.backends.iter().map(|b| {
+            if b.address == address {
+                weight
+            } else {
+                b.weight
+            }
+        });
+        rules::ring_capacity(service, rules::active(weights), s.ring_size)?;
+        self.backend_mut(service, address)?.weight = weight;
+        Ok(())
+    }
+
     /// During replay: records the admin state of an address a discovery may
     /// bring back, for a group that has one; whether it did.
     fn keep_for_discovery(&mut self, request: &Request) -> bool {
