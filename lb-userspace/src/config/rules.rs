@@ -17,8 +17,8 @@
 //! - `forwarding` other than "nat" is refused on l7 services; "nat" is
 //!   harmless there and accepted by both.
 //!
-//! Messages are the file's; the runtime prefixes nothing, so `lb` prints
-//! the same words `lb check` would.
+//! Each rule gives its reason in words: `lb check` adds the position in the
+//! file, `lb` prints it as is.
 
 use std::net::SocketAddr;
 

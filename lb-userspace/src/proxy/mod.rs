@@ -83,7 +83,7 @@
 //! timeout_connect = "5s"
 //! timeout_server = "30s"         # until the response head; HTTP/1 clients: also each wait
 //!                                # on the server for the request or response body
-//! timeout_server_idle = "30s"    # idle keep-alive server connections kept this long; 0 = none
+//! timeout_server_idle = "30s"    # idle keep-alive server connections kept this long; "0s" = none
 //! timeout_queue = "5s"           # longest wait for a server below maxconn; then 503 (sQ)
 //! # (hash algorithms wait for the request's own server; the others for any eligible one)
 //! retries = 3                    # on connect failure only, each on another server
