@@ -68,3 +68,46 @@ impl Checker<'_> {
         Some(path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use crate::config::*;
+
+    #[test]
+    fn bgp_section() {
+        let mut lines = svc(&[]);
+        lines.extend([
+            "[bgp]",
+            "bird_socket = \"/run/bird/bird.ctl\"",
+            "include_file = \"/etc/bird/lb-vips.conf\"",
+        ]);
+        let c = parse(&text(&lines), "lb.toml").unwrap();
+        let bgp = c.bgp.unwrap();
+        assert_eq!(bgp.bird_socket, std::path::Path::new("/run/bird/bird.ctl"));
+        assert_eq!(bgp.protocol, DEFAULT_BGP_PROTOCOL);
+        assert_eq!(bgp.line, 7);
+
+        let mut lines = svc(&[]);
+        lines.extend([
+            "[bgp]",
+            "bird_socket = \"bird.ctl\"",
+            "include_file = \"/etc/bird/lb-vips.conf\"",
+        ]);
+        expect_one(&lines, 8, "must be an absolute path");
+        let mut lines = svc(&[]);
+        lines.extend(["[bgp]", "bird_socket = \"/run/bird.ctl\""]);
+        expect_one(&lines, 7, "needs `include_file`");
+        let mut lines = svc(&[]);
+        lines.extend([
+            "[bgp]",
+            "bird_socket = \"/run/bird.ctl\"",
+            "include_file = \"/etc/bird/lb.conf\"",
+            "protocol = \"lb-vips\"",
+        ]);
+        expect_one(&lines, 10, "not a BIRD protocol name");
+        let mut lines = svc(&[]);
+        lines.extend(["[bgp]", "socket = \"/run/bird.ctl\""]);
+        expect_one(&lines, 8, "unknown field");
+    }
+}

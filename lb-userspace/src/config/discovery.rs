@@ -283,3 +283,191 @@ fn dns_name(text: &str) -> Result<String, &'static str> {
     // Relative names would be completed by a search list, which discovery never uses.
     Ok(format!("{bare}."))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use crate::config::*;
+
+    /// A service with only a `[service.discovery]` table (lines 5.. are its keys).
+    fn discovering(fields: &[&'static str]) -> Vec<&'static str> {
+        let mut v = vec![
+            HEAD,
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+            "[service.discovery]",
+        ];
+        v.extend_from_slice(fields);
+        v
+    }
+
+    fn discovery_of(fields: &[&'static str]) -> Discovery {
+        parse(&text(&discovering(fields)), "lb.toml")
+            .unwrap()
+            .services
+            .remove(0)
+            .discovery
+            .expect("a discovery")
+    }
+
+    const NS: &str = "nameservers = [\"198.18.2.241\"]";
+
+    #[test]
+    fn discovery_defaults_and_full_form() {
+        let d = discovery_of(&["name = \"_http._tcp.web.lab.test\"", NS]);
+        assert_eq!(
+            d,
+            Discovery {
+                name: "_http._tcp.web.lab.test.".into(),
+                record: RecordKind::Srv,
+                nameservers: vec!["198.18.2.241:53".parse().unwrap()],
+                interval: Duration::from_secs(5),
+                timeout: Duration::from_secs(2),
+                hold: Duration::from_secs(30),
+                port: None,
+                weight: 1,
+            }
+        );
+        let d = discovery_of(&[
+            "name = \"web.lab.test.\"",
+            "type = \"a\"",
+            "nameservers = [\"198.18.2.241:5353\", \"[fd00:18:2::241]:53\", \"fd00::53\"]",
+            "interval = \"500ms\"",
+            "hold = \"0s\"",
+            "port = 8080",
+            "weight = 3",
+        ]);
+        assert_eq!(d.name, "web.lab.test.");
+        assert_eq!(d.record, RecordKind::A);
+        assert_eq!(d.nameservers.len(), 3);
+        assert_eq!(d.nameservers[2], "[fd00::53]:53".parse().unwrap());
+        // The timeout defaults to the interval when that is shorter than 2s.
+        assert_eq!(
+            (d.interval, d.timeout, d.hold),
+            (
+                Duration::from_millis(500),
+                Duration::from_millis(500),
+                Duration::ZERO
+            )
+        );
+        assert_eq!((d.port, d.weight), (Some(8080), 3));
+    }
+
+    #[test]
+    fn a_service_with_discovery_needs_no_static_backend_and_may_have_some() {
+        let c = parse(
+            &text(&discovering(&["name = \"_http._tcp.web.lab.test\"", NS])),
+            "lb.toml",
+        )
+        .unwrap();
+        assert!(c.services[0].backends.is_empty());
+        let mut lines = svc(&[]);
+        lines.extend(["[service.discovery]", "name = \"web.lab.test\"", NS]);
+        let c = parse(&text(&lines), "lb.toml").unwrap();
+        assert_eq!(c.services[0].backends.len(), 1);
+        assert!(c.services[0].discovery.is_some());
+    }
+
+    #[test]
+    fn discovery_rules_with_their_lines() {
+        let name = "name = \"_http._tcp.web.lab.test\"";
+        expect_one(&discovering(&[NS]), 5, "has no `name`");
+        expect_one(&discovering(&[name]), 5, "has no `nameservers`");
+        expect_one(
+            &discovering(&[name, "nameservers = []"]),
+            7,
+            "`nameservers` is empty",
+        );
+        for (bad, why) in [
+            ("name = \"\"", "is empty"),
+            ("name = \"a..b\"", "empty label"),
+            ("name = \"web lab\"", "may only contain"),
+            ("name = \"_http._tcp.web/lab\"", "may only contain"),
+        ] {
+            expect_one(&discovering(&[bad, NS]), 6, why);
+        }
+        let long = format!("name = \"{}.test\"", "a".repeat(64));
+        let lines: Vec<&str> = discovering(&[NS])
+            .into_iter()
+            .chain([long.as_str()])
+            .collect();
+        expect_one(&lines, 7, "longer than 63");
+        for (bad, why) in [
+            ("nameservers = [\"dns.example\"]", "is not an address"),
+            ("nameservers = [\"0.0.0.0\"]", "not a unicast"),
+            ("nameservers = [\"198.18.2.241:0\"]", "port 0"),
+            (
+                "nameservers = [\"198.18.2.241\", \"198.18.2.241:53\"]",
+                "listed twice",
+            ),
+        ] {
+            expect_one(&discovering(&[name, bad]), 7, why);
+        }
+        for (bad, why) in [
+            ("type = \"txt\"", "unknown discovery type"),
+            (
+                "type = \"aaaa\"",
+                "the VIP 198.18.100.1:80 is IPv4; use type = \"a\"",
+            ),
+            ("interval = \"50ms\"", "out of range"),
+            ("interval = \"soon\"", "not a duration"),
+            ("timeout = \"0s\"", "greater than zero"),
+            ("timeout = \"10s\"", "longer than the interval"),
+            ("hold = \"2h\"", "out of range"),
+            ("port = 80", "SRV records carry their own"),
+            ("weight = 2", "SRV records carry their own"),
+            ("ttl = 3", "unknown field `ttl`"),
+        ] {
+            expect_one(&discovering(&[name, NS, bad]), 8, why);
+        }
+        let a = "type = \"a\"";
+        expect_one(&discovering(&[name, NS, a]), 5, "needs `port`");
+        expect_one(
+            &discovering(&[name, NS, a, "port = 70000"]),
+            9,
+            "out of range",
+        );
+        expect_one(
+            &discovering(&[name, NS, a, "port = 80", "weight = -1"]),
+            10,
+            "out of range",
+        );
+    }
+
+    #[test]
+    fn dsr_discovery_of_addresses_must_use_the_vip_port() {
+        let mut lines =
+            discovering(&["name = \"web.lab.test\"", NS, "type = \"a\"", "port = 8080"]);
+        lines.insert(4, "forwarding = \"ipip\"");
+        expect_one(&lines, 10, "must be the VIP's port 80");
+        lines[9] = "port = 80";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
+    fn pools_have_discovery_too() {
+        let t = text(&[
+            HEAD,
+            "[[frontend]]",
+            "name = \"web\"",
+            "binds = [\"198.18.100.1:80\"]",
+            "default_pool = \"app\"",
+            "[[pool]]",
+            "name = \"app\"",
+            "[pool.discovery]",
+            "name = \"_http._tcp.app.lab.test\"",
+            "nameservers = [\"198.18.2.241\"]",
+            "interval = \"1s\"",
+        ]);
+        let c = parse(&t, "lb.toml").unwrap();
+        assert_eq!(c.proxy.2.len(), 1);
+        assert_eq!(c.proxy.2[0].0, "app");
+        assert_eq!(c.proxy.2[0].1.interval, Duration::from_secs(1));
+        let bad = t.replace("interval = \"1s\"", "interval = \"1 s\"");
+        let errs = parse(&bad, "lb.toml").unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].line, 11);
+        assert!(errs[0].reason.contains("not a duration"), "{errs:?}");
+    }
+}

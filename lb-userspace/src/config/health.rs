@@ -297,3 +297,267 @@ pub(super) fn status_list(codes: &[toml::Value]) -> Result<StatusMatch, String> 
 pub(super) fn has_space_or_control(s: &str) -> bool {
     s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use crate::config::*;
+
+    /// The minimal service plus a `[service.health]` table on line 7, its fields from line 8.
+    fn with_health(fields: &[&'static str]) -> Vec<&'static str> {
+        let mut lines = svc(&["[service.health]"]);
+        lines.extend_from_slice(fields);
+        lines
+    }
+
+    fn health_of(fields: &[&'static str]) -> HealthCheck {
+        let c = parse(&text(&with_health(fields)), "f").unwrap();
+        c.services[0].health.clone().unwrap()
+    }
+
+    #[test]
+    fn health_defaults() {
+        assert_eq!(
+            parse(&text(&svc(&[])), "f").unwrap().services[0].health,
+            None
+        );
+        assert_eq!(
+            health_of(&[]),
+            HealthCheck {
+                kind: CheckKind::Tcp,
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(2),
+                rise: 2,
+                fall: 3,
+                port: None,
+            }
+        );
+        let h = health_of(&["kind = \"http\"", "interval = \"500ms\""]);
+        assert_eq!(
+            h.timeout,
+            Duration::from_millis(500),
+            "timeout defaults to the interval"
+        );
+        assert_eq!(
+            h.kind,
+            CheckKind::Http(HttpCheck {
+                method: "GET".into(),
+                path: "/".into(),
+                host: None,
+                status: StatusMatch::Range(200, 399),
+                body: None,
+            })
+        );
+    }
+
+    #[test]
+    fn health_full_http() {
+        let h = health_of(&[
+            "kind = \"http\"",
+            "interval = \"1m\"",
+            "timeout = \"1s\"",
+            "rise = 1",
+            "fall = 100",
+            "method = \"HEAD\"",
+            "path = \"/health?full=1\"",
+            "host = \"example.org\"",
+            "status = [200, 204]",
+            "body = \"ok\"",
+        ]);
+        assert_eq!(
+            h,
+            HealthCheck {
+                kind: CheckKind::Http(HttpCheck {
+                    method: "HEAD".into(),
+                    path: "/health?full=1".into(),
+                    host: Some("example.org".into()),
+                    status: StatusMatch::List(vec![200, 204]),
+                    body: Some("ok".into()),
+                }),
+                interval: Duration::from_secs(60),
+                timeout: Duration::from_secs(1),
+                rise: 1,
+                fall: 100,
+                port: None,
+            }
+        );
+    }
+
+    #[test]
+    fn health_inline_table() {
+        let lines = svc(&[]);
+        let mut lines = lines[..4].to_vec();
+        lines.push("health = { kind = \"tcp\", rise = 0 }");
+        lines.push("[[service.backend]]");
+        lines.push("address = \"198.18.2.11:8080\"");
+        expect_one(&lines, 5, "rise 0 is out of range");
+    }
+
+    #[test]
+    fn health_status_forms() {
+        for (status, expected) in [
+            ("status = \"200-299\"", StatusMatch::Range(200, 299)),
+            ("status = \"204\"", StatusMatch::Range(204, 204)),
+            ("status = 204", StatusMatch::List(vec![204])),
+            ("status = [200, 301]", StatusMatch::List(vec![200, 301])),
+        ] {
+            let fields = ["kind = \"http\"", status];
+            match health_of(&fields).kind {
+                CheckKind::Http(h) => assert_eq!(h.status, expected, "{status}"),
+                CheckKind::Tcp => panic!("not http"),
+            }
+        }
+    }
+
+    #[test]
+    fn status_matches() {
+        let range = StatusMatch::Range(200, 399);
+        assert!(range.matches(200) && range.matches(399) && range.matches(302));
+        assert!(!range.matches(199) && !range.matches(400) && !range.matches(503));
+        let list = StatusMatch::List(vec![200, 204]);
+        assert!(list.matches(204) && !list.matches(201));
+    }
+
+    #[test]
+    fn health_kind_rules() {
+        expect_one(
+            &with_health(&["kind = \"icmp\""]),
+            8,
+            "unknown health kind \"icmp\"; expected \"tcp\" or \"http\"",
+        );
+    }
+
+    #[test]
+    fn health_duration_rules() {
+        for (field, needle) in [
+            ("interval = \"2\"", "interval \"2\" is not a duration"),
+            ("interval = \"2 s\"", "is not a duration"),
+            ("interval = \"1.5s\"", "is not a duration"),
+            ("interval = \"s\"", "is not a duration"),
+            ("interval = \"2d\"", "is not a duration"),
+            ("interval = \"99999999999999999999ms\"", "is not a duration"),
+            ("interval = \"99ms\"", "out of range; expected 100ms..=1h"),
+            ("interval = \"61m\"", "out of range; expected 100ms..=1h"),
+            ("timeout = \"soon\"", "timeout \"soon\" is not a duration"),
+            ("timeout = \"0ms\"", "greater than zero"),
+            (
+                "timeout = \"3s\"",
+                "longer than the interval 2s; it must be <= interval",
+            ),
+        ] {
+            expect_one(&with_health(&[field]), 8, needle);
+        }
+        let h = health_of(&["interval = \"1h\"", "timeout = \"100ms\""]);
+        assert_eq!(h.interval, Duration::from_secs(3600));
+        assert_eq!(h.timeout, Duration::from_millis(100));
+        assert_eq!(
+            health_of(&["interval = \"100ms\""]).interval,
+            Duration::from_millis(100)
+        );
+        // Equal to the interval is allowed.
+        health_of(&["interval = \"1s\"", "timeout = \"1000ms\""]);
+        // The comparison uses the given interval, on the timeout's line.
+        expect_one(
+            &with_health(&["interval = \"500ms\"", "timeout = \"1s\""]),
+            9,
+            "longer than the interval 500ms",
+        );
+        expect_one(&with_health(&["interval = 2"]), 8, "invalid type");
+    }
+
+    #[test]
+    fn udp_health_checks_need_a_tcp_port() {
+        let base = "interfaces = [\"eth0\"]\n[[service]]\nname = \"dns\"\nvip = \"198.18.100.1:53\"\nprotocol = \"udp\"\n[[service.backend]]\naddress = \"198.18.2.11:53\"\n[service.health]\nkind = \"tcp\"\n";
+        let errs = parse(base, "t.toml").unwrap_err();
+        assert_eq!(errs.0.len(), 1, "{errs}");
+        assert_eq!(errs.0[0].line, 8);
+        assert!(errs.0[0].reason.contains("need `port`"), "{errs}");
+        let ok = parse(&format!("{base}port = 8080\n"), "t.toml").unwrap();
+        assert_eq!(ok.services[0].health.as_ref().unwrap().port, Some(8080));
+        let errs = parse(&format!("{base}port = 70000\n"), "t.toml").unwrap_err();
+        assert!(errs.0[0].reason.contains("out of range"), "{errs}");
+    }
+
+    #[test]
+    fn health_rise_fall_rules() {
+        for (field, needle) in [
+            ("rise = 0", "rise 0 is out of range; expected 1..=100"),
+            ("rise = 101", "rise 101 is out of range"),
+            ("fall = 0", "fall 0 is out of range"),
+            ("fall = -3", "fall -3 is out of range"),
+        ] {
+            expect_one(&with_health(&[field]), 8, needle);
+        }
+    }
+
+    #[test]
+    fn health_http_fields_need_http() {
+        for field in [
+            "method = \"GET\"",
+            "path = \"/\"",
+            "host = \"a\"",
+            "status = 200",
+            "body = \"ok\"",
+        ] {
+            expect_one(&with_health(&[field]), 8, "only applies to kind = \"http\"");
+            let mut explicit = vec!["kind = \"tcp\""];
+            explicit.push(field);
+            expect_one(
+                &with_health(&explicit),
+                9,
+                "only applies to kind = \"http\"",
+            );
+        }
+    }
+
+    #[test]
+    fn health_http_field_rules() {
+        for (field, needle) in [
+            (
+                "method = \"get\"",
+                "method \"get\" is not an uppercase token",
+            ),
+            ("method = \"\"", "is not an uppercase token"),
+            ("method = \"GET /\"", "is not an uppercase token"),
+            ("path = \"health\"", "path \"health\" must start with '/'"),
+            ("path = \"\"", "must start with '/'"),
+            ("path = \"/a b\"", "must not contain spaces"),
+            ("host = \"a\\r\\nX: y\"", "control characters"),
+            ("host = \"\"", "must be non-empty"),
+            ("status = \"99-200\"", "out of range; codes are 100..=599"),
+            ("status = \"200-600\"", "out of range; codes are 100..=599"),
+            ("status = \"399-200\"", "is backwards"),
+            ("status = \"2xx\"", "is not a range"),
+            ("status = \"200-\"", "is not a range"),
+            ("status = 600", "status 600 is out of range"),
+            ("status = [200, 99]", "status 99 is out of range"),
+            ("status = [\"200\"]", "status list holds a string"),
+            ("status = []", "status list is empty"),
+            ("status = true", "not a boolean"),
+        ] {
+            expect_one(&with_health(&["kind = \"http\"", field]), 9, needle);
+        }
+    }
+
+    #[test]
+    fn health_reports_every_mistake() {
+        let errs = errors(&with_health(&[
+            "kind = \"http\"",
+            "interval = \"10ms\"",
+            "rise = 0",
+            "path = \"x\"",
+            "status = \"500-400\"",
+        ]));
+        let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert_eq!(got, [9, 10, 11, 12], "{errs:#?}");
+    }
+
+    #[test]
+    fn health_unknown_field() {
+        expect_one(
+            &with_health(&["intervall = \"2s\""]),
+            8,
+            "unknown field `intervall`",
+        );
+    }
+}

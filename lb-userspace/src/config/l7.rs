@@ -249,7 +249,9 @@ fn serde_key(message: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::*;
     use super::serde_key;
+    use crate::config::*;
 
     #[test]
     fn serde_errors_name_their_key() {
@@ -262,5 +264,133 @@ mod tests {
             Some("acl")
         );
         assert_eq!(serde_key("missing field `binds`"), None);
+    }
+
+    #[test]
+    fn every_l7_mistake_is_reported_at_its_own_key() {
+        let lines = [
+            HEAD,
+            "[[frontend]]",
+            "name = \"a\"",
+            "binds = [\"198.18.100.1:80\"]",
+            "default_pool = \"nope\"",
+            "[[frontend]]",
+            "name = \"b\"",
+            "binds = []",
+            "default_pool = \"app\"",
+            "[[pool]]",
+            "name = \"app\"",
+            "hash_query = true",
+            "[[pool]]",
+            "name = \"slow\"",
+            "timeout_server = 500",
+        ];
+        let errs = errors(&lines);
+        let got: Vec<(usize, usize)> = errs.iter().map(|e| (e.line, e.column)).collect();
+        assert_eq!(got, [(5, 16), (8, 9), (12, 14), (15, 18)], "{errs:#?}");
+        assert!(errs[0].reason.contains("unknown default_pool \"nope\""));
+        assert!(errs[1].reason.contains("no binds"));
+        assert!(errs[2].reason.contains("hash_query needs algorithm uri"));
+        assert!(
+            errs[3].reason.contains("duration 500 has no unit"),
+            "{}",
+            errs[3].reason
+        );
+    }
+
+    /// A frontend `f` on line 2 with default pool `app` (line 6), then `extra`
+    /// from line 9.
+    fn l7(extra: &[&'static str]) -> Vec<&'static str> {
+        let mut v = vec![
+            HEAD,
+            "[[frontend]]",
+            "name = \"f\"",
+            "binds = [\"198.18.100.1:80\"]",
+            "default_pool = \"app\"",
+            "[[pool]]",
+            "name = \"app\"",
+            "servers = [{ address = \"198.18.2.11:8080\" }]",
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    #[test]
+    fn l7_tables_are_checked_one_by_one() {
+        assert!(parse(&text(&l7(&[])), "lb.toml").is_ok());
+        for (extra, line, needle) in [
+            (
+                &[
+                    "[[frontend]]",
+                    "name = \"f\"",
+                    "binds = [\"198.18.100.1:81\"]",
+                    "default_pool = \"app\"",
+                ][..],
+                10,
+                "duplicate frontend name \"f\" (first on line 3)",
+            ),
+            (
+                &[
+                    "[[pool]]",
+                    "name = \"b\"",
+                    "servers = [{ address = \"198.18.2.11:0\" }]",
+                ][..],
+                11,
+                "server 198.18.2.11:0 has port 0",
+            ),
+            (
+                &[
+                    "[[pool]]",
+                    "name = \"b\"",
+                    "servers = [{ address = \"198.18.2.11:80\", weight = 70000 }]",
+                ][..],
+                11,
+                "weight 70000 is out of range",
+            ),
+            (
+                &["[[pool]]", "name = \"b\"", "timeout_connect = \"5 s\""][..],
+                11,
+                "\"5 s\" is not a duration",
+            ),
+            (
+                &["[[pool]]", "name = \"b\"", "sever = 1"][..],
+                11,
+                "pool \"b\": unknown field `sever`",
+            ),
+            (
+                &[
+                    "[[userlist]]",
+                    "name = \"u\"",
+                    "users = [{ name = \"a\", password = \"plain\" }]",
+                ][..],
+                11,
+                "must be a SHA-512 crypt hash",
+            ),
+        ] {
+            expect_one(&l7(extra), line, needle);
+        }
+    }
+
+    #[test]
+    fn l7_rules_and_actions_point_at_their_list() {
+        let mut lines = l7(&[]);
+        lines.splice(
+            5..5,
+            [
+                "use_pool = [{ pool = \"gone\", if = \"x\" }]",
+                "request = [{ action = \"teleport\" }]",
+            ],
+        );
+        let errs = errors(&lines);
+        let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert_eq!(got, [6, 7], "{errs:#?}");
+        assert!(
+            errs[0].reason.contains("unknown pool \"gone\""),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[1].reason.contains("request rule 1 (teleport)"),
+            "{errs:#?}"
+        );
     }
 }

@@ -36,6 +36,8 @@ pub mod rules;
 mod services;
 mod settings;
 #[cfg(test)]
+mod test_support;
+#[cfg(test)]
 mod tests;
 
 use raw::RawConfig;

@@ -309,3 +309,277 @@ impl Checker<'_> {
         backends
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use lb_common::MAX_VIPS;
+
+    use super::super::test_support::*;
+    use crate::config::*;
+
+    #[test]
+    fn service_name_rules() {
+        let mut lines = svc(&[]);
+        lines[2] = "name = \"\"";
+        expect_one(&lines, 3, "service name is empty");
+
+        let mut lines = svc(&[]);
+        lines[2] = "name = \"web site\"";
+        expect_one(&lines, 3, "may only contain");
+
+        let mut lines = svc(&[]);
+        lines.remove(2);
+        expect_one(&lines, 2, "has no `name`");
+
+        let lines = svc(&[
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.2:80\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.11:8080\"",
+        ]);
+        expect_one(&lines, 8, "\"web\" is already used (line 3)");
+    }
+
+    #[test]
+    fn vip_rules() {
+        for (vip, needle) in [
+            (
+                "vip = \"198.18.100.1\"",
+                "has no port; expected \"a.b.c.d:port\"",
+            ),
+            ("vip = \"fd00::1:80\"", "has no port (IPv6 needs brackets)"),
+            (
+                "vip = \"198.18.100.1:http\"",
+                "is not a socket address; expected",
+            ),
+            ("vip = \"web:80\"", "[ipv6]:port"),
+            ("vip = \"198.18.100.1:0\"", "port 0"),
+            ("vip = \"0.0.0.0:80\"", "unspecified"),
+            ("vip = \"[::]:80\"", "unspecified"),
+            ("vip = \"224.0.0.1:80\"", "multicast"),
+            ("vip = \"[ff02::1]:80\"", "multicast"),
+        ] {
+            let mut lines = svc(&[]);
+            lines[3] = vip;
+            expect_one(&lines, 4, needle);
+        }
+        let mut lines = svc(&[]);
+        lines.remove(3);
+        expect_one(&lines, 2, "has no `vip`");
+    }
+
+    #[test]
+    fn duplicate_vip() {
+        let dup = svc(&[
+            "[[service]]",
+            "name = \"web2\"",
+            "vip = \"198.18.100.1:80\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.11:8080\"",
+        ]);
+        expect_one(&dup, 9, "already used by service \"web\" (line 2)");
+        // The same address and port with another protocol is a different VIP.
+        let mut other = dup.clone();
+        other.insert(9, "protocol = \"udp\"");
+        assert!(parse(&text(&other), "f").is_ok());
+    }
+
+    #[test]
+    fn bad_protocol_and_mode() {
+        let mut lines = svc(&[]);
+        lines.insert(4, "protocol = \"sctp\"");
+        expect_one(&lines, 5, "unknown protocol \"sctp\"");
+        let mut lines = svc(&[]);
+        lines.insert(4, "mode = \"l3\"");
+        expect_one(&lines, 5, "unknown mode \"l3\"");
+    }
+
+    #[test]
+    fn forwarding_modes_and_their_rules() {
+        // Line numbers: 1 HEAD, 2 [[service]], 3 name, 4 vip, 5 inserted,
+        // 6 [[service.backend]], 7 address.
+        let dsr = |mode: &'static str, port: &'static str| {
+            let mut lines = svc(&[]);
+            lines.insert(4, mode);
+            lines[6] = port;
+            lines
+        };
+        let ok = parse(
+            &text(&dsr(
+                "forwarding = \"ipip\"",
+                "address = \"198.18.2.11:80\"",
+            )),
+            "t.toml",
+        )
+        .expect("ipip with the VIP's port");
+        assert_eq!(ok.services[0].forwarding, Forwarding::Ipip);
+        assert!(!ok.services[0].mss_clamp);
+        let ok = parse(&text(&svc(&[])), "t.toml").expect("default");
+        assert_eq!(ok.services[0].forwarding, Forwarding::Nat);
+        expect_one(
+            &dsr("forwarding = \"l2\"", "address = \"198.18.2.11:8080\""),
+            7,
+            "must use the VIP's port 80 with forwarding = \"l2\"",
+        );
+        expect_one(
+            &dsr("forwarding = \"dsr\"", "address = \"198.18.2.11:80\""),
+            5,
+            "unknown forwarding \"dsr\"; expected \"nat\", \"ipip\" or \"l2\"",
+        );
+        let mut lines = dsr("forwarding = \"l2\"", "address = \"198.18.2.11:80\"");
+        lines.insert(5, "mss_clamp = true");
+        expect_one(&lines, 6, "mss_clamp applies to forwarding = \"ipip\" only");
+        let mut lines = svc(&[]);
+        lines.insert(4, "mode = \"l7\"");
+        lines.insert(5, "forwarding = \"ipip\"");
+        expect_one(&lines, 6, "`forwarding` applies to l4 services only");
+    }
+
+    #[test]
+    fn ring_size_rules() {
+        for (ring, needle) in [
+            ("ring_size = 1", "too small"),
+            ("ring_size = -7", "too small"),
+            ("ring_size = 65539", "too large"),
+            (
+                "ring_size = 1000",
+                "not a prime; Maglev needs a prime table size (e.g. 997)",
+            ),
+        ] {
+            let mut lines = svc(&[]);
+            lines.insert(4, ring);
+            expect_one(&lines, 5, needle);
+        }
+        let mut lines = svc(&[]);
+        lines.insert(4, "ring_size = 2");
+        assert_eq!(parse(&text(&lines), "f").unwrap().services[0].ring_size, 2);
+    }
+
+    #[test]
+    fn l4_and_l7_services_may_have_no_backend() {
+        // Backends may come later from `lb add backend` (see `rules`).
+        let lines = &svc(&[])[..4];
+        let c = parse(&text(lines), "f").unwrap();
+        assert!(c.services[0].backends.is_empty());
+        let mut l7 = lines.to_vec();
+        l7.push("mode = \"l7\"");
+        assert!(parse(&text(&l7), "f").is_ok());
+    }
+
+    #[test]
+    fn backend_address_rules() {
+        for (addr, needle) in [
+            ("address = \"198.18.2.11\"", "has no port"),
+            ("address = \"198.18.2.11:0\"", "port 0"),
+            ("address = \"0.0.0.0:80\"", "unspecified"),
+            ("address = \"239.1.1.1:80\"", "multicast"),
+            (
+                "address = \"[fd00::11]:80\"",
+                "NAT does not translate between address families",
+            ),
+        ] {
+            let mut lines = svc(&[]);
+            lines[5] = addr;
+            expect_one(&lines, 6, needle);
+        }
+        let mut lines = svc(&[]);
+        lines.remove(5);
+        expect_one(&lines, 5, "backend has no `address`");
+    }
+
+    #[test]
+    fn duplicate_backend() {
+        let lines = svc(&["[[service.backend]]", "address = \"198.18.2.11:8080\""]);
+        expect_one(
+            &lines,
+            8,
+            "listed twice in service \"web\" (first on line 5)",
+        );
+    }
+
+    #[test]
+    fn weight_rules() {
+        for (w, ok) in [
+            ("weight = 0", true),
+            ("weight = 65535", true),
+            ("weight = 65536", false),
+            ("weight = -1", false),
+        ] {
+            let lines = svc(&[w]);
+            if ok {
+                assert!(parse(&text(&lines), "f").is_ok(), "{w}");
+            } else {
+                expect_one(&lines, 7, "out of range; expected 0..=65535");
+            }
+        }
+    }
+
+    #[test]
+    fn more_active_backends_than_ring_slots() {
+        let lines = svc(&[
+            "[[service.backend]]",
+            "address = \"198.18.2.12:8080\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.13:8080\"",
+            "[[service.backend]]",
+            "address = \"198.18.2.14:8080\"",
+            "weight = 0",
+        ]);
+        let mut small = lines.clone();
+        small.insert(4, "ring_size = 2");
+        expect_one(&small, 5, "3 backends with weight > 0 but ring_size is 2");
+        let mut fits = lines;
+        fits.insert(4, "ring_size = 3");
+        assert!(parse(&text(&fits), "f").is_ok());
+    }
+
+    #[test]
+    fn too_many_services() {
+        let mut t = format!("{HEAD}\n");
+        for i in 0..=MAX_VIPS {
+            t += &format!(
+                "[[service]]\nname = \"s{i}\"\nvip = \"10.1.{}.{}:80\"\n[[service.backend]]\naddress = \"10.2.0.1:80\"\n",
+                i / 256,
+                i % 256
+            );
+        }
+        let errs = parse(&t, "f").unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].line, 2 + 5 * MAX_VIPS as usize);
+        assert!(errs[0].reason.contains("at most 512 (MAX_VIPS)"));
+    }
+
+    #[test]
+    fn too_many_backends() {
+        let mut t = format!("{HEAD}\n");
+        for s in 0..2 {
+            // Inline tables, one per line: thousands of [[service.backend]] headers parse slowly.
+            t += &format!("[[service]]\nname = \"s{s}\"\nvip = \"10.1.0.{s}:80\"\nbackend = [\n");
+            // Service 1 repeats one of service 0's addresses: the data plane
+            // gives each (service, backend) pair a slot, so it is one too many.
+            let n = if s == 0 { lb_common::MAX_BACKENDS } else { 1 };
+            for i in 0..n {
+                t += &format!("{{ address = \"10.2.{}.{}:80\" }},\n", i / 256, i % 256);
+            }
+            t += "]\n";
+        }
+        let errs = parse(&t, "f").unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        // The closing bracket is the last line; the crossing backend is just above it.
+        assert_eq!(errs[0].line, t.lines().count() - 1);
+        assert!(errs[0].reason.contains("at most 4096 (MAX_BACKENDS)"));
+    }
+
+    #[test]
+    fn an_l4_service_without_backends_or_discovery_waits_for_the_cli() {
+        let lines = [
+            HEAD,
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+        ];
+        let c = parse(&text(&lines), "lb.toml").unwrap();
+        assert!(c.services[0].backends.is_empty() && c.services[0].discovery.is_none());
+    }
+}
