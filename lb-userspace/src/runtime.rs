@@ -118,7 +118,7 @@ impl Desired {
     ) -> Result<(discovery::Diff, Vec<(SocketAddr, String)>), String> {
         let discovered = self.discovered.get(group).cloned().unwrap_or_default();
         let mut skipped = Vec::new();
-        let (d, added) = match Group::parse(group) {
+        let d = match Group::parse(group) {
             Group::Service(name) => {
                 self.discover_backends(name, &discovered, wanted, &mut skipped)?
             }
@@ -128,7 +128,7 @@ impl Desired {
         for a in &d.remove {
             set.remove(a);
         }
-        set.extend(added);
+        set.extend(d.add.iter().map(|f| f.address));
         // Admin states of discovered addresses stay: a backend disabled
         // while the DNS briefly forgot it comes back disabled.
         Ok((d, skipped))
@@ -136,14 +136,14 @@ impl Desired {
 
     /// Discovered backends of service `name`: the addresses it can take
     /// (others go to `skipped` with the reason), within the ring and the
-    /// data plane's slots; what changed and the addresses added.
+    /// data plane's slots; what changed.
     fn discover_backends(
         &mut self,
         name: &str,
         discovered: &BTreeSet<SocketAddr>,
         wanted: &[Found],
         skipped: &mut Vec<(SocketAddr, String)>,
-    ) -> Result<(discovery::Diff, Vec<SocketAddr>), String> {
+    ) -> Result<discovery::Diff, String> {
         let s = self.service_mut(name)?;
         let mut usable = Vec::new();
         for f in wanted {
@@ -189,18 +189,16 @@ impl Desired {
             weight: f.weight,
             line: 0,
         }));
-        let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
-        Ok((d, added))
+        Ok(d)
     }
 
-    /// Discovered servers of L7 pool `pool`, backups included; what changed
-    /// and the addresses added.
+    /// Discovered servers of L7 pool `pool`, backups included; what changed.
     fn discover_servers(
         &mut self,
         pool: &str,
         discovered: &BTreeSet<SocketAddr>,
         wanted: &[Found],
-    ) -> Result<(discovery::Diff, Vec<SocketAddr>), String> {
+    ) -> Result<discovery::Diff, String> {
         let p = self
             .config
             .proxy
@@ -232,8 +230,7 @@ impl Desired {
             server.backup = f.backup;
             server
         }));
-        let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
-        Ok((d, added))
+        Ok(d)
     }
 
     /// Administrative state of a backend.
