@@ -49,6 +49,9 @@ pub const PROTO_UDP: u8 = 17;
 pub const MAX_VIPS: u32 = 512;
 /// Most backends across all VIPs; backend ids are `0..MAX_BACKENDS`.
 pub const MAX_BACKENDS: u32 = 4096;
+/// Largest backend weight, in the file, the CLI and DNS answers alike: the
+/// Maglev builder's credits stay small and SRV weights (u16) always fit.
+pub const MAX_WEIGHT: u32 = 65535;
 /// Largest Maglev ring (a prime); the `Ring` value always has room for this many entries.
 pub const MAX_RING_SIZE: usize = 65537;
 /// Ring size used when a service does not choose one.

@@ -70,6 +70,79 @@ pub fn start_node_agent(
 /// Health checks the demo runs on every backend.
 const DEMO_HEALTH: &str = "kind = \"http\"\ninterval = \"1s\"\npath = \"/\"";
 
+/// Writes the demo's `lb.toml` into `dir` (the lab's L4 services weighted
+/// 1, 2, ..., plus the HTTPS frontend of [`services::demo_l7_config`]) and
+/// makes the l7 VIP local on the balancer, as an operator would; returns
+/// the config's path.
+pub fn prepare(lab: &Lab, dir: &std::path::Path) -> Result<PathBuf> {
+    let weights: Vec<u32> = (1..=lab.backends().len() as u32).collect();
+    let mut text = services::lab_config(lab, &weights, DEFAULT_RING_SIZE, Some(DEMO_HEALTH));
+    text.push_str(&services::demo_l7_config(lab, dir)?);
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    lab.make_local_on_balancer(services::vip_l7().ip())?;
+    Ok(path)
+}
+
+/// A command the demo prints for its user, run as printed by its test.
+pub struct TryCommand {
+    /// What it shows.
+    pub what: String,
+    /// The shell command.
+    pub shell: String,
+}
+
+/// The demo's commands for the L7 proxy and the UDP services.
+pub fn try_commands(lab: &Lab) -> Vec<TryCommand> {
+    let cli = lab.client_ns();
+    let l7 = services::vip_l7();
+    let curl = format!(
+        "ip netns exec {cli} curl -sk --http2 --resolve {host}:{port}:{ip}",
+        host = services::DEMO_HOST,
+        port = l7.port(),
+        ip = l7.ip()
+    );
+    let url = |path: &str| format!("https://{}{path}", services::DEMO_HOST);
+    let web: Vec<String> = lab
+        .backends()
+        .iter()
+        .skip(1)
+        .map(|b| b.name.clone())
+        .collect();
+    let api = lab
+        .backends()
+        .first()
+        .map_or("be1".into(), |b| b.name.clone());
+    vec![
+        TryCommand {
+            what: format!(
+                "HTTPS, HTTP/2 over ALPN, pool web ({}): the name, then the HTTP version",
+                web.join(", ")
+            ),
+            shell: format!("{curl} -w '%{{http_version}}\\n' {}", url("/")),
+        },
+        TryCommand {
+            what: format!("{} routed to pool api ({api})", services::DEMO_API_PREFIX),
+            shell: format!("{curl} {}", url("/api/users")),
+        },
+        TryCommand {
+            what: format!("{} denied by a rule: 403", services::DEMO_DENIED_PREFIX),
+            shell: format!(
+                "{curl} -o /dev/null -w '%{{http_code}}\\n' {}",
+                url("/admin")
+            ),
+        },
+        TryCommand {
+            what: "UDP to the VIP: a backend's name".into(),
+            shell: format!(
+                "ip netns exec {cli} bash -c 'exec 3<>/dev/udp/{ip}/{port}; echo hi >&3; timeout 2 head -n1 <&3'",
+                ip = services::vip_udp4().ip(),
+                port = services::vip_udp4().port()
+            ),
+        },
+    ]
+}
+
 /// Runs the demo until Ctrl-C.
 pub async fn run(backends: usize) -> Result<()> {
     // Registered before anything is built, so a Ctrl-C at any point is held
@@ -81,13 +154,10 @@ pub async fn run(backends: usize) -> Result<()> {
     let mut lab = Lab::create("demo", opts)?;
     let dir = PathBuf::from(format!("/tmp/{}", lab.balancer_ns()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let config_path = dir.join("lb.toml");
     let weights: Vec<u32> = (1..=backends as u32).collect();
-    std::fs::write(
-        &config_path,
-        services::lab_config(&lab, &weights, DEFAULT_RING_SIZE, Some(DEMO_HEALTH)),
-    )?;
-    let result = match demo_body(&mut lab, &config_path, &weights) {
+    let result = match prepare(&lab, &dir)
+        .and_then(|config_path| demo_body(&mut lab, &config_path, &weights))
+    {
         Ok(()) => {
             tokio::select! {
                 _ = sigint.recv() => {}
@@ -129,14 +199,22 @@ fn demo_body(lab: &mut Lab, config_path: &std::path::Path, weights: &[u32]) -> R
          \x20 ip netns exec {cli} curl -s http://{}/\n\
          \x20 ip netns exec {bal} curl -s http://{METRICS_ADDR}/metrics\n\
          \x20 {lb} --socket {sock} show backends\n\
-         \x20 {lb} --socket {sock} drain tcp4 {be1}\n\
-         Config in force: {}\n\
-         Press Ctrl-C to stop and remove the lab.",
+         \x20 {lb} --socket {sock} drain tcp4 {be1}",
         services::vip_tcp6(),
-        config_path.display(),
         sock = socket.display(),
         lb = lab.options().lb_bin.display(),
         be1 = std::net::SocketAddr::new(lab.backends()[0].v4.into(), lab::TCP_PORT),
+    );
+    println!(
+        "\nThe L7 proxy on {} (its access log lines appear below):",
+        services::vip_l7()
+    );
+    for c in try_commands(lab) {
+        println!("  # {}\n  {}", c.what, c.shell);
+    }
+    println!(
+        "\nConfig in force: {}\nPress Ctrl-C to stop and remove the lab.",
+        config_path.display()
     );
     Ok(())
 }

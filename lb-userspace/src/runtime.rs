@@ -11,10 +11,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use lb_common::{DEFAULT_RING_SIZE, MAX_RING_SIZE, maglev::is_prime};
+use lb_common::DEFAULT_RING_SIZE;
 use tracing::warn;
 
-use crate::config::{BackendConfig, Config, Mode, Service, dsr_backend_problem};
+use crate::config::{BackendConfig, Config, Forwarding, Mode, Protocol, Service, rules};
 use crate::control::protocol::{AdminState, Request};
 use crate::discovery::{self, Found};
 
@@ -46,9 +46,6 @@ impl<'a> Group<'a> {
         format!("{POOL_PREFIX}{pool}")
     }
 }
-
-/// Largest weight a backend may have (the Maglev builder's range).
-pub const MAX_WEIGHT: u32 = 65535;
 
 /// The state the data plane should be in, before health is taken into account.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,95 +118,119 @@ impl Desired {
     ) -> Result<(discovery::Diff, Vec<(SocketAddr, String)>), String> {
         let discovered = self.discovered.get(group).cloned().unwrap_or_default();
         let mut skipped = Vec::new();
-        let (d, added) = match Group::parse(group) {
+        let d = match Group::parse(group) {
             Group::Service(name) => {
-                let s = self.service_mut(name)?;
-                let mut usable = Vec::new();
-                for f in wanted {
-                    let why = if f.address.is_ipv4() != s.vip.is_ipv4() {
-                        Some(format!("not of the VIP {}'s address family", s.vip))
-                    } else {
-                        dsr_backend_problem(s.forwarding, s.vip, f.address)
-                    };
-                    match why {
-                        Some(why) => skipped.push((f.address, why)),
-                        None => usable.push(*f),
-                    }
-                }
-                let present: Vec<Found> = s
-                    .backends
-                    .iter()
-                    .map(|b| Found {
-                        address: b.address,
-                        weight: b.weight,
-                        backup: false,
-                    })
-                    .collect();
-                let d = discovery::diff(&present, &discovered, &usable);
-                if s.backends.len() + d.add.len() - d.remove.len() > s.ring_size as usize {
-                    return Err(format!(
-                        "service {name:?} cannot hold more backends than its ring size {}",
-                        s.ring_size
-                    ));
-                }
-                s.backends.retain(|b| !d.remove.contains(&b.address));
-                for u in &d.update {
-                    if let Some(b) = s.backends.iter_mut().find(|b| b.address == u.address) {
-                        b.weight = u.weight;
-                    }
-                }
-                s.backends.extend(d.add.iter().map(|f| BackendConfig {
-                    address: f.address,
-                    weight: f.weight,
-                    line: 0,
-                }));
-                let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
-                (d, added)
+                self.discover_backends(name, &discovered, wanted, &mut skipped)?
             }
-            Group::Pool(pool) => {
-                let p = self
-                    .config
-                    .proxy
-                    .0
-                    .pools
-                    .iter_mut()
-                    .find(|p| p.name == pool)
-                    .ok_or_else(|| format!("unknown pool {pool:?}"))?;
-                let present: Vec<Found> = p
-                    .servers
-                    .iter()
-                    .map(|s| Found {
-                        address: s.address,
-                        weight: s.weight,
-                        backup: s.backup,
-                    })
-                    .collect();
-                let d = discovery::diff(&present, &discovered, wanted);
-                p.servers.retain(|s| !d.remove.contains(&s.address));
-                for u in &d.update {
-                    if let Some(s) = p.servers.iter_mut().find(|s| s.address == u.address) {
-                        s.weight = u.weight;
-                        s.backup = u.backup;
-                    }
-                }
-                p.servers.extend(d.add.iter().map(|f| {
-                    let mut server = lb_proxy::ServerSpec::new(f.address);
-                    server.weight = f.weight;
-                    server.backup = f.backup;
-                    server
-                }));
-                let added: Vec<SocketAddr> = d.add.iter().map(|f| f.address).collect();
-                (d, added)
-            }
+            Group::Pool(pool) => self.discover_servers(pool, &discovered, wanted)?,
         };
         let set = self.discovered.entry(group.to_string()).or_default();
         for a in &d.remove {
             set.remove(a);
         }
-        set.extend(added);
+        set.extend(d.add.iter().map(|f| f.address));
         // Admin states of discovered addresses stay: a backend disabled
         // while the DNS briefly forgot it comes back disabled.
         Ok((d, skipped))
+    }
+
+    /// Discovered backends of service `name`: the addresses it can take
+    /// (others go to `skipped` with the reason), within the ring and the
+    /// data plane's slots; what changed.
+    fn discover_backends(
+        &mut self,
+        name: &str,
+        discovered: &BTreeSet<SocketAddr>,
+        wanted: &[Found],
+        skipped: &mut Vec<(SocketAddr, String)>,
+    ) -> Result<discovery::Diff, String> {
+        let s = self.service_mut(name)?;
+        let mut usable = Vec::new();
+        for f in wanted {
+            match rules::backend_for_vip(s.vip, s.forwarding, f.address) {
+                Err(why) => skipped.push((f.address, why)),
+                Ok(()) => usable.push(*f),
+            }
+        }
+        let present: Vec<Found> = s
+            .backends
+            .iter()
+            .map(|b| Found {
+                address: b.address,
+                weight: b.weight,
+                backup: false,
+            })
+            .collect();
+        let d = discovery::diff(&present, discovered, &usable);
+        // The weights the service would have, checked before anything changes.
+        let weights = s
+            .backends
+            .iter()
+            .filter(|b| !d.remove.contains(&b.address))
+            .map(|b| {
+                d.update
+                    .iter()
+                    .find(|u| u.address == b.address)
+                    .map_or(b.weight, |u| u.weight)
+            })
+            .chain(d.add.iter().map(|f| f.weight));
+        rules::ring_capacity(name, rules::active(weights), s.ring_size)?;
+        let others = self.backend_total() - self.service(name)?.backends.len();
+        rules::backend_count(others + present.len() + d.add.len() - d.remove.len())?;
+        let s = self.service_mut(name)?;
+        s.backends.retain(|b| !d.remove.contains(&b.address));
+        for u in &d.update {
+            if let Some(b) = s.backends.iter_mut().find(|b| b.address == u.address) {
+                b.weight = u.weight;
+            }
+        }
+        s.backends.extend(d.add.iter().map(|f| BackendConfig {
+            address: f.address,
+            weight: f.weight,
+            line: 0,
+        }));
+        Ok(d)
+    }
+
+    /// Discovered servers of L7 pool `pool`, backups included; what changed.
+    fn discover_servers(
+        &mut self,
+        pool: &str,
+        discovered: &BTreeSet<SocketAddr>,
+        wanted: &[Found],
+    ) -> Result<discovery::Diff, String> {
+        let p = self
+            .config
+            .proxy
+            .0
+            .pools
+            .iter_mut()
+            .find(|p| p.name == pool)
+            .ok_or_else(|| format!("unknown pool {pool:?}"))?;
+        let present: Vec<Found> = p
+            .servers
+            .iter()
+            .map(|s| Found {
+                address: s.address,
+                weight: s.weight,
+                backup: s.backup,
+            })
+            .collect();
+        let d = discovery::diff(&present, discovered, wanted);
+        p.servers.retain(|s| !d.remove.contains(&s.address));
+        for u in &d.update {
+            if let Some(s) = p.servers.iter_mut().find(|s| s.address == u.address) {
+                s.weight = u.weight;
+                s.backup = u.backup;
+            }
+        }
+        p.servers.extend(d.add.iter().map(|f| {
+            let mut server = lb_proxy::ServerSpec::new(f.address);
+            server.weight = f.weight;
+            server.backup = f.backup;
+            server
+        }));
+        Ok(d)
     }
 
     /// Administrative state of a backend.
@@ -218,6 +239,19 @@ impl Desired {
             .get(&(service.to_string(), address))
             .copied()
             .unwrap_or_default()
+    }
+
+    fn service(&self, name: &str) -> Result<&Service, String> {
+        self.config
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| format!("unknown service {name:?}"))
+    }
+
+    /// Backends summed over services: the data plane's slots in use.
+    fn backend_total(&self) -> usize {
+        self.config.services.iter().map(|s| s.backends.len()).sum()
     }
 
     fn service_mut(&mut self, name: &str) -> Result<&mut Service, String> {
@@ -260,7 +294,7 @@ impl Desired {
                 address, weight, ..
             } => {
                 check_address(*address, "server")?;
-                check_weight(*weight)?;
+                rules::weight(i64::from(*weight))?;
                 if has(p, *address) {
                     return Err(format!("pool {pool:?} already has server {address}"));
                 }
@@ -281,7 +315,7 @@ impl Desired {
             Request::SetWeight {
                 address, weight, ..
             } => {
-                check_weight(*weight)?;
+                rules::weight(i64::from(*weight))?;
                 if discovered.contains(address) {
                     return Err(refused(address, "weight"));
                 }
@@ -329,53 +363,7 @@ impl Desired {
                 mode,
                 forwarding,
                 ring_size,
-            } => {
-                if name.is_empty()
-                    || !name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-                {
-                    return Err(format!("bad service name {name:?}: use [A-Za-z0-9_.-]+"));
-                }
-                if self.config.services.iter().any(|s| &s.name == name) {
-                    return Err(format!("service {name:?} already exists"));
-                }
-                if let Some(other) = self
-                    .config
-                    .services
-                    .iter()
-                    .find(|s| s.vip == *vip && s.protocol == *protocol)
-                {
-                    return Err(format!(
-                        "VIP {vip} is already used by service {:?}",
-                        other.name
-                    ));
-                }
-                check_address(*vip, "VIP")?;
-                if *mode == Mode::L7 && forwarding.is_dsr() {
-                    return Err("forwarding applies to l4 services only".into());
-                }
-                let ring_size = ring_size.unwrap_or(DEFAULT_RING_SIZE);
-                if !(2..=MAX_RING_SIZE as u32).contains(&ring_size) || !is_prime(ring_size) {
-                    return Err(format!(
-                        "ring size {ring_size} must be a prime between 2 and {MAX_RING_SIZE}"
-                    ));
-                }
-                self.config.services.push(Service {
-                    name: name.clone(),
-                    vip: *vip,
-                    protocol: *protocol,
-                    mode: *mode,
-                    forwarding: *forwarding,
-                    mss_clamp: false,
-                    ring_size,
-                    backends: Vec::new(),
-                    line: 0,
-                    health: None,
-                    discovery: None,
-                });
-                Ok(())
-            }
+            } => self.add_service(name, *vip, *protocol, *mode, *forwarding, *ring_size),
             Request::RemoveService { name } => {
                 let before = self.config.services.len();
                 self.config.services.retain(|s| &s.name != name);
@@ -390,34 +378,7 @@ impl Desired {
                 service,
                 address,
                 weight,
-            } => {
-                check_address(*address, "backend")?;
-                check_weight(*weight)?;
-                let s = self.service_mut(service)?;
-                if s.vip.is_ipv4() != address.is_ipv4() {
-                    return Err(format!(
-                        "backend {address} and VIP {} are of different address families; NAT does not translate between them",
-                        s.vip
-                    ));
-                }
-                if let Some(why) = dsr_backend_problem(s.forwarding, s.vip, *address) {
-                    return Err(why);
-                }
-                if s.backends.iter().any(|b| b.address == *address) {
-                    return Err(format!("service {service:?} already has backend {address}"));
-                }
-                if s.backends.len() >= s.ring_size as usize {
-                    return Err(format!(
-                        "service {service:?} cannot hold more backends than its ring size"
-                    ));
-                }
-                s.backends.push(BackendConfig {
-                    address: *address,
-                    weight: *weight,
-                    line: 0,
-                });
-                Ok(())
-            }
+            } => self.add_backend(service, *address, *weight),
             Request::RemoveBackend { service, address } => {
                 self.refuse_discovered(service, *address, "presence")?;
                 let s = self.service_mut(service)?;
@@ -447,12 +408,7 @@ impl Desired {
                 service,
                 address,
                 weight,
-            } => {
-                check_weight(*weight)?;
-                self.refuse_discovered(service, *address, "weight")?;
-                self.backend_mut(service, *address)?.weight = *weight;
-                Ok(())
-            }
+            } => self.set_weight(service, *address, *weight),
             Request::DrainNode => {
                 self.drained = true;
                 Ok(())
@@ -473,6 +429,101 @@ impl Desired {
 }
 
 impl Desired {
+    /// `lb add service`: the file's rules, and no backend yet.
+    fn add_service(
+        &mut self,
+        name: &str,
+        vip: SocketAddr,
+        protocol: Protocol,
+        mode: Mode,
+        forwarding: Forwarding,
+        ring_size: Option<u32>,
+    ) -> Result<(), String> {
+        rules::service_name(name)?;
+        if self.config.services.iter().any(|s| s.name == name) {
+            return Err(rules::name_taken(name, None));
+        }
+        if let Some(other) = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.vip == vip && s.protocol == protocol)
+        {
+            return Err(rules::vip_taken(vip, protocol, &other.name, None));
+        }
+        check_address(vip, "VIP")?;
+        rules::forwarding(name, mode, forwarding)?;
+        let ring_size = match ring_size {
+            Some(n) => rules::ring_size(i64::from(n))?,
+            None => DEFAULT_RING_SIZE,
+        };
+        rules::service_count(self.config.services.len() + 1)?;
+        self.config.services.push(Service {
+            name: name.to_string(),
+            vip,
+            protocol,
+            mode,
+            forwarding,
+            mss_clamp: false,
+            ring_size,
+            backends: Vec::new(),
+            line: 0,
+            health: None,
+            discovery: None,
+        });
+        Ok(())
+    }
+
+    /// `lb add backend`: the file's rules, ring capacity and backend slots included.
+    fn add_backend(
+        &mut self,
+        service: &str,
+        address: SocketAddr,
+        weight: u32,
+    ) -> Result<(), String> {
+        check_address(address, "backend")?;
+        rules::weight(i64::from(weight))?;
+        rules::backend_count(self.backend_total() + 1)?;
+        let s = self.service_mut(service)?;
+        rules::backend_for_vip(s.vip, s.forwarding, address)?;
+        if s.backends.iter().any(|b| b.address == address) {
+            return Err(rules::backend_taken(service, address, None));
+        }
+        let weights = s.backends.iter().map(|b| b.weight);
+        let active = rules::active(weights.chain([weight]));
+        rules::ring_capacity(service, active, s.ring_size)?;
+        s.backends.push(BackendConfig {
+            address,
+            weight,
+            line: 0,
+        });
+        Ok(())
+    }
+
+    /// `lb weight`: a weight raised from 0 takes a ring slot, like an addition.
+    fn set_weight(
+        &mut self,
+        service: &str,
+        address: SocketAddr,
+        weight: u32,
+    ) -> Result<(), String> {
+        rules::weight(i64::from(weight))?;
+        self.refuse_discovered(service, address, "weight")?;
+        self.backend_mut(service, address)?;
+        let s = self.service_mut(service)?;
+        // Raising a weight from 0 takes a ring slot, like an addition.
+        let weights = s.backends.iter().map(|b| {
+            if b.address == address {
+                weight
+            } else {
+                b.weight
+            }
+        });
+        rules::ring_capacity(service, rules::active(weights), s.ring_size)?;
+        self.backend_mut(service, address)?.weight = weight;
+        Ok(())
+    }
+
     /// During replay: records the admin state of an address a discovery may
     /// bring back, for a group that has one; whether it did.
     fn keep_for_discovery(&mut self, request: &Request) -> bool {
@@ -497,21 +548,9 @@ impl Desired {
     }
 }
 
+/// Checks an address given to the CLI with the file's rule ([`rules::endpoint`]).
 fn check_address(addr: SocketAddr, what: &str) -> Result<(), String> {
-    if addr.port() == 0 {
-        return Err(format!("{what} {addr} has port 0"));
-    }
-    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
-        return Err(format!("{what} {addr} is not a unicast address"));
-    }
-    Ok(())
-}
-
-fn check_weight(weight: u32) -> Result<(), String> {
-    if weight > MAX_WEIGHT {
-        return Err(format!("weight {weight} is out of range 0..={MAX_WEIGHT}"));
-    }
-    Ok(())
+    rules::endpoint(addr).map_err(|reason| format!("{what} {addr} {reason}"))
 }
 
 /// Whether a request changes state (and so belongs in the journal).
@@ -703,6 +742,45 @@ address = "198.18.2.11:8080"
             assert!(err.contains(why), "{bad:?}: {err}");
             assert_eq!(d, before, "{bad:?} changed nothing");
         }
+    }
+
+    #[test]
+    fn ring_capacity_counts_backends_with_weight_like_the_file() {
+        let mut d = Desired::from_config(base());
+        d.apply(&Request::AddService {
+            name: "small".into(),
+            vip: "198.18.100.5:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            mode: Mode::L4,
+            forwarding: crate::config::Forwarding::Nat,
+            ring_size: Some(2),
+        })
+        .unwrap();
+        let add = |addr: &str, weight| Request::AddBackend {
+            service: "small".into(),
+            address: addr.parse().unwrap(),
+            weight,
+        };
+        d.apply(&add("198.18.2.11:80", 1)).unwrap();
+        d.apply(&add("198.18.2.12:80", 1)).unwrap();
+        // A drained backend takes no slot...
+        d.apply(&add("198.18.2.13:80", 0)).unwrap();
+        let before = d.clone();
+        let err = d.apply(&add("198.18.2.14:80", 1)).unwrap_err();
+        assert!(
+            err.contains("3 backends with weight > 0 but ring_size is 2"),
+            "{err}"
+        );
+        // ...until its weight is raised.
+        let err = d
+            .apply(&Request::SetWeight {
+                service: "small".into(),
+                address: "198.18.2.13:80".parse().unwrap(),
+                weight: 1,
+            })
+            .unwrap_err();
+        assert!(err.contains("ring size"), "{err}");
+        assert_eq!(d, before);
     }
 
     #[test]

@@ -1,5 +1,18 @@
 //! Support for the end-to-end and packet-level tests: running the loaded XDP
 //! program on crafted frames, and checking frames with an independent parser.
+//!
+//! # Layout
+//!
+//! - This file: the packet-level fixture (`with_fixture`, `run_xdp`,
+//!   checksum checks), `RunningLab` / `RunningCluster` (the namespace lab
+//!   with `lb run` in it, as users run it), `tally` and `wait_for`.
+//! - `cluster`: the prober of long-lived connections the cluster tests and
+//!   bench share.
+//! - `l4bench`, `l7bench`, `l7instr`, `l7mem`, `clusterbench`: the sections
+//!   of `lb-bench` (`src/bin/lb-bench.rs`, run by `cargo xtask bench`).
+//! - `tests/*.rs`: one file per area (packet, icmp, dsr, decap, e2e,
+//!   dsr_e2e, runtime, cli, l7, bgp, cluster, discovery); what each covers
+//!   is in `TESTS.md`.
 
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};

@@ -230,7 +230,7 @@ pub(crate) struct ConnPool {
     /// HTTP/2 with prior knowledge on plain connections (`h2 = true` without TLS).
     h2_prior_knowledge: bool,
     /// How long an idle connection is kept for a later request; zero keeps
-    /// none (`timeout_server_idle = 0`, and `send_proxy` pools).
+    /// none (`timeout_server_idle = "0s"`, and `send_proxy` pools).
     idle_limit: Duration,
     lists: Mutex<Lists>,
 }

@@ -37,7 +37,7 @@
 //! max_connections = 10000        # default
 //! request_header_limit = 16384   # bytes, default 16 KiB
 //! timeout_client = "30s"         # HTTP/2 idle; HTTP/1: each wait on the client during a request
-//!                                # durations: "500ms", "10s", "2m", "1h" or integer ms
+//!                                # durations: "500ms", "10s", "2m" or "1h" (a unit is required)
 //! timeout_http_request = "10s"   # whole request head (and TLS handshake); 408 after it
 //! timeout_http_keep_alive = "10s"
 //! forwarded_headers = true       # X-Forwarded-For, X-Forwarded-Proto, Forwarded
@@ -100,7 +100,7 @@
 //! timeout_connect = "5s"
 //! timeout_server = "30s"         # until the response head; HTTP/1 clients: also each wait
 //!                                # on the server for the request or response body
-//! timeout_server_idle = "30s"    # idle keep-alive server connections kept this long; 0 = none
+//! timeout_server_idle = "30s"    # idle keep-alive server connections kept this long; "0s" = none
 //! timeout_queue = "5s"           # longest wait for a server below maxconn; then 503 (sQ)
 //! # (hash algorithms wait for the request's own server; the others for any eligible one)
 //! retries = 3                    # on connect failure only, each on another server
@@ -204,7 +204,7 @@ pub use forward::ProxyBody;
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, ConfigError, Frontend, HttpAction, Pool, ProxyConfig, ServerSpec,
-    TlsConfig, UsePool, User, UserList,
+    TlsConfig, UsePool, User, UserList, duration,
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;

@@ -79,7 +79,7 @@ pub enum ControlCommand {
         /// Backend address.
         backend: SocketAddr,
         /// New weight, 0 to 65535.
-        #[arg(value_parser = clap::value_parser!(u32).range(0..=65535))]
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=i64::from(lb_common::MAX_WEIGHT)))]
         weight: u32,
     },
     /// Withdraw every VIP of this node from BGP; what still arrives is forwarded.
@@ -130,7 +130,7 @@ pub enum AddCommand {
         /// Backend address, e.g. 198.18.2.11:8080.
         backend: SocketAddr,
         /// Weight, 0 to 65535 (0 = no new flows).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=65535))]
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=i64::from(lb_common::MAX_WEIGHT)))]
         weight: u32,
     },
 }

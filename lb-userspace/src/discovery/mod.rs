@@ -32,14 +32,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use lb_common::MAX_WEIGHT;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Discovery};
 use crate::control::protocol::{DiscoveryInfo, DiscoveryState};
 use crate::runtime::Group;
-
-/// Largest weight a discovered backend gets (the Maglev builder's range).
-const MAX_WEIGHT: u32 = 65535;
 
 /// A backend a DNS answer asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -3,6 +3,9 @@
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+
+use anyhow::{Context, Result};
 
 use super::{Lab, TCP_PORT, UDP_PORT, VIP_V4, VIP_V6};
 
@@ -167,6 +170,78 @@ pub fn render_config_on(
         vip_l7()
     );
     out
+}
+
+/// Host name of the demo's HTTPS frontend (its certificate's name).
+pub const DEMO_HOST: &str = "demo.lb.test";
+/// Path prefix the demo's frontend routes to its `api` pool.
+pub const DEMO_API_PREFIX: &str = "/api/";
+/// Path prefix the demo's frontend denies with 403.
+pub const DEMO_DENIED_PREFIX: &str = "/admin";
+
+/// The L7 half of the demo, appended to [`lab_config`]: an HTTPS frontend on
+/// the l7 VIP ([`vip_l7`], which the caller makes local on the balancer)
+/// with a certificate for [`DEMO_HOST`] generated into `dir`, HTTP/2 over
+/// ALPN, [`DEMO_API_PREFIX`] routed to pool `api` (backend 1), everything
+/// else to pool `web` (the other backends), [`DEMO_DENIED_PREFIX`] denied.
+pub fn demo_l7_config(lab: &Lab, dir: &Path) -> Result<String> {
+    let key = rcgen::KeyPair::generate().context("generating the demo's TLS key")?;
+    let cert = rcgen::CertificateParams::new(vec![DEMO_HOST.to_string()])
+        .context("the demo certificate's name")?
+        .self_signed(&key)
+        .context("signing the demo certificate")?;
+    let (cert_path, key_path) = (dir.join("demo.pem"), dir.join("demo.key"));
+    std::fs::write(&cert_path, cert.pem())
+        .with_context(|| format!("writing {}", cert_path.display()))?;
+    std::fs::write(&key_path, key.serialize_pem())
+        .with_context(|| format!("writing {}", key_path.display()))?;
+    let server = |b: &super::LabBackend| {
+        format!(
+            "{{ address = \"{}\" }}",
+            SocketAddr::new(b.v4.into(), TCP_PORT)
+        )
+    };
+    let backends = lab.backends();
+    let api: Vec<String> = backends.iter().take(1).map(server).collect();
+    let web: Vec<String> = match backends.len() {
+        0 | 1 => api.clone(),
+        _ => backends.iter().skip(1).map(server).collect(),
+    };
+    Ok(format!(
+        r#"
+[[frontend]]
+name = "demo-https"
+binds = ["{vip}"]
+default_pool = "web"
+[frontend.tls]
+certs = [{{ cert = "{cert}", key = "{key}" }}]
+[[frontend.acl]]
+name = "is_api"
+path_prefix = "{DEMO_API_PREFIX}"
+[[frontend.acl]]
+name = "is_admin"
+path_prefix = "{DEMO_DENIED_PREFIX}"
+[[frontend.request]]
+action = "deny"
+if = "is_admin"
+[[frontend.use_pool]]
+pool = "api"
+if = "is_api"
+
+[[pool]]
+name = "api"
+servers = [{api}]
+
+[[pool]]
+name = "web"
+servers = [{web}]
+"#,
+        vip = vip_l7(),
+        cert = cert_path.display(),
+        key = key_path.display(),
+        api = api.join(", "),
+        web = web.join(", "),
+    ))
 }
 
 #[cfg(test)]

@@ -465,7 +465,7 @@ fn edge_settings_from_toml() {
         [[pool]]
         name = "app"
         send_proxy = "v1"
-        timeout_tunnel = 1500
+        timeout_tunnel = "1500ms"
         "#,
     )
     .unwrap();

@@ -720,7 +720,7 @@ fn config_from_toml() {
         binds = ["127.0.0.1:8080"]
         default_pool = "app"
         timeout_http_request = "5s"
-        timeout_client = 1500
+        timeout_client = "1500ms"
 
         [[pool]]
         name = "app"
@@ -751,6 +751,8 @@ fn config_from_toml() {
     assert!(
         toml::from_str::<ProxyConfig>("[[pool]]\nname='x'\ntimeout_server='5 parsecs'").is_err()
     );
+    let bare = toml::from_str::<ProxyConfig>("[[pool]]\nname='x'\ntimeout_server=500");
+    assert!(bare.unwrap_err().to_string().contains("has no unit"));
 }
 
 /// A client whose connections leave from `src` (any 127.0.0.x exists on loopback).

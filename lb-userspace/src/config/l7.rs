@@ -1,0 +1,394 @@
+//! The L7 proxy's tables: `[[frontend]]`, `[[pool]]` (with their
+//! `[pool.health]` and `[pool.discovery]`) and `[[userlist]]`.
+//!
+//! The proxy's model (`lb_proxy`) is the schema: each table is typed by
+//! its serde definitions and checked by its own `validate`, routing and
+//! action compilers, but one table at a time, so that every mistake is
+//! reported at once, each at the key it concerns (the raw tables keep each
+//! value's span).
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+
+use super::raw::{RawPool, RawTable};
+use super::{Checker, Forwarding, ProxySection, rules};
+use lb_proxy::routing::RoutingError;
+use lb_proxy::{Algorithm, ConfigError, Frontend, Pool, ProxyConfig, UserList, actions, routing};
+
+impl Checker<'_> {
+    /// Types and checks the proxy's tables; what is wrong is recorded, what
+    /// is right is returned.
+    pub(super) fn proxy_section(
+        &mut self,
+        frontends: Vec<Spanned<RawTable>>,
+        pools: Vec<Spanned<RawPool>>,
+        userlists: Vec<Spanned<RawTable>>,
+    ) -> ProxySection {
+        let userlists = self.userlists(userlists);
+        let mut section = ProxySection::default();
+        let mut names = HashMap::new();
+        for raw in pools {
+            let span = raw.span();
+            let raw = raw.into_inner();
+            let Some(pool) = self.typed::<Pool>(&raw.keys, &span, "pool") else {
+                continue;
+            };
+            self.unique(&mut names, &raw.keys, &pool.name, "pool");
+            self.pool(&raw.keys, &span, &pool);
+            if let Some(h) = raw.health
+                && let Some(check) = self.health(h)
+            {
+                section.1.push((pool.name.clone(), check));
+            }
+            if let Some(d) = raw.discovery
+                && let Some(discovery) = self.discovery(d, None, Forwarding::Nat)
+            {
+                section.2.push((pool.name.clone(), discovery));
+            }
+            section.0.pools.push(pool);
+        }
+        // Frontends are checked against the pools' names only: a pool's own
+        // mistakes are reported once, at the pool.
+        let stubs: Vec<Pool> = names
+            .keys()
+            .map(|name: &String| Pool::new(name, Algorithm::RoundRobin, Vec::new()))
+            .collect();
+        let mut names = HashMap::new();
+        for raw in frontends {
+            let span = raw.span();
+            let Some(frontend) = self.typed::<Frontend>(raw.get_ref(), &span, "frontend") else {
+                continue;
+            };
+            self.unique(&mut names, raw.get_ref(), &frontend.name, "frontend");
+            let alone = ProxyConfig {
+                frontends: vec![frontend],
+                pools: stubs.clone(),
+                userlists: userlists.clone(),
+            };
+            self.frontend(raw.get_ref(), &span, &alone);
+            section.0.frontends.extend(alone.frontends);
+        }
+        section.0.userlists = userlists;
+        section
+    }
+
+    /// Types `[[userlist]]` tables and checks each alone; returns the good ones.
+    fn userlists(&mut self, raw: Vec<Spanned<RawTable>>) -> Vec<UserList> {
+        let mut names = HashMap::new();
+        let mut good = Vec::new();
+        for table in raw {
+            let span = table.span();
+            let Some(list) = self.typed::<UserList>(table.get_ref(), &span, "userlist") else {
+                continue;
+            };
+            if !self.unique(&mut names, table.get_ref(), &list.name, "userlist") {
+                continue;
+            }
+            let alone = ProxyConfig {
+                userlists: vec![list],
+                ..ProxyConfig::default()
+            };
+            match actions::compile(&alone) {
+                Ok(_) => good.extend(alone.userlists),
+                Err(e) => {
+                    let key = match &e {
+                        actions::ActionError::UserList { reason, .. } if reason == "empty name" => {
+                            "name"
+                        }
+                        _ => "users",
+                    };
+                    self.at_key(table.get_ref(), key, &span, e.to_string());
+                }
+            }
+        }
+        good
+    }
+
+    /// Checks one pool alone: the proxy's rules, then the L4 rules its
+    /// servers share with `lb add backend pool:NAME`.
+    fn pool(&mut self, keys: &RawTable, span: &Range<usize>, pool: &Pool) {
+        let alone = ProxyConfig {
+            pools: vec![pool.clone()],
+            ..ProxyConfig::default()
+        };
+        if let Err(e) = alone.validate() {
+            let key = match e {
+                ConfigError::BadHash { .. } => ["hash_header", "hash_query", "algorithm"],
+                ConfigError::BadServerTls { .. } => ["sni", "ca", "tls"],
+                _ => ["name", "name", "name"],
+            }
+            .into_iter()
+            .find(|k| keys.contains_key(*k))
+            .unwrap_or("servers");
+            self.at_key(keys, key, span, e.to_string());
+        }
+        for server in &pool.servers {
+            let problem = rules::endpoint(server.address)
+                .map_err(|why| format!("server {} {why}", server.address))
+                .and_then(|()| rules::weight(i64::from(server.weight)).map(drop));
+            if let Err(why) = problem {
+                let why = format!("pool \"{}\": {why}", pool.name);
+                self.at_key(keys, "servers", span, why);
+            }
+        }
+    }
+
+    /// Checks one frontend (`alone` holds it, stubs of every pool and the
+    /// good userlists): its settings, its routing, its actions.
+    fn frontend(&mut self, keys: &RawTable, span: &Range<usize>, alone: &ProxyConfig) {
+        if let Err(e) = alone.validate() {
+            let key = match e {
+                ConfigError::UnknownPool { .. } => "default_pool",
+                ConfigError::NoBinds(_) => "binds",
+                ConfigError::NoConnections(_) => "max_connections",
+                ConfigError::BadTls(_) => "tls",
+                _ => "name",
+            };
+            self.at_key(keys, key, span, e.to_string());
+        }
+        let mut acl_reported = false;
+        if let Err(e) = routing::router(alone) {
+            let key = match e {
+                RoutingError::Acl { .. } => {
+                    acl_reported = true;
+                    "acl"
+                }
+                RoutingError::UnknownPool { .. } => "use_pool",
+            };
+            self.at_key(keys, key, span, e.to_string());
+        }
+        match actions::compile(alone) {
+            Ok(_) => {}
+            // The router compiled the same ACLs and said why already.
+            Err(actions::ActionError::Acl { .. }) if acl_reported => {}
+            Err(e) => {
+                let key = match &e {
+                    actions::ActionError::Rule { list, .. } => list,
+                    _ => "acl",
+                };
+                self.at_key(keys, key, span, e.to_string());
+            }
+        }
+    }
+
+    /// Types a table with the proxy's serde definitions; a mistake is
+    /// recorded at the key serde names, else at the table.
+    fn typed<T: DeserializeOwned>(
+        &mut self,
+        keys: &RawTable,
+        span: &Range<usize>,
+        what: &str,
+    ) -> Option<T> {
+        let table: toml::Table = keys
+            .iter()
+            .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+            .collect();
+        match toml::Value::Table(table).try_into() {
+            Ok(typed) => Some(typed),
+            Err(e) => {
+                let text = e.to_string();
+                let key = serde_key(&text).unwrap_or_default();
+                // One line: "invalid type: ..., expected u32 in `binds`".
+                let reason = text.trim().replace("\nin ", " in ").replace('\n', ": ");
+                let name = keys.get("name").and_then(|n| n.get_ref().as_str());
+                let reason = match name {
+                    Some(name) => format!("{what} \"{name}\": {reason}"),
+                    None => format!("{what}: {reason}"),
+                };
+                self.at_key(keys, key, span, reason);
+                None
+            }
+        }
+    }
+
+    /// Records a second table of kind `what` named `name`, at its name;
+    /// whether the name was new.
+    fn unique(
+        &mut self,
+        seen: &mut HashMap<String, usize>,
+        keys: &RawTable,
+        name: &str,
+        what: &str,
+    ) -> bool {
+        let Some(at) = keys.get("name").map(Spanned::span) else {
+            return true;
+        };
+        if let Some(first) = seen.get(name) {
+            self.at(
+                &at,
+                format!("duplicate {what} name \"{name}\" (first on line {first})"),
+            );
+            return false;
+        }
+        seen.insert(name.to_string(), self.line(&at));
+        true
+    }
+
+    /// Records `reason` at the value of `key`, or at the table without it.
+    fn at_key(&mut self, keys: &RawTable, key: &str, table: &Range<usize>, reason: String) {
+        let span = keys.get(key).map_or_else(|| table.clone(), Spanned::span);
+        self.at(&span, reason);
+    }
+}
+
+/// The top-level key a serde error is about: `unknown field `x``, or the
+/// path `in `x.y`` toml appends.
+fn serde_key(message: &str) -> Option<&str> {
+    let quoted = |after: &str| {
+        let rest = &message[message.find(after)? + after.len()..];
+        let path = &rest[..rest.find('`')?];
+        path.split(['.', '[']).next()
+    };
+    quoted("unknown field `").or_else(|| quoted("\nin `"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use super::serde_key;
+    use crate::config::*;
+
+    #[test]
+    fn serde_errors_name_their_key() {
+        assert_eq!(
+            serde_key("unknown field `bind`, expected one of `name`, `binds`"),
+            Some("bind")
+        );
+        assert_eq!(
+            serde_key("invalid type: string \"x\", expected u32\nin `acl.path`\n"),
+            Some("acl")
+        );
+        assert_eq!(serde_key("missing field `binds`"), None);
+    }
+
+    #[test]
+    fn every_l7_mistake_is_reported_at_its_own_key() {
+        let lines = [
+            HEAD,
+            "[[frontend]]",
+            "name = \"a\"",
+            "binds = [\"198.18.100.1:80\"]",
+            "default_pool = \"nope\"",
+            "[[frontend]]",
+            "name = \"b\"",
+            "binds = []",
+            "default_pool = \"app\"",
+            "[[pool]]",
+            "name = \"app\"",
+            "hash_query = true",
+            "[[pool]]",
+            "name = \"slow\"",
+            "timeout_server = 500",
+        ];
+        let errs = errors(&lines);
+        let got: Vec<(usize, usize)> = errs.iter().map(|e| (e.line, e.column)).collect();
+        assert_eq!(got, [(5, 16), (8, 9), (12, 14), (15, 18)], "{errs:#?}");
+        assert!(errs[0].reason.contains("unknown default_pool \"nope\""));
+        assert!(errs[1].reason.contains("no binds"));
+        assert!(errs[2].reason.contains("hash_query needs algorithm uri"));
+        assert!(
+            errs[3].reason.contains("duration 500 has no unit"),
+            "{}",
+            errs[3].reason
+        );
+    }
+
+    /// A frontend `f` on line 2 with default pool `app` (line 6), then `extra`
+    /// from line 9.
+    fn l7(extra: &[&'static str]) -> Vec<&'static str> {
+        let mut v = vec![
+            HEAD,
+            "[[frontend]]",
+            "name = \"f\"",
+            "binds = [\"198.18.100.1:80\"]",
+            "default_pool = \"app\"",
+            "[[pool]]",
+            "name = \"app\"",
+            "servers = [{ address = \"198.18.2.11:8080\" }]",
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    #[test]
+    fn l7_tables_are_checked_one_by_one() {
+        assert!(parse(&text(&l7(&[])), "lb.toml").is_ok());
+        for (extra, line, needle) in [
+            (
+                &[
+                    "[[frontend]]",
+                    "name = \"f\"",
+                    "binds = [\"198.18.100.1:81\"]",
+                    "default_pool = \"app\"",
+                ][..],
+                10,
+                "duplicate frontend name \"f\" (first on line 3)",
+            ),
+            (
+                &[
+                    "[[pool]]",
+                    "name = \"b\"",
+                    "servers = [{ address = \"198.18.2.11:0\" }]",
+                ][..],
+                11,
+                "server 198.18.2.11:0 has port 0",
+            ),
+            (
+                &[
+                    "[[pool]]",
+                    "name = \"b\"",
+                    "servers = [{ address = \"198.18.2.11:80\", weight = 70000 }]",
+                ][..],
+                11,
+                "weight 70000 is out of range",
+            ),
+            (
+                &["[[pool]]", "name = \"b\"", "timeout_connect = \"5 s\""][..],
+                11,
+                "\"5 s\" is not a duration",
+            ),
+            (
+                &["[[pool]]", "name = \"b\"", "sever = 1"][..],
+                11,
+                "pool \"b\": unknown field `sever`",
+            ),
+            (
+                &[
+                    "[[userlist]]",
+                    "name = \"u\"",
+                    "users = [{ name = \"a\", password = \"plain\" }]",
+                ][..],
+                11,
+                "must be a SHA-512 crypt hash",
+            ),
+        ] {
+            expect_one(&l7(extra), line, needle);
+        }
+    }
+
+    #[test]
+    fn l7_rules_and_actions_point_at_their_list() {
+        let mut lines = l7(&[]);
+        lines.splice(
+            5..5,
+            [
+                "use_pool = [{ pool = \"gone\", if = \"x\" }]",
+                "request = [{ action = \"teleport\" }]",
+            ],
+        );
+        let errs = errors(&lines);
+        let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert_eq!(got, [6, 7], "{errs:#?}");
+        assert!(
+            errs[0].reason.contains("unknown pool \"gone\""),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[1].reason.contains("request rule 1 (teleport)"),
+            "{errs:#?}"
+        );
+    }
+}

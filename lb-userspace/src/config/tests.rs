@@ -1,0 +1,304 @@
+//! Tests of the file as a whole: the model, positions, the example file.
+
+use lb_common::DEFAULT_RING_SIZE;
+
+use super::test_support::*;
+use super::*;
+
+#[test]
+fn full_example_parses() {
+    let t = text(&[
+        "interfaces = [\"eth0\", \"eth1\"]",
+        "xdp_mode = \"generic\"",
+        "metrics = \"127.0.0.1:9100\"",
+        "",
+        "[[service]]",
+        "name = \"web\"",
+        "vip = \"198.18.100.1:80\"",
+        "ring_size = 251",
+        "[[service.backend]]",
+        "address = \"198.18.2.11:8080\"",
+        "[[service.backend]]",
+        "address = \"198.18.2.12:8080\"",
+        "weight = 0",
+        "",
+        "[[service]]",
+        "name = \"dns6\"",
+        "vip = \"[fd00:18:100::1]:53\"",
+        "protocol = \"udp\"",
+        "[[service.backend]]",
+        "address = \"[fd00:18:2::11]:5353\"",
+        "weight = 65535",
+        "",
+        "[[service]]",
+        "name = \"proxy\"",
+        "vip = \"198.18.100.2:443\"",
+        "mode = \"l7\"",
+    ]);
+    let c = parse(&t, "lb.toml").unwrap();
+    let expected = Config {
+        interfaces: vec!["eth0".into(), "eth1".into()],
+        xdp_mode: XdpModeSetting::Generic,
+        metrics: Some("127.0.0.1:9100".parse().unwrap()),
+        new_flow_limit: DEFAULT_NEW_FLOW_LIMIT,
+        deny: Vec::new(),
+        encap_source_v4: None,
+        encap_source_v6: None,
+        services: vec![
+            Service {
+                name: "web".into(),
+                vip: "198.18.100.1:80".parse().unwrap(),
+                protocol: Protocol::Tcp,
+                mode: Mode::L4,
+                forwarding: Forwarding::Nat,
+                mss_clamp: false,
+                ring_size: 251,
+                backends: vec![
+                    BackendConfig {
+                        address: "198.18.2.11:8080".parse().unwrap(),
+                        weight: 1,
+                        line: 9,
+                    },
+                    BackendConfig {
+                        address: "198.18.2.12:8080".parse().unwrap(),
+                        weight: 0,
+                        line: 11,
+                    },
+                ],
+                health: None,
+                discovery: None,
+                line: 5,
+            },
+            Service {
+                name: "dns6".into(),
+                vip: "[fd00:18:100::1]:53".parse().unwrap(),
+                protocol: Protocol::Udp,
+                mode: Mode::L4,
+                forwarding: Forwarding::Nat,
+                mss_clamp: false,
+                ring_size: DEFAULT_RING_SIZE,
+                backends: vec![BackendConfig {
+                    address: "[fd00:18:2::11]:5353".parse().unwrap(),
+                    weight: 65535,
+                    line: 19,
+                }],
+                health: None,
+                discovery: None,
+                line: 15,
+            },
+            Service {
+                name: "proxy".into(),
+                vip: "198.18.100.2:443".parse().unwrap(),
+                protocol: Protocol::Tcp,
+                mode: Mode::L7,
+                forwarding: Forwarding::Nat,
+                mss_clamp: false,
+                ring_size: DEFAULT_RING_SIZE,
+                backends: vec![],
+                health: None,
+                discovery: None,
+                line: 23,
+            },
+        ],
+        bgp: None,
+        proxy: ProxySection::default(),
+    };
+    assert_eq!(c, expected);
+    assert_eq!(c.services[1].protocol.number(), 17);
+    assert_eq!(c.services[0].protocol.number(), 6);
+}
+
+#[test]
+fn doc_example_parses_with_defaults() {
+    let c = parse(&text(&svc(&[])), "lb.toml").unwrap();
+    assert_eq!(c.xdp_mode, XdpModeSetting::Driver);
+    assert_eq!(c.metrics, None);
+    assert_eq!(c.services[0].ring_size, 65537);
+    assert_eq!(c.services[0].backends[0].weight, 1);
+}
+
+#[test]
+fn display_is_file_line_column_reason() {
+    let errs = parse(&text(&["interfaces = [\"a/b\"]"]), "lb.toml").unwrap_err();
+    let s = errs.to_string();
+    // Whole-file errors (line 0) sort first and leave out the position.
+    assert!(s.starts_with("lb.toml: no services"), "{s}");
+    assert!(s.contains("\nlb.toml:1:15: interface name \"a/b\""), "{s}");
+}
+
+#[test]
+fn load_missing_file() {
+    let errs = load(Path::new("/nonexistent/lb.toml")).unwrap_err();
+    assert_eq!(errs.0.len(), 1);
+    assert_eq!(errs.0[0].line, 0);
+    assert!(
+        errs.to_string()
+            .starts_with("/nonexistent/lb.toml: cannot read")
+    );
+}
+
+#[test]
+fn no_services() {
+    expect_one(&[HEAD], 0, "no services");
+}
+
+#[test]
+fn reports_every_mistake() {
+    let lines = [
+        "interfaces = [\"eth0\"]",
+        "xdp_mode = \"fast\"",
+        "[[service]]",
+        "name = \"web\"",
+        "vip = \"198.18.100.1:80\"",
+        "ring_size = 100",
+        "[[service.backend]]",
+        "address = \"[fd00::1]:80\"",
+    ];
+    let errs = errors(&lines);
+    let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
+    assert_eq!(got, [2, 6, 8], "{errs:#?}");
+    assert!(errs[0].reason.contains("xdp_mode"));
+    assert!(errs[1].reason.contains("not a prime"));
+    assert!(errs[2].reason.contains("address families"));
+}
+
+#[test]
+fn syntax_error_has_line() {
+    let mut lines = svc(&[]);
+    lines[3] = "vip = \"198.18.100.1:80";
+    let errs = errors(&lines);
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].line, 4, "{errs:?}");
+    assert!(!errs[0].reason.contains('\n'));
+}
+
+#[test]
+fn wrong_type_has_line() {
+    let mut lines = svc(&[]);
+    lines.push("weight = \"heavy\"");
+    expect_one(&lines, 7, "invalid type");
+}
+
+#[test]
+fn unknown_field_has_line() {
+    let mut lines = svc(&[]);
+    lines[5] = "adress = \"198.18.2.11:8080\"";
+    expect_one(&lines, 6, "unknown field `adress`");
+    let mut lines = svc(&[]);
+    lines.insert(1, "interface = [\"eth1\"]");
+    expect_one(&lines, 2, "unknown field `interface`");
+}
+
+/// `lb-userspace/lb.example.toml`, the commented reference of every key.
+const EXAMPLE: &str = include_str!("../../lb.example.toml");
+
+/// The keys serde accepts in a `T` table, read from its unknown-field message.
+fn accepted<T: serde::de::DeserializeOwned>() -> Vec<String> {
+    let Err(e) = toml::from_str::<T>("zz_no_such_key = 0") else {
+        panic!("{} took an unknown key", std::any::type_name::<T>());
+    };
+    let text = e.to_string();
+    let after = &text[text.find("expected").expect("a list of fields")..];
+    after
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(String::from)
+        .collect()
+}
+
+/// The tables found at `path` in `doc` (arrays of tables flattened).
+fn tables_at<'a>(doc: &'a toml::Value, path: &[&str]) -> Vec<&'a toml::Table> {
+    let mut here = vec![doc];
+    for key in path {
+        let mut next = Vec::new();
+        for v in here {
+            match v.get(key) {
+                Some(toml::Value::Array(items)) => next.extend(items),
+                Some(other) => next.push(other),
+                None => {}
+            }
+        }
+        here = next;
+    }
+    here.into_iter().filter_map(toml::Value::as_table).collect()
+}
+
+#[track_caller]
+fn every_key_shown(doc: &toml::Value, paths: &[&[&str]], keys: &[String]) {
+    let shown: std::collections::BTreeSet<&str> = paths
+        .iter()
+        .flat_map(|p| tables_at(doc, p))
+        .flat_map(|t| t.keys().map(String::as_str))
+        .collect();
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| !shown.contains(k.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lb.example.toml does not show {missing:?} in {paths:?}"
+    );
+}
+
+#[test]
+fn the_example_file_parses_and_shows_every_key() {
+    let c = parse(EXAMPLE, "lb.example.toml").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.services.len(), 3);
+    assert_eq!(c.services[0].forwarding, Forwarding::Ipip);
+    assert!(c.services[1].backends.is_empty() && c.services[1].discovery.is_some());
+    assert_eq!(
+        c.proxy.0.frontends[0].acl.len(),
+        lb_proxy::acl::MATCHER_KEYS.len()
+    );
+    assert_eq!((c.proxy.1.len(), c.proxy.2.len()), (1, 1));
+
+    let doc: toml::Value = toml::from_str(EXAMPLE).unwrap();
+    every_key_shown(&doc, &[&[]], &accepted::<raw::RawConfig>());
+    every_key_shown(&doc, &[&["service"]], &accepted::<raw::RawService>());
+    every_key_shown(
+        &doc,
+        &[&["service", "backend"]],
+        &accepted::<raw::RawBackend>(),
+    );
+    let health = &[&["service", "health"][..], &["pool", "health"]];
+    every_key_shown(&doc, health, &accepted::<raw::RawHealth>());
+    let discovery = &[&["service", "discovery"][..], &["pool", "discovery"]];
+    every_key_shown(&doc, discovery, &accepted::<raw::RawDiscovery>());
+    every_key_shown(&doc, &[&["bgp"]], &accepted::<raw::RawBgp>());
+    every_key_shown(&doc, &[&["frontend"]], &accepted::<lb_proxy::Frontend>());
+    every_key_shown(
+        &doc,
+        &[&["frontend", "tls"]],
+        &accepted::<lb_proxy::TlsConfig>(),
+    );
+    let certs = &[&["frontend", "tls", "certs"][..]];
+    every_key_shown(&doc, certs, &accepted::<lb_proxy::CertPair>());
+    every_key_shown(&doc, &[&["frontend", "acl"]], &acl_keys());
+    let use_pool = &[&["frontend", "use_pool"][..]];
+    every_key_shown(&doc, use_pool, &accepted::<lb_proxy::UsePool>());
+    let actions = &[&["frontend", "request"][..], &["frontend", "response"]];
+    every_key_shown(&doc, actions, &accepted::<lb_proxy::HttpAction>());
+    every_key_shown(&doc, &[&["userlist"]], &accepted::<lb_proxy::UserList>());
+    every_key_shown(
+        &doc,
+        &[&["userlist", "users"]],
+        &accepted::<lb_proxy::User>(),
+    );
+    every_key_shown(&doc, &[&["pool"]], &accepted::<lb_proxy::Pool>());
+    every_key_shown(
+        &doc,
+        &[&["pool", "servers"]],
+        &accepted::<lb_proxy::ServerSpec>(),
+    );
+}
+
+/// An ACL entry's keys: its name, `ignore_case` and one matcher key each.
+fn acl_keys() -> Vec<String> {
+    let mut keys: Vec<String> = lb_proxy::acl::MATCHER_KEYS
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    keys.extend(["name".to_string(), "ignore_case".to_string()]);
+    keys
+}
