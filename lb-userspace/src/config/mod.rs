@@ -578,7 +578,8 @@ impl Checker<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
-        let interfaces = self.interfaces(raw.interfaces);
+        let has_services = raw.service.as_ref().is_some_and(|s| !s.is_empty());
+        let interfaces = self.interfaces(raw.interfaces, has_services);
         let xdp_mode = self
             .choice(raw.xdp_mode.as_ref(), "xdp_mode", XDP_MODES)
             .unwrap_or_default();
