@@ -229,6 +229,13 @@ mod tests {
         let mut lines = svc(&[]);
         lines[0] = "";
         expect_one(&lines, 0, "[[service]] tables need the XDP program");
+        // Neither: what is missing, both ways.
+        expect_one(
+            &["interfaces = [\"eth0\"]"],
+            0,
+            "nothing to serve: add [[service]] tables",
+        );
+        expect_one(&[""], 0, "or [[frontend]] and [[pool]] tables");
     }
 
     #[test]
