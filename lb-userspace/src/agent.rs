@@ -62,7 +62,8 @@ pub struct Agent {
     journal_path: PathBuf,
     journal: Vec<Request>,
     desired: Desired,
-    balancer: Balancer,
+    /// The data plane, unless the file has no `interfaces` (the proxy alone).
+    balancer: Option<Balancer>,
     health: HealthChecker,
     /// Tells the main loop to stop (`true`: detach for good).
     stop: mpsc::UnboundedSender<bool>,
@@ -108,7 +109,15 @@ impl Agent {
             }
             m
         };
-        self.balancer.apply_with(&config, &|s, a| {
+        let Some(balancer) = self.balancer.as_mut() else {
+            if !config.services.is_empty() {
+                anyhow::bail!("{NO_DATA_PLANE}");
+            }
+            self.health.set_targets(health_targets(&config));
+            self.announce();
+            return Ok(());
+        };
+        balancer.apply_with(&config, &|s, a| {
             availability
                 .get(&(s.to_string(), a))
                 .copied()
@@ -239,7 +248,10 @@ impl Agent {
     }
 
     fn show_services(&mut self) -> Result<Response> {
-        let counters = self.balancer.dataplane().counters()?;
+        let Some(balancer) = self.balancer.as_mut() else {
+            return Ok(Response::Services(Vec::new()));
+        };
+        let counters = balancer.dataplane().counters()?;
         let now = Instant::now();
         let services = self
             .desired
@@ -247,8 +259,7 @@ impl Agent {
             .services
             .iter()
             .map(|s| {
-                let t = self
-                    .balancer
+                let t = balancer
                     .vip_id(s.vip, s.protocol)
                     .and_then(|id| counters.vips.get(id as usize).copied())
                     .unwrap_or_default();
@@ -278,31 +289,34 @@ impl Agent {
         {
             return Ok(Response::Error(format!("unknown service {name:?}")));
         }
-        let counters = self.balancer.dataplane().counters()?;
-        let flows = self.balancer.dataplane().flow_counts()?;
         let mut out = Vec::new();
-        for s in &self.desired.config.services {
-            if only.is_some_and(|n| n != s.name) {
-                continue;
-            }
-            for b in &s.backends {
-                let id = self.balancer.backend_id(&s.name, b.address);
-                let t = id
-                    .and_then(|id| counters.backends.get(id as usize).copied())
-                    .unwrap_or_default();
-                let status = self.health.status(&s.name, b.address);
-                out.push(BackendInfo {
-                    service: s.name.clone(),
-                    address: b.address,
-                    weight: b.weight,
-                    admin: self.desired.admin_state(&s.name, b.address),
-                    health: status.as_ref().map(|c| c.health).unwrap_or_default(),
-                    last_check: status.map(|c| c.last),
-                    active_flows: id.and_then(|id| flows.get(&id).copied()).unwrap_or(0),
-                    max_flows: 0,
-                    packets: t.packets,
-                    bytes: t.bytes,
-                });
+        // Without a data plane there are no services, only pools.
+        if let Some(balancer) = self.balancer.as_mut() {
+            let counters = balancer.dataplane().counters()?;
+            let flows = balancer.dataplane().flow_counts()?;
+            for s in &self.desired.config.services {
+                if only.is_some_and(|n| n != s.name) {
+                    continue;
+                }
+                for b in &s.backends {
+                    let id = balancer.backend_id(&s.name, b.address);
+                    let t = id
+                        .and_then(|id| counters.backends.get(id as usize).copied())
+                        .unwrap_or_default();
+                    let status = self.health.status(&s.name, b.address);
+                    out.push(BackendInfo {
+                        service: s.name.clone(),
+                        address: b.address,
+                        weight: b.weight,
+                        admin: self.desired.admin_state(&s.name, b.address),
+                        health: status.as_ref().map(|c| c.health).unwrap_or_default(),
+                        last_check: status.map(|c| c.last),
+                        active_flows: id.and_then(|id| flows.get(&id).copied()).unwrap_or(0),
+                        max_flows: 0,
+                        packets: t.packets,
+                        bytes: t.bytes,
+                    });
+                }
             }
         }
         // L7 pool servers, as `pool:NAME` (traffic counters live in the access log);
@@ -341,7 +355,10 @@ impl Agent {
     }
 
     fn show_stats(&mut self) -> Result<Response> {
-        let counters = self.balancer.dataplane().counters()?;
+        let Some(balancer) = self.balancer.as_mut() else {
+            return Ok(Response::Error(NO_DATA_PLANE.into()));
+        };
+        let counters = balancer.dataplane().counters()?;
         Ok(Response::Stats(
             Reason::ALL
                 .iter()
@@ -479,9 +496,9 @@ impl Agent {
         out
     }
 
-    /// The balancer, for metrics.
-    pub fn balancer(&mut self) -> &mut Balancer {
-        &mut self.balancer
+    /// The balancer, for metrics (`None`: the proxy runs alone).
+    pub fn balancer(&mut self) -> Option<&mut Balancer> {
+        self.balancer.as_mut()
     }
 
     /// The running L7 proxy's figures, for metrics.
@@ -647,6 +664,61 @@ async fn first_discovery(
     trackers
 }
 
+/// Loads the XDP program and its maps, reusing what a previous agent left
+/// pinned (flows, tables and counters survive a restart); the guard undoes
+/// what this start pins if it fails before running, the lock keeps a second
+/// agent off these pins.
+fn load_data_plane(
+    opts: &RunOptions,
+    config: &Config,
+) -> Result<(Balancer, pin::StartGuard, pin::DirLock)> {
+    let object = match &opts.bpf_object {
+        Some(p) => p.clone(),
+        None => dataplane::default_object_path()?,
+    };
+    let mut start = pin::StartGuard::new(&opts.pin_dir)?;
+    let lock = pin::lock(&opts.pin_dir)?;
+    for map in lb_common::ALL_MAPS {
+        start.will_create(&opts.pin_dir.join(map));
+    }
+    let dataplane = Dataplane::load_pinned(&object, &opts.pin_dir)?;
+    let pinned = dataplane.pinned_state()?;
+    let mut balancer = Balancer::new(dataplane);
+    if !pinned.is_empty() {
+        balancer.adopt(&pinned, config);
+        info!(pin_dir = %opts.pin_dir.display(), services = pinned.vips.len(), backends = pinned.backends.len(), "adopted the state a previous agent left pinned");
+    }
+    Ok((balancer, start, lock))
+}
+
+/// Attaches the program to every interface of `config`, each interface's
+/// own MAC recorded first (so it is known before a packet can arrive there).
+fn attach(
+    dataplane: &mut Dataplane,
+    start: &mut pin::StartGuard,
+    config: &Config,
+    pin_dir: &Path,
+) -> Result<()> {
+    for iface in &config.interfaces {
+        let (ifindex, mac) = dataplane::interface_mac(iface)?;
+        dataplane
+            .set_interface_mac(ifindex, mac)
+            .with_context(|| format!("interface {iface}"))?;
+    }
+    for iface in &config.interfaces {
+        let link = pin::link_path(pin_dir, iface);
+        start.will_create(&link);
+        match dataplane.attach_pinned(iface, config.xdp_mode, &link)? {
+            Some(mode) => info!(%iface, ?mode, "XDP program attached"),
+            None => info!(%iface, "took over the pinned attachment: program replaced in place"),
+        }
+    }
+    Ok(())
+}
+
+/// Why L4 requests fail on an agent without `interfaces`.
+const NO_DATA_PLANE: &str = "no data plane: this agent runs the L7 proxy alone (its file has no `interfaces`); add interfaces and restart for [[service]] tables";
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
     let file = load_config_for_start(&opts.config)?;
@@ -660,26 +732,15 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let trackers = first_discovery(&desired, &discovery_cache).await;
     let without_discovered = desired.clone();
     merge_discovered(&trackers, &mut desired);
-    let object = match &opts.bpf_object {
-        Some(p) => p.clone(),
-        None => dataplane::default_object_path()?,
+    // Without interfaces the proxy runs alone: nothing is loaded or pinned.
+    let proxy_only = desired.config.interfaces.is_empty();
+    let (balancer, mut start, _lock) = if proxy_only {
+        info!("no `interfaces`: the L7 proxy runs alone, no XDP program is loaded");
+        (None, None, None)
+    } else {
+        let (balancer, start, lock) = load_data_plane(&opts, &desired.config)?;
+        (Some(balancer), Some(start), Some(lock))
     };
-    // Everything this start pins is undone if it fails before running.
-    let mut start = pin::StartGuard::new(&opts.pin_dir)?;
-    // Held until the agent exits: a second agent on these pins refuses.
-    let _lock = pin::lock(&opts.pin_dir)?;
-    for map in lb_common::ALL_MAPS {
-        start.will_create(&opts.pin_dir.join(map));
-    }
-    // Maps pinned by a previous agent are reused, contents and all: flows,
-    // tables and counters survive the restart.
-    let dataplane = Dataplane::load_pinned(&object, &opts.pin_dir)?;
-    let pinned = dataplane.pinned_state()?;
-    let mut balancer = Balancer::new(dataplane);
-    if !pinned.is_empty() {
-        balancer.adopt(&pinned, &desired.config);
-        info!(pin_dir = %opts.pin_dir.display(), services = pinned.vips.len(), backends = pinned.backends.len(), "adopted the state a previous agent left pinned");
-    }
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (stop_tx, mut stop) = mpsc::unbounded_channel();
     let (reloaded_tx, mut reloaded) = mpsc::unbounded_channel();
@@ -721,26 +782,8 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         warn!("saving the discovered backends: {e:#}");
     }
     let config = agent.desired.config.clone();
-    // Each interface's own MAC is known before a packet can arrive there.
-    for iface in &config.interfaces {
-        let (ifindex, mac) = dataplane::interface_mac(iface)?;
-        agent
-            .balancer
-            .dataplane()
-            .set_interface_mac(ifindex, mac)
-            .with_context(|| format!("interface {iface}"))?;
-    }
-    for iface in &config.interfaces {
-        let link = pin::link_path(&opts.pin_dir, iface);
-        start.will_create(&link);
-        match agent
-            .balancer
-            .dataplane()
-            .attach_pinned(iface, config.xdp_mode, &link)?
-        {
-            Some(mode) => info!(%iface, ?mode, "XDP program attached"),
-            None => info!(%iface, "took over the pinned attachment: program replaced in place"),
-        }
+    if let (Some(balancer), Some(start)) = (agent.balancer.as_mut(), start.as_mut()) {
+        attach(balancer.dataplane(), start, &config, &opts.pin_dir)?;
     }
     // Announced only now that the program is attached and the tables are full.
     let speaker = agent.bgp.clone();
@@ -765,7 +808,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let control_listener = server::bind(&opts.socket)?;
     info!("control socket listening on {}", opts.socket.display());
-    start.commit();
+    if let Some(start) = start {
+        start.commit();
+    }
 
     let control = tokio::spawn(server::serve_listener(
         control_listener,
@@ -887,7 +932,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Let aborted tasks drop their handles on the shared state.
     tokio::task::yield_now().await;
     drop(shared);
-    if detach {
+    if proxy_only {
+        info!("stopped");
+    } else if detach {
         // The last references to the links and maps go with their pins.
         pin::remove_all(&opts.pin_dir)?;
         info!("XDP program detached and pinned state removed; bye");

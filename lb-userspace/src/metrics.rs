@@ -211,7 +211,11 @@ pub async fn serve(listener: TcpListener, agent: Shared) -> Result<()> {
                 tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
             let body = tokio::task::spawn_blocking(move || {
                 let mut agent = agent.lock();
-                let mut text = snapshot(agent.balancer())?;
+                // The proxy alone (no `interfaces`) has no L4 counters.
+                let mut text = match agent.balancer() {
+                    Some(balancer) => snapshot(balancer)?,
+                    None => String::new(),
+                };
                 if let Some(stats) = agent.proxy_stats() {
                     text.push_str(&render_pools(&stats.pools()));
                 }

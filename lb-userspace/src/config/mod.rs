@@ -532,7 +532,7 @@ fn parse_with(text: &str, file: &str, host: Host) -> Result<Config, ConfigErrors
     let frontend_tables = raw.frontend.as_ref().map_or(0, Vec::len);
     let config = checker.config(raw);
     if service_tables == 0 && frontend_tables == 0 {
-        checker.whole("no services; add at least one [[service]] (or [[frontend]]) table");
+        checker.whole("nothing to serve: add [[service]] tables (L4 through XDP, with `interfaces`) or [[frontend]] and [[pool]] tables (the L7 proxy, which runs alone without `interfaces`)");
     }
     if checker.errors.is_empty() {
         Ok(config)
@@ -578,7 +578,8 @@ impl Checker<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
-        let interfaces = self.interfaces(raw.interfaces);
+        let has_services = raw.service.as_ref().is_some_and(|s| !s.is_empty());
+        let interfaces = self.interfaces(raw.interfaces, has_services);
         let xdp_mode = self
             .choice(raw.xdp_mode.as_ref(), "xdp_mode", XDP_MODES)
             .unwrap_or_default();

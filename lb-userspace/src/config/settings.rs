@@ -92,15 +92,23 @@ impl Checker<'_> {
         out
     }
 
-    pub(super) fn interfaces(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Vec<String> {
+    /// Checks `interfaces`; without `[[service]]` tables they may be left
+    /// out (or empty): the L7 proxy then runs alone, nothing attached.
+    pub(super) fn interfaces(
+        &mut self,
+        raw: Option<Spanned<Vec<Spanned<String>>>>,
+        has_services: bool,
+    ) -> Vec<String> {
         let Some(list) = raw else {
-            self.whole("missing `interfaces`; list the interfaces to attach to, e.g. interfaces = [\"eth0\"]");
+            if has_services {
+                self.whole("missing `interfaces`; [[service]] tables need the XDP program: list the interfaces to attach to, e.g. interfaces = [\"eth0\"] (a file with only [[frontend]] and [[pool]] tables runs the L7 proxy alone and needs none)");
+            }
             return Vec::new();
         };
-        if list.get_ref().is_empty() {
+        if list.get_ref().is_empty() && has_services {
             self.at(
                 &list.span(),
-                "`interfaces` is empty; list at least one interface to attach to",
+                "`interfaces` is empty; [[service]] tables need at least one interface to attach to",
             );
         }
         let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -208,6 +216,26 @@ mod tests {
             lines.insert(1, Box::leak(line.into_boxed_str()));
             expect_one(&lines, 2, needle);
         }
+    }
+
+    #[test]
+    fn the_proxy_alone_needs_no_interfaces() {
+        let proxy_only = "[[frontend]]\nname = \"web\"\nbinds = [\"127.0.0.1:8080\"]\ndefault_pool = \"app\"\n[[pool]]\nname = \"app\"\nservers = [{ address = \"127.0.0.1:9000\" }]\n";
+        let c = crate::config::parse(proxy_only, "lb.toml").expect("a proxy-only file");
+        assert!(c.interfaces.is_empty() && c.services.is_empty());
+        let empty = format!("interfaces = []\n{proxy_only}");
+        assert!(crate::config::parse(&empty, "lb.toml").is_ok());
+        // Services still need them, and the message says why.
+        let mut lines = svc(&[]);
+        lines[0] = "";
+        expect_one(&lines, 0, "[[service]] tables need the XDP program");
+        // Neither: what is missing, both ways.
+        expect_one(
+            &["interfaces = [\"eth0\"]"],
+            0,
+            "nothing to serve: add [[service]] tables",
+        );
+        expect_one(&[""], 0, "or [[frontend]] and [[pool]] tables");
     }
 
     #[test]

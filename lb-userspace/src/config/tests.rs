@@ -122,7 +122,7 @@ fn display_is_file_line_column_reason() {
     let errs = parse(&text(&["interfaces = [\"a/b\"]"]), "lb.toml").unwrap_err();
     let s = errs.to_string();
     // Whole-file errors (line 0) sort first and leave out the position.
-    assert!(s.starts_with("lb.toml: no services"), "{s}");
+    assert!(s.starts_with("lb.toml: nothing to serve"), "{s}");
     assert!(s.contains("\nlb.toml:1:15: interface name \"a/b\""), "{s}");
 }
 
@@ -139,7 +139,7 @@ fn load_missing_file() {
 
 #[test]
 fn no_services() {
-    expect_one(&[HEAD], 0, "no services");
+    expect_one(&[HEAD], 0, "nothing to serve");
 }
 
 #[test]
