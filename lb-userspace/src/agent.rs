@@ -507,9 +507,9 @@ impl Agent {
     }
 }
 
-// Health-check targets of L7 pools are named `pool:<name>` (runtime::Group) so
+// Health-check targets of L7 pools are named `pool:<name>` (config::Group) so
 // their events can be told apart from services' and sent to the proxy.
-use crate::runtime::Group;
+use crate::config::Group;
 
 /// Puts each tracker's set in force into `desired` (after a replay, which
 /// starts from the file alone).
@@ -594,6 +594,21 @@ impl Shared {
     /// validated before it is committed).
     pub fn lock(&self) -> MutexGuard<'_, Agent> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl metrics::Source for Shared {
+    fn render(&self) -> Result<String> {
+        let mut agent = self.lock();
+        // The proxy alone (no `interfaces`) has no L4 counters.
+        let mut text = match agent.balancer() {
+            Some(balancer) => metrics::snapshot(balancer)?,
+            None => String::new(),
+        };
+        if let Some(stats) = agent.proxy_stats() {
+            text.push_str(&metrics::render_pools(&stats.pools()));
+        }
+        Ok(text)
     }
 }
 
@@ -825,7 +840,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "serving metrics");
         }
-        tokio::spawn(metrics::serve(listener, shared.clone()))
+        tokio::spawn(metrics::serve(
+            listener,
+            Arc::new(shared.clone()) as Arc<dyn metrics::Source>,
+        ))
     });
     let speaker_task = tokio::spawn(speaker.clone().run());
     info!(services = config.services.len(), socket = %opts.socket.display(), "load balancer running");

@@ -4,13 +4,13 @@
 //! packet without a valid path (backends before rings, rings before VIPs).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::{
-    Addr, AddrKey, BACKEND_F_VALID, Backend, ENCAP_SRC_V4, ENCAP_SRC_V6, EncapSource, FAMILY_V4,
-    FAMILY_V6, MAX_BACKENDS, MAX_VIPS, Settings, VIP_F_IPIP, VIP_F_L2, VIP_F_L7, VIP_F_MSS_CLAMP,
-    VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
+    AddrKey, BACKEND_F_VALID, Backend, ENCAP_SRC_V4, ENCAP_SRC_V6, EncapSource, FAMILY_V4,
+    MAX_BACKENDS, MAX_VIPS, Settings, VIP_F_IPIP, VIP_F_L2, VIP_F_L7, VIP_F_MSS_CLAMP, VipKey,
+    VipMeta, VipState, addr_to_bytes,
     hash::backend_identity,
     maglev::{self, MaglevInput},
 };
@@ -18,34 +18,8 @@ use tracing::info;
 
 use crate::{
     config::{Config, DenyPrefix, Forwarding, Mode, Protocol, Service},
-    dataplane::{Dataplane, PinnedState},
+    dataplane::{Dataplane, PinnedState, addr_to_ip, ip_to_addr},
 };
-
-/// An IP address and its family in the data plane's layout.
-pub fn ip_to_addr(ip: IpAddr) -> (Addr, u8) {
-    let mut bytes = [0u8; 16];
-    let family = match ip {
-        IpAddr::V4(v4) => {
-            bytes[..4].copy_from_slice(&v4.octets());
-            FAMILY_V4
-        }
-        IpAddr::V6(v6) => {
-            bytes = v6.octets();
-            FAMILY_V6
-        }
-    };
-    (addr_from_bytes(bytes), family)
-}
-
-/// The IP address of an `Addr` of the given family.
-pub fn addr_to_ip(addr: &Addr, family: u8) -> IpAddr {
-    let b = addr_to_bytes(addr);
-    if family == FAMILY_V4 {
-        IpAddr::from([b[0], b[1], b[2], b[3]])
-    } else {
-        IpAddr::from(b)
-    }
-}
 
 /// The VIP map key of a service address.
 pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
@@ -563,6 +537,7 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lb_common::FAMILY_V6;
 
     #[test]
     fn id_pool_takes_over_ids_in_use() {

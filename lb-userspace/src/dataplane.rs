@@ -1,6 +1,7 @@
 //! The XDP data plane as seen from userspace: loads the `lb-xdp` object, attaches
 //! it, and reads and writes its maps. Map layouts are defined in `lb_common::maps`.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -13,16 +14,42 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    ALL_MAPS, AddrKey, Backend, DenyKeyV4, DenyKeyV6, EncapSource, FLOW_TO_BACKEND, Flow, FlowKey,
-    IfMac, MAP_BACKEND_ADDRS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6,
-    MAP_ENCAP_SOURCES, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING, MAP_REASON_STATS, MAP_RINGS,
-    MAP_SETTINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE,
-    MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
+    ALL_MAPS, Addr, AddrKey, Backend, DenyKeyV4, DenyKeyV6, EncapSource, FAMILY_V4, FAMILY_V6,
+    FLOW_TO_BACKEND, Flow, FlowKey, IfMac, MAP_BACKEND_ADDRS, MAP_BACKEND_STATS, MAP_BACKENDS,
+    MAP_DENY_V4, MAP_DENY_V6, MAP_ENCAP_SOURCES, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING,
+    MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS,
+    MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring,
+    Settings, Traffic, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
 };
 use tracing::warn;
 
-use crate::balancer::addr_to_ip;
 use crate::config::{DenyPrefix, XdpModeSetting};
+
+/// An IP address and its family in the data plane's layout.
+pub fn ip_to_addr(ip: IpAddr) -> (Addr, u8) {
+    let mut bytes = [0u8; 16];
+    let family = match ip {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            FAMILY_V4
+        }
+        IpAddr::V6(v6) => {
+            bytes = v6.octets();
+            FAMILY_V6
+        }
+    };
+    (addr_from_bytes(bytes), family)
+}
+
+/// The IP address of an `Addr` of the given family.
+pub fn addr_to_ip(addr: &Addr, family: u8) -> IpAddr {
+    let b = addr_to_bytes(addr);
+    if family == FAMILY_V4 {
+        IpAddr::from([b[0], b[1], b[2], b[3]])
+    } else {
+        IpAddr::from(b)
+    }
+}
 
 /// Where the `lb-xdp` object is looked for when no path is given.
 pub fn default_object_path() -> Result<PathBuf> {

@@ -29,9 +29,9 @@ use lb_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::balancer::{addr_to_ip, ip_to_addr};
 use crate::control::protocol::ReasonCount;
 use crate::dataplane::{AttachedMode, pin};
+use crate::dataplane::{addr_to_ip, ip_to_addr};
 
 /// Root of the default pin directories, one per interface.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/lb-decap";

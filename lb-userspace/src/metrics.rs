@@ -9,7 +9,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::{agent::Shared, balancer::Balancer, dataplane::Counters};
+use crate::{balancer::Balancer, dataplane::Counters};
+
+/// What the endpoint serves: the exposition text now. The agent implements
+/// it, as it implements the control socket's `Handler`, so this module does
+/// not know the agent.
+pub trait Source: Send + Sync + 'static {
+    /// The whole exposition text (called on a blocking thread).
+    fn render(&self) -> Result<String>;
+}
 
 /// A service as the metrics name it.
 #[derive(Debug, Clone)]
@@ -199,30 +207,19 @@ fn labels(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
 }
 
 /// Serves `GET /metrics` (any path, in fact) until the task is dropped.
-pub async fn serve(listener: TcpListener, agent: Shared) -> Result<()> {
+pub async fn serve(listener: TcpListener, source: std::sync::Arc<dyn Source>) -> Result<()> {
     loop {
         let (mut sock, peer) = listener.accept().await.context("metrics accept")?;
-        let agent = agent.clone();
+        let source = source.clone();
         tokio::spawn(async move {
             // Read the request head; its content does not matter, but reading it
             // keeps clients that wait for the server to read from seeing a reset.
             let mut buf = [0u8; 2048];
             let _ =
                 tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
-            let body = tokio::task::spawn_blocking(move || {
-                let mut agent = agent.lock();
-                // The proxy alone (no `interfaces`) has no L4 counters.
-                let mut text = match agent.balancer() {
-                    Some(balancer) => snapshot(balancer)?,
-                    None => String::new(),
-                };
-                if let Some(stats) = agent.proxy_stats() {
-                    text.push_str(&render_pools(&stats.pools()));
-                }
-                Ok::<_, anyhow::Error>(text)
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.into()));
+            let body = tokio::task::spawn_blocking(move || source.render())
+                .await
+                .unwrap_or_else(|e| Err(e.into()));
             let (status, body) = match body {
                 Ok(text) => ("200 OK", text),
                 Err(e) => {

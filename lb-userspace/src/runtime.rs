@@ -14,38 +14,9 @@ use anyhow::{Context, Result};
 use lb_common::DEFAULT_RING_SIZE;
 use tracing::warn;
 
-use crate::config::{BackendConfig, Config, Forwarding, Mode, Protocol, Service, rules};
+use crate::config::{BackendConfig, Config, Forwarding, Group, Mode, Protocol, Service, rules};
 use crate::control::protocol::{AdminState, Request};
 use crate::discovery::{self, Found};
-
-/// Service-name prefix that addresses an L7 pool (`lb drain pool:web ADDR`).
-const POOL_PREFIX: &str = "pool:";
-
-/// What a backend group name in the control protocol, the journal, admin
-/// states and health targets refers to: an L4 service by its name, or an L7
-/// pool as `pool:NAME`. The one place that knows the convention.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Group<'a> {
-    /// An L4/L7 service of `[[service]]`.
-    Service(&'a str),
-    /// A `[[pool]]` of the L7 proxy.
-    Pool(&'a str),
-}
-
-impl<'a> Group<'a> {
-    /// Reads a group name as the CLI and the protocol spell it.
-    pub fn parse(name: &'a str) -> Self {
-        match name.strip_prefix(POOL_PREFIX) {
-            Some(pool) => Group::Pool(pool),
-            None => Group::Service(name),
-        }
-    }
-
-    /// The group name of L7 pool `pool`.
-    pub fn pool_name(pool: &str) -> String {
-        format!("{POOL_PREFIX}{pool}")
-    }
-}
 
 /// The state the data plane should be in, before health is taken into account.
 #[derive(Debug, Clone, PartialEq)]

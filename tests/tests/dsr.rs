@@ -11,7 +11,8 @@ use etherparse::{
 use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, Reason};
 use lb_tests::{assert_checksums_valid, reason_count, run_xdp, set_mtu, xdp_action::*};
 use lb_userspace::{
-    balancer::{Balancer, ip_to_addr},
+    balancer::Balancer,
+    dataplane::ip_to_addr,
     lab::{
         CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6,
         testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},

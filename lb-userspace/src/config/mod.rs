@@ -42,6 +42,35 @@ mod tests;
 
 use raw::RawConfig;
 
+/// Service-name prefix that addresses an L7 pool (`lb drain pool:web ADDR`).
+const POOL_PREFIX: &str = "pool:";
+
+/// What a backend group name in the control protocol, the journal, admin
+/// states and health targets refers to: an L4 service by its name, or an L7
+/// pool as `pool:NAME`. The one place that knows the convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group<'a> {
+    /// An L4/L7 service of `[[service]]`.
+    Service(&'a str),
+    /// A `[[pool]]` of the L7 proxy.
+    Pool(&'a str),
+}
+
+impl<'a> Group<'a> {
+    /// Reads a group name as the CLI and the protocol spell it.
+    pub fn parse(name: &'a str) -> Self {
+        match name.strip_prefix(POOL_PREFIX) {
+            Some(pool) => Group::Pool(pool),
+            None => Group::Service(name),
+        }
+    }
+
+    /// The group name of L7 pool `pool`.
+    pub fn pool_name(pool: &str) -> String {
+        format!("{POOL_PREFIX}{pool}")
+    }
+}
+
 /// Weight of a backend that does not set one.
 const DEFAULT_WEIGHT: u32 = 1;
 /// Hint appended to every address error.

@@ -35,9 +35,9 @@ use anyhow::{Context, Result};
 use lb_common::MAX_WEIGHT;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Group;
 use crate::config::{Config, Discovery};
 use crate::control::protocol::{DiscoveryInfo, DiscoveryState};
-use crate::runtime::Group;
 
 /// A backend a DNS answer asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
