@@ -1,5 +1,31 @@
 //! The load balancer's userspace: configuration, the agent that drives the XDP
 //! data plane, metrics, and the namespace lab shared by demo, tests and benchmarks.
+//! The L7 proxy is the crate `lb-proxy` (`lb-userspace/proxy`); this one uses
+//! it, never the reverse.
+//!
+//! # Layout
+//!
+//! In the order a start goes through them:
+//!
+//! - `config`: the file (one TOML parse, every error at its line) into a
+//!   `Config`; `config::rules` are the L4 rules runtime changes share.
+//! - `runtime`: what should run (`Desired`): the file plus the journal of
+//!   runtime changes and the backends DNS discovery found.
+//! - `discovery`: DNS answers into backend sets (pure), `discovery::dns`
+//!   the queries.
+//! - `dataplane`: loads, pins and attaches `lb-xdp`, reads and writes its
+//!   maps (layouts in `lb_common::maps`).
+//! - `balancer`: `Config` into ids, Maglev tables and map updates, in an
+//!   order that never leaves a packet without a path.
+//! - `health`: the checks whose results `agent` folds into availability.
+//! - `bgp`: which VIPs this node announces and BIRD driven to say so.
+//! - `agent`: `lb run`: ties the above together, serves `control` (socket,
+//!   protocol, CLI) and `metrics`, runs the L7 proxy from `lb_proxy`.
+//! - `decap`: `lb decap` for backends; `demo` and `lab`: the namespace lab
+//!   the demo, the tests and the benchmarks share.
+//!
+//! Edges run downwards only: no module cycle (checked over `use crate::`
+//! paths; see tests/TESTS.md).
 
 pub mod agent;
 mod allocator;

@@ -32,6 +32,8 @@ pub const PACKAGES: &[&str] = &[
     "bpftool",
     // BGP speaker of the cluster lab's router and balancer nodes (`bird`, `birdc`).
     "bird2",
+    // xtask/modcycles.py, the module-cycle check of `cargo xtask test`.
+    "python3",
     // `cargo xtask bench` compares the L7 proxy with HAProxy, loaded by wrk,
     // and counts both proxies' instructions per request with callgrind.
     "haproxy",
