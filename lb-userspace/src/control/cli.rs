@@ -549,7 +549,22 @@ pub fn stats_table(list: &[ReasonCount]) -> String {
 
 /// `lb show bgp` as text: the node, its VIPs, BIRD's protocols.
 pub fn bgp_tables(info: &BgpInfo) -> String {
-    use Align::*;
+    let mut out = bgp_header(info);
+    out.push_str(&bgp_vips_table(info));
+    if info.enabled {
+        out.push('\n');
+        match &info.bird_error {
+            Some(e) => {
+                let _ = writeln!(out, "BIRD protocols: unavailable: {e}");
+            }
+            None => out.push_str(&bird_protocols_table(&info.protocols)),
+        }
+    }
+    out
+}
+
+/// The lines above the tables: BIRD's socket and file, the last update, the node.
+fn bgp_header(info: &BgpInfo) -> String {
     let mut out = String::new();
     if !info.enabled {
         out.push_str("bgp: not configured (no [bgp] section); nothing is announced\n");
@@ -560,30 +575,33 @@ pub fn bgp_tables(info: &BgpInfo) -> String {
             info.bird_socket.as_deref().unwrap_or("-"),
             info.include_file.as_deref().unwrap_or("-")
         );
-        match (&info.speaker.last_error, info.speaker.last_ok) {
-            (Some(e), _) => {
-                let _ = writeln!(out, "last update: FAILED, retrying: {e}");
-            }
-            (None, Some(t)) => {
-                let _ = writeln!(out, "last update: ok (unix time {t})");
-            }
-            (None, None) => out.push_str("last update: none yet\n"),
-        }
+        let _ = match (&info.speaker.last_error, info.speaker.last_ok) {
+            (Some(e), _) => writeln!(out, "last update: FAILED, retrying: {e}"),
+            (None, Some(t)) => writeln!(out, "last update: ok (unix time {t})"),
+            (None, None) => writeln!(out, "last update: none yet"),
+        };
     }
     let _ = writeln!(
         out,
         "node: {}\n",
         if info.drained { "DRAINED" } else { "active" }
     );
+    out
+}
+
+/// Every VIP: announced or not, whether BIRD holds it, why, its services.
+fn bgp_vips_table(info: &BgpInfo) -> String {
+    use Align::*;
+    let in_bird = |vip| {
+        info.speaker
+            .in_bird
+            .as_ref()
+            .is_some_and(|vips| vips.contains(vip))
+    };
     let rows: Vec<Vec<String>> = info
         .vips
         .iter()
         .map(|v| {
-            let in_bird = info
-                .speaker
-                .in_bird
-                .as_ref()
-                .is_some_and(|vips| vips.contains(&v.vip));
             vec![
                 v.vip.to_string(),
                 if v.announced {
@@ -592,13 +610,13 @@ pub fn bgp_tables(info: &BgpInfo) -> String {
                     "withdrawn"
                 }
                 .into(),
-                if in_bird { "yes" } else { "no" }.into(),
+                if in_bird(&v.vip) { "yes" } else { "no" }.into(),
                 v.reason.clone(),
                 v.services.join(","),
             ]
         })
         .collect();
-    out.push_str(&table(
+    table(
         &[
             ("VIP", Left),
             ("STATE", Left),
@@ -607,38 +625,34 @@ pub fn bgp_tables(info: &BgpInfo) -> String {
             ("SERVICES", Left),
         ],
         &rows,
-    ));
-    if info.enabled {
-        out.push('\n');
-        if let Some(e) = &info.bird_error {
-            let _ = writeln!(out, "BIRD protocols: unavailable: {e}");
-        } else {
-            let rows: Vec<Vec<String>> = info
-                .protocols
-                .iter()
-                .map(|p| {
-                    vec![
-                        p.name.clone(),
-                        p.proto.clone(),
-                        p.state.clone(),
-                        p.since.clone(),
-                        p.info.clone(),
-                    ]
-                })
-                .collect();
-            out.push_str(&table(
-                &[
-                    ("PROTOCOL", Left),
-                    ("KIND", Left),
-                    ("STATE", Left),
-                    ("SINCE", Left),
-                    ("INFO", Left),
-                ],
-                &rows,
-            ));
-        }
-    }
-    out
+    )
+}
+
+/// BIRD's protocols (its BGP sessions among them) with their states.
+fn bird_protocols_table(protocols: &[crate::bgp::bird::Protocol]) -> String {
+    use Align::*;
+    let rows: Vec<Vec<String>> = protocols
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.proto.clone(),
+                p.state.clone(),
+                p.since.clone(),
+                p.info.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            ("PROTOCOL", Left),
+            ("KIND", Left),
+            ("STATE", Left),
+            ("SINCE", Left),
+            ("INFO", Left),
+        ],
+        &rows,
+    )
 }
 
 #[cfg(test)]
