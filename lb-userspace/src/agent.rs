@@ -128,6 +128,32 @@ impl Agent {
         Ok(())
     }
 
+    /// The first sync of a start. A DNS answer must not keep the agent from
+    /// starting (say, more backends than the data plane holds): if the
+    /// discovered backends cannot be applied, it starts with `without`
+    /// them and says so; the sets in force are cached for the next start.
+    fn first_sync(&mut self, without: Desired) -> Result<()> {
+        if let Err(e) = self.sync() {
+            if self.discovery.is_empty() {
+                return Err(e);
+            }
+            warn!("the discovered backends cannot be applied, starting without them: {e:#}");
+            self.desired = without;
+            for t in self.discovery.values_mut() {
+                t.seed(Vec::new());
+                t.refused(format!("applying at start: {e:#}"));
+            }
+            self.sync()?;
+        }
+        if !self.discovery.is_empty()
+            && let Err(e) =
+                discovery::save_cache(&self.discovery_cache, &discovery::cache_of(&self.discovery))
+        {
+            warn!("saving the discovered backends: {e:#}");
+        }
+        Ok(())
+    }
+
     /// Every VIP and whether this node announces it now.
     fn announcements(&self) -> Vec<bgp::VipAnnouncement> {
         let available = self.availability();
@@ -734,8 +760,25 @@ fn attach(
 /// Why L4 requests fail on an agent without `interfaces`.
 const NO_DATA_PLANE: &str = "no data plane: this agent runs the L7 proxy alone (its file has no `interfaces`); add interfaces and restart for [[service]] tables";
 
-/// Runs the agent until SIGINT or SIGTERM.
-pub async fn run(opts: RunOptions) -> Result<()> {
+/// What `start` built: the agent's state, its data plane attached, ready to serve.
+struct Started {
+    shared: Shared,
+    /// The configuration it started with.
+    config: Config,
+    /// No `interfaces`: nothing loaded or pinned.
+    proxy_only: bool,
+    /// Undoes what this start pinned unless committed.
+    start: Option<pin::StartGuard>,
+    /// Keeps a second agent off these pins while this one runs.
+    _lock: Option<pin::DirLock>,
+    events: mpsc::UnboundedReceiver<HealthEvent>,
+    stop: mpsc::UnboundedReceiver<bool>,
+    reloaded: mpsc::UnboundedReceiver<()>,
+}
+
+/// Reads the file and the journal, resolves the discoveries, loads and fills
+/// the data plane (unless the proxy runs alone) and attaches it.
+async fn start(opts: &RunOptions) -> Result<Started> {
     let file = load_config_for_start(&opts.config)?;
     let journal_path = runtime::journal_path(&opts.config);
     let journal = runtime::load_journal(&journal_path)?;
@@ -749,16 +792,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     merge_discovered(&trackers, &mut desired);
     // Without interfaces the proxy runs alone: nothing is loaded or pinned.
     let proxy_only = desired.config.interfaces.is_empty();
-    let (balancer, mut start, _lock) = if proxy_only {
+    let (balancer, mut start, lock) = if proxy_only {
         info!("no `interfaces`: the L7 proxy runs alone, no XDP program is loaded");
         (None, None, None)
     } else {
-        let (balancer, start, lock) = load_data_plane(&opts, &desired.config)?;
+        let (balancer, start, lock) = load_data_plane(opts, &desired.config)?;
         (Some(balancer), Some(start), Some(lock))
     };
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (stop_tx, mut stop) = mpsc::unbounded_channel();
-    let (reloaded_tx, mut reloaded) = mpsc::unbounded_channel();
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (stop_tx, stop) = mpsc::unbounded_channel();
+    let (reloaded_tx, reloaded) = mpsc::unbounded_channel();
     let mut agent = Agent {
         config_path: opts.config.clone(),
         journal_path,
@@ -774,40 +817,90 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         discovery_cache,
     };
     // Tables are complete before the first packet can reach the program.
-    if let Err(e) = agent.sync() {
-        if agent.discovery.is_empty() {
-            return Err(e);
-        }
-        // A DNS answer must not keep the agent from starting (say, more
-        // backends than the data plane holds): start without its backends.
-        warn!("the discovered backends cannot be applied, starting without them: {e:#}");
-        agent.desired = without_discovered;
-        for t in agent.discovery.values_mut() {
-            t.seed(Vec::new());
-            t.refused(format!("applying at start: {e:#}"));
-        }
-        agent.sync()?;
-    }
-    if !agent.discovery.is_empty()
-        && let Err(e) = discovery::save_cache(
-            &agent.discovery_cache,
-            &discovery::cache_of(&agent.discovery),
-        )
-    {
-        warn!("saving the discovered backends: {e:#}");
-    }
+    agent.first_sync(without_discovered)?;
     let config = agent.desired.config.clone();
     if let (Some(balancer), Some(start)) = (agent.balancer.as_mut(), start.as_mut()) {
         attach(balancer.dataplane(), start, &config, &opts.pin_dir)?;
     }
-    // Announced only now that the program is attached and the tables are full.
-    let speaker = agent.bgp.clone();
-    let shared = Shared(Arc::new(Mutex::new(agent)));
-    // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).
-    let mut proxy_config = config.proxy.clone();
-    let mut proxy = start_proxy(&proxy_config).await?;
-    shared.lock().proxy_stats = proxy.as_ref().map(lb_proxy::Proxy::stats);
+    Ok(Started {
+        shared: Shared(Arc::new(Mutex::new(agent))),
+        config,
+        proxy_only,
+        start,
+        _lock: lock,
+        events,
+        stop,
+        reloaded,
+    })
+}
 
+/// The running L7 proxy and the frontends and pools it runs.
+struct L7 {
+    proxy: Option<lb_proxy::Proxy>,
+    config: config::ProxySection,
+}
+
+impl L7 {
+    /// Starts the proxy of `config` (none without frontends).
+    async fn start(config: config::ProxySection, shared: &Shared) -> Result<L7> {
+        let proxy = start_proxy(&config).await?;
+        shared.lock().proxy_stats = proxy.as_ref().map(lb_proxy::Proxy::stats);
+        Ok(L7 { proxy, config })
+    }
+
+    /// After a reload or change: frontends and pools that changed restart
+    /// the proxy beside the old one (SO_REUSEPORT: no connection is
+    /// refused; requests in flight finish on the old one); otherwise the
+    /// certificates are re-read. A proxy that fails to start leaves the old.
+    async fn reload(&mut self, shared: &Shared) {
+        let next = shared.lock().desired.config.proxy.clone();
+        if next != self.config {
+            match start_proxy(&next).await {
+                Ok(p) => {
+                    let old = std::mem::replace(&mut self.proxy, p);
+                    shared.lock().proxy_stats = self.proxy.as_ref().map(lb_proxy::Proxy::stats);
+                    drop(old);
+                    self.config = next;
+                    info!("L7 proxy restarted with the new frontends and pools");
+                }
+                Err(e) => {
+                    error!("the new L7 configuration failed to start, keeping the old one: {e:#}");
+                }
+            }
+        } else if let Some(p) = &self.proxy
+            && let Err(e) = p.reload_certificates()
+        {
+            error!("reloading certificates failed, keeping the old ones: {e:#}");
+        }
+        self.push_server_states(shared);
+    }
+
+    /// Tells the proxy which pool servers take requests (admin state, health).
+    fn push_server_states(&self, shared: &Shared) {
+        if let Some(p) = &self.proxy {
+            for (pool, server, up) in shared.lock().pool_server_states() {
+                p.set_server_up(&pool, server, up);
+            }
+        }
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(opts: RunOptions) -> Result<()> {
+    let Started {
+        shared,
+        config,
+        proxy_only,
+        start,
+        _lock,
+        mut events,
+        mut stop,
+        mut reloaded,
+    } = start(&opts).await?;
+    // Announced only now that the program is attached and the tables are full.
+    let speaker = shared.lock().bgp.clone();
+    // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).
+    let mut l7 = L7::start(config.proxy.clone(), &shared).await?;
     // The last steps that can fail come before anything is spawned, so a
     // failure leaves no task (nor control socket) behind either.
     let metrics_listener = match config.metrics {
@@ -826,8 +919,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     if let Some(start) = start {
         start.commit();
     }
-
-    let control = tokio::spawn(server::serve_listener(
+    let mut control = tokio::spawn(server::serve_listener(
         control_listener,
         Arc::new(shared.clone()) as Arc<dyn Handler>,
     ));
@@ -848,7 +940,6 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let speaker_task = tokio::spawn(speaker.clone().run());
     info!(services = config.services.len(), socket = %opts.socket.display(), "load balancer running");
 
-    let mut control = control;
     let detach = loop {
         tokio::select! {
             _ = sigint.recv() => break false,
@@ -874,34 +965,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
                 discovery_tasks.reconcile(shared.lock().discovery_wanted(), |d| {
                     discovery::first_delay(d, false)
                 });
-                // Certificates are re-read on every reload; frontends and pools
-                // that changed restart the proxy (connections in flight finish).
-                let next = shared.lock().desired.config.proxy.clone();
-                if next != proxy_config {
-                    // The new proxy binds beside the old one (SO_REUSEPORT)
-                    // before the old one goes: no connection is refused.
-                    match start_proxy(&next).await {
-                        Ok(p) => {
-                            let old = std::mem::replace(&mut proxy, p);
-                            shared.lock().proxy_stats = proxy.as_ref().map(lb_proxy::Proxy::stats);
-                            drop(old);
-                            proxy_config = next;
-                            info!("L7 proxy restarted with the new frontends and pools");
-                        }
-                        Err(e) => {
-                            error!("the new L7 configuration failed to start, keeping the old one: {e:#}");
-                        }
-                    }
-                } else if let Some(p) = &proxy
-                    && let Err(e) = p.reload_certificates()
-                {
-                    error!("reloading certificates failed, keeping the old ones: {e:#}");
-                }
-                if let Some(p) = &proxy {
-                    for (pool, server, up) in shared.lock().pool_server_states() {
-                        p.set_server_up(&pool, server, up);
-                    }
-                }
+                l7.reload(&shared).await;
             }
             _ = sighup.recv() => {
                 let s = shared.clone();
@@ -910,11 +974,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
             Some(event) = events.recv() => {
                 if let Group::Pool(pool) = Group::parse(&event.service) {
                     info!(%pool, server = %event.address, health = ?event.health, reason = %event.reason, "L7 server health changed");
-                    if let Some(p) = &proxy {
-                        for (pool, server, up) in shared.lock().pool_server_states() {
-                            p.set_server_up(&pool, server, up);
-                        }
-                    }
+                    l7.push_server_states(&shared);
                     continue;
                 }
                 let s = shared.clone();
@@ -931,18 +991,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         }
     };
     control.abort();
-    // A plain stop leaves the routes announced: the program keeps forwarding
-    // and the next agent announces the same. `--detach` withdraws them first.
     speaker_task.abort();
-    if detach && let Some(cfg) = speaker.wanted().config {
-        match tokio::task::spawn_blocking(move || bgp::apply(&cfg, &[])).await {
-            Ok(Ok(())) => info!("withdrew every VIP from BGP"),
-            Ok(Err(e)) => error!("withdrawing the VIPs from BGP failed: {e}"),
-            Err(e) => error!("withdrawing the VIPs from BGP failed: {e}"),
-        }
-    }
+    withdraw_if_detached(&speaker, detach).await;
     drop(discovery_tasks);
-    drop(proxy);
+    drop(l7);
     server::remove_socket(&opts.socket);
     if let Some(task) = metrics_task {
         task.abort();
@@ -950,6 +1002,25 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Let aborted tasks drop their handles on the shared state.
     tokio::task::yield_now().await;
     drop(shared);
+    finish(&opts, proxy_only, detach)
+}
+
+/// A plain stop leaves the routes announced: the program keeps forwarding
+/// and the next agent announces the same. `--detach` withdraws them first.
+async fn withdraw_if_detached(speaker: &bgp::Speaker, detach: bool) {
+    let Some(cfg) = speaker.wanted().config.filter(|_| detach) else {
+        return;
+    };
+    match tokio::task::spawn_blocking(move || bgp::apply(&cfg, &[])).await {
+        Ok(Ok(())) => info!("withdrew every VIP from BGP"),
+        Ok(Err(e)) => error!("withdrawing the VIPs from BGP failed: {e}"),
+        Err(e) => error!("withdrawing the VIPs from BGP failed: {e}"),
+    }
+}
+
+/// The last step of a stop: with `detach`, the pins (and so the program)
+/// go; otherwise the program keeps forwarding for the next agent.
+fn finish(opts: &RunOptions, proxy_only: bool, detach: bool) -> Result<()> {
     if proxy_only {
         info!("stopped");
     } else if detach {
