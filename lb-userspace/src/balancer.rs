@@ -89,6 +89,27 @@ impl Availability {
     };
 }
 
+/// Every backend of `config` as its `BACKENDS` value, by (service, address):
+/// not valid when its established flows must move elsewhere.
+fn wanted_backends(
+    config: &Config,
+    vip_ids: &BTreeMap<(SocketAddr, u8), u32>,
+    availability: &dyn Fn(&str, SocketAddr) -> Availability,
+) -> BTreeMap<(String, SocketAddr), Backend> {
+    let mut wanted = BTreeMap::new();
+    for service in &config.services {
+        let vip_id = vip_ids[&(service.vip, service.protocol.number())];
+        for b in &service.backends {
+            let mut value = backend_value(b.address, vip_id);
+            if !availability(&service.name, b.address).established {
+                value.flags = 0;
+            }
+            wanted.insert((service.name.clone(), b.address), value);
+        }
+    }
+    wanted
+}
+
 /// Builds a service's Maglev table over backend ids; backends that take no new
 /// flows are left out.
 pub fn build_ring(
@@ -290,7 +311,20 @@ impl Balancer {
         let mut summary = ApplySummary::default();
         // Outer sources first: an ipip VIP must never be published without one.
         self.sync_encap_sources(config)?;
-        // 0. Every service has a VIP id (new ones are published in step 2).
+        let vip_ids = self.vip_ids(config)?;
+        let wanted = wanted_backends(config, &vip_ids, availability);
+        self.add_backends(&wanted, &mut summary)?;
+        let keep = self.publish_services(config, &vip_ids, availability, &mut summary)?;
+        self.remove_services(&keep, &mut summary)?;
+        self.retire_backends(&wanted, &mut summary)?;
+        self.sync_backend_addrs()?;
+        self.sync_deny_and_settings(config)?;
+        self.config = Some(config.clone());
+        Ok(summary)
+    }
+
+    /// Step 0: every service's VIP id, new ones allocated (published in step 2).
+    fn vip_ids(&mut self, config: &Config) -> Result<BTreeMap<(SocketAddr, u8), u32>> {
         let mut vip_ids = BTreeMap::new();
         for service in &config.services {
             let key = (service.vip, service.protocol.number());
@@ -303,20 +337,17 @@ impl Balancer {
             };
             vip_ids.insert(key, id);
         }
-        // 1. New backends, and backends becoming usable again, get a valid slot
-        //    before any table names them.
-        let mut wanted: BTreeMap<(String, SocketAddr), Backend> = BTreeMap::new();
-        for service in &config.services {
-            let vip_id = vip_ids[&(service.vip, service.protocol.number())];
-            for b in &service.backends {
-                let mut value = backend_value(b.address, vip_id);
-                if !availability(&service.name, b.address).established {
-                    value.flags = 0;
-                }
-                wanted.insert((service.name.clone(), b.address), value);
-            }
-        }
-        for (key, value) in &wanted {
+        Ok(vip_ids)
+    }
+
+    /// Step 1: new backends, and backends becoming usable again, get a valid
+    /// slot before any table names them.
+    fn add_backends(
+        &mut self,
+        wanted: &BTreeMap<(String, SocketAddr), Backend>,
+        summary: &mut ApplySummary,
+    ) -> Result<()> {
+        for (key, value) in wanted {
             match self.backends.get(key).copied() {
                 None => {
                     let id = self
@@ -334,7 +365,18 @@ impl Balancer {
                 Some(_) => {}
             }
         }
-        // 2. Tables first, then the VIP entry that makes them reachable.
+        Ok(())
+    }
+
+    /// Step 2: each changed service's table first, then the VIP entry that
+    /// makes it reachable; returns the services in force.
+    fn publish_services(
+        &mut self,
+        config: &Config,
+        vip_ids: &BTreeMap<(SocketAddr, u8), u32>,
+        availability: &dyn Fn(&str, SocketAddr) -> Availability,
+        summary: &mut ApplySummary,
+    ) -> Result<BTreeSet<(SocketAddr, u8)>> {
         let mut keep = BTreeSet::new();
         for service in &config.services {
             let key = (service.vip, service.protocol.number());
@@ -365,7 +407,15 @@ impl Balancer {
             self.vips.insert(key, (id, ring, flags));
             summary.services_changed += 1;
         }
-        // 3. Removed services: unreachable first, then their tables.
+        Ok(keep)
+    }
+
+    /// Step 3: services not in `keep`: unreachable first, then their tables.
+    fn remove_services(
+        &mut self,
+        keep: &BTreeSet<(SocketAddr, u8)>,
+        summary: &mut ApplySummary,
+    ) -> Result<()> {
         let gone: Vec<_> = self
             .vips
             .keys()
@@ -388,9 +438,17 @@ impl Balancer {
                 summary.services_removed += 1;
             }
         }
-        // 4. Now that no table names them: backends that left, and backends
-        //    whose established flows must move, lose their valid slot, so flows
-        //    pinned to them re-hash to live backends.
+        Ok(())
+    }
+
+    /// Step 4, now that no table names them: backends that left, and
+    /// backends whose established flows must move, lose their valid slot,
+    /// so flows pinned to them re-hash to live backends.
+    fn retire_backends(
+        &mut self,
+        wanted: &BTreeMap<(String, SocketAddr), Backend>,
+        summary: &mut ApplySummary,
+    ) -> Result<()> {
         let current: Vec<_> = self.backends.iter().map(|(k, v)| (k.clone(), *v)).collect();
         for (key, (id, old)) in current {
             match wanted.get(&key) {
@@ -407,10 +465,7 @@ impl Balancer {
                 Some(_) => {}
             }
         }
-        self.sync_backend_addrs()?;
-        self.sync_deny_and_settings(config)?;
-        self.config = Some(config.clone());
-        Ok(summary)
+        Ok(())
     }
 
     /// Writes the outer source of `ipip` packets for each family: the
