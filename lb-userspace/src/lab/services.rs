@@ -185,15 +185,12 @@ pub const DEMO_DENIED_PREFIX: &str = "/admin";
 /// ALPN, [`DEMO_API_PREFIX`] routed to pool `api` (backend 1), everything
 /// else to pool `web` (the other backends), [`DEMO_DENIED_PREFIX`] denied.
 pub fn demo_l7_config(lab: &Lab, dir: &Path) -> Result<String> {
-    let key = rcgen::KeyPair::generate().context("generating the demo's TLS key")?;
-    let cert = rcgen::CertificateParams::new(vec![DEMO_HOST.to_string()])
-        .context("the demo certificate's name")?
-        .self_signed(&key)
-        .context("signing the demo certificate")?;
+    let ck = rcgen::generate_simple_self_signed(vec![DEMO_HOST.to_string()])
+        .context("generating the demo's certificate")?;
     let (cert_path, key_path) = (dir.join("demo.pem"), dir.join("demo.key"));
-    std::fs::write(&cert_path, cert.pem())
+    std::fs::write(&cert_path, ck.cert.pem())
         .with_context(|| format!("writing {}", cert_path.display()))?;
-    std::fs::write(&key_path, key.serialize_pem())
+    std::fs::write(&key_path, ck.key_pair.serialize_pem())
         .with_context(|| format!("writing {}", key_path.display()))?;
     let server = |b: &super::LabBackend| {
         format!(
