@@ -301,12 +301,7 @@ impl Desired {
                 if !has(p, *address) {
                     return Err(format!("pool {pool:?} has no server {address}"));
                 }
-                let key = (Group::pool_name(pool), *address);
-                if *state == AdminState::Ready {
-                    self.admin.remove(&key);
-                } else {
-                    self.admin.insert(key, *state);
-                }
+                self.set_admin((Group::pool_name(pool), *address), *state);
             }
             _ => return Err("L7 pools are added and removed in the configuration file".into()),
         }
@@ -335,44 +330,20 @@ impl Desired {
                 forwarding,
                 ring_size,
             } => self.add_service(name, *vip, *protocol, *mode, *forwarding, *ring_size),
-            Request::RemoveService { name } => {
-                let before = self.config.services.len();
-                self.config.services.retain(|s| &s.name != name);
-                if self.config.services.len() == before {
-                    return Err(format!("unknown service {name:?}"));
-                }
-                self.admin.retain(|(s, _), _| s != name);
-                self.discovered.remove(name);
-                Ok(())
-            }
+            Request::RemoveService { name } => self.remove_service(name),
             Request::AddBackend {
                 service,
                 address,
                 weight,
             } => self.add_backend(service, *address, *weight),
-            Request::RemoveBackend { service, address } => {
-                self.refuse_discovered(service, *address, "presence")?;
-                let s = self.service_mut(service)?;
-                let before = s.backends.len();
-                s.backends.retain(|b| b.address != *address);
-                if s.backends.len() == before {
-                    return Err(format!("service {service:?} has no backend {address}"));
-                }
-                self.admin.remove(&(service.clone(), *address));
-                Ok(())
-            }
+            Request::RemoveBackend { service, address } => self.remove_backend(service, *address),
             Request::SetBackendState {
                 service,
                 address,
                 state,
             } => {
                 self.backend_mut(service, *address)?;
-                let key = (service.clone(), *address);
-                if *state == AdminState::Ready {
-                    self.admin.remove(&key);
-                } else {
-                    self.admin.insert(key, *state);
-                }
+                self.set_admin((service.clone(), *address), *state);
                 Ok(())
             }
             Request::SetWeight {
@@ -400,6 +371,40 @@ impl Desired {
 }
 
 impl Desired {
+    /// Records an operator's state for a backend or pool server (`Ready` is the default).
+    fn set_admin(&mut self, key: (String, SocketAddr), state: AdminState) {
+        if state == AdminState::Ready {
+            self.admin.remove(&key);
+        } else {
+            self.admin.insert(key, state);
+        }
+    }
+
+    /// `lb remove service`, with its operator states and discovered backends.
+    fn remove_service(&mut self, name: &str) -> Result<(), String> {
+        let before = self.config.services.len();
+        self.config.services.retain(|s| s.name != name);
+        if self.config.services.len() == before {
+            return Err(format!("unknown service {name:?}"));
+        }
+        self.admin.retain(|(s, _), _| s != name);
+        self.discovered.remove(name);
+        Ok(())
+    }
+
+    /// `lb remove backend`; a discovered one is DNS's to remove.
+    fn remove_backend(&mut self, service: &str, address: SocketAddr) -> Result<(), String> {
+        self.refuse_discovered(service, address, "presence")?;
+        let s = self.service_mut(service)?;
+        let before = s.backends.len();
+        s.backends.retain(|b| b.address != address);
+        if s.backends.len() == before {
+            return Err(format!("service {service:?} has no backend {address}"));
+        }
+        self.admin.remove(&(service.to_owned(), address));
+        Ok(())
+    }
+
     /// `lb add service`: the file's rules, and no backend yet.
     fn add_service(
         &mut self,

@@ -550,40 +550,62 @@ enum Matcher {
     },
 }
 
+/// The checks of one matcher's values, with errors naming its ACL and key.
+struct Check<'a> {
+    acl: &'a str,
+    key: &'static str,
+}
+
+impl Check<'_> {
+    fn bad(&self, reason: String) -> AclError {
+        AclError::BadValue {
+            name: self.acl.to_owned(),
+            reason,
+        }
+    }
+
+    fn non_empty(&self, v: &str) -> Result<String, AclError> {
+        if v.is_empty() {
+            return Err(self.bad(format!("`{}` must not be empty", self.key)));
+        }
+        Ok(v.to_owned())
+    }
+
+    fn header_name(&self, n: &str) -> Result<HeaderName, AclError> {
+        HeaderName::from_bytes(n.as_bytes())
+            .map_err(|_| self.bad(format!("`{n}` is not a valid header name")))
+    }
+
+    /// A host or SNI name: lower case, without the root's dot, no port.
+    fn host_like(&self, v: &str) -> Result<String, AclError> {
+        let v = v.strip_suffix('.').unwrap_or(v);
+        if v.is_empty() {
+            return Err(self.bad(format!("`{}` must not be empty", self.key)));
+        }
+        if v.contains(':') && !v.starts_with('[') {
+            return Err(self.bad(format!(
+                "`{}` must not contain a port (`{v}`): the port is ignored",
+                self.key
+            )));
+        }
+        Ok(v.to_ascii_lowercase())
+    }
+}
+
 impl Matcher {
     fn compile(acl: &str, spec: &MatcherSpec) -> Result<Matcher, AclError> {
-        let bad = |reason: String| AclError::BadValue {
-            name: acl.to_owned(),
-            reason,
-        };
-        let non_empty = |v: &str| {
-            if v.is_empty() {
-                Err(bad(format!("`{}` must not be empty", spec.key())))
-            } else {
-                Ok(v.to_owned())
-            }
-        };
-        let header_name = |n: &str| {
-            HeaderName::from_bytes(n.as_bytes())
-                .map_err(|_| bad(format!("`{n}` is not a valid header name")))
-        };
-        let host_like = |v: &str| {
-            let v = v.strip_suffix('.').unwrap_or(v);
-            if v.is_empty() {
-                return Err(bad(format!("`{}` must not be empty", spec.key())));
-            }
-            if v.contains(':') && !v.starts_with('[') {
-                return Err(bad(format!(
-                    "`{}` must not contain a port (`{v}`): the port is ignored",
-                    spec.key()
-                )));
-            }
-            Ok(v.to_ascii_lowercase())
+        let check = Check {
+            acl,
+            key: spec.key(),
         };
         let regex_error = |error| AclError::BadRegex {
             name: acl.to_owned(),
             error,
         };
+        let bad = |reason: String| check.bad(reason);
+        let non_empty = |v: &str| check.non_empty(v);
+        let header_name = |n: &str| check.header_name(n);
+        let host_like = |v: &str| check.host_like(v);
         Ok(match spec {
             MatcherSpec::Path(p) => Matcher::Path(non_empty(p)?),
             MatcherSpec::PathPrefix(p) => Matcher::PathPrefix(non_empty(p)?),

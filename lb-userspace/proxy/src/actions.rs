@@ -307,6 +307,40 @@ fn header_op(a: &HttpAction) -> Result<HeaderOp, String> {
     })
 }
 
+/// A `redirect` action: exactly one of `location`, `prefix`, `scheme`, and a 3xx `code`.
+fn redirect_op(a: &HttpAction) -> Result<RequestOp, String> {
+    only(a, &["location", "prefix", "scheme", "code"])?;
+    let code = a.code.unwrap_or(302);
+    if ![301, 302, 303, 307, 308].contains(&code) {
+        return Err(format!(
+            "code {code} is not a redirect; use 301, 302, 303, 307 or 308"
+        ));
+    }
+    let code = StatusCode::from_u16(code).map_err(|e| e.to_string())?;
+    let to = match (&a.location, &a.prefix, &a.scheme) {
+        (Some(l), None, None) => {
+            HeaderValue::from_str(l).map_err(|_| format!("bad location {l:?}"))?;
+            Redirect::Location(l.clone())
+        }
+        (None, Some(p), None) => {
+            HeaderValue::from_str(p).map_err(|_| format!("bad prefix {p:?}"))?;
+            Redirect::Prefix(p.trim_end_matches('/').to_string())
+        }
+        (None, None, Some(s)) => {
+            let ok = s.starts_with(|c: char| c.is_ascii_alphabetic())
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+            if !ok {
+                return Err(format!("bad scheme {s:?}"));
+            }
+            Redirect::Scheme(s.clone())
+        }
+        _ => return Err("needs exactly one of `location`, `prefix`, `scheme`".into()),
+    };
+    Ok(RequestOp::Redirect { to, code })
+}
+
+/// One request action, checked.
 fn request_op(
     a: &HttpAction,
     frontend: &str,
@@ -317,37 +351,7 @@ fn request_op(
             only(a, &["status"])?;
             Ok(RequestOp::Deny(status(a.status, 403)?))
         }
-        "redirect" => {
-            only(a, &["location", "prefix", "scheme", "code"])?;
-            let code = a.code.unwrap_or(302);
-            if ![301, 302, 303, 307, 308].contains(&code) {
-                return Err(format!(
-                    "code {code} is not a redirect; use 301, 302, 303, 307 or 308"
-                ));
-            }
-            let code = StatusCode::from_u16(code).map_err(|e| e.to_string())?;
-            let to = match (&a.location, &a.prefix, &a.scheme) {
-                (Some(l), None, None) => {
-                    HeaderValue::from_str(l).map_err(|_| format!("bad location {l:?}"))?;
-                    Redirect::Location(l.clone())
-                }
-                (None, Some(p), None) => {
-                    HeaderValue::from_str(p).map_err(|_| format!("bad prefix {p:?}"))?;
-                    Redirect::Prefix(p.trim_end_matches('/').to_string())
-                }
-                (None, None, Some(s)) => {
-                    let ok = s.starts_with(|c: char| c.is_ascii_alphabetic())
-                        && s.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
-                    if !ok {
-                        return Err(format!("bad scheme {s:?}"));
-                    }
-                    Redirect::Scheme(s.clone())
-                }
-                _ => return Err("needs exactly one of `location`, `prefix`, `scheme`".into()),
-            };
-            Ok(RequestOp::Redirect { to, code })
-        }
+        "redirect" => redirect_op(a),
         "set-header" | "add-header" | "del-header" => Ok(RequestOp::Header(header_op(a)?)),
         "set-path" => {
             only(a, &["path"])?;

@@ -36,6 +36,10 @@ pub(crate) enum Failure {
     BadResponse,
     /// No response head within `timeout_server`.
     ServerTimeout,
+    /// The server closed or failed inside its response body.
+    ServerAborted,
+    /// The server's response body stopped coming for `timeout_server`.
+    ServerDataTimeout,
 }
 
 /// Who caused a failure: the first letter of HAProxy's termination state.
@@ -97,7 +101,8 @@ impl Failure {
             | Failure::ClientGone
             | Failure::ServerClosed
             | Failure::BadResponse => StatusCode::BAD_GATEWAY,
-            Failure::ServerTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Failure::ServerAborted => StatusCode::BAD_GATEWAY,
+            Failure::ServerTimeout | Failure::ServerDataTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -115,6 +120,8 @@ impl Failure {
             Failure::ClientGone => (Side::Client, Phase::Connect),
             Failure::ServerClosed | Failure::BadResponse => (Side::Server, Phase::Headers),
             Failure::ServerTimeout => (Side::ServerTimeout, Phase::Headers),
+            Failure::ServerAborted => (Side::Server, Phase::Data),
+            Failure::ServerDataTimeout => (Side::ServerTimeout, Phase::Data),
         }
     }
 
@@ -151,6 +158,33 @@ impl Failure {
     pub(crate) fn page(self) -> String {
         page(self.status())
     }
+
+    /// Appends the whole HTTP/1.1 answer to `out` (status line, headers,
+    /// page; `close` adds `connection: close`); returns the page's length.
+    pub(crate) fn put_http1_answer(self, out: &mut Vec<u8>, close: bool) -> usize {
+        use std::io::Write as _;
+        let status = self.status();
+        let page = page(status);
+        let connection = if close { "connection: close\r\n" } else { "" };
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            out,
+            "HTTP/1.1 {} {}\r\ncontent-length: {}\r\ncache-control: no-cache\r\n{connection}content-type: text/html\r\n\r\n{page}",
+            status.as_u16(),
+            reason(status),
+            page.len(),
+        );
+        page.len()
+    }
+}
+
+/// The reason phrase: HAProxy's ("Request Time-out") where it differs from
+/// the standard one.
+fn reason(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        408 => "Request Time-out",
+        _ => status.canonical_reason().unwrap_or(""),
+    }
 }
 
 /// A small HAProxy-like error page.
@@ -166,14 +200,21 @@ pub(crate) fn page(status: StatusCode) -> String {
     format!(
         "<html><body><h1>{} {}</h1>\n{}\n</body></html>\n",
         status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
+        reason(status),
         text
     )
 }
 
-/// HAProxy's 408 answer to a request head that did not arrive in time, written
-/// as is from a timer (HAProxy's own title, "Time-out", unlike `page`'s).
-pub(crate) const TIMEOUT_408: &[u8] = b"HTTP/1.1 408 Request Time-out\r\ncontent-length: 110\r\ncache-control: no-cache\r\nconnection: close\r\ncontent-type: text/html\r\n\r\n<html><body><h1>408 Request Time-out</h1>\nYour browser didn't send a complete request in time.\n</body></html>\n";
+/// The 408 answer to a request head that did not arrive in time, written as
+/// is from a timer: rendered once, by `http1_answer`.
+pub(crate) fn timeout_408() -> &'static [u8] {
+    static ANSWER: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+        let mut out = Vec::new();
+        Failure::HeadTimeout.put_http1_answer(&mut out, true);
+        out
+    });
+    &ANSWER
+}
 
 #[cfg(test)]
 mod tests {
@@ -196,6 +237,8 @@ mod tests {
             (Failure::ServerClosed, 502, "SH"),
             (Failure::BadResponse, 502, "SH"),
             (Failure::ServerTimeout, 504, "sH"),
+            (Failure::ServerAborted, 502, "SD"),
+            (Failure::ServerDataTimeout, 504, "sD"),
         ];
         for (failure, status, term) in all {
             assert_eq!(failure.status().as_u16(), status, "{failure:?}");
@@ -210,5 +253,14 @@ mod tests {
     #[test]
     fn error_pages() {
         assert!(page(StatusCode::SERVICE_UNAVAILABLE).contains("503 Service Unavailable"));
+        let answer = String::from_utf8(timeout_408().to_vec()).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 408 Request Time-out\r\n"),
+            "{head}"
+        );
+        assert!(head.contains(&format!("content-length: {}\r\n", body.len())));
+        assert!(head.contains("connection: close"));
+        assert!(body.contains("<h1>408 Request Time-out</h1>"));
     }
 }

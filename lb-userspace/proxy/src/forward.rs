@@ -20,8 +20,8 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::actions;
 use super::balance::Active;
-use super::connpool::{Reusable, Sender};
-use super::context::{ConnCtx, Shared};
+use super::connpool::{Conn, Reusable, Sender};
+use super::context::{ConnCtx, PoolRuntime, Shared};
 use super::error::Failure;
 use super::hardening;
 use super::log::{AccessRecord, LogFormat};
@@ -153,158 +153,203 @@ async fn forward(
     conn: &Arc<ConnCtx>,
     parts: http::request::Parts,
     body: RequestBody,
-    fwd: Forwarding,
-    mut upgrade: Option<tunnel::Upgrade>,
+    mut fwd: Forwarding,
+    upgrade: Option<tunnel::Upgrade>,
     done: Done,
     gone: Option<&tokio::sync::oneshot::Sender<Response<ProxyBody>>>,
 ) -> Response<ProxyBody> {
-    let Forwarding {
-        pool: pool_idx,
-        mut rec,
-        key,
-        response_ops,
-        ws_accept,
-    } = fwd;
-    let pool = &shared.pools[pool_idx];
+    let pool = &shared.pools[fwd.pool];
     // The request travels by value; it comes back from a connection that could not send it.
     let mut req = Some(Request::from_parts(parts, body));
     let mut attempts = Attempts::new(pool);
     loop {
-        let active = match attempts.acquire(pool, key, &mut rec).await {
+        let attempt = match attempts.acquire(pool, fwd.key, &mut fwd.rec).await {
+            Ok(active) => connect(pool, conn, active, upgrade.is_some()).await,
+            Err(failure) => Err(failure),
+        };
+        let (active, server) = match attempt {
             Ok(a) => a,
-            Err(failure) => return error_response(failure, rec, done),
+            Err(f) if attempts.retry(f, false) => continue,
+            Err(f) => return error_response(f, fwd.rec, done),
         };
-        let addr = active.server().addr;
-        let mut server = match pool.conns.get(addr, conn.peer, conn.local).await {
-            // The connection will become the tunnel's: it needs a task of its own.
-            Ok(mut c) if upgrade.is_some() => {
-                c.sender = c.sender.for_upgrade();
-                c
-            }
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
-                if attempts.retry(Failure::ConnectFailed, false) {
-                    continue;
-                }
-                return error_response(Failure::ConnectFailed, rec, done);
-            }
-        };
-        rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
+        fwd.rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
         let Some(mut out) = req.take() else {
             // Unreachable: `req` is put back before every retry.
-            return error_response(Failure::Internal, rec, done);
+            return error_response(Failure::Internal, fwd.rec, done);
         };
-        if server.sender.is_h2() {
-            // HTTP/2 needs :scheme and :authority: the request's own (its Host,
-            // settled by `prepare`), never one that disagrees with its Host.
-            let authority = match out.headers().get(header::HOST) {
-                Some(h) => Authority::try_from(h.as_bytes()),
-                None => Authority::try_from(rec.server.as_ref()),
-            };
-            let pq = out.uri().path_and_query().cloned();
-            if let (Ok(authority), Some(pq)) = (authority, pq) {
-                let mut p = http::uri::Parts::default();
-                p.scheme = Some(pool.scheme.clone());
-                p.authority = Some(authority);
-                p.path_and_query = Some(pq);
-                if let Ok(u) = Uri::from_parts(p) {
-                    *out.uri_mut() = u;
-                }
-            }
-        }
-
         if gone.is_some_and(|tx| tx.is_closed()) {
             // Reset before it was sent: the connection serves another request instead.
             if let Sender::H1(h1) = server.sender {
-                pool.conns.put(addr, h1);
+                pool.conns.put(active.server().addr, h1);
             }
-            return error_response(Failure::ClientGone, rec, done);
+            return error_response(Failure::ClientGone, fwd.rec, done);
         }
-        // hyper would send a body of unknown length (HTTP/2 without
-        // content-length, a chunked HTTP/1 one) chunked, but drop it for
-        // GET, HEAD and CONNECT: say chunked, so no byte is lost.
+        for_server(&mut out, server.sender.is_h2(), pool, &fwd.rec);
+        let sent = Instant::now();
+        let reused = server.connect_time.is_none();
+        let mut sender = server.sender;
+        let failure = match sender.send(out, pool.timeout_server).await {
+            Ok(Ok(resp)) => {
+                fwd.rec.tr = sent.elapsed().as_millis() as i64;
+                let exchange = Exchange {
+                    pool,
+                    conn,
+                    sender,
+                    active,
+                    upgrade,
+                };
+                return respond(resp, exchange, fwd, done);
+            }
+            Ok(Err(mut e)) => {
+                let server = active.server().addr;
+                tracing::debug!(pool = %pool.name, %server, error = %e.error(), "forward failed");
+                // A reused connection that closed before the request went out
+                // (the server's keep-alive ended): sent again on another one.
+                match e.take_message() {
+                    Some(back) if attempts.retry(Failure::ServerClosed, reused) => {
+                        req = Some(back);
+                        continue;
+                    }
+                    _ => {
+                        fwd.rec.tr = sent.elapsed().as_millis() as i64;
+                        Failure::BadResponse
+                    }
+                }
+            }
+            Err(_) => Failure::ServerTimeout,
+        };
+        return error_response(failure, fwd.rec, done);
+    }
+}
+
+/// A connection to the attempt's server, kept or new (one of its own for a
+/// tunnel, which needs a task of its own).
+async fn connect(
+    pool: &PoolRuntime,
+    conn: &ConnCtx,
+    active: Active,
+    tunnel: bool,
+) -> Result<(Active, Conn), Failure> {
+    let addr = active.server().addr;
+    match pool.conns.get(addr, conn.peer, conn.local).await {
+        Ok(mut c) => {
+            if tunnel {
+                c.sender = c.sender.for_upgrade();
+            }
+            Ok((active, c))
+        }
+        Err(e) => {
+            tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
+            Err(Failure::ConnectFailed)
+        }
+    }
+}
+
+/// Makes the request fit its server connection: HTTP/2 needs :scheme and
+/// :authority (the request's own, from its Host settled by `prepare`, never
+/// one that disagrees with it); HTTP/1 bodies of unknown length go chunked
+/// (hyper would drop them for GET, HEAD and CONNECT).
+fn for_server(out: &mut Request<RequestBody>, h2: bool, pool: &PoolRuntime, rec: &AccessRecord) {
+    if !h2 {
         let body = out.body();
-        if !server.sender.is_h2() && !body.is_end_stream() && body.size_hint().exact().is_none() {
+        if !body.is_end_stream() && body.size_hint().exact().is_none() {
             out.headers_mut().insert(
                 header::TRANSFER_ENCODING,
                 HeaderValue::from_static("chunked"),
             );
         }
-        let sent = Instant::now();
-        match server.sender.send(out, pool.timeout_server).await {
-            Ok(Ok(resp)) => {
-                rec.tr = sent.elapsed().as_millis() as i64;
-                let (mut rparts, rbody) = resp.into_parts();
-                // Invalid framing (TE with CL, TE not ending in one chunked) is a 502;
-                // the connection is dropped, not reused.
-                let te = rparts.headers.get_all(header::TRANSFER_ENCODING);
-                let te = te.iter().map(HeaderValue::as_bytes);
-                let has_length = rparts.headers.contains_key(header::CONTENT_LENGTH);
-                let handshake = rparts.status != StatusCode::SWITCHING_PROTOCOLS
-                    || tunnel::accept_matches(
-                        ws_accept.as_ref(),
-                        rparts
-                            .headers
-                            .get_all("sec-websocket-accept")
-                            .iter()
-                            .map(HeaderValue::as_bytes),
-                    );
-                let framing = hardening::response_te(te, has_length)
-                    .and_then(|_| handshake.then_some(()).ok_or("bad Sec-WebSocket-Accept"));
-                if let Err(why) = framing {
-                    tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response framing");
-                    return error_response(Failure::BadResponse, rec, done);
-                }
-                prepare::strip_hop_by_hop(&mut rparts.headers);
-                let (active, reusable) = match upgrade.take() {
-                    Some(u) => {
-                        let idle = pool.timeout_tunnel.or(conn.frontend.timeout_tunnel);
-                        let idle = idle.unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
-                        // An upgraded connection is the tunnel's, never reused.
-                        (u.answer(&mut rparts, &conn.activity, idle, active), None)
-                    }
-                    None => {
-                        let reusable = match server.sender {
-                            Sender::H1(h1) => Some(Reusable {
-                                pool: pool.conns.clone(),
-                                server: addr,
-                                h1,
-                            }),
-                            Sender::H1Tunnel(_) | Sender::H2(_) => None,
-                        };
-                        (Some(active), reusable)
-                    }
-                };
-                actions::apply_response(&response_ops, &mut rparts.headers); // response actions
-                rec.status = rparts.status.as_u16();
-                let mut body = LoggedBody::new(
-                    rbody.map_err(BoxError::from).boxed_unsync(),
-                    rec,
-                    active,
-                    done,
-                );
-                body.reusable = reusable;
-                return Response::from_parts(rparts, body);
-            }
-            Ok(Err(mut e)) => {
-                tracing::debug!(pool = %pool.name, server = %addr, error = %e.error(), "forward failed");
-                // A reused connection that closed before the request went out
-                // (the server's keep-alive ended): send it again on another one.
-                if let Some(back) = e.take_message()
-                    && attempts.retry(Failure::ServerClosed, server.connect_time.is_none())
-                {
-                    req = Some(back);
-                    continue;
-                }
-                rec.tr = sent.elapsed().as_millis() as i64;
-                return error_response(Failure::BadResponse, rec, done);
-            }
-            Err(_) => {
-                return error_response(Failure::ServerTimeout, rec, done);
-            }
+        return;
+    }
+    let authority = match out.headers().get(header::HOST) {
+        Some(h) => Authority::try_from(h.as_bytes()),
+        None => Authority::try_from(rec.server.as_ref()),
+    };
+    let pq = out.uri().path_and_query().cloned();
+    if let (Ok(authority), Some(pq)) = (authority, pq) {
+        let mut p = http::uri::Parts::default();
+        p.scheme = Some(pool.scheme.clone());
+        p.authority = Some(authority);
+        p.path_and_query = Some(pq);
+        if let Ok(u) = Uri::from_parts(p) {
+            *out.uri_mut() = u;
         }
     }
+}
+
+/// What answering with a server's response needs of the attempt.
+struct Exchange<'a> {
+    pool: &'a PoolRuntime,
+    conn: &'a ConnCtx,
+    sender: Sender,
+    active: Active,
+    upgrade: Option<tunnel::Upgrade>,
+}
+
+/// The client's response from the server's: its framing checked (invalid
+/// framing, TE with CL or not ending in chunked, is a 502 and the connection
+/// is dropped), hop-by-hop fields and response actions applied, a tunnel
+/// for an accepted upgrade, and the server connection to give back.
+fn respond(
+    resp: Response<Incoming>,
+    x: Exchange<'_>,
+    fwd: Forwarding,
+    done: Done,
+) -> Response<ProxyBody> {
+    let Forwarding {
+        mut rec,
+        response_ops,
+        ws_accept,
+        ..
+    } = fwd;
+    let (mut rparts, rbody) = resp.into_parts();
+    let te = rparts.headers.get_all(header::TRANSFER_ENCODING);
+    let te = te.iter().map(HeaderValue::as_bytes);
+    let has_length = rparts.headers.contains_key(header::CONTENT_LENGTH);
+    let handshake = rparts.status != StatusCode::SWITCHING_PROTOCOLS
+        || tunnel::accept_matches(
+            ws_accept.as_ref(),
+            rparts
+                .headers
+                .get_all("sec-websocket-accept")
+                .iter()
+                .map(HeaderValue::as_bytes),
+        );
+    let framing = hardening::response_te(te, has_length)
+        .and_then(|_| handshake.then_some(()).ok_or("bad Sec-WebSocket-Accept"));
+    let addr = x.active.server().addr;
+    if let Err(why) = framing {
+        tracing::debug!(pool = %x.pool.name, server = %addr, reason = why, "bad response framing");
+        return error_response(Failure::BadResponse, rec, done);
+    }
+    prepare::strip_hop_by_hop(&mut rparts.headers);
+    let (active, reusable) = match x.upgrade {
+        Some(u) => {
+            let idle = x.pool.timeout_tunnel.or(x.conn.frontend.timeout_tunnel);
+            let idle = idle.unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
+            // An upgraded connection is the tunnel's, never reused.
+            (
+                u.answer(&mut rparts, &x.conn.activity, idle, x.active),
+                None,
+            )
+        }
+        None => {
+            let reusable = match x.sender {
+                Sender::H1(h1) => Some(Reusable {
+                    pool: x.pool.conns.clone(),
+                    server: addr,
+                    h1,
+                }),
+                Sender::H1Tunnel(_) | Sender::H2(_) => None,
+            };
+            (Some(x.active), reusable)
+        }
+    };
+    actions::apply_response(&response_ops, &mut rparts.headers); // response actions
+    rec.status = rparts.status.as_u16();
+    let body = rbody.map_err(BoxError::from).boxed_unsync();
+    let mut body = LoggedBody::new(body, rec, active, done);
+    body.reusable = reusable;
+    Response::from_parts(rparts, body)
 }
 
 fn error_response(failure: Failure, mut rec: AccessRecord, done: Done) -> Response<ProxyBody> {
@@ -435,7 +480,7 @@ impl Body for LoggedBody {
                     self.finish(None);
                 }
             }
-            Poll::Ready(Some(Err(_))) => self.finish(Some(['S', 'D'])),
+            Poll::Ready(Some(Err(_))) => self.finish(Some(Failure::ServerAborted.termination())),
             Poll::Ready(None) => self.finish(None),
             Poll::Pending => {}
         }
@@ -457,7 +502,7 @@ impl Drop for LoggedBody {
         let term = if self.inner.is_end_stream() {
             None
         } else {
-            Some(['C', 'D'])
+            Some(Failure::ClientAborted.termination())
         };
         self.finish(term);
     }

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use super::accept::{ClientStream, Listener};
 use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared};
 use super::deadline::Deadline;
-use super::error::{Failure, TIMEOUT_408};
+use super::error::{Failure, timeout_408};
 use super::forward;
 use super::h1;
 use super::hardening::GuardIo;
@@ -338,7 +338,7 @@ impl<T> ClientIo<T> {
             self.peer,
             self.frontend.clone(),
             Failure::HeadTimeout,
-            TIMEOUT_408.len() as u64,
+            timeout_408().len() as u64,
         )
         .emit_as(self.log_format);
     }
@@ -348,8 +348,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> ClientIo<T> {
     /// Writes the 408 answer, then reports end of stream to hyper.
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(done) = self.answering {
-            if done < TIMEOUT_408.len() {
-                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &TIMEOUT_408[done..]))?;
+            if done < timeout_408().len() {
+                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &timeout_408()[done..]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }

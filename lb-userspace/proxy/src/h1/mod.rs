@@ -42,10 +42,11 @@ use tokio_util::io::poll_read_buf;
 
 use super::accept::HoldForFin;
 use super::actions;
+use super::balance::Active;
 use super::connpool::RawConn;
-use super::context::{FrontendRuntime, Shared};
+use super::context::{FrontendRuntime, PoolRuntime, Shared};
 use super::deadline::Deadline;
-use super::error::{Failure, TIMEOUT_408};
+use super::error::{Failure, timeout_408};
 use super::hardening::H2_PREFACE;
 use super::log::AccessRecord;
 use super::prepare::{self, Attempts, ClientSide, Forwarding, Prepared};
@@ -146,17 +147,6 @@ impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
 }
 
 write_through!(Prefixed<T>);
-
-/// Why no response head came.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeadFail {
-    /// Malformed, or the connection ended inside it.
-    Bad,
-    /// The connection ended before any byte of it.
-    Silent,
-    /// Not within `timeout_server`.
-    TimedOut,
-}
 
 /// What comes after an exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,11 +371,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                         self.peer,
                         self.fe.ctx.name.clone(),
                         Failure::HeadTimeout,
-                        TIMEOUT_408.len() as u64,
+                        timeout_408().len() as u64,
                     )
                     .emit_as(self.fe.ctx.log_format);
                     self.out.clear();
-                    self.out.extend_from_slice(TIMEOUT_408);
+                    self.out.extend_from_slice(timeout_408());
                     // Boxed: rare, and waiting is what an idle connection does.
                     let _ = Box::pin(self.write_client()).await;
                     self.unread = true;
@@ -413,33 +403,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
     async fn bad_request(&mut self, why: &str) -> Wait {
         tracing::debug!(frontend = %self.fe.ctx.name, peer = %self.peer, reason = why, "request rejected");
         let failure = Failure::BadRequest;
-        let page = failure.page();
-        AccessRecord::bad_request(
-            self.peer,
-            self.fe.ctx.name.clone(),
-            failure,
-            page.len() as u64,
-        )
-        .emit_as(self.fe.ctx.log_format);
-        self.put_error(failure.status(), &page, true);
+        let page = failure.put_http1_answer(&mut self.out, true);
+        AccessRecord::bad_request(self.peer, self.fe.ctx.name.clone(), failure, page as u64)
+            .emit_as(self.fe.ctx.log_format);
         let _ = self.write_client().await;
         self.unread = true;
         Wait::End
-    }
-
-    /// Appends an HAProxy-like error answer to `out`.
-    fn put_error(&mut self, status: StatusCode, page: &str, close: bool) {
-        let length = page.len().to_string();
-        let mut extra = vec![
-            ("content-length", length.as_str()),
-            ("cache-control", "no-cache"),
-            ("content-type", "text/html"),
-        ];
-        if close {
-            extra.push(("connection", "close"));
-        }
-        codec::put_response(&mut self.out, status, b"", &http::HeaderMap::new(), &extra);
-        self.out.extend_from_slice(page.as_bytes());
     }
 
     /// Writes `out` to the client within `timeout_client`.
@@ -467,12 +436,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         keep_alive: bool,
         start: Instant,
     ) -> Next {
-        let status = failure.status();
-        let page = failure.page();
-        rec.status = status.as_u16();
+        rec.status = failure.status().as_u16();
         rec.termination = failure.termination();
-        rec.bytes = page.len() as u64;
-        self.put_error(status, &page, !keep_alive);
+        rec.bytes = failure.put_http1_answer(&mut self.out, !keep_alive) as u64;
         self.send_answer(rec, keep_alive, start).await
     }
 
@@ -529,6 +495,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             keep_alive,
             upgrade,
         } = head;
+        // Before `prepare` makes it the server's (HTTP/1.1).
         let client_version = parts.version;
         // An unread body would be taken for the next head: answers given
         // before reading it close the connection.
@@ -543,7 +510,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         };
         let prepared =
             prepare::prepare(self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
-        let fwd = match prepared {
+        let mut fwd = match prepared {
             Prepared::Forward(f) => f,
             Prepared::Refuse(failure, rec) => {
                 // A malformed request (400) ends the connection, as a refused head does.
@@ -556,155 +523,150 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     .await;
             }
         };
-        let Forwarding {
-            pool: pool_idx,
-            mut rec,
-            key,
-            response_ops,
-            ws_accept,
-        } = fwd;
-        let pool = &self.shared.pools[pool_idx];
+        let pool = &self.shared.pools[fwd.pool];
+        let mut attempts = Attempts::new(pool);
+        loop {
+            let rec = &mut fwd.rec;
+            let attempt = match attempts.acquire(pool, fwd.key, rec).await {
+                Ok(active) => self.connect(pool, active, rec).await,
+                Err(failure) => Err(failure),
+            };
+            let (active, mut server, reused) = match attempt {
+                Ok(a) => a,
+                Err(f) if attempts.retry(f, false) => continue,
+                Err(f) => {
+                    let keep = keep_alive && bodiless;
+                    return self.answer_error(f, fwd.rec, keep, start).await;
+                }
+            };
+            let sent = Instant::now();
+            let request = (&parts, body, expect_continue);
+            let r = self.send(
+                request,
+                &mut server,
+                pool.timeout_server,
+                reused && bodiless,
+            );
+            let (resp, body_sent) = match r.await {
+                Ok(r) => r,
+                Err((f, _)) if attempts.retry(f, reused && bodiless) => continue,
+                Err((f, body_sent)) => {
+                    let server = active.server().addr;
+                    tracing::debug!(pool = %pool.name, %server, failure = ?f, "no response");
+                    fwd.rec.tr = sent.elapsed().as_millis() as i64;
+                    let keep = keep_alive && body_sent;
+                    return self.answer_error(f, fwd.rec, keep, start).await;
+                }
+            };
+            fwd.rec.tr = sent.elapsed().as_millis() as i64;
+            let ctx = ResponseCtx {
+                server,
+                addr: active.server().addr,
+                active,
+                fwd,
+                upgrade,
+                keep_alive: keep_alive && body_sent,
+                body_sent,
+                client_version,
+                start,
+            };
+            return self.respond(resp, ctx).await;
+        }
+    }
+
+    /// A connection to the attempt's server (a kept one, or a new one), and
+    /// whether it was reused.
+    async fn connect(
+        &self,
+        pool: &PoolRuntime,
+        active: Active,
+        rec: &mut AccessRecord,
+    ) -> Result<(Active, RawConn, bool), Failure> {
         if pool.h2 {
             // Only a router that ignores the frontend's `use_pool` rules gets here
             // (own_h1 frontends reach HTTP/1.1 pools only).
             tracing::warn!(pool = %pool.name, "HTTP/2 pool reached on the HTTP/1 path");
-            return self
-                .answer_error(Failure::Internal, rec, false, start)
-                .await;
+            return Err(Failure::Internal);
         }
-        let mut attempts = Attempts::new(pool);
-        loop {
-            let active = match attempts.acquire(pool, key, &mut rec).await {
-                Ok(a) => a,
-                Err(failure) => {
-                    return self
-                        .answer_error(failure, rec, keep_alive && bodiless, start)
-                        .await;
-                }
-            };
-            let addr = active.server().addr;
-            let conn = pool.conns.get_raw(addr, self.peer, self.local).await;
-            let (mut server, connect_time) = match conn {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
-                    if attempts.retry(Failure::ConnectFailed, false) {
-                        continue;
-                    }
-                    return self
-                        .answer_error(Failure::ConnectFailed, rec, keep_alive && bodiless, start)
-                        .await;
-                }
-            };
-            let reused = connect_time.is_none();
-            rec.tc = connect_time.map_or(0, |d| d.as_millis() as i64);
-            let sent = Instant::now();
-            let timeout_server = pool.timeout_server;
-            // --- request: head, then the body by its framing ---
-            if expect_continue && !bodiless {
-                self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-                if self.write_client().await.is_err() {
-                    rec.termination = ['C', 'D'];
-                    finish(rec, start, self.fe);
-                    return Next::Close;
-                }
+        let addr = active.server().addr;
+        match pool.conns.get_raw(addr, self.peer, self.local).await {
+            Ok((server, connect_time)) => {
+                rec.tc = connect_time.map_or(0, |d| d.as_millis() as i64);
+                Ok((active, server, connect_time.is_none()))
             }
-            // The client's output buffer is empty between answers: the
-            // request goes out through it (written again on a retry).
-            codec::put_request(&mut self.out, &parts, body);
-            let sent_whole = relay(
-                End {
-                    io: &mut self.io,
-                    limit: self.fe.timeouts.client,
-                },
-                &mut self.rbuf,
-                End {
-                    io: &mut server.io,
-                    limit: timeout_server,
-                },
-                &mut self.out,
-                body,
-                false,
-                &mut self.timer,
-            )
-            .await;
-            // Whatever of the request was not sent must not reach the client.
-            self.out.clear();
-            match sent_whole {
-                Ok(_) => self.unread = false,
-                Err(Fail::Read | Fail::ReadTimeout | Fail::Framing) => {
-                    // The client broke off its body: nothing sensible to forward or answer.
-                    let failure = match sent_whole {
-                        Err(Fail::ReadTimeout) => Failure::ClientTimeout,
-                        Err(Fail::Framing) => Failure::BadBodyFraming,
-                        _ => Failure::ClientAborted,
-                    };
-                    return self.answer_error(failure, rec, false, start).await;
-                }
-                Err(Fail::Write | Fail::WriteTimeout)
-                    if attempts.retry(Failure::ServerClosed, reused && bodiless) =>
-                {
-                    // A kept connection the server had closed: send it again on another one.
-                    continue;
-                }
-                // The server stopped taking the body; it may have answered why.
-                Err(Fail::Write | Fail::WriteTimeout) => {}
+            Err(e) => {
+                tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
+                Err(Failure::ConnectFailed)
             }
-            let body_sent = sent_whole.is_ok();
-            // --- response head (interim 1xx answers skipped) ---
-            let due = sent + timeout_server;
-            let resp = self.response_head(&mut server, &parts.method, due).await;
-            let resp = match resp {
-                Ok(r) => r,
-                Err(HeadFail::Silent)
-                    if attempts.retry(Failure::ServerClosed, reused && bodiless) =>
-                {
-                    // Closed before answering anything: the server's keep-alive ended.
-                    continue;
-                }
-                Err(fail) => {
-                    tracing::debug!(pool = %pool.name, server = %addr, ?fail, "no response head");
-                    rec.tr = sent.elapsed().as_millis() as i64;
-                    let failure = match fail {
-                        HeadFail::TimedOut => Failure::ServerTimeout,
-                        HeadFail::Silent => Failure::ServerClosed,
-                        HeadFail::Bad => Failure::BadResponse,
-                    };
-                    let keep = keep_alive && body_sent;
-                    return self.answer_error(failure, rec, keep, start).await;
-                }
-            };
-            rec.tr = sent.elapsed().as_millis() as i64;
-            return self
-                .respond(
-                    resp,
-                    ResponseCtx {
-                        server,
-                        addr,
-                        pool: pool_idx,
-                        active,
-                        rec,
-                        response_ops,
-                        upgrade,
-                        ws_accept,
-                        keep_alive: keep_alive && body_sent,
-                        body_sent,
-                        client_version,
-                        start,
-                    },
-                )
-                .await;
         }
     }
 
+    /// One attempt: the request to `server` (head, then the body by its
+    /// framing), then its response head. A failure comes with whether the
+    /// whole request went out. `retriable`: a server that stops taking the
+    /// request is a kept connection closed under us (`ServerClosed`), to be
+    /// retried; otherwise it may have answered why, and its answer is read.
+    async fn send(
+        &mut self,
+        (parts, body, expect_continue): (&http::request::Parts, BodyKind, bool),
+        server: &mut RawConn,
+        timeout_server: Duration,
+        retriable: bool,
+    ) -> Result<(ResponseHead, bool), (Failure, bool)> {
+        let sent = Instant::now();
+        if expect_continue && body != BodyKind::Fixed(0) {
+            self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            if self.write_client().await.is_err() {
+                return Err((Failure::ClientAborted, false));
+            }
+        }
+        // The client's output buffer is empty between answers: the
+        // request goes out through it (written again on a retry).
+        codec::put_request(&mut self.out, parts, body);
+        let relayed = relay(
+            End {
+                io: &mut self.io,
+                limit: self.fe.timeouts.client,
+            },
+            &mut self.rbuf,
+            End {
+                io: &mut server.io,
+                limit: timeout_server,
+            },
+            &mut self.out,
+            body,
+            false,
+            &mut self.timer,
+        )
+        .await;
+        // Whatever of the request was not sent must not reach the client.
+        self.out.clear();
+        let body_sent = match relayed {
+            Ok(_) => {
+                self.unread = false;
+                true
+            }
+            Err(Fail::Write | Fail::WriteTimeout) if retriable => {
+                return Err((Failure::ServerClosed, false));
+            }
+            Err(Fail::Write | Fail::WriteTimeout) => false,
+            Err(fail) => return Err((fail.in_request(), false)),
+        };
+        let resp = self
+            .response_head(server, &parts.method, sent + timeout_server)
+            .await;
+        resp.map(|r| (r, body_sent)).map_err(|f| (f, body_sent))
+    }
+
     /// Reads a server's response head by `due`, skipping interim 1xx answers
-    /// (but 101, which starts a tunnel).
+    /// (but 101, which starts a tunnel). A connection that ends before any
+    /// byte of it is `ServerClosed` (a kept one whose keep-alive ended).
     async fn response_head(
         &mut self,
         server: &mut RawConn,
         method: &http::Method,
         due: Instant,
-    ) -> Result<ResponseHead, HeadFail> {
+    ) -> Result<ResponseHead, Failure> {
         loop {
             match codec::take_response(&mut server.buf, &mut self.spans, method) {
                 Ok(Some(r))
@@ -718,7 +680,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 Ok(None) => {}
                 Err(why) => {
                     tracing::debug!(reason = why, "bad response head");
-                    return Err(HeadFail::Bad);
+                    return Err(Failure::BadResponse);
                 }
             }
             let wait = due.saturating_duration_since(Instant::now());
@@ -728,115 +690,33 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 .await;
             match read {
                 Some(Ok(n)) if n > 0 => {}
-                Some(_) if server.buf.is_empty() => return Err(HeadFail::Silent),
-                Some(_) => return Err(HeadFail::Bad),
-                None => return Err(HeadFail::TimedOut),
+                Some(_) if server.buf.is_empty() => return Err(Failure::ServerClosed),
+                Some(_) => return Err(Failure::BadResponse),
+                None => return Err(Failure::ServerTimeout),
             }
         }
     }
 
     /// Sends a server's response to the client: head (rewritten), then body.
-    async fn respond(&mut self, resp: ResponseHead, ctx: ResponseCtx) -> Next {
-        let ResponseCtx {
-            mut server,
-            addr,
-            pool,
-            active,
-            mut rec,
-            response_ops,
-            upgrade,
-            ws_accept,
-            keep_alive,
-            body_sent,
-            client_version,
-            start,
-        } = ctx;
-        let pool = &self.shared.pools[pool];
-        rec.status = resp.status.as_u16();
-        // With response actions the fields go through a header map; without,
-        // they are copied as the server sent them.
-        let mapped = if response_ops.is_empty() {
-            None
-        } else {
-            let Ok(mut headers) = resp.header_map() else {
-                return self
-                    .answer_error(Failure::Internal, rec, false, start)
-                    .await;
-            };
-            // Codings before `chunked` (e.g. gzip) stay: the client gets them as sent.
-            let te = headers
-                .get_all(header::TRANSFER_ENCODING)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect::<Vec<_>>()
-                .join(", ");
-            // (Only used when the body is chunked, so chunked is its last coding.)
-            let te = if te.is_empty() { "chunked".into() } else { te };
-            prepare::strip_hop_by_hop(&mut headers);
-            actions::apply_response(&response_ops, &mut headers);
-            Some((headers, te))
-        };
-        let length = resp.length.map(|n| n.to_string());
-        let put_head = |out: &mut Vec<u8>, keep_te: bool, extra: &[(&str, &str)]| match &mapped {
-            None => codec::put_response_fields(out, &resp, keep_te, extra),
-            Some((headers, te)) => {
-                let mut all = Vec::with_capacity(extra.len() + 2);
-                if keep_te {
-                    all.push(("transfer-encoding", te.as_str()));
-                }
-                if let Some(n) = &length {
-                    all.push(("content-length", n.as_str()));
-                }
-                all.extend_from_slice(extra);
-                codec::put_response(out, resp.status, resp.reason(), headers, &all);
-            }
+    async fn respond(&mut self, resp: ResponseHead, mut ctx: ResponseCtx) -> Next {
+        let pool = &self.shared.pools[ctx.fwd.pool];
+        ctx.fwd.rec.status = resp.status.as_u16();
+        let Ok(head) = OutHead::new(&resp, &ctx.fwd.response_ops) else {
+            return self
+                .answer_error(Failure::Internal, ctx.fwd.rec, false, ctx.start)
+                .await;
         };
         if resp.status == StatusCode::SWITCHING_PROTOCOLS {
-            let accepted = tunnel::accept_matches(
-                ws_accept.as_ref(),
-                resp.field_values(b"sec-websocket-accept"),
-            );
-            let Some(proto) = upgrade.filter(|_| accepted) else {
-                return self
-                    .answer_error(Failure::BadResponse, rec, false, start)
-                    .await;
-            };
-            // --- upgrade: 101 to the client, then a byte-for-byte tunnel (proxy/tunnel.rs) ---
-            let proto_out = resp.upgrade.clone().unwrap_or(proto);
-            let proto_text = String::from_utf8_lossy(proto_out.as_bytes()).into_owned();
-            let extra = [("connection", "upgrade"), ("upgrade", proto_text.as_str())];
-            put_head(&mut self.out, false, &extra);
-            self.out.extend_from_slice(&server.buf);
-            server.buf.clear();
-            if self.write_client().await.is_err() {
-                rec.termination = ['C', 'D'];
-                finish(rec, start, self.fe);
-                return Next::Close;
-            }
-            finish(rec, start, self.fe);
-            let mut early = std::mem::take(&mut self.rbuf).to_vec();
-            if !early.is_empty() && write_out(&mut server.io, &mut early).await.is_err() {
-                return Next::Close;
-            }
-            let idle = pool
-                .timeout_tunnel
-                .or(self.fe.ctx.timeout_tunnel)
-                .unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
-            let _active = active;
-            match tunnel::splice(&mut self.io, &mut server.io, idle).await {
-                Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
-                Err(e) => tracing::debug!(error = %e, "tunnel ended"),
-            }
-            return Next::Close;
+            return self.tunnel(resp, head, ctx).await;
         }
         // --- framing toward the client ---
         let body = resp.body;
-        let http10 = client_version == Version::HTTP_10;
+        let http10 = ctx.client_version == Version::HTTP_10;
         let (dechunk, close) = match body {
-            BodyKind::Fixed(_) => (false, !keep_alive),
+            BodyKind::Fixed(_) => (false, !ctx.keep_alive),
             // An HTTP/1.0 client cannot read chunks: data only, to the close.
             BodyKind::Chunked if http10 => (true, true),
-            BodyKind::Chunked => (false, !keep_alive),
+            BodyKind::Chunked => (false, !ctx.keep_alive),
             BodyKind::Close => (false, true),
         };
         let connection: &[(&str, &str)] = if close {
@@ -846,13 +726,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         } else {
             &[]
         };
-        put_head(
-            &mut self.out,
-            body == BodyKind::Chunked && !dechunk,
-            connection,
-        );
+        let keep_te = body == BodyKind::Chunked && !dechunk;
+        head.put(&mut self.out, &resp, keep_te, connection);
         let server_keep_alive = resp.keep_alive;
         self.spans = resp.into_fields();
+        let ResponseCtx {
+            mut server,
+            addr,
+            active,
+            fwd,
+            body_sent,
+            start,
+            ..
+        } = ctx;
+        let mut rec = fwd.rec;
         if close && matches!(body, BodyKind::Fixed(n) if server.buf.len() as u64 >= n) {
             // The whole answer is in hand and the connection closes after it.
             self.io.hold_for_fin();
@@ -886,13 +773,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             }
             Err(fail) => {
                 self.out.clear();
-                rec.termination = match fail {
-                    Fail::Read => ['S', 'D'],
-                    Fail::ReadTimeout => ['s', 'D'],
-                    Fail::Write => ['C', 'D'],
-                    Fail::WriteTimeout => ['c', 'D'],
-                    Fail::Framing => ['P', 'D'],
-                };
+                rec.termination = fail.in_response().termination();
                 Next::Close
             }
         };
@@ -900,19 +781,120 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         finish(rec, start, self.fe);
         next
     }
+
+    /// Answers a `101` and becomes a byte-for-byte tunnel (proxy/tunnel.rs),
+    /// if the server switched to what the client asked for.
+    async fn tunnel(&mut self, resp: ResponseHead, head: OutHead, ctx: ResponseCtx) -> Next {
+        let ResponseCtx {
+            mut server,
+            active,
+            fwd,
+            upgrade,
+            start,
+            ..
+        } = ctx;
+        let mut rec = fwd.rec;
+        let accepted = tunnel::accept_matches(
+            fwd.ws_accept.as_ref(),
+            resp.field_values(b"sec-websocket-accept"),
+        );
+        let Some(proto) = upgrade.filter(|_| accepted) else {
+            return self
+                .answer_error(Failure::BadResponse, rec, false, start)
+                .await;
+        };
+        let proto_out = resp.upgrade.clone().unwrap_or(proto);
+        let proto_text = String::from_utf8_lossy(proto_out.as_bytes()).into_owned();
+        let extra = [("connection", "upgrade"), ("upgrade", proto_text.as_str())];
+        head.put(&mut self.out, &resp, false, &extra);
+        self.out.extend_from_slice(&server.buf);
+        server.buf.clear();
+        if self.write_client().await.is_err() {
+            rec.termination = Failure::ClientAborted.termination();
+            finish(rec, start, self.fe);
+            return Next::Close;
+        }
+        finish(rec, start, self.fe);
+        let mut early = std::mem::take(&mut self.rbuf).to_vec();
+        if !early.is_empty() && write_out(&mut server.io, &mut early).await.is_err() {
+            return Next::Close;
+        }
+        let idle = self.shared.pools[fwd.pool]
+            .timeout_tunnel
+            .or(self.fe.ctx.timeout_tunnel)
+            .unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
+        let _active = active;
+        match tunnel::splice(&mut self.io, &mut server.io, idle).await {
+            Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
+            Err(e) => tracing::debug!(error = %e, "tunnel ended"),
+        }
+        Next::Close
+    }
+}
+
+/// A server's response head as the client gets it: with response actions
+/// the fields go through a header map; without, they are copied as the
+/// server sent them.
+struct OutHead {
+    /// The fields after the actions, and the Transfer-Encoding to keep.
+    mapped: Option<(http::HeaderMap, String)>,
+    /// The parsed Content-Length, written once.
+    length: Option<String>,
+}
+
+impl OutHead {
+    /// Runs the response actions; Err when the fields are not valid headers.
+    fn new(resp: &ResponseHead, ops: &[actions::HeaderOp]) -> Result<Self, &'static str> {
+        let length = resp.length.map(|n| n.to_string());
+        if ops.is_empty() {
+            return Ok(OutHead {
+                mapped: None,
+                length,
+            });
+        }
+        let mut headers = resp.header_map()?;
+        // Codings before `chunked` (e.g. gzip) stay: the client gets them as sent.
+        let te = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        // (Only used when the body is chunked, so chunked is its last coding.)
+        let te = if te.is_empty() { "chunked".into() } else { te };
+        prepare::strip_hop_by_hop(&mut headers);
+        actions::apply_response(ops, &mut headers);
+        Ok(OutHead {
+            mapped: Some((headers, te)),
+            length,
+        })
+    }
+
+    /// Appends the head to `out`, with Transfer-Encoding if `keep_te`, and `extra`.
+    fn put(&self, out: &mut Vec<u8>, resp: &ResponseHead, keep_te: bool, extra: &[(&str, &str)]) {
+        let Some((headers, te)) = &self.mapped else {
+            return codec::put_response_fields(out, resp, keep_te, extra);
+        };
+        let mut all = Vec::with_capacity(extra.len() + 2);
+        if keep_te {
+            all.push(("transfer-encoding", te.as_str()));
+        }
+        if let Some(n) = &self.length {
+            all.push(("content-length", n.as_str()));
+        }
+        all.extend_from_slice(extra);
+        codec::put_response(out, resp.status, resp.reason(), headers, &all);
+    }
 }
 
 /// What `respond` needs of the exchange.
 struct ResponseCtx {
     server: RawConn,
     addr: SocketAddr,
-    pool: usize,
-    active: super::balance::Active,
-    rec: AccessRecord,
-    response_ops: Vec<actions::HeaderOp>,
+    active: Active,
+    /// The request's pool, access record and response actions.
+    fwd: Forwarding,
     upgrade: Option<HeaderValue>,
-    /// The `Sec-WebSocket-Accept` a `101` must carry.
-    ws_accept: Option<HeaderValue>,
     /// The client connection may stay open (as far as the request goes).
     keep_alive: bool,
     /// The whole request went to the server: only then may its connection

@@ -13,6 +13,7 @@ use tokio_util::io::poll_read_buf;
 
 use super::codec::BodyKind;
 use crate::deadline::Deadline;
+use crate::error::Failure;
 use crate::hardening::{self, Chunk};
 
 /// Bytes asked of a stream per read.
@@ -53,6 +54,30 @@ pub(super) enum Fail {
     WriteTimeout,
     /// Broken chunk framing.
     Framing,
+}
+
+impl Fail {
+    /// What failed when relaying a request body, client to server.
+    pub(super) fn in_request(self) -> Failure {
+        match self {
+            Fail::Read => Failure::ClientAborted,
+            Fail::ReadTimeout => Failure::ClientTimeout,
+            Fail::Write => Failure::ServerClosed,
+            Fail::WriteTimeout => Failure::ServerTimeout,
+            Fail::Framing => Failure::BadBodyFraming,
+        }
+    }
+
+    /// What failed when relaying a response body, server to client.
+    pub(super) fn in_response(self) -> Failure {
+        match self {
+            Fail::Read => Failure::ServerAborted,
+            Fail::ReadTimeout => Failure::ServerDataTimeout,
+            Fail::Write => Failure::ClientAborted,
+            Fail::WriteTimeout => Failure::ClientTimeout,
+            Fail::Framing => Failure::BadBodyFraming,
+        }
+    }
 }
 
 /// One side of a relay: a stream, the bytes read ahead from it, and how long
