@@ -56,40 +56,32 @@ pub fn run() -> Result<()> {
 
     // BIRD alone: the node's session shut down and brought back.
     let socket = c.lab.node_bird_socket(1)?;
-    let mut session = Vec::new();
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        bird::command(&socket, &format!("disable {NODE_BGP_PROTOCOL}"))?;
-        c.lab.wait_router_next_hops(v4, 1, ROUTE_TIMEOUT)?;
-        session.push(start.elapsed());
-        bird::command(&socket, &format!("enable {NODE_BGP_PROTOCOL}"))?;
-        c.lab.wait_router_next_hops(v4, 2, ROUTE_TIMEOUT)?;
-    }
+    let session = timed(
+        &c,
+        v4,
+        || Ok(bird::command(&socket, &format!("disable {NODE_BGP_PROTOCOL}")).map(drop)?),
+        || Ok(bird::command(&socket, &format!("enable {NODE_BGP_PROTOCOL}")).map(drop)?),
+    )?;
     // The agent: drain-node, then undrain-node.
-    let mut drain = Vec::new();
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        ensure_ok(&c, 1, &["drain-node"])?;
-        c.lab.wait_router_next_hops(v4, 1, ROUTE_TIMEOUT)?;
-        drain.push(start.elapsed());
-        ensure_ok(&c, 1, &["undrain-node"])?;
-        c.lab.wait_router_next_hops(v4, 2, ROUTE_TIMEOUT)?;
-    }
+    let drain = timed(
+        &c,
+        v4,
+        || ensure_ok(&c, 1, &["drain-node"]),
+        || ensure_ok(&c, 1, &["undrain-node"]),
+    )?;
     // A health change: node 1's checks of the backends' IPv6 addresses fail.
     let node1 = c.lab.node_ns(1)?;
-    let mut health_times = Vec::new();
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        c.lab.nft(
-            &node1,
-            "table inet lbhcblock {\n chain out {\n  type filter hook output priority 0;\n  ip6 daddr fd00:18:2::/64 meta l4proto tcp reject with tcp reset\n }\n}\n",
-        )?;
-        c.lab.wait_router_next_hops(v6, 1, ROUTE_TIMEOUT)?;
-        health_times.push(start.elapsed());
-        c.lab.nft(&node1, "delete table inet lbhcblock\n")?;
-        c.lab.wait_router_next_hops(v6, 2, ROUTE_TIMEOUT)?;
-    }
-    let session = median(session);
+    let health_times = timed(
+        &c,
+        v6,
+        || {
+            c.lab.nft(
+                &node1,
+                "table inet lbhcblock {\n chain out {\n  type filter hook output priority 0;\n  ip6 daddr fd00:18:2::/64 meta l4proto tcp reject with tcp reset\n }\n}\n",
+            )
+        },
+        || c.lab.nft(&node1, "delete table inet lbhcblock\n"),
+    )?;
     let detection = CHECK_INTERVAL * CHECK_FALL;
     println!(
         "  {:<58} {:>8.1} ms   1.00x",
@@ -99,8 +91,8 @@ pub fn run() -> Result<()> {
     println!(
         "  {:<58} {:>8.1} ms   {:.2}x",
         "lb drain-node -> router stops using the node",
-        ms(median(drain.clone())),
-        ms(median(drain)) / ms(session)
+        ms(drain),
+        ms(drain) / ms(session)
     );
     println!(
         "  {:<58} {:>8.1} ms   1.00x",
@@ -110,8 +102,8 @@ pub fn run() -> Result<()> {
     println!(
         "  {:<58} {:>8.1} ms   {:.2}x",
         "backends down on node 1 -> its VIP withdrawn on the router",
-        ms(median(health_times.clone())),
-        ms(median(health_times)) / ms(detection)
+        ms(health_times),
+        ms(health_times) / ms(detection)
     );
 
     // One node failing under load, against the same load without it.
@@ -141,6 +133,27 @@ pub fn run() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The median over `ROUNDS` of how long the router takes to drop to one
+/// next hop for `vip` after `change`; `undo` brings the second back between
+/// rounds.
+fn timed(
+    c: &RunningCluster,
+    vip: IpAddr,
+    change: impl Fn() -> Result<()>,
+    undo: impl Fn() -> Result<()>,
+) -> Result<Duration> {
+    let mut times = Vec::new();
+    for _ in 0..ROUNDS {
+        let start = Instant::now();
+        change()?;
+        c.lab.wait_router_next_hops(vip, 1, ROUTE_TIMEOUT)?;
+        times.push(start.elapsed());
+        undo()?;
+        c.lab.wait_router_next_hops(vip, 2, ROUTE_TIMEOUT)?;
+    }
+    Ok(median(times))
 }
 
 fn ensure_ok(c: &RunningCluster, node: usize, args: &[&str]) -> Result<()> {

@@ -329,72 +329,13 @@ fn serve_http<R: BufRead>(
     let mut request_line = first;
     loop {
         let http10 = request_line.ends_with(b"HTTP/1.0");
-        let mut keep_alive = !http10;
-        let mut body_len: u64 = 0;
-        let mut headers = 0;
-        loop {
-            let line = match read_line(reader)? {
-                Line::Text(line) => line,
-                Line::Eof | Line::TooLong => return Ok(()),
-            };
-            if line.is_empty() {
-                break;
-            }
-            headers += 1;
-            if headers > MAX_HEADERS {
-                return Ok(());
-            }
-            let text = String::from_utf8_lossy(&line);
-            let Some((key, value)) = text.split_once(':') else {
-                continue;
-            };
-            let (key, value) = (key.trim(), value.trim());
-            if key.eq_ignore_ascii_case("connection") {
-                for token in value.split(',').map(str::trim) {
-                    if token.eq_ignore_ascii_case("close") {
-                        keep_alive = false;
-                    } else if token.eq_ignore_ascii_case("keep-alive") {
-                        keep_alive = true;
-                    }
-                }
-            } else if key.eq_ignore_ascii_case("content-length") {
-                match value.parse::<u64>() {
-                    Ok(n) if n <= MAX_BODY => body_len = n,
-                    _ => return Ok(()),
-                }
-            }
-        }
+        let Some((keep_alive, body_len)) = read_fields(reader, !http10)? else {
+            return Ok(());
+        };
         // A body, if any, is not looked at but must be consumed to find the next request.
         let skipped = io::copy(&mut reader.by_ref().take(body_len), &mut io::sink())?;
-        if skipped < body_len {
+        if skipped < body_len || !answer(writer, &request_line, name, keep_alive)? {
             return Ok(());
-        }
-        let connection = if keep_alive {
-            ""
-        } else {
-            "Connection: close\r\n"
-        };
-        match answer_for(&request_line) {
-            Answer::Name => {
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{name}",
-                    name.len(),
-                );
-                writer.write_all(response.as_bytes())?;
-            }
-            Answer::Bytes(len) => {
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n{connection}\r\n"
-                );
-                writer.write_all(head.as_bytes())?;
-                write_pattern(writer, len)?;
-            }
-            Answer::BadBytes => {
-                writer.write_all(
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                )?;
-                return Ok(());
-            }
         }
         if !keep_alive {
             return Ok(());
@@ -408,12 +349,91 @@ fn serve_http<R: BufRead>(
             }
         };
         if !is_http_request_line(&request_line) {
-            writer.write_all(
-                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            )?;
+            writer.write_all(BAD_REQUEST)?;
             return Ok(());
         }
     }
+}
+
+const BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Reads a request's header fields: whether the connection stays open
+/// (starting from `keep_alive`), and the body's length. None: the
+/// connection is to be dropped (ended, too many fields, a bad length).
+fn read_fields<R: BufRead>(
+    reader: &mut R,
+    mut keep_alive: bool,
+) -> io::Result<Option<(bool, u64)>> {
+    let mut body_len: u64 = 0;
+    let mut headers = 0;
+    loop {
+        let line = match read_line(reader)? {
+            Line::Text(line) => line,
+            Line::Eof | Line::TooLong => return Ok(None),
+        };
+        if line.is_empty() {
+            return Ok(Some((keep_alive, body_len)));
+        }
+        headers += 1;
+        if headers > MAX_HEADERS {
+            return Ok(None);
+        }
+        let text = String::from_utf8_lossy(&line);
+        let Some((key, value)) = text.split_once(':') else {
+            continue;
+        };
+        let (key, value) = (key.trim(), value.trim());
+        if key.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    keep_alive = false;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        } else if key.eq_ignore_ascii_case("content-length") {
+            match value.parse::<u64>() {
+                Ok(n) if n <= MAX_BODY => body_len = n,
+                _ => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Writes the answer to `request_line`; false when the connection ends with it.
+fn answer(
+    writer: &mut impl Write,
+    request_line: &[u8],
+    name: &str,
+    keep_alive: bool,
+) -> io::Result<bool> {
+    let connection = if keep_alive {
+        ""
+    } else {
+        "Connection: close\r\n"
+    };
+    match answer_for(request_line) {
+        Answer::Name => {
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{name}",
+                name.len(),
+            );
+            writer.write_all(response.as_bytes())?;
+        }
+        Answer::Bytes(len) => {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n{connection}\r\n"
+            );
+            writer.write_all(head.as_bytes())?;
+            write_pattern(writer, len)?;
+        }
+        Answer::BadBytes => {
+            writer.write_all(BAD_REQUEST)?;
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use crate::config::{BgpConfig, DEFAULT_BGP_PROTOCOL};
 
 use super::{
     CLIENT_V4, CLIENT_V6, Lab, SWITCH_BACKEND_MAC, SWITCH_BACKEND_V4, SWITCH_BACKEND_V6,
-    SWITCH_CLIENT_V4, SWITCH_CLIENT_V6, VIP_PREFIX_V4, VIP_PREFIX_V6, mac_str, netns,
+    SWITCH_CLIENT_V4, SWITCH_CLIENT_V6, VIP_PREFIX_V4, VIP_PREFIX_V6, neigh, netns,
 };
 
 /// Most balancer nodes a cluster lab holds (their addresses 198.18.2.{1,3..=10}
@@ -339,31 +339,18 @@ impl Lab {
             netns::ip_batch(
                 &ns,
                 &[
-                    format!(
-                        "neigh replace {SWITCH_BACKEND_V4} lladdr {} dev lbb nud permanent",
-                        mac_str(SWITCH_BACKEND_MAC)
-                    ),
-                    format!(
-                        "neigh replace {SWITCH_BACKEND_V6} lladdr {} dev lbb nud permanent",
-                        mac_str(SWITCH_BACKEND_MAC)
-                    ),
+                    neigh(SWITCH_BACKEND_V4, SWITCH_BACKEND_MAC, "lbb"),
+                    neigh(SWITCH_BACKEND_V6, SWITCH_BACKEND_MAC, "lbb"),
                     // Toward clients (ICMP errors the data plane answers) via the router.
                     format!("route add default via {SWITCH_BACKEND_V4}"),
                     format!("route add default via {SWITCH_BACKEND_V6}"),
                 ],
             )?;
-            let mac = mac_str(node_mac(n));
             netns::ip_batch(
                 &sw,
                 &[
-                    format!(
-                        "neigh replace {} lladdr {mac} dev br0 nud permanent",
-                        node_v4(n)
-                    ),
-                    format!(
-                        "neigh replace {} lladdr {mac} dev br0 nud permanent",
-                        node_v6(n)
-                    ),
+                    neigh(node_v4(n), node_mac(n), "br0"),
+                    neigh(node_v6(n), node_mac(n), "br0"),
                 ],
             )?;
             let node_dir = dir.join(&name);
@@ -413,22 +400,7 @@ impl Lab {
         let ns = self.add_namespace(&format!("lb{n}"), &super::CHURN_SYSCTLS)?;
         let sw = self.switch_ns().to_string();
         let port = format!("up{n}");
-        netns::ip(&[
-            "link",
-            "add",
-            "lbb",
-            "netns",
-            &ns,
-            "address",
-            &mac_str(node_mac(n)),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &sw,
-        ])?;
+        netns::veth(("lbb", &ns, Some(node_mac(n))), (&port, &sw, None))?;
         netns::ip_batch(
             &sw,
             &[

@@ -240,6 +240,15 @@ fn mac_str(mac: [u8; 6]) -> String {
     mac.map(|b| format!("{b:02x}")).join(":")
 }
 
+/// The `ip` command making `addr` a permanent neighbour at `mac` on `dev`, so
+/// neither the kernel nor `bpf_fib_lookup` ever waits for ARP/ND.
+fn neigh(addr: impl std::fmt::Display, mac: [u8; 6], dev: &str) -> String {
+    format!(
+        "neigh replace {addr} lladdr {} dev {dev} nud permanent",
+        mac_str(mac)
+    )
+}
+
 /// `ip` commands that give the balancer's `lbc` and `lbb` (already created,
 /// with their MACs) their addresses and a permanent neighbour entry for the
 /// client, so `bpf_fib_lookup` finds the next hop without waiting for ARP/ND.
@@ -252,29 +261,16 @@ pub(crate) fn balancer_side_commands() -> Vec<String> {
         format!("addr add {BALANCER_BACKEND_V6}/64 dev lbb nodad"),
         "link set lbc up".into(),
         "link set lbb up".into(),
-        format!(
-            "neigh replace {CLIENT_V4} lladdr {} dev lbc nud permanent",
-            mac_str(CLIENT_MAC)
-        ),
-        format!(
-            "neigh replace {CLIENT_V6} lladdr {} dev lbc nud permanent",
-            mac_str(CLIENT_MAC)
-        ),
+        neigh(CLIENT_V4, CLIENT_MAC, "lbc"),
+        neigh(CLIENT_V6, CLIENT_MAC, "lbc"),
     ]
 }
 
 /// `ip` commands for the balancer's permanent neighbour entries of backend `i`.
 pub(crate) fn backend_neighbour_commands(i: usize) -> [String; 2] {
-    let mac = mac_str(backend_mac(i));
     [
-        format!(
-            "neigh replace {} lladdr {mac} dev lbb nud permanent",
-            backend_v4(i)
-        ),
-        format!(
-            "neigh replace {} lladdr {mac} dev lbb nud permanent",
-            backend_v6(i)
-        ),
+        neigh(backend_v4(i), backend_mac(i), "lbb"),
+        neigh(backend_v6(i), backend_mac(i), "lbb"),
     ]
 }
 
@@ -603,41 +599,11 @@ impl Lab {
         };
         let sw = self.add_namespace("sw", sw_sysctls)?;
 
-        // Created straight inside the namespaces, so no name ever exists in the root namespace.
-        netns::ip(&[
-            "link",
-            "add",
-            "c0",
-            "netns",
-            &cli,
-            "address",
-            &mac_str(CLIENT_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "lbc",
-            "netns",
-            &lb,
-            "address",
-            &mac_str(BALANCER_CLIENT_MAC),
-        ])?;
-        netns::ip(&[
-            "link",
-            "add",
-            "lbb",
-            "netns",
-            &lb,
-            "address",
-            &mac_str(BALANCER_BACKEND_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "up",
-            "netns",
-            &sw,
-        ])?;
+        netns::veth(
+            ("c0", &cli, Some(CLIENT_MAC)),
+            ("lbc", &lb, Some(BALANCER_CLIENT_MAC)),
+        )?;
+        netns::veth(("lbb", &lb, Some(BALANCER_BACKEND_MAC)), ("up", &sw, None))?;
 
         netns::ip_batch(
             &cli,
@@ -648,14 +614,8 @@ impl Lab {
                 "link set c0 up".into(),
                 format!("route add default via {BALANCER_CLIENT_V4}"),
                 format!("route add default via {BALANCER_CLIENT_V6}"),
-                format!(
-                    "neigh replace {BALANCER_CLIENT_V4} lladdr {} dev c0 nud permanent",
-                    mac_str(BALANCER_CLIENT_MAC)
-                ),
-                format!(
-                    "neigh replace {BALANCER_CLIENT_V6} lladdr {} dev c0 nud permanent",
-                    mac_str(BALANCER_CLIENT_MAC)
-                ),
+                neigh(BALANCER_CLIENT_V4, BALANCER_CLIENT_MAC, "c0"),
+                neigh(BALANCER_CLIENT_V6, BALANCER_CLIENT_MAC, "c0"),
             ],
         )?;
         netns::ip_batch(&lb, &balancer_side_commands())?;
@@ -687,24 +647,10 @@ impl Lab {
         let cli = self.client_ns().to_string();
         let lb = self.balancer_ns().to_string();
         let sw = self.switch_ns().to_string();
-        netns::ip(&[
-            "link",
-            "add",
-            "c1",
-            "netns",
-            &cli,
-            "address",
-            &mac_str(CLIENT_RETURN_MAC),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "swc",
-            "netns",
-            &sw,
-            "address",
-            &mac_str(SWITCH_CLIENT_MAC),
-        ])?;
+        netns::veth(
+            ("c1", &cli, Some(CLIENT_RETURN_MAC)),
+            ("swc", &sw, Some(SWITCH_CLIENT_MAC)),
+        )?;
         netns::sysctls_in(
             &sw,
             &[
@@ -728,22 +674,10 @@ impl Lab {
             "link set swc up".into(),
             format!("route add {CLIENT_PREFIX_V4} via {CLIENT_RETURN_V4}"),
             format!("route add {CLIENT_PREFIX_V6} via {CLIENT_RETURN_V6}"),
-            format!(
-                "neigh replace {CLIENT_RETURN_V4} lladdr {} dev swc nud permanent",
-                mac_str(CLIENT_RETURN_MAC)
-            ),
-            format!(
-                "neigh replace {CLIENT_RETURN_V6} lladdr {} dev swc nud permanent",
-                mac_str(CLIENT_RETURN_MAC)
-            ),
-            format!(
-                "neigh replace {BALANCER_BACKEND_V4} lladdr {} dev br0 nud permanent",
-                mac_str(BALANCER_BACKEND_MAC)
-            ),
-            format!(
-                "neigh replace {BALANCER_BACKEND_V6} lladdr {} dev br0 nud permanent",
-                mac_str(BALANCER_BACKEND_MAC)
-            ),
+            neigh(CLIENT_RETURN_V4, CLIENT_RETURN_MAC, "swc"),
+            neigh(CLIENT_RETURN_V6, CLIENT_RETURN_MAC, "swc"),
+            neigh(BALANCER_BACKEND_V4, BALANCER_BACKEND_MAC, "br0"),
+            neigh(BALANCER_BACKEND_V6, BALANCER_BACKEND_MAC, "br0"),
         ];
         // A cluster's router learns its VIP routes from the nodes (BGP).
         if self.opts.cluster_nodes == 0 {
@@ -768,14 +702,8 @@ impl Lab {
                 format!("addr add {CLIENT_RETURN_V4}/24 dev c1"),
                 format!("addr add {CLIENT_RETURN_V6}/64 dev c1 nodad"),
                 "link set c1 up".into(),
-                format!(
-                    "neigh replace {SWITCH_CLIENT_V4} lladdr {} dev c1 nud permanent",
-                    mac_str(SWITCH_CLIENT_MAC)
-                ),
-                format!(
-                    "neigh replace {SWITCH_CLIENT_V6} lladdr {} dev c1 nud permanent",
-                    mac_str(SWITCH_CLIENT_MAC)
-                ),
+                neigh(SWITCH_CLIENT_V4, SWITCH_CLIENT_MAC, "c1"),
+                neigh(SWITCH_CLIENT_V6, SWITCH_CLIENT_MAC, "c1"),
             ],
         )?;
         if let Some(mtu) = self.opts.client_path_mtu {
@@ -976,22 +904,7 @@ impl Lab {
         let ns = self.add_namespace(&name, if dsr { dsr_sysctls } else { &[] })?;
         let port = format!("p{index}");
         let sw = self.switch_ns().to_string();
-        netns::ip(&[
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            &ns,
-            "address",
-            &mac_str(mac),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &sw,
-        ])?;
+        netns::veth(("eth0", &ns, Some(mac)), (&port, &sw, None))?;
         netns::ip_batch(
             &sw,
             &[
@@ -1022,14 +935,8 @@ impl Lab {
             let mut cmds = vec![
                 format!("addr add {VIP_V4}/32 dev lo"),
                 format!("addr add {VIP_V6}/128 dev lo nodad"),
-                format!(
-                    "neigh replace {SWITCH_BACKEND_V4} lladdr {} dev eth0 nud permanent",
-                    mac_str(SWITCH_BACKEND_MAC)
-                ),
-                format!(
-                    "neigh replace {SWITCH_BACKEND_V6} lladdr {} dev eth0 nud permanent",
-                    mac_str(SWITCH_BACKEND_MAC)
-                ),
+                neigh(SWITCH_BACKEND_V4, SWITCH_BACKEND_MAC, "eth0"),
+                neigh(SWITCH_BACKEND_V6, SWITCH_BACKEND_MAC, "eth0"),
             ];
             cmds.extend(return_route_commands(self.return_path));
             netns::ip_batch(&ns, &cmds)?;
@@ -1069,10 +976,7 @@ impl Lab {
             HostLink::Switch => (self.switch_ns().to_string(), format!("ph{index}")),
             HostLink::Balancer => (self.balancer_ns().to_string(), format!("h{index}")),
         };
-        netns::ip(&[
-            "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &peer, "netns",
-            &peer_ns,
-        ])?;
+        netns::veth(("eth0", &ns, None), (&peer, &peer_ns, None))?;
         let peer_cmds = match link {
             HostLink::Switch => vec![
                 format!("link set {peer} master br0"),

@@ -84,6 +84,26 @@ pub(crate) fn ip<S: AsRef<OsStr>>(args: &[S]) -> Result<Output> {
 }
 
 /// Runs several `ip` commands (without the leading `ip`) in namespace `ns`
+/// Creates a veth pair straight inside its namespaces, so no name ever
+/// exists in the root namespace: `(name, namespace, MAC)` of each end (no
+/// MAC: the kernel picks one).
+pub(crate) fn veth(
+    a: (&str, &str, Option<[u8; 6]>),
+    b: (&str, &str, Option<[u8; 6]>),
+) -> Result<()> {
+    let mut args = vec!["link".to_string(), "add".into()];
+    for (i, (name, ns, mac)) in [a, b].into_iter().enumerate() {
+        if i == 1 {
+            args.extend(["type".into(), "veth".into(), "peer".into(), "name".into()]);
+        }
+        args.extend([name.to_string(), "netns".into(), ns.to_string()]);
+        if let Some(mac) = mac {
+            args.extend(["address".into(), super::mac_str(mac)]);
+        }
+    }
+    ip(&args).map(drop)
+}
+
 /// with one `ip -batch` process, which is much faster than one process each.
 pub(crate) fn ip_batch(ns: &str, commands: &[String]) -> Result<()> {
     let mut input = commands.join("\n");

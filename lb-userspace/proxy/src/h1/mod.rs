@@ -486,6 +486,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         }
     }
 
+    /// Who sent the request, for `prepare`.
+    fn client_side(&self) -> ClientSide<'_> {
+        ClientSide {
+            frontend: &self.fe.ctx,
+            peer: self.peer,
+            local: self.local,
+            sni: self.sni.as_deref(),
+        }
+    }
+
     /// Serves one request: actions, routing, a server, the response.
     async fn exchange(&mut self, head: RequestHead, start: Instant, tq: i64) -> Next {
         let RequestHead {
@@ -502,12 +512,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         let bodiless = body == BodyKind::Fixed(0);
         // Cleared once the body has been relayed.
         self.unread = !bodiless;
-        let client = ClientSide {
-            frontend: &self.fe.ctx,
-            peer: self.peer,
-            local: self.local,
-            sni: self.sni.as_deref(),
-        };
+        let client = self.client_side();
         let prepared =
             prepare::prepare(self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
         let mut fwd = match prepared {
