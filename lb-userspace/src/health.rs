@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use lb_proxy::{FetchError, Fetched};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
@@ -129,6 +129,8 @@ async fn probe(addr: SocketAddr, kind: &CheckKind) -> Outcome {
     }
 }
 
+/// Sends the check's request and judges the answer, read by the proxy's
+/// HTTP/1.1 codec (`lb_proxy::fetch`).
 async fn http_exchange(
     stream: &mut TcpStream,
     addr: SocketAddr,
@@ -139,122 +141,32 @@ async fn http_exchange(
         "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
         http.method, http.path
     );
-    stream.write_all(request.as_bytes()).await?;
-
-    let mut buf = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 8192];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        let room = MAX_RESPONSE - buf.len();
-        buf.extend_from_slice(&chunk[..n.min(room)]);
-        if buf.len() >= MAX_RESPONSE || response_complete(&buf, http.body.is_some()) {
-            break;
-        }
-    }
-    Ok(judge(&buf, http))
+    // Only a body check reads the body.
+    let limit = if http.body.is_some() { MAX_RESPONSE } else { 0 };
+    Ok(
+        match lb_proxy::fetch(stream, request.as_bytes(), &http.method, limit).await {
+            Ok(answer) => judge(&answer, http),
+            Err(FetchError::Io(e)) => return Err(e),
+            Err(FetchError::Closed) => {
+                Outcome::fail("bad response: connection closed without a response")
+            }
+            Err(e) => Outcome::fail(e.to_string()),
+        },
+    )
 }
 
-/// Whether enough of the response is in to judge it, so a server that keeps
-/// the connection open despite `Connection: close` does not cost a timeout.
-fn response_complete(buf: &[u8], need_body: bool) -> bool {
-    let Some((head, body)) = split_head(buf) else {
-        return false;
-    };
-    if !need_body {
-        return true;
-    }
-    match content_length(head) {
-        Some(len) if !is_chunked(head) => body.len() >= len,
-        // Chunked or unframed: read to the end (or the size limit).
-        _ => false,
-    }
-}
-
-/// Decides a complete (or truncated) HTTP response.
-fn judge(buf: &[u8], http: &HttpCheck) -> Outcome {
-    let Some((head, body)) = split_head(buf) else {
-        return Outcome::fail(if buf.is_empty() {
-            "bad response: connection closed without a response"
-        } else {
-            "bad response"
-        });
-    };
-    let Some(code) = status_code(head) else {
-        return Outcome::fail("bad response");
-    };
+/// Decides a response (its body cut at `MAX_RESPONSE`).
+fn judge(answer: &Fetched, http: &HttpCheck) -> Outcome {
+    let code = answer.status.as_u16();
     if !http.status.matches(code) {
         return Outcome::fail(format!("status {code}"));
     }
-    if let Some(needle) = &http.body {
-        let decoded;
-        let body = if is_chunked(head) {
-            // A needle split across chunks would be missed in the raw bytes.
-            decoded = dechunk(body);
-            &decoded[..]
-        } else {
-            body
-        };
-        if !contains(body, needle.as_bytes()) {
-            return Outcome::fail("body mismatch");
-        }
+    if let Some(needle) = &http.body
+        && !contains(&answer.body, needle.as_bytes())
+    {
+        return Outcome::fail("body mismatch");
     }
     Outcome::pass()
-}
-
-/// Splits a response into its head (status line and headers) and body.
-fn split_head(buf: &[u8]) -> Option<(&str, &[u8])> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    Some((head, &buf[end + 4..]))
-}
-
-/// The code of a status line such as "HTTP/1.1 200 OK".
-fn status_code(head: &str) -> Option<u16> {
-    let line = head.lines().next()?;
-    let mut parts = line.splitn(3, ' ');
-    let version = parts.next()?;
-    let code = parts.next()?;
-    if !version.starts_with("HTTP/1.") || code.len() != 3 {
-        return None;
-    }
-    code.parse().ok().filter(|c| (100..=599).contains(c))
-}
-
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().skip(1).find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-fn content_length(head: &str) -> Option<usize> {
-    header(head, "content-length")?.parse().ok()
-}
-
-fn is_chunked(head: &str) -> bool {
-    header(head, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
-}
-
-/// Decodes a chunked body as far as it is well formed.
-fn dechunk(mut body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
-        let size = std::str::from_utf8(&body[..eol])
-            .ok()
-            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok());
-        let Some(size) = size.filter(|&s| s > 0) else {
-            break;
-        };
-        let data = &body[eol + 2..];
-        let take = size.min(data.len());
-        out.extend_from_slice(&data[..take]);
-        // Skip the data and its trailing CRLF.
-        body = data.get(take + 2..).unwrap_or_default();
-    }
-    out
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -448,6 +360,7 @@ mod tests {
 
     use super::*;
     use crate::config::StatusMatch;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn tracker_from_unchecked_rises() {
@@ -662,7 +575,7 @@ mod tests {
     async fn http_bad_response() {
         let (addr, _) = http_server("SSH-2.0-OpenSSH\r\n\r\n").await;
         let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
-        assert_eq!(out, Outcome::fail("bad response"));
+        assert_eq!(out, Outcome::fail("bad response: malformed response head"));
         let (addr, _) = http_server("").await;
         let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
         assert!(out.reason.starts_with("bad response"), "{out:?}");
@@ -681,7 +594,22 @@ mod tests {
             while s.write_all(line).await.is_ok() {}
         });
         let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
-        assert_eq!(out, Outcome::fail("bad response"));
+        assert!(out.reason.starts_with("bad response: "), "{out:?}");
+        assert!(!out.ok);
+    }
+
+    #[tokio::test]
+    async fn http_endless_header_line_is_bounded() {
+        // One header line that never ends: the check gives up at 64 KiB of head.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Filler: ").await;
+            while s.write_all(&[b'a'; 1024]).await.is_ok() {}
+        });
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        assert_eq!(out, Outcome::fail("bad response: response head too large"));
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@
 //! request is in, as in HAProxy.
 
 mod codec;
+pub(crate) mod fetch;
 mod relay;
 
 use std::future::poll_fn;
