@@ -125,13 +125,13 @@ impl Checker<'_> {
             .unwrap_or("servers");
             self.at_key(keys, key, span, e.to_string());
         }
-        for server in &pool.servers {
+        for (i, server) in pool.servers.iter().enumerate() {
             let problem = rules::endpoint(server.address)
                 .map_err(|why| format!("server {} {why}", server.address))
                 .and_then(|()| rules::weight(i64::from(server.weight)).map(drop));
             if let Err(why) = problem {
                 let why = format!("pool \"{}\": {why}", pool.name);
-                self.at_key(keys, "servers", span, why);
+                self.at_entry(keys, ("servers", i), span, why);
             }
         }
     }
@@ -151,25 +151,30 @@ impl Checker<'_> {
         }
         let mut acl_reported = false;
         if let Err(e) = routing::router(alone) {
-            let key = match e {
+            let entry = match &e {
                 RoutingError::Acl { .. } => {
                     acl_reported = true;
-                    "acl"
+                    ("acl", usize::MAX)
                 }
-                RoutingError::UnknownPool { .. } => "use_pool",
+                RoutingError::UnknownPool { pool, .. } => {
+                    let rules = alone.frontends.first().map(|f| &f.use_pool[..]);
+                    let i = rules.and_then(|r| r.iter().position(|u| &u.pool == pool));
+                    ("use_pool", i.unwrap_or(usize::MAX))
+                }
             };
-            self.at_key(keys, key, span, e.to_string());
+            self.at_entry(keys, entry, span, e.to_string());
         }
         match actions::compile(alone) {
             Ok(_) => {}
             // The router compiled the same ACLs and said why already.
             Err(actions::ActionError::Acl { .. }) if acl_reported => {}
             Err(e) => {
-                let key = match &e {
-                    actions::ActionError::Rule { list, .. } => list,
-                    _ => "acl",
+                let entry = match &e {
+                    // 1-based in the message.
+                    actions::ActionError::Rule { list, index, .. } => (*list, index - 1),
+                    _ => ("acl", usize::MAX),
                 };
-                self.at_key(keys, key, span, e.to_string());
+                self.at_entry(keys, entry, span, e.to_string());
             }
         }
     }
@@ -227,10 +232,46 @@ impl Checker<'_> {
         true
     }
 
+    /// Records `reason` at entry `index` of the array at `key`; at the whole
+    /// value when it has no such entry, at the table without the key.
+    fn at_entry(
+        &mut self,
+        keys: &RawTable,
+        (key, index): (&str, usize),
+        table: &Range<usize>,
+        reason: String,
+    ) {
+        let span = keys.get(key).map_or_else(
+            || table.clone(),
+            |v| entry_span(self.lines.text, v.span(), index),
+        );
+        self.at(&span, reason);
+    }
+
     /// Records `reason` at the value of `key`, or at the table without it.
     fn at_key(&mut self, keys: &RawTable, key: &str, table: &Range<usize>, reason: String) {
         let span = keys.get(key).map_or_else(|| table.clone(), Spanned::span);
         self.at(&span, reason);
+    }
+}
+
+/// Where entry `index` of the array at `value` (a span of `text`) lies; the
+/// whole value if it is not an array or has no such entry. The raw tables
+/// keep spans of values only: the array's text is parsed again for its
+/// entries' spans.
+fn entry_span(text: &str, value: Range<usize>, index: usize) -> Range<usize> {
+    #[derive(serde::Deserialize)]
+    struct Wrapped {
+        v: Vec<Spanned<toml::Value>>,
+    }
+    const PREFIX: &str = "v = ";
+    let Some(array) = text.get(value.clone()) else {
+        return value;
+    };
+    let parsed = toml::from_str::<Wrapped>(&format!("{PREFIX}{array}"));
+    match parsed.ok().and_then(|w| w.v.get(index).map(Spanned::span)) {
+        Some(e) => value.start + e.start - PREFIX.len()..value.start + e.end - PREFIX.len(),
+        None => value,
     }
 }
 
@@ -367,6 +408,36 @@ mod tests {
         ] {
             expect_one(&l7(extra), line, needle);
         }
+    }
+
+    #[test]
+    fn errors_in_array_entries_point_at_the_entry() {
+        let mut lines = l7(&[]);
+        lines.splice(
+            5..5,
+            [
+                "acl = [{ name = \"x\", path = \"/x\" }]",
+                "use_pool = [{ pool = \"app\", if = \"x\" },",
+                "  { pool = \"gone\", if = \"x\" }]",
+                "request = [{ action = \"deny\" }, { action = \"teleport\" }]",
+            ],
+        );
+        lines.push("servers = [{ address = \"198.18.2.12:80\" }, { address = \"198.18.2.13:0\" }]");
+        lines.retain(|l| !l.starts_with("servers = [{ address = \"198.18.2.11:8080"));
+        let errs = errors(&lines);
+        let got: Vec<(usize, usize)> = errs.iter().map(|e| (e.line, e.column)).collect();
+        // Each at its own entry: the second use_pool rule (line 8, column
+        // 3), the second request rule, the second server.
+        assert_eq!(got, [(8, 3), (9, 33), (12, 44)], "{errs:#?}");
+        assert!(
+            errs[0].reason.contains("unknown pool \"gone\""),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[1].reason.contains("request rule 2 (teleport)"),
+            "{errs:#?}"
+        );
+        assert!(errs[2].reason.contains("has port 0"), "{errs:#?}");
     }
 
     #[test]
