@@ -893,9 +893,9 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         proxy_only,
         start,
         _lock,
-        mut events,
-        mut stop,
-        mut reloaded,
+        events,
+        stop,
+        reloaded,
     } = start(&opts).await?;
     // Announced only now that the program is attached and the tables are full.
     let speaker = shared.lock().bgp.clone();
@@ -911,9 +911,16 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         ),
         None => None,
     };
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let (discovered_tx, discovered) = mpsc::unbounded_channel();
+    let mut inputs = Inputs {
+        sigint: signal(SignalKind::interrupt())?,
+        sigterm: signal(SignalKind::terminate())?,
+        sighup: signal(SignalKind::hangup())?,
+        events,
+        stop,
+        reloaded,
+        discovered,
+    };
     let control_listener = server::bind(&opts.socket)?;
     info!("control socket listening on {}", opts.socket.display());
     if let Some(start) = start {
@@ -923,75 +930,25 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         control_listener,
         Arc::new(shared.clone()) as Arc<dyn Handler>,
     ));
-    let (discovered_tx, mut discovered) = mpsc::unbounded_channel();
     let mut discovery_tasks = dns::Tasks::new(discovered_tx);
     discovery_tasks.reconcile(shared.lock().discovery_wanted(), |d| {
         discovery::first_delay(d, true)
     });
-    let metrics_task = metrics_listener.map(|listener| {
-        if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "serving metrics");
-        }
-        tokio::spawn(metrics::serve(
-            listener,
-            Arc::new(shared.clone()) as Arc<dyn metrics::Source>,
-        ))
-    });
+    let metrics_task = metrics_listener.map(|listener| spawn_metrics(listener, &shared));
     let speaker_task = tokio::spawn(speaker.clone().run());
     info!(services = config.services.len(), socket = %opts.socket.display(), "load balancer running");
 
-    let detach = loop {
-        tokio::select! {
-            _ = sigint.recv() => break false,
-            _ = sigterm.recv() => break false,
-            Some(detach) = stop.recv() => {
-                // The request came over the control socket: let its answer
-                // be written before the server task is stopped.
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                break detach;
-            }
-            Some(event) = discovered.recv() => {
-                let s = shared.clone();
-                let pools_changed = tokio::task::spawn_blocking(move || s.lock().on_discovery(event))
-                    .await
-                    .unwrap_or(false);
-                if pools_changed {
-                    // The proxy takes the new servers as after a reload.
-                    let _ = shared.lock().reloaded.send(());
-                }
-            }
-            Some(()) = reloaded.recv() => {
-                // Discoveries added, changed or removed by the reload or change.
-                discovery_tasks.reconcile(shared.lock().discovery_wanted(), |d| {
-                    discovery::first_delay(d, false)
-                });
-                l7.reload(&shared).await;
-            }
-            _ = sighup.recv() => {
-                let s = shared.clone();
-                let _ = tokio::task::spawn_blocking(move || s.lock().reload()).await;
-            }
-            Some(event) = events.recv() => {
-                if let Group::Pool(pool) = Group::parse(&event.service) {
-                    info!(%pool, server = %event.address, health = ?event.health, reason = %event.reason, "L7 server health changed");
-                    l7.push_server_states(&shared);
-                    continue;
-                }
-                let s = shared.clone();
-                let _ = tokio::task::spawn_blocking(move || s.lock().on_health(&event)).await;
-            }
-            result = &mut control => {
-                let e = match result {
-                    Ok(Ok(())) => anyhow!("control socket closed"),
-                    Ok(Err(e)) => e,
-                    Err(e) => e.into(),
-                };
-                return Err(e.context("control socket"));
-            }
-        }
-    };
+    let served = serve(
+        &shared,
+        &mut l7,
+        &mut discovery_tasks,
+        &mut control,
+        &mut inputs,
+    )
+    .await;
     control.abort();
     speaker_task.abort();
+    let detach = served?;
     withdraw_if_detached(&speaker, detach).await;
     drop(discovery_tasks);
     drop(l7);
@@ -1003,6 +960,90 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     tokio::task::yield_now().await;
     drop(shared);
     finish(&opts, proxy_only, detach)
+}
+
+/// Serves the metrics endpoint on `listener`.
+fn spawn_metrics(listener: TcpListener, shared: &Shared) -> tokio::task::JoinHandle<Result<()>> {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "serving metrics");
+    }
+    tokio::spawn(metrics::serve(
+        listener,
+        Arc::new(shared.clone()) as Arc<dyn metrics::Source>,
+    ))
+}
+
+/// What the running agent waits on: signals, `lb stop`, health events,
+/// reloads and changes, DNS answers.
+struct Inputs {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+    sighup: tokio::signal::unix::Signal,
+    events: mpsc::UnboundedReceiver<HealthEvent>,
+    stop: mpsc::UnboundedReceiver<bool>,
+    reloaded: mpsc::UnboundedReceiver<()>,
+    discovered: mpsc::UnboundedReceiver<dns::Event>,
+}
+
+/// Handles the agent's inputs until it is told to stop; whether to detach
+/// (`lb stop --detach`). An error: the control socket failed.
+async fn serve(
+    shared: &Shared,
+    l7: &mut L7,
+    discovery_tasks: &mut dns::Tasks,
+    control: &mut tokio::task::JoinHandle<Result<()>>,
+    inputs: &mut Inputs,
+) -> Result<bool> {
+    loop {
+        tokio::select! {
+            _ = inputs.sigint.recv() => return Ok(false),
+            _ = inputs.sigterm.recv() => return Ok(false),
+            Some(detach) = inputs.stop.recv() => {
+                // The request came over the control socket: let its answer
+                // be written before the server task is stopped.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                return Ok(detach);
+            }
+            Some(event) = inputs.discovered.recv() => {
+                let s = shared.clone();
+                let pools_changed = tokio::task::spawn_blocking(move || s.lock().on_discovery(event))
+                    .await
+                    .unwrap_or(false);
+                if pools_changed {
+                    // The proxy takes the new servers as after a reload.
+                    let _ = shared.lock().reloaded.send(());
+                }
+            }
+            Some(()) = inputs.reloaded.recv() => {
+                // Discoveries added, changed or removed by the reload or change.
+                discovery_tasks.reconcile(shared.lock().discovery_wanted(), |d| {
+                    discovery::first_delay(d, false)
+                });
+                l7.reload(shared).await;
+            }
+            _ = inputs.sighup.recv() => {
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || s.lock().reload()).await;
+            }
+            Some(event) = inputs.events.recv() => {
+                if let Group::Pool(pool) = Group::parse(&event.service) {
+                    info!(%pool, server = %event.address, health = ?event.health, reason = %event.reason, "L7 server health changed");
+                    l7.push_server_states(shared);
+                    continue;
+                }
+                let s = shared.clone();
+                let _ = tokio::task::spawn_blocking(move || s.lock().on_health(&event)).await;
+            }
+            result = &mut *control => {
+                let e = match result {
+                    Ok(Ok(())) => anyhow!("control socket closed"),
+                    Ok(Err(e)) => e,
+                    Err(e) => e.into(),
+                };
+                return Err(e.context("control socket"));
+            }
+        }
+    }
 }
 
 /// A plain stop leaves the routes announced: the program keeps forwarding

@@ -54,57 +54,7 @@ pub fn run() -> Result<()> {
         c.lab.wait_router_next_hops(vip, 2, ROUTE_TIMEOUT)?;
     }
 
-    // BIRD alone: the node's session shut down and brought back.
-    let socket = c.lab.node_bird_socket(1)?;
-    let session = timed(
-        &c,
-        v4,
-        || Ok(bird::command(&socket, &format!("disable {NODE_BGP_PROTOCOL}")).map(drop)?),
-        || Ok(bird::command(&socket, &format!("enable {NODE_BGP_PROTOCOL}")).map(drop)?),
-    )?;
-    // The agent: drain-node, then undrain-node.
-    let drain = timed(
-        &c,
-        v4,
-        || ensure_ok(&c, 1, &["drain-node"]),
-        || ensure_ok(&c, 1, &["undrain-node"]),
-    )?;
-    // A health change: node 1's checks of the backends' IPv6 addresses fail.
-    let node1 = c.lab.node_ns(1)?;
-    let health_times = timed(
-        &c,
-        v6,
-        || {
-            c.lab.nft(
-                &node1,
-                "table inet lbhcblock {\n chain out {\n  type filter hook output priority 0;\n  ip6 daddr fd00:18:2::/64 meta l4proto tcp reject with tcp reset\n }\n}\n",
-            )
-        },
-        || c.lab.nft(&node1, "delete table inet lbhcblock\n"),
-    )?;
-    let detection = CHECK_INTERVAL * CHECK_FALL;
-    println!(
-        "  {:<58} {:>8.1} ms   1.00x",
-        "baseline: BIRD disables the node's session",
-        ms(session)
-    );
-    println!(
-        "  {:<58} {:>8.1} ms   {:.2}x",
-        "lb drain-node -> router stops using the node",
-        ms(drain),
-        ms(drain) / ms(session)
-    );
-    println!(
-        "  {:<58} {:>8.1} ms   1.00x",
-        format!("baseline: health detection ({CHECK_FALL} x {CHECK_INTERVAL:?})"),
-        ms(detection)
-    );
-    println!(
-        "  {:<58} {:>8.1} ms   {:.2}x",
-        "backends down on node 1 -> its VIP withdrawn on the router",
-        ms(health_times),
-        ms(health_times) / ms(detection)
-    );
+    timings(&c, v4, v6)?;
 
     // One node failing under load, against the same load without it.
     let quiet = load(&c, false)?;
@@ -131,6 +81,63 @@ pub fn run() -> Result<()> {
             "  node 1 withdrawn by BFD after",
             ms(w)
         );
+    }
+    Ok(())
+}
+
+/// How fast the router follows BIRD alone, `lb drain-node` and a health
+/// change, each against its baseline.
+fn timings(c: &RunningCluster, v4: IpAddr, v6: IpAddr) -> Result<()> {
+    // BIRD alone: the node's session shut down and brought back.
+    let socket = c.lab.node_bird_socket(1)?;
+    let session = timed(
+        c,
+        v4,
+        || Ok(bird::command(&socket, &format!("disable {NODE_BGP_PROTOCOL}")).map(drop)?),
+        || Ok(bird::command(&socket, &format!("enable {NODE_BGP_PROTOCOL}")).map(drop)?),
+    )?;
+    // The agent: drain-node, then undrain-node.
+    let drain = timed(
+        c,
+        v4,
+        || ensure_ok(c, 1, &["drain-node"]),
+        || ensure_ok(c, 1, &["undrain-node"]),
+    )?;
+    // A health change: node 1's checks of the backends' IPv6 addresses fail.
+    let node1 = c.lab.node_ns(1)?;
+    let health_times = timed(
+        c,
+        v6,
+        || {
+            c.lab.nft(
+                &node1,
+                "table inet lbhcblock {\n chain out {\n  type filter hook output priority 0;\n  ip6 daddr fd00:18:2::/64 meta l4proto tcp reject with tcp reset\n }\n}\n",
+            )
+        },
+        || c.lab.nft(&node1, "delete table inet lbhcblock\n"),
+    )?;
+    let detection = CHECK_INTERVAL * CHECK_FALL;
+    let detection_row = format!("baseline: health detection ({CHECK_FALL} x {CHECK_INTERVAL:?})");
+    for (row, time, baseline) in [
+        (
+            "baseline: BIRD disables the node's session",
+            session,
+            session,
+        ),
+        (
+            "lb drain-node -> router stops using the node",
+            drain,
+            session,
+        ),
+        (detection_row.as_str(), detection, detection),
+        (
+            "backends down on node 1 -> its VIP withdrawn on the router",
+            health_times,
+            detection,
+        ),
+    ] {
+        let ratio = ms(time) / ms(baseline);
+        println!("  {row:<58} {:>8.1} ms   {ratio:.2}x", ms(time));
     }
     Ok(())
 }

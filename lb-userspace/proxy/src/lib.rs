@@ -127,6 +127,9 @@
 //! Content-Length (even equal), any Transfer-Encoding but one `chunked`, bad
 //! chunk framing, obs-fold, `Host : x`, missing or repeated Host get a 400 and
 //! the connection is closed; nothing of such a request is forwarded.
+// Functions stay short enough to read at once (threshold in clippy.toml);
+// tests, which read as one scenario each, are exempt.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 /// `AsyncWrite` for a stream wrapper whose writes all go to its `inner` field unchanged.
 macro_rules! write_through {

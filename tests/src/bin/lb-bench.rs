@@ -2,6 +2,9 @@
 //! bounce program, and requests/s through the balancer against the same client
 //! talking to the backend directly. Everything is measured in one run and
 //! printed as ratios, because these machines are noisy.
+// Functions stay short enough to read at once (threshold in clippy.toml);
+// tests, which read as one scenario each, are exempt.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
