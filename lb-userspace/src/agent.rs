@@ -21,8 +21,8 @@ use crate::{
     config::{self, Config},
     control::{
         protocol::{
-            AdminState, BackendInfo, BgpInfo, DiscoveryState, Health, ReasonCount, Request,
-            Response, ServiceInfo,
+            AdminState, BackendInfo, BgpInfo, DiscoveryState, Health, ProxyInfo, ReasonCount,
+            Request, Response, ServiceInfo,
         },
         server::{self, Handler},
     },
@@ -402,6 +402,7 @@ impl Agent {
             Request::ShowServices => self.show_services(),
             Request::ShowBackends { service } => self.show_backends(service.clone().as_deref()),
             Request::ShowStats => self.show_stats(),
+            Request::ShowProxy => return Response::Proxy(self.proxy_info()),
             Request::ShowBgp => return Response::Bgp(self.bgp_info()),
             Request::ShowDiscovery => {
                 let now = Instant::now();
@@ -522,6 +523,17 @@ impl Agent {
         out
     }
 
+    /// The L7 proxy's frontends and pools with their counters (empty without a proxy).
+    fn proxy_info(&self) -> ProxyInfo {
+        match &self.proxy_stats {
+            Some(s) => ProxyInfo {
+                frontends: s.frontends(),
+                pools: s.pools(),
+            },
+            None => ProxyInfo::default(),
+        }
+    }
+
     /// The balancer, for metrics (`None`: the proxy runs alone).
     pub fn balancer(&mut self) -> Option<&mut Balancer> {
         self.balancer.as_mut()
@@ -631,8 +643,12 @@ impl metrics::Source for Shared {
             Some(balancer) => metrics::snapshot(balancer)?,
             None => String::new(),
         };
+        if let Response::Backends(backends) = agent.handle(Request::ShowBackends { service: None })
+        {
+            text.push_str(&metrics::render_backends(&backends));
+        }
         if let Some(stats) = agent.proxy_stats() {
-            text.push_str(&metrics::render_pools(&stats.pools()));
+            text.push_str(&metrics::render_proxy(&stats.frontends(), &stats.pools()));
         }
         Ok(text)
     }

@@ -184,7 +184,7 @@ async fn forward(
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
-                if attempts.retry(Failure::ConnectFailed, false) {
+                if attempts.retry(pool, Failure::ConnectFailed, false) {
                     continue;
                 }
                 return error_response(Failure::ConnectFailed, rec, done);
@@ -292,7 +292,7 @@ async fn forward(
                 // A reused connection that closed before the request went out
                 // (the server's keep-alive ended): send it again on another one.
                 if let Some(back) = e.take_message()
-                    && attempts.retry(Failure::ServerClosed, server.connect_time.is_none())
+                    && attempts.retry(pool, Failure::ServerClosed, server.connect_time.is_none())
                 {
                     req = Some(back);
                     continue;
@@ -407,7 +407,10 @@ impl LoggedBody {
                     let tt = now.saturating_duration_since(done.start);
                     rec.finish(tt, done.conn.frontend.log_format);
                 }
-                None => rec.emit_as(LogFormat::default()),
+                None => {
+                    rec.tally.count(&rec);
+                    rec.emit_as(LogFormat::default());
+                }
             }
         }
     }

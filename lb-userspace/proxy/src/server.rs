@@ -79,6 +79,7 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
+        fe.ctx.stats.connection();
         let (fe, shared, shutdown) = (fe.clone(), shared.clone(), handed.clone());
         // Boxed: tokio moves a spawned future several times before it runs;
         // a pointer is cheaper to move than the connection's state. Spawned

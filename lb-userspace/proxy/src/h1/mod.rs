@@ -383,6 +383,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                         Failure::HeadTimeout,
                         TIMEOUT_408.len() as u64,
                     )
+                    .counted_in(&self.fe.ctx.stats)
                     .emit_as(self.fe.ctx.log_format);
                     self.out.clear();
                     self.out.extend_from_slice(TIMEOUT_408);
@@ -420,6 +421,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             failure,
             page.len() as u64,
         )
+        .counted_in(&self.fe.ctx.stats)
         .emit_as(self.fe.ctx.log_format);
         self.put_error(failure.status(), &page, true);
         let _ = self.write_client().await;
@@ -588,7 +590,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
-                    if attempts.retry(Failure::ConnectFailed, false) {
+                    if attempts.retry(pool, Failure::ConnectFailed, false) {
                         continue;
                     }
                     return self
@@ -642,7 +644,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     return self.answer_error(failure, rec, false, start).await;
                 }
                 Err(Fail::Write | Fail::WriteTimeout)
-                    if attempts.retry(Failure::ServerClosed, reused && bodiless) =>
+                    if attempts.retry(pool, Failure::ServerClosed, reused && bodiless) =>
                 {
                     // A kept connection the server had closed: send it again on another one.
                     continue;
@@ -657,7 +659,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             let resp = match resp {
                 Ok(r) => r,
                 Err(HeadFail::Silent)
-                    if attempts.retry(Failure::ServerClosed, reused && bodiless) =>
+                    if attempts.retry(pool, Failure::ServerClosed, reused && bodiless) =>
                 {
                     // Closed before answering anything: the server's keep-alive ended.
                     continue;
