@@ -20,13 +20,15 @@
 //! - `health`: the checks whose results `agent` folds into availability.
 //! - `bgp`: which VIPs this node announces and BIRD driven to say so.
 //! - `agent`: `lb run`: ties the above together, serves `control` (socket,
-//!   protocol, CLI) and `metrics`, runs the L7 proxy from `lb_proxy`.
+//!   protocol, CLI), `metrics` and `admin` (REST API, stats page), runs
+//!   the L7 proxy from `lb_proxy`.
 //! - `decap`: `lb decap` for backends; `demo` and `lab`: the namespace lab
 //!   the demo, the tests and the benchmarks share.
 //!
 //! Edges run downwards only: no module cycle (checked over `use crate::`
 //! paths; see tests/TESTS.md).
 
+pub mod admin;
 pub mod agent;
 mod allocator;
 pub mod balancer;
