@@ -134,6 +134,9 @@ pub(crate) struct FrontendRuntime {
     pub ctx: Arc<FrontendCtx>,
     pub tls: Option<TlsAcceptor>,
     pub limit: Arc<Semaphore>,
+    /// Permits of `limit` its accept loops hold while waiting for a
+    /// connection: taken, but no client's (see `ProxyStats::frontends`).
+    pub accepting: Arc<AtomicUsize>,
     pub timeouts: ClientTimeouts,
     pub builder: auto::Builder<TokioExecutor>,
     /// Largest HTTP/1 request head, for `GuardIo`.
@@ -183,6 +186,7 @@ impl FrontendRuntime {
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            accepting: Arc::default(),
             timeouts: ClientTimeouts {
                 http_request: cfg.timeout_http_request,
                 keep_alive: cfg.timeout_http_keep_alive,

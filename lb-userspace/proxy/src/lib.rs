@@ -310,6 +310,7 @@ impl Proxy {
                 name: fe.name.clone(),
                 counters: runtime.ctx.stats.clone(),
                 limit: runtime.limit.clone(),
+                accepting: runtime.accepting.clone(),
                 max_connections: fe.max_connections,
             });
             for bind in &fe.binds {
@@ -374,6 +375,8 @@ struct FrontendEntry {
     name: String,
     counters: Arc<stats::Counters>,
     limit: Arc<tokio::sync::Semaphore>,
+    /// Permits held by accept loops waiting for a client.
+    accepting: Arc<std::sync::atomic::AtomicUsize>,
     max_connections: usize,
 }
 
@@ -436,7 +439,8 @@ impl ProxyStats {
                 name: f.name.clone(),
                 current_connections: f
                     .max_connections
-                    .saturating_sub(f.limit.available_permits()),
+                    .saturating_sub(f.limit.available_permits())
+                    .saturating_sub(f.accepting.load(std::sync::atomic::Ordering::Relaxed)),
                 max_connections: f.max_connections,
                 counters: f.counters.snapshot(),
             })

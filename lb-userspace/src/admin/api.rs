@@ -261,7 +261,7 @@ fn respond(response: Response) -> Answer {
 fn status_of(reason: &str) -> StatusCode {
     if reason.starts_with("applied, but not saved") || reason.starts_with("reload failed") {
         StatusCode::INTERNAL_SERVER_ERROR
-    } else if reason.starts_with("unknown") {
+    } else if reason.starts_with("unknown") || reason.contains(" has no ") {
         StatusCode::NOT_FOUND
     } else if reason.contains("already") {
         StatusCode::CONFLICT
