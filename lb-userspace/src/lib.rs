@@ -22,6 +22,7 @@
 //! - `agent`: `lb run`: ties the above together, serves `control` (socket,
 //!   protocol, CLI), `metrics` and `admin` (REST API, stats page), runs
 //!   the L7 proxy from `lb_proxy`.
+//! - `top`: `lb top`, the terminal dashboard over the control socket.
 //! - `decap`: `lb decap` for backends; `demo` and `lab`: the namespace lab
 //!   the demo, the tests and the benchmarks share.
 //!
@@ -43,6 +44,7 @@ pub mod health;
 pub mod lab;
 pub mod metrics;
 pub mod runtime;
+pub mod top;
 
 /// The global allocator the binaries install (`#[global_allocator]`), so that
 /// `lb` and the benchmark that runs the proxy in-process allocate alike.

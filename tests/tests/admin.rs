@@ -527,7 +527,7 @@ fn stats_page_in_a_browser_shows_every_backend_and_drains_one() {
         Some(serde_json::json!({})),
     );
     wait_for("the backend drained", Duration::from_secs(10), || {
-        state_of(&lab_ref(&browser), "tcp4", &be1) == Some((1, AdminState::Drain))
+        state_of(browser.lab, "tcp4", &be1) == Some((1, AdminState::Drain))
     });
     // The page came back (303 to /stats) showing it drained, in its colour.
     wait_for("the page shows it", Duration::from_secs(10), || {
@@ -537,8 +537,4 @@ fn stats_page_in_a_browser_shows_every_backend_and_drains_one() {
             .any(|r| r[0] == "tcp4" && r[1] == be1 && r[2] == "drain")
     });
     browser.screenshot("stats-page-drained.png");
-}
-
-fn lab_ref<'a>(b: &'a Browser<'a>) -> &'a RunningLab {
-    b.lab
 }
