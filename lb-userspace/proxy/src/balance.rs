@@ -50,7 +50,7 @@ pub struct ServerState {
     up: AtomicBool,
     active: AtomicUsize,
     /// Its request counters.
-    pub stats: crate::stats::Counters,
+    pub stats: Arc<crate::stats::Counters>,
 }
 
 impl ServerState {

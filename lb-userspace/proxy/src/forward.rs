@@ -408,7 +408,7 @@ impl LoggedBody {
                     rec.finish(tt, done.conn.frontend.log_format);
                 }
                 None => {
-                    rec.tally.count(&rec);
+                    rec.count();
                     rec.emit_as(LogFormat::default());
                 }
             }

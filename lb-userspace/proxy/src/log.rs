@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{Method, Uri, Version};
 
 use crate::error::Failure;
-use crate::stats::{Counters, Tally};
+use crate::stats::{Counters, Outcome, Tally};
 
 /// How a frontend writes its access log lines (`log_format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -111,11 +111,25 @@ impl AccessRecord {
         }
     }
 
+    /// Adds the finished request to the counters it reached.
+    pub(crate) fn count(&self) {
+        self.tally.count(&Outcome {
+            status: self.status,
+            bytes_in: self.bytes_in,
+            bytes: self.bytes,
+            tw: self.tw,
+            tc: self.tc,
+            tr: self.tr,
+            tt: self.tt,
+            denied: self.termination == ['P', 'R'],
+        });
+    }
+
     /// Counts the record in its frontend's counters (a request refused
     /// before a pool was chosen).
     pub(crate) fn counted_in(mut self, frontend: &Arc<Counters>) -> Self {
         self.tally.frontend = Some(frontend.clone());
-        self.tally.count(&self);
+        self.count();
         self
     }
 
@@ -206,7 +220,7 @@ impl AccessRecord {
     /// when it started) and emits it in `format`.
     pub(crate) fn finish(mut self, tt: std::time::Duration, format: LogFormat) {
         self.tt = tt.as_millis() as i64;
-        self.tally.count(&self);
+        self.count();
         // No clock read for a record nobody logs.
         if enabled() {
             self.date = SystemTime::now().checked_sub(tt).unwrap_or(UNIX_EPOCH);

@@ -360,7 +360,7 @@ impl Attempts {
             Ok(a) => {
                 rec.tw += a.queued.as_millis() as i64;
                 rec.server = a.active.server().label.clone();
-                rec.tally.server = Some(a.active.server().clone());
+                rec.tally.server = Some(a.active.server().stats.clone());
                 self.current = a.index;
                 Ok(a.active)
             }

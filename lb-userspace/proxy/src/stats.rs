@@ -11,8 +11,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::balance::ServerState;
-
 /// Upper bounds (milliseconds) of the time histograms' buckets; a last,
 /// unbounded one (`+Inf`) follows. Times are measured in whole milliseconds.
 pub const BUCKETS_MS: [u64; 12] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
@@ -162,8 +160,8 @@ impl Counters {
         }
     }
 
-    /// Adds one finished request as its access log record tells it.
-    fn request(&self, r: &crate::log::AccessRecord, forwarded: bool) {
+    /// Adds one finished request.
+    fn request(&self, r: &Outcome, forwarded: bool) {
         add(&self.requests, 1);
         let class = match r.status {
             100..=599 => usize::from(r.status / 100 - 1),
@@ -200,13 +198,27 @@ impl Counters {
     }
 }
 
+/// A finished request as its access log record tells it (times in
+/// milliseconds, -1 when not reached).
+pub(crate) struct Outcome {
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes: u64,
+    pub tw: i64,
+    pub tc: i64,
+    pub tr: i64,
+    pub tt: i64,
+    /// Refused by a request rule (termination `PR`).
+    pub denied: bool,
+}
+
 /// Where a request's figures go: its frontend, its pool and its server, as
 /// far as it got. Carried by its access log record.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Tally {
     pub frontend: Option<Arc<Counters>>,
     pub pool: Option<Arc<Counters>>,
-    pub server: Option<Arc<ServerState>>,
+    pub server: Option<Arc<Counters>>,
 }
 
 // What a record says is its fields; where it is counted is not part of it.
@@ -220,10 +232,10 @@ impl Eq for Tally {}
 
 impl Tally {
     /// Adds the finished request `r` to every counter it reached.
-    pub(crate) fn count(&self, r: &crate::log::AccessRecord) {
+    pub(crate) fn count(&self, r: &Outcome) {
         if let Some(f) = &self.frontend {
             f.request(r, false);
-            if r.termination == ['P', 'R'] {
+            if r.denied {
                 add(&f.denied, 1);
             }
         }
@@ -231,7 +243,7 @@ impl Tally {
             p.request(r, true);
         }
         if let Some(s) = &self.server {
-            s.stats.request(r, true);
+            s.request(r, true);
         }
     }
 }
