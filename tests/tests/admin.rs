@@ -169,6 +169,21 @@ fn request_metrics_count_the_traffic_sent() {
         assert_eq!(metric(&text, "lb_pool_server_up", &server), 1);
     }
     assert_eq!(per_server, 17);
+    // `lb show proxy` lists the same counters.
+    let out = lab.lb(&["show", "proxy", "--json"]);
+    let info: lb_userspace::control::protocol::ProxyInfo =
+        serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info.frontends[0].counters.requests, 20);
+    assert_eq!(info.frontends[0].counters.denied, 3);
+    assert_eq!(info.pools[0].counters.responses, [0, 12, 0, 5, 0, 0]);
+    let table = String::from_utf8_lossy(&lab.lb(&["show", "proxy"]).stdout).to_string();
+    assert!(table.starts_with("KIND"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("frontend") && l.contains("web")),
+        "{table}"
+    );
     assert!(text.contains("# TYPE lb_pool_server_response_time_seconds histogram"));
     // L4: the service's backends are listed with their weights and flows.
     let be = format!("service=\"tcp4\",backend=\"{}:{TCP_PORT}\"", backend_v4(1));
