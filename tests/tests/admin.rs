@@ -119,25 +119,32 @@ fn request_metrics_count_the_traffic_sent() {
         20
     );
 
-    // Pools and servers see the 17 forwarded requests only.
+    pool_counters(&text);
+    servers_and_l4(&lab, &text);
+}
+
+/// Pools see the 17 forwarded requests only.
+fn pool_counters(text: &str) {
+    let metric = |text: &str, name: &str, labels: &str| sample(text, name, labels).unwrap_or(0);
+    let code = |labels: &str, class: &str| format!("{labels},code=\"{class}\"");
     let pool = "pool=\"app\"";
-    assert_eq!(metric(&text, "lb_pool_http_requests_total", pool), 17);
+    assert_eq!(metric(text, "lb_pool_http_requests_total", pool), 17);
     assert_eq!(
-        metric(&text, "lb_pool_http_responses_total", &code(pool, "2xx")),
+        metric(text, "lb_pool_http_responses_total", &code(pool, "2xx")),
         12
     );
     assert_eq!(
-        metric(&text, "lb_pool_http_responses_total", &code(pool, "4xx")),
+        metric(text, "lb_pool_http_responses_total", &code(pool, "4xx")),
         5
     );
     // Every answer's body is the server's name and a newline, "be1\n" or "be2\n".
-    assert_eq!(metric(&text, "lb_pool_bytes_out_total", pool), 17 * 4);
-    assert_eq!(metric(&text, "lb_pool_connection_errors_total", pool), 0);
+    assert_eq!(metric(text, "lb_pool_bytes_out_total", pool), 17 * 4);
+    assert_eq!(metric(text, "lb_pool_connection_errors_total", pool), 0);
     for family in ["connect_time", "response_time", "total_time"] {
         let name = format!("lb_pool_{family}_seconds");
-        assert_eq!(metric(&text, &format!("{name}_count"), pool), 17, "{name}");
+        assert_eq!(metric(text, &format!("{name}_count"), pool), 17, "{name}");
         let inf = format!("{pool},le=\"+Inf\"");
-        assert_eq!(metric(&text, &format!("{name}_bucket"), &inf), 17, "{name}");
+        assert_eq!(metric(text, &format!("{name}_bucket"), &inf), 17, "{name}");
         // Buckets are cumulative: none holds more than the next.
         let buckets: Vec<u64> = text
             .lines()
@@ -150,23 +157,29 @@ fn request_metrics_count_the_traffic_sent() {
             "{name}: {buckets:?}"
         );
     }
+}
+
+/// The servers share the 17 requests; `lb show proxy` agrees; L4 backends listed.
+fn servers_and_l4(lab: &RunningLab, text: &str) {
+    let metric = |text: &str, name: &str, labels: &str| sample(text, name, labels).unwrap_or(0);
+    let pool = "pool=\"app\"";
     let mut per_server = 0;
     for i in [1, 2] {
         let server = format!("{pool},server=\"{}:{TCP_PORT}\"", backend_v4(i));
-        let n = metric(&text, "lb_pool_server_http_requests_total", &server);
+        let n = metric(text, "lb_pool_server_http_requests_total", &server);
         assert!(n > 0, "be{i} took requests");
         per_server += n;
-        assert_eq!(metric(&text, "lb_pool_server_weight", &server), 1);
+        assert_eq!(metric(text, "lb_pool_server_weight", &server), 1);
         let state = |s: &str| format!("{server},state=\"{s}\"");
         assert_eq!(
-            metric(&text, "lb_pool_server_admin_state", &state("ready")),
+            metric(text, "lb_pool_server_admin_state", &state("ready")),
             1
         );
         assert_eq!(
-            metric(&text, "lb_pool_server_check_status", &state("unchecked")),
+            metric(text, "lb_pool_server_check_status", &state("unchecked")),
             1
         );
-        assert_eq!(metric(&text, "lb_pool_server_up", &server), 1);
+        assert_eq!(metric(text, "lb_pool_server_up", &server), 1);
     }
     assert_eq!(per_server, 17);
     // `lb show proxy` lists the same counters.
@@ -187,7 +200,7 @@ fn request_metrics_count_the_traffic_sent() {
     assert!(text.contains("# TYPE lb_pool_server_response_time_seconds histogram"));
     // L4: the service's backends are listed with their weights and flows.
     let be = format!("service=\"tcp4\",backend=\"{}:{TCP_PORT}\"", backend_v4(1));
-    assert_eq!(metric(&text, "lb_backend_weight", &be), 1);
+    assert_eq!(metric(text, "lb_backend_weight", &be), 1);
     assert!(text.contains("lb_service_active_flows{service=\"tcp4\"}"));
 }
 
@@ -273,8 +286,14 @@ fn rest_api_serves_every_route_and_refuses_bad_input_without_changes() {
     let (_, proxy) = api(&lab, "GET", "/api/proxy", "");
     assert!(proxy.contains("\"name\":\"app\""), "{proxy}");
 
-    // Bad input: 4xx with the reason, and nothing changed.
-    let before = backends(&lab);
+    bad_input_changes_nothing(&lab, &be1);
+    every_write_route(&lab, &be1);
+    csrf_refusals(&lab, &be1);
+}
+
+/// Bad input: 4xx with the reason, and nothing changed.
+fn bad_input_changes_nothing(lab: &RunningLab, be1: &str) {
+    let before = backends(lab);
     let bad = [
         (
             "POST",
@@ -333,70 +352,68 @@ fn rest_api_serves_every_route_and_refuses_bad_input_without_changes() {
         ),
     ];
     for (method, path, body, want) in bad {
-        let (status, reason) = api(&lab, method, &path, body);
+        let (status, reason) = api(lab, method, &path, body);
         assert_eq!(status, want, "{method} {path}: {reason}");
         let reason: serde_json::Value = serde_json::from_str(&reason).unwrap();
         assert!(reason["error"].as_str().is_some_and(|r| !r.is_empty()));
     }
     // A write without a JSON content type could be a cross-site form: refused.
     let drain = format!("/api/services/tcp4/backends/{be1}/drain");
-    assert_eq!(admin(&lab, "POST", &drain, &USER).0, 415);
-    assert_eq!(backends(&lab), before, "refused requests changed nothing");
+    assert_eq!(admin(lab, "POST", &drain, &USER).0, 415);
+    assert_eq!(backends(lab), before, "refused requests changed nothing");
+}
 
-    // Every write route, checked against `lb show backends`.
-    assert_eq!(api(&lab, "POST", &drain, "").0, 200);
-    assert_eq!(state_of(&lab, "tcp4", &be1), Some((1, AdminState::Drain)));
+/// Every write route, checked against `lb show backends`.
+fn every_write_route(lab: &RunningLab, be1: &str) {
+    let drain = format!("/api/services/tcp4/backends/{be1}/drain");
+    assert_eq!(api(lab, "POST", &drain, "").0, 200);
+    assert_eq!(state_of(lab, "tcp4", be1), Some((1, AdminState::Drain)));
     let disable = drain.replace("drain", "disable");
-    assert_eq!(api(&lab, "POST", &disable, "").0, 200);
-    assert_eq!(state_of(&lab, "tcp4", &be1), Some((1, AdminState::Maint)));
+    assert_eq!(api(lab, "POST", &disable, "").0, 200);
+    assert_eq!(state_of(lab, "tcp4", be1), Some((1, AdminState::Maint)));
     let enable = drain.replace("drain", "enable");
-    assert_eq!(api(&lab, "POST", &enable, "").0, 200);
+    assert_eq!(api(lab, "POST", &enable, "").0, 200);
     let weight = drain.replace("drain", "weight");
-    assert_eq!(api(&lab, "PUT", &weight, "{\"weight\":7}").0, 200);
-    assert_eq!(state_of(&lab, "tcp4", &be1), Some((7, AdminState::Ready)));
+    assert_eq!(api(lab, "PUT", &weight, "{\"weight\":7}").0, 200);
+    assert_eq!(state_of(lab, "tcp4", be1), Some((7, AdminState::Ready)));
     // Pool servers too, as `pool:NAME`.
     let pool_drain = format!("/api/services/pool:app/backends/{be1}/drain");
-    assert_eq!(api(&lab, "POST", &pool_drain, "").0, 200);
-    assert_eq!(
-        state_of(&lab, "pool:app", &be1),
-        Some((1, AdminState::Drain))
-    );
+    assert_eq!(api(lab, "POST", &pool_drain, "").0, 200);
+    assert_eq!(state_of(lab, "pool:app", be1), Some((1, AdminState::Drain)));
 
     let added = "198.18.2.99:8080";
     let body = format!("{{\"address\":\"{added}\",\"weight\":3}}");
     assert_eq!(
-        api(&lab, "POST", "/api/services/tcp4/backends", &body).0,
+        api(lab, "POST", "/api/services/tcp4/backends", &body).0,
         200
     );
-    assert_eq!(state_of(&lab, "tcp4", added), Some((3, AdminState::Ready)));
+    assert_eq!(state_of(lab, "tcp4", added), Some((3, AdminState::Ready)));
     let remove = format!("/api/services/tcp4/backends/{added}");
-    assert_eq!(api(&lab, "DELETE", &remove, "").0, 200);
-    assert_eq!(state_of(&lab, "tcp4", added), None);
+    assert_eq!(api(lab, "DELETE", &remove, "").0, 200);
+    assert_eq!(state_of(lab, "tcp4", added), None);
     let svc = "{\"name\":\"extra\",\"vip\":\"198.18.100.9:80\"}";
-    assert_eq!(api(&lab, "POST", "/api/services", svc).0, 200);
-    assert_eq!(
-        api(&lab, "POST", "/api/services", svc).0,
-        409,
-        "added twice"
-    );
-    assert_eq!(api(&lab, "DELETE", "/api/services/extra", "").0, 200);
-    assert_eq!(api(&lab, "POST", "/api/node/drain", "").0, 200);
-    assert_eq!(api(&lab, "POST", "/api/node/undrain", "").0, 200);
-    assert_eq!(api(&lab, "POST", "/api/reload", "").0, 200);
+    assert_eq!(api(lab, "POST", "/api/services", svc).0, 200);
+    assert_eq!(api(lab, "POST", "/api/services", svc).0, 409, "added twice");
+    assert_eq!(api(lab, "DELETE", "/api/services/extra", "").0, 200);
+    assert_eq!(api(lab, "POST", "/api/node/drain", "").0, 200);
+    assert_eq!(api(lab, "POST", "/api/node/undrain", "").0, 200);
+    assert_eq!(api(lab, "POST", "/api/reload", "").0, 200);
     // The runtime changes survive the reload (journaled as `lb` does).
-    assert_eq!(state_of(&lab, "tcp4", &be1), Some((7, AdminState::Ready)));
+    assert_eq!(state_of(lab, "tcp4", be1), Some((7, AdminState::Ready)));
+}
 
-    // The stats page's forms need its CSRF token.
+/// The stats page's forms need its CSRF token.
+fn csrf_refusals(lab: &RunningLab, be1: &str) {
     let form = format!("service=tcp4&backend={be1}&action=disable");
     let mut args = USER.to_vec();
     args.extend(["--data-binary", &form]);
-    let (status, page) = admin(&lab, "POST", "/stats/action", &args);
+    let (status, page) = admin(lab, "POST", "/stats/action", &args);
     assert_eq!(status, 403, "{page}");
     let forged = format!("{form}&csrf=00112233445566778899aabbccddeeff");
     let mut args = USER.to_vec();
     args.extend(["--data-binary", &forged]);
-    assert_eq!(admin(&lab, "POST", "/stats/action", &args).0, 403);
-    assert_eq!(state_of(&lab, "tcp4", &be1), Some((7, AdminState::Ready)));
+    assert_eq!(admin(lab, "POST", "/stats/action", &args).0, 403);
+    assert_eq!(state_of(lab, "tcp4", be1), Some((7, AdminState::Ready)));
 }
 
 /// A WebDriver session of chromedriver in the balancer's namespace, over
