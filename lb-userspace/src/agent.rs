@@ -16,13 +16,14 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    admin,
     balancer::{Availability, Balancer},
     bgp,
     config::{self, Config},
     control::{
         protocol::{
-            AdminState, BackendInfo, BgpInfo, DiscoveryState, Health, ReasonCount, Request,
-            Response, ServiceInfo,
+            AdminState, BackendInfo, BgpInfo, DiscoveryState, Health, ProxyInfo, ReasonCount,
+            Request, Response, ServiceInfo,
         },
         server::{self, Handler},
     },
@@ -246,8 +247,11 @@ impl Agent {
             }
         };
         let old = &self.desired.config;
-        if old.interfaces != file.interfaces || old.metrics != file.metrics {
-            warn!("interfaces and metrics address take effect on restart only");
+        if old.interfaces != file.interfaces
+            || old.metrics != file.metrics
+            || old.admin != file.admin
+        {
+            warn!("interfaces, metrics and [admin] take effect on restart only");
         }
 
         let (mut desired, kept) = runtime::replay(file, &self.journal);
@@ -402,6 +406,7 @@ impl Agent {
             Request::ShowServices => self.show_services(),
             Request::ShowBackends { service } => self.show_backends(service.clone().as_deref()),
             Request::ShowStats => self.show_stats(),
+            Request::ShowProxy => return Response::Proxy(self.proxy_info()),
             Request::ShowBgp => return Response::Bgp(self.bgp_info()),
             Request::ShowDiscovery => {
                 let now = Instant::now();
@@ -522,6 +527,17 @@ impl Agent {
         out
     }
 
+    /// The L7 proxy's frontends and pools with their counters (empty without a proxy).
+    fn proxy_info(&self) -> ProxyInfo {
+        match &self.proxy_stats {
+            Some(s) => ProxyInfo {
+                frontends: s.frontends(),
+                pools: s.pools(),
+            },
+            None => ProxyInfo::default(),
+        }
+    }
+
     /// The balancer, for metrics (`None`: the proxy runs alone).
     pub fn balancer(&mut self) -> Option<&mut Balancer> {
         self.balancer.as_mut()
@@ -631,8 +647,12 @@ impl metrics::Source for Shared {
             Some(balancer) => metrics::snapshot(balancer)?,
             None => String::new(),
         };
+        if let Response::Backends(backends) = agent.handle(Request::ShowBackends { service: None })
+        {
+            text.push_str(&metrics::render_backends(&backends));
+        }
         if let Some(stats) = agent.proxy_stats() {
-            text.push_str(&metrics::render_pools(&stats.pools()));
+            text.push_str(&metrics::render_proxy(&stats.frontends(), &stats.pools()));
         }
         Ok(text)
     }
@@ -885,6 +905,67 @@ impl L7 {
     }
 }
 
+/// The HTTP endpoints, bound before anything is spawned (a taken port fails the start).
+struct HttpListeners {
+    metrics: Option<TcpListener>,
+    admin: Option<(TcpListener, admin::Auth)>,
+}
+
+impl HttpListeners {
+    async fn bind(config: &Config) -> Result<Self> {
+        let metrics = match config.metrics {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics endpoint {addr}"))?,
+            ),
+            None => None,
+        };
+        let admin = match &config.admin {
+            Some(a) => Some((admin::bind(a.bind).await?, admin_auth(a, config)?)),
+            None => None,
+        };
+        Ok(HttpListeners { metrics, admin })
+    }
+
+    /// Serves metrics and the admin listener, each in a task of its own.
+    fn spawn(self, shared: &Shared) -> Vec<tokio::task::JoinHandle<Result<()>>> {
+        let mut tasks = Vec::new();
+        if let Some(listener) = self.metrics {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "serving metrics");
+            }
+            let source = Arc::new(shared.clone()) as Arc<dyn metrics::Source>;
+            tasks.push(tokio::spawn(metrics::serve(listener, source)));
+        }
+        if let Some((listener, auth)) = self.admin {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "serving the admin API and stats page");
+            }
+            let handler = Arc::new(shared.clone()) as Arc<dyn Handler>;
+            let admin = Arc::new(admin::Admin::new(handler, auth));
+            tasks.push(tokio::spawn(admin::serve(listener, admin)));
+        }
+        tasks
+    }
+}
+
+/// Who may use the admin listener: the users of its userlist, its token.
+fn admin_auth(admin: &config::AdminConfig, config: &Config) -> Result<admin::Auth> {
+    let users = admin
+        .userlist
+        .as_ref()
+        .and_then(|name| config.proxy.0.userlists.iter().find(|l| &l.name == name))
+        .map(|l| {
+            l.users
+                .iter()
+                .map(|u| (u.name.clone(), u.password.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    admin::Auth::new(users, admin.token_file.as_deref())
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
     let Started {
@@ -903,14 +984,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut l7 = L7::start(config.proxy.clone(), &shared).await?;
     // The last steps that can fail come before anything is spawned, so a
     // failure leaves no task (nor control socket) behind either.
-    let metrics_listener = match config.metrics {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding metrics endpoint {addr}"))?,
-        ),
-        None => None,
-    };
+    let http = HttpListeners::bind(&config).await?;
     let (discovered_tx, discovered) = mpsc::unbounded_channel();
     let mut inputs = Inputs {
         sigint: signal(SignalKind::interrupt())?,
@@ -934,7 +1008,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     discovery_tasks.reconcile(shared.lock().discovery_wanted(), |d| {
         discovery::first_delay(d, true)
     });
-    let metrics_task = metrics_listener.map(|listener| spawn_metrics(listener, &shared));
+    let http_tasks = http.spawn(&shared);
     let speaker_task = tokio::spawn(speaker.clone().run());
     info!(services = config.services.len(), socket = %opts.socket.display(), "load balancer running");
 
@@ -953,24 +1027,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     drop(discovery_tasks);
     drop(l7);
     server::remove_socket(&opts.socket);
-    if let Some(task) = metrics_task {
+    for task in http_tasks {
         task.abort();
     }
     // Let aborted tasks drop their handles on the shared state.
     tokio::task::yield_now().await;
     drop(shared);
     finish(&opts, proxy_only, detach)
-}
-
-/// Serves the metrics endpoint on `listener`.
-fn spawn_metrics(listener: TcpListener, shared: &Shared) -> tokio::task::JoinHandle<Result<()>> {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving metrics");
-    }
-    tokio::spawn(metrics::serve(
-        listener,
-        Arc::new(shared.clone()) as Arc<dyn metrics::Source>,
-    ))
 }
 
 /// What the running agent waits on: signals, `lb stop`, health events,

@@ -20,7 +20,9 @@
 //! - `health`: the checks whose results `agent` folds into availability.
 //! - `bgp`: which VIPs this node announces and BIRD driven to say so.
 //! - `agent`: `lb run`: ties the above together, serves `control` (socket,
-//!   protocol, CLI) and `metrics`, runs the L7 proxy from `lb_proxy`.
+//!   protocol, CLI), `metrics` and `admin` (REST API, stats page), runs
+//!   the L7 proxy from `lb_proxy`.
+//! - `top`: `lb top`, the terminal dashboard over the control socket.
 //! - `decap`: `lb decap` for backends; `demo` and `lab`: the namespace lab
 //!   the demo, the tests and the benchmarks share.
 //!
@@ -30,6 +32,7 @@
 // tests, which read as one scenario each, are exempt.
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
+pub mod admin;
 pub mod agent;
 mod allocator;
 pub mod balancer;
@@ -44,6 +47,7 @@ pub mod health;
 pub mod lab;
 pub mod metrics;
 pub mod runtime;
+pub mod top;
 
 /// The global allocator the binaries install (`#[global_allocator]`), so that
 /// `lb` and the benchmark that runs the proxy in-process allocate alike.

@@ -53,6 +53,17 @@ enum Command {
     /// Talk to the running agent (see `lb help add`, `lb help show`, ...).
     #[command(flatten)]
     Control(ControlCommand),
+    /// Live dashboard of the running agent: rates, states and health of
+    /// services, backends, frontends and pool servers; select a backend and
+    /// drain (d), enable (e) or disable (m) it; q quits.
+    Top {
+        /// Time between refreshes, e.g. "1s" or "500ms".
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: std::time::Duration,
+        /// Quit by itself after this long (e.g. "10m"); runs until q without it.
+        #[arg(long = "for", value_parser = parse_duration)]
+        limit: Option<std::time::Duration>,
+    },
     /// Validate configuration files (interfaces must exist here); report every
     /// error with file, line and reason.
     Check {
@@ -85,6 +96,11 @@ enum Command {
         #[arg(long)]
         udp: Vec<SocketAddr>,
     },
+}
+
+/// Parses "500ms", "1s", "2m": the configuration file's duration syntax.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    lb_proxy::duration::parse(s).ok_or_else(|| lb_proxy::duration::FORM.to_string())
 }
 
 fn check(files: &[PathBuf]) -> ExitCode {
@@ -190,6 +206,12 @@ async fn async_main(cli: Cli) -> ExitCode {
                     eprintln!("lb: {e:#}");
                     ExitCode::FAILURE
                 });
+        }
+        Command::Top { interval, limit } => {
+            let socket = cli.socket.path();
+            tokio::task::spawn_blocking(move || lb_userspace::top::run(&socket, interval, limit))
+                .await
+                .unwrap_or_else(|e| Err(e.into()))
         }
         Command::Check { files } => return check(&files),
         Command::Demo { backends } => demo::run(backends.into()).await,

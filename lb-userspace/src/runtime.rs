@@ -362,6 +362,7 @@ impl Desired {
             Request::ShowServices
             | Request::ShowBackends { .. }
             | Request::ShowStats
+            | Request::ShowProxy
             | Request::ShowBgp
             | Request::ShowDiscovery
             | Request::Reload
@@ -536,6 +537,7 @@ pub fn is_change(request: &Request) -> bool {
         Request::ShowServices
             | Request::ShowBackends { .. }
             | Request::ShowStats
+            | Request::ShowProxy
             | Request::ShowDiscovery
             | Request::Reload
             | Request::Stop { .. }

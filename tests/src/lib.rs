@@ -11,7 +11,7 @@
 //! - `l4bench`, `l7bench`, `l7instr`, `l7mem`, `clusterbench`: the sections
 //!   of `lb-bench` (`src/bin/lb-bench.rs`, run by `cargo xtask bench`).
 //! - `tests/*.rs`: one file per area (packet, icmp, dsr, decap, e2e,
-//!   dsr_e2e, runtime, cli, l7, bgp, cluster, discovery); what each covers
+//!   dsr_e2e, runtime, cli, l7, bgp, cluster, discovery, admin, top); what each covers
 //!   is in `TESTS.md`.
 
 use anyhow::{Context, Result};

@@ -42,6 +42,12 @@ pub const PACKAGES: &[&str] = &[
     // The DNS server (knotd, knotc) serving SRV and A records to the
     // discovery tests (tests/tests/discovery.rs).
     "knot",
+    // The admin stats page loaded, screenshotted and clicked in a headless
+    // browser over WebDriver (tests/tests/admin.rs).
+    "chromium",
+    "chromium-driver",
+    // `lb top` driven by key presses and read back (tests/tests/top.rs).
+    "tmux",
 ];
 
 /// LLVM installation bpf-linker is built against.

@@ -562,8 +562,9 @@ fn page(status: StatusCode) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Whether the request carries Basic credentials of a user of the list.
-async fn authorized(users: &HashMap<String, String>, headers: &HeaderMap) -> bool {
+/// Whether the request carries Basic credentials of a user of the list
+/// (SHA-512 crypt, compared in constant time by `sha_crypt`).
+pub async fn authorized(users: &HashMap<String, String>, headers: &HeaderMap) -> bool {
     let Some((user, password)) = basic_credentials(headers) else {
         return false;
     };

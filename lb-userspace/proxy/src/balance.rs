@@ -49,6 +49,8 @@ pub struct ServerState {
     pub maxconn: usize,
     up: AtomicBool,
     active: AtomicUsize,
+    /// Its request counters.
+    pub stats: Arc<crate::stats::Counters>,
 }
 
 impl ServerState {
@@ -199,6 +201,7 @@ impl Balancer {
                     maxconn: s.maxconn,
                     up: AtomicBool::new(true),
                     active: AtomicUsize::new(0),
+                    stats: Default::default(),
                 })
             })
             .collect();

@@ -23,6 +23,7 @@ use crate::connpool::ConnPool;
 use crate::log::LogFormat;
 use crate::model::{Frontend, Pool};
 use crate::routing::Router;
+use crate::stats::Counters;
 use crate::upstream;
 
 /// A pool with its balancer and its server connections.
@@ -39,6 +40,8 @@ pub(crate) struct PoolRuntime {
     pub timeout_tunnel: Option<Duration>,
     /// HTTP/2 to the servers (`h2`): only hyper's path forwards there.
     pub h2: bool,
+    /// The pool's request counters.
+    pub stats: Arc<Counters>,
 }
 
 impl PoolRuntime {
@@ -59,6 +62,7 @@ impl PoolRuntime {
             retries: cfg.retries,
             timeout_tunnel: cfg.timeout_tunnel,
             h2: cfg.h2,
+            stats: Arc::default(),
         })
     }
 
@@ -88,6 +92,8 @@ pub(crate) struct FrontendCtx {
     pub timeout_tunnel: Option<Duration>,
     /// Access log format of the frontend.
     pub log_format: LogFormat,
+    /// The frontend's request counters.
+    pub stats: Arc<Counters>,
 }
 
 /// Requests in flight on a client connection, read by its timeout watcher.
@@ -128,6 +134,9 @@ pub(crate) struct FrontendRuntime {
     pub ctx: Arc<FrontendCtx>,
     pub tls: Option<TlsAcceptor>,
     pub limit: Arc<Semaphore>,
+    /// Permits of `limit` its accept loops hold while waiting for a
+    /// connection: taken, but no client's (see `ProxyStats::frontends`).
+    pub accepting: Arc<AtomicUsize>,
     pub timeouts: ClientTimeouts,
     pub builder: auto::Builder<TokioExecutor>,
     /// Largest HTTP/1 request head, for `GuardIo`.
@@ -173,9 +182,11 @@ impl FrontendRuntime {
                 https: tls.is_some(),
                 timeout_tunnel: cfg.timeout_tunnel,
                 log_format: cfg.log_format,
+                stats: Arc::default(),
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            accepting: Arc::default(),
             timeouts: ClientTimeouts {
                 http_request: cfg.timeout_http_request,
                 keep_alive: cfg.timeout_http_keep_alive,

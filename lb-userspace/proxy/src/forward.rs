@@ -169,7 +169,7 @@ async fn forward(
         };
         let (active, server) = match attempt {
             Ok(a) => a,
-            Err(f) if attempts.retry(f, false) => continue,
+            Err(f) if attempts.retry(pool, f, false) => continue,
             Err(f) => return error_response(f, fwd.rec, done),
         };
         fwd.rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
@@ -206,7 +206,7 @@ async fn forward(
                 // A reused connection that closed before the request went out
                 // (the server's keep-alive ended): sent again on another one.
                 match e.take_message() {
-                    Some(back) if attempts.retry(Failure::ServerClosed, reused) => {
+                    Some(back) if attempts.retry(pool, Failure::ServerClosed, reused) => {
                         req = Some(back);
                         continue;
                     }
@@ -452,7 +452,10 @@ impl LoggedBody {
                     let tt = now.saturating_duration_since(done.start);
                     rec.finish(tt, done.conn.frontend.log_format);
                 }
-                None => rec.emit_as(LogFormat::default()),
+                None => {
+                    rec.count();
+                    rec.emit_as(LogFormat::default());
+                }
             }
         }
     }

@@ -25,7 +25,8 @@
 //!   connections; `upstream`: new ones (TCP, PROXY header, TLS).
 //! - `context`: the proxy's, a frontend's and a connection's state; `error`:
 //!   error pages; `log`: the access log; `model`: the configuration;
-//!   `deadline`, `shutdown`, `request_body`: small helpers of the paths.
+//!   `deadline`, `shutdown`, `request_body`: small helpers of the paths;
+//!   `stats`: the request counters of frontends, pools and servers.
 //!
 //! Configuration shape (inside the main config file):
 //!
@@ -191,6 +192,7 @@ mod request_body;
 pub mod routing;
 mod server;
 mod shutdown;
+pub mod stats;
 mod tls;
 mod tunnel;
 mod upstream;
@@ -249,6 +251,8 @@ pub struct Proxy {
     shared: Arc<Shared>,
     resolvers: Vec<(String, Arc<CertResolver>)>,
     addrs: Vec<SocketAddr>,
+    /// Each frontend's counters and connection limit, for `stats`.
+    frontends: Vec<FrontendEntry>,
     tasks: Vec<JoinHandle<()>>,
     /// Dropped with the proxy, which tells every connection to shut down.
     _shutdown: watch::Sender<()>,
@@ -273,6 +277,7 @@ impl Proxy {
             shared: shared.clone(),
             resolvers: Vec::new(),
             addrs: Vec::new(),
+            frontends: Vec::new(),
             tasks: Vec::new(),
             _shutdown: tx,
         };
@@ -305,6 +310,13 @@ impl Proxy {
                 acceptor,
                 own_h1,
             ));
+            proxy.frontends.push(FrontendEntry {
+                name: fe.name.clone(),
+                counters: runtime.ctx.stats.clone(),
+                limit: runtime.limit.clone(),
+                accepting: runtime.accepting.clone(),
+                max_connections: fe.max_connections,
+            });
             for bind in &fe.binds {
                 let listener = reuseport_listener(*bind)
                     .with_context(|| format!("frontend {}: binding {bind}", fe.name))?;
@@ -346,7 +358,10 @@ impl Proxy {
 
     /// A handle on the live figures of the pools, for metrics and `lb show`.
     pub fn stats(&self) -> ProxyStats {
-        ProxyStats(self.shared.clone())
+        ProxyStats {
+            shared: self.shared.clone(),
+            frontends: Arc::new(self.frontends.clone()),
+        }
     }
 }
 
@@ -358,12 +373,39 @@ impl Drop for Proxy {
     }
 }
 
-/// Live figures of a running proxy's pools, readable from any task.
+/// What `ProxyStats` reads of a frontend.
 #[derive(Clone)]
-pub struct ProxyStats(Arc<Shared>);
+struct FrontendEntry {
+    name: String,
+    counters: Arc<stats::Counters>,
+    limit: Arc<tokio::sync::Semaphore>,
+    /// Permits held by accept loops waiting for a client.
+    accepting: Arc<std::sync::atomic::AtomicUsize>,
+    max_connections: usize,
+}
+
+/// Live figures of a running proxy's frontends and pools, readable from any task.
+#[derive(Clone)]
+pub struct ProxyStats {
+    shared: Arc<Shared>,
+    frontends: Arc<Vec<FrontendEntry>>,
+}
+
+/// Figures of one frontend.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrontendStats {
+    /// Frontend name.
+    pub name: String,
+    /// Client connections open now.
+    pub current_connections: usize,
+    /// Its `max_connections`.
+    pub max_connections: usize,
+    /// Its request counters.
+    pub counters: stats::CounterSnapshot,
+}
 
 /// Figures of one pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PoolStats {
     /// Pool name.
     pub name: String,
@@ -371,10 +413,12 @@ pub struct PoolStats {
     pub queued: usize,
     /// Its servers, in configuration order.
     pub servers: Vec<ServerStats>,
+    /// Its request counters.
+    pub counters: stats::CounterSnapshot,
 }
 
 /// Figures of one pool server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServerStats {
     /// Server address.
     pub address: SocketAddr,
@@ -382,12 +426,34 @@ pub struct ServerStats {
     pub current: usize,
     /// Idle keep-alive connections to it.
     pub idle_connections: usize,
+    /// Its weight in the running proxy.
+    pub weight: u32,
+    /// Whether it takes requests (administratively ready and healthy).
+    pub up: bool,
+    /// Its request counters.
+    pub counters: stats::CounterSnapshot,
 }
 
 impl ProxyStats {
+    /// Every frontend's figures.
+    pub fn frontends(&self) -> Vec<FrontendStats> {
+        self.frontends
+            .iter()
+            .map(|f| FrontendStats {
+                name: f.name.clone(),
+                current_connections: f
+                    .max_connections
+                    .saturating_sub(f.limit.available_permits())
+                    .saturating_sub(f.accepting.load(std::sync::atomic::Ordering::Relaxed)),
+                max_connections: f.max_connections,
+                counters: f.counters.snapshot(),
+            })
+            .collect()
+    }
+
     /// Every pool's figures.
     pub fn pools(&self) -> Vec<PoolStats> {
-        self.0
+        self.shared
             .pools
             .iter()
             .map(|p| PoolStats {
@@ -401,8 +467,12 @@ impl ProxyStats {
                         address: s.addr,
                         current: s.active(),
                         idle_connections: p.idle_connections(s.addr),
+                        weight: s.weight,
+                        up: s.is_up(),
+                        counters: s.stats.snapshot(),
                     })
                     .collect(),
+                counters: p.stats.snapshot(),
             })
             .collect()
     }

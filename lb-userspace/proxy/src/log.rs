@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use http::{Method, Uri, Version};
 
 use crate::error::Failure;
+use crate::stats::{Counters, Outcome, Tally};
 
 /// How a frontend writes its access log lines (`log_format`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -47,6 +48,8 @@ pub struct AccessRecord {
     pub status: u16,
     /// Response body bytes sent to the client.
     pub bytes: u64,
+    /// Request body bytes, as its Content-Length declares (0 otherwise).
+    pub bytes_in: u64,
     /// Two HAProxy termination characters: who ended the session, in which phase.
     pub termination: [char; 2],
     /// Request method; None for a request that could not be parsed (`<BADREQ>`).
@@ -55,6 +58,8 @@ pub struct AccessRecord {
     pub uri: Option<Uri>,
     /// HTTP version, logged as `HTTP/1.1`, `HTTP/2.0`, ...; None when unknown.
     pub version: Option<Version>,
+    /// The counters the request adds to when it is finished (`crate::stats`).
+    pub(crate) tally: Tally,
 }
 
 /// Whether anyone subscribes to access log records.
@@ -97,11 +102,35 @@ impl AccessRecord {
             tt: -1,
             status,
             bytes,
+            bytes_in: 0,
             termination,
             method: None,
             uri: None,
             version: None,
+            tally: Tally::default(),
         }
+    }
+
+    /// Adds the finished request to the counters it reached.
+    pub(crate) fn count(&self) {
+        self.tally.count(&Outcome {
+            status: self.status,
+            bytes_in: self.bytes_in,
+            bytes: self.bytes,
+            tw: self.tw,
+            tc: self.tc,
+            tr: self.tr,
+            tt: self.tt,
+            denied: self.termination == ['P', 'R'],
+        });
+    }
+
+    /// Counts the record in its frontend's counters (a request refused
+    /// before a pool was chosen).
+    pub(crate) fn counted_in(mut self, frontend: &Arc<Counters>) -> Self {
+        self.tally.frontend = Some(frontend.clone());
+        self.count();
+        self
     }
 
     /// The method as logged.
@@ -191,6 +220,7 @@ impl AccessRecord {
     /// when it started) and emits it in `format`.
     pub(crate) fn finish(mut self, tt: std::time::Duration, format: LogFormat) {
         self.tt = tt.as_millis() as i64;
+        self.count();
         // No clock read for a record nobody logs.
         if enabled() {
             self.date = SystemTime::now().checked_sub(tt).unwrap_or(UNIX_EPOCH);
@@ -271,10 +301,12 @@ mod tests {
             tt: 30,
             status: 200,
             bytes: 2750,
+            bytes_in: 0,
             termination: ['-', '-'],
             method: Some(Method::GET),
             uri: Some(Uri::from_static("/index.html?x=1")),
             version: Some(Version::HTTP_11),
+            tally: Tally::default(),
         }
     }
 

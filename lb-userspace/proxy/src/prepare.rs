@@ -19,6 +19,7 @@ use super::hardening;
 use super::log::{self, AccessRecord};
 use super::tunnel;
 use crate::acl;
+use crate::stats::Tally;
 
 /// Headers that describe one hop only (RFC 9110 7.6.1) and never cross the proxy.
 /// Typed names: removing by `&str` would parse each name on every request.
@@ -179,9 +180,11 @@ pub(crate) async fn prepare(
         .unwrap_or(frontend.default_pool);
     let pool = &shared.pools[pool_idx];
     let mut rec = record(frontend, pool.name.clone(), client.peer, parts, tq);
+    rec.tally.pool = Some(pool.stats.clone());
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
     if let Some((answer, term)) = acted.answer {
         rec.pool = frontend.name.clone();
+        rec.tally.pool = None;
         rec.status = answer.status().as_u16();
         rec.termination = term;
         return Prepared::Answer(answer, rec);
@@ -233,6 +236,12 @@ fn record(
     parts: &http::request::Parts,
     tq: i64,
 ) -> AccessRecord {
+    let bytes_in = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     AccessRecord {
         client,
         // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
@@ -247,10 +256,16 @@ fn record(
         tt: -1,
         status: 0,
         bytes: 0,
+        bytes_in,
         termination: ['-', '-'],
         method: Some(parts.method.clone()),
         uri: Some(parts.uri.clone()),
         version: Some(parts.version),
+        tally: Tally {
+            frontend: Some(frontend.stats.clone()),
+            pool: None,
+            server: None,
+        },
     }
 }
 
@@ -345,6 +360,7 @@ impl Attempts {
             Ok(a) => {
                 rec.tw += a.queued.as_millis() as i64;
                 rec.server = a.active.server().label.clone();
+                rec.tally.server = Some(a.active.server().stats.clone());
                 self.current = a.index;
                 Ok(a.active)
             }
@@ -355,15 +371,29 @@ impl Attempts {
     /// After a failed attempt: whether to make another, by the failure's
     /// `Retry` (`reused`: the request went out on a kept connection and
     /// nothing of it can have been processed). A redispatch avoids this server.
-    pub(crate) fn retry(&mut self, failure: Failure, reused: bool) -> bool {
-        match failure.retry() {
+    /// Counts the failure, and the retry, in `pool`'s and the server's counters.
+    pub(crate) fn retry(&mut self, pool: &PoolRuntime, failure: Failure, reused: bool) -> bool {
+        let server = pool.balancer.servers().get(self.current);
+        let again = match failure.retry() {
             Retry::Never => false,
             Retry::OnReusedConnection => reused && self.left > 0,
             Retry::Redispatch => {
+                pool.stats.connect_error();
+                if let Some(s) = server {
+                    s.stats.connect_error();
+                }
                 self.tried.push(self.current);
                 self.left > 0
             }
+        };
+        if again {
+            let redispatch = failure.retry() == Retry::Redispatch;
+            pool.stats.retry(redispatch);
+            if let Some(s) = server {
+                s.stats.retry(redispatch);
+            }
         }
+        again
     }
 }
 

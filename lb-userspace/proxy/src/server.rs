@@ -27,6 +27,22 @@ use super::log::{AccessRecord, LogFormat};
 use super::proxy_protocol;
 use super::shutdown::ShutdownWatch;
 
+/// A permit an accept loop holds with no client yet, counted while it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Accepts connections until `shutdown`'s sender is dropped.
 pub(crate) async fn accept_loop(
     listener: Listener,
@@ -63,6 +79,8 @@ pub(crate) async fn accept_loop(
                 }
             }
         };
+        // Counted out of the connections open until a client takes it.
+        let waiting = Waiting::new(&fe.accepting);
         let accepted = poll_fn(|cx| match listener.poll_accept(cx) {
             Poll::Ready(r) => Poll::Ready(Some(r)),
             Poll::Pending if shutdown.poll_come(cx) => Poll::Ready(None),
@@ -79,6 +97,8 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
+        drop(waiting);
+        fe.ctx.stats.connection();
         let (fe, shared, shutdown) = (fe.clone(), shared.clone(), handed.clone());
         // Boxed: tokio moves a spawned future several times before it runs;
         // a pointer is cheaper to move than the connection's state. Spawned

@@ -27,6 +27,7 @@ use toml::Spanned;
 
 use lb_proxy::duration;
 
+mod admin;
 mod bgp;
 mod discovery;
 mod health;
@@ -114,6 +115,21 @@ pub struct Config {
     pub bgp: Option<BgpConfig>,
     /// The L7 proxy's `[[frontend]]` and `[[pool]]` tables.
     pub proxy: ProxySection,
+    /// The admin listener (`[admin]`), off when absent.
+    pub admin: Option<AdminConfig>,
+}
+
+/// `[admin]`: where the REST API and the stats page listen, and who may use them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// Listening address (keep it on a management network or loopback).
+    pub bind: SocketAddr,
+    /// Basic auth against this `[[userlist]]` (SHA-512 crypt hashes).
+    pub userlist: Option<String>,
+    /// Bearer auth with the token in this file (read at start).
+    pub token_file: Option<std::path::PathBuf>,
+    /// Line of the `[admin]` header.
+    pub line: usize,
 }
 
 /// The L7 proxy's part of the file (see `lb_proxy`), already validated,
@@ -649,6 +665,7 @@ impl Checker<'_> {
             raw.pool.unwrap_or_default(),
             raw.userlist.unwrap_or_default(),
         );
+        let admin = raw.admin.and_then(|a| self.admin(a, &proxy.0.userlists));
         Config {
             interfaces,
             xdp_mode,
@@ -660,6 +677,7 @@ impl Checker<'_> {
             services,
             bgp,
             proxy,
+            admin,
         }
     }
 

@@ -24,6 +24,15 @@ pub(super) struct RawConfig {
     pub(super) frontend: Option<Vec<Spanned<RawTable>>>,
     pub(super) pool: Option<Vec<Spanned<RawPool>>>,
     pub(super) userlist: Option<Vec<Spanned<RawTable>>>,
+    pub(super) admin: Option<Spanned<RawAdmin>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) bind: Option<Spanned<String>>,
+    pub(super) userlist: Option<Spanned<String>>,
+    pub(super) token_file: Option<Spanned<String>>,
 }
 
 /// One of the proxy's tables, key by key, each value with its span: the

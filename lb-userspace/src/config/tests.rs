@@ -102,6 +102,7 @@ fn full_example_parses() {
         ],
         bgp: None,
         proxy: ProxySection::default(),
+        admin: None,
     };
     assert_eq!(c, expected);
     assert_eq!(c.services[1].protocol.number(), 17);

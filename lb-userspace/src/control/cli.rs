@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::client;
 use super::protocol::{
     AdminState, BackendInfo, BgpInfo, DEFAULT_SOCKET, DiscoveryInfo, DiscoveryState, Health,
-    ReasonCount, Request, Response, ServiceInfo,
+    ProxyInfo, ReasonCount, Request, Response, ServiceInfo,
 };
 use crate::config::{Forwarding, Mode, Protocol};
 
@@ -187,6 +187,12 @@ pub enum ShowCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The L7 proxy's frontends, pools and servers with their request counters.
+    Proxy {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Parses "tcp" or "udp" (any case).
@@ -266,6 +272,7 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
         },
         ControlCommand::Show(ShowCommand::Stats { .. }) => Request::ShowStats,
         ControlCommand::Show(ShowCommand::Bgp { .. }) => Request::ShowBgp,
+        ControlCommand::Show(ShowCommand::Proxy { .. }) => Request::ShowProxy,
         ControlCommand::DrainNode => Request::DrainNode,
         ControlCommand::UndrainNode => Request::UndrainNode,
         ControlCommand::Show(ShowCommand::Discovery { .. }) => Request::ShowDiscovery,
@@ -283,7 +290,8 @@ pub fn run(cmd: ControlCommand, socket: &Path) -> anyhow::Result<ExitCode> {
             | ShowCommand::Backends { json, .. }
             | ShowCommand::Stats { json }
             | ShowCommand::Bgp { json }
-            | ShowCommand::Discovery { json },
+            | ShowCommand::Discovery { json }
+            | ShowCommand::Proxy { json },
         ) => *json,
         _ => false,
     };
@@ -313,12 +321,22 @@ pub fn run(cmd: ControlCommand, socket: &Path) -> anyhow::Result<ExitCode> {
         (ControlCommand::Show(ShowCommand::Discovery { .. }), Response::Discovery(list)) => {
             render(&list, json, discovery_table)?
         }
+        (ControlCommand::Show(ShowCommand::Proxy { .. }), Response::Proxy(info)) => {
+            if json {
+                let mut s = serde_json::to_string_pretty(&info).context("encoding JSON")?;
+                s.push('\n');
+                s
+            } else {
+                proxy_table(&info)
+            }
+        }
         (ControlCommand::Show(_), other)
         | (_, other @ Response::Services(_))
         | (_, other @ Response::Backends(_))
         | (_, other @ Response::Stats(_))
         | (_, other @ Response::Bgp(_))
-        | (_, other @ Response::Discovery(_)) => {
+        | (_, other @ Response::Discovery(_))
+        | (_, other @ Response::Proxy(_)) => {
             bail!("unexpected answer from the agent: {other:?}")
         }
         (_, Response::Ok) => return Ok(ExitCode::SUCCESS),
@@ -543,6 +561,60 @@ pub fn stats_table(list: &[ReasonCount]) -> String {
         .collect();
     table(
         &[("REASON", Left), ("PACKETS", Right), ("BYTES", Right)],
+        &rows,
+    )
+}
+
+/// `lb show proxy` as text: one line per frontend, pool and pool server.
+pub fn proxy_table(info: &ProxyInfo) -> String {
+    use Align::*;
+    let row = |kind: &str, name: String, cur: usize, c: &lb_proxy::stats::CounterSnapshot| {
+        let [_, ok, redirect, client, server, _] = c.responses;
+        vec![
+            kind.to_string(),
+            name,
+            cur.to_string(),
+            c.requests.to_string(),
+            ok.to_string(),
+            redirect.to_string(),
+            client.to_string(),
+            server.to_string(),
+            c.denied.to_string(),
+            c.connect_errors.to_string(),
+            c.bytes_out.to_string(),
+        ]
+    };
+    let mut rows = Vec::new();
+    for f in &info.frontends {
+        rows.push(row(
+            "frontend",
+            f.name.clone(),
+            f.current_connections,
+            &f.counters,
+        ));
+    }
+    for p in &info.pools {
+        let cur = p.servers.iter().map(|s| s.current).sum();
+        rows.push(row("pool", p.name.clone(), cur, &p.counters));
+        for s in &p.servers {
+            let name = format!("{}/{}", p.name, s.address);
+            rows.push(row("server", name, s.current, &s.counters));
+        }
+    }
+    table(
+        &[
+            ("KIND", Left),
+            ("NAME", Left),
+            ("CUR", Right),
+            ("REQUESTS", Right),
+            ("2XX", Right),
+            ("3XX", Right),
+            ("4XX", Right),
+            ("5XX", Right),
+            ("DENIED", Right),
+            ("CONN_ERR", Right),
+            ("BYTES_OUT", Right),
+        ],
         &rows,
     )
 }

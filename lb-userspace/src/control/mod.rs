@@ -12,6 +12,6 @@ pub use client::{ClientError, request};
 pub use frame::{FrameError, decode, encode};
 pub use protocol::{
     AdminState, BackendInfo, DEFAULT_SOCKET, Envelope, Health, MAX_FRAME, PROTOCOL_VERSION,
-    ReasonCount, Request, Response, ServiceInfo,
+    ProxyInfo, ReasonCount, Request, Response, ServiceInfo,
 };
 pub use server::{Handler, remove_socket, serve};

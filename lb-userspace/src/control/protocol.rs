@@ -103,6 +103,8 @@ pub enum Request {
     UndrainNode,
     /// BGP announcement state and BIRD's protocols.
     ShowBgp,
+    /// The L7 proxy's frontends, pools and servers with their request counters.
+    ShowProxy,
     /// Stops the agent. Without `detach` the XDP program keeps forwarding with
     /// the last tables (a new agent adopts them); with it, everything is removed.
     Stop {
@@ -154,6 +156,17 @@ pub enum Response {
     Bgp(BgpInfo),
     /// Answer to `ShowDiscovery`.
     Discovery(Vec<DiscoveryInfo>),
+    /// Answer to `ShowProxy`.
+    Proxy(ProxyInfo),
+}
+
+/// `ShowProxy`: the L7 proxy's live figures (empty when no proxy runs).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ProxyInfo {
+    /// Frontends, in configuration order.
+    pub frontends: Vec<lb_proxy::FrontendStats>,
+    /// Pools and their servers, in configuration order.
+    pub pools: Vec<lb_proxy::PoolStats>,
 }
 
 /// `lb show bgp`: what this node announces and how BIRD is doing.

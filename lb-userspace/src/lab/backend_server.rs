@@ -29,6 +29,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_BODY: u64 = 1 << 20;
 /// Path prefix of the download: `GET /bytes/N` is answered with N bytes.
 pub const BYTES_PATH: &str = "/bytes/";
+/// Targets starting with this are answered 404 (with the server's name).
+pub const MISSING_PATH: &str = "/missing";
 /// Largest download `/bytes/N` serves (64 MiB); a larger N is answered with 400.
 pub const MAX_BYTES: u64 = 64 << 20;
 /// Length of the precomputed piece of the download pattern (a multiple of 256).
@@ -54,8 +56,10 @@ pub fn pattern_byte(offset: u64) -> u8 {
 /// What a request target asks for in HTTP mode.
 #[derive(Debug, PartialEq, Eq)]
 enum Answer {
-    /// The server's name (every target but `/bytes/...`).
+    /// The server's name (every target but `/bytes/...` and `/missing...`).
     Name,
+    /// `/missing...`: 404 with the server's name (tests count 4xx answers).
+    Missing,
     /// `/bytes/N` with N within [`MAX_BYTES`].
     Bytes(u64),
     /// `/bytes/...` with no number or one too large.
@@ -65,6 +69,9 @@ enum Answer {
 fn answer_for(request_line: &[u8]) -> Answer {
     let text = String::from_utf8_lossy(request_line);
     let target = text.split(' ').nth(1).unwrap_or_default();
+    if target.starts_with(MISSING_PATH) {
+        return Answer::Missing;
+    }
     match target.strip_prefix(BYTES_PATH) {
         None => Answer::Name,
         Some(n) => match n.parse::<u64>() {
@@ -413,10 +420,16 @@ fn answer(
     } else {
         "Connection: close\r\n"
     };
-    match answer_for(request_line) {
-        Answer::Name => {
+    let answer = answer_for(request_line);
+    match answer {
+        Answer::Name | Answer::Missing => {
+            let status = if answer == Answer::Name {
+                "200 OK"
+            } else {
+                "404 Not Found"
+            };
             let response = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{name}",
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{name}",
                 name.len(),
             );
             writer.write_all(response.as_bytes())?;

@@ -374,6 +374,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                         Failure::HeadTimeout,
                         timeout_408().len() as u64,
                     )
+                    .counted_in(&self.fe.ctx.stats)
                     .emit_as(self.fe.ctx.log_format);
                     self.out.clear();
                     self.out.extend_from_slice(timeout_408());
@@ -406,6 +407,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         let failure = Failure::BadRequest;
         let page = failure.put_http1_answer(&mut self.out, true);
         AccessRecord::bad_request(self.peer, self.fe.ctx.name.clone(), failure, page as u64)
+            .counted_in(&self.fe.ctx.stats)
             .emit_as(self.fe.ctx.log_format);
         let _ = self.write_client().await;
         self.unread = true;
@@ -539,7 +541,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             };
             let (active, mut server, reused) = match attempt {
                 Ok(a) => a,
-                Err(f) if attempts.retry(f, false) => continue,
+                Err(f) if attempts.retry(pool, f, false) => continue,
                 Err(f) => {
                     let keep = keep_alive && bodiless;
                     return self.answer_error(f, fwd.rec, keep, start).await;
@@ -555,7 +557,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             );
             let (resp, body_sent) = match r.await {
                 Ok(r) => r,
-                Err((f, _)) if attempts.retry(f, reused && bodiless) => continue,
+                Err((f, _)) if attempts.retry(pool, f, reused && bodiless) => continue,
                 Err((f, body_sent)) => {
                     let server = active.server().addr;
                     tracing::debug!(pool = %pool.name, %server, failure = ?f, "no response");

@@ -1,0 +1,269 @@
+//! Request counters of frontends, pools and pool servers (HAProxy's stats):
+//! requests, responses by status class, bytes, denials, connect errors,
+//! retries, queue time and histograms of the connect, first-byte and total
+//! times. One `Counters` per frontend, pool and server is allocated when the
+//! proxy starts; a request adds to them with relaxed atomics when its access
+//! log record is finished (`Tally`), without a lock or an allocation.
+//!
+//! Counters live as long as the proxy: a restart of the proxy (changed
+//! frontends or pools) starts them from zero, as a reload does in HAProxy.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upper bounds (milliseconds) of the time histograms' buckets; a last,
+/// unbounded one (`+Inf`) follows. Times are measured in whole milliseconds.
+pub const BUCKETS_MS: [u64; 12] = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
+
+/// Status classes of `Counters::responses`, in order.
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
+
+/// A histogram of durations in milliseconds, Prometheus style.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket of `BUCKETS_MS` (not cumulative), then the `+Inf` one.
+    buckets: [AtomicU64; BUCKETS_MS.len() + 1],
+    sum_ms: AtomicU64,
+}
+
+/// A histogram read at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct HistogramSnapshot {
+    /// Cumulative counts: observations <= `BUCKETS_MS[i]`, then all of them.
+    pub cumulative: Vec<u64>,
+    /// Sum of the observations, milliseconds.
+    pub sum_ms: u64,
+}
+
+impl HistogramSnapshot {
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.cumulative.last().copied().unwrap_or(0)
+    }
+}
+
+impl Histogram {
+    /// Adds one observation; negative ones (not measured) are skipped.
+    pub fn observe(&self, ms: i64) {
+        let Ok(ms) = u64::try_from(ms) else { return };
+        let i = BUCKETS_MS.partition_point(|&b| b < ms);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// The counts now, cumulated.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                total += b.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        HistogramSnapshot {
+            cumulative,
+            sum_ms: self.sum_ms.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The counters of one frontend, pool or server (each uses the fields that
+/// apply to it; the others stay zero).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests seen (frontend) or forwarded (pool, server).
+    pub requests: AtomicU64,
+    /// Responses by `STATUS_CLASSES`.
+    pub responses: [AtomicU64; STATUS_CLASSES.len()],
+    /// Request body bytes, as declared by Content-Length.
+    pub bytes_in: AtomicU64,
+    /// Response body bytes sent to clients.
+    pub bytes_out: AtomicU64,
+    /// Requests refused by a request rule (deny, failed auth): HAProxy's `dreq`.
+    pub denied: AtomicU64,
+    /// Client connections accepted (frontends).
+    pub connections: AtomicU64,
+    /// Connections to servers that failed (pools, servers).
+    pub connect_errors: AtomicU64,
+    /// Attempts made again after a failure (pools, servers).
+    pub retries: AtomicU64,
+    /// Retries sent to another server (pools).
+    pub redispatches: AtomicU64,
+    /// Sum of the time requests waited in the pool's queue, milliseconds.
+    pub queue_ms: AtomicU64,
+    /// Time to connect to the server (new connections only).
+    pub connect_time: Histogram,
+    /// Time from sending the request to the response head.
+    pub first_byte_time: Histogram,
+    /// Time of the whole request, to its last response byte.
+    pub total_time: Histogram,
+}
+
+/// `Counters` read at one moment (each value on its own: no lock holds them still).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct CounterSnapshot {
+    /// See `Counters::requests`.
+    pub requests: u64,
+    /// See `Counters::responses`, by `STATUS_CLASSES`.
+    pub responses: [u64; STATUS_CLASSES.len()],
+    /// See `Counters::bytes_in`.
+    pub bytes_in: u64,
+    /// See `Counters::bytes_out`.
+    pub bytes_out: u64,
+    /// See `Counters::denied`.
+    pub denied: u64,
+    /// See `Counters::connections`.
+    pub connections: u64,
+    /// See `Counters::connect_errors`.
+    pub connect_errors: u64,
+    /// See `Counters::retries`.
+    pub retries: u64,
+    /// See `Counters::redispatches`.
+    pub redispatches: u64,
+    /// See `Counters::queue_ms`.
+    pub queue_ms: u64,
+    /// See `Counters::connect_time`.
+    pub connect_time: HistogramSnapshot,
+    /// See `Counters::first_byte_time`.
+    pub first_byte_time: HistogramSnapshot,
+    /// See `Counters::total_time`.
+    pub total_time: HistogramSnapshot,
+}
+
+fn read(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Counters {
+    /// The values now.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            requests: read(&self.requests),
+            responses: std::array::from_fn(|i| read(&self.responses[i])),
+            bytes_in: read(&self.bytes_in),
+            bytes_out: read(&self.bytes_out),
+            denied: read(&self.denied),
+            connections: read(&self.connections),
+            connect_errors: read(&self.connect_errors),
+            retries: read(&self.retries),
+            redispatches: read(&self.redispatches),
+            queue_ms: read(&self.queue_ms),
+            connect_time: self.connect_time.snapshot(),
+            first_byte_time: self.first_byte_time.snapshot(),
+            total_time: self.total_time.snapshot(),
+        }
+    }
+
+    /// Adds one finished request.
+    fn request(&self, r: &Outcome, forwarded: bool) {
+        add(&self.requests, 1);
+        let class = match r.status {
+            100..=599 => usize::from(r.status / 100 - 1),
+            _ => STATUS_CLASSES.len() - 1,
+        };
+        add(&self.responses[class], 1);
+        add(&self.bytes_in, r.bytes_in);
+        add(&self.bytes_out, r.bytes);
+        if forwarded {
+            add(&self.queue_ms, u64::try_from(r.tw).unwrap_or(0));
+            // A reused connection reports 0, as in HAProxy's Tc.
+            self.connect_time.observe(r.tc);
+            self.first_byte_time.observe(r.tr);
+        }
+        self.total_time.observe(r.tt);
+    }
+
+    /// Counts a connect failure.
+    pub(crate) fn connect_error(&self) {
+        add(&self.connect_errors, 1);
+    }
+
+    /// Counts a retry, and a redispatch if it goes to another server.
+    pub(crate) fn retry(&self, redispatch: bool) {
+        add(&self.retries, 1);
+        if redispatch {
+            add(&self.redispatches, 1);
+        }
+    }
+
+    /// Counts an accepted client connection.
+    pub(crate) fn connection(&self) {
+        add(&self.connections, 1);
+    }
+}
+
+/// A finished request as its access log record tells it (times in
+/// milliseconds, -1 when not reached).
+pub(crate) struct Outcome {
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes: u64,
+    pub tw: i64,
+    pub tc: i64,
+    pub tr: i64,
+    pub tt: i64,
+    /// Refused by a request rule (termination `PR`).
+    pub denied: bool,
+}
+
+/// Where a request's figures go: its frontend, its pool and its server, as
+/// far as it got. Carried by its access log record.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tally {
+    pub frontend: Option<Arc<Counters>>,
+    pub pool: Option<Arc<Counters>>,
+    pub server: Option<Arc<Counters>>,
+}
+
+// What a record says is its fields; where it is counted is not part of it.
+impl PartialEq for Tally {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Tally {}
+
+impl Tally {
+    /// Adds the finished request `r` to every counter it reached.
+    pub(crate) fn count(&self, r: &Outcome) {
+        if let Some(f) = &self.frontend {
+            f.request(r, false);
+            if r.denied {
+                add(&f.denied, 1);
+            }
+        }
+        if let Some(p) = &self.pool {
+            p.request(r, true);
+        }
+        if let Some(s) = &self.server {
+            s.request(r, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        for ms in [0, 1, 2, 7, 20_000, -1] {
+            h.observe(ms);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.cumulative[0], 2, "0 and 1 ms are <= 1 ms");
+        assert_eq!(s.cumulative[1], 3, "2 ms is <= 5 ms");
+        assert_eq!(s.cumulative[2], 4, "7 ms is <= 10 ms");
+        assert_eq!(s.cumulative[BUCKETS_MS.len() - 1], 4);
+        assert_eq!(s.count(), 5, "the unmeasured -1 is not counted");
+        assert_eq!(s.sum_ms, 20_010);
+    }
+}

@@ -1,0 +1,139 @@
+//! `[admin]`: the admin listener (REST API and stats page, `crate::admin`).
+
+use toml::Spanned;
+
+use super::raw::RawAdmin;
+use super::{ADDR_FORM, AdminConfig, Checker};
+
+impl Checker<'_> {
+    /// Checks `[admin]`: a bind address and at least one way to log in (a
+    /// userlist of the file, or an absolute token file).
+    pub(super) fn admin(
+        &mut self,
+        raw: Spanned<RawAdmin>,
+        userlists: &[lb_proxy::UserList],
+    ) -> Option<AdminConfig> {
+        let span = raw.span();
+        let line = self.line(&span);
+        let raw = raw.into_inner();
+        let bind = match &raw.bind {
+            None => {
+                self.at(&span, "[admin] needs `bind`, e.g. \"127.0.0.1:8404\"");
+                None
+            }
+            Some(b) => b
+                .get_ref()
+                .parse()
+                .map_err(|_| {
+                    let why = format!(
+                        "admin bind \"{}\" is not a socket address; {ADDR_FORM}",
+                        b.get_ref()
+                    );
+                    self.at(&b.span(), why);
+                })
+                .ok(),
+        };
+        let had_any = raw.userlist.is_some() || raw.token_file.is_some();
+        let userlist = raw.userlist.and_then(|u| {
+            if userlists.iter().any(|l| &l.name == u.get_ref()) {
+                Some(u.into_inner())
+            } else {
+                self.at(
+                    &u.span(),
+                    format!(
+                        "admin userlist \"{}\" is not a [[userlist]] of this file",
+                        u.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+        let token_file = raw.token_file.and_then(|t| {
+            let path = std::path::PathBuf::from(t.get_ref());
+            if path.is_absolute() {
+                Some(path)
+            } else {
+                self.at(
+                    &t.span(),
+                    format!(
+                        "admin token_file \"{}\" must be an absolute path",
+                        t.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+        if userlist.is_none() && token_file.is_none() {
+            if !had_any {
+                self.at(&span, "[admin] needs `userlist` (Basic auth) or `token_file` (Bearer token): it is never open to anyone");
+            }
+            return None;
+        }
+        Some(AdminConfig {
+            bind: bind?,
+            userlist,
+            token_file,
+            line,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::*;
+    use crate::config::*;
+
+    const USERLIST: [&str; 3] = [
+        "[[userlist]]",
+        "name = \"admins\"",
+        "users = [{ name = \"alice\", password = \"$6$lbexample$Q10HPOl0/My7Sge6eVDnu/NiEHV4k3/WUhwy3ND9Df4YnPbxKGK3rNydqTHspxPealV3SLQ3lbC.RB.mjwZvu.\" }]",
+    ];
+
+    #[test]
+    fn admin_section() {
+        let mut lines = svc(&[]);
+        lines.extend(USERLIST);
+        lines.extend([
+            "[admin]",
+            "bind = \"127.0.0.1:8404\"",
+            "userlist = \"admins\"",
+        ]);
+        let c = parse(&text(&lines), "lb.toml").unwrap();
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.bind, "127.0.0.1:8404".parse().unwrap());
+        assert_eq!(admin.userlist.as_deref(), Some("admins"));
+        assert_eq!(admin.token_file, None);
+    }
+
+    #[test]
+    fn admin_mistakes_at_their_lines() {
+        let mut lines = svc(&[]);
+        let at = lines.len() + 1;
+        lines.extend([
+            "[admin]",
+            "bind = \"localhost\"",
+            "userlist = \"nobody\"",
+            "token_file = \"rel\"",
+        ]);
+        let e = parse(&text(&lines), "lb.toml").unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("lb.toml:{}:8: admin bind \"localhost\"", at + 1)),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("lb.toml:{}:12: admin userlist \"nobody\"", at + 2)),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!("lb.toml:{}:14: admin token_file \"rel\"", at + 3)),
+            "{e}"
+        );
+        let mut lines = svc(&[]);
+        lines.extend(["[admin]", "bind = \"127.0.0.1:8404\""]);
+        let e = parse(&text(&lines), "lb.toml").unwrap_err().to_string();
+        assert!(
+            e.contains("[admin] needs `userlist` (Basic auth) or `token_file`"),
+            "{e}"
+        );
+    }
+}

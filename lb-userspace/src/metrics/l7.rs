@@ -1,0 +1,235 @@
+//! The L7 proxy's families: frontends, pools and pool servers (see the table
+//! in `crate::metrics`).
+
+use lb_proxy::stats::{BUCKETS_MS, CounterSnapshot, HistogramSnapshot, STATUS_CLASSES};
+use lb_proxy::{FrontendStats, PoolStats};
+
+use super::{Exposition, Kind};
+
+/// A labelled counter snapshot: `frontend="x"`, `pool="x"` or `pool="x",server="a"`.
+type Row<'a> = (String, &'a CounterSnapshot);
+
+/// The counter families every level shares, `prefix` being `lb_frontend`,
+/// `lb_pool` or `lb_pool_server`.
+fn common(out: &mut Exposition, prefix: &str, rows: &[Row<'_>]) {
+    let each = |f: fn(&CounterSnapshot) -> u64| {
+        rows.iter()
+            .map(move |(labels, c)| (labels.clone(), f(c)))
+            .collect::<Vec<_>>()
+    };
+    out.family(
+        &format!("{prefix}_http_requests_total"),
+        "HTTP requests.",
+        Kind::Counter,
+        each(|c| c.requests),
+    );
+    let by_class = rows.iter().flat_map(|(labels, c)| {
+        STATUS_CLASSES
+            .iter()
+            .zip(c.responses)
+            .map(move |(class, n)| (format!("{labels},code=\"{class}\""), n))
+    });
+    out.family(
+        &format!("{prefix}_http_responses_total"),
+        "HTTP responses by status class.",
+        Kind::Counter,
+        by_class.collect(),
+    );
+    out.family(
+        &format!("{prefix}_bytes_in_total"),
+        "Request body bytes (as declared by Content-Length).",
+        Kind::Counter,
+        each(|c| c.bytes_in),
+    );
+    out.family(
+        &format!("{prefix}_bytes_out_total"),
+        "Response body bytes sent to clients.",
+        Kind::Counter,
+        each(|c| c.bytes_out),
+    );
+    let hist = |c: &CounterSnapshot, i: usize| -> HistogramSnapshot {
+        match i {
+            0 => c.connect_time.clone(),
+            1 => c.first_byte_time.clone(),
+            _ => c.total_time.clone(),
+        }
+    };
+    let times = [
+        ("connect_time_seconds", "Time to connect to the server."),
+        (
+            "response_time_seconds",
+            "Time from sending the request to the response head (first byte).",
+        ),
+        (
+            "total_time_seconds",
+            "Time of the whole request, to the last response byte.",
+        ),
+    ];
+    // Frontends see the whole request only.
+    let first = if prefix == "lb_frontend" { 2 } else { 0 };
+    for (i, (name, help)) in times.iter().enumerate().skip(first) {
+        let samples: Vec<_> = rows.iter().map(|(l, c)| (l.clone(), hist(c, i))).collect();
+        out.histogram(&format!("{prefix}_{name}"), help, &samples);
+    }
+}
+
+/// The families of the servers' side (pools and servers): connect errors,
+/// retries, queue time.
+fn upstream(out: &mut Exposition, prefix: &str, rows: &[Row<'_>]) {
+    let each = |f: fn(&CounterSnapshot) -> u64| {
+        rows.iter()
+            .map(move |(labels, c)| (labels.clone(), f(c)))
+            .collect::<Vec<_>>()
+    };
+    out.family(
+        &format!("{prefix}_connection_errors_total"),
+        "Failed connections to servers.",
+        Kind::Counter,
+        each(|c| c.connect_errors),
+    );
+    out.family(
+        &format!("{prefix}_retry_warnings_total"),
+        "Requests tried again after a failure.",
+        Kind::Counter,
+        each(|c| c.retries),
+    );
+    out.family(
+        &format!("{prefix}_redispatch_warnings_total"),
+        "Retries sent to another server.",
+        Kind::Counter,
+        each(|c| c.redispatches),
+    );
+    out.family_f64(
+        &format!("{prefix}_queue_time_seconds_total"),
+        "Time requests waited in the pool's queue for a server below its maxconn.",
+        Kind::Counter,
+        rows.iter()
+            .map(|(l, c)| (l.clone(), c.queue_ms as f64 / 1000.0))
+            .collect(),
+    );
+}
+
+/// Frontends: connections, requests, denials, times.
+pub fn frontends(out: &mut Exposition, frontends: &[FrontendStats]) {
+    let rows: Vec<Row<'_>> = frontends
+        .iter()
+        .map(|f| (format!("frontend=\"{}\"", f.name), &f.counters))
+        .collect();
+    let label = |f: &FrontendStats| format!("frontend=\"{}\"", f.name);
+    out.family(
+        "lb_frontend_current_sessions",
+        "Client connections open now.",
+        Kind::Gauge,
+        frontends
+            .iter()
+            .map(|f| (label(f), f.current_connections as u64))
+            .collect(),
+    );
+    out.family(
+        "lb_frontend_limit_sessions",
+        "The frontend's max_connections.",
+        Kind::Gauge,
+        frontends
+            .iter()
+            .map(|f| (label(f), f.max_connections as u64))
+            .collect(),
+    );
+    out.family(
+        "lb_frontend_sessions_total",
+        "Client connections accepted.",
+        Kind::Counter,
+        frontends
+            .iter()
+            .map(|f| (label(f), f.counters.connections))
+            .collect(),
+    );
+    out.family(
+        "lb_frontend_requests_denied_total",
+        "Requests refused by a request rule (deny, failed auth).",
+        Kind::Counter,
+        frontends
+            .iter()
+            .map(|f| (label(f), f.counters.denied))
+            .collect(),
+    );
+    common(out, "lb_frontend", &rows);
+}
+
+/// Pools and their servers: the live gauges, then the counters.
+pub fn pools(out: &mut Exposition, pools: &[PoolStats]) {
+    let servers: Vec<Row<'_>> = pools
+        .iter()
+        .flat_map(|p| {
+            p.servers.iter().map(move |s| {
+                let labels = format!("pool=\"{}\",server=\"{}\"", p.name, s.address);
+                (labels, &s.counters)
+            })
+        })
+        .collect();
+    let per_server = |value: fn(&lb_proxy::ServerStats) -> u64| {
+        pools
+            .iter()
+            .flat_map(|p| {
+                p.servers.iter().map(move |s| {
+                    let labels = format!("pool=\"{}\",server=\"{}\"", p.name, s.address);
+                    (labels, value(s))
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    out.family(
+        "lb_pool_server_current_requests",
+        "Requests in flight to the L7 pool server (HAProxy's scur).",
+        Kind::Gauge,
+        per_server(|s| s.current as u64),
+    );
+    out.family(
+        "lb_pool_server_idle_connections",
+        "Idle keep-alive connections to the L7 pool server.",
+        Kind::Gauge,
+        per_server(|s| s.idle_connections as u64),
+    );
+    out.family(
+        "lb_pool_server_up",
+        "1 when the proxy sends the server requests (ready and not failing checks).",
+        Kind::Gauge,
+        per_server(|s| u64::from(s.up)),
+    );
+    out.family(
+        "lb_pool_queued_requests",
+        "Requests waiting in the L7 pool's queue for a server below its maxconn.",
+        Kind::Gauge,
+        pools
+            .iter()
+            .map(|p| (format!("pool=\"{}\"", p.name), p.queued as u64))
+            .collect(),
+    );
+    out.family(
+        "lb_pool_current_requests",
+        "Requests in flight to the pool's servers.",
+        Kind::Gauge,
+        pools
+            .iter()
+            .map(|p| {
+                let n: usize = p.servers.iter().map(|s| s.current).sum();
+                (format!("pool=\"{}\"", p.name), n as u64)
+            })
+            .collect(),
+    );
+    let rows: Vec<Row<'_>> = pools
+        .iter()
+        .map(|p| (format!("pool=\"{}\"", p.name), &p.counters))
+        .collect();
+    common(out, "lb_pool", &rows);
+    upstream(out, "lb_pool", &rows);
+    common(out, "lb_pool_server", &servers);
+    upstream(out, "lb_pool_server", &servers);
+}
+
+/// Bucket bounds as Prometheus writes them (seconds), then `+Inf`.
+pub(super) fn bucket_bounds() -> impl Iterator<Item = String> {
+    BUCKETS_MS
+        .iter()
+        .map(|ms| format!("{}", *ms as f64 / 1000.0))
+        .chain(std::iter::once("+Inf".to_string()))
+}
