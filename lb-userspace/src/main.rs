@@ -143,10 +143,14 @@ fn main() -> ExitCode {
         eprintln!("lb: {e:#}");
         return ExitCode::FAILURE;
     }
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `lb run`: the agent's own work (health checks, control socket,
+    // metrics, BGP, reloads) on one small runtime of its own; the L7 proxy
+    // serves on threads of its own (lb_proxy::Threads), never delayed by it.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, Command::Run { .. }) {
+        builder.worker_threads(1).thread_name("lb-agent");
+    }
+    match builder.enable_all().build() {
         Ok(rt) => rt.block_on(async_main(cli)),
         Err(e) => {
             eprintln!("lb: starting the runtime: {e}");

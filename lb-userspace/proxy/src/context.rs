@@ -28,8 +28,11 @@ use crate::upstream;
 /// A pool with its balancer and its server connections.
 pub(crate) struct PoolRuntime {
     pub name: Arc<str>,
-    pub balancer: Balancer,
-    /// Keep-alive connections to the servers (proxy/connpool.rs).
+    /// Shared by every serving thread (see `crate::threads`): leastconn
+    /// counts, maxconn and the queue are the pool's, not a thread's.
+    pub balancer: Arc<Balancer>,
+    /// Keep-alive connections to the servers (proxy/connpool.rs), the
+    /// serving thread's own: a socket belongs to the runtime that registered it.
     pub conns: Arc<ConnPool>,
     /// `https` for `tls = true` pools (the :scheme of HTTP/2 requests), else `http`.
     pub scheme: Scheme,
@@ -42,7 +45,9 @@ pub(crate) struct PoolRuntime {
 }
 
 impl PoolRuntime {
-    pub fn new(cfg: &Pool) -> anyhow::Result<Self> {
+    /// The pool of `cfg` choosing with `balancer`; its connection pool's
+    /// sweeper runs on the current runtime.
+    pub fn new(cfg: &Pool, balancer: Arc<Balancer>) -> anyhow::Result<Self> {
         let connector = upstream::Connector::new(cfg)?;
         // send_proxy: a server connection carries one client's address, so none is reused.
         let idle = match cfg.send_proxy {
@@ -52,7 +57,7 @@ impl PoolRuntime {
         let conns = ConnPool::new(connector, cfg.h2, idle);
         Ok(PoolRuntime {
             name: cfg.name.as_str().into(),
-            balancer: Balancer::from_pool(cfg),
+            balancer,
             conns,
             scheme: if cfg.tls { Scheme::HTTPS } else { Scheme::HTTP },
             timeout_server: cfg.timeout_server,
@@ -68,10 +73,30 @@ impl PoolRuntime {
     }
 }
 
-/// Shared by all frontends.
+/// Shared by all frontends of one serving thread.
 pub(crate) struct Shared {
     pub pools: Vec<PoolRuntime>,
     pub route: Option<Router>,
+}
+
+impl Shared {
+    /// The pools of `cfg` over `balancers` (one per pool, in order).
+    pub fn new(
+        cfg: &crate::ProxyConfig,
+        balancers: &[Arc<Balancer>],
+        route: Option<Router>,
+    ) -> anyhow::Result<Shared> {
+        use anyhow::Context as _;
+        let pools = cfg
+            .pools
+            .iter()
+            .zip(balancers)
+            .map(|(p, b)| {
+                PoolRuntime::new(p, b.clone()).with_context(|| format!("pool {}", p.name))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Shared { pools, route })
+    }
 }
 
 /// Settings of the frontend a connection came in on.
@@ -127,7 +152,10 @@ pub(crate) struct ClientTimeouts {
 pub(crate) struct FrontendRuntime {
     pub ctx: Arc<FrontendCtx>,
     pub tls: Option<TlsAcceptor>,
+    /// Connections served at once, by every serving thread together.
     pub limit: Arc<Semaphore>,
+    /// The limit's size: all permits back means no connection left.
+    pub max_connections: usize,
     pub timeouts: ClientTimeouts,
     pub builder: auto::Builder<TokioExecutor>,
     /// Largest HTTP/1 request head, for `GuardIo`.
@@ -176,6 +204,7 @@ impl FrontendRuntime {
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
+            max_connections: cfg.max_connections,
             timeouts: ClientTimeouts {
                 http_request: cfg.timeout_http_request,
                 keep_alive: cfg.timeout_http_keep_alive,

@@ -188,6 +188,7 @@ mod request_body;
 pub mod routing;
 mod server;
 mod shutdown;
+mod threads;
 mod tls;
 mod tunnel;
 mod upstream;
@@ -208,14 +209,16 @@ pub use model::{
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
+pub use threads::Threads;
 pub use tls::{CertResolver, TlsError, dns_names};
 pub use upstream::NoVerify;
 
-use context::{FrontendRuntime, PoolRuntime, Shared};
+use context::{FrontendRuntime, Shared};
 
 /// Binds with SO_REUSEPORT so a reloaded proxy can listen on the same
-/// addresses before the old one stops: no connection is refused in between.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<accept::Listener> {
+/// addresses before the old one stops (no connection is refused in
+/// between), and so each serving thread has a listener of its own.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -237,77 +240,105 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<accept::Listener> {
     // by the answer rather than by a packet of its own. (After listen(),
     // which resets the socket's ACK state.)
     socket.set_tcp_quickack(false)?;
-    accept::Listener::from_std(socket.into())
+    Ok(socket.into())
+}
+
+/// What both ways of running share, ready before anything listens.
+struct Prepared {
+    /// Each frontend with its binds.
+    frontends: Vec<(Arc<FrontendRuntime>, Vec<SocketAddr>)>,
+    resolvers: Vec<(String, Arc<CertResolver>)>,
+    /// One per pool, shared by every serving thread.
+    balancers: Vec<Arc<Balancer>>,
+}
+
+/// Validates `cfg`, loads certificates and builds the frontends and balancers.
+fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
+    cfg.validate()?;
+    let mut actions = actions::compile(cfg)?;
+    let mut prepared = Prepared {
+        frontends: Vec::new(),
+        resolvers: Vec::new(),
+        balancers: cfg
+            .pools
+            .iter()
+            .map(|p| Arc::new(Balancer::from_pool(p)))
+            .collect(),
+    };
+    for (index, fe) in cfg.frontends.iter().enumerate() {
+        let acceptor = match &fe.tls {
+            Some(tls) => {
+                let resolver = Arc::new(
+                    CertResolver::load(tls)
+                        .with_context(|| format!("frontend {}: certificates", fe.name))?,
+                );
+                let sc = tls::server_config(resolver.clone())
+                    .with_context(|| format!("frontend {}: TLS settings", fe.name))?;
+                prepared.resolvers.push((fe.name.clone(), resolver));
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+            }
+            None => None,
+        };
+        // validate() checked that the default pool exists.
+        let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
+        // Our own HTTP/1 path forwards to HTTP/1.1 servers only (proxy/h1).
+        let own_h1 = std::iter::once(&fe.default_pool)
+            .chain(fe.use_pool.iter().map(|u| &u.pool))
+            .filter_map(|name| cfg.pool_index(name))
+            .all(|i| !cfg.pools[i].h2);
+        let runtime = Arc::new(FrontendRuntime::new(
+            fe,
+            index,
+            default_pool,
+            actions.remove(&fe.name),
+            acceptor,
+            own_h1,
+        ));
+        prepared.frontends.push((runtime, fe.binds.clone()));
+    }
+    Ok(prepared)
 }
 
 /// A running proxy; dropping it stops accepting and gracefully closes client connections.
 pub struct Proxy {
-    shared: Arc<Shared>,
+    /// One per serving thread (one when running on the caller's runtime).
+    shared: Vec<Arc<Shared>>,
     resolvers: Vec<(String, Arc<CertResolver>)>,
     addrs: Vec<SocketAddr>,
+    /// Accept loops on the caller's runtime (`start`).
     tasks: Vec<JoinHandle<()>>,
+    /// Serving threads (`start_threads`): each bind's listening sockets, one
+    /// per thread, handed over to the next proxy on a reload.
+    sockets: Vec<(SocketAddr, Vec<std::net::TcpListener>)>,
     /// Dropped with the proxy, which tells every connection to shut down.
     _shutdown: watch::Sender<()>,
 }
 
 impl Proxy {
-    /// Validates `cfg`, loads certificates, binds every address and starts serving.
+    /// Validates `cfg`, loads certificates, binds every address and starts
+    /// serving on the caller's runtime (in-process use: tests, benches).
     /// `route` picks a pool per request; None sends everything to each frontend's default pool.
     pub async fn start(cfg: ProxyConfig, route: Option<Router>) -> anyhow::Result<Proxy> {
-        cfg.validate()?;
-        let mut actions = actions::compile(&cfg)?;
-        let shared = Arc::new(Shared {
-            pools: cfg
-                .pools
-                .iter()
-                .map(|p| PoolRuntime::new(p).with_context(|| format!("pool {}", p.name)))
-                .collect::<anyhow::Result<_>>()?,
-            route,
-        });
+        let prepared = prepare(&cfg)?;
+        let shared = Arc::new(Shared::new(&cfg, &prepared.balancers, route)?);
         let (tx, rx) = watch::channel(());
         let mut proxy = Proxy {
-            shared: shared.clone(),
-            resolvers: Vec::new(),
+            shared: vec![shared.clone()],
+            resolvers: prepared.resolvers,
             addrs: Vec::new(),
             tasks: Vec::new(),
+            sockets: Vec::new(),
             _shutdown: tx,
         };
-        for (index, fe) in cfg.frontends.iter().enumerate() {
-            let acceptor = match &fe.tls {
-                Some(tls) => {
-                    let resolver = Arc::new(
-                        CertResolver::load(tls)
-                            .with_context(|| format!("frontend {}: certificates", fe.name))?,
-                    );
-                    let sc = tls::server_config(resolver.clone())
-                        .with_context(|| format!("frontend {}: TLS settings", fe.name))?;
-                    proxy.resolvers.push((fe.name.clone(), resolver));
-                    Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
-                }
-                None => None,
-            };
-            // validate() checked that the default pool exists.
-            let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
-            // Our own HTTP/1 path forwards to HTTP/1.1 servers only (proxy/h1).
-            let own_h1 = std::iter::once(&fe.default_pool)
-                .chain(fe.use_pool.iter().map(|u| &u.pool))
-                .filter_map(|name| cfg.pool_index(name))
-                .all(|i| !cfg.pools[i].h2);
-            let runtime = Arc::new(FrontendRuntime::new(
-                fe,
-                index,
-                default_pool,
-                actions.remove(&fe.name),
-                acceptor,
-                own_h1,
-            ));
-            for bind in &fe.binds {
-                let listener = reuseport_listener(*bind)
-                    .with_context(|| format!("frontend {}: binding {bind}", fe.name))?;
+        for (fe, binds) in prepared.frontends {
+            for bind in binds {
+                let listener = reuseport_listener(bind)
+                    .and_then(accept::Listener::from_std)
+                    .with_context(|| format!("frontend {}: binding {bind}", fe.ctx.name))?;
                 proxy.addrs.push(listener.local_addr()?);
                 proxy.tasks.push(tokio::spawn(server::accept_loop(
                     listener,
-                    runtime.clone(),
+                    fe.clone(),
                     shared.clone(),
                     rx.clone(),
                 )));
@@ -316,13 +347,70 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// As `start`, but served by `threads.count` threads of their own
+    /// (`lb-proxy-0`, ...), each a current-thread runtime with its own
+    /// SO_REUSEPORT listener per bind (see `threads`). Listening sockets of
+    /// `previous` with the same bind are taken over rather than bound anew,
+    /// so no connection waiting in their backlog is lost on a reload.
+    pub fn start_threads(
+        cfg: ProxyConfig,
+        route: Option<Router>,
+        threads: &Threads,
+        previous: Option<&Proxy>,
+    ) -> anyhow::Result<Proxy> {
+        let prepared = prepare(&cfg)?;
+        let count = threads.count.max(1);
+        let (tx, rx) = watch::channel(());
+        let mut addrs = Vec::new();
+        let mut sockets = Vec::new();
+        let mut per_thread: Vec<threads::Listeners> = (0..count).map(|_| Vec::new()).collect();
+        for (fe, binds) in &prepared.frontends {
+            for bind in binds {
+                let kept = previous.map_or(&[][..], |p| p.sockets_of(*bind));
+                let set = threads::listeners(*bind, count, kept)
+                    .with_context(|| format!("frontend {}: binding {bind}", fe.ctx.name))?;
+                addrs.push(set[0].local_addr()?);
+                for (mine, listener) in per_thread.iter_mut().zip(&set) {
+                    mine.push((listener.try_clone()?, fe.clone()));
+                }
+                sockets.push((*bind, set));
+            }
+        }
+        let plan = threads::Plan {
+            cfg,
+            balancers: prepared.balancers,
+            route,
+            frontends: prepared.frontends.into_iter().map(|(fe, _)| fe).collect(),
+        };
+        let shared = threads::spawn(Arc::new(plan), per_thread, &threads.cpu_map, rx)?;
+        Ok(Proxy {
+            shared,
+            resolvers: prepared.resolvers,
+            addrs,
+            tasks: Vec::new(),
+            sockets,
+            _shutdown: tx,
+        })
+    }
+
+    /// The listening sockets of `bind`, one per serving thread (none in-process).
+    fn sockets_of(&self, bind: SocketAddr) -> &[std::net::TcpListener] {
+        self.sockets
+            .iter()
+            .find(|(b, _)| *b == bind)
+            .map_or(&[][..], |(_, set)| set.as_slice())
+    }
+
     /// Marks a server of a pool up or down (driven by health checks); false if unknown.
     pub fn set_server_up(&self, pool: &str, server: SocketAddr, up: bool) -> bool {
-        self.shared
-            .pools
-            .iter()
-            .find(|p| &*p.name == pool)
-            .is_some_and(|p| p.balancer.set_up(server, up))
+        // Balancers are shared by the threads: the first thread's are everyone's.
+        self.shared.first().is_some_and(|shared| {
+            shared
+                .pools
+                .iter()
+                .find(|p| &*p.name == pool)
+                .is_some_and(|p| p.balancer.set_up(server, up))
+        })
     }
 
     /// Re-reads every frontend's certificate files; all or nothing per frontend.
@@ -356,7 +444,7 @@ impl Drop for Proxy {
 
 /// Live figures of a running proxy's pools, readable from any task.
 #[derive(Clone)]
-pub struct ProxyStats(Arc<Shared>);
+pub struct ProxyStats(Vec<Arc<Shared>>);
 
 /// Figures of one pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -383,10 +471,16 @@ pub struct ServerStats {
 impl ProxyStats {
     /// Every pool's figures.
     pub fn pools(&self) -> Vec<PoolStats> {
-        self.0
+        let Some(first) = self.0.first() else {
+            return Vec::new();
+        };
+        // Balancers are shared by the serving threads; kept connections are
+        // each thread's own, so those are summed.
+        first
             .pools
             .iter()
-            .map(|p| PoolStats {
+            .enumerate()
+            .map(|(i, p)| PoolStats {
                 name: p.name.to_string(),
                 queued: p.balancer.queued(),
                 servers: p
@@ -396,7 +490,12 @@ impl ProxyStats {
                     .map(|s| ServerStats {
                         address: s.addr,
                         current: s.active(),
-                        idle_connections: p.idle_connections(s.addr),
+                        idle_connections: self
+                            .0
+                            .iter()
+                            .filter_map(|shared| shared.pools.get(i))
+                            .map(|pool| pool.idle_connections(s.addr))
+                            .sum(),
                     })
                     .collect(),
             })

@@ -24,6 +24,15 @@ pub(super) struct RawConfig {
     pub(super) frontend: Option<Vec<Spanned<RawTable>>>,
     pub(super) pool: Option<Vec<Spanned<RawPool>>>,
     pub(super) userlist: Option<Vec<Spanned<RawTable>>>,
+    pub(super) proxy: Option<Spanned<RawProxy>>,
+}
+
+/// `[proxy]`: settings of the L7 proxy as a whole.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProxy {
+    pub(super) threads: Option<Spanned<i64>>,
+    pub(super) cpu_map: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 /// One of the proxy's tables, key by key, each value with its span: the
