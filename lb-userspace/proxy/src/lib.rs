@@ -14,6 +14,10 @@
 //!
 //! In the order a request meets them (the module graph has no cycle):
 //!
+//! - `threads`: the serving threads `lb run` uses (`Proxy::start_threads`),
+//!   each a current-thread runtime with its own SO_REUSEPORT listeners, and
+//!   what they share (balancers, connection limits) and do not (server
+//!   connections); `Proxy::start` serves on the caller's runtime instead.
 //! - `accept`: client sockets; `proxy_protocol`: the PROXY header;
 //!   `tls`: certificates by SNI; `server`: the accept loop, client timeouts,
 //!   and the choice between the two paths.
