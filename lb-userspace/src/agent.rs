@@ -675,14 +675,24 @@ impl Handler for Shared {
     }
 }
 
-/// Starts the L7 proxy if the configuration has frontends.
-async fn start_proxy(section: &config::ProxySection) -> Result<Option<lb_proxy::Proxy>> {
+/// Starts the L7 proxy on its serving threads if the configuration has
+/// frontends, taking over the listening sockets of `previous` (a reload).
+/// It blocks until the threads serve: milliseconds, at start and reload only.
+async fn start_proxy(
+    section: &config::ProxySection,
+    previous: Option<&lb_proxy::Proxy>,
+) -> Result<Option<lb_proxy::Proxy>> {
     if section.0.frontends.is_empty() {
         return Ok(None);
     }
     let router = lb_proxy::routing::router(&section.0)?;
-    let started = lb_proxy::Proxy::start(section.0.clone(), Some(router)).await?;
-    info!(listening = ?started.local_addrs(), "L7 proxy running");
+    let started =
+        lb_proxy::Proxy::start_threads(section.0.clone(), Some(router), &section.3, previous)?;
+    info!(
+        listening = ?started.local_addrs(),
+        threads = section.3.count,
+        "L7 proxy running"
+    );
     Ok(Some(started))
 }
 
@@ -863,7 +873,7 @@ struct L7 {
 impl L7 {
     /// Starts the proxy of `config` (none without frontends).
     async fn start(config: config::ProxySection, shared: &Shared) -> Result<L7> {
-        let proxy = start_proxy(&config).await?;
+        let proxy = start_proxy(&config, None).await?;
         shared.lock().proxy_stats = proxy.as_ref().map(lb_proxy::Proxy::stats);
         Ok(L7 { proxy, config })
     }
@@ -875,7 +885,7 @@ impl L7 {
     async fn reload(&mut self, shared: &Shared) {
         let next = shared.lock().desired.config.proxy.clone();
         if next != self.config {
-            match start_proxy(&next).await {
+            match start_proxy(&next, self.proxy.as_ref()).await {
                 Ok(p) => {
                     let old = std::mem::replace(&mut self.proxy, p);
                     shared.lock().proxy_stats = self.proxy.as_ref().map(lb_proxy::Proxy::stats);

@@ -162,10 +162,14 @@ fn main() -> ExitCode {
         eprintln!("lb: {e:#}");
         return ExitCode::FAILURE;
     }
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // `lb run`: the agent's own work (health checks, control socket,
+    // metrics, BGP, reloads) on one small runtime of its own; the L7 proxy
+    // serves on threads of its own (lb_proxy::Threads), never delayed by it.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, Command::Run { .. }) {
+        builder.worker_threads(1).thread_name("lb-agent");
+    }
+    match builder.enable_all().build() {
         Ok(rt) => rt.block_on(async_main(cli)),
         Err(e) => {
             eprintln!("lb: starting the runtime: {e}");
@@ -177,7 +181,10 @@ fn main() -> ExitCode {
 async fn async_main(cli: Cli) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            // rustls warns about each client's own mistakes (an IP address
+            // as SNI, as wrk and some clients send): one line per handshake.
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("info,rustls=error")),
         )
         .with_target(false)
         .init();

@@ -1,99 +1,692 @@
-//! `lb-bench`'s L7 comparison: our proxy against HAProxy, one thread each, in
-//! front of the same lab backends, loaded by `wrk` from the client namespace in
-//! the same run. Printed as ratios ours/HAProxy: requests/s, p99 latency and
-//! the CPU time each proxy spent per request (utime + stime from /proc).
+//! `lb-bench l7`: the L7 proxy as users run it, `lb run` (release binary, a
+//! config file, the XDP program attached and passing the l7 VIP up to the
+//! stack), against HAProxy (`nbthread N`, `http-reuse safe`) and nginx (`N`
+//! workers, upstream keepalive), all three in the balancer namespace behind
+//! the same l7 VIP, for `threads = 1` and `2`. wrk loads each from the
+//! client namespace; rounds alternate between the three so a burst of noise
+//! on this shared 2-core VM hits all of them; each figure is the median of
+//! `ROUNDS` runs of `WINDOW`.
 //!
-//! Both proxies listen on the balancer's client-facing address, which the
-//! client reaches directly; no XDP service is involved (no agent runs).
+//! Per row: requests/s, CPU µs per request (utime + stime from
+//! /proc/<pid>/stat of each proxy's processes, nginx's master and workers
+//! summed, over the run), p99 latency (wrk --latency), and the ratios
+//! lb/HAProxy (req/s, CPU per request) and lb/nginx (MB/s on the 64 KiB
+//! row). Then the resident memory each proxy grows by per idle keep-alive
+//! client connection (`IDLE` connections, one request each).
+//!
+//! Measurement notes (the run of the `threads` branch, 2 shared cores, wrk,
+//! the backends and the proxies all on them, so the proxies never have two
+//! cores of their own; at `threads = 2` the client takes half the machine):
+//! see the README's table for the figures of that run. Access logging is off
+//! for all three (`RUST_LOG=warn,rustls=error` for lb: its access log is
+//! `tracing` target `access` at INFO). Nothing here is pinned: on 2 cores pinning the
+//! proxy leaves wrk and the backends fighting over the other one.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use lb_proxy::{Algorithm, CertPair, Frontend, Pool, Proxy, ProxyConfig, ServerSpec, TlsConfig};
+use lb_proxy::{Frontend, Pool};
 use lb_userspace::lab::{
-    BALANCER_CLIENT_V4, Lab, LabOptions, TCP_PORT, client::http_get, run_in_ns,
+    Lab, LabOptions, VIP_V4, client::http_get, run_in_ns, services::lab_config,
 };
 
-/// Backends behind both proxies (round robin).
+/// Backends behind the three proxies (round robin).
 const BACKENDS: usize = 2;
-/// Ports of the proxies on the balancer's client-facing address.
-const OURS_HTTP: u16 = 8081;
-const HAPROXY_HTTP: u16 = 8082;
-const OURS_HTTPS: u16 = 8443;
-const HAPROXY_HTTPS: u16 = 8444;
-/// wrk's open connections (one wrk thread drives them), but for the loaded row.
-const CONNECTIONS: u32 = 2;
-/// wrk's connections in the loaded new-connection row (its name says 16): at
-/// two, neither proxy is busy more than about three quarters of the time and
-/// the rate is the round trip's; from about four on, the two cores are the limit.
-const LOADED: u32 = 16;
-/// Measured runs per proxy and scenario, alternating between the proxies
-/// (five: a row's ratio moved by up to ±8 % between runs of three).
-const ROUNDS: usize = 5;
+/// Serving threads (HAProxy's nbthread, nginx's workers) of the two passes.
+const THREADS: [usize; 2] = [1, 2];
+/// wrk's open connections, but for the "-c400" row.
+const CONNECTIONS: u32 = 50;
+/// The many-connections row.
+const MANY: u32 = 400;
+/// Measured runs per proxy and row: the median is printed.
+const ROUNDS: usize = 3;
 /// Length of each measured wrk run, and of the warm-up run per proxy.
-const WINDOW: Duration = Duration::from_secs(5);
+const WINDOW: Duration = Duration::from_secs(2);
 const WARMUP: Duration = Duration::from_secs(1);
 /// Longest a wrk run may take beyond its duration before it is killed.
 const WRK_GRACE: Duration = Duration::from_secs(10);
 /// wrk's per-request timeout (a slower request counts as an error).
 const REQUEST_TIMEOUT: &str = "2s";
-/// Connection limit of both proxies (ours' default), unless the open-file
+/// Connection limit of the proxies (ours' default), unless the open-file
 /// limit is lower: HAProxy needs two descriptors per connection plus some.
 const MAX_CONNECTIONS: usize = 10_000;
 /// How long a proxy gets to start answering.
-const READY_TIMEOUT: Duration = Duration::from_secs(5);
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle keep-alive client connections opened per proxy for the memory row.
+const IDLE: usize = 2000;
+/// Size of the large responses.
+const LARGE: u64 = 64 * 1024;
 
-/// One row of the comparison: how wrk connects and what it sends.
+/// One row: how wrk connects and what it asks.
 struct Scenario {
     name: &'static str,
     https: bool,
     close: bool,
-    /// wrk's open connections.
     connections: u32,
+    path: &'static str,
 }
 
-/// The warm-up rows, also measured.
-const HTTP_KEEP_ALIVE: Scenario = Scenario {
-    name: "HTTP keep-alive",
-    https: false,
-    close: false,
-    connections: CONNECTIONS,
-};
-const HTTPS_KEEP_ALIVE: Scenario = Scenario {
-    name: "HTTPS keep-alive (TLS at the proxy)",
-    https: true,
-    close: false,
-    connections: CONNECTIONS,
-};
-
-const SCENARIOS: [Scenario; 5] = [
-    HTTP_KEEP_ALIVE,
+const SCENARIOS: [Scenario; 6] = [
+    Scenario {
+        name: "HTTP keep-alive",
+        https: false,
+        close: false,
+        connections: CONNECTIONS,
+        path: "/",
+    },
+    Scenario {
+        name: "HTTP keep-alive -c400",
+        https: false,
+        close: false,
+        connections: MANY,
+        path: "/",
+    },
     Scenario {
         name: "HTTP new connection per request",
         https: false,
         close: true,
         connections: CONNECTIONS,
+        path: "/",
     },
     Scenario {
-        name: "HTTP new connection, wrk -c16",
-        https: false,
-        close: true,
-        connections: LOADED,
+        name: "HTTPS keep-alive",
+        https: true,
+        close: false,
+        connections: CONNECTIONS,
+        path: "/",
     },
-    HTTPS_KEEP_ALIVE,
     Scenario {
         name: "HTTPS new connection per request",
         https: true,
         close: true,
         connections: CONNECTIONS,
+        path: "/",
+    },
+    Scenario {
+        name: "64 KiB responses, keep-alive",
+        https: false,
+        close: false,
+        connections: CONNECTIONS,
+        path: "/bytes/65536",
     },
 ];
+
+/// The three proxies, in column order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Lb,
+    HaProxy,
+    Nginx,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Lb, Kind::HaProxy, Kind::Nginx];
+
+    /// Its HTTP and HTTPS ports on the VIP (each an l7 service of the XDP program).
+    fn ports(self) -> (u16, u16) {
+        match self {
+            Kind::Lb => (8081, 8443),
+            Kind::HaProxy => (8082, 8444),
+            Kind::Nginx => (8083, 8445),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Lb => "lb",
+            Kind::HaProxy => "HAProxy",
+            Kind::Nginx => "nginx",
+        }
+    }
+}
+
+/// A started proxy: its main process (the others are its children).
+struct Running {
+    kind: Kind,
+    pid: u32,
+}
+
+/// Programs and files of the run.
+struct Setup {
+    haproxy: PathBuf,
+    nginx: PathBuf,
+    wrk: PathBuf,
+    lb: PathBuf,
+    dir: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    pem: PathBuf,
+    servers: Vec<SocketAddr>,
+    max: usize,
+}
+
+/// Figures of one proxy in one row: medians of its runs.
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    rps: f64,
+    cpu_us: f64,
+    /// The user-mode part of `cpu_us`.
+    user_us: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+/// One pass's results: per row, per proxy (column order); then idle KiB per connection.
+struct Pass {
+    threads: usize,
+    rows: Vec<[Figures; 3]>,
+    idle_kib: [f64; 3],
+}
+
+/// Runs the comparison at every thread count and prints it.
+pub fn run() -> Result<()> {
+    let tool = |name: &str, package: &str| {
+        which(name).ok_or_else(|| {
+            anyhow!("{name} is not installed (Debian package `{package}`; `cargo xtask setup`)")
+        })
+    };
+    let (haproxy, nginx, wrk) = (
+        tool("haproxy", "haproxy")?,
+        tool("nginx", "nginx-light")?,
+        tool("wrk", "wrk")?,
+    );
+    let version = haproxy_version(&haproxy)?;
+    let opts = LabOptions::from_env(BACKENDS)?;
+    let lb = opts.lb_bin.clone();
+    raise_open_files();
+    let mut lab = Lab::create("l7bench", opts)?;
+    lab.make_local_on_balancer(VIP_V4.into())?;
+    let dir = Workdir::new(std::env::temp_dir().join(format!("{}-l7", lab.balancer_ns())))?;
+    let (cert, key, pem) = write_certificate(&dir.0)?;
+    let setup = Setup {
+        haproxy,
+        nginx,
+        wrk,
+        lb,
+        dir: dir.0.clone(),
+        cert,
+        key,
+        pem,
+        servers: lab
+            .backends()
+            .iter()
+            .map(|b| SocketAddr::new(b.v4.into(), lb_userspace::lab::TCP_PORT))
+            .collect(),
+        max: max_connections(),
+    };
+    let mut passes = Vec::new();
+    for threads in THREADS {
+        passes
+            .push(pass(&mut lab, &setup, threads).with_context(|| format!("threads = {threads}"))?);
+    }
+    print_passes(&passes, &version);
+    Ok(())
+}
+
+/// Starts the three proxies with `threads` each, measures every row and the
+/// idle memory, and stops them.
+fn pass(lab: &mut Lab, setup: &Setup, threads: usize) -> Result<Pass> {
+    let mut running = Vec::new();
+    let started = (|| -> Result<()> {
+        for kind in Kind::ALL {
+            running.push(start(lab, setup, kind, threads)?);
+        }
+        Ok(())
+    })();
+    let result = started.and_then(|()| measure_pass(lab, setup, &running, threads));
+    for r in running {
+        let _ = lab.stop(r.pid);
+    }
+    result
+}
+
+/// Waits for, warms up and measures the running proxies.
+fn measure_pass(lab: &mut Lab, setup: &Setup, running: &[Running], threads: usize) -> Result<Pass> {
+    let client_ns = lab.client_ns().to_string();
+    for r in running {
+        let addr = SocketAddr::new(VIP_V4.into(), r.kind.ports().0);
+        wait_ready(lab, &client_ns, addr, Some(r.pid))
+            .with_context(|| format!("{} is not answering", r.kind.label()))?;
+    }
+    // Idle memory first, on fresh processes: once loaded, HAProxy and nginx
+    // keep their pools' memory, and would grow by nothing.
+    let mut idle_kib = [0.0; 3];
+    for (i, r) in running.iter().enumerate() {
+        let addr = SocketAddr::new(VIP_V4.into(), r.kind.ports().0);
+        let pid = r.pid;
+        let grew = run_in_ns(&client_ns, move || idle_growth(addr, pid))??;
+        idle_kib[i] = grew as f64 / IDLE as f64;
+    }
+    let load = |r: &Running, s: &Scenario, window: Duration| {
+        let (http, https) = r.kind.ports();
+        let port = if s.https { https } else { http };
+        let scheme = if s.https { "https" } else { "http" };
+        let url = format!("{scheme}://{VIP_V4}:{port}{}", s.path);
+        let pid = r.pid;
+        run_wrk(&setup.wrk, &client_ns, &url, s, threads, window, &|| {
+            tree_cpu_seconds(pid)
+        })
+        .with_context(|| format!("{}: {}", s.name, r.kind.label()))
+    };
+    // Warm-up: server connections open, caches and TLS state built.
+    for r in running {
+        load(r, &SCENARIOS[0], WARMUP)?;
+        load(r, &SCENARIOS[3], WARMUP)?;
+    }
+    let mut rows = Vec::new();
+    for s in &SCENARIOS {
+        let mut runs: [Vec<Measure>; 3] = Default::default();
+        for _ in 0..ROUNDS {
+            for (i, r) in running.iter().enumerate() {
+                runs[i].push(load(r, s, WINDOW)?);
+            }
+        }
+        for r in running {
+            ensure!(lab.try_wait(r.pid)?.is_none(), "{} exited", r.kind.label());
+        }
+        rows.push(runs.map(|m| medians(&m)));
+    }
+    Ok(Pass {
+        threads,
+        rows,
+        idle_kib,
+    })
+}
+
+/// The median of each figure over `runs`.
+fn medians(runs: &[Measure]) -> Figures {
+    let median = |f: &dyn Fn(&Measure) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Figures {
+        rps: median(&|m| m.rps()),
+        cpu_us: median(&|m| m.cpu_us_per_request()),
+        user_us: median(&|m| m.user_us_per_request()),
+        p99_ms: median(&|m| m.p99_ms),
+        errors: runs.iter().map(|m| m.errors).sum(),
+    }
+}
+
+/// Starts one proxy with `threads` in the balancer namespace.
+fn start(lab: &mut Lab, setup: &Setup, kind: Kind, threads: usize) -> Result<Running> {
+    let ns = lab.balancer_ns().to_string();
+    let dir = &setup.dir;
+    let pid = match kind {
+        Kind::Lb => {
+            let cfg = dir.join(format!("lb-{threads}.toml"));
+            std::fs::write(&cfg, lb_config(lab, setup, threads))?;
+            let args: Vec<OsString> = vec![
+                // The access log is `tracing` target `access` at INFO: off;
+                // so are rustls' warnings about wrk's IP address as SNI.
+                "RUST_LOG=warn,rustls=error".into(),
+                setup.lb.clone().into(),
+                "run".into(),
+                "--config".into(),
+                cfg.into(),
+                "--socket".into(),
+                dir.join("lb.sock").into(),
+                "--pin-dir".into(),
+                lab.node_pin_dir(1)?.into(),
+            ];
+            lab.spawn_in_ns(&ns, Path::new("/usr/bin/env"), &args)?
+        }
+        Kind::HaProxy => {
+            let cfg = dir.join(format!("haproxy-{threads}.cfg"));
+            std::fs::write(&cfg, haproxy_config(setup, threads))?;
+            check_config(&ns, &setup.haproxy, &["-c", "-q", "-f"], &cfg)?;
+            let args = ["-db".into(), "-f".into(), cfg.into_os_string()];
+            lab.spawn_in_ns(&ns, &setup.haproxy, &args)?
+        }
+        Kind::Nginx => {
+            let cfg = dir.join(format!("nginx-{threads}.conf"));
+            std::fs::write(&cfg, nginx_config(setup, threads))?;
+            let prefix = format!("{}/", dir.display());
+            check_config(&ns, &setup.nginx, &["-q", "-p", &prefix, "-t", "-c"], &cfg)?;
+            let args = [
+                "-p".into(),
+                prefix.into(),
+                "-c".into(),
+                cfg.into_os_string(),
+            ];
+            lab.spawn_in_ns(&ns, &setup.nginx, &args)?
+        }
+    };
+    Ok(Running { kind, pid })
+}
+
+/// `lb run`'s file: the lab's L4 services and an l7 service per port of
+/// the three proxies (XDP passes them up), `[proxy] threads`, a plain and a
+/// TLS frontend over one round-robin pool; HAProxy's and nginx's settings
+/// are the same (no forwarding headers, same timeouts and limits).
+fn lb_config(lab: &Lab, setup: &Setup, threads: usize) -> String {
+    let mut text = lab_config(lab, &[1; BACKENDS], lb_common::DEFAULT_RING_SIZE, None);
+    for kind in Kind::ALL {
+        let (http, https) = kind.ports();
+        for port in [http, https] {
+            text.push_str(&format!(
+                "\n[[service]]\nname = \"l7-{port}\"\nvip = \"{VIP_V4}:{port}\"\nmode = \"l7\"\n"
+            ));
+        }
+    }
+    let (http, https) = Kind::Lb.ports();
+    let servers: Vec<String> = setup
+        .servers
+        .iter()
+        .map(|s| format!("{{ address = \"{s}\" }}"))
+        .collect();
+    let frontend = |name: &str, port: u16| {
+        format!(
+            "\n[[frontend]]\nname = \"{name}\"\nbinds = [\"{VIP_V4}:{port}\"]\ndefault_pool = \"app\"\n\
+             forwarded_headers = false\nmax_connections = {}\n",
+            setup.max
+        )
+    };
+    text.push_str(&format!("\n[proxy]\nthreads = {threads}\n"));
+    text.push_str(&frontend("http", http));
+    text.push_str(&frontend("https", https));
+    text.push_str(&format!(
+        "[frontend.tls]\ncerts = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+        setup.cert.display(),
+        setup.key.display()
+    ));
+    text.push_str(&format!(
+        "\n[[pool]]\nname = \"app\"\nservers = [{}]\n",
+        servers.join(", ")
+    ));
+    text
+}
+
+/// HAProxy's equivalent (same timeouts, retries, limit and balancing),
+/// `nbthread`, `http-reuse safe` (its default), no logging.
+fn haproxy_config(setup: &Setup, threads: usize) -> String {
+    let defaults = Frontend::new("x", Vec::new(), "x");
+    let pool = Pool::new("x", lb_proxy::Algorithm::RoundRobin, Vec::new());
+    let ms = |d: Duration| format!("{}ms", d.as_millis());
+    let (http, https) = Kind::HaProxy.ports();
+    let max = setup.max;
+    let mut text = format!(
+        "global\n    nbthread {threads}\n    maxconn {max}\n\
+         defaults\n    mode http\n    option http-keep-alive\n    maxconn {max}\n\
+         \x20   timeout connect {connect}\n    timeout client {client}\n    timeout server {server}\n\
+         \x20   timeout http-request {request}\n    timeout http-keep-alive {keep_alive}\n\
+         \x20   retries {retries}\n    option redispatch 1\n\
+         frontend web\n    bind {VIP_V4}:{http}\n    bind {VIP_V4}:{https} ssl crt {pem}\n\
+         \x20   default_backend app\n\
+         backend app\n    balance roundrobin\n    http-reuse safe\n",
+        connect = ms(pool.timeout_connect),
+        client = ms(defaults.timeout_client),
+        server = ms(pool.timeout_server),
+        request = ms(defaults.timeout_http_request),
+        keep_alive = ms(defaults.timeout_http_keep_alive),
+        retries = pool.retries,
+        pem = setup.pem.display(),
+    );
+    for (i, s) in setup.servers.iter().enumerate() {
+        text.push_str(&format!("    server be{} {s}\n", i + 1));
+    }
+    text
+}
+
+/// nginx's equivalent: `threads` workers (SO_REUSEPORT listeners, as ours),
+/// upstream keep-alive connections, no limit on requests per connection
+/// either way, no access log, responses buffered in memory (64 KiB fit).
+fn nginx_config(setup: &Setup, threads: usize) -> String {
+    let (http, https) = Kind::Nginx.ports();
+    let dir = setup.dir.display();
+    let servers: String = setup
+        .servers
+        .iter()
+        .map(|s| format!("        server {s};\n"))
+        .collect();
+    format!(
+        "daemon off;\nuser root;\nworker_processes {threads};\nworker_rlimit_nofile {files};\n\
+         pid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
+         events {{\n    worker_connections {max};\n}}\n\
+         http {{\n    access_log off;\n    keepalive_requests 1000000000;\n\
+         \x20   client_body_temp_path {dir}/nginx-body;\n    proxy_temp_path {dir}/nginx-proxy;\n\
+         \x20   fastcgi_temp_path {dir}/nginx-fcgi;\n    uwsgi_temp_path {dir}/nginx-uwsgi;\n\
+         \x20   scgi_temp_path {dir}/nginx-scgi;\n\
+         \x20   upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000000;\n    }}\n\
+         \x20   server {{\n        listen {VIP_V4}:{http} reuseport;\n        listen {VIP_V4}:{https} ssl reuseport;\n\
+         \x20       ssl_certificate {cert};\n        ssl_certificate_key {key};\n\
+         \x20       location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n\
+         \x20           proxy_set_header Connection \"\";\n            proxy_buffers 8 16k;\n\
+         \x20           proxy_buffer_size 16k;\n        }}\n    }}\n}}\n",
+        files = setup.max * 2 + 1000,
+        max = setup.max,
+        cert = setup.cert.display(),
+        key = setup.key.display(),
+    )
+}
+
+/// Prints each pass's table, the idle memory and which targets were met.
+fn print_passes(passes: &[Pass], version: &str) {
+    println!(
+        "L7 proxy through the binaries: lb run against {version} and nginx, each behind the XDP l7 pass, \
+         {BACKENDS} backends round robin; wrk -tN -c{CONNECTIONS} from the client namespace; \
+         medians of {ROUNDS} alternating runs of {} s; CPU = each proxy's processes' utime+stime:",
+        WINDOW.as_secs()
+    );
+    for p in passes {
+        println!(
+            "  threads = {} (nbthread / worker_processes {}):",
+            p.threads, p.threads
+        );
+        println!(
+            "    {:<34} {:>23}   {:>20}   {:>17}   {:>14}   {:>8}",
+            "", "req/s", "CPU us/req", "p99 ms", "lb/HAProxy", "lb/nginx"
+        );
+        println!(
+            "    {:<34} {:>7} {:>7} {:>7}   {:>6} {:>6} {:>6}   {:>5} {:>5} {:>5}   {:>6} {:>7}   {:>8}",
+            "",
+            "lb",
+            "HAProxy",
+            "nginx",
+            "lb",
+            "HAPrx",
+            "nginx",
+            "lb",
+            "HAPrx",
+            "nginx",
+            "req/s",
+            "CPU/req",
+            "req/s"
+        );
+        for (s, [o, h, n]) in SCENARIOS.iter().zip(&p.rows) {
+            println!(
+                "    {:<34} {:>7.0} {:>7.0} {:>7.0}   {:>6.1} {:>6.1} {:>6.1}   {:>5.2} {:>5.2} {:>5.2}   {:>5.2}x {:>6.2}x   {:>7.2}x",
+                s.name,
+                o.rps,
+                h.rps,
+                n.rps,
+                o.cpu_us,
+                h.cpu_us,
+                n.cpu_us,
+                o.p99_ms,
+                h.p99_ms,
+                n.p99_ms,
+                o.rps / h.rps,
+                o.cpu_us / h.cpu_us,
+                o.rps / n.rps
+            );
+        }
+        println!(
+            "    of which user-mode CPU us/req (lb / HAProxy / nginx; the rest is kernel: TCP, veths, XDP): {}",
+            p.rows
+                .iter()
+                .map(|[o, h, n]| format!("{:.1}/{:.1}/{:.1}", o.user_us, h.user_us, n.user_us))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if let Some([o, h, n]) = p.rows.last() {
+            let mb = |f: &Figures| f.rps * LARGE as f64 / 1e6;
+            println!(
+                "    64 KiB MB/s: lb {:.0}, HAProxy {:.0}, nginx {:.0} (lb/nginx {:.2}x)",
+                mb(o),
+                mb(h),
+                mb(n),
+                mb(o) / mb(n)
+            );
+        }
+        let [o, h, n] = p.idle_kib;
+        println!(
+            "    idle memory per keep-alive connection ({IDLE} connections): lb {o:.1} KiB, HAProxy {h:.1} KiB, nginx {n:.1} KiB (lb/HAProxy {:.2}x)",
+            o / h.max(0.1)
+        );
+        let errors: Vec<String> = SCENARIOS
+            .iter()
+            .zip(&p.rows)
+            .filter(|(_, f)| f.iter().any(|x| x.errors > 0))
+            .map(|(s, [o, h, n])| {
+                format!(
+                    "{}: lb {}, HAProxy {}, nginx {}",
+                    s.name, o.errors, h.errors, n.errors
+                )
+            })
+            .collect();
+        if !errors.is_empty() {
+            println!(
+                "    errors (socket errors + non-2xx): {}",
+                errors.join("; ")
+            );
+        }
+        println!("    targets: {}", targets(p).join("; "));
+    }
+}
+
+/// The issue's targets, each "met" or "not met" with its figure.
+fn targets(p: &Pass) -> Vec<String> {
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let row = |i: usize| p.rows[i];
+    let ka = row(0);
+    let (ka_rps, ka_cpu) = (ka[0].rps / ka[1].rps, ka[0].cpu_us / ka[1].cpu_us);
+    let newconn = row(2)[0].rps / row(2)[1].rps;
+    let https = row(3)[0].rps / row(3)[1].rps;
+    let large = row(5)[0].rps / row(5)[2].rps;
+    let idle = p.idle_kib[0] / p.idle_kib[1].max(0.1);
+    vec![
+        format!(
+            "keep-alive >=1.3x HAProxy at <=0.75x CPU/req: {} ({ka_rps:.2}x, {ka_cpu:.2}x)",
+            verdict(ka_rps >= 1.3 && ka_cpu <= 0.75)
+        ),
+        format!(
+            "new connections >=1.3x: {} ({newconn:.2}x)",
+            verdict(newconn >= 1.3)
+        ),
+        format!(
+            "HTTPS keep-alive >=1.3x: {} ({https:.2}x)",
+            verdict(https >= 1.3)
+        ),
+        format!(
+            "64 KiB >= nginx MB/s: {} ({large:.2}x)",
+            verdict(large >= 1.0)
+        ),
+        format!(
+            "idle memory <= HAProxy's: {} ({idle:.2}x)",
+            verdict(idle <= 1.0)
+        ),
+    ]
+}
+
+/// Raises this process's open-file limit for the idle connections (and wrk's).
+fn raise_open_files() {
+    let want = (2 * IDLE + 1024) as u64;
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Opens `IDLE` keep-alive connections to `addr`, one answered request
+/// each; returns how much the resident memory of `pid` and its children
+/// grew (KiB), measured while they are all open.
+fn idle_growth(addr: SocketAddr, pid: u32) -> Result<u64> {
+    use std::io::{Read, Write};
+    let before = tree_rss_kib(pid)?;
+    let mut open = Vec::with_capacity(IDLE);
+    for i in 0..IDLE {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connection {i}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf)?;
+            ensure!(n > 0, "connection {i} closed before its answer");
+            head.extend_from_slice(&buf[..n]);
+        }
+        open.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grew = tree_rss_kib(pid)?.saturating_sub(before);
+    drop(open);
+    Ok(grew)
+}
+
+/// `pid` and its children (nginx's workers).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // The parent pid is the second field after the command name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            pids.push(child);
+        }
+    }
+    pids
+}
+
+/// Resident memory of `pid` and its children, in KiB.
+fn tree_rss_kib(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for p in process_tree(pid) {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status"))?;
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("no VmRSS for pid {p}"))?;
+    }
+    Ok(total)
+}
+
+/// CPU time of `pid` and its children so far.
+fn tree_cpu_seconds(pid: u32) -> Result<Cpu> {
+    let mut total = Cpu {
+        user: 0.0,
+        sys: 0.0,
+    };
+    for p in process_tree(pid) {
+        let c = stat_cpu_seconds(&format!("/proc/{p}/stat"))?;
+        total.user += c.user;
+        total.sys += c.sys;
+    }
+    Ok(total)
+}
 
 /// What one wrk run measured, with the proxy's CPU time over the same run.
 #[derive(Debug, Clone, Copy)]
@@ -108,20 +701,6 @@ pub(crate) struct Measure {
 }
 
 impl Measure {
-    /// Several runs as one: requests, time and CPU summed; p99 the median run's.
-    fn pooled(runs: &[Measure]) -> Measure {
-        let mut p99: Vec<f64> = runs.iter().map(|m| m.p99_ms).collect();
-        p99.sort_by(f64::total_cmp);
-        Measure {
-            requests: runs.iter().map(|m| m.requests).sum(),
-            seconds: runs.iter().map(|m| m.seconds).sum(),
-            p99_ms: p99.get(p99.len() / 2).copied().unwrap_or(f64::NAN),
-            errors: runs.iter().map(|m| m.errors).sum(),
-            cpu_seconds: runs.iter().map(|m| m.cpu_seconds).sum(),
-            user_seconds: runs.iter().map(|m| m.user_seconds).sum(),
-        }
-    }
-
     pub(crate) fn rps(&self) -> f64 {
         self.requests as f64 / self.seconds
     }
@@ -131,314 +710,6 @@ impl Measure {
     fn user_us_per_request(&self) -> f64 {
         self.user_seconds * 1e6 / self.requests.max(1) as f64
     }
-    fn cpu_share(&self) -> f64 {
-        self.cpu_seconds / self.seconds * 100.0
-    }
-}
-
-/// Runs the comparison and prints it.
-pub fn run() -> Result<()> {
-    let haproxy = which("haproxy").ok_or_else(|| {
-        anyhow!("haproxy is not installed (Debian package `haproxy`; `cargo xtask setup`)")
-    })?;
-    let wrk = which("wrk").ok_or_else(|| {
-        anyhow!("wrk is not installed (Debian package `wrk`; `cargo xtask setup`)")
-    })?;
-    let version = haproxy_version(&haproxy)?;
-
-    let mut lab = Lab::create("l7bench", LabOptions::from_env(BACKENDS)?)?;
-    let dir = Workdir::new(std::env::temp_dir().join(format!("{}-l7", lab.balancer_ns())))?;
-    let servers: Vec<SocketAddr> = lab
-        .backends()
-        .iter()
-        .map(|b| SocketAddr::new(b.v4.into(), TCP_PORT))
-        .collect();
-    let (cert, key, pem) = write_certificate(&dir.0)?;
-
-    let max = max_connections();
-    let ours = OurProxy::start(lab.balancer_ns(), proxy_config(&servers, cert, key, max))?;
-    let haproxy_cfg = dir.0.join("haproxy.cfg");
-    std::fs::write(&haproxy_cfg, haproxy_config(&servers, &pem, max))?;
-    check_haproxy_config(&haproxy, &haproxy_cfg)?;
-    let balancer_ns = lab.balancer_ns().to_string();
-    let args = ["-db".into(), "-f".into(), haproxy_cfg.into_os_string()];
-    let haproxy_pid = lab.spawn_in_ns(&balancer_ns, &haproxy, &args)?;
-    let result = compare(&mut lab, &wrk, &ours, haproxy_pid, &version);
-    // Stop both before the lab goes (it would stop HAProxy too, as its child).
-    drop(ours);
-    let stopped = lab.stop(haproxy_pid);
-    result?;
-    stopped?;
-    Ok(())
-}
-
-fn compare(
-    lab: &mut Lab,
-    wrk: &Path,
-    ours: &OurProxy,
-    haproxy_pid: u32,
-    version: &str,
-) -> Result<()> {
-    let client_ns = lab.client_ns().to_string();
-    let proxy_addr = |port| SocketAddr::new(BALANCER_CLIENT_V4.into(), port);
-    // Both answer with a backend's name before anything is measured.
-    wait_ready(lab, &client_ns, proxy_addr(OURS_HTTP), None)?;
-    wait_ready(lab, &client_ns, proxy_addr(HAPROXY_HTTP), Some(haproxy_pid))?;
-    let our_cpu = || thread_cpu_seconds(ours.tid);
-    let haproxy_cpu = || process_cpu_seconds(haproxy_pid);
-
-    let load = |port: u16, s: &Scenario, window: Duration, cpu: &dyn Fn() -> Result<Cpu>| {
-        let url = format!(
-            "{}://{}/",
-            if s.https { "https" } else { "http" },
-            proxy_addr(port)
-        );
-        run_wrk(wrk, &client_ns, &url, s, window, cpu)
-    };
-    // Warm-up: backend connections open, caches and TLS state built.
-    for (http, https, cpu) in [
-        (OURS_HTTP, OURS_HTTPS, &our_cpu as &dyn Fn() -> Result<Cpu>),
-        (HAPROXY_HTTP, HAPROXY_HTTPS, &haproxy_cpu),
-    ] {
-        load(http, &HTTP_KEEP_ALIVE, WARMUP, cpu)?;
-        load(https, &HTTPS_KEEP_ALIVE, WARMUP, cpu)?;
-    }
-
-    let mut rows = Vec::new();
-    for s in &SCENARIOS {
-        let (ours_port, haproxy_port) = if s.https {
-            (OURS_HTTPS, HAPROXY_HTTPS)
-        } else {
-            (OURS_HTTP, HAPROXY_HTTP)
-        };
-        // Alternating rounds, pooled: a burst of noise on this shared VM hits both.
-        let (mut hs, mut os) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            hs.push(
-                load(haproxy_port, s, WINDOW, &haproxy_cpu)
-                    .with_context(|| format!("{}: HAProxy", s.name))?,
-            );
-            os.push(
-                load(ours_port, s, WINDOW, &our_cpu)
-                    .with_context(|| format!("{}: ours", s.name))?,
-            );
-            ensure!(
-                lab.try_wait(haproxy_pid)?.is_none(),
-                "HAProxy exited during the run"
-            );
-        }
-        rows.push((
-            s,
-            Measure::pooled(&hs),
-            Measure::pooled(&os),
-            pair_ratios(&hs, &os),
-        ));
-    }
-
-    println!(
-        "L7 proxy against {version} (one proxy thread each, {BACKENDS} backends round robin; \
-         wrk -t1 -c{CONNECTIONS} (-c{LOADED} where the row says) from the client namespace, {ROUNDS} alternating runs of {} s per figure, pooled; \
-         CPU = the proxy's utime+stime over the runs):",
-        WINDOW.as_secs()
-    );
-    println!(
-        "  {:<36} {:>17}   {:>15}   {:>17}   {:>10}",
-        "", "req/s", "p99 ms", "CPU us/req", "ours/HAProxy"
-    );
-    println!(
-        "  {:<36} {:>8} {:>8}   {:>7} {:>7}   {:>8} {:>8}   {:>6} {:>5} {:>7}",
-        "", "HAProxy", "ours", "HAProxy", "ours", "HAProxy", "ours", "req/s", "p99", "CPU/req"
-    );
-    for (s, h, o, _) in &rows {
-        println!(
-            "  {:<36} {:>8.0} {:>8.0}   {:>7.3} {:>7.3}   {:>8.1} {:>8.1}   {:>5.2}x {:>4.2}x {:>6.2}x",
-            s.name,
-            h.rps(),
-            o.rps(),
-            h.p99_ms,
-            o.p99_ms,
-            h.cpu_us_per_request(),
-            o.cpu_us_per_request(),
-            o.rps() / h.rps(),
-            o.p99_ms / h.p99_ms,
-            o.cpu_us_per_request() / h.cpu_us_per_request(),
-        );
-    }
-    println!(
-        "  proxy CPU busy during each run (HAProxy / ours): {}   (target: ours >= 1.00x req/s at <= 1.00x CPU/req)",
-        rows.iter()
-            .map(|(_, h, o, _)| format!("{:.0}%/{:.0}%", h.cpu_share(), o.cpu_share()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "  of which user-mode CPU us/req (HAProxy / ours; the rest is kernel, mostly the veth and TCP path): {}",
-        rows.iter()
-            .map(|(_, h, o, _)| format!(
-                "{:.1}/{:.1}",
-                h.user_us_per_request(),
-                o.user_us_per_request()
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "  ours/HAProxy req/s of each alternating pair of runs, lowest and highest: {}",
-        rows.iter()
-            .map(|(_, _, _, (lo, hi))| format!("{lo:.2}-{hi:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    let errors: Vec<String> = rows
-        .iter()
-        .filter(|(_, h, o, _)| h.errors + o.errors > 0)
-        .map(|(s, h, o, _)| format!("{}: HAProxy {}, ours {}", s.name, h.errors, o.errors))
-        .collect();
-    if !errors.is_empty() {
-        println!("  errors (socket errors + non-2xx): {}", errors.join("; "));
-    }
-    Ok(())
-}
-
-/// The lowest and highest ours/HAProxy requests/s over pairs of runs made
-/// one after the other: the spread of a row's ratio within one bench run.
-fn pair_ratios(haproxy: &[Measure], ours: &[Measure]) -> (f64, f64) {
-    haproxy
-        .iter()
-        .zip(ours)
-        .map(|(h, o)| o.rps() / h.rps())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
-            (lo.min(r), hi.max(r))
-        })
-}
-
-/// Our proxy on its own OS thread in the balancer namespace, driven by a
-/// single-threaded tokio runtime: every task of the proxy runs on that thread.
-struct OurProxy {
-    tid: i32,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl OurProxy {
-    fn start(ns: &str, config: ProxyConfig) -> Result<Self> {
-        let ns = ns.to_string();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<i32>>();
-        let thread = std::thread::Builder::new()
-            .name("l7bench-ours".into())
-            .spawn(move || {
-                let ready = ready_tx.clone();
-                let outcome = run_in_ns(&ns, move || -> Result<()> {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()?;
-                    rt.block_on(async move {
-                        let proxy = match Proxy::start(config, None).await {
-                            Ok(p) => p,
-                            Err(e) => {
-                                let _ = ready.send(Err(e));
-                                return;
-                            }
-                        };
-                        // SAFETY: gettid has no preconditions.
-                        let _ = ready.send(Ok(unsafe { libc::gettid() }));
-                        // Serves until told to stop (or the sender is dropped).
-                        let _ = stop_rx.await;
-                        drop(proxy);
-                    });
-                    Ok(())
-                });
-                if let Err(e) = outcome.and_then(|r| r) {
-                    let _ = ready_tx.send(Err(e));
-                }
-            })
-            .context("spawning the proxy thread")?;
-        let mut proxy = OurProxy {
-            tid: 0,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        };
-        proxy.tid = ready_rx
-            .recv_timeout(READY_TIMEOUT)
-            .context("our proxy did not start")??;
-        Ok(proxy)
-    }
-}
-
-impl Drop for OurProxy {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Our proxy's configuration: a plain and a TLS frontend on the balancer's
-/// client-facing address, one round-robin pool over the lab's backends.
-/// Timeouts are the defaults, which the HAProxy config repeats.
-fn proxy_config(servers: &[SocketAddr], cert: PathBuf, key: PathBuf, max: usize) -> ProxyConfig {
-    let bind = |port| SocketAddr::new(BALANCER_CLIENT_V4.into(), port);
-    let mut http = Frontend::new("http", vec![bind(OURS_HTTP)], "app");
-    // HAProxy adds no forwarding headers unless told (`option forwardfor`).
-    http.forwarded_headers = false;
-    http.max_connections = max;
-    let mut https = Frontend::new("https", vec![bind(OURS_HTTPS)], "app");
-    https.forwarded_headers = false;
-    https.max_connections = max;
-    https.tls = Some(TlsConfig {
-        certs: vec![CertPair {
-            cert,
-            key,
-            names: Vec::new(),
-        }],
-        default_cert: None,
-    });
-    ProxyConfig {
-        frontends: vec![http, https],
-        pools: vec![Pool::new(
-            "app",
-            Algorithm::RoundRobin,
-            servers.iter().copied().map(ServerSpec::new).collect(),
-        )],
-        ..Default::default()
-    }
-}
-
-/// The HAProxy equivalent of `proxy_config` (same timeouts, retries,
-/// connection limit and balancing), single-threaded and without logging.
-/// `http-reuse always` matches our pool, which sends any request over any idle
-/// server connection (HAProxy's default, `safe`, opens a new server connection
-/// for the first request of every client connection).
-fn haproxy_config(servers: &[SocketAddr], pem: &Path, max: usize) -> String {
-    let defaults = Frontend::new("x", Vec::new(), "x");
-    let pool = Pool::new("x", Algorithm::RoundRobin, Vec::new());
-    let ms = |d: Duration| format!("{}ms", d.as_millis());
-    let mut text = format!(
-        "global\n    nbthread 1\n    maxconn {max}\n\
-         defaults\n    mode http\n    option http-keep-alive\n    maxconn {max}\n\
-         \x20   timeout connect {connect}\n    timeout client {client}\n    timeout server {server}\n\
-         \x20   timeout http-request {request}\n    timeout http-keep-alive {keep_alive}\n\
-         \x20   retries {retries}\n    option redispatch 1\n\
-         frontend web\n    bind {ip}:{HAPROXY_HTTP}\n    bind {ip}:{HAPROXY_HTTPS} ssl crt {pem}\n\
-         \x20   default_backend app\n\
-         backend app\n    balance roundrobin\n    http-reuse always\n",
-        connect = ms(pool.timeout_connect),
-        client = ms(defaults.timeout_client),
-        server = ms(pool.timeout_server),
-        request = ms(defaults.timeout_http_request),
-        keep_alive = ms(defaults.timeout_http_keep_alive),
-        retries = pool.retries,
-        ip = BALANCER_CLIENT_V4,
-        pem = pem.display(),
-    );
-    for (i, s) in servers.iter().enumerate() {
-        text.push_str(&format!("    server be{} {s}\n", i + 1));
-    }
-    text
 }
 
 /// `MAX_CONNECTIONS`, or less if HAProxy could not raise its open-file limit
@@ -508,13 +779,19 @@ fn haproxy_version(haproxy: &Path) -> Result<String> {
         .unwrap_or_else(|| "HAProxy".into()))
 }
 
-fn check_haproxy_config(haproxy: &Path, cfg: &Path) -> Result<()> {
-    let out = Command::new(haproxy)
-        .args([OsString::from("-c"), "-q".into(), "-f".into(), cfg.into()])
+/// Runs `program ARGS cfg` in namespace `ns` (nginx binds its addresses to
+/// check them), a configuration check, which must pass.
+fn check_config(ns: &str, program: &Path, args: &[&str], cfg: &Path) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .arg(program)
+        .args(args)
+        .arg(cfg)
         .output()?;
     ensure!(
         out.status.success(),
-        "haproxy rejects {}: {}{}",
+        "{} rejects {}: {}{}",
+        program.display(),
         cfg.display(),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -560,13 +837,14 @@ fn run_wrk(
     client_ns: &str,
     url: &str,
     s: &Scenario,
+    threads: usize,
     window: Duration,
     cpu: &dyn Fn() -> Result<Cpu>,
 ) -> Result<Measure> {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", client_ns])
         .arg(wrk)
-        .args(["-t1", &format!("-c{}", s.connections)])
+        .args([format!("-t{threads}"), format!("-c{}", s.connections)])
         .arg(format!("-d{}s", window.as_secs()))
         .args(["--latency", "--timeout", REQUEST_TIMEOUT]);
     if s.close {
@@ -667,7 +945,6 @@ fn duration_ms(s: &str) -> Result<f64> {
     })
 }
 
-/// utime + stime, in seconds, from a /proc `stat` file.
 /// CPU time used so far, in seconds.
 #[derive(Debug, Clone, Copy)]
 struct Cpu {
@@ -705,36 +982,9 @@ fn stat_cpu_seconds(path: &str) -> Result<Cpu> {
     })
 }
 
-fn thread_cpu_seconds(tid: i32) -> Result<Cpu> {
-    stat_cpu_seconds(&format!("/proc/self/task/{tid}/stat"))
-}
-
-fn process_cpu_seconds(pid: u32) -> Result<Cpu> {
-    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pair_ratios_span_the_runs() {
-        let run = |requests| Measure {
-            requests,
-            seconds: 1.0,
-            p99_ms: 0.0,
-            errors: 0,
-            cpu_seconds: 0.0,
-            user_seconds: 0.0,
-        };
-        let haproxy = [run(100), run(100), run(200)];
-        let ours = [run(110), run(90), run(200)];
-        let (lo, hi) = pair_ratios(&haproxy, &ours);
-        assert!(
-            (lo - 0.9).abs() < 1e-9 && (hi - 1.1).abs() < 1e-9,
-            "{lo} {hi}"
-        );
-    }
 
     #[test]
     fn parses_wrk_output() {
@@ -747,10 +997,8 @@ mod tests {
     }
 
     #[test]
-    fn reads_own_thread_cpu() {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
-        assert!(thread_cpu_seconds(tid).unwrap().total() >= 0.0);
-        assert!(process_cpu_seconds(std::process::id()).unwrap().user >= 0.0);
+    fn reads_own_cpu_and_memory() {
+        assert!(tree_cpu_seconds(std::process::id()).unwrap().total() >= 0.0);
+        assert!(tree_rss_kib(std::process::id()).unwrap() > 0);
     }
 }

@@ -39,8 +39,12 @@ fn proxy_config_with(lab: &Lab, dir: &Path, web_extra: &str) -> anyhow::Result<S
     lab.make_local_on_balancer(VIP_V4.into())?;
     let server = |i: usize| format!("{{ address = \"{}:{TCP_PORT}\" }}", backend_v4(i));
     let pem = |n: &str, ext: &str| dir.join(format!("{n}.{ext}")).display().to_string();
+    // Several serving threads, whatever the machine (the default is its CPUs).
     Ok(format!(
         r#"
+[proxy]
+threads = 2
+
 [[frontend]]
 name = "https"
 binds = ["{VIP_V4}:443"]

@@ -25,7 +25,7 @@ fn config(lab: &Lab, servers: usize) -> String {
         })
         .collect();
     format!(
-        "metrics = \"{METRICS_ADDR}\"\n\n[[frontend]]\nname = \"web\"\nbinds = [\"{BALANCER_CLIENT_V4}:{BIND_PORT}\"]\ndefault_pool = \"app\"\n\n[[pool]]\nname = \"app\"\nservers = [{}]\n",
+        "metrics = \"{METRICS_ADDR}\"\n\n[proxy]\nthreads = 2\n\n[[frontend]]\nname = \"web\"\nbinds = [\"{BALANCER_CLIENT_V4}:{BIND_PORT}\"]\ndefault_pool = \"app\"\n\n[[pool]]\nname = \"app\"\nservers = [{}]\n",
         servers.join(", ")
     )
 }

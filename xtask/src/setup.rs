@@ -35,8 +35,10 @@ pub const PACKAGES: &[&str] = &[
     // xtask/modcycles.py, the module-cycle check of `cargo xtask test`.
     "python3",
     // `cargo xtask bench` compares the L7 proxy with HAProxy, loaded by wrk,
-    // and counts both proxies' instructions per request with callgrind.
+    // and counts both proxies' instructions per request with callgrind;
+    // nginx is its third column (`lb-bench l7`).
     "haproxy",
+    "nginx-light",
     "wrk",
     "valgrind",
     // The DNS server (knotd, knotc) serving SRV and A records to the

@@ -410,7 +410,9 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_and_delayed_acks() {
-        let l = crate::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = crate::reuseport_listener("127.0.0.1:0".parse().unwrap())
+            .and_then(Listener::from_std)
+            .unwrap();
         let _client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (s, _) = l.accept().await.unwrap();
         // Quick ACKs off only holds when set after listen(), which resets it.

@@ -173,6 +173,9 @@ struct Inner {
     limited: bool,
     timeout_queue: Duration,
     queue: Mutex<Queue>,
+    /// The pool's request counters: here, as the balancer is shared by
+    /// every serving thread.
+    counters: Arc<crate::stats::Counters>,
 }
 
 /// Picks servers of one pool.
@@ -223,6 +226,7 @@ impl Balancer {
                 .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
             timeout_queue: pool.timeout_queue,
             queue: Mutex::new(Queue::default()),
+            counters: Arc::default(),
         };
         if inner.algorithm.is_hash() {
             let all: Vec<usize> = (0..inner.servers.len())
@@ -239,6 +243,11 @@ impl Balancer {
     /// Server `i` as returned by `pick`.
     pub fn server(&self, i: usize) -> &Arc<ServerState> {
         &self.inner.servers[i]
+    }
+
+    /// The pool's request counters (`crate::stats`).
+    pub(crate) fn counters(&self) -> &Arc<crate::stats::Counters> {
+        &self.inner.counters
     }
 
     /// All servers, in configuration order.

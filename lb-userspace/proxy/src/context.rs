@@ -29,8 +29,11 @@ use crate::upstream;
 /// A pool with its balancer and its server connections.
 pub(crate) struct PoolRuntime {
     pub name: Arc<str>,
-    pub balancer: Balancer,
-    /// Keep-alive connections to the servers (proxy/connpool.rs).
+    /// Shared by every serving thread (see `crate::threads`): leastconn
+    /// counts, maxconn and the queue are the pool's, not a thread's.
+    pub balancer: Arc<Balancer>,
+    /// Keep-alive connections to the servers (proxy/connpool.rs), the
+    /// serving thread's own: a socket belongs to the runtime that registered it.
     pub conns: Arc<ConnPool>,
     /// `https` for `tls = true` pools (the :scheme of HTTP/2 requests), else `http`.
     pub scheme: Scheme,
@@ -40,12 +43,14 @@ pub(crate) struct PoolRuntime {
     pub timeout_tunnel: Option<Duration>,
     /// HTTP/2 to the servers (`h2`): only hyper's path forwards there.
     pub h2: bool,
-    /// The pool's request counters.
+    /// The pool's request counters (its balancer's: one set for every serving thread).
     pub stats: Arc<Counters>,
 }
 
 impl PoolRuntime {
-    pub fn new(cfg: &Pool) -> anyhow::Result<Self> {
+    /// The pool of `cfg` choosing with `balancer`; its connection pool's
+    /// sweeper runs on the current runtime.
+    pub fn new(cfg: &Pool, balancer: Arc<Balancer>) -> anyhow::Result<Self> {
         let connector = upstream::Connector::new(cfg)?;
         // send_proxy: a server connection carries one client's address, so none is reused.
         let idle = match cfg.send_proxy {
@@ -55,14 +60,14 @@ impl PoolRuntime {
         let conns = ConnPool::new(connector, cfg.h2, idle);
         Ok(PoolRuntime {
             name: cfg.name.as_str().into(),
-            balancer: Balancer::from_pool(cfg),
+            stats: balancer.counters().clone(),
+            balancer,
             conns,
             scheme: if cfg.tls { Scheme::HTTPS } else { Scheme::HTTP },
             timeout_server: cfg.timeout_server,
             retries: cfg.retries,
             timeout_tunnel: cfg.timeout_tunnel,
             h2: cfg.h2,
-            stats: Arc::default(),
         })
     }
 
@@ -72,10 +77,30 @@ impl PoolRuntime {
     }
 }
 
-/// Shared by all frontends.
+/// Shared by all frontends of one serving thread.
 pub(crate) struct Shared {
     pub pools: Vec<PoolRuntime>,
     pub route: Option<Router>,
+}
+
+impl Shared {
+    /// The pools of `cfg` over `balancers` (one per pool, in order).
+    pub fn new(
+        cfg: &crate::ProxyConfig,
+        balancers: &[Arc<Balancer>],
+        route: Option<Router>,
+    ) -> anyhow::Result<Shared> {
+        use anyhow::Context as _;
+        let pools = cfg
+            .pools
+            .iter()
+            .zip(balancers)
+            .map(|(p, b)| {
+                PoolRuntime::new(p, b.clone()).with_context(|| format!("pool {}", p.name))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Shared { pools, route })
+    }
 }
 
 /// Settings of the frontend a connection came in on.
@@ -133,10 +158,13 @@ pub(crate) struct ClientTimeouts {
 pub(crate) struct FrontendRuntime {
     pub ctx: Arc<FrontendCtx>,
     pub tls: Option<TlsAcceptor>,
+    /// Connections served at once, by every serving thread together.
     pub limit: Arc<Semaphore>,
     /// Permits of `limit` its accept loops hold while waiting for a
     /// connection: taken, but no client's (see `ProxyStats::frontends`).
     pub accepting: Arc<AtomicUsize>,
+    /// The limit's size: all permits back means no connection left.
+    pub max_connections: usize,
     pub timeouts: ClientTimeouts,
     pub builder: auto::Builder<TokioExecutor>,
     /// Largest HTTP/1 request head, for `GuardIo`.
@@ -187,6 +215,7 @@ impl FrontendRuntime {
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             accepting: Arc::default(),
+            max_connections: cfg.max_connections,
             timeouts: ClientTimeouts {
                 http_request: cfg.timeout_http_request,
                 keep_alive: cfg.timeout_http_keep_alive,

@@ -14,6 +14,10 @@
 //!
 //! In the order a request meets them (the module graph has no cycle):
 //!
+//! - `threads`: the serving threads `lb run` uses (`Proxy::start_threads`),
+//!   each a current-thread runtime with its own SO_REUSEPORT listeners, and
+//!   what they share (balancers, connection limits) and do not (server
+//!   connections); `Proxy::start` serves on the caller's runtime instead.
 //! - `accept`: client sockets; `proxy_protocol`: the PROXY header;
 //!   `tls`: certificates by SNI; `server`: the accept loop, client timeouts,
 //!   and the choice between the two paths.
@@ -193,6 +197,7 @@ pub mod routing;
 mod server;
 mod shutdown;
 pub mod stats;
+mod threads;
 mod tls;
 mod tunnel;
 mod upstream;
@@ -214,14 +219,16 @@ pub use model::{
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
+pub use threads::Threads;
 pub use tls::{CertResolver, TlsError, dns_names};
 pub use upstream::NoVerify;
 
-use context::{FrontendRuntime, PoolRuntime, Shared};
+use context::{FrontendRuntime, Shared};
 
 /// Binds with SO_REUSEPORT so a reloaded proxy can listen on the same
-/// addresses before the old one stops: no connection is refused in between.
-fn reuseport_listener(addr: SocketAddr) -> std::io::Result<accept::Listener> {
+/// addresses before the old one stops (no connection is refused in
+/// between), and so each serving thread has a listener of its own.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let domain = if addr.is_ipv4() {
         socket2::Domain::IPV4
     } else {
@@ -243,87 +250,108 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<accept::Listener> {
     // by the answer rather than by a packet of its own. (After listen(),
     // which resets the socket's ACK state.)
     socket.set_tcp_quickack(false)?;
-    accept::Listener::from_std(socket.into())
+    Ok(socket.into())
+}
+
+/// What both ways of running share, ready before anything listens.
+struct Prepared {
+    /// Each frontend with its binds.
+    frontends: Vec<(Arc<FrontendRuntime>, Vec<SocketAddr>)>,
+    resolvers: Vec<(String, Arc<CertResolver>)>,
+    /// One per pool, shared by every serving thread.
+    balancers: Vec<Arc<Balancer>>,
+}
+
+/// Validates `cfg`, loads certificates and builds the frontends and balancers.
+fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
+    cfg.validate()?;
+    let mut actions = actions::compile(cfg)?;
+    let mut prepared = Prepared {
+        frontends: Vec::new(),
+        resolvers: Vec::new(),
+        balancers: cfg
+            .pools
+            .iter()
+            .map(|p| Arc::new(Balancer::from_pool(p)))
+            .collect(),
+    };
+    for (index, fe) in cfg.frontends.iter().enumerate() {
+        let acceptor = match &fe.tls {
+            Some(tls) => {
+                let resolver = Arc::new(
+                    CertResolver::load(tls)
+                        .with_context(|| format!("frontend {}: certificates", fe.name))?,
+                );
+                let sc = tls::server_config(resolver.clone())
+                    .with_context(|| format!("frontend {}: TLS settings", fe.name))?;
+                prepared.resolvers.push((fe.name.clone(), resolver));
+                Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+            }
+            None => None,
+        };
+        // validate() checked that the default pool exists.
+        let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
+        // Our own HTTP/1 path forwards to HTTP/1.1 servers only (proxy/h1).
+        let own_h1 = std::iter::once(&fe.default_pool)
+            .chain(fe.use_pool.iter().map(|u| &u.pool))
+            .filter_map(|name| cfg.pool_index(name))
+            .all(|i| !cfg.pools[i].h2);
+        let runtime = Arc::new(FrontendRuntime::new(
+            fe,
+            index,
+            default_pool,
+            actions.remove(&fe.name),
+            acceptor,
+            own_h1,
+        ));
+        prepared.frontends.push((runtime, fe.binds.clone()));
+    }
+    Ok(prepared)
 }
 
 /// A running proxy; dropping it stops accepting and gracefully closes client connections.
 pub struct Proxy {
-    shared: Arc<Shared>,
+    /// One per serving thread (one when running on the caller's runtime).
+    shared: Vec<Arc<Shared>>,
     resolvers: Vec<(String, Arc<CertResolver>)>,
     addrs: Vec<SocketAddr>,
     /// Each frontend's counters and connection limit, for `stats`.
     frontends: Vec<FrontendEntry>,
+    /// Accept loops on the caller's runtime (`start`).
     tasks: Vec<JoinHandle<()>>,
+    /// Serving threads (`start_threads`): each bind's listening sockets, one
+    /// per thread, handed over to the next proxy on a reload.
+    sockets: Vec<(SocketAddr, Vec<std::net::TcpListener>)>,
     /// Dropped with the proxy, which tells every connection to shut down.
     _shutdown: watch::Sender<()>,
 }
 
 impl Proxy {
-    /// Validates `cfg`, loads certificates, binds every address and starts serving.
+    /// Validates `cfg`, loads certificates, binds every address and starts
+    /// serving on the caller's runtime (in-process use: tests, benches).
     /// `route` picks a pool per request; None sends everything to each frontend's default pool.
     pub async fn start(cfg: ProxyConfig, route: Option<Router>) -> anyhow::Result<Proxy> {
-        cfg.validate()?;
-        let mut actions = actions::compile(&cfg)?;
-        let shared = Arc::new(Shared {
-            pools: cfg
-                .pools
-                .iter()
-                .map(|p| PoolRuntime::new(p).with_context(|| format!("pool {}", p.name)))
-                .collect::<anyhow::Result<_>>()?,
-            route,
-        });
+        let prepared = prepare(&cfg)?;
+        let shared = Arc::new(Shared::new(&cfg, &prepared.balancers, route)?);
         let (tx, rx) = watch::channel(());
         let mut proxy = Proxy {
-            shared: shared.clone(),
-            resolvers: Vec::new(),
+            shared: vec![shared.clone()],
+            resolvers: prepared.resolvers,
             addrs: Vec::new(),
-            frontends: Vec::new(),
+            frontends: prepared.frontends.iter().map(|(fe, _)| FrontendEntry::of(fe)).collect(),
             tasks: Vec::new(),
+            sockets: Vec::new(),
             _shutdown: tx,
         };
-        for (index, fe) in cfg.frontends.iter().enumerate() {
-            let acceptor = match &fe.tls {
-                Some(tls) => {
-                    let resolver = Arc::new(
-                        CertResolver::load(tls)
-                            .with_context(|| format!("frontend {}: certificates", fe.name))?,
-                    );
-                    let sc = tls::server_config(resolver.clone())
-                        .with_context(|| format!("frontend {}: TLS settings", fe.name))?;
-                    proxy.resolvers.push((fe.name.clone(), resolver));
-                    Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
-                }
-                None => None,
-            };
-            // validate() checked that the default pool exists.
-            let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
-            // Our own HTTP/1 path forwards to HTTP/1.1 servers only (proxy/h1).
-            let own_h1 = std::iter::once(&fe.default_pool)
-                .chain(fe.use_pool.iter().map(|u| &u.pool))
-                .filter_map(|name| cfg.pool_index(name))
-                .all(|i| !cfg.pools[i].h2);
-            let runtime = Arc::new(FrontendRuntime::new(
-                fe,
-                index,
-                default_pool,
-                actions.remove(&fe.name),
-                acceptor,
-                own_h1,
-            ));
-            proxy.frontends.push(FrontendEntry {
-                name: fe.name.clone(),
-                counters: runtime.ctx.stats.clone(),
-                limit: runtime.limit.clone(),
-                accepting: runtime.accepting.clone(),
-                max_connections: fe.max_connections,
-            });
-            for bind in &fe.binds {
-                let listener = reuseport_listener(*bind)
-                    .with_context(|| format!("frontend {}: binding {bind}", fe.name))?;
+        for (fe, binds) in prepared.frontends {
+            for bind in binds {
+                let listener = reuseport_listener(bind)
+                    .and_then(accept::Listener::from_std)
+                    .with_context(|| format!("frontend {}: binding {bind}", fe.ctx.name))?;
                 proxy.addrs.push(listener.local_addr()?);
                 proxy.tasks.push(tokio::spawn(server::accept_loop(
                     listener,
-                    runtime.clone(),
+                    fe.clone(),
                     shared.clone(),
                     rx.clone(),
                 )));
@@ -332,13 +360,72 @@ impl Proxy {
         Ok(proxy)
     }
 
+    /// As `start`, but served by `threads.count` threads of their own
+    /// (`lb-proxy-0`, ...), each a current-thread runtime with its own
+    /// SO_REUSEPORT listener per bind (see `threads`). Listening sockets of
+    /// `previous` with the same bind are taken over rather than bound anew,
+    /// so no connection waiting in their backlog is lost on a reload.
+    pub fn start_threads(
+        cfg: ProxyConfig,
+        route: Option<Router>,
+        threads: &Threads,
+        previous: Option<&Proxy>,
+    ) -> anyhow::Result<Proxy> {
+        let prepared = prepare(&cfg)?;
+        let count = threads.count.max(1);
+        let (tx, rx) = watch::channel(());
+        let mut addrs = Vec::new();
+        let mut sockets = Vec::new();
+        let mut per_thread: Vec<threads::Listeners> = (0..count).map(|_| Vec::new()).collect();
+        for (fe, binds) in &prepared.frontends {
+            for bind in binds {
+                let kept = previous.map_or(&[][..], |p| p.sockets_of(*bind));
+                let set = threads::listeners(*bind, count, kept)
+                    .with_context(|| format!("frontend {}: binding {bind}", fe.ctx.name))?;
+                addrs.push(set[0].local_addr()?);
+                for (mine, listener) in per_thread.iter_mut().zip(&set) {
+                    mine.push((listener.try_clone()?, fe.clone()));
+                }
+                sockets.push((*bind, set));
+            }
+        }
+        let frontends = prepared.frontends.iter().map(|(fe, _)| FrontendEntry::of(fe)).collect();
+        let plan = threads::Plan {
+            cfg,
+            balancers: prepared.balancers,
+            route,
+            frontends: prepared.frontends.into_iter().map(|(fe, _)| fe).collect(),
+        };
+        let shared = threads::spawn(Arc::new(plan), per_thread, &threads.cpu_map, rx)?;
+        Ok(Proxy {
+            shared,
+            resolvers: prepared.resolvers,
+            addrs,
+            frontends,
+            tasks: Vec::new(),
+            sockets,
+            _shutdown: tx,
+        })
+    }
+
+    /// The listening sockets of `bind`, one per serving thread (none in-process).
+    fn sockets_of(&self, bind: SocketAddr) -> &[std::net::TcpListener] {
+        self.sockets
+            .iter()
+            .find(|(b, _)| *b == bind)
+            .map_or(&[][..], |(_, set)| set.as_slice())
+    }
+
     /// Marks a server of a pool up or down (driven by health checks); false if unknown.
     pub fn set_server_up(&self, pool: &str, server: SocketAddr, up: bool) -> bool {
-        self.shared
-            .pools
-            .iter()
-            .find(|p| &*p.name == pool)
-            .is_some_and(|p| p.balancer.set_up(server, up))
+        // Balancers are shared by the threads: the first thread's are everyone's.
+        self.shared.first().is_some_and(|shared| {
+            shared
+                .pools
+                .iter()
+                .find(|p| &*p.name == pool)
+                .is_some_and(|p| p.balancer.set_up(server, up))
+        })
     }
 
     /// Re-reads every frontend's certificate files; all or nothing per frontend.
@@ -356,7 +443,7 @@ impl Proxy {
         self.addrs.clone()
     }
 
-    /// A handle on the live figures of the pools, for metrics and `lb show`.
+    /// A handle on the live figures of the frontends and pools, for metrics and `lb show`.
     pub fn stats(&self) -> ProxyStats {
         ProxyStats {
             shared: self.shared.clone(),
@@ -373,7 +460,7 @@ impl Drop for Proxy {
     }
 }
 
-/// What `ProxyStats` reads of a frontend.
+/// What `ProxyStats` reads of a frontend (shared by its serving threads).
 #[derive(Clone)]
 struct FrontendEntry {
     name: String,
@@ -384,10 +471,23 @@ struct FrontendEntry {
     max_connections: usize,
 }
 
+impl FrontendEntry {
+    fn of(fe: &FrontendRuntime) -> Self {
+        FrontendEntry {
+            name: fe.ctx.name.to_string(),
+            counters: fe.ctx.stats.clone(),
+            limit: fe.limit.clone(),
+            accepting: fe.accepting.clone(),
+            max_connections: fe.max_connections,
+        }
+    }
+}
+
 /// Live figures of a running proxy's frontends and pools, readable from any task.
 #[derive(Clone)]
 pub struct ProxyStats {
-    shared: Arc<Shared>,
+    /// One per serving thread.
+    shared: Vec<Arc<Shared>>,
     frontends: Arc<Vec<FrontendEntry>>,
 }
 
@@ -453,10 +553,16 @@ impl ProxyStats {
 
     /// Every pool's figures.
     pub fn pools(&self) -> Vec<PoolStats> {
-        self.shared
+        let Some(first) = self.shared.first() else {
+            return Vec::new();
+        };
+        // Balancers and counters are shared by the serving threads; kept
+        // connections are each thread's own, so those are summed.
+        first
             .pools
             .iter()
-            .map(|p| PoolStats {
+            .enumerate()
+            .map(|(i, p)| PoolStats {
                 name: p.name.to_string(),
                 queued: p.balancer.queued(),
                 servers: p
@@ -466,7 +572,12 @@ impl ProxyStats {
                     .map(|s| ServerStats {
                         address: s.addr,
                         current: s.active(),
-                        idle_connections: p.idle_connections(s.addr),
+                        idle_connections: self
+                            .shared
+                            .iter()
+                            .filter_map(|shared| shared.pools.get(i))
+                            .map(|pool| pool.idle_connections(s.addr))
+                            .sum(),
                         weight: s.weight,
                         up: s.is_up(),
                         counters: s.stats.snapshot(),

@@ -127,6 +127,35 @@ pub(crate) struct Forwarding {
     pub ws_accept: Option<HeaderValue>,
 }
 
+/// The pool the frontend's `use_pool` rules choose, else its default pool.
+fn route(
+    shared: &Shared,
+    client: &ClientSide<'_>,
+    parts: &http::request::Parts,
+    host: Option<&HeaderValue>,
+) -> usize {
+    let frontend = client.frontend;
+    shared
+        .route
+        .as_ref()
+        .and_then(|route| {
+            route(
+                frontend.index,
+                &acl::Request {
+                    method: parts.method.as_str(),
+                    path: parts.uri.path(),
+                    query: parts.uri.query(),
+                    host: host.and_then(|h| h.to_str().ok()),
+                    headers: &parts.headers,
+                    src: client.peer.ip(),
+                    sni: client.sni,
+                },
+            )
+        })
+        .filter(|&i| i < shared.pools.len())
+        .unwrap_or(frontend.default_pool)
+}
+
 /// Runs a request's actions, routes it and rewrites its head for the server
 /// (hop-by-hop headers out, forwarded headers in, Host, origin-form URI,
 /// HTTP/1.1). `upgrade` is the protocol of an Upgrade request, whose headers
@@ -159,25 +188,7 @@ pub(crate) async fn prepare(
     // --- end request actions ---
     // The authority settled above (actions may have changed it since): a refcounted copy.
     let host: Option<HeaderValue> = parts.headers.get(header::HOST).cloned();
-    let pool_idx = shared
-        .route
-        .as_ref()
-        .and_then(|route| {
-            route(
-                frontend.index,
-                &acl::Request {
-                    method: parts.method.as_str(),
-                    path: parts.uri.path(),
-                    query: parts.uri.query(),
-                    host: host.as_ref().and_then(|h| h.to_str().ok()),
-                    headers: &parts.headers,
-                    src: client.peer.ip(),
-                    sni: client.sni,
-                },
-            )
-        })
-        .filter(|&i| i < shared.pools.len())
-        .unwrap_or(frontend.default_pool);
+    let pool_idx = route(shared, &client, parts, host.as_ref());
     let pool = &shared.pools[pool_idx];
     let mut rec = record(frontend, pool.name.clone(), client.peer, parts, tq);
     rec.tally.pool = Some(pool.stats.clone());

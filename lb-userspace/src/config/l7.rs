@@ -13,12 +13,59 @@ use std::ops::Range;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 
-use super::raw::{RawPool, RawTable};
+use super::raw::{RawPool, RawProxy, RawTable};
 use super::{Checker, Forwarding, ProxySection, rules};
 use lb_proxy::routing::RoutingError;
 use lb_proxy::{Algorithm, ConfigError, Frontend, Pool, ProxyConfig, UserList, actions, routing};
 
+/// Most serving threads `threads` may ask for.
+const MAX_THREADS: i64 = 256;
+/// CPUs `cpu_map` may name: those of a `cpu_set_t` (CPU_SETSIZE).
+const MAX_CPU: i64 = 1023;
+
 impl Checker<'_> {
+    /// Reads `[proxy]`: `threads` (default: the CPUs the process may run
+    /// on) and `cpu_map` (default: no pinning).
+    pub(super) fn threads(&mut self, raw: Option<Spanned<RawProxy>>) -> lb_proxy::Threads {
+        let mut threads = lb_proxy::Threads::default();
+        let Some(raw) = raw.map(Spanned::into_inner) else {
+            return threads;
+        };
+        if let Some(n) = raw.threads {
+            match usize::try_from(*n.get_ref()) {
+                Ok(count) if (1..=MAX_THREADS).contains(n.get_ref()) => threads.count = count,
+                _ => self.at(
+                    &n.span(),
+                    format!(
+                        "threads {} is out of range; expected 1..={MAX_THREADS} serving threads",
+                        n.get_ref()
+                    ),
+                ),
+            }
+        }
+        if let Some(list) = raw.cpu_map {
+            if list.get_ref().is_empty() {
+                self.at(
+                    &list.span(),
+                    "cpu_map is empty; leave it out to not pin the threads",
+                );
+            }
+            for cpu in list.into_inner() {
+                match usize::try_from(*cpu.get_ref()) {
+                    Ok(c) if *cpu.get_ref() <= MAX_CPU => threads.cpu_map.push(c),
+                    _ => self.at(
+                        &cpu.span(),
+                        format!(
+                            "cpu_map entry {} is not a CPU number; expected 0..={MAX_CPU}",
+                            cpu.get_ref()
+                        ),
+                    ),
+                }
+            }
+        }
+        threads
+    }
+
     /// Types and checks the proxy's tables; what is wrong is recorded, what
     /// is right is returned.
     pub(super) fn proxy_section(

@@ -133,13 +133,14 @@ pub struct AdminConfig {
 }
 
 /// The L7 proxy's part of the file (see `lb_proxy`), already validated,
-/// with the health checks of its pools (pool name, check) and their DNS
-/// discoveries (pool name, discovery).
+/// with the health checks of its pools (pool name, check), their DNS
+/// discoveries (pool name, discovery) and its serving threads (`[proxy]`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProxySection(
     pub lb_proxy::ProxyConfig,
     pub Vec<(String, HealthCheck)>,
     pub Vec<(String, Discovery)>,
+    pub lb_proxy::Threads,
 );
 
 /// One `deny` entry: a network, host bits zero.
@@ -660,12 +661,13 @@ impl Checker<'_> {
         let encap_source_v6 = self.encap_source(raw.encap_source_v6, true);
         let services = self.services(raw.service.unwrap_or_default());
         let bgp = raw.bgp.and_then(|b| self.bgp(b));
-        let proxy = self.proxy_section(
+        let mut proxy = self.proxy_section(
             raw.frontend.unwrap_or_default(),
             raw.pool.unwrap_or_default(),
             raw.userlist.unwrap_or_default(),
         );
         let admin = raw.admin.and_then(|a| self.admin(a, &proxy.0.userlists));
+        proxy.3 = self.threads(raw.proxy);
         Config {
             interfaces,
             xdp_mode,

@@ -25,6 +25,7 @@ pub(super) struct RawConfig {
     pub(super) pool: Option<Vec<Spanned<RawPool>>>,
     pub(super) userlist: Option<Vec<Spanned<RawTable>>>,
     pub(super) admin: Option<Spanned<RawAdmin>>,
+    pub(super) proxy: Option<Spanned<RawProxy>>,
 }
 
 #[derive(Deserialize)]
@@ -33,6 +34,14 @@ pub(super) struct RawAdmin {
     pub(super) bind: Option<Spanned<String>>,
     pub(super) userlist: Option<Spanned<String>>,
     pub(super) token_file: Option<Spanned<String>>,
+}
+
+/// `[proxy]`: settings of the L7 proxy as a whole.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProxy {
+    pub(super) threads: Option<Spanned<i64>>,
+    pub(super) cpu_map: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 /// One of the proxy's tables, key by key, each value with its span: the

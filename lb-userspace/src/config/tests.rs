@@ -267,6 +267,7 @@ fn the_example_file_parses_and_shows_every_key() {
     let discovery = &[&["service", "discovery"][..], &["pool", "discovery"]];
     every_key_shown(&doc, discovery, &accepted::<raw::RawDiscovery>());
     every_key_shown(&doc, &[&["bgp"]], &accepted::<raw::RawBgp>());
+    every_key_shown(&doc, &[&["proxy"]], &accepted::<raw::RawProxy>());
     every_key_shown(&doc, &[&["frontend"]], &accepted::<lb_proxy::Frontend>());
     every_key_shown(
         &doc,
@@ -302,4 +303,22 @@ fn acl_keys() -> Vec<String> {
         .collect();
     keys.extend(["name".to_string(), "ignore_case".to_string()]);
     keys
+}
+
+#[test]
+fn proxy_threads_default_to_the_cpus_and_are_checked_where_written() {
+    let c = parse(&text(&svc(&[])), "lb.toml").unwrap();
+    assert_eq!(c.proxy.3.count, lb_proxy::Threads::available());
+    assert!(c.proxy.3.cpu_map.is_empty());
+    let c = parse(
+        &text(&svc(&["[proxy]", "threads = 3", "cpu_map = [1, 0]"])),
+        "lb.toml",
+    )
+    .unwrap();
+    assert_eq!((c.proxy.3.count, c.proxy.3.cpu_map), (3, vec![1, 0]));
+    let errs = errors(&svc(&["[proxy]", "threads = 0", "cpu_map = [0, -1]"]));
+    let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
+    assert_eq!(got, [8, 9], "{errs:#?}");
+    assert!(errs[0].reason.contains("threads 0 is out of range"));
+    assert!(errs[1].reason.contains("cpu_map entry -1"));
 }

@@ -8,13 +8,18 @@
 //! In HTTP mode every request is answered with the name, except
 //! `GET /bytes/N`, answered with N bytes (at most [`MAX_BYTES`]) for download
 //! tests and benchmarks: the byte at offset `i` is `i % 256`, so a client can
-//! check that nothing was lost or reordered ([`pattern_byte`]).
+//! check that nothing was lost or reordered ([`pattern_byte`]), and
+//! `GET /sleep/MS`, answered after MS milliseconds (at most [`MAX_SLEEP_MS`])
+//! with `{name} {n}`, n the `/sleep` requests the server was in at its start
+//! (this one included): what maxconn and leastconn tests count.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -33,6 +38,12 @@ pub const BYTES_PATH: &str = "/bytes/";
 pub const MISSING_PATH: &str = "/missing";
 /// Largest download `/bytes/N` serves (64 MiB); a larger N is answered with 400.
 pub const MAX_BYTES: u64 = 64 << 20;
+/// Path prefix of the slow answer: `GET /sleep/MS`.
+pub const SLEEP_PATH: &str = "/sleep/";
+/// Longest `/sleep/MS`; a larger MS is answered with 400.
+pub const MAX_SLEEP_MS: u64 = 5_000;
+/// `/sleep` requests in progress in this server.
+static SLEEPING: AtomicUsize = AtomicUsize::new(0);
 /// Length of the precomputed piece of the download pattern (a multiple of 256).
 const PATTERN_LEN: usize = 64 * 1024;
 /// The download's first [`PATTERN_LEN`] bytes; it repeats from there.
@@ -62,7 +73,9 @@ enum Answer {
     Missing,
     /// `/bytes/N` with N within [`MAX_BYTES`].
     Bytes(u64),
-    /// `/bytes/...` with no number or one too large.
+    /// `/sleep/MS` with MS within [`MAX_SLEEP_MS`].
+    Sleep(u64),
+    /// `/bytes/...` or `/sleep/...` with no number or one too large.
     BadBytes,
 }
 
@@ -72,6 +85,12 @@ fn answer_for(request_line: &[u8]) -> Answer {
     if target.starts_with(MISSING_PATH) {
         return Answer::Missing;
     }
+    if let Some(ms) = target.strip_prefix(SLEEP_PATH) {
+        return match ms.parse::<u64>() {
+            Ok(ms) if ms <= MAX_SLEEP_MS => Answer::Sleep(ms),
+            _ => Answer::BadBytes,
+        };
+    }
     match target.strip_prefix(BYTES_PATH) {
         None => Answer::Name,
         Some(n) => match n.parse::<u64>() {
@@ -79,6 +98,15 @@ fn answer_for(request_line: &[u8]) -> Answer {
             _ => Answer::BadBytes,
         },
     }
+}
+
+/// Sleeps `ms` counted among the sleeping requests; `{name} {n}`, n as
+/// they were at the start (this one included).
+fn sleep_answer(name: &str, ms: u64) -> String {
+    let n = SLEEPING.fetch_add(1, Ordering::SeqCst) + 1;
+    std::thread::sleep(Duration::from_millis(ms));
+    SLEEPING.fetch_sub(1, Ordering::SeqCst);
+    format!("{name} {n}")
 }
 
 /// Writes `len` bytes of the download pattern.
@@ -434,6 +462,14 @@ fn answer(
             );
             writer.write_all(response.as_bytes())?;
         }
+        Answer::Sleep(ms) => {
+            let body = sleep_answer(name, ms);
+            let response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n{body}",
+                body.len(),
+            );
+            writer.write_all(response.as_bytes())?;
+        }
         Answer::Bytes(len) => {
             let head = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n{connection}\r\n"
@@ -554,6 +590,8 @@ mod tests {
         assert_eq!(answer_for(b"GET / HTTP/1.1"), Answer::Name);
         assert_eq!(answer_for(b"GET /bytes/10 HTTP/1.1"), Answer::Bytes(10));
         assert_eq!(answer_for(b"GET /bytes/ HTTP/1.1"), Answer::BadBytes);
+        assert_eq!(answer_for(b"GET /sleep/20 HTTP/1.1"), Answer::Sleep(20));
+        assert_eq!(answer_for(b"GET /sleep/5001 HTTP/1.1"), Answer::BadBytes);
         assert_eq!(
             answer_for(b"GET /bytes/67108865 HTTP/1.1"),
             Answer::BadBytes

@@ -328,7 +328,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 }
             }
             let idle = self.rbuf.is_empty();
-            if idle && shutdown.has_come() {
+            // A shutdown (a reload) closes idle keep-alive connections, but
+            // a new one gets its first request served: its client has sent
+            // it, or is about to, and could not tell a close from a failure.
+            let closable = idle && !first;
+            if closable && shutdown.has_come() {
                 return Wait::End;
             }
             let mut due = head_due;
@@ -353,7 +357,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     // holds no buffer.
                     spare::give(std::mem::take(rbuf), std::mem::take(out));
                 }
-                if idle && shutdown.poll_come(cx) {
+                if closable && shutdown.poll_come(cx) {
                     return Poll::Ready(None);
                 }
                 let d = *due.get_or_insert_with(|| Instant::now() + limit);

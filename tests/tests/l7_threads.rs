@@ -1,0 +1,228 @@
+//! The L7 proxy on several serving threads, through `lb run` and the XDP l7
+//! pass: the configured number of `lb-proxy-N` threads runs, `maxconn` and
+//! the queue hold for the whole process, leastconn counts requests of every
+//! thread, and reloads (also changing the thread count) lose no request.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use lb_tests::RunningLab;
+use lb_userspace::lab::services::vip_l7;
+use lb_userspace::lab::{Lab, TCP_PORT, VIP_V4, backend_v4, client::http_get, run_in_ns};
+
+/// A plain HTTP frontend on the l7 VIP over pool "app" (`servers` of the
+/// lab's backends, each with `maxconn`; `pool_extra` in its table), with
+/// `[proxy] threads`.
+fn config(threads: usize, servers: &[usize], maxconn: usize, pool_extra: &str) -> String {
+    let servers: Vec<String> = servers.iter().map(|&i| server(i, maxconn)).collect();
+    format!(
+        "\n[proxy]\nthreads = {threads}\n\n[[frontend]]\nname = \"web\"\nbinds = [\"{}\"]\ndefault_pool = \"app\"\n\n[[pool]]\nname = \"app\"\nservers = [{}]\n{pool_extra}\n",
+        vip_l7(),
+        servers.join(", ")
+    )
+}
+
+/// A pool's server entry for lab backend `i`.
+fn server(i: usize, maxconn: usize) -> String {
+    format!(
+        "{{ address = \"{}:{TCP_PORT}\", maxconn = {maxconn} }}",
+        backend_v4(i)
+    )
+}
+
+/// Starts the lab with `config(...)` appended.
+fn start(
+    tag: &str,
+    threads: usize,
+    servers: &[usize],
+    maxconn: usize,
+    pool_extra: &'static str,
+) -> RunningLab {
+    let servers = servers.to_vec();
+    RunningLab::start_custom(tag, 3, &[1, 1, 1], None, move |lab, _dir: &Path| {
+        lab.make_local_on_balancer(VIP_V4.into())?;
+        Ok(config(threads, &servers, maxconn, pool_extra))
+    })
+    .unwrap()
+}
+
+/// Names of the agent's threads called `lb-proxy-*`.
+fn serving_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .filter(|name| name.starts_with("lb-proxy-"))
+        .count()
+}
+
+/// Waits up to 10 s for `n` serving threads.
+fn expect_threads(lab: &RunningLab, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while serving_threads(lab.agent) != n {
+        assert!(
+            Instant::now() < deadline,
+            "{} serving threads, expected {n}",
+            serving_threads(lab.agent)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET path` on the VIP from the client namespace, each on its own connection.
+fn get(lab: &Lab, path: &str) -> std::io::Result<(u16, String)> {
+    let (vip, path) = (vip_l7(), path.to_string());
+    run_in_ns(lab.client_ns(), move || {
+        http_get(vip, &path, Duration::from_secs(10))
+    })
+    .map_err(std::io::Error::other)?
+}
+
+/// `count` concurrent `GET path`, started `gap` apart; their bodies.
+fn concurrent(lab: &RunningLab, count: usize, path: &str, gap: Duration) -> Vec<String> {
+    let ns = lab.lab.client_ns().to_string();
+    let handles: Vec<_> = (0..count)
+        .map(|_| {
+            let (ns, path) = (ns.clone(), path.to_string());
+            let vip: SocketAddr = vip_l7();
+            let h = std::thread::spawn(move || {
+                run_in_ns(&ns, move || http_get(vip, &path, Duration::from_secs(10)))
+            });
+            std::thread::sleep(gap);
+            h
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| {
+            let (status, body) = h.join().unwrap().unwrap().unwrap();
+            assert_eq!(status, 200, "{body}");
+            body.trim().to_string()
+        })
+        .collect()
+}
+
+/// (server name, requests it was in when this one started) of a `/sleep` answer.
+fn sleep_answer(body: &str) -> (String, usize) {
+    let (name, n) = body.split_once(' ').expect("a /sleep answer");
+    (name.to_string(), n.parse().expect("a count"))
+}
+
+#[test]
+fn serving_threads_share_maxconn_and_its_queue() {
+    let mut lab = start("l7t", 3, &[1], 2, "");
+    expect_threads(&lab, 3);
+    // 8 requests of 300 ms over 8 connections, which the kernel spreads
+    // over the 3 threads' listeners: never more than maxconn = 2 at once
+    // on the server, the rest queued, none refused.
+    let begun = Instant::now();
+    let answers = concurrent(&lab, 8, "/sleep/300", Duration::ZERO);
+    let took = begun.elapsed();
+    let most = answers.iter().map(|b| sleep_answer(b).1).max().unwrap();
+    assert_eq!(most, 2, "{answers:?}");
+    assert!(took >= Duration::from_millis(1100), "{took:?}: {answers:?}");
+    // A reload to 2 threads: the new proxy has 2, the old ones end.
+    let text = std::fs::read_to_string(&lab.config_path).unwrap();
+    std::fs::write(
+        &lab.config_path,
+        text.replacen("threads = 3", "threads = 2", 1),
+    )
+    .unwrap();
+    assert!(lab.lb(&["reload"]).status.success());
+    expect_threads(&lab, 2);
+    assert_eq!(get(&lab.lab, "/").unwrap().0, 200);
+    // Without `threads`: one per CPU the agent may run on (the test's own affinity).
+    let text = std::fs::read_to_string(&lab.config_path).unwrap();
+    std::fs::write(
+        &lab.config_path,
+        text.replacen("[proxy]\nthreads = 2\n", "", 1),
+    )
+    .unwrap();
+    assert!(lab.lb(&["reload"]).status.success());
+    expect_threads(&lab, lb_proxy::Threads::available());
+    lab.restart_agent().unwrap();
+    expect_threads(&lab, lb_proxy::Threads::available());
+}
+
+#[test]
+fn leastconn_counts_the_requests_of_every_thread() {
+    let lab = start("l7lc", 2, &[1, 2], 0, "algorithm = \"leastconn\"\n");
+    expect_threads(&lab, 2);
+    // Six slow requests started 100 ms apart, on connections spread over
+    // both threads: each choice sees the others' requests in flight, so the
+    // servers take three each, whichever thread accepted them.
+    let answers = concurrent(&lab, 6, "/sleep/1500", Duration::from_millis(100));
+    let mut per_server = std::collections::BTreeMap::new();
+    for body in &answers {
+        *per_server.entry(sleep_answer(body).0).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_server.values().copied().collect::<Vec<_>>(),
+        [3, 3],
+        "{answers:?}"
+    );
+}
+
+#[test]
+fn reloads_with_several_threads_lose_no_request() {
+    let lab = start("l7rl", 2, &[1, 2], 0, "");
+    expect_threads(&lab, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
+            let ns = lab.lab.client_ns().to_string();
+            std::thread::spawn(move || {
+                run_in_ns(&ns, move || {
+                    // Bounded: at most 20 s or 20 000 requests per client.
+                    let until = Instant::now() + Duration::from_secs(20);
+                    for _ in 0..20_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > until {
+                            break;
+                        }
+                        match http_get(vip_l7(), "/", Duration::from_secs(5)) {
+                            Ok((200, _)) => done.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                eprintln!("failed: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+                .unwrap()
+            })
+        })
+        .collect();
+    // Each reload changes the pool (be1 and be2, then be1 alone, ...), so
+    // the proxy restarts on new threads beside the old ones every time.
+    let text = std::fs::read_to_string(&lab.config_path).unwrap();
+    let both = format!("{}, {}", server(1, 0), server(2, 0));
+    let one = server(1, 0);
+    assert!(text.contains(&both));
+    for round in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        let next = if round % 2 == 0 {
+            text.replacen(&both, &one, 1)
+        } else {
+            text.clone()
+        };
+        std::fs::write(&lab.config_path, next).unwrap();
+        let out = lab.lb(&["reload"]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (done, failed) = (done.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{failed} of {} requests failed", done + failed);
+    assert!(done > 100, "only {done} requests");
+    expect_threads(&lab, 2);
+}
