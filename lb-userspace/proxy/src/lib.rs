@@ -338,7 +338,11 @@ impl Proxy {
             shared: vec![shared.clone()],
             resolvers: prepared.resolvers,
             addrs: Vec::new(),
-            frontends: prepared.frontends.iter().map(|(fe, _)| FrontendEntry::of(fe)).collect(),
+            frontends: prepared
+                .frontends
+                .iter()
+                .map(|(fe, _)| FrontendEntry::of(fe))
+                .collect(),
             tasks: Vec::new(),
             sockets: Vec::new(),
             _shutdown: tx,
@@ -389,7 +393,11 @@ impl Proxy {
                 sockets.push((*bind, set));
             }
         }
-        let frontends = prepared.frontends.iter().map(|(fe, _)| FrontendEntry::of(fe)).collect();
+        let frontends = prepared
+            .frontends
+            .iter()
+            .map(|(fe, _)| FrontendEntry::of(fe))
+            .collect();
         let plan = threads::Plan {
             cfg,
             balancers: prepared.balancers,
