@@ -253,11 +253,10 @@ pub fn sample(text: &str, name: &str, labels: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Renders the balancer's current counters.
-pub fn snapshot(balancer: &mut Balancer) -> Result<String> {
+/// Renders `counters`, read from the balancer's data plane.
+pub fn snapshot(balancer: &Balancer, counters: &Counters) -> String {
     let (services, backends) = labels(balancer);
-    let counters = balancer.dataplane().counters()?;
-    Ok(render(&services, &backends, &counters))
+    render(&services, &backends, counters)
 }
 
 fn labels(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
