@@ -137,6 +137,8 @@ pub(crate) struct FrontendRuntime {
     /// Permits of `limit` its accept loops hold while waiting for a
     /// connection: taken, but no client's (see `ProxyStats::frontends`).
     pub accepting: Arc<AtomicUsize>,
+    /// Its `max_connections` (the permits of `limit`).
+    pub max_connections: usize,
     pub timeouts: ClientTimeouts,
     pub builder: auto::Builder<TokioExecutor>,
     /// Largest HTTP/1 request head, for `GuardIo`.
@@ -187,6 +189,7 @@ impl FrontendRuntime {
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             accepting: Arc::default(),
+            max_connections: cfg.max_connections,
             timeouts: ClientTimeouts {
                 http_request: cfg.timeout_http_request,
                 keep_alive: cfg.timeout_http_keep_alive,
