@@ -2,7 +2,7 @@
 //! runtime journal, run health checks, serve the control socket and metrics,
 //! reload on SIGHUP or `lb reload`, detach cleanly on SIGINT/SIGTERM.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,7 +27,7 @@ use crate::{
         },
         server::{self, Handler},
     },
-    dataplane::{self, Dataplane, pin},
+    dataplane::{self, Counters, Dataplane, pin},
     discovery::{self, Tracker, Verdict, dns},
     health::{HealthChecker, HealthEvent, Target},
     metrics,
@@ -319,11 +319,29 @@ impl Agent {
         {
             return Ok(Response::Error(format!("unknown service {name:?}")));
         }
+        let data = self.data_plane_figures()?;
+        Ok(Response::Backends(self.backend_infos(only, data.as_ref())))
+    }
+
+    /// The data plane's counters and flows per backend id (`None`: the proxy runs alone).
+    fn data_plane_figures(&mut self) -> Result<Option<(Counters, HashMap<u32, u64>)>> {
+        let Some(balancer) = self.balancer.as_mut() else {
+            return Ok(None);
+        };
+        let counters = balancer.dataplane().counters()?;
+        let flows = balancer.dataplane().flow_counts()?;
+        Ok(Some((counters, flows)))
+    }
+
+    /// Every backend (of `only`, if given) and pool server as `lb show backends` lists it.
+    fn backend_infos(
+        &self,
+        only: Option<&str>,
+        data: Option<&(Counters, HashMap<u32, u64>)>,
+    ) -> Vec<BackendInfo> {
         let mut out = Vec::new();
         // Without a data plane there are no services, only pools.
-        if let Some(balancer) = self.balancer.as_mut() {
-            let counters = balancer.dataplane().counters()?;
-            let flows = balancer.dataplane().flow_counts()?;
+        if let (Some(balancer), Some((counters, flows))) = (self.balancer.as_ref(), data) {
             for s in &self.desired.config.services {
                 if only.is_some_and(|n| n != s.name) {
                     continue;
@@ -349,7 +367,14 @@ impl Agent {
                 }
             }
         }
-        // L7 pool servers, as `pool:NAME` (traffic counters live in the access log);
+        out.extend(self.pool_server_infos(only));
+        out
+    }
+
+    /// The L7 pool servers (of `only`, if given) as `lb show backends` lists them.
+    fn pool_server_infos(&self, only: Option<&str>) -> Vec<BackendInfo> {
+        let mut out = Vec::new();
+        // L7 pool servers, as `pool:NAME` (their request counters: `lb show proxy`);
         // their FLOWS column is the requests in flight (HAProxy's scur).
         let live = self
             .proxy_stats
@@ -381,7 +406,7 @@ impl Agent {
                 });
             }
         }
-        Ok(Response::Backends(out))
+        out
     }
 
     fn show_stats(&mut self) -> Result<Response> {
@@ -642,15 +667,16 @@ impl Shared {
 impl metrics::Source for Shared {
     fn render(&self) -> Result<String> {
         let mut agent = self.lock();
+        // Read once, for the L4 families and the backends' states alike.
+        let data = agent.data_plane_figures()?;
         // The proxy alone (no `interfaces`) has no L4 counters.
-        let mut text = match agent.balancer() {
-            Some(balancer) => metrics::snapshot(balancer)?,
-            None => String::new(),
+        let mut text = match (agent.balancer.as_ref(), &data) {
+            (Some(balancer), Some((counters, _))) => metrics::snapshot(balancer, counters),
+            _ => String::new(),
         };
-        if let Response::Backends(backends) = agent.handle(Request::ShowBackends { service: None })
-        {
-            text.push_str(&metrics::render_backends(&backends));
-        }
+        text.push_str(&metrics::render_backends(
+            &agent.backend_infos(None, data.as_ref()),
+        ));
         if let Some(stats) = agent.proxy_stats() {
             text.push_str(&metrics::render_proxy(&stats.frontends(), &stats.pools()));
         }

@@ -118,6 +118,14 @@ fn request_metrics_count_the_traffic_sent() {
         metric(&text, "lb_frontend_total_time_seconds_count", fe),
         20
     );
+    assert_eq!(metric(&text, "lb_frontend_limit_sessions", fe), 10000);
+    // One client at a time: one connection open at most.
+    assert_eq!(metric(&text, "lb_frontend_max_sessions", fe), 1);
+    // Every client closed: no connection is left open (nor counted as one
+    // the accept loop waits with).
+    wait_for("no client connection open", Duration::from_secs(5), || {
+        lab.metric("lb_frontend_current_sessions", fe).unwrap() == 0
+    });
 
     pool_counters(&text);
     servers_and_l4(&lab, &text);
@@ -180,6 +188,7 @@ fn servers_and_l4(lab: &RunningLab, text: &str) {
             1
         );
         assert_eq!(metric(text, "lb_pool_server_up", &server), 1);
+        assert_eq!(metric(text, "lb_pool_server_max_sessions", &server), 1);
     }
     assert_eq!(per_server, 17);
     // `lb show proxy` lists the same counters.

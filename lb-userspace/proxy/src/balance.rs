@@ -81,7 +81,8 @@ pub struct Active {
 impl Active {
     /// Starts counting on `server`.
     pub fn new(server: Arc<ServerState>) -> Self {
-        server.active.fetch_add(1, Ordering::Relaxed);
+        let before = server.active.fetch_add(1, Ordering::Relaxed);
+        server.stats.observe_current(before as u64 + 1);
         Active { server, pool: None }
     }
 
@@ -412,7 +413,8 @@ impl Inner {
     /// Takes a slot on server `i` (under the queue lock when limited).
     fn take(self: &Arc<Self>, i: usize) -> Active {
         let server = self.servers[i].clone();
-        server.active.fetch_add(1, Ordering::Relaxed);
+        let before = server.active.fetch_add(1, Ordering::Relaxed);
+        server.stats.observe_current(before as u64 + 1);
         Active {
             server,
             pool: Some(self.clone()),

@@ -99,6 +99,10 @@ pub(crate) async fn accept_loop(
         };
         drop(waiting);
         fe.ctx.stats.connection();
+        let open = (fe.max_connections)
+            .saturating_sub(fe.limit.available_permits())
+            .saturating_sub(fe.accepting.load(std::sync::atomic::Ordering::Relaxed));
+        fe.ctx.stats.observe_current(open as u64);
         let (fe, shared, shutdown) = (fe.clone(), shared.clone(), handed.clone());
         // Boxed: tokio moves a spawned future several times before it runs;
         // a pointer is cheaper to move than the connection's state. Spawned

@@ -93,6 +93,9 @@ pub struct Counters {
     pub redispatches: AtomicU64,
     /// Sum of the time requests waited in the pool's queue, milliseconds.
     pub queue_ms: AtomicU64,
+    /// Most connections open (frontends) or requests in flight (servers) at
+    /// once: HAProxy's `smax`.
+    pub max_current: AtomicU64,
     /// Time to connect to the server (new connections only).
     pub connect_time: Histogram,
     /// Time from sending the request to the response head.
@@ -124,6 +127,8 @@ pub struct CounterSnapshot {
     pub redispatches: u64,
     /// See `Counters::queue_ms`.
     pub queue_ms: u64,
+    /// See `Counters::max_current`.
+    pub max_current: u64,
     /// See `Counters::connect_time`.
     pub connect_time: HistogramSnapshot,
     /// See `Counters::first_byte_time`.
@@ -154,6 +159,7 @@ impl Counters {
             retries: read(&self.retries),
             redispatches: read(&self.redispatches),
             queue_ms: read(&self.queue_ms),
+            max_current: read(&self.max_current),
             connect_time: self.connect_time.snapshot(),
             first_byte_time: self.first_byte_time.snapshot(),
             total_time: self.total_time.snapshot(),
@@ -189,6 +195,14 @@ impl Counters {
         add(&self.retries, 1);
         if redispatch {
             add(&self.redispatches, 1);
+        }
+    }
+
+    /// Raises `max_current` to `n` if it is below (a plain read first: the
+    /// maximum rarely moves, and a read does not take the cache line away).
+    pub(crate) fn observe_current(&self, n: u64) {
+        if n > read(&self.max_current) {
+            self.max_current.fetch_max(n, Ordering::Relaxed);
         }
     }
 

@@ -198,7 +198,7 @@ fn frontends_table(html: &mut String, proxy: &ProxyInfo) {
     }
     html.push_str(
         "<h2>L7 frontends</h2><table id=\"frontends\"><tr><th>Frontend</th><th>Cur</th>\
-         <th>Max</th><th>Sessions</th><th>Requests</th><th>Req/s</th><th>2xx</th><th>3xx</th>\
+         <th>Max</th><th>Limit</th><th>Sessions</th><th>Requests</th><th>Req/s</th><th>2xx</th><th>3xx</th>\
          <th>4xx</th><th>5xx</th><th>Denied</th><th>Bytes in</th><th>Bytes out</th></tr>",
     );
     for f in &proxy.frontends {
@@ -206,7 +206,7 @@ fn frontends_table(html: &mut String, proxy: &ProxyInfo) {
         let _ = write!(
             html,
             "<tr class=\"fe\" data-frontend=\"{0}\"><td class=\"name\">{0}</td><td>{1}</td>\
-             <td>{2}</td><td>{3}</td><td data-key=\"f/{0}\" data-total=\"{4}\">{4}</td>\
+             <td>{12}</td><td>{2}</td><td>{3}</td><td data-key=\"f/{0}\" data-total=\"{4}\">{4}</td>\
              <td class=\"rate\">-</td><td>{5}</td><td>{6}</td><td>{7}</td><td>{8}</td>\
              <td>{9}</td><td>{10}</td><td>{11}</td></tr>",
             escape(&f.name),
@@ -220,7 +220,8 @@ fn frontends_table(html: &mut String, proxy: &ProxyInfo) {
             c.responses[4],
             c.denied,
             c.bytes_in,
-            c.bytes_out
+            c.bytes_out,
+            c.max_current
         );
     }
     html.push_str("</table>");
@@ -233,7 +234,7 @@ fn pools_table(html: &mut String, data: &Data, csrf: &str) {
     html.push_str(
         "<h2>L7 pools</h2><table id=\"pools\"><tr><th>Pool / server</th><th>State</th>\
          <th>Health</th><th>Last check</th><th>Weight</th><th>Cur</th><th>Max</th>\
-         <th>Requests</th><th>Req/s</th><th>Errors</th><th>Bytes out</th><th>Actions</th></tr>",
+         <th>Limit</th><th>Requests</th><th>Req/s</th><th>Errors</th><th>Bytes out</th><th>Actions</th></tr>",
     );
     let info: HashMap<(&str, std::net::SocketAddr), &BackendInfo> = data
         .backends
@@ -246,7 +247,7 @@ fn pools_table(html: &mut String, data: &Data, csrf: &str) {
         let cur: usize = p.servers.iter().map(|s| s.current).sum();
         let _ = write!(
             html,
-            "<tr class=\"group\"><td colspan=\"5\">{0} (queued {1})</td><td>{2}</td><td></td>\
+            "<tr class=\"group\"><td colspan=\"5\">{0} (queued {1})</td><td>{2}</td><td></td><td></td>\
              <td data-key=\"p/{0}\" data-total=\"{3}\">{3}</td><td class=\"rate\">-</td>\
              <td>{4}</td><td>{5}</td><td></td></tr>",
             escape(&group),
@@ -268,7 +269,7 @@ fn pools_table(html: &mut String, data: &Data, csrf: &str) {
             let _ = write!(
                 html,
                 "<tr class=\"backend {class}\" data-group=\"{group}\" data-backend=\"{addr}\">\
-                 {cells}<td>{cur}</td><td>{max}</td><td data-key=\"s/{group}/{addr}\" \
+                 {cells}<td>{cur}</td><td>{smax}</td><td>{max}</td><td data-key=\"s/{group}/{addr}\" \
                  data-total=\"{requests}\">{requests}</td><td class=\"rate\">-</td>\
                  <td>{errors}</td><td>{bytes}</td><td>{actions}</td></tr>",
                 class = state_class(b),
@@ -276,6 +277,7 @@ fn pools_table(html: &mut String, data: &Data, csrf: &str) {
                 addr = s.address,
                 cells = backend_cells(b),
                 cur = s.current,
+                smax = c.max_current,
                 requests = c.requests,
                 errors = c.connect_errors + c.responses[4],
                 bytes = c.bytes_out,

@@ -126,6 +126,15 @@ pub fn frontends(out: &mut Exposition, frontends: &[FrontendStats]) {
             .collect(),
     );
     out.family(
+        "lb_frontend_max_sessions",
+        "Most client connections open at once.",
+        Kind::Gauge,
+        frontends
+            .iter()
+            .map(|f| (label(f), f.counters.max_current))
+            .collect(),
+    );
+    out.family(
         "lb_frontend_limit_sessions",
         "The frontend's max_connections.",
         Kind::Gauge,
@@ -182,6 +191,12 @@ pub fn pools(out: &mut Exposition, pools: &[PoolStats]) {
         "Requests in flight to the L7 pool server (HAProxy's scur).",
         Kind::Gauge,
         per_server(|s| s.current as u64),
+    );
+    out.family(
+        "lb_pool_server_max_sessions",
+        "Most requests in flight to the server at once (HAProxy's smax).",
+        Kind::Gauge,
+        per_server(|s| s.counters.max_current),
     );
     out.family(
         "lb_pool_server_idle_connections",

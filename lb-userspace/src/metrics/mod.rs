@@ -13,7 +13,7 @@
 //! | `lb_backend_weight`, `lb_pool_server_weight` | gauge | service, backend / pool, server | configured weight |
 //! | `lb_backend_check_status`, `lb_pool_server_check_status` | gauge | … , state=up\|down\|unchecked | 1 for the health state it is in |
 //! | `lb_backend_admin_state`, `lb_pool_server_admin_state` | gauge | … , state=ready\|drain\|maint | 1 for the operator's state |
-//! | `lb_frontend_current_sessions`, `lb_frontend_limit_sessions` | gauge | frontend | client connections open; `max_connections` |
+//! | `lb_frontend_current_sessions`, `lb_frontend_max_sessions`, `lb_frontend_limit_sessions` | gauge | frontend | client connections open; most at once; `max_connections` |
 //! | `lb_frontend_sessions_total` | counter | frontend | client connections accepted |
 //! | `lb_frontend_requests_denied_total` | counter | frontend | requests refused by a rule (deny, failed auth: `PR`) |
 //! | `lb_{frontend,pool,pool_server}_http_requests_total` | counter | frontend / pool / pool, server | requests (pools, servers: forwarded ones) |
@@ -27,7 +27,7 @@
 //! | `lb_{pool,pool_server}_retry_warnings_total`, `…_redispatch_warnings_total` | counter | … | retries; those sent to another server |
 //! | `lb_{pool,pool_server}_queue_time_seconds_total` | counter | … | time waited in the pool's queue (Tw) |
 //! | `lb_pool_queued_requests`, `lb_pool_current_requests` | gauge | pool | queued; in flight |
-//! | `lb_pool_server_current_requests`, `lb_pool_server_idle_connections`, `lb_pool_server_up` | gauge | pool, server | in flight (scur); idle keep-alive; taking requests |
+//! | `lb_pool_server_current_requests`, `lb_pool_server_max_sessions`, `lb_pool_server_idle_connections`, `lb_pool_server_up` | gauge | pool, server | in flight (scur); most at once (smax); idle keep-alive; taking requests |
 //!
 //! Histogram buckets (`le`, seconds): 0.001 0.005 0.01 0.025 0.05 0.1 0.25
 //! 0.5 1 2.5 5 10 +Inf; times are measured in whole milliseconds.
@@ -253,11 +253,10 @@ pub fn sample(text: &str, name: &str, labels: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Renders the balancer's current counters.
-pub fn snapshot(balancer: &mut Balancer) -> Result<String> {
+/// Renders `counters`, read from the balancer's data plane.
+pub fn snapshot(balancer: &Balancer, counters: &Counters) -> String {
     let (services, backends) = labels(balancer);
-    let counters = balancer.dataplane().counters()?;
-    Ok(render(&services, &backends, &counters))
+    render(&services, &backends, counters)
 }
 
 fn labels(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
