@@ -17,22 +17,22 @@
 //! Measurement notes (issue #16, five runs on the 2-core VM while another
 //! build ran on the same cores; figures and tables in tests/BENCHMARKS.md):
 //!
-//! - Keep-alive: every proxy spends 25-35 µs of CPU per request, of which
-//!   only 4-7 µs are user mode (lb 4.3-5.9, HAProxy 5.2-7.0, nginx
+//! - Keep-alive: every proxy spends 24-36 µs of CPU per request, of which
+//!   only 4-7 µs are user mode (lb 3.8-5.9, HAProxy 5.1-7.0, nginx
 //!   3.9-7.0); the rest is the kernel's TCP, veth and XDP work done in the
 //!   proxy's process, the same for all three. Requests/s are level
 //!   (0.77-1.22x HAProxy over the runs), bounded by the two cores that wrk,
 //!   the backends and the proxy share. The target (1.3x at <= 0.75x CPU per
 //!   request) would need lb's user time to go below zero: not met.
-//! - New connection per request: 2.3-2.9x HAProxy at 0.39-0.46x its CPU;
+//! - New connection per request: 2.1-2.9x HAProxy at 0.39-0.48x its CPU;
 //!   with `http-reuse safe` HAProxy opens a server connection for the first
 //!   request of each client connection, lb reuses its kept ones.
 //! - HTTPS new connection: 1.6-2.8x HAProxy (whose OpenSSL 3.0 handshakes
-//!   cost 500+ µs), 0.4-0.75x nginx: lb's handshake (rustls, ring) costs
-//!   about 230-275 µs of CPU to nginx's 165-195, and its p99 is higher. Not
+//!   cost 500+ µs), 0.39-0.94x nginx: lb's handshake (rustls, ring) costs
+//!   222-287 µs of CPU to nginx's 157-211, and its p99 is higher. Not
 //!   profiled yet.
 //! - 64 KiB responses: 1.2-1.7x HAProxy; against nginx 0.73-1.03x at one
-//!   thread and 0.87-1.16x at two, run to run.
+//!   thread and 0.80-1.16x at two, run to run.
 //! - Idle memory: lb's resident memory does not grow over the measured
 //!   2000 connections (after 2000 first, with a 60 s keep-alive limit, so
 //!   none closes meanwhile) in any run: presumably the agent's start (Maglev
