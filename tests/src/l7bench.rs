@@ -14,7 +14,7 @@
 //! row). Then the resident memory each proxy grows by per idle keep-alive
 //! client connection (`IDLE` connections, one request each).
 //!
-//! Measurement notes (issue #16, five runs on the 2-core VM while another
+//! Measurement notes (issue #16, six runs on the 2-core VM while another
 //! build ran on the same cores; figures and tables in tests/BENCHMARKS.md):
 //!
 //! - Keep-alive: every proxy spends 24-36 µs of CPU per request, of which
@@ -24,23 +24,20 @@
 //!   (0.77-1.22x HAProxy over the runs), bounded by the two cores that wrk,
 //!   the backends and the proxy share. The target (1.3x at <= 0.75x CPU per
 //!   request) would need lb's user time to go below zero: not met.
-//! - New connection per request: 2.1-2.9x HAProxy at 0.39-0.48x its CPU;
+//! - New connection per request: 2.1-2.9x HAProxy at 0.38-0.48x its CPU;
 //!   with `http-reuse safe` HAProxy opens a server connection for the first
 //!   request of each client connection, lb reuses its kept ones.
 //! - HTTPS new connection: 1.6-2.8x HAProxy (whose OpenSSL 3.0 handshakes
 //!   cost 500+ µs), 0.39-0.94x nginx: lb's handshake (rustls, ring) costs
-//!   222-287 µs of CPU to nginx's 157-211, and its p99 is higher. Not
+//!   222-287 µs of CPU to nginx's 157-239, and its p99 is higher. Not
 //!   profiled yet.
 //! - 64 KiB responses: 1.2-1.7x HAProxy; against nginx 0.73-1.03x at one
 //!   thread and 0.80-1.16x at two, run to run.
-//! - Idle memory: lb's resident memory does not grow over the measured
-//!   2000 connections (after 2000 first, with a 60 s keep-alive limit, so
-//!   none closes meanwhile) in any run: presumably the agent's start (Maglev
-//!   tables and map contents of the lab's L4 services, megabytes) leaves
-//!   freed memory resident that the connections then use. So the row says
-//!   n/a for it. `lb run` with only the proxy (loopback, 2 threads) grew
-//!   2.0 KiB per idle connection, against HAProxy's 1.1 KiB here: the
-//!   target (<= HAProxy's) is not met.
+//! - Idle memory: in the full agent lb's resident memory did not grow over
+//!   the measured connections in any run (presumably freed memory of its
+//!   start, Maglev tables and map contents, absorbed them), so it is
+//!   measured on `lb run` with the proxy's tables only: 2.0 KiB per idle
+//!   connection at one thread, 3.1 at two, HAProxy 1.1, nginx 0.5.
 //!
 //! Access logging is off for all three (`RUST_LOG=warn,rustls=error` for
 //! lb: its access log is `tracing` target `access` at INFO, and rustls warns
@@ -263,6 +260,7 @@ pub fn run() -> Result<()> {
 /// Starts the three proxies with `threads` each, measures every row and the
 /// idle memory, and stops them.
 fn pass(lab: &mut Lab, setup: &Setup, threads: usize) -> Result<Pass> {
+    let lb_alone = lb_alone_idle_kib(lab, setup, threads).context("lb's idle memory")?;
     let mut running = Vec::new();
     let started = (|| -> Result<()> {
         for kind in Kind::ALL {
@@ -271,6 +269,10 @@ fn pass(lab: &mut Lab, setup: &Setup, threads: usize) -> Result<Pass> {
         Ok(())
     })();
     let result = started.and_then(|()| measure_pass(lab, setup, &running, threads));
+    let result = result.map(|mut p| {
+        p.idle_kib[0] = lb_alone;
+        p
+    });
     for r in running {
         let _ = lab.stop(r.pid);
     }
@@ -287,8 +289,9 @@ fn measure_pass(lab: &mut Lab, setup: &Setup, running: &[Running], threads: usiz
     }
     // Idle memory first, on fresh processes: once loaded, HAProxy and nginx
     // keep their pools' memory, and would grow by nothing.
+    // lb's is measured apart (`lb_alone_idle_kib`).
     let mut idle_kib = [0.0; 3];
-    for (i, r) in running.iter().enumerate() {
+    for (i, r) in running.iter().enumerate().skip(1) {
         let addr = SocketAddr::new(VIP_V4.into(), r.kind.ports().0);
         let pid = r.pid;
         let grew = run_in_ns(&client_ns, move || idle_growth(addr, pid))??;
@@ -352,22 +355,8 @@ fn start(lab: &mut Lab, setup: &Setup, kind: Kind, threads: usize) -> Result<Run
     let dir = &setup.dir;
     let pid = match kind {
         Kind::Lb => {
-            let cfg = dir.join(format!("lb-{threads}.toml"));
-            std::fs::write(&cfg, lb_config(lab, setup, threads))?;
-            let args: Vec<OsString> = vec![
-                // The access log is `tracing` target `access` at INFO: off;
-                // so are rustls' warnings about wrk's IP address as SNI.
-                "RUST_LOG=warn,rustls=error".into(),
-                setup.lb.clone().into(),
-                "run".into(),
-                "--config".into(),
-                cfg.into(),
-                "--socket".into(),
-                dir.join("lb.sock").into(),
-                "--pin-dir".into(),
-                lab.node_pin_dir(1)?.into(),
-            ];
-            lab.spawn_in_ns(&ns, Path::new("/usr/bin/env"), &args)?
+            let text = lb_config(lab, setup, threads);
+            spawn_lb(lab, setup, &format!("lb-{threads}"), &text)?
         }
         Kind::HaProxy => {
             let cfg = dir.join(format!("haproxy-{threads}.cfg"));
@@ -393,6 +382,49 @@ fn start(lab: &mut Lab, setup: &Setup, kind: Kind, threads: usize) -> Result<Run
     Ok(Running { kind, pid })
 }
 
+/// Starts `lb run` with `text` as its file `NAME.toml` (socket `NAME.sock`).
+fn spawn_lb(lab: &mut Lab, setup: &Setup, name: &str, text: &str) -> Result<u32> {
+    let ns = lab.balancer_ns().to_string();
+    let cfg = setup.dir.join(format!("{name}.toml"));
+    std::fs::write(&cfg, text)?;
+    let args: Vec<OsString> = vec![
+        // The access log is `tracing` target `access` at INFO: off; so are
+        // rustls' warnings about wrk's IP address as SNI.
+        "RUST_LOG=warn,rustls=error".into(),
+        setup.lb.clone().into(),
+        "run".into(),
+        "--config".into(),
+        cfg.into(),
+        "--socket".into(),
+        setup.dir.join(format!("{name}.sock")).into(),
+        "--pin-dir".into(),
+        lab.node_pin_dir(1)?.into(),
+    ];
+    lab.spawn_in_ns(&ns, Path::new("/usr/bin/env"), &args)
+}
+
+/// lb's memory per idle keep-alive connection, measured on `lb run` with
+/// the proxy's tables only, before anything else starts: the full agent's
+/// start (the lab's L4 services: Maglev tables, map contents) leaves freed
+/// memory resident that the connections then used, so its RSS did not grow.
+/// Nothing is attached yet: the VIP, local on the balancer, reaches it.
+fn lb_alone_idle_kib(lab: &mut Lab, setup: &Setup, threads: usize) -> Result<f64> {
+    let pid = spawn_lb(
+        lab,
+        setup,
+        &format!("lb-alone-{threads}"),
+        &proxy_tables(setup, threads),
+    )?;
+    let client_ns = lab.client_ns().to_string();
+    let addr = SocketAddr::new(VIP_V4.into(), Kind::Lb.ports().0);
+    let grew = wait_ready(lab, &client_ns, addr, Some(pid))
+        .and_then(|()| run_in_ns(&client_ns, move || idle_growth(addr, pid))?);
+    let stopped = lab.stop(pid);
+    let grew = grew?;
+    stopped?;
+    Ok(grew as f64 / IDLE as f64)
+}
+
 /// `lb run`'s file: the lab's L4 services and an l7 service per port of
 /// the three proxies (XDP passes them up), `[proxy] threads`, a plain and a
 /// TLS frontend over one round-robin pool; HAProxy's and nginx's settings
@@ -407,6 +439,13 @@ fn lb_config(lab: &Lab, setup: &Setup, threads: usize) -> String {
             ));
         }
     }
+    text.push_str(&proxy_tables(setup, threads));
+    text
+}
+
+/// The proxy's part of lb's file: `[proxy] threads`, the frontends, the pool.
+fn proxy_tables(setup: &Setup, threads: usize) -> String {
+    let mut text = String::new();
     let (http, https) = Kind::Lb.ports();
     let servers: Vec<String> = setup
         .servers
@@ -576,7 +615,7 @@ fn print_passes(passes: &[Pass], version: &str) {
         };
         let [o, h, n] = p.idle_kib;
         println!(
-            "    idle memory per keep-alive connection ({IDLE} connections): lb {}, HAProxy {}, nginx {}",
+            "    idle memory per keep-alive connection ({IDLE} connections): lb {} (lb run with the proxy's tables only), HAProxy {}, nginx {}",
             kib(o),
             kib(h),
             kib(n)
