@@ -15,11 +15,17 @@ use lb_userspace::lab::{Lab, TCP_PORT, VIP_V4, backend_v4, client::http_get, run
 
 /// A plain HTTP frontend on the l7 VIP over pool "app" (`servers` of the
 /// lab's backends, each with `maxconn`; `pool_extra` in its table), with
-/// `[proxy] threads`.
-fn config(threads: usize, servers: &[usize], maxconn: usize, pool_extra: &str) -> String {
+/// `[proxy] threads` and `proxy_extra`.
+fn config(
+    threads: usize,
+    proxy_extra: &str,
+    servers: &[usize],
+    maxconn: usize,
+    pool_extra: &str,
+) -> String {
     let servers: Vec<String> = servers.iter().map(|&i| server(i, maxconn)).collect();
     format!(
-        "\n[proxy]\nthreads = {threads}\n\n[[frontend]]\nname = \"web\"\nbinds = [\"{}\"]\ndefault_pool = \"app\"\n\n[[pool]]\nname = \"app\"\nservers = [{}]\n{pool_extra}\n",
+        "\n[proxy]\nthreads = {threads}\n{proxy_extra}\n[[frontend]]\nname = \"web\"\nbinds = [\"{}\"]\ndefault_pool = \"app\"\n\n[[pool]]\nname = \"app\"\nservers = [{}]\n{pool_extra}\n",
         vip_l7(),
         servers.join(", ")
     )
@@ -36,7 +42,7 @@ fn server(i: usize, maxconn: usize) -> String {
 /// Starts the lab with `config(...)` appended.
 fn start(
     tag: &str,
-    threads: usize,
+    (threads, proxy_extra): (usize, &'static str),
     servers: &[usize],
     maxconn: usize,
     pool_extra: &'static str,
@@ -44,21 +50,42 @@ fn start(
     let servers = servers.to_vec();
     RunningLab::start_custom(tag, 3, &[1, 1, 1], None, move |lab, _dir: &Path| {
         lab.make_local_on_balancer(VIP_V4.into())?;
-        Ok(config(threads, &servers, maxconn, pool_extra))
+        Ok(config(threads, proxy_extra, &servers, maxconn, pool_extra))
     })
     .unwrap()
 }
 
-/// Names of the agent's threads called `lb-proxy-*`.
-fn serving_threads(pid: u32) -> usize {
+/// The agent's threads called `lb-proxy-*`: their /proc/PID/task directories.
+fn serving_thread_dirs(pid: u32) -> Vec<std::path::PathBuf> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return Vec::new();
     };
     tasks
         .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .filter(|name| name.starts_with("lb-proxy-"))
-        .count()
+        .map(|t| t.path())
+        .filter(|dir| {
+            std::fs::read_to_string(dir.join("comm")).is_ok_and(|n| n.starts_with("lb-proxy-"))
+        })
+        .collect()
+}
+
+/// How many serving threads the agent runs.
+fn serving_threads(pid: u32) -> usize {
+    serving_thread_dirs(pid).len()
+}
+
+/// The CPUs each serving thread may run on (`Cpus_allowed_list`).
+fn serving_thread_cpus(pid: u32) -> Vec<String> {
+    serving_thread_dirs(pid)
+        .iter()
+        .filter_map(|dir| std::fs::read_to_string(dir.join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|v| v.trim().to_string())
+        })
+        .collect()
 }
 
 /// Waits up to 10 s for `n` serving threads.
@@ -115,8 +142,10 @@ fn sleep_answer(body: &str) -> (String, usize) {
 
 #[test]
 fn serving_threads_share_maxconn_and_its_queue() {
-    let mut lab = start("l7t", 3, &[1], 2, "");
+    let mut lab = start("l7t", (3, "cpu_map = [0]\n"), &[1], 2, "");
     expect_threads(&lab, 3);
+    // cpu_map = [0]: every thread pinned to CPU 0.
+    assert_eq!(serving_thread_cpus(lab.agent), ["0", "0", "0"]);
     // 8 requests of 300 ms over 8 connections, which the kernel spreads
     // over the 3 threads' listeners: never more than maxconn = 2 at once
     // on the server, the rest queued, none refused.
@@ -130,7 +159,7 @@ fn serving_threads_share_maxconn_and_its_queue() {
     let text = std::fs::read_to_string(&lab.config_path).unwrap();
     std::fs::write(
         &lab.config_path,
-        text.replacen("threads = 3", "threads = 2", 1),
+        text.replacen("threads = 3\ncpu_map = [0]\n", "threads = 2\n", 1),
     )
     .unwrap();
     assert!(lab.lb(&["reload"]).status.success());
@@ -151,7 +180,7 @@ fn serving_threads_share_maxconn_and_its_queue() {
 
 #[test]
 fn leastconn_counts_the_requests_of_every_thread() {
-    let lab = start("l7lc", 2, &[1, 2], 0, "algorithm = \"leastconn\"\n");
+    let lab = start("l7lc", (2, ""), &[1, 2], 0, "algorithm = \"leastconn\"\n");
     expect_threads(&lab, 2);
     // Six slow requests started 100 ms apart, on connections spread over
     // both threads: each choice sees the others' requests in flight, so the
@@ -170,7 +199,7 @@ fn leastconn_counts_the_requests_of_every_thread() {
 
 #[test]
 fn reloads_with_several_threads_lose_no_request() {
-    let lab = start("l7rl", 2, &[1, 2], 0, "");
+    let lab = start("l7rl", (2, ""), &[1, 2], 0, "");
     expect_threads(&lab, 2);
     let stop = Arc::new(AtomicBool::new(false));
     let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
