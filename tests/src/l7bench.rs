@@ -588,56 +588,62 @@ fn print_passes(passes: &[Pass], version: &str) {
                 o.rps / n.rps
             );
         }
-        println!(
-            "    of which user-mode CPU us/req (lb / HAProxy / nginx; the rest is kernel: TCP, veths, XDP): {}",
-            p.rows
-                .iter()
-                .map(|[o, h, n]| format!("{:.1}/{:.1}/{:.1}", o.user_us, h.user_us, n.user_us))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        if let Some([o, h, n]) = p.rows.last() {
-            let mb = |f: &Figures| f.rps * LARGE as f64 / 1e6;
-            println!(
-                "    64 KiB MB/s: lb {:.0}, HAProxy {:.0}, nginx {:.0} (lb/nginx {:.2}x)",
-                mb(o),
-                mb(h),
-                mb(n),
-                mb(o) / mb(n)
-            );
-        }
-        let kib = |k: f64| {
-            if k > 0.0 {
-                format!("{k:.1} KiB")
-            } else {
-                "n/a (RSS did not grow)".to_string()
-            }
-        };
-        let [o, h, n] = p.idle_kib;
-        println!(
-            "    idle memory per keep-alive connection ({IDLE} connections): lb {} (lb run with the proxy's tables only), HAProxy {}, nginx {}",
-            kib(o),
-            kib(h),
-            kib(n)
-        );
-        let errors: Vec<String> = SCENARIOS
-            .iter()
-            .zip(&p.rows)
-            .filter(|(_, f)| f.iter().any(|x| x.errors > 0))
-            .map(|(s, [o, h, n])| {
-                format!(
-                    "{}: lb {}, HAProxy {}, nginx {}",
-                    s.name, o.errors, h.errors, n.errors
-                )
-            })
-            .collect();
-        if !errors.is_empty() {
-            println!(
-                "    errors (socket errors + non-2xx): {}",
-                errors.join("; ")
-            );
-        }
+        print_extras(p);
         println!("    targets: {}", targets(p).join("; "));
+    }
+}
+
+/// A pass's lines below its table: user-mode CPU, 64 KiB MB/s, idle
+/// memory, errors.
+fn print_extras(p: &Pass) {
+    println!(
+        "    of which user-mode CPU us/req (lb / HAProxy / nginx; the rest is kernel: TCP, veths, XDP): {}",
+        p.rows
+            .iter()
+            .map(|[o, h, n]| format!("{:.1}/{:.1}/{:.1}", o.user_us, h.user_us, n.user_us))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if let Some([o, h, n]) = p.rows.last() {
+        let mb = |f: &Figures| f.rps * LARGE as f64 / 1e6;
+        println!(
+            "    64 KiB MB/s: lb {:.0}, HAProxy {:.0}, nginx {:.0} (lb/nginx {:.2}x)",
+            mb(o),
+            mb(h),
+            mb(n),
+            mb(o) / mb(n)
+        );
+    }
+    let kib = |k: f64| {
+        if k > 0.0 {
+            format!("{k:.1} KiB")
+        } else {
+            "n/a (RSS did not grow)".to_string()
+        }
+    };
+    let [o, h, n] = p.idle_kib;
+    println!(
+        "    idle memory per keep-alive connection ({IDLE} connections): lb {} (lb run with the proxy's tables only), HAProxy {}, nginx {}",
+        kib(o),
+        kib(h),
+        kib(n)
+    );
+    let errors: Vec<String> = SCENARIOS
+        .iter()
+        .zip(&p.rows)
+        .filter(|(_, f)| f.iter().any(|x| x.errors > 0))
+        .map(|(s, [o, h, n])| {
+            format!(
+                "{}: lb {}, HAProxy {}, nginx {}",
+                s.name, o.errors, h.errors, n.errors
+            )
+        })
+        .collect();
+    if !errors.is_empty() {
+        println!(
+            "    errors (socket errors + non-2xx): {}",
+            errors.join("; ")
+        );
     }
 }
 

@@ -13,6 +13,9 @@
 //! - `tests/*.rs`: one file per area (packet, icmp, dsr, decap, e2e,
 //!   dsr_e2e, runtime, cli, l7, bgp, cluster, discovery, admin, top); what each covers
 //!   is in `TESTS.md`.
+// Functions stay short enough to read at once (threshold in clippy.toml);
+// tests, which read as one scenario each, are exempt.
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
