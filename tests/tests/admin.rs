@@ -119,8 +119,11 @@ fn request_metrics_count_the_traffic_sent() {
         20
     );
     assert_eq!(metric(&text, "lb_frontend_limit_sessions", fe), 10000);
-    // One client at a time: one connection open at most.
-    assert_eq!(metric(&text, "lb_frontend_max_sessions", fe), 1);
+    // One client at a time: one connection open, or two for a moment: a
+    // closed client's connection is released when its serving thread reads
+    // the close, and the next client may be accepted on another thread first.
+    let max = metric(&text, "lb_frontend_max_sessions", fe);
+    assert!((1..=2).contains(&max), "max sessions {max}");
     // Every client closed: no connection is left open (nor counted as one
     // the accept loop waits with).
     wait_for("no client connection open", Duration::from_secs(5), || {
