@@ -227,7 +227,7 @@ pub fn run() -> Result<()> {
     let version = haproxy_version(&haproxy)?;
     let opts = LabOptions::from_env(BACKENDS)?;
     let lb = opts.lb_bin.clone();
-    raise_open_files();
+    raise_open_files((4 * IDLE + 1024) as u64);
     let mut lab = Lab::create("l7bench", opts)?;
     lab.make_local_on_balancer(VIP_V4.into())?;
     let dir = Workdir::new(std::env::temp_dir().join(format!("{}-l7", lab.balancer_ns())))?;
@@ -685,9 +685,9 @@ fn targets(p: &Pass) -> Vec<String> {
     ]
 }
 
-/// Raises this process's open-file limit for the idle connections (and wrk's).
-fn raise_open_files() {
-    let want = (4 * IDLE + 1024) as u64;
+/// Raises this process's open-file limit to `want` (as far as its hard
+/// limit allows): idle connections and wrk need many.
+pub(crate) fn raise_open_files(want: u64) {
     // SAFETY: plain getrlimit/setrlimit on this process.
     unsafe {
         let mut lim = libc::rlimit {

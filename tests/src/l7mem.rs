@@ -57,17 +57,7 @@ pub fn run() -> Result<()> {
         .context("LB_BIN is not set (path of the `lb` binary; run via `cargo xtask bench`)")?;
     // Two file descriptors per client connection in this process, one in the proxy.
     let want = (2 * CONNECTIONS + 256) as u64;
-    // SAFETY: plain getrlimit/setrlimit on this process.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < want {
-            lim.rlim_cur = want.min(lim.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
+    super::l7bench::raise_open_files(want);
     let (_backend, backend_addr) = start_backend(&lb)?;
     let dir = std::env::temp_dir().join(format!("lb-l7mem-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
