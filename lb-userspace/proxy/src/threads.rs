@@ -18,6 +18,9 @@
 //!   and the FIFO queue hold for the whole process, and a slot freed on one
 //!   thread goes to the oldest waiter of any thread (woken through a
 //!   oneshot channel, which works across runtimes).
+//! - The request counters (`crate::stats`) of frontends, pools and
+//!   servers: relaxed atomic adds when a request ends, on lines every
+//!   thread writes (the pool's live with its balancer).
 //! - Not the server connections: each thread keeps its own pools
 //!   (`ConnPool`), as a socket belongs to the runtime that registered it. A
 //!   server may so see up to `threads` times as many idle connections.
