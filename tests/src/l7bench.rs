@@ -721,7 +721,11 @@ fn settled_rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// Opens `count` connections to `addr` into `open`, each after its answer.
-fn open_idle(addr: SocketAddr, count: usize, open: &mut Vec<std::net::TcpStream>) -> Result<()> {
+pub(crate) fn open_idle(
+    addr: SocketAddr,
+    count: usize,
+    open: &mut Vec<std::net::TcpStream>,
+) -> Result<()> {
     use std::io::{Read, Write};
     for i in 0..count {
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))

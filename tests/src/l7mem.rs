@@ -3,13 +3,12 @@
 //! read the answer and stay connected; the proxy's resident memory grows by
 //! what it keeps per idle connection (kernel socket memory is not counted).
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, ensure};
+use anyhow::{Context, Result, anyhow};
 
 use super::l7instr::{Proc, free_port, haproxy_config, start_backend, wait_listening};
 
@@ -31,19 +30,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
 fn idle_growth(addr: SocketAddr, pid: u32) -> Result<(Vec<TcpStream>, u64)> {
     let before = rss_kib(pid)?;
     let mut open = Vec::with_capacity(CONNECTIONS);
-    for i in 0..CONNECTIONS {
-        let mut s = TcpStream::connect(addr).with_context(|| format!("connection {i}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-        let mut head = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf)?;
-            ensure!(n > 0, "connection {i} closed before its answer");
-            head.extend_from_slice(&buf[..n]);
-        }
-        open.push(s);
-    }
+    super::l7bench::open_idle(addr, CONNECTIONS, &mut open)?;
     std::thread::sleep(Duration::from_millis(500));
     Ok((open, rss_kib(pid)?.saturating_sub(before)))
 }
