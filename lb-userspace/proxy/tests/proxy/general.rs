@@ -105,8 +105,8 @@ fn h1_client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
-async fn send(client: &Client<HttpConnector, Empty<Bytes>>, url: String) -> Answer {
-    let resp = client.get(url.parse().unwrap()).await.unwrap();
+/// A response's status, `x-server` header and body.
+async fn into_answer(resp: hyper::Response<hyper::body::Incoming>) -> Answer {
     let status = resp.status();
     let server = resp
         .headers()
@@ -118,6 +118,11 @@ async fn send(client: &Client<HttpConnector, Empty<Bytes>>, url: String) -> Answ
         server,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+async fn send(client: &Client<HttpConnector, Empty<Bytes>>, url: String) -> Answer {
+    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    into_answer(resp).await
 }
 
 async fn get(proxy: &Proxy, path: &str) -> Answer {
@@ -771,17 +776,7 @@ async fn get_with(proxy: &Proxy, path: &str, header: Option<(&str, &str)>) -> An
         .request(req.body(Empty::new()).unwrap())
         .await
         .unwrap();
-    let status = resp.status();
-    let server = resp
-        .headers()
-        .get("x-server")
-        .map(|v| v.to_str().unwrap().to_string());
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Answer {
-        status,
-        server,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    into_answer(resp).await
 }
 
 async fn three_backends() -> (Vec<Backend>, Vec<SocketAddr>) {
