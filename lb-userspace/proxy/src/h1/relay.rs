@@ -18,6 +18,10 @@ use crate::hardening::{self, Chunk};
 
 /// Bytes asked of a stream per read.
 pub(super) const READ_SIZE: usize = 16 * 1024;
+/// Bytes asked per read for the rest of a long body of known length: a
+/// 64 KiB response then takes two reads and two writes instead of five of
+/// each (the buffer is released after the body, see `relay`).
+const LONG_READ_SIZE: usize = 64 * 1024;
 /// Capacity an output buffer keeps after a big body went through it.
 const KEEP_CAPACITY: usize = 64 * 1024;
 
@@ -26,8 +30,23 @@ pub(super) async fn read_more<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
 ) -> io::Result<usize> {
-    buf.reserve(READ_SIZE);
+    read_up_to(io, buf, READ_SIZE).await
+}
+
+/// Reads more into `buf`, with room for at least `size` bytes.
+async fn read_up_to<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    size: usize,
+) -> io::Result<usize> {
+    buf.reserve(size);
     poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, buf)).await
+}
+
+/// Writes all of `bytes` and flushes.
+async fn write_slice<W: AsyncWrite + Unpin>(io: &mut W, bytes: &[u8]) -> io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
 }
 
 /// Writes all of `out` and flushes (TLS streams buffer), then empties it.
@@ -104,6 +123,30 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let mut grown = false;
+    let r = relay_body(src, buf, dst, out, (body, dechunk), timer, &mut grown).await;
+    if grown && buf.is_empty() {
+        // A long body's big buffer is not kept with an idle connection (nor
+        // among the spares): the next read allocates a usual one.
+        *buf = BytesMut::new();
+    }
+    r
+}
+
+/// `relay`'s loop; sets `grown` when it asked for a long read.
+async fn relay_body<R, W>(
+    src: End<'_, R>,
+    buf: &mut BytesMut,
+    dst: End<'_, W>,
+    out: &mut Vec<u8>,
+    (body, dechunk): (BodyKind, bool),
+    timer: &mut Deadline,
+    grown: &mut bool,
+) -> Result<u64, Fail>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut left = match body {
         BodyKind::Fixed(n) => n,
         _ => 0,
@@ -111,11 +154,18 @@ where
     let mut chunk = Chunk::Size;
     let mut payload = 0u64;
     loop {
+        // Body bytes written straight from `buf` (once `out` is empty: the
+        // head left with the first ones), without copying them into `out`.
+        let mut direct = 0;
         let done = match body {
             BodyKind::Fixed(_) => {
                 let take = left.min(buf.len() as u64) as usize;
-                out.extend_from_slice(&buf[..take]);
-                buf.advance(take);
+                if out.is_empty() {
+                    direct = take;
+                } else {
+                    out.extend_from_slice(&buf[..take]);
+                    buf.advance(take);
+                }
                 left -= take as u64;
                 payload += take as u64;
                 left == 0
@@ -143,7 +193,14 @@ where
             }
         };
         // Pending bytes go out before waiting for more, so the body flows.
-        if done || !out.is_empty() {
+        if direct > 0 {
+            let written = timer.limit(dst.limit, write_slice(dst.io, &buf[..direct]));
+            match written.await {
+                Some(Ok(())) => buf.advance(direct),
+                Some(Err(_)) => return Err(Fail::Write),
+                None => return Err(Fail::WriteTimeout),
+            }
+        } else if done || !out.is_empty() {
             match timer.limit(dst.limit, write_out(dst.io, out)).await {
                 Some(Ok(())) => {}
                 Some(Err(_)) => return Err(Fail::Write),
@@ -153,7 +210,13 @@ where
         if done {
             return Ok(payload);
         }
-        match timer.limit(src.limit, read_more(src.io, buf)).await {
+        let size = if buf.is_empty() && left > READ_SIZE as u64 {
+            *grown = true;
+            left.min(LONG_READ_SIZE as u64) as usize
+        } else {
+            READ_SIZE
+        };
+        match timer.limit(src.limit, read_up_to(src.io, buf, size)).await {
             Some(Ok(0)) if body == BodyKind::Close => return Ok(payload),
             Some(Ok(0)) | Some(Err(_)) => return Err(Fail::Read),
             Some(Ok(_)) => {}
@@ -217,6 +280,39 @@ mod tests {
         // Up to the close.
         let (w, r) = run(b"all of it", BodyKind::Close, false).await;
         assert_eq!((w.as_slice(), r), (&b"HEAD|all of it"[..], Ok(9)));
+    }
+
+    #[tokio::test]
+    async fn a_long_body_is_read_in_big_reads_whose_buffer_is_released() {
+        let body: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let (mut src, mut src_peer) = tokio::io::duplex(1 << 18);
+        src_peer.write_all(&body).await.unwrap();
+        let (mut dst, mut dst_peer) = tokio::io::duplex(1 << 18);
+        let mut buf = BytesMut::new();
+        let mut out = b"HEAD|".to_vec();
+        let limit = Duration::from_secs(5);
+        let r = relay(
+            End {
+                io: &mut src,
+                limit,
+            },
+            &mut buf,
+            End {
+                io: &mut dst,
+                limit,
+            },
+            &mut out,
+            BodyKind::Fixed(body.len() as u64),
+            false,
+            &mut Deadline::new(),
+        )
+        .await;
+        assert_eq!(r, Ok(body.len() as u64));
+        assert_eq!(buf.capacity(), 0, "the long read's buffer is not kept");
+        drop(dst);
+        let mut written = Vec::new();
+        dst_peer.read_to_end(&mut written).await.unwrap();
+        assert_eq!(written, [&b"HEAD|"[..], &body].concat());
     }
 
     #[tokio::test]
