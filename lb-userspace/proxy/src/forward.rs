@@ -55,6 +55,7 @@ pub(crate) async fn handle(
         peer: conn.peer,
         local: conn.local,
         sni: conn.sni.as_deref(),
+        body_length: None,
     };
     let prepared = prepare::prepare(
         &shared,

@@ -127,8 +127,8 @@ impl AccessRecord {
 
     /// Counts the record in its frontend's counters (a request refused
     /// before a pool was chosen).
-    pub(crate) fn counted_in(mut self, frontend: &Arc<Counters>) -> Self {
-        self.tally.frontend = Some(frontend.clone());
+    pub(crate) fn counted_in(mut self, frontend: &Counters) -> Self {
+        self.tally.frontend = Some(frontend.shard());
         self.count();
         self
     }

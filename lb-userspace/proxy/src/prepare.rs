@@ -102,6 +102,10 @@ pub(crate) struct ClientSide<'a> {
     /// The address the client connected to: the authority of a request that names none.
     pub local: SocketAddr,
     pub sni: Option<&'a str>,
+    /// The request body's length as its head declared it, when the caller
+    /// has parsed that already (our HTTP/1 path; 0 for chunked): the
+    /// access record's bytes in, without looking Content-Length up again.
+    pub body_length: Option<u64>,
 }
 
 /// What the proxy does with a request once its actions and routing have run.
@@ -176,7 +180,7 @@ pub(crate) async fn prepare(
         Ok(accept) => accept,
         Err(why) => {
             tracing::debug!(frontend = %frontend.name, peer = %client.peer, reason = why, "request rejected");
-            let rec = record(frontend, frontend.name.clone(), client.peer, parts, tq);
+            let rec = record(&client, frontend.name.clone(), parts, tq);
             return Prepared::Refuse(Failure::BadRequest, rec);
         }
     };
@@ -190,8 +194,8 @@ pub(crate) async fn prepare(
     let host: Option<HeaderValue> = parts.headers.get(header::HOST).cloned();
     let pool_idx = route(shared, &client, parts, host.as_ref());
     let pool = &shared.pools[pool_idx];
-    let mut rec = record(frontend, pool.name.clone(), client.peer, parts, tq);
-    rec.tally.pool = Some(pool.stats.clone());
+    let mut rec = record(&client, pool.name.clone(), parts, tq);
+    rec.tally.pool = Some(pool.stats.shard());
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
     if let Some((answer, term)) = acted.answer {
         rec.pool = frontend.name.clone();
@@ -241,20 +245,22 @@ pub(crate) async fn prepare(
 
 /// The access log record of a request to `pool`, before a server is known.
 fn record(
-    frontend: &FrontendCtx,
+    client: &ClientSide<'_>,
     pool: Arc<str>,
-    client: SocketAddr,
     parts: &http::request::Parts,
     tq: i64,
 ) -> AccessRecord {
-    let bytes_in = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let frontend = client.frontend;
+    let bytes_in = client.body_length.unwrap_or_else(|| {
+        parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
     AccessRecord {
-        client,
+        client: client.peer,
         // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
         date: UNIX_EPOCH,
         frontend: frontend.name.clone(),
@@ -273,7 +279,7 @@ fn record(
         uri: Some(parts.uri.clone()),
         version: Some(parts.version),
         tally: Tally {
-            frontend: Some(frontend.stats.clone()),
+            frontend: Some(frontend.stats.shard()),
             pool: None,
             server: None,
         },
@@ -371,7 +377,7 @@ impl Attempts {
             Ok(a) => {
                 rec.tw += a.queued.as_millis() as i64;
                 rec.server = a.active.server().label.clone();
-                rec.tally.server = Some(a.active.server().stats.clone());
+                rec.tally.server = Some(a.active.server().stats.shard());
                 self.current = a.index;
                 Ok(a.active)
             }

@@ -5,11 +5,17 @@
 //! proxy starts; a request adds to them with relaxed atomics when its access
 //! log record is finished (`Tally`), without a lock or an allocation.
 //!
+//! Each `Counters` is split into per-thread shards (`Shard`), summed when
+//! read: a serving thread adds to its own shard, and its requests take a
+//! reference to that shard only, so no cache line (counter or reference
+//! count) goes back and forth between serving threads per request.
+//!
 //! Counters live as long as the proxy: a restart of the proxy (changed
 //! frontends or pools) starts them from zero, as a reload does in HAProxy.
 
-use std::sync::Arc;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// Upper bounds (milliseconds) of the time histograms' buckets; a last,
 /// unbounded one (`+Inf`) follows. Times are measured in whole milliseconds.
@@ -36,6 +42,14 @@ pub struct HistogramSnapshot {
 }
 
 impl HistogramSnapshot {
+    /// A histogram with no observation (every bucket present).
+    fn zero() -> Self {
+        HistogramSnapshot {
+            cumulative: vec![0; BUCKETS_MS.len() + 1],
+            sum_ms: 0,
+        }
+    }
+
     /// Number of observations.
     pub fn count(&self) -> u64 {
         self.cumulative.last().copied().unwrap_or(0)
@@ -49,6 +63,16 @@ impl Histogram {
         let i = BUCKETS_MS.partition_point(|&b| b < ms);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    /// Adds this histogram's counts to `s` (cumulated, as `snapshot`'s).
+    fn add_to(&self, s: &mut HistogramSnapshot) {
+        let mut total = 0;
+        for (t, b) in s.cumulative.iter_mut().zip(&self.buckets) {
+            total += b.load(Ordering::Relaxed);
+            *t += total;
+        }
+        s.sum_ms += self.sum_ms.load(Ordering::Relaxed);
     }
 
     /// The counts now, cumulated.
@@ -69,10 +93,48 @@ impl Histogram {
     }
 }
 
+/// Shards a `Counters` has at most: more serving threads share them (the
+/// adds stay atomic, so that is correct, only slower).
+const MAX_SHARDS: usize = 16;
+
+thread_local! {
+    /// The shard this thread adds to (its serving thread's index; 0 elsewhere).
+    static SHARD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Makes the calling thread, serving thread `index`, add to shard `index`
+/// (modulo the shard count) of every `Counters`.
+pub(crate) fn enter_thread(index: usize) {
+    SHARD.set(index);
+}
+
+/// Shards per `Counters`: one per CPU the process may run on (serving
+/// threads default to that many), at most `MAX_SHARDS`.
+fn shard_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT
+        .get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_SHARDS)))
+}
+
 /// The counters of one frontend, pool or server (each uses the fields that
-/// apply to it; the others stay zero).
-#[derive(Debug, Default)]
+/// apply to it; the others stay zero), one shard per serving thread.
+#[derive(Debug)]
 pub struct Counters {
+    shards: Box<[Arc<Shard>]>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            shards: (0..shard_count()).map(|_| Arc::default()).collect(),
+        }
+    }
+}
+
+/// One thread's part of a `Counters`, on cache lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct Shard {
     /// Requests seen (frontend) or forwarded (pool, server).
     pub requests: AtomicU64,
     /// Responses by `STATUS_CLASSES`.
@@ -146,24 +208,78 @@ fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Counters {
-    /// The values now.
+    /// This thread's shard.
+    fn local(&self) -> &Arc<Shard> {
+        &self.shards[SHARD.get() % self.shards.len()]
+    }
+
+    /// This thread's shard, for a request's `Tally`.
+    pub(crate) fn shard(&self) -> Arc<Shard> {
+        self.local().clone()
+    }
+
+    /// The values now: the shards summed (`max_current`: their maximum).
     pub fn snapshot(&self) -> CounterSnapshot {
-        CounterSnapshot {
-            requests: read(&self.requests),
-            responses: std::array::from_fn(|i| read(&self.responses[i])),
-            bytes_in: read(&self.bytes_in),
-            bytes_out: read(&self.bytes_out),
-            denied: read(&self.denied),
-            connections: read(&self.connections),
-            connect_errors: read(&self.connect_errors),
-            retries: read(&self.retries),
-            redispatches: read(&self.redispatches),
-            queue_ms: read(&self.queue_ms),
-            max_current: read(&self.max_current),
-            connect_time: self.connect_time.snapshot(),
-            first_byte_time: self.first_byte_time.snapshot(),
-            total_time: self.total_time.snapshot(),
+        let mut s = CounterSnapshot {
+            connect_time: HistogramSnapshot::zero(),
+            first_byte_time: HistogramSnapshot::zero(),
+            total_time: HistogramSnapshot::zero(),
+            ..CounterSnapshot::default()
+        };
+        for shard in self.shards.iter() {
+            shard.add_to(&mut s);
         }
+        s
+    }
+
+    /// Counts a connect failure.
+    pub(crate) fn connect_error(&self) {
+        add(&self.local().connect_errors, 1);
+    }
+
+    /// Counts a retry, and a redispatch if it goes to another server.
+    pub(crate) fn retry(&self, redispatch: bool) {
+        let local = self.local();
+        add(&local.retries, 1);
+        if redispatch {
+            add(&local.redispatches, 1);
+        }
+    }
+
+    /// Raises `max_current` to `n` if it is below (a plain read first: the
+    /// maximum rarely moves, and a read does not take the cache line away).
+    pub(crate) fn observe_current(&self, n: u64) {
+        let local = self.local();
+        if n > read(&local.max_current) {
+            local.max_current.fetch_max(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an accepted client connection.
+    pub(crate) fn connection(&self) {
+        add(&self.local().connections, 1);
+    }
+}
+
+impl Shard {
+    /// Adds this shard's values to `s`.
+    fn add_to(&self, s: &mut CounterSnapshot) {
+        s.requests += read(&self.requests);
+        for (t, c) in s.responses.iter_mut().zip(&self.responses) {
+            *t += read(c);
+        }
+        s.bytes_in += read(&self.bytes_in);
+        s.bytes_out += read(&self.bytes_out);
+        s.denied += read(&self.denied);
+        s.connections += read(&self.connections);
+        s.connect_errors += read(&self.connect_errors);
+        s.retries += read(&self.retries);
+        s.redispatches += read(&self.redispatches);
+        s.queue_ms += read(&self.queue_ms);
+        s.max_current = s.max_current.max(read(&self.max_current));
+        self.connect_time.add_to(&mut s.connect_time);
+        self.first_byte_time.add_to(&mut s.first_byte_time);
+        self.total_time.add_to(&mut s.total_time);
     }
 
     /// Adds one finished request.
@@ -183,32 +299,6 @@ impl Counters {
             self.first_byte_time.observe(r.tr);
         }
         self.total_time.observe(r.tt);
-    }
-
-    /// Counts a connect failure.
-    pub(crate) fn connect_error(&self) {
-        add(&self.connect_errors, 1);
-    }
-
-    /// Counts a retry, and a redispatch if it goes to another server.
-    pub(crate) fn retry(&self, redispatch: bool) {
-        add(&self.retries, 1);
-        if redispatch {
-            add(&self.redispatches, 1);
-        }
-    }
-
-    /// Raises `max_current` to `n` if it is below (a plain read first: the
-    /// maximum rarely moves, and a read does not take the cache line away).
-    pub(crate) fn observe_current(&self, n: u64) {
-        if n > read(&self.max_current) {
-            self.max_current.fetch_max(n, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts an accepted client connection.
-    pub(crate) fn connection(&self) {
-        add(&self.connections, 1);
     }
 }
 
@@ -230,9 +320,9 @@ pub(crate) struct Outcome {
 /// far as it got. Carried by its access log record.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Tally {
-    pub frontend: Option<Arc<Counters>>,
-    pub pool: Option<Arc<Counters>>,
-    pub server: Option<Arc<Counters>>,
+    pub frontend: Option<Arc<Shard>>,
+    pub pool: Option<Arc<Shard>>,
+    pub server: Option<Arc<Shard>>,
 }
 
 // What a record says is its fields; where it is counted is not part of it.
@@ -279,5 +369,52 @@ mod tests {
         assert_eq!(s.cumulative[BUCKETS_MS.len() - 1], 4);
         assert_eq!(s.count(), 5, "the unmeasured -1 is not counted");
         assert_eq!(s.sum_ms, 20_010);
+    }
+
+    #[test]
+    fn shards_of_every_thread_are_summed() {
+        let c = Arc::new(Counters::default());
+        let outcome = |status, tt| Outcome {
+            status,
+            bytes_in: 3,
+            bytes: 10,
+            tw: 0,
+            tc: 0,
+            tr: 2,
+            tt,
+            denied: false,
+        };
+        let threads: Vec<_> = (0..3)
+            .map(|i| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    enter_thread(i);
+                    let tally = Tally {
+                        frontend: None,
+                        pool: Some(c.shard()),
+                        server: None,
+                    };
+                    tally.count(&outcome(200 + 300 * (i as u16 % 2), 7));
+                    c.observe_current(5 + i as u64);
+                    c.connection();
+                    c.retry(true);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let s = c.snapshot();
+        assert_eq!((s.requests, s.responses[1], s.responses[4]), (3, 2, 1));
+        assert_eq!((s.bytes_in, s.bytes_out), (9, 30));
+        assert_eq!((s.connections, s.retries, s.redispatches), (3, 3, 3));
+        assert_eq!(s.max_current, 7, "the most any thread saw");
+        assert_eq!(s.total_time.cumulative[2], 3, "7 ms is <= 10 ms");
+        assert_eq!((s.total_time.count(), s.total_time.sum_ms), (3, 21));
+        assert_eq!(s.first_byte_time.count(), 3);
+        assert_eq!(
+            Counters::default().snapshot().connect_time.cumulative.len(),
+            13
+        );
     }
 }

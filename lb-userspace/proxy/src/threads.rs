@@ -19,8 +19,9 @@
 //!   thread goes to the oldest waiter of any thread (woken through a
 //!   oneshot channel, which works across runtimes).
 //! - The request counters (`crate::stats`) of frontends, pools and
-//!   servers: relaxed atomic adds when a request ends, on lines every
-//!   thread writes (the pool's live with its balancer).
+//!   servers, split into one shard per serving thread (summed when read):
+//!   a request adds to its thread's shard with relaxed atomics, on cache
+//!   lines no other serving thread writes.
 //! - Not the server connections: each thread keeps its own pools
 //!   (`ConnPool`), as a socket belongs to the runtime that registered it. A
 //!   server may so see up to `threads` times as many idle connections.
@@ -159,6 +160,7 @@ fn serve(
     {
         tracing::warn!(thread = index, cpu, error = %e, "could not pin a serving thread");
     }
+    crate::stats::enter_thread(index);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -493,13 +493,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         }
     }
 
-    /// Who sent the request, for `prepare`.
-    fn client_side(&self) -> ClientSide<'_> {
+    /// Who sent the request, with a body framed as `body`, for `prepare`.
+    fn client_side(&self, body: BodyKind) -> ClientSide<'_> {
         ClientSide {
             frontend: &self.fe.ctx,
             peer: self.peer,
             local: self.local,
             sni: self.sni.as_deref(),
+            body_length: Some(match body {
+                BodyKind::Fixed(n) => n,
+                // A chunked request has no Content-Length (`hardening`).
+                _ => 0,
+            }),
         }
     }
 
@@ -519,7 +524,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         let bodiless = body == BodyKind::Fixed(0);
         // Cleared once the body has been relayed.
         self.unread = !bodiless;
-        let client = self.client_side();
+        let client = self.client_side(body);
         let prepared =
             prepare::prepare(self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
         let mut fwd = match prepared {
