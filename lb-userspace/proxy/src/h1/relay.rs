@@ -5,10 +5,11 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::io::poll_read_buf;
 
 use super::codec::BodyKind;
@@ -30,23 +31,25 @@ pub(super) async fn read_more<R: AsyncRead + Unpin>(
     io: &mut R,
     buf: &mut BytesMut,
 ) -> io::Result<usize> {
-    read_up_to(io, buf, READ_SIZE).await
-}
-
-/// Reads more into `buf`, with room for at least `size` bytes.
-async fn read_up_to<R: AsyncRead + Unpin>(
-    io: &mut R,
-    buf: &mut BytesMut,
-    size: usize,
-) -> io::Result<usize> {
-    buf.reserve(size);
+    buf.reserve(READ_SIZE);
     poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, buf)).await
 }
 
-/// Writes all of `bytes` and flushes.
-async fn write_slice<W: AsyncWrite + Unpin>(io: &mut W, bytes: &[u8]) -> io::Result<()> {
-    io.write_all(bytes).await?;
-    io.flush().await
+/// Writes all of `bytes` and flushes (TLS streams buffer). One poll loop
+/// (tokio's `write_all` then `flush` are two futures, which stopped being
+/// inlined once a second caller used them).
+async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, mut bytes: &[u8]) -> io::Result<()> {
+    poll_fn(|cx| {
+        while !bytes.is_empty() {
+            let n = ready!(Pin::new(&mut *io).poll_write(cx, bytes))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            bytes = &bytes[n..];
+        }
+        Pin::new(&mut *io).poll_flush(cx)
+    })
+    .await
 }
 
 /// Writes all of `out` and flushes (TLS streams buffer), then empties it.
@@ -54,8 +57,7 @@ pub(super) async fn write_out<W: AsyncWrite + Unpin>(
     io: &mut W,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
-    io.write_all(out).await?;
-    io.flush().await?;
+    write_all(io, out).await?;
     out.clear();
     Ok(())
 }
@@ -123,36 +125,14 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut grown = false;
-    let r = relay_body(src, buf, dst, out, (body, dechunk), timer, &mut grown).await;
-    if grown && buf.is_empty() {
-        // A long body's big buffer is not kept with an idle connection (nor
-        // among the spares): the next read allocates a usual one.
-        *buf = BytesMut::new();
-    }
-    r
-}
-
-/// `relay`'s loop; sets `grown` when it asked for a long read.
-async fn relay_body<R, W>(
-    src: End<'_, R>,
-    buf: &mut BytesMut,
-    dst: End<'_, W>,
-    out: &mut Vec<u8>,
-    (body, dechunk): (BodyKind, bool),
-    timer: &mut Deadline,
-    grown: &mut bool,
-) -> Result<u64, Fail>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
     let mut left = match body {
         BodyKind::Fixed(n) => n,
         _ => 0,
     };
     let mut chunk = Chunk::Size;
     let mut payload = 0u64;
+    // A long read made `buf` big: it is released at the end.
+    let mut grown = false;
     loop {
         // Body bytes written straight from `buf` (once `out` is empty: the
         // head left with the first ones), without copying them into `out`.
@@ -193,31 +173,32 @@ where
             }
         };
         // Pending bytes go out before waiting for more, so the body flows.
-        if direct > 0 {
-            let written = timer.limit(dst.limit, write_slice(dst.io, &buf[..direct]));
-            match written.await {
-                Some(Ok(())) => buf.advance(direct),
-                Some(Err(_)) => return Err(Fail::Write),
-                None => return Err(Fail::WriteTimeout),
-            }
-        } else if done || !out.is_empty() {
-            match timer.limit(dst.limit, write_out(dst.io, out)).await {
-                Some(Ok(())) => {}
+        if done || direct > 0 || !out.is_empty() {
+            let bytes = if direct > 0 { &buf[..direct] } else { &out[..] };
+            match timer.limit(dst.limit, write_all(dst.io, bytes)).await {
+                Some(Ok(())) if direct > 0 => buf.advance(direct),
+                Some(Ok(())) => out.clear(),
                 Some(Err(_)) => return Err(Fail::Write),
                 None => return Err(Fail::WriteTimeout),
             }
         }
         if done {
-            return Ok(payload);
+            return Ok(release(buf, grown, payload));
         }
         let size = if buf.is_empty() && left > READ_SIZE as u64 {
-            *grown = true;
-            left.min(LONG_READ_SIZE as u64) as usize
+            grown = true;
+            // One byte more than the rest: the read that takes it all then
+            // comes back short, which tells tokio the socket is drained (a
+            // full one would cost an EAGAIN read when the connection is
+            // next checked, `RawConn::alive`).
+            (left + 1).min(LONG_READ_SIZE as u64) as usize
         } else {
             READ_SIZE
         };
-        match timer.limit(src.limit, read_up_to(src.io, buf, size)).await {
-            Some(Ok(0)) if body == BodyKind::Close => return Ok(payload),
+        buf.reserve(size);
+        let read = poll_fn(|cx| poll_read_buf(Pin::new(&mut *src.io), cx, buf));
+        match timer.limit(src.limit, read).await {
+            Some(Ok(0)) if body == BodyKind::Close => return Ok(release(buf, grown, payload)),
             Some(Ok(0)) | Some(Err(_)) => return Err(Fail::Read),
             Some(Ok(_)) => {}
             None => return Err(Fail::ReadTimeout),
@@ -229,10 +210,20 @@ where
     }
 }
 
+/// After a relayed body: a buffer a long read made big is not kept with an
+/// idle connection (nor among the spares), the next read allocates a usual
+/// one. Passes `payload` through.
+fn release(buf: &mut BytesMut, grown: bool, payload: u64) -> u64 {
+    if grown && buf.is_empty() {
+        *buf = BytesMut::new();
+    }
+    payload
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Relays `input` (all read ahead, then end of stream) as `body`; the
     /// bytes written out and the result.
