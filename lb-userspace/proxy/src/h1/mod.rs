@@ -29,6 +29,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -69,34 +70,40 @@ mod spare {
     use bytes::BytesMut;
 
     use super::READ_SIZE;
+    use super::codec::Span;
 
-    /// Spare buffer pairs kept at most per thread.
+    /// Spare buffer sets kept at most per thread.
     const KEEP: usize = 256;
 
+    /// A connection's buffers: bytes read, output, and the header spans of
+    /// the head being parsed.
+    pub(super) type Buffers = (BytesMut, Vec<u8>, Vec<Span>);
+
     thread_local! {
-        static SPARE: RefCell<Vec<(BytesMut, Vec<u8>)>> = const { RefCell::new(Vec::new()) };
+        static SPARE: RefCell<Vec<Buffers>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// A read buffer and an output buffer, empty, with room for a read.
-    pub(super) fn take() -> (BytesMut, Vec<u8>) {
-        let mut pair = SPARE
+    /// A read buffer, an output buffer and a span list, empty, with room for a read.
+    pub(super) fn take() -> Buffers {
+        let mut set = SPARE
             .with(|s| s.borrow_mut().pop())
-            .unwrap_or_else(|| (BytesMut::new(), Vec::new()));
+            .unwrap_or_else(|| (BytesMut::new(), Vec::new(), Vec::new()));
         // Also reclaims the room of a read buffer whose old heads are gone.
-        pair.0.reserve(READ_SIZE);
-        pair
+        set.0.reserve(READ_SIZE);
+        set
     }
 
     /// Keeps empty buffers for `take`.
-    pub(super) fn give(rbuf: BytesMut, mut out: Vec<u8>) {
+    pub(super) fn give((rbuf, mut out, mut spans): Buffers) {
         if !rbuf.is_empty() || rbuf.capacity() == 0 {
             return;
         }
         out.clear();
+        spans.clear();
         SPARE.with(|s| {
             let mut s = s.borrow_mut();
             if s.len() < KEEP {
-                s.push((rbuf, out));
+                s.push((rbuf, out, spans));
             }
         });
     }
@@ -107,18 +114,18 @@ mod spare {
 
         #[test]
         fn idle_buffers_are_reused_and_busy_ones_kept() {
-            let (rbuf, out) = take();
+            let (rbuf, out, spans) = take();
             assert!(rbuf.capacity() >= READ_SIZE && rbuf.is_empty());
             let at = rbuf.as_ptr();
-            give(rbuf, out);
-            let (again, out) = take();
+            give((rbuf, out, spans));
+            let (again, out, spans) = take();
             assert_eq!(again.as_ptr(), at, "the same buffer comes back");
             // A buffer still holding a client's bytes is not anybody's spare.
             let spares = || SPARE.with(|s| s.borrow().len());
             let before = spares();
             let mut busy = again;
             busy.extend_from_slice(b"GET");
-            give(busy, out);
+            give((busy, out, spans));
             assert_eq!(spares(), before);
         }
     }
@@ -165,8 +172,9 @@ enum Wait {
     H2,
 }
 
-/// A client connection on our path.
-struct Client<'a, T> {
+/// A client connection on our path. It owns what it needs, so that the
+/// task serving it can hold it in place (see `server::serve_plain`).
+pub(crate) struct Client<T> {
     io: T,
     /// Bytes read from the client and not yet used.
     rbuf: BytesMut,
@@ -178,42 +186,65 @@ struct Client<'a, T> {
     unread: bool,
     /// Our FIN has gone out (it is sent once).
     shut: bool,
-    fe: &'a FrontendRuntime,
-    shared: &'a Shared,
+    fe: Arc<FrontendRuntime>,
+    shared: Arc<Shared>,
     peer: SocketAddr,
     local: SocketAddr,
     sni: Option<String>,
 }
 
-/// Serves HTTP/1 requests on `io` until the client or the proxy ends the
+impl<T> Client<T> {
+    /// A client connection `io` from `peer` to `local` (`sni`: the TLS
+    /// server name) on frontend `fe`, before its first request.
+    pub(crate) fn new(
+        io: T,
+        (peer, local): (SocketAddr, SocketAddr),
+        sni: Option<String>,
+        fe: Arc<FrontendRuntime>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Client {
+            io,
+            rbuf: BytesMut::new(),
+            out: Vec::new(),
+            spans: Vec::new(),
+            timer: Deadline::new(),
+            unread: false,
+            shut: false,
+            fe,
+            shared,
+            peer,
+            local,
+            sni,
+        }
+    }
+
+    /// The stream, with the bytes read from it (an HTTP/2 preface), for hyper;
+    /// with the frontend and the pools.
+    pub(crate) fn into_h2(self) -> (Prefixed<T>, Arc<FrontendRuntime>, Arc<Shared>) {
+        let prefixed = Prefixed {
+            prefix: self.rbuf.freeze(),
+            inner: self.io,
+        };
+        (prefixed, self.fe, self.shared)
+    }
+}
+
+/// Serves HTTP/1 requests on `c` until the client or the proxy ends the
 /// connection. `plain` binds may carry HTTP/2 prior knowledge instead: then
-/// the stream and the bytes read are returned, for hyper.
+/// true, and `Client::into_h2` hands the connection to hyper.
+///
+/// The client is borrowed, not taken: an async fn keeps its arguments twice
+/// (as given, and moved into its body), which for the client (its stream,
+/// kilobytes with TLS) was most of what an idle connection held.
 pub(crate) async fn serve<T>(
-    io: T,
-    (peer, local): (SocketAddr, SocketAddr),
-    sni: Option<String>,
+    c: &mut Client<T>,
     plain: bool,
-    fe: &FrontendRuntime,
-    shared: &Shared,
     shutdown: &mut watch::Receiver<()>,
-) -> Option<Prefixed<T>>
+) -> bool
 where
     T: AsyncRead + AsyncWrite + Unpin + HoldForFin,
 {
-    let mut c = Client {
-        io,
-        rbuf: BytesMut::new(),
-        out: Vec::new(),
-        spans: Vec::new(),
-        timer: Deadline::new(),
-        unread: false,
-        shut: false,
-        fe,
-        shared,
-        peer,
-        local,
-        sni,
-    };
     // Polled while idle only.
     let probe = shutdown.clone();
     let changed = pin!(shutdown.changed());
@@ -225,14 +256,9 @@ where
             Wait::Head(h) => h,
             Wait::End => {
                 c.close().await;
-                return None;
+                return false;
             }
-            Wait::H2 => {
-                return Some(Prefixed {
-                    prefix: std::mem::take(&mut c.rbuf).freeze(),
-                    inner: c.io,
-                });
-            }
+            Wait::H2 => return true,
         };
         first = false;
         let start = Instant::now();
@@ -243,12 +269,12 @@ where
         ready_since = Instant::now();
         if next == Next::Close || shutdown.has_come() {
             c.close().await;
-            return None;
+            return false;
         }
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
+impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
     /// Closes our side. When the client may still be sending (an unread
     /// body, a refused head, bytes beyond the last request), reads and drops
     /// what comes for a moment (bounded) first: closing with unread bytes
@@ -342,10 +368,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                 self.fe.timeouts.keep_alive
             };
             let (io, rbuf, timer) = (&mut self.io, &mut self.rbuf, &mut self.timer);
-            let out = &mut self.out;
+            let (out, spans) = (&mut self.out, &mut self.spans);
             let read = poll_fn(|cx| {
                 if rbuf.capacity() == 0 {
-                    (*rbuf, *out) = spare::take();
+                    (*rbuf, *out, *spans) = spare::take();
                 }
                 if let Poll::Ready(r) = poll_read_buf(Pin::new(&mut *io), cx, rbuf) {
                     return Poll::Ready(Some(r));
@@ -354,8 +380,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     // Nothing to do until the client speaks: the buffers go
                     // back to this thread's spares meanwhile, as HAProxy's go
                     // back to its pools, so an idle keep-alive connection
-                    // holds no buffer.
-                    spare::give(std::mem::take(rbuf), std::mem::take(out));
+                    // holds no buffer (nor span list).
+                    spare::give((
+                        std::mem::take(rbuf),
+                        std::mem::take(out),
+                        std::mem::take(spans),
+                    ));
                 }
                 if closable && shutdown.poll_come(cx) {
                     return Poll::Ready(None);
@@ -485,7 +515,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         if self.write_client().await.is_err() {
             rec.termination = ['C', 'D'];
         }
-        finish(rec, start, self.fe);
+        finish(rec, start, &self.fe);
         if keep_alive {
             Next::KeepAlive
         } else {
@@ -526,7 +556,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         self.unread = !bodiless;
         let client = self.client_side(body);
         let prepared =
-            prepare::prepare(self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
+            prepare::prepare(&self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
         let mut fwd = match prepared {
             Prepared::Forward(f) => f,
             Prepared::Refuse(failure, rec) => {
@@ -540,9 +570,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     .await;
             }
         };
-        let pool = &self.shared.pools[fwd.pool];
-        let mut attempts = Attempts::new(pool);
+        // The pool is looked up again after each `&mut self` call (the
+        // client owns the pools' `Arc`), rather than holding a clone.
+        let pool_idx = fwd.pool;
+        let mut attempts = Attempts::new(&self.shared.pools[pool_idx]);
         loop {
+            let pool = &self.shared.pools[pool_idx];
             let rec = &mut fwd.rec;
             let attempt = match attempts.acquire(pool, fwd.key, rec).await {
                 Ok(active) => self.connect(pool, active, rec).await,
@@ -558,13 +591,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             };
             let sent = Instant::now();
             let request = (&parts, body, expect_continue);
-            let r = self.send(
-                request,
-                &mut server,
-                pool.timeout_server,
-                reused && bodiless,
-            );
-            let (resp, body_sent) = match r.await {
+            let timeout_server = pool.timeout_server;
+            let r = self.send(request, &mut server, timeout_server, reused && bodiless);
+            let r = r.await;
+            let pool = &self.shared.pools[pool_idx];
+            let (resp, body_sent) = match r {
                 Ok(r) => r,
                 Err((f, _)) if attempts.retry(pool, f, reused && bodiless) => continue,
                 Err((f, body_sent)) => {
@@ -716,7 +747,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
 
     /// Sends a server's response to the client: head (rewritten), then body.
     async fn respond(&mut self, resp: ResponseHead, mut ctx: ResponseCtx) -> Next {
-        let pool = &self.shared.pools[ctx.fwd.pool];
+        let pool_idx = ctx.fwd.pool;
+        let timeout_server = self.shared.pools[pool_idx].timeout_server;
         ctx.fwd.rec.status = resp.status.as_u16();
         let Ok(head) = OutHead::new(&resp, &ctx.fwd.response_ops) else {
             return self
@@ -764,7 +796,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         let relayed = relay(
             End {
                 io: &mut server.io,
-                limit: pool.timeout_server,
+                limit: timeout_server,
             },
             &mut server.buf,
             End {
@@ -784,7 +816,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
                     self.shut_down().await;
                 }
                 if server_keep_alive && body_sent && body != BodyKind::Close {
-                    pool.conns.put_raw(addr, server);
+                    self.shared.pools[pool_idx].conns.put_raw(addr, server);
                 }
                 if close { Next::Close } else { Next::KeepAlive }
             }
@@ -795,7 +827,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
             }
         };
         drop(active);
-        finish(rec, start, self.fe);
+        finish(rec, start, &self.fe);
         next
     }
 
@@ -828,10 +860,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<'_, T> {
         server.buf.clear();
         if self.write_client().await.is_err() {
             rec.termination = Failure::ClientAborted.termination();
-            finish(rec, start, self.fe);
+            finish(rec, start, &self.fe);
             return Next::Close;
         }
-        finish(rec, start, self.fe);
+        finish(rec, start, &self.fe);
         let mut early = std::mem::take(&mut self.rbuf).to_vec();
         if !early.is_empty() && write_out(&mut server.io, &mut early).await.is_err() {
             return Next::Close;
