@@ -5,7 +5,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::task::{Poll, ready};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
@@ -35,21 +35,24 @@ pub(super) async fn read_more<R: AsyncRead + Unpin>(
     poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, buf)).await
 }
 
-/// Writes all of `bytes` and flushes (TLS streams buffer). One poll loop
-/// (tokio's `write_all` then `flush` are two futures, which stopped being
-/// inlined once a second caller used them).
-async fn write_all<W: AsyncWrite + Unpin>(io: &mut W, mut bytes: &[u8]) -> io::Result<()> {
-    poll_fn(|cx| {
-        while !bytes.is_empty() {
-            let n = ready!(Pin::new(&mut *io).poll_write(cx, bytes))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            bytes = &bytes[n..];
+/// Writes all of `bytes` (advancing it) and flushes (TLS streams buffer):
+/// a plain function for `poll_fn`, inlined where it is polled (tokio's
+/// `write_all` then `flush`, or an async fn around them, are futures of
+/// their own, which stopped being inlined once a second caller used them).
+#[inline]
+fn poll_write_all<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    cx: &mut Context<'_>,
+    bytes: &mut &[u8],
+) -> Poll<io::Result<()>> {
+    while !bytes.is_empty() {
+        let n = ready!(Pin::new(&mut *io).poll_write(cx, bytes))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
         }
-        Pin::new(&mut *io).poll_flush(cx)
-    })
-    .await
+        *bytes = &bytes[n..];
+    }
+    Pin::new(&mut *io).poll_flush(cx)
 }
 
 /// Writes all of `out` and flushes (TLS streams buffer), then empties it.
@@ -57,7 +60,8 @@ pub(super) async fn write_out<W: AsyncWrite + Unpin>(
     io: &mut W,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
-    write_all(io, out).await?;
+    let mut bytes = &out[..];
+    poll_fn(|cx| poll_write_all(io, cx, &mut bytes)).await?;
     out.clear();
     Ok(())
 }
@@ -174,8 +178,9 @@ where
         };
         // Pending bytes go out before waiting for more, so the body flows.
         if done || direct > 0 || !out.is_empty() {
-            let bytes = if direct > 0 { &buf[..direct] } else { &out[..] };
-            match timer.limit(dst.limit, write_all(dst.io, bytes)).await {
+            let mut bytes = if direct > 0 { &buf[..direct] } else { &out[..] };
+            let write = poll_fn(|cx| poll_write_all(dst.io, cx, &mut bytes));
+            match timer.limit(dst.limit, write).await {
                 Some(Ok(())) if direct > 0 => buf.advance(direct),
                 Some(Ok(())) => out.clear(),
                 Some(Err(_)) => return Err(Fail::Write),
