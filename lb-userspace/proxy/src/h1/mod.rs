@@ -758,23 +758,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         if resp.status == StatusCode::SWITCHING_PROTOCOLS {
             return self.tunnel(resp, head, ctx).await;
         }
-        // --- framing toward the client ---
         let body = resp.body;
         let http10 = ctx.client_version == Version::HTTP_10;
-        let (dechunk, close) = match body {
-            BodyKind::Fixed(_) => (false, !ctx.keep_alive),
-            // An HTTP/1.0 client cannot read chunks: data only, to the close.
-            BodyKind::Chunked if http10 => (true, true),
-            BodyKind::Chunked => (false, !ctx.keep_alive),
-            BodyKind::Close => (false, true),
-        };
-        let connection: &[(&str, &str)] = if close {
-            &[("connection", "close")]
-        } else if http10 {
-            &[("connection", "keep-alive")]
-        } else {
-            &[]
-        };
+        let (dechunk, close, connection) = client_framing(body, http10, ctx.keep_alive);
         let keep_te = body == BodyKind::Chunked && !dechunk;
         head.put(&mut self.out, &resp, keep_te, connection);
         let server_keep_alive = resp.keep_alive;
@@ -934,6 +920,31 @@ impl OutHead {
         all.extend_from_slice(extra);
         codec::put_response(out, resp.status, resp.reason(), headers, &all);
     }
+}
+
+/// How a response body framed as `body` goes to the client: dechunked or
+/// not, whether the connection closes after it, and the Connection field
+/// that says what the client would not assume.
+fn client_framing(
+    body: BodyKind,
+    http10: bool,
+    keep_alive: bool,
+) -> (bool, bool, &'static [(&'static str, &'static str)]) {
+    let (dechunk, close) = match body {
+        BodyKind::Fixed(_) => (false, !keep_alive),
+        // An HTTP/1.0 client cannot read chunks: data only, to the close.
+        BodyKind::Chunked if http10 => (true, true),
+        BodyKind::Chunked => (false, !keep_alive),
+        BodyKind::Close => (false, true),
+    };
+    let connection: &'static [(&'static str, &'static str)] = if close {
+        &[("connection", "close")]
+    } else if http10 {
+        &[("connection", "keep-alive")]
+    } else {
+        &[]
+    };
+    (dechunk, close, connection)
 }
 
 /// What `respond` needs of the exchange.
