@@ -47,8 +47,13 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Most VIPs (services) one data plane holds; also the size of the VIP stats array.
 pub const MAX_VIPS: u32 = 512;
-/// Most backends across all VIPs; backend ids are `0..MAX_BACKENDS`.
-pub const MAX_BACKENDS: u32 = 4096;
+/// Most backends across all VIPs; backend ids are `0..MAX_BACKENDS`. Not
+/// 4096: with the kernel's array header, the pointer table of a per-CPU
+/// array of 4096 entries (`BACKEND_HOPS`, `BACKEND_STATS`, both read by
+/// every forwarded packet) is just over the 32 KiB the kernel allocates
+/// from its direct map (huge pages); larger ones are vmalloc'd in 4 KiB
+/// pages, a TLB miss per packet under load.
+pub const MAX_BACKENDS: u32 = 4032;
 /// Largest backend weight, in the file, the CLI and DNS answers alike: the
 /// Maglev builder's credits stay small and SRV weights (u16) always fit.
 pub const MAX_WEIGHT: u32 = 65535;
