@@ -47,8 +47,13 @@ pub const PROTO_UDP: u8 = 17;
 
 /// Most VIPs (services) one data plane holds; also the size of the VIP stats array.
 pub const MAX_VIPS: u32 = 512;
-/// Most backends across all VIPs; backend ids are `0..MAX_BACKENDS`.
-pub const MAX_BACKENDS: u32 = 4096;
+/// Most backends across all VIPs; backend ids are `0..MAX_BACKENDS`. Not
+/// 4096: with the kernel's array header, the pointer table of a per-CPU
+/// array of 4096 entries (`BACKEND_HOPS`, `BACKEND_STATS`, both read by
+/// every forwarded packet) is just over the 32 KiB the kernel allocates
+/// from its direct map (huge pages); larger ones are vmalloc'd in 4 KiB
+/// pages, a TLB miss per packet under load.
+pub const MAX_BACKENDS: u32 = 4032;
 /// Largest backend weight, in the file, the CLI and DNS answers alike: the
 /// Maglev builder's credits stay small and SRV weights (u16) always fit.
 pub const MAX_WEIGHT: u32 = 65535;
@@ -156,7 +161,11 @@ pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// entry); a slot of an older epoch is a miss. Every other `FLOWS` write
 /// leaves the meaning of an entry as it was (a new flow gets what Maglev
 /// gave before, unless the table changed, which bumps the epoch), and the
-/// data plane writes its own CPU's slot when it re-pins a flow.
+/// data plane drops its own CPU's copy of an entry it rewrites.
+///
+/// Not pinned: a new program (a restarted agent's) starts with an empty
+/// cache of its own, which is correct by construction, and the value may
+/// change between versions.
 pub const MAP_FLOW_CACHE: &str = "FLOW_CACHE";
 /// Slots of `FLOW_CACHE` per CPU (a power of two: `flow_cache_slot` keeps
 /// the top 10 bits).
@@ -179,7 +188,11 @@ pub fn flow_cache_slot(key: &FlowKey) -> u32 {
     x.wrapping_mul(0x9e37_79b1) >> 22
 }
 
-/// Value of `FLOW_CACHE`: a copy of a `FLOWS` entry and the epochs it was read under.
+/// Value of `FLOW_CACHE`: a copy of a `FLOWS` entry and the epochs it was
+/// read under and, for a client's direction that was valid then, what
+/// forwarding it needs (its VIP's flags and its backend), so that a hit
+/// reads neither `VIP_STATE` nor `BACKENDS`: the agent bumps its epoch
+/// after changing either.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow {
@@ -191,6 +204,14 @@ pub struct CachedFlow {
     pub agent_epoch: u32,
     /// `FLOW_EPOCH[0]` when it was read (its low 32 bits).
     pub dp_epoch: u32,
+    /// 1 when `vip_flags` and `backend` hold the flow's VIP flags and
+    /// backend (a `FLOW_TO_BACKEND` entry under its VIP's generation, whose
+    /// backend was valid); 0 otherwise.
+    pub resolved: u32,
+    /// The VIP's `VIP_F_*` bits.
+    pub vip_flags: u32,
+    /// `BACKENDS[flow.backend_id]`.
+    pub backend: Backend,
 }
 
 /// Map name: backend id -> `BackendHop` (PERCPU_ARRAY, `MAX_BACKENDS`): the
@@ -207,7 +228,11 @@ pub const MAP_ENCAP_SOURCES: &str = "ENCAP_SOURCES";
 pub const ENCAP_SRC_V4: u32 = 0;
 /// `ENCAP_SOURCES` index of the IPv6 outer source.
 pub const ENCAP_SRC_V6: u32 = 1;
-/// Map name: VIP id -> `Traffic` (PERCPU_ARRAY, `MAX_VIPS`).
+/// Map name: VIP id -> `Traffic` (PERCPU_ARRAY, `MAX_VIPS`): what the VIP's
+/// retired backends were counted (the agent moves a backend's
+/// `BACKEND_STATS` here when it retires it). The data plane counts a
+/// forwarded packet once, for its backend (ids are per VIP), so a VIP's
+/// total is this plus its current backends'.
 pub const MAP_VIP_STATS: &str = "VIP_STATS";
 /// Map name: backend id -> `Traffic` (PERCPU_ARRAY, `MAX_BACKENDS`).
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
@@ -218,14 +243,40 @@ pub const MAP_REASON_STATS: &str = "REASON_STATS";
 /// configured backend (value unused, 1), so that a packet to a VIP claiming to
 /// come from a backend is refused when it would create a flow.
 pub const MAP_BACKEND_ADDRS: &str = "BACKEND_ADDRS";
-/// Map name: ifindex -> `IfMac` (ARRAY, `MAX_IFINDEX`): the MAC address of each
-/// interface the program is attached to, written by the agent before it
-/// attaches. An array, so the lookup is inlined by the verifier (no helper call).
-pub const MAP_IF_MACS: &str = "IF_MACS";
-/// Interfaces with an ifindex at or above this cannot be attached to.
-pub const MAX_IFINDEX: u32 = 65536;
+/// Map name: slot -> `IfMac` (ARRAY, `IF_MAC_SLOTS`): the MAC address of
+/// each interface the program is attached to, written by the agent before it
+/// attaches, in the first free of `IF_MAC_PROBES` slots from
+/// `if_mac_slot(ifindex)`. Every forwarded packet reads it: an array (the
+/// verifier inlines the lookup) small enough (3 KiB) for the kernel to
+/// allocate it in its direct map, whose huge pages rarely miss the TLB,
+/// unlike the 512 KiB one-entry-per-ifindex array it replaces (`IF_MACS`,
+/// vmalloc'd 4 KiB pages: a TLB miss on most packets under load).
+pub const MAP_IF_MACS: &str = "IF_MAC_TABLE";
+/// Slots of `IF_MAC_TABLE` (a power of two).
+pub const IF_MAC_SLOTS: u32 = 256;
+/// Slots an interface's entry may be in, from `if_mac_slot` on.
+pub const IF_MAC_PROBES: u32 = 4;
+/// The map an agent before 2026-12 pinned instead of `IF_MAC_TABLE`.
+pub const MAP_IF_MACS_RETIRED: &str = "IF_MACS";
 
-/// Every map of the `lb-xdp` object (what the agent pins for a hitless restart).
+/// The `k`-th slot (`k < IF_MAC_PROBES`) of `IF_MAC_TABLE` where interface
+/// `ifindex`'s MAC may be.
+#[inline(always)]
+pub fn if_mac_slot(ifindex: u32, k: u32) -> u32 {
+    ifindex.wrapping_add(k) & (IF_MAC_SLOTS - 1)
+}
+
+/// Map name: `PROG_FULL_SLOT` -> program (PROG_ARRAY, 1): `lb_xdp_full`,
+/// which the attached `lb_xdp` tail-calls for every packet its fast path
+/// (established flows) leaves. Pinned: a program array loses its entries
+/// when no process or pin holds it, and the attached program outlives the
+/// agent across a restart; the next agent puts its own `lb_xdp_full` in.
+pub const MAP_PROGS: &str = "PROGS";
+/// The slot of `lb_xdp_full` in `PROGS`.
+pub const PROG_FULL_SLOT: u32 = 0;
+
+/// The maps of the `lb-xdp` object the agent pins for a hitless restart
+/// (all but the per-program `FLOW_CACHE`).
 pub const ALL_MAPS: [&str; 20] = [
     MAP_VIPS,
     MAP_VIP_STATE,
@@ -233,13 +284,13 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_BACKENDS,
     MAP_FLOWS,
     MAP_CLIENT_HOPS,
-    MAP_FLOW_CACHE,
     MAP_FLOW_EPOCH,
     MAP_VIP_STATS,
     MAP_BACKEND_STATS,
     MAP_REASON_STATS,
     MAP_BACKEND_ADDRS,
     MAP_IF_MACS,
+    MAP_PROGS,
     MAP_PENDING,
     MAP_NEW_FLOW_RATE,
     MAP_DENY_V4,
@@ -251,6 +302,8 @@ pub const ALL_MAPS: [&str; 20] = [
 
 /// Name of the load-balancing XDP program in the `lb-xdp` object.
 pub const PROG_LB: &str = "lb_xdp";
+/// Program name of the full data plane `lb_xdp` tail-calls (see `MAP_PROGS`).
+pub const PROG_LB_FULL: &str = "lb_xdp_full";
 /// Name of the pass-only XDP program in the `lab-xdp` object (for veth peers).
 pub const PROG_PASS: &str = "xdp_pass";
 /// Name of the MAC-swapping bounce program in the `lab-xdp` object (benchmark baseline).
@@ -470,10 +523,12 @@ pub struct AddrKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IfMac {
+    /// The interface the slot is for.
+    pub ifindex: u32,
     /// The MAC address frames to this interface carry as destination.
     pub mac: [u8; 6],
-    /// 1 when set; an unset slot (an interface the agent did not attach to)
-    /// skips the check rather than dropping everything.
+    /// 1 when set; an interface without a slot (one the agent did not
+    /// attach to) skips the check rather than dropping everything.
     pub set: u8,
     /// Zero.
     pub pad: u8,
@@ -760,10 +815,10 @@ mod tests {
         assert_eq!(size_of::<VipState>(), 8);
         assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
         assert_eq!(size_of::<ClientHop>(), 16 + 8 + 24);
-        assert_eq!(size_of::<CachedFlow>(), 40 + 32 + 8);
+        assert_eq!(size_of::<CachedFlow>(), 40 + 32 + 8 + 8 + 24);
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<AddrKey>(), 20);
-        assert_eq!(size_of::<IfMac>(), 8);
+        assert_eq!(size_of::<IfMac>(), 12);
         assert_eq!(size_of::<RateWindow>(), 16);
         assert_eq!(size_of::<Settings>(), 16);
         assert_eq!(size_of::<BackendHop>(), 16 + 24);

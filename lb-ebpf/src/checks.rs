@@ -2,7 +2,7 @@
 //! to forward, XDP must not forward either.
 //!
 //! Cost per packet: `forwardable` runs on every packet about to be forwarded
-//! (new and established flows, both directions): one IF_MACS lookup (an array,
+//! (new and established flows, both directions): one IF_MAC_TABLE lookup (an array,
 //! inlined by the verifier: no helper call) and a 6-byte compare, plus for
 //! IPv4 the header checksum (10 16-bit adds for a header without options).
 //! `new_flow_source` runs only when a flow is created: a few compares and one
@@ -18,13 +18,13 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
-    AddrKey, FAMILY_V4, RATE_PREFIX_V4, RATE_PREFIX_V6, RATE_WINDOW_NS, RateWindow, Reason,
-    addr_to_bytes, is_martian_source,
+    AddrKey, FAMILY_V4, IF_MAC_PROBES, RATE_PREFIX_V4, RATE_PREFIX_V6, RATE_WINDOW_NS, RateWindow,
+    Reason, addr_to_bytes, if_mac_slot, is_martian_source,
 };
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{BACKEND_ADDRS, DENY_V4, DENY_V6, IF_MACS, NEW_FLOW_RATE, SETTINGS, scratch},
+    maps::{BACKEND_ADDRS, DENY_V4, DENY_V6, IF_MAC_TABLE, NEW_FLOW_RATE, SETTINGS, scratch},
     parse::{Packet, ptr_at},
 };
 
@@ -44,12 +44,10 @@ const MAX_IPV4_HEADER_WORDS: usize = 30;
 #[inline(always)]
 pub fn forwardable(ctx: &XdpContext, pkt: &Packet, rewritten: bool) -> Result<(), Reason> {
     let ingress = ctx.ingress_ifindex() as u32;
-    if let Some(own) = IF_MACS.get(ingress)
-        && own.set != 0
-    {
+    if let Some(own) = own_mac(ingress) {
         let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Reason::PassMalformed)?;
         // SAFETY: bounds-checked by ptr_at.
-        if unsafe { (*eth).dst_addr } != own.mac {
+        if unsafe { (*eth).dst_addr } != own {
             return Err(Reason::DropOtherHost);
         }
     }
@@ -57,6 +55,22 @@ pub fn forwardable(ctx: &XdpContext, pkt: &Packet, rewritten: bool) -> Result<()
         return Err(Reason::DropBadIpChecksum);
     }
     Ok(())
+}
+
+/// Interface `ifindex`'s own MAC, if the agent recorded it (see
+/// `MAP_IF_MACS`): almost always in the first slot looked at.
+#[inline(always)]
+fn own_mac(ifindex: u32) -> Option<[u8; 6]> {
+    for k in 0..IF_MAC_PROBES {
+        let slot = IF_MAC_TABLE.get(if_mac_slot(ifindex, k))?;
+        if slot.set == 0 {
+            return None;
+        }
+        if slot.ifindex == ifindex {
+            return Some(slot.mac);
+        }
+    }
+    None
 }
 
 /// Whether the IPv4 header (`pkt.l3..pkt.l4`) sums to 0xffff, as a correct

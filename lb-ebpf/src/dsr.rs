@@ -58,11 +58,7 @@ pub fn send(
     flags: u32,
 ) -> Verdict {
     let mut hop = NextHop::default();
-    let overhead = match (flags & VIP_F_IPIP != 0, pkt.key.family == FAMILY_V4) {
-        (false, _) => 0,
-        (true, true) => ENCAP_V4_OVERHEAD,
-        (true, false) => ENCAP_V6_OVERHEAD,
-    };
+    let overhead = overhead(pkt, flags);
     match forward::backend_hop(ctx.ctx, pkt, backend_id, &backend.addr, &mut hop) {
         Lookup::Found => {}
         // The FIB checked our small request against the route's MTU.
@@ -76,22 +72,50 @@ pub fn send(
     if pkt.ip_len as u32 + overhead as u32 > hop.mtu as u32 {
         return too_big(ctx, pkt, hop.mtu, overhead);
     }
-    if overhead == 0 {
-        return forward::transmit(ctx, &hop, Reason::TxForward, Reason::RedirectForward);
-    }
-    if flags & VIP_F_MSS_CLAMP != 0 && pkt.key.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0 {
+    if overhead != 0 && clamps(pkt, flags) {
         let headers = if pkt.key.family == FAMILY_V4 { 40 } else { 60 };
         clamp_mss(ctx, pkt, hop.mtu.saturating_sub(overhead + headers));
     }
-    let built = if pkt.key.family == FAMILY_V4 {
-        encap_v4(ctx, pkt, &backend.addr, &hop)
-    } else {
-        encap_v6(ctx, pkt, &backend.addr, &hop)
-    };
-    match built {
-        Ok(()) => forward::transmit(ctx, &hop, Reason::TxForward, Reason::RedirectForward),
-        Err(reason) => Verdict::new(xdp_action::XDP_DROP, reason),
+    deliver(ctx, pkt, backend, overhead, &hop)
+}
+
+/// Whether `pkt` is a SYN whose MSS `flags` say to clamp (`ipip` only).
+#[inline(always)]
+pub fn clamps(pkt: &Packet, flags: u32) -> bool {
+    flags & VIP_F_MSS_CLAMP != 0 && pkt.key.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN != 0
+}
+
+/// Bytes `flags`' mode adds in front of a packet of `pkt`'s family.
+#[inline(always)]
+pub fn overhead(pkt: &Packet, flags: u32) -> u16 {
+    match (flags & VIP_F_IPIP != 0, pkt.key.family == FAMILY_V4) {
+        (false, _) => 0,
+        (true, true) => ENCAP_V4_OVERHEAD,
+        (true, false) => ENCAP_V6_OVERHEAD,
     }
+}
+
+/// Sends a packet that fits `hop` with `overhead` (0: `l2`; else `ipip`,
+/// encapsulated) to `backend`.
+#[inline(always)]
+pub fn deliver(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    backend: &Backend,
+    overhead: u16,
+    hop: &NextHop,
+) -> Verdict {
+    if overhead != 0 {
+        let built = if pkt.key.family == FAMILY_V4 {
+            encap_v4(ctx, pkt, &backend.addr, hop)
+        } else {
+            encap_v6(ctx, pkt, &backend.addr, hop)
+        };
+        if let Err(reason) = built {
+            return Verdict::new(xdp_action::XDP_DROP, reason);
+        }
+    }
+    forward::transmit(ctx, hop, Reason::TxForward, Reason::RedirectForward)
 }
 
 /// Sends an ICMP error about a flow of a DSR VIP (see `icmp_nat`) to the

@@ -2,9 +2,9 @@
 //! `FLOWS` on a miss (see `MAP_FLOW_CACHE` in lb-common for why and how the
 //! cache stays coherent).
 
-use lb_common::{Flow, FlowKey, flow_cache_slot};
+use lb_common::{BACKEND_F_VALID, CachedFlow, FLOW_TO_BACKEND, Flow, FlowKey, flow_cache_slot};
 
-use crate::maps::{FLOW_CACHE, FLOW_EPOCH, FLOWS, SETTINGS};
+use crate::maps::{BACKENDS, FLOW_CACHE, FLOW_EPOCH, FLOWS, SETTINGS, VIP_STATE};
 
 /// The two epochs a cached copy must have been read under.
 #[inline(always)]
@@ -14,36 +14,62 @@ fn epochs() -> (u32, u32) {
     (agent, dp)
 }
 
-/// The `FLOWS` entry of `key`, from this CPU's cache when it holds a copy
-/// of the current epochs (a `FLOWS` hit refills the slot).
+/// This CPU's cached copy of `key`'s `FLOWS` entry if it holds one of the
+/// current epochs; never reads `FLOWS` (the fast path leaves a miss to the
+/// full program, which refills the slot).
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<Flow> {
+pub fn cached(key: &FlowKey) -> Option<&'static CachedFlow> {
+    let (agent, dp) = epochs();
+    let slot = FLOW_CACHE.get(flow_cache_slot(key))?;
+    if slot.agent_epoch == agent && slot.dp_epoch == dp && slot.key == *key {
+        return Some(slot);
+    }
+    None
+}
+
+/// This CPU's cached copy of `key`'s `FLOWS` entry, filled from `FLOWS`
+/// (and resolved, see `CachedFlow`) when it does not hold one of the
+/// current epochs. The reference stays valid until this program writes
+/// the cache again (`written`): callers copy what they need before that.
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<&'static CachedFlow> {
     let (agent, dp) = epochs();
     let slot = FLOW_CACHE.get_ptr_mut(flow_cache_slot(key))?;
     // SAFETY: a per-CPU slot: only this program on this CPU uses it.
     let slot = unsafe { &mut *slot };
     if slot.agent_epoch == agent && slot.dp_epoch == dp && slot.key == *key {
-        return Some(slot.flow);
+        return Some(slot);
     }
     // SAFETY: LRU entries are written whole by this program; a racing update
     // at worst yields the previous value for the same 5-tuple.
-    let flow = *unsafe { FLOWS.get(key) }?;
+    let flow = unsafe { FLOWS.get(key) }?;
     slot.key = *key;
-    slot.flow = flow;
+    slot.flow = *flow;
     slot.agent_epoch = agent;
     slot.dp_epoch = dp;
-    Some(flow)
+    slot.resolved = 0;
+    if flow.direction == FLOW_TO_BACKEND
+        && let Some(state) = VIP_STATE.get(flow.vip_id)
+        && state.generation == flow.vip_generation
+        && let Some(backend) = BACKENDS.get(flow.backend_id)
+        && backend.flags & BACKEND_F_VALID != 0
+    {
+        slot.vip_flags = state.flags;
+        slot.backend = *backend;
+        slot.resolved = 1;
+    }
+    Some(slot)
 }
 
-/// Records in this CPU's cache that `key`'s `FLOWS` entry is now `flow`
-/// (the data plane just wrote it), if the slot holds that key.
+/// Drops this CPU's cached copy of `key`'s `FLOWS` entry (the data plane
+/// is rewriting it); the next packet reads and resolves it afresh.
 #[inline(always)]
-pub fn written(key: &FlowKey, flow: &Flow) {
+pub fn written(key: &FlowKey) {
     if let Some(slot) = FLOW_CACHE.get_ptr_mut(flow_cache_slot(key)) {
         // SAFETY: as in `lookup`.
         let slot = unsafe { &mut *slot };
         if slot.key == *key {
-            slot.flow = *flow;
+            slot.key.family = 0;
         }
     }
 }
@@ -61,7 +87,7 @@ pub fn insert_reply(key: &FlowKey, flow: &Flow) {
         None => false,
     };
     let _ = FLOWS.insert(key, flow, 0);
-    written(key, flow);
+    written(key);
     if replaces {
         bump_epoch();
     }

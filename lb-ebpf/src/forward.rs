@@ -74,12 +74,26 @@ pub fn send(
         }
         Lookup::Failed => return Verdict::new(xdp_action::XDP_DROP, Reason::DropFibFailed),
     }
+    deliver(ctx, pkt, addr, port, side, toward, &hop)
+}
+
+/// NATs `side` of a packet that fits `hop` (its TTL above 1) and sends it there.
+#[inline(always)]
+pub fn deliver(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    addr: &Addr,
+    port: u16,
+    side: Side,
+    toward: Toward,
+    hop: &NextHop,
+) -> Verdict {
     if let Err(reason) = nat::rewrite(ctx, pkt, side, addr, port, true) {
         return Verdict::new(xdp_action::XDP_PASS, reason);
     }
     match toward {
-        Toward::Backend(_) => transmit(ctx, &hop, Reason::TxForward, Reason::RedirectForward),
-        Toward::Client => transmit(ctx, &hop, Reason::TxReply, Reason::RedirectReply),
+        Toward::Backend(_) => transmit(ctx, hop, Reason::TxForward, Reason::RedirectForward),
+        Toward::Client => transmit(ctx, hop, Reason::TxReply, Reason::RedirectReply),
     }
 }
 
@@ -131,6 +145,38 @@ pub enum Lookup {
     Failed,
 }
 
+/// This CPU's cached next hop toward `dst` (a client), into `out`, if it
+/// is fresh at `now` and for that address.
+#[inline(always)]
+pub fn cached_client_hop(pkt: &Packet, dst: &Addr, now: u64, out: &mut NextHop) -> bool {
+    let Some(slot) = CLIENT_HOPS.get(client_hop_slot(dst)) else {
+        return false;
+    };
+    if slot.hop.expires_ns > now
+        && slot.hop.mtu != 0
+        && slot.family == pkt.key.family
+        && slot.addr == *dst
+    {
+        *out = slot.hop;
+        return true;
+    }
+    false
+}
+
+/// This CPU's cached next hop toward backend `id` at `dst`, into `out`, if
+/// it is fresh at `now` and still for that address.
+#[inline(always)]
+pub fn cached_backend_hop(id: u32, dst: &Addr, now: u64, out: &mut NextHop) -> bool {
+    let Some(slot) = BACKEND_HOPS.get(id) else {
+        return false;
+    };
+    if slot.hop.expires_ns > now && slot.hop.mtu != 0 && slot.addr == *dst {
+        *out = slot.hop;
+        return true;
+    }
+    false
+}
+
 /// The next hop toward `dst` (a client): from this CPU's `CLIENT_HOPS`
 /// slot while it is fresh and for that address, else from `bpf_fib_lookup`
 /// (whose answer then takes the slot).
@@ -138,21 +184,15 @@ pub enum Lookup {
 fn next_hop(ctx: *mut xdp_md, pkt: &Packet, dst: &Addr, src: &Addr, out: &mut NextHop) -> Lookup {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let Some(slot) = CLIENT_HOPS.get_ptr_mut(client_hop_slot(dst)) else {
-        return Lookup::Failed;
-    };
-    // SAFETY: per-CPU slot: only this program on this CPU uses it.
-    let slot = unsafe { &mut *slot };
-    if slot.hop.expires_ns > now
-        && slot.hop.mtu != 0
-        && slot.family == pkt.key.family
-        && slot.addr == *dst
-    {
-        *out = slot.hop;
+    if cached_client_hop(pkt, dst, now, out) {
         return Lookup::Found;
     }
     let found = fib(ctx, pkt, dst, src, now, out);
-    if let Lookup::Found = found {
+    if let Lookup::Found = found
+        && let Some(slot) = CLIENT_HOPS.get_ptr_mut(client_hop_slot(dst))
+    {
+        // SAFETY: per-CPU slot: only this program on this CPU uses it.
+        let slot = unsafe { &mut *slot };
         slot.addr = *dst;
         slot.family = pkt.key.family;
         slot.hop = *out;
@@ -173,17 +213,15 @@ pub fn backend_hop(
 ) -> Lookup {
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let Some(slot) = BACKEND_HOPS.get_ptr_mut(id) else {
-        return Lookup::Failed;
-    };
-    // SAFETY: per-CPU slot: only this program on this CPU uses it.
-    let slot = unsafe { &mut *slot };
-    if slot.hop.expires_ns > now && slot.hop.mtu != 0 && slot.addr == *dst {
-        *out = slot.hop;
+    if cached_backend_hop(id, dst, now, out) {
         return Lookup::Found;
     }
     let found = fib(ctx, pkt, dst, &pkt.key.src, now, out);
-    if let Lookup::Found = found {
+    if let Lookup::Found = found
+        && let Some(slot) = BACKEND_HOPS.get_ptr_mut(id)
+    {
+        // SAFETY: per-CPU slot: only this program on this CPU uses it.
+        let slot = unsafe { &mut *slot };
         slot.addr = *dst;
         slot.hop = *out;
     }

@@ -21,6 +21,7 @@
 
 mod checks;
 mod dsr;
+mod fast;
 mod flows;
 mod forward;
 mod icmp;
@@ -33,19 +34,35 @@ mod verdict;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::LruHashMap, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_VALID, Backend, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey, PROTO_TCP, Reason,
-    VIP_F_DSR, VIP_F_L7, VipKey, hash::flow_hash,
+    BACKEND_F_VALID, Backend, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey, PROG_FULL_SLOT,
+    PROTO_TCP, Reason, VIP_F_DSR, VIP_F_L7, VipKey, hash::flow_hash,
 };
 
 use crate::{
-    maps::{BACKENDS, FLOWS, PENDING, RINGS, VIP_STATE, VIPS},
+    maps::{BACKENDS, FLOWS, PENDING, PROGS, RINGS, VIP_STATE, VIPS},
     parse::{Packet, TCP_RST, TCP_SYN},
     verdict::Verdict,
 };
 
-/// Entry point attached to the balancer's interfaces.
+/// Entry point attached to the balancer's interfaces: established flows
+/// (`fast`), everything else in the full program it tail-calls.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    if let Some(verdict) = fast::forward(&ctx) {
+        stats::count_reason(verdict.reason_index(), len);
+        return verdict.action();
+    }
+    // SAFETY: our own context; on success this does not return.
+    unsafe { PROGS.tail_call(&ctx, PROG_FULL_SLOT) };
+    // The agent fills PROGS before it attaches; should it be empty, the
+    // stack gets the packet (what it would without us).
+    xdp_action::XDP_PASS
+}
+
+/// Every packet `lb_xdp` leaves: the whole data plane.
+#[xdp]
+pub fn lb_xdp_full(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = process(&ctx);
     stats::count_reason(verdict.reason_index(), len);
@@ -67,22 +84,28 @@ fn process(ctx: &XdpContext) -> Verdict {
     let mut flags = 0;
     // An established flow whose backend is gone: re-pinned in FLOWS directly.
     let mut rehash = false;
-    if let Some(flow) = flows::lookup(&pkt.key) {
-        if flow.direction == FLOW_TO_CLIENT {
+    // The backend of a resolved hit, from this CPU's flow cache slot.
+    let mut resolved: Option<&'static Backend> = None;
+    if let Some(cached) = flows::lookup(&pkt.key) {
+        if cached.resolved != 0 {
+            // The hit path: the slot holds all it needs (see `CachedFlow`).
+            flags = cached.vip_flags;
+            pinned = Some((cached.flow.vip_id, cached.flow.backend_id));
+            resolved = Some(&cached.backend);
+        } else if cached.flow.direction == FLOW_TO_CLIENT {
+            let flow = cached.flow;
             return to_client(ctx, &pkt, &flow);
-        }
-        // Valid while its VIP is the one it was created under.
-        if let Some(state) = VIP_STATE.get(flow.vip_id)
-            && state.generation == flow.vip_generation
+        } else if let Some(state) = VIP_STATE.get(cached.flow.vip_id)
+            // Valid while its VIP is the one it was created under.
+            && state.generation == cached.flow.vip_generation
         {
             flags = state.flags;
-            match BACKENDS.get(flow.backend_id) {
-                Some(b) if b.flags & BACKEND_F_VALID != 0 => {
-                    pinned = Some((flow.vip_id, flow.backend_id))
-                }
+            let (vip_id, backend_id) = (cached.flow.vip_id, cached.flow.backend_id);
+            match BACKENDS.get(backend_id) {
+                Some(b) if b.flags & BACKEND_F_VALID != 0 => pinned = Some((vip_id, backend_id)),
                 // Its backend is gone: re-hash instead of black-holing it.
                 _ => {
-                    create = Some((flow.vip_id, state.generation));
+                    create = Some((vip_id, state.generation));
                     rehash = true;
                 }
             }
@@ -141,16 +164,17 @@ fn process(ctx: &XdpContext) -> Verdict {
             Err(reason) => return Verdict::new(xdp_action::XDP_DROP, reason),
         }
     }
-    let Some((vip_id, backend_id)) = pinned else {
+    let Some((_, backend_id)) = pinned else {
         return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend);
     };
-    match BACKENDS.get(backend_id) {
-        Some(b) if b.flags & BACKEND_F_VALID != 0 => {
-            let backend = *b;
-            to_backend(ctx, &pkt, vip_id, backend_id, &backend, flags)
-        }
-        _ => Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
-    }
+    let backend = match resolved {
+        Some(b) => *b,
+        None => match BACKENDS.get(backend_id) {
+            Some(b) if b.flags & BACKEND_F_VALID != 0 => *b,
+            _ => return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend),
+        },
+    };
+    to_backend(ctx, &pkt, backend_id, &backend, flags)
 }
 
 /// A backend's packet of a known flow: NAT the source back to the VIP.
@@ -194,7 +218,6 @@ fn not_a_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
 fn to_backend(
     ctx: &XdpContext,
     pkt: &Packet,
-    vip_id: u32,
     backend_id: u32,
     backend: &Backend,
     flags: u32,
@@ -215,10 +238,7 @@ fn to_backend(
             forward::Toward::Backend(backend_id),
         )
     };
-    if verdict.is(Reason::TxForward) || verdict.is(Reason::RedirectForward) {
-        stats::count_vip(vip_id, len);
-        stats::count_backend(backend_id, len);
-    }
+    stats::count_forwarded(verdict, backend_id, len);
     verdict
 }
 
@@ -286,7 +306,7 @@ fn new_flow(
         // Replies bypass the balancer: only the client's direction is kept.
         client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
         let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
-        flows::written(&pkt.key, &s.flow);
+        flows::written(&pkt.key);
         return Ok(backend_id);
     }
     // The reply arrives with the backend as source; remember how to undo the NAT.
@@ -296,7 +316,7 @@ fn new_flow(
     }
     client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
     let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
-    flows::written(&pkt.key, &s.flow);
+    flows::written(&pkt.key);
     s.flow.direction = FLOW_TO_CLIENT;
     flows::insert_reply(&s.reply, &s.flow);
     Ok(backend_id)
@@ -328,13 +348,13 @@ fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32, dsr: bool) -> Result<u3
             s.flow = *p;
             if dsr {
                 let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
-                flows::written(&pkt.key, &s.flow);
+                flows::written(&pkt.key);
                 let _ = PENDING.remove(&pkt.key);
                 return Ok(backend_id);
             }
             reply_key(pkt, b, &mut s.reply);
             let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
-            flows::written(&pkt.key, &s.flow);
+            flows::written(&pkt.key);
             s.flow.direction = FLOW_TO_CLIENT;
             flows::insert_reply(&s.reply, &s.flow);
             let _ = PENDING.remove(&pkt.key);

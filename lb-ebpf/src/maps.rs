@@ -3,12 +3,12 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key},
 };
 use lb_common::{
     AddrKey, Backend, BackendHop, CLIENT_HOP_SLOTS, CachedFlow, ClientHop, DenyKeyV4, DenyKeyV6,
-    EncapSource, FLOW_CACHE_SLOTS, FLOW_TABLE_SIZE, Flow, FlowKey, IfMac, MAX_BACKENDS,
-    MAX_DENY_PREFIXES, MAX_IFINDEX, MAX_VIPS, PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT,
+    EncapSource, FLOW_CACHE_SLOTS, FLOW_TABLE_SIZE, Flow, FlowKey, IF_MAC_SLOTS, IfMac,
+    MAX_BACKENDS, MAX_DENY_PREFIXES, MAX_VIPS, PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT,
     RateWindow, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
 };
 
@@ -78,7 +78,8 @@ pub static BACKEND_HOPS: PerCpuArray<BackendHop> = PerCpuArray::with_max_entries
 #[map]
 pub static ENCAP_SOURCES: Array<EncapSource> = Array::with_max_entries(2, 0);
 
-/// Per-VIP packets/bytes received from clients and forwarded.
+/// Per-VIP packets/bytes of retired backends (written by the agent; see
+/// `MAP_VIP_STATS`).
 #[map]
 pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 
@@ -94,9 +95,10 @@ pub static REASON_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(RE
 #[map]
 pub static BACKEND_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
-/// ifindex -> the interface's own MAC, filled by the agent before it attaches.
+/// Slot -> an interface's own MAC, filled by the agent before it attaches
+/// (see `MAP_IF_MACS`).
 #[map]
-pub static IF_MACS: Array<IfMac> = Array::with_max_entries(MAX_IFINDEX, 0);
+pub static IF_MAC_TABLE: Array<IfMac> = Array::with_max_entries(IF_MAC_SLOTS, 0);
 
 /// Room for the keys and values a new flow writes into the flow tables:
 /// map helpers take pointers to map values as keys and values, and the
@@ -131,6 +133,11 @@ pub fn scratch() -> Result<&'static mut Scratch, Reason> {
     // program does not run nested on one CPU.
     Ok(unsafe { &mut *s })
 }
+
+/// `PROG_FULL_SLOT` -> `lb_xdp_full`, which `lb_xdp` tail-calls for every
+/// packet its fast path leaves (see `MAP_PROGS`).
+#[map]
+pub static PROGS: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 /// One `Scratch` per CPU.
 #[map]

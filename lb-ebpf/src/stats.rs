@@ -1,9 +1,13 @@
-//! Per-CPU counters: no atomics needed, userspace sums the CPUs.
+//! Per-CPU counters: no atomics needed, userspace sums the CPUs. A
+//! forwarded packet updates two: its reason's and its backend's.
 
 use aya_ebpf::maps::PerCpuArray;
-use lb_common::Traffic;
+use lb_common::{Reason, Traffic};
 
-use crate::maps::{BACKEND_STATS, REASON_STATS, VIP_STATS};
+use crate::{
+    maps::{BACKEND_STATS, REASON_STATS},
+    verdict::Verdict,
+};
 
 #[inline(always)]
 fn add(map: &PerCpuArray<Traffic>, index: u32, len: u64) {
@@ -22,14 +26,12 @@ pub fn count_reason(reason: u32, len: u64) {
     add(&REASON_STATS, reason, len);
 }
 
-/// Counts one client packet forwarded for a VIP.
+/// Counts a client packet `verdict` forwarded to backend `backend_id` (and
+/// so for its VIP: backend ids are per VIP, the agent sums them; one
+/// counter update).
 #[inline(always)]
-pub fn count_vip(vip_id: u32, len: u64) {
-    add(&VIP_STATS, vip_id, len);
-}
-
-/// Counts one client packet forwarded to a backend.
-#[inline(always)]
-pub fn count_backend(backend_id: u32, len: u64) {
-    add(&BACKEND_STATS, backend_id, len);
+pub fn count_forwarded(verdict: Verdict, backend_id: u32, len: u64) {
+    if verdict.is(Reason::TxForward) || verdict.is(Reason::RedirectForward) {
+        add(&BACKEND_STATS, backend_id, len);
+    }
 }

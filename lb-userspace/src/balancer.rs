@@ -454,6 +454,7 @@ impl Balancer {
             match wanted.get(&key) {
                 None => {
                     self.dataplane.set_backend(id, &Backend::default())?;
+                    self.dataplane.retire_backend_stats(id, old.vip_id)?;
                     self.backends.remove(&key);
                     self.backend_pool.free(id);
                     summary.backends_removed += 1;

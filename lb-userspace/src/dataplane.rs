@@ -8,18 +8,19 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, MapData, PerCpuArray,
+        Array, HashMap, MapData, PerCpuArray, PerCpuValues, ProgramArray,
         lpm_trie::{Key, LpmTrie},
     },
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
     ALL_MAPS, Addr, AddrKey, Backend, DenyKeyV4, DenyKeyV6, EncapSource, FAMILY_V4, FAMILY_V6,
-    FLOW_TO_BACKEND, Flow, FlowKey, IfMac, MAP_BACKEND_ADDRS, MAP_BACKEND_STATS, MAP_BACKENDS,
-    MAP_DENY_V4, MAP_DENY_V6, MAP_ENCAP_SOURCES, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING,
-    MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS,
-    MAX_BACKENDS, MAX_IFINDEX, MAX_RING_SIZE, MAX_VIPS, PROG_LB, REASON_COUNT, Reason, Ring,
-    Settings, Traffic, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
+    FLOW_TO_BACKEND, Flow, FlowKey, IF_MAC_PROBES, IfMac, MAP_BACKEND_ADDRS, MAP_BACKEND_STATS,
+    MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6, MAP_ENCAP_SOURCES, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING,
+    MAP_PROGS, MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS,
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB, PROG_LB_FULL, REASON_COUNT,
+    Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
+    if_mac_slot,
 };
 use tracing::warn;
 
@@ -149,6 +150,8 @@ pub struct Dataplane {
     reason_slots: u32,
     backend_addrs: HashMap<MapData, AddrKey, u8>,
     if_macs: Array<MapData, IfMac>,
+    /// Holds `lb_xdp_full` while this data plane lives (pinned too, for after).
+    progs: ProgramArray<MapData>,
 }
 
 /// A zeroed `Ring` built directly on the heap: at 256 KiB it would overflow
@@ -201,6 +204,18 @@ impl Dataplane {
         let mut bpf = loader
             .load_file(path)
             .with_context(|| format!("loading eBPF object {}", path.display()))?;
+        // The full data plane first: the attached program tail-calls it.
+        let full: &mut Xdp = bpf
+            .program_mut(PROG_LB_FULL)
+            .ok_or_else(|| anyhow!("eBPF object has no program {PROG_LB_FULL}"))?
+            .try_into()?;
+        full.load()
+            .context("the kernel refused the XDP program (lb_xdp_full)")?;
+        let full_fd = full.fd()?.try_clone()?;
+        let mut progs: ProgramArray<MapData> = take(&mut bpf, MAP_PROGS)?;
+        progs
+            .set(PROG_FULL_SLOT, &full_fd, 0)
+            .context("putting lb_xdp_full into PROGS")?;
         let prog: &mut Xdp = bpf
             .program_mut(PROG_LB)
             .ok_or_else(|| anyhow!("eBPF object has no program {PROG_LB}"))?
@@ -234,9 +249,18 @@ impl Dataplane {
             reason_slots,
             backend_addrs: take(&mut bpf, MAP_BACKEND_ADDRS)?,
             if_macs: take(&mut bpf, MAP_IF_MACS)?,
+            progs,
             bpf,
             links: Vec::new(),
         })
+    }
+
+    /// Empties `PROGS`: the attached program then forwards established
+    /// flows alone and passes the rest (for tests of its fast path).
+    pub fn unload_full_program(&mut self) -> Result<()> {
+        self.progs
+            .clear_index(&PROG_FULL_SLOT)
+            .context("emptying PROGS")
     }
 
     /// The XDP program, e.g. for `aya::programs::TestRun`.
@@ -380,17 +404,34 @@ impl Dataplane {
     /// Records `mac` as the own address of interface `ifindex`: forwarded
     /// frames arriving there must be sent to it.
     pub fn set_interface_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
-        if ifindex >= MAX_IFINDEX {
-            bail!("interface index {ifindex} is beyond the data plane's {MAX_IFINDEX}");
+        let mut free = None;
+        for k in 0..IF_MAC_PROBES {
+            let slot = if_mac_slot(ifindex, k);
+            let entry = self.if_macs.get(&slot, 0).context("reading IF_MAC_TABLE")?;
+            if entry.set != 0 && entry.ifindex == ifindex {
+                free = Some(slot);
+                break;
+            }
+            if entry.set == 0 {
+                // The data plane stops at the first empty slot.
+                free = Some(slot);
+                break;
+            }
         }
+        let Some(slot) = free else {
+            bail!(
+                "interface index {ifindex}: its {IF_MAC_PROBES} slots in {MAP_IF_MACS} are taken by other interfaces"
+            );
+        };
         let value = IfMac {
+            ifindex,
             mac,
             set: 1,
             pad: 0,
         };
         self.if_macs
-            .set(ifindex, value, 0)
-            .context("updating IF_MACS")
+            .set(slot, value, 0)
+            .context("updating IF_MAC_TABLE")
     }
 
     /// Publishes a VIP's Maglev table in one map update (an RCU swap of the whole
@@ -616,11 +657,63 @@ impl Dataplane {
                 })
                 .collect()
         }
+        let backends = sum(&self.backend_stats, MAX_BACKENDS, MAX_BACKENDS)?;
+        // The data plane counts a forwarded packet for its backend only:
+        // a VIP's total is its retired backends' plus its current ones'.
+        let mut vips = sum(&self.vip_stats, MAX_VIPS, MAX_VIPS)?;
+        for (id, traffic) in backends.iter().enumerate() {
+            if traffic.packets == 0 {
+                continue;
+            }
+            let backend = self
+                .backends
+                .get(&(id as u32), 0)
+                .context("reading BACKENDS")?;
+            if backend.family != 0
+                && let Some(vip) = vips.get_mut(backend.vip_id as usize)
+            {
+                vip.packets += traffic.packets;
+                vip.bytes += traffic.bytes;
+            }
+        }
         Ok(Counters {
-            vips: sum(&self.vip_stats, MAX_VIPS, MAX_VIPS)?,
-            backends: sum(&self.backend_stats, MAX_BACKENDS, MAX_BACKENDS)?,
+            vips,
+            backends,
             reasons: sum(&self.reason_stats, REASON_COUNT, self.reason_slots)?,
         })
+    }
+
+    /// Moves backend `id`'s counters to its VIP's (`MAP_VIP_STATS`) and
+    /// zeroes them, before the slot is freed: the VIP's total stays whole
+    /// and the slot's next backend starts from zero.
+    pub fn retire_backend_stats(&mut self, id: u32, vip_id: u32) -> Result<()> {
+        let counts = self
+            .backend_stats
+            .get(&id, 0)
+            .context("reading BACKEND_STATS")?;
+        let mut vip = self
+            .vip_stats
+            .get(&vip_id, 0)
+            .context("reading VIP_STATS")?;
+        let zeroes: Vec<Traffic> = counts.iter().map(|_| Traffic::default()).collect();
+        let mut moved: Vec<Traffic> = vip.iter().copied().collect();
+        for (cpu, t) in counts.iter().enumerate() {
+            if let Some(v) = moved.get_mut(cpu) {
+                v.packets += t.packets;
+                v.bytes += t.bytes;
+            }
+        }
+        vip = PerCpuValues::try_from(moved).context("per-CPU values")?;
+        self.vip_stats
+            .set(vip_id, vip, 0)
+            .context("updating VIP_STATS")?;
+        self.backend_stats
+            .set(
+                id,
+                PerCpuValues::try_from(zeroes).context("per-CPU values")?,
+                0,
+            )
+            .context("zeroing BACKEND_STATS")
     }
 }
 

@@ -490,7 +490,7 @@ pub fn with_fixture(
             balancer
                 .dataplane()
                 .set_interface_mac(ifindex, mac)
-                .expect("IF_MACS");
+                .expect("IF_MAC_TABLE");
         }
         body(&mut balancer, &net);
     })

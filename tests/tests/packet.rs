@@ -12,6 +12,7 @@ use lb_common::{FlowKey, Reason, hash::flow_hash};
 use lb_tests::{assert_checksums_valid, reason_count, run_xdp, set_mtu, xdp_action::*};
 use lb_userspace::{
     balancer::Balancer,
+    config::Protocol,
     dataplane::ip_to_addr,
     lab::{
         CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6,
@@ -553,6 +554,96 @@ fn established_flows_follow_backend_removal_mode_change_and_vip_removal() {
         );
         assert_passed_untouched(b, net.lbc, &input, "flow of a removed VIP");
         assert_eq!(reason_count(b, Reason::PassNotVip), 1);
+    });
+}
+
+#[test]
+fn a_vips_counters_survive_its_backends_retirement() {
+    with_fixture(|b, net| {
+        apply(b, &three_config(&[1, 2, 3], "l4"));
+        let vip = std::net::SocketAddr::new(VIP3_V4.into(), 80);
+        let vip_id = b.vip_id(vip, Protocol::Tcp).expect("vip id");
+        let ids: Vec<u32> = (1..=3)
+            .map(|i| {
+                let addr = std::net::SocketAddr::new(backend_v4(i).into(), 8080);
+                b.backend_id("three", addr).expect("backend id")
+            })
+            .collect();
+        // Flows from 40 ports spread over the three backends.
+        let frames: Vec<Vec<u8>> = (0..40)
+            .map(|p| {
+                build(tcp4(
+                    CLIENT_MAC,
+                    LBC_MAC,
+                    CLIENT_V4,
+                    VIP3_V4,
+                    64,
+                    2000 + p,
+                    80,
+                ))
+            })
+            .collect();
+        for f in &frames {
+            assert_eq!(run_xdp(b, f, net.lbc).unwrap().0, XDP_REDIRECT);
+        }
+        let before = b.dataplane().counters().unwrap();
+        assert_eq!(
+            before.vips[vip_id as usize].packets, 40,
+            "a VIP counts its backends' packets"
+        );
+        let gone = *ids
+            .iter()
+            .max_by_key(|id| before.backends[**id as usize].packets)
+            .unwrap();
+        assert!(before.backends[gone as usize].packets > 0);
+
+        // One backend leaves: the VIP's total stays whole, its slot starts over.
+        let kept: Vec<usize> = (1..=3).filter(|&i| ids[i - 1] != gone).collect();
+        apply(b, &three_config(&kept, "l4"));
+        let after = b.dataplane().counters().unwrap();
+        assert_eq!(after.vips[vip_id as usize], before.vips[vip_id as usize]);
+        assert_eq!(after.backends[gone as usize].packets, 0);
+        for f in &frames {
+            assert_eq!(run_xdp(b, f, net.lbc).unwrap().0, XDP_REDIRECT);
+        }
+        let last = b.dataplane().counters().unwrap();
+        assert_eq!(last.vips[vip_id as usize].packets, 80);
+    });
+}
+
+#[test]
+fn established_flows_are_forwarded_by_the_attached_program_alone() {
+    with_fixture(|b, net| {
+        // The flow cache and next hops are per CPU.
+        pin_to_this_cpu();
+        let input = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80, false);
+        // A handshake-less first packet goes to PENDING, the next confirms
+        // it into FLOWS, the third fills this CPU's cached copy.
+        let mut first = Vec::new();
+        for _ in 0..3 {
+            let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+            first = out;
+        }
+        // The full program recorded the flow, its cached copy and next hop.
+        b.dataplane().unload_full_program().unwrap();
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+        assert_eq!(
+            (action, &out),
+            (XDP_REDIRECT, &first),
+            "the hit path's bytes are the full program's"
+        );
+        // What the hit path leaves (a new flow, other traffic) it passes untouched.
+        let other = build(tcp4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            VIP_V4,
+            64,
+            CPORT + 1,
+            80,
+        ));
+        assert_passed_untouched(b, net.lbc, &other, "a new flow without the full program");
     });
 }
 

@@ -49,7 +49,7 @@ enum Cmd {
         extra: Vec<String>,
     },
     /// Build in release mode, then run `lb-bench` (all sections, or those named:
-    /// xdp, rates, l4, tables, control, l7, l7instr, l7mem, cluster).
+    /// xdp, rates, l4, l4live (l4's live XDP cost only), tables, control, l7, l7instr, l7mem, cluster).
     Bench {
         /// Sections to run; all when empty.
         sections: Vec<String>,

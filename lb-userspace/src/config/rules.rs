@@ -310,7 +310,7 @@ mod tests {
         assert!(
             backend_count(MAX_BACKENDS as usize + 1)
                 .unwrap_err()
-                .contains("at most 4096 (MAX_BACKENDS)")
+                .contains("at most 4032 (MAX_BACKENDS)")
         );
     }
 

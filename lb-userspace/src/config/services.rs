@@ -568,7 +568,7 @@ mod tests {
         assert_eq!(errs.len(), 1, "{errs:?}");
         // The closing bracket is the last line; the crossing backend is just above it.
         assert_eq!(errs[0].line, t.lines().count() - 1);
-        assert!(errs[0].reason.contains("at most 4096 (MAX_BACKENDS)"));
+        assert!(errs[0].reason.contains("at most 4032 (MAX_BACKENDS)"));
     }
 
     #[test]

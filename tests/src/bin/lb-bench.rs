@@ -25,6 +25,8 @@ use lb_userspace::lab::{
 const RUNS: u32 = 100_000;
 /// Repeat count of the amortised measurements.
 const REPEAT: u32 = 1_000_000;
+/// The port of the `l2` (DSR) service of the cold-cache rows.
+const DSR_PORT: u16 = 8080;
 /// Wall-clock budget of each request-rate measurement.
 const WINDOW: Duration = Duration::from_secs(3);
 /// Upper bound on requests in one window (keeps the loop bounded in count too).
@@ -47,10 +49,15 @@ fn frame_to(sport: u16, dport: u16) -> Vec<u8> {
 
 /// A client's SYN from `sport` to the VIP's port 80.
 fn syn(sport: u16) -> Vec<u8> {
+    syn_to(sport, 80)
+}
+
+/// A client's SYN from `sport` to the VIP's port `dport`.
+fn syn_to(sport: u16, dport: u16) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
         .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 64)
-        .tcp(sport, 80, 1, 8192)
+        .tcp(sport, dport, 1, 8192)
         .syn()
         .write(&mut v, &[])
         .expect("frame");
@@ -202,6 +209,94 @@ fn xdp_costs() -> Result<()> {
         c.l7_repeated,
         c.l7_repeated / c.bounce_repeated
     );
+    xdp_cold_costs()
+}
+
+/// Single test runs per cold-cache row (each follows a `Thrash::run`).
+const COLD_RUNS: u32 = 2_000;
+
+/// Memory touched between cold runs: on a loaded machine the program runs
+/// between other work that evicts its data from the caches and its pages
+/// from the TLB; a single warm test run hides that. One write per cache
+/// line over more than an L2 cache, and one per page over more pages than
+/// a second-level TLB holds.
+struct Thrash {
+    lines: Vec<u8>,
+    pages: Vec<u8>,
+}
+
+impl Thrash {
+    fn new() -> Self {
+        Self {
+            lines: vec![1; 4 << 20],
+            pages: vec![1; 64 << 20],
+        }
+    }
+
+    fn run(&mut self, i: u32) {
+        for b in self.lines.iter_mut().step_by(64) {
+            *b = b.wrapping_add(i as u8);
+        }
+        for b in self.pages.iter_mut().step_by(4096) {
+            *b = b.wrapping_add(i as u8);
+        }
+    }
+}
+
+/// Mean kernel-measured ns of single runs over `frame`, each after a thrash.
+fn cold_ns(prog: &Xdp, ingress: u32, frame: &[u8], thrash: &mut Thrash) -> Result<f64> {
+    let mut total = Duration::ZERO;
+    let mut out = vec![0u8; 2048];
+    for i in 0..COLD_RUNS {
+        thrash.run(i);
+        total += run_once(prog, ingress, frame, &mut out)?;
+    }
+    Ok(total.as_nanos() as f64 / COLD_RUNS as f64)
+}
+
+/// Established-flow hits with cold caches and TLB, NAT and `l2` (DSR),
+/// against `xdp_bounce` measured the same way.
+fn xdp_cold_costs() -> Result<()> {
+    let net = TestRunNet::create("benchcold")?;
+    let ns = net.ns().to_string();
+    let lbc = net.lbc;
+    let lab_object = std::env::var_os("LB_LAB_BPF_OBJECT")
+        .ok_or_else(|| anyhow!("LB_LAB_BPF_OBJECT is not set; run via `cargo xtask bench`"))?;
+    let config = format!(
+        "interfaces = [\"lbc\"]\nnew_flow_limit = 0\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\n[[service.backend]]\naddress = \"{b}:{TCP_PORT}\"\n[[service]]\nname = \"dsr\"\nvip = \"{VIP_V4}:{DSR_PORT}\"\nforwarding = \"l2\"\n[[service.backend]]\naddress = \"{b}:{DSR_PORT}\"\n",
+        b = backend_v4(1),
+    );
+    let (bounce, nat, l2) = run_in_ns(&ns, move || -> Result<(f64, f64, f64)> {
+        let mut thrash = Thrash::new();
+        let mut bpf = aya::Ebpf::load_file(&lab_object).context("loading lab-xdp")?;
+        let bounce: &mut Xdp = bpf
+            .program_mut(PROG_BOUNCE)
+            .ok_or_else(|| anyhow!("no {PROG_BOUNCE} program"))?
+            .try_into()?;
+        bounce.load()?;
+        let bounce_ns = cold_ns(bounce, lbc, &frame(40000), &mut thrash)?;
+        let mut balancer = balancer_with(&config)?;
+        for port in [80, DSR_PORT] {
+            for f in [syn_to(40000, port), frame_to(40000, port)] {
+                let (action, _) = run_xdp(&mut balancer, &f, lbc)?;
+                anyhow::ensure!(action == 4, "port {port}: not redirected ({action})");
+            }
+        }
+        let prog = balancer.dataplane().program()?;
+        let nat = cold_ns(prog, lbc, &frame(40000), &mut thrash)?;
+        let l2 = cold_ns(prog, lbc, &frame_to(40000, DSR_PORT), &mut thrash)?;
+        Ok((bounce_ns, nat, l2))
+    })??;
+    println!(
+        "  cold caches and TLB ({COLD_RUNS} single runs, each after writing 4 MiB line by line and 64 MiB page by page):"
+    );
+    println!("    baseline: xdp_bounce                         {bounce:>7.1} ns   1.00x");
+    for (what, ns) in [
+        ("connection-table hit, NAT", nat),
+        ("connection-table hit, l2 (DSR)", l2),
+    ] {
+        println!("    lb_xdp, {what:<36} {ns:>7.1} ns   {:.2}x", ns / bounce);
+    }
     Ok(())
 }
 
@@ -346,10 +441,11 @@ fn control_latency() -> Result<()> {
 /// The benchmark's sections, by the name that selects them on the command line.
 type Section = (&'static str, fn() -> Result<()>);
 
-const SECTIONS: [Section; 9] = [
+const SECTIONS: [Section; 10] = [
     ("xdp", xdp_costs),
     ("rates", request_rates),
     ("l4", lb_tests::l4bench::run),
+    ("l4live", lb_tests::l4bench::run_live),
     ("tables", table_costs),
     ("control", control_latency),
     ("l7", lb_tests::l7bench::run),
@@ -371,7 +467,8 @@ fn main() -> Result<()> {
         };
         return lb_tests::l7instr::serve_proxy(addr(1)?, addr(2)?);
     }
-    // `lb-bench [SECTION...]`: all sections when none is named.
+    // `lb-bench [SECTION...]`: all sections when none is named (but
+    // `l4live`, which `l4` includes).
     for name in &wanted {
         anyhow::ensure!(
             SECTIONS.iter().any(|(n, _)| n == name),
@@ -380,7 +477,7 @@ fn main() -> Result<()> {
         );
     }
     for (name, run) in SECTIONS {
-        if wanted.is_empty() || wanted.iter().any(|w| w == name) {
+        if (wanted.is_empty() && name != "l4live") || wanted.iter().any(|w| w == name) {
             run()?;
         }
     }
