@@ -137,15 +137,7 @@ impl RowResult {
 
 /// Runs the section and prints it.
 pub fn run() -> Result<()> {
-    let wrk = which("wrk").ok_or_else(|| {
-        anyhow!("wrk is not installed (Debian package `wrk`; `cargo xtask setup`)")
-    })?;
-    let mut lab = Lab::create("l4bench", LabOptions::from_env(1)?.with_dsr())?;
-    let dir = std::env::temp_dir().join(format!("{}-l4", lab.balancer_ns()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let result = measure_all(&mut lab, &wrk, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
-    let (rows, costs) = result?;
+    let (rows, costs) = in_lab("l4bench", measure_all)?;
     print_rows(&rows);
     for cost in &costs {
         cost.print();
@@ -157,27 +149,30 @@ pub fn run() -> Result<()> {
 /// figure the data plane is judged on, in about a minute, without the
 /// throughput rows.
 pub fn run_live() -> Result<()> {
-    let wrk = which("wrk").ok_or_else(|| {
-        anyhow!("wrk is not installed (Debian package `wrk`; `cargo xtask setup`)")
-    })?;
-    let mut lab = Lab::create("l4live", LabOptions::from_env(1)?.with_dsr())?;
-    let dir = std::env::temp_dir().join(format!("{}-l4", lab.balancer_ns()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut result = Ok(());
-    for &forwarding in LB_FORWARDING_MODES {
-        let row = Row::Lb(forwarding);
-        result = start_lb(&mut lab, forwarding, &dir).and_then(|agent| {
-            let cost = warm_up(&mut lab, &wrk, row).and_then(|()| live_xdp_cost(&lab, &wrk, row));
+    in_lab("l4live", |lab, wrk, dir| {
+        for &forwarding in LB_FORWARDING_MODES {
+            let row = Row::Lb(forwarding);
+            let agent = start_lb(lab, forwarding, dir)?;
+            let cost = warm_up(lab, wrk, row).and_then(|()| live_xdp_cost(lab, wrk, row));
             let stopped = lab.stop(agent);
             let cost = cost?;
             stopped?;
             cost.print();
-            Ok(())
-        });
-        if result.is_err() {
-            break;
         }
-    }
+        Ok(())
+    })
+}
+
+/// Runs `body` with wrk's path, a lab built for these rows (DSR return
+/// path included) and a scratch directory, removed after.
+fn in_lab<T>(tag: &str, body: impl FnOnce(&mut Lab, &Path, &Path) -> Result<T>) -> Result<T> {
+    let wrk = which("wrk").ok_or_else(|| {
+        anyhow!("wrk is not installed (Debian package `wrk`; `cargo xtask setup`)")
+    })?;
+    let mut lab = Lab::create(tag, LabOptions::from_env(1)?.with_dsr())?;
+    let dir = std::env::temp_dir().join(format!("{}-l4", lab.balancer_ns()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = body(&mut lab, &wrk, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }

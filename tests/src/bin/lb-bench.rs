@@ -116,6 +116,22 @@ fn repeated_ns(prog: &Xdp, ingress: u32, frame: &[u8], repeat: u32) -> Result<f6
     Ok(r.duration.as_nanos() as f64)
 }
 
+/// The lab's pass/bounce object, as `cargo xtask bench` names it.
+fn lab_object() -> Result<std::ffi::OsString> {
+    std::env::var_os("LB_LAB_BPF_OBJECT")
+        .ok_or_else(|| anyhow!("LB_LAB_BPF_OBJECT is not set; run via `cargo xtask bench`"))
+}
+
+/// `xdp_bounce` from the lab object, loaded: the baseline of the XDP rows.
+fn load_bounce(bpf: &mut aya::Ebpf) -> Result<&mut Xdp> {
+    let bounce: &mut Xdp = bpf
+        .program_mut(PROG_BOUNCE)
+        .ok_or_else(|| anyhow!("no {PROG_BOUNCE} program"))?
+        .try_into()?;
+    bounce.load()?;
+    Ok(bounce)
+}
+
 /// Mean ns per run of each measured path.
 struct Costs {
     bounce: f64,
@@ -132,8 +148,7 @@ fn xdp_costs() -> Result<()> {
     let net = TestRunNet::create("bench")?;
     let ns = net.ns().to_string();
     let (lbc, _) = (net.lbc, net.lbb);
-    let lab_object = std::env::var_os("LB_LAB_BPF_OBJECT")
-        .ok_or_else(|| anyhow!("LB_LAB_BPF_OBJECT is not set; run via `cargo xtask bench`"))?;
+    let lab_object = lab_object()?;
     let config = format!(
         // No rate limit: the new-flow rows send far more than a prefix may.
         "interfaces = [\"lbc\"]\nnew_flow_limit = 0\n[[service]]\nname = \"tls\"\nvip = \"{VIP_V4}:443\"\nmode = \"l7\"\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\n{}",
@@ -146,11 +161,7 @@ fn xdp_costs() -> Result<()> {
     );
     let c = run_in_ns(&ns, move || -> Result<Costs> {
         let mut bpf = aya::Ebpf::load_file(&lab_object).context("loading lab-xdp")?;
-        let bounce: &mut Xdp = bpf
-            .program_mut(PROG_BOUNCE)
-            .ok_or_else(|| anyhow!("no {PROG_BOUNCE} program"))?
-            .try_into()?;
-        bounce.load()?;
+        let bounce = load_bounce(&mut bpf)?;
         let bounce_ns = mean_ns(bounce, lbc, |_| frame(40000))?;
         let bounce_rep = repeated_ns(bounce, lbc, &frame(40000), REPEAT)?;
 
@@ -260,8 +271,7 @@ fn xdp_cold_costs() -> Result<()> {
     let net = TestRunNet::create("benchcold")?;
     let ns = net.ns().to_string();
     let lbc = net.lbc;
-    let lab_object = std::env::var_os("LB_LAB_BPF_OBJECT")
-        .ok_or_else(|| anyhow!("LB_LAB_BPF_OBJECT is not set; run via `cargo xtask bench`"))?;
+    let lab_object = lab_object()?;
     let config = format!(
         "interfaces = [\"lbc\"]\nnew_flow_limit = 0\n[[service]]\nname = \"web\"\nvip = \"{VIP_V4}:80\"\n[[service.backend]]\naddress = \"{b}:{TCP_PORT}\"\n[[service]]\nname = \"dsr\"\nvip = \"{VIP_V4}:{DSR_PORT}\"\nforwarding = \"l2\"\n[[service.backend]]\naddress = \"{b}:{DSR_PORT}\"\n",
         b = backend_v4(1),
@@ -269,11 +279,7 @@ fn xdp_cold_costs() -> Result<()> {
     let (bounce, nat, l2) = run_in_ns(&ns, move || -> Result<(f64, f64, f64)> {
         let mut thrash = Thrash::new();
         let mut bpf = aya::Ebpf::load_file(&lab_object).context("loading lab-xdp")?;
-        let bounce: &mut Xdp = bpf
-            .program_mut(PROG_BOUNCE)
-            .ok_or_else(|| anyhow!("no {PROG_BOUNCE} program"))?
-            .try_into()?;
-        bounce.load()?;
+        let bounce = load_bounce(&mut bpf)?;
         let bounce_ns = cold_ns(bounce, lbc, &frame(40000), &mut thrash)?;
         let mut balancer = balancer_with(&config)?;
         for port in [80, DSR_PORT] {
