@@ -49,10 +49,10 @@ pub const PROTO_UDP: u8 = 17;
 pub const MAX_VIPS: u32 = 512;
 /// Most backends across all VIPs; backend ids are `0..MAX_BACKENDS`. Not
 /// 4096: with the kernel's array header, the pointer table of a per-CPU
-/// array of 4096 entries (`BACKEND_HOPS`, `BACKEND_STATS`, both read by
-/// every forwarded packet) is just over the 32 KiB the kernel allocates
-/// from its direct map (huge pages); larger ones are vmalloc'd in 4 KiB
-/// pages, a TLB miss per packet under load.
+/// array of 4096 entries (`BACKEND_PATHS`, read by every forwarded
+/// packet) is just over the 32 KiB the kernel allocates from its direct
+/// map (huge pages); larger ones are vmalloc'd in 4 KiB pages, a TLB miss
+/// per packet under load.
 pub const MAX_BACKENDS: u32 = 4032;
 /// Largest backend weight, in the file, the CLI and DNS answers alike: the
 /// Maglev builder's credits stay small and SRV weights (u16) always fit.
@@ -215,12 +215,14 @@ pub struct CachedFlow {
 }
 
 /// Map name: backend id -> `BackendHop` (PERCPU_ARRAY, `MAX_BACKENDS`): the
-/// next hop toward each backend, cached per backend rather than per flow so an
-/// established flow's packet costs one array read. Per CPU, so an entry is
-/// never read half-written; refreshed from `bpf_fib_lookup` every
+/// next hop toward each backend and what was forwarded to it. The hop is
+/// cached per backend rather than per flow, so an established flow's packet
+/// costs one array read, and its counters share that value (one per-CPU
+/// value per forwarded packet). Per CPU, so an entry is never read
+/// half-written; the hop is refreshed from `bpf_fib_lookup` every
 /// `NEXTHOP_TTL_NS`, and ignored when its address is not the slot's current
-/// backend (slots are reused).
-pub const MAP_BACKEND_HOPS: &str = "BACKEND_HOPS";
+/// backend (slots are reused; the agent zeroes a retired backend's slot).
+pub const MAP_BACKEND_PATHS: &str = "BACKEND_PATHS";
 /// Map name: family index (`ENCAP_SRC_V4`, `ENCAP_SRC_V6`) -> `EncapSource`
 /// (ARRAY, 2): the outer source addresses of `ipip` mode.
 pub const MAP_ENCAP_SOURCES: &str = "ENCAP_SOURCES";
@@ -230,12 +232,13 @@ pub const ENCAP_SRC_V4: u32 = 0;
 pub const ENCAP_SRC_V6: u32 = 1;
 /// Map name: VIP id -> `Traffic` (PERCPU_ARRAY, `MAX_VIPS`): what the VIP's
 /// retired backends were counted (the agent moves a backend's
-/// `BACKEND_STATS` here when it retires it). The data plane counts a
+/// counters here when it retires it). The data plane counts a
 /// forwarded packet once, for its backend (ids are per VIP), so a VIP's
 /// total is this plus its current backends'.
 pub const MAP_VIP_STATS: &str = "VIP_STATS";
-/// Map name: backend id -> `Traffic` (PERCPU_ARRAY, `MAX_BACKENDS`).
-pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// Maps agents before 2026-12 pinned that this one does not use: its
+/// predecessors' flow cache, MAC table, next hops and backend counters.
+pub const RETIRED_MAPS: [&str; 4] = ["FLOW_CACHE", "IF_MACS", "BACKEND_HOPS", "BACKEND_STATS"];
 /// Map name: `Reason` as u32 -> `Traffic` (PERCPU_ARRAY, `REASON_COUNT`).
 pub const MAP_REASON_STATS: &str = "REASON_STATS";
 
@@ -256,8 +259,6 @@ pub const MAP_IF_MACS: &str = "IF_MAC_TABLE";
 pub const IF_MAC_SLOTS: u32 = 256;
 /// Slots an interface's entry may be in, from `if_mac_slot` on.
 pub const IF_MAC_PROBES: u32 = 4;
-/// The map an agent before 2026-12 pinned instead of `IF_MAC_TABLE`.
-pub const MAP_IF_MACS_RETIRED: &str = "IF_MACS";
 
 /// The `k`-th slot (`k < IF_MAC_PROBES`) of `IF_MAC_TABLE` where interface
 /// `ifindex`'s MAC may be.
@@ -277,7 +278,7 @@ pub const PROG_FULL_SLOT: u32 = 0;
 
 /// The maps of the `lb-xdp` object the agent pins for a hitless restart
 /// (all but the per-program `FLOW_CACHE`).
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_VIPS,
     MAP_VIP_STATE,
     MAP_RINGS,
@@ -286,7 +287,6 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_CLIENT_HOPS,
     MAP_FLOW_EPOCH,
     MAP_VIP_STATS,
-    MAP_BACKEND_STATS,
     MAP_REASON_STATS,
     MAP_BACKEND_ADDRS,
     MAP_IF_MACS,
@@ -296,7 +296,7 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_DENY_V4,
     MAP_DENY_V6,
     MAP_SETTINGS,
-    MAP_BACKEND_HOPS,
+    MAP_BACKEND_PATHS,
     MAP_ENCAP_SOURCES,
 ];
 
@@ -476,7 +476,8 @@ pub struct NextHop {
     pub dmac: [u8; 6],
 }
 
-/// Value of `BACKEND_HOPS`: the next hop toward one backend.
+/// Value of `BACKEND_PATHS`: the next hop toward one backend, and what
+/// this CPU forwarded to it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendHop {
@@ -485,6 +486,8 @@ pub struct BackendHop {
     pub addr: Addr,
     /// The cached FIB answer; `expires_ns` 0 = empty.
     pub hop: NextHop,
+    /// Client packets forwarded to the backend.
+    pub traffic: Traffic,
 }
 
 /// Value of `ENCAP_SOURCES`: where the outer source of `ipip` packets comes from.
@@ -821,7 +824,7 @@ mod tests {
         assert_eq!(size_of::<IfMac>(), 12);
         assert_eq!(size_of::<RateWindow>(), 16);
         assert_eq!(size_of::<Settings>(), 16);
-        assert_eq!(size_of::<BackendHop>(), 16 + 24);
+        assert_eq!(size_of::<BackendHop>(), 16 + 24 + 16);
         assert_eq!(size_of::<EncapSource>(), 16 + 4 + 4);
     }
 

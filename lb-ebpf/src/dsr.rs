@@ -4,7 +4,7 @@
 //! the reply direction is kept or seen here.
 //!
 //! Cost of an established flow's packet on top of the flow lookup: one
-//! per-CPU array read for the next hop (`BACKEND_HOPS`); for `ipip` one
+//! per-CPU array read for the next hop (`BACKEND_PATHS`); for `ipip` one
 //! `bpf_xdp_adjust_head`, an array read for the outer source and a 20-byte
 //! header checksum (IPv6 has none).
 

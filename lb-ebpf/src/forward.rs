@@ -13,7 +13,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
 use crate::{
     icmp,
-    maps::{BACKEND_HOPS, CLIENT_HOPS},
+    maps::{BACKEND_PATHS, CLIENT_HOPS},
     nat::{self, Side},
     parse::{Packet, ptr_at},
     verdict::Verdict,
@@ -167,7 +167,7 @@ pub fn cached_client_hop(pkt: &Packet, dst: &Addr, now: u64, out: &mut NextHop) 
 /// it is fresh at `now` and still for that address.
 #[inline(always)]
 pub fn cached_backend_hop(id: u32, dst: &Addr, now: u64, out: &mut NextHop) -> bool {
-    let Some(slot) = BACKEND_HOPS.get(id) else {
+    let Some(slot) = BACKEND_PATHS.get(id) else {
         return false;
     };
     if slot.hop.expires_ns > now && slot.hop.mtu != 0 && slot.addr == *dst {
@@ -218,7 +218,7 @@ pub fn backend_hop(
     }
     let found = fib(ctx, pkt, dst, &pkt.key.src, now, out);
     if let Lookup::Found = found
-        && let Some(slot) = BACKEND_HOPS.get_ptr_mut(id)
+        && let Some(slot) = BACKEND_PATHS.get_ptr_mut(id)
     {
         // SAFETY: per-CPU slot: only this program on this CPU uses it.
         let slot = unsafe { &mut *slot };

@@ -70,9 +70,10 @@ pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(F
 #[map]
 pub static FLOW_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Backend id -> next hop toward it, per CPU (see `MAP_BACKEND_HOPS`).
+/// Backend id -> next hop toward it and what was forwarded there, per CPU
+/// (see `MAP_BACKEND_PATHS`).
 #[map]
-pub static BACKEND_HOPS: PerCpuArray<BackendHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+pub static BACKEND_PATHS: PerCpuArray<BackendHop> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Outer source of `ipip` packets, per family (see `MAP_ENCAP_SOURCES`).
 #[map]
@@ -82,10 +83,6 @@ pub static ENCAP_SOURCES: Array<EncapSource> = Array::with_max_entries(2, 0);
 /// `MAP_VIP_STATS`).
 #[map]
 pub static VIP_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
-
-/// Per-backend packets/bytes forwarded to it.
-#[map]
-pub static BACKEND_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Per-`Reason` packets/bytes: why each packet was passed, dropped or sent.
 #[map]

@@ -5,7 +5,7 @@ use aya_ebpf::maps::PerCpuArray;
 use lb_common::{Reason, Traffic};
 
 use crate::{
-    maps::{BACKEND_STATS, REASON_STATS},
+    maps::{BACKEND_PATHS, REASON_STATS},
     verdict::Verdict,
 };
 
@@ -27,11 +27,18 @@ pub fn count_reason(reason: u32, len: u64) {
 }
 
 /// Counts a client packet `verdict` forwarded to backend `backend_id` (and
-/// so for its VIP: backend ids are per VIP, the agent sums them; one
-/// counter update).
+/// so for its VIP: backend ids are per VIP, the agent sums them), in the
+/// backend's `BACKEND_PATHS` slot, which the hit path has just read for
+/// the next hop.
 #[inline(always)]
 pub fn count_forwarded(verdict: Verdict, backend_id: u32, len: u64) {
-    if verdict.is(Reason::TxForward) || verdict.is(Reason::RedirectForward) {
-        add(&BACKEND_STATS, backend_id, len);
+    if (verdict.is(Reason::TxForward) || verdict.is(Reason::RedirectForward))
+        && let Some(path) = BACKEND_PATHS.get_ptr_mut(backend_id)
+    {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe {
+            (*path).traffic.packets += 1;
+            (*path).traffic.bytes += len;
+        }
     }
 }

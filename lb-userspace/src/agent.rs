@@ -778,11 +778,10 @@ fn load_data_plane(
     for map in lb_common::ALL_MAPS {
         start.will_create(&opts.pin_dir.join(map));
     }
-    // Maps agents before 2026-12 pinned that this one does not use (the
-    // flow cache is no longer pinned; the MAC table changed shape): a
+    // Maps agents before 2026-12 pinned that this one does not use: a
     // program still using one holds its own reference, so the pin only
     // kept its memory.
-    for retired in [lb_common::MAP_FLOW_CACHE, lb_common::MAP_IF_MACS_RETIRED] {
+    for retired in lb_common::RETIRED_MAPS {
         let _ = std::fs::remove_file(opts.pin_dir.join(retired));
     }
     let dataplane = Dataplane::load_pinned(&object, &opts.pin_dir)?;

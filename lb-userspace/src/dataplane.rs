@@ -14,13 +14,13 @@ use aya::{
     programs::{Xdp, XdpMode},
 };
 use lb_common::{
-    ALL_MAPS, Addr, AddrKey, Backend, DenyKeyV4, DenyKeyV6, EncapSource, FAMILY_V4, FAMILY_V6,
-    FLOW_TO_BACKEND, Flow, FlowKey, IF_MAC_PROBES, IfMac, MAP_BACKEND_ADDRS, MAP_BACKEND_STATS,
-    MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6, MAP_ENCAP_SOURCES, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING,
-    MAP_PROGS, MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS,
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB, PROG_LB_FULL, REASON_COUNT,
-    Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
-    if_mac_slot,
+    ALL_MAPS, Addr, AddrKey, Backend, BackendHop, DenyKeyV4, DenyKeyV6, EncapSource, FAMILY_V4,
+    FAMILY_V6, FLOW_TO_BACKEND, Flow, FlowKey, IF_MAC_PROBES, IfMac, MAP_BACKEND_ADDRS,
+    MAP_BACKEND_PATHS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6, MAP_ENCAP_SOURCES, MAP_FLOWS,
+    MAP_IF_MACS, MAP_PENDING, MAP_PROGS, MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE,
+    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB,
+    PROG_LB_FULL, REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
+    addr_from_bytes, addr_to_bytes, if_mac_slot,
 };
 use tracing::warn;
 
@@ -143,7 +143,7 @@ pub struct Dataplane {
     deny_v4: LpmTrie<MapData, DenyKeyV4, u8>,
     deny_v6: LpmTrie<MapData, DenyKeyV6, u8>,
     vip_stats: PerCpuArray<MapData, Traffic>,
-    backend_stats: PerCpuArray<MapData, Traffic>,
+    backend_paths: PerCpuArray<MapData, BackendHop>,
     reason_stats: PerCpuArray<MapData, Traffic>,
     /// Slots of REASON_STATS as the kernel has it: fewer than `REASON_COUNT`
     /// when an older agent pinned it (aya reuses a pinned map as it is).
@@ -244,7 +244,7 @@ impl Dataplane {
             deny_v4: take(&mut bpf, MAP_DENY_V4)?,
             deny_v6: take(&mut bpf, MAP_DENY_V6)?,
             vip_stats: take(&mut bpf, MAP_VIP_STATS)?,
-            backend_stats: take(&mut bpf, MAP_BACKEND_STATS)?,
+            backend_paths: take(&mut bpf, MAP_BACKEND_PATHS)?,
             reason_stats,
             reason_slots,
             backend_addrs: take(&mut bpf, MAP_BACKEND_ADDRS)?,
@@ -657,7 +657,15 @@ impl Dataplane {
                 })
                 .collect()
         }
-        let backends = sum(&self.backend_stats, MAX_BACKENDS, MAX_BACKENDS)?;
+        let backends = (0..MAX_BACKENDS)
+            .map(|i| {
+                let per_cpu = self.backend_paths.get(&i, 0).context("reading counters")?;
+                Ok(per_cpu.iter().fold(Traffic::default(), |a, p| Traffic {
+                    packets: a.packets + p.traffic.packets,
+                    bytes: a.bytes + p.traffic.bytes,
+                }))
+            })
+            .collect::<Result<Vec<Traffic>>>()?;
         // The data plane counts a forwarded packet for its backend only:
         // a VIP's total is its retired backends' plus its current ones'.
         let mut vips = sum(&self.vip_stats, MAX_VIPS, MAX_VIPS)?;
@@ -684,18 +692,19 @@ impl Dataplane {
     }
 
     /// Moves backend `id`'s counters to its VIP's (`MAP_VIP_STATS`) and
-    /// zeroes them, before the slot is freed: the VIP's total stays whole
-    /// and the slot's next backend starts from zero.
+    /// zeroes its `BACKEND_PATHS` slot, before the slot is freed: the VIP's
+    /// total stays whole and the slot's next backend starts from zero.
     pub fn retire_backend_stats(&mut self, id: u32, vip_id: u32) -> Result<()> {
-        let counts = self
-            .backend_stats
+        let paths = self
+            .backend_paths
             .get(&id, 0)
-            .context("reading BACKEND_STATS")?;
+            .context("reading BACKEND_PATHS")?;
+        let counts: Vec<Traffic> = paths.iter().map(|p| p.traffic).collect();
         let mut vip = self
             .vip_stats
             .get(&vip_id, 0)
             .context("reading VIP_STATS")?;
-        let zeroes: Vec<Traffic> = counts.iter().map(|_| Traffic::default()).collect();
+        let zeroes: Vec<BackendHop> = counts.iter().map(|_| BackendHop::default()).collect();
         let mut moved: Vec<Traffic> = vip.iter().copied().collect();
         for (cpu, t) in counts.iter().enumerate() {
             if let Some(v) = moved.get_mut(cpu) {
@@ -707,13 +716,13 @@ impl Dataplane {
         self.vip_stats
             .set(vip_id, vip, 0)
             .context("updating VIP_STATS")?;
-        self.backend_stats
+        self.backend_paths
             .set(
                 id,
                 PerCpuValues::try_from(zeroes).context("per-CPU values")?,
                 0,
             )
-            .context("zeroing BACKEND_STATS")
+            .context("zeroing BACKEND_PATHS")
     }
 }
 
