@@ -76,8 +76,11 @@ pub fn send(
         let headers = if pkt.key.family == FAMILY_V4 { 40 } else { 60 };
         clamp_mss(ctx, pkt, hop.mtu.saturating_sub(overhead + headers));
     }
-    deliver(ctx, pkt, backend, overhead, &hop)
+    deliver(ctx, pkt, backend, overhead, &hop, FORWARDED)
 }
+
+/// How a client's packet sent to its backend is counted.
+pub const FORWARDED: (Reason, Reason) = (Reason::TxForward, Reason::RedirectForward);
 
 /// Whether `pkt` is a SYN whose MSS `flags` say to clamp (`ipip` only).
 #[inline(always)]
@@ -96,7 +99,7 @@ pub fn overhead(pkt: &Packet, flags: u32) -> u16 {
 }
 
 /// Sends a packet that fits `hop` with `overhead` (0: `l2`; else `ipip`,
-/// encapsulated) to `backend`.
+/// encapsulated) to `backend`, counted under `reasons` (XDP_TX, XDP_REDIRECT).
 #[inline(always)]
 pub fn deliver(
     ctx: &XdpContext,
@@ -104,6 +107,7 @@ pub fn deliver(
     backend: &Backend,
     overhead: u16,
     hop: &NextHop,
+    reasons: (Reason, Reason),
 ) -> Verdict {
     if overhead != 0 {
         let built = if pkt.key.family == FAMILY_V4 {
@@ -115,7 +119,7 @@ pub fn deliver(
             return Verdict::new(xdp_action::XDP_DROP, reason);
         }
     }
-    forward::transmit(ctx, hop, Reason::TxForward, Reason::RedirectForward)
+    forward::transmit(ctx, hop, reasons.0, reasons.1)
 }
 
 /// Sends an ICMP error about a flow of a DSR VIP (see `icmp_nat`) to the
@@ -137,12 +141,7 @@ pub fn send_error(
     redirect: Reason,
 ) -> Verdict {
     let mut hop = NextHop::default();
-    let ipip = flags & VIP_F_IPIP != 0;
-    let overhead = match (ipip, pkt.key.family == FAMILY_V4) {
-        (false, _) => 0,
-        (true, true) => ENCAP_V4_OVERHEAD,
-        (true, false) => ENCAP_V6_OVERHEAD,
-    };
+    let overhead = overhead(pkt, flags);
     let fits = matches!(
         forward::backend_hop(ctx.ctx, pkt, backend_id, &backend.addr, &mut hop),
         Lookup::Found
@@ -150,17 +149,7 @@ pub fn send_error(
     if !fits {
         return Verdict::new(xdp_action::XDP_DROP, Reason::DropTooBig);
     }
-    if ipip {
-        let built = if pkt.key.family == FAMILY_V4 {
-            encap_v4(ctx, pkt, &backend.addr, &hop)
-        } else {
-            encap_v6(ctx, pkt, &backend.addr, &hop)
-        };
-        if let Err(reason) = built {
-            return Verdict::new(xdp_action::XDP_DROP, reason);
-        }
-    }
-    forward::transmit(ctx, &hop, tx, redirect)
+    deliver(ctx, pkt, backend, overhead, &hop, (tx, redirect))
 }
 
 /// A client's packet that does not fit the egress MTU once encapsulated:

@@ -77,7 +77,7 @@ pub fn forward(ctx: &XdpContext) -> Option<Verdict> {
         {
             return None;
         }
-        dsr::deliver(ctx, &pkt, &backend, overhead, &hop)
+        dsr::deliver(ctx, &pkt, &backend, overhead, &hop, dsr::FORWARDED)
     } else {
         if pkt.ip_len > hop.mtu {
             return None;

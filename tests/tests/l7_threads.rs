@@ -88,6 +88,14 @@ fn serving_thread_cpus(pid: u32) -> Vec<String> {
         .collect()
 }
 
+/// Replaces `from` (which must be there) by `to` in the config and reloads.
+fn reload_replacing(lab: &RunningLab, from: &str, to: &str) {
+    let text = std::fs::read_to_string(&lab.config_path).unwrap();
+    assert!(text.contains(from), "{from:?} not in the config:\n{text}");
+    std::fs::write(&lab.config_path, text.replacen(from, to, 1)).unwrap();
+    assert!(lab.lb(&["reload"]).status.success());
+}
+
 /// Waits up to 10 s for `n` serving threads.
 fn expect_threads(lab: &RunningLab, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -156,23 +164,11 @@ fn serving_threads_share_maxconn_and_its_queue() {
     assert_eq!(most, 2, "{answers:?}");
     assert!(took >= Duration::from_millis(1100), "{took:?}: {answers:?}");
     // A reload to 2 threads: the new proxy has 2, the old ones end.
-    let text = std::fs::read_to_string(&lab.config_path).unwrap();
-    std::fs::write(
-        &lab.config_path,
-        text.replacen("threads = 3\ncpu_map = [0]\n", "threads = 2\n", 1),
-    )
-    .unwrap();
-    assert!(lab.lb(&["reload"]).status.success());
+    reload_replacing(&lab, "threads = 3\ncpu_map = [0]\n", "threads = 2\n");
     expect_threads(&lab, 2);
     assert_eq!(get(&lab.lab, "/").unwrap().0, 200);
     // Without `threads`: one per CPU the agent may run on (the test's own affinity).
-    let text = std::fs::read_to_string(&lab.config_path).unwrap();
-    std::fs::write(
-        &lab.config_path,
-        text.replacen("[proxy]\nthreads = 2\n", "", 1),
-    )
-    .unwrap();
-    assert!(lab.lb(&["reload"]).status.success());
+    reload_replacing(&lab, "[proxy]\nthreads = 2\n", "");
     expect_threads(&lab, lb_proxy::Threads::available());
     lab.restart_agent().unwrap();
     expect_threads(&lab, lb_proxy::Threads::available());
