@@ -147,12 +147,17 @@ pub fn client_hop_slot(addr: &Addr) -> u32 {
 /// How long a cached next hop is used before the FIB is asked again, so route
 /// and neighbour changes are picked up within this time.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
-/// Map name: slot (`flow_cache_slot` of a 5-tuple) -> `CachedFlow`
-/// (PERCPU_ARRAY, `FLOW_CACHE_SLOTS`): a per-CPU, direct-mapped cache of
-/// recent `FLOWS` hits, read before `FLOWS`. A hit costs a few reads of a
-/// small table that stays in the cache and the TLB; `FLOWS`, sized for
-/// 262 144 connections, spreads its buckets and entries over tens of MB of
-/// 4 KiB pages, and in a VM each TLB miss is a nested page walk.
+/// Map name: CPU x `FLOW_CACHE_SLOTS` + slot (`flow_cache_slot` of a
+/// 5-tuple) -> `CachedFlow` (ARRAY, `FLOW_CACHE_SLOTS` per possible CPU,
+/// sized by the agent at load): a per-CPU, direct-mapped cache of recent
+/// `FLOWS` hits, read before `FLOWS`. A hit costs a few reads of a small
+/// table; `FLOWS`, sized for 262 144 connections, spreads its buckets and
+/// entries over tens of MB of 4 KiB pages, and in a VM each TLB miss is a
+/// nested page walk. A plain array with a run of slots per CPU rather
+/// than a PERCPU_ARRAY: a per-CPU element's lookup first reads its
+/// per-CPU pointer, one more dependent cache miss on a packet whose slot
+/// is cold anyway (sampled live, the slot's first read is a third of the
+/// hit path's time; BENCHMARKS.md).
 ///
 /// Coherence: a slot holds a copy of a `FLOWS` entry with the two epochs it
 /// was read under, `Settings::flow_epoch` (bumped by the agent after any

@@ -20,7 +20,8 @@ use crate::{
     checks, dsr, flows,
     forward::{self, Toward},
     nat::Side,
-    parse, stats,
+    parse::{self, Packet},
+    stats,
     verdict::Verdict,
 };
 
@@ -28,7 +29,18 @@ use crate::{
 /// touched) for the full program to decide.
 #[inline(always)]
 pub fn forward(ctx: &XdpContext) -> Option<Verdict> {
-    let pkt = parse::parse(ctx).ok()?;
+    // Two copies of `hit`: in the one for plain IPv4, the common case, the
+    // compiler drops every IPv6 branch and the key's zero words, which
+    // halves the instructions (and cold cache lines) a packet runs through.
+    match parse::parse_plain_v4(ctx) {
+        Some(pkt) => hit(ctx, &pkt),
+        None => hit(ctx, &parse::parse(ctx).ok()?),
+    }
+}
+
+/// `forward` for a parsed packet.
+#[inline(always)]
+fn hit(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
     // The full program answers expiring packets.
     if pkt.ttl <= 1 {
         return None;
@@ -43,14 +55,14 @@ pub fn forward(ctx: &XdpContext) -> Option<Verdict> {
             return None;
         }
         let (vip, port) = (cached.flow.vip_addr, cached.flow.vip_port);
-        checks::forwardable(ctx, &pkt, true).ok()?;
-        if !forward::cached_client_hop(&pkt, &pkt.key.dst, now, &mut hop) || pkt.ip_len > hop.mtu {
+        checks::forwardable(ctx, pkt, true).ok()?;
+        if !forward::cached_client_hop(pkt, &pkt.key.dst, now, &mut hop) || pkt.ip_len > hop.mtu {
             return None;
         }
         let side = Side::Source;
         return Some(forward::deliver(
             ctx,
-            &pkt,
+            pkt,
             &vip,
             port,
             side,
@@ -65,26 +77,26 @@ pub fn forward(ctx: &XdpContext) -> Option<Verdict> {
     if backend.family != pkt.key.family {
         return None;
     }
-    checks::forwardable(ctx, &pkt, !dsr).ok()?;
+    checks::forwardable(ctx, pkt, !dsr).ok()?;
     if !forward::cached_backend_hop(backend_id, &backend.addr, now, &mut hop) {
         return None;
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = if dsr {
-        let overhead = dsr::overhead(&pkt, flags);
+        let overhead = dsr::overhead(pkt, flags);
         if pkt.ip_len as u32 + overhead as u32 > hop.mtu as u32
-            || (overhead != 0 && dsr::clamps(&pkt, flags))
+            || (overhead != 0 && dsr::clamps(pkt, flags))
         {
             return None;
         }
-        dsr::deliver(ctx, &pkt, &backend, overhead, &hop, dsr::FORWARDED)
+        dsr::deliver(ctx, pkt, &backend, overhead, &hop, dsr::FORWARDED)
     } else {
         if pkt.ip_len > hop.mtu {
             return None;
         }
         let toward = Toward::Backend(backend_id);
         let (addr, port) = (backend.addr, backend.port);
-        forward::deliver(ctx, &pkt, &addr, port, Side::Destination, toward, &hop)
+        forward::deliver(ctx, pkt, &addr, port, Side::Destination, toward, &hop)
     };
     stats::count_forwarded(verdict, backend_id, len);
     Some(verdict)

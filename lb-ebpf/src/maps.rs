@@ -62,9 +62,10 @@ pub static VIP_STATE: Array<VipState> = Array::with_max_entries(MAX_VIPS, 0);
 #[map]
 pub static CLIENT_HOPS: PerCpuArray<ClientHop> = PerCpuArray::with_max_entries(CLIENT_HOP_SLOTS, 0);
 
-/// Recent `FLOWS` hits, per CPU, direct-mapped (see `MAP_FLOW_CACHE`).
+/// Recent `FLOWS` hits, `FLOW_CACHE_SLOTS` per CPU, direct-mapped (see
+/// `MAP_FLOW_CACHE`); the agent sizes it for every possible CPU.
 #[map]
-pub static FLOW_CACHE: PerCpuArray<CachedFlow> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+pub static FLOW_CACHE: Array<CachedFlow> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 /// The data plane's flow epoch (see `MAP_FLOW_CACHE`).
 #[map]

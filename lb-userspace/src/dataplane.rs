@@ -15,12 +15,13 @@ use aya::{
 };
 use lb_common::{
     ALL_MAPS, Addr, AddrKey, Backend, BackendHop, DenyKeyV4, DenyKeyV6, EncapSource, FAMILY_V4,
-    FAMILY_V6, FLOW_TO_BACKEND, Flow, FlowKey, IF_MAC_PROBES, IfMac, MAP_BACKEND_ADDRS,
-    MAP_BACKEND_PATHS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6, MAP_ENCAP_SOURCES, MAP_FLOWS,
-    MAP_IF_MACS, MAP_PENDING, MAP_PROGS, MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE,
-    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB,
-    PROG_LB_FULL, REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
-    addr_from_bytes, addr_to_bytes, if_mac_slot,
+    FAMILY_V6, FLOW_CACHE_SLOTS, FLOW_TO_BACKEND, Flow, FlowKey, IF_MAC_PROBES, IfMac,
+    MAP_BACKEND_ADDRS, MAP_BACKEND_PATHS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6,
+    MAP_ENCAP_SOURCES, MAP_FLOW_CACHE, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING, MAP_PROGS,
+    MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS,
+    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB, PROG_LB_FULL, REASON_COUNT,
+    Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
+    if_mac_slot,
 };
 use tracing::warn;
 
@@ -201,6 +202,9 @@ impl Dataplane {
         for (name, pin) in &pins {
             loader.map_pin_path(name, pin.as_path());
         }
+        // FLOW_CACHE_SLOTS for every CPU that may run the program.
+        let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        loader.map_max_entries(MAP_FLOW_CACHE, FLOW_CACHE_SLOTS * cpus as u32);
         let mut bpf = loader
             .load_file(path)
             .with_context(|| format!("loading eBPF object {}", path.display()))?;

@@ -625,14 +625,35 @@ fn established_flows_are_forwarded_by_the_attached_program_alone() {
             assert_eq!(action, XDP_REDIRECT);
             first = out;
         }
+        // The same flow with IP options: the hit path's general parser.
+        let optioned = with_ip_options(&input);
+        let (action, optioned_out) = run_xdp(b, &optioned, net.lbc).unwrap();
+        assert_eq!(action, XDP_REDIRECT);
         // The full program recorded the flow, its cached copy and next hop.
         b.dataplane().unload_full_program().unwrap();
-        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
-        assert_eq!(
-            (action, &out),
-            (XDP_REDIRECT, &first),
-            "the hit path's bytes are the full program's"
-        );
+        for (frame, full, what) in [
+            (&input, &first, "plain IPv4"),
+            (&optioned, &optioned_out, "IPv4 with options"),
+        ] {
+            let (action, out) = run_xdp(b, frame, net.lbc).unwrap();
+            assert_eq!(
+                (action, &out),
+                (XDP_REDIRECT, full),
+                "{what}: the hit path's bytes are the full program's"
+            );
+        }
+        // Packets of the flow the parsers refuse are left untouched.
+        let mut short_tcp = input.clone();
+        short_tcp[46] = 0x40; // TCP data offset 4
+        assert_passed_untouched(b, net.lbc, &short_tcp, "a TCP header under 20 bytes");
+        let mut fragment = input.clone();
+        fragment[20] |= 0x20; // more fragments
+        fix_ipv4_checksum(&mut fragment);
+        assert_passed_untouched(b, net.lbc, &fragment, "a first fragment");
+        let mut long = input.clone();
+        long[16..18].copy_from_slice(&((input.len() - 14 + 1) as u16).to_be_bytes());
+        fix_ipv4_checksum(&mut long);
+        assert_passed_untouched(b, net.lbc, &long, "an IP length past the frame");
         // What the hit path leaves (a new flow, other traffic) it passes untouched.
         let other = build(tcp4(
             CLIENT_MAC,
@@ -645,6 +666,33 @@ fn established_flows_are_forwarded_by_the_attached_program_alone() {
         ));
         assert_passed_untouched(b, net.lbc, &other, "a new flow without the full program");
     });
+}
+
+/// `frame` (Ethernet + IPv4 without options) with 4 bytes of IP options
+/// (three NOPs, an end of list), its lengths and header checksum fixed.
+fn with_ip_options(frame: &[u8]) -> Vec<u8> {
+    let mut v = frame[..34].to_vec();
+    v.extend_from_slice(&[1, 1, 1, 0]);
+    v.extend_from_slice(&frame[34..]);
+    v[14] = 0x46;
+    let total = u16::from_be_bytes([v[16], v[17]]) + 4;
+    v[16..18].copy_from_slice(&total.to_be_bytes());
+    fix_ipv4_checksum(&mut v);
+    v
+}
+
+/// Recomputes the IPv4 header checksum of an Ethernet frame.
+fn fix_ipv4_checksum(frame: &mut [u8]) {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = frame[14..14 + ihl]
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
 }
 
 /// A TCP/IPv4 frame from `src` to the VIP's port 80 on `lbc`.
