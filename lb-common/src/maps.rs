@@ -148,16 +148,18 @@ pub fn client_hop_slot(addr: &Addr) -> u32 {
 /// and neighbour changes are picked up within this time.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// Map name: CPU x `FLOW_CACHE_SLOTS` + slot (`flow_cache_slot` of a
-/// 5-tuple) -> `CachedFlow` (ARRAY, `FLOW_CACHE_SLOTS` per possible CPU,
-/// sized by the agent at load): a per-CPU, direct-mapped cache of recent
-/// `FLOWS` hits, read before `FLOWS`. A hit costs a few reads of a small
-/// table; `FLOWS`, sized for 262 144 connections, spreads its buckets and
-/// entries over tens of MB of 4 KiB pages, and in a VM each TLB miss is a
-/// nested page walk. A plain array with a run of slots per CPU rather
-/// than a PERCPU_ARRAY: a per-CPU element's lookup first reads its
-/// per-CPU pointer, one more dependent cache miss on a packet whose slot
-/// is cold anyway (sampled live, the slot's first read is a third of the
-/// hit path's time; BENCHMARKS.md).
+/// 5-tuple) -> `CachedFlow` (ARRAY, `BPF_F_MMAPABLE`, `FLOW_CACHE_SLOTS`
+/// per possible CPU, sized by the agent at load): a per-CPU, direct-mapped
+/// cache of recent `FLOWS` hits, read before `FLOWS`. A hit costs a few
+/// reads of a small table; `FLOWS`, sized for 262 144 connections, spreads
+/// its buckets and entries over tens of MB of 4 KiB pages, and in a VM each
+/// TLB miss is a nested page walk. A plain array with a run of slots per
+/// CPU rather than a PERCPU_ARRAY: a per-CPU element's lookup first reads
+/// its per-CPU pointer, one more dependent cache miss on a packet whose
+/// slot is cold anyway (sampled live, the slot's first read is a third of
+/// the hit path's time; BENCHMARKS.md). Mmapable (never mapped) because
+/// the kernel then starts the values on a page, so every 128-byte slot
+/// starts on a cache line and its first line is all a hit reads.
 ///
 /// Coherence: a slot holds a copy of a `FLOWS` entry with the two epochs it
 /// was read under, `Settings::flow_epoch` (bumped by the agent after any
@@ -198,25 +200,35 @@ pub fn flow_cache_slot(key: &FlowKey) -> u32 {
 /// forwarding it needs (its VIP's flags and its backend), so that a hit
 /// reads neither `VIP_STATE` nor `BACKENDS`: the agent bumps its epoch
 /// after changing either.
+///
+/// 128 bytes, two cache lines (the map's values start on a page, see
+/// `MAP_FLOW_CACHE`); the first holds everything a hit of a plain IPv4
+/// flow in a DSR mode reads, so that its packet waits for one line.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CachedFlow {
-    /// The 5-tuple (an all-zero key, family 0, never matches a packet's).
-    pub key: FlowKey,
-    /// Its `FLOWS` entry.
-    pub flow: Flow,
     /// `Settings::flow_epoch` when it was read.
     pub agent_epoch: u32,
     /// `FLOW_EPOCH[0]` when it was read (its low 32 bits).
     pub dp_epoch: u32,
     /// 1 when `vip_flags` and `backend` hold the flow's VIP flags and
     /// backend (a `FLOW_TO_BACKEND` entry under its VIP's generation, whose
-    /// backend was valid); 0 otherwise.
+    /// backend was valid and of the flow's family); 0 otherwise.
     pub resolved: u32,
     /// The VIP's `VIP_F_*` bits.
     pub vip_flags: u32,
+    /// The 5-tuple (an all-zero key, family 0, never matches a packet's).
+    pub key: FlowKey,
+    /// `flow.backend_id`, in the first line.
+    pub backend_id: u32,
+    /// `backend.addr[0]` (an IPv4 backend's whole address), in the first line.
+    pub backend_addr0: u32,
+    /// Its `FLOWS` entry.
+    pub flow: Flow,
     /// `BACKENDS[flow.backend_id]`.
     pub backend: Backend,
+    /// Zero.
+    pub pad: [u8; 4],
 }
 
 /// Map name: backend id -> `BackendHop` (PERCPU_ARRAY, `MAX_BACKENDS`): the
@@ -823,7 +835,8 @@ mod tests {
         assert_eq!(size_of::<VipState>(), 8);
         assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
         assert_eq!(size_of::<ClientHop>(), 16 + 8 + 24);
-        assert_eq!(size_of::<CachedFlow>(), 40 + 32 + 8 + 8 + 24);
+        assert_eq!(size_of::<CachedFlow>(), 128);
+        assert_eq!(core::mem::offset_of!(CachedFlow, flow), 64);
         assert_eq!(size_of::<NextHop>(), 24);
         assert_eq!(size_of::<AddrKey>(), 20);
         assert_eq!(size_of::<IfMac>(), 12);

@@ -76,7 +76,7 @@ pub fn send(
         let headers = if pkt.key.family == FAMILY_V4 { 40 } else { 60 };
         clamp_mss(ctx, pkt, hop.mtu.saturating_sub(overhead + headers));
     }
-    deliver(ctx, pkt, backend, overhead, &hop, FORWARDED)
+    deliver(ctx, pkt, &backend.addr, overhead, &hop, FORWARDED)
 }
 
 /// How a client's packet sent to its backend is counted.
@@ -104,16 +104,16 @@ pub fn overhead(pkt: &Packet, flags: u32) -> u16 {
 pub fn deliver(
     ctx: &XdpContext,
     pkt: &Packet,
-    backend: &Backend,
+    backend: &lb_common::Addr,
     overhead: u16,
     hop: &NextHop,
     reasons: (Reason, Reason),
 ) -> Verdict {
     if overhead != 0 {
         let built = if pkt.key.family == FAMILY_V4 {
-            encap_v4(ctx, pkt, &backend.addr, hop)
+            encap_v4(ctx, pkt, backend, hop)
         } else {
-            encap_v6(ctx, pkt, &backend.addr, hop)
+            encap_v6(ctx, pkt, backend, hop)
         };
         if let Err(reason) = built {
             return Verdict::new(xdp_action::XDP_DROP, reason);
@@ -149,7 +149,7 @@ pub fn send_error(
     if !fits {
         return Verdict::new(xdp_action::XDP_DROP, Reason::DropTooBig);
     }
-    deliver(ctx, pkt, backend, overhead, &hop, (tx, redirect))
+    deliver(ctx, pkt, &backend.addr, overhead, &hop, (tx, redirect))
 }
 
 /// A client's packet that does not fit the egress MTU once encapsulated:

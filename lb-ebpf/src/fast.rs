@@ -14,7 +14,7 @@
 //! hot path alone, compact enough to stay cached.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
-use lb_common::{FLOW_TO_CLIENT, NextHop, VIP_F_DSR};
+use lb_common::{FAMILY_V4, FLOW_TO_CLIENT, NextHop, VIP_F_DSR};
 
 use crate::{
     checks, dsr, flows,
@@ -70,15 +70,18 @@ fn hit(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
             &hop,
         ));
     }
+    // A resolved slot's backend is of the packet's family. A plain IPv4
+    // flow's DSR hit reads only the slot's first line.
     let flags = cached.vip_flags;
-    let backend_id = cached.flow.backend_id;
-    let backend = cached.backend;
+    let backend_id = cached.backend_id;
+    let addr = if pkt.key.family == FAMILY_V4 {
+        [cached.backend_addr0, 0, 0, 0]
+    } else {
+        cached.backend.addr
+    };
     let dsr = flags & VIP_F_DSR != 0;
-    if backend.family != pkt.key.family {
-        return None;
-    }
     checks::forwardable(ctx, pkt, !dsr).ok()?;
-    if !forward::cached_backend_hop(backend_id, &backend.addr, now, &mut hop) {
+    if !forward::cached_backend_hop(backend_id, &addr, now, &mut hop) {
         return None;
     }
     let len = (ctx.data_end() - ctx.data()) as u64;
@@ -89,13 +92,13 @@ fn hit(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
         {
             return None;
         }
-        dsr::deliver(ctx, pkt, &backend, overhead, &hop, dsr::FORWARDED)
+        dsr::deliver(ctx, pkt, &addr, overhead, &hop, dsr::FORWARDED)
     } else {
         if pkt.ip_len > hop.mtu {
             return None;
         }
         let toward = Toward::Backend(backend_id);
-        let (addr, port) = (backend.addr, backend.port);
+        let port = cached.backend.port;
         forward::deliver(ctx, pkt, &addr, port, Side::Destination, toward, &hop)
     };
     stats::count_forwarded(verdict, backend_id, len);

@@ -84,9 +84,12 @@ pub fn lookup(key: &FlowKey) -> Option<&'static CachedFlow> {
         && state.generation == flow.vip_generation
         && let Some(backend) = BACKENDS.get(flow.backend_id)
         && backend.flags & BACKEND_F_VALID != 0
+        && backend.family == key.family
     {
         slot.vip_flags = state.flags;
         slot.backend = *backend;
+        slot.backend_id = flow.backend_id;
+        slot.backend_addr0 = backend.addr[0];
         slot.resolved = 1;
     }
     Some(slot)

@@ -1,7 +1,7 @@
 //! Map definitions; layouts and meanings are documented in `lb_common::maps`.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC},
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, lpm_trie::Key},
 };
@@ -65,7 +65,8 @@ pub static CLIENT_HOPS: PerCpuArray<ClientHop> = PerCpuArray::with_max_entries(C
 /// Recent `FLOWS` hits, `FLOW_CACHE_SLOTS` per CPU, direct-mapped (see
 /// `MAP_FLOW_CACHE`); the agent sizes it for every possible CPU.
 #[map]
-pub static FLOW_CACHE: Array<CachedFlow> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+pub static FLOW_CACHE: Array<CachedFlow> =
+    Array::with_max_entries(FLOW_CACHE_SLOTS, BPF_F_MMAPABLE);
 
 /// The data plane's flow epoch (see `MAP_FLOW_CACHE`).
 #[map]
