@@ -228,7 +228,7 @@ pub struct CachedFlow {
     /// `BACKENDS[flow.backend_id]`.
     pub backend: Backend,
     /// Zero.
-    pub pad: [u8; 4],
+    pub pad: [u8; 8],
 }
 
 /// Map name: backend id -> `BackendHop` (PERCPU_ARRAY, `MAX_BACKENDS`): the
