@@ -281,6 +281,7 @@ async fn serve_io<T>(
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity::default());
+    let seen = activity.clone();
     let conn = Arc::new(ConnCtx {
         frontend: fe.ctx.clone(),
         peer,
@@ -322,14 +323,46 @@ async fn serve_io<T>(
     .await;
     let result = match first {
         Some(r) => r,
-        None => {
-            served.as_mut().graceful_shutdown();
-            served.await
-        }
+        None => match first_request(served.as_mut(), &seen, fe.timeouts.http_request).await {
+            Some(r) => r,
+            None => {
+                served.as_mut().graceful_shutdown();
+                served.await
+            }
+        },
     };
     if let Err(e) = result {
         tracing::debug!(frontend = %fe.ctx.name, %peer, error = %e, "client connection ended with an error");
     }
+}
+
+/// After a shutdown (a reload), before hyper's graceful one: a connection
+/// that has not dispatched a request yet gets its first one served, as on
+/// our HTTP/1 path (`h1::serve`). Its client has sent it or is about to and
+/// could not tell a close from a failure, and hyper closes an HTTP/2
+/// connection still in its handshake outright (a reset, when the client's
+/// bytes are unread). Serves `served` until a request is dispatched or
+/// `grace` (`timeout http-request`) has passed: `Some` if it ended first.
+async fn first_request<F: Future>(
+    mut served: Pin<&mut F>,
+    seen: &Activity,
+    grace: Duration,
+) -> Option<F::Output> {
+    let dispatched = || seen.dispatched.load(Ordering::Relaxed) > 0;
+    if dispatched() {
+        return None;
+    }
+    let mut until = pin!(tokio::time::sleep(grace));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = served.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if dispatched() || until.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

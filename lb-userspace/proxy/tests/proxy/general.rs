@@ -716,6 +716,38 @@ async fn tls_sni_default_alpn_h2_and_reload() {
     let _ = dflt;
 }
 
+/// A reload shuts the old proxy down while connections it accepted may not
+/// have sent a request yet: each still gets its first one answered (here an
+/// HTTP/2 connection whose TLS handshake is done and whose preface is not
+/// sent when the shutdown comes; hyper alone would close it, a reset).
+#[tokio::test]
+async fn a_connection_accepted_before_a_shutdown_gets_its_first_request_served() {
+    let a = backend("a").await;
+    let dir = TempDir::new("tlsdown");
+    let (one, _) = write_cert(&dir, "one", &["one.test"]);
+    let mut fe = frontend();
+    fe.tls = Some(TlsConfig {
+        certs: vec![one],
+        default_cert: None,
+    });
+    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let addr = proxy.local_addrs()[0];
+    let (stream, _) = tls_connect(addr, Some("one.test"), &[b"h2"], false).await;
+    drop(proxy);
+    // The connection's task sees the shutdown before the client speaks.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("HTTP/2 handshake after the shutdown");
+    tokio::spawn(conn);
+    let req = Request::get("https://one.test/first")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.expect("the first request");
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 #[test]
 fn config_from_toml() {
     let cfg: ProxyConfig = toml::from_str(
