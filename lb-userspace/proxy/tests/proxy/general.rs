@@ -583,11 +583,11 @@ async fn tls_connect(
     (stream, leaf)
 }
 
-#[tokio::test]
-async fn tls_server_cipher_order_wins() {
-    use rustls::crypto::ring::cipher_suite as cs;
+/// A proxy with one TLS frontend (one certificate, for one.test) in front of
+/// a backend; the backend and the certificate's directory come with it.
+async fn one_cert_proxy(tag: &str) -> (Proxy, Backend, TempDir) {
     let a = backend("a").await;
-    let dir = TempDir::new("tls-order");
+    let dir = TempDir::new(tag);
     let (one, _) = write_cert(&dir, "one", &["one.test"]);
     let mut fe = frontend();
     fe.tls = Some(TlsConfig {
@@ -595,6 +595,13 @@ async fn tls_server_cipher_order_wins() {
         default_cert: None,
     });
     let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    (proxy, a, dir)
+}
+
+#[tokio::test]
+async fn tls_server_cipher_order_wins() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let (proxy, _a, _dir) = one_cert_proxy("tls-order").await;
     let addr = proxy.local_addrs()[0];
     // The client prefers ChaCha20; the server's order puts AES-GCM first.
     for (version, suites, expected) in [
@@ -722,15 +729,7 @@ async fn tls_sni_default_alpn_h2_and_reload() {
 /// sent when the shutdown comes; hyper alone would close it, a reset).
 #[tokio::test]
 async fn a_connection_accepted_before_a_shutdown_gets_its_first_request_served() {
-    let a = backend("a").await;
-    let dir = TempDir::new("tlsdown");
-    let (one, _) = write_cert(&dir, "one", &["one.test"]);
-    let mut fe = frontend();
-    fe.tls = Some(TlsConfig {
-        certs: vec![one],
-        default_cert: None,
-    });
-    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let (proxy, _a, _dir) = one_cert_proxy("tlsdown").await;
     let addr = proxy.local_addrs()[0];
     let (stream, _) = tls_connect(addr, Some("one.test"), &[b"h2"], false).await;
     drop(proxy);
