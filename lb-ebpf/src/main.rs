@@ -78,7 +78,7 @@ fn process(ctx: &XdpContext) -> Verdict {
         Err(reason) => return Verdict::new(xdp_action::XDP_PASS, reason),
     };
     // One lookup serves established connections in both directions.
-    let mut pinned: Option<(u32, u32)> = None; // (vip id, backend id)
+    let mut pinned: Option<u32> = None; // backend id
     let mut create: Option<(u32, u32)> = None; // (vip id, VIP generation)
     // The VIP's `VIP_F_*` bits (its forwarding mode).
     let mut flags = 0;
@@ -90,7 +90,7 @@ fn process(ctx: &XdpContext) -> Verdict {
         if cached.resolved != 0 {
             // The hit path: the slot holds all it needs (see `CachedFlow`).
             flags = cached.vip_flags;
-            pinned = Some((cached.flow.vip_id, cached.flow.backend_id));
+            pinned = Some(cached.flow.backend_id);
             resolved = Some(&cached.backend);
         } else if cached.flow.direction == FLOW_TO_CLIENT {
             let flow = cached.flow;
@@ -102,7 +102,7 @@ fn process(ctx: &XdpContext) -> Verdict {
             flags = state.flags;
             let (vip_id, backend_id) = (cached.flow.vip_id, cached.flow.backend_id);
             match BACKENDS.get(backend_id) {
-                Some(b) if b.flags & BACKEND_F_VALID != 0 => pinned = Some((vip_id, backend_id)),
+                Some(b) if b.flags & BACKEND_F_VALID != 0 => pinned = Some(backend_id),
                 // Its backend is gone: re-hash instead of black-holing it.
                 _ => {
                     create = Some((vip_id, state.generation));
@@ -160,11 +160,11 @@ fn process(ctx: &XdpContext) -> Verdict {
             new_flow(&pkt, vip_id, generation, rehash, dsr)
         };
         match chosen {
-            Ok(backend_id) => pinned = Some((vip_id, backend_id)),
+            Ok(backend_id) => pinned = Some(backend_id),
             Err(reason) => return Verdict::new(xdp_action::XDP_DROP, reason),
         }
     }
-    let Some((_, backend_id)) = pinned else {
+    let Some(backend_id) = pinned else {
         return Verdict::new(xdp_action::XDP_DROP, Reason::DropNoBackend);
     };
     let backend = match resolved {

@@ -470,6 +470,20 @@ pub mod xdp_action {
     pub const XDP_REDIRECT: u32 = 4;
 }
 
+/// Pins the calling thread to the CPU it runs on (the flow cache and next
+/// hops the hit path reads are per CPU).
+pub fn pin_to_this_cpu() {
+    // SAFETY: plain syscalls on this thread with a zeroed, then filled, CPU set.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(cpu >= 0, "sched_getcpu");
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(rc, 0, "sched_setaffinity");
+    }
+}
+
 /// Runs `body` in a fresh one-namespace fixture (`TestRunNet`, named after
 /// `tag`) with the data plane loaded from `config` and each interface's
 /// MAC recorded, as the agent does before it attaches.

@@ -2,7 +2,7 @@
 //! "ipip"` and `"l2"`): crafted frames through the loaded XDP program with
 //! BPF_PROG_TEST_RUN, compared byte for byte with frames built by etherparse.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
     EtherType, Ethernet2Header, Icmpv4Type, Icmpv6Type, IpDscp, IpEcn, IpHeaders, IpNumber,
@@ -297,6 +297,64 @@ fn l2_mode_changes_only_the_macs() {
         expected[6..12].copy_from_slice(&LBB_MAC);
         assert_eq!(out, expected);
         assert_eq!(reason_count(b, Reason::RedirectForward), 3);
+    });
+}
+
+/// The hit path alone (`lb_xdp`, with the full program taken out of
+/// `PROGS`) forwards established DSR flows, `ipip` and `l2`, IPv4 and
+/// IPv6, TCP and UDP, with the full program's bytes: it has copies of the
+/// full program's forwarding (a plain IPv4 one among them) that must not
+/// drift from it.
+#[test]
+fn established_dsr_flows_are_forwarded_by_the_attached_program_alone() {
+    with_fixture(&OUTER_V4.to_string(), |b, net| {
+        lb_tests::pin_to_this_cpu();
+        let udp = |src: IpAddr, dst: IpAddr, dport: u16| {
+            let step = PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC);
+            let step = match (src, dst) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => step.ipv4(s.octets(), d.octets(), 64),
+                (IpAddr::V6(s), IpAddr::V6(d)) => step.ipv6(s.octets(), d.octets(), 64),
+                _ => unreachable!("one family"),
+            };
+            let mut v = Vec::new();
+            step.udp(CPORT, dport).write(&mut v, PAYLOAD).unwrap();
+            v
+        };
+        let mut tcp6 = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
+            .tcp(CPORT, 80, 7, 1000)
+            .ack(1)
+            .write(&mut tcp6, PAYLOAD)
+            .unwrap();
+        let frames = [
+            ("ipip TCP/IPv4", tcp4(VIP_V4, CPORT, 80, "A", &[])),
+            ("ipip UDP/IPv4", udp(CLIENT_V4.into(), VIP_V4.into(), 53)),
+            ("ipip TCP/IPv6", tcp6),
+            ("l2 UDP/IPv6", udp(CLIENT_V6.into(), VIP_V6.into(), 53)),
+            ("l2 TCP/IPv4", tcp4(VIP_L2, CPORT, 80, "A", &[])),
+        ];
+        // A TCP packet without a handshake goes to PENDING, the next
+        // confirms it into FLOWS, the third fills this CPU's cached copy.
+        let mut full = Vec::new();
+        for (what, frame) in &frames {
+            let mut out = Vec::new();
+            for _ in 0..3 {
+                let (action, o) = run_xdp(b, frame, net.lbc).unwrap();
+                assert_eq!(action, XDP_REDIRECT, "{what}");
+                out = o;
+            }
+            full.push(out);
+        }
+        b.dataplane().unload_full_program().unwrap();
+        for ((what, frame), expected) in frames.iter().zip(&full) {
+            let (action, out) = run_xdp(b, frame, net.lbc).unwrap();
+            assert_eq!(
+                (action, &out),
+                (XDP_REDIRECT, expected),
+                "{what}: the hit path's bytes are the full program's"
+            );
+        }
     });
 }
 

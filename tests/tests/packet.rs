@@ -615,7 +615,7 @@ fn a_vips_counters_survive_its_backends_retirement() {
 fn established_flows_are_forwarded_by_the_attached_program_alone() {
     with_fixture(|b, net| {
         // The flow cache and next hops are per CPU.
-        pin_to_this_cpu();
+        lb_tests::pin_to_this_cpu();
         let input = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80, false);
         // A handshake-less first packet goes to PENDING, the next confirms
         // it into FLOWS, the third fills this CPU's cached copy.
@@ -1396,19 +1396,6 @@ fn denied_sources_reach_no_vip_and_lose_their_established_flows() {
     });
 }
 
-/// Pins the calling thread to the CPU it runs on.
-fn pin_to_this_cpu() {
-    // SAFETY: plain syscalls on this thread with a zeroed, then filled, CPU set.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        assert!(cpu >= 0, "sched_getcpu");
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        assert_eq!(rc, 0, "sched_setaffinity");
-    }
-}
-
 /// A TCP/IPv4 frame of `ip_len` bytes of IP, DF as given.
 #[allow(clippy::too_many_arguments)]
 fn big4(
@@ -1438,7 +1425,7 @@ fn packets_over_the_egress_mtu_get_frag_needed_or_go_to_the_stack() {
     with_fixture(|b, net| {
         // The next-hop cache is per CPU: stay on one so the cached path is
         // the one taken where the test says so.
-        pin_to_this_cpu();
+        lb_tests::pin_to_this_cpu();
         set_mtu(net.ns(), "lbb", 1400);
         set_mtu(net.ns(), "lbc", 1400);
         let frag_needed = |input: &[u8], mtu: u16| {
