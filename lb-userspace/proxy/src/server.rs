@@ -121,8 +121,8 @@ pub(crate) async fn accept_loop(
     }
 }
 
-/// Serves a connection of a plain frontend on our HTTP/1 path (no TLS, no
-/// PROXY header, HTTP/1.1 pools), as `serve_connection` would, in one
+/// Serves a connection of a plain frontend on our HTTP/1 path (no TLS,
+/// HTTP/1.1 pools; `serve_connection` reads a PROXY header first), in one
 /// allocation for an idle keep-alive connection: the client is made before
 /// the future and captured by it (an async fn would keep its arguments
 /// twice), and `h1::serve`'s future is inline.
@@ -153,14 +153,14 @@ fn serve_plain(
 }
 
 /// Serves one accepted connection; `bound` is the listener's address unless
-/// it is a wildcard. The connection's slot (`_permit`) is freed at the end.
+/// it is a wildcard. The connection's slot (`permit`) is freed at the end.
 async fn serve_connection(
     mut stream: ClientStream,
     (mut peer, bound): (SocketAddr, Option<SocketAddr>),
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<()>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let mut local = match bound {
         Some(a) => a,
@@ -186,18 +186,20 @@ async fn serve_connection(
     }
     match &fe.tls {
         None if fe.own_h1 => {
-            let mut sd = shutdown.clone();
-            // Boxed here, as every big future below: the task's own future
-            // stays small, and tokio moves it a few times when spawning
-            // (copying kilobytes per connection showed in profiles).
-            let client = h1::Client::new(stream, (peer, local), None, fe.clone(), shared);
-            let mut client = Box::new(client);
-            // HTTP/2 prior knowledge: hyper serves it, from the bytes already read.
-            if Box::pin(h1::serve(&mut client, true, &mut sd)).await {
-                let (io, fe, shared) = client.into_h2();
-                let addrs = (peer, local);
-                Box::pin(serve_io(io, addrs, None, Some(true), fe, shared, shutdown)).await
-            }
+            // After a PROXY header (plain connections without one start
+            // there directly). Boxed, as every big future below: the task's
+            // own future stays small, and tokio moves it a few times when
+            // spawning (copying kilobytes per connection showed in profiles).
+            let at = (peer, Some(local));
+            Box::pin(serve_plain(
+                stream,
+                at,
+                fe.clone(),
+                shared,
+                shutdown,
+                permit,
+            ))
+            .await
         }
         None => {
             let addrs = (peer, local);
