@@ -40,6 +40,27 @@ pub fn xdp_md(ingress_ifindex: u32, len: usize) -> [u8; 24] {
     md
 }
 
+/// Runs `frame` three times on `ingress` with the full program in place: a
+/// new TCP flow's first packet goes to PENDING, the next confirms it, the
+/// third fills this CPU's flow cache (a UDP flow's first creates it, the
+/// next fills the cache, the third is a hit). Every run must redirect it
+/// with the first run's bytes, the full program's; returns them, for
+/// comparing with what the hit path alone makes of `frame` (see
+/// `Dataplane::unload_full_program`).
+pub fn forwarded_alike(b: &mut Balancer, frame: &[u8], ingress: u32, what: &str) -> Vec<u8> {
+    let (action, first) = run_xdp(b, frame, ingress).expect("test run");
+    assert_eq!(action, xdp_action::XDP_REDIRECT, "{what}: first run");
+    for run in 2..=3 {
+        let (action, out) = run_xdp(b, frame, ingress).expect("test run");
+        assert_eq!(
+            (action, &out),
+            (xdp_action::XDP_REDIRECT, &first),
+            "{what}: run {run}"
+        );
+    }
+    first
+}
+
 /// Runs the program once on `frame` as if it arrived on `ingress`; returns the
 /// XDP action and the frame as the program left it.
 pub fn run_xdp(balancer: &mut Balancer, frame: &[u8], ingress: u32) -> Result<(u32, Vec<u8>)> {

@@ -9,7 +9,9 @@ use etherparse::{
     Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder, TcpOptionElement, icmpv4,
 };
 use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, Reason};
-use lb_tests::{assert_checksums_valid, reason_count, run_xdp, set_mtu, xdp_action::*};
+use lb_tests::{
+    assert_checksums_valid, forwarded_alike, reason_count, run_xdp, set_mtu, xdp_action::*,
+};
 use lb_userspace::{
     balancer::Balancer,
     dataplane::ip_to_addr,
@@ -334,18 +336,10 @@ fn established_dsr_flows_are_forwarded_by_the_attached_program_alone() {
             ("l2 UDP/IPv6", udp(CLIENT_V6.into(), VIP_V6.into(), 53)),
             ("l2 TCP/IPv4", tcp4(VIP_L2, CPORT, 80, "A", &[])),
         ];
-        // A TCP packet without a handshake goes to PENDING, the next
-        // confirms it into FLOWS, the third fills this CPU's cached copy.
-        let mut full = Vec::new();
-        for (what, frame) in &frames {
-            let mut out = Vec::new();
-            for _ in 0..3 {
-                let (action, o) = run_xdp(b, frame, net.lbc).unwrap();
-                assert_eq!(action, XDP_REDIRECT, "{what}");
-                out = o;
-            }
-            full.push(out);
-        }
+        let full: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|(what, frame)| forwarded_alike(b, frame, net.lbc, what))
+            .collect();
         b.dataplane().unload_full_program().unwrap();
         for ((what, frame), expected) in frames.iter().zip(&full) {
             let (action, out) = run_xdp(b, frame, net.lbc).unwrap();

@@ -9,7 +9,9 @@ use etherparse::{
     PacketBuilderStep, TcpHeader, VlanId, icmpv4, icmpv6,
 };
 use lb_common::{FlowKey, Reason, hash::flow_hash};
-use lb_tests::{assert_checksums_valid, reason_count, run_xdp, set_mtu, xdp_action::*};
+use lb_tests::{
+    assert_checksums_valid, forwarded_alike, reason_count, run_xdp, set_mtu, xdp_action::*,
+};
 use lb_userspace::{
     balancer::Balancer,
     config::Protocol,
@@ -617,25 +619,46 @@ fn established_flows_are_forwarded_by_the_attached_program_alone() {
         // The flow cache and next hops are per CPU.
         lb_tests::pin_to_this_cpu();
         let input = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80, false);
-        // A handshake-less first packet goes to PENDING, the next confirms
-        // it into FLOWS, the third fills this CPU's cached copy.
-        let mut first = Vec::new();
-        for _ in 0..3 {
-            let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
-            assert_eq!(action, XDP_REDIRECT);
-            first = out;
-        }
-        // The same flow with IP options: the hit path's general parser.
-        let optioned = with_ip_options(&input);
-        let (action, optioned_out) = run_xdp(b, &optioned, net.lbc).unwrap();
-        assert_eq!(action, XDP_REDIRECT);
-        // The full program recorded the flow, its cached copy and next hop.
+        // Another flow's packets with IP options: the hit path's general parser.
+        let optioned = with_ip_options(&segment4(
+            CLIENT_MAC,
+            LBC_MAC,
+            CLIENT_V4,
+            VIP_V4,
+            64,
+            CPORT + 2,
+            80,
+            false,
+        ));
+        // The backend's answer to the first (NATed back to the VIP), and an IPv6 flow.
+        let mut answer = Vec::new();
+        PacketBuilder::ethernet2(backend_mac(1), LBB_MAC)
+            .ipv4(backend_v4(1).octets(), CLIENT_V4.octets(), 64)
+            .tcp(8080, CPORT, 99, 4096)
+            .ack(1)
+            .write(&mut answer, b"welcome")
+            .unwrap();
+        let mut v6 = Vec::new();
+        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
+            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
+            .tcp(CPORT, 80, 7, 1000)
+            .ack(1)
+            .write(&mut v6, PAYLOAD)
+            .unwrap();
+        let frames = [
+            ("plain IPv4", &input, net.lbc),
+            ("IPv4 with options", &optioned, net.lbc),
+            ("the backend's answer", &answer, net.lbb),
+            ("IPv6", &v6, net.lbc),
+        ];
+        let full: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|(what, frame, ingress)| forwarded_alike(b, frame, *ingress, what))
+            .collect();
+        // The full program recorded the flows, their cached copies and next hops.
         b.dataplane().unload_full_program().unwrap();
-        for (frame, full, what) in [
-            (&input, &first, "plain IPv4"),
-            (&optioned, &optioned_out, "IPv4 with options"),
-        ] {
-            let (action, out) = run_xdp(b, frame, net.lbc).unwrap();
+        for ((what, frame, ingress), full) in frames.iter().zip(&full) {
+            let (action, out) = run_xdp(b, frame, *ingress).unwrap();
             assert_eq!(
                 (action, &out),
                 (XDP_REDIRECT, full),
