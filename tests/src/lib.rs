@@ -40,14 +40,31 @@ pub fn xdp_md(ingress_ifindex: u32, len: usize) -> [u8; 24] {
     md
 }
 
+/// Each of `frames` (what, frame, ingress) through the full program
+/// (`forwarded_alike`), then, with it taken out of `PROGS`, through the
+/// attached program's hit path alone: redirected with the same bytes.
+pub fn assert_hit_path_forwards_alike(b: &mut Balancer, frames: &[(&str, &[u8], u32)]) {
+    let full: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|(what, frame, ingress)| forwarded_alike(b, frame, *ingress, what))
+        .collect();
+    b.dataplane().unload_full_program().expect("emptying PROGS");
+    for ((what, frame, ingress), full) in frames.iter().zip(&full) {
+        let (action, out) = run_xdp(b, frame, *ingress).expect("test run");
+        assert_eq!(
+            (action, &out),
+            (xdp_action::XDP_REDIRECT, full),
+            "{what}: the hit path's bytes are the full program's"
+        );
+    }
+}
+
 /// Runs `frame` three times on `ingress` with the full program in place: a
 /// new TCP flow's first packet goes to PENDING, the next confirms it, the
 /// third fills this CPU's flow cache (a UDP flow's first creates it, the
 /// next fills the cache, the third is a hit). Every run must redirect it
-/// with the first run's bytes, the full program's; returns them, for
-/// comparing with what the hit path alone makes of `frame` (see
-/// `Dataplane::unload_full_program`).
-pub fn forwarded_alike(b: &mut Balancer, frame: &[u8], ingress: u32, what: &str) -> Vec<u8> {
+/// with the first run's bytes, the full program's; returns them.
+fn forwarded_alike(b: &mut Balancer, frame: &[u8], ingress: u32, what: &str) -> Vec<u8> {
     let (action, first) = run_xdp(b, frame, ingress).expect("test run");
     assert_eq!(action, xdp_action::XDP_REDIRECT, "{what}: first run");
     for run in 2..=3 {

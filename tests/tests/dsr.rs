@@ -10,7 +10,8 @@ use etherparse::{
 };
 use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, Reason};
 use lb_tests::{
-    assert_checksums_valid, forwarded_alike, reason_count, run_xdp, set_mtu, xdp_action::*,
+    assert_checksums_valid, assert_hit_path_forwards_alike, reason_count, run_xdp, set_mtu,
+    xdp_action::*,
 };
 use lb_userspace::{
     balancer::Balancer,
@@ -329,26 +330,22 @@ fn established_dsr_flows_are_forwarded_by_the_attached_program_alone() {
             .ack(1)
             .write(&mut tcp6, PAYLOAD)
             .unwrap();
-        let frames = [
-            ("ipip TCP/IPv4", tcp4(VIP_V4, CPORT, 80, "A", &[])),
-            ("ipip UDP/IPv4", udp(CLIENT_V4.into(), VIP_V4.into(), 53)),
-            ("ipip TCP/IPv6", tcp6),
-            ("l2 UDP/IPv6", udp(CLIENT_V6.into(), VIP_V6.into(), 53)),
-            ("l2 TCP/IPv4", tcp4(VIP_L2, CPORT, 80, "A", &[])),
+        let frames: [(&str, &[u8], u32); 5] = [
+            ("ipip TCP/IPv4", &tcp4(VIP_V4, CPORT, 80, "A", &[]), net.lbc),
+            (
+                "ipip UDP/IPv4",
+                &udp(CLIENT_V4.into(), VIP_V4.into(), 53),
+                net.lbc,
+            ),
+            ("ipip TCP/IPv6", &tcp6, net.lbc),
+            (
+                "l2 UDP/IPv6",
+                &udp(CLIENT_V6.into(), VIP_V6.into(), 53),
+                net.lbc,
+            ),
+            ("l2 TCP/IPv4", &tcp4(VIP_L2, CPORT, 80, "A", &[]), net.lbc),
         ];
-        let full: Vec<Vec<u8>> = frames
-            .iter()
-            .map(|(what, frame)| forwarded_alike(b, frame, net.lbc, what))
-            .collect();
-        b.dataplane().unload_full_program().unwrap();
-        for ((what, frame), expected) in frames.iter().zip(&full) {
-            let (action, out) = run_xdp(b, frame, net.lbc).unwrap();
-            assert_eq!(
-                (action, &out),
-                (XDP_REDIRECT, expected),
-                "{what}: the hit path's bytes are the full program's"
-            );
-        }
+        assert_hit_path_forwards_alike(b, &frames);
     });
 }
 

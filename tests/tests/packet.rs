@@ -10,7 +10,8 @@ use etherparse::{
 };
 use lb_common::{FlowKey, Reason, hash::flow_hash};
 use lb_tests::{
-    assert_checksums_valid, forwarded_alike, reason_count, run_xdp, set_mtu, xdp_action::*,
+    assert_checksums_valid, assert_hit_path_forwards_alike, reason_count, run_xdp, set_mtu,
+    xdp_action::*,
 };
 use lb_userspace::{
     balancer::Balancer,
@@ -645,26 +646,13 @@ fn established_flows_are_forwarded_by_the_attached_program_alone() {
             .ack(1)
             .write(&mut v6, PAYLOAD)
             .unwrap();
-        let frames = [
+        let frames: [(&str, &[u8], u32); 4] = [
             ("plain IPv4", &input, net.lbc),
             ("IPv4 with options", &optioned, net.lbc),
             ("the backend's answer", &answer, net.lbb),
             ("IPv6", &v6, net.lbc),
         ];
-        let full: Vec<Vec<u8>> = frames
-            .iter()
-            .map(|(what, frame, ingress)| forwarded_alike(b, frame, *ingress, what))
-            .collect();
-        // The full program recorded the flows, their cached copies and next hops.
-        b.dataplane().unload_full_program().unwrap();
-        for ((what, frame, ingress), full) in frames.iter().zip(&full) {
-            let (action, out) = run_xdp(b, frame, *ingress).unwrap();
-            assert_eq!(
-                (action, &out),
-                (XDP_REDIRECT, full),
-                "{what}: the hit path's bytes are the full program's"
-            );
-        }
+        assert_hit_path_forwards_alike(b, &frames);
         // Packets of the flow the parsers refuse are left untouched.
         let mut short_tcp = input.clone();
         short_tcp[46] = 0x40; // TCP data offset 4
