@@ -23,6 +23,10 @@ pub(super) const READ_SIZE: usize = 16 * 1024;
 /// 64 KiB response then takes two reads and two writes instead of five of
 /// each (the buffer is released after the body, see `relay`).
 const LONG_READ_SIZE: usize = 64 * 1024;
+/// Longest message whose head waits for the rest of its body (of known
+/// length, already received) so that both leave in one write: each write
+/// is a trip through the TCP stack and a wake-up of the reader.
+const GATHER: u64 = 128 * 1024;
 /// Capacity an output buffer keeps after a big body went through it.
 const KEEP_CAPACITY: usize = 64 * 1024;
 
@@ -53,6 +57,33 @@ fn poll_write_all<W: AsyncWrite + Unpin>(
         *bytes = &bytes[n..];
     }
     Pin::new(&mut *io).poll_flush(cx)
+}
+
+/// Writes all of `a` then all of `b` (advancing them) in vectored writes,
+/// and flushes.
+#[inline]
+fn poll_write_both<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    cx: &mut Context<'_>,
+    a: &mut &[u8],
+    b: &mut &[u8],
+) -> Poll<io::Result<()>> {
+    while !a.is_empty() && !b.is_empty() {
+        let slices = [io::IoSlice::new(a), io::IoSlice::new(b)];
+        let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        let from_a = n.min(a.len());
+        *a = &a[from_a..];
+        n -= from_a;
+        *b = &b[n..];
+    }
+    if a.is_empty() {
+        poll_write_all(io, cx, b)
+    } else {
+        poll_write_all(io, cx, a)
+    }
 }
 
 /// Writes all of `out` and flushes (TLS streams buffer), then empties it.
@@ -112,6 +143,91 @@ pub(super) struct End<'a, S> {
     pub limit: Duration,
 }
 
+/// Where a body's relay stands, by its framing.
+struct Progress {
+    body: BodyKind,
+    dechunk: bool,
+    /// Bytes of a `Fixed` body not yet taken.
+    left: u64,
+    chunk: Chunk,
+    payload: u64,
+    /// The head may wait for the rest of a short body that is already here.
+    may_hold: bool,
+}
+
+/// What one pass over the bytes read ahead leaves to do.
+struct Step {
+    done: bool,
+    /// Body bytes written straight from `buf` (after `out`, the head, if it
+    /// is still there), without copying them into `out`.
+    direct: usize,
+    /// Body bytes waiting in `buf` for the rest, behind a held head.
+    held: usize,
+}
+
+impl Progress {
+    /// Takes the body bytes in `buf`: chunk framing and bodies up to the
+    /// close are copied into `out`, a `Fixed` body's are left in `buf`.
+    fn take(&mut self, buf: &mut BytesMut, out: &mut Vec<u8>) -> Result<Step, Fail> {
+        let (mut direct, mut held) = (0, 0);
+        let done = match self.body {
+            BodyKind::Fixed(_) => {
+                let take = self.left.min(buf.len() as u64) as usize;
+                if self.may_hold
+                    && !out.is_empty()
+                    && (take as u64) < self.left
+                    && holds(out, self.left)
+                {
+                    held = take;
+                    false
+                } else {
+                    direct = take;
+                    self.left -= take as u64;
+                    self.payload += take as u64;
+                    self.left == 0
+                }
+            }
+            BodyKind::Chunked => {
+                let (dechunk, payload) = (self.dechunk, &mut self.payload);
+                let (used, next) = hardening::scan_chunked_data(self.chunk, buf, |d| {
+                    *payload += d.len() as u64;
+                    if dechunk {
+                        out.extend_from_slice(d);
+                    }
+                })
+                .map_err(|()| Fail::Framing)?;
+                if !dechunk {
+                    out.extend_from_slice(&buf[..used]);
+                }
+                buf.advance(used);
+                self.chunk = next;
+                next == Chunk::Done
+            }
+            BodyKind::Close => {
+                self.payload += buf.len() as u64;
+                out.extend_from_slice(buf);
+                buf.clear();
+                false
+            }
+        };
+        Ok(Step { done, direct, held })
+    }
+
+    /// How much the next read asks for, and whether that is a long read.
+    fn read_size(&self, buffered: usize, held: usize) -> (usize, bool) {
+        let rest = self.left - held as u64;
+        if buffered == held && rest > READ_SIZE as u64 {
+            // One byte more than the rest: the read that takes it all then
+            // comes back short, which tells tokio the socket is drained (a
+            // full one would cost an EAGAIN read when the connection is
+            // next checked, `RawConn::alive`).
+            ((rest + 1).min(LONG_READ_SIZE as u64) as usize, true)
+        } else {
+            (READ_SIZE, false)
+        }
+    }
+}
+
 /// Copies one message body from `src` (starting with `buf`, its bytes read
 /// ahead) to `dst`, after whatever `out` already holds (the head, so that a
 /// small message leaves in one write). `dechunk` writes chunk data only.
@@ -129,81 +245,56 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut left = match body {
+    let left = match body {
         BodyKind::Fixed(n) => n,
         _ => 0,
     };
-    let mut chunk = Chunk::Size;
-    let mut payload = 0u64;
+    let mut p = Progress {
+        body,
+        dechunk,
+        left,
+        chunk: Chunk::Size,
+        payload: 0,
+        may_hold: true,
+    };
     // A long read made `buf` big: it is released at the end.
     let mut grown = false;
     loop {
-        // Body bytes written straight from `buf` (once `out` is empty: the
-        // head left with the first ones), without copying them into `out`.
-        let mut direct = 0;
-        let done = match body {
-            BodyKind::Fixed(_) => {
-                let take = left.min(buf.len() as u64) as usize;
-                if out.is_empty() {
-                    direct = take;
-                } else {
-                    out.extend_from_slice(&buf[..take]);
-                    buf.advance(take);
-                }
-                left -= take as u64;
-                payload += take as u64;
-                left == 0
-            }
-            BodyKind::Chunked => {
-                let (used, next) = hardening::scan_chunked_data(chunk, buf, |d| {
-                    payload += d.len() as u64;
-                    if dechunk {
-                        out.extend_from_slice(d);
-                    }
-                })
-                .map_err(|()| Fail::Framing)?;
-                if !dechunk {
-                    out.extend_from_slice(&buf[..used]);
-                }
-                buf.advance(used);
-                chunk = next;
-                chunk == Chunk::Done
-            }
-            BodyKind::Close => {
-                payload += buf.len() as u64;
-                out.extend_from_slice(buf);
-                buf.clear();
-                false
-            }
-        };
+        let Step { done, direct, held } = p.take(buf, out)?;
         // Pending bytes go out before waiting for more, so the body flows.
-        if done || direct > 0 || !out.is_empty() {
-            let mut bytes = if direct > 0 { &buf[..direct] } else { &out[..] };
-            let write = poll_fn(|cx| poll_write_all(dst.io, cx, &mut bytes));
+        if done || direct > 0 || (!out.is_empty() && held == 0) {
+            let (mut head, mut bytes) = (&out[..], &buf[..direct]);
+            let write = poll_fn(|cx| poll_write_both(dst.io, cx, &mut head, &mut bytes));
             match timer.limit(dst.limit, write).await {
-                Some(Ok(())) if direct > 0 => buf.advance(direct),
-                Some(Ok(())) => out.clear(),
+                Some(Ok(())) => {
+                    buf.advance(direct);
+                    out.clear();
+                }
                 Some(Err(_)) => return Err(Fail::Write),
                 None => return Err(Fail::WriteTimeout),
             }
         }
         if done {
-            return Ok(release(buf, grown, payload));
+            return Ok(release(buf, grown, p.payload));
         }
-        let size = if buf.is_empty() && left > READ_SIZE as u64 {
-            grown = true;
-            // One byte more than the rest: the read that takes it all then
-            // comes back short, which tells tokio the socket is drained (a
-            // full one would cost an EAGAIN read when the connection is
-            // next checked, `RawConn::alive`).
-            (left + 1).min(LONG_READ_SIZE as u64) as usize
-        } else {
-            READ_SIZE
-        };
+        let (size, long) = p.read_size(buf.len(), held);
+        grown |= long;
         buf.reserve(size);
-        let read = poll_fn(|cx| poll_read_buf(Pin::new(&mut *src.io), cx, buf));
-        match timer.limit(src.limit, read).await {
-            Some(Ok(0)) if body == BodyKind::Close => return Ok(release(buf, grown, payload)),
+        let mut read = |cx: &mut Context<'_>| poll_read_buf(Pin::new(&mut *src.io), cx, buf);
+        let got = if held > 0 {
+            // A held head waits for nothing that is not here yet.
+            match poll_fn(|cx| Poll::Ready(read(cx))).await {
+                Poll::Ready(got) => Some(got),
+                Poll::Pending => {
+                    p.may_hold = false;
+                    continue;
+                }
+            }
+        } else {
+            timer.limit(src.limit, poll_fn(read)).await
+        };
+        match got {
+            Some(Ok(0)) if body == BodyKind::Close => return Ok(release(buf, grown, p.payload)),
             Some(Ok(0)) | Some(Err(_)) => return Err(Fail::Read),
             Some(Ok(_)) => {}
             None => return Err(Fail::ReadTimeout),
@@ -213,6 +304,11 @@ where
             out.shrink_to(KEEP_CAPACITY);
         }
     }
+}
+
+/// Whether a head in `out` may wait for the `left` bytes of its body.
+fn holds(out: &[u8], left: u64) -> bool {
+    out.len() as u64 + left <= GATHER
 }
 
 /// After a relayed body: a buffer a long read made big is not kept with an
@@ -300,6 +396,114 @@ mod tests {
         assert_eq!(r, Ok(body.len() as u64));
         assert_eq!(buf.capacity(), 0, "the long read's buffer is not kept");
         assert_eq!(written, [&b"HEAD|"[..], &body].concat());
+    }
+
+    /// A destination that records each write call's bytes.
+    #[derive(Clone, Default)]
+    struct Writes(std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+    impl Writes {
+        fn calls(&self) -> Vec<Vec<u8>> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(b.to_vec());
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let n = all.len();
+            self.0.lock().unwrap().push(all);
+            Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Relays a `Fixed(len)` body from `src` after `buf` into `dst`.
+    async fn relay_fixed(
+        src: &mut tokio::io::DuplexStream,
+        mut buf: BytesMut,
+        len: u64,
+        mut dst: Writes,
+    ) -> Result<u64, Fail> {
+        let limit = Duration::from_secs(5);
+        let mut out = b"HEAD|".to_vec();
+        let (src, dst) = (
+            End { io: src, limit },
+            End {
+                io: &mut dst,
+                limit,
+            },
+        );
+        let kind = BodyKind::Fixed(len);
+        relay(
+            src,
+            &mut buf,
+            dst,
+            &mut out,
+            kind,
+            false,
+            &mut Deadline::new(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_short_body_already_here_leaves_with_its_head_in_one_write() {
+        let body: Vec<u8> = (0..70_000u32).map(|i| i as u8).collect();
+        let (mut src, mut src_peer) = tokio::io::duplex(1 << 18);
+        src_peer.write_all(&body[1000..]).await.unwrap();
+        let dst = Writes::default();
+        let buf = BytesMut::from(&body[..1000]);
+        let r = relay_fixed(&mut src, buf, body.len() as u64, dst.clone()).await;
+        assert_eq!(r, Ok(body.len() as u64));
+        assert_eq!(dst.calls(), vec![[&b"HEAD|"[..], &body].concat()]);
+    }
+
+    #[tokio::test]
+    async fn a_head_does_not_wait_for_body_bytes_still_on_the_way() {
+        let (mut src, mut src_peer) = tokio::io::duplex(1 << 18);
+        let dst = Writes::default();
+        let (task_dst, buf) = (dst.clone(), BytesMut::from(&b"abc"[..]));
+        let task = tokio::spawn(async move { relay_fixed(&mut src, buf, 6, task_dst).await });
+        // The head and the bytes at hand leave while the rest is awaited.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while dst.calls().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "the head was held");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(dst.calls(), vec![b"HEAD|abc".to_vec()]);
+        src_peer.write_all(b"def").await.unwrap();
+        assert_eq!(task.await.unwrap(), Ok(6));
+        assert_eq!(dst.calls(), vec![b"HEAD|abc".to_vec(), b"def".to_vec()]);
+        // Too long a message is not held either, even when it is all here.
+        let (mut src, mut src_peer) = tokio::io::duplex(1 << 20);
+        let body = vec![7u8; GATHER as usize];
+        src_peer.write_all(&body[1..]).await.unwrap();
+        let dst = Writes::default();
+        let buf = BytesMut::from(&body[..1]);
+        let r = relay_fixed(&mut src, buf, GATHER, dst.clone()).await;
+        assert_eq!(r, Ok(GATHER));
+        assert_eq!(dst.calls()[0], b"HEAD|\x07".to_vec());
     }
 
     #[tokio::test]
