@@ -38,6 +38,8 @@ pub(crate) enum Failure {
     ServerTimeout,
     /// The server closed or failed inside its response body.
     ServerAborted,
+    /// The server's response body is framed wrongly (bad chunks).
+    BadResponseFraming,
     /// The server's response body stopped coming for `timeout_server`.
     ServerDataTimeout,
 }
@@ -101,7 +103,7 @@ impl Failure {
             | Failure::ClientGone
             | Failure::ServerClosed
             | Failure::BadResponse => StatusCode::BAD_GATEWAY,
-            Failure::ServerAborted => StatusCode::BAD_GATEWAY,
+            Failure::ServerAborted | Failure::BadResponseFraming => StatusCode::BAD_GATEWAY,
             Failure::ServerTimeout | Failure::ServerDataTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -113,7 +115,7 @@ impl Failure {
             Failure::HeadTimeout => (Side::ClientTimeout, Phase::Request),
             Failure::ClientAborted => (Side::Client, Phase::Data),
             Failure::ClientTimeout => (Side::ClientTimeout, Phase::Data),
-            Failure::BadBodyFraming => (Side::Proxy, Phase::Data),
+            Failure::BadBodyFraming | Failure::BadResponseFraming => (Side::Proxy, Phase::Data),
             Failure::NoServer | Failure::ConnectFailed => (Side::Server, Phase::Connect),
             Failure::QueueTimeout => (Side::ServerTimeout, Phase::Queue),
             Failure::Internal => (Side::Proxy, Phase::Headers),
@@ -238,6 +240,7 @@ mod tests {
             (Failure::BadResponse, 502, "SH"),
             (Failure::ServerTimeout, 504, "sH"),
             (Failure::ServerAborted, 502, "SD"),
+            (Failure::BadResponseFraming, 502, "PD"),
             (Failure::ServerDataTimeout, 504, "sD"),
         ];
         for (failure, status, term) in all {

@@ -806,6 +806,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
                 }
                 if close { Next::Close } else { Next::KeepAlive }
             }
+            // Nothing reached the client (the head waited for the rest of
+            // the body, or the first bytes were broken): it gets a 502.
+            Err(fail @ (Fail::Read | Fail::ReadTimeout | Fail::Framing))
+                if !self.out.is_empty() =>
+            {
+                self.out.clear();
+                drop(active);
+                return self
+                    .answer_error(fail.in_response(), rec, false, start)
+                    .await;
+            }
             Err(fail) => {
                 self.out.clear();
                 rec.termination = fail.in_response().termination();

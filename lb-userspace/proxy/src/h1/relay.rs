@@ -131,7 +131,7 @@ impl Fail {
             Fail::ReadTimeout => Failure::ServerDataTimeout,
             Fail::Write => Failure::ClientAborted,
             Fail::WriteTimeout => Failure::ClientTimeout,
-            Fail::Framing => Failure::BadBodyFraming,
+            Fail::Framing => Failure::BadResponseFraming,
         }
     }
 }
