@@ -210,6 +210,8 @@ struct Pass {
     threads: usize,
     rows: Vec<[Figures; 3]>,
     idle_kib: [f64; 3],
+    /// The TLS version all three negotiated with OpenSSL.
+    tls: String,
 }
 
 /// Runs the comparison at every thread count and prints it.
@@ -287,6 +289,16 @@ fn measure_pass(lab: &mut Lab, setup: &Setup, running: &[Running], threads: usiz
         wait_ready(lab, &client_ns, addr, Some(r.pid))
             .with_context(|| format!("{} is not answering", r.kind.label()))?;
     }
+    // The HTTPS rows compare like with like only if every proxy speaks the
+    // same TLS version to wrk's OpenSSL.
+    let versions = running
+        .iter()
+        .map(|r| tls_version(&client_ns, SocketAddr::new(VIP_V4.into(), r.kind.ports().1)))
+        .collect::<Result<Vec<_>>>()?;
+    ensure!(
+        versions.iter().all(|v| *v == versions[0]),
+        "the proxies negotiate different TLS versions (lb, HAProxy, nginx): {versions:?}"
+    );
     // Idle memory first, on fresh processes: once loaded, HAProxy and nginx
     // keep their pools' memory, and would grow by nothing.
     // lb's is measured apart (`lb_alone_idle_kib`).
@@ -330,6 +342,7 @@ fn measure_pass(lab: &mut Lab, setup: &Setup, running: &[Running], threads: usiz
         threads,
         rows,
         idle_kib,
+        tls: versions[0].clone(),
     })
 }
 
@@ -507,7 +520,10 @@ fn haproxy_config(setup: &Setup, threads: usize) -> String {
 
 /// nginx's equivalent: `threads` workers (SO_REUSEPORT listeners, as ours),
 /// upstream keep-alive connections, no limit on requests per connection
-/// either way, no access log, responses buffered in memory (64 KiB fit).
+/// either way, no access log, responses buffered in memory (64 KiB fit),
+/// TLS 1.3 offered as by lb and HAProxy (nginx 1.22 offers only up to 1.2
+/// unless told: wrk then resumed its sessions with TLS 1.2 tickets, which
+/// skip the key exchange that a TLS 1.3 resumption still makes).
 fn nginx_config(setup: &Setup, threads: usize) -> String {
     let (http, https) = Kind::Nginx.ports();
     let dir = setup.dir.display();
@@ -527,6 +543,7 @@ fn nginx_config(setup: &Setup, threads: usize) -> String {
          \x20   upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000000;\n    }}\n\
          \x20   server {{\n        listen {VIP_V4}:{http} reuseport;\n        listen {VIP_V4}:{https} ssl reuseport;\n\
          \x20       ssl_certificate {cert};\n        ssl_certificate_key {key};\n\
+         \x20       ssl_protocols TLSv1.2 TLSv1.3;\n\
          \x20       location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n\
          \x20           proxy_set_header Connection \"\";\n            proxy_buffers 8 16k;\n\
          \x20           proxy_buffer_size 16k;\n        }}\n    }}\n}}\n",
@@ -547,8 +564,8 @@ fn print_passes(passes: &[Pass], version: &str) {
     );
     for p in passes {
         println!(
-            "  threads = {} (nbthread / worker_processes {}):",
-            p.threads, p.threads
+            "  threads = {} (nbthread / worker_processes {}; HTTPS rows: {} for all three):",
+            p.threads, p.threads, p.tls
         );
         println!(
             "    {:<34} {:>23}   {:>20}   {:>17}   {:>14}   {:>8}",
@@ -904,6 +921,25 @@ fn check_config(ns: &str, program: &Path, args: &[&str], cfg: &Path) -> Result<(
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
+}
+
+/// The TLS version OpenSSL (wrk's library) negotiates with `addr`, from
+/// namespace `ns`.
+fn tls_version(ns: &str, addr: SocketAddr) -> Result<String> {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", ns, "openssl", "s_client", "-brief", "-connect",
+        ])
+        .arg(addr.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .context("openssl s_client")?;
+    // -brief prints "Protocol version: TLSv1.3" on stderr.
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("Protocol version: "))
+        .map(|v| v.trim().to_string())
+        .ok_or_else(|| anyhow!("no TLS handshake with {addr}"))
 }
 
 /// Waits until `addr` answers a GET from the client namespace with 200.
