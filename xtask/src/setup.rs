@@ -40,6 +40,9 @@ pub const PACKAGES: &[&str] = &[
     "haproxy",
     "nginx-light",
     "wrk",
+    // `openssl s_client`: the L7 bench checks that the proxies negotiate the
+    // same TLS version.
+    "openssl",
     "valgrind",
     // The DNS server (knotd, knotc) serving SRV and A records to the
     // discovery tests (tests/tests/discovery.rs).
