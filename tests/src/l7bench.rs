@@ -210,7 +210,7 @@ struct Pass {
     threads: usize,
     rows: Vec<[Figures; 3]>,
     idle_kib: [f64; 3],
-    /// The TLS version all three negotiated with OpenSSL.
+    /// The TLS version and cipher suite all three negotiated with OpenSSL.
     tls: String,
 }
 
@@ -290,14 +290,14 @@ fn measure_pass(lab: &mut Lab, setup: &Setup, running: &[Running], threads: usiz
             .with_context(|| format!("{} is not answering", r.kind.label()))?;
     }
     // The HTTPS rows compare like with like only if every proxy speaks the
-    // same TLS version to wrk's OpenSSL.
+    // same TLS version and cipher suite to wrk's OpenSSL.
     let versions = running
         .iter()
         .map(|r| tls_version(&client_ns, SocketAddr::new(VIP_V4.into(), r.kind.ports().1)))
         .collect::<Result<Vec<_>>>()?;
     ensure!(
         versions.iter().all(|v| *v == versions[0]),
-        "the proxies negotiate different TLS versions (lb, HAProxy, nginx): {versions:?}"
+        "the proxies negotiate different TLS (lb, HAProxy, nginx): {versions:?}"
     );
     // Idle memory first, on fresh processes: once loaded, HAProxy and nginx
     // keep their pools' memory, and would grow by nothing.
@@ -923,8 +923,8 @@ fn check_config(ns: &str, program: &Path, args: &[&str], cfg: &Path) -> Result<(
     Ok(())
 }
 
-/// The TLS version OpenSSL (wrk's library) negotiates with `addr`, from
-/// namespace `ns`.
+/// The TLS version and cipher suite OpenSSL (wrk's library) negotiates
+/// with `addr`, from namespace `ns`.
 fn tls_version(ns: &str, addr: SocketAddr) -> Result<String> {
     let out = Command::new("ip")
         .args([
@@ -934,12 +934,19 @@ fn tls_version(ns: &str, addr: SocketAddr) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .context("openssl s_client")?;
-    // -brief prints "Protocol version: TLSv1.3" on stderr.
-    String::from_utf8_lossy(&out.stderr)
-        .lines()
-        .find_map(|l| l.strip_prefix("Protocol version: "))
-        .map(|v| v.trim().to_string())
-        .ok_or_else(|| anyhow!("no TLS handshake with {addr}"))
+    // -brief prints "Protocol version: TLSv1.3" and "Ciphersuite: ..." on stderr.
+    let text = String::from_utf8_lossy(&out.stderr);
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .ok_or_else(|| anyhow!("no TLS handshake with {addr}: {text}"))
+    };
+    Ok(format!(
+        "{} {}",
+        field("Protocol version: ")?,
+        field("Ciphersuite: ")?
+    ))
 }
 
 /// Waits until `addr` answers a GET from the client namespace with 200.
