@@ -231,7 +231,8 @@ impl Progress {
 /// Copies one message body from `src` (starting with `buf`, its bytes read
 /// ahead) to `dst`, after whatever `out` already holds (the head, so that a
 /// small message leaves in one write). `dechunk` writes chunk data only.
-/// Returns the body's payload bytes.
+/// Returns the body's payload bytes. On failure `out` is left non-empty
+/// only if nothing of the message was written (the head is still there).
 pub(super) async fn relay<R, W>(
     src: End<'_, R>,
     buf: &mut BytesMut,
@@ -259,8 +260,18 @@ where
     };
     // A long read made `buf` big: it is released at the end.
     let mut grown = false;
+    // Something of the message (its head first) has been written.
+    let mut written = false;
     loop {
-        let Step { done, direct, held } = p.take(buf, out)?;
+        let Step { done, direct, held } = match p.take(buf, out) {
+            Ok(step) => step,
+            Err(fail) => {
+                if written {
+                    out.clear();
+                }
+                return Err(fail);
+            }
+        };
         // Pending bytes go out before waiting for more, so the body flows.
         if done || direct > 0 || (!out.is_empty() && held == 0) {
             let (mut head, mut bytes) = (&out[..], &buf[..direct]);
@@ -269,6 +280,7 @@ where
                 Some(Ok(())) => {
                     buf.advance(direct);
                     out.clear();
+                    written = true;
                 }
                 Some(Err(_)) => return Err(Fail::Write),
                 None => return Err(Fail::WriteTimeout),
@@ -504,6 +516,44 @@ mod tests {
         let r = relay_fixed(&mut src, buf, GATHER, dst.clone()).await;
         assert_eq!(r, Ok(GATHER));
         assert_eq!(dst.calls()[0], b"HEAD|\x07".to_vec());
+    }
+
+    #[tokio::test]
+    async fn out_keeps_the_head_on_failure_only_if_nothing_was_written() {
+        let limit = Duration::from_secs(5);
+        for (ahead, later, head_kept) in [
+            (&b"ZZ\r\n"[..], &b""[..], true),
+            // Dechunking, "de" is taken into `out` before the bad size.
+            (&b"3\r\nabc\r\n"[..], &b"2\r\nde\r\nZZ\r\n"[..], false),
+        ] {
+            let (mut src, mut src_peer) = tokio::io::duplex(1 << 16);
+            src_peer.write_all(later).await.unwrap();
+            let (mut dst, mut out) = (Writes::default(), b"HEAD|".to_vec());
+            let mut buf = BytesMut::from(ahead);
+            let (src, dst) = (
+                End {
+                    io: &mut src,
+                    limit,
+                },
+                End {
+                    io: &mut dst,
+                    limit,
+                },
+            );
+            let kind = BodyKind::Chunked;
+            let r = relay(
+                src,
+                &mut buf,
+                dst,
+                &mut out,
+                kind,
+                true,
+                &mut Deadline::new(),
+            )
+            .await;
+            assert_eq!(r, Err(Fail::Framing));
+            assert_eq!(!out.is_empty(), head_kept, "{ahead:?} then {later:?}");
+        }
     }
 
     #[tokio::test]
