@@ -926,14 +926,13 @@ fn check_config(ns: &str, program: &Path, args: &[&str], cfg: &Path) -> Result<(
 /// The TLS version and cipher suite OpenSSL (wrk's library) negotiates
 /// with `addr`, from namespace `ns`.
 fn tls_version(ns: &str, addr: SocketAddr) -> Result<String> {
-    let out = Command::new("ip")
-        .args([
-            "netns", "exec", ns, "openssl", "s_client", "-brief", "-connect",
-        ])
-        .arg(addr.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .context("openssl s_client")?;
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns", "exec", ns, "openssl", "s_client", "-brief", "-connect",
+    ])
+    .arg(addr.to_string());
+    // A proxy that accepts but never answers must not hang the bench.
+    let out = crate::output_within(&mut cmd, Duration::from_secs(10));
     // -brief prints "Protocol version: TLSv1.3" and "Ciphersuite: ..." on stderr.
     let text = String::from_utf8_lossy(&out.stderr);
     let field = |name: &str| {
