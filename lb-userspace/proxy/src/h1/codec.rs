@@ -111,9 +111,14 @@ impl ResponseHead {
     }
 }
 
-/// Offset of `part` (a slice of `base`) in `base`.
+/// Offset of `part` (a slice of `base`) in `base`. httparse gives a static
+/// `""`, not a slice of the buffer, for a status line without a reason
+/// phrase (`HTTP/1.1 200`): a part outside `base` is the empty span.
 fn offset(base: &[u8], part: &[u8]) -> (usize, usize) {
-    (part.as_ptr() as usize - base.as_ptr() as usize, part.len())
+    match (part.as_ptr() as usize).checked_sub(base.as_ptr() as usize) {
+        Some(at) if at + part.len() <= base.len() => (at, part.len()),
+        _ => (0, 0),
+    }
 }
 
 /// The header map of a head, its values slices of the head's bytes.
@@ -548,6 +553,24 @@ mod tests {
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: \r\n\r\n",
         ] {
             assert!(response(bad, Method::GET).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn status_line_without_reason_phrase() {
+        // httparse's reason is then a static "" outside the buffer.
+        for text in [
+            "HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 404\nContent-Length: 0\n\n",
+        ] {
+            let resp = response(text, Method::GET).unwrap().unwrap();
+            assert_eq!(resp.reason(), b"");
+            let mut out = Vec::new();
+            put_response_fields(&mut out, &resp, false, &[]);
+            let status = resp.status.as_str();
+            let reason = resp.status.canonical_reason().unwrap();
+            let want = format!("HTTP/1.1 {status} {reason}\r\ncontent-length: 0\r\n\r\n");
+            assert_eq!(String::from_utf8(out).unwrap(), want);
         }
     }
 
