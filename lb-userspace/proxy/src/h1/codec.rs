@@ -13,6 +13,9 @@ use crate::prepare::HOP_BY_HOP;
 
 /// Bytes reserved before writing a head: enough for a typical one.
 const HEAD_RESERVE: usize = 1024;
+/// The largest response head read from a server (HAProxy's whole buffer is
+/// 16 KiB): past it, an unfinished head is refused rather than buffered on.
+pub(crate) const RESPONSE_HEAD_LIMIT: usize = 64 * 1024;
 
 /// How a message body is delimited on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,7 +234,8 @@ pub(crate) fn take_request(
 
 /// Parses and takes the response head at the start of `buf`, the answer to a
 /// request with method `method`; its field spans go into `spans`' storage.
-/// Ok(None) while incomplete.
+/// Ok(None) while incomplete, an error once an incomplete head is longer
+/// than `RESPONSE_HEAD_LIMIT`.
 pub(crate) fn take_response(
     buf: &mut BytesMut,
     spans: &mut Vec<Span>,
@@ -244,6 +248,9 @@ pub(crate) fn take_response(
             .parse_response_with_uninit_headers(&mut resp, buf, &mut slots);
         let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > RESPONSE_HEAD_LIMIT => {
+                return Err("response head too large");
+            }
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(_) => return Err("malformed response head"),
         };
@@ -554,6 +561,19 @@ mod tests {
         ] {
             assert!(response(bad, Method::GET).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn endless_response_head_is_refused() {
+        // A server that never ends its head must not grow the buffer for ever.
+        let mut text = String::from("HTTP/1.1 200 OK\r\nX-A: ");
+        text.push_str(&"a".repeat(RESPONSE_HEAD_LIMIT));
+        assert_eq!(
+            response(&text, Method::GET).unwrap_err(),
+            "response head too large"
+        );
+        text.truncate(RESPONSE_HEAD_LIMIT - 100);
+        assert!(response(&text, Method::GET).unwrap().is_none());
     }
 
     #[test]

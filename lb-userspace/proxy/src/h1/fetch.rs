@@ -15,9 +15,6 @@ use super::codec::{self, BodyKind};
 use super::relay::{End, Fail, read_more, relay};
 use crate::deadline::Deadline;
 
-/// The largest response head read.
-const HEAD_LIMIT: usize = 64 * 1024;
-
 /// A server's answer; its body decoded from its framing, cut at the limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fetched {
@@ -63,12 +60,10 @@ where
     let mut buf = BytesMut::new();
     let mut spans = Vec::new();
     let head = loop {
+        // take_response refuses a head longer than RESPONSE_HEAD_LIMIT.
         match codec::take_response(&mut buf, &mut spans, &method).map_err(FetchError::Bad)? {
             Some(r) if r.status.is_informational() => spans = r.into_fields(),
             Some(r) => break r,
-            None if buf.len() > HEAD_LIMIT => {
-                return Err(FetchError::Bad("response head too large"));
-            }
             None if read_more(io, &mut buf).await? > 0 => {}
             None if buf.is_empty() => return Err(FetchError::Closed),
             None => return Err(FetchError::Bad("the connection ended inside the head")),
