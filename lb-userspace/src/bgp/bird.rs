@@ -6,7 +6,7 @@
 //! are results, 1xxx table rows, 2xxx table headers, 8xxx run-time errors
 //! and 9xxx parse errors (BIRD's `doc/reply_codes`).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -98,10 +98,18 @@ fn read_reply(reader: &mut impl BufRead, path: &Path) -> Result<Vec<Line>, BirdE
     let mut total = 0;
     loop {
         let mut raw = String::new();
-        let n = reader.read_line(&mut raw).map_err(|source| BirdError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        // A line is read within what is left of MAX_REPLY (plus one byte to
+        // tell "too long"): read_line alone would grow `raw` for as long as
+        // the peer sends bytes without a newline.
+        let room = (MAX_REPLY - total + 1) as u64;
+        let n = reader
+            .by_ref()
+            .take(room)
+            .read_line(&mut raw)
+            .map_err(|source| BirdError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
         if n == 0 {
             return Err(BirdError::Protocol("connection closed mid-reply".into()));
         }
@@ -273,6 +281,31 @@ mod tests {
         assert_eq!(lines[2].code, 0);
         assert!(matches!(reply("garbage\n"), Err(BirdError::Protocol(_))));
         assert!(matches!(reply("1002-a\n"), Err(BirdError::Protocol(_))));
+    }
+
+    /// Endless bytes without a newline; counts what was taken.
+    struct NoNewline(usize);
+
+    impl Read for NoNewline {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            // Ends eventually, so that a reader without a bound fails the test instead of hanging.
+            let n = buf.len().min(8 * MAX_REPLY - self.0);
+            buf[..n].fill(b'x');
+            self.0 += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn an_endless_line_is_refused_at_the_reply_limit() {
+        let mut src = NoNewline(0);
+        let err = read_reply(&mut BufReader::new(&mut src), Path::new("/bird.ctl")).unwrap_err();
+        assert!(err.to_string().contains("reply longer than"), "{err}");
+        // Read no further than the limit (and the reader's buffer).
+        assert!(src.0 <= MAX_REPLY + 64 * 1024, "read {} bytes", src.0);
+        let mut long = "1002-a\n".repeat(MAX_REPLY / 7);
+        long.push_str("0000 \n");
+        assert!(matches!(reply(&long), Err(BirdError::Protocol(_))));
     }
 
     #[test]
