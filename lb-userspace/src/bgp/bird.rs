@@ -9,7 +9,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -133,9 +133,44 @@ fn read_reply(reader: &mut impl BufRead, path: &Path) -> Result<Vec<Line>, BirdE
     }
 }
 
+/// The socket's reading side, all reads together bounded by `deadline`:
+/// SO_RCVTIMEO alone bounds each read, and a peer trickling a byte at a
+/// time would keep a command (and the thread waiting on it) going for ever.
+struct UntilDeadline {
+    stream: UnixStream,
+    deadline: Instant,
+}
+
+impl Read for UntilDeadline {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let timed_out = || {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the reply did not end in time",
+            )
+        };
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        match self.stream.read(buf) {
+            // SO_RCVTIMEO expiring reads as EAGAIN.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(timed_out()),
+            other => other,
+        }
+    }
+}
+
 /// Sends `command` to the BIRD on `socket` and returns its reply; an error
 /// code (8xxx, 9xxx) is `BirdError::Refused`.
 pub fn command(socket: &Path, command: &str) -> Result<Vec<Line>, BirdError> {
+    command_within(socket, command, COMMAND_TIMEOUT)
+}
+
+/// `command`, connect to last line within `timeout`.
+fn command_within(socket: &Path, command: &str, timeout: Duration) -> Result<Vec<Line>, BirdError> {
+    let deadline = Instant::now() + timeout;
     let io = |source| BirdError::Io {
         path: socket.to_path_buf(),
         source,
@@ -144,11 +179,11 @@ pub fn command(socket: &Path, command: &str) -> Result<Vec<Line>, BirdError> {
         path: socket.to_path_buf(),
         source,
     })?;
-    stream.set_read_timeout(Some(COMMAND_TIMEOUT)).map_err(io)?;
-    stream
-        .set_write_timeout(Some(COMMAND_TIMEOUT))
-        .map_err(io)?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut reader = BufReader::new(UntilDeadline {
+        stream: stream.try_clone().map_err(io)?,
+        deadline,
+    });
     let greeting = read_reply(&mut reader, socket)?;
     if greeting.last().map(|l| l.code) != Some(1) {
         return Err(BirdError::Protocol(format!(
@@ -306,6 +341,39 @@ mod tests {
         let mut long = "1002-a\n".repeat(MAX_REPLY / 7);
         long.push_str("0000 \n");
         assert!(matches!(reply(&long), Err(BirdError::Protocol(_))));
+    }
+
+    #[test]
+    fn a_trickling_reply_times_out_as_a_whole() {
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("lb-bird-trickle-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("bird.ctl");
+        let listener = UnixListener::bind(&socket).unwrap();
+        // Greets, takes the command, then sends a byte every 20 ms for 3 s.
+        let bird = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"0001 BIRD 2.15 ready.\n1002-").unwrap();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                if s.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let start = Instant::now();
+        let err = command_within(&socket, "show protocols", Duration::from_millis(300));
+        let took = start.elapsed();
+        let err = err.unwrap_err();
+        assert!(
+            matches!(&err, BirdError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut),
+            "{err}"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+        bird.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
