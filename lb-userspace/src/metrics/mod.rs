@@ -38,11 +38,13 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use lb_common::{Reason, Traffic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::control::BackendInfo;
@@ -285,41 +287,104 @@ fn labels(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
     (services, backends)
 }
 
+/// How long a scraper may take to send its request head.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a scraper may take to take the answer: one that stops reading
+/// would otherwise hold its task, socket and exposition text for ever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` (any path, in fact) until the task is dropped.
-pub async fn serve(listener: TcpListener, source: std::sync::Arc<dyn Source>) -> Result<()> {
+pub async fn serve(listener: TcpListener, source: Arc<dyn Source>) -> Result<()> {
+    serve_with(listener, source, WRITE_TIMEOUT).await
+}
+
+/// `serve`, each answer written within `write_timeout`.
+async fn serve_with(
+    listener: TcpListener,
+    source: Arc<dyn Source>,
+    write_timeout: Duration,
+) -> Result<()> {
     loop {
-        let (mut sock, peer) = listener.accept().await.context("metrics accept")?;
-        let source = source.clone();
-        tokio::spawn(async move {
-            // Read the request head; its content does not matter, but reading it
-            // keeps clients that wait for the server to read from seeing a reset.
-            let mut buf = [0u8; 2048];
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf)).await;
-            let body = tokio::task::spawn_blocking(move || source.render())
-                .await
-                .unwrap_or_else(|e| Err(e.into()));
-            let (status, body) = match body {
-                Ok(text) => ("200 OK", text),
-                Err(e) => {
-                    warn!(error = %e, "metrics snapshot failed");
-                    ("500 Internal Server Error", format!("{e:#}\n"))
-                }
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = sock.write_all(resp.as_bytes()).await {
-                debug!(%peer, error = %e, "metrics write failed");
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Usually out of file descriptors: back off instead of giving
+                // the endpoint up for good (or spinning).
+                warn!("metrics accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
-        });
+        };
+        tokio::spawn(answer(sock, peer, source.clone(), write_timeout));
+    }
+}
+
+/// Answers one scrape with the exposition text, and closes.
+async fn answer(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    source: Arc<dyn Source>,
+    write_timeout: Duration,
+) {
+    // Read the request head; its content does not matter, but reading it
+    // keeps clients that wait for the server to read from seeing a reset.
+    let mut buf = [0u8; 2048];
+    let _ = tokio::time::timeout(READ_TIMEOUT, sock.read(&mut buf)).await;
+    let body = tokio::task::spawn_blocking(move || source.render())
+        .await
+        .unwrap_or_else(|e| Err(e.into()));
+    let (status, body) = match body {
+        Ok(text) => ("200 OK", text),
+        Err(e) => {
+            warn!(error = %e, "metrics snapshot failed");
+            ("500 Internal Server Error", format!("{e:#}\n"))
+        }
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    match tokio::time::timeout(write_timeout, sock.write_all(resp.as_bytes())).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!(%peer, error = %e, "metrics write failed"),
+        Err(_) => debug!(%peer, "metrics client did not take the answer in {write_timeout:?}"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exposition text far larger than the socket buffers.
+    struct Big;
+
+    impl Source for Big {
+        fn render(&self) -> Result<String> {
+            Ok("x".repeat(32 << 20))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_scraper_that_stops_reading_is_dropped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let write_timeout = Duration::from_millis(300);
+        let server = tokio::spawn(serve_with(listener, Arc::new(Big), write_timeout));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        // Not reading for longer than the write timeout: the answer is cut off.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = Vec::new();
+        let _ = client.read_to_end(&mut got).await;
+        assert!(
+            got.len() < 32 << 20,
+            "the whole answer came after the timeout"
+        );
+        server.abort();
+    }
 
     #[test]
     fn renders_pool_gauges_and_counters() {
