@@ -214,8 +214,8 @@ pub use forward::ProxyBody;
 pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
-    Algorithm, CertPair, ConfigError, Frontend, HttpAction, Pool, ProxyConfig, ServerSpec,
-    TlsConfig, UsePool, User, UserList, duration,
+    Algorithm, CertPair, ConfigError, Frontend, HttpAction, MAX_CONNECTIONS, Pool, ProxyConfig,
+    ServerSpec, TlsConfig, UsePool, User, UserList, duration,
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;

@@ -298,6 +298,11 @@ pub struct ServerSpec {
     pub maxconn: usize,
 }
 
+/// Most `max_connections` of a frontend: Linux's ceiling on a process's open
+/// files (`fs.nr_open` at most). Its semaphore (tokio's, at most
+/// `usize::MAX >> 3` permits) would panic on a larger one.
+pub const MAX_CONNECTIONS: usize = 1 << 30;
+
 /// A configuration the proxy refuses to start with.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -324,7 +329,7 @@ pub enum ConfigError {
     #[error("frontend {0:?}: tls needs at least one cert and default_cert within certs")]
     BadTls(String),
     /// A frontend allows zero connections.
-    #[error("frontend {0:?}: max_connections must be at least 1")]
+    #[error("frontend {0:?}: max_connections must be 1..={MAX_CONNECTIONS}")]
     NoConnections(String),
     /// A pool's hash settings do not fit its algorithm.
     #[error("pool {pool:?}: {problem}")]
@@ -384,7 +389,7 @@ impl ProxyConfig {
             if f.binds.is_empty() {
                 return Err(ConfigError::NoBinds(f.name.clone()));
             }
-            if f.max_connections == 0 {
+            if !(1..=MAX_CONNECTIONS).contains(&f.max_connections) {
                 return Err(ConfigError::NoConnections(f.name.clone()));
             }
             if let Some(tls) = &f.tls
@@ -605,5 +610,30 @@ pub mod duration {
             _ => return None,
         };
         Some(Duration::from_millis(ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connections_must_fit_a_semaphore() {
+        let mut cfg: ProxyConfig = toml::from_str(
+            "[[frontend]]\nname = 'f'\nbinds = ['127.0.0.1:80']\ndefault_pool = 'p'\n\
+             [[pool]]\nname = 'p'\nservers = [{ address = '127.0.0.1:81' }]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.validate(), Ok(()));
+        for bad in [0, MAX_CONNECTIONS + 1, usize::MAX >> 2] {
+            cfg.frontends[0].max_connections = bad;
+            assert_eq!(
+                cfg.validate(),
+                Err(ConfigError::NoConnections("f".into())),
+                "{bad}"
+            );
+        }
+        cfg.frontends[0].max_connections = MAX_CONNECTIONS;
+        assert_eq!(cfg.validate(), Ok(()));
     }
 }

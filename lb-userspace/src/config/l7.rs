@@ -458,6 +458,16 @@ mod tests {
     }
 
     #[test]
+    fn max_connections_beyond_a_process_s_files_is_refused() {
+        // The proxy's semaphore panicked at start on such a number.
+        let mut lines = l7(&[]);
+        lines.insert(5, "max_connections = 4000000000000000000");
+        expect_one(&lines, 6, "max_connections must be 1..=1073741824");
+        lines[5] = "max_connections = 1073741824";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
     fn errors_in_array_entries_point_at_the_entry() {
         let mut lines = l7(&[]);
         lines.splice(
