@@ -14,7 +14,11 @@ mod auth;
 mod page;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -23,7 +27,9 @@ use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::time::Sleep;
 use tracing::{debug, warn};
 
 pub use auth::{Auth, Credential, constant_time_eq};
@@ -34,6 +40,9 @@ use crate::control::{Handler, Request, Response};
 const MAX_BODY: usize = 64 * 1024;
 /// How long a client may take to send a request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client may take nothing of what is written to it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An answer of the admin listener.
 pub type Answer = http::Response<Full<Bytes>>;
@@ -127,6 +136,15 @@ pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
 
 /// Serves HTTP/1.1 on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) -> Result<()> {
+    serve_with(listener, admin, WRITE_TIMEOUT).await
+}
+
+/// `serve`, a connection closed once its client takes nothing for `write_timeout`.
+async fn serve_with(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    write_timeout: Duration,
+) -> Result<()> {
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -146,10 +164,146 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) -> Result<()> {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
-                .serve_connection(TokioIo::new(sock), service);
+                .serve_connection(
+                    TokioIo::new(WriteDeadline::new(sock, write_timeout)),
+                    service,
+                );
             if let Err(e) = conn.await {
                 debug!(%peer, error = %e, "admin connection");
             }
         });
+    }
+}
+
+/// A stream whose writes may not stall: once the peer has taken nothing for
+/// `limit`, writing fails (and hyper closes the connection). hyper has no
+/// write timeout, and its header timeout runs only while it reads: a client
+/// that pipelines requests and never reads the answers would hold its
+/// connection, and a task, for ever.
+struct WriteDeadline<T> {
+    inner: T,
+    limit: Duration,
+    /// Started when a write or flush first waits; cleared by any progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes on a write's result; a wait longer than `limit` in a row is an error.
+    fn guard<R>(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        r: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing of the answer in time",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.guard(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.guard(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.guard(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.guard(cx, r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    struct Nobody;
+
+    impl Handler for Nobody {
+        fn handle(&self, _: Request) -> Response {
+            Response::Ok
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_reads_is_dropped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let auth = Auth::new(HashMap::new(), None).unwrap();
+        let admin = Arc::new(Admin::new(Arc::new(Nobody), auth));
+        let server = tokio::spawn(serve_with(listener, admin, Duration::from_millis(300)));
+        // Pipelined requests whose 401 answers are far more than the socket
+        // buffers hold, and no reading until long after the write timeout.
+        let count = 200_000;
+        let requests = b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n".repeat(count);
+        let (mut rd, mut wr) = TcpStream::connect(addr).await.unwrap().into_split();
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(&requests).await;
+            let _ = wr.shutdown().await;
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut got)).await;
+        let answers = got.windows(12).filter(|w| w == b"HTTP/1.1 401").count();
+        // Cut off after what the socket buffers held, not answered to the end.
+        assert!(read.is_ok() && answers < count / 2, "{answers} answers");
+        writer.abort();
+        server.abort();
     }
 }
