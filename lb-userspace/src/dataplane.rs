@@ -460,7 +460,11 @@ impl Dataplane {
     /// Reads the ring currently published for a VIP (`None` if none).
     pub fn ring(&self, vip_id: u32) -> Result<Option<Vec<u32>>> {
         match self.rings.get(&vip_id, 0) {
-            Ok(ring) => Ok(Some(ring.entries[..ring.size as usize].to_vec())),
+            // A size beyond the table (a damaged pin) is an error, not a panic.
+            Ok(ring) => match ring.entries.get(..ring.size as usize) {
+                Some(entries) => Ok(Some(entries.to_vec())),
+                None => bail!("ring of VIP {vip_id} claims {} entries", ring.size),
+            },
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("reading ring"),
         }
