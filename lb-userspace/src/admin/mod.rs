@@ -41,6 +41,9 @@ const MAX_BODY: usize = 64 * 1024;
 /// How long a client may take to send a request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an authenticated client may take to send a request body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a client may take nothing of what is written to it.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,12 +54,18 @@ pub type Answer = http::Response<Full<Bytes>>;
 pub struct Admin {
     handler: Arc<dyn Handler>,
     auth: Auth,
+    /// `BODY_TIMEOUT`, shorter in tests.
+    body_timeout: Duration,
 }
 
 impl Admin {
     /// Serves with `handler` (the agent's control handler), admitting `auth`.
     pub fn new(handler: Arc<dyn Handler>, auth: Auth) -> Self {
-        Admin { handler, auth }
+        Admin {
+            handler,
+            auth,
+            body_timeout: BODY_TIMEOUT,
+        }
     }
 
     /// Carries out a control request on a blocking thread, as the control socket does.
@@ -81,9 +90,12 @@ impl Admin {
             return resp;
         };
         let (parts, body) = req.into_parts();
-        let body = match Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => return text(StatusCode::PAYLOAD_TOO_LARGE, &format!("{e}\n")),
+        // A body that trickles in would hold the connection and its task.
+        let collect = Limited::new(body, MAX_BODY).collect();
+        let body = match tokio::time::timeout(self.body_timeout, collect).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => return text(StatusCode::PAYLOAD_TOO_LARGE, &format!("{e}\n")),
+            Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "request body too slow\n"),
         };
         let path = parts.uri.path();
         match (&parts.method, path) {
@@ -305,5 +317,34 @@ mod tests {
         assert!(read.is_ok() && answers < count / 2, "{answers} answers");
         writer.abort();
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn an_authenticated_body_that_trickles_gets_a_408() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-admin-body-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "0123456789abcdef-token").unwrap();
+        let auth = Auth::new(HashMap::new(), Some(&token_file)).unwrap();
+        let mut admin = Admin::new(Arc::new(Nobody), auth);
+        admin.body_timeout = Duration::from_millis(300);
+        let server = tokio::spawn(serve_with(listener, Arc::new(admin), WRITE_TIMEOUT));
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let head = "POST /api/backends HTTP/1.1\r\nHost: x\r\n\
+                    Authorization: Bearer 0123456789abcdef-token\r\n\
+                    Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\"";
+        client.write_all(head.as_bytes()).await.unwrap();
+        // The rest of the body never comes; the answer must, well before 10 s.
+        let mut got = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut got))
+            .await
+            .expect("an answer to a stalled body")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&got[..n]);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
