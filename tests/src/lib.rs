@@ -6,6 +6,8 @@
 //! - This file: the packet-level fixture (`with_fixture`, `run_xdp`,
 //!   checksum checks), `RunningLab` / `RunningCluster` (the namespace lab
 //!   with `lb run` in it, as users run it), `tally` and `wait_for`.
+//! - `frames`: the frame builder (`Frame`) and constants the packet-level
+//!   tests (packet, icmp, dsr, decap) share.
 //! - `cluster`: the prober of long-lived connections the cluster tests and
 //!   bench share.
 //! - `l4bench`, `l7bench`, `l7instr`, `l7mem`, `clusterbench`: the sections
@@ -466,6 +468,7 @@ pub fn wait_for(
 
 pub mod cluster;
 pub mod clusterbench;
+pub mod frames;
 pub mod l4bench;
 pub mod l7bench;
 pub mod l7instr;

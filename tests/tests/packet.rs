@@ -4,13 +4,14 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use etherparse::{
-    Icmpv4Type, Icmpv6Type, IpDscp, IpHeaders, IpNumber, Ipv4Header, PacketBuilder,
-    PacketBuilderStep, TcpHeader, VlanId, icmpv4, icmpv6,
-};
+use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
 use lb_common::{FlowKey, Reason, hash::flow_hash};
 use lb_tests::{
-    assert_checksums_valid, assert_hit_path_forwards_alike, reason_count, run_xdp, set_mtu,
+    assert_checksums_valid, assert_hit_path_forwards_alike,
+    frames::{
+        CPORT, Frame, PAYLOAD, fix_ipv4_checksum, frag_needed, icmp4_from_vip, icmp6_from_vip,
+    },
+    reason_count, run_xdp, set_mtu,
     xdp_action::*,
 };
 use lb_userspace::{
@@ -19,12 +20,10 @@ use lb_userspace::{
     dataplane::ip_to_addr,
     lab::{
         CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6,
-        testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},
+        testrun::{CLIENT_MAC, LBB_MAC, TestRunNet},
     },
 };
 
-const PAYLOAD: &[u8] = b"hello, backend";
-const CPORT: u16 = 40000;
 const NOT_NEIGHBOUR_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 99);
 const VIP2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 const VIP3_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
@@ -116,41 +115,16 @@ fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) 
     lb_tests::with_fixture("pkt", config(), body)
 }
 
-fn tcp4(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    ttl: u8,
-    sport: u16,
-    dport: u16,
-) -> PacketBuilderStep<TcpHeader> {
-    PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src.octets(), dst.octets(), ttl)
-        .tcp(sport, dport, 0x0102_0304, 8192)
-        .syn()
-}
-
-fn build(step: PacketBuilderStep<TcpHeader>) -> Vec<u8> {
-    let mut v = Vec::new();
-    step.write(&mut v, PAYLOAD).expect("build frame");
-    v
-}
-
 #[test]
 fn ipv4_tcp_vip_hit_is_natted_to_the_backend_exactly() {
     with_fixture(|b, net| {
-        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let input = from_v4(CLIENT_V4);
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
-        let expected = build(tcp4(
-            LBB_MAC,
-            backend_mac(1),
-            CLIENT_V4,
-            backend_v4(1),
-            63,
-            CPORT,
-            8080,
-        ));
+        let expected = Frame::tcp(CLIENT_V4, backend_v4(1), CPORT, 8080)
+            .syn()
+            .to_backend(1)
+            .ttl(63)
+            .bytes();
         assert_eq!(action, XDP_REDIRECT, "lbc -> lbb is a redirect");
         assert_eq!(out, expected);
         assert_checksums_valid(&out);
@@ -161,30 +135,25 @@ fn ipv4_tcp_vip_hit_is_natted_to_the_backend_exactly() {
 #[test]
 fn ipv4_udp_vip_hit_is_natted_exactly_and_a_zero_checksum_stays_zero() {
     with_fixture(|b, net| {
-        let udp = |smac, dmac, dst: Ipv4Addr, ttl, dport| {
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(smac, dmac)
-                .ipv4(CLIENT_V4.octets(), dst.octets(), ttl)
-                .udp(CPORT, dport)
-                .write(&mut v, PAYLOAD)
-                .unwrap();
-            v
-        };
-        let input = udp(CLIENT_MAC, LBC_MAC, VIP_V4, 64, 53);
+        let input = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).bytes();
+        let natted = Frame::udp(CLIENT_V4, backend_v4(1), CPORT, 5353)
+            .to_backend(1)
+            .ttl(63)
+            .bytes();
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(out, udp(LBB_MAC, backend_mac(1), backend_v4(1), 63, 5353));
+        assert_eq!(out, natted);
         assert_checksums_valid(&out);
 
         // IPv4 UDP without a checksum (0) must not gain a wrong one.
-        let mut input = udp(CLIENT_MAC, LBC_MAC, VIP_V4, 64, 53);
+        let mut input = input;
         let sum_at = 14 + 20 + 6;
         input[sum_at] = 0;
         input[sum_at + 1] = 0;
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
         assert_eq!(&out[sum_at..sum_at + 2], &[0, 0]);
-        let mut expected = udp(LBB_MAC, backend_mac(1), backend_v4(1), 63, 5353);
+        let mut expected = natted;
         expected[sum_at] = 0;
         expected[sum_at + 1] = 0;
         assert_eq!(out, expected);
@@ -194,34 +163,17 @@ fn ipv4_udp_vip_hit_is_natted_exactly_and_a_zero_checksum_stays_zero() {
 #[test]
 fn ipv6_tcp_and_udp_vip_hits_are_natted_exactly() {
     with_fixture(|b, net| {
-        let tcp6 = |smac, dmac, dst: Ipv6Addr, hops, dport| {
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(smac, dmac)
-                .ipv6(CLIENT_V6.octets(), dst.octets(), hops)
-                .tcp(CPORT, dport, 7, 1000)
-                .syn()
-                .write(&mut v, PAYLOAD)
-                .unwrap();
-            v
-        };
-        let udp6 = |smac, dmac, dst: Ipv6Addr, hops, dport| {
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(smac, dmac)
-                .ipv6(CLIENT_V6.octets(), dst.octets(), hops)
-                .udp(CPORT, dport)
-                .write(&mut v, PAYLOAD)
-                .unwrap();
-            v
-        };
-        let (action, out) =
-            run_xdp(b, &tcp6(CLIENT_MAC, LBC_MAC, VIP_V6, 64, 80), net.lbc).unwrap();
+        let tcp6 = |dst: Ipv6Addr, dport| Frame::tcp(CLIENT_V6, dst, CPORT, dport).syn();
+        let udp6 = |dst: Ipv6Addr, dport| Frame::udp(CLIENT_V6, dst, CPORT, dport);
+        let (action, out) = run_xdp(b, &tcp6(VIP_V6, 80).bytes(), net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(out, tcp6(LBB_MAC, backend_mac(1), backend_v6(1), 63, 8080));
+        let natted = tcp6(backend_v6(1), 8080).to_backend(1).ttl(63);
+        assert_eq!(out, natted.bytes());
         assert_checksums_valid(&out);
-        let (action, out) =
-            run_xdp(b, &udp6(CLIENT_MAC, LBC_MAC, VIP_V6, 64, 53), net.lbc).unwrap();
+        let (action, out) = run_xdp(b, &udp6(VIP_V6, 53).bytes(), net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(out, udp6(LBB_MAC, backend_mac(1), backend_v6(1), 63, 5353));
+        let natted = udp6(backend_v6(1), 5353).to_backend(1).ttl(63);
+        assert_eq!(out, natted.bytes());
         assert_checksums_valid(&out);
     });
 }
@@ -229,23 +181,20 @@ fn ipv6_tcp_and_udp_vip_hits_are_natted_exactly() {
 #[test]
 fn backend_reply_is_translated_back_to_the_vip() {
     with_fixture(|b, net| {
-        let syn = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let syn = from_v4(CLIENT_V4);
         assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
-        let reply = |smac, dmac, src: Ipv4Addr, ttl, sport| {
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(smac, dmac)
-                .ipv4(src.octets(), CLIENT_V4.octets(), ttl)
-                .tcp(sport, CPORT, 99, 4096)
+        let reply = |src: Ipv4Addr, sport| {
+            Frame::tcp(src, CLIENT_V4, sport, CPORT)
+                .seq(99)
+                .window(4096)
                 .syn()
                 .ack(0x0102_0305)
-                .write(&mut v, b"welcome")
-                .unwrap();
-            v
+                .payload(b"welcome")
         };
-        let input = reply(backend_mac(1), LBB_MAC, backend_v4(1), 64, 8080);
+        let input = reply(backend_v4(1), 8080).from_backend(1).bytes();
         let (action, out) = run_xdp(b, &input, net.lbb).unwrap();
         assert_eq!(action, XDP_REDIRECT, "lbb -> lbc is a redirect");
-        assert_eq!(out, reply(LBC_MAC, CLIENT_MAC, VIP_V4, 63, 80));
+        assert_eq!(out, reply(VIP_V4, 80).to_client().ttl(63).bytes());
         assert_checksums_valid(&out);
         assert_eq!(reason_count(b, Reason::RedirectReply), 1);
     });
@@ -255,21 +204,17 @@ fn backend_reply_is_translated_back_to_the_vip() {
 fn same_interface_next_hop_uses_xdp_tx() {
     with_fixture(|b, net| {
         // A client packet arriving on the backend side leaves the same way: XDP_TX.
-        let input = build(tcp4(CLIENT_MAC, LBB_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let input = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80)
+            .syn()
+            .macs(CLIENT_MAC, LBB_MAC)
+            .bytes();
         let (action, out) = run_xdp(b, &input, net.lbb).unwrap();
         assert_eq!(action, XDP_TX);
-        assert_eq!(
-            out,
-            build(tcp4(
-                LBB_MAC,
-                backend_mac(1),
-                CLIENT_V4,
-                backend_v4(1),
-                63,
-                CPORT,
-                8080
-            ))
-        );
+        let natted = Frame::tcp(CLIENT_V4, backend_v4(1), CPORT, 8080)
+            .syn()
+            .to_backend(1)
+            .ttl(63);
+        assert_eq!(out, natted.bytes());
         assert_eq!(reason_count(b, Reason::TxForward), 1);
     });
 }
@@ -277,35 +222,26 @@ fn same_interface_next_hop_uses_xdp_tx() {
 #[test]
 fn vlan_tagged_frames_are_passed_untouched_in_both_directions() {
     with_fixture(|b, net| {
-        let tagged = |smac, dmac, src: Ipv4Addr, dst: Ipv4Addr, sport, dport| {
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(smac, dmac)
-                .single_vlan(VlanId::try_new(42).unwrap())
-                .ipv4(src.octets(), dst.octets(), 64)
-                .tcp(sport, dport, 1, 1000)
-                .write(&mut v, PAYLOAD)
-                .unwrap();
-            v
+        let tagged = |src: Ipv4Addr, dst: Ipv4Addr, sport, dport| {
+            Frame::tcp(src, dst, sport, dport)
+                .seq(1)
+                .window(1000)
+                .vlan(42)
         };
         // Client -> VIP with the client side's tag: NAT would carry the tag
         // to the backend's (untagged) link.
-        let to_vip = tagged(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80);
+        let to_vip = tagged(CLIENT_V4, VIP_V4, CPORT, 80).bytes();
         assert_passed_untouched(b, net.lbc, &to_vip, "tagged client -> VIP");
         assert!(
             b.dataplane().flow_counts().unwrap().is_empty(),
             "no flow for a tagged frame"
         );
         // A backend's tagged reply of an established (untagged) flow.
-        let syn = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let syn = from_v4(CLIENT_V4);
         assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
-        let reply = tagged(
-            backend_mac(1),
-            LBB_MAC,
-            backend_v4(1),
-            CLIENT_V4,
-            8080,
-            CPORT,
-        );
+        let reply = tagged(backend_v4(1), CLIENT_V4, 8080, CPORT)
+            .from_backend(1)
+            .bytes();
         assert_passed_untouched(b, net.lbb, &reply, "tagged backend reply");
         assert_eq!(reason_count(b, Reason::PassVlan), 2);
     });
@@ -315,7 +251,7 @@ fn vlan_tagged_frames_are_passed_untouched_in_both_directions() {
 fn flows_follow_the_maglev_table_and_stay_pinned() {
     with_fixture(|b, net| {
         for sport in 1000..1064u16 {
-            let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, sport, 80));
+            let input = Frame::tcp(CLIENT_V4, VIP3_V4, sport, 80).syn().bytes();
             let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
             assert_eq!(action, XDP_REDIRECT);
             let key = FlowKey {
@@ -352,19 +288,13 @@ fn flows_follow_the_maglev_table_and_stay_pinned() {
 #[test]
 fn missing_neighbour_passes_the_natted_packet_to_the_stack() {
     with_fixture(|b, net| {
-        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP2_V4, 64, CPORT, 80));
+        let input = Frame::tcp(CLIENT_V4, VIP2_V4, CPORT, 80).syn().bytes();
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_PASS);
         // NATed, TTL untouched (the stack decrements it when it forwards), MACs untouched.
-        let expected = build(tcp4(
-            CLIENT_MAC,
-            LBC_MAC,
-            CLIENT_V4,
-            NOT_NEIGHBOUR_V4,
-            64,
-            CPORT,
-            8080,
-        ));
+        let expected = Frame::tcp(CLIENT_V4, NOT_NEIGHBOUR_V4, CPORT, 8080)
+            .syn()
+            .bytes();
         assert_eq!(out, expected);
         assert_eq!(reason_count(b, Reason::PassNoNeighbour), 1);
     });
@@ -373,7 +303,7 @@ fn missing_neighbour_passes_the_natted_packet_to_the_stack() {
 #[test]
 fn vip_without_live_backends_drops() {
     with_fixture(|b, net| {
-        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP4_V4, 64, CPORT, 80));
+        let input = Frame::tcp(CLIENT_V4, VIP4_V4, CPORT, 80).syn().bytes();
         let (action, _) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_DROP);
         assert_eq!(reason_count(b, Reason::DropNoBackend), 1);
@@ -397,30 +327,19 @@ fn non_vip_l7_and_other_traffic_passes_untouched() {
         assert_passed_untouched(b, net.lbc, &arp, "ARP");
         assert_eq!(reason_count(b, Reason::PassNotIp), 1);
 
-        let other_dst = build(tcp4(
-            CLIENT_MAC,
-            LBC_MAC,
-            CLIENT_V4,
-            backend_v4(1),
-            64,
-            CPORT,
-            8080,
-        ));
+        let other_dst = Frame::tcp(CLIENT_V4, backend_v4(1), CPORT, 8080)
+            .syn()
+            .bytes();
         assert_passed_untouched(b, net.lbc, &other_dst, "not a VIP");
-        let other_port = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 81));
+        let other_port = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 81).syn().bytes();
         assert_passed_untouched(b, net.lbc, &other_port, "VIP address, other port");
         assert_eq!(reason_count(b, Reason::PassNotVip), 2);
 
-        let l7 = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 443));
+        let l7 = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 443).syn().bytes();
         assert_passed_untouched(b, net.lbc, &l7, "L7 VIP");
         assert_eq!(reason_count(b, Reason::PassL7), 1);
 
-        let mut icmp = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 64)
-            .icmpv4_echo_request(1, 1)
-            .write(&mut icmp, b"ping")
-            .unwrap();
+        let icmp = Frame::echo_request(CLIENT_V4, VIP_V4).bytes();
         assert_passed_untouched(b, net.lbc, &icmp, "ICMP to a VIP");
         assert_eq!(reason_count(b, Reason::PassOtherProto), 1);
     });
@@ -429,7 +348,7 @@ fn non_vip_l7_and_other_traffic_passes_untouched() {
 #[test]
 fn truncated_and_malformed_frames_are_never_rewritten() {
     with_fixture(|b, net| {
-        let good = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let good = from_v4(CLIENT_V4);
         // Every truncation of a valid VIP frame (the kernel does not run XDP on
         // frames shorter than an Ethernet header, nor lets a test run one).
         for len in 14..good.len() {
@@ -473,12 +392,7 @@ fn truncated_and_malformed_frames_are_never_rewritten() {
         assert_eq!(reason_count(b, Reason::PassFragment), 2);
 
         // IPv6 with a hop-by-hop extension header in front of TCP.
-        let mut v6 = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
-            .tcp(CPORT, 80, 1, 1000)
-            .write(&mut v6, PAYLOAD)
-            .unwrap();
+        let v6 = Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 80).seq(1).bytes();
         let mut ext = v6[..14 + 40].to_vec();
         ext[14 + 6] = 0; // next header: hop-by-hop
         ext.extend_from_slice(&[6, 0, 1, 4, 0, 0, 0, 0]); // -> TCP, PadN
@@ -488,12 +402,7 @@ fn truncated_and_malformed_frames_are_never_rewritten() {
         assert_passed_untouched(b, net.lbc, &ext, "IPv6 extension header");
 
         // UDP length field larger than the datagram.
-        let mut udp = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 64)
-            .udp(CPORT, 53)
-            .write(&mut udp, PAYLOAD)
-            .unwrap();
+        let mut udp = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).bytes();
         udp[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&200u16.to_be_bytes());
         assert_passed_untouched(b, net.lbc, &udp, "UDP length beyond datagram");
     });
@@ -522,7 +431,7 @@ fn apply(b: &mut Balancer, text: &str) {
 fn established_flows_follow_backend_removal_mode_change_and_vip_removal() {
     with_fixture(|b, net| {
         apply(b, &three_config(&[1, 2, 3], "l4"));
-        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, CPORT, 80));
+        let input = Frame::tcp(CLIENT_V4, VIP3_V4, CPORT, 80).syn().bytes();
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
         let first = (1..=3)
@@ -574,17 +483,7 @@ fn a_vips_counters_survive_its_backends_retirement() {
             .collect();
         // Flows from 40 ports spread over the three backends.
         let frames: Vec<Vec<u8>> = (0..40)
-            .map(|p| {
-                build(tcp4(
-                    CLIENT_MAC,
-                    LBC_MAC,
-                    CLIENT_V4,
-                    VIP3_V4,
-                    64,
-                    2000 + p,
-                    80,
-                ))
-            })
+            .map(|p| Frame::tcp(CLIENT_V4, VIP3_V4, 2000 + p, 80).syn().bytes())
             .collect();
         for f in &frames {
             assert_eq!(run_xdp(b, f, net.lbc).unwrap().0, XDP_REDIRECT);
@@ -619,33 +518,21 @@ fn established_flows_are_forwarded_by_the_attached_program_alone() {
     with_fixture(|b, net| {
         // The flow cache and next hops are per CPU.
         lb_tests::pin_to_this_cpu();
-        let input = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80, false);
-        // Another flow's packets with IP options: the hit path's general parser.
-        let optioned = with_ip_options(&segment4(
-            CLIENT_MAC,
-            LBC_MAC,
-            CLIENT_V4,
-            VIP_V4,
-            64,
-            CPORT + 2,
-            80,
-            false,
-        ));
+        let input = acked(CLIENT_V4, VIP_V4, CPORT, 80).bytes();
+        // Another flow's packets with IP options (three NOPs, an end of
+        // list): the hit path's general parser.
+        let optioned = acked(CLIENT_V4, VIP_V4, CPORT + 2, 80)
+            .ip_options(&[1, 1, 1, 0])
+            .bytes();
         // The backend's answer to the first (NATed back to the VIP), and an IPv6 flow.
-        let mut answer = Vec::new();
-        PacketBuilder::ethernet2(backend_mac(1), LBB_MAC)
-            .ipv4(backend_v4(1).octets(), CLIENT_V4.octets(), 64)
-            .tcp(8080, CPORT, 99, 4096)
+        let answer = Frame::tcp(backend_v4(1), CLIENT_V4, 8080, CPORT)
+            .seq(99)
+            .window(4096)
             .ack(1)
-            .write(&mut answer, b"welcome")
-            .unwrap();
-        let mut v6 = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
-            .tcp(CPORT, 80, 7, 1000)
-            .ack(1)
-            .write(&mut v6, PAYLOAD)
-            .unwrap();
+            .payload(b"welcome")
+            .from_backend(1)
+            .bytes();
+        let v6 = Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 80).ack(1).bytes();
         let frames: [(&str, &[u8], u32); 4] = [
             ("plain IPv4", &input, net.lbc),
             ("IPv4 with options", &optioned, net.lbc),
@@ -659,68 +546,26 @@ fn established_flows_are_forwarded_by_the_attached_program_alone() {
         assert_passed_untouched(b, net.lbc, &short_tcp, "a TCP header under 20 bytes");
         let mut fragment = input.clone();
         fragment[20] |= 0x20; // more fragments
-        fix_ipv4_checksum(&mut fragment);
+        fix_ipv4_checksum(&mut fragment[14..]);
         assert_passed_untouched(b, net.lbc, &fragment, "a first fragment");
         let mut long = input.clone();
         long[16..18].copy_from_slice(&((input.len() - 14 + 1) as u16).to_be_bytes());
-        fix_ipv4_checksum(&mut long);
+        fix_ipv4_checksum(&mut long[14..]);
         assert_passed_untouched(b, net.lbc, &long, "an IP length past the frame");
         // What the hit path leaves (a new flow, other traffic) it passes untouched.
-        let other = build(tcp4(
-            CLIENT_MAC,
-            LBC_MAC,
-            CLIENT_V4,
-            VIP_V4,
-            64,
-            CPORT + 1,
-            80,
-        ));
+        let other = Frame::tcp(CLIENT_V4, VIP_V4, CPORT + 1, 80).syn().bytes();
         assert_passed_untouched(b, net.lbc, &other, "a new flow without the full program");
     });
 }
 
-/// `frame` (Ethernet + IPv4 without options) with 4 bytes of IP options
-/// (three NOPs, an end of list), its lengths and header checksum fixed.
-fn with_ip_options(frame: &[u8]) -> Vec<u8> {
-    let mut v = frame[..34].to_vec();
-    v.extend_from_slice(&[1, 1, 1, 0]);
-    v.extend_from_slice(&frame[34..]);
-    v[14] = 0x46;
-    let total = u16::from_be_bytes([v[16], v[17]]) + 4;
-    v[16..18].copy_from_slice(&total.to_be_bytes());
-    fix_ipv4_checksum(&mut v);
-    v
-}
-
-/// Recomputes the IPv4 header checksum of an Ethernet frame.
-fn fix_ipv4_checksum(frame: &mut [u8]) {
-    let ihl = (frame[14] & 0x0f) as usize * 4;
-    frame[24..26].copy_from_slice(&[0, 0]);
-    let mut sum: u32 = frame[14..14 + ihl]
-        .chunks(2)
-        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-}
-
-/// A TCP/IPv4 frame from `src` to the VIP's port 80 on `lbc`.
+/// A SYN from `src` to the VIP's port 80 on `lbc`.
 fn from_v4(src: Ipv4Addr) -> Vec<u8> {
-    build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP_V4, 64, CPORT, 80))
+    Frame::tcp(src, VIP_V4, CPORT, 80).syn().bytes()
 }
 
-/// A TCP/IPv6 frame from `src` to the IPv6 VIP's port 80 on `lbc`.
+/// A SYN from `src` to the IPv6 VIP's port 80 on `lbc`.
 fn from_v6(src: Ipv6Addr) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-        .ipv6(src.octets(), VIP_V6.octets(), 64)
-        .tcp(CPORT, 80, 7, 1000)
-        .syn()
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
+    Frame::tcp(src, VIP_V6, CPORT, 80).syn().bytes()
 }
 
 /// Asserts the frame is dropped untouched, and no flow was made for it.
@@ -749,14 +594,10 @@ fn bad_ipv4_header_checksums_are_dropped_not_natted() {
             "bad checksum to a VIP",
         );
         // With options (IHL 6): the whole header counts.
-        let mut opt = from_v4(CLIENT_V4);
-        opt.splice(34..34, [1u8, 1, 1, 0]); // NOP NOP NOP EOL
-        opt[14] = 0x46;
-        let total = u16::from_be_bytes([opt[16], opt[17]]) + 4;
-        opt[16..18].copy_from_slice(&total.to_be_bytes());
-        opt[24..26].copy_from_slice(&[0, 0]);
-        let sum = lb_common::csum::checksum(&opt[14..38]);
-        opt[24..26].copy_from_slice(&sum.to_be_bytes());
+        let opt = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80)
+            .syn()
+            .ip_options(&[1, 1, 1, 0]) // NOP NOP NOP EOL
+            .bytes();
         let (action, _) = run_xdp(b, &opt, net.lbc).unwrap();
         assert_eq!(
             action, XDP_REDIRECT,
@@ -774,28 +615,17 @@ fn bad_ipv4_header_checksums_are_dropped_not_natted() {
         // A reply of a NATed flow with a bad checksum.
         let syn = from_v4(CLIENT_V4);
         assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
-        let reply = build(tcp4(
-            backend_mac(1),
-            LBB_MAC,
-            backend_v4(1),
-            CLIENT_V4,
-            64,
-            8080,
-            CPORT,
-        ));
+        let reply = Frame::tcp(backend_v4(1), CLIENT_V4, 8080, CPORT)
+            .syn()
+            .from_backend(1)
+            .bytes();
         let (action, out) = run_xdp(b, &corrupt(reply.clone()), net.lbb).unwrap();
         assert_eq!((action, out), (XDP_DROP, corrupt(reply)), "bad reply");
         assert_eq!(reason_count(b, Reason::DropBadIpChecksum), 3);
         // Not a VIP: the stack's business, passed as it came.
-        let other = build(tcp4(
-            CLIENT_MAC,
-            LBC_MAC,
-            CLIENT_V4,
-            backend_v4(1),
-            64,
-            CPORT,
-            8080,
-        ));
+        let other = Frame::tcp(CLIENT_V4, backend_v4(1), CPORT, 8080)
+            .syn()
+            .bytes();
         assert_passed_untouched(b, net.lbc, &corrupt(other), "bad checksum, not a VIP");
     });
 }
@@ -854,11 +684,17 @@ fn frames_to_another_mac_are_not_forwarded_in_either_direction() {
     with_fixture(|b, net| {
         let other_host = [0x02, 0, 0, 0, 0, 0x99];
         for dmac in [other_host, [0xff; 6], [0x01, 0x00, 0x5e, 0, 0, 1]] {
-            let f = build(tcp4(CLIENT_MAC, dmac, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+            let f = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80)
+                .syn()
+                .macs(CLIENT_MAC, dmac)
+                .bytes();
             assert_dropped(b, net.lbc, &f, &format!("to {dmac:02x?}"));
         }
         // The MAC of the other interface is not this one's either.
-        let f = build(tcp4(CLIENT_MAC, LBB_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let f = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80)
+            .syn()
+            .macs(CLIENT_MAC, LBB_MAC)
+            .bytes();
         assert_dropped(b, net.lbc, &f, "to lbb's MAC on lbc");
         assert_eq!(reason_count(b, Reason::DropOtherHost), 4);
 
@@ -869,29 +705,19 @@ fn frames_to_another_mac_are_not_forwarded_in_either_direction() {
         again[0..6].copy_from_slice(&other_host);
         let (action, out) = run_xdp(b, &again, net.lbc).unwrap();
         assert_eq!((action, &out), (XDP_DROP, &again), "established, other MAC");
-        let reply = build(tcp4(
-            backend_mac(1),
-            other_host,
-            backend_v4(1),
-            CLIENT_V4,
-            64,
-            8080,
-            CPORT,
-        ));
+        let reply = Frame::tcp(backend_v4(1), CLIENT_V4, 8080, CPORT)
+            .syn()
+            .macs(backend_mac(1), other_host)
+            .bytes();
         let (action, out) = run_xdp(b, &reply, net.lbb).unwrap();
         assert_eq!((action, &out), (XDP_DROP, &reply), "reply, other MAC");
         assert_eq!(reason_count(b, Reason::DropOtherHost), 6);
 
         // Not to a VIP: the stack's business, passed as it came.
-        let f = build(tcp4(
-            CLIENT_MAC,
-            other_host,
-            CLIENT_V4,
-            backend_v4(1),
-            64,
-            CPORT,
-            8080,
-        ));
+        let f = Frame::tcp(CLIENT_V4, backend_v4(1), CPORT, 8080)
+            .syn()
+            .macs(CLIENT_MAC, other_host)
+            .bytes();
         assert_passed_untouched(b, net.lbc, &f, "other MAC, not a VIP");
     });
 }
@@ -901,29 +727,16 @@ fn expiring_packets_to_a_vip_are_answered_with_time_exceeded_from_the_vip() {
     with_fixture(|b, net| {
         // IPv4, TTL 1: the IP header and 8 bytes quoted (RFC 792), from the
         // VIP, back to the sender's MAC out of the same interface.
-        let input = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 1, CPORT, 80));
+        let input = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80)
+            .syn()
+            .ttl(1)
+            .bytes();
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
-        let mut ip =
-            Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets()).unwrap();
-        ip.dont_fragment = false;
-        ip.dscp = IpDscp::try_new(0xc0 >> 2).unwrap(); // precedence "internetwork control"
-        let mut expected = Vec::new();
-        PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
-            .ip(IpHeaders::Ipv4(ip, Default::default()))
-            .icmpv4(Icmpv4Type::TimeExceeded(
-                icmpv4::TimeExceededCode::TtlExceededInTransit,
-            ))
-            .write(&mut expected, &input[14..14 + 20 + 8])
-            .unwrap();
+        let expired = Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit);
         assert_eq!(action, XDP_TX);
-        assert_eq!(out, expected);
+        assert_eq!(out, icmp4_from_vip(expired, &input));
         // TTL 0 too, and UDP.
-        let mut udp = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 0)
-            .udp(CPORT, 53)
-            .write(&mut udp, PAYLOAD)
-            .unwrap();
+        let udp = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).ttl(0).bytes();
         let (action, out) = run_xdp(b, &udp, net.lbc).unwrap();
         assert_eq!(action, XDP_TX);
         assert_eq!(&out[14 + 20 + 8..], &udp[14..14 + 20 + 8], "UDP quote");
@@ -931,65 +744,43 @@ fn expiring_packets_to_a_vip_are_answered_with_time_exceeded_from_the_vip() {
 
         // IPv6, hop limit 1: the whole packet fits in the quote (RFC 4443).
         let tcp6 = |payload: &[u8]| {
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-                .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 1)
-                .tcp(CPORT, 80, 7, 1000)
+            Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 80)
                 .syn()
-                .write(&mut v, payload)
-                .unwrap();
-            v
+                .ttl(1)
+                .payload(payload)
+                .bytes()
         };
-        let answer6 = |quote: &[u8]| {
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
-                .ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 64)
-                .icmpv6(Icmpv6Type::TimeExceeded(
-                    icmpv6::TimeExceededCode::HopLimitExceeded,
-                ))
-                .write(&mut v, quote)
-                .unwrap();
-            v
-        };
+        let expired = Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded);
         let input = tcp6(PAYLOAD);
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_TX);
-        assert_eq!(out, answer6(&input[14..]));
+        assert_eq!(out, icmp6_from_vip(expired, &input));
         // Too big to quote whole: cut so the answer is 1280 bytes of IPv6,
         // at an odd length to exercise the checksum's last byte.
         let input = tcp6(&[0x5a; 1401]);
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_TX);
         assert_eq!(out.len(), 14 + 1280);
-        assert_eq!(out, answer6(&input[14..14 + 1280 - 48]));
+        assert_eq!(out, icmp6_from_vip(expired, &input));
         assert_eq!(reason_count(b, Reason::TxTimeExceeded), 4);
 
         // None of them made a flow; a martian source gets no answer.
         assert!(b.dataplane().flow_counts().unwrap().is_empty());
-        let martian = build(tcp4(
-            CLIENT_MAC,
-            LBC_MAC,
-            Ipv4Addr::BROADCAST,
-            VIP_V4,
-            1,
-            CPORT,
-            80,
-        ));
+        let martian = Frame::tcp(Ipv4Addr::BROADCAST, VIP_V4, CPORT, 80)
+            .syn()
+            .ttl(1)
+            .bytes();
         assert_dropped(b, net.lbc, &martian, "TTL 1 from a martian source");
 
         // A backend's expiring reply still goes to the stack, which answers
         // the backend (it has a route there).
         let syn = from_v4(CLIENT_V4);
         assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
-        let reply = build(tcp4(
-            backend_mac(1),
-            LBB_MAC,
-            backend_v4(1),
-            CLIENT_V4,
-            1,
-            8080,
-            CPORT,
-        ));
+        let reply = Frame::tcp(backend_v4(1), CLIENT_V4, 8080, CPORT)
+            .syn()
+            .from_backend(1)
+            .ttl(1)
+            .bytes();
         assert_passed_untouched(b, net.lbb, &reply, "expiring reply");
         assert_eq!(reason_count(b, Reason::PassTtlExpired), 1);
     });
@@ -1001,36 +792,22 @@ fn a_new_flow_whose_replies_would_collide_with_another_vips_live_flow_is_refused
         // The same client address and port to two VIPs whose (only) backend is
         // the same: the backend would see one connection, and the second
         // flow's reply entry would overwrite the first's.
-        let first = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80));
+        let first = from_v4(CLIENT_V4);
         assert_eq!(run_xdp(b, &first, net.lbc).unwrap().0, XDP_REDIRECT);
-        let second = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP5_V4, 64, CPORT, 80));
+        let second = Frame::tcp(CLIENT_V4, VIP5_V4, CPORT, 80).syn().bytes();
         let (action, out) = run_xdp(b, &second, net.lbc).unwrap();
         assert_eq!((action, &out), (XDP_DROP, &second));
         assert_eq!(reason_count(b, Reason::DropReplyCollision), 1);
 
         // The first flow's replies still come from its own VIP.
-        let reply = |src: Ipv4Addr, sport, smac, dmac, ttl| {
-            build(tcp4(smac, dmac, src, CLIENT_V4, ttl, sport, CPORT))
-        };
-        let (action, out) = run_xdp(
-            b,
-            &reply(backend_v4(1), 8080, backend_mac(1), LBB_MAC, 64),
-            net.lbb,
-        )
-        .unwrap();
+        let reply = |src: Ipv4Addr, sport| Frame::tcp(src, CLIENT_V4, sport, CPORT).syn();
+        let from_backend = reply(backend_v4(1), 8080).from_backend(1).bytes();
+        let (action, out) = run_xdp(b, &from_backend, net.lbb).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(out, reply(VIP_V4, 80, LBC_MAC, CLIENT_MAC, 63));
+        assert_eq!(out, reply(VIP_V4, 80).to_client().ttl(63).bytes());
 
         // Another client port to the second VIP is fine.
-        let other_port = build(tcp4(
-            CLIENT_MAC,
-            LBC_MAC,
-            CLIENT_V4,
-            VIP5_V4,
-            64,
-            CPORT + 1,
-            80,
-        ));
+        let other_port = Frame::tcp(CLIENT_V4, VIP5_V4, CPORT + 1, 80).syn().bytes();
         assert_eq!(run_xdp(b, &other_port, net.lbc).unwrap().0, XDP_REDIRECT);
 
         // Once the first VIP is gone, its flow is no longer live: the port may
@@ -1043,14 +820,9 @@ fn a_new_flow_whose_replies_would_collide_with_another_vips_live_flow_is_refused
             ),
         );
         assert_eq!(run_xdp(b, &second, net.lbc).unwrap().0, XDP_REDIRECT);
-        let (action, out) = run_xdp(
-            b,
-            &reply(backend_v4(1), 8080, backend_mac(1), LBB_MAC, 64),
-            net.lbb,
-        )
-        .unwrap();
+        let (action, out) = run_xdp(b, &from_backend, net.lbb).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(out, reply(VIP5_V4, 80, LBC_MAC, CLIENT_MAC, 63));
+        assert_eq!(out, reply(VIP5_V4, 80).to_client().ttl(63).bytes());
         assert_eq!(reason_count(b, Reason::DropReplyCollision), 1);
     });
 }
@@ -1081,27 +853,12 @@ fn reply_key4(src: Ipv4Addr, sport: u16, backend: usize) -> FlowKey {
     }
 }
 
-/// A TCP/IPv4 segment with ACK (and SYN if `syn`), no other flags.
-#[allow(clippy::too_many_arguments)]
-fn segment4(
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    ttl: u8,
-    sport: u16,
-    dport: u16,
-    syn: bool,
-) -> Vec<u8> {
-    let mut step = PacketBuilder::ethernet2(smac, dmac)
-        .ipv4(src.octets(), dst.octets(), ttl)
-        .tcp(sport, dport, 0x0102_0305, 8192);
-    if syn {
-        step = step.syn();
-    }
-    let mut v = Vec::new();
-    step.ack(0x0a0b_0c0e).write(&mut v, PAYLOAD).unwrap();
-    v
+/// A TCP/IPv4 segment with ACK and no other flag (`.syn()` adds SYN): a
+/// handshake's later packets, with sequence numbers of their own.
+fn acked(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Frame {
+    Frame::tcp(src, dst, sport, dport)
+        .seq(0x0102_0305)
+        .ack(0x0a0b_0c0e)
 }
 
 /// Which of "three"'s backends (1..=3) a frame sent to the backend side goes to.
@@ -1115,12 +872,15 @@ fn backend_of(out: &[u8]) -> usize {
 /// byte for byte in both directions; returns the backend it went to. Only
 /// the client's ACK puts the flow in FLOWS.
 fn handshake(b: &mut Balancer, net: &TestRunNet, src: Ipv4Addr, sport: u16) -> usize {
-    let syn = build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, sport, 80));
+    let syn = Frame::tcp(src, VIP3_V4, sport, 80).syn().bytes();
     let (action, out) = run_xdp(b, &syn, net.lbc).unwrap();
     assert_eq!(action, XDP_REDIRECT, "SYN from {src}:{sport}");
     let i = backend_of(&out);
-    let to = |dst| build(tcp4(LBB_MAC, backend_mac(i), src, dst, 63, sport, 8080));
-    assert_eq!(out, to(backend_v4(i)), "SYN NATed exactly");
+    let natted = Frame::tcp(src, backend_v4(i), sport, 8080)
+        .syn()
+        .to_backend(i)
+        .ttl(63);
+    assert_eq!(out, natted.bytes(), "SYN NATed exactly");
     let key = key4(src, sport, VIP3_V4);
     let dp = b.dataplane();
     assert!(
@@ -1130,36 +890,21 @@ fn handshake(b: &mut Balancer, net: &TestRunNet, src: Ipv4Addr, sport: u16) -> u
     assert!(dp.pending_flow(&key).unwrap().is_some(), "but in PENDING");
 
     // The backend's SYN-ACK is translated back from PENDING.
-    let syn_ack = segment4(
-        backend_mac(i),
-        LBB_MAC,
-        backend_v4(i),
-        src,
-        64,
-        8080,
-        sport,
-        true,
-    );
+    let syn_ack = acked(backend_v4(i), src, 8080, sport)
+        .syn()
+        .from_backend(i)
+        .bytes();
     let (action, out) = run_xdp(b, &syn_ack, net.lbb).unwrap();
     assert_eq!(action, XDP_REDIRECT, "SYN-ACK to {src}:{sport}");
-    let expected = segment4(LBC_MAC, CLIENT_MAC, VIP3_V4, src, 63, 80, sport, true);
-    assert_eq!(out, expected, "SYN-ACK translated back exactly");
+    let expected = acked(VIP3_V4, src, 80, sport).syn().to_client().ttl(63);
+    assert_eq!(out, expected.bytes(), "SYN-ACK translated back exactly");
 
     // The client's ACK confirms the flow: both directions move to FLOWS.
-    let ack = segment4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, sport, 80, false);
+    let ack = acked(src, VIP3_V4, sport, 80).bytes();
     let (action, out) = run_xdp(b, &ack, net.lbc).unwrap();
     assert_eq!(action, XDP_REDIRECT, "ACK from {src}:{sport}");
-    let expected = segment4(
-        LBB_MAC,
-        backend_mac(i),
-        src,
-        backend_v4(i),
-        63,
-        sport,
-        8080,
-        false,
-    );
-    assert_eq!(out, expected, "ACK NATed exactly");
+    let expected = acked(src, backend_v4(i), sport, 8080).to_backend(i).ttl(63);
+    assert_eq!(out, expected.bytes(), "ACK NATed exactly");
     let dp = b.dataplane();
     assert!(dp.flow(&key).unwrap().is_some(), "confirmed: in FLOWS");
     assert!(dp.flow(&reply_key4(src, sport, i)).unwrap().is_some());
@@ -1183,15 +928,6 @@ fn a_syn_flood_larger_than_the_flow_table_evicts_no_established_flow() {
         let flood = lb_common::FLOW_TABLE_SIZE as usize + 75_712;
         let limit = std::time::Duration::from_secs(300);
         let start = std::time::Instant::now();
-        let mut frame = build(tcp4(
-            CLIENT_MAC,
-            LBC_MAC,
-            Ipv4Addr::new(11, 0, 0, 1),
-            VIP3_V4,
-            64,
-            CPORT,
-            80,
-        ));
         let mut forwarded = 0usize;
         for n in 0..flood {
             assert!(
@@ -1200,8 +936,7 @@ fn a_syn_flood_larger_than_the_flow_table_evicts_no_established_flow() {
             );
             // 11.0.0.1, 11.0.1.1, ...: a new /24 each time (up to 20.x).
             let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(11, 0, 0, 1)) + ((n as u32) << 8));
-            frame[26..30].copy_from_slice(&src.octets());
-            fix_checksums_v4(&mut frame);
+            let frame = Frame::tcp(src, VIP3_V4, CPORT, 80).syn().bytes();
             let (action, _) = run_xdp(b, &frame, net.lbc).unwrap();
             forwarded += usize::from(action == XDP_REDIRECT);
         }
@@ -1226,9 +961,7 @@ fn a_syn_flood_larger_than_the_flow_table_evicts_no_established_flow() {
                 .flow(&reply_key4(CLIENT_V4, sport, i))
                 .unwrap();
             assert!(reply.is_some(), "reply entry of port {sport} was evicted");
-            let data = segment4(
-                CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, sport, 80, false,
-            );
+            let data = acked(CLIENT_V4, VIP3_V4, sport, 80).bytes();
             let (action, out) = run_xdp(b, &data, net.lbc).unwrap();
             assert_eq!(
                 (action, backend_of(&out)),
@@ -1241,22 +974,6 @@ fn a_syn_flood_larger_than_the_flow_table_evicts_no_established_flow() {
     });
 }
 
-/// Recomputes the IPv4 header and TCP checksums of a TCP/IPv4 frame without options.
-fn fix_checksums_v4(frame: &mut [u8]) {
-    frame[24..26].copy_from_slice(&[0, 0]);
-    let ip = lb_common::csum::checksum(&frame[14..34]);
-    frame[24..26].copy_from_slice(&ip.to_be_bytes());
-    let tcp_len = frame.len() - 34;
-    let mut pseudo = Vec::with_capacity(12 + tcp_len);
-    pseudo.extend_from_slice(&frame[26..34]);
-    pseudo.extend_from_slice(&[0, 6]);
-    pseudo.extend_from_slice(&(tcp_len as u16).to_be_bytes());
-    frame[50..52].copy_from_slice(&[0, 0]);
-    pseudo.extend_from_slice(&frame[34..]);
-    let sum = lb_common::csum::checksum(&pseudo);
-    frame[50..52].copy_from_slice(&sum.to_be_bytes());
-}
-
 /// The fixture's "three" and L7 services, plus `extra` top-level lines.
 fn guarded_config(extra: &str) -> String {
     format!(
@@ -1267,22 +984,11 @@ fn guarded_config(extra: &str) -> String {
     )
 }
 
-/// A UDP/IPv4 datagram from `src` to the VIP's port 53.
-fn udp_from(src: Ipv4Addr, sport: u16) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-        .ipv4(src.octets(), VIP_V4.octets(), 64)
-        .udp(sport, 53)
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
-}
-
 #[test]
 fn new_flows_are_rate_limited_per_source_prefix() {
     with_fixture(|b, net| {
         apply(b, &guarded_config("new_flow_limit = 3"));
-        let syn = |src, sport| build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, sport, 80));
+        let syn = |src: Ipv4Addr, sport| Frame::tcp(src, VIP3_V4, sport, 80).syn().bytes();
         for sport in 1..=3 {
             assert_eq!(
                 run_xdp(b, &syn(CLIENT_V4, sport), net.lbc).unwrap().0,
@@ -1292,7 +998,8 @@ fn new_flows_are_rate_limited_per_source_prefix() {
         // The fourth new flow from this /24 in the same second: dropped, as
         // is one from another address of the /24, and a UDP flow.
         let neighbour = Ipv4Addr::new(198, 18, 1, 77);
-        for frame in [syn(CLIENT_V4, 4), syn(neighbour, 5), udp_from(CLIENT_V4, 6)] {
+        let udp = Frame::udp(CLIENT_V4, VIP_V4, 6, 53).bytes();
+        for frame in [syn(CLIENT_V4, 4), syn(neighbour, 5), udp] {
             let (action, out) = run_xdp(b, &frame, net.lbc).unwrap();
             assert_eq!((action, &out), (XDP_DROP, &frame));
         }
@@ -1306,7 +1013,7 @@ fn new_flows_are_rate_limited_per_source_prefix() {
             run_xdp(b, &syn(CLIENT_V4, 1), net.lbc).unwrap().0,
             XDP_REDIRECT
         );
-        let ack = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, 1, 80, false);
+        let ack = acked(CLIENT_V4, VIP3_V4, 1, 80).bytes();
         assert_eq!(run_xdp(b, &ack, net.lbc).unwrap().0, XDP_REDIRECT);
         assert!(
             b.dataplane()
@@ -1341,12 +1048,12 @@ fn denied_sources_reach_no_vip_and_lose_their_established_flows() {
         apply(b, &guarded_config(""));
         let i = handshake(b, net, CLIENT_V4, 1000);
         let other = Ipv4Addr::new(198, 18, 7, 2);
-        let syn = |src, sport| build(tcp4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, sport, 80));
+        let syn = |src: Ipv4Addr, sport| Frame::tcp(src, VIP3_V4, sport, 80).syn().bytes();
         assert_eq!(
             run_xdp(b, &syn(other, 1000), net.lbc).unwrap().0,
             XDP_REDIRECT
         );
-        let ack = |src| segment4(CLIENT_MAC, LBC_MAC, src, VIP3_V4, 64, 1000, 80, false);
+        let ack = |src| acked(src, VIP3_V4, 1000, 80).bytes();
         assert_eq!(run_xdp(b, &ack(other), net.lbc).unwrap().0, XDP_REDIRECT);
 
         apply(
@@ -1363,13 +1070,12 @@ fn denied_sources_reach_no_vip_and_lose_their_established_flows() {
                 .unwrap()
                 .is_none()
         );
-        let l7 = build(tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 443));
         let denied = [
             ack(CLIENT_V4),
             syn(CLIENT_V4, 1001),
             from_v6(CLIENT_V6),
-            udp_from(CLIENT_V4, 53),
-            l7,
+            Frame::udp(CLIENT_V4, VIP_V4, 53, 53).bytes(),
+            Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 443).syn().bytes(),
         ];
         for frame in &denied {
             let (action, out) = run_xdp(b, frame, net.lbc).unwrap();
@@ -1377,15 +1083,9 @@ fn denied_sources_reach_no_vip_and_lose_their_established_flows() {
         }
         assert_eq!(reason_count(b, Reason::DropDenied), denied.len() as u64);
         // Traffic not to a VIP is the stack's business.
-        let not_vip = build(tcp4(
-            CLIENT_MAC,
-            LBC_MAC,
-            CLIENT_V4,
-            backend_v4(1),
-            64,
-            CPORT,
-            8080,
-        ));
+        let not_vip = Frame::tcp(CLIENT_V4, backend_v4(1), CPORT, 8080)
+            .syn()
+            .bytes();
         assert_passed_untouched(b, net.lbc, &not_vip, "denied source, not a VIP");
         // Others keep their flows and make new ones.
         assert!(
@@ -1407,30 +1107,6 @@ fn denied_sources_reach_no_vip_and_lose_their_established_flows() {
     });
 }
 
-/// A TCP/IPv4 frame of `ip_len` bytes of IP, DF as given.
-#[allow(clippy::too_many_arguments)]
-fn big4(
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-    ip_len: usize,
-    df: bool,
-) -> Vec<u8> {
-    let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, src.octets(), dst.octets()).unwrap();
-    ip.dont_fragment = df;
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac)
-        .ip(IpHeaders::Ipv4(ip, Default::default()))
-        .tcp(sport, dport, 0x0102_0304, 8192)
-        .syn()
-        .write(&mut v, &vec![0x5a; ip_len - 40])
-        .unwrap();
-    v
-}
-
 #[test]
 fn packets_over_the_egress_mtu_get_frag_needed_or_go_to_the_stack() {
     with_fixture(|b, net| {
@@ -1439,105 +1115,58 @@ fn packets_over_the_egress_mtu_get_frag_needed_or_go_to_the_stack() {
         lb_tests::pin_to_this_cpu();
         set_mtu(net.ns(), "lbb", 1400);
         set_mtu(net.ns(), "lbc", 1400);
-        let frag_needed = |input: &[u8], mtu: u16| {
-            let mut ip =
-                Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets())
-                    .unwrap();
-            ip.dont_fragment = false;
-            ip.dscp = IpDscp::try_new(0xc0 >> 2).unwrap();
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
-                .ip(IpHeaders::Ipv4(ip, Default::default()))
-                .icmpv4(Icmpv4Type::DestinationUnreachable(
-                    icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
-                ))
-                .write(&mut v, &input[14..14 + 20 + 8])
-                .unwrap();
-            v
+        // A SYN to the VIP of `ip_len` bytes of IP, and the same NATed to backend 1.
+        let to_vip = |ip_len| {
+            Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80)
+                .syn()
+                .ip_len(ip_len)
+        };
+        let natted = |ip_len| {
+            Frame::tcp(CLIENT_V4, backend_v4(1), CPORT, 8080)
+                .syn()
+                .ip_len(ip_len)
         };
         // IPv4 with DF, one byte over: answered from the VIP with the MTU,
         // whether the next hop comes from the FIB (first) or from the cache
         // (after a packet that fits filled it).
-        let big = big4(
-            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1401, true,
-        );
+        let big = to_vip(1401).bytes();
+        let too_big = icmp4_from_vip(frag_needed(1400), &big);
         let (action, out) = run_xdp(b, &big, net.lbc).unwrap();
-        assert_eq!((action, &out), (XDP_TX, &frag_needed(&big, 1400)), "FIB");
-        let fits = big4(
-            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1400, true,
-        );
+        assert_eq!((action, &out), (XDP_TX, &too_big), "FIB");
+        let fits = to_vip(1400).bytes();
         let (action, out) = run_xdp(b, &fits, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT, "1400 bytes fit");
-        let mut expected = big4(
-            LBB_MAC,
-            backend_mac(1),
-            CLIENT_V4,
-            backend_v4(1),
-            CPORT,
-            8080,
-            1400,
-            true,
-        );
-        // TTL 63 and the header checksum that goes with it.
-        expected[22] = 63;
-        expected[24..26].copy_from_slice(&[0, 0]);
-        let sum = lb_common::csum::checksum(&expected[14..34]);
-        expected[24..26].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(out, expected);
+        assert_eq!(out, natted(1400).to_backend(1).ttl(63).bytes());
         assert_checksums_valid(&out);
         let (action, out) = run_xdp(b, &big, net.lbc).unwrap();
-        assert_eq!((action, &out), (XDP_TX, &frag_needed(&big, 1400)), "cache");
+        assert_eq!((action, &out), (XDP_TX, &too_big), "cache");
         assert_eq!(reason_count(b, Reason::TxTooBig), 2);
 
         // Without DF: NATed (TTL left to the stack) and passed, for the
         // stack to fragment.
-        let no_df = big4(
-            CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, CPORT, 80, 1500, false,
-        );
+        let no_df = to_vip(1500).df(false).bytes();
         let (action, out) = run_xdp(b, &no_df, net.lbc).unwrap();
-        let natted = big4(
-            CLIENT_MAC,
-            LBC_MAC,
-            CLIENT_V4,
-            backend_v4(1),
-            CPORT,
-            8080,
-            1500,
-            false,
-        );
-        assert_eq!((action, &out), (XDP_PASS, &natted));
+        let expected = natted(1500).df(false).bytes();
+        assert_eq!((action, &out), (XDP_PASS, &expected));
         assert_eq!(reason_count(b, Reason::PassTooBig), 1);
 
         // IPv6: "packet too big" from the VIP, quoting what fits in 1280 bytes.
-        let mut big6 = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
-            .tcp(CPORT, 80, 7, 1000)
+        let big6 = Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 80)
             .syn()
-            .write(&mut big6, &[0x5a; 1500 - 60])
-            .unwrap();
+            .ip_len(1500)
+            .bytes();
         let (action, out) = run_xdp(b, &big6, net.lbc).unwrap();
-        let mut expected = Vec::new();
-        PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
-            .ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 64)
-            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1400 })
-            .write(&mut expected, &big6[14..14 + 1280 - 48])
-            .unwrap();
+        let expected = icmp6_from_vip(Icmpv6Type::PacketTooBig { mtu: 1400 }, &big6);
         assert_eq!((action, &out), (XDP_TX, &expected));
         assert_eq!(reason_count(b, Reason::TxTooBig), 3);
 
         // A backend's oversized reply with DF: passed untouched; the stack
         // answers the backend.
-        let reply = big4(
-            backend_mac(1),
-            LBB_MAC,
-            backend_v4(1),
-            CLIENT_V4,
-            8080,
-            CPORT,
-            1500,
-            true,
-        );
+        let reply = Frame::tcp(backend_v4(1), CLIENT_V4, 8080, CPORT)
+            .syn()
+            .from_backend(1)
+            .ip_len(1500)
+            .bytes();
         assert_passed_untouched(b, net.lbb, &reply, "oversized reply");
         assert_eq!(reason_count(b, Reason::PassTooBig), 2);
         assert_eq!(reason_count(b, Reason::DropFibFailed), 0);
@@ -1554,24 +1183,20 @@ fn a_connection_that_lost_its_flow_entries_is_taken_up_again_through_pending() {
         let key = key4(CLIENT_V4, 2000, VIP3_V4);
         // The client's next packet goes where Maglev says (the same backend)
         // and is only recorded in PENDING.
-        let data = segment4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP3_V4, 64, 2000, 80, false);
+        let data = acked(CLIENT_V4, VIP3_V4, 2000, 80).bytes();
         let (action, out) = run_xdp(b, &data, net.lbc).unwrap();
         assert_eq!((action, backend_of(&out)), (XDP_REDIRECT, i));
         assert!(b.dataplane().flow(&key).unwrap().is_none());
         assert!(b.dataplane().pending_flow(&key).unwrap().is_some());
         // The backend's answer (no SYN) is translated back from PENDING.
-        let answer = segment4(
-            backend_mac(i),
-            LBB_MAC,
-            backend_v4(i),
-            CLIENT_V4,
-            64,
-            8080,
-            2000,
-            false,
-        );
+        let answer = acked(backend_v4(i), CLIENT_V4, 8080, 2000)
+            .from_backend(i)
+            .bytes();
         let (action, out) = run_xdp(b, &answer, net.lbb).unwrap();
-        let expected = segment4(LBC_MAC, CLIENT_MAC, VIP3_V4, CLIENT_V4, 63, 80, 2000, false);
+        let expected = acked(VIP3_V4, CLIENT_V4, 80, 2000)
+            .to_client()
+            .ttl(63)
+            .bytes();
         assert_eq!((action, &out), (XDP_REDIRECT, &expected));
         // The client's following packet confirms it: back in FLOWS.
         assert_eq!(run_xdp(b, &data, net.lbc).unwrap().0, XDP_REDIRECT);
