@@ -8,7 +8,7 @@
 //! its case needs (`.to_backend(1).ttl(63)`, `.syn()`, ...) and writes it
 //! with [`Frame::bytes`].
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use etherparse::{
     IcmpEchoHeader, Icmpv4Type, Icmpv6Type, IpDscp, IpEcn, IpHeaders, Ipv4Header, Ipv4Options,
@@ -35,6 +35,18 @@ pub enum Transport {
     Icmpv4(Icmpv4Type),
     /// ICMPv6; the payload is what it quotes.
     Icmpv6(Icmpv6Type),
+}
+
+impl From<Icmpv4Type> for Transport {
+    fn from(ty: Icmpv4Type) -> Self {
+        Self::Icmpv4(ty)
+    }
+}
+
+impl From<Icmpv6Type> for Transport {
+    fn from(ty: Icmpv6Type) -> Self {
+        Self::Icmpv6(ty)
+    }
 }
 
 /// A TCP header's fields other than the ports.
@@ -132,14 +144,15 @@ impl Frame {
         Self::new(src.into(), dst.into(), sport, dport, Transport::Udp)
     }
 
-    /// An ICMPv4 message of type `ty` quoting `quote` (IP header onward).
-    pub fn icmp4(src: Ipv4Addr, dst: Ipv4Addr, ty: Icmpv4Type, quote: &[u8]) -> Self {
-        Self::new(src.into(), dst.into(), 0, 0, Transport::Icmpv4(ty)).payload(quote)
-    }
-
-    /// An ICMPv6 message of type `ty` quoting `quote` (IP header onward).
-    pub fn icmp6(src: Ipv6Addr, dst: Ipv6Addr, ty: Icmpv6Type, quote: &[u8]) -> Self {
-        Self::new(src.into(), dst.into(), 0, 0, Transport::Icmpv6(ty)).payload(quote)
+    /// An ICMP message of type `ty` (an `Icmpv4Type` or `Icmpv6Type`, of the
+    /// addresses' family) quoting `quote` (IP header onward).
+    pub fn icmp(
+        src: impl Into<IpAddr>,
+        dst: impl Into<IpAddr>,
+        ty: impl Into<Transport>,
+        quote: &[u8],
+    ) -> Self {
+        Self::new(src.into(), dst.into(), 0, 0, ty.into()).payload(quote)
     }
 
     /// An echo request (id 1, sequence 1) carrying "ping", of `dst`'s family.
@@ -287,8 +300,14 @@ impl Frame {
                 tcp.write(&mut v, &self.payload)
             }
             Transport::Udp => ip.udp(self.sport, self.dport).write(&mut v, &self.payload),
-            Transport::Icmpv4(ty) => ip.icmpv4(ty.clone()).write(&mut v, &self.payload),
-            Transport::Icmpv6(ty) => ip.icmpv6(*ty).write(&mut v, &self.payload),
+            Transport::Icmpv4(ty) => {
+                assert!(self.dst.is_ipv4(), "ICMPv4 over IPv6");
+                ip.icmpv4(ty.clone()).write(&mut v, &self.payload)
+            }
+            Transport::Icmpv6(ty) => {
+                assert!(self.dst.is_ipv6(), "ICMPv6 over IPv4");
+                ip.icmpv6(*ty).write(&mut v, &self.payload)
+            }
         }
         .expect("build frame");
         v
@@ -349,7 +368,7 @@ pub fn frag_needed(mtu: u16) -> Icmpv4Type {
 /// from `VIP_V4`, precedence "internetwork control", no DF, quoting the IP
 /// header and 8 bytes (RFC 792).
 pub fn icmp4_from_vip(ty: Icmpv4Type, about: &[u8]) -> Vec<u8> {
-    Frame::icmp4(VIP_V4, CLIENT_V4, ty, &about[14..14 + 20 + 8])
+    Frame::icmp(VIP_V4, CLIENT_V4, ty, &about[14..14 + 20 + 8])
         .to_client()
         .tos(0xc0)
         .df(false)
@@ -360,7 +379,7 @@ pub fn icmp4_from_vip(ty: Icmpv4Type, about: &[u8]) -> Vec<u8> {
 /// from `VIP_V6`, quoting as much as fits in 1280 bytes (RFC 4443).
 pub fn icmp6_from_vip(ty: Icmpv6Type, about: &[u8]) -> Vec<u8> {
     let end = about.len().min(14 + 1280 - 48);
-    Frame::icmp6(VIP_V6, CLIENT_V6, ty, &about[14..end])
+    Frame::icmp(VIP_V6, CLIENT_V6, ty, &about[14..end])
         .to_client()
         .bytes()
 }

@@ -10,22 +10,25 @@
 //! datagram.
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4, icmpv6};
+use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
 use lb_common::{Reason, csum::checksum};
-use lb_tests::{RunningLab, assert_checksums_valid, reason_count, run_xdp, xdp_action::*};
+use lb_tests::{
+    RunningLab, assert_checksums_valid,
+    frames::{CPORT, Frame, Transport, frag_needed},
+    reason_count, run_xdp,
+    xdp_action::*,
+};
 use lb_userspace::{
     balancer::Balancer,
     lab::{
-        CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6, run_in_ns,
-        testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},
+        CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_v4, backend_v6, run_in_ns,
+        testrun::TestRunNet,
     },
 };
 
-const PAYLOAD: &[u8] = b"hello, backend";
-const CPORT: u16 = 40000;
 /// A router on the client's side of the balancer.
 const ROUTER_C4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
 const ROUTER_C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x1, 0, 0, 0, 0, 0xfe);
@@ -73,148 +76,53 @@ address = "[{b6}]:5353"
     )
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Runs `body` inside a fresh fixture namespace with the balancer loaded.
 fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) {
     lb_tests::with_fixture("icmp", config(), body)
 }
 
-fn udp4(
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    ttl: u8,
-    sport: u16,
-    dport: u16,
-) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac)
-        .ipv4(src.octets(), dst.octets(), ttl)
-        .udp(sport, dport)
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
-}
-
-/// A TCP segment with SYN (and ACK when `ack`), carrying `PAYLOAD`.
-#[allow(clippy::too_many_arguments)]
-fn tcp4(
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    ttl: u8,
-    sport: u16,
-    dport: u16,
-    ack: bool,
-) -> Vec<u8> {
-    let mut v = Vec::new();
-    let step = PacketBuilder::ethernet2(smac, dmac)
-        .ipv4(src.octets(), dst.octets(), ttl)
-        .tcp(sport, dport, 0x0102_0304, 8192)
-        .syn();
-    if ack {
-        step.ack(77).write(&mut v, PAYLOAD).unwrap();
-    } else {
-        step.write(&mut v, PAYLOAD).unwrap();
-    }
-    v
-}
-
-#[allow(clippy::too_many_arguments)]
-fn udp6(
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    hops: u8,
-    sport: u16,
-    dport: u16,
-) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac)
-        .ipv6(src.octets(), dst.octets(), hops)
-        .udp(sport, dport)
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
-}
-
-#[allow(clippy::too_many_arguments)]
-fn tcp6(
-    smac: [u8; 6],
-    dmac: [u8; 6],
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    hops: u8,
-    sport: u16,
-    dport: u16,
-    ack: bool,
-) -> Vec<u8> {
-    let mut v = Vec::new();
-    let step = PacketBuilder::ethernet2(smac, dmac)
-        .ipv6(src.octets(), dst.octets(), hops)
-        .tcp(sport, dport, 7, 1000)
-        .syn();
-    if ack {
-        step.ack(77).write(&mut v, PAYLOAD).unwrap();
-    } else {
-        step.write(&mut v, PAYLOAD).unwrap();
-    }
-    v
-}
-
-/// An ICMPv4 error quoting `quote` (IP header onward).
-fn icmp4(
-    (smac, dmac): ([u8; 6], [u8; 6]),
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    ttl: u8,
-    ty: Icmpv4Type,
+/// An ICMP error from `src` to `dst` quoting `quote`, as it comes in from
+/// backend 1's side.
+fn from_backend_side(
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    ty: impl Into<Transport>,
     quote: &[u8],
 ) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac)
-        .ipv4(src.octets(), dst.octets(), ttl)
-        .icmpv4(ty)
-        .write(&mut v, quote)
-        .unwrap();
-    v
+    Frame::icmp(src, dst, ty, quote).from_backend(1).bytes()
 }
 
-/// An ICMPv6 error quoting `quote` (IP header onward).
-fn icmp6(
-    (smac, dmac): ([u8; 6], [u8; 6]),
-    src: Ipv6Addr,
-    dst: Ipv6Addr,
-    hops: u8,
-    ty: Icmpv6Type,
+/// An ICMP error as it comes in from the client's side.
+fn from_client_side(
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    ty: impl Into<Transport>,
     quote: &[u8],
 ) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(smac, dmac)
-        .ipv6(src.octets(), dst.octets(), hops)
-        .icmpv6(ty)
-        .write(&mut v, quote)
-        .unwrap();
-    v
+    Frame::icmp(src, dst, ty, quote).bytes()
 }
 
-/// Source and destination MAC of a frame from the client's side to the
-/// balancer, and of one from the balancer to the client.
-const FROM_CLIENT_SIDE: ([u8; 6], [u8; 6]) = (CLIENT_MAC, LBC_MAC);
-const TO_CLIENT: ([u8; 6], [u8; 6]) = (LBC_MAC, CLIENT_MAC);
-
-/// MACs of a frame from the backend's side (backend 1 or a router there) to
-/// the balancer.
-fn from_backend() -> ([u8; 6], [u8; 6]) {
-    (backend_mac(1), LBB_MAC)
+/// An ICMP error as the balancer forwards it to the client.
+fn to_client(
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    ty: impl Into<Transport>,
+    quote: &[u8],
+) -> Vec<u8> {
+    Frame::icmp(src, dst, ty, quote).to_client().ttl(63).bytes()
 }
 
-/// MACs of a frame from the balancer to backend 1.
-fn to_backend() -> ([u8; 6], [u8; 6]) {
-    (LBB_MAC, backend_mac(1))
+/// An ICMP error as the balancer forwards it to backend 1.
+fn to_backend(
+    src: impl Into<IpAddr>,
+    dst: impl Into<IpAddr>,
+    ty: impl Into<Transport>,
+    quote: &[u8],
+) -> Vec<u8> {
+    Frame::icmp(src, dst, ty, quote)
+        .to_backend(1)
+        .ttl(63)
+        .bytes()
 }
 
 /// Checks every checksum of an ICMP error frame independently: the outer
@@ -273,114 +181,80 @@ fn ipv4_errors_about_a_clients_packet_reach_the_client_quoting_the_vip() {
     with_fixture(|b, net| {
         let b1 = backend_v4(1);
         // A UDP flow: the client's datagram NATed to the backend.
-        let dgram = udp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 53);
+        let dgram = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).bytes();
         let (action, natted) = run_xdp(b, &dgram, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
         // The backend's port unreachable, quoting all of it, as Linux does.
         let port = Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port);
-        let input = icmp4(
-            from_backend(),
-            b1,
-            CLIENT_V4,
-            64,
-            port.clone(),
-            &natted[14..],
-        );
+        let input = from_backend_side(b1, CLIENT_V4, port.clone(), &natted[14..]);
         // The client's datagram as it left the balancer, but to the VIP.
-        let quote = udp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 63, CPORT, 53);
-        let expected = icmp4(TO_CLIENT, VIP_V4, CLIENT_V4, 63, port.clone(), &quote[14..]);
+        let quote = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).ttl(63).ip_packet();
+        let expected = to_client(VIP_V4, CLIENT_V4, port.clone(), &quote);
         assert_translated(b, net.lbb, &input, &expected, "port unreachable");
 
         // Without a UDP checksum (0): it stays 0 in the quote.
         let sum = 20 + 6;
         let mut natted0 = natted[14..].to_vec();
         natted0[sum..sum + 2].copy_from_slice(&[0, 0]);
-        let mut quote0 = quote[14..].to_vec();
+        let mut quote0 = quote;
         quote0[sum..sum + 2].copy_from_slice(&[0, 0]);
-        let input = icmp4(from_backend(), b1, CLIENT_V4, 64, port.clone(), &natted0);
-        let expected = icmp4(TO_CLIENT, VIP_V4, CLIENT_V4, 63, port, &quote0);
+        let input = from_backend_side(b1, CLIENT_V4, port.clone(), &natted0);
+        let expected = to_client(VIP_V4, CLIENT_V4, port, &quote0);
         assert_translated(b, net.lbb, &input, &expected, "UDP checksum 0");
 
         // A TCP handshake (in PENDING): a router between the balancer and
         // the backend reports the SYN's TTL expired, quoting its header and
         // 8 bytes (the TCP checksum is not quoted). Its source stays its own.
-        let syn = tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80, false);
-        let (action, natted) = run_xdp(b, &syn, net.lbc).unwrap();
+        let syn = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80).syn();
+        let (action, natted) = run_xdp(b, &syn.bytes(), net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
         let ttl = Icmpv4Type::TimeExceeded(icmpv4::TimeExceededCode::TtlExceededInTransit);
-        let input = icmp4(
-            from_backend(),
-            ROUTER_B4,
-            CLIENT_V4,
-            64,
-            ttl.clone(),
-            &natted[14..14 + 28],
-        );
-        let quote = tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 63, CPORT, 80, false);
-        let expected = icmp4(
-            TO_CLIENT,
-            ROUTER_B4,
-            CLIENT_V4,
-            63,
-            ttl.clone(),
-            &quote[14..42],
-        );
+        let input = from_backend_side(ROUTER_B4, CLIENT_V4, ttl.clone(), &natted[14..14 + 28]);
+        let quote = syn.ttl(63).ip_packet();
+        let expected = to_client(ROUTER_B4, CLIENT_V4, ttl.clone(), &quote[..28]);
         assert_translated(b, net.lbb, &input, &expected, "TCP, 8 bytes quoted");
         // The same, quoting the whole segment: its checksum is updated too.
-        let input = icmp4(
-            from_backend(),
-            ROUTER_B4,
-            CLIENT_V4,
-            64,
-            ttl.clone(),
-            &natted[14..],
-        );
-        let expected = icmp4(TO_CLIENT, ROUTER_B4, CLIENT_V4, 63, ttl, &quote[14..]);
+        let input = from_backend_side(ROUTER_B4, CLIENT_V4, ttl.clone(), &natted[14..]);
+        let expected = to_client(ROUTER_B4, CLIENT_V4, ttl, &quote);
         assert_translated(b, net.lbb, &input, &expected, "TCP, all quoted");
 
         assert_eq!(reason_count(b, Reason::RedirectIcmpToClient), 4);
     });
 }
 
+/// A SYN-ACK from `src:sport` to the client's port as it left the
+/// balancer or backend 1 (TTL 63), IP header onward: what an error quotes.
+fn synack(src: impl Into<IpAddr>, client: impl Into<IpAddr>, sport: u16) -> Vec<u8> {
+    Frame::tcp(src, client, sport, CPORT)
+        .syn()
+        .ack(77)
+        .ttl(63)
+        .ip_packet()
+}
+
 #[test]
 fn ipv4_errors_about_a_reply_reach_the_backend_quoting_its_reply() {
     with_fixture(|b, net| {
         let b1 = backend_v4(1);
-        let dgram = udp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 53);
+        let dgram = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).bytes();
         assert_eq!(run_xdp(b, &dgram, net.lbc).unwrap().0, XDP_REDIRECT);
         // The backend's reply as the balancer sent it on (from the VIP)...
-        let reply = udp4(LBC_MAC, CLIENT_MAC, VIP_V4, CLIENT_V4, 63, 53, CPORT);
+        let reply = Frame::udp(VIP_V4, CLIENT_V4, 53, CPORT).ttl(63).ip_packet();
         // ...is too big for a router on the client's path, which tells the VIP.
-        let mtu = Icmpv4Type::DestinationUnreachable(
-            icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
-        );
-        let input = icmp4(
-            FROM_CLIENT_SIDE,
-            ROUTER_C4,
-            VIP_V4,
-            64,
-            mtu.clone(),
-            &reply[14..],
-        );
+        let mtu = frag_needed(1400);
+        let input = from_client_side(ROUTER_C4, VIP_V4, mtu.clone(), &reply);
         // The backend gets it, quoting its own reply.
-        let quote = udp4(LBB_MAC, CLIENT_MAC, b1, CLIENT_V4, 63, 5353, CPORT);
-        let expected = icmp4(to_backend(), ROUTER_C4, b1, 63, mtu.clone(), &quote[14..]);
+        let quote = Frame::udp(b1, CLIENT_V4, 5353, CPORT).ttl(63).ip_packet();
+        let expected = to_backend(ROUTER_C4, b1, mtu.clone(), &quote);
         assert_translated(b, net.lbc, &input, &expected, "UDP frag needed");
 
         // TCP during the handshake (PENDING): the SYN-ACK quoted whole.
-        let syn = tcp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 80, false);
+        let syn = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80).syn().bytes();
         assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
-        let synack = tcp4(LBC_MAC, CLIENT_MAC, VIP_V4, CLIENT_V4, 63, 80, CPORT, true);
-        let input = icmp4(
-            FROM_CLIENT_SIDE,
-            ROUTER_C4,
-            VIP_V4,
-            64,
-            mtu.clone(),
-            &synack[14..],
-        );
-        let quote = tcp4(LBB_MAC, CLIENT_MAC, b1, CLIENT_V4, 63, 8080, CPORT, true);
-        let expected = icmp4(to_backend(), ROUTER_C4, b1, 63, mtu, &quote[14..]);
+        let synack_vip = synack(VIP_V4, CLIENT_V4, 80);
+        let input = from_client_side(ROUTER_C4, VIP_V4, mtu.clone(), &synack_vip);
+        let quote = synack(b1, CLIENT_V4, 8080);
+        let expected = to_backend(ROUTER_C4, b1, mtu, &quote);
         assert_translated(b, net.lbc, &input, &expected, "TCP frag needed");
 
         assert_eq!(reason_count(b, Reason::RedirectIcmpToBackend), 2);
@@ -392,44 +266,35 @@ fn ipv6_errors_are_translated_in_both_directions() {
     with_fixture(|b, net| {
         let b6 = backend_v6(1);
         // Port unreachable from the backend, for a UDP flow.
-        let dgram = udp6(CLIENT_MAC, LBC_MAC, CLIENT_V6, VIP_V6, 64, CPORT, 53);
+        let dgram = Frame::udp(CLIENT_V6, VIP_V6, CPORT, 53).bytes();
         let (action, natted) = run_xdp(b, &dgram, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
         let port = Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port);
-        let input = icmp6(from_backend(), b6, CLIENT_V6, 64, port, &natted[14..]);
-        let quote = udp6(CLIENT_MAC, LBC_MAC, CLIENT_V6, VIP_V6, 63, CPORT, 53);
-        let expected = icmp6(TO_CLIENT, VIP_V6, CLIENT_V6, 63, port, &quote[14..]);
+        let input = from_backend_side(b6, CLIENT_V6, port, &natted[14..]);
+        let quote = Frame::udp(CLIENT_V6, VIP_V6, CPORT, 53).ttl(63).ip_packet();
+        let expected = to_client(VIP_V6, CLIENT_V6, port, &quote);
         assert_translated(b, net.lbb, &input, &expected, "port unreachable");
 
         // Hop limit exceeded at a router toward the backend, for a SYN.
-        let syn = tcp6(CLIENT_MAC, LBC_MAC, CLIENT_V6, VIP_V6, 64, CPORT, 80, false);
-        let (action, natted) = run_xdp(b, &syn, net.lbc).unwrap();
+        let syn = Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 80).syn();
+        let (action, natted) = run_xdp(b, &syn.bytes(), net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
         let hops = Icmpv6Type::TimeExceeded(icmpv6::TimeExceededCode::HopLimitExceeded);
-        let input = icmp6(
-            from_backend(),
-            ROUTER_B6,
-            CLIENT_V6,
-            64,
-            hops,
-            &natted[14..],
-        );
-        let quote = tcp6(CLIENT_MAC, LBC_MAC, CLIENT_V6, VIP_V6, 63, CPORT, 80, false);
-        let expected = icmp6(TO_CLIENT, ROUTER_B6, CLIENT_V6, 63, hops, &quote[14..]);
+        let input = from_backend_side(ROUTER_B6, CLIENT_V6, hops, &natted[14..]);
+        let quote = syn.ttl(63).ip_packet();
+        let expected = to_client(ROUTER_B6, CLIENT_V6, hops, &quote);
         assert_translated(b, net.lbb, &input, &expected, "hop limit exceeded");
         assert_eq!(reason_count(b, Reason::RedirectIcmpToClient), 2);
 
         // Packet too big on the client's path, for a UDP reply and a SYN-ACK.
         let big = Icmpv6Type::PacketTooBig { mtu: 1280 };
-        let reply = udp6(LBC_MAC, CLIENT_MAC, VIP_V6, CLIENT_V6, 63, 53, CPORT);
-        let input = icmp6(FROM_CLIENT_SIDE, ROUTER_C6, VIP_V6, 64, big, &reply[14..]);
-        let quote = udp6(LBB_MAC, CLIENT_MAC, b6, CLIENT_V6, 63, 5353, CPORT);
-        let expected = icmp6(to_backend(), ROUTER_C6, b6, 63, big, &quote[14..]);
+        let reply = Frame::udp(VIP_V6, CLIENT_V6, 53, CPORT).ttl(63).ip_packet();
+        let input = from_client_side(ROUTER_C6, VIP_V6, big, &reply);
+        let quote = Frame::udp(b6, CLIENT_V6, 5353, CPORT).ttl(63).ip_packet();
+        let expected = to_backend(ROUTER_C6, b6, big, &quote);
         assert_translated(b, net.lbc, &input, &expected, "UDP packet too big");
-        let synack = tcp6(LBC_MAC, CLIENT_MAC, VIP_V6, CLIENT_V6, 63, 80, CPORT, true);
-        let input = icmp6(FROM_CLIENT_SIDE, ROUTER_C6, VIP_V6, 64, big, &synack[14..]);
-        let quote = tcp6(LBB_MAC, CLIENT_MAC, b6, CLIENT_V6, 63, 8080, CPORT, true);
-        let expected = icmp6(to_backend(), ROUTER_C6, b6, 63, big, &quote[14..]);
+        let input = from_client_side(ROUTER_C6, VIP_V6, big, &synack(VIP_V6, CLIENT_V6, 80));
+        let expected = to_backend(ROUTER_C6, b6, big, &synack(b6, CLIENT_V6, 8080));
         assert_translated(b, net.lbc, &input, &expected, "TCP packet too big");
         assert_eq!(reason_count(b, Reason::RedirectIcmpToBackend), 2);
     });
@@ -439,102 +304,58 @@ fn ipv6_errors_are_translated_in_both_directions() {
 fn icmp_that_cannot_be_translated_is_passed_untouched() {
     with_fixture(|b, net| {
         let b1 = backend_v4(1);
+        let b6 = backend_v6(1);
         let port = Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port);
         let port6 = Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port);
 
         // No flow: the quoted datagram was never NATed.
-        let stray = udp4(CLIENT_MAC, LBB_MAC, CLIENT_V4, b1, 63, CPORT, 5353);
-        let no_flow = icmp4(
-            from_backend(),
-            b1,
-            CLIENT_V4,
-            64,
-            port.clone(),
-            &stray[14..],
-        );
+        let stray = Frame::udp(CLIENT_V4, b1, CPORT, 5353).ttl(63).ip_packet();
+        let no_flow = from_backend_side(b1, CLIENT_V4, port.clone(), &stray);
         assert_passed_untouched(b, net.lbb, &no_flow, "no flow (IPv4)");
-        let stray6 = udp6(
-            CLIENT_MAC,
-            LBB_MAC,
-            CLIENT_V6,
-            backend_v6(1),
-            63,
-            CPORT,
-            5353,
-        );
-        let no_flow6 = icmp6(
-            from_backend(),
-            backend_v6(1),
-            CLIENT_V6,
-            64,
-            port6,
-            &stray6[14..],
-        );
+        let stray6 = Frame::udp(CLIENT_V6, b6, CPORT, 5353).ttl(63).ip_packet();
+        let no_flow6 = from_backend_side(b6, CLIENT_V6, port6, &stray6);
         assert_passed_untouched(b, net.lbb, &no_flow6, "no flow (IPv6)");
 
         // Echo requests, to a VIP and to a backend.
-        let mut echo = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv4(CLIENT_V4.octets(), VIP_V4.octets(), 64)
-            .icmpv4_echo_request(1, 1)
-            .write(&mut echo, b"ping")
-            .unwrap();
+        let echo = Frame::echo_request(CLIENT_V4, VIP_V4).bytes();
         assert_passed_untouched(b, net.lbc, &echo, "echo request");
-        let mut echo6 = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
-            .icmpv6_echo_request(1, 1)
-            .write(&mut echo6, b"ping")
-            .unwrap();
+        let echo6 = Frame::echo_request(CLIENT_V6, VIP_V6).bytes();
         assert_passed_untouched(b, net.lbc, &echo6, "echo request (IPv6)");
         assert_eq!(reason_count(b, Reason::PassOtherProto), 4);
 
         // Now with flows for both families.
-        let dgram = udp4(CLIENT_MAC, LBC_MAC, CLIENT_V4, VIP_V4, 64, CPORT, 53);
+        let dgram = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).bytes();
         let (_, natted) = run_xdp(b, &dgram, net.lbc).unwrap();
-        let dgram6 = udp6(CLIENT_MAC, LBC_MAC, CLIENT_V6, VIP_V6, 64, CPORT, 53);
+        let dgram6 = Frame::udp(CLIENT_V6, VIP_V6, CPORT, 53).bytes();
         let (_, natted6) = run_xdp(b, &dgram6, net.lbc).unwrap();
         let q = &natted[14..];
         let q6 = &natted6[14..];
 
         // An error about ICMP: the echo request's own error.
-        let about_icmp = icmp4(from_backend(), b1, CLIENT_V4, 64, port.clone(), &echo[14..]);
+        let about_icmp = from_backend_side(b1, CLIENT_V4, port.clone(), &echo[14..]);
         assert_passed_untouched(b, net.lbb, &about_icmp, "error about ICMP");
         // Not sent to the quoted packet's source.
-        let elsewhere = icmp4(from_backend(), b1, ROUTER_C4, 64, port.clone(), q);
+        let elsewhere = from_backend_side(b1, ROUTER_C4, port.clone(), q);
         assert_passed_untouched(b, net.lbb, &elsewhere, "not to the quoted source");
         // A redirect (type 5) is not an error translated here.
-        let redirect = icmp4(
-            from_backend(),
-            b1,
-            CLIENT_V4,
-            64,
-            Icmpv4Type::Redirect(icmpv4::RedirectHeader {
-                code: icmpv4::RedirectCode::RedirectForNetwork,
-                gateway_internet_address: [198, 18, 2, 9],
-            }),
-            q,
-        );
+        let redirect = Icmpv4Type::Redirect(icmpv4::RedirectHeader {
+            code: icmpv4::RedirectCode::RedirectForNetwork,
+            gateway_internet_address: [198, 18, 2, 9],
+        });
+        let redirect = from_backend_side(b1, CLIENT_V4, redirect, q);
         assert_passed_untouched(b, net.lbb, &redirect, "ICMP redirect");
         assert_eq!(reason_count(b, Reason::PassOtherProto), 7);
 
         // Quotes too short to hold the ports: 4 bytes of UDP, and a
         // quoted IPv4 header cut short.
-        let short = icmp4(from_backend(), b1, CLIENT_V4, 64, port.clone(), &q[..24]);
+        let short = from_backend_side(b1, CLIENT_V4, port.clone(), &q[..24]);
         assert_passed_untouched(b, net.lbb, &short, "4 bytes quoted");
-        let short = icmp4(from_backend(), b1, CLIENT_V4, 64, port.clone(), &q[..16]);
+        let short = from_backend_side(b1, CLIENT_V4, port.clone(), &q[..16]);
         assert_passed_untouched(b, net.lbb, &short, "quoted header cut");
-        let short6 = icmp6(
-            from_backend(),
-            backend_v6(1),
-            CLIENT_V6,
-            64,
-            port6,
-            &q6[..44],
-        );
+        let short6 = from_backend_side(b6, CLIENT_V6, port6, &q6[..44]);
         assert_passed_untouched(b, net.lbb, &short6, "4 bytes quoted (IPv6)");
         // A frame cut inside its quote (the IP length says more).
-        let whole = icmp4(from_backend(), b1, CLIENT_V4, 64, port.clone(), q);
+        let whole = from_backend_side(b1, CLIENT_V4, port.clone(), q);
         for len in 14 + 20 + 8..whole.len() {
             assert_passed_untouched(b, net.lbb, &whole[..len], &format!("cut to {len}"));
         }
@@ -542,10 +363,10 @@ fn icmp_that_cannot_be_translated_is_passed_untouched() {
         assert_eq!(reason_count(b, Reason::PassMalformed), malformed);
 
         // Expiring here: passed (the stack drops it).
-        let expiring = icmp4(from_backend(), b1, CLIENT_V4, 1, port.clone(), q);
-        assert_passed_untouched(b, net.lbb, &expiring, "TTL 1");
-        let expiring6 = icmp6(from_backend(), backend_v6(1), CLIENT_V6, 1, port6, q6);
-        assert_passed_untouched(b, net.lbb, &expiring6, "hop limit 1");
+        let expiring = Frame::icmp(b1, CLIENT_V4, port, q).from_backend(1).ttl(1);
+        assert_passed_untouched(b, net.lbb, &expiring.bytes(), "TTL 1");
+        let expiring6 = Frame::icmp(b6, CLIENT_V6, port6, q6).from_backend(1).ttl(1);
+        assert_passed_untouched(b, net.lbb, &expiring6.bytes(), "hop limit 1");
         assert_eq!(reason_count(b, Reason::PassTtlExpired), 2);
 
         // The same error, whole, is translated: the cases above failed for
