@@ -5,12 +5,14 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Type, Icmpv6Type, IpDscp, IpEcn, IpHeaders, IpNumber,
-    Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder, TcpOptionElement, icmpv4,
+    EtherType, Ethernet2Header, Icmpv6Type, IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header,
+    TcpOptionElement,
 };
 use lb_common::{FAMILY_V4, FlowKey, PROTO_TCP, Reason};
 use lb_tests::{
-    assert_checksums_valid, assert_hit_path_forwards_alike, reason_count, run_xdp, set_mtu,
+    assert_checksums_valid, assert_hit_path_forwards_alike,
+    frames::{CPORT, Frame, frag_needed, icmp4_from_vip, icmp6_from_vip},
+    reason_count, run_xdp, set_mtu,
     xdp_action::*,
 };
 use lb_userspace::{
@@ -18,12 +20,10 @@ use lb_userspace::{
     dataplane::ip_to_addr,
     lab::{
         CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6,
-        testrun::{CLIENT_MAC, LBB_MAC, LBC_MAC, TestRunNet},
+        testrun::{LBB_MAC, TestRunNet},
     },
 };
 
-const PAYLOAD: &[u8] = b"hello, backend";
-const CPORT: u16 = 40000;
 /// The `l2` VIP.
 const VIP_L2: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 /// The `ipip` VIP with `mss_clamp`.
@@ -36,6 +36,9 @@ const ROUTER_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 const OUTER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 /// The outer IPv6 source the config names.
 const OUTER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x2, 0, 0, 0, 0, 0x1);
+/// DSCP 46 and ECN ECT(1) (IPv4 TOS, IPv6 traffic class): marks a client's
+/// packet carries that encapsulation must copy to the outer header.
+const TOS: u8 = 0xb9;
 
 fn config(encap_v4: &str) -> String {
     format!(
@@ -120,33 +123,10 @@ fn with_fixture(encap_v4: &str, body: impl FnOnce(&mut Balancer, &TestRunNet) + 
     lb_tests::with_fixture("dsr", config(encap_v4), body)
 }
 
-/// A client's IPv4 TCP frame to `dst:dport` with DSCP/ECN set, so the test
-/// sees them copied to the outer header.
-fn tcp4(
-    dst: Ipv4Addr,
-    sport: u16,
-    dport: u16,
-    flags: &str,
-    options: &[TcpOptionElement],
-) -> Vec<u8> {
-    let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, CLIENT_V4.octets(), dst.octets()).unwrap();
-    ip.dscp = IpDscp::try_new(46).unwrap();
-    ip.ecn = IpEcn::ONE;
-    let mut step = PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-        .ip(IpHeaders::Ipv4(ip, Default::default()))
-        .tcp(sport, dport, 0x0102_0304, 8192);
-    if flags.contains('S') {
-        step = step.syn();
-    }
-    if flags.contains('A') {
-        step = step.ack(1);
-    }
-    if !options.is_empty() {
-        step = step.options(options).expect("options fit");
-    }
-    let mut v = Vec::new();
-    step.write(&mut v, PAYLOAD).unwrap();
-    v
+/// A client's TCP/IPv4 segment to `dst:80` with [`TOS`], so the test sees
+/// it copied to the outer header.
+fn tcp4(dst: Ipv4Addr, sport: u16) -> Frame {
+    Frame::tcp(CLIENT_V4, dst, sport, 80).tos(TOS)
 }
 
 /// The frame `inner` (a client's frame) encapsulated IPIP to backend 1 from `outer_src`.
@@ -185,31 +165,20 @@ fn ipip4_to(inner: &[u8], outer_src: Ipv4Addr, i: usize) -> Vec<u8> {
 #[test]
 fn ipv4_tcp_and_udp_to_an_ipip_vip_are_encapsulated_untouched() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
-        let syn = tcp4(VIP_V4, CPORT, 80, "S", &[]);
+        let syn = tcp4(VIP_V4, CPORT).syn().bytes();
         let (action, out) = run_xdp(b, &syn, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT, "lbc -> lbb");
         assert_eq!(out, ipip4(&syn, OUTER_V4));
         assert_eq!(reason_count(b, Reason::RedirectForward), 1);
 
         // UDP without DF: the outer header has none either.
-        let mut ip =
-            Ipv4Header::new(0, 7, IpNumber::UDP, CLIENT_V4.octets(), VIP_V4.octets()).unwrap();
-        ip.dont_fragment = false;
-        let mut udp = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ip(IpHeaders::Ipv4(ip, Default::default()))
-            .udp(CPORT, 53)
-            .write(&mut udp, PAYLOAD)
-            .unwrap();
-        let (action, out) = run_xdp(b, &udp, net.lbc).unwrap();
+        let udp = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).ttl(7).df(false);
+        let input = udp.bytes();
+        let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(out, ipip4(&udp, OUTER_V4), "TTL 7 stays 7 inside");
+        assert_eq!(out, ipip4(&input, OUTER_V4), "TTL 7 stays 7 inside");
         // And a TTL of 1 is not answered here: the packet is not routed.
-        let mut last_hop = udp.clone();
-        last_hop[22] = 1;
-        last_hop[24..26].copy_from_slice(&[0, 0]);
-        let sum = lb_common::csum::checksum(&last_hop[14..34]);
-        last_hop[24..26].copy_from_slice(&sum.to_be_bytes());
+        let last_hop = udp.ttl(1).bytes();
         let (action, out) = run_xdp(b, &last_hop, net.lbc).unwrap();
         assert_eq!((action, out), (XDP_REDIRECT, ipip4(&last_hop, OUTER_V4)));
         assert_eq!(reason_count(b, Reason::TxTimeExceeded), 0);
@@ -218,10 +187,10 @@ fn ipv4_tcp_and_udp_to_an_ipip_vip_are_encapsulated_untouched() {
 
 /// The frame `inner` (an IPv6 frame) encapsulated IP6IP6 to backend 1 from
 /// `OUTER_V6`, with the inner traffic class and flow label.
-fn ip6ip6(inner: &[u8], traffic_class: u8, flow_label: Ipv6FlowLabel) -> Vec<u8> {
+fn ip6ip6(inner: &[u8], traffic_class: u8, flow_label: u32) -> Vec<u8> {
     let outer = Ipv6Header {
         traffic_class,
-        flow_label,
+        flow_label: Ipv6FlowLabel::try_new(flow_label).unwrap(),
         payload_length: (inner.len() - 14) as u16,
         next_header: IpNumber::IPV6,
         hop_limit: 64,
@@ -244,32 +213,23 @@ fn ip6ip6(inner: &[u8], traffic_class: u8, flow_label: Ipv6FlowLabel) -> Vec<u8>
 #[test]
 fn ipv6_to_an_ipip_vip_is_encapsulated_with_traffic_class_and_flow_label() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
-        let ip = Ipv6Header {
-            traffic_class: 0xb9,
-            flow_label: Ipv6FlowLabel::try_new(0x5_4321).unwrap(),
-            payload_length: 0,
-            next_header: IpNumber::TCP,
-            hop_limit: 9,
-            source: CLIENT_V6.octets(),
-            destination: VIP_V6.octets(),
-        };
-        let mut input = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ip(IpHeaders::Ipv6(ip.clone(), Default::default()))
-            .tcp(CPORT, 80, 7, 1000)
+        let flow_label = 0x5_4321;
+        let input = Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 80)
             .syn()
-            .write(&mut input, PAYLOAD)
-            .unwrap();
+            .ttl(9)
+            .tos(TOS)
+            .flow_label(flow_label)
+            .bytes();
         let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(out, ip6ip6(&input, ip.traffic_class, ip.flow_label));
+        assert_eq!(out, ip6ip6(&input, TOS, flow_label));
     });
 }
 
 #[test]
 fn l2_mode_changes_only_the_macs() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
-        let syn = tcp4(VIP_L2, CPORT, 80, "S", &[]);
+        let syn = tcp4(VIP_L2, CPORT).syn().bytes();
         let (action, out) = run_xdp(b, &syn, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
         let mut expected = syn.clone();
@@ -279,7 +239,7 @@ fn l2_mode_changes_only_the_macs() {
         assert_checksums_valid(&out);
         // A wrong IPv4 header checksum stays wrong (nothing is rewritten
         // that could make it look right): sent on for the backend to drop.
-        let mut bad = tcp4(VIP_L2, CPORT + 1, 80, "S", &[]);
+        let mut bad = tcp4(VIP_L2, CPORT + 1).syn().bytes();
         bad[24] ^= 0x5a;
         let (action, out) = run_xdp(b, &bad, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
@@ -287,12 +247,7 @@ fn l2_mode_changes_only_the_macs() {
         bad[6..12].copy_from_slice(&LBB_MAC);
         assert_eq!(out, bad);
 
-        let mut udp6 = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
-            .udp(CPORT, 53)
-            .write(&mut udp6, PAYLOAD)
-            .unwrap();
+        let udp6 = Frame::udp(CLIENT_V6, VIP_V6, CPORT, 53).bytes();
         let (action, out) = run_xdp(b, &udp6, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
         let mut expected = udp6.clone();
@@ -312,38 +267,17 @@ fn l2_mode_changes_only_the_macs() {
 fn established_dsr_flows_are_forwarded_by_the_attached_program_alone() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
         lb_tests::pin_to_this_cpu();
-        let udp = |src: IpAddr, dst: IpAddr, dport: u16| {
-            let step = PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC);
-            let step = match (src, dst) {
-                (IpAddr::V4(s), IpAddr::V4(d)) => step.ipv4(s.octets(), d.octets(), 64),
-                (IpAddr::V6(s), IpAddr::V6(d)) => step.ipv6(s.octets(), d.octets(), 64),
-                _ => unreachable!("one family"),
-            };
-            let mut v = Vec::new();
-            step.udp(CPORT, dport).write(&mut v, PAYLOAD).unwrap();
-            v
-        };
-        let mut tcp6 = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
-            .tcp(CPORT, 80, 7, 1000)
-            .ack(1)
-            .write(&mut tcp6, PAYLOAD)
-            .unwrap();
+        let ipip_tcp = tcp4(VIP_V4, CPORT).ack(1).bytes();
+        let ipip_udp = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).bytes();
+        let ipip_tcp6 = Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 80).ack(1).bytes();
+        let l2_udp6 = Frame::udp(CLIENT_V6, VIP_V6, CPORT, 53).bytes();
+        let l2_tcp = tcp4(VIP_L2, CPORT).ack(1).bytes();
         let frames: [(&str, &[u8], u32); 5] = [
-            ("ipip TCP/IPv4", &tcp4(VIP_V4, CPORT, 80, "A", &[]), net.lbc),
-            (
-                "ipip UDP/IPv4",
-                &udp(CLIENT_V4.into(), VIP_V4.into(), 53),
-                net.lbc,
-            ),
-            ("ipip TCP/IPv6", &tcp6, net.lbc),
-            (
-                "l2 UDP/IPv6",
-                &udp(CLIENT_V6.into(), VIP_V6.into(), 53),
-                net.lbc,
-            ),
-            ("l2 TCP/IPv4", &tcp4(VIP_L2, CPORT, 80, "A", &[]), net.lbc),
+            ("ipip TCP/IPv4", &ipip_tcp, net.lbc),
+            ("ipip UDP/IPv4", &ipip_udp, net.lbc),
+            ("ipip TCP/IPv6", &ipip_tcp6, net.lbc),
+            ("l2 UDP/IPv6", &l2_udp6, net.lbc),
+            ("l2 TCP/IPv4", &l2_tcp, net.lbc),
         ];
         assert_hit_path_forwards_alike(b, &frames);
     });
@@ -368,7 +302,7 @@ fn dsr_flows_keep_no_reply_state() {
             let client = key4(vip, CLIENT_V4, CPORT, 80);
             // What NAT would have recorded for the backend's replies.
             let reply = key4(CLIENT_V4, backend_v4(1), 80, CPORT);
-            let syn = tcp4(vip, CPORT, 80, "S", &[]);
+            let syn = tcp4(vip, CPORT).syn().bytes();
             assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
             let d = b.dataplane();
             assert!(
@@ -376,7 +310,7 @@ fn dsr_flows_keep_no_reply_state() {
                 "{vip}: handshake"
             );
             assert!(d.pending_flow(&reply).unwrap().is_none(), "{vip}");
-            let ack = tcp4(vip, CPORT, 80, "A", &[]);
+            let ack = tcp4(vip, CPORT).ack(1).bytes();
             assert_eq!(run_xdp(b, &ack, net.lbc).unwrap().0, XDP_REDIRECT);
             let d = b.dataplane();
             assert!(d.flow(&client).unwrap().is_some(), "{vip}: confirmed");
@@ -392,7 +326,7 @@ fn dsr_flows_keep_no_reply_state() {
 fn an_outer_source_prefix_takes_its_host_bits_from_the_flow() {
     with_fixture("198.18.7.0/24", |b, net| {
         for sport in [0x1234u16, 0xab00, 0xab01] {
-            let syn = tcp4(VIP_V4, sport, 80, "S", &[]);
+            let syn = tcp4(VIP_V4, sport).syn().bytes();
             let (action, out) = run_xdp(b, &syn, net.lbc).unwrap();
             assert_eq!(action, XDP_REDIRECT);
             // The last octet: the client's, mixed with the port's high byte
@@ -439,10 +373,11 @@ fn mss_clamp_lowers_a_syns_mss_to_what_fits_encapsulated() {
                 vec![TcpOptionElement::MaximumSegmentSize(1200)],
             ),
         ] {
-            let syn = tcp4(VIP_CLAMP, CPORT, 80, "S", &options);
-            let (action, out) = run_xdp(b, &syn, net.lbc).unwrap();
+            let syn = tcp4(VIP_CLAMP, CPORT).syn();
+            let input = syn.clone().tcp_options(&options).bytes();
+            let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
             assert_eq!(action, XDP_REDIRECT);
-            let expected = ipip4(&tcp4(VIP_CLAMP, CPORT, 80, "S", &clamped), OUTER_V4);
+            let expected = ipip4(&syn.tcp_options(&clamped).bytes(), OUTER_V4);
             assert_eq!(out, expected, "{options:?}");
             // The inner TCP checksum was patched right.
             let mut inner = out[..14].to_vec();
@@ -450,101 +385,54 @@ fn mss_clamp_lowers_a_syns_mss_to_what_fits_encapsulated() {
             assert_checksums_valid(&inner);
         }
         // Without mss_clamp the SYN's MSS stays as it is.
-        let syn = tcp4(
-            VIP_V4,
-            CPORT,
-            80,
-            "S",
-            &[TcpOptionElement::MaximumSegmentSize(1460)],
-        );
+        let mss = |mss| [TcpOptionElement::MaximumSegmentSize(mss)];
+        let syn = tcp4(VIP_V4, CPORT).syn().tcp_options(&mss(1460)).bytes();
         let (_, out) = run_xdp(b, &syn, net.lbc).unwrap();
         assert_eq!(out, ipip4(&syn, OUTER_V4));
         // A lower route MTU clamps lower: 1400 - 60.
         set_mtu(net.ns(), "lbb", 1400);
         // (The per-CPU next-hop cache holds the old MTU for up to a second.)
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        let syn = tcp4(
-            VIP_CLAMP,
-            CPORT + 1,
-            80,
-            "S",
-            &[TcpOptionElement::MaximumSegmentSize(1460)],
-        );
-        let (_, out) = run_xdp(b, &syn, net.lbc).unwrap();
-        let expected = tcp4(
-            VIP_CLAMP,
-            CPORT + 1,
-            80,
-            "S",
-            &[TcpOptionElement::MaximumSegmentSize(1340)],
-        );
+        let syn = tcp4(VIP_CLAMP, CPORT + 1).syn();
+        let input = syn.clone().tcp_options(&mss(1460)).bytes();
+        let (_, out) = run_xdp(b, &input, net.lbc).unwrap();
+        let expected = syn.tcp_options(&mss(1340)).bytes();
         assert_eq!(out, ipip4(&expected, OUTER_V4));
     });
-}
-
-/// A client's IPv4 TCP frame to the ipip VIP of `ip_len` bytes of IP.
-fn big4(ip_len: usize, df: bool) -> Vec<u8> {
-    let mut ip =
-        Ipv4Header::new(0, 64, IpNumber::TCP, CLIENT_V4.octets(), VIP_V4.octets()).unwrap();
-    ip.dont_fragment = df;
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-        .ip(IpHeaders::Ipv4(ip, Default::default()))
-        .tcp(CPORT, 80, 0x0102_0304, 8192)
-        .syn()
-        .write(&mut v, &vec![0x5a; ip_len - 40])
-        .unwrap();
-    v
 }
 
 #[test]
 fn packets_that_no_longer_fit_once_encapsulated_get_the_room_left() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
         set_mtu(net.ns(), "lbb", 1400);
-        let frag_needed = |input: &[u8], mtu: u16| {
-            let mut ip =
-                Ipv4Header::new(0, 64, IpNumber::ICMP, VIP_V4.octets(), CLIENT_V4.octets())
-                    .unwrap();
-            ip.dont_fragment = false;
-            ip.dscp = IpDscp::try_new(0xc0 >> 2).unwrap();
-            let mut v = Vec::new();
-            PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
-                .ip(IpHeaders::Ipv4(ip, Default::default()))
-                .icmpv4(Icmpv4Type::DestinationUnreachable(
-                    icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: mtu },
-                ))
-                .write(&mut v, &input[14..14 + 20 + 8])
-                .unwrap();
-            v
+        // A client's SYN to the ipip VIP of `ip_len` bytes of IP.
+        let big4 = |ip_len| {
+            Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80)
+                .syn()
+                .ip_len(ip_len)
         };
         // 1380 + 20 fits exactly; one more byte does not.
-        let fits = big4(1380, true);
+        let fits = big4(1380).bytes();
         let (action, out) = run_xdp(b, &fits, net.lbc).unwrap();
         assert_eq!((action, out), (XDP_REDIRECT, ipip4(&fits, OUTER_V4)));
-        let big = big4(1381, true);
+        let big = big4(1381).bytes();
         let (action, out) = run_xdp(b, &big, net.lbc).unwrap();
-        assert_eq!((action, out), (XDP_TX, frag_needed(&big, 1380)));
+        let too_big = icmp4_from_vip(frag_needed(1380), &big);
+        assert_eq!((action, out), (XDP_TX, too_big));
         assert_eq!(reason_count(b, Reason::TxTooBig), 1);
         // Without DF it can be neither fragmented here nor sent whole.
-        let (action, _) = run_xdp(b, &big4(1381, false), net.lbc).unwrap();
+        let no_df = big4(1381).df(false).bytes();
+        let (action, _) = run_xdp(b, &no_df, net.lbc).unwrap();
         assert_eq!(action, XDP_DROP);
         assert_eq!(reason_count(b, Reason::DropTooBig), 1);
 
         // IPv6: "packet too big" with 40 bytes less.
-        let mut big6 = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv6(CLIENT_V6.octets(), VIP_V6.octets(), 64)
-            .tcp(CPORT, 80, 7, 1000)
+        let big6 = Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 80)
             .syn()
-            .write(&mut big6, &[0x5a; 1361 - 60])
-            .unwrap();
+            .ip_len(1361)
+            .bytes();
         let (action, out) = run_xdp(b, &big6, net.lbc).unwrap();
-        let mut expected = Vec::new();
-        PacketBuilder::ethernet2(LBC_MAC, CLIENT_MAC)
-            .ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 64)
-            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1360 })
-            .write(&mut expected, &big6[14..14 + 1280 - 48])
-            .unwrap();
+        let expected = icmp6_from_vip(Icmpv6Type::PacketTooBig { mtu: 1360 }, &big6);
         assert_eq!((action, out), (XDP_TX, expected));
         assert_eq!(reason_count(b, Reason::TxTooBig), 2);
         assert_eq!(reason_count(b, Reason::PassTooBig), 0);
@@ -558,24 +446,25 @@ fn outer_backend(out: &[u8]) -> usize {
         .expect("addressed to a lab backend")
 }
 
+/// A backend's 1400-byte data segment from `vip:80` to the client's
+/// `cport` as it left (TTL 63), IP header onward: what routers quote.
+fn backend_segment(vip: impl Into<IpAddr>, client: impl Into<IpAddr>, cport: u16) -> Vec<u8> {
+    Frame::tcp(vip, client, 80, cport)
+        .seq(77)
+        .window(4096)
+        .ack(1)
+        .ttl(63)
+        .payload(&[0x42; 1400])
+        .ip_packet()
+}
+
 /// "Fragmentation needed" from a router to the VIP, quoting the segment
 /// the backend sent the client from `VIP_THREE` to port `cport`.
 fn frag_needed_to_vip(cport: u16) -> Vec<u8> {
-    let mut quoted = Vec::new();
-    PacketBuilder::ipv4(VIP_THREE.octets(), CLIENT_V4.octets(), 63)
-        .tcp(80, cport, 77, 4096)
-        .ack(1)
-        .write(&mut quoted, &[0x42; 1400])
-        .unwrap();
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-        .ipv4(ROUTER_V4.octets(), VIP_THREE.octets(), 60)
-        .icmpv4(Icmpv4Type::DestinationUnreachable(
-            icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
-        ))
-        .write(&mut v, &quoted[..20 + 8])
-        .unwrap();
-    v
+    let quoted = backend_segment(VIP_THREE, CLIENT_V4, cport);
+    Frame::icmp(ROUTER_V4, VIP_THREE, frag_needed(1400), &quoted[..20 + 8])
+        .ttl(60)
+        .bytes()
 }
 
 #[test]
@@ -584,10 +473,10 @@ fn frag_needed_for_a_dsr_vip_reaches_the_backend_that_owns_the_quoted_flow() {
         // Several flows, so that more than one backend owns one.
         let mut owners = Vec::new();
         for cport in 41000..41012u16 {
-            let syn = tcp4(VIP_THREE, cport, 80, "S", &[]);
+            let syn = tcp4(VIP_THREE, cport).syn().bytes();
             let (action, out) = run_xdp(b, &syn, net.lbc).unwrap();
             assert_eq!(action, XDP_REDIRECT);
-            let ack = tcp4(VIP_THREE, cport, 80, "A", &[]);
+            let ack = tcp4(VIP_THREE, cport).ack(1).bytes();
             assert_eq!(run_xdp(b, &ack, net.lbc).unwrap().0, XDP_REDIRECT);
             owners.push((cport, outer_backend(&out)));
         }
@@ -613,7 +502,7 @@ fn frag_needed_for_a_dsr_vip_reaches_the_backend_that_owns_the_quoted_flow() {
             let (action, out) = run_xdp(b, &icmp, net.lbc).unwrap();
             assert_eq!(action, XDP_REDIRECT);
             let by_icmp = outer_backend(&out);
-            let syn = tcp4(VIP_THREE, cport, 80, "S", &[]);
+            let syn = tcp4(VIP_THREE, cport).syn().bytes();
             let (_, out) = run_xdp(b, &syn, net.lbc).unwrap();
             assert_eq!(by_icmp, outer_backend(&out), "port {cport}");
         }
@@ -624,21 +513,14 @@ fn frag_needed_for_a_dsr_vip_reaches_the_backend_that_owns_the_quoted_flow() {
 fn packet_too_big_for_an_ipv6_dsr_vip_is_sent_on_encapsulated() {
     with_fixture(&OUTER_V4.to_string(), |b, net| {
         let router = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9);
-        let mut quoted = Vec::new();
-        PacketBuilder::ipv6(VIP_V6.octets(), CLIENT_V6.octets(), 63)
-            .tcp(80, CPORT, 77, 4096)
-            .ack(1)
-            .write(&mut quoted, &[0x42; 1400])
-            .unwrap();
-        let mut icmp = Vec::new();
-        PacketBuilder::ethernet2(CLIENT_MAC, LBC_MAC)
-            .ipv6(router.octets(), VIP_V6.octets(), 60)
-            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
-            .write(&mut icmp, &quoted[..1280 - 48])
-            .unwrap();
+        let quoted = backend_segment(VIP_V6, CLIENT_V6, CPORT);
+        let too_big = Icmpv6Type::PacketTooBig { mtu: 1280 };
+        let icmp = Frame::icmp(router, VIP_V6, too_big, &quoted[..1280 - 48])
+            .ttl(60)
+            .bytes();
         let (action, out) = run_xdp(b, &icmp, net.lbc).unwrap();
         assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(out, ip6ip6(&icmp, 0, Ipv6FlowLabel::ZERO));
+        assert_eq!(out, ip6ip6(&icmp, 0, 0));
         assert_eq!(reason_count(b, Reason::RedirectIcmpToBackend), 1);
     });
 }
