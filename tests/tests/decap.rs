@@ -17,14 +17,15 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap, PerCpuArray};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use etherparse::{
-    IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, PacketBuilder,
-    SlicedPacket, TcpHeader, TransportSlice,
+    IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, SlicedPacket,
+    TcpHeader, TransportSlice,
 };
 use lb_common::{AddrKey, DecapReason, MAP_DECAP_STATS, MAP_DECAP_VIPS, PROG_DECAP, Traffic};
+use lb_tests::frames::{CPORT, Frame, fix_ipv4_checksum};
 use lb_userspace::decap::{self, Status};
 use lb_userspace::lab::{
-    BALANCER_BACKEND_MAC, BALANCER_BACKEND_V4, BALANCER_BACKEND_V6, Lab, LabOptions, VIP_V4,
-    VIP_V6, backend_mac, backend_v4, backend_v6, run_in_ns,
+    BALANCER_BACKEND_MAC, BALANCER_BACKEND_V4, BALANCER_BACKEND_V6, CLIENT_V4, CLIENT_V6, Lab,
+    LabOptions, VIP_V4, VIP_V6, backend_mac, backend_v4, backend_v6, run_in_ns,
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
@@ -136,42 +137,27 @@ fn eth(ether_type: u16, payload: &[u8]) -> Vec<u8> {
     v
 }
 
+/// A client's packet to a VIP as the balancer tunnels it: IP header onward.
+fn inner(frame: Frame) -> Vec<u8> {
+    frame.payload(PAYLOAD).ip_packet()
+}
+
 fn udp4(dst: Ipv4Addr) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ipv4([198, 18, 1, 2], dst.octets(), 64)
-        .udp(40000, 5353)
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
+    inner(Frame::udp(CLIENT_V4, dst, CPORT, 5353))
 }
 
 fn tcp4(dst: Ipv4Addr) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ipv4([198, 18, 1, 2], dst.octets(), 64)
-        .tcp(40000, 8080, 0x0102_0304, 8192)
-        .syn()
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
+    inner(Frame::tcp(CLIENT_V4, dst, CPORT, 8080).syn())
 }
 
 fn udp6(dst: Ipv6Addr) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ipv6(lb_userspace::lab::CLIENT_V6.octets(), dst.octets(), 64)
-        .udp(40000, 5353)
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
+    inner(Frame::udp(CLIENT_V6, dst, CPORT, 5353))
 }
 
 fn tcp6(dst: Ipv6Addr) -> Vec<u8> {
-    let mut v = Vec::new();
-    PacketBuilder::ipv6(lb_userspace::lab::CLIENT_V6.octets(), dst.octets(), 64)
-        .tcp(40000, 8080, 0x0102_0304, 8192)
-        .syn()
-        .write(&mut v, PAYLOAD)
-        .unwrap();
-    v
+    // The IPv4 segment's sequence number and window, not Frame's IPv6 ones.
+    let syn = Frame::tcp(CLIENT_V6, dst, CPORT, 8080).syn();
+    inner(syn.seq(0x0102_0304).window(8192))
 }
 
 /// `inner` in an outer IPv4 header of protocol `proto` (edited by `edit`
@@ -219,14 +205,6 @@ fn ip6ip6(inner: &[u8]) -> Vec<u8> {
     in_v6(IpNumber::IPV6, inner)
 }
 
-/// Recomputes the IPv4 header checksum of the IP packet at `at` in `frame`.
-fn fix_checksum(frame: &mut [u8], at: usize) {
-    let ihl = usize::from(frame[at] & 0x0f) * 4;
-    frame[at + 10..at + 12].copy_from_slice(&[0, 0]);
-    let sum = lb_common::csum::checksum(&frame[at..at + ihl.max(20)]);
-    frame[at + 10..at + 12].copy_from_slice(&sum.to_be_bytes());
-}
-
 /// `frame` with an 802.1Q tag (VLAN 10) in front of its ethertype.
 fn vlan_tagged(frame: &[u8]) -> Vec<u8> {
     let mut v = frame[..12].to_vec();
@@ -261,7 +239,7 @@ fn ipip_to_a_vip_becomes_the_inner_frame_with_the_same_macs() {
     // An inner fragment is the stack's to reassemble: decapsulated.
     let mut fragment = udp4(VIP_V4);
     fragment[6] |= 0x20;
-    fix_checksum(&mut fragment, 0);
+    fix_ipv4_checksum(&mut fragment);
     d.decapsulates(
         "inner fragment",
         &ipip(&fragment),
@@ -380,28 +358,28 @@ fn truncated_or_inconsistent_headers_pass_untouched() {
             edited(&good4, &|f| {
                 let total = u16::from_be_bytes([f[16], f[17]]) + 1;
                 f[16..18].copy_from_slice(&total.to_be_bytes());
-                fix_checksum(f, 14);
+                fix_ipv4_checksum(&mut f[14..]);
             }),
         ),
         (
             "outer total length below its header",
             edited(&good4, &|f| {
                 f[16..18].copy_from_slice(&19u16.to_be_bytes());
-                fix_checksum(f, 14);
+                fix_ipv4_checksum(&mut f[14..]);
             }),
         ),
         (
             "outer IHL 4",
             edited(&good4, &|f| {
                 f[14] = 0x44;
-                fix_checksum(f, 14);
+                fix_ipv4_checksum(&mut f[14..]);
             }),
         ),
         (
             "outer version 6 in an IPv4 ethertype",
             edited(&good4, &|f| {
                 f[14] = 0x65;
-                fix_checksum(f, 14);
+                fix_ipv4_checksum(&mut f[14..]);
             }),
         ),
         ("outer checksum wrong", edited(&good4, &|f| f[24] ^= 0x5a)),
@@ -417,7 +395,7 @@ fn truncated_or_inconsistent_headers_pass_untouched() {
             "inner IHL 4",
             ipip(&edited(&inner4, &|f| {
                 f[0] = 0x44;
-                fix_checksum(f, 0);
+                fix_ipv4_checksum(f);
             })),
         ),
         ("inner IPv6 header under protocol 4", ipip(&inner6)),
@@ -616,29 +594,31 @@ struct Servers {
     _tcp: [TcpListener; 2],
 }
 
-fn inner_udp(v6: bool, payload: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    let b = if v6 {
-        PacketBuilder::ipv6(BALANCER_BACKEND_V6.octets(), VIP_V6.octets(), 64)
+/// The source (the balancer's address) and destination (the VIP) of the
+/// inner packets of one family.
+fn inner_ends(v6: bool) -> (IpAddr, IpAddr) {
+    if v6 {
+        (BALANCER_BACKEND_V6.into(), VIP_V6.into())
     } else {
-        PacketBuilder::ipv4(BALANCER_BACKEND_V4.octets(), VIP_V4.octets(), 64)
-    };
-    b.udp(SPORT, UDP_VIP_PORT).write(&mut v, payload).unwrap();
-    v
+        (BALANCER_BACKEND_V4.into(), VIP_V4.into())
+    }
+}
+
+fn inner_udp(v6: bool, payload: &[u8]) -> Vec<u8> {
+    let (src, vip) = inner_ends(v6);
+    Frame::udp(src, vip, SPORT, UDP_VIP_PORT)
+        .payload(payload)
+        .ip_packet()
 }
 
 fn inner_syn(v6: bool, seq: u32) -> Vec<u8> {
-    let mut v = Vec::new();
-    let b = if v6 {
-        PacketBuilder::ipv6(BALANCER_BACKEND_V6.octets(), VIP_V6.octets(), 64)
-    } else {
-        PacketBuilder::ipv4(BALANCER_BACKEND_V4.octets(), VIP_V4.octets(), 64)
-    };
-    b.tcp(SPORT + 1, TCP_VIP_PORT, seq, 65535)
+    let (src, vip) = inner_ends(v6);
+    Frame::tcp(src, vip, SPORT + 1, TCP_VIP_PORT)
         .syn()
-        .write(&mut v, &[])
-        .unwrap();
-    v
+        .seq(seq)
+        .window(65535)
+        .payload(&[])
+        .ip_packet()
 }
 
 /// How long a datagram that must not arrive is waited for.
@@ -662,11 +642,7 @@ fn udp_round_trip(
         return false;
     };
     assert_eq!(&buf[..n], payload, "the datagram arrives whole");
-    let inner_src: IpAddr = if v6 {
-        BALANCER_BACKEND_V6.into()
-    } else {
-        BALANCER_BACKEND_V4.into()
-    };
+    let (inner_src, vip) = inner_ends(v6);
     assert_eq!(
         from,
         SocketAddr::new(inner_src, SPORT),
@@ -675,7 +651,6 @@ fn udp_round_trip(
     server.send_to(b"answer", from).expect("answer");
     let reply = if v6 { &sender.udp6 } else { &sender.udp4 };
     let (n, from) = reply.recv_from(&mut buf).expect("the answer arrives");
-    let vip: IpAddr = if v6 { VIP_V6.into() } else { VIP_V4.into() };
     assert_eq!(
         (&buf[..n], from),
         (&b"answer"[..], SocketAddr::new(vip, UDP_VIP_PORT))
