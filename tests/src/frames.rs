@@ -1,7 +1,7 @@
 //! Frames for the packet-level tests (`tests/packet.rs`, `icmp.rs`, `dsr.rs`,
 //! `decap.rs`): the lab's packets written by etherparse, checksums computed
-//! from scratch, to feed the programs and to hold their output against byte
-//! for byte.
+//! from scratch, to feed the programs and to compare their output with,
+//! byte for byte.
 //!
 //! A [`Frame`] starts as a client's packet arriving on the balancer's client
 //! side (`CLIENT_MAC` to `LBC_MAC`, TTL 64, [`PAYLOAD`]); a test changes what
@@ -53,15 +53,15 @@ impl From<Icmpv6Type> for Transport {
 #[derive(Clone, Debug)]
 pub struct Tcp {
     /// Sequence number.
-    pub seq: u32,
+    seq: u32,
     /// Window.
-    pub window: u16,
+    window: u16,
     /// The SYN flag.
-    pub syn: bool,
+    syn: bool,
     /// Acknowledgment number, with the ACK flag.
-    pub ack: Option<u32>,
+    ack: Option<u32>,
     /// Options.
-    pub options: Vec<TcpOptionElement>,
+    options: Vec<TcpOptionElement>,
 }
 
 /// An Ethernet frame with an IPv4 or IPv6 packet in it, to be written by
@@ -69,33 +69,33 @@ pub struct Tcp {
 #[derive(Clone, Debug)]
 pub struct Frame {
     /// Source MAC.
-    pub smac: [u8; 6],
+    smac: [u8; 6],
     /// Destination MAC.
-    pub dmac: [u8; 6],
+    dmac: [u8; 6],
     /// An 802.1Q tag's VLAN ID.
-    pub vlan: Option<u16>,
+    vlan: Option<u16>,
     /// Source address; of the destination's family.
-    pub src: IpAddr,
+    src: IpAddr,
     /// Destination address.
-    pub dst: IpAddr,
+    dst: IpAddr,
     /// TTL (IPv4) or hop limit (IPv6).
-    pub ttl: u8,
+    ttl: u8,
     /// DSCP and ECN: the IPv4 TOS byte, or the IPv6 traffic class.
-    pub tos: u8,
+    tos: u8,
     /// IPv4 "don't fragment" (set by default, as etherparse sets it).
-    pub df: bool,
+    df: bool,
     /// IPv4 options (a multiple of 4 bytes).
-    pub ip_options: Vec<u8>,
+    ip_options: Vec<u8>,
     /// IPv6 flow label.
-    pub flow_label: u32,
+    flow_label: u32,
     /// Source port (TCP, UDP).
-    pub sport: u16,
+    sport: u16,
     /// Destination port (TCP, UDP).
-    pub dport: u16,
+    dport: u16,
     /// TCP, UDP or ICMP.
-    pub transport: Transport,
+    transport: Transport,
     /// What follows the transport header.
-    pub payload: Vec<u8>,
+    payload: Vec<u8>,
 }
 
 impl Frame {
@@ -365,8 +365,8 @@ pub fn frag_needed(mtu: u16) -> Icmpv4Type {
 }
 
 /// The ICMPv4 error the balancer answers a client's frame `about` with:
-/// from `VIP_V4`, precedence "internetwork control", no DF, quoting the IP
-/// header and 8 bytes (RFC 792).
+/// from `VIP_V4`, precedence "internetwork control", no DF, quoting its
+/// (20-byte) IP header and 8 bytes (RFC 792).
 pub fn icmp4_from_vip(ty: Icmpv4Type, about: &[u8]) -> Vec<u8> {
     Frame::icmp(VIP_V4, CLIENT_V4, ty, &about[14..14 + 20 + 8])
         .to_client()
