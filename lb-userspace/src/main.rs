@@ -110,8 +110,14 @@ fn check(files: &[PathBuf]) -> ExitCode {
         match config::load_for_this_host(file) {
             Ok(c) => {
                 let backends: usize = c.services.iter().map(|s| s.backends.len()).sum();
+                let proxy = &c.proxy.0;
+                // The L7 half only when there is one, so L4 files read as before.
+                let l7 = match (proxy.frontends.len(), proxy.pools.len()) {
+                    (0, 0) => String::new(),
+                    (f, p) => format!(", {f} frontends, {p} pools"),
+                };
                 println!(
-                    "{}: OK ({} services, {backends} backends)",
+                    "{}: OK ({} services, {backends} backends{l7})",
                     file.display(),
                     c.services.len()
                 );

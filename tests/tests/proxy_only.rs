@@ -65,6 +65,11 @@ fn the_proxy_runs_alone_without_interfaces() {
         &["check", path.to_str().unwrap()],
     );
     assert!(check.status.success(), "{check:?}");
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        said.contains("OK (0 services, 0 backends, 1 frontends, 1 pools)"),
+        "{said}"
+    );
     let socket = dir.join("lb.sock");
     lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
 
