@@ -530,7 +530,7 @@ async fn curl_http1_and_h2c() {
 // --- TLS ---------------------------------------------------------------
 
 /// Writes a self-signed certificate for `names` to `<stem>.pem`/`<stem>.key`; returns the pair and its DER.
-fn write_cert(dir: &TempDir, stem: &str, names: &[&str]) -> (CertPair, Vec<u8>) {
+pub(super) fn write_cert(dir: &TempDir, stem: &str, names: &[&str]) -> (CertPair, Vec<u8>) {
     let ck =
         rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
             .unwrap();
@@ -549,7 +549,7 @@ fn write_cert(dir: &TempDir, stem: &str, names: &[&str]) -> (CertPair, Vec<u8>) 
 }
 
 /// Connects with TLS (SNI `sni`, or an IP name for none); returns the stream and the presented leaf.
-async fn tls_connect(
+pub(super) async fn tls_connect(
     addr: SocketAddr,
     sni: Option<&str>,
     alpn: &[&[u8]],

@@ -7,5 +7,6 @@ mod framing;
 mod general;
 mod h1;
 mod routing;
+mod slow;
 mod support;
 mod upstream;

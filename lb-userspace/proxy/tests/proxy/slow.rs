@@ -1,0 +1,358 @@
+//! A peer that is slow or stops: every wait on a client or a server ends
+//! within the timeout that covers it, and the connection (its task, its
+//! memory) is freed. Real sockets; the limit under test is set to `LIMIT`
+//! and every other one keeps its default (5 s and more), so a missing limit
+//! shows as a test that waits past `GIVE_UP`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::general::{tls_connect, write_cert};
+use crate::support::{TempDir, local_frontend, start_proxy};
+use lb_proxy::*;
+
+/// The limit under test.
+const LIMIT: Duration = Duration::from_millis(300);
+/// How long a test waits for the proxy to give up.
+const GIVE_UP: Duration = Duration::from_secs(3);
+
+fn pool(server: SocketAddr) -> Pool {
+    Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)])
+}
+
+/// A server that hands each accepted connection to `serve`.
+async fn server<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(serve(s));
+        }
+    });
+    addr
+}
+
+/// Reads a request head (up to `\r\n\r\n`), byte by byte.
+async fn read_head(s: &mut TcpStream) {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await.unwrap_or(0) == 0 {
+            return;
+        }
+        head.push(b[0]);
+    }
+}
+
+/// An HTTP/1.1 server answering every request with `size` bytes.
+async fn big_server(size: usize) -> SocketAddr {
+    let body = Bytes::from(vec![b'x'; size]);
+    server(move |s| {
+        let body = body.clone();
+        async move {
+            let svc = hyper::service::service_fn(move |_req| {
+                let body = body.clone();
+                async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    })
+    .await
+}
+
+/// Reads until the proxy closes the connection (a reset counts) and
+/// returns what came; fails if it is still open after `GIVE_UP`.
+async fn until_closed<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let read = tokio::time::timeout(GIVE_UP, async {
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            out.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out[..out.len().min(300)]).into_owned();
+    assert!(read.is_ok(), "the connection is still open; got {text:?}");
+    text
+}
+
+/// Waits until the frontend has a connection open, then until it has none
+/// (the proxy closed it and its task ended), which must come within `GIVE_UP`.
+async fn until_freed(proxy: &Proxy) -> Duration {
+    let current = || proxy.stats().frontends()[0].current_connections;
+    let t = Instant::now();
+    while current() == 0 {
+        assert!(t.elapsed() < GIVE_UP, "the connection never came");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let t = Instant::now();
+    while current() > 0 {
+        assert!(t.elapsed() < GIVE_UP, "the connection is still served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.elapsed()
+}
+
+/// A TCP connection whose receive buffer is small (and not grown by the
+/// kernel), so that a client that does not read stops the proxy's writes soon.
+async fn small_window_connect(addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+// --- clients -------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_client_that_sends_nothing_is_closed_after_timeout_http_request() {
+    let mut fe = local_frontend();
+    fe.timeout_http_request = LIMIT;
+    let proxy = start_proxy(fe, pool(big_server(10).await)).await;
+    let t = Instant::now();
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    assert_eq!(until_closed(&mut s).await, "");
+    assert!(t.elapsed() >= LIMIT - Duration::from_millis(50));
+}
+
+#[tokio::test]
+async fn a_head_sent_byte_by_byte_gets_408_after_timeout_http_request() {
+    // Each byte comes well within the limit: it bounds the whole head.
+    let mut fe = local_frontend();
+    fe.timeout_http_request = LIMIT;
+    let proxy = start_proxy(fe, pool(big_server(10).await)).await;
+    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    tokio::spawn(async move {
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(500)
+        );
+        for b in head.bytes() {
+            if w.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let out = until_closed(&mut r).await;
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+}
+
+#[tokio::test]
+async fn a_request_body_that_stops_is_408_after_timeout_client() {
+    // The server waits for the whole body, within its default 30 s.
+    let server = server(|mut s| async move {
+        read_head(&mut s).await;
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    })
+    .await;
+    let mut fe = local_frontend();
+    fe.timeout_client = LIMIT;
+    let proxy = start_proxy(fe, pool(server)).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let out = until_closed(&mut s).await;
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+}
+
+/// Sends pipelined requests for a big answer on `s` and never reads.
+async fn never_read<S: AsyncWrite + Unpin>(s: &mut S) {
+    let one = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    s.write_all(one.repeat(3).as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_closed_after_timeout_client() {
+    // 16 MiB answers: more than the socket buffers on both sides hold.
+    let server = big_server(16 << 20).await;
+    let mut fe = local_frontend();
+    fe.timeout_client = LIMIT;
+    let proxy = start_proxy(fe, pool(server)).await;
+    let mut s = small_window_connect(proxy.local_addrs()[0]).await;
+    never_read(&mut s).await;
+    until_freed(&proxy).await;
+    // The same over TLS.
+    let dir = TempDir::new("slow-read");
+    let (cert, _) = write_cert(&dir, "one", &["one.test"]);
+    let mut fe = local_frontend();
+    fe.timeout_client = LIMIT;
+    fe.tls = Some(TlsConfig {
+        certs: vec![cert],
+        default_cert: None,
+    });
+    let proxy = start_proxy(fe, pool(server)).await;
+    let (mut tls, _) = tls_connect(proxy.local_addrs()[0], None, &[b"http/1.1"], false).await;
+    never_read(&mut tls).await;
+    until_freed(&proxy).await;
+    drop((s, tls));
+}
+
+#[tokio::test]
+async fn a_tls_handshake_that_stops_halfway_is_closed_after_timeout_http_request() {
+    let dir = TempDir::new("slow-tls");
+    let (cert, _) = write_cert(&dir, "one", &["one.test"]);
+    let mut fe = local_frontend();
+    fe.timeout_http_request = LIMIT;
+    fe.tls = Some(TlsConfig {
+        certs: vec![cert],
+        default_cert: None,
+    });
+    let proxy = start_proxy(fe, pool(big_server(10).await)).await;
+    // A handshake record announcing 512 bytes, of which a few come.
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03abcdefgh")
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut s).await, "");
+}
+
+// --- servers ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_server_that_trickles_its_head_is_504_after_timeout_server() {
+    // A byte every 50 ms: each within the limit, which bounds the whole head.
+    let server = server(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n").await;
+        loop {
+            if s.write_all(b"X").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let mut p = pool(server);
+    p.timeout_server = LIMIT;
+    let proxy = start_proxy(local_frontend(), p).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let out = until_closed(&mut s).await;
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+}
+
+/// A server that answers a head and 10 bytes of a 100-byte body, then stalls.
+async fn stalling_body_server() -> SocketAddr {
+    server(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+            .await;
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_server_that_stops_mid_body_is_cut_after_timeout_server() {
+    let mut p = pool(stalling_body_server().await);
+    p.timeout_server = LIMIT;
+    let proxy = start_proxy(local_frontend(), p).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let out = until_closed(&mut s).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("0123456789"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_stops_reading_a_body_is_504_after_timeout_server() {
+    // The server reads the head only and keeps the connection.
+    let server = server(|mut s| async move {
+        read_head(&mut s).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let mut p = pool(server);
+    p.timeout_server = LIMIT;
+    let proxy = start_proxy(local_frontend(), p).await;
+    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let size = 64 << 20;
+    tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+        w.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..size / chunk.len() {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let out = until_closed(&mut r).await;
+    assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+}
+
+#[tokio::test]
+async fn a_tls_server_that_never_handshakes_is_503_after_timeout_server() {
+    // Accepts, keeps the connection, says nothing.
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    let server = server(move |s| {
+        keep.lock().unwrap().push(s);
+        async {}
+    })
+    .await;
+    let mut p = pool(server);
+    p.tls = true;
+    p.verify = false;
+    p.retries = 0;
+    p.timeout_server = LIMIT;
+    let proxy = start_proxy(local_frontend(), p).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let out = until_closed(&mut s).await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert_eq!(held.lock().unwrap().len(), 1);
+}
+
+// --- tunnels -----------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_tunnel_whose_client_never_reads_closes_after_timeout_tunnel() {
+    // A WebSocket server that floods the tunnel once it is open.
+    let server = server(|mut s| async move {
+        read_head(&mut s).await;
+        let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        let _ = s.write_all(answer.as_bytes()).await;
+        let chunk = vec![b'w'; 64 * 1024];
+        while s.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
+    let mut p = pool(server);
+    p.timeout_tunnel = Some(LIMIT);
+    let proxy = start_proxy(local_frontend(), p).await;
+    let mut s = small_window_connect(proxy.local_addrs()[0]).await;
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    until_freed(&proxy).await;
+    drop(s);
+}
