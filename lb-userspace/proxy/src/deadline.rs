@@ -69,3 +69,37 @@ impl Deadline {
         .await
     }
 }
+
+/// A limit on each wait of a stream that is polled rather than awaited (a
+/// body handed to hyper): the timer is made at the first wait only, and
+/// moved in tokio's wheel as `Deadline` moves it.
+pub(crate) struct WaitLimit {
+    limit: Duration,
+    /// When the current wait times out; None while nothing waits.
+    due: Option<Instant>,
+    timer: Option<Deadline>,
+}
+
+impl WaitLimit {
+    pub(crate) fn new(limit: Duration) -> Self {
+        WaitLimit {
+            limit,
+            due: None,
+            timer: None,
+        }
+    }
+
+    /// The stream moved: the next wait counts from its own start.
+    pub(crate) fn progress(&mut self) {
+        self.due = None;
+    }
+
+    /// The stream waits: whether this wait has lasted the limit; otherwise
+    /// the task is woken when it may have.
+    pub(crate) fn poll_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let due = *self.due.get_or_insert_with(|| Instant::now() + self.limit);
+        let timer = self.timer.get_or_insert_with(Deadline::new);
+        timer.arm(due);
+        timer.poll_expired(cx, due)
+    }
+}

@@ -22,6 +22,7 @@ use super::actions;
 use super::balance::Active;
 use super::connpool::{Conn, Reusable, Sender};
 use super::context::{ConnCtx, PoolRuntime, Shared};
+use super::deadline::WaitLimit;
 use super::error::Failure;
 use super::hardening;
 use super::log::{AccessRecord, LogFormat};
@@ -350,6 +351,7 @@ fn respond(
     let body = rbody.map_err(BoxError::from).boxed_unsync();
     let mut body = LoggedBody::new(body, rec, active, done);
     body.reusable = reusable;
+    body.server_wait = Some(WaitLimit::new(x.pool.timeout_server));
     Response::from_parts(rparts, body)
 }
 
@@ -403,6 +405,9 @@ pub struct LoggedBody {
     done: Option<Done>,
     /// The server connection, given back to its pool when the body ends cleanly.
     reusable: Option<Reusable>,
+    /// `timeout_server` on each wait for more of a server's body (as on
+    /// our HTTP/1 path); None for the proxy's own answers.
+    server_wait: Option<WaitLimit>,
 }
 
 impl LoggedBody {
@@ -416,6 +421,7 @@ impl LoggedBody {
             _active: None,
             done: None,
             reusable: None,
+            server_wait: None,
         }
     }
 
@@ -431,6 +437,7 @@ impl LoggedBody {
             _active: active,
             done: Some(done),
             reusable: None,
+            server_wait: None,
         }
     }
 
@@ -483,10 +490,23 @@ impl Body for LoggedBody {
                 if self.inner.is_end_stream() {
                     self.finish(None);
                 }
+                if let Some(w) = &mut self.server_wait {
+                    w.progress();
+                }
             }
             Poll::Ready(Some(Err(_))) => self.finish(Some(Failure::ServerAborted.termination())),
             Poll::Ready(None) => self.finish(None),
-            Poll::Pending => {}
+            Poll::Pending => {
+                if self
+                    .server_wait
+                    .as_mut()
+                    .is_some_and(|w| w.poll_expired(cx))
+                {
+                    // The server connection is dropped with the rest of its body.
+                    self.finish(Some(Failure::ServerDataTimeout.termination()));
+                    return Poll::Ready(Some(Err("timeout server during the body".into())));
+                }
+            }
         }
         r
     }

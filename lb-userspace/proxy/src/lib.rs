@@ -103,8 +103,8 @@
 //! hash_query = false             # uri: hash path and query (default: path only)
 //! hash_header = "X-User"         # header (required there): without it a request goes roundrobin
 //! timeout_connect = "5s"
-//! timeout_server = "30s"         # until the response head; HTTP/1 clients: also each wait
-//!                                # on the server for the request or response body
+//! timeout_server = "30s"         # until the response head, then each wait on the server for
+//!                                # the response body (HTTP/1 clients: for the request body too)
 //! timeout_server_idle = "30s"    # idle keep-alive server connections kept this long; "0s" = none
 //! timeout_queue = "5s"           # longest wait for a server below maxconn; then 503 (sQ)
 //! # (hash algorithms wait for the request's own server; the others for any eligible one)

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -355,4 +355,85 @@ async fn a_tunnel_whose_client_never_reads_closes_after_timeout_tunnel() {
         .unwrap();
     until_freed(&proxy).await;
     drop(s);
+}
+
+// --- hyper's path --------------------------------------------------------------
+//
+// HTTP/2 clients, and HTTP/1 ones of a frontend that can reach an `h2` pool.
+
+/// A proxy whose frontend may route to an `h2` pool (never, in fact: every
+/// request goes to `server`), so that hyper serves its clients; `fe` and
+/// `pool` set the timeouts of the frontend and of the pool used.
+async fn hyper_path_proxy(
+    server: SocketAddr,
+    fe: impl FnOnce(&mut Frontend),
+    pool: impl FnOnce(&mut Pool),
+) -> Proxy {
+    let rules = "[[frontend.acl]]\nname = \"never\"\npath_prefix = \"/never/\"\n\
+                 [[frontend.use_pool]]\npool = \"api\"\nif = \"never\"\n";
+    let mut cfg = crate::support::two_pool_config(server, server, rules, "");
+    cfg.pools[1].h2 = true;
+    fe(&mut cfg.frontends[0]);
+    pool(&mut cfg.pools[0]);
+    Proxy::start(cfg, None).await.unwrap()
+}
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`, and its task.
+async fn h2c<B>(
+    addr: SocketAddr,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<B>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+fn get(addr: SocketAddr) -> hyper::Request<Empty<Bytes>> {
+    hyper::Request::get(format!("http://{addr}/"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn hyper_path_a_server_that_stops_mid_body_is_cut_after_timeout_server() {
+    let proxy = hyper_path_proxy(
+        stalling_body_server().await,
+        |_| {},
+        |p| {
+            p.timeout_server = LIMIT;
+        },
+    )
+    .await;
+    let front = proxy.local_addrs()[0];
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let out = until_closed(&mut s).await;
+    assert!(
+        out.starts_with("HTTP/1.1 200") && out.ends_with("0123456789"),
+        "{out}"
+    );
+    // HTTP/2: the stream fails, the connection goes on.
+    let (mut send, _conn) = h2c(front, 65535).await;
+    let resp = send.send_request(get(front)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(GIVE_UP, resp.into_body().collect()).await;
+    assert!(body.expect("the body still waits").is_err());
+    assert!(!send.is_closed());
 }
