@@ -132,6 +132,12 @@ pub(crate) struct Activity {
     pub idle_waker: Mutex<Option<Waker>>,
     /// Set once a `101 Switching Protocols` went out: the stream is a tunnel now.
     pub upgraded: std::sync::atomic::AtomicBool,
+    /// Response bodies that handed hyper data and have not been asked for
+    /// more since: hyper waits for room to send (the client is not reading,
+    /// or gives no HTTP/2 flow-control window).
+    pub stalled: AtomicUsize,
+    /// Bumped whenever such a body is asked for more: its data went out.
+    pub moved: AtomicU64,
 }
 
 /// One client connection.

@@ -408,6 +408,9 @@ pub struct LoggedBody {
     /// `timeout_server` on each wait for more of a server's body (as on
     /// our HTTP/1 path); None for the proxy's own answers.
     server_wait: Option<WaitLimit>,
+    /// Data was handed to hyper and no more asked for since: counted in
+    /// `Activity::stalled`, where `ClientIo` limits the wait.
+    handed: bool,
 }
 
 impl LoggedBody {
@@ -422,6 +425,7 @@ impl LoggedBody {
             done: None,
             reusable: None,
             server_wait: None,
+            handed: false,
         }
     }
 
@@ -438,6 +442,24 @@ impl LoggedBody {
             done: Some(done),
             reusable: None,
             server_wait: None,
+            handed: false,
+        }
+    }
+
+    /// Counts the body in or out of its connection's `Activity::stalled`.
+    fn hand(&mut self, handed: bool) {
+        if self.handed == handed {
+            return;
+        }
+        self.handed = handed;
+        if let Some(done) = &self.done {
+            let activity = &done.conn.activity;
+            if handed {
+                activity.stalled.fetch_add(1, Ordering::SeqCst);
+            } else {
+                activity.stalled.fetch_sub(1, Ordering::SeqCst);
+                activity.moved.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -477,6 +499,7 @@ impl Body for LoggedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.hand(false);
         // The server connection runs in this task: let it read before the body is polled.
         if let Some(r) = &mut self.reusable {
             r.drive(cx);
@@ -493,6 +516,8 @@ impl Body for LoggedBody {
                 if let Some(w) = &mut self.server_wait {
                     w.progress();
                 }
+                let more = !self.inner.is_end_stream();
+                self.hand(more);
             }
             Poll::Ready(Some(Err(_))) => self.finish(Some(Failure::ServerAborted.termination())),
             Poll::Ready(None) => self.finish(None),
@@ -522,6 +547,7 @@ impl Body for LoggedBody {
 
 impl Drop for LoggedBody {
     fn drop(&mut self) {
+        self.hand(false);
         // Dropped before its end: the client went away mid-response.
         let term = if self.inner.is_end_stream() {
             None

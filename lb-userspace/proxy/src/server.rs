@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::accept::{ClientStream, Listener};
 use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared};
-use super::deadline::Deadline;
+use super::deadline::{Deadline, WaitLimit};
 use super::error::{Failure, timeout_408};
 use super::forward;
 use super::h1;
@@ -393,6 +393,11 @@ struct ClientIo<T> {
     deadline: Deadline,
     /// Bytes of the 408 answer already written, while answering.
     answering: Option<usize>,
+    /// `timeout_client` on each write that cannot go on (the client reads nothing).
+    write_wait: WaitLimit,
+    /// `timeout_client` on answers that wait for room (`Activity::stalled`),
+    /// and the `Activity::moved` count it was armed at.
+    body_wait: (WaitLimit, u64),
     peer: SocketAddr,
     frontend: Arc<str>,
     log_format: LogFormat,
@@ -418,9 +423,55 @@ impl<T> ClientIo<T> {
             due: tokio::time::Instant::now(),
             deadline: Deadline::new(),
             answering: None,
+            write_wait: WaitLimit::new(timeouts.client),
+            body_wait: (WaitLimit::new(timeouts.client), 0),
             peer,
             frontend,
             log_format,
+        }
+    }
+
+    /// Whether an answer has waited `timeout_client` for the client to take
+    /// more of it: written data that would not go out is caught by the
+    /// writes, but HTTP/2 flow control stops hyper before it writes. Called
+    /// while the connection waits to read with requests in flight.
+    fn poll_answers_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let (wait, at) = &mut self.body_wait;
+        if self.activity.stalled.load(Ordering::SeqCst) == 0 {
+            wait.progress();
+            return false;
+        }
+        let moved = self.activity.moved.load(Ordering::SeqCst);
+        if moved != *at {
+            *at = moved;
+            wait.progress();
+        }
+        wait.poll_expired(cx)
+    }
+
+    /// Bytes that went out are progress for the answers waiting for room
+    /// too: a client reading slowly is not one that stopped.
+    fn wrote(&mut self, r: &Poll<io::Result<usize>>) {
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.body_wait.0.progress();
+        }
+    }
+
+    /// A write's result, failed once it has waited `timeout_client`.
+    fn watch_write<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        match r {
+            Poll::Pending if self.write_wait.poll_expired(cx) => {
+                Poll::Ready(Err(client_timed_out()))
+            }
+            Poll::Pending => Poll::Pending,
+            r => {
+                self.write_wait.progress();
+                r
+            }
         }
     }
 
@@ -497,7 +548,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 if this.activity.active.load(Ordering::SeqCst) > 0 {
-                    // A request is being served: timeouts belong to the server side.
+                    if this.poll_answers_stalled(cx) {
+                        return Poll::Ready(Err(client_timed_out()));
+                    }
+                    // A request is being served: other timeouts belong to the server side.
                     this.armed = None;
                     if let Ok(mut w) = this.activity.idle_waker.lock() {
                         *w = Some(cx.waker().clone());
@@ -546,8 +600,49 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
     }
 }
 
-// Writes go to the client untouched; only reads are watched.
-write_through!(ClientIo<T>);
+fn client_timed_out() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        "timeout client: the client takes no more of the answer",
+    )
+}
+
+// Writes go to the client untouched, each limited by `timeout_client`.
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&r);
+        self.watch_write(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&r);
+        self.watch_write(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch_write(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch_write(cx, r)
+    }
+}
 
 #[cfg(test)]
 mod tests {

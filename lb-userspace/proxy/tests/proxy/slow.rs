@@ -437,3 +437,21 @@ async fn hyper_path_a_server_that_stops_mid_body_is_cut_after_timeout_server() {
     assert!(body.expect("the body still waits").is_err());
     assert!(!send.is_closed());
 }
+
+#[tokio::test]
+async fn hyper_path_a_client_that_never_reads_is_closed_after_timeout_client() {
+    let server = big_server(16 << 20).await;
+    let proxy = hyper_path_proxy(server, |fe| fe.timeout_client = LIMIT, |_| {}).await;
+    let front = proxy.local_addrs()[0];
+    let mut s = small_window_connect(front).await;
+    never_read(&mut s).await;
+    until_freed(&proxy).await;
+    // HTTP/2: a client that takes the head and never opens its window
+    // again (no WINDOW_UPDATE) for the body.
+    let (mut send, conn) = h2c(front, 65535).await;
+    let resp = send.send_request(get(front)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let ended = tokio::time::timeout(GIVE_UP, conn).await;
+    assert!(ended.is_ok(), "the proxy kept the connection");
+    drop((s, resp));
+}
