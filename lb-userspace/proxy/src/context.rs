@@ -115,6 +115,8 @@ pub(crate) struct FrontendCtx {
     pub https: bool,
     /// `timeout_tunnel` of the frontend, if set; the pool's wins.
     pub timeout_tunnel: Option<Duration>,
+    /// `timeout_client`: on hyper's path, each wait for a request body.
+    pub timeout_client: Duration,
     /// Access log format of the frontend.
     pub log_format: LogFormat,
     /// The frontend's request counters.
@@ -215,6 +217,7 @@ impl FrontendRuntime {
                 forwarded_headers: cfg.forwarded_headers,
                 https: tls.is_some(),
                 timeout_tunnel: cfg.timeout_tunnel,
+                timeout_client: cfg.timeout_client,
                 log_format: cfg.log_format,
                 stats: Arc::default(),
             }),

@@ -85,11 +85,12 @@ pub(crate) async fn handle(
             return Ok(error_response(failure, rec, done));
         }
     };
+    let limit = conn.frontend.timeout_client;
     if !h2_client {
-        let body = body.into();
+        let body = RequestBody::stream(body, limit);
         return Ok(forward(&shared, &conn, parts, body, fwd, upgrade, done, None).await);
     }
-    let body = request_body::in_hand(body).await;
+    let body = request_body::in_hand(body, limit).await;
     // An HTTP/2 stream can be reset at any time, which drops this future:
     // the exchange with the server runs in a task of its own, so a reset
     // neither abandons a connection being opened nor one whose response is
@@ -202,6 +203,7 @@ async fn forward(
                 };
                 return respond(resp, exchange, fwd, done);
             }
+            Ok(Err(e)) if request_body::timed_out(e.error()) => Failure::ClientTimeout,
             Ok(Err(mut e)) => {
                 let server = active.server().addr;
                 tracing::debug!(pool = %pool.name, %server, error = %e.error(), "forward failed");

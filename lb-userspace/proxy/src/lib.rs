@@ -42,8 +42,8 @@
 //! max_connections = 10000        # default
 //! request_header_limit = 16384   # bytes, default 16 KiB
 //! timeout_client = "30s"         # HTTP/2 idle; HTTP/1: each wait on the client during a request;
-//!                                # both: each write to the client, and an answer held back by a
-//!                                # client that takes none of it (HTTP/2 flow control)
+//!                                # both: each write to the client, each wait for a request body,
+//!                                # and an answer held back by a client that takes none of it
 //!                                # durations: "500ms", "10s", "2m" or "1h" (a unit is required)
 //! timeout_http_request = "10s"   # whole request head (and TLS handshake); 408 after it
 //! timeout_http_keep_alive = "10s"

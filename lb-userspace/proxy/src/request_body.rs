@@ -13,6 +13,10 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::deadline::WaitLimit;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Largest body gathered to be sent with a known length.
 pub(crate) const WHOLE_LIMIT: usize = 64 * 1024;
 /// Longest wait for the end of such a body before streaming it instead.
@@ -26,17 +30,45 @@ pub(crate) enum RequestBody {
         rest: Incoming,
         /// An error met while reading ahead, given after `read`.
         error: Option<hyper::Error>,
+        /// `timeout_client` on each wait for more of the body.
+        wait: WaitLimit,
     },
     /// The whole body, in hand (taken when sent).
     Whole(Option<Bytes>),
 }
 
-impl From<Incoming> for RequestBody {
-    fn from(rest: Incoming) -> Self {
+/// A client's request body that sent nothing more for `timeout_client`.
+#[derive(Debug)]
+pub(crate) struct ClientTimedOut;
+
+impl std::fmt::Display for ClientTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("timeout client during the request body")
+    }
+}
+
+impl std::error::Error for ClientTimedOut {}
+
+/// Whether a request failed because its body timed out (`ClientTimedOut`).
+pub(crate) fn timed_out(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.is::<ClientTimedOut>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+impl RequestBody {
+    /// `rest`, streamed as it comes, each wait limited to `limit`.
+    pub(crate) fn stream(rest: Incoming, limit: std::time::Duration) -> Self {
         RequestBody::Stream {
             read: VecDeque::new(),
             rest,
             error: None,
+            wait: WaitLimit::new(limit),
         }
     }
 }
@@ -54,10 +86,11 @@ enum Ahead {
 
 /// Reads `body` for up to `WHOLE_WAIT`: the whole body when its end comes
 /// within that time and `WHOLE_LIMIT` bytes, else a stream that gives what
-/// was read first. Bodies of known length or none at all are left as they are.
-pub(crate) async fn in_hand(mut body: Incoming) -> RequestBody {
+/// was read first, each later wait limited to `limit`. Bodies of known
+/// length or none at all are left as they are.
+pub(crate) async fn in_hand(mut body: Incoming, limit: std::time::Duration) -> RequestBody {
     if body.is_end_stream() || body.size_hint().exact().is_some() {
-        return body.into();
+        return RequestBody::stream(body, limit);
     }
     let mut data = BytesMut::new();
     let gather = poll_fn(|cx: &mut Context<'_>| {
@@ -84,46 +117,54 @@ pub(crate) async fn in_hand(mut body: Incoming) -> RequestBody {
     if !data.is_empty() {
         read.push_back(Frame::data(data.clone()));
     }
-    match ahead {
-        Ahead::Ended => RequestBody::Whole(Some(data)),
-        Ahead::More => RequestBody::Stream {
-            read,
-            rest: body,
-            error: None,
-        },
+    let error = match ahead {
+        Ahead::Ended => return RequestBody::Whole(Some(data)),
+        Ahead::More => None,
         Ahead::Trailers(t) => {
             read.push_back(t);
-            RequestBody::Stream {
-                read,
-                rest: body,
-                error: None,
-            }
+            None
         }
-        Ahead::Failed(e) => RequestBody::Stream {
-            read,
-            rest: body,
-            error: Some(e),
-        },
+        Ahead::Failed(e) => Some(e),
+    };
+    RequestBody::Stream {
+        read,
+        rest: body,
+        error,
+        wait: WaitLimit::new(limit),
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            RequestBody::Stream { read, rest, error } => {
+            RequestBody::Stream {
+                read,
+                rest,
+                error,
+                wait,
+            } => {
                 if let Some(f) = read.pop_front() {
                     return Poll::Ready(Some(Ok(f)));
                 }
                 if let Some(e) = error.take() {
-                    return Poll::Ready(Some(Err(e)));
+                    return Poll::Ready(Some(Err(e.into())));
                 }
-                Pin::new(rest).poll_frame(cx)
+                match Pin::new(rest).poll_frame(cx) {
+                    Poll::Pending if wait.poll_expired(cx) => {
+                        Poll::Ready(Some(Err(ClientTimedOut.into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(r) => {
+                        wait.progress();
+                        Poll::Ready(r.map(|r| r.map_err(BoxError::from)))
+                    }
+                }
             }
             RequestBody::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
@@ -131,9 +172,9 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Stream { read, rest, error } => {
-                read.is_empty() && error.is_none() && rest.is_end_stream()
-            }
+            RequestBody::Stream {
+                read, rest, error, ..
+            } => read.is_empty() && error.is_none() && rest.is_end_stream(),
             RequestBody::Whole(data) => data.is_none(),
         }
     }

@@ -455,3 +455,67 @@ async fn hyper_path_a_client_that_never_reads_is_closed_after_timeout_client() {
     assert!(ended.is_ok(), "the proxy kept the connection");
     drop((s, resp));
 }
+
+/// A request body that sends one frame and then never ends.
+struct Endless(bool);
+
+impl hyper::body::Body for Endless {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if std::mem::replace(&mut self.0, true) {
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from_static(
+            b"0123",
+        )))))
+    }
+}
+
+#[tokio::test]
+async fn hyper_path_a_request_body_that_stops_is_408_after_timeout_client() {
+    // The server waits for the whole body, within its default 30 s.
+    let server = server(|mut s| async move {
+        read_head(&mut s).await;
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    })
+    .await;
+    let proxy = hyper_path_proxy(server, |fe| fe.timeout_client = LIMIT, |_| {}).await;
+    let front = proxy.local_addrs()[0];
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let out = until_closed(&mut s).await;
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    // HTTP/2: a stream whose body never ends.
+    let (mut send, _conn) = h2c(front, 65535).await;
+    let req = hyper::Request::post(format!("http://{front}/"))
+        .body(Endless(false))
+        .unwrap();
+    let resp = tokio::time::timeout(GIVE_UP, send.send_request(req)).await;
+    let resp = resp.expect("the stream still waits");
+    assert_eq!(
+        resp.map(|r| r.status()).ok(),
+        Some(http::StatusCode::REQUEST_TIMEOUT)
+    );
+}
+
+#[tokio::test]
+async fn hyper_path_an_http2_client_that_stops_mid_frame_is_closed_after_timeout_client() {
+    let proxy =
+        hyper_path_proxy(big_server(10).await, |fe| fe.timeout_client = LIMIT, |_| {}).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    // The preface, an empty SETTINGS frame, then 5 of a frame header's 9 bytes.
+    s.write_all(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x10\x01\x04",
+    )
+    .await
+    .unwrap();
+    until_closed(&mut s).await;
+}
