@@ -525,6 +525,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
         if this.head_started.is_some_and(|d| d != dispatched) {
             // The head that started was parsed and dispatched since.
             this.head_started = None;
+            this.armed = None;
         }
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -541,7 +542,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
                     {
                         this.head_started = Some(dispatched);
                     }
-                    this.armed = None;
+                    // Bytes end an idle wait, but a head's limit counts from
+                    // its start: bytes sent one by one do not move it.
+                    if this.armed != Some(Phase::Head) {
+                        this.armed = None;
+                    }
                 }
                 Poll::Ready(Ok(()))
             }

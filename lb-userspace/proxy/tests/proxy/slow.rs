@@ -519,3 +519,29 @@ async fn hyper_path_an_http2_client_that_stops_mid_frame_is_closed_after_timeout
     .unwrap();
     until_closed(&mut s).await;
 }
+
+#[tokio::test]
+async fn hyper_path_a_head_sent_byte_by_byte_gets_408_after_timeout_http_request() {
+    let proxy = hyper_path_proxy(
+        big_server(10).await,
+        |fe| fe.timeout_http_request = LIMIT,
+        |_| {},
+    )
+    .await;
+    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    tokio::spawn(async move {
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(500)
+        );
+        for b in head.bytes() {
+            if w.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let out = until_closed(&mut r).await;
+    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+}
