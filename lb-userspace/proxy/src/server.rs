@@ -463,6 +463,10 @@ impl<T> ClientIo<T> {
         cx: &mut Context<'_>,
         r: Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
+        if self.activity.upgraded.load(Ordering::SeqCst) {
+            // A tunnel: timeout_tunnel limits it (proxy/tunnel.rs).
+            return r;
+        }
         match r {
             Poll::Pending if self.write_wait.poll_expired(cx) => {
                 Poll::Ready(Err(client_timed_out()))

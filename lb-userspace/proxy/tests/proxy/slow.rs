@@ -335,24 +335,34 @@ async fn a_tls_server_that_never_handshakes_is_503_after_timeout_server() {
 
 // --- tunnels -----------------------------------------------------------------------
 
+/// A WebSocket server that floods the tunnel once it is open; how long
+/// after its 101 the flood stopped (the tunnel closed) goes to `lasted`.
+async fn flooding_server(lasted: Arc<Mutex<Option<Duration>>>) -> SocketAddr {
+    server(move |mut s| {
+        let lasted = lasted.clone();
+        async move {
+            read_head(&mut s).await;
+            let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+            let _ = s.write_all(answer.as_bytes()).await;
+            let t = Instant::now();
+            let chunk = vec![b'w'; 64 * 1024];
+            while s.write_all(&chunk).await.is_ok() {}
+            *lasted.lock().unwrap() = Some(t.elapsed());
+        }
+    })
+    .await
+}
+
+const WS_UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
 #[tokio::test]
 async fn a_tunnel_whose_client_never_reads_closes_after_timeout_tunnel() {
-    // A WebSocket server that floods the tunnel once it is open.
-    let server = server(|mut s| async move {
-        read_head(&mut s).await;
-        let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
-        let _ = s.write_all(answer.as_bytes()).await;
-        let chunk = vec![b'w'; 64 * 1024];
-        while s.write_all(&chunk).await.is_ok() {}
-    })
-    .await;
+    let server = flooding_server(Arc::default()).await;
     let mut p = pool(server);
     p.timeout_tunnel = Some(LIMIT);
     let proxy = start_proxy(local_frontend(), p).await;
     let mut s = small_window_connect(proxy.local_addrs()[0]).await;
-    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(WS_UPGRADE).await.unwrap();
     until_freed(&proxy).await;
     drop(s);
 }
@@ -544,4 +554,28 @@ async fn hyper_path_a_head_sent_byte_by_byte_gets_408_after_timeout_http_request
     });
     let out = until_closed(&mut r).await;
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+}
+
+#[tokio::test]
+async fn hyper_path_a_tunnel_whose_client_never_reads_closes_after_timeout_tunnel() {
+    // timeout_client is shorter: a tunnel has timeout_tunnel instead.
+    let lasted = Arc::new(Mutex::new(None));
+    let server = flooding_server(lasted.clone()).await;
+    let tunnel = Duration::from_millis(1200);
+    let proxy = hyper_path_proxy(
+        server,
+        |fe| fe.timeout_client = LIMIT,
+        |p| p.timeout_tunnel = Some(tunnel),
+    )
+    .await;
+    let mut s = small_window_connect(proxy.local_addrs()[0]).await;
+    s.write_all(WS_UPGRADE).await.unwrap();
+    let t = Instant::now();
+    while lasted.lock().unwrap().is_none() {
+        assert!(t.elapsed() < GIVE_UP, "the tunnel is still open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let lasted = lasted.lock().unwrap().unwrap();
+    assert!(lasted >= tunnel, "closed after {lasted:?}");
+    drop(s);
 }
