@@ -126,6 +126,14 @@ async fn a_client_that_sends_nothing_is_closed_after_timeout_http_request() {
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     assert_eq!(until_closed(&mut s).await, "");
     assert!(t.elapsed() >= LIMIT - Duration::from_millis(50));
+    // Nor a PROXY header where one is required.
+    let mut fe = local_frontend();
+    fe.timeout_http_request = LIMIT;
+    fe.accept_proxy = true;
+    let proxy = start_proxy(fe, pool(big_server(10).await)).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"PROXY TCP4 1.2.3.4").await.unwrap();
+    assert_eq!(until_closed(&mut s).await, "");
 }
 
 #[tokio::test]
@@ -226,10 +234,9 @@ async fn a_tls_handshake_that_stops_halfway_is_closed_after_timeout_http_request
 
 // --- servers ---------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_server_that_trickles_its_head_is_504_after_timeout_server() {
-    // A byte every 50 ms: each within the limit, which bounds the whole head.
-    let server = server(|mut s| async move {
+/// A server that answers with a head sent a byte every 50 ms, forever.
+async fn trickling_head_server() -> SocketAddr {
+    server(|mut s| async move {
         read_head(&mut s).await;
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\n").await;
         loop {
@@ -239,8 +246,41 @@ async fn a_server_that_trickles_its_head_is_504_after_timeout_server() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
-    .await;
-    let mut p = pool(server);
+    .await
+}
+
+/// A server that reads a request head only, and keeps the connection.
+async fn deaf_server() -> SocketAddr {
+    server(|mut s| async move {
+        read_head(&mut s).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await
+}
+
+/// Sends a 64 MiB request body to `front` (as long as it is taken) and
+/// returns what comes back until the proxy closes the connection.
+async fn post_big_body(front: SocketAddr) -> String {
+    let s = TcpStream::connect(front).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let size = 64 << 20;
+    tokio::spawn(async move {
+        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+        w.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..size / chunk.len() {
+            if w.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    until_closed(&mut r).await
+}
+
+#[tokio::test]
+async fn a_server_that_trickles_its_head_is_504_after_timeout_server() {
+    // A byte every 50 ms: each within the limit, which bounds the whole head.
+    let mut p = pool(trickling_head_server().await);
     p.timeout_server = LIMIT;
     let proxy = start_proxy(local_frontend(), p).await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
@@ -282,29 +322,10 @@ async fn a_server_that_stops_mid_body_is_cut_after_timeout_server() {
 
 #[tokio::test]
 async fn a_server_that_stops_reading_a_body_is_504_after_timeout_server() {
-    // The server reads the head only and keeps the connection.
-    let server = server(|mut s| async move {
-        read_head(&mut s).await;
-        tokio::time::sleep(Duration::from_secs(30)).await;
-    })
-    .await;
-    let mut p = pool(server);
+    let mut p = pool(deaf_server().await);
     p.timeout_server = LIMIT;
     let proxy = start_proxy(local_frontend(), p).await;
-    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    let (mut r, mut w) = s.into_split();
-    let size = 64 << 20;
-    tokio::spawn(async move {
-        let head = format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
-        w.write_all(head.as_bytes()).await.unwrap();
-        let chunk = vec![0u8; 64 * 1024];
-        for _ in 0..size / chunk.len() {
-            if w.write_all(&chunk).await.is_err() {
-                return;
-            }
-        }
-    });
-    let out = until_closed(&mut r).await;
+    let out = post_big_body(proxy.local_addrs()[0]).await;
     assert!(out.starts_with("HTTP/1.1 504"), "{out}");
 }
 
@@ -578,4 +599,13 @@ async fn hyper_path_a_tunnel_whose_client_never_reads_closes_after_timeout_tunne
     let lasted = lasted.lock().unwrap().unwrap();
     assert!(lasted >= tunnel, "closed after {lasted:?}");
     drop(s);
+}
+
+#[tokio::test]
+async fn hyper_path_servers_that_trickle_a_head_or_stop_reading_are_504_after_timeout_server() {
+    for server in [trickling_head_server().await, deaf_server().await] {
+        let proxy = hyper_path_proxy(server, |_| {}, |p| p.timeout_server = LIMIT).await;
+        let out = post_big_body(proxy.local_addrs()[0]).await;
+        assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+    }
 }
