@@ -492,16 +492,19 @@ impl<T> ClientIo<T> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin> ClientIo<T> {
     /// Writes the 408 answer, then reports end of stream to hyper.
+    /// (Within `timeout_client`, as every write.)
     fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(done) = self.answering {
             if done < timeout_408().len() {
-                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &timeout_408()[done..]))?;
+                let r = Pin::new(&mut self.inner).poll_write(cx, &timeout_408()[done..]);
+                let n = ready!(self.watch_write(cx, r))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.answering = Some(done + n);
             } else {
-                ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+                let r = Pin::new(&mut self.inner).poll_flush(cx);
+                ready!(self.watch_write(cx, r))?;
                 let _ = Pin::new(&mut self.inner).poll_shutdown(cx);
                 return Poll::Ready(Ok(()));
             }
