@@ -609,3 +609,35 @@ async fn hyper_path_servers_that_trickle_a_head_or_stop_reading_are_504_after_ti
         assert!(out.starts_with("HTTP/1.1 504"), "{out}");
     }
 }
+
+#[tokio::test]
+async fn a_tunnel_whose_server_never_reads_closes_after_timeout_tunnel() {
+    // The client sends 1 MiB right behind its upgrade request; the server
+    // (with a small receive buffer) reads none of it. What came with the
+    // request head (one read, at most 16 KiB) is written before the tunnel
+    // starts and fits in the socket's buffer; the rest stops the tunnel.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(2048).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(16).unwrap();
+    let server = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                read_head(&mut s).await;
+                let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                let _ = s.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let mut p = pool(server);
+    p.timeout_tunnel = Some(LIMIT);
+    let proxy = start_proxy(local_frontend(), p).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let mut bytes = WS_UPGRADE.to_vec();
+    bytes.extend_from_slice(&[b'w'; 1 << 20]);
+    let (mut r, mut w) = s.split();
+    let (_, out) = tokio::join!(w.write_all(&bytes), until_closed(&mut r));
+    assert!(out.starts_with("HTTP/1.1 101"), "{out}");
+}
