@@ -641,3 +641,35 @@ async fn a_tunnel_whose_server_never_reads_closes_after_timeout_tunnel() {
     let (_, out) = tokio::join!(w.write_all(&bytes), until_closed(&mut r));
     assert!(out.starts_with("HTTP/1.1 101"), "{out}");
 }
+
+#[tokio::test]
+async fn a_server_whose_backlog_is_full_is_503_after_timeout_connect() {
+    // A listener that never accepts, its backlog filled: the kernel drops
+    // further SYNs, so a connect waits.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let server = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let connect = TcpStream::connect(server);
+        match tokio::time::timeout(Duration::from_millis(200), connect).await {
+            Ok(s) => fillers.push(s.unwrap()),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the backlog never filled");
+    }
+    let mut p = pool(server);
+    p.timeout_connect = LIMIT;
+    p.retries = 0;
+    let proxy = start_proxy(local_frontend(), p).await;
+    let t = Instant::now();
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let out = until_closed(&mut s).await;
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(t.elapsed() >= LIMIT - Duration::from_millis(50));
+    drop((listener, fillers));
+}
