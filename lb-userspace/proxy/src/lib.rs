@@ -41,7 +41,8 @@
 //! default_pool = "app"
 //! max_connections = 10000        # default
 //! request_header_limit = 16384   # bytes, default 16 KiB
-//! timeout_client = "30s"         # HTTP/2 idle; HTTP/1: each wait on the client during a request;
+//! timeout_client = "30s"         # HTTP/2 idle (from its last stream's end: PINGs or stray bytes
+//!                                # do not extend it); HTTP/1: each wait on the client during a request;
 //!                                # both: each write to the client, each wait for a request body,
 //!                                # and an answer held back by a client that takes none of it
 //!                                # durations: "500ms", "10s", "2m" or "1h" (a unit is required)

@@ -549,9 +549,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
                     {
                         this.head_started = Some(dispatched);
                     }
-                    // Bytes end an idle wait, but a head's limit counts from
-                    // its start: bytes sent one by one do not move it.
-                    if this.armed != Some(Phase::Head) {
+                    // Bytes end an HTTP/1 idle wait, but a head's limit
+                    // counts from its start, and an HTTP/2 connection's idle
+                    // one from the end of its last stream (as HAProxy's):
+                    // bytes sent one by one, or frames that are no request
+                    // (PING), do not move them.
+                    if this.armed != Some(Phase::Head) && this.h2 != Some(true) {
                         this.armed = None;
                     }
                 }

@@ -673,3 +673,35 @@ async fn a_server_whose_backlog_is_full_is_503_after_timeout_connect() {
     assert!(t.elapsed() >= LIMIT - Duration::from_millis(50));
     drop((listener, fillers));
 }
+
+#[tokio::test]
+async fn hyper_path_an_http2_client_trickling_frames_without_a_request_is_closed() {
+    // The preface, then frames sent a byte every 20 ms, none a request: an
+    // idle connection's limit counts from when it became idle.
+    let proxy = hyper_path_proxy(
+        big_server(10).await,
+        |fe| {
+            fe.timeout_client = LIMIT;
+            fe.timeout_http_request = LIMIT;
+        },
+        |_| {},
+    )
+    .await;
+    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    tokio::spawn(async move {
+        let mut bytes =
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00".to_vec();
+        // PING frames.
+        for _ in 0..20 {
+            bytes.extend_from_slice(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00pingping");
+        }
+        for b in bytes {
+            if w.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    until_closed(&mut r).await;
+}
