@@ -134,6 +134,9 @@ pub(crate) struct Activity {
     pub idle_waker: Mutex<Option<Waker>>,
     /// Set once a `101 Switching Protocols` went out: the stream is a tunnel now.
     pub upgraded: std::sync::atomic::AtomicBool,
+    /// Set once the 101 is written and the tunnel has the stream: its
+    /// writes are then the tunnel's (`timeout_tunnel`), not timed by `ClientIo`.
+    pub spliced: std::sync::atomic::AtomicBool,
     /// Response bodies that handed hyper data and have not been asked for
     /// more since: hyper waits for room to send (the client is not reading,
     /// or gives no HTTP/2 flow-control window).

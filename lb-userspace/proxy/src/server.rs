@@ -463,7 +463,7 @@ impl<T> ClientIo<T> {
         cx: &mut Context<'_>,
         r: Poll<io::Result<R>>,
     ) -> Poll<io::Result<R>> {
-        if self.activity.upgraded.load(Ordering::SeqCst) {
+        if self.activity.spliced.load(Ordering::SeqCst) {
             // A tunnel: timeout_tunnel limits it (proxy/tunnel.rs).
             return r;
         }

@@ -47,7 +47,7 @@ impl Upgrade {
     pub(crate) fn answer(
         self,
         resp: &mut http::response::Parts,
-        activity: &Activity,
+        activity: &Arc<Activity>,
         idle: Duration,
         active: Active,
     ) -> Option<Active> {
@@ -64,8 +64,11 @@ impl Upgrade {
         }
         activity.upgraded.store(true, Ordering::SeqCst);
         let client = self.client;
+        let activity = activity.clone();
         tokio::spawn(async move {
             let _active = active;
+            // The 101 is written within timeout_client (`ClientIo`) before
+            // the client's side is handed over: this ends then.
             let (client, server) = match tokio::try_join!(client, server) {
                 Ok(x) => x,
                 Err(e) => {
@@ -73,6 +76,7 @@ impl Upgrade {
                     return;
                 }
             };
+            activity.spliced.store(true, Ordering::SeqCst);
             let (mut c, mut s) = (TokioIo::new(client), TokioIo::new(server));
             match splice(&mut c, &mut s, idle).await {
                 Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
