@@ -137,6 +137,9 @@ pub(crate) struct Activity {
     /// Set once the 101 is written and the tunnel has the stream: its
     /// writes are then the tunnel's (`timeout_tunnel`), not timed by `ClientIo`.
     pub spliced: std::sync::atomic::AtomicBool,
+    /// Set when `ClientIo` ended the connection for `timeout_client`: the
+    /// answers cut with it are logged `cD`, not `CD`.
+    pub client_timed_out: std::sync::atomic::AtomicBool,
     /// Response bodies that handed hyper data and have not been asked for
     /// more since: hyper waits for room to send (the client is not reading,
     /// or gives no HTTP/2 flow-control window).

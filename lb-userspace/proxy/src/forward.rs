@@ -550,11 +550,16 @@ impl Body for LoggedBody {
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         self.hand(false);
-        // Dropped before its end: the client went away mid-response.
-        let term = if self.inner.is_end_stream() {
-            None
-        } else {
-            Some(Failure::ClientAborted.termination())
+        // Dropped before its end: the client went away mid-response, or
+        // took nothing of it for timeout_client.
+        let timed_out = self.done.as_ref().is_some_and(|d| {
+            let activity = &d.conn.activity;
+            activity.client_timed_out.load(Ordering::SeqCst)
+        });
+        let term = match (self.inner.is_end_stream(), timed_out) {
+            (true, _) => None,
+            (false, true) => Some(Failure::ClientTimeout.termination()),
+            (false, false) => Some(Failure::ClientAborted.termination()),
         };
         self.finish(term);
     }

@@ -469,7 +469,7 @@ impl<T> ClientIo<T> {
         }
         match r {
             Poll::Pending if self.write_wait.poll_expired(cx) => {
-                Poll::Ready(Err(client_timed_out()))
+                Poll::Ready(Err(client_timed_out(&self.activity)))
             }
             Poll::Pending => Poll::Pending,
             r => {
@@ -564,7 +564,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
             Poll::Pending => {
                 if this.activity.active.load(Ordering::SeqCst) > 0 {
                     if this.poll_answers_stalled(cx) {
-                        return Poll::Ready(Err(client_timed_out()));
+                        return Poll::Ready(Err(client_timed_out(&this.activity)));
                     }
                     // A request is being served: other timeouts belong to the server side.
                     this.armed = None;
@@ -615,7 +615,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientIo<T> {
     }
 }
 
-fn client_timed_out() -> io::Error {
+/// The error that ends a connection for `timeout_client`, noted in `activity`.
+fn client_timed_out(activity: &Activity) -> io::Error {
+    activity.client_timed_out.store(true, Ordering::SeqCst);
     io::Error::new(
         io::ErrorKind::TimedOut,
         "timeout client: the client takes no more of the answer",

@@ -471,12 +471,19 @@ async fn hyper_path_a_server_that_stops_mid_body_is_cut_after_timeout_server() {
 
 #[tokio::test]
 async fn hyper_path_a_client_that_never_reads_is_closed_after_timeout_client() {
+    crate::support::capture_access_log();
     let server = big_server(16 << 20).await;
     let proxy = hyper_path_proxy(server, |fe| fe.timeout_client = LIMIT, |_| {}).await;
     let front = proxy.local_addrs()[0];
     let mut s = small_window_connect(front).await;
-    never_read(&mut s).await;
+    s.write_all(b"GET /never-read HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     until_freed(&proxy).await;
+    // Logged as a client timeout during the data, not a client that left.
+    let lines = crate::support::access_lines();
+    let line = lines.iter().find(|l| l.contains("/never-read"));
+    assert!(line.is_some_and(|l| l.contains(" cD")), "{line:?}");
     // HTTP/2: a client that takes the head and never opens its window
     // again (no WINDOW_UPDATE) for the body.
     let (mut send, conn) = h2c(front, 65535).await;
