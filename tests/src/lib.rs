@@ -525,6 +525,49 @@ pub fn pin_to_this_cpu() {
     }
 }
 
+/// The NAT services the packet-level tests share: TCP :80 and UDP :53 on
+/// both VIPs, each to backend 1 (:8080, :5353), on `lbc` and `lbb`.
+pub fn nat_services_config() -> String {
+    use lb_userspace::lab::{VIP_V4, VIP_V6, backend_v4, backend_v6};
+    format!(
+        r#"
+interfaces = ["lbc", "lbb"]
+
+[[service]]
+name = "tcp4"
+vip = "{VIP_V4}:80"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:8080"
+
+[[service]]
+name = "udp4"
+vip = "{VIP_V4}:53"
+protocol = "udp"
+ring_size = 13
+[[service.backend]]
+address = "{b4}:5353"
+
+[[service]]
+name = "tcp6"
+vip = "[{VIP_V6}]:80"
+ring_size = 13
+[[service.backend]]
+address = "[{b6}]:8080"
+
+[[service]]
+name = "udp6"
+vip = "[{VIP_V6}]:53"
+protocol = "udp"
+ring_size = 13
+[[service.backend]]
+address = "[{b6}]:5353"
+"#,
+        b4 = backend_v4(1),
+        b6 = backend_v6(1),
+    )
+}
+
 /// Runs `body` in a fresh one-namespace fixture (`TestRunNet`, named after
 /// `tag`) with the data plane loaded from `config` and each interface's
 /// MAC recorded, as the agent does before it attaches.

@@ -36,49 +36,9 @@ const ROUTER_C6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x1, 0, 0, 0, 0, 0xfe);
 const ROUTER_B4: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 254);
 const ROUTER_B6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x2, 0, 0, 0, 0, 0xfe);
 
-fn config() -> String {
-    format!(
-        r#"
-interfaces = ["lbc", "lbb"]
-
-[[service]]
-name = "tcp4"
-vip = "{VIP_V4}:80"
-ring_size = 13
-[[service.backend]]
-address = "{b4}:8080"
-
-[[service]]
-name = "udp4"
-vip = "{VIP_V4}:53"
-protocol = "udp"
-ring_size = 13
-[[service.backend]]
-address = "{b4}:5353"
-
-[[service]]
-name = "tcp6"
-vip = "[{VIP_V6}]:80"
-ring_size = 13
-[[service.backend]]
-address = "[{b6}]:8080"
-
-[[service]]
-name = "udp6"
-vip = "[{VIP_V6}]:53"
-protocol = "udp"
-ring_size = 13
-[[service.backend]]
-address = "[{b6}]:5353"
-"#,
-        b4 = backend_v4(1),
-        b6 = backend_v6(1),
-    )
-}
-
 /// Runs `body` inside a fresh fixture namespace with the balancer loaded.
 fn with_fixture(body: impl FnOnce(&mut Balancer, &TestRunNet) + Send + 'static) {
-    lb_tests::with_fixture("icmp", config(), body)
+    lb_tests::with_fixture("icmp", lb_tests::nat_services_config(), body)
 }
 
 /// An ICMP error from `src` to `dst` quoting `quote`, as it comes in from

@@ -31,40 +31,8 @@ const VIP4_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 4);
 const VIP5_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 5);
 
 fn config() -> String {
-    format!(
+    let extra = format!(
         r#"
-interfaces = ["lbc", "lbb"]
-
-[[service]]
-name = "tcp4"
-vip = "{VIP_V4}:80"
-ring_size = 13
-[[service.backend]]
-address = "{b4}:8080"
-
-[[service]]
-name = "udp4"
-vip = "{VIP_V4}:53"
-protocol = "udp"
-ring_size = 13
-[[service.backend]]
-address = "{b4}:5353"
-
-[[service]]
-name = "tcp6"
-vip = "[{VIP_V6}]:80"
-ring_size = 13
-[[service.backend]]
-address = "[{b6}]:8080"
-
-[[service]]
-name = "udp6"
-vip = "[{VIP_V6}]:53"
-protocol = "udp"
-ring_size = 13
-[[service.backend]]
-address = "[{b6}]:5353"
-
 [[service]]
 name = "web-l7"
 vip = "{VIP_V4}:443"
@@ -106,8 +74,8 @@ weight = 0
         b4 = backend_v4(1),
         b4_2 = backend_v4(2),
         b4_3 = backend_v4(3),
-        b6 = backend_v6(1),
-    )
+    );
+    lb_tests::nat_services_config() + &extra
 }
 
 /// Runs `body` inside a fresh fixture namespace with the balancer loaded.
