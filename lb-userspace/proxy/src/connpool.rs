@@ -121,7 +121,15 @@ pub(crate) enum Sender {
     /// HTTP/1.1 driven by a task of its own, with upgrades (WebSocket).
     H1Tunnel(http1::SendRequest<RequestBody>),
     /// HTTP/2: shared, requests multiplexed, driven by its own task.
-    H2(http2::SendRequest<RequestBody>),
+    H2(H2),
+}
+
+/// A server's shared HTTP/2 connection, with the number that tells it from
+/// a later one to the same server (`ConnPool::retire`).
+#[derive(Clone)]
+pub(crate) struct H2 {
+    sender: http2::SendRequest<RequestBody>,
+    id: u64,
 }
 
 impl Sender {
@@ -134,7 +142,9 @@ impl Sender {
             Sender::H1Tunnel(s) => {
                 timed(tokio::time::timeout(limit, s.try_send_request(req)).await)
             }
-            Sender::H2(s) => timed(tokio::time::timeout(limit, s.try_send_request(req)).await),
+            Sender::H2(h) => {
+                timed(tokio::time::timeout(limit, h.sender.try_send_request(req)).await)
+            }
         }
     }
 
@@ -221,7 +231,9 @@ struct Lists {
     /// The same for our own HTTP/1.1 path's connections.
     raw: ByServer<Vec<IdleRaw>>,
     /// The shared HTTP/2 connection of each server.
-    shared: ByServer<http2::SendRequest<RequestBody>>,
+    shared: ByServer<H2>,
+    /// Number of the next HTTP/2 connection opened.
+    next_h2: u64,
 }
 
 /// One pool's server connections.
@@ -287,20 +299,7 @@ impl ConnPool {
         let h2 = io.alpn_h2() || self.h2_prior_knowledge;
         let io = TokioIo::new(io);
         let sender = if h2 {
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(io::Error::other)?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%server, error = %e, "server connection ended");
-                }
-            });
-            if self.reuse() {
-                self.lists().shared.insert(server, sender.clone());
-            }
-            Sender::H2(sender)
+            Sender::H2(self.open_h2(server, io).await?)
         } else {
             let (sender, conn) = http1::Builder::new()
                 .writev(false)
@@ -317,6 +316,55 @@ impl ConnPool {
             sender,
             connect_time: Some(start.elapsed()),
         })
+    }
+
+    /// Opens an HTTP/2 connection on `io` and shares it (when connections
+    /// are kept), numbered so that `retire` can tell it from a later one.
+    /// No keep-alive PINGs (hyper's `keep_alive_interval`): HAProxy sends
+    /// them only with its opt-in `idle-ping`, and servers that police PINGs
+    /// (gRPC's, by default) close connections that send them every
+    /// `timeout_server` with ENHANCE_YOUR_CALM. A silent connection is found
+    /// by the first request that times out on it (`retire`).
+    async fn open_h2(&self, server: SocketAddr, io: TokioIo<ServerIo>) -> io::Result<H2> {
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%server, error = %e, "server connection ended");
+            }
+        });
+        if !self.reuse() {
+            return Ok(H2 { sender, id: 0 });
+        }
+        let mut lists = self.lists();
+        lists.next_h2 += 1;
+        let h2 = H2 {
+            sender,
+            id: lists.next_h2,
+        };
+        lists.shared.insert(server, h2.clone());
+        Ok(h2)
+    }
+
+    /// Takes `server`'s shared HTTP/2 connection `h2` out of the pool (if
+    /// it is still the one shared): a request on it got no answer within
+    /// `timeout_server`. The connection may be alive while the server or
+    /// the path to it is not, and TCP would take hours to tell; later
+    /// requests open a new one. Streams under way on it go on, and it
+    /// closes when the last one ends.
+    pub(crate) fn retire(&self, server: SocketAddr, h2: &H2) {
+        self.retire_id(server, h2.id);
+    }
+
+    fn retire_id(&self, server: SocketAddr, id: u64) {
+        let mut lists = self.lists();
+        if lists.shared.get(&server).is_some_and(|s| s.id == id) {
+            lists.shared.remove(&server);
+            tracing::debug!(%server, "shared HTTP/2 connection timed out: no longer used");
+        }
     }
 
     /// A connection for our own HTTP/1.1 path (never HTTP/2): the server's most
@@ -366,7 +414,7 @@ impl ConnPool {
             let idle = {
                 let mut lists = self.lists();
                 if let Some(s) = lists.shared.get(&server) {
-                    if !s.is_closed() {
+                    if !s.sender.is_closed() {
                         return Some(Sender::H2(s.clone()));
                     }
                     lists.shared.remove(&server);
@@ -417,7 +465,7 @@ impl ConnPool {
             list.retain_mut(|i| i.since.elapsed() <= limit && i.conn.alive());
         }
         lists.raw.retain(|_, l| !l.is_empty());
-        lists.shared.retain(|_, s| !s.is_closed());
+        lists.shared.retain(|_, s| !s.sender.is_closed());
     }
 }
 
@@ -454,5 +502,30 @@ impl Reusable {
     /// Puts the connection back in its pool's idle list.
     pub(crate) fn give_back(self) {
         self.pool.put(self.server, self.h1);
+    }
+}
+
+/// A shared HTTP/2 connection carrying a response body, to be taken out of
+/// its pool if the body stops coming for `timeout_server`. Only its number
+/// is kept, not a sending half, which would keep the connection open.
+pub(crate) struct SharedH2 {
+    pool: Arc<ConnPool>,
+    server: SocketAddr,
+    id: u64,
+}
+
+impl SharedH2 {
+    /// Connection `h2` of `pool` to `server`.
+    pub(crate) fn new(pool: Arc<ConnPool>, server: SocketAddr, h2: &H2) -> Self {
+        SharedH2 {
+            pool,
+            server,
+            id: h2.id,
+        }
+    }
+
+    /// See `ConnPool::retire`.
+    pub(crate) fn retire(self) {
+        self.pool.retire_id(self.server, self.id);
     }
 }

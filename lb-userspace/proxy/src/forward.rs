@@ -20,7 +20,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::actions;
 use super::balance::Active;
-use super::connpool::{Conn, Reusable, Sender};
+use super::connpool::{Conn, Reusable, Sender, SharedH2};
 use super::context::{ConnCtx, PoolRuntime, Shared};
 use super::deadline::WaitLimit;
 use super::error::Failure;
@@ -220,7 +220,12 @@ async fn forward(
                     }
                 }
             }
-            Err(_) => Failure::ServerTimeout,
+            Err(_) => {
+                if let Sender::H2(h2) = &sender {
+                    pool.conns.retire(active.server().addr, h2);
+                }
+                Failure::ServerTimeout
+            }
         };
         return error_response(failure, fwd.rec, done);
     }
@@ -326,6 +331,7 @@ fn respond(
         return error_response(Failure::BadResponse, rec, done);
     }
     prepare::strip_hop_by_hop(&mut rparts.headers);
+    let mut shared = None;
     let (active, reusable) = match x.upgrade {
         Some(u) => {
             let idle = x.pool.timeout_tunnel.or(x.conn.frontend.timeout_tunnel);
@@ -343,7 +349,11 @@ fn respond(
                     server: addr,
                     h1,
                 }),
-                Sender::H1Tunnel(_) | Sender::H2(_) => None,
+                Sender::H2(h2) => {
+                    shared = Some(SharedH2::new(x.pool.conns.clone(), addr, &h2));
+                    None
+                }
+                Sender::H1Tunnel(_) => None,
             };
             (Some(x.active), reusable)
         }
@@ -353,6 +363,7 @@ fn respond(
     let body = rbody.map_err(BoxError::from).boxed_unsync();
     let mut body = LoggedBody::new(body, rec, active, done);
     body.reusable = reusable;
+    body.shared = shared;
     body.server_wait = Some(WaitLimit::new(x.pool.timeout_server));
     Response::from_parts(rparts, body)
 }
@@ -407,6 +418,9 @@ pub struct LoggedBody {
     done: Option<Done>,
     /// The server connection, given back to its pool when the body ends cleanly.
     reusable: Option<Reusable>,
+    /// The shared HTTP/2 connection the body comes on, taken out of its
+    /// pool if a wait for more of the body times out.
+    shared: Option<SharedH2>,
     /// `timeout_server` on each wait for more of a server's body (as on
     /// our HTTP/1 path); None for the proxy's own answers.
     server_wait: Option<WaitLimit>,
@@ -426,6 +440,7 @@ impl LoggedBody {
             _active: None,
             done: None,
             reusable: None,
+            shared: None,
             server_wait: None,
             handed: false,
         }
@@ -443,6 +458,7 @@ impl LoggedBody {
             _active: active,
             done: Some(done),
             reusable: None,
+            shared: None,
             server_wait: None,
             handed: false,
         }
@@ -529,7 +545,11 @@ impl Body for LoggedBody {
                     .as_mut()
                     .is_some_and(|w| w.poll_expired(cx))
                 {
-                    // The server connection is dropped with the rest of its body.
+                    // The server connection is dropped with the rest of its
+                    // body; a shared one is no longer used.
+                    if let Some(h2) = self.shared.take() {
+                        h2.retire();
+                    }
                     self.finish(Some(Failure::ServerDataTimeout.termination()));
                     return Poll::Ready(Some(Err("timeout server during the body".into())));
                 }

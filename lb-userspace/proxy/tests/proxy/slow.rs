@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -327,6 +328,75 @@ async fn a_server_that_stops_reading_a_body_is_504_after_timeout_server() {
     let proxy = start_proxy(local_frontend(), p).await;
     let out = post_big_body(proxy.local_addrs()[0]).await;
     assert!(out.starts_with("HTTP/1.1 504"), "{out}");
+}
+
+/// An h2c server that answers the first request of each connection, and
+/// on the same connection then stops answering (the connection stays up,
+/// PINGs are still answered): no head at all, or a head and 4 bytes of a
+/// body that never ends. Counts the connections it accepted.
+async fn h2_server_stalling_after_one(stall_body: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+    use http_body_util::Either;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let addr = server(move |s| {
+        count.fetch_add(1, Ordering::SeqCst);
+        let served = Arc::new(AtomicUsize::new(0));
+        async move {
+            let svc = hyper::service::service_fn(move |_req| {
+                let first = served.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    let body = match (first, stall_body) {
+                        (true, _) => Either::Left(Full::new(Bytes::from_static(b"ok"))),
+                        (false, true) => Either::Right(Endless(false)),
+                        (false, false) => std::future::pending().await,
+                    };
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        }
+    })
+    .await;
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_shared_h2_connection_that_stops_answering_is_replaced_after_timeout_server() {
+    // Its stalled request is a 504 (no head) or cut (mid-body); the next
+    // one must not be sent on the same connection again.
+    for stall_body in [false, true] {
+        let (server, accepted) = h2_server_stalling_after_one(stall_body).await;
+        let mut p = pool(server);
+        p.h2 = true;
+        p.timeout_server = LIMIT;
+        let proxy = start_proxy(local_frontend(), p).await;
+        let front = proxy.local_addrs()[0];
+        let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let mut s = TcpStream::connect(front).await.unwrap();
+            s.write_all(request).await.unwrap();
+            answers.push(until_closed(&mut s).await);
+        }
+        let [ok, stalled, next] = &answers[..] else {
+            unreachable!()
+        };
+        assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("ok"), "{ok}");
+        match stall_body {
+            false => assert!(stalled.starts_with("HTTP/1.1 504"), "{stalled}"),
+            true => assert!(
+                stalled.starts_with("HTTP/1.1 200") && !stalled.ends_with("0\r\n\r\n"),
+                "{stalled}"
+            ),
+        }
+        assert!(
+            next.starts_with("HTTP/1.1 200") && next.ends_with("ok"),
+            "body stall {stall_body}: {next}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
 }
 
 #[tokio::test]
