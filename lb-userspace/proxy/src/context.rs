@@ -137,6 +137,9 @@ pub(crate) struct Activity {
     /// Set once the 101 is written and the tunnel has the stream: its
     /// writes are then the tunnel's (`timeout_tunnel`), not timed by `ClientIo`.
     pub spliced: std::sync::atomic::AtomicBool,
+    /// Notified when the task of an `upgraded` connection's tunnel ends:
+    /// until then the connection keeps its slot (`max_connections`).
+    pub tunnel_ended: tokio::sync::Notify,
     /// Set when `ClientIo` ended the connection for `timeout_client`: the
     /// answers cut with it are logged `cD`, not `CD`.
     pub client_timed_out: std::sync::atomic::AtomicBool,

@@ -305,36 +305,46 @@ async fn serve_io<T>(
     let io = GuardIo::new(io, activity, fe.head_limit, h2, peer, fe.ctx.name.clone())
         .log_format(fe.ctx.log_format);
     let service = service_fn(move |req| forward::handle(shared.clone(), conn.clone(), req));
-    // With upgrades: HTTP/1.1 Upgrade requests become tunnels (proxy/tunnel.rs).
-    let served = fe
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(served);
-    let probe = shutdown.clone();
-    let changed = pin!(shutdown.changed());
-    let mut shutdown = ShutdownWatch::new(probe, changed);
-    let first = std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = served.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
-        }
-        if shutdown.poll_come(cx) {
-            return Poll::Ready(None);
-        }
-        Poll::Pending
-    })
-    .await;
-    let result = match first {
-        Some(r) => r,
-        None => match first_request(served.as_mut(), &seen, fe.timeouts.http_request).await {
-            Some(r) => r,
-            None => {
-                served.as_mut().graceful_shutdown();
-                served.await
+    // In a block: hyper's connection (which holds a 101's pending upgrade
+    // until dropped) must be gone before the wait for its tunnel below.
+    let result = {
+        // With upgrades: HTTP/1.1 Upgrade requests become tunnels (proxy/tunnel.rs).
+        let served = fe
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(served);
+        let probe = shutdown.clone();
+        let changed = pin!(shutdown.changed());
+        let mut shutdown = ShutdownWatch::new(probe, changed);
+        let first = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = served.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
             }
-        },
+            if shutdown.poll_come(cx) {
+                return Poll::Ready(None);
+            }
+            Poll::Pending
+        })
+        .await;
+        match first {
+            Some(r) => r,
+            None => match first_request(served.as_mut(), &seen, fe.timeouts.http_request).await {
+                Some(r) => r,
+                None => {
+                    served.as_mut().graceful_shutdown();
+                    served.await
+                }
+            },
+        }
     };
     if let Err(e) = result {
         tracing::debug!(frontend = %fe.ctx.name, %peer, error = %e, "client connection ended with an error");
+    }
+    if seen.upgraded.load(Ordering::SeqCst) {
+        // hyper handed the stream to the tunnel's task (proxy/tunnel.rs): the
+        // connection is open until it ends, and keeps its slot (the caller's
+        // permit) and its place in current_connections, as on our path.
+        seen.tunnel_ended.notified().await;
     }
 }
 

@@ -67,6 +67,7 @@ impl Upgrade {
         let activity = activity.clone();
         tokio::spawn(async move {
             let _active = active;
+            let _ended = Ended(activity.clone());
             // The 101 is written within timeout_client (`ClientIo`) before
             // the client's side is handed over: this ends then.
             let (client, server) = match tokio::try_join!(client, server) {
@@ -84,6 +85,17 @@ impl Upgrade {
             }
         });
         None
+    }
+}
+
+/// Tells the connection its tunnel ended when dropped (the task ended, or was
+/// cancelled with its runtime): `notify_one` keeps the news for a waiter yet
+/// to come.
+struct Ended(Arc<Activity>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        self.0.tunnel_ended.notify_one();
     }
 }
 

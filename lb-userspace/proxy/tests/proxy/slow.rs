@@ -45,16 +45,17 @@ where
     addr
 }
 
-/// Reads a request head (up to `\r\n\r\n`), byte by byte.
-async fn read_head(s: &mut TcpStream) {
+/// Reads a request or response head (up to `\r\n\r\n`), byte by byte.
+async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
         if s.read(&mut b).await.unwrap_or(0) == 0 {
-            return;
+            break;
         }
         head.push(b[0]);
     }
+    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// An HTTP/1.1 server answering every request with `size` bytes.
@@ -456,6 +457,83 @@ async fn a_tunnel_whose_client_never_reads_closes_after_timeout_tunnel() {
     s.write_all(WS_UPGRADE).await.unwrap();
     until_freed(&proxy).await;
     drop(s);
+}
+
+/// A server answering a WebSocket upgrade with 101, then echoing what comes
+/// until the client closes, and any other request with `ok`.
+async fn ws_or_ok_server() -> SocketAddr {
+    server(|mut s| async move {
+        loop {
+            let head = read_head(&mut s).await.to_ascii_lowercase();
+            if head.is_empty() {
+                return;
+            }
+            if !head.contains("upgrade: websocket") {
+                let ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                let _ = s.write_all(ok.as_bytes()).await;
+                continue;
+            }
+            let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+            let _ = s.write_all(answer.as_bytes()).await;
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            return;
+        }
+    })
+    .await
+}
+
+/// Checks that a connection to `front` (of a frontend with max_connections
+/// = 1, its one slot taken) is not served, then returns it, its request sent.
+async fn waits_for_a_slot(front: SocketAddr, what: &str) -> TcpStream {
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), s.read(&mut byte)).await;
+    assert!(early.is_err(), "{what}: served beyond max_connections");
+    s
+}
+
+#[tokio::test]
+async fn an_open_tunnel_holds_its_connection_slot_on_both_paths() {
+    let server = ws_or_ok_server().await;
+    let mut fe = local_frontend();
+    fe.max_connections = 1;
+    let ours = start_proxy(fe, pool(server)).await;
+    let hyper = hyper_path_proxy(server, |fe| fe.max_connections = 1, |_| {}).await;
+    for (path, proxy) in [("ours", ours), ("hyper", hyper)] {
+        let front = proxy.local_addrs()[0];
+        let current = || proxy.stats().frontends()[0].current_connections;
+        // An open keep-alive connection holds the one slot...
+        let mut kept = TcpStream::connect(front).await.unwrap();
+        kept.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut kept).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        let mut second = waits_for_a_slot(front, &format!("{path}, keep-alive")).await;
+        assert_eq!(current(), 1, "{path}, keep-alive");
+        drop(kept);
+        let out = until_closed(&mut second).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+        // ...and so does an open tunnel, until it closes.
+        let mut tunnel = TcpStream::connect(front).await.unwrap();
+        tunnel.write_all(WS_UPGRADE).await.unwrap();
+        let head = read_head(&mut tunnel).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        tunnel.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+        assert_eq!(current(), 1, "{path}, tunnel");
+        let mut second = waits_for_a_slot(front, &format!("{path}, tunnel")).await;
+        assert_eq!(current(), 1, "{path}, tunnel");
+        drop(tunnel);
+        let out = until_closed(&mut second).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+    }
 }
 
 // --- hyper's path --------------------------------------------------------------
