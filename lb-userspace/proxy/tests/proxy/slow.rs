@@ -29,6 +29,45 @@ fn pool(server: SocketAddr) -> Pool {
     Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)])
 }
 
+/// Which code serves an HTTP/1 client: ours, or hyper's (a frontend that can
+/// also reach an `h2` pool). A limit that must hold on both is checked by one
+/// scenario taking the path, called by one test per path, so that a failure
+/// names its path.
+#[derive(Clone, Copy, Debug)]
+enum Path {
+    Ours,
+    Hyper,
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Path::Ours => "ours",
+            Path::Hyper => "hyper",
+        })
+    }
+}
+
+/// A proxy on `path` sending every request to `server`; `configure_frontend`
+/// and `configure_pool` set the timeouts of the frontend and of the pool used.
+async fn start(
+    path: Path,
+    server: SocketAddr,
+    configure_frontend: impl FnOnce(&mut Frontend),
+    configure_pool: impl FnOnce(&mut Pool),
+) -> Proxy {
+    match path {
+        Path::Ours => {
+            let mut fe = local_frontend();
+            configure_frontend(&mut fe);
+            let mut p = pool(server);
+            configure_pool(&mut p);
+            start_proxy(fe, p).await
+        }
+        Path::Hyper => hyper_path_proxy(server, configure_frontend, configure_pool).await,
+    }
+}
+
 /// A server that hands each accepted connection to `serve`.
 async fn server<F, Fut>(serve: F) -> SocketAddr
 where
@@ -140,10 +179,23 @@ async fn a_client_that_sends_nothing_is_closed_after_timeout_http_request() {
 
 #[tokio::test]
 async fn a_head_sent_byte_by_byte_gets_408_after_timeout_http_request() {
+    head_sent_byte_by_byte(Path::Ours).await;
+}
+
+#[tokio::test]
+async fn hyper_path_a_head_sent_byte_by_byte_gets_408_after_timeout_http_request() {
+    head_sent_byte_by_byte(Path::Hyper).await;
+}
+
+async fn head_sent_byte_by_byte(path: Path) {
     // Each byte comes well within the limit: it bounds the whole head.
-    let mut fe = local_frontend();
-    fe.timeout_http_request = LIMIT;
-    let proxy = start_proxy(fe, pool(big_server(10).await)).await;
+    let proxy = start(
+        path,
+        big_server(10).await,
+        |fe| fe.timeout_http_request = LIMIT,
+        |_| {},
+    )
+    .await;
     let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     let (mut r, mut w) = s.into_split();
     tokio::spawn(async move {
@@ -164,6 +216,28 @@ async fn a_head_sent_byte_by_byte_gets_408_after_timeout_http_request() {
 
 #[tokio::test]
 async fn a_request_body_that_stops_is_408_after_timeout_client() {
+    request_body_that_stops(Path::Ours).await;
+}
+
+#[tokio::test]
+async fn hyper_path_a_request_body_that_stops_is_408_after_timeout_client() {
+    let proxy = request_body_that_stops(Path::Hyper).await;
+    let front = proxy.local_addrs()[0];
+    // HTTP/2: a stream whose body never ends.
+    let (mut send, _conn) = h2c(front, 65535).await;
+    let req = hyper::Request::post(format!("http://{front}/"))
+        .body(Endless(false))
+        .unwrap();
+    let resp = tokio::time::timeout(GIVE_UP, send.send_request(req)).await;
+    let resp = resp.expect("the stream still waits");
+    assert_eq!(
+        resp.map(|r| r.status()).ok(),
+        Some(http::StatusCode::REQUEST_TIMEOUT)
+    );
+}
+
+/// Returns the proxy, for hyper's path to go on over HTTP/2.
+async fn request_body_that_stops(path: Path) -> Proxy {
     // The server waits for the whole body, within its default 30 s.
     let server = server(|mut s| async move {
         read_head(&mut s).await;
@@ -171,15 +245,14 @@ async fn a_request_body_that_stops_is_408_after_timeout_client() {
         let _ = s.read_to_end(&mut rest).await;
     })
     .await;
-    let mut fe = local_frontend();
-    fe.timeout_client = LIMIT;
-    let proxy = start_proxy(fe, pool(server)).await;
+    let proxy = start(path, server, |fe| fe.timeout_client = LIMIT, |_| {}).await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
         .await
         .unwrap();
     let out = until_closed(&mut s).await;
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
+    proxy
 }
 
 /// Sends pipelined requests for a big answer on `s` and never reads.
@@ -308,9 +381,31 @@ async fn stalling_body_server() -> SocketAddr {
 
 #[tokio::test]
 async fn a_server_that_stops_mid_body_is_cut_after_timeout_server() {
-    let mut p = pool(stalling_body_server().await);
-    p.timeout_server = LIMIT;
-    let proxy = start_proxy(local_frontend(), p).await;
+    server_that_stops_mid_body(Path::Ours).await;
+}
+
+#[tokio::test]
+async fn hyper_path_a_server_that_stops_mid_body_is_cut_after_timeout_server() {
+    let proxy = server_that_stops_mid_body(Path::Hyper).await;
+    let front = proxy.local_addrs()[0];
+    // HTTP/2: the stream fails, the connection goes on.
+    let (mut send, _conn) = h2c(front, 65535).await;
+    let resp = send.send_request(get(front)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = tokio::time::timeout(GIVE_UP, resp.into_body().collect()).await;
+    assert!(body.expect("the body still waits").is_err());
+    assert!(!send.is_closed());
+}
+
+/// Returns the proxy, for hyper's path to go on over HTTP/2.
+async fn server_that_stops_mid_body(path: Path) -> Proxy {
+    let proxy = start(
+        path,
+        stalling_body_server().await,
+        |_| {},
+        |p| p.timeout_server = LIMIT,
+    )
+    .await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -320,13 +415,24 @@ async fn a_server_that_stops_mid_body_is_cut_after_timeout_server() {
         out.starts_with("HTTP/1.1 200") && out.ends_with("0123456789"),
         "{out}"
     );
+    proxy
 }
 
 #[tokio::test]
 async fn a_server_that_stops_reading_a_body_is_504_after_timeout_server() {
-    let mut p = pool(deaf_server().await);
-    p.timeout_server = LIMIT;
-    let proxy = start_proxy(local_frontend(), p).await;
+    big_body_is_504_after_timeout_server(Path::Ours, deaf_server().await).await;
+}
+
+#[tokio::test]
+async fn hyper_path_servers_that_trickle_a_head_or_stop_reading_are_504_after_timeout_server() {
+    // Ours has its own test for a trickled head, with a GET.
+    for server in [trickling_head_server().await, deaf_server().await] {
+        big_body_is_504_after_timeout_server(Path::Hyper, server).await;
+    }
+}
+
+async fn big_body_is_504_after_timeout_server(path: Path, server: SocketAddr) {
+    let proxy = start(path, server, |_| {}, |p| p.timeout_server = LIMIT).await;
     let out = post_big_body(proxy.local_addrs()[0]).await;
     assert!(out.starts_with("HTTP/1.1 504"), "{out}");
 }
@@ -499,11 +605,9 @@ async fn waits_for_a_slot(front: SocketAddr, what: &str) -> TcpStream {
 #[tokio::test]
 async fn an_open_tunnel_holds_its_connection_slot_on_both_paths() {
     let server = ws_or_ok_server().await;
-    let mut fe = local_frontend();
-    fe.max_connections = 1;
-    let ours = start_proxy(fe, pool(server)).await;
-    let hyper = hyper_path_proxy(server, |fe| fe.max_connections = 1, |_| {}).await;
-    for (path, proxy) in [("ours", ours), ("hyper", hyper)] {
+    // One test for both: each message names its path.
+    for path in [Path::Ours, Path::Hyper] {
+        let proxy = start(path, server, |fe| fe.max_connections = 1, |_| {}).await;
         let front = proxy.local_addrs()[0];
         let current = || proxy.stats().frontends()[0].current_connections;
         // An open keep-alive connection holds the one slot...
@@ -589,35 +693,6 @@ fn get(addr: SocketAddr) -> hyper::Request<Empty<Bytes>> {
 }
 
 #[tokio::test]
-async fn hyper_path_a_server_that_stops_mid_body_is_cut_after_timeout_server() {
-    let proxy = hyper_path_proxy(
-        stalling_body_server().await,
-        |_| {},
-        |p| {
-            p.timeout_server = LIMIT;
-        },
-    )
-    .await;
-    let front = proxy.local_addrs()[0];
-    let mut s = TcpStream::connect(front).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let out = until_closed(&mut s).await;
-    assert!(
-        out.starts_with("HTTP/1.1 200") && out.ends_with("0123456789"),
-        "{out}"
-    );
-    // HTTP/2: the stream fails, the connection goes on.
-    let (mut send, _conn) = h2c(front, 65535).await;
-    let resp = send.send_request(get(front)).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = tokio::time::timeout(GIVE_UP, resp.into_body().collect()).await;
-    assert!(body.expect("the body still waits").is_err());
-    assert!(!send.is_closed());
-}
-
-#[tokio::test]
 async fn hyper_path_a_client_that_never_reads_is_closed_after_timeout_client() {
     crate::support::capture_access_log();
     let server = big_server(16 << 20).await;
@@ -663,36 +738,6 @@ impl hyper::body::Body for Endless {
 }
 
 #[tokio::test]
-async fn hyper_path_a_request_body_that_stops_is_408_after_timeout_client() {
-    // The server waits for the whole body, within its default 30 s.
-    let server = server(|mut s| async move {
-        read_head(&mut s).await;
-        let mut rest = Vec::new();
-        let _ = s.read_to_end(&mut rest).await;
-    })
-    .await;
-    let proxy = hyper_path_proxy(server, |fe| fe.timeout_client = LIMIT, |_| {}).await;
-    let front = proxy.local_addrs()[0];
-    let mut s = TcpStream::connect(front).await.unwrap();
-    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
-        .await
-        .unwrap();
-    let out = until_closed(&mut s).await;
-    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
-    // HTTP/2: a stream whose body never ends.
-    let (mut send, _conn) = h2c(front, 65535).await;
-    let req = hyper::Request::post(format!("http://{front}/"))
-        .body(Endless(false))
-        .unwrap();
-    let resp = tokio::time::timeout(GIVE_UP, send.send_request(req)).await;
-    let resp = resp.expect("the stream still waits");
-    assert_eq!(
-        resp.map(|r| r.status()).ok(),
-        Some(http::StatusCode::REQUEST_TIMEOUT)
-    );
-}
-
-#[tokio::test]
 async fn hyper_path_an_http2_client_that_stops_mid_frame_is_closed_after_timeout_client() {
     let proxy =
         hyper_path_proxy(big_server(10).await, |fe| fe.timeout_client = LIMIT, |_| {}).await;
@@ -704,32 +749,6 @@ async fn hyper_path_an_http2_client_that_stops_mid_frame_is_closed_after_timeout
     .await
     .unwrap();
     until_closed(&mut s).await;
-}
-
-#[tokio::test]
-async fn hyper_path_a_head_sent_byte_by_byte_gets_408_after_timeout_http_request() {
-    let proxy = hyper_path_proxy(
-        big_server(10).await,
-        |fe| fe.timeout_http_request = LIMIT,
-        |_| {},
-    )
-    .await;
-    let s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    let (mut r, mut w) = s.into_split();
-    tokio::spawn(async move {
-        let head = format!(
-            "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
-            "a".repeat(500)
-        );
-        for b in head.bytes() {
-            if w.write_all(&[b]).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
-    let out = until_closed(&mut r).await;
-    assert!(out.starts_with("HTTP/1.1 408"), "{out}");
 }
 
 #[tokio::test]
@@ -754,15 +773,6 @@ async fn hyper_path_a_tunnel_whose_client_never_reads_closes_after_timeout_tunne
     let lasted = lasted.lock().unwrap().unwrap();
     assert!(lasted >= tunnel, "closed after {lasted:?}");
     drop(s);
-}
-
-#[tokio::test]
-async fn hyper_path_servers_that_trickle_a_head_or_stop_reading_are_504_after_timeout_server() {
-    for server in [trickling_head_server().await, deaf_server().await] {
-        let proxy = hyper_path_proxy(server, |_| {}, |p| p.timeout_server = LIMIT).await;
-        let out = post_big_body(proxy.local_addrs()[0]).await;
-        assert!(out.starts_with("HTTP/1.1 504"), "{out}");
-    }
 }
 
 #[tokio::test]
