@@ -131,6 +131,16 @@ async fn until_closed<S: AsyncRead + Unpin>(s: &mut S) -> String {
     text
 }
 
+/// Sends `front` a GET on a new connection that asks to be closed after it,
+/// and returns what comes until the proxy closes it.
+async fn get_once(front: SocketAddr) -> String {
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    until_closed(&mut s).await
+}
+
 /// Waits until the frontend has a connection open, then until it has none
 /// (the proxy closed it and its task ended), which must come within `GIVE_UP`.
 async fn until_freed(proxy: &Proxy) -> Duration {
@@ -358,11 +368,7 @@ async fn a_server_that_trickles_its_head_is_504_after_timeout_server() {
     let mut p = pool(trickling_head_server().await);
     p.timeout_server = LIMIT;
     let proxy = start_proxy(local_frontend(), p).await;
-    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let out = until_closed(&mut s).await;
+    let out = get_once(proxy.local_addrs()[0]).await;
     assert!(out.starts_with("HTTP/1.1 504"), "{out}");
 }
 
@@ -480,12 +486,9 @@ async fn a_shared_h2_connection_that_stops_answering_is_replaced_after_timeout_s
         p.timeout_server = LIMIT;
         let proxy = start_proxy(local_frontend(), p).await;
         let front = proxy.local_addrs()[0];
-        let request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
         let mut answers = Vec::new();
         for _ in 0..3 {
-            let mut s = TcpStream::connect(front).await.unwrap();
-            s.write_all(request).await.unwrap();
-            answers.push(until_closed(&mut s).await);
+            answers.push(get_once(front).await);
         }
         let [ok, stalled, next] = &answers[..] else {
             unreachable!()
@@ -522,11 +525,7 @@ async fn a_tls_server_that_never_handshakes_is_503_after_timeout_server() {
     p.retries = 0;
     p.timeout_server = LIMIT;
     let proxy = start_proxy(local_frontend(), p).await;
-    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let out = until_closed(&mut s).await;
+    let out = get_once(proxy.local_addrs()[0]).await;
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
     assert_eq!(held.lock().unwrap().len(), 1);
 }
@@ -829,11 +828,7 @@ async fn a_server_whose_backlog_is_full_is_503_after_timeout_connect() {
     p.retries = 0;
     let proxy = start_proxy(local_frontend(), p).await;
     let t = Instant::now();
-    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let out = until_closed(&mut s).await;
+    let out = get_once(proxy.local_addrs()[0]).await;
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
     assert!(t.elapsed() >= LIMIT - Duration::from_millis(50));
     drop((listener, fillers));
