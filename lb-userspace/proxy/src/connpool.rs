@@ -4,9 +4,10 @@
 //! request and given back to its server's idle list only once the response
 //! body has ended cleanly, most recently used first. An HTTP/2 connection is
 //! shared by every request to its server. Idle connections close after the
-//! pool's `timeout_server_idle`. Pools with `send_proxy` never reuse a
-//! connection, since it carries the address of the client whose request
-//! opened it.
+//! pool's `timeout_server_idle`: an HTTP/2 one once it has had no request in
+//! flight for that long (counted by `Busy`, as hyper does not say). Pools
+//! with `send_proxy` never reuse a connection, since it carries the address
+//! of the client whose request opened it.
 //!
 //! An HTTP/1.1 connection has no task of its own: the task of the request
 //! using it drives it (`H1::drive`), from sending the head to the last body
@@ -24,6 +25,7 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -124,12 +126,84 @@ pub(crate) enum Sender {
     H2(H2),
 }
 
-/// A server's shared HTTP/2 connection, with the number that tells it from
-/// a later one to the same server (`ConnPool::retire`).
-#[derive(Clone)]
+/// A server's shared HTTP/2 connection taken for one request, with the
+/// number that tells it from a later one to the same server
+/// (`ConnPool::retire`), and the request counted in flight on it.
 pub(crate) struct H2 {
     sender: http2::SendRequest<RequestBody>,
     id: u64,
+    busy: Busy,
+}
+
+/// A shared HTTP/2 connection as its pool keeps it.
+struct SharedConn {
+    sender: http2::SendRequest<RequestBody>,
+    id: u64,
+    usage: Arc<H2Usage>,
+}
+
+impl SharedConn {
+    /// The connection for one more request (under the pool's lock, so the
+    /// sweeper never sees it idle while a request is taking it).
+    fn take(&self) -> H2 {
+        H2 {
+            sender: self.sender.clone(),
+            id: self.id,
+            busy: Busy::new(self.usage.clone()),
+        }
+    }
+}
+
+/// Requests in flight on an HTTP/2 connection, and when the last one
+/// ended: hyper's `SendRequest` tells neither, and the sweeper closes a
+/// connection idle for `timeout_server_idle`. Atomics, not the pool's
+/// lock, so a request costs no lock more.
+struct H2Usage {
+    in_flight: AtomicUsize,
+    /// Milliseconds from `opened` to the end of the latest request.
+    last_end: AtomicU64,
+    opened: Instant,
+}
+
+impl H2Usage {
+    fn new() -> Arc<Self> {
+        Arc::new(H2Usage {
+            in_flight: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+            opened: Instant::now(),
+        })
+    }
+
+    /// No request in flight, and none ended within `limit`.
+    fn idle_for(&self, limit: Duration) -> bool {
+        // Acquire: sees the `last_end` of every request counted out.
+        if self.in_flight.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let last_end = Duration::from_millis(self.last_end.load(Ordering::Relaxed));
+        self.opened.elapsed() > last_end.saturating_add(limit)
+    }
+}
+
+/// A request counted in flight on an HTTP/2 connection until dropped
+/// (with the response body, `SharedH2`, or earlier if it failed).
+pub(crate) struct Busy(Arc<H2Usage>);
+
+impl Busy {
+    fn new(usage: Arc<H2Usage>) -> Self {
+        usage.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(usage)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let u = &self.0;
+        // Before the count falls: a sweeper that sees it at 0 sees this end.
+        let end = u.opened.elapsed().as_millis() as u64;
+        u.last_end.fetch_max(end, Ordering::Relaxed);
+        u.in_flight.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl Sender {
@@ -231,7 +305,7 @@ struct Lists {
     /// The same for our own HTTP/1.1 path's connections.
     raw: ByServer<Vec<IdleRaw>>,
     /// The shared HTTP/2 connection of each server.
-    shared: ByServer<H2>,
+    shared: ByServer<SharedConn>,
     /// Number of the next HTTP/2 connection opened.
     next_h2: u64,
 }
@@ -336,16 +410,26 @@ impl ConnPool {
                 tracing::debug!(%server, error = %e, "server connection ended");
             }
         });
+        let usage = H2Usage::new();
         if !self.reuse() {
-            return Ok(H2 { sender, id: 0 });
+            // Not kept: closes once its only request has ended (hyper closes
+            // a connection without streams whose senders are all dropped).
+            let busy = Busy::new(usage);
+            return Ok(H2 {
+                sender,
+                id: 0,
+                busy,
+            });
         }
         let mut lists = self.lists();
         lists.next_h2 += 1;
-        let h2 = H2 {
+        let shared = SharedConn {
             sender,
             id: lists.next_h2,
+            usage,
         };
-        lists.shared.insert(server, h2.clone());
+        let h2 = shared.take();
+        lists.shared.insert(server, shared);
         Ok(h2)
     }
 
@@ -415,7 +499,7 @@ impl ConnPool {
                 let mut lists = self.lists();
                 if let Some(s) = lists.shared.get(&server) {
                     if !s.sender.is_closed() {
-                        return Some(Sender::H2(s.clone()));
+                        return Some(Sender::H2(s.take()));
                     }
                     lists.shared.remove(&server);
                 }
@@ -465,7 +549,11 @@ impl ConnPool {
             list.retain_mut(|i| i.since.elapsed() <= limit && i.conn.alive());
         }
         lists.raw.retain(|_, l| !l.is_empty());
-        lists.shared.retain(|_, s| !s.sender.is_closed());
+        // Dropping the pool's sender closes the connection once its last
+        // stream has ended (requests under way hold senders of their own).
+        lists
+            .shared
+            .retain(|_, s| !s.sender.is_closed() && !s.usage.idle_for(limit));
     }
 }
 
@@ -506,21 +594,24 @@ impl Reusable {
 }
 
 /// A shared HTTP/2 connection carrying a response body, to be taken out of
-/// its pool if the body stops coming for `timeout_server`. Only its number
-/// is kept, not a sending half, which would keep the connection open.
+/// its pool if the body stops coming for `timeout_server`; the request
+/// counts as in flight on it until this is dropped. Only its number is
+/// kept, not a sending half, which would keep the connection open.
 pub(crate) struct SharedH2 {
     pool: Arc<ConnPool>,
     server: SocketAddr,
     id: u64,
+    _busy: Busy,
 }
 
 impl SharedH2 {
     /// Connection `h2` of `pool` to `server`.
-    pub(crate) fn new(pool: Arc<ConnPool>, server: SocketAddr, h2: &H2) -> Self {
+    pub(crate) fn new(pool: Arc<ConnPool>, server: SocketAddr, h2: H2) -> Self {
         SharedH2 {
             pool,
             server,
             id: h2.id,
+            _busy: h2.busy,
         }
     }
 

@@ -350,7 +350,7 @@ fn respond(
                     h1,
                 }),
                 Sender::H2(h2) => {
-                    shared = Some(SharedH2::new(x.pool.conns.clone(), addr, &h2));
+                    shared = Some(SharedH2::new(x.pool.conns.clone(), addr, h2));
                     None
                 }
                 Sender::H1Tunnel(_) => None,
@@ -487,6 +487,8 @@ impl LoggedBody {
         {
             r.give_back();
         }
+        // The stream has ended: no longer in flight on its shared connection.
+        self.shared = None;
         if let Some(mut rec) = self.rec.take() {
             if let Some(t) = term
                 && rec.termination == ['-', '-']

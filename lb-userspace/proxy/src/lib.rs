@@ -109,6 +109,7 @@
 //! timeout_server = "30s"         # until the response head, then each wait on the server for
 //!                                # the response body (HTTP/1 clients: for the request body too)
 //! timeout_server_idle = "30s"    # idle keep-alive server connections kept this long; "0s" = none
+//!                                # (HTTP/1.1 ones, and shared HTTP/2 ones with no request in flight)
 //! timeout_queue = "5s"           # longest wait for a server below maxconn; then 503 (sQ)
 //! # (hash algorithms wait for the request's own server; the others for any eligible one)
 //! retries = 3                    # on connect failure only, each on another server

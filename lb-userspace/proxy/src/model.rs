@@ -202,6 +202,7 @@ pub struct Pool {
     pub timeout_server: Duration,
     /// How long an idle keep-alive connection to a server is kept for the
     /// next request (nginx's upstream `keepalive_timeout`); 0 keeps none.
+    /// A shared HTTP/2 connection is idle while no request is in flight on it.
     #[serde(default = "defaults::timeout_server_idle", with = "duration")]
     pub timeout_server_idle: Duration,
     /// Extra attempts on another server when connecting fails.

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -372,7 +373,6 @@ async fn send_proxy_header_then_tls() {
 #[tokio::test]
 async fn http2_streams_reset_before_sending_are_not_sent_and_keep_their_connection() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Duration;
     // A TLS server that takes 300 ms to start its handshake: requests reset
     // within that time are reset while their connection is being opened.
     let dir = TempDir::new("reset");
@@ -440,4 +440,132 @@ async fn http2_streams_reset_before_sending_are_not_sent_and_keep_their_connecti
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(requests.load(Ordering::SeqCst), 1);
+}
+
+/// Connections an h2c server accepted and saw end.
+#[derive(Default)]
+struct Seen {
+    accepted: std::sync::atomic::AtomicUsize,
+    closed: std::sync::atomic::AtomicUsize,
+}
+
+impl Seen {
+    fn get(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.accepted.load(SeqCst), self.closed.load(SeqCst))
+    }
+}
+
+/// A response body of `a`, then after `pause` of `b`.
+struct Slow {
+    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sent: u8,
+}
+
+impl hyper::body::Body for Slow {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let data = |d: &'static [u8]| Poll::Ready(Some(Ok(hyper::body::Frame::data(d.into()))));
+        match self.sent {
+            0 => {
+                self.sent = 1;
+                data(b"a")
+            }
+            1 => match self.pause.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    self.sent = 2;
+                    data(b"b")
+                }
+                Poll::Pending => Poll::Pending,
+            },
+            _ => Poll::Ready(None),
+        }
+    }
+}
+
+/// An h2c server answering `ok`, or on `/slow` `a` then 800 ms later `b`.
+async fn h2c_server() -> (SocketAddr, Arc<Seen>) {
+    use http_body_util::Either;
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Seen::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counts.accepted.fetch_add(1, SeqCst);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let body = match req.uri().path() {
+                        "/slow" => Either::Right(Slow {
+                            pause: Box::pin(tokio::time::sleep(Duration::from_millis(800))),
+                            sent: 0,
+                        }),
+                        _ => Either::Left(Full::new(Bytes::from_static(b"ok"))),
+                    };
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+                counts.closed.fetch_add(1, SeqCst);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// An `h2` pool to `server` keeping idle connections 300 ms.
+fn h2_pool(server: SocketAddr) -> Pool {
+    let mut p = pool(server);
+    p.h2 = true;
+    p.timeout_server_idle = Duration::from_millis(300);
+    p
+}
+
+/// Status and body of a GET through the proxy.
+async fn get_body(proxy: &Proxy, path: &str) -> (StatusCode, Bytes) {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let url = format!("http://{}{path}", proxy.local_addrs()[0]);
+    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    let status = resp.status();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn an_idle_shared_h2_connection_closes_after_timeout_server_idle() {
+    let (server, seen) = h2c_server().await;
+    let proxy = start(h2_pool(server), LogFormat::Httplog).await;
+    assert_eq!(get_body(&proxy, "/").await.0, StatusCode::OK);
+    assert_eq!(seen.get(), (1, 0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(seen.get(), (1, 1), "the idle connection was not closed");
+    // The next request opens a new one.
+    assert_eq!(get_body(&proxy, "/").await, (StatusCode::OK, "ok".into()));
+    assert_eq!(seen.get(), (2, 1));
+}
+
+#[tokio::test]
+async fn a_shared_h2_connection_with_a_stream_in_flight_outlives_timeout_server_idle() {
+    let (server, seen) = h2c_server().await;
+    let proxy = Arc::new(start(h2_pool(server), LogFormat::Httplog).await);
+    let front = proxy.clone();
+    let slow = tokio::spawn(async move { get_body(&front, "/slow").await });
+    // Past the idle limit with the slow response under way: still shared.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get_body(&proxy, "/").await, (StatusCode::OK, "ok".into()));
+    assert_eq!(seen.get(), (1, 0));
+    assert_eq!(slow.await.unwrap(), (StatusCode::OK, "ab".into()));
+    assert_eq!(seen.get(), (1, 0));
+    // Idle once the slow response has ended: closed.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(seen.get(), (1, 1), "the idle connection was not closed");
 }
