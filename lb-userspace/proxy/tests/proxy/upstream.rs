@@ -454,6 +454,17 @@ impl Seen {
         use std::sync::atomic::Ordering::SeqCst;
         (self.accepted.load(SeqCst), self.closed.load(SeqCst))
     }
+
+    /// Accepted and closed once `closed` connections have ended, or after 2 s.
+    async fn once_closed(&self, closed: usize) -> (usize, usize) {
+        for _ in 0..100 {
+            if self.get().1 >= closed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.get()
+    }
 }
 
 /// A response body of `a`, then after `pause` of `b`.
@@ -532,9 +543,14 @@ fn h2_pool(server: SocketAddr) -> Pool {
 
 /// Status and body of a GET through the proxy.
 async fn get_body(proxy: &Proxy, path: &str) -> (StatusCode, Bytes) {
+    get_from(proxy.local_addrs()[0], path).await
+}
+
+/// Status and body of a GET through the proxy listening on `front`.
+async fn get_from(front: SocketAddr, path: &str) -> (StatusCode, Bytes) {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let url = format!("http://{}{path}", proxy.local_addrs()[0]);
+    let url = format!("http://{front}{path}");
     let resp = client.get(url.parse().unwrap()).await.unwrap();
     let status = resp.status();
     (status, resp.into_body().collect().await.unwrap().to_bytes())
@@ -546,8 +562,8 @@ async fn an_idle_shared_h2_connection_closes_after_timeout_server_idle() {
     let proxy = start(h2_pool(server), LogFormat::Httplog).await;
     assert_eq!(get_body(&proxy, "/").await.0, StatusCode::OK);
     assert_eq!(seen.get(), (1, 0));
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(seen.get(), (1, 1), "the idle connection was not closed");
+    let closed = seen.once_closed(1).await;
+    assert_eq!(closed, (1, 1), "the idle connection was not closed");
     // The next request opens a new one.
     assert_eq!(get_body(&proxy, "/").await, (StatusCode::OK, "ok".into()));
     assert_eq!(seen.get(), (2, 1));
@@ -566,6 +582,50 @@ async fn a_shared_h2_connection_with_a_stream_in_flight_outlives_timeout_server_
     assert_eq!(slow.await.unwrap(), (StatusCode::OK, "ab".into()));
     assert_eq!(seen.get(), (1, 0));
     // Idle once the slow response has ended: closed.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(seen.get(), (1, 1), "the idle connection was not closed");
+    let closed = seen.once_closed(1).await;
+    assert_eq!(closed, (1, 1), "the idle connection was not closed");
+}
+
+/// A server leaves a pool by a reload (`lb remove` is one): the new proxy
+/// has no connection to it, and the old one's shared HTTP/2 connection
+/// closes when its last stream ends, with the old pool (hyper closes it
+/// once its senders are dropped), as the old pool's idle HTTP/1.1 ones do.
+#[tokio::test]
+async fn a_removed_servers_shared_h2_connection_closes_once_its_streams_end() {
+    let (server, seen) = h2c_server().await;
+    let (other, _) = h2c_server().await;
+    // Kept far longer than the test: only the removal can close it.
+    let mut p = h2_pool(server);
+    p.timeout_server_idle = Duration::from_secs(30);
+    let proxy = start(p.clone(), LogFormat::Httplog).await;
+    let front = proxy.local_addrs()[0];
+    let slow = tokio::spawn(async move { get_from(front, "/slow").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.servers = vec![ServerSpec::new(other)];
+    let next = start(p, LogFormat::Httplog).await;
+    drop(proxy);
+    assert_eq!(get_body(&next, "/").await.0, StatusCode::OK);
+    // The old proxy's stream goes on to its end, then the connection closes.
+    assert_eq!(seen.get(), (1, 0));
+    assert_eq!(slow.await.unwrap(), (StatusCode::OK, "ab".into()));
+    let closed = seen.once_closed(1).await;
+    assert_eq!(
+        closed,
+        (1, 1),
+        "the removed server's connection was not closed"
+    );
+}
+
+/// `timeout_server_idle = "0s"` keeps no HTTP/2 connection either: each
+/// request opens its own, closed once its response has ended.
+#[tokio::test]
+async fn with_no_idle_time_each_h2_request_has_a_connection_of_its_own() {
+    let (server, seen) = h2c_server().await;
+    let mut p = h2_pool(server);
+    p.timeout_server_idle = Duration::ZERO;
+    let proxy = start(p, LogFormat::Httplog).await;
+    for _ in 0..2 {
+        assert_eq!(get_body(&proxy, "/").await, (StatusCode::OK, "ok".into()));
+    }
+    assert_eq!(seen.once_closed(2).await, (2, 2));
 }
