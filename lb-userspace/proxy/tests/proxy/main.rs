@@ -6,6 +6,7 @@ mod edge;
 mod framing;
 mod general;
 mod h1;
+mod resources;
 mod routing;
 mod slow;
 mod support;
