@@ -52,6 +52,9 @@ const POISON: &[u8] = b"\0 / HTTP/1.1\r\n\r\n";
 pub(crate) const MAX_HEADERS: usize = 100;
 /// Longest chunk-size line (with extensions) or trailer line.
 const MAX_LINE: usize = 4096;
+/// Most bytes of trailer lines after a chunked body (hyper's limit): a peer
+/// could otherwise send trailers for ever, each line within `MAX_LINE`.
+const MAX_TRAILERS: usize = 16 * 1024;
 /// Bytes asked of the client stream per read.
 const READ_SIZE: usize = 8192;
 /// Start of the HTTP/2 connection preface.
@@ -320,8 +323,8 @@ pub(crate) enum Chunk {
     Data(u64),
     /// Expecting the CRLF after a chunk's data.
     DataEnd,
-    /// After the last chunk: trailer lines until an empty one.
-    Trailers,
+    /// After the last chunk: trailer lines until an empty one (their bytes so far).
+    Trailers(usize),
     /// The body is complete.
     Done,
 }
@@ -398,7 +401,7 @@ pub(crate) fn scan_chunked_data(
                     let size = chunk_size(&rest[..n])?;
                     at += n;
                     state = if size == 0 {
-                        Chunk::Trailers
+                        Chunk::Trailers(0)
                     } else {
                         Chunk::Data(size)
                     };
@@ -426,14 +429,16 @@ pub(crate) fn scan_chunked_data(
                 [] | [b'\r'] => return Ok((at, state)),
                 _ => return Err(()),
             },
-            Chunk::Trailers => match line_end(rest)? {
+            Chunk::Trailers(seen) => match line_end(rest)? {
                 Some(2) => {
                     at += 2;
                     state = Chunk::Done;
                 }
+                Some(n) if seen + n > MAX_TRAILERS => return Err(()),
                 Some(n) => {
                     check_field_line(&rest[..n - 2])?;
                     at += n;
+                    state = Chunk::Trailers(seen + n);
                 }
                 None => return Ok((at, state)),
             },
@@ -792,5 +797,27 @@ mod tests {
         ] {
             assert!(scan_chunked(Chunk::Size, bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn trailers_add_up_to_max_trailers() {
+        let line = b"a: b\r\n";
+        let fit = [
+            &b"0\r\n"[..],
+            &line.repeat(MAX_TRAILERS / line.len()),
+            b"\r\n",
+        ]
+        .concat();
+        assert_eq!(
+            scan_chunked(Chunk::Size, &fit),
+            Ok((fit.len(), Chunk::Done))
+        );
+        // Line by line, as they come in separate reads.
+        let mut state = Chunk::Trailers(0);
+        let err = (0..=MAX_TRAILERS / line.len()).try_for_each(|_| {
+            state = scan_chunked(state, line)?.1;
+            Ok(())
+        });
+        assert_eq!(err, Err(()));
     }
 }

@@ -103,3 +103,22 @@ async fn a_response_with_thousands_of_tiny_headers_is_502() {
     let got = exchange(proxy.local_addrs()[0], req).await;
     assert!(got.starts_with("HTTP/1.1 502"), "got {got:?}");
 }
+
+#[tokio::test]
+async fn chunked_trailers_past_16_kib_are_400() {
+    let proxy = proxy(server(None).await).await;
+    let mut req = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n".to_vec();
+    req.extend_from_slice(b"Connection: close\r\n\r\n1\r\na\r\n0\r\n");
+    // 60 KB of trailers: without a limit they would go on for ever.
+    req.extend(many_fields(10_000));
+    req.extend_from_slice(b"\r\n");
+    let got = exchange(proxy.local_addrs()[0], req).await;
+    assert!(got.starts_with("HTTP/1.1 400"), "got {got:?}");
+    // Trailers that fit go through.
+    let mut req = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n".to_vec();
+    req.extend_from_slice(b"Connection: close\r\n\r\n1\r\na\r\n0\r\n");
+    req.extend(many_fields(100));
+    req.extend_from_slice(b"\r\n");
+    let got = exchange(proxy.local_addrs()[0], req).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "got {got:?}");
+}
