@@ -122,3 +122,75 @@ async fn chunked_trailers_past_16_kib_are_400() {
     let got = exchange(proxy.local_addrs()[0], req).await;
     assert!(got.starts_with("HTTP/1.1 200"), "got {got:?}");
 }
+
+/// Set in the child process that runs `out_of_fds_child`.
+const OUT_OF_FDS: &str = "LB_PROXY_TEST_OUT_OF_FDS";
+
+/// Out of file descriptors, the accept loop backs off rather than spinning
+/// on EMFILE, and takes the waiting client once descriptors are freed.
+/// RLIMIT_NOFILE is the whole process's: the check runs in a child, this
+/// test binary again running `out_of_fds_child` only.
+#[test]
+fn out_of_fds_the_accept_loop_backs_off_and_recovers() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "resources::out_of_fds_child", "--nocapture"])
+        .env(OUT_OF_FDS, "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("1 passed"), "{text}");
+}
+
+/// CPU time of this process so far.
+fn cpu_time() -> Duration {
+    // SAFETY: rusage is plain integers, valid zeroed; getrusage fills it.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) }, 0);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_fds_child() {
+    if std::env::var_os(OUT_OF_FDS).is_none() {
+        return;
+    }
+    // Requests are answered by the proxy itself (400): no server needed.
+    let proxy = proxy("127.0.0.1:9".parse().unwrap()).await;
+    let front = proxy.local_addrs()[0];
+    let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
+    let limit = libc::rlimit {
+        rlim_cur: open + 16,
+        rlim_max: open + 16,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    // Every descriptor taken, then one freed for the client: the proxy has
+    // none left to accept it with.
+    let mut files = Vec::new();
+    while let Ok(f) = std::fs::File::open("/dev/null") {
+        files.push(f);
+    }
+    files.pop();
+    let mut client = TcpStream::connect(front).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = cpu_time();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let used = cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(100),
+        "{used:?} of CPU in 500 ms"
+    );
+    assert_eq!(proxy.stats().frontends()[0].current_connections, 0);
+    files.clear();
+    client.write_all(b"GET x HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut got = vec![0u8; 64];
+    let n = tokio::time::timeout(GIVE_UP, client.read(&mut got))
+        .await
+        .expect("the waiting client was never taken")
+        .unwrap();
+    let got = String::from_utf8_lossy(&got[..n]);
+    assert!(got.starts_with("HTTP/1.1 400"), "got {got:?}");
+}
