@@ -121,6 +121,11 @@ pub(crate) struct FrontendCtx {
     pub log_format: LogFormat,
     /// The frontend's request counters.
     pub stats: Arc<Counters>,
+    /// Exchanges with servers under way in tasks of their own for HTTP/2
+    /// streams (forward.rs), those of streams the client reset included.
+    pub exchanges: AtomicUsize,
+    /// Its `max_connections`, which bounds the exchanges of reset streams.
+    pub max_connections: usize,
 }
 
 /// Requests in flight on a client connection, read by its timeout watcher.
@@ -229,6 +234,8 @@ impl FrontendRuntime {
                 timeout_client: cfg.timeout_client,
                 log_format: cfg.log_format,
                 stats: Arc::default(),
+                exchanges: AtomicUsize::new(0),
+                max_connections: cfg.max_connections,
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),

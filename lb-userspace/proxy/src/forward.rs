@@ -21,7 +21,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use super::actions;
 use super::balance::Active;
 use super::connpool::{Conn, Reusable, Sender, SharedH2};
-use super::context::{ConnCtx, PoolRuntime, Shared};
+use super::context::{ConnCtx, FrontendCtx, PoolRuntime, Shared};
 use super::deadline::WaitLimit;
 use super::error::Failure;
 use super::hardening;
@@ -99,7 +99,10 @@ pub(crate) async fn handle(
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task_shared = shared.clone();
     let pool_idx = fwd.pool;
-    tokio::spawn(async move {
+    let fe = conn.frontend.clone();
+    let counted = InFlight::new(fe.clone());
+    let task = tokio::spawn(async move {
+        let _counted = counted;
         let resp = forward(
             &task_shared,
             &conn,
@@ -115,7 +118,18 @@ pub(crate) async fn handle(
             drain(resp.into_body(), task_shared.pools[pool_idx].timeout_server).await;
         }
     });
-    Ok(match rx.await {
+    Ok(answer_of(rx, Reset(Some(task.abort_handle()), fe)).await)
+}
+
+/// The answer of an HTTP/2 stream's exchange task; `reset` acts if this
+/// future is dropped first (the stream was reset).
+async fn answer_of(
+    rx: tokio::sync::oneshot::Receiver<Response<ProxyBody>>,
+    mut reset: Reset,
+) -> Response<ProxyBody> {
+    let got = rx.await;
+    reset.0 = None;
+    match got {
         Ok(resp) => resp,
         // The task panicked: nothing was logged for it.
         Err(_) => {
@@ -123,7 +137,42 @@ pub(crate) async fn handle(
             *resp.status_mut() = StatusCode::BAD_GATEWAY;
             resp
         }
-    })
+    }
+}
+
+/// Counts an HTTP/2 stream's exchange task in its frontend's `exchanges`
+/// while it lives.
+struct InFlight(Arc<FrontendCtx>);
+
+impl InFlight {
+    fn new(fe: Arc<FrontendCtx>) -> Self {
+        fe.exchanges.fetch_add(1, Ordering::Relaxed);
+        InFlight(fe)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.exchanges.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Dropped with the exchange task still set when the client reset the stream:
+/// the task goes on (its server connection is reused) only while the
+/// frontend has at most `max_connections` of them. Past that it is aborted,
+/// which closes its server connection: a client resetting streams without
+/// end made the proxy hold a server connection for each, each up to
+/// `timeout_server`, after the client's connection had closed too.
+struct Reset(Option<tokio::task::AbortHandle>, Arc<FrontendCtx>);
+
+impl Drop for Reset {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take()
+            && self.1.exchanges.load(Ordering::Relaxed) > self.1.max_connections
+        {
+            task.abort();
+        }
+    }
 }
 
 /// Largest response body read to the end for a request whose client went

@@ -3,6 +3,8 @@
 //! our HTTP/1 path.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -193,4 +195,61 @@ async fn out_of_fds_child() {
         .unwrap();
     let got = String::from_utf8_lossy(&got[..n]);
     assert!(got.starts_with("HTTP/1.1 400"), "got {got:?}");
+}
+
+/// HTTP/2 streams reset while their server works on them: each exchange
+/// goes on in a task of its own (so its server connection can be reused),
+/// but no more of them than the frontend's `max_connections`; past that
+/// the server connection is closed. Without the bound every reset held a
+/// server connection for up to `timeout_server`, after the client left too.
+#[tokio::test]
+async fn reset_http2_streams_hold_at_most_max_connections_server_connections() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // A server that never answers, counting its open connections.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let open = Arc::new(AtomicUsize::new(0));
+    let count = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                while let Ok(1..) = s.read(&mut b).await {}
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let mut fe = local_frontend();
+    fe.max_connections = 20;
+    let proxy = start_proxy(fe, pool).await;
+    let front = proxy.local_addrs()[0];
+    let tcp = TcpStream::connect(front).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let resets = 100;
+    for _ in 0..resets {
+        let mut send = send.clone();
+        let req = http::Request::get(format!("http://{front}/"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let pending = tokio::spawn(async move { send.send_request(req).await });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Dropping the response future resets the stream (RST_STREAM CANCEL).
+        pending.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = open.load(Ordering::SeqCst);
+    assert!(
+        held <= 22,
+        "{held} server connections for {resets} reset streams"
+    );
+    drop(send);
+    conn.abort();
 }
