@@ -221,6 +221,10 @@ impl FrontendRuntime {
         builder
             .http2()
             .timer(TokioTimer::new())
+            // HAProxy-like memory per stream (hyper's 400 KiB x 200 streams let
+            // a client that stops reading hold 80 MB); still several socket writes.
+            .max_send_buf_size(64 * 1024)
+            .max_concurrent_streams(100)
             .max_header_list_size(u32::try_from(cfg.request_header_limit).unwrap_or(u32::MAX));
         FrontendRuntime {
             ctx: Arc::new(FrontendCtx {
