@@ -2,7 +2,7 @@
 //! flow whose copy in this CPU's flow cache (`flows::cached`) says all it needs, with a fresh
 //! next hop in this CPU's cache, forwarded exactly as the full program
 //! would. Anything else (new flows, ICMP, other traffic, stale next hops,
-//! packets too big, expiring TTLs, SYNs to clamp) is left untouched and
+//! packets too big, expiring TTLs, SYNs) is left untouched and
 //! uncounted for the full program (`lb_xdp_full`), which `lb_xdp`
 //! tail-calls.
 //!
@@ -20,7 +20,7 @@ use crate::{
     checks, dsr, flows,
     forward::{self, Toward},
     nat::Side,
-    parse::{self, Packet},
+    parse::{self, Packet, TCP_SYN},
     stats,
     verdict::Verdict,
 };
@@ -70,6 +70,11 @@ fn hit(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
             &hop,
         ));
     }
+    // A client's SYN is a new connection, whatever the slot says (see
+    // `Older` in main.rs): the full program decides.
+    if pkt.tcp_flags & TCP_SYN != 0 {
+        return None;
+    }
     // A resolved slot's backend is of the packet's family. A plain IPv4
     // flow's DSR hit reads only the slot's first line.
     let flags = cached.vip_flags;
@@ -87,9 +92,7 @@ fn hit(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = if dsr {
         let overhead = dsr::overhead(pkt, flags);
-        if pkt.ip_len as u32 + overhead as u32 > hop.mtu as u32
-            || (overhead != 0 && dsr::clamps(pkt, flags))
-        {
+        if pkt.ip_len as u32 + overhead as u32 > hop.mtu as u32 {
             return None;
         }
         dsr::deliver(ctx, pkt, &addr, overhead, &hop, dsr::FORWARDED)

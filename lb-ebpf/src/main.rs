@@ -3,7 +3,8 @@
 //!
 //! Per packet: parse (`parse`), then one `FLOWS` lookup: a client packet of a
 //! known connection is NATed to its pinned backend (`nat`), a backend's reply
-//! is translated back to the VIP. Otherwise a `VIPS` hit is a new connection:
+//! is translated back to the VIP. (A SYN is a new connection whatever the
+//! table holds: the VIP's ring decides, see `Older`.) Otherwise a `VIPS` hit is a new connection:
 //! its backend comes from the VIP's Maglev ring (`RINGS`) and both directions
 //! are recorded: a UDP flow's in `FLOWS`, a TCP handshake's in `PENDING`
 //! until the client's ACK confirms it (so SYN floods cannot evict
@@ -86,8 +87,16 @@ fn process(ctx: &XdpContext) -> Verdict {
     let mut rehash = false;
     // The backend of a resolved hit, from this CPU's flow cache slot.
     let mut resolved: Option<&'static Backend> = None;
+    // A client's SYN that finds an entry: an older connection's (see `Older`).
+    let mut older = Older::None;
     if let Some(cached) = flows::lookup(&pkt.key) {
-        if cached.resolved != 0 {
+        if pkt.tcp_flags & TCP_SYN != 0 && cached.flow.direction == FLOW_TO_BACKEND {
+            older = if cached.resolved != 0 {
+                Older::Pinned(cached.flow.backend_id)
+            } else {
+                Older::Stale
+            };
+        } else if cached.resolved != 0 {
             // The hit path: the slot holds all it needs (see `CachedFlow`).
             flags = cached.vip_flags;
             pinned = Some(cached.flow.backend_id);
@@ -155,7 +164,7 @@ fn process(ctx: &XdpContext) -> Verdict {
         // established flows go to FLOWS as they always did.
         let dsr = flags & VIP_F_DSR != 0;
         let chosen = if pkt.key.proto == PROTO_TCP && !rehash {
-            admit_tcp(&pkt, vip_id, generation, dsr)
+            admit_tcp(&pkt, vip_id, generation, dsr, older)
         } else {
             new_flow(&pkt, vip_id, generation, rehash, dsr)
         };
@@ -322,17 +331,59 @@ fn new_flow(
     Ok(backend_id)
 }
 
-/// A TCP packet to an `l4` VIP that is not in FLOWS (see `MAP_PENDING` in
-/// lb-common for the design). Of a handshake in PENDING: a SYN (retransmit)
-/// or RST goes to its backend, anything else confirms the flow, which moves
-/// to FLOWS. Otherwise a backend is chosen by Maglev and the flow recorded
-/// in PENDING only (an RST records nothing). Errors as `new_flow`.
+/// What a client's SYN found in FLOWS for its 5-tuple: an older connection's
+/// entry, the client having reused its port. A SYN starts a new connection,
+/// so (as in Katran, whose SYNs skip its LRU) the VIP's table decides, not
+/// that entry: else a new connection would follow an old one to a backend
+/// that is drained or weighted out, or stay off one just added.
+#[derive(Clone, Copy, PartialEq)]
+enum Older {
+    /// No entry.
+    None,
+    /// An entry valid under its VIP's generation, on this backend id.
+    Pinned(u32),
+    /// An entry of an older generation or of a backend that is gone.
+    Stale,
+}
+
+impl Older {
+    /// Whether the older entry of `key` already pins `backend_id` (it then
+    /// serves the new connection as it is); otherwise it is deleted, so the
+    /// handshake's next packets do not find it, and every CPU's cached copy
+    /// is made stale.
+    #[inline(always)]
+    fn settle(self, key: &FlowKey, backend_id: u32) -> bool {
+        match self {
+            Older::None => false,
+            Older::Pinned(id) if id == backend_id => true,
+            _ => {
+                let _ = FLOWS.remove(key);
+                flows::written(key);
+                flows::bump_epoch();
+                false
+            }
+        }
+    }
+}
+
+/// A TCP packet to an `l4` VIP that is not in FLOWS, or a SYN that found an
+/// `older` connection's entry there (see `MAP_PENDING` in lb-common for the
+/// design). Of a handshake in PENDING: a SYN (retransmit) or RST goes to its
+/// backend, anything else confirms the flow, which moves to FLOWS. Otherwise
+/// a backend is chosen by Maglev and the flow recorded in PENDING only (an
+/// RST records nothing). Errors as `new_flow`.
 // By reference on purpose: the map helpers then get pointers into SCRATCH
 // (or the packet's key); by value each key and flow would be copied onto a
 // stack that has no room left.
 #[allow(clippy::needless_borrows_for_generic_args)]
 #[inline(always)]
-fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32, dsr: bool) -> Result<u32, Reason> {
+fn admit_tcp(
+    pkt: &Packet,
+    vip_id: u32,
+    generation: u32,
+    dsr: bool,
+    older: Older,
+) -> Result<u32, Reason> {
     // SAFETY: LRU entries are written whole by this program.
     if let Some(p) = unsafe { PENDING.get(&pkt.key) }
         && p.direction == FLOW_TO_BACKEND
@@ -359,11 +410,16 @@ fn admit_tcp(pkt: &Packet, vip_id: u32, generation: u32, dsr: bool) -> Result<u3
             flows::insert_reply(&s.reply, &s.flow);
             let _ = PENDING.remove(&pkt.key);
             let _ = PENDING.remove(&s.reply);
+        } else {
+            older.settle(&pkt.key, backend_id);
         }
         return Ok(backend_id);
     }
     checks::new_flow_rate(pkt)?;
     let (backend_id, backend) = choose(vip_id, &pkt.key)?;
+    if older.settle(&pkt.key, backend_id) {
+        return Ok(backend_id);
+    }
     let s = scratch()?;
     if dsr {
         // As below, without a reply direction: the backend answers the client.

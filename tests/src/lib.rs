@@ -448,6 +448,47 @@ pub fn tally(
     .expect("the client namespace")
 }
 
+/// Asserts that a client's new connection from a port it used before goes
+/// where the VIP's table says, not where the older connection's flow entry
+/// points (clients cycle through their ports; the table keeps entries until
+/// they age out). From each of a few source ports: ask, drain the backend
+/// that answered, ask again (another backend must answer), enable it, ask
+/// again (it must answer again). `address` gives a backend's address (for
+/// the CLI) from the name it answers with.
+pub fn assert_reused_ports_follow_the_table(
+    lab: &RunningLab,
+    vip: std::net::SocketAddr,
+    service: &str,
+    address: impl Fn(&str) -> String,
+) {
+    use lb_userspace::lab::client::tcp_ask_from;
+    let limit = std::time::Duration::from_secs(3);
+    let ask = |port: u16| {
+        lb_userspace::lab::run_in_ns(lab.lab.client_ns(), move || tcp_ask_from(vip, port, limit))
+            .expect("the client namespace")
+            .unwrap_or_else(|e| panic!("{vip} from port {port}: {e}"))
+    };
+    let cli = |verb: &str, name: &str| {
+        let out = lab.lb(&[verb, service, &address(name)]);
+        assert!(out.status.success(), "lb {verb} {name}: {out:?}");
+    };
+    for port in [40_001, 40_102, 40_203] {
+        let first = ask(port);
+        cli("drain", &first);
+        let second = ask(port);
+        assert_ne!(
+            second, first,
+            "port {port}: a new connection to a drained backend"
+        );
+        cli("enable", &first);
+        let third = ask(port);
+        assert_eq!(
+            third, first,
+            "port {port}: the table's choice again, not {second}'s entry"
+        );
+    }
+}
+
 /// Waits (bounded by `limit`, polling every 100 ms) until `cond` holds;
 /// returns how long it took.
 pub fn wait_for(

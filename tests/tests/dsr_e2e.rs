@@ -159,6 +159,15 @@ fn be(i: usize) -> String {
 }
 
 #[test]
+fn l2_new_connections_from_reused_ports_follow_the_table() {
+    let lab =
+        RunningLab::start_dsr("dsrp", 3, &[1, 1, 1], Forwarding::L2, None, None).expect("lab");
+    lb_tests::assert_reused_ports_follow_the_table(&lab, services::vip_tcp4(), TCP4, |name| {
+        be(name[2..].parse().expect("a backend's name"))
+    });
+}
+
+#[test]
 fn ipip_health_checks_drain_and_hitless_restarts_keep_working() {
     let mut lab = RunningLab::start_dsr(
         "dsrh",

@@ -157,6 +157,14 @@ fn a_drained_backend_keeps_its_connection_and_gets_no_new_ones() {
 }
 
 #[test]
+fn a_new_connection_from_a_reused_port_follows_the_table() {
+    let lab = RunningLab::start("rtp", 3, &[1, 1, 1]).unwrap();
+    lb_tests::assert_reused_ports_follow_the_table(&lab, services::vip_tcp4(), TCP4, |name| {
+        be(name[2..].parse().expect("a backend's name"))
+    });
+}
+
+#[test]
 fn removing_one_of_n_backends_moves_about_one_nth_of_flows() {
     let n = 5;
     let lab = RunningLab::start("rtr", n, &[1; 5]).unwrap();

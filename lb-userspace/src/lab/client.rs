@@ -44,6 +44,28 @@ pub fn tcp_ask(addr: SocketAddr, timeout: Duration) -> io::Result<String> {
     TcpSession::connect(addr, timeout)?.ask()
 }
 
+/// As [`tcp_ask`], from source port `port`, and closed with an RST (no
+/// TIME_WAIT), so the next call can use the same 5-tuple at once, as a
+/// client that cycles through its ports would.
+pub fn tcp_ask_from(addr: SocketAddr, port: u16, timeout: Duration) -> io::Result<String> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    let local: SocketAddr = match addr {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, port).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+    };
+    socket.bind(&local.into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    socket.set_linger(Some(Duration::ZERO))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(stream);
+    reader.get_mut().write_all(b"who\n")?;
+    read_reply(&mut reader)
+}
+
 /// One long-lived TCP connection that can ask for the backend's name repeatedly.
 pub struct TcpSession {
     reader: BufReader<TcpStream>,
