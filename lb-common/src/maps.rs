@@ -102,7 +102,10 @@ pub const MAP_FLOWS: &str = "FLOWS";
 /// Maglev as before but is recorded only here, client direction and reply
 /// direction (so the backend's SYN-ACK, or RST, is translated back from
 /// here). The client's first packet without SYN (its ACK) finds the entry,
-/// moves both directions to `FLOWS` and deletes them here. A flood of
+/// moves both directions to `FLOWS` and deletes them here. A SYN, even a
+/// retransmitted one or one whose 5-tuple an older connection left in
+/// `FLOWS`, always takes its backend from Maglev (Katran's SYNs skip its
+/// LRU too): a drained backend gets no new connection. A flood of
 /// spoofed SYNs, which never send that ACK, only churns this table. A TCP
 /// packet without SYN that finds nothing anywhere (a connection whose entry
 /// was evicted, or that predates the balancer) is sent by Maglev and

@@ -368,10 +368,10 @@ impl Older {
 
 /// A TCP packet to an `l4` VIP that is not in FLOWS, or a SYN that found an
 /// `older` connection's entry there (see `MAP_PENDING` in lb-common for the
-/// design). Of a handshake in PENDING: a SYN (retransmit) or RST goes to its
-/// backend, anything else confirms the flow, which moves to FLOWS. Otherwise
-/// a backend is chosen by Maglev and the flow recorded in PENDING only (an
-/// RST records nothing). Errors as `new_flow`.
+/// design). Of a handshake in PENDING: an RST goes to its backend, a packet
+/// without SYN confirms the flow, which moves to FLOWS. A SYN, retransmitted
+/// or not, gets its backend from Maglev, and the flow is recorded (again)
+/// in PENDING only (an RST records nothing). Errors as `new_flow`.
 // By reference on purpose: the map helpers then get pointers into SCRATCH
 // (or the packet's key); by value each key and flow would be copied onto a
 // stack that has no room left.
@@ -384,6 +384,9 @@ fn admit_tcp(
     dsr: bool,
     older: Older,
 ) -> Result<u32, Reason> {
+    // A SYN of a handshake in PENDING (a retransmit) is no new flow for the
+    // rate limit, but its backend comes from the table like any SYN's.
+    let mut retransmit = false;
     // SAFETY: LRU entries are written whole by this program.
     if let Some(p) = unsafe { PENDING.get(&pkt.key) }
         && p.direction == FLOW_TO_BACKEND
@@ -393,7 +396,11 @@ fn admit_tcp(
         && b.flags & BACKEND_F_VALID != 0
     {
         let backend_id = p.backend_id;
-        if pkt.tcp_flags & (TCP_SYN | TCP_RST) == 0 {
+        if pkt.tcp_flags & TCP_SYN != 0 {
+            retransmit = true;
+        } else if pkt.tcp_flags & TCP_RST != 0 {
+            return Ok(backend_id);
+        } else {
             // The client answered the SYN-ACK: a real connection.
             let s = scratch()?;
             s.flow = *p;
@@ -410,12 +417,12 @@ fn admit_tcp(
             flows::insert_reply(&s.reply, &s.flow);
             let _ = PENDING.remove(&pkt.key);
             let _ = PENDING.remove(&s.reply);
-        } else {
-            older.settle(&pkt.key, backend_id);
+            return Ok(backend_id);
         }
-        return Ok(backend_id);
     }
-    checks::new_flow_rate(pkt)?;
+    if !retransmit {
+        checks::new_flow_rate(pkt)?;
+    }
     let (backend_id, backend) = choose(vip_id, &pkt.key)?;
     if older.settle(&pkt.key, backend_id) {
         return Ok(backend_id);

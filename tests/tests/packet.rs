@@ -15,7 +15,7 @@ use lb_tests::{
     xdp_action::*,
 };
 use lb_userspace::{
-    balancer::Balancer,
+    balancer::{Availability, Balancer},
     config::Protocol,
     dataplane::ip_to_addr,
     lab::{
@@ -881,6 +881,62 @@ fn handshake(b: &mut Balancer, net: &TestRunNet, src: Ipv4Addr, sport: u16) -> u
         "and out of PENDING"
     );
     i
+}
+
+/// "three" with backend `drained` (1..=3, 0 for none) taking no new flows.
+fn drain_in_three(b: &mut Balancer, drained: usize) {
+    let config = lb_userspace::config::parse(&three_config(&[1, 2, 3], "l4"), "test.toml")
+        .expect("valid config");
+    let drained: Option<std::net::SocketAddr> =
+        (drained != 0).then(|| std::net::SocketAddr::new(backend_v4(drained).into(), 8080));
+    b.apply_with(&config, &|_, addr| Availability {
+        new_flows: Some(addr) != drained,
+        established: true,
+    })
+    .expect("apply");
+}
+
+#[test]
+fn a_syn_gets_its_backend_from_the_table_whatever_an_older_entry_says() {
+    with_fixture(|b, net| {
+        apply(b, &three_config(&[1, 2, 3], "l4"));
+        let syn = |sport| Frame::tcp(CLIENT_V4, VIP3_V4, sport, 80).syn().bytes();
+        let send = |b: &mut Balancer, frame: &[u8]| {
+            let (action, out) = run_xdp(b, frame, net.lbc).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+            backend_of(&out)
+        };
+        for sport in [2001, 2002, 2003] {
+            // An established flow; the client reuses its port (a new SYN):
+            // while the table agrees, the entry serves as it is.
+            let first = handshake(b, net, CLIENT_V4, sport);
+            assert_eq!(send(b, &syn(sport)), first, "sport {sport}");
+            let key = key4(CLIENT_V4, sport, VIP3_V4);
+            assert!(b.dataplane().flow(&key).unwrap().is_some());
+            // Its backend drained: the next SYN goes elsewhere and its ACK
+            // follows it, not the older entry.
+            drain_in_three(b, first);
+            let second = send(b, &syn(sport));
+            assert_ne!(second, first, "sport {sport}: a SYN to a drained backend");
+            assert!(
+                b.dataplane().flow(&key).unwrap().is_none(),
+                "older entry gone"
+            );
+            let ack = acked(CLIENT_V4, VIP3_V4, sport, 80).bytes();
+            assert_eq!(send(b, &ack), second, "sport {sport}: the ACK");
+            drain_in_three(b, 0);
+        }
+        // A handshake in PENDING whose backend is drained before the SYN is
+        // retransmitted: the retransmission goes by the table too.
+        let first = send(b, &syn(2100));
+        drain_in_three(b, first);
+        assert_ne!(
+            send(b, &syn(2100)),
+            first,
+            "a retransmitted SYN to a drained backend"
+        );
+        assert_eq!(reason_count(b, Reason::DropRateLimited), 0);
+    });
 }
 
 #[test]
