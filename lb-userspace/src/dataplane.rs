@@ -196,15 +196,18 @@ impl Dataplane {
 
     fn load_with(path: &Path, pin_dir: Option<&Path>) -> Result<Self> {
         let mut loader = aya::EbpfLoader::new();
-        let pins: Vec<(&str, PathBuf)> = pin_dir
-            .map(|dir| ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect())
-            .unwrap_or_default();
-        for (name, pin) in &pins {
-            loader.map_pin_path(name, pin.as_path());
-        }
         // FLOW_CACHE_SLOTS for every CPU that may run the program.
         let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         loader.map_max_entries(MAP_FLOW_CACHE, FLOW_CACHE_SLOTS * cpus as u32);
+        let pins: Vec<(&str, PathBuf)> = pin_dir
+            .map(|dir| ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect())
+            .unwrap_or_default();
+        if let Some(dir) = pin_dir {
+            pin::check_compatible(path, dir, &ALL_MAPS, &[MAP_FLOW_CACHE])?;
+        }
+        for (name, pin) in &pins {
+            loader.map_pin_path(name, pin.as_path());
+        }
         let mut bpf = loader
             .load_file(path)
             .with_context(|| format!("loading eBPF object {}", path.display()))?;
@@ -843,6 +846,104 @@ pub mod pin {
             let mut st: libc::statfs = std::mem::zeroed();
             libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == BPF_FS_MAGIC
         }
+    }
+
+    /// Refuses maps pinned in `dir` (of those `names`) that the eBPF object
+    /// at `object` would not create alike: another type, key or value size,
+    /// or entry count (not compared for `sized_here`, whose count the loader
+    /// sets from this machine's CPUs: a cache, slower if short, not wrong).
+    /// A previous version with another layout left them: reusing them would
+    /// have the kernel refuse the program with a verifier dump, or the
+    /// program read old values as new ones.
+    pub fn check_compatible(
+        object: &Path,
+        dir: &Path,
+        names: &[&str],
+        sized_here: &[&str],
+    ) -> Result<()> {
+        let data = std::fs::read(object)
+            .with_context(|| format!("reading eBPF object {}", object.display()))?;
+        let obj = aya_obj::Object::parse(&data)
+            .map_err(|e| anyhow::anyhow!("parsing eBPF object {}: {e}", object.display()))?;
+        for name in names {
+            let path = dir.join(name);
+            let Some(def) = obj.maps.get(*name) else {
+                continue;
+            };
+            if !path.exists() {
+                continue;
+            }
+            let pinned = aya::maps::MapInfo::from_pin(&path)
+                .with_context(|| format!("reading pinned map {}", path.display()))?;
+            let wanted_entries = if sized_here.contains(name) {
+                pinned.max_entries()
+            } else {
+                def.max_entries()
+            };
+            let wanted = Layout {
+                kind: type_name(def.map_type()),
+                key: def.key_size(),
+                value: def.value_size(),
+                entries: wanted_entries,
+            };
+            let found = Layout {
+                kind: pinned
+                    .map_type()
+                    .map_or_else(|_| "unknown".to_string(), |t| format!("{t:?}")),
+                key: pinned.key_size(),
+                value: pinned.value_size(),
+                entries: pinned.max_entries(),
+            };
+            if found != wanted {
+                bail!(
+                    "the map {name} pinned in {} has another layout than this build's (there: {found}; here: {wanted}): \
+                     an earlier version left it; `lb stop --detach` with that configuration \
+                     (established flows are then lost) or removing {} lets this one start",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// What must match between a pinned map and the object's definition.
+    #[derive(PartialEq)]
+    struct Layout {
+        kind: String,
+        key: u32,
+        value: u32,
+        entries: u32,
+    }
+
+    impl std::fmt::Display for Layout {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "{}, key {} B, value {} B, {} entries",
+                self.kind, self.key, self.value, self.entries
+            )
+        }
+    }
+
+    /// A `bpf_map_type` number in the words of aya's `MapType`.
+    fn type_name(raw: u32) -> String {
+        use aya_obj::generated::bpf_map_type;
+        // Every type the data plane's objects use; others show as numbers.
+        let known = [
+            (bpf_map_type::BPF_MAP_TYPE_HASH, "Hash"),
+            (bpf_map_type::BPF_MAP_TYPE_ARRAY, "Array"),
+            (bpf_map_type::BPF_MAP_TYPE_PROG_ARRAY, "ProgramArray"),
+            (bpf_map_type::BPF_MAP_TYPE_PERCPU_HASH, "PerCpuHash"),
+            (bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY, "PerCpuArray"),
+            (bpf_map_type::BPF_MAP_TYPE_LRU_HASH, "LruHash"),
+            (bpf_map_type::BPF_MAP_TYPE_LRU_PERCPU_HASH, "LruPerCpuHash"),
+            (bpf_map_type::BPF_MAP_TYPE_LPM_TRIE, "LpmTrie"),
+        ];
+        known
+            .iter()
+            .find(|(t, _)| *t as u32 == raw)
+            .map_or_else(|| format!("type {raw}"), |(_, n)| n.to_string())
     }
 
     /// Makes sure `dir` exists on a bpffs, mounting bpffs at /sys/fs/bpf if needed.

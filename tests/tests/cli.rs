@@ -195,3 +195,60 @@ fn a_start_failing_after_the_attach_leaves_nothing_behind() {
     let (stderr, _) = failed_start("late-fail", &config);
     assert!(stderr.contains("binding metrics endpoint"), "{stderr}");
 }
+
+#[test]
+fn run_refuses_maps_pinned_with_another_layout_and_keeps_them() {
+    let net = TestRunNet::create("old-pins").expect("namespace");
+    let path = write(
+        "old-pins.toml",
+        &GOOD.replace("[\"lo\"]", "[\"lbc\", \"lbb\"]"),
+    );
+    let pin_dir =
+        Path::new("/sys/fs/bpf").join(format!("lb-cli-test-old-pins-{}", std::process::id()));
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    // FLOWS as a build with 4 bytes less per value would have left it.
+    let entries = lb_common::FLOW_TABLE_SIZE.to_string();
+    let flows = pin_dir.join("FLOWS");
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&flows)
+        .args(["type", "lru_hash", "key", "40", "value", "28"])
+        .args(["entries", &entries, "name", "FLOWS"])
+        .output()
+        .unwrap();
+    let out = if made.status.success() {
+        Some(lb_output(&[
+            "run".as_ref(),
+            "--netns".as_ref(),
+            net.ns().as_ref(),
+            "--config".as_ref(),
+            path.as_os_str(),
+            "--pin-dir".as_ref(),
+            pin_dir.as_os_str(),
+            "--socket".as_ref(),
+            path.with_extension("sock").as_os_str(),
+        ]))
+    } else {
+        None
+    };
+    let left: Vec<String> = std::fs::read_dir(&pin_dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    // Clean up before asserting, so a failure does not leak into other tests.
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let out = out.unwrap_or_else(|| panic!("bpftool map create: {made:?}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the start must fail: {out:?}");
+    assert!(
+        stderr.contains("the map FLOWS pinned in")
+            && stderr.contains("there: LruHash, key 40 B, value 28 B")
+            && stderr.contains("lb stop --detach"),
+        "{stderr}"
+    );
+    assert_eq!(left, ["FLOWS"], "the old map stays, nothing else is pinned");
+    assert_eq!(xdp_attached_in(net.ns()), "", "nothing is attached");
+}
