@@ -166,9 +166,13 @@ pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 ///
 /// Coherence: a slot holds a copy of a `FLOWS` entry with the two epochs it
 /// was read under, `Settings::flow_epoch` (bumped by the agent after any
-/// change of backends, tables, VIPs or removed flows) and `FLOW_EPOCH[0]`
-/// (bumped by the data plane when it overwrites another VIP's dead reply
-/// entry); a slot of an older epoch is a miss. Every other `FLOWS` write
+/// change of backends, tables, VIPs or removed flows) and the data plane's
+/// (`dp_epoch`): `FLOW_EPOCH[0]`, bumped when the data plane overwrites
+/// another VIP's dead reply entry or deletes an older connection's entry
+/// for a SYN, plus the clock in `FLOW_CACHE_PERIOD_SHIFT` units, so that
+/// every slot is read again from `FLOWS` at least that often (which keeps
+/// UDP flows' `last_seen` current there); a slot of an older epoch is a
+/// miss. Every other `FLOWS` write
 /// leaves the meaning of an entry as it was (a new flow gets what Maglev
 /// gave before, unless the table changed, which bumps the epoch), and the
 /// data plane drops its own CPU's copy of an entry it rewrites.
@@ -177,6 +181,25 @@ pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 /// cache of its own, which is correct by construction, and the value may
 /// change between versions.
 pub const MAP_FLOW_CACHE: &str = "FLOW_CACHE";
+/// `FLOW_CACHE` slots are read again from `FLOWS` at least every
+/// 2^`FLOW_CACHE_PERIOD_SHIFT` ns (about 8.6 s; see `MAP_FLOW_CACHE`).
+pub const FLOW_CACHE_PERIOD_SHIFT: u32 = 33;
+/// `Flow::last_seen` counts 2^`FLOW_TIME_SHIFT` ns (about 1.07 s) of the
+/// coarse monotonic clock (`bpf_ktime_get_coarse_ns`, CLOCK_MONOTONIC_COARSE).
+pub const FLOW_TIME_SHIFT: u32 = 30;
+/// A UDP flow whose client sent nothing for more than this many
+/// `FLOW_TIME_SHIFT` units (about 30 s, Katran's `LRU_UDP_TIMEOUT`) is a new
+/// flow: its backend comes from the table again, so a drained or
+/// re-weighted backend loses flows of clients that keep their port (NTP,
+/// syslog, SIP) once they pause. Longer than a cache period and a unit,
+/// the most `last_seen` in `FLOWS` lags behind a busy flow's packets.
+pub const UDP_IDLE_UNITS: u32 = 28;
+
+/// A coarse monotonic time in ns as `Flow::last_seen` counts it.
+#[inline(always)]
+pub fn flow_time(ns: u64) -> u32 {
+    (ns >> FLOW_TIME_SHIFT) as u32
+}
 /// Slots of `FLOW_CACHE` per CPU (a power of two: `flow_cache_slot` keeps
 /// the top 10 bits).
 pub const FLOW_CACHE_SLOTS: u32 = 1024;
@@ -212,7 +235,8 @@ pub fn flow_cache_slot(key: &FlowKey) -> u32 {
 pub struct CachedFlow {
     /// `Settings::flow_epoch` when it was read.
     pub agent_epoch: u32,
-    /// `FLOW_EPOCH[0]` when it was read (its low 32 bits).
+    /// The data plane's epoch when it was read: `FLOW_EPOCH[0]` (its low
+    /// 32 bits) plus the clock in `FLOW_CACHE_PERIOD_SHIFT` units.
     pub dp_epoch: u32,
     /// 1 when `vip_flags` and `backend` hold the flow's VIP flags and
     /// backend (a `FLOW_TO_BACKEND` entry under its VIP's generation, whose
@@ -231,7 +255,7 @@ pub struct CachedFlow {
     /// `BACKENDS[flow.backend_id]`.
     pub backend: Backend,
     /// Zero.
-    pub pad: [u8; 8],
+    pub pad: [u8; 4],
 }
 
 /// Map name: backend id -> `BackendHop` (PERCPU_ARRAY, `MAX_BACKENDS`): the
@@ -459,6 +483,9 @@ pub struct Flow {
     pub backend_id: u32,
     /// `VipState::generation` the flow was created under.
     pub vip_generation: u32,
+    /// `flow_time` of the client's latest packet the full program saw (a
+    /// UDP flow's, kept current within a cache period; see `UDP_IDLE_UNITS`).
+    pub last_seen: u32,
 }
 
 /// Value of `CLIENT_HOPS`: the next hop toward one client address.
@@ -834,7 +861,7 @@ mod tests {
         assert_eq!(size_of::<VipMeta>(), 8);
         assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<Flow>(), 1 + 1 + 2 + 16 + 4 + 4 + 4);
+        assert_eq!(size_of::<Flow>(), 1 + 1 + 2 + 16 + 4 + 4 + 4 + 4);
         assert_eq!(size_of::<VipState>(), 8);
         assert_eq!(size_of::<Ring>(), 4 + 4 * MAX_RING_SIZE);
         assert_eq!(size_of::<ClientHop>(), 16 + 8 + 24);

@@ -45,9 +45,9 @@ fn hit(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
     if pkt.ttl <= 1 {
         return None;
     }
-    let cached = flows::cached(&pkt.key)?;
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let cached = flows::cached(&pkt.key, now)?;
     let mut hop = NextHop::default();
     if cached.resolved == 0 {
         // A backend's reply (NAT): back to the client from the VIP.

@@ -2,10 +2,10 @@
 //! `FLOWS` on a miss (see `MAP_FLOW_CACHE` in lb-common for why and how the
 //! cache stays coherent).
 
-use aya_ebpf::helpers::bpf_get_smp_processor_id;
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BACKEND_F_VALID, CachedFlow, FAMILY_V4, FLOW_CACHE_SLOTS, FLOW_TO_BACKEND, Flow, FlowKey,
-    flow_cache_slot,
+    BACKEND_F_VALID, CachedFlow, FAMILY_V4, FLOW_CACHE_PERIOD_SHIFT, FLOW_CACHE_SLOTS,
+    FLOW_TO_BACKEND, Flow, FlowKey, PROTO_UDP, UDP_IDLE_UNITS, flow_cache_slot, flow_time,
 };
 
 use crate::maps::{BACKENDS, FLOW_CACHE, FLOW_EPOCH, FLOWS, SETTINGS, VIP_STATE};
@@ -19,20 +19,21 @@ fn slot_index(key: &FlowKey) -> u32 {
     cpu * FLOW_CACHE_SLOTS + flow_cache_slot(key)
 }
 
-/// The two epochs a cached copy must have been read under.
+/// The two epochs a cached copy must have been read under, at `now` (ns,
+/// coarse monotonic): the data plane's moves on with the clock too.
 #[inline(always)]
-fn epochs() -> (u32, u32) {
+fn epochs(now: u64) -> (u32, u32) {
     let agent = SETTINGS.get(0).map_or(0, |s| s.flow_epoch);
     let dp = FLOW_EPOCH.get(0).copied().unwrap_or(0) as u32;
-    (agent, dp)
+    (agent, dp.wrapping_add((now >> FLOW_CACHE_PERIOD_SHIFT) as u32))
 }
 
 /// This CPU's cached copy of `key`'s `FLOWS` entry if it holds one of the
-/// current epochs; never reads `FLOWS` (the fast path leaves a miss to the
-/// full program, which refills the slot).
+/// current epochs at `now`; never reads `FLOWS` (the fast path leaves a
+/// miss to the full program, which refills the slot).
 #[inline(always)]
-pub fn cached(key: &FlowKey) -> Option<&'static CachedFlow> {
-    let (agent, dp) = epochs();
+pub fn cached(key: &FlowKey, now: u64) -> Option<&'static CachedFlow> {
+    let (agent, dp) = epochs(now);
     let slot = FLOW_CACHE.get(slot_index(key))?;
     if slot.agent_epoch == agent && slot.dp_epoch == dp && same_key(&slot.key, key) {
         return Some(slot);
@@ -60,20 +61,35 @@ fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
 
 /// This CPU's cached copy of `key`'s `FLOWS` entry, filled from `FLOWS`
 /// (and resolved, see `CachedFlow`) when it does not hold one of the
-/// current epochs. The reference stays valid until this program writes
-/// the cache again (`written`): callers copy what they need before that.
+/// current epochs. A UDP client's entry idle for over `UDP_IDLE_UNITS` is
+/// none (the flow is new again); one seen in an earlier unit is brought
+/// up to date. The reference stays valid until this program writes the
+/// cache again (`written`): callers copy what they need before that.
 #[inline(always)]
 pub fn lookup(key: &FlowKey) -> Option<&'static CachedFlow> {
-    let (agent, dp) = epochs();
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let (agent, dp) = epochs(now);
     let slot = FLOW_CACHE.get_ptr_mut(slot_index(key))?;
     // SAFETY: this CPU's slot: only this program on this CPU uses it.
     let slot = unsafe { &mut *slot };
     if slot.agent_epoch == agent && slot.dp_epoch == dp && slot.key == *key {
         return Some(slot);
     }
+    let flow = FLOWS.get_ptr_mut(key)?;
     // SAFETY: LRU entries are written whole by this program; a racing update
-    // at worst yields the previous value for the same 5-tuple.
-    let flow = unsafe { FLOWS.get(key) }?;
+    // at worst yields the previous value for the same 5-tuple, and
+    // `last_seen` is one aligned word.
+    let flow = unsafe { &mut *flow };
+    if key.proto == PROTO_UDP && flow.direction == FLOW_TO_BACKEND {
+        let seen = flow_time(now);
+        if seen.wrapping_sub(flow.last_seen) > UDP_IDLE_UNITS {
+            return None;
+        }
+        if flow.last_seen != seen {
+            flow.last_seen = seen;
+        }
+    }
     slot.key = *key;
     slot.flow = *flow;
     slot.agent_epoch = agent;

@@ -33,10 +33,13 @@ mod parse;
 mod stats;
 mod verdict;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, maps::LruHashMap, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, maps::LruHashMap,
+    programs::XdpContext,
+};
 use lb_common::{
     BACKEND_F_VALID, Backend, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey, PROG_FULL_SLOT,
-    PROTO_TCP, Reason, VIP_F_DSR, VIP_F_L7, VipKey, hash::flow_hash,
+    PROTO_TCP, Reason, VIP_F_DSR, VIP_F_L7, VipKey, flow_time, hash::flow_hash,
 };
 
 use crate::{
@@ -284,6 +287,8 @@ fn client_flow(pkt: &Packet, vip_id: u32, backend_id: u32, generation: u32, out:
     out.vip_id = vip_id;
     out.backend_id = backend_id;
     out.vip_generation = generation;
+    // SAFETY: helper without arguments.
+    out.last_seen = flow_time(unsafe { bpf_ktime_get_coarse_ns() });
 }
 
 use crate::maps::scratch;

@@ -509,6 +509,12 @@ impl Dataplane {
         }
     }
 
+    /// Writes the FLOWS entry of one direction (the data plane writes its
+    /// own; tests age one with this).
+    pub fn set_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
+        self.flows.insert(key, flow, 0).context("writing FLOWS")
+    }
+
     /// The PENDING entry (unconfirmed TCP handshake) of one direction, if any.
     pub fn pending_flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
         match self.pending.get(key, 0) {

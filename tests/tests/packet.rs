@@ -5,13 +5,15 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
-use lb_common::{FlowKey, Reason, hash::flow_hash};
+use lb_common::{
+    FLOW_CACHE_PERIOD_SHIFT, FlowKey, Reason, UDP_IDLE_UNITS, flow_time, hash::flow_hash,
+};
 use lb_tests::{
     assert_checksums_valid, assert_hit_path_forwards_alike,
     frames::{
         CPORT, Frame, PAYLOAD, fix_ipv4_checksum, frag_needed, icmp4_from_vip, icmp6_from_vip,
     },
-    reason_count, run_xdp, set_mtu,
+    reason_count, run_xdp, set_mtu, wait_for,
     xdp_action::*,
 };
 use lb_userspace::{
@@ -883,10 +885,10 @@ fn handshake(b: &mut Balancer, net: &TestRunNet, src: Ipv4Addr, sport: u16) -> u
     i
 }
 
-/// "three" with backend `drained` (1..=3, 0 for none) taking no new flows.
-fn drain_in_three(b: &mut Balancer, drained: usize) {
-    let config = lb_userspace::config::parse(&three_config(&[1, 2, 3], "l4"), "test.toml")
-        .expect("valid config");
+/// Applies `text` with backend `drained` of "three" (1..=3, 0 for none)
+/// taking no new flows.
+fn apply_draining(b: &mut Balancer, text: &str, drained: usize) {
+    let config = lb_userspace::config::parse(text, "test.toml").expect("valid config");
     let drained: Option<std::net::SocketAddr> =
         (drained != 0).then(|| std::net::SocketAddr::new(backend_v4(drained).into(), 8080));
     b.apply_with(&config, &|_, addr| Availability {
@@ -894,6 +896,77 @@ fn drain_in_three(b: &mut Balancer, drained: usize) {
         established: true,
     })
     .expect("apply");
+}
+
+/// "three" over TCP with backend `drained` taking no new flows.
+fn drain_in_three(b: &mut Balancer, drained: usize) {
+    apply_draining(b, &three_config(&[1, 2, 3], "l4"), drained);
+}
+
+/// The coarse monotonic clock the data plane reads (`bpf_ktime_get_coarse_ns`).
+fn coarse_now() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[test]
+fn an_idle_udp_flow_gets_its_backend_from_the_table_again() {
+    with_fixture(|b, net| {
+        let text = three_config(&[1, 2, 3], "l4").replace("mode = ", "protocol = \"udp\"\nmode = ");
+        apply(b, &text);
+        let send = |b: &mut Balancer| {
+            let frame = Frame::udp(CLIENT_V4, VIP3_V4, 5000, 80).bytes();
+            let (action, out) = run_xdp(b, &frame, net.lbc).unwrap();
+            assert_eq!(action, XDP_REDIRECT);
+            backend_of(&out)
+        };
+        let key = FlowKey {
+            proto: 17,
+            ..key4(CLIENT_V4, 5000, VIP3_V4)
+        };
+        // Ages the flow's entry past the idle limit (as 30 s of silence would).
+        let age = |b: &mut Balancer| {
+            let mut flow = b.dataplane().flow(&key).unwrap().expect("the flow's entry");
+            flow.last_seen = flow_time(coarse_now()).wrapping_sub(UDP_IDLE_UNITS + 1);
+            b.dataplane().set_flow(&key, &flow).unwrap();
+        };
+        let first = send(b);
+        apply_draining(b, &text, first);
+        assert_eq!(send(b), first, "a drained backend keeps a flow that talks");
+        age(b);
+        b.dataplane().bump_flow_epoch().unwrap();
+        let second = send(b);
+        assert_ne!(
+            second, first,
+            "an idle flow is new: not to the drained backend"
+        );
+        apply_draining(b, &text, second);
+        assert_eq!(send(b), second, "a flow that talks stays");
+        let seen = b.dataplane().flow(&key).unwrap().unwrap().last_seen;
+        assert!(
+            flow_time(coarse_now()).wrapping_sub(seen) <= 1,
+            "last_seen kept current"
+        );
+        // Without any epoch bump, a cached copy is read again from FLOWS once
+        // the cache period turns: the aged entry then counts.
+        age(b);
+        let period = || coarse_now() >> FLOW_CACHE_PERIOD_SHIFT;
+        let start = period();
+        wait_for(
+            "the cache period to turn",
+            std::time::Duration::from_secs(10),
+            || period() != start,
+        );
+        assert_ne!(send(b), second, "idle, past a cache period");
+    });
 }
 
 #[test]
