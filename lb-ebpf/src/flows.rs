@@ -25,7 +25,10 @@ fn slot_index(key: &FlowKey) -> u32 {
 fn epochs(now: u64) -> (u32, u32) {
     let agent = SETTINGS.get(0).map_or(0, |s| s.flow_epoch);
     let dp = FLOW_EPOCH.get(0).copied().unwrap_or(0) as u32;
-    (agent, dp.wrapping_add((now >> FLOW_CACHE_PERIOD_SHIFT) as u32))
+    (
+        agent,
+        dp.wrapping_add((now >> FLOW_CACHE_PERIOD_SHIFT) as u32),
+    )
 }
 
 /// This CPU's cached copy of `key`'s `FLOWS` entry if it holds one of the
