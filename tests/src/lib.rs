@@ -448,6 +448,32 @@ pub fn tally(
     .expect("the client namespace")
 }
 
+/// Asserts that `tally` splits over "be1", "be2", ... as `weights` do, each
+/// share within four standard deviations of a binomial draw of that many
+/// flows (hashed 5-tuples are one). Four still tell 1:2:3 from an even
+/// split at 300 flows; a fixed 0.06 or 0.07 (2.4 to 3.6 deviations at the
+/// sizes the tests use) broke one run in a few dozen.
+pub fn assert_weighted<N: Copy + TryInto<u64> + std::fmt::Debug>(
+    tally: &std::collections::BTreeMap<String, N>,
+    weights: &[u32],
+    what: &str,
+) {
+    let count = |n: N| n.try_into().unwrap_or(u64::MAX);
+    let total = tally.values().map(|&n| count(n)).sum::<u64>() as f64;
+    let sum: u32 = weights.iter().sum();
+    for (i, weight) in weights.iter().enumerate() {
+        let name = format!("be{}", i + 1);
+        let got = tally.get(&name).map_or(0, |&n| count(n)) as f64 / total;
+        let expected = f64::from(*weight) / f64::from(sum);
+        let tolerance = 4.0 * (expected * (1.0 - expected) / total).sqrt();
+        println!("{what}: {name} {got:.3} of {total} (expected {expected:.3} ± {tolerance:.3})");
+        assert!(
+            (got - expected).abs() <= tolerance,
+            "{what}: {name} got {got:.3}, expected {expected:.3} ± {tolerance:.3} ({tally:?})"
+        );
+    }
+}
+
 /// Asserts that a client's new connection from a port it used before goes
 /// where the VIP's table says, not where the older connection's flow entry
 /// points (clients cycle through their ports; the table keeps entries until

@@ -75,20 +75,6 @@ fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTree
         .collect()
 }
 
-/// Asserts `counts` split 1:2:3 over be1..be3 within `tolerance`.
-fn assert_weighted(counts: &BTreeMap<String, u64>, tolerance: f64, what: &str) {
-    let total = counts.values().sum::<u64>() as f64;
-    for (i, weight) in WEIGHTS.iter().enumerate() {
-        let name = format!("be{}", i + 1);
-        let got = counts.get(&name).copied().unwrap_or(0) as f64 / total;
-        let expected = f64::from(*weight) / 6.0;
-        assert!(
-            (got - expected).abs() <= tolerance,
-            "{what}: {name} got {got:.3}, expected {expected:.3} ({counts:?})"
-        );
-    }
-}
-
 /// Both nodes announce: the router holds one multipath route with both
 /// nodes; 1 000 new connections are spread over the nodes (each node's
 /// flow table, per backend) and by weight over the backends, and every
@@ -133,7 +119,7 @@ fn new_connections_spread_over_both_nodes_and_by_weight() {
         "1000 connections in {elapsed:?}: backends {names:?}; node 1 {:?} ({}), node 2 {:?} ({})",
         per_node[0], totals[0], per_node[1], totals[1]
     );
-    assert_weighted(&names, 0.07, "answers");
+    lb_tests::assert_weighted(&names, &WEIGHTS, "answers");
     // Each connection is in exactly one node's flow table (a reused client
     // port may fold two into one entry).
     let sum = totals[0] + totals[1];
@@ -147,7 +133,7 @@ fn new_connections_spread_over_both_nodes_and_by_weight() {
             "node {}: {total} of 1000 connections ({totals:?})",
             i + 1
         );
-        assert_weighted(&per_node[i], 0.1, &format!("node {}", i + 1));
+        lb_tests::assert_weighted(&per_node[i], &WEIGHTS, &format!("node {}", i + 1));
     }
     // The nodes agree with the client on where every connection went.
     for (name, &count) in &names {

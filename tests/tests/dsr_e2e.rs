@@ -24,22 +24,9 @@ fn tally(lab: &RunningLab, vip: SocketAddr, n: usize, udp: bool) -> BTreeMap<Str
     lb_tests::tally(lab.lab.client_ns(), vip, n, udp)
 }
 
-/// Asserts the 1:2:3 split of the lab's three backends, each share within
-/// four standard deviations of a binomial draw of that many flows (hashed
-/// 5-tuples are one). A fixed 0.07 is 2.4 of them at 300 flows, which the
-/// six such tallies of a run break about once in seven runs; four still
-/// tell 1:2:3 from an even split.
+/// Asserts the 1:2:3 split of the lab's three backends.
 fn assert_weighted(tally: &BTreeMap<String, usize>, what: &str) {
-    let total: usize = tally.values().sum();
-    for (name, weight) in [("be1", 1.0), ("be2", 2.0), ("be3", 3.0)] {
-        let got = *tally.get(name).unwrap_or(&0) as f64 / total as f64;
-        let expected = weight / 6.0;
-        let tolerance = 4.0 * (expected * (1.0 - expected) / total as f64).sqrt();
-        assert!(
-            (got - expected).abs() <= tolerance,
-            "{what}: {name} got {got:.3}, expected {expected:.3} ({tally:?})"
-        );
-    }
+    lb_tests::assert_weighted(tally, &[1, 2, 3], what);
 }
 
 /// Downloads `DOWNLOAD` bytes from `vip` and checks the count.

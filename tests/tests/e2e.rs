@@ -21,24 +21,12 @@ fn tally(lab: &RunningLab, vip: SocketAddr, n: usize) -> BTreeMap<String, usize>
     lb_tests::tally(lab.lab.client_ns(), vip, n, false)
 }
 
-fn assert_share(tally: &BTreeMap<String, usize>, name: &str, expected: f64, tolerance: f64) {
-    let total: usize = tally.values().sum();
-    let got = *tally.get(name).unwrap_or(&0) as f64 / total as f64;
-    println!("{name}: {got:.3} of {total} (expected {expected:.3})");
-    assert!(
-        (got - expected).abs() <= tolerance,
-        "{name} got {got:.3} of connections, expected {expected:.3} ± {tolerance} ({tally:?})"
-    );
-}
-
 #[test]
 fn tcp_connections_reach_every_backend_in_proportion_to_weight() {
     let lab = RunningLab::start("e2ew", 3, &[1, 2, 3]).expect("lab");
     let n = 900;
     let tally = tally(&lab, services::vip_tcp4(), n);
-    assert_share(&tally, "be1", 1.0 / 6.0, 0.06);
-    assert_share(&tally, "be2", 2.0 / 6.0, 0.06);
-    assert_share(&tally, "be3", 3.0 / 6.0, 0.06);
+    lb_tests::assert_weighted(&tally, &[1, 2, 3], "tcp4");
     assert_eq!(
         lab.lab.kernel_forwarded_packets().unwrap(),
         0,
@@ -97,7 +85,7 @@ fn long_lived_connections_keep_their_backend_when_a_backend_is_added() {
         "every long-lived connection stayed on its backend"
     );
     let tally = tally(&lab, vip, 600);
-    assert_share(&tally, "be4", 0.25, 0.07);
+    lb_tests::assert_weighted(&tally, &[1, 1, 1, 1], "after the addition");
     assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
 }
 
