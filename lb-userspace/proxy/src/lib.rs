@@ -18,7 +18,8 @@
 //!   each a current-thread runtime with its own SO_REUSEPORT listeners, and
 //!   what they share (balancers, connection limits) and do not (server
 //!   connections); `Proxy::start` serves on the caller's runtime instead.
-//! - `accept`: client sockets; `proxy_protocol`: the PROXY header;
+//! - `accept`: client sockets; `accept_errors`: what a failed accept does
+//!   (shared with the agent's listeners); `proxy_protocol`: the PROXY header;
 //!   `tls`: certificates by SNI; `server`: the accept loop, client timeouts,
 //!   and the choice between the two paths.
 //! - `h1`: our HTTP/1.1 path; `forward`: hyper's path; `hardening`: request
@@ -182,6 +183,7 @@ macro_rules! write_through {
 }
 
 mod accept;
+pub mod accept_errors;
 pub mod acl;
 pub mod actions;
 mod balance;

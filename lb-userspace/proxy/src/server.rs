@@ -17,6 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, TryAcquireError, watch};
 use tokio_rustls::TlsAcceptor;
 
 use super::accept::{ClientStream, Listener};
+use super::accept_errors::AcceptErrors;
 use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared};
 use super::deadline::{Deadline, WaitLimit};
 use super::error::{Failure, timeout_408};
@@ -60,6 +61,7 @@ pub(crate) async fn accept_loop(
     let probe = shutdown.clone();
     let changed = pin!(shutdown.changed());
     let mut shutdown = ShutdownWatch::new(probe, changed);
+    let mut errors = AcceptErrors::new(format!("frontend {}", fe.ctx.name));
     loop {
         // Wait for a free slot before accepting, so excess clients queue in the backlog.
         let permit = match fe.limit.clone().try_acquire_owned() {
@@ -91,9 +93,7 @@ pub(crate) async fn accept_loop(
             None => return,
             Some(Ok(x)) => x,
             Some(Err(e)) => {
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(frontend = %fe.ctx.name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                errors.pause(&e).await;
                 continue;
             }
         };

@@ -157,13 +157,12 @@ async fn serve_with(
     admin: Arc<Admin>,
     write_timeout: Duration,
 ) -> Result<()> {
+    let mut errors = lb_proxy::accept_errors::AcceptErrors::new("admin listener");
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning.
-                warn!("admin accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                errors.pause(&e).await;
                 continue;
             }
         };

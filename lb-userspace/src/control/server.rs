@@ -96,6 +96,7 @@ pub async fn serve_listener(
     listener: UnixListener,
     handler: Arc<dyn Handler>,
 ) -> anyhow::Result<()> {
+    let mut errors = lb_proxy::accept_errors::AcceptErrors::new("control socket");
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
@@ -107,9 +108,7 @@ pub async fn serve_listener(
                 });
             }
             Err(e) => {
-                // Usually out of file descriptors: back off instead of spinning or giving up.
-                warn!("control socket accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                errors.pause(&e).await;
             }
         }
     }

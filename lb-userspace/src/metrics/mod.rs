@@ -304,14 +304,12 @@ async fn serve_with(
     source: Arc<dyn Source>,
     write_timeout: Duration,
 ) -> Result<()> {
+    let mut errors = lb_proxy::accept_errors::AcceptErrors::new("metrics endpoint");
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                // Usually out of file descriptors: back off instead of giving
-                // the endpoint up for good (or spinning).
-                warn!("metrics accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                errors.pause(&e).await;
                 continue;
             }
         };
