@@ -138,6 +138,14 @@ fn process(ctx: &XdpContext) -> Verdict {
             return Verdict::new(xdp_action::XDP_DROP, reason);
         }
         if meta.flags & VIP_F_L7 != 0 {
+            // The proxy's new connections count against the source prefix's
+            // new-flow limit too (every SYN: no state here tells a
+            // retransmission apart); the rest of its traffic passes.
+            if pkt.tcp_flags & TCP_SYN != 0
+                && let Err(reason) = checks::new_flow_rate(&pkt)
+            {
+                return Verdict::new(xdp_action::XDP_DROP, reason);
+            }
             return Verdict::new(xdp_action::XDP_PASS, Reason::PassL7);
         }
         let Some(state) = VIP_STATE.get(meta.vip_id) else {

@@ -1140,6 +1140,28 @@ fn new_flows_are_rate_limited_per_source_prefix() {
 }
 
 #[test]
+fn new_connections_to_an_l7_vip_share_the_source_prefix_limit() {
+    with_fixture(|b, net| {
+        apply(b, &guarded_config("new_flow_limit = 2"));
+        let src = Ipv4Addr::new(198, 18, 9, 2);
+        let to_l7 = |sport| Frame::tcp(src, VIP_V4, sport, 443);
+        for sport in [1, 2] {
+            let syn = to_l7(sport).syn().bytes();
+            assert_eq!(run_xdp(b, &syn, net.lbc).unwrap(), (XDP_PASS, syn));
+        }
+        // The third SYN of the second is dropped, to the proxy as to an l4
+        // VIP; the connections it has keep going.
+        let syn = to_l7(3).syn().bytes();
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap(), (XDP_DROP, syn));
+        let l4 = Frame::tcp(src, VIP3_V4, 4, 80).syn().bytes();
+        assert_eq!(run_xdp(b, &l4, net.lbc).unwrap().0, XDP_DROP);
+        let ack = acked(src, VIP_V4, 1, 443).bytes();
+        assert_eq!(run_xdp(b, &ack, net.lbc).unwrap(), (XDP_PASS, ack));
+        assert_eq!(reason_count(b, Reason::DropRateLimited), 2);
+    });
+}
+
+#[test]
 fn denied_sources_reach_no_vip_and_lose_their_established_flows() {
     with_fixture(|b, net| {
         apply(b, &guarded_config(""));
