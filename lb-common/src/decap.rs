@@ -5,9 +5,12 @@
 //! header (next header 41, IPv6-in-IPv6). The backend has the VIP on a
 //! loopback; `lb_decap`, attached to the backend's interface, strips the outer
 //! header of packets whose inner destination is one of `DECAP_VIPS` and passes
-//! the inner packet to the stack as if it had arrived directly. Everything
-//! else passes untouched. `lb decap` loads it, fills `DECAP_VIPS` and reads
-//! `DECAP_STATS`.
+//! the inner packet to the stack as if it had arrived directly. When the
+//! outer sources are restricted (`lb decap --from`), such a packet from any
+//! other outer source is dropped instead: passed, the kernel's own ipip
+//! module (if loaded) could still decapsulate it. Everything else passes
+//! untouched. `lb decap` loads it, fills `DECAP_VIPS`, `DECAP_SOURCES_V4`/
+//! `_V6` and `DECAP_SETTINGS`, and reads `DECAP_STATS`.
 //!
 //! The program keeps no other state: the same object serves any number of
 //! interfaces, each with its own maps (one `lb decap` per interface).
@@ -24,16 +27,54 @@ pub const PROG_DECAP: &str = "lb_decap";
 /// with its outer header (the stack drops it: no ipip device takes it), so a
 /// backend only accepts tunnelled traffic for the VIPs it serves.
 pub const MAP_DECAP_VIPS: &str = "DECAP_VIPS";
+/// Map name: 0 -> `DecapSettings` (ARRAY, 1): whether the outer sources
+/// are restricted. An array read is all an unrestricted interface pays per
+/// tunnelled packet to a VIP; the tries below are looked up only when set.
+pub const MAP_DECAP_SETTINGS: &str = "DECAP_SETTINGS";
+/// Map name: `DecapSourceV4` -> `u8` (LPM_TRIE, `MAX_DECAP_SOURCES`): the
+/// outer IPv4 source prefixes allowed when `DecapSettings::restrict_sources`
+/// is set (value unused, 1). The lookup key is the outer source as a /32; an
+/// LPM trie so one entry can cover a balancer fleet's prefix.
+pub const MAP_DECAP_SOURCES_V4: &str = "DECAP_SOURCES_V4";
+/// Map name: `DecapSourceV6` -> `u8` (LPM_TRIE, `MAX_DECAP_SOURCES`): as
+/// `DECAP_SOURCES_V4` for outer IPv6 sources (looked up as a /128).
+pub const MAP_DECAP_SOURCES_V6: &str = "DECAP_SOURCES_V6";
 /// Map name: `DecapReason` as u32 -> `Traffic` (PERCPU_ARRAY,
 /// `DECAP_REASON_COUNT`): packets and bytes per decision, bytes being the
 /// whole frame as it arrived (outer header included).
 pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
 
 /// Every map of the `lb-decap` object (what `lb decap` pins per interface).
-pub const DECAP_MAPS: [&str; 2] = [MAP_DECAP_VIPS, MAP_DECAP_STATS];
+pub const DECAP_MAPS: [&str; 5] = [
+    MAP_DECAP_VIPS,
+    MAP_DECAP_SETTINGS,
+    MAP_DECAP_SOURCES_V4,
+    MAP_DECAP_SOURCES_V6,
+    MAP_DECAP_STATS,
+];
 
 /// Most VIPs one decapsulating interface accepts.
 pub const MAX_DECAP_VIPS: u32 = 1024;
+/// Most allowed outer source prefixes per family: a fleet's balancers are a
+/// few addresses or prefixes; the tries allocate per entry, so the bound
+/// only stops a runaway list.
+pub const MAX_DECAP_SOURCES: u32 = 256;
+
+/// Address part of a `DECAP_SOURCES_V4` key: its network-order bytes (the
+/// LPM key is the prefix length in bits, then these).
+pub type DecapSourceV4 = [u8; 4];
+/// Address part of a `DECAP_SOURCES_V6` key, as `DecapSourceV4`.
+pub type DecapSourceV6 = [u8; 16];
+
+/// Value of `DECAP_SETTINGS[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapSettings {
+    /// Non-zero: only outer sources in `DECAP_SOURCES_V4`/`_V6` are
+    /// decapsulated; one for both families, so a family without prefixes
+    /// accepts no tunnelled packet rather than any (zero: any source).
+    pub restrict_sources: u32,
+}
 
 /// IP protocol number of IPv4-in-IPv4 (outer IPv4 `protocol`, RFC 2003).
 pub const PROTO_IPIP: u8 = 4;
@@ -41,7 +82,8 @@ pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_IPV6_ENCAP: u8 = 41;
 
 /// Why `lb_decap` returned what it returned; each has a counter in `DECAP_STATS`.
-/// Every decision is XDP_PASS: only `Decap*` packets are changed.
+/// Every decision but `DropForeignSource` (XDP_DROP) is XDP_PASS; only
+/// `Decap*` packets are changed.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecapReason {
@@ -67,10 +109,14 @@ pub enum DecapReason {
     /// 802.1Q/802.1ad-tagged frame: passed untouched (a VLAN device on the
     /// interface takes it as it would without us).
     PassVlan = 7,
+    /// IP-in-IP to a VIP, whole and consistent, from an outer source outside
+    /// every allowed prefix while sources are restricted: dropped (a spoofed
+    /// inner client source must reach neither this stack nor an ipip device).
+    DropForeignSource = 8,
 }
 
 /// Number of `DecapReason` values (size of `DECAP_STATS`).
-pub const DECAP_REASON_COUNT: u32 = 8;
+pub const DECAP_REASON_COUNT: u32 = 9;
 
 impl DecapReason {
     /// All reasons, in counter-index order.
@@ -83,6 +129,7 @@ impl DecapReason {
         DecapReason::PassFragment,
         DecapReason::PassMalformed,
         DecapReason::PassVlan,
+        DecapReason::DropForeignSource,
     ];
 
     /// Stable snake_case name, as `lb decap --stats` prints it.
@@ -96,6 +143,7 @@ impl DecapReason {
             DecapReason::PassFragment => "pass_fragment",
             DecapReason::PassMalformed => "pass_malformed",
             DecapReason::PassVlan => "pass_vlan",
+            DecapReason::DropForeignSource => "drop_foreign_source",
         }
     }
 
@@ -108,6 +156,13 @@ impl DecapReason {
             DecapReason::DecapV4
         }
     }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: #[repr(C)] plain data with no padding bytes and no invalid bit
+    // patterns, which is what aya::Pod requires.
+    unsafe impl aya::Pod for super::DecapSettings {}
 }
 
 #[cfg(test)]

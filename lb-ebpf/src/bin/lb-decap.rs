@@ -6,8 +6,10 @@
 //! is whole and consistent and whose inner header (same family) is addressed
 //! to one of `DECAP_VIPS` loses its outer header (`bpf_xdp_adjust_head`), gets
 //! its Ethernet header back in front of the inner one (same MACs) and goes to
-//! the stack as if it had arrived directly. Everything else passes untouched.
-//! Every decision is counted per CPU in `DECAP_STATS`. The contract (names,
+//! the stack as if it had arrived directly. While the outer sources are
+//! restricted (`DECAP_SETTINGS`), such a frame from an outer source in no
+//! prefix of `DECAP_SOURCES_V4`/`_V6` is dropped. Everything else passes
+//! untouched. Every decision is counted per CPU in `DECAP_STATS`. The contract (names,
 //! reasons, limits) is `lb_common::decap`.
 //!
 //! Self-contained rather than sharing `lb-xdp`'s parser: that one stops at
@@ -20,12 +22,13 @@ use aya_ebpf::{
     bindings::xdp_action,
     helpers::bpf_xdp_adjust_head,
     macros::{map, xdp},
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use lb_common::{
-    AddrKey, DECAP_REASON_COUNT, DecapReason, FAMILY_V4, FAMILY_V6, MAX_DECAP_VIPS, PROTO_IPIP,
-    PROTO_IPV6_ENCAP, Traffic, addr_from_bytes,
+    AddrKey, DECAP_REASON_COUNT, DecapReason, DecapSettings, DecapSourceV4, DecapSourceV6,
+    FAMILY_V4, FAMILY_V6, MAX_DECAP_SOURCES, MAX_DECAP_VIPS, PROTO_IPIP, PROTO_IPV6_ENCAP, Traffic,
+    addr_from_bytes,
 };
 use network_types::{
     eth::EthHdr,
@@ -47,6 +50,20 @@ const MAX_IPV4_HEADER_WORDS: usize = 30;
 /// Inner destinations (VIPs) whose encapsulated packets are decapsulated.
 #[map]
 static DECAP_VIPS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_DECAP_VIPS, 0);
+
+/// Whether outer sources are restricted (one element).
+#[map]
+static DECAP_SETTINGS: Array<DecapSettings> = Array::with_max_entries(1, 0);
+
+/// Outer IPv4 source prefixes allowed while restricted.
+#[map]
+static DECAP_SOURCES_V4: LpmTrie<DecapSourceV4, u8> =
+    LpmTrie::with_max_entries(MAX_DECAP_SOURCES, 0);
+
+/// Outer IPv6 source prefixes allowed while restricted.
+#[map]
+static DECAP_SOURCES_V6: LpmTrie<DecapSourceV6, u8> =
+    LpmTrie::with_max_entries(MAX_DECAP_SOURCES, 0);
 
 /// Per-`DecapReason` packets/bytes.
 #[map]
@@ -92,6 +109,9 @@ fn process(ctx: &XdpContext) -> (u32, DecapReason) {
     };
     match decision {
         Ok((outer_len, family)) => strip(ctx, outer_len, family),
+        Err(DecapReason::DropForeignSource) => {
+            (xdp_action::XDP_DROP, DecapReason::DropForeignSource)
+        }
         Err(reason) => (xdp_action::XDP_PASS, reason),
     }
 }
@@ -142,6 +162,10 @@ fn outer_v4(ctx: &XdpContext) -> Result<(usize, u8), DecapReason> {
         pad: [0; 3],
     };
     is_vip(&key)?;
+    // Last: only a frame that would be decapsulated pays for the lookup.
+    if restricted() && DECAP_SOURCES_V4.get(&Key::new(32, ip.src_addr)).is_none() {
+        return Err(DecapReason::DropForeignSource);
+    }
     Ok((ihl, FAMILY_V4))
 }
 
@@ -176,6 +200,9 @@ fn outer_v6(ctx: &XdpContext) -> Result<(usize, u8), DecapReason> {
         pad: [0; 3],
     };
     is_vip(&key)?;
+    if restricted() && DECAP_SOURCES_V6.get(&Key::new(128, ip.src_addr)).is_none() {
+        return Err(DecapReason::DropForeignSource);
+    }
     Ok((Ipv6Hdr::LEN, FAMILY_V6))
 }
 
@@ -187,6 +214,14 @@ fn is_vip(key: &AddrKey) -> Result<(), DecapReason> {
         Some(_) => Ok(()),
         None => Err(DecapReason::PassNotVip),
     }
+}
+
+/// Whether only outer sources in `DECAP_SOURCES_V4`/`_V6` are decapsulated.
+#[inline(always)]
+fn restricted() -> bool {
+    DECAP_SETTINGS
+        .get(0)
+        .is_some_and(|s| s.restrict_sources != 0)
 }
 
 /// Whether the outer IPv4 header (`ihl` bytes at `L3`) sums to 0xffff, as a
