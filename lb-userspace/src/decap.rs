@@ -3,7 +3,10 @@
 //! Loads the `lb-decap` object (contract in `lb_common::decap`), attaches it
 //! to one interface and pins the attachment and its maps in a per-interface
 //! bpffs directory, so that it keeps decapsulating after the command exits.
-//! Run again on the same interface, it updates the VIP set in place (new VIPs
+//! `--from` restricts the outer sources decapsulated (others to a VIP are
+//! dropped); without it any host that can reach the interface can tunnel
+//! packets with a spoofed client source to the VIPs. Run again on the same
+//! interface, it updates the VIP and source sets in place (new entries
 //! first, then stale ones removed) and swaps the program in the pinned link
 //! atomically: decapsulation never stops. `--detach` removes the directory,
 //! which detaches the program; `--stats` reads the pinned maps.
@@ -15,7 +18,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    Ebpf,
+    maps::{
+        Array, HashMap, Map, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -24,11 +31,13 @@ use aya::{
 };
 use clap::Args;
 use lb_common::{
-    AddrKey, DECAP_MAPS, DecapReason, MAP_DECAP_STATS, MAP_DECAP_VIPS, MAX_DECAP_VIPS, PROG_DECAP,
-    Traffic,
+    AddrKey, DECAP_MAPS, DecapReason, DecapSettings, DecapSourceV4, DecapSourceV6,
+    MAP_DECAP_SETTINGS, MAP_DECAP_SOURCES_V4, MAP_DECAP_SOURCES_V6, MAP_DECAP_STATS,
+    MAP_DECAP_VIPS, MAX_DECAP_SOURCES, MAX_DECAP_VIPS, PROG_DECAP, Traffic,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::config::DenyPrefix;
 use crate::control::protocol::ReasonCount;
 use crate::dataplane::{AttachedMode, pin};
 use crate::dataplane::{addr_to_ip, ip_to_addr};
@@ -58,6 +67,19 @@ pub struct DecapArgs {
         conflicts_with_all = ["detach", "stats"],
     )]
     pub vips: Vec<IpAddr>,
+    /// Outer source prefix whose IP-in-IP packets are decapsulated (IPv4 or
+    /// IPv6 CIDR, a bare address is a /32 or /128; repeat it or give a
+    /// comma-separated list): the balancers' encapsulation sources. Packets
+    /// to a VIP from any other outer source are dropped. The set replaces
+    /// the interface's current one; without it, any source is accepted.
+    #[arg(
+        long = "from",
+        value_name = "PREFIX",
+        value_delimiter = ',',
+        value_parser = parse_source,
+        conflicts_with_all = ["detach", "stats"],
+    )]
+    pub from: Vec<DenyPrefix>,
     /// Detach from the interface and remove the pinned maps.
     #[arg(long, conflicts_with = "stats")]
     pub detach: bool,
@@ -90,6 +112,13 @@ pub fn parse_vip(s: &str) -> Result<IpAddr, String> {
         return Err(format!("{ip} cannot be a VIP"));
     }
     Ok(ip)
+}
+
+/// Parses an allowed outer source: an IPv4 or IPv6 prefix, host bits zero,
+/// or a bare address (a /32 or /128).
+pub fn parse_source(s: &str) -> Result<DenyPrefix, String> {
+    DenyPrefix::parse(s.trim())
+        .map_err(|why| format!("{s:?} is not an IPv4 or IPv6 address or prefix: {why}"))
 }
 
 /// Checks that `name` is a valid interface name, so it is also a safe path
@@ -151,6 +180,115 @@ pub fn vip_key(ip: IpAddr) -> AddrKey {
     }
 }
 
+/// The `DECAP_SOURCES_V4`/`_V6` key of a prefix, by family.
+fn source_key(prefix: &DenyPrefix) -> Result<Key<DecapSourceV4>, Key<DecapSourceV6>> {
+    match prefix.addr {
+        IpAddr::V4(a) => Ok(Key::new(prefix.len.into(), a.octets())),
+        IpAddr::V6(a) => Err(Key::new(prefix.len.into(), a.octets())),
+    }
+}
+
+/// The maps holding an interface's allowed outer sources.
+struct SourceMaps {
+    settings: Array<MapData, DecapSettings>,
+    v4: LpmTrie<MapData, DecapSourceV4, u8>,
+    v6: LpmTrie<MapData, DecapSourceV6, u8>,
+}
+
+/// A map of the `lb-decap` object as the aya type `T`.
+fn typed<T: TryFrom<Map, Error = aya::maps::MapError>>(map: Option<Map>, name: &str) -> Result<T> {
+    let map = map.ok_or_else(|| anyhow!("eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl SourceMaps {
+    /// Takes the source maps out of a loaded object.
+    fn take(bpf: &mut Ebpf) -> Result<Self> {
+        Ok(Self {
+            settings: typed(bpf.take_map(MAP_DECAP_SETTINGS), MAP_DECAP_SETTINGS)?,
+            v4: typed(bpf.take_map(MAP_DECAP_SOURCES_V4), MAP_DECAP_SOURCES_V4)?,
+            v6: typed(bpf.take_map(MAP_DECAP_SOURCES_V6), MAP_DECAP_SOURCES_V6)?,
+        })
+    }
+
+    /// Whether only the prefixes in the tries are decapsulated.
+    fn restricted(&self) -> Result<bool> {
+        let settings = self
+            .settings
+            .get(&0, 0)
+            .with_context(|| format!("reading {MAP_DECAP_SETTINGS}"))?;
+        Ok(settings.restrict_sources != 0)
+    }
+
+    /// Every prefix in the tries.
+    fn prefixes(&self) -> Result<BTreeSet<DenyPrefix>> {
+        let mut out = BTreeSet::new();
+        for key in self.v4.keys() {
+            let key = key.with_context(|| format!("reading {MAP_DECAP_SOURCES_V4}"))?;
+            out.insert(DenyPrefix {
+                addr: IpAddr::from(key.data()),
+                len: key.prefix_len() as u8,
+            });
+        }
+        for key in self.v6.keys() {
+            let key = key.with_context(|| format!("reading {MAP_DECAP_SOURCES_V6}"))?;
+            out.insert(DenyPrefix {
+                addr: IpAddr::from(key.data()),
+                len: key.prefix_len() as u8,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Makes `wanted` the allowed sources (empty: any source). New prefixes
+    /// go in before the restriction is switched on and stale ones leave after
+    /// it is switched off or rewritten: no allowed source is refused meanwhile.
+    fn sync(&mut self, wanted: &BTreeSet<DenyPrefix>) -> Result<()> {
+        let old = self.prefixes()?;
+        for prefix in wanted.difference(&old) {
+            let result = match source_key(prefix) {
+                Ok(k) => self.v4.insert(&k, 1, 0),
+                Err(k) => self.v6.insert(&k, 1, 0),
+            };
+            result.with_context(|| format!("adding {prefix} to the allowed sources"))?;
+        }
+        let settings = DecapSettings {
+            restrict_sources: u32::from(!wanted.is_empty()),
+        };
+        self.settings
+            .set(0, settings, 0)
+            .with_context(|| format!("writing {MAP_DECAP_SETTINGS}"))?;
+        for prefix in old.difference(wanted) {
+            let result = match source_key(prefix) {
+                Ok(k) => self.v4.remove(&k),
+                Err(k) => self.v6.remove(&k),
+            };
+            match result {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("removing {prefix} from the allowed sources"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses more prefixes of one family than `DECAP_SOURCES_V4`/`_V6` hold.
+fn check_source_count(sources: &BTreeSet<DenyPrefix>) -> Result<()> {
+    for v6 in [false, true] {
+        let n = sources.iter().filter(|p| p.addr.is_ipv6() == v6).count();
+        if n > MAX_DECAP_SOURCES as usize {
+            bail!(
+                "{n} IPv{} source prefixes given; an interface takes at most {MAX_DECAP_SOURCES}",
+                if v6 { 6 } else { 4 }
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What `attach` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attached {
@@ -163,6 +301,8 @@ pub struct Attached {
     pub added: usize,
     /// VIPs that were there and are not any more.
     pub removed: usize,
+    /// Allowed outer source prefixes now, sorted; empty: any source.
+    pub sources: Vec<DenyPrefix>,
 }
 
 /// An interface's VIPs and counters, as `lb decap --stats` shows them.
@@ -170,6 +310,8 @@ pub struct Attached {
 pub struct Status {
     /// VIPs in `DECAP_VIPS`, sorted.
     pub vips: Vec<IpAddr>,
+    /// Allowed outer source prefixes (`a.b.c.d/n`), sorted; `None`: any source.
+    pub sources: Option<Vec<String>>,
     /// Packets and bytes per `DecapReason`, in counter order.
     pub stats: Vec<ReasonCount>,
 }
@@ -230,9 +372,44 @@ fn check_pins_outlive_us() -> Result<()> {
     Ok(())
 }
 
+/// Makes `wanted` the VIPs in `vip_map`, new ones first, then the stale
+/// ones removed, so a VIP in both sets is never missing; returns how many
+/// were added and removed.
+fn sync_vips(
+    vip_map: &mut HashMap<MapData, AddrKey, u8>,
+    wanted: &BTreeSet<AddrKey>,
+) -> Result<(usize, usize)> {
+    let old: BTreeSet<AddrKey> = vip_map
+        .keys()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {MAP_DECAP_VIPS}"))?;
+    for key in wanted.difference(&old) {
+        vip_map
+            .insert(key, 1, 0)
+            .with_context(|| format!("updating {MAP_DECAP_VIPS}"))?;
+    }
+    for key in old.difference(wanted) {
+        match vip_map.remove(key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing from {MAP_DECAP_VIPS}")),
+        }
+    }
+    Ok((
+        wanted.difference(&old).count(),
+        old.difference(wanted).count(),
+    ))
+}
+
 /// Attaches the object at `object` to `iface` (or updates an attachment an
-/// earlier run pinned in `pin_dir`) and makes `vips` its VIP set.
-pub fn attach(object: &Path, iface: &str, pin_dir: &Path, vips: &[IpAddr]) -> Result<Attached> {
+/// earlier run pinned in `pin_dir`) and makes `vips` its VIP set and
+/// `sources` its allowed outer sources (empty: any).
+pub fn attach(
+    object: &Path,
+    iface: &str,
+    pin_dir: &Path,
+    vips: &[IpAddr],
+    sources: &[DenyPrefix],
+) -> Result<Attached> {
     ifindex(iface)?;
     let wanted: BTreeSet<AddrKey> = vips.iter().map(|ip| vip_key(*ip)).collect();
     if wanted.is_empty() {
@@ -244,6 +421,8 @@ pub fn attach(object: &Path, iface: &str, pin_dir: &Path, vips: &[IpAddr]) -> Re
             wanted.len()
         );
     }
+    let sources: BTreeSet<DenyPrefix> = sources.iter().copied().collect();
+    check_source_count(&sources)?;
     check_pins_outlive_us()?;
     // Undoes what this run pinned if a later step fails; pins of an earlier
     // run are left as they are.
@@ -260,33 +439,17 @@ pub fn attach(object: &Path, iface: &str, pin_dir: &Path, vips: &[IpAddr]) -> Re
     let mut bpf = loader
         .load_file(object)
         .with_context(|| format!("loading eBPF object {}", object.display()))?;
-    let mut vip_map: HashMap<MapData, AddrKey, u8> = HashMap::try_from(
-        bpf.take_map(MAP_DECAP_VIPS)
-            .ok_or_else(|| anyhow!("eBPF object has no map {MAP_DECAP_VIPS}"))?,
-    )
-    .with_context(|| format!("map {MAP_DECAP_VIPS} has an unexpected type"))?;
+    let mut vip_map: HashMap<MapData, AddrKey, u8> =
+        typed(bpf.take_map(MAP_DECAP_VIPS), MAP_DECAP_VIPS)?;
+    let mut source_maps = SourceMaps::take(&mut bpf)?;
     let prog: &mut Xdp = bpf
         .program_mut(PROG_DECAP)
         .ok_or_else(|| anyhow!("eBPF object has no program {PROG_DECAP}"))?
         .try_into()?;
     prog.load().context("the kernel refused the XDP program")?;
 
-    // New VIPs first, then the stale ones: a VIP in both sets is never missing.
-    let old: BTreeSet<AddrKey> = vip_map
-        .keys()
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading {MAP_DECAP_VIPS}"))?;
-    for key in wanted.difference(&old) {
-        vip_map
-            .insert(key, 1, 0)
-            .with_context(|| format!("updating {MAP_DECAP_VIPS}"))?;
-    }
-    for key in old.difference(&wanted) {
-        match vip_map.remove(key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(e).with_context(|| format!("removing from {MAP_DECAP_VIPS}")),
-        }
-    }
+    let (added, removed) = sync_vips(&mut vip_map, &wanted)?;
+    source_maps.sync(&sources)?;
 
     let link_pin = pin_dir.join(LINK_PIN);
     let mode = if link_pin.exists() {
@@ -305,8 +468,9 @@ pub fn attach(object: &Path, iface: &str, pin_dir: &Path, vips: &[IpAddr]) -> Re
     Ok(Attached {
         mode,
         vips: now,
-        added: wanted.difference(&old).count(),
-        removed: old.difference(&wanted).count(),
+        added,
+        removed,
+        sources: sources.into_iter().collect(),
     })
 }
 
@@ -389,8 +553,23 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
             MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
         Map::from_map_data(data).with_context(|| format!("opening {}", path.display()))
     };
-    let vip_map: HashMap<MapData, AddrKey, u8> = HashMap::try_from(pinned(MAP_DECAP_VIPS)?)
-        .with_context(|| format!("map {MAP_DECAP_VIPS} has an unexpected type"))?;
+    let vip_map: HashMap<MapData, AddrKey, u8> =
+        typed(Some(pinned(MAP_DECAP_VIPS)?), MAP_DECAP_VIPS)?;
+    // An attachment made before `--from` existed has no source maps: any source.
+    let sources = if pin_dir.join(MAP_DECAP_SETTINGS).exists() {
+        let maps = SourceMaps {
+            settings: typed(Some(pinned(MAP_DECAP_SETTINGS)?), MAP_DECAP_SETTINGS)?,
+            v4: typed(Some(pinned(MAP_DECAP_SOURCES_V4)?), MAP_DECAP_SOURCES_V4)?,
+            v6: typed(Some(pinned(MAP_DECAP_SOURCES_V6)?), MAP_DECAP_SOURCES_V6)?,
+        };
+        if maps.restricted()? {
+            Some(maps.prefixes()?.iter().map(DenyPrefix::to_string).collect())
+        } else {
+            None
+        }
+    } else {
+        None
+    };
     let stats_map: PerCpuArray<MapData, Traffic> = PerCpuArray::try_from(pinned(MAP_DECAP_STATS)?)
         .with_context(|| format!("map {MAP_DECAP_STATS} has an unexpected type"))?;
     let mut vips: Vec<IpAddr> = vip_map
@@ -420,7 +599,11 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
             bytes: total.bytes,
         });
     }
-    Ok(Status { vips, stats })
+    Ok(Status {
+        vips,
+        sources,
+        stats,
+    })
 }
 
 /// The VIPs that are no address of any interface here: decapsulated packets
@@ -462,15 +645,44 @@ fn non_local(vips: &[IpAddr]) -> Vec<IpAddr> {
         .collect()
 }
 
+/// What to warn about the outer sources `attach` left: none restricted (any
+/// host can inject), or a VIP family without an allowed source prefix (its
+/// packets are all dropped).
+pub fn source_warnings(iface: &str, done: &Attached) -> Vec<String> {
+    if done.sources.is_empty() {
+        return vec![format!(
+            "no --from: any host that can reach {iface} can inject packets to the VIPs with a spoofed client source; restrict it with --from and the balancers' encapsulation source addresses (their encap_source_v4/_v6)"
+        )];
+    }
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let has_vip = done.vips.iter().any(|v| v.is_ipv6() == v6);
+        let has_source = done.sources.iter().any(|p| p.addr.is_ipv6() == v6);
+        if has_vip && !has_source {
+            let family = if v6 { 6 } else { 4 };
+            out.push(format!(
+                "--from has no IPv{family} prefix: every tunnelled packet to the IPv{family} VIPs is dropped"
+            ));
+        }
+    }
+    out
+}
+
 /// Renders a `Status` as `lb decap --stats` prints it without `--json`.
 pub fn status_text(iface: &str, status: &Status) -> String {
     let vips: Vec<String> = status.vips.iter().map(IpAddr::to_string).collect();
     format!(
-        "interface {iface}, VIPs: {}\n{}",
+        "interface {iface}, VIPs: {}\nouter sources: {}\n{}",
         if vips.is_empty() {
             "none".to_string()
         } else {
             vips.join(", ")
+        },
+        match &status.sources {
+            Some(list) if !list.is_empty() => list.join(", "),
+            // Restricted to nothing cannot be set by `lb decap`, but say so if found.
+            Some(_) => "none".to_string(),
+            None => "any".to_string(),
         },
         crate::control::cli::stats_table(&status.stats)
     )
@@ -515,7 +727,7 @@ pub fn run(args: &DecapArgs) -> Result<()> {
         Some(path) => path.clone(),
         None => default_object_path()?,
     };
-    let done = attach(&object, &args.interface, &pin_dir, &args.vips)?;
+    let done = attach(&object, &args.interface, &pin_dir, &args.vips, &args.from)?;
     let how = match done.mode {
         Some(AttachedMode::Driver) => "attached in driver mode",
         Some(AttachedMode::Generic) => "attached in generic mode",
@@ -523,14 +735,23 @@ pub fn run(args: &DecapArgs) -> Result<()> {
         None => "updated in place",
     };
     let vips: Vec<String> = done.vips.iter().map(IpAddr::to_string).collect();
+    let sources: Vec<String> = done.sources.iter().map(DenyPrefix::to_string).collect();
     println!(
-        "{}: {how}; VIPs {} ({} added, {} removed); pinned in {}",
+        "{}: {how}; VIPs {} ({} added, {} removed); outer sources {}; pinned in {}",
         args.interface,
         vips.join(", "),
         done.added,
         done.removed,
+        if sources.is_empty() {
+            "any".to_string()
+        } else {
+            sources.join(", ")
+        },
         pin_dir.display()
     );
+    for warning in source_warnings(&args.interface, &done) {
+        eprintln!("lb decap: warning: {warning}");
+    }
     for vip in non_local(&done.vips) {
         let len = if vip.is_ipv4() { 32 } else { 128 };
         eprintln!(
@@ -636,8 +857,9 @@ mod tests {
 
     #[test]
     fn status_renders_as_a_table() {
-        let status = Status {
+        let mut status = Status {
             vips: vec!["198.18.100.1".parse().unwrap()],
+            sources: None,
             stats: vec![ReasonCount {
                 reason: "decap_v4".into(),
                 packets: 3,
@@ -646,7 +868,74 @@ mod tests {
         };
         assert_eq!(
             status_text("eth0", &status),
-            "interface eth0, VIPs: 198.18.100.1\nREASON    PACKETS  BYTES\ndecap_v4        3    300\n"
+            "interface eth0, VIPs: 198.18.100.1\nouter sources: any\nREASON    PACKETS  BYTES\ndecap_v4        3    300\n"
         );
+        status.sources = Some(vec!["198.18.2.0/24".into(), "fd00:18:2::1/128".into()]);
+        assert!(
+            status_text("eth0", &status)
+                .contains("\nouter sources: 198.18.2.0/24, fd00:18:2::1/128\n")
+        );
+    }
+
+    #[test]
+    fn sources_repeat_or_come_as_a_list_and_bare_addresses_are_hosts() {
+        let a = parse(&[
+            "-i",
+            "eth0",
+            "--vip",
+            "198.18.100.1",
+            "--from",
+            "198.18.2.1,198.18.3.0/24",
+            "--from",
+            "fd00:18:2::/64",
+        ])
+        .unwrap();
+        let got: Vec<String> = a.from.iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["198.18.2.1/32", "198.18.3.0/24", "fd00:18:2::/64"]);
+        let a = parse(&["-i", "eth0", "--vip", "198.18.100.1", "--from", "fd00::1"]).unwrap();
+        assert_eq!(a.from[0].len, 128);
+        let a = parse(&["-i", "eth0", "--vip", "198.18.100.1"]).unwrap();
+        assert!(a.from.is_empty(), "no --from: any source");
+    }
+
+    #[test]
+    fn bad_sources_are_refused_naming_the_value() {
+        for (bad, why) in [
+            ("198.18.2.0/33", "prefix length"),
+            ("198.18.2.1/24", "host bits are set"),
+            ("bogus", "\"bogus\""),
+            ("fd00::/129", "prefix length"),
+            ("198.18.2.1:80", "\"198.18.2.1:80\""),
+        ] {
+            let err = parse(&["-i", "eth0", "--vip", "198.18.100.1", "--from", bad]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(bad) && text.contains(why), "{bad}: {text}");
+        }
+        assert!(parse(&["-i", "eth0", "--stats", "--from", "198.18.2.1"]).is_err());
+        assert!(parse(&["-i", "eth0", "--detach", "--from", "198.18.2.1"]).is_err());
+    }
+
+    #[test]
+    fn unrestricted_or_one_sided_sources_are_warned_about() {
+        let vip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let mut done = Attached {
+            mode: None,
+            vips: vec![vip("198.18.100.1"), vip("fd00:18:100::1")],
+            added: 0,
+            removed: 0,
+            sources: Vec::new(),
+        };
+        let w = source_warnings("eth0", &done);
+        assert_eq!(w.len(), 1, "one line: {w:?}");
+        assert!(
+            w[0].contains("any host") && w[0].contains("--from"),
+            "{w:?}"
+        );
+        done.sources = vec![parse_source("198.18.2.1").unwrap()];
+        let w = source_warnings("eth0", &done);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("no IPv6 prefix"), "{w:?}");
+        done.sources.push(parse_source("fd00:18:2::1").unwrap());
+        assert!(source_warnings("eth0", &done).is_empty());
     }
 }
