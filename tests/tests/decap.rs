@@ -14,13 +14,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use aya::maps::{HashMap, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use etherparse::{
     IpFragOffset, IpNumber, Ipv4Header, Ipv4Options, Ipv6FlowLabel, Ipv6Header, SlicedPacket,
     TcpHeader, TransportSlice,
 };
-use lb_common::{AddrKey, DecapReason, MAP_DECAP_STATS, MAP_DECAP_VIPS, PROG_DECAP, Traffic};
+use lb_common::{
+    AddrKey, DecapReason, DecapSettings, MAP_DECAP_SETTINGS, MAP_DECAP_SOURCES_V4,
+    MAP_DECAP_SOURCES_V6, MAP_DECAP_STATS, MAP_DECAP_VIPS, PROG_DECAP, Traffic,
+};
 use lb_tests::frames::{CPORT, Frame, fix_ipv4_checksum};
 use lb_userspace::decap::{self, Status};
 use lb_userspace::lab::{
@@ -29,6 +32,7 @@ use lb_userspace::lab::{
 };
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -36,6 +40,9 @@ const PAYLOAD: &[u8] = b"hello through the tunnel";
 /// An address in the VIP range that is not configured as one.
 const OTHER_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 9);
 const OTHER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0x100, 0, 0, 0, 0, 9);
+/// An outer source outside the balancers' prefixes (a would-be injector).
+const FOREIGN_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const FOREIGN_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
 
 /// The loaded `lb-decap` program with `VIP_V4` and `VIP_V6` configured, and
 /// the counters its runs should have left.
@@ -63,6 +70,42 @@ impl Decap {
             bpf,
             expected: BTreeMap::new(),
         }
+    }
+
+    /// Allows only outer sources in `prefixes` (`a.b.c.d/n`), as `lb decap
+    /// --from` does: the prefixes first, then the restriction switched on.
+    fn restrict(&mut self, prefixes: &[&str]) {
+        for text in prefixes {
+            let (addr, len) = text.split_once('/').expect("a prefix");
+            let len: u32 = len.parse().unwrap();
+            match addr.parse::<IpAddr>().unwrap() {
+                IpAddr::V4(a) => {
+                    let mut trie: LpmTrie<_, [u8; 4], u8> =
+                        LpmTrie::try_from(self.bpf.map_mut(MAP_DECAP_SOURCES_V4).unwrap()).unwrap();
+                    trie.insert(&Key::new(len, a.octets()), 1, 0).unwrap();
+                }
+                IpAddr::V6(a) => {
+                    let mut trie: LpmTrie<_, [u8; 16], u8> =
+                        LpmTrie::try_from(self.bpf.map_mut(MAP_DECAP_SOURCES_V6).unwrap()).unwrap();
+                    trie.insert(&Key::new(len, a.octets()), 1, 0).unwrap();
+                }
+            }
+        }
+        self.set_restricted(true);
+    }
+
+    /// Switches the source restriction on or off, the tries left as they are.
+    fn set_restricted(&mut self, on: bool) {
+        let mut settings: Array<_, DecapSettings> = Array::try_from(
+            self.bpf
+                .map_mut(MAP_DECAP_SETTINGS)
+                .expect("DECAP_SETTINGS"),
+        )
+        .unwrap();
+        let value = DecapSettings {
+            restrict_sources: u32::from(on),
+        };
+        settings.set(0, value, 0).unwrap();
     }
 
     /// Runs the program on `frame`: the action and the frame it left.
@@ -105,6 +148,13 @@ impl Decap {
         assert_eq!(action, XDP_PASS, "{what}");
         assert_eq!(out, frame, "{what}: the frame was changed");
         self.expect_count(reason, frame);
+    }
+
+    /// `frame` must be dropped as `DropForeignSource`.
+    fn drops_foreign(&mut self, what: &str, frame: &[u8]) {
+        let (action, _) = self.run(frame);
+        assert_eq!(action, XDP_DROP, "{what}");
+        self.expect_count(DecapReason::DropForeignSource, frame);
     }
 
     /// Every counter is what the runs so far should have made it, no more.
@@ -184,15 +234,30 @@ fn ipip(inner: &[u8]) -> Vec<u8> {
     in_v4(IpNumber::IPV4, inner, |_| {})
 }
 
+/// `ipip` with another outer source.
+fn ipip_from(source: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    in_v4(IpNumber::IPV4, inner, |h| h.source = source.octets())
+}
+
 /// `inner` behind an outer IPv6 header with next header `next`, framed.
 fn in_v6(next: IpNumber, inner: &[u8]) -> Vec<u8> {
+    in_v6_from(BALANCER_BACKEND_V6, next, inner)
+}
+
+/// `ip6ip6` with another outer source.
+fn ip6ip6_from(source: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
+    in_v6_from(source, IpNumber::IPV6, inner)
+}
+
+/// `in_v6` from `source`.
+fn in_v6_from(source: Ipv6Addr, next: IpNumber, inner: &[u8]) -> Vec<u8> {
     let outer = Ipv6Header {
         traffic_class: 0,
         flow_label: Ipv6FlowLabel::ZERO,
         payload_length: inner.len() as u16,
         next_header: next,
         hop_limit: 64,
-        source: BALANCER_BACKEND_V6.octets(),
+        source: source.octets(),
         destination: backend_v6(1).octets(),
     };
     let mut ip = Vec::new();
@@ -260,6 +325,135 @@ fn ip6ip6_to_a_vip_becomes_the_inner_frame_with_the_same_macs() {
             DecapReason::DecapV6,
         );
     }
+    d.assert_counters();
+}
+
+#[test]
+fn restricted_sources_decapsulate_allowed_ones_and_drop_foreign_ones_to_a_vip() {
+    let mut d = Decap::load();
+    d.restrict(&["198.18.2.0/24", "fd00:18:2::1/128"]);
+    let in_prefix = Ipv4Addr::new(198, 18, 2, 77);
+    for (what, source) in [
+        ("the balancer", BALANCER_BACKEND_V4),
+        ("another in the prefix", in_prefix),
+    ] {
+        let inner = udp4(VIP_V4);
+        let expected = eth(ETH_P_IP, &inner);
+        d.decapsulates(
+            what,
+            &ipip_from(source, &inner),
+            &expected,
+            DecapReason::DecapV4,
+        );
+    }
+    let inner = tcp6(VIP_V6);
+    let expected = eth(ETH_P_IPV6, &inner);
+    d.decapsulates(
+        "the balancer (IPv6)",
+        &ip6ip6(&inner),
+        &expected,
+        DecapReason::DecapV6,
+    );
+
+    // To a VIP from anywhere else: dropped, not passed to a kernel ipip device.
+    d.drops_foreign(
+        "IPIP from a foreign source",
+        &ipip_from(FOREIGN_V4, &tcp4(VIP_V4)),
+    );
+    d.drops_foreign(
+        "IPIP from just outside the prefix",
+        &ipip_from(Ipv4Addr::new(198, 18, 3, 1), &udp4(VIP_V4)),
+    );
+    d.drops_foreign(
+        "IP6IP6 from a foreign source",
+        &ip6ip6_from(FOREIGN_V6, &udp6(VIP_V6)),
+    );
+    // The IPv6 entry is a /128: its neighbour is foreign.
+    d.drops_foreign(
+        "IP6IP6 from beside the allowed address",
+        &ip6ip6_from(
+            Ipv6Addr::new(0xfd00, 0x18, 0x2, 0, 0, 0, 0, 2),
+            &udp6(VIP_V6),
+        ),
+    );
+
+    // Not for a VIP, or not what would be decapsulated: as before, passed.
+    use DecapReason::*;
+    let cases: Vec<(&str, Vec<u8>, DecapReason)> = vec![
+        (
+            "foreign IPIP to another address",
+            ipip_from(FOREIGN_V4, &udp4(OTHER_V4)),
+            PassNotVip,
+        ),
+        (
+            "foreign IP6IP6 to another address",
+            ip6ip6_from(FOREIGN_V6, &udp6(OTHER_V6)),
+            PassNotVip,
+        ),
+        (
+            "foreign plain IPv4 to the VIP",
+            eth(ETH_P_IP, &udp4(VIP_V4)),
+            PassNotEncap,
+        ),
+        (
+            "foreign IPIP with a bad inner header",
+            ipip_from(FOREIGN_V4, &udp4(VIP_V4)[..12]),
+            PassMalformed,
+        ),
+    ];
+    for (what, frame, reason) in &cases {
+        d.passes_untouched(what, frame, *reason);
+    }
+    d.assert_counters();
+}
+
+#[test]
+fn restricted_to_one_family_drops_the_other_familys_tunnelled_packets() {
+    let mut d = Decap::load();
+    d.restrict(&["198.18.2.1/32"]);
+    let inner = udp4(VIP_V4);
+    let expected = eth(ETH_P_IP, &inner);
+    d.decapsulates(
+        "allowed IPIP",
+        &ipip(&inner),
+        &expected,
+        DecapReason::DecapV4,
+    );
+    d.drops_foreign(
+        "IP6IP6 from the balancer, no IPv6 prefix allowed",
+        &ip6ip6(&udp6(VIP_V6)),
+    );
+    d.assert_counters();
+}
+
+#[test]
+fn unrestricted_any_outer_source_is_decapsulated() {
+    let mut d = Decap::load();
+    let check = |d: &mut Decap| {
+        let inner4 = tcp4(VIP_V4);
+        let expected4 = eth(ETH_P_IP, &inner4);
+        d.decapsulates(
+            "IPIP from a foreign source",
+            &ipip_from(FOREIGN_V4, &inner4),
+            &expected4,
+            DecapReason::DecapV4,
+        );
+        let inner6 = udp6(VIP_V6);
+        let expected6 = eth(ETH_P_IPV6, &inner6);
+        d.decapsulates(
+            "IP6IP6 from a foreign source",
+            &ip6ip6_from(FOREIGN_V6, &inner6),
+            &expected6,
+            DecapReason::DecapV6,
+        );
+    };
+    // Never restricted (the settings are all zero after loading).
+    check(&mut d);
+    // Restricted, then lifted with the prefixes still in the tries.
+    d.restrict(&["198.18.2.1/32", "fd00:18:2::1/128"]);
+    d.drops_foreign("restricted", &ipip_from(FOREIGN_V4, &udp4(VIP_V4)));
+    d.set_restricted(false);
+    check(&mut d);
     d.assert_counters();
 }
 
