@@ -163,7 +163,7 @@ fn outer_v4(ctx: &XdpContext) -> Result<(usize, u8), DecapReason> {
     };
     is_vip(&key)?;
     // Last: only a frame that would be decapsulated pays for the lookup.
-    if restricted() && DECAP_SOURCES_V4.get(&Key::new(32, ip.src_addr)).is_none() {
+    if restricted() && DECAP_SOURCES_V4.get(Key::new(32, ip.src_addr)).is_none() {
         return Err(DecapReason::DropForeignSource);
     }
     Ok((ihl, FAMILY_V4))
@@ -200,7 +200,7 @@ fn outer_v6(ctx: &XdpContext) -> Result<(usize, u8), DecapReason> {
         pad: [0; 3],
     };
     is_vip(&key)?;
-    if restricted() && DECAP_SOURCES_V6.get(&Key::new(128, ip.src_addr)).is_none() {
+    if restricted() && DECAP_SOURCES_V6.get(Key::new(128, ip.src_addr)).is_none() {
         return Err(DecapReason::DropForeignSource);
     }
     Ok((Ipv6Hdr::LEN, FAMILY_V6))
