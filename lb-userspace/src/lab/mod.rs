@@ -771,9 +771,28 @@ impl Lab {
         Ok(parse_xdp_prog_id(&String::from_utf8_lossy(&out.stdout)))
     }
 
+    /// The addresses a balancer of this lab can send `ipip` packets from
+    /// (the agents take the first of each family on their interfaces): node
+    /// 1's `lbc` and `lbb`, and every further cluster node's `lbb`.
+    pub fn encap_sources(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = vec![
+            BALANCER_BACKEND_V4.into(),
+            BALANCER_BACKEND_V6.into(),
+            BALANCER_CLIENT_V4.into(),
+            BALANCER_CLIENT_V6.into(),
+        ];
+        for n in 2..=self.opts.cluster_nodes {
+            out.push(cluster::node_v4(n).into());
+            out.push(cluster::node_v6(n).into());
+        }
+        out
+    }
+
     /// Runs `lb decap` on every backend's `eth0` for the lab's VIPs, as a
-    /// backend of an `ipip` service is set up (see `lb-ebpf/DECAP.md`).
+    /// backend of an `ipip` service is set up (see `lb-ebpf/DECAP.md`),
+    /// accepting tunnelled packets from the balancers only (`--from`).
     pub fn start_decap(&mut self) -> Result<()> {
+        let from: Vec<String> = self.encap_sources().iter().map(IpAddr::to_string).collect();
         for ns in self
             .backends
             .iter()
@@ -786,6 +805,8 @@ impl Lab {
             let out = Command::new(&self.opts.lb_bin)
                 .args(["decap", "--netns", &ns, "--interface", "eth0", "--vip"])
                 .arg(format!("{VIP_V4},{VIP_V6}"))
+                .arg("--from")
+                .arg(from.join(","))
                 .output()
                 .context("running lb decap")?;
             if !out.status.success() {
