@@ -623,6 +623,54 @@ fn truncated_or_inconsistent_headers_pass_untouched() {
 // ---------------------------------------------------------------------------
 // End to end: the real `lb decap` on a lab backend.
 
+/// With `VIP_V6` attached and restricted to the balancer: `--from` with
+/// other prefixes replaces the set (the balancer's packets are then dropped
+/// and counted), and no `--from` lifts it with a warning.
+fn sources_are_replaced_in_place(lab: &Lab, ns: &str, sender: &Sender, servers: &Servers) {
+    let vip = VIP_V6.to_string();
+    let before = stats(lab, ns);
+    let out = lb(
+        lab,
+        &[
+            "decap",
+            "--netns",
+            ns,
+            "-i",
+            "eth0",
+            "--vip",
+            &vip,
+            "--from",
+            "192.0.2.0/24,2001:db8::/32",
+        ],
+    );
+    assert!(out.status.success());
+    assert_eq!(
+        sources(lab, ns),
+        Some(vec!["192.0.2.0/24".into(), "2001:db8::/32".into()]),
+        "the old prefixes are gone"
+    );
+    assert!(!udp_round_trip(
+        sender,
+        servers,
+        true,
+        b"from a source no longer allowed",
+        NOT_ARRIVING
+    ));
+    let after = stats(lab, ns);
+    let drops = |s: &BTreeMap<String, u64>| s[DecapReason::DropForeignSource.name()];
+    assert_eq!(drops(&after), drops(&before) + 1, "{after:?}");
+
+    let out = lb(lab, &["decap", "--netns", ns, "-i", "eth0", "--vip", &vip]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("any host") && stderr.contains("--from"),
+        "{stderr}"
+    );
+    assert_eq!(sources(lab, ns), None);
+    assert!(udp_round_trip(sender, servers, true, b"any source", T));
+}
+
 const T: Duration = Duration::from_secs(3);
 const UDP_VIP_PORT: u16 = 7000;
 const TCP_VIP_PORT: u16 = 7001;
@@ -675,18 +723,26 @@ fn ip_in(ns: &str, args: &[&str]) {
     assert!(out.status.success(), "ip {args:?}: {out:?}");
 }
 
-fn stats(lab: &Lab, ns: &str) -> BTreeMap<String, u64> {
+fn status(lab: &Lab, ns: &str) -> Status {
     let out = lb(
         lab,
         &["decap", "--netns", ns, "-i", "eth0", "--stats", "--json"],
     );
     assert!(out.status.success());
-    let status: Status = serde_json::from_slice(&out.stdout).expect("--stats --json parses");
-    status
+    serde_json::from_slice(&out.stdout).expect("--stats --json parses")
+}
+
+fn stats(lab: &Lab, ns: &str) -> BTreeMap<String, u64> {
+    status(lab, ns)
         .stats
         .into_iter()
         .map(|r| (r.reason, r.packets))
         .collect()
+}
+
+/// The allowed outer sources `--stats --json` shows (`None`: any).
+fn sources(lab: &Lab, ns: &str) -> Option<Vec<String>> {
+    status(lab, ns).sources
 }
 
 /// Sockets the balancer's namespace sends and listens with.
@@ -927,14 +983,31 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
         NOT_ARRIVING
     ));
 
+    // Restricted to the balancer's addresses, as the lab does for every DSR test.
+    let balancer = format!("{BALANCER_BACKEND_V4},{BALANCER_BACKEND_V6}");
     let out = lb(
         &lab,
-        &["decap", "--netns", &ns, "-i", "eth0", "--vip", &vips],
+        &[
+            "decap", "--netns", &ns, "-i", "eth0", "--vip", &vips, "--from", &balancer,
+        ],
     );
     assert!(out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("attached in driver mode"),
         "{out:?}"
+    );
+    assert!(out.stderr.is_empty(), "no warning: {out:?}");
+    let balancer_prefixes = vec![
+        format!("{BALANCER_BACKEND_V4}/32"),
+        format!("{BALANCER_BACKEND_V6}/128"),
+    ];
+    assert_eq!(sources(&lab, &ns), Some(balancer_prefixes.clone()));
+    let text = lb(&lab, &["decap", "--netns", &ns, "-i", "eth0", "--stats"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains(&format!(
+            "outer sources: {BALANCER_BACKEND_V4}/32, {BALANCER_BACKEND_V6}/128\n"
+        )),
+        "{text:?}"
     );
     assert_eq!(xdp_prog(&ns, "eth0").as_deref(), Some("lb_decap"));
     let link = pins.join(decap::LINK_PIN);
@@ -971,6 +1044,8 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
             "eth0",
             "--vip",
             &VIP_V6.to_string(),
+            "--from",
+            &balancer,
         ],
     );
     assert!(out.status.success());
@@ -999,6 +1074,7 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
         last[DecapReason::DecapV6.name()],
         after[DecapReason::DecapV6.name()] + 1
     );
+    sources_are_replaced_in_place(&lab, &ns, &sender, &servers);
 
     // --detach: nothing attached, nothing pinned (not even the namespace's directory).
     let out = lb(&lab, &["decap", "--netns", &ns, "-i", "eth0", "--detach"]);
