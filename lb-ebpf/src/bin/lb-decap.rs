@@ -9,8 +9,8 @@
 //! the stack as if it had arrived directly. While the outer sources are
 //! restricted (`DECAP_SETTINGS`), such a frame from an outer source in no
 //! prefix of `DECAP_SOURCES_V4`/`_V6` is dropped. Everything else passes
-//! untouched. Every decision is counted per CPU in `DECAP_STATS`. The contract (names,
-//! reasons, limits) is `lb_common::decap`.
+//! untouched. Every decision is counted per CPU in `DECAP_STATS`. The
+//! contract (names, reasons, limits) is `lb_common::decap`.
 //!
 //! Self-contained rather than sharing `lb-xdp`'s parser: that one stops at
 //! TCP/UDP of a single IP header and reports `lb-xdp`'s reasons; this program
