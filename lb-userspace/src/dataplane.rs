@@ -203,7 +203,7 @@ impl Dataplane {
             .map(|dir| ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect())
             .unwrap_or_default();
         if let Some(dir) = pin_dir {
-            pin::check_compatible(path, dir, &ALL_MAPS, &[MAP_FLOW_CACHE])?;
+            pin::check_compatible(path, dir, &ALL_MAPS, &[MAP_FLOW_CACHE], "lb stop --detach")?;
         }
         for (name, pin) in &pins {
             loader.map_pin_path(name, pin.as_path());
@@ -860,12 +860,14 @@ pub mod pin {
     /// sets from this machine's CPUs: a cache, slower if short, not wrong).
     /// A previous version with another layout left them: reusing them would
     /// have the kernel refuse the program with a verifier dump, or the
-    /// program read old values as new ones.
+    /// program read old values as new ones. `undo` is the command that
+    /// removes them with the old version.
     pub fn check_compatible(
         object: &Path,
         dir: &Path,
         names: &[&str],
         sized_here: &[&str],
+        undo: &str,
     ) -> Result<()> {
         let data = std::fs::read(object)
             .with_context(|| format!("reading eBPF object {}", object.display()))?;
@@ -903,8 +905,8 @@ pub mod pin {
             if found != wanted {
                 bail!(
                     "the map {name} pinned in {} has another layout than this build's (there: {found}; here: {wanted}): \
-                     an earlier version left it; `lb stop --detach` with that configuration \
-                     (established flows are then lost) or removing {} lets this one start",
+                     an earlier version left it; `{undo}` with that version \
+                     (what the maps hold is then lost) or removing {} lets this one start",
                     dir.display(),
                     dir.display()
                 );
