@@ -38,6 +38,10 @@ pub struct Frontend {
     /// Connections served at once; further ones wait in the kernel's backlog.
     #[serde(default = "defaults::max_connections")]
     pub max_connections: usize,
+    /// Connections open at once from one source (an IPv4 address or an IPv6
+    /// /64, the TCP peer before any PROXY header), 0..=`max_connections`; 0: no limit.
+    #[serde(default)]
+    pub max_connections_per_source: usize,
     /// Largest request head in bytes (HTTP/1 buffer, HTTP/2 header list).
     #[serde(default = "defaults::request_header_limit")]
     pub request_header_limit: usize,
@@ -332,6 +336,19 @@ pub enum ConfigError {
     /// A frontend allows zero connections.
     #[error("frontend {0:?}: max_connections must be 1..={MAX_CONNECTIONS}")]
     NoConnections(String),
+    /// A frontend's per-source limit exceeds its `max_connections`.
+    #[error(
+        "frontend {frontend:?}: max_connections_per_source {per_source} is out of range; \
+         expected 0 (no limit)..={max} (its max_connections)"
+    )]
+    PerSourceAboveMax {
+        /// The frontend.
+        frontend: String,
+        /// Its `max_connections_per_source`.
+        per_source: usize,
+        /// Its `max_connections`.
+        max: usize,
+    },
     /// A pool's hash settings do not fit its algorithm.
     #[error("pool {pool:?}: {problem}")]
     BadHash {
@@ -393,6 +410,13 @@ impl ProxyConfig {
             if !(1..=MAX_CONNECTIONS).contains(&f.max_connections) {
                 return Err(ConfigError::NoConnections(f.name.clone()));
             }
+            if f.max_connections_per_source > f.max_connections {
+                return Err(ConfigError::PerSourceAboveMax {
+                    frontend: f.name.clone(),
+                    per_source: f.max_connections_per_source,
+                    max: f.max_connections,
+                });
+            }
             if let Some(tls) = &f.tls
                 && (tls.certs.is_empty() || tls.default_cert.unwrap_or(0) >= tls.certs.len())
             {
@@ -412,6 +436,7 @@ impl Frontend {
             tls: None,
             default_pool: default_pool.to_string(),
             max_connections: defaults::max_connections(),
+            max_connections_per_source: 0,
             request_header_limit: defaults::request_header_limit(),
             timeout_client: defaults::timeout_client(),
             timeout_http_request: defaults::timeout_10s(),
@@ -636,5 +661,30 @@ mod tests {
         }
         cfg.frontends[0].max_connections = MAX_CONNECTIONS;
         assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn max_connections_per_source_is_at_most_max_connections() {
+        let mut cfg: ProxyConfig = toml::from_str(
+            "[[frontend]]\nname = 'f'\nbinds = ['127.0.0.1:80']\ndefault_pool = 'p'\n\
+             max_connections = 10\n\
+             [[pool]]\nname = 'p'\nservers = [{ address = '127.0.0.1:81' }]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.frontends[0].max_connections_per_source, 0,
+            "no limit by default"
+        );
+        for good in [0, 1, 10] {
+            cfg.frontends[0].max_connections_per_source = good;
+            assert_eq!(cfg.validate(), Ok(()), "{good}");
+        }
+        cfg.frontends[0].max_connections_per_source = 11;
+        let expected = ConfigError::PerSourceAboveMax {
+            frontend: "f".into(),
+            per_source: 11,
+            max: 10,
+        };
+        assert_eq!(cfg.validate(), Err(expected));
     }
 }

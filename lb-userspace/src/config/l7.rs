@@ -191,6 +191,7 @@ impl Checker<'_> {
                 ConfigError::UnknownPool { .. } => "default_pool",
                 ConfigError::NoBinds(_) => "binds",
                 ConfigError::NoConnections(_) => "max_connections",
+                ConfigError::PerSourceAboveMax { .. } => "max_connections_per_source",
                 ConfigError::BadTls(_) => "tls",
                 _ => "name",
             };
@@ -464,6 +465,26 @@ mod tests {
         lines.insert(5, "max_connections = 4000000000000000000");
         expect_one(&lines, 6, "max_connections must be 1..=1073741824");
         lines[5] = "max_connections = 1073741824";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
+    fn max_connections_per_source_beyond_max_connections_is_refused() {
+        let mut lines = l7(&[]);
+        lines.splice(
+            5..5,
+            ["max_connections = 100", "max_connections_per_source = 101"],
+        );
+        let errs = errors(&lines);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(
+            errs[0].to_string(),
+            "lb.toml:7:30: frontend \"f\": max_connections_per_source 101 is out of range; \
+             expected 0 (no limit)..=100 (its max_connections)"
+        );
+        lines[6] = "max_connections_per_source = -1";
+        expect_one(&lines, 7, "max_connections_per_source");
+        lines[6] = "max_connections_per_source = 100";
         assert!(parse(&text(&lines), "lb.toml").is_ok());
     }
 
