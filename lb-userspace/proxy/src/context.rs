@@ -23,6 +23,7 @@ use crate::connpool::ConnPool;
 use crate::log::LogFormat;
 use crate::model::{Frontend, Pool};
 use crate::routing::Router;
+use crate::source_limit::SourceLimit;
 use crate::stats::Counters;
 use crate::upstream;
 
@@ -187,6 +188,8 @@ pub(crate) struct FrontendRuntime {
     pub accepting: Arc<AtomicUsize>,
     /// The limit's size: all permits back means no connection left.
     pub max_connections: usize,
+    /// `max_connections_per_source`, if set: shared by every serving thread, as `limit`.
+    pub per_source: Option<Arc<SourceLimit>>,
     pub timeouts: ClientTimeouts,
     pub builder: auto::Builder<TokioExecutor>,
     /// Largest HTTP/1 request head, for `GuardIo`.
@@ -245,6 +248,7 @@ impl FrontendRuntime {
             limit: Arc::new(Semaphore::new(cfg.max_connections)),
             accepting: Arc::default(),
             max_connections: cfg.max_connections,
+            per_source: SourceLimit::new(cfg.max_connections_per_source),
             timeouts: ClientTimeouts {
                 http_request: cfg.timeout_http_request,
                 keep_alive: cfg.timeout_http_keep_alive,

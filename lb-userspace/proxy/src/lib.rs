@@ -19,7 +19,8 @@
 //!   what they share (balancers, connection limits) and do not (server
 //!   connections); `Proxy::start` serves on the caller's runtime instead.
 //! - `accept`: client sockets; `accept_errors`: what a failed accept does
-//!   (shared with the agent's listeners); `proxy_protocol`: the PROXY header;
+//!   (shared with the agent's listeners); `source_limit`: connections per
+//!   source (`max_connections_per_source`); `proxy_protocol`: the PROXY header;
 //!   `tls`: certificates by SNI; `server`: the accept loop, client timeouts,
 //!   and the choice between the two paths.
 //! - `h1`: our HTTP/1.1 path; `forward`: hyper's path; `hardening`: request
@@ -41,6 +42,8 @@
 //! binds = ["0.0.0.0:443", "[::]:443"]
 //! default_pool = "app"
 //! max_connections = 10000        # default
+//! max_connections_per_source = 0 # per IPv4 address or IPv6 /64 (TCP peer), 0..=max_connections;
+//!                                # one more is closed unread; 0: no limit (default)
 //! request_header_limit = 16384   # bytes, default 16 KiB
 //! timeout_client = "30s"         # HTTP/2 idle (from its last stream's end: PINGs or stray bytes
 //!                                # do not extend it); HTTP/1: each wait on the client during a request;
@@ -202,6 +205,7 @@ mod request_body;
 pub mod routing;
 mod server;
 mod shutdown;
+mod source_limit;
 pub mod stats;
 mod threads;
 mod tls;

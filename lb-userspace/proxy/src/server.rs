@@ -27,6 +27,7 @@ use super::hardening::GuardIo;
 use super::log::{AccessRecord, LogFormat};
 use super::proxy_protocol;
 use super::shutdown::ShutdownWatch;
+use super::source_limit::SourceSlot;
 
 /// A permit an accept loop holds with no client yet, counted while it lives.
 struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -64,22 +65,8 @@ pub(crate) async fn accept_loop(
     let mut errors = AcceptErrors::new(format!("frontend {}", fe.ctx.name));
     loop {
         // Wait for a free slot before accepting, so excess clients queue in the backlog.
-        let permit = match fe.limit.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(TryAcquireError::Closed) => return,
-            Err(TryAcquireError::NoPermits) => {
-                let mut wait = pin!(fe.limit.clone().acquire_owned());
-                let got = poll_fn(|cx| match wait.as_mut().poll(cx) {
-                    Poll::Ready(p) => Poll::Ready(p.ok()),
-                    Poll::Pending if shutdown.poll_come(cx) => Poll::Ready(None),
-                    Poll::Pending => Poll::Pending,
-                })
-                .await;
-                match got {
-                    Some(p) => p,
-                    None => return,
-                }
-            }
+        let Some(permit) = free_slot(&fe, &mut shutdown).await else {
+            return;
         };
         // Counted out of the connections open until a client takes it.
         let waiting = Waiting::new(&fe.accepting);
@@ -98,6 +85,16 @@ pub(crate) async fn accept_loop(
             }
         };
         drop(waiting);
+        // Closed unread: HAProxy's `tcp-request connection reject`. Its
+        // permit goes back as the loop takes the next one.
+        let Ok(source) = count_source(&fe, peer) else {
+            drop(stream);
+            continue;
+        };
+        let slot = Slot {
+            _permit: permit,
+            _source: source,
+        };
         fe.ctx.stats.connection();
         let open = (fe.max_connections)
             .saturating_sub(fe.limit.available_permits())
@@ -111,12 +108,60 @@ pub(crate) async fn accept_loop(
         let at = (peer, bound);
         if fe.tls.is_none() && fe.own_h1 && !fe.accept_proxy {
             tokio::spawn(Box::pin(serve_plain(
-                stream, at, fe, shared, shutdown, permit,
+                stream, at, fe, shared, shutdown, slot,
             )));
         } else {
             tokio::spawn(Box::pin(serve_connection(
-                stream, at, fe, shared, shutdown, permit,
+                stream, at, fe, shared, shutdown, slot,
             )));
+        }
+    }
+}
+
+/// A permit of the frontend's `max_connections`, once one is free; `None`
+/// when the shutdown comes first.
+async fn free_slot(
+    fe: &FrontendRuntime,
+    shutdown: &mut ShutdownWatch<'_>,
+) -> Option<OwnedSemaphorePermit> {
+    match fe.limit.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(TryAcquireError::Closed) => None,
+        Err(TryAcquireError::NoPermits) => {
+            let mut wait = pin!(fe.limit.clone().acquire_owned());
+            poll_fn(|cx| match wait.as_mut().poll(cx) {
+                Poll::Ready(p) => Poll::Ready(p.ok()),
+                Poll::Pending if shutdown.poll_come(cx) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            })
+            .await
+        }
+    }
+}
+
+/// What a served connection holds until it closes: its slot of the
+/// frontend's `max_connections`, and its source's count if the frontend
+/// has `max_connections_per_source`.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
+}
+
+/// Counts a connection from `peer` against its source's limit, if the
+/// frontend has one (no lock without). `Err` when the source is at it: the
+/// connection is to be closed, and is counted as denied.
+fn count_source(fe: &FrontendRuntime, peer: SocketAddr) -> Result<Option<SourceSlot>, ()> {
+    let Some(limit) = &fe.per_source else {
+        return Ok(None);
+    };
+    match limit.open(peer.ip()) {
+        Some(slot) => Ok(Some(slot)),
+        None => {
+            fe.ctx.stats.denied_connection();
+            // Debug only: a flood from one source must not flood the log
+            // (lb_frontend_denied_connections_total counts them).
+            tracing::debug!(frontend = %fe.ctx.name, %peer, "max_connections_per_source reached: connection closed");
+            Err(())
         }
     }
 }
@@ -132,7 +177,7 @@ fn serve_plain(
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<()>,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) -> impl Future<Output = ()> + Send {
     let local = match bound {
         Some(a) => a,
@@ -148,19 +193,19 @@ fn serve_plain(
             Box::pin(serve_io(io, addrs, None, Some(true), fe, shared, shutdown)).await
         }
         // The connection's slot is free once it is served.
-        drop(permit);
+        drop(slot);
     }
 }
 
 /// Serves one accepted connection; `bound` is the listener's address unless
-/// it is a wildcard. The connection's slot (`permit`) is freed at the end.
+/// it is a wildcard. The connection's slot is freed at the end.
 async fn serve_connection(
     mut stream: ClientStream,
     (mut peer, bound): (SocketAddr, Option<SocketAddr>),
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<()>,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
 ) {
     let mut local = match bound {
         Some(a) => a,
@@ -191,15 +236,7 @@ async fn serve_connection(
             // own future stays small, and tokio moves it a few times when
             // spawning (copying kilobytes per connection showed in profiles).
             let at = (peer, Some(local));
-            Box::pin(serve_plain(
-                stream,
-                at,
-                fe.clone(),
-                shared,
-                shutdown,
-                permit,
-            ))
-            .await
+            Box::pin(serve_plain(stream, at, fe.clone(), shared, shutdown, slot)).await
         }
         None => {
             let addrs = (peer, local);
@@ -343,7 +380,7 @@ async fn serve_io<T>(
     if seen.upgraded.load(Ordering::SeqCst) {
         // hyper handed the stream to the tunnel's task (proxy/tunnel.rs): the
         // connection is open until it ends, and keeps its slot (the caller's
-        // permit) and its place in current_connections, as on our path.
+        // `Slot`) and its place in current_connections, as on our path.
         seen.tunnel_ended.notified().await;
     }
 }
@@ -699,15 +736,24 @@ mod tests {
         (client, ClientStream::new(stream), peer, fe, shared)
     }
 
+    /// A connection's slot, with a source's count (the bigger case).
+    fn slot() -> Slot {
+        let limit = crate::source_limit::SourceLimit::new(1).unwrap();
+        Slot {
+            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
+            _source: limit.open("192.0.2.1".parse().unwrap()),
+        }
+    }
+
     #[test]
     fn a_connection_task_future_stays_small() {
         // Every connection's task holds this future; its big parts are boxed
         // (it was 2.9 KiB when the TLS path's stream was part of it).
         let (_client, stream, peer, fe, shared) = connection_parts();
         let (_tx, rx) = watch::channel(());
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let slot = slot();
         let (fe, shared) = (Arc::new(fe), Arc::new(shared));
-        let fut = serve_connection(stream, (peer, Some(peer)), fe, shared, rx, permit);
+        let fut = serve_connection(stream, (peer, Some(peer)), fe, shared, rx, slot);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 1024, "a connection's future is {size} bytes");
     }
@@ -720,9 +766,9 @@ mod tests {
         // the stream by value and kept it twice.
         let (_client, stream, peer, fe, shared) = connection_parts();
         let (_tx, rx) = watch::channel(());
-        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let slot = slot();
         let (fe, shared) = (Arc::new(fe), Arc::new(shared));
-        let fut = serve_plain(stream, (peer, Some(peer)), fe, shared, rx, permit);
+        let fut = serve_plain(stream, (peer, Some(peer)), fe, shared, rx, slot);
         let size = std::mem::size_of_val(&fut);
         assert!(size <= 900, "an HTTP/1 connection's future is {size} bytes");
     }

@@ -147,6 +147,9 @@ pub struct Shard {
     pub denied: AtomicU64,
     /// Client connections accepted (frontends).
     pub connections: AtomicU64,
+    /// Client connections closed unserved by `max_connections_per_source`
+    /// (frontends; not in `connections`): HAProxy's `dcon`.
+    pub denied_connections: AtomicU64,
     /// Connections to servers that failed (pools, servers).
     pub connect_errors: AtomicU64,
     /// Attempts made again after a failure (pools, servers).
@@ -181,6 +184,9 @@ pub struct CounterSnapshot {
     pub denied: u64,
     /// See `Counters::connections`.
     pub connections: u64,
+    /// See `Counters::denied_connections` (absent from an older agent's figures).
+    #[serde(default)]
+    pub denied_connections: u64,
     /// See `Counters::connect_errors`.
     pub connect_errors: u64,
     /// See `Counters::retries`.
@@ -259,6 +265,11 @@ impl Counters {
     pub(crate) fn connection(&self) {
         add(&self.local().connections, 1);
     }
+
+    /// Counts a client connection refused by the per-source limit.
+    pub(crate) fn denied_connection(&self) {
+        add(&self.local().denied_connections, 1);
+    }
 }
 
 impl Shard {
@@ -272,6 +283,7 @@ impl Shard {
         s.bytes_out += read(&self.bytes_out);
         s.denied += read(&self.denied);
         s.connections += read(&self.connections);
+        s.denied_connections += read(&self.denied_connections);
         s.connect_errors += read(&self.connect_errors);
         s.retries += read(&self.retries);
         s.redispatches += read(&self.redispatches);
@@ -397,6 +409,7 @@ mod tests {
                     tally.count(&outcome(200 + 300 * (i as u16 % 2), 7));
                     c.observe_current(5 + i as u64);
                     c.connection();
+                    c.denied_connection();
                     c.retry(true);
                 })
             })
@@ -408,6 +421,7 @@ mod tests {
         assert_eq!((s.requests, s.responses[1], s.responses[4]), (3, 2, 1));
         assert_eq!((s.bytes_in, s.bytes_out), (9, 30));
         assert_eq!((s.connections, s.retries, s.redispatches), (3, 3, 3));
+        assert_eq!(s.denied_connections, 3);
         assert_eq!(s.max_current, 7, "the most any thread saw");
         assert_eq!(s.total_time.cumulative[2], 3, "7 ms is <= 10 ms");
         assert_eq!((s.total_time.count(), s.total_time.sum_ms), (3, 21));
