@@ -161,6 +161,15 @@ pub fn frontends(out: &mut Exposition, frontends: &[FrontendStats]) {
             .map(|f| (label(f), f.counters.denied))
             .collect(),
     );
+    out.family(
+        "lb_frontend_denied_connections_total",
+        "Client connections closed unserved by max_connections_per_source.",
+        Kind::Counter,
+        frontends
+            .iter()
+            .map(|f| (label(f), f.counters.denied_connections))
+            .collect(),
+    );
     common(out, "lb_frontend", &rows);
 }
 

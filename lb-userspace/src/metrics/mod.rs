@@ -16,6 +16,7 @@
 //! | `lb_frontend_current_sessions`, `lb_frontend_max_sessions`, `lb_frontend_limit_sessions` | gauge | frontend | client connections open; most at once; `max_connections` |
 //! | `lb_frontend_sessions_total` | counter | frontend | client connections accepted |
 //! | `lb_frontend_requests_denied_total` | counter | frontend | requests refused by a rule (deny, failed auth: `PR`) |
+//! | `lb_frontend_denied_connections_total` | counter | frontend | connections closed unserved by `max_connections_per_source` (not in `sessions_total`) |
 //! | `lb_{frontend,pool,pool_server}_http_requests_total` | counter | frontend / pool / pool, server | requests (pools, servers: forwarded ones) |
 //! | `lb_{frontend,pool,pool_server}_http_responses_total` | counter | … , code=1xx…5xx\|other | responses by status class |
 //! | `lb_{frontend,pool,pool_server}_bytes_in_total` | counter | … | request body bytes (by Content-Length) |
@@ -439,6 +440,33 @@ mod tests {
             Some(4)
         );
         assert!(text.contains("lb_pool_total_time_seconds_sum{pool=\"web\"} 30.004\n"));
+    }
+
+    #[test]
+    fn renders_frontend_denials_of_requests_and_connections_apart() {
+        let frontends = [lb_proxy::FrontendStats {
+            name: "web".into(),
+            current_connections: 2,
+            max_connections: 100,
+            counters: lb_proxy::stats::CounterSnapshot {
+                connections: 7,
+                denied: 1,
+                denied_connections: 5,
+                ..Default::default()
+            },
+        }];
+        let text = render_proxy(&frontends, &[]);
+        let web = "frontend=\"web\"";
+        assert_eq!(sample(&text, "lb_frontend_sessions_total", web), Some(7));
+        assert_eq!(
+            sample(&text, "lb_frontend_requests_denied_total", web),
+            Some(1)
+        );
+        assert_eq!(
+            sample(&text, "lb_frontend_denied_connections_total", web),
+            Some(5)
+        );
+        assert!(text.contains("# TYPE lb_frontend_denied_connections_total counter"));
     }
 
     #[test]
