@@ -92,8 +92,8 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let slot = Slot {
-            _permit: permit,
             _source: source,
+            _permit: permit,
         };
         fe.ctx.stats.connection();
         let open = (fe.max_connections)
@@ -143,8 +143,10 @@ async fn free_slot(
 /// frontend's `max_connections`, and its source's count if the frontend
 /// has `max_connections_per_source`.
 struct Slot {
-    _permit: OwnedSemaphorePermit,
+    // Dropped in this order: once a connection no longer shows in the
+    // frontend's current ones, its source's count is down too.
     _source: Option<SourceSlot>,
+    _permit: OwnedSemaphorePermit,
 }
 
 /// Counts a connection from `peer` against its source's limit, if the
@@ -740,8 +742,8 @@ mod tests {
     fn slot() -> Slot {
         let limit = crate::source_limit::SourceLimit::new(1).unwrap();
         Slot {
-            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
             _source: limit.open("192.0.2.1".parse().unwrap()),
+            _permit: Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap(),
         }
     }
 

@@ -9,5 +9,6 @@ mod h1;
 mod resources;
 mod routing;
 mod slow;
+mod source_limit;
 mod support;
 mod upstream;

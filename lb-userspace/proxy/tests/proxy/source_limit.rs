@@ -1,0 +1,160 @@
+//! `max_connections_per_source`: one client address may not hold more than
+//! that many of a frontend's connections; one more is closed unread, and
+//! others are served as before. Real sockets on 127.0.0.1 (and 127.0.0.2).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::support::{local_frontend, start_proxy};
+use lb_proxy::*;
+
+/// How long a test waits for an answer or a close.
+const GIVE_UP: Duration = Duration::from_secs(3);
+
+/// A keep-alive request.
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// A server answering `ok` to each request head it gets, keeping the connection.
+async fn server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    got.extend_from_slice(&buf[..n]);
+                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        got.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Sends a request on `s` and returns its whole answer (`ok` ends it).
+async fn ask(s: &mut TcpStream) -> String {
+    s.write_all(REQUEST).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(GIVE_UP, async {
+        while !got.ends_with(b"\r\n\r\nok") {
+            match s.read(&mut buf).await {
+                Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).into_owned();
+    assert!(read.is_ok(), "no whole answer in time; got {text:?}");
+    text
+}
+
+/// Connects to `front` from `source` (any port).
+async fn connect_from(source: &str, front: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(front).await.unwrap()
+}
+
+/// Checks that `s`, its request sent, is closed by the proxy with no answer.
+async fn closed_unanswered(mut s: TcpStream, what: &str) {
+    // The proxy may have closed it already: the write may fail.
+    let _ = s.write_all(REQUEST).await;
+    let mut buf = [0u8; 1024];
+    match tokio::time::timeout(GIVE_UP, s.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(n)) => panic!("{what}: answered {:?}", String::from_utf8_lossy(&buf[..n])),
+        Err(_) => panic!("{what}: still open after {GIVE_UP:?}"),
+    }
+}
+
+/// Waits until the frontend has `n` connections open (a client's close is
+/// seen by the proxy a moment later).
+async fn until_open(proxy: &Proxy, n: usize) {
+    let current = || proxy.stats().frontends()[0].current_connections;
+    let waited = tokio::time::timeout(GIVE_UP, async {
+        while current() != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{} open, not {n}", current());
+}
+
+#[tokio::test]
+async fn a_source_past_its_limit_is_closed_unread_until_one_of_its_own_closes() {
+    let pool = Pool::new(
+        "app",
+        Algorithm::RoundRobin,
+        vec![ServerSpec::new(server().await)],
+    );
+    let mut fe = local_frontend();
+    fe.max_connections_per_source = 3;
+    // One slot past the source's three: were a refused connection to keep
+    // its slot, no other would be served after it.
+    fe.max_connections = 4;
+    let proxy = start_proxy(fe, pool).await;
+    let front = proxy.local_addrs()[0];
+    let mut three = Vec::new();
+    for i in 0..3 {
+        let mut s = connect_from("127.0.0.1", front).await;
+        let got = ask(&mut s).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "connection {i}: {got:?}");
+        three.push(s);
+    }
+    for i in 0..2 {
+        let fourth = connect_from("127.0.0.1", front).await;
+        closed_unanswered(fourth, &format!("fourth, try {i}")).await;
+    }
+    let counters = proxy.stats().frontends()[0].counters.clone();
+    assert_eq!((counters.connections, counters.denied_connections), (3, 2));
+    // Another address has a count of its own (and the frontend a free slot).
+    let mut other = connect_from("127.0.0.2", front).await;
+    assert!(ask(&mut other).await.starts_with("HTTP/1.1 200"));
+    drop(other);
+    // The first three are still served, on their kept connections.
+    for s in &mut three {
+        assert!(ask(s).await.starts_with("HTTP/1.1 200"));
+    }
+    drop(three.pop());
+    until_open(&proxy, 2).await;
+    let mut again = connect_from("127.0.0.1", front).await;
+    let got = ask(&mut again).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "after a close: {got:?}");
+    let fifth = connect_from("127.0.0.1", front).await;
+    closed_unanswered(fifth, "at the limit again").await;
+    assert_eq!(proxy.stats().frontends()[0].counters.denied_connections, 3);
+}
+
+#[tokio::test]
+async fn without_a_limit_a_source_takes_every_slot() {
+    let pool = Pool::new(
+        "app",
+        Algorithm::RoundRobin,
+        vec![ServerSpec::new(server().await)],
+    );
+    let mut fe = local_frontend();
+    fe.max_connections = 8;
+    let proxy = start_proxy(fe, pool).await;
+    let front = proxy.local_addrs()[0];
+    let mut all = Vec::new();
+    for i in 0..8 {
+        let mut s = connect_from("127.0.0.1", front).await;
+        let got = ask(&mut s).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "connection {i}: {got:?}");
+        all.push(s);
+    }
+    assert_eq!(proxy.stats().frontends()[0].counters.denied_connections, 0);
+}
