@@ -65,7 +65,7 @@ pub(crate) async fn accept_loop(
     let mut errors = AcceptErrors::new(format!("frontend {}", fe.ctx.name));
     loop {
         // Wait for a free slot before accepting, so excess clients queue in the backlog.
-        let Some(permit) = free_slot(&fe, &mut shutdown).await else {
+        let Some(permit) = free_permit(&fe, &mut shutdown).await else {
             return;
         };
         // Counted out of the connections open until a client takes it.
@@ -120,7 +120,7 @@ pub(crate) async fn accept_loop(
 
 /// A permit of the frontend's `max_connections`, once one is free; `None`
 /// when the shutdown comes first.
-async fn free_slot(
+async fn free_permit(
     fe: &FrontendRuntime,
     shutdown: &mut ShutdownWatch<'_>,
 ) -> Option<OwnedSemaphorePermit> {
