@@ -10,7 +10,8 @@
 //! - `config`: the file (one TOML parse, every error at its line) into a
 //!   `Config`; `config::rules` are the L4 rules runtime changes share.
 //! - `runtime`: what should run (`Desired`): the file plus the journal of
-//!   runtime changes and the backends DNS discovery found.
+//!   runtime changes and the backends DNS discovery found; `atomic_file`
+//!   writes it (and the other state files) whole and durably.
 //! - `discovery`: DNS answers into backend sets (pure), `discovery::dns`
 //!   the queries.
 //! - `dataplane`: loads, pins and attaches `lb-xdp`, reads and writes its
@@ -35,6 +36,7 @@
 pub mod admin;
 pub mod agent;
 mod allocator;
+pub mod atomic_file;
 pub mod balancer;
 pub mod bgp;
 pub mod config;

@@ -578,12 +578,11 @@ pub fn load_journal(path: &Path) -> Result<Vec<Request>> {
     }
 }
 
-/// Writes a journal atomically (temporary file, then rename).
+/// Writes a journal whole and durably (`atomic_file`).
 pub fn save_journal(path: &Path, journal: &[Request]) -> Result<()> {
-    let tmp = path.with_extension("state.tmp");
     let text = serde_json::to_string_pretty(journal)?;
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    crate::atomic_file::replace(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

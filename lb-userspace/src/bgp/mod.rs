@@ -23,7 +23,6 @@ pub mod bird;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -107,19 +106,9 @@ pub fn render(protocol: &str, vips: &[IpAddr]) -> String {
     out
 }
 
-/// Writes `text` to `path` whole: readers see the old file or the new one.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
-}
-
 /// Writes the include file announcing `vips` (replacing it whole).
 pub fn write_include(cfg: &BgpConfig, vips: &[IpAddr]) -> Result<(), String> {
-    write_atomically(&cfg.include_file, &render(&cfg.protocol, vips))
+    crate::atomic_file::replace(&cfg.include_file, render(&cfg.protocol, vips).as_bytes())
         .map_err(|e| format!("writing {}: {e}", cfg.include_file.display()))
 }
 
@@ -359,22 +348,6 @@ mode = "l7"
         let empty = render("x", &[]);
         assert!(empty.contains("protocol static x_v4 {\n  ipv4;\n}\n"));
         assert!(empty.contains("protocol static x_v6 {\n  ipv6;\n}\n"));
-    }
-
-    #[test]
-    fn writes_replace_the_file_whole() {
-        let dir = std::env::temp_dir().join(format!("lb-bgp-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("vips.conf");
-        write_atomically(&file, "one").unwrap();
-        write_atomically(&file, "two").unwrap();
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), "two");
-        assert_eq!(
-            std::fs::read_dir(&dir).unwrap().count(),
-            1,
-            "no temporary left"
-        );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -475,14 +475,11 @@ pub fn load_cache(path: &Path) -> Result<Cache> {
     }
 }
 
-/// Writes the cache file atomically (temporary file, then rename).
+/// Writes the cache file whole and durably (`atomic_file`).
 pub fn save_cache(path: &Path, cache: &Cache) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
     let text = serde_json::to_string_pretty(cache)?;
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    crate::atomic_file::replace(path, text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// How long until the first query of a discovery that has just been
