@@ -121,6 +121,22 @@ fn lb_output(args: &[&std::ffi::OsStr]) -> Output {
     lb_tests::output_within(lb().args(args), Duration::from_secs(20))
 }
 
+/// Runs `lb run` in namespace `ns` with `config`, its pins in `pin_dir`
+/// and its control socket beside the config (`.sock`).
+fn lb_run(ns: &str, config: &Path, pin_dir: &Path) -> Output {
+    lb_output(&[
+        "run".as_ref(),
+        "--netns".as_ref(),
+        ns.as_ref(),
+        "--config".as_ref(),
+        config.as_os_str(),
+        "--pin-dir".as_ref(),
+        pin_dir.as_os_str(),
+        "--socket".as_ref(),
+        config.with_extension("sock").as_os_str(),
+    ])
+}
+
 /// Whether any interface in namespace `ns` has an XDP program attached.
 fn xdp_attached_in(ns: &str) -> String {
     let out = Command::new("ip")
@@ -145,17 +161,7 @@ fn failed_start(tag: &str, config: &str) -> (String, PathBuf) {
     let pin_dir =
         Path::new("/sys/fs/bpf").join(format!("lb-cli-test-{tag}-{}", std::process::id()));
     let socket = path.with_extension("sock");
-    let out = lb_output(&[
-        "run".as_ref(),
-        "--netns".as_ref(),
-        net.ns().as_ref(),
-        "--config".as_ref(),
-        path.as_os_str(),
-        "--pin-dir".as_ref(),
-        pin_dir.as_os_str(),
-        "--socket".as_ref(),
-        socket.as_os_str(),
-    ]);
+    let out = lb_run(net.ns(), &path, &pin_dir);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "the start must fail: {out:?}");
     let left = pin_dir.exists();
@@ -217,17 +223,7 @@ fn run_refuses_maps_pinned_with_another_layout_and_keeps_them() {
         .output()
         .unwrap();
     let out = if made.status.success() {
-        Some(lb_output(&[
-            "run".as_ref(),
-            "--netns".as_ref(),
-            net.ns().as_ref(),
-            "--config".as_ref(),
-            path.as_os_str(),
-            "--pin-dir".as_ref(),
-            pin_dir.as_os_str(),
-            "--socket".as_ref(),
-            path.with_extension("sock").as_os_str(),
-        ]))
+        Some(lb_run(net.ns(), &path, &pin_dir))
     } else {
         None
     };
