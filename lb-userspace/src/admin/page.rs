@@ -199,7 +199,7 @@ fn frontends_table(html: &mut String, proxy: &ProxyInfo) {
     html.push_str(
         "<h2>L7 frontends</h2><table id=\"frontends\"><tr><th>Frontend</th><th>Cur</th>\
          <th>Max</th><th>Limit</th><th>Sessions</th><th>Requests</th><th>Req/s</th><th>2xx</th><th>3xx</th>\
-         <th>4xx</th><th>5xx</th><th>Denied</th><th>Bytes in</th><th>Bytes out</th></tr>",
+         <th>4xx</th><th>5xx</th><th>Denied req</th><th>Denied conn</th><th>Bytes in</th><th>Bytes out</th></tr>",
     );
     for f in &proxy.frontends {
         let c = &f.counters;
@@ -208,7 +208,7 @@ fn frontends_table(html: &mut String, proxy: &ProxyInfo) {
             "<tr class=\"fe\" data-frontend=\"{0}\"><td class=\"name\">{0}</td><td>{1}</td>\
              <td>{12}</td><td>{2}</td><td>{3}</td><td data-key=\"f/{0}\" data-total=\"{4}\">{4}</td>\
              <td class=\"rate\">-</td><td>{5}</td><td>{6}</td><td>{7}</td><td>{8}</td>\
-             <td>{9}</td><td>{10}</td><td>{11}</td></tr>",
+             <td>{9}</td><td>{13}</td><td>{10}</td><td>{11}</td></tr>",
             escape(&f.name),
             f.current_connections,
             f.max_connections,
@@ -221,7 +221,8 @@ fn frontends_table(html: &mut String, proxy: &ProxyInfo) {
             c.denied,
             c.bytes_in,
             c.bytes_out,
-            c.max_current
+            c.max_current,
+            c.denied_connections
         );
     }
     html.push_str("</table>");
