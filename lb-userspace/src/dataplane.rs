@@ -203,7 +203,9 @@ impl Dataplane {
             .map(|dir| ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect())
             .unwrap_or_default();
         if let Some(dir) = pin_dir {
-            pin::check_compatible(path, dir, &ALL_MAPS, &[MAP_FLOW_CACHE], "lb stop --detach")?;
+            // REASON_STATS: an older agent's has fewer slots (`reason_slots`).
+            let any_entries = [MAP_FLOW_CACHE, MAP_REASON_STATS];
+            pin::check_compatible(path, dir, &ALL_MAPS, &any_entries, "lb stop --detach")?;
         }
         for (name, pin) in &pins {
             loader.map_pin_path(name, pin.as_path());
@@ -856,8 +858,9 @@ pub mod pin {
 
     /// Refuses maps pinned in `dir` (of those `names`) that the eBPF object
     /// at `object` would not create alike: another type, key or value size,
-    /// or entry count (not compared for `sized_here`, whose count the loader
-    /// sets from this machine's CPUs: a cache, slower if short, not wrong).
+    /// or entry count (not compared for `any_entries`: a cache the loader
+    /// sizes from this machine's CPUs, slower if short, not wrong, and
+    /// counter arrays whose missing slots read as zero).
     /// A previous version with another layout left them: reusing them would
     /// have the kernel refuse the program with a verifier dump, or the
     /// program read old values as new ones. `undo` is the command that
@@ -866,7 +869,7 @@ pub mod pin {
         object: &Path,
         dir: &Path,
         names: &[&str],
-        sized_here: &[&str],
+        any_entries: &[&str],
         undo: &str,
     ) -> Result<()> {
         let data = std::fs::read(object)
@@ -883,7 +886,7 @@ pub mod pin {
             }
             let pinned = aya::maps::MapInfo::from_pin(&path)
                 .with_context(|| format!("reading pinned map {}", path.display()))?;
-            let wanted_entries = if sized_here.contains(name) {
+            let wanted_entries = if any_entries.contains(name) {
                 pinned.max_entries()
             } else {
                 def.max_entries()

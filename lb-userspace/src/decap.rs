@@ -428,7 +428,14 @@ pub fn attach(
     // run are left as they are.
     let mut guard = pin::StartGuard::new(pin_dir)?;
     let _lock = lock(pin_dir)?;
-    pin::check_compatible(object, pin_dir, &DECAP_MAPS, &[], "lb decap --detach")?;
+    // DECAP_STATS: an older one's missing slots read as zero (`--stats`).
+    pin::check_compatible(
+        object,
+        pin_dir,
+        &DECAP_MAPS,
+        &[MAP_DECAP_STATS],
+        "lb decap --detach",
+    )?;
     let map_pins: Vec<(&str, PathBuf)> = DECAP_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
     let mut loader = aya::EbpfLoader::new();
     for (name, path) in &map_pins {

@@ -248,3 +248,41 @@ fn run_refuses_maps_pinned_with_another_layout_and_keeps_them() {
     assert_eq!(left, ["FLOWS"], "the old map stays, nothing else is pinned");
     assert_eq!(xdp_attached_in(net.ns()), "", "nothing is attached");
 }
+
+#[test]
+fn lb_decap_adopts_an_older_counter_array_with_fewer_reasons() {
+    let net = TestRunNet::create("old-stats").expect("namespace");
+    let pin_dir =
+        Path::new("/sys/fs/bpf").join(format!("lb-cli-test-old-stats-{}", std::process::id()));
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    // DECAP_STATS as `lb decap` from before `--from` pinned it: 8 reasons.
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pin_dir.join("DECAP_STATS"))
+        .args(["type", "percpu_array", "key", "4", "value", "16"])
+        .args(["entries", "8", "name", "DECAP_STATS"])
+        .output()
+        .unwrap();
+    let decap = |extra: &[&str]| {
+        let mut args: Vec<&std::ffi::OsStr> = ["decap", "--netns", net.ns(), "-i", "lbc"]
+            .into_iter()
+            .map(std::ffi::OsStr::new)
+            .collect();
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        args.extend(["--pin-dir".as_ref(), pin_dir.as_os_str()]);
+        lb_output(&args)
+    };
+    let (started, stats) = if made.status.success() {
+        let started = decap(&["--vip", "198.18.100.1", "--from", "198.18.1.1"]);
+        (Some(started), Some(decap(&["--stats"])))
+    } else {
+        (None, None)
+    };
+    let detached = decap(&["--detach"]);
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let started = started.unwrap_or_else(|| panic!("bpftool map create: {made:?}"));
+    assert!(started.status.success(), "{started:?}");
+    let stats = String::from_utf8_lossy(&stats.expect("stats").stdout).into_owned();
+    assert!(stats.contains("drop_foreign_source"), "{stats}");
+    assert!(detached.status.success(), "{detached:?}");
+}
