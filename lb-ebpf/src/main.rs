@@ -3,8 +3,8 @@
 //!
 //! Per packet: parse (`parse`), then one `FLOWS` lookup: a client packet of a
 //! known connection is NATed to its pinned backend (`nat`), a backend's reply
-//! is translated back to the VIP. (A SYN is a new connection whatever the
-//! table holds: the VIP's ring decides, see `Older`.) Otherwise a `VIPS` hit is a new connection:
+//! is translated back to the VIP. Otherwise, and for every SYN whatever the
+//! table holds (see `Older`), a `VIPS` hit is a new connection:
 //! its backend comes from the VIP's Maglev ring (`RINGS`) and both directions
 //! are recorded: a UDP flow's in `FLOWS`, a TCP handshake's in `PENDING`
 //! until the client's ACK confirms it (so SYN floods cannot evict
@@ -349,7 +349,7 @@ fn new_flow(
 /// so (as in Katran, whose SYNs skip its LRU) the VIP's table decides, not
 /// that entry: else a new connection would follow an old one to a backend
 /// that is drained or weighted out, or stay off one just added.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Older {
     /// No entry.
     None,
@@ -360,20 +360,20 @@ enum Older {
 }
 
 impl Older {
-    /// Whether the older entry of `key` already pins `backend_id` (it then
-    /// serves the new connection as it is); otherwise it is deleted, so the
-    /// handshake's next packets do not find it, and every CPU's cached copy
-    /// is made stale.
+    /// Keeps the older entry of `key` if it pins `backend_id` (the
+    /// handshake's next packets may use it); otherwise deletes it, so they
+    /// do not find it, and makes every CPU's cached copy stale. Either way
+    /// the SYN is then admitted as any other (PENDING holds its reply
+    /// direction too, should `FLOWS` have lost the older one's).
     #[inline(always)]
-    fn settle(self, key: &FlowKey, backend_id: u32) -> bool {
+    fn settle(self, key: &FlowKey, backend_id: u32) {
         match self {
-            Older::None => false,
-            Older::Pinned(id) if id == backend_id => true,
+            Older::None => {}
+            Older::Pinned(id) if id == backend_id => {}
             _ => {
                 let _ = FLOWS.remove(key);
                 flows::written(key);
                 flows::bump_epoch();
-                false
             }
         }
     }
@@ -437,9 +437,7 @@ fn admit_tcp(
         checks::new_flow_rate(pkt)?;
     }
     let (backend_id, backend) = choose(vip_id, &pkt.key)?;
-    if older.settle(&pkt.key, backend_id) {
-        return Ok(backend_id);
-    }
+    older.settle(&pkt.key, backend_id);
     let s = scratch()?;
     if dsr {
         // As below, without a reply direction: the backend answers the client.
