@@ -286,3 +286,81 @@ fn lb_decap_adopts_an_older_counter_array_with_fewer_reasons() {
     assert!(stats.contains("drop_foreign_source"), "{stats}");
     assert!(detached.status.success(), "{detached:?}");
 }
+
+#[test]
+fn lb_run_adopts_an_older_counter_array_with_fewer_reasons() {
+    let net = TestRunNet::create("old-reasons").expect("namespace");
+    let path = write(
+        "old-reasons.toml",
+        &GOOD.replace("[\"lo\"]", "[\"lbc\", \"lbb\"]"),
+    );
+    let socket = path.with_extension("sock");
+    let pin_dir =
+        Path::new("/sys/fs/bpf").join(format!("lb-cli-test-old-reasons-{}", std::process::id()));
+    std::fs::create_dir_all(&pin_dir).unwrap();
+    // REASON_STATS as an agent that knew one reason less pinned it.
+    let entries = (lb_common::REASON_COUNT - 1).to_string();
+    let made = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pin_dir.join("REASON_STATS"))
+        .args(["type", "percpu_array", "key", "4", "value", "16"])
+        .args(["entries", &entries, "name", "REASON_STATS"])
+        .output()
+        .unwrap();
+    let mut run = made.status.success().then(|| {
+        lb().arg("run")
+            .args(["--netns", net.ns()])
+            .arg("--config")
+            .arg(&path)
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
+    // Up once its socket answers (10 s at most), or gone.
+    let mut stats = None;
+    for _ in 0..100 {
+        let exited = run
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some());
+        if exited {
+            break;
+        }
+        let out = lb_output(&[
+            "show".as_ref(),
+            "stats".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+        ]);
+        if out.status.success() {
+            stats = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stop = lb_output(&[
+        "stop".as_ref(),
+        "--detach".as_ref(),
+        "--socket".as_ref(),
+        socket.as_os_str(),
+    ]);
+    let ended = run.map(|mut c| {
+        let _ = c.kill();
+        c.wait_with_output().unwrap()
+    });
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    assert!(made.status.success(), "bpftool map create: {made:?}");
+    let ended = ended.expect("started");
+    let stats = stats.unwrap_or_else(|| {
+        panic!(
+            "lb run never answered: {}",
+            String::from_utf8_lossy(&ended.stderr)
+        )
+    });
+    assert!(stats.contains("pass_not_vip"), "{stats}");
+    assert!(stop.status.success(), "{stop:?}");
+}
