@@ -17,7 +17,7 @@ use lb_common::{
 use tracing::info;
 
 use crate::{
-    config::{Config, DenyPrefix, Forwarding, Mode, Protocol, Service},
+    config::{Config, Forwarding, IpPrefix, Mode, Protocol, Service},
     dataplane::{Dataplane, PinnedState, addr_to_ip, ip_to_addr},
 };
 
@@ -57,7 +57,7 @@ pub fn vip_flags(service: &Service) -> u32 {
 
 /// The `ENCAP_SOURCES` entry of a configured outer source: the prefix's
 /// address, and a mask over its host bits in the last 32-bit word.
-pub fn encap_source(prefix: &DenyPrefix) -> EncapSource {
+pub fn encap_source(prefix: &IpPrefix) -> EncapSource {
     let (addr, family) = ip_to_addr(prefix.addr);
     let word_bits = if family == FAMILY_V4 {
         u32::from(prefix.len)
@@ -218,7 +218,7 @@ pub struct Balancer {
     /// agent may have left entries there).
     backend_addrs: Option<BTreeSet<AddrKey>>,
     /// What the deny lists hold; `None` until read from the maps.
-    deny: Option<BTreeSet<DenyPrefix>>,
+    deny: Option<BTreeSet<IpPrefix>>,
     config: Option<Config>,
 }
 
@@ -495,7 +495,7 @@ impl Balancer {
                                 if v6 { 6 } else { 4 }
                             )
                         })?;
-                    Some(DenyPrefix {
+                    Some(IpPrefix {
                         addr: ip,
                         len: if v6 { 128 } else { 32 },
                     })
@@ -515,12 +515,12 @@ impl Balancer {
     /// their clients' established flows are removed after (the data plane
     /// checks the list only on packets that miss FLOWS).
     fn sync_deny_and_settings(&mut self, config: &Config) -> Result<()> {
-        let wanted: BTreeSet<DenyPrefix> = config.deny.iter().copied().collect();
+        let wanted: BTreeSet<IpPrefix> = config.deny.iter().copied().collect();
         let current = match self.deny.take() {
             Some(set) => set,
             None => self.dataplane.deny_list()?,
         };
-        let added: Vec<DenyPrefix> = wanted.difference(&current).copied().collect();
+        let added: Vec<IpPrefix> = wanted.difference(&current).copied().collect();
         for prefix in &added {
             self.dataplane.add_deny(prefix)?;
         }

@@ -25,7 +25,7 @@ use lb_common::{
 };
 use tracing::warn;
 
-use crate::config::{DenyPrefix, XdpModeSetting};
+use crate::config::{IpPrefix, XdpModeSetting};
 
 /// An IP address and its family in the data plane's layout.
 pub fn ip_to_addr(ip: IpAddr) -> (Addr, u8) {
@@ -559,18 +559,18 @@ impl Dataplane {
     }
 
     /// Every prefix in the deny lists (e.g. as a previous agent left them).
-    pub fn deny_list(&self) -> Result<std::collections::BTreeSet<DenyPrefix>> {
+    pub fn deny_list(&self) -> Result<std::collections::BTreeSet<IpPrefix>> {
         let mut out = std::collections::BTreeSet::new();
         for key in self.deny_v4.keys() {
             let key = key.context("reading DENY_V4")?;
-            out.insert(DenyPrefix {
+            out.insert(IpPrefix {
                 addr: std::net::IpAddr::from(key.data()),
                 len: key.prefix_len() as u8,
             });
         }
         for key in self.deny_v6.keys() {
             let key = key.context("reading DENY_V6")?;
-            out.insert(DenyPrefix {
+            out.insert(IpPrefix {
                 addr: std::net::IpAddr::from(key.data()),
                 len: key.prefix_len() as u8,
             });
@@ -579,7 +579,7 @@ impl Dataplane {
     }
 
     /// Adds a prefix to the deny list of its family.
-    pub fn add_deny(&mut self, prefix: &DenyPrefix) -> Result<()> {
+    pub fn add_deny(&mut self, prefix: &IpPrefix) -> Result<()> {
         match prefix.addr {
             std::net::IpAddr::V4(a) => self
                 .deny_v4
@@ -593,7 +593,7 @@ impl Dataplane {
     }
 
     /// Removes a prefix from the deny list of its family.
-    pub fn remove_deny(&mut self, prefix: &DenyPrefix) -> Result<()> {
+    pub fn remove_deny(&mut self, prefix: &IpPrefix) -> Result<()> {
         let result = match prefix.addr {
             std::net::IpAddr::V4(a) => self
                 .deny_v4
@@ -613,7 +613,7 @@ impl Dataplane {
     /// data plane checks the deny list only for packets that miss FLOWS (so
     /// established packets pay nothing for it); this makes a newly denied
     /// client's established connections miss too.
-    pub fn remove_flows_from(&mut self, prefixes: &[DenyPrefix]) -> Result<usize> {
+    pub fn remove_flows_from(&mut self, prefixes: &[IpPrefix]) -> Result<usize> {
         let denied = |addr: &lb_common::Addr, family: u8| {
             let ip = addr_to_ip(addr, family);
             prefixes.iter().any(|p| p.contains(ip))

@@ -37,7 +37,7 @@ use lb_common::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::DenyPrefix;
+use crate::config::IpPrefix;
 use crate::control::protocol::ReasonCount;
 use crate::dataplane::{AttachedMode, pin};
 use crate::dataplane::{addr_to_ip, ip_to_addr};
@@ -79,7 +79,7 @@ pub struct DecapArgs {
         value_parser = parse_source,
         conflicts_with_all = ["detach", "stats"],
     )]
-    pub from: Vec<DenyPrefix>,
+    pub from: Vec<IpPrefix>,
     /// Detach from the interface and remove the pinned maps.
     #[arg(long, conflicts_with = "stats")]
     pub detach: bool,
@@ -116,8 +116,8 @@ pub fn parse_vip(s: &str) -> Result<IpAddr, String> {
 
 /// Parses an allowed outer source: an IPv4 or IPv6 prefix, host bits zero,
 /// or a bare address (a /32 or /128).
-pub fn parse_source(s: &str) -> Result<DenyPrefix, String> {
-    DenyPrefix::parse(s.trim())
+pub fn parse_source(s: &str) -> Result<IpPrefix, String> {
+    IpPrefix::parse(s.trim())
         .map_err(|why| format!("{s:?} is not an IPv4 or IPv6 address or prefix: {why}"))
 }
 
@@ -181,7 +181,7 @@ pub fn vip_key(ip: IpAddr) -> AddrKey {
 }
 
 /// The `DECAP_SOURCES_V4`/`_V6` key of a prefix, by family.
-fn source_key(prefix: &DenyPrefix) -> Result<Key<DecapSourceV4>, Key<DecapSourceV6>> {
+fn source_key(prefix: &IpPrefix) -> Result<Key<DecapSourceV4>, Key<DecapSourceV6>> {
     match prefix.addr {
         IpAddr::V4(a) => Ok(Key::new(prefix.len.into(), a.octets())),
         IpAddr::V6(a) => Err(Key::new(prefix.len.into(), a.octets())),
@@ -221,18 +221,18 @@ impl SourceMaps {
     }
 
     /// Every prefix in the tries.
-    fn prefixes(&self) -> Result<BTreeSet<DenyPrefix>> {
+    fn prefixes(&self) -> Result<BTreeSet<IpPrefix>> {
         let mut out = BTreeSet::new();
         for key in self.v4.keys() {
             let key = key.with_context(|| format!("reading {MAP_DECAP_SOURCES_V4}"))?;
-            out.insert(DenyPrefix {
+            out.insert(IpPrefix {
                 addr: IpAddr::from(key.data()),
                 len: key.prefix_len() as u8,
             });
         }
         for key in self.v6.keys() {
             let key = key.with_context(|| format!("reading {MAP_DECAP_SOURCES_V6}"))?;
-            out.insert(DenyPrefix {
+            out.insert(IpPrefix {
                 addr: IpAddr::from(key.data()),
                 len: key.prefix_len() as u8,
             });
@@ -243,7 +243,7 @@ impl SourceMaps {
     /// Makes `wanted` the allowed sources (empty: any source). New prefixes
     /// go in before the restriction is switched on and stale ones leave after
     /// it is switched off or rewritten: no allowed source is refused meanwhile.
-    fn sync(&mut self, wanted: &BTreeSet<DenyPrefix>) -> Result<()> {
+    fn sync(&mut self, wanted: &BTreeSet<IpPrefix>) -> Result<()> {
         let old = self.prefixes()?;
         for prefix in wanted.difference(&old) {
             let result = match source_key(prefix) {
@@ -276,7 +276,7 @@ impl SourceMaps {
 }
 
 /// Refuses more prefixes of one family than `DECAP_SOURCES_V4`/`_V6` hold.
-fn check_source_count(sources: &BTreeSet<DenyPrefix>) -> Result<()> {
+fn check_source_count(sources: &BTreeSet<IpPrefix>) -> Result<()> {
     for v6 in [false, true] {
         let n = sources.iter().filter(|p| p.addr.is_ipv6() == v6).count();
         if n > MAX_DECAP_SOURCES as usize {
@@ -302,7 +302,7 @@ pub struct Attached {
     /// VIPs that were there and are not any more.
     pub removed: usize,
     /// Allowed outer source prefixes now, sorted; empty: any source.
-    pub sources: Vec<DenyPrefix>,
+    pub sources: Vec<IpPrefix>,
 }
 
 /// An interface's VIPs and counters, as `lb decap --stats` shows them.
@@ -408,7 +408,7 @@ pub fn attach(
     iface: &str,
     pin_dir: &Path,
     vips: &[IpAddr],
-    sources: &[DenyPrefix],
+    sources: &[IpPrefix],
 ) -> Result<Attached> {
     ifindex(iface)?;
     let wanted: BTreeSet<AddrKey> = vips.iter().map(|ip| vip_key(*ip)).collect();
@@ -421,7 +421,7 @@ pub fn attach(
             wanted.len()
         );
     }
-    let sources: BTreeSet<DenyPrefix> = sources.iter().copied().collect();
+    let sources: BTreeSet<IpPrefix> = sources.iter().copied().collect();
     check_source_count(&sources)?;
     check_pins_outlive_us()?;
     // Undoes what this run pinned if a later step fails; pins of an earlier
@@ -570,7 +570,7 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
             v6: typed(Some(pinned(MAP_DECAP_SOURCES_V6)?), MAP_DECAP_SOURCES_V6)?,
         };
         if maps.restricted()? {
-            Some(maps.prefixes()?.iter().map(DenyPrefix::to_string).collect())
+            Some(maps.prefixes()?.iter().map(IpPrefix::to_string).collect())
         } else {
             None
         }
@@ -742,7 +742,7 @@ pub fn run(args: &DecapArgs) -> Result<()> {
         None => "updated in place",
     };
     let vips: Vec<String> = done.vips.iter().map(IpAddr::to_string).collect();
-    let sources: Vec<String> = done.sources.iter().map(DenyPrefix::to_string).collect();
+    let sources: Vec<String> = done.sources.iter().map(IpPrefix::to_string).collect();
     println!(
         "{}: {how}; VIPs {} ({} added, {} removed); outer sources {}; pinned in {}",
         args.interface,

@@ -1297,7 +1297,7 @@ fn a_connection_that_lost_its_flow_entries_is_taken_up_again_through_pending() {
     with_fixture(|b, net| {
         let i = handshake(b, net, CLIENT_V4, 2000);
         // Its FLOWS entries go, as with an eviction or fresh maps.
-        let client = lb_userspace::config::DenyPrefix::parse("198.18.1.2/32").unwrap();
+        let client = lb_userspace::config::IpPrefix::parse("198.18.1.2/32").unwrap();
         assert_eq!(b.dataplane().remove_flows_from(&[client]).unwrap(), 2);
         let key = key4(CLIENT_V4, 2000, VIP3_V4);
         // The client's next packet goes where Maglev says (the same backend)

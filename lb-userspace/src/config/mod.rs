@@ -103,12 +103,12 @@ pub struct Config {
     /// New flows per second per client /24 or /64; 0 = no limit.
     pub new_flow_limit: u32,
     /// Source networks whose packets to a VIP are dropped, in file order.
-    pub deny: Vec<DenyPrefix>,
+    pub deny: Vec<IpPrefix>,
     /// Outer IPv4 source of `ipip` packets (an address or a prefix whose
     /// host bits come from the flow); `None`: an address of the interfaces.
-    pub encap_source_v4: Option<DenyPrefix>,
+    pub encap_source_v4: Option<IpPrefix>,
     /// Outer IPv6 source of `ipip` packets, as `encap_source_v4` (at least a /96).
-    pub encap_source_v6: Option<DenyPrefix>,
+    pub encap_source_v6: Option<IpPrefix>,
     /// Load-balanced services, in file order.
     pub services: Vec<Service>,
     /// How VIPs are announced by BGP through BIRD (`[bgp]`), if at all.
@@ -143,16 +143,16 @@ pub struct ProxySection(
     pub lb_proxy::Threads,
 );
 
-/// One `deny` entry: a network, host bits zero.
+/// A network, host bits zero: a `deny` entry, or an outer source `lb decap --from` accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DenyPrefix {
+pub struct IpPrefix {
     /// The network address.
     pub addr: std::net::IpAddr,
     /// Prefix length in bits (32 or 128 for a single address).
     pub len: u8,
 }
 
-impl DenyPrefix {
+impl IpPrefix {
     /// Parses `a.b.c.d/n`, `ipv6/n` or a bare address; host bits must be zero.
     pub fn parse(text: &str) -> Result<Self, String> {
         let (addr_text, len_text) = match text.split_once('/') {
@@ -191,7 +191,7 @@ impl DenyPrefix {
     }
 }
 
-impl DenyPrefix {
+impl IpPrefix {
     /// Whether `ip` is in this network.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         match (self.addr, ip) {
@@ -210,7 +210,7 @@ impl DenyPrefix {
     }
 }
 
-impl std::fmt::Display for DenyPrefix {
+impl std::fmt::Display for IpPrefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)
     }

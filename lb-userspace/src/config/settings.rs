@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use lb_common::MAX_DENY_PREFIXES;
 use toml::Spanned;
 
-use super::{Checker, DenyPrefix, Host};
+use super::{Checker, Host, IpPrefix};
 
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
 pub(super) const MAX_IFNAME_LEN: usize = 15;
@@ -19,7 +19,7 @@ impl Checker<'_> {
         &mut self,
         raw: Option<Spanned<String>>,
         v6: bool,
-    ) -> Option<DenyPrefix> {
+    ) -> Option<IpPrefix> {
         let raw = raw?;
         let key = if v6 {
             "encap_source_v6"
@@ -27,7 +27,7 @@ impl Checker<'_> {
             "encap_source_v4"
         };
         let text = raw.get_ref();
-        match DenyPrefix::parse(text) {
+        match IpPrefix::parse(text) {
             Err(why) => self.at(&raw.span(), format!("{key} \"{text}\": {why}")),
             Ok(p) if p.addr.is_ipv6() != v6 => self.at(
                 &raw.span(),
@@ -48,17 +48,17 @@ impl Checker<'_> {
 
     /// Checks the `deny` list: networks, no duplicates, within the data
     /// plane's size per family.
-    pub(super) fn deny(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Vec<DenyPrefix> {
+    pub(super) fn deny(&mut self, raw: Option<Spanned<Vec<Spanned<String>>>>) -> Vec<IpPrefix> {
         let Some(list) = raw else {
             return Vec::new();
         };
-        let mut seen: HashMap<DenyPrefix, usize> = HashMap::new();
+        let mut seen: HashMap<IpPrefix, usize> = HashMap::new();
         let (mut v4, mut v6) = (0u32, 0u32);
         let mut out = Vec::new();
         for entry in list.into_inner() {
             let span = entry.span();
             let text = entry.get_ref();
-            let prefix = match DenyPrefix::parse(text) {
+            let prefix = match IpPrefix::parse(text) {
                 Ok(p) => p,
                 Err(why) => {
                     self.at(&span, format!("deny \"{text}\": {why}"));
