@@ -64,6 +64,9 @@ pub const DEFAULT_RING_SIZE: u32 = 65537;
 /// Entries in the LRU flow table: two per connection (one per direction),
 /// so about 262 144 connections.
 pub const FLOW_TABLE_SIZE: u32 = 1 << 19;
+/// Entries in the LRU table of UDP flows (`UDP_FLOWS`): two per NATed flow
+/// (one per direction), one per DSR flow, so 131 072 to 262 144 flows.
+pub const UDP_FLOW_TABLE_SIZE: u32 = 1 << 18;
 /// Entries in the LRU table of unconfirmed TCP flows (`PENDING`): two per
 /// handshake in progress, so about 32 768 of them. An eighth of `FLOWS`:
 /// a legitimate handshake lives there for one round trip, so a flood must
@@ -88,10 +91,26 @@ pub const MAP_VIPS: &str = "VIPS";
 pub const MAP_RINGS: &str = "RINGS";
 /// Map name: backend id (`u32`) -> `Backend` (ARRAY).
 pub const MAP_BACKENDS: &str = "BACKENDS";
-/// Map name: `FlowKey` of either direction of a connection -> `Flow` (LRU_HASH).
-/// One lookup per packet finds both a client's flow (pinned backend) and a
-/// backend's reply (the VIP to translate back to).
+/// Map name: `FlowKey` of either direction of a TCP connection -> `Flow`
+/// (LRU_HASH, `FLOW_TABLE_SIZE`). One lookup per packet finds both a
+/// client's flow (pinned backend) and a backend's reply (the VIP to
+/// translate back to). Only connections whose handshake was confirmed are
+/// here (see `MAP_PENDING`); UDP flows have their own table
+/// (`MAP_UDP_FLOWS`).
 pub const MAP_FLOWS: &str = "FLOWS";
+/// Map name: `FlowKey` of either direction of a UDP flow -> `Flow`
+/// (LRU_HASH, `UDP_FLOW_TABLE_SIZE`), as `FLOWS` for TCP.
+///
+/// Why a table of its own: UDP has no handshake, so its first packet makes
+/// a flow, and a spoofed packet makes one for the price of one packet (the
+/// per-prefix new-flow limit only bounds each prefix). In `FLOWS` a flood
+/// of them from many prefixes would push established TCP connections out
+/// of the LRU (they would then be re-hashed, and reset after a backend
+/// change). Here it only churns other UDP flows, which a stateless
+/// protocol's client tolerates best (an evicted flow is re-hashed to the
+/// same backend unless the table changed). The packet's protocol picks the
+/// table, so the hit path still makes one lookup.
+pub const MAP_UDP_FLOWS: &str = "UDP_FLOWS";
 /// Map name: `FlowKey` -> `Flow` (LRU_HASH, `PENDING_TABLE_SIZE`): TCP flows
 /// whose handshake the balancer has not seen completed, both directions.
 ///
@@ -112,7 +131,7 @@ pub const MAP_FLOWS: &str = "FLOWS";
 /// recorded here the same way (the backend's answers are translated back
 /// from here meanwhile); the client's next packet confirms it. So spoofed
 /// single packets without SYN cannot fill `FLOWS` either. UDP flows go
-/// straight to `FLOWS`, as before.
+/// straight to `UDP_FLOWS`.
 pub const MAP_PENDING: &str = "PENDING";
 /// Map name: `AddrKey` of a source prefix (address masked to
 /// `RATE_PREFIX_V4`/`_V6`) -> `RateWindow` (LRU_HASH, `RATE_TABLE_SIZE`):
@@ -322,12 +341,13 @@ pub const PROG_FULL_SLOT: u32 = 0;
 
 /// The maps of the `lb-xdp` object the agent pins for a hitless restart
 /// (all but the per-program `FLOW_CACHE`).
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 20] = [
     MAP_VIPS,
     MAP_VIP_STATE,
     MAP_RINGS,
     MAP_BACKENDS,
     MAP_FLOWS,
+    MAP_UDP_FLOWS,
     MAP_CLIENT_HOPS,
     MAP_FLOW_EPOCH,
     MAP_VIP_STATS,

@@ -8,12 +8,12 @@
 //! `new_flow_source` runs only when a flow is created: a few compares and one
 //! BACKEND_ADDRS hash lookup. An established flow's key includes its source,
 //! which was checked when the flow was created, so it needs no source check.
-//! `not_denied` runs on packets to a VIP that miss FLOWS (new flows, the
+//! `not_denied` runs on packets to a VIP that miss the flow tables (new flows, the
 //! handshake's ACK, L7 traffic): a SETTINGS read (array, inlined) and, only
 //! while the deny list of that family is not empty, one LPM_TRIE lookup.
 //! `new_flow_rate` runs when a flow is about to be recorded: a SETTINGS read
 //! and, with a limit set, one LRU lookup (and an insert for a new prefix).
-//! Neither costs an established flow anything: the agent removes the FLOWS
+//! Neither costs an established flow anything: the agent removes the flow
 //! entries of newly denied prefixes itself.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};

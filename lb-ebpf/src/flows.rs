@@ -1,6 +1,6 @@
 //! The flow lookup of every packet: this CPU's `FLOW_CACHE` slot first,
-//! `FLOWS` on a miss (see `MAP_FLOW_CACHE` in lb-common for why and how the
-//! cache stays coherent).
+//! the protocol's flow table (`table`) on a miss (see `MAP_FLOW_CACHE` in
+//! lb-common for why and how the cache stays coherent).
 
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_coarse_ns};
 use lb_common::{
@@ -8,7 +8,20 @@ use lb_common::{
     FLOW_TO_BACKEND, Flow, FlowKey, PROTO_UDP, UDP_IDLE_UNITS, flow_cache_slot, flow_time,
 };
 
-use crate::maps::{BACKENDS, FLOW_CACHE, FLOW_EPOCH, FLOWS, SETTINGS, VIP_STATE};
+use aya_ebpf::maps::LruHashMap;
+
+use crate::maps::{BACKENDS, FLOW_CACHE, FLOW_EPOCH, FLOWS, SETTINGS, UDP_FLOWS, VIP_STATE};
+
+/// The flow table of a protocol: `UDP_FLOWS` for UDP, `FLOWS` for TCP (see
+/// `MAP_UDP_FLOWS` in lb-common for why they are apart).
+#[inline(always)]
+pub fn table(proto: u8) -> &'static LruHashMap<FlowKey, Flow> {
+    if proto == PROTO_UDP {
+        &UDP_FLOWS
+    } else {
+        &FLOWS
+    }
+}
 
 /// This CPU's `FLOW_CACHE` slot for `key`: CPUs own consecutive runs of
 /// `FLOW_CACHE_SLOTS`.
@@ -31,8 +44,8 @@ fn epochs(now: u64) -> (u32, u32) {
     )
 }
 
-/// This CPU's cached copy of `key`'s `FLOWS` entry if it holds one of the
-/// current epochs at `now`; never reads `FLOWS` (the fast path leaves a
+/// This CPU's cached copy of `key`'s flow entry if it holds one of the
+/// current epochs at `now`; never reads a flow table (the fast path leaves a
 /// miss to the full program, which refills the slot).
 #[inline(always)]
 pub fn cached(key: &FlowKey, now: u64) -> Option<&'static CachedFlow> {
@@ -62,7 +75,7 @@ fn same_key(a: &FlowKey, b: &FlowKey) -> bool {
             && a.dst[3] == b.dst[3])
 }
 
-/// This CPU's cached copy of `key`'s `FLOWS` entry, filled from `FLOWS`
+/// This CPU's cached copy of `key`'s flow entry, filled from its `table`
 /// (and resolved, see `CachedFlow`) when it does not hold one of the
 /// current epochs. A UDP client's entry idle for over `UDP_IDLE_UNITS` is
 /// none (the flow is new again); one seen in an earlier unit is brought
@@ -79,7 +92,7 @@ pub fn lookup(key: &FlowKey) -> Option<&'static CachedFlow> {
     if slot.agent_epoch == agent && slot.dp_epoch == dp && slot.key == *key {
         return Some(slot);
     }
-    let flow = FLOWS.get_ptr_mut(key)?;
+    let flow = table(key.proto).get_ptr_mut(key)?;
     // SAFETY: LRU entries are written whole by this program; a racing update
     // at worst yields the previous value for the same 5-tuple, and
     // `last_seen` is one aligned word.
@@ -114,7 +127,7 @@ pub fn lookup(key: &FlowKey) -> Option<&'static CachedFlow> {
     Some(slot)
 }
 
-/// Drops this CPU's cached copy of `key`'s `FLOWS` entry (the data plane
+/// Drops this CPU's cached copy of `key`'s flow entry (the data plane
 /// is rewriting it); the next packet reads and resolves it afresh.
 #[inline(always)]
 pub fn written(key: &FlowKey) {
@@ -127,7 +140,7 @@ pub fn written(key: &FlowKey) {
     }
 }
 
-/// Writes a reply entry into `FLOWS` (and this CPU's cache). When it
+/// Writes a reply entry into its flow `table` (and this CPU's cache). When it
 /// replaces another VIP's entry (a dead connection's, see
 /// `reply_collides`), every CPU's copies are made stale after the write.
 // By reference on purpose, as the callers in main.rs.
@@ -135,11 +148,12 @@ pub fn written(key: &FlowKey) {
 #[inline(always)]
 pub fn insert_reply(key: &FlowKey, flow: &Flow) {
     // SAFETY: LRU entries are written whole by this program.
-    let replaces = match unsafe { FLOWS.get(key) } {
+    let flows = table(key.proto);
+    let replaces = match unsafe { flows.get(key) } {
         Some(old) => old.vip_addr != flow.vip_addr || old.vip_port != flow.vip_port,
         None => false,
     };
-    let _ = FLOWS.insert(key, flow, 0);
+    let _ = flows.insert(key, flow, 0);
     written(key);
     if replaces {
         bump_epoch();
@@ -147,7 +161,7 @@ pub fn insert_reply(key: &FlowKey, flow: &Flow) {
 }
 
 /// Makes every CPU's cached copies stale: the data plane has just given an
-/// existing `FLOWS` entry another meaning. Called after the write, so a
+/// existing flow entry another meaning. Called after the write, so a
 /// copy read before it carries the old epoch. Not atomic (this target has
 /// no atomic add in `core`): two CPUs bumping at once may add one instead
 /// of two, but the epoch still moves past every copy read before.

@@ -9,7 +9,7 @@
 //! needed included) and time exceeded (11); ICMPv6 destination unreachable
 //! (1), packet too big (2) and time exceeded (3), quoting a TCP or UDP
 //! packet. The quote reversed is the 5-tuple of the other direction of its
-//! connection, so one lookup (`FLOWS`, then `PENDING` for TCP) tells which
+//! connection, so one lookup (`FLOWS` or `UDP_FLOWS`, then `PENDING` for TCP) tells which
 //! case it is:
 //!
 //! - It quotes a client's packet to a backend (the backend's port
@@ -47,8 +47,8 @@ use network_types::{
 };
 
 use crate::{
-    checks, dsr, forward,
-    maps::{BACKENDS, FLOWS, PENDING, VIP_STATE, VIPS},
+    checks, dsr, flows, forward,
+    maps::{BACKENDS, PENDING, VIP_STATE, VIPS},
     nat::Side,
     parse::Packet,
     verdict::Verdict,
@@ -283,11 +283,11 @@ fn to_dsr_backend(ctx: &XdpContext, s: &mut IcmpScratch) -> Option<Verdict> {
     ))
 }
 
-/// The flow entry of `key`: in `FLOWS`, else (TCP) in `PENDING`.
+/// The flow entry of `key`: in its flow table, else (TCP) in `PENDING`.
 #[inline(always)]
 fn lookup(key: &FlowKey) -> Option<&'static Flow> {
     // SAFETY: LRU entries are written whole by this program.
-    if let Some(flow) = unsafe { FLOWS.get(key) } {
+    if let Some(flow) = unsafe { flows::table(key.proto).get(key) } {
         return Some(flow);
     }
     if key.proto == PROTO_TCP {

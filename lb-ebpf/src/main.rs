@@ -1,14 +1,14 @@
 //! XDP load balancer: VIP lookup, LRU connection table, Maglev backend choice and
 //! NAT forwarding, all before the packet reaches a socket.
 //!
-//! Per packet: parse (`parse`), then one `FLOWS` lookup: a client packet of a
+//! Per packet: parse (`parse`), then one flow lookup (`flows`): a client packet of a
 //! known connection is NATed to its pinned backend (`nat`), a backend's reply
 //! is translated back to the VIP. Otherwise, and for every SYN whatever the
 //! table holds (see `Older`), a `VIPS` hit is a new connection:
 //! its backend comes from the VIP's Maglev ring (`RINGS`) and both directions
-//! are recorded: a UDP flow's in `FLOWS`, a TCP handshake's in `PENDING`
-//! until the client's ACK confirms it (so SYN floods cannot evict
-//! established flows). Both go out through the next hop `bpf_fib_lookup` gives
+//! are recorded: a UDP flow's in `UDP_FLOWS`, a TCP handshake's in
+//! `PENDING` until the client's ACK confirms it and it moves to `FLOWS` (so
+//! neither SYN nor UDP floods can evict established TCP connections). Both go out through the next hop `bpf_fib_lookup` gives
 //! (`forward`). Before anything is created or rewritten, `checks` refuses
 //! what the stack would not forward either (another host's MAC, a bad IPv4
 //! header checksum, martian or spoofed sources of new flows). Everything else
@@ -86,7 +86,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     let mut create: Option<(u32, u32)> = None; // (vip id, VIP generation)
     // The VIP's `VIP_F_*` bits (its forwarding mode).
     let mut flags = 0;
-    // An established flow whose backend is gone: re-pinned in FLOWS directly.
+    // An established flow whose backend is gone: re-pinned in its flow table directly.
     let mut rehash = false;
     // The backend of a resolved hit, from this CPU's flow cache slot.
     let mut resolved: Option<&'static Backend> = None;
@@ -171,8 +171,8 @@ fn process(ctx: &XdpContext) -> Verdict {
         return icmp::time_exceeded(ctx, &pkt);
     }
     if let Some((vip_id, generation)) = create {
-        // TCP handshakes are admitted through PENDING; UDP and re-pinned
-        // established flows go to FLOWS as they always did.
+        // TCP handshakes are admitted through PENDING; UDP flows and
+        // re-pinned established ones go straight to their flow table.
         let dsr = flags & VIP_F_DSR != 0;
         let chosen = if pkt.key.proto == PROTO_TCP && !rehash {
             admit_tcp(&pkt, vip_id, generation, dsr, older)
@@ -303,7 +303,7 @@ use crate::maps::scratch;
 
 /// A UDP flow, or an established flow whose backend is gone: picks a
 /// backend from the VIP's Maglev ring and records both directions in the
-/// flow table. Returns the backend id; `DropNoBackend` if the VIP has no
+/// protocol's flow table. Returns the backend id; `DropNoBackend` if the VIP has no
 /// live backend, `DropReplyCollision` if the backend's replies could not be
 /// told apart from those of a live connection of another VIP,
 /// `DropRateLimited` for a new flow over its source prefix's limit.
@@ -324,20 +324,21 @@ fn new_flow(
     }
     let (backend_id, backend) = choose(vip_id, &pkt.key)?;
     let s = scratch()?;
+    let table = flows::table(pkt.key.proto);
     if dsr {
         // Replies bypass the balancer: only the client's direction is kept.
         client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
-        let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+        let _ = table.insert(&pkt.key, &s.flow, 0);
         flows::written(&pkt.key);
         return Ok(backend_id);
     }
     // The reply arrives with the backend as source; remember how to undo the NAT.
     reply_key(pkt, backend, &mut s.reply);
-    if reply_collides(&FLOWS, pkt, &s.reply, &mut s.other) {
+    if reply_collides(table, pkt, &s.reply, &mut s.other) {
         return Err(Reason::DropReplyCollision);
     }
     client_flow(pkt, vip_id, backend_id, generation, &mut s.flow);
-    let _ = FLOWS.insert(&pkt.key, &s.flow, 0);
+    let _ = table.insert(&pkt.key, &s.flow, 0);
     flows::written(&pkt.key);
     s.flow.direction = FLOW_TO_CLIENT;
     flows::insert_reply(&s.reply, &s.flow);

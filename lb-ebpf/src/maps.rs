@@ -9,7 +9,7 @@ use lb_common::{
     AddrKey, Backend, BackendHop, CLIENT_HOP_SLOTS, CachedFlow, ClientHop, DenyKeyV4, DenyKeyV6,
     EncapSource, FLOW_CACHE_SLOTS, FLOW_TABLE_SIZE, Flow, FlowKey, IF_MAC_SLOTS, IfMac,
     MAX_BACKENDS, MAX_DENY_PREFIXES, MAX_VIPS, PENDING_TABLE_SIZE, RATE_TABLE_SIZE, REASON_COUNT,
-    RateWindow, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
+    RateWindow, Reason, Ring, Settings, Traffic, UDP_FLOW_TABLE_SIZE, VipKey, VipMeta, VipState,
 };
 
 /// VIP (address, port, protocol) -> id and flags.
@@ -25,9 +25,14 @@ pub static RINGS: HashMap<u32, Ring> = HashMap::with_max_entries(MAX_VIPS, BPF_F
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// 5-tuple of either direction of a connection -> what to do with it.
+/// 5-tuple of either direction of a TCP connection -> what to do with it.
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(FLOW_TABLE_SIZE, 0);
+
+/// As `FLOWS`, for UDP flows: see `lb_common::MAP_UDP_FLOWS` for why apart.
+#[map]
+pub static UDP_FLOWS: LruHashMap<FlowKey, Flow> =
+    LruHashMap::with_max_entries(UDP_FLOW_TABLE_SIZE, 0);
 
 /// TCP flows whose handshake is not confirmed yet, both directions; see
 /// `lb_common::MAP_PENDING` for why they are kept apart from `FLOWS`.

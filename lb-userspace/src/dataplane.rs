@@ -18,10 +18,10 @@ use lb_common::{
     FAMILY_V6, FLOW_CACHE_SLOTS, FLOW_TO_BACKEND, Flow, FlowKey, IF_MAC_PROBES, IfMac,
     MAP_BACKEND_ADDRS, MAP_BACKEND_PATHS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6,
     MAP_ENCAP_SOURCES, MAP_FLOW_CACHE, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING, MAP_PROGS,
-    MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_VIP_STATE, MAP_VIP_STATS, MAP_VIPS,
-    MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB, PROG_LB_FULL, REASON_COUNT,
-    Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState, addr_from_bytes, addr_to_bytes,
-    if_mac_slot,
+    MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_UDP_FLOWS, MAP_VIP_STATE, MAP_VIP_STATS,
+    MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB, PROG_LB_FULL,
+    PROTO_UDP, REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
+    addr_from_bytes, addr_to_bytes, if_mac_slot,
 };
 use tracing::warn;
 
@@ -137,7 +137,10 @@ pub struct Dataplane {
     rings: HashMap<MapData, u32, Ring>,
     backends: Array<MapData, Backend>,
     vip_state: Array<MapData, VipState>,
+    /// TCP connections (`FLOWS`).
     flows: HashMap<MapData, FlowKey, Flow>,
+    /// UDP flows (`UDP_FLOWS`).
+    udp_flows: HashMap<MapData, FlowKey, Flow>,
     pending: HashMap<MapData, FlowKey, Flow>,
     settings: Array<MapData, Settings>,
     encap_sources: Array<MapData, EncapSource>,
@@ -247,6 +250,7 @@ impl Dataplane {
             backends: take(&mut bpf, MAP_BACKENDS)?,
             vip_state: take(&mut bpf, MAP_VIP_STATE)?,
             flows: take(&mut bpf, MAP_FLOWS)?,
+            udp_flows: take(&mut bpf, MAP_UDP_FLOWS)?,
             pending: take(&mut bpf, MAP_PENDING)?,
             settings: take(&mut bpf, MAP_SETTINGS)?,
             encap_sources: take(&mut bpf, MAP_ENCAP_SOURCES)?,
@@ -502,19 +506,37 @@ impl Dataplane {
         Ok(state)
     }
 
-    /// The FLOWS entry of one direction of a connection, if there is one.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
-        match self.flows.get(key, 0) {
-            Ok(f) => Ok(Some(f)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading FLOWS"),
+    /// The flow table of `proto`'s flows, with its name (as the data plane
+    /// picks it: `UDP_FLOWS` for UDP, `FLOWS` for the rest).
+    fn flow_table(&self, proto: u8) -> (&HashMap<MapData, FlowKey, Flow>, &'static str) {
+        if proto == PROTO_UDP {
+            (&self.udp_flows, MAP_UDP_FLOWS)
+        } else {
+            (&self.flows, MAP_FLOWS)
         }
     }
 
-    /// Writes the FLOWS entry of one direction (the data plane writes its
+    /// The flow entry of one direction of a connection, if there is one.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<Flow>> {
+        let (table, name) = self.flow_table(key.proto);
+        match table.get(key, 0) {
+            Ok(f) => Ok(Some(f)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {name}")),
+        }
+    }
+
+    /// Writes the flow entry of one direction (the data plane writes its
     /// own; tests age one with this).
     pub fn set_flow(&mut self, key: &FlowKey, flow: &Flow) -> Result<()> {
-        self.flows.insert(key, flow, 0).context("writing FLOWS")
+        let (table, name) = if key.proto == PROTO_UDP {
+            (&mut self.udp_flows, MAP_UDP_FLOWS)
+        } else {
+            (&mut self.flows, MAP_FLOWS)
+        };
+        table
+            .insert(key, flow, 0)
+            .with_context(|| format!("writing {name}"))
     }
 
     /// The PENDING entry (unconfirmed TCP handshake) of one direction, if any.
@@ -608,9 +630,9 @@ impl Dataplane {
         }
     }
 
-    /// Removes from FLOWS and PENDING both directions of every connection
+    /// Removes from the flow tables and PENDING both directions of every connection
     /// whose client is in `prefixes`; returns how many entries went. The
-    /// data plane checks the deny list only for packets that miss FLOWS (so
+    /// data plane checks the deny list only for packets that miss them (so
     /// established packets pay nothing for it); this makes a newly denied
     /// client's established connections miss too.
     pub fn remove_flows_from(&mut self, prefixes: &[IpPrefix]) -> Result<usize> {
@@ -619,7 +641,7 @@ impl Dataplane {
             prefixes.iter().any(|p| p.contains(ip))
         };
         let mut removed = 0;
-        for table in [&mut self.flows, &mut self.pending] {
+        for table in [&mut self.flows, &mut self.udp_flows, &mut self.pending] {
             let doomed: Vec<FlowKey> = table
                 .iter()
                 // An entry evicted while we iterate is simply skipped.
@@ -645,10 +667,11 @@ impl Dataplane {
         Ok(removed)
     }
 
-    /// Connections per backend id currently in the flow table (client direction).
+    /// Connections and UDP flows per backend id currently in the flow
+    /// tables (client direction).
     pub fn flow_counts(&self) -> Result<std::collections::HashMap<u32, u64>> {
         let mut counts = std::collections::HashMap::new();
-        for entry in self.flows.iter() {
+        for entry in self.flows.iter().chain(self.udp_flows.iter()) {
             // An entry evicted while we iterate is simply not counted.
             let Ok((_, flow)) = entry else { continue };
             if flow.direction == FLOW_TO_BACKEND {

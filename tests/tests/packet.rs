@@ -1015,60 +1015,112 @@ fn a_syn_gets_its_backend_from_the_table_whatever_an_older_entry_says() {
 #[test]
 fn a_syn_flood_larger_than_the_flow_table_evicts_no_established_flow() {
     with_fixture(|b, net| {
-        let established: Vec<(u16, usize)> = (20000..20064u16)
-            .map(|sport| (sport, handshake(b, net, CLIENT_V4, sport)))
-            .collect();
-
-        // More distinct spoofed SYNs than FLOWS has entries, each from its
-        // own /24 (so the per-prefix rate limit lets every one through),
-        // all to the VIP of the established flows.
+        let established = establish(b, net);
+        // More distinct spoofed SYNs than FLOWS has entries, all to the VIP
+        // of the established flows.
         let flood = lb_common::FLOW_TABLE_SIZE as usize + 75_712;
-        let limit = std::time::Duration::from_secs(300);
-        let start = std::time::Instant::now();
-        let mut forwarded = 0usize;
-        for n in 0..flood {
-            assert!(
-                start.elapsed() < limit,
-                "flood too slow: {n} SYNs in {limit:?}"
-            );
-            // 11.0.0.1, 11.0.1.1, ...: a new /24 each time (up to 20.x).
-            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(11, 0, 0, 1)) + ((n as u32) << 8));
-            let frame = Frame::tcp(src, VIP3_V4, CPORT, 80).syn().bytes();
-            let (action, _) = run_xdp(b, &frame, net.lbc).unwrap();
-            forwarded += usize::from(action == XDP_REDIRECT);
-        }
-        let took = start.elapsed();
-        eprintln!(
-            "{flood} spoofed SYNs in {took:?} ({:.2} us each)",
-            took.as_secs_f64() * 1e6 / flood as f64
-        );
+        let forwarded = spoofed_flood(b, net, flood, |src| {
+            Frame::tcp(src, VIP3_V4, CPORT, 80).syn().bytes()
+        });
         assert_eq!(
             forwarded, flood,
             "every SYN is forwarded (only never confirmed)"
         );
-
-        // Every established flow is still in FLOWS, both directions, pinned
-        // where it was, and its next packet hits it.
-        for &(sport, i) in &established {
-            let key = key4(CLIENT_V4, sport, VIP3_V4);
-            let flow = b.dataplane().flow(&key).unwrap();
-            assert!(flow.is_some(), "flow from port {sport} was evicted");
-            let reply = b
-                .dataplane()
-                .flow(&reply_key4(CLIENT_V4, sport, i))
-                .unwrap();
-            assert!(reply.is_some(), "reply entry of port {sport} was evicted");
-            let data = acked(CLIENT_V4, VIP3_V4, sport, 80).bytes();
-            let (action, out) = run_xdp(b, &data, net.lbc).unwrap();
-            assert_eq!(
-                (action, backend_of(&out)),
-                (XDP_REDIRECT, i),
-                "port {sport}"
-            );
-        }
-        // And a new connection still gets through, both ways.
-        handshake(b, net, CLIENT_V4, 30000);
+        assert_established_kept(b, net, &established);
     });
+}
+
+#[test]
+fn a_udp_flood_larger_than_the_flow_table_evicts_no_established_tcp_flow() {
+    with_fixture(|b, net| {
+        let established = establish(b, net);
+        // Each spoofed UDP flow would take two FLOWS entries (one per
+        // direction): this many would push every older one out of it.
+        let flood = lb_common::FLOW_TABLE_SIZE as usize / 2 + 75_712;
+        let forwarded = spoofed_flood(b, net, flood, |src| {
+            Frame::udp(src, VIP_V4, CPORT, 53).bytes()
+        });
+        assert_eq!(forwarded, flood, "every UDP packet is forwarded");
+        assert_established_kept(b, net, &established);
+        // The UDP flows themselves are kept in their own table: the latest
+        // is there, and UDP still works.
+        let last = flood_source(flood - 1);
+        let key = FlowKey {
+            proto: 17,
+            dport: 53,
+            ..key4(last, CPORT, VIP_V4)
+        };
+        assert!(
+            b.dataplane().flow(&key).unwrap().is_some(),
+            "latest UDP flow"
+        );
+        let udp = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).bytes();
+        assert_eq!(run_xdp(b, &udp, net.lbc).unwrap().0, XDP_REDIRECT);
+    });
+}
+
+/// 64 TCP connections to VIP3, each through its handshake: (port, backend).
+fn establish(b: &mut Balancer, net: &TestRunNet) -> Vec<(u16, usize)> {
+    (20000..20064u16)
+        .map(|sport| (sport, handshake(b, net, CLIENT_V4, sport)))
+        .collect()
+}
+
+/// The source of a flood's `n`th packet: 11.0.0.1, 11.0.1.1, ...: a /24 of
+/// its own each, so the per-prefix rate limit lets every one through.
+fn flood_source(n: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(11, 0, 0, 1)) + ((n as u32) << 8))
+}
+
+/// Runs `count` frames made by `frame` (from `flood_source(n)`) through the
+/// program, within five minutes; returns how many were forwarded.
+fn spoofed_flood(
+    b: &mut Balancer,
+    net: &TestRunNet,
+    count: usize,
+    frame: impl Fn(Ipv4Addr) -> Vec<u8>,
+) -> usize {
+    let limit = std::time::Duration::from_secs(300);
+    let start = std::time::Instant::now();
+    let mut forwarded = 0usize;
+    for n in 0..count {
+        assert!(
+            start.elapsed() < limit,
+            "flood too slow: {n} packets in {limit:?}"
+        );
+        let (action, _) = run_xdp(b, &frame(flood_source(n)), net.lbc).unwrap();
+        forwarded += usize::from(action == XDP_REDIRECT);
+    }
+    let took = start.elapsed();
+    eprintln!(
+        "{count} spoofed packets in {took:?} ({:.2} us each)",
+        took.as_secs_f64() * 1e6 / count as f64
+    );
+    forwarded
+}
+
+/// Every `established` flow is still in FLOWS, both directions, pinned
+/// where it was, its next packet hits it, and a new connection still gets
+/// through both ways.
+fn assert_established_kept(b: &mut Balancer, net: &TestRunNet, established: &[(u16, usize)]) {
+    for &(sport, i) in established {
+        let key = key4(CLIENT_V4, sport, VIP3_V4);
+        let flow = b.dataplane().flow(&key).unwrap();
+        assert!(flow.is_some(), "flow from port {sport} was evicted");
+        let reply = b
+            .dataplane()
+            .flow(&reply_key4(CLIENT_V4, sport, i))
+            .unwrap();
+        assert!(reply.is_some(), "reply entry of port {sport} was evicted");
+        let data = acked(CLIENT_V4, VIP3_V4, sport, 80).bytes();
+        let (action, out) = run_xdp(b, &data, net.lbc).unwrap();
+        assert_eq!(
+            (action, backend_of(&out)),
+            (XDP_REDIRECT, i),
+            "port {sport}"
+        );
+    }
+    handshake(b, net, CLIENT_V4, 30000);
 }
 
 /// The fixture's "three" and L7 services, plus `extra` top-level lines.
