@@ -565,11 +565,19 @@ pub fn stats_table(list: &[ReasonCount]) -> String {
     )
 }
 
+/// A counter's cell: its value, or "-" where it does not apply to the row.
+fn counter_cell(applies: bool, n: u64) -> String {
+    if applies { n.to_string() } else { "-".into() }
+}
+
 /// `lb show proxy` as text: one line per frontend, pool and pool server.
+/// Denials count at frontends only, connect errors at pools and servers
+/// only: the others show "-", as the stats page leaves them out.
 pub fn proxy_table(info: &ProxyInfo) -> String {
     use Align::*;
     let row = |kind: &str, name: String, cur: usize, c: &lb_proxy::stats::CounterSnapshot| {
         let [_, ok, redirect, client, server, _] = c.responses;
+        let frontend = kind == "frontend";
         vec![
             kind.to_string(),
             name,
@@ -579,8 +587,9 @@ pub fn proxy_table(info: &ProxyInfo) -> String {
             redirect.to_string(),
             client.to_string(),
             server.to_string(),
-            c.denied.to_string(),
-            c.connect_errors.to_string(),
+            counter_cell(frontend, c.denied),
+            counter_cell(frontend, c.denied_connections),
+            counter_cell(!frontend, c.connect_errors),
             c.bytes_out.to_string(),
         ]
     };
@@ -611,7 +620,8 @@ pub fn proxy_table(info: &ProxyInfo) -> String {
             ("3XX", Right),
             ("4XX", Right),
             ("5XX", Right),
-            ("DENIED", Right),
+            ("DENIED_REQ", Right),
+            ("DENIED_CONN", Right),
             ("CONN_ERR", Right),
             ("BYTES_OUT", Right),
         ],
@@ -1025,6 +1035,59 @@ pass_not_vip    12345      0
         assert_eq!(
             services_table(&[]),
             "NAME  VIP  PROTO  MODE  FORWARDING  BACKENDS  PACKETS  BYTES  DISCOVERY\n"
+        );
+    }
+
+    #[test]
+    fn proxy_table_shows_denials_at_frontends_and_errors_at_pools() {
+        use lb_proxy::stats::CounterSnapshot;
+        let counters = |requests, denied, denied_connections, connect_errors| CounterSnapshot {
+            requests,
+            responses: [0, requests - denied, 0, denied, 0, 0],
+            denied,
+            denied_connections,
+            connect_errors,
+            bytes_out: requests * 100,
+            ..CounterSnapshot::default()
+        };
+        let server = |address, current, counters| lb_proxy::ServerStats {
+            address: addr(address),
+            current,
+            idle_connections: 0,
+            weight: 1,
+            up: true,
+            counters,
+        };
+        let info = ProxyInfo {
+            frontends: vec![lb_proxy::FrontendStats {
+                name: "web".into(),
+                current_connections: 3,
+                max_connections: 1000,
+                counters: counters(120, 4, 37, 0),
+            }],
+            pools: vec![lb_proxy::PoolStats {
+                name: "app".into(),
+                queued: 0,
+                servers: vec![
+                    server("198.18.2.11:8080", 1, counters(70, 0, 0, 2)),
+                    server("198.18.2.12:8080", 0, counters(46, 0, 0, 0)),
+                ],
+                counters: counters(116, 0, 0, 2),
+            }],
+        };
+        assert_eq!(
+            proxy_table(&info),
+            "\
+KIND      NAME                  CUR  REQUESTS  2XX  3XX  4XX  5XX  DENIED_REQ  DENIED_CONN  CONN_ERR  BYTES_OUT
+frontend  web                     3       120  116    0    4    0           4           37         -      12000
+pool      app                     1       116  116    0    0    0           -            -         2      11600
+server    app/198.18.2.11:8080    1        70   70    0    0    0           -            -         2       7000
+server    app/198.18.2.12:8080    0        46   46    0    0    0           -            -         0       4600
+"
+        );
+        assert_eq!(
+            proxy_table(&ProxyInfo::default()),
+            "KIND  NAME  CUR  REQUESTS  2XX  3XX  4XX  5XX  DENIED_REQ  DENIED_CONN  CONN_ERR  BYTES_OUT\n"
         );
     }
 
