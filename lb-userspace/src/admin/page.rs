@@ -10,7 +10,7 @@ use http::StatusCode;
 
 use super::api::percent_decode;
 use super::{Admin, Answer, redirect, with_type};
-use crate::control::{AdminState, BackendInfo, Health, ProxyInfo, Request, Response, ServiceInfo};
+use crate::control::{AdminState, BackendInfo, ProxyInfo, Request, Response, ServiceInfo};
 
 /// Seconds between reloads unless `?refresh=N` says otherwise (0: never).
 const DEFAULT_REFRESH: u64 = 5;
@@ -101,23 +101,7 @@ pub(super) async fn render(admin: &Admin, query: Option<&str>) -> Answer {
 
 /// Class names of a row: its admin state and its health.
 fn state_class(b: &BackendInfo) -> String {
-    format!("{} {}", admin_name(b.admin), health_name(b.health))
-}
-
-fn admin_name(a: AdminState) -> &'static str {
-    match a {
-        AdminState::Ready => "ready",
-        AdminState::Drain => "drain",
-        AdminState::Maint => "maint",
-    }
-}
-
-fn health_name(h: Health) -> &'static str {
-    match h {
-        Health::Up => "up",
-        Health::Down => "down",
-        Health::Unchecked => "unchecked",
-    }
+    format!("{} {}", b.admin, b.health)
 }
 
 /// The drain/enable/disable/weight form of one backend.
@@ -143,8 +127,8 @@ fn backend_cells(b: &BackendInfo) -> String {
         "<td class=\"name\">{}</td><td class=\"state\">{}</td><td class=\"health\">{}</td>\
          <td>{}</td><td class=\"weight\">{}</td>",
         b.address,
-        admin_name(b.admin),
-        health_name(b.health),
+        b.admin.as_str(),
+        b.health.as_str(),
         escape(b.last_check.as_deref().unwrap_or("-")),
         b.weight
     )

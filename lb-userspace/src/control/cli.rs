@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use super::client;
 use super::protocol::{
-    AdminState, BackendInfo, BgpInfo, DEFAULT_SOCKET, DiscoveryInfo, DiscoveryState, Health,
-    ProxyInfo, ReasonCount, Request, Response, ServiceInfo,
+    AdminState, BackendInfo, BgpInfo, DEFAULT_SOCKET, DiscoveryInfo, DiscoveryState, ProxyInfo,
+    ReasonCount, Request, Response, ServiceInfo,
 };
 use crate::config::{Forwarding, Mode, Protocol};
 
@@ -373,22 +373,6 @@ fn mode_name(m: Mode) -> &'static str {
     }
 }
 
-fn admin_name(a: AdminState) -> &'static str {
-    match a {
-        AdminState::Ready => "ready",
-        AdminState::Drain => "drain",
-        AdminState::Maint => "maint",
-    }
-}
-
-fn health_name(h: Health) -> &'static str {
-    match h {
-        Health::Unchecked => "unchecked",
-        Health::Up => "up",
-        Health::Down => "down",
-    }
-}
-
 /// Column alignment.
 #[derive(Clone, Copy)]
 enum Align {
@@ -522,8 +506,8 @@ pub fn backends_table(list: &[BackendInfo]) -> String {
                 b.service.clone(),
                 b.address.to_string(),
                 b.weight.to_string(),
-                admin_name(b.admin).into(),
-                health_name(b.health).into(),
+                b.admin.as_str().into(),
+                b.health.as_str().into(),
                 b.last_check.clone().unwrap_or_else(|| "-".into()),
                 b.active_flows.to_string(),
                 match b.max_flows {
@@ -742,6 +726,7 @@ mod tests {
     use clap::{CommandFactory, Parser};
 
     use super::*;
+    use crate::control::Health;
 
     #[derive(Debug, Parser)]
     #[command(name = "lb")]

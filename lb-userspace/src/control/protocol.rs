@@ -126,6 +126,23 @@ pub enum AdminState {
     Maint,
 }
 
+impl AdminState {
+    /// Its name, as `lb`, the stats page, the metrics and serde spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+}
+
+impl std::fmt::Display for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Result of health checking a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -137,6 +154,23 @@ pub enum Health {
     Up,
     /// Failed `fall` times in a row.
     Down,
+}
+
+impl Health {
+    /// Its name, as `lb`, the stats page, the metrics and serde spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unchecked => "unchecked",
+            Health::Up => "up",
+            Health::Down => "down",
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The agent's answer.
@@ -286,4 +320,21 @@ pub struct ReasonCount {
     pub packets: u64,
     /// Bytes.
     pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_those_serde_uses() {
+        for a in [AdminState::Ready, AdminState::Drain, AdminState::Maint] {
+            assert_eq!(serde_json::to_value(a).unwrap(), a.as_str());
+            assert_eq!(a.to_string(), a.as_str());
+        }
+        for h in [Health::Unchecked, Health::Up, Health::Down] {
+            assert_eq!(serde_json::to_value(h).unwrap(), h.as_str());
+            assert_eq!(h.to_string(), h.as_str());
+        }
+    }
 }

@@ -6,17 +6,9 @@ use std::collections::BTreeMap;
 use super::{Exposition, Kind};
 use crate::control::{AdminState, BackendInfo, Health};
 
-const HEALTHS: [(Health, &str); 3] = [
-    (Health::Up, "up"),
-    (Health::Down, "down"),
-    (Health::Unchecked, "unchecked"),
-];
+const HEALTHS: [Health; 3] = [Health::Up, Health::Down, Health::Unchecked];
 
-const ADMIN: [(AdminState, &str); 3] = [
-    (AdminState::Ready, "ready"),
-    (AdminState::Drain, "drain"),
-    (AdminState::Maint, "maint"),
-];
+const ADMIN: [AdminState; 3] = [AdminState::Ready, AdminState::Drain, AdminState::Maint];
 
 /// Labels of a backend: `service,backend` for L4, `pool,server` for pool
 /// servers (listed as `pool:NAME`); and the family prefix that goes with them.
@@ -67,7 +59,7 @@ pub fn backends(out: &mut Exposition, backends: &[BackendInfo]) {
         |b, l| {
             HEALTHS
                 .iter()
-                .map(|(h, name)| (format!("{l},state=\"{name}\""), u64::from(b.health == *h)))
+                .map(|&h| (format!("{l},state=\"{h}\""), u64::from(b.health == h)))
                 .collect()
         },
     );
@@ -79,7 +71,7 @@ pub fn backends(out: &mut Exposition, backends: &[BackendInfo]) {
         |b, l| {
             ADMIN
                 .iter()
-                .map(|(a, name)| (format!("{l},state=\"{name}\""), u64::from(b.admin == *a)))
+                .map(|&a| (format!("{l},state=\"{a}\""), u64::from(b.admin == a)))
                 .collect()
         },
     );
