@@ -57,6 +57,19 @@ impl AcceptErrors {
         }
         tokio::time::sleep(ACCEPT_BACKOFF).await;
     }
+
+    /// What `accept` (a listener's accept) gives next, pausing through its failures.
+    pub async fn accept<T, F>(&mut self, mut accept: impl FnMut() -> F) -> T
+    where
+        F: Future<Output = io::Result<T>>,
+    {
+        loop {
+            match accept().await {
+                Ok(x) => return x,
+                Err(e) => self.pause(&e).await,
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -76,5 +89,28 @@ mod tests {
         assert_eq!(errors.record(t0 + LOG_EVERY + ACCEPT_BACKOFF), None);
         // After a quiet spell, the next failure is logged at once.
         assert_eq!(errors.record(t0 + LOG_EVERY * 5), Some(2));
+    }
+
+    #[tokio::test]
+    async fn accept_pauses_through_failures_to_the_next_connection() {
+        let mut errors = AcceptErrors::new("test");
+        let mut failures = 2;
+        let start = Instant::now();
+        let got = errors
+            .accept(|| {
+                failures -= 1;
+                let failed = failures >= 0;
+                async move {
+                    if failed {
+                        Err(io::Error::from(io::ErrorKind::OutOfMemory))
+                    } else {
+                        Ok(7)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(got, 7);
+        assert!(start.elapsed() >= ACCEPT_BACKOFF * 2);
+        assert_eq!(errors.unlogged, 1, "the second failure waits for its line");
     }
 }

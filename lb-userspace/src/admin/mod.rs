@@ -159,13 +159,7 @@ async fn serve_with(
 ) -> Result<()> {
     let mut errors = lb_proxy::accept_errors::AcceptErrors::new("admin listener");
     loop {
-        let (sock, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                errors.pause(&e).await;
-                continue;
-            }
-        };
+        let (sock, peer) = errors.accept(|| listener.accept()).await;
         let admin = Arc::clone(&admin);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {

@@ -98,19 +98,13 @@ pub async fn serve_listener(
 ) -> anyhow::Result<()> {
     let mut errors = lb_proxy::accept_errors::AcceptErrors::new("control socket");
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let handler = Arc::clone(&handler);
-                tokio::spawn(async move {
-                    debug!("control connection opened");
-                    connection(stream, handler).await;
-                    debug!("control connection closed");
-                });
-            }
-            Err(e) => {
-                errors.pause(&e).await;
-            }
-        }
+        let (stream, _) = errors.accept(|| listener.accept()).await;
+        let handler = Arc::clone(&handler);
+        tokio::spawn(async move {
+            debug!("control connection opened");
+            connection(stream, handler).await;
+            debug!("control connection closed");
+        });
     }
 }
 

@@ -307,13 +307,7 @@ async fn serve_with(
 ) -> Result<()> {
     let mut errors = lb_proxy::accept_errors::AcceptErrors::new("metrics endpoint");
     loop {
-        let (sock, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                errors.pause(&e).await;
-                continue;
-            }
-        };
+        let (sock, peer) = errors.accept(|| listener.accept()).await;
         tokio::spawn(answer(sock, peer, source.clone(), write_timeout));
     }
 }
