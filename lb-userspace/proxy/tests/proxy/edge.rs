@@ -9,54 +9,40 @@ use std::time::Duration;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::support::{local_frontend, start_proxy};
+use crate::backends::{
+    WS_ACCEPT, WS_KEY, WS_UPGRADE, http1_server, read_head, serve_http1, server, ws_switching,
+};
+use crate::support::{local_frontend, one_server_pool, read_until_closed, start_proxy};
 use lb_proxy::*;
 
 /// A backend that counts the requests it receives and answers with their body
 /// and `X-Forwarded-For`.
 async fn counting_backend() -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let count = Arc::new(AtomicUsize::new(0));
     let seen = count.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        let xff = req
-                            .headers()
-                            .get("x-forwarded-for")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_string();
-                        let body = req.into_body().collect().await?.to_bytes();
-                        Ok::<_, hyper::Error>(
-                            hyper::Response::builder()
-                                .header("x-xff", xff)
-                                .body(Full::new(body))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    let addr = http1_server(move |req: Request<Incoming>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let xff = req
+                .headers()
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = req.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>(
+                hyper::Response::builder()
+                    .header("x-xff", xff)
+                    .body(Full::new(body))
+                    .unwrap(),
+            )
         }
-    });
+    })
+    .await;
     (addr, count)
-}
-
-fn one_server_pool(addr: SocketAddr) -> Pool {
-    Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(addr)])
 }
 
 /// Writes `bytes`, then reads until the proxy closes the connection (5 s at most).
@@ -202,11 +188,7 @@ async fn valid_framings_still_work() {
         tokio::time::sleep(Duration::from_millis(5)).await;
         s.write_all(&[*b]).await.unwrap();
     }
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
+    let out = read_until_closed(&mut s).await;
     assert!(
         out.starts_with("HTTP/1.1 200") && out.ends_with("slow"),
         "{out}"
@@ -214,23 +196,6 @@ async fn valid_framings_still_work() {
 }
 
 // --- WebSocket tunnels --------------------------------------------------------
-
-/// Reads up to the end of an HTTP head (`\r\n\r\n`), byte by byte.
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        if s.read(&mut b).await.unwrap() == 0 {
-            break;
-        }
-        head.push(b[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
-/// The key of RFC 6455 1.3's example handshake, and its accept value.
-const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
 /// A WebSocket request head for `/chat` with `extra` lines, Connection: Upgrade.
 fn ws_request(extra: &str) -> String {
@@ -242,34 +207,21 @@ fn ws_request(extra: &str) -> String {
 /// A WebSocket-ish backend: answers an `Upgrade: websocket` request with 101
 /// carrying `accept` as Sec-WebSocket-Accept (none if empty), then echoes bytes.
 async fn ws_echo_backend(accept: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let head = read_head(&mut s).await.to_ascii_lowercase();
-                if !head.contains("upgrade: websocket") || !head.contains("connection: upgrade") {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
-                        .await;
-                    return;
-                }
-                let accept = match accept {
-                    "" => String::new(),
-                    a => format!("Sec-WebSocket-Accept: {a}\r\n"),
-                };
-                let answer = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{accept}\r\n"
-                );
-                if s.write_all(answer.as_bytes()).await.is_err() {
-                    return;
-                }
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
+    server(move |mut s| async move {
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        if !head.contains("upgrade: websocket") || !head.contains("connection: upgrade") {
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            return;
         }
-    });
-    addr
+        if s.write_all(ws_switching(accept).as_bytes()).await.is_err() {
+            return;
+        }
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
 }
 
 #[tokio::test]
@@ -282,8 +234,7 @@ async fn websocket_upgrade_is_tunnelled_until_idle() {
     pool.timeout_tunnel = Some(Duration::from_millis(600));
     let proxy = start_proxy(fe, pool).await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    let key = format!("Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n");
-    s.write_all(ws_request(&key).as_bytes()).await.unwrap();
+    s.write_all(WS_UPGRADE).await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
@@ -336,11 +287,10 @@ async fn websocket_handshakes_are_checked_both_ways() {
     }
     assert_eq!(count.load(Ordering::SeqCst), 0);
     // A 101 whose Sec-WebSocket-Accept is missing or wrong: 502, no tunnel.
-    let good = format!("Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n");
     for accept in ["", "AAAAAAAAAAAAAAAAAAAAAAAAAAA="] {
         let backend = ws_echo_backend(accept).await;
         let proxy = start_proxy(local_frontend(), one_server_pool(backend)).await;
-        let out = raw_exchange(proxy.local_addrs()[0], ws_request(&good).as_bytes()).await;
+        let out = raw_exchange(proxy.local_addrs()[0], WS_UPGRADE).await;
         assert!(out.starts_with("HTTP/1.1 502"), "{accept:?}: {out}");
     }
 }
@@ -389,30 +339,22 @@ async fn accept_proxy_v1_and_v2_set_the_client_address() {
 
 /// A backend that reads a PROXY header on each connection and answers with its source address.
 async fn proxy_protocol_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let src = match proxy_protocol::read_header(&mut stream).await {
-                    Ok(Some((src, _))) => src.to_string(),
-                    other => format!("{other:?}"),
-                };
-                let svc = service_fn(move |_req: Request<Incoming>| {
-                    let src = src.clone();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            bytes::Bytes::from(src),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
+    server(|mut stream| async move {
+        let src = match proxy_protocol::read_header(&mut stream).await {
+            Ok(Some((src, _))) => src.to_string(),
+            other => format!("{other:?}"),
+        };
+        serve_http1(stream, move |_req: Request<Incoming>| {
+            let src = src.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                    bytes::Bytes::from(src),
+                )))
+            }
+        })
+        .await;
+    })
+    .await
 }
 
 #[tokio::test]
@@ -428,8 +370,7 @@ async fn send_proxy_v1_and_v2_carry_the_real_client() {
             s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                 .await
                 .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
+            let out = read_until_closed(&mut s).await;
             assert!(out.starts_with("HTTP/1.1 200"), "{v:?}: {out}");
             assert!(out.ends_with(&format!("\r\n\r\n{me}")), "{v:?}: {out}");
         }

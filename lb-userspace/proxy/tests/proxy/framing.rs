@@ -5,55 +5,24 @@
 //! Content-Length only, so anything smuggled shows up as an extra head.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::h1::scripted_server;
-use crate::support::{idle, local_frontend, start_proxy, two_pool_config};
+use crate::backends::{Seen, counting_server, http1_server, scripted_server, server_answering};
+use crate::support::{
+    h2_handshake, hyper_path_proxy, idle, local_frontend, one_server_pool, proxy_to, reset_streams,
+    start_proxy, two_pool_config,
+};
 use lb_proxy::*;
-
-/// Heads the scripted server received.
-type Seen = Arc<Mutex<Vec<String>>>;
-
-/// A server answering every request with `answer`, and what it received.
-async fn server_answering(answer: &'static str) -> (SocketAddr, Seen) {
-    scripted_server(Arc::new(move |_, _, _| (answer.as_bytes().to_vec(), false))).await
-}
 
 /// One proxy per HTTP/1 path in front of `server`: ("ours", ..), ("hyper", ..).
 async fn both_paths(server: SocketAddr) -> [(&'static str, Proxy); 2] {
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    let ours = start_proxy(local_frontend(), pool).await;
-    // A use_pool rule that never matches, to an h2 pool, puts the frontend on hyper's path.
-    let text = format!(
-        r#"
-[[frontend]]
-name = "web"
-binds = ["127.0.0.1:0"]
-default_pool = "app"
-[[frontend.acl]]
-name = "never"
-header_present = "x-never-sent"
-[[frontend.use_pool]]
-pool = "h2"
-if = "never"
-
-[[pool]]
-name = "app"
-servers = [{{ address = "{server}" }}]
-
-[[pool]]
-name = "h2"
-h2 = true
-servers = [{{ address = "127.0.0.1:9" }}]
-"#
-    );
-    let cfg: ProxyConfig = toml::from_str(&text).unwrap();
-    let hyper = Proxy::start(cfg, None).await.unwrap();
+    let ours = proxy_to(server).await;
+    let hyper = hyper_path_proxy(server, |_| {}, |_| {}).await;
     [("ours", ours), ("hyper", hyper)]
 }
 
@@ -172,12 +141,7 @@ async fn a_body_broken_before_any_byte_left_is_a_502() {
     ] {
         let server =
             scripted_server(Arc::new(move |_, _, _| (answer.as_bytes().to_vec(), true))).await;
-        let pool = Pool::new(
-            "app",
-            Algorithm::RoundRobin,
-            vec![ServerSpec::new(server.0)],
-        );
-        let proxy = start_proxy(local_frontend(), pool).await;
+        let proxy = proxy_to(server.0).await;
         let mut got = Vec::new();
         for _ in 0..5 {
             got.push(exchange(proxy.local_addrs()[0], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await);
@@ -308,36 +272,28 @@ if = "admin"
 async fn a_server_connection_with_an_unsent_body_is_not_reused() {
     // The first connection answers at once, then reads nothing more for a
     // while; later ones answer "second" to each request.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let nth = count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                if nth == 0 {
-                    let _ = s.read(&mut buf).await;
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
-                        .await;
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    return;
-                }
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0
-                        || s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
-                            .await
-                            .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+    let (server, accepted) = counting_server(|mut s, nth| async move {
+        let mut buf = vec![0u8; 65536];
+        if nth == 0 {
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            return;
         }
-    });
-    let mut pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0
+                || s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let mut pool = one_server_pool(server);
     pool.timeout_server = Duration::from_millis(300);
     let proxy = start_proxy(local_frontend(), pool).await;
     let front = proxy.local_addrs()[0];
@@ -370,48 +326,32 @@ async fn a_server_connection_with_an_unsent_body_is_not_reused() {
 async fn http2_requests_keep_their_bodies_and_join_their_cookies() {
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     // An HTTP/1.1 server echoing the body, and the cookie lines joined by `|`.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
-                    let cookies: Vec<_> = req
-                        .headers()
-                        .get_all("cookie")
-                        .iter()
-                        .map(|v| v.to_str().unwrap_or("?").to_string())
-                        .collect();
-                    let framing = format!(
-                        "cl={:?} te={:?}",
-                        req.headers().get("content-length"),
-                        req.headers().get("transfer-encoding")
-                    );
-                    let body = req.into_body().collect().await?.to_bytes();
-                    Ok::<_, hyper::Error>(
-                        http::Response::builder()
-                            .header("x-cookies", cookies.join("|"))
-                            .header("x-framing", framing)
-                            .body(Full::new(body))
-                            .unwrap(),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    let proxy = start_proxy(local_frontend(), pool).await;
+    let server = http1_server(|req: http::Request<Incoming>| async move {
+        let cookies: Vec<_> = req
+            .headers()
+            .get_all("cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap_or("?").to_string())
+            .collect();
+        let framing = format!(
+            "cl={:?} te={:?}",
+            req.headers().get("content-length"),
+            req.headers().get("transfer-encoding")
+        );
+        let body = req.into_body().collect().await?.to_bytes();
+        Ok::<_, hyper::Error>(
+            http::Response::builder()
+                .header("x-cookies", cookies.join("|"))
+                .header("x-framing", framing)
+                .body(Full::new(body))
+                .unwrap(),
+        )
+    })
+    .await;
+    let proxy = proxy_to(server).await;
     let tcp = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut send, _conn) = h2_handshake(tcp).await;
     // Two DATA frames and no content-length: a body of unknown length. When
     // it has all arrived by the time it is forwarded it goes with a length;
     // when its second frame comes later, chunked. No byte is lost either way.
@@ -472,51 +412,23 @@ impl hyper::body::Body for Frames {
 
 #[tokio::test]
 async fn http2_streams_reset_after_sending_do_not_cost_server_connections() {
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     // A server that answers each request after 100 ms, counting its connections.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
-                        bytes::Bytes::from_static(b"slow"),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    let proxy = start_proxy(local_frontend(), pool).await;
+    let (server, accepted) = counting_server(|s, _| {
+        crate::backends::serve_http1(s, |_req| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                bytes::Bytes::from_static(b"slow"),
+            )))
+        })
+    })
+    .await;
+    let proxy = proxy_to(server).await;
     let front = proxy.local_addrs()[0];
-    let tcp = TcpStream::connect(front).await.unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (send, _conn) = h2_handshake(TcpStream::connect(front).await.unwrap()).await;
     // 60 streams, each reset 20 ms after it was sent (while its server works
     // on it): at most five are in flight at the server at once.
     let resets = 60;
-    for _ in 0..resets {
-        let mut send = send.clone();
-        let req = http::Request::get(format!("http://{front}/"))
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let pending = tokio::spawn(async move { send.send_request(req).await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        // Dropping the response future resets the stream (RST_STREAM CANCEL).
-        pending.abort();
-    }
+    reset_streams(&send, front, resets, Duration::from_millis(20)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let opened = accepted.load(Ordering::SeqCst);
     assert!(

@@ -2,82 +2,23 @@
 //! the framings and interim answers hyper used to deal with for us.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::support::{local_frontend, start_proxy};
+use crate::backends::{Seen, read_head, scripted_server, server};
+use crate::support::{dead_addr, exchange_until_closed, proxy_to, read_until_closed};
 use lb_proxy::*;
 
-/// What a scripted server answers to one request: given the request's place
-/// on its connection (0 for the first), its head and body as received, the
-/// bytes to send and whether to close after them.
-pub(super) type Script = dyn Fn(usize, &str, &[u8]) -> (Vec<u8>, bool) + Send + Sync;
-
-/// A raw HTTP/1.1 server: reads each request head and its Content-Length
-/// body, writes what `script` returns, and closes when it says so. Every
-/// request it receives is recorded.
-pub(super) async fn scripted_server(script: Arc<Script>) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let (script, log) = (script.clone(), log.clone());
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                for n in 0.. {
-                    let end = loop {
-                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                            break i + 4;
-                        }
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    buf.drain(..end);
-                    let length = head
-                        .lines()
-                        .filter_map(|l| l.split_once(':'))
-                        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    while buf.len() < length {
-                        let mut chunk = [0u8; 4096];
-                        match s.read(&mut chunk).await {
-                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-                            _ => return,
-                        }
-                    }
-                    let body: Vec<u8> = buf.drain(..length).collect();
-                    log.lock().unwrap().push(head.clone());
-                    let (answer, close) = script(n, &head, &body);
-                    if s.write_all(&answer).await.is_err() || close {
-                        let _ = s.shutdown().await;
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 /// A proxy in front of a server that always answers `answer` (and closes after it when `close`).
-async fn proxy_answering(answer: &'static str, close: bool) -> (Proxy, Arc<Mutex<Vec<String>>>) {
+async fn proxy_answering(answer: &'static str, close: bool) -> (Proxy, Seen) {
     let (server, seen) =
         scripted_server(Arc::new(move |_, _, _| (answer.as_bytes().to_vec(), close))).await;
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    (start_proxy(local_frontend(), pool).await, seen)
+    (proxy_to(server).await, seen)
 }
 
-/// Sends `request` and reads until the proxy closes the connection (5 s at most).
 /// Sends a POST with a body of `len` bytes of `x` from a task; the read half
 /// stays with the caller, to read the answer while the body goes.
 async fn post_x_body(
@@ -99,15 +40,9 @@ async fn post_x_body(
     (r, writer)
 }
 
+/// Sends `request` and reads until the proxy closes the connection (5 s at most).
 async fn until_closed(front: SocketAddr, request: &str) -> String {
-    let mut s = TcpStream::connect(front).await.unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("the proxy did not close the connection")
-        .unwrap();
-    String::from_utf8_lossy(&out).into_owned()
+    exchange_until_closed(front, request.as_bytes()).await
 }
 
 const CHUNKED: &str =
@@ -164,8 +99,7 @@ async fn interim_answers_are_skipped_and_head_answers_have_no_body() {
         (answer.as_bytes().to_vec(), false)
     }))
     .await;
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    let proxy = start_proxy(local_frontend(), pool).await;
+    let proxy = proxy_to(server).await;
     // HEAD, then GET on the same connection: the HEAD answer's Content-Length announces no body.
     let out = until_closed(
         proxy.local_addrs()[0],
@@ -192,8 +126,7 @@ async fn expect_100_continue_is_answered_before_the_body() {
         (answer, false)
     }))
     .await;
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    let proxy = start_proxy(local_frontend(), pool).await;
+    let proxy = proxy_to(server).await;
     let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
     s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
         .await
@@ -205,11 +138,7 @@ async fn expect_100_continue_is_answered_before_the_body() {
         .unwrap();
     assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
     s.write_all(b"hello").await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
+    let out = read_until_closed(&mut s).await;
     assert!(
         out.starts_with("HTTP/1.1 200") && out.ends_with("hello"),
         "{out}"
@@ -223,8 +152,7 @@ async fn request_head_reaches_the_server_as_http11_with_forwarded_headers() {
         (b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), false)
     }))
     .await;
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    let proxy = start_proxy(local_frontend(), pool).await;
+    let proxy = proxy_to(server).await;
     let out = until_closed(
         proxy.local_addrs()[0],
         "GET /a?b=1 HTTP/1.0\r\nHost: x\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nX-Kept: 2\r\n\r\n\
@@ -260,8 +188,7 @@ async fn request_on_a_kept_connection_the_server_drops_is_sent_again() {
         _ => (Vec::new(), true),
     }))
     .await;
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    let proxy = start_proxy(local_frontend(), pool).await;
+    let proxy = proxy_to(server).await;
     let front = proxy.local_addrs()[0];
     let first = until_closed(
         front,
@@ -291,21 +218,10 @@ async fn answer_given_before_reading_a_body_still_reaches_the_client() {
     // its body gets the whole answer. (Whether the proxy lingers before
     // closing does not show here: a Linux client keeps the bytes that came
     // before a reset, once the proxy's FIN is in.)
-    let dead = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(dead)]);
-    let proxy = start_proxy(local_frontend(), pool).await;
+    let proxy = proxy_to(dead_addr().await).await;
     let (mut r, writer) = post_x_body(proxy.local_addrs()[0], 128 << 10).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut out))
-        .await
-        .expect("the proxy did not close the connection")
-        .expect("the connection was reset instead of closed");
-    let out = String::from_utf8_lossy(&out);
+    let out = read_until_closed(&mut r).await;
     assert!(out.starts_with("HTTP/1.1 503"), "{out}");
     assert!(
         out.contains("connection: close\r\n") && out.ends_with("</html>\n"),
@@ -319,26 +235,15 @@ async fn body_bytes_the_server_refused_never_reach_the_client() {
     // The server answers as soon as it has the head and closes without
     // reading the body: sending the rest of it fails with bytes still in the
     // proxy's output buffer, and the client must get the server's answer only.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut head = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut chunk).await {
-                    Ok(n) if n > 0 => head.extend_from_slice(&chunk[..n]),
-                    _ => break,
-                }
-            }
-            let answer =
-                "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-            let _ = s.write_all(answer.as_bytes()).await;
-            // Dropped with the body unread: the proxy's next writes fail.
-        }
-    });
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    let proxy = start_proxy(local_frontend(), pool).await;
+    let server = server(|mut s| async move {
+        read_head(&mut s).await;
+        let answer =
+            "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let _ = s.write_all(answer.as_bytes()).await;
+        // Dropped with the body unread: the proxy's next writes fail.
+    })
+    .await;
+    let proxy = proxy_to(server).await;
     let (mut r, writer) = post_x_body(proxy.local_addrs()[0], 8 << 20).await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), r.read_to_end(&mut out))

@@ -2,6 +2,7 @@
 //! sockets on 127.0.0.1 (one test binary, so one link for all of them).
 
 mod actions;
+mod backends;
 mod edge;
 mod framing;
 mod general;

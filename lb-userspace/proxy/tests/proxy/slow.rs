@@ -4,7 +4,6 @@
 //! and every other one keeps its default (5 s and more), so a missing limit
 //! shows as a test that waits past `GIVE_UP`.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,19 +13,23 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
+use crate::backends::{
+    WS_ACCEPT, WS_UPGRADE, http1_server, read_head, serve_on, server, ws_switching,
+};
 use crate::general::{tls_connect, write_cert};
-use crate::support::{TempDir, local_frontend, start_proxy};
+use crate::support::{
+    GIVE_UP, TempDir, access_lines, capture_access_log, hyper_path_proxy, local_frontend,
+    one_server_pool, start_proxy,
+};
 use lb_proxy::*;
 
 /// The limit under test.
 const LIMIT: Duration = Duration::from_millis(300);
-/// How long a test waits for the proxy to give up.
-const GIVE_UP: Duration = Duration::from_secs(3);
 
 fn pool(server: SocketAddr) -> Pool {
-    Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)])
+    one_server_pool(server)
 }
 
 /// Which code serves an HTTP/1 client: ours, or hyper's (a frontend that can
@@ -68,49 +71,12 @@ async fn start(
     }
 }
 
-/// A server that hands each accepted connection to `serve`.
-async fn server<F, Fut>(serve: F) -> SocketAddr
-where
-    F: Fn(TcpStream) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(serve(s));
-        }
-    });
-    addr
-}
-
-/// Reads a request or response head (up to `\r\n\r\n`), byte by byte.
-async fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        if s.read(&mut b).await.unwrap_or(0) == 0 {
-            break;
-        }
-        head.push(b[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 /// An HTTP/1.1 server answering every request with `size` bytes.
 async fn big_server(size: usize) -> SocketAddr {
     let body = Bytes::from(vec![b'x'; size]);
-    server(move |s| {
+    http1_server(move |_req| {
         let body = body.clone();
-        async move {
-            let svc = hyper::service::service_fn(move |_req| {
-                let body = body.clone();
-                async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body))) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(s), svc)
-                .await;
-        }
+        async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(body))) }
     })
     .await
 }
@@ -539,8 +505,7 @@ async fn flooding_server(lasted: Arc<Mutex<Option<Duration>>>) -> SocketAddr {
         let lasted = lasted.clone();
         async move {
             read_head(&mut s).await;
-            let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
-            let _ = s.write_all(answer.as_bytes()).await;
+            let _ = s.write_all(ws_switching(WS_ACCEPT).as_bytes()).await;
             let t = Instant::now();
             let chunk = vec![b'w'; 64 * 1024];
             while s.write_all(&chunk).await.is_ok() {}
@@ -549,8 +514,6 @@ async fn flooding_server(lasted: Arc<Mutex<Option<Duration>>>) -> SocketAddr {
     })
     .await
 }
-
-const WS_UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
 #[tokio::test]
 async fn a_tunnel_whose_client_never_reads_closes_after_timeout_tunnel() {
@@ -578,8 +541,7 @@ async fn ws_or_ok_server() -> SocketAddr {
                 let _ = s.write_all(ok.as_bytes()).await;
                 continue;
             }
-            let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
-            let _ = s.write_all(answer.as_bytes()).await;
+            let _ = s.write_all(ws_switching(WS_ACCEPT).as_bytes()).await;
             let (mut r, mut w) = s.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
             return;
@@ -643,23 +605,6 @@ async fn an_open_tunnel_holds_its_connection_slot_on_both_paths() {
 //
 // HTTP/2 clients, and HTTP/1 ones of a frontend that can reach an `h2` pool.
 
-/// A proxy whose frontend may route to an `h2` pool (never, in fact: every
-/// request goes to `server`), so that hyper serves its clients; `fe` and
-/// `pool` set the timeouts of the frontend and of the pool used.
-async fn hyper_path_proxy(
-    server: SocketAddr,
-    fe: impl FnOnce(&mut Frontend),
-    pool: impl FnOnce(&mut Pool),
-) -> Proxy {
-    let rules = "[[frontend.acl]]\nname = \"never\"\npath_prefix = \"/never/\"\n\
-                 [[frontend.use_pool]]\npool = \"api\"\nif = \"never\"\n";
-    let mut cfg = crate::support::two_pool_config(server, server, rules, "");
-    cfg.pools[1].h2 = true;
-    fe(&mut cfg.frontends[0]);
-    pool(&mut cfg.pools[0]);
-    Proxy::start(cfg, None).await.unwrap()
-}
-
 /// An HTTP/2 (prior knowledge) client connection to `addr`, and its task.
 async fn h2c<B>(
     addr: SocketAddr,
@@ -693,7 +638,7 @@ fn get(addr: SocketAddr) -> hyper::Request<Empty<Bytes>> {
 
 #[tokio::test]
 async fn hyper_path_a_client_that_never_reads_is_closed_after_timeout_client() {
-    crate::support::capture_access_log();
+    capture_access_log();
     let server = big_server(16 << 20).await;
     let proxy = hyper_path_proxy(server, |fe| fe.timeout_client = LIMIT, |_| {}).await;
     let front = proxy.local_addrs()[0];
@@ -703,7 +648,7 @@ async fn hyper_path_a_client_that_never_reads_is_closed_after_timeout_client() {
         .unwrap();
     until_freed(&proxy).await;
     // Logged as a client timeout during the data, not a client that left.
-    let lines = crate::support::access_lines();
+    let lines = access_lines();
     let line = lines.iter().find(|l| l.contains("/never-read"));
     assert!(line.is_some_and(|l| l.contains(" cD")), "{line:?}");
     // HTTP/2: a client that takes the head and never opens its window
@@ -783,17 +728,10 @@ async fn a_tunnel_whose_server_never_reads_closes_after_timeout_tunnel() {
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(2048).unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(16).unwrap();
-    let server = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                read_head(&mut s).await;
-                let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
-                let _ = s.write_all(answer.as_bytes()).await;
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            });
-        }
+    let server = serve_on(socket.listen(16).unwrap(), |mut s| async move {
+        read_head(&mut s).await;
+        let _ = s.write_all(ws_switching(WS_ACCEPT).as_bytes()).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
     });
     let mut p = pool(server);
     p.timeout_tunnel = Some(LIMIT);

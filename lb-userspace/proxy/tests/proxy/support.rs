@@ -1,13 +1,22 @@
 //! Helpers shared by the proxy's test files: a temporary directory, a proxy
-//! with one frontend on 127.0.0.1 and one pool, its figures, and its access log.
+//! with one frontend on 127.0.0.1 and one pool, its figures, its access log,
+//! and the clients that talk to it (the servers behind it are in `backends`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
 
-use lb_proxy::{Frontend, Pool, Proxy, ProxyConfig};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lb_proxy::{Algorithm, Frontend, Pool, Proxy, ProxyConfig, ServerSpec};
 use rustls::crypto::CryptoProvider;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Metadata, Subscriber, span};
 
@@ -53,6 +62,39 @@ pub async fn start_proxy(fe: Frontend, pool: Pool) -> Proxy {
     .unwrap()
 }
 
+/// Pool "app" of the one server `server`, round robin.
+pub fn one_server_pool(server: SocketAddr) -> Pool {
+    Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)])
+}
+
+/// A proxy on our HTTP/1 path sending every request to `server`, all else by default.
+pub async fn proxy_to(server: SocketAddr) -> Proxy {
+    start_proxy(local_frontend(), one_server_pool(server)).await
+}
+
+/// A proxy whose frontend may route to an `h2` pool (never, in fact: every
+/// request goes to `server`), so that hyper serves its clients; `fe` and
+/// `pool` set the timeouts of the frontend and of the pool used.
+pub async fn hyper_path_proxy(
+    server: SocketAddr,
+    fe: impl FnOnce(&mut Frontend),
+    pool: impl FnOnce(&mut Pool),
+) -> Proxy {
+    let rules = "[[frontend.acl]]\nname = \"never\"\npath_prefix = \"/never/\"\n\
+                 [[frontend.use_pool]]\npool = \"api\"\nif = \"never\"\n";
+    let mut cfg = two_pool_config(server, server, rules, "");
+    cfg.pools[1].h2 = true;
+    fe(&mut cfg.frontends[0]);
+    pool(&mut cfg.pools[0]);
+    Proxy::start(cfg, None).await.unwrap()
+}
+
+/// An address that refuses connections: bound, then released.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
 /// Frontend "web" on 127.0.0.1 with `frontend` (TOML) appended to its table,
 /// pools "app" (server `app`) and "api" (server `api`), then `top`.
 pub fn two_pool_config(app: SocketAddr, api: SocketAddr, frontend: &str, top: &str) -> ProxyConfig {
@@ -85,6 +127,61 @@ pub fn idle(proxy: &Proxy, server: SocketAddr) -> usize {
         .iter()
         .find(|s| s.address == server)
         .map_or(0, |s| s.idle_connections)
+}
+
+/// How long a test waits for an answer, a close, or the proxy to give up.
+pub const GIVE_UP: Duration = Duration::from_secs(3);
+
+/// Reads `s` until the peer closes it, and returns what came; panics if
+/// it is still open after 5 s, or if it ends with an error (a reset).
+pub async fn read_until_closed<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy did not close the connection")
+        .expect("the connection was reset instead of closed");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Writes `bytes` on a new connection to `addr`, then `read_until_closed`.
+pub async fn exchange_until_closed(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    read_until_closed(&mut s).await
+}
+
+/// An HTTP/2 client connection over `io` with hyper's default settings, and
+/// the task that drives it.
+pub async fn h2_handshake<I, B>(io: I) -> (SendRequest<B>, JoinHandle<hyper::Result<()>>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .unwrap();
+    (send, tokio::spawn(conn))
+}
+
+/// Sends `n` GETs of `/` to `front` on `send`, each reset `pause` after it
+/// was sent: dropping a response future resets its stream (RST_STREAM CANCEL).
+pub async fn reset_streams(
+    send: &SendRequest<Empty<Bytes>>,
+    front: SocketAddr,
+    n: usize,
+    pause: Duration,
+) {
+    for _ in 0..n {
+        let mut send = send.clone();
+        let req = http::Request::get(format!("http://{front}/"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let pending = tokio::spawn(async move { send.send_request(req).await });
+        tokio::time::sleep(pause).await;
+        pending.abort();
+    }
 }
 
 /// The crypto provider of the test clients and servers (the proxy's own: ring).
