@@ -8,45 +8,36 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::support::{local_frontend, start_proxy};
-use lb_proxy::*;
-
-/// How long a test waits for an answer.
-const GIVE_UP: Duration = Duration::from_secs(3);
+use crate::backends::{read_head, serve_on, server};
+use crate::support::{
+    GIVE_UP, h2_handshake, local_frontend, one_server_pool, proxy_to, reset_streams, start_proxy,
+};
 
 /// A server that reads each request up to the end of its chunked body
 /// (trailers included) and answers 200, or `answer` once a head is in.
-async fn server(answer: Option<&'static [u8]>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let done = match answer {
-                        Some(_) => got.windows(4).any(|w| w == b"\r\n\r\n"),
-                        None => {
-                            got.windows(5).any(|w| w == b"\r\n0\r\n") && got.ends_with(b"\r\n\r\n")
-                        }
-                    };
-                    if done {
-                        let a = answer.unwrap_or(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
-                        let _ = s.write_all(a).await;
-                        return;
-                    }
-                    match s.read(&mut buf).await {
-                        Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
-                        _ => return,
-                    }
-                }
-            });
+async fn chunked_server(answer: Option<&'static [u8]>) -> SocketAddr {
+    server(move |mut s| async move {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let done = match answer {
+                Some(_) => got.windows(4).any(|w| w == b"\r\n\r\n"),
+                None => got.windows(5).any(|w| w == b"\r\n0\r\n") && got.ends_with(b"\r\n\r\n"),
+            };
+            if done {
+                let a = answer.unwrap_or(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                let _ = s.write_all(a).await;
+                return;
+            }
+            match s.read(&mut buf).await {
+                Ok(n @ 1..) => got.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 /// Sends `request` to `front` (from a task of its own: the proxy may answer
@@ -72,11 +63,6 @@ async fn exchange(front: SocketAddr, request: Vec<u8>) -> String {
     text
 }
 
-async fn proxy(server: SocketAddr) -> Proxy {
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
-    start_proxy(local_frontend(), pool).await
-}
-
 /// `n` header lines `a: b`.
 fn many_fields(n: usize) -> Vec<u8> {
     b"a: b\r\n".repeat(n)
@@ -84,7 +70,7 @@ fn many_fields(n: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_request_with_thousands_of_tiny_headers_is_400() {
-    let proxy = proxy(server(None).await).await;
+    let proxy = proxy_to(chunked_server(None).await).await;
     let mut req = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
     // 10 000 fields in 60 KB: past the 100 fields parsed per head long
     // before the head size limit.
@@ -100,7 +86,7 @@ async fn a_response_with_thousands_of_tiny_headers_is_502() {
     head.extend(many_fields(10_000));
     head.extend_from_slice(b"\r\n");
     let head: &'static [u8] = Vec::leak(head);
-    let proxy = proxy(server(Some(head)).await).await;
+    let proxy = proxy_to(chunked_server(Some(head)).await).await;
     let req = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec();
     let got = exchange(proxy.local_addrs()[0], req).await;
     assert!(got.starts_with("HTTP/1.1 502"), "got {got:?}");
@@ -108,7 +94,7 @@ async fn a_response_with_thousands_of_tiny_headers_is_502() {
 
 #[tokio::test]
 async fn chunked_trailers_past_16_kib_are_400() {
-    let proxy = proxy(server(None).await).await;
+    let proxy = proxy_to(chunked_server(None).await).await;
     let mut req = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n".to_vec();
     req.extend_from_slice(b"Connection: close\r\n\r\n1\r\na\r\n0\r\n");
     // 60 KB of trailers: without a limit they would go on for ever.
@@ -160,7 +146,7 @@ async fn out_of_fds_child() {
         return;
     }
     // Requests are answered by the proxy itself (400): no server needed.
-    let proxy = proxy("127.0.0.1:9".parse().unwrap()).await;
+    let proxy = proxy_to("127.0.0.1:9".parse().unwrap()).await;
     let front = proxy.local_addrs()[0];
     let open = std::fs::read_dir("/proc/self/fd").unwrap().count() as u64;
     let limit = libc::rlimit {
@@ -204,46 +190,26 @@ async fn out_of_fds_child() {
 /// server connection for up to `timeout_server`, after the client left too.
 #[tokio::test]
 async fn reset_http2_streams_hold_at_most_max_connections_server_connections() {
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     // A server that never answers, counting its open connections.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
     let open = Arc::new(AtomicUsize::new(0));
     let count = open.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut b = [0u8; 4096];
-                while let Ok(1..) = s.read(&mut b).await {}
-                count.fetch_sub(1, Ordering::SeqCst);
-            });
+    let server = server(move |mut s| {
+        count.fetch_add(1, Ordering::SeqCst);
+        let count = count.clone();
+        async move {
+            let mut b = [0u8; 4096];
+            while let Ok(1..) = s.read(&mut b).await {}
+            count.fetch_sub(1, Ordering::SeqCst);
         }
-    });
-    let pool = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    })
+    .await;
     let mut fe = local_frontend();
     fe.max_connections = 20;
-    let proxy = start_proxy(fe, pool).await;
+    let proxy = start_proxy(fe, one_server_pool(server)).await;
     let front = proxy.local_addrs()[0];
-    let tcp = TcpStream::connect(front).await.unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    let conn = tokio::spawn(conn);
+    let (send, conn) = h2_handshake(TcpStream::connect(front).await.unwrap()).await;
     let resets = 100;
-    for _ in 0..resets {
-        let mut send = send.clone();
-        let req = http::Request::get(format!("http://{front}/"))
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let pending = tokio::spawn(async move { send.send_request(req).await });
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        // Dropping the response future resets the stream (RST_STREAM CANCEL).
-        pending.abort();
-    }
+    reset_streams(&send, front, resets, Duration::from_millis(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held = open.load(Ordering::SeqCst);
     assert!(
@@ -314,42 +280,33 @@ async fn an_http2_client_that_stops_reading_holds_little_per_stream() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_send_buffer_size(4096).unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(1024).unwrap();
-    let server = listener.local_addr().unwrap();
     let written = Arc::new(AtomicUsize::new(0));
     let count = written.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut b = [0u8; 4096];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(n @ 1..) => got.extend_from_slice(&b[..n]),
-                        _ => return,
+    let server = serve_on(socket.listen(1024).unwrap(), move |mut s| {
+        let count = count.clone();
+        async move {
+            if !read_head(&mut s).await.ends_with("\r\n\r\n") {
+                return;
+            }
+            let size = 8 << 20;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+            if s.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 16 * 1024];
+            let mut left = size;
+            while left > 0 {
+                match s.write(&chunk[..left.min(chunk.len())]).await {
+                    Ok(n @ 1..) => {
+                        left -= n;
+                        count.fetch_add(n, Ordering::SeqCst);
                     }
+                    _ => return,
                 }
-                let size = 8 << 20;
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
-                if s.write_all(head.as_bytes()).await.is_err() {
-                    return;
-                }
-                let chunk = vec![b'x'; 16 * 1024];
-                let mut left = size;
-                while left > 0 {
-                    match s.write(&chunk[..left.min(chunk.len())]).await {
-                        Ok(n @ 1..) => {
-                            left -= n;
-                            count.fetch_add(n, Ordering::SeqCst);
-                        }
-                        _ => return,
-                    }
-                }
-            });
+            }
         }
     });
-    let proxy = proxy(server).await;
+    let proxy = proxy_to(server).await;
     let front = proxy.local_addrs()[0];
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();

@@ -6,40 +6,20 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
-use crate::support::{local_frontend, start_proxy};
+use crate::backends::server_answering;
+use crate::support::{GIVE_UP, local_frontend, one_server_pool, start_proxy};
 use lb_proxy::*;
-
-/// How long a test waits for an answer or a close.
-const GIVE_UP: Duration = Duration::from_secs(3);
 
 /// A keep-alive request.
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 
 /// A server answering `ok` to each request head it gets, keeping the connection.
 async fn server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = s.read(&mut buf).await {
-                    got.extend_from_slice(&buf[..n]);
-                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        got.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if s.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
+    server_answering("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await
+        .0
 }
 
 /// Sends a request on `s` and returns its whole answer (`ok` ends it).
@@ -95,11 +75,7 @@ async fn until_open(proxy: &Proxy, n: usize) {
 
 #[tokio::test]
 async fn a_source_past_its_limit_is_closed_unread_until_one_of_its_own_closes() {
-    let pool = Pool::new(
-        "app",
-        Algorithm::RoundRobin,
-        vec![ServerSpec::new(server().await)],
-    );
+    let pool = one_server_pool(server().await);
     let mut fe = local_frontend();
     fe.max_connections_per_source = 3;
     // One slot past the source's three: were a refused connection to keep
@@ -140,11 +116,7 @@ async fn a_source_past_its_limit_is_closed_unread_until_one_of_its_own_closes() 
 
 #[tokio::test]
 async fn without_a_limit_a_source_takes_every_slot() {
-    let pool = Pool::new(
-        "app",
-        Algorithm::RoundRobin,
-        vec![ServerSpec::new(server().await)],
-    );
+    let pool = one_server_pool(server().await);
     let mut fe = local_frontend();
     fe.max_connections = 8;
     let proxy = start_proxy(fe, pool).await;
