@@ -9,16 +9,17 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
+use crate::backends::{counting_server, serve_http1, server};
 use crate::support::{
-    TempDir, access_lines, capture_access_log, idle, local_frontend, provider, start_proxy,
+    TempDir, access_lines, capture_access_log, dead_addr, exchange_until_closed, h1_client,
+    h2_handshake, idle, local_frontend, provider, start_proxy,
 };
 use lb_proxy::*;
 
@@ -29,48 +30,28 @@ struct Backend {
 }
 
 async fn backend(name: &'static str) -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| async move {
-                    if let Some(ms) = req.uri().path().strip_prefix("/sleep/") {
-                        let ms: u64 = ms.parse().unwrap_or(0);
-                        tokio::time::sleep(Duration::from_millis(ms)).await;
-                    }
-                    let headers: serde_json::Map<String, serde_json::Value> = req
-                        .headers()
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
-                        .collect();
-                    let body = serde_json::json!({"server": name, "headers": headers});
-                    Ok::<_, std::convert::Infallible>(
-                        hyper::Response::builder()
-                            .header("x-server", name)
-                            .body(Full::new(Bytes::from(body.to_string())))
-                            .unwrap(),
-                    )
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
+    let (addr, accepted) = counting_server(move |s, _| {
+        serve_http1(s, move |req: Request<Incoming>| async move {
+            if let Some(ms) = req.uri().path().strip_prefix("/sleep/") {
+                let ms: u64 = ms.parse().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            let headers: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                .collect();
+            let body = serde_json::json!({"server": name, "headers": headers});
+            Ok::<_, std::convert::Infallible>(
+                hyper::Response::builder()
+                    .header("x-server", name)
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap(),
+            )
+        })
+    })
+    .await;
     Backend { addr, accepted }
-}
-
-/// An address that refuses connections: bound, then released.
-async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
 }
 
 fn pool(algorithm: Algorithm, servers: &[SocketAddr]) -> Pool {
@@ -79,14 +60,6 @@ fn pool(algorithm: Algorithm, servers: &[SocketAddr]) -> Pool {
         algorithm,
         servers.iter().map(|&a| ServerSpec::new(a)).collect(),
     )
-}
-
-fn frontend() -> Frontend {
-    local_frontend()
-}
-
-async fn start(fe: Frontend, pool: Pool) -> Proxy {
-    start_proxy(fe, pool).await
 }
 
 struct Answer {
@@ -99,10 +72,6 @@ impl Answer {
     fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap()
     }
-}
-
-fn h1_client() -> Client<HttpConnector, Empty<Bytes>> {
-    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
 /// A response's status, `x-server` header and body.
@@ -136,7 +105,7 @@ async fn get(proxy: &Proxy, path: &str) -> Answer {
 #[tokio::test]
 async fn plain_http1_and_forwarded_headers() {
     let a = backend("a").await;
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let r = get(&proxy, "/x?y=1").await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.server.as_deref(), Some("a"));
@@ -150,7 +119,7 @@ async fn plain_http1_and_forwarded_headers() {
 #[tokio::test]
 async fn h2c_prior_knowledge() {
     let a = backend("a").await;
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
         .build(HttpConnector::new());
@@ -172,7 +141,7 @@ async fn round_robin_weights_one_to_two() {
     let (a, b) = (backend("a").await, backend("b").await);
     let mut p = pool(Algorithm::RoundRobin, &[a.addr, b.addr]);
     p.servers[1].weight = 2;
-    let proxy = start(frontend(), p).await;
+    let proxy = start_proxy(local_frontend(), p).await;
     let mut seq = String::new();
     for _ in 0..6 {
         seq += &get(&proxy, "/").await.server.unwrap();
@@ -183,7 +152,13 @@ async fn round_robin_weights_one_to_two() {
 #[tokio::test]
 async fn least_conn_prefers_idle_server() {
     let (a, b) = (backend("a").await, backend("b").await);
-    let proxy = Arc::new(start(frontend(), pool(Algorithm::LeastConn, &[a.addr, b.addr])).await);
+    let proxy = Arc::new(
+        start_proxy(
+            local_frontend(),
+            pool(Algorithm::LeastConn, &[a.addr, b.addr]),
+        )
+        .await,
+    );
     let p2 = proxy.clone();
     let slow = tokio::spawn(async move { get(&p2, "/sleep/700").await });
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -203,7 +178,7 @@ async fn first_down_and_backup() {
     let (a, b, c) = (backend("a").await, backend("b").await, backend("c").await);
     let mut p = pool(Algorithm::First, &[a.addr, b.addr, c.addr]);
     p.servers[2].backup = true;
-    let proxy = start(frontend(), p).await;
+    let proxy = start_proxy(local_frontend(), p).await;
     for _ in 0..3 {
         assert_eq!(get(&proxy, "/").await.server.as_deref(), Some("a"));
     }
@@ -222,7 +197,7 @@ async fn first_down_and_backup() {
 
 #[tokio::test]
 async fn no_server_is_503() {
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[])).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[])).await;
     assert_eq!(
         get(&proxy, "/").await.status,
         StatusCode::SERVICE_UNAVAILABLE
@@ -231,15 +206,13 @@ async fn no_server_is_503() {
 
 #[tokio::test]
 async fn server_closing_is_502() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let mut buf = [0u8; 1024];
-            let _ = s.read(&mut buf).await;
-        }
-    });
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
+    // Reads the request, then closes without a word.
+    let addr = server(|mut s| async move {
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+    })
+    .await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
     let r = get(&proxy, "/").await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert!(r.body.contains("502 Bad Gateway"));
@@ -250,7 +223,7 @@ async fn slow_server_is_504() {
     let a = backend("a").await;
     let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
     p.timeout_server = Duration::from_millis(200);
-    let proxy = start(frontend(), p).await;
+    let proxy = start_proxy(local_frontend(), p).await;
     assert_eq!(
         get(&proxy, "/sleep/2000").await.status,
         StatusCode::GATEWAY_TIMEOUT
@@ -275,14 +248,18 @@ async fn slow_server_is_504() {
 async fn connect_failure_redispatches() {
     let a = backend("a").await;
     let dead = dead_addr().await;
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[dead, a.addr])).await;
+    let proxy = start_proxy(
+        local_frontend(),
+        pool(Algorithm::RoundRobin, &[dead, a.addr]),
+    )
+    .await;
     for _ in 0..10 {
         let r = get(&proxy, "/").await;
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.server.as_deref(), Some("a"));
     }
     // Only dead servers: 503 after the retries, as HAProxy answers (SC).
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[dead])).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[dead])).await;
     let r = get(&proxy, "/").await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(r.body.contains("503 Service Unavailable"));
@@ -291,35 +268,21 @@ async fn connect_failure_redispatches() {
 #[tokio::test]
 async fn stalled_request_head_is_408() {
     let a = backend("a").await;
-    let mut fe = frontend();
+    let mut fe = local_frontend();
     fe.timeout_http_request = Duration::from_millis(300);
-    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
-    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
+    let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let out = exchange_until_closed(proxy.local_addrs()[0], b"GET / HTTP/1.1\r\nHost: x\r\n").await;
     assert!(out.starts_with("HTTP/1.1 408"), "{out}");
 }
 
 #[tokio::test]
 async fn idle_keep_alive_connection_is_closed_quietly() {
     let a = backend("a").await;
-    let mut fe = frontend();
+    let mut fe = local_frontend();
     fe.timeout_http_keep_alive = Duration::from_millis(300);
-    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
-    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out);
+    let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let front = proxy.local_addrs()[0];
+    let out = exchange_until_closed(front, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(!out.contains("408"));
 }
@@ -327,7 +290,7 @@ async fn idle_keep_alive_connection_is_closed_quietly() {
 #[tokio::test]
 async fn server_connections_are_reused() {
     let a = backend("a").await;
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let client = h1_client();
     for _ in 0..20 {
         let r = send(&client, format!("http://{}/", proxy.local_addrs()[0])).await;
@@ -342,7 +305,7 @@ async fn idle_server_connections_close_after_timeout_server_idle() {
     let a = backend("a").await;
     let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
     p.timeout_server_idle = Duration::from_millis(600);
-    let proxy = start(frontend(), p).await;
+    let proxy = start_proxy(local_frontend(), p).await;
     let url = format!("http://{}/", proxy.local_addrs()[0]);
     let idle_a = || idle(&proxy, a.addr);
     assert_eq!(send(&h1_client(), url.clone()).await.status, StatusCode::OK);
@@ -357,7 +320,7 @@ async fn idle_server_connections_close_after_timeout_server_idle() {
     let b = backend("b").await;
     let mut p = pool(Algorithm::RoundRobin, &[b.addr]);
     p.timeout_server_idle = Duration::ZERO;
-    let proxy = start(frontend(), p).await;
+    let proxy = start_proxy(local_frontend(), p).await;
     let url = format!("http://{}/", proxy.local_addrs()[0]);
     for _ in 0..3 {
         assert_eq!(send(&h1_client(), url.clone()).await.status, StatusCode::OK);
@@ -369,7 +332,7 @@ async fn idle_server_connections_close_after_timeout_server_idle() {
 #[tokio::test]
 async fn stats_show_requests_in_flight_and_idle_connections() {
     let a = backend("a").await;
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let stats = proxy.stats();
     let server = |stats: &ProxyStats| stats.pools()[0].servers[0].clone();
     assert_eq!(
@@ -397,24 +360,13 @@ async fn stats_show_requests_in_flight_and_idle_connections() {
 #[tokio::test]
 async fn large_bodies_stream_both_ways_and_the_connection_is_reused() {
     // The server streams each request body straight back.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = l.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(req.into_body()))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
+    let (addr, accepted) = counting_server(|s, _| {
+        serve_http1(s, |req: Request<Incoming>| async move {
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(req.into_body()))
+        })
+    })
+    .await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let url = format!("http://{}/echo", proxy.local_addrs()[0]);
@@ -471,24 +423,16 @@ async fn large_bodies_stream_both_ways_and_the_connection_is_reused() {
 #[tokio::test]
 async fn server_closing_an_idle_connection_gets_a_new_one() {
     // Answers one request per connection with keep-alive, then closes it shortly after.
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            });
-        }
-    });
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
+    let (addr, accepted) = counting_server(|mut s, _| async move {
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    })
+    .await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[addr])).await;
     for _ in 0..3 {
         let r = get(&proxy, "/").await;
         assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
@@ -500,7 +444,7 @@ async fn server_closing_an_idle_connection_gets_a_new_one() {
 #[tokio::test]
 async fn curl_http1_and_h2c() {
     let a = backend("a").await;
-    let proxy = start(frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let url = format!("http://{}/curl", proxy.local_addrs()[0]);
     let version = std::process::Command::new("curl").arg("-V").output();
     let Ok(version) = version else {
@@ -589,12 +533,12 @@ async fn one_cert_proxy(tag: &str) -> (Proxy, Backend, TempDir) {
     let a = backend("a").await;
     let dir = TempDir::new(tag);
     let (one, _) = write_cert(&dir, "one", &["one.test"]);
-    let mut fe = frontend();
+    let mut fe = local_frontend();
     fe.tls = Some(TlsConfig {
         certs: vec![one],
         default_cert: None,
     });
-    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
     (proxy, a, dir)
 }
 
@@ -650,12 +594,12 @@ async fn tls_sni_default_alpn_h2_and_reload() {
     let (one, one_der) = write_cert(&dir, "one", &["one.test"]);
     let (two, two_der) = write_cert(&dir, "two", &["*.two.test"]);
     let (dflt, dflt_der) = write_cert(&dir, "default", &["default.test"]);
-    let mut fe = frontend();
+    let mut fe = local_frontend();
     fe.tls = Some(TlsConfig {
         certs: vec![one.clone(), two, dflt.clone()],
         default_cert: Some(2),
     });
-    let proxy = start(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
     let addr = proxy.local_addrs()[0];
 
     assert_eq!(
@@ -675,11 +619,7 @@ async fn tls_sni_default_alpn_h2_and_reload() {
     // ALPN h2, then a request over it.
     let (stream, _) = tls_connect(addr, Some("one.test"), &[b"h2", b"http/1.1"], false).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let (mut sender, _conn) = h2_handshake(stream).await;
     let req = Request::get("https://one.test/tls")
         .body(Empty::<Bytes>::new())
         .unwrap();
@@ -819,7 +759,7 @@ async fn three_backends() -> (Vec<Backend>, Vec<SocketAddr>) {
 #[tokio::test]
 async fn source_hash_keeps_a_client_on_one_server() {
     let (_b, addrs) = three_backends().await;
-    let proxy = start(frontend(), pool(Algorithm::Source, &addrs)).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::Source, &addrs)).await;
     let url = format!("http://{}/", proxy.local_addrs()[0]);
     let mut used = std::collections::HashSet::new();
     for last in 2..=21u8 {
@@ -842,7 +782,7 @@ async fn source_hash_keeps_a_client_on_one_server() {
 #[tokio::test]
 async fn uri_hash_and_header_hash() {
     let (_b, addrs) = three_backends().await;
-    let proxy = start(frontend(), pool(Algorithm::Uri, &addrs)).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::Uri, &addrs)).await;
     let mut used = std::collections::HashSet::new();
     for i in 0..20 {
         let path = format!("/item/{i}");
@@ -856,7 +796,7 @@ async fn uri_hash_and_header_hash() {
 
     let mut p = pool(Algorithm::Header, &addrs);
     p.hash_header = Some("X-User".into());
-    let proxy = start(frontend(), p).await;
+    let proxy = start_proxy(local_frontend(), p).await;
     let mut used = std::collections::HashSet::new();
     for i in 0..20 {
         let user = format!("user{i}");
@@ -886,7 +826,7 @@ async fn hash_server_down_moves_only_its_keys() {
         backend("d").await,
     ];
     let addrs: Vec<SocketAddr> = b.iter().map(|b| b.addr).collect();
-    let proxy = start(frontend(), pool(Algorithm::Uri, &addrs)).await;
+    let proxy = start_proxy(local_frontend(), pool(Algorithm::Uri, &addrs)).await;
     let paths: Vec<String> = (0..200).map(|i| format!("/k/{i}")).collect();
     let mut before = Vec::new();
     for p in &paths {
@@ -935,7 +875,7 @@ async fn tw(uri: &str) -> Vec<(u16, i64)> {
 /// A frontend whose access log is kept (JSON lines), for `tw`.
 fn logged_frontend() -> Frontend {
     capture_access_log();
-    let mut fe = frontend();
+    let mut fe = local_frontend();
     fe.log_format = LogFormat::Json;
     fe
 }
@@ -957,7 +897,7 @@ async fn maxconn_queues_then_serves_with_tw() {
     let a = backend("a").await;
     let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
     p.servers[0].maxconn = 1;
-    let proxy = Arc::new(start(logged_frontend(), p).await);
+    let proxy = Arc::new(start_proxy(logged_frontend(), p).await);
     let p2 = proxy.clone();
     let first = tokio::spawn(async move { get(&p2, "/sleep/300?first").await });
     until_active(&proxy, 1).await;
@@ -980,7 +920,7 @@ async fn queue_timeout_is_503() {
     let mut p = pool(Algorithm::LeastConn, &[a.addr]);
     p.servers[0].maxconn = 1;
     p.timeout_queue = Duration::from_millis(200);
-    let proxy = Arc::new(start(logged_frontend(), p).await);
+    let proxy = Arc::new(start_proxy(logged_frontend(), p).await);
     let p2 = proxy.clone();
     let slow = tokio::spawn(async move { get(&p2, "/sleep/1000").await });
     until_active(&proxy, 1).await;
@@ -1000,7 +940,7 @@ async fn first_fills_server_to_maxconn() {
     let mut p = pool(Algorithm::First, &[a.addr, b.addr]);
     p.servers[0].maxconn = 2;
     p.servers[1].maxconn = 2;
-    let proxy = Arc::new(start(frontend(), p).await);
+    let proxy = Arc::new(start_proxy(local_frontend(), p).await);
     let mut tasks = Vec::new();
     for _ in 0..3 {
         let p = proxy.clone();

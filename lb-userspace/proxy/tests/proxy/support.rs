@@ -11,6 +11,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use lb_proxy::{Algorithm, Frontend, Pool, Proxy, ProxyConfig, ServerSpec};
 use rustls::crypto::CryptoProvider;
@@ -131,6 +133,11 @@ pub fn idle(proxy: &Proxy, server: SocketAddr) -> usize {
 
 /// How long a test waits for an answer, a close, or the proxy to give up.
 pub const GIVE_UP: Duration = Duration::from_secs(3);
+
+/// An HTTP/1.1 client (hyper's pooled one) sending requests without a body.
+pub fn h1_client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
 
 /// Reads `s` until the peer closes it, and returns what came; panics if
 /// it is still open after 5 s, or if it ends with an error (a reset).
