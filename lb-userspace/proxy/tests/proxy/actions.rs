@@ -9,61 +9,41 @@ use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode, header};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
 
-use crate::support::two_pool_config;
+use crate::backends::http1_server;
+use crate::support::{h1_client, two_pool_config};
 use lb_proxy::*;
 
 /// A backend answering `{"server", "path", "headers": {name: [values]}}`, with `server: test`
 /// and `x-server` headers; counts the requests it serves.
 async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let count = hits.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<Incoming>| {
-                    count.fetch_add(1, Ordering::SeqCst);
-                    let mut headers = serde_json::Map::new();
-                    for (k, v) in req.headers() {
-                        let entry = headers
-                            .entry(k.to_string())
-                            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
-                        if let serde_json::Value::Array(a) = entry {
-                            a.push(v.to_str().unwrap_or("").into());
-                        }
-                    }
-                    let path = req.uri().path_and_query().map(|p| p.to_string());
-                    let body =
-                        serde_json::json!({"server": name, "path": path, "headers": headers});
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .header("server", "test")
-                                .header("x-server", name)
-                                .body(Full::new(Bytes::from(body.to_string())))
-                                .unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    let addr = http1_server(move |req: http::Request<Incoming>| {
+        count.fetch_add(1, Ordering::SeqCst);
+        let mut headers = serde_json::Map::new();
+        for (k, v) in req.headers() {
+            let entry = headers
+                .entry(k.to_string())
+                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            if let serde_json::Value::Array(a) = entry {
+                a.push(v.to_str().unwrap_or("").into());
+            }
         }
-    });
+        let path = req.uri().path_and_query().map(|p| p.to_string());
+        let body = serde_json::json!({"server": name, "path": path, "headers": headers});
+        async move {
+            Ok::<_, std::convert::Infallible>(
+                Response::builder()
+                    .header("server", "test")
+                    .header("x-server", name)
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap(),
+            )
+        }
+    })
+    .await;
     (addr, hits)
-}
-
-fn config(app: SocketAddr, api: SocketAddr, frontend: &str, top: &str) -> ProxyConfig {
-    two_pool_config(app, api, frontend, top)
 }
 
 async fn start(cfg: ProxyConfig) -> Proxy {
@@ -93,8 +73,7 @@ impl Got {
 }
 
 async fn send(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Got {
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let client = h1_client();
     let mut req = http::Request::builder().uri(format!("http://{}{path}", proxy.local_addrs()[0]));
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -175,7 +154,7 @@ status = 429
 if = "teapot"
 "#
     );
-    let proxy = start(config(app, api, &rules, "")).await;
+    let proxy = start(two_pool_config(app, api, &rules, "")).await;
     let r = send(&proxy, "/admin/x", &[]).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert!(r.body.contains("403 Forbidden"), "{}", r.body);
@@ -210,7 +189,7 @@ scheme = "https"
 if = "sch"
 "#
     );
-    let proxy = start(config(app, api, &rules, "")).await;
+    let proxy = start(two_pool_config(app, api, &rules, "")).await;
     let location = |r: &Got| r.headers[header::LOCATION].to_str().unwrap().to_string();
     let r = send(&proxy, "/loc/a?b=1", &[]).await;
     assert_eq!(r.status, StatusCode::MOVED_PERMANENTLY);
@@ -250,7 +229,7 @@ value = "1"
 if = "admin"
 "#
     );
-    let proxy = start(config(app, api, &rules, "")).await;
+    let proxy = start(two_pool_config(app, api, &rules, "")).await;
     let sent = [("x-env", "dev"), ("x-tag", "a"), ("x-secret", "s")];
     let r = send(&proxy, "/plain", &sent).await;
     assert_eq!(r.seen("x-env"), ["prod"]);
@@ -275,7 +254,7 @@ pool = "api"
 if = "new"
 "#
     );
-    let proxy = start(config(app, api, &rules, "")).await;
+    let proxy = start(two_pool_config(app, api, &rules, "")).await;
     let r = send(&proxy, "/old/x?q=1", &[]).await;
     assert_eq!(r.json()["path"], "/new/place?q=1");
     assert_eq!(r.json()["server"], "api");
@@ -301,7 +280,7 @@ body = '{{"down":true}}'
 if = "teapot"
 "#
     );
-    let proxy = start(config(app, api, &rules, "")).await;
+    let proxy = start(two_pool_config(app, api, &rules, "")).await;
     let r = send(&proxy, "/health", &[]).await;
     assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
     assert_eq!(r.headers[header::CONTENT_TYPE], "text/plain");
@@ -334,7 +313,7 @@ name = "admins"
 users = [{{ name = "alice", password = "{hash}" }}]
 "#
     );
-    let proxy = start(config(app, api, &rules, &users)).await;
+    let proxy = start(two_pool_config(app, api, &rules, &users)).await;
     let r = send(&proxy, "/admin", &[]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.headers[header::WWW_AUTHENTICATE], "Basic realm=\"lb\"");
@@ -370,7 +349,7 @@ name = "server"
 if = "admin"
 "#
     );
-    let proxy = start(config(app, api, &rules, "")).await;
+    let proxy = start(two_pool_config(app, api, &rules, "")).await;
     let r = send(&proxy, "/admin", &[]).await;
     assert_eq!(r.headers["x-frame-options"], "DENY");
     assert!(!r.headers.contains_key("server"));
@@ -381,7 +360,7 @@ if = "admin"
 
 fn compile_err(rules: &str, top: &str) -> String {
     let addr = "127.0.0.1:1".parse().unwrap();
-    let cfg = config(addr, addr, &format!("{ACLS}\n{rules}"), top);
+    let cfg = two_pool_config(addr, addr, &format!("{ACLS}\n{rules}"), top);
     actions::compile(&cfg)
         .err()
         .map(|e| e.to_string())

@@ -10,15 +10,15 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use tokio::net::TcpListener;
 
+use crate::backends::{serve_http1, server};
 use crate::support::{
-    TempDir, access_lines, capture_access_log, idle, local_frontend, provider, start_proxy,
+    TempDir, access_lines, capture_access_log, h1_client, h2_handshake, idle, local_frontend,
+    one_server_pool, provider, reset_streams, start_proxy,
 };
 use lb_proxy::*;
 
@@ -59,48 +59,41 @@ fn server_tls(ca: &Ca, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConf
 /// A backend speaking HTTP/1.1 and HTTP/2 (h2c or ALPN), plain or over TLS; it answers
 /// with `x-version` (the request's version) and `x-host` (its Host header or authority).
 async fn backend(tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let host = req
-                        .headers()
-                        .get("host")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string)
-                        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-                        .unwrap_or_default();
-                    Ok::<_, std::convert::Infallible>(
-                        hyper::Response::builder()
-                            .header("x-version", format!("{:?}", req.version()))
-                            .header("x-host", host)
-                            .body(Full::new(Bytes::from_static(b"ok")))
-                            .unwrap(),
-                    )
-                });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                match acceptor {
-                    Some(a) => {
-                        let Ok(s) = a.accept(stream).await else {
-                            return;
-                        };
-                        let _ = builder.serve_connection(TokioIo::new(s), svc).await;
-                    }
-                    None => {
-                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                    }
-                }
+    server(move |stream| {
+        let acceptor = acceptor.clone();
+        async move {
+            let svc = service_fn(|req: Request<Incoming>| async move {
+                let host = req
+                    .headers()
+                    .get("host")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .or_else(|| req.uri().authority().map(|a| a.to_string()))
+                    .unwrap_or_default();
+                Ok::<_, std::convert::Infallible>(
+                    hyper::Response::builder()
+                        .header("x-version", format!("{:?}", req.version()))
+                        .header("x-host", host)
+                        .body(Full::new(Bytes::from_static(b"ok")))
+                        .unwrap(),
+                )
             });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            match acceptor {
+                Some(a) => {
+                    let Ok(s) = a.accept(stream).await else {
+                        return;
+                    };
+                    let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                }
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                }
+            }
         }
-    });
-    addr
+    })
+    .await
 }
 
 async fn start(pool: Pool, log_format: LogFormat) -> Proxy {
@@ -110,17 +103,15 @@ async fn start(pool: Pool, log_format: LogFormat) -> Proxy {
 }
 
 fn pool(server: SocketAddr) -> Pool {
-    let mut p = Pool::new("app", Algorithm::RoundRobin, vec![ServerSpec::new(server)]);
+    let mut p = one_server_pool(server);
     p.retries = 0;
     p
 }
 
 /// Status, `x-version` and `x-host` of a GET through the proxy.
 async fn get(proxy: &Proxy, path: &str) -> (StatusCode, String, String) {
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let url = format!("http://{}{path}", proxy.local_addrs()[0]);
-    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    let resp = h1_client().get(url.parse().unwrap()).await.unwrap();
     let h = |n: &str| {
         resp.headers()
             .get(n)
@@ -189,11 +180,7 @@ async fn tls_to_server_verified_by_ca_and_name() {
 async fn tls_pool_validation() {
     let check = |p: Pool| {
         ProxyConfig {
-            frontends: vec![Frontend::new(
-                "web",
-                vec!["127.0.0.1:0".parse().unwrap()],
-                "app",
-            )],
+            frontends: vec![local_frontend()],
             pools: vec![p],
             ..Default::default()
         }
@@ -378,52 +365,35 @@ async fn http2_streams_reset_before_sending_are_not_sent_and_keep_their_connecti
     let dir = TempDir::new("reset");
     let ca = ca(&dir, "ca");
     let acceptor = tokio_rustls::TlsAcceptor::from(server_tls(&ca, &["127.0.0.1"], &[b"http/1.1"]));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = listener.local_addr().unwrap();
     let requests = Arc::new(AtomicUsize::new(0));
     let seen = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (acceptor, seen) = (acceptor.clone(), seen.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let Ok(s) = acceptor.accept(stream).await else {
-                    return;
-                };
-                let svc = service_fn(move |_req: Request<Incoming>| {
-                    seen.fetch_add(1, Ordering::SeqCst);
-                    async {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from_static(b"ok"),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
+    let server = server(move |stream| {
+        let (acceptor, seen) = (acceptor.clone(), seen.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let Ok(s) = acceptor.accept(stream).await else {
+                return;
+            };
+            serve_http1(s, move |_req: Request<Incoming>| {
+                seen.fetch_add(1, Ordering::SeqCst);
+                async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(b"ok"),
+                    )))
+                }
+            })
+            .await;
         }
-    });
+    })
+    .await;
     let mut p = pool(server);
     p.tls = true;
     p.verify = false;
     let proxy = start(p, LogFormat::Httplog).await;
     let front = proxy.local_addrs()[0];
     let tcp = tokio::net::TcpStream::connect(front).await.unwrap();
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    for _ in 0..5 {
-        let mut send = send.clone();
-        let req = Request::get(format!("http://{front}/"))
-            .body(Empty::<Bytes>::new())
-            .unwrap();
-        let pending = tokio::spawn(async move { send.send_request(req).await });
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        pending.abort();
-    }
+    let (send, _conn) = h2_handshake(tcp).await;
+    reset_streams(&send, front, 5, Duration::from_millis(30)).await;
     // The connections finish opening: none carries a reset request, all are kept.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(
@@ -504,32 +474,29 @@ impl hyper::body::Body for Slow {
 async fn h2c_server() -> (SocketAddr, Arc<Seen>) {
     use http_body_util::Either;
     use std::sync::atomic::Ordering::SeqCst;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Seen::default());
     let counts = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            counts.accepted.fetch_add(1, SeqCst);
-            let counts = counts.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let body = match req.uri().path() {
-                        "/slow" => Either::Right(Slow {
-                            pause: Box::pin(tokio::time::sleep(Duration::from_millis(800))),
-                            sent: 0,
-                        }),
-                        _ => Either::Left(Full::new(Bytes::from_static(b"ok"))),
-                    };
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-                counts.closed.fetch_add(1, SeqCst);
+    let addr = server(move |stream| {
+        counts.accepted.fetch_add(1, SeqCst);
+        let counts = counts.clone();
+        async move {
+            let svc = service_fn(|req: Request<Incoming>| async move {
+                let body = match req.uri().path() {
+                    "/slow" => Either::Right(Slow {
+                        pause: Box::pin(tokio::time::sleep(Duration::from_millis(800))),
+                        sent: 0,
+                    }),
+                    _ => Either::Left(Full::new(Bytes::from_static(b"ok"))),
+                };
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
             });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            counts.closed.fetch_add(1, SeqCst);
         }
-    });
+    })
+    .await;
     (addr, seen)
 }
 
@@ -548,10 +515,8 @@ async fn get_body(proxy: &Proxy, path: &str) -> (StatusCode, Bytes) {
 
 /// Status and body of a GET through the proxy listening on `front`.
 async fn get_from(front: SocketAddr, path: &str) -> (StatusCode, Bytes) {
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let url = format!("http://{front}{path}");
-    let resp = client.get(url.parse().unwrap()).await.unwrap();
+    let resp = h1_client().get(url.parse().unwrap()).await.unwrap();
     let status = resp.status();
     (status, resp.into_body().collect().await.unwrap().to_bytes())
 }
