@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 
 use crate::backends::{read_head, serve_on, server};
 use crate::support::{
-    GIVE_UP, h2_handshake, local_frontend, one_server_pool, proxy_to, reset_streams, start_proxy,
+    GIVE_UP, h2_handshake, h2_handshake_window, local_frontend, one_server_pool, proxy_to,
+    read_until_gone, reset_streams, start_proxy,
 };
 
 /// A server that reads each request up to the end of its chunked body
@@ -50,17 +51,7 @@ async fn exchange(front: SocketAddr, request: Vec<u8>) -> String {
         // Kept open: the proxy's close must come from the proxy.
         tokio::time::sleep(GIVE_UP).await;
     });
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    let read = tokio::time::timeout(GIVE_UP, async {
-        while let Ok(n @ 1..) = r.read(&mut buf).await {
-            out.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&out[..out.len().min(200)]).into_owned();
-    assert!(read.is_ok(), "still open; got {text:?}");
-    text
+    read_until_gone(&mut r, 200).await
 }
 
 /// `n` header lines `a: b`.
@@ -95,19 +86,19 @@ async fn a_response_with_thousands_of_tiny_headers_is_502() {
 #[tokio::test]
 async fn chunked_trailers_past_16_kib_are_400() {
     let proxy = proxy_to(chunked_server(None).await).await;
-    let mut req = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n".to_vec();
-    req.extend_from_slice(b"Connection: close\r\n\r\n1\r\na\r\n0\r\n");
+    // A chunked POST of one byte, then `n` trailer fields.
+    let with_trailers = |n| {
+        let mut req = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n".to_vec();
+        req.extend_from_slice(b"Connection: close\r\n\r\n1\r\na\r\n0\r\n");
+        req.extend(many_fields(n));
+        req.extend_from_slice(b"\r\n");
+        req
+    };
     // 60 KB of trailers: without a limit they would go on for ever.
-    req.extend(many_fields(10_000));
-    req.extend_from_slice(b"\r\n");
-    let got = exchange(proxy.local_addrs()[0], req).await;
+    let got = exchange(proxy.local_addrs()[0], with_trailers(10_000)).await;
     assert!(got.starts_with("HTTP/1.1 400"), "got {got:?}");
     // Trailers that fit go through.
-    let mut req = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n".to_vec();
-    req.extend_from_slice(b"Connection: close\r\n\r\n1\r\na\r\n0\r\n");
-    req.extend(many_fields(100));
-    req.extend_from_slice(b"\r\n");
-    let got = exchange(proxy.local_addrs()[0], req).await;
+    let got = exchange(proxy.local_addrs()[0], with_trailers(100)).await;
     assert!(got.starts_with("HTTP/1.1 200"), "got {got:?}");
 }
 
@@ -275,7 +266,6 @@ impl tokio::io::AsyncWrite for StopReading {
 #[tokio::test]
 async fn an_http2_client_that_stops_reading_holds_little_per_stream() {
     use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     // Servers answer 8 MiB raw, counting what their sockets took.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_send_buffer_size(4096).unwrap();
@@ -317,14 +307,7 @@ async fn an_http2_client_that_stops_reading_holds_little_per_stream() {
         stop: stop.clone(),
         read: read.clone(),
     };
-    let window = i32::MAX as u32;
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(window)
-        .initial_connection_window_size(window)
-        .handshake(TokioIo::new(io))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (send, conn) = h2_handshake_window(io, Some(i32::MAX as u32)).await;
     let streams = 100;
     let mut answers = Vec::new();
     for _ in 0..streams {

@@ -20,8 +20,8 @@ use crate::backends::{
 };
 use crate::general::{tls_connect, write_cert};
 use crate::support::{
-    GIVE_UP, TempDir, access_lines, capture_access_log, hyper_path_proxy, local_frontend,
-    one_server_pool, start_proxy,
+    GIVE_UP, TempDir, access_lines, capture_access_log, h2_handshake_window, hyper_path_proxy,
+    local_frontend, one_server_pool, read_until_gone, start_proxy,
 };
 use lb_proxy::*;
 
@@ -84,17 +84,7 @@ async fn big_server(size: usize) -> SocketAddr {
 /// Reads until the proxy closes the connection (a reset counts) and
 /// returns what came; fails if it is still open after `GIVE_UP`.
 async fn until_closed<S: AsyncRead + Unpin>(s: &mut S) -> String {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let read = tokio::time::timeout(GIVE_UP, async {
-        while let Ok(n @ 1..) = s.read(&mut buf).await {
-            out.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&out[..out.len().min(300)]).into_owned();
-    assert!(read.is_ok(), "the connection is still open; got {text:?}");
-    text
+    read_until_gone(s, 300).await
 }
 
 /// Sends `front` a GET on a new connection that asks to be closed after it,
@@ -200,7 +190,7 @@ async fn hyper_path_a_request_body_that_stops_is_408_after_timeout_client() {
     let proxy = request_body_that_stops(Path::Hyper).await;
     let front = proxy.local_addrs()[0];
     // HTTP/2: a stream whose body never ends.
-    let (mut send, _conn) = h2c(front, 65535).await;
+    let (mut send, _conn) = h2c(front).await;
     let req = hyper::Request::post(format!("http://{front}/"))
         .body(Endless(false))
         .unwrap();
@@ -361,7 +351,7 @@ async fn hyper_path_a_server_that_stops_mid_body_is_cut_after_timeout_server() {
     let proxy = server_that_stops_mid_body(Path::Hyper).await;
     let front = proxy.local_addrs()[0];
     // HTTP/2: the stream fails, the connection goes on.
-    let (mut send, _conn) = h2c(front, 65535).await;
+    let (mut send, _conn) = h2c(front).await;
     let resp = send.send_request(get(front)).await.unwrap();
     assert_eq!(resp.status(), 200);
     let body = tokio::time::timeout(GIVE_UP, resp.into_body().collect()).await;
@@ -605,29 +595,19 @@ async fn an_open_tunnel_holds_its_connection_slot_on_both_paths() {
 //
 // HTTP/2 clients, and HTTP/1 ones of a frontend that can reach an `h2` pool.
 
-/// An HTTP/2 (prior knowledge) client connection to `addr`, and its task.
+/// An HTTP/2 (prior knowledge) client connection to `addr` whose windows
+/// stay at the protocol's initial 65535 bytes, and its task.
 async fn h2c<B>(
     addr: SocketAddr,
-    window: u32,
 ) -> (
     hyper::client::conn::http2::SendRequest<B>,
-    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
 )
 where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(window)
-        .initial_connection_window_size(window)
-        .handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    (send, task)
+    h2_handshake_window(TcpStream::connect(addr).await.unwrap(), Some(65535)).await
 }
 
 fn get(addr: SocketAddr) -> hyper::Request<Empty<Bytes>> {
@@ -653,7 +633,7 @@ async fn hyper_path_a_client_that_never_reads_is_closed_after_timeout_client() {
     assert!(line.is_some_and(|l| l.contains(" cD")), "{line:?}");
     // HTTP/2: a client that takes the head and never opens its window
     // again (no WINDOW_UPDATE) for the body.
-    let (mut send, conn) = h2c(front, 65535).await;
+    let (mut send, conn) = h2c(front).await;
     let resp = send.send_request(get(front)).await.unwrap();
     assert_eq!(resp.status(), 200);
     let ended = tokio::time::timeout(GIVE_UP, conn).await;

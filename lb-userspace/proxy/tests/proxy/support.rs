@@ -150,6 +150,23 @@ pub async fn read_until_closed<S: AsyncRead + Unpin>(s: &mut S) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Reads `s` until the peer closes it (a reset counts), within `GIVE_UP`
+/// (else panics), and returns the first `keep` bytes of what came as text:
+/// the callers' answers may be megabytes, and only their start is checked.
+pub async fn read_until_gone<S: AsyncRead + Unpin>(s: &mut S, keep: usize) -> String {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let read = tokio::time::timeout(GIVE_UP, async {
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            out.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out[..out.len().min(keep)]).into_owned();
+    assert!(read.is_ok(), "the connection is still open; got {text:?}");
+    text
+}
+
 /// Writes `bytes` on a new connection to `addr`, then `read_until_closed`.
 pub async fn exchange_until_closed(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
@@ -165,10 +182,27 @@ where
     B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .unwrap();
+    h2_handshake_window(io, None).await
+}
+
+/// Like `h2_handshake`, with both flow-control windows (stream and
+/// connection) set to `window` if given.
+pub async fn h2_handshake_window<I, B>(
+    io: I,
+    window: Option<u32>,
+) -> (SendRequest<B>, JoinHandle<hyper::Result<()>>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    if let Some(window) = window {
+        builder
+            .initial_stream_window_size(window)
+            .initial_connection_window_size(window);
+    }
+    let (send, conn) = builder.handshake(TokioIo::new(io)).await.unwrap();
     (send, tokio::spawn(conn))
 }
 
