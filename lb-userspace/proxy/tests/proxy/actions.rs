@@ -5,45 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::Bytes;
-use http::{HeaderMap, Response, StatusCode, header};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
+use http::{HeaderMap, StatusCode, header};
+use http_body_util::{BodyExt, Empty};
 
-use crate::backends::http1_server;
+use crate::backends::json_backend;
 use crate::support::{h1_client, two_pool_config};
 use lb_proxy::*;
 
-/// A backend answering `{"server", "path", "headers": {name: [values]}}`, with `server: test`
-/// and `x-server` headers; counts the requests it serves.
+/// The shared JSON backend (`json_backend`), and the requests it served.
 async fn backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
-    let hits = Arc::new(AtomicUsize::new(0));
-    let count = hits.clone();
-    let addr = http1_server(move |req: http::Request<Incoming>| {
-        count.fetch_add(1, Ordering::SeqCst);
-        let mut headers = serde_json::Map::new();
-        for (k, v) in req.headers() {
-            let entry = headers
-                .entry(k.to_string())
-                .or_insert_with(|| serde_json::Value::Array(Vec::new()));
-            if let serde_json::Value::Array(a) = entry {
-                a.push(v.to_str().unwrap_or("").into());
-            }
-        }
-        let path = req.uri().path_and_query().map(|p| p.to_string());
-        let body = serde_json::json!({"server": name, "path": path, "headers": headers});
-        async move {
-            Ok::<_, std::convert::Infallible>(
-                Response::builder()
-                    .header("server", "test")
-                    .header("x-server", name)
-                    .body(Full::new(Bytes::from(body.to_string())))
-                    .unwrap(),
-            )
-        }
-    })
-    .await;
-    (addr, hits)
+    let b = json_backend(name).await;
+    (b.addr, b.requests)
 }
 
 async fn start(cfg: ProxyConfig) -> Proxy {
@@ -63,7 +35,7 @@ impl Got {
     }
     /// Values of a request header as the backend saw it.
     fn seen(&self, name: &str) -> Vec<String> {
-        match &self.json()["headers"][name] {
+        match &self.json()["header_lists"][name] {
             serde_json::Value::Array(a) => {
                 a.iter().map(|v| v.as_str().unwrap().to_string()).collect()
             }

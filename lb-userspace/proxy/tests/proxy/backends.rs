@@ -6,8 +6,11 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -78,6 +81,68 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
 {
     server(move |s| serve_http1(s, handle.clone())).await
+}
+
+/// A `json_backend`: where it listens, the requests it served and the
+/// connections it accepted.
+pub struct JsonBackend {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicUsize>,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+/// A backend answering each request with `echo_json` of it, and headers
+/// `server: test` and `x-server: name`; `/sleep/N` waits N ms first.
+pub async fn json_backend(name: &'static str) -> JsonBackend {
+    let requests = Arc::new(AtomicUsize::new(0));
+    let served = requests.clone();
+    let (addr, accepted) = counting_server(move |s, _| {
+        let served = served.clone();
+        serve_http1(s, move |req: Request<Incoming>| {
+            served.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if let Some(ms) = req.uri().path().strip_prefix("/sleep/") {
+                    let ms: u64 = ms.parse().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let body = echo_json(name, &req).to_string();
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .header("server", "test")
+                        .header("x-server", name)
+                        .body(Full::new(Bytes::from(body)))
+                        .unwrap(),
+                )
+            }
+        })
+    })
+    .await;
+    JsonBackend {
+        addr,
+        requests,
+        accepted,
+    }
+}
+
+/// `{"server": name, "path": path and query, "headers": {name: last value},
+/// "header_lists": {name: [every value]}}` of `req`.
+fn echo_json(name: &str, req: &Request<Incoming>) -> serde_json::Value {
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+        .collect();
+    let mut lists = serde_json::Map::new();
+    for (k, v) in req.headers() {
+        let entry = lists
+            .entry(k.to_string())
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if let serde_json::Value::Array(a) = entry {
+            a.push(v.to_str().unwrap_or("").into());
+        }
+    }
+    let path = req.uri().path_and_query().map(|p| p.to_string());
+    serde_json::json!({"server": name, "path": path, "headers": headers, "header_lists": lists})
 }
 
 /// Reads a request or response head (up to `\r\n\r\n`), byte by byte, so

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,43 +16,12 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::backends::{counting_server, serve_http1, server};
+use crate::backends::{JsonBackend, counting_server, json_backend, serve_http1, server};
 use crate::support::{
     TempDir, access_lines, capture_access_log, dead_addr, exchange_until_closed, h1_client,
     h2_handshake, idle, local_frontend, provider, start_proxy,
 };
 use lb_proxy::*;
-
-/// A test backend: answers `name` plus the request headers as JSON; `/sleep/N` waits N ms first.
-struct Backend {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-}
-
-async fn backend(name: &'static str) -> Backend {
-    let (addr, accepted) = counting_server(move |s, _| {
-        serve_http1(s, move |req: Request<Incoming>| async move {
-            if let Some(ms) = req.uri().path().strip_prefix("/sleep/") {
-                let ms: u64 = ms.parse().unwrap_or(0);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-            }
-            let headers: serde_json::Map<String, serde_json::Value> = req
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
-                .collect();
-            let body = serde_json::json!({"server": name, "headers": headers});
-            Ok::<_, std::convert::Infallible>(
-                hyper::Response::builder()
-                    .header("x-server", name)
-                    .body(Full::new(Bytes::from(body.to_string())))
-                    .unwrap(),
-            )
-        })
-    })
-    .await;
-    Backend { addr, accepted }
-}
 
 fn pool(algorithm: Algorithm, servers: &[SocketAddr]) -> Pool {
     Pool::new(
@@ -104,7 +73,7 @@ async fn get(proxy: &Proxy, path: &str) -> Answer {
 
 #[tokio::test]
 async fn plain_http1_and_forwarded_headers() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let r = get(&proxy, "/x?y=1").await;
     assert_eq!(r.status, StatusCode::OK);
@@ -118,7 +87,7 @@ async fn plain_http1_and_forwarded_headers() {
 
 #[tokio::test]
 async fn h2c_prior_knowledge() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let client: Client<HttpConnector, Empty<Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(true)
@@ -138,7 +107,7 @@ async fn h2c_prior_knowledge() {
 
 #[tokio::test]
 async fn round_robin_weights_one_to_two() {
-    let (a, b) = (backend("a").await, backend("b").await);
+    let (a, b) = (json_backend("a").await, json_backend("b").await);
     let mut p = pool(Algorithm::RoundRobin, &[a.addr, b.addr]);
     p.servers[1].weight = 2;
     let proxy = start_proxy(local_frontend(), p).await;
@@ -151,7 +120,7 @@ async fn round_robin_weights_one_to_two() {
 
 #[tokio::test]
 async fn least_conn_prefers_idle_server() {
-    let (a, b) = (backend("a").await, backend("b").await);
+    let (a, b) = (json_backend("a").await, json_backend("b").await);
     let proxy = Arc::new(
         start_proxy(
             local_frontend(),
@@ -175,7 +144,11 @@ async fn least_conn_prefers_idle_server() {
 
 #[tokio::test]
 async fn first_down_and_backup() {
-    let (a, b, c) = (backend("a").await, backend("b").await, backend("c").await);
+    let (a, b, c) = (
+        json_backend("a").await,
+        json_backend("b").await,
+        json_backend("c").await,
+    );
     let mut p = pool(Algorithm::First, &[a.addr, b.addr, c.addr]);
     p.servers[2].backup = true;
     let proxy = start_proxy(local_frontend(), p).await;
@@ -220,7 +193,7 @@ async fn server_closing_is_502() {
 
 #[tokio::test]
 async fn slow_server_is_504() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
     p.timeout_server = Duration::from_millis(200);
     let proxy = start_proxy(local_frontend(), p).await;
@@ -246,7 +219,7 @@ async fn slow_server_is_504() {
 
 #[tokio::test]
 async fn connect_failure_redispatches() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let dead = dead_addr().await;
     let proxy = start_proxy(
         local_frontend(),
@@ -267,7 +240,7 @@ async fn connect_failure_redispatches() {
 
 #[tokio::test]
 async fn stalled_request_head_is_408() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let mut fe = local_frontend();
     fe.timeout_http_request = Duration::from_millis(300);
     let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
@@ -277,7 +250,7 @@ async fn stalled_request_head_is_408() {
 
 #[tokio::test]
 async fn idle_keep_alive_connection_is_closed_quietly() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let mut fe = local_frontend();
     fe.timeout_http_keep_alive = Duration::from_millis(300);
     let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
@@ -289,7 +262,7 @@ async fn idle_keep_alive_connection_is_closed_quietly() {
 
 #[tokio::test]
 async fn server_connections_are_reused() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let client = h1_client();
     for _ in 0..20 {
@@ -302,7 +275,7 @@ async fn server_connections_are_reused() {
 
 #[tokio::test]
 async fn idle_server_connections_close_after_timeout_server_idle() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
     p.timeout_server_idle = Duration::from_millis(600);
     let proxy = start_proxy(local_frontend(), p).await;
@@ -317,7 +290,7 @@ async fn idle_server_connections_close_after_timeout_server_idle() {
     assert_eq!(a.accepted.load(Ordering::SeqCst), 2);
 
     // 0 keeps none: every request opens its own server connection.
-    let b = backend("b").await;
+    let b = json_backend("b").await;
     let mut p = pool(Algorithm::RoundRobin, &[b.addr]);
     p.timeout_server_idle = Duration::ZERO;
     let proxy = start_proxy(local_frontend(), p).await;
@@ -331,7 +304,7 @@ async fn idle_server_connections_close_after_timeout_server_idle() {
 
 #[tokio::test]
 async fn stats_show_requests_in_flight_and_idle_connections() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let stats = proxy.stats();
     let server = |stats: &ProxyStats| stats.pools()[0].servers[0].clone();
@@ -443,7 +416,7 @@ async fn server_closing_an_idle_connection_gets_a_new_one() {
 
 #[tokio::test]
 async fn curl_http1_and_h2c() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
     let url = format!("http://{}/curl", proxy.local_addrs()[0]);
     let version = std::process::Command::new("curl").arg("-V").output();
@@ -529,8 +502,8 @@ pub(super) async fn tls_connect(
 
 /// A proxy with one TLS frontend (one certificate, for one.test) in front of
 /// a backend; the backend and the certificate's directory come with it.
-async fn one_cert_proxy(tag: &str) -> (Proxy, Backend, TempDir) {
-    let a = backend("a").await;
+async fn one_cert_proxy(tag: &str) -> (Proxy, JsonBackend, TempDir) {
+    let a = json_backend("a").await;
     let dir = TempDir::new(tag);
     let (one, _) = write_cert(&dir, "one", &["one.test"]);
     let mut fe = local_frontend();
@@ -589,7 +562,7 @@ async fn tls_server_cipher_order_wins() {
 
 #[tokio::test]
 async fn tls_sni_default_alpn_h2_and_reload() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let dir = TempDir::new("tls");
     let (one, one_der) = write_cert(&dir, "one", &["one.test"]);
     let (two, two_der) = write_cert(&dir, "two", &["*.two.test"]);
@@ -750,8 +723,12 @@ async fn get_with(proxy: &Proxy, path: &str, header: Option<(&str, &str)>) -> An
     into_answer(resp).await
 }
 
-async fn three_backends() -> (Vec<Backend>, Vec<SocketAddr>) {
-    let b = vec![backend("a").await, backend("b").await, backend("c").await];
+async fn three_backends() -> (Vec<JsonBackend>, Vec<SocketAddr>) {
+    let b = vec![
+        json_backend("a").await,
+        json_backend("b").await,
+        json_backend("c").await,
+    ];
     let addrs = b.iter().map(|b| b.addr).collect();
     (b, addrs)
 }
@@ -820,10 +797,10 @@ async fn uri_hash_and_header_hash() {
 #[tokio::test]
 async fn hash_server_down_moves_only_its_keys() {
     let b = [
-        backend("a").await,
-        backend("b").await,
-        backend("c").await,
-        backend("d").await,
+        json_backend("a").await,
+        json_backend("b").await,
+        json_backend("c").await,
+        json_backend("d").await,
     ];
     let addrs: Vec<SocketAddr> = b.iter().map(|b| b.addr).collect();
     let proxy = start_proxy(local_frontend(), pool(Algorithm::Uri, &addrs)).await;
@@ -894,7 +871,7 @@ async fn until_active(proxy: &Proxy, n: usize) {
 
 #[tokio::test]
 async fn maxconn_queues_then_serves_with_tw() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let mut p = pool(Algorithm::RoundRobin, &[a.addr]);
     p.servers[0].maxconn = 1;
     let proxy = Arc::new(start_proxy(logged_frontend(), p).await);
@@ -916,7 +893,7 @@ async fn maxconn_queues_then_serves_with_tw() {
 
 #[tokio::test]
 async fn queue_timeout_is_503() {
-    let a = backend("a").await;
+    let a = json_backend("a").await;
     let mut p = pool(Algorithm::LeastConn, &[a.addr]);
     p.servers[0].maxconn = 1;
     p.timeout_queue = Duration::from_millis(200);
@@ -936,7 +913,7 @@ async fn queue_timeout_is_503() {
 
 #[tokio::test]
 async fn first_fills_server_to_maxconn() {
-    let (a, b) = (backend("a").await, backend("b").await);
+    let (a, b) = (json_backend("a").await, json_backend("b").await);
     let mut p = pool(Algorithm::First, &[a.addr, b.addr]);
     p.servers[0].maxconn = 2;
     p.servers[1].maxconn = 2;
