@@ -14,8 +14,8 @@ use tokio::net::TcpStream;
 
 use crate::backends::{Seen, counting_server, http1_server, scripted_server, server_answering};
 use crate::support::{
-    h2_handshake, hyper_path_proxy, idle, local_frontend, one_server_pool, proxy_to, reset_streams,
-    start_proxy, two_pool_config,
+    PausedBody, h2_handshake, hyper_path_proxy, idle, local_frontend, one_server_pool, proxy_to,
+    reset_streams, start_proxy, two_pool_config,
 };
 use lb_proxy::*;
 
@@ -361,17 +361,16 @@ async fn http2_requests_keep_their_bodies_and_join_their_cookies() {
         ("GET", 200, r#"cl=None te=Some("chunked")"#),
         ("POST", 200, r#"cl=None te=Some("chunked")"#),
     ] {
-        let frames = [&b"hello "[..], b"world"].map(bytes::Bytes::from_static);
         let req = http::Request::builder()
             .method(method)
             .uri(format!("http://{}/", proxy.local_addrs()[0]))
             .header("cookie", "a=1")
             .header("cookie", "b=2")
-            .body(Frames {
-                frames: frames.into(),
-                pause: Box::pin(tokio::time::sleep(Duration::from_millis(pause))),
-                sent: 0,
-            })
+            .body(PausedBody::new(
+                b"hello ",
+                Duration::from_millis(pause),
+                b"world",
+            ))
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200, "{method}");
@@ -379,34 +378,6 @@ async fn http2_requests_keep_their_bodies_and_join_their_cookies() {
         assert_eq!(resp.headers()["x-framing"], framing, "{method} {pause}");
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"hello world", "{method}");
-    }
-}
-
-/// A request body sent as separate DATA frames, of unknown length, with
-/// `pause` before the second.
-struct Frames {
-    frames: std::collections::VecDeque<bytes::Bytes>,
-    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
-    sent: usize,
-}
-
-impl hyper::body::Body for Frames {
-    type Data = bytes::Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        if self.sent == 1 && self.pause.as_mut().poll(cx).is_pending() {
-            return std::task::Poll::Pending;
-        }
-        self.sent += 1;
-        std::task::Poll::Ready(
-            self.frames
-                .pop_front()
-                .map(|d| Ok(hyper::body::Frame::data(d))),
-        )
     }
 }
 

@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 
 use crate::backends::{JsonBackend, counting_server, json_backend, serve_http1, server};
 use crate::support::{
-    TempDir, access_lines, capture_access_log, dead_addr, exchange_until_closed, h1_client,
-    h2_handshake, idle, local_frontend, provider, start_proxy,
+    TempDir, capture_access_log, dead_addr, exchange_until_closed, h1_client, h2_handshake, idle,
+    json_access_records, local_frontend, provider, start_proxy,
 };
 use lb_proxy::*;
 
@@ -825,28 +825,18 @@ async fn hash_server_down_moves_only_its_keys() {
     assert!((25..=75).contains(&moved), "{moved}");
 }
 
-/// `(status, Tw)` of the JSON access log lines for `uri`, waiting up to 2 s
-/// for one (a record is written when the proxy drops the response body, which
-/// may be just after the client has it all).
+/// `(status, Tw)` of the JSON access log lines for `uri` (`json_access_records`).
 async fn tw(uri: &str) -> Vec<(u16, i64)> {
-    for _ in 0..100 {
-        let recs: Vec<(u16, i64)> = access_lines()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|j| j["uri"] == uri)
-            .filter_map(|j| {
-                Some((
-                    u16::try_from(j["status"].as_u64()?).ok()?,
-                    j["tw"].as_i64()?,
-                ))
-            })
-            .collect();
-        if !recs.is_empty() {
-            return recs;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Vec::new()
+    json_access_records(uri)
+        .await
+        .iter()
+        .filter_map(|j| {
+            Some((
+                u16::try_from(j["status"].as_u64()?).ok()?,
+                j["tw"].as_i64()?,
+            ))
+        })
+        .collect()
 }
 
 /// A frontend whose access log is kept (JSON lines), for `tw`.

@@ -250,6 +250,63 @@ pub fn access_lines() -> Vec<String> {
     LINES.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// The JSON access log lines (parsed) for `uri`, waiting up to 2 s for one:
+/// a record is written when the proxy drops the response body, which may be
+/// just after the client has it all.
+pub async fn json_access_records(uri: &str) -> Vec<serde_json::Value> {
+    for _ in 0..100 {
+        let recs: Vec<serde_json::Value> = access_lines()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|j| j["uri"] == uri)
+            .collect();
+        if !recs.is_empty() {
+            return recs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Vec::new()
+}
+
+/// A response or request body of `first`, then after `pause` (counted from
+/// its making) of `second`: a body of unknown length sent in two frames.
+pub struct PausedBody {
+    frames: std::collections::VecDeque<Bytes>,
+    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sent: usize,
+}
+
+impl PausedBody {
+    /// `first`, then `second` once `pause` has passed.
+    pub fn new(first: &'static [u8], pause: Duration, second: &'static [u8]) -> Self {
+        PausedBody {
+            frames: [first, second].map(Bytes::from_static).into(),
+            pause: Box::pin(tokio::time::sleep(pause)),
+            sent: 0,
+        }
+    }
+}
+
+impl hyper::body::Body for PausedBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if self.sent == 1 && self.pause.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        self.sent += 1;
+        std::task::Poll::Ready(
+            self.frames
+                .pop_front()
+                .map(|d| Ok(hyper::body::Frame::data(d))),
+        )
+    }
+}
+
 /// A subscriber that keeps the message of each `access` event in `LINES`.
 struct AccessLog;
 

@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 
 use crate::backends::{serve_http1, server};
 use crate::support::{
-    TempDir, access_lines, capture_access_log, h1_client, h2_handshake, idle, local_frontend,
-    one_server_pool, provider, reset_streams, start_proxy,
+    PausedBody, TempDir, access_lines, capture_access_log, h1_client, h2_handshake, idle,
+    json_access_records, local_frontend, one_server_pool, provider, reset_streams, start_proxy,
 };
 use lb_proxy::*;
 
@@ -273,17 +273,10 @@ async fn json_access_log() {
     let server = backend(None).await;
     let proxy = start(pool(server), LogFormat::Json).await;
     assert_eq!(get(&proxy, "/json-log?x=1").await.0, StatusCode::OK);
-    let mut found = None;
-    for _ in 0..100 {
-        found = access_lines()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|j| j["uri"] == "/json-log?x=1");
-        if found.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let found = json_access_records("/json-log?x=1")
+        .await
+        .into_iter()
+        .next();
     let j = found.expect("no JSON access log line");
     assert_eq!(j["client_ip"], "127.0.0.1");
     assert_eq!(j["frontend"], "web");
@@ -437,39 +430,6 @@ impl Seen {
     }
 }
 
-/// A response body of `a`, then after `pause` of `b`.
-struct Slow {
-    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
-    sent: u8,
-}
-
-impl hyper::body::Body for Slow {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        use std::task::Poll;
-        let data = |d: &'static [u8]| Poll::Ready(Some(Ok(hyper::body::Frame::data(d.into()))));
-        match self.sent {
-            0 => {
-                self.sent = 1;
-                data(b"a")
-            }
-            1 => match self.pause.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    self.sent = 2;
-                    data(b"b")
-                }
-                Poll::Pending => Poll::Pending,
-            },
-            _ => Poll::Ready(None),
-        }
-    }
-}
-
 /// An h2c server answering `ok`, or on `/slow` `a` then 800 ms later `b`.
 async fn h2c_server() -> (SocketAddr, Arc<Seen>) {
     use http_body_util::Either;
@@ -482,10 +442,9 @@ async fn h2c_server() -> (SocketAddr, Arc<Seen>) {
         async move {
             let svc = service_fn(|req: Request<Incoming>| async move {
                 let body = match req.uri().path() {
-                    "/slow" => Either::Right(Slow {
-                        pause: Box::pin(tokio::time::sleep(Duration::from_millis(800))),
-                        sent: 0,
-                    }),
+                    "/slow" => {
+                        Either::Right(PausedBody::new(b"a", Duration::from_millis(800), b"b"))
+                    }
                     _ => Either::Left(Full::new(Bytes::from_static(b"ok"))),
                 };
                 Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
