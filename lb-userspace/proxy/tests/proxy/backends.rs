@@ -86,8 +86,11 @@ where
 /// A `json_backend`: where it listens, the requests it served and the
 /// connections it accepted.
 pub struct JsonBackend {
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Requests it has served.
     pub requests: Arc<AtomicUsize>,
+    /// Connections it has accepted.
     pub accepted: Arc<AtomicUsize>,
 }
 
@@ -234,7 +237,8 @@ pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// The Sec-WebSocket-Accept value that answers `WS_KEY`.
 pub const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
-/// A WebSocket upgrade request for `/chat` with `WS_KEY` and version 13.
+/// A WebSocket upgrade request for `/chat` with `WS_KEY` (spelled out: a
+/// const cannot be formatted) and version 13.
 pub const WS_UPGRADE: &[u8] = b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
 /// A 101 answer to a WebSocket upgrade carrying `accept` as

@@ -140,7 +140,8 @@ pub fn h1_client() -> Client<HttpConnector, Empty<Bytes>> {
 }
 
 /// Reads `s` until the peer closes it, and returns what came; panics if
-/// it is still open after 5 s, or if it ends with an error (a reset).
+/// it is still open after 5 s (a guard against hanging, not a limit under
+/// test: those use `GIVE_UP`), or if it ends with an error (a reset).
 pub async fn read_until_closed<S: AsyncRead + Unpin>(s: &mut S) -> String {
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
@@ -225,6 +226,45 @@ pub async fn reset_streams(
     }
 }
 
+/// A response or request body of `first`, then after `pause` (counted from
+/// its making) of `second`: a body of unknown length sent in two frames.
+pub struct PausedBody {
+    frames: std::collections::VecDeque<Bytes>,
+    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+    sent: usize,
+}
+
+impl PausedBody {
+    /// `first`, then `second` once `pause` has passed.
+    pub fn new(first: &'static [u8], pause: Duration, second: &'static [u8]) -> Self {
+        PausedBody {
+            frames: [first, second].map(Bytes::from_static).into(),
+            pause: Box::pin(tokio::time::sleep(pause)),
+            sent: 0,
+        }
+    }
+}
+
+impl hyper::body::Body for PausedBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        if self.sent == 1 && self.pause.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        self.sent += 1;
+        std::task::Poll::Ready(
+            self.frames
+                .pop_front()
+                .map(|d| Ok(hyper::body::Frame::data(d))),
+        )
+    }
+}
+
 /// The crypto provider of the test clients and servers (the proxy's own: ring).
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -266,45 +306,6 @@ pub async fn json_access_records(uri: &str) -> Vec<serde_json::Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Vec::new()
-}
-
-/// A response or request body of `first`, then after `pause` (counted from
-/// its making) of `second`: a body of unknown length sent in two frames.
-pub struct PausedBody {
-    frames: std::collections::VecDeque<Bytes>,
-    pause: std::pin::Pin<Box<tokio::time::Sleep>>,
-    sent: usize,
-}
-
-impl PausedBody {
-    /// `first`, then `second` once `pause` has passed.
-    pub fn new(first: &'static [u8], pause: Duration, second: &'static [u8]) -> Self {
-        PausedBody {
-            frames: [first, second].map(Bytes::from_static).into(),
-            pause: Box::pin(tokio::time::sleep(pause)),
-            sent: 0,
-        }
-    }
-}
-
-impl hyper::body::Body for PausedBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        if self.sent == 1 && self.pause.as_mut().poll(cx).is_pending() {
-            return std::task::Poll::Pending;
-        }
-        self.sent += 1;
-        std::task::Poll::Ready(
-            self.frames
-                .pop_front()
-                .map(|d| Ok(hyper::body::Frame::data(d))),
-        )
-    }
 }
 
 /// A subscriber that keeps the message of each `access` event in `LINES`.
