@@ -679,3 +679,27 @@ pub fn set_mtu(ns: &str, dev: &str, mtu: u16) {
         .expect("run ip");
     assert!(status.success(), "ip link set {dev} mtu {mtu}");
 }
+
+/// A CA ("lb test CA", at `dir/ca.pem`, returned) and a leaf certificate it
+/// signs for each of `names`, written as `dir/NAME.pem` and `dir/NAME.key`.
+pub fn write_certificates(
+    dir: &std::path::Path,
+    names: &[&str],
+) -> anyhow::Result<std::path::PathBuf> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: a leaf whose issuer equals its subject looks self-signed.
+    ca.distinguished_name.push(DnType::CommonName, "lb test CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    for name in names {
+        let key = KeyPair::generate()?;
+        let cert =
+            CertificateParams::new(vec![name.to_string()])?.signed_by(&key, &ca_cert, &ca_key)?;
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
+    }
+    Ok(dir.join("ca.pem"))
+}

@@ -3,31 +3,11 @@
 //! h2), routes by ACLs and forwards to the lab's backends; curl is the client.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use lb_tests::RunningLab;
 use lb_userspace::lab::{Lab, TCP_PORT, VIP_V4, backend_v4};
-
-/// A CA and two leaf certificates it signs, written as PEM files into `dir`.
-fn certificates(dir: &Path) -> anyhow::Result<PathBuf> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let ca_key = KeyPair::generate()?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Distinct names: a leaf whose issuer equals its subject looks self-signed.
-    ca.distinguished_name.push(DnType::CommonName, "lb test CA");
-    let ca_cert = ca.self_signed(&ca_key)?;
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
-    for name in ["www.example", "api.example"] {
-        let key = KeyPair::generate()?;
-        let cert =
-            CertificateParams::new(vec![name.to_string()])?.signed_by(&key, &ca_cert, &ca_key)?;
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem())?;
-    }
-    Ok(dir.join("ca.pem"))
-}
 
 fn proxy_config(lab: &Lab, dir: &Path) -> anyhow::Result<String> {
     proxy_config_with(lab, dir, "")
@@ -35,7 +15,7 @@ fn proxy_config(lab: &Lab, dir: &Path) -> anyhow::Result<String> {
 
 /// `web_extra` is appended to the "web" pool's table.
 fn proxy_config_with(lab: &Lab, dir: &Path, web_extra: &str) -> anyhow::Result<String> {
-    certificates(dir)?;
+    lb_tests::write_certificates(dir, &["www.example", "api.example"])?;
     lab.make_local_on_balancer(VIP_V4.into())?;
     let server = |i: usize| format!("{{ address = \"{}:{TCP_PORT}\" }}", backend_v4(i));
     let pem = |n: &str, ext: &str| dir.join(format!("{n}.{ext}")).display().to_string();

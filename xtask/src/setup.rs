@@ -53,6 +53,9 @@ pub const PACKAGES: &[&str] = &[
     "chromium-driver",
     // `lb top` driven by key presses and read back (tests/tests/top.rs).
     "tmux",
+    // What outside audits run against the proxy (tests/tests/audit.rs).
+    "testssl.sh",
+    "slowhttptest",
 ];
 
 /// LLVM installation bpf-linker is built against.
