@@ -88,6 +88,8 @@ pub(crate) struct ClientStream {
     state: State,
     /// Writes may be held for the FIN that follows them (`HoldForFin`).
     hold: bool,
+    /// The last write waited for room the client did not make.
+    blocked: bool,
 }
 
 /// A stream whose last bytes may wait for the FIN that follows them, to
@@ -126,6 +128,7 @@ impl ClientStream {
         ClientStream {
             state: State::Direct(stream),
             hold: false,
+            blocked: false,
         }
     }
 
@@ -138,6 +141,18 @@ impl ClientStream {
             State::Lost => return Err(lost()),
         };
         Ok((sock.tcp_nodelay()?, sock.tcp_quickack()?))
+    }
+
+    /// Sets SO_SNDBUF, which turns the kernel's autotuning off: what a
+    /// client that reads slowly holds in kernel memory stays that small,
+    /// and a response larger waits on the client, within `timeout_client`.
+    pub(crate) fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        let sock = match &self.state {
+            State::Direct(s) => socket2::SockRef::from(s),
+            State::Registered(s) => socket2::SockRef::from(s),
+            State::Lost => return Err(lost()),
+        };
+        sock.set_send_buffer_size(bytes)
     }
 
     /// The local address of the connection.
@@ -269,6 +284,16 @@ impl ClientStream {
         cx: &mut Context<'_>,
         op: impl Fn(RawFd, bool) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
+        let r = self.poll_send_now(cx, op);
+        self.blocked = r.is_pending();
+        r
+    }
+
+    fn poll_send_now(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl Fn(RawFd, bool) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
         let hold = self.hold;
         if let State::Direct(s) = &self.state {
             match op(s.as_raw_fd(), hold) {
@@ -284,6 +309,26 @@ impl ClientStream {
                 r => return Poll::Ready(r),
             }
         }
+    }
+}
+
+/// A connection dropped while a write waits for the client to make room
+/// (it ends for `timeout_client`, a shutdown or an error) is reset, as
+/// nginx's `reset_timedout_connection`: closed gracefully, the kernel would
+/// keep the unsent answer (up to the send buffer) and retry it for minutes
+/// after the proxy let go, memory a slow reader could pin per connection.
+impl Drop for ClientStream {
+    fn drop(&mut self) {
+        if !self.blocked {
+            return;
+        }
+        let sock = match &self.state {
+            State::Direct(s) => socket2::SockRef::from(s),
+            State::Registered(s) => socket2::SockRef::from(s),
+            State::Lost => return,
+        };
+        // Linger 0: close() discards what is unsent and sends RST.
+        let _ = sock.set_linger(Some(std::time::Duration::ZERO));
     }
 }
 
@@ -329,6 +374,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::model::MIN_SEND_BUFFER;
 
     fn listener() -> Listener {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -406,6 +452,75 @@ mod tests {
         let mut all = Vec::new();
         std::io::Read::read_to_end(&mut &client, &mut all).unwrap();
         assert_eq!(all, b"bye");
+    }
+
+    /// Writes to `s` until one waits (the client reads nothing), within
+    /// 2 s; returns how much went.
+    async fn fill(s: &mut ClientStream) -> usize {
+        let chunk = vec![7u8; 64 * 1024];
+        let mut sent = 0;
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(until, s.write(&chunk)).await {
+            sent += n;
+        }
+        sent
+    }
+
+    /// What a client that finally reads gets: its bytes, and how it ended.
+    fn drain(client: std::net::TcpStream) -> (usize, io::Result<()>) {
+        client.set_nonblocking(false).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match (&client).read(&mut buf) {
+                Ok(0) => return (got, Ok(())),
+                Ok(n) => got += n,
+                Err(e) => return (got, Err(e)),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_while_its_client_takes_nothing_is_reset() {
+        let l = listener();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        s.set_send_buffer(MIN_SEND_BUFFER).unwrap();
+        let sent = fill(&mut s).await;
+        assert!(sent > 0);
+        drop(s);
+        let (_, end) = drain(client);
+        let e = end.expect_err("a reset, not an orderly end");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_after_its_writes_went_out_ends_in_order() {
+        let l = listener();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        s.write_all(&[1u8; 1000]).await.unwrap();
+        drop(s);
+        let (got, end) = drain(client);
+        assert_eq!((got, end.map_err(|e| e.kind())), (1000, Ok(())));
+    }
+
+    #[tokio::test]
+    async fn send_buffer_caps_what_the_kernel_takes_for_a_client() {
+        let l = listener();
+        let _a = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _b = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut capped, _) = l.accept().await.unwrap();
+        let (mut tuned, _) = l.accept().await.unwrap();
+        capped.set_send_buffer(MIN_SEND_BUFFER).unwrap();
+        let (capped, tuned) = (fill(&mut capped).await, fill(&mut tuned).await);
+        assert!(
+            capped * 4 < tuned,
+            "capped {capped} bytes, autotuned {tuned}"
+        );
     }
 
     #[tokio::test]

@@ -190,6 +190,8 @@ pub(crate) struct FrontendRuntime {
     pub max_connections: usize,
     /// `max_connections_per_source`, if set: shared by every serving thread, as `limit`.
     pub per_source: Option<Arc<SourceLimit>>,
+    /// SO_SNDBUF of accepted connections; 0: the kernel's autotuning.
+    pub send_buffer: usize,
     pub timeouts: ClientTimeouts,
     pub builder: auto::Builder<TokioExecutor>,
     /// Largest HTTP/1 request head, for `GuardIo`.
@@ -249,6 +251,7 @@ impl FrontendRuntime {
             accepting: Arc::default(),
             max_connections: cfg.max_connections,
             per_source: SourceLimit::new(cfg.max_connections_per_source),
+            send_buffer: cfg.send_buffer,
             timeouts: ClientTimeouts {
                 http_request: cfg.timeout_http_request,
                 keep_alive: cfg.timeout_http_keep_alive,

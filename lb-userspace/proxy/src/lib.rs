@@ -45,6 +45,8 @@
 //! max_connections_per_source = 0 # per IPv4 address or IPv6 /64 (TCP peer), 0..=max_connections;
 //!                                # one more is closed unread; 0: no limit (default)
 //! request_header_limit = 16384   # bytes, default 16 KiB
+//! send_buffer = 0               # SO_SNDBUF of client connections, bytes: 0 (default) leaves
+//!                                # the kernel's autotuning, else 4096..=4 MiB
 //! timeout_client = "30s"         # HTTP/2 idle (from its last stream's end: PINGs or stray bytes
 //!                                # do not extend it); HTTP/1: each wait on the client during a request;
 //!                                # both: each write to the client, each wait for a request body,

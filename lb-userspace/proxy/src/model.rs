@@ -45,6 +45,12 @@ pub struct Frontend {
     /// Largest request head in bytes (HTTP/1 buffer, HTTP/2 header list).
     #[serde(default = "defaults::request_header_limit")]
     pub request_header_limit: usize,
+    /// SO_SNDBUF of client connections in bytes (HAProxy's
+    /// `tune.sndbuf.client`, nginx's `sndbuf`): 0 leaves the kernel's
+    /// autotuning, else `MIN_SEND_BUFFER..=MAX_SEND_BUFFER` (the kernel
+    /// doubles it, within `net.core.wmem_max`).
+    #[serde(default)]
+    pub send_buffer: usize,
     /// Idle limit of an HTTP/2 connection with no request in flight; on
     /// HTTP/1, the limit of each wait on the client while a request is served.
     #[serde(default = "defaults::timeout_client", with = "duration")]
@@ -308,6 +314,12 @@ pub struct ServerSpec {
 /// `usize::MAX >> 3` permits) would panic on a larger one.
 pub const MAX_CONNECTIONS: usize = 1 << 30;
 
+/// Smallest non-zero `send_buffer` (below it every write of a response
+/// would be a few segments).
+pub const MIN_SEND_BUFFER: usize = 4096;
+/// Largest `send_buffer`: `net.ipv4.tcp_wmem`'s default ceiling.
+pub const MAX_SEND_BUFFER: usize = 4 << 20;
+
 /// A configuration the proxy refuses to start with.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -348,6 +360,17 @@ pub enum ConfigError {
         per_source: usize,
         /// Its `max_connections`.
         max: usize,
+    },
+    /// A frontend's `send_buffer` is out of range.
+    #[error(
+        "frontend {frontend:?}: send_buffer {bytes} is out of range; expected 0 (the kernel's \
+         autotuning) or {MIN_SEND_BUFFER}..={MAX_SEND_BUFFER} bytes"
+    )]
+    BadSendBuffer {
+        /// The frontend.
+        frontend: String,
+        /// Its `send_buffer`.
+        bytes: usize,
     },
     /// A pool's hash settings do not fit its algorithm.
     #[error("pool {pool:?}: {problem}")]
@@ -417,6 +440,12 @@ impl ProxyConfig {
                     max: f.max_connections,
                 });
             }
+            if f.send_buffer != 0 && !(MIN_SEND_BUFFER..=MAX_SEND_BUFFER).contains(&f.send_buffer) {
+                return Err(ConfigError::BadSendBuffer {
+                    frontend: f.name.clone(),
+                    bytes: f.send_buffer,
+                });
+            }
             if let Some(tls) = &f.tls
                 && (tls.certs.is_empty() || tls.default_cert.unwrap_or(0) >= tls.certs.len())
             {
@@ -438,6 +467,7 @@ impl Frontend {
             max_connections: defaults::max_connections(),
             max_connections_per_source: 0,
             request_header_limit: defaults::request_header_limit(),
+            send_buffer: 0,
             timeout_client: defaults::timeout_client(),
             timeout_http_request: defaults::timeout_10s(),
             timeout_http_keep_alive: defaults::timeout_10s(),
@@ -686,5 +716,27 @@ mod tests {
             max: 10,
         };
         assert_eq!(cfg.validate(), Err(expected));
+    }
+
+    #[test]
+    fn send_buffer_is_off_or_within_its_range() {
+        let mut cfg: ProxyConfig = toml::from_str(
+            "[[frontend]]\nname = 'f'\nbinds = ['127.0.0.1:80']\ndefault_pool = 'p'\n\
+             [[pool]]\nname = 'p'\nservers = [{ address = '127.0.0.1:81' }]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.frontends[0].send_buffer, 0, "autotuning by default");
+        for good in [0, MIN_SEND_BUFFER, 65536, MAX_SEND_BUFFER] {
+            cfg.frontends[0].send_buffer = good;
+            assert_eq!(cfg.validate(), Ok(()), "{good}");
+        }
+        for bad in [1, MIN_SEND_BUFFER - 1, MAX_SEND_BUFFER + 1] {
+            cfg.frontends[0].send_buffer = bad;
+            let expected = ConfigError::BadSendBuffer {
+                frontend: "f".into(),
+                bytes: bad,
+            };
+            assert_eq!(cfg.validate(), Err(expected));
+        }
     }
 }

@@ -91,6 +91,11 @@ pub(crate) async fn accept_loop(
             drop(stream);
             continue;
         };
+        if fe.send_buffer != 0
+            && let Err(e) = stream.set_send_buffer(fe.send_buffer)
+        {
+            tracing::debug!(frontend = %fe.ctx.name, %peer, "send_buffer not set: {e}");
+        }
         let slot = Slot {
             _source: source,
             _permit: permit,

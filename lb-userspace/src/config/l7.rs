@@ -192,6 +192,7 @@ impl Checker<'_> {
                 ConfigError::NoBinds(_) => "binds",
                 ConfigError::NoConnections(_) => "max_connections",
                 ConfigError::PerSourceAboveMax { .. } => "max_connections_per_source",
+                ConfigError::BadSendBuffer { .. } => "send_buffer",
                 ConfigError::BadTls(_) => "tls",
                 _ => "name",
             };
@@ -485,6 +486,21 @@ mod tests {
         lines[6] = "max_connections_per_source = -1";
         expect_one(&lines, 7, "max_connections_per_source");
         lines[6] = "max_connections_per_source = 100";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
+    fn a_send_buffer_out_of_range_is_refused_at_its_line() {
+        let mut lines = l7(&[]);
+        lines.splice(5..5, ["send_buffer = 100"]);
+        let errs = errors(&lines);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(
+            errs[0].to_string(),
+            "lb.toml:6:15: frontend \"f\": send_buffer 100 is out of range; expected 0 (the \
+             kernel's autotuning) or 4096..=4194304 bytes"
+        );
+        lines[5] = "send_buffer = 65536";
         assert!(parse(&text(&lines), "lb.toml").is_ok());
     }
 
