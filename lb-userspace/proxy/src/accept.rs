@@ -132,14 +132,19 @@ impl ClientStream {
         }
     }
 
+    /// The socket, for its options.
+    fn sock(&self) -> io::Result<socket2::SockRef<'_>> {
+        match &self.state {
+            State::Direct(s) => Ok(socket2::SockRef::from(s)),
+            State::Registered(s) => Ok(socket2::SockRef::from(s)),
+            State::Lost => Err(lost()),
+        }
+    }
+
     /// TCP_NODELAY and TCP_QUICKACK (for tests: they come from the listener).
     #[cfg(test)]
     fn nodelay_and_quickack(&self) -> io::Result<(bool, bool)> {
-        let sock = match &self.state {
-            State::Direct(s) => socket2::SockRef::from(s),
-            State::Registered(s) => socket2::SockRef::from(s),
-            State::Lost => return Err(lost()),
-        };
+        let sock = self.sock()?;
         Ok((sock.tcp_nodelay()?, sock.tcp_quickack()?))
     }
 
@@ -147,12 +152,7 @@ impl ClientStream {
     /// client that reads slowly holds in kernel memory stays that small,
     /// and a response larger waits on the client, within `timeout_client`.
     pub(crate) fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
-        let sock = match &self.state {
-            State::Direct(s) => socket2::SockRef::from(s),
-            State::Registered(s) => socket2::SockRef::from(s),
-            State::Lost => return Err(lost()),
-        };
-        sock.set_send_buffer_size(bytes)
+        self.sock()?.set_send_buffer_size(bytes)
     }
 
     /// The local address of the connection.
@@ -319,16 +319,12 @@ impl ClientStream {
 /// after the proxy let go, memory a slow reader could pin per connection.
 impl Drop for ClientStream {
     fn drop(&mut self) {
-        if !self.blocked {
-            return;
+        if self.blocked
+            && let Ok(sock) = self.sock()
+        {
+            // Linger 0: close() discards what is unsent and sends RST.
+            let _ = sock.set_linger(Some(std::time::Duration::ZERO));
         }
-        let sock = match &self.state {
-            State::Direct(s) => socket2::SockRef::from(s),
-            State::Registered(s) => socket2::SockRef::from(s),
-            State::Lost => return,
-        };
-        // Linger 0: close() discards what is unsent and sends RST.
-        let _ = sock.set_linger(Some(std::time::Duration::ZERO));
     }
 }
 
