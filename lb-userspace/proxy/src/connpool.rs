@@ -529,7 +529,14 @@ impl ConnPool {
     /// Idle HTTP/1.1 connections kept for `server`.
     pub(crate) fn idle_count(&self, server: SocketAddr) -> usize {
         let lists = self.lists();
-        lists.idle.get(&server).map_or(0, Vec::len) + lists.raw.get(&server).map_or(0, Vec::len)
+        // The shared HTTP/2 connection counts while no request is in flight.
+        let h2 = lists
+            .shared
+            .get(&server)
+            .is_some_and(|c| c.usage.in_flight.load(Ordering::Acquire) == 0);
+        lists.idle.get(&server).map_or(0, Vec::len)
+            + lists.raw.get(&server).map_or(0, Vec::len)
+            + usize::from(h2)
     }
 
     /// Drives idle connections once (a server's close is read and the

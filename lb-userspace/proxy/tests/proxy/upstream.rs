@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 
 use crate::backends::{serve_http1, server};
 use crate::support::{
-    PausedBody, TempDir, access_lines, capture_access_log, h1_client, h2_handshake, idle,
+    GIVE_UP, PausedBody, TempDir, access_lines, capture_access_log, h1_client, h2_handshake, idle,
     json_access_records, local_frontend, one_server_pool, provider, reset_streams, start_proxy,
 };
 use lb_proxy::*;
@@ -486,8 +486,16 @@ async fn an_idle_shared_h2_connection_closes_after_timeout_server_idle() {
     let proxy = start(h2_pool(server), LogFormat::Httplog).await;
     assert_eq!(get_body(&proxy, "/").await.0, StatusCode::OK);
     assert_eq!(seen.get(), (1, 0));
+    // Counted idle once its stream has ended (just after the client's
+    // answer, at most), and no more once closed.
+    let until = tokio::time::Instant::now() + GIVE_UP;
+    while idle(&proxy, server) != 1 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(idle(&proxy, server), 1, "the shared connection is idle");
     let closed = seen.once_closed(1).await;
     assert_eq!(closed, (1, 1), "the idle connection was not closed");
+    assert_eq!(idle(&proxy, server), 0, "closed: not idle");
     // The next request opens a new one.
     assert_eq!(get_body(&proxy, "/").await, (StatusCode::OK, "ok".into()));
     assert_eq!(seen.get(), (2, 1));
