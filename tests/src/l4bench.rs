@@ -20,14 +20,14 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use lb_userspace::lab::{
     Lab, LabOptions, ReturnPath, TCP_PORT, VIP_V4,
     backend_server::BYTES_PATH,
-    backend_v4,
+    backend_v4, ns_command,
     services::{self, Forwarding},
 };
 
@@ -355,10 +355,8 @@ fn run_wrk(
     window: Duration,
 ) -> Result<Measure> {
     let url = format!("http://{target}{}", s.path());
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", client_ns])
-        .arg(wrk)
-        .args(["-t1", &format!("-c{CONNECTIONS}")])
+    let mut cmd = ns_command(client_ns, wrk);
+    cmd.args(["-t1", &format!("-c{CONNECTIONS}")])
         .arg(format!("-d{}s", window.as_secs()))
         .args(["--latency", "--timeout", REQUEST_TIMEOUT]);
     if matches!(s, Scenario::NewConnection) {

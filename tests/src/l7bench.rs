@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use lb_proxy::{Frontend, Pool};
 use lb_userspace::lab::{
-    Lab, LabOptions, VIP_V4, client::http_get, run_in_ns, services::lab_config,
+    Lab, LabOptions, VIP_V4, client::http_get, ns_command, run_in_ns, services::lab_config,
 };
 
 /// Backends behind the three proxies (round robin).
@@ -911,12 +911,7 @@ fn haproxy_version(haproxy: &Path) -> Result<String> {
 /// Runs `program ARGS cfg` in namespace `ns` (nginx binds its addresses to
 /// check them), a configuration check, which must pass.
 fn check_config(ns: &str, program: &Path, args: &[&str], cfg: &Path) -> Result<()> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .arg(program)
-        .args(args)
-        .arg(cfg)
-        .output()?;
+    let out = ns_command(ns, program).args(args).arg(cfg).output()?;
     ensure!(
         out.status.success(),
         "{} rejects {}: {}{}",
@@ -931,11 +926,9 @@ fn check_config(ns: &str, program: &Path, args: &[&str], cfg: &Path) -> Result<(
 /// The TLS version and cipher suite OpenSSL (wrk's library) negotiates
 /// with `addr`, from namespace `ns`.
 fn tls_version(ns: &str, addr: SocketAddr) -> Result<String> {
-    let mut cmd = Command::new("ip");
-    cmd.args([
-        "netns", "exec", ns, "openssl", "s_client", "-brief", "-connect",
-    ])
-    .arg(addr.to_string());
+    let mut cmd = ns_command(ns, "openssl");
+    cmd.args(["s_client", "-brief", "-connect"])
+        .arg(addr.to_string());
     // A proxy that accepts but never answers must not hang the bench.
     let out = crate::output_within(&mut cmd, Duration::from_secs(10));
     // -brief prints "Protocol version: TLSv1.3" and "Ciphersuite: ..." on stderr.
@@ -995,10 +988,8 @@ fn run_wrk(
     window: Duration,
     cpu: &dyn Fn() -> Result<Cpu>,
 ) -> Result<Measure> {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", client_ns])
-        .arg(wrk)
-        .args([format!("-t{threads}"), format!("-c{}", s.connections)])
+    let mut cmd = ns_command(client_ns, wrk);
+    cmd.args([format!("-t{threads}"), format!("-c{}", s.connections)])
         .arg(format!("-d{}s", window.as_secs()))
         .args(["--latency", "--timeout", REQUEST_TIMEOUT]);
     if s.close {

@@ -5,10 +5,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use lb_userspace::lab::{BALANCER_CLIENT_V4, Lab, LabOptions, TCP_PORT, services::METRICS_ADDR};
+use lb_userspace::lab::{
+    BALANCER_CLIENT_V4, Lab, LabOptions, TCP_PORT, ns_command, services::METRICS_ADDR,
+};
 
 const HTTP_PORT: u16 = 8081;
 /// As `HTTP_PORT`, with `send_buffer` set.
@@ -58,12 +59,7 @@ impl Proxy {
 
     /// Runs `program args` in the client namespace; its output, within `limit`.
     fn client_runs(&self, program: &str, args: &[&str], limit: Duration) -> std::process::Output {
-        lb_tests::output_within(
-            Command::new("ip")
-                .args(["netns", "exec", self.lab.client_ns(), program])
-                .args(args),
-            limit,
-        )
+        lb_tests::output_within(ns_command(self.lab.client_ns(), program).args(args), limit)
     }
 }
 
@@ -251,9 +247,8 @@ fn slowhttptest(
         prefix.to_str().unwrap(),
     ];
     all.extend_from_slice(args);
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", proxy.lab.client_ns(), "slowhttptest"])
-        .args(&all);
+    let mut cmd = ns_command(proxy.lab.client_ns(), "slowhttptest");
+    cmd.args(&all);
     let (out, sockets_mid_run) = std::thread::scope(|scope| {
         let run = scope.spawn(|| lb_tests::output_within(&mut cmd, Duration::from_secs(60)));
         std::thread::sleep(PROBE_AT);
@@ -285,9 +280,14 @@ fn slowhttptest(
 fn proxy_sockets(proxy: &Proxy, port: u16) -> usize {
     let filter = format!("sport = :{port}");
     let out = lb_tests::output_within(
-        Command::new("ip")
-            .args(["netns", "exec", proxy.lab.balancer_ns(), "ss", "-Htn"])
-            .args(["state", "established", "state", "fin-wait-1", &filter]),
+        ns_command(proxy.lab.balancer_ns(), "ss").args([
+            "-Htn",
+            "state",
+            "established",
+            "state",
+            "fin-wait-1",
+            &filter,
+        ]),
         Duration::from_secs(10),
     );
     assert!(out.status.success(), "ss: {out:?}");

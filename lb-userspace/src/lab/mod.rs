@@ -111,7 +111,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 pub use cluster::{BfdSession, LabNode};
-pub use netns::{list_ns, run_in_ns, sweep_stale};
+pub use netns::{command as ns_command, list_ns, run_in_ns, sweep_stale};
 
 use backend_server::BackendArgs;
 
@@ -1118,9 +1118,7 @@ impl Lab {
         if !self.namespaces.iter().any(|n| n == ns) {
             bail!("{ns} is not a namespace of this lab");
         }
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(program)
+        let child = netns::command(ns, program)
             .args(args)
             .stdin(Stdio::null())
             .spawn()

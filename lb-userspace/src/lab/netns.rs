@@ -115,23 +115,23 @@ pub(crate) fn ip_batch(ns: &str, commands: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `program` run inside namespace `ns` (`ip netns exec NS PROGRAM`); the
+/// caller adds the arguments.
+pub fn command(ns: &str, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(program);
+    cmd
+}
+
 /// Runs `nft -f -` with `ruleset` inside namespace `ns`.
 pub(crate) fn nft_in(ns: &str, ruleset: &str) -> Result<()> {
-    run_checked(
-        Command::new("ip").args(["netns", "exec", ns, "nft", "-f", "-"]),
-        Some(ruleset),
-    )?;
+    run_checked(command(ns, "nft").args(["-f", "-"]), Some(ruleset))?;
     Ok(())
 }
 
 /// Runs `nft ARGS` inside namespace `ns` and returns its stdout.
 pub(crate) fn nft_output(ns: &str, args: &[&str]) -> Result<String> {
-    let out = run_checked(
-        Command::new("ip")
-            .args(["netns", "exec", ns, "nft"])
-            .args(args),
-        None,
-    )?;
+    let out = run_checked(command(ns, "nft").args(args), None)?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -247,7 +247,7 @@ pub fn sweep_stale() -> Result<()> {
 /// which is what this reproduces on the lab's traffic sources.
 pub(crate) fn full_tx_checksums(ns: &str, iface: &str) -> Result<()> {
     run_checked(
-        Command::new("ip").args(["netns", "exec", ns, "ethtool", "-K", iface, "tx", "off"]),
+        command(ns, "ethtool").args(["-K", iface, "tx", "off"]),
         None,
     )
     .with_context(|| format!("ethtool -K {iface} tx off in {ns} (is ethtool installed?)"))?;
