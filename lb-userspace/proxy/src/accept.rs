@@ -315,8 +315,9 @@ impl ClientStream {
 /// A connection dropped while a write waits for the client to make room
 /// (it ends for `timeout_client`, a shutdown or an error) is reset, as
 /// nginx's `reset_timedout_connection`: closed gracefully, the kernel would
-/// keep the unsent answer (up to the send buffer) and retry it for minutes
-/// after the proxy let go, memory a slow reader could pin per connection.
+/// keep the unsent answer (up to the send buffer) and go on sending it for
+/// as long as the client reads a little now and then, after the proxy let
+/// go: memory a slow reader could pin per connection.
 impl Drop for ClientStream {
     fn drop(&mut self) {
         if self.blocked
