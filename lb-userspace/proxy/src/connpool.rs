@@ -38,6 +38,7 @@ use hyper::client::conn::{TrySendError, http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
+use tokio_util::either::Either;
 
 use super::deadline::Deadline;
 use super::upstream::{Connector, ServerIo};
@@ -97,22 +98,34 @@ impl H1 {
         .await
     }
 
-    async fn send(&mut self, req: Request<RequestBody>, limit: Duration) -> SendResult {
+    /// Sends `req` and drives the connection until the response head, within `limit`.
+    ///
+    /// Not an `async fn`: one would keep a copy of `req` beside hyper's for
+    /// its whole life, and request futures are moved by value (HTTP/2
+    /// streams' tasks), so every copy costs on every request.
+    fn send(
+        &mut self,
+        req: Request<RequestBody>,
+        limit: Duration,
+    ) -> impl Future<Output = SendResult> + '_ {
         let due = Instant::now() + limit;
         self.timer.arm(due);
-        let mut response = pin!(self.sender.try_send_request(req));
-        poll_fn(|cx| {
-            self.drive(cx);
-            if let Poll::Ready(r) = response.as_mut().poll(cx) {
-                return Poll::Ready(Ok(r));
-            }
-            if self.timer.poll_expired(cx, due) {
-                Poll::Ready(Err(TimedOut))
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+        let response = self.sender.try_send_request(req);
+        async move {
+            let mut response = pin!(response);
+            poll_fn(|cx| {
+                self.drive(cx);
+                if let Poll::Ready(r) = response.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(r));
+                }
+                if self.timer.poll_expired(cx, due) {
+                    Poll::Ready(Err(TimedOut))
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await
+        }
     }
 }
 
@@ -209,16 +222,29 @@ impl Drop for Busy {
 impl Sender {
     /// Sends `req` and waits for the response head at most `limit`; the
     /// request comes back in the error if it never left.
-    pub(crate) async fn send(&mut self, req: Request<RequestBody>, limit: Duration) -> SendResult {
-        let timed = |r: Result<_, tokio::time::error::Elapsed>| r.map_err(|_| TimedOut);
+    /// Not an `async fn`, for the reason given at [`H1::send`].
+    pub(crate) fn send(
+        &mut self,
+        req: Request<RequestBody>,
+        limit: Duration,
+    ) -> impl Future<Output = SendResult> + '_ {
+        // Not an `async fn` either: one would hold `f` twice.
+        #[allow(clippy::manual_async_fn)]
+        fn timed<F: Future>(
+            f: tokio::time::Timeout<F>,
+        ) -> impl Future<Output = Result<F::Output, TimedOut>> {
+            async move { f.await.map_err(|_| TimedOut) }
+        }
         match self {
-            Sender::H1(h) => h.send(req, limit).await,
-            Sender::H1Tunnel(s) => {
-                timed(tokio::time::timeout(limit, s.try_send_request(req)).await)
-            }
-            Sender::H2(h) => {
-                timed(tokio::time::timeout(limit, h.sender.try_send_request(req)).await)
-            }
+            Sender::H1(h) => Either::Left(h.send(req, limit)),
+            Sender::H1Tunnel(s) => Either::Right(Either::Left(timed(tokio::time::timeout(
+                limit,
+                s.try_send_request(req),
+            )))),
+            Sender::H2(h) => Either::Right(Either::Right(timed(tokio::time::timeout(
+                limit,
+                h.sender.try_send_request(req),
+            )))),
         }
     }
 
@@ -368,6 +394,18 @@ impl ConnPool {
                 connect_time: None,
             });
         }
+        // Boxed: a new connection is the rare case, and its future would
+        // make every request's (moved by value on HTTP/2) four times larger.
+        Box::pin(self.open(server, client, local)).await
+    }
+
+    /// A new connection to `server`.
+    async fn open(
+        &self,
+        server: SocketAddr,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> io::Result<Conn> {
         let start = Instant::now();
         let io = self.connector.connect(server, client, local).await?;
         let h2 = io.alpn_h2() || self.h2_prior_knowledge;

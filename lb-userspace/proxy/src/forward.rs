@@ -88,37 +88,46 @@ pub(crate) async fn handle(
     let limit = conn.frontend.timeout_client;
     if !h2_client {
         let body = RequestBody::stream(body, limit);
-        return Ok(forward(&shared, &conn, parts, body, fwd, upgrade, done, None).await);
+        // Boxed, or every HTTP/2 stream's future (this one) would be as large.
+        return Ok(Box::pin(forward(
+            &shared, &conn, parts, body, fwd, upgrade, done, None,
+        ))
+        .await);
     }
     let body = request_body::in_hand(body, limit).await;
-    // An HTTP/2 stream can be reset at any time, which drops this future:
-    // the exchange with the server runs in a task of its own, so a reset
-    // neither abandons a connection being opened nor one whose response is
-    // under way (both go back to the pool), and a request not sent yet is
-    // not sent at all (rapid reset, CVE-2023-44487).
+    Ok(in_task(shared, conn, parts, body, fwd, upgrade, done).await)
+}
+
+/// Starts an HTTP/2 stream's exchange in a task of its own; its answer.
+///
+/// An HTTP/2 stream can be reset at any time, which drops the stream's
+/// future: in a task, a reset neither abandons a connection being opened nor
+/// one whose response is under way (both go back to the pool), and a request
+/// not sent yet is not sent at all (rapid reset, CVE-2023-44487).
+fn in_task(
+    shared: Arc<Shared>,
+    conn: Arc<ConnCtx>,
+    parts: http::request::Parts,
+    body: RequestBody,
+    fwd: Forwarding,
+    upgrade: Option<tunnel::Upgrade>,
+    done: Done,
+) -> impl Future<Output = Response<ProxyBody>> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let task_shared = shared.clone();
     let pool_idx = fwd.pool;
     let fe = conn.frontend.clone();
     let counted = InFlight::new(fe.clone());
-    let task = tokio::spawn(async move {
+    // Boxed, as the service's future (server.rs): written once, not copied.
+    let task = tokio::spawn(Box::pin(async move {
         let _counted = counted;
-        let resp = forward(
-            &task_shared,
-            &conn,
-            parts,
-            body,
-            fwd,
-            upgrade,
-            done,
-            Some(&tx),
-        )
-        .await;
+        let resp = forward(&shared, &conn, parts, body, fwd, upgrade, done, Some(&tx)).await;
         if let Err(resp) = tx.send(resp) {
-            drain(resp.into_body(), task_shared.pools[pool_idx].timeout_server).await;
+            // Boxed: rare (the client reset the stream), and large.
+            let limit = shared.pools[pool_idx].timeout_server;
+            Box::pin(drain(resp.into_body(), limit)).await;
         }
-    });
-    Ok(answer_of(rx, Reset(Some(task.abort_handle()), fe)).await)
+    }));
+    answer_of(rx, Reset(Some(task.abort_handle()), fe))
 }
 
 /// The answer of an HTTP/2 stream's exchange task; `reset` acts if this
@@ -199,84 +208,94 @@ async fn drain(mut body: ProxyBody, limit: Duration) {
 /// response, or an error answer. `gone` is the channel the answer goes back
 /// on when the exchange runs in a task of its own: once its receiver is
 /// dropped (the client reset the stream), a request not sent yet is not sent.
+///
+/// Not an `async fn`: one keeps its arguments twice (as passed, and moved
+/// into its body), and this future is moved by value on HTTP/2 (its task).
 #[allow(clippy::too_many_arguments)]
-async fn forward(
-    shared: &Shared,
-    conn: &Arc<ConnCtx>,
+fn forward<'a>(
+    shared: &'a Shared,
+    conn: &'a Arc<ConnCtx>,
     parts: http::request::Parts,
     body: RequestBody,
     mut fwd: Forwarding,
     upgrade: Option<tunnel::Upgrade>,
     done: Done,
-    gone: Option<&tokio::sync::oneshot::Sender<Response<ProxyBody>>>,
-) -> Response<ProxyBody> {
-    let pool = &shared.pools[fwd.pool];
+    gone: Option<&'a tokio::sync::oneshot::Sender<Response<ProxyBody>>>,
+) -> impl Future<Output = Response<ProxyBody>> + 'a {
     // The request travels by value; it comes back from a connection that could not send it.
     let mut req = Some(Request::from_parts(parts, body));
-    let mut attempts = Attempts::new(pool);
-    loop {
-        let attempt = match attempts.acquire(pool, fwd.key, &mut fwd.rec).await {
-            Ok(active) => connect(pool, conn, active, upgrade.is_some()).await,
-            Err(failure) => Err(failure),
-        };
-        let (active, server) = match attempt {
-            Ok(a) => a,
-            Err(f) if attempts.retry(pool, f, false) => continue,
-            Err(f) => return error_response(f, fwd.rec, done),
-        };
-        fwd.rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
-        let Some(mut out) = req.take() else {
-            // Unreachable: `req` is put back before every retry.
-            return error_response(Failure::Internal, fwd.rec, done);
-        };
-        if gone.is_some_and(|tx| tx.is_closed()) {
-            // Reset before it was sent: the connection serves another request instead.
-            if let Sender::H1(h1) = server.sender {
-                pool.conns.put(active.server().addr, h1);
+    async move {
+        let pool = &shared.pools[fwd.pool];
+        let mut attempts = Attempts::new(pool);
+        loop {
+            let attempt = match attempts.acquire(pool, fwd.key, &mut fwd.rec).await {
+                Ok(active) => connect(pool, conn, active, upgrade.is_some()).await,
+                Err(failure) => Err(failure),
+            };
+            let (active, server) = match attempt {
+                Ok(a) => a,
+                Err(f) if attempts.retry(pool, f, false) => continue,
+                Err(f) => return error_response(f, fwd.rec, done),
+            };
+            fwd.rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
+            if gone.is_some_and(|tx| tx.is_closed()) {
+                // Reset before it was sent: the connection serves another request instead.
+                if let Sender::H1(h1) = server.sender {
+                    pool.conns.put(active.server().addr, h1);
+                }
+                return error_response(Failure::ClientGone, fwd.rec, done);
             }
-            return error_response(Failure::ClientGone, fwd.rec, done);
+            let sent = Instant::now();
+            let reused = server.connect_time.is_none();
+            let mut sender = server.sender;
+            let h2 = sender.is_h2();
+            // No binding for the request being sent: one would keep its
+            // storage in this future after the request moved into the send.
+            let Some(sending) = req.take().map(|mut out| {
+                for_server(&mut out, h2, pool, &fwd.rec);
+                sender.send(out, pool.timeout_server)
+            }) else {
+                // Unreachable: `req` is put back before every retry.
+                return error_response(Failure::Internal, fwd.rec, done);
+            };
+            let failure = match sending.await {
+                Ok(Ok(resp)) => {
+                    fwd.rec.tr = sent.elapsed().as_millis() as i64;
+                    let exchange = Exchange {
+                        pool,
+                        conn,
+                        sender,
+                        active,
+                        upgrade,
+                    };
+                    return respond(resp, exchange, fwd, done);
+                }
+                Ok(Err(e)) if request_body::timed_out(e.error()) => Failure::ClientTimeout,
+                Ok(Err(mut e)) => {
+                    let server = active.server().addr;
+                    tracing::debug!(pool = %pool.name, %server, error = %e.error(), "forward failed");
+                    // A reused connection that closed before the request went out
+                    // (the server's keep-alive ended): sent again on another one.
+                    match e.take_message() {
+                        Some(back) if attempts.retry(pool, Failure::ServerClosed, reused) => {
+                            req = Some(back);
+                            continue;
+                        }
+                        _ => {
+                            fwd.rec.tr = sent.elapsed().as_millis() as i64;
+                            Failure::BadResponse
+                        }
+                    }
+                }
+                Err(_) => {
+                    if let Sender::H2(h2) = &sender {
+                        pool.conns.retire(active.server().addr, h2);
+                    }
+                    Failure::ServerTimeout
+                }
+            };
+            return error_response(failure, fwd.rec, done);
         }
-        for_server(&mut out, server.sender.is_h2(), pool, &fwd.rec);
-        let sent = Instant::now();
-        let reused = server.connect_time.is_none();
-        let mut sender = server.sender;
-        let failure = match sender.send(out, pool.timeout_server).await {
-            Ok(Ok(resp)) => {
-                fwd.rec.tr = sent.elapsed().as_millis() as i64;
-                let exchange = Exchange {
-                    pool,
-                    conn,
-                    sender,
-                    active,
-                    upgrade,
-                };
-                return respond(resp, exchange, fwd, done);
-            }
-            Ok(Err(e)) if request_body::timed_out(e.error()) => Failure::ClientTimeout,
-            Ok(Err(mut e)) => {
-                let server = active.server().addr;
-                tracing::debug!(pool = %pool.name, %server, error = %e.error(), "forward failed");
-                // A reused connection that closed before the request went out
-                // (the server's keep-alive ended): sent again on another one.
-                match e.take_message() {
-                    Some(back) if attempts.retry(pool, Failure::ServerClosed, reused) => {
-                        req = Some(back);
-                        continue;
-                    }
-                    _ => {
-                        fwd.rec.tr = sent.elapsed().as_millis() as i64;
-                        Failure::BadResponse
-                    }
-                }
-            }
-            Err(_) => {
-                if let Sender::H2(h2) = &sender {
-                    pool.conns.retire(active.server().addr, h2);
-                }
-                Failure::ServerTimeout
-            }
-        };
-        return error_response(failure, fwd.rec, done);
     }
 }
 
