@@ -39,6 +39,10 @@
 //!   measured on `lb run` with the proxy's tables only: 2.0 KiB per idle
 //!   connection at one thread, 3.1 at two, HAProxy 1.1, nginx 0.5.
 //!
+//! The last row loads the HTTPS ports over HTTP/2 (ALPN h2) with nghttp2's
+//! h2load, `H2_CONNECTIONS` connections of `STREAMS` streams each, as
+//! browsers and CDNs multiplex; its p99 comes from h2load's per-request log.
+//!
 //! Access logging is off for all three (`RUST_LOG=warn,rustls=error` for
 //! lb: its access log is `tracing` target `access` at INFO, and rustls warns
 //! once per handshake about wrk's IP address as SNI). Nothing is pinned: on
@@ -98,15 +102,27 @@ struct Scenario {
     close: bool,
     connections: u32,
     path: &'static str,
+    /// Loaded by h2load over HTTP/2 (ALPN h2), `STREAMS` requests at a time
+    /// per connection, instead of wrk.
+    h2: bool,
 }
 
-const SCENARIOS: [Scenario; 6] = [
+/// Requests in flight per connection on the HTTP/2 row (h2load -m).
+const STREAMS: u32 = 10;
+/// Connections of the HTTP/2 row: with `STREAMS` each, about as many
+/// requests in flight as wrk's -c50 rows.
+const H2_CONNECTIONS: u32 = 5;
+/// Index of the 64 KiB row in `SCENARIOS`.
+const LARGE_ROW: usize = 5;
+
+const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "HTTP keep-alive",
         https: false,
         close: false,
         connections: CONNECTIONS,
         path: "/",
+        h2: false,
     },
     Scenario {
         name: "HTTP keep-alive -c400",
@@ -114,6 +130,7 @@ const SCENARIOS: [Scenario; 6] = [
         close: false,
         connections: MANY,
         path: "/",
+        h2: false,
     },
     Scenario {
         name: "HTTP new connection per request",
@@ -121,6 +138,7 @@ const SCENARIOS: [Scenario; 6] = [
         close: true,
         connections: CONNECTIONS,
         path: "/",
+        h2: false,
     },
     Scenario {
         name: "HTTPS keep-alive",
@@ -128,6 +146,7 @@ const SCENARIOS: [Scenario; 6] = [
         close: false,
         connections: CONNECTIONS,
         path: "/",
+        h2: false,
     },
     Scenario {
         name: "HTTPS new connection per request",
@@ -135,6 +154,7 @@ const SCENARIOS: [Scenario; 6] = [
         close: true,
         connections: CONNECTIONS,
         path: "/",
+        h2: false,
     },
     Scenario {
         name: "64 KiB responses, keep-alive",
@@ -142,6 +162,15 @@ const SCENARIOS: [Scenario; 6] = [
         close: false,
         connections: CONNECTIONS,
         path: "/bytes/65536",
+        h2: false,
+    },
+    Scenario {
+        name: "HTTPS HTTP/2, 10 streams per conn",
+        https: true,
+        close: false,
+        connections: H2_CONNECTIONS,
+        path: "/",
+        h2: true,
     },
 ];
 
@@ -185,6 +214,7 @@ struct Setup {
     haproxy: PathBuf,
     nginx: PathBuf,
     wrk: PathBuf,
+    h2load: PathBuf,
     lb: PathBuf,
     dir: PathBuf,
     cert: PathBuf,
@@ -221,10 +251,11 @@ pub fn run() -> Result<()> {
             anyhow!("{name} is not installed (Debian package `{package}`; `cargo xtask setup`)")
         })
     };
-    let (haproxy, nginx, wrk) = (
+    let (haproxy, nginx, wrk, h2load) = (
         tool("haproxy", "haproxy")?,
         tool("nginx", "nginx-light")?,
         tool("wrk", "wrk")?,
+        tool("h2load", "nghttp2-client")?,
     );
     let version = haproxy_version(&haproxy)?;
     let opts = LabOptions::from_env(BACKENDS)?;
@@ -238,6 +269,7 @@ pub fn run() -> Result<()> {
         haproxy,
         nginx,
         wrk,
+        h2load,
         lb,
         dir: dir.0.clone(),
         cert,
@@ -315,9 +347,20 @@ fn measure_pass(lab: &mut Lab, setup: &Setup, running: &[Running], threads: usiz
         let scheme = if s.https { "https" } else { "http" };
         let url = format!("{scheme}://{VIP_V4}:{port}{}", s.path);
         let pid = r.pid;
-        run_wrk(&setup.wrk, &client_ns, &url, s, threads, window, &|| {
-            tree_cpu_seconds(pid)
-        })
+        let cpu = || tree_cpu_seconds(pid);
+        let run = Run {
+            client_ns: &client_ns,
+            url: &url,
+            threads,
+            window,
+            cpu: &cpu,
+        };
+        if s.h2 {
+            let log = setup.dir.join("h2load.log");
+            run_h2load(&setup.h2load, &run, s, &log)
+        } else {
+            run_wrk(&setup.wrk, &run, s)
+        }
         .with_context(|| format!("{}: {}", s.name, r.kind.label()))
     };
     // Warm-up: server connections open, caches and TLS state built.
@@ -506,7 +549,7 @@ fn haproxy_config(setup: &Setup, threads: usize) -> String {
          \x20   timeout connect {connect}\n    timeout client {client}\n    timeout server {server}\n\
          \x20   timeout http-request {request}\n    timeout http-keep-alive {keep_alive}\n\
          \x20   retries {retries}\n    option redispatch 1\n\
-         frontend web\n    bind {VIP_V4}:{http}\n    bind {VIP_V4}:{https} ssl crt {pem}\n\
+         frontend web\n    bind {VIP_V4}:{http}\n    bind {VIP_V4}:{https} ssl crt {pem} alpn h2,http/1.1\n\
          \x20   default_backend app\n\
          backend app\n    balance roundrobin\n    http-reuse safe\n",
         connect = ms(pool.timeout_connect),
@@ -546,7 +589,7 @@ fn nginx_config(setup: &Setup, threads: usize) -> String {
          \x20   fastcgi_temp_path {dir}/nginx-fcgi;\n    uwsgi_temp_path {dir}/nginx-uwsgi;\n\
          \x20   scgi_temp_path {dir}/nginx-scgi;\n\
          \x20   upstream app {{\n{servers}        keepalive 256;\n        keepalive_requests 1000000000;\n    }}\n\
-         \x20   server {{\n        listen {VIP_V4}:{http} reuseport;\n        listen {VIP_V4}:{https} ssl reuseport;\n\
+         \x20   server {{\n        listen {VIP_V4}:{http} reuseport;\n        listen {VIP_V4}:{https} ssl http2 reuseport;\n\
          \x20       ssl_certificate {cert};\n        ssl_certificate_key {key};\n\
          \x20       ssl_protocols TLSv1.2 TLSv1.3;\n\
          \x20       location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n\
@@ -626,7 +669,7 @@ fn print_extras(p: &Pass) {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    if let Some([o, h, n]) = p.rows.last() {
+    if let Some([o, h, n]) = p.rows.get(LARGE_ROW) {
         let mb = |f: &Figures| f.rps * LARGE as f64 / 1e6;
         println!(
             "    64 KiB MB/s: lb {:.0}, HAProxy {:.0}, nginx {:.0} (lb/nginx {:.2}x)",
@@ -677,7 +720,7 @@ fn targets(p: &Pass) -> Vec<String> {
     let (ka_rps, ka_cpu) = (ka[0].rps / ka[1].rps, ka[0].cpu_us / ka[1].cpu_us);
     let newconn = row(2)[0].rps / row(2)[1].rps;
     let https = row(3)[0].rps / row(3)[1].rps;
-    let large = row(5)[0].rps / row(5)[2].rps;
+    let large = row(LARGE_ROW)[0].rps / row(LARGE_ROW)[2].rps;
     let idle = p.idle_kib[0] / p.idle_kib[1];
     vec![
         format!(
@@ -977,17 +1020,148 @@ pub(crate) fn wait_ready(
     }
 }
 
-/// Runs wrk against `url` from the client namespace for `window`; `cpu` reads
-/// the proxy's CPU seconds, sampled just before and after the run.
-fn run_wrk(
-    wrk: &Path,
-    client_ns: &str,
-    url: &str,
-    s: &Scenario,
+/// One measured run: where the load comes from and goes, for how long, and
+/// how the proxy's CPU time is read.
+struct Run<'a> {
+    client_ns: &'a str,
+    url: &'a str,
+    /// The load generator's threads (the proxies' serving threads).
     threads: usize,
     window: Duration,
-    cpu: &dyn Fn() -> Result<Cpu>,
-) -> Result<Measure> {
+    /// The proxy's CPU seconds, sampled just before and after the run.
+    cpu: &'a dyn Fn() -> Result<Cpu>,
+}
+
+/// Runs `cmd` (a load generator in the client namespace) for the run's
+/// window plus `WRK_GRACE` at most, with the proxy's CPU time sampled
+/// around it; its stdout.
+fn timed_load(mut cmd: Command, run: &Run<'_>, what: &str) -> Result<(String, Cpu)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let before = (run.cpu)()?;
+    let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    // The output is a few hundred bytes: the pipes cannot fill up.
+    let deadline = Instant::now() + run.window + WRK_GRACE;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} did not finish within {:?}", run.window + WRK_GRACE);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = (run.cpu)()?;
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(
+        out.status.success(),
+        "{what} {} failed ({}): {text}{}",
+        run.url,
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((
+        text,
+        Cpu {
+            user: after.user - before.user,
+            sys: after.sys - before.sys,
+        },
+    ))
+}
+
+/// Runs h2load against the run's URL over HTTP/2 (ALPN h2): `connections`
+/// of the row, `STREAMS` requests in flight on each; p99 from its
+/// per-request log (`log`).
+fn run_h2load(h2load: &Path, run: &Run<'_>, s: &Scenario, log: &Path) -> Result<Measure> {
+    let _ = std::fs::remove_file(log);
+    let mut cmd = ns_command(run.client_ns, h2load);
+    cmd.args([
+        format!("-t{}", run.threads),
+        format!("-c{}", s.connections),
+        format!("-m{STREAMS}"),
+        format!("-D{}", run.window.as_secs()),
+    ])
+    .arg(format!("--log-file={}", log.display()))
+    .arg(run.url);
+    let (text, cpu) = timed_load(cmd, run, "h2load")?;
+    ensure!(
+        text.contains("Application protocol: h2"),
+        "h2load did not speak HTTP/2 to {}: {text}",
+        run.url
+    );
+    let mut m = parse_h2load(&text).with_context(|| format!("h2load output:\n{text}"))?;
+    let log_text = std::fs::read_to_string(log).context("reading h2load's log")?;
+    m.p99_ms = h2load_p99_ms(&log_text)?;
+    m.cpu_seconds = cpu.total();
+    m.user_seconds = cpu.user;
+    ensure!(m.requests > 0, "no request completed: {text}");
+    Ok(m)
+}
+
+/// Requests, duration and errors from h2load's summary: its failed requests
+/// (network errors and timeouts included), or its 4xx and 5xx answers if
+/// those are more (whether h2load counts them as failed differs by version).
+pub(crate) fn parse_h2load(text: &str) -> Result<Measure> {
+    let mut m = Measure {
+        requests: 0,
+        seconds: 0.0,
+        p99_ms: f64::NAN,
+        errors: 0,
+        cpu_seconds: 0.0,
+        user_seconds: 0.0,
+    };
+    let number = |w: &str| w.trim_end_matches(',').parse::<u64>();
+    let (mut failed, mut refused) = (0, 0);
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            // "finished in 2.00s, 22788.20 req/s, 646.15KB/s"
+            let secs = rest.split(',').next().unwrap_or_default();
+            m.seconds = duration_ms(secs.trim())? / 1e3;
+        } else if line.starts_with("requests:") {
+            // "requests: 1000 total, 1000 started, 990 done, 990 succeeded, 10 failed, 10 errored, 0 timeout"
+            for pair in words[1..].chunks(2) {
+                if let [n, what] = pair {
+                    match what.trim_end_matches(',') {
+                        "succeeded" => m.requests = number(n)?,
+                        "failed" => failed = number(n)?,
+                        _ => {}
+                    }
+                }
+            }
+        } else if line.starts_with("status codes:") {
+            // "status codes: 990 2xx, 0 3xx, 0 4xx, 0 5xx"
+            for pair in words[2..].chunks(2) {
+                if let [n, class] = pair
+                    && matches!(class.trim_end_matches(','), "4xx" | "5xx")
+                {
+                    refused += number(n)?;
+                }
+            }
+        }
+    }
+    ensure!(m.seconds > 0.0, "unexpected h2load output");
+    m.errors = failed.max(refused);
+    Ok(m)
+}
+
+/// The 99th percentile of the durations in h2load's `--log-file` (tab
+/// separated: start time, status, microseconds to the end of the response).
+fn h2load_p99_ms(log: &str) -> Result<f64> {
+    let mut us: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split('\t').nth(2)?.trim().parse().ok())
+        .collect();
+    ensure!(!us.is_empty(), "h2load's log has no request");
+    us.sort_unstable();
+    let i = (us.len() * 99 / 100).min(us.len() - 1);
+    Ok(us[i] as f64 / 1e3)
+}
+
+/// Runs wrk against the run's URL from the client namespace.
+fn run_wrk(wrk: &Path, run: &Run<'_>, s: &Scenario) -> Result<Measure> {
+    let (client_ns, url, threads, window) = (run.client_ns, run.url, run.threads, run.window);
     let mut cmd = ns_command(client_ns, wrk);
     cmd.args([format!("-t{threads}"), format!("-c{}", s.connections)])
         .arg(format!("-d{}s", window.as_secs()))
@@ -995,34 +1169,11 @@ fn run_wrk(
     if s.close {
         cmd.args(["-H", "Connection: close"]);
     }
-    cmd.arg(url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let before = cpu()?;
-    let mut child = cmd.spawn().context("starting wrk")?;
-    // wrk's output is a few hundred bytes: the pipes cannot fill up.
-    let deadline = Instant::now() + window + WRK_GRACE;
-    while child.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("wrk did not finish within {:?}", window + WRK_GRACE);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let after = cpu()?;
-    let out = child.wait_with_output()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "wrk {url} failed ({}): {text}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cmd.arg(url);
+    let (text, cpu) = timed_load(cmd, run, "wrk")?;
     let mut m = parse_wrk(&text).with_context(|| format!("wrk {url} output:\n{text}"))?;
-    m.cpu_seconds = after.total() - before.total();
-    m.user_seconds = after.user - before.user;
+    m.cpu_seconds = cpu.total();
+    m.user_seconds = cpu.user;
     ensure!(m.requests > 0, "no request completed: {text}");
     if m.errors > 0 {
         // Which kind: connect/read/write/timeout, or answers other than 2xx/3xx.
@@ -1130,6 +1281,23 @@ fn stat_cpu_seconds(path: &str) -> Result<Cpu> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_h2load_output_and_log() {
+        let text = "starting benchmark...\nApplication protocol: h2\nprogress: 100% done\n\nfinished in 2.00s, 22788.20 req/s, 646.15KB/s\nrequests: 45600 total, 45610 started, 45590 done, 45570 succeeded, 20 failed, 12 errored, 8 timeout\nstatus codes: 45570 2xx, 0 3xx, 3 4xx, 0 5xx\n";
+        let m = parse_h2load(text).unwrap();
+        assert_eq!(m.requests, 45570);
+        assert!((m.seconds - 2.0).abs() < 1e-9);
+        assert_eq!(m.errors, 20);
+        let text = text.replace("20 failed", "0 failed");
+        assert_eq!(parse_h2load(&text).unwrap().errors, 3);
+        assert!(parse_h2load("Application protocol: h2\n").is_err());
+        let log: String = (1..=200)
+            .map(|i| format!("1796618285375027\t200\t{}\n", i * 1000))
+            .collect();
+        assert!((h2load_p99_ms(&log).unwrap() - 199.0).abs() < 1e-9);
+        assert!(h2load_p99_ms("").is_err());
+    }
 
     #[test]
     fn parses_wrk_output() {

@@ -9,6 +9,11 @@
 //! connection of its own); the difference divided by `LONG - SHORT` removes
 //! start-up and shutdown. The kernel's share
 //! (the TCP path, about the same for both) is not counted.
+//!
+//! A third row loads both with HTTP/2 (cleartext, prior knowledge) from
+//! nghttp2's `h2load`, one connection with ten streams at a time, as
+//! browsers and CDNs multiplex: the proxy's HTTP/2 server side (hyper's, for
+//! us) in front of the same HTTP/1.1 server.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -62,17 +67,18 @@ pub fn run() -> Result<()> {
     let lb = std::env::var_os("LB_BIN")
         .map(PathBuf::from)
         .context("LB_BIN is not set (path of the `lb` binary; run via `cargo xtask bench`)")?;
+    let h2load = super::l7bench::which("h2load");
     let me = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("lb-l7instr-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = (|| -> Result<[(f64, f64); 2]> {
+    let result = (|| -> Result<Vec<(Load, f64, f64)>> {
         let (_backend, backend_addr) = start_backend(&lb)?;
         let per_request =
-            |name: &str, cmd: &dyn Fn(SocketAddr) -> Command, keep_alive: bool| -> Result<f64> {
+            |name: &str, cmd: &dyn Fn(SocketAddr) -> Command, load: Load| -> Result<f64> {
                 let mut counts = Vec::new();
                 for n in [SHORT, LONG] {
                     let listen = free_port()?;
-                    let out = dir.join(format!("{name}-{n}-{keep_alive}.callgrind"));
+                    let out = dir.join(format!("{name}-{n}-{load:?}.callgrind"));
                     let inner = cmd(listen);
                     let mut c = Command::new(&valgrind);
                     c.arg("--tool=callgrind")
@@ -84,7 +90,7 @@ pub fn run() -> Result<()> {
                         .stderr(Stdio::null());
                     let mut proxy = Proc(c.spawn().with_context(|| format!("starting {name}"))?);
                     wait_listening(listen, Some(&mut proxy.0))?;
-                    requests(listen, n, keep_alive)
+                    load.run(listen, n, h2load.as_deref())
                         .with_context(|| format!("{name}: {n} requests"))?;
                     stop(&mut proxy.0)?;
                     counts.push(total_instructions(&out)?);
@@ -92,8 +98,16 @@ pub fn run() -> Result<()> {
                 Ok((counts[1] - counts[0]) as f64 / (LONG - SHORT) as f64)
             };
         let cfg = dir.join("haproxy.cfg");
-        let haproxy_cmd = |listen: SocketAddr| {
-            let _ = std::fs::write(&cfg, haproxy_config(listen, backend_addr));
+        let haproxy_cmd = |listen: SocketAddr, h2: bool| {
+            let mut text = haproxy_config(listen, backend_addr);
+            if h2 {
+                // HTTP/2 without TLS on this bind (prior knowledge, as h2load speaks it).
+                text = text.replace(
+                    &format!("bind {listen}\n"),
+                    &format!("bind {listen} proto h2\n"),
+                );
+            }
+            let _ = std::fs::write(&cfg, text);
             let mut c = Command::new(&haproxy);
             c.arg("-db").arg("-f").arg(&cfg);
             c
@@ -107,16 +121,25 @@ pub fn run() -> Result<()> {
             ]);
             c
         };
-        let mut out = [(0.0, 0.0); 2];
-        for (i, keep_alive) in [true, false].into_iter().enumerate() {
-            let h = per_request("haproxy", &haproxy_cmd, keep_alive)?;
-            let o = per_request("ours", &ours_cmd, keep_alive)?;
-            out[i] = (h, o);
+        let mut out = Vec::new();
+        for load in Load::ALL {
+            if load == Load::H2 && h2load.is_none() {
+                continue;
+            }
+            let h2 = load == Load::H2;
+            let h = per_request("haproxy", &|l| haproxy_cmd(l, h2), load)?;
+            let o = per_request("ours", &ours_cmd, load)?;
+            out.push((load, h, o));
         }
         Ok(out)
     })();
     let _ = std::fs::remove_dir_all(&dir);
-    let figures = result?;
+    print_figures(&result?, h2load.is_none());
+    Ok(())
+}
+
+/// Prints the table: per load, HAProxy's and our instructions per request.
+fn print_figures(figures: &[(Load, f64, f64)], no_h2load: bool) {
     println!(
         "User-space instructions per HTTP request (callgrind, loopback, {LONG} - {SHORT} requests; \
          HAProxy nbthread 1, ours one tokio thread):"
@@ -124,12 +147,62 @@ pub fn run() -> Result<()> {
     println!(
         "                                   HAProxy       ours   ours/HAProxy (target <= 1.00x)"
     );
-    for (label, (h, o)) in ["one keep-alive connection", "a new connection each"]
-        .iter()
-        .zip(figures)
-    {
-        println!("  {label:<30} {h:>9.0}  {o:>9.0}   {:.2}x", o / h);
+    for (load, h, o) in figures {
+        println!("  {:<30} {h:>9.0}  {o:>9.0}   {:.2}x", load.label(), o / h);
     }
+    if no_h2load {
+        println!(
+            "  (HTTP/2 row skipped: h2load is not installed; `cargo xtask setup` installs it)"
+        );
+    }
+}
+
+/// How the requests of a run reach the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// One HTTP/1.1 keep-alive connection.
+    KeepAlive,
+    /// A new HTTP/1.1 connection per request.
+    NewConnection,
+    /// One HTTP/2 connection (h2c), ten streams at a time, from h2load.
+    H2,
+}
+
+impl Load {
+    const ALL: [Load; 3] = [Load::KeepAlive, Load::NewConnection, Load::H2];
+
+    fn label(self) -> &'static str {
+        match self {
+            Load::KeepAlive => "one keep-alive connection",
+            Load::NewConnection => "a new connection each",
+            Load::H2 => "HTTP/2, 10 streams at a time",
+        }
+    }
+
+    fn run(self, addr: SocketAddr, n: u64, h2load: Option<&Path>) -> Result<()> {
+        match (self, h2load) {
+            (Load::KeepAlive, _) => requests(addr, n, true),
+            (Load::NewConnection, _) => requests(addr, n, false),
+            (Load::H2, Some(h2load)) => h2_requests(h2load, addr, n),
+            (Load::H2, None) => bail!("h2load is not installed"),
+        }
+    }
+}
+
+/// `n` GETs over one HTTP/2 connection, ten streams at a time, by h2load;
+/// fails unless every one succeeded.
+fn h2_requests(h2load: &Path, addr: SocketAddr, n: u64) -> Result<()> {
+    let out = Command::new(h2load)
+        .args(["-c", "1", "-t", "1", "-m", "10", "-n", &n.to_string()])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let want = format!("{n} succeeded, 0 failed");
+    ensure!(
+        out.status.success() && text.contains(&want),
+        "h2load: not all of {n} requests succeeded:\n{text}"
+    );
     Ok(())
 }
 

@@ -44,6 +44,8 @@ pub const PACKAGES: &[&str] = &[
     // same TLS version.
     "openssl",
     "valgrind",
+    // h2load: the HTTP/2 row of `lb-bench l7instr`.
+    "nghttp2-client",
     // The DNS server (knotd, knotc) serving SRV and A records to the
     // discovery tests (tests/tests/discovery.rs).
     "knot",
