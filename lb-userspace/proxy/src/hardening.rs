@@ -39,6 +39,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BytesMut};
+use http::HeaderValue;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio_util::io::poll_read_buf;
 
@@ -202,6 +203,36 @@ pub(crate) fn connection_may_remove(name: &[u8]) -> bool {
     !(name.eq_ignore_ascii_case(b"content-length")
         || name.eq_ignore_ascii_case(b"transfer-encoding")
         || name.eq_ignore_ascii_case(b"host"))
+}
+
+/// What of a request's `Upgrade` list may become a tunnel: every protocol
+/// but those that carry HTTP, which the proxy could no longer see once the
+/// connection is spliced. `h2c` is the known one ("h2c smuggling": the
+/// client speaks HTTP/2 straight to the server, past the frontend's ACLs,
+/// routing and limits); `h2`, `HTTP/*` and `TLS/*` (RFC 2817: HTTP inside
+/// TLS) are the same class. None when nothing is left: the request is
+/// forwarded as a plain one, its Upgrade and Connection fields dropped
+/// (mitmproxy does the same; RFC 9113 deprecated the h2c upgrade).
+pub(crate) fn tunnelable_upgrade(proto: &HeaderValue) -> Option<HeaderValue> {
+    let carries_http = |t: &[u8]| {
+        let t = t.to_ascii_lowercase();
+        t == b"h2c" || t == b"h2" || t.starts_with(b"http/") || t.starts_with(b"tls/")
+    };
+    let tokens = proto
+        .as_bytes()
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii);
+    if !tokens.clone().any(carries_http) {
+        return Some(proto.clone());
+    }
+    let kept: Vec<&[u8]> = tokens
+        .filter(|t| !t.is_empty() && !carries_http(t))
+        .collect();
+    tracing::debug!(upgrade = ?proto, "upgrade to a protocol that carries HTTP: not tunnelled");
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_bytes(&kept.join(&b", "[..])).ok()
 }
 
 /// A server response's framing fields (RFC 9112 6.3): Transfer-Encoding
@@ -797,6 +828,36 @@ mod tests {
         ] {
             assert!(scan_chunked(Chunk::Size, bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn upgrades_that_carry_http_are_never_tunnelled() {
+        let up = |v: &'static str| tunnelable_upgrade(&HeaderValue::from_static(v));
+        for v in [
+            "h2c",
+            "H2C",
+            " h2c ",
+            "HTTP/2.0",
+            "http/1.1",
+            "TLS/1.0",
+            "h2",
+            "h2c, TLS/1.2",
+        ] {
+            assert_eq!(up(v), None, "{v}");
+        }
+        assert_eq!(up("websocket"), Some(HeaderValue::from_static("websocket")));
+        assert_eq!(
+            up("custom/2, foo"),
+            Some(HeaderValue::from_static("custom/2, foo"))
+        );
+        assert_eq!(
+            up("h2c, websocket"),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        assert_eq!(
+            up("websocket,, HTTP/2.0, x"),
+            Some(HeaderValue::from_static("websocket, x"))
+        );
     }
 
     #[test]

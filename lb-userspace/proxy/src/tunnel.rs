@@ -1,7 +1,9 @@
 //! HTTP/1.1 Upgrade (WebSocket) tunnels: the Upgrade request goes to the server
 //! with its `Connection: upgrade` and `Upgrade` headers; on `101 Switching
 //! Protocols` both upgraded connections are spliced byte for byte until either
-//! side closes or nothing moves for `timeout_tunnel` (default 1h).
+//! side closes or nothing moves for `timeout_tunnel` (default 1h). Protocols
+//! that carry HTTP (h2c and the like) are never tunnelled
+//! (`hardening::tunnelable_upgrade`): the proxy could not see their requests.
 
 use std::io;
 use std::pin::Pin;
@@ -36,7 +38,7 @@ impl Upgrade {
         if parts.version != Version::HTTP_11 || !connection_has_upgrade(&parts.headers) {
             return None;
         }
-        let proto = parts.headers.get(header::UPGRADE)?.clone();
+        let proto = super::hardening::tunnelable_upgrade(parts.headers.get(header::UPGRADE)?)?;
         let client = parts.extensions.remove::<OnUpgrade>()?;
         Some(Upgrade { proto, client })
     }

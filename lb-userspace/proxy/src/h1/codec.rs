@@ -212,7 +212,9 @@ pub(crate) fn take_request(
     let headers = header_map(&head, spans)?;
     let keep_alive = connection.persists(version == Version::HTTP_10);
     let upgrade = match version {
-        Version::HTTP_11 if connection.upgrade => headers.get(header::UPGRADE).cloned(),
+        Version::HTTP_11 if connection.upgrade => headers
+            .get(header::UPGRADE)
+            .and_then(hardening::tunnelable_upgrade),
         _ => None,
     };
     let (mut parts, ()) = http::Request::new(()).into_parts();

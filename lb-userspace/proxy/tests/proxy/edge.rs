@@ -295,6 +295,76 @@ async fn websocket_handshakes_are_checked_both_ways() {
     }
 }
 
+/// An h2c-upgrading server, as the smuggling attack needs one: answers a
+/// request that asks `Upgrade: h2c` with 101 and then echoes whatever comes
+/// (the client's HTTP/2, unseen by the proxy), any other with 200 "plain".
+/// Each request head it got goes to the returned list.
+async fn h2c_upgrading_server() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let addr = server(move |mut s| {
+        let seen = seen.clone();
+        async move {
+            let head = read_head(&mut s).await.to_ascii_lowercase();
+            seen.lock().unwrap().push(head.clone());
+            if head.contains("upgrade: h2c") {
+                let _ = s
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+                    .await;
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            } else {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain")
+                    .await;
+            }
+        }
+    })
+    .await;
+    (addr, heads)
+}
+
+#[tokio::test]
+async fn upgrades_to_h2c_or_other_http_are_forwarded_as_plain_requests() {
+    // h2c smuggling: a tunnel to a server that speaks HTTP/2 in it would let
+    // the client send requests no ACL of the frontend ever sees.
+    let (addr, heads) = h2c_upgrading_server().await;
+    let own = start_proxy(local_frontend(), one_server_pool(addr)).await;
+    let hyper = crate::support::hyper_path_proxy(addr, |_| {}, |_| {}).await;
+    for proxy in [&own, &hyper] {
+        for (upgrade, connection) in [
+            ("h2c", "Upgrade, HTTP2-Settings, close"),
+            ("H2C", "upgrade, close"),
+            ("h2c, TLS/1.2", "Upgrade, close"),
+            ("HTTP/2.0", "Upgrade, close"),
+        ] {
+            let out = raw_exchange(
+                proxy.local_addrs()[0],
+                format!(
+                    "GET /x HTTP/1.1\r\nHost: x\r\nUpgrade: {upgrade}\r\nConnection: {connection}\r\n\
+                     HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 200"), "{upgrade}: {out}");
+            assert!(out.ends_with("plain"), "{upgrade}: {out}");
+            let head = heads.lock().unwrap().pop().unwrap();
+            assert!(!head.contains("upgrade"), "{upgrade}: forwarded {head}");
+        }
+    }
+    // WebSocket beside h2c still upgrades, as WebSocket only.
+    let addr = ws_echo_backend(WS_ACCEPT).await;
+    let proxy = start_proxy(local_frontend(), one_server_pool(addr)).await;
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let ws = String::from_utf8_lossy(WS_UPGRADE)
+        .replace("Upgrade: websocket", "Upgrade: h2c, websocket");
+    s.write_all(ws.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+}
+
 // --- PROXY protocol -----------------------------------------------------------
 
 #[tokio::test]
