@@ -873,6 +873,18 @@ pub(crate) struct Measure {
 }
 
 impl Measure {
+    /// Nothing counted yet, no p99.
+    fn empty() -> Self {
+        Measure {
+            requests: 0,
+            seconds: 0.0,
+            p99_ms: f64::NAN,
+            errors: 0,
+            cpu_seconds: 0.0,
+            user_seconds: 0.0,
+        }
+    }
+
     pub(crate) fn rps(&self) -> f64 {
         self.requests as f64 / self.seconds
     }
@@ -1102,15 +1114,8 @@ fn run_h2load(h2load: &Path, run: &Run<'_>, s: &Scenario, log: &Path) -> Result<
 /// Requests, duration and errors from h2load's summary: its failed requests
 /// (network errors and timeouts included), or its 4xx and 5xx answers if
 /// those are more (whether h2load counts them as failed differs by version).
-pub(crate) fn parse_h2load(text: &str) -> Result<Measure> {
-    let mut m = Measure {
-        requests: 0,
-        seconds: 0.0,
-        p99_ms: f64::NAN,
-        errors: 0,
-        cpu_seconds: 0.0,
-        user_seconds: 0.0,
-    };
+fn parse_h2load(text: &str) -> Result<Measure> {
+    let mut m = Measure::empty();
     let number = |w: &str| w.trim_end_matches(',').parse::<u64>();
     let (mut failed, mut refused) = (0, 0);
     for line in text.lines().map(str::trim) {
@@ -1189,14 +1194,7 @@ fn run_wrk(wrk: &Path, run: &Run<'_>, s: &Scenario) -> Result<Measure> {
 
 /// Requests, duration, p99 and error counts from wrk's `--latency` output.
 pub(crate) fn parse_wrk(text: &str) -> Result<Measure> {
-    let mut m = Measure {
-        requests: 0,
-        seconds: 0.0,
-        p99_ms: f64::NAN,
-        errors: 0,
-        cpu_seconds: 0.0,
-        user_seconds: 0.0,
-    };
+    let mut m = Measure::empty();
     let mut found = false;
     for line in text.lines().map(str::trim) {
         let words: Vec<&str> = line.split_whitespace().collect();
