@@ -382,17 +382,24 @@ fn respond(
     let te = rparts.headers.get_all(header::TRANSFER_ENCODING);
     let te = te.iter().map(HeaderValue::as_bytes);
     let has_length = rparts.headers.contains_key(header::CONTENT_LENGTH);
-    let handshake = rparts.status != StatusCode::SWITCHING_PROTOCOLS
-        || tunnel::accept_matches(
+    // A 101 must answer an upgrade the client asked for (and HTTP/2 has no
+    // 101 at all): one that came unasked is the server's error, a 502, as
+    // on our HTTP/1 path.
+    let handshake = match (rparts.status == StatusCode::SWITCHING_PROTOCOLS, &x.upgrade) {
+        (false, _) => Ok(()),
+        (true, None) => Err("101 to a request that asked for no upgrade"),
+        (true, Some(_)) => tunnel::accept_matches(
             ws_accept.as_ref(),
             rparts
                 .headers
                 .get_all("sec-websocket-accept")
                 .iter()
                 .map(HeaderValue::as_bytes),
-        );
-    let framing = hardening::response_te(te, has_length)
-        .and_then(|_| handshake.then_some(()).ok_or("bad Sec-WebSocket-Accept"));
+        )
+        .then_some(())
+        .ok_or("bad Sec-WebSocket-Accept"),
+    };
+    let framing = hardening::response_te(te, has_length).and(handshake);
     let addr = x.active.server().addr;
     if let Err(why) = framing {
         tracing::debug!(pool = %x.pool.name, server = %addr, reason = why, "bad response framing");

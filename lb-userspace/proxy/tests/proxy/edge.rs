@@ -365,6 +365,43 @@ async fn upgrades_to_h2c_or_other_http_are_forwarded_as_plain_requests() {
     assert!(head.contains("upgrade: websocket"), "{head}");
 }
 
+#[tokio::test]
+async fn a_101_nobody_asked_for_is_a_502_on_every_path() {
+    // A server that switches protocols whatever it is asked.
+    let addr = server(|mut s| async move {
+        read_head(&mut s).await;
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n",
+            )
+            .await;
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let own = start_proxy(local_frontend(), one_server_pool(addr)).await;
+    let hyper = crate::support::hyper_path_proxy(addr, |_| {}, |_| {}).await;
+    for proxy in [&own, &hyper] {
+        let out = raw_exchange(
+            proxy.local_addrs()[0],
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+    }
+    // HTTP/2 has no 101: the stream's answer is a 502 too.
+    let io = TcpStream::connect(hyper.local_addrs()[0]).await.unwrap();
+    let (mut send, _conn) = crate::support::h2_handshake(io).await;
+    let req = Request::get(format!("http://{}/", hyper.local_addrs()[0]))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+}
+
 // --- PROXY protocol -----------------------------------------------------------
 
 #[tokio::test]
