@@ -258,3 +258,46 @@ async fn body_bytes_the_server_refused_never_reach_the_client() {
     assert!(!out.contains('x'), "request bytes in the answer");
     writer.abort();
 }
+
+#[tokio::test]
+async fn bytes_after_a_complete_response_never_answer_the_next_request() {
+    // Response queue poisoning: a server (or what an attacker made of it)
+    // sends a second, unasked response right behind a 204 or a HEAD answer.
+    // Whoever's request next takes that connection must not get it.
+    for first in [
+        "HTTP/1.1 204 No Content\r\n\r\n",
+        "HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc",
+        "HTTP/1.1 304 Not Modified\r\ncontent-length: 6\r\n\r\n",
+    ] {
+        let (server, _seen) = scripted_server(Arc::new(move |n, _: &str, _: &[u8]| {
+            if n == 0 {
+                let poison = "HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nPOISON";
+                (format!("{first}{poison}").into_bytes(), false)
+            } else {
+                (
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ngood".to_vec(),
+                    false,
+                )
+            }
+        }))
+        .await;
+        let own = proxy_to(server).await;
+        let hyper = crate::support::hyper_path_proxy(server, |_| {}, |_| {}).await;
+        for proxy in [&own, &hyper] {
+            let addr = proxy.local_addrs()[0];
+            exchange_until_closed(
+                addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            for _ in 0..3 {
+                let out = exchange_until_closed(
+                    addr,
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )
+                .await;
+                assert!(!out.contains("POISON"), "{first:?}: {out}");
+            }
+        }
+    }
+}
