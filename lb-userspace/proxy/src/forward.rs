@@ -120,7 +120,8 @@ fn in_task(
     // Boxed, as the service's future (server.rs): written once, not copied.
     let task = tokio::spawn(Box::pin(async move {
         let _counted = counted;
-        let resp = forward(&shared, &conn, parts, body, fwd, upgrade, done, Some(&tx)).await;
+        let mut resp = forward(&shared, &conn, parts, body, fwd, upgrade, done, Some(&tx)).await;
+        own_values(resp.headers_mut());
         if let Err(resp) = tx.send(resp) {
             // Boxed: rare (the client reset the stream), and large.
             let limit = shared.pools[pool_idx].timeout_server;
@@ -128,6 +129,19 @@ fn in_task(
         }
     }));
     answer_of(rx, Reset(Some(task.abort_handle()), fe))
+}
+
+/// Gives each header value its own bytes. hyper's HTTP/1 client hands out
+/// values that are slices of its 8 KiB read buffer, and HTTP/2's HPACK
+/// encoder keeps the values it indexes for the life of the client's
+/// connection: each idle HTTP/2 connection held one such buffer.
+fn own_values(headers: &mut http::HeaderMap) {
+    for v in headers.values_mut() {
+        if let Ok(mut owned) = HeaderValue::from_bytes(v.as_bytes()) {
+            owned.set_sensitive(v.is_sensitive());
+            *v = owned;
+        }
+    }
 }
 
 /// The answer of an HTTP/2 stream's exchange task; `reset` acts if this
