@@ -99,15 +99,7 @@ pub fn run() -> Result<()> {
             };
         let cfg = dir.join("haproxy.cfg");
         let haproxy_cmd = |listen: SocketAddr, h2: bool| {
-            let mut text = haproxy_config(listen, backend_addr);
-            if h2 {
-                // HTTP/2 without TLS on this bind (prior knowledge, as h2load speaks it).
-                text = text.replace(
-                    &format!("bind {listen}\n"),
-                    &format!("bind {listen} proto h2\n"),
-                );
-            }
-            let _ = std::fs::write(&cfg, text);
+            let _ = std::fs::write(&cfg, haproxy_config(listen, backend_addr, h2));
             let mut c = Command::new(&haproxy);
             c.arg("-db").arg("-f").arg(&cfg);
             c
@@ -206,13 +198,16 @@ fn h2_requests(h2load: &Path, addr: SocketAddr, n: u64) -> Result<()> {
     Ok(())
 }
 
-/// HAProxy in front of `backend`, as `l7bench` configures it for plain HTTP.
-pub(crate) fn haproxy_config(listen: SocketAddr, backend: SocketAddr) -> String {
+/// HAProxy in front of `backend`, as `l7bench` configures it for plain HTTP;
+/// with `h2`, its bind speaks HTTP/2 without TLS (prior knowledge, as h2load
+/// and our tests' clients do).
+pub(crate) fn haproxy_config(listen: SocketAddr, backend: SocketAddr, h2: bool) -> String {
+    let proto = if h2 { " proto h2" } else { "" };
     format!(
         "global\n    nbthread 1\n\
          defaults\n    mode http\n    option http-keep-alive\n\
          \x20   timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
-         frontend web\n    bind {listen}\n    default_backend app\n\
+         frontend web\n    bind {listen}{proto}\n    default_backend app\n\
          backend app\n    http-reuse always\n    server be1 {backend}\n"
     )
 }

@@ -120,14 +120,7 @@ pub fn run() -> Result<()> {
         for h2 in [false, true] {
             let listen = free_port()?;
             let cfg = dir.join("haproxy.cfg");
-            let mut text = haproxy_config(listen, backend_addr);
-            if h2 {
-                text = text.replace(
-                    &format!("bind {listen}\n"),
-                    &format!("bind {listen} proto h2\n"),
-                );
-            }
-            std::fs::write(&cfg, text)?;
+            std::fs::write(&cfg, haproxy_config(listen, backend_addr, h2))?;
             let mut h = Command::new(&haproxy);
             h.arg("-db").arg("-f").arg(&cfg);
             let h = measure(h, listen, h2)?;

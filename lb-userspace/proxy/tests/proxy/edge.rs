@@ -337,6 +337,8 @@ async fn upgrades_to_h2c_or_other_http_are_forwarded_as_plain_requests() {
             ("H2C", "upgrade, close"),
             ("h2c, TLS/1.2", "Upgrade, close"),
             ("HTTP/2.0", "Upgrade, close"),
+            // Upgrade without `Connection: upgrade`: hop-by-hop all the same.
+            ("h2c", "close"),
         ] {
             let out = raw_exchange(
                 proxy.local_addrs()[0],
