@@ -309,6 +309,11 @@ pub const MAP_REASON_STATS: &str = "REASON_STATS";
 /// configured backend (value unused, 1), so that a packet to a VIP claiming to
 /// come from a backend is refused when it would create a flow.
 pub const MAP_BACKEND_ADDRS: &str = "BACKEND_ADDRS";
+/// Map name: `AddrKey` -> `u8` (HASH, `MAX_VIPS`): the address of every
+/// `l4` VIP (value unused, 1). ICMP echo requests to one are answered from
+/// XDP (the stack has no such local address, and a ping to a VIP is how
+/// operators check a balancer), and a new flow may not come from one.
+pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
 /// Map name: slot -> `IfMac` (ARRAY, `IF_MAC_SLOTS`): the MAC address of
 /// each interface the program is attached to, written by the agent before it
 /// attaches, in the first free of `IF_MAC_PROBES` slots from
@@ -341,7 +346,7 @@ pub const PROG_FULL_SLOT: u32 = 0;
 
 /// The maps of the `lb-xdp` object the agent pins for a hitless restart
 /// (all but the per-program `FLOW_CACHE`).
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 21] = [
     MAP_VIPS,
     MAP_VIP_STATE,
     MAP_RINGS,
@@ -353,6 +358,7 @@ pub const ALL_MAPS: [&str; 20] = [
     MAP_VIP_STATS,
     MAP_REASON_STATS,
     MAP_BACKEND_ADDRS,
+    MAP_VIP_ADDRS,
     MAP_IF_MACS,
     MAP_PROGS,
     MAP_PENDING,
@@ -766,10 +772,13 @@ pub enum Reason {
     TxIcmpToBackend = 29,
     /// As `TxIcmpToBackend`, redirected to another interface.
     RedirectIcmpToBackend = 30,
+    /// ICMP or ICMPv6 echo request to an `l4` VIP's address: answered from
+    /// the VIP with an echo reply (XDP_TX), as Katran does.
+    TxEchoReply = 31,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 31;
+pub const REASON_COUNT: u32 = 32;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -805,6 +814,7 @@ impl Reason {
         Reason::RedirectIcmpToClient,
         Reason::TxIcmpToBackend,
         Reason::RedirectIcmpToBackend,
+        Reason::TxEchoReply,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -841,6 +851,7 @@ impl Reason {
             Reason::RedirectIcmpToClient => "redirect_icmp_to_client",
             Reason::TxIcmpToBackend => "tx_icmp_to_backend",
             Reason::RedirectIcmpToBackend => "redirect_icmp_to_backend",
+            Reason::TxEchoReply => "tx_echo_reply",
         }
     }
 }

@@ -5,8 +5,8 @@
 //! (new and established flows, both directions): one IF_MAC_TABLE lookup (an array,
 //! inlined by the verifier: no helper call) and a 6-byte compare, plus for
 //! IPv4 the header checksum (10 16-bit adds for a header without options).
-//! `new_flow_source` runs only when a flow is created: a few compares and one
-//! BACKEND_ADDRS hash lookup. An established flow's key includes its source,
+//! `new_flow_source` runs only when a flow is created: a few compares and
+//! two hash lookups (BACKEND_ADDRS, VIP_ADDRS). An established flow's key includes its source,
 //! which was checked when the flow was created, so it needs no source check.
 //! `not_denied` runs on packets to a VIP that miss the flow tables (new flows, the
 //! handshake's ACK, L7 traffic): a SETTINGS read (array, inlined) and, only
@@ -24,7 +24,9 @@ use lb_common::{
 use network_types::eth::EthHdr;
 
 use crate::{
-    maps::{BACKEND_ADDRS, DENY_V4, DENY_V6, IF_MAC_TABLE, NEW_FLOW_RATE, SETTINGS, scratch},
+    maps::{
+        BACKEND_ADDRS, DENY_V4, DENY_V6, IF_MAC_TABLE, NEW_FLOW_RATE, SETTINGS, VIP_ADDRS, scratch,
+    },
     parse::{Packet, ptr_at},
 };
 
@@ -113,7 +115,8 @@ fn ipv4_header_checksum_ok(ctx: &XdpContext, pkt: &Packet) -> bool {
 }
 
 /// Whether the source of a packet that would create a flow may: not a martian,
-/// not the VIP itself, not a backend's address (destination-only NAT hands
+/// not the VIP itself nor another `l4` VIP's address (no client has one),
+/// not a backend's address (destination-only NAT hands
 /// the backend the client's address; one that is a backend's would plant a
 /// reply entry hijacking that backend's own traffic).
 #[inline(always)]
@@ -131,7 +134,7 @@ pub fn new_flow_source(pkt: &Packet) -> Result<(), Reason> {
         pad: [0; 3],
     };
     // SAFETY: read-only probe of a map userspace updates whole-element.
-    if unsafe { BACKEND_ADDRS.get(key) }.is_some() {
+    if unsafe { BACKEND_ADDRS.get(key) }.is_some() || unsafe { VIP_ADDRS.get(key) }.is_some() {
         return Err(Reason::DropSpoofedSource);
     }
     Ok(())

@@ -22,6 +22,7 @@
 
 mod checks;
 mod dsr;
+mod echo;
 mod fast;
 mod flows;
 mod forward;
@@ -77,8 +78,14 @@ pub fn lb_xdp_full(ctx: XdpContext) -> u32 {
 fn process(ctx: &XdpContext) -> Verdict {
     let pkt = match parse::parse(ctx) {
         Ok(pkt) => pkt,
-        // ICMP among them: errors about NATed flows are translated (`icmp_nat`).
-        Err(Reason::PassOtherProto) => return icmp_nat::translate(ctx),
+        // ICMP among them: echo requests to a VIP are answered (`echo`),
+        // errors about NATed flows translated (`icmp_nat`).
+        Err(Reason::PassOtherProto) => {
+            if let Some(verdict) = echo::reply(ctx) {
+                return verdict;
+            }
+            return icmp_nat::translate(ctx);
+        }
         Err(reason) => return Verdict::new(xdp_action::XDP_PASS, reason),
     };
     // One lookup serves established connections in both directions.

@@ -99,6 +99,11 @@ pub static REASON_STATS: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(RE
 #[map]
 pub static BACKEND_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
+/// Address of every `l4` VIP: pings to it are answered, new flows may not
+/// come from it (see `MAP_VIP_ADDRS`).
+#[map]
+pub static VIP_ADDRS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_VIPS, 0);
+
 /// Slot -> an interface's own MAC, filled by the agent before it attaches
 /// (see `MAP_IF_MACS`).
 #[map]

@@ -18,7 +18,7 @@ use tracing::info;
 
 use crate::{
     config::{Config, Forwarding, IpPrefix, Mode, Protocol, Service},
-    dataplane::{Dataplane, PinnedState, addr_to_ip, ip_to_addr},
+    dataplane::{AddrSet, Dataplane, PinnedState, addr_to_ip, ip_to_addr},
 };
 
 /// The VIP map key of a service address.
@@ -29,6 +29,15 @@ pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
         port: vip.port(),
         proto: protocol.number(),
         family,
+    }
+}
+
+/// The key of an address in the data plane's address sets.
+fn addr_key(addr: lb_common::Addr, family: u8) -> AddrKey {
+    AddrKey {
+        addr,
+        family,
+        pad: [0; 3],
     }
 }
 
@@ -217,6 +226,8 @@ pub struct Balancer {
     /// What `BACKEND_ADDRS` holds; `None` until read from the map (a previous
     /// agent may have left entries there).
     backend_addrs: Option<BTreeSet<AddrKey>>,
+    /// What `VIP_ADDRS` holds; `None` until read from the map.
+    vip_addrs: Option<BTreeSet<AddrKey>>,
     /// What the deny lists hold; `None` until read from the maps.
     deny: Option<BTreeSet<IpPrefix>>,
     config: Option<Config>,
@@ -233,6 +244,7 @@ impl Balancer {
             backends: BTreeMap::new(),
             generations: vec![0; MAX_VIPS as usize],
             backend_addrs: None,
+            vip_addrs: None,
             deny: None,
             config: None,
         }
@@ -317,7 +329,7 @@ impl Balancer {
         let keep = self.publish_services(config, &vip_ids, availability, &mut summary)?;
         self.remove_services(&keep, &mut summary)?;
         self.retire_backends(&wanted, &mut summary)?;
-        self.sync_backend_addrs()?;
+        self.sync_addr_sets()?;
         self.sync_deny_and_settings(config)?;
         self.config = Some(config.clone());
         Ok(summary)
@@ -550,28 +562,43 @@ impl Balancer {
     }
 
     /// Makes `BACKEND_ADDRS` hold exactly the configured backends' addresses
-    /// (whatever their state: a drained backend is still not a client).
-    fn sync_backend_addrs(&mut self) -> Result<()> {
-        let wanted: BTreeSet<AddrKey> = self
+    /// (whatever their state: a drained backend is still not a client), and
+    /// `VIP_ADDRS` the `l4` VIPs' (pings to them are answered from XDP).
+    fn sync_addr_sets(&mut self) -> Result<()> {
+        let backends: BTreeSet<AddrKey> = self
             .backends
             .values()
-            .map(|(_, b)| AddrKey {
-                addr: b.addr,
-                family: b.family,
-                pad: [0; 3],
+            .map(|(_, b)| addr_key(b.addr, b.family))
+            .collect();
+        let vips: BTreeSet<AddrKey> = self
+            .vips
+            .iter()
+            .filter(|(_, (_, _, flags))| flags & VIP_F_L7 == 0)
+            .map(|((vip, _), _)| {
+                let (addr, family) = ip_to_addr(vip.ip());
+                addr_key(addr, family)
             })
             .collect();
-        let current = match self.backend_addrs.take() {
-            Some(set) => set,
-            None => self.dataplane.backend_addrs()?.into_iter().collect(),
-        };
-        for key in wanted.difference(&current) {
-            self.dataplane.add_backend_addr(key)?;
+        for (set, wanted) in [(AddrSet::Backends, backends), (AddrSet::Vips, vips)] {
+            let known = match set {
+                AddrSet::Backends => &mut self.backend_addrs,
+                AddrSet::Vips => &mut self.vip_addrs,
+            };
+            let current = match known.take() {
+                Some(known) => known,
+                None => self.dataplane.addrs(set)?.into_iter().collect(),
+            };
+            for key in wanted.difference(&current) {
+                self.dataplane.add_addr(set, key)?;
+            }
+            for key in current.difference(&wanted) {
+                self.dataplane.remove_addr(set, key)?;
+            }
+            match set {
+                AddrSet::Backends => self.backend_addrs = Some(wanted),
+                AddrSet::Vips => self.vip_addrs = Some(wanted),
+            }
         }
-        for key in current.difference(&wanted) {
-            self.dataplane.remove_backend_addr(key)?;
-        }
-        self.backend_addrs = Some(wanted);
         Ok(())
     }
 

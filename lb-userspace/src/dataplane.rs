@@ -18,10 +18,10 @@ use lb_common::{
     FAMILY_V6, FLOW_CACHE_SLOTS, FLOW_TO_BACKEND, Flow, FlowKey, IF_MAC_PROBES, IfMac,
     MAP_BACKEND_ADDRS, MAP_BACKEND_PATHS, MAP_BACKENDS, MAP_DENY_V4, MAP_DENY_V6,
     MAP_ENCAP_SOURCES, MAP_FLOW_CACHE, MAP_FLOWS, MAP_IF_MACS, MAP_PENDING, MAP_PROGS,
-    MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_UDP_FLOWS, MAP_VIP_STATE, MAP_VIP_STATS,
-    MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB, PROG_LB_FULL,
-    PROTO_UDP, REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta, VipState,
-    addr_from_bytes, addr_to_bytes, if_mac_slot,
+    MAP_REASON_STATS, MAP_RINGS, MAP_SETTINGS, MAP_UDP_FLOWS, MAP_VIP_ADDRS, MAP_VIP_STATE,
+    MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, PROG_FULL_SLOT, PROG_LB,
+    PROG_LB_FULL, PROTO_UDP, REASON_COUNT, Reason, Ring, Settings, Traffic, VipKey, VipMeta,
+    VipState, addr_from_bytes, addr_to_bytes, if_mac_slot,
 };
 use tracing::warn;
 
@@ -51,6 +51,15 @@ pub fn addr_to_ip(addr: &Addr, family: u8) -> IpAddr {
     } else {
         IpAddr::from(b)
     }
+}
+
+/// The data plane's sets of addresses (hash maps of `AddrKey`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrSet {
+    /// Every configured backend's address (`BACKEND_ADDRS`).
+    Backends,
+    /// Every `l4` VIP's address (`VIP_ADDRS`).
+    Vips,
 }
 
 /// Where the `lb-xdp` object is looked for when no path is given.
@@ -153,6 +162,7 @@ pub struct Dataplane {
     /// when an older agent pinned it (aya reuses a pinned map as it is).
     reason_slots: u32,
     backend_addrs: HashMap<MapData, AddrKey, u8>,
+    vip_addrs: HashMap<MapData, AddrKey, u8>,
     if_macs: Array<MapData, IfMac>,
     /// Holds `lb_xdp_full` while this data plane lives (pinned too, for after).
     progs: ProgramArray<MapData>,
@@ -261,6 +271,7 @@ impl Dataplane {
             reason_stats,
             reason_slots,
             backend_addrs: take(&mut bpf, MAP_BACKEND_ADDRS)?,
+            vip_addrs: take(&mut bpf, MAP_VIP_ADDRS)?,
             if_macs: take(&mut bpf, MAP_IF_MACS)?,
             progs,
             bpf,
@@ -391,26 +402,34 @@ impl Dataplane {
             .context("updating BACKENDS")
     }
 
-    /// Adds a backend address to the set new flows may not come from.
-    pub fn add_backend_addr(&mut self, key: &AddrKey) -> Result<()> {
-        self.backend_addrs
-            .insert(key, 1, 0)
-            .context("updating BACKEND_ADDRS")
+    fn addr_map(&mut self, set: AddrSet) -> (&mut HashMap<MapData, AddrKey, u8>, &'static str) {
+        match set {
+            AddrSet::Backends => (&mut self.backend_addrs, MAP_BACKEND_ADDRS),
+            AddrSet::Vips => (&mut self.vip_addrs, MAP_VIP_ADDRS),
+        }
     }
 
-    /// Removes a backend address from that set.
-    pub fn remove_backend_addr(&mut self, key: &AddrKey) -> Result<()> {
-        match self.backend_addrs.remove(key) {
+    /// Adds an address to one of the data plane's address sets.
+    pub fn add_addr(&mut self, set: AddrSet, key: &AddrKey) -> Result<()> {
+        let (map, name) = self.addr_map(set);
+        map.insert(key, 1, 0)
+            .with_context(|| format!("updating {name}"))
+    }
+
+    /// Removes an address from that set (absent is fine).
+    pub fn remove_addr(&mut self, set: AddrSet, key: &AddrKey) -> Result<()> {
+        let (map, name) = self.addr_map(set);
+        match map.remove(key) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(e).context("removing from BACKEND_ADDRS"),
+            Err(e) => Err(e).with_context(|| format!("removing from {name}")),
         }
     }
 
     /// Every address in that set (e.g. as a previous agent left it).
-    pub fn backend_addrs(&self) -> Result<Vec<AddrKey>> {
-        self.backend_addrs
-            .keys()
-            .map(|k| k.context("reading BACKEND_ADDRS"))
+    pub fn addrs(&mut self, set: AddrSet) -> Result<Vec<AddrKey>> {
+        let (map, name) = self.addr_map(set);
+        map.keys()
+            .map(|k| k.with_context(|| format!("reading {name}")))
             .collect()
     }
 

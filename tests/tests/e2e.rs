@@ -221,3 +221,35 @@ fn bad_reload_keeps_the_running_config_and_stop_detaches() {
         "without the program nothing answers for the VIP (the balancer has no route for it)"
     );
 }
+
+#[test]
+fn ping_of_a_vip_is_answered_by_the_balancer() {
+    let lab = RunningLab::start("e2ep", 1, &[1]).expect("lab");
+    // iputils' ping, as an operator checks a VIP; the stack has no such
+    // address (and forwards nothing here), so only XDP can answer.
+    for vip in [services::vip_tcp4().ip(), services::vip_tcp6().ip()] {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lab.lab.client_ns(),
+                "ping",
+                "-n",
+                "-c",
+                "3",
+            ])
+            .args(["-i", "0.2", "-W", "2", &vip.to_string()])
+            .output()
+            .expect("run ping");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "ping {vip}: {text}");
+        assert!(text.contains("3 received"), "ping {vip}: {text}");
+        assert!(text.contains(&format!("from {vip}")), "ping {vip}: {text}");
+    }
+    assert_eq!(
+        lab.metric("lb_xdp_packets_total", "reason=\"tx_echo_reply\"")
+            .unwrap(),
+        6
+    );
+    assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
+}

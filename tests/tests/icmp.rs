@@ -13,7 +13,7 @@ use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
-use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
+use etherparse::{IcmpEchoHeader, Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
 use lb_common::{Reason, csum::checksum};
 use lb_tests::{
     RunningLab, assert_checksums_valid,
@@ -24,7 +24,7 @@ use lb_tests::{
 use lb_userspace::{
     balancer::Balancer,
     lab::{
-        CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_v4, backend_v6, run_in_ns,
+        CLIENT_MAC, CLIENT_V4, CLIENT_V6, VIP_V4, VIP_V6, backend_v4, backend_v6, run_in_ns,
         testrun::TestRunNet,
     },
 };
@@ -276,10 +276,10 @@ fn icmp_that_cannot_be_translated_is_passed_untouched() {
         let no_flow6 = from_backend_side(b6, CLIENT_V6, port6, &stray6);
         assert_passed_untouched(b, net.lbb, &no_flow6, "no flow (IPv6)");
 
-        // Echo requests, to a VIP and to a backend.
-        let echo = Frame::echo_request(CLIENT_V4, VIP_V4).bytes();
+        // Echo requests to a backend (answered only for a VIP: see below).
+        let echo = Frame::echo_request(CLIENT_V4, b1).bytes();
         assert_passed_untouched(b, net.lbc, &echo, "echo request");
-        let echo6 = Frame::echo_request(CLIENT_V6, VIP_V6).bytes();
+        let echo6 = Frame::echo_request(CLIENT_V6, b6).bytes();
         assert_passed_untouched(b, net.lbc, &echo6, "echo request (IPv6)");
         assert_eq!(reason_count(b, Reason::PassOtherProto), 4);
 
@@ -384,4 +384,125 @@ fn a_refused_udp_datagram_is_reported_to_the_clients_socket() {
         .unwrap();
     assert_eq!(translated, 2, "one port unreachable per family");
     assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
+}
+
+/// A second `l4` VIP address, and the address of an `l7` VIP (local to the
+/// balancer: the stack answers its pings).
+const VIP2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
+const L7_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
+
+/// The echo reply `from` sends `to` for `Frame::echo_request(to, from)`,
+/// built by etherparse (checksums computed from scratch).
+fn echo_reply(from: IpAddr, to: IpAddr) -> Vec<u8> {
+    let echo = IcmpEchoHeader { id: 1, seq: 1 };
+    let reply = match from {
+        IpAddr::V4(_) => Frame::icmp(from, to, Icmpv4Type::EchoReply(echo), b"ping"),
+        IpAddr::V6(_) => Frame::icmp(from, to, Icmpv6Type::EchoReply(echo), b"ping"),
+    };
+    reply.to_client().bytes()
+}
+
+#[test]
+fn echo_requests_to_an_l4_vip_are_answered_from_it() {
+    let extra = format!(
+        r#"
+[[service]]
+name = "second"
+vip = "{VIP2_V4}:80"
+forwarding = "l2"
+[[service.backend]]
+address = "{b}:80"
+
+[[service]]
+name = "web-l7"
+vip = "{L7_V4}:443"
+mode = "l7"
+"#,
+        b = backend_v4(2),
+    );
+    let config = lb_tests::nat_services_config() + &extra;
+    lb_tests::with_fixture("echo", config, |b, net| {
+        // To each l4 VIP address (a DSR one too), whatever its services'
+        // ports: the request turned around, TTL 64, on the link it came in.
+        let asked: [(IpAddr, IpAddr); 3] = [
+            (CLIENT_V4.into(), VIP_V4.into()),
+            (CLIENT_V4.into(), VIP2_V4.into()),
+            (CLIENT_V6.into(), VIP_V6.into()),
+        ];
+        for (client, vip) in asked {
+            let request = Frame::echo_request(client, vip).ttl(9).bytes();
+            let (action, out) = run_xdp(b, &request, net.lbc).unwrap();
+            assert_eq!(action, XDP_TX, "{vip}: action");
+            assert_eq!(out, echo_reply(vip, client), "{vip}: the reply");
+        }
+        assert_eq!(reason_count(b, Reason::TxEchoReply), 3);
+
+        // Left to the stack, untouched: the l7 VIP (a local address, the
+        // stack answers), IPv4 options, a code other than 0, an echo reply,
+        // another ICMP type (timestamp), and every frame cut short.
+        let l7 = Frame::echo_request(CLIENT_V4, L7_V4).bytes();
+        assert_passed_untouched(b, net.lbc, &l7, "l7 VIP");
+        let options = Frame::echo_request(CLIENT_V4, VIP_V4).ip_options(&[1, 1, 1, 0]);
+        assert_passed_untouched(b, net.lbc, &options.bytes(), "IPv4 options");
+        let mut code = Frame::echo_request(CLIENT_V4, VIP_V4).bytes();
+        code[14 + 20 + 1] = 1;
+        assert_passed_untouched(b, net.lbc, &code, "code 1");
+        let reply = echo_reply(CLIENT_V4.into(), VIP_V4.into());
+        assert_passed_untouched(b, net.lbc, &reply, "echo reply");
+        let timestamp = Icmpv4Type::Unknown {
+            type_u8: 13,
+            code_u8: 0,
+            bytes5to8: [0, 1, 0, 1],
+        };
+        let timestamp = Frame::icmp(CLIENT_V4, VIP_V4, timestamp, &[0; 12]).bytes();
+        assert_passed_untouched(b, net.lbc, &timestamp, "timestamp request");
+        assert_eq!(reason_count(b, Reason::PassOtherProto), 5);
+        for request in [
+            Frame::echo_request(CLIENT_V4, VIP_V4).bytes(),
+            Frame::echo_request(CLIENT_V6, VIP_V6).bytes(),
+        ] {
+            for len in 14..request.len() {
+                let (action, out) = run_xdp(b, &request[..len], net.lbc).unwrap();
+                assert_eq!(action, XDP_PASS, "cut to {len}");
+                assert_eq!(out, &request[..len], "cut to {len}");
+            }
+        }
+        assert_eq!(reason_count(b, Reason::TxEchoReply), 3);
+
+        // Refused: a source no client has (loopback, multicast, a VIP's own
+        // address), another host's MAC, a corrupt IPv4 header.
+        for (src, reason) in [
+            (Ipv4Addr::LOCALHOST, Reason::DropMartianSource),
+            (Ipv4Addr::new(224, 0, 0, 1), Reason::DropMartianSource),
+            (VIP2_V4, Reason::DropSpoofedSource),
+        ] {
+            let before = reason_count(b, reason);
+            let request = Frame::echo_request(src, VIP_V4).bytes();
+            assert_eq!(
+                run_xdp(b, &request, net.lbc).unwrap().0,
+                XDP_DROP,
+                "from {src}"
+            );
+            assert_eq!(reason_count(b, reason), before + 1, "from {src}");
+        }
+        let multicast6 = Frame::echo_request(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), VIP_V6);
+        assert_eq!(
+            run_xdp(b, &multicast6.bytes(), net.lbc).unwrap().0,
+            XDP_DROP
+        );
+        let elsewhere = Frame::echo_request(CLIENT_V4, VIP_V4).macs(CLIENT_MAC, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(run_xdp(b, &elsewhere.bytes(), net.lbc).unwrap().0, XDP_DROP);
+        assert_eq!(reason_count(b, Reason::DropOtherHost), 1);
+        let mut corrupt = Frame::echo_request(CLIENT_V4, VIP_V4).bytes();
+        corrupt[14 + 10] ^= 0xff;
+        assert_eq!(run_xdp(b, &corrupt, net.lbc).unwrap().0, XDP_DROP);
+        assert_eq!(reason_count(b, Reason::DropBadIpChecksum), 1);
+        assert_eq!(reason_count(b, Reason::TxEchoReply), 3);
+
+        // Nor may a new flow come from another VIP's address.
+        let spoofed = Frame::tcp(VIP2_V4, VIP_V4, CPORT, 80).syn().bytes();
+        let before = reason_count(b, Reason::DropSpoofedSource);
+        assert_eq!(run_xdp(b, &spoofed, net.lbc).unwrap().0, XDP_DROP);
+        assert_eq!(reason_count(b, Reason::DropSpoofedSource), before + 1);
+    });
 }

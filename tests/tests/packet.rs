@@ -309,7 +309,9 @@ fn non_vip_l7_and_other_traffic_passes_untouched() {
         assert_passed_untouched(b, net.lbc, &l7, "L7 VIP");
         assert_eq!(reason_count(b, Reason::PassL7), 1);
 
-        let icmp = Frame::echo_request(CLIENT_V4, VIP_V4).bytes();
+        // Code 1: not an echo request (those are answered: tests/icmp.rs).
+        let mut icmp = Frame::echo_request(CLIENT_V4, VIP_V4).bytes();
+        icmp[14 + 20 + 1] = 1;
         assert_passed_untouched(b, net.lbc, &icmp, "ICMP to a VIP");
         assert_eq!(reason_count(b, Reason::PassOtherProto), 1);
     });

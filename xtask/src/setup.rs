@@ -27,6 +27,8 @@ pub const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
     "curl",
+    // `ping` of a VIP, answered from XDP (tests/tests/e2e.rs).
+    "iputils-ping",
     // The lab turns off veth TX checksum offload (see lab::netns::full_tx_checksums).
     "ethtool",
     "bpftool",
