@@ -291,6 +291,10 @@ pub(crate) struct RawConn {
     pub io: ServerIo,
     /// Read ahead; empty whenever the connection is idle.
     pub buf: BytesMut,
+    /// `timeout server` of hyper's path's exchanges on it (`h1::client`),
+    /// made at its first one: moved in tokio's wheel only when a deadline
+    /// is earlier than the registered one.
+    pub timer: Option<Deadline>,
 }
 
 impl RawConn {
@@ -515,6 +519,7 @@ impl ConnPool {
         let conn = RawConn {
             io,
             buf: BytesMut::with_capacity(8192),
+            timer: None,
         };
         Ok((conn, Some(start.elapsed())))
     }

@@ -20,10 +20,11 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::actions;
 use super::balance::Active;
-use super::connpool::{Conn, Reusable, Sender, SharedH2};
+use super::connpool::{Conn, RawConn, Reusable, Sender, SharedH2};
 use super::context::{ConnCtx, FrontendCtx, PoolRuntime, Shared};
 use super::deadline::WaitLimit;
 use super::error::Failure;
+use super::h1::client;
 use super::hardening;
 use super::log::{AccessRecord, LogFormat};
 use super::prepare::{self, Attempts, ClientSide, Forwarding, Prepared};
@@ -87,12 +88,21 @@ pub(crate) async fn handle(
     };
     let limit = conn.frontend.timeout_client;
     if !h2_client {
-        let body = RequestBody::stream(body, limit);
+        let mut body = RequestBody::stream(body, limit);
         // Boxed, or every HTTP/2 stream's future (this one) would be as large.
-        return Ok(Box::pin(forward(
-            &shared, &conn, parts, body, fwd, upgrade, done, None,
-        ))
-        .await);
+        return Ok(
+            match whole_body(&shared.pools[fwd.pool], &upgrade, &mut body) {
+                Some(whole) => {
+                    Box::pin(forward_raw(&shared, &conn, parts, whole, fwd, done, None)).await
+                }
+                None => {
+                    Box::pin(forward(
+                        &shared, &conn, parts, body, fwd, upgrade, done, None,
+                    ))
+                    .await
+                }
+            },
+        );
     }
     let body = request_body::in_hand(body, limit).await;
     Ok(in_task(shared, conn, parts, body, fwd, upgrade, done).await)
@@ -120,8 +130,17 @@ fn in_task(
     // Boxed, as the service's future (server.rs): written once, not copied.
     let task = tokio::spawn(Box::pin(async move {
         let _counted = counted;
-        let mut resp = forward(&shared, &conn, parts, body, fwd, upgrade, done, Some(&tx)).await;
-        own_values(resp.headers_mut());
+        let mut body = body;
+        let resp = match whole_body(&shared.pools[pool_idx], &upgrade, &mut body) {
+            // Its header values have bytes of their own already.
+            Some(whole) => forward_raw(&shared, &conn, parts, whole, fwd, done, Some(&tx)).await,
+            None => {
+                let mut resp =
+                    forward(&shared, &conn, parts, body, fwd, upgrade, done, Some(&tx)).await;
+                own_values(resp.headers_mut());
+                resp
+            }
+        };
         if let Err(resp) = tx.send(resp) {
             // Boxed: rare (the client reset the stream), and large.
             let limit = shared.pools[pool_idx].timeout_server;
@@ -334,6 +353,152 @@ async fn connect(
             Err(Failure::ConnectFailed)
         }
     }
+}
+
+/// The request's whole body, taken out of `body`, when our HTTP/1.1 client
+/// (`h1::client`) can send the request: to a pool of HTTP/1.1 servers, not
+/// an upgrade, its body in hand (none, or gathered by `request_body`).
+/// Otherwise None, and `body` is left as it was for hyper's client.
+fn whole_body(
+    pool: &PoolRuntime,
+    upgrade: &Option<tunnel::Upgrade>,
+    body: &mut RequestBody,
+) -> Option<Bytes> {
+    if pool.h2 || upgrade.is_some() {
+        return None;
+    }
+    match body {
+        RequestBody::Whole(data) => Some(data.take().unwrap_or_default()),
+        stream if stream.is_end_stream() => Some(Bytes::new()),
+        RequestBody::Stream { .. } => None,
+    }
+}
+
+/// `forward` through our HTTP/1.1 client (`h1::client`), on the raw
+/// connections of our HTTP/1 path, for a request whose whole body is in
+/// hand (`whole_body`): retries, error answers and the client's reset as
+/// there. Not an `async fn`, for the same reason.
+fn forward_raw<'a>(
+    shared: &'a Shared,
+    conn: &'a Arc<ConnCtx>,
+    parts: http::request::Parts,
+    body: Bytes,
+    mut fwd: Forwarding,
+    done: Done,
+    gone: Option<&'a tokio::sync::oneshot::Sender<Response<ProxyBody>>>,
+) -> impl Future<Output = Response<ProxyBody>> + 'a {
+    let pool = &shared.pools[fwd.pool];
+    async move {
+        let mut attempts = Attempts::new(pool);
+        loop {
+            let attempt = match attempts.acquire(pool, fwd.key, &mut fwd.rec).await {
+                Ok(active) => connect_raw(pool, conn, active).await,
+                Err(failure) => Err(failure),
+            };
+            let (active, mut server, connect_time) = match attempt {
+                Ok(a) => a,
+                Err(f) if attempts.retry(pool, f, false) => continue,
+                Err(f) => return error_response(f, fwd.rec, done),
+            };
+            fwd.rec.tc = connect_time.map_or(0, |d| d.as_millis() as i64);
+            let addr = active.server().addr;
+            if gone.is_some_and(|tx| tx.is_closed()) {
+                // Reset before it was sent: the connection serves another request instead.
+                pool.conns.put_raw(addr, server);
+                return error_response(Failure::ClientGone, fwd.rec, done);
+            }
+            let sent = Instant::now();
+            let due = tokio::time::Instant::from_std(sent) + pool.timeout_server;
+            let head = match client::exchange(&mut server, &parts, &body, due).await {
+                Ok(head) => head,
+                // A kept connection closed under us: sent again on another
+                // one, when it had no body (as on our HTTP/1 path).
+                Err(f) if attempts.retry(pool, f, connect_time.is_none() && body.is_empty()) => {
+                    continue;
+                }
+                Err(f) => {
+                    tracing::debug!(pool = %pool.name, server = %addr, failure = ?f, "no response");
+                    fwd.rec.tr = sent.elapsed().as_millis() as i64;
+                    return error_response(f, fwd.rec, done);
+                }
+            };
+            fwd.rec.tr = sent.elapsed().as_millis() as i64;
+            return respond_raw(head, server, pool, active, fwd, done);
+        }
+    }
+}
+
+/// A raw connection to the attempt's server (kept or new), and its connect
+/// time when new.
+async fn connect_raw(
+    pool: &PoolRuntime,
+    conn: &ConnCtx,
+    active: Active,
+) -> Result<(Active, RawConn, Option<Duration>), Failure> {
+    let addr = active.server().addr;
+    match pool.conns.get_raw(addr, conn.peer, conn.local).await {
+        Ok((raw, connect_time)) => Ok((active, raw, connect_time)),
+        Err(e) => {
+            tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
+            Err(Failure::ConnectFailed)
+        }
+    }
+}
+
+/// The client's response from a head our HTTP/1.1 client read (its framing
+/// checked by the codec): a 101 nobody asked for is a 502, hop-by-hop
+/// fields out, response actions applied; the body read off `server`, which
+/// goes back to its pool once the body has ended cleanly.
+fn respond_raw(
+    head: client::ResponseHead,
+    server: RawConn,
+    pool: &PoolRuntime,
+    active: Active,
+    fwd: Forwarding,
+    done: Done,
+) -> Response<ProxyBody> {
+    let Forwarding {
+        mut rec,
+        response_ops,
+        ..
+    } = fwd;
+    let addr = active.server().addr;
+    let headers = if head.status == StatusCode::SWITCHING_PROTOCOLS {
+        Err("101 to a request that asked for no upgrade")
+    } else {
+        client::headers(&head)
+    };
+    let mut headers = match headers {
+        Ok(h) => h,
+        Err(why) => {
+            tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response");
+            return error_response(Failure::BadResponse, rec, done);
+        }
+    };
+    actions::apply_response(&response_ops, &mut headers); // response actions
+    rec.status = head.status.as_u16();
+    let back = client::GiveBack {
+        pool: pool.conns.clone(),
+        server: addr,
+        keep_alive: head.keep_alive,
+    };
+    let (body, streams) = match client::RawBody::of(server, &head, back) {
+        client::ResponseBody::InHand(bytes) => (
+            Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+            false,
+        ),
+        client::ResponseBody::Read(raw) => (raw.boxed_unsync(), true),
+    };
+    let mut body = LoggedBody::new(body, rec, Some(active), done);
+    if streams {
+        body.server_wait = Some(WaitLimit::new(pool.timeout_server));
+    }
+    let mut resp = Response::new(body);
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = headers;
+    resp
 }
 
 /// Makes the request fit its server connection: HTTP/2 needs :scheme and

@@ -89,6 +89,16 @@ impl ResponseHead {
         header_map(&self.head, &self.fields)
     }
 
+    /// Number of header fields.
+    pub(crate) fn field_count(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// The header fields, name and value, as the server sent them.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields.iter().map(|s| self.field(s))
+    }
+
     /// The span list, for the next head to reuse.
     pub(crate) fn into_fields(self) -> Vec<Span> {
         self.fields

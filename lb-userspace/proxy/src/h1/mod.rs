@@ -21,6 +21,7 @@
 //! body included, and `timeout_client` to every wait on the client once a
 //! request is in, as in HAProxy.
 
+pub(crate) mod client;
 mod codec;
 pub(crate) mod fetch;
 mod relay;

@@ -408,3 +408,164 @@ async fn http2_streams_reset_after_sending_do_not_cost_server_connections() {
     );
     assert!(idle(&proxy, server) >= 1);
 }
+
+/// What an HTTP/2 client gets for `path` (method `method`) on `send`: the
+/// status, the named headers, and the body or the error that ended it.
+async fn h2_get(
+    send: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    front: SocketAddr,
+    method: &str,
+    path: &str,
+) -> (u16, String, Result<Vec<u8>, String>) {
+    use http_body_util::BodyExt;
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{front}{path}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    // A stream reset before its head reached the client: status 0.
+    let resp = match send.send_request(req).await {
+        Ok(resp) => resp,
+        Err(e) => return (0, String::new(), Err(e.to_string())),
+    };
+    let status = resp.status().as_u16();
+    let headers = ["content-length", "transfer-encoding", "x-n"]
+        .iter()
+        .map(|h| {
+            format!(
+                "{h}={:?}",
+                resp.headers().get(*h).map(|v| v.to_str().unwrap())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let body = resp.into_body().collect().await;
+    (
+        status,
+        headers,
+        body.map(|b| b.to_bytes().to_vec())
+            .map_err(|e| e.to_string()),
+    )
+}
+
+#[tokio::test]
+async fn http2_clients_get_every_framing_of_an_http1_servers_answer() {
+    // One answer per path; `x-n` says which request of its connection it
+    // answered, so the client sees which connections were reused.
+    let big = "b".repeat(300_000);
+    let sent = big.clone();
+    let answer = move |n: usize, head: &str, _: &[u8]| -> (Vec<u8>, bool) {
+        let path = head.split(' ').nth(1).unwrap_or("");
+        let h = |rest: &str| format!("HTTP/1.1 200 OK\r\nx-n: {n}\r\n{rest}").into_bytes();
+        match path {
+            "/fixed" if head.starts_with("HEAD") => (h("Content-Length: 5\r\n\r\n"), false),
+            "/fixed" => (h("Content-Length: 5\r\n\r\nhello"), false),
+            "/chunked" => (
+                h(
+                    "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6; ext=1\r\n world\r\n0\r\nx-t: 1\r\n\r\n",
+                ),
+                false,
+            ),
+            "/big" => (
+                h(&format!("Content-Length: {}\r\n\r\n{sent}", sent.len())),
+                false,
+            ),
+            "/empty" => (b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), false),
+            "/close" => (h("\r\nuntil the close"), true),
+            // Closes a kept connection without an answer: the request is
+            // sent again on a new one.
+            "/flaky" if n > 0 => (Vec::new(), true),
+            "/flaky" => (h("Content-Length: 2\r\n\r\nok"), false),
+            "/conflict" => (
+                h("Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"),
+                true,
+            ),
+            "/cut" => (h("Content-Length: 100\r\n\r\nshort"), true),
+            "/badchunk" => (
+                h("Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"),
+                true,
+            ),
+            _ => (h("Content-Length: 0\r\n\r\n"), false),
+        }
+    };
+    let (server, seen) = scripted_server(Arc::new(answer)).await;
+    let proxy = proxy_to(server).await;
+    let front = proxy.local_addrs()[0];
+    let tcp = TcpStream::connect(front).await.unwrap();
+    let (mut send, _conn) = h2_handshake(tcp).await;
+    let ok = |b: &str| Ok(b.as_bytes().to_vec());
+
+    let got = h2_get(&mut send, front, "GET", "/fixed").await;
+    assert_eq!(
+        got,
+        (
+            200,
+            r#"content-length=Some("5") transfer-encoding=None x-n=Some("0")"#.into(),
+            ok("hello")
+        )
+    );
+    // Chunks decoded (extension and trailer dropped), no Transfer-Encoding.
+    let got = h2_get(&mut send, front, "GET", "/chunked").await;
+    assert_eq!(
+        got,
+        (
+            200,
+            r#"content-length=None transfer-encoding=None x-n=Some("1")"#.into(),
+            ok("hello world")
+        )
+    );
+    // Longer than a read: streamed as it comes, then the connection is kept.
+    let (status, headers, body) = h2_get(&mut send, front, "GET", "/big").await;
+    assert_eq!(
+        (status, headers),
+        (
+            200,
+            r#"content-length=Some("300000") transfer-encoding=None x-n=Some("2")"#.into()
+        )
+    );
+    assert_eq!(body.unwrap(), big.as_bytes());
+    let got = h2_get(&mut send, front, "HEAD", "/fixed").await;
+    assert_eq!(
+        got,
+        (
+            200,
+            r#"content-length=Some("5") transfer-encoding=None x-n=Some("3")"#.into(),
+            ok("")
+        )
+    );
+    let got = h2_get(&mut send, front, "GET", "/empty").await;
+    assert_eq!(got.0, 204);
+    assert_eq!(got.2, ok(""));
+    let got = h2_get(&mut send, front, "GET", "/fixed").await;
+    assert_eq!(
+        got.1,
+        r#"content-length=Some("5") transfer-encoding=None x-n=Some("5")"#
+    );
+    // Delimited by the server's close: all of it, then a new connection.
+    let got = h2_get(&mut send, front, "GET", "/close").await;
+    assert_eq!(got.2, ok("until the close"));
+    let got = h2_get(&mut send, front, "GET", "/fixed").await;
+    assert_eq!(
+        got.1,
+        r#"content-length=Some("5") transfer-encoding=None x-n=Some("0")"#
+    );
+    // The kept connection closes under the request: answered on a new one.
+    let got = h2_get(&mut send, front, "GET", "/flaky").await;
+    assert_eq!((got.0, got.2), (200, ok("ok")));
+    assert!(got.1.ends_with(r#"x-n=Some("0")"#), "{}", got.1);
+
+    // Broken answers: a 502 before any byte; once the head went out, a
+    // reset stream (which may overtake the head).
+    let got = h2_get(&mut send, front, "GET", "/conflict").await;
+    assert_eq!(got.0, 502);
+    for path in ["/cut", "/badchunk"] {
+        let (status, _, body) = h2_get(&mut send, front, "GET", path).await;
+        assert!(status == 200 || status == 0, "{path}: {status}");
+        assert!(body.is_err(), "{path}: {body:?}");
+    }
+    // The client's connection carries on.
+    let got = h2_get(&mut send, front, "GET", "/fixed").await;
+    assert_eq!(got.2, ok("hello"));
+    let heads = seen.lock().unwrap().len();
+    assert_eq!(heads, 14, "13 requests, /flaky sent twice");
+}
