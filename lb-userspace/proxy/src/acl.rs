@@ -33,6 +33,7 @@
 //! | `sni_suffix` | `".example"` | the TLS SNI ends with it, case-insensitively |
 //! | `query` | `{ name = "debug", value = "1" }` | a query parameter has that name (and value, if given) |
 //! | `cookie` | `{ name = "session", value = "x" }` | a cookie has that name (and value, if given) |
+//! | `src_request_rate` | `{ above = 100, period = "10s" }` | the client's source (IPv4 address, IPv6 /64) sent more than `above` requests to this frontend within `period`, this one included (HAProxy's `sc_http_req_rate`; see `request_rate`) |
 //!
 //! ACL names consist of ASCII letters, digits, `_`, `-`, `.` and `:`, and are
 //! not `and`, `or` or `not`.
@@ -62,6 +63,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, Method};
 use serde::Deserialize;
@@ -84,6 +86,7 @@ pub const MATCHER_KEYS: &[&str] = &[
     "sni_suffix",
     "query",
     "cookie",
+    "src_request_rate",
 ];
 
 /// Nesting limit of parentheses and `not`s in a condition.
@@ -230,6 +233,13 @@ pub enum MatcherSpec {
         /// Cookie value; `None` matches presence.
         value: Option<String>,
     },
+    /// `src_request_rate`: the client's source sent more requests than this.
+    SrcRequestRate {
+        /// Requests within the period that are still fine.
+        above: u32,
+        /// The sliding period they are counted over.
+        period: Duration,
+    },
 }
 
 impl MatcherSpec {
@@ -252,6 +262,7 @@ impl MatcherSpec {
             MatcherSpec::SniSuffix(_) => "sni_suffix",
             MatcherSpec::Query { .. } => "query",
             MatcherSpec::Cookie { .. } => "cookie",
+            MatcherSpec::SrcRequestRate { .. } => "src_request_rate",
         }
     }
 }
@@ -281,6 +292,15 @@ struct RawAclSpec {
     sni_suffix: Option<String>,
     query: Option<RawNameValue>,
     cookie: Option<RawNameValue>,
+    src_request_rate: Option<RawRate>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    above: u32,
+    #[serde(with = "crate::model::duration")]
+    period: Duration,
 }
 
 #[derive(Deserialize)]
@@ -367,6 +387,10 @@ impl TryFrom<RawAclSpec> for AclSpec {
                 name: c.name,
                 value: c.value,
             }),
+            raw.src_request_rate.map(|r| M::SrcRequestRate {
+                above: r.above,
+                period: r.period,
+            }),
         ];
         let mut found: Vec<MatcherSpec> = candidates.into_iter().flatten().collect();
         if found.len() == 1
@@ -423,6 +447,9 @@ pub struct Request<'a> {
     pub src: IpAddr,
     /// The TLS server name, if the connection is TLS with SNI.
     pub sni: Option<&'a str>,
+    /// The client's source's request rate over each period a
+    /// `src_request_rate` ACL of the frontend names (empty without one).
+    pub src_request_rates: &'a [(Duration, u32)],
 }
 
 impl<'a> Request<'a> {
@@ -548,6 +575,10 @@ enum Matcher {
         name: String,
         value: Option<String>,
     },
+    SrcRequestRate {
+        above: u32,
+        period: Duration,
+    },
 }
 
 /// The checks of one matcher's values, with errors naming its ACL and key.
@@ -569,6 +600,16 @@ impl Check<'_> {
             return Err(self.bad(format!("`{}` must not be empty", self.key)));
         }
         Ok(v.to_owned())
+    }
+
+    fn rate_period(&self, period: Duration) -> Result<Duration, AclError> {
+        if !RATE_PERIODS.contains(&period) {
+            return Err(self.bad(format!(
+                "`{}` period {period:?} is out of range; expected 1s..=1h",
+                self.key
+            )));
+        }
+        Ok(period)
     }
 
     fn header_name(&self, n: &str) -> Result<HeaderName, AclError> {
@@ -663,6 +704,10 @@ impl Matcher {
                 name: non_empty(name)?,
                 value: value.clone(),
             },
+            MatcherSpec::SrcRequestRate { above, period } => Matcher::SrcRequestRate {
+                above: *above,
+                period: check.rate_period(*period)?,
+            },
         })
     }
 
@@ -725,6 +770,10 @@ impl Matcher {
                             .is_none_or(|want| form_decoded_eq(v.as_bytes(), want.as_bytes()))
                 })
             }),
+            Matcher::SrcRequestRate { above, period } => req
+                .src_request_rates
+                .iter()
+                .any(|(p, rate)| p == period && rate > above),
             Matcher::Cookie { name, value } => {
                 req.headers.get_all(http::header::COOKIE).iter().any(|h| {
                     h.as_bytes().split(|&b| b == b';').any(|pair| {
@@ -805,6 +854,24 @@ fn valid_name(name: &str) -> bool {
 
 fn is_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')
+}
+
+/// The periods a `src_request_rate` may count over.
+const RATE_PERIODS: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
+
+/// The distinct periods of the `src_request_rate` ACLs among `specs`: the
+/// request rates a frontend keeps (`request_rate`).
+pub fn request_rate_periods(specs: &[AclSpec]) -> Vec<Duration> {
+    let mut periods = Vec::new();
+    for spec in specs {
+        if let MatcherSpec::SrcRequestRate { period, .. } = spec.matcher
+            && !periods.contains(&period)
+        {
+            periods.push(period);
+        }
+    }
+    periods
 }
 
 /// Compiled ACLs by name; entries sharing a name are OR-ed.
@@ -1216,6 +1283,7 @@ mod tests {
         headers: HeaderMap,
         src: IpAddr,
         sni: Option<&'static str>,
+        rates: Vec<(Duration, u32)>,
     }
 
     impl Req {
@@ -1228,6 +1296,7 @@ mod tests {
                 headers: HeaderMap::new(),
                 src: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
                 sni: None,
+                rates: Vec::new(),
             }
         }
 
@@ -1248,6 +1317,7 @@ mod tests {
                 headers: &self.headers,
                 src: self.src,
                 sni: self.sni,
+                src_request_rates: &self.rates,
             }
         }
     }
@@ -1559,6 +1629,54 @@ mod tests {
         assert!(hit(&all, &src("255.255.255.255")));
         assert!(!hit(&all, &src("::1")));
         assert!(!hit(&all, &src("2001:db8::1")));
+    }
+
+    #[test]
+    fn src_request_rate_compares_the_rate_of_its_own_period() {
+        let set = one(r#"src_request_rate = { above = 5, period = "10s" }"#);
+        let ten = Duration::from_secs(10);
+        let mut r = Req::get("/");
+        assert!(!hit(&set, &r), "no rate counted: no match");
+        for (rates, want) in [
+            (vec![(ten, 5)], false),
+            (vec![(ten, 6)], true),
+            (vec![(Duration::from_secs(1), 60)], false),
+            (vec![(Duration::from_secs(1), 60), (ten, 7)], true),
+        ] {
+            r.rates = rates;
+            assert_eq!(hit(&set, &r), want, "{:?}", r.rates);
+        }
+        let specs = specs(
+            "[[acl]]\nname = \"a\"\nsrc_request_rate = { above = 1, period = \"1m\" }\n\
+             [[acl]]\nname = \"b\"\nsrc_request_rate = { above = 9, period = \"60s\" }\n\
+             [[acl]]\nname = \"c\"\nsrc_request_rate = { above = 9, period = \"2s\" }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            request_rate_periods(&specs),
+            [Duration::from_secs(60), Duration::from_secs(2)],
+            "one rate per distinct period"
+        );
+    }
+
+    #[test]
+    fn src_request_rate_needs_a_period_of_1s_to_1h() {
+        for period in ["500ms", "2h"] {
+            let e = compile_err(&format!(
+                "src_request_rate = {{ above = 5, period = \"{period}\" }}"
+            ));
+            assert!(matches!(e, AclError::BadValue { .. }), "{period}: {e}");
+            assert!(e.to_string().contains("1s..=1h"), "{e}");
+        }
+        for bad in [
+            "src_request_rate = { above = 5 }",
+            "src_request_rate = { above = -1, period = \"1s\" }",
+            "src_request_rate = { above = 5, period = 10 }",
+            "src_request_rate = { above = 5, period = \"1s\", burst = 2 }",
+        ] {
+            let text = format!("[[acl]]\nname = \"a\"\n{bad}\n");
+            assert!(specs(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -1906,6 +2024,9 @@ mod tests {
             [[frontend.acl]]
             name = "m"
             cookie = { name = "session" }
+            [[frontend.acl]]
+            name = "m"
+            src_request_rate = { above = 100, period = "10s" }
         "#;
         let specs = toml::from_str::<Config>(text).unwrap().frontend.acl;
         let s = |v: &str| v.to_owned();
@@ -1946,6 +2067,10 @@ mod tests {
             MatcherSpec::Cookie {
                 name: s("session"),
                 value: None,
+            },
+            MatcherSpec::SrcRequestRate {
+                above: 100,
+                period: Duration::from_secs(10),
             },
         ];
         assert_eq!(

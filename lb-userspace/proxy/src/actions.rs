@@ -415,7 +415,7 @@ impl CompiledActions {
         &self,
         cond: Option<&Condition>,
         parts: &request::Parts,
-        src: IpAddr,
+        (src, src_request_rates): (IpAddr, &[(std::time::Duration, u32)]),
         sni: Option<&str>,
     ) -> bool {
         let Some(cond) = cond else {
@@ -429,6 +429,7 @@ impl CompiledActions {
             headers: &parts.headers,
             src,
             sni,
+            src_request_rates,
         };
         cond.eval(&self.acls, &req)
     }
@@ -439,8 +440,9 @@ impl CompiledActions {
         parts: &mut request::Parts,
         peer: SocketAddr,
         sni: Option<&str>,
+        rates: &[(std::time::Duration, u32)],
     ) -> Outcome {
-        let src = peer.ip();
+        let src = (peer.ip(), rates);
         for (cond, op) in &self.request {
             if !self.holds(cond.as_ref(), parts, src, sni) {
                 continue;

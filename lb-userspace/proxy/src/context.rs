@@ -17,11 +17,13 @@ use hyper_util::server::conn::auto;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
+use crate::acl;
 use crate::actions::CompiledActions;
 use crate::balance::Balancer;
 use crate::connpool::ConnPool;
 use crate::log::LogFormat;
 use crate::model::{Frontend, Pool};
+use crate::request_rate::RequestRate;
 use crate::routing::Router;
 use crate::source_limit::SourceLimit;
 use crate::stats::Counters;
@@ -127,6 +129,24 @@ pub(crate) struct FrontendCtx {
     pub exchanges: AtomicUsize,
     /// Its `max_connections`, which bounds the exchanges of reset streams.
     pub max_connections: usize,
+    /// The request rates its `src_request_rate` ACLs look at, one per
+    /// period (shared by every serving thread).
+    pub request_rates: Vec<RequestRate>,
+}
+
+impl FrontendCtx {
+    /// Counts a request from `src` in each of the frontend's request rates:
+    /// the source's rates, for its ACLs (`acl::Request::src_request_rates`).
+    pub(crate) fn count_request(&self, src: std::net::IpAddr) -> Vec<(Duration, u32)> {
+        if self.request_rates.is_empty() {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        self.request_rates
+            .iter()
+            .map(|r| (r.period(), r.hit(src, now)))
+            .collect()
+    }
 }
 
 /// Requests in flight on a client connection, read by its timeout watcher.
@@ -245,6 +265,10 @@ impl FrontendRuntime {
                 stats: Arc::default(),
                 exchanges: AtomicUsize::new(0),
                 max_connections: cfg.max_connections,
+                request_rates: acl::request_rate_periods(&cfg.acl)
+                    .into_iter()
+                    .map(RequestRate::new)
+                    .collect(),
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),

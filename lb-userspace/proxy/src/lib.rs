@@ -204,6 +204,7 @@ mod model;
 mod prepare;
 pub mod proxy_protocol;
 mod request_body;
+mod request_rate;
 pub mod routing;
 mod server;
 mod shutdown;

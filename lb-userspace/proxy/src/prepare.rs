@@ -137,6 +137,7 @@ fn route(
     client: &ClientSide<'_>,
     parts: &http::request::Parts,
     host: Option<&HeaderValue>,
+    rates: &[(std::time::Duration, u32)],
 ) -> usize {
     let frontend = client.frontend;
     shared
@@ -153,6 +154,7 @@ fn route(
                     headers: &parts.headers,
                     src: client.peer.ip(),
                     sni: client.sni,
+                    src_request_rates: rates,
                 },
             )
         })
@@ -184,15 +186,17 @@ pub(crate) async fn prepare(
             return Prepared::Refuse(Failure::BadRequest, rec);
         }
     };
+    // Counted before any rule looks, whichever rules the request meets.
+    let rates = frontend.count_request(client.peer.ip());
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
     let acted = match &frontend.actions {
-        Some(a) => a.run_request(parts, client.peer, client.sni).await,
+        Some(a) => a.run_request(parts, client.peer, client.sni, &rates).await,
         None => actions::Outcome::default(),
     };
     // --- end request actions ---
     // The authority settled above (actions may have changed it since): a refcounted copy.
     let host: Option<HeaderValue> = parts.headers.get(header::HOST).cloned();
-    let pool_idx = route(shared, &client, parts, host.as_ref());
+    let pool_idx = route(shared, &client, parts, host.as_ref(), &rates);
     let pool = &shared.pools[pool_idx];
     let mut rec = record(&client, pool.name.clone(), parts, tq);
     rec.tally.pool = Some(pool.stats.shard());

@@ -130,3 +130,97 @@ async fn without_a_limit_a_source_takes_every_slot() {
     }
     assert_eq!(proxy.stats().frontends()[0].counters.denied_connections, 0);
 }
+
+/// Status codes of `n` GETs from `source` (one client, keep-alive), over
+/// HTTP/1.1 or, with `h2`, HTTP/2 (h2c).
+async fn statuses(front: SocketAddr, source: &str, n: usize, h2: bool) -> Vec<u16> {
+    use http_body_util::{BodyExt, Empty};
+    let mut out = Vec::new();
+    if h2 {
+        let (mut send, _conn) =
+            crate::support::h2_handshake(connect_from(source, front).await).await;
+        for _ in 0..n {
+            let req = http::Request::get(format!("http://{front}/"))
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            out.push(resp.status().as_u16());
+            resp.into_body().collect().await.unwrap();
+        }
+        return out;
+    }
+    let mut s = connect_from(source, front).await;
+    for _ in 0..n {
+        s.write_all(REQUEST).await.unwrap();
+        // Both answers are short and end their head with a Content-Length.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let whole = |got: &[u8]| {
+            let text = String::from_utf8_lossy(got);
+            let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                return false;
+            };
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            body.len() >= length
+        };
+        while !whole(&got) {
+            match tokio::time::timeout(GIVE_UP, s.read(&mut buf)).await {
+                Ok(Ok(n @ 1..)) => got.extend_from_slice(&buf[..n]),
+                other => panic!("no whole answer: {other:?} after {got:?}"),
+            }
+        }
+        let status = String::from_utf8_lossy(&got[9..12]).parse().unwrap();
+        out.push(status);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_source_past_its_request_rate_is_answered_429_on_either_protocol() {
+    let rules = r#"
+[[frontend.acl]]
+name = "too_fast"
+src_request_rate = { above = 3, period = "1m" }
+[[frontend.acl]]
+name = "exempt"
+src = "127.0.0.3"
+[[frontend.request]]
+action = "deny"
+if = "too_fast !exempt"
+status = 429
+"#;
+    let server = server().await;
+    let cfg = crate::support::two_pool_config(server, server, rules, "");
+    let router = routing::router(&cfg).unwrap();
+    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let front = proxy.local_addrs()[0];
+    // Three within the minute, then 429, on the same connection and on a new one.
+    assert_eq!(
+        statuses(front, "127.0.0.1", 5, false).await,
+        [200, 200, 200, 429, 429]
+    );
+    assert_eq!(statuses(front, "127.0.0.1", 1, false).await, [429]);
+    assert_eq!(
+        statuses(front, "127.0.0.1", 1, true).await,
+        [429],
+        "HTTP/2 too"
+    );
+    // Other sources have rates of their own; HTTP/2 counts each request.
+    assert_eq!(
+        statuses(front, "127.0.0.2", 5, true).await,
+        [200, 200, 200, 429, 429]
+    );
+    assert_eq!(
+        statuses(front, "127.0.0.3", 5, false).await,
+        [200; 5],
+        "exempt"
+    );
+}
