@@ -20,12 +20,13 @@ use tokio::time::Instant;
 use tokio_util::io::poll_read_buf;
 
 pub(crate) use super::codec::ResponseHead;
-use super::codec::{self, BodyKind};
+use super::codec::{self, BodyKind, Span};
 use super::relay::{READ_SIZE, read_more, write_out};
 use crate::connpool::{ConnPool, RawConn};
 use crate::deadline::Deadline;
 use crate::error::Failure;
 use crate::hardening::{self, Chunk};
+use crate::upstream::ServerIo;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -50,13 +51,29 @@ pub(crate) async fn exchange(
         Some(Err(_)) => return Err(Failure::ServerClosed),
         None => return Err(Failure::ServerTimeout),
     }
-    let mut spans = Vec::new();
+    let RawConn { io, buf, timer } = conn;
+    let timer = timer.get_or_insert_with(Deadline::new);
+    response_head(io, buf, &mut Vec::new(), &parts.method, due, timer).await
+}
+
+/// Reads a server's response head off `io` (`buf` holding what was read
+/// ahead) by `due`, skipping interim 1xx answers (but 101, which starts a
+/// tunnel). A connection that ends before any byte of it is `ServerClosed`
+/// (a kept one whose keep-alive ended). Both HTTP/1 clients read heads so.
+pub(super) async fn response_head(
+    io: &mut ServerIo,
+    buf: &mut BytesMut,
+    spans: &mut Vec<Span>,
+    method: &http::Method,
+    due: Instant,
+    timer: &mut Deadline,
+) -> Result<ResponseHead, Failure> {
     loop {
-        match codec::take_response(&mut conn.buf, &mut spans, &parts.method) {
+        match codec::take_response(buf, spans, method) {
             Ok(Some(r))
                 if r.status.is_informational() && r.status != StatusCode::SWITCHING_PROTOCOLS =>
             {
-                spans = r.into_fields();
+                *spans = r.into_fields();
                 continue;
             }
             Ok(Some(r)) => return Ok(r),
@@ -67,13 +84,9 @@ pub(crate) async fn exchange(
             }
         }
         let wait = due.saturating_duration_since(Instant::now());
-        let timer = conn.timer.get_or_insert_with(Deadline::new);
-        match timer
-            .limit(wait, read_more(&mut conn.io, &mut conn.buf))
-            .await
-        {
+        match timer.limit(wait, read_more(io, buf)).await {
             Some(Ok(n)) if n > 0 => {}
-            Some(_) if conn.buf.is_empty() => return Err(Failure::ServerClosed),
+            Some(_) if buf.is_empty() => return Err(Failure::ServerClosed),
             Some(_) => return Err(Failure::BadResponse),
             None => return Err(Failure::ServerTimeout),
         }

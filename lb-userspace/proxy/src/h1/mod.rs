@@ -711,49 +711,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             Err(Fail::Write | Fail::WriteTimeout) => false,
             Err(fail) => return Err((fail.in_request(), false)),
         };
-        let resp = self
-            .response_head(server, &parts.method, sent + timeout_server)
-            .await;
+        let RawConn { io, buf, .. } = server;
+        let due = sent + timeout_server;
+        let resp = client::response_head(
+            io,
+            buf,
+            &mut self.spans,
+            &parts.method,
+            due,
+            &mut self.timer,
+        )
+        .await;
         resp.map(|r| (r, body_sent)).map_err(|f| (f, body_sent))
-    }
-
-    /// Reads a server's response head by `due`, skipping interim 1xx answers
-    /// (but 101, which starts a tunnel). A connection that ends before any
-    /// byte of it is `ServerClosed` (a kept one whose keep-alive ended).
-    async fn response_head(
-        &mut self,
-        server: &mut RawConn,
-        method: &http::Method,
-        due: Instant,
-    ) -> Result<ResponseHead, Failure> {
-        loop {
-            match codec::take_response(&mut server.buf, &mut self.spans, method) {
-                Ok(Some(r))
-                    if r.status.is_informational()
-                        && r.status != StatusCode::SWITCHING_PROTOCOLS =>
-                {
-                    self.spans = r.into_fields();
-                    continue;
-                }
-                Ok(Some(r)) => return Ok(r),
-                Ok(None) => {}
-                Err(why) => {
-                    tracing::debug!(reason = why, "bad response head");
-                    return Err(Failure::BadResponse);
-                }
-            }
-            let wait = due.saturating_duration_since(Instant::now());
-            let read = self
-                .timer
-                .limit(wait, read_more(&mut server.io, &mut server.buf))
-                .await;
-            match read {
-                Some(Ok(n)) if n > 0 => {}
-                Some(_) if server.buf.is_empty() => return Err(Failure::ServerClosed),
-                Some(_) => return Err(Failure::BadResponse),
-                None => return Err(Failure::ServerTimeout),
-            }
-        }
     }
 
     /// Sends a server's response to the client: head (rewritten), then body.
