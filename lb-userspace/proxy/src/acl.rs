@@ -299,7 +299,7 @@ struct RawAclSpec {
 #[serde(deny_unknown_fields)]
 struct RawRate {
     above: u32,
-    #[serde(with = "crate::model::duration")]
+    #[serde(with = "crate::duration")]
     period: Duration,
 }
 

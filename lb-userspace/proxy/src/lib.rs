@@ -195,6 +195,7 @@ mod balance;
 mod connpool;
 mod context;
 mod deadline;
+pub mod duration;
 mod error;
 mod forward;
 mod h1;
@@ -228,7 +229,7 @@ pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, ConfigError, Frontend, HttpAction, MAX_CONNECTIONS, Pool, ProxyConfig,
-    ServerSpec, TlsConfig, UsePool, User, UserList, duration,
+    ServerSpec, TlsConfig, UsePool, User, UserList,
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
