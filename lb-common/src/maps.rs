@@ -310,10 +310,19 @@ pub const MAP_REASON_STATS: &str = "REASON_STATS";
 /// come from a backend is refused when it would create a flow.
 pub const MAP_BACKEND_ADDRS: &str = "BACKEND_ADDRS";
 /// Map name: `AddrKey` -> `u8` (HASH, `MAX_VIPS`): the address of every
-/// `l4` VIP (value unused, 1). ICMP echo requests to one are answered from
-/// XDP (the stack has no such local address, and a ping to a VIP is how
-/// operators check a balancer), and a new flow may not come from one.
+/// `l4` VIP, valued `VIP_ADDR_L4`, or `VIP_ADDR_L4 | VIP_ADDR_LOCAL` when
+/// an `l7` service shares it. ICMP echo requests to one are answered from
+/// XDP (a ping to a VIP is how operators check a balancer), a new flow may
+/// not come from one, and on an address without `VIP_ADDR_LOCAL` whatever
+/// no service or flow takes is dropped: the stack has no such local
+/// address and would route it on (back to the router that sent it, when
+/// its default route leads there: a loop until the TTL runs out).
 pub const MAP_VIP_ADDRS: &str = "VIP_ADDRS";
+/// `VIP_ADDRS` value bit: an `l4` service has the address.
+pub const VIP_ADDR_L4: u8 = 1;
+/// `VIP_ADDRS` value bit: an `l7` service has it too, so it is a local
+/// address of the stack, which answers what XDP does not take.
+pub const VIP_ADDR_LOCAL: u8 = 2;
 /// Map name: slot -> `IfMac` (ARRAY, `IF_MAC_SLOTS`): the MAC address of
 /// each interface the program is attached to, written by the agent before it
 /// attaches, in the first free of `IF_MAC_PROBES` slots from
@@ -775,10 +784,15 @@ pub enum Reason {
     /// ICMP or ICMPv6 echo request to an `l4` VIP's address: answered from
     /// the VIP with an echo reply (XDP_TX), as Katran does.
     TxEchoReply = 31,
+    /// Packet to an `l4` VIP's address (one no `l7` service shares) that no
+    /// service or flow takes: another port or protocol, a fragment, ICMP
+    /// that is neither answered nor translated. Dropped: the stack does
+    /// not have the address and would route it back out.
+    DropVipUnserved = 32,
 }
 
 /// Number of `Reason` values (size of `REASON_STATS`).
-pub const REASON_COUNT: u32 = 32;
+pub const REASON_COUNT: u32 = 33;
 
 impl Reason {
     /// All reasons, in counter-index order.
@@ -815,6 +829,7 @@ impl Reason {
         Reason::TxIcmpToBackend,
         Reason::RedirectIcmpToBackend,
         Reason::TxEchoReply,
+        Reason::DropVipUnserved,
     ];
 
     /// Stable snake_case name, used as a metrics label.
@@ -852,6 +867,7 @@ impl Reason {
             Reason::TxIcmpToBackend => "tx_icmp_to_backend",
             Reason::RedirectIcmpToBackend => "redirect_icmp_to_backend",
             Reason::TxEchoReply => "tx_echo_reply",
+            Reason::DropVipUnserved => "drop_vip_unserved",
         }
     }
 }

@@ -18,8 +18,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
-    AddrKey, FAMILY_V4, IF_MAC_PROBES, RATE_PREFIX_V4, RATE_PREFIX_V6, RATE_WINDOW_NS, RateWindow,
-    Reason, addr_to_bytes, if_mac_slot, is_martian_source,
+    Addr, AddrKey, FAMILY_V4, IF_MAC_PROBES, RATE_PREFIX_V4, RATE_PREFIX_V6, RATE_WINDOW_NS, RateWindow,
+    Reason, VIP_ADDR_LOCAL, addr_to_bytes, if_mac_slot, is_martian_source,
 };
 use network_types::eth::EthHdr;
 
@@ -138,6 +138,20 @@ pub fn new_flow_source(pkt: &Packet) -> Result<(), Reason> {
         return Err(Reason::DropSpoofedSource);
     }
     Ok(())
+}
+
+/// Whether `addr` is an `l4` VIP's address that no `l7` service shares: the
+/// stack does not have it, so what XDP does not take must not reach the
+/// stack, which would route it back out (see `MAP_VIP_ADDRS`).
+#[inline(always)]
+pub fn vip_only(addr: &Addr, family: u8) -> bool {
+    let key = AddrKey {
+        addr: *addr,
+        family,
+        pad: [0; 3],
+    };
+    // SAFETY: read-only probe of a map userspace updates whole-element.
+    unsafe { VIP_ADDRS.get(key) }.is_some_and(|v| v & VIP_ADDR_LOCAL == 0)
 }
 
 /// Whether the source may reach a VIP at all: not in the deny list.

@@ -84,7 +84,10 @@ fn process(ctx: &XdpContext) -> Verdict {
             if let Some(verdict) = echo::reply(ctx) {
                 return verdict;
             }
-            return icmp_nat::translate(ctx);
+            return unserved(ctx, icmp_nat::translate(ctx));
+        }
+        Err(Reason::PassFragment) => {
+            return unserved(ctx, Verdict::new(xdp_action::XDP_PASS, Reason::PassFragment));
         }
         Err(reason) => return Verdict::new(xdp_action::XDP_PASS, reason),
     };
@@ -204,6 +207,19 @@ fn process(ctx: &XdpContext) -> Verdict {
     to_backend(ctx, &pkt, backend_id, &backend, flags)
 }
 
+/// `verdict`, unless it passes a packet for an `l4` VIP's address that the
+/// stack does not have: that is dropped (see `checks::vip_only`).
+#[inline(always)]
+fn unserved(ctx: &XdpContext, verdict: Verdict) -> Verdict {
+    if verdict.action() == xdp_action::XDP_PASS
+        && let Some((addr, family)) = parse::destination(ctx)
+        && checks::vip_only(&addr, family)
+    {
+        return Verdict::new(xdp_action::XDP_DROP, Reason::DropVipUnserved);
+    }
+    verdict
+}
+
 /// A backend's packet of a known flow: NAT the source back to the VIP.
 #[inline(always)]
 fn to_client(ctx: &XdpContext, pkt: &Packet, flow: &Flow) -> Verdict {
@@ -235,6 +251,10 @@ fn not_a_vip(ctx: &XdpContext, pkt: &Packet) -> Verdict {
     {
         let flow = *flow;
         return to_client(ctx, pkt, &flow);
+    }
+    // Another port or protocol of an l4 VIP's address.
+    if checks::vip_only(&pkt.key.dst, pkt.key.family) {
+        return Verdict::new(xdp_action::XDP_DROP, Reason::DropVipUnserved);
     }
     Verdict::new(xdp_action::XDP_PASS, Reason::PassNotVip)
 }

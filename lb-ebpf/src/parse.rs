@@ -2,7 +2,9 @@
 //! read; anything inconsistent is reported as a pass reason and never rewritten.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason, addr_from_bytes};
+use lb_common::{
+    Addr, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason, addr_from_bytes,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -124,6 +126,26 @@ pub fn parse_plain_v4(ctx: &XdpContext) -> Option<Packet> {
         ip_len: total as u16,
         tcp_flags,
     })
+}
+
+/// The destination address and family of an untagged IPv4 or IPv6 packet,
+/// if the frame holds its header (for packets `parse` refused).
+#[inline(always)]
+pub fn destination(ctx: &XdpContext) -> Option<(Addr, u8)> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY (all three reads): bounds-checked by ptr_at.
+    match u16::from_be(unsafe { (*eth).ether_type }) {
+        ETH_P_IP => {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+            let dst = u32::from_ne_bytes(unsafe { (*ip).dst_addr });
+            Some(([dst, 0, 0, 0], FAMILY_V4))
+        }
+        ETH_P_IPV6 => {
+            let ip: *const Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+            Some((addr_from_bytes(unsafe { (*ip).dst_addr }), FAMILY_V6))
+        }
+        _ => None,
+    }
 }
 
 /// Parses Ethernet, IPv4/IPv6 and TCP/UDP.

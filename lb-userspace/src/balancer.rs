@@ -4,13 +4,13 @@
 //! packet without a valid path (backends before rings, rings before VIPs).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::{
     AddrKey, BACKEND_F_VALID, Backend, ENCAP_SRC_V4, ENCAP_SRC_V6, EncapSource, FAMILY_V4,
-    MAX_BACKENDS, MAX_VIPS, Settings, VIP_F_IPIP, VIP_F_L2, VIP_F_L7, VIP_F_MSS_CLAMP, VipKey,
-    VipMeta, VipState, addr_to_bytes,
+    MAX_BACKENDS, MAX_VIPS, Settings, VIP_ADDR_L4, VIP_ADDR_LOCAL, VIP_F_IPIP, VIP_F_L2, VIP_F_L7,
+    VIP_F_MSS_CLAMP, VipKey, VipMeta, VipState, addr_to_bytes,
     hash::backend_identity,
     maglev::{self, MaglevInput},
 };
@@ -30,6 +30,24 @@ pub fn vip_key(vip: SocketAddr, protocol: Protocol) -> VipKey {
         proto: protocol.number(),
         family,
     }
+}
+
+/// What `VIP_ADDRS` must hold for VIPs of these addresses and `VIP_F_*`
+/// flags: every address an `l4` service has, `VIP_ADDR_LOCAL` too where an
+/// `l7` service shares it (the stack has it then).
+fn vip_addrs(vips: impl Iterator<Item = (IpAddr, u32)>) -> BTreeMap<AddrKey, u8> {
+    let mut by_addr: BTreeMap<AddrKey, u8> = BTreeMap::new();
+    for (ip, flags) in vips {
+        let (addr, family) = ip_to_addr(ip);
+        let bit = if flags & VIP_F_L7 != 0 {
+            VIP_ADDR_LOCAL
+        } else {
+            VIP_ADDR_L4
+        };
+        *by_addr.entry(addr_key(addr, family)).or_default() |= bit;
+    }
+    by_addr.retain(|_, v| *v & VIP_ADDR_L4 != 0);
+    by_addr
 }
 
 /// The key of an address in the data plane's address sets.
@@ -225,9 +243,9 @@ pub struct Balancer {
     generations: Vec<u32>,
     /// What `BACKEND_ADDRS` holds; `None` until read from the map (a previous
     /// agent may have left entries there).
-    backend_addrs: Option<BTreeSet<AddrKey>>,
+    backend_addrs: Option<BTreeMap<AddrKey, u8>>,
     /// What `VIP_ADDRS` holds; `None` until read from the map.
-    vip_addrs: Option<BTreeSet<AddrKey>>,
+    vip_addrs: Option<BTreeMap<AddrKey, u8>>,
     /// What the deny lists hold; `None` until read from the maps.
     deny: Option<BTreeSet<IpPrefix>>,
     config: Option<Config>,
@@ -565,20 +583,12 @@ impl Balancer {
     /// (whatever their state: a drained backend is still not a client), and
     /// `VIP_ADDRS` the `l4` VIPs' (pings to them are answered from XDP).
     fn sync_addr_sets(&mut self) -> Result<()> {
-        let backends: BTreeSet<AddrKey> = self
+        let backends: BTreeMap<AddrKey, u8> = self
             .backends
             .values()
-            .map(|(_, b)| addr_key(b.addr, b.family))
+            .map(|(_, b)| (addr_key(b.addr, b.family), 1))
             .collect();
-        let vips: BTreeSet<AddrKey> = self
-            .vips
-            .iter()
-            .filter(|(_, (_, _, flags))| flags & VIP_F_L7 == 0)
-            .map(|((vip, _), _)| {
-                let (addr, family) = ip_to_addr(vip.ip());
-                addr_key(addr, family)
-            })
-            .collect();
+        let vips = vip_addrs(self.vips.iter().map(|((vip, _), (_, _, f))| (vip.ip(), *f)));
         for (set, wanted) in [(AddrSet::Backends, backends), (AddrSet::Vips, vips)] {
             let known = match set {
                 AddrSet::Backends => &mut self.backend_addrs,
@@ -588,10 +598,12 @@ impl Balancer {
                 Some(known) => known,
                 None => self.dataplane.addrs(set)?.into_iter().collect(),
             };
-            for key in wanted.difference(&current) {
-                self.dataplane.add_addr(set, key)?;
+            for (key, value) in &wanted {
+                if current.get(key) != Some(value) {
+                    self.dataplane.add_addr(set, key, *value)?;
+                }
             }
-            for key in current.difference(&wanted) {
+            for key in current.keys().filter(|k| !wanted.contains_key(k)) {
                 self.dataplane.remove_addr(set, key)?;
             }
             match set {
@@ -621,6 +633,30 @@ impl Balancer {
 mod tests {
     use super::*;
     use lb_common::FAMILY_V6;
+
+    #[test]
+    fn vip_addresses_are_the_l4_ones_marked_local_where_an_l7_shares_them() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let key = |s: &str| {
+            let (addr, family) = ip_to_addr(ip(s));
+            addr_key(addr, family)
+        };
+        let got = vip_addrs(
+            [
+                (ip("198.18.100.1"), 0),
+                (ip("198.18.100.1"), VIP_F_L7),
+                (ip("198.18.100.2"), VIP_F_L2),
+                (ip("198.18.100.2"), VIP_F_IPIP),
+                (ip("fd00:18:100::1"), VIP_F_L7),
+            ]
+            .into_iter(),
+        );
+        let want = BTreeMap::from([
+            (key("198.18.100.1"), VIP_ADDR_L4 | VIP_ADDR_LOCAL),
+            (key("198.18.100.2"), VIP_ADDR_L4),
+        ]);
+        assert_eq!(got, want, "an l7-only address is the stack's alone");
+    }
 
     #[test]
     fn id_pool_takes_over_ids_in_use() {

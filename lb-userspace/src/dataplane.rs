@@ -58,7 +58,7 @@ pub fn addr_to_ip(addr: &Addr, family: u8) -> IpAddr {
 pub enum AddrSet {
     /// Every configured backend's address (`BACKEND_ADDRS`).
     Backends,
-    /// Every `l4` VIP's address (`VIP_ADDRS`).
+    /// Every `l4` VIP's address (`VIP_ADDRS`), valued `VIP_ADDR_*`.
     Vips,
 }
 
@@ -409,10 +409,10 @@ impl Dataplane {
         }
     }
 
-    /// Adds an address to one of the data plane's address sets.
-    pub fn add_addr(&mut self, set: AddrSet, key: &AddrKey) -> Result<()> {
+    /// Puts an address, with its value, in one of the data plane's address sets.
+    pub fn add_addr(&mut self, set: AddrSet, key: &AddrKey, value: u8) -> Result<()> {
         let (map, name) = self.addr_map(set);
-        map.insert(key, 1, 0)
+        map.insert(key, value, 0)
             .with_context(|| format!("updating {name}"))
     }
 
@@ -425,11 +425,11 @@ impl Dataplane {
         }
     }
 
-    /// Every address in that set (e.g. as a previous agent left it).
-    pub fn addrs(&mut self, set: AddrSet) -> Result<Vec<AddrKey>> {
+    /// Every address in that set with its value (e.g. as a previous agent left it).
+    pub fn addrs(&mut self, set: AddrSet) -> Result<Vec<(AddrKey, u8)>> {
         let (map, name) = self.addr_map(set);
-        map.keys()
-            .map(|k| k.with_context(|| format!("reading {name}")))
+        map.iter()
+            .map(|kv| kv.with_context(|| format!("reading {name}")))
             .collect()
     }
 

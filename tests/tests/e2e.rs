@@ -223,7 +223,7 @@ fn bad_reload_keeps_the_running_config_and_stop_detaches() {
 }
 
 #[test]
-fn ping_of_a_vip_is_answered_by_the_balancer() {
+fn ping_of_a_vip_is_answered_and_a_port_without_a_service_dropped() {
     let lab = RunningLab::start("e2ep", 1, &[1]).expect("lab");
     // iputils' ping, as an operator checks a VIP; the stack has no such
     // address (and forwards nothing here), so only XDP can answer.
@@ -251,5 +251,24 @@ fn ping_of_a_vip_is_answered_by_the_balancer() {
             .unwrap(),
         6
     );
+    // A port no service has, on the IPv6 VIP (no l7 service shares that
+    // address): dropped by XDP, not handed to a stack that would route it on.
+    let vip6 = SocketAddr::new(services::vip_tcp6().ip(), 9);
+    run_in_ns(lab.lab.client_ns(), move || {
+        let sock = UdpSocket::bind("[::]:0").unwrap();
+        for _ in 0..3 {
+            sock.send_to(b"anyone?", vip6).unwrap();
+        }
+    })
+    .unwrap();
+    let dropped = || {
+        lab.metric("lb_xdp_packets_total", "reason=\"drop_vip_unserved\"")
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + T;
+    while dropped() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(dropped(), 3);
     assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
 }

@@ -17,7 +17,7 @@ use etherparse::{IcmpEchoHeader, Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
 use lb_common::{Reason, csum::checksum};
 use lb_tests::{
     RunningLab, assert_checksums_valid,
-    frames::{CPORT, Frame, Transport, frag_needed},
+    frames::{CPORT, Frame, Transport, fix_ipv4_checksum, frag_needed},
     reason_count, run_xdp,
     xdp_action::*,
 };
@@ -386,8 +386,8 @@ fn a_refused_udp_datagram_is_reported_to_the_clients_socket() {
     assert_eq!(lab.lab.kernel_forwarded_packets().unwrap(), 0);
 }
 
-/// A second `l4` VIP address, and the address of an `l7` VIP (local to the
-/// balancer: the stack answers its pings).
+/// A second `l4` VIP address, which an `l7` service shares (so the stack
+/// has it too), and the address of an `l7` VIP alone.
 const VIP2_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 2);
 const L7_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 3);
 
@@ -402,8 +402,9 @@ fn echo_reply(from: IpAddr, to: IpAddr) -> Vec<u8> {
     reply.to_client().bytes()
 }
 
-#[test]
-fn echo_requests_to_an_l4_vip_are_answered_from_it() {
+/// `nat_services_config` (VIP_V4 and VIP_V6 with l4 services only), VIP2_V4
+/// with an `l2` service and an `l7` one, L7_V4 with an `l7` service.
+fn vip_addresses_config() -> String {
     let extra = format!(
         r#"
 [[service]]
@@ -414,14 +415,66 @@ forwarding = "l2"
 address = "{b}:80"
 
 [[service]]
+name = "second-l7"
+vip = "{VIP2_V4}:443"
+mode = "l7"
+
+[[service]]
 name = "web-l7"
 vip = "{L7_V4}:443"
 mode = "l7"
 "#,
         b = backend_v4(2),
     );
-    let config = lb_tests::nat_services_config() + &extra;
-    lb_tests::with_fixture("echo", config, |b, net| {
+    lb_tests::nat_services_config() + &extra
+}
+
+/// Frames to `dst` that no service or flow takes: another TCP port, another
+/// UDP port, a fragment, GRE, a timestamp request, an echo request with IPv4
+/// options, one of code 1, an echo reply.
+fn unserved(dst: Ipv4Addr) -> Vec<(&'static str, Vec<u8>)> {
+    let mut fragment = Frame::udp(CLIENT_V4, dst, CPORT, 53).bytes();
+    fragment[14 + 6] |= 0x20; // more fragments
+    fix_ipv4_checksum(&mut fragment[14..34]);
+    let mut gre = Frame::udp(CLIENT_V4, dst, CPORT, 53).bytes();
+    gre[14 + 9] = 47;
+    fix_ipv4_checksum(&mut gre[14..34]);
+    let timestamp = Icmpv4Type::Unknown {
+        type_u8: 13,
+        code_u8: 0,
+        bytes5to8: [0, 1, 0, 1],
+    };
+    let mut code = Frame::echo_request(CLIENT_V4, dst).bytes();
+    code[14 + 20 + 1] = 1;
+    vec![
+        (
+            "TCP, another port",
+            Frame::tcp(CLIENT_V4, dst, CPORT, 81).syn().bytes(),
+        ),
+        (
+            "UDP, another port",
+            Frame::udp(CLIENT_V4, dst, CPORT, 54).bytes(),
+        ),
+        ("a fragment", fragment),
+        ("GRE", gre),
+        (
+            "timestamp request",
+            Frame::icmp(CLIENT_V4, dst, timestamp, &[0; 12]).bytes(),
+        ),
+        (
+            "echo with IPv4 options",
+            Frame::echo_request(CLIENT_V4, dst)
+                .ip_options(&[1, 1, 1, 0])
+                .bytes(),
+        ),
+        ("echo of code 1", code),
+        ("echo reply", echo_reply(CLIENT_V4.into(), dst.into())),
+    ]
+}
+
+#[test]
+fn echo_requests_to_an_l4_vip_are_answered_from_it() {
+    lb_tests::with_fixture("echo", vip_addresses_config(), |b, net| {
         // To each l4 VIP address (a DSR one too), whatever its services'
         // ports: the request turned around, TTL 64, on the link it came in.
         let asked: [(IpAddr, IpAddr); 3] = [
@@ -437,26 +490,10 @@ mode = "l7"
         }
         assert_eq!(reason_count(b, Reason::TxEchoReply), 3);
 
-        // Left to the stack, untouched: the l7 VIP (a local address, the
-        // stack answers), IPv4 options, a code other than 0, an echo reply,
-        // another ICMP type (timestamp), and every frame cut short.
+        // Left to the stack, untouched: an l7 VIP's address (the stack's
+        // own, it answers), and every cut of a request.
         let l7 = Frame::echo_request(CLIENT_V4, L7_V4).bytes();
         assert_passed_untouched(b, net.lbc, &l7, "l7 VIP");
-        let options = Frame::echo_request(CLIENT_V4, VIP_V4).ip_options(&[1, 1, 1, 0]);
-        assert_passed_untouched(b, net.lbc, &options.bytes(), "IPv4 options");
-        let mut code = Frame::echo_request(CLIENT_V4, VIP_V4).bytes();
-        code[14 + 20 + 1] = 1;
-        assert_passed_untouched(b, net.lbc, &code, "code 1");
-        let reply = echo_reply(CLIENT_V4.into(), VIP_V4.into());
-        assert_passed_untouched(b, net.lbc, &reply, "echo reply");
-        let timestamp = Icmpv4Type::Unknown {
-            type_u8: 13,
-            code_u8: 0,
-            bytes5to8: [0, 1, 0, 1],
-        };
-        let timestamp = Frame::icmp(CLIENT_V4, VIP_V4, timestamp, &[0; 12]).bytes();
-        assert_passed_untouched(b, net.lbc, &timestamp, "timestamp request");
-        assert_eq!(reason_count(b, Reason::PassOtherProto), 5);
         for request in [
             Frame::echo_request(CLIENT_V4, VIP_V4).bytes(),
             Frame::echo_request(CLIENT_V6, VIP_V6).bytes(),
@@ -504,5 +541,48 @@ mode = "l7"
         let before = reason_count(b, Reason::DropSpoofedSource);
         assert_eq!(run_xdp(b, &spoofed, net.lbc).unwrap().0, XDP_DROP);
         assert_eq!(reason_count(b, Reason::DropSpoofedSource), before + 1);
+    });
+}
+
+#[test]
+fn what_no_service_takes_on_an_l4_vips_address_is_dropped_not_routed_back() {
+    lb_tests::with_fixture("unserved", vip_addresses_config(), |b, net| {
+        // The stack does not have VIP_V4: it would route all this back out.
+        let mut dropped = 0;
+        for (what, frame) in unserved(VIP_V4) {
+            let (action, _) = run_xdp(b, &frame, net.lbc).unwrap();
+            assert_eq!(action, XDP_DROP, "{what}");
+            dropped += 1;
+        }
+        let v6 = Frame::tcp(CLIENT_V6, VIP_V6, CPORT, 81).syn().bytes();
+        assert_eq!(
+            run_xdp(b, &v6, net.lbc).unwrap().0,
+            XDP_DROP,
+            "IPv6, another port"
+        );
+        dropped += 1;
+        // An ICMP error to the VIP that quotes no flow of it.
+        let port = Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port);
+        let stray = Frame::udp(VIP_V4, ROUTER_C4, 53, CPORT).ttl(63).ip_packet();
+        let error = from_client_side(ROUTER_C4, VIP_V4, port, &stray);
+        assert_eq!(
+            run_xdp(b, &error, net.lbc).unwrap().0,
+            XDP_DROP,
+            "stray ICMP error"
+        );
+        dropped += 1;
+        assert_eq!(reason_count(b, Reason::DropVipUnserved), dropped);
+
+        // An address the stack has (an l7 service shares it, or has it
+        // alone), and one that is no VIP's: passed untouched, as before.
+        for dst in [VIP2_V4, L7_V4, backend_v4(1)] {
+            for (what, frame) in unserved(dst) {
+                assert_passed_untouched(b, net.lbc, &frame, &format!("{what} to {dst}"));
+            }
+        }
+        assert_eq!(reason_count(b, Reason::DropVipUnserved), dropped);
+        // What the services take still goes through.
+        let syn = Frame::tcp(CLIENT_V4, VIP_V4, CPORT, 80).syn().bytes();
+        assert_eq!(run_xdp(b, &syn, net.lbc).unwrap().0, XDP_REDIRECT);
     });
 }

@@ -371,7 +371,15 @@ fn truncated_and_malformed_frames_are_never_rewritten() {
         ext.extend_from_slice(&v6[14 + 40..]);
         let plen = (ext.len() - 14 - 40) as u16;
         ext[18..20].copy_from_slice(&plen.to_be_bytes());
-        assert_passed_untouched(b, net.lbc, &ext, "IPv6 extension header");
+        // Not parsed, never rewritten: VIP_V6 is an l4 VIP's address alone
+        // (no l7 service here has it), so it is dropped rather than passed
+        // to a stack that would route it back out (tests/icmp.rs).
+        assert_eq!(
+            run_xdp(b, &ext, net.lbc).unwrap().0,
+            XDP_DROP,
+            "IPv6 extension header"
+        );
+        assert_eq!(reason_count(b, Reason::DropVipUnserved), 1);
 
         // UDP length field larger than the datagram.
         let mut udp = Frame::udp(CLIENT_V4, VIP_V4, CPORT, 53).bytes();
