@@ -18,8 +18,8 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key, programs::XdpContext};
 use lb_common::{
-    Addr, AddrKey, FAMILY_V4, IF_MAC_PROBES, RATE_PREFIX_V4, RATE_PREFIX_V6, RATE_WINDOW_NS, RateWindow,
-    Reason, VIP_ADDR_LOCAL, addr_to_bytes, if_mac_slot, is_martian_source,
+    Addr, AddrKey, FAMILY_V4, IF_MAC_PROBES, RATE_PREFIX_V4, RATE_PREFIX_V6, RATE_WINDOW_NS,
+    RateWindow, Reason, VIP_ADDR_LOCAL, addr_to_bytes, if_mac_slot, is_martian_source,
 };
 use network_types::eth::EthHdr;
 

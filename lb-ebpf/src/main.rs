@@ -39,8 +39,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    BACKEND_F_VALID, Backend, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey, PROG_FULL_SLOT,
-    PROTO_TCP, Reason, VIP_F_DSR, VIP_F_L7, VipKey, flow_time, hash::flow_hash,
+    BACKEND_F_VALID, Backend, FAMILY_V6, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey,
+    PROG_FULL_SLOT, PROTO_TCP, Reason, VIP_F_DSR, VIP_F_L7, VipKey, flow_time, hash::flow_hash,
 };
 
 use crate::{
@@ -87,7 +87,10 @@ fn process(ctx: &XdpContext) -> Verdict {
             return unserved(ctx, icmp_nat::translate(ctx));
         }
         Err(Reason::PassFragment) => {
-            return unserved(ctx, Verdict::new(xdp_action::XDP_PASS, Reason::PassFragment));
+            return unserved(
+                ctx,
+                Verdict::new(xdp_action::XDP_PASS, Reason::PassFragment),
+            );
         }
         Err(reason) => return Verdict::new(xdp_action::XDP_PASS, reason),
     };
@@ -214,6 +217,7 @@ fn unserved(ctx: &XdpContext, verdict: Verdict) -> Verdict {
     if verdict.action() == xdp_action::XDP_PASS
         && let Some((addr, family)) = parse::destination(ctx)
         && checks::vip_only(&addr, family)
+        && !(family == FAMILY_V6 && parse::neighbour_discovery(ctx))
     {
         return Verdict::new(xdp_action::XDP_DROP, Reason::DropVipUnserved);
     }

@@ -148,6 +148,22 @@ pub fn destination(ctx: &XdpContext) -> Option<(Addr, u8)> {
     }
 }
 
+/// Whether the packet is IPv6 neighbour discovery (ICMPv6 133 to 137, no
+/// extension header): the stack's business whatever its address (an
+/// operator may have it answer for VIPs with `proxy_ndp`).
+#[inline(always)]
+pub fn neighbour_discovery(ctx: &XdpContext) -> bool {
+    const ICMPV6: u8 = 58;
+    let (Some(ip), Some(icmp)) = (
+        ptr_at::<Ipv6Hdr>(ctx, EthHdr::LEN),
+        ptr_at::<u8>(ctx, EthHdr::LEN + Ipv6Hdr::LEN),
+    ) else {
+        return false;
+    };
+    // SAFETY: both bounds-checked by ptr_at.
+    unsafe { (*ip).next_hdr == ICMPV6 && (133..=137).contains(&*icmp) }
+}
+
 /// Parses Ethernet, IPv4/IPv6 and TCP/UDP.
 ///
 /// VLAN-tagged frames are passed to the stack: NAT would send them on toward

@@ -573,6 +573,14 @@ fn what_no_service_takes_on_an_l4_vips_address_is_dropped_not_routed_back() {
         dropped += 1;
         assert_eq!(reason_count(b, Reason::DropVipUnserved), dropped);
 
+        // Neighbour discovery stays the stack's, whatever it is sent to.
+        let solicit = Icmpv6Type::Unknown {
+            type_u8: 135,
+            code_u8: 0,
+            bytes5to8: [0; 4],
+        };
+        let ns = Frame::icmp(CLIENT_V6, VIP_V6, solicit, &VIP_V6.octets()).ttl(255);
+        assert_passed_untouched(b, net.lbc, &ns.bytes(), "neighbour solicitation");
         // An address the stack has (an l7 service shares it, or has it
         // alone), and one that is no VIP's: passed untouched, as before.
         for dst in [VIP2_V4, L7_V4, backend_v4(1)] {
