@@ -148,6 +148,21 @@ pub fn jhash_bytes(data: &[u8], seed: u32) -> u32 {
 /// userspace get the same value without reinterpreting the struct.
 #[inline(always)]
 pub fn flow_hash(key: &FlowKey) -> u32 {
+    hash_with_sport(key, key.sport)
+}
+
+/// Hash of a 5-tuple without its source port (as `flow_hash` of the key
+/// with `sport` 0): the same for every flow of a client to one VIP
+/// (`VIP_F_HASH_SOURCE`).
+#[inline(always)]
+pub fn source_hash(key: &FlowKey) -> u32 {
+    hash_with_sport(key, 0)
+}
+
+/// `flow_hash` with `sport` in place of the key's: no copy of the key (the
+/// eBPF program's stack has no room for one).
+#[inline(always)]
+fn hash_with_sport(key: &FlowKey, sport: u16) -> u32 {
     // Addresses are already words in memory order; reading them little-endian
     // (a no-op on little-endian machines) keeps the definition byte-exact.
     let s = key.src.map(|w| u32::from_le_bytes(w.to_ne_bytes()));
@@ -161,7 +176,7 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
         d[1],
         d[2],
         d[3],
-        (key.sport as u32) | ((key.dport as u32) << 16),
+        (sport as u32) | ((key.dport as u32) << 16),
         u32::from_le_bytes([key.proto, key.family, key.pad[0], key.pad[1]]),
     ];
     jhash_words(&words, FLOW_HASH_SEED)
@@ -234,6 +249,26 @@ mod tests {
         check([0x8000_0001; 13], 5);
         // Different lengths of the same prefix must not collide trivially.
         assert_ne!(jhash_bytes(&[0; 4], 0), jhash_bytes(&[0; 5], 0));
+    }
+
+    #[test]
+    fn source_hash_ignores_only_the_source_port() {
+        let key = |sport: u16, src: u32| FlowKey {
+            src: [src, 0, 0, 0],
+            dst: [0x0164_12c6, 0, 0, 0],
+            sport,
+            dport: 80,
+            proto: 6,
+            family: crate::FAMILY_V4,
+            pad: [0; 2],
+        };
+        let one = source_hash(&key(40000, 0x0201_12c6));
+        for sport in [0, 1, 1024, 65535] {
+            assert_eq!(source_hash(&key(sport, 0x0201_12c6)), one);
+        }
+        assert_eq!(one, flow_hash(&key(0, 0x0201_12c6)));
+        assert_ne!(source_hash(&key(40000, 0x0301_12c6)), one, "another client");
+        assert_ne!(flow_hash(&key(40000, 0x0201_12c6)), one);
     }
 
     #[test]

@@ -414,6 +414,11 @@ pub const VIP_F_L2: u32 = 4;
 /// VIP flag (`mss_clamp = true`, ipip only): the MSS option of a client's SYN
 /// is lowered so that the encapsulated segments fit the egress MTU.
 pub const VIP_F_MSS_CLAMP: u32 = 8;
+/// VIP flag (`hash = "source"`): a new flow's backend comes from the
+/// client's address, not its port (`hash::source_hash`), so every flow of a
+/// client goes to one backend while the VIP's table does not change
+/// (Katran's `F_HASH_NO_SRC_PORT`, IPVS's `sh`, HAProxy's `balance source`).
+pub const VIP_F_HASH_SOURCE: u32 = 16;
 /// Either direct-server-return mode: the backend replies to the client itself.
 pub const VIP_F_DSR: u32 = VIP_F_IPIP | VIP_F_L2;
 /// Bytes an outer IPv4 header adds in `ipip` mode.

@@ -257,9 +257,9 @@ fn to_dsr_backend(ctx: &XdpContext, s: &mut IcmpScratch) -> Option<Verdict> {
     let chosen = match pinned {
         Some(id) => match BACKENDS.get(id) {
             Some(b) if b.flags & BACKEND_F_VALID != 0 => Ok((id, b)),
-            _ => crate::choose(vip_id, &s.key),
+            _ => crate::choose(vip_id, &s.key, flags),
         },
-        None => crate::choose(vip_id, &s.key),
+        None => crate::choose(vip_id, &s.key, flags),
     };
     let (backend_id, backend) = match chosen {
         Ok(found) => found,

@@ -40,7 +40,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     BACKEND_F_VALID, Backend, FAMILY_V6, FLOW_TO_BACKEND, FLOW_TO_CLIENT, Flow, FlowKey,
-    PROG_FULL_SLOT, PROTO_TCP, Reason, VIP_F_DSR, VIP_F_L7, VipKey, flow_time, hash::flow_hash,
+    PROG_FULL_SLOT, PROTO_TCP, Reason, VIP_F_DSR, VIP_F_HASH_SOURCE, VIP_F_L7, VipKey, flow_time,
+    hash::{flow_hash, source_hash},
 };
 
 use crate::{
@@ -186,11 +187,10 @@ fn process(ctx: &XdpContext) -> Verdict {
     if let Some((vip_id, generation)) = create {
         // TCP handshakes are admitted through PENDING; UDP flows and
         // re-pinned established ones go straight to their flow table.
-        let dsr = flags & VIP_F_DSR != 0;
         let chosen = if pkt.key.proto == PROTO_TCP && !rehash {
-            admit_tcp(&pkt, vip_id, generation, dsr, older)
+            admit_tcp(&pkt, vip_id, generation, flags, older)
         } else {
-            new_flow(&pkt, vip_id, generation, rehash, dsr)
+            new_flow(&pkt, vip_id, generation, rehash, flags)
         };
         match chosen {
             Ok(backend_id) => pinned = Some(backend_id),
@@ -293,11 +293,12 @@ fn to_backend(
     verdict
 }
 
-/// The backend of a new flow from the VIP's Maglev ring, with its slot.
-/// `DropNoBackend` if the VIP has no live backend.
+/// The backend of a new flow from the VIP's Maglev ring, with its slot;
+/// `flags` are the VIP's (`VIP_F_HASH_SOURCE`). `DropNoBackend` if the VIP
+/// has no live backend.
 #[inline(always)]
-fn choose(vip_id: u32, key: &FlowKey) -> Result<(u32, &'static Backend), Reason> {
-    let backend_id = pick_backend(vip_id, key).ok_or(Reason::DropNoBackend)?;
+fn choose(vip_id: u32, key: &FlowKey, flags: u32) -> Result<(u32, &'static Backend), Reason> {
+    let backend_id = pick_backend(vip_id, key, flags).ok_or(Reason::DropNoBackend)?;
     match BACKENDS.get(backend_id) {
         Some(b) if b.flags & BACKEND_F_VALID != 0 => Ok((backend_id, b)),
         _ => Err(Reason::DropNoBackend),
@@ -348,12 +349,13 @@ fn new_flow(
     vip_id: u32,
     generation: u32,
     rehash: bool,
-    dsr: bool,
+    flags: u32,
 ) -> Result<u32, Reason> {
     if !rehash {
         checks::new_flow_rate(pkt)?;
     }
-    let (backend_id, backend) = choose(vip_id, &pkt.key)?;
+    let dsr = flags & VIP_F_DSR != 0;
+    let (backend_id, backend) = choose(vip_id, &pkt.key, flags)?;
     let s = scratch()?;
     let table = flows::table(pkt.key.proto);
     if dsr {
@@ -426,9 +428,10 @@ fn admit_tcp(
     pkt: &Packet,
     vip_id: u32,
     generation: u32,
-    dsr: bool,
+    flags: u32,
     older: Older,
 ) -> Result<u32, Reason> {
+    let dsr = flags & VIP_F_DSR != 0;
     // A SYN of a handshake in PENDING (a retransmit) is no new flow for the
     // rate limit, but its backend comes from the table like any SYN's.
     let mut retransmit = false;
@@ -468,7 +471,7 @@ fn admit_tcp(
     if !retransmit {
         checks::new_flow_rate(pkt)?;
     }
-    let (backend_id, backend) = choose(vip_id, &pkt.key)?;
+    let (backend_id, backend) = choose(vip_id, &pkt.key, flags)?;
     older.settle(&pkt.key, backend_id);
     let s = scratch()?;
     if dsr {
@@ -552,9 +555,10 @@ fn other_flow_is_live(
             .is_some_and(|s| s.generation == client.vip_generation)
 }
 
-/// Maglev lookup: `ring[flow_hash % size]`.
+/// Maglev lookup: `ring[flow_hash % size]` (`source_hash` for a VIP with
+/// `VIP_F_HASH_SOURCE`).
 #[inline(always)]
-fn pick_backend(vip_id: u32, key: &FlowKey) -> Option<u32> {
+fn pick_backend(vip_id: u32, key: &FlowKey, flags: u32) -> Option<u32> {
     // SAFETY: RINGS has no prealloc: userspace replaces a ring as a new element
     // under RCU, so this reference stays a complete, consistent table.
     let ring = unsafe { RINGS.get(vip_id)? };
@@ -562,7 +566,12 @@ fn pick_backend(vip_id: u32, key: &FlowKey) -> Option<u32> {
     if size == 0 {
         return None;
     }
-    let idx = flow_hash(key) % size;
+    let hash = if flags & VIP_F_HASH_SOURCE != 0 {
+        source_hash(key)
+    } else {
+        flow_hash(key)
+    };
+    let idx = hash % size;
     ring.entries.get(idx as usize).copied()
 }
 

@@ -9,15 +9,15 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::{Context, Result, anyhow};
 use lb_common::{
     AddrKey, BACKEND_F_VALID, Backend, ENCAP_SRC_V4, ENCAP_SRC_V6, EncapSource, FAMILY_V4,
-    MAX_BACKENDS, MAX_VIPS, Settings, VIP_ADDR_L4, VIP_ADDR_LOCAL, VIP_F_IPIP, VIP_F_L2, VIP_F_L7,
-    VIP_F_MSS_CLAMP, VipKey, VipMeta, VipState, addr_to_bytes,
+    MAX_BACKENDS, MAX_VIPS, Settings, VIP_ADDR_L4, VIP_ADDR_LOCAL, VIP_F_HASH_SOURCE, VIP_F_IPIP,
+    VIP_F_L2, VIP_F_L7, VIP_F_MSS_CLAMP, VipKey, VipMeta, VipState, addr_to_bytes,
     hash::backend_identity,
     maglev::{self, MaglevInput},
 };
 use tracing::info;
 
 use crate::{
-    config::{Config, Forwarding, IpPrefix, Mode, Protocol, Service},
+    config::{Config, FlowHash, Forwarding, IpPrefix, Mode, Protocol, Service},
     dataplane::{AddrSet, Dataplane, PinnedState, addr_to_ip, ip_to_addr},
 };
 
@@ -71,9 +71,14 @@ pub fn backend_value(addr: SocketAddr, vip_id: u32) -> Backend {
     }
 }
 
-/// The data plane's `VIP_F_*` bits for a service: where its packets go.
+/// The data plane's `VIP_F_*` bits for a service: where its packets go,
+/// and what picks their backend.
 pub fn vip_flags(service: &Service) -> u32 {
-    match (service.mode, service.forwarding) {
+    let hash = match service.hash {
+        FlowHash::Flow => 0,
+        FlowHash::Source => VIP_F_HASH_SOURCE,
+    };
+    hash | match (service.mode, service.forwarding) {
         (Mode::L7, _) => VIP_F_L7,
         (Mode::L4, Forwarding::Nat) => 0,
         (Mode::L4, Forwarding::L2) => VIP_F_L2,

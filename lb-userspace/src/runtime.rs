@@ -14,7 +14,9 @@ use anyhow::{Context, Result};
 use lb_common::DEFAULT_RING_SIZE;
 use tracing::warn;
 
-use crate::config::{BackendConfig, Config, Forwarding, Group, Mode, Protocol, Service, rules};
+use crate::config::{
+    BackendConfig, Config, FlowHash, Forwarding, Group, Mode, Protocol, Service, rules,
+};
 use crate::control::protocol::{AdminState, Request};
 use crate::discovery::{self, Found};
 
@@ -442,6 +444,7 @@ impl Desired {
             mode,
             forwarding,
             mss_clamp: false,
+            hash: FlowHash::Flow,
             ring_size,
             backends: Vec::new(),
             line: 0,

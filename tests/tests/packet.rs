@@ -6,7 +6,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4, icmpv6};
 use lb_common::{
-    FLOW_CACHE_PERIOD_SHIFT, FlowKey, Reason, UDP_IDLE_UNITS, flow_time, hash::flow_hash,
+    FLOW_CACHE_PERIOD_SHIFT, FlowKey, Reason, UDP_IDLE_UNITS, flow_time,
+    hash::{flow_hash, source_hash},
 };
 use lb_tests::{
     assert_checksums_valid, assert_hit_path_forwards_alike,
@@ -405,6 +406,68 @@ fn three_config(backends: &[usize], mode: &str) -> String {
 fn apply(b: &mut Balancer, text: &str) {
     let config = lb_userspace::config::parse(text, "test.toml").expect("valid config");
     b.apply(&config).expect("apply");
+}
+
+#[test]
+fn hash_source_sends_every_flow_of_a_client_to_one_backend() {
+    with_fixture(|b, net| {
+        // The backend (1..=3) each of `n` SYNs from `client`, one per source port, reached.
+        let reached = |b: &mut Balancer, client: Ipv4Addr, proto: &str| {
+            let mut seen = std::collections::BTreeSet::new();
+            for sport in 2000..2040u16 {
+                let input = match proto {
+                    "udp" => Frame::udp(client, VIP3_V4, sport, 80).bytes(),
+                    _ => Frame::tcp(client, VIP3_V4, sport, 80).syn().bytes(),
+                };
+                let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
+                assert_eq!(action, XDP_REDIRECT, "{client}:{sport}");
+                let i = (1..=3).find(|&i| out[30..34] == backend_v4(i).octets());
+                seen.insert(i.expect("one of the backends"));
+            }
+            seen
+        };
+        let spread = reached(b, CLIENT_V4, "tcp");
+        assert!(
+            spread.len() > 1,
+            "the 5-tuple spreads a client's flows: {spread:?}"
+        );
+        for proto in ["tcp", "udp"] {
+            let text = three_config(&[1, 2, 3], "l4").replace(
+                "mode = \"l4\"\n",
+                &format!("mode = \"l4\"\nhash = \"source\"\nprotocol = \"{proto}\"\n"),
+            );
+            apply(b, &text);
+            let one = reached(b, CLIENT_V4, proto);
+            assert_eq!(one.len(), 1, "{proto}: one backend for the client: {one:?}");
+            // The one Maglev gives the tuple without the client's port.
+            let key = FlowKey {
+                src: ip_to_addr(CLIENT_V4.into()).0,
+                dst: ip_to_addr(VIP3_V4.into()).0,
+                sport: 0,
+                dport: 80,
+                proto: if proto == "udp" { 17 } else { 6 },
+                family: 4,
+                pad: [0; 2],
+            };
+            let protocol = if proto == "udp" {
+                lb_userspace::config::Protocol::Udp
+            } else {
+                lb_userspace::config::Protocol::Tcp
+            };
+            let vip_id = b
+                .vip_id(format!("{VIP3_V4}:80").parse().unwrap(), protocol)
+                .unwrap();
+            let ring = b.dataplane().ring(vip_id).unwrap().unwrap();
+            let id = ring[(source_hash(&key) % ring.len() as u32) as usize];
+            let want = (1..=3)
+                .find(|&i| {
+                    b.backend_id("three", format!("{}:8080", backend_v4(i)).parse().unwrap())
+                        == Some(id)
+                })
+                .unwrap();
+            assert_eq!(one.first(), Some(&want), "{proto}");
+        }
+    });
 }
 
 #[test]

@@ -259,6 +259,8 @@ pub struct Service {
     pub forwarding: Forwarding,
     /// Lower the MSS of SYNs so encapsulated segments fit (`ipip` only).
     pub mss_clamp: bool,
+    /// What a new flow's backend is picked by (`l4` only).
+    pub hash: FlowHash,
     /// Maglev ring size (a prime).
     pub ring_size: u32,
     /// Backends, in file order.
@@ -417,6 +419,18 @@ pub enum Mode {
     L4,
     /// Passed to the kernel stack for the L7 proxy.
     L7,
+}
+
+/// What picks a new flow's backend in an L4 service's Maglev table (`hash = ...`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FlowHash {
+    /// The whole 5-tuple: a client's flows spread over the backends.
+    #[default]
+    Flow,
+    /// The 5-tuple without the client's port: every flow of a client goes
+    /// to one backend while the table does not change (HAProxy's `balance
+    /// source`, Katran's `F_HASH_NO_SRC_PORT`).
+    Source,
 }
 
 /// How an L4 service's packets reach its backends (`forwarding = ...`).

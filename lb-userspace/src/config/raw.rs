@@ -98,6 +98,7 @@ pub(super) struct RawService {
     pub(super) mode: Option<Spanned<String>>,
     pub(super) forwarding: Option<Spanned<String>>,
     pub(super) mss_clamp: Option<Spanned<bool>>,
+    pub(super) hash: Option<Spanned<String>>,
     pub(super) ring_size: Option<Spanned<i64>>,
     pub(super) backend: Option<Vec<Spanned<RawBackend>>>,
     pub(super) health: Option<Spanned<RawHealth>>,

@@ -9,14 +9,16 @@ use toml::Spanned;
 
 use super::raw::{RawBackend, RawHealth, RawService};
 use super::{
-    ADDR_FORM, BackendConfig, Checker, DEFAULT_WEIGHT, Forwarding, HealthCheck, Mode, Protocol,
-    Service, rules,
+    ADDR_FORM, BackendConfig, Checker, DEFAULT_WEIGHT, FlowHash, Forwarding, HealthCheck, Mode,
+    Protocol, Service, rules,
 };
 
 /// The spellings of `protocol`, the default first.
 const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)];
 /// The spellings of `mode`, the default first.
 const MODES: &[(&str, Mode)] = &[("l4", Mode::L4), ("l7", Mode::L7)];
+/// The spellings of `hash`, the default first.
+const HASHES: &[(&str, FlowHash)] = &[("flow", FlowHash::Flow), ("source", FlowHash::Source)];
 
 /// What earlier services took: names, VIPs, and the data plane's backend slots.
 #[derive(Default)]
@@ -67,6 +69,7 @@ impl Checker<'_> {
         let mode = self.choice(svc.mode.as_ref(), "mode", MODES);
         let forwarding = self.forwarding(svc.forwarding.as_ref(), mode, &label);
         let mss_clamp = self.mss_clamp(svc.mss_clamp.as_ref(), forwarding, &label);
+        let hash = self.flow_hash(svc.hash.as_ref(), mode, &label);
         let vip = match &svc.vip {
             None => {
                 self.at(&span, format!("service \"{label}\" has no `vip`"));
@@ -109,6 +112,7 @@ impl Checker<'_> {
             mode: mode?,
             forwarding: forwarding?,
             mss_clamp,
+            hash: hash?,
             ring_size: ring_size?,
             backends,
             health: health?,
@@ -133,6 +137,24 @@ impl Checker<'_> {
             })
             .map_err(|why| self.at(&f.span(), why))
             .ok()
+    }
+
+    /// Checks `hash`: only XDP picks backends by a hash of the flow.
+    fn flow_hash(
+        &mut self,
+        raw: Option<&Spanned<String>>,
+        mode: Option<Mode>,
+        label: &str,
+    ) -> Option<FlowHash> {
+        let hash = self.choice(raw, "hash", HASHES)?;
+        if let (Some(h), Some(Mode::L7)) = (raw, mode) {
+            self.at(
+                &h.span(),
+                format!("hash applies to l4 services (the L7 proxy balances by its pools' `algorithm`); service \"{label}\" is l7"),
+            );
+            return None;
+        }
+        Some(hash)
     }
 
     /// Checks `mss_clamp`: only ipip makes packets bigger.
@@ -434,6 +456,27 @@ mod tests {
         lines.insert(4, "mode = \"l7\"");
         lines.insert(5, "forwarding = \"ipip\"");
         expect_one(&lines, 6, "`forwarding` applies to l4 services only");
+    }
+
+    #[test]
+    fn hash_is_flow_or_source_and_l4_only() {
+        let ok = parse(&text(&svc(&[])), "t.toml").expect("default");
+        assert_eq!(ok.services[0].hash, FlowHash::Flow);
+        let mut lines = svc(&[]);
+        lines.insert(4, "hash = \"source\"");
+        let ok = parse(&text(&lines), "t.toml").expect("source");
+        assert_eq!(ok.services[0].hash, FlowHash::Source);
+        let mut lines = svc(&[]);
+        lines.insert(4, "hash = \"src\"");
+        expect_one(
+            &lines,
+            5,
+            "unknown hash \"src\"; expected \"flow\" or \"source\"",
+        );
+        let mut lines = svc(&[]);
+        lines.insert(4, "mode = \"l7\"");
+        lines.insert(5, "hash = \"source\"");
+        expect_one(&lines, 6, "hash applies to l4 services");
     }
 
     #[test]

@@ -52,6 +52,7 @@ fn full_example_parses() {
                 mode: Mode::L4,
                 forwarding: Forwarding::Nat,
                 mss_clamp: false,
+                hash: FlowHash::Flow,
                 ring_size: 251,
                 backends: vec![
                     BackendConfig {
@@ -76,6 +77,7 @@ fn full_example_parses() {
                 mode: Mode::L4,
                 forwarding: Forwarding::Nat,
                 mss_clamp: false,
+                hash: FlowHash::Flow,
                 ring_size: DEFAULT_RING_SIZE,
                 backends: vec![BackendConfig {
                     address: "[fd00:18:2::11]:5353".parse().unwrap(),
@@ -93,6 +95,7 @@ fn full_example_parses() {
                 mode: Mode::L7,
                 forwarding: Forwarding::Nat,
                 mss_clamp: false,
+                hash: FlowHash::Flow,
                 ring_size: DEFAULT_RING_SIZE,
                 backends: vec![],
                 health: None,
