@@ -29,7 +29,12 @@ use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
 };
 
-use crate::{checks, maps::VIP_ADDRS, parse::Packet, verdict::Verdict};
+use crate::{
+    checks,
+    maps::VIP_ADDRS,
+    parse::{Packet, ptr_at},
+    verdict::Verdict,
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -46,22 +51,12 @@ const ECHO_HDR_LEN: usize = 8;
 /// TTL / hop limit of the answer (Linux's default).
 const ANSWER_TTL: u8 = 64;
 
-/// Pointer to a `T` at `offset`, if the frame holds it.
-#[inline(always)]
-fn at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    if start + offset + core::mem::size_of::<T>() > ctx.data_end() {
-        return None;
-    }
-    Some((start + offset) as *mut T)
-}
-
 /// The answer to an echo request to an `l4` VIP (XDP_TX), a drop for one
 /// the checks refuse, or `None` for every other packet (left untouched).
 #[inline(always)]
 pub fn reply(ctx: &XdpContext) -> Option<Verdict> {
-    let eth: *const EthHdr = at(ctx, 0)?;
-    // SAFETY: bounds-checked by `at`.
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     let pkt = match u16::from_be(unsafe { (*eth).ether_type }) {
         ETH_P_IP => request_v4(ctx)?,
         ETH_P_IPV6 => request_v6(ctx)?,
@@ -113,8 +108,8 @@ fn source_may_ask(pkt: &Packet) -> Result<(), Reason> {
 /// An IPv4 echo request, as a `Packet` (ports 0) for the checks.
 #[inline(always)]
 fn request_v4(ctx: &XdpContext) -> Option<Packet> {
-    let ip: *const Ipv4Hdr = at(ctx, EthHdr::LEN)?;
-    // SAFETY: bounds-checked by `at`.
+    let ip: *const Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     let ip = unsafe { &*ip };
     let total = u16::from_be_bytes(ip.tot_len) as usize;
     let avail = ctx.data_end() - ctx.data() - EthHdr::LEN;
@@ -126,8 +121,8 @@ fn request_v4(ctx: &XdpContext) -> Option<Packet> {
     {
         return None;
     }
-    let icmp: *const [u8; 2] = at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
-    // SAFETY: bounds-checked by `at`.
+    let icmp: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     if unsafe { *icmp } != [ICMP_ECHO_REQUEST, 0] {
         return None;
     }
@@ -152,8 +147,8 @@ fn request_v4(ctx: &XdpContext) -> Option<Packet> {
 /// An IPv6 echo request (no extension headers), as a `Packet` for the checks.
 #[inline(always)]
 fn request_v6(ctx: &XdpContext) -> Option<Packet> {
-    let ip: *const Ipv6Hdr = at(ctx, EthHdr::LEN)?;
-    // SAFETY: bounds-checked by `at`.
+    let ip: *const Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     let ip = unsafe { &*ip };
     let payload = u16::from_be_bytes(ip.payload_len) as usize;
     let avail = ctx.data_end() - ctx.data() - EthHdr::LEN;
@@ -164,8 +159,8 @@ fn request_v6(ctx: &XdpContext) -> Option<Packet> {
     {
         return None;
     }
-    let icmp: *const [u8; 2] = at(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
-    // SAFETY: bounds-checked by `at`.
+    let icmp: *const [u8; 2] = ptr_at(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     if unsafe { *icmp } != [ICMPV6_ECHO_REQUEST, 0] {
         return None;
     }
@@ -190,8 +185,8 @@ fn request_v6(ctx: &XdpContext) -> Option<Packet> {
 /// Sends the frame back where it came from.
 #[inline(always)]
 fn swap_macs(ctx: &XdpContext) -> Option<()> {
-    let eth: *mut EthHdr = at(ctx, 0)?;
-    // SAFETY: bounds-checked by `at`.
+    let eth: *mut EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     let eth = unsafe { &mut *eth };
     core::mem::swap(&mut eth.src_addr, &mut eth.dst_addr);
     Some(())
@@ -209,8 +204,8 @@ fn retype(check: &mut [u8; 2], from: u8, to: u8) {
 #[inline(always)]
 fn turn_v4(ctx: &XdpContext) -> Option<()> {
     swap_macs(ctx)?;
-    let ip: *mut Ipv4Hdr = at(ctx, EthHdr::LEN)?;
-    // SAFETY: bounds-checked by `at`.
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     let ip = unsafe { &mut *ip };
     core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
     // TTL shares a 16-bit checksum word with the protocol byte.
@@ -221,8 +216,8 @@ fn turn_v4(ctx: &XdpContext) -> Option<()> {
     );
     ip.ttl = ANSWER_TTL;
     ip.check = delta.apply(u16::from_be_bytes(ip.check)).to_be_bytes();
-    let icmp: *mut [u8; 4] = at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
-    // SAFETY: bounds-checked by `at`.
+    let icmp: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + Ipv4Hdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     let icmp = unsafe { &mut *icmp };
     icmp[0] = ICMP_ECHO_REPLY;
     let mut check = [icmp[2], icmp[3]];
@@ -234,14 +229,14 @@ fn turn_v4(ctx: &XdpContext) -> Option<()> {
 #[inline(always)]
 fn turn_v6(ctx: &XdpContext) -> Option<()> {
     swap_macs(ctx)?;
-    let ip: *mut Ipv6Hdr = at(ctx, EthHdr::LEN)?;
-    // SAFETY: bounds-checked by `at`.
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, EthHdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     let ip = unsafe { &mut *ip };
     core::mem::swap(&mut ip.src_addr, &mut ip.dst_addr);
     // Not in any checksum (ICMPv6's pseudo-header has no hop limit).
     ip.hop_limit = ANSWER_TTL;
-    let icmp: *mut [u8; 4] = at(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
-    // SAFETY: bounds-checked by `at`.
+    let icmp: *mut [u8; 4] = ptr_at(ctx, EthHdr::LEN + Ipv6Hdr::LEN)?;
+    // SAFETY: bounds-checked by `ptr_at`.
     let icmp = unsafe { &mut *icmp };
     icmp[0] = ICMPV6_ECHO_REPLY;
     let mut check = [icmp[2], icmp[3]];
