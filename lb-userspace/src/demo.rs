@@ -92,7 +92,7 @@ pub struct TryCommand {
     pub shell: String,
 }
 
-/// The demo's commands for the L7 proxy and the UDP services.
+/// The demo's commands for the L7 proxy, the UDP services and a ping.
 pub fn try_commands(lab: &Lab) -> Vec<TryCommand> {
     let cli = lab.client_ns();
     let l7 = services::vip_l7();
@@ -138,6 +138,13 @@ pub fn try_commands(lab: &Lab) -> Vec<TryCommand> {
                 "ip netns exec {cli} bash -c 'exec 3<>/dev/udp/{ip}/{port}; echo hi >&3; timeout 2 head -n1 <&3'",
                 ip = services::vip_udp4().ip(),
                 port = services::vip_udp4().port()
+            ),
+        },
+        TryCommand {
+            what: "ping the IPv6 VIP: XDP answers (the stack has no such address)".into(),
+            shell: format!(
+                "ip netns exec {cli} ping -n -c 2 -i 0.2 -W 2 {} | grep -c 'bytes from'",
+                services::vip_tcp6().ip()
             ),
         },
     ]

@@ -35,7 +35,7 @@ fn the_demo_l7_and_udp_commands_answer_as_printed() {
     let config = demo::prepare(&lab, &dir).unwrap();
     demo::start_agent(&mut lab, &config, &dir.join("lb.sock")).unwrap();
     let commands = demo::try_commands(&lab);
-    assert_eq!(commands.len(), 4);
+    assert_eq!(commands.len(), 5);
 
     // HTTPS over HTTP/2 to pool web (be2, be3), balanced over both.
     let mut seen = BTreeSet::new();
@@ -59,6 +59,8 @@ fn the_demo_l7_and_udp_commands_answer_as_printed() {
         out.len() == 1 && ["be1", "be2", "be3"].contains(&out[0].as_str()),
         "{out:?}"
     );
+    // Both pings answered, from XDP.
+    assert_eq!(run(&commands[4]), ["2"]);
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }
