@@ -50,6 +50,12 @@ fn vip_addrs(vips: impl Iterator<Item = (IpAddr, u32)>) -> BTreeMap<AddrKey, u8>
     by_addr
 }
 
+/// Whether two sets of `VIP_F_*` flags send established flows the same
+/// way: they differ at most in what picks new flows' backends.
+fn same_mode(a: u32, b: u32) -> bool {
+    a & !VIP_F_HASH_SOURCE == b & !VIP_F_HASH_SOURCE
+}
+
 /// The key of an address in the data plane's address sets.
 fn addr_key(addr: lb_common::Addr, family: u8) -> AddrKey {
     AddrKey {
@@ -418,18 +424,23 @@ impl Balancer {
             keep.insert(key);
             let ring = build_ring(service, &self.backends, availability)?;
             let flags = vip_flags(service);
-            let (id, new_generation) = match self.vips.get(&key) {
+            let (id, new_generation, old_flags) = match self.vips.get(&key) {
                 Some((_, old_ring, old_flags)) if *old_ring == ring && *old_flags == flags => {
                     continue;
                 }
-                // Only the table changed: flows stay pinned where they are.
-                Some((id, _, old_flags)) if *old_flags == flags => (*id, false),
+                // Only the table or the hash changed: flows stay pinned
+                // where they are (new ones get the new hash).
+                Some((id, _, old_flags)) if same_mode(*old_flags, flags) => {
+                    (*id, false, *old_flags)
+                }
                 // The mode changed: established flows must be looked up afresh.
-                Some((id, ..)) => (*id, true),
-                None => (vip_ids[&key], true),
+                Some((id, _, old_flags)) => (*id, true, *old_flags),
+                None => (vip_ids[&key], true, flags),
             };
             if new_generation {
                 self.bump_generation(id, flags)?;
+            } else if old_flags != flags {
+                self.set_flags(id, flags)?;
             }
             self.dataplane
                 .publish_ring(id, &ring)
@@ -617,6 +628,16 @@ impl Balancer {
             }
         }
         Ok(())
+    }
+
+    /// Gives a VIP id's state new flags in its current generation: its flows stay valid.
+    fn set_flags(&mut self, vip_id: u32, flags: u32) -> Result<()> {
+        let generation = *self
+            .generations
+            .get(vip_id as usize)
+            .ok_or_else(|| anyhow!("VIP id {vip_id} out of range"))?;
+        self.dataplane
+            .set_vip_state(vip_id, &VipState { generation, flags })
     }
 
     /// Starts a new generation of a VIP id, invalidating flows created under the old one.

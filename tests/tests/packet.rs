@@ -471,6 +471,62 @@ fn hash_source_sends_every_flow_of_a_client_to_one_backend() {
 }
 
 #[test]
+fn a_hash_change_keeps_established_flows_where_they_are() {
+    with_fixture(|b, net| {
+        apply(b, &three_config(&[1, 2, 3], "l4"));
+        let vip_id = b
+            .vip_id(
+                format!("{VIP3_V4}:80").parse().unwrap(),
+                lb_userspace::config::Protocol::Tcp,
+            )
+            .unwrap();
+        let ring = b.dataplane().ring(vip_id).unwrap().unwrap();
+        let key = |sport| FlowKey {
+            src: ip_to_addr(CLIENT_V4.into()).0,
+            dst: ip_to_addr(VIP3_V4.into()).0,
+            sport,
+            dport: 80,
+            proto: 6,
+            family: 4,
+            pad: [0; 2],
+        };
+        let slot = |h: u32| ring[(h % ring.len() as u32) as usize];
+        // A flow whose backend the source hash would change.
+        let sport = (3000..3200u16)
+            .find(|&p| slot(flow_hash(&key(p))) != slot(source_hash(&key(p))))
+            .expect("a port the two hashes disagree on");
+        let backend = |out: &[u8]| (1..=3).find(|&i| out[30..34] == backend_v4(i).octets());
+        let syn = Frame::tcp(CLIENT_V4, VIP3_V4, sport, 80).syn().bytes();
+        let ack = Frame::tcp(CLIENT_V4, VIP3_V4, sport, 80).ack(1).bytes();
+        let (_, out) = run_xdp(b, &syn, net.lbc).unwrap();
+        let pinned = backend(&out).unwrap();
+        let (_, out) = run_xdp(b, &ack, net.lbc).unwrap();
+        assert_eq!(backend(&out), Some(pinned), "established");
+
+        let text = three_config(&[1, 2, 3], "l4")
+            .replace("mode = \"l4\"\n", "mode = \"l4\"\nhash = \"source\"\n");
+        apply(b, &text);
+        for _ in 0..3 {
+            let (_, out) = run_xdp(b, &ack, net.lbc).unwrap();
+            assert_eq!(backend(&out), Some(pinned), "the established flow stays");
+        }
+        // A new connection of the client gets the source hash's backend.
+        let new = Frame::tcp(CLIENT_V4, VIP3_V4, sport + 1, 80).syn().bytes();
+        let (_, out) = run_xdp(b, &new, net.lbc).unwrap();
+        let want = slot(source_hash(&key(sport)));
+        let got = backend(&out).unwrap();
+        let got_id = b
+            .backend_id(
+                "three",
+                format!("{}:8080", backend_v4(got)).parse().unwrap(),
+            )
+            .unwrap();
+        assert_eq!(got_id, want, "a new flow");
+        assert_ne!(got, pinned);
+    });
+}
+
+#[test]
 fn established_flows_follow_backend_removal_mode_change_and_vip_removal() {
     with_fixture(|b, net| {
         apply(b, &three_config(&[1, 2, 3], "l4"));
