@@ -218,6 +218,39 @@ fn vlan_tagged_frames_are_passed_untouched_in_both_directions() {
     });
 }
 
+/// The client's TCP or UDP (`proto` 6 or 17) 5-tuple to VIP3_V4:80 from `sport`.
+fn key3(sport: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: ip_to_addr(CLIENT_V4.into()).0,
+        dst: ip_to_addr(VIP3_V4.into()).0,
+        sport,
+        dport: 80,
+        proto,
+        family: 4,
+        pad: [0; 2],
+    }
+}
+
+/// The lab backend (1..=3) of service "three" (VIP3_V4:80, `key`'s
+/// protocol) whose id VIP3's Maglev table holds at `hash % size`.
+fn maglev_backend(b: &mut Balancer, key: &FlowKey, hash: u32) -> usize {
+    let protocol = if key.proto == 17 {
+        lb_userspace::config::Protocol::Udp
+    } else {
+        lb_userspace::config::Protocol::Tcp
+    };
+    let vip_id = b
+        .vip_id(format!("{VIP3_V4}:80").parse().unwrap(), protocol)
+        .unwrap();
+    let ring = b.dataplane().ring(vip_id).unwrap().unwrap();
+    let id = ring[(hash % ring.len() as u32) as usize];
+    (1..=3)
+        .find(|&i| {
+            b.backend_id("three", format!("{}:8080", backend_v4(i)).parse().unwrap()) == Some(id)
+        })
+        .unwrap()
+}
+
 #[test]
 fn flows_follow_the_maglev_table_and_stay_pinned() {
     with_fixture(|b, net| {
@@ -225,29 +258,8 @@ fn flows_follow_the_maglev_table_and_stay_pinned() {
             let input = Frame::tcp(CLIENT_V4, VIP3_V4, sport, 80).syn().bytes();
             let (action, out) = run_xdp(b, &input, net.lbc).unwrap();
             assert_eq!(action, XDP_REDIRECT);
-            let key = FlowKey {
-                src: ip_to_addr(CLIENT_V4.into()).0,
-                dst: ip_to_addr(VIP3_V4.into()).0,
-                sport,
-                dport: 80,
-                proto: 6,
-                family: 4,
-                pad: [0; 2],
-            };
-            let vip_id = b
-                .vip_id(
-                    format!("{VIP3_V4}:80").parse().unwrap(),
-                    lb_userspace::config::Protocol::Tcp,
-                )
-                .unwrap();
-            let ring = b.dataplane().ring(vip_id).unwrap().unwrap();
-            let id = ring[(flow_hash(&key) % ring.len() as u32) as usize];
-            let chosen = (1..=3)
-                .find(|&i| {
-                    b.backend_id("three", format!("{}:8080", backend_v4(i)).parse().unwrap())
-                        == Some(id)
-                })
-                .unwrap();
+            let key = key3(sport, 6);
+            let chosen = maglev_backend(b, &key, flow_hash(&key));
             assert_eq!(&out[30..34], &backend_v4(chosen).octets(), "sport {sport}");
             // The same flow again goes to the same backend (connection table hit).
             let (_, again) = run_xdp(b, &input, net.lbc).unwrap();
@@ -440,31 +452,8 @@ fn hash_source_sends_every_flow_of_a_client_to_one_backend() {
             let one = reached(b, CLIENT_V4, proto);
             assert_eq!(one.len(), 1, "{proto}: one backend for the client: {one:?}");
             // The one Maglev gives the tuple without the client's port.
-            let key = FlowKey {
-                src: ip_to_addr(CLIENT_V4.into()).0,
-                dst: ip_to_addr(VIP3_V4.into()).0,
-                sport: 0,
-                dport: 80,
-                proto: if proto == "udp" { 17 } else { 6 },
-                family: 4,
-                pad: [0; 2],
-            };
-            let protocol = if proto == "udp" {
-                lb_userspace::config::Protocol::Udp
-            } else {
-                lb_userspace::config::Protocol::Tcp
-            };
-            let vip_id = b
-                .vip_id(format!("{VIP3_V4}:80").parse().unwrap(), protocol)
-                .unwrap();
-            let ring = b.dataplane().ring(vip_id).unwrap().unwrap();
-            let id = ring[(source_hash(&key) % ring.len() as u32) as usize];
-            let want = (1..=3)
-                .find(|&i| {
-                    b.backend_id("three", format!("{}:8080", backend_v4(i)).parse().unwrap())
-                        == Some(id)
-                })
-                .unwrap();
+            let key = key3(0, if proto == "udp" { 17 } else { 6 });
+            let want = maglev_backend(b, &key, source_hash(&key));
             assert_eq!(one.first(), Some(&want), "{proto}");
         }
     });
@@ -474,26 +463,13 @@ fn hash_source_sends_every_flow_of_a_client_to_one_backend() {
 fn a_hash_change_keeps_established_flows_where_they_are() {
     with_fixture(|b, net| {
         apply(b, &three_config(&[1, 2, 3], "l4"));
-        let vip_id = b
-            .vip_id(
-                format!("{VIP3_V4}:80").parse().unwrap(),
-                lb_userspace::config::Protocol::Tcp,
-            )
-            .unwrap();
-        let ring = b.dataplane().ring(vip_id).unwrap().unwrap();
-        let key = |sport| FlowKey {
-            src: ip_to_addr(CLIENT_V4.into()).0,
-            dst: ip_to_addr(VIP3_V4.into()).0,
-            sport,
-            dport: 80,
-            proto: 6,
-            family: 4,
-            pad: [0; 2],
-        };
-        let slot = |h: u32| ring[(h % ring.len() as u32) as usize];
         // A flow whose backend the source hash would change.
         let sport = (3000..3200u16)
-            .find(|&p| slot(flow_hash(&key(p))) != slot(source_hash(&key(p))))
+            .find(|&p| {
+                let key = key3(p, 6);
+                maglev_backend(b, &key, flow_hash(&key))
+                    != maglev_backend(b, &key, source_hash(&key))
+            })
             .expect("a port the two hashes disagree on");
         let backend = |out: &[u8]| (1..=3).find(|&i| out[30..34] == backend_v4(i).octets());
         let syn = Frame::tcp(CLIENT_V4, VIP3_V4, sport, 80).syn().bytes();
@@ -513,15 +489,13 @@ fn a_hash_change_keeps_established_flows_where_they_are() {
         // A new connection of the client gets the source hash's backend.
         let new = Frame::tcp(CLIENT_V4, VIP3_V4, sport + 1, 80).syn().bytes();
         let (_, out) = run_xdp(b, &new, net.lbc).unwrap();
-        let want = slot(source_hash(&key(sport)));
+        let key = key3(sport, 6);
         let got = backend(&out).unwrap();
-        let got_id = b
-            .backend_id(
-                "three",
-                format!("{}:8080", backend_v4(got)).parse().unwrap(),
-            )
-            .unwrap();
-        assert_eq!(got_id, want, "a new flow");
+        assert_eq!(
+            got,
+            maglev_backend(b, &key, source_hash(&key)),
+            "a new flow"
+        );
         assert_ne!(got, pinned);
     });
 }
