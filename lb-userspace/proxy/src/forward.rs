@@ -483,12 +483,7 @@ fn respond_raw(
         keep_alive: head.keep_alive,
     };
     let (body, streams) = match client::RawBody::of(server, &head, back) {
-        client::ResponseBody::InHand(bytes) => (
-            Full::new(bytes)
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-            false,
-        ),
+        client::ResponseBody::InHand(bytes) => (whole(bytes), false),
         client::ResponseBody::Read(raw) => (raw.boxed_unsync(), true),
     };
     let mut body = LoggedBody::new(body, rec, Some(active), done);
@@ -622,14 +617,19 @@ fn respond(
     Response::from_parts(rparts, body)
 }
 
+/// A body of bytes in hand, as `LoggedBody` wraps them.
+fn whole(bytes: Bytes) -> UnsyncBoxBody<Bytes, BoxError> {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 fn error_response(failure: Failure, mut rec: AccessRecord, done: Done) -> Response<ProxyBody> {
     let status = failure.status();
     rec.status = status.as_u16();
     rec.termination = failure.termination();
     let page = failure.page();
-    let body = Full::new(Bytes::from(page))
-        .map_err(|never| match never {})
-        .boxed_unsync();
+    let body = whole(Bytes::from(page));
     let mut resp = Response::new(LoggedBody::new(body, rec, None, done));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -687,9 +687,7 @@ impl LoggedBody {
     /// An empty body with nothing to log (the answer when a forwarding task failed).
     fn empty() -> Self {
         LoggedBody {
-            inner: Full::new(Bytes::new())
-                .map_err(|never| match never {})
-                .boxed_unsync(),
+            inner: whole(Bytes::new()),
             rec: None,
             _active: None,
             done: None,

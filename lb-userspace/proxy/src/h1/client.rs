@@ -21,7 +21,7 @@ use tokio_util::io::poll_read_buf;
 
 pub(crate) use super::codec::ResponseHead;
 use super::codec::{self, BodyKind, Span};
-use super::relay::{READ_SIZE, read_more, write_out};
+use super::relay::{READ_SIZE, read_more, write_both};
 use crate::connpool::{ConnPool, RawConn};
 use crate::deadline::Deadline;
 use crate::error::Failure;
@@ -41,18 +41,16 @@ pub(crate) async fn exchange(
     body: &[u8],
     due: Instant,
 ) -> Result<ResponseHead, Failure> {
-    let mut out = Vec::new();
-    codec::put_request(&mut out, parts, BodyKind::Fixed(body.len() as u64));
-    out.extend_from_slice(body);
-    let timer = conn.timer.get_or_insert_with(Deadline::new);
+    let mut head = Vec::new();
+    codec::put_request(&mut head, parts, BodyKind::Fixed(body.len() as u64));
+    let RawConn { io, buf, timer } = conn;
+    let timer = timer.get_or_insert_with(Deadline::new);
     let wait = due.saturating_duration_since(Instant::now());
-    match timer.limit(wait, write_out(&mut conn.io, &mut out)).await {
+    match timer.limit(wait, write_both(io, &head, body)).await {
         Some(Ok(())) => {}
         Some(Err(_)) => return Err(Failure::ServerClosed),
         None => return Err(Failure::ServerTimeout),
     }
-    let RawConn { io, buf, timer } = conn;
-    let timer = timer.get_or_insert_with(Deadline::new);
     response_head(io, buf, &mut Vec::new(), &parts.method, due, timer).await
 }
 

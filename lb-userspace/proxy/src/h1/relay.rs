@@ -97,6 +97,16 @@ pub(super) async fn write_out<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Writes all of `a`, then all of `b`, in vectored writes, and flushes: a
+/// head and the body behind it, without copying one after the other.
+pub(super) async fn write_both<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    mut a: &[u8],
+    mut b: &[u8],
+) -> io::Result<()> {
+    poll_fn(|cx| poll_write_both(io, cx, &mut a, &mut b)).await
+}
+
 /// Why a body could not be relayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Fail {
