@@ -15,7 +15,8 @@ fn proxy_config(lab: &Lab, dir: &Path) -> anyhow::Result<String> {
 
 /// `web_extra` is appended to the "web" pool's table.
 fn proxy_config_with(lab: &Lab, dir: &Path, web_extra: &str) -> anyhow::Result<String> {
-    lb_tests::write_certificates(dir, &["www.example", "api.example"])?;
+    // client.example: a client certificate of the same CA.
+    lb_tests::write_certificates(dir, &["www.example", "api.example", "client.example"])?;
     lab.make_local_on_balancer(VIP_V4.into())?;
     let server = |i: usize| format!("{{ address = \"{}:{TCP_PORT}\" }}", backend_v4(i));
     let pem = |n: &str, ext: &str| dir.join(format!("{n}.{ext}")).display().to_string();
@@ -34,6 +35,17 @@ certs = [
   {{ cert = "{}", key = "{}" }},
   {{ cert = "{}", key = "{}" }},
 ]
+client_ca = "{}"
+verify_client = "optional"
+[[frontend.acl]]
+name = "private"
+path_prefix = "/private/"
+[[frontend.acl]]
+name = "has_cert"
+client_cert = true
+[[frontend.request]]
+action = "deny"
+if = "private !has_cert"
 [[frontend.acl]]
 name = "is_api"
 path_prefix = "/api/"
@@ -57,6 +69,7 @@ servers = [{{ address = "{}:{TCP_PORT}", maxconn = 50 }}]
         pem("www.example", "key"),
         pem("api.example", "pem"),
         pem("api.example", "key"),
+        dir.join("ca.pem").display(),
         server(1),
         server(3),
         backend_v4(2),
@@ -136,6 +149,24 @@ fn https_through_the_l7_vip_is_routed_by_acls_over_h2_with_sni_certificates() {
     assert_eq!((body.as_str(), meta.as_str()), ("be2", "1.1 0"));
     let (body, _) = curl_with(&lab, "www.example", "/api/x", &ca, &["--http1.1"]);
     assert_eq!(body, "be2");
+    // Mutual TLS (optional): /private/ needs a verified client certificate.
+    let (body, _) = curl(&lab, "www.example", "/private/x", &ca);
+    assert!(body.contains("403 Forbidden"), "{body}");
+    let pem = |ext: &str| ca.with_file_name(format!("client.example.{ext}"));
+    let (cert, key) = (pem("pem"), pem("key"));
+    for http1 in [false, true] {
+        let mut args = vec![
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        if http1 {
+            args.push("--http1.1");
+        }
+        let (body, _) = curl_with(&lab, "www.example", "/private/x", &ca, &args);
+        assert!(body == "be1" || body == "be3", "http1 {http1}: {body}");
+    }
     // `lb show` gives the api server's maxconn.
     let out = lab.lb(&["show", "backends", "pool:api", "--json"]);
     let list: Vec<lb_userspace::control::protocol::BackendInfo> =

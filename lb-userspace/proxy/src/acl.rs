@@ -31,6 +31,7 @@
 //! | `src` | `["10.0.0.0/8", "2001:db8::/32", "198.18.1.2"]` | the client address is in one of the networks |
 //! | `sni` | `"a.example"` | the TLS SNI equals it, case-insensitively |
 //! | `sni_suffix` | `".example"` | the TLS SNI ends with it, case-insensitively |
+//! | `client_cert` | `true` | the client presented a TLS certificate that verified against the frontend's `client_ca` (HAProxy's `ssl_c_used`); `false`: it did not |
 //! | `query` | `{ name = "debug", value = "1" }` | a query parameter has that name (and value, if given) |
 //! | `cookie` | `{ name = "session", value = "x" }` | a cookie has that name (and value, if given) |
 //! | `src_request_rate` | `{ above = 100, period = "10s" }` | the client's source (IPv4 address, IPv6 /64) sent more than `above` requests to this frontend within `period`, this one included (HAProxy's `sc_http_req_rate`; see `request_rate`) |
@@ -84,6 +85,7 @@ pub const MATCHER_KEYS: &[&str] = &[
     "src",
     "sni",
     "sni_suffix",
+    "client_cert",
     "query",
     "cookie",
     "src_request_rate",
@@ -219,6 +221,8 @@ pub enum MatcherSpec {
     Sni(String),
     /// `sni_suffix`: SNI suffix, case-insensitive.
     SniSuffix(String),
+    /// `client_cert`: whether the client presented a verified TLS certificate.
+    ClientCert(bool),
     /// `query`: a query parameter, with a value or just present.
     Query {
         /// Parameter name (decoded).
@@ -260,6 +264,7 @@ impl MatcherSpec {
             MatcherSpec::Src(_) => "src",
             MatcherSpec::Sni(_) => "sni",
             MatcherSpec::SniSuffix(_) => "sni_suffix",
+            MatcherSpec::ClientCert(_) => "client_cert",
             MatcherSpec::Query { .. } => "query",
             MatcherSpec::Cookie { .. } => "cookie",
             MatcherSpec::SrcRequestRate { .. } => "src_request_rate",
@@ -290,6 +295,7 @@ struct RawAclSpec {
     src: Option<OneOrMany>,
     sni: Option<String>,
     sni_suffix: Option<String>,
+    client_cert: Option<bool>,
     query: Option<RawNameValue>,
     cookie: Option<RawNameValue>,
     src_request_rate: Option<RawRate>,
@@ -379,6 +385,7 @@ impl TryFrom<RawAclSpec> for AclSpec {
             raw.src.map(|s| M::Src(s.0)),
             raw.sni.map(M::Sni),
             raw.sni_suffix.map(M::SniSuffix),
+            raw.client_cert.map(M::ClientCert),
             raw.query.map(|q| M::Query {
                 name: q.name,
                 value: q.value,
@@ -447,6 +454,8 @@ pub struct Request<'a> {
     pub src: IpAddr,
     /// The TLS server name, if the connection is TLS with SNI.
     pub sni: Option<&'a str>,
+    /// The client presented a TLS certificate that verified.
+    pub client_cert: bool,
     /// The client's source's request rate over each period a
     /// `src_request_rate` ACL of the frontend names (empty without one).
     pub src_request_rates: &'a [(Duration, u32)],
@@ -567,6 +576,7 @@ enum Matcher {
     Src(Vec<Cidr>),
     Sni(String),
     SniSuffix(String),
+    ClientCert(bool),
     Query {
         name: String,
         value: Option<String>,
@@ -696,6 +706,7 @@ impl Matcher {
             }
             MatcherSpec::Sni(s) => Matcher::Sni(host_like(s)?),
             MatcherSpec::SniSuffix(s) => Matcher::SniSuffix(host_like(s)?),
+            MatcherSpec::ClientCert(b) => Matcher::ClientCert(*b),
             MatcherSpec::Query { name, value } => Matcher::Query {
                 name: non_empty(name)?,
                 value: value.clone(),
@@ -761,6 +772,7 @@ impl Matcher {
             Matcher::Src(cidrs) => cidrs.iter().any(|c| c.contains(req.src)),
             Matcher::Sni(s) => req.sni.is_some_and(|v| trim_dot(v).eq_ignore_ascii_case(s)),
             Matcher::SniSuffix(s) => req.sni.is_some_and(|v| ends_with_ci(trim_dot(v), s)),
+            Matcher::ClientCert(b) => req.client_cert == *b,
             Matcher::Query { name, value } => req.query_string().is_some_and(|q| {
                 q.split('&').filter(|p| !p.is_empty()).any(|pair| {
                     let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -1283,6 +1295,7 @@ mod tests {
         headers: HeaderMap,
         src: IpAddr,
         sni: Option<&'static str>,
+        client_cert: bool,
         rates: Vec<(Duration, u32)>,
     }
 
@@ -1296,6 +1309,7 @@ mod tests {
                 headers: HeaderMap::new(),
                 src: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
                 sni: None,
+                client_cert: false,
                 rates: Vec::new(),
             }
         }
@@ -1317,6 +1331,7 @@ mod tests {
                 headers: &self.headers,
                 src: self.src,
                 sni: self.sni,
+                client_cert: self.client_cert,
                 src_request_rates: &self.rates,
             }
         }
@@ -1799,6 +1814,24 @@ mod tests {
     }
 
     #[test]
+    fn client_cert_present_or_absent() {
+        let with = |present: bool| {
+            let mut r = Req::get("/");
+            r.client_cert = present;
+            r
+        };
+        let set = one("client_cert = true");
+        assert!(hit(&set, &with(true)));
+        assert!(!hit(&set, &with(false)));
+        let set = one("client_cert = false");
+        assert!(hit(&set, &with(false)));
+        assert!(!hit(&set, &with(true)));
+        // A header claiming a certificate is not one.
+        let set = one("client_cert = true");
+        assert!(!hit(&set, &with(false).header("x-ssl-client-cert", "MIIB")));
+    }
+
+    #[test]
     fn query_presence_value_and_decoding() {
         let with = |q: &'static str| {
             let mut r = Req::get("/p");
@@ -2014,6 +2047,9 @@ mod tests {
             sni_suffix = ".example"
             [[frontend.acl]]
             name = "m"
+            client_cert = true
+            [[frontend.acl]]
+            name = "m"
             query = { name = "debug", value = "1" }
             [[frontend.acl]]
             name = "m"
@@ -2052,6 +2088,7 @@ mod tests {
             MatcherSpec::Src(vec![s("10.0.0.0/8"), s("2001:db8::/32"), s("198.18.1.2")]),
             MatcherSpec::Sni(s("a.example")),
             MatcherSpec::SniSuffix(s(".example")),
+            MatcherSpec::ClientCert(true),
             MatcherSpec::Query {
                 name: s("debug"),
                 value: Some(s("1")),

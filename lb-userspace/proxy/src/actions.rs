@@ -416,7 +416,7 @@ impl CompiledActions {
         cond: Option<&Condition>,
         parts: &request::Parts,
         (src, src_request_rates): (IpAddr, &[(std::time::Duration, u32)]),
-        sni: Option<&str>,
+        (sni, client_cert): (Option<&str>, bool),
     ) -> bool {
         let Some(cond) = cond else {
             return true;
@@ -429,6 +429,7 @@ impl CompiledActions {
             headers: &parts.headers,
             src,
             sni,
+            client_cert,
             src_request_rates,
         };
         cond.eval(&self.acls, &req)
@@ -439,12 +440,12 @@ impl CompiledActions {
         &self,
         parts: &mut request::Parts,
         peer: SocketAddr,
-        sni: Option<&str>,
+        tls: (Option<&str>, bool),
         rates: &[(std::time::Duration, u32)],
     ) -> Outcome {
         let src = (peer.ip(), rates);
         for (cond, op) in &self.request {
-            if !self.holds(cond.as_ref(), parts, src, sni) {
+            if !self.holds(cond.as_ref(), parts, src, tls) {
                 continue;
             }
             let answer = match op {
@@ -490,7 +491,7 @@ impl CompiledActions {
         let response = self
             .response
             .iter()
-            .filter(|(cond, _)| self.holds(cond.as_ref(), parts, src, sni))
+            .filter(|(cond, _)| self.holds(cond.as_ref(), parts, src, tls))
             .map(|(_, op)| op.clone())
             .collect();
         Outcome {

@@ -15,7 +15,6 @@ use http::uri::Scheme;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 
 use crate::acl;
 use crate::actions::CompiledActions;
@@ -27,6 +26,7 @@ use crate::request_rate::RequestRate;
 use crate::routing::Router;
 use crate::source_limit::SourceLimit;
 use crate::stats::Counters;
+use crate::tls::TlsTerminator;
 use crate::upstream;
 
 /// A pool with its balancer and its server connections.
@@ -132,6 +132,9 @@ pub(crate) struct FrontendCtx {
     /// The request rates its `src_request_rate` ACLs look at, one per
     /// period (shared by every serving thread).
     pub request_rates: Vec<RequestRate>,
+    /// `client_cert_header` of its TLS settings: removed from every
+    /// request, then set to the client's verified certificate, if any.
+    pub client_cert_header: Option<http::HeaderName>,
 }
 
 impl FrontendCtx {
@@ -183,10 +186,23 @@ pub(crate) struct ConnCtx {
     pub peer: SocketAddr,
     /// Address the client connected to (from the PROXY header with `accept_proxy`).
     pub local: SocketAddr,
-    pub sni: Option<String>,
+    /// What its TLS handshake established (None: cleartext).
+    pub tls: Option<Box<TlsFacts>>,
     pub activity: Arc<Activity>,
     /// When the connection last became ready for a request (accept or end of a response).
     pub ready_since: Mutex<Instant>,
+}
+
+/// What a client connection's TLS handshake established, for ACLs and servers.
+#[derive(Debug, Default)]
+pub(crate) struct TlsFacts {
+    /// The server name the client asked for.
+    pub sni: Option<String>,
+    /// The client presented a certificate that verified.
+    pub client_cert: bool,
+    /// That certificate, base64 DER, when the frontend forwards it
+    /// (`client_cert_header`).
+    pub cert_value: Option<http::HeaderValue>,
 }
 
 /// Client-side timeouts of a frontend.
@@ -200,7 +216,7 @@ pub(crate) struct ClientTimeouts {
 /// A frontend ready to serve connections from its listeners.
 pub(crate) struct FrontendRuntime {
     pub ctx: Arc<FrontendCtx>,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<TlsTerminator>>,
     /// Connections served at once, by every serving thread together.
     pub limit: Arc<Semaphore>,
     /// Permits of `limit` its accept loops hold while waiting for a
@@ -230,7 +246,7 @@ impl FrontendRuntime {
         index: usize,
         default_pool: usize,
         actions: Option<CompiledActions>,
-        tls: Option<TlsAcceptor>,
+        tls: Option<Arc<TlsTerminator>>,
         own_h1: bool,
     ) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -269,6 +285,12 @@ impl FrontendRuntime {
                     .into_iter()
                     .map(RequestRate::new)
                     .collect(),
+                // validate() checked the name.
+                client_cert_header: cfg
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.client_cert_header.as_deref())
+                    .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),

@@ -56,7 +56,7 @@ pub(crate) async fn handle(
         frontend: &conn.frontend,
         peer: conn.peer,
         local: conn.local,
-        sni: conn.sni.as_deref(),
+        tls: conn.tls.as_deref(),
         body_length: None,
     };
     let prepared = prepare::prepare(

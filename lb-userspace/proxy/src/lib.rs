@@ -229,12 +229,12 @@ pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, ConfigError, Frontend, HttpAction, MAX_CONNECTIONS, Pool, ProxyConfig,
-    ServerSpec, TlsConfig, UsePool, User, UserList,
+    ServerSpec, TlsConfig, UsePool, User, UserList, VerifyClient,
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
 pub use threads::Threads;
-pub use tls::{CertResolver, TlsError, dns_names};
+pub use tls::{CertResolver, TlsError, TlsTerminator, dns_names};
 pub use upstream::NoVerify;
 
 use context::{FrontendRuntime, Shared};
@@ -271,7 +271,7 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 struct Prepared {
     /// Each frontend with its binds.
     frontends: Vec<(Arc<FrontendRuntime>, Vec<SocketAddr>)>,
-    resolvers: Vec<(String, Arc<CertResolver>)>,
+    terminators: Vec<(String, Arc<TlsTerminator>)>,
     /// One per pool, shared by every serving thread.
     balancers: Vec<Arc<Balancer>>,
 }
@@ -282,7 +282,7 @@ fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
     let mut actions = actions::compile(cfg)?;
     let mut prepared = Prepared {
         frontends: Vec::new(),
-        resolvers: Vec::new(),
+        terminators: Vec::new(),
         balancers: cfg
             .pools
             .iter()
@@ -292,14 +292,14 @@ fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
     for (index, fe) in cfg.frontends.iter().enumerate() {
         let acceptor = match &fe.tls {
             Some(tls) => {
-                let resolver = Arc::new(
-                    CertResolver::load(tls)
-                        .with_context(|| format!("frontend {}: certificates", fe.name))?,
+                let terminator = Arc::new(
+                    TlsTerminator::load(tls)
+                        .with_context(|| format!("frontend {}: TLS", fe.name))?,
                 );
-                let sc = tls::server_config(resolver.clone())
-                    .with_context(|| format!("frontend {}: TLS settings", fe.name))?;
-                prepared.resolvers.push((fe.name.clone(), resolver));
-                Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc)))
+                prepared
+                    .terminators
+                    .push((fe.name.clone(), terminator.clone()));
+                Some(terminator)
             }
             None => None,
         };
@@ -327,7 +327,7 @@ fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
 pub struct Proxy {
     /// One per serving thread (one when running on the caller's runtime).
     shared: Vec<Arc<Shared>>,
-    resolvers: Vec<(String, Arc<CertResolver>)>,
+    terminators: Vec<(String, Arc<TlsTerminator>)>,
     addrs: Vec<SocketAddr>,
     /// Each frontend's counters and connection limit, for `stats`.
     frontends: Vec<FrontendEntry>,
@@ -350,7 +350,7 @@ impl Proxy {
         let (tx, rx) = watch::channel(());
         let mut proxy = Proxy {
             shared: vec![shared.clone()],
-            resolvers: prepared.resolvers,
+            terminators: prepared.terminators,
             addrs: Vec::new(),
             frontends: prepared
                 .frontends
@@ -421,7 +421,7 @@ impl Proxy {
         let shared = threads::spawn(Arc::new(plan), per_thread, &threads.cpu_map, rx)?;
         Ok(Proxy {
             shared,
-            resolvers: prepared.resolvers,
+            terminators: prepared.terminators,
             addrs,
             frontends,
             tasks: Vec::new(),
@@ -450,12 +450,13 @@ impl Proxy {
         })
     }
 
-    /// Re-reads every frontend's certificate files; all or nothing per frontend.
+    /// Re-reads every frontend's certificate, client CA and CRL files; all or
+    /// nothing per frontend.
     pub fn reload_certificates(&self) -> anyhow::Result<()> {
-        for (name, resolver) in &self.resolvers {
-            resolver
-                .reload()
-                .with_context(|| format!("frontend {name}: reloading certificates"))?;
+        for (name, terminator) in &self.terminators {
+            terminator.reload().with_context(|| {
+                format!("frontend {name}: reloading certificates, client CA and CRLs")
+            })?;
         }
         Ok(())
     }

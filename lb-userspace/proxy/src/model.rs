@@ -170,7 +170,7 @@ pub struct UsePool {
 }
 
 /// TLS settings of a frontend.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Certificates offered, chosen by SNI.
@@ -178,6 +178,73 @@ pub struct TlsConfig {
     /// Index into `certs` of the certificate for unknown or missing SNI (default 0).
     #[serde(default)]
     pub default_cert: Option<usize>,
+    /// PEM trust anchors of client certificates: set, the handshake asks
+    /// every client for a certificate (HAProxy's `ca-file` on a bind).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client must present a certificate.
+    #[serde(default)]
+    pub verify_client: VerifyClient,
+    /// With `client_ca`: PEM CRLs; a certificate they revoke is refused.
+    #[serde(default)]
+    pub client_crl: Vec<PathBuf>,
+    /// With `client_ca`: the request header that carries the client's
+    /// verified certificate (base64 DER) to servers; a client's own header
+    /// of that name is always removed.
+    #[serde(default)]
+    pub client_cert_header: Option<String>,
+}
+
+impl TlsConfig {
+    /// Checks that the client certificate settings come with `client_ca` and
+    /// that `client_cert_header` is a header name a client could not use to
+    /// smuggle anything (not a hop-by-hop or framing header).
+    fn validate_client_auth(&self) -> Result<(), &'static str> {
+        if self.client_ca.is_none()
+            && (self.verify_client != VerifyClient::default()
+                || !self.client_crl.is_empty()
+                || self.client_cert_header.is_some())
+        {
+            return Err("verify_client, client_crl and client_cert_header need client_ca");
+        }
+        if let Some(name) = &self.client_cert_header {
+            let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else {
+                return Err("client_cert_header is not a valid header name");
+            };
+            const RESERVED: &[&str] = &[
+                "host",
+                "content-length",
+                "transfer-encoding",
+                "connection",
+                "keep-alive",
+                "upgrade",
+                "te",
+                "trailer",
+                "proxy-connection",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "forwarded",
+            ];
+            if RESERVED.contains(&name.as_str()) {
+                return Err(
+                    "client_cert_header must not be a framing, hop-by-hop or forwarded header",
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a TLS frontend with `client_ca` requires a client certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyClient {
+    /// A handshake without a valid certificate fails (HAProxy's `verify required`).
+    #[default]
+    Required,
+    /// A client may present none; one that does not verify still fails the
+    /// handshake (HAProxy's `verify optional`). The `client_cert` ACL tells them apart.
+    Optional,
 }
 
 /// A PEM certificate chain and its PEM private key.
@@ -347,6 +414,14 @@ pub enum ConfigError {
     /// A TLS frontend has no certificate or a default index out of range.
     #[error("frontend {0:?}: tls needs at least one cert and default_cert within certs")]
     BadTls(String),
+    /// A TLS frontend's client certificate settings do not fit together.
+    #[error("frontend {frontend:?}: {problem}")]
+    BadClientAuth {
+        /// The frontend.
+        frontend: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
     /// A frontend allows zero connections.
     #[error("frontend {0:?}: max_connections must be 1..={MAX_CONNECTIONS}")]
     NoConnections(String),
@@ -452,6 +527,13 @@ impl ProxyConfig {
                 && (tls.certs.is_empty() || tls.default_cert.unwrap_or(0) >= tls.certs.len())
             {
                 return Err(ConfigError::BadTls(f.name.clone()));
+            }
+            if let Some(tls) = &f.tls {
+                tls.validate_client_auth()
+                    .map_err(|problem| ConfigError::BadClientAuth {
+                        frontend: f.name.clone(),
+                        problem,
+                    })?;
             }
         }
         Ok(())

@@ -13,7 +13,7 @@ use http_body_util::Full;
 
 use super::actions;
 use super::balance::{Active, Unavailable};
-use super::context::{FrontendCtx, PoolRuntime, Shared};
+use super::context::{FrontendCtx, PoolRuntime, Shared, TlsFacts};
 use super::error::{Failure, Retry};
 use super::hardening;
 use super::log::{self, AccessRecord};
@@ -101,11 +101,24 @@ pub(crate) struct ClientSide<'a> {
     pub peer: SocketAddr,
     /// The address the client connected to: the authority of a request that names none.
     pub local: SocketAddr,
-    pub sni: Option<&'a str>,
+    /// What the TLS handshake established (None: cleartext).
+    pub tls: Option<&'a TlsFacts>,
     /// The request body's length as its head declared it, when the caller
     /// has parsed that already (our HTTP/1 path; 0 for chunked): the
     /// access record's bytes in, without looking Content-Length up again.
     pub body_length: Option<u64>,
+}
+
+impl ClientSide<'_> {
+    /// The TLS server name the client asked for.
+    fn sni(&self) -> Option<&str> {
+        self.tls.and_then(|t| t.sni.as_deref())
+    }
+
+    /// Whether the client presented a verified certificate.
+    fn client_cert(&self) -> bool {
+        self.tls.is_some_and(|t| t.client_cert)
+    }
 }
 
 /// What the proxy does with a request once its actions and routing have run.
@@ -153,7 +166,8 @@ fn route(
                     host: host.and_then(|h| h.to_str().ok()),
                     headers: &parts.headers,
                     src: client.peer.ip(),
-                    sni: client.sni,
+                    sni: client.sni(),
+                    client_cert: client.client_cert(),
                     src_request_rates: rates,
                 },
             )
@@ -186,11 +200,26 @@ pub(crate) async fn prepare(
             return Prepared::Refuse(Failure::BadRequest, rec);
         }
     };
+    // The verified client certificate, never the client's own claim of one.
+    if let Some(name) = &frontend.client_cert_header {
+        parts.headers.remove(name);
+        if let Some(v) = client.tls.and_then(|t| t.cert_value.clone()) {
+            parts.headers.insert(name.clone(), v);
+        }
+    }
     // Counted before any rule looks, whichever rules the request meets.
     let rates = frontend.count_request(client.peer.ip());
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
     let acted = match &frontend.actions {
-        Some(a) => a.run_request(parts, client.peer, client.sni, &rates).await,
+        Some(a) => {
+            a.run_request(
+                parts,
+                client.peer,
+                (client.sni(), client.client_cert()),
+                &rates,
+            )
+            .await
+        }
         None => actions::Outcome::default(),
     };
     // --- end request actions ---

@@ -18,7 +18,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::accept::{ClientStream, Listener};
 use super::accept_errors::AcceptErrors;
-use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared};
+use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared, TlsFacts};
 use super::deadline::{Deadline, WaitLimit};
 use super::error::{Failure, timeout_408};
 use super::forward;
@@ -28,6 +28,7 @@ use super::log::{AccessRecord, LogFormat};
 use super::proxy_protocol;
 use super::shutdown::ShutdownWatch;
 use super::source_limit::SourceSlot;
+use super::tls;
 
 /// A permit an accept loop holds with no client yet, counted while it lives.
 struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -258,12 +259,12 @@ async fn serve_connection(
             ))
             .await
         }
-        Some(acceptor) => {
+        Some(terminator) => {
             // A function of its own, boxed: the TLS stream (kilobytes, held
             // across awaits) would otherwise make every connection's future
             // as big, plain ones too (2.9 KiB instead of under 0.5).
             Box::pin(serve_tls(
-                acceptor,
+                terminator.acceptor(),
                 stream,
                 (peer, local),
                 fe.clone(),
@@ -278,7 +279,7 @@ async fn serve_connection(
 /// Completes the TLS handshake (within `timeout http-request`), then serves
 /// the connection on our HTTP/1 path or hyper's, as ALPN chose.
 async fn serve_tls(
-    acceptor: &TlsAcceptor,
+    acceptor: TlsAcceptor,
     stream: ClientStream,
     (peer, local): (SocketAddr, SocketAddr),
     fe: Arc<FrontendRuntime>,
@@ -300,25 +301,33 @@ async fn serve_tls(
         }
     };
     let (_, session) = tls.get_ref();
-    let sni = session.server_name().map(str::to_string);
+    let facts = Some(Box::new(TlsFacts {
+        sni: session.server_name().map(str::to_string),
+        client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+        cert_value: fe
+            .ctx
+            .client_cert_header
+            .as_ref()
+            .and_then(|_| tls::client_cert_value(session)),
+    }));
     let h2 = session.alpn_protocol() == Some(b"h2");
     if fe.own_h1 && !h2 {
         let mut sd = shutdown.clone();
         // ALPN said HTTP/1.1 (or nothing): no preface to look for. The
         // client (its TLS stream: kilobytes) lives in this future, which
         // `serve_connection` boxed.
-        let mut client = h1::Client::new(tls, (peer, local), sni, fe, shared);
+        let mut client = h1::Client::new(tls, (peer, local), facts, fe, shared);
         h1::serve(&mut client, false, &mut sd).await;
         return;
     }
     let addrs = (peer, local);
-    Box::pin(serve_io(tls, addrs, sni, Some(h2), fe, shared, shutdown)).await
+    Box::pin(serve_io(tls, addrs, facts, Some(h2), fe, shared, shutdown)).await
 }
 
 async fn serve_io<T>(
     io: T,
     (peer, local): (SocketAddr, SocketAddr),
-    sni: Option<String>,
+    tls: Option<Box<TlsFacts>>,
     h2: Option<bool>,
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
@@ -332,7 +341,7 @@ async fn serve_io<T>(
         frontend: fe.ctx.clone(),
         peer,
         local,
-        sni,
+        tls,
         activity: activity.clone(),
         ready_since: Mutex::new(Instant::now()),
     });

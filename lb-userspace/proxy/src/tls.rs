@@ -14,8 +14,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio_rustls::TlsAcceptor;
 
-use super::model::TlsConfig;
+use super::model::{TlsConfig, VerifyClient};
 
 /// Why certificates could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,12 @@ pub enum TlsError {
     /// No certificate configured, or `default_cert` out of range.
     #[error("tls needs at least one certificate and default_cert within them")]
     BadConfig,
+    /// A `client_crl` file holds no CRL.
+    #[error("{0}: no certificate revocation list found")]
+    NoCrl(PathBuf),
+    /// rustls refused the client CA or CRLs (e.g. no usable trust anchor).
+    #[error("client certificate verification: {0}")]
+    ClientVerifier(String),
 }
 
 /// The crypto provider used everywhere in the proxy (ring, no aws-lc).
@@ -158,9 +165,17 @@ impl CertResolver {
 
     /// Re-reads the PEM files; on error the previous certificates stay in use.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let fresh = Arc::new(CertStore::load(&self.cfg)?);
-        *self.store.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.install(self.fresh()?);
         Ok(())
+    }
+
+    /// The certificates as the PEM files hold them now.
+    fn fresh(&self) -> Result<Arc<CertStore>, TlsError> {
+        Ok(Arc::new(CertStore::load(&self.cfg)?))
+    }
+
+    fn install(&self, store: Arc<CertStore>) {
+        *self.store.write().unwrap_or_else(|e| e.into_inner()) = store;
     }
 
     /// The certificate served for `sni`.
@@ -176,17 +191,125 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
-/// A rustls server configuration: TLS 1.2 and 1.3, ALPN `h2` then `http/1.1`.
-pub fn server_config(resolver: Arc<CertResolver>) -> Result<rustls::ServerConfig, rustls::Error> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+/// A frontend's TLS termination: its certificates, chosen by SNI, and its
+/// rustls configuration (client certificate verification included), all
+/// re-read from their files by `reload`.
+pub struct TlsTerminator {
+    resolver: Arc<CertResolver>,
+    cfg: TlsConfig,
+    /// Replaced when a reload brings a new client CA or CRL; a connection
+    /// takes a copy when it starts its handshake.
+    acceptor: RwLock<TlsAcceptor>,
+}
+
+impl TlsTerminator {
+    /// Reads every certificate, key, client CA and CRL of `cfg`.
+    pub fn load(cfg: &TlsConfig) -> Result<Self, TlsError> {
+        let resolver = Arc::new(CertResolver::load(cfg)?);
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(resolver.clone(), cfg)?));
+        Ok(TlsTerminator {
+            resolver,
+            cfg: cfg.clone(),
+            acceptor: RwLock::new(acceptor),
+        })
+    }
+
+    /// The acceptor for a new connection.
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the certificates and, with client certificates, the client
+    /// CA and CRLs (a CRL updated in place takes effect, as on HAProxy's
+    /// reload). All or nothing: on error everything loaded stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let store = self.resolver.fresh()?;
+        if self.cfg.client_ca.is_some() {
+            // With a session cache of its own: a resumed session skips the
+            // certificate check, so one kept over would let a client whose
+            // certificate the new CRL revokes back in.
+            let fresh = server_config(self.resolver.clone(), &self.cfg)?;
+            *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
+                TlsAcceptor::from(Arc::new(fresh));
+        }
+        self.resolver.install(store);
+        Ok(())
+    }
+}
+
+/// A rustls server configuration: TLS 1.2 and 1.3, ALPN `h2` then
+/// `http/1.1`, client certificates verified as `tls` says.
+pub fn server_config(
+    resolver: Arc<CertResolver>,
+    tls: &TlsConfig,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::ClientVerifier(e.to_string()))?;
+    let builder = match client_verifier(tls)? {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     // The provider's order (AES-256-GCM, AES-128-GCM, then ChaCha20) decides,
     // not the client's, as with HAProxy's `prefer-server-ciphers`.
     cfg.ignore_client_order = true;
     Ok(cfg)
+}
+
+/// The verifier of client certificates `tls.client_ca` asks for: chains to
+/// its anchors, not revoked by `client_crl`, for client authentication.
+fn client_verifier(
+    tls: &TlsConfig,
+) -> Result<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>, TlsError> {
+    let Some(ca) = &tls.client_ca else {
+        return Ok(None);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::ClientVerifier(format!("{}: {e}", ca.display())))?;
+    }
+    let mut crls = Vec::new();
+    for path in &tls.client_crl {
+        let io = |source| TlsError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut r = BufReader::new(File::open(path).map_err(io)?);
+        let found = rustls_pemfile::crls(&mut r)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io)?;
+        if found.is_empty() {
+            return Err(TlsError::NoCrl(path.clone()));
+        }
+        crls.extend(found);
+    }
+    let builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .with_crls(crls);
+    let builder = match tls.verify_client {
+        VerifyClient::Required => builder,
+        VerifyClient::Optional => builder.allow_unauthenticated(),
+    };
+    let verifier = builder
+        .build()
+        .map_err(|e| TlsError::ClientVerifier(e.to_string()))?;
+    Ok(Some(verifier))
+}
+
+/// The leaf certificate a TLS client presented (verified by the handshake),
+/// base64 DER as `client_cert_header` carries it.
+pub(crate) fn client_cert_value(session: &rustls::ServerConnection) -> Option<http::HeaderValue> {
+    use base64::Engine;
+    let leaf = session.peer_certificates()?.first()?;
+    let text = base64::engine::general_purpose::STANDARD.encode(leaf.as_ref());
+    http::HeaderValue::from_str(&text).ok()
 }
 
 /// DNS names (lowercase) in the subjectAltName extension of a DER certificate.

@@ -193,7 +193,7 @@ impl Checker<'_> {
                 ConfigError::NoConnections(_) => "max_connections",
                 ConfigError::PerSourceAboveMax { .. } => "max_connections_per_source",
                 ConfigError::BadSendBuffer { .. } => "send_buffer",
-                ConfigError::BadTls(_) => "tls",
+                ConfigError::BadTls(_) | ConfigError::BadClientAuth { .. } => "tls",
                 _ => "name",
             };
             self.at_key(keys, key, span, e.to_string());
@@ -502,6 +502,27 @@ mod tests {
         );
         lines[5] = "send_buffer = 65536";
         assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
+    fn client_certificate_settings_without_client_ca_are_refused_at_their_line() {
+        let mut lines = l7(&[]);
+        lines.splice(
+            5..5,
+            ["tls = { certs = [{ cert = \"a.pem\", key = \"a.key\" }], verify_client = \"optional\" }"],
+        );
+        let errs = errors(&lines);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(
+            errs[0].to_string(),
+            "lb.toml:6:7: frontend \"f\": verify_client, client_crl and client_cert_header need client_ca"
+        );
+        lines[5] = "tls = { certs = [{ cert = \"a.pem\", key = \"a.key\" }], client_ca = \"ca.pem\", \
+                    verify_client = \"optional\", client_cert_header = \"X-Client-Cert\" }";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+        lines[5] =
+            "tls = { certs = [{ cert = \"a.pem\", key = \"a.key\" }], verify_client = \"maybe\" }";
+        expect_one(&lines, 6, "verify_client");
     }
 
     #[test]

@@ -47,7 +47,7 @@ use super::accept::HoldForFin;
 use super::actions;
 use super::balance::Active;
 use super::connpool::RawConn;
-use super::context::{FrontendRuntime, PoolRuntime, Shared};
+use super::context::{FrontendRuntime, PoolRuntime, Shared, TlsFacts};
 use super::deadline::Deadline;
 use super::error::{Failure, timeout_408};
 use super::hardening::H2_PREFACE;
@@ -195,16 +195,16 @@ pub(crate) struct Client<T> {
     shared: Arc<Shared>,
     peer: SocketAddr,
     local: SocketAddr,
-    sni: Option<String>,
+    tls: Option<Box<TlsFacts>>,
 }
 
 impl<T> Client<T> {
-    /// A client connection `io` from `peer` to `local` (`sni`: the TLS
-    /// server name) on frontend `fe`, before its first request.
+    /// A client connection `io` from `peer` to `local` (`tls`: what its
+    /// handshake established) on frontend `fe`, before its first request.
     pub(crate) fn new(
         io: T,
         (peer, local): (SocketAddr, SocketAddr),
-        sni: Option<String>,
+        tls: Option<Box<TlsFacts>>,
         fe: Arc<FrontendRuntime>,
         shared: Arc<Shared>,
     ) -> Self {
@@ -220,7 +220,7 @@ impl<T> Client<T> {
             shared,
             peer,
             local,
-            sni,
+            tls,
         }
     }
 
@@ -540,7 +540,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             frontend: &self.fe.ctx,
             peer: self.peer,
             local: self.local,
-            sni: self.sni.as_deref(),
+            tls: self.tls.as_deref(),
             body_length: Some(match body {
                 BodyKind::Fixed(n) => n,
                 // A chunked request has no Content-Length (`hardening`).

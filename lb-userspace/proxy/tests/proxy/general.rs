@@ -510,6 +510,7 @@ async fn one_cert_proxy(tag: &str) -> (Proxy, JsonBackend, TempDir) {
     fe.tls = Some(TlsConfig {
         certs: vec![one],
         default_cert: None,
+        ..TlsConfig::default()
     });
     let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
     (proxy, a, dir)
@@ -571,6 +572,7 @@ async fn tls_sni_default_alpn_h2_and_reload() {
     fe.tls = Some(TlsConfig {
         certs: vec![one.clone(), two, dflt.clone()],
         default_cert: Some(2),
+        ..TlsConfig::default()
     });
     let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
     let addr = proxy.local_addrs()[0];

@@ -3,6 +3,7 @@
 
 mod actions;
 mod backends;
+mod client_tls;
 mod edge;
 mod framing;
 mod general;

@@ -21,6 +21,7 @@ fn route(router: &Router, path: &str, host: &str) -> Option<usize> {
             headers: &headers,
             src: "198.18.1.2".parse().unwrap(),
             sni: None,
+            client_cert: false,
             src_request_rates: &[],
         },
     )

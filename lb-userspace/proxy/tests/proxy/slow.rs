@@ -246,6 +246,7 @@ async fn a_client_that_never_reads_is_closed_after_timeout_client() {
     fe.tls = Some(TlsConfig {
         certs: vec![cert],
         default_cert: None,
+        ..TlsConfig::default()
     });
     let proxy = start_proxy(fe, pool(server)).await;
     let (mut tls, _) = tls_connect(proxy.local_addrs()[0], None, &[b"http/1.1"], false).await;
@@ -263,6 +264,7 @@ async fn a_tls_handshake_that_stops_halfway_is_closed_after_timeout_http_request
     fe.tls = Some(TlsConfig {
         certs: vec![cert],
         default_cert: None,
+        ..TlsConfig::default()
     });
     let proxy = start_proxy(fe, pool(big_server(10).await)).await;
     // A handshake record announcing 512 bytes, of which a few come.
