@@ -532,7 +532,7 @@ impl Agent {
 
     /// Whether each L7 pool server should take requests: administratively
     /// ready and not failing its health checks.
-    fn pool_server_states(&self) -> Vec<(String, SocketAddr, bool)> {
+    fn pool_server_states(&self) -> Vec<(String, SocketAddr, lb_proxy::ServerUse)> {
         let mut out = Vec::new();
         for p in &self.desired.config.proxy.0.pools {
             let service = Group::pool_name(&p.name);
@@ -542,11 +542,14 @@ impl Agent {
                     .health
                     .status(&service, s.address)
                     .is_some_and(|c| c.health == Health::Down);
-                out.push((
-                    p.name.clone(),
-                    s.address,
-                    admin == AdminState::Ready && !down,
-                ));
+                // A draining server keeps the clients its persistence cookie names.
+                let state = match admin {
+                    _ if down => lb_proxy::ServerUse::Off,
+                    AdminState::Ready => lb_proxy::ServerUse::Serving,
+                    AdminState::Drain => lb_proxy::ServerUse::Draining,
+                    AdminState::Maint => lb_proxy::ServerUse::Off,
+                };
+                out.push((p.name.clone(), s.address, state));
             }
         }
         out
@@ -940,8 +943,8 @@ impl L7 {
     /// Tells the proxy which pool servers take requests (admin state, health).
     fn push_server_states(&self, shared: &Shared) {
         if let Some(p) = &self.proxy {
-            for (pool, server, up) in shared.lock().pool_server_states() {
-                p.set_server_up(&pool, server, up);
+            for (pool, server, state) in shared.lock().pool_server_states() {
+                p.set_server_use(&pool, server, state);
             }
         }
     }

@@ -286,7 +286,9 @@ fn a_reload_applies_new_pools_to_the_l7_proxy() {
 
 #[test]
 fn l7_pool_servers_are_drained_added_and_removed_from_the_cli() {
-    let lab = RunningLab::start_custom("l7c", 3, &[1, 1, 1], None, proxy_config).unwrap();
+    // With a persistence cookie: a drained server keeps its own clients.
+    let config = |lab: &Lab, dir: &Path| proxy_config_with(lab, dir, "cookie = \"SRV\"");
+    let lab = RunningLab::start_custom("l7c", 3, &[1, 1, 1], None, config).unwrap();
     let ca = lab.config_path.with_file_name("ca.pem");
     let seen = |n: usize| -> std::collections::BTreeSet<String> {
         (0..n)
@@ -294,13 +296,26 @@ fn l7_pool_servers_are_drained_added_and_removed_from_the_cli() {
             .collect()
     };
     let be = |i: usize| format!("{}:{TCP_PORT}", backend_v4(i));
-    assert!(lab.lb(&["drain", "pool:web", &be(1)]).status.success());
+    // curl keeps the cookie the first answer sets in a jar, and sends it back.
+    let jar = lab.config_path.with_file_name("cookies.txt");
+    let jar = jar.to_str().unwrap();
+    let (home, _) = curl_with(&lab, "www.example", "/", &ca, &["-c", jar]);
+    let (mine, other) = if home == "be1" {
+        (1, "be3")
+    } else {
+        (3, "be1")
+    };
+    assert!(lab.lb(&["drain", "pool:web", &be(mine)]).status.success());
     assert_eq!(
         seen(8),
-        ["be3".to_string()].into(),
-        "a drained server gets no requests"
+        [other.to_string()].into(),
+        "a drained server gets no new clients"
     );
-    assert!(lab.lb(&["enable", "pool:web", &be(1)]).status.success());
+    for _ in 0..4 {
+        let (body, _) = curl_with(&lab, "www.example", "/", &ca, &["-b", jar]);
+        assert_eq!(body, home, "but keeps the clients its cookie names");
+    }
+    assert!(lab.lb(&["enable", "pool:web", &be(mine)]).status.success());
     assert!(
         lab.lb(&["add", "backend", "pool:web", &be(2)])
             .status

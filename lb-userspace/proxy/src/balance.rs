@@ -9,6 +9,12 @@
 //! server goes up or down. So a server going down moves exactly its own keys,
 //! spread over the others, and they come back when it does.
 //!
+//! A pool with a persistence `cookie` names each server by a value derived
+//! from its address (`ServerState::cookie`); a request whose cookie names a
+//! server goes there while it serves or drains (`Pick::sticky`), else it is
+//! balanced as any other (HAProxy's `cookie ... insert indirect` with
+//! `option redispatch`).
+//!
 //! With any `maxconn` set, taking and giving back a server's slot happen under
 //! the pool's queue lock: a finishing request hands its slot straight to the
 //! oldest queued request that can use it, so queued requests go first.
@@ -16,7 +22,7 @@
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -47,16 +53,26 @@ pub struct ServerState {
     pub backup: bool,
     /// Requests in flight at most; 0 is unlimited.
     pub maxconn: usize,
-    up: AtomicBool,
+    /// Its value of the pool's persistence cookie: a hash of its address,
+    /// the same on every node and after restarts, and no address on the wire.
+    pub cookie: Arc<str>,
+    /// A `ServerUse`.
+    state: AtomicU8,
     active: AtomicUsize,
     /// Its request counters.
     pub stats: Arc<crate::stats::Counters>,
 }
 
 impl ServerState {
-    /// Whether health checks consider it usable.
+    /// Whether it takes new requests (health checks and admin state agree).
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.state.load(Ordering::Relaxed) == ServerUse::Serving as u8
+    }
+
+    /// Whether it takes the requests whose persistence cookie names it: while
+    /// it serves, and while it drains.
+    pub(crate) fn takes_sticky(&self) -> bool {
+        self.state.load(Ordering::Relaxed) != ServerUse::Off as u8
     }
 
     /// Requests currently in flight to it.
@@ -132,6 +148,28 @@ pub enum Unavailable {
     QueueTimeout(Duration),
 }
 
+/// What a server takes (HAProxy's ready, drain and maint states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ServerUse {
+    /// Every request.
+    Serving = 0,
+    /// Only requests whose persistence cookie names it.
+    Draining = 1,
+    /// None: down, or out for maintenance.
+    Off = 2,
+}
+
+/// What a request brings to the choice of its server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pick {
+    /// Its key under a hash algorithm (`Balancer::hash_key`).
+    pub key: Option<u32>,
+    /// The server its persistence cookie names (`Balancer::by_cookie`):
+    /// taken while it serves or drains, waited for at its `maxconn`.
+    pub sticky: Option<usize>,
+}
+
 /// Outcome of one choice.
 enum Choice {
     Server(usize),
@@ -143,7 +181,7 @@ enum Choice {
 #[derive(Debug)]
 struct Waiter {
     id: u64,
-    key: Option<u32>,
+    pick: Pick,
     exclude: Vec<usize>,
     tx: oneshot::Sender<(usize, Active)>,
 }
@@ -203,7 +241,8 @@ impl Balancer {
                     weight: s.weight,
                     backup: s.backup,
                     maxconn: s.maxconn,
-                    up: AtomicBool::new(true),
+                    cookie: cookie_value(s.address).into(),
+                    state: AtomicU8::new(ServerUse::Serving as u8),
                     active: AtomicUsize::new(0),
                     stats: Default::default(),
                 })
@@ -257,14 +296,26 @@ impl Balancer {
     }
 
     /// Marks every server at `addr` up or down; false if there is none.
-    /// A change rebuilds the hash table and re-dispatches queued requests (a
-    /// server came up, or a hashed request's server went down).
     pub fn set_up(&self, addr: SocketAddr, up: bool) -> bool {
+        self.set_use(
+            addr,
+            if up {
+                ServerUse::Serving
+            } else {
+                ServerUse::Off
+            },
+        )
+    }
+
+    /// Sets what every server at `addr` takes; false if there is none. A
+    /// change rebuilds the hash table and re-dispatches queued requests (a
+    /// server came up, or a hashed or sticky request's server went away).
+    pub fn set_use(&self, addr: SocketAddr, state: ServerUse) -> bool {
         let inner = &self.inner;
         let mut found = false;
         let mut changed = false;
         for s in inner.servers.iter().filter(|s| s.addr == addr) {
-            changed |= s.up.swap(up, Ordering::Relaxed) != up;
+            changed |= s.state.swap(state as u8, Ordering::Relaxed) != state as u8;
             found = true;
         }
         if changed {
@@ -303,6 +354,12 @@ impl Balancer {
         }
     }
 
+    /// The server whose persistence cookie value is `value`.
+    pub fn by_cookie(&self, value: &str) -> Option<usize> {
+        // A scan: pools are small, and only requests with the cookie look.
+        self.inner.servers.iter().position(|s| &*s.cookie == value)
+    }
+
     /// Chooses a server index for a request without a hash key; see `pick_key`.
     pub fn pick(&self, exclude: &[usize]) -> Option<usize> {
         self.pick_key(None, exclude)
@@ -311,20 +368,17 @@ impl Balancer {
     /// Chooses a server index below its `maxconn`, avoiding `exclude`; backups
     /// only when no regular server is usable; None when nothing is. Takes no slot.
     pub fn pick_key(&self, key: Option<u32>, exclude: &[usize]) -> Option<usize> {
-        match self.inner.choose(key, exclude) {
+        let pick = Pick { key, sticky: None };
+        match self.inner.choose(pick, exclude) {
             Choice::Server(i) => Some(i),
             Choice::Full | Choice::Nothing => None,
         }
     }
 
-    /// Takes a slot on a server for a request with hash `key`, avoiding
-    /// `exclude` unless that leaves nothing; waits in the pool's FIFO queue
-    /// while every eligible server is at `maxconn`, up to `timeout_queue`.
-    pub async fn acquire(
-        &self,
-        key: Option<u32>,
-        exclude: &[usize],
-    ) -> Result<Acquired, Unavailable> {
+    /// Takes a slot on a server for a request (`pick`), avoiding `exclude`
+    /// unless that leaves nothing; waits in the pool's FIFO queue while
+    /// every eligible server is at `maxconn`, up to `timeout_queue`.
+    pub async fn acquire(&self, pick: Pick, exclude: &[usize]) -> Result<Acquired, Unavailable> {
         let inner = &self.inner;
         let start = Instant::now();
         let now = |index, active| Acquired {
@@ -333,23 +387,22 @@ impl Balancer {
             queued: Duration::ZERO,
         };
         if !inner.limited {
-            let i = self
-                .pick_key(key, exclude)
-                .or_else(|| {
-                    (!exclude.is_empty())
-                        .then(|| self.pick_key(key, &[]))
-                        .flatten()
-                })
+            let pick_now = |exclude| match inner.choose(pick, exclude) {
+                Choice::Server(i) => Some(i),
+                Choice::Full | Choice::Nothing => None,
+            };
+            let i = pick_now(exclude)
+                .or_else(|| (!exclude.is_empty()).then(|| pick_now(&[])).flatten())
                 .ok_or(Unavailable::NoServer)?;
             return Ok(now(i, Active::new(inner.servers[i].clone())));
         }
         let (id, rx) = {
             let mut q = inner.lock_queue();
             let mut exclude = exclude;
-            let mut choice = inner.choose(key, exclude);
+            let mut choice = inner.choose(pick, exclude);
             if matches!(choice, Choice::Nothing) && !exclude.is_empty() {
                 exclude = &[];
-                choice = inner.choose(key, exclude);
+                choice = inner.choose(pick, exclude);
             }
             match choice {
                 Choice::Server(i) => return Ok(now(i, inner.take(i))),
@@ -361,7 +414,7 @@ impl Balancer {
             q.next_id += 1;
             q.waiters.push_back(Waiter {
                 id,
-                key,
+                pick,
                 exclude: exclude.to_vec(),
                 tx,
             });
@@ -431,7 +484,7 @@ impl Inner {
                 continue;
             }
             let w = &q.waiters[k];
-            match self.choose(w.key, &w.exclude) {
+            match self.choose(w.pick, &w.exclude) {
                 Choice::Server(i) => {
                     let active = self.take(i);
                     if let Some(w) = q.waiters.remove(k)
@@ -507,7 +560,17 @@ impl Inner {
         at(&table).filter(|i| cands.contains(i))
     }
 
-    fn choose(&self, key: Option<u32>, exclude: &[usize]) -> Choice {
+    fn choose(&self, Pick { key, sticky }: Pick, exclude: &[usize]) -> Choice {
+        let named = sticky.filter(|&i| {
+            !exclude.contains(&i) && self.servers.get(i).is_some_and(|s| s.takes_sticky())
+        });
+        if let Some(i) = named {
+            return if self.servers[i].has_room() {
+                Choice::Server(i)
+            } else {
+                Choice::Full
+            };
+        }
         let cands = self.usable(exclude);
         if cands.is_empty() {
             return Choice::Nothing;
@@ -603,6 +666,13 @@ impl Inner {
         let (a, b) = (cands[a], cands[b]);
         if self.lighter(b, a) { b } else { a }
     }
+}
+
+/// A server's persistence cookie value: 8 hex digits of a hash of its address.
+fn cookie_value(addr: SocketAddr) -> String {
+    /// "l7ck".
+    const COOKIE_SEED: u32 = 0x6c37_636b;
+    format!("{:08x}", jhash_bytes(&identity(addr), COOKIE_SEED))
 }
 
 /// Maglev identity of a server: its address bytes and port.
@@ -796,6 +866,60 @@ mod hash_and_queue_tests {
     }
 
     #[tokio::test]
+    async fn a_sticky_request_goes_to_its_server_while_it_serves_or_drains() {
+        let b = Balancer::from_pool(&pool(Algorithm::RoundRobin, 3, 0));
+        let values: Vec<Arc<str>> = b.servers().iter().map(|s| s.cookie.clone()).collect();
+        // Distinct, stable (a function of the address), no address in them.
+        assert_eq!(values.len(), 3);
+        assert!(values[0] != values[1] && values[1] != values[2] && values[0] != values[2]);
+        let again = Balancer::from_pool(&pool(Algorithm::RoundRobin, 3, 0));
+        assert_eq!(again.server(1).cookie, values[1]);
+        assert!(values.iter().all(|v| v.len() == 8 && !v.contains("10.0")));
+        assert_eq!(b.by_cookie(&values[2]), Some(2));
+        assert_eq!(b.by_cookie("nope"), None);
+
+        let sticky = |i| Pick {
+            key: None,
+            sticky: Some(i),
+        };
+        let addr = b.server(2).addr;
+        for _ in 0..5 {
+            assert_eq!(b.acquire(sticky(2), &[]).await.unwrap().index, 2);
+        }
+        // Draining: its own clients only.
+        b.set_use(addr, ServerUse::Draining);
+        assert_eq!(b.acquire(sticky(2), &[]).await.unwrap().index, 2);
+        for _ in 0..6 {
+            assert_ne!(b.acquire(Pick::default(), &[]).await.unwrap().index, 2);
+        }
+        // Down (or failed to connect: excluded): balanced like anyone else.
+        b.set_use(addr, ServerUse::Off);
+        assert_ne!(b.acquire(sticky(2), &[]).await.unwrap().index, 2);
+        b.set_use(addr, ServerUse::Serving);
+        assert_ne!(b.acquire(sticky(2), &[2]).await.unwrap().index, 2);
+    }
+
+    #[tokio::test]
+    async fn a_sticky_request_waits_for_its_full_server() {
+        let mut p = pool(Algorithm::RoundRobin, 2, 1);
+        p.timeout_queue = Duration::from_secs(5);
+        let b = Arc::new(Balancer::from_pool(&p));
+        let sticky = Pick {
+            key: None,
+            sticky: Some(1),
+        };
+        let held = b.acquire(sticky, &[]).await.unwrap();
+        assert_eq!(held.index, 1);
+        let b1 = b.clone();
+        let waiter = tokio::spawn(async move { b1.acquire(sticky, &[]).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Server 0 has room, but the sticky request waits for server 1.
+        assert_eq!(b.queued(), 1);
+        drop(held);
+        assert_eq!(waiter.await.unwrap().unwrap().index, 1);
+    }
+
+    #[tokio::test]
     async fn first_fills_to_maxconn() {
         let b = Balancer::from_pool(&pool(Algorithm::First, 2, 2));
         let a: Vec<Acquired> = futures_ready(&b, 4).await;
@@ -807,7 +931,7 @@ mod hash_and_queue_tests {
     async fn futures_ready(b: &Balancer, n: usize) -> Vec<Acquired> {
         let mut v = Vec::new();
         for _ in 0..n {
-            v.push(b.acquire(None, &[]).await.unwrap());
+            v.push(b.acquire(Pick::default(), &[]).await.unwrap());
         }
         v
     }
@@ -817,12 +941,12 @@ mod hash_and_queue_tests {
         let mut p = pool(Algorithm::RoundRobin, 1, 1);
         p.timeout_queue = Duration::from_millis(300);
         let b = Arc::new(Balancer::from_pool(&p));
-        let first = b.acquire(None, &[]).await.unwrap();
+        let first = b.acquire(Pick::default(), &[]).await.unwrap();
         assert_eq!(first.queued, Duration::ZERO);
         let (b1, b2) = (b.clone(), b.clone());
-        let second = tokio::spawn(async move { b1.acquire(None, &[]).await });
+        let second = tokio::spawn(async move { b1.acquire(Pick::default(), &[]).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let third = tokio::spawn(async move { b2.acquire(None, &[]).await });
+        let third = tokio::spawn(async move { b2.acquire(Pick::default(), &[]).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(b.queued(), 2);
         drop(first);
@@ -840,7 +964,7 @@ mod hash_and_queue_tests {
         // A down pool answers at once instead of queueing.
         b.set_up(p.servers[0].address, false);
         assert_eq!(
-            b.acquire(None, &[]).await.err(),
+            b.acquire(Pick::default(), &[]).await.err(),
             Some(Unavailable::NoServer)
         );
     }
@@ -848,9 +972,9 @@ mod hash_and_queue_tests {
     #[tokio::test]
     async fn abandoned_waiter_leaves_the_queue() {
         let b = Arc::new(Balancer::from_pool(&pool(Algorithm::LeastConn, 1, 1)));
-        let held = b.acquire(None, &[]).await.unwrap();
+        let held = b.acquire(Pick::default(), &[]).await.unwrap();
         let b1 = b.clone();
-        let waiter = tokio::spawn(async move { b1.acquire(None, &[]).await });
+        let waiter = tokio::spawn(async move { b1.acquire(Pick::default(), &[]).await });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(b.queued(), 1);
         waiter.abort();

@@ -48,6 +48,8 @@ pub(crate) struct PoolRuntime {
     pub h2: bool,
     /// The pool's request counters (its balancer's: one set for every serving thread).
     pub stats: Arc<Counters>,
+    /// Its persistence cookie's name (`cookie`), if it has one.
+    pub cookie: Option<Arc<str>>,
 }
 
 impl PoolRuntime {
@@ -71,6 +73,7 @@ impl PoolRuntime {
             retries: cfg.retries,
             timeout_tunnel: cfg.timeout_tunnel,
             h2: cfg.h2,
+            cookie: cfg.cookie.as_deref().map(Arc::from),
         })
     }
 

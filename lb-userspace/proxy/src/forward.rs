@@ -261,7 +261,7 @@ fn forward<'a>(
         let pool = &shared.pools[fwd.pool];
         let mut attempts = Attempts::new(pool);
         loop {
-            let attempt = match attempts.acquire(pool, fwd.key, &mut fwd.rec).await {
+            let attempt = match attempts.acquire(pool, fwd.pick, &mut fwd.rec).await {
                 Ok(active) => connect(pool, conn, active, upgrade.is_some()).await,
                 Err(failure) => Err(failure),
             };
@@ -391,7 +391,7 @@ fn forward_raw<'a>(
     async move {
         let mut attempts = Attempts::new(pool);
         loop {
-            let attempt = match attempts.acquire(pool, fwd.key, &mut fwd.rec).await {
+            let attempt = match attempts.acquire(pool, fwd.pick, &mut fwd.rec).await {
                 Ok(active) => connect_raw(pool, conn, active).await,
                 Err(failure) => Err(failure),
             };
@@ -454,14 +454,9 @@ fn respond_raw(
     server: RawConn,
     pool: &PoolRuntime,
     active: Active,
-    fwd: Forwarding,
+    mut fwd: Forwarding,
     done: Done,
 ) -> Response<ProxyBody> {
-    let Forwarding {
-        mut rec,
-        response_ops,
-        ..
-    } = fwd;
     let addr = active.server().addr;
     let headers = if head.status == StatusCode::SWITCHING_PROTOCOLS {
         Err("101 to a request that asked for no upgrade")
@@ -472,9 +467,15 @@ fn respond_raw(
         Ok(h) => h,
         Err(why) => {
             tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response");
-            return error_response(Failure::BadResponse, rec, done);
+            return error_response(Failure::BadResponse, fwd.rec, done);
         }
     };
+    prepare::persist(&mut fwd, pool, active.server());
+    let Forwarding {
+        mut rec,
+        response_ops,
+        ..
+    } = fwd;
     actions::apply_response(&response_ops, &mut headers); // response actions
     rec.status = head.status.as_u16();
     let back = client::GiveBack {
@@ -543,15 +544,9 @@ struct Exchange<'a> {
 fn respond(
     resp: Response<Incoming>,
     x: Exchange<'_>,
-    fwd: Forwarding,
+    mut fwd: Forwarding,
     done: Done,
 ) -> Response<ProxyBody> {
-    let Forwarding {
-        mut rec,
-        response_ops,
-        ws_accept,
-        ..
-    } = fwd;
     let (mut rparts, rbody) = resp.into_parts();
     let te = rparts.headers.get_all(header::TRANSFER_ENCODING);
     let te = te.iter().map(HeaderValue::as_bytes);
@@ -563,7 +558,7 @@ fn respond(
         (false, _) => Ok(()),
         (true, None) => Err("101 to a request that asked for no upgrade"),
         (true, Some(_)) => tunnel::accept_matches(
-            ws_accept.as_ref(),
+            fwd.ws_accept.as_ref(),
             rparts
                 .headers
                 .get_all("sec-websocket-accept")
@@ -577,8 +572,14 @@ fn respond(
     let addr = x.active.server().addr;
     if let Err(why) = framing {
         tracing::debug!(pool = %x.pool.name, server = %addr, reason = why, "bad response framing");
-        return error_response(Failure::BadResponse, rec, done);
+        return error_response(Failure::BadResponse, fwd.rec, done);
     }
+    prepare::persist(&mut fwd, x.pool, x.active.server());
+    let Forwarding {
+        mut rec,
+        response_ops,
+        ..
+    } = fwd;
     prepare::strip_hop_by_hop(&mut rparts.headers);
     let mut shared = None;
     let (active, reusable) = match x.upgrade {

@@ -223,7 +223,9 @@ use anyhow::Context as _;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use balance::{Acquired, Active, Balancer, HASH_TABLE_SIZE, ServerState, Unavailable};
+pub use balance::{
+    Acquired, Active, Balancer, HASH_TABLE_SIZE, Pick, ServerState, ServerUse, Unavailable,
+};
 pub use forward::ProxyBody;
 pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
@@ -440,13 +442,24 @@ impl Proxy {
 
     /// Marks a server of a pool up or down (driven by health checks); false if unknown.
     pub fn set_server_up(&self, pool: &str, server: SocketAddr, up: bool) -> bool {
+        let state = if up {
+            ServerUse::Serving
+        } else {
+            ServerUse::Off
+        };
+        self.set_server_use(pool, server, state)
+    }
+
+    /// Sets what a server of a pool takes (health checks and admin state:
+    /// a draining server keeps its persistent clients); false if unknown.
+    pub fn set_server_use(&self, pool: &str, server: SocketAddr, state: ServerUse) -> bool {
         // Balancers are shared by the threads: the first thread's are everyone's.
         self.shared.first().is_some_and(|shared| {
             shared
                 .pools
                 .iter()
                 .find(|p| &*p.name == pool)
-                .is_some_and(|p| p.balancer.set_up(server, up))
+                .is_some_and(|p| p.balancer.set_use(server, state))
         })
     }
 

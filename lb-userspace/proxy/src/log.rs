@@ -52,6 +52,11 @@ pub struct AccessRecord {
     pub bytes_in: u64,
     /// Two HAProxy termination characters: who ended the session, in which phase.
     pub termination: [char; 2],
+    /// HAProxy's persistence cookie characters (pools with `cookie`): what
+    /// the request's said (`N` none, `I` no such server, `D` its server was
+    /// away, `V` valid) and whether the response set one (`I`) or not (`N`);
+    /// `--` for pools without one.
+    pub persistence: [char; 2],
     /// Request method; None for a request that could not be parsed (`<BADREQ>`).
     pub method: Option<Method>,
     /// Request URI, logged as its path and query; None when there is none.
@@ -104,6 +109,7 @@ impl AccessRecord {
             bytes,
             bytes_in: 0,
             termination,
+            persistence: ['-', '-'],
             method: None,
             uri: None,
             version: None,
@@ -165,7 +171,7 @@ impl AccessRecord {
         let mut s = String::with_capacity(160);
         let _ = write!(
             s,
-            "{} [{}] {} {}/{} {}/{}/{}/{}/{} {} {} {}{}-- \"{} {} {}\"",
+            "{} [{}] {} {}/{} {}/{}/{}/{}/{} {} {} {}{}{}{} \"{} {} {}\"",
             self.client,
             haproxy_date(self.date),
             self.frontend,
@@ -180,6 +186,8 @@ impl AccessRecord {
             self.bytes,
             self.termination[0],
             self.termination[1],
+            self.persistence[0],
+            self.persistence[1],
             self.method_text(),
             self.uri_text(),
             self.version_text(),
@@ -209,7 +217,13 @@ impl AccessRecord {
             "tt": self.tt,
             "status": self.status,
             "bytes": self.bytes,
-            "termination_state": format!("{}{}--", self.termination[0], self.termination[1]),
+            "termination_state": format!(
+                "{}{}{}{}",
+                self.termination[0],
+                self.termination[1],
+                self.persistence[0],
+                self.persistence[1]
+            ),
             "method": self.method_text(),
             "uri": self.uri_text(),
             "version": self.version_text(),
@@ -303,6 +317,7 @@ mod tests {
             bytes: 2750,
             bytes_in: 0,
             termination: ['-', '-'],
+            persistence: ['-', '-'],
             method: Some(Method::GET),
             uri: Some(Uri::from_static("/index.html?x=1")),
             version: Some(Version::HTTP_11),

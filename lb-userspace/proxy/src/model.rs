@@ -327,6 +327,11 @@ pub struct Pool {
     /// HTTP/2 to the servers: prior knowledge on plain connections, ALPN `h2` with `tls`.
     #[serde(default)]
     pub h2: bool,
+    /// Persistence cookie name: a client's first response sets it to its
+    /// server's value, and its later requests go back there (HAProxy's
+    /// `cookie NAME insert indirect nocache httponly`, `secure` over TLS).
+    #[serde(default)]
+    pub cookie: Option<String>,
 }
 
 /// Server choice within a pool.
@@ -449,6 +454,9 @@ pub enum ConfigError {
         /// Its `send_buffer`.
         bytes: usize,
     },
+    /// A pool's `cookie` is not a cookie name.
+    #[error("pool {0:?}: cookie must be a cookie name (letters, digits and !#$%&'*+-.^_`|~)")]
+    BadCookie(String),
     /// A pool's hash settings do not fit its algorithm.
     #[error("pool {pool:?}: {problem}")]
     BadHash {
@@ -495,6 +503,7 @@ impl ProxyConfig {
         }
         for p in &self.pools {
             p.validate_hash()?;
+            p.validate_cookie()?;
             p.validate_server_tls()?;
         }
         for f in &self.frontends {
@@ -590,6 +599,7 @@ impl Pool {
             ca: None,
             sni: None,
             h2: false,
+            cookie: None,
         }
     }
 
@@ -622,6 +632,17 @@ impl Pool {
     }
 
     /// Checks `hash_header`/`hash_query` against the algorithm, and that hashed servers are distinct.
+    /// Checks that `cookie` is an RFC 6265 cookie-name (an RFC 9110 token).
+    fn validate_cookie(&self) -> Result<(), ConfigError> {
+        let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+        match &self.cookie {
+            Some(name) if name.is_empty() || !name.bytes().all(token) => {
+                Err(ConfigError::BadCookie(self.name.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn validate_hash(&self) -> Result<(), ConfigError> {
         let bad = |problem| {
             Err(ConfigError::BadHash {
@@ -642,6 +663,7 @@ impl Pool {
         if self.hash_query && self.algorithm != Algorithm::Uri {
             return bad("hash_query needs algorithm uri");
         }
+
         let mut seen = HashSet::new();
         if self.algorithm.is_hash() && !self.servers.iter().all(|s| seen.insert(s.address)) {
             return bad("a hashed pool cannot list the same server address twice");

@@ -12,7 +12,7 @@ use http::{Method, Response, Uri, Version};
 use http_body_util::Full;
 
 use super::actions;
-use super::balance::{Active, Unavailable};
+use super::balance::{Active, Pick, ServerState, Unavailable};
 use super::context::{FrontendCtx, PoolRuntime, Shared, TlsFacts};
 use super::error::{Failure, Retry};
 use super::hardening;
@@ -136,8 +136,11 @@ pub(crate) struct Forwarding {
     /// Index of the pool in `Shared::pools`.
     pub pool: usize,
     pub rec: AccessRecord,
-    /// Hash key for the hashing algorithms.
-    pub key: Option<u32>,
+    /// How its server is chosen: the hash key of the hashing algorithms,
+    /// the server its persistence cookie names.
+    pub pick: Pick,
+    /// The client came over TLS: a persistence cookie set for it is `Secure`.
+    pub https: bool,
     /// Response header edits whose condition held.
     pub response_ops: Vec<actions::HeaderOp>,
     /// The `Sec-WebSocket-Accept` a `101` must carry (WebSocket upgrades).
@@ -253,9 +256,16 @@ pub(crate) async fn prepare(
         parts.headers.insert(header::HOST, v);
     }
 
-    let key = pool
-        .balancer
-        .hash_key(client.peer.ip(), &parts.uri, &parts.headers);
+    let sticky = pool
+        .cookie
+        .as_deref()
+        .and_then(|name| sticky_server(pool, name, &mut parts.headers, &mut rec));
+    let pick = Pick {
+        key: pool
+            .balancer
+            .hash_key(client.peer.ip(), &parts.uri, &parts.headers),
+        sticky,
+    };
     // HTTP/1.1 servers get origin-form (`/path?query`); CONNECT keeps its authority-form.
     if parts.method != Method::CONNECT
         && (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
@@ -270,10 +280,107 @@ pub(crate) async fn prepare(
     Prepared::Forward(Forwarding {
         pool: pool_idx,
         rec,
-        key,
+        pick,
+        https: frontend.https,
         response_ops: acted.response,
         ws_accept,
     })
+}
+
+/// The server a request's persistence cookie `name` names, if it takes
+/// requests, noted in `rec` (HAProxy's third termination character). The
+/// cookie is taken out of the request: it is ours, not the server's
+/// (HAProxy's `indirect`).
+fn sticky_server(
+    pool: &PoolRuntime,
+    name: &str,
+    headers: &mut HeaderMap,
+    rec: &mut AccessRecord,
+) -> Option<usize> {
+    let value = take_cookie(headers, name);
+    let named = value.as_deref().map(|v| pool.balancer.by_cookie(v));
+    let (state, sticky) = match named {
+        None => ('N', None),
+        Some(None) => ('I', None),
+        Some(Some(i)) if pool.balancer.server(i).takes_sticky() => ('V', Some(i)),
+        Some(Some(_)) => ('D', None),
+    };
+    rec.persistence = [state, 'N'];
+    sticky
+}
+
+/// Removes every `name=value` pair from the Cookie fields of `headers`
+/// (a field left empty goes too); the first one's value.
+pub(crate) fn take_cookie(headers: &mut HeaderMap, name: &str) -> Option<String> {
+    let pair = |p: &str| -> Option<String> {
+        let (n, v) = p.trim().split_once('=')?;
+        (n.trim() == name).then(|| v.trim().trim_matches('"').to_string())
+    };
+    let fields = headers.get_all(header::COOKIE);
+    let present = fields
+        .iter()
+        .filter_map(|f| f.to_str().ok())
+        .any(|f| f.split(';').any(|p| pair(p).is_some()));
+    if !present {
+        return None;
+    }
+    let mut found = None;
+    let mut kept = Vec::new();
+    for field in headers.get_all(header::COOKIE) {
+        let Ok(text) = field.to_str() else {
+            kept.push(field.clone());
+            continue;
+        };
+        let mut rest = Vec::new();
+        for p in text.split(';') {
+            match pair(p) {
+                Some(v) => {
+                    found.get_or_insert(v);
+                }
+                None if !p.trim().is_empty() => rest.push(p.trim()),
+                None => {}
+            }
+        }
+        if !rest.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&rest.join("; "))
+        {
+            kept.push(v);
+        }
+    }
+    headers.remove(header::COOKIE);
+    for v in kept {
+        headers.append(header::COOKIE, v);
+    }
+    found
+}
+
+/// Before a server's response goes to the client: with a persistence
+/// cookie, sets it to `server`'s value unless the request named that server
+/// already, and marks the response private (HAProxy's `insert nocache
+/// httponly`, `secure` over TLS), before the pool's response actions.
+pub(crate) fn persist(fwd: &mut Forwarding, pool: &PoolRuntime, server: &Arc<ServerState>) {
+    let Some(name) = &pool.cookie else {
+        return;
+    };
+    let named = fwd.pick.sticky.map(|i| pool.balancer.server(i));
+    if named.is_some_and(|s| Arc::ptr_eq(s, server)) {
+        return;
+    }
+    let secure = if fwd.https { "; Secure" } else { "" };
+    let cookie = format!("{name}={}; Path=/; HttpOnly{secure}", server.cookie);
+    let Ok(cookie) = HeaderValue::from_str(&cookie) else {
+        return;
+    };
+    // A shared cache must not hand this client's cookie to others.
+    let private = HeaderValue::from_static("private");
+    fwd.response_ops.splice(
+        0..0,
+        [
+            actions::HeaderOp::Add(header::SET_COOKIE, cookie),
+            actions::HeaderOp::Add(header::CACHE_CONTROL, private),
+        ],
+    );
+    fwd.rec.persistence[1] = 'I';
 }
 
 /// The access log record of a request to `pool`, before a server is known.
@@ -308,6 +415,7 @@ fn record(
         bytes: 0,
         bytes_in,
         termination: ['-', '-'],
+        persistence: ['-', '-'],
         method: Some(parts.method.clone()),
         uri: Some(parts.uri.clone()),
         version: Some(parts.version),
@@ -402,11 +510,11 @@ impl Attempts {
     pub(crate) async fn acquire(
         &mut self,
         pool: &PoolRuntime,
-        key: Option<u32>,
+        pick: Pick,
         rec: &mut AccessRecord,
     ) -> Result<Active, Failure> {
         self.left = self.left.saturating_sub(1);
-        match pool.balancer.acquire(key, &self.tried).await {
+        match pool.balancer.acquire(pick, &self.tried).await {
             Ok(a) => {
                 rec.tw += a.queued.as_millis() as i64;
                 rec.server = a.active.server().label.clone();
@@ -461,6 +569,36 @@ fn unavailable(e: Unavailable, rec: &mut AccessRecord) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_persistence_cookie_is_taken_out_of_every_cookie_field() {
+        let take = |fields: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(header::COOKIE, HeaderValue::from_static(f));
+            }
+            let v = take_cookie(&mut h, "SRV");
+            let left: Vec<String> = h
+                .get_all(header::COOKIE)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect();
+            (v, left)
+        };
+        assert_eq!(take(&["a=1; b=2"]), (None, vec!["a=1; b=2".into()]));
+        assert_eq!(take(&["SRV=abc"]), (Some("abc".into()), vec![]));
+        assert_eq!(
+            take(&["a=1;SRV=abc ; b=2", "SRV=def; c=3"]),
+            (Some("abc".into()), vec!["a=1; b=2".into(), "c=3".into()])
+        );
+        assert_eq!(
+            take(&["SRV=\"q\"; SRVX=1"]),
+            (Some("q".into()), vec!["SRVX=1".into()])
+        );
+        // Names are case-sensitive, as cookies are.
+        assert_eq!(take(&["srv=1"]), (None, vec!["srv=1".into()]));
+        assert_eq!(take(&[]), (None, vec![]));
+    }
 
     #[test]
     fn hop_by_hop_removed() {

@@ -165,6 +165,7 @@ impl Checker<'_> {
             let key = match e {
                 ConfigError::BadHash { .. } => ["hash_header", "hash_query", "algorithm"],
                 ConfigError::BadServerTls { .. } => ["sni", "ca", "tls"],
+                ConfigError::BadCookie(_) => ["cookie", "cookie", "cookie"],
                 _ => ["name", "name", "name"],
             }
             .into_iter()
@@ -501,6 +502,20 @@ mod tests {
              kernel's autotuning) or 4096..=4194304 bytes"
         );
         lines[5] = "send_buffer = 65536";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
+    fn a_bad_persistence_cookie_name_is_refused_at_its_line() {
+        let mut lines = l7(&["cookie = \"SRV ID\""]);
+        let errs = errors(&lines);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(
+            errs[0].to_string(),
+            "lb.toml:9:10: pool \"app\": cookie must be a cookie name (letters, digits and \
+             !#$%&'*+-.^_`|~)"
+        );
+        lines[8] = "cookie = \"SRVID\"";
         assert!(parse(&text(&lines), "lb.toml").is_ok());
     }
 

@@ -588,7 +588,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         loop {
             let pool = &self.shared.pools[pool_idx];
             let rec = &mut fwd.rec;
-            let attempt = match attempts.acquire(pool, fwd.key, rec).await {
+            let attempt = match attempts.acquire(pool, fwd.pick, rec).await {
                 Ok(active) => self.connect(pool, active, rec).await,
                 Err(failure) => Err(failure),
             };
@@ -730,6 +730,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         let pool_idx = ctx.fwd.pool;
         let timeout_server = self.shared.pools[pool_idx].timeout_server;
         ctx.fwd.rec.status = resp.status.as_u16();
+        prepare::persist(
+            &mut ctx.fwd,
+            &self.shared.pools[pool_idx],
+            ctx.active.server(),
+        );
         let Ok(head) = OutHead::new(&resp, &ctx.fwd.response_ops) else {
             return self
                 .answer_error(Failure::Internal, ctx.fwd.rec, false, ctx.start)

@@ -8,6 +8,7 @@ mod edge;
 mod framing;
 mod general;
 mod h1;
+mod persistence;
 mod resources;
 mod routing;
 mod slow;
