@@ -56,6 +56,24 @@ host = "api.example"
 pool = "api"
 if = "is_api or api_host"
 
+# TLS offload in mode tcp: bytes to the servers, the pool chosen by SNI.
+[[frontend]]
+name = "tls-tcp"
+binds = ["{VIP_V4}:8443"]
+mode = "tcp"
+default_pool = "web"
+[frontend.tls]
+certs = [
+  {{ cert = "{}", key = "{}" }},
+  {{ cert = "{}", key = "{}" }},
+]
+[[frontend.acl]]
+name = "api_sni"
+sni = "api.example"
+[[frontend.use_pool]]
+pool = "api"
+if = "api_sni"
+
 [[pool]]
 name = "web"
 servers = [{}, {}]
@@ -70,6 +88,10 @@ servers = [{{ address = "{}:{TCP_PORT}", maxconn = 50 }}]
         pem("api.example", "pem"),
         pem("api.example", "key"),
         dir.join("ca.pem").display(),
+        pem("www.example", "pem"),
+        pem("www.example", "key"),
+        pem("api.example", "pem"),
+        pem("api.example", "key"),
         server(1),
         server(3),
         backend_v4(2),
@@ -166,6 +188,35 @@ fn https_through_the_l7_vip_is_routed_by_acls_over_h2_with_sni_certificates() {
         }
         let (body, _) = curl_with(&lab, "www.example", "/private/x", &ca, &args);
         assert!(body == "be1" || body == "be3", "http1 {http1}: {body}");
+    }
+    // A tcp frontend terminates TLS and relays the bytes, routed by SNI.
+    for (host, expected) in [
+        ("api.example", &["be2"][..]),
+        ("www.example", &["be1", "be3"]),
+    ] {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                lab.lab.client_ns(),
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+            ])
+            .arg("--cacert")
+            .arg(&ca)
+            .arg("--resolve")
+            .arg(format!("{host}:8443:{VIP_V4}"))
+            .arg(format!("https://{host}:8443/"))
+            .output()
+            .expect("run curl");
+        let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            expected.contains(&body.as_str()),
+            "{host}: {body:?} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     // `lb show` gives the api server's maxconn.
     let out = lab.lb(&["show", "backends", "pool:api", "--json"]);

@@ -435,6 +435,15 @@ impl CompiledActions {
         cond.eval(&self.acls, &req)
     }
 
+    /// Whether a `deny` rule holds for a `tcp` frontend's connection (the
+    /// only rules such a frontend has, over connection ACLs only).
+    pub(crate) fn denies_connection(&self, req: &acl::Request<'_>) -> bool {
+        self.request.iter().any(|(cond, op)| {
+            matches!(op, RequestOp::Deny(_))
+                && cond.as_ref().is_none_or(|c| c.eval(&self.acls, req))
+        })
+    }
+
     /// Runs the request rules in order on `parts`, then picks the response edits.
     pub(crate) async fn run_request(
         &self,

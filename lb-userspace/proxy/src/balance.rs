@@ -354,6 +354,16 @@ impl Balancer {
         }
     }
 
+    /// The hash key of a `tcp` session from `src`: the source's under
+    /// `source`; none under the other algorithms (no URI or header to hash:
+    /// they balance sessions round robin, as HAProxy's do in `mode tcp`).
+    pub fn connection_key(&self, src: IpAddr) -> Option<u32> {
+        match self.inner.algorithm {
+            Algorithm::Source => self.hash_key(src, &Uri::default(), &HeaderMap::new()),
+            _ => None,
+        }
+    }
+
     /// The server whose persistence cookie value is `value`.
     pub fn by_cookie(&self, value: &str) -> Option<usize> {
         // A scan: pools are small, and only requests with the cookie look.

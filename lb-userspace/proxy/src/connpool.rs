@@ -493,6 +493,16 @@ impl ConnPool {
         }
     }
 
+    /// A new connection of its own, never pooled: a `tcp` session's.
+    pub(crate) async fn connect_new(
+        &self,
+        server: SocketAddr,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> io::Result<ServerIo> {
+        self.connector.connect(server, client, local).await
+    }
+
     /// A connection for our own HTTP/1.1 path (never HTTP/2): the server's most
     /// recent idle one that still works, else a new one with its connect time.
     pub(crate) async fn get_raw(

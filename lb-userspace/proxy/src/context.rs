@@ -240,6 +240,11 @@ pub(crate) struct FrontendRuntime {
     /// HTTP/1 clients take our own path (proxy/h1): every pool the frontend
     /// routes to speaks HTTP/1.1 to its servers.
     pub own_h1: bool,
+    /// A `tcp` frontend (proxy/tcp.rs).
+    pub tcp: bool,
+    /// A `tcp` frontend passing TLS through whose rules look at the SNI:
+    /// it reads the ClientHello before choosing a server.
+    pub inspect_sni: bool,
 }
 
 impl FrontendRuntime {
@@ -252,6 +257,7 @@ impl FrontendRuntime {
         tls: Option<Arc<TlsTerminator>>,
         own_h1: bool,
     ) -> Self {
+        let tls_none = tls.is_none();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper's own header timeout closes silently; ClientIo answers 408 instead.
         builder
@@ -310,6 +316,13 @@ impl FrontendRuntime {
             head_limit: cfg.request_header_limit.max(8192),
             accept_proxy: cfg.accept_proxy,
             own_h1,
+            tcp: cfg.mode == crate::model::FrontendMode::Tcp,
+            inspect_sni: cfg.mode == crate::model::FrontendMode::Tcp
+                && tls_none
+                && cfg
+                    .acl
+                    .iter()
+                    .any(|a| matches!(a.matcher.key(), "sni" | "sni_suffix")),
         }
     }
 }

@@ -192,6 +192,7 @@ pub mod accept_errors;
 pub mod acl;
 pub mod actions;
 mod balance;
+mod client_hello;
 mod connpool;
 mod context;
 mod deadline;
@@ -211,6 +212,7 @@ mod server;
 mod shutdown;
 mod source_limit;
 pub mod stats;
+mod tcp;
 mod threads;
 mod tls;
 mod tunnel;
@@ -230,8 +232,8 @@ pub use forward::ProxyBody;
 pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
-    Algorithm, CertPair, ConfigError, Frontend, HttpAction, MAX_CONNECTIONS, Pool, ProxyConfig,
-    ServerSpec, TlsConfig, UsePool, User, UserList, VerifyClient,
+    Algorithm, CertPair, ConfigError, Frontend, FrontendMode, HttpAction, MAX_CONNECTIONS, Pool,
+    ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig, UsePool, User, UserList, VerifyClient,
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
@@ -295,7 +297,7 @@ fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
         let acceptor = match &fe.tls {
             Some(tls) => {
                 let terminator = Arc::new(
-                    TlsTerminator::load(tls)
+                    TlsTerminator::load(tls, fe.mode == FrontendMode::Http)
                         .with_context(|| format!("frontend {}: TLS", fe.name))?,
                 );
                 prepared
@@ -308,10 +310,11 @@ fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
         // validate() checked that the default pool exists.
         let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
         // Our own HTTP/1 path forwards to HTTP/1.1 servers only (proxy/h1).
-        let own_h1 = std::iter::once(&fe.default_pool)
-            .chain(fe.use_pool.iter().map(|u| &u.pool))
-            .filter_map(|name| cfg.pool_index(name))
-            .all(|i| !cfg.pools[i].h2);
+        let own_h1 = fe.mode == FrontendMode::Http
+            && std::iter::once(&fe.default_pool)
+                .chain(fe.use_pool.iter().map(|u| &u.pool))
+                .filter_map(|name| cfg.pool_index(name))
+                .all(|i| !cfg.pools[i].h2);
         let runtime = Arc::new(FrontendRuntime::new(
             fe,
             index,

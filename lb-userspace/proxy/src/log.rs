@@ -52,6 +52,8 @@ pub struct AccessRecord {
     pub bytes_in: u64,
     /// Two HAProxy termination characters: who ended the session, in which phase.
     pub termination: [char; 2],
+    /// A `tcp` frontend's session (logged as HAProxy's tcplog), not a request.
+    pub tcp: bool,
     /// HAProxy's persistence cookie characters (pools with `cookie`): what
     /// the request's said (`N` none, `I` no such server, `D` its server was
     /// away, `V` valid) and whether the response set one (`I`) or not (`N`);
@@ -110,6 +112,7 @@ impl AccessRecord {
             bytes_in: 0,
             termination,
             persistence: ['-', '-'],
+            tcp: false,
             method: None,
             uri: None,
             version: None,
@@ -195,6 +198,25 @@ impl AccessRecord {
         s
     }
 
+    /// A `tcp` session as HAProxy's tcplog line: client, date, frontend,
+    /// pool/server, Tw/Tc/Tt, bytes from the server, termination.
+    pub fn tcplog(&self) -> String {
+        format!(
+            "{} [{}] {} {}/{} {}/{}/{} {} {}{}",
+            self.client,
+            haproxy_date(self.date),
+            self.frontend,
+            self.pool,
+            self.server,
+            self.tw,
+            self.tc,
+            self.tt,
+            self.bytes,
+            self.termination[0],
+            self.termination[1],
+        )
+    }
+
     /// The same record as a JSON object.
     pub fn json(&self) -> serde_json::Value {
         let ms = self
@@ -202,6 +224,25 @@ impl AccessRecord {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        if self.tcp {
+            // A session: no request, status, persistence or request times.
+            return serde_json::json!({
+                "client_ip": self.client.ip().to_string(),
+                "client_port": self.client.port(),
+                "date": haproxy_date(self.date),
+                "timestamp_ms": ms,
+                "frontend": &*self.frontend,
+                "pool": &*self.pool,
+                "server": &*self.server,
+                "tw": self.tw,
+                "tc": self.tc,
+                "tt": self.tt,
+                "bytes": self.bytes,
+                "bytes_in": self.bytes_in,
+                "termination_state": format!("{}{}", self.termination[0], self.termination[1]),
+                "mode": "tcp",
+            });
+        }
         serde_json::json!({
             "client_ip": self.client.ip().to_string(),
             "client_port": self.client.port(),
@@ -254,6 +295,7 @@ impl AccessRecord {
             return;
         }
         let line = match format {
+            LogFormat::Httplog if self.tcp => self.tcplog(),
             LogFormat::Httplog => self.httplog(),
             LogFormat::Json => self.json().to_string(),
         };
@@ -318,6 +360,7 @@ mod tests {
             bytes_in: 0,
             termination: ['-', '-'],
             persistence: ['-', '-'],
+            tcp: false,
             method: Some(Method::GET),
             uri: Some(Uri::from_static("/index.html?x=1")),
             version: Some(Version::HTTP_11),

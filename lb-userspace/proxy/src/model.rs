@@ -32,6 +32,9 @@ pub struct Frontend {
     pub name: String,
     /// Addresses to listen on.
     pub binds: Vec<SocketAddr>,
+    /// `http` (default) or `tcp`: relay bytes, as HAProxy's `mode tcp`.
+    #[serde(default)]
+    pub mode: FrontendMode,
     /// Terminate TLS on every bind when present.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -89,6 +92,28 @@ pub struct Frontend {
     #[serde(default)]
     pub log_format: super::log::LogFormat,
 }
+
+/// What a frontend speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendMode {
+    /// HTTP/1.1 and HTTP/2: requests are parsed, ruled and routed one by one.
+    #[default]
+    Http,
+    /// Bytes relayed both ways to one server per connection (HAProxy's `mode
+    /// tcp`), TLS terminated (`tls`) or passed through with its SNI read
+    /// for the `sni` ACLs; only connection rules apply.
+    Tcp,
+}
+
+/// The ACL keys a `tcp` frontend can evaluate: what its connection shows.
+pub const TCP_ACL_KEYS: &[&str] = &[
+    "src",
+    "sni",
+    "sni_suffix",
+    "client_cert",
+    "src_request_rate",
+];
 
 /// One `[[frontend.request]]` or `[[frontend.response]]` rule; which fields apply depends on `action`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -419,6 +444,14 @@ pub enum ConfigError {
     /// A TLS frontend has no certificate or a default index out of range.
     #[error("frontend {0:?}: tls needs at least one cert and default_cert within certs")]
     BadTls(String),
+    /// A `tcp` frontend has a rule or a pool that needs HTTP.
+    #[error("frontend {frontend:?}: {problem}")]
+    TcpMode {
+        /// The frontend.
+        frontend: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A TLS frontend's client certificate settings do not fit together.
     #[error("frontend {frontend:?}: {problem}")]
     BadClientAuth {
@@ -544,6 +577,51 @@ impl ProxyConfig {
                         problem,
                     })?;
             }
+            if f.mode == FrontendMode::Tcp {
+                self.validate_tcp(f)
+                    .map_err(|problem| ConfigError::TcpMode {
+                        frontend: f.name.clone(),
+                        problem,
+                    })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A `tcp` frontend's rules look only at the connection, and its pools
+    /// take bytes (HTTP/1.1 or TLS servers, no HTTP/2).
+    fn validate_tcp(&self, f: &Frontend) -> Result<(), String> {
+        if let Some(acl) = f
+            .acl
+            .iter()
+            .find(|a| !TCP_ACL_KEYS.contains(&a.matcher.key()))
+        {
+            return Err(format!(
+                "ACL `{}` uses `{}`, which needs mode http; a tcp frontend has {}",
+                acl.name,
+                acl.matcher.key(),
+                TCP_ACL_KEYS.join(", ")
+            ));
+        }
+        if let Some(rule) = f.request.iter().find(|r| r.action != "deny") {
+            return Err(format!(
+                "request action `{}` needs mode http; a tcp frontend can only deny (close) a connection",
+                rule.action
+            ));
+        }
+        if !f.response.is_empty() {
+            return Err("response actions need mode http".to_string());
+        }
+        let pools = std::iter::once(&f.default_pool).chain(f.use_pool.iter().map(|u| &u.pool));
+        for name in pools {
+            if let Some(p) = self.pool_index(name).map(|i| &self.pools[i])
+                && p.h2
+            {
+                return Err(format!(
+                    "pool {:?} speaks HTTP/2 (h2), which a tcp frontend cannot relay",
+                    p.name
+                ));
+            }
         }
         Ok(())
     }
@@ -555,6 +633,7 @@ impl Frontend {
         Frontend {
             name: name.to_string(),
             binds,
+            mode: FrontendMode::Http,
             tls: None,
             default_pool: default_pool.to_string(),
             max_connections: defaults::max_connections(),

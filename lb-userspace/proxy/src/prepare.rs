@@ -119,6 +119,17 @@ impl ClientSide<'_> {
     fn client_cert(&self) -> bool {
         self.tls.is_some_and(|t| t.client_cert)
     }
+
+    /// The frontend's `client_cert_header`: the verified client
+    /// certificate, never the client's own claim of one.
+    fn set_cert_header(&self, headers: &mut HeaderMap) {
+        if let Some(name) = &self.frontend.client_cert_header {
+            headers.remove(name);
+            if let Some(v) = self.tls.and_then(|t| t.cert_value.clone()) {
+                headers.insert(name.clone(), v);
+            }
+        }
+    }
 }
 
 /// What the proxy does with a request once its actions and routing have run.
@@ -203,13 +214,7 @@ pub(crate) async fn prepare(
             return Prepared::Refuse(Failure::BadRequest, rec);
         }
     };
-    // The verified client certificate, never the client's own claim of one.
-    if let Some(name) = &frontend.client_cert_header {
-        parts.headers.remove(name);
-        if let Some(v) = client.tls.and_then(|t| t.cert_value.clone()) {
-            parts.headers.insert(name.clone(), v);
-        }
-    }
+    client.set_cert_header(&mut parts.headers);
     // Counted before any rule looks, whichever rules the request meets.
     let rates = frontend.count_request(client.peer.ip());
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
@@ -256,16 +261,7 @@ pub(crate) async fn prepare(
         parts.headers.insert(header::HOST, v);
     }
 
-    let sticky = pool
-        .cookie
-        .as_deref()
-        .and_then(|name| sticky_server(pool, name, &mut parts.headers, &mut rec));
-    let pick = Pick {
-        key: pool
-            .balancer
-            .hash_key(client.peer.ip(), &parts.uri, &parts.headers),
-        sticky,
-    };
+    let pick = pick(pool, client.peer, parts, &mut rec);
     // HTTP/1.1 servers get origin-form (`/path?query`); CONNECT keeps its authority-form.
     if parts.method != Method::CONNECT
         && (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
@@ -285,6 +281,26 @@ pub(crate) async fn prepare(
         response_ops: acted.response,
         ws_accept,
     })
+}
+
+/// How the request's server is to be chosen in `pool`: its hash key, the
+/// server its persistence cookie names.
+fn pick(
+    pool: &PoolRuntime,
+    peer: SocketAddr,
+    parts: &mut http::request::Parts,
+    rec: &mut AccessRecord,
+) -> Pick {
+    let sticky = pool
+        .cookie
+        .as_deref()
+        .and_then(|name| sticky_server(pool, name, &mut parts.headers, rec));
+    Pick {
+        key: pool
+            .balancer
+            .hash_key(peer.ip(), &parts.uri, &parts.headers),
+        sticky,
+    }
 }
 
 /// The server a request's persistence cookie `name` names, if it takes
@@ -416,6 +432,7 @@ fn record(
         bytes_in,
         termination: ['-', '-'],
         persistence: ['-', '-'],
+        tcp: false,
         method: Some(parts.method.clone()),
         uri: Some(parts.uri.clone()),
         version: Some(parts.version),

@@ -28,6 +28,7 @@ use super::log::{AccessRecord, LogFormat};
 use super::proxy_protocol;
 use super::shutdown::ShutdownWatch;
 use super::source_limit::SourceSlot;
+use super::tcp;
 use super::tls;
 
 /// A permit an accept loop holds with no client yet, counted while it lives.
@@ -236,6 +237,10 @@ async fn serve_connection(
                 return;
             }
         }
+    }
+    if fe.tcp {
+        // Boxed, as below: the relay's state lives as long as the session.
+        return Box::pin(tcp::serve(stream, (peer, local), &fe, &shared)).await;
     }
     match &fe.tls {
         None if fe.own_h1 => {

@@ -197,19 +197,24 @@ impl ResolvesServerCert for CertResolver {
 pub struct TlsTerminator {
     resolver: Arc<CertResolver>,
     cfg: TlsConfig,
+    /// ALPN for HTTP.
+    http: bool,
     /// Replaced when a reload brings a new client CA or CRL; a connection
     /// takes a copy when it starts its handshake.
     acceptor: RwLock<TlsAcceptor>,
 }
 
 impl TlsTerminator {
-    /// Reads every certificate, key, client CA and CRL of `cfg`.
-    pub fn load(cfg: &TlsConfig) -> Result<Self, TlsError> {
+    /// Reads every certificate, key, client CA and CRL of `cfg`; `http`
+    /// offers ALPN `h2` and `http/1.1` (a `tcp` frontend offers none: it
+    /// does not know what it relays).
+    pub fn load(cfg: &TlsConfig, http: bool) -> Result<Self, TlsError> {
         let resolver = Arc::new(CertResolver::load(cfg)?);
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(resolver.clone(), cfg)?));
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(resolver.clone(), cfg, http)?));
         Ok(TlsTerminator {
             resolver,
             cfg: cfg.clone(),
+            http,
             acceptor: RwLock::new(acceptor),
         })
     }
@@ -231,7 +236,7 @@ impl TlsTerminator {
             // With a session cache of its own: a resumed session skips the
             // certificate check, so one kept over would let a client whose
             // certificate the new CRL revokes back in.
-            let fresh = server_config(self.resolver.clone(), &self.cfg)?;
+            let fresh = server_config(self.resolver.clone(), &self.cfg, self.http)?;
             *self.acceptor.write().unwrap_or_else(|e| e.into_inner()) =
                 TlsAcceptor::from(Arc::new(fresh));
         }
@@ -241,10 +246,11 @@ impl TlsTerminator {
 }
 
 /// A rustls server configuration: TLS 1.2 and 1.3, ALPN `h2` then
-/// `http/1.1`, client certificates verified as `tls` says.
+/// `http/1.1` with `http`, client certificates verified as `tls` says.
 pub fn server_config(
     resolver: Arc<CertResolver>,
     tls: &TlsConfig,
+    http: bool,
 ) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -254,7 +260,9 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(resolver);
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if http {
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
     // The provider's order (AES-256-GCM, AES-128-GCM, then ChaCha20) decides,
     // not the client's, as with HAProxy's `prefer-server-ciphers`.
     cfg.ignore_client_order = true;

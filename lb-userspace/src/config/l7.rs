@@ -195,6 +195,7 @@ impl Checker<'_> {
                 ConfigError::PerSourceAboveMax { .. } => "max_connections_per_source",
                 ConfigError::BadSendBuffer { .. } => "send_buffer",
                 ConfigError::BadTls(_) | ConfigError::BadClientAuth { .. } => "tls",
+                ConfigError::TcpMode { .. } => "mode",
                 _ => "name",
             };
             self.at_key(keys, key, span, e.to_string());
@@ -503,6 +504,28 @@ mod tests {
         );
         lines[5] = "send_buffer = 65536";
         assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
+    fn a_tcp_frontend_with_http_rules_is_refused_at_its_mode() {
+        let mut lines = l7(&[]);
+        lines.splice(
+            5..5,
+            ["mode = \"tcp\"", "acl = [{ name = \"x\", path = \"/x\" }]"],
+        );
+        let errs = errors(&lines);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        let e = errs[0].to_string();
+        assert!(
+            e.starts_with(
+                "lb.toml:6:8: frontend \"f\": ACL `x` uses `path`, which needs mode http"
+            ),
+            "{e}"
+        );
+        lines[6] = "acl = [{ name = \"x\", sni = \"a.example\" }]";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+        lines[5] = "mode = \"udp\"";
+        expect_one(&lines, 6, "mode");
     }
 
     #[test]

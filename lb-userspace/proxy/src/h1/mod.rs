@@ -728,13 +728,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
     /// Sends a server's response to the client: head (rewritten), then body.
     async fn respond(&mut self, resp: ResponseHead, mut ctx: ResponseCtx) -> Next {
         let pool_idx = ctx.fwd.pool;
-        let timeout_server = self.shared.pools[pool_idx].timeout_server;
+        let pool = &self.shared.pools[pool_idx];
+        let timeout_server = pool.timeout_server;
         ctx.fwd.rec.status = resp.status.as_u16();
-        prepare::persist(
-            &mut ctx.fwd,
-            &self.shared.pools[pool_idx],
-            ctx.active.server(),
-        );
+        prepare::persist(&mut ctx.fwd, pool, ctx.active.server());
         let Ok(head) = OutHead::new(&resp, &ctx.fwd.response_ops) else {
             return self
                 .answer_error(Failure::Internal, ctx.fwd.rec, false, ctx.start)

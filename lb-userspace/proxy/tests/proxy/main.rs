@@ -14,4 +14,5 @@ mod routing;
 mod slow;
 mod source_limit;
 mod support;
+mod tcp;
 mod upstream;

@@ -1,0 +1,303 @@
+//! `mode = "tcp"` frontends, as HAProxy's `mode tcp`: each connection is
+//! relayed, bytes both ways, to one server of a pool, over a connection of
+//! its own (never pooled or reused).
+//!
+//! With `tls` the proxy terminates TLS (TLS offload: the server gets the
+//! plaintext, or TLS again with the pool's `tls`); without, bytes pass
+//! through untouched, and when a rule looks at `sni` the ClientHello is read
+//! first (within `timeout_http_request`, HAProxy's `tcp-request
+//! inspect-delay`) and sent on ahead of the rest. Rules see the connection
+//! only: `src`, `sni`, `sni_suffix`, `client_cert`, `src_request_rate`
+//! (sessions, here); `deny` closes it, `use_pool` picks the pool. The
+//! session holds its server slot until it ends, so `leastconn` and
+//! `maxconn` count sessions, and a connect failure is retried on another
+//! server. The relay ends when both sides have closed, or after
+//! `timeout_tunnel` (the pool's, else the frontend's, else
+//! `timeout_client`) without a byte either way.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use http::HeaderMap;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::acl;
+use super::balance::{Active, Pick};
+use super::client_hello::{self, Hello};
+use super::context::{FrontendRuntime, PoolRuntime, Shared, TlsFacts};
+use super::error::Failure;
+use super::log::{self, AccessRecord};
+use super::prepare::Attempts;
+use super::stats::Tally;
+use super::tunnel;
+use super::upstream::ServerIo;
+
+/// Serves one connection of a `tcp` frontend (after any PROXY header).
+pub(crate) async fn serve<S>(
+    mut stream: S,
+    addrs: (SocketAddr, SocketAddr),
+    fe: &FrontendRuntime,
+    shared: &Shared,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let start = Instant::now();
+    let peer = addrs.0;
+    if let Some(terminator) = &fe.tls {
+        let accept = Box::pin(terminator.acceptor().accept(stream));
+        let tls = match tokio::time::timeout(fe.timeouts.http_request, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(frontend = %fe.ctx.name, %peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(frontend = %fe.ctx.name, %peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let session = tls.get_ref().1;
+        let facts = TlsFacts {
+            sni: session.server_name().map(str::to_string),
+            client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+            cert_value: None,
+        };
+        return relay(tls, Vec::new(), Some(&facts), addrs, (fe, shared), start).await;
+    }
+    if !fe.inspect_sni {
+        return relay(stream, Vec::new(), None, addrs, (fe, shared), start).await;
+    }
+    let Some((first, sni)) = read_hello(&mut stream, fe.timeouts.http_request).await else {
+        tracing::debug!(frontend = %fe.ctx.name, %peer, "closed before its first bytes were read");
+        return;
+    };
+    let facts = TlsFacts {
+        sni,
+        ..TlsFacts::default()
+    };
+    relay(stream, first, Some(&facts), addrs, (fe, shared), start).await
+}
+
+/// The client's first bytes, up to a whole ClientHello, and the name it
+/// asks for; what came within `wait` if that runs out first (no name then:
+/// the rules decide without one, as HAProxy's after `inspect-delay`).
+/// None when the client closed or failed before sending anything.
+async fn read_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    wait: Duration,
+) -> Option<(Vec<u8>, Option<String>)> {
+    let mut buf = Vec::with_capacity(2048);
+    let read = async {
+        loop {
+            match client_hello::parse(&buf) {
+                Hello::Sni(name) => return Some(name),
+                Hello::NotTls => return Some(None),
+                Hello::Incomplete if buf.len() > client_hello::MAX_HELLO + 64 => return Some(None),
+                Hello::Incomplete => {}
+            }
+            buf.reserve(2048);
+            match stream.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    };
+    match tokio::time::timeout(wait, read).await {
+        Ok(Some(name)) => Some((buf, name)),
+        Ok(None) => None,
+        Err(_) => Some((buf, None)),
+    }
+}
+
+/// Rules, pool and server for the connection, then the relay; one tcplog
+/// record at the end. `first`: bytes already read from the client.
+async fn relay<C>(
+    client: C,
+    first: Vec<u8>,
+    tls: Option<&TlsFacts>,
+    (peer, local): (SocketAddr, SocketAddr),
+    (fe, shared): (&FrontendRuntime, &Shared),
+    start: Instant,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+{
+    let frontend = &fe.ctx;
+    let rates = frontend.count_request(peer.ip());
+    let no_headers = HeaderMap::new();
+    let req = acl::Request {
+        method: "",
+        path: "",
+        query: None,
+        host: None,
+        headers: &no_headers,
+        src: peer.ip(),
+        sni: tls.and_then(|t| t.sni.as_deref()),
+        client_cert: tls.is_some_and(|t| t.client_cert),
+        src_request_rates: &rates,
+    };
+    let mut rec = session_record(peer, frontend);
+    let format = frontend.log_format;
+    if frontend
+        .actions
+        .as_ref()
+        .is_some_and(|a| a.denies_connection(&req))
+    {
+        // HAProxy's `tcp-request content reject`: closed, nothing sent.
+        rec.termination = ['P', 'R'];
+        return rec.finish(start.elapsed(), format);
+    }
+    let pool_idx = shared
+        .route
+        .as_ref()
+        .and_then(|route| route(frontend.index, &req))
+        .filter(|&i| i < shared.pools.len())
+        .unwrap_or(frontend.default_pool);
+    let pool = &shared.pools[pool_idx];
+    rec.pool = pool.name.clone();
+    rec.tally.pool = Some(pool.stats.shard());
+    let (active, mut server) = match connect(pool, (peer, local), &mut rec).await {
+        Ok(connected) => connected,
+        Err(failure) => {
+            rec.termination = failure.termination();
+            return rec.finish(start.elapsed(), format);
+        }
+    };
+    let idle = pool
+        .timeout_tunnel
+        .or(frontend.timeout_tunnel)
+        .unwrap_or(frontend.timeout_client);
+    let mut client = Counted::new(client);
+    let ended = async {
+        // What was read to find the SNI goes first.
+        server.write_all(&first).await?;
+        tunnel::splice(&mut client, &mut server, idle).await
+    }
+    .await;
+    rec.termination = match ended {
+        Ok(_) => ['-', '-'],
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => ['c', 'D'],
+        Err(_) => ['C', 'D'],
+    };
+    rec.bytes_in = first.len() as u64 + client.read;
+    rec.bytes = client.written;
+    drop(active);
+    rec.finish(start.elapsed(), format);
+}
+
+/// A slot on a server of `pool` and a new connection to it, for a session
+/// from `peer` to `local`; a connect failure is retried on another server
+/// (HAProxy's `retries` with `option redispatch`).
+async fn connect(
+    pool: &PoolRuntime,
+    (peer, local): (SocketAddr, SocketAddr),
+    rec: &mut AccessRecord,
+) -> Result<(Active, ServerIo), Failure> {
+    let pick = Pick {
+        key: pool.balancer.connection_key(peer.ip()),
+        sticky: None,
+    };
+    let mut attempts = Attempts::new(pool);
+    loop {
+        let active = attempts.acquire(pool, pick, rec).await?;
+        let began = Instant::now();
+        let addr = active.server().addr;
+        match pool.conns.connect_new(addr, peer, local).await {
+            Ok(io) => {
+                rec.tc = began.elapsed().as_millis() as i64;
+                return Ok((active, io));
+            }
+            Err(e) => {
+                tracing::debug!(pool = %pool.name, server = %addr, error = %e, "connect failed");
+                drop(active);
+                if !attempts.retry(pool, Failure::ConnectFailed, false) {
+                    return Err(Failure::ConnectFailed);
+                }
+            }
+        }
+    }
+}
+
+/// The access log record of a session, before a pool is chosen.
+fn session_record(peer: SocketAddr, frontend: &super::context::FrontendCtx) -> AccessRecord {
+    AccessRecord {
+        client: peer,
+        date: UNIX_EPOCH,
+        frontend: frontend.name.clone(),
+        pool: frontend.name.clone(),
+        server: log::no_server(),
+        tq: -1,
+        tw: 0,
+        tc: -1,
+        tr: -1,
+        tt: -1,
+        status: 0,
+        bytes: 0,
+        bytes_in: 0,
+        termination: ['-', '-'],
+        tcp: true,
+        persistence: ['-', '-'],
+        method: None,
+        uri: None,
+        version: None,
+        tally: Tally {
+            frontend: Some(frontend.stats.shard()),
+            pool: None,
+            server: None,
+        },
+    }
+}
+
+/// The client's stream, counting the bytes read from and written to it.
+struct Counted<C> {
+    inner: C,
+    read: u64,
+    written: u64,
+}
+
+impl<C> Counted<C> {
+    fn new(inner: C) -> Self {
+        Counted {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        r
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.written += n as u64;
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,255 @@
+//! `mode = "tcp"` frontends: TLS passed through and routed by its SNI, TLS
+//! offloaded, plain bytes relayed; sessions balanced, retried, denied and
+//! logged as HAProxy's tcplog.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::backends::server;
+use crate::general::tls_connect;
+use crate::support::{
+    GIVE_UP, TempDir, access_lines, capture_access_log, dead_addr, provider, two_pool_config,
+};
+use lb_proxy::*;
+
+/// A plain TCP server that greets with `name\n`, then echoes what it gets.
+async fn echo(name: &'static str) -> SocketAddr {
+    server(move |mut s| async move {
+        let _ = s.write_all(format!("{name}\n").as_bytes()).await;
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await
+}
+
+/// A TLS server for `name` (its own self-signed certificate, whose DER comes
+/// back) that writes `name` once the handshake is done, then echoes.
+async fn tls_echo(name: &'static str) -> (SocketAddr, Vec<u8>) {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let der = ck.cert.der().to_vec();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![CertificateDer::from(der.clone())], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let addr = server(move |s| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(mut tls) = acceptor.accept(s).await else {
+                return;
+            };
+            let _ = tls.write_all(name.as_bytes()).await;
+            let _ = tls.shutdown().await;
+        }
+    })
+    .await;
+    (addr, der)
+}
+
+/// A config with a tcp frontend `web` (its extra keys: `frontend`) over
+/// pools `app` and `api`, then `top`.
+fn tcp_config(app: SocketAddr, api: SocketAddr, frontend: &str, top: &str) -> ProxyConfig {
+    two_pool_config(app, api, &format!("mode = \"tcp\"\n{frontend}"), top)
+}
+
+/// Reads a first line (a backend's greeting).
+async fn greeting(s: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        let n = tokio::time::timeout(GIVE_UP, s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed after {line:?}");
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap().trim().to_string()
+}
+
+#[tokio::test]
+async fn tls_passes_through_to_the_pool_its_sni_names() {
+    let (a, a_der) = tls_echo("a.test").await;
+    let (b, b_der) = tls_echo("b.test").await;
+    let rules = r#"
+[[frontend.acl]]
+name = "is_b"
+sni_suffix = "b.test"
+[[frontend.use_pool]]
+pool = "api"
+if = "is_b"
+"#;
+    let cfg = tcp_config(a, b, rules, "");
+    let router = routing::router(&cfg).unwrap();
+    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+    for (sni, der, name) in [
+        (Some("b.test"), &b_der, "b.test"),
+        (Some("x.b.test"), &b_der, "b.test"),
+        (Some("a.test"), &a_der, "a.test"),
+        (None, &a_der, "a.test"),
+    ] {
+        // The backend's own certificate: TLS went through untouched.
+        let (mut tls, leaf) = tls_connect(addr, sni, &[], false).await;
+        assert_eq!(&leaf, der, "{sni:?}");
+        let mut got = String::new();
+        tls.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, name, "{sni:?}");
+    }
+}
+
+#[tokio::test]
+async fn plain_sessions_are_relayed_balanced_retried_and_logged() {
+    capture_access_log();
+    let x = echo("x").await;
+    let y = echo("y").await;
+    let mut cfg = tcp_config(x, y, "", "");
+    cfg.pools[0].servers = vec![ServerSpec::new(x), ServerSpec::new(y)];
+    cfg.pools[0].algorithm = Algorithm::LeastConn;
+    let proxy = Proxy::start(cfg, None).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+
+    // A server that speaks first is heard at once: no rule waits for bytes.
+    let began = Instant::now();
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    let first = greeting(&mut held).await;
+    assert!(began.elapsed() < Duration::from_secs(2));
+    // leastconn counts sessions: with one held open, the next goes to the other.
+    let mut other = TcpStream::connect(addr).await.unwrap();
+    let second = greeting(&mut other).await;
+    assert_ne!(first, second, "leastconn with {first} busy");
+
+    // Bytes both ways, a megabyte each, and a half-close that lets the
+    // server finish (it echoes, then closes).
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut r, mut w) = other.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back, data);
+    drop(held);
+
+    // One tcplog line per session: pool/server, Tw/Tc/Tt, bytes out, state.
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = access_lines()
+            .into_iter()
+            .filter(|l| l.contains(" web app/") && l.ends_with(" 1000002 --"))
+            .collect();
+        if !lines.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let line = lines
+        .first()
+        .unwrap_or_else(|| panic!("{:#?}", access_lines()));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    // client [date] frontend pool/server Tw/Tc/Tt bytes state
+    assert_eq!(fields.len(), 7, "{line}");
+    let expected = if second == "x" { x } else { y };
+    assert_eq!(fields[3], format!("app/{expected}"));
+    assert_eq!(fields[4].split('/').count(), 3, "{line}");
+
+    // A server that refuses the connection: the session is retried on the next.
+    let dead = dead_addr().await;
+    let mut cfg = tcp_config(x, y, "", "");
+    cfg.pools[0].servers = vec![ServerSpec::new(dead), ServerSpec::new(x)];
+    cfg.pools[0].algorithm = Algorithm::First;
+    let proxy = Proxy::start(cfg, None).await.unwrap();
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    assert_eq!(greeting(&mut s).await, "x");
+    let pools = proxy.stats().pools();
+    let dead_stats = pools[0].servers.iter().find(|s| s.address == dead).unwrap();
+    assert_eq!(dead_stats.counters.connect_errors, 1, "{dead_stats:?}");
+}
+
+#[tokio::test]
+async fn tls_is_offloaded_and_connections_are_denied_by_sni() {
+    let x = echo("x").await;
+    let dir = TempDir::new("tcp-tls");
+    let (cert, _) = crate::general::write_cert(&dir, "one", &["ok.test", "bad.test"]);
+    let rules = format!(
+        r#"
+[frontend.tls]
+certs = [{{ cert = "{}", key = "{}" }}]
+[[frontend.acl]]
+name = "bad"
+sni = "bad.test"
+[[frontend.request]]
+action = "deny"
+if = "bad"
+"#,
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let cfg = tcp_config(x, x, &rules, "");
+    let router = routing::router(&cfg).unwrap();
+    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let addr = proxy.local_addrs()[0];
+    // The server gets plaintext; no ALPN is agreed (the proxy relays bytes).
+    let (mut tls, _) = tls_connect(addr, Some("ok.test"), &[b"h2", b"http/1.1"], false).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    let mut line = [0u8; 2];
+    tls.read_exact(&mut line).await.unwrap();
+    assert_eq!(&line, b"x\n");
+    tls.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    tls.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"ping");
+    // Denied: closed without a byte of the server's.
+    let (mut tls, _) = tls_connect(addr, Some("bad.test"), &[], false).await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(GIVE_UP, tls.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[test]
+fn a_tcp_frontend_refuses_what_needs_http() {
+    let any: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    for (extra, needle) in [
+        (
+            "[[frontend.acl]]\nname = \"p\"\npath = \"/x\"",
+            "ACL `p` uses `path`",
+        ),
+        (
+            "[[frontend.request]]\naction = \"set-header\"\nname = \"a\"\nvalue = \"b\"",
+            "request action `set-header` needs mode http",
+        ),
+        (
+            "[[frontend.response]]\naction = \"del-header\"\nname = \"a\"",
+            "response actions need mode http",
+        ),
+    ] {
+        let e = tcp_config(any, any, extra, "")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{extra}: {e}");
+    }
+    let mut cfg = tcp_config(any, any, "", "");
+    cfg.pools[0].h2 = true;
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("HTTP/2"), "{e}");
+    // Connection ACLs are fine.
+    let ok = "[[frontend.acl]]\nname = \"s\"\nsrc = \"10.0.0.0/8\"\n[[frontend.request]]\naction = \"deny\"\nif = \"s\"";
+    tcp_config(any, any, ok, "").validate().unwrap();
+}
