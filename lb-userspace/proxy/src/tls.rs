@@ -49,10 +49,14 @@ pub enum TlsError {
     /// A `client_crl` file holds no CRL.
     #[error("{0}: no certificate revocation list found")]
     NoCrl(PathBuf),
-    /// rustls refused the client CA or CRLs (e.g. no usable trust anchor).
-    #[error("client certificate verification: {0}")]
-    ClientVerifier(String),
+    /// rustls refused a setting: the client CA or CRLs (e.g. no usable
+    /// trust anchor), the protocol versions, session tickets.
+    #[error("TLS settings: {0}")]
+    Settings(String),
 }
+
+/// TLS sessions a frontend keeps for resumption (HAProxy's `tune.ssl.cachesize`).
+const SESSION_CACHE: usize = 20_000;
 
 /// The crypto provider used everywhere in the proxy (ring, no aws-lc).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -254,12 +258,20 @@ pub fn server_config(
 ) -> Result<rustls::ServerConfig, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::ClientVerifier(e.to_string()))?;
+        .map_err(|e| TlsError::Settings(e.to_string()))?;
     let builder = match client_verifier(tls)? {
         Some(verifier) => builder.with_client_cert_verifier(verifier),
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(resolver);
+    // Resumption at an edge's scale, as HAProxy's defaults: stateless
+    // tickets (keys random per start and reload, rotated every 6 h) and a
+    // session cache of `SESSION_CACHE` for clients without tickets;
+    // rustls' default cache of 256 sessions would make most clients of a
+    // busy frontend do a full handshake every time.
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| TlsError::Settings(format!("session tickets: {e}")))?;
     if http {
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
@@ -281,7 +293,7 @@ fn client_verifier(
     for cert in read_certs(ca)? {
         roots
             .add(cert)
-            .map_err(|e| TlsError::ClientVerifier(format!("{}: {e}", ca.display())))?;
+            .map_err(|e| TlsError::Settings(format!("{}: {e}", ca.display())))?;
     }
     let mut crls = Vec::new();
     for path in &tls.client_crl {
@@ -307,7 +319,7 @@ fn client_verifier(
     };
     let verifier = builder
         .build()
-        .map_err(|e| TlsError::ClientVerifier(e.to_string()))?;
+        .map_err(|e| TlsError::Settings(e.to_string()))?;
     Ok(Some(verifier))
 }
 

@@ -289,7 +289,10 @@ async fn a_reload_reads_the_client_crl_again_all_or_nothing() {
     let s = connect_with(addr, resuming.clone()).await.unwrap();
     let kind = s.get_ref().1.handshake_kind();
     assert_eq!(kind, Some(rustls::HandshakeKind::Resumed));
-    assert!(request_h1(s, "/").await.is_some());
+    // A resumed session still carries the certificate it was verified with.
+    let (status, j) = request_h1(s, "/private/x").await.expect("served");
+    assert_eq!(status, 200);
+    assert_eq!(j["headers"]["x-client-cert"], b64(&good.der));
     // A broken CRL fails the reload; the loaded one stays in force.
     std::fs::write(&crl, "not a CRL").unwrap();
     let e = proxy.reload_certificates().unwrap_err();

@@ -517,6 +517,50 @@ async fn one_cert_proxy(tag: &str) -> (Proxy, JsonBackend, TempDir) {
 }
 
 #[tokio::test]
+async fn a_client_resumes_its_tls_session_after_hundreds_of_others() {
+    let (proxy, _a, _dir) = one_cert_proxy("tls-resume").await;
+    let addr = proxy.local_addrs()[0];
+    let provider = provider();
+    let client = |version: &'static rustls::SupportedProtocolVersion| {
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider.clone())))
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    };
+    let handshake = |connector: tokio_rustls::TlsConnector| async move {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("one.test").unwrap();
+        let mut s = connector.connect(name, tcp).await.unwrap();
+        // Tickets come after the handshake (TLS 1.3): read the answer.
+        s.write_all(b"GET / HTTP/1.1\r\nHost: one.test\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        s.get_ref().1.handshake_kind()
+    };
+    for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
+        let first = client(version);
+        assert_eq!(
+            handshake(first.clone()).await,
+            Some(rustls::HandshakeKind::Full)
+        );
+        // More clients than rustls' default session cache (256) holds.
+        for _ in 0..300 {
+            handshake(client(version)).await;
+        }
+        assert_eq!(
+            handshake(first).await,
+            Some(rustls::HandshakeKind::Resumed),
+            "{version:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn tls_server_cipher_order_wins() {
     use rustls::crypto::ring::cipher_suite as cs;
     let (proxy, _a, _dir) = one_cert_proxy("tls-order").await;
