@@ -133,8 +133,8 @@ pub(crate) struct FrontendCtx {
     /// Its `max_connections`, which bounds the exchanges of reset streams.
     pub max_connections: usize,
     /// The request rates its `src_request_rate` ACLs look at, one per
-    /// period (shared by every serving thread).
-    pub request_rates: Vec<RequestRate>,
+    /// period (shared by every serving thread, and kept over a reload).
+    pub request_rates: Vec<Arc<RequestRate>>,
     /// `client_cert_header` of its TLS settings: removed from every
     /// request, then set to the client's verified certificate, if any.
     pub client_cert_header: Option<http::HeaderName>,
@@ -248,7 +248,9 @@ pub(crate) struct FrontendRuntime {
 }
 
 impl FrontendRuntime {
-    /// `index` is the frontend's place in the configuration (see `routing::Router`).
+    /// `index` is the frontend's place in the configuration (see
+    /// `routing::Router`); `kept_rates`: request rates of the frontend of
+    /// the same name before a reload, whose tables it goes on counting in.
     pub fn new(
         cfg: &Frontend,
         index: usize,
@@ -256,6 +258,7 @@ impl FrontendRuntime {
         actions: Option<CompiledActions>,
         tls: Option<Arc<TlsTerminator>>,
         own_h1: bool,
+        kept_rates: &[Arc<RequestRate>],
     ) -> Self {
         let tls_none = tls.is_none();
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -292,7 +295,13 @@ impl FrontendRuntime {
                 max_connections: cfg.max_connections,
                 request_rates: acl::request_rate_periods(&cfg.acl)
                     .into_iter()
-                    .map(RequestRate::new)
+                    .map(|period| {
+                        kept_rates
+                            .iter()
+                            .find(|r| r.period() == period)
+                            .cloned()
+                            .unwrap_or_else(|| Arc::new(RequestRate::new(period)))
+                    })
                     .collect(),
                 // validate() checked the name.
                 client_cert_header: cfg

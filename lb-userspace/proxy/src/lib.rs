@@ -281,7 +281,7 @@ struct Prepared {
 }
 
 /// Validates `cfg`, loads certificates and builds the frontends and balancers.
-fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
+fn prepare(cfg: &ProxyConfig, previous: Option<&Proxy>) -> anyhow::Result<Prepared> {
     cfg.validate()?;
     let mut actions = actions::compile(cfg)?;
     let mut prepared = Prepared {
@@ -322,6 +322,7 @@ fn prepare(cfg: &ProxyConfig) -> anyhow::Result<Prepared> {
             actions.remove(&fe.name),
             acceptor,
             own_h1,
+            previous.map_or(&[][..], |p| p.request_rates_of(&fe.name)),
         ));
         prepared.frontends.push((runtime, fe.binds.clone()));
     }
@@ -350,7 +351,7 @@ impl Proxy {
     /// serving on the caller's runtime (in-process use: tests, benches).
     /// `route` picks a pool per request; None sends everything to each frontend's default pool.
     pub async fn start(cfg: ProxyConfig, route: Option<Router>) -> anyhow::Result<Proxy> {
-        let prepared = prepare(&cfg)?;
+        let prepared = prepare(&cfg, None)?;
         let shared = Arc::new(Shared::new(&cfg, &prepared.balancers, route)?);
         let (tx, rx) = watch::channel(());
         let mut proxy = Proxy {
@@ -394,7 +395,7 @@ impl Proxy {
         threads: &Threads,
         previous: Option<&Proxy>,
     ) -> anyhow::Result<Proxy> {
-        let prepared = prepare(&cfg)?;
+        let prepared = prepare(&cfg, previous)?;
         let count = threads.count.max(1);
         let (tx, rx) = watch::channel(());
         let mut addrs = Vec::new();
@@ -441,6 +442,14 @@ impl Proxy {
             .iter()
             .find(|(b, _)| *b == bind)
             .map_or(&[][..], |(_, set)| set.as_slice())
+    }
+
+    /// The request rate tables of frontend `name`, empty if it has none.
+    fn request_rates_of(&self, name: &str) -> &[Arc<request_rate::RequestRate>] {
+        self.frontends
+            .iter()
+            .find(|f| f.name == name)
+            .map_or(&[][..], |f| f.request_rates.as_slice())
     }
 
     /// Marks a server of a pool up or down (driven by health checks); false if unknown.
@@ -503,6 +512,8 @@ impl Drop for Proxy {
 #[derive(Clone)]
 struct FrontendEntry {
     name: String,
+    /// Its request rate tables, for the frontend of the same name after a reload.
+    request_rates: Vec<Arc<request_rate::RequestRate>>,
     counters: Arc<stats::Counters>,
     limit: Arc<tokio::sync::Semaphore>,
     /// Permits held by accept loops waiting for a client.
@@ -514,6 +525,7 @@ impl FrontendEntry {
     fn of(fe: &FrontendRuntime) -> Self {
         FrontendEntry {
             name: fe.ctx.name.to_string(),
+            request_rates: fe.ctx.request_rates.clone(),
             counters: fe.ctx.stats.clone(),
             limit: fe.limit.clone(),
             accepting: fe.accepting.clone(),

@@ -12,7 +12,8 @@
 //! it the sliding period still covers. A table holds at most
 //! `TRACKED_SOURCES` sources (HAProxy's `size`); when it is full, sources
 //! idle for two periods are dropped first, and a new source that still
-//! finds no room is not counted (warned once).
+//! finds no room is not counted (warned once). A reload hands the tables
+//! of a frontend to its successor of the same name, period by period.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

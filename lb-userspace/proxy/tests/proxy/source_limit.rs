@@ -3,7 +3,7 @@
 //! others are served as before. Real sockets on 127.0.0.1 (and 127.0.0.2).
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -223,4 +223,58 @@ status = 429
         [200; 5],
         "exempt"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_rates_are_kept_over_a_reload() {
+    let rules = |period: &str| {
+        format!(
+            r#"
+[[frontend.acl]]
+name = "too_fast"
+src_request_rate = {{ above = 3, period = "{period}" }}
+[[frontend.request]]
+action = "deny"
+if = "too_fast"
+status = 429
+"#
+        )
+    };
+    let server = server().await;
+    let threads = Threads {
+        count: 2,
+        cpu_map: Vec::new(),
+    };
+    let start = |period: &str, previous: Option<&Proxy>| {
+        let cfg = crate::support::two_pool_config(server, server, &rules(period), "");
+        let router = routing::router(&cfg).unwrap();
+        Proxy::start_threads(cfg, Some(router), &threads, previous).unwrap()
+    };
+    let first = start("1m", None);
+    let front = first.local_addrs()[0];
+    assert_eq!(statuses(front, "127.0.0.4", 3, false).await, [200; 3]);
+    // A reload (new serving threads, the same listening socket): the source
+    // has used its three already.
+    let second = start("1m", Some(&first));
+    drop(first);
+    assert_eq!(second.local_addrs()[0], front);
+    // (Also once the old threads have stopped taking connections.)
+    for _ in 0..5 {
+        assert_eq!(statuses(front, "127.0.0.4", 1, false).await, [429]);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A rule over another period counts from nothing. The old threads may
+    // still take a connection or two as they stop (and answer 429 from the
+    // old table, or close after one answer, as HAProxy's soft stop does):
+    // a connection per request, until the new ones answer.
+    let third = start("2m", Some(&second));
+    drop(second);
+    let deadline = Instant::now() + GIVE_UP;
+    while statuses(front, "127.0.0.4", 1, false).await != [200] {
+        assert!(Instant::now() < deadline, "the new rule never took");
+    }
+    for expected in [200, 200, 429] {
+        assert_eq!(statuses(front, "127.0.0.4", 1, false).await, [expected]);
+    }
+    drop(third);
 }
