@@ -299,6 +299,7 @@ impl Agent {
                     protocol: s.protocol,
                     mode: s.mode,
                     forwarding: s.forwarding,
+                    hash: s.hash,
                     backends: s.backends.len(),
                     packets: t.packets,
                     bytes: t.bytes,

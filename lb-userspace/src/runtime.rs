@@ -330,8 +330,16 @@ impl Desired {
                 protocol,
                 mode,
                 forwarding,
+                hash,
                 ring_size,
-            } => self.add_service(name, *vip, *protocol, *mode, *forwarding, *ring_size),
+            } => self.add_service(
+                name,
+                *vip,
+                *protocol,
+                *mode,
+                (*forwarding, *hash),
+                *ring_size,
+            ),
             Request::RemoveService { name } => self.remove_service(name),
             Request::AddBackend {
                 service,
@@ -415,7 +423,7 @@ impl Desired {
         vip: SocketAddr,
         protocol: Protocol,
         mode: Mode,
-        forwarding: Forwarding,
+        (forwarding, hash): (Forwarding, FlowHash),
         ring_size: Option<u32>,
     ) -> Result<(), String> {
         rules::service_name(name)?;
@@ -432,6 +440,7 @@ impl Desired {
         }
         check_address(vip, "VIP")?;
         rules::forwarding(name, mode, forwarding)?;
+        rules::flow_hash(name, mode, hash)?;
         let ring_size = match ring_size {
             Some(n) => rules::ring_size(i64::from(n))?,
             None => DEFAULT_RING_SIZE,
@@ -444,7 +453,7 @@ impl Desired {
             mode,
             forwarding,
             mss_clamp: false,
-            hash: FlowHash::Flow,
+            hash,
             ring_size,
             backends: Vec::new(),
             line: 0,
@@ -623,6 +632,37 @@ address = "198.18.2.11:8080"
     }
 
     #[test]
+    fn a_service_added_at_runtime_may_hash_by_source_if_it_is_l4() {
+        use crate::config::FlowHash;
+        let mut d = Desired::from_config(base());
+        let add = |name: &str, mode| Request::AddService {
+            name: name.into(),
+            vip: "198.18.100.9:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            mode,
+            forwarding: crate::config::Forwarding::Nat,
+            hash: FlowHash::Source,
+            ring_size: None,
+        };
+        let err = d.apply(&add("proxy", Mode::L7)).unwrap_err();
+        assert!(err.contains("hash applies to l4 services"), "{err}");
+        d.apply(&add("sticky", Mode::L4)).unwrap();
+        assert_eq!(d.config.services[1].hash, FlowHash::Source);
+        // Journaled as JSON; a journal written before `hash` replays as `flow`.
+        let text = serde_json::to_string(&add("sticky", Mode::L4)).unwrap();
+        assert!(text.contains(r#""hash":"source""#), "{text}");
+        let old = text.replace(r#","hash":"source""#, "");
+        let back: Request = serde_json::from_str(&old).unwrap();
+        assert!(matches!(
+            back,
+            Request::AddService {
+                hash: FlowHash::Flow,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn dsr_services_added_at_runtime_take_only_backends_on_the_vip_port() {
         use crate::config::Forwarding;
         let mut d = Desired::from_config(base());
@@ -632,6 +672,7 @@ address = "198.18.2.11:8080"
             protocol: Protocol::Tcp,
             mode,
             forwarding,
+            hash: crate::config::FlowHash::Flow,
             ring_size: None,
         };
         let err = d.apply(&add(Forwarding::Ipip, Mode::L7)).unwrap_err();
@@ -691,6 +732,7 @@ address = "198.18.2.11:8080"
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
                     forwarding: crate::config::Forwarding::Nat,
+                    hash: crate::config::FlowHash::Flow,
                     ring_size: None,
                 },
                 "already exists",
@@ -702,6 +744,7 @@ address = "198.18.2.11:8080"
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
                     forwarding: crate::config::Forwarding::Nat,
+                    hash: crate::config::FlowHash::Flow,
                     ring_size: None,
                 },
                 "already used",
@@ -713,6 +756,7 @@ address = "198.18.2.11:8080"
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
                     forwarding: crate::config::Forwarding::Nat,
+                    hash: crate::config::FlowHash::Flow,
                     ring_size: Some(1000),
                 },
                 "prime",
@@ -733,6 +777,7 @@ address = "198.18.2.11:8080"
             protocol: Protocol::Tcp,
             mode: Mode::L4,
             forwarding: crate::config::Forwarding::Nat,
+            hash: crate::config::FlowHash::Flow,
             ring_size: Some(2),
         })
         .unwrap();

@@ -401,6 +401,7 @@ mod tests {
             protocol: crate::config::Protocol::Tcp,
             mode: crate::config::Mode::L4,
             forwarding: crate::config::Forwarding::Nat,
+            hash: crate::config::FlowHash::Flow,
             backends: 2,
             packets,
             bytes: 0,

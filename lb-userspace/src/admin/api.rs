@@ -4,7 +4,7 @@
 //! | Method | Path | Control request |
 //! |---|---|---|
 //! | GET | /api/services | ShowServices |
-//! | POST | /api/services `{name, vip, protocol?, mode?, forwarding?, ring_size?}` | AddService |
+//! | POST | /api/services `{name, vip, protocol?, mode?, forwarding?, hash?, ring_size?}` | AddService |
 //! | DELETE | /api/services/{service} | RemoveService |
 //! | GET | /api/backends, /api/services/{service}/backends | ShowBackends |
 //! | POST | /api/services/{service}/backends `{address, weight?}` | AddBackend |
@@ -146,6 +146,7 @@ struct AddService {
     protocol: Option<String>,
     mode: Option<String>,
     forwarding: Option<String>,
+    hash: Option<String>,
     ring_size: Option<u32>,
 }
 
@@ -169,6 +170,7 @@ fn add_service(b: AddService) -> Result<Request, Refusal> {
         protocol: parse_protocol(b.protocol.as_deref().unwrap_or("tcp")).map_err(bad)?,
         mode: parse_mode(b.mode.as_deref().unwrap_or("l4")).map_err(bad)?,
         forwarding: Forwarding::parse(b.forwarding.as_deref().unwrap_or("nat")).map_err(bad)?,
+        hash: crate::config::FlowHash::parse(b.hash.as_deref().unwrap_or("flow")).map_err(bad)?,
         ring_size: b.ring_size,
     })
 }

@@ -422,7 +422,8 @@ pub enum Mode {
 }
 
 /// What picks a new flow's backend in an L4 service's Maglev table (`hash = ...`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FlowHash {
     /// The whole 5-tuple: a client's flows spread over the backends.
     #[default]
@@ -431,6 +432,27 @@ pub enum FlowHash {
     /// to one backend while the table does not change (HAProxy's `balance
     /// source`, Katran's `F_HASH_NO_SRC_PORT`).
     Source,
+}
+
+impl FlowHash {
+    /// Parses the config and CLI spelling.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "flow" => Ok(FlowHash::Flow),
+            "source" => Ok(FlowHash::Source),
+            other => Err(format!(
+                "unknown hash \"{other}\"; expected \"flow\" or \"source\""
+            )),
+        }
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowHash::Flow => "flow",
+            FlowHash::Source => "source",
+        }
+    }
 }
 
 /// How an L4 service's packets reach its backends (`forwarding = ...`).

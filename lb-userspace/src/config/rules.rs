@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use lb_common::maglev::is_prime;
 use lb_common::{MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, MAX_WEIGHT};
 
-use super::{Forwarding, Mode, Protocol};
+use super::{FlowHash, Forwarding, Mode, Protocol};
 
 /// Checks a service name: non-empty, letters, digits, '_', '.' and '-'
 /// (it appears in metric labels, CLI arguments and the journal).
@@ -96,6 +96,17 @@ pub fn forwarding(service: &str, mode: Mode, forwarding: Forwarding) -> Result<(
     if mode == Mode::L7 && forwarding.is_dsr() {
         return Err(format!(
             "service \"{service}\" is l7: `forwarding` applies to l4 services only (l7 traffic goes to the proxy)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that only an l4 service picks backends by a hash of its flows'
+/// source (`hash`); the L7 proxy balances by its pools' `algorithm`.
+pub fn flow_hash(service: &str, mode: Mode, hash: FlowHash) -> Result<(), String> {
+    if mode == Mode::L7 && hash != FlowHash::Flow {
+        return Err(format!(
+            "hash applies to l4 services (the L7 proxy balances by its pools' `algorithm`); service \"{service}\" is l7"
         ));
     }
     Ok(())

@@ -147,11 +147,10 @@ impl Checker<'_> {
         label: &str,
     ) -> Option<FlowHash> {
         let hash = self.choice(raw, "hash", HASHES)?;
-        if let (Some(h), Some(Mode::L7)) = (raw, mode) {
-            self.at(
-                &h.span(),
-                format!("hash applies to l4 services (the L7 proxy balances by its pools' `algorithm`); service \"{label}\" is l7"),
-            );
+        if let (Some(h), Some(mode)) = (raw, mode)
+            && let Err(why) = rules::flow_hash(label, mode, hash)
+        {
+            self.at(&h.span(), why);
             return None;
         }
         Some(hash)

@@ -15,7 +15,7 @@ use super::protocol::{
     AdminState, BackendInfo, BgpInfo, DEFAULT_SOCKET, DiscoveryInfo, DiscoveryState, ProxyInfo,
     ReasonCount, Request, Response, ServiceInfo,
 };
-use crate::config::{Forwarding, Mode, Protocol};
+use crate::config::{FlowHash, Forwarding, Mode, Protocol};
 
 /// Environment variable naming the control socket when `--socket` is not given.
 pub const SOCKET_ENV: &str = "LB_SOCKET";
@@ -119,6 +119,10 @@ pub enum AddCommand {
         /// nat, ipip or l2 (l4 services; ipip and l2 are direct server return).
         #[arg(long, default_value = "nat", value_parser = Forwarding::parse)]
         forwarding: Forwarding,
+        /// flow or source: what picks a new flow's backend (l4 services;
+        /// source keeps a client's flows on one backend).
+        #[arg(long, default_value = "flow", value_parser = FlowHash::parse)]
+        hash: FlowHash,
         /// Maglev table size, a prime (default: the agent's, 65537).
         #[arg(long)]
         ring_size: Option<u32>,
@@ -227,6 +231,7 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
             protocol,
             mode,
             forwarding,
+            hash,
             ring_size,
         }) => Request::AddService {
             name: name.clone(),
@@ -234,6 +239,7 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
             protocol: *protocol,
             mode: *mode,
             forwarding: *forwarding,
+            hash: *hash,
             ring_size: *ring_size,
         },
         ControlCommand::Add(AddCommand::Backend {
@@ -423,6 +429,10 @@ pub fn services_table(list: &[ServiceInfo]) -> String {
                     Mode::L4 => s.forwarding.as_str().into(),
                     Mode::L7 => "-".into(),
                 },
+                match s.mode {
+                    Mode::L4 => s.hash.as_str().into(),
+                    Mode::L7 => "-".into(),
+                },
                 s.backends.to_string(),
                 s.packets.to_string(),
                 s.bytes.to_string(),
@@ -439,6 +449,7 @@ pub fn services_table(list: &[ServiceInfo]) -> String {
             ("PROTO", Left),
             ("MODE", Left),
             ("FORWARDING", Left),
+            ("HASH", Left),
             ("BACKENDS", Right),
             ("PACKETS", Right),
             ("BYTES", Right),
@@ -766,6 +777,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                     mode: Mode::L4,
                     forwarding: Forwarding::Nat,
+                    hash: crate::config::FlowHash::Flow,
                     ring_size: None,
                 },
             ),
@@ -777,7 +789,20 @@ mod tests {
                     protocol: Protocol::Udp,
                     mode: Mode::L7,
                     forwarding: Forwarding::Nat,
+                    hash: crate::config::FlowHash::Flow,
                     ring_size: Some(997),
+                },
+            ),
+            (
+                "add service sticky --vip 198.18.100.2:443 --forwarding ipip --hash source",
+                Request::AddService {
+                    name: "sticky".into(),
+                    vip: addr("198.18.100.2:443"),
+                    protocol: Protocol::Tcp,
+                    mode: Mode::L4,
+                    forwarding: Forwarding::Ipip,
+                    hash: crate::config::FlowHash::Source,
+                    ring_size: None,
                 },
             ),
             (
@@ -905,6 +930,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 mode: Mode::L4,
                 forwarding: Forwarding::Ipip,
+                hash: crate::config::FlowHash::Source,
                 backends: 3,
                 packets: 1234,
                 bytes: 567890,
@@ -926,6 +952,7 @@ mod tests {
                 protocol: Protocol::Udp,
                 mode: Mode::L7,
                 forwarding: Forwarding::Nat,
+                hash: crate::config::FlowHash::Flow,
                 backends: 12,
                 packets: 0,
                 bytes: 0,
@@ -935,9 +962,9 @@ mod tests {
         assert_eq!(
             services_table(&list),
             "\
-NAME    VIP                  PROTO  MODE  FORWARDING  BACKENDS  PACKETS   BYTES  DISCOVERY
-web     198.18.100.1:80      tcp    l4    ipip               3     1234  567890  failing
-dns-v6  [fd00:18:100::1]:53  udp    l7    -                 12        0       0  -
+NAME    VIP                  PROTO  MODE  FORWARDING  HASH    BACKENDS  PACKETS   BYTES  DISCOVERY
+web     198.18.100.1:80      tcp    l4    ipip        source         3     1234  567890  failing
+dns-v6  [fd00:18:100::1]:53  udp    l7    -           -             12        0       0  -
 "
         );
         let discoveries: Vec<DiscoveryInfo> =
@@ -1019,7 +1046,7 @@ pass_not_vip    12345      0
         assert_eq!(stats_table(&[]), "REASON  PACKETS  BYTES\n");
         assert_eq!(
             services_table(&[]),
-            "NAME  VIP  PROTO  MODE  FORWARDING  BACKENDS  PACKETS  BYTES  DISCOVERY\n"
+            "NAME  VIP  PROTO  MODE  FORWARDING  HASH  BACKENDS  PACKETS  BYTES  DISCOVERY\n"
         );
     }
 
@@ -1084,6 +1111,7 @@ server    app/198.18.2.12:8080    0        46   46    0    0    0           -   
             protocol: Protocol::Udp,
             mode: Mode::L7,
             forwarding: Forwarding::Nat,
+            hash: crate::config::FlowHash::Flow,
             backends: 1,
             packets: 2,
             bytes: 3,

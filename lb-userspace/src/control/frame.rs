@@ -168,6 +168,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 mode: Mode::L4,
                 forwarding: crate::config::Forwarding::Nat,
+                hash: crate::config::FlowHash::Flow,
                 ring_size: Some(65537),
             },
             Request::AddService {
@@ -176,6 +177,7 @@ mod tests {
                 protocol: Protocol::Udp,
                 mode: Mode::L7,
                 forwarding: crate::config::Forwarding::Nat,
+                hash: crate::config::FlowHash::Flow,
                 ring_size: None,
             },
             Request::RemoveService { name: "web".into() },
@@ -225,6 +227,7 @@ mod tests {
                 protocol: Protocol::Udp,
                 mode: Mode::L7,
                 forwarding: crate::config::Forwarding::Nat,
+                hash: crate::config::FlowHash::Flow,
                 backends: 2,
                 packets: 10,
                 bytes: u64::MAX,

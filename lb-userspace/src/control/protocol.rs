@@ -9,10 +9,10 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Forwarding, Mode, Protocol};
+use crate::config::{FlowHash, Forwarding, Mode, Protocol};
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Default path of the agent's control socket.
@@ -42,6 +42,10 @@ pub enum Request {
         mode: Mode,
         /// How an L4 service's packets reach its backends.
         forwarding: Forwarding,
+        /// What picks an L4 service's backend for a new flow (journals of
+        /// versions without it replay as `flow`).
+        #[serde(default)]
+        hash: FlowHash,
         /// Maglev table size (a prime); default when `None`.
         ring_size: Option<u32>,
     },
@@ -237,6 +241,8 @@ pub struct ServiceInfo {
     pub mode: Mode,
     /// NAT or a DSR mode (L4 only).
     pub forwarding: Forwarding,
+    /// What picks a new flow's backend (L4 only).
+    pub hash: FlowHash,
     /// Number of backends.
     pub backends: usize,
     /// Client packets forwarded.
