@@ -170,9 +170,12 @@ async fn relay<C>(
         .or(frontend.timeout_tunnel)
         .unwrap_or(frontend.timeout_client);
     let mut client = Counted::new(client);
+    let inspected = first.len() as u64;
     let ended = async {
-        // What was read to find the SNI goes first.
+        // What was read to find the SNI goes first, and is freed: a
+        // session may last hours.
         server.write_all(&first).await?;
+        drop(first);
         tunnel::splice(&mut client, &mut server, idle).await
     }
     .await;
@@ -181,7 +184,7 @@ async fn relay<C>(
         Err(e) if e.kind() == io::ErrorKind::TimedOut => ['c', 'D'],
         Err(_) => ['C', 'D'],
     };
-    rec.bytes_in = first.len() as u64 + client.read;
+    rec.bytes_in = inspected + client.read;
     rec.bytes = client.written;
     drop(active);
     rec.finish(start.elapsed(), format);
