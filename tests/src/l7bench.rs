@@ -105,6 +105,9 @@ struct Scenario {
     /// Loaded by h2load over HTTP/2 (ALPN h2), `STREAMS` requests at a time
     /// per connection, instead of wrk.
     h2: bool,
+    /// Through each proxy's TCP relay (lb's `mode = "tcp"` frontend,
+    /// HAProxy's `mode tcp`, nginx's `stream`) instead of its HTTP one.
+    tcp: bool,
 }
 
 /// Requests in flight per connection on the HTTP/2 row (h2load -m).
@@ -115,7 +118,7 @@ const H2_CONNECTIONS: u32 = 5;
 /// Index of the 64 KiB row in `SCENARIOS`.
 const LARGE_ROW: usize = 5;
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 8] = [
     Scenario {
         name: "HTTP keep-alive",
         https: false,
@@ -123,6 +126,7 @@ const SCENARIOS: [Scenario; 7] = [
         connections: CONNECTIONS,
         path: "/",
         h2: false,
+        tcp: false,
     },
     Scenario {
         name: "HTTP keep-alive -c400",
@@ -131,6 +135,7 @@ const SCENARIOS: [Scenario; 7] = [
         connections: MANY,
         path: "/",
         h2: false,
+        tcp: false,
     },
     Scenario {
         name: "HTTP new connection per request",
@@ -139,6 +144,7 @@ const SCENARIOS: [Scenario; 7] = [
         connections: CONNECTIONS,
         path: "/",
         h2: false,
+        tcp: false,
     },
     Scenario {
         name: "HTTPS keep-alive",
@@ -147,6 +153,7 @@ const SCENARIOS: [Scenario; 7] = [
         connections: CONNECTIONS,
         path: "/",
         h2: false,
+        tcp: false,
     },
     Scenario {
         name: "HTTPS new connection per request",
@@ -155,6 +162,7 @@ const SCENARIOS: [Scenario; 7] = [
         connections: CONNECTIONS,
         path: "/",
         h2: false,
+        tcp: false,
     },
     Scenario {
         name: "64 KiB responses, keep-alive",
@@ -163,6 +171,7 @@ const SCENARIOS: [Scenario; 7] = [
         connections: CONNECTIONS,
         path: "/bytes/65536",
         h2: false,
+        tcp: false,
     },
     Scenario {
         name: "HTTPS HTTP/2, 10 streams per conn",
@@ -171,6 +180,16 @@ const SCENARIOS: [Scenario; 7] = [
         connections: H2_CONNECTIONS,
         path: "/",
         h2: true,
+        tcp: false,
+    },
+    Scenario {
+        name: "TCP relay (mode tcp), keep-alive",
+        https: false,
+        close: false,
+        connections: CONNECTIONS,
+        path: "/",
+        h2: false,
+        tcp: true,
     },
 ];
 
@@ -192,6 +211,11 @@ impl Kind {
             Kind::HaProxy => (8082, 8444),
             Kind::Nginx => (8083, 8445),
         }
+    }
+
+    /// Its TCP relay's port on the VIP.
+    fn tcp_port(self) -> u16 {
+        self.ports().0 + 10
     }
 
     fn label(self) -> &'static str {
@@ -343,7 +367,11 @@ fn measure_pass(lab: &mut Lab, setup: &Setup, running: &[Running], threads: usiz
     }
     let load = |r: &Running, s: &Scenario, window: Duration| {
         let (http, https) = r.kind.ports();
-        let port = if s.https { https } else { http };
+        let port = match (s.tcp, s.https) {
+            (true, _) => r.kind.tcp_port(),
+            (false, true) => https,
+            (false, false) => http,
+        };
         let scheme = if s.https { "https" } else { "http" };
         let url = format!("{scheme}://{VIP_V4}:{port}{}", s.path);
         let pid = r.pid;
@@ -494,7 +522,7 @@ fn lb_config(lab: &Lab, setup: &Setup, threads: usize) -> String {
     );
     for kind in Kind::ALL {
         let (http, https) = kind.ports();
-        for port in [http, https] {
+        for port in [http, https, kind.tcp_port()] {
             text.push_str(&format!(
                 "\n[[service]]\nname = \"l7-{port}\"\nvip = \"{VIP_V4}:{port}\"\nmode = \"l7\"\n"
             ));
@@ -528,6 +556,8 @@ fn proxy_tables(setup: &Setup, threads: usize) -> String {
         setup.cert.display(),
         setup.key.display()
     ));
+    text.push_str(&frontend("tcp", Kind::Lb.tcp_port()));
+    text.push_str("mode = \"tcp\"\n");
     text.push_str(&format!(
         "\n[[pool]]\nname = \"app\"\nservers = [{}]\n",
         servers.join(", ")
@@ -563,6 +593,14 @@ fn haproxy_config(setup: &Setup, threads: usize) -> String {
     for (i, s) in setup.servers.iter().enumerate() {
         text.push_str(&format!("    server be{} {s}\n", i + 1));
     }
+    // The TCP relay (its timeouts: the defaults' client and server ones).
+    let tcp = Kind::HaProxy.tcp_port();
+    text.push_str(&format!(
+        "listen tcp\n    mode tcp\n    bind {VIP_V4}:{tcp}\n    balance roundrobin\n"
+    ));
+    for (i, s) in setup.servers.iter().enumerate() {
+        text.push_str(&format!("    server be{} {s}\n", i + 1));
+    }
     text
 }
 
@@ -580,8 +618,10 @@ fn nginx_config(setup: &Setup, threads: usize) -> String {
         .iter()
         .map(|s| format!("        server {s};\n"))
         .collect();
+    let tcp = Kind::Nginx.tcp_port();
     format!(
-        "daemon off;\nuser root;\nworker_processes {threads};\nworker_rlimit_nofile {files};\n\
+        "load_module {STREAM_MODULE};\n\
+         daemon off;\nuser root;\nworker_processes {threads};\nworker_rlimit_nofile {files};\n\
          pid {dir}/nginx.pid;\nerror_log {dir}/nginx-error.log warn;\n\
          events {{\n    worker_connections {max};\n}}\n\
          http {{\n    access_log off;\n    keepalive_requests 1000000000;\n\
@@ -594,13 +634,18 @@ fn nginx_config(setup: &Setup, threads: usize) -> String {
          \x20       ssl_protocols TLSv1.2 TLSv1.3;\n\
          \x20       location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n\
          \x20           proxy_set_header Connection \"\";\n            proxy_buffers 8 16k;\n\
-         \x20           proxy_buffer_size 16k;\n        }}\n    }}\n}}\n",
+         \x20           proxy_buffer_size 16k;\n        }}\n    }}\n}}\n\
+         stream {{\n    upstream app_tcp {{\n{servers}    }}\n\
+         \x20   server {{\n        listen {VIP_V4}:{tcp} reuseport;\n        proxy_pass app_tcp;\n    }}\n}}\n",
         files = setup.max * 2 + 1000,
         max = setup.max,
         cert = setup.cert.display(),
         key = setup.key.display(),
     )
 }
+
+/// nginx's stream module (Debian's `libnginx-mod-stream`), for its TCP relay.
+const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
 /// Prints each pass's table, the idle memory and which targets were met.
 fn print_passes(passes: &[Pass], version: &str) {

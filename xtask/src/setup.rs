@@ -41,6 +41,8 @@ pub const PACKAGES: &[&str] = &[
     // nginx is its third column (`lb-bench l7`).
     "haproxy",
     "nginx-light",
+    // nginx's stream module: its column of the L7 bench's TCP relay row.
+    "libnginx-mod-stream",
     "wrk",
     // `openssl s_client`: the L7 bench checks that the proxies negotiate the
     // same TLS version.
