@@ -342,6 +342,12 @@ pub struct Proxy {
     /// Serving threads (`start_threads`): each bind's listening sockets, one
     /// per thread, handed over to the next proxy on a reload.
     sockets: Vec<(SocketAddr, Vec<std::net::TcpListener>)>,
+    /// Serving threads: tells them, once dropped, to close their
+    /// connections now (`threads::draining`).
+    stop_now: Option<watch::Sender<bool>>,
+    /// Its line's dropped proxies still draining, shared with those it
+    /// succeeds and those that succeed it.
+    draining: threads::Draining,
     /// Dropped with the proxy, which tells every connection to shut down.
     _shutdown: watch::Sender<()>,
 }
@@ -365,6 +371,8 @@ impl Proxy {
                 .collect(),
             tasks: Vec::new(),
             sockets: Vec::new(),
+            stop_now: None,
+            draining: threads::Draining::default(),
             _shutdown: tx,
         };
         for (fe, binds) in prepared.frontends {
@@ -418,8 +426,11 @@ impl Proxy {
             .iter()
             .map(|(fe, _)| FrontendEntry::of(fe))
             .collect();
+        let (stop_now, stop_rx) = watch::channel(false);
         let plan = threads::Plan {
             cfg,
+            hard_stop_after: threads.hard_stop_after,
+            stop_now: stop_rx,
             balancers: prepared.balancers,
             route,
             frontends: prepared.frontends.into_iter().map(|(fe, _)| fe).collect(),
@@ -432,6 +443,8 @@ impl Proxy {
             frontends,
             tasks: Vec::new(),
             sockets,
+            stop_now: Some(stop_now),
+            draining: previous.map(|p| p.draining.clone()).unwrap_or_default(),
             _shutdown: tx,
         })
     }
@@ -504,6 +517,9 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(stop_now) = self.stop_now.take() {
+            threads::draining(&self.draining, stop_now);
         }
     }
 }

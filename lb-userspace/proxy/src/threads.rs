@@ -30,6 +30,11 @@
 //! (they are told to close gracefully), then end. Their listening sockets
 //! are kept by the `Proxy` and handed to the next one on a reload, so a
 //! connection waiting in a backlog is never reset by a listener closing.
+//! Connections that outlive the reload (tunnels, `tcp` sessions) are closed
+//! `hard_stop_after` it (HAProxy's `hard-stop-after`), or as soon as more
+//! than `MAX_DRAINING` dropped proxies of its line (each started with the
+//! previous one's sockets) are still draining, the oldest first
+//! (as HAProxy's `mworker-max-reloads`): reloads cannot pile up threads.
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -53,6 +58,9 @@ pub struct Threads {
     pub count: usize,
     /// Thread `i` runs on CPU `cpu_map[i % len]`; empty: not pinned.
     pub cpu_map: Vec<usize>,
+    /// How long a dropped proxy's connections may go on before they are
+    /// closed (HAProxy's `hard-stop-after`).
+    pub hard_stop_after: Duration,
 }
 
 impl Default for Threads {
@@ -60,6 +68,7 @@ impl Default for Threads {
         Threads {
             count: Threads::available(),
             cpu_map: Vec::new(),
+            hard_stop_after: DEFAULT_HARD_STOP_AFTER,
         }
     }
 }
@@ -77,6 +86,10 @@ pub(crate) type Listeners = Vec<(TcpListener, Arc<FrontendRuntime>)>;
 /// What every serving thread builds its own part of the proxy from.
 pub(crate) struct Plan {
     pub cfg: ProxyConfig,
+    /// `Threads::hard_stop_after`.
+    pub hard_stop_after: Duration,
+    /// Set when this proxy, dropped, is to close its connections now.
+    pub stop_now: watch::Receiver<bool>,
     pub balancers: Vec<Arc<Balancer>>,
     pub route: Option<Router>,
     /// Every frontend: all their connections must end before a thread does.
@@ -106,6 +119,35 @@ pub(crate) fn listeners(
         out.push(listener);
     }
     Ok(out)
+}
+
+/// `Threads::hard_stop_after` by default: long enough for any request or
+/// download, short enough that a reload's threads are gone within the hour.
+pub const DEFAULT_HARD_STOP_AFTER: Duration = Duration::from_secs(3600);
+
+/// Dropped proxies that may be draining at once; past it the oldest closes
+/// its connections now.
+pub const MAX_DRAINING: usize = 4;
+
+/// The `stop_now` senders of a line of proxies (each started with the
+/// previous one's sockets) that are dropped and still draining, oldest first.
+pub(crate) type Draining = Arc<std::sync::Mutex<std::collections::VecDeque<watch::Sender<bool>>>>;
+
+/// Counts a dropped proxy among its line's draining ones (its threads hold
+/// the receivers of `stop_now`); tells the oldest to stop if too many are.
+pub(crate) fn draining(line: &Draining, stop_now: watch::Sender<bool>) {
+    let mut list = line.lock().unwrap_or_else(|e| e.into_inner());
+    // Those whose threads have ended hold no receiver any more.
+    list.retain(|s| !s.is_closed());
+    list.push_back(stop_now);
+    while list.len() > MAX_DRAINING {
+        if let Some(oldest) = list.pop_front() {
+            tracing::info!(
+                "more than {MAX_DRAINING} reloads still draining: the oldest closes its connections"
+            );
+            let _ = oldest.send(true);
+        }
+    }
 }
 
 /// Longest wait for a setting-up thread to say it serves.
@@ -214,7 +256,17 @@ async fn run(
         let _ = task.await;
     }
     drop(shared);
-    drain(&plan.frontends).await;
+    let mut stop_now = plan.stop_now.clone();
+    let hard_stop = async {
+        let _ = tokio::time::timeout(plan.hard_stop_after, stop_now.wait_for(|now| *now)).await;
+    };
+    tokio::select! {
+        () = drain(&plan.frontends) => {}
+        () = hard_stop => {
+            tracing::info!(thread = index, "closing the connections left by a reload");
+        }
+    }
+    // Returning drops the runtime: connections still open are closed.
 }
 
 /// Longest wait, once every client connection has ended, for what they

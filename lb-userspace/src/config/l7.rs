@@ -20,12 +20,15 @@ use lb_proxy::{Algorithm, ConfigError, Frontend, Pool, ProxyConfig, UserList, ac
 
 /// Most serving threads `threads` may ask for.
 const MAX_THREADS: i64 = 256;
+/// Bounds of `hard_stop_after`.
+const MIN_HARD_STOP: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_HARD_STOP: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
 /// CPUs `cpu_map` may name: those of a `cpu_set_t` (CPU_SETSIZE).
 const MAX_CPU: i64 = 1023;
 
 impl Checker<'_> {
     /// Reads `[proxy]`: `threads` (default: the CPUs the process may run
-    /// on) and `cpu_map` (default: no pinning).
+    /// on), `cpu_map` (default: no pinning) and `hard_stop_after`.
     pub(super) fn threads(&mut self, raw: Option<Spanned<RawProxy>>) -> lb_proxy::Threads {
         let mut threads = lb_proxy::Threads::default();
         let Some(raw) = raw.map(Spanned::into_inner) else {
@@ -41,6 +44,18 @@ impl Checker<'_> {
                         n.get_ref()
                     ),
                 ),
+            }
+        }
+        if let Some(value) = &raw.hard_stop_after
+            && let Some(d) = self.duration(value, "hard_stop_after")
+        {
+            if (MIN_HARD_STOP..=MAX_HARD_STOP).contains(&d) {
+                threads.hard_stop_after = d;
+            } else {
+                self.at(
+                    &value.span(),
+                    "hard_stop_after is out of range; expected 1s..=30d",
+                );
             }
         }
         if let Some(list) = raw.cpu_map {

@@ -42,6 +42,7 @@ pub(super) struct RawAdmin {
 pub(super) struct RawProxy {
     pub(super) threads: Option<Spanned<i64>>,
     pub(super) cpu_map: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub(super) hard_stop_after: Option<Spanned<String>>,
 }
 
 /// One of the proxy's tables, key by key, each value with its span: the

@@ -324,4 +324,32 @@ fn proxy_threads_default_to_the_cpus_and_are_checked_where_written() {
     assert_eq!(got, [8, 9], "{errs:#?}");
     assert!(errs[0].reason.contains("threads 0 is out of range"));
     assert!(errs[1].reason.contains("cpu_map entry -1"));
+    // hard_stop_after: an hour unless set, 1s..=30d.
+    assert_eq!(
+        parse(&text(&svc(&[])), "lb.toml")
+            .unwrap()
+            .proxy
+            .3
+            .hard_stop_after,
+        std::time::Duration::from_secs(3600)
+    );
+    let c = parse(
+        &text(&svc(&["[proxy]", "hard_stop_after = \"30s\""])),
+        "lb.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        c.proxy.3.hard_stop_after,
+        std::time::Duration::from_secs(30)
+    );
+    for line in [
+        "hard_stop_after = \"0s\"",
+        "hard_stop_after = \"31d\"",
+        "hard_stop_after = \"soon\"",
+    ] {
+        let errs = errors(&svc(&["[proxy]", line]));
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(errs[0].line, 8, "{errs:#?}");
+        assert!(errs[0].reason.contains("hard_stop_after"), "{errs:#?}");
+    }
 }

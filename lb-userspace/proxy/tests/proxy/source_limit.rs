@@ -243,7 +243,7 @@ status = 429
     let server = server().await;
     let threads = Threads {
         count: 2,
-        cpu_map: Vec::new(),
+        ..Threads::default()
     };
     let start = |period: &str, previous: Option<&Proxy>| {
         let cfg = crate::support::two_pool_config(server, server, &rules(period), "");

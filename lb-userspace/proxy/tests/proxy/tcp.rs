@@ -253,3 +253,84 @@ fn a_tcp_frontend_refuses_what_needs_http() {
     let ok = "[[frontend.acl]]\nname = \"s\"\nsrc = \"10.0.0.0/8\"\n[[frontend.request]]\naction = \"deny\"\nif = \"s\"";
     tcp_config(any, any, ok, "").validate().unwrap();
 }
+
+/// Serving threads (one) whose proxy, once dropped, closes what is left after `hard_stop_after`.
+fn one_thread(hard_stop_after: Duration) -> Threads {
+    Threads {
+        count: 1,
+        hard_stop_after,
+        ..Threads::default()
+    }
+}
+
+/// Writes `ping` on `s` and reads it back from the echo server.
+async fn echoes(s: &mut TcpStream) -> bool {
+    let mut back = [0u8; 4];
+    s.write_all(b"ping").await.is_ok()
+        && tokio::time::timeout(GIVE_UP, s.read_exact(&mut back))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        && &back == b"ping"
+}
+
+/// Whether the proxy closes `s` within `wait`.
+async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(wait, s.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_outlives_a_reload_is_closed_after_hard_stop_after() {
+    let x = echo("x").await;
+    let start = |hard, previous: Option<&Proxy>| {
+        Proxy::start_threads(tcp_config(x, x, "", ""), None, &one_thread(hard), previous).unwrap()
+    };
+    let first = start(Duration::from_millis(600), None);
+    let front = first.local_addrs()[0];
+    let mut old = TcpStream::connect(front).await.unwrap();
+    assert_eq!(greeting(&mut old).await, "x");
+    let second = start(Duration::from_secs(3600), Some(&first));
+    let dropped = Instant::now();
+    drop(first);
+    // The old session goes on for a while, new ones are served...
+    let mut new = TcpStream::connect(front).await.unwrap();
+    assert_eq!(greeting(&mut new).await, "x");
+    assert!(echoes(&mut old).await);
+    // ... then it is closed, the new one is not.
+    assert!(closed_within(&mut old, Duration::from_secs(5)).await);
+    assert!(
+        dropped.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        dropped.elapsed()
+    );
+    assert!(echoes(&mut new).await);
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_reloads_draining_than_allowed_close_the_oldest() {
+    let x = echo("x").await;
+    let hour = Duration::from_secs(3600);
+    let start = |previous: Option<&Proxy>| {
+        Proxy::start_threads(tcp_config(x, x, "", ""), None, &one_thread(hour), previous).unwrap()
+    };
+    let mut live = start(None);
+    let front = live.local_addrs()[0];
+    let mut sessions = Vec::new();
+    // A session held open on each proxy, then a reload: MAX_DRAINING + 1 of them.
+    for _ in 0..=5 {
+        let mut s = TcpStream::connect(front).await.unwrap();
+        assert_eq!(greeting(&mut s).await, "x");
+        sessions.push(s);
+        let next = start(Some(&live));
+        drop(std::mem::replace(&mut live, next));
+    }
+    // The oldest proxy closed its session at once, not an hour later.
+    assert!(closed_within(&mut sessions[0], Duration::from_secs(5)).await);
+    let last = sessions.last_mut().unwrap();
+    assert!(echoes(last).await, "the latest reloads' sessions go on");
+    drop(live);
+}
