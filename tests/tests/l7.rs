@@ -111,6 +111,17 @@ fn curl_with(
     ca: &Path,
     extra: &[&str],
 ) -> (String, String) {
+    curl_at(lab, (host, 443), path, ca, extra)
+}
+
+/// `curl` of `https://host:port/path` (resolved to the VIP).
+fn curl_at(
+    lab: &RunningLab,
+    (host, port): (&str, u16),
+    path: &str,
+    ca: &Path,
+    extra: &[&str],
+) -> (String, String) {
     let out = Command::new("ip")
         .args([
             "netns",
@@ -124,10 +135,10 @@ fn curl_with(
         .arg("--cacert")
         .arg(ca)
         .arg("--resolve")
-        .arg(format!("{host}:443:{VIP_V4}"))
+        .arg(format!("{host}:{port}:{VIP_V4}"))
         .args(["-w", "\n%{http_version} %{ssl_verify_result}"])
         .args(extra)
-        .arg(format!("https://{host}{path}"))
+        .arg(format!("https://{host}:{port}{path}"))
         .output()
         .expect("run curl");
     assert!(
@@ -194,29 +205,8 @@ fn https_through_the_l7_vip_is_routed_by_acls_over_h2_with_sni_certificates() {
         ("api.example", &["be2"][..]),
         ("www.example", &["be1", "be3"]),
     ] {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                lab.lab.client_ns(),
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-            ])
-            .arg("--cacert")
-            .arg(&ca)
-            .arg("--resolve")
-            .arg(format!("{host}:8443:{VIP_V4}"))
-            .arg(format!("https://{host}:8443/"))
-            .output()
-            .expect("run curl");
-        let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            expected.contains(&body.as_str()),
-            "{host}: {body:?} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (body, _) = curl_at(&lab, (host, 8443), "/", &ca, &[]);
+        assert!(expected.contains(&body.as_str()), "{host}: {body:?}");
     }
     // `lb show` gives the api server's maxconn.
     let out = lab.lb(&["show", "backends", "pool:api", "--json"]);

@@ -26,7 +26,7 @@ use crate::request_rate::RequestRate;
 use crate::routing::Router;
 use crate::source_limit::SourceLimit;
 use crate::stats::Counters;
-use crate::tls::TlsTerminator;
+use crate::tls::{TlsFacts, TlsTerminator};
 use crate::upstream;
 
 /// A pool with its balancer and its server connections.
@@ -194,18 +194,6 @@ pub(crate) struct ConnCtx {
     pub activity: Arc<Activity>,
     /// When the connection last became ready for a request (accept or end of a response).
     pub ready_since: Mutex<Instant>,
-}
-
-/// What a client connection's TLS handshake established, for ACLs and servers.
-#[derive(Debug, Default)]
-pub(crate) struct TlsFacts {
-    /// The server name the client asked for.
-    pub sni: Option<String>,
-    /// The client presented a certificate that verified.
-    pub client_cert: bool,
-    /// That certificate, base64 DER, when the frontend forwards it
-    /// (`client_cert_header`).
-    pub cert_value: Option<http::HeaderValue>,
 }
 
 /// Client-side timeouts of a frontend.

@@ -87,6 +87,34 @@ pub(crate) fn no_server() -> Arc<str> {
 }
 
 impl AccessRecord {
+    /// A record of `client` on `frontend` (for `pool`) before anything
+    /// happened: no server, request, status, bytes or times (Tw 0), counted
+    /// nowhere yet; its date is set when it is emitted.
+    pub(crate) fn begin(client: SocketAddr, frontend: Arc<str>, pool: Arc<str>) -> Self {
+        AccessRecord {
+            client,
+            date: UNIX_EPOCH,
+            frontend,
+            pool,
+            server: no_server(),
+            tq: -1,
+            tw: 0,
+            tc: -1,
+            tr: -1,
+            tt: -1,
+            status: 0,
+            bytes: 0,
+            bytes_in: 0,
+            termination: ['-', '-'],
+            persistence: ['-', '-'],
+            tcp: false,
+            method: None,
+            uri: None,
+            version: None,
+            tally: Tally::default(),
+        }
+    }
+
     /// The record of a request refused before it was parsed (400, 408).
     pub(crate) fn bad_request(
         client: SocketAddr,
@@ -94,29 +122,13 @@ impl AccessRecord {
         failure: Failure,
         bytes: u64,
     ) -> Self {
-        let status = failure.status().as_u16();
-        let termination = failure.termination();
         AccessRecord {
-            client,
             date: SystemTime::now(),
-            frontend,
-            pool: no_pool(),
-            server: no_server(),
-            tq: -1,
             tw: -1,
-            tc: -1,
-            tr: -1,
-            tt: -1,
-            status,
+            status: failure.status().as_u16(),
             bytes,
-            bytes_in: 0,
-            termination,
-            persistence: ['-', '-'],
-            tcp: false,
-            method: None,
-            uri: None,
-            version: None,
-            tally: Tally::default(),
+            termination: failure.termination(),
+            ..AccessRecord::begin(client, frontend, no_pool())
         }
     }
 
@@ -224,26 +236,7 @@ impl AccessRecord {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        if self.tcp {
-            // A session: no request, status, persistence or request times.
-            return serde_json::json!({
-                "client_ip": self.client.ip().to_string(),
-                "client_port": self.client.port(),
-                "date": haproxy_date(self.date),
-                "timestamp_ms": ms,
-                "frontend": &*self.frontend,
-                "pool": &*self.pool,
-                "server": &*self.server,
-                "tw": self.tw,
-                "tc": self.tc,
-                "tt": self.tt,
-                "bytes": self.bytes,
-                "bytes_in": self.bytes_in,
-                "termination_state": format!("{}{}", self.termination[0], self.termination[1]),
-                "mode": "tcp",
-            });
-        }
-        serde_json::json!({
+        let mut j = serde_json::json!({
             "client_ip": self.client.ip().to_string(),
             "client_port": self.client.port(),
             "date": haproxy_date(self.date),
@@ -251,24 +244,35 @@ impl AccessRecord {
             "frontend": &*self.frontend,
             "pool": &*self.pool,
             "server": &*self.server,
-            "tq": self.tq,
             "tw": self.tw,
             "tc": self.tc,
-            "tr": self.tr,
             "tt": self.tt,
-            "status": self.status,
             "bytes": self.bytes,
-            "termination_state": format!(
-                "{}{}{}{}",
-                self.termination[0],
-                self.termination[1],
-                self.persistence[0],
-                self.persistence[1]
-            ),
-            "method": self.method_text(),
-            "uri": self.uri_text(),
-            "version": self.version_text(),
-        })
+        });
+        let [t0, t1] = self.termination;
+        let more = if self.tcp {
+            // A session: no request, status, persistence or request times.
+            serde_json::json!({
+                "bytes_in": self.bytes_in,
+                "termination_state": format!("{t0}{t1}"),
+                "mode": "tcp",
+            })
+        } else {
+            let [p0, p1] = self.persistence;
+            serde_json::json!({
+                "tq": self.tq,
+                "tr": self.tr,
+                "status": self.status,
+                "termination_state": format!("{t0}{t1}{p0}{p1}"),
+                "method": self.method_text(),
+                "uri": self.uri_text(),
+                "version": self.version_text(),
+            })
+        };
+        if let (Some(j), serde_json::Value::Object(more)) = (j.as_object_mut(), more) {
+            j.extend(more);
+        }
+        j
     }
 
     /// Completes the record of a request that took `tt` (Tt, and its date:

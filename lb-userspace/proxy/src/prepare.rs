@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -13,10 +12,11 @@ use http_body_util::Full;
 
 use super::actions;
 use super::balance::{Active, Pick, ServerState, Unavailable};
-use super::context::{FrontendCtx, PoolRuntime, Shared, TlsFacts};
+use super::context::{FrontendCtx, PoolRuntime, Shared};
 use super::error::{Failure, Retry};
 use super::hardening;
-use super::log::{self, AccessRecord};
+use super::log::AccessRecord;
+use super::tls::TlsFacts;
 use super::tunnel;
 use crate::acl;
 use crate::stats::Tally;
@@ -416,23 +416,8 @@ fn record(
             .unwrap_or(0)
     });
     AccessRecord {
-        client: client.peer,
-        // Set when the record is emitted (then minus Tt): no clock read per request unlogged.
-        date: UNIX_EPOCH,
-        frontend: frontend.name.clone(),
-        pool,
-        server: log::no_server(),
         tq,
-        tw: 0,
-        tc: -1,
-        tr: -1,
-        tt: -1,
-        status: 0,
-        bytes: 0,
         bytes_in,
-        termination: ['-', '-'],
-        persistence: ['-', '-'],
-        tcp: false,
         method: Some(parts.method.clone()),
         uri: Some(parts.uri.clone()),
         version: Some(parts.version),
@@ -441,6 +426,9 @@ fn record(
             pool: None,
             server: None,
         },
+        // Its date is set when it is emitted (then minus Tt): no clock read
+        // per request unlogged.
+        ..AccessRecord::begin(client.peer, frontend.name.clone(), pool)
     }
 }
 

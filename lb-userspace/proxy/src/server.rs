@@ -14,11 +14,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, TryAcquireError, watch};
-use tokio_rustls::TlsAcceptor;
 
 use super::accept::{ClientStream, Listener};
 use super::accept_errors::AcceptErrors;
-use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared, TlsFacts};
+use super::context::{Activity, ClientTimeouts, ConnCtx, FrontendRuntime, Shared};
 use super::deadline::{Deadline, WaitLimit};
 use super::error::{Failure, timeout_408};
 use super::forward;
@@ -29,7 +28,7 @@ use super::proxy_protocol;
 use super::shutdown::ShutdownWatch;
 use super::source_limit::SourceSlot;
 use super::tcp;
-use super::tls;
+use super::tls::{TlsFacts, TlsTerminator};
 
 /// A permit an accept loop holds with no client yet, counted while it lives.
 struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
@@ -269,7 +268,7 @@ async fn serve_connection(
             // across awaits) would otherwise make every connection's future
             // as big, plain ones too (2.9 KiB instead of under 0.5).
             Box::pin(serve_tls(
-                terminator.acceptor(),
+                terminator,
                 stream,
                 (peer, local),
                 fe.clone(),
@@ -284,38 +283,21 @@ async fn serve_connection(
 /// Completes the TLS handshake (within `timeout http-request`), then serves
 /// the connection on our HTTP/1 path or hyper's, as ALPN chose.
 async fn serve_tls(
-    acceptor: TlsAcceptor,
+    terminator: &TlsTerminator,
     stream: ClientStream,
     (peer, local): (SocketAddr, SocketAddr),
     fe: Arc<FrontendRuntime>,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<()>,
 ) {
-    // Boxed: rustls' handshake state is kilobytes, needed only until it ends.
-    let accept = Box::pin(acceptor.accept(stream));
-    let hs = tokio::time::timeout(fe.timeouts.http_request, accept).await;
-    let tls = match hs {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::debug!(frontend = %fe.ctx.name, %peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(frontend = %fe.ctx.name, %peer, "TLS handshake timed out");
-            return;
-        }
+    let limit = fe.timeouts.http_request;
+    let cert_value = fe.ctx.client_cert_header.is_some();
+    let who = (&*fe.ctx.name, peer);
+    let Some((tls, facts)) = terminator.handshake(stream, limit, cert_value, who).await else {
+        return;
     };
-    let (_, session) = tls.get_ref();
-    let facts = Some(Box::new(TlsFacts {
-        sni: session.server_name().map(str::to_string),
-        client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
-        cert_value: fe
-            .ctx
-            .client_cert_header
-            .as_ref()
-            .and_then(|_| tls::client_cert_value(session)),
-    }));
-    let h2 = session.alpn_protocol() == Some(b"h2");
+    let facts = Some(Box::new(facts));
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     if fe.own_h1 && !h2 {
         let mut sd = shutdown.clone();
         // ALPN said HTTP/1.1 (or nothing): no preface to look for. The

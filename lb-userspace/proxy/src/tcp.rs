@@ -19,7 +19,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -27,11 +27,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use super::acl;
 use super::balance::{Active, Pick};
 use super::client_hello::{self, Hello};
-use super::context::{FrontendRuntime, PoolRuntime, Shared, TlsFacts};
+use super::context::{FrontendRuntime, PoolRuntime, Shared};
 use super::error::Failure;
-use super::log::{self, AccessRecord};
+use super::log::AccessRecord;
 use super::prepare::Attempts;
 use super::stats::Tally;
+use super::tls::TlsFacts;
 use super::tunnel;
 use super::upstream::ServerIo;
 
@@ -47,23 +48,10 @@ pub(crate) async fn serve<S>(
     let start = Instant::now();
     let peer = addrs.0;
     if let Some(terminator) = &fe.tls {
-        let accept = Box::pin(terminator.acceptor().accept(stream));
-        let tls = match tokio::time::timeout(fe.timeouts.http_request, accept).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                tracing::debug!(frontend = %fe.ctx.name, %peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(frontend = %fe.ctx.name, %peer, "TLS handshake timed out");
-                return;
-            }
-        };
-        let session = tls.get_ref().1;
-        let facts = TlsFacts {
-            sni: session.server_name().map(str::to_string),
-            client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
-            cert_value: None,
+        let limit = fe.timeouts.http_request;
+        let who = (&*fe.ctx.name, peer);
+        let Some((tls, facts)) = terminator.handshake(stream, limit, false, who).await else {
+            return;
         };
         return relay(tls, Vec::new(), Some(&facts), addrs, (fe, shared), start).await;
     }
@@ -226,30 +214,13 @@ async fn connect(
 /// The access log record of a session, before a pool is chosen.
 fn session_record(peer: SocketAddr, frontend: &super::context::FrontendCtx) -> AccessRecord {
     AccessRecord {
-        client: peer,
-        date: UNIX_EPOCH,
-        frontend: frontend.name.clone(),
-        pool: frontend.name.clone(),
-        server: log::no_server(),
-        tq: -1,
-        tw: 0,
-        tc: -1,
-        tr: -1,
-        tt: -1,
-        status: 0,
-        bytes: 0,
-        bytes_in: 0,
-        termination: ['-', '-'],
         tcp: true,
-        persistence: ['-', '-'],
-        method: None,
-        uri: None,
-        version: None,
         tally: Tally {
             frontend: Some(frontend.stats.shard()),
             pool: None,
             server: None,
         },
+        ..AccessRecord::begin(peer, frontend.name.clone(), frontend.name.clone())
     }
 }
 

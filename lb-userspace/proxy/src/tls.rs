@@ -1,5 +1,6 @@
-//! TLS termination: certificates chosen by SNI, a default one, and reloading
-//! the PEM files without a restart.
+//! TLS termination: certificates chosen by SNI, a default one, client
+//! certificates (mutual TLS), resumption by tickets and a session cache, and
+//! reloading the PEM files without a restart.
 //!
 //! A certificate serves the names listed in its `CertPair::names`, or when that
 //! is empty the DNS names of its leaf's subjectAltName, read with a small DER
@@ -7,14 +8,18 @@
 
 use std::fs::File;
 use std::io::BufReader;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 
 use super::model::{TlsConfig, VerifyClient};
 
@@ -195,6 +200,18 @@ impl ResolvesServerCert for CertResolver {
     }
 }
 
+/// What a client connection's TLS handshake established, for ACLs and servers.
+#[derive(Debug, Default)]
+pub(crate) struct TlsFacts {
+    /// The server name the client asked for.
+    pub sni: Option<String>,
+    /// The client presented a certificate that verified.
+    pub client_cert: bool,
+    /// That certificate, base64 DER, when the frontend forwards it
+    /// (`client_cert_header`).
+    pub cert_value: Option<http::HeaderValue>,
+}
+
 /// A frontend's TLS termination: its certificates, chosen by SNI, and its
 /// rustls configuration (client certificate verification included), all
 /// re-read from their files by `reload`.
@@ -223,12 +240,45 @@ impl TlsTerminator {
         })
     }
 
-    /// The acceptor for a new connection.
-    pub(crate) fn acceptor(&self) -> TlsAcceptor {
-        self.acceptor
+    /// Completes a client's handshake within `limit`: the stream and what
+    /// it established (with the certificate as `client_cert_header` carries
+    /// it if `cert_value`); None when it failed or ran out of time (logged
+    /// at debug level for `frontend`).
+    pub(crate) async fn handshake<S>(
+        &self,
+        stream: S,
+        limit: Duration,
+        cert_value: bool,
+        (frontend, peer): (&str, SocketAddr),
+    ) -> Option<(TlsStream<S>, TlsFacts)>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let acceptor = self
+            .acceptor
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        // Boxed: rustls' handshake state is kilobytes, needed only until it ends.
+        let accept = Box::pin(acceptor.accept(stream));
+        let tls = match tokio::time::timeout(limit, accept).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::debug!(%frontend, %peer, error = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                tracing::debug!(%frontend, %peer, "TLS handshake timed out");
+                return None;
+            }
+        };
+        let session = tls.get_ref().1;
+        let facts = TlsFacts {
+            sni: session.server_name().map(str::to_string),
+            client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
+            cert_value: cert_value.then(|| client_cert_value(session)).flatten(),
+        };
+        Some((tls, facts))
     }
 
     /// Re-reads the certificates and, with client certificates, the client
@@ -325,7 +375,7 @@ fn client_verifier(
 
 /// The leaf certificate a TLS client presented (verified by the handshake),
 /// base64 DER as `client_cert_header` carries it.
-pub(crate) fn client_cert_value(session: &rustls::ServerConnection) -> Option<http::HeaderValue> {
+fn client_cert_value(session: &rustls::ServerConnection) -> Option<http::HeaderValue> {
     use base64::Engine;
     let leaf = session.peer_certificates()?.first()?;
     let text = base64::engine::general_purpose::STANDARD.encode(leaf.as_ref());
