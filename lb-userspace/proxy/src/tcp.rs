@@ -17,12 +17,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::acl;
 use super::balance::{Active, Pick};
@@ -103,7 +101,7 @@ async fn read_hello<S: AsyncRead + Unpin>(
 /// Rules, pool and server for the connection, then the relay; one tcplog
 /// record at the end. `first`: bytes already read from the client.
 async fn relay<C>(
-    client: C,
+    mut client: C,
     first: Vec<u8>,
     tls: Option<&TlsFacts>,
     (peer, local): (SocketAddr, SocketAddr),
@@ -157,23 +155,27 @@ async fn relay<C>(
         .timeout_tunnel
         .or(frontend.timeout_tunnel)
         .unwrap_or(frontend.timeout_client);
-    let mut client = Counted::new(client);
     let inspected = first.len() as u64;
-    let ended = async {
-        // What was read to find the SNI goes first, and is freed: a
-        // session may last hours.
-        server.write_all(&first).await?;
-        drop(first);
-        tunnel::splice(&mut client, &mut server, idle).await
-    }
-    .await;
-    rec.termination = match ended {
-        Ok(_) => ['-', '-'],
+    // What was read to find the SNI goes first, and is freed: a session may
+    // last hours.
+    let spliced = match server.write_all(&first).await {
+        Ok(()) => {
+            drop(first);
+            tunnel::splice(&mut client, &mut server, idle).await
+        }
+        Err(e) => tunnel::Spliced {
+            ended: Err(e),
+            from_a: 0,
+            to_a: 0,
+        },
+    };
+    rec.termination = match spliced.ended {
+        Ok(()) => ['-', '-'],
         Err(e) if e.kind() == io::ErrorKind::TimedOut => ['c', 'D'],
         Err(_) => ['C', 'D'],
     };
-    rec.bytes_in = inspected + client.read;
-    rec.bytes = client.written;
+    rec.bytes_in = inspected + spliced.from_a;
+    rec.bytes = spliced.to_a;
     drop(active);
     rec.finish(start.elapsed(), format);
 }
@@ -221,57 +223,5 @@ fn session_record(peer: SocketAddr, frontend: &super::context::FrontendCtx) -> A
             server: None,
         },
         ..AccessRecord::begin(peer, frontend.name.clone(), frontend.name.clone())
-    }
-}
-
-/// The client's stream, counting the bytes read from and written to it.
-struct Counted<C> {
-    inner: C,
-    read: u64,
-    written: u64,
-}
-
-impl<C> Counted<C> {
-    fn new(inner: C) -> Self {
-        Counted {
-            inner,
-            read: 0,
-            written: 0,
-        }
-    }
-}
-
-impl<C: AsyncRead + Unpin> AsyncRead for Counted<C> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
-        r
-    }
-}
-
-impl<C: AsyncWrite + Unpin> AsyncWrite for Counted<C> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            self.written += n as u64;
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

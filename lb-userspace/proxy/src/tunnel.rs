@@ -81,9 +81,11 @@ impl Upgrade {
             };
             activity.spliced.store(true, Ordering::SeqCst);
             let (mut c, mut s) = (TokioIo::new(client), TokioIo::new(server));
-            match splice(&mut c, &mut s, idle).await {
-                Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
-                Err(e) => tracing::debug!(error = %e, "tunnel ended"),
+            let spliced = splice(&mut c, &mut s, idle).await;
+            let (up, down) = (spliced.from_a, spliced.to_a);
+            match spliced.ended {
+                Ok(()) => tracing::debug!(up, down, "tunnel closed"),
+                Err(e) => tracing::debug!(up, down, error = %e, "tunnel ended"),
             }
         });
         None
@@ -171,8 +173,19 @@ pub(crate) fn connection_has_upgrade(headers: &HeaderMap) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// How a `splice` ended, and what moved through its side `a`.
+#[derive(Debug)]
+pub(crate) struct Spliced {
+    /// Ok once both sides closed; TimedOut after the idle limit.
+    pub ended: io::Result<()>,
+    /// Bytes read from `a`, for `b`.
+    pub from_a: u64,
+    /// Bytes written to `a`, from `b`.
+    pub to_a: u64,
+}
+
 /// Copies both ways until both sides close; fails with TimedOut after `idle` without a byte moving.
-pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> io::Result<(u64, u64)>
+pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -183,29 +196,41 @@ where
         inner: a,
         start,
         last: last.clone(),
+        read: 0,
+        written: 0,
     };
-    let copy = tokio::io::copy_bidirectional(&mut a, b);
-    tokio::pin!(copy);
-    loop {
-        let since = Duration::from_millis(last.load(Ordering::Relaxed));
-        let deadline = start + since + idle;
-        tokio::select! {
-            r = &mut copy => return r,
-            _ = tokio::time::sleep_until(deadline) => {
-                let now = Duration::from_millis(last.load(Ordering::Relaxed));
-                if now == since {
-                    return Err(io::ErrorKind::TimedOut.into());
+    let ended = {
+        let copy = tokio::io::copy_bidirectional(&mut a, b);
+        tokio::pin!(copy);
+        loop {
+            let since = Duration::from_millis(last.load(Ordering::Relaxed));
+            let deadline = start + since + idle;
+            tokio::select! {
+                r = &mut copy => break r.map(drop),
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = Duration::from_millis(last.load(Ordering::Relaxed));
+                    if now == since {
+                        break Err(io::ErrorKind::TimedOut.into());
+                    }
                 }
             }
         }
+    };
+    Spliced {
+        ended,
+        from_a: a.read,
+        to_a: a.written,
     }
 }
 
-/// A stream that records when bytes last moved through it, in ms since `start`.
+/// A stream that records when bytes last moved through it, in ms since
+/// `start`, and how many moved each way.
 struct Touch<'a, T> {
     inner: &'a mut T,
     start: Instant,
     last: Arc<AtomicU64>,
+    read: u64,
+    written: u64,
 }
 
 impl<T> Touch<'_, T> {
@@ -223,7 +248,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Touch<'_, T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        if buf.filled().len() != before {
+        let got = buf.filled().len() - before;
+        if got != 0 {
+            self.read += got as u64;
             self.touch();
         }
         r
@@ -237,7 +264,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<'_, T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if let Poll::Ready(Ok(n @ 1..)) = r {
+            self.written += n as u64;
             self.touch();
         }
         r
@@ -304,6 +332,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(r.ended.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!((r.from_a, r.to_a), (4, 0));
     }
 }

@@ -853,9 +853,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             .or(self.fe.ctx.timeout_tunnel)
             .unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
         let _active = active;
-        match tunnel::splice(&mut self.io, &mut server.io, idle).await {
-            Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
-            Err(e) => tracing::debug!(error = %e, "tunnel ended"),
+        let spliced = tunnel::splice(&mut self.io, &mut server.io, idle).await;
+        let (up, down) = (spliced.from_a, spliced.to_a);
+        match spliced.ended {
+            Ok(()) => tracing::debug!(up, down, "tunnel closed"),
+            Err(e) => tracing::debug!(up, down, error = %e, "tunnel ended"),
         }
         Next::Close
     }
