@@ -934,9 +934,11 @@ impl L7 {
                 }
             }
         } else if let Some(p) = &self.proxy
-            && let Err(e) = p.reload_certificates()
+            && let Err(e) = p.reload_files()
         {
-            error!("reloading certificates failed, keeping the old ones: {e:#}");
+            error!(
+                "reloading the proxy's files (certificates, CRLs, error pages) failed, keeping the ones in use: {e:#}"
+            );
         }
         self.push_server_states(shared);
     }

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use http::uri::Scheme;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -96,7 +98,6 @@ impl Shared {
         balancers: &[Arc<Balancer>],
         route: Option<Router>,
     ) -> anyhow::Result<Shared> {
-        use anyhow::Context as _;
         let pools = cfg
             .pools
             .iter()
@@ -138,9 +139,58 @@ pub(crate) struct FrontendCtx {
     /// `client_cert_header` of its TLS settings: removed from every
     /// request, then set to the client's verified certificate, if any.
     pub client_cert_header: Option<http::HeaderName>,
+    /// Its `error_pages` as configured, and as read (at start, and again by
+    /// `Proxy::reload_files`): the body of each status it replaces.
+    pub error_page_files: ErrorPageFiles,
+    pub error_pages: std::sync::RwLock<Vec<(u16, bytes::Bytes)>>,
+}
+
+/// A frontend's `error_pages`: status (as written) to file.
+pub(crate) type ErrorPageFiles = std::collections::BTreeMap<String, std::path::PathBuf>;
+
+/// Largest `error_pages` file: a page, not a download.
+const MAX_ERROR_PAGE: u64 = 64 * 1024;
+
+/// Reads the `error_pages` of frontend `name` (validate() checked the statuses).
+pub(crate) fn read_error_pages(
+    name: &str,
+    files: &ErrorPageFiles,
+) -> anyhow::Result<Vec<(u16, bytes::Bytes)>> {
+    let mut pages = Vec::new();
+    for (status, path) in files {
+        let what = || format!("frontend {name}: error page {status} ({})", path.display());
+        let size = std::fs::metadata(path).with_context(what)?.len();
+        anyhow::ensure!(
+            size <= MAX_ERROR_PAGE,
+            "{}: {size} bytes; at most {MAX_ERROR_PAGE}",
+            what()
+        );
+        let page = std::fs::read(path).with_context(what)?;
+        pages.push((status.parse().with_context(what)?, bytes::Bytes::from(page)));
+    }
+    Ok(pages)
 }
 
 impl FrontendCtx {
+    /// The frontend's own page for `status`, if `error_pages` has one.
+    pub(crate) fn error_page(&self, status: http::StatusCode) -> Option<bytes::Bytes> {
+        if self.error_page_files.is_empty() {
+            return None;
+        }
+        let pages = self.error_pages.read().unwrap_or_else(|e| e.into_inner());
+        pages
+            .iter()
+            .find(|(s, _)| *s == status.as_u16())
+            .map(|(_, page)| page.clone())
+    }
+
+    /// Reads the `error_pages` files again; on error the pages in use stay.
+    pub(crate) fn reload_error_pages(&self) -> anyhow::Result<()> {
+        let fresh = read_error_pages(&self.name, &self.error_page_files)?;
+        *self.error_pages.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        Ok(())
+    }
+
     /// Counts a request from `src` in each of the frontend's request rates:
     /// the source's rates, for its ACLs (`acl::Request::src_request_rates`).
     pub(crate) fn count_request(&self, src: std::net::IpAddr) -> Vec<(Duration, u32)> {
@@ -204,6 +254,18 @@ pub(crate) struct ClientTimeouts {
     pub client: Duration,
 }
 
+/// What `prepare` read or kept for a frontend before it starts.
+#[derive(Default)]
+pub(crate) struct Loaded<'a> {
+    /// Its TLS termination, if it has `tls`.
+    pub tls: Option<Arc<TlsTerminator>>,
+    /// Request rates of the frontend of the same name before a reload,
+    /// whose tables it goes on counting in.
+    pub kept_rates: &'a [Arc<RequestRate>],
+    /// Its `error_pages`, read.
+    pub error_pages: Vec<(u16, bytes::Bytes)>,
+}
+
 /// A frontend ready to serve connections from its listeners.
 pub(crate) struct FrontendRuntime {
     pub ctx: Arc<FrontendCtx>,
@@ -237,17 +299,20 @@ pub(crate) struct FrontendRuntime {
 
 impl FrontendRuntime {
     /// `index` is the frontend's place in the configuration (see
-    /// `routing::Router`); `kept_rates`: request rates of the frontend of
-    /// the same name before a reload, whose tables it goes on counting in.
+    /// `routing::Router`).
     pub fn new(
         cfg: &Frontend,
         index: usize,
         default_pool: usize,
         actions: Option<CompiledActions>,
-        tls: Option<Arc<TlsTerminator>>,
+        loaded: Loaded<'_>,
         own_h1: bool,
-        kept_rates: &[Arc<RequestRate>],
     ) -> Self {
+        let Loaded {
+            tls,
+            kept_rates,
+            error_pages,
+        } = loaded;
         let tls_none = tls.is_none();
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // hyper's own header timeout closes silently; ClientIo answers 408 instead.
@@ -297,6 +362,8 @@ impl FrontendRuntime {
                     .as_ref()
                     .and_then(|t| t.client_cert_header.as_deref())
                     .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+                error_page_files: cfg.error_pages.clone(),
+                error_pages: std::sync::RwLock::new(error_pages),
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),

@@ -162,20 +162,34 @@ impl Failure {
     }
 
     /// Appends the whole HTTP/1.1 answer to `out` (status line, headers,
-    /// page; `close` adds `connection: close`); returns the page's length.
-    pub(crate) fn put_http1_answer(self, out: &mut Vec<u8>, close: bool) -> usize {
+    /// page: `custom`, else ours; `close` adds `connection: close`);
+    /// returns the page's length.
+    pub(crate) fn put_http1_answer(
+        self,
+        out: &mut Vec<u8>,
+        close: bool,
+        custom: Option<&[u8]>,
+    ) -> usize {
         use std::io::Write as _;
         let status = self.status();
-        let page = page(status);
+        let ours;
+        let page = match custom {
+            Some(page) => page,
+            None => {
+                ours = page(status);
+                ours.as_bytes()
+            }
+        };
         let connection = if close { "connection: close\r\n" } else { "" };
         // Writing into a Vec cannot fail.
         let _ = write!(
             out,
-            "HTTP/1.1 {} {}\r\ncontent-length: {}\r\ncache-control: no-cache\r\n{connection}content-type: text/html\r\n\r\n{page}",
+            "HTTP/1.1 {} {}\r\ncontent-length: {}\r\ncache-control: no-cache\r\n{connection}content-type: text/html\r\n\r\n",
             status.as_u16(),
             reason(status),
             page.len(),
         );
+        out.extend_from_slice(page);
         page.len()
     }
 }
@@ -212,7 +226,7 @@ pub(crate) fn page(status: StatusCode) -> String {
 pub(crate) fn timeout_408() -> &'static [u8] {
     static ANSWER: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
         let mut out = Vec::new();
-        Failure::HeadTimeout.put_http1_answer(&mut out, true);
+        Failure::HeadTimeout.put_http1_answer(&mut out, true, None);
         out
     });
     &ANSWER

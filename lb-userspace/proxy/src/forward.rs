@@ -629,8 +629,12 @@ fn error_response(failure: Failure, mut rec: AccessRecord, done: Done) -> Respon
     let status = failure.status();
     rec.status = status.as_u16();
     rec.termination = failure.termination();
-    let page = failure.page();
-    let body = whole(Bytes::from(page));
+    // The frontend's own page for it (`error_pages`), else ours.
+    let page = match done.conn.frontend.error_page(status) {
+        Some(page) => page,
+        None => Bytes::from(failure.page()),
+    };
+    let body = whole(page);
     let mut resp = Response::new(LoggedBody::new(body, rec, None, done));
     *resp.status_mut() = status;
     resp.headers_mut()

@@ -315,14 +315,18 @@ fn prepare(cfg: &ProxyConfig, previous: Option<&Proxy>) -> anyhow::Result<Prepar
                 .chain(fe.use_pool.iter().map(|u| &u.pool))
                 .filter_map(|name| cfg.pool_index(name))
                 .all(|i| !cfg.pools[i].h2);
+        let loaded = context::Loaded {
+            tls: acceptor,
+            kept_rates: previous.map_or(&[][..], |p| p.request_rates_of(&fe.name)),
+            error_pages: context::read_error_pages(&fe.name, &fe.error_pages)?,
+        };
         let runtime = Arc::new(FrontendRuntime::new(
             fe,
             index,
             default_pool,
             actions.remove(&fe.name),
-            acceptor,
+            loaded,
             own_h1,
-            previous.map_or(&[][..], |p| p.request_rates_of(&fe.name)),
         ));
         prepared.frontends.push((runtime, fe.binds.clone()));
     }
@@ -488,13 +492,16 @@ impl Proxy {
         })
     }
 
-    /// Re-reads every frontend's certificate, client CA and CRL files; all or
-    /// nothing per frontend.
-    pub fn reload_certificates(&self) -> anyhow::Result<()> {
+    /// Re-reads every frontend's files: certificates, client CA and CRLs,
+    /// error pages; all or nothing per frontend, the ones in use kept on error.
+    pub fn reload_files(&self) -> anyhow::Result<()> {
         for (name, terminator) in &self.terminators {
             terminator.reload().with_context(|| {
                 format!("frontend {name}: reloading certificates, client CA and CRLs")
             })?;
+        }
+        for fe in &self.frontends {
+            fe.ctx.reload_error_pages()?;
         }
         Ok(())
     }
@@ -528,6 +535,8 @@ impl Drop for Proxy {
 #[derive(Clone)]
 struct FrontendEntry {
     name: String,
+    /// Its settings, for `reload_files`.
+    ctx: Arc<context::FrontendCtx>,
     /// Its request rate tables, for the frontend of the same name after a reload.
     request_rates: Vec<Arc<request_rate::RequestRate>>,
     counters: Arc<stats::Counters>,
@@ -541,6 +550,7 @@ impl FrontendEntry {
     fn of(fe: &FrontendRuntime) -> Self {
         FrontendEntry {
             name: fe.ctx.name.to_string(),
+            ctx: fe.ctx.clone(),
             request_rates: fe.ctx.request_rates.clone(),
             counters: fe.ctx.stats.clone(),
             limit: fe.limit.clone(),

@@ -91,7 +91,15 @@ pub struct Frontend {
     /// Access log format: `httplog` (default) or `json`.
     #[serde(default)]
     pub log_format: super::log::LogFormat,
+    /// Pages (HTML files) the proxy answers with in place of its own, by
+    /// status (HAProxy's `errorfile`, the body only): `{ 503 = "/path" }`.
+    #[serde(default)]
+    pub error_pages: std::collections::BTreeMap<String, PathBuf>,
 }
+
+/// The statuses an `error_pages` entry may replace: those the proxy answers
+/// itself with its own page (408 is written from a timer, always its own).
+pub const ERROR_PAGE_STATUSES: &[u16] = &[400, 401, 403, 404, 405, 429, 500, 502, 503, 504];
 
 /// What a frontend speaks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -444,6 +452,17 @@ pub enum ConfigError {
     /// A TLS frontend has no certificate or a default index out of range.
     #[error("frontend {0:?}: tls needs at least one cert and default_cert within certs")]
     BadTls(String),
+    /// An `error_pages` key is not a status the proxy answers with a page.
+    #[error(
+        "frontend {frontend:?}: error_pages has {status:?}; expected one of {}",
+        ERROR_PAGE_STATUSES.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    BadErrorPage {
+        /// The frontend.
+        frontend: String,
+        /// The key as written.
+        status: String,
+    },
     /// A `tcp` frontend has a rule or a pool that needs HTTP.
     #[error("frontend {frontend:?}: {problem}")]
     TcpMode {
@@ -577,6 +596,15 @@ impl ProxyConfig {
                         problem,
                     })?;
             }
+            if let Some(key) = f.error_pages.keys().find(|k| {
+                k.parse::<u16>()
+                    .map_or(true, |s| !ERROR_PAGE_STATUSES.contains(&s))
+            }) {
+                return Err(ConfigError::BadErrorPage {
+                    frontend: f.name.clone(),
+                    status: key.clone(),
+                });
+            }
             if f.mode == FrontendMode::Tcp {
                 self.validate_tcp(f)
                     .map_err(|problem| ConfigError::TcpMode {
@@ -651,6 +679,7 @@ impl Frontend {
             request: Vec::new(),
             response: Vec::new(),
             log_format: Default::default(),
+            error_pages: Default::default(),
         }
     }
 }

@@ -238,7 +238,13 @@ pub(crate) async fn prepare(
     let mut rec = record(&client, pool.name.clone(), parts, tq);
     rec.tally.pool = Some(pool.stats.shard());
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
-    if let Some((answer, term)) = acted.answer {
+    if let Some((mut answer, term)) = acted.answer {
+        // A page of ours (deny, auth): the frontend's own, if it has one.
+        if term == ['P', 'R']
+            && let Some(page) = frontend.error_page(answer.status())
+        {
+            *answer.body_mut() = Full::new(page);
+        }
         rec.pool = frontend.name.clone();
         rec.tally.pool = None;
         rec.status = answer.status().as_u16();

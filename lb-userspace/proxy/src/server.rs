@@ -735,7 +735,7 @@ mod tests {
         let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (stream, peer) = l.accept().unwrap();
         let fe = Frontend::new("f", Vec::new(), "p");
-        let fe = FrontendRuntime::new(&fe, 0, 0, None, None, true, &[]);
+        let fe = FrontendRuntime::new(&fe, 0, 0, None, crate::context::Loaded::default(), true);
         let shared = Shared {
             pools: Vec::new(),
             route: None,

@@ -211,6 +211,7 @@ impl Checker<'_> {
                 ConfigError::BadSendBuffer { .. } => "send_buffer",
                 ConfigError::BadTls(_) | ConfigError::BadClientAuth { .. } => "tls",
                 ConfigError::TcpMode { .. } => "mode",
+                ConfigError::BadErrorPage { .. } => "error_pages",
                 _ => "name",
             };
             self.at_key(keys, key, span, e.to_string());

@@ -451,7 +451,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
     async fn bad_request(&mut self, why: &str) -> Wait {
         tracing::debug!(frontend = %self.fe.ctx.name, peer = %self.peer, reason = why, "request rejected");
         let failure = Failure::BadRequest;
-        let page = failure.put_http1_answer(&mut self.out, true);
+        let custom = self.fe.ctx.error_page(failure.status());
+        let page = failure.put_http1_answer(&mut self.out, true, custom.as_deref());
         AccessRecord::bad_request(self.peer, self.fe.ctx.name.clone(), failure, page as u64)
             .counted_in(&self.fe.ctx.stats)
             .emit_as(self.fe.ctx.log_format);
@@ -487,7 +488,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
     ) -> Next {
         rec.status = failure.status().as_u16();
         rec.termination = failure.termination();
-        rec.bytes = failure.put_http1_answer(&mut self.out, !keep_alive) as u64;
+        let custom = self.fe.ctx.error_page(failure.status());
+        rec.bytes = failure.put_http1_answer(&mut self.out, !keep_alive, custom.as_deref()) as u64;
         self.send_answer(rec, keep_alive, start).await
     }
 

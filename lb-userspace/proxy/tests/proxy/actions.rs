@@ -385,3 +385,103 @@ fn bad_rules_are_refused_with_clear_errors() {
     let twice = "[[userlist]]\nname = \"u\"\n[[userlist]]\nname = \"u\"";
     assert!(compile_err("", twice).contains("defined twice"));
 }
+
+#[tokio::test]
+async fn error_pages_replace_the_proxys_own_on_both_paths() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = crate::support::TempDir::new("error-pages");
+    let page = |name: &str, text: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let pages: std::collections::BTreeMap<String, std::path::PathBuf> = [
+        (
+            "503".to_string(),
+            page("503.html", "<p>down for maintenance</p>"),
+        ),
+        ("403".to_string(), page("403.html", "<p>not here</p>")),
+        ("400".to_string(), page("400.html", "<p>say again?</p>")),
+    ]
+    .into();
+    let deny = "[[frontend.acl]]\nname = \"blocked\"\npath_prefix = \"/blocked\"\n\
+                [[frontend.request]]\naction = \"deny\"\nif = \"blocked\"\n";
+    // Servers that refuse connections: every forwarded request is a 503.
+    let dead = crate::support::dead_addr().await;
+    let mut ours = two_pool_config(dead, dead, deny, "");
+    ours.frontends[0].error_pages = pages.clone();
+    let ours = start(ours).await;
+    let hyper = crate::support::hyper_path_proxy(
+        dead,
+        |fe| {
+            fe.error_pages = pages.clone();
+            let rules: ProxyConfig = toml::from_str(&format!(
+                "[[frontend]]\nname = \"x\"\nbinds = []\ndefault_pool = \"x\"\n{deny}"
+            ))
+            .unwrap();
+            fe.acl.extend(rules.frontends[0].acl.clone());
+            fe.request = rules.frontends[0].request.clone();
+        },
+        |_| {},
+    )
+    .await;
+    let ask = |addr: SocketAddr, head: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ =
+            tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    for (path, proxy) in [("ours", &ours), ("hyper", &hyper)] {
+        let addr = proxy.local_addrs()[0];
+        let out = ask(
+            addr,
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 503"), "{path}: {out}");
+        assert!(
+            out.ends_with("<p>down for maintenance</p>"),
+            "{path}: {out}"
+        );
+        let out = ask(
+            addr,
+            "GET /blocked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 403"), "{path}: {out}");
+        assert!(out.ends_with("<p>not here</p>"), "{path}: {out}");
+        assert!(
+            out.to_ascii_lowercase().contains("content-length: 15"),
+            "{path}: {out}"
+        );
+    }
+    // `reload_files` reads the pages again.
+    std::fs::write(dir.0.join("503.html"), "<p>back soon</p>").unwrap();
+    ours.reload_files().unwrap();
+    let out = ask(
+        ours.local_addrs()[0],
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.ends_with("<p>back soon</p>"), "{out}");
+    // Our HTTP/1 path answers a head it refuses with the page too.
+    let out = ask(
+        ours.local_addrs()[0],
+        "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.ends_with("<p>say again?</p>"), "{out}");
+
+    // A status the proxy never answers with a page of its own, or a file
+    // that cannot be read: refused, named.
+    let mut cfg = two_pool_config(dead, dead, "", "");
+    cfg.frontends[0].error_pages = [("418".to_string(), page("x.html", "x"))].into();
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("error_pages has \"418\""), "{e}");
+    cfg.frontends[0].error_pages = [("502".to_string(), dir.0.join("missing.html"))].into();
+    let e = Proxy::start(cfg, None).await.err().expect("refused");
+    assert!(format!("{e:#}").contains("missing.html"), "{e:#}");
+}

@@ -295,12 +295,12 @@ async fn a_reload_reads_the_client_crl_again_all_or_nothing() {
     assert_eq!(j["headers"]["x-client-cert"], b64(&good.der));
     // A broken CRL fails the reload; the loaded one stays in force.
     std::fs::write(&crl, "not a CRL").unwrap();
-    let e = proxy.reload_certificates().unwrap_err();
+    let e = proxy.reload_files().unwrap_err();
     assert!(format!("{e:#}").contains("clients.crl"), "{e:#}");
     assert!(get(addr, Some(&good), "/", true).await.is_some());
     // A CRL that revokes the certificate: refused from the next handshake on.
     std::fs::write(&crl, ca.crl(7)).unwrap();
-    proxy.reload_certificates().unwrap();
+    proxy.reload_files().unwrap();
     assert_eq!(get(addr, Some(&good), "/", false).await, None);
     assert_eq!(get(addr, Some(&good), "/", true).await, None);
     // Resuming a session of before the reload does not get around it.

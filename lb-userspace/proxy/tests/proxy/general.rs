@@ -666,7 +666,7 @@ async fn tls_sni_default_alpn_h2_and_reload() {
         tls_connect(addr, Some("one.test"), &[], false).await.1,
         one_der
     );
-    proxy.reload_certificates().unwrap();
+    proxy.reload_files().unwrap();
     assert_eq!(
         tls_connect(addr, Some("one.test"), &[], false).await.1,
         new_der
@@ -674,7 +674,7 @@ async fn tls_sni_default_alpn_h2_and_reload() {
 
     // A broken file fails the reload and keeps the loaded certificates.
     std::fs::write(&one.key, "garbage").unwrap();
-    assert!(proxy.reload_certificates().is_err());
+    assert!(proxy.reload_files().is_err());
     assert_eq!(
         tls_connect(addr, Some("one.test"), &[], false).await.1,
         new_der
