@@ -296,10 +296,25 @@ fn prepare(cfg: &ProxyConfig, previous: Option<&Proxy>) -> anyhow::Result<Prepar
     for (index, fe) in cfg.frontends.iter().enumerate() {
         let acceptor = match &fe.tls {
             Some(tls) => {
-                let terminator = Arc::new(
-                    TlsTerminator::load(tls, fe.mode == FrontendMode::Http)
-                        .with_context(|| format!("frontend {}: TLS", fe.name))?,
-                );
+                let http = fe.mode == FrontendMode::Http;
+                let kept = previous
+                    .and_then(|p| p.terminator_of(&fe.name))
+                    .filter(|t| t.serves(tls, http));
+                let terminator = match kept {
+                    // The same TLS settings: its ticket keys and session
+                    // cache go on, so clients resume across the restart
+                    // (a pool change from the CLI or DNS is one); its files
+                    // are read again.
+                    Some(t) => {
+                        t.reload()
+                            .with_context(|| format!("frontend {}: TLS", fe.name))?;
+                        t.clone()
+                    }
+                    None => Arc::new(
+                        TlsTerminator::load(tls, http)
+                            .with_context(|| format!("frontend {}: TLS", fe.name))?,
+                    ),
+                };
                 prepared
                     .terminators
                     .push((fe.name.clone(), terminator.clone()));
@@ -459,6 +474,14 @@ impl Proxy {
             .iter()
             .find(|(b, _)| *b == bind)
             .map_or(&[][..], |(_, set)| set.as_slice())
+    }
+
+    /// The TLS termination of frontend `name`, if it has one.
+    fn terminator_of(&self, name: &str) -> Option<&Arc<TlsTerminator>> {
+        self.terminators
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
     }
 
     /// The request rate tables of frontend `name`, empty if it has none.

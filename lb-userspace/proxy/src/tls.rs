@@ -240,6 +240,11 @@ impl TlsTerminator {
         })
     }
 
+    /// Whether it terminates TLS as `cfg` says, with ALPN for HTTP if `http`.
+    pub(crate) fn serves(&self, cfg: &TlsConfig, http: bool) -> bool {
+        self.cfg == *cfg && self.http == http
+    }
+
     /// Completes a client's handshake within `limit`: the stream and what
     /// it established (with the certificate as `client_cert_header` carries
     /// it if `cert_value`); None when it failed or ran out of time (logged

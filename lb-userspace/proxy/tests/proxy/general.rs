@@ -1015,3 +1015,82 @@ fn hash_and_queue_config() {
         c.pools[0].servers.push(s);
     }));
 }
+
+/// A TLS 1.3 client that resumes its sessions, accepting any certificate.
+fn resuming_client() -> tokio_rustls::TlsConnector {
+    let provider = provider();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// One request to one.test over `client`: how the handshake went, and the
+/// answer (read to its end, so that the session's tickets arrive).
+async fn tls_get(
+    addr: SocketAddr,
+    client: &tokio_rustls::TlsConnector,
+) -> (Option<rustls::HandshakeKind>, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("one.test").unwrap();
+    let mut s = client.connect(name, tcp).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: one.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let kind = s.get_ref().1.handshake_kind();
+    (kind, String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_across_a_restart_that_keeps_the_tls_settings() {
+    let (a, b) = (json_backend("a").await, json_backend("b").await);
+    let dir = TempDir::new("tls-restart");
+    let (one, _) = write_cert(&dir, "one", &["one.test"]);
+    let (two, _) = write_cert(&dir, "two", &["one.test"]);
+    let cfg = |cert: &CertPair, server| {
+        let mut fe = local_frontend();
+        fe.tls = Some(TlsConfig {
+            certs: vec![cert.clone()],
+            ..TlsConfig::default()
+        });
+        ProxyConfig {
+            frontends: vec![fe],
+            pools: vec![crate::support::one_server_pool(server)],
+            ..Default::default()
+        }
+    };
+    let threads = Threads {
+        count: 1,
+        ..Threads::default()
+    };
+    let first = Proxy::start_threads(cfg(&one, a.addr), None, &threads, None).unwrap();
+    let addr = first.local_addrs()[0];
+    let client = resuming_client();
+    assert_eq!(
+        tls_get(addr, &client).await.0,
+        Some(rustls::HandshakeKind::Full)
+    );
+    // A pool change restarts the proxy (as `lb add backend pool:...` does):
+    // the session resumes, on the new pool.
+    let second = Proxy::start_threads(cfg(&one, b.addr), None, &threads, Some(&first)).unwrap();
+    drop(first);
+    // (The old threads stop accepting within milliseconds.)
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (kind, answer) = tls_get(addr, &client).await;
+    assert_eq!(kind, Some(rustls::HandshakeKind::Resumed));
+    assert!(answer.contains("\"server\":\"b\""), "{answer}");
+    // Other TLS settings: a fresh start.
+    let third = Proxy::start_threads(cfg(&two, b.addr), None, &threads, Some(&second)).unwrap();
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        tls_get(addr, &client).await.0,
+        Some(rustls::HandshakeKind::Full)
+    );
+    drop(third);
+}
