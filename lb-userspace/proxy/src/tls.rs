@@ -131,18 +131,29 @@ fn name_matches(pattern: &str, sni: &str) -> bool {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    read_pem(
+        path,
+        |r| rustls_pemfile::certs(r).collect(),
+        TlsError::NoCertificate,
+    )
+}
+
+/// The PEM items of `path` that `items` reads; `none(path)` if there are none.
+fn read_pem<T>(
+    path: &Path,
+    items: impl FnOnce(&mut BufReader<File>) -> std::io::Result<Vec<T>>,
+    none: fn(PathBuf) -> TlsError,
+) -> Result<Vec<T>, TlsError> {
     let io = |source| TlsError::Io {
         path: path.to_path_buf(),
         source,
     };
     let mut r = BufReader::new(File::open(path).map_err(io)?);
-    let certs = rustls_pemfile::certs(&mut r)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(io)?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate(path.to_path_buf()));
+    let found = items(&mut r).map_err(io)?;
+    if found.is_empty() {
+        return Err(none(path.to_path_buf()));
     }
-    Ok(certs)
+    Ok(found)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
@@ -352,18 +363,11 @@ fn client_verifier(
     }
     let mut crls = Vec::new();
     for path in &tls.client_crl {
-        let io = |source| TlsError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut r = BufReader::new(File::open(path).map_err(io)?);
-        let found = rustls_pemfile::crls(&mut r)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io)?;
-        if found.is_empty() {
-            return Err(TlsError::NoCrl(path.clone()));
-        }
-        crls.extend(found);
+        crls.extend(read_pem(
+            path,
+            |r| rustls_pemfile::crls(r).collect(),
+            TlsError::NoCrl,
+        )?);
     }
     let builder =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
