@@ -92,6 +92,16 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The pool (index) `frontend`'s `use_pool` rules choose for `req`,
+    /// else its default pool: for requests and `tcp` sessions alike.
+    pub(crate) fn pool_for(&self, frontend: &FrontendCtx, req: &acl::Request<'_>) -> usize {
+        self.route
+            .as_ref()
+            .and_then(|route| route(frontend.index, req))
+            .filter(|&i| i < self.pools.len())
+            .unwrap_or(frontend.default_pool)
+    }
+
     /// The pools of `cfg` over `balancers` (one per pool, in order).
     pub fn new(
         cfg: &crate::ProxyConfig,

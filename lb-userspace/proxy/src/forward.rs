@@ -470,7 +470,8 @@ fn respond_raw(
             return error_response(Failure::BadResponse, fwd.rec, done);
         }
     };
-    prepare::persist(&mut fwd, pool, active.server());
+    let https = done.conn.frontend.https;
+    prepare::persist(&mut fwd, (pool, active.server()), https);
     let Forwarding {
         mut rec,
         response_ops,
@@ -574,7 +575,8 @@ fn respond(
         tracing::debug!(pool = %x.pool.name, server = %addr, reason = why, "bad response framing");
         return error_response(Failure::BadResponse, fwd.rec, done);
     }
-    prepare::persist(&mut fwd, x.pool, x.active.server());
+    let https = x.conn.frontend.https;
+    prepare::persist(&mut fwd, (x.pool, x.active.server()), https);
     let Forwarding {
         mut rec,
         response_ops,

@@ -150,8 +150,6 @@ pub(crate) struct Forwarding {
     /// How its server is chosen: the hash key of the hashing algorithms,
     /// the server its persistence cookie names.
     pub pick: Pick,
-    /// The client came over TLS: a persistence cookie set for it is `Secure`.
-    pub https: bool,
     /// Response header edits whose condition held.
     pub response_ops: Vec<actions::HeaderOp>,
     /// The `Sec-WebSocket-Accept` a `101` must carry (WebSocket upgrades).
@@ -166,28 +164,18 @@ fn route(
     host: Option<&HeaderValue>,
     rates: &[(std::time::Duration, u32)],
 ) -> usize {
-    let frontend = client.frontend;
-    shared
-        .route
-        .as_ref()
-        .and_then(|route| {
-            route(
-                frontend.index,
-                &acl::Request {
-                    method: parts.method.as_str(),
-                    path: parts.uri.path(),
-                    query: parts.uri.query(),
-                    host: host.and_then(|h| h.to_str().ok()),
-                    headers: &parts.headers,
-                    src: client.peer.ip(),
-                    sni: client.sni(),
-                    client_cert: client.client_cert(),
-                    src_request_rates: rates,
-                },
-            )
-        })
-        .filter(|&i| i < shared.pools.len())
-        .unwrap_or(frontend.default_pool)
+    let req = acl::Request {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        host: host.and_then(|h| h.to_str().ok()),
+        headers: &parts.headers,
+        src: client.peer.ip(),
+        sni: client.sni(),
+        client_cert: client.client_cert(),
+        src_request_rates: rates,
+    };
+    shared.pool_for(client.frontend, &req)
 }
 
 /// Runs a request's actions, routes it and rewrites its head for the server
@@ -283,7 +271,6 @@ pub(crate) async fn prepare(
         pool: pool_idx,
         rec,
         pick,
-        https: frontend.https,
         response_ops: acted.response,
         ws_accept,
     })
@@ -379,8 +366,12 @@ pub(crate) fn take_cookie(headers: &mut HeaderMap, name: &str) -> Option<String>
 /// Before a server's response goes to the client: with a persistence
 /// cookie, sets it to `server`'s value unless the request named that server
 /// already, and marks the response private (HAProxy's `insert nocache
-/// httponly`, `secure` over TLS), before the pool's response actions.
-pub(crate) fn persist(fwd: &mut Forwarding, pool: &PoolRuntime, server: &Arc<ServerState>) {
+/// httponly`, `secure` over TLS: `https`), before the pool's response actions.
+pub(crate) fn persist(
+    fwd: &mut Forwarding,
+    (pool, server): (&PoolRuntime, &Arc<ServerState>),
+    https: bool,
+) {
     let Some(name) = &pool.cookie else {
         return;
     };
@@ -388,7 +379,7 @@ pub(crate) fn persist(fwd: &mut Forwarding, pool: &PoolRuntime, server: &Arc<Ser
     if named.is_some_and(|s| Arc::ptr_eq(s, server)) {
         return;
     }
-    let secure = if fwd.https { "; Secure" } else { "" };
+    let secure = if https { "; Secure" } else { "" };
     let cookie = format!("{name}={}; Path=/; HttpOnly{secure}", server.cookie);
     let Ok(cookie) = HeaderValue::from_str(&cookie) else {
         return;

@@ -135,13 +135,7 @@ async fn relay<C>(
         rec.termination = ['P', 'R'];
         return rec.finish(start.elapsed(), format);
     }
-    let pool_idx = shared
-        .route
-        .as_ref()
-        .and_then(|route| route(frontend.index, &req))
-        .filter(|&i| i < shared.pools.len())
-        .unwrap_or(frontend.default_pool);
-    let pool = &shared.pools[pool_idx];
+    let pool = &shared.pools[shared.pool_for(frontend, &req)];
     rec.pool = pool.name.clone();
     rec.tally.pool = Some(pool.stats.shard());
     let (active, mut server) = match connect(pool, (peer, local), &mut rec).await {

@@ -734,7 +734,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         let pool = &self.shared.pools[pool_idx];
         let timeout_server = pool.timeout_server;
         ctx.fwd.rec.status = resp.status.as_u16();
-        prepare::persist(&mut ctx.fwd, pool, ctx.active.server());
+        prepare::persist(&mut ctx.fwd, (pool, ctx.active.server()), self.fe.ctx.https);
         let Ok(head) = OutHead::new(&resp, &ctx.fwd.response_ops) else {
             return self
                 .answer_error(Failure::Internal, ctx.fwd.rec, false, ctx.start)
