@@ -520,40 +520,16 @@ async fn one_cert_proxy(tag: &str) -> (Proxy, JsonBackend, TempDir) {
 async fn a_client_resumes_its_tls_session_after_hundreds_of_others() {
     let (proxy, _a, _dir) = one_cert_proxy("tls-resume").await;
     let addr = proxy.local_addrs()[0];
-    let provider = provider();
-    let client = |version: &'static rustls::SupportedProtocolVersion| {
-        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider.clone())))
-            .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-    };
-    let handshake = |connector: tokio_rustls::TlsConnector| async move {
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let name = ServerName::try_from("one.test").unwrap();
-        let mut s = connector.connect(name, tcp).await.unwrap();
-        // Tickets come after the handshake (TLS 1.3): read the answer.
-        s.write_all(b"GET / HTTP/1.1\r\nHost: one.test\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out).await;
-        s.get_ref().1.handshake_kind()
-    };
     for version in [&rustls::version::TLS13, &rustls::version::TLS12] {
-        let first = client(version);
-        assert_eq!(
-            handshake(first.clone()).await,
-            Some(rustls::HandshakeKind::Full)
-        );
+        let first = resuming_client(version);
+        let kind = tls_get(addr, &first).await.0;
+        assert_eq!(kind, Some(rustls::HandshakeKind::Full));
         // More clients than rustls' default session cache (256) holds.
         for _ in 0..300 {
-            handshake(client(version)).await;
+            tls_get(addr, &resuming_client(version)).await;
         }
         assert_eq!(
-            handshake(first).await,
+            tls_get(addr, &first).await.0,
             Some(rustls::HandshakeKind::Resumed),
             "{version:?}"
         );
@@ -1016,11 +992,13 @@ fn hash_and_queue_config() {
     }));
 }
 
-/// A TLS 1.3 client that resumes its sessions, accepting any certificate.
-fn resuming_client() -> tokio_rustls::TlsConnector {
+/// A client of TLS `version` that resumes its sessions, accepting any certificate.
+fn resuming_client(
+    version: &'static rustls::SupportedProtocolVersion,
+) -> tokio_rustls::TlsConnector {
     let provider = provider();
     let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
+        .with_protocol_versions(&[version])
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
@@ -1029,7 +1007,7 @@ fn resuming_client() -> tokio_rustls::TlsConnector {
 }
 
 /// One request to one.test over `client`: how the handshake went, and the
-/// answer (read to its end, so that the session's tickets arrive).
+/// answer (read to its end: TLS 1.3 tickets come after the handshake).
 async fn tls_get(
     addr: SocketAddr,
     client: &tokio_rustls::TlsConnector,
@@ -1070,7 +1048,7 @@ async fn tls_sessions_resume_across_a_restart_that_keeps_the_tls_settings() {
     };
     let first = Proxy::start_threads(cfg(&one, a.addr), None, &threads, None).unwrap();
     let addr = first.local_addrs()[0];
-    let client = resuming_client();
+    let client = resuming_client(&rustls::version::TLS13);
     assert_eq!(
         tls_get(addr, &client).await.0,
         Some(rustls::HandshakeKind::Full)
