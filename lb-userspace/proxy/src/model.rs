@@ -438,6 +438,14 @@ pub enum ConfigError {
         /// The repeated name.
         name: String,
     },
+    /// A pool lists one server address twice (servers are known by address).
+    #[error("pool {pool:?} lists server {server} twice")]
+    DuplicateServer {
+        /// The pool.
+        pool: String,
+        /// The repeated address.
+        server: SocketAddr,
+    },
     /// A frontend's default pool does not exist.
     #[error("frontend {frontend:?}: unknown default_pool {pool:?}")]
     UnknownPool {
@@ -528,6 +536,22 @@ pub enum ConfigError {
 }
 
 impl ProxyConfig {
+    /// Whether `other` differs from this in its pools' servers at most (and
+    /// their `health` and `discovery` tables, which the agent acts on):
+    /// what `Proxy::update_servers` applies in place.
+    pub fn same_but_servers(&self, other: &ProxyConfig) -> bool {
+        let without = |c: &ProxyConfig| {
+            let mut c = c.clone();
+            for p in &mut c.pools {
+                p.servers.clear();
+                p.health = None;
+                p.discovery = None;
+            }
+            c
+        };
+        without(self) == without(other)
+    }
+
     /// Index of the pool named `name` in `pools`.
     pub fn pool_index(&self, name: &str) -> Option<usize> {
         self.pools.iter().position(|p| p.name == name)
@@ -554,6 +578,7 @@ impl ProxyConfig {
             }
         }
         for p in &self.pools {
+            p.validate_servers()?;
             p.validate_hash()?;
             p.validate_cookie()?;
             p.validate_server_tls()?;
@@ -771,12 +796,20 @@ impl Pool {
         if self.hash_query && self.algorithm != Algorithm::Uri {
             return bad("hash_query needs algorithm uri");
         }
-
-        let mut seen = HashSet::new();
-        if self.algorithm.is_hash() && !self.servers.iter().all(|s| seen.insert(s.address)) {
-            return bad("a hashed pool cannot list the same server address twice");
-        }
         Ok(())
+    }
+
+    /// Servers are known by address (health, admin state, persistence,
+    /// changes in place): each may be listed once.
+    fn validate_servers(&self) -> Result<(), ConfigError> {
+        let mut seen = HashSet::new();
+        match self.servers.iter().find(|s| !seen.insert(s.address)) {
+            Some(s) => Err(ConfigError::DuplicateServer {
+                pool: self.name.clone(),
+                server: s.address,
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -840,6 +873,30 @@ fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_alone_can_change_in_place() {
+        let cfg: ProxyConfig = toml::from_str(
+            "[[frontend]]\nname = 'f'\nbinds = ['127.0.0.1:80']\ndefault_pool = 'p'\n\
+             [[pool]]\nname = 'p'\nservers = [{ address = '127.0.0.1:81' }]\n",
+        )
+        .unwrap();
+        let mut other = cfg.clone();
+        other.pools[0]
+            .servers
+            .push(ServerSpec::new(([127, 0, 0, 1], 82).into()));
+        other.pools[0].servers[0].weight = 5;
+        other.pools[0].health = Some(toml::Value::Boolean(true));
+        assert!(cfg.same_but_servers(&other));
+        other.pools[0].retries = 7;
+        assert!(!cfg.same_but_servers(&other));
+        let mut other = cfg.clone();
+        other.frontends[0].max_connections = 9;
+        assert!(!cfg.same_but_servers(&other));
+        let mut other = cfg.clone();
+        other.pools[0].name = "q".into();
+        assert!(!cfg.same_but_servers(&other));
+    }
 
     #[test]
     fn max_connections_must_fit_a_semaphore() {

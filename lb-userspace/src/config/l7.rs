@@ -176,7 +176,11 @@ impl Checker<'_> {
             pools: vec![pool.clone()],
             ..ProxyConfig::default()
         };
-        if let Err(e) = alone.validate() {
+        // A repeated server is reported at its entry, below.
+        if let Err(e) = alone.validate().or_else(|e| match e {
+            ConfigError::DuplicateServer { .. } => Ok(()),
+            e => Err(e),
+        }) {
             let key = match e {
                 ConfigError::BadHash { .. } => ["hash_header", "hash_query", "algorithm"],
                 ConfigError::BadServerTls { .. } => ["sni", "ca", "tls"],
@@ -188,10 +192,15 @@ impl Checker<'_> {
             .unwrap_or("servers");
             self.at_key(keys, key, span, e.to_string());
         }
+        let mut seen = std::collections::HashSet::new();
         for (i, server) in pool.servers.iter().enumerate() {
             let problem = rules::endpoint(server.address)
                 .map_err(|why| format!("server {} {why}", server.address))
-                .and_then(|()| rules::weight(i64::from(server.weight)).map(drop));
+                .and_then(|()| rules::weight(i64::from(server.weight)).map(drop))
+                .and_then(|()| match seen.insert(server.address) {
+                    true => Ok(()),
+                    false => Err(format!("server {} is listed twice", server.address)),
+                });
             if let Err(why) = problem {
                 let why = format!("pool \"{}\": {why}", pool.name);
                 self.at_entry(keys, ("servers", i), span, why);
@@ -452,6 +461,15 @@ mod tests {
                 ][..],
                 11,
                 "weight 70000 is out of range",
+            ),
+            (
+                &[
+                    "[[pool]]",
+                    "name = \"b\"",
+                    "servers = [{ address = \"198.18.2.11:80\" }, { address = \"198.18.2.11:80\" }]",
+                ][..],
+                11,
+                "server 198.18.2.11:80 is listed twice",
             ),
             (
                 &["[[pool]]", "name = \"b\"", "timeout_connect = \"5 s\""][..],

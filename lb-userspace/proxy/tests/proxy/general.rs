@@ -986,10 +986,17 @@ fn hash_and_queue_config() {
     assert!(bad(&|c| c.pools[0].hash_header = Some("bad header".into())));
     assert!(bad(&|c| c.pools[1].hash_header = Some("x".into())));
     assert!(bad(&|c| c.pools[2].hash_query = true));
-    assert!(bad(&|c| {
+    // A pool lists a server once, whatever its algorithm.
+    for algorithm in [Algorithm::Header, Algorithm::RoundRobin] {
+        let mut c = cfg.clone();
+        c.pools[0].algorithm = algorithm;
         let s = c.pools[0].servers[0].clone();
         c.pools[0].servers.push(s);
-    }));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::DuplicateServer { .. })
+        ));
+    }
 }
 
 /// A client of TLS `version` that resumes its sessions, accepting any certificate.
