@@ -914,12 +914,24 @@ impl L7 {
         Ok(L7 { proxy, config })
     }
 
-    /// After a reload or change: frontends and pools that changed restart
-    /// the proxy beside the old one (SO_REUSEPORT: no connection is
-    /// refused; requests in flight finish on the old one); otherwise the
-    /// certificates are re-read. A proxy that fails to start leaves the old.
+    /// After a reload or change: a change of pool servers alone (the CLI,
+    /// the REST API, DNS) is made in place; other changes of frontends and
+    /// pools restart the proxy beside the old one (SO_REUSEPORT: no
+    /// connection is refused; requests in flight finish on the old one);
+    /// otherwise the files are re-read. A proxy that fails to start leaves the old.
     async fn reload(&mut self, shared: &Shared) {
         let next = shared.lock().desired.config.proxy.clone();
+        let in_place = next != self.config
+            && next.3 == self.config.3
+            && self
+                .proxy
+                .as_mut()
+                .is_some_and(|p| p.update_servers(&next.0));
+        if in_place {
+            // The files are read again below, as for any reload.
+            self.config = next.clone();
+            info!("L7 pool servers changed in place");
+        }
         if next != self.config {
             match start_proxy(&next, self.proxy.as_ref()).await {
                 Ok(p) => {

@@ -195,7 +195,7 @@ fn leastconn_counts_the_requests_of_every_thread() {
 
 #[test]
 fn reloads_with_several_threads_lose_no_request() {
-    let lab = start("l7rl", (2, ""), &[1, 2], 0, "");
+    let lab = start("l7rl", (2, ""), &[1, 2], 0, "retries = 3\n");
     expect_threads(&lab, 2);
     let stop = Arc::new(AtomicBool::new(false));
     let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -224,16 +224,18 @@ fn reloads_with_several_threads_lose_no_request() {
             })
         })
         .collect();
-    // Each reload changes the pool (be1 and be2, then be1 alone, ...), so
-    // the proxy restarts on new threads beside the old ones every time.
+    // Each reload changes the pool (be1 and be2, then be1 alone, ...) and
+    // its `retries` (servers alone would change in place), so the proxy
+    // restarts on new threads beside the old ones every time.
     let text = std::fs::read_to_string(&lab.config_path).unwrap();
     let both = format!("{}, {}", server(1, 0), server(2, 0));
     let one = server(1, 0);
-    assert!(text.contains(&both));
+    assert!(text.contains(&both) && text.contains("retries = 3"));
     for round in 0..6 {
         std::thread::sleep(Duration::from_millis(300));
         let next = if round % 2 == 0 {
             text.replacen(&both, &one, 1)
+                .replacen("retries = 3", "retries = 2", 1)
         } else {
             text.clone()
         };
@@ -250,4 +252,92 @@ fn reloads_with_several_threads_lose_no_request() {
     assert_eq!(failed, 0, "{failed} of {} requests failed", done + failed);
     assert!(done > 100, "only {done} requests");
     expect_threads(&lab, 2);
+}
+
+/// `GET /` on a kept-alive connection; the body (the server's name).
+fn ask_kept(stream: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+    let mut reader = BufReader::new(&*stream);
+    let mut length = 0usize;
+    let mut status = String::new();
+    reader.read_line(&mut status)?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(std::io::Error::other(format!("answer {status:?}")));
+    }
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().map_err(std::io::Error::other)?;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).trim().to_string())
+}
+
+/// The thread ids of the serving threads.
+fn serving_tids(pid: u32) -> std::collections::BTreeSet<std::ffi::OsString> {
+    serving_thread_dirs(pid)
+        .iter()
+        .filter_map(|d| d.file_name().map(ToOwned::to_owned))
+        .collect()
+}
+
+#[test]
+fn pool_server_changes_from_the_cli_are_made_in_place() {
+    let lab = start("l7ip", (2, ""), &[1, 2], 0, "");
+    expect_threads(&lab, 2);
+    let threads = serving_tids(lab.agent);
+    let ns = lab.lab.client_ns().to_string();
+    let mut kept = run_in_ns(&ns, || {
+        std::net::TcpStream::connect_timeout(&vip_l7(), Duration::from_secs(5))
+    })
+    .unwrap()
+    .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let first = ask_kept(&mut kept).unwrap();
+    assert!(first == "be1" || first == "be2", "{first}");
+    // be3 joins and leaves four times: more changes than dropped proxies may
+    // drain, were each a restart (the fifth would close what the first kept).
+    let be3 = format!("{}:{TCP_PORT}", backend_v4(3));
+    let names = |n: usize| -> std::collections::BTreeSet<String> {
+        (0..n)
+            .map(|_| get(&lab.lab, "/").unwrap().1.trim().to_string())
+            .collect()
+    };
+    // (The proxy takes a change just after the CLI's answer.)
+    let eventually = |what: &str, holds: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !holds() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    for round in 0..4 {
+        let out = lab.lb(&["add", "backend", "pool:app", &be3]);
+        assert!(out.status.success(), "{out:?}");
+        eventually(&format!("round {round}: be3 joined"), &|| {
+            names(12).contains("be3")
+        });
+        let out = lab.lb(&["remove", "backend", "pool:app", &be3]);
+        assert!(out.status.success(), "{out:?}");
+        eventually(&format!("round {round}: be3 left"), &|| {
+            !names(12).contains("be3")
+        });
+    }
+    // The same serving threads, and the connection from before still served.
+    assert_eq!(serving_tids(lab.agent), threads, "the proxy was restarted");
+    for _ in 0..3 {
+        let again = ask_kept(&mut kept).unwrap();
+        assert!(again == "be1" || again == "be2", "{again}");
+    }
 }

@@ -592,6 +592,29 @@ impl ConnPool {
             + usize::from(h2)
     }
 
+    /// Closes the kept connections to servers not in `servers` (they left
+    /// the pool); a shared HTTP/2 one once its streams under way have ended.
+    pub(crate) fn keep_only(&self, servers: &[SocketAddr]) {
+        let gone = {
+            let mut lists = self.lists();
+            let Lists {
+                idle, raw, shared, ..
+            } = &mut *lists;
+            let kept = |addr: &SocketAddr| servers.contains(addr);
+            (
+                idle.extract_if(|a, _| !kept(a)).count(),
+                raw.extract_if(|a, _| !kept(a)).count(),
+                shared.extract_if(|a, _| !kept(a)).count(),
+            )
+        };
+        if gone != (0, 0, 0) {
+            tracing::debug!(
+                ?gone,
+                "closed kept connections to servers that left the pool"
+            );
+        }
+    }
+
     /// Drives idle connections once (a server's close is read and the
     /// connection ends) and drops ended and expired ones, which closes them.
     fn sweep_once(&self) {

@@ -350,6 +350,8 @@ fn prepare(cfg: &ProxyConfig, previous: Option<&Proxy>) -> anyhow::Result<Prepar
 
 /// A running proxy; dropping it stops accepting and gracefully closes client connections.
 pub struct Proxy {
+    /// What it runs (its servers as last updated).
+    config: ProxyConfig,
     /// One per serving thread (one when running on the caller's runtime).
     shared: Vec<Arc<Shared>>,
     terminators: Vec<(String, Arc<TlsTerminator>)>,
@@ -380,6 +382,7 @@ impl Proxy {
         let shared = Arc::new(Shared::new(&cfg, &prepared.balancers, route)?);
         let (tx, rx) = watch::channel(());
         let mut proxy = Proxy {
+            config: cfg,
             shared: vec![shared.clone()],
             terminators: prepared.terminators,
             addrs: Vec::new(),
@@ -447,7 +450,7 @@ impl Proxy {
             .collect();
         let (stop_now, stop_rx) = watch::channel(false);
         let plan = threads::Plan {
-            cfg,
+            cfg: cfg.clone(),
             hard_stop_after: threads.hard_stop_after,
             stop_now: stop_rx,
             balancers: prepared.balancers,
@@ -456,6 +459,7 @@ impl Proxy {
         };
         let shared = threads::spawn(Arc::new(plan), per_thread, &threads.cpu_map, rx)?;
         Ok(Proxy {
+            config: cfg,
             shared,
             terminators: prepared.terminators,
             addrs,
@@ -513,6 +517,36 @@ impl Proxy {
                 .find(|p| &*p.name == pool)
                 .is_some_and(|p| p.balancer.set_use(server, state))
         })
+    }
+
+    /// Takes the pool servers of `cfg` in place when it differs from the
+    /// running configuration in nothing else (`ProxyConfig::same_but_servers`),
+    /// as HAProxy's runtime `add server` and `del server`: connections,
+    /// serving threads, queues, TLS sessions and the servers that stay go on
+    /// untouched (`Balancer::set_servers`). False, changing nothing, when
+    /// anything else differs or `cfg` is not valid.
+    pub fn update_servers(&mut self, cfg: &ProxyConfig) -> bool {
+        if !self.config.same_but_servers(cfg) || cfg.validate().is_err() {
+            return false;
+        }
+        // Balancers are shared by the threads: the first thread's are everyone's.
+        let Some(shared) = self.shared.first() else {
+            return false;
+        };
+        for (i, pool) in cfg.pools.iter().enumerate() {
+            if let Some(running) = shared.pools.get(i) {
+                running.balancer.set_servers(&pool.servers);
+            }
+            let addrs: Vec<SocketAddr> = pool.servers.iter().map(|s| s.address).collect();
+            // Each thread keeps connections of its own.
+            for thread in &self.shared {
+                if let Some(running) = thread.pools.get(i) {
+                    running.conns.keep_only(&addrs);
+                }
+            }
+        }
+        self.config = cfg.clone();
+        true
     }
 
     /// Re-reads every frontend's files: certificates, client CA and CRLs,
@@ -678,7 +712,7 @@ impl ProxyStats {
                             .filter_map(|shared| shared.pools.get(i))
                             .map(|pool| pool.idle_connections(s.addr))
                             .sum(),
-                        weight: s.weight,
+                        weight: s.weight(),
                         up: s.is_up(),
                         counters: s.stats.snapshot(),
                     })

@@ -305,13 +305,13 @@ fn sticky_server(
     name: &str,
     headers: &mut HeaderMap,
     rec: &mut AccessRecord,
-) -> Option<usize> {
+) -> Option<SocketAddr> {
     let value = take_cookie(headers, name);
     let named = value.as_deref().map(|v| pool.balancer.by_cookie(v));
     let (state, sticky) = match named {
         None => ('N', None),
         Some(None) => ('I', None),
-        Some(Some(i)) if pool.balancer.server(i).takes_sticky() => ('V', Some(i)),
+        Some(Some(s)) if s.takes_sticky() => ('V', Some(s.addr)),
         Some(Some(_)) => ('D', None),
     };
     rec.persistence = [state, 'N'];
@@ -375,8 +375,7 @@ pub(crate) fn persist(
     let Some(name) = &pool.cookie else {
         return;
     };
-    let named = fwd.pick.sticky.map(|i| pool.balancer.server(i));
-    if named.is_some_and(|s| Arc::ptr_eq(s, server)) {
+    if fwd.pick.sticky == Some(server.addr) {
         return;
     }
     let secure = if https { "; Secure" } else { "" };
@@ -489,12 +488,12 @@ pub(crate) fn settle_authority(
 /// The tries of one request at a pool's servers: `retries` more after the
 /// first, each connect failure redispatched to a server not tried yet.
 pub(crate) struct Attempts {
-    /// Servers (indexes) whose connection failed.
-    tried: Vec<usize>,
+    /// Servers whose connection failed.
+    tried: Vec<SocketAddr>,
     /// Attempts left after the current one.
     left: u32,
     /// The server of the current attempt.
-    current: usize,
+    current: Option<Arc<ServerState>>,
 }
 
 impl Attempts {
@@ -502,7 +501,7 @@ impl Attempts {
         Attempts {
             tried: Vec::new(),
             left: pool.retries.saturating_add(1),
-            current: 0,
+            current: None,
         }
     }
 
@@ -521,7 +520,7 @@ impl Attempts {
                 rec.tw += a.queued.as_millis() as i64;
                 rec.server = a.active.server().label.clone();
                 rec.tally.server = Some(a.active.server().stats.shard());
-                self.current = a.index;
+                self.current = Some(a.active.server().clone());
                 Ok(a.active)
             }
             Err(e) => Err(unavailable(e, rec)),
@@ -533,7 +532,7 @@ impl Attempts {
     /// nothing of it can have been processed). A redispatch avoids this server.
     /// Counts the failure, and the retry, in `pool`'s and the server's counters.
     pub(crate) fn retry(&mut self, pool: &PoolRuntime, failure: Failure, reused: bool) -> bool {
-        let server = pool.balancer.servers().get(self.current);
+        let server = self.current.as_ref();
         let again = match failure.retry() {
             Retry::Never => false,
             Retry::OnReusedConnection => reused && self.left > 0,
@@ -542,7 +541,9 @@ impl Attempts {
                 if let Some(s) = server {
                     s.stats.connect_error();
                 }
-                self.tried.push(self.current);
+                if let Some(s) = server {
+                    self.tried.push(s.addr);
+                }
                 self.left > 0
             }
         };

@@ -337,3 +337,44 @@ async fn more_reloads_draining_than_allowed_close_the_oldest() {
     assert!(echoes(last).await, "the latest reloads' sessions go on");
     drop(live);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_servers_change_in_place_without_touching_sessions() {
+    let (x, y) = (echo("x").await, echo("y").await);
+    let cfg = tcp_config(x, x, "", "");
+    let hour = Duration::from_secs(3600);
+    let mut proxy = Proxy::start_threads(cfg.clone(), None, &one_thread(hour), None).unwrap();
+    let front = proxy.local_addrs()[0];
+    let mut held = TcpStream::connect(front).await.unwrap();
+    assert_eq!(greeting(&mut held).await, "x");
+    // More changes than dropped proxies may drain (a restart each would
+    // close `held` at the fifth): y joins and leaves the pool in turn.
+    let mut with_y = cfg.clone();
+    with_y.pools[0].servers.push(ServerSpec::new(y));
+    for round in 0..8 {
+        let next = if round % 2 == 0 { &with_y } else { &cfg };
+        assert!(proxy.update_servers(next), "round {round}");
+    }
+    assert!(proxy.update_servers(&with_y));
+    let names: std::collections::BTreeSet<String> = {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..6 {
+            let mut s = TcpStream::connect(front).await.unwrap();
+            seen.insert(greeting(&mut s).await);
+        }
+        seen
+    };
+    assert_eq!(names, ["x".to_string(), "y".to_string()].into());
+    assert!(echoes(&mut held).await, "the session went on");
+    // The pool's session counts carried over: `held` is still counted on x.
+    let servers = &proxy.stats().pools()[0].servers;
+    assert_eq!(servers[0].current, 1, "{servers:?}");
+    // Anything else changed is not done in place.
+    let mut other = with_y.clone();
+    other.pools[0].retries = 9;
+    assert!(!proxy.update_servers(&other));
+    let mut bad = with_y.clone();
+    bad.pools[0].servers.push(ServerSpec::new(y));
+    assert!(!proxy.update_servers(&bad), "a duplicate server is refused");
+    drop(proxy);
+}

@@ -548,6 +548,36 @@ async fn a_removed_servers_shared_h2_connection_closes_once_its_streams_end() {
     );
 }
 
+#[tokio::test]
+async fn a_server_removed_in_place_loses_its_kept_connections() {
+    let (server, seen) = h2c_server().await;
+    let (other, _) = h2c_server().await;
+    // Kept far longer than the test: only the removal can close it.
+    let mut p = h2_pool(server);
+    p.timeout_server_idle = Duration::from_secs(30);
+    let cfg = |p: &Pool| ProxyConfig {
+        frontends: vec![local_frontend()],
+        pools: vec![p.clone()],
+        ..Default::default()
+    };
+    let mut proxy = Proxy::start(cfg(&p), None).await.unwrap();
+    let front = proxy.local_addrs()[0];
+    let slow = tokio::spawn(async move { get_from(front, "/slow").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    p.servers = vec![ServerSpec::new(other)];
+    assert!(proxy.update_servers(&cfg(&p)));
+    assert_eq!(get_body(&proxy, "/").await.0, StatusCode::OK);
+    // The stream under way goes on to its end, then the connection closes.
+    assert_eq!(seen.get(), (1, 0));
+    assert_eq!(slow.await.unwrap(), (StatusCode::OK, "ab".into()));
+    let closed = seen.once_closed(1).await;
+    assert_eq!(
+        closed,
+        (1, 1),
+        "the removed server's connection was not closed"
+    );
+}
+
 /// `timeout_server_idle = "0s"` keeps no HTTP/2 connection either: each
 /// request opens its own, closed once its response has ended.
 #[tokio::test]
