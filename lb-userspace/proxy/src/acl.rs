@@ -994,6 +994,15 @@ pub enum Condition {
 }
 
 impl Condition {
+    /// The ACL names it uses.
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            Condition::Acl(name) => vec![name.as_str()],
+            Condition::Not(c) => c.names(),
+            Condition::And(cs) | Condition::Or(cs) => cs.iter().flat_map(|c| c.names()).collect(),
+        }
+    }
+
     /// Evaluates the condition for a request, short-circuiting left to right.
     pub fn eval(&self, acls: &AclSet, req: &Request) -> bool {
         match self {

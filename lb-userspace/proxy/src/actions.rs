@@ -120,6 +120,8 @@ enum RequestOp {
 #[derive(Debug)]
 pub struct CompiledActions {
     acls: AclSet,
+    /// The conditions of `reject` rules, decided at accept (`rejects`).
+    reject: Vec<Option<Condition>>,
     request: Vec<(Option<Condition>, RequestOp)>,
     response: Vec<(Option<Condition>, HeaderOp)>,
 }
@@ -160,8 +162,15 @@ pub fn compile(cfg: &ProxyConfig) -> Result<ActionsByFrontend, ActionError> {
             reason,
         };
         let mut request = Vec::new();
+        let mut reject = Vec::new();
         for (i, a) in f.request.iter().enumerate() {
             let cond = condition(a, &acls).map_err(|r| rule_error("request", i, a, r))?;
+            if a.action == "reject" {
+                let c = reject_condition(a, cond, &f.acl)
+                    .map_err(|r| rule_error("request", i, a, r))?;
+                reject.push(c);
+                continue;
+            }
             let op =
                 request_op(a, &f.name, &userlists).map_err(|r| rule_error("request", i, a, r))?;
             request.push((cond, op));
@@ -182,6 +191,7 @@ pub fn compile(cfg: &ProxyConfig) -> Result<ActionsByFrontend, ActionError> {
             f.name.clone(),
             CompiledActions {
                 acls,
+                reject,
                 request,
                 response,
             },
@@ -252,6 +262,30 @@ fn condition(a: &HttpAction, acls: &AclSet) -> Result<Option<Condition>, String>
         .map(|text| acl::parse_condition(text, &|name| acls.contains(name)))
         .transpose()
         .map_err(|e| e.to_string())
+}
+
+/// A `reject` rule's condition, which may look at the source alone: it is
+/// decided as the connection is accepted, before TLS and before any request
+/// (HAProxy's `tcp-request connection reject`).
+fn reject_condition(
+    a: &HttpAction,
+    cond: Option<Condition>,
+    acls: &[acl::AclSpec],
+) -> Result<Option<Condition>, String> {
+    only(a, &[])?;
+    if let Some(c) = &cond
+        && let Some(acl) = acls
+            .iter()
+            .find(|acl| c.names().contains(&acl.name.as_str()) && acl.matcher.key() != "src")
+    {
+        return Err(format!(
+            "reject is decided when the connection is accepted, before TLS and any request: \
+             its condition may use `src` ACLs only, and `{}` uses `{}`",
+            acl.name,
+            acl.matcher.key()
+        ));
+    }
+    Ok(cond)
 }
 
 /// Refuses fields that the action does not take, so typos and mix-ups are not silently ignored.
@@ -395,7 +429,7 @@ fn request_op(
             Ok(RequestOp::Auth { users, challenge })
         }
         other => Err(format!(
-            "unknown action {other:?}; expected deny, redirect, set-header, add-header, \
+            "unknown action {other:?}; expected deny, reject, redirect, set-header, add-header, \
              del-header, set-path, return or auth"
         )),
     }
@@ -433,6 +467,29 @@ impl CompiledActions {
             src_request_rates,
         };
         cond.eval(&self.acls, &req)
+    }
+
+    /// Whether a `reject` rule holds for a connection from `src`: it is
+    /// then closed unread, before TLS (HAProxy's `tcp-request connection reject`).
+    pub(crate) fn rejects(&self, src: IpAddr) -> bool {
+        if self.reject.is_empty() {
+            return false;
+        }
+        let no_headers = HeaderMap::new();
+        let req = acl::Request {
+            method: "",
+            path: "",
+            query: None,
+            host: None,
+            headers: &no_headers,
+            src,
+            sni: None,
+            client_cert: false,
+            src_request_rates: &[],
+        };
+        self.reject
+            .iter()
+            .any(|c| c.as_ref().is_none_or(|c| c.eval(&self.acls, &req)))
     }
 
     /// Whether a `deny` rule holds for a `tcp` frontend's connection (the

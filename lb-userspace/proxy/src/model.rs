@@ -127,7 +127,8 @@ pub const TCP_ACL_KEYS: &[&str] = &[
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpAction {
-    /// deny, redirect, set-header, add-header, del-header, set-path, return or auth.
+    /// deny, reject (at accept, `src` ACLs only), redirect, set-header,
+    /// add-header, del-header, set-path, return or auth.
     pub action: String,
     /// Condition over the frontend's ACLs; the rule always applies without one.
     #[serde(default, rename = "if")]
@@ -656,9 +657,13 @@ impl ProxyConfig {
                 TCP_ACL_KEYS.join(", ")
             ));
         }
-        if let Some(rule) = f.request.iter().find(|r| r.action != "deny") {
+        if let Some(rule) = f
+            .request
+            .iter()
+            .find(|r| r.action != "deny" && r.action != "reject")
+        {
             return Err(format!(
-                "request action `{}` needs mode http; a tcp frontend can only deny (close) a connection",
+                "request action `{}` needs mode http; a tcp frontend can only reject or deny (close) a connection",
                 rule.action
             ));
         }

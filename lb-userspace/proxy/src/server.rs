@@ -87,7 +87,12 @@ pub(crate) async fn accept_loop(
         };
         drop(waiting);
         // Closed unread: HAProxy's `tcp-request connection reject`. Its
-        // permit goes back as the loop takes the next one.
+        // permit goes back as the loop takes the next one. (Behind a PROXY
+        // header the source is known only once it is read.)
+        if !fe.accept_proxy && rejected(&fe, peer) {
+            drop(stream);
+            continue;
+        }
         let Ok(source) = count_source(&fe, peer) else {
             drop(stream);
             continue;
@@ -153,6 +158,21 @@ struct Slot {
     // frontend's current ones, its source's count is down too.
     _source: Option<SourceSlot>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Whether a `reject` rule closes the connection from `peer` (counted as
+/// denied; debug only in the log, so a flood does not flood it).
+fn rejected(fe: &FrontendRuntime, peer: SocketAddr) -> bool {
+    let reject = fe
+        .ctx
+        .actions
+        .as_ref()
+        .is_some_and(|a| a.rejects(peer.ip()));
+    if reject {
+        fe.ctx.stats.denied_connection();
+        tracing::debug!(frontend = %fe.ctx.name, %peer, "rejected: connection closed");
+    }
+    reject
 }
 
 /// Counts a connection from `peer` against its source's limit, if the
@@ -235,6 +255,10 @@ async fn serve_connection(
                 tracing::debug!(frontend = %fe.ctx.name, %peer, "PROXY header timed out");
                 return;
             }
+        }
+        // The source the header names is the one `reject` rules look at.
+        if rejected(&fe, peer) {
+            return;
         }
     }
     if fe.tcp {

@@ -541,6 +541,26 @@ mod tests {
     }
 
     #[test]
+    fn a_reject_rule_looking_past_the_source_is_refused_at_its_line() {
+        let mut lines = l7(&[]);
+        lines.splice(
+            5..5,
+            [
+                "acl = [{ name = \"x\", path = \"/x\" }, { name = \"s\", src = \"10.0.0.0/8\" }]",
+                "request = [{ action = \"deny\", if = \"x\" },",
+                "  { action = \"reject\", if = \"s or x\" }]",
+            ],
+        );
+        let errs = errors(&lines);
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        let e = errs[0].to_string();
+        assert!(e.starts_with("lb.toml:8:"), "{e}");
+        assert!(e.contains("`src` ACLs only, and `x` uses `path`"), "{e}");
+        lines[7] = "  { action = \"reject\", if = \"s\" }]";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+    }
+
+    #[test]
     fn a_tcp_frontend_with_http_rules_is_refused_at_its_mode() {
         let mut lines = l7(&[]);
         lines.splice(

@@ -1,6 +1,8 @@
-//! `max_connections_per_source`: one client address may not hold more than
-//! that many of a frontend's connections; one more is closed unread, and
-//! others are served as before. Real sockets on 127.0.0.1 (and 127.0.0.2).
+//! Connections closed unread at accept. `max_connections_per_source`: one
+//! client address may not hold more than that many of a frontend's
+//! connections; one more is closed, and others are served as before.
+//! `reject` rules: a source they name is closed before TLS and before any
+//! request. Real sockets on 127.0.0.1 (and 127.0.0.2).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,7 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::backends::server_answering;
-use crate::support::{GIVE_UP, local_frontend, one_server_pool, start_proxy};
+use crate::support::{
+    GIVE_UP, TempDir, access_lines, capture_access_log, local_frontend, one_server_pool, provider,
+    start_proxy, two_pool_config,
+};
 use lb_proxy::*;
 
 /// A keep-alive request.
@@ -277,4 +282,133 @@ status = 429
         assert_eq!(statuses(front, "127.0.0.4", 1, false).await, [expected]);
     }
     drop(third);
+}
+
+/// A TLS handshake (any certificate accepted) on `tcp`.
+async fn tls_over(tcp: TcpStream) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let provider = provider();
+    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("one.test").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    tokio::time::timeout(GIVE_UP, connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+#[tokio::test]
+async fn a_rejected_source_is_closed_before_tls_and_not_logged() {
+    capture_access_log();
+    let dir = TempDir::new("reject");
+    let (cert, _) = crate::general::write_cert(&dir, "one", &["one.test"]);
+    let rules = format!(
+        r#"
+[frontend.tls]
+certs = [{{ cert = "{}", key = "{}" }}]
+[[frontend.acl]]
+name = "blocked"
+src = ["127.0.0.2/32", "10.0.0.0/8"]
+[[frontend.acl]]
+name = "admin"
+path_prefix = "/admin"
+[[frontend.request]]
+action = "deny"
+if = "admin"
+[[frontend.request]]
+action = "reject"
+if = "blocked"
+"#,
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let backend = server().await;
+    let cfg = two_pool_config(backend, backend, &rules, "");
+    let router = routing::router(&cfg).unwrap();
+    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let front = proxy.local_addrs()[0];
+    // Closed before the handshake: not even a ServerHello comes back.
+    for _ in 0..3 {
+        let tcp = connect_from("127.0.0.2", front).await;
+        assert!(
+            tls_over(tcp).await.is_err(),
+            "a handshake with a rejected source"
+        );
+    }
+    // Others are served, whatever rule comes first in the list.
+    let mut ok = tls_over(connect_from("127.0.0.1", front).await)
+        .await
+        .unwrap();
+    ok.write_all(REQUEST).await.unwrap();
+    let mut got = [0u8; 12];
+    ok.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"HTTP/1.1 200");
+    let counters = &proxy.stats().frontends()[0].counters;
+    assert_eq!((counters.connections, counters.denied_connections), (1, 3));
+    // Counted, not logged: a flood does not flood the log. (Other tests
+    // log too: this one's lines name its server.)
+    let ours: Vec<String> = access_lines()
+        .into_iter()
+        .filter(|l| l.contains(&format!("app/{backend} ")))
+        .collect();
+    assert_eq!(ours.len(), 1, "{ours:?}");
+    assert!(ours[0].starts_with("127.0.0.1:"), "{ours:?}");
+}
+
+#[tokio::test]
+async fn reject_looks_at_the_source_a_proxy_header_names() {
+    let rules = r#"
+accept_proxy = true
+[[frontend.acl]]
+name = "blocked"
+src = "192.0.2.7"
+[[frontend.request]]
+action = "reject"
+if = "blocked"
+"#;
+    let backend = server().await;
+    let cfg = two_pool_config(backend, backend, rules, "");
+    let router = routing::router(&cfg).unwrap();
+    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let front = proxy.local_addrs()[0];
+    let from = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 4000 80\r\n");
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(from("192.0.2.8").as_bytes()).await.unwrap();
+    assert!(ask(&mut s).await.ends_with("ok"));
+    let mut s = TcpStream::connect(front).await.unwrap();
+    s.write_all(from("192.0.2.7").as_bytes()).await.unwrap();
+    closed_unanswered(s, "a rejected claimed source").await;
+    assert_eq!(proxy.stats().frontends()[0].counters.denied_connections, 1);
+}
+
+#[test]
+fn reject_takes_source_conditions_only() {
+    let text = |acl: &str| {
+        format!(
+            "[[frontend.acl]]\nname = \"a\"\n{acl}\n[[frontend.request]]\naction = \"reject\"\nif = \"a\""
+        )
+    };
+    let any: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let ok = two_pool_config(any, any, &text("src = \"10.0.0.0/8\""), "");
+    actions::compile(&ok).unwrap();
+    for key in [
+        "path_prefix = \"/x\"",
+        "sni = \"a.test\"",
+        "src_request_rate = { period = \"10s\", above = 5 }",
+    ] {
+        let bad = two_pool_config(any, any, &text(key), "");
+        let e = actions::compile(&bad).unwrap_err().to_string();
+        assert!(e.contains("`src` ACLs only"), "{key}: {e}");
+    }
+    // Nothing more than the condition.
+    let extra = two_pool_config(
+        any,
+        any,
+        "[[frontend.request]]\naction = \"reject\"\nstatus = 403",
+        "",
+    );
+    assert!(actions::compile(&extra).is_err());
 }
