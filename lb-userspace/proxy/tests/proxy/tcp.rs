@@ -366,9 +366,14 @@ async fn pool_servers_change_in_place_without_touching_sessions() {
     };
     assert_eq!(names, ["x".to_string(), "y".to_string()].into());
     assert!(echoes(&mut held).await, "the session went on");
-    // The pool's session counts carried over: `held` is still counted on x.
-    let servers = &proxy.stats().pools()[0].servers;
-    assert_eq!(servers[0].current, 1, "{servers:?}");
+    // The pool's session counts carried over: `held` is still counted on x
+    // (once the proxy has seen the probes above close).
+    let on_x = || proxy.stats().pools()[0].servers[0].current;
+    let until = Instant::now() + GIVE_UP;
+    while on_x() != 1 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(on_x(), 1, "{:?}", proxy.stats().pools());
     // Anything else changed is not done in place.
     let mut other = with_y.clone();
     other.pools[0].retries = 9;
