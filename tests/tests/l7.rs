@@ -390,3 +390,46 @@ fn l7_pool_servers_are_drained_added_and_removed_from_the_cli() {
     let bad = lab.lb(&["add", "backend", "pool:nope", &be(1)]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown pool"));
 }
+
+#[test]
+fn responses_are_gzipped_for_curl_over_h2_and_http1() {
+    // The https frontend compresses the backends' /bytes answers.
+    let config = |lab: &Lab, dir: &Path| {
+        let text = proxy_config(lab, dir)?;
+        let plain = "default_pool = \"web\"\n[frontend.tls]";
+        let compressing = "default_pool = \"web\"\n[frontend.compression]\ntypes = [\"application/octet-stream\"]\n[frontend.tls]";
+        anyhow::ensure!(text.contains(plain), "the https frontend");
+        Ok(text.replacen(plain, compressing, 1))
+    };
+    let lab = RunningLab::start_custom("l7gz", 3, &[1, 1, 1], None, config).unwrap();
+    let ca = lab.config_path.with_file_name("ca.pem");
+    let saved = lab.config_path.with_file_name("download.bin");
+    const LEN: u64 = 200_000;
+    for (mode, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out_file = saved.to_str().unwrap();
+        let args = [mode, "--compressed", "-D", "-", "-o", out_file];
+        let (head, meta) = curl_with(&lab, "www.example", &format!("/bytes/{LEN}"), &ca, &args);
+        assert!(meta.starts_with(version), "{mode}: {meta}");
+        let head = head.to_ascii_lowercase();
+        assert!(head.contains("content-encoding: gzip"), "{mode}: {head}");
+        assert!(!head.contains("content-length"), "{mode}: {head}");
+        // curl inflated it back to the backend's own bytes.
+        let body = std::fs::read(&saved).unwrap();
+        assert_eq!(body.len() as u64, LEN, "{mode}");
+        let wrong = (0..LEN)
+            .find(|&i| body[i as usize] != lb_userspace::lab::backend_server::pattern_byte(i));
+        assert_eq!(wrong, None, "{mode}: first wrong byte");
+    }
+    // Without --compressed (no Accept-Encoding) the bytes come as they are.
+    let (head, _) = curl_with(
+        &lab,
+        "www.example",
+        "/bytes/2000",
+        &ca,
+        &["-D", "-", "-o", "/dev/null"],
+    );
+    assert!(
+        !head.to_ascii_lowercase().contains("content-encoding"),
+        "{head}"
+    );
+}

@@ -153,6 +153,8 @@ pub(crate) struct FrontendCtx {
     /// `Proxy::reload_files`): the body of each status it replaces.
     pub error_page_files: ErrorPageFiles,
     pub error_pages: std::sync::RwLock<Vec<(u16, bytes::Bytes)>>,
+    /// `[frontend.compression]`, if set (compress.rs).
+    pub compression: Option<crate::model::Compression>,
 }
 
 /// A frontend's `error_pages`: status (as written) to file.
@@ -374,6 +376,7 @@ impl FrontendRuntime {
                     .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
                 error_page_files: cfg.error_pages.clone(),
                 error_pages: std::sync::RwLock::new(error_pages),
+                compression: cfg.compression.clone(),
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),

@@ -20,6 +20,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::actions;
 use super::balance::Active;
+use super::compress;
 use super::connpool::{Conn, RawConn, Reusable, Sender, SharedH2};
 use super::context::{ConnCtx, FrontendCtx, PoolRuntime, Shared};
 use super::deadline::WaitLimit;
@@ -475,6 +476,7 @@ fn respond_raw(
     let Forwarding {
         mut rec,
         response_ops,
+        gzip,
         ..
     } = fwd;
     actions::apply_response(&response_ops, &mut headers); // response actions
@@ -488,6 +490,8 @@ fn respond_raw(
         client::ResponseBody::InHand(bytes) => (whole(bytes), false),
         client::ResponseBody::Read(raw) => (raw.boxed_unsync(), true),
     };
+    let compression = done.conn.frontend.compression.as_ref();
+    let body = compress::response(compression, gzip, head.status, &mut headers, body);
     let mut body = LoggedBody::new(body, rec, Some(active), done);
     if streams {
         body.server_wait = Some(WaitLimit::new(pool.timeout_server));
@@ -580,6 +584,7 @@ fn respond(
     let Forwarding {
         mut rec,
         response_ops,
+        gzip,
         ..
     } = fwd;
     prepare::strip_hop_by_hop(&mut rparts.headers);
@@ -613,6 +618,8 @@ fn respond(
     actions::apply_response(&response_ops, &mut rparts.headers); // response actions
     rec.status = rparts.status.as_u16();
     let body = rbody.map_err(BoxError::from).boxed_unsync();
+    let compression = x.conn.frontend.compression.as_ref();
+    let body = compress::response(compression, gzip, rparts.status, &mut rparts.headers, body);
     let mut body = LoggedBody::new(body, rec, active, done);
     body.reusable = reusable;
     body.shared = shared;

@@ -193,6 +193,7 @@ pub mod acl;
 pub mod actions;
 mod balance;
 mod client_hello;
+mod compress;
 mod connpool;
 mod context;
 mod deadline;
@@ -232,8 +233,9 @@ pub use forward::ProxyBody;
 pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
-    Algorithm, CertPair, ConfigError, Frontend, FrontendMode, HttpAction, MAX_CONNECTIONS, Pool,
-    ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig, UsePool, User, UserList, VerifyClient,
+    Algorithm, CertPair, Compression, ConfigError, Frontend, FrontendMode, HttpAction,
+    MAX_CONNECTIONS, Pool, ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig, UsePool, User,
+    UserList, VerifyClient,
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
@@ -325,7 +327,9 @@ fn prepare(cfg: &ProxyConfig, previous: Option<&Proxy>) -> anyhow::Result<Prepar
         // validate() checked that the default pool exists.
         let default_pool = cfg.pool_index(&fe.default_pool).unwrap_or(0);
         // Our own HTTP/1 path forwards to HTTP/1.1 servers only (proxy/h1).
+        // (Compressed answers are made on hyper's path: compress.rs.)
         let own_h1 = fe.mode == FrontendMode::Http
+            && fe.compression.is_none()
             && std::iter::once(&fe.default_pool)
                 .chain(fe.use_pool.iter().map(|u| &u.pool))
                 .filter_map(|name| cfg.pool_index(name))

@@ -95,6 +95,35 @@ pub struct Frontend {
     /// status (HAProxy's `errorfile`, the body only): `{ 503 = "/path" }`.
     #[serde(default)]
     pub error_pages: std::collections::BTreeMap<String, PathBuf>,
+    /// `[frontend.compression]`: gzip of servers' responses for clients
+    /// that accept it (HAProxy's `compression algo gzip`, nginx's `gzip on`).
+    #[serde(default)]
+    pub compression: Option<Compression>,
+}
+
+/// Which responses a frontend compresses, and how hard.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Compression {
+    /// Media types compressed: `type/subtype`, or `type/*` (HAProxy's `compression type`).
+    #[serde(default = "defaults::compression_types")]
+    pub types: Vec<String>,
+    /// Responses whose Content-Length is below this many bytes go as they are.
+    #[serde(default = "defaults::compression_min_size")]
+    pub min_size: u64,
+    /// zlib level, 1 (fastest, the default, as HAProxy's and nginx's) to 9.
+    #[serde(default = "defaults::compression_level")]
+    pub level: u32,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression {
+            types: defaults::compression_types(),
+            min_size: defaults::compression_min_size(),
+            level: defaults::compression_level(),
+        }
+    }
 }
 
 /// The statuses an `error_pages` entry may replace: those the proxy answers
@@ -439,6 +468,14 @@ pub enum ConfigError {
         /// The repeated name.
         name: String,
     },
+    /// A frontend's `compression` is out of range.
+    #[error("frontend {frontend:?}: compression: {problem}")]
+    BadCompression {
+        /// Frontend name.
+        frontend: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A pool lists one server address twice (servers are known by address).
     #[error("pool {pool:?} lists server {server} twice")]
     DuplicateServer {
@@ -591,46 +628,7 @@ impl ProxyConfig {
                     pool: f.default_pool.clone(),
                 });
             }
-            if f.binds.is_empty() {
-                return Err(ConfigError::NoBinds(f.name.clone()));
-            }
-            if !(1..=MAX_CONNECTIONS).contains(&f.max_connections) {
-                return Err(ConfigError::NoConnections(f.name.clone()));
-            }
-            if f.max_connections_per_source > f.max_connections {
-                return Err(ConfigError::PerSourceAboveMax {
-                    frontend: f.name.clone(),
-                    per_source: f.max_connections_per_source,
-                    max: f.max_connections,
-                });
-            }
-            if f.send_buffer != 0 && !(MIN_SEND_BUFFER..=MAX_SEND_BUFFER).contains(&f.send_buffer) {
-                return Err(ConfigError::BadSendBuffer {
-                    frontend: f.name.clone(),
-                    bytes: f.send_buffer,
-                });
-            }
-            if let Some(tls) = &f.tls
-                && (tls.certs.is_empty() || tls.default_cert.unwrap_or(0) >= tls.certs.len())
-            {
-                return Err(ConfigError::BadTls(f.name.clone()));
-            }
-            if let Some(tls) = &f.tls {
-                tls.validate_client_auth()
-                    .map_err(|problem| ConfigError::BadClientAuth {
-                        frontend: f.name.clone(),
-                        problem,
-                    })?;
-            }
-            if let Some(key) = f.error_pages.keys().find(|k| {
-                k.parse::<u16>()
-                    .map_or(true, |s| !ERROR_PAGE_STATUSES.contains(&s))
-            }) {
-                return Err(ConfigError::BadErrorPage {
-                    frontend: f.name.clone(),
-                    status: key.clone(),
-                });
-            }
+            f.validate()?;
             if f.mode == FrontendMode::Tcp {
                 self.validate_tcp(f)
                     .map_err(|problem| ConfigError::TcpMode {
@@ -686,6 +684,59 @@ impl ProxyConfig {
 }
 
 impl Frontend {
+    /// Its own settings, apart from the pools it names.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.binds.is_empty() {
+            return Err(ConfigError::NoBinds(self.name.clone()));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(ConfigError::NoConnections(self.name.clone()));
+        }
+        if self.max_connections_per_source > self.max_connections {
+            return Err(ConfigError::PerSourceAboveMax {
+                frontend: self.name.clone(),
+                per_source: self.max_connections_per_source,
+                max: self.max_connections,
+            });
+        }
+        if self.send_buffer != 0 && !(MIN_SEND_BUFFER..=MAX_SEND_BUFFER).contains(&self.send_buffer)
+        {
+            return Err(ConfigError::BadSendBuffer {
+                frontend: self.name.clone(),
+                bytes: self.send_buffer,
+            });
+        }
+        if let Some(tls) = &self.tls
+            && (tls.certs.is_empty() || tls.default_cert.unwrap_or(0) >= tls.certs.len())
+        {
+            return Err(ConfigError::BadTls(self.name.clone()));
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate_client_auth()
+                .map_err(|problem| ConfigError::BadClientAuth {
+                    frontend: self.name.clone(),
+                    problem,
+                })?;
+        }
+        if let Some(key) = self.error_pages.keys().find(|k| {
+            k.parse::<u16>()
+                .map_or(true, |s| !ERROR_PAGE_STATUSES.contains(&s))
+        }) {
+            return Err(ConfigError::BadErrorPage {
+                frontend: self.name.clone(),
+                status: key.clone(),
+            });
+        }
+        if let Some(c) = &self.compression {
+            c.validate(self.mode)
+                .map_err(|problem| ConfigError::BadCompression {
+                    frontend: self.name.clone(),
+                    problem,
+                })?;
+        }
+        Ok(())
+    }
+
     /// A frontend with every optional setting at its default.
     pub fn new(name: &str, binds: Vec<SocketAddr>, default_pool: &str) -> Self {
         Frontend {
@@ -710,6 +761,7 @@ impl Frontend {
             response: Vec::new(),
             log_format: Default::default(),
             error_pages: Default::default(),
+            compression: None,
         }
     }
 }
@@ -818,6 +870,40 @@ impl Pool {
     }
 }
 
+impl Compression {
+    /// Levels within zlib's, media types that can match, HTTP frontends only.
+    fn validate(&self, mode: FrontendMode) -> Result<(), String> {
+        if mode == FrontendMode::Tcp {
+            return Err("a tcp frontend relays bytes: compression needs mode http".into());
+        }
+        if !(1..=9).contains(&self.level) {
+            return Err(format!(
+                "level {} is out of range; expected 1..=9",
+                self.level
+            ));
+        }
+        if self.types.is_empty() {
+            return Err("types is empty: nothing would be compressed".into());
+        }
+        let valid = |t: &str| {
+            t.split_once('/').is_some_and(|(a, b)| {
+                let token = |s: &str| {
+                    !s.is_empty()
+                        && s.bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&c))
+                };
+                token(a) && (b == "*" || token(b))
+            })
+        };
+        match self.types.iter().find(|t| !valid(t)) {
+            Some(t) => Err(format!(
+                "type {t:?} is not a media type (`type/subtype` or `type/*`)"
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 impl ServerSpec {
     /// A non-backup server of weight 1.
     pub fn new(address: SocketAddr) -> Self {
@@ -832,6 +918,29 @@ impl ServerSpec {
 
 mod defaults {
     use std::time::Duration;
+
+    pub fn compression_types() -> Vec<String> {
+        [
+            "text/html",
+            "text/plain",
+            "text/css",
+            "text/javascript",
+            "application/javascript",
+            "application/json",
+            "application/xml",
+            "image/svg+xml",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    pub fn compression_min_size() -> u64 {
+        1024
+    }
+
+    pub fn compression_level() -> u32 {
+        1
+    }
 
     pub fn max_connections() -> usize {
         10_000

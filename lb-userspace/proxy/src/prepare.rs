@@ -154,6 +154,8 @@ pub(crate) struct Forwarding {
     pub response_ops: Vec<actions::HeaderOp>,
     /// The `Sec-WebSocket-Accept` a `101` must carry (WebSocket upgrades).
     pub ws_accept: Option<HeaderValue>,
+    /// The client takes a gzip answer and the frontend compresses (compress.rs).
+    pub gzip: bool,
 }
 
 /// The pool the frontend's `use_pool` rules choose, else its default pool.
@@ -272,6 +274,9 @@ pub(crate) async fn prepare(
         rec,
         pick,
         response_ops: acted.response,
+        gzip: upgrade.is_none()
+            && frontend.compression.is_some()
+            && super::compress::wanted(&parts.method, &parts.headers),
         ws_accept,
     })
 }

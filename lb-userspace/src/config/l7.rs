@@ -221,6 +221,7 @@ impl Checker<'_> {
                 ConfigError::BadTls(_) | ConfigError::BadClientAuth { .. } => "tls",
                 ConfigError::TcpMode { .. } => "mode",
                 ConfigError::BadErrorPage { .. } => "error_pages",
+                ConfigError::BadCompression { .. } => "compression",
                 _ => "name",
             };
             self.at_key(keys, key, span, e.to_string());
@@ -470,6 +471,11 @@ mod tests {
                 ][..],
                 11,
                 "server 198.18.2.11:80 is listed twice",
+            ),
+            (
+                &["[frontend.compression]", "level = 12"][..],
+                9,
+                "compression: level 12 is out of range; expected 1..=9",
             ),
             (
                 &["[[pool]]", "name = \"b\"", "timeout_connect = \"5 s\""][..],

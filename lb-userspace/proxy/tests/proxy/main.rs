@@ -4,6 +4,7 @@
 mod actions;
 mod backends;
 mod client_tls;
+mod compression;
 mod edge;
 mod framing;
 mod general;

@@ -1,0 +1,321 @@
+//! gzip of servers' responses for clients that accept it
+//! (`[frontend.compression]`, HAProxy's `compression algo gzip`, nginx's
+//! `gzip on`): which requests and responses qualify, the header changes,
+//! and a body compressed frame by frame.
+//!
+//! Each data frame is compressed and flushed (a sync flush, a few bytes) as
+//! it comes, so a streamed response (server-sent events, a slow report) is
+//! not held back waiting for a full deflate block; a response read whole is
+//! one frame. Frontends with compression serve on hyper's path only.
+
+use std::io::Write;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use flate2::write::GzEncoder;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::{Body, Frame};
+
+use super::model::Compression;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether a request may get a gzip answer: not a HEAD, and its
+/// Accept-Encoding takes `gzip` (or `x-gzip`, or `*`) with a non-zero q.
+/// An explicit `gzip;q=0` wins over `*`.
+pub(crate) fn wanted(method: &Method, headers: &HeaderMap) -> bool {
+    if method == Method::HEAD {
+        return false;
+    }
+    let (mut gzip, mut any) = (None, None);
+    let values = headers.get_all(header::ACCEPT_ENCODING);
+    for item in values
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+    {
+        let mut params = item.split(';');
+        let coding = params.next().unwrap_or("").trim();
+        let q = params
+            .filter_map(|p| p.trim().strip_prefix("q="))
+            .find_map(|q| q.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            gzip = Some(gzip.map_or(q, |g: f32| g.max(q)));
+        } else if coding == "*" {
+            any = Some(q);
+        }
+    }
+    gzip.or(any).is_some_and(|q| q > 0.0)
+}
+
+/// Whether a response qualifies: 200 to 203, not encoded already, not a
+/// range, of a configured media type, at least `min_size` when its length is
+/// known, and no `Cache-Control: no-transform`.
+fn qualifies(cfg: &Compression, status: StatusCode, headers: &HeaderMap) -> bool {
+    if !(200..=203).contains(&status.as_u16()) || headers.contains_key(header::CONTENT_RANGE) {
+        return false;
+    }
+    let encoded = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return false;
+    }
+    let no_transform = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case("no-transform"));
+    if no_transform {
+        return false;
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()));
+    match length {
+        Some(Some(n)) if n < cfg.min_size => return false,
+        Some(None) => return false,
+        _ => {}
+    }
+    let Some(media) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim)
+    else {
+        return false;
+    };
+    cfg.types.iter().any(|t| match t.strip_suffix("/*") {
+        Some(kind) => media
+            .split_once('/')
+            .is_some_and(|(k, _)| k.eq_ignore_ascii_case(kind)),
+        None => media.eq_ignore_ascii_case(t),
+    })
+}
+
+/// The body the client gets: `body` compressed, its headers changed, when
+/// the request `wanted` it and the response qualifies; else as it is.
+pub(crate) fn response(
+    cfg: Option<&Compression>,
+    wanted: bool,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    body: UnsyncBoxBody<Bytes, BoxError>,
+) -> UnsyncBoxBody<Bytes, BoxError> {
+    let Some(cfg) = cfg.filter(|c| wanted && qualifies(c, status, headers)) else {
+        return body;
+    };
+    headers.remove(header::CONTENT_LENGTH);
+    // A range of the compressed body is not one of the server's.
+    headers.remove(header::ACCEPT_RANGES);
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    let varies = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim() == "*" || v.trim().eq_ignore_ascii_case("accept-encoding"));
+    if !varies {
+        headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    }
+    // Not the server's bytes any more: a strong validator becomes weak.
+    if let Some(tag) = headers.get(header::ETAG)
+        && !tag.as_bytes().starts_with(b"W/")
+    {
+        let mut weak = b"W/".to_vec();
+        weak.extend_from_slice(tag.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&weak) {
+            headers.insert(header::ETAG, v);
+        }
+    }
+    Gzip {
+        inner: body,
+        encoder: Some(GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::new(cfg.level),
+        )),
+        trailers: None,
+    }
+    .boxed_unsync()
+}
+
+/// A body compressed as it is read.
+struct Gzip {
+    inner: UnsyncBoxBody<Bytes, BoxError>,
+    /// None once the gzip trailer is out.
+    encoder: Option<GzEncoder<Vec<u8>>>,
+    /// The server's trailers, sent after the last compressed bytes.
+    trailers: Option<HeaderMap>,
+}
+
+impl Body for Gzip {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(encoder) = this.encoder.as_mut() else {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            };
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        encoder.write_all(&data)?;
+                        encoder.flush()?;
+                        let out = std::mem::take(encoder.get_mut());
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(out.into()))));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            this.trailers = Some(t);
+                        }
+                    }
+                },
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => {
+                    let last = this.encoder.take().map(GzEncoder::finish).transpose()?;
+                    let last = last.unwrap_or_default();
+                    return Poll::Ready(Some(Ok(Frame::data(last.into()))));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.encoder.is_none() && self.trailers.is_none()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+    use std::io::Read;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn accept_encoding_is_read_with_its_weights() {
+        let get = Method::GET;
+        let ok = |v: &'static str| wanted(&get, &headers(&[("accept-encoding", v)]));
+        assert!(ok("gzip"));
+        assert!(ok("br, GZIP;q=0.5"));
+        assert!(ok("deflate, x-gzip"));
+        assert!(ok("*"));
+        assert!(!ok("gzip;q=0"));
+        assert!(!ok("gzip;q=0, *"));
+        assert!(!ok("br, deflate"));
+        assert!(!ok("identity"));
+        assert!(!wanted(&get, &HeaderMap::new()));
+        assert!(!wanted(
+            &Method::HEAD,
+            &headers(&[("accept-encoding", "gzip")])
+        ));
+    }
+
+    #[test]
+    fn only_qualifying_responses_are_compressed() {
+        let cfg = Compression::default();
+        let ok = StatusCode::OK;
+        let html = [("content-type", "text/html; charset=utf-8")];
+        assert!(qualifies(&cfg, ok, &headers(&html)));
+        assert!(qualifies(
+            &cfg,
+            ok,
+            &headers(&[("content-type", "Application/JSON")])
+        ));
+        assert!(!qualifies(
+            &cfg,
+            StatusCode::PARTIAL_CONTENT,
+            &headers(&html)
+        ));
+        assert!(!qualifies(&cfg, StatusCode::NOT_MODIFIED, &headers(&html)));
+        assert!(!qualifies(
+            &cfg,
+            ok,
+            &headers(&[("content-type", "image/png")])
+        ));
+        assert!(!qualifies(&cfg, ok, &HeaderMap::new()));
+        let with = |extra: (&'static str, &'static str)| headers(&[html[0], extra]);
+        assert!(!qualifies(&cfg, ok, &with(("content-encoding", "br"))));
+        assert!(qualifies(&cfg, ok, &with(("content-encoding", "identity"))));
+        assert!(!qualifies(
+            &cfg,
+            ok,
+            &with(("cache-control", "public, no-transform"))
+        ));
+        assert!(!qualifies(&cfg, ok, &with(("content-length", "1023"))));
+        assert!(qualifies(&cfg, ok, &with(("content-length", "1024"))));
+        assert!(!qualifies(
+            &cfg,
+            ok,
+            &with(("content-range", "bytes 0-1/2"))
+        ));
+        let images = Compression {
+            types: vec!["image/*".into()],
+            ..Compression::default()
+        };
+        assert!(qualifies(
+            &images,
+            ok,
+            &headers(&[("content-type", "image/svg+xml")])
+        ));
+        assert!(!qualifies(&images, ok, &headers(&html)));
+    }
+
+    #[tokio::test]
+    async fn a_compressed_body_inflates_to_the_original_with_its_headers_changed() {
+        let text = "the quick brown fox jumps over the lazy dog\n".repeat(500);
+        let mut h = headers(&[
+            ("content-type", "text/plain"),
+            ("content-length", "22000"),
+            ("etag", "\"v1\""),
+            ("accept-ranges", "bytes"),
+            ("vary", "Cookie"),
+        ]);
+        let body = Full::new(Bytes::from(text.clone()))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let cfg = Compression::default();
+        let out = response(Some(&cfg), true, StatusCode::OK, &mut h, body);
+        assert_eq!(h["content-encoding"], "gzip");
+        assert_eq!(h["etag"], "W/\"v1\"");
+        assert!(!h.contains_key("content-length") && !h.contains_key("accept-ranges"));
+        let vary: Vec<_> = h.get_all("vary").iter().collect();
+        assert_eq!(vary, ["Cookie", "Accept-Encoding"]);
+        let gz = out.collect().await.unwrap().to_bytes();
+        assert!(gz.len() < text.len() / 10, "{} bytes", gz.len());
+        let mut back = String::new();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_string(&mut back)
+            .unwrap();
+        assert_eq!(back, text);
+        // Not wanted: untouched.
+        let mut h = headers(&[("content-type", "text/plain")]);
+        let body = Full::new(Bytes::from_static(b"plain"))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let out = response(Some(&cfg), false, StatusCode::OK, &mut h, body);
+        assert!(!h.contains_key("content-encoding"));
+        assert_eq!(out.collect().await.unwrap().to_bytes(), "plain");
+    }
+}
