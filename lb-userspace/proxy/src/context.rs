@@ -155,6 +155,9 @@ pub(crate) struct FrontendCtx {
     pub error_pages: std::sync::RwLock<Vec<(u16, bytes::Bytes)>>,
     /// `[frontend.compression]`, if set (compress.rs).
     pub compression: Option<crate::model::Compression>,
+    /// True once its proxy's hard stop (`hard_stop_after`) came: what is
+    /// still open ends, logged as killed (HAProxy's `K`).
+    pub kill: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A frontend's `error_pages`: status (as written) to file.
@@ -267,7 +270,6 @@ pub(crate) struct ClientTimeouts {
 }
 
 /// What `prepare` read or kept for a frontend before it starts.
-#[derive(Default)]
 pub(crate) struct Loaded<'a> {
     /// Its TLS termination, if it has `tls`.
     pub tls: Option<Arc<TlsTerminator>>,
@@ -276,6 +278,20 @@ pub(crate) struct Loaded<'a> {
     pub kept_rates: &'a [Arc<RequestRate>],
     /// Its `error_pages`, read.
     pub error_pages: Vec<(u16, bytes::Bytes)>,
+    /// Its proxy's hard stop (`FrontendCtx::kill`).
+    pub kill: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Default for Loaded<'_> {
+    /// Nothing loaded, and no hard stop ever (the sender is gone at once).
+    fn default() -> Self {
+        Loaded {
+            tls: None,
+            kept_rates: &[],
+            error_pages: Vec::new(),
+            kill: tokio::sync::watch::channel(false).1,
+        }
+    }
 }
 
 /// A frontend ready to serve connections from its listeners.
@@ -324,6 +340,7 @@ impl FrontendRuntime {
             tls,
             kept_rates,
             error_pages,
+            kill,
         } = loaded;
         let tls_none = tls.is_none();
         let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -377,6 +394,7 @@ impl FrontendRuntime {
                 error_page_files: cfg.error_pages.clone(),
                 error_pages: std::sync::RwLock::new(error_pages),
                 compression: cfg.compression.clone(),
+                kill,
             }),
             tls,
             limit: Arc::new(Semaphore::new(cfg.max_connections)),

@@ -594,8 +594,9 @@ fn respond(
             let idle = x.pool.timeout_tunnel.or(x.conn.frontend.timeout_tunnel);
             let idle = idle.unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
             // An upgraded connection is the tunnel's, never reused.
+            let kill = x.conn.frontend.kill.clone();
             (
-                u.answer(&mut rparts, &x.conn.activity, idle, x.active),
+                u.answer(&mut rparts, &x.conn.activity, (idle, kill), x.active),
                 None,
             )
         }
@@ -844,8 +845,14 @@ impl Drop for LoggedBody {
             let activity = &d.conn.activity;
             activity.client_timed_out.load(Ordering::SeqCst)
         });
+        let killed = self
+            .done
+            .as_ref()
+            .is_some_and(|d| *d.conn.frontend.kill.borrow());
         let term = match (self.inner.is_end_stream(), timed_out) {
             (true, _) => None,
+            // Closed at the hard stop after a reload, as HAProxy's.
+            _ if killed => Some(['K', 'D']),
             (false, true) => Some(Failure::ClientTimeout.termination()),
             (false, false) => Some(Failure::ClientAborted.termination()),
         };

@@ -280,13 +280,18 @@ struct Prepared {
     terminators: Vec<(String, Arc<TlsTerminator>)>,
     /// One per pool, shared by every serving thread.
     balancers: Vec<Arc<Balancer>>,
+    /// Set when the proxy, dropped, closes what is left (`hard_stop_after`):
+    /// each frontend's `FrontendCtx::kill` sees it.
+    kill: watch::Sender<bool>,
 }
 
 /// Validates `cfg`, loads certificates and builds the frontends and balancers.
 fn prepare(cfg: &ProxyConfig, previous: Option<&Proxy>) -> anyhow::Result<Prepared> {
     cfg.validate()?;
     let mut actions = actions::compile(cfg)?;
+    let (kill, killed) = watch::channel(false);
     let mut prepared = Prepared {
+        kill,
         frontends: Vec::new(),
         terminators: Vec::new(),
         balancers: cfg
@@ -338,6 +343,7 @@ fn prepare(cfg: &ProxyConfig, previous: Option<&Proxy>) -> anyhow::Result<Prepar
             tls: acceptor,
             kept_rates: previous.map_or(&[][..], |p| p.request_rates_of(&fe.name)),
             error_pages: context::read_error_pages(&fe.name, &fe.error_pages)?,
+            kill: killed.clone(),
         };
         let runtime = Arc::new(FrontendRuntime::new(
             fe,
@@ -457,6 +463,7 @@ impl Proxy {
             cfg: cfg.clone(),
             hard_stop_after: threads.hard_stop_after,
             stop_now: stop_rx,
+            kill: prepared.kill,
             balancers: prepared.balancers,
             route,
             frontends: prepared.frontends.into_iter().map(|(fe, _)| fe).collect(),

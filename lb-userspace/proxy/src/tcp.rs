@@ -155,7 +155,7 @@ async fn relay<C>(
     let spliced = match server.write_all(&first).await {
         Ok(()) => {
             drop(first);
-            tunnel::splice(&mut client, &mut server, idle).await
+            tunnel::splice(&mut client, &mut server, idle, frontend.kill.clone()).await
         }
         Err(e) => tunnel::Spliced {
             ended: Err(e),
@@ -166,6 +166,8 @@ async fn relay<C>(
     rec.termination = match spliced.ended {
         Ok(()) => ['-', '-'],
         Err(e) if e.kind() == io::ErrorKind::TimedOut => ['c', 'D'],
+        // Closed at the hard stop after a reload, as HAProxy's.
+        Err(e) if tunnel::is_killed(&e) => ['K', 'D'],
         Err(_) => ['C', 'D'],
     };
     rec.bytes_in = inspected + spliced.from_a;

@@ -90,6 +90,8 @@ pub(crate) struct Plan {
     pub hard_stop_after: Duration,
     /// Set when this proxy, dropped, is to close its connections now.
     pub stop_now: watch::Receiver<bool>,
+    /// Tells the connections left at the hard stop to end and log (`FrontendCtx::kill`).
+    pub kill: watch::Sender<bool>,
     pub balancers: Vec<Arc<Balancer>>,
     pub route: Option<Router>,
     /// Every frontend: all their connections must end before a thread does.
@@ -261,13 +263,20 @@ async fn run(
         let _ = tokio::time::timeout(plan.hard_stop_after, stop_now.wait_for(|now| *now)).await;
     };
     tokio::select! {
-        () = drain(&plan.frontends) => {}
+        () = drain(&plan.frontends) => return,
         () = hard_stop => {
             tracing::info!(thread = index, "closing the connections left by a reload");
         }
     }
+    // What notices (tcp sessions, tunnels, answers on hyper's path) ends
+    // and is logged as killed (`K`), as HAProxy's; the rest goes with the runtime.
+    plan.kill.send_replace(true);
+    let _ = tokio::time::timeout(KILL_WITHIN, drain(&plan.frontends)).await;
     // Returning drops the runtime: connections still open are closed.
 }
+
+/// Longest wait, at the hard stop, for the connections told to end.
+const KILL_WITHIN: Duration = Duration::from_secs(1);
 
 /// Longest wait, once every client connection has ended, for what they
 /// left running (tunnels, server connections being closed).

@@ -17,6 +17,7 @@ use http::{StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::balance::Active;
@@ -50,7 +51,7 @@ impl Upgrade {
         self,
         resp: &mut http::response::Parts,
         activity: &Arc<Activity>,
-        idle: Duration,
+        (idle, kill): (Duration, watch::Receiver<bool>),
         active: Active,
     ) -> Option<Active> {
         if resp.status != StatusCode::SWITCHING_PROTOCOLS {
@@ -81,7 +82,7 @@ impl Upgrade {
             };
             activity.spliced.store(true, Ordering::SeqCst);
             let (mut c, mut s) = (TokioIo::new(client), TokioIo::new(server));
-            let spliced = splice(&mut c, &mut s, idle).await;
+            let spliced = splice(&mut c, &mut s, idle, kill).await;
             let (up, down) = (spliced.from_a, spliced.to_a);
             match spliced.ended {
                 Ok(()) => tracing::debug!(up, down, "tunnel closed"),
@@ -185,7 +186,12 @@ pub(crate) struct Spliced {
 }
 
 /// Copies both ways until both sides close; fails with TimedOut after `idle` without a byte moving.
-pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> Spliced
+pub(crate) async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+    kill: watch::Receiver<bool>,
+) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -202,11 +208,14 @@ where
     let ended = {
         let copy = tokio::io::copy_bidirectional(&mut a, b);
         tokio::pin!(copy);
+        let killed = killed(kill);
+        tokio::pin!(killed);
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
             let deadline = start + since + idle;
             tokio::select! {
                 r = &mut copy => break r.map(drop),
+                () = &mut killed => break Err(io::Error::new(io::ErrorKind::ConnectionAborted, Killed)),
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = Duration::from_millis(last.load(Ordering::Relaxed));
                     if now == since {
@@ -221,6 +230,31 @@ where
         from_a: a.read,
         to_a: a.written,
     }
+}
+
+/// Resolves once `kill` is set (its proxy's hard stop); never when the
+/// proxy cannot have one (its sender is gone: `Proxy::start`).
+pub(crate) async fn killed(mut kill: watch::Receiver<bool>) {
+    if kill.wait_for(|k| *k).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Why a splice ended at its proxy's hard stop.
+#[derive(Debug)]
+struct Killed;
+
+impl std::fmt::Display for Killed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("closed at the proxy's hard stop")
+    }
+}
+
+impl std::error::Error for Killed {}
+
+/// Whether `e` is a splice's end at its proxy's hard stop.
+pub(crate) fn is_killed(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Killed>())
 }
 
 /// A stream that records when bytes last moved through it, in ms since
@@ -319,8 +353,10 @@ mod tests {
     async fn idle_splice_times_out_and_traffic_keeps_it_open() {
         let (mut a, mut a_peer) = tokio::io::duplex(64);
         let (mut b, mut b_peer) = tokio::io::duplex(64);
-        let task =
-            tokio::spawn(async move { splice(&mut a, &mut b, Duration::from_millis(200)).await });
+        let task = tokio::spawn(async move {
+            let (_keep, never) = watch::channel(false);
+            splice(&mut a, &mut b, Duration::from_millis(200), never).await
+        });
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             a_peer.write_all(b"x").await.unwrap();

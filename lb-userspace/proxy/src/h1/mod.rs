@@ -855,7 +855,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             .or(self.fe.ctx.timeout_tunnel)
             .unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
         let _active = active;
-        let spliced = tunnel::splice(&mut self.io, &mut server.io, idle).await;
+        let kill = self.fe.ctx.kill.clone();
+        let spliced = tunnel::splice(&mut self.io, &mut server.io, idle, kill).await;
         let (up, down) = (spliced.from_a, spliced.to_a);
         match spliced.ended {
             Ok(()) => tracing::debug!(up, down, "tunnel closed"),

@@ -284,6 +284,7 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_outlives_a_reload_is_closed_after_hard_stop_after() {
+    capture_access_log();
     let x = echo("x").await;
     let start = |hard, previous: Option<&Proxy>| {
         Proxy::start_threads(tcp_config(x, x, "", ""), None, &one_thread(hard), previous).unwrap()
@@ -310,7 +311,76 @@ async fn a_session_that_outlives_a_reload_is_closed_after_hard_stop_after() {
         dropped.elapsed()
     );
     assert!(echoes(&mut new).await);
+    // Logged as killed (HAProxy's `K`), its bytes counted.
+    let me = old.local_addr().unwrap().to_string();
+    let until = Instant::now() + GIVE_UP;
+    let line = loop {
+        let found = access_lines()
+            .into_iter()
+            .find(|l| l.starts_with(&format!("{me} ")));
+        match found {
+            Some(l) => break l,
+            None if Instant::now() < until => tokio::time::sleep(Duration::from_millis(20)).await,
+            None => panic!("no log line for {me}"),
+        }
+    };
+    assert!(line.ends_with(" KD"), "{line}");
+    assert!(line.contains(" 6 "), "x\n then ping: {line}");
     drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_cut_at_the_hard_stop_is_logged_as_killed() {
+    capture_access_log();
+    // A server that starts a long answer and never finishes it.
+    let slow = server(|mut s| async move {
+        let _ = crate::backends::read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\nfirst")
+            .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let cfg = two_pool_config(slow, slow, "", "");
+    let first = Proxy::start_threads(
+        cfg.clone(),
+        None,
+        &one_thread(Duration::from_millis(300)),
+        None,
+    )
+    .unwrap();
+    let front = first.local_addrs()[0];
+    // HTTP/2 (hyper's path), from a port of our own to find the line by.
+    let tcp = TcpStream::connect(front).await.unwrap();
+    let me = tcp.local_addr().unwrap().to_string();
+    let (mut send, _conn) =
+        crate::support::h2_handshake::<_, http_body_util::Empty<bytes::Bytes>>(tcp).await;
+    let req = http::Request::get(format!("http://{front}/long"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let second = Proxy::start_threads(
+        cfg,
+        None,
+        &one_thread(Duration::from_secs(3600)),
+        Some(&first),
+    )
+    .unwrap();
+    drop(first);
+    let until = Instant::now() + GIVE_UP;
+    let line = loop {
+        let found = access_lines()
+            .into_iter()
+            .find(|l| l.starts_with(&format!("{me} ")));
+        match found {
+            Some(l) => break l,
+            None if Instant::now() < until => tokio::time::sleep(Duration::from_millis(20)).await,
+            None => panic!("no log line for {me}"),
+        }
+    };
+    assert!(line.contains(" KD"), "killed, not a client abort: {line}");
+    drop((resp, second));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
