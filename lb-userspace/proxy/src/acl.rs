@@ -461,7 +461,26 @@ pub struct Request<'a> {
     pub src_request_rates: &'a [(Duration, u32)],
 }
 
+/// No headers: what a connection shows before any request.
+static NO_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+
 impl<'a> Request<'a> {
+    /// What a connection from `src` shows before any request: its source
+    /// alone (no TLS facts, no request rates).
+    pub fn connection(src: IpAddr) -> Self {
+        Request {
+            method: "",
+            path: "",
+            query: None,
+            host: None,
+            headers: &NO_HEADERS,
+            src,
+            sni: None,
+            client_cert: false,
+            src_request_rates: &[],
+        }
+    }
+
     fn path_only(&self) -> &'a str {
         match self.path.split_once('?') {
             Some((path, _)) => path,

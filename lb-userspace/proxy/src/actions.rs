@@ -475,18 +475,7 @@ impl CompiledActions {
         if self.reject.is_empty() {
             return false;
         }
-        let no_headers = HeaderMap::new();
-        let req = acl::Request {
-            method: "",
-            path: "",
-            query: None,
-            host: None,
-            headers: &no_headers,
-            src,
-            sni: None,
-            client_cert: false,
-            src_request_rates: &[],
-        };
+        let req = acl::Request::connection(src);
         self.reject
             .iter()
             .any(|c| c.as_ref().is_none_or(|c| c.eval(&self.acls, &req)))

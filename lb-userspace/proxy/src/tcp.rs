@@ -19,7 +19,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http::HeaderMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::acl;
@@ -112,17 +111,11 @@ async fn relay<C>(
 {
     let frontend = &fe.ctx;
     let rates = frontend.count_request(peer.ip());
-    let no_headers = HeaderMap::new();
     let req = acl::Request {
-        method: "",
-        path: "",
-        query: None,
-        host: None,
-        headers: &no_headers,
-        src: peer.ip(),
         sni: tls.and_then(|t| t.sni.as_deref()),
         client_cert: tls.is_some_and(|t| t.client_cert),
         src_request_rates: &rates,
+        ..acl::Request::connection(peer.ip())
     };
     let mut rec = session_record(peer, frontend);
     let format = frontend.log_format;

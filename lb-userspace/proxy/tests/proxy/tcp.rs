@@ -282,6 +282,19 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
     )
 }
 
+/// The access log line of the client at `addr` (`ip:port`), once written.
+async fn access_line_of(addr: &str) -> String {
+    let until = Instant::now() + GIVE_UP;
+    loop {
+        let prefix = format!("{addr} ");
+        match access_lines().into_iter().find(|l| l.starts_with(&prefix)) {
+            Some(l) => return l,
+            None if Instant::now() < until => tokio::time::sleep(Duration::from_millis(20)).await,
+            None => panic!("no log line for {addr}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_outlives_a_reload_is_closed_after_hard_stop_after() {
     capture_access_log();
@@ -313,17 +326,7 @@ async fn a_session_that_outlives_a_reload_is_closed_after_hard_stop_after() {
     assert!(echoes(&mut new).await);
     // Logged as killed (HAProxy's `K`), its bytes counted.
     let me = old.local_addr().unwrap().to_string();
-    let until = Instant::now() + GIVE_UP;
-    let line = loop {
-        let found = access_lines()
-            .into_iter()
-            .find(|l| l.starts_with(&format!("{me} ")));
-        match found {
-            Some(l) => break l,
-            None if Instant::now() < until => tokio::time::sleep(Duration::from_millis(20)).await,
-            None => panic!("no log line for {me}"),
-        }
-    };
+    let line = access_line_of(&me).await;
     assert!(line.ends_with(" KD"), "{line}");
     assert!(line.contains(" 6 "), "x\n then ping: {line}");
     drop(second);
@@ -368,17 +371,7 @@ async fn an_answer_cut_at_the_hard_stop_is_logged_as_killed() {
     )
     .unwrap();
     drop(first);
-    let until = Instant::now() + GIVE_UP;
-    let line = loop {
-        let found = access_lines()
-            .into_iter()
-            .find(|l| l.starts_with(&format!("{me} ")));
-        match found {
-            Some(l) => break l,
-            None if Instant::now() < until => tokio::time::sleep(Duration::from_millis(20)).await,
-            None => panic!("no log line for {me}"),
-        }
-    };
+    let line = access_line_of(&me).await;
     assert!(line.contains(" KD"), "killed, not a client abort: {line}");
     drop((resp, second));
 }

@@ -524,32 +524,20 @@ async fn a_shared_h2_connection_with_a_stream_in_flight_outlives_timeout_server_
 /// once its senders are dropped), as the old pool's idle HTTP/1.1 ones do.
 #[tokio::test]
 async fn a_removed_servers_shared_h2_connection_closes_once_its_streams_end() {
-    let (server, seen) = h2c_server().await;
-    let (other, _) = h2c_server().await;
-    // Kept far longer than the test: only the removal can close it.
-    let mut p = h2_pool(server);
-    p.timeout_server_idle = Duration::from_secs(30);
-    let proxy = start(p.clone(), LogFormat::Httplog).await;
-    let front = proxy.local_addrs()[0];
-    let slow = tokio::spawn(async move { get_from(front, "/slow").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    p.servers = vec![ServerSpec::new(other)];
-    let next = start(p, LogFormat::Httplog).await;
-    drop(proxy);
-    assert_eq!(get_body(&next, "/").await.0, StatusCode::OK);
-    // The old proxy's stream goes on to its end, then the connection closes.
-    assert_eq!(seen.get(), (1, 0));
-    assert_eq!(slow.await.unwrap(), (StatusCode::OK, "ab".into()));
-    let closed = seen.once_closed(1).await;
-    assert_eq!(
-        closed,
-        (1, 1),
-        "the removed server's connection was not closed"
-    );
+    a_removed_server_loses_its_h2_connection(false).await;
 }
 
+/// The same when the server leaves in place (`Proxy::update_servers`): the
+/// proxy goes on, and drops its kept connections to the server.
 #[tokio::test]
 async fn a_server_removed_in_place_loses_its_kept_connections() {
+    a_removed_server_loses_its_h2_connection(true).await;
+}
+
+/// A request to a pool's only server is under way when the server leaves
+/// the pool, by a new proxy or `in_place`: the stream goes on to its end,
+/// then the connection closes.
+async fn a_removed_server_loses_its_h2_connection(in_place: bool) {
     let (server, seen) = h2c_server().await;
     let (other, _) = h2c_server().await;
     // Kept far longer than the test: only the removal can close it.
@@ -565,9 +553,13 @@ async fn a_server_removed_in_place_loses_its_kept_connections() {
     let slow = tokio::spawn(async move { get_from(front, "/slow").await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     p.servers = vec![ServerSpec::new(other)];
-    assert!(proxy.update_servers(&cfg(&p)));
+    if in_place {
+        assert!(proxy.update_servers(&cfg(&p)));
+    } else {
+        let next = Proxy::start(cfg(&p), None).await.unwrap();
+        drop(std::mem::replace(&mut proxy, next));
+    }
     assert_eq!(get_body(&proxy, "/").await.0, StatusCode::OK);
-    // The stream under way goes on to its end, then the connection closes.
     assert_eq!(seen.get(), (1, 0));
     assert_eq!(slow.await.unwrap(), (StatusCode::OK, "ab".into()));
     let closed = seen.once_closed(1).await;
