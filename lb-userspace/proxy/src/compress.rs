@@ -21,6 +21,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame};
 
 use super::model::Compression;
+use super::stats::Shard;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -101,9 +102,10 @@ fn qualifies(cfg: &Compression, status: StatusCode, headers: &HeaderMap) -> bool
 }
 
 /// The body the client gets: `body` compressed, its headers changed, when
-/// the request `wanted` it and the response qualifies; else as it is.
+/// the request `wanted` it and the response qualifies; else as it is. The
+/// frontend's `stats` count what is compressed (HAProxy's `comp_*`).
 pub(crate) fn response(
-    cfg: Option<&Compression>,
+    (cfg, stats): (Option<&Compression>, &crate::stats::Counters),
     wanted: bool,
     status: StatusCode,
     headers: &mut HeaderMap,
@@ -135,7 +137,10 @@ pub(crate) fn response(
             headers.insert(header::ETAG, v);
         }
     }
+    let stats = stats.shard();
+    stats.compressed_response();
     Gzip {
+        stats,
         inner: body,
         encoder: Some(GzEncoder::new(
             Vec::new(),
@@ -148,6 +153,8 @@ pub(crate) fn response(
 
 /// A body compressed as it is read.
 struct Gzip {
+    /// The frontend's counters (this thread's part).
+    stats: std::sync::Arc<Shard>,
     inner: UnsyncBoxBody<Bytes, BoxError>,
     /// None once the gzip trailer is out.
     encoder: Option<GzEncoder<Vec<u8>>>,
@@ -174,6 +181,7 @@ impl Body for Gzip {
                         encoder.write_all(&data)?;
                         encoder.flush()?;
                         let out = std::mem::take(encoder.get_mut());
+                        this.stats.compressed(data.len() as u64, out.len() as u64);
                         if !out.is_empty() {
                             return Poll::Ready(Some(Ok(Frame::data(out.into()))));
                         }
@@ -188,6 +196,7 @@ impl Body for Gzip {
                 None => {
                     let last = this.encoder.take().map(GzEncoder::finish).transpose()?;
                     let last = last.unwrap_or_default();
+                    this.stats.compressed(0, last.len() as u64);
                     return Poll::Ready(Some(Ok(Frame::data(last.into()))));
                 }
             }
@@ -296,13 +305,20 @@ mod tests {
             .map_err(|never| match never {})
             .boxed_unsync();
         let cfg = Compression::default();
-        let out = response(Some(&cfg), true, StatusCode::OK, &mut h, body);
+        let stats = crate::stats::Counters::default();
+        let out = response((Some(&cfg), &stats), true, StatusCode::OK, &mut h, body);
         assert_eq!(h["content-encoding"], "gzip");
         assert_eq!(h["etag"], "W/\"v1\"");
         assert!(!h.contains_key("content-length") && !h.contains_key("accept-ranges"));
         let vary: Vec<_> = h.get_all("vary").iter().collect();
         assert_eq!(vary, ["Cookie", "Accept-Encoding"]);
         let gz = out.collect().await.unwrap().to_bytes();
+        let counted = stats.snapshot();
+        assert_eq!(counted.comp_responses, 1);
+        assert_eq!(
+            (counted.comp_in, counted.comp_out),
+            (22_000, gz.len() as u64)
+        );
         assert!(gz.len() < text.len() / 10, "{} bytes", gz.len());
         let mut back = String::new();
         flate2::read::GzDecoder::new(&gz[..])
@@ -314,7 +330,7 @@ mod tests {
         let body = Full::new(Bytes::from_static(b"plain"))
             .map_err(|never| match never {})
             .boxed_unsync();
-        let out = response(Some(&cfg), false, StatusCode::OK, &mut h, body);
+        let out = response((Some(&cfg), &stats), false, StatusCode::OK, &mut h, body);
         assert!(!h.contains_key("content-encoding"));
         assert_eq!(out.collect().await.unwrap().to_bytes(), "plain");
     }

@@ -490,7 +490,8 @@ fn respond_raw(
         client::ResponseBody::InHand(bytes) => (whole(bytes), false),
         client::ResponseBody::Read(raw) => (raw.boxed_unsync(), true),
     };
-    let compression = done.conn.frontend.compression.as_ref();
+    let frontend = &done.conn.frontend;
+    let compression = (frontend.compression.as_ref(), &*frontend.stats);
     let body = compress::response(compression, gzip, head.status, &mut headers, body);
     let mut body = LoggedBody::new(body, rec, Some(active), done);
     if streams {
@@ -619,7 +620,10 @@ fn respond(
     actions::apply_response(&response_ops, &mut rparts.headers); // response actions
     rec.status = rparts.status.as_u16();
     let body = rbody.map_err(BoxError::from).boxed_unsync();
-    let compression = x.conn.frontend.compression.as_ref();
+    let compression = (
+        x.conn.frontend.compression.as_ref(),
+        &*x.conn.frontend.stats,
+    );
     let body = compress::response(compression, gzip, rparts.status, &mut rparts.headers, body);
     let mut body = LoggedBody::new(body, rec, active, done);
     body.reusable = reusable;

@@ -148,8 +148,14 @@ pub struct Shard {
     /// Client connections accepted (frontends).
     pub connections: AtomicU64,
     /// Client connections closed unserved by `max_connections_per_source`
-    /// (frontends; not in `connections`): HAProxy's `dcon`.
+    /// or a `reject` rule (frontends; not in `connections`): HAProxy's `dcon`.
     pub denied_connections: AtomicU64,
+    /// Response body bytes given to the compressor (frontends): HAProxy's `comp_in`.
+    pub comp_in: AtomicU64,
+    /// Compressed bytes it made of them: HAProxy's `comp_out`.
+    pub comp_out: AtomicU64,
+    /// Responses compressed: HAProxy's `comp_rsp`.
+    pub comp_responses: AtomicU64,
     /// Connections to servers that failed (pools, servers).
     pub connect_errors: AtomicU64,
     /// Attempts made again after a failure (pools, servers).
@@ -187,6 +193,15 @@ pub struct CounterSnapshot {
     /// See `Counters::denied_connections` (absent from an older agent's figures).
     #[serde(default)]
     pub denied_connections: u64,
+    /// See `Shard::comp_in` (absent from an older agent's figures, as the two below).
+    #[serde(default)]
+    pub comp_in: u64,
+    /// See `Shard::comp_out`.
+    #[serde(default)]
+    pub comp_out: u64,
+    /// See `Shard::comp_responses`.
+    #[serde(default)]
+    pub comp_responses: u64,
     /// See `Counters::connect_errors`.
     pub connect_errors: u64,
     /// See `Counters::retries`.
@@ -266,13 +281,24 @@ impl Counters {
         add(&self.local().connections, 1);
     }
 
-    /// Counts a client connection refused by the per-source limit.
+    /// Counts a client connection refused by the per-source limit or a `reject` rule.
     pub(crate) fn denied_connection(&self) {
         add(&self.local().denied_connections, 1);
     }
 }
 
 impl Shard {
+    /// Counts `bytes_in` given to the compressor and the `bytes_out` it made.
+    pub(crate) fn compressed(&self, bytes_in: u64, bytes_out: u64) {
+        add(&self.comp_in, bytes_in);
+        add(&self.comp_out, bytes_out);
+    }
+
+    /// Counts a response that is compressed.
+    pub(crate) fn compressed_response(&self) {
+        add(&self.comp_responses, 1);
+    }
+
     /// Adds this shard's values to `s`.
     fn add_to(&self, s: &mut CounterSnapshot) {
         s.requests += read(&self.requests);
@@ -284,6 +310,9 @@ impl Shard {
         s.denied += read(&self.denied);
         s.connections += read(&self.connections);
         s.denied_connections += read(&self.denied_connections);
+        s.comp_in += read(&self.comp_in);
+        s.comp_out += read(&self.comp_out);
+        s.comp_responses += read(&self.comp_responses);
         s.connect_errors += read(&self.connect_errors);
         s.retries += read(&self.retries);
         s.redispatches += read(&self.redispatches);

@@ -111,11 +111,7 @@ fn upstream(out: &mut Exposition, prefix: &str, rows: &[Row<'_>]) {
 
 /// Frontends: connections, requests, denials, times.
 pub fn frontends(out: &mut Exposition, frontends: &[FrontendStats]) {
-    let rows: Vec<Row<'_>> = frontends
-        .iter()
-        .map(|f| (format!("frontend=\"{}\"", f.name), &f.counters))
-        .collect();
-    let label = |f: &FrontendStats| format!("frontend=\"{}\"", f.name);
+    let rows: Vec<Row<'_>> = frontends.iter().map(|f| (label(f), &f.counters)).collect();
     out.family(
         "lb_frontend_current_sessions",
         "Client connections open now.",
@@ -163,14 +159,47 @@ pub fn frontends(out: &mut Exposition, frontends: &[FrontendStats]) {
     );
     out.family(
         "lb_frontend_denied_connections_total",
-        "Client connections closed unserved by max_connections_per_source.",
+        "Client connections closed unserved by max_connections_per_source or a reject rule.",
         Kind::Counter,
         frontends
             .iter()
             .map(|f| (label(f), f.counters.denied_connections))
             .collect(),
     );
+    compression(out, frontends);
     common(out, "lb_frontend", &rows);
+}
+
+/// A frontend's labels.
+fn label(f: &FrontendStats) -> String {
+    format!("frontend=\"{}\"", f.name)
+}
+
+/// What `[frontend.compression]` did: HAProxy's `comp_in`, `comp_out`, `comp_rsp`.
+fn compression(out: &mut Exposition, frontends: &[FrontendStats]) {
+    type Read = fn(&lb_proxy::stats::CounterSnapshot) -> u64;
+    let compression: [(&str, &str, Read); 3] = [
+        ("bytes_in", "Response bytes given to the compressor.", |c| {
+            c.comp_in
+        }),
+        (
+            "bytes_out",
+            "Compressed response bytes it made of them.",
+            |c| c.comp_out,
+        ),
+        ("responses", "Responses compressed.", |c| c.comp_responses),
+    ];
+    for (name, help, value) in compression {
+        out.family(
+            &format!("lb_frontend_http_comp_{name}_total"),
+            help,
+            Kind::Counter,
+            frontends
+                .iter()
+                .map(|f| (label(f), value(&f.counters)))
+                .collect(),
+        );
+    }
 }
 
 /// Pools and their servers: the live gauges, then the counters.

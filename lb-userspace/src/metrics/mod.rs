@@ -16,7 +16,8 @@
 //! | `lb_frontend_current_sessions`, `lb_frontend_max_sessions`, `lb_frontend_limit_sessions` | gauge | frontend | client connections open; most at once; `max_connections` |
 //! | `lb_frontend_sessions_total` | counter | frontend | client connections accepted |
 //! | `lb_frontend_requests_denied_total` | counter | frontend | requests refused by a rule (deny, failed auth: `PR`) |
-//! | `lb_frontend_denied_connections_total` | counter | frontend | connections closed unserved by `max_connections_per_source` (not in `sessions_total`) |
+//! | `lb_frontend_denied_connections_total` | counter | frontend | connections closed unserved by `max_connections_per_source` or a `reject` rule (not in `sessions_total`) |
+//! | `lb_frontend_http_comp_bytes_in_total`, `…_bytes_out_total`, `…_responses_total` | counter | frontend | `[frontend.compression]`: bytes given to the compressor, bytes it made, responses compressed (HAProxy's `comp_in`, `comp_out`, `comp_rsp`) |
 //! | `lb_{frontend,pool,pool_server}_http_requests_total` | counter | frontend / pool / pool, server | requests (pools, servers: forwarded ones) |
 //! | `lb_{frontend,pool,pool_server}_http_responses_total` | counter | … , code=1xx…5xx\|other | responses by status class |
 //! | `lb_{frontend,pool,pool_server}_bytes_in_total` | counter | … | request body bytes (by Content-Length) |
@@ -33,8 +34,8 @@
 //! Histogram buckets (`le`, seconds): 0.001 0.005 0.01 0.025 0.05 0.1 0.25
 //! 0.5 1 2.5 5 10 +Inf; times are measured in whole milliseconds.
 //! The proxy's counters start from zero when the proxy restarts (a reload
-//! or runtime change that alters frontends or pools), as HAProxy's do on a
-//! reload. XDP counts no flow creations: `lb_*_active_flows` (a scan of the
+//! or runtime change that alters frontends or pools other than their
+//! servers, which change in place), as HAProxy's do on a reload. XDP counts no flow creations: `lb_*_active_flows` (a scan of the
 //! flow table per scrape) is what the data plane offers.
 
 use std::fmt::Write as _;
@@ -446,6 +447,9 @@ mod tests {
                 connections: 7,
                 denied: 1,
                 denied_connections: 5,
+                comp_in: 4000,
+                comp_out: 900,
+                comp_responses: 2,
                 ..Default::default()
             },
         }];
@@ -461,6 +465,10 @@ mod tests {
             Some(5)
         );
         assert!(text.contains("# TYPE lb_frontend_denied_connections_total counter"));
+        let comp = |name| sample(&text, name, web);
+        assert_eq!(comp("lb_frontend_http_comp_bytes_in_total"), Some(4000));
+        assert_eq!(comp("lb_frontend_http_comp_bytes_out_total"), Some(900));
+        assert_eq!(comp("lb_frontend_http_comp_responses_total"), Some(2));
     }
 
     #[test]

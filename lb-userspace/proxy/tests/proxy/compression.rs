@@ -96,8 +96,16 @@ async fn responses_are_gzipped_for_clients_that_accept_it() {
         assert!(body.len() < 2_000, "{path}: {} bytes", body.len());
         assert_eq!(gunzip(&body), page(), "{path}");
     }
-    let (_, h, _) = get(&proxy, "/page", Some("gzip")).await;
+    let (_, h, last) = get(&proxy, "/page", Some("gzip")).await;
     assert_eq!(h["etag"], "W/\"p1\"", "a strong validator weakened");
+    // HAProxy's comp_rsp, comp_in and comp_out.
+    let c = &proxy.stats().frontends()[0].counters;
+    assert_eq!(c.comp_responses, 3);
+    assert_eq!(c.comp_in, 3 * page().len() as u64);
+    assert!(
+        c.comp_out >= last.len() as u64 && c.comp_out < c.comp_in / 5,
+        "{c:?}"
+    );
 }
 
 #[tokio::test]
