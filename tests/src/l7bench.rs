@@ -108,6 +108,9 @@ struct Scenario {
     /// Through each proxy's TCP relay (lb's `mode = "tcp"` frontend,
     /// HAProxy's `mode tcp`, nginx's `stream`) instead of its HTTP one.
     tcp: bool,
+    /// Through each proxy's compressing listener (lb's `[frontend.compression]`,
+    /// HAProxy's `compression algo gzip`, nginx's `gzip on`), asking for gzip.
+    gzip: bool,
 }
 
 /// Requests in flight per connection on the HTTP/2 row (h2load -m).
@@ -118,7 +121,7 @@ const H2_CONNECTIONS: u32 = 5;
 /// Index of the 64 KiB row in `SCENARIOS`.
 const LARGE_ROW: usize = 5;
 
-const SCENARIOS: [Scenario; 8] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         name: "HTTP keep-alive",
         https: false,
@@ -127,6 +130,7 @@ const SCENARIOS: [Scenario; 8] = [
         path: "/",
         h2: false,
         tcp: false,
+        gzip: false,
     },
     Scenario {
         name: "HTTP keep-alive -c400",
@@ -136,6 +140,7 @@ const SCENARIOS: [Scenario; 8] = [
         path: "/",
         h2: false,
         tcp: false,
+        gzip: false,
     },
     Scenario {
         name: "HTTP new connection per request",
@@ -145,6 +150,7 @@ const SCENARIOS: [Scenario; 8] = [
         path: "/",
         h2: false,
         tcp: false,
+        gzip: false,
     },
     Scenario {
         name: "HTTPS keep-alive",
@@ -154,6 +160,7 @@ const SCENARIOS: [Scenario; 8] = [
         path: "/",
         h2: false,
         tcp: false,
+        gzip: false,
     },
     Scenario {
         name: "HTTPS new connection per request",
@@ -163,6 +170,7 @@ const SCENARIOS: [Scenario; 8] = [
         path: "/",
         h2: false,
         tcp: false,
+        gzip: false,
     },
     Scenario {
         name: "64 KiB responses, keep-alive",
@@ -172,6 +180,7 @@ const SCENARIOS: [Scenario; 8] = [
         path: "/bytes/65536",
         h2: false,
         tcp: false,
+        gzip: false,
     },
     Scenario {
         name: "HTTPS HTTP/2, 10 streams per conn",
@@ -181,6 +190,7 @@ const SCENARIOS: [Scenario; 8] = [
         path: "/",
         h2: true,
         tcp: false,
+        gzip: false,
     },
     Scenario {
         name: "TCP relay (mode tcp), keep-alive",
@@ -190,6 +200,17 @@ const SCENARIOS: [Scenario; 8] = [
         path: "/",
         h2: false,
         tcp: true,
+        gzip: false,
+    },
+    Scenario {
+        name: "64 KiB HTML gzipped, keep-alive",
+        https: false,
+        close: false,
+        connections: CONNECTIONS,
+        path: "/text/65536",
+        h2: false,
+        tcp: false,
+        gzip: true,
     },
 ];
 
@@ -216,6 +237,11 @@ impl Kind {
     /// Its TCP relay's port on the VIP.
     fn tcp_port(self) -> u16 {
         self.ports().0 + 10
+    }
+
+    /// Its compressing HTTP listener's port on the VIP.
+    fn gzip_port(self) -> u16 {
+        self.ports().0 + 20
     }
 
     fn label(self) -> &'static str {
@@ -367,10 +393,11 @@ fn measure_pass(lab: &mut Lab, setup: &Setup, running: &[Running], threads: usiz
     }
     let load = |r: &Running, s: &Scenario, window: Duration| {
         let (http, https) = r.kind.ports();
-        let port = match (s.tcp, s.https) {
-            (true, _) => r.kind.tcp_port(),
-            (false, true) => https,
-            (false, false) => http,
+        let port = match (s.tcp, s.gzip, s.https) {
+            (true, _, _) => r.kind.tcp_port(),
+            (_, true, _) => r.kind.gzip_port(),
+            (false, false, true) => https,
+            (false, false, false) => http,
         };
         let scheme = if s.https { "https" } else { "http" };
         let url = format!("{scheme}://{VIP_V4}:{port}{}", s.path);
@@ -522,7 +549,7 @@ fn lb_config(lab: &Lab, setup: &Setup, threads: usize) -> String {
     );
     for kind in Kind::ALL {
         let (http, https) = kind.ports();
-        for port in [http, https, kind.tcp_port()] {
+        for port in [http, https, kind.tcp_port(), kind.gzip_port()] {
             text.push_str(&format!(
                 "\n[[service]]\nname = \"l7-{port}\"\nvip = \"{VIP_V4}:{port}\"\nmode = \"l7\"\n"
             ));
@@ -558,6 +585,9 @@ fn proxy_tables(setup: &Setup, threads: usize) -> String {
     ));
     text.push_str(&frontend("tcp", Kind::Lb.tcp_port()));
     text.push_str("mode = \"tcp\"\n");
+    // gzip of text/html & co, level 1, from 1 KiB: the defaults.
+    text.push_str(&frontend("gzip", Kind::Lb.gzip_port()));
+    text.push_str("[frontend.compression]\n");
     text.push_str(&format!(
         "\n[[pool]]\nname = \"app\"\nservers = [{}]\n",
         servers.join(", ")
@@ -581,6 +611,8 @@ fn haproxy_config(setup: &Setup, threads: usize) -> String {
          \x20   retries {retries}\n    option redispatch 1\n\
          frontend web\n    bind {VIP_V4}:{http}\n    bind {VIP_V4}:{https} ssl crt {pem} alpn h2,http/1.1\n\
          \x20   default_backend app\n\
+         frontend gzip\n    bind {VIP_V4}:{gzip}\n    compression algo gzip\n    compression type text/html\n\
+         \x20   default_backend app\n\
          backend app\n    balance roundrobin\n    http-reuse safe\n",
         connect = ms(pool.timeout_connect),
         client = ms(defaults.timeout_client),
@@ -589,6 +621,7 @@ fn haproxy_config(setup: &Setup, threads: usize) -> String {
         keep_alive = KEEP_ALIVE,
         retries = pool.retries,
         pem = setup.pem.display(),
+        gzip = Kind::HaProxy.gzip_port(),
     );
     for (i, s) in setup.servers.iter().enumerate() {
         text.push_str(&format!("    server be{} {s}\n", i + 1));
@@ -634,6 +667,11 @@ fn nginx_config(setup: &Setup, threads: usize) -> String {
          \x20       ssl_protocols TLSv1.2 TLSv1.3;\n\
          \x20       location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n\
          \x20           proxy_set_header Connection \"\";\n            proxy_buffers 8 16k;\n\
+         \x20           proxy_buffer_size 16k;\n        }}\n    }}\n\
+         \x20   server {{\n        listen {VIP_V4}:{gzip} reuseport;\n\
+         \x20       gzip on;\n        gzip_comp_level 1;\n        gzip_min_length 1024;\n\
+         \x20       location / {{\n            proxy_pass http://app;\n            proxy_http_version 1.1;\n\
+         \x20           proxy_set_header Connection \"\";\n            proxy_buffers 8 16k;\n\
          \x20           proxy_buffer_size 16k;\n        }}\n    }}\n}}\n\
          stream {{\n    upstream app_tcp {{\n{servers}    }}\n\
          \x20   server {{\n        listen {VIP_V4}:{tcp} reuseport;\n        proxy_pass app_tcp;\n    }}\n}}\n",
@@ -641,6 +679,7 @@ fn nginx_config(setup: &Setup, threads: usize) -> String {
         max = setup.max,
         cert = setup.cert.display(),
         key = setup.key.display(),
+        gzip = Kind::Nginx.gzip_port(),
     )
 }
 
@@ -1218,6 +1257,9 @@ fn run_wrk(wrk: &Path, run: &Run<'_>, s: &Scenario) -> Result<Measure> {
         .args(["--latency", "--timeout", REQUEST_TIMEOUT]);
     if s.close {
         cmd.args(["-H", "Connection: close"]);
+    }
+    if s.gzip {
+        cmd.args(["-H", "Accept-Encoding: gzip"]);
     }
     cmd.arg(url);
     let (text, cpu) = timed_load(cmd, run, "wrk")?;

@@ -8,7 +8,9 @@
 //! In HTTP mode every request is answered with the name, except
 //! `GET /bytes/N`, answered with N bytes (at most [`MAX_BYTES`]) for download
 //! tests and benchmarks: the byte at offset `i` is `i % 256`, so a client can
-//! check that nothing was lost or reordered ([`pattern_byte`]), and
+//! check that nothing was lost or reordered ([`pattern_byte`]), `GET
+//! /text/N`, N bytes of an HTML table (`text/html`, [`text_byte`]) that
+//! deflate shrinks about as much as a real page (the compression bench), and
 //! `GET /sleep/MS`, answered after MS milliseconds (at most [`MAX_SLEEP_MS`])
 //! with `{name} {n}`, n the `/sleep` requests the server was in at its start
 //! (this one included): what maxconn and leastconn tests count.
@@ -34,6 +36,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_BODY: u64 = 1 << 20;
 /// Path prefix of the download: `GET /bytes/N` is answered with N bytes.
 pub const BYTES_PATH: &str = "/bytes/";
+/// Path prefix of the HTML answer: `GET /text/N`.
+pub const TEXT_PATH: &str = "/text/";
 /// Targets starting with this are answered 404 (with the server's name).
 pub const MISSING_PATH: &str = "/missing";
 /// Largest download `/bytes/N` serves (64 MiB); a larger N is answered with 400.
@@ -73,6 +77,8 @@ enum Answer {
     Missing,
     /// `/bytes/N` with N within [`MAX_BYTES`].
     Bytes(u64),
+    /// `/text/N` with N within [`MAX_BYTES`].
+    Text(u64),
     /// `/sleep/MS` with MS within [`MAX_SLEEP_MS`].
     Sleep(u64),
     /// `/bytes/...` or `/sleep/...` with no number or one too large.
@@ -91,12 +97,17 @@ fn answer_for(request_line: &[u8]) -> Answer {
             _ => Answer::BadBytes,
         };
     }
-    match target.strip_prefix(BYTES_PATH) {
-        None => Answer::Name,
-        Some(n) => match n.parse::<u64>() {
-            Ok(n) if n <= MAX_BYTES => Answer::Bytes(n),
-            _ => Answer::BadBytes,
-        },
+    let (sized, n): (fn(u64) -> Answer, _) = match (
+        target.strip_prefix(BYTES_PATH),
+        target.strip_prefix(TEXT_PATH),
+    ) {
+        (Some(n), _) => (Answer::Bytes, n),
+        (_, Some(n)) => (Answer::Text, n),
+        (None, None) => return Answer::Name,
+    };
+    match n.parse::<u64>() {
+        Ok(n) if n <= MAX_BYTES => sized(n),
+        _ => Answer::BadBytes,
     }
 }
 
@@ -109,14 +120,55 @@ fn sleep_answer(name: &str, ms: u64) -> String {
     format!("{name} {n}")
 }
 
-/// Writes `len` bytes of the download pattern.
-fn write_pattern(writer: &mut impl Write, len: u64) -> io::Result<()> {
+/// The first [`PATTERN_LEN`] bytes of every `/text/N` answer; they repeat
+/// from there (farther apart than deflate's 32 KiB window looks back).
+static TEXT: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    const WORDS: [&str; 16] = [
+        "invoice", "customer", "shipped", "pending", "Lisbon", "Osaka", "Toronto", "Nairobi",
+        "widget", "gasket", "bracket", "sensor", "blue", "green", "large", "small",
+    ];
+    // A fixed pseudo-random sequence (xorshift): rows differ as a real
+    // report's do, and every run serves the same bytes.
+    let mut x: u32 = 0x9e37_79b9;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        x
+    };
+    let mut text = String::with_capacity(PATTERN_LEN + 256);
+    let mut row = 0u32;
+    while text.len() < PATTERN_LEN {
+        row += 1;
+        let r = next();
+        text.push_str(&format!(
+            "<tr id=\"r{row}\"><td>{}</td><td>{} {}</td><td class=\"n\">{}.{:02}</td><td>{}</td></tr>\n",
+            WORDS[(r & 15) as usize],
+            WORDS[((r >> 4) & 15) as usize],
+            WORDS[((r >> 8) & 15) as usize],
+            r % 10_000,
+            (r >> 16) % 100,
+            WORDS[((r >> 12) & 15) as usize],
+        ));
+    }
+    let mut bytes = text.into_bytes();
+    bytes.truncate(PATTERN_LEN);
+    bytes
+});
+
+/// The byte at `offset` of every `/text/N` answer.
+pub fn text_byte(offset: u64) -> u8 {
+    TEXT[(offset % PATTERN_LEN as u64) as usize]
+}
+
+/// Writes `len` bytes of `piece`, repeated.
+fn write_repeated(writer: &mut impl Write, piece: &[u8], len: u64) -> io::Result<()> {
     let mut left = len;
     while left > 0 {
         let n = usize::try_from(left)
-            .unwrap_or(PATTERN_LEN)
-            .min(PATTERN_LEN);
-        writer.write_all(&PATTERN[..n])?;
+            .unwrap_or(piece.len())
+            .min(piece.len());
+        writer.write_all(&piece[..n])?;
         left -= n as u64;
     }
     Ok(())
@@ -475,7 +527,14 @@ fn answer(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n{connection}\r\n"
             );
             writer.write_all(head.as_bytes())?;
-            write_pattern(writer, len)?;
+            write_repeated(writer, &PATTERN, len)?;
+        }
+        Answer::Text(len) => {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {len}\r\n{connection}\r\n"
+            );
+            writer.write_all(head.as_bytes())?;
+            write_repeated(writer, &TEXT, len)?;
         }
         Answer::BadBytes => {
             writer.write_all(BAD_REQUEST)?;
@@ -601,6 +660,17 @@ mod tests {
             Answer::Bytes(MAX_BYTES)
         );
         assert!((0..1000u64).all(|i| PATTERN[i as usize] == pattern_byte(i)));
+        assert_eq!(
+            answer_for(b"GET /text/70000 HTTP/1.1"),
+            Answer::Text(70_000)
+        );
+        assert_eq!(answer_for(b"GET /text/x HTTP/1.1"), Answer::BadBytes);
+        // HTML that deflate shrinks as a real page's (to 15-40 %), not to nothing.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(1));
+        gz.write_all(&TEXT).unwrap();
+        let ratio = gz.finish().unwrap().len() as f64 / TEXT.len() as f64;
+        assert!((0.15..0.40).contains(&ratio), "{ratio}");
+        assert_eq!(text_byte(PATTERN_LEN as u64 + 3), TEXT[3]);
     }
 
     #[test]
