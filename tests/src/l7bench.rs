@@ -39,7 +39,14 @@
 //!   measured on `lb run` with the proxy's tables only: 2.0 KiB per idle
 //!   connection at one thread, 3.1 at two, HAProxy 1.1, nginx 0.5.
 //!
-//! The last row loads the HTTPS ports over HTTP/2 (ALPN h2) with nghttp2's
+//! The gzip row asks each proxy's compressing listener (lb's
+//! `[frontend.compression]`, HAProxy's `compression algo gzip` with its
+//! libslz, nginx's `gzip on` with zlib, all at level 1) for 64 KiB of HTML
+//! (`/text/N` of the lab backend, which deflate shrinks to about a
+//! quarter): 1.2-1.3x HAProxy and 0.93-1.05x nginx in its first run, lb's
+//! p99 the highest at one thread (a whole answer compressed in one poll).
+//!
+//! The HTTP/2 row loads the HTTPS ports over HTTP/2 (ALPN h2) with nghttp2's
 //! h2load, `H2_CONNECTIONS` connections of `STREAMS` streams each, as
 //! browsers and CDNs multiplex; its p99 comes from h2load's per-request log.
 //!
