@@ -43,8 +43,9 @@
 //! `[frontend.compression]`, HAProxy's `compression algo gzip` with its
 //! libslz, nginx's `gzip on` with zlib, all at level 1) for 64 KiB of HTML
 //! (`/text/N` of the lab backend, which deflate shrinks to about a
-//! quarter): 1.2-1.3x HAProxy and 0.93-1.05x nginx in its first run, lb's
-//! p99 the highest at one thread (a whole answer compressed in one poll).
+//! quarter): 1.2-1.33x HAProxy and 0.87-1.05x nginx in its first two runs;
+//! lb's p99 at one thread fell from 78 to 28 ms once an answer read whole
+//! was compressed a 16 KiB slice per poll (compress.rs).
 //!
 //! The HTTP/2 row loads the HTTPS ports over HTTP/2 (ALPN h2) with nghttp2's
 //! h2load, `H2_CONNECTIONS` connections of `STREAMS` streams each, as
