@@ -282,15 +282,19 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
     )
 }
 
-/// The access log line of the client at `addr` (`ip:port`), once written.
-async fn access_line_of(addr: &str) -> String {
+/// The access log line of the client at `addr` (`ip:port`) to `server`,
+/// once written. (Other tests log too, and ports come round again.)
+async fn access_line_of(addr: &str, server: SocketAddr) -> String {
     let until = Instant::now() + GIVE_UP;
+    let (prefix, to) = (format!("{addr} "), format!("/{server} "));
     loop {
-        let prefix = format!("{addr} ");
-        match access_lines().into_iter().find(|l| l.starts_with(&prefix)) {
+        let found = access_lines()
+            .into_iter()
+            .find(|l| l.starts_with(&prefix) && l.contains(&to));
+        match found {
             Some(l) => return l,
             None if Instant::now() < until => tokio::time::sleep(Duration::from_millis(20)).await,
-            None => panic!("no log line for {addr}"),
+            None => panic!("no log line for {addr} to {server}"),
         }
     }
 }
@@ -326,7 +330,7 @@ async fn a_session_that_outlives_a_reload_is_closed_after_hard_stop_after() {
     assert!(echoes(&mut new).await);
     // Logged as killed (HAProxy's `K`), its bytes counted.
     let me = old.local_addr().unwrap().to_string();
-    let line = access_line_of(&me).await;
+    let line = access_line_of(&me, x).await;
     assert!(line.ends_with(" KD"), "{line}");
     assert!(line.contains(" 6 "), "x\n then ping: {line}");
     drop(second);
@@ -371,7 +375,7 @@ async fn an_answer_cut_at_the_hard_stop_is_logged_as_killed() {
     )
     .unwrap();
     drop(first);
-    let line = access_line_of(&me).await;
+    let line = access_line_of(&me, slow).await;
     assert!(line.contains(" KD"), "killed, not a client abort: {line}");
     drop((resp, second));
 }
