@@ -845,20 +845,18 @@ impl Drop for LoggedBody {
         self.hand(false);
         // Dropped before its end: the client went away mid-response, or
         // took nothing of it for timeout_client.
-        let timed_out = self.done.as_ref().is_some_and(|d| {
-            let activity = &d.conn.activity;
-            activity.client_timed_out.load(Ordering::SeqCst)
-        });
-        let killed = self
-            .done
-            .as_ref()
-            .is_some_and(|d| *d.conn.frontend.kill.borrow());
-        let term = match (self.inner.is_end_stream(), timed_out) {
-            (true, _) => None,
+        // (The hard stop's flag, shared by the proxy's threads, is read only
+        // then: not for every answer that ended.)
+        let done = self.done.as_ref();
+        let term = if self.inner.is_end_stream() {
+            None
+        } else if done.is_some_and(|d| *d.conn.frontend.kill.borrow()) {
             // Closed at the hard stop after a reload, as HAProxy's.
-            _ if killed => Some(['K', 'D']),
-            (false, true) => Some(Failure::ClientTimeout.termination()),
-            (false, false) => Some(Failure::ClientAborted.termination()),
+            Some(['K', 'D'])
+        } else if done.is_some_and(|d| d.conn.activity.client_timed_out.load(Ordering::SeqCst)) {
+            Some(Failure::ClientTimeout.termination())
+        } else {
+            Some(Failure::ClientAborted.termination())
         };
         self.finish(term);
     }
