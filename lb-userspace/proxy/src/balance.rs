@@ -417,11 +417,21 @@ impl Balancer {
     /// The server whose persistence cookie value is `value`.
     pub fn by_cookie(&self, value: &str) -> Option<Arc<ServerState>> {
         // A scan: pools are small, and only requests with the cookie look.
+        self.find(|s| &*s.cookie == value)
+    }
+
+    /// The server at `addr`, if it is still one of the pool's.
+    pub fn server_at(&self, addr: SocketAddr) -> Option<Arc<ServerState>> {
+        self.find(|s| s.addr == addr)
+    }
+
+    /// The first current server `wanted` takes.
+    fn find(&self, wanted: impl Fn(&ServerState) -> bool) -> Option<Arc<ServerState>> {
         self.inner
             .read_set()
             .servers
             .iter()
-            .find(|s| &*s.cookie == value)
+            .find(|s| wanted(s))
             .cloned()
     }
 

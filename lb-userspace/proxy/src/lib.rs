@@ -545,6 +545,16 @@ impl Proxy {
             return false;
         };
         for (i, pool) in cfg.pools.iter().enumerate() {
+            // Pools whose servers did not change keep their tables as they are
+            // (smooth round robin's place in its cycle too).
+            if self
+                .config
+                .pools
+                .get(i)
+                .is_some_and(|p| p.servers == pool.servers)
+            {
+                continue;
+            }
             if let Some(running) = shared.pools.get(i) {
                 running.balancer.set_servers(&pool.servers);
             }

@@ -497,8 +497,9 @@ pub(crate) struct Attempts {
     tried: Vec<SocketAddr>,
     /// Attempts left after the current one.
     left: u32,
-    /// The server of the current attempt.
-    current: Option<Arc<ServerState>>,
+    /// The server of the current attempt (its address: no reference
+    /// count of a server every thread shares is taken per request).
+    current: Option<SocketAddr>,
 }
 
 impl Attempts {
@@ -525,7 +526,7 @@ impl Attempts {
                 rec.tw += a.queued.as_millis() as i64;
                 rec.server = a.active.server().label.clone();
                 rec.tally.server = Some(a.active.server().stats.shard());
-                self.current = Some(a.active.server().clone());
+                self.current = Some(a.active.server().addr);
                 Ok(a.active)
             }
             Err(e) => Err(unavailable(e, rec)),
@@ -537,25 +538,24 @@ impl Attempts {
     /// nothing of it can have been processed). A redispatch avoids this server.
     /// Counts the failure, and the retry, in `pool`'s and the server's counters.
     pub(crate) fn retry(&mut self, pool: &PoolRuntime, failure: Failure, reused: bool) -> bool {
-        let server = self.current.as_ref();
+        // A failure only: the server is looked up (it may have left the pool since).
+        let server = self.current.and_then(|a| pool.balancer.server_at(a));
         let again = match failure.retry() {
             Retry::Never => false,
             Retry::OnReusedConnection => reused && self.left > 0,
             Retry::Redispatch => {
                 pool.stats.connect_error();
-                if let Some(s) = server {
+                if let Some(s) = &server {
                     s.stats.connect_error();
                 }
-                if let Some(s) = server {
-                    self.tried.push(s.addr);
-                }
+                self.tried.extend(self.current);
                 self.left > 0
             }
         };
         if again {
             let redispatch = failure.retry() == Retry::Redispatch;
             pool.stats.retry(redispatch);
-            if let Some(s) = server {
+            if let Some(s) = &server {
                 s.stats.retry(redispatch);
             }
         }
