@@ -478,13 +478,8 @@ pub(super) async fn tls_connect(
     } else {
         &[&rustls::version::TLS13]
     };
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(versions)
-        .unwrap()
-        .dangerous()
-        // Any certificate is accepted: the tests check which one was presented.
-        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-        .with_no_client_auth();
+    // Any certificate is accepted: the tests check which one was presented.
+    let mut cfg = crate::support::any_cert_client(provider, versions);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     // An IP address as server name sends no SNI extension.
     let name = match sni {
@@ -565,12 +560,7 @@ async fn tls_server_cipher_order_wins() {
         let mut provider = rustls::crypto::ring::default_provider();
         provider.cipher_suites = suites;
         let provider = Arc::new(provider);
-        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth();
+        let cfg = crate::support::any_cert_client(provider, &[version]);
         let tcp = TcpStream::connect(addr).await.unwrap();
         let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(ServerName::try_from("one.test").unwrap(), tcp)
@@ -1003,13 +993,7 @@ fn hash_and_queue_config() {
 fn resuming_client(
     version: &'static rustls::SupportedProtocolVersion,
 ) -> tokio_rustls::TlsConnector {
-    let provider = provider();
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-        .with_no_client_auth();
+    let cfg = crate::support::any_cert_client(provider(), &[version]);
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 

@@ -12,8 +12,8 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::backends::server_answering;
 use crate::support::{
-    GIVE_UP, TempDir, access_lines, capture_access_log, local_frontend, one_server_pool, provider,
-    start_proxy, two_pool_config,
+    GIVE_UP, TempDir, access_lines, any_cert_client, capture_access_log, local_frontend,
+    one_server_pool, provider, start_proxy, two_pool_config,
 };
 use lb_proxy::*;
 
@@ -286,13 +286,8 @@ status = 429
 
 /// A TLS handshake (any certificate accepted) on `tcp`.
 async fn tls_over(tcp: TcpStream) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let provider = provider();
-    let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(std::sync::Arc::new(NoVerify(provider)))
-        .with_no_client_auth();
+    let versions = [&rustls::version::TLS13, &rustls::version::TLS12];
+    let cfg = any_cert_client(provider(), &versions);
     let name = rustls::pki_types::ServerName::try_from("one.test").unwrap();
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
     tokio::time::timeout(GIVE_UP, connector.connect(name, tcp))

@@ -270,6 +270,21 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A TLS client configuration of `provider` for `versions` that accepts
+/// any server certificate (the tests check which one was presented, or
+/// none at all) and presents none.
+pub fn any_cert_client(
+    provider: Arc<CryptoProvider>,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(lb_proxy::NoVerify(provider)))
+        .with_no_client_auth()
+}
+
 /// Every access log line (`tracing` target `access`) written in this test
 /// binary so far, once `capture_access_log` has run.
 static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
