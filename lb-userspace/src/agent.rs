@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use lb_common::Reason;
@@ -57,6 +57,13 @@ fn load_config_for_start(path: &Path) -> Result<Config> {
     config::load_for_this_host(path).map_err(|errors| anyhow!("invalid configuration:\n{errors}"))
 }
 
+/// Told by the main loop whether the L7 proxy took a change or reload.
+type ProxyApplied = std::sync::mpsc::SyncSender<Result<(), String>>;
+
+/// How long an operator's change or reload waits for the L7 proxy to take
+/// it (milliseconds, unless its serving threads are stuck).
+const PROXY_APPLY_WAIT: Duration = Duration::from_secs(10);
+
 /// Everything the agent's tasks share, behind one lock.
 pub struct Agent {
     config_path: PathBuf,
@@ -69,7 +76,10 @@ pub struct Agent {
     /// Tells the main loop to stop (`true`: detach for good).
     stop: mpsc::UnboundedSender<bool>,
     /// Tells the main loop a reload happened (the L7 proxy lives there).
-    reloaded: mpsc::UnboundedSender<()>,
+    reloaded: mpsc::UnboundedSender<Option<ProxyApplied>>,
+    /// How the proxy took the last change or reload, for its answer
+    /// (taken by `Shared::handle`).
+    applying: Option<std::sync::mpsc::Receiver<Result<(), String>>>,
     /// Live figures of the running L7 proxy, if one runs (set by the main loop).
     proxy_stats: Option<lb_proxy::ProxyStats>,
     /// Keeps BIRD announcing what `bgp::announcements` says (its task runs in the main loop).
@@ -225,7 +235,7 @@ impl Agent {
         // A removed service takes its discovery along.
         self.discovery = discovery::reconcile(&self.discovery, &self.desired.config);
         // The proxy (in the main loop) picks up pool changes and states.
-        let _ = self.reloaded.send(());
+        self.follow_proxy();
         if let Err(e) = runtime::save_journal(&self.journal_path, &self.journal) {
             error!("the change is live but could not be saved: {e:#}");
             return Response::Error(format!(
@@ -272,9 +282,18 @@ impl Agent {
                 warn!("saving the runtime state: {e:#}");
             }
         }
-        let _ = self.reloaded.send(());
+        self.follow_proxy();
         info!("configuration reloaded");
         Response::Ok
+    }
+
+    /// Has the main loop bring the L7 proxy to `desired`; the answer to
+    /// the operator waits for it (`Shared::handle`), so that what the CLI
+    /// says is done is in force, and a proxy that could not take it is said.
+    fn follow_proxy(&mut self) {
+        let (done, applying) = std::sync::mpsc::sync_channel(1);
+        self.applying = Some(applying);
+        let _ = self.reloaded.send(Some(done));
     }
 
     fn show_services(&mut self) -> Result<Response> {
@@ -701,7 +720,26 @@ impl Handler for Shared {
             }
             return Response::Bgp(info);
         }
-        self.lock().handle(request)
+        let (response, applying) = {
+            let mut agent = self.lock();
+            // One a SIGHUP left is no business of this request.
+            agent.applying = None;
+            let response = agent.handle(request);
+            (response, agent.applying.take())
+        };
+        // Waited for without the lock: the main loop takes it to apply.
+        match (response, applying) {
+            (Response::Ok, Some(applying)) => match applying.recv_timeout(PROXY_APPLY_WAIT) {
+                Ok(Err(e)) => Response::Error(e),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Response::Error(format!(
+                    "applied to the data plane, but the L7 proxy has not taken it within {}s (see the log)",
+                    PROXY_APPLY_WAIT.as_secs()
+                )),
+                // Done, or the agent is stopping.
+                Ok(Ok(())) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Response::Ok,
+            },
+            (response, _) => response,
+        }
     }
 }
 
@@ -839,7 +877,7 @@ struct Started {
     _lock: Option<pin::DirLock>,
     events: mpsc::UnboundedReceiver<HealthEvent>,
     stop: mpsc::UnboundedReceiver<bool>,
-    reloaded: mpsc::UnboundedReceiver<()>,
+    reloaded: mpsc::UnboundedReceiver<Option<ProxyApplied>>,
 }
 
 /// Reads the file and the journal, resolves the discoveries, loads and fills
@@ -877,6 +915,7 @@ async fn start(opts: &RunOptions) -> Result<Started> {
         health: HealthChecker::new(events_tx),
         stop: stop_tx,
         reloaded: reloaded_tx,
+        applying: None,
         proxy_stats: None,
         bgp: bgp::Speaker::new(),
         discovery: trackers,
@@ -918,8 +957,9 @@ impl L7 {
     /// the REST API, DNS) is made in place; other changes of frontends and
     /// pools restart the proxy beside the old one (SO_REUSEPORT: no
     /// connection is refused; requests in flight finish on the old one);
-    /// otherwise the files are re-read. A proxy that fails to start leaves the old.
-    async fn reload(&mut self, shared: &Shared) {
+    /// otherwise the files are re-read. A proxy that fails to start leaves
+    /// the old; the error says so.
+    async fn reload(&mut self, shared: &Shared) -> Result<(), String> {
         let next = shared.lock().desired.config.proxy.clone();
         let in_place = next != self.config
             && next.3 == self.config.3
@@ -932,6 +972,7 @@ impl L7 {
             self.config = next.clone();
             info!("L7 pool servers changed in place");
         }
+        let mut outcome = Ok(());
         if next != self.config {
             match start_proxy(&next, self.proxy.as_ref()).await {
                 Ok(p) => {
@@ -943,6 +984,9 @@ impl L7 {
                 }
                 Err(e) => {
                     error!("the new L7 configuration failed to start, keeping the old one: {e:#}");
+                    outcome = Err(format!(
+                        "the L7 proxy could not start the new frontends and pools and serves the previous ones: {e:#}"
+                    ));
                 }
             }
         } else if let Some(p) = &self.proxy
@@ -951,8 +995,12 @@ impl L7 {
             error!(
                 "reloading the proxy's files (certificates, CRLs, error pages) failed, keeping the ones in use: {e:#}"
             );
+            outcome = Err(format!(
+                "the L7 proxy could not re-read its files and keeps the ones in use: {e:#}"
+            ));
         }
         self.push_server_states(shared);
+        outcome
     }
 
     /// Tells the proxy which pool servers take requests (admin state, health).
@@ -1104,7 +1152,7 @@ struct Inputs {
     sighup: tokio::signal::unix::Signal,
     events: mpsc::UnboundedReceiver<HealthEvent>,
     stop: mpsc::UnboundedReceiver<bool>,
-    reloaded: mpsc::UnboundedReceiver<()>,
+    reloaded: mpsc::UnboundedReceiver<Option<ProxyApplied>>,
     discovered: mpsc::UnboundedReceiver<dns::Event>,
 }
 
@@ -1134,15 +1182,18 @@ async fn serve(
                     .unwrap_or(false);
                 if pools_changed {
                     // The proxy takes the new servers as after a reload.
-                    let _ = shared.lock().reloaded.send(());
+                    let _ = shared.lock().reloaded.send(None);
                 }
             }
-            Some(()) = inputs.reloaded.recv() => {
+            Some(done) = inputs.reloaded.recv() => {
                 // Discoveries added, changed or removed by the reload or change.
                 discovery_tasks.reconcile(shared.lock().discovery_wanted(), |d| {
                     discovery::first_delay(d, false)
                 });
-                l7.reload(shared).await;
+                let outcome = l7.reload(shared).await;
+                if let Some(done) = done {
+                    let _ = done.try_send(outcome);
+                }
             }
             _ = inputs.sighup.recv() => {
                 let s = shared.clone();

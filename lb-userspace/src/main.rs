@@ -64,12 +64,16 @@ enum Command {
         #[arg(long = "for", value_parser = parse_duration)]
         limit: Option<std::time::Duration>,
     },
-    /// Validate configuration files (interfaces must exist here); report every
-    /// error with file, line and reason.
+    /// Validate configuration files as `lb run` would take them here
+    /// (interfaces must exist, the proxy's files load, its binds bind);
+    /// report every error with file, line and reason.
     Check {
         /// Files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Check as `lb run --netns NAME` would run (its interfaces, its addresses).
+        #[arg(long)]
+        netns: Option<String>,
     },
     /// Self-contained demo: a client, the balancer and backends in network
     /// namespaces; removed again on Ctrl-C.
@@ -160,6 +164,7 @@ fn main() -> ExitCode {
     let netns = match &cli.command {
         Command::Run { netns, .. } => netns.as_deref(),
         Command::Decap(args) => args.netns.as_deref(),
+        Command::Check { netns, .. } => netns.as_deref(),
         _ => None,
     };
     if let Some(ns) = netns
@@ -226,7 +231,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                 .await
                 .unwrap_or_else(|e| Err(e.into()))
         }
-        Command::Check { files } => return check(&files),
+        Command::Check { files, netns: _ } => return check(&files),
         Command::Demo { backends } => demo::run(backends.into()).await,
         Command::Decap(args) => decap::run(&args),
         Command::LabBackend { name, tcp, udp } => {

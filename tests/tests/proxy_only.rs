@@ -62,7 +62,12 @@ fn the_proxy_runs_alone_without_interfaces() {
     let check = lb(
         &lab,
         &dir.join("unused.sock"),
-        &["check", path.to_str().unwrap()],
+        &[
+            "check",
+            "--netns",
+            lab.balancer_ns(),
+            path.to_str().unwrap(),
+        ],
     );
     assert!(check.status.success(), "{check:?}");
     let said = String::from_utf8_lossy(&check.stdout);

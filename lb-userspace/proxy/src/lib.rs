@@ -249,17 +249,7 @@ use context::{FrontendRuntime, Shared};
 /// addresses before the old one stops (no connection is refused in
 /// between), and so each serving thread has a listener of its own.
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let domain = if addr.is_ipv4() {
-        socket2::Domain::IPV4
-    } else {
-        socket2::Domain::IPV6
-    };
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
+    let socket = reuseport_socket(addr)?;
     socket.set_nonblocking(true)?;
     // Accepted sockets inherit it: no setsockopt per connection.
     socket.set_tcp_nodelay(true)?;
@@ -273,6 +263,23 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
+/// An unbound TCP socket for `addr` that may share its port with this
+/// proxy's listeners (SO_REUSEADDR, SO_REUSEPORT; IPv6 only for IPv6).
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    Ok(socket)
+}
+
 /// What both ways of running share, ready before anything listens.
 struct Prepared {
     /// Each frontend with its binds.
@@ -283,6 +290,61 @@ struct Prepared {
     /// Set when the proxy, dropped, closes what is left (`hard_stop_after`):
     /// each frontend's `FrontendCtx::kill` sees it.
     kill: watch::Sender<bool>,
+}
+
+/// Something a frontend or pool needs from this host that it would not get
+/// (a file, an address to bind): the key that names it, and why.
+#[derive(Debug)]
+pub struct HostProblem {
+    /// The frontend's or pool's key (`tls`, `error_pages`, `binds`, `ca`).
+    pub key: &'static str,
+    /// The entry of that key's array, for `binds`.
+    pub index: Option<usize>,
+    /// What is wrong, the file or address named.
+    pub reason: String,
+}
+
+/// Reads every file frontend `fe` names (certificates, keys, client CA and
+/// CRLs, error pages) as a start would, and tries to bind its addresses
+/// beside any listener of this proxy (SO_REUSEPORT, not listening), so that
+/// a configuration this host cannot run is refused before anything runs it.
+pub fn frontend_host_problems(fe: &Frontend) -> Vec<HostProblem> {
+    let mut problems = Vec::new();
+    if let Some(tls) = &fe.tls
+        && let Err(e) = TlsTerminator::load(tls, fe.mode == FrontendMode::Http)
+    {
+        problems.push(HostProblem {
+            key: "tls",
+            index: None,
+            reason: format!("frontend \"{}\": {e}", fe.name),
+        });
+    }
+    if let Err(e) = context::read_error_pages(&fe.name, &fe.error_pages) {
+        problems.push(HostProblem {
+            key: "error_pages",
+            index: None,
+            reason: format!("{e:#}"),
+        });
+    }
+    for (i, bind) in fe.binds.iter().enumerate() {
+        if let Err(e) = reuseport_socket(*bind).and_then(|s| s.bind(&(*bind).into())) {
+            problems.push(HostProblem {
+                key: "binds",
+                index: Some(i),
+                reason: format!("frontend \"{}\": cannot bind {bind}: {e}", fe.name),
+            });
+        }
+    }
+    problems
+}
+
+/// As [`frontend_host_problems`], for the trust anchors (`ca`) of a TLS pool.
+pub fn pool_host_problems(pool: &Pool) -> Option<HostProblem> {
+    upstream::client_config(pool).err().map(|e| HostProblem {
+        key: "ca",
+        index: None,
+        reason: format!("pool \"{}\": {e:#}", pool.name),
+    })
 }
 
 /// Validates `cfg`, loads certificates and builds the frontends and balancers.

@@ -191,6 +191,10 @@ impl Checker<'_> {
             .find(|k| keys.contains_key(*k))
             .unwrap_or("servers");
             self.at_key(keys, key, span, e.to_string());
+        } else if self.host_resources
+            && let Some(problem) = lb_proxy::pool_host_problems(pool)
+        {
+            self.at_key(keys, problem.key, span, problem.reason);
         }
         let mut seen = std::collections::HashSet::new();
         for (i, server) in pool.servers.iter().enumerate() {
@@ -225,6 +229,15 @@ impl Checker<'_> {
                 _ => "name",
             };
             self.at_key(keys, key, span, e.to_string());
+        } else if self.host_resources {
+            for fe in &alone.frontends {
+                for problem in lb_proxy::frontend_host_problems(fe) {
+                    match problem.index {
+                        Some(i) => self.at_entry(keys, (problem.key, i), span, problem.reason),
+                        None => self.at_key(keys, problem.key, span, problem.reason),
+                    }
+                }
+            }
         }
         let mut acl_reported = false;
         if let Err(e) = routing::router(alone) {
@@ -621,6 +634,69 @@ mod tests {
         lines[5] =
             "tls = { certs = [{ cert = \"a.pem\", key = \"a.key\" }], verify_client = \"maybe\" }";
         expect_one(&lines, 6, "verify_client");
+    }
+
+    #[test]
+    fn what_the_proxy_needs_of_this_host_is_tried_at_load_and_refused_at_its_line() {
+        let dir = std::env::temp_dir().join(format!("lb-config-host-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+        let (cert, key, page) = (dir.join("a.pem"), dir.join("a.key"), dir.join("503.html"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        std::fs::write(&page, "<p>later</p>").unwrap();
+        let missing = dir.join("missing.pem");
+        // A port another program listens on, without SO_REUSEPORT.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = taken.local_addr().unwrap();
+        let file = dir.join("lb.toml");
+        let load_with = |tls_key: &Path, page: &Path, ca: &Path, bind: &str| {
+            let binds = format!("binds = [\"127.0.0.1:0\", \"{bind}\"]");
+            let tls = format!(
+                "tls = {{ certs = [{{ cert = \"{}\", key = \"{}\" }}] }}",
+                cert.display(),
+                tls_key.display()
+            );
+            let pages = format!("error_pages = {{ 503 = \"{}\" }}", page.display());
+            let ca = format!("ca = \"{}\"", ca.display());
+            let mut lines: Vec<&str> = l7(&["tls = true"]);
+            lines.push(&ca);
+            lines[3] = &binds;
+            lines.splice(5..5, [tls.as_str(), pages.as_str()]);
+            let text = text(&lines);
+            // Text alone (tests) is not tried against this host.
+            assert!(parse(&text, "lb.toml").is_ok());
+            std::fs::write(&file, &text).unwrap();
+            load(&file).map_err(|e| e.0)
+        };
+        assert!(load_with(&key, &page, &cert, "[::1]:0").is_ok());
+        let errs = load_with(&missing, &missing, &missing, &taken.to_string()).unwrap_err();
+        let got: Vec<(usize, &str)> = errs.iter().map(|e| (e.line, e.reason.as_str())).collect();
+        assert_eq!(got.len(), 4, "{errs:#?}");
+        assert_eq!(got[0].0, 4, "binds, {errs:#?}");
+        assert_eq!(errs[0].column, 25, "the second bind, {errs:#?}");
+        assert!(
+            got[0].1.contains(&format!("cannot bind {taken}")),
+            "{errs:#?}"
+        );
+        assert_eq!(got[1].0, 6, "tls, {errs:#?}");
+        assert!(
+            got[1].1.starts_with("frontend \"f\": reading "),
+            "{errs:#?}"
+        );
+        assert_eq!(got[2].0, 7, "error_pages, {errs:#?}");
+        assert!(got[2].1.contains("error page 503"), "{errs:#?}");
+        assert_eq!(got[3].0, 12, "ca, {errs:#?}");
+        assert!(
+            got[3].1.starts_with("pool \"app\": reading ca "),
+            "{errs:#?}"
+        );
+        // A certificate as its own key, a key as trust anchors.
+        let errs = load_with(&cert, &page, &key, "[::1]:0").unwrap_err();
+        let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
+        assert_eq!(got, [6, 12], "{errs:#?}");
+        assert!(errs[0].reason.contains("no private key"), "{errs:#?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -547,7 +547,9 @@ fn join_lines(errors: &[ConfigError]) -> String {
         .join("\n")
 }
 
-/// Reads and validates the configuration file at `path`.
+/// Reads and validates the configuration file at `path`, and what its proxy
+/// tables need of this host: the files they name, the addresses they bind
+/// (a missing certificate is refused at its line, before anything applies).
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     load_with(path, Host::Any)
 }
@@ -571,7 +573,7 @@ enum Host {
 fn load_with(path: &Path, host: Host) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
     match std::fs::read_to_string(path) {
-        Ok(text) => parse_with(&text, &file, host),
+        Ok(text) => parse_with(&text, &file, host, true),
         Err(e) => Err(ConfigErrors(vec![ConfigError {
             file,
             line: 0,
@@ -583,20 +585,29 @@ fn load_with(path: &Path, host: Host) -> Result<Config, ConfigErrors> {
 
 /// Parses and validates configuration `text`; `file` names it in errors.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigErrors> {
-    parse_with(text, file, Host::Any)
+    parse_with(text, file, Host::Any, false)
 }
 
 /// Like [`parse`], and every interface must exist in this network namespace.
 pub fn parse_for_this_host(text: &str, file: &str) -> Result<Config, ConfigErrors> {
-    parse_with(text, file, Host::This)
+    parse_with(text, file, Host::This, false)
 }
 
-fn parse_with(text: &str, file: &str, host: Host) -> Result<Config, ConfigErrors> {
+/// `host_resources`: also read the files the proxy's tables name
+/// (certificates, keys, CAs, error pages) and try their binds, as a start
+/// would; off for text that is no file here (tests).
+fn parse_with(
+    text: &str,
+    file: &str,
+    host: Host,
+    host_resources: bool,
+) -> Result<Config, ConfigErrors> {
     let mut checker = Checker {
         file,
         lines: LineIndex::new(text),
         errors: Vec::new(),
         host,
+        host_resources,
     };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -631,6 +642,8 @@ struct Checker<'a> {
     lines: LineIndex<'a>,
     errors: Vec<ConfigError>,
     host: Host,
+    /// Read the files the proxy's tables name, try their binds (see `parse_with`).
+    host_resources: bool,
 }
 
 impl Checker<'_> {
