@@ -590,16 +590,18 @@ fn respond(
     } = fwd;
     prepare::strip_hop_by_hop(&mut rparts.headers);
     let mut shared = None;
+    let mut tunnel_log = None;
     let (active, reusable) = match x.upgrade {
         Some(u) => {
             let idle = x.pool.timeout_tunnel.or(x.conn.frontend.timeout_tunnel);
             let idle = idle.unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
             // An upgraded connection is the tunnel's, never reused.
             let kill = x.conn.frontend.kill.clone();
-            (
-                u.answer(&mut rparts, &x.conn.activity, (idle, kill), x.active),
-                None,
-            )
+            let (log_tx, log) = tokio::sync::oneshot::channel();
+            let active = u.answer(&mut rparts, &x.conn.activity, (idle, kill), (x.active, log));
+            // A tunnel (no Active back) logs the request when it ends.
+            tunnel_log = active.is_none().then_some(log_tx);
+            (active, None)
         }
         None => {
             let reusable = match x.sender {
@@ -628,6 +630,7 @@ fn respond(
     let mut body = LoggedBody::new(body, rec, active, done);
     body.reusable = reusable;
     body.shared = shared;
+    body.tunnel = tunnel_log;
     body.server_wait = Some(WaitLimit::new(x.pool.timeout_server));
     Response::from_parts(rparts, body)
 }
@@ -700,6 +703,8 @@ pub struct LoggedBody {
     /// Data was handed to hyper and no more asked for since: counted in
     /// `Activity::stalled`, where `ClientIo` limits the wait.
     handed: bool,
+    /// A 101's: the tunnel it opened, which logs the request at its end.
+    tunnel: Option<tokio::sync::oneshot::Sender<tunnel::TunnelLog>>,
 }
 
 impl LoggedBody {
@@ -714,6 +719,7 @@ impl LoggedBody {
             shared: None,
             server_wait: None,
             handed: false,
+            tunnel: None,
         }
     }
 
@@ -732,6 +738,7 @@ impl LoggedBody {
             shared: None,
             server_wait: None,
             handed: false,
+            tunnel: None,
         }
     }
 
@@ -771,7 +778,14 @@ impl LoggedBody {
                     let now = Instant::now();
                     done.end = Some(now);
                     let tt = now.saturating_duration_since(done.start);
-                    rec.finish(tt, done.conn.frontend.log_format);
+                    let format = done.conn.frontend.log_format;
+                    match self.tunnel.take().filter(|_| term.is_none()) {
+                        Some(tunnel) => {
+                            let log = tunnel::TunnelLog::at_101(rec, (done.start, tt), format);
+                            let _ = tunnel.send(log);
+                        }
+                        None => rec.finish(tt, format),
+                    }
                 }
                 None => {
                     rec.count();

@@ -15,7 +15,6 @@
 //! `timeout_tunnel` (the pool's, else the frontend's, else
 //! `timeout_client`) without a byte either way.
 
-use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -154,15 +153,10 @@ async fn relay<C>(
             ended: Err(e),
             from_a: 0,
             to_a: 0,
+            a_failed: false,
         },
     };
-    rec.termination = match spliced.ended {
-        Ok(()) => ['-', '-'],
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => ['c', 'D'],
-        // Closed at the hard stop after a reload, as HAProxy's.
-        Err(e) if tunnel::is_killed(&e) => ['K', 'D'],
-        Err(_) => ['C', 'D'],
-    };
+    rec.termination = spliced.termination();
     rec.bytes_in = inspected + spliced.from_a;
     rec.bytes = spliced.to_a;
     drop(active);

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use super::balance::Active;
 use super::context::Activity;
+use super::log::{AccessRecord, LogFormat};
 
 /// Idle limit of a tunnel when neither the pool nor the frontend sets `timeout_tunnel`.
 pub(crate) const DEFAULT_TIMEOUT_TUNNEL: Duration = Duration::from_secs(3600);
@@ -47,12 +48,14 @@ impl Upgrade {
     /// On a `101` answer: restores its upgrade headers, marks the client
     /// connection as a tunnel and splices both sides in a task that keeps
     /// `active` (the server's in-flight count). Otherwise gives `active` back.
+    /// The tunnel logs the request when it ends, once its 101 hands the
+    /// record over (`log`).
     pub(crate) fn answer(
         self,
         resp: &mut http::response::Parts,
         activity: &Arc<Activity>,
         (idle, kill): (Duration, watch::Receiver<bool>),
-        active: Active,
+        (active, log): (Active, tokio::sync::oneshot::Receiver<TunnelLog>),
     ) -> Option<Active> {
         if resp.status != StatusCode::SWITCHING_PROTOCOLS {
             return Some(active);
@@ -73,20 +76,26 @@ impl Upgrade {
             let _ended = Ended(activity.clone());
             // The 101 is written within timeout_client (`ClientIo`) before
             // the client's side is handed over: this ends then.
-            let (client, server) = match tokio::try_join!(client, server) {
-                Ok(x) => x,
+            let spliced = match tokio::try_join!(client, server) {
+                Ok((client, server)) => {
+                    activity.spliced.store(true, Ordering::SeqCst);
+                    let (mut c, mut s) = (TokioIo::new(client), TokioIo::new(server));
+                    splice(&mut c, &mut s, idle, kill).await
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "upgrade failed");
-                    return;
+                    Spliced {
+                        ended: Err(io::Error::other(e)),
+                        from_a: 0,
+                        to_a: 0,
+                        a_failed: false,
+                    }
                 }
             };
-            activity.spliced.store(true, Ordering::SeqCst);
-            let (mut c, mut s) = (TokioIo::new(client), TokioIo::new(server));
-            let spliced = splice(&mut c, &mut s, idle, kill).await;
-            let (up, down) = (spliced.from_a, spliced.to_a);
-            match spliced.ended {
-                Ok(()) => tracing::debug!(up, down, "tunnel closed"),
-                Err(e) => tracing::debug!(up, down, error = %e, "tunnel ended"),
+            spliced.debug();
+            // The 101's answer has ended (or was dropped, and nothing is logged).
+            if let Ok(log) = log.await {
+                log.ended(&spliced);
             }
         });
         None
@@ -183,6 +192,74 @@ pub(crate) struct Spliced {
     pub from_a: u64,
     /// Bytes written to `a`, from `b`.
     pub to_a: u64,
+    /// The error, if any, came from side `a` (the client's).
+    pub a_failed: bool,
+}
+
+impl Spliced {
+    /// Says at debug level how it ended.
+    pub(crate) fn debug(&self) {
+        let (up, down) = (self.from_a, self.to_a);
+        match &self.ended {
+            Ok(()) => tracing::debug!(up, down, "tunnel closed"),
+            Err(e) => tracing::debug!(up, down, error = %e, "tunnel ended"),
+        }
+    }
+
+    /// HAProxy's termination state of the session: `--` closed by either
+    /// side, `cD` idle for the tunnel timeout, `KD` closed at the hard stop,
+    /// `CD`/`SD` broken on the client's/server's side.
+    pub(crate) fn termination(&self) -> [char; 2] {
+        match &self.ended {
+            Ok(()) => ['-', '-'],
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => ['c', 'D'],
+            Err(e) if is_killed(e) => ['K', 'D'],
+            Err(_) if self.a_failed => ['C', 'D'],
+            Err(_) => ['S', 'D'],
+        }
+    }
+}
+
+/// A tunnel's request (a WebSocket's), logged when the tunnel ends as
+/// HAProxy logs it: Tt the whole session, the bytes each way, how it
+/// ended. Its statistics count it at its 101 (response times stay those of
+/// the handshake).
+pub(crate) struct TunnelLog {
+    rec: AccessRecord,
+    start: std::time::Instant,
+    format: LogFormat,
+}
+
+impl TunnelLog {
+    /// `rec`, answered with its 101 `tt` after `start`: counted now, logged at the end.
+    pub(crate) fn at_101(
+        mut rec: AccessRecord,
+        (start, tt): (std::time::Instant, Duration),
+        format: LogFormat,
+    ) -> Self {
+        rec.tt = tt.as_millis() as i64;
+        rec.count();
+        TunnelLog { rec, start, format }
+    }
+
+    /// Logs the session as `spliced` ended it.
+    pub(crate) fn ended(mut self, spliced: &Spliced) {
+        if !super::log::enabled() {
+            return;
+        }
+        let rec = &mut self.rec;
+        rec.bytes += spliced.to_a;
+        rec.bytes_in += spliced.from_a;
+        if rec.termination == ['-', '-'] {
+            rec.termination = spliced.termination();
+        }
+        let tt = self.start.elapsed();
+        rec.tt = tt.as_millis() as i64;
+        rec.date = std::time::SystemTime::now()
+            .checked_sub(tt)
+            .unwrap_or(std::time::UNIX_EPOCH);
+        rec.emit_as(self.format);
+    }
 }
 
 /// Copies both ways until both sides close; fails with TimedOut after `idle` without a byte moving.
@@ -204,6 +281,7 @@ where
         last: last.clone(),
         read: 0,
         written: 0,
+        failed: false,
     };
     let ended = {
         let copy = tokio::io::copy_bidirectional(&mut a, b);
@@ -229,6 +307,7 @@ where
         ended,
         from_a: a.read,
         to_a: a.written,
+        a_failed: a.failed,
     }
 }
 
@@ -253,7 +332,7 @@ impl std::fmt::Display for Killed {
 impl std::error::Error for Killed {}
 
 /// Whether `e` is a splice's end at its proxy's hard stop.
-pub(crate) fn is_killed(e: &io::Error) -> bool {
+fn is_killed(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<Killed>())
 }
 
@@ -265,6 +344,8 @@ struct Touch<'a, T> {
     last: Arc<AtomicU64>,
     read: u64,
     written: u64,
+    /// One of its reads or writes failed.
+    failed: bool,
 }
 
 impl<T> Touch<'_, T> {
@@ -287,6 +368,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Touch<'_, T> {
             self.read += got as u64;
             self.touch();
         }
+        self.failed |= matches!(r, Poll::Ready(Err(_)));
         r
     }
 }
@@ -298,19 +380,27 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<'_, T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n @ 1..)) = r {
-            self.written += n as u64;
-            self.touch();
+        match r {
+            Poll::Ready(Ok(n @ 1..)) => {
+                self.written += n as u64;
+                self.touch();
+            }
+            Poll::Ready(Err(_)) => self.failed = true,
+            _ => {}
         }
         r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
+        let r = Pin::new(&mut *self.inner).poll_flush(cx);
+        self.failed |= matches!(r, Poll::Ready(Err(_)));
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
+        let r = Pin::new(&mut *self.inner).poll_shutdown(cx);
+        self.failed |= matches!(r, Poll::Ready(Err(_)));
+        r
     }
 }
 

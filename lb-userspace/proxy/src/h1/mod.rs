@@ -759,27 +759,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             start,
             ..
         } = ctx;
-        let mut rec = fwd.rec;
         if close && matches!(body, BodyKind::Fixed(n) if server.buf.len() as u64 >= n) {
             // The whole answer is in hand and the connection closes after it.
             self.io.hold_for_fin();
         }
-        let relayed = relay(
-            End {
-                io: &mut server.io,
-                limit: timeout_server,
-            },
-            &mut server.buf,
-            End {
-                io: &mut self.io,
-                limit: self.fe.timeouts.client,
-            },
-            &mut self.out,
-            body,
-            dechunk,
-            &mut self.timer,
-        )
-        .await;
+        // Logged `KD` if the task ends within the relay (a hard stop).
+        let relaying = Relaying::new(fwd.rec, start, &self.fe);
+        let (limit, buf) = (self.fe.timeouts.client, &mut server.buf);
+        let from = End {
+            io: &mut server.io,
+            limit: timeout_server,
+        };
+        let to = End {
+            io: &mut self.io,
+            limit,
+        };
+        let relayed = relay(from, buf, to, &mut self.out, body, dechunk, &mut self.timer).await;
+        let Some(mut rec) = relaying.into_rec() else {
+            return Next::Close;
+        };
         let next = match relayed {
             Ok(bytes) => {
                 rec.bytes = bytes;
@@ -845,23 +843,35 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             finish(rec, start, &self.fe);
             return Next::Close;
         }
-        finish(rec, start, &self.fe);
-        let mut early = std::mem::take(&mut self.rbuf).to_vec();
-        if !early.is_empty() && write_out(&mut server.io, &mut early).await.is_err() {
-            return Next::Close;
-        }
-        let idle = self.shared.pools[fwd.pool]
-            .timeout_tunnel
-            .or(self.fe.ctx.timeout_tunnel)
-            .unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
+        // Counted at its 101, logged when the tunnel ends.
+        let log = tunnel::TunnelLog::at_101(
+            rec,
+            (start.into_std(), start.elapsed()),
+            self.fe.ctx.log_format,
+        );
         let _active = active;
-        let kill = self.fe.ctx.kill.clone();
-        let spliced = tunnel::splice(&mut self.io, &mut server.io, idle, kill).await;
-        let (up, down) = (spliced.from_a, spliced.to_a);
-        match spliced.ended {
-            Ok(()) => tracing::debug!(up, down, "tunnel closed"),
-            Err(e) => tracing::debug!(up, down, error = %e, "tunnel ended"),
-        }
+        // What the client sent behind its request goes first (and counts as sent).
+        let mut early = std::mem::take(&mut self.rbuf).to_vec();
+        let early_len = early.len() as u64;
+        let mut spliced = match write_out(&mut server.io, &mut early).await {
+            Ok(()) => {
+                let idle = self.shared.pools[fwd.pool]
+                    .timeout_tunnel
+                    .or(self.fe.ctx.timeout_tunnel)
+                    .unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
+                let kill = self.fe.ctx.kill.clone();
+                tunnel::splice(&mut self.io, &mut server.io, idle, kill).await
+            }
+            Err(e) => tunnel::Spliced {
+                ended: Err(e),
+                from_a: 0,
+                to_a: 0,
+                a_failed: false,
+            },
+        };
+        spliced.from_a += early_len;
+        spliced.debug();
+        log.ended(&spliced);
         Next::Close
     }
 }
@@ -961,6 +971,41 @@ struct ResponseCtx {
     body_sent: bool,
     client_version: Version,
     start: Instant,
+}
+
+/// A request's record while its answer is relayed, so that a task dropped
+/// there (its runtime's end, a hard stop's last step) still logs it, `KD`.
+struct Relaying<'a> {
+    rec: Option<AccessRecord>,
+    start: Instant,
+    fe: &'a FrontendRuntime,
+}
+
+impl<'a> Relaying<'a> {
+    fn new(rec: AccessRecord, start: Instant, fe: &'a FrontendRuntime) -> Self {
+        Relaying {
+            rec: Some(rec),
+            start,
+            fe,
+        }
+    }
+
+    /// The record back, the relay over (None only if taken already).
+    fn into_rec(mut self) -> Option<AccessRecord> {
+        self.rec.take()
+    }
+}
+
+impl Drop for Relaying<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.termination = match *self.fe.ctx.kill.borrow() {
+                true => ['K', 'D'],
+                false => Failure::ClientAborted.termination(),
+            };
+            finish(rec, self.start, self.fe);
+        }
+    }
 }
 
 /// Completes and emits a request's access log record.

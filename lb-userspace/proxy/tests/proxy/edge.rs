@@ -257,6 +257,72 @@ async fn websocket_upgrade_is_tunnelled_until_idle() {
     assert!(closed.is_ok() && rest.is_empty(), "{rest:?}");
 }
 
+/// The access log line of `client`'s request to `server`, waiting up to 2 s.
+async fn access_line_of(client: SocketAddr, server: SocketAddr) -> Option<String> {
+    let (prefix, to) = (format!("{client} "), format!("/{server} "));
+    for _ in 0..100 {
+        let found = crate::support::access_lines()
+            .into_iter()
+            .find(|l| l.starts_with(&prefix) && l.contains(&to));
+        if found.is_some() {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+#[tokio::test]
+async fn a_websocket_is_logged_when_its_tunnel_ends_on_both_paths() {
+    crate::support::capture_access_log();
+    let backend = ws_echo_backend(WS_ACCEPT).await;
+    let short = |pool: &mut Pool| pool.timeout_tunnel = Some(Duration::from_millis(1000));
+    let own = {
+        let mut pool = one_server_pool(backend);
+        short(&mut pool);
+        start_proxy(local_frontend(), pool).await
+    };
+    let hyper = crate::support::hyper_path_proxy(backend, |_| {}, short).await;
+    for (path, proxy) in [("own", &own), ("hyper", &hyper)] {
+        // Closed by the client after 5 bytes each way and 300 ms.
+        let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+        let me = s.local_addr().unwrap();
+        s.write_all(WS_UPGRADE).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
+        s.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        s.read_exact(&mut back).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let prefix = format!("{me} ");
+        let early = crate::support::access_lines();
+        let early = early.iter().find(|l| l.starts_with(&prefix));
+        assert_eq!(early, None, "{path}: logged while the tunnel is open");
+        drop(s);
+        let line = access_line_of(me, backend).await;
+        let line = line.unwrap_or_else(|| panic!("{path}: no line"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // client [date] frontend pool/server Tq/Tw/Tc/Tr/Tt status bytes flags "request"
+        let tt: i64 = f[4].rsplit('/').next().unwrap().parse().unwrap();
+        assert!(
+            (300..1000).contains(&tt),
+            "{path}: Tt is the session's: {line}"
+        );
+        assert_eq!((f[5], f[6], f[7]), ("101", "5", "----"), "{path}: {line}");
+        // Left idle: closed after timeout_tunnel, a client-side data timeout.
+        let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+        let me = s.local_addr().unwrap();
+        s.write_all(WS_UPGRADE).await.unwrap();
+        read_head(&mut s).await;
+        let rest = read_until_closed(&mut s).await;
+        assert!(rest.is_empty(), "{rest}");
+        let line = access_line_of(me, backend).await;
+        let line = line.unwrap_or_else(|| panic!("{path}: no line after the timeout"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!((f[5], f[6], f[7]), ("101", "0", "cD--"), "{path}: {line}");
+    }
+}
+
 #[tokio::test]
 async fn upgrade_refused_by_the_server_is_a_plain_response() {
     let (addr, count) = counting_backend().await;

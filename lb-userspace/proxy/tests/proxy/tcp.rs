@@ -367,6 +367,22 @@ async fn an_answer_cut_at_the_hard_stop_is_logged_as_killed() {
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
+    // HTTP/1.1 (our own path), its answer begun.
+    let mut h1 = TcpStream::connect(front).await.unwrap();
+    let me_h1 = h1.local_addr().unwrap().to_string();
+    h1.write_all(b"GET /long HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"first") {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(GIVE_UP, h1.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(n, 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
     let second = Proxy::start_threads(
         cfg,
         None,
@@ -377,7 +393,12 @@ async fn an_answer_cut_at_the_hard_stop_is_logged_as_killed() {
     drop(first);
     let line = access_line_of(&me, slow).await;
     assert!(line.contains(" KD"), "killed, not a client abort: {line}");
-    drop((resp, second));
+    let line = access_line_of(&me_h1, slow).await;
+    assert!(
+        line.contains(" 200 ") && line.contains(" KD"),
+        "HTTP/1.1: {line}"
+    );
+    drop((resp, second, h1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
