@@ -25,6 +25,13 @@
 //! choices made afterwards see the new set. Requests name servers by address
 //! (`Pick::sticky`, the servers a retry avoids), so a request queued or
 //! retrying across a change still means the same server.
+//!
+//! With `max_fails`, a server whose attempts fail that many times in a row
+//! (no response at all) is out of every choice for `fail_timeout`, as with
+//! nginx's `max_fails`; then one failed attempt takes it out again and one
+//! answer brings it back. Being out never empties a pool: when every usable
+//! server is out, they are all chosen from as if none were (Envoy's panic
+//! threshold), since a request tried on them may succeed, and none cannot.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
@@ -66,6 +73,11 @@ pub struct ServerState {
     /// A `ServerUse`.
     state: AtomicU8,
     active: AtomicUsize,
+    /// Failed attempts in a row (`Balancer::failed`), under `max_fails`.
+    fails: AtomicU32,
+    /// Out of every choice until this many ms after `clock_epoch()`; 0: in.
+    /// (Left set once passed, until it answers: one failure is then enough.)
+    out_until: AtomicU64,
     /// Its request counters.
     pub stats: Arc<crate::stats::Counters>,
 }
@@ -82,6 +94,8 @@ impl ServerState {
             maxconn: AtomicUsize::new(spec.maxconn),
             state: AtomicU8::new(ServerUse::Serving as u8),
             active: AtomicUsize::new(0),
+            fails: AtomicU32::new(0),
+            out_until: AtomicU64::new(0),
             stats: Default::default(),
         }
     }
@@ -122,6 +136,11 @@ impl ServerState {
     /// Requests currently in flight to it.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether it is out after failed attempts at `now` (ms, `clock_ms`).
+    pub(crate) fn is_out(&self, now: u64) -> bool {
+        self.out_until.load(Ordering::Relaxed) > now
     }
 
     /// Whether one more request fits under `maxconn`.
@@ -261,6 +280,10 @@ struct Inner {
     hash_header: Option<HeaderName>,
     /// Any server has a `maxconn`: slots are taken under the queue lock.
     limited: AtomicBool,
+    /// The pool's name, for the log.
+    name: Arc<str>,
+    /// `max_fails` (0: off) and `fail_timeout`.
+    fails: (u32, Duration),
     timeout_queue: Duration,
     queue: Mutex<Queue>,
     /// The pool's request counters: here, as the balancer is shared by
@@ -291,6 +314,8 @@ impl Balancer {
         let inner = Inner {
             algorithm: pool.algorithm,
             limited: AtomicBool::new(servers.iter().any(|s| s.maxconn() > 0)),
+            name: pool.name.as_str().into(),
+            fails: (pool.max_fails, pool.fail_timeout),
             set: RwLock::new(Arc::new(Set::new(pool.algorithm, servers))),
             rotor: AtomicUsize::new(0),
             rng: AtomicU64::new(seed),
@@ -307,6 +332,49 @@ impl Balancer {
         Balancer {
             inner: Arc::new(inner),
         }
+    }
+
+    /// An attempt on `server` got a response head: its failures in a row
+    /// start again from 0, and if it was out, it is back.
+    pub(crate) fn answered(&self, server: &ServerState) {
+        if self.inner.fails.0 == 0 || server.fails.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        server.fails.store(0, Ordering::Relaxed);
+        if server.out_until.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!(pool = %self.inner.name, server = %server.addr, "server answers again after being taken out");
+        }
+    }
+
+    /// An attempt on `server` got no response (connect refused or timed
+    /// out, TLS, closed or timed out before the head): at `max_fails` in a
+    /// row it is out for `fail_timeout`, and one more failure after that
+    /// takes it out again.
+    pub(crate) fn failed(&self, server: &ServerState) {
+        let (max_fails, fail_timeout) = self.inner.fails;
+        if max_fails == 0 {
+            return;
+        }
+        let fails = server.fails.fetch_add(1, Ordering::Relaxed) + 1;
+        if fails < max_fails {
+            return;
+        }
+        let now = clock_ms();
+        // Another thread's failure may have taken it out already.
+        if server.is_out(now) {
+            return;
+        }
+        server.fails.store(max_fails - 1, Ordering::Relaxed);
+        let until = now + fail_timeout.as_millis() as u64;
+        server.out_until.store(until, Ordering::Relaxed);
+        server.stats.taken_out();
+        tracing::warn!(
+            pool = %self.inner.name,
+            server = %server.addr,
+            fails,
+            out_for = ?fail_timeout,
+            "server taken out after failed attempts in a row (max_fails)"
+        );
     }
 
     /// The pool's request counters (`crate::stats`).
@@ -684,8 +752,27 @@ impl Set {
         set
     }
 
-    /// Usable servers of the tier in use: regular ones, or backups when no regular one is up.
+    /// Usable servers of the tier in use: regular ones, or backups when no
+    /// regular one is up; those out after failed attempts only when every
+    /// other is too (see the module's comment).
     fn usable(&self, exclude: &[SocketAddr]) -> Vec<usize> {
+        // The clock is read only while some server has been out.
+        let any_out = self
+            .servers
+            .iter()
+            .any(|s| s.out_until.load(Ordering::Relaxed) != 0);
+        if any_out {
+            let now = clock_ms();
+            let fine = self.usable_at(exclude, Some(now));
+            if !fine.is_empty() {
+                return fine;
+            }
+        }
+        self.usable_at(exclude, None)
+    }
+
+    /// As `usable`, leaving out those out at `now` if given.
+    fn usable_at(&self, exclude: &[SocketAddr], now: Option<u64>) -> Vec<usize> {
         let tier = |backup: bool| -> Vec<usize> {
             (0..self.servers.len())
                 .filter(|&i| {
@@ -694,6 +781,7 @@ impl Set {
                         && s.weight() > 0
                         && s.is_up()
                         && !exclude.contains(&s.addr)
+                        && !now.is_some_and(|now| s.is_out(now))
                 })
                 .collect()
         };
@@ -712,7 +800,8 @@ impl Set {
         }
         // Built under the write lock so concurrent rebuilds end with the latest states.
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        *table = self.build_table(&self.usable(&[]));
+        // (Servers out after failures stay in: they are out for seconds.)
+        *table = self.build_table(&self.usable_at(&[], None));
     }
 
     /// A Maglev table over `servers` (indices); empty if it cannot be built.
@@ -772,6 +861,14 @@ impl Set {
         (sa.active() as u128) * u128::from(sb.weight())
             < (sb.active() as u128) * u128::from(sa.weight())
     }
+}
+
+/// Milliseconds since the first call in this process (never 0), for
+/// `ServerState::out_until`.
+pub fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    epoch.elapsed().as_millis() as u64 + 1
 }
 
 /// A server's persistence cookie value: 8 hex digits of a hash of its address.
@@ -899,6 +996,42 @@ mod tests {
         b.set_up(s[0].address, true);
         assert_eq!(b.pick(&[]), Some(0));
         assert!(!b.set_up(SocketAddr::from(([10, 0, 0, 1], 1)), true));
+    }
+
+    #[test]
+    fn max_fails_take_a_server_out_for_fail_timeout_but_never_empty_the_pool() {
+        let s = specs(&[(1, false), (1, false)]);
+        let mut pool = Pool::new("p", Algorithm::First, s.clone());
+        pool.max_fails = 2;
+        pool.fail_timeout = Duration::from_millis(150);
+        let b = Balancer::from_pool(&pool);
+        let (first, second) = (b.server(0), b.server(1));
+        // An answer between failures starts the count again.
+        b.failed(&first);
+        b.answered(&first);
+        b.failed(&first);
+        assert_eq!(b.pick(&[]), Some(0));
+        b.failed(&first);
+        assert_eq!(b.pick(&[]), Some(1), "out after 2 in a row");
+        assert_eq!(first.stats.snapshot().taken_out, 1);
+        // Every server out: chosen from all the same.
+        b.failed(&second);
+        b.failed(&second);
+        assert_eq!(b.pick(&[]), Some(0));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(b.pick(&[]), Some(0), "back after fail_timeout");
+        // One failure then takes it out again; an answer brings it back for good.
+        b.answered(&second);
+        b.failed(&first);
+        assert_eq!(b.pick(&[]), Some(1));
+        b.answered(&first);
+        assert_eq!(b.pick(&[]), Some(0));
+        b.failed(&first);
+        assert_eq!(
+            b.pick(&[]),
+            Some(0),
+            "one failure after an answer is not enough"
+        );
     }
 
     #[test]

@@ -148,6 +148,17 @@ impl Failure {
     }
 
     /// Whether the attempt may be made again.
+    /// Whether it says the server gave no usable response (what
+    /// `max_fails` counts): not connected, no head in time, a broken one.
+    /// (A close before any byte is mostly a kept connection's keep-alive
+    /// ending as the request went out: not counted.)
+    pub(crate) fn no_response(self) -> bool {
+        matches!(
+            self,
+            Failure::ConnectFailed | Failure::ServerTimeout | Failure::BadResponse
+        )
+    }
+
     pub(crate) fn retry(self) -> Retry {
         match self {
             Failure::ConnectFailed => Retry::Redispatch,

@@ -294,6 +294,7 @@ fn forward<'a>(
             };
             let failure = match sending.await {
                 Ok(Ok(resp)) => {
+                    Attempts::answered(pool, &active);
                     fwd.rec.tr = sent.elapsed().as_millis() as i64;
                     let exchange = Exchange {
                         pool,
@@ -328,6 +329,7 @@ fn forward<'a>(
                     Failure::ServerTimeout
                 }
             };
+            attempts.ended(pool, failure);
             return error_response(failure, fwd.rec, done);
         }
     }
@@ -423,6 +425,7 @@ fn forward_raw<'a>(
                     return error_response(f, fwd.rec, done);
                 }
             };
+            Attempts::answered(pool, &active);
             fwd.rec.tr = sent.elapsed().as_millis() as i64;
             return respond_raw(head, server, pool, active, fwd, done);
         }

@@ -745,7 +745,8 @@ pub struct ServerStats {
     pub idle_connections: usize,
     /// Its weight in the running proxy.
     pub weight: u32,
-    /// Whether it takes requests (administratively ready and healthy).
+    /// Whether it takes requests (administratively ready, healthy, and
+    /// not out after failed attempts).
     pub up: bool,
     /// Its request counters.
     pub counters: stats::CounterSnapshot,
@@ -796,7 +797,8 @@ impl ProxyStats {
                             .map(|pool| pool.idle_connections(s.addr))
                             .sum(),
                         weight: s.weight(),
-                        up: s.is_up(),
+                        // Out after failed attempts (max_fails) counts as down.
+                        up: s.is_up() && !s.is_out(balance::clock_ms()),
                         counters: s.stats.snapshot(),
                     })
                     .collect(),

@@ -395,6 +395,16 @@ pub struct Pool {
     /// `cookie NAME insert indirect nocache httponly`, `secure` over TLS).
     #[serde(default)]
     pub cookie: Option<String>,
+    /// Failed attempts in a row (no response: connect refused or timed
+    /// out, TLS, closed or timed out before the head) that take a server
+    /// out for `fail_timeout` (nginx's `max_fails`, HAProxy's `observe
+    /// layer4` with `on-error mark-down`); 0: never (the default).
+    #[serde(default)]
+    pub max_fails: u32,
+    /// How long a server stays out after `max_fails`; then one failure
+    /// takes it out again, one answer brings it back (default 10s).
+    #[serde(default = "defaults::timeout_10s", with = "duration")]
+    pub fail_timeout: Duration,
 }
 
 /// Server choice within a pool.
@@ -552,6 +562,9 @@ pub enum ConfigError {
         /// Its `send_buffer`.
         bytes: usize,
     },
+    /// A pool's `fail_timeout` is out of range.
+    #[error("pool {0:?}: fail_timeout must be within 1s..=1h")]
+    BadFailTimeout(String),
     /// A pool's `cookie` is not a cookie name.
     #[error("pool {0:?}: cookie must be a cookie name (letters, digits and !#$%&'*+-.^_`|~)")]
     BadCookie(String),
@@ -620,6 +633,9 @@ impl ProxyConfig {
             p.validate_hash()?;
             p.validate_cookie()?;
             p.validate_server_tls()?;
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&p.fail_timeout) {
+                return Err(ConfigError::BadFailTimeout(p.name.clone()));
+            }
         }
         for f in &self.frontends {
             if self.pool_index(&f.default_pool).is_none() {
@@ -790,6 +806,8 @@ impl Pool {
             sni: None,
             h2: false,
             cookie: None,
+            max_fails: 0,
+            fail_timeout: defaults::timeout_10s(),
         }
     }
 

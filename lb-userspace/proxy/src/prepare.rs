@@ -500,6 +500,8 @@ pub(crate) struct Attempts {
     /// The server of the current attempt (its address: no reference
     /// count of a server every thread shares is taken per request).
     current: Option<SocketAddr>,
+    /// `retry` counted the current attempt's failure for `max_fails`.
+    reported: bool,
 }
 
 impl Attempts {
@@ -508,6 +510,7 @@ impl Attempts {
             tried: Vec::new(),
             left: pool.retries.saturating_add(1),
             current: None,
+            reported: false,
         }
     }
 
@@ -527,10 +530,28 @@ impl Attempts {
                 rec.server = a.active.server().label.clone();
                 rec.tally.server = Some(a.active.server().stats.shard());
                 self.current = Some(a.active.server().addr);
+                self.reported = false;
                 Ok(a.active)
             }
             Err(e) => Err(unavailable(e, rec)),
         }
+    }
+
+    /// The attempt ended with `failure`, not retried: counted for
+    /// `max_fails` unless `retry` saw it already.
+    pub(crate) fn ended(&mut self, pool: &PoolRuntime, failure: Failure) {
+        if !std::mem::take(&mut self.reported) && failure.no_response() {
+            let server = self.current.and_then(|a| pool.balancer.server_at(a));
+            if let Some(s) = server {
+                pool.balancer.failed(&s);
+            }
+        }
+    }
+
+    /// The attempt on `active`'s server got its response head (a `tcp`
+    /// session: connected), for `max_fails`.
+    pub(crate) fn answered(pool: &PoolRuntime, active: &Active) {
+        pool.balancer.answered(active.server());
     }
 
     /// After a failed attempt: whether to make another, by the failure's
@@ -540,6 +561,10 @@ impl Attempts {
     pub(crate) fn retry(&mut self, pool: &PoolRuntime, failure: Failure, reused: bool) -> bool {
         // A failure only: the server is looked up (it may have left the pool since).
         let server = self.current.and_then(|a| pool.balancer.server_at(a));
+        if let Some(s) = server.as_ref().filter(|_| failure.no_response()) {
+            pool.balancer.failed(s);
+        }
+        self.reported = failure.no_response();
         let again = match failure.retry() {
             Retry::Never => false,
             Retry::OnReusedConnection => reused && self.left > 0,

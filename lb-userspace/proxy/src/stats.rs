@@ -158,6 +158,8 @@ pub struct Shard {
     pub comp_responses: AtomicU64,
     /// Connections to servers that failed (pools, servers).
     pub connect_errors: AtomicU64,
+    /// Times taken out after `max_fails` failed attempts in a row (servers).
+    pub taken_out: AtomicU64,
     /// Attempts made again after a failure (pools, servers).
     pub retries: AtomicU64,
     /// Retries sent to another server (pools).
@@ -204,6 +206,8 @@ pub struct CounterSnapshot {
     pub comp_responses: u64,
     /// See `Counters::connect_errors`.
     pub connect_errors: u64,
+    /// See `Shard::taken_out`.
+    pub taken_out: u64,
     /// See `Counters::retries`.
     pub retries: u64,
     /// See `Counters::redispatches`.
@@ -251,6 +255,11 @@ impl Counters {
             shard.add_to(&mut s);
         }
         s
+    }
+
+    /// Counts a server taken out after `max_fails` failed attempts.
+    pub(crate) fn taken_out(&self) {
+        add(&self.local().taken_out, 1);
     }
 
     /// Counts a connect failure.
@@ -314,6 +323,7 @@ impl Shard {
         s.comp_out += read(&self.comp_out);
         s.comp_responses += read(&self.comp_responses);
         s.connect_errors += read(&self.connect_errors);
+        s.taken_out += read(&self.taken_out);
         s.retries += read(&self.retries);
         s.redispatches += read(&self.redispatches);
         s.queue_ms += read(&self.queue_ms);

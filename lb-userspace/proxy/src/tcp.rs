@@ -182,6 +182,7 @@ async fn connect(
         let addr = active.server().addr;
         match pool.conns.connect_new(addr, peer, local).await {
             Ok(io) => {
+                Attempts::answered(pool, &active);
                 rec.tc = began.elapsed().as_millis() as i64;
                 return Ok((active, io));
             }

@@ -185,6 +185,7 @@ impl Checker<'_> {
                 ConfigError::BadHash { .. } => ["hash_header", "hash_query", "algorithm"],
                 ConfigError::BadServerTls { .. } => ["sni", "ca", "tls"],
                 ConfigError::BadCookie(_) => ["cookie", "cookie", "cookie"],
+                ConfigError::BadFailTimeout(_) => ["fail_timeout", "fail_timeout", "fail_timeout"],
                 _ => ["name", "name", "name"],
             }
             .into_iter()
@@ -466,6 +467,11 @@ mod tests {
                 ][..],
                 11,
                 "server 198.18.2.11:0 has port 0",
+            ),
+            (
+                &["[[pool]]", "name = \"b\"", "max_fails = 3", "fail_timeout = \"2h\""][..],
+                12,
+                "pool \"b\": fail_timeout must be within 1s..=1h",
             ),
             (
                 &[

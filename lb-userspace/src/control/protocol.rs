@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{FlowHash, Forwarding, Mode, Protocol};
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Default path of the agent's control socket.

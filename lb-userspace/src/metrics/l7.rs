@@ -249,6 +249,12 @@ pub fn pools(out: &mut Exposition, pools: &[PoolStats]) {
         per_server(|s| u64::from(s.up)),
     );
     out.family(
+        "lb_pool_server_taken_out_total",
+        "Times the server was taken out after max_fails failed attempts in a row.",
+        Kind::Counter,
+        per_server(|s| s.counters.taken_out),
+    );
+    out.family(
         "lb_pool_queued_requests",
         "Requests waiting in the L7 pool's queue for a server below its maxconn.",
         Kind::Gauge,

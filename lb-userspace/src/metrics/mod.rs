@@ -29,7 +29,8 @@
 //! | `lb_{pool,pool_server}_retry_warnings_total`, `…_redispatch_warnings_total` | counter | … | retries; those sent to another server |
 //! | `lb_{pool,pool_server}_queue_time_seconds_total` | counter | … | time waited in the pool's queue (Tw) |
 //! | `lb_pool_queued_requests`, `lb_pool_current_requests` | gauge | pool | queued; in flight |
-//! | `lb_pool_server_current_requests`, `lb_pool_server_max_sessions`, `lb_pool_server_idle_connections`, `lb_pool_server_up` | gauge | pool, server | in flight (scur); most at once (smax); idle keep-alive (HTTP/1.1, and a shared HTTP/2 connection with no request in flight); taking requests |
+//! | `lb_pool_server_current_requests`, `lb_pool_server_max_sessions`, `lb_pool_server_idle_connections`, `lb_pool_server_up` | gauge | pool, server | in flight (scur); most at once (smax); idle keep-alive (HTTP/1.1, and a shared HTTP/2 connection with no request in flight); taking requests (ready, healthy, not out by `max_fails`) |
+//! | `lb_pool_server_taken_out_total` | counter | pool, server | times taken out after `max_fails` failed attempts in a row |
 //!
 //! Histogram buckets (`le`, seconds): 0.001 0.005 0.01 0.025 0.05 0.1 0.25
 //! 0.5 1 2.5 5 10 +Inf; times are measured in whole milliseconds.

@@ -620,6 +620,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
                     return self.answer_error(f, fwd.rec, keep, start).await;
                 }
             };
+            Attempts::answered(pool, &active);
             fwd.rec.tr = sent.elapsed().as_millis() as i64;
             let ctx = ResponseCtx {
                 server,

@@ -239,6 +239,59 @@ async fn connect_failure_redispatches() {
 }
 
 #[tokio::test]
+async fn a_server_failing_max_fails_times_is_taken_out_for_fail_timeout_on_both_paths() {
+    let a = json_backend("a").await;
+    let dead = dead_addr().await;
+    let mut failing = pool(Algorithm::RoundRobin, &[dead, a.addr]);
+    failing.max_fails = 2;
+    failing.fail_timeout = Duration::from_secs(1);
+    // Our HTTP/1 path, and hyper's (a frontend that may route to an h2 pool).
+    let own = start_proxy(local_frontend(), failing.clone()).await;
+    let rules = "[[frontend.acl]]\nname = \"never\"\npath_prefix = \"/never/\"\n\
+                 [[frontend.use_pool]]\npool = \"api\"\nif = \"never\"\n";
+    let mut cfg = crate::support::two_pool_config(a.addr, a.addr, rules, "");
+    cfg.pools[0] = failing;
+    cfg.pools[1].h2 = true;
+    let hyper = Proxy::start(cfg, None).await.unwrap();
+    for (path, proxy) in [("own", &own), ("hyper", &hyper)] {
+        let dead_figures = || {
+            let pools = proxy.stats().pools();
+            let s = pools[0].servers.iter().find(|s| s.address == dead).cloned();
+            let s = s.expect("the dead server");
+            (s.counters.connect_errors, s.counters.taken_out, s.up)
+        };
+        // Round robin would try the dead server for every other request:
+        // it is out after its second failure, and tried no more.
+        for _ in 0..10 {
+            let r = get(proxy, "/").await;
+            assert_eq!(r.status, StatusCode::OK, "{path}");
+            assert_eq!(r.server.as_deref(), Some("a"), "{path}");
+        }
+        assert_eq!(dead_figures(), (2, 1, false), "{path}");
+        // After fail_timeout it is tried again; one failure takes it out.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        for _ in 0..6 {
+            assert_eq!(get(proxy, "/").await.status, StatusCode::OK, "{path}");
+        }
+        assert_eq!(dead_figures(), (3, 2, false), "{path}");
+    }
+    // Every server out: they are still tried (503 after the retries only
+    // because they fail), never refused unasked.
+    let mut alone = pool(Algorithm::RoundRobin, &[dead]);
+    alone.max_fails = 1;
+    alone.retries = 0;
+    let proxy = start_proxy(local_frontend(), alone).await;
+    for _ in 0..3 {
+        assert_eq!(
+            get(&proxy, "/").await.status,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    let pools = proxy.stats().pools();
+    assert_eq!(pools[0].servers[0].counters.connect_errors, 3);
+}
+
+#[tokio::test]
 async fn stalled_request_head_is_408() {
     let a = json_backend("a").await;
     let mut fe = local_frontend();
