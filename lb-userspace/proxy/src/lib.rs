@@ -234,8 +234,8 @@ pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, haproxy_date};
 pub use model::{
     Algorithm, CertPair, Compression, ConfigError, Frontend, FrontendMode, HttpAction,
-    MAX_CONNECTIONS, Pool, ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig, UsePool, User,
-    UserList, VerifyClient,
+    MAX_CONNECTIONS, Pool, ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig, TlsVersion, UsePool,
+    User, UserList, VerifyClient,
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;

@@ -256,6 +256,22 @@ pub struct TlsConfig {
     /// of that name is always removed.
     #[serde(default)]
     pub client_cert_header: Option<String>,
+    /// The oldest TLS version a client may use (HAProxy's `ssl-min-ver`):
+    /// "1.2" (default) or "1.3".
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+/// A TLS protocol version, as `min_version` names it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 (and 1.3).
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
 }
 
 impl TlsConfig {

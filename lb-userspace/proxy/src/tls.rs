@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use super::model::{TlsConfig, VerifyClient};
+use super::model::{TlsConfig, TlsVersion, VerifyClient};
 
 /// Why certificates could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -315,15 +315,20 @@ impl TlsTerminator {
     }
 }
 
-/// A rustls server configuration: TLS 1.2 and 1.3, ALPN `h2` then
-/// `http/1.1` with `http`, client certificates verified as `tls` says.
+/// A rustls server configuration: TLS 1.3 and, unless `min_version` is
+/// 1.3, 1.2; ALPN `h2` then `http/1.1` with `http`, client certificates
+/// verified as `tls` says.
 pub fn server_config(
     resolver: Arc<CertResolver>,
     tls: &TlsConfig,
     http: bool,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
     let builder = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .map_err(|e| TlsError::Settings(e.to_string()))?;
     let builder = match client_verifier(tls)? {
         Some(verifier) => builder.with_client_cert_verifier(verifier),

@@ -469,7 +469,12 @@ mod tests {
                 "server 198.18.2.11:0 has port 0",
             ),
             (
-                &["[[pool]]", "name = \"b\"", "max_fails = 3", "fail_timeout = \"2h\""][..],
+                &[
+                    "[[pool]]",
+                    "name = \"b\"",
+                    "max_fails = 3",
+                    "fail_timeout = \"2h\"",
+                ][..],
                 12,
                 "pool \"b\": fail_timeout must be within 1s..=1h",
             ),
@@ -640,6 +645,12 @@ mod tests {
         lines[5] =
             "tls = { certs = [{ cert = \"a.pem\", key = \"a.key\" }], verify_client = \"maybe\" }";
         expect_one(&lines, 6, "verify_client");
+        lines[5] =
+            "tls = { certs = [{ cert = \"a.pem\", key = \"a.key\" }], min_version = \"1.3\" }";
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+        lines[5] =
+            "tls = { certs = [{ cert = \"a.pem\", key = \"a.key\" }], min_version = \"1.1\" }";
+        expect_one(&lines, 6, "unknown variant `1.1`, expected `1.2` or `1.3`");
     }
 
     #[test]

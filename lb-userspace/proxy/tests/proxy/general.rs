@@ -585,6 +585,42 @@ async fn a_client_resumes_its_tls_session_after_hundreds_of_others() {
 }
 
 #[tokio::test]
+async fn min_version_1_3_refuses_tls_1_2_clients() {
+    let a = json_backend("a").await;
+    let dir = TempDir::new("tls-min");
+    let (one, _) = write_cert(&dir, "one", &["one.test"]);
+    let mut fe = local_frontend();
+    fe.tls = Some(TlsConfig {
+        certs: vec![one],
+        min_version: TlsVersion::Tls13,
+        ..TlsConfig::default()
+    });
+    let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let addr = proxy.local_addrs()[0];
+    let handshake = |version: &'static rustls::SupportedProtocolVersion| async move {
+        let cfg = crate::support::any_cert_client(provider(), &[version]);
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from("one.test").unwrap(), tcp)
+            .await
+    };
+    let tls13 = handshake(&rustls::version::TLS13).await.expect("TLS 1.3");
+    assert_eq!(
+        tls13.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let refused = handshake(&rustls::version::TLS12).await;
+    assert!(refused.is_err(), "a TLS 1.2 client is refused");
+    // The default takes both.
+    let (proxy, _a, _dir) = one_cert_proxy("tls-min-default").await;
+    let (tls12, _) = tls_connect(proxy.local_addrs()[0], Some("one.test"), &[], true).await;
+    assert_eq!(
+        tls12.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+}
+
+#[tokio::test]
 async fn tls_server_cipher_order_wins() {
     use rustls::crypto::ring::cipher_suite as cs;
     let (proxy, _a, _dir) = one_cert_proxy("tls-order").await;
