@@ -129,6 +129,8 @@ pub(crate) struct FrontendCtx {
     /// The frontend's request and response actions, if it has any.
     pub actions: Option<CompiledActions>,
     pub forwarded_headers: bool,
+    /// `request_id_header`: each request's unique ID goes in it (`log::RequestId`).
+    pub request_id_header: Option<http::HeaderName>,
     pub https: bool,
     /// `timeout_tunnel` of the frontend, if set; the pool's wins.
     pub timeout_tunnel: Option<Duration>,
@@ -368,6 +370,7 @@ impl FrontendRuntime {
                 default_pool,
                 actions,
                 forwarded_headers: cfg.forwarded_headers,
+                request_id_header: cfg.request_id_name(),
                 https: tls.is_some(),
                 timeout_tunnel: cfg.timeout_tunnel,
                 timeout_client: cfg.timeout_client,

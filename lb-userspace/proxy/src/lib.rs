@@ -231,7 +231,7 @@ pub use balance::{
 };
 pub use forward::ProxyBody;
 pub use h1::fetch::{FetchError, Fetched, fetch};
-pub use log::{AccessRecord, LogFormat, haproxy_date};
+pub use log::{AccessRecord, LogFormat, RequestId, haproxy_date};
 pub use model::{
     Algorithm, CertPair, Compression, ConfigError, Frontend, FrontendMode, HttpAction,
     MAX_CONNECTIONS, Pool, ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig, TlsVersion, UsePool,

@@ -65,8 +65,51 @@ pub struct AccessRecord {
     pub uri: Option<Uri>,
     /// HTTP version, logged as `HTTP/1.1`, `HTTP/2.0`, ...; None when unknown.
     pub version: Option<Version>,
+    /// Its unique ID, on frontends with `request_id_header`.
+    pub request_id: Option<RequestId>,
     /// The counters the request adds to when it is finished (`crate::stats`).
     pub(crate) tally: Tally,
+}
+
+/// A request's unique ID: 128 random bits, written as 32 hex digits (as
+/// nginx's `$request_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId(pub u128);
+
+impl RequestId {
+    /// A fresh one, from this thread's generator (seeded at random once:
+    /// unique, not unguessable).
+    pub fn new() -> Self {
+        use std::cell::Cell;
+        use std::hash::{BuildHasher, RandomState};
+        thread_local! {
+            static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()));
+        }
+        // splitmix64, twice.
+        let next = || {
+            STATE.with(|s| {
+                let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+                s.set(x);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^ (z >> 31)
+            })
+        };
+        RequestId((u128::from(next()) << 64) | u128::from(next()))
+    }
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
 }
 
 /// Whether anyone subscribes to access log records.
@@ -111,6 +154,7 @@ impl AccessRecord {
             method: None,
             uri: None,
             version: None,
+            request_id: None,
             tally: Tally::default(),
         }
     }
@@ -186,7 +230,7 @@ impl AccessRecord {
         let mut s = String::with_capacity(160);
         let _ = write!(
             s,
-            "{} [{}] {} {}/{} {}/{}/{}/{}/{} {} {} {}{}{}{} \"{} {} {}\"",
+            "{} [{}] {} {}/{} {}/{}/{}/{}/{} {} {} {}{}{}{} ",
             self.client,
             haproxy_date(self.date),
             self.frontend,
@@ -203,9 +247,17 @@ impl AccessRecord {
             self.termination[1],
             self.persistence[0],
             self.persistence[1],
+        );
+        // Like a capture of HAProxy's: in braces before the request.
+        if let Some(id) = self.request_id {
+            let _ = write!(s, "{{{id}}} ");
+        }
+        let _ = write!(
+            s,
+            "\"{} {} {}\"",
             self.method_text(),
             self.uri_text(),
-            self.version_text(),
+            self.version_text()
         );
         s
     }
@@ -271,6 +323,9 @@ impl AccessRecord {
         };
         if let (Some(j), serde_json::Value::Object(more)) = (j.as_object_mut(), more) {
             j.extend(more);
+            if let Some(id) = self.request_id {
+                j.insert("request_id".into(), id.to_string().into());
+            }
         }
         j
     }
@@ -368,6 +423,7 @@ mod tests {
             method: Some(Method::GET),
             uri: Some(Uri::from_static("/index.html?x=1")),
             version: Some(Version::HTTP_11),
+            request_id: None,
             tally: Tally::default(),
         }
     }
@@ -379,6 +435,22 @@ mod tests {
             "10.0.1.2:33317 [06/Feb/2009:12:14:14.655] http-in static/10.0.0.1:80 \
              10/0/-1/20/30 200 2750 ---- \"GET /index.html?x=1 HTTP/1.1\""
         );
+        let with_id = AccessRecord {
+            request_id: Some(RequestId(0xab)),
+            ..record()
+        };
+        assert!(
+            with_id.httplog().ends_with(
+                " ---- {000000000000000000000000000000ab} \"GET /index.html?x=1 HTTP/1.1\""
+            ),
+            "{}",
+            with_id.httplog()
+        );
+        assert_eq!(
+            with_id.json()["request_id"],
+            "000000000000000000000000000000ab"
+        );
+        assert_ne!(RequestId::new(), RequestId::new());
     }
 
     #[test]

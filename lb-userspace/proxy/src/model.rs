@@ -69,6 +69,11 @@ pub struct Frontend {
     /// Add `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` to requests.
     #[serde(default = "defaults::yes")]
     pub forwarded_headers: bool,
+    /// Give each request a unique ID (32 hex digits) in this header, to
+    /// the server (a client's own value replaced) and in the answer, and
+    /// log it (HAProxy's `unique-id-header`, nginx's `$request_id`).
+    #[serde(default)]
+    pub request_id_header: Option<String>,
     /// Named ACLs (`[[frontend.acl]]`); entries with the same name are OR-ed.
     #[serde(default)]
     pub acl: Vec<crate::acl::AclSpec>,
@@ -290,21 +295,7 @@ impl TlsConfig {
             let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else {
                 return Err("client_cert_header is not a valid header name");
             };
-            const RESERVED: &[&str] = &[
-                "host",
-                "content-length",
-                "transfer-encoding",
-                "connection",
-                "keep-alive",
-                "upgrade",
-                "te",
-                "trailer",
-                "proxy-connection",
-                "x-forwarded-for",
-                "x-forwarded-proto",
-                "forwarded",
-            ];
-            if RESERVED.contains(&name.as_str()) {
+            if reserved_header(&name) {
                 return Err(
                     "client_cert_header must not be a framing, hop-by-hop or forwarded header",
                 );
@@ -312,6 +303,26 @@ impl TlsConfig {
         }
         Ok(())
     }
+}
+
+/// Whether a header the proxy sets for servers would meddle with framing,
+/// hop-by-hop fields or the forwarded headers.
+fn reserved_header(name: &http::HeaderName) -> bool {
+    const RESERVED: &[&str] = &[
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "proxy-connection",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "forwarded",
+    ];
+    RESERVED.contains(&name.as_str())
 }
 
 /// Whether a TLS frontend with `client_ca` requires a client certificate.
@@ -494,6 +505,12 @@ pub enum ConfigError {
         /// The repeated name.
         name: String,
     },
+    /// A frontend's `request_id_header` is no header name it may set.
+    #[error(
+        "frontend {0:?}: request_id_header must be a header name, not a framing, hop-by-hop or \
+         forwarded one, on a mode http frontend"
+    )]
+    BadRequestIdHeader(String),
     /// A frontend's `compression` is out of range.
     #[error("frontend {frontend:?}: compression: {problem}")]
     BadCompression {
@@ -716,6 +733,12 @@ impl ProxyConfig {
 }
 
 impl Frontend {
+    /// `request_id_header` as a header name (None when unset or invalid).
+    pub fn request_id_name(&self) -> Option<http::HeaderName> {
+        let name = self.request_id_header.as_deref()?;
+        http::HeaderName::from_bytes(name.as_bytes()).ok()
+    }
+
     /// Its own settings, apart from the pools it names.
     fn validate(&self) -> Result<(), ConfigError> {
         if self.binds.is_empty() {
@@ -766,6 +789,13 @@ impl Frontend {
                     problem,
                 })?;
         }
+        if self.request_id_header.is_some()
+            && !self
+                .request_id_name()
+                .is_some_and(|n| !reserved_header(&n) && self.mode == FrontendMode::Http)
+        {
+            return Err(ConfigError::BadRequestIdHeader(self.name.clone()));
+        }
         Ok(())
     }
 
@@ -785,6 +815,7 @@ impl Frontend {
             timeout_http_request: defaults::timeout_10s(),
             timeout_http_keep_alive: defaults::timeout_10s(),
             forwarded_headers: true,
+            request_id_header: None,
             acl: Vec::new(),
             use_pool: Vec::new(),
             timeout_tunnel: None,

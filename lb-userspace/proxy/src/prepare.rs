@@ -15,7 +15,7 @@ use super::balance::{Active, Pick, ServerState, Unavailable};
 use super::context::{FrontendCtx, PoolRuntime, Shared};
 use super::error::{Failure, Retry};
 use super::hardening;
-use super::log::AccessRecord;
+use super::log::{AccessRecord, RequestId};
 use super::tls::TlsFacts;
 use super::tunnel;
 use crate::acl;
@@ -227,19 +227,11 @@ pub(crate) async fn prepare(
     let pool = &shared.pools[pool_idx];
     let mut rec = record(&client, pool.name.clone(), parts, tq);
     rec.tally.pool = Some(pool.stats.shard());
+    let mut response_ops = acted.response;
+    let id = request_id(frontend, &mut rec, &mut response_ops);
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
-    if let Some((mut answer, term)) = acted.answer {
-        // A page of ours (deny, auth): the frontend's own, if it has one.
-        if term == ['P', 'R']
-            && let Some(page) = frontend.error_page(answer.status())
-        {
-            *answer.body_mut() = Full::new(page);
-        }
-        rec.pool = frontend.name.clone();
-        rec.tally.pool = None;
-        rec.status = answer.status().as_u16();
-        rec.termination = term;
-        return Prepared::Answer(answer, rec);
+    if let Some(answered) = acted.answer {
+        return local_answer(frontend, answered, rec, id);
     }
     // --- end terminal request action ---
 
@@ -250,6 +242,9 @@ pub(crate) async fn prepare(
     if frontend.forwarded_headers {
         add_forwarded(&mut parts.headers, client.peer, frontend.https);
     }
+    // A client's own is replaced (only ours is unique), after the
+    // hop-by-hop fields went: its Connection cannot name ours away.
+    actions::apply_response(id.as_slice(), &mut parts.headers);
     // A `del-header host` action leaves the server none: put the settled one back.
     if !parts.headers.contains_key(header::HOST)
         && let Some(v) = host
@@ -273,12 +268,50 @@ pub(crate) async fn prepare(
         pool: pool_idx,
         rec,
         pick,
-        response_ops: acted.response,
+        response_ops,
         gzip: upgrade.is_none()
             && frontend.compression.is_some()
             && super::compress::wanted(&parts.method, &parts.headers),
         ws_accept,
     })
+}
+
+/// With `request_id_header`: the request's unique ID, in the log and in
+/// the answer (after the response actions, so it is the one the client
+/// sees: pushed on `response_ops`); the header to set for the server.
+fn request_id(
+    frontend: &FrontendCtx,
+    rec: &mut AccessRecord,
+    response_ops: &mut Vec<actions::HeaderOp>,
+) -> Option<actions::HeaderOp> {
+    let name = frontend.request_id_header.as_ref()?;
+    let id = RequestId::new();
+    rec.request_id = Some(id);
+    let value = HeaderValue::from_str(&id.to_string()).ok()?;
+    let op = actions::HeaderOp::Set(name.clone(), value);
+    response_ops.push(op.clone());
+    Some(op)
+}
+
+/// A request answered by a request action (deny, auth, redirect, return):
+/// a page of ours gets the frontend's own, if it has one.
+fn local_answer(
+    frontend: &FrontendCtx,
+    (mut answer, term): (Response<Full<Bytes>>, [char; 2]),
+    mut rec: AccessRecord,
+    id: Option<actions::HeaderOp>,
+) -> Prepared {
+    actions::apply_response(id.as_slice(), answer.headers_mut());
+    if term == ['P', 'R']
+        && let Some(page) = frontend.error_page(answer.status())
+    {
+        *answer.body_mut() = Full::new(page);
+    }
+    rec.pool = frontend.name.clone();
+    rec.tally.pool = None;
+    rec.status = answer.status().as_u16();
+    rec.termination = term;
+    Prepared::Answer(answer, rec)
 }
 
 /// How the request's server is to be chosen in `pool`: its hash key, the

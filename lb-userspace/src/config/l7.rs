@@ -227,6 +227,7 @@ impl Checker<'_> {
                 ConfigError::TcpMode { .. } => "mode",
                 ConfigError::BadErrorPage { .. } => "error_pages",
                 ConfigError::BadCompression { .. } => "compression",
+                ConfigError::BadRequestIdHeader(_) => "request_id_header",
                 _ => "name",
             };
             self.at_key(keys, key, span, e.to_string());
@@ -467,6 +468,17 @@ mod tests {
                 ][..],
                 11,
                 "server 198.18.2.11:0 has port 0",
+            ),
+            (
+                &[
+                    "[[frontend]]",
+                    "name = \"g\"",
+                    "binds = [\"198.18.100.1:82\"]",
+                    "default_pool = \"app\"",
+                    "request_id_header = \"Content-Length\"",
+                ][..],
+                13,
+                "frontend \"g\": request_id_header must be a header name, not a framing",
             ),
             (
                 &[

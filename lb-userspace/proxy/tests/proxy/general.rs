@@ -86,6 +86,70 @@ async fn plain_http1_and_forwarded_headers() {
 }
 
 #[tokio::test]
+async fn each_request_gets_a_unique_id_to_the_server_in_the_answer_and_the_log() {
+    capture_access_log();
+    let a = json_backend("a").await;
+    let with_id = |fe: &mut Frontend| {
+        fe.request_id_header = Some("X-Request-ID".into());
+        fe.acl = vec![toml::from_str("name = \"no\"\npath_prefix = \"/no\"").unwrap()];
+        fe.request = vec![toml::from_str("action = \"deny\"\nif = \"no\"").unwrap()];
+    };
+    let mut fe = local_frontend();
+    with_id(&mut fe);
+    let own = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let hyper = crate::support::hyper_path_proxy(a.addr, with_id, |_| {}).await;
+    let mut seen = std::collections::HashSet::new();
+    for (path, proxy) in [("own", &own), ("hyper", &hyper)] {
+        for _ in 0..3 {
+            let req = Request::get(format!("http://{}/id", proxy.local_addrs()[0]))
+                .header("x-request-id", "chosen-by-the-client")
+                // Hop-by-hop fields named by the client do not take ours away.
+                .header("connection", "keep-alive, x-request-id")
+                .body(Empty::new())
+                .unwrap();
+            let resp = h1_client().request(req).await.unwrap();
+            let answered = resp.headers().get_all("x-request-id").iter().count();
+            let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+            let r = into_answer(resp).await;
+            assert_eq!(answered, 1, "{path}");
+            assert_eq!(
+                r.json()["headers"]["x-request-id"],
+                *id,
+                "{path}: the server's"
+            );
+            assert!(
+                id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{id}"
+            );
+            assert!(seen.insert(id.clone()), "{path}: {id} twice");
+            let logged = format!("{{{id}}} \"GET /id ");
+            let mut found = false;
+            for _ in 0..100 {
+                found = crate::support::access_lines()
+                    .iter()
+                    .any(|l| l.contains(&logged));
+                if found {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(found, "{path}: no line with {id}");
+        }
+        // The proxy's own answers carry one too.
+        let denied = h1_client()
+            .get(
+                format!("http://{}/no", proxy.local_addrs()[0])
+                    .parse()
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(denied.status(), StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(denied.headers()["x-request-id"].len(), 32, "{path}");
+    }
+}
+
+#[tokio::test]
 async fn h2c_prior_knowledge() {
     let a = json_backend("a").await;
     let proxy = start_proxy(local_frontend(), pool(Algorithm::RoundRobin, &[a.addr])).await;
