@@ -77,26 +77,10 @@ pub struct AccessRecord {
 pub struct RequestId(pub u128);
 
 impl RequestId {
-    /// A fresh one, from this thread's generator (seeded at random once:
-    /// unique, not unguessable).
+    /// A fresh one, from this thread's CSPRNG (rand's ChaCha, seeded by
+    /// the OS): unique, and no ID tells another.
     pub fn new() -> Self {
-        use std::cell::Cell;
-        use std::hash::{BuildHasher, RandomState};
-        thread_local! {
-            static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()));
-        }
-        // splitmix64, twice.
-        let next = || {
-            STATE.with(|s| {
-                let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
-                s.set(x);
-                let mut z = x;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^ (z >> 31)
-            })
-        };
-        RequestId((u128::from(next()) << 64) | u128::from(next()))
+        RequestId(rand::random())
     }
 }
 
