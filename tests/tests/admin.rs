@@ -191,7 +191,11 @@ fn servers_and_l4(lab: &RunningLab, text: &str) {
             1
         );
         assert_eq!(metric(text, "lb_pool_server_up", &server), 1);
-        assert_eq!(metric(text, "lb_pool_server_max_sessions", &server), 1);
+        // One at a time, or two for a moment: a request's server slot is
+        // given back just after its last byte went out, and the client's
+        // next request may reach the server on another thread first.
+        let max = metric(text, "lb_pool_server_max_sessions", &server);
+        assert!((1..=2).contains(&max), "max sessions {max}");
     }
     assert_eq!(per_server, 17);
     // `lb show proxy` lists the same counters.

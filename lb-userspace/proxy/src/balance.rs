@@ -26,6 +26,12 @@
 //! (`Pick::sticky`, the servers a retry avoids), so a request queued or
 //! retrying across a change still means the same server.
 //!
+//! With `slowstart`, a server that starts taking requests again (back up,
+//! enabled, or added at runtime) has its weight ramp up from almost nothing
+//! to its own over that time under roundrobin, leastconn and random2
+//! (HAProxy's `slowstart`), so a cold server is not handed its full share
+//! at once. Weights are compared in 1/256ths for it.
+//!
 //! With `max_fails`, a server whose attempts fail that many times in a row
 //! (no response at all) is out of every choice for `fail_timeout`, as with
 //! nginx's `max_fails`; then one failed attempt takes it out again and one
@@ -75,6 +81,8 @@ pub struct ServerState {
     active: AtomicUsize,
     /// Failed attempts in a row (`Balancer::failed`), under `max_fails`.
     fails: AtomicU32,
+    /// When it last started serving (`clock_ms`), for `slowstart`; 0: at start.
+    serving_since: AtomicU64,
     /// Out of every choice until this many ms after `clock_epoch()`; 0: in.
     /// (Left set once passed, until it answers: one failure is then enough.)
     out_until: AtomicU64,
@@ -95,6 +103,7 @@ impl ServerState {
             state: AtomicU8::new(ServerUse::Serving as u8),
             active: AtomicUsize::new(0),
             fails: AtomicU32::new(0),
+            serving_since: AtomicU64::new(0),
             out_until: AtomicU64::new(0),
             stats: Default::default(),
         }
@@ -284,6 +293,8 @@ struct Inner {
     name: Arc<str>,
     /// `max_fails` (0: off) and `fail_timeout`.
     fails: (u32, Duration),
+    /// `slowstart` in ms (0: off).
+    slowstart: u64,
     timeout_queue: Duration,
     queue: Mutex<Queue>,
     /// The pool's request counters: here, as the balancer is shared by
@@ -316,6 +327,7 @@ impl Balancer {
             limited: AtomicBool::new(servers.iter().any(|s| s.maxconn() > 0)),
             name: pool.name.as_str().into(),
             fails: (pool.max_fails, pool.fail_timeout),
+            slowstart: pool.slowstart.as_millis() as u64,
             set: RwLock::new(Arc::new(Set::new(pool.algorithm, servers))),
             rotor: AtomicUsize::new(0),
             rng: AtomicU64::new(seed),
@@ -404,7 +416,12 @@ impl Balancer {
                             kept.configure(spec);
                             kept.clone()
                         }
-                        None => Arc::new(ServerState::new(spec)),
+                        None => {
+                            // A server added at runtime starts slowly too.
+                            let added = ServerState::new(spec);
+                            added.serving_since.store(clock_ms(), Ordering::Relaxed);
+                            Arc::new(added)
+                        }
                     },
                 )
                 .collect();
@@ -437,7 +454,11 @@ impl Balancer {
         let mut found = false;
         let mut changed = false;
         for s in set.servers.iter().filter(|s| s.addr == addr) {
-            changed |= s.state.swap(state as u8, Ordering::Relaxed) != state as u8;
+            let before = s.state.swap(state as u8, Ordering::Relaxed);
+            changed |= before != state as u8;
+            if before != state as u8 && state == ServerUse::Serving {
+                s.serving_since.store(clock_ms(), Ordering::Relaxed);
+            }
             found = true;
         }
         if changed {
@@ -648,6 +669,11 @@ impl Inner {
         }
     }
 
+    /// The clock and `slowstart` for `Set::weight_of`, when it ramps weights.
+    fn ramp(&self) -> Option<(u64, u64)> {
+        (self.slowstart > 0).then(|| (clock_ms(), self.slowstart))
+    }
+
     fn choose(&self, Pick { key, sticky }: Pick, exclude: &[SocketAddr]) -> Choice {
         let set = self.read_set();
         let room = |s: &Arc<ServerState>| {
@@ -686,7 +712,7 @@ impl Inner {
             Algorithm::LeastConn => self.least_conn(&set, &free),
             Algorithm::Random2 => self.random2(&set, &free),
             Algorithm::RoundRobin | Algorithm::Source | Algorithm::Uri | Algorithm::Header => {
-                set.smooth_rr(&free)
+                set.smooth_rr(&free, self.ramp())
             }
         };
         Choice::Server(set.servers[i].clone())
@@ -694,10 +720,11 @@ impl Inner {
 
     fn least_conn(&self, set: &Set, cands: &[usize]) -> usize {
         let start = self.rotor.fetch_add(1, Ordering::Relaxed) % cands.len();
+        let ramp = self.ramp();
         let mut best = cands[start];
         for k in 1..cands.len() {
             let i = cands[(start + k) % cands.len()];
-            if set.lighter(i, best) {
+            if set.lighter(i, best, ramp) {
                 best = i;
             }
         }
@@ -729,7 +756,7 @@ impl Inner {
         // Second choice distinct from the first.
         let b = (a + 1 + ((r >> 32) % (n - 1)) as usize) % cands.len();
         let (a, b) = (cands[a], cands[b]);
-        if set.lighter(b, a) { b } else { a }
+        if set.lighter(b, a, self.ramp()) { b } else { a }
     }
 }
 
@@ -838,13 +865,29 @@ impl Set {
         at(&table).filter(|i| cands.contains(i))
     }
 
-    fn smooth_rr(&self, cands: &[usize]) -> usize {
+    /// Server `i`'s weight in 1/256ths, ramped up over `slowstart` since
+    /// it started serving when `ramp` (now, slowstart) says so; at least 1.
+    fn weight_of(&self, i: usize, ramp: Option<(u64, u64)>) -> u64 {
+        let s = &self.servers[i];
+        let full = u64::from(s.weight()) * 256;
+        let Some((now, span)) = ramp else {
+            return full;
+        };
+        let since = s.serving_since.load(Ordering::Relaxed);
+        match now.saturating_sub(since) {
+            _ if since == 0 => full,
+            elapsed if elapsed >= span => full,
+            elapsed => (full * elapsed / span).max(1),
+        }
+    }
+
+    fn smooth_rr(&self, cands: &[usize], ramp: Option<(u64, u64)>) -> usize {
         // A poisoned lock only means another picker panicked; the weights are still valid numbers.
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = 0i64;
         let mut best = cands[0];
         for &i in cands {
-            let w = i64::from(self.servers[i].weight());
+            let w = self.weight_of(i, ramp) as i64;
             cur[i] += w;
             total += w;
             if cur[i] > cur[best] {
@@ -856,15 +899,15 @@ impl Set {
     }
 
     /// True when `a` is less loaded than `b` relative to their weights.
-    fn lighter(&self, a: usize, b: usize) -> bool {
+    fn lighter(&self, a: usize, b: usize, ramp: Option<(u64, u64)>) -> bool {
         let (sa, sb) = (&self.servers[a], &self.servers[b]);
-        (sa.active() as u128) * u128::from(sb.weight())
-            < (sb.active() as u128) * u128::from(sa.weight())
+        let (wa, wb) = (self.weight_of(a, ramp), self.weight_of(b, ramp));
+        (sa.active() as u128) * u128::from(wb) < (sb.active() as u128) * u128::from(wa)
     }
 }
 
 /// Milliseconds since the first call in this process (never 0), for
-/// `ServerState::out_until`.
+/// `ServerState::out_until` and `serving_since`.
 pub fn clock_ms() -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let epoch = *EPOCH.get_or_init(Instant::now);
@@ -1032,6 +1075,52 @@ mod tests {
             Some(0),
             "one failure after an answer is not enough"
         );
+    }
+
+    #[test]
+    fn slowstart_ramps_a_returning_server_up_from_almost_nothing() {
+        for algorithm in [
+            Algorithm::RoundRobin,
+            Algorithm::LeastConn,
+            Algorithm::Random2,
+        ] {
+            let s = specs(&[(1, false), (1, false)]);
+            let mut pool = Pool::new("p", algorithm, s.clone());
+            pool.slowstart = Duration::from_millis(400);
+            let b = Balancer::from_pool(&pool);
+            let share = |b: &Balancer| {
+                // Slots held, so that leastconn and random2 see the load.
+                let mut held = Vec::new();
+                for _ in 0..64 {
+                    let Choice::Server(s) = b.inner.choose(Pick::default(), &[]) else {
+                        panic!("no server");
+                    };
+                    held.push(Active::new(s));
+                }
+                held.iter()
+                    .filter(|a| a.server().addr == s[1].address)
+                    .count()
+            };
+            // At start: no ramp.
+            assert_eq!(share(&b), 32, "{algorithm:?}");
+            b.set_up(s[1].address, false);
+            b.set_up(s[1].address, true);
+            assert!(share(&b) <= 4, "{algorithm:?}: just back");
+            std::thread::sleep(Duration::from_millis(450));
+            assert_eq!(share(&b), 32, "{algorithm:?}: ramped up");
+            // A server added at runtime ramps too.
+            let mut more = s.clone();
+            more.push(ServerSpec::new(SocketAddr::from(([10, 0, 0, 9], 80))));
+            b.set_servers(&more);
+            let mut held = Vec::new();
+            for _ in 0..60 {
+                if let Choice::Server(s) = b.inner.choose(Pick::default(), &[]) {
+                    held.push(Active::new(s));
+                }
+            }
+            let new = held.iter().filter(|a| a.server().addr == more[2].address);
+            assert!(new.count() <= 4, "{algorithm:?}: just added");
+        }
     }
 
     #[test]

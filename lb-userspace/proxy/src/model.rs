@@ -432,6 +432,11 @@ pub struct Pool {
     /// takes it out again, one answer brings it back (default 10s).
     #[serde(default = "defaults::timeout_10s", with = "duration")]
     pub fail_timeout: Duration,
+    /// A server that starts taking requests again (back up, enabled, added)
+    /// has its weight ramp up from almost 0 over this long (HAProxy's
+    /// `slowstart`; roundrobin, leastconn, random2); 0s: at once (default).
+    #[serde(default, with = "duration")]
+    pub slowstart: Duration,
 }
 
 /// Server choice within a pool.
@@ -595,6 +600,9 @@ pub enum ConfigError {
         /// Its `send_buffer`.
         bytes: usize,
     },
+    /// A pool's `slowstart` is out of range.
+    #[error("pool {0:?}: slowstart must be at most 1h")]
+    BadSlowstart(String),
     /// A pool's `fail_timeout` is out of range.
     #[error("pool {0:?}: fail_timeout must be within 1s..=1h")]
     BadFailTimeout(String),
@@ -668,6 +676,9 @@ impl ProxyConfig {
             p.validate_server_tls()?;
             if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&p.fail_timeout) {
                 return Err(ConfigError::BadFailTimeout(p.name.clone()));
+            }
+            if p.slowstart > Duration::from_secs(3600) {
+                return Err(ConfigError::BadSlowstart(p.name.clone()));
             }
         }
         for f in &self.frontends {
@@ -855,6 +866,7 @@ impl Pool {
             cookie: None,
             max_fails: 0,
             fail_timeout: defaults::timeout_10s(),
+            slowstart: Duration::ZERO,
         }
     }
 

@@ -186,6 +186,7 @@ impl Checker<'_> {
                 ConfigError::BadServerTls { .. } => ["sni", "ca", "tls"],
                 ConfigError::BadCookie(_) => ["cookie", "cookie", "cookie"],
                 ConfigError::BadFailTimeout(_) => ["fail_timeout", "fail_timeout", "fail_timeout"],
+                ConfigError::BadSlowstart(_) => ["slowstart", "slowstart", "slowstart"],
                 _ => ["name", "name", "name"],
             }
             .into_iter()
@@ -489,6 +490,11 @@ mod tests {
                 ][..],
                 12,
                 "pool \"b\": fail_timeout must be within 1s..=1h",
+            ),
+            (
+                &["[[pool]]", "name = \"b\"", "slowstart = \"2h\""][..],
+                11,
+                "pool \"b\": slowstart must be at most 1h",
             ),
             (
                 &[

@@ -356,6 +356,31 @@ async fn a_server_failing_max_fails_times_is_taken_out_for_fail_timeout_on_both_
 }
 
 #[tokio::test]
+async fn a_server_back_up_takes_its_share_over_slowstart() {
+    let (a, b) = (json_backend("a").await, json_backend("b").await);
+    let mut slow = pool(Algorithm::RoundRobin, &[a.addr, b.addr]);
+    slow.slowstart = Duration::from_millis(1500);
+    let proxy = start_proxy(local_frontend(), slow).await;
+    let from_b = |n: usize| {
+        let proxy = &proxy;
+        async move {
+            let mut count = 0;
+            for _ in 0..n {
+                count += usize::from(get(proxy, "/").await.server.as_deref() == Some("b"));
+            }
+            count
+        }
+    };
+    assert_eq!(from_b(10).await, 5, "both serve from the start");
+    // b went down and came back (its health check): it starts slowly.
+    assert!(proxy.set_server_use("app", b.addr, ServerUse::Off));
+    assert!(proxy.set_server_use("app", b.addr, ServerUse::Serving));
+    assert!(from_b(10).await <= 2, "just back");
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(from_b(10).await, 5, "its whole share after slowstart");
+}
+
+#[tokio::test]
 async fn stalled_request_head_is_408() {
     let a = json_backend("a").await;
     let mut fe = local_frontend();
