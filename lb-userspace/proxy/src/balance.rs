@@ -27,7 +27,7 @@
 //! retrying across a change still means the same server.
 //!
 //! With `slowstart`, a server that starts taking requests again (back up,
-//! enabled, or added at runtime) has its weight ramp up from almost nothing
+//! out of maintenance, or added at runtime) has its weight ramp up from almost nothing
 //! to its own over that time under roundrobin, leastconn and random2
 //! (HAProxy's `slowstart`), so a cold server is not handed its full share
 //! at once. Weights are compared in 1/256ths for it.
@@ -83,7 +83,7 @@ pub struct ServerState {
     fails: AtomicU32,
     /// When it last started serving (`clock_ms`), for `slowstart`; 0: at start.
     serving_since: AtomicU64,
-    /// Out of every choice until this many ms after `clock_epoch()`; 0: in.
+    /// Out of every choice until this `clock_ms`; 0: in.
     /// (Left set once passed, until it answers: one failure is then enough.)
     out_until: AtomicU64,
     /// Its request counters.
@@ -349,7 +349,10 @@ impl Balancer {
     /// An attempt on `server` got a response head: its failures in a row
     /// start again from 0, and if it was out, it is back.
     pub(crate) fn answered(&self, server: &ServerState) {
-        if self.inner.fails.0 == 0 || server.fails.load(Ordering::Relaxed) == 0 {
+        if self.inner.fails.0 == 0
+            || (server.fails.load(Ordering::Relaxed) == 0
+                && server.out_until.load(Ordering::Relaxed) == 0)
+        {
             return;
         }
         server.fails.store(0, Ordering::Relaxed);
@@ -456,7 +459,8 @@ impl Balancer {
         for s in set.servers.iter().filter(|s| s.addr == addr) {
             let before = s.state.swap(state as u8, Ordering::Relaxed);
             changed |= before != state as u8;
-            if before != state as u8 && state == ServerUse::Serving {
+            // Back from down or maintenance (not from draining: it served on).
+            if before == ServerUse::Off as u8 && state == ServerUse::Serving {
                 s.serving_since.store(clock_ms(), Ordering::Relaxed);
             }
             found = true;
@@ -1075,6 +1079,15 @@ mod tests {
             Some(0),
             "one failure after an answer is not enough"
         );
+        // max_fails = 1: an answer after the timeout clears the server's mark too.
+        pool.max_fails = 1;
+        let b = Balancer::from_pool(&pool);
+        let first = b.server(0);
+        b.failed(&first);
+        assert_eq!(b.pick(&[]), Some(1));
+        std::thread::sleep(Duration::from_millis(200));
+        b.answered(&first);
+        assert_eq!(first.out_until.load(Ordering::Relaxed), 0);
     }
 
     #[test]
