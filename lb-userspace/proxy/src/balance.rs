@@ -687,9 +687,11 @@ impl Inner {
                 Choice::Full
             }
         };
+        // A server out after failed attempts is down for its cookie too.
         let named = sticky
             .filter(|a| !exclude.contains(a))
-            .and_then(|a| set.servers.iter().find(|s| s.addr == a && s.takes_sticky()));
+            .and_then(|a| set.servers.iter().find(|s| s.addr == a && s.takes_sticky()))
+            .filter(|s| s.out_until.load(Ordering::Relaxed) == 0 || !s.is_out(clock_ms()));
         if let Some(s) = named {
             return room(s);
         }
@@ -1079,6 +1081,24 @@ mod tests {
             Some(0),
             "one failure after an answer is not enough"
         );
+        // A cookie naming a server that is out is balanced as without one.
+        pool.max_fails = 2;
+        let b = Balancer::from_pool(&pool);
+        let second = b.server(1);
+        let sticky = |b: &Balancer| match b.inner.choose(
+            Pick {
+                key: None,
+                sticky: Some(s[1].address),
+            },
+            &[],
+        ) {
+            Choice::Server(s) => s.addr,
+            _ => panic!("no server"),
+        };
+        assert_eq!(sticky(&b), s[1].address);
+        b.failed(&second);
+        b.failed(&second);
+        assert_eq!(sticky(&b), s[0].address);
         // max_fails = 1: an answer after the timeout clears the server's mark too.
         pool.max_fails = 1;
         let b = Balancer::from_pool(&pool);
