@@ -408,18 +408,25 @@ impl Agent {
             }
             for server in &p.servers {
                 let status = self.health.status(&service, server.address);
+                let running = live
+                    .iter()
+                    .find(|l| l.name == p.name)
+                    .and_then(|l| l.servers.iter().find(|s| s.address == server.address));
+                let mut health = status.as_ref().map(|c| c.health).unwrap_or_default();
+                let mut last_check = status.map(|c| c.last);
+                // The proxy's passive check (max_fails) has it down for now.
+                if running.is_some_and(|s| s.taken_out) {
+                    health = Health::Down;
+                    last_check = Some("out after failed requests (max_fails)".into());
+                }
                 out.push(BackendInfo {
                     service: service.clone(),
                     address: server.address,
                     weight: server.weight,
                     admin: self.desired.admin_state(&service, server.address),
-                    health: status.as_ref().map(|c| c.health).unwrap_or_default(),
-                    last_check: status.map(|c| c.last),
-                    active_flows: live
-                        .iter()
-                        .find(|l| l.name == p.name)
-                        .and_then(|l| l.servers.iter().find(|s| s.address == server.address))
-                        .map_or(0, |s| s.current as u64),
+                    health,
+                    last_check,
+                    active_flows: running.map_or(0, |s| s.current as u64),
                     max_flows: server.maxconn as u64,
                     packets: 0,
                     bytes: 0,

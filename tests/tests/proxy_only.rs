@@ -118,6 +118,42 @@ fn the_proxy_runs_alone_without_interfaces() {
     .unwrap()
     .unwrap();
     assert_eq!(status, 200, "{body}");
+
+    // A server that refuses connections, with passive health on: every
+    // request is still answered, and after its first failure the server
+    // shows as down, with why, until fail_timeout.
+    let dead = SocketAddr::new(lab.backends()[0].v4.into(), 9);
+    let text = config(&lab, 2).replace(
+        "servers = [",
+        &format!("max_fails = 1\nfail_timeout = \"1h\"\nservers = [{{ address = \"{dead}\" }}, "),
+    );
+    std::fs::write(&path, text).unwrap();
+    assert!(lb(&lab, &socket, &["reload"]).status.success());
+    for _ in 0..6 {
+        assert!(ask(&lab).starts_with("be"));
+    }
+    let out = lb(&lab, &socket, &["show", "backends", "pool:app", "--json"]);
+    let list: Vec<lb_userspace::control::protocol::BackendInfo> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let shown = list
+        .iter()
+        .find(|b| b.address == dead)
+        .expect("the dead server");
+    assert_eq!(shown.health, lb_userspace::control::protocol::Health::Down);
+    assert!(
+        shown
+            .last_check
+            .as_deref()
+            .is_some_and(|c| c.contains("max_fails")),
+        "{shown:?}"
+    );
+    let (_, body) = run_in_ns(lab.balancer_ns(), move || {
+        http_get(metrics, "/metrics", Duration::from_secs(2))
+    })
+    .unwrap()
+    .unwrap();
+    let line = format!("lb_pool_server_taken_out_total{{pool=\"app\",server=\"{dead}\"}} 1");
+    assert!(body.contains(&line), "{body}");
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }

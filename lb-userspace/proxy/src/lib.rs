@@ -748,6 +748,9 @@ pub struct ServerStats {
     /// Whether it takes requests (administratively ready, healthy, and
     /// not out after failed attempts).
     pub up: bool,
+    /// Out after `max_fails` failed attempts in a row, for now.
+    #[serde(default)]
+    pub taken_out: bool,
     /// Its request counters.
     pub counters: stats::CounterSnapshot,
 }
@@ -787,7 +790,8 @@ impl ProxyStats {
                     .balancer
                     .servers()
                     .iter()
-                    .map(|s| ServerStats {
+                    .map(|s| (s, s.is_out(balance::clock_ms())))
+                    .map(|(s, out)| ServerStats {
                         address: s.addr,
                         current: s.active(),
                         idle_connections: self
@@ -798,7 +802,8 @@ impl ProxyStats {
                             .sum(),
                         weight: s.weight(),
                         // Out after failed attempts (max_fails) counts as down.
-                        up: s.is_up() && !s.is_out(balance::clock_ms()),
+                        up: s.is_up() && !out,
+                        taken_out: out,
                         counters: s.stats.snapshot(),
                     })
                     .collect(),

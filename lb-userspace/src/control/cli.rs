@@ -1068,6 +1068,7 @@ pass_not_vip    12345      0
             idle_connections: 0,
             weight: 1,
             up: true,
+            taken_out: false,
             counters,
         };
         let info = ProxyInfo {

@@ -399,6 +399,7 @@ mod tests {
                 idle_connections: 5,
                 weight: 1,
                 up: true,
+                taken_out: false,
                 counters: counters.clone(),
             }],
             counters,
