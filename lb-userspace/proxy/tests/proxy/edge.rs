@@ -257,21 +257,6 @@ async fn websocket_upgrade_is_tunnelled_until_idle() {
     assert!(closed.is_ok() && rest.is_empty(), "{rest:?}");
 }
 
-/// The access log line of `client`'s request to `server`, waiting up to 2 s.
-async fn access_line_of(client: SocketAddr, server: SocketAddr) -> Option<String> {
-    let (prefix, to) = (format!("{client} "), format!("/{server} "));
-    for _ in 0..100 {
-        let found = crate::support::access_lines()
-            .into_iter()
-            .find(|l| l.starts_with(&prefix) && l.contains(&to));
-        if found.is_some() {
-            return found;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
-}
-
 #[tokio::test]
 async fn a_websocket_is_logged_when_its_tunnel_ends_on_both_paths() {
     crate::support::capture_access_log();
@@ -299,7 +284,7 @@ async fn a_websocket_is_logged_when_its_tunnel_ends_on_both_paths() {
         let early = early.iter().find(|l| l.starts_with(&prefix));
         assert_eq!(early, None, "{path}: logged while the tunnel is open");
         drop(s);
-        let line = access_line_of(me, backend).await;
+        let line = crate::support::access_line_of(me, backend).await;
         let line = line.unwrap_or_else(|| panic!("{path}: no line"));
         let f: Vec<&str> = line.split_whitespace().collect();
         // client [date] frontend pool/server Tq/Tw/Tc/Tr/Tt status bytes flags "request"
@@ -316,7 +301,7 @@ async fn a_websocket_is_logged_when_its_tunnel_ends_on_both_paths() {
         read_head(&mut s).await;
         let rest = read_until_closed(&mut s).await;
         assert!(rest.is_empty(), "{rest}");
-        let line = access_line_of(me, backend).await;
+        let line = crate::support::access_line_of(me, backend).await;
         let line = line.unwrap_or_else(|| panic!("{path}: no line after the timeout"));
         let f: Vec<&str> = line.split_whitespace().collect();
         assert_eq!((f[5], f[6], f[7]), ("101", "0", "cD--"), "{path}: {line}");

@@ -305,6 +305,23 @@ pub fn access_lines() -> Vec<String> {
     LINES.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
+/// The access log line of the client at `client` (`ip:port`) to `server`,
+/// once written (within `GIVE_UP`). Both are matched: other tests log
+/// too, and ports come round again.
+pub async fn access_line_of(client: impl std::fmt::Display, server: SocketAddr) -> Option<String> {
+    let (prefix, to) = (format!("{client} "), format!("/{server} "));
+    let until = tokio::time::Instant::now() + GIVE_UP;
+    loop {
+        let found = access_lines()
+            .into_iter()
+            .find(|l| l.starts_with(&prefix) && l.contains(&to));
+        if found.is_some() || tokio::time::Instant::now() >= until {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The JSON access log lines (parsed) for `uri`, waiting up to 2 s for one:
 /// a record is written when the proxy drops the response body, which may be
 /// just after the client has it all.

@@ -282,21 +282,10 @@ async fn closed_within(s: &mut TcpStream, wait: Duration) -> bool {
     )
 }
 
-/// The access log line of the client at `addr` (`ip:port`) to `server`,
-/// once written. (Other tests log too, and ports come round again.)
+/// The access log line of the client at `addr` to `server`.
 async fn access_line_of(addr: &str, server: SocketAddr) -> String {
-    let until = Instant::now() + GIVE_UP;
-    let (prefix, to) = (format!("{addr} "), format!("/{server} "));
-    loop {
-        let found = access_lines()
-            .into_iter()
-            .find(|l| l.starts_with(&prefix) && l.contains(&to));
-        match found {
-            Some(l) => return l,
-            None if Instant::now() < until => tokio::time::sleep(Duration::from_millis(20)).await,
-            None => panic!("no log line for {addr} to {server}"),
-        }
-    }
+    let line = crate::support::access_line_of(addr, server).await;
+    line.unwrap_or_else(|| panic!("no log line for {addr} to {server}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
