@@ -695,7 +695,7 @@ impl Inner {
         if let Some(s) = named {
             return room(s);
         }
-        let cands = set.usable(exclude);
+        let cands = set.usable(exclude, self.fails.0 > 0);
         if cands.is_empty() {
             return Choice::Nothing;
         }
@@ -786,14 +786,15 @@ impl Set {
     }
 
     /// Usable servers of the tier in use: regular ones, or backups when no
-    /// regular one is up; those out after failed attempts only when every
-    /// other is too (see the module's comment).
-    fn usable(&self, exclude: &[SocketAddr]) -> Vec<usize> {
+    /// regular one is up; with `max_fails` (`observed`), those out after
+    /// failed attempts only when every other is too (see the module's comment).
+    fn usable(&self, exclude: &[SocketAddr], observed: bool) -> Vec<usize> {
         // The clock is read only while some server has been out.
-        let any_out = self
-            .servers
-            .iter()
-            .any(|s| s.out_until.load(Ordering::Relaxed) != 0);
+        let any_out = observed
+            && self
+                .servers
+                .iter()
+                .any(|s| s.out_until.load(Ordering::Relaxed) != 0);
         if any_out {
             let now = clock_ms();
             let fine = self.usable_at(exclude, Some(now));
