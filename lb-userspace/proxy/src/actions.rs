@@ -59,6 +59,145 @@ pub enum ActionError {
     },
 }
 
+/// What a header value may name of its request's connection, as HAProxy's
+/// sample fetches in `%[...]`: `set-header X-Real-IP "%[src]"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Var {
+    /// The client's address.
+    Src,
+    /// The client's port.
+    SrcPort,
+    /// The address the client connected to.
+    Dst,
+    /// The port the client connected to.
+    DstPort,
+    /// `1` over TLS, else `0`.
+    SslFc,
+    /// The TLS server name the client asked for (empty without).
+    SslFcSni,
+}
+
+impl Var {
+    const ALL: [(&'static str, Var); 6] = [
+        ("src", Var::Src),
+        ("src_port", Var::SrcPort),
+        ("dst", Var::Dst),
+        ("dst_port", Var::DstPort),
+        ("ssl_fc", Var::SslFc),
+        ("ssl_fc_sni", Var::SslFcSni),
+    ];
+}
+
+/// A header value with `%[...]` variables, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Template(Vec<Piece>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Var(Var),
+}
+
+/// What a template's variables are read from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Connection<'a> {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Over TLS, with the server name the client asked for.
+    pub tls: Option<Option<&'a str>>,
+}
+
+impl Template {
+    /// `value` with its `%[name]` variables; None when it has none.
+    fn parse(value: &str) -> Result<Option<Template>, String> {
+        if !value.contains("%[") {
+            return Ok(None);
+        }
+        let mut pieces = Vec::new();
+        let mut rest = value;
+        while let Some(at) = rest.find("%[") {
+            if at > 0 {
+                pieces.push(Piece::Text(rest[..at].to_string()));
+            }
+            let after = &rest[at + 2..];
+            let end = after
+                .find(']')
+                .ok_or_else(|| format!("{value:?}: `%[` without `]`"))?;
+            let name = &after[..end];
+            let var = Var::ALL
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = Var::ALL.iter().map(|(n, _)| *n).collect();
+                    format!(
+                        "unknown variable %[{name}]; expected one of {}",
+                        known.join(", ")
+                    )
+                })?;
+            pieces.push(Piece::Var(var));
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.to_string()));
+        }
+        Ok(Some(Template(pieces)))
+    }
+
+    /// The value for `conn` (addresses, ports and server names are valid
+    /// header text; None if it is not all the same).
+    fn render(&self, conn: &Connection<'_>) -> Option<HeaderValue> {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for piece in &self.0 {
+            let _ = match piece {
+                Piece::Text(t) => write!(out, "{t}"),
+                Piece::Var(Var::Src) => write!(out, "{}", conn.peer.ip()),
+                Piece::Var(Var::SrcPort) => write!(out, "{}", conn.peer.port()),
+                Piece::Var(Var::Dst) => write!(out, "{}", conn.local.ip()),
+                Piece::Var(Var::DstPort) => write!(out, "{}", conn.local.port()),
+                Piece::Var(Var::SslFc) => write!(out, "{}", u8::from(conn.tls.is_some())),
+                Piece::Var(Var::SslFcSni) => write!(out, "{}", conn.tls.flatten().unwrap_or("")),
+            };
+        }
+        HeaderValue::from_str(&out).ok()
+    }
+}
+
+/// A header edit as configured: a fixed one, or a value with variables
+/// made per request (`Edit::resolve`).
+#[derive(Debug, Clone)]
+enum Edit {
+    Fixed(HeaderOp),
+    /// `set-header` (`add` false) or `add-header` with a templated value.
+    Templated {
+        name: HeaderName,
+        template: Template,
+        add: bool,
+    },
+}
+
+impl Edit {
+    /// The edit for this request's connection (None: its value came out
+    /// invalid, and it is skipped).
+    fn resolve(&self, conn: &Connection<'_>) -> Option<HeaderOp> {
+        match self {
+            Edit::Fixed(op) => Some(op.clone()),
+            Edit::Templated {
+                name,
+                template,
+                add,
+            } => {
+                let value = template.render(conn)?;
+                Some(match add {
+                    true => HeaderOp::Add(name.clone(), value),
+                    false => HeaderOp::Set(name.clone(), value),
+                })
+            }
+        }
+    }
+}
+
 /// A header edit.
 #[derive(Debug, Clone)]
 pub(crate) enum HeaderOp {
@@ -103,7 +242,7 @@ enum RequestOp {
         to: Redirect,
         code: StatusCode,
     },
-    Header(HeaderOp),
+    Header(Edit),
     SetPath(String),
     Return {
         status: StatusCode,
@@ -123,7 +262,7 @@ pub struct CompiledActions {
     /// The conditions of `reject` rules, decided at accept (`rejects`).
     reject: Vec<Option<Condition>>,
     request: Vec<(Option<Condition>, RequestOp)>,
-    response: Vec<(Option<Condition>, HeaderOp)>,
+    response: Vec<(Option<Condition>, Edit)>,
 }
 
 /// What the request rules decided.
@@ -318,7 +457,7 @@ fn status(code: Option<u16>, default: u16) -> Result<StatusCode, String> {
     }
 }
 
-fn header_op(a: &HttpAction) -> Result<HeaderOp, String> {
+fn header_op(a: &HttpAction) -> Result<Edit, String> {
     let del = a.action == "del-header";
     only(a, if del { &["name"] } else { &["name", "value"] })?;
     let name = a.name.as_deref().ok_or("missing `name`")?;
@@ -329,16 +468,25 @@ fn header_op(a: &HttpAction) -> Result<HeaderOp, String> {
         return Err(format!("{name} cannot be changed"));
     }
     if del {
-        return Ok(HeaderOp::Del(name));
+        return Ok(Edit::Fixed(HeaderOp::Del(name)));
     }
     let value = a.value.as_deref().ok_or("missing `value`")?;
+    let add = a.action == "add-header";
+    // The text around variables must be valid header text by itself.
+    HeaderValue::from_str(value).map_err(|_| format!("{value:?} is not a valid header value"))?;
+    if let Some(template) = Template::parse(value)? {
+        return Ok(Edit::Templated {
+            name,
+            template,
+            add,
+        });
+    }
     let value = HeaderValue::from_str(value)
         .map_err(|_| format!("{value:?} is not a valid header value"))?;
-    Ok(if a.action == "set-header" {
-        HeaderOp::Set(name, value)
-    } else {
-        HeaderOp::Add(name, value)
-    })
+    Ok(Edit::Fixed(match add {
+        true => HeaderOp::Add(name, value),
+        false => HeaderOp::Set(name, value),
+    }))
 }
 
 /// A `redirect` action: exactly one of `location`, `prefix`, `scheme`, and a 3xx `code`.
@@ -494,18 +642,20 @@ impl CompiledActions {
     pub(crate) async fn run_request(
         &self,
         parts: &mut request::Parts,
-        peer: SocketAddr,
+        conn: Connection<'_>,
         tls: (Option<&str>, bool),
         rates: &[(std::time::Duration, u32)],
     ) -> Outcome {
-        let src = (peer.ip(), rates);
+        let src = (conn.peer.ip(), rates);
         for (cond, op) in &self.request {
             if !self.holds(cond.as_ref(), parts, src, tls) {
                 continue;
             }
             let answer = match op {
-                RequestOp::Header(h) => {
-                    h.apply(&mut parts.headers);
+                RequestOp::Header(edit) => {
+                    if let Some(h) = edit.resolve(&conn) {
+                        h.apply(&mut parts.headers);
+                    }
                     continue;
                 }
                 RequestOp::SetPath(path) => {
@@ -547,7 +697,7 @@ impl CompiledActions {
             .response
             .iter()
             .filter(|(cond, _)| self.holds(cond.as_ref(), parts, src, tls))
-            .map(|(_, op)| op.clone())
+            .filter_map(|(_, edit)| edit.resolve(&conn))
             .collect();
         Outcome {
             answer: None,
@@ -701,5 +851,31 @@ mod tests {
         assert!(sha_crypt::sha512_check("pw", &hash).is_ok());
         assert!(check_sha512_crypt("$6$rounds=10$salt$x").is_err());
         assert!(check_sha512_crypt("$1$salt$hash").is_err());
+    }
+
+    #[test]
+    fn header_values_take_the_connection_s_variables() {
+        let t = |v: &str| Template::parse(v);
+        assert_eq!(t("plain"), Ok(None));
+        let conn = Connection {
+            peer: "[2001:db8::7]:40000".parse().unwrap(),
+            local: "198.18.100.1:443".parse().unwrap(),
+            tls: Some(Some("www.example")),
+        };
+        let render = |v: &str, c: &Connection<'_>| t(v).unwrap().unwrap().render(c).unwrap();
+        assert_eq!(render("%[src]", &conn), "2001:db8::7");
+        assert_eq!(
+            render("for=%[src]:%[src_port] by %[dst]:%[dst_port]", &conn),
+            "for=2001:db8::7:40000 by 198.18.100.1:443"
+        );
+        assert_eq!(render("%[ssl_fc] %[ssl_fc_sni]%", &conn), "1 www.example%");
+        let plain = Connection { tls: None, ..conn };
+        assert_eq!(render("%[ssl_fc]<%[ssl_fc_sni]>", &plain), "0<>");
+        assert!(t("%[src").unwrap_err().contains("without `]`"));
+        assert!(
+            t("%[req.hdr(host)]")
+                .unwrap_err()
+                .contains("unknown variable")
+        );
     }
 }

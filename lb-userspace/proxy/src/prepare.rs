@@ -210,13 +210,13 @@ pub(crate) async fn prepare(
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
     let acted = match &frontend.actions {
         Some(a) => {
-            a.run_request(
-                parts,
-                client.peer,
-                (client.sni(), client.client_cert()),
-                &rates,
-            )
-            .await
+            let conn = actions::Connection {
+                peer: client.peer,
+                local: client.local,
+                tls: client.tls.map(|t| t.sni.as_deref()),
+            };
+            a.run_request(parts, conn, (client.sni(), client.client_cert()), &rates)
+                .await
         }
         None => actions::Outcome::default(),
     };

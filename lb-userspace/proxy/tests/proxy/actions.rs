@@ -213,6 +213,53 @@ if = "admin"
 }
 
 #[tokio::test]
+async fn header_values_name_the_connection_on_both_paths() {
+    let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
+    let rules = r#"
+[[frontend.acl]]
+name = "never"
+path_prefix = "/never/"
+[[frontend.use_pool]]
+pool = "api"
+if = "never"
+[[frontend.request]]
+action = "set-header"
+name = "x-real-ip"
+value = "%[src]"
+[[frontend.request]]
+action = "add-header"
+name = "x-via"
+value = "lb %[dst]:%[dst_port] tls=%[ssl_fc]"
+[[frontend.response]]
+action = "set-header"
+name = "x-client"
+value = "%[src]:%[src_port]"
+"#;
+    for h2_pool in [false, true] {
+        let mut cfg = two_pool_config(app, api, rules, "");
+        // An HTTP/2 pool the frontend may reach puts it on hyper's path.
+        cfg.pools[1].h2 = h2_pool;
+        let proxy = start(cfg).await;
+        let front = proxy.local_addrs()[0];
+        let r = send(&proxy, "/plain", &[("x-real-ip", "203.0.113.66")]).await;
+        assert_eq!(r.seen("x-real-ip"), ["127.0.0.1"], "h2 pool {h2_pool}");
+        let via = format!("lb {}:{} tls=0", front.ip(), front.port());
+        assert_eq!(r.seen("x-via"), [via], "h2 pool {h2_pool}");
+        let client = r.headers["x-client"].to_str().unwrap();
+        assert!(client.starts_with("127.0.0.1:"), "{client}");
+        assert!(client[10..].parse::<u16>().is_ok(), "{client}");
+    }
+    // An unknown variable is refused when the rules compile.
+    let bad =
+        "[[frontend.request]]\naction = \"set-header\"\nname = \"x\"\nvalue = \"%[hdr(host)]\"\n";
+    let err = actions::compile(&two_pool_config(app, api, bad, "")).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown variable %[hdr(host)]"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn set_path_keeps_the_query_and_feeds_routing() {
     let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
     let rules = format!(
