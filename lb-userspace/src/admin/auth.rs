@@ -27,23 +27,24 @@ pub struct Auth {
     csrf: String,
 }
 
+/// The Bearer token in `path` (trimmed), which must hold 16 characters
+/// at least: what `lb run` reads, and `lb check` and reloads try.
+pub fn read_token(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading admin token_file {}", path.display()))?;
+    let token = text.trim().to_string();
+    ensure!(
+        token.len() >= 16,
+        "admin token_file {} holds less than 16 characters",
+        path.display()
+    );
+    Ok(token)
+}
+
 impl Auth {
     /// From the config: `users` of the userlist, the token read from `token_file`.
     pub fn new(users: HashMap<String, String>, token_file: Option<&Path>) -> Result<Self> {
-        let token = match token_file {
-            None => None,
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("reading admin token_file {}", path.display()))?;
-                let token = text.trim().to_string();
-                ensure!(
-                    token.len() >= 16,
-                    "admin token_file {} holds less than 16 characters",
-                    path.display()
-                );
-                Some(token)
-            }
-        };
+        let token = token_file.map(read_token).transpose()?;
         Ok(Auth {
             users,
             token,

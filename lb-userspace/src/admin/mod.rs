@@ -13,6 +13,8 @@ mod api;
 mod auth;
 mod page;
 
+pub(crate) use auth::read_token;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;

@@ -51,6 +51,12 @@ impl Checker<'_> {
         let token_file = raw.token_file.and_then(|t| {
             let path = std::path::PathBuf::from(t.get_ref());
             if path.is_absolute() {
+                // Read as `lb run` will, when the file is checked on its host.
+                if self.host_resources
+                    && let Err(e) = crate::admin::read_token(&path)
+                {
+                    self.at(&t.span(), format!("{e:#}"));
+                }
                 Some(path)
             } else {
                 self.at(
@@ -103,6 +109,32 @@ mod tests {
         assert_eq!(admin.bind, "127.0.0.1:8404".parse().unwrap());
         assert_eq!(admin.userlist.as_deref(), Some("admins"));
         assert_eq!(admin.token_file, None);
+    }
+
+    #[test]
+    fn a_token_file_is_read_at_load_as_lb_run_reads_it() {
+        let dir = std::env::temp_dir().join(format!("lb-config-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (token, file) = (dir.join("token"), dir.join("lb.toml"));
+        let mut lines = svc(&[]);
+        let at = lines.len() + 3;
+        let line = format!("token_file = \"{}\"", token.display());
+        lines.extend(["[admin]", "bind = \"127.0.0.1:8404\"", &line]);
+        std::fs::write(&file, text(&lines)).unwrap();
+        // Text alone reads no file; a load does.
+        assert!(parse(&text(&lines), "lb.toml").is_ok());
+        let e = load(&file).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(":{at}:14: reading admin token_file")),
+            "{e}"
+        );
+        std::fs::write(&token, "short\n").unwrap();
+        let e = load(&file).unwrap_err().to_string();
+        assert!(e.contains(&format!(":{at}:14: admin token_file")), "{e}");
+        assert!(e.contains("less than 16 characters"), "{e}");
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        assert!(load(&file).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
