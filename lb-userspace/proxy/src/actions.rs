@@ -75,16 +75,19 @@ enum Var {
     SslFc,
     /// The TLS server name the client asked for (empty without).
     SslFcSni,
+    /// The request's ID (`request_id_header`; empty without).
+    UniqueId,
 }
 
 impl Var {
-    const ALL: [(&'static str, Var); 6] = [
+    const ALL: [(&'static str, Var); 7] = [
         ("src", Var::Src),
         ("src_port", Var::SrcPort),
         ("dst", Var::Dst),
         ("dst_port", Var::DstPort),
         ("ssl_fc", Var::SslFc),
         ("ssl_fc_sni", Var::SslFcSni),
+        ("unique-id", Var::UniqueId),
     ];
 }
 
@@ -105,6 +108,8 @@ pub(crate) struct Connection<'a> {
     pub local: SocketAddr,
     /// Over TLS, with the server name the client asked for.
     pub tls: Option<Option<&'a str>>,
+    /// The request's ID, on frontends with `request_id_header`.
+    pub unique_id: Option<crate::log::RequestId>,
 }
 
 impl Template {
@@ -158,6 +163,10 @@ impl Template {
                 Piece::Var(Var::DstPort) => write!(out, "{}", conn.local.port()),
                 Piece::Var(Var::SslFc) => write!(out, "{}", u8::from(conn.tls.is_some())),
                 Piece::Var(Var::SslFcSni) => write!(out, "{}", conn.tls.flatten().unwrap_or("")),
+                Piece::Var(Var::UniqueId) => match conn.unique_id {
+                    Some(id) => write!(out, "{id}"),
+                    None => Ok(()),
+                },
             };
         }
         HeaderValue::from_str(&out).ok()
@@ -861,6 +870,7 @@ mod tests {
             peer: "[2001:db8::7]:40000".parse().unwrap(),
             local: "198.18.100.1:443".parse().unwrap(),
             tls: Some(Some("www.example")),
+            unique_id: Some(crate::log::RequestId(0xab)),
         };
         let render = |v: &str, c: &Connection<'_>| t(v).unwrap().unwrap().render(c).unwrap();
         assert_eq!(render("%[src]", &conn), "2001:db8::7");
@@ -869,8 +879,19 @@ mod tests {
             "for=2001:db8::7:40000 by 198.18.100.1:443"
         );
         assert_eq!(render("%[ssl_fc] %[ssl_fc_sni]%", &conn), "1 www.example%");
-        let plain = Connection { tls: None, ..conn };
-        assert_eq!(render("%[ssl_fc]<%[ssl_fc_sni]>", &plain), "0<>");
+        assert_eq!(
+            render("id=%[unique-id]", &conn),
+            format!("id={:032x}", 0xab)
+        );
+        let plain = Connection {
+            tls: None,
+            unique_id: None,
+            ..conn
+        };
+        assert_eq!(
+            render("%[ssl_fc]<%[ssl_fc_sni]><%[unique-id]>", &plain),
+            "0<><>"
+        );
         assert!(t("%[src").unwrap_err().contains("without `]`"));
         assert!(
             t("%[req.hdr(host)]")

@@ -207,6 +207,11 @@ pub(crate) async fn prepare(
     client.set_cert_header(&mut parts.headers);
     // Counted before any rule looks, whichever rules the request meets.
     let rates = frontend.count_request(client.peer.ip());
+    // Made before the rules, which may name it (`%[unique-id]`).
+    let unique_id = frontend
+        .request_id_header
+        .as_ref()
+        .map(|_| RequestId::new());
     // --- request actions (proxy/actions.rs): rewrite `parts` before routing, or answer ---
     let acted = match &frontend.actions {
         Some(a) => {
@@ -214,6 +219,7 @@ pub(crate) async fn prepare(
                 peer: client.peer,
                 local: client.local,
                 tls: client.tls.map(|t| t.sni.as_deref()),
+                unique_id,
             };
             a.run_request(parts, conn, (client.sni(), client.client_cert()), &rates)
                 .await
@@ -228,7 +234,7 @@ pub(crate) async fn prepare(
     let mut rec = record(&client, pool.name.clone(), parts, tq);
     rec.tally.pool = Some(pool.stats.shard());
     let mut response_ops = acted.response;
-    let id = request_id(frontend, &mut rec, &mut response_ops);
+    let id = request_id(frontend, unique_id, &mut rec, &mut response_ops);
     // --- terminal request action (proxy/actions.rs): answered here, never forwarded ---
     if let Some(answered) = acted.answer {
         return local_answer(frontend, answered, rec, id);
@@ -281,11 +287,11 @@ pub(crate) async fn prepare(
 /// sees: pushed on `response_ops`); the header to set for the server.
 fn request_id(
     frontend: &FrontendCtx,
+    id: Option<RequestId>,
     rec: &mut AccessRecord,
     response_ops: &mut Vec<actions::HeaderOp>,
 ) -> Option<actions::HeaderOp> {
-    let name = frontend.request_id_header.as_ref()?;
-    let id = RequestId::new();
+    let (name, id) = (frontend.request_id_header.as_ref()?, id?);
     rec.request_id = Some(id);
     let value = HeaderValue::from_str(&id.to_string()).ok()?;
     let op = actions::HeaderOp::Set(name.clone(), value);

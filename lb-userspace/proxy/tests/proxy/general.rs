@@ -92,7 +92,14 @@ async fn each_request_gets_a_unique_id_to_the_server_in_the_answer_and_the_log()
     let with_id = |fe: &mut Frontend| {
         fe.request_id_header = Some("X-Request-ID".into());
         fe.acl = vec![toml::from_str("name = \"no\"\npath_prefix = \"/no\"").unwrap()];
-        fe.request = vec![toml::from_str("action = \"deny\"\nif = \"no\"").unwrap()];
+        fe.request = vec![
+            toml::from_str("action = \"deny\"\nif = \"no\"").unwrap(),
+            // Rules may name it too.
+            toml::from_str(
+                "action = \"set-header\"\nname = \"x-trace\"\nvalue = \"t-%[unique-id]\"",
+            )
+            .unwrap(),
+        ];
     };
     let mut fe = local_frontend();
     with_id(&mut fe);
@@ -117,6 +124,7 @@ async fn each_request_gets_a_unique_id_to_the_server_in_the_answer_and_the_log()
                 *id,
                 "{path}: the server's"
             );
+            assert_eq!(r.json()["headers"]["x-trace"], format!("t-{id}"), "{path}");
             assert!(
                 id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()),
                 "{id}"
