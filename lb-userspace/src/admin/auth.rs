@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Read as _;
 use std::path::Path;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use http::HeaderMap;
 
 /// How a request proved who it is.
@@ -27,24 +27,10 @@ pub struct Auth {
     csrf: String,
 }
 
-/// The Bearer token in `path` (trimmed), which must hold 16 characters
-/// at least: what `lb run` reads, and `lb check` and reloads try.
-pub fn read_token(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading admin token_file {}", path.display()))?;
-    let token = text.trim().to_string();
-    ensure!(
-        token.len() >= 16,
-        "admin token_file {} holds less than 16 characters",
-        path.display()
-    );
-    Ok(token)
-}
-
 impl Auth {
     /// From the config: `users` of the userlist, the token read from `token_file`.
     pub fn new(users: HashMap<String, String>, token_file: Option<&Path>) -> Result<Self> {
-        let token = token_file.map(read_token).transpose()?;
+        let token = token_file.map(crate::config::read_token).transpose()?;
         Ok(Auth {
             users,
             token,

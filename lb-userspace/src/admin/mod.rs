@@ -13,8 +13,6 @@ mod api;
 mod auth;
 mod page;
 
-pub(crate) use auth::read_token;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;

@@ -1,5 +1,6 @@
 //! `[admin]`: the admin listener (REST API and stats page, `crate::admin`).
 
+use anyhow::{Context as _, ensure};
 use toml::Spanned;
 
 use super::raw::RawAdmin;
@@ -53,7 +54,7 @@ impl Checker<'_> {
             if path.is_absolute() {
                 // Read as `lb run` will, when the file is checked on its host.
                 if self.host_resources
-                    && let Err(e) = crate::admin::read_token(&path)
+                    && let Err(e) = read_token(&path)
                 {
                     self.at(&t.span(), format!("{e:#}"));
                 }
@@ -82,6 +83,20 @@ impl Checker<'_> {
             line,
         })
     }
+}
+
+/// The Bearer token in `path` (trimmed), which must hold 16 characters
+/// at least: what `lb run` reads, and `lb check` and reloads try.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading admin token_file {}", path.display()))?;
+    let token = text.trim().to_string();
+    ensure!(
+        token.len() >= 16,
+        "admin token_file {} holds less than 16 characters",
+        path.display()
+    );
+    Ok(token)
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
+pub use admin::read_token;
 use raw::RawConfig;
 
 /// Service-name prefix that addresses an L7 pool (`lb drain pool:web ADDR`).
