@@ -239,7 +239,7 @@ pub use model::{
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
-pub use threads::Threads;
+pub use threads::{Threads, may_run_on};
 pub use tls::{CertResolver, TlsError, TlsTerminator, dns_names};
 pub use upstream::NoVerify;
 

@@ -299,6 +299,20 @@ async fn drain(frontends: &[Arc<FrontendRuntime>]) {
     }
 }
 
+/// Whether this process may run on `cpu` (its affinity mask), so that
+/// `cpu_map` can be checked before threads are pinned (or fail to be).
+pub fn may_run_on(cpu: usize) -> bool {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return false;
+    }
+    // SAFETY: a zeroed cpu_set_t is valid; the kernel fills at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
+            && libc::CPU_ISSET(cpu, &set)
+    }
+}
+
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> std::io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {

@@ -67,6 +67,18 @@ impl Checker<'_> {
             }
             for cpu in list.into_inner() {
                 match usize::try_from(*cpu.get_ref()) {
+                    // On its host, a CPU the process may not run on is a
+                    // mistake: its thread would run unpinned.
+                    Ok(c)
+                        if *cpu.get_ref() <= MAX_CPU
+                            && self.host_resources
+                            && !lb_proxy::may_run_on(c) =>
+                    {
+                        self.at(
+                            &cpu.span(),
+                            format!("cpu_map entry {c} is not a CPU this process may run on"),
+                        )
+                    }
                     Ok(c) if *cpu.get_ref() <= MAX_CPU => threads.cpu_map.push(c),
                     _ => self.at(
                         &cpu.span(),
@@ -731,6 +743,36 @@ mod tests {
         let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
         assert_eq!(got, [6, 12], "{errs:#?}");
         assert!(errs[0].reason.contains("no private key"), "{errs:#?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cpu_map_names_cpus_this_process_may_run_on_when_loaded() {
+        let dir = std::env::temp_dir().join(format!("lb-config-cpus-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lb.toml");
+        let mine = (0..1024).find(|&c| lb_proxy::may_run_on(c)).expect("a CPU");
+        let cpus = format!("cpu_map = [{mine}, 1023]");
+        let mut lines: Vec<&str> = l7(&[]);
+        lines.splice(1..1, ["[proxy]", cpus.as_str()]);
+        let text = text(&lines).replace("198.18.100.1:80", "127.0.0.1:0");
+        // Text alone is not checked against this host.
+        assert!(parse(&text, "lb.toml").is_ok());
+        std::fs::write(&file, &text).unwrap();
+        let errs = load(&file).unwrap_err().0;
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(
+            (errs[0].line, errs[0].column),
+            (3, 14 + mine.to_string().len()),
+            "{errs:#?}"
+        );
+        assert!(
+            errs[0]
+                .reason
+                .contains("cpu_map entry 1023 is not a CPU this process may run on")
+        );
+        std::fs::write(&file, text.replace(", 1023]", "]")).unwrap();
+        assert!(load(&file).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
