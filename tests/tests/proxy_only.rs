@@ -154,6 +154,10 @@ fn the_proxy_runs_alone_without_interfaces() {
     .unwrap();
     let line = format!("lb_pool_server_taken_out_total{{pool=\"app\",server=\"{dead}\"}} 1");
     assert!(body.contains(&line), "{body}");
+    // The stats page, `lb top` and the check-status gauge read the same state.
+    let down =
+        format!("lb_pool_server_check_status{{pool=\"app\",server=\"{dead}\",state=\"down\"}} 1");
+    assert!(body.contains(&down), "{body}");
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }
