@@ -663,6 +663,7 @@ fn health_targets(config: &Config) -> Vec<Target> {
                 service: s.name.clone(),
                 address: b.address,
                 check: h.clone(),
+                transport: None,
             })
         });
     let pools = config.proxy.1.iter().flat_map(|(name, check)| {
@@ -672,11 +673,15 @@ fn health_targets(config: &Config) -> Vec<Target> {
             .pools
             .iter()
             .filter(move |p| &p.name == name)
-            .flat_map(|p| p.servers.iter());
-        servers.map(move |server| Target {
+            .flat_map(|p| {
+                let transport = lb_proxy::CheckTransport::of(p);
+                p.servers.iter().map(move |s| (s, transport.clone()))
+            });
+        servers.map(move |(server, transport)| Target {
             service: Group::pool_name(name),
             address: server.address,
             check: check.clone(),
+            transport,
         })
     });
     services.chain(pools).collect()

@@ -1,5 +1,7 @@
 //! Backend health checks: one TCP connect or HTTP request per interval and
 //! backend, turned into UP/DOWN transitions with HAProxy's rise/fall rules.
+//! A pool's servers are checked through its PROXY header and TLS
+//! ([`CheckTransport`]) unless the check has a port of its own.
 //!
 //! [`Tracker`] is the pure state machine, [`check_once`] one probe, and
 //! [`HealthChecker`] runs a tokio task per (service, backend) and reports
@@ -11,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
-use lb_proxy::{FetchError, Fetched};
+use lb_proxy::{CheckTransport, FetchError, Fetched, ServerIo};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
@@ -107,18 +109,34 @@ impl Outcome {
     }
 }
 
-/// Checks `addr` once; the whole check, connect included, is bounded by `check.timeout`.
-pub async fn check_once(addr: SocketAddr, check: &HealthCheck) -> Outcome {
-    let addr = check.port.map_or(addr, |p| SocketAddr::new(addr.ip(), p));
-    tokio::time::timeout(check.timeout, probe(addr, &check.kind))
+/// Checks `addr` once, through `transport` (a pool's PROXY header and TLS)
+/// unless the check has a port of its own; the whole check, connect
+/// included, is bounded by `check.timeout`.
+pub async fn check_once(
+    addr: SocketAddr,
+    check: &HealthCheck,
+    transport: Option<&CheckTransport>,
+) -> Outcome {
+    let (addr, transport) = match check.port {
+        Some(p) => (SocketAddr::new(addr.ip(), p), None),
+        None => (addr, transport),
+    };
+    tokio::time::timeout(check.timeout, probe(addr, &check.kind, transport))
         .await
         .unwrap_or_else(|_| Outcome::fail("timeout"))
 }
 
-async fn probe(addr: SocketAddr, kind: &CheckKind) -> Outcome {
-    let mut stream = match TcpStream::connect(addr).await {
+async fn probe(addr: SocketAddr, kind: &CheckKind, transport: Option<&CheckTransport>) -> Outcome {
+    let tcp = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => return Outcome::io(&e),
+    };
+    let mut stream = match transport {
+        None => ServerIo::Plain(tcp),
+        Some(t) => match t.open(tcp, addr).await {
+            Ok(s) => s,
+            Err(e) => return Outcome::io(&e),
+        },
     };
     match kind {
         CheckKind::Tcp => Outcome::pass(),
@@ -132,7 +150,7 @@ async fn probe(addr: SocketAddr, kind: &CheckKind) -> Outcome {
 /// Sends the check's request and judges the answer, read by the proxy's
 /// HTTP/1.1 codec (`lb_proxy::fetch`).
 async fn http_exchange(
-    stream: &mut TcpStream,
+    stream: &mut ServerIo,
     addr: SocketAddr,
     http: &HttpCheck,
 ) -> io::Result<Outcome> {
@@ -182,6 +200,8 @@ pub struct Target {
     pub address: SocketAddr,
     /// How to check it.
     pub check: HealthCheck,
+    /// A pool's PROXY header and TLS; None: plain TCP.
+    pub transport: Option<CheckTransport>,
 }
 
 /// A backend's health state changed.
@@ -210,6 +230,9 @@ pub struct CheckStatus {
 
 type Key = (String, SocketAddr);
 
+/// What a task does: the check and how it reaches the backend.
+type Probe = (HealthCheck, Option<CheckTransport>);
+
 /// A task's slot in the shared table; `generation` tells a live task from an aborted one.
 struct Slot {
     generation: u64,
@@ -222,7 +245,7 @@ type Shared = Arc<Mutex<HashMap<Key, Slot>>>;
 pub struct HealthChecker {
     events: UnboundedSender<HealthEvent>,
     shared: Shared,
-    tasks: HashMap<Key, (HealthCheck, JoinHandle<()>)>,
+    tasks: HashMap<Key, (Probe, JoinHandle<()>)>,
     next_generation: u64,
 }
 
@@ -243,9 +266,9 @@ impl HealthChecker {
     /// start over as `Unchecked`; missing ones stop. If a (service, address)
     /// pair is listed twice, the last entry wins.
     pub fn set_targets(&mut self, targets: Vec<Target>) {
-        let wanted: HashMap<Key, HealthCheck> = targets
+        let wanted: HashMap<Key, Probe> = targets
             .into_iter()
-            .map(|t| ((t.service, t.address), t.check))
+            .map(|t| ((t.service, t.address), (t.check, t.transport)))
             .collect();
         let mut shared = lock(&self.shared);
         self.tasks.retain(|key, (check, task)| {
@@ -257,7 +280,7 @@ impl HealthChecker {
             }
             keep
         });
-        for (key, check) in wanted {
+        for (key, probe) in wanted {
             if self.tasks.contains_key(&key) {
                 continue;
             }
@@ -272,12 +295,12 @@ impl HealthChecker {
             );
             let task = tokio::spawn(run(
                 key.clone(),
-                check.clone(),
+                probe.clone(),
                 generation,
                 Arc::clone(&self.shared),
                 self.events.clone(),
             ));
-            self.tasks.insert(key, (check, task));
+            self.tasks.insert(key, (probe, task));
         }
     }
 
@@ -304,7 +327,7 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, HashMap<Key, Slot>> {
 
 async fn run(
     key: Key,
-    check: HealthCheck,
+    (check, transport): Probe,
     generation: u64,
     shared: Shared,
     events: UnboundedSender<HealthEvent>,
@@ -312,7 +335,7 @@ async fn run(
     let (service, address) = &key;
     let mut tracker = Tracker::new(check.rise, check.fall);
     loop {
-        let outcome = check_once(*address, &check).await;
+        let outcome = check_once(*address, &check, transport.as_ref()).await;
         let change = tracker.record(outcome.ok);
         {
             let mut table = lock(&shared);
@@ -470,19 +493,60 @@ mod tests {
         (addr, seen)
     }
 
+    /// A pool's transport: PROXY v1 and, with `tls`, TLS without verification.
+    fn pool_transport(tls: bool) -> CheckTransport {
+        let mut pool = lb_proxy::Pool::new("app", lb_proxy::Algorithm::RoundRobin, Vec::new());
+        pool.send_proxy = Some(lb_proxy::proxy_protocol::Version::V1);
+        pool.tls = tls;
+        pool.verify = false;
+        CheckTransport::of(&pool).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_pool_check_goes_through_its_transport_unless_it_has_a_port() {
+        let (addr, seen) = http_server("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+        let check = http_check(StatusMatch::Range(200, 399), None);
+        let proxied = pool_transport(false);
+        assert!(check_once(addr, &check, Some(&proxied)).await.ok);
+        let request = seen.lock().unwrap().clone();
+        // A connection of the proxy's own: no client address to give.
+        assert!(
+            request.starts_with("PROXY UNKNOWN\r\nGET /health HTTP/1.1\r\n"),
+            "{request}"
+        );
+
+        // A port of its own: a plain check there, as HAProxy's `port`.
+        let elsewhere = SocketAddr::new(addr.ip(), closed_port().await.port());
+        let own_port = HealthCheck {
+            port: Some(addr.port()),
+            ..check.clone()
+        };
+        assert!(check_once(elsewhere, &own_port, Some(&proxied)).await.ok);
+        let request = seen.lock().unwrap().clone();
+        assert!(request.starts_with("GET /health HTTP/1.1\r\n"), "{request}");
+
+        // TLS to a server that does not speak it fails the check.
+        let tls = pool_transport(true);
+        assert!(tls.is_tls());
+        assert!(!check_once(addr, &check, Some(&tls)).await.ok);
+    }
+
     #[tokio::test]
     async fn tcp_ok_and_refused() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let open = l.local_addr().unwrap();
-        assert_eq!(check_once(open, &tcp_check(500)).await, Outcome::pass());
-        let out = check_once(closed_port().await, &tcp_check(500)).await;
+        assert_eq!(
+            check_once(open, &tcp_check(500), None).await,
+            Outcome::pass()
+        );
+        let out = check_once(closed_port().await, &tcp_check(500), None).await;
         assert_eq!(out, Outcome::fail("connection refused"));
     }
 
     #[tokio::test]
     async fn http_ok_sends_the_request() {
         let (addr, seen) = http_server("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
-        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None), None).await;
         assert_eq!(out, Outcome::pass());
         assert_eq!(
             *seen.lock().unwrap(),
@@ -496,7 +560,7 @@ mod tests {
             h.method = "HEAD".into();
             h.host = Some("example.org".into());
         }
-        assert!(check_once(addr, &check).await.ok);
+        assert!(check_once(addr, &check, None).await.ok);
         let req = seen.lock().unwrap().clone();
         assert!(
             req.starts_with("HEAD /health HTTP/1.1\r\nHost: example.org\r\n"),
@@ -507,7 +571,7 @@ mod tests {
     #[tokio::test]
     async fn http_status_mismatch() {
         let (addr, _) = http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
-        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None), None).await;
         assert_eq!(out, Outcome::fail("status 503"));
     }
 
@@ -515,9 +579,9 @@ mod tests {
     async fn http_status_list() {
         let (addr, _) = http_server("HTTP/1.0 204 No Content\r\n\r\n").await;
         let list = |codes: &[u16]| http_check(StatusMatch::List(codes.to_vec()), None);
-        assert!(check_once(addr, &list(&[200, 204])).await.ok);
+        assert!(check_once(addr, &list(&[200, 204]), None).await.ok);
         assert_eq!(
-            check_once(addr, &list(&[200])).await,
+            check_once(addr, &list(&[200]), None).await,
             Outcome::fail("status 204")
         );
     }
@@ -529,12 +593,12 @@ mod tests {
                 .await;
         let range = StatusMatch::Range(200, 399);
         assert!(
-            check_once(addr, &http_check(range.clone(), Some("healthy")))
+            check_once(addr, &http_check(range.clone(), Some("healthy")), None)
                 .await
                 .ok
         );
         assert_eq!(
-            check_once(addr, &http_check(range, Some("sick"))).await,
+            check_once(addr, &http_check(range, Some("sick")), None).await,
             Outcome::fail("body mismatch")
         );
     }
@@ -548,6 +612,7 @@ mod tests {
         let out = check_once(
             addr,
             &http_check(StatusMatch::Range(200, 200), Some("healthy")),
+            None,
         )
         .await;
         assert_eq!(out, Outcome::pass());
@@ -567,17 +632,22 @@ mod tests {
                 .unwrap();
             tokio::time::sleep(Duration::from_secs(10)).await;
         });
-        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), Some("ok"))).await;
+        let out = check_once(
+            addr,
+            &http_check(StatusMatch::Range(200, 399), Some("ok")),
+            None,
+        )
+        .await;
         assert_eq!(out, Outcome::pass());
     }
 
     #[tokio::test]
     async fn http_bad_response() {
         let (addr, _) = http_server("SSH-2.0-OpenSSH\r\n\r\n").await;
-        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None), None).await;
         assert_eq!(out, Outcome::fail("bad response: malformed response head"));
         let (addr, _) = http_server("").await;
-        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None), None).await;
         assert!(out.reason.starts_with("bad response"), "{out:?}");
         assert!(!out.ok);
     }
@@ -593,7 +663,7 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\n").await;
             while s.write_all(line).await.is_ok() {}
         });
-        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None), None).await;
         assert!(out.reason.starts_with("bad response: "), "{out:?}");
         assert!(!out.ok);
     }
@@ -608,7 +678,7 @@ mod tests {
             let _ = s.write_all(b"HTTP/1.1 200 OK\r\nX-Filler: ").await;
             while s.write_all(&[b'a'; 1024]).await.is_ok() {}
         });
-        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None)).await;
+        let out = check_once(addr, &http_check(StatusMatch::Range(200, 399), None), None).await;
         assert_eq!(out, Outcome::fail("bad response: response head too large"));
     }
 
@@ -620,7 +690,7 @@ mod tests {
         let mut check = http_check(StatusMatch::Range(200, 399), None);
         check.timeout = Duration::from_millis(200);
         let start = Instant::now();
-        let out = check_once(addr, &check).await;
+        let out = check_once(addr, &check, None).await;
         let took = start.elapsed();
         assert_eq!(out, Outcome::fail("timeout"));
         assert!(took >= Duration::from_millis(200), "{took:?}");
@@ -640,6 +710,7 @@ mod tests {
             service: "web".into(),
             address,
             check,
+            transport: None,
         }
     }
 

@@ -161,3 +161,129 @@ fn the_proxy_runs_alone_without_interfaces() {
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// nginx serving TLS behind a PROXY header on `addr` (HAProxy's `ssl
+/// send-proxy-v2` servers): `/health` answers "healthy", other paths name
+/// the PROXY header's client; the access log keeps `path proxy_protocol_addr`.
+fn tls_proxy_nginx(dir: &std::path::Path, addr: SocketAddr) -> String {
+    let d = dir.display();
+    format!(
+        "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+         error_log {d}/nginx-error.log warn;\nevents {{\n    worker_connections 64;\n}}\n\
+         http {{\n    log_format chk '$uri $proxy_protocol_addr';\n\
+         \x20   access_log {d}/nginx-access.log chk;\n\
+         \x20   client_body_temp_path {d}/nginx-body;\n    proxy_temp_path {d}/nginx-proxy;\n\
+         \x20   fastcgi_temp_path {d}/nginx-fcgi;\n    uwsgi_temp_path {d}/nginx-uwsgi;\n\
+         \x20   scgi_temp_path {d}/nginx-scgi;\n\
+         \x20   server {{\n        listen {addr} ssl proxy_protocol;\n\
+         \x20       ssl_certificate {d}/be.test.pem;\n        ssl_certificate_key {d}/be.test.key;\n\
+         \x20       location = /health {{\n            return 200 \"healthy\\n\";\n        }}\n\
+         \x20       location / {{\n            return 200 \"tls $proxy_protocol_addr\\n\";\n        }}\n\
+         \x20   }}\n}}\n"
+    )
+}
+
+/// The state and last check `lb show backends` gives the pool's one server.
+fn shown_server(
+    lab: &Lab,
+    socket: &std::path::Path,
+) -> (lb_userspace::control::protocol::Health, String) {
+    let out = lb(lab, socket, &["show", "backends", "pool:app", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let list: Vec<lb_userspace::control::protocol::BackendInfo> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let server = list.first().expect("one server");
+    (server.health, server.last_check.clone().unwrap_or_default())
+}
+
+/// Polls the pool's server until it is `want` (10 s at most); its last check.
+fn wait_for_health(
+    lab: &Lab,
+    socket: &std::path::Path,
+    want: lb_userspace::control::protocol::Health,
+) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (health, last) = shown_server(lab, socket);
+        if health == want {
+            return last;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "still {health:?} ({last}), not {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_pool_is_health_checked_through_its_tls_and_proxy_header() {
+    use lb_userspace::control::protocol::Health;
+    let mut lab = Lab::create("poolchk", LabOptions::from_env(1).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-poolchk", lab.balancer_ns()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("other")).unwrap();
+    let ca = lb_tests::write_certificates(&dir, &["be.test"]).unwrap();
+    let other_ca = lb_tests::write_certificates(&dir.join("other"), &[]).unwrap();
+    let server = SocketAddr::new(lab.backends()[0].v4.into(), 8443);
+    let nginx_conf = dir.join("nginx.conf");
+    std::fs::write(&nginx_conf, tls_proxy_nginx(&dir, server)).unwrap();
+    let ns = lab.backends()[0].ns.clone();
+    lab.spawn_in_ns(
+        &ns,
+        std::path::Path::new("/usr/sbin/nginx"),
+        &[
+            "-c".into(),
+            nginx_conf.clone().into(),
+            "-e".into(),
+            dir.join("nginx-error.log").into(),
+        ],
+    )
+    .unwrap();
+
+    let config = |ca: &std::path::Path, version: &str| {
+        format!(
+            "metrics = \"{METRICS_ADDR}\"\n\n\
+             [[frontend]]\nname = \"web\"\nbinds = [\"{BALANCER_CLIENT_V4}:{BIND_PORT}\"]\ndefault_pool = \"app\"\n\n\
+             [[pool]]\nname = \"app\"\nservers = [{{ address = \"{server}\" }}]\n\
+             tls = true\nca = \"{}\"\nsni = \"be.test\"\nsend_proxy = \"{version}\"\n\n\
+             [pool.health]\nkind = \"http\"\npath = \"/health\"\nbody = \"healthy\"\n\
+             interval = \"200ms\"\nrise = 1\nfall = 1\n",
+            ca.display()
+        )
+    };
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config(&ca, "v2")).unwrap();
+    let socket = dir.join("lb.sock");
+    lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
+
+    // Up through TLS after a PROXY v2 header, as the pool's requests go;
+    // requests carry the client's address, checks none (LOCAL).
+    assert_eq!(wait_for_health(&lab, &socket, Health::Up), "ok");
+    let answer = ask(&lab);
+    assert_eq!(answer, format!("tls {}", lb_userspace::lab::CLIENT_V4));
+    let log = std::fs::read_to_string(dir.join("nginx-access.log")).unwrap();
+    assert!(log.lines().any(|l| l == "/health -"), "{log}");
+    assert!(
+        !log.lines()
+            .any(|l| l.starts_with("/health ") && l != "/health -"),
+        "checks claim no client: {log}"
+    );
+
+    // A certificate the pool's ca does not sign fails the check (and the requests).
+    std::fs::write(&path, config(&other_ca, "v2")).unwrap();
+    assert!(lb(&lab, &socket, &["reload"]).status.success());
+    let last = wait_for_health(&lab, &socket, Health::Down);
+    assert!(
+        last.contains("TLS handshake") && last.contains("certificate"),
+        "{last}"
+    );
+
+    // PROXY v1 (UNKNOWN) and the right ca: up again.
+    std::fs::write(&path, config(&ca, "v1")).unwrap();
+    assert!(lb(&lab, &socket, &["reload"]).status.success());
+    wait_for_health(&lab, &socket, Health::Up);
+    assert_eq!(ask(&lab), format!("tls {}", lb_userspace::lab::CLIENT_V4));
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -241,7 +241,7 @@ pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
 pub use threads::{Threads, may_run_on};
 pub use tls::{CertResolver, TlsError, TlsTerminator, dns_names};
-pub use upstream::NoVerify;
+pub use upstream::{CheckTransport, NoVerify, ServerIo};
 
 use context::{FrontendRuntime, Shared};
 

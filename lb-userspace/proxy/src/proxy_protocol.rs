@@ -147,6 +147,21 @@ pub(crate) fn parse_v2(
     }
 }
 
+/// The header of a connection the proxy opens on its own behalf (a health
+/// check): v1 `PROXY UNKNOWN`, v2 command LOCAL; receivers keep the
+/// connection's own addresses, as for HAProxy's checks.
+pub fn encode_local(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Version::V2 => {
+            let mut out = V2_SIG.to_vec();
+            // Version 2, command LOCAL; family UNSPEC; no address block.
+            out.extend_from_slice(&[0x20, 0x00, 0, 0]);
+            out
+        }
+    }
+}
+
 /// The header announcing a connection from `src` to `dst`.
 pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     // Mixed families: map the IPv4 side into IPv6.
@@ -228,6 +243,17 @@ mod tests {
             encode(Version::V1, pairs[0].0, pairs[0].1),
             b"PROXY TCP4 192.0.2.1 10.0.0.1 5000 80\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn local_headers_are_read_as_no_addresses() {
+        for v in [Version::V1, Version::V2] {
+            let mut bytes = encode_local(v);
+            bytes.extend_from_slice(b"GET");
+            let mut r = &bytes[..];
+            assert_eq!(read_header(&mut r).await.unwrap(), None, "{v:?}");
+            assert_eq!(r, b"GET", "read past the {v:?} header");
+        }
     }
 
     #[tokio::test]

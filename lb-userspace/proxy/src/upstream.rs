@@ -30,15 +30,27 @@ pub(crate) fn client_config(pool: &Pool) -> anyhow::Result<Option<Arc<rustls::Cl
     if !pool.tls {
         return Ok(None);
     }
+    let alpn: &[&[u8]] = if pool.h2 {
+        &[b"h2", b"http/1.1"]
+    } else {
+        &[b"http/1.1"]
+    };
+    tls_client(pool.verify, pool.ca.as_deref(), alpn).map(Some)
+}
+
+/// A client configuration verifying servers against the anchors in `ca`
+/// (or not at all), offering `alpn`.
+fn tls_client(
+    verify: bool,
+    ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let provider = tls::provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-    let mut cfg = if pool.verify {
+    let mut cfg = if verify {
         // validate() guarantees `ca` with verify; checked again rather than unwrapped.
-        let path = pool
-            .ca
-            .as_deref()
-            .context("verify = true needs ca (there is no built-in root store)")?;
+        let path = ca.context("verify = true needs ca (there is no built-in root store)")?;
         let roots = read_roots(path).with_context(|| format!("reading ca {}", path.display()))?;
         let verifier =
             rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -51,12 +63,8 @@ pub(crate) fn client_config(pool: &Pool) -> anyhow::Result<Option<Arc<rustls::Cl
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth()
     };
-    cfg.alpn_protocols = if pool.h2 {
-        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
-    } else {
-        vec![b"http/1.1".to_vec()]
-    };
-    Ok(Some(Arc::new(cfg)))
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
 }
 
 /// Trust anchors from a PEM file of one or more certificates.
@@ -198,8 +206,72 @@ impl Connector {
     }
 }
 
+/// How health checks reach a pool's servers when they use its own port: as
+/// its requests do, after the pool's PROXY header (v1 `UNKNOWN`, v2 `LOCAL`:
+/// the proxy's own connection) and through TLS with its `ca`, `verify` and
+/// `sni` (ALPN http/1.1: checks speak HTTP/1.1). HAProxy's default for
+/// servers with `ssl` or `send-proxy` and no check port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckTransport {
+    send_proxy: Option<proxy_protocol::Version>,
+    tls: Option<CheckTls>,
+}
+
+/// The TLS half of a [`CheckTransport`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CheckTls {
+    verify: bool,
+    ca: Option<std::path::PathBuf>,
+    sni: Option<String>,
+}
+
+impl CheckTransport {
+    /// How checks reach `pool`'s servers; None when they are plain TCP.
+    pub fn of(pool: &Pool) -> Option<Self> {
+        let tls = pool.tls.then(|| CheckTls {
+            verify: pool.verify,
+            ca: pool.ca.clone(),
+            sni: pool.sni.clone(),
+        });
+        (tls.is_some() || pool.send_proxy.is_some()).then_some(CheckTransport {
+            send_proxy: pool.send_proxy,
+            tls,
+        })
+    }
+
+    /// Whether checks complete a TLS handshake.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Sends the PROXY header and completes the TLS handshake on `tcp`,
+    /// connected to `server`. The TLS configuration is built for each check,
+    /// so a `ca` file replaced in place is read at the next one.
+    pub async fn open(&self, mut tcp: TcpStream, server: SocketAddr) -> io::Result<ServerIo> {
+        if let Some(version) = self.send_proxy {
+            tcp.write_all(&proxy_protocol::encode_local(version))
+                .await?;
+        }
+        let Some(settings) = &self.tls else {
+            return Ok(ServerIo::Plain(tcp));
+        };
+        let config = tls_client(settings.verify, settings.ca.as_deref(), &[b"http/1.1"])
+            .map_err(|e| io::Error::other(format!("{e:#}")))?;
+        let name = settings
+            .sni
+            .as_deref()
+            .and_then(|n| ServerName::try_from(n.to_string()).ok())
+            .unwrap_or_else(|| ServerName::IpAddress(server.ip().into()));
+        let stream = TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+        Ok(ServerIo::Tls(Box::new(stream)))
+    }
+}
+
 /// A server connection, plain or TLS.
-pub(crate) enum ServerIo {
+pub enum ServerIo {
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS over TCP.
