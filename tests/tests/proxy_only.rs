@@ -163,8 +163,9 @@ fn the_proxy_runs_alone_without_interfaces() {
 }
 
 /// nginx serving TLS behind a PROXY header on `addr` (HAProxy's `ssl
-/// send-proxy-v2` servers): `/health` answers "healthy", other paths name
-/// the PROXY header's client; the access log keeps `path proxy_protocol_addr`.
+/// send-proxy-v2` servers), to clients with a certificate the test CA
+/// signed: `/health` answers "healthy", other paths name the PROXY header's
+/// client; the access log keeps `path proxy_protocol_addr`.
 fn tls_proxy_nginx(dir: &std::path::Path, addr: SocketAddr) -> String {
     let d = dir.display();
     format!(
@@ -177,6 +178,7 @@ fn tls_proxy_nginx(dir: &std::path::Path, addr: SocketAddr) -> String {
          \x20   scgi_temp_path {d}/nginx-scgi;\n\
          \x20   server {{\n        listen {addr} ssl proxy_protocol;\n\
          \x20       ssl_certificate {d}/be.test.pem;\n        ssl_certificate_key {d}/be.test.key;\n\
+         \x20       ssl_client_certificate {d}/ca.pem;\n        ssl_verify_client on;\n\
          \x20       location = /health {{\n            return 200 \"healthy\\n\";\n        }}\n\
          \x20       location / {{\n            return 200 \"tls $proxy_protocol_addr\\n\";\n        }}\n\
          \x20   }}\n}}\n"
@@ -223,7 +225,7 @@ fn a_pool_is_health_checked_through_its_tls_and_proxy_header() {
     let dir = std::env::temp_dir().join(format!("{}-poolchk", lab.balancer_ns()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("other")).unwrap();
-    let ca = lb_tests::write_certificates(&dir, &["be.test"]).unwrap();
+    let ca = lb_tests::write_certificates(&dir, &["be.test", "lb.test"]).unwrap();
     let other_ca = lb_tests::write_certificates(&dir.join("other"), &[]).unwrap();
     let server = SocketAddr::new(lab.backends()[0].v4.into(), 8443);
     let nginx_conf = dir.join("nginx.conf");
@@ -246,10 +248,12 @@ fn a_pool_is_health_checked_through_its_tls_and_proxy_header() {
             "metrics = \"{METRICS_ADDR}\"\n\n\
              [[frontend]]\nname = \"web\"\nbinds = [\"{BALANCER_CLIENT_V4}:{BIND_PORT}\"]\ndefault_pool = \"app\"\n\n\
              [[pool]]\nname = \"app\"\nservers = [{{ address = \"{server}\" }}]\n\
-             tls = true\nca = \"{}\"\nsni = \"be.test\"\nsend_proxy = \"{version}\"\n\n\
+             tls = true\nca = \"{}\"\nsni = \"be.test\"\nsend_proxy = \"{version}\"\n\
+             cert = \"{dir}/lb.test.pem\"\nkey = \"{dir}/lb.test.key\"\n\n\
              [pool.health]\nkind = \"http\"\npath = \"/health\"\nbody = \"healthy\"\n\
              interval = \"200ms\"\nrise = 1\nfall = 1\n",
-            ca.display()
+            ca.display(),
+            dir = dir.display(),
         )
     };
     let path = dir.join("lb.toml");
@@ -257,8 +261,9 @@ fn a_pool_is_health_checked_through_its_tls_and_proxy_header() {
     let socket = dir.join("lb.sock");
     lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
 
-    // Up through TLS after a PROXY v2 header, as the pool's requests go;
-    // requests carry the client's address, checks none (LOCAL).
+    // Up through TLS (with the pool's client certificate) after a PROXY v2
+    // header, as the pool's requests go; requests carry the client's
+    // address, checks none (LOCAL).
     assert_eq!(wait_for_health(&lab, &socket, Health::Up), "ok");
     let answer = ask(&lab);
     assert_eq!(answer, format!("tls {}", lb_userspace::lab::CLIENT_V4));

@@ -338,13 +338,28 @@ pub fn frontend_host_problems(fe: &Frontend) -> Vec<HostProblem> {
     problems
 }
 
-/// As [`frontend_host_problems`], for the trust anchors (`ca`) of a TLS pool.
+/// As [`frontend_host_problems`], for the files of a TLS pool: its client
+/// certificate (`cert`, `key`) and trust anchors (`ca`).
 pub fn pool_host_problems(pool: &Pool) -> Option<HostProblem> {
-    upstream::client_config(pool).err().map(|e| HostProblem {
-        key: "ca",
+    let problem = |key, e: &dyn std::fmt::Display| HostProblem {
+        key,
         index: None,
         reason: format!("pool \"{}\": {e:#}", pool.name),
-    })
+    };
+    if pool.tls
+        && let (Some(cert), Some(key)) = (&pool.cert, &pool.key)
+        && let Err(e) = tls::certified_key(&tls::provider(), cert, key)
+    {
+        let in_cert = match &e {
+            TlsError::Io { path, .. } => path == cert,
+            TlsError::NoCertificate(_) => true,
+            _ => false,
+        };
+        return Some(problem(if in_cert { "cert" } else { "key" }, &e));
+    }
+    upstream::client_config(pool)
+        .err()
+        .map(|e| problem("ca", &format!("{e:#}")))
 }
 
 /// Validates `cfg`, loads certificates and builds the frontends and balancers.

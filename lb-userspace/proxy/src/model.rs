@@ -414,6 +414,17 @@ pub struct Pool {
     /// With `tls`: server name sent and verified (default: the server's IP, as an IP SAN).
     #[serde(default)]
     pub sni: Option<String>,
+    /// With `tls`: PEM chain (leaf first) shown to servers that ask for a
+    /// client certificate, with `key` (HAProxy's `crt` on a server line).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// With `cert`: its PEM private key.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// With `tls`: the oldest TLS version offered to servers, "1.2"
+    /// (default) or "1.3" (HAProxy's `ssl-min-ver` on a server line).
+    #[serde(default)]
+    pub min_version: TlsVersion,
     /// HTTP/2 to the servers: prior knowledge on plain connections, ALPN `h2` with `tls`.
     #[serde(default)]
     pub h2: bool,
@@ -617,11 +628,14 @@ pub enum ConfigError {
         /// What is wrong.
         problem: &'static str,
     },
-    /// A pool's `tls`, `verify`, `ca` or `sni` settings do not fit together.
+    /// A pool's `tls`, `verify`, `ca`, `sni`, `cert`, `key` or
+    /// `min_version` settings do not fit together.
     #[error("pool {pool:?}: {problem}")]
     BadServerTls {
         /// The pool.
         pool: String,
+        /// The key the problem is reported at.
+        key: &'static str,
         /// What is wrong.
         problem: &'static str,
     },
@@ -862,6 +876,9 @@ impl Pool {
             verify: true,
             ca: None,
             sni: None,
+            cert: None,
+            key: None,
+            min_version: TlsVersion::Tls12,
             h2: false,
             cookie: None,
             max_fails: 0,
@@ -870,22 +887,37 @@ impl Pool {
         }
     }
 
-    /// Checks `ca`/`sni` need `tls`, `verify` needs `ca`, and `sni` is a valid server name.
+    /// Checks `ca`/`sni`/`cert`/`key`/`min_version` need `tls`, `cert` and
+    /// `key` come together, `verify` needs `ca`, and `sni` is a valid server name.
     fn validate_server_tls(&self) -> Result<(), ConfigError> {
-        let bad = |problem| {
+        let bad = |key, problem| {
             Err(ConfigError::BadServerTls {
                 pool: self.name.clone(),
+                key,
                 problem,
             })
         };
         if !self.tls {
-            if self.ca.is_some() || self.sni.is_some() {
-                return bad("ca and sni need tls = true");
+            let set = [
+                ("ca", self.ca.is_some()),
+                ("sni", self.sni.is_some()),
+                ("cert", self.cert.is_some()),
+                ("key", self.key.is_some()),
+                ("min_version", self.min_version != TlsVersion::default()),
+            ];
+            if let Some((key, _)) = set.into_iter().find(|(_, set)| *set) {
+                return bad(key, "ca, sni, cert, key and min_version need tls = true");
             }
             return Ok(());
         }
+        match (&self.cert, &self.key) {
+            (Some(_), None) => return bad("cert", "cert needs key, its private key"),
+            (None, Some(_)) => return bad("key", "key needs cert, the certificate it signs for"),
+            _ => {}
+        }
         if self.verify && self.ca.is_none() {
             return bad(
+                "tls",
                 "tls with verify = true (the default) needs ca = \"/path/ca.pem\" \
                  (there is no built-in system root store); or set verify = false",
             );
@@ -893,7 +925,7 @@ impl Pool {
         if let Some(sni) = &self.sni
             && rustls::pki_types::ServerName::try_from(sni.as_str()).is_err()
         {
-            return bad("sni is not a valid DNS name or IP address");
+            return bad("sni", "sni is not a valid DNS name or IP address");
         }
         Ok(())
     }

@@ -84,23 +84,12 @@ impl CertStore {
         let provider = provider();
         let mut entries = Vec::with_capacity(cfg.certs.len());
         for pair in &cfg.certs {
-            let chain = read_certs(&pair.cert)?;
-            let key = read_key(&pair.key)?;
-            let rustls_err = |source| TlsError::Rustls {
-                path: pair.key.clone(),
-                source,
-            };
-            let signer = provider
-                .key_provider
-                .load_private_key(key)
-                .map_err(rustls_err)?;
+            let ck = certified_key(&provider, &pair.cert, &pair.key)?;
             let names = if pair.names.is_empty() {
-                dns_names(&chain[0])
+                dns_names(&ck.cert[0])
             } else {
                 pair.names.iter().map(|n| n.to_ascii_lowercase()).collect()
             };
-            let ck = CertifiedKey::new(chain, signer);
-            ck.keys_match().map_err(rustls_err)?;
             entries.push((names, Arc::new(ck)));
         }
         Ok(CertStore { entries, default })
@@ -118,6 +107,26 @@ impl CertStore {
             None => self.entries[self.default].1.clone(),
         }
     }
+}
+
+/// The chain in `cert` (leaf first) with the key in `key`, checked to match.
+pub(crate) fn certified_key(
+    provider: &CryptoProvider,
+    cert: &Path,
+    key: &Path,
+) -> Result<CertifiedKey, TlsError> {
+    let chain = read_certs(cert)?;
+    let rustls_err = |source| TlsError::Rustls {
+        path: key.to_path_buf(),
+        source,
+    };
+    let signer = provider
+        .key_provider
+        .load_private_key(read_key(key)?)
+        .map_err(rustls_err)?;
+    let ck = CertifiedKey::new(chain, signer);
+    ck.keys_match().map_err(rustls_err)?;
+    Ok(ck)
 }
 
 /// True when certificate name `pattern` covers host `sni` (both lowercase).

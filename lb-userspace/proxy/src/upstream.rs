@@ -6,65 +6,131 @@
 use std::fs::File;
 use std::io::{self, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use rustls::client::ResolvesClientCert;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use super::model::Pool;
+use super::model::{Pool, TlsVersion};
 use super::{proxy_protocol, tls};
 
 /// The rustls client configuration of a `tls = true` pool, None for plain pools.
 pub(crate) fn client_config(pool: &Pool) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
-    if !pool.tls {
-        return Ok(None);
-    }
-    let alpn: &[&[u8]] = if pool.h2 {
+    ClientTls::of(pool)
+        .map(|client| client.config(alpn(pool)))
+        .transpose()
+}
+
+/// The protocols a pool offers servers in ALPN.
+fn alpn(pool: &Pool) -> &'static [&'static [u8]] {
+    if pool.h2 {
         &[b"h2", b"http/1.1"]
     } else {
         &[b"http/1.1"]
-    };
-    tls_client(pool.verify, pool.ca.as_deref(), alpn).map(Some)
+    }
 }
 
-/// A client configuration verifying servers against the anchors in `ca`
-/// (or not at all), offering `alpn`.
-fn tls_client(
+/// The TLS settings of a `tls = true` pool: how it verifies servers, the
+/// certificate it shows them, the versions it offers and the name it sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ClientTls {
     verify: bool,
-    ca: Option<&Path>,
-    alpn: &[&[u8]],
-) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let provider = tls::provider();
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-    let mut cfg = if verify {
-        // validate() guarantees `ca` with verify; checked again rather than unwrapped.
-        let path = ca.context("verify = true needs ca (there is no built-in root store)")?;
-        let roots = read_roots(path).with_context(|| format!("reading ca {}", path.display()))?;
-        let verifier =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .with_context(|| format!("ca {}", path.display()))?;
-        builder.with_webpki_verifier(verifier).with_no_client_auth()
-    } else {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-            .with_no_client_auth()
-    };
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(cfg))
+    ca: Option<PathBuf>,
+    /// `cert` and `key`, set together (validate() checks it).
+    client_cert: Option<(PathBuf, PathBuf)>,
+    min_version: TlsVersion,
+    sni: Option<String>,
+}
+
+impl ClientTls {
+    /// The settings of `pool`; None when it speaks plain TCP.
+    fn of(pool: &Pool) -> Option<Self> {
+        pool.tls.then(|| ClientTls {
+            verify: pool.verify,
+            ca: pool.ca.clone(),
+            client_cert: pool.cert.clone().zip(pool.key.clone()),
+            min_version: pool.min_version,
+            sni: pool.sni.clone(),
+        })
+    }
+
+    /// A client configuration offering `alpn`; fails on unreadable files
+    /// (the error names the key of the file: `ca`, `cert` or `key`).
+    fn config(&self, alpn: &[&[u8]]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let provider = tls::provider();
+        let versions: &[&rustls::SupportedProtocolVersion] = match self.min_version {
+            TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::Tls13 => &[&rustls::version::TLS13],
+        };
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)?;
+        let builder = if self.verify {
+            // validate() guarantees `ca` with verify; checked again rather than unwrapped.
+            let path = self
+                .ca
+                .as_deref()
+                .context("verify = true needs ca (there is no built-in root store)")?;
+            let roots =
+                read_roots(path).with_context(|| format!("reading ca {}", path.display()))?;
+            let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .with_context(|| format!("ca {}", path.display()))?;
+            builder.with_webpki_verifier(verifier)
+        } else {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider.clone())))
+        };
+        let mut cfg = match &self.client_cert {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let ck = tls::certified_key(&provider, cert, key).context("cert/key")?;
+                builder.with_client_cert_resolver(Arc::new(ClientCert(Arc::new(ck))))
+            }
+        };
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+
+    /// The name to send and verify: `sni`, else the server's IP address.
+    fn name(&self, server: SocketAddr) -> ServerName<'static> {
+        // validate() checked the name; an invalid one falls back to the IP.
+        self.sni
+            .as_deref()
+            .and_then(|n| ServerName::try_from(n.to_string()).ok())
+            .unwrap_or_else(|| ServerName::IpAddress(server.ip().into()))
+    }
+}
+
+/// A pool's `cert`/`key`: shown to every server that asks for a certificate
+/// (HAProxy's `crt` on a server line, nginx's `proxy_ssl_certificate`).
+#[derive(Debug)]
+struct ClientCert(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// Trust anchors from a PEM file of one or more certificates.
@@ -134,8 +200,8 @@ impl ServerCertVerifier for NoVerify {
 pub(crate) struct TlsSettings {
     /// Handshakes with the pool's client configuration.
     pub connector: TlsConnector,
-    /// `sni` of the pool; None: the server's IP address.
-    pub sni: Option<ServerName<'static>>,
+    /// The pool's settings (the name to send).
+    pub client: ClientTls,
 }
 
 /// How a pool opens server connections: TCP within `timeout_connect`, the
@@ -150,14 +216,13 @@ pub(crate) struct Connector {
 impl Connector {
     /// The connector of `pool`; fails on unreadable `ca` files.
     pub fn new(pool: &Pool) -> anyhow::Result<Self> {
-        let tls = client_config(pool)?.map(|c| TlsSettings {
-            connector: TlsConnector::from(c),
-            // validate() checked the name; an invalid one falls back to the IP.
-            sni: pool
-                .sni
-                .as_deref()
-                .and_then(|n| ServerName::try_from(n.to_string()).ok()),
-        });
+        let tls = match ClientTls::of(pool) {
+            Some(client) => Some(TlsSettings {
+                connector: TlsConnector::from(client.config(alpn(pool))?),
+                client,
+            }),
+            None => None,
+        };
         Ok(Connector {
             timeout_connect: pool.timeout_connect,
             timeout_server: pool.timeout_server,
@@ -191,11 +256,7 @@ impl Connector {
         let Some(tls) = &self.tls else {
             return Ok(ServerIo::Plain(tcp));
         };
-        // Name to send and verify: the pool's `sni`, else the server's IP address.
-        let name = tls
-            .sni
-            .clone()
-            .unwrap_or_else(|| ServerName::IpAddress(server.ip().into()));
+        let name = tls.client.name(server);
         // Boxed: rustls' handshake state is kilobytes, and would otherwise
         // be part of every request's future (copied when it is boxed).
         let handshake = Box::pin(tls.connector.connect(name, tcp));
@@ -208,31 +269,19 @@ impl Connector {
 
 /// How health checks reach a pool's servers when they use its own port: as
 /// its requests do, after the pool's PROXY header (v1 `UNKNOWN`, v2 `LOCAL`:
-/// the proxy's own connection) and through TLS with its `ca`, `verify` and
-/// `sni` (ALPN http/1.1: checks speak HTTP/1.1). HAProxy's default for
+/// the proxy's own connection) and through TLS with its `ca`, `verify`,
+/// `cert`/`key`, `min_version` and `sni` (ALPN http/1.1: checks speak HTTP/1.1). HAProxy's default for
 /// servers with `ssl` or `send-proxy` and no check port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckTransport {
     send_proxy: Option<proxy_protocol::Version>,
-    tls: Option<CheckTls>,
-}
-
-/// The TLS half of a [`CheckTransport`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct CheckTls {
-    verify: bool,
-    ca: Option<std::path::PathBuf>,
-    sni: Option<String>,
+    tls: Option<ClientTls>,
 }
 
 impl CheckTransport {
     /// How checks reach `pool`'s servers; None when they are plain TCP.
     pub fn of(pool: &Pool) -> Option<Self> {
-        let tls = pool.tls.then(|| CheckTls {
-            verify: pool.verify,
-            ca: pool.ca.clone(),
-            sni: pool.sni.clone(),
-        });
+        let tls = ClientTls::of(pool);
         (tls.is_some() || pool.send_proxy.is_some()).then_some(CheckTransport {
             send_proxy: pool.send_proxy,
             tls,
@@ -255,15 +304,11 @@ impl CheckTransport {
         let Some(settings) = &self.tls else {
             return Ok(ServerIo::Plain(tcp));
         };
-        let config = tls_client(settings.verify, settings.ca.as_deref(), &[b"http/1.1"])
+        let config = settings
+            .config(&[b"http/1.1"])
             .map_err(|e| io::Error::other(format!("{e:#}")))?;
-        let name = settings
-            .sni
-            .as_deref()
-            .and_then(|n| ServerName::try_from(n.to_string()).ok())
-            .unwrap_or_else(|| ServerName::IpAddress(server.ip().into()));
         let stream = TlsConnector::from(config)
-            .connect(name, tcp)
+            .connect(settings.name(server), tcp)
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
         Ok(ServerIo::Tls(Box::new(stream)))

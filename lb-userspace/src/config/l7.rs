@@ -195,7 +195,7 @@ impl Checker<'_> {
         }) {
             let key = match e {
                 ConfigError::BadHash { .. } => ["hash_header", "hash_query", "algorithm"],
-                ConfigError::BadServerTls { .. } => ["sni", "ca", "tls"],
+                ConfigError::BadServerTls { key, .. } => [key, "tls", "tls"],
                 ConfigError::BadCookie(_) => ["cookie", "cookie", "cookie"],
                 ConfigError::BadFailTimeout(_) => ["fail_timeout", "fail_timeout", "fail_timeout"],
                 ConfigError::BadSlowstart(_) => ["slowstart", "slowstart", "slowstart"],
@@ -742,6 +742,61 @@ mod tests {
         let errs = load_with(&cert, &page, &key, "[::1]:0").unwrap_err();
         let got: Vec<usize> = errs.iter().map(|e| e.line).collect();
         assert_eq!(got, [6, 12], "{errs:#?}");
+        assert!(errs[0].reason.contains("no private key"), "{errs:#?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pools_client_certificate_is_refused_at_the_key_that_is_wrong() {
+        let text_of = |extra: &[&str]| {
+            let mut lines: Vec<String> = l7(&["tls = true", "verify = false"])
+                .into_iter()
+                .map(String::from)
+                .collect();
+            lines.extend(extra.iter().map(|l| l.to_string()));
+            lines.join("\n").replace("198.18.100.1:80", "127.0.0.1:0")
+        };
+        // Mistakes of the file itself, at the key.
+        for (extra, line, needle) in [
+            (&["cert = \"/c.pem\""][..], 11, "cert needs key"),
+            (&["key = \"/c.key\""][..], 11, "key needs cert"),
+        ] {
+            let errs = parse(&text_of(extra), "lb.toml").unwrap_err().0;
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            assert_eq!(errs[0].line, line, "{errs:#?}");
+            assert!(errs[0].reason.contains(needle), "{errs:#?}");
+        }
+        let errs = parse(
+            &text_of(&["min_version = \"1.3\""]).replace("tls = true", "tls = false"),
+            "lb.toml",
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(errs[0].line, 11, "{errs:#?}");
+        assert!(errs[0].reason.contains("need tls = true"), "{errs:#?}");
+
+        // Files this host cannot read, at the key naming them.
+        let dir = std::env::temp_dir().join(format!("lb-config-pool-cert-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ck = rcgen::generate_simple_self_signed(vec!["lb.test".to_string()]).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("c.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        let file = dir.join("lb.toml");
+        let load_with = |c: &Path, k: &Path| {
+            let (c, k) = (
+                format!("cert = \"{}\"", c.display()),
+                format!("key = \"{}\"", k.display()),
+            );
+            std::fs::write(&file, text_of(&[&c, &k])).unwrap();
+            load(&file).map_err(|e| e.0)
+        };
+        assert!(load_with(&cert, &key).is_ok());
+        let errs = load_with(&dir.join("missing.pem"), &key).unwrap_err();
+        assert_eq!((errs.len(), errs[0].line), (1, 11), "{errs:#?}");
+        assert!(errs[0].reason.contains("missing.pem"), "{errs:#?}");
+        let errs = load_with(&cert, &cert).unwrap_err();
+        assert_eq!((errs.len(), errs[0].line), (1, 12), "{errs:#?}");
         assert!(errs[0].reason.contains("no private key"), "{errs:#?}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -176,6 +176,121 @@ async fn tls_to_server_verified_by_ca_and_name() {
     assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
 }
 
+/// A leaf for `names` signed by `ca`, written as `STEM.pem` and `STEM.key` in `dir`.
+fn leaf_files(dir: &TempDir, ca: &Ca, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let params =
+        CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
+    let (c, k) = (
+        dir.0.join(format!("{stem}.pem")),
+        dir.0.join(format!("{stem}.key")),
+    );
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+#[tokio::test]
+async fn a_pool_shows_its_client_certificate_to_servers_that_require_one() {
+    let dir = TempDir::new("upstream-mtls");
+    let servers = ca(&dir, "servers");
+    let clients = ca(&dir, "clients");
+    let strangers = ca(&dir, "strangers");
+    // A server that requires a certificate signed by `clients`.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(clients.cert.der().clone()).unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+    let (cert, key) = {
+        let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &servers.cert, &servers.key).unwrap();
+        (cert, key)
+    };
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server = backend(Some(Arc::new(cfg))).await;
+
+    let mut p = pool(server);
+    p.tls = true;
+    p.ca = Some(servers.pem.clone());
+    // Without a certificate: refused. Under TLS 1.3 the server's alert
+    // comes after the client's handshake has finished, with the first
+    // read: 502 (a broken answer) rather than 503 (a failed connect).
+    let refused = |status: StatusCode| {
+        assert!(
+            [StatusCode::BAD_GATEWAY, StatusCode::SERVICE_UNAVAILABLE].contains(&status),
+            "{status}"
+        );
+    };
+    let proxy = start(p.clone(), LogFormat::Httplog).await;
+    refused(get(&proxy, "/").await.0);
+    // One the server's CA signed: served.
+    let (c, k) = leaf_files(&dir, &clients, "lb", &["lb.test"]);
+    p.cert = Some(c);
+    p.key = Some(k);
+    let proxy = start(p.clone(), LogFormat::Httplog).await;
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+    // One it does not trust: refused.
+    let (c, k) = leaf_files(&dir, &strangers, "stranger", &["lb.test"]);
+    p.cert = Some(c);
+    p.key = Some(k.clone());
+    let proxy = start(p.clone(), LogFormat::Httplog).await;
+    refused(get(&proxy, "/").await.0);
+
+    // A key that is not the certificate's fails at start, naming the pool.
+    let (c, _) = leaf_files(&dir, &clients, "other", &["lb.test"]);
+    p.cert = Some(c);
+    let cfg = ProxyConfig {
+        frontends: vec![local_frontend()],
+        pools: vec![p.clone()],
+        ..Default::default()
+    };
+    let problem = pool_host_problems(&p).expect("a mismatched key");
+    assert_eq!(problem.key, "key", "{}", problem.reason);
+    let err = Proxy::start(cfg, None).await.err().unwrap();
+    assert!(format!("{err:#}").contains("pool app"), "{err:#}");
+}
+
+#[tokio::test]
+async fn min_version_1_3_refuses_servers_that_only_speak_tls_1_2() {
+    let dir = TempDir::new("upstream-version");
+    let good = ca(&dir, "ca");
+    let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &good.cert, &good.key).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server = backend(Some(Arc::new(cfg))).await;
+    let mut p = pool(server);
+    p.tls = true;
+    p.ca = Some(good.pem.clone());
+    let proxy = start(p.clone(), LogFormat::Httplog).await;
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK, "1.2 by default");
+    p.min_version = TlsVersion::Tls13;
+    let proxy = start(p, LogFormat::Httplog).await;
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::SERVICE_UNAVAILABLE);
+}
+
 #[tokio::test]
 async fn tls_pool_validation() {
     let check = |p: Pool| {
@@ -198,6 +313,20 @@ async fn tls_pool_validation() {
     let mut plain = pool(addr);
     plain.sni = Some("a.test".into());
     assert!(check(plain).is_err());
+    let mut plain = pool(addr);
+    plain.min_version = TlsVersion::Tls13;
+    let err = check(plain).unwrap_err().to_string();
+    assert!(err.contains("need tls = true"), "{err}");
+    let mut half = p.clone();
+    half.sni = None;
+    half.cert = Some("/etc/lb/client.pem".into());
+    let err = check(half.clone()).unwrap_err().to_string();
+    assert!(err.contains("cert needs key"), "{err}");
+    half.key = Some("/etc/lb/client.key".into());
+    assert!(check(half.clone()).is_ok());
+    half.cert = None;
+    let err = check(half).unwrap_err().to_string();
+    assert!(err.contains("key needs cert"), "{err}");
 
     let toml_cfg: ProxyConfig = toml::from_str(
         r#"
