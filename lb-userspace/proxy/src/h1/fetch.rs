@@ -4,6 +4,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::codec::{self, BodyKind};
-use super::relay::{End, Fail, read_more, relay};
+use super::relay::{End, Fail, Message, read_more, relay};
 use crate::deadline::Deadline;
 
 /// A server's answer; its body decoded from its framing, cut at the limit.
@@ -84,8 +85,11 @@ where
                 limit: forever,
             },
             &mut Vec::new(),
-            head.body,
-            true,
+            Message {
+                body: head.body,
+                dechunk: true,
+                written: &AtomicU64::new(0),
+            },
             &mut Deadline::new(),
         )
         .await;

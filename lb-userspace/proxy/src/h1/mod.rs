@@ -31,6 +31,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ use super::shutdown::ShutdownWatch;
 use super::tls::TlsFacts;
 use super::tunnel;
 use codec::{BodyKind, RequestHead, ResponseHead, Span};
-use relay::{End, Fail, READ_SIZE, read_more, relay, write_out};
+use relay::{End, Fail, Message, READ_SIZE, read_more, relay, write_out};
 
 /// How long, and how many bytes, a closing connection is read and dropped.
 const LINGER: Duration = Duration::from_millis(500);
@@ -697,8 +698,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
                 limit: timeout_server,
             },
             &mut self.out,
-            body,
-            false,
+            Message {
+                body,
+                dechunk: false,
+                written: &AtomicU64::new(0),
+            },
             &mut self.timer,
         )
         .await;
@@ -775,13 +779,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             io: &mut self.io,
             limit,
         };
-        let relayed = relay(from, buf, to, &mut self.out, body, dechunk, &mut self.timer).await;
-        let Some(mut rec) = relaying.into_rec() else {
+        let msg = Message::new(body, dechunk, &relaying.written);
+        let relayed = relay(from, buf, to, &mut self.out, msg, &mut self.timer).await;
+        let Some((mut rec, written)) = relaying.into_parts() else {
             return Next::Close;
         };
+        // All of the body on success; what the client got of it otherwise.
+        rec.bytes = written;
         let next = match relayed {
-            Ok(bytes) => {
-                rec.bytes = bytes;
+            Ok(_) => {
                 if close {
                     self.shut_down().await;
                 }
@@ -975,11 +981,14 @@ struct ResponseCtx {
 }
 
 /// A request's record while its answer is relayed, so that a task dropped
-/// there (its runtime's end, a hard stop's last step) still logs it, `KD`.
+/// there (its runtime's end, a hard stop's last step) still logs it, `KD`,
+/// with the body bytes the client got.
 struct Relaying<'a> {
     rec: Option<AccessRecord>,
     start: Instant,
     fe: &'a FrontendRuntime,
+    /// Body bytes written to the client so far (the relay counts them).
+    written: AtomicU64,
 }
 
 impl<'a> Relaying<'a> {
@@ -988,12 +997,16 @@ impl<'a> Relaying<'a> {
             rec: Some(rec),
             start,
             fe,
+            written: AtomicU64::new(0),
         }
     }
 
-    /// The record back, the relay over (None only if taken already).
-    fn into_rec(mut self) -> Option<AccessRecord> {
-        self.rec.take()
+    /// The record back with the bytes written, the relay over (None only
+    /// if taken already).
+    fn into_parts(mut self) -> Option<(AccessRecord, u64)> {
+        self.rec
+            .take()
+            .map(|rec| (rec, self.written.load(Ordering::Relaxed)))
     }
 }
 
@@ -1004,6 +1017,7 @@ impl Drop for Relaying<'_> {
                 true => ['K', 'D'],
                 false => Failure::ClientAborted.termination(),
             };
+            rec.bytes = self.written.load(Ordering::Relaxed);
             finish(rec, self.start, self.fe);
         }
     }

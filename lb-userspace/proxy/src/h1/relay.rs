@@ -5,6 +5,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -153,6 +154,26 @@ pub(super) struct End<'a, S> {
     pub limit: Duration,
 }
 
+/// The body a relay copies: its framing, whether chunks are unwrapped, and
+/// where the payload bytes written so far are counted (read by a caller
+/// whose relay was dropped midway: a hard stop still logs them).
+pub(super) struct Message<'a> {
+    pub body: BodyKind,
+    pub dechunk: bool,
+    pub written: &'a AtomicU64,
+}
+
+impl<'a> Message<'a> {
+    /// A body framed by `body`, unwrapped if `dechunk`, counted in `written`.
+    pub fn new(body: BodyKind, dechunk: bool, written: &'a AtomicU64) -> Self {
+        Message {
+            body,
+            dechunk,
+            written,
+        }
+    }
+}
+
 /// Where a body's relay stands, by its framing.
 struct Progress {
     body: BodyKind,
@@ -248,14 +269,18 @@ pub(super) async fn relay<R, W>(
     buf: &mut BytesMut,
     dst: End<'_, W>,
     out: &mut Vec<u8>,
-    body: BodyKind,
-    dechunk: bool,
+    msg: Message<'_>,
     timer: &mut Deadline,
 ) -> Result<u64, Fail>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Message {
+        body,
+        dechunk,
+        written: counted,
+    } = msg;
     let left = match body {
         BodyKind::Fixed(n) => n,
         _ => 0,
@@ -291,6 +316,7 @@ where
                     buf.advance(direct);
                     out.clear();
                     written = true;
+                    counted.store(p.payload, Ordering::Relaxed);
                 }
                 Some(Err(_)) => return Err(Fail::Write),
                 None => return Err(Fail::WriteTimeout),
@@ -381,8 +407,11 @@ mod tests {
                 limit,
             },
             &mut out,
-            body,
-            dechunk,
+            Message {
+                body,
+                dechunk,
+                written: &AtomicU64::new(0),
+            },
             &mut Deadline::new(),
         )
         .await;
@@ -482,8 +511,11 @@ mod tests {
             &mut buf,
             dst,
             &mut out,
-            kind,
-            false,
+            Message {
+                body: kind,
+                dechunk: false,
+                written: &AtomicU64::new(0),
+            },
             &mut Deadline::new(),
         )
         .await
@@ -556,8 +588,11 @@ mod tests {
                 &mut buf,
                 dst,
                 &mut out,
-                kind,
-                true,
+                Message {
+                    body: kind,
+                    dechunk: true,
+                    written: &AtomicU64::new(0),
+                },
                 &mut Deadline::new(),
             )
             .await;

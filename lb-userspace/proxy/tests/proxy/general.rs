@@ -544,6 +544,55 @@ async fn large_bodies_stream_both_ways_and_the_connection_is_reused() {
 }
 
 #[tokio::test]
+async fn a_client_leaving_mid_answer_is_logged_with_the_bytes_it_got_on_both_paths() {
+    capture_access_log();
+    // 64 KiB at once, then more for as long as anyone reads (at most 10 s).
+    let server = crate::backends::server(|mut s| async move {
+        let _ = crate::backends::read_head(&mut s).await;
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 100000000\r\n\r\n";
+        let chunk = vec![b'x'; 64 << 10];
+        if s.write_all(head).await.is_err() || s.write_all(&chunk).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::time::Instant::now() < until && s.write_all(&chunk).await.is_ok() {}
+    })
+    .await;
+    let own = start_proxy(local_frontend(), crate::support::one_server_pool(server)).await;
+    let hyper = crate::support::hyper_path_proxy(server, |_| {}, |_| {}).await;
+    for (path, proxy) in [("own", &own), ("hyper", &hyper)] {
+        let mut c = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+        let me = c.local_addr().unwrap();
+        c.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 16 << 10];
+        while got < 64 << 10 {
+            let n = tokio::time::timeout(crate::support::GIVE_UP, c.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_ne!(n, 0, "{path}");
+            got += n;
+        }
+        drop(c);
+        let line = crate::support::access_line_of(me, server)
+            .await
+            .unwrap_or_else(|| panic!("{path}: no line"));
+        // client [date] frontend pool/server Tq/Tw/Tc/Tr/Tt status bytes flags "request"
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let bytes: u64 = f[6].parse().unwrap();
+        assert_eq!((f[5], &f[7][..2]), ("200", "CD"), "{path}: {line}");
+        assert!(
+            (64 << 10..100_000_000).contains(&bytes),
+            "{path}: the bytes the client got, at least what it read: {line}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn server_closing_an_idle_connection_gets_a_new_one() {
     // Answers one request per connection with keep-alive, then closes it shortly after.
     let (addr, accepted) = counting_server(|mut s, _| async move {
