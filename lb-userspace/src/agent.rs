@@ -1015,6 +1015,16 @@ impl L7 {
         outcome
     }
 
+    /// A pool server's checks marked it down: its sessions are shut down if
+    /// the pool says so (`on_marked_down`).
+    fn marked_down(&self, pool: &str, server: SocketAddr) {
+        if let Some(p) = &self.proxy
+            && p.server_marked_down(pool, server)
+        {
+            info!(%pool, %server, "server marked down: its tcp sessions and tunnels are shut down");
+        }
+    }
+
     /// Tells the proxy which pool servers take requests (admin state, health).
     fn push_server_states(&self, shared: &Shared) {
         if let Some(p) = &self.proxy {
@@ -1215,6 +1225,9 @@ async fn serve(
                 if let Group::Pool(pool) = Group::parse(&event.service) {
                     info!(%pool, server = %event.address, health = ?event.health, reason = %event.reason, "L7 server health changed");
                     l7.push_server_states(shared);
+                    if event.health == Health::Down {
+                        l7.marked_down(pool, event.address);
+                    }
                     continue;
                 }
                 let s = shared.clone();

@@ -292,3 +292,83 @@ fn a_pool_is_health_checked_through_its_tls_and_proxy_header() {
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A line-protocol session to `addr` from the client namespace, its first
+/// answer read (the lab backend answers each line with its name).
+fn line_session(lab: &Lab, addr: SocketAddr) -> std::net::TcpStream {
+    let mut s = run_in_ns(lab.client_ns(), move || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(line_exchange(&mut s).as_deref(), Some("be1"));
+    s
+}
+
+/// Sends a line and reads the answer; None once the session is closed.
+fn line_exchange(s: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::{Read, Write};
+    s.write_all(b"hi\n").ok()?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        match s.read(&mut b) {
+            Ok(1) => line.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&line).trim().to_string())
+}
+
+#[test]
+fn a_server_marked_down_by_its_checks_has_its_sessions_shut_down_if_its_pool_says_so() {
+    use lb_userspace::control::protocol::Health;
+    let mut lab = Lab::create("markdown", LabOptions::from_env(1).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-markdown", lab.balancer_ns()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = SocketAddr::new(lab.backends()[0].v4.into(), TCP_PORT);
+    let (shut, keep) = (
+        SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT),
+        SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT + 1),
+    );
+    let health = "[pool.health]\nkind = \"tcp\"\ninterval = \"200ms\"\nrise = 1\nfall = 1\n";
+    let text = format!(
+        "metrics = \"{METRICS_ADDR}\"\n\n\
+         [[frontend]]\nname = \"shut\"\nmode = \"tcp\"\nbinds = [\"{shut}\"]\ndefault_pool = \"app\"\n\n\
+         [[frontend]]\nname = \"keep\"\nmode = \"tcp\"\nbinds = [\"{keep}\"]\ndefault_pool = \"other\"\n\n\
+         [[pool]]\nname = \"app\"\nservers = [{{ address = \"{server}\" }}]\n\
+         on_marked_down = \"shutdown-sessions\"\n{health}\n\
+         [[pool]]\nname = \"other\"\nservers = [{{ address = \"{server}\" }}]\n{health}"
+    );
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, text).unwrap();
+    let socket = dir.join("lb.sock");
+    lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
+    wait_for_health(&lab, &socket, Health::Up);
+    let mut shut_session = line_session(&lab, shut);
+    let mut kept_session = line_session(&lab, keep);
+
+    // The server stops taking connections (new SYNs dropped); what is
+    // established goes on. Its checks time out and mark it down.
+    let ns = lab.backends()[0].ns.clone();
+    lab.nft(
+        &ns,
+        &format!(
+            "table inet markdown {{\n chain input {{\n  type filter hook input priority 0;\n  \
+             tcp dport {TCP_PORT} tcp flags & (syn | ack) == syn drop\n }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    let last = wait_for_health(&lab, &socket, Health::Down);
+    assert!(last.contains("timeout"), "{last}");
+    // Its session in the pool that says so is closed; the other's goes on.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while line_exchange(&mut shut_session).is_some() {
+        assert!(std::time::Instant::now() < until, "still open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(line_exchange(&mut kept_session).as_deref(), Some("be1"));
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -51,7 +51,7 @@ use lb_common::hash::jhash_bytes;
 use lb_common::maglev::{self, MaglevInput};
 use tokio::sync::oneshot;
 
-use super::model::{Algorithm, Pool, ServerSpec};
+use super::model::{Algorithm, OnMarkedDown, Pool, ServerSpec};
 
 /// Entries of a pool's Maglev table: a prime, about 40 per server for 100
 /// servers, small enough (16 KiB) to rebuild on every up/down change.
@@ -88,6 +88,9 @@ pub struct ServerState {
     out_until: AtomicU64,
     /// Its request counters.
     pub stats: Arc<crate::stats::Counters>,
+    /// Wakes its sessions and tunnels when it is marked down under
+    /// `on_marked_down = "shutdown-sessions"`.
+    marked_down: tokio::sync::Notify,
 }
 
 impl ServerState {
@@ -106,7 +109,15 @@ impl ServerState {
             serving_since: AtomicU64::new(0),
             out_until: AtomicU64::new(0),
             stats: Default::default(),
+            marked_down: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Resolves when its sessions are to be shut down (it was marked down,
+    /// under `on_marked_down = "shutdown-sessions"`); a future created
+    /// before that moment resolves even if first polled after it.
+    pub(crate) fn sessions_shut_down(&self) -> tokio::sync::futures::Notified<'_> {
+        self.marked_down.notified()
     }
 
     /// Takes `spec`'s weight, backup flag and maxconn (same address).
@@ -295,6 +306,8 @@ struct Inner {
     fails: (u32, Duration),
     /// `slowstart` in ms (0: off).
     slowstart: u64,
+    /// `on_marked_down = "shutdown-sessions"`.
+    shutdown_sessions: bool,
     timeout_queue: Duration,
     queue: Mutex<Queue>,
     /// The pool's request counters: here, as the balancer is shared by
@@ -328,6 +341,7 @@ impl Balancer {
             name: pool.name.as_str().into(),
             fails: (pool.max_fails, pool.fail_timeout),
             slowstart: pool.slowstart.as_millis() as u64,
+            shutdown_sessions: pool.on_marked_down == Some(OnMarkedDown::ShutdownSessions),
             set: RwLock::new(Arc::new(Set::new(pool.algorithm, servers))),
             rotor: AtomicUsize::new(0),
             rng: AtomicU64::new(seed),
@@ -446,6 +460,21 @@ impl Balancer {
                 ServerUse::Off
             },
         )
+    }
+
+    /// A server at `addr` was marked down by its health checks: with
+    /// `on_marked_down = "shutdown-sessions"` its `tcp` sessions and
+    /// tunnels are closed (HAProxy's `on-marked-down shutdown-sessions`).
+    /// Whether the pool shuts sessions down.
+    pub fn marked_down(&self, addr: SocketAddr) -> bool {
+        if !self.inner.shutdown_sessions {
+            return false;
+        }
+        let set = self.inner.read_set().clone();
+        for s in set.servers.iter().filter(|s| s.addr == addr) {
+            s.marked_down.notify_waiters();
+        }
+        true
     }
 
     /// Sets what every server at `addr` takes; false if there is none. A

@@ -234,8 +234,8 @@ pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, RequestId, haproxy_date};
 pub use model::{
     Algorithm, CertPair, Compression, ConfigError, Frontend, FrontendMode, HttpAction,
-    MAX_CONNECTIONS, Pool, ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig, TlsVersion, UsePool,
-    User, UserList, VerifyClient,
+    MAX_CONNECTIONS, OnMarkedDown, Pool, ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig,
+    TlsVersion, UsePool, User, UserList, VerifyClient,
 };
 pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
@@ -604,6 +604,19 @@ impl Proxy {
                 .iter()
                 .find(|p| &*p.name == pool)
                 .is_some_and(|p| p.balancer.set_use(server, state))
+        })
+    }
+
+    /// A server of a pool was marked down by its health checks: under the
+    /// pool's `on_marked_down = "shutdown-sessions"` its open `tcp` sessions
+    /// and tunnels are closed. Whether they were.
+    pub fn server_marked_down(&self, pool: &str, server: SocketAddr) -> bool {
+        self.shared.first().is_some_and(|shared| {
+            shared
+                .pools
+                .iter()
+                .find(|p| &*p.name == pool)
+                .is_some_and(|p| p.balancer.marked_down(server))
         })
     }
 

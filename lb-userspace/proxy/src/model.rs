@@ -448,6 +448,19 @@ pub struct Pool {
     /// `slowstart`; roundrobin, leastconn, random2); 0s: at once (default).
     #[serde(default, with = "duration")]
     pub slowstart: Duration,
+    /// What a server's health checks marking it down does to its open
+    /// `tcp` sessions and tunnels: nothing (default), or
+    /// "shutdown-sessions" (HAProxy's `on-marked-down shutdown-sessions`).
+    #[serde(default)]
+    pub on_marked_down: Option<OnMarkedDown>,
+}
+
+/// `on_marked_down`: what happens to a server's sessions when it is marked down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OnMarkedDown {
+    /// Its `tcp` sessions and tunnels are closed, logged `DD`.
+    #[serde(rename = "shutdown-sessions")]
+    ShutdownSessions,
 }
 
 /// Server choice within a pool.
@@ -884,6 +897,7 @@ impl Pool {
             max_fails: 0,
             fail_timeout: defaults::timeout_10s(),
             slowstart: Duration::ZERO,
+            on_marked_down: None,
         }
     }
 

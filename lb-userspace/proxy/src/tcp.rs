@@ -147,7 +147,8 @@ async fn relay<C>(
     let spliced = match server.write_all(&first).await {
         Ok(()) => {
             drop(first);
-            tunnel::splice(&mut client, &mut server, idle, frontend.kill.clone()).await
+            let stops = (frontend.kill.clone(), Some(&**active.server()));
+            tunnel::splice(&mut client, &mut server, idle, stops).await
         }
         Err(e) => tunnel::Spliced {
             ended: Err(e),

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::balance::Active;
+use super::balance::{Active, ServerState};
 use super::context::Activity;
 use super::log::{AccessRecord, LogFormat};
 
@@ -72,7 +72,6 @@ impl Upgrade {
         let client = self.client;
         let activity = activity.clone();
         tokio::spawn(async move {
-            let _active = active;
             let _ended = Ended(activity.clone());
             // The 101 is written within timeout_client (`ClientIo`) before
             // the client's side is handed over: this ends then.
@@ -80,7 +79,7 @@ impl Upgrade {
                 Ok((client, server)) => {
                     activity.spliced.store(true, Ordering::SeqCst);
                     let (mut c, mut s) = (TokioIo::new(client), TokioIo::new(server));
-                    splice(&mut c, &mut s, idle, kill).await
+                    splice(&mut c, &mut s, idle, (kill, Some(active.server()))).await
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "upgrade failed");
@@ -214,6 +213,8 @@ impl Spliced {
             Ok(()) => ['-', '-'],
             Err(e) if e.kind() == io::ErrorKind::TimedOut => ['c', 'D'],
             Err(e) if is_killed(e) => ['K', 'D'],
+            // HAProxy's `D`: killed because its server went down.
+            Err(e) if e.get_ref().is_some_and(|inner| inner.is::<ServerDown>()) => ['D', 'D'],
             Err(_) if self.a_failed => ['C', 'D'],
             Err(_) => ['S', 'D'],
         }
@@ -267,7 +268,7 @@ pub(crate) async fn splice<A, B>(
     a: &mut A,
     b: &mut B,
     idle: Duration,
-    kill: watch::Receiver<bool>,
+    (kill, server): (watch::Receiver<bool>, Option<&ServerState>),
 ) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -288,12 +289,20 @@ where
         tokio::pin!(copy);
         let killed = killed(kill);
         tokio::pin!(killed);
+        let down = async {
+            match server {
+                Some(s) => s.sessions_shut_down().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(down);
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
             let deadline = start + since + idle;
             tokio::select! {
                 r = &mut copy => break r.map(drop),
                 () = &mut killed => break Err(io::Error::new(io::ErrorKind::ConnectionAborted, Killed)),
+                () = &mut down => break Err(io::Error::new(io::ErrorKind::ConnectionAborted, ServerDown)),
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = Duration::from_millis(last.load(Ordering::Relaxed));
                     if now == since {
@@ -330,6 +339,18 @@ impl std::fmt::Display for Killed {
 }
 
 impl std::error::Error for Killed {}
+
+/// Why a splice ended when its server was marked down (`on_marked_down`).
+#[derive(Debug)]
+struct ServerDown;
+
+impl std::fmt::Display for ServerDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("closed: its server was marked down")
+    }
+}
+
+impl std::error::Error for ServerDown {}
 
 /// Whether `e` is a splice's end at its proxy's hard stop.
 fn is_killed(e: &io::Error) -> bool {
@@ -445,7 +466,7 @@ mod tests {
         let (mut b, mut b_peer) = tokio::io::duplex(64);
         let task = tokio::spawn(async move {
             let (_keep, never) = watch::channel(false);
-            splice(&mut a, &mut b, Duration::from_millis(200), never).await
+            splice(&mut a, &mut b, Duration::from_millis(200), (never, None)).await
         });
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(100)).await;

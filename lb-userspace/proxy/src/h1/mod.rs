@@ -856,7 +856,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             (start.into_std(), start.elapsed()),
             self.fe.ctx.log_format,
         );
-        let _active = active;
         // What the client sent behind its request goes first (and counts as sent).
         let mut early = std::mem::take(&mut self.rbuf).to_vec();
         let early_len = early.len() as u64;
@@ -866,8 +865,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
                     .timeout_tunnel
                     .or(self.fe.ctx.timeout_tunnel)
                     .unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
-                let kill = self.fe.ctx.kill.clone();
-                tunnel::splice(&mut self.io, &mut server.io, idle, kill).await
+                let stops = (self.fe.ctx.kill.clone(), Some(&**active.server()));
+                tunnel::splice(&mut self.io, &mut server.io, idle, stops).await
             }
             Err(e) => tunnel::Spliced {
                 ended: Err(e),

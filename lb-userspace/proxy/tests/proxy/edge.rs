@@ -585,3 +585,73 @@ fn edge_settings_from_toml() {
     );
     assert!(toml::from_str::<ProxyConfig>("[[pool]]\nname='x'\nsend_proxy='v3'").is_err());
 }
+
+/// Sends "hello" and reads it back.
+async fn echoes(s: &mut TcpStream) {
+    s.write_all(b"hello").await.unwrap();
+    let mut back = [0u8; 5];
+    tokio::time::timeout(crate::support::GIVE_UP, s.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"hello");
+}
+
+#[tokio::test]
+async fn a_server_marked_down_has_its_tunnels_and_sessions_shut_down_if_its_pool_says_so() {
+    crate::support::capture_access_log();
+    let backend = ws_echo_backend(WS_ACCEPT).await;
+    let shut = |pool: &mut Pool| pool.on_marked_down = Some(OnMarkedDown::ShutdownSessions);
+    let own = {
+        let mut pool = one_server_pool(backend);
+        shut(&mut pool);
+        start_proxy(local_frontend(), pool).await
+    };
+    let hyper = crate::support::hyper_path_proxy(backend, |_| {}, shut).await;
+    let left_alone = start_proxy(local_frontend(), one_server_pool(backend)).await;
+    let mut kept = TcpStream::connect(left_alone.local_addrs()[0])
+        .await
+        .unwrap();
+    kept.write_all(WS_UPGRADE).await.unwrap();
+    assert!(read_head(&mut kept).await.starts_with("HTTP/1.1 101"));
+    for (path, proxy) in [("own", &own), ("hyper", &hyper)] {
+        let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+        let me = s.local_addr().unwrap();
+        s.write_all(WS_UPGRADE).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
+        echoes(&mut s).await;
+        assert!(proxy.server_marked_down("app", backend), "{path}");
+        let rest = tokio::time::timeout(crate::support::GIVE_UP, read_until_closed(&mut s)).await;
+        assert_eq!(rest.as_deref(), Ok(""), "{path}: closed");
+        let line = crate::support::access_line_of(me, backend)
+            .await
+            .unwrap_or_else(|| panic!("{path}: no line"));
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // client [date] frontend pool/server Tq/Tw/Tc/Tr/Tt status bytes flags "request"
+        assert_eq!((f[5], &f[7][..2]), ("101", "DD"), "{path}: {line}");
+    }
+    // A pool without `on_marked_down` leaves its tunnels be.
+    assert!(!left_alone.server_marked_down("app", backend));
+    echoes(&mut kept).await;
+
+    // A tcp session.
+    let echo = server(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let mut cfg = crate::support::two_pool_config(echo, echo, "mode = \"tcp\"", "");
+    shut(&mut cfg.pools[0]);
+    let tcp = Proxy::start(cfg, None).await.unwrap();
+    let mut s = TcpStream::connect(tcp.local_addrs()[0]).await.unwrap();
+    let me = s.local_addr().unwrap();
+    echoes(&mut s).await;
+    assert!(tcp.server_marked_down("app", echo));
+    let rest = tokio::time::timeout(crate::support::GIVE_UP, read_until_closed(&mut s)).await;
+    assert_eq!(rest.as_deref(), Ok(""), "tcp: closed");
+    let line = crate::support::access_line_of(me, echo)
+        .await
+        .expect("the session's line");
+    assert!(line.ends_with(" DD"), "tcp: {line}");
+}
