@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use lb_proxy::{CheckTransport, FetchError, Fetched, ServerIo};
 use tokio::net::TcpStream;
@@ -50,6 +50,28 @@ impl Tracker {
     /// The current state.
     pub fn state(&self) -> Health {
         self.state
+    }
+
+    /// Whether the last result disagrees with the state: on the way up or
+    /// down (HAProxy's checks then run every `fastinter`).
+    pub fn in_transition(&self) -> bool {
+        match self.state {
+            Health::Up => self.failures > 0,
+            Health::Down => self.successes > 0,
+            _ => self.failures > 0 || self.successes > 0,
+        }
+    }
+
+    /// How long until the next check of `check`: `fast_interval` in
+    /// transition, `down_interval` while down, else `interval`.
+    pub fn next_interval(&self, check: &HealthCheck) -> Duration {
+        if self.in_transition() {
+            check.fast_interval
+        } else if self.state == Health::Down {
+            check.down_interval
+        } else {
+            check.interval
+        }
     }
 
     /// How many results in a row agreed with the last one.
@@ -369,7 +391,7 @@ async fn run(
                 });
             }
         }
-        tokio::time::sleep(check.interval).await;
+        tokio::time::sleep(tracker.next_interval(&check)).await;
     }
 }
 
@@ -436,10 +458,42 @@ mod tests {
         assert_eq!(t.record(false), Some(Health::Down));
     }
 
+    #[test]
+    fn checks_run_every_fast_interval_in_transition_and_down_interval_while_down() {
+        let check = HealthCheck {
+            fast_interval: Duration::from_millis(200),
+            down_interval: Duration::from_secs(10),
+            ..tcp_check(1000)
+        };
+        let (inter, fast, down) = (check.interval, check.fast_interval, check.down_interval);
+        let mut t = Tracker::new(2, 3);
+        assert_eq!(t.next_interval(&check), inter, "unchecked, nothing seen");
+        t.record(true);
+        assert_eq!(t.next_interval(&check), fast, "on the way up");
+        t.record(true);
+        assert_eq!(t.next_interval(&check), inter, "up");
+        t.record(false);
+        t.record(false);
+        assert_eq!(t.next_interval(&check), fast, "up, failing");
+        t.record(true);
+        assert_eq!(t.next_interval(&check), inter, "up again, steady");
+        for _ in 0..3 {
+            t.record(false);
+        }
+        assert_eq!(t.state(), Health::Down);
+        assert_eq!(t.next_interval(&check), down, "down");
+        t.record(true);
+        assert_eq!(t.next_interval(&check), fast, "down, answering");
+        t.record(false);
+        assert_eq!(t.next_interval(&check), down, "down, steady");
+    }
+
     fn tcp_check(timeout_ms: u64) -> HealthCheck {
         HealthCheck {
             kind: CheckKind::Tcp,
             interval: Duration::from_millis(100),
+            fast_interval: Duration::from_millis(100),
+            down_interval: Duration::from_millis(100),
             timeout: Duration::from_millis(timeout_ms),
             rise: 2,
             fall: 2,
@@ -814,6 +868,24 @@ mod tests {
         assert_eq!(checker.status("web", addr), None);
         assert_quiet(&count).await;
         assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_down_backend_is_checked_every_down_interval() {
+        // Connections closed unanswered: every http check fails.
+        let (addr, count) = counting_server().await;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut checker = HealthChecker::new(tx);
+        let check = HealthCheck {
+            fall: 2,
+            down_interval: Duration::from_secs(3600),
+            ..http_check(StatusMatch::Range(200, 399), None)
+        };
+        checker.set_targets(vec![target(addr, check)]);
+        assert_eq!(next_event(&mut rx).await.health, Health::Down);
+        assert_eq!(count.load(Ordering::SeqCst), 2, "fall checks");
+        // Down: the next check is an hour away, not 100 ms.
+        assert_quiet(&count).await;
     }
 
     #[tokio::test]

@@ -38,7 +38,7 @@ impl Checker<'_> {
         let name = self.dns_name(d.name.as_ref(), &span);
         let record = self.record_kind(d.kind.as_ref(), vip);
         let nameservers = self.nameservers(d.nameservers.as_ref(), &span);
-        let interval = self.interval(d.interval.as_ref(), DEFAULT_DISCOVERY_INTERVAL);
+        let interval = self.interval(d.interval.as_ref(), DEFAULT_DISCOVERY_INTERVAL, "interval");
         let default_timeout = interval.map(|i| i.min(DEFAULT_DISCOVERY_TIMEOUT));
         let timeout = self.timeout(d.timeout.as_ref(), interval, default_timeout);
         let hold = match &d.hold {

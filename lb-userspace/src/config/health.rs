@@ -41,7 +41,12 @@ impl Checker<'_> {
             }
         };
 
-        let interval = self.interval(h.interval.as_ref(), DEFAULT_HEALTH_INTERVAL);
+        let interval = self.interval(h.interval.as_ref(), DEFAULT_HEALTH_INTERVAL, "interval");
+        // HAProxy's `fastinter` and `downinter` default to `inter`.
+        let fast_interval =
+            interval.and_then(|i| self.interval(h.fast_interval.as_ref(), i, "fast_interval"));
+        let down_interval =
+            interval.and_then(|i| self.interval(h.down_interval.as_ref(), i, "down_interval"));
         // HAProxy uses `inter` when `timeout check` is unset.
         let timeout = self.timeout(h.timeout.as_ref(), interval, interval);
         let rise = self.count(h.rise.as_ref(), "rise", DEFAULT_RISE);
@@ -66,6 +71,8 @@ impl Checker<'_> {
         Some(HealthCheck {
             kind: kind?,
             interval: interval?,
+            fast_interval: fast_interval?,
+            down_interval: down_interval?,
             timeout: timeout?,
             rise: rise?,
             fall: fall?,
@@ -97,18 +104,19 @@ impl Checker<'_> {
         &mut self,
         value: Option<&Spanned<String>>,
         default: Duration,
+        key: &str,
     ) -> Option<Duration> {
         let Some(i) = value else {
             return Some(default);
         };
-        let d = self.duration(i, "interval")?;
+        let d = self.duration(i, key)?;
         if (MIN_HEALTH_INTERVAL..=MAX_HEALTH_INTERVAL).contains(&d) {
             return Some(d);
         }
         self.at(
             &i.span(),
             format!(
-                "interval \"{}\" is out of range; expected 100ms..=1h",
+                "{key} \"{}\" is out of range; expected 100ms..=1h",
                 i.get_ref()
             ),
         );
@@ -326,6 +334,8 @@ mod tests {
             HealthCheck {
                 kind: CheckKind::Tcp,
                 interval: Duration::from_secs(2),
+                fast_interval: Duration::from_secs(2),
+                down_interval: Duration::from_secs(2),
                 timeout: Duration::from_secs(2),
                 rise: 2,
                 fall: 3,
@@ -375,6 +385,8 @@ mod tests {
                     body: Some("ok".into()),
                 }),
                 interval: Duration::from_secs(60),
+                fast_interval: Duration::from_secs(60),
+                down_interval: Duration::from_secs(60),
                 timeout: Duration::from_secs(1),
                 rise: 1,
                 fall: 100,
@@ -485,6 +497,40 @@ mod tests {
             ("rise = 101", "rise 101 is out of range"),
             ("fall = 0", "fall 0 is out of range"),
             ("fall = -3", "fall -3 is out of range"),
+        ] {
+            expect_one(&with_health(&[field]), 8, needle);
+        }
+    }
+
+    #[test]
+    fn fast_and_down_intervals_default_to_the_interval_and_share_its_range() {
+        let h = health_of(&["interval = \"5s\"", "fast_interval = \"500ms\""]);
+        assert_eq!(
+            (h.interval, h.fast_interval, h.down_interval),
+            (
+                Duration::from_secs(5),
+                Duration::from_millis(500),
+                Duration::from_secs(5)
+            )
+        );
+        let h = health_of(&["down_interval = \"1m\""]);
+        assert_eq!(
+            (h.fast_interval, h.down_interval),
+            (Duration::from_secs(2), Duration::from_secs(60))
+        );
+        for (field, needle) in [
+            (
+                "fast_interval = \"10ms\"",
+                "fast_interval \"10ms\" is out of range",
+            ),
+            (
+                "down_interval = \"2h\"",
+                "down_interval \"2h\" is out of range",
+            ),
+            (
+                "down_interval = \"soon\"",
+                "down_interval \"soon\" is not a duration",
+            ),
         ] {
             expect_one(&with_health(&[field]), 8, needle);
         }

@@ -325,6 +325,11 @@ pub struct HealthCheck {
     pub kind: CheckKind,
     /// Time between the end of one check and the start of the next.
     pub interval: Duration,
+    /// The same while the last result disagrees with the state, on the way
+    /// up or down (HAProxy's `fastinter`; default: `interval`).
+    pub fast_interval: Duration,
+    /// The same while the backend is down (HAProxy's `downinter`; default: `interval`).
+    pub down_interval: Duration,
     /// Limit on one whole check; never more than `interval`.
     pub timeout: Duration,
     /// Consecutive successes that make a backend UP.

@@ -125,6 +125,8 @@ pub(super) struct RawDiscovery {
 pub(super) struct RawHealth {
     pub(super) kind: Option<Spanned<String>>,
     pub(super) interval: Option<Spanned<String>>,
+    pub(super) fast_interval: Option<Spanned<String>>,
+    pub(super) down_interval: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) rise: Option<Spanned<i64>>,
     pub(super) fall: Option<Spanned<i64>>,
