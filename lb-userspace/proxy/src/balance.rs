@@ -404,6 +404,10 @@ impl Balancer {
             out_for = ?fail_timeout,
             "server taken out after failed attempts in a row (max_fails)"
         );
+        // Marked down, as HAProxy's `on-error mark-down`: its sessions too.
+        if self.inner.shutdown_sessions {
+            server.marked_down.notify_waiters();
+        }
     }
 
     /// The pool's request counters (`crate::stats`).
@@ -462,7 +466,8 @@ impl Balancer {
         )
     }
 
-    /// A server at `addr` was marked down by its health checks: with
+    /// A server at `addr` was marked down by its health checks (or taken
+    /// out by `max_fails`, `Balancer::failed`): with
     /// `on_marked_down = "shutdown-sessions"` its `tcp` sessions and
     /// tunnels are closed (HAProxy's `on-marked-down shutdown-sessions`).
     /// Whether the pool shuts sessions down.
@@ -1075,6 +1080,32 @@ mod tests {
         b.set_up(s[0].address, true);
         assert_eq!(b.pick(&[]), Some(0));
         assert!(!b.set_up(SocketAddr::from(([10, 0, 0, 1], 1)), true));
+    }
+
+    #[tokio::test]
+    async fn a_server_marked_down_or_taken_out_shuts_its_sessions_down_if_the_pool_says_so() {
+        /// Whether `act` on the first server of `pool` ends its sessions.
+        async fn shut(pool: &Pool, act: fn(&Balancer, &Arc<ServerState>)) -> bool {
+            let b = Balancer::from_pool(pool);
+            let server = b.server(0);
+            let ended = server.sessions_shut_down();
+            act(&b, &server);
+            // Resolved at once if notified, never otherwise.
+            tokio::time::timeout(Duration::from_millis(50), ended)
+                .await
+                .is_ok()
+        }
+        let by_checks: fn(&Balancer, &Arc<ServerState>) = |b, s| {
+            assert_eq!(b.marked_down(s.addr), b.inner.shutdown_sessions);
+        };
+        let by_failures: fn(&Balancer, &Arc<ServerState>) = |b, s| b.failed(s);
+        let mut pool = Pool::new("p", Algorithm::First, specs(&[(1, false), (1, false)]));
+        pool.max_fails = 1;
+        assert!(!shut(&pool, by_checks).await);
+        assert!(!shut(&pool, by_failures).await);
+        pool.on_marked_down = Some(OnMarkedDown::ShutdownSessions);
+        assert!(shut(&pool, by_checks).await);
+        assert!(shut(&pool, by_failures).await);
     }
 
     #[test]
