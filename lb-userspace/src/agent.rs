@@ -470,6 +470,9 @@ impl Agent {
                 );
             }
             Request::Reload => return self.reload(),
+            Request::ShutdownSessions { service, address } => {
+                return self.shutdown_sessions(service, *address);
+            }
             Request::Stop { detach } => {
                 let _ = self.stop.send(*detach);
                 return Response::Ok;
@@ -477,6 +480,25 @@ impl Agent {
             _ => return self.change(request),
         };
         shown.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+    }
+
+    /// Closes a pool server's `tcp` sessions and tunnels (an operator's
+    /// `lb shutdown-sessions pool:NAME ADDR`).
+    fn shutdown_sessions(&self, group: &str, address: SocketAddr) -> Response {
+        let Group::Pool(pool) = Group::parse(group) else {
+            return Response::Error(format!(
+                "{group} is not pool:NAME: only L7 pool servers have sessions to shut down \
+                 (an L4 backend's flows move with `lb disable`)"
+            ));
+        };
+        match &self.proxy_stats {
+            Some(s) if s.shutdown_sessions(pool, address) => {
+                info!(%pool, server = %address, "tcp sessions and tunnels shut down by request");
+                Response::Ok
+            }
+            Some(_) => Response::Error(format!("pool {pool} has no server {address}")),
+            None => Response::Error("no L7 proxy runs".to_string()),
+        }
     }
 
     /// A backend's health changed: rebuild what it affects.

@@ -376,7 +376,8 @@ impl Desired {
             | Request::ShowBgp
             | Request::ShowDiscovery
             | Request::Reload
-            | Request::Stop { .. } => Ok(()),
+            | Request::Stop { .. }
+            | Request::ShutdownSessions { .. } => Ok(()),
         }
     }
 }
@@ -553,6 +554,7 @@ pub fn is_change(request: &Request) -> bool {
             | Request::ShowDiscovery
             | Request::Reload
             | Request::Stop { .. }
+            | Request::ShutdownSessions { .. }
     )
 }
 

@@ -321,6 +321,15 @@ fn line_exchange(s: &mut std::net::TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&line).trim().to_string())
 }
 
+/// Waits (5 s at most) until the session no longer answers.
+fn wait_closed(s: &mut std::net::TcpStream) {
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while line_exchange(s).is_some() {
+        assert!(std::time::Instant::now() < until, "still open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_server_marked_down_by_its_checks_has_its_sessions_shut_down_if_its_pool_says_so() {
     use lb_userspace::control::protocol::Health;
@@ -363,12 +372,28 @@ fn a_server_marked_down_by_its_checks_has_its_sessions_shut_down_if_its_pool_say
     let last = wait_for_health(&lab, &socket, Health::Down);
     assert!(last.contains("timeout"), "{last}");
     // Its session in the pool that says so is closed; the other's goes on.
-    let until = std::time::Instant::now() + Duration::from_secs(5);
-    while line_exchange(&mut shut_session).is_some() {
-        assert!(std::time::Instant::now() < until, "still open");
-        std::thread::sleep(Duration::from_millis(50));
+    wait_closed(&mut shut_session);
+    assert_eq!(line_exchange(&mut kept_session).as_deref(), Some("be1"));
+
+    // By hand (HAProxy's `shutdown sessions server`): the other one too.
+    let server_arg = server.to_string();
+    for (group, refused) in [
+        ("web", "only L7 pool servers"),
+        ("pool:nope", "has no server"),
+    ] {
+        let out = lb(&lab, &socket, &["shutdown-sessions", group, &server_arg]);
+        assert!(!out.status.success(), "{group}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(refused), "{group}: {said}");
     }
     assert_eq!(line_exchange(&mut kept_session).as_deref(), Some("be1"));
+    let out = lb(
+        &lab,
+        &socket,
+        &["shutdown-sessions", "pool:other", &server_arg],
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_closed(&mut kept_session);
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }

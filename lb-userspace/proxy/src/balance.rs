@@ -472,14 +472,19 @@ impl Balancer {
     /// tunnels are closed (HAProxy's `on-marked-down shutdown-sessions`).
     /// Whether the pool shuts sessions down.
     pub fn marked_down(&self, addr: SocketAddr) -> bool {
-        if !self.inner.shutdown_sessions {
-            return false;
-        }
+        self.inner.shutdown_sessions && self.shutdown_sessions(addr)
+    }
+
+    /// Closes the `tcp` sessions and tunnels of the servers at `addr`
+    /// (HAProxy's `shutdown sessions server`); false if there is none.
+    pub fn shutdown_sessions(&self, addr: SocketAddr) -> bool {
         let set = self.inner.read_set().clone();
+        let mut found = false;
         for s in set.servers.iter().filter(|s| s.addr == addr) {
             s.marked_down.notify_waiters();
+            found = true;
         }
-        true
+        found
     }
 
     /// Sets what every server at `addr` takes; false if there is none. A

@@ -784,6 +784,18 @@ pub struct ServerStats {
 }
 
 impl ProxyStats {
+    /// Closes the `tcp` sessions and tunnels of a pool's server (the
+    /// agent's handle on the running proxy's pools); false if unknown.
+    pub fn shutdown_sessions(&self, pool: &str, server: SocketAddr) -> bool {
+        self.shared.first().is_some_and(|shared| {
+            shared
+                .pools
+                .iter()
+                .find(|p| &*p.name == pool)
+                .is_some_and(|p| p.balancer.shutdown_sessions(server))
+        })
+    }
+
     /// Every frontend's figures.
     pub fn frontends(&self) -> Vec<FrontendStats> {
         self.frontends

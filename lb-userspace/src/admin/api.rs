@@ -10,6 +10,7 @@
 //! | POST | /api/services/{service}/backends `{address, weight?}` | AddBackend |
 //! | DELETE | /api/services/{service}/backends/{address} | RemoveBackend |
 //! | POST | /api/services/{service}/backends/{address}/{drain,enable,disable} | SetBackendState |
+//! | POST | /api/services/pool:{name}/backends/{address}/shutdown-sessions | ShutdownSessions |
 //! | PUT | /api/services/{service}/backends/{address}/weight `{weight}` | SetWeight |
 //! | GET | /api/stats, /api/proxy, /api/discovery, /api/bgp | ShowStats, ShowProxy, ... |
 //! | POST | /api/reload, /api/node/drain, /api/node/undrain | Reload, DrainNode, UndrainNode |
@@ -101,6 +102,12 @@ fn to_request(
             service: name.to_string(),
             address: address(addr)?,
         },
+        ("POST", ["services", name, "backends", addr, "shutdown-sessions"]) => {
+            Request::ShutdownSessions {
+                service: name.to_string(),
+                address: address(addr)?,
+            }
+        }
         ("POST", ["services", name, "backends", addr, action]) => Request::SetBackendState {
             service: name.to_string(),
             address: address(addr)?,
@@ -200,7 +207,9 @@ fn state(action: &str) -> Result<AdminState, Refusal> {
         "disable" => Ok(AdminState::Maint),
         _ => Err((
             StatusCode::NOT_FOUND,
-            format!("unknown action {action:?}; expected drain, enable or disable"),
+            format!(
+                "unknown action {action:?}; expected drain, enable, disable or shutdown-sessions"
+            ),
         )),
     }
 }
@@ -294,6 +303,17 @@ mod tests {
                 service: "web".into(),
                 address: "10.0.0.1:80".parse().unwrap(),
                 state: AdminState::Drain,
+            })
+        );
+        assert_eq!(
+            req(
+                Method::POST,
+                "services/pool:app/backends/10.0.0.1:80/shutdown-sessions",
+                ""
+            ),
+            Ok(Request::ShutdownSessions {
+                service: "pool:app".into(),
+                address: "10.0.0.1:80".parse().unwrap(),
             })
         );
         assert_eq!(

@@ -82,6 +82,14 @@ pub enum ControlCommand {
         #[arg(value_parser = clap::value_parser!(u32).range(0..=i64::from(lb_common::MAX_WEIGHT)))]
         weight: u32,
     },
+    /// Close the open tcp sessions and WebSocket tunnels of an L7 pool
+    /// server (HAProxy's `shutdown sessions server`), e.g. after disable.
+    ShutdownSessions {
+        /// pool:NAME.
+        service: String,
+        /// Server address.
+        backend: SocketAddr,
+    },
     /// Withdraw every VIP of this node from BGP; what still arrives is forwarded.
     DrainNode,
     /// Announce this node's VIPs again after drain-node.
@@ -279,6 +287,10 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
         ControlCommand::Show(ShowCommand::Stats { .. }) => Request::ShowStats,
         ControlCommand::Show(ShowCommand::Bgp { .. }) => Request::ShowBgp,
         ControlCommand::Show(ShowCommand::Proxy { .. }) => Request::ShowProxy,
+        ControlCommand::ShutdownSessions { service, backend } => Request::ShutdownSessions {
+            service: service.clone(),
+            address: *backend,
+        },
         ControlCommand::DrainNode => Request::DrainNode,
         ControlCommand::UndrainNode => Request::UndrainNode,
         ControlCommand::Show(ShowCommand::Discovery { .. }) => Request::ShowDiscovery,
@@ -854,6 +866,13 @@ mod tests {
                     service: "web".into(),
                     address: b,
                     state: AdminState::Maint,
+                },
+            ),
+            (
+                "shutdown-sessions pool:app 198.18.2.11:8080",
+                Request::ShutdownSessions {
+                    service: "pool:app".into(),
+                    address: b,
                 },
             ),
             (

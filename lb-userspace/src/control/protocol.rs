@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{FlowHash, Forwarding, Mode, Protocol};
 
 /// Version of this protocol; bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame either side accepts.
 pub const MAX_FRAME: u32 = 1 << 20;
 /// Default path of the agent's control socket.
@@ -114,6 +114,14 @@ pub enum Request {
     Stop {
         /// Detach the program and remove its pinned state too.
         detach: bool,
+    },
+    /// Closes the open `tcp` sessions and tunnels of an L7 pool server
+    /// (HAProxy's `shutdown sessions server`); changes no state.
+    ShutdownSessions {
+        /// `pool:NAME`.
+        service: String,
+        /// The server's address.
+        address: SocketAddr,
     },
 }
 
