@@ -153,7 +153,7 @@ async fn probe(addr: SocketAddr, kind: &CheckKind, transport: Option<&CheckTrans
         Ok(s) => s,
         Err(e) => return Outcome::io(&e),
     };
-    let mut stream = match transport {
+    let stream = match transport {
         None => ServerIo::Plain(tcp),
         Some(t) => match t.open(tcp, addr).await {
             Ok(s) => s,
@@ -162,37 +162,44 @@ async fn probe(addr: SocketAddr, kind: &CheckKind, transport: Option<&CheckTrans
     };
     match kind {
         CheckKind::Tcp => Outcome::pass(),
-        CheckKind::Http(http) => match http_exchange(&mut stream, addr, http).await {
-            Ok(outcome) => outcome,
-            Err(e) => Outcome::io(&e),
-        },
+        CheckKind::Http(http) => {
+            let h2 = transport.is_some_and(|t| t.speaks_h2(&stream));
+            match http_exchange(stream, addr, http, h2).await {
+                Ok(outcome) => outcome,
+                Err(e) => Outcome::io(&e),
+            }
+        }
     }
 }
 
 /// Sends the check's request and judges the answer, read by the proxy's
-/// HTTP/1.1 codec (`lb_proxy::fetch`).
+/// HTTP/1.1 codec (`lb_proxy::fetch`), or in HTTP/2 (`lb_proxy::fetch_h2`).
 async fn http_exchange(
-    stream: &mut ServerIo,
+    mut stream: ServerIo,
     addr: SocketAddr,
     http: &HttpCheck,
+    h2: bool,
 ) -> io::Result<Outcome> {
     let host = http.host.clone().unwrap_or_else(|| addr.to_string());
-    let request = format!(
-        "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
-        http.method, http.path
-    );
     // Only a body check reads the body.
     let limit = if http.body.is_some() { MAX_RESPONSE } else { 0 };
-    Ok(
-        match lb_proxy::fetch(stream, request.as_bytes(), &http.method, limit).await {
-            Ok(answer) => judge(&answer, http),
-            Err(FetchError::Io(e)) => return Err(e),
-            Err(FetchError::Closed) => {
-                Outcome::fail("bad response: connection closed without a response")
-            }
-            Err(e) => Outcome::fail(e.to_string()),
-        },
-    )
+    let fetched = if h2 {
+        lb_proxy::fetch_h2(stream, &http.method, &host, &http.path, limit).await
+    } else {
+        let request = format!(
+            "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",
+            http.method, http.path
+        );
+        lb_proxy::fetch(&mut stream, request.as_bytes(), &http.method, limit).await
+    };
+    Ok(match fetched {
+        Ok(answer) => judge(&answer, http),
+        Err(FetchError::Io(e)) => return Err(e),
+        Err(FetchError::Closed) => {
+            Outcome::fail("bad response: connection closed without a response")
+        }
+        Err(e) => Outcome::fail(e.to_string()),
+    })
 }
 
 /// Decides a response (its body cut at `MAX_RESPONSE`).
@@ -583,6 +590,97 @@ mod tests {
         let tls = pool_transport(true);
         assert!(tls.is_tls());
         assert!(!check_once(addr, &check, Some(&tls)).await.ok);
+    }
+
+    /// An HTTP/2-only server (as gRPC servers are): prior knowledge, or
+    /// TLS with ALPN h2 alone (any other offer fails the handshake);
+    /// `GET /health` is answered 200 "healthy", anything else 404.
+    async fn h2_server(tls: bool) -> SocketAddr {
+        use hyper::service::service_fn;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let acceptor = tls.then(|| {
+            let ck = rcgen::generate_simple_self_signed(vec!["h2.test".to_string()]).unwrap();
+            let key =
+                rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+            let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .unwrap();
+            cfg.alpn_protocols = vec![b"h2".to_vec()];
+            tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+        });
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let ok =
+                            req.method() == hyper::Method::GET && req.uri().path() == "/health";
+                        let (status, body) = if ok { (200, "healthy") } else { (404, "no") };
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                                .unwrap(),
+                        )
+                    });
+                    let h2 = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    match acceptor {
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(s).await {
+                                let _ = h2
+                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                                    .await;
+                            }
+                        }
+                        None => {
+                            let _ = h2
+                                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                                .await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn an_h2_pools_servers_are_checked_in_http_2() {
+        let check = http_check(StatusMatch::Range(200, 399), Some("healthy"));
+        for tls in [false, true] {
+            let addr = h2_server(tls).await;
+            let mut pool = lb_proxy::Pool::new("app", lb_proxy::Algorithm::RoundRobin, Vec::new());
+            pool.tls = tls;
+            pool.verify = false;
+            let h1 = CheckTransport::of(&pool);
+            pool.h2 = true;
+            let h2 = CheckTransport::of(&pool);
+            let out = check_once(addr, &check, h2.as_ref()).await;
+            assert_eq!(out, Outcome::pass(), "tls {tls}");
+            // HTTP/1.1 (or ALPN http/1.1) to it fails: what checks did before.
+            assert!(!check_once(addr, &check, h1.as_ref()).await.ok, "tls {tls}");
+            let missing = HttpCheck {
+                path: "/missing".into(),
+                ..match &check.kind {
+                    CheckKind::Http(h) => h.clone(),
+                    CheckKind::Tcp => unreachable!(),
+                }
+            };
+            let missing = HealthCheck {
+                kind: CheckKind::Http(missing),
+                ..check.clone()
+            };
+            let out = check_once(addr, &missing, h2.as_ref()).await;
+            assert_eq!(out, Outcome::fail("status 404"), "tls {tls}");
+        }
     }
 
     #[tokio::test]

@@ -192,6 +192,7 @@ pub mod accept_errors;
 pub mod acl;
 pub mod actions;
 mod balance;
+mod check;
 mod client_hello;
 mod compress;
 mod connpool;
@@ -229,6 +230,7 @@ use tokio::task::JoinHandle;
 pub use balance::{
     Acquired, Active, Balancer, HASH_TABLE_SIZE, Pick, ServerState, ServerUse, Unavailable,
 };
+pub use check::{CheckTransport, fetch_h2};
 pub use forward::ProxyBody;
 pub use h1::fetch::{FetchError, Fetched, fetch};
 pub use log::{AccessRecord, LogFormat, RequestId, haproxy_date};
@@ -241,7 +243,7 @@ pub use prepare::{add_forwarded, strip_hop_by_hop};
 pub use routing::Router;
 pub use threads::{Threads, may_run_on};
 pub use tls::{CertResolver, TlsError, TlsTerminator, dns_names};
-pub use upstream::{CheckTransport, NoVerify, ServerIo};
+pub use upstream::{NoVerify, ServerIo};
 
 use context::{FrontendRuntime, Shared};
 

@@ -30,13 +30,13 @@ use super::{proxy_protocol, tls};
 /// The rustls client configuration of a `tls = true` pool, None for plain pools.
 pub(crate) fn client_config(pool: &Pool) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
     ClientTls::of(pool)
-        .map(|client| client.config(alpn(pool)))
+        .map(|client| client.config(alpn(pool.h2)))
         .transpose()
 }
 
-/// The protocols a pool offers servers in ALPN.
-fn alpn(pool: &Pool) -> &'static [&'static [u8]] {
-    if pool.h2 {
+/// The protocols offered servers in ALPN by a pool with `h2` or without.
+pub(crate) fn alpn(h2: bool) -> &'static [&'static [u8]] {
+    if h2 {
         &[b"h2", b"http/1.1"]
     } else {
         &[b"http/1.1"]
@@ -57,7 +57,7 @@ pub(crate) struct ClientTls {
 
 impl ClientTls {
     /// The settings of `pool`; None when it speaks plain TCP.
-    fn of(pool: &Pool) -> Option<Self> {
+    pub(crate) fn of(pool: &Pool) -> Option<Self> {
         pool.tls.then(|| ClientTls {
             verify: pool.verify,
             ca: pool.ca.clone(),
@@ -69,7 +69,7 @@ impl ClientTls {
 
     /// A client configuration offering `alpn`; fails on unreadable files
     /// (the error names the key of the file: `ca`, `cert` or `key`).
-    fn config(&self, alpn: &[&[u8]]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    pub(crate) fn config(&self, alpn: &[&[u8]]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         let provider = tls::provider();
         let versions: &[&rustls::SupportedProtocolVersion] = match self.min_version {
             TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -109,7 +109,7 @@ impl ClientTls {
     }
 
     /// The name to send and verify: `sni`, else the server's IP address.
-    fn name(&self, server: SocketAddr) -> ServerName<'static> {
+    pub(crate) fn name(&self, server: SocketAddr) -> ServerName<'static> {
         // validate() checked the name; an invalid one falls back to the IP.
         self.sni
             .as_deref()
@@ -218,7 +218,7 @@ impl Connector {
     pub fn new(pool: &Pool) -> anyhow::Result<Self> {
         let tls = match ClientTls::of(pool) {
             Some(client) => Some(TlsSettings {
-                connector: TlsConnector::from(client.config(alpn(pool))?),
+                connector: TlsConnector::from(client.config(alpn(pool.h2))?),
                 client,
             }),
             None => None,
@@ -263,54 +263,6 @@ impl Connector {
         let stream = tokio::time::timeout(self.timeout_server, handshake)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-        Ok(ServerIo::Tls(Box::new(stream)))
-    }
-}
-
-/// How health checks reach a pool's servers when they use its own port: as
-/// its requests do, after the pool's PROXY header (v1 `UNKNOWN`, v2 `LOCAL`:
-/// the proxy's own connection) and through TLS with its `ca`, `verify`,
-/// `cert`/`key`, `min_version` and `sni` (ALPN http/1.1: checks speak HTTP/1.1). HAProxy's default for
-/// servers with `ssl` or `send-proxy` and no check port.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckTransport {
-    send_proxy: Option<proxy_protocol::Version>,
-    tls: Option<ClientTls>,
-}
-
-impl CheckTransport {
-    /// How checks reach `pool`'s servers; None when they are plain TCP.
-    pub fn of(pool: &Pool) -> Option<Self> {
-        let tls = ClientTls::of(pool);
-        (tls.is_some() || pool.send_proxy.is_some()).then_some(CheckTransport {
-            send_proxy: pool.send_proxy,
-            tls,
-        })
-    }
-
-    /// Whether checks complete a TLS handshake.
-    pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
-    }
-
-    /// Sends the PROXY header and completes the TLS handshake on `tcp`,
-    /// connected to `server`. The TLS configuration is built for each check,
-    /// so a `ca` file replaced in place is read at the next one.
-    pub async fn open(&self, mut tcp: TcpStream, server: SocketAddr) -> io::Result<ServerIo> {
-        if let Some(version) = self.send_proxy {
-            tcp.write_all(&proxy_protocol::encode_local(version))
-                .await?;
-        }
-        let Some(settings) = &self.tls else {
-            return Ok(ServerIo::Plain(tcp));
-        };
-        let config = settings
-            .config(&[b"http/1.1"])
-            .map_err(|e| io::Error::other(format!("{e:#}")))?;
-        let stream = TlsConnector::from(config)
-            .connect(settings.name(server), tcp)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
         Ok(ServerIo::Tls(Box::new(stream)))
     }
 }
