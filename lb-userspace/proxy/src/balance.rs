@@ -99,7 +99,7 @@ impl ServerState {
         ServerState {
             addr: spec.address,
             label: spec.address.to_string().into(),
-            cookie: cookie_value(spec.address).into(),
+            cookie: server_cookie(spec).into(),
             weight: AtomicU32::new(spec.weight),
             backup: AtomicBool::new(spec.backup),
             maxconn: AtomicUsize::new(spec.maxconn),
@@ -432,7 +432,13 @@ impl Balancer {
             let servers: Vec<_> = specs
                 .iter()
                 .map(
-                    |spec| match set.servers.iter().find(|s| s.addr == spec.address) {
+                    // A server whose cookie value changed is a new one (its
+                    // value is fixed for the state's life).
+                    |spec| match set
+                        .servers
+                        .iter()
+                        .find(|s| s.addr == spec.address && *s.cookie == *server_cookie(spec))
+                    {
                         Some(kept) => {
                             kept.configure(spec);
                             kept.clone()
@@ -960,7 +966,14 @@ pub fn clock_ms() -> u64 {
     epoch.elapsed().as_millis() as u64 + 1
 }
 
-/// A server's persistence cookie value: 8 hex digits of a hash of its address.
+/// A server's persistence cookie value: its own, else [`cookie_value`].
+pub(crate) fn server_cookie(spec: &ServerSpec) -> String {
+    spec.cookie
+        .clone()
+        .unwrap_or_else(|| cookie_value(spec.address))
+}
+
+/// A server's default persistence cookie value: 8 hex digits of a hash of its address.
 fn cookie_value(addr: SocketAddr) -> String {
     /// "l7ck".
     const COOKIE_SEED: u32 = 0x6c37_636b;
@@ -1024,6 +1037,7 @@ mod tests {
                 weight,
                 backup,
                 maxconn: 0,
+                cookie: None,
             })
             .collect()
     }
@@ -1484,6 +1498,14 @@ mod hash_and_queue_tests {
         }
         drop((busy, got));
         assert_eq!(kept.active(), 0);
+        // A new cookie value is a new server (the value is fixed for a state's life).
+        let mut renamed = next[1..].to_vec();
+        renamed[0].cookie = Some("s2".into());
+        let before = b.server(0);
+        b.set_servers(&renamed);
+        assert!(!Arc::ptr_eq(&before, &b.server(0)));
+        assert_eq!(&*b.server(0).cookie, "s2");
+        assert_eq!(b.by_cookie("s2").map(|s| s.addr), Some(renamed[0].address));
     }
 
     #[test]

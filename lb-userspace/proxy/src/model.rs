@@ -510,6 +510,11 @@ pub struct ServerSpec {
     /// Requests in flight at most (0: unlimited); more wait in the pool's queue.
     #[serde(default)]
     pub maxconn: usize,
+    /// Its value of the pool's persistence cookie (HAProxy's `cookie` on a
+    /// server line: clients' cookies keep working across a migration);
+    /// default: 8 hex digits of a hash of its address.
+    #[serde(default)]
+    pub cookie: Option<String>,
 }
 
 /// Most `max_connections` of a frontend: Linux's ceiling on a process's open
@@ -630,6 +635,16 @@ pub enum ConfigError {
     /// A pool's `fail_timeout` is out of range.
     #[error("pool {0:?}: fail_timeout must be within 1s..=1h")]
     BadFailTimeout(String),
+    /// A server's `cookie` value is not one, or is another's.
+    #[error("pool {pool:?}: server {}: {problem}", index + 1)]
+    BadServerCookie {
+        /// The pool.
+        pool: String,
+        /// The server's index in `servers`.
+        index: usize,
+        /// What is wrong.
+        problem: &'static str,
+    },
     /// A pool's `cookie` is not a cookie name.
     #[error("pool {0:?}: cookie must be a cookie name (letters, digits and !#$%&'*+-.^_`|~)")]
     BadCookie(String),
@@ -944,18 +959,47 @@ impl Pool {
         Ok(())
     }
 
-    /// Checks `hash_header`/`hash_query` against the algorithm, and that hashed servers are distinct.
-    /// Checks that `cookie` is an RFC 6265 cookie-name (an RFC 9110 token).
+    /// Checks that `cookie` is an RFC 6265 cookie-name (an RFC 9110 token),
+    /// and the servers' own values: cookie-values, only with the pool's
+    /// `cookie`, none shared (nor with another server's default).
     fn validate_cookie(&self) -> Result<(), ConfigError> {
         let token = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
-        match &self.cookie {
-            Some(name) if name.is_empty() || !name.bytes().all(token) => {
-                Err(ConfigError::BadCookie(self.name.clone()))
-            }
-            _ => Ok(()),
+        if let Some(name) = &self.cookie
+            && (name.is_empty() || !name.bytes().all(token))
+        {
+            return Err(ConfigError::BadCookie(self.name.clone()));
         }
+        // RFC 6265 cookie-octet: no controls, space, '"', ',', ';' or '\\'.
+        let octet = |c: u8| (0x21..=0x7e).contains(&c) && !b"\",;\\".contains(&c);
+        let mut seen = HashSet::new();
+        for (index, s) in self.servers.iter().enumerate() {
+            let bad = |problem| {
+                Err(ConfigError::BadServerCookie {
+                    pool: self.name.clone(),
+                    index,
+                    problem,
+                })
+            };
+            match &s.cookie {
+                Some(_) if self.cookie.is_none() => {
+                    return bad("a server's cookie needs the pool's cookie (its name)");
+                }
+                Some(v) if v.is_empty() || v.len() > 64 || !v.bytes().all(octet) => {
+                    return bad(
+                        "a server's cookie is 1 to 64 characters, no spaces, quotes, \
+                         commas, semicolons or backslashes",
+                    );
+                }
+                _ => {}
+            }
+            if !seen.insert(crate::balance::server_cookie(s)) {
+                return bad("another server of the pool has this cookie value");
+            }
+        }
+        Ok(())
     }
 
+    /// Checks `hash_header`/`hash_query` against the algorithm, and that hashed servers are distinct.
     fn validate_hash(&self) -> Result<(), ConfigError> {
         let bad = |problem| {
             Err(ConfigError::BadHash {
@@ -1035,6 +1079,7 @@ impl ServerSpec {
             weight: 1,
             backup: false,
             maxconn: 0,
+            cookie: None,
         }
     }
 }

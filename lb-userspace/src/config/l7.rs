@@ -194,6 +194,11 @@ impl Checker<'_> {
             e => Err(e),
         }) {
             let key = match e {
+                ConfigError::BadServerCookie { index, .. } => {
+                    // At the server's entry, and its own checks below too.
+                    self.at_entry(keys, ("servers", index), span, e.to_string());
+                    return self.servers(keys, span, pool);
+                }
                 ConfigError::BadHash { .. } => ["hash_header", "hash_query", "algorithm"],
                 ConfigError::BadServerTls { key, .. } => [key, "tls", "tls"],
                 ConfigError::BadCookie(_) => ["cookie", "cookie", "cookie"],
@@ -210,6 +215,12 @@ impl Checker<'_> {
         {
             self.at_key(keys, problem.key, span, problem.reason);
         }
+        self.servers(keys, span, pool);
+    }
+
+    /// Checks each server of a pool: its address, weight, and that it is
+    /// listed once.
+    fn servers(&mut self, keys: &RawTable, span: &Range<usize>, pool: &Pool) {
         let mut seen = std::collections::HashSet::new();
         for (i, server) in pool.servers.iter().enumerate() {
             let problem = rules::endpoint(server.address)
@@ -799,6 +810,39 @@ mod tests {
         assert_eq!((errs.len(), errs[0].line), (1, 12), "{errs:#?}");
         assert!(errs[0].reason.contains("no private key"), "{errs:#?}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_servers_own_cookie_value_is_refused_at_its_entry() {
+        let with = |servers: &'static str, cookie: bool| {
+            let mut lines = l7(&[]);
+            lines[7] = servers;
+            if cookie {
+                lines.push("cookie = \"SRV\"");
+            }
+            lines
+        };
+        let one = "servers = [{ address = \"198.18.2.11:8080\", cookie = \"s1\" }]";
+        assert!(parse(&text(&with(one, true)), "lb.toml").is_ok());
+        expect_one(
+            &with(one, false),
+            8,
+            "server 1: a server's cookie needs the pool's cookie",
+        );
+        let two = "servers = [{ address = \"198.18.2.11:8080\" }, { address = \"198.18.2.12:8080\", cookie = \"a b\" }]";
+        let errs = errors(&with(two, true));
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert_eq!(
+            (errs[0].line, errs[0].column),
+            (8, 46),
+            "the second entry: {errs:#?}"
+        );
+        assert!(
+            errs[0]
+                .reason
+                .contains("server 2: a server's cookie is 1 to 64"),
+            "{errs:#?}"
+        );
     }
 
     #[test]

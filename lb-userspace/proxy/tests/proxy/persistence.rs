@@ -189,3 +189,79 @@ async fn the_cookie_is_secure_over_tls_and_the_name_is_checked() {
         assert!(e.contains("cookie must be a cookie name"), "{bad}: {e}");
     }
 }
+
+#[tokio::test]
+async fn servers_may_have_cookie_values_of_their_own_on_both_paths() {
+    // As HAProxy's `server s1 ... cookie s1`: clients' cookies keep working
+    // when a pool moves over from HAProxy.
+    let (a, b) = (json_backend("a").await, json_backend("b").await);
+    let mut pool = Pool::new(
+        "app",
+        Algorithm::RoundRobin,
+        vec![
+            ServerSpec {
+                cookie: Some("s1".into()),
+                ..ServerSpec::new(a.addr)
+            },
+            ServerSpec::new(b.addr),
+        ],
+    );
+    pool.cookie = Some("SRV".to_string());
+    let proxy = start_proxy(local_frontend(), pool.clone()).await;
+    let addr = proxy.local_addrs()[0];
+    for h2 in [false, true] {
+        for _ in 0..3 {
+            let got = get(addr, "/", Some("SRV=s1"), h2).await;
+            assert_eq!(got.server, "a", "h2 {h2}");
+            assert_eq!(got.set_cookie, None, "h2 {h2}: already named");
+        }
+        // Balanced to `a` without a cookie, it is told its value.
+        let mut told = Vec::new();
+        for _ in 0..2 {
+            let got = get(addr, "/", None, h2).await;
+            told.push((got.server, got.set_cookie.as_deref().map(pair)));
+        }
+        told.sort();
+        assert_eq!(
+            told[0],
+            ("a".to_string(), Some("SRV=s1".to_string())),
+            "h2 {h2}"
+        );
+        assert!(
+            told[1].1.as_deref().is_some_and(|p| p != "SRV=s1"),
+            "{told:?}"
+        );
+    }
+
+    // Values are cookie-values, unique in the pool, only with the pool's cookie.
+    for (value, second, needle) in [
+        ("s 1", None, "no spaces"),
+        ("s;1", None, "no spaces"),
+        ("", None, "1 to 64"),
+        (
+            "s1",
+            Some("s1"),
+            "another server of the pool has this cookie value",
+        ),
+    ] {
+        let mut bad = pool.clone();
+        bad.servers[0].cookie = Some(value.into());
+        bad.servers[1].cookie = second.map(Into::into);
+        let cfg = ProxyConfig {
+            frontends: vec![local_frontend()],
+            pools: vec![bad],
+            ..Default::default()
+        };
+        let e = cfg.validate().expect_err(value).to_string();
+        assert!(e.contains(needle) && e.contains("server "), "{value}: {e}");
+    }
+    let mut no_name = pool.clone();
+    no_name.cookie = None;
+    let cfg = ProxyConfig {
+        frontends: vec![local_frontend()],
+        pools: vec![no_name],
+        ..Default::default()
+    };
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("needs the pool's cookie"), "{e}");
+}
