@@ -275,6 +275,9 @@ impl Agent {
             let _ = self.sync();
             return Response::Error(format!("reload failed: {e:#}"));
         }
+        if previous.config.syslog != self.desired.config.syslog {
+            point_access_log(self.desired.config.syslog.as_ref());
+        }
         self.discovery = trackers;
         if kept.len() != self.journal.len() {
             self.journal = kept;
@@ -737,6 +740,16 @@ impl metrics::Source for Shared {
         if let Some(stats) = agent.proxy_stats() {
             text.push_str(&metrics::render_proxy(&stats.frontends(), &stats.pools()));
         }
+        if agent.desired.config.syslog.is_some() {
+            let mut out = metrics::Exposition::default();
+            out.family(
+                "lb_access_log_syslog_dropped_total",
+                "Access log lines the syslog socket could not take at once, dropped",
+                metrics::Kind::Counter,
+                vec![(String::new(), crate::syslog::dropped())],
+            );
+            text.push_str(&out.into_text());
+        }
         Ok(text)
     }
 }
@@ -1118,6 +1131,18 @@ fn admin_auth(admin: &config::AdminConfig, config: &Config) -> Result<admin::Aut
     admin::Auth::new(users, admin.token_file.as_deref())
 }
 
+/// Sends the access log to `syslog` (None: standard output); a socket that
+/// cannot be opened leaves it where it was, with a warning.
+fn point_access_log(syslog: Option<&crate::config::SyslogConfig>) {
+    match crate::syslog::configure(syslog) {
+        Ok(()) if syslog.is_some() => {
+            info!(target = ?syslog.map(|s| &s.target), "access log to syslog")
+        }
+        Ok(()) => {}
+        Err(e) => warn!("access log to syslog: {e}; it stays where it was"),
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
     let Started {
@@ -1130,6 +1155,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         stop,
         reloaded,
     } = start(&opts).await?;
+    point_access_log(config.syslog.as_ref());
     // Announced only now that the program is attached and the tables are full.
     let speaker = shared.lock().bgp.clone();
     // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).

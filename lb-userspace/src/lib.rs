@@ -24,6 +24,7 @@
 //!   protocol, CLI), `metrics` and `admin` (REST API, stats page), runs
 //!   the L7 proxy from `lb_proxy`.
 //! - `top`: `lb top`, the terminal dashboard over the control socket.
+//! - `syslog`: the access log to a syslog daemon (`[proxy] syslog`).
 //! - `decap`: `lb decap` for backends; `demo` and `lab`: the namespace lab
 //!   the demo, the tests and the benchmarks share.
 //!
@@ -49,6 +50,7 @@ pub mod health;
 pub mod lab;
 pub mod metrics;
 pub mod runtime;
+pub mod syslog;
 pub mod top;
 
 /// The global allocator the binaries install (`#[global_allocator]`), so that

@@ -18,6 +18,7 @@ use lb_userspace::{
     lab::backend_server::BackendArgs,
 };
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::prelude::*;
 
 /// XDP L4 load balancer with a userspace L7 proxy.
 #[derive(Parser)]
@@ -190,14 +191,24 @@ fn main() -> ExitCode {
 }
 
 async fn async_main(cli: Cli) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // rustls warns about each client's own mistakes (an IP address
-            // as SNI, as wrk and some clients send): one line per handshake.
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,rustls=error")),
+    // rustls warns about each client's own mistakes (an IP address as
+    // SNI, as wrk and some clients send): one line per handshake.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
+    // The access log leaves standard output while it goes to syslog: the
+    // filter is asked per event, as that can change at a reload.
+    let stdout = tracing_subscriber::filter::DynFilterFn::new(|meta, _| {
+        lb_userspace::syslog::to_stdout(meta.target())
+    })
+    .with_callsite_filter(|_| tracing::subscriber::Interest::sometimes());
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_target(false)
+                .with_filter(stdout),
         )
-        .with_target(false)
+        .with(lb_userspace::syslog::SyslogLayer)
         .init();
     let result: Result<()> = match cli.command {
         Command::Run {

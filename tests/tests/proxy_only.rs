@@ -397,3 +397,74 @@ fn a_server_marked_down_by_its_checks_has_its_sessions_shut_down_if_its_pool_say
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_access_log_goes_to_syslog_when_asked_and_follows_reloads() {
+    let mut lab = Lab::create("syslog", LabOptions::from_env(1).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-syslog", lab.balancer_ns()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The daemon: a Unix datagram socket, as /dev/log.
+    let log = dir.join("log.sock");
+    let daemon = std::os::unix::net::UnixDatagram::bind(&log).unwrap();
+    daemon
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let next_line = || {
+        let mut buf = [0u8; 4096];
+        let n = daemon.recv(&mut buf).expect("a datagram");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let base = config(&lab, 1);
+    let with = |proxy: &str| {
+        base.replace(
+            "[proxy]\nthreads = 2\n",
+            &format!("[proxy]\nthreads = 2\n{proxy}"),
+        )
+    };
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, with(&format!("syslog = \"{}\"\n", log.display()))).unwrap();
+    let socket = dir.join("lb.sock");
+    lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
+
+    assert_eq!(ask(&lab), "be1");
+    let line = next_line();
+    // <local0.info>Mmm dd hh:mm:ss lb[PID]: an httplog line
+    assert!(line.starts_with("<134>"), "{line}");
+    assert!(line.contains(" lb[") && line.contains("]: "), "{line}");
+    assert!(
+        line.contains(" web app/198.18.2.11:8080 ") && line.ends_with("\"GET / HTTP/1.1\""),
+        "{line}"
+    );
+
+    // A reload changes the facility, then sends the log back to standard output.
+    let local3 = format!(
+        "syslog = \"{}\"\nsyslog_facility = \"local3\"\n",
+        log.display()
+    );
+    std::fs::write(&path, with(&local3)).unwrap();
+    assert!(lb(&lab, &socket, &["reload"]).status.success());
+    assert_eq!(ask(&lab), "be1");
+    let line = next_line();
+    assert!(line.starts_with("<158>"), "{line}");
+    let metrics = METRICS_ADDR.parse().unwrap();
+    let (_, body) = run_in_ns(lab.balancer_ns(), move || {
+        http_get(metrics, "/metrics", Duration::from_secs(2))
+    })
+    .unwrap()
+    .unwrap();
+    assert!(body.contains("lb_access_log_syslog_dropped_total{} 0"), "{body}");
+    std::fs::write(&path, with("")).unwrap();
+    assert!(lb(&lab, &socket, &["reload"]).status.success());
+    assert_eq!(ask(&lab), "be1");
+    daemon
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        daemon.recv(&mut buf).is_err(),
+        "no line after syslog was removed"
+    );
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -26,7 +26,62 @@ const MAX_HARD_STOP: std::time::Duration = std::time::Duration::from_secs(30 * 8
 /// CPUs `cpu_map` may name: those of a `cpu_set_t` (CPU_SETSIZE).
 const MAX_CPU: i64 = 1023;
 
+/// Syslog facilities by name, as HAProxy and syslog(3) spell them.
+const FACILITIES: [&str; 24] = [
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "auth2",
+    "ftp", "ntp", "audit", "alert", "cron2", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
+];
+
 impl Checker<'_> {
+    /// Reads `[proxy]`'s `syslog` (`ip:port` for UDP, or an absolute path
+    /// of a Unix datagram socket) and `syslog_facility` (default `local0`).
+    pub(super) fn syslog(&mut self, raw: &RawProxy) -> Option<super::SyslogConfig> {
+        let facility = match &raw.syslog_facility {
+            None => 16,
+            Some(f) => match FACILITIES.iter().position(|n| n == f.get_ref()) {
+                Some(i) if raw.syslog.is_some() => i as u8,
+                Some(_) => {
+                    self.at(&f.span(), "syslog_facility needs syslog");
+                    return None;
+                }
+                None => {
+                    self.at(
+                        &f.span(),
+                        format!(
+                            "unknown syslog_facility \"{}\"; expected one of {}",
+                            f.get_ref(),
+                            FACILITIES.join(", ")
+                        ),
+                    );
+                    return None;
+                }
+            },
+        };
+        let value = raw.syslog.as_ref()?;
+        let text = value.get_ref();
+        let target = if let Ok(addr) = text.parse() {
+            super::SyslogTarget::Udp(addr)
+        } else if text.starts_with('/') {
+            let path = std::path::PathBuf::from(text);
+            // On its host, a socket that is not there takes no line.
+            if self.host_resources && !path.exists() {
+                self.at(&value.span(), format!("syslog {text}: no such socket"));
+                return None;
+            }
+            super::SyslogTarget::Unix(path)
+        } else {
+            self.at(
+                &value.span(),
+                format!(
+                    "syslog \"{text}\" is neither ip:port (UDP) nor an absolute path (a Unix datagram socket, such as /dev/log)"
+                ),
+            );
+            return None;
+        };
+        Some(super::SyslogConfig { target, facility })
+    }
+
     /// Reads `[proxy]`: `threads` (default: the CPUs the process may run
     /// on), `cpu_map` (default: no pinning) and `hard_stop_after`.
     pub(super) fn threads(&mut self, raw: Option<Spanned<RawProxy>>) -> lb_proxy::Threads {
@@ -809,6 +864,60 @@ mod tests {
         let errs = load_with(&cert, &cert).unwrap_err();
         assert_eq!((errs.len(), errs[0].line), (1, 12), "{errs:#?}");
         assert!(errs[0].reason.contains("no private key"), "{errs:#?}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn syslog_is_an_address_or_a_socket_path_with_a_facility() {
+        let with = |keys: &[&'static str]| {
+            let mut lines: Vec<&str> = l7(&[]);
+            lines.splice(1..1, [&["[proxy]"][..], keys].concat());
+            lines
+        };
+        let syslog = |keys: &[&'static str]| parse(&text(&with(keys)), "lb.toml").unwrap().syslog;
+        assert_eq!(syslog(&[]), None);
+        assert_eq!(
+            syslog(&["syslog = \"127.0.0.1:514\""]),
+            Some(crate::config::SyslogConfig {
+                target: crate::config::SyslogTarget::Udp("127.0.0.1:514".parse().unwrap()),
+                facility: 16,
+            })
+        );
+        assert_eq!(
+            syslog(&["syslog = \"/dev/log\"", "syslog_facility = \"daemon\""]),
+            Some(crate::config::SyslogConfig {
+                target: crate::config::SyslogTarget::Unix("/dev/log".into()),
+                facility: 3,
+            })
+        );
+        expect_one(
+            &with(&["syslog = \"loghost\""]),
+            3,
+            "neither ip:port (UDP) nor an absolute path",
+        );
+        expect_one(
+            &with(&["syslog = \"/dev/log\"", "syslog_facility = \"local8\""]),
+            4,
+            "unknown syslog_facility \"local8\"",
+        );
+        expect_one(
+            &with(&["syslog_facility = \"local1\""]),
+            3,
+            "syslog_facility needs syslog",
+        );
+        // On this host, a socket that is not there is refused at load.
+        let dir = std::env::temp_dir().join(format!("lb-config-syslog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("lb.toml");
+        let missing = format!("syslog = \"{}\"", dir.join("nothing.sock").display());
+        let mut lines: Vec<&str> = l7(&[]);
+        lines.splice(1..1, ["[proxy]", missing.as_str()]);
+        let text = text(&lines).replace("198.18.100.1:80", "127.0.0.1:0");
+        assert!(parse(&text, "lb.toml").is_ok());
+        std::fs::write(&file, &text).unwrap();
+        let errs = load(&file).unwrap_err().0;
+        assert_eq!((errs.len(), errs[0].line), (1, 3), "{errs:#?}");
+        assert!(errs[0].reason.contains("no such socket"), "{errs:#?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

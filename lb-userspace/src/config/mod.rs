@@ -118,6 +118,27 @@ pub struct Config {
     pub proxy: ProxySection,
     /// The admin listener (`[admin]`), off when absent.
     pub admin: Option<AdminConfig>,
+    /// Where the access log goes instead of standard output (`[proxy] syslog`).
+    pub syslog: Option<SyslogConfig>,
+}
+
+/// `[proxy] syslog`: the access log sent to a syslog daemon, as HAProxy's
+/// `log` (RFC 3164 datagrams, one per line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyslogConfig {
+    /// Where the datagrams go.
+    pub target: SyslogTarget,
+    /// The facility's number (`local0` is 16).
+    pub facility: u8,
+}
+
+/// A syslog daemon's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyslogTarget {
+    /// UDP, `ip:port`.
+    Udp(SocketAddr),
+    /// A Unix datagram socket, an absolute path (`/dev/log`).
+    Unix(std::path::PathBuf),
 }
 
 /// `[admin]`: where the REST API and the stats page listen, and who may use them.
@@ -722,6 +743,7 @@ impl Checker<'_> {
             raw.userlist.unwrap_or_default(),
         );
         let admin = raw.admin.and_then(|a| self.admin(a, &proxy.0.userlists));
+        let syslog = raw.proxy.as_ref().and_then(|p| self.syslog(p.get_ref()));
         proxy.3 = self.threads(raw.proxy);
         Config {
             interfaces,
@@ -735,6 +757,7 @@ impl Checker<'_> {
             bgp,
             proxy,
             admin,
+            syslog,
         }
     }
 

@@ -43,6 +43,8 @@ pub(super) struct RawProxy {
     pub(super) threads: Option<Spanned<i64>>,
     pub(super) cpu_map: Option<Spanned<Vec<Spanned<i64>>>>,
     pub(super) hard_stop_after: Option<Spanned<String>>,
+    pub(super) syslog: Option<Spanned<String>>,
+    pub(super) syslog_facility: Option<Spanned<String>>,
 }
 
 /// One of the proxy's tables, key by key, each value with its span: the

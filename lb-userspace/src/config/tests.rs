@@ -106,6 +106,7 @@ fn full_example_parses() {
         bgp: None,
         proxy: ProxySection::default(),
         admin: None,
+        syslog: None,
     };
     assert_eq!(c, expected);
     assert_eq!(c.services[1].protocol.number(), 17);

@@ -1,0 +1,239 @@
+//! The access log to a syslog daemon (`[proxy] syslog`, HAProxy's `log`):
+//! each line of the proxy's `access` target becomes one RFC 3164 datagram,
+//! `<PRI>Mmm dd hh:mm:ss lb[PID]: LINE`, over UDP or a Unix datagram
+//! socket such as `/dev/log`; standard output then no longer gets them.
+//!
+//! [`SyslogLayer`] sits in the binary's `tracing` subscriber; the agent
+//! points it at the file's target with [`configure`] at start and at each
+//! reload. Sends never block a serving thread: a datagram the socket cannot
+//! take at once is dropped and counted (HAProxy drops them too).
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+
+use crate::config::{SyslogConfig, SyslogTarget};
+
+/// The target of the proxy's access log lines.
+pub const ACCESS_TARGET: &str = "access";
+
+/// Severity of access lines: informational.
+const SEVERITY_INFO: u8 = 6;
+
+/// Where access lines go now; None: standard output.
+static SINK: RwLock<Option<Sink>> = RwLock::new(None);
+/// Whether `SINK` is set (read by the standard output filter for each event).
+static ACTIVE: AtomicBool = AtomicBool::new(false);
+/// Lines dropped: the socket could not take them at once.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Points the access log at `config` (None: back to standard output).
+pub fn configure(config: Option<&SyslogConfig>) -> std::io::Result<()> {
+    let sink = config.map(Sink::open).transpose()?;
+    let mut slot = SINK.write().unwrap_or_else(PoisonError::into_inner);
+    ACTIVE.store(sink.is_some(), Ordering::Relaxed);
+    *slot = sink;
+    Ok(())
+}
+
+/// Whether an event belongs on standard output: access lines do not while
+/// they go to syslog.
+pub fn to_stdout(target: &str) -> bool {
+    target != ACCESS_TARGET || !ACTIVE.load(Ordering::Relaxed)
+}
+
+/// Access lines dropped so far because the socket was full or gone.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// One open syslog destination.
+struct Sink {
+    socket: Socket,
+    facility: u8,
+    pid: u32,
+}
+
+/// The socket and where it sends.
+enum Socket {
+    Udp(UdpSocket, SocketAddr),
+    Unix(UnixDatagram, PathBuf),
+}
+
+impl Sink {
+    fn open(config: &SyslogConfig) -> std::io::Result<Self> {
+        let socket = match &config.target {
+            SyslogTarget::Udp(addr) => {
+                let any: SocketAddr = if addr.is_ipv4() {
+                    "0.0.0.0:0".parse()
+                } else {
+                    "[::]:0".parse()
+                }
+                .map_err(std::io::Error::other)?;
+                let s = UdpSocket::bind(any)?;
+                s.set_nonblocking(true)?;
+                Socket::Udp(s, *addr)
+            }
+            SyslogTarget::Unix(path) => {
+                // Unconnected: a daemon restarted (its socket made anew) is reached again.
+                let s = UnixDatagram::unbound()?;
+                s.set_nonblocking(true)?;
+                Socket::Unix(s, path.clone())
+            }
+        };
+        Ok(Sink {
+            socket,
+            facility: config.facility,
+            pid: std::process::id(),
+        })
+    }
+
+    fn send(&self, line: &str, now: SystemTime) {
+        let datagram = format_datagram(self.facility, self.pid, now, line);
+        let sent = match &self.socket {
+            Socket::Udp(s, addr) => s.send_to(datagram.as_bytes(), addr).map(drop),
+            Socket::Unix(s, path) => s.send_to(datagram.as_bytes(), path).map(drop),
+        };
+        if sent.is_err() {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `<PRI>Mmm dd hh:mm:ss lb[PID]: LINE` (RFC 3164; the time in UTC).
+fn format_datagram(facility: u8, pid: u32, now: SystemTime, line: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    let (_, month, day) = civil_from_days(days as i64);
+    let pri = u16::from(facility) * 8 + u16::from(SEVERITY_INFO);
+    let mut out = String::with_capacity(line.len() + 40);
+    let _ = write!(
+        out,
+        "<{pri}>{} {day:>2} {:02}:{:02}:{:02} lb[{pid}]: {line}",
+        MONTHS[(month - 1) as usize],
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    );
+    out
+}
+
+/// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01
+/// (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// Sends the `access` target's lines to the configured syslog daemon.
+pub struct SyslogLayer;
+
+impl<S: Subscriber> Layer<S> for SyslogLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if event.metadata().target() != ACCESS_TARGET || !ACTIVE.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut message = Message(String::new());
+        event.record(&mut message);
+        let sink = SINK.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(sink) = sink.as_ref() {
+            sink.send(&message.0, SystemTime::now());
+        }
+    }
+}
+
+/// An event's `message` field.
+struct Message(String);
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn datagrams_are_rfc_3164_lines() {
+        // 2026-12-07 17:05:09 UTC.
+        let at = UNIX_EPOCH + Duration::from_secs(1_796_663_109);
+        assert_eq!(
+            format_datagram(16, 42, at, "127.0.0.1:5000 [x] web"),
+            "<134>Dec  7 17:05:09 lb[42]: 127.0.0.1:5000 [x] web"
+        );
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        // local3, at the epoch.
+        assert!(format_datagram(19, 1, UNIX_EPOCH, "x").starts_with("<158>Jan  1 00:00:00 "));
+    }
+
+    #[test]
+    fn a_sink_sends_each_line_as_one_datagram() {
+        let dir = std::env::temp_dir().join(format!("lb-syslog-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.sock");
+        let _ = std::fs::remove_file(&path);
+        let daemon = UnixDatagram::bind(&path).unwrap();
+        daemon
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let udp_daemon = UdpSocket::bind("127.0.0.1:0").unwrap();
+        udp_daemon
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        for (target, facility) in [
+            (SyslogTarget::Unix(path.clone()), 16),
+            (SyslogTarget::Udp(udp_daemon.local_addr().unwrap()), 23),
+        ] {
+            let sink = Sink::open(&SyslogConfig { target, facility }).unwrap();
+            sink.send("one line", UNIX_EPOCH);
+        }
+        let mut buf = [0u8; 512];
+        let n = daemon.recv(&mut buf).unwrap();
+        let want = format!("<134>Jan  1 00:00:00 lb[{}]: one line", std::process::id());
+        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), want);
+        let n = udp_daemon.recv(&mut buf).unwrap();
+        assert!(std::str::from_utf8(&buf[..n]).unwrap().starts_with("<190>"));
+        // No daemon any more: dropped, never blocking.
+        drop(daemon);
+        let _ = std::fs::remove_file(&path);
+        let sink = Sink::open(&SyslogConfig {
+            target: SyslogTarget::Unix(path),
+            facility: 16,
+        })
+        .unwrap();
+        let before = dropped();
+        sink.send("lost", UNIX_EPOCH);
+        assert_eq!(dropped(), before + 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
