@@ -453,7 +453,10 @@ fn the_access_log_goes_to_syslog_when_asked_and_follows_reloads() {
     })
     .unwrap()
     .unwrap();
-    assert!(body.contains("lb_access_log_syslog_dropped_total{} 0"), "{body}");
+    assert!(
+        body.contains("lb_access_log_syslog_dropped_total{} 0"),
+        "{body}"
+    );
     std::fs::write(&path, with("")).unwrap();
     assert!(lb(&lab, &socket, &["reload"]).status.success());
     assert_eq!(ask(&lab), "be1");
