@@ -51,7 +51,7 @@ use lb_common::hash::jhash_bytes;
 use lb_common::maglev::{self, MaglevInput};
 use tokio::sync::oneshot;
 
-use super::model::{Algorithm, OnMarkedDown, Pool, ServerSpec};
+use super::model::{Algorithm, OnMarkedDown, Pool, ServerSpec, identity};
 
 /// Entries of a pool's Maglev table: a prime, about 40 per server for 100
 /// servers, small enough (16 KiB) to rebuild on every up/down change.
@@ -966,28 +966,9 @@ pub fn clock_ms() -> u64 {
     epoch.elapsed().as_millis() as u64 + 1
 }
 
-/// A server's persistence cookie value: its own, else [`cookie_value`].
-pub(crate) fn server_cookie(spec: &ServerSpec) -> String {
-    spec.cookie
-        .clone()
-        .unwrap_or_else(|| cookie_value(spec.address))
-}
-
-/// A server's default persistence cookie value: 8 hex digits of a hash of its address.
-fn cookie_value(addr: SocketAddr) -> String {
-    /// "l7ck".
-    const COOKIE_SEED: u32 = 0x6c37_636b;
-    format!("{:08x}", jhash_bytes(&identity(addr), COOKIE_SEED))
-}
-
-/// Maglev identity of a server: its address bytes and port.
-fn identity(addr: SocketAddr) -> Vec<u8> {
-    let mut v = match addr.ip() {
-        IpAddr::V4(a) => a.octets().to_vec(),
-        IpAddr::V6(a) => a.octets().to_vec(),
-    };
-    v.extend_from_slice(&addr.port().to_be_bytes());
-    v
+/// A server's persistence cookie value ([`ServerSpec::cookie_value`]).
+fn server_cookie(spec: &ServerSpec) -> String {
+    spec.cookie_value()
 }
 
 /// Tests name servers by their index in the current set.

@@ -992,7 +992,7 @@ impl Pool {
                 }
                 _ => {}
             }
-            if !seen.insert(crate::balance::server_cookie(s)) {
+            if !seen.insert(s.cookie_value()) {
                 return bad("another server of the pool has this cookie value");
             }
         }
@@ -1071,7 +1071,31 @@ impl Compression {
     }
 }
 
+/// A server's identity in hashes (Maglev, its cookie): its address bytes and port.
+pub(crate) fn identity(addr: SocketAddr) -> Vec<u8> {
+    let mut v = match addr.ip() {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    v.extend_from_slice(&addr.port().to_be_bytes());
+    v
+}
+
 impl ServerSpec {
+    /// Its value of the pool's persistence cookie: its own `cookie`, else
+    /// 8 hex digits of a hash of its address (the same on every node and
+    /// after restarts; no address on the wire).
+    pub fn cookie_value(&self) -> String {
+        /// "l7ck".
+        const COOKIE_SEED: u32 = 0x6c37_636b;
+        self.cookie.clone().unwrap_or_else(|| {
+            format!(
+                "{:08x}",
+                lb_common::hash::jhash_bytes(&identity(self.address), COOKIE_SEED)
+            )
+        })
+    }
+
     /// A non-backup server of weight 1.
     pub fn new(address: SocketAddr) -> Self {
         ServerSpec {
