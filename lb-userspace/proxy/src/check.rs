@@ -121,11 +121,14 @@ pub async fn fetch_h2(
         Ok(Fetched { status, body: kept })
     };
     // The connection is driven beside the exchange and dropped with it.
+    let (mut exchange, mut conn) = (std::pin::pin!(exchange), std::pin::pin!(conn));
     tokio::select! {
-        fetched = exchange => fetched,
-        ended = conn => Err(match ended {
-            Ok(()) => FetchError::Closed,
-            Err(e) => h2(e),
-        }),
+        biased;
+        fetched = &mut exchange => fetched,
+        ended = &mut conn => match ended {
+            // Closed cleanly (a GOAWAY after the answer): what it delivered is read.
+            Ok(()) => exchange.await,
+            Err(e) => Err(h2(e)),
+        },
     }
 }
