@@ -1,7 +1,8 @@
 //! Backend health checks: one TCP connect or HTTP request per interval and
 //! backend, turned into UP/DOWN transitions with HAProxy's rise/fall rules.
-//! A pool's servers are checked through its PROXY header and TLS
-//! ([`CheckTransport`]) unless the check has a port of its own.
+//! A pool's servers are checked as its requests go, through its PROXY
+//! header and TLS and in HTTP/2 when it has `h2` ([`CheckTransport`]),
+//! unless the check has a port of its own.
 //!
 //! [`Tracker`] is the pure state machine, [`check_once`] one probe, and
 //! [`HealthChecker`] runs a tokio task per (service, backend) and reports

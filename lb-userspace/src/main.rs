@@ -195,12 +195,18 @@ async fn async_main(cli: Cli) -> ExitCode {
     // SNI, as wrk and some clients send): one line per handshake.
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
-    // The access log leaves standard output while it goes to syslog: the
-    // filter is asked per event, as that can change at a reload.
+    // The access log leaves standard output while it goes to syslog: its
+    // events are filtered one by one, as that can change at a reload.
     let stdout = tracing_subscriber::filter::DynFilterFn::new(|meta, _| {
         lb_userspace::syslog::to_stdout(meta.target())
     })
-    .with_callsite_filter(|_| tracing::subscriber::Interest::sometimes());
+    .with_callsite_filter(|meta| {
+        if meta.target() == lb_userspace::syslog::ACCESS_TARGET {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    });
     tracing_subscriber::registry()
         .with(filter)
         .with(
