@@ -165,7 +165,11 @@ async fn probe(addr: SocketAddr, kind: &CheckKind, transport: Option<&CheckTrans
         CheckKind::Tcp => Outcome::pass(),
         CheckKind::Http(http) => {
             let h2 = transport.is_some_and(|t| t.speaks_h2(&stream));
-            match http_exchange(stream, addr, http, h2).await {
+            // Host: the check's own, else the servers' TLS name, else the address.
+            let host = (http.host.as_deref())
+                .or_else(|| transport.and_then(CheckTransport::server_name))
+                .map_or_else(|| addr.to_string(), str::to_string);
+            match http_exchange(stream, &host, http, h2).await {
                 Ok(outcome) => outcome,
                 Err(e) => Outcome::io(&e),
             }
@@ -177,15 +181,14 @@ async fn probe(addr: SocketAddr, kind: &CheckKind, transport: Option<&CheckTrans
 /// HTTP/1.1 codec (`lb_proxy::fetch`), or in HTTP/2 (`lb_proxy::fetch_h2`).
 async fn http_exchange(
     mut stream: ServerIo,
-    addr: SocketAddr,
+    host: &str,
     http: &HttpCheck,
     h2: bool,
 ) -> io::Result<Outcome> {
-    let host = http.host.clone().unwrap_or_else(|| addr.to_string());
     // Only a body check reads the body.
     let limit = if http.body.is_some() { MAX_RESPONSE } else { 0 };
     let fetched = if h2 {
-        lb_proxy::fetch_h2(stream, &http.method, &host, &http.path, limit).await
+        lb_proxy::fetch_h2(stream, &http.method, host, &http.path, limit).await
     } else {
         let request = format!(
             "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health\r\nConnection: close\r\n\r\n",

@@ -164,8 +164,9 @@ fn the_proxy_runs_alone_without_interfaces() {
 
 /// nginx serving TLS behind a PROXY header on `addr` (HAProxy's `ssl
 /// send-proxy-v2` servers), to clients with a certificate the test CA
-/// signed: `/health` answers "healthy", other paths name the PROXY header's
-/// client; the access log keeps `path proxy_protocol_addr`.
+/// signed: `/health` answers "healthy" to Host `be.test` (its name, as a
+/// name-based virtual host answers), 404 to any other; other paths name
+/// the PROXY header's client; the access log keeps `path proxy_protocol_addr`.
 fn tls_proxy_nginx(dir: &std::path::Path, addr: SocketAddr) -> String {
     let d = dir.display();
     format!(
@@ -176,10 +177,11 @@ fn tls_proxy_nginx(dir: &std::path::Path, addr: SocketAddr) -> String {
          \x20   client_body_temp_path {d}/nginx-body;\n    proxy_temp_path {d}/nginx-proxy;\n\
          \x20   fastcgi_temp_path {d}/nginx-fcgi;\n    uwsgi_temp_path {d}/nginx-uwsgi;\n\
          \x20   scgi_temp_path {d}/nginx-scgi;\n\
-         \x20   server {{\n        listen {addr} ssl proxy_protocol;\n\
+         \x20   server {{\n        listen {addr} ssl proxy_protocol;\n        server_name be.test;\n\
          \x20       ssl_certificate {d}/be.test.pem;\n        ssl_certificate_key {d}/be.test.key;\n\
          \x20       ssl_client_certificate {d}/ca.pem;\n        ssl_verify_client on;\n\
-         \x20       location = /health {{\n            return 200 \"healthy\\n\";\n        }}\n\
+         \x20       location = /health {{\n            if ($host != be.test) {{\n                return 404;\n            }}\n\
+         \x20           return 200 \"healthy\\n\";\n        }}\n\
          \x20       location / {{\n            return 200 \"tls $proxy_protocol_addr\\n\";\n        }}\n\
          \x20   }}\n}}\n"
     )

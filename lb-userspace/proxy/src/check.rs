@@ -45,6 +45,13 @@ impl CheckTransport {
         self.tls.is_some()
     }
 
+    /// The servers' name (the pool's `sni`): the Host an HTTP check sends
+    /// unless it names one, so name-based virtual hosts answer as they
+    /// answer the pool's requests.
+    pub fn server_name(&self) -> Option<&str> {
+        self.tls.as_ref().and_then(ClientTls::sni)
+    }
+
     /// Whether an HTTP check on `io` (opened by [`Self::open`]) speaks HTTP/2.
     pub fn speaks_h2(&self, io: &ServerIo) -> bool {
         self.h2

@@ -108,6 +108,11 @@ impl ClientTls {
         Ok(Arc::new(cfg))
     }
 
+    /// The pool's `sni`, if it names the servers.
+    pub(crate) fn sni(&self) -> Option<&str> {
+        self.sni.as_deref()
+    }
+
     /// The name to send and verify: `sni`, else the server's IP address.
     pub(crate) fn name(&self, server: SocketAddr) -> ServerName<'static> {
         // validate() checked the name; an invalid one falls back to the IP.
