@@ -14,7 +14,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -110,37 +110,9 @@ impl Sink {
 
 /// `<PRI>Mmm dd hh:mm:ss lb[PID]: LINE` (RFC 3164; the time in UTC).
 fn format_datagram(facility: u8, pid: u32, now: SystemTime, line: &str) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    let (_, month, day) = civil_from_days(days as i64);
     let pri = u16::from(facility) * 8 + u16::from(SEVERITY_INFO);
-    let mut out = String::with_capacity(line.len() + 40);
-    let _ = write!(
-        out,
-        "<{pri}>{} {day:>2} {:02}:{:02}:{:02} lb[{pid}]: {line}",
-        MONTHS[(month - 1) as usize],
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    );
-    out
-}
-
-/// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01
-/// (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(month <= 2), month, day)
+    let date = lb_proxy::rfc3164_date(now);
+    format!("<{pri}>{date} lb[{pid}]: {line}")
 }
 
 /// Sends the `access` target's lines to the configured syslog daemon.
@@ -180,7 +152,7 @@ impl Visit for Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn datagrams_are_rfc_3164_lines() {
@@ -190,8 +162,9 @@ mod tests {
             format_datagram(16, 42, at, "127.0.0.1:5000 [x] web"),
             "<134>Dec  7 17:05:09 lb[42]: 127.0.0.1:5000 [x] web"
         );
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        // 2000-02-29 00:00:00 UTC.
+        let leap = UNIX_EPOCH + Duration::from_secs(11_016 * 86_400);
+        assert!(format_datagram(16, 1, leap, "x").starts_with("<134>Feb 29 00:00:00 "));
         // local3, at the epoch.
         assert!(format_datagram(19, 1, UNIX_EPOCH, "x").starts_with("<158>Jan  1 00:00:00 "));
     }

@@ -41,15 +41,41 @@ fn ca(dir: &TempDir, stem: &str) -> Ca {
 
 /// A rustls server config with a leaf for `names` (DNS names or IPs) signed by `ca`.
 fn server_tls(ca: &Ca, names: &[&str], alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    server_tls_with(ca, names, alpn, rustls::DEFAULT_VERSIONS, None)
+}
+
+/// [`server_tls`] speaking only `versions`, and with `clients`, requiring
+/// a client certificate that CA signed.
+fn server_tls_with(
+    ca: &Ca,
+    names: &[&str],
+    alpn: &[&[u8]],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    clients: Option<&Ca>,
+) -> Arc<rustls::ServerConfig> {
     let params =
         CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca.cert, &ca.key).unwrap();
     let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .unwrap();
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(clients) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(clients.cert.der().clone()).unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
         .with_single_cert(vec![cert.der().clone()], der)
         .unwrap();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -198,29 +224,14 @@ async fn a_pool_shows_its_client_certificate_to_servers_that_require_one() {
     let clients = ca(&dir, "clients");
     let strangers = ca(&dir, "strangers");
     // A server that requires a certificate signed by `clients`.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(clients.cert.der().clone()).unwrap();
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .unwrap();
-    let (cert, key) = {
-        let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &servers.cert, &servers.key).unwrap();
-        (cert, key)
-    };
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let server = backend(Some(Arc::new(cfg))).await;
+    let cfg = server_tls_with(
+        &servers,
+        &["127.0.0.1"],
+        &[b"http/1.1"],
+        rustls::DEFAULT_VERSIONS,
+        Some(&clients),
+    );
+    let server = backend(Some(cfg)).await;
 
     let mut p = pool(server);
     p.tls = true;
@@ -267,20 +278,9 @@ async fn a_pool_shows_its_client_certificate_to_servers_that_require_one() {
 async fn min_version_1_3_refuses_servers_that_only_speak_tls_1_2() {
     let dir = TempDir::new("upstream-version");
     let good = ca(&dir, "ca");
-    let params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &good.cert, &good.key).unwrap();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
-        .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let server = backend(Some(Arc::new(cfg))).await;
+    let tls12 = &[&rustls::version::TLS12];
+    let cfg = server_tls_with(&good, &["127.0.0.1"], &[b"http/1.1"], tls12, None);
+    let server = backend(Some(cfg)).await;
     let mut p = pool(server);
     p.tls = true;
     p.ca = Some(good.pem.clone());
