@@ -270,14 +270,8 @@ async fn a_websocket_is_logged_when_its_tunnel_ends_on_both_paths() {
     let hyper = crate::support::hyper_path_proxy(backend, |_| {}, short).await;
     for (path, proxy) in [("own", &own), ("hyper", &hyper)] {
         // Closed by the client after 5 bytes each way and 300 ms.
-        let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-        let me = s.local_addr().unwrap();
-        s.write_all(WS_UPGRADE).await.unwrap();
-        let head = read_head(&mut s).await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
-        s.write_all(b"hello").await.unwrap();
-        let mut back = [0u8; 5];
-        s.read_exact(&mut back).await.unwrap();
+        let (mut s, me) = open_websocket(proxy, path).await;
+        echoes(&mut s).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         // By client and server: another test's client may have had this port.
         let (prefix, to) = (format!("{me} "), format!("/{backend} "));
@@ -586,6 +580,16 @@ fn edge_settings_from_toml() {
     assert!(toml::from_str::<ProxyConfig>("[[pool]]\nname='x'\nsend_proxy='v3'").is_err());
 }
 
+/// A WebSocket through `proxy` (switched: its 101 read), and its client address.
+async fn open_websocket(proxy: &Proxy, path: &str) -> (TcpStream, SocketAddr) {
+    let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+    let me = s.local_addr().unwrap();
+    s.write_all(WS_UPGRADE).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
+    (s, me)
+}
+
 /// Sends "hello" and reads it back.
 async fn echoes(s: &mut TcpStream) {
     s.write_all(b"hello").await.unwrap();
@@ -615,11 +619,7 @@ async fn a_server_marked_down_has_its_tunnels_and_sessions_shut_down_if_its_pool
     kept.write_all(WS_UPGRADE).await.unwrap();
     assert!(read_head(&mut kept).await.starts_with("HTTP/1.1 101"));
     for (path, proxy) in [("own", &own), ("hyper", &hyper)] {
-        let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
-        let me = s.local_addr().unwrap();
-        s.write_all(WS_UPGRADE).await.unwrap();
-        let head = read_head(&mut s).await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
+        let (mut s, me) = open_websocket(proxy, path).await;
         echoes(&mut s).await;
         assert!(proxy.server_marked_down("app", backend), "{path}");
         let rest = tokio::time::timeout(crate::support::GIVE_UP, read_until_closed(&mut s)).await;
