@@ -364,6 +364,13 @@ pub fn pool_host_problems(pool: &Pool) -> Option<HostProblem> {
         .map(|e| problem("ca", &format!("{e:#}")))
 }
 
+/// The balancer of pool `pool`: the first thread's, as every thread shares it.
+fn balancer_of<'a>(shared: &'a [Arc<Shared>], pool: &str) -> Option<&'a Balancer> {
+    let first = shared.first()?;
+    let found = first.pools.iter().find(|p| &*p.name == pool)?;
+    Some(&found.balancer)
+}
+
 /// Validates `cfg`, loads certificates and builds the frontends and balancers.
 fn prepare(cfg: &ProxyConfig, previous: Option<&Proxy>) -> anyhow::Result<Prepared> {
     cfg.validate()?;
@@ -599,27 +606,14 @@ impl Proxy {
     /// Sets what a server of a pool takes (health checks and admin state:
     /// a draining server keeps its persistent clients); false if unknown.
     pub fn set_server_use(&self, pool: &str, server: SocketAddr, state: ServerUse) -> bool {
-        // Balancers are shared by the threads: the first thread's are everyone's.
-        self.shared.first().is_some_and(|shared| {
-            shared
-                .pools
-                .iter()
-                .find(|p| &*p.name == pool)
-                .is_some_and(|p| p.balancer.set_use(server, state))
-        })
+        balancer_of(&self.shared, pool).is_some_and(|b| b.set_use(server, state))
     }
 
     /// A server of a pool was marked down by its health checks: under the
     /// pool's `on_marked_down = "shutdown-sessions"` its open `tcp` sessions
     /// and tunnels are closed. Whether they were.
     pub fn server_marked_down(&self, pool: &str, server: SocketAddr) -> bool {
-        self.shared.first().is_some_and(|shared| {
-            shared
-                .pools
-                .iter()
-                .find(|p| &*p.name == pool)
-                .is_some_and(|p| p.balancer.marked_down(server))
-        })
+        balancer_of(&self.shared, pool).is_some_and(|b| b.marked_down(server))
     }
 
     /// Takes the pool servers of `cfg` in place when it differs from the
@@ -789,13 +783,7 @@ impl ProxyStats {
     /// Closes the `tcp` sessions and tunnels of a pool's server (the
     /// agent's handle on the running proxy's pools); false if unknown.
     pub fn shutdown_sessions(&self, pool: &str, server: SocketAddr) -> bool {
-        self.shared.first().is_some_and(|shared| {
-            shared
-                .pools
-                .iter()
-                .find(|p| &*p.name == pool)
-                .is_some_and(|p| p.balancer.shutdown_sessions(server))
-        })
+        balancer_of(&self.shared, pool).is_some_and(|b| b.shutdown_sessions(server))
     }
 
     /// Every frontend's figures.
