@@ -207,16 +207,23 @@ impl Spliced {
 
     /// HAProxy's termination state of the session: `--` closed by either
     /// side, `cD` idle for the tunnel timeout, `KD` closed at the hard stop,
-    /// `CD`/`SD` broken on the client's/server's side.
+    /// `DD` closed as its server went down, `CD`/`SD` broken on the
+    /// client's/server's side.
     pub(crate) fn termination(&self) -> [char; 2] {
+        let stopped = |e: &io::Error| {
+            e.get_ref()
+                .and_then(|i| i.downcast_ref::<Stopped>())
+                .copied()
+        };
         match &self.ended {
             Ok(()) => ['-', '-'],
             Err(e) if e.kind() == io::ErrorKind::TimedOut => ['c', 'D'],
-            Err(e) if is_killed(e) => ['K', 'D'],
-            // HAProxy's `D`: killed because its server went down.
-            Err(e) if e.get_ref().is_some_and(|inner| inner.is::<ServerDown>()) => ['D', 'D'],
-            Err(_) if self.a_failed => ['C', 'D'],
-            Err(_) => ['S', 'D'],
+            Err(e) => match stopped(e) {
+                Some(Stopped::HardStop) => ['K', 'D'],
+                Some(Stopped::ServerDown) => ['D', 'D'],
+                None if self.a_failed => ['C', 'D'],
+                None => ['S', 'D'],
+            },
         }
     }
 }
@@ -301,8 +308,8 @@ where
             let deadline = start + since + idle;
             tokio::select! {
                 r = &mut copy => break r.map(drop),
-                () = &mut killed => break Err(io::Error::new(io::ErrorKind::ConnectionAborted, Killed)),
-                () = &mut down => break Err(io::Error::new(io::ErrorKind::ConnectionAborted, ServerDown)),
+                () = &mut killed => break Err(io::Error::new(io::ErrorKind::ConnectionAborted, Stopped::HardStop)),
+                () = &mut down => break Err(io::Error::new(io::ErrorKind::ConnectionAborted, Stopped::ServerDown)),
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = Duration::from_millis(last.load(Ordering::Relaxed));
                     if now == since {
@@ -328,33 +335,15 @@ pub(crate) async fn killed(mut kill: watch::Receiver<bool>) {
     }
 }
 
-/// Why a splice ended at its proxy's hard stop.
-#[derive(Debug)]
-struct Killed;
-
-impl std::fmt::Display for Killed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("closed at the proxy's hard stop")
-    }
-}
-
-impl std::error::Error for Killed {}
-
-/// Why a splice ended when its server was marked down (`on_marked_down`).
-#[derive(Debug)]
-struct ServerDown;
-
-impl std::fmt::Display for ServerDown {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("closed: its server was marked down")
-    }
-}
-
-impl std::error::Error for ServerDown {}
-
-/// Whether `e` is a splice's end at its proxy's hard stop.
-fn is_killed(e: &io::Error) -> bool {
-    e.get_ref().is_some_and(|inner| inner.is::<Killed>())
+/// Why the proxy itself ended a splice.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+enum Stopped {
+    /// Its proxy's hard stop.
+    #[error("closed at the proxy's hard stop")]
+    HardStop,
+    /// Its server was marked down (`on_marked_down`).
+    #[error("closed: its server was marked down")]
+    ServerDown,
 }
 
 /// A stream that records when bytes last moved through it, in ms since
