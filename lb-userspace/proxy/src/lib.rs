@@ -221,7 +221,7 @@ mod tunnel;
 mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use anyhow::Context as _;
 use tokio::sync::watch;
@@ -364,6 +364,16 @@ pub fn pool_host_problems(pool: &Pool) -> Option<HostProblem> {
         .map(|e| problem("ca", &format!("{e:#}")))
 }
 
+/// Shuts the sessions of `server` of `pool` down in the proxies of `older`
+/// whose threads still run.
+fn shutdown_older(older: &[Weak<Shared>], pool: &str, server: SocketAddr) {
+    for shared in older.iter().filter_map(Weak::upgrade) {
+        if let Some(b) = balancer_of(std::slice::from_ref(&shared), pool) {
+            b.shutdown_sessions(server);
+        }
+    }
+}
+
 /// The balancer of pool `pool`: the first thread's, as every thread shares it.
 fn balancer_of<'a>(shared: &'a [Arc<Shared>], pool: &str) -> Option<&'a Balancer> {
     let first = shared.first()?;
@@ -465,6 +475,9 @@ pub struct Proxy {
     /// Its line's dropped proxies still draining, shared with those it
     /// succeeds and those that succeed it.
     draining: threads::Draining,
+    /// The state of the proxies it succeeded, while their threads still
+    /// drain: their tunnels and sessions are shut down with their servers too.
+    older: Vec<Weak<Shared>>,
     /// Dropped with the proxy, which tells every connection to shut down.
     _shutdown: watch::Sender<()>,
 }
@@ -491,6 +504,7 @@ impl Proxy {
             sockets: Vec::new(),
             stop_now: None,
             draining: threads::Draining::default(),
+            older: Vec::new(),
             _shutdown: tx,
         };
         for (fe, binds) in prepared.frontends {
@@ -565,8 +579,17 @@ impl Proxy {
             sockets,
             stop_now: Some(stop_now),
             draining: previous.map(|p| p.draining.clone()).unwrap_or_default(),
+            older: previous.map(Proxy::lineage).unwrap_or_default(),
             _shutdown: tx,
         })
+    }
+
+    /// This proxy's state and that of the proxies it succeeded whose
+    /// threads still run (weakly: a proxy whose threads have ended is gone).
+    fn lineage(&self) -> Vec<Weak<Shared>> {
+        let mine = self.shared.first().map(Arc::downgrade);
+        let live = self.older.iter().filter(|w| w.strong_count() > 0).cloned();
+        live.chain(mine).collect()
     }
 
     /// The listening sockets of `bind`, one per serving thread (none in-process).
@@ -613,7 +636,12 @@ impl Proxy {
     /// pool's `on_marked_down = "shutdown-sessions"` its open `tcp` sessions
     /// and tunnels are closed. Whether they were.
     pub fn server_marked_down(&self, pool: &str, server: SocketAddr) -> bool {
-        balancer_of(&self.shared, pool).is_some_and(|b| b.marked_down(server))
+        let shut = balancer_of(&self.shared, pool).is_some_and(|b| b.marked_down(server));
+        if shut {
+            // Those of the proxies still draining too.
+            shutdown_older(&self.older, pool, server);
+        }
+        shut
     }
 
     /// Takes the pool servers of `cfg` in place when it differs from the
@@ -679,6 +707,7 @@ impl Proxy {
     pub fn stats(&self) -> ProxyStats {
         ProxyStats {
             shared: self.shared.clone(),
+            older: self.older.clone(),
             frontends: Arc::new(self.frontends.clone()),
         }
     }
@@ -729,6 +758,8 @@ impl FrontendEntry {
 pub struct ProxyStats {
     /// One per serving thread.
     shared: Vec<Arc<Shared>>,
+    /// The proxies it succeeded, while they drain (`Proxy::older`).
+    older: Vec<Weak<Shared>>,
     frontends: Arc<Vec<FrontendEntry>>,
 }
 
@@ -783,7 +814,11 @@ impl ProxyStats {
     /// Closes the `tcp` sessions and tunnels of a pool's server (the
     /// agent's handle on the running proxy's pools); false if unknown.
     pub fn shutdown_sessions(&self, pool: &str, server: SocketAddr) -> bool {
-        balancer_of(&self.shared, pool).is_some_and(|b| b.shutdown_sessions(server))
+        let found = balancer_of(&self.shared, pool).is_some_and(|b| b.shutdown_sessions(server));
+        if found {
+            shutdown_older(&self.older, pool, server);
+        }
+        found
     }
 
     /// Every frontend's figures.

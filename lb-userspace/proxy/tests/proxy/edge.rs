@@ -655,3 +655,37 @@ async fn a_server_marked_down_has_its_tunnels_and_sessions_shut_down_if_its_pool
         .expect("the session's line");
     assert!(line.ends_with(" DD"), "tcp: {line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_of_a_proxy_still_draining_after_a_reload_is_shut_down_with_its_server() {
+    crate::support::capture_access_log();
+    let backend = ws_echo_backend(WS_ACCEPT).await;
+    let mut pool = one_server_pool(backend);
+    pool.on_marked_down = Some(OnMarkedDown::ShutdownSessions);
+    let cfg = ProxyConfig {
+        frontends: vec![local_frontend()],
+        pools: vec![pool],
+        ..Default::default()
+    };
+    let threads = Threads {
+        count: 1,
+        hard_stop_after: Duration::from_secs(3600),
+        ..Threads::default()
+    };
+    let first = Proxy::start_threads(cfg.clone(), None, &threads, None).unwrap();
+    let (mut s, me) = open_websocket(&first, "first").await;
+    echoes(&mut s).await;
+    // A reload: the first proxy drains, its tunnel goes on.
+    let second = Proxy::start_threads(cfg, None, &threads, Some(&first)).unwrap();
+    drop(first);
+    echoes(&mut s).await;
+    assert!(second.server_marked_down("app", backend));
+    let rest = tokio::time::timeout(crate::support::GIVE_UP, read_until_closed(&mut s)).await;
+    assert_eq!(rest.as_deref(), Ok(""), "closed");
+    let line = crate::support::access_line_of(me, backend)
+        .await
+        .expect("the tunnel's line");
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!((f[5], &f[7][..2]), ("101", "DD"), "{line}");
+    drop(second);
+}
