@@ -590,6 +590,21 @@ async fn open_websocket(proxy: &Proxy, path: &str) -> (TcpStream, SocketAddr) {
     (s, me)
 }
 
+/// Waits until the proxy closes `s` (nothing more read), then the access
+/// line of its client `me` to `server`.
+async fn closed_and_logged(
+    s: &mut TcpStream,
+    me: SocketAddr,
+    server: SocketAddr,
+    what: &str,
+) -> String {
+    let rest = tokio::time::timeout(crate::support::GIVE_UP, read_until_closed(s)).await;
+    assert_eq!(rest.as_deref(), Ok(""), "{what}: closed");
+    crate::support::access_line_of(me, server)
+        .await
+        .unwrap_or_else(|| panic!("{what}: no line"))
+}
+
 /// Sends "hello" and reads it back.
 async fn echoes(s: &mut TcpStream) {
     s.write_all(b"hello").await.unwrap();
@@ -622,11 +637,7 @@ async fn a_server_marked_down_has_its_tunnels_and_sessions_shut_down_if_its_pool
         let (mut s, me) = open_websocket(proxy, path).await;
         echoes(&mut s).await;
         assert!(proxy.server_marked_down("app", backend), "{path}");
-        let rest = tokio::time::timeout(crate::support::GIVE_UP, read_until_closed(&mut s)).await;
-        assert_eq!(rest.as_deref(), Ok(""), "{path}: closed");
-        let line = crate::support::access_line_of(me, backend)
-            .await
-            .unwrap_or_else(|| panic!("{path}: no line"));
+        let line = closed_and_logged(&mut s, me, backend, path).await;
         let f: Vec<&str> = line.split_whitespace().collect();
         // client [date] frontend pool/server Tq/Tw/Tc/Tr/Tt status bytes flags "request"
         assert_eq!((f[5], &f[7][..2]), ("101", "DD"), "{path}: {line}");
@@ -648,11 +659,7 @@ async fn a_server_marked_down_has_its_tunnels_and_sessions_shut_down_if_its_pool
     let me = s.local_addr().unwrap();
     echoes(&mut s).await;
     assert!(tcp.server_marked_down("app", echo));
-    let rest = tokio::time::timeout(crate::support::GIVE_UP, read_until_closed(&mut s)).await;
-    assert_eq!(rest.as_deref(), Ok(""), "tcp: closed");
-    let line = crate::support::access_line_of(me, echo)
-        .await
-        .expect("the session's line");
+    let line = closed_and_logged(&mut s, me, echo, "tcp").await;
     assert!(line.ends_with(" DD"), "tcp: {line}");
 }
 
@@ -680,11 +687,7 @@ async fn a_tunnel_of_a_proxy_still_draining_after_a_reload_is_shut_down_with_its
     drop(first);
     echoes(&mut s).await;
     assert!(second.server_marked_down("app", backend));
-    let rest = tokio::time::timeout(crate::support::GIVE_UP, read_until_closed(&mut s)).await;
-    assert_eq!(rest.as_deref(), Ok(""), "closed");
-    let line = crate::support::access_line_of(me, backend)
-        .await
-        .expect("the tunnel's line");
+    let line = closed_and_logged(&mut s, me, backend, "draining").await;
     let f: Vec<&str> = line.split_whitespace().collect();
     assert_eq!((f[5], &f[7][..2]), ("101", "DD"), "{line}");
     drop(second);
