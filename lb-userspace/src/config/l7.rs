@@ -64,10 +64,20 @@ impl Checker<'_> {
             super::SyslogTarget::Udp(addr)
         } else if text.starts_with('/') {
             let path = std::path::PathBuf::from(text);
-            // On its host, a socket that is not there takes no line.
-            if self.host_resources && !path.exists() {
-                self.at(&value.span(), format!("syslog {text}: no such socket"));
-                return None;
+            // On its host, what is not a socket takes no line.
+            if self.host_resources {
+                use std::os::unix::fs::FileTypeExt as _;
+                let problem = match std::fs::metadata(&path) {
+                    Err(e) => Some(format!("syslog {text}: {e}")),
+                    Ok(m) if !m.file_type().is_socket() => {
+                        Some(format!("syslog {text} is not a socket"))
+                    }
+                    Ok(_) => None,
+                };
+                if let Some(problem) = problem {
+                    self.at(&value.span(), problem);
+                    return None;
+                }
             }
             super::SyslogTarget::Unix(path)
         } else {
@@ -905,20 +915,39 @@ mod tests {
             3,
             "syslog_facility needs syslog",
         );
-        // On this host, a socket that is not there is refused at load.
+        // On this host, a socket that is not there, or a file that is not
+        // one, is refused at load.
         let dir = std::env::temp_dir().join(format!("lb-config-syslog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let plain = dir.join("plain.txt");
+        std::fs::write(&plain, "").unwrap();
+        for (path, needle) in [
+            (dir.join("nothing.sock"), "No such file or directory"),
+            (plain, "is not a socket"),
+        ] {
+            let key = format!("syslog = \"{}\"", path.display());
+            let errs = load_with_proxy_key("syslog", &key).unwrap_err();
+            assert_eq!((errs.len(), errs[0].line), (1, 3), "{errs:#?}");
+            assert!(errs[0].reason.contains(needle), "{errs:#?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Loads (checked against this host) the minimal proxy file with
+    /// `key` in `[proxy]`, on line 3; `tag` names its temporary directory.
+    fn load_with_proxy_key(tag: &str, key: &str) -> Result<Config, Vec<ConfigError>> {
+        let dir = std::env::temp_dir().join(format!("lb-config-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("lb.toml");
-        let missing = format!("syslog = \"{}\"", dir.join("nothing.sock").display());
         let mut lines: Vec<&str> = l7(&[]);
-        lines.splice(1..1, ["[proxy]", missing.as_str()]);
+        lines.splice(1..1, ["[proxy]", key]);
         let text = text(&lines).replace("198.18.100.1:80", "127.0.0.1:0");
+        // Text alone is not checked against this host.
         assert!(parse(&text, "lb.toml").is_ok());
         std::fs::write(&file, &text).unwrap();
-        let errs = load(&file).unwrap_err().0;
-        assert_eq!((errs.len(), errs[0].line), (1, 3), "{errs:#?}");
-        assert!(errs[0].reason.contains("no such socket"), "{errs:#?}");
-        let _ = std::fs::remove_dir_all(&dir);
+        let loaded = load(&file).map_err(|e| e.0);
+        let _ = std::fs::remove_file(&file);
+        loaded
     }
 
     #[test]
@@ -956,18 +985,8 @@ mod tests {
 
     #[test]
     fn cpu_map_names_cpus_this_process_may_run_on_when_loaded() {
-        let dir = std::env::temp_dir().join(format!("lb-config-cpus-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("lb.toml");
         let mine = (0..1024).find(|&c| lb_proxy::may_run_on(c)).expect("a CPU");
-        let cpus = format!("cpu_map = [{mine}, 1023]");
-        let mut lines: Vec<&str> = l7(&[]);
-        lines.splice(1..1, ["[proxy]", cpus.as_str()]);
-        let text = text(&lines).replace("198.18.100.1:80", "127.0.0.1:0");
-        // Text alone is not checked against this host.
-        assert!(parse(&text, "lb.toml").is_ok());
-        std::fs::write(&file, &text).unwrap();
-        let errs = load(&file).unwrap_err().0;
+        let errs = load_with_proxy_key("cpus", &format!("cpu_map = [{mine}, 1023]")).unwrap_err();
         assert_eq!(errs.len(), 1, "{errs:#?}");
         assert_eq!(
             (errs[0].line, errs[0].column),
@@ -979,9 +998,7 @@ mod tests {
                 .reason
                 .contains("cpu_map entry 1023 is not a CPU this process may run on")
         );
-        std::fs::write(&file, text.replace(", 1023]", "]")).unwrap();
-        assert!(load(&file).is_ok());
-        let _ = std::fs::remove_dir_all(&dir);
+        assert!(load_with_proxy_key("cpus", &format!("cpu_map = [{mine}]")).is_ok());
     }
 
     #[test]
