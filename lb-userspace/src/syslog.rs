@@ -96,8 +96,21 @@ impl Sink {
         })
     }
 
+    /// Sends `line` as one datagram stamped `now`.
+    #[cfg(test)]
     fn send(&self, line: &str, now: SystemTime) {
-        let datagram = format_datagram(self.facility, self.pid, now, line);
+        let mut datagram = self.header(now);
+        datagram.push_str(line);
+        self.send_datagram(&datagram);
+    }
+
+    /// What goes before a line sent `now` ([`header`]).
+    fn header(&self, now: SystemTime) -> String {
+        header(self.facility, self.pid, now)
+    }
+
+    /// Sends a whole datagram; one the socket cannot take now is dropped.
+    fn send_datagram(&self, datagram: &str) {
         let sent = match &self.socket {
             Socket::Udp(s, addr) => s.send_to(datagram.as_bytes(), addr).map(drop),
             Socket::Unix(s, path) => s.send_to(datagram.as_bytes(), path).map(drop),
@@ -108,11 +121,12 @@ impl Sink {
     }
 }
 
-/// `<PRI>Mmm dd hh:mm:ss lb[PID]: LINE` (RFC 3164; the time in UTC).
-fn format_datagram(facility: u8, pid: u32, now: SystemTime, line: &str) -> String {
+/// `<PRI>Mmm dd hh:mm:ss lb[PID]: ` (RFC 3164; the time in UTC): what
+/// goes before a line.
+fn header(facility: u8, pid: u32, now: SystemTime) -> String {
     let pri = u16::from(facility) * 8 + u16::from(SEVERITY_INFO);
     let date = lb_proxy::rfc3164_date(now);
-    format!("<{pri}>{date} lb[{pid}]: {line}")
+    format!("<{pri}>{date} lb[{pid}]: ")
 }
 
 /// Sends the `access` target's lines to the configured syslog daemon.
@@ -123,16 +137,17 @@ impl<S: Subscriber> Layer<S> for SyslogLayer {
         if event.metadata().target() != ACCESS_TARGET || !ACTIVE.load(Ordering::Relaxed) {
             return;
         }
-        let mut message = Message(String::new());
-        event.record(&mut message);
         let sink = SINK.read().unwrap_or_else(PoisonError::into_inner);
         if let Some(sink) = sink.as_ref() {
-            sink.send(&message.0, SystemTime::now());
+            // The line is written behind its header: one buffer per datagram.
+            let mut message = Message(sink.header(SystemTime::now()));
+            event.record(&mut message);
+            sink.send_datagram(&message.0);
         }
     }
 }
 
-/// An event's `message` field.
+/// A datagram's header, then the event's `message` field.
 struct Message(String);
 
 impl Visit for Message {
@@ -153,6 +168,11 @@ impl Visit for Message {
 mod tests {
     use super::*;
     use std::time::{Duration, UNIX_EPOCH};
+
+    /// A whole datagram: the header, then the line.
+    fn format_datagram(facility: u8, pid: u32, now: SystemTime, line: &str) -> String {
+        header(facility, pid, now) + line
+    }
 
     #[test]
     fn datagrams_are_rfc_3164_lines() {
