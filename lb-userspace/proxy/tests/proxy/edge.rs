@@ -683,12 +683,23 @@ async fn a_tunnel_of_a_proxy_still_draining_after_a_reload_is_shut_down_with_its
     let (mut s, me) = open_websocket(&first, "first").await;
     echoes(&mut s).await;
     // A reload: the first proxy drains, its tunnel goes on.
-    let second = Proxy::start_threads(cfg, None, &threads, Some(&first)).unwrap();
+    let second = Proxy::start_threads(cfg.clone(), None, &threads, Some(&first)).unwrap();
     drop(first);
     echoes(&mut s).await;
     assert!(second.server_marked_down("app", backend));
     let line = closed_and_logged(&mut s, me, backend, "draining").await;
     let f: Vec<&str> = line.split_whitespace().collect();
     assert_eq!((f[5], &f[7][..2]), ("101", "DD"), "{line}");
+    // By hand (`lb shutdown-sessions`, through the agent's ProxyStats):
+    // a tunnel of the second proxy, draining after another reload.
+    let (mut s, me) = open_websocket(&second, "second").await;
+    echoes(&mut s).await;
+    let third = Proxy::start_threads(cfg, None, &threads, Some(&second)).unwrap();
     drop(second);
+    echoes(&mut s).await;
+    assert!(third.stats().shutdown_sessions("app", backend));
+    let line = closed_and_logged(&mut s, me, backend, "by hand").await;
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!((f[5], &f[7][..2]), ("101", "DD"), "{line}");
+    drop(third);
 }
