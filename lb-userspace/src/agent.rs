@@ -1077,20 +1077,27 @@ struct HttpListeners {
 }
 
 impl HttpListeners {
-    async fn bind(config: &Config) -> Result<Self> {
+    fn bind(config: &Config) -> Result<Self> {
         let metrics = match config.metrics {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding metrics endpoint {addr}"))?,
-            ),
+            Some(addr) => Some(Self::listen(addr, "the metrics endpoint")?),
             None => None,
         };
         let admin = match &config.admin {
-            Some(a) => Some((admin::bind(a.bind).await?, admin_auth(a, config)?)),
+            Some(a) => Some((
+                Self::listen(a.bind, "the admin listener")?,
+                admin_auth(a, config)?,
+            )),
             None => None,
         };
         Ok(HttpListeners { metrics, admin })
+    }
+
+    /// Binds `addr` as the proxy binds its frontends (SO_REUSEPORT), so that
+    /// `lb check` and reloads can test it while this agent holds it.
+    fn listen(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+        lb_proxy::shared_listener(addr)
+            .and_then(TcpListener::from_std)
+            .with_context(|| format!("binding {what} {addr}"))
     }
 
     /// Serves metrics and the admin listener, each in a task of its own.
@@ -1162,7 +1169,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     let mut l7 = L7::start(config.proxy.clone(), &shared).await?;
     // The last steps that can fail come before anything is spawned, so a
     // failure leaves no task (nor control socket) behind either.
-    let http = HttpListeners::bind(&config).await?;
+    let http = HttpListeners::bind(&config)?;
     let (discovered_tx, discovered) = mpsc::unbounded_channel();
     let mut inputs = Inputs {
         sigint: signal(SignalKind::interrupt())?,

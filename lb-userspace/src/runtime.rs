@@ -394,11 +394,14 @@ impl Desired {
 
     /// `lb remove service`, with its operator states and discovered backends.
     fn remove_service(&mut self, name: &str) -> Result<(), String> {
-        let before = self.config.services.len();
-        self.config.services.retain(|s| s.name != name);
-        if self.config.services.len() == before {
+        let mut services = self.config.services.clone();
+        services.retain(|s| s.name != name);
+        if services.len() == self.config.services.len() {
             return Err(format!("unknown service {name:?}"));
         }
+        // The last l7 service of an l4 VIP's address lets its other ports up.
+        self.config.listeners_reachable(&services)?;
+        self.config.services = services;
         self.admin.retain(|(s, _), _| s != name);
         self.discovered.remove(name);
         Ok(())
@@ -447,7 +450,8 @@ impl Desired {
             None => DEFAULT_RING_SIZE,
         };
         rules::service_count(self.config.services.len() + 1)?;
-        self.config.services.push(Service {
+        let mut services = self.config.services.clone();
+        services.push(Service {
             name: name.to_string(),
             vip,
             protocol,
@@ -461,6 +465,8 @@ impl Desired {
             health: None,
             discovery: None,
         });
+        self.config.listeners_reachable(&services)?;
+        self.config.services = services;
         Ok(())
     }
 
@@ -662,6 +668,60 @@ address = "198.18.2.11:8080"
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_service_change_that_would_cut_a_listener_off_is_refused() {
+        let config = crate::config::parse(
+            r#"interfaces = ["eth0"]
+metrics = "198.18.100.9:9100"
+[[service]]
+name = "proxy"
+vip = "198.18.100.9:443"
+mode = "l7"
+[[frontend]]
+name = "f"
+binds = ["198.18.100.9:443", "198.18.100.9:80"]
+default_pool = "app"
+[[pool]]
+name = "app"
+servers = [{ address = "198.18.2.11:8080" }]
+"#,
+            "t.toml",
+        )
+        .unwrap();
+        let mut d = Desired::from_config(config);
+        let add = |name: &str, port: u16, mode| Request::AddService {
+            name: name.into(),
+            vip: std::net::SocketAddr::from(([198, 18, 100, 9], port)),
+            protocol: Protocol::Tcp,
+            mode,
+            forwarding: crate::config::Forwarding::Nat,
+            hash: crate::config::FlowHash::Flow,
+            ring_size: None,
+        };
+        let before = d.clone();
+        // XDP would forward the frontend's connections on :80 elsewhere.
+        let err = d.apply(&add("web", 80, Mode::L4)).unwrap_err();
+        assert!(
+            err.contains(
+                "frontend \"f\" binds 198.18.100.9:80, but it is the VIP of l4 service \"web\""
+            ),
+            "{err}"
+        );
+        assert_eq!(d.config, before.config, "a refused change changes nothing");
+        // Another port of the address: the l7 service keeps it passed up...
+        d.apply(&add("ssh", 22, Mode::L4)).unwrap();
+        // ...so removing that service would drop the frontend's and metrics' packets.
+        let remove = Request::RemoveService {
+            name: "proxy".into(),
+        };
+        let err = d.apply(&remove).unwrap_err();
+        assert!(err.contains("of no l7 service"), "{err}");
+        d.apply(&Request::RemoveService { name: "ssh".into() })
+            .unwrap();
+        d.apply(&remove).unwrap();
+        assert!(d.config.services.is_empty());
     }
 
     #[test]
@@ -872,7 +932,7 @@ name = "_http._tcp.web.lab.test"
 nameservers = ["198.18.2.241"]
 [[frontend]]
 name = "f"
-binds = ["198.18.100.1:443"]
+binds = ["198.18.100.2:443"]
 default_pool = "app"
 [[pool]]
 name = "app"

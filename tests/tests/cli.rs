@@ -1,5 +1,6 @@
 //! The `lb` binary's configuration handling, as an operator meets it.
 
+use std::os::unix::fs::FileTypeExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -173,7 +174,8 @@ fn failed_start(tag: &str, config: &str) -> (String, PathBuf) {
         "",
         "an attachment was left behind"
     );
-    assert!(!socket.exists(), "the control socket was left behind");
+    let left = std::fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket());
+    assert!(!left, "the control socket was left behind");
     (stderr, path)
 }
 
@@ -192,14 +194,28 @@ fn run_with_a_missing_interface_reports_its_position_and_attaches_nothing() {
 
 #[test]
 fn a_start_failing_after_the_attach_leaves_nothing_behind() {
-    // 192.0.2.1 (TEST-NET-1) is no address of the namespace: binding the
-    // metrics endpoint fails after the program is loaded and attached.
+    // A plain file where the control socket goes: the start's last step
+    // (after the program is loaded and attached) refuses to replace it.
+    let socket = write("late-fail.sock", "not a socket");
+    let config = GOOD.replace("[\"lo\"]", "[\"lbc\", \"lbb\"]");
+    let (stderr, _) = failed_start("late-fail", &config);
+    assert!(stderr.contains("exists and is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&socket).unwrap(), "not a socket");
+}
+
+#[test]
+fn run_refuses_a_metrics_address_it_cannot_bind_before_attaching() {
+    // 192.0.2.1 (TEST-NET-1) is no address of the namespace.
     let config = GOOD.replace(
         "[\"lo\"]",
         "[\"lbc\", \"lbb\"]\nmetrics = \"192.0.2.1:9100\"",
     );
-    let (stderr, _) = failed_start("late-fail", &config);
-    assert!(stderr.contains("binding metrics endpoint"), "{stderr}");
+    let (stderr, path) = failed_start("metrics-bind", &config);
+    let why = format!(
+        "{}:2:11: metrics listens on 192.0.2.1:9100, which cannot be bound: Cannot assign requested address",
+        path.display()
+    );
+    assert!(stderr.contains(&why), "{stderr}");
 }
 
 #[test]

@@ -265,6 +265,24 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     Ok(socket.into())
 }
 
+/// Whether `addr` can be bound the way this proxy's listeners (and the
+/// agent's, [`shared_listener`]) bind it: next to a running `lb` that
+/// already listens there, but not where another program does.
+pub fn can_bind(addr: SocketAddr) -> std::io::Result<()> {
+    reuseport_socket(addr).and_then(|s| s.bind(&addr.into()))
+}
+
+/// A non-blocking listener for the agent's own HTTP endpoints (metrics,
+/// admin), bound as the proxy's are so that `lb check` and a reload can
+/// test the address while this process holds it ([`can_bind`]).
+pub fn shared_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = reuseport_socket(addr)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
 /// An unbound TCP socket for `addr` that may share its port with this
 /// proxy's listeners (SO_REUSEADDR, SO_REUSEPORT; IPv6 only for IPv6).
 fn reuseport_socket(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
@@ -329,7 +347,7 @@ pub fn frontend_host_problems(fe: &Frontend) -> Vec<HostProblem> {
         });
     }
     for (i, bind) in fe.binds.iter().enumerate() {
-        if let Err(e) = reuseport_socket(*bind).and_then(|s| s.bind(&(*bind).into())) {
+        if let Err(e) = can_bind(*bind) {
             problems.push(HostProblem {
                 key: "binds",
                 index: Some(i),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -137,13 +137,6 @@ pub fn redirect(location: &'static str) -> Answer {
     resp.headers_mut()
         .insert(header::LOCATION, HeaderValue::from_static(location));
     resp
-}
-
-/// Binds the admin address (before anything is spawned, so a taken port fails the start).
-pub async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the admin listener {addr}"))
 }
 
 /// Serves HTTP/1.1 on `listener` until the task is dropped.

@@ -3,6 +3,7 @@
 use anyhow::{Context as _, ensure};
 use toml::Spanned;
 
+use super::listeners::Listener;
 use super::raw::RawAdmin;
 use super::{ADDR_FORM, AdminConfig, Checker};
 
@@ -32,7 +33,15 @@ impl Checker<'_> {
                     );
                     self.at(&b.span(), why);
                 })
-                .ok(),
+                .ok()
+                .inspect(|addr| {
+                    self.listening(Listener {
+                        addr: *addr,
+                        span: b.span(),
+                        owner: "[admin] binds".into(),
+                        try_bind: true,
+                    })
+                }),
         };
         let had_any = raw.userlist.is_some() || raw.token_file.is_some();
         let userlist = raw.userlist.and_then(|u| {

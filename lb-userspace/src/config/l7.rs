@@ -13,6 +13,7 @@ use std::ops::Range;
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 
+use super::listeners::Listener;
 use super::raw::{RawPool, RawProxy, RawTable};
 use super::{Checker, Forwarding, ProxySection, rules};
 use lb_proxy::routing::RoutingError;
@@ -328,6 +329,20 @@ impl Checker<'_> {
                         None => self.at_key(keys, problem.key, span, problem.reason),
                     }
                 }
+            }
+        }
+        for fe in &alone.frontends {
+            for (i, bind) in fe.binds.iter().enumerate() {
+                let span = keys.get("binds").map_or_else(
+                    || span.clone(),
+                    |v| entry_span(self.lines.text, v.span(), i),
+                );
+                self.listening(Listener {
+                    addr: *bind,
+                    span,
+                    owner: format!("frontend \"{}\" binds", fe.name),
+                    try_bind: false,
+                });
             }
         }
         let mut acl_reported = false;

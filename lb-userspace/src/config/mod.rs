@@ -32,6 +32,7 @@ mod bgp;
 mod discovery;
 mod health;
 mod l7;
+mod listeners;
 mod raw;
 pub mod rules;
 mod services;
@@ -635,6 +636,7 @@ fn parse_with(
         errors: Vec::new(),
         host,
         host_resources,
+        listeners: Vec::new(),
     };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -671,6 +673,8 @@ struct Checker<'a> {
     host: Host,
     /// Read the files the proxy's tables name, try their binds (see `parse_with`).
     host_resources: bool,
+    /// Addresses listened on, checked together at the end (`listeners`).
+    listeners: Vec<listeners::Listener>,
 }
 
 impl Checker<'_> {
@@ -705,8 +709,23 @@ impl Checker<'_> {
         let xdp_mode = self
             .choice(raw.xdp_mode.as_ref(), "xdp_mode", XDP_MODES)
             .unwrap_or_default();
+        let services = self.services(raw.service.unwrap_or_default());
+        let bgp = raw.bgp.and_then(|b| self.bgp(b));
+        let mut proxy = self.proxy_section(
+            raw.frontend.unwrap_or_default(),
+            raw.pool.unwrap_or_default(),
+            raw.userlist.unwrap_or_default(),
+        );
         let metrics = raw.metrics.and_then(|m| match m.get_ref().parse() {
-            Ok(addr) => Some(addr),
+            Ok(addr) => {
+                self.listening(listeners::Listener {
+                    addr,
+                    span: m.span(),
+                    owner: "metrics listens on".into(),
+                    try_bind: true,
+                });
+                Some(addr)
+            }
             Err(_) => {
                 self.at(
                     &m.span(),
@@ -735,14 +754,8 @@ impl Checker<'_> {
         let deny = self.deny(raw.deny);
         let encap_source_v4 = self.encap_source(raw.encap_source_v4, false);
         let encap_source_v6 = self.encap_source(raw.encap_source_v6, true);
-        let services = self.services(raw.service.unwrap_or_default());
-        let bgp = raw.bgp.and_then(|b| self.bgp(b));
-        let mut proxy = self.proxy_section(
-            raw.frontend.unwrap_or_default(),
-            raw.pool.unwrap_or_default(),
-            raw.userlist.unwrap_or_default(),
-        );
         let admin = raw.admin.and_then(|a| self.admin(a, &proxy.0.userlists));
+        self.check_listeners(&services);
         let syslog = raw.proxy.as_ref().and_then(|p| self.syslog(p.get_ref()));
         proxy.3 = self.threads(raw.proxy);
         Config {

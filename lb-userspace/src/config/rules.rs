@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use lb_common::maglev::is_prime;
 use lb_common::{MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, MAX_WEIGHT};
 
-use super::{FlowHash, Forwarding, Mode, Protocol};
+use super::{FlowHash, Forwarding, Mode, Protocol, Service};
 
 /// Checks a service name: non-empty, letters, digits, '_', '.' and '-'
 /// (it appears in metric labels, CLI arguments and the journal).
@@ -135,6 +135,40 @@ pub fn backend_for_vip(
         ));
     }
     Ok(())
+}
+
+/// Checks that connections to TCP `addr`, where this process listens (a
+/// frontend, metrics, `[admin]`), get past the XDP program serving
+/// `services`: not an `l4` TCP VIP (forwarded to that service's backends),
+/// nor another port of an `l4` VIP's address that no `l7` service shares
+/// (dropped there, `drop_vip_unserved`). A wildcard address is reachable
+/// through every other one.
+pub fn listener_reachable(addr: SocketAddr, services: &[Service]) -> Result<(), String> {
+    if addr.ip().is_unspecified() {
+        return Ok(());
+    }
+    let l4 = |s: &&Service| s.mode == Mode::L4 && s.vip.ip() == addr.ip();
+    if let Some(s) = services
+        .iter()
+        .filter(l4)
+        .find(|s| s.vip.port() == addr.port() && s.protocol == Protocol::Tcp)
+    {
+        return Err(format!(
+            "it is the VIP of l4 service \"{}\": XDP forwards its connections to the service's backends, so none would reach this listener (mode = \"l7\" passes them up)",
+            s.name
+        ));
+    }
+    let shared = services
+        .iter()
+        .any(|s| s.mode == Mode::L7 && s.vip.ip() == addr.ip());
+    match services.iter().find(l4) {
+        Some(s) if !shared => Err(format!(
+            "{} is the VIP address of l4 service \"{}\" and of no l7 service: XDP drops what no service takes there (an l7 service for {addr} passes its connections up)",
+            addr.ip(),
+            s.name
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Backends that take slots in a Maglev ring: those with weight > 0.

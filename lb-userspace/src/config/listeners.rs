@@ -1,0 +1,272 @@
+//! The addresses `lb run` listens on (the frontends' `binds`, `metrics`,
+//! `[admin] bind`), checked together once every table is read: two
+//! listeners on one address (each bound with SO_REUSEPORT, both would
+//! bind and the kernel would split the connections between them), a
+//! listener the XDP program keeps every connection from
+//! (`rules::listener_reachable`), and on this host an address another
+//! program holds (the frontends' binds are tried with their tables).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use super::{Checker, Config, Service, rules};
+
+/// One address listened on, where the file names it and who listens.
+pub(super) struct Listener {
+    pub(super) addr: SocketAddr,
+    pub(super) span: Range<usize>,
+    /// Its owner as the subject of a sentence: `frontend "web" binds`.
+    pub(super) owner: String,
+    /// Also try to bind it here (when the file's host resources are
+    /// checked): the frontends' binds are tried with their tables.
+    pub(super) try_bind: bool,
+}
+
+impl Checker<'_> {
+    /// Records an address listened on, for [`Checker::check_listeners`].
+    pub(super) fn listening(&mut self, listener: Listener) {
+        self.listeners.push(listener);
+    }
+
+    /// Checks every recorded listener against those before it and against
+    /// the file's `services`.
+    pub(super) fn check_listeners(&mut self, services: &[Service]) {
+        let listeners = std::mem::take(&mut self.listeners);
+        let mut first: HashMap<SocketAddr, (&str, usize)> = HashMap::new();
+        for l in &listeners {
+            let Listener {
+                addr, span, owner, ..
+            } = l;
+            // Port 0: each listener is given a port of its own.
+            if let Some((other, line)) = first.get(addr).filter(|_| addr.port() != 0) {
+                let why = format!(
+                    "{owner} {addr}, which {other} too (line {line}): two listeners on one address would split its connections between them"
+                );
+                self.at(span, why);
+                continue;
+            }
+            first.insert(*addr, (owner, self.line(span)));
+            if let Err(why) = rules::listener_reachable(*addr, services) {
+                self.at(span, format!("{owner} {addr}, but {why}"));
+            } else if l.try_bind
+                && self.host_resources
+                && let Err(e) = lb_proxy::can_bind(*addr)
+            {
+                self.at(span, format!("{owner} {addr}, which cannot be bound: {e}"));
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Every address this configuration listens on, with its owner (as
+    /// [`Listener::owner`]).
+    pub fn listeners(&self) -> Vec<(SocketAddr, String)> {
+        let binds = self.proxy.0.frontends.iter().flat_map(|fe| {
+            let owner = format!("frontend \"{}\" binds", fe.name);
+            fe.binds.iter().map(move |b| (*b, owner.clone()))
+        });
+        let metrics = self.metrics.map(|m| (m, "metrics listens on".to_string()));
+        let admin = self
+            .admin
+            .as_ref()
+            .map(|a| (a.bind, "[admin] binds".to_string()));
+        binds.chain(metrics).chain(admin).collect()
+    }
+
+    /// Checks that every listener is reachable with `services` in place of
+    /// the configuration's (a runtime change to the services).
+    pub fn listeners_reachable(&self, services: &[Service]) -> Result<(), String> {
+        for (addr, owner) in self.listeners() {
+            rules::listener_reachable(addr, services)
+                .map_err(|why| format!("{owner} {addr}, but {why}"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::expect_one;
+    use super::super::{Config, parse};
+
+    /// A frontend `name` binding `binds`, its pool and `extra` lines.
+    fn file(head: &[&str], frontends: &[(&str, &str)], extra: &[&str]) -> Vec<String> {
+        let mut lines: Vec<String> = head.iter().map(|l| l.to_string()).collect();
+        for (name, binds) in frontends {
+            lines.push("[[frontend]]".into());
+            lines.push(format!("name = \"{name}\""));
+            lines.push(format!("binds = [{binds}]"));
+            lines.push("default_pool = \"p\"".into());
+        }
+        lines.push("[[pool]]".into());
+        lines.push("name = \"p\"".into());
+        lines.push("servers = [{ address = \"198.18.2.11:8080\" }]".into());
+        lines.extend(extra.iter().map(|l| l.to_string()));
+        lines
+    }
+
+    fn refs(lines: &[String]) -> Vec<&str> {
+        lines.iter().map(String::as_str).collect()
+    }
+
+    fn parses(lines: &[String]) -> Config {
+        let text = lines.join("\n") + "\n";
+        parse(&text, "lb.toml").unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn one_address_is_listened_on_once() {
+        let two = file(
+            &[],
+            &[("a", "\"127.0.0.1:80\""), ("b", "\"127.0.0.1:80\"")],
+            &[],
+        );
+        expect_one(
+            &refs(&two),
+            7,
+            "frontend \"b\" binds 127.0.0.1:80, which frontend \"a\" binds too (line 3): two listeners on one address would split its connections",
+        );
+        let twice = file(&[], &[("a", "\"[::1]:80\", \"[::1]:80\"")], &[]);
+        expect_one(&refs(&twice), 3, "which frontend \"a\" binds too (line 3)");
+        let metrics = file(
+            &["metrics = \"127.0.0.1:80\""],
+            &[("a", "\"127.0.0.1:80\"")],
+            &[],
+        );
+        expect_one(
+            &refs(&metrics),
+            1,
+            "metrics listens on 127.0.0.1:80, which frontend \"a\" binds too (line 4)",
+        );
+        let admin = file(
+            &["metrics = \"127.0.0.1:8404\""],
+            &[("a", "\"127.0.0.1:80\"")],
+            &[
+                "[admin]",
+                "bind = \"127.0.0.1:8404\"",
+                "token_file = \"/etc/lb/token\"",
+            ],
+        );
+        expect_one(
+            &refs(&admin),
+            10,
+            "[admin] binds 127.0.0.1:8404, which metrics listens on too (line 1)",
+        );
+        // A wildcard and a specific address, or the two families' wildcards
+        // (IPv6 listeners are IPv6 only), are different listeners: the
+        // kernel gives a connection to the most specific one.
+        parses(&file(
+            &["metrics = \"0.0.0.0:80\""],
+            &[
+                ("a", "\"127.0.0.1:80\", \"[::]:80\""),
+                ("b", "\"127.0.0.2:80\""),
+            ],
+            &[],
+        ));
+    }
+
+    #[test]
+    fn metrics_and_admin_binds_are_tried_on_this_host_beside_our_own() {
+        let dir = std::env::temp_dir().join(format!("lb-config-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("token");
+        std::fs::write(&token, "0123456789abcdef0123").unwrap();
+        // A port another program listens on (no SO_REUSEPORT)...
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = taken.local_addr().unwrap();
+        // ...and one a running lb holds, as `lb run` binds it.
+        let ours = lb_proxy::shared_listener("127.0.0.1:0".parse().unwrap()).unwrap();
+        let ours = ours.local_addr().unwrap();
+        let path = dir.join("lb.toml");
+        let load = |metrics: std::net::SocketAddr, admin: std::net::SocketAddr| {
+            let head = [format!("metrics = \"{metrics}\"")];
+            let admin = [
+                "[admin]".to_string(),
+                format!("bind = \"{admin}\""),
+                format!("token_file = \"{}\"", token.display()),
+            ];
+            let lines = file(&refs(&head), &[("a", "\"127.0.0.1:0\"")], &refs(&admin));
+            let text = lines.join("\n") + "\n";
+            std::fs::write(&path, text).unwrap();
+            super::super::load(&path).map_err(|e| e.0)
+        };
+        let errs = load(taken, taken).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert_eq!(errs[0].line, 1, "{errs:#?}");
+        let why =
+            format!("metrics listens on {taken}, which cannot be bound: Address already in use");
+        assert!(errs[0].reason.starts_with(&why), "{errs:#?}");
+        // The admin's is the same address: reported as such, not tried.
+        assert_eq!(errs[1].line, 10, "{errs:#?}");
+        assert!(
+            errs[1]
+                .reason
+                .contains("which metrics listens on too (line 1)"),
+            "{errs:#?}"
+        );
+        let mut other = ours;
+        other.set_port(0);
+        assert!(load(ours, other).is_ok());
+        // Text alone (tests) is not tried against this host.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(parse(&text.replace(&ours.to_string(), &taken.to_string()), "t").is_ok());
+        let errs = load(other, taken).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:#?}");
+        assert!(errs[0].reason.starts_with("[admin] binds"), "{errs:#?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_listener_xdp_keeps_every_connection_from_is_refused() {
+        let head = [
+            "interfaces = [\"eth0\"]",
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+        ];
+        let on_vip = file(&head, &[("a", "\"198.18.100.1:80\"")], &[]);
+        expect_one(
+            &refs(&on_vip),
+            7,
+            "frontend \"a\" binds 198.18.100.1:80, but it is the VIP of l4 service \"web\": XDP forwards its connections to the service's backends",
+        );
+        let other_port = file(&head, &[("a", "\"198.18.100.1:443\"")], &[]);
+        expect_one(
+            &refs(&other_port),
+            7,
+            "198.18.100.1 is the VIP address of l4 service \"web\" and of no l7 service: XDP drops what no service takes there",
+        );
+        let mut metrics = head.to_vec();
+        metrics.insert(1, "metrics = \"198.18.100.1:9100\"");
+        expect_one(
+            &refs(&file(&metrics, &[("a", "\"0.0.0.0:80\"")], &[])),
+            2,
+            "metrics listens on 198.18.100.1:9100, but",
+        );
+        // An l7 service on the address passes its other ports up too (a UDP
+        // service's port among them: it takes no TCP connection).
+        parses(&file(
+            &head,
+            &[(
+                "a",
+                "\"198.18.100.1:443\", \"198.18.100.1:8443\", \"198.18.100.2:53\"",
+            )],
+            &[
+                "[[service]]",
+                "name = \"tls\"",
+                "vip = \"198.18.100.1:443\"",
+                "mode = \"l7\"",
+                "[[service]]",
+                "name = \"dns\"",
+                "vip = \"198.18.100.2:53\"",
+                "protocol = \"udp\"",
+                "[[service]]",
+                "name = \"proxy\"",
+                "vip = \"198.18.100.2:443\"",
+                "mode = \"l7\"",
+            ],
+        ));
+    }
+}
