@@ -74,6 +74,19 @@ pub(crate) enum Phase {
     Data,
 }
 
+impl Phase {
+    /// Its letter in the termination state.
+    pub(crate) fn letter(self) -> char {
+        match self {
+            Phase::Request => 'R',
+            Phase::Queue => 'Q',
+            Phase::Connect => 'C',
+            Phase::Headers => 'H',
+            Phase::Data => 'D',
+        }
+    }
+}
+
 /// Whether a failed attempt may be tried again (within the pool's `retries`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Retry {
@@ -137,14 +150,7 @@ impl Failure {
             Side::ServerTimeout => 's',
             Side::Proxy => 'P',
         };
-        let phase = match phase {
-            Phase::Request => 'R',
-            Phase::Queue => 'Q',
-            Phase::Connect => 'C',
-            Phase::Headers => 'H',
-            Phase::Data => 'D',
-        };
-        [side, phase]
+        [side, phase.letter()]
     }
 
     /// Whether the attempt may be made again.

@@ -24,7 +24,7 @@ use super::compress;
 use super::connpool::{Conn, RawConn, Reusable, Sender, SharedH2};
 use super::context::{ConnCtx, FrontendCtx, PoolRuntime, Shared};
 use super::deadline::WaitLimit;
-use super::error::Failure;
+use super::error::{Failure, Phase};
 use super::h1::client;
 use super::hardening;
 use super::log::{AccessRecord, LogFormat};
@@ -64,7 +64,7 @@ pub(crate) async fn handle(
         &shared,
         client,
         &mut parts,
-        tq,
+        (tq, start),
         upgrade.as_ref().map(|u| &u.proto),
     )
     .await;
@@ -262,14 +262,18 @@ fn forward<'a>(
         let pool = &shared.pools[fwd.pool];
         let mut attempts = Attempts::new(pool);
         loop {
+            fwd.rec.phase = Phase::Queue;
             let attempt = match attempts.acquire(pool, fwd.pick, &mut fwd.rec).await {
-                Ok(active) => connect(pool, conn, active, upgrade.is_some()).await,
+                Ok(active) => {
+                    fwd.rec.phase = Phase::Connect;
+                    connect(pool, conn, active, upgrade.is_some()).await
+                }
                 Err(failure) => Err(failure),
             };
             let (active, server) = match attempt {
                 Ok(a) => a,
                 Err(f) if attempts.retry(pool, f, false) => continue,
-                Err(f) => return error_response(f, fwd.rec, done),
+                Err(f) => return error_response(f, fwd.rec.into_record(), done),
             };
             fwd.rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
             if gone.is_some_and(|tx| tx.is_closed()) {
@@ -277,8 +281,11 @@ fn forward<'a>(
                 if let Sender::H1(h1) = server.sender {
                     pool.conns.put(active.server().addr, h1);
                 }
-                return error_response(Failure::ClientGone, fwd.rec, done);
+                return error_response(Failure::ClientGone, fwd.rec.into_record(), done);
             }
+            // hyper sends the body and reads the answer as one step: the
+            // request is the server's from here.
+            fwd.rec.phase = Phase::Headers;
             let sent = Instant::now();
             let reused = server.connect_time.is_none();
             let mut sender = server.sender;
@@ -290,7 +297,7 @@ fn forward<'a>(
                 sender.send(out, pool.timeout_server)
             }) else {
                 // Unreachable: `req` is put back before every retry.
-                return error_response(Failure::Internal, fwd.rec, done);
+                return error_response(Failure::Internal, fwd.rec.into_record(), done);
             };
             let failure = match sending.await {
                 Ok(Ok(resp)) => {
@@ -330,7 +337,7 @@ fn forward<'a>(
                 }
             };
             attempts.ended(pool, failure);
-            return error_response(failure, fwd.rec, done);
+            return error_response(failure, fwd.rec.into_record(), done);
         }
     }
 }
@@ -394,22 +401,28 @@ fn forward_raw<'a>(
     async move {
         let mut attempts = Attempts::new(pool);
         loop {
+            fwd.rec.phase = Phase::Queue;
             let attempt = match attempts.acquire(pool, fwd.pick, &mut fwd.rec).await {
-                Ok(active) => connect_raw(pool, conn, active).await,
+                Ok(active) => {
+                    fwd.rec.phase = Phase::Connect;
+                    connect_raw(pool, conn, active).await
+                }
                 Err(failure) => Err(failure),
             };
             let (active, mut server, connect_time) = match attempt {
                 Ok(a) => a,
                 Err(f) if attempts.retry(pool, f, false) => continue,
-                Err(f) => return error_response(f, fwd.rec, done),
+                Err(f) => return error_response(f, fwd.rec.into_record(), done),
             };
             fwd.rec.tc = connect_time.map_or(0, |d| d.as_millis() as i64);
             let addr = active.server().addr;
             if gone.is_some_and(|tx| tx.is_closed()) {
                 // Reset before it was sent: the connection serves another request instead.
                 pool.conns.put_raw(addr, server);
-                return error_response(Failure::ClientGone, fwd.rec, done);
+                return error_response(Failure::ClientGone, fwd.rec.into_record(), done);
             }
+            // The body (in hand) goes out with the head: what is left to wait for is the answer.
+            fwd.rec.phase = Phase::Headers;
             let sent = Instant::now();
             let due = tokio::time::Instant::from_std(sent) + pool.timeout_server;
             let head = match client::exchange(&mut server, &parts, &body, due).await {
@@ -422,7 +435,7 @@ fn forward_raw<'a>(
                 Err(f) => {
                     tracing::debug!(pool = %pool.name, server = %addr, failure = ?f, "no response");
                     fwd.rec.tr = sent.elapsed().as_millis() as i64;
-                    return error_response(f, fwd.rec, done);
+                    return error_response(f, fwd.rec.into_record(), done);
                 }
             };
             Attempts::answered(pool, &active);
@@ -471,17 +484,18 @@ fn respond_raw(
         Ok(h) => h,
         Err(why) => {
             tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response");
-            return error_response(Failure::BadResponse, fwd.rec, done);
+            return error_response(Failure::BadResponse, fwd.rec.into_record(), done);
         }
     };
     let https = done.conn.frontend.https;
     prepare::persist(&mut fwd, (pool, active.server()), https);
     let Forwarding {
-        mut rec,
+        rec,
         response_ops,
         gzip,
         ..
     } = fwd;
+    let mut rec = rec.into_record();
     actions::apply_response(&response_ops, &mut headers); // response actions
     rec.status = head.status.as_u16();
     let back = client::GiveBack {
@@ -581,16 +595,17 @@ fn respond(
     let addr = x.active.server().addr;
     if let Err(why) = framing {
         tracing::debug!(pool = %x.pool.name, server = %addr, reason = why, "bad response framing");
-        return error_response(Failure::BadResponse, fwd.rec, done);
+        return error_response(Failure::BadResponse, fwd.rec.into_record(), done);
     }
     let https = x.conn.frontend.https;
     prepare::persist(&mut fwd, (x.pool, x.active.server()), https);
     let Forwarding {
-        mut rec,
+        rec,
         response_ops,
         gzip,
         ..
     } = fwd;
+    let mut rec = rec.into_record();
     prepare::strip_hop_by_hop(&mut rparts.headers);
     let mut shared = None;
     let mut tunnel_log = None;

@@ -3,11 +3,13 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::{Method, Uri, Version};
 
-use crate::error::Failure;
+use tokio::sync::watch;
+
+use crate::error::{Failure, Phase};
 use crate::stats::{Counters, Outcome, Tally};
 
 /// How a frontend writes its access log lines (`log_format`).
@@ -182,6 +184,14 @@ impl AccessRecord {
         self
     }
 
+    /// The status as logged: -1 for a request that got no answer (HAProxy's).
+    fn logged_status(&self) -> i32 {
+        match self.status {
+            0 => -1,
+            s => i32::from(s),
+        }
+    }
+
     /// The method as logged.
     pub fn method_text(&self) -> &str {
         self.method.as_ref().map_or("<BADREQ>", Method::as_str)
@@ -225,7 +235,7 @@ impl AccessRecord {
             self.tc,
             self.tr,
             self.tt,
-            self.status,
+            self.logged_status(),
             self.bytes,
             self.termination[0],
             self.termination[1],
@@ -298,7 +308,7 @@ impl AccessRecord {
             serde_json::json!({
                 "tq": self.tq,
                 "tr": self.tr,
-                "status": self.status,
+                "status": self.logged_status(),
                 "termination_state": format!("{t0}{t1}{p0}{p1}"),
                 "method": self.method_text(),
                 "uri": self.uri_text(),
@@ -343,6 +353,80 @@ impl AccessRecord {
             LogFormat::Json => self.json().to_string(),
         };
         tracing::info!(target: "access", "{line}");
+    }
+}
+
+/// A forwarded request's record until its answer (or its failure) takes
+/// it. Dropped with the record still in it, it logs the request as ended
+/// there: the proxy's runtime went away at a hard stop (`K`), or the
+/// client did (`C`: hyper dropped the exchange of an HTTP/1 client that
+/// closed, an HTTP/2 stream's aborted exchange), then the phase it was in
+/// (queue, connect, request body, response head). Without it such
+/// requests left no line and no count.
+pub(crate) struct Unfinished {
+    /// Some until taken by [`Unfinished::into_record`] (or the drop).
+    rec: Option<AccessRecord>,
+    /// Where the request is now: the second letter if it is dropped.
+    pub phase: Phase,
+    start: Instant,
+    format: LogFormat,
+    /// The frontend's hard stop flag.
+    kill: watch::Receiver<bool>,
+}
+
+impl Unfinished {
+    /// Guards `rec`, a request of a frontend logging in `format` whose
+    /// hard stop is `kill`, started at `start`.
+    pub(crate) fn new(
+        rec: AccessRecord,
+        start: Instant,
+        format: LogFormat,
+        kill: &watch::Receiver<bool>,
+    ) -> Self {
+        Unfinished {
+            rec: Some(rec),
+            phase: Phase::Queue,
+            start,
+            format,
+            kill: kill.clone(),
+        }
+    }
+
+    /// The record, for whoever finishes it now.
+    pub(crate) fn into_record(mut self) -> AccessRecord {
+        self.rec.take().expect(TAKEN)
+    }
+}
+
+impl From<Unfinished> for AccessRecord {
+    fn from(guard: Unfinished) -> AccessRecord {
+        guard.into_record()
+    }
+}
+
+/// Only `into_record`, which consumes the guard, and the drop take it.
+const TAKEN: &str = "an Unfinished record is taken once, as it ends";
+
+impl std::ops::Deref for Unfinished {
+    type Target = AccessRecord;
+    fn deref(&self) -> &AccessRecord {
+        self.rec.as_ref().expect(TAKEN)
+    }
+}
+
+impl std::ops::DerefMut for Unfinished {
+    fn deref_mut(&mut self) -> &mut AccessRecord {
+        self.rec.as_mut().expect(TAKEN)
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            let side = if *self.kill.borrow() { 'K' } else { 'C' };
+            rec.termination = [side, self.phase.letter()];
+            rec.finish(self.start.elapsed(), self.format);
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use super::balance::{Active, Pick, ServerState, Unavailable};
 use super::context::{FrontendCtx, PoolRuntime, Shared};
 use super::error::{Failure, Retry};
 use super::hardening;
-use super::log::{AccessRecord, RequestId};
+use super::log::{AccessRecord, RequestId, Unfinished};
 use super::tls::TlsFacts;
 use super::tunnel;
 use crate::acl;
@@ -146,7 +146,8 @@ pub(crate) enum Prepared {
 pub(crate) struct Forwarding {
     /// Index of the pool in `Shared::pools`.
     pub pool: usize,
-    pub rec: AccessRecord,
+    /// Logged as cut if dropped before an answer or failure takes it.
+    pub rec: Unfinished,
     /// How its server is chosen: the hash key of the hashing algorithms,
     /// the server its persistence cookie names.
     pub pick: Pick,
@@ -182,13 +183,14 @@ fn route(
 
 /// Runs a request's actions, routes it and rewrites its head for the server
 /// (hop-by-hop headers out, forwarded headers in, Host, origin-form URI,
-/// HTTP/1.1). `upgrade` is the protocol of an Upgrade request, whose headers
+/// HTTP/1.1). `tq` is the request's Tq, `start` when its Tt began;
+/// `upgrade` is the protocol of an Upgrade request, whose headers
 /// are kept. Shared by hyper's path and ours (proxy/h1.rs).
 pub(crate) async fn prepare(
     shared: &Shared,
     client: ClientSide<'_>,
     parts: &mut http::request::Parts,
-    tq: i64,
+    (tq, start): (i64, std::time::Instant),
     upgrade: Option<&HeaderValue>,
 ) -> Prepared {
     let frontend = client.frontend;
@@ -270,6 +272,7 @@ pub(crate) async fn prepare(
         }
     }
     parts.version = Version::HTTP_11;
+    let rec = Unfinished::new(rec, start, frontend.log_format, &frontend.kill);
     Prepared::Forward(Forwarding {
         pool: pool_idx,
         rec,

@@ -50,7 +50,7 @@ use super::balance::Active;
 use super::connpool::RawConn;
 use super::context::{FrontendRuntime, PoolRuntime, Shared};
 use super::deadline::Deadline;
-use super::error::{Failure, timeout_408};
+use super::error::{Failure, Phase, timeout_408};
 use super::hardening::H2_PREFACE;
 use super::log::AccessRecord;
 use super::prepare::{self, Attempts, ClientSide, Forwarding, Prepared};
@@ -483,10 +483,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
     async fn answer_error(
         &mut self,
         failure: Failure,
-        mut rec: AccessRecord,
+        rec: impl Into<AccessRecord>,
         keep_alive: bool,
         start: Instant,
     ) -> Next {
+        let mut rec = rec.into();
         rec.status = failure.status().as_u16();
         rec.termination = failure.termination();
         let custom = self.fe.ctx.error_page(failure.status());
@@ -570,8 +571,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         // Cleared once the body has been relayed.
         self.unread = !bodiless;
         let client = self.client_side(body);
-        let prepared =
-            prepare::prepare(&self.shared, client, &mut parts, tq, upgrade.as_ref()).await;
+        let prepared = prepare::prepare(
+            &self.shared,
+            client,
+            &mut parts,
+            (tq, start.into_std()),
+            upgrade.as_ref(),
+        )
+        .await;
         let mut fwd = match prepared {
             Prepared::Forward(f) => f,
             Prepared::Refuse(failure, rec) => {
@@ -591,11 +598,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         let mut attempts = Attempts::new(&self.shared.pools[pool_idx]);
         loop {
             let pool = &self.shared.pools[pool_idx];
-            let rec = &mut fwd.rec;
-            let attempt = match attempts.acquire(pool, fwd.pick, rec).await {
-                Ok(active) => self.connect(pool, active, rec).await,
-                Err(failure) => Err(failure),
-            };
+            let attempt = self.reach(pool, &mut attempts, &mut fwd).await;
             let (active, mut server, reused) = match attempt {
                 Ok(a) => a,
                 Err(f) if attempts.retry(pool, f, false) => continue,
@@ -606,8 +609,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             };
             let sent = Instant::now();
             let request = (&parts, body, expect_continue);
-            let timeout_server = pool.timeout_server;
-            let r = self.send(request, &mut server, timeout_server, reused && bodiless);
+            let limit = (pool.timeout_server, &mut fwd.rec.phase);
+            let r = self.send(request, &mut server, limit, reused && bodiless);
             let r = r.await;
             let pool = &self.shared.pools[pool_idx];
             let (resp, body_sent) = match r {
@@ -636,6 +639,20 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             };
             return self.respond(resp, ctx).await;
         }
+    }
+
+    /// A server of the pool (after its queue, if it has one) and a
+    /// connection to it, as `connect`.
+    async fn reach(
+        &self,
+        pool: &PoolRuntime,
+        attempts: &mut Attempts,
+        fwd: &mut Forwarding,
+    ) -> Result<(Active, RawConn, bool), Failure> {
+        fwd.rec.phase = Phase::Queue;
+        let active = attempts.acquire(pool, fwd.pick, &mut fwd.rec).await?;
+        fwd.rec.phase = Phase::Connect;
+        self.connect(pool, active, &mut fwd.rec).await
     }
 
     /// A connection to the attempt's server (a kept one, or a new one), and
@@ -674,10 +691,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         &mut self,
         (parts, body, expect_continue): (&http::request::Parts, BodyKind, bool),
         server: &mut RawConn,
-        timeout_server: Duration,
+        (timeout_server, phase): (Duration, &mut Phase),
         retriable: bool,
     ) -> Result<(ResponseHead, bool), (Failure, bool)> {
         let sent = Instant::now();
+        *phase = match body {
+            BodyKind::Fixed(0) => Phase::Headers,
+            _ => Phase::Data,
+        };
         if expect_continue && body != BodyKind::Fixed(0) {
             self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             if self.write_client().await.is_err() {
@@ -719,6 +740,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             Err(Fail::Write | Fail::WriteTimeout) => false,
             Err(fail) => return Err((fail.in_request(), false)),
         };
+        *phase = Phase::Headers;
         let RawConn { io, buf, .. } = server;
         let due = sent + timeout_server;
         let resp = client::response_head(
@@ -769,7 +791,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             self.io.hold_for_fin();
         }
         // Logged `KD` if the task ends within the relay (a hard stop).
-        let relaying = Relaying::new(fwd.rec, start, &self.fe);
+        let relaying = Relaying::new(fwd.rec.into_record(), start, &self.fe);
         let (limit, buf) = (self.fe.timeouts.client, &mut server.buf);
         let from = End {
             io: &mut server.io,
@@ -829,7 +851,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             start,
             ..
         } = ctx;
-        let mut rec = fwd.rec;
+        let mut rec = fwd.rec.into_record();
         let accepted = tunnel::accept_matches(
             fwd.ws_accept.as_ref(),
             resp.field_values(b"sec-websocket-accept"),

@@ -593,6 +593,35 @@ async fn a_client_leaving_mid_answer_is_logged_with_the_bytes_it_got_on_both_pat
 }
 
 #[tokio::test]
+async fn a_client_leaving_before_the_answer_on_hypers_path_is_logged() {
+    capture_access_log();
+    // Takes the request, answers nothing for 10 s.
+    let server = crate::backends::server(|mut s| async move {
+        let _ = crate::backends::read_head(&mut s).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    })
+    .await;
+    let hyper = crate::support::hyper_path_proxy(server, |_| {}, |_| {}).await;
+    let mut c = TcpStream::connect(hyper.local_addrs()[0]).await.unwrap();
+    let me = c.local_addr().unwrap();
+    c.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Gone once the request is with the server: hyper drops the exchange,
+    // which used to leave no line (nor a count).
+    let until = tokio::time::Instant::now() + crate::support::GIVE_UP;
+    while hyper.stats().pools()[0].servers[0].current == 0 {
+        assert!(tokio::time::Instant::now() < until, "never sent");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(c);
+    let line = crate::support::access_line_of(me, server)
+        .await
+        .expect("a line for the request its client left");
+    assert!(line.contains(" -1 0 CH"), "{line}");
+}
+
+#[tokio::test]
 async fn server_closing_an_idle_connection_gets_a_new_one() {
     // Answers one request per connection with keep-alive, then closes it shortly after.
     let (addr, accepted) = counting_server(|mut s, _| async move {

@@ -391,6 +391,117 @@ async fn an_answer_cut_at_the_hard_stop_is_logged_as_killed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_at_the_hard_stop_are_logged_as_killed_in_their_phase() {
+    capture_access_log();
+    // Servers that take a request's head and never answer; "app"'s takes
+    // one request at a time (maxconn 1), so a second one waits in the queue.
+    let heads = Arc::new(tokio::sync::Semaphore::new(0));
+    let mute = |heads: Arc<tokio::sync::Semaphore>| {
+        server(move |mut s| {
+            let heads = heads.clone();
+            async move {
+                let _ = crate::backends::read_head(&mut s).await;
+                heads.add_permits(1);
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+        })
+    };
+    let (app, api) = (mute(heads.clone()).await, mute(heads.clone()).await);
+    let rules = "[[frontend.acl]]\nname = \"is_api\"\npath_prefix = \"/api/\"\n\
+                 [[frontend.use_pool]]\npool = \"api\"\nif = \"is_api\"\n";
+    let mut cfg = two_pool_config(app, api, rules, "");
+    cfg.pools[0].servers[0].maxconn = 1;
+    let hard = one_thread(Duration::from_millis(300));
+    let route = || Some(lb_proxy::routing::router(&cfg).unwrap());
+    let first = Proxy::start_threads(cfg.clone(), route(), &hard, None).unwrap();
+    let front = first.local_addrs()[0];
+    let h1 = |request: &'static str| async move {
+        let mut s = TcpStream::connect(front).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        s
+    };
+    // Our HTTP/1 path: waiting for its answer (H), in the queue behind it
+    // (Q), sending its body (10 bytes of 100: D).
+    let waiting = h1("GET /hard-stop/waits HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let got = |n| tokio::time::timeout(GIVE_UP, heads.acquire_many(n));
+    got(1).await.unwrap().unwrap().forget();
+    let queued = h1("GET /hard-stop/queued HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let uploading =
+        h1("POST /api/hard-stop/up HTTP/1.1\r\nHost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+            .await;
+    got(1).await.expect("the upload's head").unwrap().forget();
+    // HTTP/2 (hyper's path), waiting for its answer.
+    let tcp = TcpStream::connect(front).await.unwrap();
+    let h2_me = tcp.local_addr().unwrap();
+    let (mut send, _conn) =
+        crate::support::h2_handshake::<_, http_body_util::Empty<bytes::Bytes>>(tcp).await;
+    let req = http::Request::get(format!("http://{front}/api/hard-stop/h2"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let h2_answer = tokio::spawn(send.send_request(req));
+    got(1)
+        .await
+        .expect("the HTTP/2 request's head")
+        .unwrap()
+        .forget();
+    // The queued request: in the queue for sure once the proxy counts it there.
+    let until = Instant::now() + GIVE_UP;
+    while first.stats().pools()[0].queued == 0 {
+        assert!(Instant::now() < until, "the request never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let hour = one_thread(Duration::from_secs(3600));
+    let second = Proxy::start_threads(cfg.clone(), route(), &hour, Some(&first)).unwrap();
+    drop(first);
+    // By client and request (other tests' clients may have had the port).
+    let line_of = |client: SocketAddr, path: &'static str| async move {
+        let (prefix, request) = (format!("{client} "), format!(" {path} HTTP/"));
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = access_lines().into_iter();
+            if let Some(l) = lines
+                .filter(|l| l.contains(&request))
+                .find(|l| l.starts_with(&prefix))
+            {
+                return l;
+            }
+            assert!(Instant::now() < until, "no log line for {client}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // No answer: status -1 (HAProxy's), no byte; the server where one was given.
+    let line = line_of(waiting.local_addr().unwrap(), "/hard-stop/waits").await;
+    assert!(
+        line.contains(&format!(" web app/{app} ")) && line.contains(" -1 0 KH"),
+        "{line}"
+    );
+    assert!(
+        line.ends_with("\"GET /hard-stop/waits HTTP/1.1\""),
+        "{line}"
+    );
+    let line = line_of(queued.local_addr().unwrap(), "/hard-stop/queued").await;
+    assert!(
+        line.contains(" web app/<NOSRV> ") && line.contains(" -1 0 KQ"),
+        "{line}"
+    );
+    let line = line_of(uploading.local_addr().unwrap(), "/api/hard-stop/up").await;
+    assert!(
+        line.contains(&format!(" web api/{api} ")) && line.contains(" -1 0 KD"),
+        "{line}"
+    );
+    let line = line_of(h2_me, "/api/hard-stop/h2").await;
+    assert!(
+        line.contains(&format!(" web api/{api} ")) && line.contains(" -1 0 KH"),
+        "{line}"
+    );
+    assert!(
+        line.ends_with("\"GET /api/hard-stop/h2 HTTP/2.0\""),
+        "{line}"
+    );
+    drop((waiting, queued, uploading, h2_answer, second));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_reloads_draining_than_allowed_close_the_oldest() {
     let x = echo("x").await;
     let hour = Duration::from_secs(3600);
