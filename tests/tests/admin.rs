@@ -495,6 +495,26 @@ impl<'a> Browser<'a> {
         self.call("POST", "/goog/cdp/execute", Some(body));
     }
 
+    /// Clicks the element `css` selects.
+    fn click(&self, css: &str) {
+        let found = self.call(
+            "POST",
+            "/element",
+            Some(serde_json::json!({"using": "css selector", "value": css})),
+        );
+        let id = found
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("no element {css}: {found}"))
+            .to_string();
+        self.call(
+            "POST",
+            &format!("/element/{id}/click"),
+            Some(serde_json::json!({})),
+        );
+    }
+
     fn script(&self, script: &str) -> serde_json::Value {
         let body = serde_json::json!({"script": script, "args": []});
         self.call("POST", "/execute/sync", Some(body))
@@ -557,23 +577,9 @@ fn stats_page_in_a_browser_shows_every_backend_and_drains_one() {
 
     // Click "drain" of tcp4's first backend: the form posts with its CSRF token.
     let be1 = format!("{}:{TCP_PORT}", backend_v4(1));
-    let css = format!("form[data-backend='tcp4 {be1}'] button[value='drain']");
-    let found = browser.call(
-        "POST",
-        "/element",
-        Some(serde_json::json!({"using": "css selector", "value": css})),
-    );
-    let id = found
-        .as_object()
-        .and_then(|o| o.values().next())
-        .and_then(|v| v.as_str())
-        .unwrap()
-        .to_string();
-    browser.call(
-        "POST",
-        &format!("/element/{id}/click"),
-        Some(serde_json::json!({})),
-    );
+    browser.click(&format!(
+        "form[data-backend='tcp4 {be1}'] button[value='drain']"
+    ));
     wait_for("the backend drained", Duration::from_secs(10), || {
         state_of(browser.lab, "tcp4", &be1) == Some((1, AdminState::Drain))
     });
@@ -585,4 +591,21 @@ fn stats_page_in_a_browser_shows_every_backend_and_drains_one() {
             .any(|r| r[0] == "tcp4" && r[1] == be1 && r[2] == "drain")
     });
     browser.screenshot("stats-page-drained.png");
+    // A pool server's row shuts its sessions down (an L4 backend's has no
+    // such button): the agent takes it and the page comes back, no error.
+    let button = "button[value='shutdown-sessions']";
+    let count = |css: String| {
+        let script = format!("return document.querySelectorAll(\"{css}\").length;");
+        browser.script(&script).as_u64()
+    };
+    assert_eq!(
+        count(format!("form[data-backend='tcp4 {be1}'] {button}")),
+        Some(0)
+    );
+    browser.click(&format!("form[data-backend='pool:app {be1}'] {button}"));
+    wait_for("the page again, no error", Duration::from_secs(10), || {
+        let url = browser.call("GET", "/url", None);
+        let error = browser.script("return document.getElementById('reason') !== null;");
+        url.as_str().is_some_and(|u| u.ends_with("/stats")) && error == false
+    });
 }

@@ -1,7 +1,8 @@
 //! The stats page: server-rendered HTML in the spirit of HAProxy's, with a
 //! little inline JavaScript (request rates from the previous load, and
 //! reloading itself), and per backend forms to drain, enable, disable or
-//! weigh it, each carrying the CSRF token.
+//! weigh it (a pool server's also to shut its sessions down), each
+//! carrying the CSRF token.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -10,6 +11,7 @@ use http::StatusCode;
 
 use super::api::percent_decode;
 use super::{Admin, Answer, redirect, with_type};
+use crate::config::Group;
 use crate::control::{AdminState, BackendInfo, ProxyInfo, Request, Response, ServiceInfo};
 
 /// Seconds between reloads unless `?refresh=N` says otherwise (0: never).
@@ -104,9 +106,16 @@ fn state_class(b: &BackendInfo) -> String {
     format!("{} {}", b.admin, b.health)
 }
 
-/// The drain/enable/disable/weight form of one backend.
+/// The drain/enable/disable/weight form of one backend; a pool server's
+/// also shuts its sessions down (HAProxy's "Kill Sessions").
 fn actions(b: &BackendInfo, csrf: &str) -> String {
     let (group, addr) = (escape(&b.service), b.address);
+    let shutdown = match Group::parse(&b.service) {
+        Group::Pool(_) => {
+            " <button name=\"action\" value=\"shutdown-sessions\">shut down sessions</button>"
+        }
+        Group::Service(_) => "",
+    };
     format!(
         "<form method=\"post\" action=\"/stats/action\" data-backend=\"{group} {addr}\">\
          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
@@ -116,7 +125,7 @@ fn actions(b: &BackendInfo, csrf: &str) -> String {
          <button name=\"action\" value=\"enable\">enable</button>\
          <button name=\"action\" value=\"disable\">disable</button> \
          <input class=\"w\" name=\"weight\" value=\"{}\">\
-         <button name=\"action\" value=\"weight\">set weight</button></form>",
+         <button name=\"action\" value=\"weight\">set weight</button>{shutdown}</form>",
         b.weight
     )
 }
@@ -305,6 +314,10 @@ pub(super) async fn action(admin: &Admin, body: &[u8]) -> Answer {
             },
             Err(_) => return message(StatusCode::BAD_REQUEST, "weight is not a number 0..=65535"),
         },
+        "shutdown-sessions" => Request::ShutdownSessions {
+            service: service.clone(),
+            address,
+        },
         other => {
             return message(
                 StatusCode::BAD_REQUEST,
@@ -342,4 +355,70 @@ fn escape(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::admin::{Admin, Auth, Handler};
+    use crate::control::Health;
+
+    /// Records what the page asks for.
+    struct Recorder(Mutex<Vec<Request>>);
+
+    impl Handler for Recorder {
+        fn handle(&self, request: Request) -> Response {
+            self.0.lock().unwrap().push(request);
+            Response::Ok
+        }
+    }
+
+    fn backend(service: &str) -> BackendInfo {
+        BackendInfo {
+            service: service.into(),
+            address: "198.18.2.11:8080".parse().unwrap(),
+            weight: 1,
+            admin: AdminState::Ready,
+            health: Health::Up,
+            last_check: None,
+            active_flows: 0,
+            max_flows: 0,
+            packets: 0,
+            bytes: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_servers_sessions_are_shut_down_from_its_row() {
+        let button = "value=\"shutdown-sessions\"";
+        assert!(actions(&backend("pool:app"), "t").contains(button));
+        // An L4 backend's flows have no session to shut down (`disable` moves them).
+        assert!(!actions(&backend("web"), "t").contains(button));
+        let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let auth = Auth::new(HashMap::new(), None).unwrap();
+        let csrf = auth.csrf().to_string();
+        let admin = Admin::new(recorder.clone(), auth);
+        let form = format!(
+            "csrf={csrf}&service=pool%3Aapp&backend=198.18.2.11%3A8080&weight=1&action=shutdown-sessions"
+        );
+        let answer = action(&admin, form.as_bytes()).await;
+        assert_eq!(answer.status(), StatusCode::SEE_OTHER);
+        let asked = recorder.0.lock().unwrap().clone();
+        assert_eq!(
+            asked,
+            [Request::ShutdownSessions {
+                service: "pool:app".into(),
+                address: "198.18.2.11:8080".parse().unwrap(),
+            }]
+        );
+        // Without the page's token, nothing is asked.
+        let forged = form.replace(&csrf, "guess");
+        assert_eq!(
+            action(&admin, forged.as_bytes()).await.status(),
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(recorder.0.lock().unwrap().len(), 1);
+    }
 }
