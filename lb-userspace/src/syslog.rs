@@ -1,7 +1,9 @@
 //! The access log to a syslog daemon (`[proxy] syslog`, HAProxy's `log`):
-//! each line of the proxy's `access` target becomes one RFC 3164 datagram,
-//! `<PRI>Mmm dd hh:mm:ss lb[PID]: LINE`, over UDP or a Unix datagram
-//! socket such as `/dev/log`; standard output then no longer gets them.
+//! each line of the proxy's `access` target becomes one datagram, RFC 3164
+//! `<PRI>Mmm dd hh:mm:ss lb[PID]: LINE` or (`syslog_format = "rfc5424"`)
+//! `<PRI>1 TIMESTAMP HOSTNAME lb PID - - LINE`, over UDP or a Unix
+//! datagram socket such as `/dev/log`; standard output then no longer gets
+//! them.
 //!
 //! [`SyslogLayer`] sits in the binary's `tracing` subscriber; the agent
 //! points it at the file's target with [`configure`] at start and at each
@@ -20,7 +22,7 @@ use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
 
-use crate::config::{SyslogConfig, SyslogTarget};
+use crate::config::{SyslogConfig, SyslogFormat, SyslogTarget};
 
 /// The target of the proxy's access log lines.
 pub const ACCESS_TARGET: &str = "access";
@@ -60,6 +62,9 @@ struct Sink {
     socket: Socket,
     facility: u8,
     pid: u32,
+    format: SyslogFormat,
+    /// RFC 5424's HOSTNAME, read once: `-` (nil) when unknown.
+    hostname: String,
 }
 
 /// The socket and where it sends.
@@ -93,6 +98,8 @@ impl Sink {
             socket,
             facility: config.facility,
             pid: std::process::id(),
+            format: config.format,
+            hostname: hostname(),
         })
     }
 
@@ -104,9 +111,12 @@ impl Sink {
         self.send_datagram(&datagram);
     }
 
-    /// What goes before a line sent `now` ([`header`]).
+    /// What goes before a line sent `now`.
     fn header(&self, now: SystemTime) -> String {
-        header(self.facility, self.pid, now)
+        match self.format {
+            SyslogFormat::Rfc3164 => header(self.facility, self.pid, now),
+            SyslogFormat::Rfc5424 => header_5424(self.facility, self.pid, &self.hostname, now),
+        }
     }
 
     /// Sends a whole datagram; one the socket cannot take now is dropped.
@@ -127,6 +137,23 @@ fn header(facility: u8, pid: u32, now: SystemTime) -> String {
     let pri = u16::from(facility) * 8 + u16::from(SEVERITY_INFO);
     let date = lb_proxy::rfc3164_date(now);
     format!("<{pri}>{date} lb[{pid}]: ")
+}
+
+/// `<PRI>1 TIMESTAMP HOSTNAME lb PID - - ` (RFC 5424: version 1, the time
+/// in UTC to the microsecond, no MSGID nor structured data).
+fn header_5424(facility: u8, pid: u32, hostname: &str, now: SystemTime) -> String {
+    let pri = u16::from(facility) * 8 + u16::from(SEVERITY_INFO);
+    let date = lb_proxy::rfc5424_date(now);
+    format!("<{pri}>1 {date} {hostname} lb {pid} - - ")
+}
+
+/// This host's name as RFC 5424's HOSTNAME wants it (printable ASCII, no
+/// space, at most 255 characters), else `-`.
+fn hostname() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name = name.trim();
+    let fits = (1..=255).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_graphic());
+    if fits { name } else { "-" }.to_string()
 }
 
 /// Sends the `access` target's lines to the configured syslog daemon.
@@ -190,6 +217,22 @@ mod tests {
     }
 
     #[test]
+    fn rfc_5424_headers_carry_the_time_to_the_microsecond_and_the_host() {
+        // 2026-12-07 17:05:09.123456 UTC.
+        let at = UNIX_EPOCH + Duration::from_micros(1_796_663_109_123_456);
+        assert_eq!(
+            header_5424(16, 42, "edge-1", at) + "127.0.0.1:5000 [x] web",
+            "<134>1 2026-12-07T17:05:09.123456Z edge-1 lb 42 - - 127.0.0.1:5000 [x] web"
+        );
+        let leap = UNIX_EPOCH + Duration::from_secs(11_016 * 86_400);
+        assert!(
+            header_5424(23, 1, "-", leap).starts_with("<190>1 2000-02-29T00:00:00.000000Z - lb 1 ")
+        );
+        let name = hostname();
+        assert!(name == "-" || !name.contains(' '), "{name:?}");
+    }
+
+    #[test]
     fn a_sink_sends_each_line_as_one_datagram() {
         let dir = std::env::temp_dir().join(format!("lb-syslog-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -203,25 +246,39 @@ mod tests {
         udp_daemon
             .set_read_timeout(Some(Duration::from_secs(2)))
             .unwrap();
-        for (target, facility) in [
-            (SyslogTarget::Unix(path.clone()), 16),
-            (SyslogTarget::Udp(udp_daemon.local_addr().unwrap()), 23),
+        let udp = SyslogTarget::Udp(udp_daemon.local_addr().unwrap());
+        for (target, facility, format) in [
+            (SyslogTarget::Unix(path.clone()), 16, SyslogFormat::Rfc3164),
+            (udp.clone(), 23, SyslogFormat::Rfc3164),
+            (udp, 16, SyslogFormat::Rfc5424),
         ] {
-            let sink = Sink::open(&SyslogConfig { target, facility }).unwrap();
-            sink.send("one line", UNIX_EPOCH);
+            let config = SyslogConfig {
+                target,
+                facility,
+                format,
+            };
+            Sink::open(&config).unwrap().send("one line", UNIX_EPOCH);
         }
+        let pid = std::process::id();
         let mut buf = [0u8; 512];
         let n = daemon.recv(&mut buf).unwrap();
-        let want = format!("<134>Jan  1 00:00:00 lb[{}]: one line", std::process::id());
+        let want = format!("<134>Jan  1 00:00:00 lb[{pid}]: one line");
         assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), want);
         let n = udp_daemon.recv(&mut buf).unwrap();
         assert!(std::str::from_utf8(&buf[..n]).unwrap().starts_with("<190>"));
+        let n = udp_daemon.recv(&mut buf).unwrap();
+        let want = format!(
+            "<134>1 1970-01-01T00:00:00.000000Z {} lb {pid} - - one line",
+            hostname()
+        );
+        assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), want);
         // No daemon any more: dropped, never blocking.
         drop(daemon);
         let _ = std::fs::remove_file(&path);
         let sink = Sink::open(&SyslogConfig {
             target: SyslogTarget::Unix(path),
             facility: 16,
+            format: SyslogFormat::Rfc3164,
         })
         .unwrap();
         let before = dropped();

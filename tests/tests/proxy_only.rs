@@ -439,16 +439,21 @@ fn the_access_log_goes_to_syslog_when_asked_and_follows_reloads() {
         "{line}"
     );
 
-    // A reload changes the facility, then sends the log back to standard output.
+    // A reload changes the facility and the format (RFC 5424), then sends
+    // the log back to standard output.
     let local3 = format!(
-        "syslog = \"{}\"\nsyslog_facility = \"local3\"\n",
+        "syslog = \"{}\"\nsyslog_facility = \"local3\"\nsyslog_format = \"rfc5424\"\n",
         log.display()
     );
     std::fs::write(&path, with(&local3)).unwrap();
     assert!(lb(&lab, &socket, &["reload"]).status.success());
     assert_eq!(ask(&lab), "be1");
     let line = next_line();
-    assert!(line.starts_with("<158>"), "{line}");
+    // <local3.info>1 TIMESTAMP HOSTNAME lb PID - - an httplog line
+    let f: Vec<&str> = line.splitn(8, ' ').collect();
+    assert_eq!((f[0], f[3], f[5], f[6]), ("<158>1", "lb", "-", "-"), "{line}");
+    assert!(f[1].ends_with('Z') && f[4].parse::<u32>().is_ok(), "{line}");
+    assert!(f[7].contains(" web app/198.18.2.11:8080 "), "{line}");
     let metrics = METRICS_ADDR.parse().unwrap();
     let (_, body) = run_in_ns(lab.balancer_ns(), move || {
         http_get(metrics, "/metrics", Duration::from_secs(2))

@@ -233,7 +233,7 @@ pub use balance::{
 pub use check::{CheckTransport, fetch_h2};
 pub use forward::ProxyBody;
 pub use h1::fetch::{FetchError, Fetched, fetch};
-pub use log::{AccessRecord, LogFormat, RequestId, haproxy_date, rfc3164_date};
+pub use log::{AccessRecord, LogFormat, RequestId, haproxy_date, rfc3164_date, rfc5424_date};
 pub use model::{
     Algorithm, CertPair, Compression, ConfigError, Frontend, FrontendMode, HttpAction,
     MAX_CONNECTIONS, OnMarkedDown, Pool, ProxyConfig, ServerSpec, TCP_ACL_KEYS, TlsConfig,

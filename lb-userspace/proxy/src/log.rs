@@ -468,6 +468,22 @@ pub fn rfc3164_date(t: SystemTime) -> String {
     )
 }
 
+/// `2026-12-07T17:05:09.123456Z` (RFC 5424's TIMESTAMP, RFC 3339 in UTC
+/// with microseconds), as syslog's RFC 5424 header wants it.
+pub fn rfc5424_date(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (y, m, day) = civil_from_days((secs / 86_400) as i64);
+    let sod = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60,
+        d.subsec_micros()
+    )
+}
+
 /// Days since 1970-01-01 to (year, month 1-12, day 1-31), Howard Hinnant's algorithm.
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;

@@ -36,7 +36,8 @@ const FACILITIES: [&str; 24] = [
 
 impl Checker<'_> {
     /// Reads `[proxy]`'s `syslog` (`ip:port` for UDP, or an absolute path
-    /// of a Unix datagram socket) and `syslog_facility` (default `local0`).
+    /// of a Unix datagram socket), `syslog_facility` (default `local0`) and
+    /// `syslog_format` (default `rfc3164`).
     pub(super) fn syslog(&mut self, raw: &RawProxy) -> Option<super::SyslogConfig> {
         let facility = match &raw.syslog_facility {
             None => 16,
@@ -58,6 +59,17 @@ impl Checker<'_> {
                     return None;
                 }
             },
+        };
+        const FORMATS: &[(&str, super::SyslogFormat)] = &[
+            ("rfc3164", super::SyslogFormat::Rfc3164),
+            ("rfc5424", super::SyslogFormat::Rfc5424),
+        ];
+        let format = match &raw.syslog_format {
+            Some(f) if raw.syslog.is_none() => {
+                self.at(&f.span(), "syslog_format needs syslog");
+                return None;
+            }
+            f => self.choice(f.as_ref(), "syslog_format", FORMATS)?,
         };
         let value = raw.syslog.as_ref()?;
         let text = value.get_ref();
@@ -90,7 +102,11 @@ impl Checker<'_> {
             );
             return None;
         };
-        Some(super::SyslogConfig { target, facility })
+        Some(super::SyslogConfig {
+            target,
+            facility,
+            format,
+        })
     }
 
     /// Reads `[proxy]`: `threads` (default: the CPUs the process may run
@@ -906,14 +922,30 @@ mod tests {
             Some(crate::config::SyslogConfig {
                 target: crate::config::SyslogTarget::Udp("127.0.0.1:514".parse().unwrap()),
                 facility: 16,
+                format: crate::config::SyslogFormat::Rfc3164,
             })
         );
         assert_eq!(
-            syslog(&["syslog = \"/dev/log\"", "syslog_facility = \"daemon\""]),
+            syslog(&[
+                "syslog = \"/dev/log\"",
+                "syslog_facility = \"daemon\"",
+                "syslog_format = \"rfc5424\""
+            ]),
             Some(crate::config::SyslogConfig {
                 target: crate::config::SyslogTarget::Unix("/dev/log".into()),
                 facility: 3,
+                format: crate::config::SyslogFormat::Rfc5424,
             })
+        );
+        expect_one(
+            &with(&["syslog = \"/dev/log\"", "syslog_format = \"rfc5425\""]),
+            4,
+            "syslog_format \"rfc5425\"",
+        );
+        expect_one(
+            &with(&["syslog_format = \"rfc5424\""]),
+            3,
+            "syslog_format needs syslog",
         );
         expect_one(
             &with(&["syslog = \"loghost\""]),

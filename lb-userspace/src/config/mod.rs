@@ -124,13 +124,25 @@ pub struct Config {
 }
 
 /// `[proxy] syslog`: the access log sent to a syslog daemon, as HAProxy's
-/// `log` (RFC 3164 datagrams, one per line).
+/// `log` (one datagram per line).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyslogConfig {
     /// Where the datagrams go.
     pub target: SyslogTarget,
     /// The facility's number (`local0` is 16).
     pub facility: u8,
+    /// The header before each line (`syslog_format`).
+    pub format: SyslogFormat,
+}
+
+/// The syslog header format, as HAProxy's `log ... format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SyslogFormat {
+    /// `<PRI>Mmm dd hh:mm:ss lb[PID]: ` (BSD syslog, the default).
+    #[default]
+    Rfc3164,
+    /// `<PRI>1 TIMESTAMP HOSTNAME lb PID - - ` (structured syslog).
+    Rfc5424,
 }
 
 /// A syslog daemon's address.

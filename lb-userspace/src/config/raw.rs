@@ -45,6 +45,7 @@ pub(super) struct RawProxy {
     pub(super) hard_stop_after: Option<Spanned<String>>,
     pub(super) syslog: Option<Spanned<String>>,
     pub(super) syslog_facility: Option<Spanned<String>>,
+    pub(super) syslog_format: Option<Spanned<String>>,
 }
 
 /// One of the proxy's tables, key by key, each value with its span: the
