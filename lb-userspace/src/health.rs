@@ -596,6 +596,87 @@ mod tests {
         assert!(!check_once(addr, &check, Some(&tls)).await.ok);
     }
 
+    /// A TLS server for `check.test` answering every request 200, recording
+    /// for each handshake whether it resumed a session; its certificate.
+    async fn tls_server() -> (SocketAddr, Arc<Mutex<Vec<bool>>>, String) {
+        let ck = rcgen::generate_simple_self_signed(vec!["check.test".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(ck.key_pair.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![ck.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let resumed = Arc::new(Mutex::new(Vec::new()));
+        let seen = resumed.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (acceptor, seen) = (acceptor.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(s).await else {
+                        return;
+                    };
+                    let kind = tls.get_ref().1.handshake_kind();
+                    seen.lock()
+                        .unwrap()
+                        .push(kind == Some(rustls::HandshakeKind::Resumed));
+                    let mut buf = [0u8; 1024];
+                    let _ = tls.read(&mut buf).await;
+                    let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+                    let _ = tls.write_all(answer).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        (addr, resumed, ck.cert.pem())
+    }
+
+    #[tokio::test]
+    async fn a_tls_pools_checks_resume_sessions_and_read_a_replaced_ca() {
+        let (addr, resumed, cert) = tls_server().await;
+        let dir = std::env::temp_dir().join(format!("lb-health-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, &cert).unwrap();
+        let mut pool = lb_proxy::Pool::new("app", lb_proxy::Algorithm::RoundRobin, Vec::new());
+        (pool.tls, pool.verify) = (true, true);
+        pool.ca = Some(ca.clone());
+        pool.sni = Some("check.test".into());
+        let transport = CheckTransport::of(&pool).unwrap();
+        let check = http_check(StatusMatch::Range(200, 399), None);
+        for _ in 0..3 {
+            let outcome = check_once(addr, &check, Some(&transport)).await;
+            assert!(outcome.ok, "{}", outcome.reason);
+        }
+        // A full handshake, then sessions resumed (a clone, as each server
+        // of the pool has, shares them).
+        let clone = transport.clone();
+        assert!(check_once(addr, &check, Some(&clone)).await.ok);
+        assert_eq!(*resumed.lock().unwrap(), [false, true, true, true]);
+        // The CA replaced in place by one that did not sign the server: the
+        // next check reads it and fails; put back, it passes again.
+        // (File times tick coarsely: a write within the same tick as the
+        // last stamp, at the same length, would go unseen until the next.)
+        let tick = Duration::from_millis(20);
+        let other = rcgen::generate_simple_self_signed(vec!["check.test".to_string()]).unwrap();
+        tokio::time::sleep(tick).await;
+        std::fs::write(&ca, other.cert.pem()).unwrap();
+        let outcome = check_once(addr, &check, Some(&transport)).await;
+        assert!(
+            !outcome.ok && outcome.reason.contains("certificate"),
+            "{}",
+            outcome.reason
+        );
+        tokio::time::sleep(tick).await;
+        std::fs::write(&ca, &cert).unwrap();
+        assert!(check_once(addr, &check, Some(&transport)).await.ok);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// An HTTP/2-only server (as gRPC servers are): prior knowledge, or
     /// TLS with ALPN h2 alone (any other offer fails the handshake);
     /// `GET /health` is answered 200 "healthy", anything else 404.

@@ -451,7 +451,11 @@ fn the_access_log_goes_to_syslog_when_asked_and_follows_reloads() {
     let line = next_line();
     // <local3.info>1 TIMESTAMP HOSTNAME lb PID - - an httplog line
     let f: Vec<&str> = line.splitn(8, ' ').collect();
-    assert_eq!((f[0], f[3], f[5], f[6]), ("<158>1", "lb", "-", "-"), "{line}");
+    assert_eq!(
+        (f[0], f[3], f[5], f[6]),
+        ("<158>1", "lb", "-", "-"),
+        "{line}"
+    );
     assert!(f[1].ends_with('Z') && f[4].parse::<u32>().is_ok(), "{line}");
     assert!(f[7].contains(" web app/198.18.2.11:8080 "), "{line}");
     let metrics = METRICS_ADDR.parse().unwrap();

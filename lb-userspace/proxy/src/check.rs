@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -27,16 +28,75 @@ pub struct CheckTransport {
     send_proxy: Option<proxy_protocol::Version>,
     tls: Option<ClientTls>,
     h2: bool,
+    /// Shared by the clones of a pool's transport (one per server).
+    config: ConfigCache,
+}
+
+/// The TLS client configuration checks use, built once per pool and again
+/// when a file it was read from changes (its size, time or inode: a `ca`
+/// replaced in place is read at the next check). Building it per check read
+/// and parsed the files each time and left rustls no session to resume, so
+/// every check was a full handshake for the server too; now the checks of
+/// a pool's servers stat the files and resume their sessions.
+#[derive(Clone, Default)]
+struct ConfigCache(Arc<Mutex<Option<Cached>>>);
+
+/// A configuration and the stamps of the files it was read from (None: a
+/// file that could not be stat'ed, never taken as unchanged).
+type Cached = (Vec<Option<Stamp>>, Arc<rustls::ClientConfig>);
+
+/// What tells a file changed: modification time, length, inode.
+type Stamp = (Option<std::time::SystemTime>, u64, u64);
+
+impl ConfigCache {
+    /// The configuration for `tls` offering `alpn`, from the cache while
+    /// its files are unchanged.
+    fn get(&self, tls: &ClientTls, alpn: &[&[u8]]) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        use std::os::unix::fs::MetadataExt as _;
+        let stamps: Vec<Option<Stamp>> = tls
+            .files()
+            .map(|f| {
+                let m = std::fs::metadata(f).ok()?;
+                Some((m.modified().ok(), m.len(), m.ino()))
+            })
+            .collect();
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((seen, config)) = slot.as_ref()
+            && *seen == stamps
+            && stamps.iter().all(Option::is_some)
+        {
+            return Ok(config.clone());
+        }
+        let config = tls.config(alpn)?;
+        *slot = Some((stamps, config.clone()));
+        Ok(config)
+    }
+}
+
+/// A cache is no setting: transports with the same settings are equal.
+impl PartialEq for ConfigCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for ConfigCache {}
+
+impl std::fmt::Debug for ConfigCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConfigCache")
+    }
 }
 
 impl CheckTransport {
     /// How checks reach `pool`'s servers; None when they are plain HTTP/1.1 over TCP.
     pub fn of(pool: &Pool) -> Option<Self> {
         let tls = ClientTls::of(pool);
-        (tls.is_some() || pool.send_proxy.is_some() || pool.h2).then_some(CheckTransport {
+        (tls.is_some() || pool.send_proxy.is_some() || pool.h2).then(|| CheckTransport {
             send_proxy: pool.send_proxy,
             tls,
             h2: pool.h2,
+            config: ConfigCache::default(),
         })
     }
 
@@ -62,8 +122,9 @@ impl CheckTransport {
     }
 
     /// Sends the PROXY header and completes the TLS handshake on `tcp`,
-    /// connected to `server`. The TLS configuration is built for each check,
-    /// so a `ca` file replaced in place is read at the next one.
+    /// connected to `server` (resuming the session of an earlier check
+    /// when the server allows it). A `ca` file replaced in place is read at
+    /// the next check.
     pub async fn open(&self, mut tcp: TcpStream, server: SocketAddr) -> io::Result<ServerIo> {
         if let Some(version) = self.send_proxy {
             tcp.write_all(&proxy_protocol::encode_local(version))
@@ -72,8 +133,9 @@ impl CheckTransport {
         let Some(settings) = &self.tls else {
             return Ok(ServerIo::Plain(tcp));
         };
-        let config = settings
-            .config(alpn(self.h2))
+        let config = self
+            .config
+            .get(settings, alpn(self.h2))
             .map_err(|e| io::Error::other(format!("{e:#}")))?;
         let stream = TlsConnector::from(config)
             .connect(settings.name(server), tcp)

@@ -108,6 +108,15 @@ impl ClientTls {
         Ok(Arc::new(cfg))
     }
 
+    /// The files the configuration is read from: `ca`, `cert`, `key`.
+    pub(crate) fn files(&self) -> impl Iterator<Item = &std::path::Path> {
+        let pair = self.client_cert.as_ref();
+        let cert_key = pair
+            .into_iter()
+            .flat_map(|(c, k)| [c.as_path(), k.as_path()]);
+        self.ca.as_deref().into_iter().chain(cert_key)
+    }
+
     /// The pool's `sni`, if it names the servers.
     pub(crate) fn sni(&self) -> Option<&str> {
         self.sni.as_deref()
