@@ -83,7 +83,8 @@ impl Desired {
     /// Makes the discovered backends of `group` exactly `wanted`; static
     /// backends stay as they are (an address that is both stays static).
     /// Addresses a service cannot take (another family, a DSR service's
-    /// other port) are left out and listed in the second result.
+    /// other port, the balancer itself) are left out and listed in the
+    /// second result.
     pub fn set_discovered(
         &mut self,
         group: &str,
@@ -95,7 +96,7 @@ impl Desired {
             Group::Service(name) => {
                 self.discover_backends(name, &discovered, wanted, &mut skipped)?
             }
-            Group::Pool(pool) => self.discover_servers(pool, &discovered, wanted)?,
+            Group::Pool(pool) => self.discover_servers(pool, &discovered, wanted, &mut skipped)?,
         };
         let set = self.discovered.entry(group.to_string()).or_default();
         for a in &d.remove {
@@ -117,10 +118,13 @@ impl Desired {
         wanted: &[Found],
         skipped: &mut Vec<(SocketAddr, String)>,
     ) -> Result<discovery::Diff, String> {
-        let s = self.service_mut(name)?;
+        let services = &self.config.services;
+        let s = self.service(name)?;
         let mut usable = Vec::new();
         for f in wanted {
-            match rules::backend_for_vip(s.vip, s.forwarding, f.address) {
+            let usable_here = rules::backend_for_vip(s.vip, s.forwarding, f.address)
+                .and_then(|()| rules::backend_not_a_vip(f.address, s.protocol, services));
+            match usable_here {
                 Err(why) => skipped.push((f.address, why)),
                 Ok(()) => usable.push(*f),
             }
@@ -165,18 +169,27 @@ impl Desired {
         Ok(d)
     }
 
-    /// Discovered servers of L7 pool `pool`, backups included; what changed.
+    /// Discovered servers of L7 pool `pool`, backups included (those it
+    /// cannot take go to `skipped` with the reason); what changed.
     fn discover_servers(
         &mut self,
         pool: &str,
         discovered: &BTreeSet<SocketAddr>,
         wanted: &[Found],
+        skipped: &mut Vec<(SocketAddr, String)>,
     ) -> Result<discovery::Diff, String> {
-        let p = self
-            .config
-            .proxy
-            .0
-            .pools
+        let lb_proxy::ProxyConfig {
+            pools, frontends, ..
+        } = &mut self.config.proxy.0;
+        let mut usable = Vec::new();
+        for f in wanted {
+            match rules::server_not_a_listener(f.address, frontends) {
+                Err(why) => skipped.push((f.address, why)),
+                Ok(()) => usable.push(*f),
+            }
+        }
+        let wanted = &usable[..];
+        let p = pools
             .iter_mut()
             .find(|p| p.name == pool)
             .ok_or_else(|| format!("unknown pool {pool:?}"))?;
@@ -256,7 +269,9 @@ impl Desired {
                 "{address} of {group:?} comes from DNS discovery: its {what} follows the DNS records (`lb disable` takes it out of service)"
             )
         };
-        let pools = &mut self.config.proxy.0.pools;
+        let lb_proxy::ProxyConfig {
+            pools, frontends, ..
+        } = &mut self.config.proxy.0;
         let p = pools
             .iter_mut()
             .find(|p| p.name == pool)
@@ -268,6 +283,7 @@ impl Desired {
             } => {
                 check_address(*address, "server")?;
                 rules::weight(i64::from(*weight))?;
+                rules::server_not_a_listener(*address, frontends)?;
                 if has(p, *address) {
                     return Err(format!("pool {pool:?} already has server {address}"));
                 }
@@ -443,6 +459,17 @@ impl Desired {
             return Err(rules::vip_taken(vip, protocol, &other.name, None));
         }
         check_address(vip, "VIP")?;
+        if let Some(s) = self
+            .config
+            .services
+            .iter()
+            .find(|s| s.protocol == protocol && s.backends.iter().any(|b| b.address == vip))
+        {
+            return Err(format!(
+                "VIP {vip} is a backend of service \"{}\": its flows would come back to this balancer (a loop)",
+                s.name
+            ));
+        }
         rules::forwarding(name, mode, forwarding)?;
         rules::flow_hash(name, mode, hash)?;
         let ring_size = match ring_size {
@@ -480,6 +507,8 @@ impl Desired {
         check_address(address, "backend")?;
         rules::weight(i64::from(weight))?;
         rules::backend_count(self.backend_total() + 1)?;
+        let protocol = self.service(service)?.protocol;
+        rules::backend_not_a_vip(address, protocol, &self.config.services)?;
         let s = self.service_mut(service)?;
         rules::backend_for_vip(s.vip, s.forwarding, address)?;
         if s.backends.iter().any(|b| b.address == address) {
@@ -965,6 +994,49 @@ nameservers = ["198.18.2.241"]
             .iter()
             .map(|b| (b.address.to_string(), b.weight))
             .collect()
+    }
+
+    #[test]
+    fn a_backend_that_is_the_balancer_itself_is_refused_at_runtime_and_from_dns() {
+        let mut d = Desired::from_config(discovering());
+        let before = d.clone();
+        let refused = |d: &mut Desired, r: Request| d.apply(&r).unwrap_err();
+        let add = |service: &str, address: &str| Request::AddBackend {
+            service: service.into(),
+            address: address.parse().unwrap(),
+            weight: 1,
+        };
+        // An l4 service's own VIP; a pool server where the frontend listens.
+        let err = refused(&mut d, add("web", "198.18.100.1:80"));
+        assert!(err.contains("is the VIP of service \"web\""), "{err}");
+        let err = refused(&mut d, add("pool:app", "198.18.100.2:443"));
+        assert!(err.contains("is where frontend \"f\" listens"), "{err}");
+        // A new VIP that is a backend already.
+        let vip = Request::AddService {
+            name: "other".into(),
+            vip: "198.18.2.11:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            mode: Mode::L4,
+            forwarding: crate::config::Forwarding::Nat,
+            hash: crate::config::FlowHash::Flow,
+            ring_size: None,
+        };
+        let err = refused(&mut d, vip);
+        assert!(err.contains("is a backend of service \"web\""), "{err}");
+        assert_eq!(d, before, "refused changes change nothing");
+        // From DNS: left out, with the reason.
+        let (_, skipped) = d
+            .set_discovered("web", &[found("198.18.100.1:80", 1)])
+            .unwrap();
+        assert!(skipped[0].1.contains("a loop"), "{skipped:?}");
+        let (_, skipped) = d
+            .set_discovered(
+                "pool:app",
+                &[found("198.18.100.2:443", 1), found("198.18.2.12:8080", 1)],
+            )
+            .unwrap();
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(skipped[0].1.contains("a loop"), "{skipped:?}");
     }
 
     #[test]

@@ -304,6 +304,10 @@ impl Checker<'_> {
     /// listed once.
     fn servers(&mut self, keys: &RawTable, span: &Range<usize>, pool: &Pool) {
         let mut seen = std::collections::HashSet::new();
+        let spans = keys
+            .get("servers")
+            .map(|v| entry_spans(self.lines.text, v.span()))
+            .unwrap_or_default();
         for (i, server) in pool.servers.iter().enumerate() {
             let problem = rules::endpoint(server.address)
                 .map_err(|why| format!("server {} {why}", server.address))
@@ -312,9 +316,12 @@ impl Checker<'_> {
                     true => Ok(()),
                     false => Err(format!("server {} is listed twice", server.address)),
                 });
+            let at = spans.get(i).unwrap_or(span).clone();
             if let Err(why) = problem {
-                let why = format!("pool \"{}\": {why}", pool.name);
-                self.at_entry(keys, ("servers", i), span, why);
+                self.at(&at, format!("pool \"{}\": {why}", pool.name));
+            } else {
+                let key = (super::Group::pool_name(&pool.name), server.address);
+                self.backend_spans.insert(key, at);
             }
         }
     }
@@ -472,19 +479,29 @@ impl Checker<'_> {
 /// keep spans of values only: the array's text is parsed again for its
 /// entries' spans.
 fn entry_span(text: &str, value: Range<usize>, index: usize) -> Range<usize> {
+    entry_spans(text, value.clone())
+        .get(index)
+        .cloned()
+        .unwrap_or(value)
+}
+
+/// Where each entry of the array at `value` lies (none if it is not an
+/// array): one parse for all of them.
+fn entry_spans(text: &str, value: Range<usize>) -> Vec<Range<usize>> {
     #[derive(serde::Deserialize)]
     struct Wrapped {
         v: Vec<Spanned<toml::Value>>,
     }
     const PREFIX: &str = "v = ";
     let Some(array) = text.get(value.clone()) else {
-        return value;
+        return Vec::new();
     };
     let parsed = toml::from_str::<Wrapped>(&format!("{PREFIX}{array}"));
-    match parsed.ok().and_then(|w| w.v.get(index).map(Spanned::span)) {
-        Some(e) => value.start + e.start - PREFIX.len()..value.start + e.end - PREFIX.len(),
-        None => value,
-    }
+    let shift =
+        |e: Range<usize>| value.start + e.start - PREFIX.len()..value.start + e.end - PREFIX.len();
+    parsed
+        .map(|w| w.v.iter().map(|e| shift(e.span())).collect())
+        .unwrap_or_default()
 }
 
 /// The top-level key a serde error is about: `unknown field `x``, or the

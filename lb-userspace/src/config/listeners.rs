@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 
-use super::{Checker, Config, Service, rules};
+use super::{Checker, Config, Group, Service, rules};
 
 /// One address listened on, where the file names it and who listens.
 pub(super) struct Listener {
@@ -54,6 +54,38 @@ impl Checker<'_> {
                 && let Err(e) = lb_proxy::can_bind(*addr)
             {
                 self.at(span, format!("{owner} {addr}, which cannot be bound: {e}"));
+            }
+        }
+    }
+}
+
+impl Checker<'_> {
+    /// Checks that no backend or pool server is this balancer itself: an l4
+    /// service's VIP, or where a frontend listens (`rules`).
+    pub(super) fn check_loops(&mut self, services: &[Service], proxy: &lb_proxy::ProxyConfig) {
+        let mut problems = Vec::new();
+        for s in services {
+            for b in &s.backends {
+                if let Err(why) = rules::backend_not_a_vip(b.address, s.protocol, services) {
+                    problems.push((
+                        (s.name.clone(), b.address),
+                        format!("service \"{}\": {why}", s.name),
+                    ));
+                }
+            }
+        }
+        for p in &proxy.pools {
+            for server in &p.servers {
+                if let Err(why) = rules::server_not_a_listener(server.address, &proxy.frontends) {
+                    let key = (Group::pool_name(&p.name), server.address);
+                    problems.push((key, format!("pool \"{}\": {why}", p.name)));
+                }
+            }
+        }
+        for (key, why) in problems {
+            match self.backend_spans.get(&key).cloned() {
+                Some(span) => self.at(&span, why),
+                None => self.whole(why),
             }
         }
     }
@@ -216,6 +248,53 @@ mod tests {
         assert_eq!(errs.len(), 1, "{errs:#?}");
         assert!(errs[0].reason.starts_with("[admin] binds"), "{errs:#?}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_backend_that_is_the_balancer_itself_is_refused() {
+        let head = [
+            "interfaces = [\"eth0\"]",
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+            "[[service]]",
+            "name = \"dns\"",
+            "vip = \"198.18.100.1:53\"",
+            "protocol = \"udp\"",
+            "[[service.backend]]",
+            "address = \"198.18.100.1:80\"",
+            "[[service.backend]]",
+            "address = \"198.18.100.1:53\"",
+        ];
+        // A UDP service's backend on a TCP VIP is no loop; on its own VIP it is.
+        expect_one(
+            &refs(&file(&head, &[("a", "\"127.0.0.1:8080\"")], &[])),
+            12,
+            "service \"dns\": backend 198.18.100.1:53 is the VIP of service \"dns\": its flows would come back to this balancer (a loop)",
+        );
+        let pool = |server: &str| {
+            let mut lines = file(&[], &[("a", "\"127.0.0.1:8080\", \"0.0.0.0:8081\"")], &[]);
+            let last = lines.len() - 1;
+            lines[last] = format!(
+                "servers = [{{ address = \"198.18.2.11:80\" }}, {{ address = \"{server}\" }}]"
+            );
+            lines
+        };
+        let why =
+            "is where frontend \"a\" listens: its requests would come back to this proxy (a loop)";
+        for server in ["127.0.0.1:8080", "127.0.0.2:8081"] {
+            let errs = super::super::test_support::errors(&refs(&pool(server)));
+            assert_eq!(errs.len(), 1, "{errs:#?}");
+            assert_eq!(
+                (errs[0].line, errs[0].column),
+                (7, 44),
+                "the second entry: {errs:#?}"
+            );
+            assert!(errs[0].reason.contains(why), "{errs:#?}");
+        }
+        // Another port, or a wildcard's port on another host: servers.
+        parses(&pool("127.0.0.1:9000"));
+        parses(&pool("198.18.2.12:8081"));
     }
 
     #[test]

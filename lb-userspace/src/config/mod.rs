@@ -649,6 +649,7 @@ fn parse_with(
         host,
         host_resources,
         listeners: Vec::new(),
+        backend_spans: std::collections::HashMap::new(),
     };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -687,6 +688,9 @@ struct Checker<'a> {
     host_resources: bool,
     /// Addresses listened on, checked together at the end (`listeners`).
     listeners: Vec<listeners::Listener>,
+    /// Where each backend (by group, `pool:NAME` for pool servers) and
+    /// address is written, for the checks across tables at the end.
+    backend_spans: std::collections::HashMap<(String, SocketAddr), Range<usize>>,
 }
 
 impl Checker<'_> {
@@ -768,6 +772,7 @@ impl Checker<'_> {
         let encap_source_v6 = self.encap_source(raw.encap_source_v6, true);
         let admin = raw.admin.and_then(|a| self.admin(a, &proxy.0.userlists));
         self.check_listeners(&services);
+        self.check_loops(&services, &proxy.0);
         let syslog = raw.proxy.as_ref().and_then(|p| self.syslog(p.get_ref()));
         proxy.3 = self.threads(raw.proxy);
         Config {

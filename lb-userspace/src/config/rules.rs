@@ -171,6 +171,50 @@ pub fn listener_reachable(addr: SocketAddr, services: &[Service]) -> Result<(), 
     }
 }
 
+/// Checks that `backend`, for a service of `protocol`, is not a VIP of
+/// `services` (same protocol): XDP would send its flows to the balancer
+/// itself, which takes them as new flows of that VIP, again and again.
+pub fn backend_not_a_vip(
+    backend: SocketAddr,
+    protocol: Protocol,
+    services: &[Service],
+) -> Result<(), String> {
+    match services
+        .iter()
+        .find(|s| s.vip == backend && s.protocol == protocol)
+    {
+        Some(s) => Err(format!(
+            "backend {backend} is the VIP of service \"{}\": its flows would come back to this balancer (a loop)",
+            s.name
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks that pool server `server` is not where a frontend of
+/// `frontends` listens (its address, or a loopback address on the port of
+/// a wildcard bind of its family): its requests would come back to this
+/// proxy, each taking one more connection, until the limits cut them.
+pub fn server_not_a_listener(
+    server: SocketAddr,
+    frontends: &[lb_proxy::Frontend],
+) -> Result<(), String> {
+    let same = |bind: &SocketAddr| {
+        *bind == server
+            || (bind.port() == server.port()
+                && bind.ip().is_unspecified()
+                && bind.is_ipv4() == server.is_ipv4()
+                && server.ip().is_loopback())
+    };
+    match frontends.iter().find(|fe| fe.binds.iter().any(same)) {
+        Some(fe) => Err(format!(
+            "server {server} is where frontend \"{}\" listens: its requests would come back to this proxy (a loop)",
+            fe.name
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Backends that take slots in a Maglev ring: those with weight > 0.
 pub fn active(weights: impl IntoIterator<Item = u32>) -> usize {
     weights.into_iter().filter(|&w| w > 0).count()

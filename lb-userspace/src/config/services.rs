@@ -312,6 +312,8 @@ impl Checker<'_> {
                 continue;
             }
             seen.insert(addr, line);
+            let key = (service.to_string(), addr);
+            self.backend_spans.insert(key, address.span());
             // Report the global limit once, at the backend that crosses it.
             *all += 1;
             if *all == lb_common::MAX_BACKENDS as usize + 1
