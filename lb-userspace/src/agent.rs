@@ -256,6 +256,7 @@ impl Agent {
                 ));
             }
         };
+        crate::fd_limit::raise_for(&file);
         let old = &self.desired.config;
         if old.interfaces != file.interfaces
             || old.metrics != file.metrics
@@ -931,6 +932,7 @@ struct Started {
 /// the data plane (unless the proxy runs alone) and attaches it.
 async fn start(opts: &RunOptions) -> Result<Started> {
     let file = load_config_for_start(&opts.config)?;
+    crate::fd_limit::raise_for(&file);
     let journal_path = runtime::journal_path(&opts.config);
     let journal = runtime::load_journal(&journal_path)?;
     let (mut desired, journal) = runtime::replay(file, &journal);

@@ -25,6 +25,7 @@
 //!   the L7 proxy from `lb_proxy`.
 //! - `top`: `lb top`, the terminal dashboard over the control socket.
 //! - `syslog`: the access log to a syslog daemon (`[proxy] syslog`).
+//! - `fd_limit`: RLIMIT_NOFILE raised to what the frontends may use.
 //! - `decap`: `lb decap` for backends; `demo` and `lab`: the namespace lab
 //!   the demo, the tests and the benchmarks share.
 //!
@@ -46,6 +47,7 @@ pub mod dataplane;
 pub mod decap;
 pub mod demo;
 pub mod discovery;
+pub mod fd_limit;
 pub mod health;
 pub mod lab;
 pub mod metrics;

@@ -380,3 +380,62 @@ fn lb_run_adopts_an_older_counter_array_with_fewer_reasons() {
     assert!(stats.contains("pass_not_vip"), "{stats}");
     assert!(stop.status.success(), "{stop:?}");
 }
+
+/// The soft RLIMIT_NOFILE of process `pid`, from /proc.
+fn soft_fd_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+#[test]
+fn run_raises_its_file_descriptor_limit_to_what_the_frontends_may_use() {
+    // A port of loopback nobody else has: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let config = format!(
+        "[[frontend]]\nname = \"web\"\nbinds = [\"127.0.0.1:{port}\"]\ndefault_pool = \"app\"\n\
+         max_connections = 1500\n\n[[pool]]\nname = \"app\"\nservers = [{{ address = \"127.0.0.1:9\" }}]\n"
+    );
+    let path = write("fd-limit.toml", &config);
+    let socket = path.with_extension("sock");
+    let mut cmd = lb();
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&path)
+        .arg("--socket")
+        .arg(&socket);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // Started as a service manager would start it: 256, hard 8192.
+    // SAFETY: setrlimit is async-signal-safe; it reads the struct it is given.
+    unsafe {
+        use std::os::unix::process::CommandExt as _;
+        cmd.pre_exec(|| {
+            let l = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 8192,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id();
+    // Two per connection the frontend allows, and 1024 besides.
+    let want = 2 * 1500 + 1024;
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = soft_fd_limit(pid);
+    while seen != Some(want) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+        seen = soft_fd_limit(pid);
+    }
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert_eq!(seen, Some(want), "the agent's soft limit");
+}
