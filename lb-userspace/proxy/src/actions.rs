@@ -870,7 +870,7 @@ mod tests {
             peer: "[2001:db8::7]:40000".parse().unwrap(),
             local: "198.18.100.1:443".parse().unwrap(),
             tls: Some(Some("www.example")),
-            unique_id: Some(crate::log::RequestId(0xab)),
+            unique_id: Some(crate::log::RequestId::from(0xab)),
         };
         let render = |v: &str, c: &Connection<'_>| t(v).unwrap().unwrap().render(c).unwrap();
         assert_eq!(render("%[src]", &conn), "2001:db8::7");

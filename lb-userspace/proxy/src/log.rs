@@ -76,13 +76,19 @@ pub struct AccessRecord {
 /// A request's unique ID: 128 random bits, written as 32 hex digits (as
 /// nginx's `$request_id`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestId(pub u128);
+pub struct RequestId([u64; 2]);
 
 impl RequestId {
     /// A fresh one, from this thread's CSPRNG (rand's ChaCha, seeded by
     /// the OS): unique, and no ID tells another.
     pub fn new() -> Self {
-        RequestId(rand::random())
+        RequestId::from(rand::random::<u128>())
+    }
+}
+
+impl From<u128> for RequestId {
+    fn from(v: u128) -> Self {
+        RequestId([(v >> 64) as u64, v as u64])
     }
 }
 
@@ -94,7 +100,7 @@ impl Default for RequestId {
 
 impl std::fmt::Display for RequestId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:032x}", self.0)
+        write!(f, "{:016x}{:016x}", self.0[0], self.0[1])
     }
 }
 
@@ -537,7 +543,7 @@ mod tests {
              10/0/-1/20/30 200 2750 ---- \"GET /index.html?x=1 HTTP/1.1\""
         );
         let with_id = AccessRecord {
-            request_id: Some(RequestId(0xab)),
+            request_id: Some(RequestId::from(0xab)),
             ..record()
         };
         assert!(
