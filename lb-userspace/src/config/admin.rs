@@ -38,7 +38,7 @@ impl Checker<'_> {
                     self.listening(Listener {
                         addr: *addr,
                         span: b.span(),
-                        owner: "[admin] binds".into(),
+                        owner: super::listeners::ADMIN.into(),
                         try_bind: true,
                     })
                 }),

@@ -363,7 +363,7 @@ impl Checker<'_> {
                 self.listening(Listener {
                     addr: *bind,
                     span,
-                    owner: format!("frontend \"{}\" binds", fe.name),
+                    owner: super::listeners::frontend(&fe.name),
                     try_bind: false,
                 });
             }

@@ -5,12 +5,29 @@
 //! listener the XDP program keeps every connection from
 //! (`rules::listener_reachable`), and on this host an address another
 //! program holds (the frontends' binds are tried with their tables).
+//! Then the backends that are the balancer itself (`rules::backend_not_a_vip`,
+//! `rules::server_not_a_listener`): loops.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::ops::Range;
 
 use super::{Checker, Config, Group, Service, rules};
+
+/// [`Listener::owner`] of `metrics`.
+pub(super) const METRICS: &str = "metrics listens on";
+/// [`Listener::owner`] of `[admin] bind`.
+pub(super) const ADMIN: &str = "[admin] binds";
+
+/// [`Listener::owner`] of a bind of frontend `name`.
+pub(super) fn frontend(name: &str) -> String {
+    format!("frontend \"{name}\" binds")
+}
+
+/// Why `owner`'s `addr` gets no connection past the XDP program, if so.
+fn reachable(owner: &str, addr: SocketAddr, services: &[Service]) -> Result<(), String> {
+    rules::listener_reachable(addr, services).map_err(|why| format!("{owner} {addr}, but {why}"))
+}
 
 /// One address listened on, where the file names it and who listens.
 pub(super) struct Listener {
@@ -47,8 +64,8 @@ impl Checker<'_> {
                 continue;
             }
             first.insert(*addr, (owner, self.line(span)));
-            if let Err(why) = rules::listener_reachable(*addr, services) {
-                self.at(span, format!("{owner} {addr}, but {why}"));
+            if let Err(why) = reachable(owner, *addr, services) {
+                self.at(span, why);
             } else if l.try_bind
                 && self.host_resources
                 && let Err(e) = lb_proxy::can_bind(*addr)
@@ -57,9 +74,7 @@ impl Checker<'_> {
             }
         }
     }
-}
 
-impl Checker<'_> {
     /// Checks that no backend or pool server is this balancer itself: an l4
     /// service's VIP, or where a frontend listens (`rules`).
     pub(super) fn check_loops(&mut self, services: &[Service], proxy: &lb_proxy::ProxyConfig) {
@@ -96,25 +111,20 @@ impl Config {
     /// [`Listener::owner`]).
     pub fn listeners(&self) -> Vec<(SocketAddr, String)> {
         let binds = self.proxy.0.frontends.iter().flat_map(|fe| {
-            let owner = format!("frontend \"{}\" binds", fe.name);
+            let owner = frontend(&fe.name);
             fe.binds.iter().map(move |b| (*b, owner.clone()))
         });
-        let metrics = self.metrics.map(|m| (m, "metrics listens on".to_string()));
-        let admin = self
-            .admin
-            .as_ref()
-            .map(|a| (a.bind, "[admin] binds".to_string()));
+        let metrics = self.metrics.map(|m| (m, METRICS.to_string()));
+        let admin = self.admin.as_ref().map(|a| (a.bind, ADMIN.to_string()));
         binds.chain(metrics).chain(admin).collect()
     }
 
     /// Checks that every listener is reachable with `services` in place of
     /// the configuration's (a runtime change to the services).
     pub fn listeners_reachable(&self, services: &[Service]) -> Result<(), String> {
-        for (addr, owner) in self.listeners() {
-            rules::listener_reachable(addr, services)
-                .map_err(|why| format!("{owner} {addr}, but {why}"))?;
-        }
-        Ok(())
+        self.listeners()
+            .iter()
+            .try_for_each(|(addr, owner)| reachable(owner, *addr, services))
     }
 }
 

@@ -737,7 +737,7 @@ impl Checker<'_> {
                 self.listening(listeners::Listener {
                     addr,
                     span: m.span(),
-                    owner: "metrics listens on".into(),
+                    owner: listeners::METRICS.into(),
                     try_bind: true,
                 });
                 Some(addr)
