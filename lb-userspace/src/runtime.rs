@@ -459,17 +459,6 @@ impl Desired {
             return Err(rules::vip_taken(vip, protocol, &other.name, None));
         }
         check_address(vip, "VIP")?;
-        if let Some(s) = self
-            .config
-            .services
-            .iter()
-            .find(|s| s.protocol == protocol && s.backends.iter().any(|b| b.address == vip))
-        {
-            return Err(format!(
-                "VIP {vip} is a backend of service \"{}\": its flows would come back to this balancer (a loop)",
-                s.name
-            ));
-        }
         rules::forwarding(name, mode, forwarding)?;
         rules::flow_hash(name, mode, hash)?;
         let ring_size = match ring_size {
@@ -493,6 +482,12 @@ impl Desired {
             discovery: None,
         });
         self.config.listeners_reachable(&services)?;
+        // The new VIP may be another service's backend.
+        for s in &services {
+            for b in &s.backends {
+                rules::backend_not_a_vip(b.address, s.protocol, &services)?;
+            }
+        }
         self.config.services = services;
         Ok(())
     }
@@ -1022,7 +1017,10 @@ nameservers = ["198.18.2.241"]
             ring_size: None,
         };
         let err = refused(&mut d, vip);
-        assert!(err.contains("is a backend of service \"web\""), "{err}");
+        assert!(
+            err.contains("backend 198.18.2.11:80 is the VIP of service \"other\""),
+            "{err}"
+        );
         assert_eq!(d, before, "refused changes change nothing");
         // From DNS: left out, with the reason.
         let (_, skipped) = d
