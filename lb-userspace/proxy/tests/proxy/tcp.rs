@@ -407,10 +407,25 @@ async fn requests_in_flight_at_the_hard_stop_are_logged_as_killed_in_their_phase
         })
     };
     let (app, api) = (mute(heads.clone()).await, mute(heads.clone()).await);
+    // A server whose accept queue is full: its SYNs are dropped, a connect
+    // to it waits (pool "syn", for /syn/).
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    full.listen(0).unwrap();
+    let syn = full.local_addr().unwrap().as_socket().unwrap();
+    let fillers: Vec<_> = (0..3)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&syn, Duration::from_millis(200)).ok())
+        .collect();
     let rules = "[[frontend.acl]]\nname = \"is_api\"\npath_prefix = \"/api/\"\n\
-                 [[frontend.use_pool]]\npool = \"api\"\nif = \"is_api\"\n";
+                 [[frontend.acl]]\nname = \"is_syn\"\npath_prefix = \"/syn/\"\n\
+                 [[frontend.use_pool]]\npool = \"api\"\nif = \"is_api\"\n\
+                 [[frontend.use_pool]]\npool = \"syn\"\nif = \"is_syn\"\n";
     let mut cfg = two_pool_config(app, api, rules, "");
     cfg.pools[0].servers[0].maxconn = 1;
+    let mut syn_pool = Pool::new("syn", Algorithm::RoundRobin, vec![ServerSpec::new(syn)]);
+    (syn_pool.timeout_connect, syn_pool.retries) = (Duration::from_secs(30), 0);
+    cfg.pools.push(syn_pool);
     let hard = one_thread(Duration::from_millis(300));
     let route = || Some(lb_proxy::routing::router(&cfg).unwrap());
     let first = Proxy::start_threads(cfg.clone(), route(), &hard, None).unwrap();
@@ -444,10 +459,15 @@ async fn requests_in_flight_at_the_hard_stop_are_logged_as_killed_in_their_phase
         .expect("the HTTP/2 request's head")
         .unwrap()
         .forget();
-    // The queued request: in the queue for sure once the proxy counts it there.
+    // Connecting (C), once the proxy counts it on its server.
+    let connecting = h1("GET /syn/hard-stop/connect HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // The queued request in the queue, the connecting one on its server.
     let until = Instant::now() + GIVE_UP;
-    while first.stats().pools()[0].queued == 0 {
-        assert!(Instant::now() < until, "the request never queued");
+    while first.stats().pools()[0].queued == 0 || first.stats().pools()[2].servers[0].current == 0 {
+        assert!(
+            Instant::now() < until,
+            "the requests never queued or connected"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let hour = one_thread(Duration::from_secs(3600));
@@ -479,6 +499,11 @@ async fn requests_in_flight_at_the_hard_stop_are_logged_as_killed_in_their_phase
         line.ends_with("\"GET /hard-stop/waits HTTP/1.1\""),
         "{line}"
     );
+    let line = line_of(connecting.local_addr().unwrap(), "/syn/hard-stop/connect").await;
+    assert!(
+        line.contains(&format!(" web syn/{syn} ")) && line.contains(" -1 0 KC"),
+        "{line}"
+    );
     let line = line_of(queued.local_addr().unwrap(), "/hard-stop/queued").await;
     assert!(
         line.contains(" web app/<NOSRV> ") && line.contains(" -1 0 KQ"),
@@ -498,7 +523,8 @@ async fn requests_in_flight_at_the_hard_stop_are_logged_as_killed_in_their_phase
         line.ends_with("\"GET /api/hard-stop/h2 HTTP/2.0\""),
         "{line}"
     );
-    drop((waiting, queued, uploading, h2_answer, second));
+    drop((waiting, queued, uploading, connecting, h2_answer, second));
+    drop((fillers, full));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
