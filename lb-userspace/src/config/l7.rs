@@ -354,15 +354,15 @@ impl Checker<'_> {
                 }
             }
         }
+        let spans = keys
+            .get("binds")
+            .map(|v| entry_spans(self.lines.text, v.span()))
+            .unwrap_or_default();
         for fe in &alone.frontends {
             for (i, bind) in fe.binds.iter().enumerate() {
-                let span = keys.get("binds").map_or_else(
-                    || span.clone(),
-                    |v| entry_span(self.lines.text, v.span(), i),
-                );
                 self.listening(Listener {
                     addr: *bind,
-                    span,
+                    span: spans.get(i).unwrap_or(span).clone(),
                     owner: super::listeners::frontend(&fe.name),
                     try_bind: false,
                 });
