@@ -436,57 +436,86 @@ impl Drop for Unfinished {
     }
 }
 
+/// Month names as HAProxy's and syslog's dates spell them.
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// `t` in UTC, broken down: year, month (1-12), day, hour, minute, second,
+/// and the time since the second.
+struct Utc {
+    year: i64,
+    month: u32,
+    day: u32,
+    hour: u64,
+    minute: u64,
+    second: u64,
+    fraction: std::time::Duration,
+}
+
+impl Utc {
+    fn of(t: SystemTime) -> Utc {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+        let sod = secs % 86_400;
+        Utc {
+            year,
+            month,
+            day,
+            hour: sod / 3600,
+            minute: sod % 3600 / 60,
+            second: sod % 60,
+            fraction: std::time::Duration::from_nanos(u64::from(d.subsec_nanos())),
+        }
+    }
+
+    fn month_name(&self) -> &'static str {
+        MONTHS[(self.month - 1) as usize]
+    }
+}
+
 /// `06/Feb/2009:12:14:14.655` in UTC.
 pub fn haproxy_date(t: SystemTime) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (y, m, day) = civil_from_days((secs / 86_400) as i64);
-    let sod = secs % 86_400;
+    let u = Utc::of(t);
     format!(
         "{:02}/{}/{}:{:02}:{:02}:{:02}.{:03}",
-        day,
-        MONTHS[(m - 1) as usize],
-        y,
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60,
-        d.subsec_millis()
+        u.day,
+        u.month_name(),
+        u.year,
+        u.hour,
+        u.minute,
+        u.second,
+        u.fraction.as_millis()
     )
 }
 
 /// `Dec  7 17:05:09` in UTC: a syslog (RFC 3164) line's time.
 pub fn rfc3164_date(t: SystemTime) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    let (_, m, day) = civil_from_days((secs / 86_400) as i64);
-    let sod = secs % 86_400;
+    let u = Utc::of(t);
     format!(
-        "{} {day:>2} {:02}:{:02}:{:02}",
-        MONTHS[(m - 1) as usize],
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60
+        "{} {:>2} {:02}:{:02}:{:02}",
+        u.month_name(),
+        u.day,
+        u.hour,
+        u.minute,
+        u.second
     )
 }
 
 /// `2026-12-07T17:05:09.123456Z` (RFC 5424's TIMESTAMP, RFC 3339 in UTC
 /// with microseconds), as syslog's RFC 5424 header wants it.
 pub fn rfc5424_date(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (y, m, day) = civil_from_days((secs / 86_400) as i64);
-    let sod = secs % 86_400;
+    let u = Utc::of(t);
     format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        sod / 3600,
-        sod % 3600 / 60,
-        sod % 60,
-        d.subsec_micros()
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        u.year,
+        u.month,
+        u.day,
+        u.hour,
+        u.minute,
+        u.second,
+        u.fraction.as_micros()
     )
 }
 
