@@ -262,18 +262,17 @@ fn forward<'a>(
         let pool = &shared.pools[fwd.pool];
         let mut attempts = Attempts::new(pool);
         loop {
-            fwd.rec.phase = Phase::Queue;
-            let attempt = match attempts.acquire(pool, fwd.pick, &mut fwd.rec).await {
-                Ok(active) => {
-                    fwd.rec.phase = Phase::Connect;
-                    connect(pool, conn, active, upgrade.is_some()).await
-                }
+            let attempt = match attempts
+                .acquire_forwarded(pool, fwd.pick, &mut fwd.rec)
+                .await
+            {
+                Ok(active) => connect(pool, conn, active, upgrade.is_some()).await,
                 Err(failure) => Err(failure),
             };
             let (active, server) = match attempt {
                 Ok(a) => a,
                 Err(f) if attempts.retry(pool, f, false) => continue,
-                Err(f) => return error_response(f, fwd.rec.into_record(), done),
+                Err(f) => return error_response(f, fwd.rec, done),
             };
             fwd.rec.tc = server.connect_time.map_or(0, |d| d.as_millis() as i64);
             if gone.is_some_and(|tx| tx.is_closed()) {
@@ -281,7 +280,7 @@ fn forward<'a>(
                 if let Sender::H1(h1) = server.sender {
                     pool.conns.put(active.server().addr, h1);
                 }
-                return error_response(Failure::ClientGone, fwd.rec.into_record(), done);
+                return error_response(Failure::ClientGone, fwd.rec, done);
             }
             // hyper sends the body and reads the answer as one step: the
             // request is the server's from here.
@@ -297,7 +296,7 @@ fn forward<'a>(
                 sender.send(out, pool.timeout_server)
             }) else {
                 // Unreachable: `req` is put back before every retry.
-                return error_response(Failure::Internal, fwd.rec.into_record(), done);
+                return error_response(Failure::Internal, fwd.rec, done);
             };
             let failure = match sending.await {
                 Ok(Ok(resp)) => {
@@ -337,7 +336,7 @@ fn forward<'a>(
                 }
             };
             attempts.ended(pool, failure);
-            return error_response(failure, fwd.rec.into_record(), done);
+            return error_response(failure, fwd.rec, done);
         }
     }
 }
@@ -401,25 +400,24 @@ fn forward_raw<'a>(
     async move {
         let mut attempts = Attempts::new(pool);
         loop {
-            fwd.rec.phase = Phase::Queue;
-            let attempt = match attempts.acquire(pool, fwd.pick, &mut fwd.rec).await {
-                Ok(active) => {
-                    fwd.rec.phase = Phase::Connect;
-                    connect_raw(pool, conn, active).await
-                }
+            let attempt = match attempts
+                .acquire_forwarded(pool, fwd.pick, &mut fwd.rec)
+                .await
+            {
+                Ok(active) => connect_raw(pool, conn, active).await,
                 Err(failure) => Err(failure),
             };
             let (active, mut server, connect_time) = match attempt {
                 Ok(a) => a,
                 Err(f) if attempts.retry(pool, f, false) => continue,
-                Err(f) => return error_response(f, fwd.rec.into_record(), done),
+                Err(f) => return error_response(f, fwd.rec, done),
             };
             fwd.rec.tc = connect_time.map_or(0, |d| d.as_millis() as i64);
             let addr = active.server().addr;
             if gone.is_some_and(|tx| tx.is_closed()) {
                 // Reset before it was sent: the connection serves another request instead.
                 pool.conns.put_raw(addr, server);
-                return error_response(Failure::ClientGone, fwd.rec.into_record(), done);
+                return error_response(Failure::ClientGone, fwd.rec, done);
             }
             // The body (in hand) goes out with the head: what is left to wait for is the answer.
             fwd.rec.phase = Phase::Headers;
@@ -435,7 +433,7 @@ fn forward_raw<'a>(
                 Err(f) => {
                     tracing::debug!(pool = %pool.name, server = %addr, failure = ?f, "no response");
                     fwd.rec.tr = sent.elapsed().as_millis() as i64;
-                    return error_response(f, fwd.rec.into_record(), done);
+                    return error_response(f, fwd.rec, done);
                 }
             };
             Attempts::answered(pool, &active);
@@ -484,7 +482,7 @@ fn respond_raw(
         Ok(h) => h,
         Err(why) => {
             tracing::debug!(pool = %pool.name, server = %addr, reason = why, "bad response");
-            return error_response(Failure::BadResponse, fwd.rec.into_record(), done);
+            return error_response(Failure::BadResponse, fwd.rec, done);
         }
     };
     let https = done.conn.frontend.https;
@@ -595,7 +593,7 @@ fn respond(
     let addr = x.active.server().addr;
     if let Err(why) = framing {
         tracing::debug!(pool = %x.pool.name, server = %addr, reason = why, "bad response framing");
-        return error_response(Failure::BadResponse, fwd.rec.into_record(), done);
+        return error_response(Failure::BadResponse, fwd.rec, done);
     }
     let https = x.conn.frontend.https;
     prepare::persist(&mut fwd, (x.pool, x.active.server()), https);
@@ -660,7 +658,12 @@ fn whole(bytes: Bytes) -> UnsyncBoxBody<Bytes, BoxError> {
         .boxed_unsync()
 }
 
-fn error_response(failure: Failure, mut rec: AccessRecord, done: Done) -> Response<ProxyBody> {
+fn error_response(
+    failure: Failure,
+    rec: impl Into<AccessRecord>,
+    done: Done,
+) -> Response<ProxyBody> {
+    let mut rec = rec.into();
     let status = failure.status();
     rec.status = status.as_u16();
     rec.termination = failure.termination();

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use super::actions;
 use super::balance::{Active, Pick, ServerState, Unavailable};
 use super::context::{FrontendCtx, PoolRuntime, Shared};
-use super::error::{Failure, Retry};
+use super::error::{Failure, Phase, Retry};
 use super::hardening;
 use super::log::{AccessRecord, RequestId, Unfinished};
 use super::tls::TlsFacts;
@@ -577,6 +577,20 @@ impl Attempts {
             }
             Err(e) => Err(unavailable(e, rec)),
         }
+    }
+
+    /// [`Attempts::acquire`] for a forwarded request, whose record then
+    /// says where it is: in the queue, then (a server picked) connecting.
+    pub(crate) async fn acquire_forwarded(
+        &mut self,
+        pool: &PoolRuntime,
+        pick: Pick,
+        rec: &mut Unfinished,
+    ) -> Result<Active, Failure> {
+        rec.phase = Phase::Queue;
+        let active = self.acquire(pool, pick, rec).await?;
+        rec.phase = Phase::Connect;
+        Ok(active)
     }
 
     /// The attempt ended with `failure`, not retried: counted for

@@ -649,9 +649,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         attempts: &mut Attempts,
         fwd: &mut Forwarding,
     ) -> Result<(Active, RawConn, bool), Failure> {
-        fwd.rec.phase = Phase::Queue;
-        let active = attempts.acquire(pool, fwd.pick, &mut fwd.rec).await?;
-        fwd.rec.phase = Phase::Connect;
+        let active = attempts
+            .acquire_forwarded(pool, fwd.pick, &mut fwd.rec)
+            .await?;
         self.connect(pool, active, &mut fwd.rec).await
     }
 
