@@ -536,6 +536,7 @@ pub fn wait_for(
 pub mod cluster;
 pub mod clusterbench;
 pub mod frames;
+pub mod fuzz;
 pub mod l4bench;
 pub mod l7bench;
 pub mod l7instr;
