@@ -57,6 +57,15 @@ fn load_config_for_start(path: &Path) -> Result<Config> {
     config::load_for_this_host(path).map_err(|errors| anyhow!("invalid configuration:\n{errors}"))
 }
 
+/// What a reload to `file` listens on: its frontends' binds, and the
+/// running `metrics` and `[admin]` (those change on restart only).
+fn reload_listeners(running: &Config, file: &Config) -> Vec<(SocketAddr, String)> {
+    let mut bound = file.clone();
+    bound.metrics = running.metrics;
+    bound.admin.clone_from(&running.admin);
+    bound.listeners()
+}
+
 /// Told by the main loop whether the L7 proxy took a change or reload.
 type ProxyApplied = std::sync::mpsc::SyncSender<Result<(), String>>;
 
@@ -88,6 +97,8 @@ pub struct Agent {
     discovery: BTreeMap<String, Tracker>,
     /// Where the discovered sets are kept for a start while the DNS fails.
     discovery_cache: PathBuf,
+    /// The addresses it listens on, kept from a second agent.
+    claims: crate::claims::Claims,
 }
 
 impl Agent {
@@ -263,6 +274,12 @@ impl Agent {
             || old.admin != file.admin
         {
             warn!("interfaces, metrics and [admin] take effect on restart only");
+        }
+        if let Err(e) = self.claims.hold(&reload_listeners(old, &file)) {
+            error!("reload rejected, keeping the running configuration: {e:#}");
+            return Response::Error(format!(
+                "reload rejected, the running configuration stays: {e:#}"
+            ));
         }
 
         let (mut desired, kept) = runtime::replay(file, &self.journal);
@@ -952,6 +969,9 @@ async fn start(opts: &RunOptions) -> Result<Started> {
         let (balancer, start, lock) = load_data_plane(opts, &desired.config)?;
         (Some(balancer), Some(start), Some(lock))
     };
+    // After the pin lock, which names a second agent on the same pins.
+    let mut claims = crate::claims::Claims::default();
+    claims.hold(&desired.config.listeners())?;
     let (events_tx, events) = mpsc::unbounded_channel();
     let (stop_tx, stop) = mpsc::unbounded_channel();
     let (reloaded_tx, reloaded) = mpsc::unbounded_channel();
@@ -969,6 +989,7 @@ async fn start(opts: &RunOptions) -> Result<Started> {
         bgp: bgp::Speaker::new(),
         discovery: trackers,
         discovery_cache,
+        claims,
     };
     // Tables are complete before the first packet can reach the program.
     agent.first_sync(without_discovered)?;

@@ -20,6 +20,7 @@
 //!   order that never leaves a packet without a path.
 //! - `health`: the checks whose results `agent` folds into availability.
 //! - `bgp`: which VIPs this node announces and BIRD driven to say so.
+//! - `claims`: the addresses an agent listens on, kept from a second agent.
 //! - `agent`: `lb run`: ties the above together, serves `control` (socket,
 //!   protocol, CLI), `metrics` and `admin` (REST API, stats page), runs
 //!   the L7 proxy from `lb_proxy`.
@@ -41,6 +42,7 @@ mod allocator;
 pub mod atomic_file;
 pub mod balancer;
 pub mod bgp;
+pub mod claims;
 pub mod config;
 pub mod control;
 pub mod dataplane;

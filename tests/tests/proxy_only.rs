@@ -162,6 +162,92 @@ fn the_proxy_runs_alone_without_interfaces() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Whether the proxy answers `GET /` on `port` of the client-side address.
+fn answers(lab: &Lab, port: u16) -> bool {
+    let addr = SocketAddr::new(BALANCER_CLIENT_V4.into(), port);
+    run_in_ns(lab.client_ns(), move || {
+        http_get(addr, "/", Duration::from_millis(500)).is_ok_and(|(s, _)| s == 200)
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_second_agent_cannot_serve_the_addresses_of_the_first() {
+    let mut lab = Lab::create("proxytwice", LabOptions::from_env(1).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-proxytwice", lab.balancer_ns()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = dir.join("first.toml");
+    std::fs::write(&first, config(&lab, 1)).unwrap();
+    let socket = dir.join("first.sock");
+    let pid = lb_userspace::demo::start_agent(&mut lab, &first, &socket).unwrap();
+
+    // The same file again beside it, on another control socket: refused,
+    // naming the address and the first agent (each would otherwise bind it
+    // with SO_REUSEPORT and get half of its connections).
+    let second_socket = dir.join("second.sock");
+    let out = lb_tests::output_within(
+        std::process::Command::new(&lab.options().lb_bin)
+            .args(["run", "--netns", lab.balancer_ns(), "--config"])
+            .arg(&first)
+            .arg("--socket")
+            .arg(&second_socket),
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains(&format!(
+            "frontend \"web\" binds {BALANCER_CLIENT_V4}:{BIND_PORT}, which another lb agent (pid {pid}) serves"
+        )),
+        "{stderr}"
+    );
+    assert!(!second_socket.exists(), "the refused agent made no socket");
+    assert_eq!(ask(&lab), "be1");
+
+    // Another agent on another address runs beside it; a reload of the
+    // first that would bind that address too is refused and changes nothing.
+    let other_port = BIND_PORT + 1;
+    let other = dir.join("other.toml");
+    let text = config(&lab, 1)
+        .replace(&format!(":{BIND_PORT}\""), &format!(":{other_port}\""))
+        .replace(&format!("metrics = \"{METRICS_ADDR}\"\n"), "");
+    std::fs::write(&other, text).unwrap();
+    let args = [
+        "--config".into(),
+        other.clone().into_os_string(),
+        "--socket".into(),
+        second_socket.clone().into_os_string(),
+    ];
+    let other_pid = lab.spawn_node_agent(1, &args).unwrap();
+    lb_tests::wait_for("the other agent to serve", Duration::from_secs(20), || {
+        answers(&lab, other_port)
+    });
+    let both = config(&lab, 1).replace(
+        &format!("binds = [\"{BALANCER_CLIENT_V4}:{BIND_PORT}\"]"),
+        &format!(
+            "binds = [\"{BALANCER_CLIENT_V4}:{BIND_PORT}\", \"{BALANCER_CLIENT_V4}:{other_port}\"]"
+        ),
+    );
+    std::fs::write(&first, both).unwrap();
+    let reload = lb(&lab, &socket, &["reload"]);
+    let said = String::from_utf8_lossy(&reload.stderr);
+    assert!(!reload.status.success(), "{reload:?}");
+    assert!(
+        said.contains(&format!(
+            "{other_port}, which another lb agent (pid {other_pid}) serves"
+        )),
+        "{said}"
+    );
+    assert_eq!(ask(&lab), "be1");
+    // Once the other agent stops, the same reload takes the address.
+    lab.stop(other_pid).unwrap();
+    let reload = lb(&lab, &socket, &["reload"]);
+    assert!(reload.status.success(), "{reload:?}");
+    assert!(answers(&lab, other_port));
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// nginx serving TLS behind a PROXY header on `addr` (HAProxy's `ssl
 /// send-proxy-v2` servers), to clients with a certificate the test CA
 /// signed: `/health` answers "healthy" to Host `be.test` (its name, as a
