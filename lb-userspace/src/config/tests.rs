@@ -354,3 +354,133 @@ fn proxy_threads_default_to_the_cpus_and_are_checked_where_written() {
         assert!(errs[0].reason.contains("hard_stop_after"), "{errs:#?}");
     }
 }
+
+/// Values that have broken parsers: limits of every integer width,
+/// negative, fractional and huge durations, odd addresses and prefixes,
+/// wrong types, empty and control characters.
+const ODD_VALUES: &[&str] = &[
+    "0",
+    "-1",
+    "1.5",
+    "255",
+    "256",
+    "65535",
+    "65536",
+    "4294967295",
+    "4294967296",
+    "9223372036854775807",
+    "-9223372036854775808",
+    "true",
+    "[]",
+    "[\"\"]",
+    "{}",
+    "\"\"",
+    "\" \"",
+    "\"x\"",
+    "\"0s\"",
+    "\"0ms\"",
+    "\"-1s\"",
+    "\"1.5s\"",
+    "\"18446744073709551615ms\"",
+    "\"9999999999999h\"",
+    "\"1h1h\"",
+    "\"1.2.3.4\"",
+    "\"1.2.3.4:0\"",
+    "\"1.2.3.4:65536\"",
+    "\"0.0.0.0:80\"",
+    "\"[::]:443\"",
+    "\"[::1]\"",
+    "\"::1:80\"",
+    "\"0.0.0.0/0\"",
+    "\"10.0.0.0/33\"",
+    "\"::/129\"",
+    "\"a b\"",
+    "\"\\u0000\"",
+    "\"\\r\\n\"",
+    "\"é\"",
+    "\"/\"",
+    "\"/nonexistent/file\"",
+    "\"pool:web\"",
+    "\"[\"",
+    "\"(\"",
+    "\"*\"",
+];
+
+/// Mutation fuzzing of `parse` with the example file: a random key's value
+/// replaced by an odd one, lines dropped or repeated, tables renamed, from
+/// a fixed seed. Whatever the file, `parse` returns (no panic: a file is
+/// user input), and every error names a line of the file (or 0, the whole
+/// file) and says why.
+#[test]
+fn mutated_files_get_errors_at_their_lines_never_a_panic() {
+    let lines: Vec<&str> = EXAMPLE.lines().collect();
+    let assignments: Vec<usize> = (0..lines.len())
+        .filter(|&i| {
+            let l = lines[i].trim_start();
+            !l.starts_with('#') && !l.starts_with('[') && l.contains(" = ")
+        })
+        .collect();
+    // `LB_FUZZ_SEED` and `LB_FUZZ_RUNS` search further by hand.
+    let knob = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let mut state: u64 = knob("LB_FUZZ_SEED", 0x636f_6e66_6967).max(1);
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let (mut refused, runs) = (0, knob("LB_FUZZ_RUNS", 600) as usize);
+    for case in 0..runs {
+        let mut edited: Vec<String> = lines.iter().map(|l| (*l).to_string()).collect();
+        for _ in 0..=next(3) {
+            let at = assignments[next(assignments.len())];
+            match next(10) {
+                0 => edited[at] = String::new(),
+                1 => {
+                    let line = edited[at].clone();
+                    edited.insert(at, line);
+                }
+                2 => {
+                    let headers = [
+                        "[proxy]",
+                        "[[frontend]]",
+                        "[[pool]]",
+                        "[[service]]",
+                        "[admin]",
+                    ];
+                    edited.insert(at, headers[next(headers.len())].to_string());
+                }
+                _ => {
+                    let key = edited[at].split(" = ").next().unwrap_or("").to_string();
+                    edited[at] = format!("{key} = {}", ODD_VALUES[next(ODD_VALUES.len())]);
+                }
+            }
+        }
+        let text = edited.join("\n");
+        let result = std::panic::catch_unwind(|| parse(&text, "fuzz.toml"));
+        let Ok(result) = result else {
+            panic!("case {case}: parse panicked on:\n{text}");
+        };
+        if let Err(errors) = result {
+            refused += 1;
+            assert!(!errors.0.is_empty(), "case {case}: an empty error list");
+            for e in &errors.0 {
+                assert!(
+                    e.line <= edited.len() && !e.reason.trim().is_empty() && e.file == "fuzz.toml",
+                    "case {case}: {e} (of {} lines):\n{text}",
+                    edited.len()
+                );
+            }
+        }
+    }
+    // Not vacuous: most mutants are refused, some are still good files.
+    assert!(
+        refused > runs / 2 && refused < runs,
+        "{refused} of {runs} refused"
+    );
+}
