@@ -265,8 +265,7 @@ pub(crate) async fn prepare(
     if parts.method != Method::CONNECT
         && (parts.uri.scheme().is_some() || parts.uri.authority().is_some())
     {
-        let origin = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        match Uri::try_from(origin) {
+        match origin_form(&parts.uri) {
             Ok(u) => parts.uri = u,
             Err(_) => return Prepared::Refuse(Failure::BadRequest, rec),
         }
@@ -283,6 +282,17 @@ pub(crate) async fn prepare(
             && super::compress::wanted(&parts.method, &parts.headers),
         ws_accept,
     })
+}
+
+/// The origin-form (`/path?query`) of an absolute-form target. An empty
+/// path is sent as "/" (RFC 9112 3.2.1): `http://h?q` is `/?q`, which
+/// `path_and_query` alone (`?q`) is not.
+fn origin_form(uri: &Uri) -> Result<Uri, http::uri::InvalidUri> {
+    match uri.path_and_query().map(|p| p.as_str()) {
+        Some(pq) if pq.starts_with('/') => Uri::try_from(pq),
+        Some(pq) => Uri::try_from(format!("/{pq}")),
+        None => Ok(Uri::from_static("/")),
+    }
 }
 
 /// With `request_id_header`: the request's unique ID, in the log and in

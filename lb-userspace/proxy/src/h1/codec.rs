@@ -377,6 +377,10 @@ pub(crate) fn put_request(out: &mut Vec<u8>, parts: &request::Parts, body: BodyK
         // CONNECT's authority-form.
         None => parts.uri.authority().map_or("/", |a| a.as_str()),
     };
+    // An absolute URI's empty path is "/" on the wire (`http://h?q`: `/?q`).
+    if target.starts_with('?') {
+        out.push(b'/');
+    }
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let length;
@@ -693,5 +697,171 @@ mod tests {
             &[("connection", "close")],
         );
         assert_eq!(out, b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n");
+    }
+
+    /// Bytes that have split HTTP parsers, for the mutations below.
+    const ODD: &[u8] = b" \t\r\n:,;=09aZ\x00\x7f\x80\xff\"%/?#@\\-";
+
+    /// `base` with one to three random edits (a byte replaced, inserted or
+    /// removed, a line repeated), from `next`.
+    fn mutate_head(base: &[u8], next: &mut impl FnMut(usize) -> usize) -> Vec<u8> {
+        let mut m = base.to_vec();
+        for _ in 0..=next(3) {
+            let at = next(m.len());
+            match next(4) {
+                0 => m[at] = ODD[next(ODD.len())],
+                1 => m.insert(at, ODD[next(ODD.len())]),
+                2 if m.len() > 4 => {
+                    m.remove(at);
+                }
+                _ => {
+                    // Repeat the line holding `at` (a second Host, CL, TE...).
+                    let start = m[..at]
+                        .iter()
+                        .rposition(|&b| b == b'\n')
+                        .map_or(0, |i| i + 1);
+                    if let Some(len) = m[start..].iter().position(|&b| b == b'\n') {
+                        let line = m[start..=start + len].to_vec();
+                        m.splice(start..start, line);
+                    }
+                }
+            }
+        }
+        m
+    }
+
+    fn xorshift(seed: u64) -> impl FnMut(usize) -> usize {
+        let mut state = seed;
+        move |n| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n.max(1) as u64) as usize
+        }
+    }
+
+    /// A head map without the framing fields we write ourselves.
+    fn unframed(headers: &HeaderMap) -> HeaderMap {
+        let mut h = headers.clone();
+        h.remove(header::CONTENT_LENGTH);
+        h.remove(header::TRANSFER_ENCODING);
+        h
+    }
+
+    /// Mutation fuzzing of the request side: whatever head `take_request`
+    /// accepts, `put_request` writes as one head that it (and httparse,
+    /// strictly) reads back as the same request: method, target, fields
+    /// and body framing, nothing left over that could be read as more.
+    #[test]
+    fn mutated_request_heads_go_out_as_they_were_read() {
+        let bases: [&[u8]; 5] = [
+            b"GET /a?b=c HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\r\n",
+            b"PUT http://h:8/p HTTP/1.1\r\nHost: h:8\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n",
+            b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nHost: z\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        ];
+        let mut next = xorshift(0x6831_636f_6465);
+        let mut taken = 0;
+        for base in bases {
+            for _ in 0..3000 {
+                let input = mutate_head(base, &mut next);
+                let mut buf = BytesMut::from(&input[..]);
+                let Ok(Some(mut head)) = take_request(&mut buf, &mut Vec::new()) else {
+                    continue;
+                };
+                taken += 1;
+                // An HTTP/1.0 request without Host is given the address it
+                // came to (prepare), as every request going out has one.
+                if !head.parts.headers.contains_key(header::HOST) {
+                    let to = HeaderValue::from_static("192.0.2.1:80");
+                    head.parts.headers.insert(header::HOST, to);
+                }
+                let mut out = Vec::new();
+                put_request(&mut out, &head.parts, head.body);
+                let shown = String::from_utf8_lossy(&input);
+                let mut again = BytesMut::from(&out[..]);
+                let back = take_request(&mut again, &mut Vec::new())
+                    .unwrap_or_else(|e| panic!("{shown:?}: we refuse what we wrote ({e})"))
+                    .unwrap_or_else(|| panic!("{shown:?}: what we wrote is unfinished"));
+                assert!(again.is_empty(), "{shown:?}: bytes past the head");
+                assert_eq!(back.parts.method, head.parts.method, "{shown:?}");
+                let target = |u: &Uri| (u.path().to_string(), u.query().map(String::from));
+                assert_eq!(
+                    target(&back.parts.uri),
+                    target(&head.parts.uri),
+                    "{shown:?}"
+                );
+                assert_eq!(back.body, head.body, "{shown:?}");
+                assert_eq!(
+                    unframed(&back.parts.headers),
+                    unframed(&head.parts.headers),
+                    "{shown:?}"
+                );
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+                let mut strict = httparse::Request::new(&mut fields);
+                assert_eq!(
+                    strict.parse(&out),
+                    Ok(httparse::Status::Complete(out.len())),
+                    "{shown:?}"
+                );
+            }
+        }
+        assert!(taken > 2000, "only {taken} mutants taken");
+    }
+
+    /// The response side: whatever head `take_response` accepts,
+    /// `put_response_fields` writes as one head read back with the same
+    /// status, framing and end-to-end fields.
+    #[test]
+    fn mutated_response_heads_go_out_as_they_were_read() {
+        let bases: [&[u8]; 4] = [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nSet-Cookie: a=b\r\n\r\n",
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nServer: s\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 10\r\n\r\n",
+        ];
+        let mut next = xorshift(0x7265_7370_6f6e);
+        let mut taken = 0;
+        for base in bases {
+            for _ in 0..3000 {
+                let input = mutate_head(base, &mut next);
+                let mut buf = BytesMut::from(&input[..]);
+                let Ok(Some(resp)) = take_response(&mut buf, &mut Vec::new(), &Method::GET) else {
+                    continue;
+                };
+                taken += 1;
+                let keep_te = resp.body == BodyKind::Chunked;
+                let mut out = Vec::new();
+                put_response_fields(&mut out, &resp, keep_te, &[]);
+                let shown = String::from_utf8_lossy(&input);
+                let mut again = BytesMut::from(&out[..]);
+                let back = take_response(&mut again, &mut Vec::new(), &Method::GET)
+                    .unwrap_or_else(|e| panic!("{shown:?}: we refuse what we wrote ({e})"))
+                    .unwrap_or_else(|| panic!("{shown:?}: what we wrote is unfinished"));
+                assert!(again.is_empty(), "{shown:?}: bytes past the head");
+                assert_eq!(back.status, resp.status, "{shown:?}");
+                assert_eq!(back.body, resp.body, "{shown:?}");
+                assert_eq!(back.length, resp.length, "{shown:?}");
+                let ends = |r: &ResponseHead| {
+                    let mut h = unframed(&r.header_map().unwrap_or_default());
+                    for hop in HOP_BY_HOP.iter() {
+                        h.remove(hop);
+                    }
+                    h
+                };
+                if !resp.connection_names {
+                    assert_eq!(ends(&back), ends(&resp), "{shown:?}");
+                }
+                let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS + 2];
+                let mut strict = httparse::Response::new(&mut fields);
+                assert_eq!(
+                    strict.parse(&out),
+                    Ok(httparse::Status::Complete(out.len())),
+                    "{shown:?}"
+                );
+            }
+        }
+        assert!(taken > 2000, "only {taken} mutants taken");
     }
 }

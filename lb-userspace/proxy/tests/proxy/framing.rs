@@ -230,6 +230,25 @@ async fn request_targets_and_hosts_are_checked_and_the_authority_wins() {
                 heads[0]
             );
         }
+        // An absolute URI with an empty path goes out with "/" (RFC 9112
+        // 3.2.1): `?q=1` alone is no request-target (it used to be a 400).
+        for (req, line) in [
+            (
+                "GET http://b.example?q=1 HTTP/1.1\r\nHost: b.example\r\n\r\n",
+                "GET /?q=1 HTTP/1.1\r\n",
+            ),
+            (
+                "GET http://b.example HTTP/1.1\r\nHost: b.example\r\n\r\n",
+                "GET / HTTP/1.1\r\n",
+            ),
+        ] {
+            seen.lock().unwrap().clear();
+            let out = exchange(front, req.as_bytes()).await;
+            assert!(out.contains("200 OK"), "{path}: {req:?}: {out}");
+            let heads = seen_after_a_moment(&seen).await;
+            assert_eq!(heads.len(), 1, "{path}: {req:?}");
+            assert!(heads[0].starts_with(line), "{path}: {req:?}: {}", heads[0]);
+        }
     }
 }
 
