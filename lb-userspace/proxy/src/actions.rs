@@ -259,7 +259,7 @@ enum RequestOp {
         body: Bytes,
     },
     Auth {
-        users: Arc<HashMap<String, String>>,
+        verifier: Arc<crate::basic_auth::Verifier>,
         challenge: HeaderValue,
     },
 }
@@ -583,7 +583,11 @@ fn request_op(
             }
             let challenge = HeaderValue::from_str(&format!("Basic realm=\"{realm}\""))
                 .map_err(|_| format!("bad realm {realm:?}"))?;
-            Ok(RequestOp::Auth { users, challenge })
+            let verifier = Arc::new(crate::basic_auth::Verifier::new(users));
+            Ok(RequestOp::Auth {
+                verifier,
+                challenge,
+            })
         }
         other => Err(format!(
             "unknown action {other:?}; expected deny, reject, redirect, set-header, add-header, \
@@ -671,8 +675,11 @@ impl CompiledActions {
                     set_path(parts, path);
                     continue;
                 }
-                RequestOp::Auth { users, challenge } => {
-                    if authorized(users, &parts.headers).await {
+                RequestOp::Auth {
+                    verifier,
+                    challenge,
+                } => {
+                    if verifier.check(&parts.headers, Some(conn.peer.ip())).await {
                         continue;
                     }
                     let mut resp = page(StatusCode::UNAUTHORIZED);
@@ -779,81 +786,12 @@ fn page(status: StatusCode) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Whether the request carries Basic credentials of a user of the list
-/// (SHA-512 crypt, compared in constant time by `sha_crypt`).
-pub async fn authorized(users: &HashMap<String, String>, headers: &HeaderMap) -> bool {
-    let Some((user, password)) = basic_credentials(headers) else {
-        return false;
-    };
-    let Some(hash) = users.get(&user).cloned() else {
-        return false;
-    };
-    // Thousands of SHA-512 rounds: keep them off the async workers.
-    tokio::task::spawn_blocking(move || sha_crypt::sha512_check(&password, &hash).is_ok())
-        .await
-        .unwrap_or(false)
-}
-
-/// User and password of an `Authorization: Basic` header.
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
-    let (scheme, token) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = String::from_utf8(base64_decode(token.trim())?).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    Some((user.to_string(), password.to_string()))
-}
-
-/// Standard base64 with optional padding; None on any other byte.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim_end_matches('=');
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for b in text.bytes() {
-        let v = match b {
-            b'A'..=b'Z' => b - b'A',
-            b'a'..=b'z' => b - b'a' + 26,
-            b'0'..=b'9' => b - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // A single leftover character cannot encode a byte.
-    (bits < 6).then_some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn basic_credentials_and_hash_shapes() {
-        let mut h = HeaderMap::new();
-        // "al:p:w": the password may hold a colon, the user name may not.
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("Basic YWw6cDp3"),
-        );
-        assert_eq!(basic_credentials(&h), Some(("al".into(), "p:w".into())));
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_static("basic YTpi"),
-        );
-        assert_eq!(basic_credentials(&h), Some(("a".into(), "b".into())));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
-        assert_eq!(basic_credentials(&h), None);
-        assert_eq!(base64_decode("QQ"), Some(b"A".to_vec()));
-        assert_eq!(base64_decode("Q"), None);
+    fn hash_shapes() {
         let hash =
             sha_crypt::sha512_simple("pw", &sha_crypt::Sha512Params::new(5_000).unwrap()).unwrap();
         assert_eq!(check_sha512_crypt(&hash), Ok(()));

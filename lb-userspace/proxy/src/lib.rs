@@ -26,7 +26,8 @@
 //! - `h1`: our HTTP/1.1 path; `forward`: hyper's path; `hardening`: request
 //!   smuggling checks of both; `tunnel`: WebSocket/Upgrade tunnels.
 //! - `prepare`: what both paths share per request (headers, actions, routing,
-//!   attempts); `actions`, `acl`, `routing`: the rules it runs.
+//!   attempts); `actions`, `acl`, `routing`: the rules it runs (`basic_auth`:
+//!   the `auth` action's credentials, at a bounded cost).
 //! - `balance`: server choice and queues; `connpool`: kept server
 //!   connections; `upstream`: new ones (TCP, PROXY header, TLS).
 //! - `context`: the proxy's, a frontend's and a connection's state; `error`:
@@ -192,6 +193,7 @@ pub mod accept_errors;
 pub mod acl;
 pub mod actions;
 mod balance;
+pub mod basic_auth;
 mod check;
 mod client_hello;
 mod compress;

@@ -100,6 +100,14 @@ impl RequestRate {
         self.hit_within(src, now, TRACKED_SOURCES)
     }
 
+    /// `src`'s rate at `now` without counting (0 for a source not tracked).
+    pub(crate) fn rate(&self, src: IpAddr, now: Instant) -> u32 {
+        let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        table
+            .get(&SourceKey::of(src))
+            .map_or(0, |w| w.rate(now, self.period))
+    }
+
     fn hit_within(&self, src: IpAddr, now: Instant, capacity: usize) -> u32 {
         let key = SourceKey::of(src);
         let period = self.period;

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::io::Read as _;
+use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -19,10 +20,11 @@ pub enum Credential {
 }
 
 /// The accepted credentials and this process's CSRF token.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Auth {
-    /// User name to SHA-512 crypt hash.
-    users: HashMap<String, String>,
+    /// The userlist's users (their SHA-512 crypt hashes, checked at a
+    /// bounded cost: `lb_proxy::basic_auth`).
+    users: lb_proxy::basic_auth::Verifier,
     token: Option<String>,
     csrf: String,
 }
@@ -32,20 +34,21 @@ impl Auth {
     pub fn new(users: HashMap<String, String>, token_file: Option<&Path>) -> Result<Self> {
         let token = token_file.map(crate::config::read_token).transpose()?;
         Ok(Auth {
-            users,
+            users: lb_proxy::basic_auth::Verifier::new(std::sync::Arc::new(users)),
             token,
             csrf: random_hex(16)?,
         })
     }
 
-    /// The credential the request carries, if it is a valid one.
-    pub async fn check(&self, headers: &HeaderMap) -> Option<Credential> {
+    /// The credential the request carries, if it is a valid one; `peer`
+    /// is where it came from (failures are counted per source).
+    pub async fn check(&self, headers: &HeaderMap, peer: Option<IpAddr>) -> Option<Credential> {
         let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
         if let (Some(token), Some(given)) = (&self.token, bearer(value)) {
             return constant_time_eq(token.as_bytes(), given.as_bytes())
                 .then_some(Credential::Bearer);
         }
-        if !self.users.is_empty() && lb_proxy::actions::authorized(&self.users, headers).await {
+        if !self.users.is_empty() && self.users.check(headers, peer).await {
             return Some(Credential::Basic);
         }
         None
@@ -105,17 +108,17 @@ mod tests {
         let auth = Auth::new(HashMap::new(), Some(&dir)).unwrap();
         let _ = std::fs::remove_file(&dir);
         let mut h = HeaderMap::new();
-        assert_eq!(auth.check(&h).await, None);
+        assert_eq!(auth.check(&h, None).await, None);
         h.insert(
             "authorization",
             "Bearer 0123456789abcdef0123".parse().unwrap(),
         );
-        assert_eq!(auth.check(&h).await, Some(Credential::Bearer));
+        assert_eq!(auth.check(&h, None).await, Some(Credential::Bearer));
         h.insert(
             "authorization",
             "Bearer 0123456789abcdef0124".parse().unwrap(),
         );
-        assert_eq!(auth.check(&h).await, None);
+        assert_eq!(auth.check(&h, None).await, None);
         assert_eq!(auth.csrf().len(), 32);
         assert!(auth.csrf_ok(auth.csrf()));
         assert!(!auth.csrf_ok("nope"));

@@ -16,6 +16,7 @@ mod page;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -80,8 +81,8 @@ impl Admin {
     }
 
     /// Authenticates, then routes one request.
-    async fn answer(&self, req: http::Request<Incoming>) -> Answer {
-        let Some(credential) = self.auth.check(req.headers()).await else {
+    async fn answer(&self, req: http::Request<Incoming>, peer: IpAddr) -> Answer {
+        let Some(credential) = self.auth.check(req.headers(), Some(peer)).await else {
             let mut resp = text(StatusCode::UNAUTHORIZED, "authentication required\n");
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -157,7 +158,7 @@ async fn serve_with(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let admin = Arc::clone(&admin);
-                async move { Ok::<_, Infallible>(admin.answer(req).await) }
+                async move { Ok::<_, Infallible>(admin.answer(req, peer.ip()).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

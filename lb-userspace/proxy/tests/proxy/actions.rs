@@ -329,7 +329,7 @@ if = "admin"
         r#"
 [[userlist]]
 name = "admins"
-users = [{{ name = "alice", password = "{hash}" }}]
+users = [{{ name = "alice", password = "{hash}" }}, {{ name = "bob", password = "{hash}" }}]
 "#
     );
     let proxy = start(two_pool_config(app, api, &rules, &users)).await;
@@ -338,7 +338,7 @@ users = [{{ name = "alice", password = "{hash}" }}]
     assert_eq!(r.headers[header::WWW_AUTHENTICATE], "Basic realm=\"lb\"");
     for wrong in [
         basic("alice", "nope"),
-        basic("bob", "s3cret:x"),
+        basic("carol", "s3cret:x"),
         "Bearer x".into(),
     ] {
         let r = send(&proxy, "/admin", &[("authorization", &wrong)]).await;
@@ -351,6 +351,22 @@ users = [{{ name = "alice", password = "{hash}" }}]
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     // The condition does not hold: no credentials needed.
     assert_eq!(send(&proxy, "/public", &[]).await.status, StatusCode::OK);
+
+    // A source that keeps guessing (3 failures above) is refused without
+    // hashing, even with the right password, once it has failed
+    // MAX_FAILURES times; a credential verified before still passes.
+    let fails = lb_proxy::basic_auth::MAX_FAILURES - 3;
+    for i in 0..fails {
+        let guess = basic("alice", &format!("guess{i}"));
+        let r = send(&proxy, "/admin", &[("authorization", &guess)]).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = send(&proxy, "/admin", &[("authorization", &right)]).await;
+    assert_eq!(r.status, StatusCode::OK, "verified before the guesses");
+    let other = basic("bob", "s3cret:x");
+    let r = send(&proxy, "/admin", &[("authorization", &other)]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "refused unhashed");
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]
