@@ -182,8 +182,9 @@ impl Desired {
             pools, frontends, ..
         } = &mut self.config.proxy.0;
         let mut usable = Vec::new();
+        let local = crate::config::local_addresses();
         for f in wanted {
-            match rules::server_not_a_listener(f.address, frontends) {
+            match rules::server_not_a_listener(f.address, frontends, &local) {
                 Err(why) => skipped.push((f.address, why)),
                 Ok(()) => usable.push(*f),
             }
@@ -283,7 +284,11 @@ impl Desired {
             } => {
                 check_address(*address, "server")?;
                 rules::weight(i64::from(*weight))?;
-                rules::server_not_a_listener(*address, frontends)?;
+                rules::server_not_a_listener(
+                    *address,
+                    frontends,
+                    &crate::config::local_addresses(),
+                )?;
                 if has(p, *address) {
                     return Err(format!("pool {pool:?} already has server {address}"));
                 }

@@ -75,6 +75,36 @@ fn the_proxy_runs_alone_without_interfaces() {
         said.contains("OK (0 services, 0 backends, 1 frontends, 1 pools)"),
         "{said}"
     );
+    // A wildcard bind and a pool server at one of the namespace's own
+    // addresses on its port: the proxy itself, a loop, refused at its line.
+    let looped = dir.join("looped.toml");
+    let own = SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT);
+    let text = config(&lab, 1)
+        .replace(
+            &format!("{BALANCER_CLIENT_V4}:{BIND_PORT}\"]"),
+            &format!("0.0.0.0:{BIND_PORT}\"]"),
+        )
+        .replace(
+            &SocketAddr::new(lab.backends()[0].v4.into(), TCP_PORT).to_string(),
+            &own.to_string(),
+        );
+    std::fs::write(&looped, text).unwrap();
+    let check = lb(
+        &lab,
+        &dir.join("unused.sock"),
+        &[
+            "check",
+            "--netns",
+            lab.balancer_ns(),
+            looped.to_str().unwrap(),
+        ],
+    );
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "{check:?}");
+    assert!(
+        said.contains(&format!("server {own} is where frontend \"web\" listens")),
+        "{said}"
+    );
     let socket = dir.join("lb.sock");
     lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
 

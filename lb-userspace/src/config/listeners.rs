@@ -9,7 +9,7 @@
 //! `rules::server_not_a_listener`): loops.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 
 use super::{Checker, Config, Group, Service, rules};
@@ -89,9 +89,17 @@ impl Checker<'_> {
                 }
             }
         }
+        // This host's addresses, when the file is checked for this host.
+        let local = if self.host_resources {
+            local_addresses()
+        } else {
+            Vec::new()
+        };
         for p in &proxy.pools {
             for server in &p.servers {
-                if let Err(why) = rules::server_not_a_listener(server.address, &proxy.frontends) {
+                if let Err(why) =
+                    rules::server_not_a_listener(server.address, &proxy.frontends, &local)
+                {
                     let key = (Group::pool_name(&p.name), server.address);
                     problems.push((key, format!("pool \"{}\": {why}", p.name)));
                 }
@@ -104,6 +112,43 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// The addresses of this host's interfaces (in this network namespace;
+/// empty if they cannot be read): a pool server at one of them on a
+/// wildcard bind's port is this proxy.
+pub fn local_addresses() -> Vec<IpAddr> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&raw mut list) } != 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*at };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points to a sockaddr of the family it names.
+            match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+                libc::AF_INET => {
+                    // SAFETY: an AF_INET address is a sockaddr_in.
+                    let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                    out.push(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                }
+                libc::AF_INET6 => {
+                    // SAFETY: an AF_INET6 address is a sockaddr_in6.
+                    let sin6 = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                    out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        at = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs allocated, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    out
 }
 
 impl Config {
@@ -305,6 +350,26 @@ mod tests {
         // Another port, or a wildcard's port on another host: servers.
         parses(&pool("127.0.0.1:9000"));
         parses(&pool("198.18.2.12:8081"));
+
+        // One of this host's own addresses on a wildcard's port is this
+        // proxy too (`lb check` and `lb run` pass the host's addresses).
+        let config = parses(&pool("198.18.2.12:8081"));
+        let frontends = &config.proxy.0.frontends;
+        let own: std::net::IpAddr = "198.18.2.12".parse().unwrap();
+        let server = "198.18.2.12:8081".parse().unwrap();
+        let err = super::super::rules::server_not_a_listener(server, frontends, &[own]);
+        assert!(err.is_err_and(|e| e.contains(why)));
+        let v6 = "[fd00::1]:8081".parse().unwrap();
+        let v6_own = ["fd00::1".parse().unwrap()];
+        assert!(
+            super::super::rules::server_not_a_listener(v6, frontends, &v6_own).is_ok(),
+            "an IPv4 wildcard"
+        );
+        let here = super::local_addresses();
+        assert!(
+            here.contains(&std::net::Ipv4Addr::LOCALHOST.into()),
+            "{here:?}"
+        );
     }
 
     #[test]

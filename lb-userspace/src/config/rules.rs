@@ -20,7 +20,7 @@
 //! Each rule gives its reason in words: `lb check` adds the position in the
 //! file, `lb` prints it as is.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use lb_common::maglev::is_prime;
 use lb_common::{MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS, MAX_WEIGHT};
@@ -192,19 +192,21 @@ pub fn backend_not_a_vip(
 }
 
 /// Checks that pool server `server` is not where a frontend of
-/// `frontends` listens (its address, or a loopback address on the port of
-/// a wildcard bind of its family): its requests would come back to this
-/// proxy, each taking one more connection, until the limits cut them.
+/// `frontends` listens (its address, or a loopback address or one of
+/// `local`, this host's addresses, on the port of a wildcard bind of its
+/// family): its requests would come back to this proxy, each taking one
+/// more connection, until the limits cut them.
 pub fn server_not_a_listener(
     server: SocketAddr,
     frontends: &[lb_proxy::Frontend],
+    local: &[IpAddr],
 ) -> Result<(), String> {
     let same = |bind: &SocketAddr| {
         *bind == server
             || (bind.port() == server.port()
                 && bind.ip().is_unspecified()
                 && bind.is_ipv4() == server.is_ipv4()
-                && server.ip().is_loopback())
+                && (server.ip().is_loopback() || local.contains(&server.ip())))
     };
     match frontends.iter().find(|fe| fe.binds.iter().any(same)) {
         Some(fe) => Err(format!(
