@@ -1,22 +1,31 @@
 //! The access log to a syslog daemon (`[proxy] syslog`, HAProxy's `log`):
 //! each line of the proxy's `access` target becomes one datagram, RFC 3164
 //! `<PRI>Mmm dd hh:mm:ss lb[PID]: LINE` or (`syslog_format = "rfc5424"`)
-//! `<PRI>1 TIMESTAMP HOSTNAME lb PID - - LINE`, over UDP or a Unix
-//! datagram socket such as `/dev/log`; standard output then no longer gets
-//! them.
+//! `<PRI>1 TIMESTAMP HOSTNAME lb PID - - LINE`, over UDP, a Unix
+//! datagram socket such as `/dev/log`, or TCP (`tcp@ip:port`, HAProxy's
+//! `log tcp@`): each message octet-counted (`LEN SP MSG`, RFC 6587 3.4.1,
+//! which rsyslog and syslog-ng read by default); standard output then no
+//! longer gets them.
 //!
 //! [`SyslogLayer`] sits in the binary's `tracing` subscriber; the agent
 //! points it at the file's target with [`configure`] at start and at each
 //! reload. Sends never block a serving thread: a datagram the socket cannot
-//! take at once is dropped and counted (HAProxy drops them too).
+//! take at once is dropped and counted (HAProxy drops them too). Over TCP
+//! the lines go through a queue of `TCP_QUEUE` to a thread of their own
+//! (`lb-syslog-tcp`), which connects (again after a failure, at most every
+//! `TCP_RETRY`), writes them in batches and drops (and counts) what a full
+//! queue, a daemon not there or a write stalled for `TCP_TIMEOUT` cannot
+//! take, as HAProxy's ring does; a reload to another target ends the thread.
 
 use std::fmt::Write as _;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{PoisonError, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -71,6 +80,75 @@ struct Sink {
 enum Socket {
     Udp(UdpSocket, SocketAddr),
     Unix(UnixDatagram, PathBuf),
+    /// The queue to the TCP writer thread (dropped: the thread ends).
+    Tcp(SyncSender<String>),
+}
+
+/// Lines waiting for the TCP writer at most (about 2 MB of access lines).
+const TCP_QUEUE: usize = 10_000;
+/// Least time between two connection attempts to a TCP daemon.
+const TCP_RETRY: Duration = Duration::from_secs(1);
+/// How long a connect, or a write the daemon takes nothing of, may wait.
+const TCP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bytes written to a TCP daemon at once at most.
+const TCP_BATCH: usize = 64 * 1024;
+
+/// Starts the thread that sends queued lines to the TCP daemon at `addr`.
+fn spawn_tcp(addr: SocketAddr) -> std::io::Result<SyncSender<String>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(TCP_QUEUE);
+    std::thread::Builder::new()
+        .name("lb-syslog-tcp".into())
+        .spawn(move || tcp_writer(addr, &rx))?;
+    Ok(tx)
+}
+
+/// Appends `message` octet-counted: `LEN SP MSG` (RFC 6587 3.4.1).
+fn frame(out: &mut Vec<u8>, message: &str) {
+    let _ = write!(out, "{} {message}", message.len());
+}
+
+/// The TCP writer: until the queue's sender is dropped, each line and
+/// those queued behind it go out in one write, on a connection made (or
+/// made again) as needed; what cannot go is dropped and counted.
+fn tcp_writer(addr: SocketAddr, lines: &Receiver<String>) {
+    let mut conn: Option<TcpStream> = None;
+    let mut next_try = Instant::now();
+    let mut batch = Vec::with_capacity(TCP_BATCH);
+    while let Ok(first) = lines.recv() {
+        batch.clear();
+        frame(&mut batch, &first);
+        let mut count = 1;
+        while batch.len() < TCP_BATCH {
+            let Ok(more) = lines.try_recv() else { break };
+            frame(&mut batch, &more);
+            count += 1;
+        }
+        if conn.is_none() && Instant::now() >= next_try {
+            next_try = Instant::now() + TCP_RETRY;
+            conn = connect(addr);
+        }
+        let sent = conn.as_mut().is_some_and(|s| s.write_all(&batch).is_ok());
+        if !sent {
+            if conn.take().is_some() {
+                tracing::warn!(%addr, "syslog over TCP: the daemon stopped taking lines; dropping them until it is back");
+            }
+            DROPPED.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A connection to the daemon, writes bounded by `TCP_TIMEOUT`.
+fn connect(addr: SocketAddr) -> Option<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, TCP_TIMEOUT)
+        .and_then(|s| {
+            s.set_write_timeout(Some(TCP_TIMEOUT))?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+        .inspect_err(|e| tracing::debug!(%addr, "syslog over TCP: {e}"))
+        .ok()?;
+    tracing::info!(%addr, "syslog over TCP connected");
+    Some(s)
 }
 
 impl Sink {
@@ -87,6 +165,7 @@ impl Sink {
                 s.set_nonblocking(true)?;
                 Socket::Udp(s, *addr)
             }
+            SyslogTarget::Tcp(addr) => Socket::Tcp(spawn_tcp(*addr)?),
             SyslogTarget::Unix(path) => {
                 // Unconnected: a daemon restarted (its socket made anew) is reached again.
                 let s = UnixDatagram::unbound()?;
@@ -119,13 +198,18 @@ impl Sink {
         }
     }
 
-    /// Sends a whole datagram; one the socket cannot take now is dropped.
+    /// Sends a whole message; one the socket (or the TCP queue) cannot
+    /// take now is dropped.
     fn send_datagram(&self, datagram: &str) {
         let sent = match &self.socket {
-            Socket::Udp(s, addr) => s.send_to(datagram.as_bytes(), addr).map(drop),
-            Socket::Unix(s, path) => s.send_to(datagram.as_bytes(), path).map(drop),
+            Socket::Udp(s, addr) => s.send_to(datagram.as_bytes(), addr).is_ok(),
+            Socket::Unix(s, path) => s.send_to(datagram.as_bytes(), path).is_ok(),
+            Socket::Tcp(queue) => match queue.try_send(datagram.to_string()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            },
         };
-        if sent.is_err() {
+        if !sent {
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -285,5 +369,77 @@ mod tests {
         sink.send("lost", UNIX_EPOCH);
         assert_eq!(dropped(), before + 1);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Reads octet-counted messages off `s` until `n` have come.
+    fn read_framed(s: &mut std::net::TcpStream, n: usize) -> Vec<String> {
+        use std::io::Read as _;
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while out.len() < n {
+            let mut chunk = [0u8; 4096];
+            let got = s.read(&mut chunk).expect("the daemon reads");
+            assert!(got > 0, "closed after {out:?}");
+            buf.extend_from_slice(&chunk[..got]);
+            while let Some(sp) = buf.iter().position(|&b| b == b' ') {
+                let len: usize = std::str::from_utf8(&buf[..sp]).unwrap().parse().unwrap();
+                if buf.len() < sp + 1 + len {
+                    break;
+                }
+                out.push(String::from_utf8(buf[sp + 1..sp + 1 + len].to_vec()).unwrap());
+                buf.drain(..sp + 1 + len);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn over_tcp_lines_are_octet_counted_and_the_daemon_is_reached_again() {
+        let daemon = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = daemon.local_addr().unwrap();
+        let sink = Sink::open(&SyslogConfig {
+            target: SyslogTarget::Tcp(addr),
+            facility: 16,
+            format: SyslogFormat::Rfc3164,
+        })
+        .unwrap();
+        let pid = std::process::id();
+        sink.send("one line", UNIX_EPOCH);
+        sink.send("two: with spaces", UNIX_EPOCH);
+        let (mut conn, _) = daemon.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(
+            read_framed(&mut conn, 2),
+            [
+                format!("<134>Jan  1 00:00:00 lb[{pid}]: one line"),
+                format!("<134>Jan  1 00:00:00 lb[{pid}]: two: with spaces"),
+            ]
+        );
+        // The daemon restarts: lines meanwhile may be lost (counted), then
+        // a new connection carries them again.
+        drop(conn);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        daemon.set_nonblocking(true).unwrap();
+        let mut conn = loop {
+            sink.send("again", UNIX_EPOCH);
+            if let Ok((c, _)) = daemon.accept() {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "no new connection");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let got = read_framed(&mut conn, 1);
+        assert!(got[0].ends_with("]: again"), "{got:?}");
+        // With no daemon, lines are dropped and counted, never waited for.
+        drop((conn, daemon));
+        let before = dropped();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dropped() == before {
+            sink.send("x", UNIX_EPOCH);
+            assert!(Instant::now() < deadline, "nothing dropped");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

@@ -584,6 +584,64 @@ fn the_access_log_goes_to_syslog_when_asked_and_follows_reloads() {
         body.contains("lb_access_log_syslog_dropped_total{} 0"),
         "{body}"
     );
+
+    // Over TCP to rsyslog (imtcp, octet-counted frames), as `log tcp@`.
+    let rsyslog_conf = dir.join("rsyslog.conf");
+    let received = dir.join("received.log");
+    std::fs::write(
+        &rsyslog_conf,
+        format!(
+            "global(workDirectory=\"{d}\")\nmodule(load=\"imtcp\")\ninput(type=\"imtcp\" address=\"127.0.0.1\" port=\"10514\")\ntemplate(name=\"raw\" type=\"string\" string=\"%rawmsg%\\n\")\n*.* action(type=\"omfile\" file=\"{f}\" template=\"raw\")\n",
+            d = dir.display(),
+            f = received.display()
+        ),
+    )
+    .unwrap();
+    let ns = lab.balancer_ns().to_string();
+    let rsyslogd = lab
+        .spawn_in_ns(
+            &ns,
+            std::path::Path::new("rsyslogd"),
+            &[
+                "-n".into(),
+                "-f".into(),
+                rsyslog_conf.clone().into(),
+                "-i".into(),
+                dir.join("rsyslogd.pid").into(),
+            ],
+        )
+        .expect("rsyslogd starts (is the `rsyslog` package installed?)");
+    let daemon_up = || {
+        let up = run_in_ns(&ns, || {
+            std::net::TcpStream::connect("127.0.0.1:10514").is_ok()
+        });
+        up.unwrap()
+    };
+    lb_tests::wait_for("rsyslogd to listen", Duration::from_secs(10), daemon_up);
+    std::fs::write(&path, with("syslog = \"tcp@127.0.0.1:10514\"\n")).unwrap();
+    assert!(lb(&lab, &socket, &["reload"]).status.success());
+    assert_eq!(ask(&lab), "be1");
+    let mut lines = Vec::new();
+    lb_tests::wait_for(
+        "the access line in rsyslog's file",
+        Duration::from_secs(10),
+        || {
+            lines = std::fs::read_to_string(&received)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(" web app/198.18.2.11:8080 "))
+                .map(String::from)
+                .collect();
+            !lines.is_empty()
+        },
+    );
+    assert!(
+        lines[0].starts_with("<134>") && lines[0].contains(" lb["),
+        "{lines:?}"
+    );
+    assert!(lines[0].ends_with("\"GET / HTTP/1.1\""), "{lines:?}");
+    lab.stop(rsyslogd).unwrap();
+
     std::fs::write(&path, with("")).unwrap();
     assert!(lb(&lab, &socket, &["reload"]).status.success());
     assert_eq!(ask(&lab), "be1");

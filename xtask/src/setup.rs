@@ -59,6 +59,8 @@ pub const PACKAGES: &[&str] = &[
     "chromium-driver",
     // `lb top` driven by key presses and read back (tests/tests/top.rs).
     "tmux",
+    // The syslog daemon the access log is sent to over TCP (tests/tests/proxy_only.rs).
+    "rsyslog",
     // What outside audits run against the proxy (tests/tests/audit.rs).
     "testssl.sh",
     "slowhttptest",

@@ -73,7 +73,9 @@ impl Checker<'_> {
         };
         let value = raw.syslog.as_ref()?;
         let text = value.get_ref();
-        let target = if let Ok(addr) = text.parse() {
+        let target = if let Some(addr) = text.strip_prefix("tcp@").and_then(|a| a.parse().ok()) {
+            super::SyslogTarget::Tcp(addr)
+        } else if let Some(addr) = text.strip_prefix("udp@").unwrap_or(text).parse().ok() {
             super::SyslogTarget::Udp(addr)
         } else if text.starts_with('/') {
             let path = std::path::PathBuf::from(text);
@@ -97,7 +99,7 @@ impl Checker<'_> {
             self.at(
                 &value.span(),
                 format!(
-                    "syslog \"{text}\" is neither ip:port (UDP) nor an absolute path (a Unix datagram socket, such as /dev/log)"
+                    "syslog \"{text}\" is neither ip:port (UDP; or udp@ip:port), tcp@ip:port nor an absolute path (a Unix datagram socket, such as /dev/log)"
                 ),
             );
             return None;
@@ -964,11 +966,30 @@ mod tests {
             3,
             "syslog_format needs syslog",
         );
-        expect_one(
-            &with(&["syslog = \"loghost\""]),
-            3,
-            "neither ip:port (UDP) nor an absolute path",
+        let target = |keys: &[&'static str]| syslog(keys).map(|s| s.target);
+        assert_eq!(
+            target(&["syslog = \"tcp@[::1]:601\""]),
+            Some(crate::config::SyslogTarget::Tcp(
+                "[::1]:601".parse().unwrap()
+            ))
         );
+        assert_eq!(
+            target(&["syslog = \"udp@10.0.0.1:514\""]),
+            Some(crate::config::SyslogTarget::Udp(
+                "10.0.0.1:514".parse().unwrap()
+            ))
+        );
+        for bad in [
+            "syslog = \"loghost\"",
+            "syslog = \"tcp@loghost:601\"",
+            "syslog = \"tcp@/dev/log\"",
+        ] {
+            expect_one(
+                &with(&[bad]),
+                3,
+                "is neither ip:port (UDP; or udp@ip:port), tcp@ip:port nor an absolute path",
+            );
+        }
         expect_one(
             &with(&["syslog = \"/dev/log\"", "syslog_facility = \"local8\""]),
             4,

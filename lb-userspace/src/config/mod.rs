@@ -149,8 +149,10 @@ pub enum SyslogFormat {
 /// A syslog daemon's address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyslogTarget {
-    /// UDP, `ip:port`.
+    /// UDP, `ip:port` (or `udp@ip:port`).
     Udp(SocketAddr),
+    /// TCP, `tcp@ip:port`: octet-counted frames (RFC 6587), as HAProxy's `log tcp@`.
+    Tcp(SocketAddr),
     /// A Unix datagram socket, an absolute path (`/dev/log`).
     Unix(std::path::PathBuf),
 }
