@@ -75,7 +75,7 @@ impl Checker<'_> {
         let text = value.get_ref();
         let target = if let Some(addr) = text.strip_prefix("tcp@").and_then(|a| a.parse().ok()) {
             super::SyslogTarget::Tcp(addr)
-        } else if let Some(addr) = text.strip_prefix("udp@").unwrap_or(text).parse().ok() {
+        } else if let Ok(addr) = text.strip_prefix("udp@").unwrap_or(text).parse() {
             super::SyslogTarget::Udp(addr)
         } else if text.starts_with('/') {
             let path = std::path::PathBuf::from(text);
