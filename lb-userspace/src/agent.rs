@@ -82,8 +82,8 @@ pub struct Agent {
     /// The data plane, unless the file has no `interfaces` (the proxy alone).
     balancer: Option<Balancer>,
     health: HealthChecker,
-    /// Tells the main loop to stop (`true`: detach for good).
-    stop: mpsc::UnboundedSender<bool>,
+    /// Tells the main loop to stop, and how.
+    stop: mpsc::UnboundedSender<Ending>,
     /// Tells the main loop a reload happened (the L7 proxy lives there).
     reloaded: mpsc::UnboundedSender<Option<ProxyApplied>>,
     /// How the proxy took the last change or reload, for its answer
@@ -495,7 +495,11 @@ impl Agent {
                 return self.shutdown_sessions(service, *address);
             }
             Request::Stop { detach } => {
-                let _ = self.stop.send(*detach);
+                let _ = self.stop.send(Ending::Stop { detach: *detach });
+                return Response::Ok;
+            }
+            Request::SoftStop => {
+                let _ = self.stop.send(Ending::Soft);
                 return Response::Ok;
             }
             _ => return self.change(request),
@@ -941,7 +945,7 @@ struct Started {
     /// Keeps a second agent off these pins while this one runs.
     _lock: Option<pin::DirLock>,
     events: mpsc::UnboundedReceiver<HealthEvent>,
-    stop: mpsc::UnboundedReceiver<bool>,
+    stop: mpsc::UnboundedReceiver<Ending>,
     reloaded: mpsc::UnboundedReceiver<Option<ProxyApplied>>,
 }
 
@@ -1180,7 +1184,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         config,
         proxy_only,
         start,
-        _lock,
+        _lock: lock,
         events,
         stop,
         reloaded,
@@ -1198,6 +1202,7 @@ pub async fn run(opts: RunOptions) -> Result<()> {
         sigint: signal(SignalKind::interrupt())?,
         sigterm: signal(SignalKind::terminate())?,
         sighup: signal(SignalKind::hangup())?,
+        sigusr1: signal(SignalKind::user_defined1())?,
         events,
         stop,
         reloaded,
@@ -1230,9 +1235,13 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     .await;
     control.abort();
     speaker_task.abort();
-    let detach = served?;
+    let ending = served?;
+    let detach = ending == Ending::Stop { detach: true };
     withdraw_if_detached(&speaker, detach).await;
     drop(discovery_tasks);
+    // A soft stop closes the listeners now and lets the connections end below.
+    let drained = l7.proxy.take().filter(|_| ending == Ending::Soft);
+    let drained = drained.map(|p| (p.stop_softly(), l7.config.3.hard_stop_after));
     drop(l7);
     server::remove_socket(&opts.socket);
     for task in http_tasks {
@@ -1240,8 +1249,41 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     // Let aborted tasks drop their handles on the shared state.
     tokio::task::yield_now().await;
+    // The addresses it listened on (`claims`) and its pins are free from here.
     drop(shared);
-    finish(&opts, proxy_only, detach)
+    drop(lock);
+    finish(&opts, proxy_only, detach)?;
+    if let Some((drained, hard_stop_after)) = drained {
+        wait_drained(&drained, hard_stop_after).await;
+    }
+    Ok(())
+}
+
+/// How the agent was told to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// At once (SIGINT, SIGTERM, `lb stop`); `detach`: `lb stop --detach`.
+    Stop {
+        /// Detach the XDP program and remove its pins.
+        detach: bool,
+    },
+    /// Softly (SIGUSR1, `lb stop --soft`): the L7 connections end first.
+    Soft,
+}
+
+/// Waits, after a soft stop, until the L7 proxy's serving threads have
+/// ended (their connections closed, at the latest at `hard_stop_after`),
+/// with a margin for the threads' own last waits.
+async fn wait_drained(drained: &lb_proxy::Drained, hard_stop_after: Duration) {
+    info!(
+        ?hard_stop_after,
+        "soft stop: the L7 proxy's listeners are closed; waiting for its connections to end"
+    );
+    let until = Instant::now() + hard_stop_after + Duration::from_secs(90);
+    while !drained.done() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    info!("soft stop: done");
 }
 
 /// What the running agent waits on: signals, `lb stop`, health events,
@@ -1250,30 +1292,32 @@ struct Inputs {
     sigint: tokio::signal::unix::Signal,
     sigterm: tokio::signal::unix::Signal,
     sighup: tokio::signal::unix::Signal,
+    sigusr1: tokio::signal::unix::Signal,
     events: mpsc::UnboundedReceiver<HealthEvent>,
-    stop: mpsc::UnboundedReceiver<bool>,
+    stop: mpsc::UnboundedReceiver<Ending>,
     reloaded: mpsc::UnboundedReceiver<Option<ProxyApplied>>,
     discovered: mpsc::UnboundedReceiver<dns::Event>,
 }
 
-/// Handles the agent's inputs until it is told to stop; whether to detach
-/// (`lb stop --detach`). An error: the control socket failed.
+/// Handles the agent's inputs until it is told to stop; how. An error:
+/// the control socket failed.
 async fn serve(
     shared: &Shared,
     l7: &mut L7,
     discovery_tasks: &mut dns::Tasks,
     control: &mut tokio::task::JoinHandle<Result<()>>,
     inputs: &mut Inputs,
-) -> Result<bool> {
+) -> Result<Ending> {
     loop {
         tokio::select! {
-            _ = inputs.sigint.recv() => return Ok(false),
-            _ = inputs.sigterm.recv() => return Ok(false),
-            Some(detach) = inputs.stop.recv() => {
+            _ = inputs.sigint.recv() => return Ok(Ending::Stop { detach: false }),
+            _ = inputs.sigterm.recv() => return Ok(Ending::Stop { detach: false }),
+            _ = inputs.sigusr1.recv() => return Ok(Ending::Soft),
+            Some(ending) = inputs.stop.recv() => {
                 // The request came over the control socket: let its answer
                 // be written before the server task is stopped.
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                return Ok(detach);
+                return Ok(ending);
             }
             Some(event) = inputs.discovered.recv() => {
                 let s = shared.clone();

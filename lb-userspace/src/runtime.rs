@@ -398,6 +398,7 @@ impl Desired {
             | Request::ShowDiscovery
             | Request::Reload
             | Request::Stop { .. }
+            | Request::SoftStop
             | Request::ShutdownSessions { .. } => Ok(()),
         }
     }
@@ -589,6 +590,7 @@ pub fn is_change(request: &Request) -> bool {
             | Request::ShowDiscovery
             | Request::Reload
             | Request::Stop { .. }
+            | Request::SoftStop
             | Request::ShutdownSessions { .. }
     )
 }

@@ -278,6 +278,79 @@ fn a_second_agent_cannot_serve_the_addresses_of_the_first() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_soft_stop_answers_what_is_in_flight_and_frees_its_addresses_at_once() {
+    use std::io::{Read, Write};
+    let mut lab = Lab::create("softstop", LabOptions::from_env(1).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-softstop", lab.balancer_ns()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config(&lab, 1)).unwrap();
+    let first = lb_userspace::demo::start_agent(&mut lab, &path, &dir.join("first.sock")).unwrap();
+    let addr = SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT);
+
+    // A request in flight (the server answers after 1.5 s) and an idle
+    // keep-alive connection, when the agent is told to stop softly.
+    let client = lab.client_ns().to_string();
+    let in_flight = std::thread::spawn({
+        let client = client.clone();
+        move || {
+            run_in_ns(&client, move || {
+                http_get(addr, "/sleep/1500", Duration::from_secs(10))
+            })
+            .unwrap()
+        }
+    });
+    let mut idle = run_in_ns(&client, move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        s
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lb(&lab, &dir.join("first.sock"), &["stop", "--soft"]);
+    assert!(out.status.success(), "{out:?}");
+
+    // Its listener closes at once, and its addresses are free: a new agent
+    // with the same file starts while the request is still in flight.
+    lb_tests::wait_for("the listener to close", Duration::from_secs(5), || {
+        run_in_ns(&client, move || std::net::TcpStream::connect(addr).is_err()).unwrap()
+    });
+    let second = dir.join("second.sock");
+    lb_userspace::demo::start_agent(&mut lab, &path, &second).unwrap();
+    assert!(
+        lab.try_wait(first).unwrap().is_none(),
+        "the first agent still drains"
+    );
+    // The request in flight is answered; the idle connection is closed.
+    let (status, body) = in_flight.join().unwrap().expect("the request in flight");
+    assert_eq!(
+        (status, body.split_whitespace().next()),
+        (200, Some("be1")),
+        "{body}"
+    );
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(
+        idle.read(&mut buf).unwrap_or(0),
+        0,
+        "the idle connection is closed"
+    );
+    lb_tests::wait_for("the first agent to exit", Duration::from_secs(10), || {
+        lab.try_wait(first).unwrap().is_some()
+    });
+    assert_eq!(ask(&lab), "be1");
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// nginx serving TLS behind a PROXY header on `addr` (HAProxy's `ssl
 /// send-proxy-v2` servers), to clients with a certificate the test CA
 /// signed: `/health` answers "healthy" to Host `be.test` (its name, as a

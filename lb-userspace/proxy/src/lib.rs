@@ -733,6 +733,32 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Stops the proxy softly (HAProxy's soft stop): its listeners close at
+    /// once, its connections end as after a reload (idle ones closed,
+    /// requests in flight answered; what is left closed at
+    /// `hard_stop_after`), and so do those of the proxies it succeeded.
+    pub fn stop_softly(self) -> Drained {
+        let line = self.draining.clone();
+        drop(self);
+        Drained(line)
+    }
+}
+
+/// The serving threads of a proxy stopped softly, and of the ones it
+/// succeeded, until they end.
+pub struct Drained(threads::Draining);
+
+impl Drained {
+    /// Whether every one of those threads has ended.
+    pub fn done(&self) -> bool {
+        let mut list = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Threads that ended hold no receiver of their stop signal.
+        list.retain(|s| !s.is_closed());
+        list.is_empty()
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         for t in &self.tasks {

@@ -105,6 +105,11 @@ pub enum ControlCommand {
         /// Also detach the XDP program and remove its pinned maps.
         #[arg(long)]
         detach: bool,
+        /// Let the L7 proxy's connections end first (HAProxy's soft stop,
+        /// as SIGUSR1): its listeners close at once, requests in flight are
+        /// answered, within `hard_stop_after`.
+        #[arg(long, conflicts_with = "detach")]
+        soft: bool,
     },
 }
 
@@ -295,7 +300,8 @@ pub fn to_request(cmd: &ControlCommand) -> Request {
         ControlCommand::UndrainNode => Request::UndrainNode,
         ControlCommand::Show(ShowCommand::Discovery { .. }) => Request::ShowDiscovery,
         ControlCommand::Reload => Request::Reload,
-        ControlCommand::Stop { detach } => Request::Stop { detach: *detach },
+        ControlCommand::Stop { soft: true, .. } => Request::SoftStop,
+        ControlCommand::Stop { detach, .. } => Request::Stop { detach: *detach },
     }
 }
 
@@ -897,6 +903,7 @@ mod tests {
             ("show discovery --json", Request::ShowDiscovery),
             ("reload", Request::Reload),
             ("stop --detach", Request::Stop { detach: true }),
+            ("stop --soft", Request::SoftStop),
             ("drain-node", Request::DrainNode),
             ("undrain-node", Request::UndrainNode),
             ("show bgp --json", Request::ShowBgp),

@@ -123,6 +123,13 @@ pub enum Request {
         /// The server's address.
         address: SocketAddr,
     },
+    /// Stops the agent softly (HAProxy's soft stop, as SIGUSR1): as `Stop`
+    /// without `detach`, but the L7 proxy closes its listeners at once and
+    /// lets its connections end (idle ones closed, requests in flight
+    /// answered) within `hard_stop_after` before the process exits; its
+    /// control socket, pins and addresses are free for a new agent
+    /// meanwhile. (Last, so that an agent older than it refuses only it.)
+    SoftStop,
 }
 
 /// Administrative state of a backend, set by the operator.
