@@ -291,6 +291,11 @@ impl Agent {
         if let Err(e) = self.sync() {
             self.desired = previous;
             let _ = self.sync();
+            // Back to the running file's addresses (held before: no refusal).
+            let running = self.desired.config.listeners();
+            if let Err(e) = self.claims.hold(&running) {
+                warn!("claiming the running listeners again: {e:#}");
+            }
             return Response::Error(format!("reload failed: {e:#}"));
         }
         if previous.config.syslog != self.desired.config.syslog {
