@@ -45,7 +45,7 @@ impl Claims {
                     taken.insert(*addr, l);
                 }
                 Err(holder) => bail!(
-                    "{owner} {addr}, which another lb agent ({holder}) serves: both would get its connections (SO_REUSEPORT); stop that one first (`lb stop`)"
+                    "{owner} {addr}, which another lb agent ({holder}) serves: both would get its connections (SO_REUSEPORT); stop that one first (`lb stop`, or `lb stop --soft` to let its connections finish)"
                 ),
             }
         }
