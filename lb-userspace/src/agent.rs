@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub socket: PathBuf,
     /// bpffs directory where maps and attachments are pinned.
     pub pin_dir: PathBuf,
+    /// Take over from the agent on `socket` (`takeover`).
+    pub takeover: bool,
 }
 
 fn load_config(path: &Path) -> Result<Config> {
@@ -890,7 +892,7 @@ fn load_data_plane(
         None => dataplane::default_object_path()?,
     };
     let mut start = pin::StartGuard::new(&opts.pin_dir)?;
-    let lock = pin::lock(&opts.pin_dir)?;
+    let lock = crate::takeover::when_free(opts.takeover, || pin::lock(&opts.pin_dir))?;
     for map in lb_common::ALL_MAPS {
         start.will_create(&opts.pin_dir.join(map));
     }
@@ -980,7 +982,8 @@ async fn start(opts: &RunOptions) -> Result<Started> {
     };
     // After the pin lock, which names a second agent on the same pins.
     let mut claims = crate::claims::Claims::default();
-    claims.hold(&desired.config.listeners())?;
+    let listeners = desired.config.listeners();
+    crate::takeover::when_free(opts.takeover, || claims.hold(&listeners))?;
     let (events_tx, events) = mpsc::unbounded_channel();
     let (stop_tx, stop) = mpsc::unbounded_channel();
     let (reloaded_tx, reloaded) = mpsc::unbounded_channel();
@@ -1030,6 +1033,34 @@ impl L7 {
         let proxy = start_proxy(&config, None).await?;
         shared.lock().proxy_stats = proxy.as_ref().map(lb_proxy::Proxy::stats);
         Ok(L7 { proxy, config })
+    }
+
+    /// `lb run --takeover`, before the rest starts: checks that an agent
+    /// runs on the socket, starts the file's proxy beside its proxy, then
+    /// has it stop softly (`takeover`).
+    async fn take_over(opts: &RunOptions) -> Result<L7> {
+        let socket = opts.socket.clone();
+        tokio::task::spawn_blocking(move || crate::takeover::running_agent(&socket)).await??;
+        let file = load_config_for_start(&opts.config)?;
+        crate::fd_limit::raise_for(&file);
+        crate::takeover::migrate_queued_connections();
+        let proxy = start_proxy(&file.proxy, None).await?;
+        let socket = opts.socket.clone();
+        tokio::task::spawn_blocking(move || crate::takeover::stop_running(&socket)).await??;
+        Ok(L7 {
+            proxy,
+            config: file.proxy,
+        })
+    }
+
+    /// The proxy `take_over` started, brought to what the agent starts
+    /// with (the journal's and DNS's pool servers, made in place).
+    async fn adopted(mut self, shared: &Shared) -> L7 {
+        shared.lock().proxy_stats = self.proxy.as_ref().map(lb_proxy::Proxy::stats);
+        if let Err(e) = self.reload(shared).await {
+            error!("taking over: {e}");
+        }
+        self
     }
 
     /// After a reload or change: a change of pool servers alone (the CLI,
@@ -1184,6 +1215,10 @@ fn point_access_log(syslog: Option<&crate::config::SyslogConfig>) {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(opts: RunOptions) -> Result<()> {
+    let early = match opts.takeover {
+        true => Some(L7::take_over(&opts).await?),
+        false => None,
+    };
     let Started {
         shared,
         config,
@@ -1198,7 +1233,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     // Announced only now that the program is attached and the tables are full.
     let speaker = shared.lock().bgp.clone();
     // The L7 proxy serves what XDP passes up (l7 VIPs and everything else).
-    let mut l7 = L7::start(config.proxy.clone(), &shared).await?;
+    let mut l7 = match early {
+        Some(l7) => l7.adopted(&shared).await,
+        None => L7::start(config.proxy.clone(), &shared).await?,
+    };
     // The last steps that can fail come before anything is spawned, so a
     // failure leaves no task (nor control socket) behind either.
     let http = HttpListeners::bind(&config)?;

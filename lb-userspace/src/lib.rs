@@ -20,7 +20,8 @@
 //!   order that never leaves a packet without a path.
 //! - `health`: the checks whose results `agent` folds into availability.
 //! - `bgp`: which VIPs this node announces and BIRD driven to say so.
-//! - `claims`: the addresses an agent listens on, kept from a second agent.
+//! - `claims`: the addresses an agent listens on, kept from a second agent;
+//!   `takeover`: `lb run --takeover`, a new agent replacing the running one.
 //! - `agent`: `lb run`: ties the above together, serves `control` (socket,
 //!   protocol, CLI), `metrics` and `admin` (REST API, stats page), runs
 //!   the L7 proxy from `lb_proxy`.
@@ -55,6 +56,7 @@ pub mod lab;
 pub mod metrics;
 pub mod runtime;
 pub mod syslog;
+pub mod takeover;
 pub mod top;
 
 /// The global allocator the binaries install (`#[global_allocator]`), so that

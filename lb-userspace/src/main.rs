@@ -50,6 +50,11 @@ enum Command {
         /// keeping the host's /sys/fs/bpf so pins survive the agent).
         #[arg(long)]
         netns: Option<String>,
+        /// Take over from the agent running on --socket (HAProxy's -sf):
+        /// start this one's L7 proxy beside it, then stop it softly, so
+        /// that no connection is refused or cut.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Talk to the running agent (see `lb help add`, `lb help show`, ...).
     #[command(flatten)]
@@ -222,6 +227,7 @@ async fn async_main(cli: Cli) -> ExitCode {
             bpf_object,
             pin_dir,
             netns: _,
+            takeover,
         } => {
             let pin_dir = pin_dir.unwrap_or_else(|| pin::default_dir(&config));
             agent::run(agent::RunOptions {
@@ -229,6 +235,7 @@ async fn async_main(cli: Cli) -> ExitCode {
                 bpf_object,
                 socket: cli.socket.path(),
                 pin_dir,
+                takeover,
             })
             .await
         }

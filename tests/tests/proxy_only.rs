@@ -351,6 +351,101 @@ fn a_soft_stop_answers_what_is_in_flight_and_frees_its_addresses_at_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn a_takeover_refuses_and_cuts_no_connection() {
+    let mut lab = Lab::create("takeover", LabOptions::from_env(2).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-takeover", lab.balancer_ns()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config(&lab, 1)).unwrap();
+    let socket = dir.join("lb.sock");
+    let old = lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
+    let addr = SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT);
+
+    // Clients keep opening connections (at most 3 000, for at most 20 s)
+    // while a new agent, with a file whose pool is the second server,
+    // takes over on the same control socket.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = lab.client_ns().to_string();
+    let load = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            run_in_ns(&client, move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                let mut answers = std::collections::BTreeMap::<String, usize>::new();
+                let mut failures = Vec::new();
+                for _ in 0..3000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed)
+                        || std::time::Instant::now() > deadline
+                    {
+                        break;
+                    }
+                    match http_get(addr, "/", Duration::from_secs(3)) {
+                        Ok((200, body)) => {
+                            *answers.entry(body.trim().to_string()).or_default() += 1
+                        }
+                        other => failures.push(format!("{other:?}")),
+                    }
+                }
+                (answers, failures)
+            })
+            .unwrap()
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let one = SocketAddr::new(lab.backends()[0].v4.into(), TCP_PORT).to_string();
+    let two = SocketAddr::new(lab.backends()[1].v4.into(), TCP_PORT).to_string();
+    let next = dir.join("next.toml");
+    std::fs::write(&next, config(&lab, 1).replace(&one, &two)).unwrap();
+    let args = [
+        "--config".into(),
+        next.clone().into_os_string(),
+        "--socket".into(),
+        socket.clone().into_os_string(),
+        "--takeover".into(),
+    ];
+    let new = lab.spawn_node_agent(1, &args).unwrap();
+    lb_tests::wait_for("the old agent to exit", Duration::from_secs(20), || {
+        lab.try_wait(old).unwrap().is_some()
+    });
+    lb_tests::wait_for("the new agent to answer", Duration::from_secs(20), || {
+        lb(&lab, &socket, &["show", "proxy"]).status.success()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answers, failures) = load.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?} ({answers:?})",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(answers.get("be1").is_some_and(|&n| n > 0), "{answers:?}");
+    assert!(answers.get("be2").is_some_and(|&n| n > 0), "{answers:?}");
+    assert!(lab.try_wait(new).unwrap().is_none(), "the new agent runs");
+    assert_eq!(ask(&lab), "be2");
+    // Without an agent to take over from, --takeover refuses to start.
+    let out = lb(
+        &lab,
+        &dir.join("none.sock"),
+        &[
+            "run",
+            "--netns",
+            lab.balancer_ns(),
+            "--config",
+            next.to_str().unwrap(),
+            "--takeover",
+        ],
+    );
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no agent answers on"),
+        "{out:?}"
+    );
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// nginx serving TLS behind a PROXY header on `addr` (HAProxy's `ssl
 /// send-proxy-v2` servers), to clients with a certificate the test CA
 /// signed: `/health` answers "healthy" to Host `be.test` (its name, as a
