@@ -379,6 +379,91 @@ fn ten_agent_restarts_under_load_fail_no_connection_and_lose_none() {
 }
 
 #[test]
+fn a_takeover_under_load_refuses_nothing_and_loses_no_connection() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // An HTTP frontend on the l7 VIP beside the l4 services.
+    let mut lab = RunningLab::start_custom("rtk", 2, &[1, 1], None, |lab, _| {
+        lab.make_local_on_balancer(services::vip_l7().ip())?;
+        Ok(format!(
+            "\n[[frontend]]\nname = \"web\"\nbinds = [\"{}\"]\ndefault_pool = \"app\"\n\n[[pool]]\nname = \"app\"\nservers = [{{ address = \"{}\" }}]\n",
+            services::vip_l7(),
+            be(1)
+        ))
+    })
+    .unwrap();
+    let (vip, l7) = (services::vip_tcp4(), services::vip_l7());
+    let done = Arc::new(AtomicBool::new(false));
+    let client = lab.lab.client_ns().to_string();
+    let flag = done.clone();
+    // New L4 and L7 connections one after another, and 10 open L4 ones.
+    let load = std::thread::spawn(move || {
+        run_in_ns(&client, move || {
+            let mut sessions: Vec<(TcpSession, String)> = (0..10)
+                .map(|_| {
+                    let mut s = TcpSession::connect(vip, T).unwrap();
+                    let name = s.ask().unwrap();
+                    (s, name)
+                })
+                .collect();
+            let (mut ok, mut failed, mut lost) = (0u32, Vec::new(), 0u32);
+            let start = Instant::now();
+            while !flag.load(Ordering::Relaxed)
+                && start.elapsed() < Duration::from_secs(60)
+                && ok < 100_000
+            {
+                match tcp_ask(vip, T) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("l4: {e}")),
+                }
+                match lb_userspace::lab::client::http_get(l7, "/", T) {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("l7: {other:?}")),
+                }
+                for (s, name) in &mut sessions {
+                    match s.ask() {
+                        Ok(n) if &n == name => {}
+                        _ => lost += 1,
+                    }
+                }
+            }
+            (ok, failed, lost)
+        })
+        .unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let old = lab.agent;
+    let args = [
+        "--config".into(),
+        lab.config_path.clone().into_os_string(),
+        "--socket".into(),
+        lab.socket.clone().into_os_string(),
+        "--pin-dir".into(),
+        lab.lab.agent_pin_dir().into_os_string(),
+        "--takeover".into(),
+    ];
+    let new = lab.lab.spawn_node_agent(1, &args).unwrap();
+    wait_for("the old agent to exit", Duration::from_secs(20), || {
+        lab.lab.try_wait(old).unwrap().is_some()
+    });
+    wait_for("the new agent to answer", Duration::from_secs(20), || {
+        lab.lb(&["show", "services"]).status.success()
+    });
+    lab.agent = new;
+    std::thread::sleep(Duration::from_millis(500));
+    done.store(true, Ordering::Relaxed);
+    let (ok, failed, lost) = load.join().unwrap();
+    println!(
+        "takeover: {ok} new connections answered, {} failed, {lost} answers lost",
+        failed.len()
+    );
+    assert!(ok > 50, "the load ran: {ok}");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(lost, 0, "no established connection lost");
+    assert_eq!(backends(&lab).len(), 2, "the new agent runs the data plane");
+}
+
+#[test]
 fn a_second_agent_on_the_same_pin_directory_refuses_and_names_the_first() {
     use std::process::Command;
     let lab = RunningLab::start("rtl", 2, &[1, 1]).unwrap();
