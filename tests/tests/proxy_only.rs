@@ -446,6 +446,75 @@ fn a_takeover_refuses_and_cuts_no_connection() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn reloads_that_restart_the_proxy_refuse_no_connection() {
+    let mut lab = Lab::create("reloadload", LabOptions::from_env(2).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-reloadload", lab.balancer_ns()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config(&lab, 1)).unwrap();
+    let socket = dir.join("lb.sock");
+    lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
+    let addr = SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = lab.client_ns().to_string();
+    // Two clients opening connections one after another (bounded).
+    let loads: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, client) = (stop.clone(), client.clone());
+            std::thread::spawn(move || {
+                run_in_ns(&client, move || {
+                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                    let (mut ok, mut failures) = (0usize, Vec::new());
+                    for _ in 0..20_000 {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed)
+                            || std::time::Instant::now() > deadline
+                        {
+                            break;
+                        }
+                        match http_get(addr, "/", Duration::from_secs(3)) {
+                            Ok((200, _)) => ok += 1,
+                            other => failures.push(format!("{other:?}")),
+                        }
+                    }
+                    (ok, failures)
+                })
+                .unwrap()
+            })
+        })
+        .collect();
+    // Reloads alternating the pool's server: each restarts the proxy
+    // beside the old one, whose listeners then close.
+    for i in 0..10 {
+        std::thread::sleep(Duration::from_millis(150));
+        let limit = format!("default_pool = \"app\"\nmax_connections = {}\n", 1000 + i);
+        std::fs::write(
+            &path,
+            config(&lab, 1).replace("default_pool = \"app\"\n", &limit),
+        )
+        .unwrap();
+        let out = lb(&lab, &socket, &["reload"]);
+        assert!(out.status.success(), "reload {i}: {out:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failures) = (0, Vec::new());
+    for l in loads {
+        let (o, f) = l.join().unwrap();
+        ok += o;
+        failures.extend(f);
+    }
+    println!("10 reloads: {ok} answered, {} failed", failures.len());
+    assert!(ok > 100, "the load ran: {ok}");
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// nginx serving TLS behind a PROXY header on `addr` (HAProxy's `ssl
 /// send-proxy-v2` servers), to clients with a certificate the test CA
 /// signed: `/health` answers "healthy" to Host `be.test` (its name, as a
