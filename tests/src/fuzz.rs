@@ -42,6 +42,43 @@ impl Rng {
     }
 }
 
+/// The cases of a fuzzing run, and those that broke its rules.
+#[derive(Debug, Default)]
+pub struct Failures {
+    runs: usize,
+    broken: Vec<String>,
+}
+
+impl Failures {
+    /// Records one case, `input` run to `output` with `verdict`; `what` names it.
+    pub fn record(&mut self, what: &str, verdict: Result<(), String>, input: &[u8], output: &[u8]) {
+        self.runs += 1;
+        if let Err(e) = verdict {
+            let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+            let (i, o) = (hex(input), hex(output));
+            self.broken
+                .push(format!("{what}: {e}\n  in:  {i}\n  out: {o}"));
+        }
+    }
+
+    /// Cases recorded.
+    pub fn runs(&self) -> usize {
+        self.runs
+    }
+
+    /// Fails with how many cases broke the rules, and the first eight.
+    #[track_caller]
+    pub fn assert_none(&self) {
+        assert!(
+            self.broken.is_empty(),
+            "{} of {} frames broke the rules; the first:\n{}",
+            self.broken.len(),
+            self.runs,
+            self.broken[..self.broken.len().min(8)].join("\n")
+        );
+    }
+}
+
 const ETH: usize = 14;
 /// Bytes the mutations aim at: Ethernet, the largest IP header, a TCP header.
 const HEADERS: usize = ETH + 60 + 60;

@@ -1107,7 +1107,7 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
 /// foreign source, is dropped; nothing aborts.
 #[test]
 fn mutated_tunnelled_frames_are_decapsulated_whole_or_left_alone() {
-    use lb_tests::fuzz::{Rng, check_decapsulated, mutate};
+    use lb_tests::fuzz::{Failures, Rng, check_decapsulated, mutate};
     let mut d = Decap::load();
     d.restrict(&["198.18.2.0/24", "fd00:18:2::/64"]);
     let bases = [
@@ -1121,12 +1121,11 @@ fn mutated_tunnelled_frames_are_decapsulated_whole_or_left_alone() {
         in_v4(IpNumber::IPV6, &udp6(VIP_V6), |_| {}),
     ];
     let mut rng = Rng::new(0x0064_6563_6170);
-    let (mut runs, mut stripped, mut failures) = (0usize, 0usize, Vec::new());
+    let (mut stripped, mut failures) = (0usize, Failures::default());
     for base in &bases {
         for input in std::iter::once(base.clone()).chain((0..3000).map(|_| mutate(&mut rng, base)))
         {
             let (action, output) = d.run(&input);
-            runs += 1;
             let verdict = match action {
                 XDP_DROP | XDP_PASS if output == input => Ok(()),
                 XDP_PASS => {
@@ -1135,22 +1134,11 @@ fn mutated_tunnelled_frames_are_decapsulated_whole_or_left_alone() {
                 }
                 other => Err(format!("action {other}")),
             };
-            if let Err(e) = verdict {
-                let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-                failures.push(format!(
-                    "{e}\n  in:  {}\n  out: {}",
-                    hex(&input),
-                    hex(&output)
-                ));
-            }
+            failures.record("decap", verdict, &input, &output);
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {runs} frames broke the rules; the first:\n{}",
-        failures.len(),
-        failures[..failures.len().min(8)].join("\n")
-    );
+    failures.assert_none();
+    let runs = failures.runs();
     assert!(
         stripped > runs / 10,
         "only {stripped} of {runs} decapsulated"

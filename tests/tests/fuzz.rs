@@ -12,7 +12,7 @@ use etherparse::{Icmpv4Type, Icmpv6Type, TcpOptionElement, icmpv4};
 use lb_common::Reason;
 use lb_tests::{
     frames::{CPORT, Frame, frag_needed},
-    fuzz::{Rng, check_forwarded, mutate},
+    fuzz::{Failures, Rng, check_forwarded, mutate},
     run_xdp, set_mtu,
     xdp_action::*,
 };
@@ -203,9 +203,8 @@ fn mutated_frames_are_sent_on_whole_or_not_at_all() {
         set_mtu(net.ns(), "lbb", BACKEND_MTU);
         let mut rng = Rng::new(knob("LB_FUZZ_SEED", SEED));
         let mutations = knob("LB_FUZZ_MUTATIONS", MUTATIONS as u64) as usize;
-        let mut failures = Vec::new();
+        let mut failures = Failures::default();
         let mut sent = 0usize;
-        let mut runs = 0usize;
         for (what, client_side, base) in bases() {
             let ingress = if client_side { net.lbc } else { net.lbb };
             // The base itself first: it sets up flows, and the checker must
@@ -214,7 +213,6 @@ fn mutated_frames_are_sent_on_whole_or_not_at_all() {
                 .chain((0..mutations).map(|_| mutate(&mut rng, &base)));
             for (n, input) in cases.enumerate() {
                 let (action, output) = run_xdp(b, &input, ingress).expect("test run");
-                runs += 1;
                 let verdict = match action {
                     XDP_DROP => Ok(()),
                     XDP_PASS if output == input => Ok(()),
@@ -224,19 +222,16 @@ fn mutated_frames_are_sent_on_whole_or_not_at_all() {
                     }
                     other => Err(format!("action {other}")),
                 };
-                if let Err(e) = verdict {
-                    failures.push(format!(
-                        "{what} #{n} (action {action}): {e}\n  in:  {}\n  out: {}",
-                        hex(&input),
-                        hex(&output)
-                    ));
-                }
+                failures.record(
+                    &format!("{what} #{n} (action {action})"),
+                    verdict,
+                    &input,
+                    &output,
+                );
             }
         }
-        eprintln!(
-            "{runs} frames run, {sent} sent on, {} failures",
-            failures.len()
-        );
+        failures.assert_none();
+        let runs = failures.runs();
         // Not vacuous: every way of sending a packet on was taken by mutants.
         let counters = b.dataplane().counters().expect("counters");
         for reason in [
@@ -253,18 +248,8 @@ fn mutated_frames_are_sent_on_whole_or_not_at_all() {
             assert!(n > 100, "{reason:?}: {n} packets");
         }
         assert!(
-            failures.is_empty(),
-            "{} of {runs} frames broke the rules; the first:\n{}",
-            failures.len(),
-            failures[..failures.len().min(8)].join("\n")
-        );
-        assert!(
             sent > runs / 10,
             "only {sent} of {runs} frames were sent on"
         );
     });
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -201,13 +201,53 @@ fn answers(lab: &Lab, port: u16) -> bool {
     .unwrap()
 }
 
+/// A lab of `backends` servers, its files' directory and `lb.toml`
+/// (`config(&lab, 1)`).
+fn lab_with_file(tag: &str, backends: usize) -> (Lab, std::path::PathBuf, std::path::PathBuf) {
+    let lab = Lab::create(tag, LabOptions::from_env(backends).unwrap()).unwrap();
+    let dir = std::env::temp_dir().join(format!("{}-{tag}", lab.balancer_ns()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.toml");
+    std::fs::write(&path, config(&lab, 1)).unwrap();
+    (lab, dir, path)
+}
+
+/// What a connection loop saw: answers by body, failures.
+type LoopResult = (std::collections::BTreeMap<String, usize>, Vec<String>);
+
+/// A client in the lab opening connections one after another to the
+/// proxy's bind (`GET /`, at most `count`, for at most 30 s) until `stop`.
+fn connection_loop(
+    lab: &Lab,
+    count: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<LoopResult> {
+    let addr = SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT);
+    let (client, stop) = (lab.client_ns().to_string(), stop.clone());
+    std::thread::spawn(move || {
+        run_in_ns(&client, move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let (mut answers, mut failures) = LoopResult::default();
+            for _ in 0..count {
+                if stop.load(std::sync::atomic::Ordering::Relaxed)
+                    || std::time::Instant::now() > deadline
+                {
+                    break;
+                }
+                match http_get(addr, "/", Duration::from_secs(3)) {
+                    Ok((200, body)) => *answers.entry(body.trim().to_string()).or_default() += 1,
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            (answers, failures)
+        })
+        .unwrap()
+    })
+}
+
 #[test]
 fn a_second_agent_cannot_serve_the_addresses_of_the_first() {
-    let mut lab = Lab::create("proxytwice", LabOptions::from_env(1).unwrap()).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-proxytwice", lab.balancer_ns()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let first = dir.join("first.toml");
-    std::fs::write(&first, config(&lab, 1)).unwrap();
+    let (mut lab, dir, first) = lab_with_file("proxytwice", 1);
     let socket = dir.join("first.sock");
     let pid = lb_userspace::demo::start_agent(&mut lab, &first, &socket).unwrap();
 
@@ -281,11 +321,7 @@ fn a_second_agent_cannot_serve_the_addresses_of_the_first() {
 #[test]
 fn a_soft_stop_answers_what_is_in_flight_and_frees_its_addresses_at_once() {
     use std::io::{Read, Write};
-    let mut lab = Lab::create("softstop", LabOptions::from_env(1).unwrap()).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-softstop", lab.balancer_ns()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("lb.toml");
-    std::fs::write(&path, config(&lab, 1)).unwrap();
+    let (mut lab, dir, path) = lab_with_file("softstop", 1);
     let first = lb_userspace::demo::start_agent(&mut lab, &path, &dir.join("first.sock")).unwrap();
     let addr = SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT);
 
@@ -353,45 +389,15 @@ fn a_soft_stop_answers_what_is_in_flight_and_frees_its_addresses_at_once() {
 
 #[test]
 fn a_takeover_refuses_and_cuts_no_connection() {
-    let mut lab = Lab::create("takeover", LabOptions::from_env(2).unwrap()).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-takeover", lab.balancer_ns()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("lb.toml");
-    std::fs::write(&path, config(&lab, 1)).unwrap();
+    let (mut lab, dir, path) = lab_with_file("takeover", 2);
     let socket = dir.join("lb.sock");
     let old = lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
-    let addr = SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT);
 
-    // Clients keep opening connections (at most 3 000, for at most 20 s)
-    // while a new agent, with a file whose pool is the second server,
-    // takes over on the same control socket.
+    // A client keeps opening connections (at most 3 000) while a new
+    // agent, with a file whose pool is the second server, takes over on
+    // the same control socket.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = lab.client_ns().to_string();
-    let load = std::thread::spawn({
-        let stop = stop.clone();
-        move || {
-            run_in_ns(&client, move || {
-                let deadline = std::time::Instant::now() + Duration::from_secs(20);
-                let mut answers = std::collections::BTreeMap::<String, usize>::new();
-                let mut failures = Vec::new();
-                for _ in 0..3000 {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed)
-                        || std::time::Instant::now() > deadline
-                    {
-                        break;
-                    }
-                    match http_get(addr, "/", Duration::from_secs(3)) {
-                        Ok((200, body)) => {
-                            *answers.entry(body.trim().to_string()).or_default() += 1
-                        }
-                        other => failures.push(format!("{other:?}")),
-                    }
-                }
-                (answers, failures)
-            })
-            .unwrap()
-        }
-    });
+    let load = connection_loop(&lab, 3000, &stop);
     std::thread::sleep(Duration::from_millis(500));
     let one = SocketAddr::new(lab.backends()[0].v4.into(), TCP_PORT).to_string();
     let two = SocketAddr::new(lab.backends()[1].v4.into(), TCP_PORT).to_string();
@@ -448,42 +454,15 @@ fn a_takeover_refuses_and_cuts_no_connection() {
 
 #[test]
 fn reloads_that_restart_the_proxy_refuse_no_connection() {
-    let mut lab = Lab::create("reloadload", LabOptions::from_env(2).unwrap()).unwrap();
-    let dir = std::env::temp_dir().join(format!("{}-reloadload", lab.balancer_ns()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("lb.toml");
-    std::fs::write(&path, config(&lab, 1)).unwrap();
+    let (mut lab, dir, path) = lab_with_file("reloadload", 2);
     let socket = dir.join("lb.sock");
     lb_userspace::demo::start_agent(&mut lab, &path, &socket).unwrap();
-    let addr = SocketAddr::new(BALANCER_CLIENT_V4.into(), BIND_PORT);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let client = lab.client_ns().to_string();
     // Two clients opening connections one after another (bounded).
     let loads: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, client) = (stop.clone(), client.clone());
-            std::thread::spawn(move || {
-                run_in_ns(&client, move || {
-                    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-                    let (mut ok, mut failures) = (0usize, Vec::new());
-                    for _ in 0..20_000 {
-                        if stop.load(std::sync::atomic::Ordering::Relaxed)
-                            || std::time::Instant::now() > deadline
-                        {
-                            break;
-                        }
-                        match http_get(addr, "/", Duration::from_secs(3)) {
-                            Ok((200, _)) => ok += 1,
-                            other => failures.push(format!("{other:?}")),
-                        }
-                    }
-                    (ok, failures)
-                })
-                .unwrap()
-            })
-        })
+        .map(|_| connection_loop(&lab, 20_000, &stop))
         .collect();
-    // Reloads alternating the pool's server: each restarts the proxy
+    // Reloads changing the frontend's max_connections: each restarts the proxy
     // beside the old one, whose listeners then close.
     for i in 0..10 {
         std::thread::sleep(Duration::from_millis(150));
@@ -499,8 +478,8 @@ fn reloads_that_restart_the_proxy_refuse_no_connection() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut ok, mut failures) = (0, Vec::new());
     for l in loads {
-        let (o, f) = l.join().unwrap();
-        ok += o;
+        let (answers, f) = l.join().unwrap();
+        ok += answers.values().sum::<usize>();
         failures.extend(f);
     }
     println!("10 reloads: {ok} answered, {} failed", failures.len());
