@@ -791,48 +791,16 @@ impl Dataplane {
 /// getifaddrs(3) lists them (link-local IPv6 is left out: a backend
 /// elsewhere could not answer it).
 pub fn interface_addresses(names: &[String]) -> Result<Vec<std::net::IpAddr>> {
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `list`, freed below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        bail!("getifaddrs: {}", std::io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut cur = list;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*cur };
-        cur = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: a NUL-terminated name owned by the list.
-        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
-        if !names.iter().any(|n| *n == name) {
-            continue;
-        }
-        // SAFETY: ifa_addr is non-null; its family tells which sockaddr it is.
-        let ip = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
-            libc::AF_INET => {
-                // SAFETY: an AF_INET address is a sockaddr_in.
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                std::net::IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes())
-            }
-            libc::AF_INET6 => {
-                // SAFETY: an AF_INET6 address is a sockaddr_in6.
-                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
-                let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-                if ip.segments()[0] & 0xffc0 == 0xfe80 {
-                    continue;
-                }
-                std::net::IpAddr::V6(ip)
-            }
-            _ => continue,
-        };
-        out.push(ip);
-    }
-    // SAFETY: the list from getifaddrs above, freed once.
-    unsafe { libc::freeifaddrs(list) };
-    Ok(out)
+    let all = crate::config::host_addresses().context("getifaddrs")?;
+    Ok(all
+        .into_iter()
+        .filter(|(name, ip)| {
+            let link_local =
+                matches!(ip, std::net::IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+            names.contains(name) && !link_local
+        })
+        .map(|(_, ip)| ip)
+        .collect())
 }
 
 /// Index and MAC address of interface `name` in the current network namespace.

@@ -616,36 +616,10 @@ pub fn status(pin_dir: &Path) -> Result<Status> {
 /// The VIPs that are no address of any interface here: decapsulated packets
 /// to them would not be delivered locally.
 fn non_local(vips: &[IpAddr]) -> Vec<IpAddr> {
-    let mut local = BTreeSet::new();
-    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a list we free below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+    let Ok(all) = crate::config::host_addresses() else {
         return Vec::new();
-    }
-    let mut cur = ifap;
-    while !cur.is_null() {
-        // SAFETY: a node of the list getifaddrs returned, alive until freeifaddrs.
-        let ifa = unsafe { &*cur };
-        if !ifa.ifa_addr.is_null() {
-            // SAFETY: ifa_addr points to a sockaddr of the family it names.
-            unsafe {
-                match i32::from((*ifa.ifa_addr).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
-                        local.insert(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
-                        local.insert(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-        }
-        cur = ifa.ifa_next;
-    }
-    // SAFETY: the list getifaddrs returned, freed once.
-    unsafe { libc::freeifaddrs(ifap) };
+    };
+    let local: BTreeSet<IpAddr> = all.into_iter().map(|(_, ip)| ip).collect();
     vips.iter()
         .filter(|v| !local.contains(v))
         .copied()

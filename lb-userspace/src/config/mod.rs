@@ -43,7 +43,7 @@ mod test_support;
 mod tests;
 
 pub use admin::read_token;
-pub use listeners::local_addresses;
+pub use listeners::{host_addresses, local_addresses};
 use raw::RawConfig;
 
 /// Service-name prefix that addresses an L7 pool (`lb drain pool:web ADDR`).
