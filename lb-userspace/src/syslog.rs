@@ -187,7 +187,7 @@ impl Sink {
     fn send(&self, line: &str, now: SystemTime) {
         let mut datagram = self.header(now);
         datagram.push_str(line);
-        self.send_datagram(&datagram);
+        self.send_datagram(datagram);
     }
 
     /// What goes before a line sent `now`.
@@ -200,11 +200,11 @@ impl Sink {
 
     /// Sends a whole message; one the socket (or the TCP queue) cannot
     /// take now is dropped.
-    fn send_datagram(&self, datagram: &str) {
+    fn send_datagram(&self, datagram: String) {
         let sent = match &self.socket {
             Socket::Udp(s, addr) => s.send_to(datagram.as_bytes(), addr).is_ok(),
             Socket::Unix(s, path) => s.send_to(datagram.as_bytes(), path).is_ok(),
-            Socket::Tcp(queue) => match queue.try_send(datagram.to_string()) {
+            Socket::Tcp(queue) => match queue.try_send(datagram) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
             },
@@ -253,7 +253,7 @@ impl<S: Subscriber> Layer<S> for SyslogLayer {
             // The line is written behind its header: one buffer per datagram.
             let mut message = Message(sink.header(SystemTime::now()));
             event.record(&mut message);
-            sink.send_datagram(&message.0);
+            sink.send_datagram(message.0);
         }
     }
 }
