@@ -121,9 +121,11 @@ impl Desired {
         let services = &self.config.services;
         let s = self.service(name)?;
         let mut usable = Vec::new();
+        let local = crate::config::local_addresses();
         for f in wanted {
             let usable_here = rules::backend_for_vip(s.vip, s.forwarding, f.address)
-                .and_then(|()| rules::backend_not_a_vip(f.address, s.protocol, services));
+                .and_then(|()| rules::backend_not_a_vip(f.address, s.protocol, services))
+                .and_then(|()| rules::backend_not_local(f.address, &local));
             match usable_here {
                 Err(why) => skipped.push((f.address, why)),
                 Ok(()) => usable.push(*f),
@@ -510,6 +512,7 @@ impl Desired {
         rules::backend_count(self.backend_total() + 1)?;
         let protocol = self.service(service)?.protocol;
         rules::backend_not_a_vip(address, protocol, &self.config.services)?;
+        rules::backend_not_local(address, &crate::config::local_addresses())?;
         let s = self.service_mut(service)?;
         rules::backend_for_vip(s.vip, s.forwarding, address)?;
         if s.backends.iter().any(|b| b.address == address) {

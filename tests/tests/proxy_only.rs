@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use lb_userspace::lab::{
-    BALANCER_CLIENT_V4, Lab, LabOptions, TCP_PORT, client::http_get, run_in_ns,
-    services::METRICS_ADDR,
+    BALANCER_BACKEND_V4, BALANCER_CLIENT_V4, Lab, LabOptions, TCP_PORT, client::http_get,
+    run_in_ns, services::METRICS_ADDR,
 };
 
 const BIND_PORT: u16 = 8081;
@@ -103,6 +103,31 @@ fn the_proxy_runs_alone_without_interfaces() {
     assert!(!check.status.success(), "{check:?}");
     assert!(
         said.contains(&format!("server {own} is where frontend \"web\" listens")),
+        "{said}"
+    );
+    // An l4 backend at one of the balancer's own addresses: XDP would hand
+    // its flows to the local stack, whose answers do not pass XDP again.
+    let own_backend = SocketAddr::new(BALANCER_BACKEND_V4.into(), 8080);
+    std::fs::write(
+        &looped,
+        format!("interfaces = [\"lbc\", \"lbb\"]\n[[service]]\nname = \"l4\"\nvip = \"198.18.100.9:80\"\n[[service.backend]]\naddress = \"{own_backend}\"\n"),
+    )
+    .unwrap();
+    let check = lb(
+        &lab,
+        &dir.join("unused.sock"),
+        &[
+            "check",
+            "--netns",
+            lab.balancer_ns(),
+            looped.to_str().unwrap(),
+        ],
+    );
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "{check:?}");
+    assert!(
+        said.contains(&format!("{}:6:", looped.display()))
+            && said.contains(&format!("backend {own_backend} is an address of this host")),
         "{said}"
     );
     let socket = dir.join("lb.sock");

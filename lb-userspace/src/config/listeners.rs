@@ -79,9 +79,17 @@ impl Checker<'_> {
     /// service's VIP, or where a frontend listens (`rules`).
     pub(super) fn check_loops(&mut self, services: &[Service], proxy: &lb_proxy::ProxyConfig) {
         let mut problems = Vec::new();
+        // This host's addresses, when the file is checked for this host.
+        let local = if self.host_resources {
+            local_addresses()
+        } else {
+            Vec::new()
+        };
         for s in services {
             for b in &s.backends {
-                if let Err(why) = rules::backend_not_a_vip(b.address, s.protocol, services) {
+                let this_host = rules::backend_not_a_vip(b.address, s.protocol, services)
+                    .and_then(|()| rules::backend_not_local(b.address, &local));
+                if let Err(why) = this_host {
                     problems.push((
                         (s.name.clone(), b.address),
                         format!("service \"{}\": {why}", s.name),
@@ -89,12 +97,6 @@ impl Checker<'_> {
                 }
             }
         }
-        // This host's addresses, when the file is checked for this host.
-        let local = if self.host_resources {
-            local_addresses()
-        } else {
-            Vec::new()
-        };
         for p in &proxy.pools {
             for server in &p.servers {
                 if let Err(why) =
@@ -377,6 +379,23 @@ mod tests {
             super::super::rules::server_not_a_listener(v6, frontends, &v6_own).is_ok(),
             "an IPv4 wildcard"
         );
+        // An l4 backend on loopback is this host, wherever the file is checked.
+        let head = [
+            "interfaces = [\"eth0\"]",
+            "[[service]]",
+            "name = \"web\"",
+            "vip = \"198.18.100.1:80\"",
+            "[[service.backend]]",
+            "address = \"127.0.0.1:8080\"",
+        ];
+        let errs = super::super::test_support::errors(&refs(&file(&head, &[], &[])));
+        assert!(
+            errs.iter()
+                .any(|e| e.line == 6 && e.reason.contains("is an address of this host")),
+            "{errs:#?}"
+        );
+        let own_v6 = "[fd00::1]:80".parse().unwrap();
+        assert!(super::super::rules::backend_not_local(own_v6, &v6_own).is_err());
         let here = super::local_addresses();
         assert!(
             here.contains(&std::net::Ipv4Addr::LOCALHOST.into()),

@@ -191,6 +191,19 @@ pub fn backend_not_a_vip(
     }
 }
 
+/// Checks that l4 backend `backend` is not one of `local`, this host's
+/// addresses: XDP hands the flow to the local stack, whose answers leave
+/// without passing XDP, so they would never be translated back (NAT) or
+/// the flow would come back here (DSR).
+pub fn backend_not_local(backend: SocketAddr, local: &[IpAddr]) -> Result<(), String> {
+    if local.contains(&backend.ip()) || backend.ip().is_loopback() {
+        return Err(format!(
+            "backend {backend} is an address of this host: XDP would hand its flows to the local stack, whose answers do not pass XDP again (a backend must be another host)"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that pool server `server` is not where a frontend of
 /// `frontends` listens (its address, or a loopback address or one of
 /// `local`, this host's addresses, on the port of a wildcard bind of its
