@@ -10,7 +10,9 @@
 //! on, an abstract Unix socket named after it (`@lb/listen/ADDR`):
 //! per network namespace, as the addresses are, and released by the
 //! kernel however the process ends. A second agent finds the name taken
-//! and is refused with the first one's pid.
+//! and is refused with the first one's pid. Abstract names have no
+//! permissions, so only a holder of this agent's user that listens counts:
+//! another user's squatting cannot keep `lb` from starting (it warns).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -60,27 +62,42 @@ impl Claims {
     }
 }
 
-/// Claims `addr`, or says who holds it. A claim that fails for another
-/// reason is `None` with a warning: the claim guards, it does not serve.
+/// Claims `addr`, or says which agent holds it. Abstract names have no
+/// permissions: a name held by a process of another user (or by one that
+/// does not listen, as no agent does) is no agent's, and must not keep
+/// this one from starting; it is left with a warning (`None`: the address
+/// is then unguarded), as is a claim that fails for any other reason.
 fn claim(addr: SocketAddr) -> Result<Option<UnixListener>, String> {
     let unix = UnixAddr::from_abstract_name(name(addr)).map_err(|e| e.to_string())?;
-    match UnixListener::bind_addr(&unix) {
-        Ok(l) => Ok(Some(l)),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(holder(&unix)),
-        Err(e) => {
+    let e = match UnixListener::bind_addr(&unix) {
+        Ok(l) => return Ok(Some(l)),
+        Err(e) => e,
+    };
+    let holder = (e.kind() == std::io::ErrorKind::AddrInUse).then(|| holder(&unix));
+    match holder {
+        // SAFETY: geteuid has no failure mode.
+        Some(Some(cred)) if cred.uid == unsafe { libc::geteuid() } => {
+            Err(format!("pid {}", cred.pid))
+        }
+        Some(cred) => {
+            let who = cred.map_or("a process that does not listen".into(), |c| {
+                format!("pid {} of uid {}", c.pid, c.uid)
+            });
+            tracing::warn!(%addr, "the claim on this address is held by {who}, not an lb agent of this user: going on without it");
+            Ok(None)
+        }
+        None => {
             tracing::warn!(%addr, "cannot claim the address for this agent: {e}");
             Ok(None)
         }
     }
 }
 
-/// "pid N" of the process listening on `unix` (SO_PEERCRED of a connection
-/// to it), or "another process".
-fn holder(unix: &UnixAddr) -> String {
+/// The credentials of the process listening on `unix` (SO_PEERCRED of a
+/// connection to it), if one listens.
+fn holder(unix: &UnixAddr) -> Option<libc::ucred> {
     use std::os::fd::AsRawFd;
-    let Ok(stream) = UnixStream::connect_addr(unix) else {
-        return "another process".into();
-    };
+    let stream = UnixStream::connect_addr(unix).ok()?;
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -97,11 +114,7 @@ fn holder(unix: &UnixAddr) -> String {
             &raw mut len,
         )
     };
-    if rc == 0 && cred.pid > 0 {
-        format!("pid {}", cred.pid)
-    } else {
-        "another process".into()
-    }
+    (rc == 0 && cred.pid > 0).then_some(cred)
 }
 
 #[cfg(test)]
@@ -144,5 +157,15 @@ mod tests {
         drop(first);
         second.hold(&wanted(&[a, b])).unwrap();
         assert_eq!(second.addresses().len(), 2);
+        // A name taken by a socket that does not listen (no agent's) is
+        // passed over with a warning, not a refusal.
+        let squat = std::os::unix::net::UnixDatagram::bind_addr(
+            &UnixAddr::from_abstract_name(name(c.parse().unwrap())).unwrap(),
+        )
+        .unwrap();
+        let mut third = Claims::default();
+        third.hold(&wanted(&[c])).unwrap();
+        assert_eq!(third.addresses(), vec![c.parse().unwrap()]);
+        drop(squat);
     }
 }
