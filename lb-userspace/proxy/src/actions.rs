@@ -583,7 +583,7 @@ fn request_op(
             }
             let challenge = HeaderValue::from_str(&format!("Basic realm=\"{realm}\""))
                 .map_err(|_| format!("bad realm {realm:?}"))?;
-            let verifier = Arc::new(crate::basic_auth::Verifier::new(users));
+            let verifier = Arc::new(crate::basic_auth::Verifier::shared(users));
             Ok(RequestOp::Auth {
                 verifier,
                 challenge,

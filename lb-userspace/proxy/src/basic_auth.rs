@@ -19,6 +19,12 @@
 //! - hashes on tokio's blocking threads, at most [`hashing_slots`] at once
 //!   in the process: the rest wait their turn, so guesses from many
 //!   sources take no more than those cores from the serving threads.
+//!
+//! What it remembers and counts is shared by every verifier of the same
+//! users and hashes ([`Verifier::shared`]: the `auth` rules of every
+//! frontend, and of the proxy a reload starts beside the old one), as
+//! the request-rate tables are handed over: a reload gives no source a
+//! fresh allowance of guesses and makes no client hash again.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -53,6 +59,12 @@ static HASHING: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(hashing_sl
 pub struct Verifier {
     /// User name to SHA-512 crypt hash.
     users: Arc<HashMap<String, String>>,
+    /// What it remembers and counts (shared, see the module).
+    state: Arc<State>,
+}
+
+/// The verified credentials and failures of one set of users.
+struct State {
     /// Keys the fingerprints of verified credentials.
     key: [u8; 32],
     /// Fingerprints of verified credentials, with when they were verified.
@@ -63,6 +75,21 @@ pub struct Verifier {
     hashes: AtomicU64,
 }
 
+impl State {
+    fn new() -> Arc<State> {
+        Arc::new(State {
+            key: rand::random(),
+            verified: Mutex::default(),
+            failures: RequestRate::new(FAILURE_PERIOD),
+            hashes: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The states in use, by the userlist they are of (`Verifier::shared`).
+type States = Mutex<HashMap<[u8; 32], std::sync::Weak<State>>>;
+static STATES: LazyLock<States> = LazyLock::new(States::default);
+
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
@@ -72,15 +99,38 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// A verifier of `users` (name to SHA-512 crypt hash).
+    /// A verifier of `users` (name to SHA-512 crypt hash) of its own.
     pub fn new(users: Arc<HashMap<String, String>>) -> Verifier {
         Verifier {
             users,
-            key: rand::random(),
-            verified: Mutex::default(),
-            failures: RequestRate::new(FAILURE_PERIOD),
-            hashes: AtomicU64::new(0),
+            state: State::new(),
         }
+    }
+
+    /// A verifier of `users` sharing what it remembers and counts with
+    /// every other live one of the same users and hashes.
+    pub fn shared(users: Arc<HashMap<String, String>>) -> Verifier {
+        let mut sorted: Vec<(&String, &String)> = users.iter().collect();
+        sorted.sort();
+        let mut h = Sha256::new();
+        for (name, hash) in sorted {
+            for part in [name, hash] {
+                h.update((part.len() as u64).to_be_bytes());
+                h.update(part.as_bytes());
+            }
+        }
+        let id: [u8; 32] = h.finalize().into();
+        let mut states = STATES.lock().unwrap_or_else(|e| e.into_inner());
+        states.retain(|_, s| s.strong_count() > 0);
+        let state = match states.get(&id).and_then(std::sync::Weak::upgrade) {
+            Some(s) => s,
+            None => {
+                let s = State::new();
+                states.insert(id, Arc::downgrade(&s));
+                s
+            }
+        };
+        Verifier { users, state }
     }
 
     /// Whether it has no user (then nothing passes).
@@ -90,7 +140,7 @@ impl Verifier {
 
     /// Hashes computed so far (a remembered credential or a refused source costs none).
     pub fn hashes(&self) -> u64 {
-        self.hashes.load(Ordering::Relaxed)
+        self.state.hashes.load(Ordering::Relaxed)
     }
 
     /// Whether `headers` carry Basic credentials of a user of the list;
@@ -112,13 +162,13 @@ impl Verifier {
         if self.remembered(&print, now) {
             return true;
         }
-        if peer.is_some_and(|p| self.failures.rate(p, now) >= MAX_FAILURES) {
+        if peer.is_some_and(|p| self.state.failures.rate(p, now) >= MAX_FAILURES) {
             return false;
         }
         let Ok(_slot) = HASHING.acquire().await else {
             return false;
         };
-        self.hashes.fetch_add(1, Ordering::Relaxed);
+        self.state.hashes.fetch_add(1, Ordering::Relaxed);
         let hash = hash.clone();
         let ok =
             tokio::task::spawn_blocking(move || sha_crypt::sha512_check(&password, &hash).is_ok())
@@ -134,13 +184,13 @@ impl Verifier {
 
     fn failed(&self, peer: Option<IpAddr>, now: Instant) {
         if let Some(p) = peer {
-            self.failures.hit(p, now);
+            self.state.failures.hit(p, now);
         }
     }
 
     fn fingerprint(&self, user: &str, hash: &str, password: &str) -> [u8; 32] {
         let mut h = Sha256::new();
-        h.update(self.key);
+        h.update(self.state.key);
         // Lengths first: no two (user, hash, password) give one input.
         for part in [user, hash, password] {
             h.update((part.len() as u64).to_be_bytes());
@@ -150,14 +200,22 @@ impl Verifier {
     }
 
     fn remembered(&self, print: &[u8; 32], now: Instant) -> bool {
-        let verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let verified = self
+            .state
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         verified
             .get(print)
             .is_some_and(|&at| now.saturating_duration_since(at) < REMEMBER)
     }
 
     fn remember(&self, print: [u8; 32], now: Instant) {
-        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let mut verified = self
+            .state
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if verified.len() >= REMEMBERED {
             verified.retain(|_, at| now.saturating_duration_since(*at) < REMEMBER);
         }
@@ -330,6 +388,41 @@ mod tests {
         assert_eq!(v.hashes(), before, "the /64 is refused");
     }
 
+    #[tokio::test]
+    async fn verifiers_of_the_same_users_share_what_they_remember_and_count() {
+        let v = verifier();
+        let users = v.users.clone();
+        let peer = Some("192.0.2.9".parse().unwrap());
+        let (a, b) = (
+            Verifier::shared(users.clone()),
+            Verifier::shared(users.clone()),
+        );
+        assert!(a.check(&basic("alice", "s3cret"), peer).await);
+        // The one a reload starts: no hash for what the old one verified...
+        assert!(b.check(&basic("alice", "s3cret"), peer).await);
+        assert_eq!(b.hashes(), 1);
+        // ...and the guesses counted against the old one still count.
+        for i in 0..MAX_FAILURES {
+            assert!(!a.check(&basic("alice", &format!("g{i}")), peer).await);
+        }
+        let before = b.hashes();
+        assert!(!b.check(&basic("alice", "g"), peer).await);
+        assert_eq!(b.hashes(), before, "refused without hashing");
+        // Another userlist (or the same with a changed password) starts afresh.
+        let other = verifier();
+        let c = Verifier::shared(other.users.clone());
+        assert_eq!(c.hashes(), 0);
+        // (Its own count of failures: this source is not refused there.)
+        assert!(c.check(&basic("alice", "s3cret"), peer).await);
+        assert_eq!(c.hashes(), 1);
+        drop((a, b));
+        assert_eq!(
+            Verifier::shared(users).hashes(),
+            0,
+            "gone with its last verifier"
+        );
+    }
+
     #[test]
     fn the_remembered_set_stays_bounded() {
         let v = verifier();
@@ -337,7 +430,7 @@ mod tests {
         for i in 0..REMEMBERED + 10 {
             v.remember(v.fingerprint("u", "h", &i.to_string()), now);
         }
-        let kept = v.verified.lock().unwrap().len();
+        let kept = v.state.verified.lock().unwrap().len();
         assert!(kept <= REMEMBERED, "{kept}");
         let old = now - REMEMBER;
         assert!(!{
