@@ -162,12 +162,17 @@ impl Verifier {
         if self.remembered(&print, now) {
             return true;
         }
-        if peer.is_some_and(|p| self.state.failures.rate(p, now) >= MAX_FAILURES) {
+        let refused = |at| peer.is_some_and(|p| self.state.failures.rate(p, at) >= MAX_FAILURES);
+        if refused(now) {
             return false;
         }
         let Ok(_slot) = HASHING.acquire().await else {
             return false;
         };
+        // Again after the wait: guesses sent at once all passed the first look.
+        if refused(Instant::now()) {
+            return false;
+        }
         self.state.hashes.fetch_add(1, Ordering::Relaxed);
         let hash = hash.clone();
         let ok =
@@ -421,6 +426,25 @@ mod tests {
             0,
             "gone with its last verifier"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn guesses_sent_at_once_are_bounded_too() {
+        let v = Arc::new(verifier());
+        let peer = Some("192.0.2.7".parse().unwrap());
+        let guesses: Vec<_> = (0..60)
+            .map(|i| {
+                let v = v.clone();
+                tokio::spawn(async move { v.check(&basic("alice", &format!("g{i}")), peer).await })
+            })
+            .collect();
+        for g in guesses {
+            assert!(!g.await.unwrap());
+        }
+        // Those in a hashing slot when the tenth failure was counted may
+        // finish; the rest are refused unhashed.
+        let bound = u64::from(MAX_FAILURES) + hashing_slots() as u64;
+        assert!(v.hashes() <= bound, "{} hashes", v.hashes());
     }
 
     #[test]
