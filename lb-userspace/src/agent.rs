@@ -1043,6 +1043,14 @@ impl L7 {
         tokio::task::spawn_blocking(move || crate::takeover::running_agent(&socket)).await??;
         let file = load_config_for_start(&opts.config)?;
         crate::fd_limit::raise_for(&file);
+        // What could refuse once the running agent is told to stop, first.
+        if !file.interfaces.is_empty() && opts.pin_dir.exists() {
+            let object = match &opts.bpf_object {
+                Some(p) => p.clone(),
+                None => dataplane::default_object_path()?,
+            };
+            Dataplane::check_pins(&object, &opts.pin_dir)?;
+        }
         crate::takeover::migrate_queued_connections();
         let proxy = start_proxy(&file.proxy, None).await?;
         let socket = opts.socket.clone();

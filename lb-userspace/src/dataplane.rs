@@ -207,6 +207,14 @@ impl Dataplane {
         Self::load_with(path, Some(pin_dir))
     }
 
+    /// Whether the object at `path` can adopt the maps pinned in `pin_dir`
+    /// (`pin::check_compatible`), without loading anything.
+    pub fn check_pins(path: &Path, pin_dir: &Path) -> Result<()> {
+        // REASON_STATS: an older agent's has fewer slots (`reason_slots`).
+        let any_entries = [MAP_FLOW_CACHE, MAP_REASON_STATS];
+        pin::check_compatible(path, pin_dir, &ALL_MAPS, &any_entries, "lb stop --detach")
+    }
+
     fn load_with(path: &Path, pin_dir: Option<&Path>) -> Result<Self> {
         let mut loader = aya::EbpfLoader::new();
         // FLOW_CACHE_SLOTS for every CPU that may run the program.
@@ -216,9 +224,7 @@ impl Dataplane {
             .map(|dir| ALL_MAPS.iter().map(|m| (*m, dir.join(m))).collect())
             .unwrap_or_default();
         if let Some(dir) = pin_dir {
-            // REASON_STATS: an older agent's has fewer slots (`reason_slots`).
-            let any_entries = [MAP_FLOW_CACHE, MAP_REASON_STATS];
-            pin::check_compatible(path, dir, &ALL_MAPS, &any_entries, "lb stop --detach")?;
+            Self::check_pins(path, dir)?;
         }
         for (name, pin) in &pins {
             loader.map_pin_path(name, pin.as_path());
