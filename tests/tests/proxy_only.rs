@@ -89,18 +89,7 @@ fn the_proxy_runs_alone_without_interfaces() {
             &own.to_string(),
         );
     std::fs::write(&looped, text).unwrap();
-    let check = lb(
-        &lab,
-        &dir.join("unused.sock"),
-        &[
-            "check",
-            "--netns",
-            lab.balancer_ns(),
-            looped.to_str().unwrap(),
-        ],
-    );
-    let said = String::from_utf8_lossy(&check.stderr);
-    assert!(!check.status.success(), "{check:?}");
+    let said = refused_by_check(&lab, &looped);
     assert!(
         said.contains(&format!("server {own} is where frontend \"web\" listens")),
         "{said}"
@@ -113,18 +102,7 @@ fn the_proxy_runs_alone_without_interfaces() {
         format!("interfaces = [\"lbc\", \"lbb\"]\n[[service]]\nname = \"l4\"\nvip = \"198.18.100.9:80\"\n[[service.backend]]\naddress = \"{own_backend}\"\n"),
     )
     .unwrap();
-    let check = lb(
-        &lab,
-        &dir.join("unused.sock"),
-        &[
-            "check",
-            "--netns",
-            lab.balancer_ns(),
-            looped.to_str().unwrap(),
-        ],
-    );
-    let said = String::from_utf8_lossy(&check.stderr);
-    assert!(!check.status.success(), "{check:?}");
+    let said = refused_by_check(&lab, &looped);
     assert!(
         said.contains(&format!("{}:6:", looped.display()))
             && said.contains(&format!("backend {own_backend} is an address of this host")),
@@ -215,6 +193,22 @@ fn the_proxy_runs_alone_without_interfaces() {
     assert!(body.contains(&down), "{body}");
     drop(lab);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What `lb check --netns` (the balancer's) says of `file`, which it must refuse.
+fn refused_by_check(lab: &Lab, file: &std::path::Path) -> String {
+    let check = lb(
+        lab,
+        &file.with_extension("sock"),
+        &[
+            "check",
+            "--netns",
+            lab.balancer_ns(),
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(!check.status.success(), "{check:?}");
+    String::from_utf8_lossy(&check.stderr).into_owned()
 }
 
 /// Whether the proxy answers `GET /` on `port` of the client-side address.
