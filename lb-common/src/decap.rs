@@ -39,15 +39,26 @@ pub const MAP_DECAP_SOURCES_V4: &str = "DECAP_SOURCES_V4";
 /// Map name: `DecapSourceV6` -> `u8` (LPM_TRIE, `MAX_DECAP_SOURCES`): as
 /// `DECAP_SOURCES_V4` for outer IPv6 sources (looked up as a /128).
 pub const MAP_DECAP_SOURCES_V6: &str = "DECAP_SOURCES_V6";
+/// Map name: 0 -> `DecapLocal` (ARRAY, 1): with a non-zero count, only
+/// packets whose outer destination is one of its addresses are
+/// decapsulated (`lb decap --local-only`: the interface's own addresses, as
+/// the kernel's own tunnel takes only what is addressed to the host); the
+/// others pass untouched (`PassNotLocal`), for the stack to forward or
+/// drop. A list in one array element rather than a FIB lookup: the kernel
+/// answers `bpf_fib_lookup` with FWD_DISABLED on a host that does not
+/// forward, which is every ordinary backend. A map of its own, so that an
+/// older object's pins are adopted (`DECAP_SETTINGS` keeps its size).
+pub const MAP_DECAP_LOCAL: &str = "DECAP_LOCAL";
 /// Map name: `DecapReason` as u32 -> `Traffic` (PERCPU_ARRAY,
 /// `DECAP_REASON_COUNT`): packets and bytes per decision, bytes being the
 /// whole frame as it arrived (outer header included).
 pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
 
 /// Every map of the `lb-decap` object (what `lb decap` pins per interface).
-pub const DECAP_MAPS: [&str; 5] = [
+pub const DECAP_MAPS: [&str; 6] = [
     MAP_DECAP_VIPS,
     MAP_DECAP_SETTINGS,
+    MAP_DECAP_LOCAL,
     MAP_DECAP_SOURCES_V4,
     MAP_DECAP_SOURCES_V6,
     MAP_DECAP_STATS,
@@ -74,6 +85,19 @@ pub struct DecapSettings {
     /// decapsulated; one for both families, so a family without prefixes
     /// accepts no tunnelled packet rather than any (zero: any source).
     pub restrict_sources: u32,
+}
+
+/// Most outer destinations `DECAP_LOCAL` holds (an interface's addresses).
+pub const MAX_DECAP_LOCAL: usize = 16;
+
+/// Value of `DECAP_LOCAL[0]`: the outer destinations decapsulated, if any.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecapLocal {
+    /// How many of `addrs` are in use; 0: any outer destination.
+    pub count: u32,
+    /// The addresses (`AddrKey`: family and network-order bytes).
+    pub addrs: [crate::maps::AddrKey; MAX_DECAP_LOCAL],
 }
 
 /// IP protocol number of IPv4-in-IPv4 (outer IPv4 `protocol`, RFC 2003).
@@ -113,10 +137,14 @@ pub enum DecapReason {
     /// every allowed prefix while sources are restricted: dropped (a spoofed
     /// inner client source must reach neither this stack nor an ipip device).
     DropForeignSource = 8,
+    /// IP-in-IP to a VIP whose outer destination is not in `DECAP_LOCAL`
+    /// while it lists any: passed untouched (the kernel's own tunnel would
+    /// not take it either; the stack forwards or drops it).
+    PassNotLocal = 9,
 }
 
 /// Number of `DecapReason` values (size of `DECAP_STATS`).
-pub const DECAP_REASON_COUNT: u32 = 9;
+pub const DECAP_REASON_COUNT: u32 = 10;
 
 impl DecapReason {
     /// All reasons, in counter-index order.
@@ -130,6 +158,7 @@ impl DecapReason {
         DecapReason::PassMalformed,
         DecapReason::PassVlan,
         DecapReason::DropForeignSource,
+        DecapReason::PassNotLocal,
     ];
 
     /// Stable snake_case name, as `lb decap --stats` prints it.
@@ -144,6 +173,7 @@ impl DecapReason {
             DecapReason::PassMalformed => "pass_malformed",
             DecapReason::PassVlan => "pass_vlan",
             DecapReason::DropForeignSource => "drop_foreign_source",
+            DecapReason::PassNotLocal => "pass_not_local",
         }
     }
 
@@ -163,6 +193,8 @@ mod pod {
     // SAFETY: #[repr(C)] plain data with no padding bytes and no invalid bit
     // patterns, which is what aya::Pod requires.
     unsafe impl aya::Pod for super::DecapSettings {}
+    // SAFETY: as above (a u32, then 20-byte AddrKeys: no padding).
+    unsafe impl aya::Pod for super::DecapLocal {}
 }
 
 #[cfg(test)]

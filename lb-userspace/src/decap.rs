@@ -31,9 +31,10 @@ use aya::{
 };
 use clap::Args;
 use lb_common::{
-    AddrKey, DECAP_MAPS, DecapReason, DecapSettings, DecapSourceV4, DecapSourceV6,
-    MAP_DECAP_SETTINGS, MAP_DECAP_SOURCES_V4, MAP_DECAP_SOURCES_V6, MAP_DECAP_STATS,
-    MAP_DECAP_VIPS, MAX_DECAP_SOURCES, MAX_DECAP_VIPS, PROG_DECAP, Traffic,
+    AddrKey, DECAP_MAPS, DecapLocal, DecapReason, DecapSettings, DecapSourceV4, DecapSourceV6,
+    MAP_DECAP_LOCAL, MAP_DECAP_SETTINGS, MAP_DECAP_SOURCES_V4, MAP_DECAP_SOURCES_V6,
+    MAP_DECAP_STATS, MAP_DECAP_VIPS, MAX_DECAP_LOCAL, MAX_DECAP_SOURCES, MAX_DECAP_VIPS,
+    PROG_DECAP, Traffic,
 };
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +81,12 @@ pub struct DecapArgs {
         conflicts_with_all = ["detach", "stats"],
     )]
     pub from: Vec<IpPrefix>,
+    /// Decapsulate only packets whose outer destination is one of the
+    /// interface's addresses, read now (as the kernel's own tunnel takes
+    /// only what is addressed to the host; others pass untouched, counted
+    /// as pass_not_local). Run `lb decap` again when they change.
+    #[arg(long, conflicts_with_all = ["detach", "stats"])]
+    pub local_only: bool,
     /// Detach from the interface and remove the pinned maps.
     #[arg(long, conflicts_with = "stats")]
     pub detach: bool,
@@ -275,6 +282,38 @@ impl SourceMaps {
     }
 }
 
+/// `DECAP_LOCAL`'s value listing `addrs` (none: any outer destination).
+fn local_list(addrs: &[IpAddr]) -> Result<DecapLocal> {
+    if addrs.len() > MAX_DECAP_LOCAL {
+        bail!(
+            "{} addresses for --local-only; an interface takes at most {MAX_DECAP_LOCAL}",
+            addrs.len()
+        );
+    }
+    let mut list = DecapLocal {
+        count: addrs.len() as u32,
+        ..DecapLocal::default()
+    };
+    for (slot, ip) in list.addrs.iter_mut().zip(addrs) {
+        *slot = vip_key(*ip);
+    }
+    Ok(list)
+}
+
+/// The addresses of `iface`, for `--local-only`.
+fn interface_local(iface: &str) -> Result<Vec<IpAddr>> {
+    let all = crate::config::host_addresses().context("getifaddrs")?;
+    let mine: Vec<IpAddr> = all
+        .into_iter()
+        .filter(|(name, _)| name == iface)
+        .map(|(_, ip)| ip)
+        .collect();
+    if mine.is_empty() {
+        bail!("--local-only: {iface} has no address, so no packet would be decapsulated");
+    }
+    Ok(mine)
+}
+
 /// Refuses more prefixes of one family than `DECAP_SOURCES_V4`/`_V6` hold.
 fn check_source_count(sources: &BTreeSet<IpPrefix>) -> Result<()> {
     for v6 in [false, true] {
@@ -401,14 +440,15 @@ fn sync_vips(
 }
 
 /// Attaches the object at `object` to `iface` (or updates an attachment an
-/// earlier run pinned in `pin_dir`) and makes `vips` its VIP set and
-/// `sources` its allowed outer sources (empty: any).
+/// earlier run pinned in `pin_dir`) and makes `vips` its VIP set,
+/// `sources` its allowed outer sources (empty: any) and `local` its only
+/// outer destinations (empty: any).
 pub fn attach(
     object: &Path,
     iface: &str,
     pin_dir: &Path,
     vips: &[IpAddr],
-    sources: &[IpPrefix],
+    (sources, local): (&[IpPrefix], &[IpAddr]),
 ) -> Result<Attached> {
     ifindex(iface)?;
     let wanted: BTreeSet<AddrKey> = vips.iter().map(|ip| vip_key(*ip)).collect();
@@ -449,6 +489,8 @@ pub fn attach(
     let mut vip_map: HashMap<MapData, AddrKey, u8> =
         typed(bpf.take_map(MAP_DECAP_VIPS), MAP_DECAP_VIPS)?;
     let mut source_maps = SourceMaps::take(&mut bpf)?;
+    let mut local_map: Array<MapData, DecapLocal> =
+        typed(bpf.take_map(MAP_DECAP_LOCAL), MAP_DECAP_LOCAL)?;
     let prog: &mut Xdp = bpf
         .program_mut(PROG_DECAP)
         .ok_or_else(|| anyhow!("eBPF object has no program {PROG_DECAP}"))?
@@ -457,6 +499,9 @@ pub fn attach(
 
     let (added, removed) = sync_vips(&mut vip_map, &wanted)?;
     source_maps.sync(&sources)?;
+    local_map
+        .set(0, local_list(local)?, 0)
+        .with_context(|| format!("writing {MAP_DECAP_LOCAL}"))?;
 
     let link_pin = pin_dir.join(LINK_PIN);
     let mode = if link_pin.exists() {
@@ -708,7 +753,12 @@ pub fn run(args: &DecapArgs) -> Result<()> {
         Some(path) => path.clone(),
         None => default_object_path()?,
     };
-    let done = attach(&object, &args.interface, &pin_dir, &args.vips, &args.from)?;
+    let local = match args.local_only {
+        true => interface_local(&args.interface)?,
+        false => Vec::new(),
+    };
+    let limits = (&args.from[..], &local[..]);
+    let done = attach(&object, &args.interface, &pin_dir, &args.vips, limits)?;
     let how = match done.mode {
         Some(AttachedMode::Driver) => "attached in driver mode",
         Some(AttachedMode::Generic) => "attached in generic mode",

@@ -21,8 +21,9 @@ use etherparse::{
     TcpHeader, TransportSlice,
 };
 use lb_common::{
-    AddrKey, DecapReason, DecapSettings, MAP_DECAP_SETTINGS, MAP_DECAP_SOURCES_V4,
-    MAP_DECAP_SOURCES_V6, MAP_DECAP_STATS, MAP_DECAP_VIPS, PROG_DECAP, Traffic,
+    AddrKey, DecapLocal, DecapReason, DecapSettings, MAP_DECAP_LOCAL, MAP_DECAP_SETTINGS,
+    MAP_DECAP_SOURCES_V4, MAP_DECAP_SOURCES_V6, MAP_DECAP_STATS, MAP_DECAP_VIPS, PROG_DECAP,
+    Traffic,
 };
 use lb_tests::frames::{CPORT, Frame, fix_ipv4_checksum};
 use lb_userspace::decap::{self, Status};
@@ -106,6 +107,21 @@ impl Decap {
             restrict_sources: u32::from(on),
         };
         settings.set(0, value, 0).unwrap();
+    }
+
+    /// Makes `addrs` the only outer destinations decapsulated (none: any),
+    /// as `lb decap --local-only` does with the interface's addresses.
+    fn local_only(&mut self, addrs: &[IpAddr]) {
+        let mut local: Array<_, DecapLocal> =
+            Array::try_from(self.bpf.map_mut(MAP_DECAP_LOCAL).expect("DECAP_LOCAL")).unwrap();
+        let mut value = DecapLocal {
+            count: addrs.len() as u32,
+            ..DecapLocal::default()
+        };
+        for (slot, ip) in value.addrs.iter_mut().zip(addrs) {
+            *slot = decap::vip_key(*ip);
+        }
+        local.set(0, value, 0).unwrap();
     }
 
     /// Runs the program on `frame`: the action and the frame it left.
@@ -309,6 +325,51 @@ fn ipip_to_a_vip_becomes_the_inner_frame_with_the_same_macs() {
         "inner fragment",
         &ipip(&fragment),
         &eth(ETH_P_IP, &fragment),
+        DecapReason::DecapV4,
+    );
+    d.assert_counters();
+}
+
+#[test]
+fn with_local_only_tunnels_to_other_outer_destinations_pass_untouched() {
+    let mut d = Decap::load();
+    let here = [IpAddr::V4(backend_v4(1)), IpAddr::V6(backend_v6(1))];
+    d.local_only(&here);
+    let (inner4, inner6) = (udp4(VIP_V4), udp6(VIP_V6));
+    d.decapsulates(
+        "v4 to this host",
+        &ipip(&inner4),
+        &eth(ETH_P_IP, &inner4),
+        DecapReason::DecapV4,
+    );
+    d.decapsulates(
+        "v6 to this host",
+        &ip6ip6(&inner6),
+        &eth(ETH_P_IPV6, &inner6),
+        DecapReason::DecapV6,
+    );
+    // The same tunnels to another host that reached this one (a router,
+    // a hypervisor): as the kernel's own tunnel, not taken.
+    let elsewhere4 = in_v4(IpNumber::IPV4, &inner4, |h| {
+        h.destination = [198, 18, 2, 99]
+    });
+    let mut elsewhere6 = ip6ip6(&inner6);
+    elsewhere6[14 + 24 + 15] = 0x99;
+    d.passes_untouched("v4 to another host", &elsewhere4, DecapReason::PassNotLocal);
+    d.passes_untouched("v6 to another host", &elsewhere6, DecapReason::PassNotLocal);
+    // A list of the other family's addresses only takes none of this one.
+    d.local_only(&here[1..]);
+    d.passes_untouched(
+        "v4 with only v6 listed",
+        &ipip(&inner4),
+        DecapReason::PassNotLocal,
+    );
+    // An empty list: any destination again.
+    d.local_only(&[]);
+    d.decapsulates(
+        "v4, any destination",
+        &elsewhere4,
+        &eth(ETH_P_IP, &inner4),
         DecapReason::DecapV4,
     );
     d.assert_counters();
@@ -1031,6 +1092,33 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
     assert_eq!(delta(DecapReason::DecapV4), 2, "{after:?}");
     assert_eq!(delta(DecapReason::DecapV6), 2, "{after:?}");
     assert_eq!(delta(DecapReason::PassNotVip), 0, "{after:?}");
+
+    // With --local-only the interface's own addresses (the balancer
+    // tunnels to them) are the only outer destinations: still answered.
+    let out = lb(
+        &lab,
+        &[
+            "decap",
+            "--netns",
+            &ns,
+            "-i",
+            "eth0",
+            "--vip",
+            &vips,
+            "--from",
+            &balancer,
+            "--local-only",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    for v6 in [false, true] {
+        assert!(
+            udp_round_trip(&sender, &servers, v6, b"to this host", T),
+            "UDP (v6: {v6}) decapsulated with --local-only"
+        );
+    }
+    let after = stats(&lab, &ns);
+    assert_eq!(after[DecapReason::PassNotLocal.name()], 0, "{after:?}");
 
     // Again with only the IPv6 VIP: updated in place, the IPv4 VIP's packets
     // are no longer stripped.

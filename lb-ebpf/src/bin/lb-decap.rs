@@ -8,7 +8,9 @@
 //! its Ethernet header back in front of the inner one (same MACs) and goes to
 //! the stack as if it had arrived directly. While the outer sources are
 //! restricted (`DECAP_SETTINGS`), such a frame from an outer source in no
-//! prefix of `DECAP_SOURCES_V4`/`_V6` is dropped. Everything else passes
+//! prefix of `DECAP_SOURCES_V4`/`_V6` is dropped; while `DECAP_LOCAL`
+//! lists addresses, one whose outer destination is none of them passes as
+//! it came. Everything else passes
 //! untouched. Every decision is counted per CPU in `DECAP_STATS`. The
 //! contract (names, reasons, limits) is `lb_common::decap`.
 //!
@@ -26,7 +28,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    AddrKey, DECAP_REASON_COUNT, DecapReason, DecapSettings, DecapSourceV4, DecapSourceV6,
+    AddrKey, DECAP_REASON_COUNT, DecapLocal, DecapReason, DecapSettings, DecapSourceV4,
+    DecapSourceV6, MAX_DECAP_LOCAL,
     FAMILY_V4, FAMILY_V6, MAX_DECAP_SOURCES, MAX_DECAP_VIPS, PROTO_IPIP, PROTO_IPV6_ENCAP, Traffic,
     addr_from_bytes,
 };
@@ -54,6 +57,10 @@ static DECAP_VIPS: HashMap<AddrKey, u8> = HashMap::with_max_entries(MAX_DECAP_VI
 /// Whether outer sources are restricted (one element).
 #[map]
 static DECAP_SETTINGS: Array<DecapSettings> = Array::with_max_entries(1, 0);
+
+/// The outer destinations decapsulated, when it lists any (one element).
+#[map]
+static DECAP_LOCAL: Array<DecapLocal> = Array::with_max_entries(1, 0);
 
 /// Outer IPv4 source prefixes allowed while restricted.
 #[map]
@@ -162,10 +169,11 @@ fn outer_v4(ctx: &XdpContext) -> Result<(usize, u8), DecapReason> {
         pad: [0; 3],
     };
     is_vip(&key)?;
-    // Last: only a frame that would be decapsulated pays for the lookup.
+    // Last: only a frame that would be decapsulated pays for the lookups.
     if restricted() && DECAP_SOURCES_V4.get(Key::new(32, ip.src_addr)).is_none() {
         return Err(DecapReason::DropForeignSource);
     }
+    local_destination([u32::from_ne_bytes(ip.dst_addr), 0, 0, 0], FAMILY_V4)?;
     Ok((ihl, FAMILY_V4))
 }
 
@@ -203,6 +211,7 @@ fn outer_v6(ctx: &XdpContext) -> Result<(usize, u8), DecapReason> {
     if restricted() && DECAP_SOURCES_V6.get(Key::new(128, ip.src_addr)).is_none() {
         return Err(DecapReason::DropForeignSource);
     }
+    local_destination(addr_from_bytes(ip.dst_addr), FAMILY_V6)?;
     Ok((Ipv6Hdr::LEN, FAMILY_V6))
 }
 
@@ -214,6 +223,31 @@ fn is_vip(key: &AddrKey) -> Result<(), DecapReason> {
         Some(_) => Ok(()),
         None => Err(DecapReason::PassNotVip),
     }
+}
+
+/// `PassNotLocal` when `DECAP_LOCAL` lists addresses and the outer
+/// destination `dst` (of `family`) is none of them.
+#[inline(always)]
+fn local_destination(dst: [u32; 4], family: u8) -> Result<(), DecapReason> {
+    let Some(local) = DECAP_LOCAL.get(0) else {
+        return Ok(());
+    };
+    let count = local.count as usize;
+    if count == 0 {
+        return Ok(());
+    }
+    let mut i = 0;
+    while i < MAX_DECAP_LOCAL {
+        if i >= count {
+            break;
+        }
+        let a = &local.addrs[i];
+        if a.family == family && a.addr == dst {
+            return Ok(());
+        }
+        i += 1;
+    }
+    Err(DecapReason::PassNotLocal)
 }
 
 /// Whether only outer sources in `DECAP_SOURCES_V4`/`_V6` are decapsulated.
