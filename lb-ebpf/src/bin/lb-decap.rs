@@ -29,9 +29,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AddrKey, DECAP_REASON_COUNT, DecapLocal, DecapReason, DecapSettings, DecapSourceV4,
-    DecapSourceV6, MAX_DECAP_LOCAL,
-    FAMILY_V4, FAMILY_V6, MAX_DECAP_SOURCES, MAX_DECAP_VIPS, PROTO_IPIP, PROTO_IPV6_ENCAP, Traffic,
-    addr_from_bytes,
+    DecapSourceV6, FAMILY_V4, FAMILY_V6, MAX_DECAP_LOCAL, MAX_DECAP_SOURCES, MAX_DECAP_VIPS,
+    PROTO_IPIP, PROTO_IPV6_ENCAP, Traffic, addr_from_bytes,
 };
 use network_types::{
     eth::EthHdr,
