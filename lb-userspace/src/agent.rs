@@ -1300,7 +1300,10 @@ pub async fn run(opts: RunOptions) -> Result<()> {
     }
     // Let aborted tasks drop their handles on the shared state.
     tokio::task::yield_now().await;
-    // The addresses it listened on (`claims`) and its pins are free from here.
+    // The addresses it listened on and its pins are free from here, for a
+    // new agent while a soft stop drains: released by name, not left to
+    // whichever task drops the shared state last.
+    shared.lock().claims = crate::claims::Claims::default();
     drop(shared);
     drop(lock);
     finish(&opts, proxy_only, detach)?;

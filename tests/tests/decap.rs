@@ -1046,12 +1046,13 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
 
     // Restricted to the balancer's addresses, as the lab does for every DSR test.
     let balancer = format!("{BALANCER_BACKEND_V4},{BALANCER_BACKEND_V6}");
-    let out = lb(
-        &lab,
-        &[
-            "decap", "--netns", &ns, "-i", "eth0", "--vip", &vips, "--from", &balancer,
-        ],
-    );
+    // `lb decap --netns NS -i eth0 ARGS`, as an operator on the backend.
+    let decap = |args: &[&str]| {
+        let mut all = vec!["decap", "--netns", &ns, "-i", "eth0"];
+        all.extend_from_slice(args);
+        lb(&lab, &all)
+    };
+    let out = decap(&["--vip", &vips, "--from", &balancer]);
     assert!(out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("attached in driver mode"),
@@ -1063,7 +1064,7 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
         format!("{BALANCER_BACKEND_V6}/128"),
     ];
     assert_eq!(sources(&lab, &ns), Some(balancer_prefixes.clone()));
-    let text = lb(&lab, &["decap", "--netns", &ns, "-i", "eth0", "--stats"]);
+    let text = decap(&["--stats"]);
     assert!(
         String::from_utf8_lossy(&text.stdout).contains(&format!(
             "outer sources: {BALANCER_BACKEND_V4}/32, {BALANCER_BACKEND_V6}/128\n"
@@ -1095,21 +1096,7 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
 
     // With --local-only the interface's own addresses (the balancer
     // tunnels to them) are the only outer destinations: still answered.
-    let out = lb(
-        &lab,
-        &[
-            "decap",
-            "--netns",
-            &ns,
-            "-i",
-            "eth0",
-            "--vip",
-            &vips,
-            "--from",
-            &balancer,
-            "--local-only",
-        ],
-    );
+    let out = decap(&["--vip", &vips, "--from", &balancer, "--local-only"]);
     assert!(out.status.success(), "{out:?}");
     for v6 in [false, true] {
         assert!(
@@ -1122,20 +1109,7 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
 
     // Again with only the IPv6 VIP: updated in place, the IPv4 VIP's packets
     // are no longer stripped.
-    let out = lb(
-        &lab,
-        &[
-            "decap",
-            "--netns",
-            &ns,
-            "-i",
-            "eth0",
-            "--vip",
-            &VIP_V6.to_string(),
-            "--from",
-            &balancer,
-        ],
-    );
+    let out = decap(&["--vip", &VIP_V6.to_string(), "--from", &balancer]);
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -1165,7 +1139,7 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
     sources_are_replaced_in_place(&lab, &ns, &sender, &servers);
 
     // --detach: nothing attached, nothing pinned (not even the namespace's directory).
-    let out = lb(&lab, &["decap", "--netns", &ns, "-i", "eth0", "--detach"]);
+    let out = decap(&["--detach"]);
     assert!(out.status.success());
     assert_eq!(xdp_prog(&ns, "eth0"), None);
     assert!(!pins.exists(), "{} is left", pins.display());
@@ -1173,7 +1147,7 @@ fn lb_decap_on_a_backend_delivers_ipip_and_ip6ip6_to_its_vip_and_detaches_cleanl
         !pins.parent().is_some_and(Path::exists),
         "the namespace's pin directory is left"
     );
-    let out = lb(&lab, &["decap", "--netns", &ns, "-i", "eth0", "--stats"]);
+    let out = decap(&["--stats"]);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("nothing attached"),

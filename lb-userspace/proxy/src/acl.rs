@@ -944,6 +944,17 @@ impl AclSet {
     }
 }
 
+/// A request's target in origin-form (`/path?query`), as servers get it
+/// and the log shows it: an absolute URI's empty path is "/" (RFC 9112
+/// 3.2.1; `http://h?q` is `/?q`, where `path_and_query` alone says `?q`).
+pub(crate) fn origin_target(uri: &http::Uri) -> std::borrow::Cow<'_, str> {
+    match uri.path_and_query().map(http::uri::PathAndQuery::as_str) {
+        Some(pq) if pq.starts_with('?') => format!("/{pq}").into(),
+        Some(pq) => pq.into(),
+        None => "/".into(),
+    }
+}
+
 /// The path as path ACLs see it (RFC 3986 6.2.2, 6.2.2.3): `%XX` escapes of
 /// unreserved characters decoded and the others' hex upper-cased, runs of
 /// `/` merged, then `.` and `..` segments removed (`..` never climbs above
@@ -1311,6 +1322,16 @@ pub fn parse_condition(text: &str, known: &dyn Fn(&str) -> bool) -> Result<Condi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origin_targets_have_a_path() {
+        let t = |u: &str| origin_target(&u.parse().unwrap()).into_owned();
+        assert_eq!(t("http://h?q=1"), "/?q=1");
+        assert_eq!(t("http://h"), "/");
+        assert_eq!(t("http://h/p?q"), "/p?q");
+        assert_eq!(t("/p"), "/p");
+        assert_eq!(t("*"), "*");
+    }
     use http::HeaderValue;
     use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -203,11 +203,11 @@ impl AccessRecord {
         self.method.as_ref().map_or("<BADREQ>", Method::as_str)
     }
 
-    /// The URI as logged: path and query.
-    pub fn uri_text(&self) -> &str {
+    /// The URI as logged: path and query (origin-form, as the server got it).
+    pub fn uri_text(&self) -> std::borrow::Cow<'_, str> {
         match &self.uri {
-            Some(u) => u.path_and_query().map_or("/", |p| p.as_str()),
-            None => "",
+            Some(u) => crate::acl::origin_target(u),
+            None => "".into(),
         }
     }
 

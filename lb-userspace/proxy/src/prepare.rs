@@ -288,11 +288,7 @@ pub(crate) async fn prepare(
 /// path is sent as "/" (RFC 9112 3.2.1): `http://h?q` is `/?q`, which
 /// `path_and_query` alone (`?q`) is not.
 fn origin_form(uri: &Uri) -> Result<Uri, http::uri::InvalidUri> {
-    match uri.path_and_query().map(|p| p.as_str()) {
-        Some(pq) if pq.starts_with('/') => Uri::try_from(pq),
-        Some(pq) => Uri::try_from(format!("/{pq}")),
-        None => Ok(Uri::from_static("/")),
-    }
+    Uri::try_from(crate::acl::origin_target(uri).as_ref())
 }
 
 /// With `request_id_header`: the request's unique ID, in the log and in

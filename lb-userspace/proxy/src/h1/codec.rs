@@ -372,15 +372,11 @@ pub(crate) fn put_request(out: &mut Vec<u8>, parts: &request::Parts, body: BodyK
     out.reserve(HEAD_RESERVE);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    let target = match parts.uri.path_and_query() {
-        Some(pq) => pq.as_str(),
+    let target = match parts.uri.authority() {
         // CONNECT's authority-form.
-        None => parts.uri.authority().map_or("/", |a| a.as_str()),
+        Some(a) if parts.uri.path_and_query().is_none() => a.as_str().into(),
+        _ => crate::acl::origin_target(&parts.uri),
     };
-    // An absolute URI's empty path is "/" on the wire (`http://h?q`: `/?q`).
-    if target.starts_with('?') {
-        out.push(b'/');
-    }
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let length;
