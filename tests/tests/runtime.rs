@@ -319,34 +319,45 @@ fn the_program_keeps_forwarding_while_the_agent_is_down_and_a_new_agent_adopts_i
     assert_eq!(tally(&lab, 60).len(), 2);
 }
 
-#[test]
-fn ten_agent_restarts_under_load_fail_no_connection_and_lose_none() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let mut lab = RunningLab::start("rtx", 3, &[1, 1, 1]).unwrap();
+/// What a `steady_load` saw: new connections answered, failures, answers
+/// lost on the open ones.
+type Load = (u32, Vec<String>, u32);
+
+/// From the client namespace until `stop` (at most `limit` long): `open`
+/// L4 connections kept asking, and new L4 connections (and, with `l7`,
+/// new HTTP requests there) one after another.
+fn steady_load(
+    lab: &RunningLab,
+    open: usize,
+    l7: Option<SocketAddr>,
+    limit: Duration,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Load> {
+    use std::sync::atomic::Ordering;
     let vip = services::vip_tcp4();
-    let done = Arc::new(AtomicBool::new(false));
-    let client = lab.lab.client_ns().to_string();
-    let flag = done.clone();
-    let load = std::thread::spawn(move || {
+    let (client, flag) = (lab.lab.client_ns().to_string(), stop.clone());
+    std::thread::spawn(move || {
         run_in_ns(&client, move || {
-            let mut sessions: Vec<(TcpSession, String)> = (0..20)
+            let mut sessions: Vec<(TcpSession, String)> = (0..open)
                 .map(|_| {
                     let mut s = TcpSession::connect(vip, T).unwrap();
                     let name = s.ask().unwrap();
                     (s, name)
                 })
                 .collect();
-            let (mut new_ok, mut new_failed, mut lost) = (0u32, Vec::new(), 0u32);
+            let (mut ok, mut failed, mut lost) = (0u32, Vec::new(), 0u32);
             let start = Instant::now();
             // Bounded in time and count.
-            while !flag.load(Ordering::Relaxed)
-                && start.elapsed() < Duration::from_secs(120)
-                && new_ok < 1_000_000
-            {
+            while !flag.load(Ordering::Relaxed) && start.elapsed() < limit && ok < 1_000_000 {
                 match tcp_ask(vip, T) {
-                    Ok(_) => new_ok += 1,
-                    Err(e) => new_failed.push(e.to_string()),
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("l4: {e}")),
+                }
+                if let Some(addr) = l7 {
+                    match lb_userspace::lab::client::http_get(addr, "/", T) {
+                        Ok((200, _)) => ok += 1,
+                        other => failed.push(format!("l7: {other:?}")),
+                    }
                 }
                 for (s, name) in &mut sessions {
                     match s.ask() {
@@ -355,10 +366,19 @@ fn ten_agent_restarts_under_load_fail_no_connection_and_lose_none() {
                     }
                 }
             }
-            (new_ok, new_failed, lost)
+            (ok, failed, lost)
         })
         .unwrap()
-    });
+    })
+}
+
+#[test]
+fn ten_agent_restarts_under_load_fail_no_connection_and_lose_none() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut lab = RunningLab::start("rtx", 3, &[1, 1, 1]).unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    let load = steady_load(&lab, 20, None, Duration::from_secs(120), &done);
     for i in 0..10 {
         lab.restart_agent()
             .unwrap_or_else(|e| panic!("restart {i}: {e:#}"));
@@ -392,45 +412,15 @@ fn a_takeover_under_load_refuses_nothing_and_loses_no_connection() {
         ))
     })
     .unwrap();
-    let (vip, l7) = (services::vip_tcp4(), services::vip_l7());
     let done = Arc::new(AtomicBool::new(false));
-    let client = lab.lab.client_ns().to_string();
-    let flag = done.clone();
     // New L4 and L7 connections one after another, and 10 open L4 ones.
-    let load = std::thread::spawn(move || {
-        run_in_ns(&client, move || {
-            let mut sessions: Vec<(TcpSession, String)> = (0..10)
-                .map(|_| {
-                    let mut s = TcpSession::connect(vip, T).unwrap();
-                    let name = s.ask().unwrap();
-                    (s, name)
-                })
-                .collect();
-            let (mut ok, mut failed, mut lost) = (0u32, Vec::new(), 0u32);
-            let start = Instant::now();
-            while !flag.load(Ordering::Relaxed)
-                && start.elapsed() < Duration::from_secs(60)
-                && ok < 100_000
-            {
-                match tcp_ask(vip, T) {
-                    Ok(_) => ok += 1,
-                    Err(e) => failed.push(format!("l4: {e}")),
-                }
-                match lb_userspace::lab::client::http_get(l7, "/", T) {
-                    Ok((200, _)) => ok += 1,
-                    other => failed.push(format!("l7: {other:?}")),
-                }
-                for (s, name) in &mut sessions {
-                    match s.ask() {
-                        Ok(n) if &n == name => {}
-                        _ => lost += 1,
-                    }
-                }
-            }
-            (ok, failed, lost)
-        })
-        .unwrap()
-    });
+    let load = steady_load(
+        &lab,
+        10,
+        Some(services::vip_l7()),
+        Duration::from_secs(60),
+        &done,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let old = lab.agent;
     let args = [
