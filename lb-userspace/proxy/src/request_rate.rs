@@ -11,8 +11,8 @@
 //! the current window plus the previous window's, weighted by how much of
 //! it the sliding period still covers. A table holds at most
 //! `TRACKED_SOURCES` sources (HAProxy's `size`); when it is full, sources
-//! idle for two periods are dropped first, and a new source that still
-//! finds no room is not counted (warned once). A reload hands the tables
+//! idle for two periods are dropped first (at most once a second), and a
+//! new source that still finds no room is not counted (warned once). A reload hands the tables
 //! of a frontend to its successor of the same name, period by period.
 
 use std::collections::HashMap;
@@ -25,6 +25,11 @@ use crate::source_limit::SourceKey;
 
 /// Sources one table tracks at most (about 50 bytes each).
 pub(crate) const TRACKED_SOURCES: usize = 100_000;
+
+/// A full table is swept for idle sources at most this often: a sweep
+/// walks every source, and new sources arriving at a full table must not
+/// each pay for one.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// One source's requests in the current and the previous window.
 #[derive(Debug, Clone, Copy)]
@@ -62,13 +67,21 @@ impl Window {
     }
 
     /// The current window's requests plus the previous one's share of the
-    /// sliding period (HAProxy's `freq_ctr`).
+    /// sliding period (HAProxy's `freq_ctr`), as `hit` would see the
+    /// windows at `now`: a read must age them too, or a source that only
+    /// reads (refused, so not counted) would keep its rate for ever.
     fn rate(&self, now: Instant, period: Duration) -> u32 {
-        let into = now.saturating_duration_since(self.start).min(period);
+        let since = now.saturating_duration_since(self.start);
+        let (current, previous, into) = if since >= 2 * period {
+            return 0;
+        } else if since >= period {
+            (0, self.current, since - period)
+        } else {
+            (self.current, self.previous, since)
+        };
         let left = (period - into).as_nanos();
-        let share = u128::from(self.previous) * left / period.as_nanos().max(1);
-        self.current
-            .saturating_add(u32::try_from(share).unwrap_or(u32::MAX))
+        let share = u128::from(previous) * left / period.as_nanos().max(1);
+        current.saturating_add(u32::try_from(share).unwrap_or(u32::MAX))
     }
 }
 
@@ -76,8 +89,15 @@ impl Window {
 #[derive(Debug)]
 pub(crate) struct RequestRate {
     period: Duration,
-    table: Mutex<HashMap<SourceKey, Window>>,
+    table: Mutex<Table>,
     full_warned: AtomicBool,
+}
+
+/// The sources of a [`RequestRate`] and when a full table was last swept.
+#[derive(Debug, Default)]
+struct Table {
+    sources: HashMap<SourceKey, Window>,
+    swept: Option<Instant>,
 }
 
 impl RequestRate {
@@ -104,6 +124,7 @@ impl RequestRate {
     pub(crate) fn rate(&self, src: IpAddr, now: Instant) -> u32 {
         let table = self.table.lock().unwrap_or_else(|e| e.into_inner());
         table
+            .sources
             .get(&SourceKey::of(src))
             .map_or(0, |w| w.rate(now, self.period))
     }
@@ -112,13 +133,19 @@ impl RequestRate {
         let key = SourceKey::of(src);
         let period = self.period;
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = table.get_mut(&key) {
+        if let Some(w) = table.sources.get_mut(&key) {
             return w.hit(now, period);
         }
-        if table.len() >= capacity {
-            table.retain(|_, w| now.saturating_duration_since(w.start) < 2 * period);
+        let sweep_due = table
+            .swept
+            .is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY);
+        if table.sources.len() >= capacity && sweep_due {
+            table.swept = Some(now);
+            table
+                .sources
+                .retain(|_, w| now.saturating_duration_since(w.start) < 2 * period);
         }
-        if table.len() >= capacity {
+        if table.sources.len() >= capacity {
             if !self.full_warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     sources = capacity,
@@ -127,7 +154,7 @@ impl RequestRate {
             }
             return 1;
         }
-        table.insert(key, Window::first(now));
+        table.sources.insert(key, Window::first(now));
         1
     }
 }
@@ -158,6 +185,28 @@ mod tests {
     }
 
     #[test]
+    fn a_rate_read_without_hits_falls_as_time_passes() {
+        let t0 = Instant::now();
+        let mut w = Window::first(t0);
+        for i in 2..=10 {
+            w.hit(at(t0, i * 100), P);
+        }
+        assert_eq!(w.rate(at(t0, 5_000), P), 10);
+        // A quarter into the next window: three quarters of the 10 before.
+        assert_eq!(w.rate(at(t0, 12_500), P), 7);
+        assert_eq!(w.rate(at(t0, 19_999), P), 0);
+        assert_eq!(w.rate(at(t0, 25_000), P), 0);
+        assert_eq!(w.rate(at(t0, 3_600_000), P), 0);
+        let r = RequestRate::new(P);
+        let src = "192.0.2.9".parse().unwrap();
+        for i in 0..10 {
+            r.hit(src, at(t0, i));
+        }
+        assert_eq!(r.rate(src, at(t0, 10)), 10);
+        assert_eq!(r.rate(src, at(t0, 20_000)), 0, "read only, never hit again");
+    }
+
+    #[test]
     fn sources_are_addresses_and_ipv6_prefixes() {
         let r = RequestRate::new(P);
         let t0 = Instant::now();
@@ -179,22 +228,21 @@ mod tests {
     fn a_full_table_drops_idle_sources_first() {
         let r = RequestRate::new(P);
         let t0 = Instant::now();
-        assert_eq!(r.hit_within("192.0.2.1".parse().unwrap(), t0, 2), 1);
-        assert_eq!(
-            r.hit_within("192.0.2.2".parse().unwrap(), at(t0, 15_000), 2),
-            1
-        );
-        // Full, nobody idle for two periods: a new source is not counted.
+        let hit = |ip: &str, ms: u64| r.hit_within(ip.parse().unwrap(), at(t0, ms), 2);
+        assert_eq!(hit("192.0.2.1", 0), 1);
+        assert_eq!(hit("192.0.2.2", 15_000), 1);
+        // Full, nobody idle for two periods (the sweep finds no one): a
+        // new source is not counted.
         for _ in 0..3 {
-            assert_eq!(
-                r.hit_within("192.0.2.3".parse().unwrap(), at(t0, 16_000), 2),
-                1
-            );
+            assert_eq!(hit("192.0.2.3", 19_800), 1);
         }
-        // 192.0.2.1 has been idle for two periods: it makes room.
-        let later = at(t0, 21_000);
-        assert_eq!(r.hit_within("192.0.2.3".parse().unwrap(), later, 2), 1);
-        assert_eq!(r.hit_within("192.0.2.3".parse().unwrap(), later, 2), 2);
-        assert_eq!(r.hit_within("192.0.2.2".parse().unwrap(), later, 2), 2);
+        // 192.0.2.1 is now idle for two periods, but the last sweep was
+        // too recent for another: still not counted.
+        assert_eq!(hit("192.0.2.3", 20_100), 1);
+        assert_eq!(hit("192.0.2.3", 20_200), 1);
+        // A sweep later, 192.0.2.1 makes room.
+        assert_eq!(hit("192.0.2.3", 20_800), 1);
+        assert_eq!(hit("192.0.2.3", 20_900), 2);
+        assert_eq!(hit("192.0.2.2", 21_000), 2);
     }
 }
