@@ -496,13 +496,14 @@ impl<'a> Request<'a> {
 
 /// A network of `src`, IPv4-mapped IPv6 networks stored as IPv4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cidr {
+pub(crate) enum Cidr {
     V4 { net: u32, mask: u32 },
     V6 { net: u128, mask: u128 },
 }
 
 impl Cidr {
-    fn parse(text: &str) -> Result<Cidr, String> {
+    /// An address or `address/prefix`; the reason when it is neither.
+    pub(crate) fn parse(text: &str) -> Result<Cidr, String> {
         let (addr, prefix) = match text.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (text, None),
@@ -561,7 +562,8 @@ impl Cidr {
         Ok(cidr)
     }
 
-    fn contains(&self, addr: IpAddr) -> bool {
+    /// Whether `addr` (IPv4-mapped: as IPv4) is in it.
+    pub(crate) fn contains(&self, addr: IpAddr) -> bool {
         match (self, addr.to_canonical()) {
             (Cidr::V4 { net, mask }, IpAddr::V4(a)) => u32::from(a) & mask == *net,
             (Cidr::V6 { net, mask }, IpAddr::V6(a)) => u128::from(a) & mask == *net,

@@ -5,7 +5,7 @@
 //! (`h1`) and hyper's (`forward::handle`), read them; they depend on nothing
 //! of either path.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 use std::task::Waker;
@@ -210,7 +210,7 @@ impl FrontendCtx {
 
     /// Counts a request from `src` in each of the frontend's request rates:
     /// the source's rates, for its ACLs (`acl::Request::src_request_rates`).
-    pub(crate) fn count_request(&self, src: std::net::IpAddr) -> Vec<(Duration, u32)> {
+    pub(crate) fn count_request(&self, src: IpAddr) -> Vec<(Duration, u32)> {
         if self.request_rates.is_empty() {
             return Vec::new();
         }
@@ -315,8 +315,9 @@ pub(crate) struct FrontendRuntime {
     pub builder: auto::Builder<TokioExecutor>,
     /// Largest HTTP/1 request head, for `GuardIo`.
     pub head_limit: usize,
-    /// Read a PROXY protocol header first.
-    pub accept_proxy: bool,
+    /// Read a PROXY protocol header first: from every peer (`Some([])`)
+    /// or from these networks only (`accept_proxy_from`).
+    pub accept_proxy: Option<Box<[crate::acl::Cidr]>>,
     /// HTTP/1 clients take our own path (proxy/h1): every pool the frontend
     /// routes to speaks HTTP/1.1 to its servers.
     pub own_h1: bool,
@@ -328,6 +329,13 @@ pub(crate) struct FrontendRuntime {
 }
 
 impl FrontendRuntime {
+    /// Whether a connection from `peer` starts with a PROXY header.
+    pub fn expects_proxy(&self, peer: IpAddr) -> bool {
+        self.accept_proxy
+            .as_ref()
+            .is_some_and(|from| from.is_empty() || from.iter().any(|c| c.contains(peer)))
+    }
+
     /// `index` is the frontend's place in the configuration (see
     /// `routing::Router`).
     pub fn new(
@@ -412,7 +420,7 @@ impl FrontendRuntime {
             },
             builder,
             head_limit: cfg.request_header_limit.max(8192),
-            accept_proxy: cfg.accept_proxy,
+            accept_proxy: cfg.proxy_peers(),
             own_h1,
             tcp: cfg.mode == crate::model::FrontendMode::Tcp,
             inspect_sni: cfg.mode == crate::model::FrontendMode::Tcp

@@ -59,6 +59,7 @@
 //! timeout_tunnel = "1h"          # idle limit of WebSocket/Upgrade tunnels (the pool's wins; default 1h)
 //! accept_proxy = false           # true: every connection must start with a PROXY v1/v2 header,
 //!                                # whose client address ACLs, X-Forwarded-For and logs see
+//! accept_proxy_from = []         # only these peers' connections do (others are direct clients)
 //! log_format = "httplog"         # access log lines: "httplog" (HAProxy's, default) | "json" (one object)
 //! [frontend.tls]
 //! default_cert = 0               # index into certs for unknown or missing SNI

@@ -87,6 +87,11 @@ pub struct Frontend {
     /// Require a PROXY protocol v1/v2 header on every connection; its client address is used.
     #[serde(default)]
     pub accept_proxy: bool,
+    /// Peers (addresses or networks) that may send a PROXY header (HAProxy's
+    /// `tcp-request connection expect-proxy layer4 if { src ... }`); others
+    /// are served as direct clients. Implies `accept_proxy`; empty: anyone.
+    #[serde(default)]
+    pub accept_proxy_from: Vec<String>,
     /// `http-request` rules in order (`[[frontend.request]]`), see `proxy::actions`.
     #[serde(default)]
     pub request: Vec<HttpAction>,
@@ -545,6 +550,16 @@ pub enum ConfigError {
          forwarded one, on a mode http frontend"
     )]
     BadRequestIdHeader(String),
+    /// An entry of a frontend's `accept_proxy_from` is not an address or network.
+    #[error("frontend {frontend:?}: accept_proxy_from: `{entry}`: {reason}")]
+    BadAcceptProxyFrom {
+        /// Frontend name.
+        frontend: String,
+        /// The entry as written.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A frontend's `compression` is out of range.
     #[error("frontend {frontend:?}: compression: {problem}")]
     BadCompression {
@@ -849,7 +864,35 @@ impl Frontend {
         {
             return Err(ConfigError::BadRequestIdHeader(self.name.clone()));
         }
+        if let Some((entry, reason)) = self.accept_proxy_from.iter().find_map(|c| {
+            crate::acl::Cidr::parse(c)
+                .err()
+                .map(|reason| (c.clone(), reason))
+        }) {
+            return Err(ConfigError::BadAcceptProxyFrom {
+                frontend: self.name.clone(),
+                entry,
+                reason,
+            });
+        }
         Ok(())
+    }
+
+    /// Whether connections (some or all) start with a PROXY header.
+    pub fn expects_proxy(&self) -> bool {
+        self.accept_proxy || !self.accept_proxy_from.is_empty()
+    }
+
+    /// The peers whose connections start with a PROXY header (empty: all),
+    /// if any do.
+    pub(crate) fn proxy_peers(&self) -> Option<Box<[crate::acl::Cidr]>> {
+        // validate() checked every entry.
+        self.expects_proxy().then(|| {
+            self.accept_proxy_from
+                .iter()
+                .filter_map(|c| crate::acl::Cidr::parse(c).ok())
+                .collect()
+        })
     }
 
     /// A frontend with every optional setting at its default.
@@ -873,6 +916,7 @@ impl Frontend {
             use_pool: Vec::new(),
             timeout_tunnel: None,
             accept_proxy: false,
+            accept_proxy_from: Vec::new(),
             request: Vec::new(),
             response: Vec::new(),
             log_format: Default::default(),

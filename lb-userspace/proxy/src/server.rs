@@ -86,10 +86,10 @@ pub(crate) async fn accept_loop(
             }
         };
         drop(waiting);
-        // Closed unread: HAProxy's `tcp-request connection reject`. Its
-        // permit goes back as the loop takes the next one. (Behind a PROXY
-        // header the source is known only once it is read.)
-        if !fe.accept_proxy && rejected(&fe, peer) {
+        // Closed unread: HAProxy's `tcp-request connection reject`, on the
+        // TCP peer (a PROXY header's client is looked at again once read).
+        // Its permit goes back as the loop takes the next one.
+        if rejected(&fe, peer) {
             drop(stream);
             continue;
         }
@@ -117,7 +117,7 @@ pub(crate) async fn accept_loop(
         // as it is (no wrapping block, which would keep a second copy of
         // its arguments for as long as the connection lives).
         let at = (peer, bound);
-        if fe.tls.is_none() && fe.own_h1 && !fe.accept_proxy {
+        if fe.tls.is_none() && fe.own_h1 && !fe.expects_proxy(peer.ip()) {
             tokio::spawn(Box::pin(serve_plain(
                 stream, at, fe, shared, shutdown, slot,
             )));
@@ -239,7 +239,7 @@ async fn serve_connection(
         Some(a) => a,
         None => stream.local_addr().unwrap_or(peer),
     };
-    if fe.accept_proxy {
+    if fe.expects_proxy(peer.ip()) {
         // PROXY protocol (proxy/proxy_protocol.rs): the claimed client replaces the peer.
         // Boxed, as the handshake below: a future's state is as big as its
         // biggest await, and this task lives as long as the connection.
@@ -256,7 +256,8 @@ async fn serve_connection(
                 return;
             }
         }
-        // The source the header names is the one `reject` rules look at.
+        // The source the header names is looked at too: `reject` keeps out
+        // the peer (above) and the client it speaks for.
         if rejected(&fe, peer) {
             return;
         }

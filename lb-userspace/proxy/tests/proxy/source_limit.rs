@@ -354,12 +354,12 @@ if = "blocked"
 }
 
 #[tokio::test]
-async fn reject_looks_at_the_source_a_proxy_header_names() {
+async fn reject_looks_at_the_peer_and_at_the_source_a_proxy_header_names() {
     let rules = r#"
 accept_proxy = true
 [[frontend.acl]]
 name = "blocked"
-src = "192.0.2.7"
+src = ["192.0.2.7", "127.0.0.2"]
 [[frontend.request]]
 action = "reject"
 if = "blocked"
@@ -376,7 +376,56 @@ if = "blocked"
     let mut s = TcpStream::connect(front).await.unwrap();
     s.write_all(from("192.0.2.7").as_bytes()).await.unwrap();
     closed_unanswered(s, "a rejected claimed source").await;
-    assert_eq!(proxy.stats().frontends()[0].counters.denied_connections, 1);
+    // A rejected peer cannot claim to be someone else (as HAProxy's
+    // `tcp-request connection` rules, which see the real address).
+    let mut s = connect_from("127.0.0.2", front).await;
+    let _ = s.write_all(from("192.0.2.8").as_bytes()).await;
+    closed_unanswered(s, "a rejected peer with a PROXY header").await;
+    assert_eq!(proxy.stats().frontends()[0].counters.denied_connections, 2);
+}
+
+#[tokio::test]
+async fn only_peers_of_accept_proxy_from_may_name_another_client() {
+    let rules = r#"
+accept_proxy_from = ["127.0.0.2/32", "10.0.0.0/8"]
+[[frontend.acl]]
+name = "claimed"
+src = "192.0.2.8"
+[[frontend.request]]
+action = "deny"
+if = "claimed"
+"#;
+    let backend = server().await;
+    let cfg = two_pool_config(backend, backend, rules, "");
+    let router = routing::router(&cfg).unwrap();
+    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let front = proxy.local_addrs()[0];
+    let header = b"PROXY TCP4 192.0.2.8 127.0.0.1 4000 80\r\n";
+    // A trusted peer's header names the client rules see: denied as 192.0.2.8.
+    let mut s = connect_from("127.0.0.2", front).await;
+    s.write_all(header).await.unwrap();
+    s.write_all(REQUEST).await.unwrap();
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"HTTP/1.1 403");
+    // Anyone else is a direct client: served without a header...
+    let mut s = connect_from("127.0.0.1", front).await;
+    assert!(ask(&mut s).await.ends_with("ok"));
+    // ... and one it sends is no request (400), its claim worth nothing.
+    let mut s = connect_from("127.0.0.1", front).await;
+    s.write_all(header).await.unwrap();
+    s.write_all(REQUEST).await.unwrap();
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"HTTP/1.1 400");
+    // A bad entry is refused with the frontend and the reason.
+    let any: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let bad = two_pool_config(any, any, "accept_proxy_from = [\"10.0.0.1/8\"]", "");
+    let e = bad.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("accept_proxy_from: `10.0.0.1/8`: host bits"),
+        "{e}"
+    );
 }
 
 #[test]
