@@ -750,7 +750,8 @@ impl LoggedBody {
         active: Option<Active>,
         done: Done,
     ) -> Self {
-        LoggedBody {
+        let more = !inner.is_end_stream();
+        let mut body = LoggedBody {
             inner,
             rec: Some(rec),
             _active: active,
@@ -760,7 +761,12 @@ impl LoggedBody {
             server_wait: None,
             handed: false,
             tunnel: None,
-        }
+        };
+        // Handed with the head: an HTTP/2 client giving no window from the
+        // start has hyper wait for room before it ever asks for the body,
+        // and that wait is limited as any other.
+        body.hand(more);
+        body
     }
 
     /// Counts the body in or out of its connection's `Activity::stalled`.

@@ -529,9 +529,12 @@ impl<T> ClientIo<T> {
     }
 
     /// Bytes that went out are progress for the answers waiting for room
-    /// too: a client reading slowly is not one that stopped.
+    /// too: a client reading slowly is not one that stopped. Not on HTTP/2,
+    /// where bytes may be PING or SETTINGS acknowledgements a client gets
+    /// while it gives no window: there an answer's progress is its body
+    /// asked for more (`Activity::moved`).
     fn wrote(&mut self, r: &Poll<io::Result<usize>>) {
-        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+        if self.h2 != Some(true) && matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
             self.body_wait.0.progress();
         }
     }

@@ -643,6 +643,44 @@ async fn hyper_path_a_client_that_never_reads_is_closed_after_timeout_client() {
     drop((s, resp));
 }
 
+#[tokio::test]
+async fn hyper_path_an_http2_client_giving_no_window_from_the_start_is_closed_after_timeout_client()
+{
+    // A stream window of 0 from the first SETTINGS: hyper sends the
+    // answer's head and waits for room before it asks for any of the body.
+    // PINGs every 100 ms keep the connection busy; the server connection
+    // the answer holds must still be let go after timeout_client.
+    let proxy = hyper_path_proxy(
+        big_server(1 << 20).await,
+        |fe| fe.timeout_client = LIMIT,
+        |_| {},
+    )
+    .await;
+    let front = proxy.local_addrs()[0];
+    let io = TcpStream::connect(front).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .initial_stream_window_size(0)
+        .keep_alive_interval(Duration::from_millis(100))
+        .keep_alive_while_idle(true)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(io))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let resp = send.send_request(get(front)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let t = Instant::now();
+    let ended = tokio::time::timeout(GIVE_UP, conn).await;
+    assert!(ended.is_ok(), "the proxy kept the connection");
+    assert!(t.elapsed() >= LIMIT / 2, "closed after {:?}", t.elapsed());
+    let t = Instant::now();
+    while proxy.stats().frontends()[0].current_connections > 0 {
+        assert!(t.elapsed() < GIVE_UP, "the connection is still served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(resp);
+}
+
 /// A request body that sends one frame and then never ends.
 struct Endless(bool);
 
