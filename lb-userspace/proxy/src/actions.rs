@@ -606,6 +606,19 @@ fn host_of(parts: &request::Parts) -> Option<&str> {
 }
 
 impl CompiledActions {
+    /// The request header fields the rules set, add or delete: the
+    /// proxy's to write, so a client's look-alikes are dropped
+    /// (`prepare::drop_look_alikes`).
+    pub(crate) fn request_header_names(&self) -> impl Iterator<Item = &HeaderName> {
+        self.request.iter().filter_map(|(_, op)| match op {
+            RequestOp::Header(Edit::Fixed(
+                HeaderOp::Set(n, _) | HeaderOp::Add(n, _) | HeaderOp::Del(n),
+            ))
+            | RequestOp::Header(Edit::Templated { name: n, .. }) => Some(n),
+            _ => None,
+        })
+    }
+
     fn holds(
         &self,
         cond: Option<&Condition>,

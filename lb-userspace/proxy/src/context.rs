@@ -151,6 +151,10 @@ pub(crate) struct FrontendCtx {
     /// `client_cert_header` of its TLS settings: removed from every
     /// request, then set to the client's verified certificate, if any.
     pub client_cert_header: Option<http::HeaderName>,
+    /// The request fields the proxy writes (forwarded headers, the client
+    /// certificate's, the request ID's, those its rules edit), whose
+    /// `_`-for-`-` look-alikes a client sends are dropped.
+    pub owned_headers: Box<[http::HeaderName]>,
     /// Its `error_pages` as configured, and as read (at start, and again by
     /// `Proxy::reload_files`): the body of each status it replaces.
     pub error_page_files: ErrorPageFiles,
@@ -328,6 +332,35 @@ pub(crate) struct FrontendRuntime {
     pub inspect_sni: bool,
 }
 
+/// `FrontendCtx::owned_headers` of a frontend.
+fn owned_headers(cfg: &Frontend, actions: Option<&CompiledActions>) -> Box<[http::HeaderName]> {
+    let mut names = Vec::new();
+    if cfg.forwarded_headers {
+        names.extend([
+            http::HeaderName::from_static("x-forwarded-for"),
+            http::HeaderName::from_static("x-forwarded-proto"),
+            http::header::FORWARDED,
+        ]);
+    }
+    // validate() checked these names.
+    let cert = cfg
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_cert_header.as_deref());
+    names.extend(cert.and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()));
+    names.extend(cfg.request_id_name());
+    names.extend(
+        actions
+            .into_iter()
+            .flat_map(|a| a.request_header_names().cloned()),
+    );
+    // Only names with a `-` have look-alikes.
+    names.retain(|n| n.as_str().contains('-'));
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names.into()
+}
+
 impl FrontendRuntime {
     /// Whether a connection from `peer` starts with a PROXY header.
     pub fn expects_proxy(&self, peer: IpAddr) -> bool {
@@ -373,6 +406,7 @@ impl FrontendRuntime {
             .max_header_list_size(u32::try_from(cfg.request_header_limit).unwrap_or(u32::MAX));
         FrontendRuntime {
             ctx: Arc::new(FrontendCtx {
+                owned_headers: owned_headers(cfg, actions.as_ref()),
                 name: cfg.name.as_str().into(),
                 index,
                 default_pool,

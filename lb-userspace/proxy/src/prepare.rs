@@ -36,18 +36,18 @@ pub(crate) const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Removes hop-by-hop headers, including those the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // A message has a handful of headers: one pass finds which hop-by-hop
-    // names are there, and only those are removed (each removal hashes).
-    let mut present = 0u8;
-    for k in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
+    strip_connection_named(headers);
+    remove_hop_by_hop_fields(headers);
+}
+
+/// Removes the fields the Connection header names, beyond its usual
+/// `close` and `keep-alive` (never the framing fields or Host), leaving
+/// Connection itself. A request's go before the proxy adds its own, which
+/// a client's Connection must not name away.
+pub(crate) fn strip_connection_named(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CONNECTION) {
         return;
     }
-    // Names listed in Connection, beyond its usual `close` and `keep-alive`.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -60,9 +60,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 && hardening::connection_may_remove(t)
         })
         .filter_map(|t| HeaderName::from_bytes(t).ok())
+        // Hop-by-hop fields of their own go with the rest.
+        .filter(|n| !HOP_BY_HOP.contains(n))
         .collect();
     for name in &named {
         headers.remove(name);
+    }
+}
+
+/// Removes the hop-by-hop fields of `HOP_BY_HOP`.
+pub(crate) fn remove_hop_by_hop_fields(headers: &mut HeaderMap) {
+    // A message has a handful of headers: one pass finds which hop-by-hop
+    // names are there, and only those are removed (each removal hashes).
+    let mut present = 0u8;
+    for k in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
     }
     for (i, name) in HOP_BY_HOP.iter().enumerate() {
         if present & (1 << i) != 0 {
@@ -71,13 +88,56 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes a client's fields whose names differ from one in `owned` (the
+/// proxy's to write) only by `_` for `-`, as `X_SSL_Client_Cert`: servers
+/// behind CGI-style interfaces (PHP, WSGI, Rack) read both as one
+/// variable, and the client's could win. nginx drops every such field by
+/// default (`underscores_in_headers off`); these are the ones that matter.
+pub(crate) fn drop_look_alikes(headers: &mut HeaderMap, owned: &[HeaderName]) {
+    let twin = |k: &HeaderName| {
+        let k = k.as_str();
+        k.contains('_')
+            && owned.iter().any(|o| {
+                let o = o.as_str();
+                o.len() == k.len()
+                    && o.bytes()
+                        .zip(k.bytes())
+                        .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+            })
+    };
+    if owned.is_empty() || !headers.keys().any(twin) {
+        return;
+    }
+    let twins: Vec<HeaderName> = headers.keys().filter(|k| twin(k)).cloned().collect();
+    for name in &twins {
+        headers.remove(name);
+    }
+}
+
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr, https: bool) {
-    let ip = client.ip();
+    // IPv4-mapped IPv6 (a dual-stack bind) is the IPv4 client it maps.
+    let ip = client.ip().to_canonical();
     let proto = if https { "https" } else { "http" };
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
+    // Every field line of the client's, in order (RFC 9110 5.3): each
+    // may be a hop's.
+    let mut prev = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .fold(String::new(), |mut all, v| {
+            if !all.is_empty() {
+                all.push_str(", ");
+            }
+            all.push_str(v);
+            all
+        });
+    let xff = if prev.is_empty() {
+        ip.to_string()
+    } else {
+        prev.push_str(", ");
+        prev.push_str(&ip.to_string());
+        prev
     };
     // IPv6 in Forwarded must be bracketed and quoted (RFC 7239 section 6).
     let node = if ip.is_ipv6() {
@@ -206,6 +266,10 @@ pub(crate) async fn prepare(
             return Prepared::Refuse(Failure::BadRequest, rec);
         }
     };
+    // What the client's Connection names goes before the proxy adds its
+    // own fields (the certificate's, the rules'), which it must not name away.
+    strip_connection_named(&mut parts.headers);
+    drop_look_alikes(&mut parts.headers, &frontend.owned_headers);
     client.set_cert_header(&mut parts.headers);
     // Counted before any rule looks, whichever rules the request meets.
     let rates = frontend.count_request(client.peer.ip());
@@ -243,7 +307,7 @@ pub(crate) async fn prepare(
     }
     // --- end terminal request action ---
 
-    strip_hop_by_hop(&mut parts.headers);
+    remove_hop_by_hop_fields(&mut parts.headers);
     if let Some(proto) = upgrade {
         tunnel::restore(&mut parts.headers, proto);
     }

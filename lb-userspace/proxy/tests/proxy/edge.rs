@@ -549,6 +549,62 @@ async fn send_proxy_v1_and_v2_carry_the_real_client() {
     assert!(out.ends_with("\r\n\r\n198.51.100.9:4242"), "{out}");
 }
 
+// --- fields the proxy writes ---------------------------------------------------
+
+#[tokio::test]
+async fn a_client_can_neither_name_away_nor_shadow_the_fields_the_proxy_writes() {
+    let (backend, seen) =
+        crate::backends::server_answering("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let rules = r#"
+request_id_header = "X-Request-ID"
+[[frontend.request]]
+action = "set-header"
+name = "X-Real-IP"
+value = "%[src]"
+"#;
+    let cfg = crate::support::two_pool_config(backend, backend, rules, "");
+    let router = routing::router(&cfg).unwrap();
+    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let front = proxy.local_addrs()[0];
+    let out = raw_exchange(
+        front,
+        b"GET / HTTP/1.1\r\nHost: x\r\n\
+          Connection: close, X-Real-IP, X-Request-ID, X-Forwarded-Proto, Forwarded, X-Mine\r\n\
+          X_Real_IP: 6.6.6.6\r\nX_Forwarded_For: 6.6.6.6\r\nX_Request_ID: forged\r\n\
+          X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-For: 10.8.8.8\r\n\
+          X-Mine: hop\r\nX_Other: kept\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let head = seen.lock().unwrap()[0].to_ascii_lowercase();
+    // The proxy's own fields arrive, whatever the client's Connection named.
+    assert!(head.contains("x-real-ip: 127.0.0.1\r\n"), "{head}");
+    assert!(head.contains("x-forwarded-proto: http\r\n"), "{head}");
+    assert!(
+        head.contains("forwarded: for=127.0.0.1;proto=http\r\n"),
+        "{head}"
+    );
+    assert_eq!(head.matches("x-request-id: ").count(), 1, "{head}");
+    // Every X-Forwarded-For line of the client's is kept, ours appended.
+    assert!(
+        head.contains("x-forwarded-for: 10.9.9.9, 10.8.8.8, 127.0.0.1\r\n"),
+        "{head}"
+    );
+    // Look-alikes of the proxy's fields are dropped; other fields named in
+    // Connection go as hop-by-hop; an unrelated underscore field stays.
+    for gone in [
+        "x_real_ip",
+        "x_forwarded_for",
+        "x_request_id",
+        "forged",
+        "6.6.6.6",
+        "x-mine",
+    ] {
+        assert!(!head.contains(gone), "{gone}: {head}");
+    }
+    assert!(head.contains("x_other: kept\r\n"), "{head}");
+}
+
 #[test]
 fn edge_settings_from_toml() {
     let cfg: ProxyConfig = toml::from_str(
