@@ -410,17 +410,90 @@ fn chunk_size(line: &[u8]) -> Result<u64, ()> {
     u64::from_str_radix(text, 16).map_err(|_| ())
 }
 
+/// Fields a request's trailers must not carry (RFC 9110 6.5.1: framing,
+/// routing, authentication, request modifiers, content description) and
+/// those a proxy writes in its place: a server that merges trailers into
+/// the header section would take the client's for the proxy's. Lower
+/// case, `-` for `_`; names holding `client-cert` or `ssl-client` (the
+/// usual spellings of a client certificate's field) too.
+const NOT_IN_REQUEST_TRAILERS: &[&str] = &[
+    "authorization",
+    "cache-control",
+    "connection",
+    "content-encoding",
+    "content-length",
+    "content-range",
+    "content-type",
+    "cookie",
+    "expect",
+    "forwarded",
+    "host",
+    "keep-alive",
+    "max-forwards",
+    "pragma",
+    "proxy-authorization",
+    "proxy-connection",
+    "range",
+    "set-cookie",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "x-request-id",
+];
+
+/// Whether a request may carry a trailer field of this name (see
+/// `NOT_IN_REQUEST_TRAILERS`).
+pub(crate) fn request_trailer_allowed(name: &[u8]) -> bool {
+    let folded: Vec<u8> = name
+        .iter()
+        .map(|b| {
+            if *b == b'_' {
+                b'-'
+            } else {
+                b.to_ascii_lowercase()
+            }
+        })
+        .collect();
+    let holds = |part: &[u8]| folded.windows(part.len()).any(|w| w == part);
+    !(NOT_IN_REQUEST_TRAILERS
+        .iter()
+        .any(|n| n.as_bytes() == folded.as_slice())
+        || holds(b"client-cert")
+        || holds(b"ssl-client"))
+}
+
 /// Follows chunked framing over `data` from `state` as far as it goes:
 /// bytes consumed and the state reached, or Err on broken framing.
 pub(crate) fn scan_chunked(state: Chunk, data: &[u8]) -> Result<(usize, Chunk), ()> {
     scan_chunked_data(state, data, |_| {})
 }
 
+/// `scan_chunked` for a request's body: trailers are checked against
+/// `request_trailer_allowed` too.
+pub(crate) fn scan_chunked_request(state: Chunk, data: &[u8]) -> Result<(usize, Chunk), ()> {
+    scan_chunked_with(state, data, |_| {}, request_trailer_allowed)
+}
+
 /// `scan_chunked` that also hands each piece of chunk data to `on_data` (for dechunking).
 pub(crate) fn scan_chunked_data(
+    state: Chunk,
+    data: &[u8],
+    on_data: impl FnMut(&[u8]),
+) -> Result<(usize, Chunk), ()> {
+    scan_chunked_with(state, data, on_data, |_| true)
+}
+
+/// `scan_chunked_data` taking only trailer fields whose names `trailer_ok` allows.
+pub(crate) fn scan_chunked_with(
     mut state: Chunk,
     data: &[u8],
     mut on_data: impl FnMut(&[u8]),
+    trailer_ok: fn(&[u8]) -> bool,
 ) -> Result<(usize, Chunk), ()> {
     let mut at = 0;
     loop {
@@ -467,7 +540,12 @@ pub(crate) fn scan_chunked_data(
                 }
                 Some(n) if seen + n > MAX_TRAILERS => return Err(()),
                 Some(n) => {
-                    check_field_line(&rest[..n - 2])?;
+                    let line = &rest[..n - 2];
+                    check_field_line(line)?;
+                    let name = line.split(|&b| b == b':').next().unwrap_or(line);
+                    if !trailer_ok(name) {
+                        return Err(());
+                    }
                     at += n;
                     state = Chunk::Trailers(seen + n);
                 }
@@ -621,7 +699,7 @@ impl<T> GuardIo<T> {
                 };
                 Step::Progress
             }
-            State::Chunked(chunk) => match scan_chunked(chunk, data) {
+            State::Chunked(chunk) => match scan_chunked_request(chunk, data) {
                 Ok((used, Chunk::Done)) => {
                     // Only the bytes up to the end of the body; the rest is the next head.
                     self.ready += used;
@@ -857,6 +935,32 @@ mod tests {
         assert_eq!(
             up("websocket,, HTTP/2.0, x"),
             Some(HeaderValue::from_static("websocket, x"))
+        );
+    }
+
+    #[test]
+    fn request_trailers_leave_out_what_the_framing_or_the_proxy_owns() {
+        for name in [
+            "X-Forwarded-For",
+            "x_forwarded_for",
+            "Content-Length",
+            "HOST",
+            "X-SSL-Client-Cert",
+            "SSL_CLIENT_CERT",
+            "X-Forwarded-Client-Cert",
+            "Authorization",
+        ] {
+            assert!(!request_trailer_allowed(name.as_bytes()), "{name}");
+        }
+        for name in ["X-Checksum", "grpc-status", "Server-Timing", "X-Forwarded"] {
+            assert!(request_trailer_allowed(name.as_bytes()), "{name}");
+        }
+        // Only a request's body is held to it.
+        let body = b"1\r\na\r\n0\r\nX-Real-IP: 1.2.3.4\r\n\r\n";
+        assert!(scan_chunked_request(Chunk::Size, body).is_err());
+        assert_eq!(
+            scan_chunked(Chunk::Size, body),
+            Ok((body.len(), Chunk::Done))
         );
     }
 

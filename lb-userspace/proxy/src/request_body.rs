@@ -73,6 +73,29 @@ impl RequestBody {
     }
 }
 
+/// A frame with the trailer fields a request may not carry
+/// (`hardening::request_trailer_allowed`) dropped: hyper's path has the
+/// fields in hand (our HTTP/1 path, which relays bytes, refuses them).
+fn allowed_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
+    if !frame.is_trailers() {
+        return frame;
+    }
+    match frame.into_trailers() {
+        Ok(mut fields) => {
+            let banned: Vec<http::HeaderName> = fields
+                .keys()
+                .filter(|k| !crate::hardening::request_trailer_allowed(k.as_str().as_bytes()))
+                .cloned()
+                .collect();
+            for name in &banned {
+                fields.remove(name);
+            }
+            Frame::trailers(fields)
+        }
+        Err(frame) => frame,
+    }
+}
+
 /// What reading ahead without waiting gave.
 enum Ahead {
     /// The body ended: all of it is in the buffer.
@@ -101,7 +124,7 @@ pub(crate) async fn in_hand(mut body: Incoming, limit: std::time::Duration) -> R
             match Pin::new(&mut body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(d) => data.extend_from_slice(&d),
-                    Err(other) => return Poll::Ready(Ahead::Trailers(other)),
+                    Err(other) => return Poll::Ready(Ahead::Trailers(allowed_trailers(other))),
                 },
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Ahead::Failed(e)),
                 Poll::Ready(None) => return Poll::Ready(Ahead::Ended),
@@ -162,7 +185,7 @@ impl Body for RequestBody {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(r) => {
                         wait.progress();
-                        Poll::Ready(r.map(|r| r.map_err(BoxError::from)))
+                        Poll::Ready(r.map(|r| r.map(allowed_trailers).map_err(BoxError::from)))
                     }
                 }
             }

@@ -89,6 +89,7 @@ where
                 body: head.body,
                 dechunk: true,
                 written: &AtomicU64::new(0),
+                request: false,
             },
             &mut Deadline::new(),
         )

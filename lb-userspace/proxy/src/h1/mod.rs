@@ -723,6 +723,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
                 body,
                 dechunk: false,
                 written: &AtomicU64::new(0),
+                request: true,
             },
             &mut self.timer,
         )

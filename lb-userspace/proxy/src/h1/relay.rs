@@ -161,6 +161,9 @@ pub(super) struct Message<'a> {
     pub body: BodyKind,
     pub dechunk: bool,
     pub written: &'a AtomicU64,
+    /// A request's body: its trailers are checked as a request's
+    /// (`hardening::request_trailer_allowed`).
+    pub request: bool,
 }
 
 impl<'a> Message<'a> {
@@ -170,6 +173,7 @@ impl<'a> Message<'a> {
             body,
             dechunk,
             written,
+            request: false,
         }
     }
 }
@@ -178,6 +182,8 @@ impl<'a> Message<'a> {
 struct Progress {
     body: BodyKind,
     dechunk: bool,
+    /// Which trailer fields the body may carry.
+    trailer_ok: fn(&[u8]) -> bool,
     /// Bytes of a `Fixed` body not yet taken.
     left: u64,
     chunk: Chunk,
@@ -220,13 +226,15 @@ impl Progress {
             }
             BodyKind::Chunked => {
                 let (dechunk, payload) = (self.dechunk, &mut self.payload);
-                let (used, next) = hardening::scan_chunked_data(self.chunk, buf, |d| {
+                let on_data = |d: &[u8]| {
                     *payload += d.len() as u64;
                     if dechunk {
                         out.extend_from_slice(d);
                     }
-                })
-                .map_err(|()| Fail::Framing)?;
+                };
+                let (used, next) =
+                    hardening::scan_chunked_with(self.chunk, buf, on_data, self.trailer_ok)
+                        .map_err(|()| Fail::Framing)?;
                 if !dechunk {
                     out.extend_from_slice(&buf[..used]);
                 }
@@ -280,6 +288,7 @@ where
         body,
         dechunk,
         written: counted,
+        request,
     } = msg;
     let left = match body {
         BodyKind::Fixed(n) => n,
@@ -288,6 +297,11 @@ where
     let mut p = Progress {
         body,
         dechunk,
+        trailer_ok: if request {
+            hardening::request_trailer_allowed
+        } else {
+            |_| true
+        },
         left,
         chunk: Chunk::Size,
         payload: 0,
@@ -411,6 +425,7 @@ mod tests {
                 body,
                 dechunk,
                 written: &AtomicU64::new(0),
+                request: false,
             },
             &mut Deadline::new(),
         )
@@ -515,6 +530,7 @@ mod tests {
                 body: kind,
                 dechunk: false,
                 written: &AtomicU64::new(0),
+                request: false,
             },
             &mut Deadline::new(),
         )
@@ -592,6 +608,7 @@ mod tests {
                     body: kind,
                     dechunk: true,
                     written: &AtomicU64::new(0),
+                    request: false,
                 },
                 &mut Deadline::new(),
             )

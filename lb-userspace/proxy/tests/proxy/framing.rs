@@ -132,6 +132,39 @@ async fn bare_cr_and_bad_trailers_never_reach_the_server() {
 }
 
 #[tokio::test]
+async fn request_trailers_carry_no_field_the_proxy_or_the_framing_owns() {
+    let head = "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let banned = [
+        "X-Forwarded-For: 6.6.6.6",
+        "x_forwarded_for: 6.6.6.6",
+        "X-SSL-Client-Cert: 6.6.6.6",
+        "Authorization: 6.6.6.6",
+        "Content-Length: 6",
+        "Host: 6.6.6.6",
+    ];
+    let (server, seen) = server_answering(OK).await;
+    for (path, proxy) in both_paths(server).await {
+        for field in &banned {
+            seen.lock().unwrap().clear();
+            let req = format!("{head}1\r\na\r\n0\r\n{field}\r\n\r\n");
+            exchange(proxy.local_addrs()[0], req.as_bytes()).await;
+            let heads = seen_after_a_moment(&seen).await;
+            assert!(
+                !heads
+                    .iter()
+                    .any(|h| h.contains("6.6.6.6") || h.contains(": 6\r")),
+                "{path}: {field}: {heads:?}"
+            );
+        }
+        // Others go through, as before.
+        seen.lock().unwrap().clear();
+        let req = format!("{head}1\r\na\r\n0\r\nX-Sum: 7.7.7.7\r\n\r\n");
+        let out = exchange(proxy.local_addrs()[0], req.as_bytes()).await;
+        assert!(out.contains("200 OK"), "{path}: {out}");
+    }
+}
+
+#[tokio::test]
 async fn a_body_broken_before_any_byte_left_is_a_502() {
     // Bad chunk framing, and a body cut short by the server's close, both
     // in the first bytes after the head: nothing was sent to the client yet.
