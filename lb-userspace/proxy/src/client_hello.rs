@@ -2,8 +2,8 @@
 //! first bytes without terminating TLS (HAProxy's `req.ssl_sni`), so that
 //! connections passed through can be routed by name. Pure: the caller reads.
 
-/// The most handshake bytes a ClientHello may take here; larger ones are
-/// read as having no name (HAProxy's `tune.bufsize` plays this part).
+/// The most handshake bytes a ClientHello may take here; a larger one is
+/// refused as malformed (HAProxy's `tune.bufsize` plays this part).
 pub(crate) const MAX_HELLO: usize = 16 * 1024;
 
 /// What the first bytes of a connection say.

@@ -6,7 +6,11 @@
 //! plaintext, or TLS again with the pool's `tls`); without, bytes pass
 //! through untouched, and when a rule looks at `sni` the ClientHello is read
 //! first (within `timeout_http_request`, HAProxy's `tcp-request
-//! inspect-delay`) and sent on ahead of the rest. Rules see the connection
+//! inspect-delay`) and sent on ahead of the rest. A connection whose first
+//! bytes are no whole, well-formed ClientHello by then is closed, not
+//! routed without a name: the rules could not judge it, and the server
+//! behind might read a name from it that they would have denied (what
+//! HAProxy's users add `req.ssl_hello_type 1` rules for). Rules see the connection
 //! only: `src`, `sni`, `sni_suffix`, `client_cert`, `src_request_rate`
 //! (sessions, here); `deny` closes it, `use_pool` picks the pool. The
 //! session holds its server slot until it ends, so `leastconn` and
@@ -54,9 +58,19 @@ pub(crate) async fn serve<S>(
     if !fe.inspect_sni {
         return relay(stream, Vec::new(), None, addrs, (fe, shared), start).await;
     }
-    let Some((first, sni)) = read_hello(&mut stream, fe.timeouts.http_request).await else {
-        tracing::debug!(frontend = %fe.ctx.name, %peer, "closed before its first bytes were read");
-        return;
+    let (first, sni) = match read_hello(&mut stream, fe.timeouts.http_request).await {
+        Ok(hello) => hello,
+        Err(why) => {
+            tracing::debug!(frontend = %fe.ctx.name, %peer, "closed: {why}");
+            if why != NoHello::Closed {
+                // Counted and logged as a rule's denial: the same outcome.
+                fe.ctx.stats.denied_connection();
+                let mut rec = session_record(peer, &fe.ctx);
+                rec.termination = ['P', 'R'];
+                rec.finish(start.elapsed(), fe.ctx.log_format);
+            }
+            return;
+        }
     };
     let facts = TlsFacts {
         sni,
@@ -65,34 +79,47 @@ pub(crate) async fn serve<S>(
     relay(stream, first, Some(&facts), addrs, (fe, shared), start).await
 }
 
+/// Why a connection's first bytes gave no ClientHello to route by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum NoHello {
+    /// The client closed (or failed) before a whole ClientHello came.
+    #[error("the client left before its ClientHello was whole")]
+    Closed,
+    /// Not TLS, a malformed ClientHello, or one over `MAX_HELLO`.
+    #[error("its first bytes are no well-formed ClientHello")]
+    NotHello,
+    /// No whole ClientHello within the wait.
+    #[error("no whole ClientHello within timeout_http_request")]
+    TimedOut,
+}
+
 /// The client's first bytes, up to a whole ClientHello, and the name it
-/// asks for; what came within `wait` if that runs out first (no name then:
-/// the rules decide without one, as HAProxy's after `inspect-delay`).
-/// None when the client closed or failed before sending anything.
+/// asks for, if any; else why there is none.
 async fn read_hello<S: AsyncRead + Unpin>(
     stream: &mut S,
     wait: Duration,
-) -> Option<(Vec<u8>, Option<String>)> {
+) -> Result<(Vec<u8>, Option<String>), NoHello> {
     let mut buf = Vec::with_capacity(2048);
     let read = async {
         loop {
             match client_hello::parse(&buf) {
-                Hello::Sni(name) => return Some(name),
-                Hello::NotTls => return Some(None),
-                Hello::Incomplete if buf.len() > client_hello::MAX_HELLO + 64 => return Some(None),
+                Hello::Sni(name) => return Ok(name),
+                Hello::NotTls => return Err(NoHello::NotHello),
+                Hello::Incomplete if buf.len() > client_hello::MAX_HELLO + 64 => {
+                    return Err(NoHello::NotHello);
+                }
                 Hello::Incomplete => {}
             }
             buf.reserve(2048);
             match stream.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => return None,
+                Ok(0) | Err(_) => return Err(NoHello::Closed),
                 Ok(_) => {}
             }
         }
     };
     match tokio::time::timeout(wait, read).await {
-        Ok(Some(name)) => Some((buf, name)),
-        Ok(None) => None,
-        Err(_) => Some((buf, None)),
+        Ok(name) => name.map(|name| (buf, name)),
+        Err(_) => Err(NoHello::TimedOut),
     }
 }
 

@@ -80,6 +80,7 @@ async fn tls_passes_through_to_the_pool_its_sni_names() {
     let (a, a_der) = tls_echo("a.test").await;
     let (b, b_der) = tls_echo("b.test").await;
     let rules = r#"
+timeout_http_request = "500ms"
 [[frontend.acl]]
 name = "is_b"
 sni_suffix = "b.test"
@@ -104,6 +105,27 @@ if = "is_b"
         tls.read_to_string(&mut got).await.unwrap();
         assert_eq!(got, name, "{sni:?}");
     }
+    // First bytes that are no whole, well-formed ClientHello within
+    // timeout_http_request are closed, never sent on without a name (the
+    // server might read the name the rules did not).
+    let hello_begins = [0x16, 3, 1, 0, 200, 1, 0, 0, 196, 3, 3];
+    let cases: [(&str, &[u8]); 3] = [
+        ("not TLS", b"GET / HTTP/1.1\r\nHost: b.test\r\n\r\n"),
+        (
+            "an empty record first",
+            &[0x16, 3, 1, 0, 0, 0x16, 3, 1, 0, 4, 1, 0, 0, 0],
+        ),
+        ("half a ClientHello", &hello_begins),
+    ];
+    for (what, bytes) in cases {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "{what}: still open");
+        assert!(got.is_empty(), "{what}: the server answered {got:?}");
+    }
+    assert_eq!(proxy.stats().frontends()[0].counters.denied_connections, 3);
 }
 
 #[tokio::test]
