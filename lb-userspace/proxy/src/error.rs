@@ -10,6 +10,9 @@ use http::StatusCode;
 pub(crate) enum Failure {
     /// The request is invalid: refused before anything is forwarded.
     BadRequest,
+    /// The request names a host the connection's TLS certificate does not
+    /// serve (another than its SNI): 421, RFC 9110 15.5.20.
+    Misdirected,
     /// The request head did not arrive within `timeout_http_request`.
     HeadTimeout,
     /// The client's request body broke off (closed or reset).
@@ -107,6 +110,7 @@ impl Failure {
             Failure::BadRequest | Failure::ClientAborted | Failure::BadBodyFraming => {
                 StatusCode::BAD_REQUEST
             }
+            Failure::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             Failure::HeadTimeout | Failure::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
             // Like HAProxy: a server that cannot be reached is a 503 (SC).
             Failure::NoServer | Failure::QueueTimeout | Failure::ConnectFailed => {
@@ -124,7 +128,7 @@ impl Failure {
     /// Who caused it and where the request was.
     pub(crate) fn blame(self) -> (Side, Phase) {
         match self {
-            Failure::BadRequest => (Side::Proxy, Phase::Request),
+            Failure::BadRequest | Failure::Misdirected => (Side::Proxy, Phase::Request),
             Failure::HeadTimeout => (Side::ClientTimeout, Phase::Request),
             Failure::ClientAborted => (Side::Client, Phase::Data),
             Failure::ClientTimeout => (Side::ClientTimeout, Phase::Data),
@@ -225,6 +229,7 @@ pub(crate) fn page(status: StatusCode) -> String {
     let text = match status.as_u16() {
         400 => "Your browser sent an invalid request.",
         408 => "Your browser didn't send a complete request in time.",
+        421 => "This connection does not serve the host the request names.",
         502 => "The server returned an invalid or incomplete response.",
         503 => "No server is available to handle this request.",
         504 => "The server didn't respond in time.",
@@ -258,6 +263,7 @@ mod tests {
     fn failures_keep_their_answers() {
         let all = [
             (Failure::BadRequest, 400, "PR"),
+            (Failure::Misdirected, 421, "PR"),
             (Failure::HeadTimeout, 408, "cR"),
             (Failure::ClientAborted, 400, "CD"),
             (Failure::ClientTimeout, 408, "cD"),

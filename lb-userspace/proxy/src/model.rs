@@ -270,6 +270,10 @@ pub struct TlsConfig {
     /// "1.2" (default) or "1.3".
     #[serde(default)]
     pub min_version: TlsVersion,
+    /// Let requests name hosts the connection's certificate does not serve
+    /// (another than its SNI; domain fronting). Default false: a 421.
+    #[serde(default)]
+    pub allow_misdirected: bool,
 }
 
 /// A TLS protocol version, as `min_version` names it.

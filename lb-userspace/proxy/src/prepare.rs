@@ -254,16 +254,11 @@ pub(crate) async fn prepare(
     upgrade: Option<&HeaderValue>,
 ) -> Prepared {
     let frontend = client.frontend;
-    let checked = settle_authority(parts, client.local).and_then(|()| match upgrade {
-        Some(proto) => tunnel::websocket_accept(&parts.headers, proto),
-        None => Ok(None),
-    });
-    let ws_accept = match checked {
+    let ws_accept = match checked(&client, parts, upgrade) {
         Ok(accept) => accept,
-        Err(why) => {
-            tracing::debug!(frontend = %frontend.name, peer = %client.peer, reason = why, "request rejected");
+        Err(failure) => {
             let rec = record(&client, frontend.name.clone(), parts, tq);
-            return Prepared::Refuse(Failure::BadRequest, rec);
+            return Prepared::Refuse(failure, rec);
         }
     };
     // What the client's Connection names goes before the proxy adds its
@@ -346,6 +341,32 @@ pub(crate) async fn prepare(
             && super::compress::wanted(&parts.method, &parts.headers),
         ws_accept,
     })
+}
+
+/// The request's authority settled (`settle_authority`), then checked
+/// against the connection's TLS certificate (`TlsFacts::misdirected`), and
+/// its upgrade's: the WebSocket accept value, if any, or the failure that
+/// answers it.
+fn checked(
+    client: &ClientSide<'_>,
+    parts: &mut http::request::Parts,
+    upgrade: Option<&HeaderValue>,
+) -> Result<Option<HeaderValue>, Failure> {
+    let checked = settle_authority(parts, client.local).and_then(|()| match upgrade {
+        Some(proto) => tunnel::websocket_accept(&parts.headers, proto),
+        None => Ok(None),
+    });
+    let accept = checked.map_err(|why| {
+        tracing::debug!(frontend = %client.frontend.name, peer = %client.peer, reason = why, "request rejected");
+        Failure::BadRequest
+    })?;
+    if let Some(tls) = client.tls
+        && let Some(host) = parts.headers.get(header::HOST)
+        && tls.misdirected(host.to_str().unwrap_or(""))
+    {
+        return Err(Failure::Misdirected);
+    }
+    Ok(accept)
 }
 
 /// The origin-form (`/path?query`) of an absolute-form target. An empty

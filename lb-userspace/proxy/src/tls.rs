@@ -71,7 +71,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// Loaded certificates with the names each serves.
 #[derive(Debug)]
 struct CertStore {
-    entries: Vec<(Vec<String>, Arc<CertifiedKey>)>,
+    entries: Vec<(Arc<[String]>, Arc<CertifiedKey>)>,
     default: usize,
 }
 
@@ -90,22 +90,20 @@ impl CertStore {
             } else {
                 pair.names.iter().map(|n| n.to_ascii_lowercase()).collect()
             };
-            entries.push((names, Arc::new(ck)));
+            entries.push((names.into(), Arc::new(ck)));
         }
         Ok(CertStore { entries, default })
     }
 
-    fn select(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+    /// The names and certificate served for `sni`.
+    fn select(&self, sni: Option<&str>) -> &(Arc<[String]>, Arc<CertifiedKey>) {
         let found = sni.and_then(|sni| {
             let sni = sni.to_ascii_lowercase();
             self.entries
                 .iter()
                 .find(|(names, _)| names.iter().any(|n| name_matches(n, &sni)))
         });
-        match found {
-            Some((_, ck)) => ck.clone(),
-            None => self.entries[self.default].1.clone(),
-        }
+        found.unwrap_or(&self.entries[self.default])
     }
 }
 
@@ -210,7 +208,13 @@ impl CertResolver {
     /// The certificate served for `sni`.
     pub fn select(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
         let store = self.store.read().unwrap_or_else(|e| e.into_inner()).clone();
-        store.select(sni)
+        store.select(sni).1.clone()
+    }
+
+    /// The names of the certificate served for `sni`.
+    fn names_for(&self, sni: Option<&str>) -> Arc<[String]> {
+        let store = self.store.read().unwrap_or_else(|e| e.into_inner()).clone();
+        store.select(sni).0.clone()
     }
 }
 
@@ -230,6 +234,32 @@ pub(crate) struct TlsFacts {
     /// That certificate, base64 DER, when the frontend forwards it
     /// (`client_cert_header`).
     pub cert_value: Option<http::HeaderValue>,
+    /// With an SNI: the names of the certificate served for it.
+    pub served_names: Option<Arc<[String]>>,
+}
+
+impl TlsFacts {
+    /// Whether a request for `host` (a Host value, port allowed) came on a
+    /// connection that does not serve it: neither the SNI nor a name of the
+    /// certificate the handshake served. Such a request could dodge rules
+    /// keyed on the SNI (a client certificate required for one name, as
+    /// nginx and HAProxy users write them); RFC 9110 7.4 answers it 421.
+    /// Connection coalescing (HTTP/2 clients reusing a connection for
+    /// another name its certificate covers) is kept. Without an SNI
+    /// nothing is known to compare.
+    pub(crate) fn misdirected(&self, host: &str) -> bool {
+        let (Some(sni), Some(names)) = (&self.sni, &self.served_names) else {
+            return false;
+        };
+        // Host is `host[:port]` (checked before), `[v6]` literals included.
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or(v6),
+            None => host.split(':').next().unwrap_or(host),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        !(name == sni.trim_end_matches('.').to_ascii_lowercase()
+            || names.iter().any(|n| name_matches(n, &name)))
+    }
 }
 
 /// A frontend's TLS termination: its certificates, chosen by SNI, and its
@@ -302,6 +332,10 @@ impl TlsTerminator {
             sni: session.server_name().map(str::to_string),
             client_cert: session.peer_certificates().is_some_and(|c| !c.is_empty()),
             cert_value: cert_value.then(|| client_cert_value(session)).flatten(),
+            served_names: session
+                .server_name()
+                .filter(|_| !self.cfg.allow_misdirected)
+                .map(|sni| self.resolver.names_for(Some(sni))),
         };
         Some((tls, facts))
     }

@@ -836,6 +836,91 @@ async fn tls_server_cipher_order_wins() {
 }
 
 #[tokio::test]
+async fn a_request_for_a_host_its_tls_connection_does_not_serve_is_a_421() {
+    let a = json_backend("a").await;
+    let dir = TempDir::new("tls421");
+    let (one, _) = write_cert(&dir, "one", &["one.test", "shared.test"]);
+    let (two, _) = write_cert(&dir, "two", &["*.two.test"]);
+    let (dflt, _) = write_cert(&dir, "default", &["default.test"]);
+    let mut fe = local_frontend();
+    fe.tls = Some(TlsConfig {
+        certs: vec![one, two, dflt],
+        default_cert: Some(2),
+        ..TlsConfig::default()
+    });
+    let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let addr = proxy.local_addrs()[0];
+    let status = |sni: Option<&'static str>, host: &'static str| async move {
+        let (mut stream, _) = tls_connect(addr, sni, &[b"http/1.1"], false).await;
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = stream.read_to_end(&mut out).await;
+        String::from_utf8_lossy(&out[..12.min(out.len())]).into_owned()
+    };
+    for (sni, host, want) in [
+        (Some("one.test"), "one.test", "HTTP/1.1 200"),
+        (Some("one.test"), "ONE.test.:443", "HTTP/1.1 200"),
+        // Coalescing: another name of the same certificate.
+        (Some("one.test"), "shared.test", "HTTP/1.1 200"),
+        (Some("one.test"), "x.two.test", "HTTP/1.1 421"),
+        (Some("one.test"), "default.test", "HTTP/1.1 421"),
+        (Some("x.two.test"), "one.test", "HTTP/1.1 421"),
+        // A name no certificate has: the default served it; its own name only.
+        (Some("other.test"), "other.test", "HTTP/1.1 200"),
+        (Some("other.test"), "one.test", "HTTP/1.1 421"),
+        // Without an SNI there is nothing to compare.
+        (None, "x.two.test", "HTTP/1.1 200"),
+    ] {
+        assert_eq!(status(sni, host).await, want, "{sni:?} {host}");
+    }
+    // HTTP/2: the :authority is the host.
+    let (stream, _) = tls_connect(addr, Some("one.test"), &[b"h2"], false).await;
+    let (mut sender, _conn) = h2_handshake(stream).await;
+    for (uri, want) in [
+        ("https://x.two.test/", StatusCode::MISDIRECTED_REQUEST),
+        ("https://shared.test/", StatusCode::OK),
+    ] {
+        let req = Request::get(uri).body(Empty::<Bytes>::new()).unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), want, "{uri}");
+    }
+    // Unless the frontend allows it.
+    let mut fe = local_frontend();
+    fe.tls = Some(TlsConfig {
+        allow_misdirected: true,
+        ..proxy_tls_of(&dir)
+    });
+    let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
+    let (mut stream, _) = tls_connect(proxy.local_addrs()[0], Some("one.test"), &[], false).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x.two.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+/// The certificates `a_request_for_a_host_its_tls_connection_does_not_serve_is_a_421` wrote.
+fn proxy_tls_of(dir: &TempDir) -> TlsConfig {
+    let pair = |stem: &str| CertPair {
+        cert: dir.0.join(format!("{stem}.pem")),
+        key: dir.0.join(format!("{stem}.key")),
+        names: Vec::new(),
+    };
+    TlsConfig {
+        certs: vec![pair("one"), pair("two"), pair("default")],
+        default_cert: Some(2),
+        ..TlsConfig::default()
+    }
+}
+
+#[tokio::test]
 async fn tls_sni_default_alpn_h2_and_reload() {
     let a = json_backend("a").await;
     let dir = TempDir::new("tls");

@@ -337,7 +337,9 @@ if = "blocked"
     let mut ok = tls_over(connect_from("127.0.0.1", front).await)
         .await
         .unwrap();
-    ok.write_all(REQUEST).await.unwrap();
+    ok.write_all(b"GET / HTTP/1.1\r\nHost: one.test\r\n\r\n")
+        .await
+        .unwrap();
     let mut got = [0u8; 12];
     ok.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"HTTP/1.1 200");
