@@ -572,23 +572,7 @@ fn respond(
     let te = rparts.headers.get_all(header::TRANSFER_ENCODING);
     let te = te.iter().map(HeaderValue::as_bytes);
     let has_length = rparts.headers.contains_key(header::CONTENT_LENGTH);
-    // A 101 must answer an upgrade the client asked for (and HTTP/2 has no
-    // 101 at all): one that came unasked is the server's error, a 502, as
-    // on our HTTP/1 path.
-    let handshake = match (rparts.status == StatusCode::SWITCHING_PROTOCOLS, &x.upgrade) {
-        (false, _) => Ok(()),
-        (true, None) => Err("101 to a request that asked for no upgrade"),
-        (true, Some(_)) => tunnel::accept_matches(
-            fwd.ws_accept.as_ref(),
-            rparts
-                .headers
-                .get_all("sec-websocket-accept")
-                .iter()
-                .map(HeaderValue::as_bytes),
-        )
-        .then_some(())
-        .ok_or("bad Sec-WebSocket-Accept"),
-    };
+    let handshake = switch_checked(&rparts, x.upgrade.as_ref(), fwd.ws_accept.as_ref());
     let framing = hardening::response_te(te, has_length).and(handshake);
     let addr = x.active.server().addr;
     if let Err(why) = framing {
@@ -604,11 +588,16 @@ fn respond(
         ..
     } = fwd;
     let mut rec = rec.into_record();
+    // A 101's protocol, checked above, goes back to the client.
+    let switched = rparts.headers.get(header::UPGRADE).cloned();
     prepare::strip_hop_by_hop(&mut rparts.headers);
     let mut shared = None;
     let mut tunnel_log = None;
     let (active, reusable) = match x.upgrade {
-        Some(u) => {
+        Some(mut u) => {
+            if let Some(proto) = switched {
+                u.proto = proto;
+            }
             let idle = x.pool.timeout_tunnel.or(x.conn.frontend.timeout_tunnel);
             let idle = idle.unwrap_or(tunnel::DEFAULT_TIMEOUT_TUNNEL);
             // An upgraded connection is the tunnel's, never reused.
@@ -649,6 +638,28 @@ fn respond(
     body.tunnel = tunnel_log;
     body.server_wait = Some(WaitLimit::new(x.pool.timeout_server));
     Response::from_parts(rparts, body)
+}
+
+/// A 101 must answer an upgrade the client asked for (and HTTP/2 has no
+/// 101 at all), switch to a protocol it asked for, and carry the right
+/// `Sec-WebSocket-Accept`: otherwise it is the server's error, a 502, as on
+/// our HTTP/1 path.
+fn switch_checked(
+    rparts: &http::response::Parts,
+    upgrade: Option<&tunnel::Upgrade>,
+    ws_accept: Option<&HeaderValue>,
+) -> Result<(), &'static str> {
+    if rparts.status != StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(());
+    }
+    let u = upgrade.ok_or("101 to a request that asked for no upgrade")?;
+    let accepts = rparts.headers.get_all("sec-websocket-accept");
+    if !tunnel::accept_matches(ws_accept, accepts.iter().map(HeaderValue::as_bytes)) {
+        return Err("bad Sec-WebSocket-Accept");
+    }
+    tunnel::switched_to(&u.proto, rparts.headers.get(header::UPGRADE))
+        .map(drop)
+        .ok_or("101 to a protocol the client did not ask for")
 }
 
 /// A body of bytes in hand, as `LoggedBody` wraps them.

@@ -63,11 +63,10 @@ impl Upgrade {
         let Some(server) = resp.extensions.remove::<OnUpgrade>() else {
             return Some(active);
         };
+        // `proto` is what the server switched to (`switched_to`).
         resp.headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        if !resp.headers.contains_key(header::UPGRADE) {
-            resp.headers.insert(header::UPGRADE, self.proto.clone());
-        }
+        resp.headers.insert(header::UPGRADE, self.proto.clone());
         activity.upgraded.store(true, Ordering::SeqCst);
         let client = self.client;
         let activity = activity.clone();
@@ -170,6 +169,28 @@ pub(crate) fn accept_matches<'a>(
         (Some(v), None) => v.trim_ascii() == expected.as_bytes(),
         _ => false,
     }
+}
+
+/// The protocol a `101` switched to, as its `Upgrade` says (RFC 9110 7.8:
+/// it must send one), if every protocol it names is one the client asked
+/// for (`asked`, the tunnelable part of the request's list): a server must
+/// not switch to another, and one that did (to h2c, say) would make the
+/// tunnel carry what the rules never see. Tokens compare case-blind.
+pub(crate) fn switched_to(
+    asked: &HeaderValue,
+    answered: Option<&HeaderValue>,
+) -> Option<HeaderValue> {
+    let answered = answered?;
+    let tokens = |v: &HeaderValue| -> Vec<String> {
+        String::from_utf8_lossy(v.as_bytes())
+            .split(',')
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let asked = tokens(asked);
+    let got = tokens(answered);
+    (!got.is_empty() && got.iter().all(|p| asked.contains(p))).then(|| answered.clone())
 }
 
 /// Whether the Connection header lists the `upgrade` token.

@@ -857,12 +857,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
             fwd.ws_accept.as_ref(),
             resp.field_values(b"sec-websocket-accept"),
         );
-        let Some(proto) = upgrade.filter(|_| accepted) else {
+        let switched = upgrade
+            .filter(|_| accepted)
+            .and_then(|asked| tunnel::switched_to(&asked, resp.upgrade.as_ref()));
+        let Some(proto_out) = switched else {
             return self
                 .answer_error(Failure::BadResponse, rec, false, start)
                 .await;
         };
-        let proto_out = resp.upgrade.clone().unwrap_or(proto);
         let proto_text = String::from_utf8_lossy(proto_out.as_bytes()).into_owned();
         let extra = [("connection", "upgrade"), ("upgrade", proto_text.as_str())];
         head.put(&mut self.out, &resp, false, &extra);

@@ -438,6 +438,21 @@ async fn a_101_nobody_asked_for_is_a_502_on_every_path() {
         )
         .await;
         assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+        // Nor to a protocol the client did not ask for (RFC 9110 7.8).
+        let out = raw_exchange(
+            proxy.local_addrs()[0],
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade, close\r\nUpgrade: foo\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 502"), "{out}");
+        // The one asked for becomes a tunnel, its client told what it is.
+        let mut s = TcpStream::connect(proxy.local_addrs()[0]).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo, X\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: x\r\n"), "{head}");
     }
     // HTTP/2 has no 101: the stream's answer is a 502 too.
     let io = TcpStream::connect(hyper.local_addrs()[0]).await.unwrap();
