@@ -573,7 +573,13 @@ fn respond(
     let te = te.iter().map(HeaderValue::as_bytes);
     let has_length = rparts.headers.contains_key(header::CONTENT_LENGTH);
     let handshake = switch_checked(&rparts, x.upgrade.as_ref(), fwd.ws_accept.as_ref());
-    let framing = hardening::response_te(te, has_length).and(handshake);
+    let defined = match hardening::status_defined(rparts.status) {
+        true => Ok(()),
+        false => Err("status outside 100..=599"),
+    };
+    let framing = hardening::response_te(te, has_length)
+        .and(handshake)
+        .and(defined);
     let addr = x.active.server().addr;
     if let Err(why) = framing {
         tracing::debug!(pool = %x.pool.name, server = %addr, reason = why, "bad response framing");

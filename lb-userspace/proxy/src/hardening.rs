@@ -194,6 +194,39 @@ fn valid_reg_name(name: &[u8]) -> bool {
     true
 }
 
+/// Whether a server's status is of a class RFC 9110 15 defines (1xx to
+/// 5xx): a 600 or 999 means nothing to a client, and is a bad answer (502).
+pub(crate) fn status_defined(status: http::StatusCode) -> bool {
+    (100..=599).contains(&status.as_u16())
+}
+
+/// What RFC 9113 leaves to the recipient of an HTTP/2 request, which h2
+/// does not check: `:scheme` is http or https (8.3.1), no field value
+/// starts or ends with whitespace (8.2.1; an HTTP/1 server would trim it
+/// and see another value than the rules did), and no more fields than an
+/// HTTP/1 request may have (`MAX_HEADERS`), as HAProxy's `tune.http.maxhdr`.
+pub(crate) fn check_h2_request(parts: &http::request::Parts) -> Result<(), &'static str> {
+    if parts.headers.len() > MAX_HEADERS {
+        return Err("more header fields than MAX_HEADERS");
+    }
+    if parts.method != http::Method::CONNECT
+        && !matches!(parts.uri.scheme_str(), Some("http" | "https"))
+    {
+        return Err(":scheme is neither http nor https");
+    }
+    let padded = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        [b.first(), b.last()]
+            .into_iter()
+            .flatten()
+            .any(|c| *c == b' ' || *c == b'\t')
+    };
+    if parts.headers.values().any(padded) {
+        return Err("a field value starts or ends with whitespace");
+    }
+    Ok(())
+}
+
 /// Whether a `Connection` token may remove the field it names. The framing
 /// fields never: a message's length must be read and sent by the same
 /// fields, and a proxy that dropped `Content-Length` on a client's say-so

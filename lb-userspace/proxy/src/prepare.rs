@@ -352,10 +352,16 @@ fn checked(
     parts: &mut http::request::Parts,
     upgrade: Option<&HeaderValue>,
 ) -> Result<Option<HeaderValue>, Failure> {
-    let checked = settle_authority(parts, client.local).and_then(|()| match upgrade {
-        Some(proto) => tunnel::websocket_accept(&parts.headers, proto),
-        None => Ok(None),
-    });
+    let h2 = match parts.version {
+        Version::HTTP_2 => hardening::check_h2_request(parts),
+        _ => Ok(()),
+    };
+    let checked = h2
+        .and_then(|()| settle_authority(parts, client.local))
+        .and_then(|()| match upgrade {
+            Some(proto) => tunnel::websocket_accept(&parts.headers, proto),
+            None => Ok(None),
+        });
     let accept = checked.map_err(|why| {
         tracing::debug!(frontend = %client.frontend.name, peer = %client.peer, reason = why, "request rejected");
         Failure::BadRequest

@@ -275,6 +275,10 @@ pub(crate) fn take_response(
         (len, resp.code.ok_or("no status")?, reason, resp.version)
     };
     let status = StatusCode::from_u16(code).map_err(|_| "bad status")?;
+    // RFC 9110 15: three digits, 1xx to 5xx; hyper's path holds to it too.
+    if !hardening::status_defined(status) {
+        return Err("status outside 100..=599");
+    }
     let mut resp = ResponseHead {
         status,
         head: buf.split_to(len).freeze(),

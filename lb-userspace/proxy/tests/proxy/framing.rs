@@ -593,3 +593,69 @@ async fn http2_clients_get_every_framing_of_an_http1_servers_answer() {
     let heads = seen.lock().unwrap().len();
     assert_eq!(heads, 14, "13 requests, /flaky sent twice");
 }
+
+#[tokio::test]
+async fn http2_requests_are_held_to_what_rfc_9113_leaves_to_the_recipient() {
+    let (server, seen) = server_answering(OK).await;
+    let proxy = proxy_to(server).await;
+    let front = proxy.local_addrs()[0];
+    let io = TcpStream::connect(front).await.unwrap();
+    let (mut send, _conn) = h2_handshake(io).await;
+    let get = |uri: &str| {
+        hyper::Request::get(uri)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let padded = |value: &'static str| {
+        let mut req = get("http://x/");
+        req.headers_mut()
+            .insert("x-role", http::HeaderValue::from_static(value));
+        req
+    };
+    let mut many = get("http://x/");
+    for i in 0..=hardening_max_headers() {
+        many.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-f{i}").as_bytes()).unwrap(),
+            http::HeaderValue::from_static("1"),
+        );
+    }
+    for (what, req) in [
+        ("a value ending in a space", padded("admin ")),
+        ("a value starting with a tab", padded("\tadmin")),
+        ("a :scheme of its own", get("foo://x/")),
+        ("too many fields", many),
+    ] {
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 400, "{what}");
+    }
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    let resp = send.send_request(padded("admin")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
+
+/// The most header fields a request may have (`hardening::MAX_HEADERS`).
+fn hardening_max_headers() -> usize {
+    100
+}
+
+#[tokio::test]
+async fn a_status_outside_1xx_to_5xx_is_a_502_on_both_paths() {
+    for answer in [
+        "HTTP/1.1 999 Weird\r\ncontent-length: 2\r\n\r\nok",
+        "HTTP/1.1 600 Six\r\ncontent-length: 2\r\n\r\nok",
+    ] {
+        let (server, _) = server_answering(answer).await;
+        for (path, proxy) in both_paths(server).await {
+            let out = exchange(
+                proxy.local_addrs()[0],
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 502"), "{path}: {answer}: {out}");
+        }
+    }
+}
