@@ -387,7 +387,10 @@ pub fn server_config(
     cfg.ticketer = rustls::crypto::ring::Ticketer::new()
         .map_err(|e| TlsError::Settings(format!("session tickets: {e}")))?;
     if http {
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // http/1.0 last: a client offering only it (curl --http1.0) would
+        // otherwise fail the handshake (rustls refuses a client whose
+        // offer shares nothing with ours; OpenSSL servers just pick none).
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     }
     // The provider's order (AES-256-GCM, AES-128-GCM, then ChaCha20) decides,
     // not the client's, as with HAProxy's `prefer-server-ciphers`.

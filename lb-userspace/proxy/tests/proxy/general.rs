@@ -975,6 +975,21 @@ async fn tls_sni_default_alpn_h2_and_reload() {
     let _ = stream.read_to_end(&mut out).await;
     assert!(out.starts_with(b"HTTP/1.1 200"));
 
+    // ALPN http/1.0 only (curl --http1.0): served, not refused.
+    let (mut stream, _) = tls_connect(addr, Some("one.test"), &[b"http/1.0"], false).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: one.test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+
     // Replace the files of the first certificate and reload.
     let (_, new_der) = write_cert(&dir, "one", &["one.test"]);
     assert_eq!(
