@@ -393,7 +393,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Touch<'_, T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let r = match Pin::new(&mut *self.inner).poll_read(cx, buf) {
+            // A TLS client's TCP close without close_notify (many clients
+            // end so): the end of what it sends, as HAProxy takes it, not
+            // of the server's answer still on its way to it.
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Poll::Ready(Ok(())),
+            r => r,
+        };
         let got = buf.filled().len() - before;
         if got != 0 {
             self.read += got as u64;

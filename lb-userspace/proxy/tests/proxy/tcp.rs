@@ -244,6 +244,37 @@ if = "bad"
     assert!(rest.is_empty(), "{rest:?}");
 }
 
+#[tokio::test]
+async fn an_offloaded_client_closing_without_close_notify_still_gets_the_answer() {
+    // A server that answers once the client's side has ended (its EOF).
+    let server = crate::backends::server(|mut s| async move {
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got).await;
+        let _ = s.write_all(format!("got {}", got.len()).as_bytes()).await;
+    })
+    .await;
+    let dir = TempDir::new("tcp-tls-eof");
+    let (cert, _) = crate::general::write_cert(&dir, "one", &["ok.test"]);
+    let rules = format!(
+        "[frontend.tls]\ncerts = [{{ cert = \"{}\", key = \"{}\" }}]\n",
+        cert.cert.display(),
+        cert.key.display()
+    );
+    let cfg = tcp_config(server, server, &rules, "");
+    let proxy = Proxy::start(cfg, None).await.unwrap();
+    let (mut tls, _) = tls_connect(proxy.local_addrs()[0], Some("ok.test"), &[], false).await;
+    tls.write_all(b"ping").await.unwrap();
+    tls.flush().await.unwrap();
+    // A TCP half-close without TLS's close_notify (as many clients end):
+    // the end of what it sends, not of what it reads.
+    tls.get_mut().0.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(GIVE_UP, tls.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&answer), "got 4");
+}
+
 #[test]
 fn a_tcp_frontend_refuses_what_needs_http() {
     let any: SocketAddr = "127.0.0.1:1".parse().unwrap();
