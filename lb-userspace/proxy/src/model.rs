@@ -24,6 +24,24 @@ pub struct ProxyConfig {
     pub userlists: Vec<UserList>,
 }
 
+/// Checks a frontend's or pool's name as HAProxy checks a proxy's: letters,
+/// digits, `-`, `_`, `.` and `:` only, so that it reads the same in an
+/// access log line, a metric label, the stats page and a command line.
+fn check_name(kind: &'static str, name: &str) -> Result<(), ConfigError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadName {
+            kind,
+            name: name.to_string(),
+        })
+    }
+}
+
 /// A set of listening addresses sharing TLS settings, limits and timeouts.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -540,6 +558,17 @@ pub const MAX_SEND_BUFFER: usize = 4 << 20;
 /// A configuration the proxy refuses to start with.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// A frontend's or pool's name has characters HAProxy's would not.
+    #[error(
+        "{kind} name {name:?}: use 1 to 64 letters, digits, '-', '_', '.' or ':' \
+         (names go into logs, metrics, the stats page and `lb` commands)"
+    )]
+    BadName {
+        /// `frontend` or `pool`.
+        kind: &'static str,
+        /// The name as written.
+        name: String,
+    },
     /// Two frontends or two pools share a name.
     #[error("duplicate {kind} name {name:?}")]
     Duplicate {
@@ -714,6 +743,7 @@ impl ProxyConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut seen = HashSet::new();
         for f in &self.frontends {
+            check_name("frontend", &f.name)?;
             if !seen.insert(f.name.as_str()) {
                 return Err(ConfigError::Duplicate {
                     kind: "frontend",
@@ -723,6 +753,7 @@ impl ProxyConfig {
         }
         let mut seen = HashSet::new();
         for p in &self.pools {
+            check_name("pool", &p.name)?;
             if !seen.insert(p.name.as_str()) {
                 return Err(ConfigError::Duplicate {
                     kind: "pool",
@@ -1270,6 +1301,43 @@ mod tests {
         }
         cfg.frontends[0].max_connections = MAX_CONNECTIONS;
         assert_eq!(cfg.validate(), Ok(()));
+    }
+
+    #[test]
+    fn names_are_what_haproxy_allows() {
+        let cfg = |fe: &str, pool: &str| -> ProxyConfig {
+            let mut c = ProxyConfig::default();
+            c.frontends.push(Frontend::new(
+                fe,
+                vec!["127.0.0.1:80".parse().unwrap()],
+                pool,
+            ));
+            let mut p: Pool = toml::from_str("name = 'x'").unwrap();
+            p.name = pool.to_string();
+            c.pools.push(p);
+            c
+        };
+        for good in ["web", "web-1_a.b:c", &"a".repeat(64)] {
+            assert_eq!(cfg(good, good).validate(), Ok(()), "{good}");
+        }
+        for bad in ["", "a b", "a\nb", "a\"b", "café", "a/b", &"a".repeat(65)] {
+            let e = cfg(bad, "p").validate().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::BadName {
+                        kind: "frontend",
+                        ..
+                    }
+                ),
+                "{bad:?}: {e}"
+            );
+            let e = cfg("f", bad).validate().unwrap_err();
+            assert!(
+                matches!(e, ConfigError::BadName { kind: "pool", .. }),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]
