@@ -164,6 +164,10 @@ pub fn encode_local(version: Version) -> Vec<u8> {
 
 /// The header announcing a connection from `src` to `dst`.
 pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    // IPv4-mapped addresses (a dual-stack bind) are the IPv4 ones they map,
+    // as the proxy's ACLs and X-Forwarded-For take them.
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (src, dst) = (canonical(src), canonical(dst));
     // Mixed families: map the IPv4 side into IPv6.
     let (src, dst) = match (src, dst) {
         (SocketAddr::V4(s), SocketAddr::V6(_)) => (
@@ -217,6 +221,18 @@ pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_mapped_addresses_go_as_ipv4() {
+        let (src, dst) = (
+            "[::ffff:192.0.2.1]:5000".parse().unwrap(),
+            "[::ffff:10.0.0.1]:80".parse().unwrap(),
+        );
+        assert_eq!(
+            encode(Version::V1, src, dst),
+            b"PROXY TCP4 192.0.2.1 10.0.0.1 5000 80\r\n"
+        );
+    }
 
     #[tokio::test]
     async fn round_trips() {
