@@ -258,9 +258,10 @@ impl Agent {
         Response::Ok
     }
 
-    /// Re-reads the configuration file; a bad one leaves everything as it is.
-    pub fn reload(&mut self) -> Response {
-        let file = match load_config(&self.config_path) {
+    /// Applies the configuration file as re-read (`Shared::reload`, which
+    /// reads it without the lock); a bad one leaves everything as it is.
+    fn reload(&mut self, file: Result<Config>) -> Response {
+        let file = match file {
             Ok(c) => c,
             Err(e) => {
                 error!("reload rejected, keeping the running configuration: {e:#}");
@@ -497,7 +498,9 @@ impl Agent {
                         .collect(),
                 );
             }
-            Request::Reload => return self.reload(),
+            Request::Reload => {
+                return self.reload(load_config(&self.config_path));
+            }
             Request::ShutdownSessions { service, address } => {
                 return self.shutdown_sessions(service, *address);
             }
@@ -796,11 +799,40 @@ impl Handler for Shared {
             }
             return Response::Bgp(info);
         }
+        if request == Request::Reload {
+            return self.reload();
+        }
+        self.answer(request)
+    }
+}
+
+impl Shared {
+    /// Re-reads the configuration file, then applies it: the files it
+    /// names are read before the lock is taken, so a slow or stuck file
+    /// stops no other use of the agent (metrics, the control socket).
+    pub fn reload(&self) -> Response {
+        let file = self.read_config();
+        self.answer_with(|agent| agent.reload(file))
+    }
+
+    /// The configuration file, read and checked without the lock.
+    fn read_config(&self) -> Result<Config> {
+        let path = self.lock().config_path.clone();
+        load_config(&path)
+    }
+
+    /// Carries out `request` and waits for the L7 proxy to take it.
+    fn answer(&self, request: Request) -> Response {
+        self.answer_with(|agent| agent.handle(request))
+    }
+
+    /// Runs `act` under the lock, then waits (without it) for the L7 proxy.
+    fn answer_with(&self, act: impl FnOnce(&mut Agent) -> Response) -> Response {
         let (response, applying) = {
             let mut agent = self.lock();
             // One a SIGHUP left is no business of this request.
             agent.applying = None;
-            let response = agent.handle(request);
+            let response = act(&mut agent);
             (response, agent.applying.take())
         };
         // Waited for without the lock: the main loop takes it to apply.
@@ -1395,7 +1427,12 @@ async fn serve(
             }
             _ = inputs.sighup.recv() => {
                 let s = shared.clone();
-                let _ = tokio::task::spawn_blocking(move || s.lock().reload()).await;
+                // Not `Shared::reload`: that waits for this loop to apply it.
+                let _ = tokio::task::spawn_blocking(move || {
+                    let file = s.read_config();
+                    s.lock().reload(file)
+                })
+                .await;
             }
             Some(event) = inputs.events.recv() => {
                 if let Group::Pool(pool) = Group::parse(&event.service) {

@@ -622,9 +622,12 @@ pub fn journal_path(config: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Largest journal read (the runtime limits keep it far smaller).
+const MAX_JOURNAL_FILE: u64 = 64 << 20;
+
 /// Reads a journal; a missing file is an empty journal.
 pub fn load_journal(path: &Path) -> Result<Vec<Request>> {
-    match std::fs::read_to_string(path) {
+    match lb_proxy::config_file::read_to_string(path, MAX_JOURNAL_FILE) {
         Ok(text) => serde_json::from_str(&text)
             .with_context(|| format!("{}: not a valid runtime state file", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),

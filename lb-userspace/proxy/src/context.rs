@@ -180,13 +180,7 @@ pub(crate) fn read_error_pages(
     let mut pages = Vec::new();
     for (status, path) in files {
         let what = || format!("frontend {name}: error page {status} ({})", path.display());
-        let size = std::fs::metadata(path).with_context(what)?.len();
-        anyhow::ensure!(
-            size <= MAX_ERROR_PAGE,
-            "{}: {size} bytes; at most {MAX_ERROR_PAGE}",
-            what()
-        );
-        let page = std::fs::read(path).with_context(what)?;
+        let page = crate::config_file::read(path, MAX_ERROR_PAGE).with_context(what)?;
         pages.push((status.parse().with_context(what)?, bytes::Bytes::from(page)));
     }
     Ok(pages)

@@ -198,6 +198,7 @@ pub mod basic_auth;
 mod check;
 mod client_hello;
 mod compress;
+pub mod config_file;
 mod connpool;
 mod context;
 mod deadline;

@@ -6,8 +6,6 @@
 //! is empty the DNS names of its leaf's subjectAltName, read with a small DER
 //! scan (no X.509 crate). `*.example.com` matches exactly one extra label.
 
-use std::fs::File;
-use std::io::BufReader;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -148,15 +146,15 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// The PEM items of `path` that `items` reads; `none(path)` if there are none.
 fn read_pem<T>(
     path: &Path,
-    items: impl FnOnce(&mut BufReader<File>) -> std::io::Result<Vec<T>>,
+    items: impl FnOnce(&mut &[u8]) -> std::io::Result<Vec<T>>,
     none: fn(PathBuf) -> TlsError,
 ) -> Result<Vec<T>, TlsError> {
     let io = |source| TlsError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let mut r = BufReader::new(File::open(path).map_err(io)?);
-    let found = items(&mut r).map_err(io)?;
+    let text = crate::config_file::read(path, crate::config_file::MAX_PEM).map_err(io)?;
+    let found = items(&mut text.as_slice()).map_err(io)?;
     if found.is_empty() {
         return Err(none(path.to_path_buf()));
     }
@@ -168,8 +166,8 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut r = BufReader::new(File::open(path).map_err(io)?);
-    rustls_pemfile::private_key(&mut r)
+    let text = crate::config_file::read(path, crate::config_file::MAX_PEM).map_err(io)?;
+    rustls_pemfile::private_key(&mut text.as_slice())
         .map_err(io)?
         .ok_or_else(|| TlsError::NoKey(path.to_path_buf()))
 }

@@ -3,8 +3,7 @@
 //! `verify = false`), and HTTP/1.1 or HTTP/2 (`h2 = true`: prior knowledge on
 //! plain connections, ALPN `h2` on TLS ones).
 
-use std::fs::File;
-use std::io::{self, BufReader};
+use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -149,9 +148,9 @@ impl ResolvesClientCert for ClientCert {
 
 /// Trust anchors from a PEM file of one or more certificates.
 fn read_roots(path: &Path) -> anyhow::Result<RootCertStore> {
-    let mut r = BufReader::new(File::open(path)?);
+    let text = crate::config_file::read(path, crate::config_file::MAX_PEM)?;
     let mut roots = RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut r) {
+    for cert in rustls_pemfile::certs(&mut text.as_slice()) {
         roots.add(cert?)?;
     }
     if roots.is_empty() {

@@ -94,10 +94,13 @@ impl Checker<'_> {
     }
 }
 
+/// Largest token file read: a token, not a document.
+const MAX_TOKEN_FILE: u64 = 4096;
+
 /// The Bearer token in `path` (trimmed), which must hold 16 characters
 /// at least: what `lb run` reads, and `lb check` and reloads try.
 pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path)
+    let text = lb_proxy::config_file::read_to_string(path, MAX_TOKEN_FILE)
         .with_context(|| format!("reading admin token_file {}", path.display()))?;
     let token = text.trim().to_string();
     ensure!(
@@ -156,6 +159,14 @@ mod tests {
         let e = load(&file).unwrap_err().to_string();
         assert!(e.contains(&format!(":{at}:14: admin token_file")), "{e}");
         assert!(e.contains("less than 16 characters"), "{e}");
+        // Not a file: refused at once (a FIFO with no writer would block).
+        std::fs::remove_file(&token).unwrap();
+        let c = std::ffi::CString::new(token.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = load(&file).unwrap_err().to_string();
+        assert!(e.contains("a FIFO, not a regular file"), "{e}");
+        std::fs::remove_file(&token).unwrap();
         std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
         assert!(load(&file).is_ok());
         let _ = std::fs::remove_dir_all(&dir);

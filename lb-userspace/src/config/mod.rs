@@ -613,9 +613,12 @@ enum Host {
     This,
 }
 
+/// Largest configuration file read (thousands of services fit in far less).
+const MAX_CONFIG_FILE: u64 = 16 << 20;
+
 fn load_with(path: &Path, host: Host) -> Result<Config, ConfigErrors> {
     let file = path.display().to_string();
-    match std::fs::read_to_string(path) {
+    match lb_proxy::config_file::read_to_string(path, MAX_CONFIG_FILE) {
         Ok(text) => parse_with(&text, &file, host, true),
         Err(e) => Err(ConfigErrors(vec![ConfigError {
             file,

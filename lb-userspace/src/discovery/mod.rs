@@ -465,9 +465,12 @@ pub fn cached_set(cache: &Cache, group: &str, spec: &Discovery) -> Option<Vec<Fo
         .map(|e| e.backends.clone())
 }
 
+/// Largest discovery cache read (a few hundred bytes per backend).
+const MAX_CACHE_FILE: u64 = 64 << 20;
+
 /// Reads the cache file; a missing one is empty.
 pub fn load_cache(path: &Path) -> Result<Cache> {
-    match std::fs::read_to_string(path) {
+    match lb_proxy::config_file::read_to_string(path, MAX_CACHE_FILE) {
         Ok(text) => serde_json::from_str(&text)
             .with_context(|| format!("{}: not a valid discovery cache", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Cache::new()),
