@@ -101,6 +101,8 @@ pub struct Agent {
     discovery_cache: PathBuf,
     /// The addresses it listens on, kept from a second agent.
     claims: crate::claims::Claims,
+    /// The admin listener's credentials in force, if it runs (a reload renews them).
+    admin_auth: Option<Arc<admin::AuthSlot>>,
 }
 
 impl Agent {
@@ -272,11 +274,12 @@ impl Agent {
         };
         crate::fd_limit::raise_for(&file);
         let old = &self.desired.config;
+        let bind = |c: &Config| c.admin.as_ref().map(|a| a.bind);
         if old.interfaces != file.interfaces
             || old.metrics != file.metrics
-            || old.admin != file.admin
+            || bind(old) != bind(&file)
         {
-            warn!("interfaces, metrics and [admin] take effect on restart only");
+            warn!("interfaces, metrics and the [admin] bind take effect on restart only");
         }
         if let Err(e) = self.claims.hold(&reload_listeners(old, &file)) {
             error!("reload rejected, keeping the running configuration: {e:#}");
@@ -311,9 +314,31 @@ impl Agent {
                 warn!("saving the runtime state: {e:#}");
             }
         }
+        self.renew_admin_auth();
         self.follow_proxy();
         info!("configuration reloaded");
         Response::Ok
+    }
+
+    /// Puts the reloaded file's admin users and token in force: a user
+    /// removed or a token replaced is refused from now on. An `[admin]`
+    /// removed from the file leaves the listener admitting nobody.
+    fn renew_admin_auth(&self) {
+        let Some(slot) = &self.admin_auth else {
+            return;
+        };
+        let config = &self.desired.config;
+        let (users, token) = match &config.admin {
+            Some(a) => admin_credentials(a, config),
+            None => (HashMap::new(), None),
+        };
+        if slot.update(users, token) {
+            if config.admin.is_none() {
+                warn!("[admin] removed: the admin listener admits nobody until a restart");
+            } else {
+                info!("admin listener: users and token reloaded");
+            }
+        }
     }
 
     /// Has the main loop bring the L7 proxy to `desired`; the answer to
@@ -1034,6 +1059,7 @@ async fn start(opts: &RunOptions) -> Result<Started> {
         discovery: trackers,
         discovery_cache,
         claims,
+        admin_auth: None,
     };
     // Tables are complete before the first packet can reach the program.
     agent.first_sync(without_discovered)?;
@@ -1176,7 +1202,7 @@ impl L7 {
 /// The HTTP endpoints, bound before anything is spawned (a taken port fails the start).
 struct HttpListeners {
     metrics: Option<TcpListener>,
-    admin: Option<(TcpListener, admin::Auth)>,
+    admin: Option<(TcpListener, Arc<admin::AuthSlot>)>,
 }
 
 impl HttpListeners {
@@ -1186,10 +1212,13 @@ impl HttpListeners {
             None => None,
         };
         let admin = match &config.admin {
-            Some(a) => Some((
-                Self::listen(a.bind, "the admin listener")?,
-                admin_auth(a, config)?,
-            )),
+            Some(a) => {
+                let (users, token) = admin_credentials(a, config);
+                Some((
+                    Self::listen(a.bind, "the admin listener")?,
+                    Arc::new(admin::AuthSlot::new(admin::Auth::new(users, token)?)),
+                ))
+            }
             None => None,
         };
         Ok(HttpListeners { metrics, admin })
@@ -1217,6 +1246,7 @@ impl HttpListeners {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, "serving the admin API and stats page");
             }
+            shared.lock().admin_auth = Some(Arc::clone(&auth));
             let handler = Arc::new(shared.clone()) as Arc<dyn Handler>;
             let admin = Arc::new(admin::Admin::new(handler, auth));
             tasks.push(tokio::spawn(admin::serve(listener, admin)));
@@ -1225,8 +1255,12 @@ impl HttpListeners {
     }
 }
 
-/// Who may use the admin listener: the users of its userlist, its token.
-fn admin_auth(admin: &config::AdminConfig, config: &Config) -> Result<admin::Auth> {
+/// Who may use the admin listener: the users of its userlist (name to
+/// hash), its token (read when the file was loaded).
+fn admin_credentials(
+    admin: &config::AdminConfig,
+    config: &Config,
+) -> (HashMap<String, String>, Option<String>) {
     let users = admin
         .userlist
         .as_ref()
@@ -1238,7 +1272,8 @@ fn admin_auth(admin: &config::AdminConfig, config: &Config) -> Result<admin::Aut
                 .collect()
         })
         .unwrap_or_default();
-    admin::Auth::new(users, admin.token_file.as_deref())
+    let token = admin.token.as_ref().map(|t| t.expose().to_string());
+    (users, token)
 }
 
 /// Sends the access log to `syslog` (None: standard output); a socket that

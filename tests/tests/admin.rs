@@ -15,7 +15,7 @@ use lb_userspace::metrics::sample;
 /// Where the agent's admin listener binds, in the balancer's namespace.
 const ADMIN: &str = "127.0.0.1:8404";
 const PASSWORD: &str = "s3cret-admin";
-const TOKEN: &str = "0123456789abcdef-admin-token";
+const TOKEN: &str = "0123456789abcdef-admin-token-0123456789";
 
 /// A plain HTTP frontend on the l7 VIP denying `/blocked`, a pool over be1
 /// and be2, and the admin listener (userlist and token file).
@@ -280,7 +280,7 @@ fn rest_api_serves_every_route_and_refuses_bad_input_without_changes() {
     );
     let bearer = format!("Authorization: Bearer {TOKEN}");
     assert_eq!(admin(&lab, "GET", "/api/services", &["-H", &bearer]).0, 200);
-    let wrong = "Authorization: Bearer 0123456789abcdef-admin-tokeX";
+    let wrong = "Authorization: Bearer 0123456789abcdef-admin-token-012345678X";
     assert_eq!(admin(&lab, "GET", "/stats", &["-H", wrong]).0, 401);
 
     let (status, doc) = api(&lab, "GET", "/api/openapi.json", "");
@@ -305,6 +305,44 @@ fn rest_api_serves_every_route_and_refuses_bad_input_without_changes() {
     bad_input_changes_nothing(&lab, &be1);
     every_write_route(&lab, &be1);
     csrf_refusals(&lab, &be1);
+    cross_origin_refusals(&lab, &be1);
+    a_reload_renews_the_credentials(&lab);
+}
+
+/// Writes from another site's page are refused; answers may not be framed.
+fn cross_origin_refusals(lab: &RunningLab, be1: &str) {
+    let path = format!("/api/services/tcp4/backends/{be1}/drain");
+    let mut args = USER.to_vec();
+    args.extend(["-H", "Content-Type: application/json", "-H"]);
+    args.extend(["Origin: http://evil.example", "--data-binary", "{}"]);
+    assert_eq!(admin(lab, "POST", &path, &args).0, 403);
+    assert_eq!(state_of(lab, "tcp4", be1), Some((7, AdminState::Ready)));
+    let mut args = USER.to_vec();
+    args.extend(["-D", "/dev/stdout", "-o", "/dev/null"]);
+    let (_, head) = admin(lab, "GET", "/stats", &args);
+    let head = head.to_ascii_lowercase();
+    assert!(head.contains("x-frame-options: deny"), "{head}");
+    assert!(head.contains("frame-ancestors 'none'"), "{head}");
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+}
+
+/// `lb reload` puts a new token in force, and a user taken out of the
+/// userlist is refused at once (they kept their rights until a restart).
+fn a_reload_renews_the_credentials(lab: &RunningLab) {
+    let dir = lab.config_path.parent().unwrap();
+    let new_token = "fedcba9876543210-rotated-token-0123456789";
+    std::fs::write(dir.join("admin.token"), format!("{new_token}\n")).unwrap();
+    let text = std::fs::read_to_string(&lab.config_path).unwrap();
+    let without_alice = text.replace("{ name = \"alice\"", "{ name = \"bob\"");
+    assert_ne!(text, without_alice);
+    std::fs::write(&lab.config_path, without_alice).unwrap();
+    let out = lab.lb(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let old = format!("Authorization: Bearer {TOKEN}");
+    let new = format!("Authorization: Bearer {new_token}");
+    assert_eq!(admin(lab, "GET", "/api/services", &["-H", &old]).0, 401);
+    assert_eq!(admin(lab, "GET", "/api/services", &["-H", &new]).0, 200);
+    assert_eq!(admin(lab, "GET", "/api/services", &USER).0, 401);
 }
 
 /// Bad input: 4xx with the reason, and nothing changed.
@@ -562,6 +600,13 @@ fn stats_page_in_a_browser_shows_every_backend_and_drains_one() {
     let url = serde_json::json!({"url": format!("http://{ADMIN}/stats?refresh=0")});
     browser.call("POST", "/url", Some(url));
     browser.screenshot("stats-page.png");
+    // Its inline script ran: the Content-Security-Policy allows it by hash.
+    let ran = browser.script("return sessionStorage.getItem('lbrates') !== null;");
+    assert_eq!(
+        ran,
+        serde_json::Value::Bool(true),
+        "the page's script was blocked"
+    );
 
     let rows = browser.script(ROWS);
     let rows: Vec<Vec<String>> = serde_json::from_value(rows).unwrap();

@@ -187,6 +187,18 @@ impl Verifier {
         ok
     }
 
+    /// Whether `peer` failed [`MAX_FAILURES`] times within [`FAILURE_PERIOD`]
+    /// (then any credential of it is refused unchecked: a token too).
+    pub fn source_refused(&self, peer: IpAddr) -> bool {
+        self.state.failures.rate(peer, Instant::now()) >= MAX_FAILURES
+    }
+
+    /// Counts a failed credential of another kind (a wrong Bearer token)
+    /// against `peer`, with the failed passwords.
+    pub fn count_failure(&self, peer: IpAddr) {
+        self.failed(Some(peer), Instant::now());
+    }
+
     fn failed(&self, peer: Option<IpAddr>, now: Instant) {
         if let Some(p) = peer {
             self.state.failures.hit(p, now);
@@ -234,7 +246,7 @@ impl Verifier {
 }
 
 /// User and password of an `Authorization: Basic` header.
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+pub fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, token) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {

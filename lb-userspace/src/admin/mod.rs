@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::time::Sleep;
 use tracing::{debug, warn};
 
-pub use auth::{Auth, Credential, constant_time_eq};
+pub use auth::{Auth, AuthSlot, Credential, Login, constant_time_eq};
 
 use crate::control::{Handler, Request, Response};
 
@@ -54,14 +54,16 @@ pub type Answer = http::Response<Full<Bytes>>;
 /// What the admin listener serves with.
 pub struct Admin {
     handler: Arc<dyn Handler>,
-    auth: Auth,
+    /// The credentials in force (a reload replaces them).
+    auth: Arc<AuthSlot>,
     /// `BODY_TIMEOUT`, shorter in tests.
     body_timeout: Duration,
 }
 
 impl Admin {
-    /// Serves with `handler` (the agent's control handler), admitting `auth`.
-    pub fn new(handler: Arc<dyn Handler>, auth: Auth) -> Self {
+    /// Serves with `handler` (the agent's control handler), admitting
+    /// what `auth` holds at each request.
+    pub fn new(handler: Arc<dyn Handler>, auth: Arc<AuthSlot>) -> Self {
         Admin {
             handler,
             auth,
@@ -82,14 +84,18 @@ impl Admin {
 
     /// Authenticates, then routes one request.
     async fn answer(&self, req: http::Request<Incoming>, peer: IpAddr) -> Answer {
-        let Some(credential) = self.auth.check(req.headers(), Some(peer)).await else {
+        let auth = self.auth.current();
+        let Some(login) = auth.check(req.headers(), Some(peer)).await else {
             let mut resp = text(StatusCode::UNAUTHORIZED, "authentication required\n");
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(self.auth.challenge()),
+                HeaderValue::from_static(auth.challenge()),
             );
             return resp;
         };
+        if let Err(why) = same_origin(req.method(), req.headers()) {
+            return text(StatusCode::FORBIDDEN, why);
+        }
         let (parts, body) = req.into_parts();
         // A body that trickles in would hold the connection and its task.
         let collect = Limited::new(body, MAX_BODY).collect();
@@ -101,21 +107,53 @@ impl Admin {
         let path = parts.uri.path();
         match (&parts.method, path) {
             (&Method::GET, "/") => redirect("/stats"),
-            (&Method::GET, "/stats") => page::render(self, parts.uri.query()).await,
-            (&Method::POST, "/stats/action") => page::action(self, &body).await,
+            (&Method::GET, "/stats") => page::render(self, parts.uri.query(), &login).await,
+            (&Method::POST, "/stats/action") => page::action(self, &body, &login).await,
             (_, p) if p == "/api" || p.starts_with("/api/") => {
                 let json = parts
                     .headers
                     .get(header::CONTENT_TYPE)
                     .and_then(|v| v.to_str().ok())
                     .is_some_and(|v| v.starts_with("application/json"));
-                let cross_site_safe = credential == Credential::Bearer || json;
+                let cross_site_safe = login.credential == Credential::Bearer || json;
                 api::route(self, &parts.method, &parts.uri, &body, cross_site_safe).await
             }
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
 }
+
+/// Refuses a request that changes state from a page of another origin
+/// (its `Origin` is not `http://` + its `Host`, or the browser says it is
+/// cross-site): a second line behind the CSRF token and the JSON type.
+fn same_origin(method: &Method, headers: &http::HeaderMap) -> Result<(), &'static str> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let get = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+    };
+    if get("sec-fetch-site").is_some_and(|s| s.eq_ignore_ascii_case("cross-site")) {
+        return Err("cross-site request refused\n");
+    }
+    let Some(origin) = get("origin") else {
+        // Not sent by a browser (curl, scripts), or an old one.
+        return Ok(());
+    };
+    let own = get("host").map(|host| format!("http://{host}"));
+    if own.is_some_and(|own| origin.eq_ignore_ascii_case(&own)) {
+        Ok(())
+    } else {
+        Err("request from another origin refused\n")
+    }
+}
+
+/// The Content-Security-Policy of answers other than the stats page:
+/// nothing loads, nothing may frame them.
+const CSP_NONE: &str =
+    "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 /// A plain text answer.
 pub fn text(status: StatusCode, body: &str) -> Answer {
@@ -129,6 +167,23 @@ pub fn with_type(status: StatusCode, content_type: &'static str, body: String) -
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // No other site may frame the page (clickjacking of its buttons), nor
+    // have an answer taken for another type.
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP_NONE),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    // Not `no-referrer`: with it a browser sends `Origin: null` on the
+    // page's own form posts, which `same_origin` refuses.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     resp
 }
 
@@ -274,17 +329,56 @@ mod tests {
 
     struct Nobody;
 
+    const TOKEN: &str = "0123456789abcdef-token-0123456789";
+
     impl Handler for Nobody {
         fn handle(&self, _: Request) -> Response {
             Response::Ok
         }
     }
 
+    #[test]
+    fn writes_from_another_origin_are_refused() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let host = ("host", "127.0.0.1:8404");
+        let evil = headers(&[host, ("origin", "http://evil.example")]);
+        let own = headers(&[host, ("origin", "http://127.0.0.1:8404")]);
+        let cross = headers(&[host, ("sec-fetch-site", "cross-site")]);
+        let plain = headers(&[host]);
+        assert!(same_origin(&Method::POST, &evil).is_err());
+        assert!(same_origin(&Method::DELETE, &cross).is_err());
+        assert!(same_origin(&Method::POST, &own).is_ok());
+        // curl and scripts send no Origin.
+        assert!(same_origin(&Method::PUT, &plain).is_ok());
+        // Reading changes nothing (and a framed page is stopped by its headers).
+        assert!(same_origin(&Method::GET, &evil).is_ok());
+        let null = headers(&[host, ("origin", "null")]);
+        assert!(same_origin(&Method::POST, &null).is_err());
+    }
+
+    #[test]
+    fn answers_may_not_be_framed_sniffed_or_cached() {
+        let answer = text(StatusCode::OK, "x");
+        let h = answer.headers();
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        assert_eq!(h["cache-control"], "no-store");
+        let csp = h["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+    }
+
     #[tokio::test]
     async fn a_client_that_never_reads_is_dropped() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let auth = Auth::new(HashMap::new(), None).unwrap();
+        let auth = Arc::new(AuthSlot::new(Auth::new(HashMap::new(), None).unwrap()));
         let admin = Arc::new(Admin::new(Arc::new(Nobody), auth));
         let server = tokio::spawn(serve_with(listener, admin, Duration::from_millis(300)));
         // Pipelined requests whose 401 answers are far more than the socket
@@ -310,17 +404,14 @@ mod tests {
     async fn an_authenticated_body_that_trickles_gets_a_408() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let dir = std::env::temp_dir().join(format!("lb-admin-body-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let token_file = dir.join("token");
-        std::fs::write(&token_file, "0123456789abcdef-token").unwrap();
-        let auth = Auth::new(HashMap::new(), Some(&token_file)).unwrap();
+        let auth = Auth::new(HashMap::new(), Some(TOKEN.into())).unwrap();
+        let auth = Arc::new(AuthSlot::new(auth));
         let mut admin = Admin::new(Arc::new(Nobody), auth);
         admin.body_timeout = Duration::from_millis(300);
         let server = tokio::spawn(serve_with(listener, Arc::new(admin), WRITE_TIMEOUT));
         let mut client = TcpStream::connect(addr).await.unwrap();
         let head = "POST /api/backends HTTP/1.1\r\nHost: x\r\n\
-                    Authorization: Bearer 0123456789abcdef-token\r\n\
+                    Authorization: Bearer 0123456789abcdef-token-0123456789\r\n\
                     Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\"";
         client.write_all(head.as_bytes()).await.unwrap();
         // The rest of the body never comes; the answer must, well before 10 s.
@@ -332,6 +423,5 @@ mod tests {
         let answer = String::from_utf8_lossy(&got[..n]);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         server.abort();
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

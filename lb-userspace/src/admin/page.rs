@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use http::StatusCode;
 
 use super::api::percent_decode;
-use super::{Admin, Answer, redirect, with_type};
+use super::{Admin, Answer, Login, redirect, with_type};
 use crate::config::Group;
 use crate::control::{AdminState, BackendInfo, ProxyInfo, Request, Response, ServiceInfo};
 
@@ -70,7 +70,7 @@ async fn data(admin: &Admin) -> Result<Data, String> {
 }
 
 /// `GET /stats[?refresh=N]`.
-pub(super) async fn render(admin: &Admin, query: Option<&str>) -> Answer {
+pub(super) async fn render(admin: &Admin, query: Option<&str>, login: &Login) -> Answer {
     let refresh = query
         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("refresh=")))
         .and_then(|v| v.parse::<u64>().ok())
@@ -89,16 +89,35 @@ pub(super) async fn render(admin: &Admin, query: Option<&str>) -> Answer {
          <a href=\"?refresh=5\">5 s</a>). Metrics: <code>/metrics</code> on the metrics \
          address; API: <a href=\"/api/openapi.json\">/api/openapi.json</a>.</p>"
     );
-    let csrf = escape(admin.auth.csrf());
+    let csrf = escape(login.csrf());
     services_table(&mut html, &data, &csrf);
     frontends_table(&mut html, &data.proxy);
     pools_table(&mut html, &data, &csrf);
-    let _ = write!(
-        html,
-        "<script>{}</script></body></html>",
-        SCRIPT.replace("REFRESH", &refresh.to_string())
-    );
-    with_type(StatusCode::OK, "text/html; charset=utf-8", html)
+    let script = SCRIPT.replace("REFRESH", &refresh.to_string());
+    let _ = write!(html, "<script>{script}</script></body></html>");
+    let mut answer = with_type(StatusCode::OK, "text/html; charset=utf-8", html);
+    if let Ok(csp) = http::HeaderValue::from_str(&policy(&script)) {
+        answer
+            .headers_mut()
+            .insert(http::header::CONTENT_SECURITY_POLICY, csp);
+    }
+    answer
+}
+
+/// The page's Content-Security-Policy: its own inline style and `script`
+/// only (by hash: an injected one would not run), forms to itself, no frame.
+fn policy(script: &str) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let hash = |text: &str| {
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(text.as_bytes()))
+    };
+    format!(
+        "default-src 'none'; style-src 'sha256-{}'; script-src 'sha256-{}'; \
+         form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        hash(STYLE),
+        hash(script)
+    )
 }
 
 /// Class names of a row: its admin state and its health.
@@ -283,14 +302,14 @@ fn pools_table(html: &mut String, data: &Data, csrf: &str) {
 }
 
 /// `POST /stats/action`: a form of the page; 403 without its CSRF token.
-pub(super) async fn action(admin: &Admin, body: &[u8]) -> Answer {
+pub(super) async fn action(admin: &Admin, body: &[u8], login: &Login) -> Answer {
     let form: HashMap<String, String> = String::from_utf8_lossy(body)
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (percent_decode(k), percent_decode(v)))
         .collect();
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-    if !admin.auth.csrf_ok(field("csrf")) {
+    if !login.csrf_ok(field("csrf")) {
         return message(StatusCode::FORBIDDEN, "missing or wrong CSRF token");
     }
     let Ok(address) = field("backend").parse() else {
@@ -362,7 +381,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use crate::admin::{Admin, Auth, Handler};
+    use crate::admin::{Admin, Auth, AuthSlot, Handler};
     use crate::control::Health;
 
     /// Records what the page asks for.
@@ -397,13 +416,17 @@ mod tests {
         // An L4 backend's flows have no session to shut down (`disable` moves them).
         assert!(!actions(&backend("web"), "t").contains(button));
         let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
-        let auth = Auth::new(HashMap::new(), None).unwrap();
-        let csrf = auth.csrf().to_string();
-        let admin = Admin::new(recorder.clone(), auth);
+        let token = "0123456789abcdef0123456789abcdef";
+        let auth = Auth::new(HashMap::new(), Some(token.into())).unwrap();
+        let mut bearer = http::HeaderMap::new();
+        bearer.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let login = auth.check(&bearer, None).await.unwrap();
+        let csrf = login.csrf().to_string();
+        let admin = Admin::new(recorder.clone(), Arc::new(AuthSlot::new(auth)));
         let form = format!(
             "csrf={csrf}&service=pool%3Aapp&backend=198.18.2.11%3A8080&weight=1&action=shutdown-sessions"
         );
-        let answer = action(&admin, form.as_bytes()).await;
+        let answer = action(&admin, form.as_bytes(), &login).await;
         assert_eq!(answer.status(), StatusCode::SEE_OTHER);
         let asked = recorder.0.lock().unwrap().clone();
         assert_eq!(
@@ -416,7 +439,7 @@ mod tests {
         // Without the page's token, nothing is asked.
         let forged = form.replace(&csrf, "guess");
         assert_eq!(
-            action(&admin, forged.as_bytes()).await.status(),
+            action(&admin, forged.as_bytes(), &login).await.status(),
             StatusCode::FORBIDDEN
         );
         assert_eq!(recorder.0.lock().unwrap().len(), 1);

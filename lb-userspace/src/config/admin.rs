@@ -58,14 +58,16 @@ impl Checker<'_> {
                 None
             }
         });
+        let mut token = None;
         let token_file = raw.token_file.and_then(|t| {
             let path = std::path::PathBuf::from(t.get_ref());
             if path.is_absolute() {
                 // Read as `lb run` will, when the file is checked on its host.
-                if self.host_resources
-                    && let Err(e) = read_token(&path)
-                {
-                    self.at(&t.span(), format!("{e:#}"));
+                if self.host_resources {
+                    match read_token(&path) {
+                        Ok(t) => token = Some(AdminToken(t)),
+                        Err(e) => self.at(&t.span(), format!("{e:#}")),
+                    }
                 }
                 Some(path)
             } else {
@@ -89,23 +91,46 @@ impl Checker<'_> {
             bind: bind?,
             userlist,
             token_file,
+            token,
             line,
         })
     }
 }
 
+/// A Bearer token, never shown in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// The token itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+/// Shortest token accepted: 32 characters, as `openssl rand -hex 16` at
+/// least (a short one could be guessed).
+pub const MIN_TOKEN_LEN: usize = 32;
+
 /// Largest token file read: a token, not a document.
 const MAX_TOKEN_FILE: u64 = 4096;
 
-/// The Bearer token in `path` (trimmed), which must hold 16 characters
-/// at least: what `lb run` reads, and `lb check` and reloads try.
+/// The Bearer token in `path` (trimmed), which must hold `MIN_TOKEN_LEN`
+/// characters at least: what `lb run` and reloads read, `lb check` tries.
 pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     let text = lb_proxy::config_file::read_to_string(path, MAX_TOKEN_FILE)
         .with_context(|| format!("reading admin token_file {}", path.display()))?;
     let token = text.trim().to_string();
     ensure!(
-        token.len() >= 16,
-        "admin token_file {} holds less than 16 characters",
+        token.len() >= MIN_TOKEN_LEN,
+        "admin token_file {} holds less than {MIN_TOKEN_LEN} characters \
+         (make one with `openssl rand -hex 32`)",
         path.display()
     );
     Ok(token)
@@ -158,7 +183,9 @@ mod tests {
         std::fs::write(&token, "short\n").unwrap();
         let e = load(&file).unwrap_err().to_string();
         assert!(e.contains(&format!(":{at}:14: admin token_file")), "{e}");
-        assert!(e.contains("less than 16 characters"), "{e}");
+        assert!(e.contains("less than 32 characters"), "{e}");
+        std::fs::write(&token, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n").unwrap();
+        assert!(load(&file).is_err(), "31 characters");
         // Not a file: refused at once (a FIFO with no writer would block).
         std::fs::remove_file(&token).unwrap();
         let c = std::ffi::CString::new(token.as_os_str().as_encoded_bytes()).unwrap();
@@ -167,8 +194,11 @@ mod tests {
         let e = load(&file).unwrap_err().to_string();
         assert!(e.contains("a FIFO, not a regular file"), "{e}");
         std::fs::remove_file(&token).unwrap();
-        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
-        assert!(load(&file).is_ok());
+        std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let admin = load(&file).unwrap().admin.unwrap();
+        let read = admin.token.as_ref().map(AdminToken::expose);
+        assert_eq!(read, Some("0123456789abcdef0123456789abcdef"));
+        assert_eq!(format!("{:?}", admin.token), "Some(AdminToken(..))");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

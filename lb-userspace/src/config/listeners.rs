@@ -273,7 +273,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lb-config-listen-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let token = dir.join("token");
-        std::fs::write(&token, "0123456789abcdef0123").unwrap();
+        std::fs::write(&token, "0123456789abcdef0123456789abcdef").unwrap();
         // A port another program listens on (no SO_REUSEPORT)...
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let taken = taken.local_addr().unwrap();

@@ -42,7 +42,7 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
-pub use admin::read_token;
+pub use admin::{AdminToken, MIN_TOKEN_LEN, read_token};
 pub use listeners::{host_addresses, local_addresses};
 use raw::RawConfig;
 
@@ -164,8 +164,11 @@ pub struct AdminConfig {
     pub bind: SocketAddr,
     /// Basic auth against this `[[userlist]]` (SHA-512 crypt hashes).
     pub userlist: Option<String>,
-    /// Bearer auth with the token in this file (read at start).
+    /// Bearer auth with the token in this file (read at load and reload).
     pub token_file: Option<std::path::PathBuf>,
+    /// The token `token_file` held when the file was loaded (None when
+    /// only its text was checked, without the host's files).
+    pub token: Option<AdminToken>,
     /// Line of the `[admin]` header.
     pub line: usize,
 }
