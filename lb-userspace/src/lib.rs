@@ -27,7 +27,8 @@
 //!   the L7 proxy from `lb_proxy`.
 //! - `top`: `lb top`, the terminal dashboard over the control socket.
 //! - `syslog`: the access log to a syslog daemon (`[proxy] syslog`).
-//! - `fd_limit`: RLIMIT_NOFILE raised to what the frontends may use.
+//! - `fd_limit`: RLIMIT_NOFILE raised to what the frontends may use;
+//!   `conn_limit`: the cap on metrics and admin connections.
 //! - `decap`: `lb decap` for backends; `demo` and `lab`: the namespace lab
 //!   the demo, the tests and the benchmarks share.
 //!
@@ -45,6 +46,7 @@ pub mod balancer;
 pub mod bgp;
 pub mod claims;
 pub mod config;
+pub mod conn_limit;
 pub mod control;
 pub mod dataplane;
 pub mod decap;

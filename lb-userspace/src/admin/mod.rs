@@ -51,6 +51,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An answer of the admin listener.
 pub type Answer = http::Response<Full<Bytes>>;
 
+/// Connections open at once; more are closed at accept (the fds are the
+/// data path's, and every one waits up to HEAD_TIMEOUT unauthenticated).
+const MAX_CONNECTIONS: usize = 64;
+
 /// What the admin listener serves with.
 pub struct Admin {
     handler: Arc<dyn Handler>,
@@ -207,10 +211,16 @@ async fn serve_with(
     write_timeout: Duration,
 ) -> Result<()> {
     let mut errors = lb_proxy::accept_errors::AcceptErrors::new("admin listener");
+    let limit = crate::conn_limit::ConnLimit::new("admin listener", MAX_CONNECTIONS);
     loop {
         let (sock, peer) = errors.accept(|| listener.accept()).await;
+        // Past the cap, closed at once: its fd is back for the data path.
+        let Some(slot) = limit.admit(peer) else {
+            continue;
+        };
         let admin = Arc::clone(&admin);
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let admin = Arc::clone(&admin);
                 async move { Ok::<_, Infallible>(admin.answer(req, peer.ip()).await) }
@@ -372,6 +382,37 @@ mod tests {
         let csp = h["content-security-policy"].to_str().unwrap();
         assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
         assert!(csp.contains("default-src 'none'"), "{csp}");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let auth = Arc::new(AuthSlot::new(Auth::new(HashMap::new(), None).unwrap()));
+        let admin = Arc::new(Admin::new(Arc::new(Nobody), auth));
+        let server = tokio::spawn(serve_with(listener, admin, WRITE_TIMEOUT));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server take them all before the one too many.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed at once, not held");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        // One closed: a new one is served again.
+        drop(idle.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET /stats HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = next.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 401"));
+        server.abort();
     }
 
     #[tokio::test]

@@ -42,9 +42,10 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use bytes::Bytes;
 use lb_common::{Reason, Traffic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -301,6 +302,39 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn Source>) -> Result<()>
     serve_with(listener, source, WRITE_TIMEOUT).await
 }
 
+/// Scrapes served at once; more are closed at accept (each may hold a
+/// connection for READ_TIMEOUT + WRITE_TIMEOUT, and the fds are the data path's).
+const MAX_CONNECTIONS: usize = 64;
+
+/// The last render, shared by the scrapes that arrived before it started;
+/// one render at a time (the others wait for it, then share it), so many
+/// scrapes at once cost one render and one copy of the text, not one each,
+/// and no scrape gets figures older than itself.
+struct Renders {
+    source: Arc<dyn Source>,
+    last: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+}
+
+impl Renders {
+    /// The exposition text of a render started after `arrived`.
+    async fn text(&self, arrived: Instant) -> Result<Bytes> {
+        let mut last = self.last.lock().await;
+        if let Some((started, text)) = last.as_ref()
+            && *started >= arrived
+        {
+            return Ok(text.clone());
+        }
+        let started = Instant::now();
+        let source = Arc::clone(&self.source);
+        let text = tokio::task::spawn_blocking(move || source.render())
+            .await
+            .unwrap_or_else(|e| Err(e.into()))
+            .map(Bytes::from)?;
+        *last = Some((started, text.clone()));
+        Ok(text)
+    }
+}
+
 /// `serve`, each answer written within `write_timeout`.
 async fn serve_with(
     listener: TcpListener,
@@ -308,38 +342,48 @@ async fn serve_with(
     write_timeout: Duration,
 ) -> Result<()> {
     let mut errors = lb_proxy::accept_errors::AcceptErrors::new("metrics endpoint");
+    let limit = crate::conn_limit::ConnLimit::new("metrics endpoint", MAX_CONNECTIONS);
+    let renders = Arc::new(Renders {
+        source,
+        last: tokio::sync::Mutex::new(None),
+    });
     loop {
         let (sock, peer) = errors.accept(|| listener.accept()).await;
-        tokio::spawn(answer(sock, peer, source.clone(), write_timeout));
+        // Past the cap, closed at once: its fd is back for the data path.
+        let Some(slot) = limit.admit(peer) else {
+            continue;
+        };
+        let renders = Arc::clone(&renders);
+        tokio::spawn(async move {
+            answer(sock, peer, &renders, write_timeout).await;
+            drop(slot);
+        });
     }
 }
 
 /// Answers one scrape with the exposition text, and closes.
-async fn answer(
-    mut sock: TcpStream,
-    peer: SocketAddr,
-    source: Arc<dyn Source>,
-    write_timeout: Duration,
-) {
+async fn answer(mut sock: TcpStream, peer: SocketAddr, renders: &Renders, write_timeout: Duration) {
     // Read the request head; its content does not matter, but reading it
     // keeps clients that wait for the server to read from seeing a reset.
     let mut buf = [0u8; 2048];
     let _ = tokio::time::timeout(READ_TIMEOUT, sock.read(&mut buf)).await;
-    let body = tokio::task::spawn_blocking(move || source.render())
-        .await
-        .unwrap_or_else(|e| Err(e.into()));
-    let (status, body) = match body {
+    let (status, body) = match renders.text(Instant::now()).await {
         Ok(text) => ("200 OK", text),
         Err(e) => {
             warn!(error = %e, "metrics snapshot failed");
-            ("500 Internal Server Error", format!("{e:#}\n"))
+            ("500 Internal Server Error", Bytes::from(format!("{e:#}\n")))
         }
     };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    match tokio::time::timeout(write_timeout, sock.write_all(resp.as_bytes())).await {
+    let write = async {
+        sock.write_all(head.as_bytes()).await?;
+        // The shared text itself, not a copy per connection.
+        sock.write_all(&body).await
+    };
+    match tokio::time::timeout(write_timeout, write).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => debug!(%peer, error = %e, "metrics write failed"),
         Err(_) => debug!(%peer, "metrics client did not take the answer in {write_timeout:?}"),
@@ -357,6 +401,60 @@ mod tests {
         fn render(&self) -> Result<String> {
             Ok("x".repeat(32 << 20))
         }
+    }
+
+    /// Counts its renders.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Source for Counting {
+        fn render(&self) -> Result<String> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(100));
+            Ok("lb_up 1\n".into())
+        }
+    }
+
+    #[tokio::test]
+    async fn scrapes_at_once_share_one_render() {
+        let source = Arc::new(Counting(Default::default()));
+        let renders = Arc::new(Renders {
+            source: source.clone(),
+            last: tokio::sync::Mutex::new(None),
+        });
+        // Twenty scrapes arrived before any render started.
+        let arrived = Instant::now();
+        let scrapes: Vec<_> = (0..20)
+            .map(|_| {
+                let r = Arc::clone(&renders);
+                tokio::spawn(async move { r.text(arrived).await.unwrap() })
+            })
+            .collect();
+        for s in scrapes {
+            assert_eq!(&s.await.unwrap()[..], b"lb_up 1\n");
+        }
+        assert_eq!(source.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // One that came after it gets a render of its own: never older figures.
+        renders.text(Instant::now()).await.unwrap();
+        assert_eq!(source.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn scrapers_past_the_limit_are_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_with(listener, Arc::new(Big), WRITE_TIMEOUT));
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut buf))
+            .await
+            .expect("closed at once, not held");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        server.abort();
     }
 
     #[tokio::test]
