@@ -1019,6 +1019,11 @@ nameservers = ["198.18.2.241"]
         assert!(err.contains("is the VIP of service \"web\""), "{err}");
         let err = refused(&mut d, add("pool:app", "198.18.100.2:443"));
         assert!(err.contains("is where frontend \"f\" listens"), "{err}");
+        // The same spelt as IPv4-mapped IPv6 addresses.
+        for group in ["pool:app", "web"] {
+            let err = refused(&mut d, add(group, "[::ffff:198.18.100.2]:443"));
+            assert!(err.contains("IPv4-mapped"), "{err}");
+        }
         // A new VIP that is a backend already.
         let vip = Request::AddService {
             name: "other".into(),

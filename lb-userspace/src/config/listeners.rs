@@ -56,14 +56,16 @@ impl Checker<'_> {
                 addr, span, owner, ..
             } = l;
             // Port 0: each listener is given a port of its own.
-            if let Some((other, line)) = first.get(addr).filter(|_| addr.port() != 0) {
+            // Compared canonical: [::ffff:a.b.c.d] is a.b.c.d.
+            let key = rules::canonical(*addr);
+            if let Some((other, line)) = first.get(&key).filter(|_| addr.port() != 0) {
                 let why = format!(
                     "{owner} {addr}, which {other} too (line {line}): two listeners on one address would split its connections between them"
                 );
                 self.at(span, why);
                 continue;
             }
-            first.insert(*addr, (owner, self.line(span)));
+            first.insert(key, (owner, self.line(span)));
             if let Err(why) = reachable(owner, *addr, services) {
                 self.at(span, why);
             } else if l.try_bind
@@ -231,6 +233,12 @@ mod tests {
         );
         let twice = file(&[], &[("a", "\"[::1]:80\", \"[::1]:80\"")], &[]);
         expect_one(&refs(&twice), 3, "which frontend \"a\" binds too (line 3)");
+        let mapped = file(
+            &["metrics = \"[::ffff:127.0.0.1]:80\""],
+            &[("a", "\"127.0.0.1:80\"")],
+            &[],
+        );
+        expect_one(&refs(&mapped), 1, "which frontend \"a\" binds too (line 4)");
         let metrics = file(
             &["metrics = \"127.0.0.1:80\""],
             &[("a", "\"127.0.0.1:80\"")],
@@ -361,6 +369,13 @@ mod tests {
             );
             assert!(errs[0].reason.contains(why), "{errs:#?}");
         }
+        // The same listener spelt as an IPv4-mapped IPv6 address.
+        let errs = super::super::test_support::errors(&refs(&pool("[::ffff:127.0.0.1]:8080")));
+        assert!(
+            errs.iter().any(|e| e.reason.contains("IPv4-mapped")),
+            "{errs:#?}"
+        );
+        assert!(errs.iter().any(|e| e.reason.contains(why)), "{errs:#?}");
         // Another port, or a wildcard's port on another host: servers.
         parses(&pool("127.0.0.1:9000"));
         parses(&pool("198.18.2.12:8081"));

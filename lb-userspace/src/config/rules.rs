@@ -45,10 +45,14 @@ pub fn service_name(name: &str) -> Result<(), String> {
 }
 
 /// Why a VIP or backend address cannot be used, to follow its spelling in a
-/// message: it needs a non-zero port and a concrete unicast address.
+/// message: it needs a non-zero port and a concrete unicast address,
+/// written in its own family (`[::ffff:127.0.0.1]` reaches 127.0.0.1 while
+/// looking like another address to every comparison).
 pub fn endpoint(addr: SocketAddr) -> Result<(), &'static str> {
     if addr.port() == 0 {
         Err("has port 0; a non-zero port is required")
+    } else if matches!(addr.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+        Err("is an IPv4-mapped IPv6 address; write the IPv4 address itself")
     } else if addr.ip().is_unspecified() {
         Err("is the unspecified address; a concrete unicast address is required")
     } else if addr.ip().is_multicast() {
@@ -144,10 +148,11 @@ pub fn backend_for_vip(
 /// (dropped there, `drop_vip_unserved`). A wildcard address is reachable
 /// through every other one.
 pub fn listener_reachable(addr: SocketAddr, services: &[Service]) -> Result<(), String> {
+    let addr = canonical(addr);
     if addr.ip().is_unspecified() {
         return Ok(());
     }
-    let l4 = |s: &&Service| s.mode == Mode::L4 && s.vip.ip() == addr.ip();
+    let l4 = |s: &&Service| s.mode == Mode::L4 && canonical(s.vip).ip() == addr.ip();
     if let Some(s) = services
         .iter()
         .filter(l4)
@@ -160,7 +165,7 @@ pub fn listener_reachable(addr: SocketAddr, services: &[Service]) -> Result<(), 
     }
     let shared = services
         .iter()
-        .any(|s| s.mode == Mode::L7 && s.vip.ip() == addr.ip());
+        .any(|s| s.mode == Mode::L7 && canonical(s.vip).ip() == addr.ip());
     match services.iter().find(l4) {
         Some(s) if !shared => Err(format!(
             "{} is the VIP address of l4 service \"{}\" and of no l7 service: XDP drops what no service takes there (an l7 service for {addr} passes its connections up)",
@@ -181,7 +186,7 @@ pub fn backend_not_a_vip(
 ) -> Result<(), String> {
     match services
         .iter()
-        .find(|s| s.vip == backend && s.protocol == protocol)
+        .find(|s| canonical(s.vip) == canonical(backend) && s.protocol == protocol)
     {
         Some(s) => Err(format!(
             "backend {backend} is the VIP of service \"{}\": its flows would come back to this balancer (a loop)",
@@ -196,7 +201,7 @@ pub fn backend_not_a_vip(
 /// without passing XDP, so they would never be translated back (NAT) or
 /// the flow would come back here (DSR).
 pub fn backend_not_local(backend: SocketAddr, local: &[IpAddr]) -> Result<(), String> {
-    if local.contains(&backend.ip()) || backend.ip().is_loopback() {
+    if is_local(canonical(backend).ip(), local) {
         return Err(format!(
             "backend {backend} is an address of this host: XDP would hand its flows to the local stack, whose answers do not pass XDP again (a backend must be another host)"
         ));
@@ -214,12 +219,14 @@ pub fn server_not_a_listener(
     frontends: &[lb_proxy::Frontend],
     local: &[IpAddr],
 ) -> Result<(), String> {
+    let canon = canonical(server);
     let same = |bind: &SocketAddr| {
-        *bind == server
-            || (bind.port() == server.port()
+        let bind = canonical(*bind);
+        bind == canon
+            || (bind.port() == canon.port()
                 && bind.ip().is_unspecified()
-                && bind.is_ipv4() == server.is_ipv4()
-                && (server.ip().is_loopback() || local.contains(&server.ip())))
+                && bind.is_ipv4() == canon.is_ipv4()
+                && is_local(canon.ip(), local))
     };
     match frontends.iter().find(|fe| fe.binds.iter().any(same)) {
         Some(fe) => Err(format!(
@@ -228,6 +235,17 @@ pub fn server_not_a_listener(
         )),
         None => Ok(()),
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address as the IPv4 address it reaches:
+/// what every comparison of addresses of this host must use.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// Whether `ip` (canonical) is a loopback address or one of `local`.
+fn is_local(ip: IpAddr, local: &[IpAddr]) -> bool {
+    ip.is_loopback() || local.iter().any(|l| l.to_canonical() == ip)
 }
 
 /// Backends that take slots in a Maglev ring: those with weight > 0.
@@ -331,6 +349,18 @@ mod tests {
             "service name \"web\" is already used (line 3)"
         );
         assert_eq!(name_taken("web", None), "service \"web\" already exists");
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_refused_and_compared_as_ipv4() {
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:44080".parse().unwrap();
+        assert!(endpoint(mapped).unwrap_err().contains("IPv4-mapped"));
+        // The guards see through it wherever it comes from (discovery).
+        assert!(backend_not_local(mapped, &[]).is_err());
+        let here: SocketAddr = "[::ffff:192.0.2.1]:80".parse().unwrap();
+        assert!(backend_not_local(here, &["192.0.2.1".parse().unwrap()]).is_err());
+        assert_eq!(canonical(mapped), "127.0.0.1:44080".parse().unwrap());
+        assert!(endpoint("[::1]:80".parse().unwrap()).is_ok());
     }
 
     #[test]
