@@ -638,7 +638,7 @@ pub fn load_journal(path: &Path) -> Result<Vec<Request>> {
 /// Writes a journal whole and durably (`atomic_file`).
 pub fn save_journal(path: &Path, journal: &[Request]) -> Result<()> {
     let text = serde_json::to_string_pretty(journal)?;
-    crate::atomic_file::replace(path, text.as_bytes())
+    crate::atomic_file::replace(path, text.as_bytes(), crate::atomic_file::PRIVATE)
         .with_context(|| format!("writing {}", path.display()))
 }
 

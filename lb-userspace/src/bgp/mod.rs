@@ -106,9 +106,14 @@ pub fn render(protocol: &str, vips: &[IpAddr]) -> String {
     out
 }
 
+/// Mode of a new include file: BIRD may run as its own user, and it holds
+/// nothing secret (the VIPs).
+const INCLUDE_MODE: u32 = 0o644;
+
 /// Writes the include file announcing `vips` (replacing it whole).
 pub fn write_include(cfg: &BgpConfig, vips: &[IpAddr]) -> Result<(), String> {
-    crate::atomic_file::replace(&cfg.include_file, render(&cfg.protocol, vips).as_bytes())
+    let text = render(&cfg.protocol, vips);
+    crate::atomic_file::replace(&cfg.include_file, text.as_bytes(), INCLUDE_MODE)
         .map_err(|e| format!("writing {}: {e}", cfg.include_file.display()))
 }
 

@@ -481,7 +481,7 @@ pub fn load_cache(path: &Path) -> Result<Cache> {
 /// Writes the cache file whole and durably (`atomic_file`).
 pub fn save_cache(path: &Path, cache: &Cache) -> Result<()> {
     let text = serde_json::to_string_pretty(cache)?;
-    crate::atomic_file::replace(path, text.as_bytes())
+    crate::atomic_file::replace(path, text.as_bytes(), crate::atomic_file::PRIVATE)
         .with_context(|| format!("writing {}", path.display()))
 }
 
