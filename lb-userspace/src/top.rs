@@ -192,6 +192,7 @@ fn fetch(socket: &Path) -> Result<Vec<Line>> {
     let ask = |r| client::request(socket, r).context("asking the agent");
     let services = match ask(Request::ShowServices)? {
         Response::Services(s) => s,
+        Response::Error(e) => anyhow::bail!("{e}"),
         other => anyhow::bail!("unexpected answer: {other:?}"),
     };
     let backends = match ask(Request::ShowBackends { service: None })? {
@@ -199,9 +200,12 @@ fn fetch(socket: &Path) -> Result<Vec<Line>> {
         Response::Error(e) => anyhow::bail!("{e}"),
         other => anyhow::bail!("unexpected answer: {other:?}"),
     };
+    // A failed part fails the refresh (said on the status line): an empty
+    // table would look like a proxy with no frontend.
     let proxy = match ask(Request::ShowProxy)? {
         Response::Proxy(p) => p,
-        _ => ProxyInfo::default(),
+        Response::Error(e) => anyhow::bail!("{e}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
     };
     Ok(lines(&services, &backends, &proxy))
 }

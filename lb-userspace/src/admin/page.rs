@@ -60,6 +60,7 @@ async fn data(admin: &Admin) -> Result<Data, String> {
     };
     let proxy = match admin.ask(Request::ShowProxy).await {
         Response::Proxy(p) => p,
+        Response::Error(e) => return Err(e),
         _ => ProxyInfo::default(),
     };
     Ok(Data {

@@ -8,16 +8,18 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::protocol::MAX_FRAME;
+use super::protocol::{MAX_ANSWER_FRAME, MAX_FRAME};
 
 /// Why a frame could not be read, written or understood.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    /// The length prefix (or an encoded message) exceeds `MAX_FRAME`.
-    #[error("frame of {len} bytes exceeds the limit of {MAX_FRAME} bytes")]
+    /// The length prefix (or an encoded message) exceeds the limit.
+    #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
         /// Announced or encoded length.
         len: u64,
+        /// The limit (`MAX_FRAME` for requests, `MAX_ANSWER_FRAME` for answers).
+        limit: u32,
     },
     /// The bytes are not a valid message of the expected type.
     #[error("malformed message: {0}")]
@@ -31,15 +33,17 @@ pub enum FrameError {
 fn options() -> impl Options {
     bincode::options()
         .with_fixint_encoding()
-        .with_limit(u64::from(MAX_FRAME))
+        .with_limit(u64::from(MAX_ANSWER_FRAME))
 }
 
-/// Encodes a message body (without the length prefix); refuses bodies above `MAX_FRAME`.
+/// Encodes a message body (without the length prefix); refuses bodies
+/// above `MAX_ANSWER_FRAME` (the agent refuses requests above `MAX_FRAME`).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let bytes = bincode::serialize(msg)?;
-    if bytes.len() as u64 > u64::from(MAX_FRAME) {
+    if bytes.len() as u64 > u64::from(MAX_ANSWER_FRAME) {
         return Err(FrameError::TooLarge {
             len: bytes.len() as u64,
+            limit: MAX_ANSWER_FRAME,
         });
     }
     Ok(bytes)
@@ -56,24 +60,34 @@ pub fn peek_version(bytes: &[u8]) -> Result<u32, FrameError> {
     Ok(options().allow_trailing_bytes().deserialize(bytes)?)
 }
 
-fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+fn frame_len(prefix: [u8; 4], limit: u32) -> Result<u64, FrameError> {
     let len = u32::from_be_bytes(prefix);
-    if len > MAX_FRAME {
+    if len > limit {
         return Err(FrameError::TooLarge {
             len: u64::from(len),
+            limit,
         });
     }
-    // MAX_FRAME fits in usize on every target this runs on.
-    Ok(len as usize)
+    Ok(u64::from(len))
 }
 
 fn prefix(body: &[u8]) -> Result<[u8; 4], FrameError> {
     match u32::try_from(body.len()) {
-        Ok(len) if len <= MAX_FRAME => Ok(len.to_be_bytes()),
+        Ok(len) if len <= MAX_ANSWER_FRAME => Ok(len.to_be_bytes()),
         _ => Err(FrameError::TooLarge {
             len: body.len() as u64,
+            limit: MAX_ANSWER_FRAME,
         }),
     }
+}
+
+/// A body of `len` bytes as they come: memory grows with what was sent,
+/// not with what the prefix announced.
+fn body_of(got: Vec<u8>, len: u64) -> Result<Vec<u8>, FrameError> {
+    if (got.len() as u64) < len {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(got)
 }
 
 /// Writes one frame (length prefix and body).
@@ -86,7 +100,8 @@ pub fn write_frame<W: Write>(w: &mut W, body: &[u8]) -> Result<(), FrameError> {
     Ok(())
 }
 
-/// Reads one frame's body; `None` on a clean end of stream before its first byte.
+/// Reads one answer frame's body (at most `MAX_ANSWER_FRAME`); `None` on a
+/// clean end of stream before its first byte.
 pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
     let mut prefix = [0u8; 4];
     let mut filled = 0;
@@ -99,9 +114,10 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, FrameError> {
             Err(e) => return Err(e.into()),
         }
     }
-    let mut body = vec![0u8; frame_len(prefix)?];
-    r.read_exact(&mut body)?;
-    Ok(Some(body))
+    let len = frame_len(prefix, MAX_ANSWER_FRAME)?;
+    let mut body = Vec::new();
+    r.take(len).read_to_end(&mut body)?;
+    body_of(body, len).map(Some)
 }
 
 /// Encodes and writes one message.
@@ -122,7 +138,8 @@ pub async fn write_frame_async<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads one frame's body from an async stream; `None` on a clean end of stream.
+/// Reads one request frame's body (at most `MAX_FRAME`) from an async
+/// stream; `None` on a clean end of stream.
 pub async fn read_frame_async<R: AsyncRead + Unpin>(
     r: &mut R,
 ) -> Result<Option<Vec<u8>>, FrameError> {
@@ -135,9 +152,10 @@ pub async fn read_frame_async<R: AsyncRead + Unpin>(
             n => filled += n,
         }
     }
-    let mut body = vec![0u8; frame_len(prefix)?];
-    r.read_exact(&mut body).await?;
-    Ok(Some(body))
+    let len = frame_len(prefix, MAX_FRAME)?;
+    let mut body = Vec::new();
+    r.take(len).read_to_end(&mut body).await?;
+    body_of(body, len).map(Some)
 }
 
 /// Encodes and writes one message to an async stream.
@@ -336,22 +354,42 @@ mod tests {
 
     #[test]
     fn oversized_and_truncated_frames_are_refused() {
-        let mut r = &(MAX_FRAME + 1).to_be_bytes()[..];
+        // Answers may be large (listings), not without bound.
+        let mut r = &(MAX_ANSWER_FRAME + 1).to_be_bytes()[..];
         assert!(matches!(
             read_frame(&mut r),
-            Err(FrameError::TooLarge { len }) if len == u64::from(MAX_FRAME) + 1
+            Err(FrameError::TooLarge { len, .. }) if len == u64::from(MAX_ANSWER_FRAME) + 1
+        ));
+        // Requests are small: the agent refuses one announced larger, at once.
+        let over = (MAX_FRAME + 1).to_be_bytes();
+        let got = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async { read_frame_async(&mut &over[..]).await });
+        assert!(matches!(
+            got,
+            Err(FrameError::TooLarge {
+                limit: MAX_FRAME,
+                ..
+            })
         ));
         let mut r = &[0u8, 0][..];
         assert!(matches!(read_frame(&mut r), Err(FrameError::Io(_))));
-        let mut r = &[0u8, 0, 0, 9, 1, 2][..];
+        // A prefix announcing more than comes: an error, nothing allocated for it.
+        let mut r = &[0u8, 0x10, 0, 0, 1, 2][..];
         assert!(matches!(read_frame(&mut r), Err(FrameError::Io(_))));
-        let big = vec![0u8; MAX_FRAME as usize + 1];
+        let big = vec![0u8; MAX_ANSWER_FRAME as usize + 1];
         assert!(matches!(
             write_frame(&mut Vec::new(), &big),
             Err(FrameError::TooLarge { .. })
         ));
-        let huge = Response::Error("x".repeat(MAX_FRAME as usize));
+        let huge = Response::Error("x".repeat(MAX_ANSWER_FRAME as usize));
         assert!(matches!(encode(&huge), Err(FrameError::TooLarge { .. })));
+        // An answer of a few MiB (thousands of pool servers) passes.
+        let listing = Response::Error("x".repeat(4 << 20));
+        let mut wire = Vec::new();
+        write_message(&mut wire, &listing).unwrap();
+        let body = read_frame(&mut &wire[..]).unwrap().unwrap();
+        assert_eq!(decode::<Response>(&body).unwrap(), listing);
     }
 
     #[test]

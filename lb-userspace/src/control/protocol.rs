@@ -13,8 +13,11 @@ use crate::config::{FlowHash, Forwarding, Mode, Protocol};
 
 /// Version of this protocol; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 6;
-/// Largest frame either side accepts.
+/// Largest request frame the agent accepts (requests are small).
 pub const MAX_FRAME: u32 = 1 << 20;
+/// Largest answer frame: listings of thousands of backends and pool
+/// servers (`lb show proxy` is about 560 bytes per pool server).
+pub const MAX_ANSWER_FRAME: u32 = 64 << 20;
 /// Default path of the agent's control socket.
 pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
