@@ -241,12 +241,8 @@ impl Agent {
             }
             return Response::Error(format!("{e:#}"));
         }
-        if node_only {
-            // Only the last of these matters: keep the journal from growing.
-            self.journal
-                .retain(|r| !matches!(r, Request::DrainNode | Request::UndrainNode));
-        }
-        self.journal.push(request);
+        // Compacted as it grows: the net state, not the history.
+        runtime::record(&mut self.journal, request);
         // A removed service takes its discovery along.
         self.discovery = discovery::reconcile(&self.discovery, &self.desired.config);
         // The proxy (in the main loop) picks up pool changes and states.

@@ -294,6 +294,7 @@ impl Desired {
                 if has(p, *address) {
                     return Err(format!("pool {pool:?} already has server {address}"));
                 }
+                rules::pool_servers(pool, p.servers.len() + 1)?;
                 let mut server = lb_proxy::ServerSpec::new(*address);
                 server.weight = *weight;
                 p.servers.push(server);
@@ -591,6 +592,7 @@ pub fn is_change(request: &Request) -> bool {
             | Request::ShowStats
             | Request::ShowProxy
             | Request::ShowDiscovery
+            | Request::ShowBgp
             | Request::Reload
             | Request::Stop { .. }
             | Request::SoftStop
@@ -599,20 +601,85 @@ pub fn is_change(request: &Request) -> bool {
 }
 
 /// The file's state with the journal replayed on top; changes that no longer
-/// apply are skipped (and logged), the rest are kept.
+/// apply are skipped (and logged), the rest are kept, compacted ([`record`]).
 pub fn replay(config: Config, journal: &[Request]) -> (Desired, Vec<Request>) {
     let mut desired = Desired::from_config(config);
     let mut kept = Vec::new();
     for request in journal {
+        if !is_change(request) {
+            warn!("not a change, dropped from the runtime journal: {request:?}");
+            continue;
+        }
         match desired.apply(request) {
-            Ok(()) => kept.push(request.clone()),
+            Ok(()) => record(&mut kept, request.clone()),
             // Discovered backends are not there yet when the journal is
             // replayed (they come after it): their admin states are kept.
-            Err(_) if desired.keep_for_discovery(request) => kept.push(request.clone()),
+            Err(_) if desired.keep_for_discovery(request) => record(&mut kept, request.clone()),
             Err(e) => warn!("runtime change no longer applies, dropped: {request:?}: {e}"),
         }
     }
     (desired, kept)
+}
+
+/// Appends an applied change to `journal`, dropping what it makes moot, so
+/// the journal holds the net state rather than the history (drains and
+/// enables of one server a thousand times are one entry): a later state or
+/// weight of a backend replaces the earlier one; a removal drops the
+/// changes to what it removes, and cancels the addition it undoes; only
+/// the last node drain or undrain counts. Requests that change nothing
+/// (shows, reload, stop) are never recorded.
+pub fn record(journal: &mut Vec<Request>, request: Request) {
+    if !is_change(&request) {
+        return;
+    }
+    let backend = |r: &Request| match r {
+        Request::AddBackend {
+            service, address, ..
+        }
+        | Request::RemoveBackend { service, address }
+        | Request::SetBackendState {
+            service, address, ..
+        }
+        | Request::SetWeight {
+            service, address, ..
+        } => Some((service.clone(), *address)),
+        _ => None,
+    };
+    let mut cancelled = false;
+    match &request {
+        Request::DrainNode | Request::UndrainNode => {
+            journal.retain(|r| !matches!(r, Request::DrainNode | Request::UndrainNode));
+        }
+        Request::SetBackendState { .. } => {
+            let key = backend(&request);
+            journal
+                .retain(|r| !(matches!(r, Request::SetBackendState { .. }) && backend(r) == key));
+        }
+        Request::SetWeight { .. } => {
+            let key = backend(&request);
+            journal.retain(|r| !(matches!(r, Request::SetWeight { .. }) && backend(r) == key));
+        }
+        Request::RemoveBackend { .. } => {
+            let key = backend(&request);
+            cancelled = journal
+                .iter()
+                .any(|r| matches!(r, Request::AddBackend { .. }) && backend(r) == key);
+            journal.retain(|r| backend(r) != key);
+        }
+        Request::RemoveService { name } => {
+            cancelled = journal
+                .iter()
+                .any(|r| matches!(r, Request::AddService { name: n, .. } if n == name));
+            journal.retain(|r| match r {
+                Request::AddService { name: n, .. } => n != name,
+                other => backend(other).is_none_or(|(s, _)| &s != name),
+            });
+        }
+        _ => {}
+    }
+    if !cancelled {
+        journal.push(request);
+    }
 }
 
 /// The journal file that belongs to a configuration file: `lb.toml` -> `lb.toml.state`.
@@ -646,6 +713,111 @@ pub fn save_journal(path: &Path, journal: &[Request]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::config::{Mode, Protocol};
+
+    #[test]
+    fn the_journal_keeps_the_net_state_and_replays_to_the_same() {
+        use crate::config::FlowHash;
+        let state = |address: &str, state| Request::SetBackendState {
+            service: "web".into(),
+            address: address.parse().unwrap(),
+            state,
+        };
+        let weight = |address: &str, weight| Request::SetWeight {
+            service: "web".into(),
+            address: address.parse().unwrap(),
+            weight,
+        };
+        let remove = |address: &str| Request::RemoveBackend {
+            service: "web".into(),
+            address: address.parse().unwrap(),
+        };
+        let other = Request::AddService {
+            name: "other".into(),
+            vip: "198.18.100.9:80".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            mode: Mode::L4,
+            forwarding: crate::config::Forwarding::Nat,
+            hash: FlowHash::Flow,
+            ring_size: None,
+        };
+        let other_backend = Request::AddBackend {
+            service: "other".into(),
+            address: "198.18.2.30:80".parse().unwrap(),
+            weight: 1,
+        };
+        let (file, new) = ("198.18.2.11:8080", "198.18.2.12:8080");
+        let mut steps = Vec::new();
+        for _ in 0..1000 {
+            steps.push(state(file, AdminState::Drain));
+            steps.push(state(file, AdminState::Ready));
+        }
+        steps.extend([
+            Request::DrainNode,
+            Request::UndrainNode,
+            Request::DrainNode,
+            weight(file, 3),
+            weight(file, 5),
+            add_backend(new),
+            state(new, AdminState::Maint),
+            weight(new, 2),
+            remove(new),
+            add_backend(new),
+            other,
+            other_backend,
+            Request::RemoveService {
+                name: "other".into(),
+            },
+            Request::Reload,
+            Request::Stop { detach: false },
+            Request::ShowServices,
+        ]);
+        let mut live = Desired::from_config(base());
+        let mut journal = Vec::new();
+        for step in steps {
+            live.apply(&step).unwrap();
+            record(&mut journal, step);
+        }
+        assert_eq!(
+            journal,
+            [
+                state(file, AdminState::Ready),
+                Request::DrainNode,
+                weight(file, 5),
+                add_backend(new),
+            ]
+        );
+        let (replayed, kept) = replay(base(), &journal);
+        assert_eq!(replayed, live);
+        assert_eq!(kept, journal);
+        // A file backend removed stays removed; a state set before is moot.
+        let mut journal = vec![state(file, AdminState::Drain)];
+        record(&mut journal, remove(file));
+        assert_eq!(journal, [remove(file)]);
+        // Non-changes in an old journal are dropped at replay.
+        let (_, kept) = replay(base(), &[Request::Reload, Request::Stop { detach: true }]);
+        assert!(kept.is_empty());
+    }
+
+    #[test]
+    fn a_pool_takes_at_most_its_server_limit_at_runtime() {
+        let mut d = Desired::from_config(discovering());
+        let mut added = 0;
+        let err = loop {
+            let address =
+                SocketAddr::from(([198, 18, 3, (added / 250) as u8], 1000 + added as u16));
+            let add = Request::AddBackend {
+                service: "pool:app".into(),
+                address,
+                weight: 1,
+            };
+            match d.apply(&add) {
+                Ok(()) => added += 1,
+                Err(e) => break e,
+            }
+            assert!(added <= rules::MAX_POOL_SERVERS, "no limit");
+        };
+        assert!(err.contains("at most 1000"), "{err}");
+    }
 
     #[test]
     fn group_names() {
@@ -937,7 +1109,8 @@ servers = [{ address = "198.18.2.11:8080" }]
         ];
         let (d, kept) = replay(base(), &journal);
         assert!(d.config.services.is_empty());
-        assert_eq!(kept.len(), 2);
+        // The backend added to the service removed after it is moot too.
+        assert_eq!(kept, [Request::RemoveService { name: "web".into() }]);
     }
 
     #[test]

@@ -305,6 +305,9 @@ impl Checker<'_> {
     /// Checks each server of a pool: its address, weight, and that it is
     /// listed once.
     fn servers(&mut self, keys: &RawTable, span: &Range<usize>, pool: &Pool) {
+        if let Err(why) = rules::pool_servers(&pool.name, pool.servers.len()) {
+            self.at(span, why);
+        }
         let mut seen = std::collections::HashSet::new();
         let spans = keys
             .get("servers")

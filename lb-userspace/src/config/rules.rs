@@ -62,6 +62,21 @@ pub fn endpoint(addr: SocketAddr) -> Result<(), &'static str> {
     }
 }
 
+/// Most servers of one L7 pool, in the file and after runtime additions:
+/// every change rebuilds the pools and every scrape lists each server's
+/// histograms, so a pool grown without bound slows every change.
+pub const MAX_POOL_SERVERS: usize = 1000;
+
+/// Checks that a pool may hold `count` servers ([`MAX_POOL_SERVERS`]).
+pub fn pool_servers(pool: &str, count: usize) -> Result<(), String> {
+    if count > MAX_POOL_SERVERS {
+        return Err(format!(
+            "pool \"{pool}\" would have {count} servers; at most {MAX_POOL_SERVERS}"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a backend weight: 0 (no new flows) to [`MAX_WEIGHT`].
 pub fn weight(weight: i64) -> Result<u32, String> {
     match u32::try_from(weight) {
@@ -361,6 +376,16 @@ mod tests {
         assert!(backend_not_local(here, &["192.0.2.1".parse().unwrap()]).is_err());
         assert_eq!(canonical(mapped), "127.0.0.1:44080".parse().unwrap());
         assert!(endpoint("[::1]:80".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn pools_have_a_server_limit() {
+        assert!(pool_servers("app", MAX_POOL_SERVERS).is_ok());
+        let err = pool_servers("app", MAX_POOL_SERVERS + 1).unwrap_err();
+        assert!(
+            err.contains("pool \"app\" would have 1001 servers; at most 1000"),
+            "{err}"
+        );
     }
 
     #[test]
