@@ -131,6 +131,7 @@ fn check(files: &[PathBuf]) -> ExitCode {
                     file.display(),
                     c.services.len()
                 );
+                ok &= check_journal(file, c);
             }
             Err(errors) => {
                 ok = false;
@@ -143,6 +144,38 @@ fn check(files: &[PathBuf]) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Checks the runtime journal beside `file` (`<file>.state`) as `lb run`
+/// replays it: one it cannot read fails (`lb run` refuses to start on it),
+/// entries it would drop are said. False if it cannot be read.
+fn check_journal(file: &std::path::Path, config: config::Config) -> bool {
+    let path = lb_userspace::runtime::journal_path(file);
+    if !path.exists() {
+        return true;
+    }
+    let journal = match lb_userspace::runtime::load_journal(&path) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("{e:#} (lb run refuses to start on it)");
+            return false;
+        }
+    };
+    let replayed = lb_userspace::runtime::replay_reporting(config, &journal);
+    for (request, why) in &replayed.dropped {
+        eprintln!(
+            "{}: warning: entry dropped on replay: {request:?}: {why}",
+            path.display()
+        );
+    }
+    println!(
+        "{}: OK ({} entries, {} kept after compaction, {} dropped)",
+        path.display(),
+        journal.len(),
+        replayed.kept.len(),
+        replayed.dropped.len()
+    );
+    true
 }
 
 /// Moves the whole process into a named network namespace; must run before

@@ -603,11 +603,32 @@ pub fn is_change(request: &Request) -> bool {
 /// The file's state with the journal replayed on top; changes that no longer
 /// apply are skipped (and logged), the rest are kept, compacted ([`record`]).
 pub fn replay(config: Config, journal: &[Request]) -> (Desired, Vec<Request>) {
+    let replayed = replay_reporting(config, journal);
+    for (request, why) in &replayed.dropped {
+        warn!("runtime journal entry dropped: {request:?}: {why}");
+    }
+    (replayed.desired, replayed.kept)
+}
+
+/// A journal replayed on a file: what `lb run` and reloads do, and
+/// `lb check` reports.
+#[derive(Debug)]
+pub struct Replayed {
+    /// The file's state with the journal on top.
+    pub desired: Desired,
+    /// The entries kept, compacted.
+    pub kept: Vec<Request>,
+    /// The entries dropped, with why.
+    pub dropped: Vec<(Request, String)>,
+}
+
+/// [`replay`], saying what it drops instead of logging it.
+pub fn replay_reporting(config: Config, journal: &[Request]) -> Replayed {
     let mut desired = Desired::from_config(config);
-    let mut kept = Vec::new();
+    let (mut kept, mut dropped) = (Vec::new(), Vec::new());
     for request in journal {
         if !is_change(request) {
-            warn!("not a change, dropped from the runtime journal: {request:?}");
+            dropped.push((request.clone(), "not a change (never journaled)".into()));
             continue;
         }
         match desired.apply(request) {
@@ -615,10 +636,14 @@ pub fn replay(config: Config, journal: &[Request]) -> (Desired, Vec<Request>) {
             // Discovered backends are not there yet when the journal is
             // replayed (they come after it): their admin states are kept.
             Err(_) if desired.keep_for_discovery(request) => record(&mut kept, request.clone()),
-            Err(e) => warn!("runtime change no longer applies, dropped: {request:?}: {e}"),
+            Err(e) => dropped.push((request.clone(), format!("no longer applies: {e}"))),
         }
     }
-    (desired, kept)
+    Replayed {
+        desired,
+        kept,
+        dropped,
+    }
 }
 
 /// Appends an applied change to `journal`, dropping what it makes moot, so

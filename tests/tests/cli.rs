@@ -51,6 +51,39 @@ fn check_accepts_a_good_file() {
 }
 
 #[test]
+fn check_replays_the_journal_beside_the_file_as_lb_run_does() {
+    let path = write("journaled.toml", GOOD);
+    let journal = path.with_file_name("journaled.toml.state");
+    // Truncated: `lb run` refuses to start on it, so `lb check` fails.
+    std::fs::write(&journal, r#"[{"AddBackend":{"service":"web""#).unwrap();
+    let out = lb().arg("check").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not a valid runtime state file"),
+        "{stderr}"
+    );
+    // Entries `lb run` would drop are said, and the check passes.
+    let entries = r#"[
+        {"SetWeight":{"service":"web","address":"198.18.2.11:8080","weight":3}},
+        {"SetWeight":{"service":"gone","address":"198.18.2.11:8080","weight":3}},
+        "Reload"
+    ]"#;
+    std::fs::write(&journal, entries).unwrap();
+    let out = lb().arg("check").arg(&path).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown service \"gone\""), "{stderr}");
+    assert!(stderr.contains("Reload: not a change"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("(3 entries, 1 kept after compaction, 2 dropped)"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_file(&journal);
+}
+
+#[test]
 fn check_reports_every_error_with_file_line_and_reason() {
     let path = write("bad.toml", BAD);
     let out = lb().arg("check").arg(&path).output().unwrap();
