@@ -228,6 +228,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether the log on standard output may be coloured: a terminal, and no
+/// `NO_COLOR` (no-color.org).
+fn colours() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none()
+}
+
 async fn async_main(cli: Cli) -> ExitCode {
     // rustls warns about each client's own mistakes (an IP address as
     // SNI, as wrk and some clients send): one line per handshake.
@@ -250,6 +256,9 @@ async fn async_main(cli: Cli) -> ExitCode {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_target(false)
+                // Colours for a terminal only: in a file or a pipe (journald,
+                // a log shipper) the escape codes break grep and parsers.
+                .with_ansi(colours())
                 .with_filter(stdout),
         )
         .with(lb_userspace::syslog::SyslogLayer)

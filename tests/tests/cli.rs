@@ -198,6 +198,8 @@ fn failed_start(tag: &str, config: &str) -> (String, PathBuf) {
     let out = lb_run(net.ns(), &path, &pin_dir);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!out.status.success(), "the start must fail: {out:?}");
+    // Logged to a pipe: no colour escape codes.
+    assert!(!out.stdout.contains(&0x1b), "{out:?}");
     let left = pin_dir.exists();
     // Clean up before asserting, so a failure does not leak into other tests.
     let _ = std::fs::remove_dir_all(&pin_dir);

@@ -4,7 +4,7 @@
 use lb_proxy::stats::{BUCKETS_MS, CounterSnapshot, HistogramSnapshot, STATUS_CLASSES};
 use lb_proxy::{FrontendStats, PoolStats};
 
-use super::{Exposition, Kind};
+use super::{Exposition, Kind, labels};
 
 /// A labelled counter snapshot: `frontend="x"`, `pool="x"` or `pool="x",server="a"`.
 type Row<'a> = (String, &'a CounterSnapshot);
@@ -172,7 +172,7 @@ pub fn frontends(out: &mut Exposition, frontends: &[FrontendStats]) {
 
 /// A frontend's labels.
 fn label(f: &FrontendStats) -> String {
-    format!("frontend=\"{}\"", f.name)
+    labels(&[("frontend", &f.name)])
 }
 
 /// What `[frontend.compression]` did: HAProxy's `comp_in`, `comp_out`, `comp_rsp`.
@@ -208,7 +208,7 @@ pub fn pools(out: &mut Exposition, pools: &[PoolStats]) {
         .iter()
         .flat_map(|p| {
             p.servers.iter().map(move |s| {
-                let labels = format!("pool=\"{}\",server=\"{}\"", p.name, s.address);
+                let labels = labels(&[("pool", &p.name), ("server", &s.address)]);
                 (labels, &s.counters)
             })
         })
@@ -218,7 +218,7 @@ pub fn pools(out: &mut Exposition, pools: &[PoolStats]) {
             .iter()
             .flat_map(|p| {
                 p.servers.iter().map(move |s| {
-                    let labels = format!("pool=\"{}\",server=\"{}\"", p.name, s.address);
+                    let labels = labels(&[("pool", &p.name), ("server", &s.address)]);
                     (labels, value(s))
                 })
             })
@@ -260,7 +260,7 @@ pub fn pools(out: &mut Exposition, pools: &[PoolStats]) {
         Kind::Gauge,
         pools
             .iter()
-            .map(|p| (format!("pool=\"{}\"", p.name), p.queued as u64))
+            .map(|p| (labels(&[("pool", &p.name)]), p.queued as u64))
             .collect(),
     );
     out.family(
@@ -271,13 +271,13 @@ pub fn pools(out: &mut Exposition, pools: &[PoolStats]) {
             .iter()
             .map(|p| {
                 let n: usize = p.servers.iter().map(|s| s.current).sum();
-                (format!("pool=\"{}\"", p.name), n as u64)
+                (labels(&[("pool", &p.name)]), n as u64)
             })
             .collect(),
     );
     let rows: Vec<Row<'_>> = pools
         .iter()
-        .map(|p| (format!("pool=\"{}\"", p.name), &p.counters))
+        .map(|p| (labels(&[("pool", &p.name)]), &p.counters))
         .collect();
     common(out, "lb_pool", &rows);
     upstream(out, "lb_pool", &rows);

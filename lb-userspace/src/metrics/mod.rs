@@ -87,6 +87,31 @@ pub struct BackendLabel {
     pub backend_id: u32,
 }
 
+/// Label pairs as the exposition writes them, `k="v",...`, each value
+/// escaped as the text format requires (`\\`, `\"`, `\n`): a name with a
+/// quote or a newline must not end its label or forge a line. Every label
+/// set is built here.
+pub fn labels(pairs: &[(&str, &dyn std::fmt::Display)]) -> String {
+    let mut out = String::new();
+    for (i, (key, value)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(key);
+        out.push_str("=\"");
+        for c in value.to_string().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    out
+}
+
 /// Whether a family may go down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -168,9 +193,9 @@ fn dataplane(
 ) {
     let vip = |id: u32| c.vips.get(id as usize).copied().unwrap_or_default();
     let be = |id: u32| c.backends.get(id as usize).copied().unwrap_or_default();
-    let service_labels = |s: &ServiceLabel| format!("service=\"{}\",vip=\"{}\"", s.name, s.vip);
+    let service_labels = |s: &ServiceLabel| labels(&[("service", &s.name), ("vip", &s.vip)]);
     let backend_labels =
-        |b: &BackendLabel| format!("service=\"{}\",backend=\"{}\"", b.service, b.address);
+        |b: &BackendLabel| labels(&[("service", &b.service), ("backend", &b.address)]);
     let per_service = |f: fn(Traffic) -> u64| {
         services
             .iter()
@@ -186,7 +211,7 @@ fn dataplane(
     let per_reason = |f: fn(Traffic) -> u64| {
         Reason::ALL
             .iter()
-            .map(|&r| (format!("reason=\"{}\"", r.name()), f(c.reason(r))))
+            .map(|&r| (labels(&[("reason", &r.name())]), f(c.reason(r))))
             .collect()
     };
     let counter = Kind::Counter;
@@ -261,11 +286,11 @@ pub fn sample(text: &str, name: &str, labels: &str) -> Option<u64> {
 
 /// Renders `counters`, read from the balancer's data plane.
 pub fn snapshot(balancer: &Balancer, counters: &Counters) -> String {
-    let (services, backends) = labels(balancer);
+    let (services, backends) = label_sets(balancer);
     render(&services, &backends, counters)
 }
 
-fn labels(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
+fn label_sets(balancer: &Balancer) -> (Vec<ServiceLabel>, Vec<BackendLabel>) {
     let mut services = Vec::new();
     let mut backends = Vec::new();
     if let Some(config) = balancer.config() {
@@ -569,6 +594,29 @@ mod tests {
         assert_eq!(comp("lb_frontend_http_comp_bytes_in_total"), Some(4000));
         assert_eq!(comp("lb_frontend_http_comp_bytes_out_total"), Some(900));
         assert_eq!(comp("lb_frontend_http_comp_responses_total"), Some(2));
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_forge_no_line() {
+        let name = "w\"e} 1\nfake_metric{x=\"y\"} 42\\";
+        assert_eq!(
+            labels(&[("frontend", &name), ("n", &1)]),
+            r#"frontend="w\"e} 1\nfake_metric{x=\"y\"} 42\\",n="1""#
+        );
+        let pools = [lb_proxy::PoolStats {
+            name: name.into(),
+            queued: 0,
+            servers: Vec::new(),
+            counters: Default::default(),
+        }];
+        let text = render_proxy(&[], &pools);
+        assert!(
+            !text.lines().any(|l| l.starts_with("fake_metric")),
+            "{text}"
+        );
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("lb_pool_"), "{line}");
+        }
     }
 
     #[test]

@@ -16,11 +16,11 @@ fn labels(b: &BackendInfo) -> (&'static str, String) {
     match b.service.strip_prefix("pool:") {
         Some(pool) => (
             "lb_pool_server",
-            format!("pool=\"{pool}\",server=\"{}\"", b.address),
+            super::labels(&[("pool", &pool), ("server", &b.address)]),
         ),
         None => (
             "lb_backend",
-            format!("service=\"{}\",backend=\"{}\"", b.service, b.address),
+            super::labels(&[("service", &b.service), ("backend", &b.address)]),
         ),
     }
 }
@@ -95,7 +95,7 @@ pub fn backends(out: &mut Exposition, backends: &[BackendInfo]) {
         Kind::Gauge,
         per_service
             .into_iter()
-            .map(|(s, n)| (format!("service=\"{s}\""), n))
+            .map(|(s, n)| (super::labels(&[("service", &s)]), n))
             .collect(),
     );
 }
