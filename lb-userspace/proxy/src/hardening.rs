@@ -443,63 +443,6 @@ fn chunk_size(line: &[u8]) -> Result<u64, ()> {
     u64::from_str_radix(text, 16).map_err(|_| ())
 }
 
-/// Fields a request's trailers must not carry (RFC 9110 6.5.1: framing,
-/// routing, authentication, request modifiers, content description) and
-/// those a proxy writes in its place: a server that merges trailers into
-/// the header section would take the client's for the proxy's. Lower
-/// case, `-` for `_`; names holding `client-cert` or `ssl-client` (the
-/// usual spellings of a client certificate's field) too.
-const NOT_IN_REQUEST_TRAILERS: &[&str] = &[
-    "authorization",
-    "cache-control",
-    "connection",
-    "content-encoding",
-    "content-length",
-    "content-range",
-    "content-type",
-    "cookie",
-    "expect",
-    "forwarded",
-    "host",
-    "keep-alive",
-    "max-forwards",
-    "pragma",
-    "proxy-authorization",
-    "proxy-connection",
-    "range",
-    "set-cookie",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
-    "x-request-id",
-];
-
-/// Whether a request may carry a trailer field of this name (see
-/// `NOT_IN_REQUEST_TRAILERS`).
-pub(crate) fn request_trailer_allowed(name: &[u8]) -> bool {
-    let folded: Vec<u8> = name
-        .iter()
-        .map(|b| {
-            if *b == b'_' {
-                b'-'
-            } else {
-                b.to_ascii_lowercase()
-            }
-        })
-        .collect();
-    let holds = |part: &[u8]| folded.windows(part.len()).any(|w| w == part);
-    !(NOT_IN_REQUEST_TRAILERS
-        .iter()
-        .any(|n| n.as_bytes() == folded.as_slice())
-        || holds(b"client-cert")
-        || holds(b"ssl-client"))
-}
-
 /// Follows chunked framing over `data` from `state` as far as it goes:
 /// bytes consumed and the state reached, or Err on broken framing.
 pub(crate) fn scan_chunked(state: Chunk, data: &[u8]) -> Result<(usize, Chunk), ()> {
@@ -507,9 +450,14 @@ pub(crate) fn scan_chunked(state: Chunk, data: &[u8]) -> Result<(usize, Chunk), 
 }
 
 /// `scan_chunked` for a request's body: trailers are checked against
-/// `request_trailer_allowed` too.
+/// `trailers::request_trailer_allowed` too.
 pub(crate) fn scan_chunked_request(state: Chunk, data: &[u8]) -> Result<(usize, Chunk), ()> {
-    scan_chunked_with(state, data, |_| {}, request_trailer_allowed)
+    scan_chunked_with(
+        state,
+        data,
+        |_| {},
+        crate::trailers::request_trailer_allowed,
+    )
 }
 
 /// `scan_chunked` that also hands each piece of chunk data to `on_data` (for dechunking).
@@ -983,10 +931,16 @@ mod tests {
             "X-Forwarded-Client-Cert",
             "Authorization",
         ] {
-            assert!(!request_trailer_allowed(name.as_bytes()), "{name}");
+            assert!(
+                !crate::trailers::request_trailer_allowed(name.as_bytes()),
+                "{name}"
+            );
         }
         for name in ["X-Checksum", "grpc-status", "Server-Timing", "X-Forwarded"] {
-            assert!(request_trailer_allowed(name.as_bytes()), "{name}");
+            assert!(
+                crate::trailers::request_trailer_allowed(name.as_bytes()),
+                "{name}"
+            );
         }
         // Only a request's body is held to it.
         let body = b"1\r\na\r\n0\r\nX-Real-IP: 1.2.3.4\r\n\r\n";

@@ -221,6 +221,7 @@ pub mod stats;
 mod tcp;
 mod threads;
 mod tls;
+mod trailers;
 mod tunnel;
 mod upstream;
 

@@ -74,7 +74,7 @@ impl RequestBody {
 }
 
 /// A frame with the trailer fields a request may not carry
-/// (`hardening::request_trailer_allowed`) dropped: hyper's path has the
+/// (`trailers::request_trailer_allowed`) dropped: hyper's path has the
 /// fields in hand (our HTTP/1 path, which relays bytes, refuses them).
 fn allowed_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
     if !frame.is_trailers() {
@@ -84,7 +84,7 @@ fn allowed_trailers(frame: Frame<Bytes>) -> Frame<Bytes> {
         Ok(mut fields) => {
             let banned: Vec<http::HeaderName> = fields
                 .keys()
-                .filter(|k| !crate::hardening::request_trailer_allowed(k.as_str().as_bytes()))
+                .filter(|k| !crate::trailers::request_trailer_allowed(k.as_str().as_bytes()))
                 .cloned()
                 .collect();
             for name in &banned {

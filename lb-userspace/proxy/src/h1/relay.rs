@@ -162,7 +162,7 @@ pub(super) struct Message<'a> {
     pub dechunk: bool,
     pub written: &'a AtomicU64,
     /// A request's body: its trailers are checked as a request's
-    /// (`hardening::request_trailer_allowed`).
+    /// (`trailers::request_trailer_allowed`).
     pub request: bool,
 }
 
@@ -298,7 +298,7 @@ where
         body,
         dechunk,
         trailer_ok: if request {
-            hardening::request_trailer_allowed
+            crate::trailers::request_trailer_allowed
         } else {
             |_| true
         },
