@@ -51,12 +51,13 @@ pub(crate) async fn exchange(
         Some(Err(_)) => return Err(Failure::ServerClosed),
         None => return Err(Failure::ServerTimeout),
     }
-    response_head(io, buf, &mut Vec::new(), &parts.method, due, timer).await
+    response_head(io, buf, &mut Vec::new(), &parts.method, due, timer, false).await
 }
 
 /// Reads a server's response head off `io` (`buf` holding what was read
 /// ahead) by `due`, skipping interim 1xx answers (but 101, which starts a
-/// tunnel). A connection that ends before any byte of it is `ServerClosed`
+/// tunnel; and but those other than 100 when `interim`, for the caller to
+/// relay). A connection that ends before any byte of it is `ServerClosed`
 /// (a kept one whose keep-alive ended). Both HTTP/1 clients read heads so.
 pub(super) async fn response_head(
     io: &mut ServerIo,
@@ -65,11 +66,14 @@ pub(super) async fn response_head(
     method: &http::Method,
     due: Instant,
     timer: &mut Deadline,
+    interim: bool,
 ) -> Result<ResponseHead, Failure> {
     loop {
         match codec::take_response(buf, spans, method) {
             Ok(Some(r))
-                if r.status.is_informational() && r.status != StatusCode::SWITCHING_PROTOCOLS =>
+                if r.status.is_informational()
+                    && r.status != StatusCode::SWITCHING_PROTOCOLS
+                    && !(interim && r.status != StatusCode::CONTINUE) =>
             {
                 *spans = r.into_fields();
                 continue;

@@ -608,7 +608,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
                 }
             };
             let sent = Instant::now();
-            let request = (&parts, body, expect_continue);
+            // HTTP/1.0 clients get no 1xx (RFC 9110 15.2).
+            let interim = client_version == Version::HTTP_11;
+            let request = (&parts, body, expect_continue, interim);
             let limit = (pool.timeout_server, &mut fwd.rec.phase);
             let r = self.send(request, &mut server, limit, reused && bodiless);
             let r = r.await;
@@ -689,7 +691,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
     /// retried; otherwise it may have answered why, and its answer is read.
     async fn send(
         &mut self,
-        (parts, body, expect_continue): (&http::request::Parts, BodyKind, bool),
+        (parts, body, expect_continue, interim): (&http::request::Parts, BodyKind, bool, bool),
         server: &mut RawConn,
         (timeout_server, phase): (Duration, &mut Phase),
         retriable: bool,
@@ -744,16 +746,34 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         *phase = Phase::Headers;
         let RawConn { io, buf, .. } = server;
         let due = sent + timeout_server;
-        let resp = client::response_head(
-            io,
-            buf,
-            &mut self.spans,
-            &parts.method,
-            due,
-            &mut self.timer,
-        )
-        .await;
-        resp.map(|r| (r, body_sent)).map_err(|f| (f, body_sent))
+        loop {
+            let resp = client::response_head(
+                io,
+                buf,
+                &mut self.spans,
+                &parts.method,
+                due,
+                &mut self.timer,
+                interim,
+            )
+            .await;
+            match resp {
+                // 102, 103 (Early Hints) and the like go to the client as
+                // they come (RFC 9110 15.2: a proxy forwards 1xx answers;
+                // its own 100 Continue went above, the server's is dropped).
+                Ok(r)
+                    if r.status.is_informational()
+                        && r.status != StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    codec::put_response_fields(&mut self.out, &r, false, &[]);
+                    self.spans = r.into_fields();
+                    if self.write_client().await.is_err() {
+                        return Err((Failure::ClientAborted, body_sent));
+                    }
+                }
+                resp => return resp.map(|r| (r, body_sent)).map_err(|f| (f, body_sent)),
+            }
+        }
     }
 
     /// Sends a server's response to the client: head (rewritten), then body.

@@ -659,3 +659,33 @@ async fn a_status_outside_1xx_to_5xx_is_a_502_on_both_paths() {
         }
     }
 }
+
+#[tokio::test]
+async fn interim_answers_reach_http11_clients_on_our_path() {
+    let (server, _) = server_answering(
+        "HTTP/1.1 100 Continue\r\n\r\n\
+         HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
+         HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await;
+    let proxy = proxy_to(server).await;
+    let front = proxy.local_addrs()[0];
+    // RFC 9110 15.2: forwarded as they come; the server's 100 (the proxy
+    // answers Expect itself) is not.
+    let out = exchange(
+        front,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let lower = out.to_ascii_lowercase();
+    assert!(
+        lower.starts_with(
+            "http/1.1 103 early hints\r\nlink: </s.css>; rel=preload\r\n\r\nhttp/1.1 200 ok\r\n"
+        ),
+        "{out}"
+    );
+    assert!(out.ends_with("\r\n\r\nok"), "{out}");
+    // Never to an HTTP/1.0 client.
+    let out = exchange(front, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
