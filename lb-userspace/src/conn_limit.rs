@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::warn;
 
+/// Connections an auxiliary listener holds at once: each may wait its
+/// read and write timeouts unauthenticated, and the fds are the data path's.
+pub const MAX_AUX_CONNECTIONS: usize = 64;
+
 /// Refusals logged at most once per this period.
 const LOG_PERIOD: Duration = Duration::from_secs(10);
 
@@ -52,6 +56,34 @@ impl ConnLimit {
             }
         }
         None
+    }
+}
+
+/// What the listeners' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use tokio::io::AsyncReadExt as _;
+    use tokio::net::TcpStream;
+
+    /// Opens `MAX_AUX_CONNECTIONS` connections to `addr` and checks that
+    /// one more is closed at once; the ones it holds come back.
+    pub(crate) async fn fill_and_one_more_is_closed(addr: SocketAddr) -> Vec<TcpStream> {
+        let mut held = Vec::new();
+        for _ in 0..super::MAX_AUX_CONNECTIONS {
+            held.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the server take them all before the one too many.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("closed at once, not held");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        held
     }
 }
 

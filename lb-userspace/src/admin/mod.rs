@@ -51,10 +51,6 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An answer of the admin listener.
 pub type Answer = http::Response<Full<Bytes>>;
 
-/// Connections open at once; more are closed at accept (the fds are the
-/// data path's, and every one waits up to HEAD_TIMEOUT unauthenticated).
-const MAX_CONNECTIONS: usize = 64;
-
 /// What the admin listener serves with.
 pub struct Admin {
     handler: Arc<dyn Handler>,
@@ -211,7 +207,8 @@ async fn serve_with(
     write_timeout: Duration,
 ) -> Result<()> {
     let mut errors = lb_proxy::accept_errors::AcceptErrors::new("admin listener");
-    let limit = crate::conn_limit::ConnLimit::new("admin listener", MAX_CONNECTIONS);
+    let limit =
+        crate::conn_limit::ConnLimit::new("admin listener", crate::conn_limit::MAX_AUX_CONNECTIONS);
     loop {
         let (sock, peer) = errors.accept(|| listener.accept()).await;
         // Past the cap, closed at once: its fd is back for the data path.
@@ -391,18 +388,8 @@ mod tests {
         let auth = Arc::new(AuthSlot::new(Auth::new(HashMap::new(), None).unwrap()));
         let admin = Arc::new(Admin::new(Arc::new(Nobody), auth));
         let server = tokio::spawn(serve_with(listener, admin, WRITE_TIMEOUT));
-        let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            idle.push(TcpStream::connect(addr).await.unwrap());
-        }
-        // Let the server take them all before the one too many.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut idle = crate::conn_limit::testing::fill_and_one_more_is_closed(addr).await;
         let mut buf = [0u8; 16];
-        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
-            .await
-            .expect("closed at once, not held");
-        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
         // One closed: a new one is served again.
         drop(idle.pop());
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -327,10 +327,6 @@ pub async fn serve(listener: TcpListener, source: Arc<dyn Source>) -> Result<()>
     serve_with(listener, source, WRITE_TIMEOUT).await
 }
 
-/// Scrapes served at once; more are closed at accept (each may hold a
-/// connection for READ_TIMEOUT + WRITE_TIMEOUT, and the fds are the data path's).
-const MAX_CONNECTIONS: usize = 64;
-
 /// The last render, shared by the scrapes that arrived before it started;
 /// one render at a time (the others wait for it, then share it), so many
 /// scrapes at once cost one render and one copy of the text, not one each,
@@ -367,7 +363,10 @@ async fn serve_with(
     write_timeout: Duration,
 ) -> Result<()> {
     let mut errors = lb_proxy::accept_errors::AcceptErrors::new("metrics endpoint");
-    let limit = crate::conn_limit::ConnLimit::new("metrics endpoint", MAX_CONNECTIONS);
+    let limit = crate::conn_limit::ConnLimit::new(
+        "metrics endpoint",
+        crate::conn_limit::MAX_AUX_CONNECTIONS,
+    );
     let renders = Arc::new(Renders {
         source,
         last: tokio::sync::Mutex::new(None),
@@ -468,17 +467,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(serve_with(listener, Arc::new(Big), WRITE_TIMEOUT));
-        let mut held = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            held.push(TcpStream::connect(addr).await.unwrap());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut extra = TcpStream::connect(addr).await.unwrap();
-        let mut buf = [0u8; 16];
-        let n = tokio::time::timeout(Duration::from_secs(1), extra.read(&mut buf))
-            .await
-            .expect("closed at once, not held");
-        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        let _held = crate::conn_limit::testing::fill_and_one_more_is_closed(addr).await;
         server.abort();
     }
 

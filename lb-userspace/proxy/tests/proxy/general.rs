@@ -851,11 +851,8 @@ async fn a_request_for_a_host_its_tls_connection_does_not_serve_is_a_421() {
     let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
     let addr = proxy.local_addrs()[0];
     let status = |sni: Option<&'static str>, host: &'static str| async move {
-        let (mut stream, _) = tls_connect(addr, sni, &[b"http/1.1"], false).await;
         let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        let _ = stream.read_to_end(&mut out).await;
+        let (out, _) = tls_exchange(addr, sni, b"http/1.1", req.as_bytes()).await;
         String::from_utf8_lossy(&out[..12.min(out.len())]).into_owned()
     };
     for (sni, host, want) in [
@@ -892,18 +889,29 @@ async fn a_request_for_a_host_its_tls_connection_does_not_serve_is_a_421() {
         ..proxy_tls_of(&dir)
     });
     let proxy = start_proxy(fe, pool(Algorithm::RoundRobin, &[a.addr])).await;
-    let (mut stream, _) = tls_connect(proxy.local_addrs()[0], Some("one.test"), &[], false).await;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x.two.test\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = stream.read_to_end(&mut out).await;
+    let req = b"GET / HTTP/1.1\r\nHost: x.two.test\r\nConnection: close\r\n\r\n";
+    let (out, _) = tls_exchange(proxy.local_addrs()[0], Some("one.test"), b"http/1.1", req).await;
     assert!(
         out.starts_with(b"HTTP/1.1 200"),
         "{}",
         String::from_utf8_lossy(&out)
     );
+}
+
+/// Sends `request` over TLS to `addr` (SNI `sni`, ALPN `alpn` alone) and
+/// reads to the close: the answer and the ALPN agreed.
+async fn tls_exchange(
+    addr: SocketAddr,
+    sni: Option<&str>,
+    alpn: &[u8],
+    request: &[u8],
+) -> (Vec<u8>, Option<Vec<u8>>) {
+    let (mut stream, _) = tls_connect(addr, sni, &[alpn], false).await;
+    let agreed = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out).await;
+    (out, agreed)
 }
 
 /// The certificates `a_request_for_a_host_its_tls_connection_does_not_serve_is_a_421` wrote.
@@ -976,14 +984,9 @@ async fn tls_sni_default_alpn_h2_and_reload() {
     assert!(out.starts_with(b"HTTP/1.1 200"));
 
     // ALPN http/1.0 only (curl --http1.0): served, not refused.
-    let (mut stream, _) = tls_connect(addr, Some("one.test"), &[b"http/1.0"], false).await;
-    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.0"[..]));
-    stream
-        .write_all(b"GET / HTTP/1.0\r\nHost: one.test\r\n\r\n")
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    let _ = stream.read_to_end(&mut out).await;
+    let req = b"GET / HTTP/1.0\r\nHost: one.test\r\n\r\n";
+    let (out, alpn) = tls_exchange(addr, Some("one.test"), b"http/1.0", req).await;
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.0"[..]));
     assert!(
         out.starts_with(b"HTTP/1.1 200"),
         "{}",
