@@ -256,11 +256,12 @@ fn forward<'a>(
     done: Done,
     gone: Option<&'a tokio::sync::oneshot::Sender<Response<ProxyBody>>>,
 ) -> impl Future<Output = Response<ProxyBody>> + 'a {
+    let tries = Attempts::new(&shared.pools[fwd.pool]).for_method(&parts.method);
     // The request travels by value; it comes back from a connection that could not send it.
     let mut req = Some(Request::from_parts(parts, body));
     async move {
         let pool = &shared.pools[fwd.pool];
-        let mut attempts = Attempts::new(pool);
+        let mut attempts = tries;
         loop {
             let attempt = match attempts
                 .acquire_forwarded(pool, fwd.pick, &mut fwd.rec)
@@ -398,7 +399,7 @@ fn forward_raw<'a>(
 ) -> impl Future<Output = Response<ProxyBody>> + 'a {
     let pool = &shared.pools[fwd.pool];
     async move {
-        let mut attempts = Attempts::new(pool);
+        let mut attempts = Attempts::new(pool).for_method(&parts.method);
         loop {
             let attempt = match attempts
                 .acquire_forwarded(pool, fwd.pick, &mut fwd.rec)

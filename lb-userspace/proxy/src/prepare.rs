@@ -641,6 +641,10 @@ pub(crate) struct Attempts {
     current: Option<SocketAddr>,
     /// `retry` counted the current attempt's failure for `max_fails`.
     reported: bool,
+    /// The request may be sent again after a kept connection closed under
+    /// it (`Retry::OnReusedConnection`): only an idempotent one (RFC 9110
+    /// 9.2.2), since the server may have acted on it before closing.
+    resend: bool,
 }
 
 impl Attempts {
@@ -650,6 +654,15 @@ impl Attempts {
             left: pool.retries.saturating_add(1),
             current: None,
             reported: false,
+            resend: true,
+        }
+    }
+
+    /// The tries of a request with this method (`resend`).
+    pub(crate) fn for_method(self, method: &Method) -> Self {
+        Attempts {
+            resend: method.is_idempotent(),
+            ..self
         }
     }
 
@@ -720,7 +733,7 @@ impl Attempts {
         self.reported = failure.no_response();
         let again = match failure.retry() {
             Retry::Never => false,
-            Retry::OnReusedConnection => reused && self.left > 0,
+            Retry::OnReusedConnection => reused && self.resend && self.left > 0,
             Retry::Redispatch => {
                 pool.stats.connect_error();
                 if let Some(s) = &server {

@@ -595,7 +595,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         // The pool is looked up again after each `&mut self` call (the
         // client owns the pools' `Arc`), rather than holding a clone.
         let pool_idx = fwd.pool;
-        let mut attempts = Attempts::new(&self.shared.pools[pool_idx]);
+        let mut attempts = Attempts::new(&self.shared.pools[pool_idx]).for_method(&parts.method);
         loop {
             let pool = &self.shared.pools[pool_idx];
             let attempt = self.reach(pool, &mut attempts, &mut fwd).await;

@@ -180,7 +180,7 @@ async fn request_head_reaches_the_server_as_http11_with_forwarded_headers() {
 }
 
 #[tokio::test]
-async fn request_on_a_kept_connection_the_server_drops_is_sent_again() {
+async fn an_idempotent_request_on_a_kept_connection_the_server_drops_is_sent_again() {
     // The server answers the first request of a connection, and closes the
     // connection without a word on the second: after the proxy took it from
     // its idle list, before any answer (a keep-alive close racing the request).
@@ -210,9 +210,31 @@ async fn request_on_a_kept_connection_the_server_drops_is_sent_again() {
         "{second}"
     );
     // Sent on the kept connection (dropped), then again on a new one.
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(seen[1].starts_with("GET /2") && seen[2].starts_with("GET /2"));
+    }
+    // A POST is not idempotent (RFC 9110 9.2.2): the server may have acted
+    // on it before it closed, so it is answered 502 and never sent again.
+    let kept = until_closed(
+        front,
+        "GET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(kept.starts_with("HTTP/1.1 200"), "{kept}");
+    let post = until_closed(
+        front,
+        "POST /4 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(post.starts_with("HTTP/1.1 502"), "{post}");
     let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 3, "{seen:?}");
-    assert!(seen[1].starts_with("GET /2") && seen[2].starts_with("GET /2"));
+    assert_eq!(
+        seen.iter().filter(|h| h.starts_with("POST /4")).count(),
+        1,
+        "{seen:?}"
+    );
 }
 
 #[tokio::test]
