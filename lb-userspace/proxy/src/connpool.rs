@@ -220,10 +220,32 @@ impl Drop for Busy {
 }
 
 impl Sender {
-    /// Sends `req` and waits for the response head at most `limit`; the
-    /// request comes back in the error if it never left.
-    /// Not an `async fn`, for the reason given at [`H1::send`].
+    /// Sends `req` and waits for the response head at most `limit` (with a
+    /// streamed body's `clock`: `limit` of the server's turns only, not the
+    /// client's upload); the request comes back in the error if it never
+    /// left. Not an `async fn`, for the reason given at [`H1::send`].
     pub(crate) fn send(
+        &mut self,
+        req: Request<RequestBody>,
+        limit: Duration,
+        clock: Option<std::sync::Arc<crate::request_body::BodyClock>>,
+    ) -> impl Future<Output = SendResult> + '_ {
+        // With a clock, the clock's deadline is the one that counts.
+        const FOREVER: Duration = Duration::from_secs(365 * 24 * 3600);
+        let sending = self.send_within(req, if clock.is_some() { FOREVER } else { limit });
+        async move {
+            match clock {
+                None => sending.await,
+                Some(clock) => tokio::select! {
+                    r = sending => r,
+                    () = clock.server_silent(limit) => Err(TimedOut),
+                },
+            }
+        }
+    }
+
+    /// `send` with a fixed deadline, `limit` from now.
+    fn send_within(
         &mut self,
         req: Request<RequestBody>,
         limit: Duration,

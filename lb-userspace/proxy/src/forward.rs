@@ -294,7 +294,8 @@ fn forward<'a>(
             // storage in this future after the request moved into the send.
             let Some(sending) = req.take().map(|mut out| {
                 for_server(&mut out, h2, pool, &fwd.rec);
-                sender.send(out, pool.timeout_server)
+                let clock = out.body_mut().clock();
+                sender.send(out, pool.timeout_server, clock)
             }) else {
                 // Unreachable: `req` is put back before every retry.
                 return error_response(Failure::Internal, fwd.rec, done);
@@ -312,7 +313,9 @@ fn forward<'a>(
                     };
                     return respond(resp, exchange, fwd, done);
                 }
-                Ok(Err(e)) if request_body::timed_out(e.error()) => Failure::ClientTimeout,
+                Ok(Err(e)) if request_body::client_failure(e.error()).is_some() => {
+                    request_body::client_failure(e.error()).unwrap_or(Failure::ClientAborted)
+                }
                 Ok(Err(mut e)) => {
                     let server = active.server().addr;
                     tracing::debug!(pool = %pool.name, %server, error = %e.error(), "forward failed");

@@ -32,9 +32,54 @@ pub(crate) enum RequestBody {
         error: Option<hyper::Error>,
         /// `timeout_client` on each wait for more of the body.
         wait: WaitLimit,
+        /// Whose turn it is, for `timeout_server` (`BodyClock`), once
+        /// the request is sent (`RequestBody::clock`).
+        clock: Option<std::sync::Arc<BodyClock>>,
     },
     /// The whole body, in hand (taken when sent).
     Whole(Option<Bytes>),
+}
+
+/// Whose turn it is while a streamed request body goes to a server: the
+/// client's (its next bytes are awaited: `timeout_client` limits that) or
+/// the server's since an instant (it is to take what was handed to it, or
+/// to answer once the body ended). `timeout_server` counts only the
+/// server's turns, as HAProxy's: an upload longer than `timeout_server` is
+/// no server timeout (it was cut, or answered 504, and counted against the
+/// server by `max_fails`).
+#[derive(Debug)]
+pub(crate) struct BodyClock(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl BodyClock {
+    fn new() -> Self {
+        BodyClock(std::sync::Mutex::new(Some(std::time::Instant::now())))
+    }
+
+    fn set(&self, server_since: Option<std::time::Instant>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = server_since;
+    }
+
+    /// Since when the server is awaited, if it is.
+    fn server_since(&self) -> Option<std::time::Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves once the server has been awaited for `limit` without a
+    /// turn of the client's in between.
+    pub(crate) async fn server_silent(&self, limit: std::time::Duration) {
+        loop {
+            match self.server_since() {
+                Some(since) => {
+                    tokio::time::sleep_until((since + limit).into()).await;
+                    if self.server_since() == Some(since) {
+                        return;
+                    }
+                }
+                // The client's turn: looked at again a limit later.
+                None => tokio::time::sleep(limit).await,
+            }
+        }
+    }
 }
 
 /// A client's request body that sent nothing more for `timeout_client`.
@@ -49,16 +94,38 @@ impl std::fmt::Display for ClientTimedOut {
 
 impl std::error::Error for ClientTimedOut {}
 
-/// Whether a request failed because its body timed out (`ClientTimedOut`).
-pub(crate) fn timed_out(e: &hyper::Error) -> bool {
+/// The client's request body broke off (its connection closed or was reset).
+#[derive(Debug)]
+pub(crate) struct ClientBodyFailed(hyper::Error);
+
+impl std::fmt::Display for ClientBodyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the client's request body broke off: {}", self.0)
+    }
+}
+
+impl std::error::Error for ClientBodyFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+/// The client's failure, when a request to a server failed because of its
+/// body: it stopped coming (`ClientTimeout`) or broke off
+/// (`ClientAborted`). The server is not to blame (nor counted by
+/// `max_fails`), whatever hyper's error says.
+pub(crate) fn client_failure(e: &hyper::Error) -> Option<crate::error::Failure> {
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
         if c.is::<ClientTimedOut>() {
-            return true;
+            return Some(crate::error::Failure::ClientTimeout);
+        }
+        if c.is::<ClientBodyFailed>() {
+            return Some(crate::error::Failure::ClientAborted);
         }
         cause = c.source();
     }
-    false
+    None
 }
 
 impl RequestBody {
@@ -69,6 +136,20 @@ impl RequestBody {
             rest,
             error: None,
             wait: WaitLimit::new(limit),
+            clock: None,
+        }
+    }
+
+    /// The clock of a streamed body, started (the server's turn: the head
+    /// goes out); None for a body in hand, which hyper sends at once.
+    pub(crate) fn clock(&mut self) -> Option<std::sync::Arc<BodyClock>> {
+        match self {
+            RequestBody::Stream { clock, .. } => {
+                let c = clock.get_or_insert_with(|| std::sync::Arc::new(BodyClock::new()));
+                c.set(Some(std::time::Instant::now()));
+                Some(c.clone())
+            }
+            RequestBody::Whole(_) => None,
         }
     }
 }
@@ -154,6 +235,7 @@ pub(crate) async fn in_hand(mut body: Incoming, limit: std::time::Duration) -> R
         rest: body,
         error,
         wait: WaitLimit::new(limit),
+        clock: None,
     }
 }
 
@@ -171,21 +253,37 @@ impl Body for RequestBody {
                 rest,
                 error,
                 wait,
+                clock,
             } => {
+                // Asked for more: what was handed went out, and the server
+                // is awaited again unless the client is (below).
+                let now = std::time::Instant::now();
+                if let Some(c) = clock {
+                    c.set(Some(now));
+                }
                 if let Some(f) = read.pop_front() {
                     return Poll::Ready(Some(Ok(f)));
                 }
                 if let Some(e) = error.take() {
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(ClientBodyFailed(e).into())));
                 }
                 match Pin::new(rest).poll_frame(cx) {
                     Poll::Pending if wait.poll_expired(cx) => {
                         Poll::Ready(Some(Err(ClientTimedOut.into())))
                     }
-                    Poll::Pending => Poll::Pending,
+                    Poll::Pending => {
+                        // The client's turn (`timeout_client` limits it).
+                        if let Some(c) = clock {
+                            c.set(None);
+                        }
+                        Poll::Pending
+                    }
                     Poll::Ready(r) => {
                         wait.progress();
-                        Poll::Ready(r.map(|r| r.map(allowed_trailers).map_err(BoxError::from)))
+                        Poll::Ready(r.map(|r| {
+                            r.map(allowed_trailers)
+                                .map_err(|e| BoxError::from(ClientBodyFailed(e)))
+                        }))
                     }
                 }
             }

@@ -696,7 +696,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         (timeout_server, phase): (Duration, &mut Phase),
         retriable: bool,
     ) -> Result<(ResponseHead, bool), (Failure, bool)> {
-        let sent = Instant::now();
         *phase = match body {
             BodyKind::Fixed(0) => Phase::Headers,
             _ => Phase::Data,
@@ -745,7 +744,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + HoldForFin> Client<T> {
         };
         *phase = Phase::Headers;
         let RawConn { io, buf, .. } = server;
-        let due = sent + timeout_server;
+        // timeout_server counts from the end of the body, as HAProxy's: a
+        // long upload is no server's silence (each wait of the relay above
+        // on the server was limited by it already).
+        let due = Instant::now() + timeout_server;
         loop {
             let resp = client::response_head(
                 io,

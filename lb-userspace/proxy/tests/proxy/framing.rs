@@ -689,3 +689,59 @@ async fn interim_answers_reach_http11_clients_on_our_path() {
     let out = exchange(front, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
 }
+
+#[tokio::test]
+async fn an_upload_is_no_server_silence_and_an_aborted_one_is_the_clients_doing() {
+    let (server, seen) = server_answering(OK).await;
+    let configure = |p: &mut Pool| {
+        p.timeout_server = Duration::from_millis(400);
+        p.max_fails = 1;
+        p.fail_timeout = Duration::from_secs(60);
+    };
+    let mut pool = one_server_pool(server);
+    configure(&mut pool);
+    let ours = start_proxy(local_frontend(), pool).await;
+    let hyper = hyper_path_proxy(server, |_| {}, configure).await;
+    for (path, proxy) in [("ours", ours), ("hyper", hyper)] {
+        let front = proxy.local_addrs()[0];
+        // 6 bytes, one every 150 ms: the upload lasts twice timeout_server,
+        // the server answers as soon as it has them all.
+        let mut s = TcpStream::connect(front).await.unwrap();
+        s.write_all(
+            b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        for b in b"abcdef" {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            s.write_all(&[*b]).await.unwrap();
+        }
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+        // Clients that leave mid-upload: their doing, not the server's
+        // (max_fails = 1 would take the only server out).
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(front).await.unwrap();
+            s.write_all(b"POST /cut HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let out = exchange(
+            front,
+            b"GET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{path}: {out}");
+    }
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|h| h.starts_with("GET /after"))
+    );
+}
