@@ -960,11 +960,18 @@ pub(crate) fn origin_target(uri: &http::Uri) -> std::borrow::Cow<'_, str> {
 /// The path as path ACLs see it (RFC 3986 6.2.2, 6.2.2.3): `%XX` escapes of
 /// unreserved characters decoded and the others' hex upper-cased, runs of
 /// `/` merged, then `.` and `..` segments removed (`..` never climbs above
-/// the root). Borrowed when there is nothing to change (the common case).
+/// the root). Beyond RFC 3986, what some server would read as the same
+/// path is read so too, so that a rule cannot be dodged by a spelling its
+/// server takes for the one it guards: `;` parameters of a segment are
+/// dropped (Java servers: `/x/..;/admin`, `/admin;jsessionid=1`), and an
+/// encoded `/` or `\` (`%2F`, `%5C`) is a `/` (servers that decode before
+/// they route). Borrowed when there is nothing to change (the common case).
 pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
     use std::borrow::Cow;
-    let odd =
-        path.contains('%') || path.contains("//") || path.split('/').any(|s| s == "." || s == "..");
+    let odd = path.contains('%')
+        || path.contains("//")
+        || path.contains(';')
+        || path.split('/').any(|s| s == "." || s == "..");
     if !odd || !path.starts_with('/') {
         return Cow::Borrowed(path);
     }
@@ -973,10 +980,17 @@ pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
     let mut i = 0;
     while i < b.len() {
         let hex = |at: usize| b.get(at).and_then(|c| (*c as char).to_digit(16));
+        if b[i] == b';' {
+            // A segment's parameters: up to the next `/`.
+            i = path[i..].find('/').map_or(b.len(), |n| i + n);
+            continue;
+        }
         if let (b'%', Some(hi), Some(lo)) = (b[i], hex(i + 1), hex(i + 2)) {
             let c = (hi * 16 + lo) as u8;
             if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
                 decoded.push(c as char);
+            } else if c == b'/' || c == b'\\' {
+                decoded.push('/');
             } else {
                 decoded.push('%');
                 decoded.push_str(&path[i + 1..i + 3].to_ascii_uppercase());
@@ -1445,7 +1459,14 @@ mod tests {
             ("/a/.", "/a/"),
             ("/a/b/..", "/a/"),
             ("/..", "/"),
-            ("/a%2fb", "/a%2Fb"),
+            // Read as the servers that decode them before routing would.
+            ("/a%2fb", "/a/b"),
+            ("/a%5C..%5Cadmin", "/admin"),
+            // Segment parameters, as Java servers drop them.
+            ("/public/..;/admin", "/admin"),
+            ("/secret;jsessionid=1", "/secret"),
+            ("/x.php;", "/x.php"),
+            ("/a;b/c;d=e/", "/a/c/"),
             ("/%7Euser/%zz", "/~user/%zz"),
             ("/caf\u{e9}/%41", "/caf\u{e9}/A"),
         ] {
@@ -1458,6 +1479,9 @@ mod tests {
             "/%61dmin",
             "/x/../admin",
             "/%2E%2E/admin/x",
+            "/public/..;/admin",
+            "/admin;jsessionid=1",
+            "/x%2F..%2Fadmin",
         ] {
             assert!(hit(&set, &Req::get(sneaky)), "{sneaky}");
         }

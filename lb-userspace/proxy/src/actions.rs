@@ -758,11 +758,14 @@ fn redirect(
     code: StatusCode,
     parts: &request::Parts,
 ) -> Option<Response<Full<Bytes>>> {
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(PathAndQuery::as_str)
-        .unwrap_or("/");
+    // The path as the rules saw it (normalized): the raw one could make a
+    // Location another site's (`//evil.example/../v/` after a `/` prefix
+    // is protocol-relative) while matching a rule on `/v/`.
+    let path = crate::acl::normalize_path(parts.uri.path());
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.into_owned(),
+    };
     let location = match to {
         Redirect::Location(l) => l.clone(),
         Redirect::Prefix(p) => format!("{p}{pq}"),

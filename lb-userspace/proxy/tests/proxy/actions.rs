@@ -548,3 +548,51 @@ async fn error_pages_replace_the_proxys_own_on_both_paths() {
     let e = Proxy::start(cfg, None).await.err().expect("refused");
     assert!(format!("{e:#}").contains("missing.html"), "{e:#}");
 }
+
+#[tokio::test]
+async fn a_redirect_builds_its_location_from_the_path_the_rules_saw() {
+    let ((app, _), (api, _)) = (backend("app").await, backend("api").await);
+    let rules = r#"
+[[frontend.acl]]
+name = "v"
+path_prefix = "/v/"
+[[frontend.request]]
+action = "redirect"
+prefix = "/"
+if = "v"
+"#;
+    let proxy = start(two_pool_config(app, api, rules, "")).await;
+    let front = proxy.local_addrs()[0];
+    // The raw path would make a protocol-relative Location: another site.
+    for (raw, want) in [
+        ("//evil.example/../v/x?q=1", "/v/x?q=1"),
+        ("/v/./x", "/v/x"),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
+        let req = format!("GET {raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out)
+            .await
+            .unwrap();
+        assert!(out.starts_with("HTTP/1.1 302"), "{raw}: {out}");
+        assert!(
+            out.to_ascii_lowercase()
+                .contains(&format!("location: {want}\r\n")),
+            "{raw}: {out}"
+        );
+    }
+    // A raw backslash, which some servers read as `/`, is refused.
+    let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut s,
+        b"GET /\\evil.example/../v/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    let _ = tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out).await;
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+}
