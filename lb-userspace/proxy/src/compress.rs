@@ -119,13 +119,11 @@ pub(crate) fn response(
     headers: &mut HeaderMap,
     body: UnsyncBoxBody<Bytes, BoxError>,
 ) -> UnsyncBoxBody<Bytes, BoxError> {
-    let Some(cfg) = cfg.filter(|c| wanted && qualifies(c, status, headers)) else {
+    let Some(cfg) = cfg.filter(|c| qualifies(c, status, headers)) else {
         return body;
     };
-    headers.remove(header::CONTENT_LENGTH);
-    // A range of the compressed body is not one of the server's.
-    headers.remove(header::ACCEPT_RANGES);
-    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    // Gzipped or not by the client's Accept-Encoding: a cache must know,
+    // for the plain answer too (or it would serve it to every client).
     let varies = headers
         .get_all(header::VARY)
         .iter()
@@ -135,6 +133,13 @@ pub(crate) fn response(
     if !varies {
         headers.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     }
+    if !wanted {
+        return body;
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    // A range of the compressed body is not one of the server's.
+    headers.remove(header::ACCEPT_RANGES);
+    headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     // Not the server's bytes any more: a strong validator becomes weak.
     if let Some(tag) = headers.get(header::ETAG)
         && !tag.as_bytes().starts_with(b"W/")
