@@ -123,7 +123,8 @@ impl Desired {
         let mut usable = Vec::new();
         let local = crate::config::local_addresses();
         for f in wanted {
-            let usable_here = rules::backend_for_vip(s.vip, s.forwarding, f.address)
+            let usable_here = discovered_endpoint(f.address)
+                .and_then(|()| rules::backend_for_vip(s.vip, s.forwarding, f.address))
                 .and_then(|()| rules::backend_not_a_vip(f.address, s.protocol, services))
                 .and_then(|()| rules::backend_not_local(f.address, &local));
             match usable_here {
@@ -131,6 +132,7 @@ impl Desired {
                 Ok(()) => usable.push(*f),
             }
         }
+        none_usable(wanted, &usable, skipped)?;
         let present: Vec<Found> = s
             .backends
             .iter()
@@ -180,17 +182,23 @@ impl Desired {
         wanted: &[Found],
         skipped: &mut Vec<(SocketAddr, String)>,
     ) -> Result<discovery::Diff, String> {
+        let own = self.own_listeners();
         let lb_proxy::ProxyConfig {
             pools, frontends, ..
         } = &mut self.config.proxy.0;
         let mut usable = Vec::new();
         let local = crate::config::local_addresses();
         for f in wanted {
-            match rules::server_not_a_listener(f.address, frontends, &local) {
+            let usable_here = discovered_endpoint(f.address)
+                .and_then(|()| rules::server_not_a_listener(f.address, frontends, &local))
+                .and_then(|()| rules::not_own_listener(f.address, &own, &local));
+            match usable_here {
                 Err(why) => skipped.push((f.address, why)),
                 Ok(()) => usable.push(*f),
             }
         }
+        none_usable(wanted, &usable, skipped)?;
+        rules::pool_servers(pool, usable.len())?;
         let wanted = &usable[..];
         let p = pools
             .iter_mut()
@@ -220,6 +228,13 @@ impl Desired {
             server
         }));
         Ok(d)
+    }
+
+    /// The agent's own listeners (metrics, admin): no pool server may be one
+    /// (a loop, or `/metrics` and the admin API served through a frontend).
+    fn own_listeners(&self) -> Vec<SocketAddr> {
+        let admin = self.config.admin.as_ref().map(|a| a.bind);
+        self.config.metrics.into_iter().chain(admin).collect()
     }
 
     /// Administrative state of a backend.
@@ -272,6 +287,7 @@ impl Desired {
                 "{address} of {group:?} comes from DNS discovery: its {what} follows the DNS records (`lb disable` takes it out of service)"
             )
         };
+        let own = self.own_listeners();
         let lb_proxy::ProxyConfig {
             pools, frontends, ..
         } = &mut self.config.proxy.0;
@@ -286,11 +302,9 @@ impl Desired {
             } => {
                 check_address(*address, "server")?;
                 rules::weight(i64::from(*weight))?;
-                rules::server_not_a_listener(
-                    *address,
-                    frontends,
-                    &crate::config::local_addresses(),
-                )?;
+                let local = crate::config::local_addresses();
+                rules::server_not_a_listener(*address, frontends, &local)?;
+                rules::not_own_listener(*address, &own, &local)?;
                 if has(p, *address) {
                     return Err(format!("pool {pool:?} already has server {address}"));
                 }
@@ -581,6 +595,29 @@ impl Desired {
 /// Checks an address given to the CLI with the file's rule ([`rules::endpoint`]).
 fn check_address(addr: SocketAddr, what: &str) -> Result<(), String> {
     rules::endpoint(addr).map_err(|reason| format!("{what} {addr} {reason}"))
+}
+
+/// A discovered address, held to the file's rule ([`rules::endpoint`]):
+/// a DNS answer is input like any other.
+fn discovered_endpoint(addr: SocketAddr) -> Result<(), String> {
+    check_address(addr, "discovered address")
+}
+
+/// An answer none of whose addresses can be used is refused (the last
+/// good set stays), not applied as an empty set: that would take every
+/// server out at once, past the discovery's `hold`.
+fn none_usable(
+    wanted: &[Found],
+    usable: &[Found],
+    skipped: &[(SocketAddr, String)],
+) -> Result<(), String> {
+    match skipped.first() {
+        Some((address, why)) if usable.is_empty() && !wanted.is_empty() => Err(format!(
+            "none of the {} discovered addresses can be used ({address}: {why})",
+            wanted.len()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Whether a request changes state (and so belongs in the journal).
@@ -1238,19 +1275,44 @@ nameservers = ["198.18.2.241"]
             "{err}"
         );
         assert_eq!(d, before, "refused changes change nothing");
-        // From DNS: left out, with the reason.
-        let (_, skipped) = d
+        // From DNS: left out, with the reason; an answer with nothing
+        // usable is refused (the last good set stays), not applied empty.
+        let err = d
             .set_discovered("web", &[found("198.18.100.1:80", 1)])
-            .unwrap();
-        assert!(skipped[0].1.contains("a loop"), "{skipped:?}");
+            .unwrap_err();
+        assert!(
+            err.contains("none of the 1") && err.contains("a loop"),
+            "{err}"
+        );
         let (_, skipped) = d
             .set_discovered(
                 "pool:app",
-                &[found("198.18.100.2:443", 1), found("198.18.2.12:8080", 1)],
+                &[
+                    found("198.18.100.2:443", 1),
+                    found("198.18.2.12:8080", 1),
+                    found("0.0.0.0:8080", 1),
+                    found("224.0.0.1:8080", 1),
+                    found("255.255.255.255:8080", 1),
+                ],
             )
             .unwrap();
-        assert_eq!(skipped.len(), 1, "{skipped:?}");
-        assert!(skipped[0].1.contains("a loop"), "{skipped:?}");
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert!(
+            skipped.iter().any(|s| s.1.contains("a loop")),
+            "{skipped:?}"
+        );
+        for why in ["unspecified", "multicast", "broadcast"] {
+            assert!(
+                skipped.iter().any(|s| s.1.contains(why)),
+                "{why}: {skipped:?}"
+            );
+        }
+        // The file's cap holds for DNS too.
+        let many: Vec<Found> = (0..=rules::MAX_POOL_SERVERS)
+            .map(|i| found(&format!("10.{}.{}.1:8080", i / 256, i % 256), 1))
+            .collect();
+        let err = d.set_discovered("pool:app", &many).unwrap_err();
+        assert!(err.contains("at most 1000"), "{err}");
     }
 
     #[test]

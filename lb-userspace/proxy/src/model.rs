@@ -1071,7 +1071,12 @@ impl Pool {
                 }
                 _ => {}
             }
-            if !seen.insert(s.cookie_value()) {
+            // Values written in the file must differ. The default values (a
+            // 32-bit hash of the address) are not held to it: two servers
+            // from DNS whose hashes meet would otherwise freeze the pool's
+            // discovery (any answer refused), and without `cookie` they
+            // mean nothing; a collision sends a sticky client to the first.
+            if s.cookie.is_some() && !seen.insert(s.cookie_value()) {
                 return bad("another server of the pool has this cookie value");
             }
         }

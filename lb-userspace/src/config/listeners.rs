@@ -78,8 +78,14 @@ impl Checker<'_> {
     }
 
     /// Checks that no backend or pool server is this balancer itself: an l4
-    /// service's VIP, or where a frontend listens (`rules`).
-    pub(super) fn check_loops(&mut self, services: &[Service], proxy: &lb_proxy::ProxyConfig) {
+    /// service's VIP, where a frontend listens, or one of the agent's own
+    /// listeners `own` (metrics, admin) (`rules`).
+    pub(super) fn check_loops(
+        &mut self,
+        services: &[Service],
+        proxy: &lb_proxy::ProxyConfig,
+        own: &[SocketAddr],
+    ) {
         let mut problems = Vec::new();
         // This host's addresses, when the file is checked for this host.
         let local = if self.host_resources {
@@ -103,6 +109,7 @@ impl Checker<'_> {
             for server in &p.servers {
                 if let Err(why) =
                     rules::server_not_a_listener(server.address, &proxy.frontends, &local)
+                        .and_then(|()| rules::not_own_listener(server.address, own, &local))
                 {
                     let key = (Group::pool_name(&p.name), server.address);
                     problems.push((key, format!("pool \"{}\": {why}", p.name)));
@@ -376,6 +383,15 @@ mod tests {
             "{errs:#?}"
         );
         assert!(errs.iter().any(|e| e.reason.contains(why)), "{errs:#?}");
+        // The agent's own listeners (metrics, admin) are no servers either.
+        let mut with_metrics = pool("127.0.0.1:9100");
+        with_metrics.insert(0, "metrics = \"127.0.0.1:9100\"".to_string());
+        let errs = super::super::test_support::errors(&refs(&with_metrics));
+        assert!(
+            errs.iter()
+                .any(|e| e.reason.contains("the agent's own listener")),
+            "{errs:#?}"
+        );
         // Another port, or a wildcard's port on another host: servers.
         parses(&pool("127.0.0.1:9000"));
         parses(&pool("198.18.2.12:8081"));

@@ -781,7 +781,11 @@ impl Checker<'_> {
         let encap_source_v6 = self.encap_source(raw.encap_source_v6, true);
         let admin = raw.admin.and_then(|a| self.admin(a, &proxy.0.userlists));
         self.check_listeners(&services);
-        self.check_loops(&services, &proxy.0);
+        let own: Vec<SocketAddr> = metrics
+            .into_iter()
+            .chain(admin.as_ref().map(|a| a.bind))
+            .collect();
+        self.check_loops(&services, &proxy.0, &own);
         let syslog = raw.proxy.as_ref().and_then(|p| self.syslog(p.get_ref()));
         proxy.3 = self.threads(raw.proxy);
         Config {

@@ -57,6 +57,8 @@ pub fn endpoint(addr: SocketAddr) -> Result<(), &'static str> {
         Err("is the unspecified address; a concrete unicast address is required")
     } else if addr.ip().is_multicast() {
         Err("is a multicast address; a unicast address is required")
+    } else if matches!(addr.ip(), IpAddr::V4(v4) if v4.is_broadcast()) {
+        Err("is the broadcast address; a unicast address is required")
     } else {
         Ok(())
     }
@@ -247,6 +249,30 @@ pub fn server_not_a_listener(
         Some(fe) => Err(format!(
             "server {server} is where frontend \"{}\" listens: its requests would come back to this proxy (a loop)",
             fe.name
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks that pool server `server` is none of the agent's own listeners
+/// `own` (metrics, admin; a wildcard one on any of this host's
+/// addresses): a frontend would serve them to its clients.
+pub fn not_own_listener(
+    server: SocketAddr,
+    own: &[SocketAddr],
+    local: &[IpAddr],
+) -> Result<(), String> {
+    let canon = canonical(server);
+    let same = |bind: &SocketAddr| {
+        let bind = canonical(*bind);
+        bind == canon
+            || (bind.port() == canon.port()
+                && bind.ip().is_unspecified()
+                && is_local(canon.ip(), local))
+    };
+    match own.iter().find(|b| same(b)) {
+        Some(bind) => Err(format!(
+            "server {server} is the agent's own listener {bind} (metrics or admin): a frontend would serve it to its clients"
         )),
         None => Ok(()),
     }

@@ -161,10 +161,14 @@ async fn srv_round(resolver: &TokioResolver, spec: &Discovery, family: Family) -
         .collect();
     let mut targets = JoinSet::new();
     let mut asked = std::collections::BTreeSet::new();
+    // An answer is input: its targets are asked TARGET_LOOKUPS at a time,
+    // not all at once (an answer of thousands would send as many queries).
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(TARGET_LOOKUPS));
     for r in &records {
         if r.target != "." && asked.insert(r.target.clone()) {
-            let (resolver, target) = (resolver.clone(), r.target.clone());
+            let (resolver, target, slots) = (resolver.clone(), r.target.clone(), slots.clone());
             targets.spawn(async move {
+                let _slot = slots.acquire().await;
                 let found = addresses(&resolver, &target, family).await;
                 (target, found)
             });
@@ -196,6 +200,9 @@ async fn srv_round(resolver: &TokioResolver, spec: &Discovery, family: Family) -
         },
     )
 }
+
+/// SRV targets looked up at once in one round.
+const TARGET_LOOKUPS: usize = 16;
 
 /// The addresses of `name` in `family` (`Any`: A records, else AAAA).
 async fn addresses(
