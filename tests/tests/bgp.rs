@@ -220,8 +220,13 @@ fn vips_follow_backends_drain_and_restarts_in_bird() {
     );
 
     // BIRD goes away and comes back: the agent retries and catches up.
+    // Meanwhile `drain-node` says BIRD did not take it (exit 1), rather
+    // than succeed while BIRD goes on announcing.
     bird.stop(&mut lab);
-    assert!(lab.lb(&["drain-node"]).status.success());
+    let drained = lab.lb(&["drain-node"]);
+    assert!(!drained.status.success());
+    let said = String::from_utf8_lossy(&drained.stderr);
+    assert!(said.contains("BIRD has not taken it"), "{said}");
     wait_for("the failure reported", SETTLE, || {
         show_bgp(&lab).speaker.last_error.is_some()
     });

@@ -363,10 +363,55 @@ pub fn run(cmd: ControlCommand, socket: &Path) -> anyhow::Result<ExitCode> {
         | (_, other @ Response::Proxy(_)) => {
             bail!("unexpected answer from the agent: {other:?}")
         }
+        (ControlCommand::DrainNode | ControlCommand::UndrainNode, Response::Ok) => {
+            return bird_took_it(socket);
+        }
         (_, Response::Ok) => return Ok(ExitCode::SUCCESS),
     };
     print!("{output}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// After `drain-node`/`undrain-node`: waits (at most `BIRD_WAIT`) until BIRD
+/// announces what the agent wants, and says so; a failure of BIRD's (a bad
+/// bird.conf, no control socket) is an error, not a silent success while
+/// BIRD goes on announcing what it did.
+fn bird_took_it(socket: &Path) -> anyhow::Result<ExitCode> {
+    const BIRD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    let until = std::time::Instant::now() + BIRD_WAIT;
+    loop {
+        let Response::Bgp(info) = client::request(socket, Request::ShowBgp)? else {
+            bail!("unexpected answer from the agent to show bgp");
+        };
+        if !info.enabled {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut wanted: Vec<std::net::IpAddr> = info
+            .vips
+            .iter()
+            .filter(|v| v.announced)
+            .map(|v| v.vip)
+            .collect();
+        wanted.sort();
+        let mut in_bird = info.speaker.in_bird.clone().unwrap_or_default();
+        in_bird.sort();
+        if info.speaker.in_bird.is_some() && in_bird == wanted && info.speaker.last_error.is_none()
+        {
+            println!("BIRD announces {} VIP(s)", wanted.len());
+            return Ok(ExitCode::SUCCESS);
+        }
+        if std::time::Instant::now() > until {
+            let why = info
+                .speaker
+                .last_error
+                .unwrap_or_else(|| format!("no answer within {BIRD_WAIT:?}"));
+            eprintln!(
+                "lb: the change is made, but BIRD has not taken it ({why}); it goes on retrying (lb show bgp)"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 fn render<T: Serialize>(
