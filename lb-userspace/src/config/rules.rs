@@ -236,15 +236,7 @@ pub fn server_not_a_listener(
     frontends: &[lb_proxy::Frontend],
     local: &[IpAddr],
 ) -> Result<(), String> {
-    let canon = canonical(server);
-    let same = |bind: &SocketAddr| {
-        let bind = canonical(*bind);
-        bind == canon
-            || (bind.port() == canon.port()
-                && bind.ip().is_unspecified()
-                && bind.is_ipv4() == canon.is_ipv4()
-                && is_local(canon.ip(), local))
-    };
+    let same = |bind: &SocketAddr| reaches(server, *bind, local);
     match frontends.iter().find(|fe| fe.binds.iter().any(same)) {
         Some(fe) => Err(format!(
             "server {server} is where frontend \"{}\" listens: its requests would come back to this proxy (a loop)",
@@ -262,20 +254,24 @@ pub fn not_own_listener(
     own: &[SocketAddr],
     local: &[IpAddr],
 ) -> Result<(), String> {
-    let canon = canonical(server);
-    let same = |bind: &SocketAddr| {
-        let bind = canonical(*bind);
-        bind == canon
-            || (bind.port() == canon.port()
-                && bind.ip().is_unspecified()
-                && is_local(canon.ip(), local))
-    };
-    match own.iter().find(|b| same(b)) {
+    match own.iter().find(|bind| reaches(server, **bind, local)) {
         Some(bind) => Err(format!(
             "server {server} is the agent's own listener {bind} (metrics or admin): a frontend would serve it to its clients"
         )),
         None => Ok(()),
     }
+}
+
+/// Whether connecting to `server` reaches listener `bind`: the same
+/// address, or one of this host's (loopback, `local`) on the port of a
+/// wildcard bind of its family.
+fn reaches(server: SocketAddr, bind: SocketAddr, local: &[IpAddr]) -> bool {
+    let (server, bind) = (canonical(server), canonical(bind));
+    bind == server
+        || (bind.port() == server.port()
+            && bind.ip().is_unspecified()
+            && bind.is_ipv4() == server.is_ipv4()
+            && is_local(server.ip(), local))
 }
 
 /// `addr` with an IPv4-mapped IPv6 address as the IPv4 address it reaches:
