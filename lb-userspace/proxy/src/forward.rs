@@ -313,10 +313,12 @@ fn forward<'a>(
                     };
                     return respond(resp, exchange, fwd, done);
                 }
-                Ok(Err(e)) if request_body::client_failure(e.error()).is_some() => {
-                    request_body::client_failure(e.error()).unwrap_or(Failure::ClientAborted)
-                }
                 Ok(Err(mut e)) => {
+                    // The client's body broke off or stalled: its doing.
+                    if let Some(f) = request_body::client_failure(e.error()) {
+                        attempts.ended(pool, f);
+                        return error_response(f, fwd.rec, done);
+                    }
                     let server = active.server().addr;
                     tracing::debug!(pool = %pool.name, %server, error = %e.error(), "forward failed");
                     // A reused connection that closed before the request went out
