@@ -257,9 +257,8 @@ impl Body for RequestBody {
             } => {
                 // Asked for more: what was handed went out, and the server
                 // is awaited again unless the client is (below).
-                let now = std::time::Instant::now();
                 if let Some(c) = clock {
-                    c.set(Some(now));
+                    c.set(Some(std::time::Instant::now()));
                 }
                 if let Some(f) = read.pop_front() {
                     return Poll::Ready(Some(Ok(f)));

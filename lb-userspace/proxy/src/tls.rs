@@ -254,9 +254,13 @@ impl TlsFacts {
             Some(v6) => v6.split(']').next().unwrap_or(v6),
             None => host.split(':').next().unwrap_or(host),
         };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        !(name == sni.trim_end_matches('.').to_ascii_lowercase()
-            || names.iter().any(|n| name_matches(n, &name)))
+        let name = name.trim_end_matches('.');
+        // The common case (Host is the SNI) allocates nothing.
+        if name.eq_ignore_ascii_case(sni.trim_end_matches('.')) {
+            return false;
+        }
+        let name = name.to_ascii_lowercase();
+        !names.iter().any(|n| name_matches(n, &name))
     }
 }
 
