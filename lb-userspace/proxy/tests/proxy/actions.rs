@@ -9,7 +9,7 @@ use http::{HeaderMap, StatusCode, header};
 use http_body_util::{BodyExt, Empty};
 
 use crate::backends::json_backend;
-use crate::support::{h1_client, two_pool_config};
+use crate::support::{exchange_until_closed, h1_client, two_pool_config};
 use lb_proxy::*;
 
 /// The shared JSON backend (`json_backend`), and the requests it served.
@@ -568,15 +568,8 @@ if = "v"
         ("//evil.example/../v/x?q=1", "/v/x?q=1"),
         ("/v/./x", "/v/x"),
     ] {
-        let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
         let req = format!("GET {raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out)
-            .await
-            .unwrap();
+        let out = exchange_until_closed(front, req.as_bytes()).await;
         assert!(out.starts_with("HTTP/1.1 302"), "{raw}: {out}");
         assert!(
             out.to_ascii_lowercase()
@@ -585,14 +578,10 @@ if = "v"
         );
     }
     // A raw backslash, which some servers read as `/`, is refused.
-    let mut s = tokio::net::TcpStream::connect(front).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(
-        &mut s,
+    let out = exchange_until_closed(
+        front,
         b"GET /\\evil.example/../v/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
-    .await
-    .unwrap();
-    let mut out = String::new();
-    let _ = tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out).await;
+    .await;
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
 }

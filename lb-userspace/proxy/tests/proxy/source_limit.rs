@@ -53,6 +53,25 @@ async fn connect_from(source: &str, front: SocketAddr) -> TcpStream {
     socket.connect(front).await.unwrap()
 }
 
+/// A proxy whose frontend has `rules` (TOML), both pools on `backend`.
+async fn start_with(backend: SocketAddr, rules: &str) -> Proxy {
+    let cfg = crate::support::two_pool_config(backend, backend, rules, "");
+    let router = routing::router(&cfg).unwrap();
+    Proxy::start(cfg, Some(router)).await.unwrap()
+}
+
+/// Sends `bytes` then `REQUEST` on `s`; the status line's first 12 bytes.
+async fn status_after<S: AsyncReadExt + AsyncWriteExt + Unpin>(
+    s: &mut S,
+    bytes: &[u8],
+) -> [u8; 12] {
+    s.write_all(bytes).await.unwrap();
+    s.write_all(REQUEST).await.unwrap();
+    let mut got = [0u8; 12];
+    s.read_exact(&mut got).await.unwrap();
+    got
+}
+
 /// Checks that `s`, its request sent, is closed by the proxy with no answer.
 async fn closed_unanswered(mut s: TcpStream, what: &str) {
     // The proxy may have closed it already: the write may fail.
@@ -203,9 +222,7 @@ if = "too_fast !exempt"
 status = 429
 "#;
     let server = server().await;
-    let cfg = crate::support::two_pool_config(server, server, rules, "");
-    let router = routing::router(&cfg).unwrap();
-    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let proxy = start_with(server, rules).await;
     let front = proxy.local_addrs()[0];
     // Three within the minute, then 429, on the same connection and on a new one.
     assert_eq!(
@@ -321,9 +338,7 @@ if = "blocked"
         cert.key.display()
     );
     let backend = server().await;
-    let cfg = two_pool_config(backend, backend, &rules, "");
-    let router = routing::router(&cfg).unwrap();
-    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let proxy = start_with(backend, &rules).await;
     let front = proxy.local_addrs()[0];
     // Closed before the handshake: not even a ServerHello comes back.
     for _ in 0..3 {
@@ -367,9 +382,7 @@ action = "reject"
 if = "blocked"
 "#;
     let backend = server().await;
-    let cfg = two_pool_config(backend, backend, rules, "");
-    let router = routing::router(&cfg).unwrap();
-    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let proxy = start_with(backend, rules).await;
     let front = proxy.local_addrs()[0];
     let from = |client: &str| format!("PROXY TCP4 {client} 127.0.0.1 4000 80\r\n");
     let mut s = TcpStream::connect(front).await.unwrap();
@@ -398,28 +411,18 @@ action = "deny"
 if = "claimed"
 "#;
     let backend = server().await;
-    let cfg = two_pool_config(backend, backend, rules, "");
-    let router = routing::router(&cfg).unwrap();
-    let proxy = Proxy::start(cfg, Some(router)).await.unwrap();
+    let proxy = start_with(backend, rules).await;
     let front = proxy.local_addrs()[0];
     let header = b"PROXY TCP4 192.0.2.8 127.0.0.1 4000 80\r\n";
     // A trusted peer's header names the client rules see: denied as 192.0.2.8.
     let mut s = connect_from("127.0.0.2", front).await;
-    s.write_all(header).await.unwrap();
-    s.write_all(REQUEST).await.unwrap();
-    let mut got = [0u8; 12];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"HTTP/1.1 403");
+    assert_eq!(&status_after(&mut s, header).await, b"HTTP/1.1 403");
     // Anyone else is a direct client: served without a header...
     let mut s = connect_from("127.0.0.1", front).await;
     assert!(ask(&mut s).await.ends_with("ok"));
     // ... and one it sends is no request (400), its claim worth nothing.
     let mut s = connect_from("127.0.0.1", front).await;
-    s.write_all(header).await.unwrap();
-    s.write_all(REQUEST).await.unwrap();
-    let mut got = [0u8; 12];
-    s.read_exact(&mut got).await.unwrap();
-    assert_eq!(&got, b"HTTP/1.1 400");
+    assert_eq!(&status_after(&mut s, header).await, b"HTTP/1.1 400");
     // A bad entry is refused with the frontend and the reason.
     let any: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let bad = two_pool_config(any, any, "accept_proxy_from = [\"10.0.0.1/8\"]", "");
